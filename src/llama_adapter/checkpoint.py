@@ -1,0 +1,472 @@
+"""Base checkpoints in, adapters in and out.
+
+Base weights come in three layouts, all mapped onto Meta's parameter names:
+- Meta: `params.json` + `consolidated.NN.pth`, one file per model-parallel rank, merged here;
+- Hugging Face: `config.json` + `model*.safetensors`, with q/k rows permuted back to Meta's RoPE layout;
+- GGUF (architecture llama), dequantized to float through the `gguf` package.
+
+The model is built on the meta device and the loaded tensors are assigned into it, so a checkpoint is
+never held twice in memory. Adapters are safetensors files with only the trainable tensors and a JSON
+header naming the base model and the adapter configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import AdapterArgs, ModelArgs
+from .model import Transformer, is_adapter_param
+
+ADAPTER_FORMAT = "llama-adapter/1"
+# Buffers some checkpoints carry that our model recomputes (LLaMA-1's rope.freqs, old HF inv_freq).
+RECOMPUTED_BUFFERS = re.compile(r"^rope\.freqs$|.*\.rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- file readers and writers
+
+
+def read_torch_file(path: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError... for damaged files
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+                              "the file may be truncated or corrupted") from e
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a flat dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def read_safetensors_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read as safetensors ({type(e).__name__}: {e}); "
+                              "the file may be truncated or corrupted") from e
+
+
+@contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`, renamed onto it only if the block succeeds."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], source: str) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k}: {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+        for k in set(expected) & set(state)
+        if state[k].shape != expected[k]
+    )
+    problems = [f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                if items]
+    if problems:
+        raise CheckpointError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------- Meta layout
+
+
+def meta_model_args(params: dict, source: str, vocab_size: int) -> ModelArgs:
+    params = dict(params)
+    if params.pop("use_scaled_rope", False):
+        raise CheckpointError(f"{source}: Llama 3.1 scaled RoPE (use_scaled_rope) is not supported")
+    if params.get("vocab_size", -1) == -1:  # LLaMA-1 leaves it to the tokenizer
+        params["vocab_size"] = vocab_size
+    try:
+        return ModelArgs.from_dict(params, source)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+
+
+def merge_shards(name: str, shards: list[Tensor], shape: torch.Size) -> Tensor:
+    """Merge one tensor's model-parallel shards by their shapes: the one dimension on which a shard is
+    1/n of the full tensor is the dimension it was split on (rows for wq/wk/wv/w1/w3/output, columns for
+    wo/w2 and LLaMA-1/2's tok_embeddings); a tensor whose shards all have the full shape is replicated."""
+    first = shards[0]
+    if first.shape == shape:
+        if any(not torch.equal(first, s) for s in shards[1:]):
+            raise CheckpointError(f"{name}: replicated tensor differs between model-parallel shards")
+        return first
+    n = len(shards)
+    for d in range(len(shape)):
+        split = list(shape)
+        split[d] //= n
+        if split[d] * n == shape[d] and all(list(s.shape) == split for s in shards):
+            return torch.cat(shards, dim=d)
+    raise CheckpointError(f"{name}: shards of shape {[tuple(s.shape) for s in shards]} do not form {tuple(shape)}")
+
+
+def read_meta_checkpoint(path: Path) -> tuple[ModelArgs, list[dict[str, Tensor]]]:
+    """params.json and the per-rank shards, still unmerged (merging needs the model's shapes)."""
+    shard_paths = sorted(path.glob("consolidated.*.pth"))
+    if not shard_paths:
+        raise CheckpointError(f"{path}: no consolidated.NN.pth files beside params.json")
+    shards = [read_torch_file(p) for p in shard_paths]
+    for p, s in zip(shard_paths, shards):
+        for k in [k for k in s if RECOMPUTED_BUFFERS.match(k)]:
+            del s[k]
+        if set(s) != set(shards[0]):
+            diff = sorted(set(s) ^ set(shards[0]))
+            raise CheckpointError(f"{p}: holds other tensor names than {shard_paths[0].name}: {diff[:10]}")
+    vocab = sum(s["output.weight"].shape[0] for s in shards) if "output.weight" in shards[0] else -1
+    return meta_model_args(read_json(path / "params.json"), str(path / "params.json"), vocab), shards
+
+
+def merge_meta_shards(shards: list[dict[str, Tensor]], expected: dict[str, torch.Size]) -> dict[str, Tensor]:
+    if len(shards) == 1:
+        return shards[0]
+    return {k: merge_shards(k, [s[k] for s in shards], expected.get(k, shards[0][k].shape)) for k in shards[0]}
+
+
+# Meta's model-parallel split dimension per parameter (fairscale Column/RowParallelLinear, ParallelEmbedding).
+META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def save_meta_checkpoint(model: Transformer, path: Path, n_shards: int = 1) -> None:
+    """Write the base weights as Meta's `params.json` + `consolidated.NN.pth` (n_shards model-parallel ranks)."""
+    path = Path(path)
+    state = {k: v for k, v in model.state_dict().items() if k in model.base_state_keys()}
+    for r in range(n_shards):
+        shard = {}
+        for k, v in state.items():
+            d = META_SPLIT_DIM.get(k.split(".")[-2])
+            shard[k] = v.chunk(n_shards, dim=d)[r].clone() if d is not None else v.clone()
+        with atomic_path(path / f"consolidated.{r:02d}.pth") as tmp:
+            torch.save(shard, tmp)
+    with atomic_path(path / "params.json") as tmp:
+        tmp.write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- Hugging Face layout
+
+HF_NAMES = [
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"layers.\1.attention.wq.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"layers.\1.attention.wk.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"layers.\1.attention.wv.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+]
+
+
+def hf_model_args(config: dict, source: str) -> ModelArgs:
+    if config.get("model_type") not in ("llama", "mistral"):
+        raise CheckpointError(f"{source}: model_type {config.get('model_type')!r} is not a LLaMA architecture")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise CheckpointError(f"{source}: {key}=true is not supported (LLaMA has no biases)")
+    if config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r} is not LLaMA's silu")
+    # transformers >= 5 keeps RoPE settings in rope_parameters, older versions in rope_theta/rope_scaling.
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"{source}: RoPE type {rope_type!r} ({rope}) is not supported, only plain RoPE")
+    rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    head_dim = config.get("head_dim")
+    args = ModelArgs(
+        dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
+        hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta), max_seq_len=config.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+    if head_dim is not None and head_dim != args.head_dim:
+        raise CheckpointError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
+    return args
+
+
+def unpermute_rope_rows(w: Tensor, n_heads: int) -> Tensor:
+    """Undo HF's conversion permutation: HF stores each head's rotary pairs as two halves
+    (rotate_half), Meta interleaves them. (n_heads*hd, dim) rows: [h, 2, hd/2] -> [h, hd/2, 2]."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
+    args = hf_model_args(read_json(path / "config.json"), str(path / "config.json"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(path.glob("model*.safetensors"))]
+    if not files:
+        raise CheckpointError(f"{path}: no model*.safetensors files beside config.json")
+    state: dict[str, Tensor] = {}
+    for f in files:
+        tensors, _ = read_safetensors_file(path / f)
+        for name, t in tensors.items():
+            if RECOMPUTED_BUFFERS.match(name):
+                continue
+            for pattern, repl in HF_NAMES:
+                if re.fullmatch(pattern, name):
+                    name = re.sub(pattern, repl, name)
+                    break
+            else:
+                name = f"(hf) {name}"  # kept so the shape check reports it as unexpected
+            if name.endswith("attention.wq.weight"):
+                t = unpermute_rope_rows(t, args.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                t = unpermute_rope_rows(t, args.n_kv_heads)
+            state[name] = t
+    return args, state
+
+
+# ---------------------------------------------------------------- GGUF
+
+GGUF_NAMES = [
+    (r"token_embd\.weight", "tok_embeddings.weight"),
+    (r"output_norm\.weight", "norm.weight"),
+    (r"output\.weight", "output.weight"),
+    (r"blk\.(\d+)\.attn_q\.weight", r"layers.\1.attention.wq.weight"),
+    (r"blk\.(\d+)\.attn_k\.weight", r"layers.\1.attention.wk.weight"),
+    (r"blk\.(\d+)\.attn_v\.weight", r"layers.\1.attention.wv.weight"),
+    (r"blk\.(\d+)\.attn_output\.weight", r"layers.\1.attention.wo.weight"),
+    (r"blk\.(\d+)\.ffn_gate\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"blk\.(\d+)\.ffn_down\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"layers.\1.ffn_norm.weight"),
+]
+
+
+def open_gguf(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read as GGUF ({type(e).__name__}: {e}); "
+                              "the file may be truncated or corrupted") from e
+
+
+def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
+    """llama.cpp's converter already permutes q/k rows into Meta's interleaved RoPE layout."""
+    import gguf
+
+    reader = open_gguf(path)
+
+    def field(key: str, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            if default is None:
+                raise CheckpointError(f"{path}: GGUF metadata key {key!r} is missing")
+            return default
+        return f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
+    state: dict[str, Tensor] = {}
+    for t in reader.tensors:
+        name = t.name
+        for pattern, repl in GGUF_NAMES:
+            if re.fullmatch(pattern, name):
+                name = re.sub(pattern, repl, name)
+                break
+        else:
+            name = f"(gguf) {name}"
+        shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dimensions innermost first
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be dequantized: {e}") from e
+        state[name] = torch.from_numpy(values.astype("float32", copy=False).reshape(shape))
+    n_heads = field("llama.attention.head_count")
+    dim = field("llama.embedding_length")
+    if field("llama.rope.dimension_count", dim // n_heads) != dim // n_heads:
+        raise CheckpointError(f"{path}: partial RoPE (rope.dimension_count != head dim) is not supported")
+    args = ModelArgs(
+        dim=dim, n_layers=field("llama.block_count"), n_heads=n_heads,
+        n_kv_heads=field("llama.attention.head_count_kv", n_heads),
+        vocab_size=state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else 0,
+        hidden_dim=field("llama.feed_forward_length"),
+        norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+        max_seq_len=field("llama.context_length", 2048),
+        tie_embeddings="output.weight" not in state,
+    )
+    return args, state
+
+
+# ---------------------------------------------------------------- building a model
+
+
+def checkpoint_format(path: Path) -> str:
+    if path.is_dir() and (path / "params.json").exists():
+        return "meta"
+    if path.is_dir() and (path / "config.json").exists():
+        return "hf"
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    raise CheckpointError(
+        f"{path}: not a recognised checkpoint (expected a directory with params.json + consolidated.NN.pth, "
+        "a directory with config.json + model*.safetensors, or a .gguf file)"
+    )
+
+
+def load_base(
+    path: str | os.PathLike,
+    adapter: AdapterArgs | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Transformer:
+    """Build the model from a base checkpoint; a fresh adapter (if `adapter` is given) is initialised in fp32."""
+    path = Path(path)
+    fmt = checkpoint_format(path)
+    if fmt == "meta":
+        args, shards = read_meta_checkpoint(path)
+    else:
+        args, state = (read_hf_checkpoint if fmt == "hf" else read_gguf_checkpoint)(path)
+    with torch.device("meta"):
+        model = Transformer(args, adapter)
+    expected = model.base_state_keys()
+    if fmt == "meta":
+        state = merge_meta_shards(shards, expected)
+    if args.tie_embeddings and "output.weight" in state:
+        if not torch.equal(state["output.weight"], state.get("tok_embeddings.weight", torch.empty(0))):
+            raise CheckpointError(f"{path}: tie_embeddings is set but output.weight differs from tok_embeddings")
+        state = {k: v for k, v in state.items() if k != "output.weight"}
+    check_state(expected, state, f"{fmt} checkpoint {path}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    if adapter is not None:
+        model.reset_adapter(device)
+    return model
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def save_adapter(model: Transformer, path: str | os.PathLike, base_model: str) -> None:
+    """Write only the trainable tensors (fp32) and a header: format, base model name and shape, adapter config."""
+    from safetensors.torch import save_file
+
+    if model.adapter is None:
+        raise ValueError("the model has no adapter to save")
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.adapter_state_dict().items()}
+    metadata = {
+        "format": ADAPTER_FORMAT,
+        "base_model": base_model,
+        "base_args": json.dumps(model.args.to_dict(), separators=(",", ":")),
+        "adapter_args": json.dumps(model.adapter.to_dict(), separators=(",", ":")),
+    }
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+# What must agree between the base an adapter was trained on and the base it is loaded onto.
+STRUCTURAL_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], dict[str, Tensor]]:
+    """(adapter config, header, tensors) of an adapter written by `save_adapter`."""
+    path = Path(path)
+    tensors, header = read_safetensors_file(path)
+    if header.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(f"{path}: header format {header.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    return AdapterArgs.from_dict(json.loads(header["adapter_args"]), str(path)), header, tensors
+
+
+def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> dict[str, Tensor]:
+    """Tensors of an adapter `.pth` as the paper's code released it: `adapter_query.weight`
+    (layers*len, dim) and `layers.N.attention.gate` (1, n_heads, 1, 1) for every layer (zero below the
+    adapted ones). The file records neither adapter_len nor adapter_layers, so `adapter` says them."""
+    state = read_torch_file(path)
+    first = n_layers - adapter.adapter_layers
+    gates = {int(m.group(1)): t for k, t in state.items() if (m := re.fullmatch(r"layers\.(\d+)\.attention\.gate", k))}
+    unused = [i for i, g in gates.items() if i < first and g.abs().max() > 0]
+    if unused:
+        raise CheckpointError(f"{path}: non-zero gates in layers {unused}, below the top {adapter.adapter_layers}")
+    missing = [i for i in range(first, n_layers) if i not in gates]
+    if "adapter_query.weight" not in state or missing:
+        raise CheckpointError(f"{path}: missing adapter_query.weight or the gates of layers {missing}")
+    query = state["adapter_query.weight"].float()
+    if query.numel() != adapter.adapter_layers * adapter.adapter_len * query.shape[-1]:
+        raise CheckpointError(f"{path}: adapter_query.weight {tuple(query.shape)} does not hold {adapter}")
+    return {
+        "adapter_query": query.reshape(adapter.adapter_layers, adapter.adapter_len, -1),
+        "adapter_gate": torch.stack([gates[i].float().flatten() for i in range(first, n_layers)]),
+    }
+
+
+def load_model(
+    base: str | os.PathLike,
+    adapter_path: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    adapter: AdapterArgs | None = None,
+) -> Transformer:
+    """The base model with a trained adapter from `adapter_path`, or a fresh one from `adapter`.
+
+    `adapter_path` is one of our `.safetensors` adapters (its header gives the configuration), or an
+    original-release `.pth`, for which `adapter` must give adapter_len and adapter_layers.
+    """
+    if adapter_path is None:
+        return load_base(base, adapter, device, dtype)
+    adapter_path = Path(adapter_path)
+    if adapter_path.suffix == ".pth":
+        if adapter is None:
+            raise CheckpointError(f"{adapter_path}: an original-release .pth needs adapter_len/adapter_layers given")
+        model = load_base(base, adapter, device, dtype)
+        tensors = read_original_release(adapter_path, model.args.n_layers, adapter)
+    else:
+        adapter_args, header, tensors = read_adapter(adapter_path)
+        model = load_base(base, adapter_args, device, dtype)
+        trained_on = json.loads(header["base_args"])
+        diff = {k: (trained_on.get(k), getattr(model.args, k)) for k in STRUCTURAL_ARGS
+                if trained_on.get(k) != getattr(model.args, k)}
+        if diff:
+            raise CheckpointError(f"{adapter_path}: trained on base {header.get('base_model')!r}, which differs "
+                                  f"from {base} in {{arg: (adapter's base, this base)}}: {diff}")
+    check_state({k: v.shape for k, v in model.adapter_state_dict().items()}, tensors, f"adapter {adapter_path}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            getattr(model, k).copy_(v)
+    return model

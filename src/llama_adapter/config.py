@@ -1,0 +1,136 @@
+"""Model and adapter configuration: one dataclass each, with the named LLaMA presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+def _checked_fields(cls: type, d: dict[str, Any], source: str) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
+    return d
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """A LLaMA-family architecture, in the vocabulary of Meta's `params.json`."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads == n_heads)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    hidden_dim: int | None = None  # None: Meta's rule from dim, multiple_of, ffn_dim_multiplier
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.hidden_dim is None:
+            # Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices instead of two), optionally scaled,
+            # rounded up to a multiple of `multiple_of`.
+            hidden = int(2 * 4 * self.dim / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            object.__setattr__(self, "hidden_dim", find_multiple(hidden, self.multiple_of))
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"dim {self.dim} must divide into n_heads {self.n_heads}, "
+                f"and n_heads into n_kv_heads {self.n_kv_heads}"
+            )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelArgs:
+        try:
+            return cls(**PRESETS[name])
+        except KeyError:
+            raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "model config") -> ModelArgs:
+        return cls(**_checked_fields(cls, d, source))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # LLaMA-1 (Touvron et al. 2023), as in Meta's params.json.
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-6),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-6),
+    "33B": dict(dim=6656, n_layers=60, n_heads=52, norm_eps=1e-6),
+    "65B": dict(dim=8192, n_layers=80, n_heads=64, norm_eps=1e-5),
+    # Llama 2
+    "Llama-2-7B": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-5, max_seq_len=4096),
+    "Llama-2-13B": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-5, max_seq_len=4096),
+    "Llama-2-70B": dict(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,
+        norm_eps=1e-5, max_seq_len=4096,
+    ),
+    # Llama 3
+    "Llama-3-8B": dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.3,
+        multiple_of=1024, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
+    ),
+    # SmolLM2-135M (HuggingFaceTB): LLaMA architecture with GQA and tied embeddings.
+    "SmolLM2-135M": dict(
+        dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536, norm_eps=1e-5,
+        rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True,
+    ),
+    # Tiny sizes for tests and the CPU demo.
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, vocab_size=256, multiple_of=16, max_seq_len=256),
+    "tiny-gqa": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16, max_seq_len=256),
+    "tiny-tied": dict(
+        dim=64, n_layers=4, n_heads=4, n_kv_heads=1, vocab_size=256, multiple_of=16, max_seq_len=256,
+        tie_embeddings=True,
+    ),
+}
+
+
+GateInit = Literal["zero", "random"]
+
+
+@dataclass(frozen=True)
+class AdapterArgs:
+    """The paper's adapter: `adapter_len` prompt vectors in each of the top `adapter_layers` layers."""
+
+    adapter_len: int = 10
+    adapter_layers: int = 30
+    # "zero" is the paper's zero-init attention; "random" is its ablation (gates drawn from N(0, 1), so
+    # tanh(gate) lets the untrained prompts into the frozen model from the first step).
+    gate_init: GateInit = "zero"
+
+    def __post_init__(self) -> None:
+        if self.adapter_len < 1 or self.adapter_layers < 1:
+            raise ValueError(f"adapter_len and adapter_layers must be >= 1, got {self}")
+        if self.gate_init not in ("zero", "random"):
+            raise ValueError(f"gate_init must be 'zero' or 'random', got {self.gate_init!r}")
+
+    def validate_for(self, args: ModelArgs) -> None:
+        if self.adapter_layers > args.n_layers:
+            raise ValueError(f"adapter_layers {self.adapter_layers} exceeds the model's {args.n_layers} layers")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "adapter config") -> AdapterArgs:
+        return cls(**_checked_fields(cls, d, source))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

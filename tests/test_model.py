@@ -1,0 +1,162 @@
+"""The model and the adapter against independent references: HF transformers' LlamaForCausalLM and
+PEFT's AdaptionPrompt, on tiny random configurations loaded through our own HF loader."""
+
+import pytest
+import torch
+
+from llama_adapter.checkpoint import load_base, save_adapter
+from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.model import Transformer, is_adapter_param
+
+transformers = pytest.importorskip("transformers")
+
+TINY = ["tiny", "tiny-gqa", "tiny-tied"]
+
+
+def hf_config(args: ModelArgs):
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, max_position_embeddings=args.max_seq_len,
+        tie_word_embeddings=args.tie_embeddings, attn_implementation="eager",
+    )
+
+
+@pytest.fixture(params=TINY)
+def hf_pair(request, tmp_path):
+    """A random HF Llama saved as safetensors, and its path (preset name for our side)."""
+    torch.manual_seed(0)
+    args = ModelArgs.from_name(request.param)
+    hf = transformers.LlamaForCausalLM(hf_config(args)).eval()
+    with torch.no_grad():  # HF initialises norms to 1; random norms make the name mapping matter
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path / "hf", args
+
+
+def tokens(args, B=2, T=11, seed=1):
+    return torch.randint(0, args.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_hf_parity(hf_pair):
+    hf, path, args = hf_pair
+    ours = load_base(path).eval()
+    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "rope_theta"):
+        assert getattr(ours.args, field) == getattr(args, field), field
+    x = tokens(args)
+    with torch.no_grad():
+        diff = (ours(x) - hf(x).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_peft_adaption_prompt_parity(hf_pair):
+    """With every head's gate equal to g, our adapter is PEFT's AdaptionPrompt with scalar gate tanh(g)."""
+    peft = pytest.importorskip("peft")
+    hf, path, args = hf_pair
+    adapter = AdapterArgs(adapter_len=5, adapter_layers=3)
+    ours = load_base(path, adapter).eval()
+    peft_model = peft.get_peft_model(
+        hf, peft.AdaptionPromptConfig(adapter_len=adapter.adapter_len, adapter_layers=adapter.adapter_layers,
+                                      task_type="CAUSAL_LM")
+    ).eval()
+    adapted = [m for m in peft_model.modules() if type(m).__name__ == "AdaptedAttention"]
+    assert len(adapted) == adapter.adapter_layers  # PEFT adapts the top layers, in order
+    g = 0.7
+    with torch.no_grad():
+        ours.adapter_gate.fill_(g)
+        for layer, m in enumerate(adapted):
+            m.adaption_prompt.copy_(ours.adapter_query[layer][None])
+            m.adaption_gate.fill_(torch.tanh(torch.tensor(g)).item())
+        x = tokens(args)
+        diff = (ours(x) - peft_model(input_ids=x).logits).abs().max().item()
+        base = (ours(x) - load_base(path)(x)).abs().max().item()
+    assert diff < 1e-4
+    assert base > 1e-2  # the adapter really changes the output, so the parity above is not vacuous
+
+
+def test_zero_gate_adapter_is_bit_identical():
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny-gqa")
+    base = Transformer(args).eval()
+    adapted = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3)).eval()
+    adapted.load_state_dict(base.state_dict(), strict=False)
+    assert torch.all(adapted.adapter_gate == 0)
+    x = tokens(args)
+    with torch.no_grad():
+        assert torch.equal(base(x), adapted(x))
+
+
+def test_random_gate_init_changes_output():
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny")
+    m = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))
+    assert m.adapter_gate.abs().min() > 0
+    x = tokens(args)
+    with torch.no_grad():
+        out = m(x)
+        m.adapter_gate.zero_()
+        assert (out - m(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_kv_cache_decoding_equals_full_forward(preset):
+    torch.manual_seed(0)
+    args = ModelArgs.from_name(preset)
+    m = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    x = tokens(args, T=12)
+    prompt_len = 5
+    with torch.no_grad():
+        full = m(x)
+        m.setup_kv_cache(batch=x.size(0), max_len=16)
+        steps = [m(x[:, :prompt_len], torch.arange(prompt_len))]
+        for t in range(prompt_len, x.size(1)):
+            steps.append(m(x[:, t: t + 1], torch.tensor([t])))
+        m.clear_kv_cache()
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4  # fp32 round-off of other reduction orders
+
+
+def test_only_adapter_trains_and_gates_start_at_zero():
+    args = ModelArgs.from_name("tiny")
+    m = Transformer(args, AdapterArgs(adapter_len=3, adapter_layers=2))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"adapter_query", "adapter_gate"} == {n for n, _ in m.named_parameters() if is_adapter_param(n)}
+    assert m.adapter_query.shape == (2, 3, args.dim) and m.adapter_gate.shape == (2, args.n_heads)
+    assert torch.all(m.adapter_gate == 0)
+    loss = m(tokens(args)).logsumexp(-1).mean()
+    loss.backward()
+    assert m.adapter_query.grad is not None and m.adapter_gate.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in m.named_parameters() if not is_adapter_param(n))
+
+
+def test_trainable_parameters_stay_fp32():
+    m = Transformer(ModelArgs.from_name("tiny"), AdapterArgs(adapter_len=3, adapter_layers=2)).cast_base(torch.bfloat16)
+    for n, p in m.named_parameters():
+        assert p.dtype == (torch.float32 if is_adapter_param(n) else torch.bfloat16), n
+    out = m(tokens(m.args))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_7b_parameter_count_and_adapter_file_size(tmp_path):
+    with torch.device("meta"):
+        m = Transformer(ModelArgs.from_name("7B"), AdapterArgs(adapter_len=10, adapter_layers=30))
+    assert m.args.hidden_dim == 11008
+    assert sum(p.numel() for p in m.parameters()) - m.adapter_query.numel() - m.adapter_gate.numel() == 6_738_415_616
+    assert m.adapter_query.numel() == 1_228_800 and m.adapter_gate.numel() == 960
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 1_229_760
+    m.reset_adapter(device="cpu")  # only the 1.2M adapter tensors are real; the 6.7B base stays on meta
+    save_adapter(m, tmp_path / "adapter.safetensors", base_model="7B")
+    size = (tmp_path / "adapter.safetensors").stat().st_size
+    assert 1_229_760 * 4 < size <= 4_920_000
+
+
+@pytest.mark.parametrize("name,hidden", [("13B", 13824), ("33B", 17920), ("65B", 22016), ("Llama-2-70B", 28672),
+                                         ("Llama-3-8B", 14336), ("SmolLM2-135M", 1536)])
+def test_meta_hidden_size_rule(name, hidden):
+    assert ModelArgs.from_name(name).hidden_dim == hidden
+
+
+def test_adapter_layers_cannot_exceed_model():
+    with pytest.raises(ValueError, match="adapter_layers 5 exceeds"):
+        Transformer(ModelArgs.from_name("tiny"), AdapterArgs(adapter_layers=5))
