@@ -316,7 +316,7 @@ def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise CheckpointError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be dequantized: {e}") from e
-        state[name] = torch.from_numpy(values.astype("float32", copy=False).reshape(shape))
+        state[name] = torch.from_numpy(values.astype("float32").reshape(shape))  # a copy: the file is mmapped read-only
     n_heads = field("llama.attention.head_count")
     dim = field("llama.embedding_length")
     if field("llama.rope.dimension_count", dim // n_heads) != dim // n_heads:

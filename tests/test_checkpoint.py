@@ -1,0 +1,259 @@
+"""Checkpoint formats: Meta shards, HF safetensors (sharded), GGUF, adapters; and the errors on bad files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llama_adapter.checkpoint import (
+    CheckpointError,
+    load_base,
+    load_model,
+    read_adapter,
+    save_adapter,
+    save_meta_checkpoint,
+)
+from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.model import Transformer
+
+
+def random_model(preset: str | ModelArgs = "tiny-gqa", adapter=None, seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    args = preset if isinstance(preset, ModelArgs) else ModelArgs.from_name(preset)
+    m = Transformer(args, adapter).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            if name == "adapter_gate":
+                p.normal_()
+    return m
+
+
+def tokens(m, B=2, T=9):
+    return torch.randint(0, m.args.vocab_size, (B, T), generator=torch.Generator().manual_seed(3))
+
+
+def assert_same_logits(a, b, atol=0.0):
+    x = tokens(a)
+    with torch.no_grad():
+        diff = (a(x) - b(x)).abs().max().item()
+    assert diff <= atol, diff
+
+
+# ---------------------------------------------------------------- Meta
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
+def test_meta_round_trip(tmp_path, preset, n_shards):
+    m = random_model(preset)
+    save_meta_checkpoint(m, tmp_path, n_shards=n_shards)
+    assert sorted(p.name for p in tmp_path.glob("consolidated.*.pth")) == [f"consolidated.{r:02d}.pth" for r in range(n_shards)]
+    if n_shards == 2:  # really split, as Meta's ranks: wq by rows, wo by columns, embeddings by columns
+        shard = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+        assert shard["layers.0.attention.wq.weight"].shape == (m.args.dim // 2, m.args.dim)
+        assert shard["layers.0.attention.wo.weight"].shape == (m.args.dim, m.args.dim // 2)
+        assert shard["tok_embeddings.weight"].shape == (m.args.vocab_size, m.args.dim // 2)
+    loaded = load_base(tmp_path)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert_same_logits(m, loaded)
+
+
+def test_meta_llama1_params_and_rope_freqs(tmp_path):
+    """LLaMA-1's params.json says vocab_size -1 and its checkpoints carry a `rope.freqs` buffer."""
+    m = random_model("tiny")
+    save_meta_checkpoint(m, tmp_path, n_shards=2)
+    params = {"dim": 64, "multiple_of": 16, "n_heads": 4, "n_layers": 4, "norm_eps": 1e-6, "vocab_size": -1}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    for p in tmp_path.glob("consolidated.*.pth"):
+        shard = torch.load(p, weights_only=True)
+        shard["rope.freqs"] = torch.zeros(8)
+        torch.save(shard, p)
+    loaded = load_base(tmp_path)
+    assert loaded.args.vocab_size == 256
+    assert_same_logits(m, loaded)
+
+
+def test_mismatched_checkpoint_lists_every_problem(tmp_path):
+    m = random_model("tiny")
+    save_meta_checkpoint(m, tmp_path)
+    state = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    del state["layers.1.attention.wq.weight"]
+    state["layers.0.feed_forward.w2.weight"] = torch.zeros(3, 3)
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "consolidated.00.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_base(tmp_path)
+    msg = str(e.value)
+    assert "missing (1): layers.1.attention.wq.weight" in msg
+    assert "unexpected (1): extra.weight" in msg
+    assert "layers.0.feed_forward.w2.weight: (3, 3) (expected (64, 176))" in msg
+
+
+def test_truncated_pth_is_a_clear_error(tmp_path):
+    save_meta_checkpoint(random_model("tiny"), tmp_path)
+    f = tmp_path / "consolidated.00.pth"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="consolidated.00.pth: cannot read as a PyTorch checkpoint.*truncated"):
+        load_base(tmp_path)
+
+
+def test_unknown_checkpoint_layout(tmp_path):
+    with pytest.raises(CheckpointError, match="not a recognised checkpoint"):
+        load_base(tmp_path)
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+def test_hf_sharded_safetensors_with_index(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="50KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ours = load_base(tmp_path)
+    x = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max() < 1e-4
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read as safetensors"):
+        load_base(tmp_path)
+
+
+def test_hf_rope_scaling_is_refused(tmp_path):
+    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "vocab_size": 10, "intermediate_size": 8, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="RoPE type 'llama3'"):
+        load_base(tmp_path)
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def write_gguf(path, m: Transformer, qtype=None):
+    """A GGUF as llama.cpp's converter writes a LLaMA: q/k rows in the interleaved layout (same as Meta's),
+    ggml dimension order; with `qtype`, the 2-D weights quantized."""
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    a = m.args
+    w.add_block_count(a.n_layers)
+    w.add_context_length(a.max_seq_len)
+    w.add_embedding_length(a.dim)
+    w.add_feed_forward_length(a.hidden_dim)
+    w.add_head_count(a.n_heads)
+    w.add_head_count_kv(a.n_kv_heads)
+    w.add_rope_freq_base(a.rope_theta)
+    w.add_layer_norm_rms_eps(a.norm_eps)
+    names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output", "wq": "attn_q",
+             "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate", "w2": "ffn_down",
+             "w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+    for k, v in m.state_dict().items():
+        parts = k.split(".")
+        name = f"blk.{parts[1]}.{names[parts[-2]]}.weight" if parts[0] == "layers" else f"{names[parts[0]]}.weight"
+        data = v.numpy()
+        if qtype is not None and data.ndim == 2:
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_f32_round_trip(tmp_path):
+    m = random_model("tiny-gqa")
+    write_gguf(tmp_path / "m.gguf", m)
+    loaded = load_base(tmp_path / "m.gguf")
+    assert loaded.args.n_kv_heads == 2 and not loaded.args.tie_embeddings
+    assert_same_logits(m, loaded)
+
+
+def test_gguf_quantized_q8_0(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    m = random_model(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=256, hidden_dim=128))  # Q8_0 blocks of 32
+    write_gguf(tmp_path / "m.gguf", m, qtype=gguf.GGMLQuantizationType.Q8_0)
+    loaded = load_base(tmp_path / "m.gguf")
+    w, q = m.layers[0].attention.wq.weight, loaded.layers[0].attention.wq.weight
+    assert not torch.equal(w, q) and (w - q).abs().max() < w.abs().max() / 100  # dequantized, 8-bit close
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    write_gguf(tmp_path / "m.gguf", random_model("tiny"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match=r"m.gguf: cannot read as GGUF"):
+        load_base(f)
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def test_adapter_save_load_round_trip(tmp_path):
+    adapter = AdapterArgs(adapter_len=3, adapter_layers=2, gate_init="zero")
+    m = random_model("tiny", adapter)
+    save_meta_checkpoint(m, tmp_path / "base")
+    save_adapter(m, tmp_path / "a.safetensors", base_model="tiny-test")
+    args, header, tensors = read_adapter(tmp_path / "a.safetensors")
+    assert args == adapter and header["base_model"] == "tiny-test"
+    assert set(tensors) == {"adapter_query", "adapter_gate"}
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    loaded = load_model(tmp_path / "base", tmp_path / "a.safetensors")
+    assert_same_logits(m, loaded)
+
+
+def test_adapter_refuses_another_base(tmp_path):
+    m = random_model("tiny", AdapterArgs(adapter_len=3, adapter_layers=2))
+    save_adapter(m, tmp_path / "a.safetensors", base_model="tiny")
+    save_meta_checkpoint(random_model("tiny-gqa"), tmp_path / "other")
+    with pytest.raises(CheckpointError, match=r"trained on base 'tiny'.*n_kv_heads': \(4, 2\)"):
+        load_model(tmp_path / "other", tmp_path / "a.safetensors")
+
+
+def test_original_release_adapter_pth(tmp_path):
+    """The paper's released adapters: adapter_query.weight (layers*len, dim) and a (1, nh, 1, 1) gate in
+    every layer, zero below the adapted ones."""
+    adapter = AdapterArgs(adapter_len=3, adapter_layers=2)
+    m = random_model("tiny", adapter)
+    save_meta_checkpoint(m, tmp_path / "base")
+    first = m.args.n_layers - adapter.adapter_layers
+    release = {"adapter_query.weight": m.adapter_query.detach().reshape(-1, m.args.dim).half()}
+    for i in range(m.args.n_layers):
+        gate = m.adapter_gate[i - first] if i >= first else torch.zeros(m.args.n_heads)
+        release[f"layers.{i}.attention.gate"] = gate.detach().reshape(1, -1, 1, 1).half()
+    torch.save(release, tmp_path / "release.pth")
+    loaded = load_model(tmp_path / "base", tmp_path / "release.pth", adapter=adapter)
+    assert_same_logits(m, loaded, atol=0.05)  # the release is fp16
+    with pytest.raises(CheckpointError, match="needs adapter_len/adapter_layers"):
+        load_model(tmp_path / "base", tmp_path / "release.pth")
+
+
+def test_adapter_write_is_atomic(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    m = random_model("tiny", AdapterArgs(adapter_len=3, adapter_layers=2))
+
+    def broken(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError):
+        save_adapter(m, tmp_path / "a.safetensors", base_model="tiny")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,48 @@
+"""CPU smoke runs of the `llama-adapter` command line, as a user (or a Snakemake rule) calls it."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from llama_adapter.checkpoint import save_adapter, save_meta_checkpoint
+from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.model import Transformer
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llama_adapter.cli", *args], capture_output=True, text=True)
+
+
+def test_help_of_every_subcommand():
+    for sub in ("inspect", "complete", "fetch-smollm2"):
+        proc = run_cli(sub, "--help")
+        assert proc.returncode == 0 and "usage: llama-adapter" in proc.stdout, sub
+
+
+def test_inspect_7b_preset_counts_the_paper_parameters():
+    proc = run_cli("inspect", "7B", "--adapter-len", "10", "--adapter-layers", "30")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["trainable_parameters"] == 1_229_760
+    assert report["base_parameters"] == 6_738_415_616
+
+
+def test_complete_with_meta_checkpoint_and_adapter(tmp_path, llama_sp_model):
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=32000, hidden_dim=64)
+    model = Transformer(args, AdapterArgs(adapter_len=2, adapter_layers=1))
+    save_meta_checkpoint(model, tmp_path / "base")
+    save_adapter(model, tmp_path / "adapter.safetensors", base_model="random-tiny")
+    proc = run_cli("complete", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter.safetensors"),
+                   "--tokenizer", str(llama_sp_model), "--prompt", "Name a colour.", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()  # random weights: some text, not sense
+
+
+def test_bad_checkpoint_is_a_one_line_error(tmp_path):
+    proc = run_cli("complete", "--base", str(tmp_path), "--prompt", "x")
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "not a recognised checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
