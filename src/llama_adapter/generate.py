@@ -1,8 +1,9 @@
 """Batched decoding with the KV cache: small pure functions over a `Transformer`.
 
-Prompts of different lengths are left-padded so every row's next token sits in the same column. RoPE
-scores depend only on position differences, so a shared position index per column gives each row the
-same attention as it would have alone; padded keys are masked out.
+Prompts of different lengths are left-padded so every row's next token sits in the same column (one KV
+cache slot per column); padded keys are masked out. Each row's RoPE positions still count from 0 at its
+first real token: plain attention would not care about a shift, but the adapter does (its prompt keys
+carry no position while the queries are rotated), so a shared column index would change the output.
 """
 
 from __future__ import annotations
@@ -27,14 +28,12 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    """tokens (B, P) left-padded with pad_id, and valid (B, P): True on real tokens."""
+    """tokens (B, P) left-padded with pad_id, and the pad count of each row (B,)."""
     P = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros((len(prompts), P), dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):
         tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        valid[b, P - len(p):] = True
-    return tokens, valid
+    return tokens, torch.tensor([P - len(p) for p in prompts], device=device)
 
 
 @torch.no_grad()
@@ -54,18 +53,19 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = model.tok_embeddings.weight.device
-    tokens, valid = left_pad(prompts, pad_id, device)
+    tokens, n_pad = left_pad(prompts, pad_id, device)
     B, P = tokens.shape
     S = P + max_new_tokens
-    key_valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)  # (B, S)
-    positions = torch.arange(S, device=device)
+    slots = torch.arange(S, device=device)
+    key_valid = slots[None, :] >= n_pad[:, None]  # (B, S)
+    rope_pos = (slots[None, :] - n_pad[:, None]).clamp(min=0)  # (B, S): each row counts from its first token
     model.setup_kv_cache(B, S)
     try:
         # Prefill. A padded query row would see no key at all (NaN softmax that leaks through the cached
         # values), so every position may always attend to itself.
-        causal = positions[None, :] <= positions[:P, None]  # (P, S)
-        mask = (causal & key_valid[:, None, :]) | (positions[None, :] == positions[:P, None])
-        logits = model(tokens, positions[:P], mask[:, None])[:, -1]
+        causal = slots[None, :] <= slots[:P, None]  # (P, S)
+        mask = (causal & key_valid[:, None, :]) | (slots[None, :] == slots[:P, None])
+        logits = model(tokens, slots[:P], mask[:, None], rope_pos[:, :P])[:, -1]
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
@@ -74,9 +74,9 @@ def generate(
             done |= nxt == eos_id
             if done.all() or t == max_new_tokens - 1:
                 break
-            pos = positions[P + t: P + t + 1]
-            mask = (key_valid & (positions <= pos))[:, None, None, :]  # (B, 1, 1, S)
-            logits = model(nxt[:, None], pos, mask)[:, -1]
+            slot = slots[P + t: P + t + 1]
+            mask = (key_valid & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
+            logits = model(nxt[:, None], slot, mask, rope_pos[:, P + t: P + t + 1])[:, -1]
     finally:
         model.clear_kv_cache()
     results = []

@@ -190,12 +190,20 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        input_pos: Tensor | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
         """Logits (B, T, vocab) for tokens (B, T).
 
-        input_pos: positions of the tokens, (T,) shared by the batch or (B, T) (e.g. packed samples whose
-        positions restart); default 0..T-1. With a KV cache it must be (T,) and says where to write.
+        input_pos: (T,) the sequence slots of the tokens, default 0..T-1; with a KV cache, where to write.
         mask: boolean (B or 1, 1, T, S), True = may attend; default causal (over the cache when decoding).
+        positions: RoPE positions, (T,) or (B, T); default input_pos. They differ from the slots when
+        rows are left-padded or samples packed: each sample must count from 0, because the adapter is
+        not shift-invariant (RoPE-rotated queries meet position-free prompt keys), unlike attention.
         """
         T = tokens.size(1)
         if input_pos is None:
@@ -203,7 +211,7 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.kv_cache
         if mask is None and cache is not None:
             mask = torch.arange(cache.k.size(2), device=tokens.device) <= input_pos[:, None]  # (T, S)
-        rope = rope_angles(input_pos, self.args.head_dim, self.args.rope_theta)
+        rope = rope_angles(input_pos if positions is None else positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         first_adapted = self.args.n_layers - (self.adapter.adapter_layers if self.adapter else 0)
         for i, layer in enumerate(self.layers):
