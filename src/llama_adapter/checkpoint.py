@@ -178,20 +178,42 @@ def save_meta_checkpoint(model: Transformer, path: Path, n_shards: int = 1) -> N
 
 # ---------------------------------------------------------------- Hugging Face layout
 
-HF_NAMES = [
-    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"layers.\1.attention.wq.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"layers.\1.attention.wk.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"layers.\1.attention.wv.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+
+# Each tensor's name in Meta's layout, Hugging Face's and GGUF's ({i}: the layer index).
+TENSOR_NAMES = [
+    ("tok_embeddings.weight", "model.embed_tokens.weight", "token_embd.weight"),
+    ("norm.weight", "model.norm.weight", "output_norm.weight"),
+    ("output.weight", "lm_head.weight", "output.weight"),
+    ("layers.{i}.attention.wq.weight", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("layers.{i}.attention.wk.weight", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("layers.{i}.attention.wv.weight", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("layers.{i}.attention.wo.weight", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("layers.{i}.feed_forward.w1.weight", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("layers.{i}.feed_forward.w2.weight", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    ("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
 ]
+
+
+def name_patterns(column: int) -> list[tuple[str, str]]:
+    """(regex of a foreign name, Meta name template) for one column of TENSOR_NAMES."""
+    return [(re.escape(row[column]).replace(r"\{i\}", r"(\d+)"), row[0].replace("{i}", r"\1"))
+            for row in TENSOR_NAMES]
+
+
+HF_NAMES, GGUF_NAMES = name_patterns(1), name_patterns(2)
+
+
+def to_meta_name(name: str, table: list[tuple[str, str]], fmt: str) -> str:
+    """Meta's name for a foreign tensor name. An unknown name is kept, marked with its format, so the
+    shape check reports it as unexpected rather than it being dropped."""
+    for pattern, repl in table:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name)
+    return f"({fmt}) {name}"
+
+
 
 
 def hf_model_args(config: dict, source: str) -> ModelArgs:
@@ -243,12 +265,7 @@ def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
         for name, t in tensors.items():
             if RECOMPUTED_BUFFERS.match(name):
                 continue
-            for pattern, repl in HF_NAMES:
-                if re.fullmatch(pattern, name):
-                    name = re.sub(pattern, repl, name)
-                    break
-            else:
-                name = f"(hf) {name}"  # kept so the shape check reports it as unexpected
+            name = to_meta_name(name, HF_NAMES, "hf")
             if name.endswith("attention.wq.weight"):
                 t = unpermute_rope_rows(t, args.n_heads)
             elif name.endswith("attention.wk.weight"):
@@ -259,20 +276,6 @@ def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
 
 # ---------------------------------------------------------------- GGUF
 
-GGUF_NAMES = [
-    (r"token_embd\.weight", "tok_embeddings.weight"),
-    (r"output_norm\.weight", "norm.weight"),
-    (r"output\.weight", "output.weight"),
-    (r"blk\.(\d+)\.attn_q\.weight", r"layers.\1.attention.wq.weight"),
-    (r"blk\.(\d+)\.attn_k\.weight", r"layers.\1.attention.wk.weight"),
-    (r"blk\.(\d+)\.attn_v\.weight", r"layers.\1.attention.wv.weight"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"layers.\1.attention.wo.weight"),
-    (r"blk\.(\d+)\.ffn_gate\.weight", r"layers.\1.feed_forward.w1.weight"),
-    (r"blk\.(\d+)\.ffn_down\.weight", r"layers.\1.feed_forward.w2.weight"),
-    (r"blk\.(\d+)\.ffn_up\.weight", r"layers.\1.feed_forward.w3.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"layers.\1.attention_norm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"layers.\1.ffn_norm.weight"),
-]
 
 
 def open_gguf(path: Path):
@@ -304,13 +307,7 @@ def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
     state: dict[str, Tensor] = {}
     for t in reader.tensors:
-        name = t.name
-        for pattern, repl in GGUF_NAMES:
-            if re.fullmatch(pattern, name):
-                name = re.sub(pattern, repl, name)
-                break
-        else:
-            name = f"(gguf) {name}"
+        name = to_meta_name(t.name, GGUF_NAMES, "gguf")
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dimensions innermost first
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
