@@ -1,7 +1,6 @@
 """The real SmolLM2-135M-Instruct GGUF (from the package registry) through our GGUF loader and tokenizer."""
 
 import pytest
-import torch
 
 from llama_adapter.checkpoint import load_base
 from llama_adapter.config import ModelArgs

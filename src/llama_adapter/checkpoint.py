@@ -15,16 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .config import AdapterArgs, ModelArgs
-from .model import Transformer, is_adapter_param
+from .io import atomic_path
+from .model import Transformer
 
 ADAPTER_FORMAT = "llama-adapter/1"
 # Buffers some checkpoints carry that our model recomputes (LLaMA-1's rope.freqs, old HF inv_freq).
@@ -58,20 +56,6 @@ def read_safetensors_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read as safetensors ({type(e).__name__}: {e}); "
                               "the file may be truncated or corrupted") from e
-
-
-@contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `dest`, renamed onto it only if the block succeeds."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_json(path: Path) -> dict:

