@@ -1,0 +1,22 @@
+"""The data stage: fetch → validate → tokenize, for Alpaca and ScienceQA, plus the embedded demo data.
+
+Every source layout is normalised by `fetch` into one folder per dataset:
+  records.jsonl   one JSON object per record (schemas below), in source order
+  images/         ScienceQA only: images extracted/copied as images/<pid>.png
+  fetch.json      where the records came from and their digests, so a rerun can tell whether inputs changed
+
+Alpaca record: the source object unchanged (validation checks `instruction`, `input`, `output`).
+ScienceQA record: the fields of the original `problems.json`, keyed and typed as listed in
+SCIENCEQA_FIELDS; a field the source lacks is null (never guessed).
+"""
+
+FORMAT_VERSION = "llama-adapter-data/1"
+
+# Normalised ScienceQA record fields. `image` is a path relative to the dataset folder (images/<pid>.png)
+# or null; `has_image` says whether the source problem had an image at all (LLaVA's file names images it
+# does not ship); `split` is train / val / test (HF's "validation" becomes "val") or null if the source
+# assigns none.
+SCIENCEQA_FIELDS = (
+    "pid", "split", "question", "choices", "answer", "hint", "image", "has_image",
+    "task", "grade", "subject", "topic", "category", "skill", "lecture", "solution",
+)
