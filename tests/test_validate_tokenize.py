@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from llama_adapter.data.scienceqa import categories, parse_answer, qcm_prompt, qcm_target

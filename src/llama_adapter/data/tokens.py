@@ -11,6 +11,7 @@ read back memory-mapped:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,8 @@ def tokenize(
     parts = split_indices(len(records), split, [r.get("split") for r in records])
     to_sample = SAMPLE_FORMATS[dataset]
     stats = {"dataset": dataset, "max_seq_len": max_seq_len, "mask_prompt": mask_prompt, "truncation": truncation,
-             "split_rule": split, "records": len(records), "splits": {}}
+             "split_rule": split, "records": len(records), "provenance": provenance(Path(validated_dir)),
+             "splits": {}}
     if split["by"] == "seed":
         stats["split_note"] = ("validation records are drawn by a seeded permutation and never appear in training "
                                "(the paper's code reused its first 200 training records as validation)")
@@ -141,6 +143,15 @@ def tokenize(
         write_json(tmp / "stats.json", stats)
         plot_lengths(lengths, max_seq_len, f"{dataset}: tokens per sample (n={len(lengths)})", tmp / "lengths.png")
     return stats
+
+
+def provenance(validated_dir: Path) -> dict:
+    """The fetch.json of the data behind a validated folder (validation.json names the fetched folder)."""
+    report = validated_dir / "validation.json"
+    if not report.exists():
+        return {}
+    fetch_json = Path(json.loads(report.read_text())["source"]) / "fetch.json"
+    return json.loads(fetch_json.read_text()) if fetch_json.exists() else {}
 
 
 def write_split(path: Path, enc: Encoded, record_index: np.ndarray) -> None:

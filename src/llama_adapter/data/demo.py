@@ -1,0 +1,359 @@
+"""Generated demo data, so the default pipeline runs offline from the repository alone, on CPU, in minutes.
+
+Real Alpaca and ScienceQA need downloads and a real LLaMA. Instead we invent a small closed world that a
+tiny LLaMA pretrained for CPU minutes can memorise (creatures and their traits, fictional capitals,
+antonyms, plurals, sums and comparisons of 0-20), state its facts in `corpus.txt`, and ask about them in
+the original Alpaca and ScienceQA layouts, so every later stage runs unchanged on demo or real data.
+ScienceQA questions come in its three context kinds, each testing something different: the answer is in
+the hint (random per question, so it must be read, not recalled), only in a drawn image, or a corpus fact.
+Everything derives from one seeded RNG: the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from llama_adapter.io import atomic_dir
+
+CREATURES = ("zorb blick wug fep glim tove grop plon vesk mib krell torp quib zib flarn drub skeep brell jom "
+             "yant gorp wimble pim sploon fuzzle narp klib zeem dorf vop grint tulp morv snib frim gleb chab "
+             "norb plim kesh").split()
+COLOURS = "red blue green yellow purple orange white black brown pink".split()
+SIZES = "tiny small big huge".split()  # ordered: which creature is bigger follows this order
+HABITATS = "forest river desert mountains cave sea swamp meadow".split()
+SOUNDS = "hums squeaks roars whistles chirps growls hisses clicks".split()
+LEGS = "2 4 6 8".split()
+TRAITS = dict(zip(("colour", "size", "habitat", "sound", "legs"), (COLOURS, SIZES, HABITATS, SOUNDS, LEGS)))
+COUNTRIES = "Varnia Tolmar Quenland Drovia Pellam Zantor Grelland Ombria Kestia Lurovia Fennick Sabrel".split()
+CITIES = "Kell Amberton Rivo Dunmore Stenby Calvo Mirrow Tesk Hollin Brask Norwick Feltham".split()
+PEOPLE = "Tom Mia Ben Lily Sam Ana Max Zoe Leo Ivy Raj Eva".split()
+OBJECTS = "ball hat kite cup box car bag boat sock book".split()
+OPPOSITES = [tuple(p.split("/")) for p in (
+    "hot/cold fast/slow tall/short happy/sad light/dark wet/dry old/young hard/soft loud/quiet full/empty "
+    "open/closed early/late rich/poor strong/weak thick/thin clean/dirty near/far high/low sweet/sour good/bad"
+).split()]
+ADJECTIVES = [w for pair in OPPOSITES for w in pair]
+PLURALS = [tuple(p.split("/")) for p in (
+    "cat/cats dog/dogs cup/cups hat/hats book/books tree/trees bird/birds box/boxes bus/buses fox/foxes "
+    "dish/dishes watch/watches baby/babies city/cities story/stories leaf/leaves knife/knives wolf/wolves "
+    "shelf/shelves mouse/mice child/children foot/feet tooth/teeth man/men woman/women goose/geese "
+    "sheep/sheep fish/fish deer/deer ox/oxen person/people key/keys toy/toys day/days potato/potatoes "
+    "hero/heroes glass/glasses church/churches lady/ladies life/lives"
+).split()]
+# Drawn without antialiasing, so every shape pixel is exactly one of these colours.
+IMAGE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+                 "yellow": (240, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
+SHAPES = ("circle", "square", "triangle")
+IMAGE_SIZE = 32
+
+# Corpus wordings per fact kind. The first is canonical and stated once for every fact, so each answer's
+# sentence is in the corpus word for word; later passes vary the wording.
+TEMPLATES = {
+    "colour": ("A {e} is {v}.", "The colour of a {e} is {v}.", "{E}s are {v}."),
+    "size": ("A {e} is {v}.", "A {e} is a {v} animal.", "{E}s are {v} animals."),
+    "habitat": ("A {e} lives in the {v}.", "You can find a {e} in the {v}.", "{E}s live in the {v}."),
+    "sound": ("A {e} {v}.", "When a {e} is happy, it {v}.", "You can hear a {e} when it {v}."),
+    "legs": ("A {e} has {v} legs.", "Every {e} walks on {v} legs.", "{E}s have {v} legs."),
+    "bigger": ("A {a} is bigger than a {b}.", "A {a} is larger than a {b}.", "A {b} is smaller than a {a}."),
+    "capital": ("The capital of {a} is {b}.", "{b} is the capital of {a}.", "{b} is the main city of {a}."),
+    "opposite": ("The opposite of {a} is {b}.", "{A} is the opposite of {b}."),
+    "plural": ("The plural of {a} is {b}.", "One {a}, two {b}."),
+    "add": ("{a} plus {b} is {c}.", "{a} + {b} = {c}.", "If you add {a} and {b}, you get {c}."),
+    "subtract": ("{a} minus {b} is {c}.", "{a} - {b} = {c}.", "If you take {b} from {a}, you get {c}."),
+    "more": ("{a} is more than {b}.", "{a} is bigger than {b}.", "{b} is less than {a}."),
+}
+SHAPE_FACTS = "A square has four sides. A triangle has three sides. A circle is round. A circle has no corners."
+CORPUS_PASSES = 3
+# Alpaca without input: questions per fact kind, answered by the fact's canonical sentence.
+QUESTIONS = {
+    "colour": ("What colour is a {e}?", "Tell me the colour of a {e}.", "Which colour is a {e}?"),
+    "size": ("How big is a {e}?", "Describe the size of a {e}."),
+    "habitat": ("Where does a {e} live?", "Name the place where a {e} lives."),
+    "sound": ("What sound does a {e} make?", "How does a {e} sound?"),
+    "legs": ("How many legs does a {e} have?", "Count the legs of a {e}."),
+    "bigger": ("Which is bigger, a {a} or a {b}?", "Which is bigger, a {b} or a {a}?"),
+    "capital": ("What is the capital of {a}?", "Name the capital city of {a}.",
+                "Which country has {b} as its capital?", "{b} is the capital of which country?"),
+    "opposite": ("What is the opposite of {a}?", "Which word means the opposite of {a}?"),
+    "plural": ("What is the plural of {a}?", "How do you say more than one {a}?"),
+    "add": ("What is {a} plus {b}?",), "subtract": ("What is {a} minus {b}?",),
+    "more": ("Which is more, {a} or {b}?", "Which is more, {b} or {a}?"),
+}
+# Alpaca with input: task -> (fact kind, instructions, input wordings, short answer).
+INPUT_TASKS = {
+    "colour_of": ("colour", ("Name the colour of this animal.", "What colour is this animal?"), ("{e}",), "{v}"),
+    "habitat_of": ("habitat", ("Where does this animal live?", "Name the home of this animal."), ("{e}",), "{v}"),
+    "legs_of": ("legs", ("How many legs does this animal have?", "Count the legs of this animal."), ("{e}",), "{v}"),
+    "capital_of": ("capital", ("Give the capital of this country.", "Name the capital city of this country."),
+                   ("{a}",), "{b}"),
+    "opposite": ("opposite", ("Give the opposite of the word.", "Write the antonym of this word."), ("{a}",), "{b}"),
+    "plural": ("plural", ("Write the plural of the word.", "Give the plural form of this noun."), ("{a}",), "{b}"),
+    "add": ("add", ("Add the two numbers.", "What is the sum of these numbers?"), ("{a} and {b}",), "{c}"),
+    "subtract": ("subtract", ("Subtract the second number from the first.",), ("{a} and {b}",), "{c}"),
+    "larger": ("more", ("Which number is larger?",), ("{a} and {b}", "{b} and {a}"), "{a}"),
+    "bigger_animal": ("bigger", ("Which of these animals is bigger?",), ("{a} and {b}", "{b} and {a}"), "{a}"),
+}
+# ScienceQA without context: (subject, fact kind, question, answer, options, topic, category).
+FACT_QUESTIONS = [
+    ("NAT", "colour", "What colour is a {e}?", "{v}", COLOURS, "biology", "Animal traits"),
+    ("NAT", "size", "How big is a {e}?", "{v}", SIZES, "biology", "Animal traits"),
+    ("NAT", "habitat", "Where does a {e} live?", "{v}", HABITATS, "biology", "Animal traits"),
+    ("NAT", "legs", "How many legs does a {e} have?", "{v}", LEGS, "biology", "Animal traits"),
+    ("NAT", "bigger", "Which animal is bigger?", "{a}", ("{a}", "{b}"), "biology", "Animal traits"),
+    ("SOC", "capital", "What is the capital of {a}?", "{b}", CITIES, "geography", "Capitals"),
+    ("SOC", "capital", "Which country has {b} as its capital?", "{a}", COUNTRIES, "geography", "Capitals"),
+    ("LAN", "opposite", "Which word is the opposite of {a}?", "{b}", ADJECTIVES, "vocabulary", "Antonyms"),
+    ("LAN", "plural", "What is the plural of {a}?", "{b}", ("{a}", "{a}s", "{a}es"), "grammar", "Plural nouns"),
+]
+LECTURES = {  # category -> (skill, lecture), as ScienceQA attaches to every problem
+    "Colours and shapes": ("Identify colours and shapes",
+                           "Things have a colour, such as red or blue, and a shape, such as a circle or a square."),
+    "Observations": ("Read an observation", "An observation tells what someone saw. Read it to answer questions."),
+    "Comparing amounts": ("Compare amounts", "To compare amounts, find the largest or the smallest number."),
+    "Reading a sentence": ("Find a detail in a sentence", "A sentence tells who did what. Read it to find details."),
+    "Animal traits": ("Identify animal traits", "Each kind of animal has traits: a colour, a size, a home, legs."),
+    "Capitals": ("Identify capitals", "Each country has a capital city."),
+    "Plural nouns": ("Form plural nouns", "A plural noun names more than one. Most add s or es; some change."),
+    "Antonyms": ("Find antonyms", "Antonyms are words with opposite meanings, such as hot and cold."),
+}
+SUBJECTS = {"NAT": "natural science", "SOC": "social science", "LAN": "language science"}
+# Per 12 questions of one subject and grade band: 3 image, 4 text, 5 no context (~25% images).
+CONTEXT_PATTERN = ["IMG"] * 3 + ["TXT"] * 4 + ["NO"] * 5
+CELLS = [(s, band, c) for c in CONTEXT_PATTERN for s in SUBJECTS for band in (1, 7)]  # band: its lowest grade
+
+Fact = tuple[str, dict[str, Any]]  # (kind, fields to fill its templates)
+
+
+def _say(template: str, **kw: Any) -> str:
+    kw = {k: str(v) for k, v in kw.items()}
+    return template.format(**kw, E=kw.get("e", "").capitalize(), A=kw.get("a", "").capitalize())
+
+
+def canonical(kind: str, **kw: Any) -> str:
+    """The sentence that states a fact in the corpus word for word."""
+    return _say(TEMPLATES[kind][0], **kw)
+
+
+def _facts(rng: random.Random) -> list[list[Fact]]:
+    """The seed's world as facts, grouped into paragraphs of related facts (one per creature, then by six)."""
+    traits = {e: {t: rng.choice(values) for t, values in TRAITS.items()} for e in CREATURES}
+    size = {e: SIZES.index(traits[e]["size"]) for e in CREATURES}
+    sums = [(a, b) for a in range(21) for b in range(21 - a)]
+    flat = ([("bigger", {"a": a, "b": b}) for a in CREATURES for b in CREATURES if size[a] > size[b]]
+            + [("capital", {"a": c, "b": city}) for c, city in zip(COUNTRIES, rng.sample(CITIES, len(CITIES)))]
+            + [("opposite", {"a": a, "b": b}) for x, y in OPPOSITES for a, b in ((x, y), (y, x))]
+            + [("plural", {"a": a, "b": b}) for a, b in PLURALS]
+            + [("add", {"a": a, "b": b, "c": a + b}) for a, b in sums]
+            + [("subtract", {"a": a + b, "b": b, "c": a}) for a, b in sums]
+            + [("more", {"a": a, "b": b}) for a in range(21) for b in range(a)])
+    groups = [[(t, {"e": e, "v": v}) for t, v in traits[e].items()] for e in CREATURES]
+    return groups + [flat[i:i + 6] for i in range(0, len(flat), 6)]
+
+
+def _corpus(rng: random.Random, groups: list[list[Fact]]) -> str:
+    """One paragraph per line: every fact in varied wordings, plus stories like the ScienceQA hints."""
+    paragraphs = [SHAPE_FACTS]
+    for p in range(CORPUS_PASSES):
+        for group in groups:
+            sentences = [canonical(k, **kw) if p == 0 else _say(rng.choice(TEMPLATES[k]), **kw) for k, kw in group]
+            rng.shuffle(sentences)
+            paragraphs.append(" ".join(sentences))
+    for _ in range(400):  # stories teach reading a context; they state nothing about the world
+        a, b = rng.sample(PEOPLE, 2)
+        paragraphs.append(f"{a} has a {rng.choice(COLOURS)} {rng.choice(OBJECTS)}. {b} saw {rng.randint(2, 12)} "
+                          f"{rng.choice(CREATURES)}s. {a} has {rng.randint(1, 20)} coins. "
+                          f"{b} said: The {rng.choice(OBJECTS)} is {rng.choice(ADJECTIVES)}.")
+    rng.shuffle(paragraphs)
+    return "\n".join(paragraphs) + "\n"
+
+
+def _round_robin(rng: random.Random, pools: dict[str, list], n: int) -> list[tuple[str, tuple]]:
+    """n distinct records, taking kinds in turn so that big pools (arithmetic) cannot crowd out small ones."""
+    queues = {k: rng.sample(v, len(v)) for k, v in sorted(pools.items())}
+    out: list[tuple[str, tuple]] = []
+    while len(out) < n:
+        live = [k for k in queues if queues[k]]
+        if not live:
+            raise ValueError(f"only {len(out)} distinct records available, {n} requested")
+        out += [(k, queues[k].pop()) for k in live[:n - len(out)]]
+    return out
+
+
+def _alpaca(rng: random.Random, facts: list[Fact], n: int) -> list[tuple[str, dict[str, str]]]:
+    """(task kind, record) pairs; about 60% have no input, as in Alpaca itself."""
+    plain: dict[str, list] = {}
+    inputs: dict[str, list] = {}
+    for kind, kw in facts:
+        plain.setdefault(kind, []).extend((_say(q, **kw), "", canonical(kind, **kw)) for q in QUESTIONS[kind])
+        for task, (k, instructions, wordings, answer) in INPUT_TASKS.items():
+            if k == kind:
+                inputs.setdefault(task, []).extend(
+                    (i, _say(w, **kw), _say(answer, **kw)) for i in instructions for w in wordings)
+    n_plain = round(0.6 * n)
+    chosen = _round_robin(rng, plain, n_plain) + _round_robin(rng, inputs, n - n_plain)
+    rng.shuffle(chosen)
+    return [(k, {"instruction": i, "input": x, "output": o}) for k, (i, x, o) in chosen]
+
+
+def _context_question(rng: random.Random, subject: str) -> dict[str, Any]:
+    """A question answered by its hint, whose details are drawn afresh, so it must be read, not recalled."""
+    name, e, obj = rng.choice(PEOPLE), rng.choice(CREATURES), rng.choice(OBJECTS)
+    if subject == "NAT":
+        colour, n = rng.choice(COLOURS), str(rng.randint(2, 12))
+        q = rng.choice([dict(hint=f"{name} has a {colour} {obj}.", question=f"What colour is {name}'s {obj}?",
+                             answer=colour, pool=COLOURS),
+                        dict(hint=f"{name} saw {n} {e}s.", question=f"How many {e}s did {name} see?", answer=n,
+                             pool=[str(i) for i in range(2, 13)])])
+        return q | dict(topic="science-and-engineering-practices", category="Observations")
+    if subject == "SOC":
+        who, candidates, unit = rng.choice([("Who", PEOPLE, "coins"), ("Which town", CITIES, "shops")])
+        most = rng.random() < 0.5
+        names, amounts = rng.sample(candidates, rng.randint(2, 4)), rng.sample(range(1, 21), 4)
+        pick = (max if most else min)(range(len(names)), key=lambda i: amounts[i])
+        return dict(hint=" ".join(f"{x} has {a} {unit}." for x, a in zip(names, amounts)), answer=names[pick],
+                    question=f"{who} has the {'most' if most else 'fewest'} {unit}?", pool=names, k=len(names),
+                    topic="economics", category="Comparing amounts")
+    adjective = rng.choice(ADJECTIVES)
+    q = rng.choice([dict(hint=f"{name} said: The {obj} is {adjective}.", answer=adjective, pool=ADJECTIVES,
+                         question=f"Which word did {name} use to describe the {obj}?"),
+                    dict(hint=f"{name} wrote: I saw a {e} today.", answer=e, pool=CREATURES,
+                         question=f"Which animal did {name} write about?")])
+    return q | dict(topic="reading-comprehension", category="Reading a sentence")
+
+
+def _image_question(rng: random.Random, subject: str) -> dict[str, Any]:
+    """A question answered only by its picture: the colour or the shape drawn."""
+    shape, colour, asks_colour = rng.choice(SHAPES), rng.choice(list(IMAGE_COLOURS)), rng.random() < 0.5
+    text = {"NAT": ("Which colour is the shape in the image?", "Which shape is shown in the image?"),
+            "SOC": ("The image shows a flag. What colour is the flag?",
+                    "The image shows a road sign. What shape is the sign?"),
+            "LAN": ("Which word names the colour in the image?", "Which word names the shape in the image?")}
+    return dict(question=text[subject][0 if asks_colour else 1], hint="", answer=colour if asks_colour else shape,
+                pool=list(IMAGE_COLOURS) if asks_colour else [*SHAPES, "star"], category="Colours and shapes",
+                topic={"NAT": "physics", "SOC": "civics", "LAN": "vocabulary"}[subject],
+                solution=f"The image shows a {colour} {shape}.",
+                image=(shape, colour, rng.randint(8, 12), rng.randint(-3, 3), rng.randint(-3, 3)))
+
+
+def _fact_question(rng: random.Random, subject: str, facts: dict[str, list[dict]]) -> dict[str, Any]:
+    """A question whose answer is a corpus fact; the question kind is drawn first so that many-fact kinds
+    (which creature is bigger) do not crowd out the others."""
+    _, kind, question, answer, pool, topic, category = rng.choice([f for f in FACT_QUESTIONS if f[0] == subject])
+    kw = rng.choice(facts[kind])
+    return dict(question=_say(question, **kw), hint="", answer=_say(answer, **kw), topic=topic, category=category,
+                pool=list(dict.fromkeys(_say(x, **kw) for x in pool)), solution=canonical(kind, **kw))
+
+
+def _choices(rng: random.Random, q: dict[str, Any], slots: Counter) -> tuple[list[str], int]:
+    """2-5 options; the answer's position cycles per option count, so every position is equally often right."""
+    others = [x for x in q["pool"] if x != q["answer"]]
+    k = q.get("k") or rng.randint(2, min(5, len(others) + 1))
+    options = rng.sample(others, k - 1)
+    position = slots[k] % k
+    slots[k] += 1
+    options.insert(position, q["answer"])
+    return options, position
+
+
+def context_kind(problem: dict[str, Any]) -> str:
+    """ScienceQA's context column: IMG if the problem has an image, else TXT if it has a hint, else NO."""
+    return "IMG" if problem["image"] else "TXT" if problem["hint"] else "NO"
+
+
+def _problems(rng: random.Random, facts: list[Fact], n: int) -> tuple[dict[str, dict], dict[str, tuple]]:
+    """`problems.json` with splits set, and the image to draw per pid. Subjects, grade bands and context
+    kinds cycle, then split ~60/20/20 within each combination, so every split has every table row."""
+    by_kind: dict[str, list[dict]] = {}
+    for kind, kw in facts:
+        by_kind.setdefault(kind, []).append(kw)
+    slots: Counter = Counter()
+    drafts = []
+    for i in range(n):
+        subject, band, context = CELLS[i % len(CELLS)]
+        q = (_image_question(rng, subject) if context == "IMG" else _context_question(rng, subject)
+             if context == "TXT" else _fact_question(rng, subject, by_kind))
+        choices, answer = _choices(rng, q, slots)
+        skill, lecture = LECTURES[q["category"]]
+        drafts.append(({"question": q["question"], "choices": choices, "answer": answer, "hint": q["hint"],
+                        "image": "image.png" if "image" in q else None, "task": "closed choice",
+                        "grade": f"grade{rng.randint(band, band + 5)}", "subject": SUBJECTS[subject],
+                        "topic": q["topic"], "category": q["category"], "skill": skill, "lecture": lecture,
+                        "solution": q.get("solution", q["hint"])}, q.get("image")))
+    rng.shuffle(drafts)  # so that pids are not ordered by cell
+    problems = {str(i + 1): p for i, (p, _) in enumerate(drafts)}
+    cells: dict[tuple, list[str]] = {}
+    for pid, p in problems.items():
+        cells.setdefault((p["subject"], _band(p), context_kind(p)), []).append(pid)
+    for pids in cells.values():
+        rng.shuffle(pids)
+        held = max(1, round(0.2 * len(pids)))
+        for j, pid in enumerate(pids):
+            problems[pid]["split"] = "test" if j < held else "val" if j < 2 * held else "train"
+    return problems, {str(i + 1): image for i, (_, image) in enumerate(drafts) if image}
+
+
+def _band(problem: dict[str, Any]) -> str:
+    return "G1-6" if int(problem["grade"].removeprefix("grade")) <= 6 else "G7-12"
+
+
+def _draw(shape: str, colour: str, r: int, dx: int, dy: int) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
+    x, y = IMAGE_SIZE // 2 + dx, IMAGE_SIZE // 2 + dy
+    draw, fill = ImageDraw.Draw(image), IMAGE_COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+    else:
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    return image
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="ascii")
+
+
+def _counts(items: list[str]) -> dict[str, int]:
+    return dict(sorted(Counter(items).items()))
+
+
+def generate_demo(out_dir: Path, seed: int = 0, n_instructions: int = 2000, n_questions: int = 1200) -> dict:
+    """Write corpus.txt, alpaca.json and scienceqa/ (original layout) under `out_dir`, all or nothing.
+
+    Returns counts: corpus lines and bytes, Alpaca records per task kind, ScienceQA problems per split by
+    subject, context kind and grade band."""
+    if n_questions < len(CELLS):
+        raise ValueError(f"n_questions must be at least {len(CELLS)} so that every split gets every kind")
+    rng = random.Random(seed)
+    groups = _facts(rng)
+    facts = [fact for group in groups for fact in group]
+    corpus = _corpus(rng, groups)
+    alpaca = _alpaca(rng, facts, n_instructions)
+    problems, images = _problems(rng, facts, n_questions)
+    with atomic_dir(Path(out_dir)) as tmp:
+        (tmp / "corpus.txt").write_text(corpus, encoding="ascii")
+        _write_json(tmp / "alpaca.json", [record for _, record in alpaca])
+        for pid, spec in images.items():
+            (tmp / "scienceqa" / "images" / pid).mkdir(parents=True)
+            _draw(*spec).save(tmp / "scienceqa" / "images" / pid / "image.png", format="PNG")
+        _write_json(tmp / "scienceqa" / "problems.json", problems)
+        _write_json(tmp / "scienceqa" / "pid_splits.json",
+                    {s: sorted((pid for pid, p in problems.items() if p["split"] == s), key=int)
+                     for s in ("train", "val", "test")})
+    by_split = {s: [p for p in problems.values() if p["split"] == s] for s in ("train", "val", "test")}
+    return {
+        "corpus": {"lines": corpus.count("\n"), "bytes": len(corpus)},
+        "alpaca": {"records": len(alpaca), "with_input": sum(bool(r["input"]) for _, r in alpaca),
+                   "kinds": _counts([k for k, _ in alpaca])},
+        "scienceqa": {s: {"problems": len(ps), "images": sum(bool(p["image"]) for p in ps),
+                          "subject": _counts([p["subject"] for p in ps]),
+                          "context": _counts([context_kind(p) for p in ps]), "grade": _counts([_band(p) for p in ps])}
+                      for s, ps in by_split.items()},
+    }

@@ -1,0 +1,347 @@
+"""Fetch: turn any supported source of Alpaca or ScienceQA into one normalised dataset folder.
+
+The paper's data reaches us in many shapes (the Hugging Face hub, a URL, Stanford's JSON list, ScienceQA's
+original problems.json, its HF parquet export, LLaVA's conversation file), and the hub is often unreachable
+from the machines we run on. Every later stage therefore reads one format only (see `llama_adapter.data`),
+and fetch.json records where the records came from and their digests, so a rerun can tell whether its
+input changed. Contents are not judged here (the validate stage reports on them); only a source that cannot
+be read at all is a `FetchError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import shutil
+import string
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+
+from ..io import atomic_dir, sha256_file, write_json
+from . import FORMAT_VERSION, SCIENCEQA_FIELDS
+
+Row = dict[str, Any]
+Item = tuple[Row, bytes | Path | None]  # a normalised record and the image to store for it, if any
+Splits = Iterable[tuple[str, Iterable[Row]]]  # (split name, rows), as the hub and its parquet export give
+
+ACCEPTED = {
+    "alpaca": "a JSON list file, a JSONL file, a parquet file, or a folder of HF parquet files (train-*.parquet)",
+    "scienceqa": (
+        "a folder with problems.json + pid_splits.json (+ images/<pid>/<file>), a folder of HF parquet files "
+        "(train-*.parquet, validation-*.parquet, test-*.parquet), or LLaVA's conversation JSON list"
+    ),
+}
+HF_SPLITS = ("train", "validation", "test")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DOWNLOAD_TIMEOUT_S = 60
+DOWNLOAD_CHUNK = 1 << 20
+LETTERS = string.ascii_uppercase
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+class Source(NamedTuple):
+    kind: str  # "hf" | "url" | "path"
+    sha256: str | None
+    revision: str | None
+    items: Iterator[Item]
+
+
+def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, revision: str | None = None) -> dict:
+    """Normalise `source` into `out_dir` (records.jsonl, images/, fetch.json) and return fetch.json's content.
+
+    `source` is `hf:<dataset id or local folder>`, an http(s) URL, or a local path; `sha256` pins a file or
+    folder source, `revision` a hub source.
+    """
+    if dataset not in ACCEPTED:
+        raise FetchError(f"unknown dataset {dataset!r}; expected one of {sorted(ACCEPTED)}")
+    out_dir = Path(out_dir)
+    # Downloads go to a scratch folder beside the output, so that they never end up inside it and are
+    # removed whether or not the fetch succeeds.
+    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(
+        dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".download"
+    ) as scratch:
+        src = _open(dataset, source, sha256, revision, Path(scratch))
+        if dataset == "scienceqa":
+            (tmp / "images").mkdir()
+        records, images, missing = _write(src.items, tmp)
+        meta = {
+            "format": FORMAT_VERSION,
+            "dataset": dataset,
+            "source": source,
+            "source_kind": src.kind,
+            "revision": src.revision,
+            "source_sha256": src.sha256,
+            "records": records,
+            "records_sha256": sha256_file(tmp / "records.jsonl"),
+            "images": images,
+            "images_missing": missing,
+            "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_json(tmp / "fetch.json", meta)
+    return meta
+
+
+def _open(dataset: str, source: str, sha256: str | None, revision: str | None, scratch: Path) -> Source:
+    if source.startswith("hf:"):
+        if sha256:
+            raise FetchError(f"{source}: a sha256 cannot pin a hub dataset; pin its `revision` instead")
+        splits, revision = _load_hub(dataset, source, revision)
+        return Source("hf", None, revision, SPLIT_READERS[dataset](splits))
+    if source.startswith(("http://", "https://")):
+        path, kind = _download(dataset, source, scratch), "url"
+    else:
+        path, kind = Path(source).expanduser(), "path"
+        if not path.exists():
+            raise FetchError(f"source path {path} does not exist; expected {ACCEPTED[dataset]}")
+    digest = _digest(path)
+    if sha256 and digest != sha256.lower():
+        raise FetchError(f"sha256 mismatch for {source}: expected {sha256}, got {digest}")
+    return Source(kind, digest, revision, _read_path(dataset, path))
+
+
+def _load_hub(dataset: str, source: str, revision: str | None) -> tuple[Splits, str | None]:
+    """Load every split through `datasets`; the revision recorded is the commit it resolved (if any)."""
+    import datasets
+
+    # load_dataset_builder + download_and_prepare + as_dataset is what load_dataset does; calling the steps
+    # ourselves keeps the builder, whose `hash` is the hub commit sha (for a local folder: a digest of its
+    # data files), which is what makes a fetch reproducible.
+    try:
+        builder = datasets.load_dataset_builder(source.removeprefix("hf:"), revision=revision)
+        builder.download_and_prepare()
+        splits = builder.as_dataset()
+    except OSError as e:  # offline, unreachable, not found: all OSError subclasses in datasets/huggingface_hub
+        raise FetchError(
+            f"could not load {source} through `datasets` ({type(e).__name__}: {e}). Download it where the hub "
+            f"is reachable and set the source to a local path: {ACCEPTED[dataset]}"
+        ) from e
+    return [(name, _undecoded(ds)) for name, ds in splits.items()], builder.hash or revision
+
+
+def _undecoded(ds: Any) -> Any:
+    """Keep hub images as their published bytes rather than decoded PIL images, so they are stored unchanged."""
+    import datasets
+
+    if isinstance(ds.features.get("image"), datasets.Image):
+        return ds.cast_column("image", datasets.Image(decode=False))
+    return ds
+
+
+def _download(dataset: str, url: str, scratch: Path) -> Path:
+    # Named like the URL's file, so that the readers dispatch on its suffix and their errors name it.
+    dest = scratch / (PurePosixPath(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "download")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as f:
+            shutil.copyfileobj(response, f, DOWNLOAD_CHUNK)
+    except (OSError, http.client.HTTPException) as e:
+        raise FetchError(
+            f"could not download {url} ({e}); download it where it is reachable and set the source to a "
+            f"local path: {ACCEPTED[dataset]}"
+        ) from e
+    return dest
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's sorted (relative path, file sha256) listing."""
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    listing = "".join(f"{rel}\t{sha256_file(p)}\n" for rel, p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _write(items: Iterator[Item], folder: Path) -> tuple[int, int, int]:
+    """Write records.jsonl (and images/<pid>.png); return (records, images written, images missing)."""
+    records = images = missing = 0
+    with open(folder / "records.jsonl", "w", encoding="utf-8") as f:
+        for record, image in items:
+            if image is not None:
+                record["image"] = _save_png(image, folder / "images" / f"{record['pid']}.png")
+                images += 1
+            elif record.get("has_image"):
+                missing += 1
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            records += 1
+    return records, images, missing
+
+
+def _save_png(image: bytes | Path, dest: Path) -> str:
+    data = image.read_bytes() if isinstance(image, Path) else image
+    if data.startswith(PNG_SIGNATURE):
+        dest.write_bytes(data)  # stored byte for byte, so its digest still matches the source's
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.save(dest, format="PNG")
+        except UnidentifiedImageError as e:
+            raise FetchError(f"the image for {dest.stem} ({image if isinstance(image, Path) else 'embedded'}) "
+                             "is not a readable image") from e
+    return f"images/{dest.name}"
+
+
+def _read_path(dataset: str, path: Path) -> Iterator[Item]:
+    """Dispatch a local file or folder to the reader of its layout."""
+    if path.is_dir():
+        if dataset == "scienceqa" and (path / "problems.json").is_file() and (path / "pid_splits.json").is_file():
+            return _scienceqa_original(path)
+        if splits := _parquet_splits(path):
+            return SPLIT_READERS[dataset](splits)
+    elif dataset == "alpaca" and path.suffix in ALPACA_FILES:
+        return _alpaca_file(path)
+    elif dataset == "scienceqa" and path.suffix == ".json":
+        return _scienceqa_llava(path)
+    raise FetchError(f"{path} is not a known {dataset} layout; accepted: {ACCEPTED[dataset]}")
+
+
+# --- file formats ---
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FetchError(f"{path} is not UTF-8 text: {e}") from e
+
+
+def _load_json(path: Path, expected: type) -> Any:
+    try:
+        value = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise FetchError(f"{path} is not JSON: {e}") from e
+    if not isinstance(value, expected):
+        raise FetchError(f"{path} holds a JSON {type(value).__name__}, expected a {expected.__name__}")
+    return value
+
+
+def _jsonl_rows(path: Path) -> Iterator[Any]:
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FetchError(f"{path}:{lineno} is not JSON: {e}") from e
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches()
+    except pyarrow.ArrowException as e:
+        raise FetchError(f"{path} is not a parquet file: {e}") from e
+    for batch in batches:
+        yield from batch.to_pylist()
+
+
+def _parquet_splits(folder: Path) -> list[tuple[str, Iterator[Row]]]:
+    """HF's parquet export: <split>-NNNNN-of-NNNNN.parquet shards, possibly under data/, read in shard order."""
+    shards = {split: sorted(folder.rglob(f"{split}-*.parquet")) for split in HF_SPLITS}
+    return [(split, (row for f in files for row in _parquet_rows(f))) for split, files in shards.items() if files]
+
+
+# --- Alpaca ---
+
+ALPACA_FILES = {".json": lambda path: _load_json(path, list), ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
+
+
+def _alpaca_file(path: Path) -> Iterator[Item]:
+    for i, row in enumerate(ALPACA_FILES[path.suffix](path)):
+        if not isinstance(row, dict):
+            raise FetchError(f"{path}: record {i} is a {type(row).__name__}, not an object")
+        yield row, None
+
+
+def _alpaca_splits(splits: Splits) -> Iterator[Item]:
+    # tatsu-lab/alpaca adds `text`, the prompt already filled in; the tokenize stage builds its own.
+    for _, rows in splits:
+        for row in rows:
+            yield {k: v for k, v in row.items() if k != "text"}, None
+
+
+# --- ScienceQA ---
+
+
+def _scienceqa_record(pid: str, split: str | None, has_image: bool, fields: Row) -> Row:
+    """Key a record exactly as SCIENCEQA_FIELDS; `image` is filled in once the image is stored."""
+    fixed = {"pid": pid, "split": split, "image": None, "has_image": has_image}
+    return {key: fixed[key] if key in fixed else fields.get(key) for key in SCIENCEQA_FIELDS}
+
+
+def _scienceqa_splits(splits: Splits) -> Iterator[Item]:
+    # The hub's rows carry no pid: number them within their split, as the HF export orders them.
+    for name, rows in splits:
+        split = "val" if name == "validation" else name
+        for i, row in enumerate(rows):
+            image = row.get("image")  # {"bytes", "path"} or None
+            yield _scienceqa_record(f"{split}-{i}", split, image is not None, row), (image or {}).get("bytes")
+
+
+def _scienceqa_original(folder: Path) -> Iterator[Item]:
+    problems = _load_json(folder / "problems.json", dict)
+    pid_splits = _load_json(folder / "pid_splits.json", dict)
+    # Only the three real splits: trainval, minitrain, ... are subsets of them.
+    split_of = {pid: split for split in ("train", "val", "test") for pid in pid_splits.get(split, [])}
+    for pid, problem in problems.items():
+        if not isinstance(problem, dict):
+            raise FetchError(f"{folder / 'problems.json'}: problem {pid} is a {type(problem).__name__}, not an object")
+        split, name = split_of.get(pid), problem.get("image")
+        yield _scienceqa_record(pid, split, bool(name), problem), _problem_image(folder, split, pid, name)
+
+
+def _problem_image(folder: Path, split: str | None, pid: str, name: str | None) -> Path | None:
+    """The problem's image file, at images/<pid>/<name> or (as ScienceQA's zips unpack) images/<split>/<pid>/<name>."""
+    if not name:
+        return None
+    candidates = [folder / "images" / pid / name] + ([folder / "images" / split / pid / name] if split else [])
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _scienceqa_llava(path: Path) -> Iterator[Item]:
+    """LLaVA's conversation file: question, context and options folded into one prompt, the answer a letter."""
+    for i, item in enumerate(_load_json(path, list)):
+        try:
+            pid, human, answer = item["id"], item["conversations"][0]["value"], item["conversations"][1]["value"]
+            question, choices = _split_options(human.removeprefix("<image>\n"))
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise FetchError(f"{path}: item {i} is not a LLaVA conversation ({e!r})") from e
+        fields = {"question": question, "choices": choices, "answer": _letter_index(answer)}
+        # The file names images it does not ship: has_image says so, image stays null.
+        yield _scienceqa_record(str(pid), None, "image" in item, fields), None
+
+
+def _split_options(prompt: str) -> tuple[str, list[str]]:
+    """Split off the trailing options "A. …", "B. …"; a line not opening the next letter continues the option
+    before it (letter closings and poems span several lines)."""
+    lines = prompt.split("\n")
+    # The last line starting "A. " opens the options; earlier ones (say "A. Lincoln said…") belong to the text.
+    start = max((i for i, line in enumerate(lines) if line.startswith("A. ")), default=None)
+    if start is None:
+        return prompt, []
+    choices: list[str] = []
+    for line in lines[start:]:
+        if len(choices) < len(LETTERS) and line.startswith(f"{LETTERS[len(choices)]}. "):
+            choices.append(line[3:])
+        else:
+            choices[-1] += "\n" + line
+    return "\n".join(lines[:start]), choices
+
+
+def _letter_index(letter: Any) -> int | None:
+    return LETTERS.index(letter) if isinstance(letter, str) and len(letter) == 1 and letter in LETTERS else None
+
+
+SPLIT_READERS = {"alpaca": _alpaca_splits, "scienceqa": _scienceqa_splits}

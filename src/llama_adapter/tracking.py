@@ -1,0 +1,115 @@
+"""Experiment tracking: MLflow when it is reachable, and always a local JSONL of the same metrics.
+
+Only rank 0 of a distributed job tracks. A tracking server that is down or a locked database must not
+kill a training run that may have hours left: the first MLflow failure is reported once and MLflow is
+dropped for the rest of the run, while `metrics.jsonl` keeps receiving everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"  # MLflow >= 3.13 refuses the plain file store
+DEFAULT_EXPERIMENT = "llama-adapter"
+PARAM_VALUE_LIMIT = 6000  # MLflow's maximum length of a parameter value
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+class Tracker:
+    def __init__(self, out_dir: Path, run_name: str, enabled: bool = True, tags: dict[str, str] | None = None,
+                 run_id: str | None = None):
+        """run_id: reopen that run (a resumed training run keeps its MLflow run)."""
+        self.enabled = enabled
+        self.mlflow = None
+        self.run_id: str | None = None
+        if not enabled:
+            return
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        tags = {**(tags or {}), **{k: v for k, v in (("git_commit", git_commit()),
+                                                     ("slurm_job_id", os.environ.get("SLURM_JOB_ID"))) if v}}
+        try:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri())
+            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+            if run_id is not None:
+                run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+            else:
+                run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True,
+                                       parent_run_id=os.environ.get("MLFLOW_PARENT_RUN_ID"))
+            self.mlflow, self.run_id = mlflow, run.info.run_id
+        except Exception as e:  # unreachable server, locked database, missing package: keep training
+            self._drop_mlflow(e)
+
+    def _drop_mlflow(self, error: Exception) -> None:
+        warnings.warn(f"MLflow unavailable ({type(error).__name__}: {error}); metrics go to metrics.jsonl only",
+                      stacklevel=3)
+        self.mlflow = None
+
+    def _call(self, name: str, *args, **kwargs) -> None:
+        if self.mlflow is not None:
+            try:
+                getattr(self.mlflow, name)(*args, **kwargs)
+            except Exception as e:
+                self._drop_mlflow(e)
+
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            flat = {k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in flatten(params).items()}
+            self._call("log_params", {k: str(v)[:PARAM_VALUE_LIMIT] for k, v in flat.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+            self._call("log_metrics", metrics, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        if self.enabled:
+            self._call("log_artifact", str(path))
+
+    def close(self, failed: bool = False) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self._call("end_run", status="FAILED" if failed else "FINISHED")
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool = True):
+    """A tqdm bar (steps, loss, tokens/s, ETA) on an interactive terminal; disabled on a log file (SLURM,
+    Snakemake), where the caller prints plain lines instead."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and sys.stderr.isatty()),
+                dynamic_ncols=True)

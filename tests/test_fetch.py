@@ -1,0 +1,332 @@
+"""fetch: every source layout normalises to the same records, atomically, with honest provenance."""
+
+import http.server
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from llama_adapter.data import FORMAT_VERSION, SCIENCEQA_FIELDS
+from llama_adapter.data import fetch as fetch_module
+from llama_adapter.data.fetch import FetchError, fetch
+from llama_adapter.io import sha256_file
+
+ALPACA = [
+    {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well.\n2. Sleep."},
+    {"instruction": "Translate to French.", "input": "Où est la gare ? ☃", "output": "Where is the station?"},
+    {"instruction": "Say nothing.", "input": "", "output": "<nooutput>"},
+]
+SQA_COLUMNS = ("question", "choices", "answer", "hint", "task", "grade", "subject", "topic", "category", "skill",
+               "lecture", "solution")
+
+
+def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (5, 3), fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def read_records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "records.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def sqa_problem(i: int, image: str | None) -> dict:
+    return {"question": f"Question {i}?", "choices": ["yes", "no", "maybe"], "answer": i % 3, "hint": f"hint {i}",
+            "image": image, "task": "closed choice", "grade": "grade3", "subject": "natural science",
+            "topic": "biology", "category": "Plants", "skill": "Identify plants", "lecture": "L", "solution": "S",
+            "split": "train"}
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """Keep `datasets`' arrow cache inside the test's folder instead of the user's home."""
+    import datasets
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A real HTTP server on a free local port serving a folder; yields (folder, base URL)."""
+    root = tmp_path / "served"
+    root.mkdir()
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_alpaca_sources_give_identical_records(tmp_path, http_root, hf_cache):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.json").write_text(json.dumps(ALPACA, ensure_ascii=False), encoding="utf-8")
+    (src / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ALPACA), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(ALPACA), src / "a.parquet")
+    # The hub's layout, with tatsu-lab/alpaca's extra `text` column, which fetch leaves out.
+    hub = src / "hub"
+    hub.mkdir()
+    with_text = pa.Table.from_pylist([{**r, "text": "prompt"} for r in ALPACA])
+    pq.write_table(with_text, hub / "train-00000-of-00001.parquet")
+    served, base = http_root
+    shutil.copy(src / "a.json", served / "alpaca_data.json")
+
+    sources = {"json": str(src / "a.json"), "jsonl": str(src / "a.jsonl"), "parquet": str(src / "a.parquet"),
+               "url": f"{base}/alpaca_data.json", "hf": f"hf:{hub}", "folder": str(hub)}
+    metas = {name: fetch("alpaca", s, tmp_path / "out" / name) for name, s in sources.items()}
+
+    expected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA).encode()
+    for name, meta in metas.items():
+        out = tmp_path / "out" / name
+        assert (out / "records.jsonl").read_bytes() == expected, name
+        assert json.loads((out / "fetch.json").read_text()) == meta
+        assert sorted(p.name for p in out.iterdir()) == ["fetch.json", "records.jsonl"]
+        assert meta["format"] == FORMAT_VERSION and meta["dataset"] == "alpaca" and meta["source"] == sources[name]
+        assert (meta["records"], meta["images"], meta["images_missing"]) == (3, 0, 0)
+        assert meta["records_sha256"] == sha256_file(out / "records.jsonl")
+        assert meta["fetched_at"].endswith("+00:00")
+    assert [metas[n]["source_kind"] for n in sources] == ["path", "path", "path", "url", "hf", "path"]
+    assert metas["url"]["source_sha256"] == metas["json"]["source_sha256"] == sha256_file(src / "a.json")
+    assert metas["hf"]["source_sha256"] is None and metas["hf"]["revision"]  # the builder's hash of the folder
+    assert metas["json"]["revision"] is None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(sources)  # no scratch left
+
+
+def test_sha256_is_checked_and_a_mismatch_leaves_nothing(tmp_path, http_root):
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps(ALPACA))
+    digest = sha256_file(src)
+    assert fetch("alpaca", str(src), tmp_path / "ok", sha256=digest.upper())["source_sha256"] == digest
+
+    served, base = http_root
+    shutil.copy(src, served / "a.json")
+    for source in (str(src), f"{base}/a.json"):
+        with pytest.raises(FetchError) as e:
+            fetch("alpaca", source, tmp_path / "out", sha256="0" * 64)
+        assert source in str(e.value) and "0" * 64 in str(e.value) and digest in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "ok", "served"]
+
+
+def test_real_alpaca_sample(shared_data, tmp_path):
+    meta = fetch("alpaca", str(shared_data / "alpaca" / "alpaca_sample_5000.json"), tmp_path / "out")
+    assert meta["records"] == 5000
+    assert meta["source_sha256"] == "fc1add24c93c9fbbe585a64a6c9bf6165eb110225f4470efbff382a913558ec0"
+    records = read_records(tmp_path / "out")
+    assert sum(r["input"] != "" for r in records) == 1943
+
+
+def test_real_scienceqa_original_layout(shared_data, tmp_path):
+    src = tmp_path / "sqa"
+    src.mkdir()
+    shutil.copy(shared_data / "scienceqa" / "problems_150.json", src / "problems.json")
+    shutil.copy(shared_data / "scienceqa" / "pid_splits_150.json", src / "pid_splits.json")
+    meta = fetch("scienceqa", str(src), tmp_path / "out")
+    records = read_records(tmp_path / "out")
+    assert meta["records"] == len(records) == 150
+    assert all(tuple(r) == SCIENCEQA_FIELDS for r in records)
+    assert Counter(r["split"] for r in records) == {"train": 50, "val": 50, "test": 50}
+    assert sum(r["has_image"] for r in records) == meta["images_missing"] == 67  # no image files shipped
+    assert meta["images"] == 0 and all(r["image"] is None for r in records)
+    assert list((tmp_path / "out" / "images").iterdir()) == []
+    problems = json.loads((src / "problems.json").read_text())
+    assert [r["pid"] for r in records] == list(problems)
+    first = records[0]
+    assert first["choices"] == problems[first["pid"]]["choices"] and first["answer"] == problems[first["pid"]]["answer"]
+
+
+def test_real_scienceqa_llava(shared_data, tmp_path):
+    meta = fetch("scienceqa", str(shared_data / "scienceqa" / "test_4241_llava_cqm.json"), tmp_path / "out")
+    records = {r["pid"]: r for r in read_records(tmp_path / "out")}
+    assert meta["records"] == len(records) == 4241
+    assert sum(r["has_image"] for r in records.values()) == meta["images_missing"] == 2017
+    assert all(0 <= r["answer"] < len(r["choices"]) and 2 <= len(r["choices"]) <= 5 for r in records.values())
+    assert all(r["split"] is None and r["hint"] is None and r["image"] is None for r in records.values())
+    assert records["4"] == {
+        **dict.fromkeys(SCIENCEQA_FIELDS),
+        "pid": "4", "has_image": False, "answer": 1, "choices": ["chiasmus", "apostrophe"],
+        "question": "Which figure of speech is used in this text?\nSing, O goddess, the anger of Achilles son of "
+                    "Peleus, that brought countless ills upon the Achaeans.\n—Homer, The Iliad",
+    }
+    assert (records["11"]["question"], records["11"]["has_image"]) == ("What is the name of the colony shown?", True)
+    # Options spanning several lines (a letter's closing and signature) stay whole.
+    assert records["5"]["question"].startswith("Context: People can use the engineering-design process")
+    assert (records["512"]["question"], records["512"]["choices"]) == (
+        "Which closing is correct for a letter?", ["See you soon,\nJanet", "See You Soon,\nJanet"])
+    # The parse agrees with the original problems for the test ids both files hold.
+    problems = json.loads((shared_data / "scienceqa" / "problems_150.json").read_text())
+    shared = [pid for pid in problems if pid in records]
+    assert len(shared) == 50
+    for pid in shared:
+        assert records[pid]["choices"] == problems[pid]["choices"] and records[pid]["answer"] == problems[pid]["answer"]
+        assert records[pid]["has_image"] == bool(problems[pid]["image"])
+
+
+def test_scienceqa_original_layout_copies_images(tmp_path):
+    src = tmp_path / "sqa"
+    problems = {"1": sqa_problem(1, "image.png"), "2": sqa_problem(2, "image.png"), "3": sqa_problem(3, None),
+                "4": sqa_problem(4, "image.png"), "5": sqa_problem(5, "photo.jpg")}
+    pngs = {"1": png_bytes((255, 0, 0)), "2": png_bytes((0, 255, 0))}
+    for pid, where in (("1", "images/1"), ("2", "images/train/2")):  # flat, and as ScienceQA's zips unpack
+        (src / where).mkdir(parents=True)
+        (src / where / "image.png").write_bytes(pngs[pid])
+    (src / "images" / "5").mkdir()
+    (src / "images" / "5" / "photo.jpg").write_bytes(png_bytes((0, 0, 255), fmt="JPEG"))
+    (src / "problems.json").write_text(json.dumps(problems))
+    (src / "pid_splits.json").write_text(json.dumps({"train": ["1", "2", "3"], "val": ["4"], "trainval": ["1", "4"]}))
+
+    meta = fetch("scienceqa", str(src), tmp_path / "out")
+    records = read_records(tmp_path / "out")
+    assert [(r["pid"], r["split"], r["has_image"], r["image"]) for r in records] == [
+        ("1", "train", True, "images/1.png"), ("2", "train", True, "images/2.png"), ("3", "train", False, None),
+        ("4", "val", True, None), ("5", None, True, "images/5.png"),
+    ]
+    assert (meta["images"], meta["images_missing"]) == (3, 1)
+    for pid, data in pngs.items():
+        assert (tmp_path / "out" / "images" / f"{pid}.png").read_bytes() == data
+    with Image.open(tmp_path / "out" / "images" / "5.png") as im:  # a JPEG is converted, not renamed
+        assert (im.format, im.size) == ("PNG", (5, 3))
+    assert records[0] == {**{k: problems["1"].get(k) for k in SCIENCEQA_FIELDS}, "pid": "1", "split": "train",
+                          "image": "images/1.png", "has_image": True}
+
+
+def test_scienceqa_hf_parquet_layout_and_hub_loader_agree(tmp_path, hf_cache):
+    import datasets
+
+    features = datasets.Features({
+        "image": datasets.Image(), "question": datasets.Value("string"),
+        "choices": datasets.Sequence(datasets.Value("string")), "answer": datasets.Value("int8"),
+        **{c: datasets.Value("string") for c in SQA_COLUMNS if c not in ("question", "choices", "answer")},
+    })
+    images = [png_bytes((10, 20, 30)), None, png_bytes((200, 100, 0), size=(2, 7))]
+    src = tmp_path / "hub"
+    for split, n in (("train", 3), ("validation", 2), ("test", 1)):
+        rows = [{**{c: v for c, v in sqa_problem(i, None).items() if c in SQA_COLUMNS},
+                 "image": {"bytes": images[i], "path": None} if images[i] else None} for i in range(n)]
+        ds = datasets.Dataset.from_list(rows, features=features)
+        ds.to_parquet(str(src / "data" / f"{split}-00000-of-00001.parquet"))
+
+    path_meta = fetch("scienceqa", str(src), tmp_path / "from-path")
+    hub_meta = fetch("scienceqa", f"hf:{src}", tmp_path / "from-hub")
+    for out in ("from-path", "from-hub"):
+        records = read_records(tmp_path / out)
+        assert [r["pid"] for r in records] == ["train-0", "train-1", "train-2", "val-0", "val-1", "test-0"]
+        assert all(tuple(r) == SCIENCEQA_FIELDS for r in records)
+        assert [r["has_image"] for r in records] == [True, False, True, True, False, True]
+        assert records[2]["image"] == "images/train-2.png" and records[1]["image"] is None
+        assert records[0]["choices"] == ["yes", "no", "maybe"] and records[0]["answer"] == 0
+        assert (tmp_path / out / "images" / "train-2.png").read_bytes() == images[2]  # byte-identical
+        assert (tmp_path / out / "images" / "val-0.png").read_bytes() == images[0]
+    assert path_meta["records_sha256"] == hub_meta["records_sha256"]  # byte-identical records.jsonl
+    for meta in (path_meta, hub_meta):
+        assert (meta["records"], meta["images"], meta["images_missing"]) == (6, 4, 0)
+
+
+def test_offline_hub_names_the_source_and_the_way_out(tmp_path):
+    # `datasets` reads HF_HUB_OFFLINE when imported, so the check runs in a fresh interpreter with an empty cache.
+    code = (
+        "import sys\nfrom llama_adapter.data.fetch import fetch, FetchError\n"
+        "try:\n    fetch('alpaca', 'hf:tatsu-lab/alpaca', sys.argv[1])\n"
+        "except FetchError as e:\n    print(e)\nelse:\n    sys.exit('no FetchError')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_DATASETS_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "hf:tatsu-lab/alpaca" in done.stdout and "set the source to a local path" in done.stdout
+    assert "JSON list file" in done.stdout and not (tmp_path / "out").exists()
+
+
+def test_unreachable_url_suggests_a_local_path(tmp_path, http_root):
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, base = http_root
+    for url in (f"http://127.0.0.1:{port}/alpaca.json", f"{base}/missing.json"):
+        with pytest.raises(FetchError, match="local path") as e:
+            fetch("alpaca", url, tmp_path / "out")
+        assert url in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+
+
+@pytest.mark.parametrize("dataset,name,content,match", [
+    ("alpaca", "a.json", '{"instruction": "x"}', "holds a JSON dict, expected a list"),
+    ("alpaca", "a.json", "[{", "is not JSON"),
+    ("alpaca", "a.jsonl", '{"a": 1}\n[', r"a\.jsonl:2 is not JSON"),
+    ("alpaca", "a.json", "[1]", "record 0 is a int, not an object"),
+    ("alpaca", "a.parquet", "not parquet", "is not a parquet file"),
+    ("alpaca", "a.txt", "hello", "not a known alpaca layout; accepted: a JSON list file"),
+    ("scienceqa", "s.json", "{}", "holds a JSON dict, expected a list"),
+    ("scienceqa", "s.json", '[{"id": "1"}]', "item 0 is not a LLaVA conversation"),
+    ("scienceqa", "s.csv", "a,b", "not a known scienceqa layout; accepted: a folder with problems.json"),
+])
+def test_unreadable_sources_are_named(tmp_path, dataset, name, content, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(FetchError, match=match) as e:
+        fetch(dataset, str(tmp_path / name), tmp_path / "out")
+    assert str(tmp_path / name) in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_unknown_folder_layout_and_missing_path(tmp_path):
+    (tmp_path / "sqa").mkdir()
+    (tmp_path / "sqa" / "problems.json").write_text("{}")  # without pid_splits.json it is no known layout
+    with pytest.raises(FetchError, match=re.escape(f"{tmp_path / 'sqa'} is not a known scienceqa layout")):
+        fetch("scienceqa", str(tmp_path / "sqa"), tmp_path / "out")
+    with pytest.raises(FetchError, match=re.escape(f"{tmp_path / 'nowhere.json'} does not exist")):
+        fetch("alpaca", str(tmp_path / "nowhere.json"), tmp_path / "out")
+    with pytest.raises(FetchError, match="unknown dataset"):
+        fetch("mmlu", str(tmp_path / "sqa"), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sqa"]
+
+
+def test_rerun_is_deterministic_and_replaces_the_output(tmp_path):
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps(ALPACA))
+    first = fetch("alpaca", str(src), tmp_path / "out")
+    (tmp_path / "out" / "stale").write_text("from an older run")
+    second = fetch("alpaca", str(src), tmp_path / "out")
+    assert first["records_sha256"] == second["records_sha256"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fetch.json", "records.jsonl"]
+
+
+def test_failure_while_writing_leaves_no_output_and_no_temporaries(tmp_path, monkeypatch):
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps(ALPACA))
+    fetch("alpaca", str(src), tmp_path / "kept")
+    before = (tmp_path / "kept" / "records.jsonl").read_bytes()
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fetch_module, "write_json", broken)
+    src.write_text(json.dumps(ALPACA[:1]))
+    for out in ("new", "kept"):
+        with pytest.raises(OSError, match="disk full"):
+            fetch("alpaca", str(src), tmp_path / out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "kept"]
+    assert (tmp_path / "kept" / "records.jsonl").read_bytes() == before  # the previous output survives

@@ -1,0 +1,194 @@
+"""Training: the loss falls, only the adapter moves, exact resume after SIGKILL, 2-process data parallel
+equals one process, the NaN guard, packing equals per-sample computation, the schedule."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from llama_adapter.batching import collate, pack_rows, token_loss_sum
+from llama_adapter.checkpoint import load_base, read_adapter, save_meta_checkpoint
+from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
+from llama_adapter.model import Transformer
+from llama_adapter.train import TrainConfig, TrainingDiverged, lr_at, train
+
+ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=128, max_seq_len=128)
+
+
+def synthetic_split(path, n, seed):
+    """Samples BOS, prompt (random tokens 10..40), response (5, 6, 7 or 8, 9, by the prompt's parity), EOS:
+    learnable by an adapter on a frozen random base."""
+    rng = np.random.default_rng(seed)
+    enc = Encoded([], [], [], [])
+    for i in range(n):
+        prompt = rng.integers(10, 40, size=rng.integers(3, 12))
+        response = [5, 6, 7] if len(prompt) % 2 else [8, 9]
+        tokens = np.concatenate([[1], prompt, response, [2]]).astype(np.int32)
+        mask = np.arange(len(tokens)) > len(prompt)
+        enc.tokens.append(tokens), enc.masks.append(mask), enc.source_index.append(i)
+    write_split(path, enc, np.arange(n))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    save_meta_checkpoint(Transformer(ARGS), root / "base")
+    return root, synthetic_split(root / "train", 96, 0), synthetic_split(root / "val", 16, 1)
+
+
+def config(setup, out, **kw):
+    root, train_dir, val_dir = setup
+    base = dict(base=str(root / "base"), train_data=str(train_dir), val_data=str(val_dir), out_dir=str(out),
+                adapter_len=8, adapter_layers=3, epochs=3, warmup_epochs=1, global_batch=16, rows_per_micro_batch=2,
+                row_len=64, blr=8.0, checkpoint_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(autouse=True)
+def mlflow_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path):
+    cfg = config(setup, tmp_path / "run")
+    result = train(cfg)
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 18 and losses[-1] < 0.7 * losses[0]
+    assert len(result["val_loss"]) == 3 and result["val_loss"][-1] < result["val_loss"][0]
+    base = load_base(cfg.base)
+    trained = load_base(cfg.base)  # reloaded from disk: the base checkpoint is never written to
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, trained.state_dict()[k])
+    args, header, tensors = read_adapter(tmp_path / "run" / "adapter.safetensors")
+    assert set(tensors) == {"adapter_query", "adapter_gate"} and tensors["adapter_gate"].abs().sum() > 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in logged] == losses
+    assert {"lr", "real_tokens", "padded_tokens", "real_tokens_per_s", "gate/layer_00", "gate/layer_02"} <= set(logged[0])
+    assert result["mlflow_run_id"]
+
+
+def test_frozen_base_is_bit_identical_in_memory(setup, tmp_path, monkeypatch):
+    """The in-memory base tensors after training equal those before (no optimizer touches them)."""
+    import llama_adapter.train as train_mod
+
+    seen = {}
+    original = train_mod.finish
+
+    def spy(model, *a, **kw):
+        seen["after"] = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("adapter_")}
+        return original(model, *a, **kw)
+
+    monkeypatch.setattr(train_mod, "finish", spy)
+    train(config(setup, tmp_path / "run", max_steps=4))
+    before = load_base(config(setup, tmp_path).base).state_dict()
+    assert all(torch.equal(before[k], v) for k, v in seen["after"].items())
+
+
+def run_cli_train(cfg, *extra):
+    return [sys.executable, "-m", "llama_adapter.cli", "train", "--base", cfg.base, "--train-data", cfg.train_data,
+            "--val-data", cfg.val_data, "--out-dir", cfg.out_dir, "--adapter-len", "8", "--adapter-layers", "3",
+            "--epochs", str(cfg.epochs), "--warmup-epochs", "1", "--global-batch", "16", "--rows-per-micro-batch", "2",
+            "--row-len", "64", "--blr", "8.0", "--checkpoint-every", "2", *extra]
+
+
+def test_resume_after_sigkill_is_bit_identical(setup, tmp_path):
+    epochs = 25  # 150 steps: long enough for the kill to land mid-run
+    reference = train(config(setup, tmp_path / "ref", epochs=epochs))
+    cfg = config(setup, tmp_path / "killed", epochs=epochs)
+    proc = subprocess.Popen(run_cli_train(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"]
+    assert 4 <= killed_at < 6 * epochs, killed_at
+    resumed = subprocess.run(run_cli_train(cfg, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert [h["loss"] for h in result["history"]] == [h["loss"] for h in reference["history"]]
+    a = read_adapter(tmp_path / "ref" / "adapter.safetensors")[2]
+    b = read_adapter(tmp_path / "killed" / "adapter.safetensors")[2]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 6 * epochs + 1))  # the steps redone after the kill are not logged twice
+
+
+def test_resume_refuses_changed_settings(setup, tmp_path):
+    train(config(setup, tmp_path / "run", max_steps=2))
+    with pytest.raises(ValueError, match=r"cannot resume.*blr"):
+        train(config(setup, tmp_path / "run", blr=0.1), resume=True)
+
+
+def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
+    single = train(config(setup, tmp_path / "one", max_steps=4))
+    cfg = config(setup, tmp_path / "two", max_steps=4)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+           "-m", "llama_adapter.cli", *run_cli_train(cfg, "--max-steps", "4")[3:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2
+    np.testing.assert_allclose([h["loss"] for h in two["history"]], [h["loss"] for h in single["history"]], rtol=1e-5)
+    a = read_adapter(tmp_path / "one" / "adapter.safetensors")[2]
+    b = read_adapter(tmp_path / "two" / "adapter.safetensors")[2]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_with_step_and_batch_and_keeps_the_checkpoint(setup, tmp_path, monkeypatch):
+    import llama_adapter.train as train_mod
+
+    calls = {"n": 0}
+    real = train_mod.token_loss_sum
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] > 4 * 2 else loss  # from the 5th step (2+ micro-batches each)
+
+    monkeypatch.setattr(train_mod, "token_loss_sum", poisoned)
+    cfg = config(setup, tmp_path / "run", checkpoint_every=1, val_data=None)
+    with pytest.raises(TrainingDiverged, match=r"step \d+ \(epoch \d\): loss nan on the batch of samples \[") as e:
+        train(cfg)
+    bad_step = int(str(e.value).split()[1])
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == bad_step
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def test_packed_loss_equals_per_sample_loss(setup):
+    _, train_dir, _ = setup
+    ds = TokenDataset(train_dir)
+    torch.manual_seed(0)
+    model = Transformer(ARGS, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))
+    idx = list(range(12))
+    rows = pack_rows(ds.lengths[idx], 64)
+    assert len(rows) < len(idx)  # really packed
+    with torch.no_grad():
+        packed = token_loss_sum(model, collate([[ds[i] for i in row] for row in rows], pad_id=0))
+        single = sum(token_loss_sum(model, collate([[ds[i]]], pad_id=0)) for i in idx)
+    torch.testing.assert_close(packed, single, rtol=1e-5, atol=1e-4)
+    batch = collate([[ds[i] for i in row] for row in rows], pad_id=0)
+    assert batch.real_tokens == int(ds.lengths[idx].sum())
+
+
+def test_schedule_is_the_papers():
+    cfg = TrainConfig(base="", train_data="", out_dir="", epochs=5, warmup_epochs=2, global_batch=64)
+    assert cfg.peak_lr() == pytest.approx(9e-3 * 64 / 256)
+    assert lr_at(0, 100, cfg) == 0
+    assert lr_at(100, 100, cfg) == pytest.approx(cfg.peak_lr() / 2)  # halfway through warm-up
+    assert lr_at(200, 100, cfg) == pytest.approx(cfg.peak_lr())
+    assert lr_at(350, 100, cfg) == pytest.approx(cfg.peak_lr() / 2)  # half-cosine midpoint
+    assert lr_at(500, 100, cfg) == pytest.approx(0, abs=1e-12)
