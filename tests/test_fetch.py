@@ -330,3 +330,12 @@ def test_failure_while_writing_leaves_no_output_and_no_temporaries(tmp_path, mon
             fetch("alpaca", str(src), tmp_path / out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "kept"]
     assert (tmp_path / "kept" / "records.jsonl").read_bytes() == before  # the previous output survives
+
+
+def test_full_pid_splits_counts(shared_data):
+    from collections import Counter
+
+    from llama_adapter.data.fetch import read_pid_splits
+
+    counts = Counter(read_pid_splits(shared_data / "scienceqa" / "pid_splits_full.json").values())
+    assert counts == {"train": 12726, "val": 4241, "test": 4241}

@@ -91,6 +91,13 @@ def cmd_demo_data(ns: argparse.Namespace) -> None:
     print(json.dumps(generate_demo(ns.out, seed=ns.seed), indent=2))
 
 
+def cmd_train_tokenizer(ns: argparse.Namespace) -> None:
+    """Train a LLaMA-style SentencePiece BPE model on a corpus (for the demo base model)."""
+    from .tokenizer import train_sentencepiece
+
+    print(train_sentencepiece(ns.corpus, ns.out, ns.vocab_size))
+
+
 def cmd_fetch(ns: argparse.Namespace) -> None:
     """Fetch a dataset (hf:<id>, a URL or a local path) into a normalised folder with fetch.json."""
     from .data.fetch import fetch
@@ -180,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("train-tokenizer", help=cmd_train_tokenizer.__doc__, description=cmd_train_tokenizer.__doc__)
+    p.add_argument("--corpus", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the .model file to write")
+    p.add_argument("--vocab-size", type=int, default=1000)
+    p.set_defaults(func=cmd_train_tokenizer)
 
     datasets = ["alpaca", "scienceqa"]
     p = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)

@@ -239,3 +239,25 @@ def _gguf_sentencepiece(tokens: list[str], types: list[int], scores: list[float]
     for token, kind, score in zip(tokens, types, scores, strict=True):
         proto.pieces.add(piece=token, score=score, type=piece_type[kind])
     return sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+def train_sentencepiece(corpus: Path, out: Path, vocab_size: int) -> Path:
+    """Train a LLaMA-style SentencePiece BPE model (unk 0, BOS 1, EOS 2, byte fallback) on a text file.
+
+    Single-threaded and fed from memory (the trainer records input paths in the model otherwise), so the
+    same corpus always gives the same bytes. Used for the demo base model, which has no tokenizer of its own.
+    """
+    import io as _io
+
+    from .io import atomic_path
+
+    lines = [ln for ln in Path(corpus).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    model = _io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+    )
+    with atomic_path(Path(out)) as tmp:
+        tmp.write_bytes(model.getvalue())
+    return Path(out)

@@ -290,11 +290,15 @@ def _scienceqa_splits(splits: Splits) -> Iterator[Item]:
             yield _scienceqa_record(f"{split}-{i}", split, image is not None, row), (image or {}).get("bytes")
 
 
+def read_pid_splits(path: Path) -> dict[str, str]:
+    """pid -> train / val / test from ScienceQA's pid_splits.json (trainval, minitrain, ... are subsets)."""
+    pid_splits = _load_json(path, dict)
+    return {pid: split for split in ("train", "val", "test") for pid in pid_splits.get(split, [])}
+
+
 def _scienceqa_original(folder: Path) -> Iterator[Item]:
     problems = _load_json(folder / "problems.json", dict)
-    pid_splits = _load_json(folder / "pid_splits.json", dict)
-    # Only the three real splits: trainval, minitrain, ... are subsets of them.
-    split_of = {pid: split for split in ("train", "val", "test") for pid in pid_splits.get(split, [])}
+    split_of = read_pid_splits(folder / "pid_splits.json")
     for pid, problem in problems.items():
         if not isinstance(problem, dict):
             raise FetchError(f"{folder / 'problems.json'}: problem {pid} is a {type(problem).__name__}, not an object")

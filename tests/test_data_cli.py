@@ -1,0 +1,72 @@
+"""The data stage end to end through the command line, as the Snakemake rules call it, on the demo data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llama_adapter.data.tokens import TokenDataset
+from llama_adapter.tokenizer import load_tokenizer
+
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "llama_adapter.cli", *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    cli("demo-data", "--out", root / "demo", "--seed", 0)
+    cli("train-tokenizer", "--corpus", root / "demo" / "corpus.txt", "--out", root / "tokenizer.model", "--vocab-size", 600)
+    return root
+
+
+def test_help_of_every_data_subcommand():
+    for sub in ("demo-data", "train-tokenizer", "fetch", "validate", "tokenize"):
+        assert "usage: llama-adapter" in cli(sub, "--help")
+
+
+def test_tokenizer_training_is_deterministic(demo, tmp_path):
+    cli("train-tokenizer", "--corpus", demo / "demo" / "corpus.txt", "--out", tmp_path / "again.model", "--vocab-size", 600)
+    assert (tmp_path / "again.model").read_bytes() == (demo / "tokenizer.model").read_bytes()
+    tok = load_tokenizer(demo / "tokenizer.model")
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 600)
+    assert tok.decode(tok.encode("A zorb is blue.", bos=True, eos=True)) == "A zorb is blue."
+
+
+def test_alpaca_chain(demo):
+    root = demo
+    cli("fetch", "--dataset", "alpaca", "--source", root / "demo" / "alpaca.json", "--out", root / "alpaca" / "fetched")
+    out = json.loads(cli("validate", "--dataset", "alpaca", "--fetched", root / "alpaca" / "fetched",
+                         "--out", root / "alpaca" / "validated"))
+    assert out["kept"] == out["total"] == 2000 and out["invalid"] == {}
+    splits = json.loads(cli("tokenize", "--dataset", "alpaca", "--validated", root / "alpaca" / "validated",
+                            "--tokenizer", root / "tokenizer.model", "--out", root / "alpaca" / "tokens",
+                            "--max-seq-len", 256, "--val-size", 200, "--seed", 0))
+    assert splits["train"]["samples"] == 1800 and splits["val"]["samples"] == 200
+    stats = json.loads((root / "alpaca" / "tokens" / "stats.json").read_text())
+    assert stats["provenance"]["dataset"] == "alpaca" and stats["provenance"]["records"] == 2000
+    assert len(TokenDataset(root / "alpaca" / "tokens" / "val")) == 200
+
+
+def test_scienceqa_chain_keeps_its_splits_and_images(demo):
+    root = demo
+    cli("fetch", "--dataset", "scienceqa", "--source", root / "demo" / "scienceqa", "--out", root / "sqa" / "fetched")
+    cli("validate", "--dataset", "scienceqa", "--fetched", root / "sqa" / "fetched", "--out", root / "sqa" / "validated")
+    records = [json.loads(line) for line in (root / "sqa" / "validated" / "records.jsonl").read_text().splitlines()]
+    with_image = [r for r in records if r["image"]]
+    assert with_image and all((root / "sqa" / "validated" / r["image"]).is_file() for r in with_image)
+    splits = json.loads(cli("tokenize", "--dataset", "scienceqa", "--validated", root / "sqa" / "validated",
+                            "--tokenizer", root / "tokenizer.model", "--out", root / "sqa" / "tokens",
+                            "--split-by", "field", "--max-seq-len", 256))
+    assert {k: v["samples"] for k, v in splits.items()} == {"train": 720, "val": 240, "test": 240}
+
+
+def test_bad_source_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llama_adapter.cli", "fetch", "--dataset", "alpaca", "--source",
+                           str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "missing.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
