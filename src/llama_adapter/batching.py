@@ -84,3 +84,10 @@ def token_loss_sum(model, batch: Batch) -> Tensor:
     h = model.hidden_states(batch.tokens, mask=batch.attn_mask, positions=batch.positions)
     logits = model.output(h[batch.target_mask])  # (n_targets, vocab)
     return torch.nn.functional.cross_entropy(logits.float(), batch.targets[batch.target_mask], reduction="sum")
+
+
+def micro_batches(ds, idx: np.ndarray, row_len: int, rows_per_batch: int, pad_id: int):
+    """Batches of packed rows over samples `idx` of a TokenDataset, in a deterministic order."""
+    rows = pack_rows(ds.lengths[idx], row_len)
+    for r in range(0, len(rows), rows_per_batch):
+        yield collate([[ds[int(idx[j])] for j in row] for row in rows[r: r + rows_per_batch]], pad_id)

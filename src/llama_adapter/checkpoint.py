@@ -357,8 +357,7 @@ def load_base(
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    if adapter is not None:
-        model.reset_adapter(device)
+    model.set_adapter(adapter, device)
     return model
 
 
@@ -424,30 +423,36 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     adapter: AdapterArgs | None = None,
 ) -> Transformer:
-    """The base model with a trained adapter from `adapter_path`, or a fresh one from `adapter`.
+    """The base model with a trained adapter from `adapter_path`, or a fresh one from `adapter`."""
+    if adapter_path is None:
+        return load_base(base, adapter, device, dtype)
+    model = load_base(base, None, device, dtype)
+    apply_adapter(model, adapter_path, adapter)
+    return model
+
+
+def apply_adapter(model: Transformer, adapter_path: str | os.PathLike, adapter: AdapterArgs | None = None) -> None:
+    """Put a trained adapter into a loaded model, replacing the one it has: the base stays in memory, so
+    several adapters can serve requests in turn ("plug with knowledge").
 
     `adapter_path` is one of our `.safetensors` adapters (its header gives the configuration), or an
     original-release `.pth`, for which `adapter` must give adapter_len and adapter_layers.
     """
-    if adapter_path is None:
-        return load_base(base, adapter, device, dtype)
     adapter_path = Path(adapter_path)
     if adapter_path.suffix == ".pth":
         if adapter is None:
             raise CheckpointError(f"{adapter_path}: an original-release .pth needs adapter_len/adapter_layers given")
-        model = load_base(base, adapter, device, dtype)
         tensors = read_original_release(adapter_path, model.args.n_layers, adapter)
     else:
-        adapter_args, header, tensors = read_adapter(adapter_path)
-        model = load_base(base, adapter_args, device, dtype)
+        adapter, header, tensors = read_adapter(adapter_path)
         trained_on = json.loads(header["base_args"])
         diff = {k: (trained_on.get(k), getattr(model.args, k)) for k in STRUCTURAL_ARGS
                 if trained_on.get(k) != getattr(model.args, k)}
         if diff:
             raise CheckpointError(f"{adapter_path}: trained on base {header.get('base_model')!r}, which differs "
-                                  f"from {base} in {{arg: (adapter's base, this base)}}: {diff}")
+                                  f"from this base in {{arg: (adapter's base, this base)}}: {diff}")
+    model.set_adapter(adapter)
     check_state({k: v.shape for k, v in model.adapter_state_dict().items()}, tensors, f"adapter {adapter_path}")
     with torch.no_grad():
         for k, v in tensors.items():
             getattr(model, k).copy_(v)
-    return model

@@ -138,6 +138,64 @@ def cmd_train(ns: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
 
 
+def default_device(ns: argparse.Namespace) -> tuple[str, torch.dtype]:
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, DTYPES[ns.dtype] if ns.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """NAME=PATH, or PATH (named after its folder, as results/adapters/<experiment>/adapter.safetensors)."""
+    adapters = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        adapters[name or Path(path).parent.name] = Path(path)
+    return adapters
+
+
+def cmd_generate(ns: argparse.Namespace) -> None:
+    """Answer a JSONL file of prompts with one or more adapters on one loaded base; write JSONL."""
+    from .generate import generate_requests, read_prompts
+    from .io import atomic_path
+
+    device, dtype = default_device(ns)
+    model = load_model(ns.base, device=device, dtype=dtype).eval()
+    tokenizer = load_tokenizer(ns.tokenizer or default_tokenizer_path(Path(ns.base)))
+    rows = generate_requests(model, tokenizer, read_prompts(ns.prompts), parse_adapters(ns.adapter), ns.batch_size,
+                             ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed)
+    with atomic_path(ns.out) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    print(f"{len(rows)} generations -> {ns.out}")
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> None:
+    """ScienceQA accuracy per category, or Alpaca held-out loss/perplexity and generations."""
+    from .data.tokens import TokenDataset
+    from .data.validate import read_jsonl
+    from .evaluate import evaluate_alpaca, evaluate_scienceqa
+    from .generate import read_prompts
+
+    device, dtype = default_device(ns)
+    model = load_model(ns.base, ns.adapter, device=device, dtype=dtype).eval()
+    tokenizer = load_tokenizer(ns.tokenizer or default_tokenizer_path(Path(ns.base)))
+    if ns.task == "scienceqa":
+        records = [r for r in read_jsonl(ns.data / "records.jsonl") if ns.split is None or r.get("split") == ns.split]
+        scores = evaluate_scienceqa(model, tokenizer, records, ns.out, ns.mode, ns.batch_size)
+    else:
+        instructions = read_prompts(ns.instructions) if ns.instructions else []
+        scores = evaluate_alpaca(model, tokenizer, TokenDataset(ns.data), instructions, ns.adapter, ns.out,
+                                 ns.row_len, ns.batch_size, ns.max_new_tokens)
+    print(json.dumps(scores, indent=2))
+
+
+def add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="Meta or HF checkpoint folder, or a .gguf file")
+    p.add_argument("--tokenizer", help="default: the one beside --base (or inside the GGUF)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+
+
 def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
     """One --option per dataclass field, typed from its annotation, so the CLI cannot drift from the config."""
     for f in fields(cls):
@@ -231,6 +289,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt if present")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    add_inference_options(p)
+    p.add_argument("--adapter", action="append", required=True, help="NAME=PATH or PATH; repeat for several")
+    p.add_argument("--prompts", required=True, type=Path, help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--temperature", type=float, default=0.1, help="paper: 0.1; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.75, help="paper: 0.75")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
+    add_inference_options(p)
+    p.add_argument("--task", required=True, choices=["scienceqa", "alpaca"])
+    p.add_argument("--adapter", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path,
+                   help="scienceqa: a validated folder; alpaca: a held-out token split folder")
+    p.add_argument("--split", help="scienceqa: which split's questions (default: all)")
+    p.add_argument("--mode", choices=["generate", "likelihood"], default="generate",
+                   help="scienceqa: decode and parse 'The answer is (X)' (paper), or pick the most likely option")
+    p.add_argument("--instructions", type=Path, help="alpaca: JSONL of instructions to answer for the report")
+    p.add_argument("--row-len", type=int, default=512)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -8,10 +8,16 @@ carry no position while the queries are rotated), so a shared column index would
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
+from .checkpoint import apply_adapter
 from .model import Transformer
+from .prompts import alpaca_prompt
+from .tokenizer import Tokenizer
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
@@ -82,4 +88,53 @@ def generate(
     results = []
     for row in out[:, : t + 1].tolist():
         results.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return results
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """Requests from a JSONL file: {"id"?, "instruction", "input"?} (Alpaca template) or {"id"?, "prompt"}
+    (used as is), each optionally naming an "adapter"; ids default to the line number."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict) or not ("prompt" in row or "instruction" in row):
+            raise ValueError(f"{path}, line {n}: expected an object with 'instruction' or 'prompt'")
+        rows.append({"id": row.get("id", n), **row})
+    return rows
+
+
+def prompt_text(row: dict) -> str:
+    return row["prompt"] if "prompt" in row else alpaca_prompt(row["instruction"], row.get("input", ""))
+
+
+def generate_requests(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    requests: list[dict],
+    adapters: dict[str, Path],
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 0.75,
+    seed: int = 0,
+) -> list[dict]:
+    """Answer each request with the adapter it names, or with every adapter if it names none. The base is
+    loaded once; adapters are swapped in between groups of requests."""
+    unknown = {r["adapter"] for r in requests if "adapter" in r} - set(adapters)
+    if unknown:
+        raise ValueError(f"requests name adapters {sorted(unknown)} that were not given; given: {sorted(adapters)}")
+    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
+    results = []
+    for name, path in adapters.items():
+        apply_adapter(model, path)
+        mine = [r for r in requests if r.get("adapter", name) == name]
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i: i + batch_size]
+            prompts = [tokenizer.encode(prompt_text(r), bos=True) for r in chunk]
+            outs = generate(model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, temperature, top_p,
+                            generator)
+            results += [{"id": r["id"], "adapter": name, "adapter_path": str(path), "prompt": prompt_text(r),
+                         "output": tokenizer.decode(o)} for r, o in zip(chunk, outs)]
     return results

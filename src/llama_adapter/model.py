@@ -143,16 +143,26 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, adapter: AdapterArgs | None = None):
         super().__init__()
-        self.args, self.adapter = args, adapter
+        self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.adapter: AdapterArgs | None = None
+        self.set_adapter(adapter)
+
+    def set_adapter(self, adapter: AdapterArgs | None, device: torch.device | str | None = None) -> None:
+        """Give the model a fresh adapter of this configuration (or none), replacing any it had. With an
+        adapter the base is frozen: only `is_adapter_param` parameters train."""
+        for name in ("adapter_query", "adapter_gate"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.adapter = adapter
         if adapter is not None:
-            adapter.validate_for(args)
-            self.reset_adapter()
+            adapter.validate_for(self.args)
+            self.reset_adapter(device)
         for name, p in self.named_parameters():
             p.requires_grad_(adapter is None or is_adapter_param(name))
 

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .batching import collate, pack_rows, token_loss_sum
+from .batching import micro_batches, token_loss_sum
 from .checkpoint import load_model, read_json, save_adapter
 from .config import AdapterArgs
 from .data.tokens import TokenDataset
+from .evaluate import heldout_loss
 from .io import atomic_path, write_json
 from .model import Transformer
 from .tracking import Tracker, progress
@@ -100,13 +101,6 @@ def step_samples(n: int, cfg: TrainConfig, step: int) -> np.ndarray:
     return epoch_order(n, cfg.seed, epoch)[i * cfg.global_batch: (i + 1) * cfg.global_batch]
 
 
-def micro_batches(ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig):
-    rows = pack_rows(ds.lengths[idx], cfg.row_len)
-    for r in range(0, len(rows), cfg.rows_per_micro_batch):
-        chunk = rows[r: r + cfg.rows_per_micro_batch]
-        yield collate([[ds[int(idx[j])] for j in row] for row in chunk], cfg.pad_id)
-
-
 @dataclass
 class Dist:
     rank: int = 0
@@ -140,19 +134,10 @@ def gate_magnitudes(model: Transformer) -> dict[str, float]:
     return {f"gate/layer_{first + i:02d}": v for i, v in enumerate(g)}
 
 
-@torch.no_grad()
 def evaluate_loss(model: Transformer, ds: TokenDataset, cfg: TrainConfig, d: Dist) -> float:
-    """Token-mean loss over a whole split (each rank takes every world-th row)."""
-    idx = np.arange(len(ds))
-    totals = torch.zeros(2, dtype=torch.float64, device=d.device)
-    for k, batch in enumerate(micro_batches(ds, idx, cfg)):
-        if k % d.world == d.rank:
-            batch = batch.to(d.device)
-            with autocast(d.device):
-                totals[0] += token_loss_sum(model, batch).double()
-            totals[1] += batch.target_mask.sum()
-    d.all_sum(totals)
-    return (totals[0] / totals[1]).item()
+    with autocast(d.device):
+        return heldout_loss(model, ds, cfg.row_len, cfg.rows_per_micro_batch, cfg.pad_id, d.device, d.rank, d.world,
+                            d.all_sum)
 
 
 def autocast(device: torch.device):
@@ -227,7 +212,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 group["lr"] = lr
             loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
             real = padded = 0
-            for batch in micro_batches(train_ds, mine, cfg):
+            for batch in micro_batches(train_ds, mine, cfg.row_len, cfg.rows_per_micro_batch, cfg.pad_id):
                 batch = batch.to(d.device)
                 with autocast(d.device):
                     loss = token_loss_sum(forward_model, batch)

@@ -1,0 +1,130 @@
+"""Evaluation: ScienceQA accuracy (overall and per category, as the official script defines them) and
+Alpaca held-out loss, perplexity and generations.
+
+ScienceQA answers are read one of two ways, and the scores say which:
+- "generate": greedy decoding of the QCM prompt, the letter taken from "The answer is (X)" (the paper's);
+- "likelihood": the option whose full target "Answer: The answer is (X)." is most likely; deterministic and
+  needs one forward pass per option instead of a decode loop.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .batching import collate, micro_batches, token_loss_sum
+from .data.scienceqa import CATEGORIES, categories, parse_answer, qcm_prompt, qcm_target
+from .data.tokens import TokenDataset
+from .generate import generate, generate_requests
+from .io import atomic_path, write_json
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+MODES = ("generate", "likelihood")
+
+
+@torch.no_grad()
+def heldout_loss(model: Transformer, ds: TokenDataset, row_len: int, rows_per_batch: int, pad_id: int, device,
+                 rank: int = 0, world: int = 1, all_sum: Callable = lambda t: t) -> float:
+    """Token-mean next-token loss over a whole split; with world > 1 each rank takes every world-th batch."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for k, batch in enumerate(micro_batches(ds, np.arange(len(ds)), row_len, rows_per_batch, pad_id)):
+        if k % world == rank:
+            batch = batch.to(device)
+            totals[0] += token_loss_sum(model, batch).double()
+            totals[1] += batch.target_mask.sum()
+    all_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def sequence_logprobs(model: Transformer, samples: list[tuple[np.ndarray, np.ndarray]], batch_size: int) -> list[float]:
+    """log p(target tokens | the tokens before them) of each (tokens, loss_mask) sample, one row each."""
+    device = model.tok_embeddings.weight.device
+    out = []
+    for i in range(0, len(samples), batch_size):
+        batch = collate([[s] for s in samples[i: i + batch_size]], pad_id=0).to(device)
+        h = model.hidden_states(batch.tokens, mask=batch.attn_mask, positions=batch.positions)
+        logp = torch.log_softmax(model.output(h).float(), dim=-1).gather(-1, batch.targets[..., None])[..., 0]
+        out += (logp * batch.target_mask).sum(dim=1).tolist()
+    return out
+
+
+def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int) -> list[int]:
+    samples, owners = [], []
+    for q, r in enumerate(records):
+        prompt = qcm_prompt(r)
+        n_prompt = len(tokenizer.encode(prompt, bos=True))
+        for k in range(len(r["choices"])):
+            ids = np.asarray(tokenizer.encode(prompt + qcm_target({**r, "answer": k}), bos=True), dtype=np.int64)
+            samples.append((ids, np.arange(len(ids)) >= n_prompt))
+            owners.append((q, k))
+    scores = sequence_logprobs(model, samples, batch_size)
+    best: dict[int, tuple[float, int]] = {}
+    for (q, k), s in zip(owners, scores):
+        if q not in best or s > best[q][0]:
+            best[q] = (s, k)
+    return [best[q][1] for q in range(len(records))]
+
+
+def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
+                         max_new_tokens: int = 16) -> tuple[list[int | None], list[str]]:
+    texts = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i: i + batch_size]
+        prompts = [tokenizer.encode(qcm_prompt(r), bos=True) for r in chunk]
+        texts += [tokenizer.decode(o) for o in generate(model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)]
+    return [parse_answer(t, len(r["choices"])) for t, r in zip(texts, records)], texts
+
+
+def scienceqa_scores(predictions: list[dict]) -> dict:
+    """Accuracy (%) overall and per category column; a column with no questions is None (not available)."""
+    def acc(rows):
+        return round(100.0 * sum(r["correct"] for r in rows) / len(rows), 2) if rows else None
+
+    per = {c: [p for p in predictions if c in p["categories"]] for c in CATEGORIES}
+    return {"n": len(predictions), "accuracy": acc(predictions),
+            "categories": {c: {"accuracy": acc(rows), "n": len(rows)} for c, rows in per.items()},
+            "unparsed": sum(p["prediction"] is None for p in predictions)}
+
+
+def evaluate_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict], out_dir: Path,
+                       mode: str = "generate", batch_size: int = 16) -> dict:
+    """Score `records`; write scores.json and predictions.csv (one row per question) to out_dir."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    model.eval()
+    if mode == "likelihood":
+        preds, texts = answer_by_likelihood(model, tokenizer, records, batch_size), [""] * len(records)
+    else:
+        preds, texts = answer_by_generation(model, tokenizer, records, batch_size)
+    predictions = [{"pid": r["pid"], "split": r.get("split"), "answer": r["answer"], "prediction": p,
+                    "correct": p == r["answer"], "categories": categories(r), "output": t}
+                   for r, p, t in zip(records, preds, texts)]
+    scores = {"mode": mode, **scienceqa_scores(predictions)}
+    write_json(Path(out_dir) / "scores.json", scores)
+    with atomic_path(Path(out_dir) / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(predictions[0]) if predictions else ["pid"])
+        w.writeheader()
+        w.writerows({**p, "categories": " ".join(p["categories"])} for p in predictions)
+    return scores
+
+
+def evaluate_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset, instructions: list[dict],
+                    adapter_path: Path, out_dir: Path, row_len: int = 512, batch_size: int = 8,
+                    max_new_tokens: int = 128) -> dict:
+    """Held-out loss and perplexity, and the adapter's answers to a fixed set of instructions."""
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    loss = heldout_loss(model, heldout, row_len, batch_size, tokenizer.pad_id, device)
+    generations = generate_requests(model, tokenizer, instructions, {"adapter": adapter_path}, batch_size,
+                                    max_new_tokens) if instructions else []
+    scores = {"heldout_loss": loss, "perplexity": float(np.exp(loss)), "heldout_samples": len(heldout),
+              "generations": len(generations)}
+    write_json(Path(out_dir) / "scores.json", scores)
+    write_json(Path(out_dir) / "generations.json", generations)
+    return scores

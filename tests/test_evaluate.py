@@ -1,0 +1,139 @@
+"""Evaluation metrics on hand-made predictions, option likelihoods, held-out loss, and adapters swapped on
+one loaded base ("plug with knowledge")."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llama_adapter.batching import collate, token_loss_sum
+from llama_adapter.checkpoint import load_model, save_adapter, save_meta_checkpoint
+from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
+from llama_adapter.evaluate import (
+    answer_by_likelihood,
+    evaluate_scienceqa,
+    heldout_loss,
+    scienceqa_scores,
+    sequence_logprobs,
+)
+from llama_adapter.generate import generate, generate_requests, prompt_text
+from llama_adapter.model import Transformer
+from llama_adapter.tokenizer import load_tokenizer
+
+ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=128)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, llama_sp_model):
+    """A random base in Meta layout and two different adapters for it."""
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    save_meta_checkpoint(Transformer(ARGS), root / "base")
+    for name, layers in (("a", 2), ("b", 3)):
+        m = Transformer(ARGS, AdapterArgs(adapter_len=3, adapter_layers=layers, gate_init="random"))
+        save_adapter(m, root / f"{name}.safetensors", base_model="random")
+    return root, load_tokenizer(llama_sp_model)
+
+
+def test_scienceqa_scores_on_hand_made_predictions():
+    preds = [
+        {"categories": ["NAT", "TXT", "G1-6"], "correct": True, "prediction": 0},
+        {"categories": ["NAT", "IMG", "G7-12"], "correct": False, "prediction": None},
+        {"categories": ["SOC", "NO", "G1-6"], "correct": True, "prediction": 2},
+        {"categories": ["SOC", "TXT", "IMG", "G1-6"], "correct": False, "prediction": 1},
+    ]
+    s = scienceqa_scores(preds)
+    assert s["n"] == 4 and s["accuracy"] == 50.0 and s["unparsed"] == 1
+    c = s["categories"]
+    assert c["NAT"] == {"accuracy": 50.0, "n": 2} and c["SOC"] == {"accuracy": 50.0, "n": 2}
+    assert c["LAN"] == {"accuracy": None, "n": 0}  # not available, not 0%
+    assert c["TXT"]["accuracy"] == 50.0 and c["IMG"]["accuracy"] == 0.0 and c["NO"]["accuracy"] == 100.0
+    assert c["G1-6"] == {"accuracy": round(200 / 3, 2), "n": 3} and c["G7-12"] == {"accuracy": 0.0, "n": 1}
+
+
+def test_hot_swapped_adapters_equal_separately_loaded(world):
+    root, tok = world
+    requests = [{"id": 1, "instruction": "Name a colour."}, {"id": 2, "instruction": "Add.", "input": "2 and 3"},
+                {"id": 3, "prompt": "Once upon a time", "adapter": "b"}]
+    base = load_model(root / "base")
+    swapped = generate_requests(base, tok, requests, {"a": root / "a.safetensors", "b": root / "b.safetensors"},
+                                batch_size=2, max_new_tokens=6, temperature=0)
+    assert [(r["id"], r["adapter"]) for r in swapped] == [(1, "a"), (2, "a"), (1, "b"), (2, "b"), (3, "b")]
+    for r in swapped:
+        alone = load_model(root / "base", root / f"{r['adapter']}.safetensors")
+        request = next(q for q in requests if q["id"] == r["id"])
+        [out] = generate(alone, [tok.encode(prompt_text(request), bos=True)], 6, tok.eos_id)
+        assert r["output"] == tok.decode(out)
+    with pytest.raises(ValueError, match="adapters \\['c'\\]"):
+        generate_requests(base, tok, [{"prompt": "x", "adapter": "c"}], {"a": root / "a.safetensors"})
+
+
+def test_sequence_logprobs_and_likelihood_choice(world):
+    root, tok = world
+    model = load_model(root / "base", root / "a.safetensors").eval()
+    ids = np.asarray(tok.encode("Question: x\nAnswer: The answer is (B).", bos=True), dtype=np.int64)
+    mask = np.arange(len(ids)) >= 5
+    [lp] = sequence_logprobs(model, [(ids, mask)], batch_size=4)
+    with torch.no_grad():
+        manual = -token_loss_sum(model, collate([[(ids, mask)]], pad_id=0)).item()
+    assert lp == pytest.approx(manual, rel=1e-5)
+    record = {"pid": "1", "question": "Which?", "choices": ["red", "blue", "green"], "answer": 1, "hint": ""}
+    [choice] = answer_by_likelihood(model, tok, [record], batch_size=2)
+    from llama_adapter.data.scienceqa import qcm_prompt, qcm_target
+
+    n_prompt = len(tok.encode(qcm_prompt(record), bos=True))
+    scores = []
+    for k in range(3):
+        full = np.asarray(tok.encode(qcm_prompt(record) + qcm_target({**record, "answer": k}), bos=True))
+        scores.append(sequence_logprobs(model, [(full, np.arange(len(full)) >= n_prompt)], 1)[0])
+    assert choice == int(np.argmax(scores))
+
+
+def test_evaluate_scienceqa_writes_scores_and_predictions(world, tmp_path):
+    root, tok = world
+    model = load_model(root / "base", root / "a.safetensors")
+    records = [{"pid": str(i), "split": "test", "question": f"Is {i} big?", "choices": ["yes", "no"], "answer": i % 2,
+                "hint": "h" if i % 3 else "", "image": None, "has_image": i == 4, "subject": "natural science",
+                "grade": f"grade{i + 1}"} for i in range(8)]
+    for mode in ("likelihood", "generate"):
+        scores = evaluate_scienceqa(model, tok, records, tmp_path / mode, mode=mode, batch_size=4)
+        assert scores["mode"] == mode and scores["n"] == 8
+        assert json.loads((tmp_path / mode / "scores.json").read_text()) == scores
+        rows = list(csv.DictReader(open(tmp_path / mode / "predictions.csv")))
+        assert [r["pid"] for r in rows] == [str(i) for i in range(8)]
+        assert scores["accuracy"] == pytest.approx(100 * sum(r["correct"] == "True" for r in rows) / 8, abs=0.01)
+    assert scores["categories"]["G7-12"]["n"] == 2  # grades 7 and 8
+
+
+def test_heldout_loss_is_the_token_mean(world, tmp_path):
+    root, _ = world
+    model = load_model(root / "base", root / "b.safetensors")
+    rng = np.random.default_rng(0)
+    enc = Encoded([], [], [], [])
+    for i in range(7):
+        t = np.concatenate([[1], rng.integers(3, 500, rng.integers(4, 20)), [2]]).astype(np.int32)
+        enc.tokens.append(t), enc.masks.append(np.arange(len(t)) >= 3), enc.source_index.append(i)
+    write_split(tmp_path / "val", enc, np.arange(7))
+    ds = TokenDataset(tmp_path / "val")
+    loss = heldout_loss(model, ds, row_len=64, rows_per_batch=2, pad_id=0, device="cpu")
+    with torch.no_grad():
+        total = sum(token_loss_sum(model, collate([[ds[i]]], 0)).item() for i in range(7))
+    assert loss == pytest.approx(total / sum(int(ds[i][1][1:].sum()) for i in range(7)), rel=1e-5)
+
+
+def test_generate_cli_writes_jsonl_naming_the_adapter(world, tmp_path, llama_sp_model):
+    root, _ = world
+    (tmp_path / "prompts.jsonl").write_text('{"id": "q1", "instruction": "Say hi."}\n{"prompt": "Hello"}\n')
+    proc = subprocess.run([sys.executable, "-m", "llama_adapter.cli", "generate", "--base", str(root / "base"),
+                           "--tokenizer", str(llama_sp_model), "--adapter", f"first={root / 'a.safetensors'}",
+                           "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+                           "--max-new-tokens", "4"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["adapter"]) for r in rows] == [("q1", "first"), (2, "first")]
+    assert rows[0]["adapter_path"].endswith("a.safetensors")
