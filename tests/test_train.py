@@ -132,11 +132,12 @@ def test_resume_refuses_changed_settings(setup, tmp_path):
         train(config(setup, tmp_path / "run", blr=0.1), resume=True)
 
 
-def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_two_process_data_parallel_matches_one_process(setup, tmp_path, fsdp):
     single = train(config(setup, tmp_path / "one", max_steps=4))
     cfg = config(setup, tmp_path / "two", max_steps=4)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-           "-m", "llama_adapter.cli", *run_cli_train(cfg, "--max-steps", "4")[3:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29531 + fsdp),
+           "-m", "llama_adapter.cli", *run_cli_train(cfg, "--max-steps", "4", *(["--fsdp"] if fsdp else []))[3:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())

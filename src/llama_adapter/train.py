@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .batching import micro_batches, token_loss_sum
+from .batching import micro_batches, pack_rows, token_loss_sum
 from .checkpoint import load_model, read_json, save_adapter
 from .config import AdapterArgs
 from .data.tokens import TokenDataset
@@ -69,6 +69,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (tests, benchmarks); the schedule still spans all epochs
     device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
     compile: bool = False
+    fsdp: bool = False  # shard the frozen base's layers over the processes (models too big for one GPU)
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -127,6 +128,19 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
     return Dist(dist.get_rank() if world > 1 else 0, world, device)
 
 
+def shard_base(model: Transformer, d: Dist) -> Transformer:
+    """FSDP2 over the transformer blocks: each process keeps 1/world of every block's frozen weights and
+    gathers a block only while it runs. The adapter (on the root module) stays whole on every process,
+    and its gradients are all-reduced by the training loop like in the unsharded case."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    return model.to(d.device)
+
+
 def gate_magnitudes(model: Transformer) -> dict[str, float]:
     """Mean |tanh(gate)| per adapted layer, keyed by the layer's index in the model."""
     first = model.args.n_layers - model.adapter.adapter_layers
@@ -134,10 +148,28 @@ def gate_magnitudes(model: Transformer) -> dict[str, float]:
     return {f"gate/layer_{first + i:02d}": v for i, v in enumerate(g)}
 
 
+def rank_batches(ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig, d: Dist):
+    """(batch, weight) pairs of this rank's share of a step. Under FSDP every rank must run as many
+    forward passes as the busiest one (each pass gathers the sharded layers collectively), so the
+    shorter ranks repeat their first batch with weight 0."""
+    share = lambda r: idx[r:: d.world]  # noqa: E731
+    mine = list(micro_batches(ds, share(d.rank), cfg.row_len, cfg.rows_per_micro_batch, cfg.pad_id))
+    busiest = len(mine)
+    if cfg.fsdp and d.world > 1:
+        busiest = max(math.ceil(len(pack_rows(ds.lengths[share(r)], cfg.row_len)) / cfg.rows_per_micro_batch)
+                      for r in range(d.world))
+    if busiest == len(mine):
+        return [(b, 1) for b in mine]
+    filler = mine[0] if mine else next(micro_batches(ds, idx[:1], cfg.row_len, 1, cfg.pad_id))
+    return [(b, 1) for b in mine] + [(filler, 0)] * (busiest - len(mine))
+
+
 def evaluate_loss(model: Transformer, ds: TokenDataset, cfg: TrainConfig, d: Dist) -> float:
+    # Under FSDP every rank evaluates every batch (collective forwards); otherwise they share the split.
+    rank, world = (0, 1) if cfg.fsdp and d.world > 1 else (d.rank, d.world)
     with autocast(d.device):
-        return heldout_loss(model, ds, cfg.row_len, cfg.rows_per_micro_batch, cfg.pad_id, d.device, d.rank, d.world,
-                            d.all_sum)
+        return heldout_loss(model, ds, cfg.row_len, cfg.rows_per_micro_batch, cfg.pad_id, d.device, rank, world,
+                            d.all_sum if world > 1 else (lambda t: t))
 
 
 def autocast(device: torch.device):
@@ -164,7 +196,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    model = load_model(cfg.base, adapter=cfg.adapter, device=d.device, dtype=dtype)
+    if cfg.fsdp and d.world > 1:
+        model = shard_base(load_model(cfg.base, adapter=cfg.adapter, device="cpu", dtype=dtype), d)
+    else:
+        model = load_model(cfg.base, adapter=cfg.adapter, device=d.device, dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.0, betas=cfg.betas, weight_decay=cfg.weight_decay)
     train_ds = TokenDataset(Path(cfg.train_data))
@@ -206,19 +241,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             t0 = time.perf_counter()
             idx = step_samples(len(train_ds), cfg, step)
             n_targets = int(sum(train_ds[int(i)][1][1:].sum() for i in idx))  # the same on every rank
-            mine = idx[d.rank:: d.world]
             lr = lr_at(step, steps_per_epoch, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
             real = padded = 0
-            for batch in micro_batches(train_ds, mine, cfg.row_len, cfg.rows_per_micro_batch, cfg.pad_id):
+            for batch, weight in rank_batches(train_ds, idx, cfg, d):
                 batch = batch.to(d.device)
                 with autocast(d.device):
-                    loss = token_loss_sum(forward_model, batch)
+                    loss = token_loss_sum(forward_model, batch) * weight
                 (loss / n_targets).backward()
                 loss_sum += loss.detach().double()
-                real, padded = real + batch.real_tokens, padded + batch.padded_tokens
+                real, padded = real + batch.real_tokens * weight, padded + batch.padded_tokens * weight
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
