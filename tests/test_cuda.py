@@ -2,6 +2,7 @@
 
 Skipped without CUDA: CI has no GPU; these run on the lent GPU machine (see docs/VERIFICATION.md)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,48 @@ def test_left_padded_generation_on_gpu():
             logits = gpu(torch.tensor([prompt + out], device="cuda"))[0, len(prompt) - 1: len(prompt) - 1 + len(out)]
             chosen = logits.gather(-1, torch.tensor(out, device="cuda")[:, None]).squeeze(-1)
             assert (logits.max(-1).values - chosen).max() < 1e-3
+
+
+def test_training_on_gpu(tmp_path):
+    """bf16 base, fp32 adapter and optimizer state, the packed-batch loss on the GPU."""
+    from test_train import config, synthetic_split
+
+    from llama_adapter.checkpoint import read_adapter, save_meta_checkpoint
+    from llama_adapter.train import train
+    from test_train import ARGS as TRAIN_ARGS
+
+    torch.manual_seed(0)
+    save_meta_checkpoint(Transformer(TRAIN_ARGS), tmp_path / "base")
+    setup = (tmp_path, synthetic_split(tmp_path / "train", 96, 0), synthetic_split(tmp_path / "val", 16, 1))
+    result = train(config(setup, tmp_path / "run", device="cuda"))
+    losses = [h["loss"] for h in result["history"]]
+    assert losses[-1] < 0.7 * losses[0]
+    tensors = read_adapter(tmp_path / "run" / "adapter.safetensors")[2]
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_two_gpus_match_one(tmp_path, fsdp):
+    import json
+    import subprocess
+    import sys
+
+    from test_train import config, run_cli_train, synthetic_split
+
+    from llama_adapter.checkpoint import save_meta_checkpoint
+    from llama_adapter.train import train
+    from test_train import ARGS as TRAIN_ARGS
+
+    torch.manual_seed(0)
+    save_meta_checkpoint(Transformer(TRAIN_ARGS), tmp_path / "base")
+    setup = (tmp_path, synthetic_split(tmp_path / "train", 96, 0), synthetic_split(tmp_path / "val", 16, 1))
+    one = train(config(setup, tmp_path / "one", max_steps=4, device="cuda:0"))
+    cfg = config(setup, tmp_path / "two", max_steps=4, device=None)  # each rank takes cuda:LOCAL_RANK
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "llama_adapter.cli",
+           *run_cli_train(cfg, "--max-steps", "4", *(["--fsdp"] if fsdp else []))[3:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2
+    np.testing.assert_allclose([h["loss"] for h in two["history"]], [h["loss"] for h in one["history"]], rtol=2e-2)

@@ -1,6 +1,7 @@
 """Training: the loss falls, only the adapter moves, exact resume after SIGKILL, 2-process data parallel
 equals one process, the NaN guard, packing equals per-sample computation, the schedule."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -49,7 +50,7 @@ def config(setup, out, **kw):
     root, train_dir, val_dir = setup
     base = dict(base=str(root / "base"), train_data=str(train_dir), val_data=str(val_dir), out_dir=str(out),
                 adapter_len=8, adapter_layers=3, epochs=3, warmup_epochs=1, global_batch=16, rows_per_micro_batch=2,
-                row_len=64, blr=8.0, checkpoint_every=2)
+                row_len=64, blr=8.0, checkpoint_every=2, device="cpu")  # CPU: bit-exact claims hold there
     return TrainConfig(**{**base, **kw})
 
 
@@ -73,7 +74,8 @@ def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["loss"] for m in logged] == losses
     assert {"lr", "real_tokens", "padded_tokens", "real_tokens_per_s", "gate/layer_00", "gate/layer_02"} <= set(logged[0])
-    assert result["mlflow_run_id"]
+    if importlib.util.find_spec("mlflow"):  # a real MLflow run was made (the JSONL is written either way)
+        assert result["mlflow_run_id"]
 
 
 def test_frozen_base_is_bit_identical_in_memory(setup, tmp_path, monkeypatch):
@@ -97,7 +99,8 @@ def run_cli_train(cfg, *extra):
     return [sys.executable, "-m", "llama_adapter.cli", "train", "--base", cfg.base, "--train-data", cfg.train_data,
             "--val-data", cfg.val_data, "--out-dir", cfg.out_dir, "--adapter-len", "8", "--adapter-layers", "3",
             "--epochs", str(cfg.epochs), "--warmup-epochs", "1", "--global-batch", "16", "--rows-per-micro-batch", "2",
-            "--row-len", "64", "--blr", "8.0", "--checkpoint-every", "2", *extra]
+            "--row-len", "64", "--blr", "8.0", "--checkpoint-every", "2",
+            *(["--device", cfg.device] if cfg.device else []), *extra]
 
 
 def test_resume_after_sigkill_is_bit_identical(setup, tmp_path):
