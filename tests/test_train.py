@@ -196,3 +196,44 @@ def test_schedule_is_the_papers():
     assert lr_at(200, 100, cfg) == pytest.approx(cfg.peak_lr())
     assert lr_at(350, 100, cfg) == pytest.approx(cfg.peak_lr() / 2)  # half-cosine midpoint
     assert lr_at(500, 100, cfg) == pytest.approx(0, abs=1e-12)
+
+
+def test_unreachable_mlflow_warns_once_and_keeps_the_jsonl(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.warns(UserWarning, match="MLflow unavailable") as caught:
+        result = train(config(setup, tmp_path / "run", max_steps=3))
+    assert len([w for w in caught if "MLflow unavailable" in str(w.message)]) == 1
+    assert result["mlflow_run_id"] is None
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    assert (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def test_loss_falls_on_the_demo_data(tmp_path):
+    """The whole chain on the embedded demo data: a tiny base pre-trained on the demo corpus, then an
+    adapter on the demo instructions (a few steps of each: the demo DAG runs them longer)."""
+    from llama_adapter.data.demo import generate_demo
+    from llama_adapter.data.fetch import fetch
+    from llama_adapter.data.tokens import tokenize
+    from llama_adapter.data.validate import validate
+    from llama_adapter.pretrain import pretrain_base
+    from llama_adapter.tokenizer import load_tokenizer, train_sentencepiece
+
+    generate_demo(tmp_path / "demo", n_instructions=400, n_questions=72)
+    train_sentencepiece(tmp_path / "demo" / "corpus.txt", tmp_path / "tok.model", 500)
+    base_args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=500, hidden_dim=176)
+    pretrain_base(tmp_path / "demo" / "corpus.txt", tmp_path / "tok.model", tmp_path / "base", base_args, steps=60)
+    fetch("alpaca", str(tmp_path / "demo" / "alpaca.json"), tmp_path / "fetched")
+    validate("alpaca", tmp_path / "fetched", tmp_path / "validated")
+    tokenize("alpaca", tmp_path / "validated", load_tokenizer(tmp_path / "tok.model"), tmp_path / "tokens",
+             max_seq_len=128, split={"by": "seed", "val_size": 40, "seed": 0})
+    cfg = TrainConfig(base=str(tmp_path / "base"), train_data=str(tmp_path / "tokens" / "train"),
+                      val_data=str(tmp_path / "tokens" / "val"), out_dir=str(tmp_path / "run"), adapter_len=10,
+                      adapter_layers=2, epochs=4, warmup_epochs=1, blr=2.0, global_batch=32, row_len=128,
+                      rows_per_micro_batch=8, device="cpu")
+    result = train(cfg)
+    losses = [h["loss"] for h in result["history"]]
+    assert np.mean(losses[-7:]) < 0.95 * losses[0]  # the last epoch against the untrained adapter
+    assert result["val_loss"][-1] < result["val_loss"][0]

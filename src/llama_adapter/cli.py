@@ -98,6 +98,15 @@ def cmd_train_tokenizer(ns: argparse.Namespace) -> None:
     print(train_sentencepiece(ns.corpus, ns.out, ns.vocab_size))
 
 
+def cmd_pretrain_base(ns: argparse.Namespace) -> None:
+    """Pre-train a small base LLaMA from scratch on a corpus; write it in Meta's layout (the demo's base)."""
+    from .pretrain import pretrain_base
+
+    summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, ModelArgs.from_name(ns.preset), ns.steps, ns.batch_size,
+                            ns.seq_len, ns.lr, ns.seed)
+    print(json.dumps(summary, indent=2))
+
+
 def cmd_fetch(ns: argparse.Namespace) -> None:
     """Fetch a dataset (hf:<id>, a URL or a local path) into a normalised folder with fetch.json."""
     from .data.fetch import fetch
@@ -251,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="the .model file to write")
     p.add_argument("--vocab-size", type=int, default=1000)
     p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("pretrain-base", help=cmd_pretrain_base.__doc__, description=cmd_pretrain_base.__doc__)
+    p.add_argument("--corpus", required=True, type=Path)
+    p.add_argument("--tokenizer", required=True, type=Path, help="a SentencePiece .model (copied beside the weights)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--preset", default="demo", help="architecture (vocab_size comes from the tokenizer)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_pretrain_base)
 
     datasets = ["alpaca", "scienceqa"]
     p = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)

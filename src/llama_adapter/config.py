@@ -95,7 +95,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536, norm_eps=1e-5,
         rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True,
     ),
-    # Tiny sizes for tests and the CPU demo.
+    # The demo's base, pre-trained from scratch on the generated corpus (vocab_size: its tokenizer's).
+    "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1000, hidden_dim=352, max_seq_len=256),
+    # Tiny sizes for tests.
     "tiny": dict(dim=64, n_layers=4, n_heads=4, vocab_size=256, multiple_of=16, max_seq_len=256),
     "tiny-gqa": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16, max_seq_len=256),
     "tiny-tied": dict(
