@@ -189,6 +189,43 @@ def fixed_settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
+def restore(ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer):
+    """Load a checkpoint into model and optimizer; (step, history, MLflow run id) to continue from."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    saved = json.loads(state["config"])
+    now = json.loads(json.dumps(fixed_settings(cfg)))  # as saved: tuples become lists
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed {{key: (then, now)}}: {changed}")
+    with torch.no_grad():
+        for k, v in state["adapter"].items():
+            getattr(model, k).copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["history"], state["mlflow_run_id"]
+
+
+def train_step(model, train_ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig, d: Dist,
+               params: list[torch.nn.Parameter]) -> tuple[float, float, float]:
+    """Forward/backward over the step's samples and the gradient all-reduce; (loss, real, padded tokens)."""
+    n_targets = int(sum(train_ds[int(i)][1][1:].sum() for i in idx))  # the same on every rank
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    real = padded = 0
+    for batch, weight in rank_batches(train_ds, idx, cfg, d):
+        batch = batch.to(d.device)
+        with autocast(d.device):
+            loss = token_loss_sum(model, batch) * weight
+        (loss / n_targets).backward()
+        loss_sum += loss.detach().double()
+        real, padded = real + batch.real_tokens * weight, padded + batch.padded_tokens * weight
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        d.all_sum(p.grad)
+    stats = d.all_sum(torch.tensor([loss_sum.item(), real, padded], dtype=torch.float64, device=d.device))
+    return stats[0].item() / n_targets, stats[1].item(), stats[2].item()
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     d = setup_distributed(cfg)
     out = Path(cfg.out_dir)
@@ -209,20 +246,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps or total_steps)
 
-    step, history, run_id = 0, [], None
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = json.loads(state["config"])
-        now = json.loads(json.dumps(fixed_settings(cfg)))  # as saved: tuples become lists
-        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-        if changed:
-            raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed {{key: (then, now)}}: {changed}")
-        with torch.no_grad():
-            for k, v in state["adapter"].items():
-                getattr(model, k).copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        step, history, run_id = state["step"], state["history"], state["mlflow_run_id"]
+    step, history, run_id = restore(ckpt_path, cfg, model, opt) if resume and ckpt_path.exists() else (0, [], None)
     forward_model = torch.compile(model) if cfg.compile else model
 
     if d.rank == 0:
@@ -239,25 +263,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         while step < last_step:
             t0 = time.perf_counter()
             idx = step_samples(len(train_ds), cfg, step)
-            n_targets = int(sum(train_ds[int(i)][1][1:].sum() for i in idx))  # the same on every rank
             lr = lr_at(step, steps_per_epoch, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-            real = padded = 0
-            for batch, weight in rank_batches(train_ds, idx, cfg, d):
-                batch = batch.to(d.device)
-                with autocast(d.device):
-                    loss = token_loss_sum(forward_model, batch) * weight
-                (loss / n_targets).backward()
-                loss_sum += loss.detach().double()
-                real, padded = real + batch.real_tokens * weight, padded + batch.padded_tokens * weight
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                d.all_sum(p.grad)
-            stats = d.all_sum(torch.tensor([loss_sum.item(), real, padded], dtype=torch.float64, device=d.device))
-            loss_value = stats[0].item() / n_targets
+            loss_value, real, padded = train_step(forward_model, train_ds, idx, cfg, d, params)
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"step {step} (epoch {step // steps_per_epoch}): loss {loss_value} on the batch of samples "
@@ -267,9 +276,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             opt.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - t0
-            metrics = {"loss": loss_value, "lr": lr, "real_tokens": stats[1].item(), "padded_tokens": stats[2].item(),
-                       "real_tokens_per_s": stats[1].item() / seconds, "epoch": step / steps_per_epoch,
-                       **gate_magnitudes(model)}
+            metrics = {"loss": loss_value, "lr": lr, "real_tokens": real, "padded_tokens": padded,
+                       "real_tokens_per_s": real / seconds, "epoch": step / steps_per_epoch, **gate_magnitudes(model)}
             if val_ds is not None and (step % steps_per_epoch == 0 or step == last_step):
                 metrics["val_loss"] = evaluate_loss(forward_model, val_ds, cfg, d)
             history.append({"step": step, **metrics})
