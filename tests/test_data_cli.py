@@ -20,7 +20,7 @@ def cli(*args):
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     cli("demo-data", "--out", root / "demo", "--seed", 0)
-    cli("train-tokenizer", "--corpus", root / "demo" / "corpus.txt", "--out", root / "tokenizer.model", "--vocab-size", 600)
+    cli("train-tokenizer", "--corpus", root / "demo" / "corpus.jsonl", "--out", root / "tokenizer.model", "--vocab-size", 600)
     return root
 
 
@@ -30,7 +30,7 @@ def test_help_of_every_data_subcommand():
 
 
 def test_tokenizer_training_is_deterministic(demo, tmp_path):
-    cli("train-tokenizer", "--corpus", demo / "demo" / "corpus.txt", "--out", tmp_path / "again.model", "--vocab-size", 600)
+    cli("train-tokenizer", "--corpus", demo / "demo" / "corpus.jsonl", "--out", tmp_path / "again.model", "--vocab-size", 600)
     assert (tmp_path / "again.model").read_bytes() == (demo / "tokenizer.model").read_bytes()
     tok = load_tokenizer(demo / "tokenizer.model")
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 600)

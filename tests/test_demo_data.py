@@ -41,21 +41,21 @@ def test_same_seed_same_bytes_other_seed_differs(out, tmp_path):
     generate_demo(tmp_path / "again", seed=0)
     generate_demo(tmp_path / "other", seed=1)
     first, again, other = _files(out), _files(tmp_path / "again"), _files(tmp_path / "other")
-    assert {"corpus.txt", "alpaca.json", "scienceqa/problems.json", "scienceqa/pid_splits.json"} <= set(first)
+    assert {"corpus.jsonl", "alpaca.json", "scienceqa/problems.json", "scienceqa/pid_splits.json"} <= set(first)
     assert first == again
-    assert all(first[f] != other[f] for f in ("corpus.txt", "alpaca.json", "scienceqa/problems.json"))
+    assert all(first[f] != other[f] for f in ("corpus.jsonl", "alpaca.json", "scienceqa/problems.json"))
 
 
 def test_sizes(out):
-    assert 50_000 < (out / "corpus.txt").stat().st_size < 3_000_000
-    assert (out / "corpus.txt").read_bytes().isascii()
+    assert 50_000 < (out / "corpus.jsonl").stat().st_size < 3_000_000
+    assert (out / "corpus.jsonl").read_bytes().isascii()
 
 
 def test_summary_counts_match_files(tmp_path):
     summary = generate_demo(tmp_path / "d", seed=2, n_instructions=300, n_questions=144)
     assert summary["alpaca"]["records"] == 300 == sum(summary["alpaca"]["kinds"].values())
     assert sum(s["problems"] for s in summary["scienceqa"].values()) == 144
-    assert summary["corpus"]["bytes"] == (tmp_path / "d" / "corpus.txt").stat().st_size
+    assert summary["corpus"]["bytes"] == (tmp_path / "d" / "corpus.jsonl").stat().st_size
 
 
 def test_alpaca_schema_and_no_duplicates(alpaca):
@@ -69,7 +69,7 @@ def test_alpaca_schema_and_no_duplicates(alpaca):
 
 
 def test_alpaca_answers_are_corpus_facts(out, alpaca):
-    corpus = (out / "corpus.txt").read_text()
+    corpus = (out / "corpus.jsonl").read_text()
     stated = {"Add the two numbers.": "{0} plus {1} is {out}.",
               "Subtract the second number from the first.": "{0} minus {1} is {out}.",
               "Give the opposite of the word.": "The opposite of {0} is {out}.",
@@ -149,7 +149,7 @@ def test_failure_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(demo, "_draw", broken)  # fails after corpus.txt and alpaca.json are written
+    monkeypatch.setattr(demo, "_draw", broken)  # fails after corpus.jsonl and alpaca.json are written
     with pytest.raises(RuntimeError):
         generate_demo(tmp_path / "data")
     assert list(tmp_path.iterdir()) == []

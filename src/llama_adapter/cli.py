@@ -256,13 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("train-tokenizer", help=cmd_train_tokenizer.__doc__, description=cmd_train_tokenizer.__doc__)
-    p.add_argument("--corpus", required=True, type=Path)
+    p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--out", required=True, type=Path, help="the .model file to write")
     p.add_argument("--vocab-size", type=int, default=1000)
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("pretrain-base", help=cmd_pretrain_base.__doc__, description=cmd_pretrain_base.__doc__)
-    p.add_argument("--corpus", required=True, type=Path)
+    p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--tokenizer", required=True, type=Path, help="a SentencePiece .model (copied beside the weights)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--preset", default="demo", help="architecture (vocab_size comes from the tokenizer)")

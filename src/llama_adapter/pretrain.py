@@ -7,6 +7,7 @@ tokenizer beside it, so every later stage loads it exactly as it would load LLaM
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -22,12 +23,23 @@ from .model import Transformer
 from .tokenizer import load_tokenizer
 
 
-def token_stream(corpus: Path, tokenizer) -> np.ndarray:
-    """The corpus as one stream of BOS line EOS BOS line EOS ..."""
-    ids: list[int] = []
-    for line in Path(corpus).read_text(encoding="utf-8").splitlines():
+def read_corpus(corpus: Path) -> list[str]:
+    """Documents of a JSONL corpus, one {"text": ...} per line."""
+    docs = []
+    for n, line in enumerate(Path(corpus).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
-            ids += tokenizer.encode(line, bos=True, eos=True)
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{corpus}, line {n}: expected a JSON object with a 'text' string ({e})") from None
+    return docs
+
+
+def token_stream(corpus: Path, tokenizer) -> np.ndarray:
+    """The corpus as one stream: BOS doc EOS BOS doc EOS ..."""
+    ids: list[int] = []
+    for doc in read_corpus(corpus):
+        ids += tokenizer.encode(doc, bos=True, eos=True)
     return np.asarray(ids, dtype=np.int64)
 
 

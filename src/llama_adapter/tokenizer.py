@@ -242,7 +242,8 @@ def _gguf_sentencepiece(tokens: list[str], types: list[int], scores: list[float]
 
 
 def train_sentencepiece(corpus: Path, out: Path, vocab_size: int) -> Path:
-    """Train a LLaMA-style SentencePiece BPE model (unk 0, BOS 1, EOS 2, byte fallback) on a text file.
+    """Train a LLaMA-style SentencePiece BPE model (unk 0, BOS 1, EOS 2, byte fallback) on a JSONL corpus
+    ({"text": document} per line; the trainer sees each line of each document).
 
     Single-threaded and fed from memory (the trainer records input paths in the model otherwise), so the
     same corpus always gives the same bytes. Used for the demo base model, which has no tokenizer of its own.
@@ -250,8 +251,9 @@ def train_sentencepiece(corpus: Path, out: Path, vocab_size: int) -> Path:
     import io as _io
 
     from .io import atomic_path
+    from .pretrain import read_corpus
 
-    lines = [ln for ln in Path(corpus).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln for doc in read_corpus(corpus) for ln in doc.splitlines() if ln.strip()]
     model = _io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",

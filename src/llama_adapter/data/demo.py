@@ -2,11 +2,17 @@
 
 Real Alpaca and ScienceQA need downloads and a real LLaMA. Instead we invent a small closed world that a
 tiny LLaMA pretrained for CPU minutes can memorise (creatures and their traits, fictional capitals,
-antonyms, plurals, sums and comparisons of 0-20), state its facts in `corpus.txt`, and ask about them in
+antonyms, plurals, sums and comparisons of 0-20), state its facts in `corpus.jsonl`, and ask about them in
 the original Alpaca and ScienceQA layouts, so every later stage runs unchanged on demo or real data.
 ScienceQA questions come in its three context kinds, each testing something different: the answer is in
 the hint (random per question, so it must be read, not recalled), only in a drawn image, or a corpus fact.
 Everything derives from one seeded RNG: the same seed gives byte-identical files.
+
+The corpus is JSONL, one {"text": document} per line (documents span several lines). Besides the facts it holds a few worksheets in the
+ScienceQA QCM layout and a few answered instructions in the Alpaca template, drawn independently of the
+fine-tuning data: a real LLaMA has seen quizzes and instructions in pre-training, and a tiny base that has
+never seen ":", "(A)" or a newline cannot be steered to write them by 1-2% extra parameters. What the
+adapters learn is the task: which format to answer in, and which option the hint or fact supports.
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ TEMPLATES = {
 }
 SHAPE_FACTS = "A square has four sides. A triangle has three sides. A circle is round. A circle has no corners."
 CORPUS_PASSES = 3
+WORKSHEETS = 1000  # QCM-layout documents in the corpus (text context or facts: a worksheet shows no image)
+INSTRUCTION_DOCS = 150  # Alpaca-template documents in the corpus
 # Alpaca without input: questions per fact kind, answered by the fact's canonical sentence.
 QUESTIONS = {
     "colour": ("What colour is a {e}?", "Tell me the colour of a {e}.", "Which colour is a {e}?"),
@@ -156,21 +164,36 @@ def _facts(rng: random.Random) -> list[list[Fact]]:
     return groups + [flat[i:i + 6] for i in range(0, len(flat), 6)]
 
 
-def _corpus(rng: random.Random, groups: list[list[Fact]]) -> str:
-    """One paragraph per line: every fact in varied wordings, plus stories like the ScienceQA hints."""
-    paragraphs = [SHAPE_FACTS]
+def _corpus(rng: random.Random, groups: list[list[Fact]], primers: list[str]) -> list[str]:
+    """Documents: every fact in varied wordings, stories like the ScienceQA hints, and the format primers
+    (worksheets and answered instructions)."""
+    documents = [SHAPE_FACTS] + primers
     for p in range(CORPUS_PASSES):
         for group in groups:
             sentences = [canonical(k, **kw) if p == 0 else _say(rng.choice(TEMPLATES[k]), **kw) for k, kw in group]
             rng.shuffle(sentences)
-            paragraphs.append(" ".join(sentences))
+            documents.append(" ".join(sentences))
     for _ in range(400):  # stories teach reading a context; they state nothing about the world
         a, b = rng.sample(PEOPLE, 2)
-        paragraphs.append(f"{a} has a {rng.choice(COLOURS)} {rng.choice(OBJECTS)}. {b} saw {rng.randint(2, 12)} "
-                          f"{rng.choice(CREATURES)}s. {a} has {rng.randint(1, 20)} coins. "
-                          f"{b} said: The {rng.choice(OBJECTS)} is {rng.choice(ADJECTIVES)}.")
-    rng.shuffle(paragraphs)
-    return "\n".join(paragraphs) + "\n"
+        documents.append(f"{a} has a {rng.choice(COLOURS)} {rng.choice(OBJECTS)}. {b} saw {rng.randint(2, 12)} "
+                         f"{rng.choice(CREATURES)}s. {a} has {rng.randint(1, 20)} coins. "
+                         f"{b} said: The {rng.choice(OBJECTS)} is {rng.choice(ADJECTIVES)}.")
+    rng.shuffle(documents)
+    return documents
+
+
+def _primers(seed: int, facts: list[Fact]) -> list[str]:
+    """Worksheets (QCM prompt + answer) and answered instructions (Alpaca template), from an RNG of their
+    own so that they do not shift what the fine-tuning data draws."""
+    from llama_adapter.data.scienceqa import qcm_prompt, qcm_target
+    from llama_adapter.prompts import alpaca_prompt
+
+    rng = random.Random(f"{seed}-primers")
+    problems, _ = _problems(rng, facts, 2 * WORKSHEETS)
+    sheets = [qcm_prompt(p) + qcm_target(p) for p in problems.values() if p["image"] is None][:WORKSHEETS]
+    answered = [alpaca_prompt(r["instruction"], r["input"]) + r["output"]  # joined as fine-tuning joins them
+                for _, r in _alpaca(rng, facts, INSTRUCTION_DOCS)]
+    return sheets + answered
 
 
 def _round_robin(rng: random.Random, pools: dict[str, list], n: int) -> list[tuple[str, tuple]]:
@@ -325,7 +348,7 @@ def _counts(items: list[str]) -> dict[str, int]:
 
 
 def generate_demo(out_dir: Path, seed: int = 0, n_instructions: int = 2000, n_questions: int = 1200) -> dict:
-    """Write corpus.txt, alpaca.json and scienceqa/ (original layout) under `out_dir`, all or nothing.
+    """Write corpus.jsonl, alpaca.json and scienceqa/ (original layout) under `out_dir`, all or nothing.
 
     Returns counts: corpus lines and bytes, Alpaca records per task kind, ScienceQA problems per split by
     subject, context kind and grade band."""
@@ -334,11 +357,11 @@ def generate_demo(out_dir: Path, seed: int = 0, n_instructions: int = 2000, n_qu
     rng = random.Random(seed)
     groups = _facts(rng)
     facts = [fact for group in groups for fact in group]
-    corpus = _corpus(rng, groups)
+    corpus = _corpus(rng, groups, _primers(seed, facts))
     alpaca = _alpaca(rng, facts, n_instructions)
     problems, images = _problems(rng, facts, n_questions)
     with atomic_dir(Path(out_dir)) as tmp:
-        (tmp / "corpus.txt").write_text(corpus, encoding="ascii")
+        (tmp / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus), encoding="ascii")
         _write_json(tmp / "alpaca.json", [record for _, record in alpaca])
         for pid, spec in images.items():
             (tmp / "scienceqa" / "images" / pid).mkdir(parents=True)
@@ -349,7 +372,7 @@ def generate_demo(out_dir: Path, seed: int = 0, n_instructions: int = 2000, n_qu
                      for s in ("train", "val", "test")})
     by_split = {s: [p for p in problems.values() if p["split"] == s] for s in ("train", "val", "test")}
     return {
-        "corpus": {"lines": corpus.count("\n"), "bytes": len(corpus)},
+        "corpus": {"documents": len(corpus), "bytes": (Path(out_dir) / "corpus.jsonl").stat().st_size},
         "alpaca": {"records": len(alpaca), "with_input": sum(bool(r["input"]) for _, r in alpaca),
                    "kinds": _counts([k for k, _ in alpaca])},
         "scienceqa": {s: {"problems": len(ps), "images": sum(bool(p["image"]) for p in ps),
