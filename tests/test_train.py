@@ -77,6 +77,8 @@ def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path):
     assert {"lr", "real_tokens", "padded_tokens", "real_tokens_per_s", "gate/layer_00", "gate/layer_02"} <= set(logged[0])
     if importlib.util.find_spec("mlflow"):  # a real MLflow run was made (the JSONL is written either way)
         assert result["mlflow_run_id"]
+        stored = list((tmp_path / "mlartifacts").rglob("adapter.safetensors"))  # beside the database
+        assert len(stored) == 1 and result["mlflow_run_id"] in str(stored[0])
 
 
 def test_frozen_base_is_bit_identical_in_memory(setup, tmp_path, monkeypatch):

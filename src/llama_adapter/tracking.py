@@ -41,9 +41,27 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+    if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """Beside a SQLite store, artifacts go to mlartifacts/ next to the database (MLflow's default would be
+    ./mlruns in whatever folder the job started in); a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def use_experiment(mlflow, name: str, uri: str) -> None:
+    if mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+        except Exception:  # another job created it in the meantime
+            if mlflow.get_experiment_by_name(name) is None:
+                raise
+    mlflow.set_experiment(name)
 
 
 class Tracker:
@@ -62,8 +80,9 @@ class Tracker:
         try:
             import mlflow
 
-            mlflow.set_tracking_uri(tracking_uri())
-            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+            uri = tracking_uri()
+            mlflow.set_tracking_uri(uri)
+            use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
             if run_id is not None:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
             else:
