@@ -1,0 +1,85 @@
+# fetch -> validate -> tokenize (llama_adapter.data), and the embedded demo data.
+
+
+rule demo_data:
+    output:
+        corpus=f"{RESULTS}/demo/corpus.jsonl",
+        alpaca=f"{RESULTS}/demo/alpaca.json",
+        scienceqa=directory(f"{RESULTS}/demo/scienceqa"),
+    log:
+        f"{RESULTS}/logs/demo_data.log",
+    params:
+        out=f"{RESULTS}/demo",
+        seed=config["data"]["demo_seed"],
+    shell:
+        "llama-adapter demo-data --out {params.out} --seed {params.seed} > {log} 2>&1"
+
+
+rule fetch:
+    input:
+        lambda w: (
+            data_source(w.dataset)
+            if config["data"][w.dataset]["source"] == "demo"
+            else []
+        ),
+    output:
+        directory(f"{RESULTS}/data/{{dataset}}/fetched"),
+    log:
+        f"{RESULTS}/logs/fetch/{{dataset}}.log",
+    params:
+        source=lambda w: data_source(w.dataset),
+        extra=lambda w: " ".join(
+            f"--{k} {config['data'][w.dataset][k]}"
+            for k in ("sha256", "revision")
+            if config["data"][w.dataset].get(k)
+        ),
+    shell:
+        "llama-adapter fetch --dataset {wildcards.dataset} --source {params.source} {params.extra} "
+        "--out {output} > {log} 2>&1"
+
+
+rule validate:
+    input:
+        rules.fetch.output,
+    output:
+        directory(f"{RESULTS}/data/{{dataset}}/validated"),
+    log:
+        f"{RESULTS}/logs/validate/{{dataset}}.log",
+    params:
+        policy=config["data"]["validation"]["policy"],
+        drop=" ".join(
+            f"--drop-flag {f}" for f in config["data"]["validation"]["drop_flags"]
+        ),
+    shell:
+        "llama-adapter validate --dataset {wildcards.dataset} --fetched {input} --out {output} "
+        "--policy {params.policy} {params.drop} > {log} 2>&1"
+
+
+rule tokenize:
+    input:
+        data=rules.validate.output,
+        tokenizer=TOKENIZER,
+    output:
+        directory(f"{RESULTS}/tokens/{{dataset}}"),
+    log:
+        f"{RESULTS}/logs/tokenize/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tokenize/{{dataset}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        split=lambda w: (
+            "--split-by field"
+            if w.dataset == "scienceqa"
+            else f"--split-by seed --val-size {config['tokenize']['alpaca_val_size']} "
+            f"--seed {config['tokenize']['seed']}"
+        ),
+        mask="" if config["tokenize"]["mask_prompt"] else "--no-mask-prompt",
+        max_len=config["tokenize"]["max_seq_len"],
+        truncation=config["tokenize"]["truncation"],
+    shell:
+        "llama-adapter tokenize --dataset {wildcards.dataset} --validated {input.data} "
+        "--tokenizer {input.tokenizer} --out {output} --max-seq-len {params.max_len} "
+        "--truncation {params.truncation} {params.mask} {params.split} > {log} 2>&1"

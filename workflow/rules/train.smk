@@ -1,0 +1,62 @@
+# The demo's own base (tokenizer + pre-training), and adapter fine-tuning (llama_adapter.train).
+
+PRETRAIN = config["base"]["pretrain"]
+
+
+rule train_tokenizer:
+    input:
+        rules.demo_data.output.corpus,
+    output:
+        f"{RESULTS}/models/demo-tokenizer.model",
+    log:
+        f"{RESULTS}/logs/train_tokenizer.log",
+    params:
+        vocab=PRETRAIN["vocab_size"],
+    shell:
+        "llama-adapter train-tokenizer --corpus {input} --out {output} --vocab-size {params.vocab} > {log} 2>&1"
+
+
+rule pretrain_base:
+    input:
+        corpus=rules.demo_data.output.corpus,
+        tokenizer=rules.train_tokenizer.output,
+    output:
+        directory(f"{RESULTS}/models/demo-base"),
+    log:
+        f"{RESULTS}/logs/pretrain_base.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain_base.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        options=cli_options({k: v for k, v in PRETRAIN.items() if k != "vocab_size"}),
+    shell:
+        "llama-adapter pretrain-base --corpus {input.corpus} --tokenizer {input.tokenizer} --out {output} "
+        "{params.options} > {log} 2>&1"
+
+
+rule train_adapter:
+    input:
+        base=BASE,
+        tokens=lambda w: f"{RESULTS}/tokens/{experiment(w.experiment)[0]}",
+    output:
+        adapter=f"{RESULTS}/adapters/{{experiment}}/adapter.safetensors",
+        metrics=f"{RESULTS}/adapters/{{experiment}}/metrics.json",
+    log:
+        f"{RESULTS}/logs/train_adapter/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_adapter/{{experiment}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=0,
+    params:
+        out=f"{RESULTS}/adapters/{{experiment}}",
+        options=lambda w: cli_options(experiment(w.experiment)[1]),
+        val=lambda w, input: f"{input.tokens}/val",
+    shell:
+        "llama-adapter train --base {input.base} --train-data {input.tokens}/train --val-data {params.val} "
+        "--out-dir {params.out} --run-name {wildcards.experiment} --resume {params.options} > {log} 2>&1"
