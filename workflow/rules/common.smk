@@ -75,3 +75,10 @@ def data_source(dataset):
         if dataset == "alpaca"
         else f"{RESULTS}/demo/scienceqa"
     )
+
+
+def evaluation_data(w):
+    dataset = experiment(w.experiment)[0]
+    if dataset == "scienceqa":
+        return f"{RESULTS}/data/scienceqa/validated"
+    return f"{RESULTS}/tokens/alpaca"

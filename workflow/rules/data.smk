@@ -9,7 +9,7 @@ rule demo_data:
     log:
         f"{RESULTS}/logs/demo_data.log",
     params:
-        out=f"{RESULTS}/demo",
+        out=lambda w, output: Path(output.corpus).parent,
         seed=config["data"]["demo_seed"],
     shell:
         "llama-adapter demo-data --out {params.out} --seed {params.seed} > {log} 2>&1"

@@ -1,13 +1,6 @@
 # ScienceQA accuracy per category, Alpaca held-out loss and perplexity (llama_adapter.evaluate).
 
 
-def evaluation_data(w):
-    dataset = experiment(w.experiment)[0]
-    if dataset == "scienceqa":
-        return f"{RESULTS}/data/scienceqa/validated"
-    return f"{RESULTS}/tokens/alpaca"
-
-
 rule evaluate:
     input:
         base=BASE,
@@ -26,7 +19,7 @@ rule evaluate:
         runtime=30,
         gpu=0,
     params:
-        out=f"{RESULTS}/eval/{{experiment}}",
+        out=lambda w, output: Path(output[0]).parent,
         options=lambda w, input: (
             f"--task scienceqa --data {input.data} --split {config['evaluate']['split']} "
             f"--mode {config['evaluate']['mode']}"

@@ -54,7 +54,7 @@ rule train_adapter:
         runtime=60,
         gpu=0,
     params:
-        out=f"{RESULTS}/adapters/{{experiment}}",
+        out=lambda w, output: Path(output.adapter).parent,
         options=lambda w: cli_options(experiment(w.experiment)[1]),
         val=lambda w, input: f"{input.tokens}/val",
     shell:
