@@ -51,9 +51,16 @@ class Batch:
         return Batch(**tensors, real_tokens=self.real_tokens, padded_tokens=self.padded_tokens)
 
 
+# Rows are padded to a multiple of this: the fused attention kernels that take a mask need aligned
+# lengths, and fall back to the slow unfused path otherwise (measured 3x slower at 7B on an H100).
+ROW_MULTIPLE = 16
+
+
 def collate(samples: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int) -> Batch:
-    """One Batch from rows of (tokens, loss_mask) samples; rows padded to the longest row."""
-    T = max(sum(len(t) for t, _ in row) for row in samples)
+    """One Batch from rows of (tokens, loss_mask) samples; rows padded to the longest row, rounded up to
+    a multiple of ROW_MULTIPLE."""
+    longest = max(sum(len(t) for t, _ in row) for row in samples)
+    T = -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
     B = len(samples)
     tokens = np.full((B, T), pad_id, dtype=np.int64)
     loss_mask = np.zeros((B, T), dtype=bool)
