@@ -44,3 +44,14 @@ def test_bad_config_key_is_named(tmp_path):
     proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "bad.yaml"), cwd=tmp_path)
     assert proc.returncode != 0
     assert "gate_innit" in proc.stdout + proc.stderr
+
+
+def test_environment_yml_mirrors_pyproject():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["workflow"])
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert set(pip) - {"-e ."} == wanted
+    assert f"python{project['requires-python']}" in env["dependencies"]
