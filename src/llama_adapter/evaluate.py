@@ -19,7 +19,7 @@ import torch
 from .batching import collate, micro_batches, token_loss_sum
 from .data.scienceqa import CATEGORIES, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
-from .generate import generate, generate_requests
+from .generate import complete_texts, prompt_text
 from .io import atomic_path, write_json
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -73,11 +73,7 @@ def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list
 
 def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
                          max_new_tokens: int = 16) -> tuple[list[int | None], list[str]]:
-    texts = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i: i + batch_size]
-        prompts = [tokenizer.encode(qcm_prompt(r), bos=True) for r in chunk]
-        texts += [tokenizer.decode(o) for o in generate(model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)]
+    texts = complete_texts(model, tokenizer, [qcm_prompt(r) for r in records], batch_size, max_new_tokens)
     return [parse_answer(t, len(r["choices"])) for t, r in zip(texts, records)], texts
 
 
@@ -121,8 +117,10 @@ def evaluate_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenData
     model.eval()
     device = model.tok_embeddings.weight.device
     loss = heldout_loss(model, heldout, row_len, batch_size, tokenizer.pad_id, device)
-    generations = generate_requests(model, tokenizer, instructions, {"adapter": adapter_path}, batch_size,
-                                    max_new_tokens) if instructions else []
+    # The adapter is already in the model: answer with it directly (greedy, for a reproducible table).
+    outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in instructions], batch_size, max_new_tokens)
+    generations = [{"id": r["id"], "adapter_path": str(adapter_path), "prompt": prompt_text(r), "output": o}
+                   for r, o in zip(instructions, outputs)]
     scores = {"heldout_loss": loss, "perplexity": float(np.exp(loss)), "heldout_samples": len(heldout),
               "generations": len(generations)}
     write_json(Path(out_dir) / "scores.json", scores)

@@ -109,6 +109,25 @@ def prompt_text(row: dict) -> str:
     return row["prompt"] if "prompt" in row else alpaca_prompt(row["instruction"], row.get("input", ""))
 
 
+def complete_texts(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """The model's continuation of each prompt (BOS prepended), decoded, in batches."""
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [tokenizer.encode(p, bos=True) for p in prompts[i: i + batch_size]]
+        outs = generate(model, ids, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, temperature, top_p, generator)
+        texts += [tokenizer.decode(o) for o in outs]
+    return texts
+
+
 def generate_requests(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -130,11 +149,8 @@ def generate_requests(
     for name, path in adapters.items():
         apply_adapter(model, path)
         mine = [r for r in requests if r.get("adapter", name) == name]
-        for i in range(0, len(mine), batch_size):
-            chunk = mine[i: i + batch_size]
-            prompts = [tokenizer.encode(prompt_text(r), bos=True) for r in chunk]
-            outs = generate(model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, temperature, top_p,
-                            generator)
-            results += [{"id": r["id"], "adapter": name, "adapter_path": str(path), "prompt": prompt_text(r),
-                         "output": tokenizer.decode(o)} for r, o in zip(chunk, outs)]
+        outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], batch_size, max_new_tokens,
+                                 temperature, top_p, generator)
+        results += [{"id": r["id"], "adapter": name, "adapter_path": str(path), "prompt": prompt_text(r),
+                     "output": o} for r, o in zip(mine, outputs)]
     return results
