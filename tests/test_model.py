@@ -160,3 +160,11 @@ def test_meta_hidden_size_rule(name, hidden):
 def test_adapter_layers_cannot_exceed_model():
     with pytest.raises(ValueError, match="adapter_layers 5 exceeds"):
         Transformer(ModelArgs.from_name("tiny"), AdapterArgs(adapter_layers=5))
+
+
+@pytest.mark.parametrize("name", ["7B", "Llama-2-70B", "Llama-3-8B", "SmolLM2-135M", "tiny-gqa", "tiny-tied"])
+def test_parameter_count_formula(name):
+    args = ModelArgs.from_name(name)
+    with torch.device("meta"):
+        model = Transformer(args)
+    assert args.parameter_count() == sum(p.numel() for p in model.parameters())

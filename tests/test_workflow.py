@@ -1,6 +1,7 @@
 """The Snakemake layer: the DAG resolves from config.yaml, and a bad config key is refused by the schema."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,11 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).with_name("snakemake"))
 
 
-def snakemake(*args, cwd=REPO):
+def snakemake(*args, cwd=REPO, timeout=300):
     # The rules call `llama-adapter`, which lives beside this interpreter.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(cwd), *args],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +34,8 @@ def test_demo_dag_resolves(tmp_path):
                  "evaluate", "generate"):
         assert rule in proc.stdout, rule
     # the ablation grid: the center plus one-axis variations, one folder level per parameter
-    assert "results/adapters/ablations/adapter_layers~1/gate_init~zero/epochs~5/adapter.safetensors" in proc.stdout
-    assert "results/adapters/ablations/adapter_layers~4/gate_init~random/epochs~5/adapter.safetensors" in proc.stdout
+    assert "results/adapters/ablations/adapter_layers~1/gate_init~zero/epochs~3/adapter.safetensors" in proc.stdout
+    assert "results/adapters/ablations/adapter_layers~3/gate_init~random/epochs~3/adapter.safetensors" in proc.stdout
 
 
 def test_bad_config_key_is_named(tmp_path):
@@ -55,3 +56,94 @@ def test_environment_yml_mirrors_pyproject():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert set(pip) - {"-e ."} == wanted
     assert f"python{project['requires-python']}" in env["dependencies"]
+
+
+# --- the whole demo DAG, for real ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """One real run of the shipped config.yaml in a fresh folder (the README's first command), ~5 CPU minutes."""
+    root = tmp_path_factory.mktemp("dag")
+    env_mlflow = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_PARENT_RUN_ID") if k in os.environ}
+    try:
+        proc = snakemake("--cores", "2", "--configfile", str(REPO / "config.yaml"), cwd=root, timeout=1200)
+    finally:
+        os.environ.update(env_mlflow)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_demo_report_holds_numbers_with_provenance(demo_run):
+    report = demo_run / "results" / "report"
+    tables = {name: read_csv(report / f"{name}.csv") for name in
+              ("efficiency", "scienceqa", "insertion_layers", "gate_init", "epochs", "generations")}
+    assert [r["adapter_layers"] for r in tables["insertion_layers"]] == ["1", "2", "3"]
+    assert [r["gate_init"] for r in tables["gate_init"]] == ["zero", "random"]
+    assert [r["epochs"] for r in tables["epochs"]] == ["2", "3", "5"]
+    [sqa] = tables["scienceqa"]
+    assert sqa["experiment"] == "scienceqa" and sqa["split"] == "test" and sqa["accuracy_paper"] == "78.31"
+    ours = [*tables["insertion_layers"], *tables["gate_init"], *tables["epochs"], sqa]
+    for row in ours:
+        assert 0 <= float(row["accuracy"]) <= 100
+        assert len(row["mlflow_run"]) == 32 and len(row["eval_run"]) == 32
+        assert len(row["config_hash"]) == 12 and len(row["data_sha256"]) == 12
+    for row in tables["epochs"]:
+        assert float(row["train_loss"]) > 0 and float(row["val_loss"]) > 0
+    efficiency = {r["model"]: r for r in tables["efficiency"]}
+    assert efficiency["LLaMA-Adapter, LLaMA-7B shapes (computed; fp32 file)"]["tuned_params"] == "1.23M"
+    assert efficiency["LLaMA-Adapter, instruction (base demo-base)"]["training_time"].endswith(("s", "min"))
+    instructions = (REPO / "workflow" / "resources" / "demo_instructions.jsonl").read_text().splitlines()
+    assert len(tables["generations"]) == len(instructions)
+    for name in ("loss_curves_gate_init", "gate_magnitude", "scienceqa_categories", "alpaca_lengths"):
+        from PIL import Image
+
+        with Image.open(report / f"{name}.png") as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    text = (report / "report.md").read_text()
+    assert "| adapter_layers |" in text and "![" in text
+    assert (report / "scienceqa.tex").read_text().count(r"\\") == 2  # the header row and our one row
+
+
+def test_demo_runs_nest_under_one_parent_mlflow_run(demo_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{demo_run / 'results' / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == "llama-adapter"]
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    [parent] = [r for r in runs if r.data.tags.get("rule") == "all"]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    rules = sorted(r.data.tags["rule"] for r in children)
+    assert rules == ["evaluate"] * 8 + ["train_adapter"] * 7
+    for r in children:
+        assert r.data.tags["config_hash"] == parent.data.tags["config_hash"] and r.data.tags["experiment"]
+        assert r.data.tags.get("git_commit") == parent.data.tags.get("git_commit")
+    trained = {r.data.tags["experiment"]: r for r in children if r.data.tags["rule"] == "train_adapter"}
+    assert len(client.get_metric_history(trained["scienceqa"].info.run_id, "loss")) > 5
+
+
+def test_demo_rerun_does_nothing_and_a_new_grid_point_runs_alone(demo_run):
+    proc = snakemake("-n", "--cores", "2", "--configfile", str(REPO / "config.yaml"), cwd=demo_run)
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["ablations"]["vary"]["epochs"].append(4)
+    (demo_run / "more.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = snakemake("-n", "--cores", "2", "--configfile", str(demo_run / "more.yaml"), cwd=demo_run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    planned = re.findall(r"^(?:local)?rule (\w+):$", proc.stdout, re.M)
+    assert sorted(planned) == ["all", "evaluate", "report", "train_adapter"]
+    assert "results/adapters/ablations/adapter_layers~3/gate_init~zero/epochs~4/adapter.safetensors" in proc.stdout
+
+
+def test_snakemake_html_report_has_the_captions(demo_run):
+    proc = snakemake("--report", "report.html", "--configfile", str(REPO / "config.yaml"), cwd=demo_run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    html = (demo_run / "report.html").read_text(errors="replace")
+    assert "zero-initialised" in html and "Efficiency" in html

@@ -21,16 +21,13 @@ import torch
 from torch import Tensor
 
 from .config import AdapterArgs, ModelArgs
+from .errors import CheckpointError
 from .io import atomic_path
 from .model import Transformer
 
 ADAPTER_FORMAT = "llama-adapter/1"
 # Buffers some checkpoints carry that our model recomputes (LLaMA-1's rope.freqs, old HF inv_freq).
 RECOMPUTED_BUFFERS = re.compile(r"^rope\.freqs$|.*\.rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 # ---------------------------------------------------------------- file readers and writers
@@ -331,6 +328,9 @@ def checkpoint_format(path: Path) -> str:
     )
 
 
+SMALL_MODEL = 50_000_000  # parameters
+
+
 def load_base(
     path: str | os.PathLike,
     adapter: AdapterArgs | None = None,
@@ -344,7 +344,9 @@ def load_base(
         args, shards = read_meta_checkpoint(path)
     else:
         args, state = (read_hf_checkpoint if fmt == "hf" else read_gguf_checkpoint)(path)
-    with torch.device("meta"):
+    # Big models are built on the meta device so that no weight is held twice; but the meta device's first
+    # random init costs seconds of one-time setup, more than building a small model for real.
+    with torch.device("meta" if args.parameter_count() > SMALL_MODEL else "cpu"):
         model = Transformer(args, adapter)
     expected = model.base_state_keys()
     if fmt == "meta":

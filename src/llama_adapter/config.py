@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 
@@ -57,6 +57,13 @@ class ModelArgs:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    def parameter_count(self) -> int:
+        """Parameters of the base model (embeddings, output unless tied, blocks, norms)."""
+        kv = self.n_kv_heads or self.n_heads
+        attention = self.dim * self.head_dim * (2 * self.n_heads + 2 * kv)
+        block = attention + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        return self.vocab_size * self.dim * (1 if self.tie_embeddings else 2) + self.n_layers * block + self.dim
+
     @classmethod
     def from_name(cls, name: str) -> ModelArgs:
         try:
@@ -96,7 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True,
     ),
     # The demo's base, pre-trained from scratch on the generated corpus (vocab_size: its tokenizer's).
-    "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1000, hidden_dim=352, max_seq_len=256),
+    "demo": dict(dim=96, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=1000, hidden_dim=256, max_seq_len=256),
     # Tiny sizes for tests.
     "tiny": dict(dim=64, n_layers=4, n_heads=4, vocab_size=256, multiple_of=16, max_seq_len=256),
     "tiny-gqa": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16, max_seq_len=256),
@@ -136,3 +143,40 @@ class AdapterArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    base: str  # Meta / HF checkpoint folder or .gguf
+    train_data: str  # a split folder written by `tokenize`
+    out_dir: str
+    val_data: str | None = None
+    adapter_len: int = 10
+    adapter_layers: int = 30
+    gate_init: str = "zero"
+    epochs: int = 5
+    warmup_epochs: float = 2.0
+    blr: float = 9e-3
+    lr: float | None = None  # absolute; default blr * global_batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.95)
+    global_batch: int = 64  # samples per optimizer step, over all processes
+    rows_per_micro_batch: int = 4  # packed rows per forward/backward (memory knob, no effect on the math)
+    row_len: int = 512  # tokens per packed row; at least the longest sample
+    pad_id: int = 0
+    seed: int = 0
+    checkpoint_every: int = 100  # optimizer steps; and always at the end
+    max_steps: int | None = None  # stop early (tests, benchmarks); the schedule still spans all epochs
+    device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
+    compile: bool = False
+    fsdp: bool = False  # shard the frozen base's layers over the processes (models too big for one GPU)
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def adapter(self) -> AdapterArgs:
+        return AdapterArgs(self.adapter_len, self.adapter_layers, self.gate_init)  # type: ignore[arg-type]
+
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else self.blr * self.global_batch / 256

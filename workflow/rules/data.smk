@@ -1,6 +1,12 @@
 # fetch -> validate -> tokenize (llama_adapter.data), and the embedded demo data.
 
 
+# Compute nodes often have no internet: downloads run where Snakemake runs (the login node under SLURM).
+localrules:
+    fetch,
+    fetch_smollm2,
+
+
 rule demo_data:
     output:
         corpus=f"{RESULTS}/demo/corpus.jsonl",
@@ -8,11 +14,13 @@ rule demo_data:
         scienceqa=directory(f"{RESULTS}/demo/scienceqa"),
     log:
         f"{RESULTS}/logs/demo_data.log",
+    conda:
+        CONDA_ENV
     params:
         out=lambda w, output: Path(output.corpus).parent,
-        seed=config["data"]["demo_seed"],
+        options=cli_options(config["data"]["demo"]),
     shell:
-        "llama-adapter demo-data --out {params.out} --seed {params.seed} > {log} 2>&1"
+        "llama-adapter demo-data --out {params.out} {params.options} > {log} 2>&1"
 
 
 rule fetch:
@@ -26,6 +34,8 @@ rule fetch:
         directory(f"{RESULTS}/data/{{dataset}}/fetched"),
     log:
         f"{RESULTS}/logs/fetch/{{dataset}}.log",
+    conda:
+        CONDA_ENV
     params:
         source=lambda w: data_source(w.dataset),
         extra=lambda w: " ".join(
@@ -45,6 +55,8 @@ rule validate:
         directory(f"{RESULTS}/data/{{dataset}}/validated"),
     log:
         f"{RESULTS}/logs/validate/{{dataset}}.log",
+    conda:
+        CONDA_ENV
     params:
         policy=config["data"]["validation"]["policy"],
         drop=" ".join(
@@ -65,6 +77,8 @@ rule tokenize:
         f"{RESULTS}/logs/tokenize/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/tokenize/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=4000,

@@ -5,7 +5,7 @@ rule evaluate:
     input:
         base=BASE,
         tokenizer=TOKENIZER,
-        adapter=rules.train_adapter.output.adapter,
+        adapter=trained_adapter,
         data=evaluation_data,
     output:
         f"{RESULTS}/eval/{{experiment}}/scores.json",
@@ -13,7 +13,9 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate/{{experiment}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{experiment}}.tsv"
-    threads: 2
+    conda:
+        CONDA_ENV
+    threads: 1  # mostly start-up and small forward passes: runs beside a training job
     resources:
         mem_mb=8000,
         runtime=30,
@@ -21,7 +23,7 @@ rule evaluate:
     params:
         out=lambda w, output: Path(output[0]).parent,
         options=lambda w, input: (
-            f"--task scienceqa --data {input.data} --split {config['evaluate']['split']} "
+            f"--task scienceqa --data {input.data} --split {evaluation_split(w.experiment)} "
             f"--mode {config['evaluate']['mode']}"
             if experiment(w.experiment)[0] == "scienceqa"
             else f"--task alpaca --data {input.data}/val --row-len {config['train']['row_len']}"
@@ -29,4 +31,5 @@ rule evaluate:
         batch=config["evaluate"]["batch_size"],
     shell:
         "llama-adapter evaluate --base {input.base} --tokenizer {input.tokenizer} --adapter {input.adapter} "
-        "--out {params.out} --batch-size {params.batch} {params.options} > {log} 2>&1"
+        "--out {params.out} --batch-size {params.batch} {params.options} --run-name 'evaluate {wildcards.experiment}' "
+        "--tag rule=evaluate --tag experiment={wildcards.experiment} > {log} 2>&1"

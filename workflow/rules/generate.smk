@@ -5,7 +5,7 @@ rule generate:
     input:
         base=BASE,
         tokenizer=TOKENIZER,
-        adapter=rules.train_adapter.output.adapter,
+        adapter=trained_adapter,
         prompts=INSTRUCTIONS,
     output:
         f"{RESULTS}/generations/{{experiment}}.jsonl",
@@ -13,7 +13,9 @@ rule generate:
         f"{RESULTS}/logs/generate/{{experiment}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/generate/{{experiment}}.tsv"
-    threads: 2
+    conda:
+        CONDA_ENV
+    threads: 1  # mostly start-up and small forward passes: runs beside a training job
     resources:
         mem_mb=8000,
         runtime=30,

@@ -10,10 +10,25 @@ rule train_tokenizer:
         f"{RESULTS}/models/demo-tokenizer.model",
     log:
         f"{RESULTS}/logs/train_tokenizer.log",
+    conda:
+        CONDA_ENV
     params:
         vocab=PRETRAIN["vocab_size"],
     shell:
         "llama-adapter train-tokenizer --corpus {input} --out {output} --vocab-size {params.vocab} > {log} 2>&1"
+
+
+rule fetch_smollm2:
+    output:
+        SMOLLM2,
+    log:
+        f"{RESULTS}/logs/fetch_smollm2.log",
+    conda:
+        CONDA_ENV
+    params:
+        cache=lambda w, output: Path(output[0]).parents[1],
+    shell:
+        "llama-adapter fetch-smollm2 --cache-dir {params.cache} > {log} 2>&1"
 
 
 rule pretrain_base:
@@ -26,6 +41,8 @@ rule pretrain_base:
         f"{RESULTS}/logs/pretrain_base.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain_base.tsv"
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=4000,
@@ -37,6 +54,8 @@ rule pretrain_base:
         "{params.options} > {log} 2>&1"
 
 
+# --resume continues a job killed mid-way (a SLURM time limit) from its checkpoint.pt; once the adapter is
+# written the checkpoint goes, so that a forced rerun trains afresh instead of resuming at the end.
 rule train_adapter:
     input:
         base=BASE,
@@ -48,6 +67,8 @@ rule train_adapter:
         f"{RESULTS}/logs/train_adapter/{{experiment}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_adapter/{{experiment}}.tsv"
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=8000,
@@ -57,6 +78,9 @@ rule train_adapter:
         out=lambda w, output: Path(output.adapter).parent,
         options=lambda w: cli_options(experiment(w.experiment)[1]),
         val=lambda w, input: f"{input.tokens}/val",
+        launcher=lambda w, resources: launcher(resources.gpu),
     shell:
-        "llama-adapter train --base {input.base} --train-data {input.tokens}/train --val-data {params.val} "
-        "--out-dir {params.out} --run-name {wildcards.experiment} --resume {params.options} > {log} 2>&1"
+        "{params.launcher} train --base {input.base} --train-data {input.tokens}/train --val-data {params.val} "
+        "--out-dir {params.out} --run-name {wildcards.experiment} --resume --expect-gpus {resources.gpu} "
+        '--tags \'{{"rule": "train_adapter", "experiment": "{wildcards.experiment}"}}\' '
+        "{params.options} > {log} 2>&1 && rm -f {params.out}/checkpoint.pt"

@@ -6,6 +6,8 @@ antonyms, plurals, sums and comparisons of 0-20), state its facts in `corpus.jso
 the original Alpaca and ScienceQA layouts, so every later stage runs unchanged on demo or real data.
 ScienceQA questions come in its three context kinds, each testing something different: the answer is in
 the hint (random per question, so it must be read, not recalled), only in a drawn image, or a corpus fact.
+Each question kind has a fixed list of options (see FACT_QUESTIONS for why), and the right answer cycles
+through them, so every letter is equally often right and a letter prior scores no better than chance.
 Everything derives from one seeded RNG: the same seed gives byte-identical files.
 
 The corpus is JSONL, one {"text": document} per line (documents span several lines). Besides the facts it holds a few worksheets in the
@@ -21,7 +23,7 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
@@ -32,7 +34,7 @@ CREATURES = ("zorb blick wug fep glim tove grop plon vesk mib krell torp quib zi
              "norb plim kesh").split()
 COLOURS = "red blue green yellow purple orange white black brown pink".split()
 SIZES = "tiny small big huge".split()  # ordered: which creature is bigger follows this order
-HABITATS = "forest river desert mountains cave sea swamp meadow".split()
+HABITATS = "forest river desert cave sea".split()  # at most 5: every habitat is an option
 SOUNDS = "hums squeaks roars whistles chirps growls hisses clicks".split()
 LEGS = "2 4 6 8".split()
 TRAITS = dict(zip(("colour", "size", "habitat", "sound", "legs"), (COLOURS, SIZES, HABITATS, SOUNDS, LEGS)))
@@ -54,7 +56,7 @@ PLURALS = [tuple(p.split("/")) for p in (
 ).split()]
 # Drawn without antialiasing, so every shape pixel is exactly one of these colours.
 IMAGE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-                 "yellow": (240, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
+                 "yellow": (240, 210, 40), "purple": (140, 60, 180)}
 SHAPES = ("circle", "square", "triangle")
 IMAGE_SIZE = 32
 
@@ -76,7 +78,7 @@ TEMPLATES = {
 }
 SHAPE_FACTS = "A square has four sides. A triangle has three sides. A circle is round. A circle has no corners."
 CORPUS_PASSES = 3
-WORKSHEETS = 1000  # QCM-layout documents in the corpus (text context or facts: a worksheet shows no image)
+WORKSHEETS = 3000  # QCM-layout documents in the corpus (text context or facts: a worksheet shows no image)
 INSTRUCTION_DOCS = 150  # Alpaca-template documents in the corpus
 # Alpaca without input: questions per fact kind, answered by the fact's canonical sentence.
 QUESTIONS = {
@@ -107,23 +109,25 @@ INPUT_TASKS = {
     "larger": ("more", ("Which number is larger?",), ("{a} and {b}", "{b} and {a}"), "{a}"),
     "bigger_animal": ("bigger", ("Which of these animals is bigger?",), ("{a} and {b}", "{b} and {a}"), "{a}"),
 }
-# ScienceQA without context: (subject, fact kind, question, answer, options, topic, category).
+# ScienceQA without context: (subject, fact kind, question, options, answer, topic, category). The options
+# are a fixed list per kind, as in many real ScienceQA kinds ("(A) solid (B) liquid (C) gas"): the answer is
+# one fact away. With options drawn and shuffled per question, a model must also bind each letter to its
+# option, a multi-step skill a 4-layer base pre-trained for a CPU minute does not acquire (measured: chance
+# accuracy, even with 6,000 worksheets in its corpus).
 FACT_QUESTIONS = [
-    ("NAT", "colour", "What colour is a {e}?", "{v}", COLOURS, "biology", "Animal traits"),
-    ("NAT", "size", "How big is a {e}?", "{v}", SIZES, "biology", "Animal traits"),
-    ("NAT", "habitat", "Where does a {e} live?", "{v}", HABITATS, "biology", "Animal traits"),
-    ("NAT", "legs", "How many legs does a {e} have?", "{v}", LEGS, "biology", "Animal traits"),
-    ("NAT", "bigger", "Which animal is bigger?", "{a}", ("{a}", "{b}"), "biology", "Animal traits"),
-    ("SOC", "capital", "What is the capital of {a}?", "{b}", CITIES, "geography", "Capitals"),
-    ("SOC", "capital", "Which country has {b} as its capital?", "{a}", COUNTRIES, "geography", "Capitals"),
-    ("LAN", "opposite", "Which word is the opposite of {a}?", "{b}", ADJECTIVES, "vocabulary", "Antonyms"),
-    ("LAN", "plural", "What is the plural of {a}?", "{b}", ("{a}", "{a}s", "{a}es"), "grammar", "Plural nouns"),
+    ("NAT", "more", "Which number is more, {x} or {y}?", ("{x}", "{y}"), None, "mathematics", "Comparing numbers"),
+    ("NAT", "size", "How big is a {e}?", SIZES, "{v}", "biology", "Animal traits"),
+    ("SOC", "capital", "Is {b} the capital of {a}?", ("yes", "no"), None, "geography", "Capitals"),
+    ("LAN", "opposite", "Is {b} the opposite of {a}?", ("yes", "no"), None, "vocabulary", "Antonyms"),
+    ("LAN", "plural", "How do you make the plural of {a}?", ("add s", "add es", "another way"), None, "grammar",
+     "Plural nouns"),
 ]
 LECTURES = {  # category -> (skill, lecture), as ScienceQA attaches to every problem
     "Colours and shapes": ("Identify colours and shapes",
                            "Things have a colour, such as red or blue, and a shape, such as a circle or a square."),
     "Observations": ("Read an observation", "An observation tells what someone saw. Read it to answer questions."),
     "Comparing amounts": ("Compare amounts", "To compare amounts, find the largest or the smallest number."),
+    "Comparing numbers": ("Compare numbers", "A number is more than every number that comes before it."),
     "Reading a sentence": ("Find a detail in a sentence", "A sentence tells who did what. Read it to find details."),
     "Animal traits": ("Identify animal traits", "Each kind of animal has traits: a colour, a size, a home, legs."),
     "Capitals": ("Identify capitals", "Each country has a capital city."),
@@ -224,64 +228,76 @@ def _alpaca(rng: random.Random, facts: list[Fact], n: int) -> list[tuple[str, di
     return [(k, {"instruction": i, "input": x, "output": o}) for k, (i, x, o) in chosen]
 
 
-def _context_question(rng: random.Random, subject: str) -> dict[str, Any]:
+Turn = Callable[[str], int]  # the how-many-th question of a kind this is, to cycle its answer through the options
+
+
+def _context_question(rng: random.Random, subject: str, turn: Turn) -> dict[str, Any]:
     """A question answered by its hint, whose details are drawn afresh, so it must be read, not recalled."""
-    name, e, obj = rng.choice(PEOPLE), rng.choice(CREATURES), rng.choice(OBJECTS)
-    if subject == "NAT":
-        colour, n = rng.choice(COLOURS), str(rng.randint(2, 12))
-        q = rng.choice([dict(hint=f"{name} has a {colour} {obj}.", question=f"What colour is {name}'s {obj}?",
-                             answer=colour, pool=COLOURS),
-                        dict(hint=f"{name} saw {n} {e}s.", question=f"How many {e}s did {name} see?", answer=n,
-                             pool=[str(i) for i in range(2, 13)])])
-        return q | dict(topic="science-and-engineering-practices", category="Observations")
-    if subject == "SOC":
+    name, obj = rng.choice(PEOPLE), rng.choice(OBJECTS)
+    if subject == "NAT":  # options in the hint's order: the first is right when it was seen more often
+        t = turn("seen")
+        seen, counts = rng.sample(CREATURES, 2), sorted(rng.sample(range(1, 13), 2), reverse=t % 2 == 0)
+        return dict(hint=" ".join(f"{name} saw {n} {x}s." for x, n in zip(seen, counts)),
+                    question=f"Did {name} see more {seen[0]}s or {seen[1]}s?", options=[f"{x}s" for x in seen],
+                    answer=f"{seen[t % 2]}s", topic="science-and-engineering-practices", category="Observations")
+    if subject == "SOC":  # options in the hint's order: the first is right when its amount is the larger
         who, candidates, unit = rng.choice([("Who", PEOPLE, "coins"), ("Which town", CITIES, "shops")])
-        most = rng.random() < 0.5
-        names, amounts = rng.sample(candidates, rng.randint(2, 4)), rng.sample(range(1, 21), 4)
-        pick = (max if most else min)(range(len(names)), key=lambda i: amounts[i])
-        return dict(hint=" ".join(f"{x} has {a} {unit}." for x, a in zip(names, amounts)), answer=names[pick],
-                    question=f"{who} has the {'most' if most else 'fewest'} {unit}?", pool=names, k=len(names),
-                    topic="economics", category="Comparing amounts")
-    adjective = rng.choice(ADJECTIVES)
-    q = rng.choice([dict(hint=f"{name} said: The {obj} is {adjective}.", answer=adjective, pool=ADJECTIVES,
-                         question=f"Which word did {name} use to describe the {obj}?"),
-                    dict(hint=f"{name} wrote: I saw a {e} today.", answer=e, pool=CREATURES,
-                         question=f"Which animal did {name} write about?")])
-    return q | dict(topic="reading-comprehension", category="Reading a sentence")
+        t = turn(unit)
+        names, amounts = rng.sample(candidates, 2), sorted(rng.sample(range(1, 21), 2), reverse=t % 2 == 0)
+        return dict(hint=" ".join(f"{x} has {a} {unit}." for x, a in zip(names, amounts)), options=names,
+                    question=f"{who} has more {unit}?", answer=names[t % 2], topic="economics",
+                    category="Comparing amounts")
+    pair, t = rng.choice(OPPOSITES), turn("said")  # options in the pair's fixed order
+    return dict(hint=f"{name} said: The {obj} is {pair[t % 2]}.", question=f"Is the {obj} {pair[0]} or {pair[1]}?",
+                options=pair, answer=pair[t % 2], topic="reading-comprehension", category="Reading a sentence")
 
 
-def _image_question(rng: random.Random, subject: str) -> dict[str, Any]:
+def _image_question(rng: random.Random, subject: str, turn: Turn) -> dict[str, Any]:
     """A question answered only by its picture: the colour or the shape drawn."""
-    shape, colour, asks_colour = rng.choice(SHAPES), rng.choice(list(IMAGE_COLOURS)), rng.random() < 0.5
+    asks_colour = rng.random() < 0.5
+    options = list(IMAGE_COLOURS) if asks_colour else SHAPES
+    shape, colour = rng.choice(SHAPES), rng.choice(list(IMAGE_COLOURS))
+    if asks_colour:
+        colour = options[turn("colour") % len(options)]
+    else:
+        shape = options[turn("shape") % len(options)]
     text = {"NAT": ("Which colour is the shape in the image?", "Which shape is shown in the image?"),
             "SOC": ("The image shows a flag. What colour is the flag?",
                     "The image shows a road sign. What shape is the sign?"),
             "LAN": ("Which word names the colour in the image?", "Which word names the shape in the image?")}
     return dict(question=text[subject][0 if asks_colour else 1], hint="", answer=colour if asks_colour else shape,
-                pool=list(IMAGE_COLOURS) if asks_colour else [*SHAPES, "star"], category="Colours and shapes",
+                options=options, category="Colours and shapes",
                 topic={"NAT": "physics", "SOC": "civics", "LAN": "vocabulary"}[subject],
                 solution=f"The image shows a {colour} {shape}.",
                 image=(shape, colour, rng.randint(8, 12), rng.randint(-3, 3), rng.randint(-3, 3)))
 
 
-def _fact_question(rng: random.Random, subject: str, facts: dict[str, list[dict]]) -> dict[str, Any]:
-    """A question whose answer is a corpus fact; the question kind is drawn first so that many-fact kinds
-    (which creature is bigger) do not crowd out the others."""
-    _, kind, question, answer, pool, topic, category = rng.choice([f for f in FACT_QUESTIONS if f[0] == subject])
-    kw = rng.choice(facts[kind])
-    return dict(question=_say(question, **kw), hint="", answer=_say(answer, **kw), topic=topic, category=category,
-                pool=list(dict.fromkeys(_say(x, **kw) for x in pool)), solution=canonical(kind, **kw))
+def plural_rule(singular: str, plural: str) -> str:
+    return "add s" if plural == singular + "s" else "add es" if plural == singular + "es" else "another way"
 
 
-def _choices(rng: random.Random, q: dict[str, Any], slots: Counter) -> tuple[list[str], int]:
-    """2-5 options; the answer's position cycles per option count, so every position is equally often right."""
-    others = [x for x in q["pool"] if x != q["answer"]]
-    k = q.get("k") or rng.randint(2, min(5, len(others) + 1))
-    options = rng.sample(others, k - 1)
-    position = slots[k] % k
-    slots[k] += 1
-    options.insert(position, q["answer"])
-    return options, position
+def _fact_question(rng: random.Random, subject: str, facts: dict[str, list[dict]], turn: Turn) -> dict[str, Any]:
+    """A question whose answer is a corpus fact. The question kind is drawn first so that many-fact kinds do
+    not crowd out the others; then the answer cycles through the options and a fact with it is drawn."""
+    _, kind, question, options, answer, topic, category = rng.choice([f for f in FACT_QUESTIONS if f[0] == subject])
+    t = turn(kind)
+    want = options[t % len(options)]
+    if kind == "more":  # the larger number first or second, in turn
+        kw = rng.choice(facts[kind])
+        x, y = (kw["a"], kw["b"]) if t % 2 == 0 else (kw["b"], kw["a"])
+        return dict(question=_say(question, x=x, y=y), hint="", answer=str(kw["a"]), options=(str(x), str(y)),
+                    topic=topic, category=category, solution=canonical(kind, **kw))
+    if kind in ("capital", "opposite"):  # yes: a true pair; no: a true pair's left with another's right
+        kw, other = rng.sample(facts[kind], 2)
+        shown = kw if want == "yes" else {"a": kw["a"], "b": other["b"]}  # each b belongs to one fact only
+        return dict(question=_say(question, **shown), hint="", answer=want, options=options, topic=topic,
+                    category=category, solution=canonical(kind, **kw))
+    if kind == "plural":
+        kw = rng.choice([f for f in facts[kind] if plural_rule(f["a"], f["b"]) == want])
+    else:
+        kw = rng.choice([f for f in facts[kind] if f["v"] == want] or facts[kind])
+    return dict(question=_say(question, **kw), hint="", answer=_say(answer, **kw) if answer else want,
+                options=options, topic=topic, category=category, solution=canonical(kind, **kw))
 
 
 def context_kind(problem: dict[str, Any]) -> str:
@@ -295,13 +311,19 @@ def _problems(rng: random.Random, facts: list[Fact], n: int) -> tuple[dict[str, 
     by_kind: dict[str, list[dict]] = {}
     for kind, kw in facts:
         by_kind.setdefault(kind, []).append(kw)
-    slots: Counter = Counter()
+    turns: Counter = Counter()
+
+    def turn(kind: str) -> int:
+        turns[kind] += 1
+        return turns[kind] - 1
+
     drafts = []
     for i in range(n):
         subject, band, context = CELLS[i % len(CELLS)]
-        q = (_image_question(rng, subject) if context == "IMG" else _context_question(rng, subject)
-             if context == "TXT" else _fact_question(rng, subject, by_kind))
-        choices, answer = _choices(rng, q, slots)
+        q = (_image_question(rng, subject, turn) if context == "IMG" else _context_question(rng, subject, turn)
+             if context == "TXT" else _fact_question(rng, subject, by_kind, turn))
+        choices = list(q["options"])
+        answer = choices.index(q["answer"])
         skill, lecture = LECTURES[q["category"]]
         drafts.append(({"question": q["question"], "choices": choices, "answer": answer, "hint": q["hint"],
                         "image": "image.png" if "image" in q else None, "task": "closed choice",

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
+from ..errors import FetchError
 from ..io import atomic_dir, sha256_file, write_json
 from . import FORMAT_VERSION, SCIENCEQA_FIELDS
 
@@ -44,10 +45,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DOWNLOAD_TIMEOUT_S = 60
 DOWNLOAD_CHUNK = 1 << 20
 LETTERS = string.ascii_uppercase
-
-
-class FetchError(RuntimeError):
-    pass
 
 
 class Source(NamedTuple):

@@ -16,14 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ValidationError
 from ..io import atomic_path, write_json
 
 EXAMPLES_PER_REASON = 5
 POLICIES = ("fail", "skip")
-
-
-class ValidationError(ValueError):
-    pass
 
 
 @dataclass

@@ -1,0 +1,32 @@
+"""Errors about the user's input or environment, not bugs: the CLI prints them as one line (no traceback).
+
+Kept free of heavy imports so that the CLI can start without torch for the stages that do not need it.
+"""
+
+
+class PipelineError(Exception):
+    """Base of the errors the CLI reports as `llama-adapter <command>: error: <message>`."""
+
+
+class CheckpointError(PipelineError, ValueError):
+    """A checkpoint or adapter file that cannot be read into the model (names the file and tensors)."""
+
+
+class TokenizerError(PipelineError, ValueError):
+    """A vocabulary file is missing, of an unsupported kind, or unreadable."""
+
+
+class ValidationError(PipelineError, ValueError):
+    pass
+
+
+class FetchError(PipelineError, RuntimeError):
+    pass
+
+
+class TrainingDiverged(PipelineError, RuntimeError):
+    pass
+
+
+class GPUAllocationError(PipelineError, RuntimeError):
+    pass

@@ -1,0 +1,366 @@
+"""The paper's tables and figures, regenerated from the runs of a results folder.
+
+Reads what the pipeline writes, per experiment (a name such as `scienceqa` or
+`ablations/adapter_layers~4/gate_init~zero/epochs~5`):
+  adapters/<experiment>/{config.json, metrics.json, adapter.safetensors}  (llama_adapter.train)
+  eval/<experiment>/scores.json                                           (llama_adapter.evaluate)
+  generations/<experiment>.jsonl                                          (llama_adapter.generate)
+  benchmarks/train_adapter/<experiment>.tsv                               (wall time, when present)
+  tokens/<dataset>/stats.json                                             (data provenance)
+Every table puts the paper's published number in a column beside ours, and every row of ours names the
+MLflow runs, config hash, data hash and git commit it came from. Tables are written as CSV, Markdown and
+LaTeX; the whole report folder is written at once or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import AdapterArgs, ModelArgs
+from .data.scienceqa import CATEGORIES
+from .io import atomic_dir
+
+# Zhang et al. 2023 (arXiv 2303.16199). ScienceQA test accuracy per category; the text-only variant is
+# published as an average only.
+PAPER_SCIENCEQA = {
+    "LLaMA-Adapter": {"accuracy": 85.19, "NAT": 84.37, "SOC": 88.30, "LAN": 84.36, "TXT": 83.72, "IMG": 80.32,
+                      "NO": 86.90, "G1-6": 85.83, "G7-12": 84.05},
+    "LLaMA-Adapter_T": {"accuracy": 78.31},
+}
+PAPER_LAYERS = [(10, 0.97e6, 55.95), (20, 1.37e6, 73.36), (30, 1.79e6, 83.85)]  # of 32; params; val acc
+PAPER_GATE_INIT = {"zero": 84.04, "random": 40.77}  # val acc
+PAPER_EPOCHS = [(15, 0.022, 0.136, 82.08), (30, 0.004, 0.241, 83.85), (60, 0.001, 0.282, 83.94)]
+# Efficiency on Alpaca: (tuned parameters, storage, training time, hardware).
+PAPER_EFFICIENCY = {
+    "Alpaca (full fine-tuning)": ("7B", "13G", "3 h", "8 A100"),
+    "Alpaca-LoRA": ("4.2M", "16.8M", None, None),
+    "LLaMA-Adapter": ("1.2M", "4.7M", "1 h", "8 A100"),
+}
+PROVENANCE = ["mlflow_run", "eval_run", "config_hash", "data_sha256", "git_commit"]
+
+
+@dataclass
+class Run:
+    """One experiment's outputs."""
+
+    name: str
+    dataset: str
+    config: dict
+    metrics: dict
+    scores: dict
+    adapter_bytes: int
+    seconds: float | None
+    data: dict
+
+    def setting(self, key: str) -> Any:
+        return self.config[key]
+
+    @property
+    def provenance(self) -> dict[str, str | None]:
+        tags = self.metrics.get("tags", {})
+        return {"mlflow_run": self.metrics.get("mlflow_run_id"), "eval_run": self.scores.get("mlflow_run_id"),
+                "config_hash": tags.get("config_hash"), "data_sha256": (self.data.get("records_sha256") or "")[:12],
+                "git_commit": (tags.get("git_commit") or "")[:12] or None}
+
+    def last_epoch_loss(self) -> float:
+        """Mean training loss over the last epoch's steps (one step's loss is too noisy to compare)."""
+        history = self.metrics["history"]
+        last = [h["loss"] for h in history if h["epoch"] > history[-1]["epoch"] - 1]
+        return float(np.mean(last))
+
+    def gates(self) -> dict[int, float]:
+        last = self.metrics["history"][-1]
+        return {int(k.rsplit("_", 1)[1]): v for k, v in last.items() if k.startswith("gate/layer_")}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
+    return json.loads(path.read_text())
+
+
+def load_run(results: Path, name: str, trained_as: str | None = None) -> Run:
+    """`name`'s evaluation, and the adapter of `trained_as` (default: `name`), when one training serves two
+    experiments."""
+    trained_as = trained_as or name
+    adapter_dir = results / "adapters" / trained_as
+    config = _read_json(adapter_dir / "config.json")
+    stats = _read_json(results / "tokens" / Path(config["train_data"]).parent.name / "stats.json")
+    bench = results / "benchmarks" / "train_adapter" / f"{trained_as}.tsv"
+    seconds = float(pd.read_csv(bench, sep="\t")["s"].iloc[0]) if bench.exists() else None
+    return Run(name=name, dataset=stats["dataset"], config=config, metrics=_read_json(adapter_dir / "metrics.json"),
+               scores=_read_json(results / "eval" / name / "scores.json"),
+               adapter_bytes=(adapter_dir / "adapter.safetensors").stat().st_size, seconds=seconds,
+               data=stats.get("provenance", {}))
+
+
+def adapter_parameters(args: ModelArgs, adapter: AdapterArgs) -> int:
+    """Trainable parameters of the adapter on a model of `args` shapes: prompts (L, len, dim), gates (L, heads)."""
+    return adapter.adapter_layers * (adapter.adapter_len * args.dim + args.n_heads)
+
+
+def human(n: float | None, unit: str = "") -> str | None:
+    if n is None:
+        return None
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}{unit}" if n < 1000 * scale else f"{n / scale:.0f}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def ablation_axis(runs: list[Run], axis: str, center: dict) -> list[Run]:
+    """The ablation runs that vary `axis` while every other setting of the center holds, in axis order."""
+    chosen = [r for r in runs if all(r.setting(k) == v for k, v in center.items() if k != axis)]
+    order = (lambda r: ("zero", "random").index(r.setting(axis))) if axis == "gate_init" else (lambda r: r.setting(axis))
+    return sorted(chosen, key=order)
+
+
+def by_rank(ours: list, paper: list) -> list:
+    """Pair our i-th setting with the paper's i-th (our settings are the paper's scaled to another model);
+    no pairing when the counts differ."""
+    return paper if len(ours) == len(paper) else [None] * len(ours)
+
+
+def efficiency_table(runs: list[Run]) -> pd.DataFrame:
+    p7b = adapter_parameters(ModelArgs.from_name("7B"), AdapterArgs(10, 30))
+    rows = [{"model": name, "tuned_params": None, "tuned_params_paper": params, "storage": None,
+             "storage_paper": storage, "training_time": None, "training_time_paper": time, "hardware": None,
+             "hardware_paper": hardware} for name, (params, storage, time, hardware) in PAPER_EFFICIENCY.items()
+            if name != "LLaMA-Adapter"]
+    params, storage, time, hardware = PAPER_EFFICIENCY["LLaMA-Adapter"]
+    rows.append({"model": "LLaMA-Adapter, LLaMA-7B shapes (computed; fp32 file)", "tuned_params": human(p7b),
+                 "tuned_params_paper": params, "storage": human(4 * p7b, "B"), "storage_paper": storage,
+                 "training_time": None, "training_time_paper": time, "hardware": None, "hardware_paper": hardware})
+    for r in runs:
+        rows.append({"model": f"LLaMA-Adapter, {r.name} (base {Path(r.config['base']).name})",
+                     "tuned_params": human(r.metrics["trainable_parameters"]), "tuned_params_paper": None,
+                     "storage": human(r.adapter_bytes, "B"), "storage_paper": None,
+                     "training_time": duration(r.seconds), "training_time_paper": None,
+                     "hardware": f"{r.metrics['world_size']} x {r.metrics.get('device', 'unknown')}",
+                     "hardware_paper": None, **r.provenance})
+    return pd.DataFrame(rows, columns=[*rows[0], *PROVENANCE])
+
+
+def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
+    rows = []
+    for r in runs:
+        paper_model = "LLaMA-Adapter" if r.config.get("multimodal") else "LLaMA-Adapter_T"
+        row = {"experiment": r.name, "paper_model": paper_model, "split": r.scores.get("split"),
+               "questions": r.scores["n"], "chance": r.scores.get("chance")}
+        paper = PAPER_SCIENCEQA[paper_model]
+        row |= {"accuracy": r.scores["accuracy"], "accuracy_paper": paper.get("accuracy")}
+        for c in CATEGORIES:
+            row |= {c: r.scores["categories"][c]["accuracy"], f"{c}_paper": paper.get(c)}
+        rows.append(row | r.provenance)
+    return pd.DataFrame(rows)
+
+
+def layers_table(runs: list[Run]) -> pd.DataFrame:
+    return pd.DataFrame([{"adapter_layers": r.setting("adapter_layers"),
+                          "tuned_params": human(r.metrics["trainable_parameters"]), "accuracy": r.scores["accuracy"],
+                          "split": r.scores.get("split"),
+                          "adapter_layers_paper": f"{p[0]} of 32" if p else None, "tuned_params_paper": human(p and p[1]),
+                          "accuracy_paper": p and p[2], **r.provenance}
+                         for r, p in zip(runs, by_rank(runs, PAPER_LAYERS))])
+
+
+def gate_init_table(runs: list[Run]) -> pd.DataFrame:
+    return pd.DataFrame([{"gate_init": r.setting("gate_init"), "accuracy": r.scores["accuracy"],
+                          "split": r.scores.get("split"), "accuracy_paper": PAPER_GATE_INIT.get(r.setting("gate_init")),
+                          "train_loss": r.last_epoch_loss(), "val_loss": r.metrics["val_loss"][-1], **r.provenance}
+                         for r in runs])
+
+
+def epochs_table(runs: list[Run]) -> pd.DataFrame:
+    return pd.DataFrame([{"epochs": r.setting("epochs"), "train_loss": r.last_epoch_loss(),
+                          "val_loss": r.metrics["val_loss"][-1], "accuracy": r.scores["accuracy"],
+                          "split": r.scores.get("split"), "epochs_paper": p and p[0], "train_loss_paper": p and p[1],
+                          "val_loss_paper": p and p[2], "accuracy_paper": p and p[3], **r.provenance}
+                         for r, p in zip(runs, by_rank(runs, PAPER_EPOCHS))])
+
+
+def generations_table(results: Path, runs: list[Run]) -> pd.DataFrame:
+    rows = []
+    for r in runs:
+        for line in (results / "generations" / f"{r.name}.jsonl").read_text(encoding="utf-8").splitlines():
+            g = json.loads(line)
+            instruction = g["prompt"].split("### Instruction:\n")[-1].split("\n\n### ")[0]
+            rows.append({"adapter": r.name, "id": g["id"], "instruction": instruction, "output": g["output"],
+                         "mlflow_run": r.provenance["mlflow_run"]})
+    return pd.DataFrame(rows, columns=["adapter", "id", "instruction", "output", "mlflow_run"])
+
+
+def cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float | np.floating):
+        return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
+    return str(v)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    def esc(v: Any) -> str:
+        return cell(v).replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                                                    "\\": r"\textbackslash{}"}
+
+
+def to_latex(df: pd.DataFrame, caption: str) -> str:
+    def esc(v: Any) -> str:
+        return "".join(LATEX_SPECIAL.get(ch, ch) for ch in cell(v)).replace("\n", " ")
+
+    body = [" & ".join(esc(c) for c in df.columns) + r" \\", r"\midrule"]
+    body += [" & ".join(esc(v) for v in row) + r" \\" for row in df.itertuples(index=False)]
+    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(caption)}}}",
+                      rf"\begin{{tabular}}{{{'l' * len(df.columns)}}}", r"\toprule", *body, r"\bottomrule",
+                      r"\end{tabular}", r"\end{table}"]) + "\n"
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(6, 3.6), dpi=120)
+
+
+def _save(plt, fig, ax, path: Path, title: str) -> None:
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def loss_curves_figure(runs: list[Run], path: Path) -> None:
+    """The paper's Fig. 5: training loss with zero-initialised vs randomly initialised gates."""
+    plt, fig, ax = _figure()
+    for r in runs:
+        h = r.metrics["history"]
+        ax.plot([x["epoch"] for x in h], [x["loss"] for x in h], label=f"gate init: {r.setting('gate_init')}")
+    ax.set(xlabel="epoch", ylabel="training loss (per target token)")
+    ax.legend()
+    _save(plt, fig, ax, path, "Training loss, zero vs random gate init (paper Fig. 5)")
+
+
+def gate_figure(runs: list[Run], path: Path) -> None:
+    """Mean |tanh(gate)| per adapted layer at the end of training: how much each layer reads its prompts."""
+    plt, fig, ax = _figure()
+    for r in runs:
+        gates = r.gates()
+        ax.plot(list(gates), list(gates.values()), marker="o", label=r.name)
+    ax.set(xlabel="layer", ylabel="mean |tanh(gate)|")
+    ax.legend()
+    _save(plt, fig, ax, path, "Learned gate magnitude per layer")
+
+
+def category_figure(runs: list[Run], path: Path) -> None:
+    plt, fig, ax = _figure()
+    columns = ["accuracy", *CATEGORIES]
+    bars = {r.name: [r.scores["accuracy"]] + [r.scores["categories"][c]["accuracy"] for c in CATEGORIES]
+            for r in runs}
+    bars["paper: LLaMA-Adapter"] = [PAPER_SCIENCEQA["LLaMA-Adapter"][c] for c in columns]
+    width = 0.8 / len(bars)
+    for i, (name, values) in enumerate(bars.items()):
+        ax.bar(np.arange(len(columns)) + i * width, [np.nan if v is None else v for v in values], width, label=name)
+    ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, ["Avg", *CATEGORIES], fontsize=8)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100))
+    ax.legend(fontsize=7)
+    _save(plt, fig, ax, path, "ScienceQA accuracy by category")
+
+
+def length_figure(tokens_dir: Path, path: Path) -> dict:
+    from .data.tokens import TokenDataset
+
+    lengths = np.concatenate([TokenDataset(tokens_dir / s).lengths for s in ("train", "val")])
+    plt, fig, ax = _figure()
+    ax.hist(lengths, bins=40)
+    ax.axvline(float(np.mean(lengths)), color="k", linestyle="--", label=f"mean {np.mean(lengths):.1f}")
+    ax.set(xlabel="tokens per sample (prompt + response)", ylabel="samples")
+    ax.legend()
+    _save(plt, fig, ax, path, "Alpaca sample lengths")
+    return {"samples": int(len(lengths)), "mean": float(np.mean(lengths)), "max": int(np.max(lengths))}
+
+
+TABLES = {  # file name: caption
+    "efficiency": "Efficiency: tuned parameters, adapter storage, training time and hardware",
+    "scienceqa": "ScienceQA accuracy (%) per category",
+    "insertion_layers": "Ablation: number of adapted (top) layers",
+    "gate_init": "Ablation: zero-initialised vs randomly initialised gates",
+    "epochs": "Ablation: training epochs (over-fitting)",
+    "generations": "Generations of the instruction adapters (greedy)",
+}
+FIGURES = {
+    "loss_curves_gate_init": "Training loss with zero vs random gate initialisation (the paper's Fig. 5)",
+    "gate_magnitude": "Mean |tanh(gate)| per adapted layer after training",
+    "scienceqa_categories": "ScienceQA accuracy by category, ours and the paper's",
+    "alpaca_lengths": "Token lengths of the Alpaca samples (prompt + response)",
+}
+
+
+def write_report(results: Path, out_dir: Path, experiments: list[str], ablations: dict[str, str],
+                 center: dict) -> dict:
+    """Write every table (CSV, Markdown, LaTeX), figure (PNG) and report.md to out_dir; returns the tables.
+    `ablations` maps each grid point to the experiment whose adapter it is (itself, or a named experiment
+    with the same settings)."""
+    results = Path(results)
+    named = [load_run(results, e) for e in experiments]
+    grid = [load_run(results, e, trained) for e, trained in ablations.items()]
+    instruction = [r for r in named if r.dataset == "alpaca"]
+    scienceqa = [r for r in named if r.dataset == "scienceqa"]
+    axes = {axis: ablation_axis(grid, axis, center) for axis in ("adapter_layers", "gate_init", "epochs")}
+    tables = {"efficiency": efficiency_table(named), "scienceqa": scienceqa_table(scienceqa),
+              "insertion_layers": layers_table(axes["adapter_layers"]), "gate_init": gate_init_table(axes["gate_init"]),
+              "epochs": epochs_table(axes["epochs"]), "generations": generations_table(results, instruction)}
+    with atomic_dir(Path(out_dir)) as tmp:
+        for name, df in tables.items():
+            df.to_csv(tmp / f"{name}.csv", index=False)
+            (tmp / f"{name}.md").write_text(to_markdown(df), encoding="utf-8")
+            (tmp / f"{name}.tex").write_text(to_latex(df, TABLES[name]), encoding="utf-8")
+        loss_curves_figure(axes["gate_init"], tmp / "loss_curves_gate_init.png")
+        gate_figure(named, tmp / "gate_magnitude.png")
+        category_figure(scienceqa, tmp / "scienceqa_categories.png")
+        lengths = length_figure(results / "tokens" / "alpaca", tmp / "alpaca_lengths.png")
+        (tmp / "report.md").write_text(report_markdown(tables, named, center, lengths), encoding="utf-8")
+    return tables
+
+
+def report_markdown(tables: dict[str, pd.DataFrame], named: list[Run], center: dict, lengths: dict) -> str:
+    bases = sorted({r.config["base"] for r in named})
+    commits = sorted({r.provenance["git_commit"] or "unknown" for r in named})
+    hashes = sorted({r.provenance["config_hash"] or "unknown" for r in named})
+    parts = [
+        "# LLaMA-Adapter: the paper's tables and figures, regenerated", "",
+        f"Base model: {', '.join(bases)}. Git commit: {', '.join(commits)}. Config hash: {', '.join(hashes)}.", "",
+        "Columns ending in `_paper` are the published numbers of Zhang et al. 2023 (LLaMA-7B, real Alpaca and "
+        "ScienceQA). Ablation settings are paired with the paper's by rank; the ablations hold "
+        f"{json.dumps(center)} fixed except the axis they vary. `chance` is the accuracy of guessing uniformly. "
+        "Every row of ours names its training (`mlflow_run`) and evaluation (`eval_run`) MLflow runs, the "
+        "config hash, the sha256 of the training records (first 12 hex digits) and the git commit.", "",
+        f"Alpaca samples: {lengths['samples']}, mean length {lengths['mean']:.1f} tokens, longest {lengths['max']}.",
+        "",
+    ]
+    for name, caption in TABLES.items():
+        parts += [f"## {caption}", "", to_markdown(tables[name]) if len(tables[name]) else "(no runs)", ""]
+    for name, caption in FIGURES.items():
+        parts += [f"## {caption}", "", f"![{caption}]({name}.png)", ""]
+    return "\n".join(parts)

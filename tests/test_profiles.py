@@ -1,0 +1,210 @@
+"""Snakemake profiles (slurm/, the workflow's default profile) and config/paper-7b.yaml, checked by dry runs.
+
+A dry run needs no SLURM: with -n Snakemake plans the jobs but submits nothing, so sinfo/sbatch are never called.
+"""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_PROFILE = REPO / "slurm" / "config.yaml"
+# Snakemake 9 loads profiles/default beside the Snakefile by itself.
+DEFAULT_PROFILE = REPO / "profiles" / "default"
+PAPER = REPO / "config" / "paper-7b.yaml"
+
+needs_snakemake = pytest.mark.skipif(importlib.util.find_spec("snakemake") is None,
+                                     reason="snakemake is not installed (pip install -e '.[workflow]')")
+# `executor: slurm` needs the plugin even for a dry run (Snakemake refuses an unknown --executor).
+needs_slurm_plugin = pytest.mark.skipif(importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
+                                        reason="snakemake-executor-plugin-slurm is not installed")
+
+# What the SLURM profile asks for the GPU rules, as Snakemake reports a job's resources (runtime in minutes).
+GPU_JOB = {"gpu": "1", "gpu_model": "a100", "cpus_per_gpu": "8", "mem_mb": "32000",
+           "slurm_partition": "<your-gpu-partition>", "slurm_account": "<your-account>"}
+RUNTIME = {"train_adapter": "1440", "generate": "60", "evaluate": "120"}
+
+
+def snakemake(*args: str) -> str:
+    """A dry run from the repository root, as a user types it; offline (any network use would fail)."""
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "http_proxy": dead, "https_proxy": dead, "HTTP_PROXY": dead, "HTTPS_PROXY": dead}
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", *args], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """The dry run's 'Job stats' table: rule -> number of jobs."""
+    table = out.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.MULTILINE)}
+
+
+def jobs(out: str, rule: str) -> list[dict]:
+    """Each planned job of a rule: its wildcards, resources (name -> printed value) and shell command."""
+    found, job = [], None
+    for line in out.splitlines():
+        if m := re.match(r"(?:local)?rule (\w+):$", line):
+            job = {"wildcards": {}, "resources": {}, "shell": ""} if m[1] == rule else None
+            if job is not None:
+                found.append(job)
+        elif job is None:
+            continue
+        elif m := re.match(r"\s+(wildcards|resources): (.*)$", line):
+            job[m[1]] = dict(item.split("=", 1) for item in m[2].split(", "))
+        elif line.startswith("Shell command: "):
+            job["shell"] = line.removeprefix("Shell command: ")
+    return found
+
+
+# --- the profile files ---------------------------------------------------------------------------------------
+
+def test_profiles_are_yaml_and_slurm_selects_the_plugin():
+    profiles = (SLURM_PROFILE.parent, DEFAULT_PROFILE, REPO / "local")
+    for path in [p for folder in profiles for p in folder.rglob("*.yaml")]:
+        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+    slurm = yaml.safe_load(SLURM_PROFILE.read_text())
+    assert slurm["executor"] == "slurm"
+    assert set(slurm["set-resources"]) == set(RUNTIME)
+    # A key of the workflow's default profile replaces the same key of --profile slurm, and a global `resources`
+    # pool caps every job's request (gpu: 0 would submit the GPU rules without GPUs).
+    default = yaml.safe_load((DEFAULT_PROFILE / "config.yaml").read_text())
+    assert not {"resources", "default-resources", "set-resources", "executor"} & set(default)
+
+
+@needs_snakemake
+def test_default_profile_is_loaded_without_asking(paper_dry_run):
+    assert "workflow specific profile" in paper_dry_run
+
+
+# --- SLURM: the demo DAG through the slurm profile ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slurm_dry_run() -> str:
+    return snakemake("--profile", "slurm", "--forceall")  # -F: every job, whatever results/ already holds
+
+
+@needs_snakemake
+@needs_slurm_plugin
+def test_slurm_profile_dry_run(slurm_dry_run):
+    assert re.search(r"Using profiles? slurm\b", slurm_dry_run)
+    counts = job_counts(slurm_dry_run)
+    for rule, runtime in RUNTIME.items():
+        assert counts[rule] == len(jobs(slurm_dry_run, rule)) > 0, rule
+        for job in jobs(slurm_dry_run, rule):
+            assert job["resources"].items() >= {**GPU_JOB, "runtime": runtime}.items(), (rule, job["resources"])
+    # the training command is told to expect the GPU the job asked for
+    assert all("--expect-gpus 1 " in job["shell"] for job in jobs(slurm_dry_run, "train_adapter"))
+    # CPU rules take the default partition and no GPU
+    for job in jobs(slurm_dry_run, "tokenize"):
+        assert job["resources"]["slurm_partition"] == "<your-partition>"
+        assert "gpu" not in job["resources"]
+
+
+@needs_snakemake
+@needs_slurm_plugin
+def test_slurm_plugin_turns_the_resources_into_sbatch_options(slurm_dry_run):
+    """The resources of a planned training job, handed to the plugin's own sbatch builder."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    printed = jobs(slurm_dry_run, "train_adapter")[0]["resources"]
+    job = SimpleNamespace(threads=2, resources=Resources(
+        {k: int(v) if v.isdigit() else v for k, v in printed.items() if v != "<TBD>"}))
+    params = {"run_uuid": "id", "slurm_logfile": "log", "comment_str": "rule_train_adapter", "account": "",
+              "partition": "", "workdir": str(REPO)}
+    sbatch = get_submit_command(job, params) + set_gres_string(job)
+    for option in ("--gpus=a100:1", "--cpus-per-gpu=8", "--mem 32000", "-t 1440"):
+        assert f" {option} " in f"{sbatch} ", (option, sbatch)
+
+
+# --- the paper's configuration --------------------------------------------------------------------------------
+
+@needs_snakemake
+def test_paper_config_validates_on_its_own():
+    from snakemake.utils import validate
+
+    config = yaml.safe_load(PAPER.read_text())
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))  # every required key, no typo
+    assert config["base"]["source"] != "demo" and config["data"]["alpaca"]["source"] == "hf:tatsu-lab/alpaca"
+
+
+@pytest.fixture(scope="module")
+def paper_tmp(tmp_path_factory) -> Path:
+    """config/paper-7b.yaml pointed at a fake Meta LLaMA-1 layout (a dry run only checks the files exist) and at
+    a results folder of its own."""
+    tmp = tmp_path_factory.mktemp("paper-7b")
+    (tmp / "llama" / "7B").mkdir(parents=True)
+    for name in ("7B/params.json", "7B/consolidated.00.pth", "tokenizer.model"):
+        (tmp / "llama" / name).touch()
+    config = yaml.safe_load(PAPER.read_text())
+    config["results"] = str(tmp / "results")
+    config["base"]["source"] = str(tmp / "llama" / "7B")
+    config["base"]["tokenizer"] = str(tmp / "llama" / "tokenizer.model")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # key order names folders
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def paper_dry_run(paper_tmp) -> str:
+    return snakemake("--configfile", str(paper_tmp / "config.yaml"))
+
+
+@needs_snakemake
+def test_paper_config_dry_run(paper_dry_run, paper_tmp):
+    counts = job_counts(paper_dry_run)
+    assert {rule: counts.get(rule, 0) for rule in (
+        "demo_data", "train_tokenizer", "pretrain_base", "fetch", "validate", "tokenize", "train_adapter",
+        "evaluate", "generate")} == {
+        "demo_data": 0, "train_tokenizer": 0, "pretrain_base": 0,  # the real base: no demo stages
+        "fetch": 2, "validate": 2, "tokenize": 2,
+        "train_adapter": 7, "evaluate": 8,  # instruction, scienceqa, 6 ablation points; the center is scienceqa's
+        "generate": 1}
+    ablations = {f"ablations/adapter_layers~{layers}/gate_init~{gate}/epochs~{epochs}"
+                 for layers, gate, epochs in [(30, "zero", 30), (10, "zero", 30), (20, "zero", 30),
+                                              (30, "random", 30), (30, "zero", 15), (30, "zero", 60)]}
+    trained = {job["wildcards"]["experiment"]: job["shell"] for job in jobs(paper_dry_run, "train_adapter")}
+    center = "ablations/adapter_layers~30/gate_init~zero/epochs~30"
+    assert set(trained) == {"instruction", "scienceqa"} | ablations - {center}
+    [center_scored] = [job for job in jobs(paper_dry_run, "evaluate") if job["wildcards"]["experiment"] == center]
+    assert "/adapters/scienceqa/adapter.safetensors " in center_scored["shell"]
+    for option in ("--adapter-len 10", "--adapter-layers 30", "--gate-init zero", "--epochs 5", "--warmup-epochs 2",
+                   "--blr 0.009", "--weight-decay 0.02", "--global-batch 64"):  # the paper's Alpaca recipe
+        assert f" {option} " in trained["instruction"], option
+    assert " --epochs 30 " in trained["scienceqa"]
+    assert all(" --expect-gpus 0 " in cmd for cmd in trained.values())  # without --profile slurm: no GPU asked
+    fetched = " ".join(job["shell"] for job in jobs(paper_dry_run, "fetch"))
+    assert "--source hf:tatsu-lab/alpaca " in fetched and "--source hf:derek-thomas/ScienceQA " in fetched
+    scored = {job["wildcards"]["experiment"]: job["shell"] for job in jobs(paper_dry_run, "evaluate")}
+    assert all("--split val --mode generate" in scored[name] for name in ablations)
+    assert "--split test --mode generate" in scored["scienceqa"]
+    assert not (paper_tmp / "results").exists()  # a dry run writes nothing
+
+
+# --- the local GPU profile ------------------------------------------------------------------------------------
+
+@needs_snakemake
+def test_local_profile_gives_each_gpu_rule_one_gpu():
+    out = snakemake("--profile", "local", "--configfile", "config/smollm2.yaml", "--forceall")
+    for rule in ("train_adapter", "generate", "evaluate"):
+        assert all(job["resources"]["gpu"] == "1" for job in jobs(out, rule)), rule
+    assert all("--expect-gpus 1 " in job["shell"] and job["shell"].startswith("llama-adapter train ")
+               for job in jobs(out, "train_adapter"))
+    assert len(jobs(out, "fetch_smollm2")) == 1
+    out = snakemake("--profile", "local", "--configfile", "config/smollm2.yaml", "--forceall",
+                    "--resources", "gpu=2", "--set-resources", "train_adapter:gpu=2")
+    assert all(job["shell"].startswith("torchrun --standalone --nproc-per-node 2 -m llama_adapter.cli train ")
+               for job in jobs(out, "train_adapter"))

@@ -1,0 +1,112 @@
+"""The report's pieces: the paper's numbers and our rows side by side, provenance on every row of ours,
+escaping in Markdown and LaTeX, and the ablation axes picked from a grid."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.report import (
+    FIGURES,
+    PAPER_LAYERS,
+    TABLES,
+    Run,
+    ablation_axis,
+    adapter_parameters,
+    by_rank,
+    efficiency_table,
+    epochs_table,
+    gate_init_table,
+    human,
+    layers_table,
+    scienceqa_table,
+    to_latex,
+    to_markdown,
+)
+
+CATEGORY_ACC = {c: {"accuracy": 50.0, "n": 10} for c in ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")}
+
+
+def run(name: str, layers=4, gate="zero", epochs=5, loss=(1.0, 0.5), acc=60.0) -> Run:
+    history = [{"step": i + 1, "epoch": (i + 1) * epochs / len(loss), "loss": v, "gate/layer_02": 0.1 * i,
+                "gate/layer_03": 0.2 * i} for i, v in enumerate(loss)]
+    return Run(name=name, dataset="scienceqa",
+               config={"adapter_layers": layers, "gate_init": gate, "epochs": epochs, "base": "results/models/demo-base"},
+               metrics={"trainable_parameters": layers * 1284, "world_size": 1, "device": "cpu", "history": history,
+                        "val_loss": [0.9, 0.7], "mlflow_run_id": f"run-{name}",
+                        "tags": {"config_hash": "abc123", "git_commit": "0123456789abcdef"}},
+               scores={"accuracy": acc, "n": 80, "split": "val", "chance": 40.0, "categories": CATEGORY_ACC,
+                       "mlflow_run_id": f"eval-{name}"},
+               adapter_bytes=21_000, seconds=42.0, data={"records_sha256": "f" * 64})
+
+
+@pytest.fixture
+def grid() -> list[Run]:
+    points = [(4, "zero", 5), (1, "zero", 5), (2, "zero", 5), (4, "random", 5), (4, "zero", 3), (4, "zero", 8)]
+    return [run(f"ablations/{l}-{g}-{e}", l, g, e) for l, g, e in points]
+
+
+def test_adapter_parameters_at_7b_match_the_paper():
+    n = adapter_parameters(ModelArgs.from_name("7B"), AdapterArgs(10, 30))
+    assert n == 1_229_760 and human(n) == "1.23M" and human(4 * n, "B") == "4.92MB"
+
+
+def test_ablation_axes_hold_the_center(grid):
+    center = {"adapter_layers": 4, "gate_init": "zero", "epochs": 5}
+    assert [r.setting("adapter_layers") for r in ablation_axis(grid, "adapter_layers", center)] == [1, 2, 4]
+    assert [r.setting("gate_init") for r in ablation_axis(grid, "gate_init", center)] == ["zero", "random"]
+    assert [r.setting("epochs") for r in ablation_axis(grid, "epochs", center)] == [3, 5, 8]
+
+
+def test_paper_paired_by_rank_only_when_counts_match(grid):
+    center = {"adapter_layers": 4, "gate_init": "zero", "epochs": 5}
+    layers = layers_table(ablation_axis(grid, "adapter_layers", center))
+    assert list(layers["adapter_layers_paper"]) == ["10 of 32", "20 of 32", "30 of 32"]
+    assert list(layers["accuracy_paper"]) == [p[2] for p in PAPER_LAYERS]
+    assert list(layers["tuned_params"]) == ["1.28K", "2.57K", "5.14K"]
+    assert list(layers["tuned_params_paper"]) == ["970K", "1.37M", "1.79M"]
+    assert by_rank([1, 2], PAPER_LAYERS) == [None, None]
+    gates = gate_init_table(ablation_axis(grid, "gate_init", center))
+    assert list(gates["accuracy_paper"]) == [84.04, 40.77]
+    epochs = epochs_table(ablation_axis(grid, "epochs", center))
+    assert list(epochs["val_loss_paper"]) == [0.136, 0.241, 0.282]
+    assert epochs["train_loss"].iloc[0] == pytest.approx(0.5)  # the last epoch's steps only
+
+
+def test_every_row_of_ours_names_its_runs(grid):
+    for df in (layers_table(grid[:3]), gate_init_table(grid[:2]), epochs_table(grid[:3]), scienceqa_table(grid[:1])):
+        assert (df["mlflow_run"].str.startswith("run-")).all() and (df["eval_run"].str.startswith("eval-")).all()
+        assert (df["config_hash"] == "abc123").all() and (df["git_commit"] == "0123456789ab").all()
+        assert (df["data_sha256"] == "f" * 12).all()
+
+
+def test_efficiency_rows(grid):
+    df = efficiency_table(grid[:1]).set_index("model")
+    assert df.loc["LLaMA-Adapter, LLaMA-7B shapes (computed; fp32 file)", "tuned_params_paper"] == "1.2M"
+    ours = df.loc["LLaMA-Adapter, ablations/4-zero-5 (base demo-base)"]
+    assert ours["tuned_params"] == "5.14K" and ours["storage"] == "21KB" and ours["training_time"] == "42 s"
+    assert ours["mlflow_run"] == "run-ablations/4-zero-5"
+    assert pd.isna(df.loc["Alpaca-LoRA", "mlflow_run"])
+
+
+def test_scienceqa_text_only_pairs_with_the_text_only_paper_row(grid):
+    row = scienceqa_table(grid[:1]).iloc[0]
+    assert row["paper_model"] == "LLaMA-Adapter_T" and row["accuracy_paper"] == 78.31
+    assert row["NAT_paper"] is None and row["chance"] == 40.0 and row["accuracy"] == 60.0
+
+
+def test_markdown_and_latex_escape_cells():
+    df = pd.DataFrame([{"a_b": "x|y\nz", "c": math.nan, "d": 0.00123, "e": "50% & $"}])
+    md = to_markdown(df)
+    assert "x\\|y<br>z" in md and "| n/a |" in md and "0.00123" in md
+    tex = to_latex(df, "a caption_with & specials")
+    assert r"a\_b" in tex and r"50\% \& \$" in tex and r"\caption{a caption\_with \& specials}" in tex
+
+
+def test_workflow_lists_the_report_files():
+    from pathlib import Path
+
+    common = (Path(__file__).parents[1] / "workflow" / "rules" / "common.smk").read_text()
+    for name in [*TABLES, *FIGURES]:
+        assert f'"{name}",' in common, name

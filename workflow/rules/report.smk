@@ -1,0 +1,33 @@
+# The paper's tables and figures from every run (llama_adapter.report); `snakemake --report` shows them
+# with the captions in workflow/report/.
+
+
+rule report:
+    input:
+        scores=expand(
+            f"{RESULTS}/eval/{{experiment}}/scores.json", experiment=EXPERIMENTS
+        ),
+        generations=expand(
+            f"{RESULTS}/generations/{{experiment}}.jsonl",
+            experiment=INSTRUCTION_EXPERIMENTS,
+        ),
+        tokens=f"{RESULTS}/tokens/alpaca",
+    output:
+        **{t: report_file(f"{t}.csv", "Tables") for t in REPORT_TABLES},
+        **{f: report_file(f"{f}.png", "Figures") for f in REPORT_FIGURES},
+        markdown=f"{RESULTS}/report/report.md",
+    log:
+        f"{RESULTS}/logs/report.log",
+    conda:
+        CONDA_ENV
+    params:
+        out=lambda w, output: Path(output.markdown).parent,
+        results=lambda w, input: Path(input.tokens).parents[1],
+        experiments=" ".join(f"--experiment {e}" for e in config["experiments"]),
+        ablations=" ".join(
+            f"--ablation {e}={trained_as(e)}" for e in ABLATION_EXPERIMENTS
+        ),
+        center=json.dumps(config["ablations"]["center"]),
+    shell:
+        "llama-adapter report --results {params.results} --out {params.out} {params.experiments} {params.ablations} "
+        "--center '{params.center}' > {log} 2>&1"
