@@ -34,3 +34,17 @@ def smollm2_gguf() -> Path:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """One real run of the shipped config.yaml in a fresh folder (the README's first command), ~5 CPU minutes;
+    shared by the workflow tests and the SLURM test, which compares its report with this one."""
+    from dag import REPO, SNAKEMAKE, snakemake
+
+    if not Path(SNAKEMAKE).exists():
+        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
+    root = tmp_path_factory.mktemp("dag")
+    proc = snakemake("--cores", "2", "--configfile", str(REPO / "config.yaml"), cwd=root, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root

@@ -1,6 +1,7 @@
 """CPU smoke runs of the `llama-adapter` command line, as a user (or a Snakemake rule) calls it."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.model import Transformer
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llama_adapter.cli", *args], capture_output=True, text=True)
+def run_cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "llama_adapter.cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_help_of_every_subcommand():
@@ -46,3 +48,18 @@ def test_bad_checkpoint_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "not a recognised checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_refuses_a_job_without_the_gpus_it_asked_for(tmp_path):
+    """A scheduler may hand a job fewer GPUs than requested: training stops before loading anything."""
+    proc = run_cli("train", "--base", str(tmp_path), "--train-data", str(tmp_path), "--out-dir", str(tmp_path / "o"),
+                   "--expect-gpus", "2", env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "requested 2 GPU(s) but sees 0 (CUDA_VISIBLE_DEVICES=)" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_starts_without_torch_for_the_data_stages():
+    """Many short workflow jobs: the CLI itself must not pay torch's import."""
+    code = "import sys, llama_adapter.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

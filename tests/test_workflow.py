@@ -1,24 +1,11 @@
 """The Snakemake layer: the DAG resolves from config.yaml, and a bad config key is refused by the schema."""
 
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).with_name("snakemake"))
-
-
-def snakemake(*args, cwd=REPO, timeout=300):
-    # The rules call `llama-adapter`, which lives beside this interpreter.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(cwd), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+from dag import REPO, SNAKEMAKE, read_csv, snakemake
 
 
 @pytest.fixture(autouse=True)
@@ -58,27 +45,7 @@ def test_environment_yml_mirrors_pyproject():
     assert f"python{project['requires-python']}" in env["dependencies"]
 
 
-# --- the whole demo DAG, for real ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    """One real run of the shipped config.yaml in a fresh folder (the README's first command), ~5 CPU minutes."""
-    root = tmp_path_factory.mktemp("dag")
-    env_mlflow = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_PARENT_RUN_ID") if k in os.environ}
-    try:
-        proc = snakemake("--cores", "2", "--configfile", str(REPO / "config.yaml"), cwd=root, timeout=1200)
-    finally:
-        os.environ.update(env_mlflow)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return root
-
-
-def read_csv(path: Path) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
+# --- the whole demo DAG, for real (the demo_run fixture, tests/conftest.py) ------------------------------------
 
 def test_demo_report_holds_numbers_with_provenance(demo_run):
     report = demo_run / "results" / "report"

@@ -18,6 +18,9 @@ from typing import Any
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"  # MLflow >= 3.13 refuses the plain file store
 DEFAULT_EXPERIMENT = "llama-adapter"
 TAGS_ENV = "LLAMA_ADAPTER_TAGS"  # a JSON object of tags for every run of a workflow invocation (config hash...)
+# The MLflow client's HTTP settings for a training job: give up on a dead server within seconds, not minutes.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 PARAM_VALUE_LIMIT = 6000  # MLflow's maximum length of a parameter value
 
 
@@ -74,12 +77,13 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 
 
 def export_invocation(tracking_uri_: str, experiment: str, tags: dict[str, str]) -> None:
-    """Set the environment every job of one workflow invocation inherits: the tracking store and
-    experiment (unless the caller exported them) and the invocation's tags. Environment, not command line:
-    a tag such as the config hash would otherwise change every job's command and make the engine rerun it."""
+    """Set the environment every job of one workflow invocation inherits: the tracking store, experiment
+    and tags, unless already set (a cluster job re-reading the workflow keeps what its invocation exported).
+    Environment, not command line: a tag such as the config hash would otherwise change every job's command
+    and make the engine rerun it."""
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri_)
     os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", experiment)
-    os.environ[TAGS_ENV] = json.dumps(tags)
+    os.environ.setdefault(TAGS_ENV, json.dumps(tags))
 
 
 def start_invocation_run(name: str) -> str | None:
@@ -142,6 +146,8 @@ class Tracker:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")
         self.tags = tags = run_tags(tags)
+        for name, value in HTTP_DEFAULTS.items():  # the caller's own settings win
+            os.environ.setdefault(name, value)
         try:
             import mlflow
 

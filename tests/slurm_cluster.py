@@ -1,0 +1,171 @@
+"""A one-node SLURM cluster on this machine, from Debian's packages, for testing `snakemake --profile slurm`.
+
+    python tests/slurm_cluster.py up     # install the packages if missing (root), write configs, start daemons
+    python tests/slurm_cluster.py down   # stop what `up` started, by PID
+
+Facts this relies on (Debian 12, slurm-wlm 22.05):
+- The executor plugin's job step strips every SLURM_* variable, SLURM_CONF included, so the `srun` inside a
+  job only finds the configuration at /etc/slurm/slurm.conf: that is where it is written.
+- munged wants its socket directory world-readable (755) and its key in a 700 directory.
+- Without slurmdbd, `sacct` fails and the plugin would wait forever: the caller polls with
+  `--slurm-status-command squeue`, which needs finished jobs kept visible (MinJobAge) well beyond the
+  plugin's first status check.
+- No mail, no cgroups on a CI machine: MailProg=/bin/true, proctrack/linuxproc, task/none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+STATE = Path(os.environ.get("SLURM_TEST_STATE", "/tmp/llama-adapter-slurm"))
+CONF = Path("/etc/slurm/slurm.conf")
+PARTITION = "debug"
+MUNGE_SOCKET_DIR = Path("/run/munge")
+MUNGE_KEY = Path("/etc/munge/munge.key")
+
+
+def installed() -> bool:
+    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "squeue", "munged"))
+
+
+def install() -> None:
+    if installed():
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"need root to apt-get install {' '.join(PACKAGES)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], env=env, check=True)
+
+
+def slurm_conf(host: str, cpus: int, memory_mb: int) -> str:
+    return f"""\
+# Written by tests/slurm_cluster.py: a one-node test cluster.
+ClusterName=llama-adapter-test
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+MailProg=/bin/true
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+ReturnToService=2
+MinJobAge=600
+StateSaveLocation={STATE}/ctld
+SlurmdSpoolDir={STATE}/d
+SlurmctldPidFile={STATE}/slurmctld.pid
+SlurmdPidFile={STATE}/slurmd.pid
+SlurmctldLogFile={STATE}/slurmctld.log
+SlurmdLogFile={STATE}/slurmd.log
+SlurmctldPort=6817
+SlurmdPort=6818
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+PartitionName={PARTITION} Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _start(name: str, cmd: list[str]) -> int:
+    log = open(STATE / f"{name}.out", "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc.pid
+
+
+def _node_memory_mb() -> int:
+    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
+    real = int(next(f for f in out.split() if f.startswith("RealMemory=")).split("=")[1])
+    return real - 1024  # leave the OS some room
+
+
+def up(timeout: float = 60) -> dict:
+    """Start munged, slurmctld and slurmd in the foreground mode (-D/-F) as our own children's children,
+    wait until the node is idle, and record the PIDs in STATE/pids.json for `down`."""
+    install()
+    down()
+    STATE.mkdir(parents=True, exist_ok=True)
+    for sub in ("ctld", "d", "munge"):
+        (STATE / sub).mkdir(exist_ok=True)
+    host = socket.gethostname().split(".")[0]
+    CONF.parent.mkdir(parents=True, exist_ok=True)
+    CONF.write_text(slurm_conf(host, os.cpu_count() or 1, _node_memory_mb()))
+    MUNGE_SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+    MUNGE_SOCKET_DIR.chmod(0o755)
+    if not MUNGE_KEY.exists():
+        subprocess.run(["mungekey", "--create", "--keyfile", str(MUNGE_KEY)], check=True)
+    pids = {"munged": _start("munged", ["munged", "-F", "--force", "--key-file", str(MUNGE_KEY),
+                                        "--pid-file", str(STATE / "munge" / "munged.pid"),
+                                        "--seed-file", str(STATE / "munge" / "munged.seed"),
+                                        "--log-file", str(STATE / "munge" / "munged.log")])}
+    _wait(lambda: (MUNGE_SOCKET_DIR / "munge.socket.2").exists(), timeout, "munged's socket")
+    pids["slurmctld"] = _start("slurmctld", ["slurmctld", "-D", "-i"])
+    pids["slurmd"] = _start("slurmd", ["slurmd", "-D"])
+    (STATE / "pids.json").write_text(json.dumps(pids))
+    _wait(_node_idle, timeout, f"node {host} idle in sinfo")
+    return pids
+
+
+def _node_idle() -> bool:
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and out.stdout.strip() == "idle"
+
+
+def _wait(ready, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            logs = {p.name: p.read_text(errors="replace")[-1500:] for p in sorted(STATE.glob("*.out"))}
+            down()
+            raise TimeoutError(f"no {what} after {timeout:.0f} s; daemon output: {json.dumps(logs, indent=1)}")
+        time.sleep(0.5)
+
+
+def down() -> None:
+    """Stop the daemons `up` started (by their recorded PIDs) and wait for them to exit."""
+    record = STATE / "pids.json"
+    if not record.exists():
+        return
+    pids = json.loads(record.read_text())
+    for pid in pids.values():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 20
+    for pid in pids.values():
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    record.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    action = sys.argv[1] if len(sys.argv) > 1 else ""
+    if action == "up":
+        print(json.dumps(up()))
+    elif action == "down":
+        down()
+    else:
+        raise SystemExit(__doc__)
