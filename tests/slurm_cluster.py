@@ -1,7 +1,8 @@
 """A one-node SLURM cluster on this machine, from Debian's packages, for testing `snakemake --profile slurm`.
 
-    python tests/slurm_cluster.py up     # install the packages if missing (root), write configs, start daemons
-    python tests/slurm_cluster.py down   # stop what `up` started, by PID
+    python tests/slurm_cluster.py install  # apt-get the packages if missing (root)
+    python tests/slurm_cluster.py up       # install if missing, write configs, start the daemons
+    python tests/slurm_cluster.py down     # stop what `up` started, by PID
 
 Facts this relies on (Debian 12, slurm-wlm 22.05):
 - The executor plugin's job step strips every SLURM_* variable, SLURM_CONF included, so the `srun` inside a
@@ -163,7 +164,9 @@ def _alive(pid: int) -> bool:
 
 if __name__ == "__main__":
     action = sys.argv[1] if len(sys.argv) > 1 else ""
-    if action == "up":
+    if action == "install":
+        install()
+    elif action == "up":
         print(json.dumps(up()))
     elif action == "down":
         down()

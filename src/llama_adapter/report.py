@@ -118,14 +118,17 @@ def human(n: float | None, unit: str = "") -> str | None:
 def duration(seconds: float | None) -> str | None:
     if seconds is None:
         return None
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def ablation_axis(runs: list[Run], axis: str, center: dict) -> list[Run]:
     """The ablation runs that vary `axis` while every other setting of the center holds, in axis order."""
     chosen = [r for r in runs if all(r.setting(k) == v for k, v in center.items() if k != axis)]
-    order = (lambda r: ("zero", "random").index(r.setting(axis))) if axis == "gate_init" else (lambda r: r.setting(axis))
-    return sorted(chosen, key=order)
+    if axis == "gate_init":
+        return sorted(chosen, key=lambda r: ("zero", "random").index(r.setting(axis)))
+    return sorted(chosen, key=lambda r: r.setting(axis))
 
 
 def by_rank(ours: list, paper: list) -> list:
@@ -171,9 +174,8 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
 def layers_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame([{"adapter_layers": r.setting("adapter_layers"),
                           "tuned_params": human(r.metrics["trainable_parameters"]), "accuracy": r.scores["accuracy"],
-                          "split": r.scores.get("split"),
-                          "adapter_layers_paper": f"{p[0]} of 32" if p else None, "tuned_params_paper": human(p and p[1]),
-                          "accuracy_paper": p and p[2], **r.provenance}
+                          "split": r.scores.get("split"), "adapter_layers_paper": f"{p[0]} of 32" if p else None,
+                          "tuned_params_paper": human(p and p[1]), "accuracy_paper": p and p[2], **r.provenance}
                          for r, p in zip(runs, by_rank(runs, PAPER_LAYERS))])
 
 
