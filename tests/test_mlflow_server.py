@@ -12,11 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
-from test_train import ARGS, synthetic_split
-
-from llama_adapter.checkpoint import save_meta_checkpoint
-from llama_adapter.model import Transformer
+from test_train import random_base_and_splits
 
 STEPS = 18  # 96 samples / global batch 16 x 3 epochs
 
@@ -61,10 +57,7 @@ def server(tmp_path):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server-train")
-    torch.manual_seed(0)
-    save_meta_checkpoint(Transformer(ARGS), root / "base")
-    return root, synthetic_split(root / "train", 96, 0), synthetic_split(root / "val", 16, 1)
+    return random_base_and_splits(tmp_path_factory.mktemp("server-train"))
 
 
 def start_training(data, out: Path, url: str) -> subprocess.Popen:

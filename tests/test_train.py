@@ -39,12 +39,16 @@ def synthetic_split(path, n, seed):
     return path
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
+def random_base_and_splits(root):
+    """(root, train split, val split) under root: a random ARGS base in Meta's layout and synthetic data."""
     torch.manual_seed(0)
     save_meta_checkpoint(Transformer(ARGS), root / "base")
     return root, synthetic_split(root / "train", 96, 0), synthetic_split(root / "val", 16, 1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return random_base_and_splits(tmp_path_factory.mktemp("train"))
 
 
 def config(setup, out, **kw):
