@@ -2,8 +2,9 @@
 
 A named preset with random bf16 weights (no download), an adapter with non-zero gates (so its branch runs),
 prompts of --prompt-len random tokens, greedy decoding of exactly --new-tokens tokens (no EOS can stop it),
-at each --batch size. Also measures the device's copy bandwidth and prints the memory-bandwidth floor at
-batch 1 (every new token reads every weight once): weight bytes / copy rate.
+at each --batch size; ours eager, with the CUDA-graph decode step, and compiled as well (timed after the
+warm-up call, which compiles). Also measures the device's copy bandwidth and prints the memory-bandwidth
+floor at batch 1 (every new token reads every weight once): weight bytes / copy rate.
 
 Usage:
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 
@@ -44,13 +46,14 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int) -> float:
+def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, cuda_graph: bool,
+         compile: bool = False) -> float:
     with torch.device("cuda"):
         model = Transformer(args, adapter).cast_base(torch.bfloat16).eval()
     with torch.no_grad():
         model.adapter_gate.normal_()
     rows = prompts.tolist()
-    seconds = timed(lambda: generate(model, rows, new_tokens, eos_id=-1))
+    seconds = timed(lambda: generate(model, rows, new_tokens, eos_id=-1, cuda_graph=cuda_graph, compile=compile))
     del model
     torch.cuda.empty_cache()
     return seconds
@@ -98,15 +101,17 @@ def main() -> None:
     print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, prompt {ns.prompt_len}, {ns.new_tokens} new "
           f"tokens, {torch.cuda.get_device_name()}, torch {torch.__version__}; batch-1 bandwidth floor "
           f"{floor:.0f} tokens/s ({weight_bytes / 1e9:.2f} GB of bf16 weights)")
-    print(f"{'implementation':<16}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}")
-    impls = {"ours": ours} | ({} if ns.no_hf else {"HF + PEFT": hf_peft})
+    print(f"{'implementation':<24}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}")
+    impls = {"ours (compiled, graph)": partial(ours, cuda_graph=True, compile=True),
+             "ours (CUDA graph)": partial(ours, cuda_graph=True), "ours (eager)": partial(ours, cuda_graph=False)}
+    impls |= {} if ns.no_hf else {"HF + PEFT": hf_peft}
     gen = torch.Generator().manual_seed(0)
     for name, fn in impls.items():
         for batch in ns.batch:
             prompts = torch.randint(3, args.vocab_size, (batch, ns.prompt_len), generator=gen)
             rate = batch * ns.new_tokens / fn(args, adapter, prompts, ns.new_tokens)
             share = f"{100 * rate / floor:.0f}" if batch == 1 else ""
-            print(f"{name:<16}{batch:>6}{rate:>10.0f}{share:>12}", flush=True)
+            print(f"{name:<24}{batch:>6}{rate:>10.0f}{share:>12}", flush=True)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,76 @@ def test_two_gpus_match_one(tmp_path, fsdp):
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2
     np.testing.assert_allclose([h["loss"] for h in two["history"]], [h["loss"] for h in one["history"]], rtol=2e-2)
+
+
+def packed_batch(seed=0, flat=False):
+    """Rows of several samples each, lengths not multiples of 16, in the layout training uses; flat: the
+    rows laid end to end as one row (the layout training uses with flash varlen attention)."""
+    from llama_adapter.batching import collate, pack_rows
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, 120, 24)
+    samples = [(rng.integers(3, ARGS.vocab_size, n), np.arange(n) >= n // 3) for n in lengths]
+    rows = [[samples[i] for i in row] for row in pack_rows(lengths, 256)]
+    assert len(rows) < len(samples)  # really packed
+    return collate([[s for row in rows for s in row]] if flat else rows, pad_id=0).to("cuda")
+
+
+def loss_and_grads(model, batch):
+    from llama_adapter.batching import token_loss_sum
+
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = token_loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), model.adapter_query.grad.clone(), model.adapter_gate.grad.clone()
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["rows", "flat"])
+def test_varlen_flash_attention_equals_the_masked_path(monkeypatch, flat):
+    """Packed rows (and the same rows laid end to end) through flash varlen attention give the loss and
+    adapter gradients of the dense block-diagonal mask path, within bf16 round-off."""
+    from llama_adapter import model as model_module
+
+    assert model_module.varlen_attn is not None, f"torch {torch.__version__} has no varlen attention"
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # what training runs under: the flash path is taken
+        assert model_module.varlen_usable(torch.zeros(1, device="cuda"))
+    _, gpu = models()
+    batch = packed_batch(flat=flat)
+    flash = loss_and_grads(gpu, batch)
+    monkeypatch.setattr(model_module, "varlen_usable", lambda x: False)
+    masked = loss_and_grads(gpu, batch)
+    for a, b in zip(flash, masked):
+        assert rel_err(a, b) < 2e-2
+
+
+def test_compiled_blocks_equal_eager_on_gpu():
+    torch._dynamo.reset()
+    _, eager = models()
+    _, compiled = models()
+    compiled.compile_blocks()
+    batch = packed_batch(1)
+    for a, b in zip(loss_and_grads(compiled, batch), loss_and_grads(eager, batch)):
+        assert rel_err(a, b) < 2e-2
+
+
+def test_cuda_graph_decoding_gives_the_eager_tokens():
+    """The CUDA-graph decode step replays the same kernels on the same data: the same greedy tokens."""
+    _, gpu = models()
+    prompts = [[1, 5, 9, 200, 7], [1, 42], [1, 3, 3, 3, 3, 3, 3, 3, 8]]
+    graphed = generate(gpu, prompts, max_new_tokens=24, eos_id=-1)
+    eager = generate(gpu, prompts, max_new_tokens=24, eos_id=-1, cuda_graph=False)
+    assert graphed == eager and all(len(o) == 24 for o in graphed)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens():
+    """The compiled decode step (fused kernels, other round-off) picks each token within round-off of the
+    eager step's best logit, along the compiled sequence."""
+    _, gpu = models()
+    prompts = [[1, 5, 9, 200, 7], [1, 42]]
+    compiled = generate(gpu, prompts, max_new_tokens=12, eos_id=-1, compile=True)
+    with torch.no_grad():
+        for prompt, out in zip(prompts, compiled):
+            logits = gpu(torch.tensor([prompt + out], device="cuda"))[0, len(prompt) - 1: len(prompt) - 1 + len(out)]
+            chosen = logits.gather(-1, torch.tensor(out, device="cuda")[:, None]).squeeze(-1)
+            assert (logits.max(-1).values - chosen).max() < 5e-2

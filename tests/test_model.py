@@ -117,6 +117,42 @@ def test_kv_cache_decoding_equals_full_forward(preset):
     assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4  # fp32 round-off of other reduction orders
 
 
+def test_blocks_compile_without_graph_breaks():
+    """compile_blocks asks for whole-graph compilation, so a graph break in a block is an error. The eager
+    backend checks the tracing (the GPU test runs inductor); outputs and adapter gradients are unchanged."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny-gqa")
+    eager = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
+    compiled = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks(backend="eager")
+    x = tokens(args, T=12)
+    for m in (eager, compiled):
+        m(x).float().pow(2).mean().backward()
+    torch.testing.assert_close(compiled(x), eager(x))
+    torch.testing.assert_close(compiled.adapter_query.grad, eager.adapter_query.grad)
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl for layer in compiled.layers)
+
+
+def test_kv_cache_holds_the_prompt_keys_and_values():
+    """Decoding reads the adapter's prompt keys/values from the cache instead of re-projecting the prompts
+    through wk/wv at every token."""
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny-gqa")
+    m = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    m.setup_kv_cache(batch=2, max_len=16)
+    cached = [layer.attention.kv_cache.prompt_kv for layer in m.layers]
+    assert cached[0] is None and all(c[0].shape == (1, args.n_kv_heads, 4, args.head_dim) for c in cached[1:])
+    calls = []
+    for layer in m.layers:
+        layer.attention.wk.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape))
+    with torch.no_grad():
+        m(tokens(args, T=3), torch.arange(3))
+    assert all(shape[-2] == 3 for shape in calls)  # only the tokens went through wk, never the 4 prompts
+    m.clear_kv_cache()
+
+
 def test_only_adapter_trains_and_gates_start_at_zero():
     args = ModelArgs.from_name("tiny")
     m = Transformer(args, AdapterArgs(adapter_len=3, adapter_layers=2))

@@ -195,6 +195,59 @@ def test_packed_loss_equals_per_sample_loss(setup):
     assert batch.real_tokens == int(ds.lengths[idx].sum())
 
 
+@pytest.mark.parametrize("width", [None, 64])
+def test_segment_boundaries_keep_samples_apart(setup, width):
+    """cu_seqlens (read by flash varlen attention, and turned into a dense mask where that cannot run) puts
+    every sample and every padding tail in a segment of its own, and no segment crosses a row."""
+    from llama_adapter.model import block_causal_mask
+
+    _, train_dir, _ = setup
+    ds = TokenDataset(train_dir)
+    rows = pack_rows(ds.lengths[:12], 60)
+    batch = collate([[ds[i] for i in row] for row in rows], pad_id=0, width=width)
+    B, T = batch.tokens.shape
+    assert T == (width or T) and T % 16 == 0 and batch.cu_seqlens.dtype == torch.int32
+    assert set(range(0, B * T + 1, T)) <= set(batch.cu_seqlens.tolist())
+    assert len(batch.cu_seqlens) - 1 == 12 + sum(1 for r in range(B) if batch.positions[r, -1] == 0)
+    mask = block_causal_mask(batch.cu_seqlens, B, T)
+    pad = batch.tokens == 0  # the synthetic samples never hold token 0
+    after_pad = torch.nn.functional.pad(pad[:, :-1], (1, 0))
+    starts = ((batch.positions == 0) & ~pad) | (pad & ~after_pad)  # a sample, or a row's padding tail
+    segment = starts.long().cumsum(1)
+    expected = (segment[:, :, None] == segment[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+    assert torch.equal(mask, expected[:, None])
+    with pytest.raises(ValueError, match="does not fit the width 16"):
+        collate([[ds[i] for i in row] for row in rows], pad_id=0, width=16)
+
+
+def test_flat_micro_batches_give_the_row_loss(setup):
+    """Laying a micro-batch's rows end to end (the flash varlen layout) changes no loss."""
+    from llama_adapter.batching import micro_batches
+
+    _, train_dir, _ = setup
+    ds = TokenDataset(train_dir)
+    torch.manual_seed(0)
+    model = Transformer(ARGS, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))
+    idx = np.arange(30)
+    rows, flat = list(micro_batches(ds, idx, 48, 3, 0)), list(micro_batches(ds, idx, 48, 3, 0, flat=True))
+    assert len(rows) == len(flat) > 1 and all(b.tokens.size(0) == 1 for b in flat)
+    assert sum(b.padded_tokens for b in flat) < sum(b.padded_tokens for b in rows)
+    with torch.no_grad():
+        for r, f in zip(rows, flat):
+            torch.testing.assert_close(token_loss_sum(model, f), token_loss_sum(model, r), rtol=1e-5, atol=1e-4)
+
+
+def test_micro_batches_share_rows_evenly(setup):
+    from llama_adapter.batching import micro_batches
+
+    _, train_dir, _ = setup
+    ds = TokenDataset(train_dir)
+    idx = np.arange(40)
+    n_rows = len(pack_rows(ds.lengths[idx], 32))
+    sizes = [b.tokens.size(0) for b in micro_batches(ds, idx, 32, 4, 0)]
+    assert sum(sizes) == n_rows and len(sizes) == -(-n_rows // 4) and max(sizes) - min(sizes) <= 1
+
+
 def test_schedule_is_the_papers():
     cfg = TrainConfig(base="", train_data="", out_dir="", epochs=5, warmup_epochs=2, global_batch=64)
     assert cfg.peak_lr() == pytest.approx(9e-3 * 64 / 256)

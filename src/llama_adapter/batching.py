@@ -41,13 +41,13 @@ class Batch:
     targets: Tensor  # (B, T) next token at each position
     target_mask: Tensor  # (B, T) bool: position t's prediction counts in the loss
     positions: Tensor  # (B, T) RoPE positions, restarting per sample
-    attn_mask: Tensor  # (B, 1, T, T) bool, block-diagonal causal
+    cu_seqlens: Tensor  # (N+1,) int32: boundaries of the samples (and padding tails) in the flattened B*T tokens
     real_tokens: int
     padded_tokens: int
 
     def to(self, device) -> Batch:
         tensors = {k: getattr(self, k).to(device, non_blocking=True) for k in
-                   ("tokens", "targets", "target_mask", "positions", "attn_mask")}
+                   ("tokens", "targets", "target_mask", "positions", "cu_seqlens")}
         return Batch(**tensors, real_tokens=self.real_tokens, padded_tokens=self.padded_tokens)
 
 
@@ -56,16 +56,19 @@ class Batch:
 ROW_MULTIPLE = 16
 
 
-def collate(samples: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int) -> Batch:
-    """One Batch from rows of (tokens, loss_mask) samples; rows padded to the longest row, rounded up to
-    a multiple of ROW_MULTIPLE."""
+def collate(samples: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, width: int | None = None) -> Batch:
+    """One Batch from rows of (tokens, loss_mask) samples; rows padded to `width`, by default to the longest
+    row rounded up to a multiple of ROW_MULTIPLE."""
     longest = max(sum(len(t) for t, _ in row) for row in samples)
-    T = -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
+    T = width or -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
+    if longest > T:
+        raise ValueError(f"a row of {longest} tokens does not fit the width {T}")
     B = len(samples)
     tokens = np.full((B, T), pad_id, dtype=np.int64)
     loss_mask = np.zeros((B, T), dtype=bool)
     positions = np.zeros((B, T), dtype=np.int64)
     segment = np.full((B, T), -1, dtype=np.int64)  # -1: padding
+    bounds = [0]  # in the flattened B*T tokens; a row's padding tail is a segment of its own
     for b, row in enumerate(samples):
         at = 0
         for s, (t, m) in enumerate(row):
@@ -73,28 +76,43 @@ def collate(samples: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int) -> 
             tokens[b, at: at + n], loss_mask[b, at: at + n] = t, m
             positions[b, at: at + n], segment[b, at: at + n] = np.arange(n), s
             at += n
+            bounds.append(b * T + at)
+        if at < T:
+            bounds.append((b + 1) * T)
     tokens_t, segment_t = torch.from_numpy(tokens), torch.from_numpy(segment)
     targets = torch.zeros_like(tokens_t)
     targets[:, :-1] = tokens_t[:, 1:]
     target_mask = torch.zeros((B, T), dtype=torch.bool)
     # Position t predicts token t+1, which must be a target of the same sample.
     target_mask[:, :-1] = torch.from_numpy(loss_mask[:, 1:]) & (segment_t[:, 1:] == segment_t[:, :-1])
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    attn_mask = (segment_t[:, :, None] == segment_t[:, None, :]) & causal  # padding attends to padding: no NaN
     real = int((segment >= 0).sum())
-    return Batch(tokens_t, targets, target_mask, torch.from_numpy(positions), attn_mask[:, None], real, B * T - real)
+    return Batch(tokens_t, targets, target_mask, torch.from_numpy(positions), torch.tensor(bounds, dtype=torch.int32),
+                 real, B * T - real)
+
+
+def hidden_states(model, batch: Batch) -> Tensor:
+    """The model's final hidden states (B, T, dim) over a batch, each sample attending only to itself."""
+    return model.hidden_states(batch.tokens, positions=batch.positions, cu_seqlens=batch.cu_seqlens)
 
 
 def token_loss_sum(model, batch: Batch) -> Tensor:
     """Sum of next-token cross-entropies over the batch's target tokens (fp32). Only the target positions
     go through the output projection."""
-    h = model.hidden_states(batch.tokens, mask=batch.attn_mask, positions=batch.positions)
+    h = hidden_states(model, batch)
     logits = model.output(h[batch.target_mask])  # (n_targets, vocab)
     return torch.nn.functional.cross_entropy(logits.float(), batch.targets[batch.target_mask], reduction="sum")
 
 
-def micro_batches(ds, idx: np.ndarray, row_len: int, rows_per_batch: int, pad_id: int):
-    """Batches of packed rows over samples `idx` of a TokenDataset, in a deterministic order."""
+def micro_batches(ds, idx: np.ndarray, row_len: int, rows_per_batch: int, pad_id: int, flat: bool = False):
+    """Batches of packed rows over samples `idx` of a TokenDataset, in a deterministic order: as few batches
+    as `rows_per_batch` allows, with the rows shared out evenly (17 rows at 16 per batch make 9 + 8, not a
+    16-row batch and a 1-row batch that would leave the GPU idle).
+
+    flat: each batch's rows laid end to end as one row, which drops the padding between rows. Only for flash
+    varlen attention, whose cost does not depend on the row length; a dense mask would grow quadratically."""
     rows = pack_rows(ds.lengths[idx], row_len)
-    for r in range(0, len(rows), rows_per_batch):
-        yield collate([[ds[int(idx[j])] for j in row] for row in rows[r: r + rows_per_batch]], pad_id)
+    n_batches = -(-len(rows) // rows_per_batch)
+    for k in range(n_batches):
+        part = rows[k * len(rows) // n_batches: (k + 1) * len(rows) // n_batches]
+        samples = [[ds[int(idx[j])] for j in row] for row in part]
+        yield collate([[s for row in samples for s in row]] if flat else samples, pad_id)

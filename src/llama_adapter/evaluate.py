@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batching import collate, micro_batches, token_loss_sum
+from .batching import collate, hidden_states, micro_batches, token_loss_sum
 from .data.scienceqa import CATEGORIES, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .generate import complete_texts, prompt_text
 from .io import atomic_path, write_json
-from .model import Transformer
+from .model import Transformer, flash_varlen_on
 from .tokenizer import Tokenizer
 
 MODES = ("generate", "likelihood")
@@ -32,7 +32,8 @@ def heldout_loss(model: Transformer, ds: TokenDataset, row_len: int, rows_per_ba
                  rank: int = 0, world: int = 1, all_sum: Callable = lambda t: t) -> float:
     """Token-mean next-token loss over a whole split; with world > 1 each rank takes every world-th batch."""
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for k, batch in enumerate(micro_batches(ds, np.arange(len(ds)), row_len, rows_per_batch, pad_id)):
+    batches = micro_batches(ds, np.arange(len(ds)), row_len, rows_per_batch, pad_id, flash_varlen_on(device))
+    for k, batch in enumerate(batches):
         if k % world == rank:
             batch = batch.to(device)
             totals[0] += token_loss_sum(model, batch).double()
@@ -48,7 +49,7 @@ def sequence_logprobs(model: Transformer, samples: list[tuple[np.ndarray, np.nda
     out = []
     for i in range(0, len(samples), batch_size):
         batch = collate([[s] for s in samples[i: i + batch_size]], pad_id=0).to(device)
-        h = model.hidden_states(batch.tokens, mask=batch.attn_mask, positions=batch.positions)
+        h = hidden_states(model, batch)
         logp = torch.log_softmax(model.output(h).float(), dim=-1).gather(-1, batch.targets[..., None])[..., 0]
         out += (logp * batch.target_mask).sum(dim=1).tolist()
     return out

@@ -8,6 +8,7 @@ carry no position while the queries are rotated), so a shared column index would
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -42,6 +43,50 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Ten
     return tokens, torch.tensor([P - len(p) for p in prompts], device=device)
 
 
+def decode_step(model: Transformer, token: Tensor, slot: Tensor, key_valid: Tensor, rope_pos: Tensor) -> Tensor:
+    """Logits (B, V) after feeding token (B, 1) into cache slot `slot` (1,); key_valid and rope_pos (B, S)
+    say which slots hold real tokens and each slot's RoPE position. Only tensors in, no host sync: the step
+    can be captured as a CUDA graph."""
+    slots = torch.arange(key_valid.size(1), device=key_valid.device)
+    mask = (key_valid & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
+    return model(token, slot, mask, rope_pos.index_select(1, slot))[:, -1]
+
+
+@functools.cache
+def compiled_decode_step():
+    """decode_step compiled once per process (elementwise ops fused: at batch 1 each of RMSNorm, RoPE and
+    the gates is otherwise several tiny kernels, and kernel count, not bandwidth, bounds the step)."""
+    return torch.compile(decode_step, fullgraph=True)
+
+
+class CUDAGraphed:
+    """A function of fixed-shape tensors captured once as a CUDA graph and replayed: decoding at batch 1 is
+    bound by launching ~10 kernels per layer per token, which one graph launch replaces. The returned
+    tensor is overwritten by the next call."""
+
+    def __init__(self, fn, *example_inputs: Tensor):
+        self.inputs = [x.clone() for x in example_inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: cuBLAS handles, kernel selection
+            for _ in range(2):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(*self.inputs)
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x)
+        self.graph.replay()
+        return self.output
+
+
+# Cache lengths are rounded up to this: the fused attention kernels that take a mask want aligned lengths.
+CACHE_MULTIPLE = 16
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -52,8 +97,12 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    cuda_graph: bool = True,
+    compile: bool = False,
 ) -> list[list[int]]:
-    """New tokens for each prompt, cut after the first EOS (which is not included)."""
+    """New tokens for each prompt, cut after the first EOS (which is not included). On a GPU the decode step
+    runs as a CUDA graph unless cuda_graph is False (same kernels, so the same tokens). compile: run the
+    decode step through torch.compile (a one-off compilation, then faster steps)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     if max_new_tokens < 1:
@@ -61,7 +110,7 @@ def generate(
     device = model.tok_embeddings.weight.device
     tokens, n_pad = left_pad(prompts, pad_id, device)
     B, P = tokens.shape
-    S = P + max_new_tokens
+    S = -(-(P + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
     slots = torch.arange(S, device=device)
     key_valid = slots[None, :] >= n_pad[:, None]  # (B, S)
     rope_pos = (slots[None, :] - n_pad[:, None]).clamp(min=0)  # (B, S): each row counts from its first token
@@ -74,15 +123,17 @@ def generate(
         logits = model(tokens, slots[:P], mask[:, None], rope_pos[:, :P])[:, -1]
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        step_fn = compiled_decode_step() if compile else decode_step
+        step = lambda token, slot: step_fn(model, token, slot, key_valid, rope_pos)  # noqa: E731
         for t in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_p, generator)
             out[:, t] = nxt
             done |= nxt == eos_id
-            if done.all() or t == max_new_tokens - 1:
+            if t == max_new_tokens - 1 or done.all():
                 break
-            slot = slots[P + t: P + t + 1]
-            mask = (key_valid & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
-            logits = model(nxt[:, None], slot, mask, rope_pos[:, P + t: P + t + 1])[:, -1]
+            if t == 0 and cuda_graph and device.type == "cuda":
+                step = CUDAGraphed(step, nxt[:, None], slots[P: P + 1])
+            logits = step(nxt[:, None], slots[P + t: P + t + 1])
     finally:
         model.clear_kv_cache()
     results = []
@@ -118,12 +169,14 @@ def complete_texts(
     temperature: float = 0.0,
     top_p: float = 0.75,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> list[str]:
     """The model's continuation of each prompt (BOS prepended), decoded, in batches."""
     texts = []
     for i in range(0, len(prompts), batch_size):
         ids = [tokenizer.encode(p, bos=True) for p in prompts[i: i + batch_size]]
-        outs = generate(model, ids, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, temperature, top_p, generator)
+        outs = generate(model, ids, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, temperature, top_p, generator,
+                        compile=compile)
         texts += [tokenizer.decode(o) for o in outs]
     return texts
 
@@ -138,6 +191,7 @@ def generate_requests(
     temperature: float = 0.0,
     top_p: float = 0.75,
     seed: int = 0,
+    compile: bool = False,
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
     loaded once; adapters are swapped in between groups of requests."""
@@ -150,7 +204,7 @@ def generate_requests(
         apply_adapter(model, path)
         mine = [r for r in requests if r.get("adapter", name) == name]
         outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], batch_size, max_new_tokens,
-                                 temperature, top_p, generator)
+                                 temperature, top_p, generator, compile)
         results += [{"id": r["id"], "adapter": name, "adapter_path": str(path), "prompt": prompt_text(r),
                      "output": o} for r, o in zip(mine, outputs)]
     return results

@@ -37,7 +37,7 @@ from .data.tokens import TokenDataset
 from .errors import GPUAllocationError, TrainingDiverged
 from .evaluate import heldout_loss
 from .io import atomic_path, write_json
-from .model import Transformer
+from .model import Transformer, flash_varlen_on
 from .tracking import Tracker, progress
 
 
@@ -114,7 +114,7 @@ def shard_base(model: Transformer, d: Dist) -> Transformer:
 
 def gate_magnitudes(model: Transformer) -> dict[str, float]:
     """Mean |tanh(gate)| per adapted layer, keyed by the layer's index in the model."""
-    first = model.args.n_layers - model.adapter.adapter_layers
+    first = model.first_adapted_layer()
     g = model.adapter_gate.detach().tanh().abs().mean(dim=1).tolist()
     return {f"gate/layer_{first + i:02d}": v for i, v in enumerate(g)}
 
@@ -124,14 +124,15 @@ def rank_batches(ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig, d: Dist):
     forward passes as the busiest one (each pass gathers the sharded layers collectively), so the
     shorter ranks repeat their first batch with weight 0."""
     share = lambda r: idx[r:: d.world]  # noqa: E731
-    mine = list(micro_batches(ds, share(d.rank), cfg.row_len, cfg.rows_per_micro_batch, cfg.pad_id))
+    flat = flash_varlen_on(d.device)
+    mine = list(micro_batches(ds, share(d.rank), cfg.row_len, cfg.rows_per_micro_batch, cfg.pad_id, flat))
     busiest = len(mine)
     if cfg.fsdp and d.world > 1:
         busiest = max(math.ceil(len(pack_rows(ds.lengths[share(r)], cfg.row_len)) / cfg.rows_per_micro_batch)
                       for r in range(d.world))
     if busiest == len(mine):
         return [(b, 1) for b in mine]
-    filler = mine[0] if mine else next(micro_batches(ds, idx[:1], cfg.row_len, 1, cfg.pad_id))
+    filler = mine[0] if mine else next(micro_batches(ds, idx[:1], cfg.row_len, 1, cfg.pad_id, flat))
     return [(b, 1) for b in mine] + [(filler, 0)] * (busiest - len(mine))
 
 
@@ -209,7 +210,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     else:
         model = load_model(cfg.base, adapter=cfg.adapter, device=d.device, dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=0.0, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # One fused kernel for the whole update on the GPU instead of a few per parameter tensor.
+    opt = torch.optim.AdamW(params, lr=0.0, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=d.device.type == "cuda")
     train_ds = TokenDataset(Path(cfg.train_data))
     val_ds = TokenDataset(Path(cfg.val_data)) if cfg.val_data else None
     if int(train_ds.lengths.max()) > cfg.row_len:
@@ -219,7 +222,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     last_step = min(total_steps, cfg.max_steps or total_steps)
 
     step, history, run_id = restore(ckpt_path, cfg, model, opt) if resume and ckpt_path.exists() else (0, [], None)
-    forward_model = torch.compile(model) if cfg.compile else model
+    if cfg.compile:
+        model.compile_blocks()
 
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +242,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             lr = lr_at(step, steps_per_epoch, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_value, real, padded = train_step(forward_model, train_ds, idx, cfg, d, params)
+            loss_value, real, padded = train_step(model, train_ds, idx, cfg, d, params)
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"step {step} (epoch {step // steps_per_epoch}): loss {loss_value} on the batch of samples "
@@ -251,7 +255,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             metrics = {"loss": loss_value, "lr": lr, "real_tokens": real, "padded_tokens": padded,
                        "real_tokens_per_s": real / seconds, "epoch": step / steps_per_epoch, **gate_magnitudes(model)}
             if val_ds is not None and (step % steps_per_epoch == 0 or step == last_step):
-                metrics["val_loss"] = evaluate_loss(forward_model, val_ds, cfg, d)
+                metrics["val_loss"] = evaluate_loss(model, val_ds, cfg, d)
             history.append({"step": step, **metrics})
             tracker.log_metrics(metrics, step)
             bar.update(1)
