@@ -209,6 +209,7 @@ def test_segment_boundaries_keep_samples_apart(setup, width):
     assert T == (width or T) and T % 16 == 0 and batch.cu_seqlens.dtype == torch.int32
     assert set(range(0, B * T + 1, T)) <= set(batch.cu_seqlens.tolist())
     assert len(batch.cu_seqlens) - 1 == 12 + sum(1 for r in range(B) if batch.positions[r, -1] == 0)
+    assert batch.max_seqlen == int(batch.cu_seqlens.diff().max())
     mask = block_causal_mask(batch.cu_seqlens, B, T)
     pad = batch.tokens == 0  # the synthetic samples never hold token 0
     after_pad = torch.nn.functional.pad(pad[:, :-1], (1, 0))

@@ -42,13 +42,15 @@ class Batch:
     target_mask: Tensor  # (B, T) bool: position t's prediction counts in the loss
     positions: Tensor  # (B, T) RoPE positions, restarting per sample
     cu_seqlens: Tensor  # (N+1,) int32: boundaries of the samples (and padding tails) in the flattened B*T tokens
+    max_seqlen: int  # the longest of those segments
     real_tokens: int
     padded_tokens: int
 
     def to(self, device) -> Batch:
         tensors = {k: getattr(self, k).to(device, non_blocking=True) for k in
                    ("tokens", "targets", "target_mask", "positions", "cu_seqlens")}
-        return Batch(**tensors, real_tokens=self.real_tokens, padded_tokens=self.padded_tokens)
+        return Batch(**tensors, max_seqlen=self.max_seqlen, real_tokens=self.real_tokens,
+                     padded_tokens=self.padded_tokens)
 
 
 # Rows are padded to a multiple of this: the fused attention kernels that take a mask need aligned
@@ -87,12 +89,13 @@ def collate(samples: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, wid
     target_mask[:, :-1] = torch.from_numpy(loss_mask[:, 1:]) & (segment_t[:, 1:] == segment_t[:, :-1])
     real = int((segment >= 0).sum())
     return Batch(tokens_t, targets, target_mask, torch.from_numpy(positions), torch.tensor(bounds, dtype=torch.int32),
-                 real, B * T - real)
+                 int(np.diff(bounds).max()), real, B * T - real)
 
 
 def hidden_states(model, batch: Batch) -> Tensor:
     """The model's final hidden states (B, T, dim) over a batch, each sample attending only to itself."""
-    return model.hidden_states(batch.tokens, positions=batch.positions, cu_seqlens=batch.cu_seqlens)
+    return model.hidden_states(batch.tokens, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
+                               max_seqlen=batch.max_seqlen)
 
 
 def token_loss_sum(model, batch: Batch) -> Tensor:

@@ -136,6 +136,7 @@ class Attention(nn.Module):
         mask: Tensor | None,
         adapter: tuple[Tensor, Tensor] | None = None,
         cu_seqlens: Tensor | None = None,
+        max_seqlen: int = 0,
     ) -> Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)  # (B, T, nh, hs)
@@ -144,7 +145,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or nkv, T, hs)
         if cu_seqlens is not None:
             flat = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)]  # (B*T, nh or nkv, hs)
-            y = causal_varlen_attention(*flat, cu_seqlens, T).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            y = causal_varlen_attention(*flat, cu_seqlens, max_seqlen).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         else:
             if self.kv_cache is not None:
                 k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hs)
@@ -193,8 +194,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, input_pos, mask, adapter=None, cu_seqlens=None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, adapter, cu_seqlens)
+    def forward(self, x, rope, input_pos, mask, adapter=None, cu_seqlens=None, max_seqlen=0) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, adapter, cu_seqlens, max_seqlen)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -264,10 +265,13 @@ class Transformer(nn.Module):
         return self.args.n_layers - (self.adapter.adapter_layers if self.adapter else 0)
 
     def compile_blocks(self, **kwargs) -> Transformer:
-        """Compile each transformer block in place (whole-graph: a graph break is an error). The blocks
-        share one compiled graph; the embedding, loss and decode loop stay eager."""
+        """Compile each transformer block in place (whole-graph: a graph break is an error); the embedding,
+        loss and decode loop stay eager. All blocks share the compiled code, one variant per kind of call
+        (with or without adapter, gradient into the block or not, training or evaluation). Shapes are
+        dynamic from the start: packed batches change length every step, and specialising first would
+        spend a recompilation per kind."""
         for layer in self.layers:
-            layer.compile(fullgraph=True, **kwargs)
+            layer.compile(fullgraph=True, **{"dynamic": True, **kwargs})
         return self
 
     def clear_kv_cache(self) -> None:
@@ -281,9 +285,10 @@ class Transformer(nn.Module):
         mask: Tensor | None = None,
         positions: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> Tensor:
         """Logits (B, T, vocab) for tokens (B, T); arguments as for `hidden_states`."""
-        return self.output(self.hidden_states(tokens, input_pos, mask, positions, cu_seqlens))
+        return self.output(self.hidden_states(tokens, input_pos, mask, positions, cu_seqlens, max_seqlen))
 
     def hidden_states(
         self,
@@ -292,6 +297,7 @@ class Transformer(nn.Module):
         mask: Tensor | None = None,
         positions: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> Tensor:
         """Final normalised hidden states (B, T, dim) for tokens (B, T). Training projects only the
         positions that carry a loss through `output`, which saves most of the vocabulary matmul.
@@ -303,7 +309,8 @@ class Transformer(nn.Module):
         not shift-invariant (RoPE-rotated queries meet position-free prompt keys), unlike attention.
         cu_seqlens: (N+1,) int32 boundaries of independent causal segments in the flattened B*T tokens
         (packed samples), instead of a mask: flash varlen attention where it runs (CUDA, bf16/fp16), else the
-        equivalent dense mask.
+        equivalent dense mask. max_seqlen: the longest segment (read from cu_seqlens if not given, a host
+        sync); the flash kernel sizes its grid by it, so the row length would launch mostly idle blocks.
         """
         T = tokens.size(1)
         if input_pos is None:
@@ -315,12 +322,14 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         if cu_seqlens is not None and not varlen_usable(h):
             mask, cu_seqlens = block_causal_mask(cu_seqlens, *tokens.shape), None
+        if cu_seqlens is not None and max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         first_adapted = self.first_adapted_layer()
         for i, layer in enumerate(self.layers):
             adapter = None
             if i >= first_adapted:
                 adapter = (self.adapter_query[i - first_adapted], self.adapter_gate[i - first_adapted])
-            h = layer(h, rope, input_pos, mask, adapter, cu_seqlens)
+            h = layer(h, rope, input_pos, mask, adapter, cu_seqlens, max_seqlen)
         return self.norm(h)
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
