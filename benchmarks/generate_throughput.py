@@ -49,7 +49,7 @@ def timed(fn) -> float:
 def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, cuda_graph: bool,
          compile: bool = False) -> float:
     with torch.device("cuda"):
-        model = Transformer(args, adapter).cast_base(torch.bfloat16).eval()
+        model = Transformer(args, adapter).cast_base(torch.bfloat16).eval().fuse_projections()  # as the CLI loads it
     with torch.no_grad():
         model.adapter_gate.normal_()
     rows = prompts.tolist()

@@ -22,7 +22,7 @@ def models():
     ref = Transformer(ARGS, ADAPTER).eval()  # fp32 on CPU: the reference
     gpu = Transformer(ARGS, ADAPTER)
     gpu.load_state_dict(ref.state_dict())
-    return ref, gpu.cuda().cast_base(torch.bfloat16).eval()
+    return ref, gpu.cuda().cast_base(torch.bfloat16).eval().fuse_projections()  # as train() and the CLI load it
 
 
 def rel_err(a, b):

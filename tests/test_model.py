@@ -204,3 +204,27 @@ def test_parameter_count_formula(name):
     with torch.device("meta"):
         model = Transformer(args)
     assert args.parameter_count() == sum(p.numel() for p in model.parameters())
+
+
+def test_fused_projections_keep_outputs_names_and_loading():
+    """fuse_projections changes how the matmuls run, not what the model computes or how it is saved."""
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny-gqa")
+    plain = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    fused = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    fused.load_state_dict(plain.state_dict())
+    fused.fuse_projections()
+    x = tokens(args, T=12)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x))
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in fused.state_dict().items())
+    # Loading (strict, Meta names) writes through the views into the fused weights.
+    other = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
+    fused.load_state_dict(other.state_dict(), strict=True)
+    a = fused.layers[1].attention
+    assert torch.equal(a.wqkv[: a.wq.weight.size(0)], other.layers[1].attention.wq.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), other.eval()(x))
+    with pytest.raises(ValueError, match="frozen base"):
+        Transformer(args).fuse_projections()

@@ -99,6 +99,18 @@ def block_causal_mask(cu_seqlens: Tensor, B: int, T: int) -> Tensor:
     return ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
 
 
+def fuse_linears(linears: list[nn.Linear]) -> Tensor:
+    """One weight (sum of outputs, inputs) holding the weights of linears that read the same input; their
+    parameters become views into it, so names, state_dict and in-place loading are unchanged."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    at = 0
+    for lin in linears:
+        n = lin.weight.size(0)
+        lin.weight.data = fused[at: at + n]
+        at += n
+    return fused
+
+
 class KVCache(nn.Module):
     """Keys and values of past positions for incremental decoding; allocated only when decoding starts."""
 
@@ -126,6 +138,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv: Tensor | None = None  # set by Transformer.fuse_projections
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -139,9 +152,14 @@ class Attention(nn.Module):
         max_seqlen: int = 0,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)  # (B, T, nh, hs)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)  # (B, T, nkv, hs)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.wqkv).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope)  # (B, T, nh, hs)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope)  # (B, T, nkv, hs)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or nkv, T, hs)
         if cu_seqlens is not None:
             flat = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)]  # (B*T, nh or nkv, hs)
@@ -181,8 +199,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w13: Tensor | None = None  # set by Transformer.fuse_projections
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -260,6 +282,19 @@ class Transformer(nn.Module):
             adapted = i - self.first_adapted_layer()
             if adapted >= 0:
                 a.kv_cache.prompt_kv = a.prompt_keys_values(self.adapter_query[adapted], w.dtype)
+
+    def fuse_projections(self) -> Transformer:
+        """Lay out each block's wq/wk/wv, and w1/w3, as one weight each (the parameters become views into it),
+        so the forward runs one larger matmul where it ran three, and two: at decode time each is a
+        bandwidth-bound matrix-vector product, and larger ones run closer to the copy rate. Checkpoint names
+        are unchanged. Only for a frozen base, after its last cast or move (a new copy of the parameters
+        would leave the fused weights behind)."""
+        if any(p.requires_grad for name, p in self.named_parameters() if not is_adapter_param(name)):
+            raise ValueError("fuse_projections is for a frozen base: the fused weights receive no gradient")
+        for layer in self.layers:
+            a, f = layer.attention, layer.feed_forward
+            a.wqkv, f.w13 = fuse_linears([a.wq, a.wk, a.wv]), fuse_linears([f.w1, f.w3])
+        return self
 
     def first_adapted_layer(self) -> int:
         return self.args.n_layers - (self.adapter.adapter_layers if self.adapter else 0)

@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if cfg.fsdp and d.world > 1:
         model = shard_base(load_model(cfg.base, adapter=cfg.adapter, device="cpu", dtype=dtype), d)
     else:
-        model = load_model(cfg.base, adapter=cfg.adapter, device=d.device, dtype=dtype)
+        model = load_model(cfg.base, adapter=cfg.adapter, device=d.device, dtype=dtype).fuse_projections()
     params = [p for p in model.parameters() if p.requires_grad]
     # One fused kernel for the whole update on the GPU instead of a few per parameter tensor.
     opt = torch.optim.AdamW(params, lr=0.0, betas=cfg.betas, weight_decay=cfg.weight_decay,
