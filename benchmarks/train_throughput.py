@@ -194,7 +194,7 @@ def main() -> None:
         ds = synthetic_split(Path(tmp) / f"split-{d.rank}", samples)
         peak_matmul = matmul_tflops(d.device)
         with torch.device(d.device):
-            model = Transformer(args, adapter).cast_base(torch.bfloat16).fuse_projections()  # as train() loads it
+            model = Transformer(args, adapter).cast_base(torch.bfloat16)
         with torch.no_grad():
             model.adapter_gate.normal_()  # a trained adapter: the branch really runs
         params = [q for q in model.parameters() if q.requires_grad]

@@ -17,12 +17,15 @@ ARGS = ModelArgs(dim=512, n_layers=6, n_heads=8, n_kv_heads=2, vocab_size=1024, 
 ADAPTER = AdapterArgs(adapter_len=10, adapter_layers=4, gate_init="random")
 
 
-def models():
+def models(fused=False):
+    """The fp32 CPU reference and the same weights in bf16 on the GPU, fused for decoding as the CLI loads
+    them, or not, as training does."""
     torch.manual_seed(0)
     ref = Transformer(ARGS, ADAPTER).eval()  # fp32 on CPU: the reference
     gpu = Transformer(ARGS, ADAPTER)
     gpu.load_state_dict(ref.state_dict())
-    return ref, gpu.cuda().cast_base(torch.bfloat16).eval().fuse_projections()  # as train() and the CLI load it
+    gpu = gpu.cuda().cast_base(torch.bfloat16).eval()
+    return ref, gpu.fuse_projections() if fused else gpu
 
 
 def rel_err(a, b):
@@ -45,7 +48,7 @@ def test_bf16_forward_backward_trains_only_fp32_adapter():
 
 
 def test_kv_cache_decoding_on_gpu():
-    _, gpu = models()
+    _, gpu = models(fused=True)
     x = torch.randint(0, ARGS.vocab_size, (2, 40), device="cuda")
     with torch.no_grad():
         full = gpu(x)
@@ -168,7 +171,7 @@ def test_compiled_blocks_equal_eager_on_gpu():
 
 def test_cuda_graph_decoding_gives_the_eager_tokens():
     """The CUDA-graph decode step replays the same kernels on the same data: the same greedy tokens."""
-    _, gpu = models()
+    _, gpu = models(fused=True)
     prompts = [[1, 5, 9, 200, 7], [1, 42], [1, 3, 3, 3, 3, 3, 3, 3, 8]]
     graphed = generate(gpu, prompts, max_new_tokens=24, eos_id=-1)
     eager = generate(gpu, prompts, max_new_tokens=24, eos_id=-1, cuda_graph=False)
@@ -178,7 +181,7 @@ def test_cuda_graph_decoding_gives_the_eager_tokens():
 def test_compiled_decode_step_gives_the_eager_tokens():
     """The compiled decode step (fused kernels, other round-off) picks each token within round-off of the
     eager step's best logit, along the compiled sequence."""
-    _, gpu = models()
+    _, gpu = models(fused=True)
     prompts = [[1, 5, 9, 200, 7], [1, 42]]
     compiled = generate(gpu, prompts, max_new_tokens=12, eos_id=-1, compile=True)
     with torch.no_grad():
