@@ -228,3 +228,65 @@ def test_fused_projections_keep_outputs_names_and_loading():
         torch.testing.assert_close(fused(x), other.eval()(x))
     with pytest.raises(ValueError, match="frozen base"):
         Transformer(args).fuse_projections()
+
+
+def multimodal_pair(visual_dim=6):
+    """A multimodal model and a text-only one with the same base, prompts and gates."""
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny-gqa")
+    mm = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random", visual_dim=visual_dim,
+                                       visual_hidden=8)).eval()
+    text = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    text.load_state_dict({k: v for k, v in mm.state_dict().items() if not k.startswith("adapter_visual")})
+    return args, mm, text
+
+
+def test_multimodal_adapter_adds_the_image_to_every_prompt():
+    """Against the paper's definition computed literally: row b's prompts are P_l + repeat(I_b), with
+    I_b = MLP(features_b), in every adapted layer; a row without an image keeps P_l."""
+    args, mm, text = multimodal_pair()
+    x = tokens(args, B=3, T=9)
+    features = torch.randn(2, 6)
+    index = torch.tensor([[1] * 9, [-1] * 9, [0] * 9])  # row 0 shows image 1, row 1 none, row 2 image 0
+    with torch.no_grad():
+        out = mm(x, image_features=features, image_index=index)
+        projected = mm.adapter_visual(features)
+        for b, image in enumerate([1, None, 0]):
+            literal = Transformer(args, text.adapter).eval()
+            literal.load_state_dict(text.state_dict())
+            if image is not None:
+                literal.adapter_query += projected[image]  # (layers, L, dim) + (dim,): every prompt, every layer
+            torch.testing.assert_close(out[b], literal(x[b: b + 1])[0], rtol=1e-4, atol=1e-4)
+        assert (out[0] - text(x[:1])[0]).abs().max() > 1e-3  # the image really changes the output
+
+
+def test_zero_projection_or_no_image_is_the_text_only_model():
+    args, mm, text = multimodal_pair()
+    x = tokens(args, B=2, T=7)
+    features = torch.randn(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(mm(x, image_features=features, image_index=torch.full((2, 7), -1)), text(x))
+        mm.adapter_visual[2].weight.zero_()
+        mm.adapter_visual[2].bias.zero_()
+        torch.testing.assert_close(mm(x, image_features=features, image_index=torch.zeros(2, 7, dtype=torch.long)),
+                                   text(x))
+    with pytest.raises(ValueError, match="text-only"):
+        text(x, image_features=features, image_index=torch.zeros(2, 7, dtype=torch.long))
+
+
+def test_multimodal_adapter_file_holds_the_projection(tmp_path):
+    from llama_adapter.checkpoint import apply_adapter, read_adapter
+
+    args, mm, _ = multimodal_pair()
+    save_adapter(mm, tmp_path / "mm.safetensors", base_model="tiny-gqa")
+    adapter, _, tensors = read_adapter(tmp_path / "mm.safetensors")
+    assert adapter.visual_dim == 6 and {k for k in tensors if k.startswith("adapter_visual")} == {
+        "adapter_visual.0.weight", "adapter_visual.0.bias", "adapter_visual.2.weight", "adapter_visual.2.bias"}
+    other = Transformer(args)
+    other.load_state_dict({k: v for k, v in mm.state_dict().items() if not is_adapter_param(k)}, strict=False)
+    apply_adapter(other, tmp_path / "mm.safetensors")
+    x, features, index = tokens(args, B=1, T=5), torch.randn(1, 6), torch.zeros(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(x, image_features=features, image_index=index),
+                                   mm(x, image_features=features, image_index=index))
+    assert {n for n, p in other.named_parameters() if p.requires_grad} == set(tensors)

@@ -457,4 +457,4 @@ def apply_adapter(model: Transformer, adapter_path: str | os.PathLike, adapter: 
     check_state({k: v.shape for k, v in model.adapter_state_dict().items()}, tensors, f"adapter {adapter_path}")
     with torch.no_grad():
         for k, v in tensors.items():
-            getattr(model, k).copy_(v)
+            model.get_parameter(k).copy_(v)

@@ -126,12 +126,18 @@ class AdapterArgs:
     # "zero" is the paper's zero-init attention; "random" is its ablation (gates drawn from N(0, 1), so
     # tanh(gate) lets the untrained prompts into the frozen model from the first step).
     gate_init: GateInit = "zero"
+    # Multimodal (the paper's ScienceQA model): the width of the cached image features (0: text only) and of
+    # the hidden layer of the MLP that projects them to the model dim, added to every adapted layer's prompts.
+    visual_dim: int = 0
+    visual_hidden: int = 128
 
     def __post_init__(self) -> None:
         if self.adapter_len < 1 or self.adapter_layers < 1:
             raise ValueError(f"adapter_len and adapter_layers must be >= 1, got {self}")
         if self.gate_init not in ("zero", "random"):
             raise ValueError(f"gate_init must be 'zero' or 'random', got {self.gate_init!r}")
+        if self.visual_dim < 0 or self.visual_hidden < 1:
+            raise ValueError(f"visual_dim must be >= 0 and visual_hidden >= 1, got {self}")
 
     def validate_for(self, args: ModelArgs) -> None:
         if self.adapter_layers > args.n_layers:
@@ -171,6 +177,7 @@ class TrainConfig:
     device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
     compile: bool = False
     fsdp: bool = False  # shard the frozen base's layers over the processes (models too big for one GPU)
+    image_features: str | None = None  # a feature cache (encode-images): train the multimodal adapter
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 

@@ -147,7 +147,7 @@ class Attention(nn.Module):
         rope: Tensor,
         input_pos: Tensor,
         mask: Tensor | None,
-        adapter: tuple[Tensor, Tensor] | None = None,
+        adapter: tuple | None = None,  # (prompt, gate, image or None): see adapter_attention
         cu_seqlens: Tensor | None = None,
         max_seqlen: int = 0,
     ) -> Tensor:
@@ -182,14 +182,25 @@ class Attention(nn.Module):
         pv = self.wv(prompt).view(1, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return pk, pv
 
-    def adapter_attention(self, q: Tensor, prompt: Tensor, gate: Tensor) -> Tensor:
-        """tanh(gate) · softmax(q Kp^T / sqrt(hs)) Vp over this layer's prompts: (B, nh, T, hs)."""
+    def adapter_attention(self, q: Tensor, prompt: Tensor, gate: Tensor,
+                          image: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """tanh(gate) · softmax(q Kp^T / sqrt(hs)) Vp over this layer's prompts: (B, nh, T, hs).
+
+        image: (projected image features (N+1, dim), last row zero; the row of each token (B, T), -1 for
+        none). The paper adds a token's image to every prompt, P + repeat(I). That shifts every prompt key
+        by wk(I), the same for all L prompts, which their softmax cancels; and every prompt value by wv(I),
+        which the softmax weights (summing to 1) pass on whole. So the image adds wv(I) to the prompt
+        attention's output, exactly, without a prompt tensor per sample in packed batches."""
         cached = self.kv_cache.prompt_kv if self.kv_cache is not None else None
         pk, pv = cached if cached is not None else self.prompt_keys_values(prompt, q.dtype)
         B = q.size(0)
         # A softmax of their own over the L prompt positions, every query sees every prompt (no mask).
         y = F.scaled_dot_product_attention(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1),
                                            enable_gqa=self.n_heads != self.n_kv_heads)
+        if image is not None:
+            projected, row = image
+            iv = self.wv(projected.to(q.dtype)).view(-1, self.n_kv_heads, self.head_dim)[row]  # (B, T, nkv, hs)
+            y = y + iv.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2).transpose(1, 2)
         return gate.tanh().to(q.dtype).view(1, -1, 1, 1) * y
 
 
@@ -237,7 +248,7 @@ class Transformer(nn.Module):
     def set_adapter(self, adapter: AdapterArgs | None, device: torch.device | str | None = None) -> None:
         """Give the model a fresh adapter of this configuration (or none), replacing any it had. With an
         adapter the base is frozen: only `is_adapter_param` parameters train."""
-        for name in ("adapter_query", "adapter_gate"):
+        for name in ("adapter_query", "adapter_gate", "adapter_visual"):
             if hasattr(self, name):
                 delattr(self, name)
         self.adapter = adapter
@@ -263,6 +274,10 @@ class Transformer(nn.Module):
             gate = torch.randn(gate_shape, device=device, generator=generator)
         self.adapter_query = nn.Parameter(query)  # (adapter_layers, adapter_len, dim)
         self.adapter_gate = nn.Parameter(gate)  # (adapter_layers, n_heads)
+        if a.visual_dim:  # image features -> model dim (fp32, PyTorch's default init; the zero gates hide it)
+            with torch.device(device):
+                self.adapter_visual = nn.Sequential(nn.Linear(a.visual_dim, a.visual_hidden), nn.GELU(),
+                                                    nn.Linear(a.visual_hidden, self.args.dim))
 
     def cast_base(self, dtype: torch.dtype) -> Transformer:
         """Cast the frozen base to `dtype`; adapter parameters stay fp32 (use this, not `.to(dtype)`)."""
@@ -322,9 +337,12 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
+        image_features: Tensor | None = None,
+        image_index: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, vocab) for tokens (B, T); arguments as for `hidden_states`."""
-        return self.output(self.hidden_states(tokens, input_pos, mask, positions, cu_seqlens, max_seqlen))
+        return self.output(self.hidden_states(tokens, input_pos, mask, positions, cu_seqlens, max_seqlen,
+                                              image_features, image_index))
 
     def hidden_states(
         self,
@@ -334,6 +352,8 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
+        image_features: Tensor | None = None,
+        image_index: Tensor | None = None,
     ) -> Tensor:
         """Final normalised hidden states (B, T, dim) for tokens (B, T). Training projects only the
         positions that carry a loss through `output`, which saves most of the vocabulary matmul.
@@ -347,6 +367,8 @@ class Transformer(nn.Module):
         (packed samples), instead of a mask: flash varlen attention where it runs (CUDA, bf16/fp16), else the
         equivalent dense mask. max_seqlen: the longest segment (read from cu_seqlens if not given, a host
         sync); the flash kernel sizes its grid by it, so the row length would launch mostly idle blocks.
+        image_features: (N, visual_dim) cached features of the batch's images, for a multimodal adapter;
+        image_index: (B, T) which of them each token's sample shows, -1 for none (prompts unchanged).
         """
         T = tokens.size(1)
         if input_pos is None:
@@ -360,11 +382,17 @@ class Transformer(nn.Module):
             mask, cu_seqlens = block_causal_mask(cu_seqlens, *tokens.shape), None
         if cu_seqlens is not None and max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        image = None
+        if image_features is not None and not (self.adapter and self.adapter.visual_dim):
+            raise ValueError("image features were given but the adapter is text-only (visual_dim 0)")
+        if image_features is not None:
+            projected = self.adapter_visual(image_features.float())  # (N, dim): I_p, one per image
+            image = (torch.cat([projected, projected.new_zeros(1, projected.size(1))]), image_index)  # -1: zero row
         first_adapted = self.first_adapted_layer()
         for i, layer in enumerate(self.layers):
             adapter = None
             if i >= first_adapted:
-                adapter = (self.adapter_query[i - first_adapted], self.adapter_gate[i - first_adapted])
+                adapter = (self.adapter_query[i - first_adapted], self.adapter_gate[i - first_adapted], image)
             h = layer(h, rope, input_pos, mask, adapter, cu_seqlens, max_seqlen)
         return self.norm(h)
 

@@ -172,7 +172,7 @@ def restore(ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.op
         raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed {{key: (then, now)}}: {changed}")
     with torch.no_grad():
         for k, v in state["adapter"].items():
-            getattr(model, k).copy_(v)
+            model.get_parameter(k).copy_(v)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state["history"], state["mlflow_run_id"]

@@ -1,0 +1,231 @@
+"""The image side of multimodal LLaMA-Adapter: multi-scale global features from a frozen CLIP vision tower.
+
+The encoder is frozen, so each image is encoded once into an on-disk cache keyed by ScienceQA pid; training and
+evaluation read the cache (`ImageFeatures`) and never run the encoder. Cache folder layout:
+  features.npy   float32 (rows, feature_dim), one row per encoded image, in records.jsonl order
+  pids.json      the pid of each row
+  encoder.json   the encoder's fingerprint, the last run's counts, skipped pids and each image's sha256
+
+transformers is imported only where an encoder is built, so reading a cache needs just numpy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.validate import read_jsonl
+from .errors import PipelineError
+from .io import atomic_dir, sha256_file, write_json
+
+FORMAT_VERSION = "llama-adapter-image-features/1"
+CACHE_FILES = ("features.npy", "pids.json", "encoder.json")
+# CLIP's own preprocessing constants (the values the OpenAI CLIP models were trained with).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Every third block from the last, as a spread of scales; indices beyond a shallow model are dropped.
+DEFAULT_LAYERS = (-1, -4, -7, -10)
+IMAGE_READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+class ImageError(PipelineError):
+    """An image or image-feature cache that cannot be read (names the pid, the file and the records file)."""
+
+
+class EncoderError(PipelineError, ValueError):
+    """A vision encoder folder that is missing, incomplete, or asked for hidden states it does not have."""
+
+
+class VisionEncoder:
+    """A frozen Hugging Face CLIPVisionModel read from a local `save_pretrained` folder."""
+
+    def __init__(self, path: Path, layers: tuple[int, ...] | None = None, device: str = "cpu"):
+        from transformers import CLIPVisionModel
+
+        self.path = Path(path)
+        for f in (self.path / "config.json", self.path / "model.safetensors"):
+            if not f.is_file():
+                raise EncoderError(f"{self.path}: not a vision encoder folder ({f.name} not found)")
+        self.model = CLIPVisionModel.from_pretrained(self.path, local_files_only=True)
+        self.model = self.model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        self.device = device
+        config = self.model.config
+        self.image_size, self.hidden_size = config.image_size, config.hidden_size
+        # hidden_states holds the embedding output plus one entry per block: valid indices are -(n+1)..n.
+        n = config.num_hidden_layers
+        if layers is None:
+            layers = tuple(i for i in DEFAULT_LAYERS if -(n + 1) <= i <= n)
+        bad = [i for i in layers if not -(n + 1) <= i <= n]
+        if not layers or bad:
+            raise EncoderError(f"{self.path}: hidden-state layers {bad or '()'} invalid; this model has "
+                               f"{n} blocks, so each index must be in {-(n + 1)}..{n}")
+        # Stored as non-negative indices so that -1 and n key the same cache.
+        self.layers = tuple(i % (n + 1) for i in layers)
+        if len(set(self.layers)) != len(self.layers):
+            raise EncoderError(f"{self.path}: layers {tuple(layers)} name the same hidden state twice")
+        # CLIPVisionModel nests the tower under .vision_model in transformers 4.x, not in 5.x.
+        self.post_layernorm = getattr(self.model, "vision_model", self.model).post_layernorm
+        self._fingerprint: dict[str, Any] | None = None
+
+    @property
+    def feature_dim(self) -> int:
+        return len(self.layers) * self.hidden_size
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the features: a cache written under another fingerprint is never reused."""
+        if self._fingerprint is None:  # hashing a real CLIP's weights takes seconds: do it once
+            self._fingerprint = {
+                "path": str(self.path.resolve()), "weights_sha256": sha256_file(self.path / "model.safetensors"),
+                "config_sha256": sha256_file(self.path / "config.json"), "layers": list(self.layers),
+                "feature_dim": self.feature_dim, "image_size": self.image_size,
+            }
+        return self._fingerprint
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """CLIP's preprocessing: shortest side to image_size (bicubic), centre crop, [0, 1], CLIP mean/std."""
+        image, size = image.convert("RGB"), self.image_size
+        w, h = image.size
+        scale = size / min(w, h)
+        w, h = max(size, int(w * scale)), max(size, int(h * scale))  # truncated, as CLIPImageProcessor does
+        image = image.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        x = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+        x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+        return torch.from_numpy(x).permute(2, 0, 1)
+
+    @torch.no_grad()
+    def encode(self, images: list[Image.Image]) -> torch.Tensor:
+        """(N, feature_dim) float32: per selected layer, the CLS token through post_layernorm (as CLIP's
+        pooled output is), concatenated in `layers` order. Bitwise repeatable for the same batch; another
+        batch size may differ by float rounding (~1e-7), as BLAS sums in another order."""
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        return torch.cat([self.post_layernorm(hidden[i][:, 0]) for i in self.layers], dim=-1).float().cpu()
+
+
+def save_tiny_clip(out: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random CLIPVisionModel in `save_pretrained` layout: the demo's stand-in for a real CLIP.
+    The same seed writes byte-identical files; the caller's torch RNG state is left untouched."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                              patch_size=8, image_size=image_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModel(config)
+    with atomic_dir(Path(out)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+    return Path(out)
+
+
+class ImageFeatures:
+    """Read-only view of a feature cache; the features stay memory-mapped."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        missing = [f for f in CACHE_FILES if not (self.path / f).is_file()]
+        if missing:
+            raise ImageError(f"{self.path}: not an image-feature cache ({', '.join(missing)} not found)")
+        self.meta = json.loads((self.path / "encoder.json").read_text(encoding="utf-8"))
+        self.pids: list[str] = json.loads((self.path / "pids.json").read_text(encoding="utf-8"))
+        self.features = np.load(self.path / "features.npy", mmap_mode="r")
+        if self.features.ndim != 2 or len(self.features) != len(self.pids):
+            raise ImageError(f"{self.path}: features.npy has shape {self.features.shape} "
+                             f"but pids.json lists {len(self.pids)} pids")
+        self._rows = {pid: i for i, pid in enumerate(self.pids)}
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def row(self, pid: str) -> int | None:
+        return self._rows.get(pid)
+
+    def vectors(self, pids: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """(k, dim) float32 features and a (k,) mask; rows of pids without features (None or absent) are zero."""
+        index = np.array([-1 if p is None else self._rows.get(p, -1) for p in pids], dtype=np.int64)
+        has = index >= 0
+        out = np.zeros((len(pids), self.dim), dtype=np.float32)
+        out[has] = self.features[index[has]]
+        return out, has
+
+
+def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, policy: str = "fail",
+                  batch_size: int = 64) -> dict[str, Any]:
+    """Cache `encoder`'s features of every record's image (records.jsonl order) in `out_dir`.
+
+    Rows of a cache with the same fingerprint are reused when the pid's image file is unchanged (same sha256);
+    only the rest go through the encoder. The cache is rewritten whole and atomically, holding exactly the
+    current records' images. A missing/unreadable image fails the run (policy "fail", nothing written) or is
+    left out and listed under "skipped" (policy "skip")."""
+    if policy not in ("fail", "skip"):
+        raise ValueError(f"image policy must be 'fail' or 'skip', not {policy!r}")
+    records_path, out_dir = Path(records_path), Path(out_dir)
+    wanted = [(str(r["pid"]), records_path.parent / r["image"])
+              for r in read_jsonl(records_path) if r.get("image") is not None]
+    if len({pid for pid, _ in wanted}) != len(wanted):
+        raise ImageError(f"{records_path}: a pid appears twice among the records with an image")
+    fingerprint = encoder.fingerprint()
+
+    old = None
+    if (out_dir / "encoder.json").is_file():
+        meta = json.loads((out_dir / "encoder.json").read_text(encoding="utf-8"))
+        if meta.get("format") == FORMAT_VERSION and meta.get("encoder") == fingerprint:
+            old = ImageFeatures(out_dir)
+
+    skipped: list[str] = []
+
+    def unreadable(pid: str, path: Path, why: Exception) -> None:
+        if policy == "fail":
+            raise ImageError(f"{records_path}: pid {pid}: image {path} cannot be read ({why}); "
+                             "rerun with the skip policy to leave such images out") from None
+        skipped.append(pid)
+
+    # Hash first: a missing file fails before any encoding, and a changed image is not served stale features.
+    digests: dict[str, str] = {}
+    for pid, path in wanted:
+        try:
+            digests[pid] = sha256_file(path)
+        except OSError as e:
+            unreadable(pid, path, e)
+    features = np.zeros((len(wanted), encoder.feature_dim), dtype=np.float32)
+    done = np.zeros(len(wanted), dtype=bool)
+    todo = []
+    for k, (pid, path) in enumerate(wanted):
+        if pid not in digests:
+            continue
+        if old is not None and old.meta["images"].get(pid) == digests[pid] and (i := old.row(pid)) is not None:
+            features[k], done[k] = old.features[i], True
+        else:
+            todo.append((k, pid, path))
+    reused = int(done.sum())
+
+    for start in range(0, len(todo), batch_size):
+        images, rows = [], []
+        for k, pid, path in todo[start:start + batch_size]:
+            try:
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+                rows.append(k)
+            except IMAGE_READ_ERRORS as e:
+                unreadable(pid, path, e)
+                del digests[pid]
+        if images:
+            features[rows], done[rows] = encoder.encode(images).numpy(), True
+
+    pids = [pid for (pid, _), ok in zip(wanted, done) if ok]
+    summary = {"encoded": len(pids) - reused, "reused": reused, "n_skipped": len(skipped), "rows": len(pids),
+               "feature_dim": encoder.feature_dim}
+    del old  # drop the memory map of the files about to be replaced
+    with atomic_dir(out_dir) as tmp:
+        np.save(tmp / "features.npy", features[done])
+        write_json(tmp / "pids.json", pids)
+        write_json(tmp / "encoder.json", {"format": FORMAT_VERSION, "encoder": fingerprint,
+                                          "records": str(records_path), **summary, "skipped": skipped,
+                                          "images": {p: digests[p] for p in pids}})
+    return {**summary, "skipped": skipped}
