@@ -45,10 +45,13 @@ class Batch:
     max_seqlen: int  # the longest of those segments
     real_tokens: int
     padded_tokens: int
+    image_features: Tensor | None = None  # (N, visual_dim) the images of the batch's samples that have one
+    image_index: Tensor | None = None  # (B, T) each token's row in image_features, -1: no image
 
     def to(self, device) -> Batch:
-        tensors = {k: getattr(self, k).to(device, non_blocking=True) for k in
-                   ("tokens", "targets", "target_mask", "positions", "cu_seqlens")}
+        tensors = {k: None if getattr(self, k) is None else getattr(self, k).to(device, non_blocking=True)
+                   for k in ("tokens", "targets", "target_mask", "positions", "cu_seqlens", "image_features",
+                             "image_index")}
         return Batch(**tensors, max_seqlen=self.max_seqlen, real_tokens=self.real_tokens,
                      padded_tokens=self.padded_tokens)
 
@@ -58,10 +61,10 @@ class Batch:
 ROW_MULTIPLE = 16
 
 
-def collate(samples: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, width: int | None = None) -> Batch:
-    """One Batch from rows of (tokens, loss_mask) samples; rows padded to `width`, by default to the longest
-    row rounded up to a multiple of ROW_MULTIPLE."""
-    longest = max(sum(len(t) for t, _ in row) for row in samples)
+def collate(samples: list[list[tuple]], pad_id: int, width: int | None = None) -> Batch:
+    """One Batch from rows of (tokens, loss_mask) samples, or (tokens, loss_mask, image features or None);
+    rows padded to `width`, by default to the longest row rounded up to a multiple of ROW_MULTIPLE."""
+    longest = max(sum(len(s[0]) for s in row) for row in samples)
     T = width or -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
     if longest > T:
         raise ValueError(f"a row of {longest} tokens does not fit the width {T}")
@@ -71,12 +74,17 @@ def collate(samples: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, wid
     positions = np.zeros((B, T), dtype=np.int64)
     segment = np.full((B, T), -1, dtype=np.int64)  # -1: padding
     bounds = [0]  # in the flattened B*T tokens; a row's padding tail is a segment of its own
+    image_index = np.full((B, T), -1, dtype=np.int64)
+    images = []
     for b, row in enumerate(samples):
         at = 0
-        for s, (t, m) in enumerate(row):
+        for s, (t, m, *image) in enumerate(row):
             n = len(t)
             tokens[b, at: at + n], loss_mask[b, at: at + n] = t, m
             positions[b, at: at + n], segment[b, at: at + n] = np.arange(n), s
+            if image and image[0] is not None:
+                image_index[b, at: at + n] = len(images)
+                images.append(image[0])
             at += n
             bounds.append(b * T + at)
         if at < T:
@@ -88,14 +96,19 @@ def collate(samples: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, wid
     # Position t predicts token t+1, which must be a target of the same sample.
     target_mask[:, :-1] = torch.from_numpy(loss_mask[:, 1:]) & (segment_t[:, 1:] == segment_t[:, :-1])
     real = int((segment >= 0).sum())
-    return Batch(tokens_t, targets, target_mask, torch.from_numpy(positions), torch.tensor(bounds, dtype=torch.int32),
-                 int(np.diff(bounds).max()), real, B * T - real)
+    batch = Batch(tokens_t, targets, target_mask, torch.from_numpy(positions), torch.tensor(bounds, dtype=torch.int32),
+                  int(np.diff(bounds).max()), real, B * T - real)
+    if images:
+        batch.image_features = torch.from_numpy(np.stack(images).astype(np.float32))
+        batch.image_index = torch.from_numpy(image_index)
+    return batch
 
 
 def hidden_states(model, batch: Batch) -> Tensor:
     """The model's final hidden states (B, T, dim) over a batch, each sample attending only to itself."""
     return model.hidden_states(batch.tokens, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
-                               max_seqlen=batch.max_seqlen)
+                               max_seqlen=batch.max_seqlen, image_features=batch.image_features,
+                               image_index=batch.image_index)
 
 
 def token_loss_sum(model, batch: Batch) -> Tensor:

@@ -211,7 +211,13 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(ns.tokenizer or default_tokenizer_path(Path(ns.base)))
     if ns.task == "scienceqa":
         records = [r for r in read_jsonl(ns.data / "records.jsonl") if ns.split is None or r.get("split") == ns.split]
-        scores = evaluate_scienceqa(model, tokenizer, records, ns.out, ns.mode, ns.batch_size) | {"split": ns.split}
+        images = None
+        if ns.image_features:
+            from .multimodal import ImageFeatures
+
+            images = ImageFeatures(ns.image_features)
+        scores = evaluate_scienceqa(model, tokenizer, records, ns.out, ns.mode, ns.batch_size, images)
+        scores |= {"split": ns.split}
     else:
         instructions = read_prompts(ns.instructions) if ns.instructions else []
         scores = evaluate_alpaca(model, tokenizer, TokenDataset(ns.data), instructions, ns.adapter, ns.out,
@@ -235,6 +241,25 @@ def log_evaluation(ns: argparse.Namespace, scores: dict) -> str | None:
     tracker.log_metrics(numbers, step=0)
     tracker.close()
     return tracker.run_id
+
+
+def cmd_make_vision_encoder(ns: argparse.Namespace) -> None:
+    """Write a tiny randomly initialised CLIP vision tower (the demo's stand-in for a real CLIP)."""
+    from .multimodal import save_tiny_clip
+
+    print(save_tiny_clip(ns.out, ns.seed))
+
+
+def cmd_encode_images(ns: argparse.Namespace) -> None:
+    """Encode every ScienceQA image once with a frozen CLIP vision tower into a feature cache keyed by pid."""
+    import torch
+
+    from .multimodal import VisionEncoder, encode_images
+
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = VisionEncoder(ns.encoder, tuple(ns.layers) if ns.layers else None, device)
+    summary = encode_images(encoder, ns.records, ns.out, ns.policy, ns.batch_size)
+    print(json.dumps(summary, indent=2))
 
 
 def cmd_report(ns: argparse.Namespace) -> None:
@@ -393,12 +418,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="scienceqa: which split's questions (default: all)")
     p.add_argument("--mode", choices=["generate", "likelihood"], default="generate",
                    help="scienceqa: decode and parse 'The answer is (X)' (paper), or pick the most likely option")
+    p.add_argument("--image-features", type=Path,
+                   help="scienceqa with a multimodal adapter: the feature cache written by encode-images")
     p.add_argument("--instructions", type=Path, help="alpaca: JSONL of instructions to answer for the report")
     p.add_argument("--row-len", type=int, default=512)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--run-name", help="MLflow run name (default: 'evaluate TASK')")
     p.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag of the MLflow run; repeatable")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("make-vision-encoder", help=cmd_make_vision_encoder.__doc__,
+                       description=cmd_make_vision_encoder.__doc__)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_vision_encoder)
+
+    p = sub.add_parser("encode-images", help=cmd_encode_images.__doc__, description=cmd_encode_images.__doc__)
+    p.add_argument("--encoder", required=True, type=Path, help="a CLIPVisionModel folder (save_pretrained layout)")
+    p.add_argument("--records", required=True, type=Path, help="a validated ScienceQA records.jsonl")
+    p.add_argument("--out", required=True, type=Path, help="the cache folder (reused where it matches)")
+    p.add_argument("--layers", type=int, nargs="+", help="hidden states whose CLS token is taken (multi-scale)")
+    p.add_argument("--policy", choices=["fail", "skip"], default="fail",
+                   help="a missing or unreadable image: fail the run, or leave it out and list it")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.set_defaults(func=cmd_encode_images)
 
     p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)
     p.add_argument("--results", required=True, type=Path, help="the pipeline's results folder")

@@ -22,6 +22,7 @@ from .data.tokens import TokenDataset
 from .generate import complete_texts, prompt_text
 from .io import atomic_path, write_json
 from .model import Transformer, flash_varlen_on
+from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
 
 MODES = ("generate", "likelihood")
@@ -43,8 +44,9 @@ def heldout_loss(model: Transformer, ds: TokenDataset, row_len: int, rows_per_ba
 
 
 @torch.no_grad()
-def sequence_logprobs(model: Transformer, samples: list[tuple[np.ndarray, np.ndarray]], batch_size: int) -> list[float]:
-    """log p(target tokens | the tokens before them) of each (tokens, loss_mask) sample, one row each."""
+def sequence_logprobs(model: Transformer, samples: list[tuple], batch_size: int) -> list[float]:
+    """log p(target tokens | the tokens before them) of each (tokens, loss_mask[, image features]) sample, one
+    row each."""
     device = model.tok_embeddings.weight.device
     out = []
     for i in range(0, len(samples), batch_size):
@@ -55,14 +57,15 @@ def sequence_logprobs(model: Transformer, samples: list[tuple[np.ndarray, np.nda
     return out
 
 
-def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int) -> list[int]:
+def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
+                         images: list[np.ndarray | None] | None = None) -> list[int]:
     samples, owners = [], []
     for q, r in enumerate(records):
         prompt = qcm_prompt(r)
         n_prompt = len(tokenizer.encode(prompt, bos=True))
         for k in range(len(r["choices"])):
             ids = np.asarray(tokenizer.encode(prompt + qcm_target({**r, "answer": k}), bos=True), dtype=np.int64)
-            samples.append((ids, np.arange(len(ids)) >= n_prompt))
+            samples.append((ids, np.arange(len(ids)) >= n_prompt, None if images is None else images[q]))
             owners.append((q, k))
     scores = sequence_logprobs(model, samples, batch_size)
     best: dict[int, tuple[float, int]] = {}
@@ -73,8 +76,10 @@ def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list
 
 
 def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
-                         max_new_tokens: int = 16) -> tuple[list[int | None], list[str]]:
-    texts = complete_texts(model, tokenizer, [qcm_prompt(r) for r in records], batch_size, max_new_tokens)
+                         max_new_tokens: int = 16, images: list[np.ndarray | None] | None = None
+                         ) -> tuple[list[int | None], list[str]]:
+    texts = complete_texts(model, tokenizer, [qcm_prompt(r) for r in records], batch_size, max_new_tokens,
+                           images=images)
     return [parse_answer(t, len(r["choices"])) for t, r in zip(texts, records)], texts
 
 
@@ -90,15 +95,21 @@ def scienceqa_scores(predictions: list[dict]) -> dict:
 
 
 def evaluate_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict], out_dir: Path,
-                       mode: str = "generate", batch_size: int = 16) -> dict:
-    """Score `records`; write scores.json and predictions.csv (one row per question) to out_dir."""
+                       mode: str = "generate", batch_size: int = 16, images: ImageFeatures | None = None) -> dict:
+    """Score `records`; write scores.json and predictions.csv (one row per question) to out_dir. images: the
+    feature cache a multimodal adapter reads (questions without an image keep the prompts unchanged)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     model.eval()
+    per_question = None
+    if images is not None:
+        vectors, has = images.vectors([str(r["pid"]) for r in records])
+        per_question = [v if h else None for v, h in zip(vectors, has)]
     if mode == "likelihood":
-        preds, texts = answer_by_likelihood(model, tokenizer, records, batch_size), [""] * len(records)
+        preds = answer_by_likelihood(model, tokenizer, records, batch_size, per_question)
+        texts = [""] * len(records)
     else:
-        preds, texts = answer_by_generation(model, tokenizer, records, batch_size)
+        preds, texts = answer_by_generation(model, tokenizer, records, batch_size, images=per_question)
     predictions = [{"pid": r["pid"], "split": r.get("split"), "answer": r["answer"], "prediction": p,
                     "correct": p == r["answer"], "categories": categories(r), "output": t}
                    for r, p, t in zip(records, preds, texts)]

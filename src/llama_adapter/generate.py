@@ -12,6 +12,7 @@ import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,13 +44,16 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Ten
     return tokens, torch.tensor([P - len(p) for p in prompts], device=device)
 
 
-def decode_step(model: Transformer, token: Tensor, slot: Tensor, key_valid: Tensor, rope_pos: Tensor) -> Tensor:
+def decode_step(model: Transformer, token: Tensor, slot: Tensor, key_valid: Tensor, rope_pos: Tensor,
+                image_features: Tensor | None = None, image_row: Tensor | None = None) -> Tensor:
     """Logits (B, V) after feeding token (B, 1) into cache slot `slot` (1,); key_valid and rope_pos (B, S)
-    say which slots hold real tokens and each slot's RoPE position. Only tensors in, no host sync: the step
-    can be captured as a CUDA graph."""
+    say which slots hold real tokens and each slot's RoPE position; image_row (B,) each row's image in
+    image_features, -1 for none. Only tensors in, no host sync: the step can be captured as a CUDA graph."""
     slots = torch.arange(key_valid.size(1), device=key_valid.device)
     mask = (key_valid & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
-    return model(token, slot, mask, rope_pos.index_select(1, slot))[:, -1]
+    index = None if image_row is None else image_row[:, None]
+    return model(token, slot, mask, rope_pos.index_select(1, slot), image_features=image_features,
+                 image_index=index)[:, -1]
 
 
 @functools.cache
@@ -99,10 +103,12 @@ def generate(
     generator: torch.Generator | None = None,
     cuda_graph: bool = True,
     compile: bool = False,
+    images: list[np.ndarray | None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, cut after the first EOS (which is not included). On a GPU the decode step
     runs as a CUDA graph unless cuda_graph is False (same kernels, so the same tokens). compile: run the
-    decode step through torch.compile (a one-off compilation, then faster steps)."""
+    decode step through torch.compile (a one-off compilation, then faster steps). images: for a multimodal
+    adapter, each prompt's image features (None: no image)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     if max_new_tokens < 1:
@@ -114,17 +120,22 @@ def generate(
     slots = torch.arange(S, device=device)
     key_valid = slots[None, :] >= n_pad[:, None]  # (B, S)
     rope_pos = (slots[None, :] - n_pad[:, None]).clamp(min=0)  # (B, S): each row counts from its first token
+    image_features, image_row = image_inputs(images, B, device)
     model.setup_kv_cache(B, S)
     try:
         # Prefill. A padded query row would see no key at all (NaN softmax that leaks through the cached
         # values), so every position may always attend to itself.
         causal = slots[None, :] <= slots[:P, None]  # (P, S)
         mask = (causal & key_valid[:, None, :]) | (slots[None, :] == slots[:P, None])
-        logits = model(tokens, slots[:P], mask[:, None], rope_pos[:, :P])[:, -1]
+        logits = model(tokens, slots[:P], mask[:, None], rope_pos[:, :P], image_features=image_features,
+                       image_index=None if image_row is None else image_row[:, None].expand(B, P))[:, -1]
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         step_fn = compiled_decode_step() if compile else decode_step
-        step = lambda token, slot: step_fn(model, token, slot, key_valid, rope_pos)  # noqa: E731
+
+        def step(token: Tensor, slot: Tensor) -> Tensor:
+            return step_fn(model, token, slot, key_valid, rope_pos, image_features, image_row)
+
         for t in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_p, generator)
             out[:, t] = nxt
@@ -140,6 +151,21 @@ def generate(
     for row in out[:, : t + 1].tolist():
         results.append(row[: row.index(eos_id)] if eos_id in row else row)
     return results
+
+
+def image_inputs(images: list[np.ndarray | None] | None, B: int, device) -> tuple[Tensor | None, Tensor | None]:
+    """(features (N, visual_dim) of the prompts that have an image, each row's index into them or -1)."""
+    if images is None or all(i is None for i in images):
+        return None, None
+    if len(images) != B:
+        raise ValueError(f"{len(images)} images for {B} prompts")
+    present = [i for i in images if i is not None]
+    rows, k = [], 0
+    for i in images:
+        rows.append(-1 if i is None else k)
+        k += i is not None
+    features = torch.from_numpy(np.stack(present).astype(np.float32)).to(device)
+    return features, torch.tensor(rows, device=device)
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -170,13 +196,14 @@ def complete_texts(
     top_p: float = 0.75,
     generator: torch.Generator | None = None,
     compile: bool = False,
+    images: list[np.ndarray | None] | None = None,
 ) -> list[str]:
-    """The model's continuation of each prompt (BOS prepended), decoded, in batches."""
+    """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate."""
     texts = []
     for i in range(0, len(prompts), batch_size):
         ids = [tokenizer.encode(p, bos=True) for p in prompts[i: i + batch_size]]
         outs = generate(model, ids, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, temperature, top_p, generator,
-                        compile=compile)
+                        compile=compile, images=None if images is None else images[i: i + batch_size])
         texts += [tokenizer.decode(o) for o in outs]
     return texts
 

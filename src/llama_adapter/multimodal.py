@@ -6,7 +6,7 @@ evaluation read the cache (`ImageFeatures`) and never run the encoder. Cache fol
   pids.json      the pid of each row
   encoder.json   the encoder's fingerprint, the last run's counts, skipped pids and each image's sha256
 
-transformers is imported only where an encoder is built, so reading a cache needs just numpy.
+transformers is imported only where an encoder is built: reading a cache does not need it.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ class VisionEncoder:
     @torch.no_grad()
     def encode(self, images: list[Image.Image]) -> torch.Tensor:
         """(N, feature_dim) float32: per selected layer, the CLS token through post_layernorm (as CLIP's
-        pooled output is), concatenated in `layers` order. Bitwise repeatable for the same batch; another
-        batch size may differ by float rounding (~1e-7), as BLAS sums in another order."""
+        pooled output is), concatenated in `layers` order. Bitwise repeatable for the same batch; an image
+        at another row or in another batch size may differ by float rounding (~1e-7): BLAS sums in another order."""
         pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
         hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states
         return torch.cat([self.post_layernorm(hidden[i][:, 0]) for i in self.layers], dim=-1).float().cpu()
@@ -214,7 +214,6 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
                 rows.append(k)
             except IMAGE_READ_ERRORS as e:
                 unreadable(pid, path, e)
-                del digests[pid]
         if images:
             features[rows], done[rows] = encoder.encode(images).numpy(), True
 

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from .errors import GPUAllocationError, TrainingDiverged
 from .evaluate import heldout_loss
 from .io import atomic_path, write_json
 from .model import Transformer, flash_varlen_on
+from .multimodal import ImageFeatures
 from .tracking import Tracker, progress
 
 
@@ -205,18 +206,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    images = ImageFeatures(Path(cfg.image_features)) if cfg.image_features else None
+    adapter = replace(cfg.adapter, visual_dim=images.dim) if images else cfg.adapter
     if cfg.fsdp and d.world > 1:
-        model = shard_base(load_model(cfg.base, adapter=cfg.adapter, device="cpu", dtype=dtype), d)
+        model = shard_base(load_model(cfg.base, adapter=adapter, device="cpu", dtype=dtype), d)
     else:
         # Projections stay unfused here (fuse_projections is for decoding): measured on an H100 at 7B, the
         # fused weights cost 4% of training throughput and 4 GiB more activation memory (BENCHMARKS.md).
-        model = load_model(cfg.base, adapter=cfg.adapter, device=d.device, dtype=dtype)
+        model = load_model(cfg.base, adapter=adapter, device=d.device, dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     # One fused kernel for the whole update on the GPU instead of a few per parameter tensor.
     opt = torch.optim.AdamW(params, lr=0.0, betas=cfg.betas, weight_decay=cfg.weight_decay,
                             fused=d.device.type == "cuda")
-    train_ds = TokenDataset(Path(cfg.train_data))
-    val_ds = TokenDataset(Path(cfg.val_data)) if cfg.val_data else None
+    train_ds = TokenDataset(Path(cfg.train_data), images)
+    val_ds = TokenDataset(Path(cfg.val_data), images) if cfg.val_data else None
     if int(train_ds.lengths.max()) > cfg.row_len:
         raise ValueError(f"{cfg.train_data}: longest sample {int(train_ds.lengths.max())} > row_len {cfg.row_len}")
     steps_per_epoch = math.ceil(len(train_ds) / cfg.global_batch)

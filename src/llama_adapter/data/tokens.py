@@ -129,7 +129,8 @@ def tokenize(
     with atomic_dir(Path(out_dir)) as tmp:
         for name, idx in parts.items():
             enc = encode_samples([to_sample(records[i]) for i in idx], tokenizer, max_seq_len, mask_prompt, truncation)
-            write_split(tmp / name, enc, idx)
+            keys = [str(records[i]["pid"]) for i in idx] if dataset == "scienceqa" else None
+            write_split(tmp / name, enc, idx, keys)
             kept = [len(t) for t in enc.tokens]
             stats["splits"][name] = {
                 "records": int(len(idx)), "samples": len(enc.tokens), "truncated": enc.truncated,
@@ -154,13 +155,17 @@ def provenance(validated_dir: Path) -> dict:
     return json.loads(fetch_json.read_text()) if fetch_json.exists() else {}
 
 
-def write_split(path: Path, enc: Encoded, record_index: np.ndarray) -> None:
+def write_split(path: Path, enc: Encoded, record_index: np.ndarray, keys: list[str] | None = None) -> None:
+    """The split's arrays; keys (one per record of record_index, e.g. ScienceQA pids) go to keys.json per
+    sample, so later stages can find each sample's image features."""
     path.mkdir(parents=True)
     lengths = np.array([len(t) for t in enc.tokens], dtype=np.int64)
     np.save(path / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     np.save(path / "tokens.npy", np.concatenate(enc.tokens) if enc.tokens else np.zeros(0, np.int32))
     np.save(path / "loss_mask.npy", np.concatenate(enc.masks) if enc.masks else np.zeros(0, bool))
     np.save(path / "source_index.npy", record_index[np.asarray(enc.source_index, dtype=np.int64)])
+    if keys is not None:
+        write_json(path / "keys.json", [keys[j] for j in enc.source_index])
 
 
 def plot_lengths(lengths: list[int], max_seq_len: int, title: str, path: Path) -> None:
@@ -180,19 +185,30 @@ def plot_lengths(lengths: list[int], max_seq_len: int, title: str, path: Path) -
 
 
 class TokenDataset:
-    """One split on disk, memory-mapped: sample i is (tokens int32, loss_mask bool)."""
+    """One split on disk, memory-mapped: sample i is (tokens int32, loss_mask bool), and with an image feature
+    cache (multimodal.ImageFeatures) also its image's features or None, found through keys.json (pids)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, images=None):
         path = Path(path)
         self.tokens = np.load(path / "tokens.npy", mmap_mode="r")
         self.loss_mask = np.load(path / "loss_mask.npy", mmap_mode="r")
         self.offsets = np.load(path / "offsets.npy")
         self.source_index = np.load(path / "source_index.npy")
         self.lengths = np.diff(self.offsets)
+        keys = path / "keys.json"
+        self.keys: list[str] | None = json.loads(keys.read_text()) if keys.exists() else None
+        if images is not None and self.keys is None:
+            raise ValueError(f"{path}: image features were given but the split has no keys.json (the samples' "
+                             "pids); tokenize it again")
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple:
         a, b = self.offsets[i], self.offsets[i + 1]
-        return np.asarray(self.tokens[a:b]), np.asarray(self.loss_mask[a:b])
+        sample = np.asarray(self.tokens[a:b]), np.asarray(self.loss_mask[a:b])
+        if self.images is None:
+            return sample
+        vectors, has = self.images.vectors([self.keys[i]])
+        return *sample, vectors[0] if has[0] else None

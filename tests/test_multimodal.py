@@ -1,0 +1,168 @@
+"""The frozen CLIP image encoder and its per-pid feature cache, on a tiny random CLIP written to disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llama_adapter.multimodal import (
+    EncoderError,
+    ImageError,
+    ImageFeatures,
+    VisionEncoder,
+    encode_images,
+    save_tiny_clip,
+)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", seed=0)
+
+
+@pytest.fixture(scope="module")
+def encoder(clip_dir) -> VisionEncoder:
+    return VisionEncoder(clip_dir, layers=(-1, -3))
+
+
+def _image(colour: str, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    image.paste(Image.new("RGB", (20, 16), colour), (10, 12))
+    return image
+
+
+def _dataset(root: Path, images: dict[str, str], without_image: tuple[str, ...] = ("9",)) -> Path:
+    """A validated-layout dataset: records.jsonl in root/validated, images under root/fetched (relative paths)."""
+    (root / "fetched" / "images").mkdir(parents=True, exist_ok=True)
+    (root / "validated").mkdir(exist_ok=True)
+    records = []
+    for pid, colour in images.items():
+        _image(colour).save(root / "fetched" / "images" / f"{pid}.png")
+        records.append({"pid": pid, "question": "?", "image": f"../fetched/images/{pid}.png"})
+    records += [{"pid": pid, "question": "?", "image": None} for pid in without_image]
+    path = root / "validated" / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _count_calls(encoder: VisionEncoder, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = encoder.encode
+
+    def counted(images):
+        calls.append(len(images))
+        return original(images)
+
+    monkeypatch.setattr(encoder, "encode", counted)
+    return calls
+
+
+def test_tiny_clip_is_byte_identical_per_seed(clip_dir, tmp_path):
+    again, other = save_tiny_clip(tmp_path / "again", seed=0), save_tiny_clip(tmp_path / "other", seed=1)
+    for name in ("config.json", "model.safetensors"):
+        assert (again / name).read_bytes() == (clip_dir / name).read_bytes()
+    assert (other / "model.safetensors").read_bytes() != (clip_dir / "model.safetensors").read_bytes()
+
+
+def test_encoder_features(encoder):
+    assert encoder.feature_dim == 2 * 32 and encoder.layers == (4, 2)
+    red, blue = _image("red"), _image("blue")
+    features = encoder.encode([red, blue, red])
+    assert features.shape == (3, 64) and features.dtype == torch.float32
+    assert torch.equal(encoder.encode([red, blue, red]), features)  # the same batch: bitwise repeatable
+    # Another row or batch size may change the BLAS summation order: equal up to float rounding only.
+    torch.testing.assert_close(features[2], features[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(encoder.encode([red])[0], features[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(features[0], features[1], atol=1e-3)
+    # The last layer's slice is CLIP's own pooled output (CLS through post_layernorm).
+    pooled = encoder.model(pixel_values=encoder.preprocess(red)[None]).pooler_output[0]
+    torch.testing.assert_close(features[0, :32], pooled)
+
+
+def test_preprocess_matches_clip_image_processor(encoder):
+    from transformers import CLIPImageProcessor
+
+    reference = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image = _image("green", size=(71, 45))
+    expected = torch.as_tensor(np.asarray(reference(images=image, return_tensors="np")["pixel_values"][0]))
+    torch.testing.assert_close(encoder.preprocess(image), expected, atol=1e-5, rtol=0)
+
+
+def test_bad_layers_and_folders(clip_dir, tmp_path):
+    with pytest.raises(ValueError, match=rf"{clip_dir}.*-5\.\.4"):
+        VisionEncoder(clip_dir, layers=(-1, -7))
+    assert VisionEncoder(clip_dir).layers == (4, 1)  # the default (-1, -4, -7, -10) cut to 4 blocks
+    with pytest.raises(EncoderError, match=rf"{tmp_path / 'absent'}.*config.json"):
+        VisionEncoder(tmp_path / "absent")
+
+
+def test_cache_is_reused_and_extended(encoder, tmp_path, monkeypatch):
+    records = _dataset(tmp_path, {"1": "red", "2": "blue", "3": "green"})
+    out = tmp_path / "features"
+    calls = _count_calls(encoder, monkeypatch)
+    first = encode_images(encoder, records, out, batch_size=2)
+    assert first == {"encoded": 3, "reused": 0, "n_skipped": 0, "rows": 3, "feature_dim": 64, "skipped": []}
+    assert calls == [2, 1]
+    features = np.load(out / "features.npy")
+    assert json.loads((out / "pids.json").read_text()) == ["1", "2", "3"]
+    assert json.loads((out / "encoder.json").read_text())["encoder"] == encoder.fingerprint()
+
+    calls.clear()
+    assert encode_images(encoder, records, out)["reused"] == 3 and calls == []
+    np.testing.assert_array_equal(np.load(out / "features.npy"), features)
+
+    records = _dataset(tmp_path, {"1": "red", "2": "blue", "3": "green", "4": "yellow"})
+    summary = encode_images(encoder, records, out)
+    assert (summary["encoded"], summary["reused"], calls) == (1, 3, [1])
+    np.testing.assert_array_equal(np.load(out / "features.npy")[:3], features)
+
+    calls.clear()  # a changed image under a cached pid is encoded again
+    _image("purple").save(tmp_path / "fetched" / "images" / "2.png")
+    assert encode_images(encoder, records, out)["encoded"] == 1 and calls == [1]
+
+
+def test_other_encoder_reencodes_everything(encoder, clip_dir, tmp_path, monkeypatch):
+    records = _dataset(tmp_path, {"1": "red", "2": "blue"})
+    encode_images(encoder, records, tmp_path / "features")
+    other = VisionEncoder(clip_dir, layers=(-1,))
+    summary = encode_images(other, records, tmp_path / "features")
+    assert (summary["encoded"], summary["reused"], summary["feature_dim"]) == (2, 0, 32)
+    assert ImageFeatures(tmp_path / "features").dim == 32
+
+
+def test_missing_image_fails_or_is_skipped(encoder, tmp_path, monkeypatch):
+    records = _dataset(tmp_path, {"1": "red", "2": "blue", "3": "green"})
+    (tmp_path / "fetched" / "images" / "2.png").unlink()
+    (tmp_path / "fetched" / "images" / "3.png").write_bytes(b"not a png")
+    out = tmp_path / "features"
+    calls = _count_calls(encoder, monkeypatch)
+    with pytest.raises(ImageError, match=r"records\.jsonl: pid 2: image .*2\.png"):
+        encode_images(encoder, records, out)
+    assert not out.exists() and calls == []
+
+    summary = encode_images(encoder, records, out, policy="skip")
+    assert (summary["rows"], summary["n_skipped"], summary["skipped"]) == (1, 2, ["2", "3"])
+    assert json.loads((out / "encoder.json").read_text())["skipped"] == ["2", "3"]
+    assert ImageFeatures(out).pids == ["1"]
+    with pytest.raises(ValueError, match="policy"):
+        encode_images(encoder, records, out, policy="ignore")
+
+
+def test_image_features_reader(encoder, tmp_path):
+    records = _dataset(tmp_path, {"1": "red", "2": "blue"})
+    encode_images(encoder, records, tmp_path / "features")
+    cache = ImageFeatures(tmp_path / "features")
+    assert cache.dim == 64 and cache.row("2") == 1 and cache.row("9") is None
+    vectors, has = cache.vectors(["2", None, "9", "1"])
+    assert vectors.shape == (4, 64) and vectors.dtype == np.float32
+    np.testing.assert_array_equal(has, [True, False, False, True])
+    np.testing.assert_array_equal(vectors[[1, 2]], 0)
+    np.testing.assert_allclose(vectors[[0, 3]], encoder.encode([_image("blue"), _image("red")]).numpy(), atol=1e-5)
+    (tmp_path / "features" / "pids.json").unlink()
+    with pytest.raises(ImageError, match=rf"{tmp_path / 'features'}.*pids.json"):
+        ImageFeatures(tmp_path / "features")
