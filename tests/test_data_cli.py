@@ -25,7 +25,8 @@ def demo(tmp_path_factory):
 
 
 def test_help_of_every_data_subcommand():
-    for sub in ("demo-data", "train-tokenizer", "fetch", "validate", "tokenize"):
+    for sub in ("demo-data", "train-tokenizer", "fetch", "validate", "tokenize", "make-vision-encoder",
+                "encode-images"):
         assert "usage: llama-adapter" in cli(sub, "--help")
 
 
@@ -63,6 +64,18 @@ def test_scienceqa_chain_keeps_its_splits_and_images(demo):
                             "--tokenizer", root / "tokenizer.model", "--out", root / "sqa" / "tokens",
                             "--split-by", "field", "--max-seq-len", 256))
     assert {k: v["samples"] for k, v in splits.items()} == {"train": 720, "val": 240, "test": 240}
+    keys = TokenDataset(root / "sqa" / "tokens" / "test").keys  # each sample's pid, for its image features
+    assert len(keys) == 240 and set(keys) <= {r["pid"] for r in records if r["split"] == "test"}
+
+    # The multimodal side: the demo's vision encoder, then every image encoded once into the cache.
+    cli("make-vision-encoder", "--out", root / "clip", "--seed", 0)
+    records_file = root / "sqa" / "validated" / "records.jsonl"
+    first = json.loads(cli("encode-images", "--encoder", root / "clip", "--records", records_file,
+                           "--out", root / "features"))
+    assert first["rows"] == first["encoded"] == len(with_image) and first["n_skipped"] == 0
+    again = json.loads(cli("encode-images", "--encoder", root / "clip", "--records", records_file,
+                           "--out", root / "features"))
+    assert again["encoded"] == 0 and again["reused"] == len(with_image)
 
 
 def test_bad_source_is_a_one_line_error(tmp_path):

@@ -150,7 +150,9 @@ def paper_tmp(tmp_path_factory) -> Path:
     (tmp / "llama" / "7B").mkdir(parents=True)
     for name in ("7B/params.json", "7B/consolidated.00.pth", "tokenizer.model"):
         (tmp / "llama" / name).touch()
+    (tmp / "clip").mkdir()
     config = yaml.safe_load(PAPER.read_text())
+    config["images"]["encoder"] = str(tmp / "clip")
     config["results"] = str(tmp / "results")
     config["base"]["source"] = str(tmp / "llama" / "7B")
     config["base"]["tokenizer"] = str(tmp / "llama" / "tokenizer.model")
@@ -171,14 +173,17 @@ def test_paper_config_dry_run(paper_dry_run, paper_tmp):
         "evaluate", "generate")} == {
         "demo_data": 0, "train_tokenizer": 0, "pretrain_base": 0,  # the real base: no demo stages
         "fetch": 2, "validate": 2, "tokenize": 2,
-        "train_adapter": 7, "evaluate": 8,  # instruction, scienceqa, 6 ablation points; the center is scienceqa's
+        "train_adapter": 8, "evaluate": 9,  # instruction, scienceqa(_mm), 6 ablation points; the center is scienceqa's
         "generate": 1}
+    assert counts.get("encode_images") == 1 and counts.get("make_vision_encoder", 0) == 0
     ablations = {f"ablations/adapter_layers~{layers}/gate_init~{gate}/epochs~{epochs}"
                  for layers, gate, epochs in [(30, "zero", 30), (10, "zero", 30), (20, "zero", 30),
                                               (30, "random", 30), (30, "zero", 15), (30, "zero", 60)]}
     trained = {job["wildcards"]["experiment"]: job["shell"] for job in jobs(paper_dry_run, "train_adapter")}
     center = "ablations/adapter_layers~30/gate_init~zero/epochs~30"
-    assert set(trained) == {"instruction", "scienceqa"} | ablations - {center}
+    assert set(trained) == {"instruction", "scienceqa", "scienceqa_mm"} | ablations - {center}
+    features = f"{paper_tmp}/results/features/clip/scienceqa"
+    assert f"--image-features {features}" in trained["scienceqa_mm"] and "--image-features" not in trained["scienceqa"]
     [center_scored] = [job for job in jobs(paper_dry_run, "evaluate") if job["wildcards"]["experiment"] == center]
     assert "/adapters/scienceqa/adapter.safetensors " in center_scored["shell"]
     for option in ("--adapter-len 10", "--adapter-layers 30", "--gate-init zero", "--epochs 5", "--warmup-epochs 2",
@@ -191,6 +196,7 @@ def test_paper_config_dry_run(paper_dry_run, paper_tmp):
     scored = {job["wildcards"]["experiment"]: job["shell"] for job in jobs(paper_dry_run, "evaluate")}
     assert all("--split val --mode generate" in scored[name] for name in ablations)
     assert "--split test --mode generate" in scored["scienceqa"]
+    assert f"--image-features {features}" in scored["scienceqa_mm"]
     assert not (paper_tmp / "results").exists()  # a dry run writes nothing
 
 

@@ -299,3 +299,56 @@ def test_loss_falls_on_the_demo_data(tmp_path):
     untrained = heldout_loss(load_base(cfg.base), val, row_len=128, rows_per_batch=8, pad_id=0, device="cpu")
     print("held-out loss: base", untrained, "with the adapter, per epoch", result["val_loss"])
     assert result["val_loss"][-1] < 0.9 * untrained
+
+
+def image_split(root, n, seed):
+    """Samples whose response (5 or 8) only the image tells: the prompt is the same for all. Features are
+    cached as encode-images writes them (features.npy, pids.json, encoder.json), keyed by the samples' pids."""
+    rng = np.random.default_rng(seed)
+    enc = Encoded([], [], [], [])
+    answers = rng.integers(0, 2, n)
+    for i, a in enumerate(answers):
+        tokens = np.array([1, 20, 21, 22, [5, 8][a], 2], dtype=np.int32)
+        enc.tokens.append(tokens), enc.masks.append(np.arange(6) >= 4), enc.source_index.append(i)
+    pids = [f"{seed}-{i}" for i in range(n)]
+    write_split(root / f"split{seed}", enc, np.arange(n), pids)
+    features = np.where(answers[:, None] == 1, 1.0, -1.0) * np.ones((n, 4)) + 0.1 * rng.standard_normal((n, 4))
+    return root / f"split{seed}", pids, features.astype(np.float32)
+
+
+def test_multimodal_training_reads_each_samples_image(setup, tmp_path):
+    """The real path: TokenDataset keys (pids) -> feature cache -> packed batches -> the multimodal adapter,
+    which trains and is saved with its projection."""
+    from llama_adapter.batching import micro_batches
+    from llama_adapter.multimodal import ImageFeatures
+
+    root, _, _ = setup
+    train_dir, train_pids, train_f = image_split(tmp_path, 48, 0)
+    val_dir, val_pids, val_f = image_split(tmp_path, 16, 1)
+    cache = tmp_path / "features"
+    cache.mkdir()
+    keep = np.arange(48) % 3 != 0  # a third of the samples have no image
+    np.save(cache / "features.npy", np.concatenate([train_f[keep], val_f]))
+    (cache / "pids.json").write_text(json.dumps([p for p, k in zip(train_pids, keep) if k] + val_pids))
+    (cache / "encoder.json").write_text("{}")
+    ds = TokenDataset(train_dir, ImageFeatures(cache))
+    [batch] = micro_batches(ds, np.arange(48), 64, 100, 0)
+    seen = {"image": 0, "none": 0}
+    for b in range(batch.tokens.size(0)):
+        for at in ((batch.positions[b] == 0) & (batch.tokens[b] == 1)).nonzero().flatten().tolist():
+            k, answer = int(batch.image_index[b, at]), int(batch.tokens[b, at + 4])
+            assert (batch.image_index[b, at: at + 6] == k).all()  # the whole sample reads one image
+            if k >= 0:  # the features encode the answer (image_split): the right image reached the sample
+                assert np.sign(float(batch.image_features[k].mean())) == (1 if answer == 8 else -1)
+            seen["image" if k >= 0 else "none"] += 1
+    assert seen == {"image": int(keep.sum()), "none": int((~keep).sum())} == {"image": 32, "none": 16}
+    with pytest.raises(ValueError, match="keys.json"):
+        TokenDataset(root / "train", ImageFeatures(cache))
+
+    cfg = TrainConfig(base=str(root / "base"), train_data=str(train_dir), val_data=str(val_dir),
+                      out_dir=str(tmp_path / "run"), adapter_len=4, adapter_layers=2, gate_init="random", epochs=2,
+                      global_batch=16, row_len=64, rows_per_micro_batch=4, image_features=str(cache), device="cpu")
+    result = train(cfg)
+    assert all(np.isfinite(h["loss"]) for h in result["history"]) and len(result["val_loss"]) == 2
+    adapter, _, tensors = read_adapter(tmp_path / "run" / "adapter.safetensors")
+    assert adapter.visual_dim == 4 and tensors["adapter_visual.0.weight"].shape == (adapter.visual_hidden, 4)

@@ -54,9 +54,14 @@ def test_demo_report_holds_numbers_with_provenance(demo_run):
     assert [r["adapter_layers"] for r in tables["insertion_layers"]] == ["1", "2", "3"]
     assert [r["gate_init"] for r in tables["gate_init"]] == ["zero", "random"]
     assert [r["epochs"] for r in tables["epochs"]] == ["2", "3", "5"]
-    [sqa] = tables["scienceqa"]
-    assert sqa["experiment"] == "scienceqa" and sqa["split"] == "test" and sqa["accuracy_paper"] == "78.31"
-    ours = [*tables["insertion_layers"], *tables["gate_init"], *tables["epochs"], sqa]
+    text_only, multimodal = tables["scienceqa"]
+    assert text_only["experiment"] == "scienceqa" and text_only["split"] == "test"
+    assert (text_only["paper_model"], text_only["accuracy_paper"]) == ("LLaMA-Adapter_T", "78.31")
+    assert multimodal["experiment"] == "scienceqa_mm" and multimodal["split"] == "test"
+    assert (multimodal["paper_model"], multimodal["accuracy_paper"], multimodal["IMG_paper"]) == (
+        "LLaMA-Adapter", "85.19", "80.32")
+    assert 0 <= float(multimodal["IMG"]) <= 100 and float(multimodal["questions"]) == float(text_only["questions"])
+    ours = [*tables["insertion_layers"], *tables["gate_init"], *tables["epochs"], text_only, multimodal]
     for row in ours:
         assert 0 <= float(row["accuracy"]) <= 100
         assert len(row["mlflow_run"]) == 32 and len(row["eval_run"]) == 32
@@ -75,7 +80,7 @@ def test_demo_report_holds_numbers_with_provenance(demo_run):
             assert image.format == "PNG" and image.size[0] > 300
     text = (report / "report.md").read_text()
     assert "| adapter_layers |" in text and "![" in text
-    assert (report / "scienceqa.tex").read_text().count(r"\\") == 2  # the header row and our one row
+    assert (report / "scienceqa.tex").read_text().count(r"\\") == 3  # the header row and our two rows
 
 
 def test_demo_runs_nest_under_one_parent_mlflow_run(demo_run):
@@ -88,7 +93,7 @@ def test_demo_runs_nest_under_one_parent_mlflow_run(demo_run):
     assert parent.info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     rules = sorted(r.data.tags["rule"] for r in children)
-    assert rules == ["evaluate"] * 8 + ["train_adapter"] * 7
+    assert rules == ["evaluate"] * 9 + ["train_adapter"] * 8
     for r in children:
         assert r.data.tags["config_hash"] == parent.data.tags["config_hash"] and r.data.tags["experiment"]
         assert r.data.tags.get("git_commit") == parent.data.tags.get("git_commit")

@@ -160,7 +160,7 @@ def efficiency_table(runs: list[Run]) -> pd.DataFrame:
 def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        paper_model = "LLaMA-Adapter" if r.config.get("multimodal") else "LLaMA-Adapter_T"
+        paper_model = "LLaMA-Adapter" if r.config.get("image_features") else "LLaMA-Adapter_T"
         row = {"experiment": r.name, "paper_model": paper_model, "split": r.scores.get("split"),
                "questions": r.scores["n"], "chance": r.scores.get("chance")}
         paper = PAPER_SCIENCEQA[paper_model]

@@ -53,6 +53,16 @@ TOKENIZER = (
 )
 
 
+# The multimodal adapter's vision encoder (a tiny random CLIP in the demo) and its image feature cache.
+IMAGES = config.get("images", {"encoder": "demo"})
+ENCODER = (
+    f"{RESULTS}/models/demo-clip"
+    if IMAGES["encoder"] == "demo"
+    else IMAGES["encoder"]
+)
+IMAGE_FEATURES = f"{RESULTS}/features/{Path(ENCODER).name}/scienceqa"
+
+
 def ablation_points(ablations):
     """The center, and each listed value of each axis with the other axes at the center."""
     center = ablations["center"]
@@ -78,7 +88,8 @@ def experiment(name):
     """Dataset and training settings of an experiment: the train defaults, overridden by the experiment."""
     if name in config["experiments"]:
         spec = config["experiments"][name]
-        return spec["dataset"], {**config["train"], **spec.get("train", {})}
+        images = {"image_features": IMAGE_FEATURES} if spec.get("images") else {}
+        return spec["dataset"], {**config["train"], **spec.get("train", {}), **images}
     return config["ablations"]["dataset"], {
         **config["train"],
         **ABLATION_SETTINGS[name],
@@ -97,6 +108,11 @@ def trained_as(name):
 
 def trained_adapter(w):
     return f"{RESULTS}/adapters/{trained_as(w.experiment)}/adapter.safetensors"
+
+
+def image_features(w):
+    """The feature cache an experiment's adapter reads: [] for a text-only adapter."""
+    return experiment(w.experiment)[1].get("image_features", [])
 
 
 # The report's files (llama_adapter.report.TABLES and FIGURES; a test keeps the two lists equal).

@@ -97,3 +97,45 @@ rule tokenize:
         "llama-adapter tokenize --dataset {wildcards.dataset} --validated {input.data} "
         "--tokenizer {input.tokenizer} --out {output} --max-seq-len {params.max_len} "
         "--truncation {params.truncation} {params.mask} {params.split} > {log} 2>&1"
+
+
+rule make_vision_encoder:
+    output:
+        directory(f"{RESULTS}/models/demo-clip"),
+    log:
+        f"{RESULTS}/logs/make_vision_encoder.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "llama-adapter make-vision-encoder --out {output} > {log} 2>&1"
+
+
+# Every ScienceQA image through the frozen encoder, once: training and evaluation read the cache.
+rule encode_images:
+    input:
+        records=f"{RESULTS}/data/scienceqa/validated",
+        encoder=ENCODER,
+    output:
+        directory(IMAGE_FEATURES),
+    log:
+        f"{RESULTS}/logs/encode_images.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/encode_images.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=0,
+    params:
+        layers=(
+            f"--layers {' '.join(map(str, IMAGES['layers']))}"
+            if IMAGES.get("layers")
+            else ""
+        ),
+        policy=IMAGES.get("policy", "fail"),
+        batch=IMAGES.get("batch_size", 64),
+    shell:
+        "llama-adapter encode-images --encoder {input.encoder} --records {input.records}/records.jsonl "
+        "--out {output} {params.layers} --policy {params.policy} --batch-size {params.batch} > {log} 2>&1"

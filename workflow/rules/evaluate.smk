@@ -7,6 +7,7 @@ rule evaluate:
         tokenizer=TOKENIZER,
         adapter=trained_adapter,
         data=evaluation_data,
+        images=image_features,
     output:
         f"{RESULTS}/eval/{{experiment}}/scores.json",
     log:
@@ -25,6 +26,7 @@ rule evaluate:
         options=lambda w, input: (
             f"--task scienceqa --data {input.data} --split {evaluation_split(w.experiment)} "
             f"--mode {config['evaluate']['mode']}"
+            + (f" --image-features {input.images}" if input.images else "")
             if experiment(w.experiment)[0] == "scienceqa"
             else f"--task alpaca --data {input.data}/val --row-len {config['train']['row_len']}"
         ),

@@ -60,6 +60,7 @@ rule train_adapter:
     input:
         base=BASE,
         tokens=lambda w: f"{RESULTS}/tokens/{experiment(w.experiment)[0]}",
+        images=image_features,
     output:
         adapter=f"{RESULTS}/adapters/{{experiment}}/adapter.safetensors",
         metrics=f"{RESULTS}/adapters/{{experiment}}/metrics.json",
