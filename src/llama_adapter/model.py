@@ -163,7 +163,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or nkv, T, hs)
         if cu_seqlens is not None:
             flat = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)]  # (B*T, nh or nkv, hs)
-            y = causal_varlen_attention(*flat, cu_seqlens, max_seqlen).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            y = causal_varlen_attention(*flat, cu_seqlens, max_seqlen)  # (B*T, nh, hs)
+            y = y.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         else:
             if self.kv_cache is not None:
                 k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hs)

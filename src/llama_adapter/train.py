@@ -287,7 +287,8 @@ def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, t
     result = {"steps": len(history), "final_loss": history[-1]["loss"] if history else None,
               "val_loss": [h["val_loss"] for h in history if "val_loss" in h],
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "world_size": d.world, "device": device_name(d.device), "history": history, "mlflow_run_id": tracker.run_id, "tags": tracker.tags}
+              "world_size": d.world, "device": device_name(d.device), "history": history,
+              "mlflow_run_id": tracker.run_id, "tags": tracker.tags}
     if d.rank == 0:
         save_adapter(model, out / "adapter.safetensors", base_model=str(cfg.base))
         write_json(out / "metrics.json", result)
