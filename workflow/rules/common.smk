@@ -56,9 +56,7 @@ TOKENIZER = (
 # The multimodal adapter's vision encoder (a tiny random CLIP in the demo) and its image feature cache.
 IMAGES = config.get("images", {"encoder": "demo"})
 ENCODER = (
-    f"{RESULTS}/models/demo-clip"
-    if IMAGES["encoder"] == "demo"
-    else IMAGES["encoder"]
+    f"{RESULTS}/models/demo-clip" if IMAGES["encoder"] == "demo" else IMAGES["encoder"]
 )
 IMAGE_FEATURES = f"{RESULTS}/features/{Path(ENCODER).name}/scienceqa"
 
