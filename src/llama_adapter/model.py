@@ -23,8 +23,11 @@ from .config import AdapterArgs, ModelArgs
 
 try:  # flash attention over variable-length segments (torch >= 2.10, CUDA only)
     from torch.nn.attention.varlen import varlen_attn
+
+    # Its signature changed between releases: read once here, not on every layer's call.
+    VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
 except ImportError:
-    varlen_attn = None
+    varlen_attn, VARLEN_PARAMS = None, frozenset()
 
 
 def is_adapter_param(name: str) -> bool:
@@ -67,10 +70,9 @@ def causal_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
     """Causal flash attention within each segment of a flattened token stream: q (N, nh, hs), k, v
     (N, nkv, hs), segment i spanning [cu_seqlens[i], cu_seqlens[i+1]). Packed rows need no dense mask, so
     the flash kernel runs instead of the masked memory-efficient one (measured 2x slower at 7B)."""
-    params = inspect.signature(varlen_attn).parameters
-    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}  # torch 2.10 / 2.11+
+    kw = {"is_causal": True} if "is_causal" in VARLEN_PARAMS else {"window_size": (-1, 0)}  # torch 2.10 / 2.11+
     if q.size(1) != k.size(1):
-        if "enable_gqa" in params:
+        if "enable_gqa" in VARLEN_PARAMS:
             kw["enable_gqa"] = True
         else:  # query head h reads kv head h // (nh / nkv), as in Meta's repeat_kv
             k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))

@@ -182,7 +182,8 @@ def restore(ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.op
 def train_step(model, train_ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig, d: Dist,
                params: list[torch.nn.Parameter]) -> tuple[float, float, float]:
     """Forward/backward over the step's samples and the gradient all-reduce; (loss, real, padded tokens)."""
-    n_targets = int(sum(train_ds[int(i)][1][1:].sum() for i in idx))  # the same on every rank
+    # The same on every rank; read from the loss masks alone (a sample's image is not needed to count).
+    n_targets = int(sum(train_ds.sample_loss_mask(int(i))[1:].sum() for i in idx))
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     real = padded = 0
     for batch, weight in rank_batches(train_ds, idx, cfg, d):

@@ -205,9 +205,12 @@ class TokenDataset:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def sample_loss_mask(self, i: int) -> np.ndarray:
+        """Sample i's loss mask (True where the token is a training target)."""
+        return np.asarray(self.loss_mask[self.offsets[i]: self.offsets[i + 1]])
+
     def __getitem__(self, i: int) -> tuple:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        sample = np.asarray(self.tokens[a:b]), np.asarray(self.loss_mask[a:b])
+        sample = np.asarray(self.tokens[self.offsets[i]: self.offsets[i + 1]]), self.sample_loss_mask(i)
         if self.images is None:
             return sample
         vectors, has = self.images.vectors([self.keys[i]])
