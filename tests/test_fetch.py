@@ -21,7 +21,7 @@ from PIL import Image
 
 from llama_adapter.data import FORMAT_VERSION, SCIENCEQA_FIELDS
 from llama_adapter.data import fetch as fetch_module
-from llama_adapter.data.fetch import FetchError, fetch
+from llama_adapter.data.fetch import FetchError, assign_split_names, fetch
 from llama_adapter.io import sha256_file
 
 ALPACA = [
@@ -164,7 +164,9 @@ def test_real_scienceqa_llava(shared_data, tmp_path):
     assert meta["records"] == len(records) == 4241
     assert sum(r["has_image"] for r in records.values()) == meta["images_missing"] == 2017
     assert all(0 <= r["answer"] < len(r["choices"]) and 2 <= len(r["choices"]) <= 5 for r in records.values())
-    assert all(r["split"] is None and r["hint"] is None and r["image"] is None for r in records.values())
+    assert all(r["split"] is None and r["image"] is None for r in records.values())
+    # LLaVA folds a non-empty hint in as "Context: …"; it comes back out as the hint (the TXT column).
+    assert sum(r["hint"] is not None for r in records.values()) == 2046
     assert records["4"] == {
         **dict.fromkeys(SCIENCEQA_FIELDS),
         "pid": "4", "has_image": False, "answer": 1, "choices": ["chiasmus", "apostrophe"],
@@ -173,7 +175,9 @@ def test_real_scienceqa_llava(shared_data, tmp_path):
     }
     assert (records["11"]["question"], records["11"]["has_image"]) == ("What is the name of the colony shown?", True)
     # Options spanning several lines (a letter's closing and signature) stay whole.
-    assert records["5"]["question"].startswith("Context: People can use the engineering-design process")
+    assert records["5"]["hint"].startswith("People can use the engineering-design process")
+    assert records["5"]["hint"].endswith("\nFigure: a spacecraft's parachute in a wind tunnel.")
+    assert records["5"]["question"] == "Which of the following could Gordon's test show?"
     assert (records["512"]["question"], records["512"]["choices"]) == (
         "Which closing is correct for a letter?", ["See you soon,\nJanet", "See You Soon,\nJanet"])
     # The parse agrees with the original problems for the test ids both files hold.
@@ -183,6 +187,45 @@ def test_real_scienceqa_llava(shared_data, tmp_path):
     for pid in shared:
         assert records[pid]["choices"] == problems[pid]["choices"] and records[pid]["answer"] == problems[pid]["answer"]
         assert records[pid]["has_image"] == bool(problems[pid]["image"])
+        assert (records[pid]["hint"] or "", records[pid]["question"]) == (problems[pid]["hint"], problems[pid]["question"])
+
+
+def test_assigned_splits_are_seeded_exact_and_independent_of_order(shared_data, tmp_path):
+    source = shared_data / "scienceqa" / "test_4241_llava_cqm.json"
+    fractions = {"train": 0.45, "val": 0.05, "test": 0.5}
+    meta = fetch("scienceqa", str(source), tmp_path / "a", assign_splits=fractions, split_seed=0)
+    split = {r["pid"]: r["split"] for r in read_records(tmp_path / "a")}
+    counts = {name: list(split.values()).count(name) for name in fractions}
+    assert counts == meta["assigned_splits"]["records"] == {"train": 1908, "val": 212, "test": 2121}
+    assert meta["assigned_splits"]["source_splits"] == {"None": 4241}
+    # The same records in another order get the same splits; another seed gives other splits.
+    items = json.loads(source.read_text())
+    shuffled = tmp_path / "shuffled.json"
+    shuffled.write_text(json.dumps(items[::-1]))
+    fetch("scienceqa", str(shuffled), tmp_path / "b", assign_splits=fractions, split_seed=0)
+    assert {r["pid"]: r["split"] for r in read_records(tmp_path / "b")} == split
+    fetch("scienceqa", str(source), tmp_path / "c", assign_splits=fractions, split_seed=1)
+    other = {r["pid"]: r["split"] for r in read_records(tmp_path / "c")}
+    assert 0.4 < sum(other[p] == split[p] for p in split) / len(split) < 0.6
+
+
+def test_assign_split_names_cuts_by_fraction():
+    names = assign_split_names([str(i) for i in range(10)], {"train": 0.3, "test": 0.7}, seed=0)
+    assert sorted(names) == ["test"] * 7 + ["train"] * 3
+
+
+@pytest.mark.parametrize("fractions, message", [
+    ({"train": 0.5, "test": 0.4}, "sum to 1"), ({"train": 1.2, "test": -0.2}, "positive"),
+    ({"train": 0.5, "dev": 0.5}, "must name train, val and/or test"), ({"train": float("nan")}, "sum to 1"),
+])
+def test_bad_split_fractions_are_refused(tmp_path, fractions, message):
+    src = tmp_path / "s.json"
+    src.write_text("[]")
+    with pytest.raises(FetchError, match=message):
+        fetch("scienceqa", str(src), tmp_path / "out", assign_splits=fractions)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FetchError, match="applies to scienceqa"):
+        fetch("alpaca", str(src), tmp_path / "out", assign_splits={"train": 1.0})
 
 
 def test_scienceqa_original_layout_copies_images(tmp_path):

@@ -19,7 +19,9 @@ from llama_adapter.report import (
     epochs_table,
     gate_init_table,
     human,
+    jobs_table,
     layers_table,
+    protocol_notes,
     scienceqa_table,
     to_latex,
     to_markdown,
@@ -110,3 +112,28 @@ def test_workflow_lists_the_report_files():
     common = (Path(__file__).parents[1] / "workflow" / "rules" / "common.smk").read_text()
     for name in [*TABLES, *FIGURES]:
         assert f'"{name}",' in common, name
+
+
+def test_jobs_table_reads_every_benchmark_file_longest_first(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for rel, seconds in {"train_adapter/ablations/adapter_layers~10/gate_init~zero/epochs~5.tsv": 150.25,
+                         "tokenize/alpaca.tsv": 3.0, "pretrain_base.tsv": 61.0}.items():
+        path = tmp_path / "benchmarks" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + f"{seconds}\t0:00:00\t617.7\t1\t1\t1\t1\t1\t1\t1\n")
+    df = jobs_table(tmp_path)
+    assert list(df["rule"]) == ["train_adapter", "pretrain_base", "tokenize"]
+    assert df["job"].iloc[0] == "ablations/adapter_layers~10/gate_init~zero/epochs~5" and pd.isna(df["job"].iloc[1])
+    assert list(df["wall_time"]) == ["2.5 min", "61 s", "3 s"] and df["max_rss_mb"].iloc[0] == 618
+    assert jobs_table(tmp_path / "nothing").empty
+
+
+def test_assigned_splits_are_said_in_plain_words(grid):
+    assert protocol_notes(grid) == []  # ScienceQA's own splits: nothing to say
+    assigned = {"rule": "pids ordered by sha256(seed, pid), cut by fraction", "seed": 0,
+                "fractions": {"train": 0.45, "val": 0.05, "test": 0.5},
+                "records": {"train": 1908, "val": 212, "test": 2121}}
+    grid[0].data |= {"source": "test_4241_llava_cqm.json", "assigned_splits": assigned}
+    note = " ".join(protocol_notes(grid))
+    assert "(4,241)" in note and "train 1,908, val 212, test 2,121" in note
+    assert "not the paper's ScienceQA test accuracy" in note

@@ -121,7 +121,18 @@ def cmd_fetch(ns: argparse.Namespace) -> None:
     """Fetch a dataset (hf:<id>, a URL or a local path) into a normalised folder with fetch.json."""
     from .data.fetch import fetch
 
-    print(json.dumps(fetch(ns.dataset, ns.source, ns.out, sha256=ns.sha256, revision=ns.revision), indent=2))
+    print(json.dumps(fetch(ns.dataset, ns.source, ns.out, sha256=ns.sha256, revision=ns.revision,
+                           assign_splits=ns.assign_splits and dict(ns.assign_splits), split_seed=ns.split_seed),
+                     indent=2))
+
+
+def split_fraction(text: str) -> tuple[str, float]:
+    """NAME=FRACTION, as --assign-splits takes it."""
+    name, _, value = text.partition("=")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=FRACTION (e.g. train=0.45), got {text!r}") from None
 
 
 def cmd_validate(ns: argparse.Namespace) -> None:
@@ -364,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="hf:<dataset id>, an http(s) URL, or a local file/folder")
     p.add_argument("--sha256", help="expected sha256 of a URL or file source")
     p.add_argument("--revision", help="dataset revision for hf: sources")
+    p.add_argument("--assign-splits", nargs="+", type=split_fraction, metavar="NAME=FRACTION",
+                   help="scienceqa: replace the source's splits by a seeded rule, e.g. train=0.45 val=0.05 test=0.5")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of --assign-splits")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_fetch)
 

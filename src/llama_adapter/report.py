@@ -5,7 +5,7 @@ Reads what the pipeline writes, per experiment (a name such as `scienceqa` or
   adapters/<experiment>/{config.json, metrics.json, adapter.safetensors}  (llama_adapter.train)
   eval/<experiment>/scores.json                                           (llama_adapter.evaluate)
   generations/<experiment>.jsonl                                          (llama_adapter.generate)
-  benchmarks/train_adapter/<experiment>.tsv                               (wall time, when present)
+  benchmarks/<rule>/<job>.tsv          (Snakemake's wall time and memory of every job, when present)
   tokens/<dataset>/stats.json                                             (data provenance)
 Every table puts the paper's published number in a column beside ours, and every row of ours names the
 MLflow runs, config hash, data hash and git commit it came from. Tables are written as CSV, Markdown and
@@ -205,6 +205,18 @@ def generations_table(results: Path, runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["adapter", "id", "instruction", "output", "mlflow_run"])
 
 
+def jobs_table(results: Path) -> pd.DataFrame:
+    """Wall time and peak memory of every job that left a Snakemake benchmark file, longest first."""
+    rows = []
+    for path in sorted((results / "benchmarks").rglob("*.tsv")):
+        bench = pd.read_csv(path, sep="\t").iloc[0]
+        rule, _, job = path.relative_to(results / "benchmarks").with_suffix("").as_posix().partition("/")
+        rows.append({"rule": rule, "job": job or None, "wall_time": duration(float(bench["s"])),
+                     "seconds": round(float(bench["s"]), 1), "max_rss_mb": round(float(bench["max_rss"]))})
+    columns = ["rule", "job", "wall_time", "seconds", "max_rss_mb"]
+    return pd.DataFrame(rows, columns=columns).sort_values("seconds", ascending=False, ignore_index=True)
+
+
 def cell(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
@@ -310,6 +322,7 @@ TABLES = {  # file name: caption
     "gate_init": "Ablation: zero-initialised vs randomly initialised gates",
     "epochs": "Ablation: training epochs (over-fitting)",
     "generations": "Generations of the instruction adapters (greedy)",
+    "jobs": "Compute: wall time and peak memory of each job (Snakemake benchmark files)",
 }
 FIGURES = {
     "loss_curves_gate_init": "Training loss with zero vs random gate initialisation (the paper's Fig. 5)",
@@ -332,7 +345,8 @@ def write_report(results: Path, out_dir: Path, experiments: list[str], ablations
     axes = {axis: ablation_axis(grid, axis, center) for axis in ("adapter_layers", "gate_init", "epochs")}
     tables = {"efficiency": efficiency_table(named), "scienceqa": scienceqa_table(scienceqa),
               "insertion_layers": layers_table(axes["adapter_layers"]), "gate_init": gate_init_table(axes["gate_init"]),
-              "epochs": epochs_table(axes["epochs"]), "generations": generations_table(results, instruction)}
+              "epochs": epochs_table(axes["epochs"]), "generations": generations_table(results, instruction),
+              "jobs": jobs_table(results)}
     with atomic_dir(Path(out_dir)) as tmp:
         for name, df in tables.items():
             df.to_csv(tmp / f"{name}.csv", index=False)
@@ -359,10 +373,26 @@ def report_markdown(tables: dict[str, pd.DataFrame], named: list[Run], center: d
         "Every row of ours names its training (`mlflow_run`) and evaluation (`eval_run`) MLflow runs, the "
         "config hash, the sha256 of the training records (first 12 hex digits) and the git commit.", "",
         f"Alpaca samples: {lengths['samples']}, mean length {lengths['mean']:.1f} tokens, longest {lengths['max']}.",
-        "",
+        "", *protocol_notes(named),
     ]
     for name, caption in TABLES.items():
         parts += [f"## {caption}", "", to_markdown(tables[name]) if len(tables[name]) else "(no runs)", ""]
     for name, caption in FIGURES.items():
         parts += [f"## {caption}", "", f"![{caption}]({name}.png)", ""]
     return "\n".join(parts)
+
+
+def protocol_notes(named: list[Run]) -> list[str]:
+    """Plain words on ScienceQA data whose splits this pipeline assigned (a source without ScienceQA's own
+    splits): its accuracies are on a held-out part of whatever questions the source had, not the paper's."""
+    notes = []
+    for source, assigned in {r.data.get("source"): r.data.get("assigned_splits") for r in named
+                             if r.dataset == "scienceqa" and r.data.get("assigned_splits")}.items():
+        counts = ", ".join(f"{name} {n:,}" for name, n in assigned["records"].items())
+        notes += [f"**Miniature protocol.** The ScienceQA questions of `{source}` ({sum(assigned['records'].values()):,}) "
+                  f"came without the benchmark's train/val/test split. This pipeline split them itself: "
+                  f"{assigned['rule']}, seed {assigned['seed']}, into {counts}. Adapters train on `train`. "
+                  f"Accuracies are on the split named in each row. They are not the paper's ScienceQA test "
+                  f"accuracy and are not comparable with it. A category whose metadata the source lacks shows "
+                  f"n/a.", ""]
+    return notes

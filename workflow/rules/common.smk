@@ -79,13 +79,18 @@ ABLATION_SETTINGS = {
     )
 }
 ABLATION_EXPERIMENTS = list(ABLATION_SETTINGS)
-EXPERIMENTS = list(config["experiments"]) + ABLATION_EXPERIMENTS
+# Snakemake merges a --configfile over config.yaml key by key: a config drops one of the demo's experiments by
+# setting its name to null.
+NAMED_EXPERIMENTS = {
+    name: spec for name, spec in config["experiments"].items() if spec is not None
+}
+EXPERIMENTS = list(NAMED_EXPERIMENTS) + ABLATION_EXPERIMENTS
 
 
 def experiment(name):
     """Dataset and training settings of an experiment: the train defaults, overridden by the experiment."""
-    if name in config["experiments"]:
-        spec = config["experiments"][name]
+    if name in NAMED_EXPERIMENTS:
+        spec = NAMED_EXPERIMENTS[name]
         images = {"image_features": IMAGE_FEATURES} if spec.get("images") else {}
         return spec["dataset"], {**config["train"], **spec.get("train", {}), **images}
     return config["ablations"]["dataset"], {
@@ -98,7 +103,7 @@ def trained_as(name):
     """The experiment whose adapter `name` is: an ablation point with the dataset and settings of a named
     experiment (the paper's ScienceQA run is its ablations' center) reuses that adapter, not a second training.
     """
-    for named in config["experiments"]:
+    for named in NAMED_EXPERIMENTS:
         if experiment(named) == experiment(name):
             return named
     return name
@@ -121,6 +126,7 @@ REPORT_TABLES = [
     "gate_init",
     "epochs",
     "generations",
+    "jobs",
 ]
 REPORT_FIGURES = [
     "loss_curves_gate_init",
@@ -162,6 +168,17 @@ def data_source(dataset):
         if dataset == "alpaca"
         else f"{RESULTS}/demo/scienceqa"
     )
+
+
+def fetch_options(source):
+    """The fetch CLI's options for a data source's pins and split assignment."""
+    options = [f"--{k} {source[k]}" for k in ("sha256", "revision") if source.get(k)]
+    if assigned := source.get("assign_splits"):
+        fractions = " ".join(f"{k}={v}" for k, v in assigned["fractions"].items())
+        options.append(
+            f"--assign-splits {fractions} --split-seed {assigned.get('seed', 0)}"
+        )
+    return " ".join(options)
 
 
 def evaluation_split(name):

@@ -38,11 +38,7 @@ rule fetch:
         CONDA_ENV
     params:
         source=lambda w: data_source(w.dataset),
-        extra=lambda w: " ".join(
-            f"--{k} {config['data'][w.dataset][k]}"
-            for k in ("sha256", "revision")
-            if config["data"][w.dataset].get(k)
-        ),
+        extra=lambda w: fetch_options(config["data"][w.dataset]),
     shell:
         "llama-adapter fetch --dataset {wildcards.dataset} --source {params.source} {params.extra} "
         "--out {output} > {log} 2>&1"

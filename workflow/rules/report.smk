@@ -23,7 +23,7 @@ rule report:
     params:
         out=lambda w, output: Path(output.markdown).parent,
         results=lambda w, input: Path(input.tokens).parents[1],
-        experiments=" ".join(f"--experiment {e}" for e in config["experiments"]),
+        experiments=" ".join(f"--experiment {e}" for e in NAMED_EXPERIMENTS),
         ablations=" ".join(
             f"--ablation {e}={trained_as(e)}" for e in ABLATION_EXPERIMENTS
         ),

@@ -54,14 +54,18 @@ class Source(NamedTuple):
     items: Iterator[Item]
 
 
-def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, revision: str | None = None) -> dict:
+def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, revision: str | None = None,
+          assign_splits: dict[str, float] | None = None, split_seed: int = 0) -> dict:
     """Normalise `source` into `out_dir` (records.jsonl, images/, fetch.json) and return fetch.json's content.
 
     `source` is `hf:<dataset id or local folder>`, an http(s) URL, or a local path; `sha256` pins a file or
-    folder source, `revision` a hub source.
+    folder source, `revision` a hub source. assign_splits (ScienceQA; {split: fraction}) replaces the source's
+    splits by a seeded rule (`assign_split_names`), for a source that has none, such as LLaVA's test file.
     """
     if dataset not in ACCEPTED:
         raise FetchError(f"unknown dataset {dataset!r}; expected one of {sorted(ACCEPTED)}")
+    if assign_splits is not None:
+        _check_fractions(dataset, assign_splits)
     out_dir = Path(out_dir)
     # Downloads go to a scratch folder beside the output, so that they never end up inside it and are
     # removed whether or not the fetch succeeds.
@@ -72,6 +76,7 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
         if dataset == "scienceqa":
             (tmp / "images").mkdir()
         records, images, missing = _write(src.items, tmp)
+        assigned = None if assign_splits is None else _reassign(tmp / "records.jsonl", assign_splits, split_seed)
         meta = {
             "format": FORMAT_VERSION,
             "dataset": dataset,
@@ -83,10 +88,56 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
             "records_sha256": sha256_file(tmp / "records.jsonl"),
             "images": images,
             "images_missing": missing,
+            **({"assigned_splits": assigned} if assigned else {}),
             "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         write_json(tmp / "fetch.json", meta)
     return meta
+
+
+def assign_split_names(keys: list[str], fractions: dict[str, float], seed: int) -> list[str]:
+    """Each key's split: keys ordered by sha256(seed, key) and cut into consecutive runs of the given fractions
+    (rounded to whole records). A key's split depends only on the seed and the set of keys, not on file order."""
+    order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}\0{keys[i]}".encode()).digest())
+    names, bounds, total = list(fractions), [], 0.0
+    for name in names:
+        total += fractions[name]
+        bounds.append(round(total * len(keys)))
+    split_of = [""] * len(keys)
+    start = 0
+    for name, end in zip(names, bounds):
+        for rank in range(start, end):
+            split_of[order[rank]] = name
+        start = end
+    return split_of
+
+
+def _check_fractions(dataset: str, fractions: dict[str, float]) -> None:
+    if dataset != "scienceqa":
+        raise FetchError(f"assigning splits applies to scienceqa records (alpaca's split is made by tokenize), "
+                         f"not {dataset}")
+    if not fractions or set(fractions) - {"train", "val", "test"}:
+        raise FetchError(f"split fractions must name train, val and/or test; got {sorted(fractions)}")
+    if not all(f > 0 for f in fractions.values()) or not abs(sum(fractions.values()) - 1) <= 1e-6:
+        raise FetchError(f"split fractions must be positive and sum to 1; got {fractions}")
+
+
+def _reassign(records_path: Path, fractions: dict[str, float], seed: int) -> dict:
+    """Rewrite records.jsonl with each record's split assigned by `assign_split_names`; returns what fetch.json
+    records of it (the rule, the counts, and the source's own split counts that it replaced)."""
+    rows = [json.loads(line) for line in records_path.read_text(encoding="utf-8").splitlines()]
+    pids = [r["pid"] for r in rows]
+    if len(set(pids)) != len(pids):
+        raise FetchError(f"{records_path}: duplicate pids; splits are assigned by pid")
+    source_splits: dict[str, int] = {}
+    for row, split in zip(rows, assign_split_names(pids, fractions, seed)):
+        source_splits[str(row["split"])] = source_splits.get(str(row["split"]), 0) + 1
+        row["split"] = split
+    with open(records_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    counts = {name: sum(r["split"] == name for r in rows) for name in fractions}
+    return {"rule": "pids ordered by sha256(seed, pid), cut by fraction", "seed": seed, "fractions": fractions,
+            "records": counts, "source_splits": source_splits}
 
 
 def _open(dataset: str, source: str, sha256: str | None, revision: str | None, scratch: Path) -> Source:
@@ -316,12 +367,26 @@ def _scienceqa_llava(path: Path) -> Iterator[Item]:
     for i, item in enumerate(_load_json(path, list)):
         try:
             pid, human, answer = item["id"], item["conversations"][0]["value"], item["conversations"][1]["value"]
-            question, choices = _split_options(human.removeprefix("<image>\n"))
+            text, choices = _split_options(human.removeprefix("<image>\n"))
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise FetchError(f"{path}: item {i} is not a LLaVA conversation ({e!r})") from e
-        fields = {"question": question, "choices": choices, "answer": _letter_index(answer)}
+        hint, question = _split_context(text)
+        fields = {"question": question, "hint": hint, "choices": choices, "answer": _letter_index(answer)}
         # The file names images it does not ship: has_image says so, image stays null.
         yield _scienceqa_record(str(pid), None, "image" in item, fields), None
+
+
+def _split_context(text: str) -> tuple[str | None, str]:
+    """(hint, question) of LLaVA's text, which opens with "Context: <hint>" when the hint is not empty. Both
+    may span lines: the question starts at the last of the final three lines that ends in "?" (a two-line
+    question asks first, then quotes what it asks about), else at the last line. This gives the original
+    hint and question for every one of the 50 test problems that problems_150.json also holds."""
+    if not text.startswith("Context: "):
+        return None, text
+    lines = text.removeprefix("Context: ").split("\n")
+    asks = [i for i in range(max(1, len(lines) - 3), len(lines)) if lines[i].endswith("?")]
+    start = asks[-1] if asks else len(lines) - 1
+    return "\n".join(lines[:start]) or None, "\n".join(lines[start:])
 
 
 def _split_options(prompt: str) -> tuple[str, list[str]]:
