@@ -87,8 +87,8 @@ def test_concurrent_jobs_lose_no_metric(server, data, tmp_path):
         steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
         assert steps == list(range(1, STEPS + 1)), name
         local = [json.loads(line)["step"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert local == steps
-        assert len(client.get_metric_history(run_id, "val_loss")) == 3
+        assert local == [0, *steps]  # step 0: the held-out loss before training
+        assert len(client.get_metric_history(run_id, "val_loss")) == 4
 
 
 def test_server_killed_mid_run_training_completes_into_the_jsonl(server, data, tmp_path):
@@ -104,4 +104,4 @@ def test_server_killed_mid_run_training_completes_into_the_jsonl(server, data, t
     assert job.returncode == 0, err[-2000:]
     assert "MLflow unavailable" in err
     assert (tmp_path / "job" / "adapter.safetensors").is_file()
-    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, STEPS + 1))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(0, STEPS + 1))

@@ -19,6 +19,7 @@ from llama_adapter.report import (
     epochs_table,
     gate_init_table,
     human,
+    instruction_table,
     jobs_table,
     layers_table,
     protocol_notes,
@@ -137,3 +138,12 @@ def test_assigned_splits_are_said_in_plain_words(grid):
     note = " ".join(protocol_notes(grid))
     assert "(4,241)" in note and "train 1,908, val 212, test 2,121" in note
     assert "not the paper's ScienceQA test accuracy" in note
+
+
+def test_instruction_table_shows_the_loss_before_and_after(grid):
+    r = grid[0]
+    r.metrics["initial_val_loss"] = 2.0
+    r.scores = {"heldout_loss": 1.5, "perplexity": math.exp(1.5), "heldout_samples": 200}
+    row = instruction_table([r]).iloc[0]
+    assert (row["loss_before"], row["loss_after"], row["heldout_samples"]) == (2.0, 1.5, 200)
+    assert row["perplexity_before"] == pytest.approx(math.exp(2.0)) and row["mlflow_run"] == f"run-{r.name}"

@@ -77,8 +77,9 @@ def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path):
     args, header, tensors = read_adapter(tmp_path / "run" / "adapter.safetensors")
     assert set(tensors) == {"adapter_query", "adapter_gate"} and tensors["adapter_gate"].abs().sum() > 0
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["loss"] for m in logged] == losses
-    assert {"lr", "real_tokens", "padded_tokens", "real_tokens_per_s", "gate/layer_00", "gate/layer_02"} <= set(logged[0])
+    assert logged[0] == {"step": 0, "val_loss": result["initial_val_loss"]}  # before the first step
+    assert [m["loss"] for m in logged[1:]] == losses
+    assert {"lr", "real_tokens", "padded_tokens", "real_tokens_per_s", "gate/layer_00", "gate/layer_02"} <= set(logged[1])
     if importlib.util.find_spec("mlflow"):  # a real MLflow run was made (the JSONL is written either way)
         assert result["mlflow_run_id"]
         stored = list((tmp_path / "mlartifacts").rglob("adapter.safetensors"))  # beside the database
@@ -118,7 +119,7 @@ def test_resume_after_sigkill_is_bit_identical(setup, tmp_path):
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:  # step 0, then 5 steps
             break
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
@@ -133,7 +134,9 @@ def test_resume_after_sigkill_is_bit_identical(setup, tmp_path):
     b = read_adapter(tmp_path / "killed" / "adapter.safetensors")[2]
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 6 * epochs + 1))  # the steps redone after the kill are not logged twice
+    # Step 0 is the held-out loss before training; the steps redone after the kill are not logged twice.
+    assert steps == list(range(0, 6 * epochs + 1))
+    assert result["initial_val_loss"] == reference["initial_val_loss"]  # kept in the checkpoint
 
 
 def test_resume_refuses_changed_settings(setup, tmp_path):
@@ -268,7 +271,7 @@ def test_unreachable_mlflow_warns_once_and_keeps_the_jsonl(setup, tmp_path, monk
     assert len([w for w in caught if "MLflow unavailable" in str(w.message)]) == 1
     assert result["mlflow_run_id"] is None
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in logged] == [1, 2, 3]
+    assert [m["step"] for m in logged] == [0, 1, 2, 3]
     assert (tmp_path / "run" / "adapter.safetensors").exists()
 
 
@@ -299,6 +302,8 @@ def test_loss_falls_on_the_demo_data(tmp_path):
     untrained = heldout_loss(load_base(cfg.base), val, row_len=128, rows_per_batch=8, pad_id=0, device="cpu")
     print("held-out loss: base", untrained, "with the adapter, per epoch", result["val_loss"])
     assert result["val_loss"][-1] < 0.9 * untrained
+    # Zero-initialised gates: before its first step the adapted model is the base model.
+    assert result["initial_val_loss"] == pytest.approx(untrained, rel=1e-6)
 
 
 def image_split(root, n, seed):

@@ -171,6 +171,19 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def instruction_table(runs: list[Run]) -> pd.DataFrame:
+    """Held-out Alpaca loss before the first step (with zero-initialised gates: the base model's) and after
+    training (the evaluate stage), with perplexities."""
+    rows = []
+    for r in runs:
+        before, after = r.metrics.get("initial_val_loss"), r.scores["heldout_loss"]
+        rows.append({"experiment": r.name, "heldout_samples": r.scores["heldout_samples"],
+                     "gate_init": r.setting("gate_init"), "loss_before": before, "loss_after": after,
+                     "perplexity_before": None if before is None else math.exp(before),
+                     "perplexity_after": math.exp(after), **r.provenance})
+    return pd.DataFrame(rows)
+
+
 def layers_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame([{"adapter_layers": r.setting("adapter_layers"),
                           "tuned_params": human(r.metrics["trainable_parameters"]), "accuracy": r.scores["accuracy"],
@@ -317,6 +330,7 @@ def length_figure(tokens_dir: Path, path: Path) -> dict:
 
 TABLES = {  # file name: caption
     "efficiency": "Efficiency: tuned parameters, adapter storage, training time and hardware",
+    "instruction": "Instruction adapters: held-out Alpaca loss before and after training",
     "scienceqa": "ScienceQA accuracy (%) per category",
     "insertion_layers": "Ablation: number of adapted (top) layers",
     "gate_init": "Ablation: zero-initialised vs randomly initialised gates",
@@ -343,7 +357,8 @@ def write_report(results: Path, out_dir: Path, experiments: list[str], ablations
     instruction = [r for r in named if r.dataset == "alpaca"]
     scienceqa = [r for r in named if r.dataset == "scienceqa"]
     axes = {axis: ablation_axis(grid, axis, center) for axis in ("adapter_layers", "gate_init", "epochs")}
-    tables = {"efficiency": efficiency_table(named), "scienceqa": scienceqa_table(scienceqa),
+    tables = {"efficiency": efficiency_table(named), "instruction": instruction_table(instruction),
+              "scienceqa": scienceqa_table(scienceqa),
               "insertion_layers": layers_table(axes["adapter_layers"]), "gate_init": gate_init_table(axes["gate_init"]),
               "epochs": epochs_table(axes["epochs"]), "generations": generations_table(results, instruction),
               "jobs": jobs_table(results)}

@@ -153,10 +153,11 @@ def autocast(device: torch.device):
 RESUMABLE_CHANGES = ("checkpoint_every", "max_steps", "device", "compile", "run_name", "tags", "rows_per_micro_batch")
 
 
-def checkpoint_state(model, opt, step: int, history: list[dict], cfg: TrainConfig, run_id: str | None) -> dict:
+def checkpoint_state(model, opt, step: int, history: list[dict], cfg: TrainConfig, run_id: str | None,
+                     initial_val_loss: float | None) -> dict:
     return {"adapter": {k: v.cpu() for k, v in model.adapter_state_dict().items()}, "optimizer": opt.state_dict(),
             "step": step, "history": history, "torch_rng": torch.get_rng_state(), "mlflow_run_id": run_id,
-            "config": json.dumps(fixed_settings(cfg), sort_keys=True)}
+            "initial_val_loss": initial_val_loss, "config": json.dumps(fixed_settings(cfg), sort_keys=True)}
 
 
 def fixed_settings(cfg: TrainConfig) -> dict:
@@ -164,7 +165,8 @@ def fixed_settings(cfg: TrainConfig) -> dict:
 
 
 def restore(ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer):
-    """Load a checkpoint into model and optimizer; (step, history, MLflow run id) to continue from."""
+    """Load a checkpoint into model and optimizer; (step, history, MLflow run id, initial val loss) to continue
+    from."""
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     saved = json.loads(state["config"])
     now = json.loads(json.dumps(fixed_settings(cfg)))  # as saved: tuples become lists
@@ -176,7 +178,7 @@ def restore(ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.op
             model.get_parameter(k).copy_(v)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
-    return state["step"], state["history"], state["mlflow_run_id"]
+    return state["step"], state["history"], state["mlflow_run_id"], state.get("initial_val_loss")
 
 
 def train_step(model, train_ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig, d: Dist,
@@ -227,7 +229,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps or total_steps)
 
-    step, history, run_id = restore(ckpt_path, cfg, model, opt) if resume and ckpt_path.exists() else (0, [], None)
+    fresh = (0, [], None, None)
+    step, history, run_id, initial_val_loss = restore(ckpt_path, cfg, model, opt) if resume and ckpt_path.exists() \
+        else fresh
     if cfg.compile:
         model.compile_blocks()
 
@@ -240,6 +244,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         tracker.log_params({"config": asdict(cfg), "model": model.args.to_dict(), "world_size": d.world,
                             "trainable_parameters": sum(p.numel() for p in params),
                             "data": data_provenance(Path(cfg.train_data))})
+    if step == 0 and val_ds is not None:
+        # Before any step: with zero-initialised gates this is the base model's own held-out loss, the
+        # reference the adapter's gain is measured from.
+        initial_val_loss = evaluate_loss(model, val_ds, cfg, d)
+        tracker.log_metrics({"val_loss": initial_val_loss}, 0)
     bar = progress(last_step, step, out.name, enabled=d.rank == 0)
     try:
         while step < last_step:
@@ -272,21 +281,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                       (f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""), flush=True)
             if d.rank == 0 and (step % cfg.checkpoint_every == 0 or step == last_step):
                 with atomic_path(ckpt_path) as tmp:
-                    torch.save(checkpoint_state(model, opt, step, history, cfg, tracker.run_id), tmp)
+                    torch.save(checkpoint_state(model, opt, step, history, cfg, tracker.run_id, initial_val_loss),
+                               tmp)
     except BaseException:
         tracker.close(failed=True)
         raise
     finally:
         bar.close()
-    result = finish(model, cfg, history, d, tracker)
+    result = finish(model, cfg, history, d, tracker, initial_val_loss)
     tracker.close()
     return result
 
 
-def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, tracker: Tracker) -> dict:
+def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, tracker: Tracker,
+           initial_val_loss: float | None) -> dict:
     out = Path(cfg.out_dir)
     result = {"steps": len(history), "final_loss": history[-1]["loss"] if history else None,
-              "val_loss": [h["val_loss"] for h in history if "val_loss" in h],
+              "initial_val_loss": initial_val_loss, "val_loss": [h["val_loss"] for h in history if "val_loss" in h],
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "world_size": d.world, "device": device_name(d.device), "history": history,
               "mlflow_run_id": tracker.run_id, "tags": tracker.tags}

@@ -121,6 +121,7 @@ def image_features(w):
 # The report's files (llama_adapter.report.TABLES and FIGURES; a test keeps the two lists equal).
 REPORT_TABLES = [
     "efficiency",
+    "instruction",
     "scienceqa",
     "insertion_layers",
     "gate_init",
