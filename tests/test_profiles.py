@@ -210,6 +210,15 @@ def test_local_profile_gives_each_gpu_rule_one_gpu():
     assert all("--expect-gpus 1 " in job["shell"] and job["shell"].startswith("llama-adapter train ")
                for job in jobs(out, "train_adapter"))
     assert len(jobs(out, "fetch_smollm2")) == 1
+    # The miniature protocol: real shared data, ScienceQA split by the seeded rule, no image experiment.
+    fetched = {job["wildcards"]["dataset"]: job["shell"] for job in jobs(out, "fetch")}
+    assert "--source ../shared/data/scienceqa/test_4241_llava_cqm.json " in fetched["scienceqa"]
+    assert "--assign-splits train=0.45 val=0.05 test=0.5 --split-seed 0 " in fetched["scienceqa"]
+    assert "--assign-splits" not in fetched["alpaca"]
+    trained = {job["wildcards"]["experiment"] for job in jobs(out, "train_adapter")}
+    assert "scienceqa_mm" not in trained and not jobs(out, "encode_images") and len(trained) == 7
+    assert all("--split test " in job["shell"] for job in jobs(out, "evaluate")
+               if job["wildcards"]["experiment"] != "instruction")
     out = snakemake("--profile", "local", "--configfile", "config/smollm2.yaml", "--forceall",
                     "--resources", "gpu=2", "--set-resources", "train_adapter:gpu=2")
     assert all(job["shell"].startswith("torchrun --standalone --nproc-per-node 2 -m llama_adapter.cli train ")
