@@ -59,3 +59,27 @@ def test_bad_requests():
         generate(m, [[]], 3, eos_id=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(m, [[1]], 0, eos_id=2)
+
+
+def test_multimodal_decoding_matches_the_full_forward_of_each_row():
+    """The image values cached at the prefill give every decoded token what a full forward with the image
+    gives; a row without an image decodes as the text-only model."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny-gqa"),
+                        AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random", visual_dim=12)).eval()
+    with torch.no_grad():  # an image term large enough to change the tokens
+        model.adapter_gate.fill_(2.0)
+        for p in model.adapter_visual.parameters():
+            p.mul_(30)
+    prompts, images = [[1, 5, 9, 200, 7], [1, 5, 9, 200, 7]], [torch.randn(12).numpy(), None]
+    batched = generate(model, prompts, max_new_tokens=8, eos_id=2, pad_id=0, images=images)
+    assert batched[0] != batched[1]
+    with torch.no_grad():
+        for prompt, image, out in zip(prompts, images, batched):
+            tokens = torch.tensor([prompt + out])
+            extra = {} if image is None else {"image_features": torch.from_numpy(image)[None],
+                                              "image_index": torch.zeros_like(tokens)}
+            logits = model(tokens, **extra)[0, len(prompt) - 1: len(prompt) - 1 + len(out)]
+            chosen = logits.gather(-1, torch.tensor(out)[:, None]).squeeze(-1)
+            assert (logits.max(-1).values - chosen).max() < 1e-4
+    assert generate(model, prompts[1:], max_new_tokens=8, eos_id=2, pad_id=0) == batched[1:]

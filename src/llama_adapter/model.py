@@ -122,8 +122,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         # The adaption prompts' keys and values (1, nkv, L, hs) do not change while decoding: computed once,
-        # they spare every decoded token a second read of wk and wv.
+        # they spare every decoded token a second read of wk and wv. So do the batch's image values
+        # wv(I) (N+1, nkv, hs) of a multimodal adapter, computed at the prefill.
         self.prompt_kv: tuple[Tensor, Tensor] | None = None
+        self.image_values: Tensor | None = None
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # input_pos: (T,); k, v: (B, n_kv, T, hd)
@@ -202,9 +204,19 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         if image is not None:
             projected, row = image
-            iv = self.wv(projected.to(q.dtype)).view(-1, self.n_kv_heads, self.head_dim)[row]  # (B, T, nkv, hs)
+            iv = self.image_values(projected, q.dtype)[row]  # (B, T, nkv, hs)
             y = y + iv.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2).transpose(1, 2)
         return gate.tanh().to(q.dtype).view(1, -1, 1, 1) * y
+
+    def image_values(self, projected: Tensor, dtype) -> Tensor:
+        """wv of each projected image (N+1, nkv, hs); while decoding, those of the prefill are reused."""
+        cache = self.kv_cache
+        if cache is not None and cache.image_values is not None:
+            return cache.image_values
+        values = self.wv(projected.to(dtype)).view(-1, self.n_kv_heads, self.head_dim)
+        if cache is not None:
+            cache.image_values = values
+        return values
 
 
 class FeedForward(nn.Module):
