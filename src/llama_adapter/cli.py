@@ -68,7 +68,7 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     from .generate import generate
     from .prompts import TEMPLATES
 
-    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = requested_device(ns)
     model = load_for_inference(ns.base, ns.adapter, device, torch_dtype(ns.dtype))
     tokenizer = load_tokenizer(ns.tokenizer or default_tokenizer_path(Path(ns.base)))
     prompt = tokenizer.encode(TEMPLATES[ns.template](ns.prompt), bos=not ns.no_bos)
@@ -170,11 +170,18 @@ def cmd_train(ns: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
 
 
+def requested_device(ns: argparse.Namespace) -> str:
+    """--device, else cuda when there is a GPU, else cpu."""
+    import torch
+
+    return ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def default_device(ns: argparse.Namespace):
     """(device, dtype): CUDA in bf16 when there is a GPU, else CPU in fp32, unless --device/--dtype say."""
     import torch
 
-    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = requested_device(ns)
     return device, torch_dtype(ns.dtype) if ns.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
 
 
@@ -263,12 +270,9 @@ def cmd_make_vision_encoder(ns: argparse.Namespace) -> None:
 
 def cmd_encode_images(ns: argparse.Namespace) -> None:
     """Encode every ScienceQA image once with a frozen CLIP vision tower into a feature cache keyed by pid."""
-    import torch
-
     from .multimodal import VisionEncoder, encode_images
 
-    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = VisionEncoder(ns.encoder, tuple(ns.layers) if ns.layers else None, device)
+    encoder = VisionEncoder(ns.encoder, tuple(ns.layers) if ns.layers else None, requested_device(ns))
     summary = encode_images(encoder, ns.records, ns.out, ns.policy, ns.batch_size)
     print(json.dumps(summary, indent=2))
 

@@ -176,11 +176,11 @@ def instruction_table(runs: list[Run]) -> pd.DataFrame:
     training (the evaluate stage), with perplexities."""
     rows = []
     for r in runs:
-        before, after = r.metrics.get("initial_val_loss"), r.scores["heldout_loss"]
+        before = r.metrics.get("initial_val_loss")
         rows.append({"experiment": r.name, "heldout_samples": r.scores["heldout_samples"],
-                     "gate_init": r.setting("gate_init"), "loss_before": before, "loss_after": after,
+                     "gate_init": r.setting("gate_init"), "loss_before": before, "loss_after": r.scores["heldout_loss"],
                      "perplexity_before": None if before is None else math.exp(before),
-                     "perplexity_after": math.exp(after), **r.provenance})
+                     "perplexity_after": r.scores["perplexity"], **r.provenance})
     return pd.DataFrame(rows)
 
 

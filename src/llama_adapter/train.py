@@ -229,9 +229,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps or total_steps)
 
-    fresh = (0, [], None, None)
-    step, history, run_id, initial_val_loss = restore(ckpt_path, cfg, model, opt) if resume and ckpt_path.exists() \
-        else fresh
+    if resume and ckpt_path.exists():
+        step, history, run_id, initial_val_loss = restore(ckpt_path, cfg, model, opt)
+    else:
+        step, history, run_id, initial_val_loss = 0, [], None, None
     if cfg.compile:
         model.compile_blocks()
 
