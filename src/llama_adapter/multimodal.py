@@ -12,6 +12,7 @@ transformers is imported only where an encoder is built: reading a cache does no
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .data.paths import UnsafePathError, inside
 from .data.validate import read_jsonl
 from .errors import PipelineError
 from .io import atomic_dir, sha256_file, write_json
@@ -161,13 +163,33 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
 
     Rows of a cache with the same fingerprint are reused when the pid's image file is unchanged (same sha256);
     only the rest go through the encoder. The cache is rewritten whole and atomically, holding exactly the
-    current records' images. A missing/unreadable image fails the run (policy "fail", nothing written) or is
-    left out and listed under "skipped" (policy "skip")."""
+    current records' images. A missing/unreadable image, a record with has_image but no image file, or an image
+    path leaving the dataset (`dataset_root`) fails the run (policy "fail", nothing written) or is left out and
+    listed under "skipped" (policy "skip")."""
     if policy not in ("fail", "skip"):
         raise ValueError(f"image policy must be 'fail' or 'skip', not {policy!r}")
     records_path, out_dir = Path(records_path), Path(out_dir)
-    wanted = [(str(r["pid"]), records_path.parent / r["image"])
-              for r in read_jsonl(records_path) if r.get("image") is not None]
+    root = dataset_root(records_path)
+    skipped: list[str] = []
+
+    def unreadable(pid: str, path: Any, why: Any) -> None:
+        if policy == "fail":
+            raise ImageError(f"{records_path}: pid {pid}: image {path} cannot be read ({why}); "
+                             "rerun with the skip policy to leave such images out") from None
+        skipped.append(pid)
+
+    wanted = []
+    for r in read_jsonl(records_path):
+        pid = str(r.get("pid"))
+        if r.get("image") is not None:
+            try:  # the records file is data too: its image paths must stay inside the dataset
+                wanted.append((pid, inside(root, os.path.relpath(os.path.normpath(records_path.parent / r["image"]),
+                                                                 root))))
+            except (UnsafePathError, TypeError) as e:
+                unreadable(pid, r["image"], e)
+        elif r.get("has_image"):  # the source names an image that was not shipped or not stored
+            unreadable(pid, None, "the record has an image but no image file; fetch.json counts these as "
+                                  "images_missing")
     if len({pid for pid, _ in wanted}) != len(wanted):
         raise ImageError(f"{records_path}: a pid appears twice among the records with an image")
     fingerprint = encoder.fingerprint()
@@ -177,14 +199,6 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
         meta = json.loads((out_dir / "encoder.json").read_text(encoding="utf-8"))
         if meta.get("format") == FORMAT_VERSION and meta.get("encoder") == fingerprint:
             old = ImageFeatures(out_dir)
-
-    skipped: list[str] = []
-
-    def unreadable(pid: str, path: Path, why: Exception) -> None:
-        if policy == "fail":
-            raise ImageError(f"{records_path}: pid {pid}: image {path} cannot be read ({why}); "
-                             "rerun with the skip policy to leave such images out") from None
-        skipped.append(pid)
 
     # Hash first: a missing file fails before any encoding, and a changed image is not served stale features.
     digests: dict[str, str] = {}
@@ -228,3 +242,14 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
                                           "records": str(records_path), **summary, "skipped": skipped,
                                           "images": {p: digests[p] for p in pids}})
     return {**summary, "skipped": skipped}
+
+
+def dataset_root(records_path: Path) -> Path:
+    """The folder a records file's image paths must stay inside: the fetched dataset that validation.json
+    beside a validated records file names, else the records file's own folder."""
+    report = records_path.parent / "validation.json"
+    if report.is_file():
+        source = json.loads(report.read_text(encoding="utf-8")).get("source")
+        if source and Path(source).is_dir():
+            return Path(source)
+    return records_path.parent

@@ -6,14 +6,22 @@ from the machines we run on. Every later stage therefore reads one format only (
 and fetch.json records where the records came from and their digests, so a rerun can tell whether its
 input changed. Contents are not judged here (the validate stage reports on them); only a source that cannot
 be read at all is a `FetchError`.
+
+Names inside a source are untrusted: an image name or problem id is resolved inside the source's own folder
+(`data.paths.inside`) before anything is opened, and one that leaves it (absolute, `..`, a symlink out) stops
+the fetch naming the pid and the path (policy `fail`) or is left out, counted and listed in fetch.json (policy
+`skip`: the record keeps has_image true with no image, and validate drops it as invalid). The same policy
+covers a split file naming pids that the problems do not hold, or a pid in two splits.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import http.client
 import io
 import json
+import os
 import shutil
 import string
 import tempfile
@@ -28,9 +36,12 @@ from typing import Any, NamedTuple
 from ..errors import FetchError
 from ..io import atomic_dir, sha256_file, write_json
 from . import FORMAT_VERSION, SCIENCEQA_FIELDS
+from .paths import UnsafePathError, file_name, inside
 
 Row = dict[str, Any]
-Item = tuple[Row, bytes | Path | None]  # a normalised record and the image to store for it, if any
+# A normalised record and the image to store for it: its bytes, a checked file inside the source, None (no
+# image), or the refusal of an image path that leaves the source.
+Item = tuple[Row, bytes | Path | UnsafePathError | None]
 Splits = Iterable[tuple[str, Iterable[Row]]]  # (split name, rows), as the hub and its parquet export give
 
 ACCEPTED = {
@@ -45,6 +56,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DOWNLOAD_TIMEOUT_S = 60
 DOWNLOAD_CHUNK = 1 << 20
 LETTERS = string.ascii_uppercase
+POLICIES = ("fail", "skip")
 
 
 class Source(NamedTuple):
@@ -54,14 +66,52 @@ class Source(NamedTuple):
     items: Iterator[Item]
 
 
+class Refusals:
+    """What a fetch refused under policy `skip` (counted and listed in fetch.json); under `fail` the first
+    refusal stops the fetch with a FetchError naming the source, the record and the offending path."""
+
+    def __init__(self, source: str, policy: str):
+        if policy not in POLICIES:
+            raise FetchError(f"fetch policy must be one of {POLICIES}, got {policy!r}")
+        self.source, self.policy = source, policy
+        self.images: list[dict] = []
+        self.split_pids: dict[str, list[str]] = {}
+
+    def image(self, pid: str, why: UnsafePathError) -> None:
+        if self.policy == "fail":
+            raise FetchError(f"{self.source}: pid {pid}: image {why}; nothing outside the dataset is read "
+                             "(set the data validation policy to skip to leave such records out)")
+        self.images.append({"pid": pid, "why": str(why)})
+
+    def splits(self, path: Path, kind: str, pids: list[str]) -> None:
+        if not pids:
+            return
+        if self.policy == "fail":
+            raise FetchError(f"{path}: {len(pids)} pids {kind} (first: {', '.join(pids[:5])}); fix the split "
+                             "file or set the data validation policy to skip to count and list them")
+        self.split_pids[kind] = pids
+
+    def summary(self) -> dict:
+        """fetch.json's entries: each kind counted and listed in full (validate reads images_refused)."""
+        out = {}
+        if self.images:
+            out["images_refused"] = {"count": len(self.images), "records": self.images}
+        for kind, pids in self.split_pids.items():
+            out[f"split_pids_{kind.replace(' ', '_').replace('.', '')}"] = {"count": len(pids), "pids": pids}
+        return out
+
+
 def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, revision: str | None = None,
-          assign_splits: dict[str, float] | None = None, split_seed: int = 0) -> dict:
+          assign_splits: dict[str, float] | None = None, split_seed: int = 0, policy: str = "fail") -> dict:
     """Normalise `source` into `out_dir` (records.jsonl, images/, fetch.json) and return fetch.json's content.
 
     `source` is `hf:<dataset id or local folder>`, an http(s) URL, or a local path; `sha256` pins a file or
     folder source, `revision` a hub source. assign_splits (ScienceQA; {split: fraction}) replaces the source's
     splits by a seeded rule (`assign_split_names`), for a source that has none, such as LLaVA's test file.
+    `policy` (fail / skip) decides what an image path leaving the source, or a split file naming unknown
+    pids, does (the module's docstring says how).
     """
+    refusals = Refusals(source, policy)
     if dataset not in ACCEPTED:
         raise FetchError(f"unknown dataset {dataset!r}; expected one of {sorted(ACCEPTED)}")
     if assign_splits is not None:
@@ -72,10 +122,10 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(
         dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".download"
     ) as scratch:
-        src = _open(dataset, source, sha256, revision, Path(scratch))
+        src = _open(dataset, source, sha256, revision, Path(scratch), refusals)
         if dataset == "scienceqa":
             (tmp / "images").mkdir()
-        records, images, missing = _write(src.items, tmp)
+        records, images, missing = _write(src.items, tmp, refusals)
         assigned = None if assign_splits is None else _reassign(tmp / "records.jsonl", assign_splits, split_seed)
         meta = {
             "format": FORMAT_VERSION,
@@ -88,6 +138,7 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
             "records_sha256": sha256_file(tmp / "records.jsonl"),
             "images": images,
             "images_missing": missing,
+            **refusals.summary(),
             **({"assigned_splits": assigned} if assigned else {}),
             "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -140,12 +191,15 @@ def _reassign(records_path: Path, fractions: dict[str, float], seed: int) -> dic
             "records": counts, "source_splits": source_splits}
 
 
-def _open(dataset: str, source: str, sha256: str | None, revision: str | None, scratch: Path) -> Source:
+def _open(dataset: str, source: str, sha256: str | None, revision: str | None, scratch: Path,
+          refusals: Refusals) -> Source:
     if source.startswith("hf:"):
         if sha256:
             raise FetchError(f"{source}: a sha256 cannot pin a hub dataset; pin its `revision` instead")
         splits, revision = _load_hub(dataset, source, revision)
-        return Source("hf", None, revision, SPLIT_READERS[dataset](splits))
+        # A path-only image of a hub dataset is read only from inside a local folder named as the source.
+        local = Path(source.removeprefix("hf:")).expanduser()
+        return Source("hf", None, revision, SPLIT_READERS[dataset](splits, local if local.is_dir() else None))
     if source.startswith(("http://", "https://")):
         path, kind = _download(dataset, source, scratch), "url"
     else:
@@ -155,7 +209,7 @@ def _open(dataset: str, source: str, sha256: str | None, revision: str | None, s
     digest = _digest(path)
     if sha256 and digest != sha256.lower():
         raise FetchError(f"sha256 mismatch for {source}: expected {sha256}, got {digest}")
-    return Source(kind, digest, revision, _read_path(dataset, path))
+    return Source(kind, digest, revision, _read_path(dataset, path, refusals))
 
 
 def _load_hub(dataset: str, source: str, revision: str | None) -> tuple[Splits, str | None]:
@@ -188,7 +242,8 @@ def _undecoded(ds: Any) -> Any:
 
 def _download(dataset: str, url: str, scratch: Path) -> Path:
     # Named like the URL's file, so that the readers dispatch on its suffix and their errors name it.
-    dest = scratch / (PurePosixPath(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "download")
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    dest = scratch / (name if name not in ("", ".", "..") else "download")
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as f:
             shutil.copyfileobj(response, f, DOWNLOAD_CHUNK)
@@ -201,20 +256,52 @@ def _download(dataset: str, url: str, scratch: Path) -> Path:
 
 
 def _digest(path: Path) -> str:
-    """sha256 of a file, or of a folder's sorted (relative path, file sha256) listing."""
+    """sha256 of a file, or of a folder's sorted (relative path, file sha256) listing, with each symlink that
+    is not read (a folder, or a file outside the folder) as (relative path, -> its target)."""
     if path.is_file():
         return sha256_file(path)
-    files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    files, links = _dataset_files(path)
     listing = "".join(f"{rel}\t{sha256_file(p)}\n" for rel, p in files)
+    listing += "".join(f"{rel}\t-> {target}\n" for rel, target in links)
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def _write(items: Iterator[Item], folder: Path) -> tuple[int, int, int]:
+def _dataset_files(root: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """(the files inside `root`, the symlinks not followed), both as sorted (relative path, ...) pairs. The walk
+    does not enter symlinked folders, and a symlinked file that resolves outside `root` is never opened."""
+    files, links = [], []
+    for folder, dirs, names in os.walk(root):
+        for name in dirs + names:
+            p = Path(folder) / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink() and (p.is_dir() or not _is_inside(root, rel)):
+                links.append((rel, os.readlink(p)))
+            elif p.is_file():
+                files.append((rel, p))
+    return sorted(files), sorted(links)
+
+
+def _is_inside(root: Path, name: str) -> bool:
+    try:
+        inside(root, name)
+    except UnsafePathError:
+        return False
+    return True
+
+
+def _write(items: Iterator[Item], folder: Path, refusals: Refusals) -> tuple[int, int, int]:
     """Write records.jsonl (and images/<pid>.png); return (records, images written, images missing)."""
     records = images = missing = 0
     with open(folder / "records.jsonl", "w", encoding="utf-8") as f:
         for record, image in items:
-            if image is not None:
+            if image is not None and not isinstance(image, UnsafePathError):
+                try:  # the pid names the stored file: it must not lead out of the images folder
+                    file_name(record["pid"])
+                except UnsafePathError as e:
+                    image = UnsafePathError(f"cannot be stored: the pid {e}")
+            if isinstance(image, UnsafePathError):
+                refusals.image(record["pid"], image)
+            elif image is not None:
                 record["image"] = _save_png(image, folder / "images" / f"{record['pid']}.png")
                 images += 1
             elif record.get("has_image"):
@@ -240,13 +327,14 @@ def _save_png(image: bytes | Path, dest: Path) -> str:
     return f"images/{dest.name}"
 
 
-def _read_path(dataset: str, path: Path) -> Iterator[Item]:
+def _read_path(dataset: str, path: Path, refusals: Refusals) -> Iterator[Item]:
     """Dispatch a local file or folder to the reader of its layout."""
     if path.is_dir():
-        if dataset == "scienceqa" and (path / "problems.json").is_file() and (path / "pid_splits.json").is_file():
-            return _scienceqa_original(path)
+        files = {rel for rel, _ in _dataset_files(path)[0]}  # a symlink out of the folder is no file of it
+        if dataset == "scienceqa" and {"problems.json", "pid_splits.json"} <= files:
+            return _scienceqa_original(path, refusals)
         if splits := _parquet_splits(path):
-            return SPLIT_READERS[dataset](splits)
+            return SPLIT_READERS[dataset](splits, path)
     elif dataset == "alpaca" and path.suffix in ALPACA_FILES:
         return _alpaca_file(path)
     elif dataset == "scienceqa" and path.suffix == ".json":
@@ -297,7 +385,8 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
 
 def _parquet_splits(folder: Path) -> list[tuple[str, Iterator[Row]]]:
     """HF's parquet export: <split>-NNNNN-of-NNNNN.parquet shards, possibly under data/, read in shard order."""
-    shards = {split: sorted(folder.rglob(f"{split}-*.parquet")) for split in HF_SPLITS}
+    files = _dataset_files(folder)[0]
+    shards = {split: [p for _, p in files if fnmatch.fnmatch(p.name, f"{split}-*.parquet")] for split in HF_SPLITS}
     return [(split, (row for f in files for row in _parquet_rows(f))) for split, files in shards.items() if files]
 
 
@@ -313,7 +402,7 @@ def _alpaca_file(path: Path) -> Iterator[Item]:
         yield row, None
 
 
-def _alpaca_splits(splits: Splits) -> Iterator[Item]:
+def _alpaca_splits(splits: Splits, root: Path | None) -> Iterator[Item]:
     # tatsu-lab/alpaca adds `text`, the prompt already filled in; the tokenize stage builds its own.
     for _, rows in splits:
         for row in rows:
@@ -329,24 +418,66 @@ def _scienceqa_record(pid: str, split: str | None, has_image: bool, fields: Row)
     return {key: fixed[key] if key in fixed else fields.get(key) for key in SCIENCEQA_FIELDS}
 
 
-def _scienceqa_splits(splits: Splits) -> Iterator[Item]:
+def _scienceqa_splits(splits: Splits, root: Path | None) -> Iterator[Item]:
+    """HF's ScienceQA rows (hub or parquet export) from a local folder `root`, or from the hub (root None)."""
     # The hub's rows carry no pid: number them within their split, as the HF export orders them.
     for name, rows in splits:
         split = "val" if name == "validation" else name
         for i, row in enumerate(rows):
             image = row.get("image")  # {"bytes", "path"} or None
-            yield _scienceqa_record(f"{split}-{i}", split, image is not None, row), (image or {}).get("bytes")
+            yield _scienceqa_record(f"{split}-{i}", split, image is not None, row), _hf_image(image, root)
+
+
+def _hf_image(image: dict | None, root: Path | None) -> bytes | Path | UnsafePathError | None:
+    """An HF image cell's embedded bytes; failing those, its path, read only from inside the local folder."""
+    if not image:
+        return None
+    if image.get("bytes"):
+        return image["bytes"]
+    if not image.get("path"):
+        return None
+    if root is None:
+        return UnsafePathError(f"{image['path']!r} is a path without embedded bytes in a hub dataset, which has "
+                               "no local folder to read it from")
+    return _existing(root, [image["path"]])
+
+
+def _existing(root: Path, names: list[str]) -> Path | UnsafePathError | None:
+    """The first of `names` that is a file inside `root`; the refusal if any of them leaves `root`."""
+    try:
+        paths = [inside(root, name) for name in names]
+    except UnsafePathError as e:
+        return e
+    return next((p for p in paths if p.is_file()), None)
 
 
 def read_pid_splits(path: Path) -> dict[str, str]:
     """pid -> train / val / test from ScienceQA's pid_splits.json (trainval, minitrain, ... are subsets)."""
+    return _pid_splits(path)[0]
+
+
+def _pid_splits(path: Path) -> tuple[dict[str, str], list[str]]:
+    """(pid -> split, pids listed in more than one of train / val / test: each keeps the first)."""
     pid_splits = _load_json(path, dict)
-    return {pid: split for split in ("train", "val", "test") for pid in pid_splits.get(split, [])}
+    split_of: dict[str, str] = {}
+    twice = []
+    for split in ("train", "val", "test"):
+        pids = pid_splits.get(split, [])
+        if not isinstance(pids, list):
+            raise FetchError(f"{path}: {split!r} holds a JSON {type(pids).__name__}, expected a list of pids")
+        for pid in map(str, pids):
+            if pid in split_of:
+                twice.append(pid)
+            else:
+                split_of[pid] = split
+    return split_of, twice
 
 
-def _scienceqa_original(folder: Path) -> Iterator[Item]:
+def _scienceqa_original(folder: Path, refusals: Refusals) -> Iterator[Item]:
     problems = _load_json(folder / "problems.json", dict)
-    split_of = read_pid_splits(folder / "pid_splits.json")
+    split_of, twice = _pid_splits(folder / "pid_splits.json")
+    refusals.splits(folder / "pid_splits.json", "in two splits", twice)
+    refusals.splits(folder / "pid_splits.json", "not in problems.json", [p for p in split_of if p not in problems])
     for pid, problem in problems.items():
         if not isinstance(problem, dict):
             raise FetchError(f"{folder / 'problems.json'}: problem {pid} is a {type(problem).__name__}, not an object")
@@ -354,16 +485,18 @@ def _scienceqa_original(folder: Path) -> Iterator[Item]:
         yield _scienceqa_record(pid, split, bool(name), problem), _problem_image(folder, split, pid, name)
 
 
-def _problem_image(folder: Path, split: str | None, pid: str, name: str | None) -> Path | None:
+def _problem_image(folder: Path, split: str | None, pid: str, name: Any) -> Path | UnsafePathError | None:
     """The problem's image file, at images/<pid>/<name> or (as ScienceQA's zips unpack) images/<split>/<pid>/<name>."""
     if not name:
         return None
-    candidates = [folder / "images" / pid / name] + ([folder / "images" / split / pid / name] if split else [])
-    return next((p for p in candidates if p.is_file()), None)
+    if not isinstance(name, str):
+        return UnsafePathError(f"{name!r} is not a file name")
+    return _existing(folder, [f"images/{pid}/{name}"] + ([f"images/{split}/{pid}/{name}"] if split else []))
 
 
 def _scienceqa_llava(path: Path) -> Iterator[Item]:
-    """LLaVA's conversation file: question, context and options folded into one prompt, the answer a letter."""
+    """LLaVA's conversation file: question, context and options folded into one prompt, the answer a letter.
+    Its `image` (<pid>/image.png) is read from beside the file, or from images/ there, where it is shipped."""
     for i, item in enumerate(_load_json(path, list)):
         try:
             pid, human, answer = item["id"], item["conversations"][0]["value"], item["conversations"][1]["value"]
@@ -372,8 +505,10 @@ def _scienceqa_llava(path: Path) -> Iterator[Item]:
             raise FetchError(f"{path}: item {i} is not a LLaVA conversation ({e!r})") from e
         hint, question = _split_context(text)
         fields = {"question": question, "hint": hint, "choices": choices, "answer": _letter_index(answer)}
-        # The file names images it does not ship: has_image says so, image stays null.
-        yield _scienceqa_record(str(pid), None, "image" in item, fields), None
+        # Usually the file names images it does not ship: has_image says so, image stays null.
+        name = item.get("image")
+        image = None if name is None else _existing(path.parent, [name, f"images/{name}"])
+        yield _scienceqa_record(str(pid), None, "image" in item, fields), image
 
 
 def _split_context(text: str) -> tuple[str | None, str]:
