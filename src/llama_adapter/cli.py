@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -139,24 +141,63 @@ def cmd_validate(ns: argparse.Namespace) -> None:
     """Validate fetched records; write the kept records and validation.json (counts, examples)."""
     from dataclasses import asdict
 
-    from .data.validate import validate
+    from .data.validate import ValidationFailed, validate
 
-    report = validate(ns.dataset, ns.fetched, ns.out, policy=ns.policy, drop_flags=ns.drop_flag)
-    print(json.dumps({k: v for k, v in asdict(report).items() if k != "examples"}, indent=2))
+    try:
+        with os_errors_named():
+            report = validate(ns.dataset, ns.fetched, ns.out, policy=ns.policy, drop_flags=ns.drop_flag)
+    except ValidationFailed as e:  # the whole report on stdout (the workflow's log), the one-line error after it
+        print(json.dumps(asdict(e.report), indent=2), flush=True)
+        raise
+    print(json.dumps({k: v for k, v in asdict(report).items() if k not in ("examples", "dropped")}, indent=2))
 
 
 def cmd_tokenize(ns: argparse.Namespace) -> None:
     """Tokenize validated records into per-split token arrays, stats.json and lengths.png."""
     from .data.tokens import tokenize
+    from .data.validate import check_separate
+    from .errors import TokenizeError
+    from .io import remove_output
 
     if ns.split_by == "seed":
-        size = float(ns.val_size) if "." in ns.val_size else int(ns.val_size)
-        split = {"by": "seed", "val_size": size, "seed": ns.seed}
-    else:
+        split = {"by": "seed", "val_size": ns.val_size, "seed": ns.seed}  # val_size as text: tokenize parses it
+    elif ns.split_by == "field":
         split = {"by": "field"}
-    stats = tokenize(ns.dataset, ns.validated, load_tokenizer(ns.tokenizer), ns.out, max_seq_len=ns.max_seq_len,
-                     mask_prompt=not ns.no_mask_prompt, truncation=ns.truncation, split=split)
+    else:
+        raise TokenizeError(f"--split-by {ns.split_by!r} is unknown; expected seed (a seeded validation draw) or "
+                            "field (the records' own split)")
+    try:
+        tokenizer = load_tokenizer(ns.tokenizer)
+    except TokenizerError:  # a failed run leaves no earlier run's arrays behind (never the input, though)
+        check_separate(ns.validated, ns.out, "--validated")
+        remove_output(ns.out)
+        raise
+    with os_errors_named():
+        stats = tokenize(ns.dataset, ns.validated, tokenizer, ns.out, max_seq_len=ns.max_seq_len,
+                         mask_prompt=not ns.no_mask_prompt, truncation=ns.truncation, split=split,
+                         tokenizer_name=str(ns.tokenizer))
     print(json.dumps(stats["splits"], indent=2))
+
+
+@contextmanager
+def os_errors_named() -> Iterator[None]:
+    """An OSError of a data stage (an output folder that cannot be written, a full disk) as one line naming
+    the path, not a traceback."""
+    from .errors import DataError
+
+    try:
+        yield
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise DataError(f"{where}{e.strerror or e}") from e
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A subcommand parser whose usage errors are one line, `llama-adapter <command>: error: <message>`, like
+    every other error of the data stages (argparse would print the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
@@ -321,7 +362,7 @@ def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-adapter", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
 
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint path")

@@ -16,8 +16,17 @@ class TokenizerError(PipelineError, ValueError):
     """A vocabulary file is missing, of an unsupported kind, or unreadable."""
 
 
-class ValidationError(PipelineError, ValueError):
-    pass
+class DataError(PipelineError, ValueError):
+    """A data file (a records.jsonl, a stage's folder) that is missing, malformed, or holds records a stage
+    cannot use; the message names the file, the line or record, and what was expected."""
+
+
+class ValidationError(DataError):
+    """Records that fail validation (policy fail), or that leave nothing to keep."""
+
+
+class TokenizeError(DataError):
+    """Records or settings that tokenize cannot turn into training data (an empty split, ids out of range)."""
 
 
 class FetchError(PipelineError, RuntimeError):

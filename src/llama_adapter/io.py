@@ -1,10 +1,18 @@
-"""Writing outputs so that a failure never leaves a partial file or folder under the final name."""
+"""Writing outputs so that a failure never leaves a partial file or folder under the final name.
+
+A write goes to a hidden `.<name>.<random>.partial` beside the destination and is renamed onto it only when
+complete. A run killed outright (SIGKILL, a node lost, a job's time limit) cannot remove its partial, so the
+next write of the same destination removes the partials earlier runs left: the pipeline runs one writer per
+destination at a time (Snakemake locks a job's outputs; a stage is one process, and under torchrun only rank 0
+writes), so a partial of this destination that exists when a write starts belongs to a run that is dead.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,14 +20,73 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# tempfile's names: `prefix` + 8 characters from this alphabet + `suffix`; matched exactly, so that the
+# partials of `x` are never confused with those of `x.y` (whose prefix `.x.y.` is not followed by 8 of these).
+_RANDOM = r"[a-z0-9_]{8}"
+
+
+def _partial_prefix(dest: Path) -> str:
+    return f".{dest.name}."
+
+
+def stale_partials(dest: Path) -> list[Path]:
+    """Leftovers of earlier writes of `dest` that never finished: its `.partial` files or folders, and the
+    `.<name>.old` that atomic_dir moves the previous output to while it swaps the new one in."""
+    dest = Path(dest)
+    pattern = re.compile(re.escape(_partial_prefix(dest)) + _RANDOM + r"\.partial")
+    try:
+        names = os.listdir(dest.parent)
+    except FileNotFoundError:
+        return []
+    return [dest.parent / n for n in sorted(names) if pattern.fullmatch(n) or n == f".{dest.name}.old"]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def clean_stale_partials(dest: Path) -> list[Path]:
+    """Remove what killed earlier writes of `dest` left beside it (see stale_partials); return those paths.
+    Safe only because one writer per destination runs at a time (the module docstring says why)."""
+    stale = stale_partials(dest)
+    for path in stale:
+        _remove(path)
+    return stale
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def _named(dest: Path) -> Iterator[None]:
+    """An OSError while preparing to write `dest` (its folder cannot be made, no permission) names `dest`,
+    not the hidden partial."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"cannot be written ({e.strerror or e})", str(dest)) from e
+
 
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `dest`, renamed onto it only if the block succeeds."""
+    """Yield a temporary path beside `dest`, renamed onto it only if the block succeeds. Partials that killed
+    earlier writes of `dest` left are removed first."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
-    os.close(fd)
+    with _named(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(dest)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=_partial_prefix(dest), suffix=".partial")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename; a plain file's mode instead
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, dest)
@@ -29,23 +96,43 @@ def atomic_path(dest: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest` that replaces `dest` (and whatever it held) on success."""
+def atomic_dir(dest: Path, remove_on_failure: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest` that replaces `dest` (and whatever it held) on success.
+
+    On failure the temporary folder goes; `dest` itself is kept as it was, or, with `remove_on_failure`,
+    removed too: a stage whose run failed must not leave an earlier run's output where the next stage would
+    take it for this run's. Partials that killed earlier writes of `dest` left are removed first."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
+    with _named(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(dest)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_partial_prefix(dest), suffix=".partial"))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename; a plain folder's mode instead
     try:
         yield tmp
-        if dest.exists():
+        if dest.exists() or dest.is_symlink():
             old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(dest, old)
             os.replace(tmp, dest)
-            shutil.rmtree(old)
+            _remove(old)
         else:
             os.replace(tmp, dest)
+    except BaseException:
+        if remove_on_failure:
+            remove_output(dest)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_output(dest: Path) -> None:
+    """Remove a stage's output (file or folder) and any partials of it, so that nothing of an earlier run
+    remains under its name."""
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink():
+        _remove(dest)
+    clean_stale_partials(dest)
 
 
 def write_json(path: Path, obj: Any) -> None:

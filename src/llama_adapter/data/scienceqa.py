@@ -35,16 +35,27 @@ def parse_answer(text: str, n_choices: int) -> int | None:
     return LETTERS.index(m.group(1))
 
 
+GRADE_RE = re.compile(r"grade([1-9]|1[0-2])")
+
+
+def grade_number(grade: object) -> int | None:
+    """1..12 for ScienceQA's "grade1" ... "grade12"; None for anything else."""
+    m = GRADE_RE.fullmatch(grade) if isinstance(grade, str) else None
+    return int(m.group(1)) if m else None
+
+
 def categories(record: dict) -> list[str]:
     """The table columns a problem counts in, as the official evaluation assigns them: subject; context
     modality (TXT if it has a hint, IMG if it has an image, both possible; NO if neither); grade band.
-    A column whose metadata the source lacks (e.g. LLaVA's file has no subject or grade) is left out."""
+    A column whose metadata the source lacks (e.g. LLaVA's file has no subject or grade) is left out;
+    validation refuses a subject or grade that is present but not one of these (data/validate.py)."""
     cols = []
-    if record.get("subject") in SUBJECTS:
-        cols.append(SUBJECTS[record["subject"]])
+    subject = record.get("subject")
+    if isinstance(subject, str) and subject in SUBJECTS:
+        cols.append(SUBJECTS[subject])
     has_text, has_image = bool(record.get("hint")), bool(record.get("has_image") or record.get("image"))
     cols += ["TXT"] * has_text + ["IMG"] * has_image + ["NO"] * (not has_text and not has_image)
-    grade = record.get("grade")
-    if isinstance(grade, str) and grade.startswith("grade") and grade[5:].isdigit():
-        cols.append("G1-6" if int(grade[5:]) <= 6 else "G7-12")
+    grade = grade_number(record.get("grade"))
+    if grade is not None:
+        cols.append("G1-6" if grade <= 6 else "G7-12")
     return cols

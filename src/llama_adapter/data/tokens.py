@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError, TokenizeError
 from ..io import atomic_dir, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
 from .scienceqa import qcm_prompt, qcm_target
-from .validate import read_jsonl
+from .validate import check_separate, read_jsonl_lines, record_faults
 
 TRUNCATION = ("truncate", "drop")
 
@@ -45,13 +46,21 @@ class Encoded:
 
 
 def encode_samples(
-    samples: list[tuple[str, str]], tokenizer: Tokenizer, max_seq_len: int, mask_prompt: bool, truncation: str
+    samples: list[tuple[str, str]], tokenizer: Tokenizer, max_seq_len: int, mask_prompt: bool, truncation: str,
+    where: Callable[[int], str] = lambda i: f"sample {i}", tokenizer_name: str = "the tokenizer",
 ) -> Encoded:
+    """Encode (prompt, response) pairs; `where(i)` names sample i's record in errors (an id outside the
+    tokenizer's vocabulary is refused: it would index past the model's embedding)."""
     if truncation not in TRUNCATION:
-        raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
+        raise TokenizeError(f"truncation {truncation!r} is unknown; expected one of {', '.join(TRUNCATION)}")
     enc = Encoded([], [], [], [])
     for index, (prompt, response) in enumerate(samples):
-        ids = np.asarray(tokenizer.encode(prompt + response, bos=True, eos=True), dtype=np.int32)
+        ids = np.asarray(tokenizer.encode(prompt + response, bos=True, eos=True), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+            bad = int(ids[(ids < 0) | (ids >= tokenizer.vocab_size)][0])
+            raise TokenizeError(f"{tokenizer_name}: encoding {where(index)} gives id {bad}, outside its vocabulary "
+                                f"of {tokenizer.vocab_size} (expected ids 0..{tokenizer.vocab_size - 1})")
+        ids = ids.astype(np.int32)
         n_prompt = len(tokenizer.encode(prompt, bos=True)) if mask_prompt else 1  # BOS is never a target
         enc.full_lengths.append(len(ids))
         if len(ids) > max_seq_len:
@@ -69,24 +78,60 @@ def encode_samples(
     return enc
 
 
-def split_indices(n: int, rule: dict, split_field: list | None = None) -> dict[str, np.ndarray]:
+def parse_val_size(text: str) -> int | float:
+    """A val_size as text: a number of records ("200") or a fraction ("0.1"); checked by check_split_rule."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise TokenizeError(f"val_size {text!r}: expected a number of validation records (an integer >= 1) or a "
+                            "fraction between 0 and 1") from None
+
+
+def check_split_rule(rule: dict) -> None:
+    """Refuse a split rule tokenize cannot follow, naming the key and what it takes."""
+    if not isinstance(rule, dict) or rule.get("by") not in ("seed", "field"):
+        by = rule.get("by") if isinstance(rule, dict) else rule
+        raise TokenizeError(f"split rule 'by' {by!r} is unknown; expected 'seed' (a seeded validation draw) or "
+                            "'field' (the records' own split)")
+    if rule["by"] == "seed":
+        size, seed = rule.get("val_size"), rule.get("seed", 0)
+        if isinstance(size, bool) or not (isinstance(size, int) and size >= 1
+                                          or isinstance(size, float) and 0 < size < 1):
+            raise TokenizeError(f"val_size {size!r}: expected a number of validation records (an integer >= 1) or a "
+                                "fraction between 0 and 1")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise TokenizeError(f"split seed {seed!r}: expected an integer >= 0")
+
+
+def split_indices(n: int, rule: dict, split_field: list | None = None, where: str = "the records") -> dict[str, np.ndarray]:
     """Record indices per split. rule {"by": "seed", "val_size": k or fraction, "seed": s}: a seeded
     permutation; the first k are validation, the rest training, so the two never overlap (the paper's
-    code used its first 200 training records as validation). rule {"by": "field"}: the records' own split."""
+    code used its first 200 training records as validation). rule {"by": "field"}: the records' own split,
+    which must include "train". `where` names the records in errors (their file)."""
+    check_split_rule(rule)
     if rule["by"] == "seed":
         size = rule["val_size"]
-        k = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+        k = int(round(size * n)) if isinstance(size, float) else size
         if not 0 < k < n:
-            raise ValueError(f"val_size {size} leaves no training or no validation records out of {n}")
-        perm = np.random.default_rng(rule["seed"]).permutation(n)
+            got = f"val_size {size}" + (f" ({k} records)" if isinstance(size, float) else "")
+            raise TokenizeError(f"{where}: {got} leaves no {'training' if k >= n else 'validation'} records out of "
+                                f"{n}; expected a val_size of 1..{n - 1} records or a fraction giving that many")
+        perm = np.random.default_rng(rule.get("seed", 0)).permutation(n)
         return {"train": np.sort(perm[k:]), "val": np.sort(perm[:k])}
-    if rule["by"] == "field":
-        names = sorted({s for s in split_field if s is not None})
-        missing = sum(s is None for s in split_field)
-        if missing:
-            raise ValueError(f"{missing} records have no split; use a seeded split rule instead")
-        return {name: np.array([i for i, s in enumerate(split_field) if s == name]) for name in names}
-    raise ValueError(f"split rule 'by' must be 'seed' or 'field', got {rule['by']!r}")
+    assert split_field is not None
+    missing = [i for i, s in enumerate(split_field) if s is None]
+    if missing:
+        raise TokenizeError(f"{where}: {len(missing)} of {n} records have no split (first: record {missing[0]}); "
+                            "expected every record to have one, or use a seeded split (--split-by seed)")
+    names = sorted(set(split_field))
+    if "train" not in names:
+        raise TokenizeError(f"{where}: no record has split 'train' (splits: {', '.join(map(str, names))}); "
+                            "expected training records")
+    return {name: np.array([i for i, s in enumerate(split_field) if s == name]) for name in names}
 
 
 def length_stats(lengths: list[int], max_seq_len: int) -> dict:
@@ -113,22 +158,60 @@ def tokenize(
     mask_prompt: bool = True,
     truncation: str = "truncate",
     split: dict | None = None,
+    tokenizer_name: str | None = None,
 ) -> dict:
-    """Tokenize validated records into out_dir/<split>/ arrays, plus stats.json and lengths.png."""
-    records = read_jsonl(Path(validated_dir) / "records.jsonl")
-    split = split or ({"by": "field"} if dataset == "scienceqa" else {"by": "seed", "val_size": 200, "seed": 0})
-    parts = split_indices(len(records), split, [r.get("split") for r in records])
-    to_sample = SAMPLE_FORMATS[dataset]
-    stats = {"dataset": dataset, "max_seq_len": max_seq_len, "mask_prompt": mask_prompt, "truncation": truncation,
-             "split_rule": split, "records": len(records), "provenance": provenance(Path(validated_dir)),
-             "splits": {}}
-    if split["by"] == "seed":
-        stats["split_note"] = ("validation records are drawn by a seeded permutation and never appear in training "
-                               "(the paper's code reused its first 200 training records as validation)")
-    lengths = []
-    with atomic_dir(Path(out_dir)) as tmp:
+    """Tokenize validated records into out_dir/<split>/ arrays, plus stats.json and lengths.png.
+
+    Every fault is a TokenizeError (or DataError) naming the file, record or setting: an empty or malformed
+    records.jsonl, a record validate would not have kept, a split rule that leaves a split empty, an id
+    outside the tokenizer's vocabulary, a split whose every sample is dropped for length. The folder is
+    written whole, and a failed run removes the folder an earlier run left (io.atomic_dir)."""
+    validated_dir, out_dir = Path(validated_dir), Path(out_dir)
+    check_separate(validated_dir, out_dir, "--validated")
+    source = validated_dir / "records.jsonl"
+    tokenizer_name = tokenizer_name or f"the tokenizer ({type(tokenizer).__name__})"
+    # Any failure from here on removes out_dir: an earlier run's arrays must not outlive a failed run.
+    with atomic_dir(out_dir, remove_on_failure=True) as tmp:
+        if dataset not in SAMPLE_FORMATS:
+            raise TokenizeError(f"unknown dataset {dataset!r}; expected one of {', '.join(SAMPLE_FORMATS)}")
+        if truncation not in TRUNCATION:
+            raise TokenizeError(f"truncation {truncation!r} is unknown; expected one of {', '.join(TRUNCATION)}")
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise TokenizeError(f"max_seq_len {max_seq_len!r}: expected an integer >= 2 (BOS and at least one token "
+                                "to learn)")
+        split = split or ({"by": "field"} if dataset == "scienceqa" else {"by": "seed", "val_size": 200, "seed": 0})
+        if split.get("by") == "seed" and isinstance(split.get("val_size"), str):  # as the command line gives it
+            split = {**split, "val_size": parse_val_size(split["val_size"])}
+        check_split_rule(split)
+        lines = read_jsonl_lines(source, expected="the records.jsonl that the validate stage writes")
+        if not lines:
+            raise TokenizeError(f"{source}: no records (the file is empty); expected the validated {dataset} "
+                                "records, one JSON object per line")
+        check_records(dataset, source, lines)
+        records = [r for _, r in lines]
+
+        def where(i: int) -> str:
+            pid = f", pid {records[i]['pid']!r}" if dataset == "scienceqa" else ""
+            return f"{source} line {lines[i][0]} (record {i}{pid})"
+
+        parts = split_indices(len(records), split, [r.get("split") for r in records], where=str(source))
+        to_sample = SAMPLE_FORMATS[dataset]
+        stats = {"dataset": dataset, "max_seq_len": max_seq_len, "mask_prompt": mask_prompt,
+                 "truncation": truncation, "split_rule": split, "records": len(records),
+                 "provenance": provenance(validated_dir), "splits": {}}
+        if split["by"] == "seed":
+            stats["split_note"] = ("validation records are drawn by a seeded permutation and never appear in "
+                                   "training (the paper's code reused its first 200 training records as validation)")
+        lengths = []
         for name, idx in parts.items():
-            enc = encode_samples([to_sample(records[i]) for i in idx], tokenizer, max_seq_len, mask_prompt, truncation)
+            enc = encode_samples([to_sample(records[i]) for i in idx], tokenizer, max_seq_len, mask_prompt,
+                                 truncation, where=lambda j, idx=idx: where(int(idx[j])), tokenizer_name=tokenizer_name)
+            if not enc.tokens:
+                raise TokenizeError(
+                    f"{source}: all {len(idx)} records of split {name!r} are longer than max_seq_len {max_seq_len} "
+                    f"({enc.dropped_too_long} dropped for length under truncation 'drop', {enc.dropped_no_response} "
+                    f"whose prompt alone fills max_seq_len); expected some to fit: raise --max-seq-len (longest: "
+                    f"{max(enc.full_lengths)} tokens)")
             keys = [str(records[i]["pid"]) for i in idx] if dataset == "scienceqa" else None
             write_split(tmp / name, enc, idx, keys)
             kept = [len(t) for t in enc.tokens]
@@ -146,13 +229,52 @@ def tokenize(
     return stats
 
 
+def check_records(dataset: str, source: Path, lines: list[tuple[int, object]]) -> None:
+    """Refuse records validate would not have kept (a file that skipped validation, or was edited since):
+    one line naming how many, and the first one's line, fault and what was expected."""
+    bad, pids = [], {}
+    for index, (line, record) in enumerate(lines):
+        faults = record_faults(dataset, record)
+        if dataset == "scienceqa" and not faults:
+            pid = record["pid"]
+            if pid in pids:
+                faults = [("repeated pid", f"pid {pid!r} is also at line {pids[pid]}; expected unique pids")]
+            pids.setdefault(pid, line)
+        if faults:
+            bad.append((index, line, faults))
+    if bad:
+        index, line, faults = bad[0]
+        first = "; ".join(f"{reason} ({detail:.120})" if detail else reason for reason, detail in faults)
+        raise TokenizeError(f"{source}: {len(bad)} of {len(lines)} records are not valid {dataset} records (first: "
+                            f"line {line}, record {index}: {first}); expected records as the validate stage keeps "
+                            "them (run validate on the data)")
+
+
 def provenance(validated_dir: Path) -> dict:
-    """The fetch.json of the data behind a validated folder (validation.json names the fetched folder)."""
+    """The fetch.json of the data behind a validated folder (validation.json names the fetched folder); {} when
+    the folder has no validation.json. A validation.json that records a failed run is refused."""
     report = validated_dir / "validation.json"
     if not report.exists():
         return {}
-    fetch_json = Path(json.loads(report.read_text())["source"]) / "fetch.json"
-    return json.loads(fetch_json.read_text()) if fetch_json.exists() else {}
+    meta = _read_json_object(report)
+    if meta.get("status") == "failed":
+        raise TokenizeError(f"{report}: records a failed validation; expected a successful validate run (run it "
+                            "again)")
+    source = meta.get("source")
+    if not isinstance(source, str):
+        return {}
+    fetch_json = Path(source) / "fetch.json"
+    return _read_json_object(fetch_json) if fetch_json.exists() else {}
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not readable JSON ({e}); expected the JSON object a pipeline stage writes") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: holds a JSON {type(value).__name__}; expected an object")
+    return value
 
 
 def write_split(path: Path, enc: Encoded, record_index: np.ndarray, keys: list[str] | None = None) -> None:

@@ -3,24 +3,60 @@
 Each record either passes, is invalid (a reason such as a missing field or an answer index out of range),
 or passes with flags (an empty or `<nooutput>` response, an exact duplicate, a missing image) that are
 counted but kept unless the config asks to drop them; the paper trained on Alpaca as released, flags
-included. Policy `fail` (default) stops at any invalid record; `skip` drops them. The report is always
-written, beside the output, so a failed run still says which records were bad.
+included. Policy `fail` (default) stops at any invalid record; `skip` drops them, and validation.json
+counts them per reason and lists every dropped record (index, line, pid).
+
+What counts as invalid is whatever a later stage would otherwise train on, score or file wrongly without a
+word:
+- Alpaca: `instruction`, `input`, `output` must be strings, the instruction not blank.
+- ScienceQA: a non-empty string `pid`, unique in the file (image features and predictions are keyed by
+  it); `split` null or a plain name (it becomes a folder name); a question; 2-5 non-blank string choices;
+  an integer answer index among them; `hint` a string or null; `has_image` a boolean or null; `image`
+  null or a path inside the fetched folder to a file that exists.
+- ScienceQA metadata that the evaluation's columns are read from (scienceqa.categories): a source may
+  lack it (LLaVA's file has no subject and no grade): a null or absent `subject` / `grade` is legitimate
+  and the problem is then left out of that column only. A value that is present must be one the columns
+  understand: `subject` one of scienceqa.SUBJECTS ("natural science", "social science", "language
+  science"; an empty string or other spelling is unknown, not missing), `grade` "grade1" ... "grade12".
+  Anything else would silently leave the problem out of NAT/SOC/LAN or G1-6/G7-12.
+
+A run writes its folder whole (io.atomic_dir): on success `records.jsonl` (the records kept) and
+`validation.json`; when records fail under policy `fail`, or none are left to keep, the folder holds only
+`validation.json` (status "failed", the faults per reason, every bad record; the CLI also prints it to stdout,
+the workflow's log), and no `records.jsonl` that a later stage could take for this run's output. Any other
+failure (an unreadable input, an unknown setting) removes the folder an earlier run left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import ValidationError
-from ..io import atomic_path, write_json
+from ..errors import DataError, ValidationError
+from ..io import atomic_dir, atomic_path, write_json
+from .scienceqa import SUBJECTS, grade_number
 
 EXAMPLES_PER_REASON = 5
 POLICIES = ("fail", "skip")
+DATASETS = ("alpaca", "scienceqa")
+FLAGS = {"alpaca": ("empty_output", "nooutput", "duplicate"), "scienceqa": ("duplicate", "image_missing")}
+# One drop_flags list serves both datasets in the config, so a flag of either dataset is accepted for both.
+ALL_FLAGS = tuple(sorted({f for flags in FLAGS.values() for f in flags}))
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+class ValidationFailed(ValidationError):
+    """Records failed validation; `report` is the ValidationReport also written to validation.json (the CLI
+    prints it to stdout, which the workflow's log keeps after Snakemake removes the failed job's folder)."""
+
+    def __init__(self, message: str, report: ValidationReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -29,11 +65,14 @@ class ValidationReport:
     source: str
     policy: str
     dropped_flags: list[str]
-    total: int = 0
+    status: str = "ok"  # "failed": invalid records under policy fail, or nothing left to keep
+    total: int = 0  # records in the file
     kept: int = 0
-    invalid: dict[str, int] = field(default_factory=dict)  # reason -> count
+    invalid_records: int = 0  # records with at least one fault
+    invalid: dict[str, int] = field(default_factory=dict)  # reason -> faults (a record can have several)
     flagged: dict[str, int] = field(default_factory=dict)  # flag -> count
-    examples: dict[str, list[dict]] = field(default_factory=dict)
+    examples: dict[str, list[dict]] = field(default_factory=dict)  # reason or flag -> first few records
+    dropped: list[dict] = field(default_factory=list)  # every record not kept, and why
 
     def note(self, kind: str, key: str, where: dict, detail: str) -> None:
         counts = getattr(self, kind)
@@ -43,8 +82,21 @@ class ValidationReport:
             shown.append({**where, "detail": detail})
 
     def summary(self) -> str:
-        parts = [f"{n} {reason}" for reason, n in sorted(self.invalid.items(), key=lambda kv: -kv[1])]
-        return f"{sum(self.invalid.values())} invalid of {self.total} records ({', '.join(parts)})"
+        """One line: records invalid of the total, then each reason's fault count and its first record."""
+        faults = sum(self.invalid.values())
+        parts = []
+        for reason, n in sorted(self.invalid.items(), key=lambda kv: (-kv[1], kv[0])):
+            first = self.examples[reason][0]
+            detail = f": {first['detail']:.100}" if first.get("detail") else ""
+            parts.append(f"{reason} x{n} (first: {describe(first)}{detail})")
+        return (f"{self.invalid_records} invalid of {self.total} records, {faults} fault{'s' * (faults != 1)}: "
+                + "; ".join(parts))
+
+
+def describe(where: dict) -> str:
+    """'line 7 (record 6, pid '12')': where a record is in its file."""
+    pid = f", pid {where['pid']!r}" if where.get("pid") is not None else ""
+    return f"line {where['line']} (record {where['index']}{pid})"
 
 
 Problem = tuple[str, str]  # (reason, detail)
@@ -53,15 +105,15 @@ Problem = tuple[str, str]  # (reason, detail)
 def check_alpaca(record: Any) -> tuple[list[Problem], list[Problem]]:
     """(invalid reasons, flags) of one Alpaca record."""
     if not isinstance(record, dict):
-        return [("not an object", f"got {type(record).__name__}")], []
+        return [("not an object", f"got {type(record).__name__}; expected a JSON object")], []
     invalid = []
     for key in ("instruction", "input", "output"):
         if key not in record:
-            invalid.append((f"missing {key}", f"keys: {sorted(record)}"))
+            invalid.append((f"missing {key}", f"keys: {sorted(record)}; expected instruction, input, output"))
         elif not isinstance(record[key], str):
-            invalid.append((f"{key} not a string", f"{key}={record[key]!r:.80}"))
+            invalid.append((f"{key} not a string", f"{key}={record[key]!r:.80}; expected a string"))
     if not invalid and not record["instruction"].strip():
-        invalid.append(("empty instruction", ""))
+        invalid.append(("empty instruction", "expected a non-blank instruction"))
     flags = []
     if not invalid:
         output = record["output"].strip()
@@ -72,27 +124,74 @@ def check_alpaca(record: Any) -> tuple[list[Problem], list[Problem]]:
     return invalid, flags
 
 
-def check_scienceqa(record: dict, root: Path) -> tuple[list[Problem], list[Problem]]:
+def _relative_inside(name: str) -> bool:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return bool(name) and "\x00" not in name and not PurePosixPath(name).is_absolute() \
+        and not name.startswith("\\") and ".." not in parts
+
+
+def check_scienceqa(record: Any, root: Path | None) -> tuple[list[Problem], list[Problem]]:
+    """(invalid reasons, flags) of one ScienceQA record; with root None (a validated file, whose image paths
+    point into the fetched folder), the image file itself is not looked at."""
+    if not isinstance(record, dict):
+        return [("not an object", f"got {type(record).__name__}; expected a JSON object")], []
     invalid = []
+    pid = record.get("pid")
+    if not (isinstance(pid, str) and pid.strip()) or any(c in pid for c in "/\\\x00") or pid in (".", ".."):
+        invalid.append(("bad pid", f"pid={pid!r:.80}; expected a non-empty string that can name a file"))
+    split = record.get("split")
+    if split is not None and not (isinstance(split, str) and SPLIT_NAME.fullmatch(split)):
+        invalid.append(("bad split", f"split={split!r:.80}; expected null or a name such as train, val, test"))
     question, choices, answer = record.get("question"), record.get("choices"), record.get("answer")
     if not isinstance(question, str) or not question.strip():
-        invalid.append(("missing question", f"question={question!r:.80}"))
-    if not (isinstance(choices, list) and 2 <= len(choices) <= 5 and all(isinstance(c, str) and c for c in choices)):
-        invalid.append(("choices not 2-5 strings", f"choices={choices!r:.120}"))
+        invalid.append(("missing question", f"question={question!r:.80}; expected a non-blank string"))
+    if not (isinstance(choices, list) and 2 <= len(choices) <= 5
+            and all(isinstance(c, str) and c.strip() for c in choices)):
+        invalid.append(("choices not 2-5 strings", f"choices={choices!r:.120}; expected a list of 2 to 5 non-blank "
+                                                   "strings"))
     elif not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices)):
-        invalid.append(("answer out of range", f"answer={answer!r} with {len(choices)} choices"))
-    if record.get("image") is not None and not (root / record["image"]).is_file():
-        invalid.append(("image file not found", str(record["image"])))
+        invalid.append(("answer out of range", f"answer={answer!r:.40} with {len(choices)} choices; expected an "
+                                               f"index 0..{len(choices) - 1}"))
+    hint = record.get("hint")
+    if hint is not None and not isinstance(hint, str):
+        invalid.append(("hint not a string", f"hint={hint!r:.80}; expected a string or null"))
+    subject = record.get("subject")
+    if subject is not None and not (isinstance(subject, str) and subject in SUBJECTS):
+        invalid.append(("unknown subject", f"subject={subject!r:.80}; expected one of {', '.join(SUBJECTS)} or null"))
+    grade = record.get("grade")
+    if grade is not None and grade_number(grade) is None:
+        invalid.append(("unknown grade", f"grade={grade!r:.40}; expected 'grade1' ... 'grade12' or null"))
+    has_image = record.get("has_image")
+    if has_image is not None and not isinstance(has_image, bool):
+        invalid.append(("has_image not a boolean", f"has_image={has_image!r:.40}; expected true, false or null"))
+    image = record.get("image")
+    if image is not None:  # (a validated file's paths lead back to the fetched folder, through '..')
+        if not isinstance(image, str) or root is not None and not _relative_inside(image):
+            invalid.append(("bad image path", f"image={image!r:.80}; expected null or a path inside the fetched folder"))
+        elif root is not None and not (root / image).is_file():
+            invalid.append(("image file not found", f"{root / image}; expected the image that fetch stored"))
     flags = []
-    if record.get("has_image") and record.get("image") is None:
+    if record.get("has_image") is True and image is None:
         flags.append(("image_missing", "the source names an image it does not ship"))
     return invalid, flags
+
+
+def record_faults(dataset: str, record: Any) -> list[Problem]:
+    """The faults that make a record unusable for training or scoring (no file checks, no flags)."""
+    return check_alpaca(record)[0] if dataset == "alpaca" else check_scienceqa(record, None)[0]
 
 
 def duplicate_key(dataset: str, record: dict) -> str:
     if dataset == "scienceqa":  # the same problem under another pid is a duplicate
         record = {k: v for k, v in record.items() if k not in ("pid", "split", "image")}
     return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def check_separate(inp: Path, out: Path, in_option: str, out_option: str = "--out") -> None:
+    """Refuse an output folder that is the input folder or holds it: writing it would replace the input."""
+    a, b = os.path.realpath(inp), os.path.realpath(out)
+    if a == b or os.path.commonpath([a, b]) == b:
+        raise DataError(f"{out_option} {out} would replace {in_option} {inp}; expected a separate output folder")
 
 
 def validate(
@@ -103,59 +202,155 @@ def validate(
     drop_flags: Iterable[str] = (),
 ) -> ValidationReport:
     """Check `fetched_dir/records.jsonl`; write `out_dir/records.jsonl` (kept records, image paths made
-    relative to out_dir) and `out_dir/validation.json`. Raises ValidationError under policy `fail`."""
-    if policy not in POLICIES:
-        raise ValueError(f"validation policy must be one of {POLICIES}, got {policy!r}")
+    relative to out_dir) and `out_dir/validation.json`. Raises ValidationError under policy `fail`, and under
+    either policy when no record is left to keep (the folder then holds validation.json alone)."""
     fetched_dir, out_dir = Path(fetched_dir), Path(out_dir)
-    records = read_jsonl(fetched_dir / "records.jsonl")
-    check: Callable[[Any], tuple[list[Problem], list[Problem]]]
-    if dataset == "alpaca":
-        check = check_alpaca
-    elif dataset == "scienceqa":
-        check = lambda r: check_scienceqa(r, fetched_dir)  # noqa: E731
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}; expected alpaca or scienceqa")
-    drop_flags = sorted(set(drop_flags))
-    report = ValidationReport(dataset, str(fetched_dir), policy, drop_flags, total=len(records))
-    kept, seen = [], set()
-    for index, record in enumerate(records):
-        where = {"index": index} if dataset == "alpaca" else {"index": index, "pid": record.get("pid")}
-        invalid, flags = check(record)
-        if not invalid:
-            key = duplicate_key(dataset, record)
-            if key in seen:
-                flags.append(("duplicate", "an exact copy of an earlier record"))
-            seen.add(key)
-        for reason, detail in invalid:
-            report.note("invalid", reason, where, detail)
-        for flag, detail in flags:
-            report.note("flagged", flag, where, detail)
-        if not invalid and not any(flag in drop_flags for flag, _ in flags):
-            kept.append(record)
-    report.kept = len(kept)
-    write_json(out_dir / "validation.json", asdict(report))
-    if report.invalid and policy == "fail":
-        raise ValidationError(f"{fetched_dir / 'records.jsonl'}: {report.summary()}; see {out_dir / 'validation.json'} "
-                              "(or set the validation policy to skip)")
-    if dataset == "scienceqa":
-        rel = os.path.relpath(fetched_dir, out_dir)
-        kept = [{**r, "image": None if r["image"] is None else f"{rel}/{r['image']}"} for r in kept]
-    write_jsonl(out_dir / "records.jsonl", kept)
+    check_separate(fetched_dir, out_dir, "--fetched")
+    source = fetched_dir / "records.jsonl"
+    failure = None
+    # Any failure from here on removes out_dir: an earlier run's records.jsonl must not outlive a failed run.
+    with atomic_dir(out_dir, remove_on_failure=True) as tmp:
+        if policy not in POLICIES:
+            raise ValidationError(f"validation policy {policy!r} is unknown; expected one of {', '.join(POLICIES)}")
+        if dataset not in DATASETS:
+            raise ValidationError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+        drop_flags = sorted(set(drop_flags))
+        unknown = [f for f in drop_flags if f not in ALL_FLAGS]
+        if unknown:
+            raise ValidationError(f"drop flag {', '.join(map(repr, unknown))} is unknown; expected one of "
+                                  f"{', '.join(ALL_FLAGS)}")
+        check: Callable[[Any], tuple[list[Problem], list[Problem]]]
+        if dataset == "alpaca":
+            check = check_alpaca
+        else:
+            check = lambda r: check_scienceqa(r, fetched_dir)  # noqa: E731
+        lines = read_jsonl_lines(source, expected="the records.jsonl that the fetch stage writes")
+        if not lines:
+            raise ValidationError(f"{source}: no records (the file is empty); expected one JSON object per line")
+        report = ValidationReport(dataset, str(fetched_dir), policy, drop_flags, total=len(lines))
+        kept, seen, pids = [], set(), {}
+        for index, (line, record) in enumerate(lines):
+            where = {"index": index, "line": line}
+            invalid, flags = check(record)
+            if dataset == "scienceqa" and isinstance(record, dict):
+                pid = record.get("pid")
+                where["pid"] = pid if isinstance(pid, str | int) else None
+                if isinstance(pid, str):
+                    if pid in pids:
+                        invalid.append(("repeated pid", f"pid {pid!r} is also at line {pids[pid]}; expected unique pids"))
+                    pids.setdefault(pid, line)
+            if not invalid:
+                key = duplicate_key(dataset, record)
+                if key in seen:
+                    flags.append(("duplicate", "an exact copy of an earlier record"))
+                seen.add(key)
+            for reason, detail in invalid:
+                report.note("invalid", reason, where, detail)
+            for flag, detail in flags:
+                report.note("flagged", flag, where, detail)
+            if invalid:
+                report.invalid_records += 1
+                report.dropped.append({**where, "invalid": [reason for reason, _ in invalid]})
+            elif any(flag in drop_flags for flag, _ in flags):
+                report.dropped.append({**where, "flags": [flag for flag, _ in flags if flag in drop_flags]})
+            else:
+                kept.append(record)
+        report.kept = len(kept)
+        listed = out_dir / "validation.json"
+        if report.invalid_records and policy == "fail":
+            failure = ValidationFailed(f"{source}: {report.summary()}; every one is listed in {listed} and on "
+                                       "stdout (fix them, or set the validation policy to skip to drop them)", report)
+        elif not kept:
+            why = [report.summary()] if report.invalid_records else []
+            n_flagged = len(report.dropped) - report.invalid_records
+            if n_flagged:
+                why.append(f"{n_flagged} dropped for flags {', '.join(drop_flags)}")
+            failure = ValidationFailed(f"{source}: no record left to keep ({'; '.join(why)}); see {listed} or stdout",
+                                       report)
+        report.status = "failed" if failure else "ok"
+        write_json(tmp / "validation.json", asdict(report))
+        if failure is None:
+            if dataset == "scienceqa":
+                rel = os.path.relpath(fetched_dir, out_dir)
+                kept = [{**r, "image": None if r.get("image") is None else f"{rel}/{r['image']}"} for r in kept]
+            write_jsonl(tmp / "records.jsonl", kept)
+    if failure is not None:
+        raise failure
     return report
 
 
-def read_jsonl(path: Path) -> list:
-    records = []
+# JSON may spell a lone UTF-16 surrogate as an escape; Python then holds a str that cannot be written as UTF-8.
+LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(value: Any) -> None:
+    if isinstance(value, str):
+        value.encode("utf-8")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k)
+            _check_unicode(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def read_jsonl_lines(path: Path, expected: str = "a JSON Lines file") -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSON Lines file. Any fault is a DataError naming the
+    file (and line): missing, a folder, unreadable, not UTF-8, not JSON, or an object with a repeated key
+    (json would silently keep only the last value). `expected` says what the caller wanted there."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected {expected}")
     try:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    records.append(json.loads(line))
+        with open(path, "rb") as f:
+            raw = f.readlines()
     except FileNotFoundError:
-        raise ValidationError(f"{path}: not found (run the fetch stage first)") from None
-    except json.JSONDecodeError as e:
-        raise ValidationError(f"{path}, line {line_no}: not valid JSON ({e})") from None
-    return records
+        raise DataError(f"{path}: not found; expected {expected}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e}); expected {expected}") from None
+    out = []
+    for line_no, data in enumerate(raw, 1):
+        try:
+            text = data.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}, line {line_no}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                            f"expected {expected}") from None
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+            if LONE_SURROGATE_ESCAPE.search(text):
+                _check_unicode(value)
+            out.append((line_no, value))
+        except UnicodeEncodeError:
+            raise DataError(f"{path}, line {line_no}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                            "escape without its pair); expected valid Unicode text") from None
+        except _DuplicateKey as e:
+            raise DataError(f"{path}, line {line_no}: key {e.args[0]!r} appears twice in one object; expected "
+                            "each key once") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise DataError(f"{path}, line {line_no}: not valid JSON ({e}); expected one JSON value per line "
+                            f"({expected})") from None
+    return out
+
+
+def read_jsonl(path: Path, expected: str = "a JSON Lines file") -> list:
+    """The values of a JSON Lines file (see read_jsonl_lines)."""
+    return [value for _, value in read_jsonl_lines(path, expected)]
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:

@@ -1,0 +1,319 @@
+"""Bad input to validate and tokenize (issue 16): every failure is one line naming the file, record or key and
+what was expected; nothing is dropped without being counted; a failed or killed run leaves nothing a later
+stage could take for its output. Driven through the command line, as a user and the workflow run it."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llama_adapter.data.tokens import tokenize
+from llama_adapter.errors import PipelineError
+from llama_adapter.tokenizer import load_tokenizer
+
+GOOD = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("one", "two", "three", "four", "five", "six")]
+SQA = {"pid": "1", "split": "train", "question": "Which is red?", "choices": ["apple", "sky"], "answer": 0,
+       "hint": "", "image": None, "has_image": False, "subject": "natural science", "grade": "grade3"}
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "llama_adapter.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def one_line_error(proc, command, *needles):
+    """The run failed with exactly one stderr line, `llama-adapter <command>: error: ...`, holding every needle."""
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    assert lines[0].startswith(f"llama-adapter {command}: error: "), lines[0]
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def records_dir(path, records=None, raw=None):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "records.jsonl").write_text(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """A small SentencePiece model trained here (the demo's recipe), so the tests need no shared data."""
+    from llama_adapter.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("tok")
+    rng = random.Random(0)
+    words = ("say one two three four five six which is red apple sky question context options answer the "
+             "below instruction response input write request task yes no").split()
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))})
+                                               + "\n" for _ in range(300)))
+    return train_sentencepiece(root / "corpus.jsonl", root / "tok.model", 300)
+
+
+def tokenize_cli(validated, out, tokenizer, *extra):
+    return cli("tokenize", "--dataset", "alpaca", "--validated", validated, "--tokenizer", tokenizer, "--out", out,
+               *extra)
+
+
+# ---------------------------------------------------------------- validate: silent accepts
+
+
+def test_unknown_subject_fails_and_is_listed_under_skip(tmp_path):
+    recs = [SQA, {**SQA, "pid": "2", "subject": "biology"}, {**SQA, "pid": "3", "subject": None, "grade": None}]
+    fetched = records_dir(tmp_path / "f", recs)
+    proc = cli("validate", "--dataset", "scienceqa", "--fetched", fetched, "--out", tmp_path / "v")
+    one_line_error(proc, "validate", fetched / "records.jsonl", "1 invalid of 3 records", "unknown subject",
+                   "'biology'", "pid '2'", "natural science")
+    assert not (tmp_path / "v" / "records.jsonl").exists()
+
+    proc = cli("validate", "--dataset", "scienceqa", "--fetched", fetched, "--out", tmp_path / "v", "--policy", "skip")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "v" / "validation.json").read_text())
+    assert (report["kept"], report["invalid"]) == (2, {"unknown subject": 1})
+    assert report["dropped"] == [{"index": 1, "line": 2, "pid": "2", "invalid": ["unknown subject"]}]
+    kept = [json.loads(line)["pid"] for line in (tmp_path / "v" / "records.jsonl").read_text().splitlines()]
+    assert kept == ["1", "3"]  # a missing subject (LLaVA's file has none) is legitimate
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"grade": "Grade 3"}, "unknown grade"),
+    ({"grade": 3}, "unknown grade"),
+    ({"grade": "grade13"}, "unknown grade"),
+    ({"subject": ""}, "unknown subject"),
+    ({"subject": ["natural science"]}, "unknown subject"),
+    ({"hint": 5}, "hint not a string"),
+    ({"has_image": "yes"}, "has_image not a boolean"),
+    ({"image": 5}, "bad image path"),
+    ({"image": "../../etc/passwd"}, "bad image path"),
+    ({"pid": None}, "bad pid"),
+    ({"pid": "a/b"}, "bad pid"),
+    ({"pid": "1"}, "repeated pid"),
+    ({"split": 7}, "bad split"),
+    ({"split": "../x"}, "bad split"),
+    ({"choices": ["apple", " "]}, "choices not 2-5 strings"),
+])
+def test_scienceqa_fields_that_would_be_mis_scored_are_invalid(tmp_path, change, reason):
+    bad = {**SQA, "pid": "2", "question": "Which is blue?", **change}
+    fetched = records_dir(tmp_path / "f", [SQA, bad])
+    proc = cli("validate", "--dataset", "scienceqa", "--fetched", fetched, "--out", tmp_path / "v")
+    one_line_error(proc, "validate", fetched / "records.jsonl", "1 invalid of 2 records", reason, "line 2",
+                   "expected")
+
+
+@pytest.mark.parametrize("dataset, line", [("alpaca", "[1, 2]"), ("scienceqa", '"text"'), ("scienceqa", "3")])
+def test_a_record_that_is_not_an_object_is_invalid(tmp_path, dataset, line):
+    good = SQA if dataset == "scienceqa" else GOOD[0]
+    fetched = records_dir(tmp_path / "f", raw=json.dumps(good) + "\n" + line + "\n")
+    proc = cli("validate", "--dataset", dataset, "--fetched", fetched, "--out", tmp_path / "v")
+    one_line_error(proc, "validate", "1 invalid of 2 records", "not an object", "line 2")
+
+
+def test_unknown_drop_flag_is_refused(tmp_path):
+    fetched = records_dir(tmp_path / "f", GOOD)
+    proc = cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v", "--drop-flag", "dupe")
+    one_line_error(proc, "validate", "'dupe'", "duplicate", "nooutput")
+    assert not (tmp_path / "v").exists()
+
+
+# ---------------------------------------------------------------- validate: counts and messages
+
+
+def test_one_record_with_two_faults_is_one_invalid_record(tmp_path):
+    fetched = records_dir(tmp_path / "f", GOOD + [{"instruction": 3, "input": ""}])
+    proc = cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v")
+    one_line_error(proc, "validate", "1 invalid of 7 records", "2 faults", "missing output x1",
+                   "instruction not a string x1", "line 7", tmp_path / "v" / "validation.json")
+    report = json.loads(proc.stdout)  # the whole report, for the workflow's log
+    assert report["status"] == "failed" and report["invalid_records"] == 1
+    assert report["invalid"] == {"missing output": 1, "instruction not a string": 1}
+
+
+@pytest.mark.parametrize("command", ["validate", "tokenize"])
+def test_an_empty_records_file_is_named(tmp_path, tok, command):
+    folder = records_dir(tmp_path / "in", raw="\n")
+    if command == "validate":
+        proc = cli("validate", "--dataset", "alpaca", "--fetched", folder, "--out", tmp_path / "out")
+    else:
+        proc = tokenize_cli(folder, tmp_path / "out", tok)
+    one_line_error(proc, command, folder / "records.jsonl", "no records")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_record_dropped_under_skip_is_a_failure(tmp_path):
+    fetched = records_dir(tmp_path / "f", [{"instruction": "x", "input": ""}, {"instruction": 1, "input": "", "output": ""}])
+    proc = cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v", "--policy", "skip")
+    one_line_error(proc, "validate", fetched / "records.jsonl", "no record left", "2 invalid of 2 records")
+    assert not (tmp_path / "v" / "records.jsonl").exists()
+
+
+def test_malformed_lines_name_the_file_and_line(tmp_path, tok):
+    for raw, needle in [('{"instruction": "a", "input": "", "output": "b"}\n{bad\n', "not valid JSON"),
+                        ('{"instruction": "a", "input": "", "output": "b", "output": "c"}\n', "'output' appears twice"),
+                        ('{"instruction": "a\\ud800", "input": "", "output": "b"}\n', "surrogate")]:
+        folder = records_dir(tmp_path / "in", raw=raw)
+        line = raw.count("\n")
+        one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", folder, "--out", tmp_path / "v"),
+                       "validate", f"{folder / 'records.jsonl'}, line {line}", needle)
+        one_line_error(tokenize_cli(folder, tmp_path / "t", tok), "tokenize", f"{folder / 'records.jsonl'}, line {line}",
+                       needle)
+
+
+def test_missing_records_names_the_file_and_what_the_stage_expected(tmp_path, tok):
+    msg = one_line_error(tokenize_cli(tmp_path / "nothing", tmp_path / "t", tok), "tokenize",
+                         tmp_path / "nothing" / "records.jsonl", "not found", "validate")
+    assert "fetch" not in msg  # the old message blamed the fetch stage whatever called it
+
+
+def test_output_folder_that_is_the_input_is_refused(tmp_path, tok):
+    fetched = records_dir(tmp_path / "f", GOOD)
+    one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", fetched), "validate",
+                   "would replace --fetched")
+    one_line_error(tokenize_cli(fetched, fetched, tok, "--val-size", "1"), "tokenize", "would replace --validated")
+    assert sorted(p.name for p in fetched.iterdir()) == ["records.jsonl"]
+
+
+# ---------------------------------------------------------------- stale output
+
+
+def test_failed_validate_leaves_no_records_of_an_earlier_run(tmp_path, tok):
+    fetched = records_dir(tmp_path / "f", GOOD)
+    assert cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v").returncode == 0
+    records_dir(fetched, GOOD + [{"instruction": "x", "input": ""}])
+    one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v"), "validate",
+                   "1 invalid of 7 records")
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["validation.json"]
+    assert json.loads((tmp_path / "v" / "validation.json").read_text())["status"] == "failed"
+    # tokenize then finds nothing to take for this run's output
+    one_line_error(tokenize_cli(tmp_path / "v", tmp_path / "t", tok), "tokenize",
+                   tmp_path / "v" / "records.jsonl", "not found")
+
+
+def test_failed_validate_of_unreadable_input_removes_the_earlier_folder(tmp_path):
+    fetched = records_dir(tmp_path / "f", GOOD)
+    assert cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v").returncode == 0
+    records_dir(fetched, raw="{not json\n")
+    one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v"), "validate",
+                   "not valid JSON")
+    assert not (tmp_path / "v").exists()
+
+
+def test_failed_tokenize_removes_the_earlier_output(tmp_path, tok):
+    validated = records_dir(tmp_path / "v", GOOD)
+    assert tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "1").returncode == 0
+    assert (tmp_path / "t" / "train" / "tokens.npy").exists()
+    one_line_error(tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "1", "--max-seq-len", "4",
+                                "--truncation", "drop"), "tokenize", "max_seq_len 4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
+
+
+def test_stale_partials_of_killed_runs_are_cleaned_by_a_rerun(tmp_path, tok):
+    validated = records_dir(tmp_path / "v", GOOD)
+    (tmp_path / ".t.k1ll3d_0.partial" / "train").mkdir(parents=True)  # a tokenize killed mid-way
+    (tmp_path / ".t.k1ll3d_0.partial" / "train" / "tokens.npy").write_bytes(b"half")
+    (tmp_path / ".t.old").mkdir()  # killed between moving the old output aside and the new one in
+    (tmp_path / ".t2.abcdefgh.partial").mkdir()  # another destination's: not ours to remove
+    (tmp_path / "v" / ".validation.json.zzzzzzzz.partial").write_text("{")
+    assert tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "1").returncode == 0
+    assert cli("validate", "--dataset", "alpaca", "--fetched", validated, "--out", tmp_path / "vv").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".t2.abcdefgh.partial", "t", "v", "vv"]
+    assert (tmp_path / "v" / ".validation.json.zzzzzzzz.partial").exists()  # in the input folder: not ours
+
+
+def test_sigkilled_tokenize_leaves_nothing_a_rerun_keeps(tmp_path, tok):
+    many = [{"instruction": f"Say {i} one two three.", "input": "", "output": f"{i} yes"} for i in range(20000)]
+    validated = records_dir(tmp_path / "v", many)
+    proc = subprocess.Popen([sys.executable, "-m", "llama_adapter.cli", "tokenize", "--dataset", "alpaca",
+                             "--validated", str(validated), "--tokenizer", str(tok), "--out", str(tmp_path / "t")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".t.") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "tokenize ended before it could be killed"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "v")
+    assert len(left) == 1 and left[0].startswith(".t.") and left[0].endswith(".partial")  # what the kill left
+
+    assert tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "10").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "v"]
+
+
+# ---------------------------------------------------------------- tokenize: settings and records
+
+
+@pytest.mark.parametrize("size", ["abc", "0", "-3", "1.5", "1.0", "200", "0.01", "nan"])
+def test_bad_val_size_is_one_line(tmp_path, tok, size):
+    validated = records_dir(tmp_path / "v", GOOD)
+    one_line_error(tokenize_cli(validated, tmp_path / "t", tok, "--val-size", size), "tokenize", "val_size",
+                   "expected")
+    assert not (tmp_path / "t").exists()
+
+
+def test_val_size_larger_than_the_data_names_the_file_and_count(tmp_path, tok):
+    validated = records_dir(tmp_path / "v", GOOD)
+    one_line_error(tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "200"), "tokenize",
+                   validated / "records.jsonl", "val_size 200", "out of 6", "1..5")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--split-by", "random"], "--split-by"),
+    (["--max-seq-len", "many"], "--max-seq-len"),
+    (["--max-seq-len", "0"], "max_seq_len 0"),
+    (["--max-seq-len", "-5"], "max_seq_len -5"),
+    (["--seed", "-1"], "seed -1"),
+])
+def test_bad_settings_are_one_line(tmp_path, tok, args, needle):
+    validated = records_dir(tmp_path / "v", GOOD)
+    one_line_error(tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "1", *args), "tokenize", needle)
+
+
+def test_prompt_longer_than_max_seq_len_emptying_training_is_named(tmp_path, tok):
+    validated = records_dir(tmp_path / "v", GOOD)
+    proc = tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "1", "--max-seq-len", "8", "--truncation", "drop")
+    msg = one_line_error(proc, "tokenize", validated / "records.jsonl", "max_seq_len 8", "5 dropped for length",
+                         "'train'")
+    assert "zero-size" not in msg
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"instruction": "x", "input": ""}, "missing output"),
+    ({"instruction": "x", "input": None, "output": "y"}, "input not a string"),
+    ([1], "not an object"),
+])
+def test_tokenize_refuses_records_validate_would_not_keep(tmp_path, tok, record, needle):
+    validated = records_dir(tmp_path / "v", GOOD + [record])
+    one_line_error(tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "1"), "tokenize",
+                   validated / "records.jsonl", "1 of 7 records", "line 7", needle)
+
+
+def test_field_split_needs_a_split_on_every_record_and_a_training_one(tmp_path, tok):
+    no_split = [{**SQA, "pid": str(i), "question": f"Q{i}?", "split": None if i == 2 else "train"} for i in range(4)]
+    validated = records_dir(tmp_path / "v", no_split)
+    one_line_error(cli("tokenize", "--dataset", "scienceqa", "--validated", validated, "--tokenizer", tok,
+                       "--out", tmp_path / "t", "--split-by", "field"), "tokenize", validated / "records.jsonl",
+                   "1 of 4 records have no split")
+    only_test = [{**r, "split": "test"} for r in no_split]
+    validated = records_dir(tmp_path / "v", only_test)
+    one_line_error(cli("tokenize", "--dataset", "scienceqa", "--validated", validated, "--tokenizer", tok,
+                       "--out", tmp_path / "t", "--split-by", "field"), "tokenize", "no record has split 'train'")
+
+
+def test_tokenizer_ids_outside_its_vocabulary_are_refused(tmp_path, tok):
+    class Overflowing(type(load_tokenizer(tok))):
+        def _encode(self, text):
+            return [*super()._encode(text), self.vocab_size + 7]
+
+    real = load_tokenizer(tok)
+    bad = Overflowing(real.backend, real.bos_id, real.eos_id, None)
+    validated = records_dir(tmp_path / "v", GOOD)
+    with pytest.raises(PipelineError, match=r"my\.model: encoding .*records\.jsonl line \d+ .*id 307, outside its "
+                                            r"vocabulary of 300"):
+        tokenize("alpaca", validated, bad, tmp_path / "t", split={"by": "seed", "val_size": 1, "seed": 0},
+                 tokenizer_name="my.model")
+    assert not (tmp_path / "t").exists()
