@@ -145,7 +145,8 @@ def test_an_empty_records_file_is_named(tmp_path, tok, command):
 
 
 def test_every_record_dropped_under_skip_is_a_failure(tmp_path):
-    fetched = records_dir(tmp_path / "f", [{"instruction": "x", "input": ""}, {"instruction": 1, "input": "", "output": ""}])
+    bad = [{"instruction": "x", "input": ""}, {"instruction": 1, "input": "", "output": ""}]
+    fetched = records_dir(tmp_path / "f", bad)
     proc = cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v", "--policy", "skip")
     one_line_error(proc, "validate", fetched / "records.jsonl", "no record left", "2 invalid of 2 records")
     assert not (tmp_path / "v" / "records.jsonl").exists()
@@ -159,8 +160,8 @@ def test_malformed_lines_name_the_file_and_line(tmp_path, tok):
         line = raw.count("\n")
         one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", folder, "--out", tmp_path / "v"),
                        "validate", f"{folder / 'records.jsonl'}, line {line}", needle)
-        one_line_error(tokenize_cli(folder, tmp_path / "t", tok), "tokenize", f"{folder / 'records.jsonl'}, line {line}",
-                       needle)
+        one_line_error(tokenize_cli(folder, tmp_path / "t", tok), "tokenize",
+                       f"{folder / 'records.jsonl'}, line {line}", needle)
 
 
 def test_missing_records_names_the_file_and_what_the_stage_expected(tmp_path, tok):
@@ -316,4 +317,23 @@ def test_tokenizer_ids_outside_its_vocabulary_are_refused(tmp_path, tok):
                                             r"vocabulary of 300"):
         tokenize("alpaca", validated, bad, tmp_path / "t", split={"by": "seed", "val_size": 1, "seed": 0},
                  tokenizer_name="my.model")
+    assert not (tmp_path / "t").exists()
+
+
+def test_an_image_fetch_refused_is_invalid_not_just_missing(tmp_path):
+    refused = {**SQA, "pid": "2", "question": "Which is blue?", "has_image": True, "image": None}
+    fetched = records_dir(tmp_path / "f", [SQA, refused])
+    (fetched / "fetch.json").write_text(json.dumps({"dataset": "scienceqa", "images_refused": {
+        "count": 1, "records": [{"pid": "2", "why": "'../../x.png' leaves the dataset folder"}]}}))
+    proc = cli("validate", "--dataset", "scienceqa", "--fetched", fetched, "--out", tmp_path / "v")
+    one_line_error(proc, "validate", "1 invalid of 2 records", "image refused by fetch", "pid '2'", "images_refused")
+    proc = cli("validate", "--dataset", "scienceqa", "--fetched", fetched, "--out", tmp_path / "v", "--policy", "skip")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["kept"] == 1
+
+
+def test_tokenize_refuses_a_folder_whose_validation_failed(tmp_path, tok):
+    validated = records_dir(tmp_path / "v", GOOD)  # records.jsonl beside a report of a failed run: not to be trusted
+    (validated / "validation.json").write_text(json.dumps({"status": "failed", "source": str(tmp_path / "f")}))
+    one_line_error(tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "1"), "tokenize",
+                   validated / "validation.json", "failed validation")
     assert not (tmp_path / "t").exists()

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, TokenizeError
+from ..errors import TokenizeError
 from ..io import atomic_dir, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
 from .scienceqa import qcm_prompt, qcm_target
-from .validate import check_separate, read_jsonl_lines, record_faults
+from .validate import check_separate, read_json_object, read_jsonl_lines, record_faults
 
 TRUNCATION = ("truncate", "drop")
 
@@ -107,7 +107,8 @@ def check_split_rule(rule: dict) -> None:
             raise TokenizeError(f"split seed {seed!r}: expected an integer >= 0")
 
 
-def split_indices(n: int, rule: dict, split_field: list | None = None, where: str = "the records") -> dict[str, np.ndarray]:
+def split_indices(n: int, rule: dict, split_field: list | None = None,
+                  where: str = "the records") -> dict[str, np.ndarray]:
     """Record indices per split. rule {"by": "seed", "val_size": k or fraction, "seed": s}: a seeded
     permutation; the first k are validation, the rest training, so the two never overlap (the paper's
     code used its first 200 training records as validation). rule {"by": "field"}: the records' own split,
@@ -256,7 +257,7 @@ def provenance(validated_dir: Path) -> dict:
     report = validated_dir / "validation.json"
     if not report.exists():
         return {}
-    meta = _read_json_object(report)
+    meta = read_json_object(report)
     if meta.get("status") == "failed":
         raise TokenizeError(f"{report}: records a failed validation; expected a successful validate run (run it "
                             "again)")
@@ -264,17 +265,7 @@ def provenance(validated_dir: Path) -> dict:
     if not isinstance(source, str):
         return {}
     fetch_json = Path(source) / "fetch.json"
-    return _read_json_object(fetch_json) if fetch_json.exists() else {}
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not readable JSON ({e}); expected the JSON object a pipeline stage writes") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: holds a JSON {type(value).__name__}; expected an object")
-    return value
+    return read_json_object(fetch_json) if fetch_json.exists() else {}
 
 
 def write_split(path: Path, enc: Encoded, record_index: np.ndarray, keys: list[str] | None = None) -> None:

@@ -12,7 +12,8 @@ word:
 - ScienceQA: a non-empty string `pid`, unique in the file (image features and predictions are keyed by
   it); `split` null or a plain name (it becomes a folder name); a question; 2-5 non-blank string choices;
   an integer answer index among them; `hint` a string or null; `has_image` a boolean or null; `image`
-  null or a path inside the fetched folder to a file that exists.
+  null or a path inside the fetched folder to a file that exists; not an image that fetch refused under
+  policy skip (fetch.json's `images_refused`: a path leading out of the dataset).
 - ScienceQA metadata that the evaluation's columns are read from (scienceqa.categories): a source may
   lack it (LLaVA's file has no subject and no grade): a null or absent `subject` / `grade` is legitimate
   and the problem is then left out of that column only. A value that is present must be one the columns
@@ -167,7 +168,8 @@ def check_scienceqa(record: Any, root: Path | None) -> tuple[list[Problem], list
     image = record.get("image")
     if image is not None:  # (a validated file's paths lead back to the fetched folder, through '..')
         if not isinstance(image, str) or root is not None and not _relative_inside(image):
-            invalid.append(("bad image path", f"image={image!r:.80}; expected null or a path inside the fetched folder"))
+            invalid.append(("bad image path",
+                            f"image={image!r:.80}; expected null or a path inside the fetched folder"))
         elif root is not None and not (root / image).is_file():
             invalid.append(("image file not found", f"{root / image}; expected the image that fetch stored"))
     flags = []
@@ -228,6 +230,7 @@ def validate(
         if not lines:
             raise ValidationError(f"{source}: no records (the file is empty); expected one JSON object per line")
         report = ValidationReport(dataset, str(fetched_dir), policy, drop_flags, total=len(lines))
+        refused = refused_images(fetched_dir) if dataset == "scienceqa" else {}
         kept, seen, pids = [], set(), {}
         for index, (line, record) in enumerate(lines):
             where = {"index": index, "line": line}
@@ -235,9 +238,13 @@ def validate(
             if dataset == "scienceqa" and isinstance(record, dict):
                 pid = record.get("pid")
                 where["pid"] = pid if isinstance(pid, str | int) else None
+                if isinstance(pid, str) and pid in refused:
+                    invalid.append(("image refused by fetch", f"{refused[pid]:.120}; listed under images_refused in "
+                                                              f"{fetched_dir / 'fetch.json'}"))
                 if isinstance(pid, str):
                     if pid in pids:
-                        invalid.append(("repeated pid", f"pid {pid!r} is also at line {pids[pid]}; expected unique pids"))
+                        invalid.append(("repeated pid",
+                                        f"pid {pid!r} is also at line {pids[pid]}; expected unique pids"))
                     pids.setdefault(pid, line)
             if not invalid:
                 key = duplicate_key(dataset, record)
@@ -293,6 +300,28 @@ def _check_unicode(value: Any) -> None:
     elif isinstance(value, list):
         for v in value:
             _check_unicode(v)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object a stage wrote (fetch.json, validation.json); any fault is a DataError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not readable JSON ({e}); expected the JSON object a pipeline stage writes") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: holds a JSON {type(value).__name__}; expected an object")
+    return value
+
+
+def refused_images(fetched_dir: Path) -> dict[str, str]:
+    """pid -> why, for the images fetch refused under policy skip (fetch.json's images_refused): such a record
+    keeps has_image true with no image, and is invalid here rather than a merely flagged missing image."""
+    path = Path(fetched_dir) / "fetch.json"
+    if not path.exists():
+        return {}
+    listed = read_json_object(path).get("images_refused") or {}
+    entries = listed.get("records", []) if isinstance(listed, dict) else []
+    return {str(e["pid"]): str(e.get("why", "refused")) for e in entries if isinstance(e, dict) and "pid" in e}
 
 
 class _DuplicateKey(Exception):
