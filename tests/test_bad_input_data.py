@@ -337,3 +337,11 @@ def test_tokenize_refuses_a_folder_whose_validation_failed(tmp_path, tok):
     one_line_error(tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "1"), "tokenize",
                    validated / "validation.json", "failed validation")
     assert not (tmp_path / "t").exists()
+
+
+def test_seed_split_options_with_a_field_split_are_refused(tmp_path, tok):
+    recs = [{**SQA, "pid": str(i), "question": f"Q{i}?"} for i in range(3)]
+    validated = records_dir(tmp_path / "v", recs)
+    one_line_error(cli("tokenize", "--dataset", "scienceqa", "--validated", validated, "--tokenizer", tok,
+                       "--out", tmp_path / "t", "--split-by", "field", "--val-size", "1"), "tokenize",
+                   "--val-size given with --split-by field")

@@ -159,9 +159,14 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
     from .errors import TokenizeError
     from .io import remove_output
 
-    if ns.split_by == "seed":
-        split = {"by": "seed", "val_size": ns.val_size, "seed": ns.seed}  # val_size as text: tokenize parses it
+    if ns.split_by == "seed":  # val_size as text: tokenize parses it
+        split = {"by": "seed", "val_size": "200" if ns.val_size is None else ns.val_size,
+                 "seed": 0 if ns.seed is None else ns.seed}
     elif ns.split_by == "field":
+        given = [opt for opt, value in (("--val-size", ns.val_size), ("--seed", ns.seed)) if value is not None]
+        if given:  # they would be ignored without a word
+            raise TokenizeError(f"{' and '.join(given)} given with --split-by field, which takes the records' own "
+                                "split; expected them only with --split-by seed")
         split = {"by": "field"}
     else:
         raise TokenizeError(f"--split-by {ns.split_by!r} is unknown; expected seed (a seeded validation draw) or "
@@ -446,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="over-long samples: cut the response's end (paper) or drop them (counted either way)")
     p.add_argument("--split-by", choices=["seed", "field"], default="seed",
                    help="seed: a seeded validation draw, disjoint from training; field: the records' own split")
-    p.add_argument("--val-size", default="200", help="validation records (an int) or fraction (a float)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-size", help="--split-by seed: validation records (an int) or fraction (a float); "
+                                     "default 200")
+    p.add_argument("--seed", type=int, help="--split-by seed: the draw's seed; default 0")
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
