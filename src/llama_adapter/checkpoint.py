@@ -33,7 +33,16 @@ RECOMPUTED_BUFFERS = re.compile(r"^rope\.freqs$|.*\.rotary_emb\.inv_freq$")
 # ---------------------------------------------------------------- file readers and writers
 
 
+def must_be_file(path: Path, expected: str) -> None:
+    """A missing path or a folder where a file is expected is named as such (not as a corrupted file)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file; expected {expected}")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; expected {expected}")
+
+
 def read_torch_file(path: Path) -> dict[str, Tensor]:
+    must_be_file(path, "a PyTorch checkpoint (.pth)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError... for damaged files
@@ -47,6 +56,7 @@ def read_torch_file(path: Path) -> dict[str, Tensor]:
 def read_safetensors_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors import safe_open
 
+    must_be_file(path, "a .safetensors file")
     try:
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
@@ -62,6 +72,8 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------- checks
@@ -80,13 +92,16 @@ def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], sourc
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
                 if items]
     if problems:
-        raise CheckpointError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------- Meta layout
 
 
 def meta_model_args(params: dict, source: str, vocab_size: int) -> ModelArgs:
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{source}: expected a JSON object of model settings (dim, n_layers, n_heads, ...), "
+                              f"got {type(params).__name__}")
     params = dict(params)
     if params.pop("use_scaled_rope", False):
         raise CheckpointError(f"{source}: Llama 3.1 scaled RoPE (use_scaled_rope) is not supported")
@@ -94,8 +109,8 @@ def meta_model_args(params: dict, source: str, vocab_size: int) -> ModelArgs:
         params["vocab_size"] = vocab_size
     try:
         return ModelArgs.from_dict(params, source)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(str(e)) from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: {e}" if source not in str(e) else str(e)) from None
 
 
 def merge_shards(name: str, shards: list[Tensor], shape: torch.Size) -> Tensor:
@@ -198,6 +213,9 @@ def to_meta_name(name: str, table: list[tuple[str, str]], fmt: str) -> str:
 
 
 def hf_model_args(config: dict, source: str) -> ModelArgs:
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: expected a JSON object (a Hugging Face model config), "
+                              f"got {type(config).__name__}")
     if config.get("model_type") not in ("llama", "mistral"):
         raise CheckpointError(f"{source}: model_type {config.get('model_type')!r} is not a LLaMA architecture")
     for key in ("attention_bias", "mlp_bias"):
@@ -212,16 +230,27 @@ def hf_model_args(config: dict, source: str) -> ModelArgs:
         raise CheckpointError(f"{source}: RoPE type {rope_type!r} ({rope}) is not supported, only plain RoPE")
     rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
     head_dim = config.get("head_dim")
-    args = ModelArgs(
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                           "intermediate_size") if k not in config]
+    if missing:
+        raise CheckpointError(f"{source}: missing key(s) {', '.join(missing)}; expected a LLaMA model config")
+    try:
+        args = hf_args(config, rope_theta)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    if head_dim is not None and head_dim != args.head_dim:
+        raise CheckpointError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
+    return args
+
+
+def hf_args(config: dict, rope_theta) -> ModelArgs:
+    return ModelArgs(
         dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
         n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
         hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta), max_seq_len=config.get("max_position_embeddings", 2048),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
-    if head_dim is not None and head_dim != args.head_dim:
-        raise CheckpointError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
-    return args
 
 
 def unpermute_rope_rows(w: Tensor, n_heads: int) -> Tensor:
@@ -235,7 +264,10 @@ def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
     args = hf_model_args(read_json(path / "config.json"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(read_json(index)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> file")
+        files = sorted(set(weight_map.values()))
     else:
         files = [p.name for p in sorted(path.glob("model*.safetensors"))]
     if not files:
@@ -283,6 +315,18 @@ def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
             return default
         return f.contents()
 
+    try:
+        return _gguf_checkpoint(path, reader, field)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a damaged file may read but hold metadata of the wrong type or tensors of the wrong size
+        raise CheckpointError(f"{path}: not a readable LLaMA GGUF ({type(e).__name__}: {e}); "
+                              "the file may be truncated or corrupted") from e
+
+
+def _gguf_checkpoint(path: Path, reader, field) -> tuple[ModelArgs, dict[str, Tensor]]:
+    import gguf
+
     arch = field("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
@@ -316,6 +360,10 @@ def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
 
 
 def checkpoint_format(path: Path) -> str:
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such file or folder; expected a base checkpoint (a folder with params.json + "
+            "consolidated.NN.pth, a folder with config.json + model*.safetensors, or a .gguf file)")
     if path.is_dir() and (path / "params.json").exists():
         return "meta"
     if path.is_dir() and (path / "config.json").exists():
@@ -346,6 +394,9 @@ def load_base(
         args, state = (read_hf_checkpoint if fmt == "hf" else read_gguf_checkpoint)(path)
     # Big models are built on the meta device so that no weight is held twice; but the meta device's first
     # random init costs seconds of one-time setup, more than building a small model for real.
+    if adapter is not None and adapter.adapter_layers > args.n_layers:
+        raise CheckpointError(f"adapter_layers {adapter.adapter_layers} exceeds the {args.n_layers} layers of the base "
+                              f"{path}; expected --adapter-layers between 1 and {args.n_layers}")
     with torch.device("meta" if args.parameter_count() > SMALL_MODEL else "cpu"):
         model = Transformer(args, adapter)
     expected = model.base_state_keys()
@@ -391,9 +442,23 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], 
     """(adapter config, header, tensors) of an adapter written by `save_adapter`."""
     path = Path(path)
     tensors, header = read_safetensors_file(path)
+    expected = (f"expected an adapter .safetensors written by `llama-adapter train` (header format "
+                f"{ADAPTER_FORMAT!r}), or the paper's original-release adapter .pth")
     if header.get("format") != ADAPTER_FORMAT:
-        raise CheckpointError(f"{path}: header format {header.get('format')!r}, expected {ADAPTER_FORMAT!r}")
-    return AdapterArgs.from_dict(json.loads(header["adapter_args"]), str(path)), header, tensors
+        found = ("a safetensors file without this project's metadata" if not header else
+                 f"a safetensors file whose header format is {header.get('format')!r}")
+        names = sorted(tensors)
+        raise CheckpointError(f"{path}: not an adapter of this project: {found}, holding {len(names)} tensor(s) "
+                              f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); {expected}")
+    try:
+        adapter = AdapterArgs.from_dict(json.loads(header["adapter_args"]), str(path))
+        base_args = json.loads(header["base_args"])
+        if not isinstance(base_args, dict):
+            raise TypeError("base_args is not a JSON object")
+    except (KeyError, TypeError, ValueError) as e:
+        detail = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{path}: damaged adapter header ({detail}); {expected}") from None
+    return adapter, header, tensors
 
 
 def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> dict[str, Tensor]:

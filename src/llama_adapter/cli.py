@@ -11,7 +11,10 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .config import PRESETS, AdapterArgs, ModelArgs, TrainConfig
-from .errors import PipelineError, TokenizerError
+from .errors import InputError, PipelineError, TokenizerError
+from .inputs import (beta, check_device, check_tokenizer_fits, existing_dir, existing_file,
+                     json_object, non_negative_float, non_negative_int, positive_float, positive_int, token_split,
+                     top_p, writable_output)
 from .io import write_json
 from .tokenizer import load_tokenizer
 
@@ -27,8 +30,8 @@ def torch_dtype(name: str):
 
 
 def add_adapter_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter-len", type=int, default=AdapterArgs.adapter_len)
-    p.add_argument("--adapter-layers", type=int, default=AdapterArgs.adapter_layers)
+    p.add_argument("--adapter-len", type=positive_int, default=AdapterArgs.adapter_len)
+    p.add_argument("--adapter-layers", type=positive_int, default=AdapterArgs.adapter_layers)
     p.add_argument("--gate-init", choices=["zero", "random"], default=AdapterArgs.gate_init)
 
 
@@ -45,9 +48,15 @@ def cmd_inspect(ns: argparse.Namespace) -> None:
 
     adapter = adapter_args(ns)
     if ns.model in PRESETS:
+        args = ModelArgs.from_name(ns.model)
+        if adapter.adapter_layers > args.n_layers:
+            raise InputError(f"--adapter-layers {adapter.adapter_layers}: exceeds the {args.n_layers} layers of preset "
+                             f"{ns.model}; expected 1..{args.n_layers}")
         with torch.device("meta"):
-            model = Transformer(ModelArgs.from_name(ns.model), adapter)
+            model = Transformer(args, adapter)
     else:
+        if not Path(ns.model).exists():
+            raise InputError(f"{ns.model}: neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint path")
         model = load_model(ns.model, adapter=adapter)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters()) - trainable
@@ -70,14 +79,28 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     from .generate import generate
     from .prompts import TEMPLATES
 
+    check_device(ns.device)
+    check_base(ns.base)
+    if ns.adapter:
+        existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
     device = requested_device(ns)
+    tokenizer, tokenizer_path = inference_tokenizer(ns)
     model = load_for_inference(ns.base, ns.adapter, device, torch_dtype(ns.dtype))
-    tokenizer = load_tokenizer(ns.tokenizer or default_tokenizer_path(Path(ns.base)))
+    check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     prompt = tokenizer.encode(TEMPLATES[ns.template](ns.prompt), bos=not ns.no_bos)
     generator = torch.Generator(device).manual_seed(ns.seed)
     [out] = generate(model, [prompt], ns.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
                      ns.temperature, ns.top_p, generator)
     print(tokenizer.decode(out))
+
+
+ADAPTER_EXPECTED = "an adapter .safetensors written by `llama-adapter train`, or the paper's original-release .pth"
+
+
+def inference_tokenizer(ns: argparse.Namespace):
+    """(tokenizer, its path): --tokenizer, else the one beside --base."""
+    path = ns.tokenizer or default_tokenizer_path(Path(ns.base))
+    return load_tokenizer(path), path
 
 
 def default_tokenizer_path(base: Path) -> Path:
@@ -107,6 +130,8 @@ def cmd_train_tokenizer(ns: argparse.Namespace) -> None:
     """Train a LLaMA-style SentencePiece BPE model on a corpus (for the demo base model)."""
     from .tokenizer import train_sentencepiece
 
+    existing_file(ns.corpus, "--corpus", 'a JSONL corpus, one {"text": document} per line')
+    writable_output(ns.out, "--out", folder=False)
     print(train_sentencepiece(ns.corpus, ns.out, ns.vocab_size))
 
 
@@ -114,6 +139,10 @@ def cmd_pretrain_base(ns: argparse.Namespace) -> None:
     """Pre-train a small base LLaMA from scratch on a corpus; write it in Meta's layout (the demo's base)."""
     from .pretrain import pretrain_base
 
+    existing_file(ns.corpus, "--corpus", 'a JSONL corpus, one {"text": document} per line')
+    existing_file(ns.tokenizer, "--tokenizer", "a SentencePiece .model")
+    writable_output(ns.out, "--out", folder=True)
+    check_device(ns.device)
     summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, ModelArgs.from_name(ns.preset), ns.steps, ns.batch_size,
                             ns.seq_len, ns.lr, ns.seed, ns.device)
     print(json.dumps(summary, indent=2))
@@ -211,9 +240,37 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
     if ns.expect_gpus is not None:
         check_gpus(ns.expect_gpus)
+    check_train_inputs(ns)
     cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
     result = train(cfg, resume=ns.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+
+
+def check_base(base: str | Path) -> None:
+    """--base is a checkpoint of a known layout (read later, once the cheaper checks have passed)."""
+    from .checkpoint import checkpoint_format
+
+    try:
+        checkpoint_format(Path(base))
+    except PipelineError as e:
+        raise InputError(f"--base {e}") from None
+
+
+def check_train_inputs(ns: argparse.Namespace) -> None:
+    """Every path train reads exists and is of the right kind, and --out-dir can be written, before the base is
+    loaded (the token ids are checked against the base's vocabulary once it is)."""
+    check_base(ns.base)
+    splits = {"--train-data": token_split(ns.train_data, "--train-data")}
+    if ns.val_data:
+        splits["--val-data"] = token_split(ns.val_data, "--val-data")
+    for flag, split in splits.items():
+        if split["longest"] > ns.row_len:
+            raise InputError(f"{flag} {getattr(ns, flag[2:].replace('-', '_'))}: longest sample {split['longest']} "
+                             f"tokens > --row-len {ns.row_len}; expected --row-len of at least {split['longest']}")
+    if ns.image_features:
+        existing_dir(ns.image_features, "--image-features", "a feature cache folder written by encode-images")
+    writable_output(ns.out_dir, "--out-dir", folder=True)
+    check_device(ns.device)
 
 
 def requested_device(ns: argparse.Namespace) -> str:
@@ -244,7 +301,11 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
     adapters = {}
     for spec in specs:
         name, _, path = spec.rpartition("=")
-        adapters[name or Path(path).parent.name] = Path(path)
+        name = name or Path(path).parent.name
+        if name in adapters:
+            raise InputError(f"--adapter {spec}: a second adapter named {name!r} (after {adapters[name]}); name them "
+                             "apart with NAME=PATH")
+        adapters[name] = existing_file(path, "--adapter", ADAPTER_EXPECTED)
     return adapters
 
 
@@ -253,10 +314,23 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     from .generate import generate_requests, read_prompts
     from .io import atomic_path
 
+    check_device(ns.device)
+    check_base(ns.base)
+    requests, adapters = read_prompts(ns.prompts), parse_adapters(ns.adapter)
+    unknown = sorted({str(r["adapter"]) for r in requests if "adapter" in r} - set(adapters))
+    if unknown:
+        raise InputError(f"--prompts {ns.prompts}: requests name adapter(s) {unknown} that no --adapter gives; given: "
+                         f"{sorted(adapters)}")
+    writable_output(ns.out, "--out", folder=False)
     device, dtype = default_device(ns)
+    tokenizer, tokenizer_path = inference_tokenizer(ns)
     model = load_for_inference(ns.base, None, device, dtype)
-    tokenizer = load_tokenizer(ns.tokenizer or default_tokenizer_path(Path(ns.base)))
-    rows = generate_requests(model, tokenizer, read_prompts(ns.prompts), parse_adapters(ns.adapter), ns.batch_size,
+    check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
+    from .checkpoint import apply_adapter
+
+    for path in adapters.values():  # every adapter fits this base before any is used (they are small)
+        apply_adapter(model, path)
+    rows = generate_requests(model, tokenizer, requests, adapters, ns.batch_size,
                              ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed, ns.compile)
     with atomic_path(ns.out) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -270,11 +344,34 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     from .evaluate import evaluate_alpaca, evaluate_scienceqa
     from .generate import read_prompts
 
-    device, dtype = default_device(ns)
-    model = load_for_inference(ns.base, ns.adapter, device, dtype)
-    tokenizer = load_tokenizer(ns.tokenizer or default_tokenizer_path(Path(ns.base)))
+    check_device(ns.device)
+    check_base(ns.base)
+    existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
+    parse_tags(ns.tag)
     if ns.task == "scienceqa":
-        records = [r for r in read_jsonl(ns.data / "records.jsonl") if ns.split is None or r.get("split") == ns.split]
+        existing_dir(ns.data, "--data", "a folder written by validate (holding records.jsonl)")
+        existing_file(ns.data / "records.jsonl", "--data", "a folder written by validate (holding records.jsonl)")
+        if ns.image_features:
+            existing_dir(ns.image_features, "--image-features", "a feature cache folder written by encode-images")
+    else:
+        split = token_split(ns.data, "--data")
+        if split["longest"] > ns.row_len:
+            raise InputError(f"--data {ns.data}: longest sample {split['longest']} tokens > --row-len {ns.row_len}; "
+                             f"expected --row-len of at least {split['longest']}")
+        instructions = read_prompts(ns.instructions) if ns.instructions else []
+    writable_output(ns.out, "--out", folder=True)
+    if ns.task == "scienceqa":
+        all_records = read_jsonl(ns.data / "records.jsonl")
+        records = [r for r in all_records if ns.split is None or r.get("split") == ns.split]
+        if not records:
+            present = sorted({str(r.get("split")) for r in all_records})
+            raise InputError(f"--data {ns.data / 'records.jsonl'}: no questions"
+                             + (f" in split {ns.split!r}; splits present: {present}" if all_records else ""))
+    device, dtype = default_device(ns)
+    tokenizer, tokenizer_path = inference_tokenizer(ns)
+    model = load_for_inference(ns.base, ns.adapter, device, dtype)
+    check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
+    if ns.task == "scienceqa":
         images = None
         if ns.image_features:
             from .multimodal import ImageFeatures
@@ -283,7 +380,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         scores = evaluate_scienceqa(model, tokenizer, records, ns.out, ns.mode, ns.batch_size, images)
         scores |= {"split": ns.split}
     else:
-        instructions = read_prompts(ns.instructions) if ns.instructions else []
+        from .inputs import check_token_ids
+
+        check_token_ids(split["max_id"], model.args.vocab_size, ns.data, "--data", ns.base)
         scores = evaluate_alpaca(model, tokenizer, TokenDataset(ns.data), instructions, ns.adapter, ns.out,
                                  ns.row_len, ns.batch_size, ns.max_new_tokens)
     scores["mlflow_run_id"] = log_evaluation(ns, scores)
@@ -318,6 +417,10 @@ def cmd_encode_images(ns: argparse.Namespace) -> None:
     """Encode every ScienceQA image once with a frozen CLIP vision tower into a feature cache keyed by pid."""
     from .multimodal import VisionEncoder, encode_images
 
+    existing_dir(ns.encoder, "--encoder", "a CLIPVisionModel folder (config.json + model.safetensors)")
+    existing_file(ns.records, "--records", "a validated ScienceQA records.jsonl")
+    writable_output(ns.out, "--out", folder=True)
+    check_device(ns.device)
     encoder = VisionEncoder(ns.encoder, tuple(ns.layers) if ns.layers else None, requested_device(ns))
     summary = encode_images(encoder, ns.records, ns.out, ns.policy, ns.batch_size)
     print(json.dumps(summary, indent=2))
@@ -328,23 +431,23 @@ def cmd_report(ns: argparse.Namespace) -> None:
     from .report import write_report
 
     ablations = dict(a.split("=", 1) if "=" in a else (a, a) for a in ns.ablation)
-    tables = write_report(ns.results, ns.out, ns.experiment, ablations, json.loads(ns.center))
+    tables = write_report(ns.results, ns.out, ns.experiment, ablations, ns.center)
     print(json.dumps({name: len(df) for name, df in tables.items()}))
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:
     bad = [t for t in items if "=" not in t]
     if bad:
-        raise ValueError(f"--tag expects KEY=VALUE, got {bad}")
+        raise InputError(f"--tag expects KEY=VALUE, got {bad}")
     return dict(t.split("=", 1) for t in items)
 
 
 def add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="Meta or HF checkpoint folder, or a .gguf file")
     p.add_argument("--tokenizer", help="default: the one beside --base (or inside the GGUF)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
 
 
@@ -358,11 +461,22 @@ def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
         if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif kind.startswith("tuple"):
-            p.add_argument(flag, type=float, nargs=2, default=default)
+            p.add_argument(flag, type=OPTION_TYPES.get(f.name, float), nargs=2, default=default)
         elif kind.startswith("dict"):
-            p.add_argument(flag, type=json.loads, default=default, help="a JSON object")
+            p.add_argument(flag, type=json_object, default=default, help="a JSON object")
         else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=default, required=required)
+            p.add_argument(flag, type=OPTION_TYPES.get(f.name) or {"int": int, "float": float}.get(kind, str),
+                           default=default, required=required)
+
+
+# Ranges of the training options, checked as argparse parses them (a one-line usage error names the option).
+OPTION_TYPES = {
+    "adapter_len": positive_int, "adapter_layers": positive_int, "epochs": positive_int,
+    "warmup_epochs": non_negative_float, "blr": positive_float, "lr": positive_float, "min_lr": non_negative_float,
+    "weight_decay": non_negative_float, "betas": beta, "global_batch": positive_int,
+    "rows_per_micro_batch": positive_int, "row_len": positive_int, "pad_id": non_negative_int,
+    "checkpoint_every": positive_int, "max_steps": positive_int,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,9 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--template", choices=["alpaca", "chatml", "none"], default="alpaca")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS (chat-tuned models often lack it)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper's samples: 0.1)")
-    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (paper's samples: 0.1)")
+    p.add_argument("--top-p", type=top_p, default=0.75, help="nucleus mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -403,18 +517,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tokenizer", help=cmd_train_tokenizer.__doc__, description=cmd_train_tokenizer.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--out", required=True, type=Path, help="the .model file to write")
-    p.add_argument("--vocab-size", type=int, default=1000)
+    p.add_argument("--vocab-size", type=positive_int, default=1000)
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("pretrain-base", help=cmd_pretrain_base.__doc__, description=cmd_pretrain_base.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--tokenizer", required=True, type=Path, help="a SentencePiece .model (copied beside the weights)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--preset", default="demo", help="architecture (vocab_size comes from the tokenizer)")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--preset", default="demo", choices=PRESETS, metavar="PRESET",
+                   help=f"architecture, one of {', '.join(PRESETS)} (vocab_size comes from the tokenizer)")
+    p.add_argument("--steps", type=positive_int, default=600)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="e.g. cuda: the demo base trains on CPU by default")
     p.set_defaults(func=cmd_pretrain_base)
@@ -459,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     add_dataclass_options(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt if present")
-    p.add_argument("--expect-gpus", type=int, help="fail unless exactly this many GPUs are visible (0: no check)")
+    p.add_argument("--expect-gpus", type=non_negative_int, help="fail unless exactly this many GPUs are visible (0: no check)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
@@ -467,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", required=True, help="NAME=PATH or PATH; repeat for several")
     p.add_argument("--prompts", required=True, type=Path, help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--temperature", type=float, default=0.1, help="paper: 0.1; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.75, help="paper: 0.75")
+    p.add_argument("--temperature", type=non_negative_float, default=0.1, help="paper: 0.1; 0 = greedy")
+    p.add_argument("--top-p", type=top_p, default=0.75, help="paper: 0.75; in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: a one-off compilation, then faster tokens (large jobs)")
@@ -486,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-features", type=Path,
                    help="scienceqa with a multimodal adapter: the feature cache written by encode-images")
     p.add_argument("--instructions", type=Path, help="alpaca: JSONL of instructions to answer for the report")
-    p.add_argument("--row-len", type=int, default=512)
+    p.add_argument("--row-len", type=positive_int, default=512)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--run-name", help="MLflow run name (default: 'evaluate TASK')")
     p.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag of the MLflow run; repeatable")
@@ -505,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", help="hidden states whose CLS token is taken (multi-scale)")
     p.add_argument("--policy", choices=["fail", "skip"], default="fail",
                    help="a missing or unreadable image: fail the run, or leave it out and list it")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.set_defaults(func=cmd_encode_images)
 
@@ -514,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", action="append", default=[], help="a named experiment; repeatable")
     p.add_argument("--ablation", action="append", default=[],
                    help="an ablation grid point, or POINT=EXPERIMENT when it is that experiment's adapter; repeatable")
-    p.add_argument("--center", default="{}", help="JSON: the settings the ablations hold fixed")
+    p.add_argument("--center", type=json_object, default={}, help="JSON: the settings the ablations hold fixed")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_report)
     return parser
@@ -525,9 +640,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns.func(ns)
     except (PipelineError, ValueError) as e:
-        print(f"llama-adapter {ns.command}: error: {e}", file=sys.stderr)
+        print(f"llama-adapter {ns.command}: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path: a genuine failure, keep its traceback
+            raise
+        also = f" -> {e.filename2}" if e.filename2 is not None else ""
+        print(f"llama-adapter {ns.command}: error: {e.filename}{also}: {one_line(e.strerror or str(e))}",
+              file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(message: str) -> str:
+    """Messages are printed as one line: a library's multi-line text is joined with '; '."""
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ class CheckpointError(PipelineError, ValueError):
     """A checkpoint or adapter file that cannot be read into the model (names the file and tensors)."""
 
 
+class InputError(PipelineError, ValueError):
+    """A command's input or option is missing, of the wrong kind, or inconsistent with another input (names the
+    path or option, what was expected and what was found)."""
+
+
 class TokenizerError(PipelineError, ValueError):
     """A vocabulary file is missing, of an unsupported kind, or unreadable."""
 

@@ -171,17 +171,47 @@ def image_inputs(images: list[np.ndarray | None] | None, B: int, device) -> tupl
     return features, torch.tensor(rows, device=device)
 
 
+PROMPT_KEYS = {"id": "any", "instruction": "str", "input": "str", "prompt": "str", "adapter": "str"}
+PROMPTS_EXPECTED = ('one JSON object per line with "instruction" (and optionally "input") or "prompt", each a '
+                    'string, and optionally "id" and "adapter"')
+
+
 def read_prompts(path: Path) -> list[dict]:
     """Requests from a JSONL file: {"id"?, "instruction", "input"?} (Alpaca template) or {"id"?, "prompt"}
-    (used as is), each optionally naming an "adapter"; ids default to the line number."""
+    (used as is), each optionally naming an "adapter"; ids default to the line number. A bad line is an
+    InputError naming the file, its 1-based line number and what was expected."""
+    from .errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}; expected a JSONL file of "
+                         f"prompts, {PROMPTS_EXPECTED}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSONL file of prompts") from None
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        if not isinstance(row, dict) or not ("prompt" in row or "instruction" in row):
-            raise ValueError(f"{path}, line {n}: expected an object with 'instruction' or 'prompt'")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}); expected "
+                             f"{PROMPTS_EXPECTED}") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}, line {n}: a JSON {type(row).__name__}, not an object; expected "
+                             f"{PROMPTS_EXPECTED}")
+        if not ("prompt" in row or "instruction" in row):
+            raise InputError(f"{path}, line {n}: keys {sorted(row)} lack 'instruction' and 'prompt'; expected "
+                             f"{PROMPTS_EXPECTED}")
+        wrong = [k for k, kind in PROMPT_KEYS.items() if kind == "str" and k in row and not isinstance(row[k], str)]
+        if wrong:
+            raise InputError(f"{path}, line {n}: {', '.join(repr(k) for k in wrong)} must be a string, got "
+                             f"{', '.join(type(row[k]).__name__ for k in wrong)}; expected {PROMPTS_EXPECTED}")
         rows.append({"id": row.get("id", n), **row})
+    if not rows:
+        raise InputError(f"{path}: holds no prompts; expected {PROMPTS_EXPECTED}")
     return rows
 
 

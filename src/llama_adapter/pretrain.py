@@ -24,14 +24,33 @@ from .tokenizer import load_tokenizer
 
 
 def read_corpus(corpus: Path) -> list[str]:
-    """Documents of a JSONL corpus, one {"text": ...} per line."""
+    """Documents of a JSONL corpus, one {"text": ...} per line; a bad line is an InputError naming the file and
+    its 1-based line number."""
+    from .errors import InputError
+
+    corpus = Path(corpus)
+    expected = 'a JSONL corpus, one {"text": document} object per line'
+    if not corpus.is_file():
+        raise InputError(f"{corpus}: {'is a folder' if corpus.is_dir() else 'no such file'}; expected {expected}")
+    try:
+        text = corpus.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{corpus}: not UTF-8 text (byte {e.start}); expected {expected}") from None
     docs = []
-    for n, line in enumerate(Path(corpus).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                docs.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{corpus}, line {n}: expected a JSON object with a 'text' string ({e})") from None
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{corpus}, line {n}: not valid JSON ({e.msg}); expected {expected}") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                found = (f"keys {sorted(doc)}" if isinstance(doc, dict) and "text" not in doc else
+                         f"'text' of type {type(doc['text']).__name__}" if isinstance(doc, dict) else
+                         f"a JSON {type(doc).__name__}")
+                raise InputError(f"{corpus}, line {n}: {found}; expected an object with a 'text' string")
+            docs.append(doc["text"])
+    if not any(d.strip() for d in docs):
+        raise InputError(f"{corpus}: holds no text; expected {expected}")
     return docs
 
 
@@ -57,11 +76,19 @@ def pretrain_base(
 ) -> dict:
     """Train `args` (vocab_size taken from the tokenizer) on random windows of the corpus; write
     params.json, consolidated.00.pth, tokenizer.model and pretrain.json to out_dir."""
+    from .errors import InputError
+
+    if Path(tokenizer_path).suffix != ".model" or not Path(tokenizer_path).is_file():
+        raise InputError(f"--tokenizer {tokenizer_path}: expected a SentencePiece .model file (it is copied beside the "
+                         "weights as tokenizer.model)")
     tokenizer = load_tokenizer(tokenizer_path)
     args = ModelArgs.from_dict({**args.to_dict(), "vocab_size": tokenizer.vocab_size})
+    if seq_len > args.max_seq_len:
+        raise InputError(f"--seq-len {seq_len}: longer than the preset's max_seq_len {args.max_seq_len}")
     stream = torch.from_numpy(token_stream(corpus, tokenizer))
     if len(stream) <= seq_len + 1:
-        raise ValueError(f"{corpus}: {len(stream)} tokens, too few for windows of {seq_len}")
+        raise InputError(f"{corpus}: {len(stream)} tokens, too few for windows of --seq-len {seq_len}; expected a "
+                         f"corpus of more than {seq_len + 1} tokens")
     torch.manual_seed(seed)
     model = Transformer(args)
     for name, p in model.named_parameters():  # small init, as LLaMA-style models are trained

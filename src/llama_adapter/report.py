@@ -25,6 +25,7 @@ import pandas as pd
 
 from .config import AdapterArgs, ModelArgs
 from .data.scienceqa import CATEGORIES
+from .errors import InputError
 from .io import atomic_dir
 
 # Zhang et al. 2023 (arXiv 2303.16199). ScienceQA test accuracy per category; the text-only variant is
@@ -80,10 +81,33 @@ class Run:
         return {int(k.rsplit("_", 1)[1]): v for k, v in last.items() if k.startswith("gate/layer_")}
 
 
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
-    return json.loads(path.read_text())
+# The stage that writes each file a run is read from, and the keys the tables read from it.
+WRITTEN_BY = {"config.json": "train", "metrics.json": "train", "scores.json": "evaluate", "stats.json": "tokenize",
+              "adapter.safetensors": "train"}
+REQUIRED_KEYS = {
+    "config.json": ("base", "train_data", "adapter_layers", "gate_init", "epochs"),
+    "metrics.json": ("history", "trainable_parameters", "world_size"),
+    "stats.json": ("dataset",),
+}
+SCORE_KEYS = {"scienceqa": ("n", "accuracy", "categories"),
+              "alpaca": ("heldout_loss", "perplexity", "heldout_samples")}
+
+
+def _read_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    stage = WRITTEN_BY.get(path.name, "the stage that writes it")
+    if not path.is_file():
+        raise InputError(f"{path}: {'is a folder' if path.is_dir() else 'missing'}; run {stage} first "
+                         "(or leave this experiment out of the report)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e}); expected the file {stage} writes") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a JSON {type(data).__name__}, not an object; expected the file {stage} writes")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise InputError(f"{path}: missing key(s) {', '.join(missing)}; expected the file {stage} writes")
+    return data
 
 
 def load_run(results: Path, name: str, trained_as: str | None = None) -> Run:
@@ -91,14 +115,36 @@ def load_run(results: Path, name: str, trained_as: str | None = None) -> Run:
     experiments."""
     trained_as = trained_as or name
     adapter_dir = results / "adapters" / trained_as
-    config = _read_json(adapter_dir / "config.json")
-    stats = _read_json(results / "tokens" / Path(config["train_data"]).parent.name / "stats.json")
+    config = _read_json(adapter_dir / "config.json", REQUIRED_KEYS["config.json"])
+    stats = _read_json(results / "tokens" / Path(config["train_data"]).parent.name / "stats.json",
+                       REQUIRED_KEYS["stats.json"])
+    metrics = _read_json(adapter_dir / "metrics.json", REQUIRED_KEYS["metrics.json"])
+    scores = _read_json(results / "eval" / name / "scores.json", SCORE_KEYS.get(stats["dataset"], ()))
+    if not isinstance(metrics["history"], list) or not metrics["history"]:
+        raise InputError(f"{adapter_dir / 'metrics.json'}: 'history' holds no training steps; expected the file "
+                         "train writes")
+    adapter = adapter_dir / "adapter.safetensors"
+    if not adapter.is_file():
+        raise InputError(f"{adapter}: missing; run train first (or leave this experiment out of the report)")
     bench = results / "benchmarks" / "train_adapter" / f"{trained_as}.tsv"
-    seconds = float(pd.read_csv(bench, sep="\t")["s"].iloc[0]) if bench.exists() else None
-    return Run(name=name, dataset=stats["dataset"], config=config, metrics=_read_json(adapter_dir / "metrics.json"),
-               scores=_read_json(results / "eval" / name / "scores.json"),
-               adapter_bytes=(adapter_dir / "adapter.safetensors").stat().st_size, seconds=seconds,
+    return Run(name=name, dataset=stats["dataset"], config=config, metrics=metrics, scores=scores,
+               adapter_bytes=adapter.stat().st_size, seconds=benchmark_seconds(bench) if bench.exists() else None,
                data=stats.get("provenance", {}))
+
+
+def read_benchmark(path: Path) -> pd.Series:
+    """The first row of a Snakemake benchmark file (columns s, max_rss, ...)."""
+    try:
+        row = pd.read_csv(path, sep="\t").iloc[0]
+        float(row["s"]), float(row["max_rss"])
+    except Exception as e:  # pandas raises EmptyDataError, ParserError, KeyError, IndexError...
+        raise InputError(f"{path}: not a Snakemake benchmark file ({type(e).__name__}: {e}); expected a "
+                         "tab-separated table with columns s and max_rss") from None
+    return row
+
+
+def benchmark_seconds(path: Path) -> float:
+    return float(read_benchmark(path)["s"])
 
 
 def adapter_parameters(args: ModelArgs, adapter: AdapterArgs) -> int:
@@ -210,8 +256,17 @@ def epochs_table(runs: list[Run]) -> pd.DataFrame:
 def generations_table(results: Path, runs: list[Run]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        for line in (results / "generations" / f"{r.name}.jsonl").read_text(encoding="utf-8").splitlines():
-            g = json.loads(line)
+        path = results / "generations" / f"{r.name}.jsonl"
+        if not path.is_file():
+            raise InputError(f"{path}: missing; run generate first (or leave this experiment out of the report)")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                g = json.loads(line)
+                if not all(isinstance(g.get(k), str) for k in ("prompt", "output")) or "id" not in g:
+                    raise ValueError("keys")
+            except ValueError:
+                raise InputError(f"{path}, line {n}: expected a JSON object with id, prompt and output, as generate "
+                                 "writes") from None
             instruction = g["prompt"].split("### Instruction:\n")[-1].split("\n\n### ")[0]
             rows.append({"adapter": r.name, "id": g["id"], "instruction": instruction, "output": g["output"],
                          "mlflow_run": r.provenance["mlflow_run"]})
@@ -222,7 +277,7 @@ def jobs_table(results: Path) -> pd.DataFrame:
     """Wall time and peak memory of every job that left a Snakemake benchmark file, longest first."""
     rows = []
     for path in sorted((results / "benchmarks").rglob("*.tsv")):
-        bench = pd.read_csv(path, sep="\t").iloc[0]
+        bench = read_benchmark(path)
         rule, _, job = path.relative_to(results / "benchmarks").with_suffix("").as_posix().partition("/")
         rows.append({"rule": rule, "job": job or None, "wall_time": duration(float(bench["s"])),
                      "seconds": round(float(bench["s"]), 1), "max_rss_mb": round(float(bench["max_rss"]))})
@@ -316,9 +371,11 @@ def category_figure(runs: list[Run], path: Path) -> None:
 
 
 def length_figure(tokens_dir: Path, path: Path) -> dict:
-    from .data.tokens import TokenDataset
+    from .inputs import token_split
 
-    lengths = np.concatenate([TokenDataset(tokens_dir / s).lengths for s in ("train", "val")])
+    for s in ("train", "val"):
+        token_split(tokens_dir / s, "Alpaca token split")
+    lengths = np.concatenate([np.diff(np.load(tokens_dir / s / "offsets.npy")) for s in ("train", "val")])
     plt, fig, ax = _figure()
     ax.hist(lengths, bins=40)
     ax.axvline(float(np.mean(lengths)), color="k", linestyle="--", label=f"mean {np.mean(lengths):.1f}")
@@ -351,9 +408,17 @@ def write_report(results: Path, out_dir: Path, experiments: list[str], ablations
     """Write every table (CSV, Markdown, LaTeX), figure (PNG) and report.md to out_dir; returns the tables.
     `ablations` maps each grid point to the experiment whose adapter it is (itself, or a named experiment
     with the same settings)."""
-    results = Path(results)
+    from .inputs import existing_dir, writable_output
+
+    results = existing_dir(results, "--results", "the pipeline's results folder (holding adapters/, eval/, tokens/)")
+    writable_output(out_dir, "--out", folder=True)
     named = [load_run(results, e) for e in experiments]
     grid = [load_run(results, e, trained) for e, trained in ablations.items()]
+    for r in grid:
+        unknown = sorted(set(center) - set(r.config))
+        if unknown:
+            raise InputError(f"--center: key(s) {unknown} are not settings of {r.name}'s config.json; expected keys "
+                             f"among {sorted(r.config)}")
     instruction = [r for r in named if r.dataset == "alpaca"]
     scienceqa = [r for r in named if r.dataset == "scienceqa"]
     axes = {axis: ablation_axis(grid, axis, center) for axis in ("adapter_layers", "gate_init", "epochs")}

@@ -253,11 +253,16 @@ def train_sentencepiece(corpus: Path, out: Path, vocab_size: int) -> Path:
 
     lines = [ln for doc in read_corpus(corpus) for ln in doc.splitlines() if ln.strip()]
     model = _io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-    )
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        )
+    except RuntimeError as e:  # SentencePiece's checks: "INTERNAL: file.cc(line) [condition] what went wrong"
+        reason = " ".join(str(e).split("] ", 1)[-1].split())
+        raise TokenizerError(f"--vocab-size {vocab_size} with corpus {corpus}: SentencePiece cannot train ({reason})"
+                             ) from None
     with atomic_path(Path(out)) as tmp:
         tmp.write_bytes(model.getvalue())
     return Path(out)

@@ -181,6 +181,17 @@ def restore(ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.op
     return state["step"], state["history"], state["mlflow_run_id"], state.get("initial_val_loss")
 
 
+def check_split_ids(vocab_size: int, cfg: TrainConfig, splits: dict) -> None:
+    """Before anything is written: every token id of the data must index the base's embedding (data tokenized
+    with another tokenizer than the base's fails here, not as an IndexError mid-run)."""
+    from .inputs import check_token_ids
+
+    for flag, ds in splits.items():
+        if ds is not None and len(ds.tokens):
+            path = cfg.train_data if flag == "--train-data" else cfg.val_data
+            check_token_ids(int(ds.tokens.max()), vocab_size, path, flag, cfg.base)
+
+
 def train_step(model, train_ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig, d: Dist,
                params: list[torch.nn.Parameter]) -> tuple[float, float, float]:
     """Forward/backward over the step's samples and the gradient all-reduce; (loss, real, padded tokens)."""
@@ -225,6 +236,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     val_ds = TokenDataset(Path(cfg.val_data), images) if cfg.val_data else None
     if int(train_ds.lengths.max()) > cfg.row_len:
         raise ValueError(f"{cfg.train_data}: longest sample {int(train_ds.lengths.max())} > row_len {cfg.row_len}")
+    check_split_ids(model.args.vocab_size, cfg, {"--train-data": train_ds, "--val-data": val_ds})
     steps_per_epoch = math.ceil(len(train_ds) / cfg.global_batch)
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps or total_steps)

@@ -1,0 +1,345 @@
+"""Bad input to the model-side commands (issue 16): every failure is one line on stderr naming the path, option,
+key or line and what was expected, with a non-zero exit, no traceback, and nothing written.
+
+The commands are driven through `cli.main` in this process (torch is imported once), and a few through the
+installed `llama-adapter` as a user runs it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llama_adapter import cli
+from llama_adapter.checkpoint import save_adapter, save_meta_checkpoint
+from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.data.tokens import Encoded, write_split
+from llama_adapter.model import Transformer
+from llama_adapter.tokenizer import load_tokenizer, train_sentencepiece
+
+SMALL = ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=128)
+
+
+def split(path: Path, n: int, seed: int, high: int = 40) -> Path:
+    rng = np.random.default_rng(seed)
+    enc = Encoded([], [], [], [])
+    for i in range(n):
+        prompt = rng.integers(10, high, size=rng.integers(3, 12))
+        tokens = np.concatenate([[1], prompt, [5, 6], [2]]).astype(np.int32)
+        enc.tokens.append(tokens), enc.masks.append(np.arange(len(tokens)) > len(prompt)), enc.source_index.append(i)
+    write_split(path, enc, np.arange(n))
+    return path
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory) -> Path:
+    """A tiny base (vocab 64) with its adapter, a tokenizer of 300 pieces (too many for that base) and a base that
+    fits it, token splits (one with ids beyond 64), a prompts file and a corpus."""
+    root = tmp_path_factory.mktemp("bad_input")
+    words = "the cat sat on a mat and then it ran far away from every dog in town".split()
+    rng = np.random.default_rng(0)
+    (root / "corpus.jsonl").write_text(
+        "".join(json.dumps({"text": " ".join(rng.choice(words, 12))}) + "\n" for _ in range(200)))
+    train_sentencepiece(root / "corpus.jsonl", root / "tok.model", 300)
+    torch.manual_seed(0)
+    model = Transformer(SMALL, AdapterArgs(adapter_len=2, adapter_layers=1))
+    save_meta_checkpoint(model, root / "base")
+    save_adapter(model, root / "adapter.safetensors", base_model="small")
+    fits = Transformer(ModelArgs(**{**SMALL.to_dict(), "vocab_size": load_tokenizer(root / "tok.model").vocab_size}))
+    save_meta_checkpoint(fits, root / "base300")
+    shutil.copy(root / "tok.model", root / "base300" / "tokenizer.model")
+    split(root / "train", 16, 0), split(root / "val", 4, 1), split(root / "wide", 16, 0, high=200)
+    (root / "prompts.jsonl").write_text('{"id": 1, "instruction": "Say hi."}\n')
+    return root
+
+
+@pytest.fixture(autouse=True)
+def mlflow_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def run(capsys, *args) -> tuple[int, str]:
+    try:
+        rc = cli.main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def one_line_error(capsys, *args, names: list[str]) -> str:
+    rc, err = run(capsys, *args)
+    assert rc not in (0, None), err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"llama-adapter {args[0]}: error: "), err
+    for name in names:
+        assert str(name) in lines[0], (name, err)
+    return lines[0]
+
+
+def train_args(w, out, *extra):
+    return ("train", "--base", w / "base", "--train-data", w / "train", "--out-dir", out, "--adapter-len", "2",
+            "--adapter-layers", "1", "--epochs", "1", "--global-batch", "8", "--row-len", "64", "--device", "cpu",
+            *extra)
+
+
+def generate_args(w, out, *extra, prompts=None, adapter=None, base=None):
+    return ("generate", "--base", base or w / "base300", "--adapter", adapter or w / "adapter.safetensors",
+            "--prompts", prompts or w / "prompts.jsonl", "--out", out, "--max-new-tokens", "2", "--device", "cpu",
+            *extra)
+
+
+# ---------------------------------------------------------------- vocabulary sizes
+
+
+def test_train_data_with_ids_beyond_the_base_vocabulary_writes_nothing(w, tmp_path, capsys):
+    out = tmp_path / "out"
+    msg = one_line_error(capsys, *train_args(w, out)[:4], w / "wide", *train_args(w, out)[5:],
+                         names=["--train-data", w / "wide", "vocab_size 64"])
+    assert "token id" in msg
+    assert not out.exists()
+
+
+def test_tokenizer_larger_than_the_embedding_in_generate_writes_nothing(w, tmp_path, capsys):
+    out = tmp_path / "g.jsonl"
+    one_line_error(capsys, *generate_args(w, out, "--tokenizer", w / "tok.model", base=w / "base"),
+                   names=["--tokenizer", w / "tok.model", "300", "vocab_size 64"])
+    assert not out.exists()
+
+
+def test_tokenizer_larger_than_the_embedding_in_evaluate_writes_nothing(w, tmp_path, capsys):
+    out = tmp_path / "eval"
+    one_line_error(capsys, "evaluate", "--task", "alpaca", "--base", w / "base", "--tokenizer", w / "tok.model",
+                   "--adapter", w / "adapter.safetensors", "--data", w / "val", "--out", out, "--device", "cpu",
+                   names=["--tokenizer", "vocab_size 64"])
+    assert not out.exists()
+
+
+def test_tokenizer_larger_than_the_embedding_in_complete(w, capsys):
+    one_line_error(capsys, "complete", "--base", w / "base", "--tokenizer", w / "tok.model", "--prompt", "hi",
+                   "--max-new-tokens", "2", names=["--tokenizer", "vocab_size 64"])
+
+
+# ---------------------------------------------------------------- missing or wrong-kind inputs
+
+
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--train-data", "missing", "no such folder"),
+    ("--train-data", "corpus.jsonl", "is a file"),
+    ("--train-data", ".", "not a token split"),
+    ("--val-data", "missing", "no such folder"),
+    ("--base", "missing", "no such file or folder"),
+    ("--base", "corpus.jsonl", "not a recognised checkpoint"),
+    ("--image-features", "missing", "no such folder"),
+])
+def test_train_input_paths(w, tmp_path, capsys, flag, value, expect):
+    out = tmp_path / "out"
+    args = list(train_args(w, out))
+    if flag in args:
+        args[args.index(flag) + 1] = w / value
+    else:
+        args += [flag, w / value]
+    one_line_error(capsys, *args, names=[flag, w / value if value != "." else w, expect])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("output", ["train", "generate", "evaluate", "report", "train-tokenizer", "pretrain-base"])
+def test_output_inside_a_file(w, capsys, output):
+    """An output path whose parent is a file: one line naming the path, nothing made."""
+    bad = w / "corpus.jsonl" / "sub" / "out"
+    args = {
+        "train": train_args(w, bad),
+        "generate": generate_args(w, bad),
+        "evaluate": ("evaluate", "--task", "alpaca", "--base", w / "base300", "--adapter", w / "adapter.safetensors",
+                     "--data", w / "val", "--out", bad, "--device", "cpu"),
+        "report": ("report", "--results", w, "--out", bad),
+        "train-tokenizer": ("train-tokenizer", "--corpus", w / "corpus.jsonl", "--out", bad),
+        "pretrain-base": ("pretrain-base", "--corpus", w / "corpus.jsonl", "--tokenizer", w / "tok.model", "--out", bad,
+                          "--steps", "1"),
+    }[output]
+    one_line_error(capsys, *args, names=[bad, "is a file"])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(w, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        one_line_error(capsys, *train_args(w, ro / "out"), names=[ro, "not writable"])
+        assert not (ro / "out").exists()
+    finally:
+        ro.chmod(0o755)
+
+
+def test_os_error_naming_a_path_is_one_line(w, tmp_path, capsys, monkeypatch):
+    """What no early check foresees (a disk full, a folder made read-only meanwhile) is still one line naming the
+    path and the system's reason."""
+    import llama_adapter.report
+
+    def denied(*a, **kw):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "report" / "report.md"))
+
+    monkeypatch.setattr(llama_adapter.report, "write_report", denied)
+    one_line_error(capsys, "report", "--results", w, "--out", tmp_path / "report",
+                   names=[tmp_path / "report" / "report.md", "Permission denied"])
+
+
+@pytest.mark.parametrize("what", ["prompts-missing", "adapter-missing", "adapter-folder"])
+def test_generate_input_paths(w, tmp_path, capsys, what):
+    out = tmp_path / "g.jsonl"
+    if what == "prompts-missing":
+        args, names = generate_args(w, out, prompts=w / "missing.jsonl"), [w / "missing.jsonl", "no such file"]
+    elif what == "adapter-missing":
+        args, names = generate_args(w, out, adapter=w / "missing.safetensors"), ["--adapter", "no such file"]
+    else:
+        args, names = generate_args(w, out, adapter=w / "base"), ["--adapter", w / "base", "is a folder"]
+    one_line_error(capsys, *args, names=names)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, line, expect", [
+    ('{"instruction": "a"}\n\n{"instruction": "b"\n', 3, "not valid JSON"),
+    ('{"instruction": "a"}\n["b"]\n', 2, "not an object"),
+    ('{"instruction": 3}\n', 1, "must be a string"),
+])
+def test_generate_bad_prompt_line_names_file_and_line(w, tmp_path, capsys, content, line, expect):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(content)
+    out = tmp_path / "g.jsonl"
+    one_line_error(capsys, *generate_args(w, out, prompts=prompts), names=[f"{prompts}, line {line}:", expect])
+    assert not out.exists()
+
+
+def test_generate_empty_prompts_file(w, tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text("\n")
+    one_line_error(capsys, *generate_args(w, tmp_path / "g.jsonl", prompts=tmp_path / "p.jsonl"),
+                   names=[tmp_path / "p.jsonl", "no prompts"])
+
+
+# ---------------------------------------------------------------- adapters and bases
+
+
+def test_adapter_without_metadata_says_what_it_is_and_what_was_expected(w, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"some.weight": torch.zeros(2)}, tmp_path / "a.safetensors")
+    out = tmp_path / "g.jsonl"
+    msg = one_line_error(capsys, *generate_args(w, out, adapter=tmp_path / "a.safetensors"),
+                         names=[tmp_path / "a.safetensors", "without this project's metadata", "some.weight", ".pth"])
+    assert "None" not in msg
+    assert not out.exists()
+
+
+def test_adapter_layers_beyond_the_base(w, tmp_path, capsys):
+    one_line_error(capsys, *train_args(w, tmp_path / "out", "--adapter-layers", "5"),
+                   names=["--adapter-layers", "5", "2 layers", w / "base"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_missing_a_tensor_is_one_line(w, tmp_path, capsys):
+    shutil.copytree(w / "base300", tmp_path / "base")
+    state = torch.load(tmp_path / "base" / "consolidated.00.pth", weights_only=True)
+    del state["layers.1.attention.wq.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "base" / "consolidated.00.pth")
+    one_line_error(capsys, "inspect", tmp_path / "base", "--adapter-layers", "1",
+                   names=["missing (1): layers.1.attention.wq.weight", "unexpected (1): extra.weight"])
+
+
+def test_hf_config_missing_a_key(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    one_line_error(capsys, "inspect", tmp_path / "hf", names=[tmp_path / "hf" / "config.json", "num_hidden_layers"])
+
+
+def test_inspect_neither_preset_nor_path(capsys):
+    one_line_error(capsys, "inspect", "7b", names=["7b", "preset", "7B"])
+
+
+# ---------------------------------------------------------------- option values
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", "0"), ("--global-batch", "0"), ("--row-len", "-1"),
+                                           ("--rows-per-micro-batch", "0"), ("--blr", "-1"), ("--tags", "[1]"),
+                                           ("--max-steps", "0")])
+def test_train_option_ranges(w, tmp_path, capsys, option, value):
+    one_line_error(capsys, *train_args(w, tmp_path / "out", option, value), names=[option, value])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--max-new-tokens", "0"), ("--batch-size", "0"), ("--temperature", "-1"),
+                                           ("--top-p", "0"), ("--top-p", "1.5")])
+def test_generate_option_ranges(w, tmp_path, capsys, option, value):
+    one_line_error(capsys, *generate_args(w, tmp_path / "g.jsonl", option, value), names=[option, value])
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_cuda_device_without_cuda(w, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    args = train_args(w, out) if command == "train" else generate_args(w, out)
+    args = [*args[: args.index("--device")], "--device", "cuda"]
+    one_line_error(capsys, *args, names=["--device cuda", "CUDA is not available"])
+    assert not out.exists()
+
+
+def test_unknown_device(w, tmp_path, capsys):
+    one_line_error(capsys, *generate_args(w, tmp_path / "g.jsonl")[:-2], "--device", "gpu0",
+                   names=["--device", "gpu0", "cpu"])
+
+
+# ---------------------------------------------------------------- report, tokenizer, pretraining
+
+
+def test_report_on_a_results_folder_missing_pieces(w, tmp_path, capsys):
+    out = tmp_path / "report"
+    one_line_error(capsys, "report", "--results", w, "--experiment", "instruction", "--out", out,
+                   names=[w / "adapters" / "instruction" / "config.json", "missing", "train"])
+    assert not out.exists()
+
+
+def test_report_center_not_json(w, tmp_path, capsys):
+    one_line_error(capsys, "report", "--results", w, "--center", "{epochs: 3}", "--out", tmp_path / "r",
+                   names=["--center", "JSON object"])
+
+
+def test_train_tokenizer_bad_inputs(w, tmp_path, capsys):
+    one_line_error(capsys, "train-tokenizer", "--corpus", w / "missing.jsonl", "--out", tmp_path / "t.model",
+                   names=["--corpus", w / "missing.jsonl", "no such file"])
+    one_line_error(capsys, "train-tokenizer", "--corpus", w / "corpus.jsonl", "--out", tmp_path / "t.model",
+                   "--vocab-size", "5", names=["--vocab-size 5", w / "corpus.jsonl"])
+    assert not (tmp_path / "t.model").exists()
+
+
+def test_pretrain_base_bad_inputs(w, tmp_path, capsys):
+    out = tmp_path / "base"
+    common = ("--tokenizer", w / "tok.model", "--out", out)
+    one_line_error(capsys, "pretrain-base", "--corpus", w / "corpus.jsonl", *common, "--preset", "huge",
+                   names=["--preset", "huge"])
+    one_line_error(capsys, "pretrain-base", "--corpus", w / "corpus.jsonl", *common, "--steps", "0",
+                   names=["--steps", "0"])
+    (tmp_path / "c.jsonl").write_text('{"text": "a b c"}\n{"txt": "d"}\n')
+    one_line_error(capsys, "pretrain-base", "--corpus", tmp_path / "c.jsonl", *common, "--steps", "1",
+                   names=[f"{tmp_path / 'c.jsonl'}, line 2", "'text'"])
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- as a user runs it
+
+
+def test_installed_command_reports_one_line(w, tmp_path):
+    exe = Path(sys.executable).with_name("llama-adapter")
+    args = [str(a) for a in train_args(w, tmp_path / "out")]
+    args[args.index("--train-data") + 1] = str(w / "wide")
+    proc = subprocess.run([str(exe) if exe.exists() else "llama-adapter", *args], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "--train-data" in proc.stderr and "vocab_size 64" in proc.stderr
+    assert not (tmp_path / "out").exists()
