@@ -39,12 +39,13 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """One real run of the shipped config.yaml in a fresh folder (the README's first command), ~5 CPU minutes;
-    shared by the workflow tests and the SLURM test, which compares its report with this one."""
-    from dag import REPO, SNAKEMAKE, snakemake
+    shared by the workflow tests and the SLURM test, which compares its report with this one. Its results go to
+    dag.DEMO_RESULTS, a folder whose name holds a space and a quote: every rule's command must quote it."""
+    from dag import SNAKEMAKE, demo_configfiles, snakemake
 
     if not Path(SNAKEMAKE).exists():
         pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
     root = tmp_path_factory.mktemp("dag")
-    proc = snakemake("--cores", "2", "--configfile", str(REPO / "config.yaml"), cwd=root, timeout=1200)
+    proc = snakemake("--cores", "2", *demo_configfiles(root), cwd=root, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return root

@@ -9,6 +9,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).with_name("snakemake"))
+# The results folder of the one full demo run (conftest.py's demo_run): a space and a quote in its name, so that
+# every rule's shell command is checked to quote its paths (issue 16).
+DEMO_RESULTS = "demo results 'quoted'"
 
 
 def snakemake(*args, cwd=REPO, timeout=300):
@@ -18,6 +21,15 @@ def snakemake(*args, cwd=REPO, timeout=300):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     return subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(cwd), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def demo_configfiles(root: Path) -> list[str]:
+    """--configfile for a run into DEMO_RESULTS under `root`: the shipped config.yaml, then `results:` over it."""
+    import yaml
+
+    extra = root / "demo_results.yaml"
+    extra.write_text(yaml.safe_dump({"results": DEMO_RESULTS}))
+    return ["--configfile", str(REPO / "config.yaml"), str(extra)]
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import slurm_cluster
-from dag import REPO, read_csv, snakemake
+from dag import DEMO_RESULTS, REPO, read_csv, snakemake
 
 # Only what differs on this cluster: its partition (no account: there is no accounting database), no GPUs,
 # and squeue for job status (sacct needs slurmdbd). Everything else comes from slurm/config.yaml.
@@ -59,6 +59,6 @@ def test_report_equals_the_local_run(slurm_run, demo_run):
     root, _ = slurm_run
     for table in ("scienceqa", "insertion_layers", "gate_init", "epochs", "generations", "efficiency"):
         ours = read_csv(root / "results" / "report" / f"{table}.csv")
-        local = read_csv(demo_run / "results" / "report" / f"{table}.csv")
+        local = read_csv(demo_run / DEMO_RESULTS / "report" / f"{table}.csv")
         strip = [{k: v for k, v in row.items() if k not in RUN_SPECIFIC} for row in ours]
         assert strip == [{k: v for k, v in row.items() if k not in RUN_SPECIFIC} for row in local], table

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dag import REPO, SNAKEMAKE, read_csv, snakemake
+from dag import DEMO_RESULTS, REPO, SNAKEMAKE, demo_configfiles, read_csv, snakemake
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ def test_environment_yml_mirrors_pyproject():
 # --- the whole demo DAG, for real (the demo_run fixture, tests/conftest.py) ------------------------------------
 
 def test_demo_report_holds_numbers_with_provenance(demo_run):
-    report = demo_run / "results" / "report"
+    report = demo_run / DEMO_RESULTS / "report"
     tables = {name: read_csv(report / f"{name}.csv") for name in
               ("efficiency", "scienceqa", "insertion_layers", "gate_init", "epochs", "generations")}
     assert [r["adapter_layers"] for r in tables["insertion_layers"]] == ["1", "2", "3"]
@@ -86,7 +86,9 @@ def test_demo_report_holds_numbers_with_provenance(demo_run):
 def test_demo_runs_nest_under_one_parent_mlflow_run(demo_run):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{demo_run / 'results' / 'mlflow.db'}")
+    from llama_adapter.tracking import sqlite_uri
+
+    client = MlflowClient(sqlite_uri(demo_run / DEMO_RESULTS / "mlflow.db"))
     [experiment] = [e for e in client.search_experiments() if e.name == "llama-adapter"]
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     [parent] = [r for r in runs if r.data.tags.get("rule") == "all"]
@@ -102,20 +104,21 @@ def test_demo_runs_nest_under_one_parent_mlflow_run(demo_run):
 
 
 def test_demo_rerun_does_nothing_and_a_new_grid_point_runs_alone(demo_run):
-    proc = snakemake("-n", "--cores", "2", "--configfile", str(REPO / "config.yaml"), cwd=demo_run)
+    proc = snakemake("-n", "--cores", "2", *demo_configfiles(demo_run), cwd=demo_run)
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["ablations"]["vary"]["epochs"].append(4)
-    (demo_run / "more.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (demo_run / "more.yaml").write_text(yaml.safe_dump({**config, "results": DEMO_RESULTS}, sort_keys=False))
     proc = snakemake("-n", "--cores", "2", "--configfile", str(demo_run / "more.yaml"), cwd=demo_run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     planned = re.findall(r"^(?:local)?rule (\w+):$", proc.stdout, re.M)
     assert sorted(planned) == ["all", "evaluate", "report", "train_adapter"]
-    assert "results/adapters/ablations/adapter_layers~3/gate_init~zero/epochs~4/adapter.safetensors" in proc.stdout
+    assert (f"{DEMO_RESULTS}/adapters/ablations/adapter_layers~3/gate_init~zero/epochs~4/adapter.safetensors"
+            in proc.stdout)
 
 
 def test_snakemake_html_report_has_the_captions(demo_run):
-    proc = snakemake("--report", "report.html", "--configfile", str(REPO / "config.yaml"), cwd=demo_run)
+    proc = snakemake("--report", "report.html", *demo_configfiles(demo_run), cwd=demo_run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     html = (demo_run / "report.html").read_text(errors="replace")
     assert "zero-initialised" in html and "Efficiency" in html

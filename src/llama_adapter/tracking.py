@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any
@@ -107,18 +108,39 @@ def end_invocation_run(status: str) -> None:
             warnings.warn(f"MLflow parent run {run_id} not closed ({type(e).__name__}: {e})", stacklevel=2)
 
 
+def sqlite_uri(path: str | Path) -> str:
+    """The tracking URI of a SQLite store at `path` (made absolute). SQLAlchemy takes what follows `sqlite:///`
+    as the file name verbatim, without percent-decoding (so percent-encoding would name another file), up to
+    a `?`, which starts its query: a path holding `?` goes through SQLite's own URI form, which SQLite
+    percent-decodes. Spaces, quotes, `#`, `%` and `;` need nothing."""
+    path = os.path.abspath(path)
+    if "?" in path:
+        return f"sqlite:///file:{urllib.parse.quote(path)}?uri=true"
+    return f"sqlite:///{path}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (either form sqlite_uri writes); None for others."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri.removeprefix("sqlite:///")
+    if rest.startswith("file:"):
+        return Path(urllib.parse.unquote(rest.removeprefix("file:").split("?", 1)[0]))
+    return Path(rest.split("?", 1)[0])
+
+
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if (db := sqlite_path(uri)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
 def artifact_location(uri: str) -> str | None:
     """Beside a SQLite store, artifacts go to mlartifacts/ next to the database (MLflow's default would be
     ./mlruns in whatever folder the job started in); a tracking server decides for itself."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    if (db := sqlite_path(uri)) is not None:
+        return (db.resolve().parent / "mlartifacts").as_uri()
     return None
 
 

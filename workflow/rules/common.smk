@@ -9,9 +9,59 @@ import pandas as pd
 from snakemake.utils import Paramspace, validate
 
 from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
-from llama_adapter.tracking import export_invocation
+from llama_adapter.tracking import export_invocation, sqlite_uri
 
 validate(config, "../schemas/config.schema.yaml")
+
+
+# Every value reaches the shell through `:q` (shlex.quote, element by element for a list), so a space, a quote or
+# a `;` in a config value is one argument, never a second command: option helpers return lists of arguments, not
+# shell strings. What quoting cannot fix is refused here, by name: a path that starts with `-` would be read as an
+# option by the CLI, `{` `}` in a path the rules declare as a file would be taken for a wildcard, and $ ` \ in a
+# file name would be expanded by the SLURM executor's resubmission (below).
+def check_paths(config):
+    images = config.get("images") or {}
+    paths = {
+        "results": config["results"],
+        "base.source": config["base"]["source"],
+        "base.tokenizer": config["base"].get("tokenizer"),
+        "images.encoder": images.get("encoder"),
+        "generate.instructions": config["generate"]["instructions"],
+        **{
+            f"data.{d}.{key}": config["data"][d].get(key)
+            for d in ("alpaca", "scienceqa")
+            for key in ("source", "revision")
+        },
+    }
+    for key, value in paths.items():
+        if value is None:
+            continue
+        if value.startswith("-"):
+            raise ValueError(
+                f"config {key}: {value!r} starts with '-', which the CLI would read as an option"
+                + (
+                    ""
+                    if key.endswith("revision")
+                    else "; give the path as an absolute one"
+                )
+            )
+        if key.startswith("data."):
+            continue
+        if "{" in value or "}" in value:
+            raise ValueError(
+                f"config {key}: {value!r} holds '{{' or '}}', which Snakemake reads as a wildcard in a file name"
+            )
+        # The SLURM executor resubmits each job, its file names included, inside sbatch --wrap="..." (escaping
+        # only "), where the shell still expands $ and backticks and a \ can end the quotes. Which executor runs
+        # is not known yet while the workflow is read, so these are refused for every run.
+        if any(c in value for c in "$`\\"):
+            raise ValueError(
+                f"config {key}: {value!r} holds $, ` or \\, which a cluster job's command line "
+                '(sbatch --wrap="...") would expand'
+            )
+
+
+check_paths(config)
 
 # Every rule's software: the package's own environment (used with --sdm conda; relative to the rule files).
 CONDA_ENV = "../../environment.yml"
@@ -25,7 +75,7 @@ CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdig
     :12
 ]
 export_invocation(
-    MLFLOW.get("tracking_uri") or f"sqlite:///{RESULTS}/mlflow.db",
+    MLFLOW.get("tracking_uri") or sqlite_uri(Path(RESULTS) / "mlflow.db"),
     MLFLOW.get("experiment", "llama-adapter"),
     {"config_hash": CONFIG_HASH},
 )
@@ -149,15 +199,28 @@ INSTRUCTIONS = repository_file(config["generate"]["instructions"])
 
 
 def launcher(gpus):
-    """The CLI for one process, or torchrun with one process per GPU of the job (one node, as SLURM gives)."""
+    """The CLI for one process, or torchrun with one process per GPU of the job (one node, as SLURM gives); a
+    list of arguments, for `{params.launcher:q}`."""
     if gpus > 1:
-        return f"torchrun --standalone --nproc-per-node {gpus} -m llama_adapter.cli"
-    return "llama-adapter"
+        return [
+            "torchrun",
+            "--standalone",
+            "--nproc-per-node",
+            str(gpus),
+            "-m",
+            "llama_adapter.cli",
+        ]
+    return ["llama-adapter"]
 
 
 def cli_options(settings):
-    """--key value per setting, in a fixed order: reordering a config's keys must not rerun the job."""
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(settings.items()))
+    """--key value per setting, in a fixed order: reordering a config's keys must not rerun the job. A list of
+    arguments (each value one argument, whatever it holds), for `{params.options:q}`."""
+    return [
+        arg
+        for k, v in sorted(settings.items())
+        for arg in (f"--{k.replace('_', '-')}", str(v))
+    ]
 
 
 def data_source(dataset):
@@ -172,14 +235,21 @@ def data_source(dataset):
 
 
 def fetch_options(source):
-    """The fetch CLI's options for a data source's pins and split assignment."""
-    options = [f"--{k} {source[k]}" for k in ("sha256", "revision") if source.get(k)]
+    """The fetch CLI's options for a data source's pins and split assignment: a list of arguments."""
+    options = [
+        arg
+        for k in ("sha256", "revision")
+        if source.get(k)
+        for arg in (f"--{k}", source[k])
+    ]
     if assigned := source.get("assign_splits"):
-        fractions = " ".join(f"{k}={v}" for k, v in assigned["fractions"].items())
-        options.append(
-            f"--assign-splits {fractions} --split-seed {assigned.get('seed', 0)}"
-        )
-    return " ".join(options)
+        options += [
+            "--assign-splits",
+            *(f"{k}={v}" for k, v in assigned["fractions"].items()),
+            "--split-seed",
+            str(assigned.get("seed", 0)),
+        ]
+    return options
 
 
 def evaluation_split(name):

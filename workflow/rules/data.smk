@@ -20,7 +20,7 @@ rule demo_data:
         out=lambda w, output: Path(output.corpus).parent,
         options=cli_options(config["data"]["demo"]),
     shell:
-        "llama-adapter demo-data --out {params.out} {params.options} > {log} 2>&1"
+        "llama-adapter demo-data --out {params.out:q} {params.options:q} > {log:q} 2>&1"
 
 
 rule fetch:
@@ -40,8 +40,8 @@ rule fetch:
         source=lambda w: data_source(w.dataset),
         extra=lambda w: fetch_options(config["data"][w.dataset]),
     shell:
-        "llama-adapter fetch --dataset {wildcards.dataset} --source {params.source} {params.extra} "
-        "--out {output} > {log} 2>&1"
+        "llama-adapter fetch --dataset {wildcards.dataset:q} --source {params.source:q} {params.extra:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule validate:
@@ -55,12 +55,14 @@ rule validate:
         CONDA_ENV
     params:
         policy=config["data"]["validation"]["policy"],
-        drop=" ".join(
-            f"--drop-flag {f}" for f in config["data"]["validation"]["drop_flags"]
-        ),
+        drop=[
+            arg
+            for f in config["data"]["validation"]["drop_flags"]
+            for arg in ("--drop-flag", f)
+        ],
     shell:
-        "llama-adapter validate --dataset {wildcards.dataset} --fetched {input} --out {output} "
-        "--policy {params.policy} {params.drop} > {log} 2>&1"
+        "llama-adapter validate --dataset {wildcards.dataset:q} --fetched {input:q} --out {output:q} "
+        "--policy {params.policy:q} {params.drop:q} > {log:q} 2>&1"
 
 
 rule tokenize:
@@ -81,18 +83,24 @@ rule tokenize:
         runtime=30,
     params:
         split=lambda w: (
-            "--split-by field"
+            ["--split-by", "field"]
             if w.dataset == "scienceqa"
-            else f"--split-by seed --val-size {config['tokenize']['alpaca_val_size']} "
-            f"--seed {config['tokenize']['seed']}"
+            else [
+                "--split-by",
+                "seed",
+                "--val-size",
+                str(config["tokenize"]["alpaca_val_size"]),
+                "--seed",
+                str(config["tokenize"]["seed"]),
+            ]
         ),
-        mask="" if config["tokenize"]["mask_prompt"] else "--no-mask-prompt",
+        mask=[] if config["tokenize"]["mask_prompt"] else ["--no-mask-prompt"],
         max_len=config["tokenize"]["max_seq_len"],
         truncation=config["tokenize"]["truncation"],
     shell:
-        "llama-adapter tokenize --dataset {wildcards.dataset} --validated {input.data} "
-        "--tokenizer {input.tokenizer} --out {output} --max-seq-len {params.max_len} "
-        "--truncation {params.truncation} {params.mask} {params.split} > {log} 2>&1"
+        "llama-adapter tokenize --dataset {wildcards.dataset:q} --validated {input.data:q} "
+        "--tokenizer {input.tokenizer:q} --out {output:q} --max-seq-len {params.max_len:q} "
+        "--truncation {params.truncation:q} {params.mask:q} {params.split:q} > {log:q} 2>&1"
 
 
 rule make_vision_encoder:
@@ -103,7 +111,7 @@ rule make_vision_encoder:
     conda:
         CONDA_ENV
     shell:
-        "llama-adapter make-vision-encoder --out {output} > {log} 2>&1"
+        "llama-adapter make-vision-encoder --out {output:q} > {log:q} 2>&1"
 
 
 # Every ScienceQA image through the frozen encoder, once: training and evaluation read the cache.
@@ -125,13 +133,12 @@ rule encode_images:
         runtime=60,
         gpu=0,
     params:
+        records=lambda w, input: f"{input.records}/records.jsonl",
         layers=(
-            f"--layers {' '.join(map(str, IMAGES['layers']))}"
-            if IMAGES.get("layers")
-            else ""
+            ["--layers", *map(str, IMAGES["layers"])] if IMAGES.get("layers") else []
         ),
         policy=IMAGES.get("policy", "fail"),
         batch=IMAGES.get("batch_size", 64),
     shell:
-        "llama-adapter encode-images --encoder {input.encoder} --records {input.records}/records.jsonl "
-        "--out {output} {params.layers} --policy {params.policy} --batch-size {params.batch} > {log} 2>&1"
+        "llama-adapter encode-images --encoder {input.encoder:q} --records {params.records:q} "
+        "--out {output:q} {params.layers:q} --policy {params.policy:q} --batch-size {params.batch:q} > {log:q} 2>&1"

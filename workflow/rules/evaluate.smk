@@ -24,14 +24,31 @@ rule evaluate:
     params:
         out=lambda w, output: Path(output[0]).parent,
         options=lambda w, input: (
-            f"--task scienceqa --data {input.data} --split {evaluation_split(w.experiment)} "
-            f"--mode {config['evaluate']['mode']}"
-            + (f" --image-features {input.images}" if input.images else "")
+            [
+                "--task",
+                "scienceqa",
+                "--data",
+                input.data,
+                "--split",
+                evaluation_split(w.experiment),
+                "--mode",
+                config["evaluate"]["mode"],
+                *(["--image-features", input.images] if input.images else []),
+            ]
             if experiment(w.experiment)[0] == "scienceqa"
-            else f"--task alpaca --data {input.data}/val --row-len {config['train']['row_len']}"
+            else [
+                "--task",
+                "alpaca",
+                "--data",
+                f"{input.data}/val",
+                "--row-len",
+                str(config["train"]["row_len"]),
+            ]
         ),
         batch=config["evaluate"]["batch_size"],
+        run_name=lambda w: f"evaluate {w.experiment}",
+        tags=lambda w: ["--tag", "rule=evaluate", "--tag", f"experiment={w.experiment}"],
     shell:
-        "llama-adapter evaluate --base {input.base} --tokenizer {input.tokenizer} --adapter {input.adapter} "
-        "--out {params.out} --batch-size {params.batch} {params.options} --run-name 'evaluate {wildcards.experiment}' "
-        "--tag rule=evaluate --tag experiment={wildcards.experiment} > {log} 2>&1"
+        "llama-adapter evaluate --base {input.base:q} --tokenizer {input.tokenizer:q} --adapter {input.adapter:q} "
+        "--out {params.out:q} --batch-size {params.batch:q} {params.options:q} --run-name {params.run_name:q} "
+        "{params.tags:q} > {log:q} 2>&1"

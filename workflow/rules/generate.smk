@@ -24,7 +24,8 @@ rule generate:
         options=cli_options(
             {k: v for k, v in config["generate"].items() if k != "instructions"}
         ),
+        adapter=lambda w, input: f"{w.experiment}={input.adapter}",
     shell:
-        "llama-adapter generate --base {input.base} --tokenizer {input.tokenizer} "
-        "--adapter {wildcards.experiment}={input.adapter} --prompts {input.prompts} --out {output} "
-        "{params.options} > {log} 2>&1"
+        "llama-adapter generate --base {input.base:q} --tokenizer {input.tokenizer:q} "
+        "--adapter {params.adapter:q} --prompts {input.prompts:q} --out {output:q} "
+        "{params.options:q} > {log:q} 2>&1"

@@ -23,11 +23,13 @@ rule report:
     params:
         out=lambda w, output: Path(output.markdown).parent,
         results=lambda w, input: Path(input.tokens).parents[1],
-        experiments=" ".join(f"--experiment {e}" for e in NAMED_EXPERIMENTS),
-        ablations=" ".join(
-            f"--ablation {e}={trained_as(e)}" for e in ABLATION_EXPERIMENTS
-        ),
+        experiments=[arg for e in NAMED_EXPERIMENTS for arg in ("--experiment", e)],
+        ablations=[
+            arg
+            for e in ABLATION_EXPERIMENTS
+            for arg in ("--ablation", f"{e}={trained_as(e)}")
+        ],
         center=json.dumps(config["ablations"]["center"]),
     shell:
-        "llama-adapter report --results {params.results} --out {params.out} {params.experiments} {params.ablations} "
-        "--center '{params.center}' > {log} 2>&1"
+        "llama-adapter report --results {params.results:q} --out {params.out:q} {params.experiments:q} "
+        "{params.ablations:q} --center {params.center:q} > {log:q} 2>&1"

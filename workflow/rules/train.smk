@@ -15,7 +15,7 @@ rule train_tokenizer:
     params:
         vocab=PRETRAIN["vocab_size"],
     shell:
-        "llama-adapter train-tokenizer --corpus {input} --out {output} --vocab-size {params.vocab} > {log} 2>&1"
+        "llama-adapter train-tokenizer --corpus {input:q} --out {output:q} --vocab-size {params.vocab:q} > {log:q} 2>&1"
 
 
 rule fetch_smollm2:
@@ -28,7 +28,7 @@ rule fetch_smollm2:
     params:
         cache=lambda w, output: Path(output[0]).parents[1],
     shell:
-        "llama-adapter fetch-smollm2 --cache-dir {params.cache} > {log} 2>&1"
+        "llama-adapter fetch-smollm2 --cache-dir {params.cache:q} > {log:q} 2>&1"
 
 
 rule pretrain_base:
@@ -50,8 +50,8 @@ rule pretrain_base:
     params:
         options=cli_options({k: v for k, v in PRETRAIN.items() if k != "vocab_size"}),
     shell:
-        "llama-adapter pretrain-base --corpus {input.corpus} --tokenizer {input.tokenizer} --out {output} "
-        "{params.options} > {log} 2>&1"
+        "llama-adapter pretrain-base --corpus {input.corpus:q} --tokenizer {input.tokenizer:q} --out {output:q} "
+        "{params.options:q} > {log:q} 2>&1"
 
 
 # --resume continues a job killed mid-way (a SLURM time limit) from its checkpoint.pt; once the adapter is
@@ -78,10 +78,12 @@ rule train_adapter:
     params:
         out=lambda w, output: Path(output.adapter).parent,
         options=lambda w: cli_options(experiment(w.experiment)[1]),
+        train=lambda w, input: f"{input.tokens}/train",
         val=lambda w, input: f"{input.tokens}/val",
         launcher=lambda w, resources: launcher(resources.gpu),
+        # JSON from json.dumps, never by hand: valid JSON and one argument whatever the name holds.
+        tags=lambda w: json.dumps({"rule": "train_adapter", "experiment": w.experiment}),
     shell:
-        "{params.launcher} train --base {input.base} --train-data {input.tokens}/train --val-data {params.val} "
-        "--out-dir {params.out} --run-name {wildcards.experiment} --resume --expect-gpus {resources.gpu} "
-        '--tags \'{{"rule": "train_adapter", "experiment": "{wildcards.experiment}"}}\' '
-        "{params.options} > {log} 2>&1 && rm -f {params.out}/checkpoint.pt"
+        "{params.launcher:q} train --base {input.base:q} --train-data {params.train:q} --val-data {params.val:q} "
+        "--out-dir {params.out:q} --run-name {wildcards.experiment:q} --resume --expect-gpus {resources.gpu:q} "
+        "--tags {params.tags:q} {params.options:q} > {log:q} 2>&1 && rm -f -- {params.out:q}/checkpoint.pt"

@@ -1,0 +1,127 @@
+"""Config values reach the rules' shell commands quoted (Snakemake's `:q`): a space or a quote in a path is one
+argument, and a value holding `;`, `$(...)` or backticks is never run as a command (issue 16).
+
+Every rule's quoting is also exercised for real by the one full demo run (conftest.py's demo_run), whose results
+folder is dag.DEMO_RESULTS, a name with a space and a quote.
+"""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from dag import REPO, SNAKEMAKE, snakemake
+
+# A space and both kinds of quote: unquoted, `'` ends a quoted word early and a space splits one argument in two.
+AWKWARD = "it's a \"dir\""
+ALPACA = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(12)]
+
+
+@pytest.fixture(autouse=True)
+def needs_snakemake():
+    if not Path(SNAKEMAKE).exists():
+        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
+
+
+def configfile(tmp_path: Path, **overrides) -> list[str]:
+    """--configfile arguments: the shipped config.yaml, then `overrides` merged over it key by key."""
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(overrides))
+    return ["--configfile", str(REPO / "config.yaml"), str(tmp_path / "override.yaml")]
+
+
+def test_results_and_source_with_space_and_quote_run(tmp_path):
+    source = tmp_path / f"source {AWKWARD}" / "alpaca.json"
+    source.parent.mkdir()
+    source.write_text(json.dumps(ALPACA))
+    results = f"results {AWKWARD}"
+    target = f"{results}/data/alpaca/validated"
+    proc = snakemake("--cores", "1", target, *configfile(tmp_path, results=results, data={"alpaca": {
+        "source": str(source)}}), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    validated = tmp_path / target
+    assert len((validated / "records.jsonl").read_text().splitlines()) == len(ALPACA)
+    fetched = json.loads((tmp_path / results / "data" / "alpaca" / "fetched" / "fetch.json").read_text())
+    assert fetched["source"] == str(source)  # the source path arrived whole, as one argument
+    # the MLflow store of the invocation's parent run is in the results folder, not in a folder named by half of it
+    assert (tmp_path / results / "mlflow.db").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["override.yaml", ".snakemake", results,
+                                                                 source.parent.name])
+
+
+INJECTIONS = [
+    ("source", "missing.json; touch PWNED #"),
+    ("source", "missing.json $(touch PWNED)"),
+    ("source", "missing.json `touch PWNED`"),
+    ("source", "missing.json | touch PWNED #"),
+    ("source", "missing.json\ntouch PWNED #"),
+    ("revision", "main; touch PWNED #"),
+    ("revision", "$(touch PWNED)"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), INJECTIONS)
+def test_a_data_value_is_never_run_as_a_command(tmp_path, key, value):
+    source = {"source": value} if key == "source" else {"source": "missing.json", key: value}
+    proc = snakemake("--cores", "1", "results/data/alpaca/fetched", *configfile(tmp_path, data={"alpaca": source}),
+                     cwd=tmp_path, timeout=300)
+    assert not (tmp_path / "PWNED").exists(), "a config value ran as a shell command"
+    assert proc.returncode != 0  # the fetch stage's own error: the source does not exist
+    log = (tmp_path / "results" / "logs" / "fetch" / "alpaca.log").read_text()
+    assert "missing.json" in log
+
+
+def test_dry_run_commands_parse_back_to_the_config_values(tmp_path):
+    """Every planned job's command, split as the shell splits it, holds each value as exactly one argument."""
+    results = f"out {AWKWARD}; touch PWNED"
+    revision = "v1 $(touch PWNED) `touch PWNED`"
+    proc = snakemake("-n", "-p", "--cores", "1", *configfile(tmp_path, results=results, data={
+        "alpaca": {"source": f"{tmp_path}/a {AWKWARD}.json", "revision": revision}}), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    commands = [line.removeprefix("Shell command: ") for line in proc.stdout.splitlines()
+                if line.startswith("Shell command: ") and line != "Shell command: None"]
+    assert len(commands) > 10
+    for command in commands:
+        argv = shlex.split(command)
+        assert "touch" not in argv and "PWNED" not in argv, command
+        # every job reads or writes under the results folder, named as one argument
+        assert any(a.startswith(results) for a in argv), command
+    [fetch] = [shlex.split(c) for c in commands if " fetch --dataset alpaca " in c]
+    assert fetch[fetch.index("--source") + 1] == f"{tmp_path}/a {AWKWARD}.json"
+    assert fetch[fetch.index("--revision") + 1] == revision
+    [report] = [shlex.split(c) for c in commands if c.startswith("llama-adapter report ")]
+    assert json.loads(report[report.index("--center") + 1]) == {"adapter_layers": 3, "gate_init": "zero", "epochs": 3}
+    trains = [shlex.split(c) for c in commands if c.startswith("llama-adapter train ")]
+    assert {json.loads(t[t.index("--tags") + 1])["experiment"] for t in trains} >= {"instruction", "scienceqa"}
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    ({"experiments": {"x; touch PWNED": {"dataset": "alpaca"}}}, "x; touch PWNED"),
+    ({"experiments": {"../escape": {"dataset": "alpaca"}}}, "../escape"),
+    ({"results": "-rf"}, "results"),
+    ({"results": "out{x}"}, "results"),
+    ({"results": "out$(touch PWNED)"}, "results"),  # the SLURM executor's sbatch --wrap="..." would run it
+    ({"base": {"source": "--help"}}, "base.source"),
+])
+def test_values_quoting_cannot_make_safe_are_refused_by_name(tmp_path, overrides, named):
+    proc = snakemake("-n", "--cores", "1", *configfile(tmp_path, **overrides), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert named in proc.stdout + proc.stderr
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("name", ["plain", "a space", "it's", "semi;colon", "hash#x", "pct%20x", "ques?tion", "tick`x`"])
+def test_sqlite_uri_names_the_file_mlflow_writes(tmp_path, name):
+    """The default store `sqlite:///<results>/mlflow.db` for a results folder with any character in its name:
+    SQLAlchemy does not percent-decode, and a `?` would start its query."""
+    import mlflow
+
+    from llama_adapter.tracking import sqlite_path, sqlite_uri
+
+    db = tmp_path / name / "mlflow.db"
+    db.parent.mkdir()
+    uri = sqlite_uri(db)
+    assert sqlite_path(uri) == db
+    client = mlflow.MlflowClient(uri)
+    client.create_run(client.create_experiment("e", artifact_location=(db.parent / "mlartifacts").as_uri()))
+    assert db.is_file() and [p.name for p in tmp_path.iterdir()] == [name]
