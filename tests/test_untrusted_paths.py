@@ -94,7 +94,8 @@ def test_every_reader_refuses_every_escape(tmp_path, outside, reader, form):
     elif reader == "parquet":  # an HF export row with a path column and no embedded bytes
         name = escape_forms(outside, root, ".")[form]
         rows = [{"question": "Which colour?", "choices": ["red", "blue"], "answer": 0,
-                 "image": {"bytes": None, "path": name}}]
+                 "image": {"bytes": None, "path": name}},
+                {"question": "Which shape?", "choices": ["round", "square"], "answer": 1, "image": None}]
         (root / "data").mkdir()
         pq.write_table(pa.Table.from_pylist(rows), root / "data" / "train-00000-of-00001.parquet")
         source = root
@@ -102,7 +103,9 @@ def test_every_reader_refuses_every_escape(tmp_path, outside, reader, form):
         name = escape_forms(outside, root, ".")[form]
         item = {"id": "1", "image": name, "conversations": [
             {"from": "human", "value": "<image>\nWhich colour?\nA. red\nB. blue"}, {"from": "gpt", "value": "A"}]}
-        (root / "llava.json").write_text(json.dumps([item]))
+        other = {"id": "2", "conversations": [
+            {"from": "human", "value": "Which shape?\nA. round\nB. square"}, {"from": "gpt", "value": "B"}]}
+        (root / "llava.json").write_text(json.dumps([item, other]))
         source = root / "llava.json"
 
     with pytest.raises(FetchError) as e:
@@ -120,7 +123,7 @@ def test_every_reader_refuses_every_escape(tmp_path, outside, reader, form):
 
     # validate drops the refused record as invalid (skip) or stops naming it (fail)
     report = validate("scienceqa", tmp_path / "fetched", tmp_path / "validated", policy="skip")
-    assert report.invalid.get("image path outside the dataset") == 1
+    assert report.invalid.get("image refused by fetch") == 1
     kept = [json.loads(line) for line in (tmp_path / "validated" / "records.jsonl").read_text().splitlines()]
     assert pid not in [r["pid"] for r in kept]
 
@@ -200,10 +203,15 @@ def test_split_file_pids_missing_from_the_problems_fail_or_are_counted(tmp_path)
 def test_validate_refuses_an_image_path_leaving_a_hand_made_folder(tmp_path, outside):
     fetched = tmp_path / "fetched"
     fetched.mkdir()
-    record = {**problem(None), "pid": "1", "image": "../outside/secret.png", "has_image": True}
-    (fetched / "records.jsonl").write_text(json.dumps(record) + "\n")
+    (fetched / "images").mkdir()
+    (fetched / "images" / "2.png").symlink_to(outside / "secret.png")
+    records = [{**problem(None), "pid": "1", "image": "../outside/secret.png", "has_image": True},
+               {**problem(None), "pid": "2", "image": "images/2.png", "has_image": True},
+               {**problem(None), "pid": "3", "image": str(outside / "secret.png"), "has_image": True},
+               {**problem(None), "pid": "4", "question": "Another?"}]
+    (fetched / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     report = validate("scienceqa", fetched, tmp_path / "validated", policy="skip")
-    assert report.invalid == {"image path outside the dataset": 1} and report.kept == 0
+    assert report.invalid == {"bad image path": 3} and report.kept == 1
 
 
 # --- encode-images reads a records file: it is data too ----------------------------------------------------

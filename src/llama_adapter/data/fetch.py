@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 from ..errors import FetchError
 from ..io import atomic_dir, sha256_file, write_json
 from . import FORMAT_VERSION, SCIENCEQA_FIELDS
-from .paths import UnsafePathError, file_name, inside
+from .paths import UnsafePathError, file_name, inside, relative
 
 Row = dict[str, Any]
 # A normalised record and the image to store for it: its bytes, a checked file inside the source, None (no
@@ -489,8 +489,10 @@ def _problem_image(folder: Path, split: str | None, pid: str, name: Any) -> Path
     """The problem's image file, at images/<pid>/<name> or (as ScienceQA's zips unpack) images/<split>/<pid>/<name>."""
     if not name:
         return None
-    if not isinstance(name, str):
-        return UnsafePathError(f"{name!r} is not a file name")
+    try:  # the name alone must be relative: joined below a folder, "/x" would read as "images/<pid>//x"
+        relative(name, folder)
+    except UnsafePathError as e:
+        return e
     return _existing(folder, [f"images/{pid}/{name}"] + ([f"images/{split}/{pid}/{name}"] if split else []))
 
 

@@ -22,16 +22,21 @@ def inside(root: Path, name: str) -> Path:
     """`root / name`, refused unless it stays inside `root`: `name` must be relative, hold no `..`
     component, and not resolve (through symlinks, at any level) to a place outside `root`. The file need not
     exist; nothing is opened (only `realpath`'s stat/readlink of the path's components)."""
+    path = Path(root) / relative(name, root)
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise UnsafePathError(f"{name!r} leaves the dataset folder {root} (a symlink to {real})")
+    return path
+
+
+def relative(name: str, root: Path) -> str:
+    """`name` if it is a relative path without `..` (so it cannot leave whatever folder it is joined to)."""
     if not isinstance(name, str) or not name or "\x00" in name:
         raise UnsafePathError(f"{name!r} is not a file name")
     parts = PurePosixPath(name.replace("\\", "/")).parts
     if PurePosixPath(name).is_absolute() or name.startswith("\\") or ".." in parts:
         raise UnsafePathError(f"{name!r} leaves the dataset folder {root} (absolute or through '..')")
-    path = Path(root) / name
-    real, real_root = os.path.realpath(path), os.path.realpath(root)
-    if os.path.commonpath([real, real_root]) != real_root:
-        raise UnsafePathError(f"{name!r} leaves the dataset folder {root} (a symlink to {real})")
-    return path
+    return name
 
 
 def file_name(name: str) -> str:

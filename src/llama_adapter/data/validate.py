@@ -35,11 +35,12 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ValidationError
 from ..io import atomic_dir, atomic_path, write_json
+from .paths import UnsafePathError, inside
 from .scienceqa import SUBJECTS, grade_number
 
 EXAMPLES_PER_REASON = 5
@@ -125,12 +126,6 @@ def check_alpaca(record: Any) -> tuple[list[Problem], list[Problem]]:
     return invalid, flags
 
 
-def _relative_inside(name: str) -> bool:
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    return bool(name) and "\x00" not in name and not PurePosixPath(name).is_absolute() \
-        and not name.startswith("\\") and ".." not in parts
-
-
 def check_scienceqa(record: Any, root: Path | None) -> tuple[list[Problem], list[Problem]]:
     """(invalid reasons, flags) of one ScienceQA record; with root None (a validated file, whose image paths
     point into the fetched folder), the image file itself is not looked at."""
@@ -167,11 +162,15 @@ def check_scienceqa(record: Any, root: Path | None) -> tuple[list[Problem], list
         invalid.append(("has_image not a boolean", f"has_image={has_image!r:.40}; expected true, false or null"))
     image = record.get("image")
     if image is not None:  # (a validated file's paths lead back to the fetched folder, through '..')
-        if not isinstance(image, str) or root is not None and not _relative_inside(image):
-            invalid.append(("bad image path",
-                            f"image={image!r:.80}; expected null or a path inside the fetched folder"))
-        elif root is not None and not (root / image).is_file():
-            invalid.append(("image file not found", f"{root / image}; expected the image that fetch stored"))
+        if not isinstance(image, str):
+            invalid.append(("bad image path", f"image={image!r:.80}; expected null or a path in the fetched folder"))
+        elif root is not None:
+            try:  # the path is data: it must name a file inside the fetched folder, not through a symlink out
+                if not inside(root, image).is_file():
+                    invalid.append(("image file not found", f"{root / image}; expected the image that fetch stored"))
+            except UnsafePathError as e:
+                invalid.append(("bad image path", f"image={image!r:.60}; expected null or a path in the fetched "
+                                                  f"folder ({e})"))
     flags = []
     if record.get("has_image") is True and image is None:
         flags.append(("image_missing", "the source names an image it does not ship"))
