@@ -371,8 +371,50 @@ def test_failure_while_writing_leaves_no_output_and_no_temporaries(tmp_path, mon
     for out in ("new", "kept"):
         with pytest.raises(OSError, match="disk full"):
             fetch("alpaca", str(src), tmp_path / out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "kept"]
-    assert (tmp_path / "kept" / "records.jsonl").read_bytes() == before  # the previous output survives
+    # a failed fetch leaves no earlier output for validate to take as this run's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    assert before
+
+
+def test_a_killed_download_leaves_nothing_that_the_next_fetch_keeps(tmp_path):
+    """SIGKILL mid-download (a job's hard limit): the scratch folder stays, and the next fetch removes it."""
+    started = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"[" + b" " * 1000)
+            self.wfile.flush()
+            started.set()
+            threading.Event().wait(30)  # never finishes
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/alpaca.json"
+    proc = subprocess.Popen([sys.executable, "-m", "llama_adapter.cli", "fetch", "--dataset", "alpaca",
+                             "--source", url, "--out", str(tmp_path / "out")])
+    try:
+        assert started.wait(30)
+        for _ in range(100):  # the first bytes reach the scratch file
+            scratch = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+            if scratch and any(scratch[0].iterdir()):
+                break
+            threading.Event().wait(0.1)
+        proc.kill()
+        proc.wait(30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert scratch and not (tmp_path / "out").exists()
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps(ALPACA))
+    fetch("alpaca", str(src), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "out"]
 
 
 def test_full_pid_splits_counts(shared_data):

@@ -47,6 +47,8 @@ def _dataset(root: Path, images: dict[str, str], without_image: tuple[str, ...] 
     records += [{"pid": pid, "question": "?", "image": None} for pid in without_image]
     path = root / "validated" / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # validate names the fetched folder, inside which the records' image paths must stay
+    (root / "validated" / "validation.json").write_text(json.dumps({"source": str(root / "fetched")}))
     return path
 
 

@@ -256,9 +256,10 @@ def test_encode_images_fails_on_a_record_with_an_image_but_no_file(tmp_path, enc
     from llama_adapter.multimodal import ImageError, encode_images
 
     records = validated_records(tmp_path, {"1": "../fetched/images/ok.png", "2": None})
+    encode_images(encoder, records, tmp_path / "features", policy="skip")  # an earlier run's cache
     with pytest.raises(ImageError, match=r"pid 2: image None cannot be read \(the record has an image but no"):
         encode_images(encoder, records, tmp_path / "features")
-    assert not (tmp_path / "features").exists()
+    assert not (tmp_path / "features").exists()  # the failed run left no cache for training to take
     summary = encode_images(encoder, records, tmp_path / "features", policy="skip")
     assert (summary["rows"], summary["skipped"]) == (1, ["2"])
     # a record without an image at all is no problem under either policy

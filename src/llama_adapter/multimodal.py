@@ -23,7 +23,7 @@ from PIL import Image
 from .data.paths import UnsafePathError, inside
 from .data.validate import read_jsonl
 from .errors import PipelineError
-from .io import atomic_dir, sha256_file, write_json
+from .io import atomic_dir, remove_output, sha256_file, write_json
 
 FORMAT_VERSION = "llama-adapter-image-features/1"
 CACHE_FILES = ("features.npy", "pids.json", "encoder.json")
@@ -174,6 +174,7 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
 
     def unreadable(pid: str, path: Any, why: Any) -> None:
         if policy == "fail":
+            remove_output(out_dir)  # a failed run leaves no earlier cache that training would take for this one's
             raise ImageError(f"{records_path}: pid {pid}: image {path} cannot be read ({why}); "
                              "rerun with the skip policy to leave such images out") from None
         skipped.append(pid)
@@ -235,7 +236,7 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
     summary = {"encoded": len(pids) - reused, "reused": reused, "n_skipped": len(skipped), "rows": len(pids),
                "feature_dim": encoder.feature_dim}
     del old  # drop the memory map of the files about to be replaced
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, remove_on_failure=True) as tmp:
         np.save(tmp / "features.npy", features[done])
         write_json(tmp / "pids.json", pids)
         write_json(tmp / "encoder.json", {"format": FORMAT_VERSION, "encoder": fingerprint,

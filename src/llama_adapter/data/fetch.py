@@ -118,9 +118,10 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
         _check_fractions(dataset, assign_splits)
     out_dir = Path(out_dir)
     # Downloads go to a scratch folder beside the output, so that they never end up inside it and are
-    # removed whether or not the fetch succeeds.
-    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(
-        dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".download"
+    # removed whether or not the fetch succeeds; it is named as atomic_dir names its partials, so that the
+    # next fetch removes the scratch of one that was killed. A failed fetch leaves no earlier output behind.
+    with atomic_dir(out_dir, remove_on_failure=True) as tmp, tempfile.TemporaryDirectory(
+        dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"
     ) as scratch:
         src = _open(dataset, source, sha256, revision, Path(scratch), refusals)
         if dataset == "scienceqa":
