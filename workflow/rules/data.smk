@@ -39,9 +39,11 @@ rule fetch:
     params:
         source=lambda w: data_source(w.dataset),
         extra=lambda w: fetch_options(config["data"][w.dataset]),
+        # an image path leaving the dataset: stop, or count and list it (validate then drops the record)
+        policy=config["data"]["validation"]["policy"],
     shell:
         "llama-adapter fetch --dataset {wildcards.dataset:q} --source {params.source:q} {params.extra:q} "
-        "--out {output:q} > {log:q} 2>&1"
+        "--policy {params.policy:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule validate:
