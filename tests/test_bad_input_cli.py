@@ -343,3 +343,23 @@ def test_installed_command_reports_one_line(w, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and "--train-data" in proc.stderr and "vocab_size 64" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_run_leaves_no_earlier_output_for_the_next_stage(w, tmp_path, capsys):
+    """An earlier run's adapter, generations and scores are removed when the rerun fails, whatever the failure:
+    the next stage must not take them for this run's. A training's checkpoint stays for --resume."""
+    train_out, gen_out, eval_out = tmp_path / "train", tmp_path / "g.jsonl", tmp_path / "eval"
+    train_out.mkdir(), eval_out.mkdir()
+    for stale in (train_out / "adapter.safetensors", train_out / "metrics.json", train_out / "checkpoint.pt", gen_out,
+                  eval_out / "scores.json", eval_out / "predictions.csv"):
+        stale.write_text("from an earlier run")
+    one_line_error(capsys, *train_args(w, train_out)[:4], w / "wide", *train_args(w, train_out)[5:],
+                   names=["--train-data"])
+    assert sorted(p.name for p in train_out.iterdir()) == ["checkpoint.pt"]
+    one_line_error(capsys, *generate_args(w, gen_out, "--tokenizer", w / "tok.model", base=w / "base"),
+                   names=["--tokenizer"])
+    assert not gen_out.exists()
+    one_line_error(capsys, "evaluate", "--task", "alpaca", "--base", w / "base", "--tokenizer", w / "tok.model",
+                   "--adapter", w / "adapter.safetensors", "--data", w / "val", "--out", eval_out, "--device", "cpu",
+                   names=["--tokenizer"])
+    assert list(eval_out.iterdir()) == []

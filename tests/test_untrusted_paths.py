@@ -83,15 +83,15 @@ def original_layout(root: Path, pid: str, name: str) -> None:
 
 
 @pytest.mark.parametrize("form", ["dotdot", "absolute", "symlink"])
-@pytest.mark.parametrize("reader", ["original", "parquet", "llava"])
-def test_every_reader_refuses_every_escape(tmp_path, outside, reader, form):
+@pytest.mark.parametrize("reader", ["original", "parquet", "hub", "llava"])
+def test_every_reader_refuses_every_escape(tmp_path, outside, reader, form, monkeypatch):
     root = tmp_path / "dataset"
     root.mkdir()
     if reader == "original":
         name = escape_forms(outside, root, "images/1")[form]
         original_layout(root, "1", name)
         source = root
-    elif reader == "parquet":  # an HF export row with a path column and no embedded bytes
+    elif reader in ("parquet", "hub"):  # an HF export row with a path column and no embedded bytes
         name = escape_forms(outside, root, ".")[form]
         rows = [{"question": "Which colour?", "choices": ["red", "blue"], "answer": 0,
                  "image": {"bytes": None, "path": name}},
@@ -99,6 +99,11 @@ def test_every_reader_refuses_every_escape(tmp_path, outside, reader, form):
         (root / "data").mkdir()
         pq.write_table(pa.Table.from_pylist(rows), root / "data" / "train-00000-of-00001.parquet")
         source = root
+        if reader == "hub":  # the same folder through `datasets`, as hf:<local folder>
+            import datasets
+
+            monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+            source = f"hf:{root}"
     else:  # LLaVA's conversation file with an `image` field, read from beside the file
         name = escape_forms(outside, root, ".")[form]
         item = {"id": "1", "image": name, "conversations": [
@@ -110,7 +115,7 @@ def test_every_reader_refuses_every_escape(tmp_path, outside, reader, form):
 
     with pytest.raises(FetchError) as e:
         fetch("scienceqa", str(source), tmp_path / "fetched")
-    pid = "train-0" if reader == "parquet" else "1"
+    pid = "train-0" if reader in ("parquet", "hub") else "1"
     assert f"pid {pid}: image" in str(e.value) and "leaves the dataset folder" in str(e.value)
     assert name in str(e.value)
     assert not (tmp_path / "fetched").exists()
