@@ -140,7 +140,7 @@ def test_resume_after_sigkill_is_bit_identical(setup, tmp_path):
 
 
 def test_resume_refuses_changed_settings(setup, tmp_path):
-    train(config(setup, tmp_path / "run", max_steps=2))
+    train(config(setup, tmp_path / "run", max_steps=2), keep_checkpoint=True)  # else removed with the adapter
     with pytest.raises(ValueError, match=r"cannot resume.*blr"):
         train(config(setup, tmp_path / "run", blr=0.1), resume=True)
 

@@ -236,13 +236,18 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def cmd_train(ns: argparse.Namespace) -> None:
     """Fine-tune an adapter (the paper's recipe by default); run under torchrun for several GPUs."""
-    from .train import check_gpus, train
+    from .train import TrainingInterrupted, check_gpus, train
 
     if ns.expect_gpus is not None:
         check_gpus(ns.expect_gpus)
     check_train_inputs(ns)
     cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
-    result = train(cfg, resume=ns.resume)
+    try:
+        result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
+    except TrainingInterrupted as e:  # SIGTERM/SIGUSR1: one line (rank 0's), and the shell's code for a signal
+        if e.rank == 0:
+            print(f"llama-adapter train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
 
 
@@ -573,7 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     add_dataclass_options(p, TrainConfig)
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt if present")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT_DIR/checkpoint.pt if present (checkpoint.prev.pt if it is unreadable)")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep the checkpoint after the last step (to continue a --max-steps run with --resume); "
+                        "by default it is removed, so that a rerun trains afresh")
     p.add_argument("--expect-gpus", type=non_negative_int, help="fail unless exactly this many GPUs are visible (0: no check)")
     p.set_defaults(func=cmd_train)
 

@@ -158,11 +158,15 @@ def use_experiment(mlflow, name: str, uri: str) -> str:
 class Tracker:
     def __init__(self, out_dir: Path, run_name: str, enabled: bool = True, tags: dict[str, str] | None = None,
                  run_id: str | None = None):
-        """run_id: reopen that run (a resumed training run keeps its MLflow run)."""
+        """run_id: reopen that run (a resumed training run keeps its MLflow run). A reopened run already holds
+        the steps logged before the interruption, some of them after the checkpoint the run resumes from: those
+        are redone, and go to metrics.jsonl again (which the caller truncated to the checkpoint) but not to
+        MLflow, so that its history has each step of a metric once."""
         self.enabled = enabled
         self.mlflow = None
         self.run_id: str | None = None
         self.tags: dict[str, str] = {}
+        self.logged_through: dict[str, int] = {}  # metric -> the last step a reopened run holds
         if not enabled:
             return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -178,6 +182,7 @@ class Tracker:
             use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
             if run_id is not None:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+                self.logged_through = last_logged_steps(mlflow.MlflowClient(), run_id)
             else:
                 run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True,
                                        parent_run_id=os.environ.get("MLFLOW_PARENT_RUN_ID"))
@@ -206,16 +211,30 @@ class Tracker:
         if self.enabled:
             self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
             self.jsonl.flush()
-            self._call("log_metrics", metrics, step=step)
+            new = {k: v for k, v in metrics.items() if step > self.logged_through.get(k, -1)}
+            if new:
+                self._call("log_metrics", new, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            self._call("set_tags", tags)
 
     def log_artifact(self, path: Path) -> None:
         if self.enabled:
             self._call("log_artifact", str(path))
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, failed: bool = False, status: str | None = None) -> None:
+        """End the run: FINISHED, FAILED (failed=True), or the given MLflow status (KILLED: stopped by a
+        signal)."""
         if self.enabled:
             self.jsonl.close()
-            self._call("end_run", status="FAILED" if failed else "FINISHED")
+            self._call("end_run", status=status or ("FAILED" if failed else "FINISHED"))
+
+
+def last_logged_steps(client, run_id: str) -> dict[str, int]:
+    """Metric name -> the last step the run holds (system metrics keep their own count and are left out)."""
+    names = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
+    return {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in names}
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool = True):

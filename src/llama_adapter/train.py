@@ -14,6 +14,10 @@ What differs, and why:
 
 Data order is a pure function of (seed, epoch), so a checkpoint needs only the step count to resume
 exactly: a killed and resumed run reproduces the uninterrupted run's losses bit for bit on CPU.
+
+SIGTERM (SLURM's time limit, scancel, preemption) and SIGUSR1 (a warning signal asked with sbatch --signal) do
+not kill a run: it saves a checkpoint at the next step boundary, every rank at the same one, and stops with
+TrainingInterrupted; `--resume` continues from there.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -34,7 +42,7 @@ from .batching import micro_batches, pack_rows, token_loss_sum
 from .checkpoint import load_model, read_json, save_adapter
 from .config import TrainConfig
 from .data.tokens import TokenDataset
-from .errors import GPUAllocationError, TrainingDiverged
+from .errors import CheckpointError, GPUAllocationError, PipelineError, TrainingDiverged
 from .evaluate import heldout_loss
 from .io import atomic_path, write_json
 from .model import Transformer, flash_varlen_on
@@ -73,6 +81,13 @@ class Dist:
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def all_max(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
 
 def check_gpus(expected: int) -> None:
@@ -164,10 +179,70 @@ def fixed_settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
-def restore(ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer):
-    """Load a checkpoint into model and optimizer; (step, history, MLflow run id, initial val loss) to continue
-    from."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+CHECKPOINT_KEYS = {"adapter", "optimizer", "step", "history", "torch_rng", "mlflow_run_id", "config"}
+
+
+def previous_checkpoint(ckpt_path: Path) -> Path:
+    """checkpoint.prev.pt: the last complete checkpoint before the newest, kept until the newest is in place."""
+    return ckpt_path.with_name(f"{ckpt_path.stem}.prev{ckpt_path.suffix}")
+
+
+def save_checkpoint(state: dict, ckpt_path: Path, keep_previous: bool) -> None:
+    """Write the checkpoint under a temporary name, flushed to disk, then rename it onto `ckpt_path`: a run
+    killed while saving leaves the last checkpoint whole. The one it replaces stays as checkpoint.prev.pt (a
+    hard link, or a copy where the filesystem has none), the fallback should the newest prove unreadable;
+    keep_previous=False (a fresh run's first save) removes an older run's instead."""
+    prev = previous_checkpoint(ckpt_path)
+    with atomic_path(ckpt_path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and ckpt_path.exists():
+            with atomic_path(prev) as link:
+                os.unlink(link)
+                try:
+                    os.link(ckpt_path, link)
+                except OSError:
+                    shutil.copyfile(ckpt_path, link)
+        else:
+            prev.unlink(missing_ok=True)
+
+
+def remove_checkpoints(ckpt_path: Path) -> None:
+    for path in (previous_checkpoint(ckpt_path), ckpt_path):  # never a previous one left without the newest
+        path.unlink(missing_ok=True)
+
+
+def read_checkpoint(ckpt_path: Path, announce: bool = True) -> tuple[dict, Path] | None:
+    """The newest readable checkpoint and its path: checkpoint.pt, else checkpoint.prev.pt (saying so in one
+    line on stderr); None without checkpoint.pt (deleting it starts afresh). CheckpointError, naming the files,
+    when none can be read."""
+    if not ckpt_path.exists():
+        return None
+    paths = [p for p in (ckpt_path, previous_checkpoint(ckpt_path)) if p.exists()]
+    problems = []
+    for path in paths:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+                raise ValueError(f"not a training checkpoint: no {sorted(CHECKPOINT_KEYS - set(state))}"
+                                 if isinstance(state, dict) else f"not a training checkpoint: a {type(state).__name__}")
+        except Exception as e:  # truncated, empty, not a torch file, not ours
+            reason = (str(e).strip().splitlines() or [""])[0]
+            problems.append(f"{path} is unreadable ({path.stat().st_size} bytes; {type(e).__name__}: {reason})")
+            continue
+        if problems and announce:
+            print(f"llama-adapter train: {problems[0]}; resuming from the previous checkpoint {path} "
+                  f"(step {state['step']})", file=sys.stderr, flush=True)
+        return state, path
+    raise CheckpointError(f"cannot resume: {'; '.join(problems)}; "
+                          f"delete {' and '.join(str(p) for p in paths)} to train from the start")
+
+
+def restore(state: dict, ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer):
+    """Load a checkpoint's state (read_checkpoint) into model and optimizer; (step, history, MLflow run id,
+    initial val loss) to continue from."""
     saved = json.loads(state["config"])
     now = json.loads(json.dumps(fixed_settings(cfg)))  # as saved: tuples become lists
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
@@ -179,6 +254,48 @@ def restore(ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.op
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state["history"], state["mlflow_run_id"], state.get("initial_val_loss")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingInterrupted(PipelineError):
+    """A stop signal ended the run after a checkpoint was saved; the CLI exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, step: int, ckpt_path: Path, rank: int):
+        self.signum, self.step, self.ckpt_path, self.rank = signum, step, ckpt_path, rank
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name} after step {step}: the checkpoint {ckpt_path} holds "
+                         f"step {step}; run the same command with --resume to continue from it")
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 only record themselves: the loop stops at the next step boundary.
+    Repeated signals change nothing (torchrun forwards SLURM's SIGTERM to workers that got it already). A
+    signal the parent ignores stays ignored; outside the main thread (no handlers there) it does nothing."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def _record(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._previous[s] = signal.signal(s, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def agreed(self, d: Dist) -> int:
+        """The signal any rank received (0: none); a collective, so every rank stops at the same step."""
+        return d.all_max(self.signum)
 
 
 def check_split_ids(vocab_size: int, cfg: TrainConfig, splits: dict) -> None:
@@ -214,7 +331,10 @@ def train_step(model, train_ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig,
     return stats[0].item() / n_targets, stats[1].item(), stats[2].item()
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False) -> dict:
+    """Train an adapter; with `resume`, continue from OUT_DIR's checkpoint if there is one. After the last step
+    the checkpoint files are removed (so that a rerun trains afresh) unless `keep_checkpoint` (e.g. to continue
+    a --max-steps run later). SIGTERM/SIGUSR1 save a checkpoint and raise TrainingInterrupted."""
     d = setup_distributed(cfg)
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
@@ -241,67 +361,98 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps or total_steps)
 
-    if resume and ckpt_path.exists():
-        step, history, run_id, initial_val_loss = restore(ckpt_path, cfg, model, opt)
+    found = read_checkpoint(ckpt_path, announce=d.rank == 0) if resume else None
+    if found is not None:
+        step, history, run_id, initial_val_loss = restore(*found, cfg, model, opt)
     else:
         step, history, run_id, initial_val_loss = 0, [], None, None
+    saved_step = step if found is not None else None  # the step the checkpoint on disk holds, if of this run
     if cfg.compile:
         model.compile_blocks()
 
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", asdict(cfg))
-        truncate_metrics(out / "metrics.jsonl", step)  # steps after the checkpoint will be redone
+        # Steps after the checkpoint will be redone; a fresh run drops an earlier run's lines.
+        truncate_metrics(out / "metrics.jsonl", step if found is not None else -1)
     tracker = Tracker(out, cfg.run_name or out.name, enabled=d.rank == 0, tags=cfg.tags, run_id=run_id)
     if run_id is None:
         tracker.log_params({"config": asdict(cfg), "model": model.args.to_dict(), "world_size": d.world,
                             "trainable_parameters": sum(p.numel() for p in params),
                             "data": data_provenance(Path(cfg.train_data))})
-    if step == 0 and val_ds is not None:
+    if step == 0 and val_ds is not None and initial_val_loss is None:
         # Before any step: with zero-initialised gates this is the base model's own held-out loss, the
         # reference the adapter's gain is measured from.
         initial_val_loss = evaluate_loss(model, val_ds, cfg, d)
         tracker.log_metrics({"val_loss": initial_val_loss}, 0)
     bar = progress(last_step, step, out.name, enabled=d.rank == 0)
+
+    def save(step: int) -> None:
+        nonlocal saved_step
+        save_checkpoint(checkpoint_state(model, opt, step, history, cfg, tracker.run_id, initial_val_loss),
+                        ckpt_path, keep_previous=saved_step is not None)
+        saved_step = step
+
+    def run_step(step: int) -> int:
+        """One optimizer step from `step`, logged; the next step's number."""
+        t0 = time.perf_counter()
+        idx = step_samples(len(train_ds), cfg, step)
+        lr = lr_at(step, steps_per_epoch, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_value, real, padded = train_step(model, train_ds, idx, cfg, d, params)
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"step {step} (epoch {step // steps_per_epoch}): loss {loss_value} on the batch of samples "
+                f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data); "
+                f"the last good checkpoint is left untouched in {ckpt_path}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - t0
+        metrics = {"loss": loss_value, "lr": lr, "real_tokens": real, "padded_tokens": padded,
+                   "real_tokens_per_s": real / seconds, "epoch": step / steps_per_epoch, **gate_magnitudes(model)}
+        if val_ds is not None and (step % steps_per_epoch == 0 or step == last_step):
+            metrics["val_loss"] = evaluate_loss(model, val_ds, cfg, d)
+        history.append({"step": step, **metrics})
+        tracker.log_metrics(metrics, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{metrics['real_tokens_per_s']:.0f}")
+        if d.rank == 0 and bar.disable:  # no terminal: one plain line per step for the log file
+            print(f"step {step}/{last_step} loss {loss_value:.4f} lr {lr:.3e} "
+                  f"tokens/s {metrics['real_tokens_per_s']:.0f}" +
+                  (f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""), flush=True)
+        return step
+
     try:
-        while step < last_step:
-            t0 = time.perf_counter()
-            idx = step_samples(len(train_ds), cfg, step)
-            lr = lr_at(step, steps_per_epoch, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_value, real, padded = train_step(model, train_ds, idx, cfg, d, params)
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"step {step} (epoch {step // steps_per_epoch}): loss {loss_value} on the batch of samples "
-                    f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data); "
-                    f"the last good checkpoint is left untouched in {ckpt_path}")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            seconds = time.perf_counter() - t0
-            metrics = {"loss": loss_value, "lr": lr, "real_tokens": real, "padded_tokens": padded,
-                       "real_tokens_per_s": real / seconds, "epoch": step / steps_per_epoch, **gate_magnitudes(model)}
-            if val_ds is not None and (step % steps_per_epoch == 0 or step == last_step):
-                metrics["val_loss"] = evaluate_loss(model, val_ds, cfg, d)
-            history.append({"step": step, **metrics})
-            tracker.log_metrics(metrics, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{metrics['real_tokens_per_s']:.0f}")
-            if d.rank == 0 and bar.disable:  # no terminal: one plain line per step for the log file
-                print(f"step {step}/{last_step} loss {loss_value:.4f} lr {lr:.3e} "
-                      f"tokens/s {metrics['real_tokens_per_s']:.0f}" +
-                      (f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""), flush=True)
-            if d.rank == 0 and (step % cfg.checkpoint_every == 0 or step == last_step):
-                with atomic_path(ckpt_path) as tmp:
-                    torch.save(checkpoint_state(model, opt, step, history, cfg, tracker.run_id, initial_val_loss),
-                               tmp)
+        with StopSignals() as stop:
+            while step < last_step:
+                if signum := stop.agreed(d):  # a step boundary: all ranks stop here, rank 0 saves
+                    if d.rank == 0 and saved_step != step:
+                        save(step)
+                    stopped = TrainingInterrupted(signum, step, ckpt_path, d.rank)
+                    tracker.set_tags({"stopped_by": stopped.signal_name, "checkpoint_step": str(step)})
+                    tracker.close(status="KILLED")
+                    # The others leave once rank 0 has saved and closed its run (torchrun stops the rest as
+                    # soon as one process exits); a signal in the meantime is only recorded.
+                    d.all_max(0)
+                    raise stopped
+                step = run_step(step)
+                if d.rank == 0 and (step % cfg.checkpoint_every == 0 or step == last_step):
+                    save(step)
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:
+        tracker.close(status="KILLED")
+        raise
     except BaseException:
         tracker.close(failed=True)
         raise
     finally:
         bar.close()
     result = finish(model, cfg, history, d, tracker, initial_val_loss)
+    if d.rank == 0 and not keep_checkpoint:
+        remove_checkpoints(ckpt_path)  # the adapter is written: a rerun trains afresh instead of resuming
     tracker.close()
     return result
 

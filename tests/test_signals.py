@@ -1,0 +1,287 @@
+"""Stopping and resuming training: SIGTERM/SIGUSR1 save a checkpoint and stop (one line, MLflow run KILLED), a
+resumed run is bit-exact and its MLflow history holds each step once, an unreadable checkpoint falls back to the
+previous one, the checkpoints go once the adapter is written, and the SLURM profile asks for the warning signal."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import llama_adapter.train as train_mod
+from llama_adapter.checkpoint import read_adapter
+from llama_adapter.errors import CheckpointError
+from llama_adapter.train import TrainingInterrupted, train
+from test_train import config, random_base_and_splits, run_cli_train
+
+mlflow = pytest.importorskip("mlflow")
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3  # 18 steps of 16 samples (6 per epoch)
+TOTAL = 6 * EPOCHS
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return random_base_and_splits(tmp_path_factory.mktemp("signals"))
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    """One SQLite store for the module's runs (creating one costs seconds); each test reads its own run ids."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory, tracking_uri):
+    """The uninterrupted run's adapter."""
+    root = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        train(config(setup, root / "run", epochs=EPOCHS))
+    return read_adapter(root / "run" / "adapter.safetensors")[2]
+
+
+@pytest.fixture(autouse=True)
+def mlflow_in_tmp(tracking_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+
+
+def client():
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return mlflow.MlflowClient()
+
+
+def logged_steps(run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client().get_metric_history(run_id, key))
+
+
+def assert_same_adapter(out: Path, reference: dict) -> None:
+    trained = read_adapter(out / "adapter.safetensors")[2]
+    assert trained.keys() == reference.keys()
+    assert all(torch.equal(trained[k], reference[k]) for k in reference)
+
+
+def assert_each_step_once(run_id: str, last: int) -> None:
+    assert logged_steps(run_id, "loss") == list(range(1, last + 1))
+    assert logged_steps(run_id, "val_loss") == [s for s in range(0, last + 1) if s % 6 == 0 or s == last]
+
+
+def jsonl_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_then_resume_is_bit_exact(setup, tmp_path, reference):
+    cfg = config(setup, tmp_path / "run", epochs=EPOCHS)
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoint.pt"
+    # No periodic checkpoint before the signal: the one found afterwards is the signal's.
+    cmd = run_cli_train(cfg, "--checkpoint-every", "1000")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(jsonl_steps(out)) >= 3:  # step 0 (held-out loss), 2 steps
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    reached = jsonl_steps(out)[-1]
+    assert 2 <= reached < TOTAL
+    said = [line for line in err.splitlines() if "SIGTERM" in line]
+    assert len(said) == 1, err[-3000:]
+    assert said[0].startswith("llama-adapter train: stopped by SIGTERM after step")
+    assert f"step {reached}" in said[0] and str(ckpt) in said[0] and "--resume" in said[0]
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == reached
+    run = client().get_run(state["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["checkpoint_step"] == str(reached) and run.data.tags["stopped_by"] == "SIGTERM"
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_adapter(out, reference)
+    assert_each_step_once(state["mlflow_run_id"], TOTAL)
+    assert client().get_run(state["mlflow_run_id"]).info.status == "FINISHED"
+    assert jsonl_steps(out) == list(range(0, TOTAL + 1))
+    assert not ckpt.exists() and not (out / "checkpoint.prev.pt").exists()  # the adapter is written: gone
+
+
+def signal_at_step(monkeypatch, signum: int, at: int) -> None:
+    """Send `signum` to this process while step `at` runs (from inside the step, as a scheduler would)."""
+    real, calls = train_mod.gate_magnitudes, {"n": 0}
+
+    def gates(model):
+        calls["n"] += 1
+        if calls["n"] == at:
+            os.kill(os.getpid(), signum)
+        return real(model)
+
+    monkeypatch.setattr(train_mod, "gate_magnitudes", gates)
+
+
+def test_sigusr1_in_process_stops_at_the_step_boundary(setup, tmp_path, monkeypatch, reference):
+    """The library, with SLURM's usual warning signal (SIGTERM takes the same path, through the CLI above): the
+    run stops after the step the signal arrived in, restores the handlers, and resumes exactly."""
+    signum = signal.SIGUSR1
+    before = signal.getsignal(signum)
+    cfg = config(setup, tmp_path / "run", epochs=EPOCHS, checkpoint_every=1000)
+    with monkeypatch.context() as mp:
+        signal_at_step(mp, signum, at=3)
+        with pytest.raises(TrainingInterrupted) as e:
+            train(cfg, resume=True)
+    assert signal.getsignal(signum) == before
+    assert e.value.signum == signum and e.value.step == 3
+    assert f"stopped by {signal.Signals(signum).name} after step 3" in str(e.value)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3
+    assert client().get_run(state["mlflow_run_id"]).info.status == "KILLED"
+    result = train(cfg, resume=True)
+    assert_same_adapter(tmp_path / "run", reference)
+    assert result["mlflow_run_id"] == state["mlflow_run_id"]
+    assert_each_step_once(state["mlflow_run_id"], TOTAL)
+
+
+def environ(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    return dict(e.split("=", 1) for e in entries if "=" in e)
+
+
+def test_two_processes_stop_together_when_one_is_signalled(setup, tmp_path):
+    """torchrun, 2 processes (gloo): SIGTERM to rank 1 alone; both stop at the same step and rank 0 saves."""
+    cfg = config(setup, tmp_path / "two", epochs=EPOCHS)
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+           "-m", "llama_adapter.cli", *run_cli_train(cfg, "--checkpoint-every", "1000")[3:]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(jsonl_steps(out)) >= 3:
+            break
+        time.sleep(0.01)
+    workers = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+               for pid in (task / "children").read_text().split()]
+    rank1 = [pid for pid in workers if environ(pid).get("RANK") == "1"]
+    assert len(rank1) == 1, workers
+    os.kill(rank1[0], signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)  # a rank left waiting in a collective would hang here
+    assert proc.returncode != 0
+    said = [line for line in err.splitlines() if line.startswith("llama-adapter train: stopped by SIGTERM")]
+    assert len(said) == 1, err[-3000:]  # rank 0's line only
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 2 <= state["step"] < TOTAL and f"after step {state['step']}:" in said[0]
+
+
+# --------------------------------------------------------------------------- MLflow history of a resumed run
+
+
+def test_steps_redone_after_a_crash_are_logged_to_mlflow_once(setup, tmp_path, monkeypatch):
+    """Checkpoint at step 4, crash during step 6: step 5 is redone on resume, and MLflow holds it once."""
+    cfg = config(setup, tmp_path / "run", max_steps=8, checkpoint_every=2)
+    real = train_mod.lr_at
+
+    def crash(step, *a):
+        if step == 5:
+            raise RuntimeError("node lost")
+        return real(step, *a)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train_mod, "lr_at", crash)
+        with pytest.raises(RuntimeError, match="node lost"):
+            train(cfg)
+    run_id = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["mlflow_run_id"]
+    assert logged_steps(run_id, "loss") == [1, 2, 3, 4, 5]
+    result = train(cfg, resume=True)
+    assert logged_steps(run_id, "loss") == list(range(1, 9))
+    assert logged_steps(run_id, "val_loss") == [0, 6, 8]
+    assert jsonl_steps(tmp_path / "run") == list(range(0, 9))
+    history = {m.step: m.value for m in client().get_metric_history(run_id, "loss")}
+    assert [history[h["step"]] for h in result["history"]] == [h["loss"] for h in result["history"]]  # same values
+
+
+# --------------------------------------------------------------------------- unreadable checkpoints
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else b"")
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty"])
+def test_unreadable_checkpoint_falls_back_to_the_previous_one(setup, tmp_path, capsys, how):
+    reference = train(config(setup, tmp_path / "ref", max_steps=6, val_data=None))
+    cfg = config(setup, tmp_path / "run", max_steps=4, checkpoint_every=1, val_data=None)
+    train(cfg, keep_checkpoint=True)
+    ckpt, prev = tmp_path / "run" / "checkpoint.pt", tmp_path / "run" / "checkpoint.prev.pt"
+    assert torch.load(prev, weights_only=True)["step"] == 3  # kept while step 4's was written
+    damage(ckpt, how)
+    capsys.readouterr()
+    result = train(replace(cfg, max_steps=6), resume=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if "checkpoint" in line]
+    assert len(said) == 1
+    assert str(ckpt) in said[0] and "unreadable" in said[0] and f"previous checkpoint {prev} (step 3)" in said[0]
+    assert [h["loss"] for h in result["history"]] == [h["loss"] for h in reference["history"]]
+    assert_same_adapter(tmp_path / "run", read_adapter(tmp_path / "ref" / "adapter.safetensors")[2])
+
+
+@pytest.mark.parametrize("previous", ["absent", "unreadable"])
+@pytest.mark.parametrize("how", ["truncated", "empty"])
+def test_no_readable_checkpoint_is_one_error_naming_the_files(setup, tmp_path, how, previous):
+    cfg = config(setup, tmp_path / "run", max_steps=2, checkpoint_every=2, val_data=None)
+    train(cfg, keep_checkpoint=True)
+    ckpt, prev = tmp_path / "run" / "checkpoint.pt", tmp_path / "run" / "checkpoint.prev.pt"
+    assert not prev.exists()  # one save only
+    damage(ckpt, how)
+    if previous == "unreadable":
+        prev.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as e:
+        train(replace(cfg, max_steps=4), resume=True)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("cannot resume: ")
+    assert f"{ckpt} is unreadable" in message
+    assert (f"{prev} is unreadable" in message) == (previous == "unreadable")
+
+
+def test_checkpoints_go_once_the_adapter_is_written_unless_kept(setup, tmp_path):
+    run = tmp_path / "run"
+    train(config(setup, run, max_steps=3, checkpoint_every=1, val_data=None))
+    assert (run / "adapter.safetensors").exists()
+    assert not (run / "checkpoint.pt").exists() and not (run / "checkpoint.prev.pt").exists()
+    train(config(setup, run, max_steps=3, checkpoint_every=1, val_data=None), keep_checkpoint=True)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+# --------------------------------------------------------------------------- the SLURM profile
+
+
+def test_slurm_profile_asks_for_sigterm_before_the_time_limit():
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    profile = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
+    resources = profile["set-resources"]
+    # As Snakemake hands the profile's value to the plugin: the inner quotes make it one string.
+    extra = resources["train_adapter"]["slurm_extra"].strip("'")
+    assert re.fullmatch(r"--signal=TERM@\d+", extra) and int(extra.split("@")[1]) >= 300
+    assert "slurm_extra" not in resources["generate"] and "slurm_extra" not in resources["evaluate"]
+    job = SimpleNamespace(threads=2, resources=Resources(gpu=1, mem_mb=32000, runtime=1440, slurm_extra=extra))
+    validate_slurm_extra(job)  # not an option the plugin manages itself
+    params = {"run_uuid": "id", "slurm_logfile": "log", "comment_str": "rule_train_adapter", "account": "",
+              "partition": "", "workdir": str(REPO)}
+    assert f" {extra}" in get_submit_command(job, params)
