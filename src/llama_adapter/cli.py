@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -15,12 +16,16 @@ from .errors import InputError, PipelineError, TokenizerError
 from .inputs import (beta, check_device, check_tokenizer_fits, existing_dir, existing_file,
                      json_object, non_negative_float, non_negative_int, positive_float, positive_int, token_split,
                      top_p, writable_output)
-from .io import write_json
+from .io import remove_output, write_json
 from .tokenizer import load_tokenizer
 
 # torch and the modules that need it are imported inside the commands that use them: the data stages then
 # start in a fraction of the time, which adds up over the many short jobs of a workflow.
 DTYPES = ("float32", "bfloat16", "float16")
+# What train and evaluate write for the next stage (train.py, evaluate.py), named here so that a failed run
+# removes them without importing torch; the training's checkpoint.pt is not among them (--resume reads it).
+TRAIN_OUTPUTS = ("adapter.safetensors", "metrics.json")
+EVALUATE_OUTPUTS = ("scores.json", "predictions.csv", "generations.json")
 
 
 def torch_dtype(name: str):
@@ -153,7 +158,8 @@ def cmd_fetch(ns: argparse.Namespace) -> None:
     from .data.fetch import fetch
 
     print(json.dumps(fetch(ns.dataset, ns.source, ns.out, sha256=ns.sha256, revision=ns.revision,
-                           assign_splits=ns.assign_splits and dict(ns.assign_splits), split_seed=ns.split_seed),
+                           assign_splits=ns.assign_splits and dict(ns.assign_splits), split_seed=ns.split_seed,
+                           policy=ns.policy),
                      indent=2))
 
 
@@ -251,16 +257,6 @@ def cmd_train(ns: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
 
 
-def check_base(base: str | Path) -> None:
-    """--base is a checkpoint of a known layout (read later, once the cheaper checks have passed)."""
-    from .checkpoint import checkpoint_format
-
-    try:
-        checkpoint_format(Path(base))
-    except PipelineError as e:
-        raise InputError(f"--base {e}") from None
-
-
 def check_train_inputs(ns: argparse.Namespace) -> None:
     """Every path train reads exists and is of the right kind, and --out-dir can be written, before the base is
     loaded (the token ids are checked against the base's vocabulary once it is)."""
@@ -276,6 +272,16 @@ def check_train_inputs(ns: argparse.Namespace) -> None:
         existing_dir(ns.image_features, "--image-features", "a feature cache folder written by encode-images")
     writable_output(ns.out_dir, "--out-dir", folder=True)
     check_device(ns.device)
+
+
+def check_base(base: str | Path) -> None:
+    """--base is a checkpoint of a known layout (read later, once the cheaper checks have passed)."""
+    from .checkpoint import checkpoint_format
+
+    try:
+        checkpoint_format(Path(base))
+    except PipelineError as e:
+        raise InputError(f"--base {e}") from None
 
 
 def requested_device(ns: argparse.Namespace) -> str:
@@ -487,6 +493,10 @@ OPTION_TYPES = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-adapter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
+    # A command's outputs: removed when it fails, so that no earlier run's output is left where the next stage
+    # would take it for this run's (validate keeps its own failure report; inspect and complete write nothing;
+    # a training's checkpoint stays for --resume).
+    parser.set_defaults(outputs=lambda ns: [])
 
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint path")
@@ -517,13 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--instructions", type=int, default=2000, help="Alpaca-format records")
     p.add_argument("--questions", type=int, default=1200, help="ScienceQA-format problems (at least 72)")
-    p.set_defaults(func=cmd_demo_data)
+    p.set_defaults(func=cmd_demo_data, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("train-tokenizer", help=cmd_train_tokenizer.__doc__, description=cmd_train_tokenizer.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--out", required=True, type=Path, help="the .model file to write")
     p.add_argument("--vocab-size", type=positive_int, default=1000)
-    p.set_defaults(func=cmd_train_tokenizer)
+    p.set_defaults(func=cmd_train_tokenizer, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("pretrain-base", help=cmd_pretrain_base.__doc__, description=cmd_pretrain_base.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
@@ -537,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="e.g. cuda: the demo base trains on CPU by default")
-    p.set_defaults(func=cmd_pretrain_base)
+    p.set_defaults(func=cmd_pretrain_base, outputs=lambda ns: [ns.out])
 
     datasets = ["alpaca", "scienceqa"]
     p = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)
@@ -548,8 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--assign-splits", nargs="+", type=split_fraction, metavar="NAME=FRACTION",
                    help="scienceqa: replace the source's splits by a seeded rule, e.g. train=0.45 val=0.05 test=0.5")
     p.add_argument("--split-seed", type=int, default=0, help="seed of --assign-splits")
+    p.add_argument("--policy", choices=["fail", "skip"], default="fail",
+                   help="an image path leaving the source, or split-file pids the problems lack: fail the run, or "
+                        "count and list them in fetch.json (default: %(default)s)")
     p.add_argument("--out", required=True, type=Path)
-    p.set_defaults(func=cmd_fetch)
+    p.set_defaults(func=cmd_fetch, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
     p.add_argument("--dataset", required=True, choices=datasets)
@@ -574,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", help="--split-by seed: validation records (an int) or fraction (a float); "
                                      "default 200")
     p.add_argument("--seed", type=int, help="--split-by seed: the draw's seed; default 0")
-    p.set_defaults(func=cmd_tokenize)
+    p.set_defaults(func=cmd_tokenize, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     add_dataclass_options(p, TrainConfig)
@@ -584,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the checkpoint after the last step (to continue a --max-steps run with --resume); "
                         "by default it is removed, so that a rerun trains afresh")
     p.add_argument("--expect-gpus", type=non_negative_int, help="fail unless exactly this many GPUs are visible (0: no check)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, outputs=lambda ns: [Path(ns.out_dir) / f for f in TRAIN_OUTPUTS])
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     add_inference_options(p)
@@ -596,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: a one-off compilation, then faster tokens (large jobs)")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     add_inference_options(p)
@@ -614,13 +627,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--run-name", help="MLflow run name (default: 'evaluate TASK')")
     p.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag of the MLflow run; repeatable")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, outputs=lambda ns: [ns.out / f for f in EVALUATE_OUTPUTS])
 
     p = sub.add_parser("make-vision-encoder", help=cmd_make_vision_encoder.__doc__,
                        description=cmd_make_vision_encoder.__doc__)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_vision_encoder)
+    p.set_defaults(func=cmd_make_vision_encoder, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("encode-images", help=cmd_encode_images.__doc__, description=cmd_encode_images.__doc__)
     p.add_argument("--encoder", required=True, type=Path, help="a CLIPVisionModel folder (save_pretrained layout)")
@@ -631,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a missing or unreadable image: fail the run, or leave it out and list it")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.set_defaults(func=cmd_encode_images)
+    p.set_defaults(func=cmd_encode_images, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)
     p.add_argument("--results", required=True, type=Path, help="the pipeline's results folder")
@@ -640,14 +653,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an ablation grid point, or POINT=EXPERIMENT when it is that experiment's adapter; repeatable")
     p.add_argument("--center", type=json_object, default={}, help="JSON: the settings the ablations hold fixed")
     p.add_argument("--out", required=True, type=Path)
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=cmd_report, outputs=lambda ns: [ns.out])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        ns.func(ns)
+        try:
+            ns.func(ns)
+        except BaseException:
+            for path in ns.outputs(ns):
+                with contextlib.suppress(OSError):  # (an output that cannot exist: the error below says why)
+                    remove_output(path)
+            raise
     except (PipelineError, ValueError) as e:
         print(f"llama-adapter {ns.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2

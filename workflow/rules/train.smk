@@ -54,8 +54,10 @@ rule pretrain_base:
         "{params.options:q} > {log:q} 2>&1"
 
 
-# --resume continues a job killed mid-way (a SLURM time limit) from its checkpoint.pt; once the adapter is
-# written the checkpoint goes, so that a forced rerun trains afresh instead of resuming at the end.
+# --resume continues a job stopped mid-way (a SLURM time limit) from its checkpoint.pt; the library removes the
+# checkpoint once the adapter is written, so that a forced rerun trains afresh instead of resuming at the end.
+# `exec`: the training (or torchrun, which passes signals on to its workers) takes the shell's place, so that
+# SLURM's SIGTERM reaches it and it can save a checkpoint; bash would not hand over a command with redirections.
 rule train_adapter:
     input:
         base=BASE,
@@ -84,6 +86,6 @@ rule train_adapter:
         # JSON from json.dumps, never by hand: valid JSON and one argument whatever the name holds.
         tags=lambda w: json.dumps({"rule": "train_adapter", "experiment": w.experiment}),
     shell:
-        "{params.launcher:q} train --base {input.base:q} --train-data {params.train:q} --val-data {params.val:q} "
+        "exec {params.launcher:q} train --base {input.base:q} --train-data {params.train:q} --val-data {params.val:q} "
         "--out-dir {params.out:q} --run-name {wildcards.experiment:q} --resume --expect-gpus {resources.gpu:q} "
-        "--tags {params.tags:q} {params.options:q} > {log:q} 2>&1 && rm -f -- {params.out:q}/checkpoint.pt"
+        "--tags {params.tags:q} {params.options:q} > {log:q} 2>&1"
