@@ -52,8 +52,9 @@ def check_paths(config):
                 f"config {key}: {value!r} holds '{{' or '}}', which Snakemake reads as a wildcard in a file name"
             )
         # The SLURM executor resubmits each job, its file names included, inside sbatch --wrap="..." (escaping
-        # only "), where the shell still expands $ and backticks and a \ can end the quotes. Which executor runs
-        # is not known yet while the workflow is read, so these are refused for every run.
+        # only "), where the shell still expands $ and backticks and a \ can end the quotes, unless a profile
+        # passes the command as a script (slurm/ does). Which executor and profile run is not known yet while
+        # the workflow is read, so these are refused for every run.
         if any(c in value for c in "$`\\"):
             raise ValueError(
                 f"config {key}: {value!r} holds $, ` or \\, which a cluster job's command line "
