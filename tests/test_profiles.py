@@ -207,7 +207,7 @@ def test_local_profile_gives_each_gpu_rule_one_gpu():
     out = snakemake("--profile", "local", "--configfile", "config/smollm2.yaml", "--forceall")
     for rule in ("train_adapter", "generate", "evaluate"):
         assert all(job["resources"]["gpu"] == "1" for job in jobs(out, rule)), rule
-    assert all("--expect-gpus 1 " in job["shell"] and job["shell"].startswith("llama-adapter train ")
+    assert all("--expect-gpus 1 " in job["shell"] and job["shell"].startswith("exec llama-adapter train ")
                for job in jobs(out, "train_adapter"))
     assert len(jobs(out, "fetch_smollm2")) == 1
     # The miniature protocol: real shared data, ScienceQA split by the seeded rule, no image experiment.
@@ -221,5 +221,5 @@ def test_local_profile_gives_each_gpu_rule_one_gpu():
                if job["wildcards"]["experiment"] != "instruction")
     out = snakemake("--profile", "local", "--configfile", "config/smollm2.yaml", "--forceall",
                     "--resources", "gpu=2", "--set-resources", "train_adapter:gpu=2")
-    assert all(job["shell"].startswith("torchrun --standalone --nproc-per-node 2 -m llama_adapter.cli train ")
+    assert all(job["shell"].startswith("exec torchrun --standalone --nproc-per-node 2 -m llama_adapter.cli train ")
                for job in jobs(out, "train_adapter"))

@@ -664,8 +664,9 @@ def main(argv: list[str] | None = None) -> int:
             ns.func(ns)
         except BaseException:
             for path in ns.outputs(ns):
-                with contextlib.suppress(OSError):  # (an output that cannot exist: the error below says why)
-                    remove_output(path)
+                if not holds_an_input(Path(path), ns):
+                    with contextlib.suppress(OSError):  # (an output that cannot exist: the error below says why)
+                        remove_output(path)
             raise
     except (PipelineError, ValueError) as e:
         print(f"llama-adapter {ns.command}: error: {one_line(str(e))}", file=sys.stderr)
@@ -678,6 +679,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     return 0
+
+
+def holds_an_input(output: Path, ns: argparse.Namespace) -> bool:
+    """Whether `output` is, or holds, a path the command was given to read: an --out mistyped as an input
+    folder fails its checks, and the input must not be removed with the failed run's output."""
+    output = output.resolve()
+    values = [v for k, v in vars(ns).items() if k not in ("out", "out_dir")]
+    given = [x for v in values for x in (v if isinstance(v, list) else [v]) if isinstance(x, (str, Path))]
+    return any(output == p or output in p.parents for p in (Path(x).resolve() for x in given))
 
 
 def one_line(message: str) -> str:
