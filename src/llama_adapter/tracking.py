@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any
@@ -111,22 +110,20 @@ def end_invocation_run(status: str) -> None:
 def sqlite_uri(path: str | Path) -> str:
     """The tracking URI of a SQLite store at `path` (made absolute). SQLAlchemy takes what follows `sqlite:///`
     as the file name verbatim, without percent-decoding (so percent-encoding would name another file), up to
-    a `?`, which starts its query: a path holding `?` goes through SQLite's own URI form, which SQLite
-    percent-decodes. Spaces, quotes, `#`, `%` and `;` need nothing."""
+    a `?`, which starts its query. Spaces, quotes, `#`, `%` and `;` need nothing; a `?` is refused (SQLite's
+    own `file:` URI form would do for SQLite, but MLflow then makes a folder named `file:…` where it runs)."""
     path = os.path.abspath(path)
     if "?" in path:
-        return f"sqlite:///file:{urllib.parse.quote(path)}?uri=true"
+        raise ValueError(f"the MLflow store {path} holds '?', which a sqlite:/// URI reads as the start of its "
+                         "query; choose a results folder without it, or set mlflow.tracking_uri")
     return f"sqlite:///{path}"
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` tracking URI (either form sqlite_uri writes); None for others."""
+    """The database file of a `sqlite:///` tracking URI; None for other stores."""
     if not uri.startswith("sqlite:///"):
         return None
-    rest = uri.removeprefix("sqlite:///")
-    if rest.startswith("file:"):
-        return Path(urllib.parse.unquote(rest.removeprefix("file:").split("?", 1)[0]))
-    return Path(rest.split("?", 1)[0])
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
 def tracking_uri() -> str:
