@@ -16,7 +16,7 @@ from .errors import InputError, PipelineError, TokenizerError
 from .inputs import (beta, check_device, check_tokenizer_fits, existing_dir, existing_file,
                      json_object, non_negative_float, non_negative_int, positive_float, positive_int, token_split,
                      top_p, writable_output)
-from .io import remove_output, write_json
+from .io import holds, remove_output, write_json
 from .tokenizer import load_tokenizer
 
 # torch and the modules that need it are imported inside the commands that use them: the data stages then
@@ -296,7 +296,8 @@ def default_device(ns: argparse.Namespace):
     import torch
 
     device = requested_device(ns)
-    return device, torch_dtype(ns.dtype) if ns.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    default = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return device, torch_dtype(ns.dtype) if ns.dtype else default
 
 
 def load_for_inference(base: Path, adapter_path: Path | None, device, dtype):
@@ -596,13 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep the checkpoint after the last step (to continue a --max-steps run with --resume); "
                         "by default it is removed, so that a rerun trains afresh")
-    p.add_argument("--expect-gpus", type=non_negative_int, help="fail unless exactly this many GPUs are visible (0: no check)")
+    p.add_argument("--expect-gpus", type=non_negative_int,
+                   help="fail unless exactly this many GPUs are visible (0: no check)")
     p.set_defaults(func=cmd_train, outputs=lambda ns: [Path(ns.out_dir) / f for f in TRAIN_OUTPUTS])
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     add_inference_options(p)
     p.add_argument("--adapter", action="append", required=True, help="NAME=PATH or PATH; repeat for several")
-    p.add_argument("--prompts", required=True, type=Path, help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
+    p.add_argument("--prompts", required=True, type=Path,
+                   help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--temperature", type=non_negative_float, default=0.1, help="paper: 0.1; 0 = greedy")
     p.add_argument("--top-p", type=top_p, default=0.75, help="paper: 0.75; in (0, 1]")
@@ -684,10 +687,9 @@ def main(argv: list[str] | None = None) -> int:
 def holds_an_input(output: Path, ns: argparse.Namespace) -> bool:
     """Whether `output` is, or holds, a path the command was given to read: an --out mistyped as an input
     folder fails its checks, and the input must not be removed with the failed run's output."""
-    output = output.resolve()
     values = [v for k, v in vars(ns).items() if k not in ("out", "out_dir")]
     given = [x for v in values for x in (v if isinstance(v, list) else [v]) if isinstance(x, (str, Path))]
-    return any(output == p or output in p.parents for p in (Path(x).resolve() for x in given))
+    return any(holds(output, x) for x in given)
 
 
 def one_line(message: str) -> str:

@@ -126,6 +126,13 @@ def atomic_dir(dest: Path, remove_on_failure: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def holds(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether `folder` is `path` or one of the folders above it, symlinks resolved: replacing or removing
+    `folder` would take `path` with it."""
+    outer, inner = os.path.realpath(folder), os.path.realpath(path)
+    return os.path.commonpath([outer, inner]) == outer
+
+
 def remove_output(dest: Path) -> None:
     """Remove a stage's output (file or folder) and any partials of it, so that nothing of an earlier run
     remains under its name."""

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .data.paths import UnsafePathError, inside
-from .data.validate import read_jsonl
+from .data.validate import read_json_object, read_jsonl
 from .errors import PipelineError
 from .io import atomic_dir, remove_output, sha256_file, write_json
 
@@ -250,7 +250,7 @@ def dataset_root(records_path: Path) -> Path:
     beside a validated records file names, else the records file's own folder."""
     report = records_path.parent / "validation.json"
     if report.is_file():
-        source = json.loads(report.read_text(encoding="utf-8")).get("source")
-        if source and Path(source).is_dir():
+        source = read_json_object(report).get("source")
+        if isinstance(source, str) and Path(source).is_dir():
             return Path(source)
     return records_path.parent

@@ -39,8 +39,14 @@ def relative(name: str, root: Path) -> str:
     return name
 
 
+def is_file_name(name: object) -> bool:
+    """Whether `name` can name a file in a folder of ours (a pid used as an image's file name): a non-empty
+    string, not '.' or '..', without a path separator or a NUL."""
+    return isinstance(name, str) and bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\x00")
+
+
 def file_name(name: str) -> str:
-    """`name` if it can name a file in a folder of ours (a pid used as an image's file name), else refused."""
-    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+    """`name` if it can name a file in a folder of ours (is_file_name), else refused."""
+    if not is_file_name(name):
         raise UnsafePathError(f"{name!r} cannot name a file (it holds a path separator or is '.' or '..')")
     return name

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ValidationError
-from ..io import atomic_dir, atomic_path, write_json
-from .paths import UnsafePathError, inside
+from ..io import atomic_dir, atomic_path, holds, write_json
+from .paths import UnsafePathError, inside, is_file_name
 from .scienceqa import SUBJECTS, grade_number
 
 EXAMPLES_PER_REASON = 5
@@ -133,7 +133,7 @@ def check_scienceqa(record: Any, root: Path | None) -> tuple[list[Problem], list
         return [("not an object", f"got {type(record).__name__}; expected a JSON object")], []
     invalid = []
     pid = record.get("pid")
-    if not (isinstance(pid, str) and pid.strip()) or any(c in pid for c in "/\\\x00") or pid in (".", ".."):
+    if not (is_file_name(pid) and pid.strip()):
         invalid.append(("bad pid", f"pid={pid!r:.80}; expected a non-empty string that can name a file"))
     split = record.get("split")
     if split is not None and not (isinstance(split, str) and SPLIT_NAME.fullmatch(split)):
@@ -190,8 +190,7 @@ def duplicate_key(dataset: str, record: dict) -> str:
 
 def check_separate(inp: Path, out: Path, in_option: str, out_option: str = "--out") -> None:
     """Refuse an output folder that is the input folder or holds it: writing it would replace the input."""
-    a, b = os.path.realpath(inp), os.path.realpath(out)
-    if a == b or os.path.commonpath([a, b]) == b:
+    if holds(out, inp):
         raise DataError(f"{out_option} {out} would replace {in_option} {inp}; expected a separate output folder")
 
 
