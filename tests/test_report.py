@@ -85,12 +85,44 @@ def test_every_row_of_ours_names_its_runs(grid):
 
 
 def test_efficiency_rows(grid):
-    df = efficiency_table(grid[:1]).set_index("model")
-    assert df.loc["LLaMA-Adapter, LLaMA-7B shapes (computed; fp32 file)", "tuned_params_paper"] == "1.2M"
-    ours = df.loc["LLaMA-Adapter, ablations/4-zero-5 (base demo-base)"]
+    lora = run("scienceqa_lora")
+    lora.config["method"], lora.metrics["trainable_parameters"] = "lora", 24_576
+    zero_shot = Run(name="zs", dataset="scienceqa", config={"base": "b", "method": "zero-shot"}, metrics={},
+                    scores={}, adapter_bytes=None, seconds=None, data={})
+    df = efficiency_table([grid[0], lora, zero_shot]).set_index(["method", "model"])
+    computed = "LLaMA-7B shapes (computed; fp32 file)"
+    assert df.loc[("LLaMA-Adapter", computed), "tuned_params_paper"] == "1.2M"
+    assert df.loc[("LoRA", computed), "tuned_params"] == "4.19M"  # the paper's 4.2M, counted
+    assert df.loc[("LoRA", computed), "storage_paper"] == "16.8M"
+    ours = df.loc[("LLaMA-Adapter", "ablations/4-zero-5 (base demo-base)")]
     assert ours["tuned_params"] == "5.14K" and ours["storage"] == "21KB" and ours["training_time"] == "42 s"
     assert ours["mlflow_run"] == "run-ablations/4-zero-5"
-    assert pd.isna(df.loc["Alpaca-LoRA", "mlflow_run"])
+    theirs = df.loc[("LoRA", "scienceqa_lora (base demo-base)")]
+    assert theirs["tuned_params"] == "24.6K" and theirs["tuned_params_paper"] == "4.2M"
+    assert pd.isna(df.loc[("full fine-tuning", "Alpaca (full fine-tuning)"), "mlflow_run"])
+    assert "zero-shot base" not in df.index.get_level_values("method")  # nothing trained, nothing to count
+
+
+def test_wilson_interval_at_known_values():
+    from llama_adapter.report import wilson_interval
+
+    assert wilson_interval(50, 100) == (40.38, 59.62)  # textbook value for 50/100
+    assert wilson_interval(0, 10) == (0.0, 27.75) and wilson_interval(10, 10) == (72.25, 100.0)
+    assert wilson_interval(0, 0) == (None, None)
+
+
+def test_scienceqa_rows_per_method_with_intervals_and_floor(grid):
+    zero_shot = run("scienceqa_zero_shot", acc=45.0)
+    zero_shot.config = {"base": "b", "method": "zero-shot"}
+    for r in (grid[0], zero_shot):
+        r.scores["floor"] = {"position": 0, "letter": "A", "correct": 36, "n": 80, "accuracy": 45.0}
+    df = scienceqa_table([grid[0], zero_shot]).set_index("experiment")
+    assert df.loc["ablations/4-zero-5", "ci95_low"] == 49.05 and df.loc["ablations/4-zero-5", "ci95_high"] == 70.04
+    assert df.loc["scienceqa_zero_shot", "method"] == "zero-shot base"
+    assert pd.isna(df.loc["scienceqa_zero_shot", "paper_model"])  # the paper reports no zero-shot row
+    floor = df.loc["no model: always (A)"]
+    assert floor["method"] == "floor" and floor["accuracy"] == 45.0 and floor["questions"] == 80
+    assert len(df) == 3  # one floor row per split, not per run
 
 
 def test_scienceqa_text_only_pairs_with_the_text_only_paper_row(grid):

@@ -26,6 +26,8 @@ from .io import atomic_path
 from .model import Transformer
 
 ADAPTER_FORMAT = "llama-adapter/1"
+FULL_FORMAT = "llama-adapter/full/1"
+FULL_WEIGHTS = "model.safetensors"
 # Buffers some checkpoints carry that our model recomputes (LLaMA-1's rope.freqs, old HF inv_freq).
 RECOMPUTED_BUFFERS = re.compile(r"^rope\.freqs$|.*\.rotary_emb\.inv_freq$")
 
@@ -134,9 +136,11 @@ def merge_shards(name: str, shards: list[Tensor], shape: torch.Size) -> Tensor:
 def read_meta_checkpoint(path: Path) -> tuple[ModelArgs, list[dict[str, Tensor]]]:
     """params.json and the per-rank shards, still unmerged (merging needs the model's shapes)."""
     shard_paths = sorted(path.glob("consolidated.*.pth"))
+    if not shard_paths and (path / FULL_WEIGHTS).is_file():  # a full fine-tune of a Meta-layout base (save_full)
+        shard_paths = [path / FULL_WEIGHTS]
     if not shard_paths:
-        raise CheckpointError(f"{path}: no consolidated.NN.pth files beside params.json")
-    shards = [read_torch_file(p) for p in shard_paths]
+        raise CheckpointError(f"{path}: no consolidated.NN.pth files (or {FULL_WEIGHTS}) beside params.json")
+    shards = [read_safetensors_file(p)[0] if p.suffix == ".safetensors" else read_torch_file(p) for p in shard_paths]
     for p, s in zip(shard_paths, shards):
         for k in [k for k in s if RECOMPUTED_BUFFERS.match(k)]:
             del s[k]
@@ -251,6 +255,22 @@ def hf_args(config: dict, rope_theta) -> ModelArgs:
         rope_theta=float(rope_theta), max_seq_len=config.get("max_position_embeddings", 2048),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
+
+
+def permute_rope_rows(w: Tensor, n_heads: int) -> Tensor:
+    """HF's conversion permutation, the inverse of unpermute_rope_rows: [h, hd/2, 2] -> [h, 2, hd/2]."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_config(args: ModelArgs) -> dict:
+    """A Hugging Face LlamaConfig of `args` (what hf_model_args reads back)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
+            "intermediate_size": args.hidden_dim, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
 
 
 def unpermute_rope_rows(w: Tensor, n_heads: int) -> Tensor:
@@ -434,6 +454,44 @@ def save_adapter(model: Transformer, path: str | os.PathLike, base_model: str) -
         save_file(tensors, tmp, metadata=metadata)
 
 
+def save_full(model: Transformer, folder: str | os.PathLike, base_model: str) -> None:
+    """Write every base weight (fp32) as a checkpoint folder in the layout of the base it was tuned from: Meta's
+    names beside params.json for a Meta base, else Hugging Face's (config.json + model.safetensors, q/k rows
+    permuted), which transformers also loads. `load_base` reads either back."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+             if k in model.base_state_keys()}
+    base = Path(base_model)
+    meta = base.is_dir() and checkpoint_format(base) == "meta"
+    if not meta:
+        hf = {}
+        for k, v in state.items():
+            if k.endswith("attention.wq.weight"):
+                v = permute_rope_rows(v, model.args.n_heads).contiguous()
+            elif k.endswith("attention.wk.weight"):
+                v = permute_rope_rows(v, model.args.n_kv_heads).contiguous()
+            hf[to_foreign_name(k, 1)] = v
+        state = hf
+    metadata = {"format": FULL_FORMAT, "base_model": base_model}
+    config = (model.args.to_dict() if meta else
+              {**(read_json(base / "config.json") if base.is_dir() else {}), **hf_config(model.args)})
+    with atomic_path(folder / FULL_WEIGHTS) as tmp:
+        save_file(state, tmp, metadata=metadata)
+    with atomic_path(folder / ("params.json" if meta else "config.json")) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def to_foreign_name(meta_name: str, column: int) -> str:
+    """A Meta tensor name in another column of TENSOR_NAMES (1: Hugging Face, 2: GGUF)."""
+    for row in TENSOR_NAMES:
+        pattern = re.escape(row[0]).replace(r"\{i\}", r"(\d+)")
+        if m := re.fullmatch(pattern, meta_name):
+            return row[column].replace("{i}", m.group(1)) if m.groups() else row[column]
+    raise KeyError(meta_name)
+
+
 # What must agree between the base an adapter was trained on and the base it is loaded onto.
 STRUCTURAL_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
 
@@ -506,6 +564,14 @@ def apply_adapter(model: Transformer, adapter_path: str | os.PathLike, adapter: 
     original-release `.pth`, for which `adapter` must give adapter_len and adapter_layers.
     """
     adapter_path = Path(adapter_path)
+    from .lora import is_lora_file
+
+    if is_lora_file(adapter_path):
+        apply_lora(model, adapter_path)
+        return
+    if getattr(model, "merged_lora", None):
+        raise CheckpointError(f"{adapter_path}: the model's weights hold the merged LoRA {model.merged_lora}; load "
+                              "the adapter onto a plain base")
     if adapter_path.suffix == ".pth":
         if adapter is None:
             raise CheckpointError(f"{adapter_path}: an original-release .pth needs adapter_len/adapter_layers given")
@@ -523,3 +589,29 @@ def apply_adapter(model: Transformer, adapter_path: str | os.PathLike, adapter: 
     with torch.no_grad():
         for k, v in tensors.items():
             model.get_parameter(k).copy_(v)
+
+
+def apply_lora(model: Transformer, path: Path, merge: bool = True) -> None:
+    """Put a PEFT LoRA (lora.py) into a loaded model without an adapter or LoRA; merged into the frozen weights
+    unless `merge` is False (its A and B then stay separate tensors, as in training)."""
+    from .lora import add_lora, merge_lora, read_lora
+
+    args, header, tensors = read_lora(path, model.args)
+    if "base_args" in header:
+        trained_on = json.loads(header["base_args"])
+        diff = {k: (trained_on.get(k), getattr(model.args, k)) for k in STRUCTURAL_ARGS
+                if trained_on.get(k) != getattr(model.args, k)}
+        if diff:
+            raise CheckpointError(f"{path}: trained on base {header.get('base_model')!r}, which differs from this base "
+                                  f"in {{arg: (LoRA's base, this base)}}: {diff}")
+    if model.adapter is not None or model.lora is not None or getattr(model, "merged_lora", None):
+        raise CheckpointError(f"{path}: the model holds an adapter or LoRA already; load the LoRA onto a plain base")
+    add_lora(model, args)
+    check_state({k: p.shape for k, p in model.named_parameters() if p.requires_grad}, tensors, f"LoRA {path}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            model.get_parameter(k).copy_(v)
+    model.requires_grad_(False)
+    if merge:
+        merge_lora(model)
+        model.merged_lora = str(path)  # the weights are changed for good: no other adapter may go on top

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import PRESETS, AdapterArgs, ModelArgs, TrainConfig
+from .config import METHODS, PRESETS, AdapterArgs, ModelArgs, TrainConfig
 from .errors import InputError, PipelineError, TokenizerError
 from .inputs import (beta, check_device, check_tokenizer_fits, existing_dir, existing_file,
                      json_object, non_negative_float, non_negative_int, positive_float, positive_int, token_split,
@@ -24,7 +24,7 @@ from .tokenizer import load_tokenizer
 DTYPES = ("float32", "bfloat16", "float16")
 # What train and evaluate write for the next stage (train.py, evaluate.py), named here so that a failed run
 # removes them without importing torch; the training's checkpoint.pt is not among them (--resume reads it).
-TRAIN_OUTPUTS = ("adapter.safetensors", "metrics.json")
+TRAIN_OUTPUTS = ("adapter.safetensors", "adapter_model.safetensors", "adapter_config.json", "model", "metrics.json")
 EVALUATE_OUTPUTS = ("scores.json", "predictions.csv", "generations.json")
 
 
@@ -99,7 +99,8 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     print(tokenizer.decode(out))
 
 
-ADAPTER_EXPECTED = "an adapter .safetensors written by `llama-adapter train`, or the paper's original-release .pth"
+ADAPTER_EXPECTED = ("an adapter .safetensors written by `llama-adapter train`, a PEFT LoRA's adapter_model.safetensors "
+                    "(adapter_config.json beside it), or the paper's original-release .pth")
 
 
 def inference_tokenizer(ns: argparse.Namespace):
@@ -248,6 +249,11 @@ def cmd_train(ns: argparse.Namespace) -> None:
         check_gpus(ns.expect_gpus)
     check_train_inputs(ns)
     cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
+    if cfg.method == "lora":
+        try:
+            cfg.lora
+        except ValueError as e:
+            raise InputError(f"--lora-rank/--lora-alpha/--lora-dropout/--lora-targets: {e}") from None
     try:
         result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
     except TrainingInterrupted as e:  # SIGTERM/SIGUSR1: one line (rank 0's), and the shell's code for a signal
@@ -322,13 +328,20 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
 
 
 def cmd_generate(ns: argparse.Namespace) -> None:
-    """Answer a JSONL file of prompts with one or more adapters on one loaded base; write JSONL."""
+    """Answer a JSONL file of prompts with one or more adapters (or a LoRA, or none: the base alone) on one loaded
+    base; write JSONL."""
     from .generate import generate_requests, read_prompts
     from .io import atomic_path
 
     check_device(ns.device)
     check_base(ns.base)
     requests, adapters = read_prompts(ns.prompts), parse_adapters(ns.adapter)
+    from .lora import is_lora_file
+
+    lora = [name for name, path in adapters.items() if is_lora_file(path)]
+    if lora and len(adapters) > 1:
+        raise InputError(f"--adapter {lora[0]}={adapters[lora[0]]}: a LoRA is merged into the base's weights, so it "
+                         "cannot take turns with other adapters; generate with it alone")
     unknown = sorted({str(r["adapter"]) for r in requests if "adapter" in r} - set(adapters))
     if unknown:
         raise InputError(f"--prompts {ns.prompts}: requests name adapter(s) {unknown} that no --adapter gives; given: "
@@ -336,11 +349,13 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     writable_output(ns.out, "--out", folder=False)
     device, dtype = default_device(ns)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, None, device, dtype)
+    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, device, dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     from .checkpoint import apply_adapter
 
-    for path in adapters.values():  # every adapter fits this base before any is used (they are small)
+    if not adapters or lora:  # the model as loaded answers every request
+        adapters = {lora[0] if lora else ns.name: None}
+    for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
         apply_adapter(model, path)
     rows = generate_requests(model, tokenizer, requests, adapters, ns.batch_size,
                              ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed, ns.compile)
@@ -358,7 +373,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
 
     check_device(ns.device)
     check_base(ns.base)
-    existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
+    if ns.adapter is not None:
+        existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
     parse_tags(ns.tag)
     if ns.task == "scienceqa":
         existing_dir(ns.data, "--data", "a folder written by validate (holding records.jsonl)")
@@ -389,7 +405,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
             from .multimodal import ImageFeatures
 
             images = ImageFeatures(ns.image_features)
-        scores = evaluate_scienceqa(model, tokenizer, records, ns.out, ns.mode, ns.batch_size, images)
+        train_records = [r for r in all_records if r.get("split") == "train"]
+        scores = evaluate_scienceqa(model, tokenizer, records, ns.out, ns.mode, ns.batch_size, images, train_records)
         scores |= {"split": ns.split}
     else:
         from .inputs import check_token_ids
@@ -397,20 +414,35 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         check_token_ids(split["max_id"], model.args.vocab_size, ns.data, "--data", ns.base)
         scores = evaluate_alpaca(model, tokenizer, TokenDataset(ns.data), instructions, ns.adapter, ns.out,
                                  ns.row_len, ns.batch_size, ns.max_new_tokens)
-    scores["mlflow_run_id"] = log_evaluation(ns, scores)
+    from .lora import is_lora_file
+
+    training = training_metrics(ns)
+    method = training.get("method") or ("zero-shot" if ns.adapter is None else
+                                        "lora" if is_lora_file(ns.adapter) else "adapter")
+    scores |= {"task": ns.task, "base": str(ns.base), "method": method}
+    scores["mlflow_run_id"] = log_evaluation(ns, scores, training.get("mlflow_run_id"))
     write_json(ns.out / "scores.json", scores)
     print(json.dumps(scores, indent=2))
 
 
-def log_evaluation(ns: argparse.Namespace, scores: dict) -> str | None:
+def training_metrics(ns: argparse.Namespace) -> dict:
+    """The metrics.json of the training that produced what is evaluated: beside the adapter, or above a fully
+    fine-tuned model's folder (adapters/<experiment>/model); {} for a base that no training of ours wrote."""
+    trained = (ns.adapter.parent if ns.adapter else Path(ns.base).parent) / "metrics.json"
+    try:
+        metrics = json.loads(trained.read_text())
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) and "method" in metrics else {}
+
+
+def log_evaluation(ns: argparse.Namespace, scores: dict, training_run: str | None) -> str | None:
     """An MLflow run of its own for the evaluation, naming the training run of the adapter it scored."""
     from .tracking import Tracker, flatten
 
-    trained = ns.adapter.parent / "metrics.json"
-    training_run = json.loads(trained.read_text()).get("mlflow_run_id") if trained.exists() else None
     tracker = Tracker(ns.out, ns.run_name or f"evaluate {ns.task}", tags=parse_tags(ns.tag))
-    tracker.log_params({"task": ns.task, "adapter": str(ns.adapter), "data": str(ns.data), "split": ns.split,
-                        "mode": ns.mode, "training_run_id": training_run})
+    tracker.log_params({"task": ns.task, "method": scores["method"], "base": str(ns.base), "adapter": str(ns.adapter),
+                        "data": str(ns.data), "split": ns.split, "mode": ns.mode, "training_run_id": training_run})
     numbers = {k.replace(".accuracy", ""): v for k, v in flatten(scores).items()
                if isinstance(v, int | float) and not k.endswith(".n")}
     tracker.log_metrics(numbers, step=0)
@@ -478,7 +510,7 @@ def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
             p.add_argument(flag, type=json_object, default=default, help="a JSON object")
         else:
             p.add_argument(flag, type=OPTION_TYPES.get(f.name) or {"int": int, "float": float}.get(kind, str),
-                           default=default, required=required)
+                           default=default, required=required, choices=OPTION_CHOICES.get(f.name))
 
 
 # Ranges of the training options, checked as argparse parses them (a one-line usage error names the option).
@@ -487,8 +519,10 @@ OPTION_TYPES = {
     "warmup_epochs": non_negative_float, "blr": positive_float, "lr": positive_float, "min_lr": non_negative_float,
     "weight_decay": non_negative_float, "betas": beta, "global_batch": positive_int,
     "rows_per_micro_batch": positive_int, "row_len": positive_int, "pad_id": non_negative_int,
-    "checkpoint_every": positive_int, "max_steps": positive_int,
+    "checkpoint_every": positive_int, "max_steps": positive_int, "lora_rank": positive_int,
+    "lora_alpha": positive_float, "lora_dropout": non_negative_float,
 }
+OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": ["zero", "random"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -603,7 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     add_inference_options(p)
-    p.add_argument("--adapter", action="append", required=True, help="NAME=PATH or PATH; repeat for several")
+    p.add_argument("--adapter", action="append", default=[],
+                   help="NAME=PATH or PATH; repeat for several (default: none, the base alone answers)")
+    p.add_argument("--name", default="base", help="without --adapter: the name the rows give the model (default: base)")
     p.add_argument("--prompts", required=True, type=Path,
                    help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
     p.add_argument("--out", required=True, type=Path)
@@ -617,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     add_inference_options(p)
     p.add_argument("--task", required=True, choices=["scienceqa", "alpaca"])
-    p.add_argument("--adapter", required=True, type=Path)
+    p.add_argument("--adapter", type=Path, help="adapter or LoRA file (default: none, the base as it is: zero-shot)")
     p.add_argument("--data", required=True, type=Path,
                    help="scienceqa: a validated folder; alpaca: a held-out token split folder")
     p.add_argument("--split", help="scienceqa: which split's questions (default: all)")

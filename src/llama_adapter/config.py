@@ -151,15 +151,62 @@ class AdapterArgs:
         return asdict(self)
 
 
+# What a training tunes (methods.py holds each method's predicate): the paper's adapter, LoRA (Hu et al. 2021,
+# as Alpaca-LoRA applies it), every weight (Alpaca's full fine-tuning), or nothing (the base answers as it is).
+METHODS = ("adapter", "lora", "full", "zero-shot")
+# Where each trained method's weights are written, relative to the training's output folder: the adapter in this
+# project's format, LoRA in PEFT's (adapter_config.json beside it), a full fine-tune as a base folder of its own.
+WEIGHTS = {"adapter": "adapter.safetensors", "lora": "adapter_model.safetensors", "full": "model/model.safetensors"}
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass(frozen=True)
+class LoRAArgs:
+    """LoRA on the named projections of every block; the defaults are Alpaca-LoRA's (4,194,304 parameters on
+    LLaMA-7B: 32 layers x 2 targets x rank 8 x (4096 + 4096))."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.05  # on the LoRA branch's input only, while training
+    targets: tuple[str, ...] = ("wq", "wv")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1, got {self}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoRA targets must be distinct names among {', '.join(LORA_TARGETS)}, "
+                             f"got {', '.join(self.targets) or 'none'}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "LoRA config") -> LoRAArgs:
+        d = dict(_checked_fields(cls, d, source))
+        if "targets" in d:
+            d["targets"] = tuple(d["targets"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class TrainConfig:
     base: str  # Meta / HF checkpoint folder or .gguf
     train_data: str  # a split folder written by `tokenize`
     out_dir: str
     val_data: str | None = None
+    method: str = "adapter"  # one of METHODS ("zero-shot" does not train)
     adapter_len: int = 10
     adapter_layers: int = 30
     gate_init: str = "zero"
+    lora_rank: int = LoRAArgs.rank
+    lora_alpha: float = LoRAArgs.alpha
+    lora_dropout: float = LoRAArgs.dropout
+    lora_targets: str = ",".join(LoRAArgs.targets)  # comma-separated, of LORA_TARGETS
     epochs: int = 5
     warmup_epochs: float = 2.0
     blr: float = 9e-3
@@ -184,6 +231,11 @@ class TrainConfig:
     @property
     def adapter(self) -> AdapterArgs:
         return AdapterArgs(self.adapter_len, self.adapter_layers, self.gate_init)  # type: ignore[arg-type]
+
+    @property
+    def lora(self) -> LoRAArgs:
+        return LoRAArgs(self.lora_rank, self.lora_alpha, self.lora_dropout,
+                        tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.global_batch / 256

@@ -89,15 +89,29 @@ def scienceqa_scores(predictions: list[dict]) -> dict:
         return round(100.0 * sum(r["correct"] for r in rows) / len(rows), 2) if rows else None
 
     per = {c: [p for p in predictions if c in p["categories"]] for c in CATEGORIES}
-    return {"n": len(predictions), "accuracy": acc(predictions),
+    return {"n": len(predictions), "correct": sum(bool(p["correct"]) for p in predictions), "accuracy": acc(predictions),
             "categories": {c: {"accuracy": acc(rows), "n": len(rows)} for c, rows in per.items()},
             "unparsed": sum(p["prediction"] is None for p in predictions)}
 
 
+def answer_position_floor(train_records: list[dict], records: list[dict]) -> dict | None:
+    """The no-model floor: always answering the option position most often right in the training questions
+    (the first such position, on a tie). None without training questions."""
+    if not train_records:
+        return None
+    counts = np.bincount([r["answer"] for r in train_records])
+    position = int(counts.argmax())
+    correct = sum(r["answer"] == position for r in records)
+    return {"position": position, "letter": chr(ord("A") + position), "correct": int(correct), "n": len(records),
+            "accuracy": round(100.0 * correct / len(records), 2) if records else None}
+
+
 def evaluate_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict], out_dir: Path,
-                       mode: str = "generate", batch_size: int = 16, images: ImageFeatures | None = None) -> dict:
+                       mode: str = "generate", batch_size: int = 16, images: ImageFeatures | None = None,
+                       train_records: list[dict] | None = None) -> dict:
     """Score `records`; write scores.json and predictions.csv (one row per question) to out_dir. images: the
-    feature cache a multimodal adapter reads (questions without an image keep the prompts unchanged)."""
+    feature cache a multimodal adapter reads (questions without an image keep the prompts unchanged);
+    train_records: the training questions, for the no-model floor (`floor`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     model.eval()
@@ -114,7 +128,8 @@ def evaluate_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[d
                     "correct": p == r["answer"], "categories": categories(r), "output": t}
                    for r, p, t in zip(records, preds, texts)]
     chance = 100.0 * sum(1 / len(r["choices"]) for r in records) / len(records) if records else None
-    scores = {"mode": mode, **scienceqa_scores(predictions), "chance": chance and round(chance, 2)}
+    scores = {"mode": mode, **scienceqa_scores(predictions), "chance": chance and round(chance, 2),
+              "floor": answer_position_floor(train_records or [], records)}
     write_json(Path(out_dir) / "scores.json", scores)
     with atomic_path(Path(out_dir) / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(predictions[0]) if predictions else ["pid"])

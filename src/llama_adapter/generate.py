@@ -245,7 +245,7 @@ def generate_requests(
     model: Transformer,
     tokenizer: Tokenizer,
     requests: list[dict],
-    adapters: dict[str, Path],
+    adapters: dict[str, Path | None],
     batch_size: int = 16,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
@@ -254,17 +254,18 @@ def generate_requests(
     compile: bool = False,
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
-    loaded once; adapters are swapped in between groups of requests."""
+    loaded once; adapters are swapped in between groups of requests. A None path: the model as it is."""
     unknown = {r["adapter"] for r in requests if "adapter" in r} - set(adapters)
     if unknown:
         raise ValueError(f"requests name adapters {sorted(unknown)} that were not given; given: {sorted(adapters)}")
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
     results = []
     for name, path in adapters.items():
-        apply_adapter(model, path)
+        if path is not None:
+            apply_adapter(model, path)
         mine = [r for r in requests if r.get("adapter", name) == name]
         outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], batch_size, max_new_tokens,
                                  temperature, top_p, generator, compile)
-        results += [{"id": r["id"], "adapter": name, "adapter_path": str(path), "prompt": prompt_text(r),
+        results += [{"id": r["id"], "adapter": name, "adapter_path": path and str(path), "prompt": prompt_text(r),
                      "output": o} for r, o in zip(mine, outputs)]
     return results

@@ -258,6 +258,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.adapter: AdapterArgs | None = None
+        self.lora = None  # LoRAArgs, while lora.add_lora's updates are in the model (not merged)
         self.set_adapter(adapter)
 
     def set_adapter(self, adapter: AdapterArgs | None, device: torch.device | str | None = None) -> None:

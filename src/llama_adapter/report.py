@@ -2,13 +2,15 @@
 
 Reads what the pipeline writes, per experiment (a name such as `scienceqa` or
 `ablations/adapter_layers~4/gate_init~zero/epochs~5`):
-  adapters/<experiment>/{config.json, metrics.json, adapter.safetensors}  (llama_adapter.train)
+  adapters/<experiment>/{config.json, metrics.json, the method's weights}  (llama_adapter.train; none for
+                                                                          zero-shot, which trains nothing)
   eval/<experiment>/scores.json                                           (llama_adapter.evaluate)
   generations/<experiment>.jsonl                                          (llama_adapter.generate)
   benchmarks/<rule>/<job>.tsv          (Snakemake's wall time and memory of every job, when present)
   tokens/<dataset>/stats.json                                             (data provenance)
 Every table puts the paper's published number in a column beside ours, and every row of ours names the
-MLflow runs, config hash, data hash and git commit it came from. Tables are written as CSV, Markdown and
+MLflow runs, config hash, data hash and git commit it came from. Every accuracy has a 95% Wilson interval
+(ci95_low, ci95_high) from its number of questions, so a difference within noise shows as overlapping intervals. Tables are written as CSV, Markdown and
 LaTeX; the whole report folder is written at once or not at all.
 """
 
@@ -44,6 +46,8 @@ PAPER_EFFICIENCY = {
     "Alpaca-LoRA": ("4.2M", "16.8M", None, None),
     "LLaMA-Adapter": ("1.2M", "4.7M", "1 h", "8 A100"),
 }
+PAPER_METHOD = {"full": "Alpaca (full fine-tuning)", "lora": "Alpaca-LoRA", "adapter": "LLaMA-Adapter"}
+METHOD_NAMES = {"adapter": "LLaMA-Adapter", "lora": "LoRA", "full": "full fine-tuning", "zero-shot": "zero-shot base"}
 PROVENANCE = ["mlflow_run", "eval_run", "config_hash", "data_sha256", "git_commit"]
 
 
@@ -56,9 +60,13 @@ class Run:
     config: dict
     metrics: dict
     scores: dict
-    adapter_bytes: int
+    adapter_bytes: int | None  # the trained weights' file (None: zero-shot)
     seconds: float | None
     data: dict
+
+    @property
+    def method(self) -> str:
+        return self.config.get("method", "adapter")
 
     def setting(self, key: str) -> Any:
         return self.config[key]
@@ -77,6 +85,8 @@ class Run:
         return float(np.mean(last))
 
     def gates(self) -> dict[int, float]:
+        if not self.metrics:
+            return {}
         last = self.metrics["history"][-1]
         return {int(k.rsplit("_", 1)[1]): v for k, v in last.items() if k.startswith("gate/layer_")}
 
@@ -112,18 +122,25 @@ def _read_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
 
 def load_run(results: Path, name: str, trained_as: str | None = None) -> Run:
     """`name`'s evaluation, and the adapter of `trained_as` (default: `name`), when one training serves two
-    experiments."""
+    experiments; a zero-shot evaluation (the base alone) has no training to read."""
+    scores_path = results / "eval" / name / "scores.json"
+    if _read_json(scores_path).get("method") == "zero-shot":
+        scores = _read_json(scores_path, ("task", "base"))
+        stats = _read_json(results / "tokens" / scores["task"] / "stats.json", REQUIRED_KEYS["stats.json"])
+        _read_json(scores_path, SCORE_KEYS.get(stats["dataset"], ()))
+        return Run(name=name, dataset=stats["dataset"], config={"base": scores["base"], "method": "zero-shot"},
+                   metrics={}, scores=scores, adapter_bytes=None, seconds=None, data=stats.get("provenance", {}))
     trained_as = trained_as or name
     adapter_dir = results / "adapters" / trained_as
     config = _read_json(adapter_dir / "config.json", REQUIRED_KEYS["config.json"])
     stats = _read_json(results / "tokens" / Path(config["train_data"]).parent.name / "stats.json",
                        REQUIRED_KEYS["stats.json"])
     metrics = _read_json(adapter_dir / "metrics.json", REQUIRED_KEYS["metrics.json"])
-    scores = _read_json(results / "eval" / name / "scores.json", SCORE_KEYS.get(stats["dataset"], ()))
+    scores = _read_json(scores_path, SCORE_KEYS.get(stats["dataset"], ()))
     if not isinstance(metrics["history"], list) or not metrics["history"]:
         raise InputError(f"{adapter_dir / 'metrics.json'}: 'history' holds no training steps; expected the file "
                          "train writes")
-    adapter = adapter_dir / "adapter.safetensors"
+    adapter = adapter_dir / str(metrics.get("weights", "adapter.safetensors"))
     if not adapter.is_file():
         raise InputError(f"{adapter}: missing; run train first (or leave this experiment out of the report)")
     bench = results / "benchmarks" / "train_adapter" / f"{trained_as}.tsv"
@@ -150,6 +167,25 @@ def benchmark_seconds(path: Path) -> float:
 def adapter_parameters(args: ModelArgs, adapter: AdapterArgs) -> int:
     """Trainable parameters of the adapter on a model of `args` shapes: prompts (L, len, dim), gates (L, heads)."""
     return adapter.adapter_layers * (adapter.adapter_len * args.dim + args.n_heads)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float] | tuple[None, None]:
+    """The 95% Wilson score interval of a binomial proportion, in percent: unlike the normal approximation it
+    stays inside [0, 100] and is usable at the small counts of the demo and of single categories."""
+    if not n:
+        return None, None
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return round(100 * max(0.0, centre - half), 2), round(100 * min(1.0, centre + half), 2)
+
+
+def accuracy_interval(accuracy: float | None, n: int | None, correct: int | None = None):
+    """(ci95_low, ci95_high) of an accuracy (%) over n questions; the count of correct ones when the scores
+    hold it, else recovered from the rounded percentage."""
+    if accuracy is None or not n:
+        return None, None
+    return wilson_interval(correct if correct is not None else round(accuracy * n / 100), n)
 
 
 def human(n: float | None, unit: str = "") -> str | None:
@@ -184,36 +220,58 @@ def by_rank(ours: list, paper: list) -> list:
 
 
 def efficiency_table(runs: list[Run]) -> pd.DataFrame:
-    p7b = adapter_parameters(ModelArgs.from_name("7B"), AdapterArgs(10, 30))
-    rows = [{"model": name, "tuned_params": None, "tuned_params_paper": params, "storage": None,
-             "storage_paper": storage, "training_time": None, "training_time_paper": time, "hardware": None,
-             "hardware_paper": hardware} for name, (params, storage, time, hardware) in PAPER_EFFICIENCY.items()
-            if name != "LLaMA-Adapter"]
-    params, storage, time, hardware = PAPER_EFFICIENCY["LLaMA-Adapter"]
-    rows.append({"model": "LLaMA-Adapter, LLaMA-7B shapes (computed; fp32 file)", "tuned_params": human(p7b),
-                 "tuned_params_paper": params, "storage": human(4 * p7b, "B"), "storage_paper": storage,
-                 "training_time": None, "training_time_paper": time, "hardware": None, "hardware_paper": hardware})
+    """Per method: the paper's numbers, the parameter count at LLaMA-7B's shapes, and each of our trainings
+    measured (tuned parameters, size of the file written, wall time of its job, hardware)."""
+    seven_b = ModelArgs.from_name("7B")
+    computed = {"adapter": adapter_parameters(seven_b, AdapterArgs(10, 30)),
+                "lora": 2 * seven_b.n_layers * 8 * (2 * seven_b.dim)}  # Alpaca-LoRA: rank 8 on wq and wv
+
+    def paper(method: str) -> dict:
+        params, storage, time, hardware = PAPER_EFFICIENCY[PAPER_METHOD[method]]
+        return {"tuned_params_paper": params, "storage_paper": storage, "training_time_paper": time,
+                "hardware_paper": hardware}
+
+    rows = [{"method": METHOD_NAMES["full"], "model": PAPER_METHOD["full"], "tuned_params": None,
+             "storage": None, "training_time": None, "hardware": None, **paper("full")}]
+    for method, n in computed.items():
+        rows.append({"method": METHOD_NAMES[method], "model": "LLaMA-7B shapes (computed; fp32 file)",
+                     "tuned_params": human(n), "storage": human(4 * n, "B"), "training_time": None,
+                     "hardware": None, **paper(method)})
     for r in runs:
-        rows.append({"model": f"LLaMA-Adapter, {r.name} (base {Path(r.config['base']).name})",
-                     "tuned_params": human(r.metrics["trainable_parameters"]), "tuned_params_paper": None,
-                     "storage": human(r.adapter_bytes, "B"), "storage_paper": None,
-                     "training_time": duration(r.seconds), "training_time_paper": None,
+        if r.method == "zero-shot":
+            continue
+        rows.append({"method": METHOD_NAMES[r.method], "model": f"{r.name} (base {Path(r.config['base']).name})",
+                     "tuned_params": human(r.metrics["trainable_parameters"]), "storage": human(r.adapter_bytes, "B"),
+                     "training_time": duration(r.seconds),
                      "hardware": f"{r.metrics['world_size']} x {r.metrics.get('device', 'unknown')}",
-                     "hardware_paper": None, **r.provenance})
-    return pd.DataFrame(rows, columns=[*rows[0], *PROVENANCE])
+                     **paper(r.method), **r.provenance})
+    columns = ["method", "model", "tuned_params", "tuned_params_paper", "storage", "storage_paper", "training_time",
+               "training_time_paper", "hardware", "hardware_paper", *PROVENANCE]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
+    """A row per experiment (each method, zero-shot included), then per split scored the no-model floor: always
+    the answer position most often right in the training questions."""
     rows = []
     for r in runs:
-        paper_model = "LLaMA-Adapter" if r.config.get("image_features") else "LLaMA-Adapter_T"
-        row = {"experiment": r.name, "paper_model": paper_model, "split": r.scores.get("split"),
-               "questions": r.scores["n"], "chance": r.scores.get("chance")}
-        paper = PAPER_SCIENCEQA[paper_model]
-        row |= {"accuracy": r.scores["accuracy"], "accuracy_paper": paper.get("accuracy")}
+        paper_model = None
+        if r.method == "adapter":
+            paper_model = "LLaMA-Adapter" if r.config.get("image_features") else "LLaMA-Adapter_T"
+        row = {"experiment": r.name, "method": METHOD_NAMES[r.method], "paper_model": paper_model,
+               "split": r.scores.get("split"), "questions": r.scores["n"], "chance": r.scores.get("chance")}
+        paper = PAPER_SCIENCEQA.get(paper_model, {})
+        low, high = accuracy_interval(r.scores["accuracy"], r.scores["n"], r.scores.get("correct"))
+        row |= {"accuracy": r.scores["accuracy"], "ci95_low": low, "ci95_high": high,
+                "accuracy_paper": paper.get("accuracy")}
         for c in CATEGORIES:
             row |= {c: r.scores["categories"][c]["accuracy"], f"{c}_paper": paper.get(c)}
         rows.append(row | r.provenance)
+    floors = {r.scores.get("split"): r.scores["floor"] for r in runs if r.scores.get("floor")}
+    for split, floor in floors.items():
+        low, high = wilson_interval(floor["correct"], floor["n"])
+        rows.append({"experiment": f"no model: always ({floor['letter']})", "method": "floor", "split": split,
+                     "questions": floor["n"], "accuracy": floor["accuracy"], "ci95_low": low, "ci95_high": high})
     return pd.DataFrame(rows)
 
 
@@ -223,8 +281,9 @@ def instruction_table(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for r in runs:
         before = r.metrics.get("initial_val_loss")
-        rows.append({"experiment": r.name, "heldout_samples": r.scores["heldout_samples"],
-                     "gate_init": r.setting("gate_init"), "loss_before": before, "loss_after": r.scores["heldout_loss"],
+        rows.append({"experiment": r.name, "method": METHOD_NAMES[r.method], "heldout_samples": r.scores["heldout_samples"],
+                     "gate_init": r.config.get("gate_init") if r.method == "adapter" else None,
+                     "loss_before": before, "loss_after": r.scores["heldout_loss"],
                      "perplexity_before": None if before is None else math.exp(before),
                      "perplexity_after": r.scores["perplexity"], **r.provenance})
     return pd.DataFrame(rows)
@@ -329,7 +388,7 @@ def _figure():
 def _save(plt, fig, ax, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # a legend beside the axes stays in the picture
     plt.close(fig)
 
 
@@ -348,8 +407,8 @@ def gate_figure(runs: list[Run], path: Path) -> None:
     """Mean |tanh(gate)| per adapted layer at the end of training: how much each layer reads its prompts."""
     plt, fig, ax = _figure()
     for r in runs:
-        gates = r.gates()
-        ax.plot(list(gates), list(gates.values()), marker="o", label=r.name)
+        if gates := r.gates():
+            ax.plot(list(gates), list(gates.values()), marker="o", label=r.name)
     ax.set(xlabel="layer", ylabel="mean |tanh(gate)|")
     ax.legend()
     _save(plt, fig, ax, path, "Learned gate magnitude per layer")
@@ -358,15 +417,25 @@ def gate_figure(runs: list[Run], path: Path) -> None:
 def category_figure(runs: list[Run], path: Path) -> None:
     plt, fig, ax = _figure()
     columns = ["accuracy", *CATEGORIES]
-    bars = {r.name: [r.scores["accuracy"]] + [r.scores["categories"][c]["accuracy"] for c in CATEGORIES]
-            for r in runs}
-    bars["paper: LLaMA-Adapter"] = [PAPER_SCIENCEQA["LLaMA-Adapter"][c] for c in columns]
+    bars = {}
+    for r in runs:  # (accuracy, n) per column; the whiskers are 95% Wilson intervals
+        cats = r.scores["categories"]
+        bars[r.name] = [(r.scores["accuracy"], r.scores["n"])] + [(cats[c]["accuracy"], cats[c]["n"]) for c in CATEGORIES]
+    bars["paper: LLaMA-Adapter"] = [(PAPER_SCIENCEQA["LLaMA-Adapter"][c], None) for c in columns]
     width = 0.8 / len(bars)
     for i, (name, values) in enumerate(bars.items()):
-        ax.bar(np.arange(len(columns)) + i * width, [np.nan if v is None else v for v in values], width, label=name)
+        heights = [np.nan if v is None else v for v, _ in values]
+        intervals = [accuracy_interval(v, n) for v, n in values]
+        errors = [[h - lo if lo is not None else 0 for h, (lo, _) in zip(heights, intervals)],
+                  [hi - h if hi is not None else 0 for h, (_, hi) in zip(heights, intervals)]]
+        ax.bar(np.arange(len(columns)) + i * width, heights, width, label=name, yerr=np.nan_to_num(errors),
+               capsize=1.5, error_kw={"elinewidth": 0.6})
+    chances = sorted({r.scores["chance"] for r in runs if r.scores.get("chance") is not None})
+    if len(chances) == 1:
+        ax.axhline(chances[0], color="k", linestyle=":", linewidth=0.8, label=f"chance ({chances[0]:.1f}%)")
     ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, ["Avg", *CATEGORIES], fontsize=8)
-    ax.set(ylabel="accuracy (%)", ylim=(0, 100))
-    ax.legend(fontsize=7)
+    ax.set(xlabel="question category", ylabel="accuracy (%), 95% interval", ylim=(0, 100))
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(plt, fig, ax, path, "ScienceQA accuracy by category")
 
 
@@ -386,9 +455,9 @@ def length_figure(tokens_dir: Path, path: Path) -> dict:
 
 
 TABLES = {  # file name: caption
-    "efficiency": "Efficiency: tuned parameters, adapter storage, training time and hardware",
-    "instruction": "Instruction adapters: held-out Alpaca loss before and after training",
-    "scienceqa": "ScienceQA accuracy (%) per category",
+    "efficiency": "Efficiency per method: tuned parameters, storage, training time and hardware",
+    "instruction": "Instruction following per method: held-out Alpaca loss before and after training",
+    "scienceqa": "ScienceQA accuracy (%) per method and category, with 95% intervals and the no-model floor",
     "insertion_layers": "Ablation: number of adapted (top) layers",
     "gate_init": "Ablation: zero-initialised vs randomly initialised gates",
     "epochs": "Ablation: training epochs (over-fitting)",
@@ -449,7 +518,10 @@ def report_markdown(tables: dict[str, pd.DataFrame], named: list[Run], center: d
         f"Base model: {', '.join(bases)}. Git commit: {', '.join(commits)}. Config hash: {', '.join(hashes)}.", "",
         "Columns ending in `_paper` are the published numbers of Zhang et al. 2023 (LLaMA-7B, real Alpaca and "
         "ScienceQA). Ablation settings are paired with the paper's by rank; the ablations hold "
-        f"{json.dumps(center)} fixed except the axis they vary. `chance` is the accuracy of guessing uniformly. "
+        f"{json.dumps(center)} fixed except the axis they vary. `chance` is the accuracy of guessing uniformly; "
+        "the `floor` row always answers the option position most often right in the training questions. "
+        "`ci95_low`/`ci95_high` bound each accuracy with 95% confidence (Wilson interval over its questions): "
+        "two methods whose intervals overlap are not shown to differ. "
         "Every row of ours names its training (`mlflow_run`) and evaluation (`eval_run`) MLflow runs, the "
         "config hash, the sha256 of the training records (first 12 hex digits) and the git commit.", "",
         f"Alpaca samples: {lengths['samples']}, mean length {lengths['mean']:.1f} tokens, longest {lengths['max']}.",

@@ -216,9 +216,13 @@ class Tracker:
         if self.enabled:
             self._call("set_tags", tags)
 
-    def log_artifact(self, path: Path) -> None:
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file, or a folder's files, into the run's artifacts (under artifact_path: the root by default)."""
         if self.enabled:
-            self._call("log_artifact", str(path))
+            if Path(path).is_dir():
+                self._call("log_artifacts", str(path), artifact_path or Path(path).name)
+            else:
+                self._call("log_artifact", str(path), artifact_path)
 
     def close(self, failed: bool = False, status: str | None = None) -> None:
         """End the run: FINISHED, FAILED (failed=True), or the given MLflow status (KILLED: stopped by a

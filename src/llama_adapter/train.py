@@ -1,6 +1,7 @@
-"""Adapter fine-tuning: the paper's recipe, exactly resumable, on CPU, one GPU or `torchrun` over several.
+"""Fine-tuning (the adapter, or a baseline method: methods.py): the paper's recipe, exactly resumable, on CPU, one
+GPU or `torchrun` over several.
 
-Recipe (paper and its released code): AdamW(β 0.9/0.95, weight decay 0.02) on the adapter only,
+Recipe (paper and its released code): AdamW(β 0.9/0.95, weight decay 0.02) on what the method tunes,
 lr = blr · global_batch / 256 with blr 9e-3, linear warm-up over 2 epochs then half-cosine to 0 over 5,
 recomputed at every optimizer step; global batch 64 samples.
 
@@ -39,12 +40,13 @@ import torch
 import torch.distributed as dist
 
 from .batching import micro_batches, pack_rows, token_loss_sum
-from .checkpoint import load_model, read_json, save_adapter
-from .config import TrainConfig
+from .checkpoint import load_model, read_json
+from .config import WEIGHTS, TrainConfig
 from .data.tokens import TokenDataset
 from .errors import CheckpointError, GPUAllocationError, PipelineError, TrainingDiverged
 from .evaluate import heldout_loss
 from .io import atomic_path, write_json
+from .methods import load_for_training, save_tuned, tuned_state
 from .model import Transformer, flash_varlen_on
 from .multimodal import ImageFeatures
 from .tracking import Tracker, progress
@@ -129,7 +131,9 @@ def shard_base(model: Transformer, d: Dist) -> Transformer:
 
 
 def gate_magnitudes(model: Transformer) -> dict[str, float]:
-    """Mean |tanh(gate)| per adapted layer, keyed by the layer's index in the model."""
+    """Mean |tanh(gate)| per adapted layer, keyed by the layer's index in the model (none without an adapter)."""
+    if model.adapter is None:
+        return {}
     first = model.first_adapted_layer()
     g = model.adapter_gate.detach().tanh().abs().mean(dim=1).tolist()
     return {f"gate/layer_{first + i:02d}": v for i, v in enumerate(g)}
@@ -155,9 +159,13 @@ def rank_batches(ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig, d: Dist):
 def evaluate_loss(model: Transformer, ds: TokenDataset, cfg: TrainConfig, d: Dist) -> float:
     # Under FSDP every rank evaluates every batch (collective forwards); otherwise they share the split.
     rank, world = (0, 1) if cfg.fsdp and d.world > 1 else (d.rank, d.world)
-    with autocast(d.device):
-        return heldout_loss(model, ds, cfg.row_len, cfg.rows_per_micro_batch, cfg.pad_id, d.device, rank, world,
-                            d.all_sum if world > 1 else (lambda t: t))
+    model.eval()  # LoRA's dropout off; the adapter and the base have none
+    try:
+        with autocast(d.device):
+            return heldout_loss(model, ds, cfg.row_len, cfg.rows_per_micro_batch, cfg.pad_id, d.device, rank, world,
+                                d.all_sum if world > 1 else (lambda t: t))
+    finally:
+        model.train()
 
 
 def autocast(device: torch.device):
@@ -170,7 +178,8 @@ RESUMABLE_CHANGES = ("checkpoint_every", "max_steps", "device", "compile", "run_
 
 def checkpoint_state(model, opt, step: int, history: list[dict], cfg: TrainConfig, run_id: str | None,
                      initial_val_loss: float | None) -> dict:
-    return {"adapter": {k: v.cpu() for k, v in model.adapter_state_dict().items()}, "optimizer": opt.state_dict(),
+    return {"tuned": {k: v.detach().cpu() for k, v in tuned_state(model, cfg.method).items()},
+            "optimizer": opt.state_dict(),
             "step": step, "history": history, "torch_rng": torch.get_rng_state(), "mlflow_run_id": run_id,
             "initial_val_loss": initial_val_loss, "config": json.dumps(fixed_settings(cfg), sort_keys=True)}
 
@@ -179,7 +188,7 @@ def fixed_settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
-CHECKPOINT_KEYS = {"adapter", "optimizer", "step", "history", "torch_rng", "mlflow_run_id", "config"}
+CHECKPOINT_KEYS = {"tuned", "optimizer", "step", "history", "torch_rng", "mlflow_run_id", "config"}
 
 
 def previous_checkpoint(ckpt_path: Path) -> Path:
@@ -249,7 +258,7 @@ def restore(state: dict, ckpt_path: Path, cfg: TrainConfig, model: Transformer, 
     if changed:
         raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed {{key: (then, now)}}: {changed}")
     with torch.no_grad():
-        for k, v in state["adapter"].items():
+        for k, v in state["tuned"].items():
             model.get_parameter(k).copy_(v)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -341,13 +350,19 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     images = ImageFeatures(Path(cfg.image_features)) if cfg.image_features else None
+    if images and cfg.method != "adapter":
+        raise ValueError(f"--image-features: images are read by the multimodal adapter; method {cfg.method} is "
+                         "text-only (leave --image-features out, or use --method adapter)")
+    if cfg.fsdp and cfg.method != "adapter":
+        raise ValueError(f"--fsdp shards a frozen base under the adapter; method {cfg.method} trains weights "
+                         "inside the blocks, which this training loop does not shard yet (train without --fsdp)")
     adapter = replace(cfg.adapter, visual_dim=images.dim) if images else cfg.adapter
     if cfg.fsdp and d.world > 1:
         model = shard_base(load_model(cfg.base, adapter=adapter, device="cpu", dtype=dtype), d)
     else:
         # Projections stay unfused here (fuse_projections is for decoding): measured on an H100 at 7B, the
         # fused weights cost 4% of training throughput and 4 GiB more activation memory (BENCHMARKS.md).
-        model = load_model(cfg.base, adapter=adapter, device=d.device, dtype=dtype)
+        model = load_for_training(cfg.method, cfg.base, adapter, cfg.lora, d.device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     # One fused kernel for the whole update on the GPU instead of a few per parameter tensor.
     opt = torch.optim.AdamW(params, lr=0.0, betas=cfg.betas, weight_decay=cfg.weight_decay,
@@ -378,6 +393,7 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
     tracker = Tracker(out, cfg.run_name or out.name, enabled=d.rank == 0, tags=cfg.tags, run_id=run_id)
     if run_id is None:
         tracker.log_params({"config": asdict(cfg), "model": model.args.to_dict(), "world_size": d.world,
+                            "method": cfg.method,
                             "trainable_parameters": sum(p.numel() for p in params),
                             "data": data_provenance(Path(cfg.train_data))})
     if step == 0 and val_ds is not None and initial_val_loss is None:
@@ -460,16 +476,20 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
 def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, tracker: Tracker,
            initial_val_loss: float | None) -> dict:
     out = Path(cfg.out_dir)
-    result = {"steps": len(history), "final_loss": history[-1]["loss"] if history else None,
+    result = {"method": cfg.method, "weights": WEIGHTS[cfg.method], "steps": len(history),
+              "final_loss": history[-1]["loss"] if history else None,
               "initial_val_loss": initial_val_loss, "val_loss": [h["val_loss"] for h in history if "val_loss" in h],
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "world_size": d.world, "device": device_name(d.device), "history": history,
               "mlflow_run_id": tracker.run_id, "tags": tracker.tags}
     if d.rank == 0:
-        save_adapter(model, out / "adapter.safetensors", base_model=str(cfg.base))
+        weights = save_tuned(model, cfg.method, out, base_model=str(cfg.base))
         write_json(out / "metrics.json", result)
-        for name in ("adapter.safetensors", "config.json", "metrics.json"):
-            tracker.log_artifact(out / name)
+        # Every trained file goes to MLflow too, so a run's weights stay recoverable from its artifacts.
+        for path in (weights.parent if cfg.method == "full" else weights,
+                     *([out / "adapter_config.json"] if cfg.method == "lora" else []),
+                     out / "config.json", out / "metrics.json"):
+            tracker.log_artifact(path)
     return result
 
 

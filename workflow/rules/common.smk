@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import Paramspace, validate
 
+from llama_adapter.config import WEIGHTS
 from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
 from llama_adapter.tracking import export_invocation, sqlite_uri
 
@@ -160,8 +161,29 @@ def trained_as(name):
     return name
 
 
-def trained_adapter(w):
-    return f"{RESULTS}/adapters/{trained_as(w.experiment)}/adapter.safetensors"
+def method(name):
+    """What an experiment tunes (config.METHODS): train.method, default the paper's adapter."""
+    return experiment(name)[1].get("method", "adapter")
+
+
+def trained(w):
+    """The metrics.json of the experiment's training (written after its weights); [] for zero-shot."""
+    if method(w.experiment) == "zero-shot":
+        return []
+    return f"{RESULTS}/adapters/{trained_as(w.experiment)}/metrics.json"
+
+
+def model_options(w, input):
+    """--base (and --adapter) of the model an experiment evaluates: the base with its adapter or LoRA
+    (config.WEIGHTS, beside the training's metrics.json), a fully fine-tuned model's own folder, or the base alone
+    (zero-shot). A list of arguments."""
+    m = method(w.experiment)
+    if m == "zero-shot":
+        return ["--base", input.base]
+    weights = str(Path(input.trained).parent / WEIGHTS[m])
+    if m == "full":
+        return ["--base", str(Path(weights).parent)]
+    return ["--base", input.base, "--adapter", weights]
 
 
 def image_features(w):

@@ -5,7 +5,7 @@ rule evaluate:
     input:
         base=BASE,
         tokenizer=TOKENIZER,
-        adapter=trained_adapter,
+        trained=trained,
         data=evaluation_data,
         images=image_features,
     output:
@@ -23,6 +23,7 @@ rule evaluate:
         gpu=0,
     params:
         out=lambda w, output: Path(output[0]).parent,
+        model=model_options,
         options=lambda w, input: (
             [
                 "--task",
@@ -49,6 +50,6 @@ rule evaluate:
         run_name=lambda w: f"evaluate {w.experiment}",
         tags=lambda w: ["--tag", "rule=evaluate", "--tag", f"experiment={w.experiment}"],
     shell:
-        "llama-adapter evaluate --base {input.base:q} --tokenizer {input.tokenizer:q} --adapter {input.adapter:q} "
+        "llama-adapter evaluate {params.model:q} --tokenizer {input.tokenizer:q} "
         "--out {params.out:q} --batch-size {params.batch:q} {params.options:q} --run-name {params.run_name:q} "
         "{params.tags:q} > {log:q} 2>&1"

@@ -5,7 +5,7 @@ rule generate:
     input:
         base=BASE,
         tokenizer=TOKENIZER,
-        adapter=trained_adapter,
+        trained=trained,
         prompts=INSTRUCTIONS,
     output:
         f"{RESULTS}/generations/{{experiment}}.jsonl",
@@ -24,8 +24,13 @@ rule generate:
         options=cli_options(
             {k: v for k, v in config["generate"].items() if k != "instructions"}
         ),
-        adapter=lambda w, input: f"{w.experiment}={input.adapter}",
+        # NAME=PATH names the rows after the experiment; a full fine-tune or the zero-shot base is --name'd.
+        model=lambda w, input: [
+            f"{w.experiment}={arg}" if i and model_options(w, input)[i - 1] == "--adapter" else arg
+            for i, arg in enumerate(model_options(w, input))
+        ]
+        + ["--name", w.experiment],
     shell:
-        "llama-adapter generate --base {input.base:q} --tokenizer {input.tokenizer:q} "
-        "--adapter {params.adapter:q} --prompts {input.prompts:q} --out {output:q} "
+        "llama-adapter generate {params.model:q} --tokenizer {input.tokenizer:q} "
+        "--prompts {input.prompts:q} --out {output:q} "
         "{params.options:q} > {log:q} 2>&1"

@@ -63,8 +63,10 @@ rule train_adapter:
         base=BASE,
         tokens=lambda w: f"{RESULTS}/tokens/{experiment(w.experiment)[0]}",
         images=image_features,
+    # The weights' file name depends on the method (config.WEIGHTS: adapter.safetensors, PEFT's
+    # adapter_model.safetensors, model/ for a full fine-tune), which an output pattern cannot say; metrics.json,
+    # written after the weights, marks a finished training, and a failed one removes both (cli.TRAIN_OUTPUTS).
     output:
-        adapter=f"{RESULTS}/adapters/{{experiment}}/adapter.safetensors",
         metrics=f"{RESULTS}/adapters/{{experiment}}/metrics.json",
     log:
         f"{RESULTS}/logs/train_adapter/{{experiment}}.log",
@@ -78,7 +80,7 @@ rule train_adapter:
         runtime=60,
         gpu=0,
     params:
-        out=lambda w, output: Path(output.adapter).parent,
+        out=lambda w, output: Path(output.metrics).parent,
         options=lambda w: cli_options(experiment(w.experiment)[1]),
         train=lambda w, input: f"{input.tokens}/train",
         val=lambda w, input: f"{input.tokens}/val",

@@ -1,0 +1,193 @@
+"""LoRA (Hu et al. 2021) on a frozen LLaMA, the baseline the paper's efficiency table sets beside the adapter.
+
+Each targeted projection W (out, in) gains a low-rank update: y = W x + (alpha / r) · B A dropout(x), with A
+(r, in) drawn as nn.Linear draws its weights (Kaiming-uniform, as PEFT does) and B (out, r) zero, so a fresh
+LoRA leaves the model unchanged, like the adapter's zero gates. Only A and B train (`is_lora_param`); they stay
+fp32 when the base is cast to bf16. For inference the update is merged into W, after which the model is plain
+LLaMA again (and its projections can be fused for decoding).
+
+Files are PEFT's: `adapter_model.safetensors` with PEFT's tensor names for Hugging Face's LLaMA, and
+`adapter_config.json`, so `PeftModel.from_pretrained` loads them onto the Hugging Face model of the same base.
+Hugging Face stores wq and wk with each head's rotary pairs as two halves where Meta interleaves them; B's rows
+of those two are permuted on the way out and back on the way in (A reads the input, which is not permuted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LORA_TARGETS, WEIGHTS, LoRAArgs, ModelArgs
+from .errors import CheckpointError
+from .io import atomic_path
+
+LORA_WEIGHTS = WEIGHTS["lora"]  # PEFT's names: PeftModel.from_pretrained looks for these two
+LORA_CONFIG = "adapter_config.json"
+LORA_FORMAT = "llama-adapter/lora/1"
+# Meta's projection names -> Hugging Face's module names, which PEFT's target_modules and tensor names use.
+HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+              "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+BLOCK_PART = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+              "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+PEFT_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+
+
+def is_lora_param(name: str) -> bool:
+    """What a LoRA trains and what its file holds: the A and B of each targeted projection."""
+    return name.endswith((".lora_a", ".lora_b"))
+
+
+class LoRALinear(nn.Linear):
+    """A frozen projection with a trainable low-rank update; the frozen weight keeps its name (`wq.weight`), so
+    base checkpoints still load into it."""
+
+    def __init__(self, base: nn.Linear, args: LoRAArgs, device=None, generator: torch.Generator | None = None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, None
+        device = device if device is not None else base.weight.device
+        a = torch.empty(args.rank, self.in_features, device=device)
+        bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), nn.Linear's and PEFT's draw
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_a = nn.Parameter(a)  # (r, in)
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, args.rank, device=device))  # (out, r)
+        self.scaling = args.scaling
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        update = F.linear(F.linear(self.dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+        return F.linear(x, self.weight) + update * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear holding W + (alpha / r) B A, in W's dtype."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        delta = (self.lora_b.detach().float() @ self.lora_a.detach().float()) * self.scaling
+        linear.weight = nn.Parameter((self.weight.detach().float() + delta).to(self.weight.dtype),
+                                     requires_grad=False)
+        return linear
+
+
+def targeted(model: nn.Module, targets: tuple[str, ...]):
+    """(block part, projection name) of every targeted projection, block by block."""
+    for layer in model.layers:
+        for t in targets:
+            yield getattr(layer, BLOCK_PART[t]), t
+
+
+def add_lora(model: nn.Module, args: LoRAArgs, device=None, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every targeted projection a fresh LoRA and freeze everything else."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model has a LoRA already")
+    for part, t in targeted(model, args.targets):
+        setattr(part, t, LoRALinear(getattr(part, t), args, device, generator))
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_lora_param(name))
+    model.lora = args
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its frozen weight; the model is plain LLaMA afterwards."""
+    if model.lora is not None:
+        for part, t in targeted(model, model.lora.targets):
+            setattr(part, t, getattr(part, t).merged())
+        model.lora = None
+    return model
+
+
+# ---------------------------------------------------------------- PEFT's file layout
+
+
+def rope_rows(w: Tensor, n_heads: int, to_hf: bool) -> Tensor:
+    """Reorder the rows of a wq/wk-shaped tensor between Meta's interleaved rotary pairs and HF's halves."""
+    rows, cols = w.shape
+    hd = rows // n_heads
+    shape = (n_heads, hd // 2, 2, cols) if to_hf else (n_heads, 2, hd // 2, cols)
+    return w.reshape(shape).transpose(1, 2).reshape(rows, cols)
+
+
+def rope_heads(target: str, args: ModelArgs) -> int | None:
+    return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(target)
+
+
+def peft_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The LoRA's A and B under PEFT's names, in HF's row order, fp32."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for t in model.lora.targets:
+            lin = getattr(getattr(layer, BLOCK_PART[t]), t)
+            b = lin.lora_b.detach().float().cpu()
+            if (heads := rope_heads(t, model.args)) is not None:
+                b = rope_rows(b, heads, to_hf=True)
+            prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[t]}"
+            out[f"{prefix}.lora_A.weight"] = lin.lora_a.detach().float().cpu().contiguous()
+            out[f"{prefix}.lora_B.weight"] = b.contiguous()
+    return out
+
+
+def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model: str) -> Path:
+    """Write adapter_model.safetensors (PEFT's names; this project's header beside them) and adapter_config.json."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    args: LoRAArgs = model.lora
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": args.rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout,
+              "target_modules": sorted(HF_MODULES[t].split(".")[1] for t in args.targets), "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+              "use_dora": False, "modules_to_save": None, "layers_to_transform": None}
+    metadata = {"format": LORA_FORMAT, "base_model": base_model,
+                "base_args": json.dumps(model.args.to_dict(), separators=(",", ":")),
+                "lora_args": json.dumps(args.to_dict(), separators=(",", ":"))}
+    with atomic_path(out_dir / LORA_CONFIG) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(out_dir / LORA_WEIGHTS) as tmp:
+        save_file(peft_tensors(model), tmp, metadata=metadata)
+    return out_dir / LORA_WEIGHTS
+
+
+def is_lora_file(path: Path) -> bool:
+    return (path.parent / LORA_CONFIG).is_file() and path.suffix == ".safetensors"
+
+
+def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, str], dict[str, Tensor]]:
+    """(LoRA settings, header, tensors under this model's names and row order) of a PEFT LoRA: ours, or one
+    trained with PEFT on the Hugging Face LLaMA of the same base."""
+    from .checkpoint import read_json, read_safetensors_file
+
+    config_path = path.parent / LORA_CONFIG
+    config = read_json(config_path)
+    expected = "a PEFT LoRA (peft_type LORA, bias none, no DoRA or rsLoRA, target_modules among q/k/v/o/gate/up/down)"
+    problems = [f"{k}={config.get(k)!r}" for k, want in (("peft_type", "LORA"), ("bias", "none"),
+                                                        ("use_dora", False), ("use_rslora", False),
+                                                        ("fan_in_fan_out", False))
+                if config.get(k, want) != want]
+    if problems:
+        raise CheckpointError(f"{config_path}: {', '.join(problems)} is not supported; expected {expected}")
+    to_meta = {v.split(".")[1]: k for k, v in HF_MODULES.items()}
+    modules = config.get("target_modules")
+    if isinstance(modules, str) or not modules or any(m not in to_meta for m in modules):
+        raise CheckpointError(f"{config_path}: target_modules {modules!r}; expected a list among {sorted(to_meta)}")
+    try:
+        args = LoRAArgs(int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0)),
+                        tuple(sorted((to_meta[m] for m in modules), key=LORA_TARGETS.index)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: {type(e).__name__}: {e}; expected {expected}") from None
+    tensors, header = read_safetensors_file(path)
+    ours: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        m = PEFT_NAME.fullmatch(name.replace(".default.", "."))
+        if m is None or m.group(3) not in to_meta:
+            raise CheckpointError(f"{path}: tensor {name!r} is not a LoRA A/B of a LLaMA projection; expected {expected}")
+        layer, target, which = int(m.group(1)), to_meta[m.group(3)], m.group(4)
+        if which == "B" and (heads := rope_heads(target, model_args)) is not None and t.shape[0] % heads == 0:
+            t = rope_rows(t, heads, to_hf=False)
+        ours[f"layers.{layer}.{BLOCK_PART[target]}.{target}.lora_{which.lower()}"] = t
+    return args, header, ours
