@@ -1,26 +1,40 @@
-"""Adapter training throughput on a named preset with random weights (no download needed), against PEFT.
+"""Training throughput of the adapter and of LoRA on a named preset with random weights (no download needed),
+each against PEFT's implementation of the same method.
 
 Sample lengths are drawn from the real Alpaca length distribution (alpaca_lengths.txt, measured on
-../shared/data with the LLaMA tokenizer, capped at --row-len as the paper truncates). Rows:
+../shared/data with the LLaMA tokenizer, capped at --row-len as the paper truncates). --methods picks the
+methods timed (default: the adapter alone); each gets these rows, in the same run:
 - ours, packed: the library's own optimizer step (`train.train_step`: packed rows, flash varlen attention,
   the gradient all-reduce) over a synthetic token split, --global-batch samples per step; under torchrun
   each process takes its share, as in training. Eager, and with the blocks compiled (--compile).
 - ours, padded: one sample per row padded to --row-len, as the paper's code does (equal padding for the
   comparison with PEFT), --samples per step.
-- PEFT AdaptionPrompt on HF LlamaForCausalLM (sdpa), when importable: padded to --row-len as the paper, and
-  padded only to the longest sample of the step (its best padding), --samples per step.
+- PEFT on HF LlamaForCausalLM (sdpa), when importable: padded to --row-len as the paper, and padded only to
+  the longest sample of the step (its best padding), --samples per step.
+Our model is the base in bf16 with the method's trainable parameters in fp32: the adapter (--adapter-len x
+--adapter-layers, random gates so the branch really runs), or `lora.add_lora` with LoRAArgs' defaults
+(Alpaca-LoRA's: rank 8, alpha 16, dropout 0.05 on wq and wv). PEFT gets the same settings:
+AdaptionPromptConfig, or LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj",
+"v_proj"]), on the HF model in bf16.
 
 Usage:
     python benchmarks/train_throughput.py --preset 7B --compile
+    python benchmarks/train_throughput.py --preset 7B --compile --methods adapter lora
     torchrun --standalone --nproc-per-node 4 benchmarks/train_throughput.py --preset 7B --compile --no-peft
-It prints real tokens/s, padded tokens/s, model TFLOP/s (4 x parameters per processed token: forward, and
-backward to the activations; the frozen base needs no weight gradients) and its % of a bf16 matmul timed
-in the same run, peak memory, and the paper's recipe (52,002 samples x 5 epochs) projected from each rate.
+    python benchmarks/train_throughput.py --preset tiny --adapter-layers 4 --methods adapter lora --steps 2
+        (without a GPU: a smoke check, in fp32, without the matmul reference)
+It prints real tokens/s, padded tokens/s, model TFLOP/s and its % of a bf16 matmul timed in the same run, peak
+memory, and the paper's recipe (52,002 samples x 5 epochs) projected from each rate. TFLOP/s counts 4 x the
+base's parameters per processed token: forward, and backward to the activations. The frozen base needs no
+weight gradients under either method (LoRA's A and B are the only weights with gradients, and their few
+FLOPs are not counted); LoRA backpropagates through every block and the adapter through its top
+--adapter-layers only, which the count leaves out too.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -29,13 +43,21 @@ import numpy as np
 import torch
 
 from llama_adapter.batching import collate, token_loss_sum
-from llama_adapter.config import AdapterArgs, ModelArgs, TrainConfig
+from llama_adapter.config import AdapterArgs, LoRAArgs, ModelArgs, TrainConfig
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
+from llama_adapter.lora import HF_MODULES, add_lora
 from llama_adapter.model import Transformer
-from llama_adapter.train import Dist, setup_distributed, step_samples, train_step
+from llama_adapter.train import (
+    Dist,
+    autocast,
+    setup_distributed,
+    step_samples,
+    train_step,
+)
 
 LENGTHS = Path(__file__).with_name("alpaca_lengths.txt")
 PAPER_SAMPLES, PAPER_EPOCHS = 52_002, 5
+METHODS = ("adapter", "lora")
 
 
 def alpaca_lengths(row_len: int) -> np.ndarray:
@@ -43,15 +65,28 @@ def alpaca_lengths(row_len: int) -> np.ndarray:
     return np.minimum(lengths, row_len)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def base_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU, as training loads the base; fp32 on the CPU (the smoke check), as training does there."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def matmul_tflops(device) -> float:
+    """An 8192^3 bf16 matmul's rate on the GPU (NaN on the CPU: no reference there)."""
+    if device.type != "cuda":
+        return float("nan")
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ a
-    torch.cuda.synchronize()
+    synchronize(device)
     t = time.perf_counter()
     for _ in range(10):
         a @ a
-    torch.cuda.synchronize()
+    synchronize(device)
     return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
@@ -72,17 +107,19 @@ def synthetic_split(path: Path, samples) -> TokenDataset:
 
 
 class Result:
-    def __init__(self, name: str, real: float, padded: float, seconds: float, losses: list[float]):
+    def __init__(self, name: str, real: float, padded: float, seconds: float, losses: list[float], device):
         self.name, self.real, self.padded, self.seconds, self.losses = name, real, padded, seconds, losses
-        self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        self.method = ""
+        self.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
 def time_steps(name: str, step, n_warmup: int, n_steps: int, d: Dist) -> Result:
     """Run `step(k)` -> (loss, real tokens, padded tokens) for warm-up then timed steps."""
     for k in range(n_warmup):
         step(k)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    synchronize(d.device)
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
     t = time.perf_counter()
     real = padded = 0.0
     losses = []
@@ -90,15 +127,28 @@ def time_steps(name: str, step, n_warmup: int, n_steps: int, d: Dist) -> Result:
         loss, r, p = step(k)
         real, padded = real + r, padded + p
         losses.append(loss)
-    torch.cuda.synchronize()
-    return Result(name, real, padded, time.perf_counter() - t, losses)
+    synchronize(d.device)
+    return Result(name, real, padded, time.perf_counter() - t, losses, d.device)
+
+
+def optimizer(model, fused: bool):
+    """AdamW over what trains: fused on the GPU for ours, as `train` builds it; PEFT's rows keep the default."""
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02, fused=fused or None)
+    return opt, params
+
+
+def optimizer_step(opt, loss: torch.Tensor | None = None) -> None:
+    if loss is not None:
+        loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def ours_packed(model, ds: TokenDataset, cfg: TrainConfig, d: Dist, opt, params, n_warmup, n_steps, name) -> Result:
     def step(k):
         loss, real, padded = train_step(model, ds, step_samples(len(ds), cfg, k), cfg, d, params)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt)
         return loss, real, padded
 
     return time_steps(name, step, n_warmup, n_steps, d)
@@ -110,33 +160,68 @@ def ours_padded(model, samples, n: int, row_len: int, opt, n_warmup, n_steps, d:
 
     def step(k):
         batch = batches[k].to(d.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast(d.device):
             loss = token_loss_sum(model, batch) / batch.target_mask.sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, loss)
         return loss.item(), batch.real_tokens, batch.padded_tokens
 
     return time_steps(f"ours, padded to {row_len}", step, n_warmup, n_steps, d)
 
 
-def peft_model(args: ModelArgs, adapter: AdapterArgs):
-    from peft import AdaptionPromptConfig, get_peft_model
+def our_model(method: str, args: ModelArgs, adapter: AdapterArgs, lora: LoRAArgs, device) -> Transformer:
+    """The base (bf16 on a GPU) with the method's fresh trainable parameters in fp32, everything else frozen."""
+    with torch.device(device):
+        model = Transformer(args, adapter if method == "adapter" else None).cast_base(base_dtype(device))
+    if method == "adapter":
+        with torch.no_grad():
+            model.adapter_gate.normal_()  # a trained adapter: the branch really runs
+    else:
+        add_lora(model, lora, device)  # B starts at zero, as PEFT's: the same work as a trained LoRA
+    return model.train()
+
+
+def ours_rows(method: str, ns, args: ModelArgs, adapter: AdapterArgs, lora: LoRAArgs, ds: TokenDataset, samples,
+              global_batch: int, tmp: str, d: Dist, table: Table) -> None:
+    """Our packed rows (eager, and compiled with --compile) and the padded one; the model is released on return."""
+    model = our_model(method, args, adapter, lora, d.device)
+    opt, params = optimizer(model, fused=d.device.type == "cuda")
+    variants = [(False, r) for r in ns.micro_rows] + ([(True, r) for r in ns.micro_rows] if ns.compile else [])
+    for compiled, rows in variants:
+        if compiled and not getattr(model.layers[0], "_compiled_call_impl", None):
+            model.compile_blocks()
+        cfg = TrainConfig(base="", train_data="", out_dir=tmp, row_len=ns.row_len, global_batch=global_batch,
+                          rows_per_micro_batch=rows, seed=0, method=method)
+        name = f"ours, packed, {rows} rows/micro{', compiled' if compiled else ''}"
+        table.add(method, ours_packed(model, ds, cfg, d, opt, params, ns.warmup, ns.steps, name))
+    if d.world == 1 and not ns.no_padded:
+        table.add(method, ours_padded(model, samples, ns.samples, ns.row_len, opt, ns.warmup, ns.steps, d))
+    if ns.compile:
+        torch._dynamo.reset()  # the next method's blocks compile afresh (no recompile limit shared with these)
+
+
+def peft_model(method: str, args: ModelArgs, adapter: AdapterArgs, lora: LoRAArgs, device):
+    """HF LlamaForCausalLM of the same shapes (bf16 on a GPU) under PEFT's implementation of the method."""
+    from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
                          num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                          num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
                          max_position_embeddings=4096, attn_implementation="sdpa")
-    with torch.device("cuda"):
-        base = LlamaForCausalLM(config).to(torch.bfloat16)
-    return get_peft_model(base, AdaptionPromptConfig(adapter_len=adapter.adapter_len,
-                                                     adapter_layers=adapter.adapter_layers, task_type="CAUSAL_LM"))
+    with torch.device(device):
+        base = LlamaForCausalLM(config).to(base_dtype(device))
+    if method == "adapter":
+        peft_config = AdaptionPromptConfig(adapter_len=adapter.adapter_len, adapter_layers=adapter.adapter_layers,
+                                           task_type="CAUSAL_LM")
+    else:
+        peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=[HF_MODULES[t].split(".")[1] for t in lora.targets],
+                                 task_type="CAUSAL_LM")
+    return get_peft_model(base, peft_config).train()
 
 
 def peft_padded(model, samples, n: int, width: int | None, row_len: int, n_warmup, n_steps, d: Dist) -> Result:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95),
-                            weight_decay=0.02)
+    opt, _ = optimizer(model, fused=False)
 
     def inputs(k):
         part = samples[k * n: (k + 1) * n]
@@ -147,29 +232,73 @@ def peft_padded(model, samples, n: int, width: int | None, row_len: int, n_warmu
         for b, (t, m) in enumerate(part):
             ids[b, : len(t)], attention[b, : len(t)] = torch.from_numpy(t), 1
             labels[b, : len(t)] = torch.where(torch.from_numpy(m), torch.from_numpy(t).long(), -100)
-        return ids.cuda(), attention.cuda(), labels.cuda(), sum(len(t) for t, _ in part)
+        return ids.to(d.device), attention.to(d.device), labels.to(d.device), sum(len(t) for t, _ in part)
 
     def step(k):
         ids, attention, labels, real = inputs(k)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast(d.device):
             loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, loss)
         return loss.item(), real, ids.numel() - real
 
     label = f"padded to {row_len} (paper)" if width else "padded to longest"
     return time_steps(f"PEFT, {label}", step, n_warmup, n_steps, d)
 
 
-def free(model) -> None:
-    del model
-    torch.cuda.empty_cache()
+def peft_rows(method: str, ns, args: ModelArgs, adapter: AdapterArgs, lora: LoRAArgs, samples, d: Dist,
+              table: Table) -> None:
+    """PEFT padded to --row-len and to the longest sample; the model is released on return."""
+    try:
+        model = peft_model(method, args, adapter, lora, d.device)
+    except ImportError as e:
+        print(f"PEFT reference skipped: {e}")
+        return
+    for width in (ns.row_len, None):
+        table.add(method, peft_padded(model, samples, ns.samples, width, ns.row_len, ns.warmup, ns.steps, d))
+
+
+class Table:
+    """The rows, each printed (on rank 0) as soon as it is measured: a run cut short still shows what it timed."""
+
+    def __init__(self, flops_per_token: int, peak_matmul: float, mean_len: float, d: Dist):
+        self.flops_per_token, self.peak_matmul, self.mean_len, self.d = flops_per_token, peak_matmul, mean_len, d
+        self.results: list[Result] = []
+
+    def header(self, title: str) -> None:
+        if self.d.rank == 0:
+            print(title)
+            print(f"{'method':<9}{'rows':<40}{'real tok/s':>11}{'padded tok/s':>13}{'real %':>7}{'TFLOP/s':>8}"
+                  f"{'% matmul':>9}{'peak GiB':>9}{'paper recipe min':>17}", flush=True)
+
+    def add(self, method: str, r: Result) -> None:
+        r.method = method
+        self.results.append(r)
+        if self.d.rank == 0:
+            total = r.real + r.padded
+            tflops = self.flops_per_token * total / r.seconds / 1e12 / self.d.world
+            recipe = PAPER_SAMPLES * PAPER_EPOCHS * self.mean_len / (r.real / r.seconds) / 60
+            print(f"{r.method:<9}{r.name:<40}{r.real / r.seconds:>11.0f}{total / r.seconds:>13.0f}"
+                  f"{100 * r.real / total:>7.1f}{tflops:>8.0f}{100 * tflops / self.peak_matmul:>9.1f}"
+                  f"{r.peak_gib:>9.1f}{recipe:>17.1f}", flush=True)
+
+    def losses(self) -> None:
+        if self.d.rank == 0:
+            for r in self.results:
+                print(f"losses {r.method}, {r.name}: " + " ".join(f"{x:.4f}" for x in r.losses))
+
+
+def release(device: torch.device) -> None:
+    """Give the previous model's memory back, so that the next one's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="7B")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["adapter"],
+                   help="methods timed, each with its PEFT reference (default: adapter)")
     p.add_argument("--adapter-len", type=int, default=10)
     p.add_argument("--adapter-layers", type=int, default=30)
     p.add_argument("--global-batch", type=int, default=None, help="samples per step, all ranks (default 64 x ranks)")
@@ -184,60 +313,30 @@ def main() -> None:
     ns = p.parse_args()
 
     lengths = alpaca_lengths(ns.row_len)
+    methods = list(dict.fromkeys(ns.methods))
+    adapter, lora = AdapterArgs(ns.adapter_len, ns.adapter_layers), LoRAArgs()
+    settings = {"adapter": f"adapter {ns.adapter_len}x{ns.adapter_layers}",
+                "lora": f"LoRA r{lora.rank} alpha {lora.alpha:g} dropout {lora.dropout:g} on {','.join(lora.targets)}"}
     with tempfile.TemporaryDirectory() as tmp:
         d = setup_distributed(TrainConfig(base="", train_data="", out_dir=tmp))
         global_batch = ns.global_batch or 64 * d.world
         args = ModelArgs.from_name(ns.preset)
-        adapter = AdapterArgs(ns.adapter_len, ns.adapter_layers)
         n_samples = max(global_batch, ns.samples) * (ns.warmup + ns.steps)
         samples = synthetic_samples(np.random.default_rng(0), lengths, n_samples, args.vocab_size)
         ds = synthetic_split(Path(tmp) / f"split-{d.rank}", samples)
         peak_matmul = matmul_tflops(d.device)
-        with torch.device(d.device):
-            model = Transformer(args, adapter).cast_base(torch.bfloat16)
-        with torch.no_grad():
-            model.adapter_gate.normal_()  # a trained adapter: the branch really runs
-        params = [q for q in model.parameters() if q.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02, fused=True)
-        flops_per_token = 4 * args.parameter_count()
-
-        results = []
-        variants = [(False, r) for r in ns.micro_rows] + ([(True, r) for r in ns.micro_rows] if ns.compile else [])
-        for compiled, rows in variants:
-            if compiled and not getattr(model.layers[0], "_compiled_call_impl", None):
-                model.compile_blocks()
-            cfg = TrainConfig(base="", train_data="", out_dir=tmp, row_len=ns.row_len, global_batch=global_batch,
-                              rows_per_micro_batch=rows, seed=0)
-            name = f"ours, packed, {rows} rows/micro{', compiled' if compiled else ''}"
-            results.append(ours_packed(model, ds, cfg, d, opt, params, ns.warmup, ns.steps, name))
-        if d.world == 1 and not ns.no_padded:
-            results.append(ours_padded(model, samples, ns.samples, ns.row_len, opt, ns.warmup, ns.steps, d))
-        free(model)
-        if d.world == 1 and not ns.no_peft and not ns.no_padded:
-            try:
-                peft = peft_model(args, adapter)
-            except ImportError as e:
-                print(f"PEFT reference skipped: {e}")
-            else:
-                for width in (ns.row_len, None):
-                    results.append(peft_padded(peft, samples, ns.samples, width, ns.row_len, ns.warmup, ns.steps, d))
-                free(peft)
-
-    if d.rank == 0:
-        print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, {d.world} GPU(s) x "
-              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, packed global batch {global_batch}, "
-              f"padded {ns.samples} samples/step, bf16 matmul {peak_matmul:.0f} TFLOP/s")
-        mean_len = float(lengths.mean())
-        print(f"{'rows':<40}{'real tok/s':>11}{'padded tok/s':>13}{'real %':>7}{'TFLOP/s':>8}{'% matmul':>9}"
-              f"{'peak GiB':>9}{'paper recipe min':>17}")
-        for r in results:
-            total = r.real + r.padded
-            tflops = flops_per_token * total / r.seconds / 1e12 / d.world
-            recipe = PAPER_SAMPLES * PAPER_EPOCHS * mean_len / (r.real / r.seconds) / 60
-            print(f"{r.name:<40}{r.real / r.seconds:>11.0f}{total / r.seconds:>13.0f}{100 * r.real / total:>7.1f}"
-                  f"{tflops:>8.0f}{100 * tflops / peak_matmul:>9.1f}{r.peak_gib:>9.1f}{recipe:>17.1f}")
-        for r in results:
-            print(f"losses {r.name}: " + " ".join(f"{x:.4f}" for x in r.losses))
+        table = Table(4 * args.parameter_count(), peak_matmul, float(lengths.mean()), d)
+        device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "CPU"
+        table.header(f"{ns.preset}, {'; '.join(settings[m] for m in methods)}, {d.world} GPU(s) x {device_name}, "
+                     f"torch {torch.__version__}, packed global batch {global_batch}, padded {ns.samples} "
+                     f"samples/step, bf16 matmul {peak_matmul:.0f} TFLOP/s")
+        for method in methods:
+            ours_rows(method, ns, args, adapter, lora, ds, samples, global_batch, tmp, d, table)
+            release(d.device)
+            if d.world == 1 and not ns.no_peft and not ns.no_padded:
+                peft_rows(method, ns, args, adapter, lora, samples, d, table)
+                release(d.device)
+    table.losses()
     if d.world > 1:
         torch.distributed.destroy_process_group()
 
