@@ -189,3 +189,13 @@ def test_too_many_instructions_rejected(tmp_path):
     with pytest.raises(ValueError, match="distinct"):
         generate_demo(tmp_path / "data", n_instructions=100_000)
     assert not (tmp_path / "data").exists()
+
+
+def test_corpus_quizzes_never_use_the_benchmark_answer_format(out):
+    """The base must learn the quiz layout and the facts, but not the answer format the benchmark parses: that
+    is what fine-tuning teaches on the demo (and what zero-shot fails on)."""
+    documents = [json.loads(line)["text"] for line in (out / "corpus.jsonl").read_text().splitlines()]
+    sheets = [d for d in documents if d.startswith("Question: ")]
+    assert len(sheets) == demo.WORKSHEETS
+    assert all(re.search(r"\nOptions: \(A\) .*\nAnswer: \([A-E]\)$", s) for s in sheets)
+    assert not any("answer is (" in d for d in documents)

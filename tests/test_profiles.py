@@ -173,15 +173,19 @@ def test_paper_config_dry_run(paper_dry_run, paper_tmp):
         "evaluate", "generate")} == {
         "demo_data": 0, "train_tokenizer": 0, "pretrain_base": 0,  # the real base: no demo stages
         "fetch": 2, "validate": 2, "tokenize": 2,
-        "train_adapter": 8, "evaluate": 9,  # instruction, scienceqa(_mm), 6 ablation points; the center is scienceqa's
-        "generate": 1}
+        # instruction(_lora), scienceqa(_mm, _lora), 6 ablation points (the center is scienceqa's); zero-shot
+        # experiments are evaluated without training, and the full fine-tunes are dropped at 7B
+        "train_adapter": 10, "evaluate": 13, "generate": 3}
     assert counts.get("encode_images") == 1 and counts.get("make_vision_encoder", 0) == 0
     ablations = {f"ablations/adapter_layers~{layers}/gate_init~{gate}/epochs~{epochs}"
                  for layers, gate, epochs in [(30, "zero", 30), (10, "zero", 30), (20, "zero", 30),
                                               (30, "random", 30), (30, "zero", 15), (30, "zero", 60)]}
     trained = {job["wildcards"]["experiment"]: job["shell"] for job in jobs(paper_dry_run, "train_adapter")}
     center = "ablations/adapter_layers~30/gate_init~zero/epochs~30"
-    assert set(trained) == {"instruction", "scienceqa", "scienceqa_mm"} | ablations - {center}
+    assert set(trained) == {"instruction", "instruction_lora", "scienceqa", "scienceqa_mm", "scienceqa_lora"
+                            } | ablations - {center}
+    assert " --method lora " in trained["instruction_lora"] and " --lr 0.0003 " in trained["instruction_lora"]
+    assert " --method " not in trained["instruction"]  # the adapter: the default
     features = f"{paper_tmp}/results/features/clip/scienceqa"
     assert f"--image-features {features}" in trained["scienceqa_mm"] and "--image-features" not in trained["scienceqa"]
     [center_scored] = [job for job in jobs(paper_dry_run, "evaluate") if job["wildcards"]["experiment"] == center]
@@ -196,6 +200,8 @@ def test_paper_config_dry_run(paper_dry_run, paper_tmp):
     scored = {job["wildcards"]["experiment"]: job["shell"] for job in jobs(paper_dry_run, "evaluate")}
     assert all("--split val --mode generate" in scored[name] for name in ablations)
     assert "--split test --mode generate" in scored["scienceqa"]
+    assert "--adapter" not in scored["scienceqa_zero_shot"] and "--adapter" not in scored["instruction_zero_shot"]
+    assert "/adapters/scienceqa_lora/adapter_model.safetensors " in scored["scienceqa_lora"]
     assert f"--image-features {features}" in scored["scienceqa_mm"]
     assert not (paper_tmp / "results").exists()  # a dry run writes nothing
 
@@ -216,9 +222,11 @@ def test_local_profile_gives_each_gpu_rule_one_gpu():
     assert "--assign-splits train=0.45 val=0.05 test=0.5 --split-seed 0 " in fetched["scienceqa"]
     assert "--assign-splits" not in fetched["alpaca"]
     trained = {job["wildcards"]["experiment"] for job in jobs(out, "train_adapter")}
-    assert "scienceqa_mm" not in trained and not jobs(out, "encode_images") and len(trained) == 7
+    assert "scienceqa_mm" not in trained and not jobs(out, "encode_images") and len(trained) == 11
     assert all("--split test " in job["shell"] for job in jobs(out, "evaluate")
-               if job["wildcards"]["experiment"] != "instruction")
+               if not job["wildcards"]["experiment"].startswith("instruction"))
+    [full] = [job for job in jobs(out, "evaluate") if job["wildcards"]["experiment"] == "scienceqa_full"]
+    assert "/adapters/scienceqa_full/model " in full["shell"] and "--adapter" not in full["shell"]
     out = snakemake("--profile", "local", "--configfile", "config/smollm2.yaml", "--forceall",
                     "--resources", "gpu=2", "--set-resources", "train_adapter:gpu=2")
     assert all(job["shell"].startswith("exec torchrun --standalone --nproc-per-node 2 -m llama_adapter.cli train ")

@@ -46,14 +46,14 @@ def test_every_job_went_through_slurm(slurm_run):
     root, log = slurm_run
     # every job of the demo DAG but `all` and the two downloads (`fetch` is a local rule: compute nodes are
     # often offline)
-    assert log.count("has been submitted with SLURM jobid") == 28
+    assert log.count("has been submitted with SLURM jobid") == 40
     assert log.count("localrule fetch:") == 2
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root / 'results' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id], max_results=100)
     jobs = [r for r in runs if r.data.tags.get("rule") in ("train_adapter", "evaluate")]
-    assert len(jobs) == 17 and all(r.data.tags.get("slurm_job_id", "").isdigit() for r in jobs)
+    assert len(jobs) == 27 and all(r.data.tags.get("slurm_job_id", "").isdigit() for r in jobs)
 
 
 def test_report_equals_the_local_run(slurm_run, demo_run):

@@ -139,6 +139,22 @@ def test_resume_after_sigkill_is_bit_identical(setup, tmp_path):
     assert result["initial_val_loss"] == reference["initial_val_loss"]  # kept in the checkpoint
 
 
+@pytest.mark.parametrize(("method", "lr"), [("lora", 0.05), ("full", 0.01)])
+def test_baselines_train_and_resume_exactly(setup, tmp_path, method, lr):
+    """LoRA (with its dropout, which draws from the checkpointed RNG) and full fine-tuning go through the same
+    packed training loop as the adapter, and a cut run resumes bit for bit."""
+    from llama_adapter.config import WEIGHTS
+
+    reference = train(config(setup, tmp_path / "ref", method=method, lr=lr))
+    losses = [h["loss"] for h in reference["history"]]
+    assert losses[-1] < 0.8 * losses[0] and reference["method"] == method
+    assert (tmp_path / "ref" / WEIGHTS[method]).is_file() and not (tmp_path / "ref" / "checkpoint.pt").exists()
+    train(config(setup, tmp_path / "cut", method=method, lr=lr, max_steps=4), keep_checkpoint=True)
+    resumed = train(config(setup, tmp_path / "cut", method=method, lr=lr), resume=True)
+    assert [h["loss"] for h in resumed["history"]] == losses
+    assert "gate/layer_02" not in resumed["history"][-1]  # no gates without the adapter
+
+
 def test_resume_refuses_changed_settings(setup, tmp_path):
     train(config(setup, tmp_path / "run", max_steps=2), keep_checkpoint=True)  # else removed with the adapter
     with pytest.raises(ValueError, match=r"cannot resume.*blr"):

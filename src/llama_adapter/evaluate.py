@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .batching import collate, hidden_states, micro_batches, token_loss_sum
-from .data.scienceqa import CATEGORIES, categories, parse_answer, qcm_prompt, qcm_target
+from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .generate import complete_texts, prompt_text
 from .io import atomic_path, write_json
@@ -130,6 +130,11 @@ def evaluate_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[d
     chance = 100.0 * sum(1 / len(r["choices"]) for r in records) / len(records) if records else None
     scores = {"mode": mode, **scienceqa_scores(predictions), "chance": chance and round(chance, 2),
               "floor": answer_position_floor(train_records or [], records)}
+    if mode == "generate" and records:
+        # The same outputs read in any wording ("(X)" anywhere): tells a model that knows the answer but not the
+        # paper's answer format from one that knows neither.
+        any_format = sum(parse_answer(t, len(r["choices"]), ANY_LETTER_RE) == r["answer"] for r, t in zip(records, texts))
+        scores["any_format"] = {"correct": any_format, "accuracy": round(100.0 * any_format / len(records), 2)}
     write_json(Path(out_dir) / "scores.json", scores)
     with atomic_path(Path(out_dir) / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(predictions[0]) if predictions else ["pid"])

@@ -21,13 +21,17 @@ from torch import Tensor, nn
 
 from .config import AdapterArgs, ModelArgs
 
-try:  # flash attention over variable-length segments (torch >= 2.10, CUDA only)
-    from torch.nn.attention.varlen import varlen_attn
+# Flash attention over variable-length segments (torch >= 2.10, CUDA only). Imported only where CUDA is: the
+# import pulls in torch's compiler stack, about 2 s that every CPU job (the demo's dozens) would pay for nothing.
+varlen_attn, VARLEN_PARAMS = None, frozenset()
+if torch.cuda.is_available():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
 
-    # Its signature changed between releases: read once here, not on every layer's call.
-    VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
-except ImportError:
-    varlen_attn, VARLEN_PARAMS = None, frozenset()
+        # Its signature changed between releases: read once here, not on every layer's call.
+        VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
+    except ImportError:
+        pass
 
 
 def is_adapter_param(name: str) -> bool:

@@ -263,7 +263,8 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
         paper = PAPER_SCIENCEQA.get(paper_model, {})
         low, high = accuracy_interval(r.scores["accuracy"], r.scores["n"], r.scores.get("correct"))
         row |= {"accuracy": r.scores["accuracy"], "ci95_low": low, "ci95_high": high,
-                "accuracy_paper": paper.get("accuracy")}
+                "accuracy_paper": paper.get("accuracy"), "unparsed": r.scores.get("unparsed"),
+                "accuracy_any_format": (r.scores.get("any_format") or {}).get("accuracy")}
         for c in CATEGORIES:
             row |= {c: r.scores["categories"][c]["accuracy"], f"{c}_paper": paper.get(c)}
         rows.append(row | r.provenance)
@@ -521,7 +522,9 @@ def report_markdown(tables: dict[str, pd.DataFrame], named: list[Run], center: d
         f"{json.dumps(center)} fixed except the axis they vary. `chance` is the accuracy of guessing uniformly; "
         "the `floor` row always answers the option position most often right in the training questions. "
         "`ci95_low`/`ci95_high` bound each accuracy with 95% confidence (Wilson interval over its questions): "
-        "two methods whose intervals overlap are not shown to differ. "
+        "two methods whose intervals overlap are not shown to differ. With generated answers, `unparsed` counts "
+        "the outputs without the paper's \"The answer is (X)\", and `accuracy_any_format` reads the first \"(X)\" "
+        "of any wording: a model that knows the answers but not the format scores low on `accuracy` only. "
         "Every row of ours names its training (`mlflow_run`) and evaluation (`eval_run`) MLflow runs, the "
         "config hash, the sha256 of the training records (first 12 hex digits) and the git commit.", "",
         f"Alpaca samples: {lengths['samples']}, mean length {lengths['mean']:.1f} tokens, longest {lengths['max']}.",

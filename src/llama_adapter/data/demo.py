@@ -10,11 +10,14 @@ Each question kind has a fixed list of options (see FACT_QUESTIONS for why), and
 through them, so every letter is equally often right and a letter prior scores no better than chance.
 Everything derives from one seeded RNG: the same seed gives byte-identical files.
 
-The corpus is JSONL, one {"text": document} per line (documents span several lines). Besides the facts it holds a few worksheets in the
-ScienceQA QCM layout and a few answered instructions in the Alpaca template, drawn independently of the
-fine-tuning data: a real LLaMA has seen quizzes and instructions in pre-training, and a tiny base that has
-never seen ":", "(A)" or a newline cannot be steered to write them by 1-2% extra parameters. What the
-adapters learn is the task: which format to answer in, and which option the hint or fact supports.
+The corpus is JSONL, one {"text": document} per line (documents span several lines). Besides the facts it holds
+worksheets in the ScienceQA QCM layout and a few answered instructions in the Alpaca template, drawn
+independently of the fine-tuning data: a real LLaMA has seen quizzes and instructions in pre-training, and a
+tiny base that has never seen ":", "(A)" or a newline cannot be steered to write them by 1-2% extra parameters.
+The worksheets answer in their own words, "Answer: (B)", never in the paper's "Answer: The answer is (B).", which
+the benchmark parses: the base knows the world and the quiz layout but not the answer format, so zero-shot it
+answers in the wrong words, and what fine-tuning must teach, and the report can show, is the format (the report's
+`accuracy_any_format` reads the letter in any wording, which separates the two).
 """
 
 from __future__ import annotations
@@ -187,14 +190,15 @@ def _corpus(rng: random.Random, groups: list[list[Fact]], primers: list[str]) ->
 
 
 def _primers(seed: int, facts: list[Fact]) -> list[str]:
-    """Worksheets (QCM prompt + answer) and answered instructions (Alpaca template), from an RNG of their
-    own so that they do not shift what the fine-tuning data draws."""
-    from llama_adapter.data.scienceqa import qcm_prompt, qcm_target
+    """Worksheets (QCM prompt + "Answer: (X)", not the benchmark's format) and answered instructions (Alpaca
+    template), from an RNG of their own so that they do not shift what the fine-tuning data draws."""
+    from llama_adapter.data.scienceqa import LETTERS, qcm_prompt
     from llama_adapter.prompts import alpaca_prompt
 
     rng = random.Random(f"{seed}-primers")
     problems, _ = _problems(rng, facts, 2 * WORKSHEETS)
-    sheets = [qcm_prompt(p) + qcm_target(p) for p in problems.values() if p["image"] is None][:WORKSHEETS]
+    sheets = [qcm_prompt(p) + f"Answer: ({LETTERS[p['answer']]})" for p in problems.values()
+              if p["image"] is None][:WORKSHEETS]
     answered = [alpaca_prompt(r["instruction"], r["input"]) + r["output"]  # joined as fine-tuning joins them
                 for _, r in _alpaca(rng, facts, INSTRUCTION_DOCS)]
     return sheets + answered

@@ -25,11 +25,13 @@ def qcm_target(record: dict) -> str:
 
 
 ANSWER_RE = re.compile(r"answer is \(?([A-E])\)?")
+ANY_LETTER_RE = re.compile(r"\(([A-E])\)")
 
 
-def parse_answer(text: str, n_choices: int) -> int | None:
-    """The chosen option index in a generated answer, or None if it names no valid option."""
-    m = ANSWER_RE.search(text)
+def parse_answer(text: str, n_choices: int, pattern: re.Pattern = ANSWER_RE) -> int | None:
+    """The chosen option index in a generated answer, or None if it names no valid option. The default pattern
+    is the paper's "The answer is (X)"; ANY_LETTER_RE takes the first "(X)" in any wording."""
+    m = pattern.search(text)
     if m is None or LETTERS.index(m.group(1)) >= n_choices:
         return None
     return LETTERS.index(m.group(1))
