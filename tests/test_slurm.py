@@ -46,7 +46,7 @@ def test_every_job_went_through_slurm(slurm_run):
     root, log = slurm_run
     # every job of the demo DAG but `all` and the two downloads (`fetch` is a local rule: compute nodes are
     # often offline)
-    assert log.count("has been submitted with SLURM jobid") == 40
+    assert log.count("has been submitted with SLURM jobid") == 41
     assert log.count("localrule fetch:") == 2
     from mlflow.tracking import MlflowClient
 

@@ -124,7 +124,7 @@ def load_run(results: Path, name: str, trained_as: str | None = None) -> Run:
     """`name`'s evaluation, and the adapter of `trained_as` (default: `name`), when one training serves two
     experiments; a zero-shot evaluation (the base alone) has no training to read."""
     scores_path = results / "eval" / name / "scores.json"
-    if _read_json(scores_path).get("method") == "zero-shot":
+    if scores_path.is_file() and _read_json(scores_path).get("method") == "zero-shot":
         scores = _read_json(scores_path, ("task", "base"))
         stats = _read_json(results / "tokens" / scores["task"] / "stats.json", REQUIRED_KEYS["stats.json"])
         _read_json(scores_path, SCORE_KEYS.get(stats["dataset"], ()))

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import sentencepiece
 import tokenizers
@@ -136,8 +137,6 @@ def _load_hf(path: Path) -> Tokenizer:
 
 def _gguf_vocab(path: Path) -> dict[str, Any]:
     """The ``tokenizer.ggml.*`` fields, keyed without that prefix."""
-    import gguf  # only for GGUF files: the data stages and the GPU machine's bare images need not have it
-
     vocab = {}
     for key, field in gguf.GGUFReader(path).fields.items():
         if key.startswith("tokenizer.ggml."):
