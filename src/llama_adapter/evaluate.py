@@ -89,7 +89,8 @@ def scienceqa_scores(predictions: list[dict]) -> dict:
         return round(100.0 * sum(r["correct"] for r in rows) / len(rows), 2) if rows else None
 
     per = {c: [p for p in predictions if c in p["categories"]] for c in CATEGORIES}
-    return {"n": len(predictions), "correct": sum(bool(p["correct"]) for p in predictions), "accuracy": acc(predictions),
+    return {"n": len(predictions), "correct": sum(bool(p["correct"]) for p in predictions),
+            "accuracy": acc(predictions),
             "categories": {c: {"accuracy": acc(rows), "n": len(rows)} for c, rows in per.items()},
             "unparsed": sum(p["prediction"] is None for p in predictions)}
 
@@ -133,7 +134,8 @@ def evaluate_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[d
     if mode == "generate" and records:
         # The same outputs read in any wording ("(X)" anywhere): tells a model that knows the answer but not the
         # paper's answer format from one that knows neither.
-        any_format = sum(parse_answer(t, len(r["choices"]), ANY_LETTER_RE) == r["answer"] for r, t in zip(records, texts))
+        any_format = sum(parse_answer(t, len(r["choices"]), ANY_LETTER_RE) == r["answer"]
+                         for r, t in zip(records, texts))
         scores["any_format"] = {"correct": any_format, "accuracy": round(100.0 * any_format / len(records), 2)}
     write_json(Path(out_dir) / "scores.json", scores)
     with atomic_path(Path(out_dir) / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:

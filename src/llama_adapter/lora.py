@@ -185,7 +185,8 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, st
     for name, t in tensors.items():
         m = PEFT_NAME.fullmatch(name.replace(".default.", "."))
         if m is None or m.group(3) not in to_meta:
-            raise CheckpointError(f"{path}: tensor {name!r} is not a LoRA A/B of a LLaMA projection; expected {expected}")
+            raise CheckpointError(f"{path}: tensor {name!r} is not a LoRA A/B of a LLaMA projection; "
+                                  f"expected {expected}")
         layer, target, which = int(m.group(1)), to_meta[m.group(3)], m.group(4)
         if which == "B" and (heads := rope_heads(target, model_args)) is not None and t.shape[0] % heads == 0:
             t = rope_rows(t, heads, to_hf=False)

@@ -10,8 +10,9 @@ Reads what the pipeline writes, per experiment (a name such as `scienceqa` or
   tokens/<dataset>/stats.json                                             (data provenance)
 Every table puts the paper's published number in a column beside ours, and every row of ours names the
 MLflow runs, config hash, data hash and git commit it came from. Every accuracy has a 95% Wilson interval
-(ci95_low, ci95_high) from its number of questions, so a difference within noise shows as overlapping intervals. Tables are written as CSV, Markdown and
-LaTeX; the whole report folder is written at once or not at all.
+(ci95_low, ci95_high) from its number of questions, so a difference within noise shows as overlapping
+intervals. Tables are written as CSV, Markdown and LaTeX; the whole report folder is written at once or not
+at all.
 """
 
 from __future__ import annotations
@@ -282,7 +283,8 @@ def instruction_table(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for r in runs:
         before = r.metrics.get("initial_val_loss")
-        rows.append({"experiment": r.name, "method": METHOD_NAMES[r.method], "heldout_samples": r.scores["heldout_samples"],
+        rows.append({"experiment": r.name, "method": METHOD_NAMES[r.method],
+                     "heldout_samples": r.scores["heldout_samples"],
                      "gate_init": r.config.get("gate_init") if r.method == "adapter" else None,
                      "loss_before": before, "loss_after": r.scores["heldout_loss"],
                      "perplexity_before": None if before is None else math.exp(before),
@@ -421,7 +423,8 @@ def category_figure(runs: list[Run], path: Path) -> None:
     bars = {}
     for r in runs:  # (accuracy, n) per column; the whiskers are 95% Wilson intervals
         cats = r.scores["categories"]
-        bars[r.name] = [(r.scores["accuracy"], r.scores["n"])] + [(cats[c]["accuracy"], cats[c]["n"]) for c in CATEGORIES]
+        bars[r.name] = [(r.scores["accuracy"], r.scores["n"]),
+                        *((cats[c]["accuracy"], cats[c]["n"]) for c in CATEGORIES)]
     bars["paper: LLaMA-Adapter"] = [(PAPER_SCIENCEQA["LLaMA-Adapter"][c], None) for c in columns]
     width = 0.8 / len(bars)
     for i, (name, values) in enumerate(bars.items()):
