@@ -74,9 +74,9 @@ def test_lora_matches_peft_logits_and_gradients(hf_base, targets, tmp_path):
             ref_b = ref_grads[f"base_model.model.model.layers.{i}.{module}.lora_B.default.weight"].grad
             ours_b = ours_layer.lora_b.grad
             if t in ("wq", "wk"):  # our rows are Meta's interleaved rotary pairs; HF's are halves
-                from llama_adapter.lora import rope_rows
+                from llama_adapter.checkpoint import permute_rope_rows
 
-                ours_b = rope_rows(ours_b, args.n_heads if t == "wq" else args.n_kv_heads, to_hf=True)
+                ours_b = permute_rope_rows(ours_b, args.n_heads if t == "wq" else args.n_kv_heads)
             torch.testing.assert_close(ours_layer.lora_a.grad, ref_a, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(ours_b, ref_b, atol=1e-4, rtol=1e-4)
             compared += 2

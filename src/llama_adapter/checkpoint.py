@@ -496,6 +496,22 @@ def to_foreign_name(meta_name: str, column: int) -> str:
 STRUCTURAL_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
 
 
+def check_trained_on(path: Path, header: dict[str, str], args: ModelArgs, kind: str) -> None:
+    """A file whose header names the base it was trained on (`base_args`) fits a model of `args` shapes."""
+    trained_on = json.loads(header["base_args"])
+    diff = {k: (trained_on.get(k), getattr(args, k)) for k in STRUCTURAL_ARGS if trained_on.get(k) != getattr(args, k)}
+    if diff:
+        raise CheckpointError(f"{path}: trained on base {header.get('base_model')!r}, which differs from this base "
+                              f"in {{arg: ({kind}'s base, this base)}}: {diff}")
+
+
+def copy_parameters(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Copy each tensor into the model's parameter of that name, in place (its dtype and device kept)."""
+    with torch.no_grad():
+        for k, v in tensors.items():
+            model.get_parameter(k).copy_(v)
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], dict[str, Tensor]]:
     """(adapter config, header, tensors) of an adapter written by `save_adapter`."""
     path = Path(path)
@@ -578,17 +594,10 @@ def apply_adapter(model: Transformer, adapter_path: str | os.PathLike, adapter: 
         tensors = read_original_release(adapter_path, model.args.n_layers, adapter)
     else:
         adapter, header, tensors = read_adapter(adapter_path)
-        trained_on = json.loads(header["base_args"])
-        diff = {k: (trained_on.get(k), getattr(model.args, k)) for k in STRUCTURAL_ARGS
-                if trained_on.get(k) != getattr(model.args, k)}
-        if diff:
-            raise CheckpointError(f"{adapter_path}: trained on base {header.get('base_model')!r}, which differs "
-                                  f"from this base in {{arg: (adapter's base, this base)}}: {diff}")
+        check_trained_on(adapter_path, header, model.args, "adapter")
     model.set_adapter(adapter)
     check_state({k: v.shape for k, v in model.adapter_state_dict().items()}, tensors, f"adapter {adapter_path}")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            model.get_parameter(k).copy_(v)
+    copy_parameters(model, tensors)
 
 
 def apply_lora(model: Transformer, path: Path, merge: bool = True) -> None:
@@ -597,20 +606,13 @@ def apply_lora(model: Transformer, path: Path, merge: bool = True) -> None:
     from .lora import add_lora, merge_lora, read_lora
 
     args, header, tensors = read_lora(path, model.args)
-    if "base_args" in header:
-        trained_on = json.loads(header["base_args"])
-        diff = {k: (trained_on.get(k), getattr(model.args, k)) for k in STRUCTURAL_ARGS
-                if trained_on.get(k) != getattr(model.args, k)}
-        if diff:
-            raise CheckpointError(f"{path}: trained on base {header.get('base_model')!r}, which differs from this base "
-                                  f"in {{arg: (LoRA's base, this base)}}: {diff}")
+    if "base_args" in header:  # ours; a LoRA trained with PEFT names no base shapes (check_state still applies)
+        check_trained_on(path, header, model.args, "LoRA")
     if model.adapter is not None or model.lora is not None or getattr(model, "merged_lora", None):
         raise CheckpointError(f"{path}: the model holds an adapter or LoRA already; load the LoRA onto a plain base")
     add_lora(model, args)
     check_state({k: p.shape for k, p in model.named_parameters() if p.requires_grad}, tensors, f"LoRA {path}")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            model.get_parameter(k).copy_(v)
+    copy_parameters(model, tensors)
     model.requires_grad_(False)
     if merge:
         merge_lora(model)

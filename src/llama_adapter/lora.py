@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import permute_rope_rows, read_json, read_safetensors_file, unpermute_rope_rows
 from .config import LORA_TARGETS, WEIGHTS, LoRAArgs, ModelArgs
 from .errors import CheckpointError
 from .io import atomic_path
@@ -105,15 +106,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------- PEFT's file layout
 
 
-def rope_rows(w: Tensor, n_heads: int, to_hf: bool) -> Tensor:
-    """Reorder the rows of a wq/wk-shaped tensor between Meta's interleaved rotary pairs and HF's halves."""
-    rows, cols = w.shape
-    hd = rows // n_heads
-    shape = (n_heads, hd // 2, 2, cols) if to_hf else (n_heads, 2, hd // 2, cols)
-    return w.reshape(shape).transpose(1, 2).reshape(rows, cols)
-
-
 def rope_heads(target: str, args: ModelArgs) -> int | None:
+    """The heads of a projection whose rows HF stores permuted (checkpoint.permute_rope_rows): wq, wk; else None."""
     return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(target)
 
 
@@ -125,7 +119,7 @@ def peft_tensors(model: nn.Module) -> dict[str, Tensor]:
             lin = getattr(getattr(layer, BLOCK_PART[t]), t)
             b = lin.lora_b.detach().float().cpu()
             if (heads := rope_heads(t, model.args)) is not None:
-                b = rope_rows(b, heads, to_hf=True)
+                b = permute_rope_rows(b, heads)
             prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[t]}"
             out[f"{prefix}.lora_A.weight"] = lin.lora_a.detach().float().cpu().contiguous()
             out[f"{prefix}.lora_B.weight"] = b.contiguous()
@@ -160,8 +154,6 @@ def is_lora_file(path: Path) -> bool:
 def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, str], dict[str, Tensor]]:
     """(LoRA settings, header, tensors under this model's names and row order) of a PEFT LoRA: ours, or one
     trained with PEFT on the Hugging Face LLaMA of the same base."""
-    from .checkpoint import read_json, read_safetensors_file
-
     config_path = path.parent / LORA_CONFIG
     config = read_json(config_path)
     expected = "a PEFT LoRA (peft_type LORA, bias none, no DoRA or rsLoRA, target_modules among q/k/v/o/gate/up/down)"
@@ -189,6 +181,6 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, st
                                   f"expected {expected}")
         layer, target, which = int(m.group(1)), to_meta[m.group(3)], m.group(4)
         if which == "B" and (heads := rope_heads(target, model_args)) is not None and t.shape[0] % heads == 0:
-            t = rope_rows(t, heads, to_hf=False)
+            t = unpermute_rope_rows(t, heads)
         ours[f"layers.{layer}.{BLOCK_PART[target]}.{target}.lora_{which.lower()}"] = t
     return args, header, ours

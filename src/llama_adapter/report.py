@@ -115,8 +115,14 @@ def _read_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
         raise InputError(f"{path}: not valid JSON ({e}); expected the file {stage} writes") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: a JSON {type(data).__name__}, not an object; expected the file {stage} writes")
+    return _with_keys(path, data, keys)
+
+
+def _with_keys(path: Path, data: dict, keys: tuple[str, ...]) -> dict:
+    """`data`, read from `path`, if it holds every one of `keys`."""
     missing = [k for k in keys if k not in data]
     if missing:
+        stage = WRITTEN_BY.get(path.name, "the stage that writes it")
         raise InputError(f"{path}: missing key(s) {', '.join(missing)}; expected the file {stage} writes")
     return data
 
@@ -125,10 +131,11 @@ def load_run(results: Path, name: str, trained_as: str | None = None) -> Run:
     """`name`'s evaluation, and the adapter of `trained_as` (default: `name`), when one training serves two
     experiments; a zero-shot evaluation (the base alone) has no training to read."""
     scores_path = results / "eval" / name / "scores.json"
-    if scores_path.is_file() and _read_json(scores_path).get("method") == "zero-shot":
-        scores = _read_json(scores_path, ("task", "base"))
+    found = _read_json(scores_path) if scores_path.is_file() else None  # read once; checked when its keys are known
+    if found is not None and found.get("method") == "zero-shot":
+        scores = _with_keys(scores_path, found, ("task", "base"))
         stats = _read_json(results / "tokens" / scores["task"] / "stats.json", REQUIRED_KEYS["stats.json"])
-        _read_json(scores_path, SCORE_KEYS.get(stats["dataset"], ()))
+        _with_keys(scores_path, scores, SCORE_KEYS.get(stats["dataset"], ()))
         return Run(name=name, dataset=stats["dataset"], config={"base": scores["base"], "method": "zero-shot"},
                    metrics={}, scores=scores, adapter_bytes=None, seconds=None, data=stats.get("provenance", {}))
     trained_as = trained_as or name
@@ -137,7 +144,8 @@ def load_run(results: Path, name: str, trained_as: str | None = None) -> Run:
     stats = _read_json(results / "tokens" / Path(config["train_data"]).parent.name / "stats.json",
                        REQUIRED_KEYS["stats.json"])
     metrics = _read_json(adapter_dir / "metrics.json", REQUIRED_KEYS["metrics.json"])
-    scores = _read_json(scores_path, SCORE_KEYS.get(stats["dataset"], ()))
+    scores = _with_keys(scores_path, found if found is not None else _read_json(scores_path),
+                        SCORE_KEYS.get(stats["dataset"], ()))
     if not isinstance(metrics["history"], list) or not metrics["history"]:
         raise InputError(f"{adapter_dir / 'metrics.json'}: 'history' holds no training steps; expected the file "
                          "train writes")

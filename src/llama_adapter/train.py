@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from .batching import micro_batches, pack_rows, token_loss_sum
-from .checkpoint import load_model, read_json
+from .checkpoint import copy_parameters, load_model, read_json
 from .config import WEIGHTS, TrainConfig
 from .data.tokens import TokenDataset
 from .errors import CheckpointError, GPUAllocationError, PipelineError, TrainingDiverged
@@ -257,9 +257,7 @@ def restore(state: dict, ckpt_path: Path, cfg: TrainConfig, model: Transformer, 
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if changed:
         raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed {{key: (then, now)}}: {changed}")
-    with torch.no_grad():
-        for k, v in state["tuned"].items():
-            model.get_parameter(k).copy_(v)
+    copy_parameters(model, state["tuned"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state["history"], state["mlflow_run_id"], state.get("initial_val_loss")

@@ -173,17 +173,17 @@ def trained(w):
     return f"{RESULTS}/adapters/{trained_as(w.experiment)}/metrics.json"
 
 
-def model_options(w, input):
+def model_options(w, input, named=False):
     """--base (and --adapter) of the model an experiment evaluates: the base with its adapter or LoRA
     (config.WEIGHTS, beside the training's metrics.json), a fully fine-tuned model's own folder, or the base alone
-    (zero-shot). A list of arguments."""
+    (zero-shot). A list of arguments. named: the adapter as NAME=PATH, named after the experiment (generate)."""
     m = method(w.experiment)
     if m == "zero-shot":
         return ["--base", input.base]
     weights = str(Path(input.trained).parent / WEIGHTS[m])
     if m == "full":
         return ["--base", str(Path(weights).parent)]
-    return ["--base", input.base, "--adapter", weights]
+    return ["--base", input.base, "--adapter", f"{w.experiment}={weights}" if named else weights]
 
 
 def image_features(w):

@@ -24,11 +24,8 @@ rule generate:
         options=cli_options(
             {k: v for k, v in config["generate"].items() if k != "instructions"}
         ),
-        # NAME=PATH names the rows after the experiment; a full fine-tune or the zero-shot base is --name'd.
-        model=lambda w, input: [
-            f"{w.experiment}={arg}" if i and model_options(w, input)[i - 1] == "--adapter" else arg
-            for i, arg in enumerate(model_options(w, input))
-        ]
+        # The rows are named after the experiment: by NAME=PATH, or --name for a full fine-tune or zero-shot base.
+        model=lambda w, input: model_options(w, input, named=True)
         + ["--name", w.experiment],
     shell:
         "llama-adapter generate {params.model:q} --tokenizer {input.tokenizer:q} "
