@@ -19,9 +19,9 @@ from functools import partial
 
 import torch
 
+from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.generate import generate
-from llama_adapter.model import Transformer
 
 
 def copy_bandwidth(device) -> float:
@@ -49,7 +49,8 @@ def timed(fn) -> float:
 def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, cuda_graph: bool,
          compile: bool = False) -> float:
     with torch.device("cuda"):
-        model = Transformer(args, adapter).cast_base(torch.bfloat16).eval().fuse_projections()  # as the CLI loads it
+        # as the CLI loads it
+        model = AdaptedTransformer(args, adapter).cast_base(torch.bfloat16).eval().fuse_projections()
     with torch.no_grad():
         model.adapter_gate.normal_()
     rows = prompts.tolist()

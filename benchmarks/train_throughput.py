@@ -42,11 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.batching import collate, token_loss_sum
 from llama_adapter.config import AdapterArgs, LoRAArgs, ModelArgs, TrainConfig
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
 from llama_adapter.lora import HF_MODULES, add_lora
-from llama_adapter.model import Transformer
 from llama_adapter.train import (
     Dist,
     autocast,
@@ -168,10 +168,10 @@ def ours_padded(model, samples, n: int, row_len: int, opt, n_warmup, n_steps, d:
     return time_steps(f"ours, padded to {row_len}", step, n_warmup, n_steps, d)
 
 
-def our_model(method: str, args: ModelArgs, adapter: AdapterArgs, lora: LoRAArgs, device) -> Transformer:
+def our_model(method: str, args: ModelArgs, adapter: AdapterArgs, lora: LoRAArgs, device) -> AdaptedTransformer:
     """The base (bf16 on a GPU) with the method's fresh trainable parameters in fp32, everything else frozen."""
     with torch.device(device):
-        model = Transformer(args, adapter if method == "adapter" else None).cast_base(base_dtype(device))
+        model = AdaptedTransformer(args, adapter if method == "adapter" else None).cast_base(base_dtype(device))
     if method == "adapter":
         with torch.no_grad():
             model.adapter_gate.normal_()  # a trained adapter: the branch really runs

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from llama_adapter import cli
+from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.checkpoint import save_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.data.tokens import Encoded, write_split
@@ -47,7 +48,7 @@ def w(tmp_path_factory) -> Path:
         "".join(json.dumps({"text": " ".join(rng.choice(words, 12))}) + "\n" for _ in range(200)))
     train_sentencepiece(root / "corpus.jsonl", root / "tok.model", 300)
     torch.manual_seed(0)
-    model = Transformer(SMALL, AdapterArgs(adapter_len=2, adapter_layers=1))
+    model = AdaptedTransformer(SMALL, AdapterArgs(adapter_len=2, adapter_layers=1))
     save_meta_checkpoint(model, root / "base")
     save_adapter(model, root / "adapter.safetensors", base_model="small")
     fits = Transformer(ModelArgs(**{**SMALL.to_dict(), "vocab_size": load_tokenizer(root / "tok.model").vocab_size}))

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.checkpoint import (
     CheckpointError,
     load_base,
@@ -20,7 +21,7 @@ from llama_adapter.model import Transformer
 def random_model(preset: str | ModelArgs = "tiny-gqa", adapter=None, seed=0) -> Transformer:
     torch.manual_seed(seed)
     args = preset if isinstance(preset, ModelArgs) else ModelArgs.from_name(preset)
-    m = Transformer(args, adapter).eval()
+    m = AdaptedTransformer(args, adapter).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):

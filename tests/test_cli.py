@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.checkpoint import save_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.model import Transformer
@@ -34,7 +35,7 @@ def test_inspect_7b_preset_counts_the_paper_parameters():
 def test_complete_with_meta_checkpoint_and_adapter(tmp_path, llama_sp_model):
     torch.manual_seed(0)
     args = ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=32000, hidden_dim=64)
-    model = Transformer(args, AdapterArgs(adapter_len=2, adapter_layers=1))
+    model = AdaptedTransformer(args, AdapterArgs(adapter_len=2, adapter_layers=1))
     save_meta_checkpoint(model, tmp_path / "base")
     save_adapter(model, tmp_path / "adapter.safetensors", base_model="random-tiny")
     proc = run_cli("complete", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter.safetensors"),

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from llama_adapter.adapter import AdaptedTransformer, is_adapter_param
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.generate import generate
-from llama_adapter.model import Transformer, is_adapter_param
+from llama_adapter.model import Transformer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -21,8 +22,8 @@ def models(fused=False):
     """The fp32 CPU reference and the same weights in bf16 on the GPU, fused for decoding as the CLI loads
     them, or not, as training does."""
     torch.manual_seed(0)
-    ref = Transformer(ARGS, ADAPTER).eval()  # fp32 on CPU: the reference
-    gpu = Transformer(ARGS, ADAPTER)
+    ref = AdaptedTransformer(ARGS, ADAPTER).eval()  # fp32 on CPU: the reference
+    gpu = AdaptedTransformer(ARGS, ADAPTER)
     gpu.load_state_dict(ref.state_dict())
     gpu = gpu.cuda().cast_base(torch.bfloat16).eval()
     return ref, gpu.fuse_projections() if fused else gpu
@@ -75,11 +76,11 @@ def test_left_padded_generation_on_gpu():
 
 def test_training_on_gpu(tmp_path):
     """bf16 base, fp32 adapter and optimizer state, the packed-batch loss on the GPU."""
+    from test_train import ARGS as TRAIN_ARGS
     from test_train import config, synthetic_split
 
     from llama_adapter.checkpoint import read_adapter, save_meta_checkpoint
     from llama_adapter.train import train
-    from test_train import ARGS as TRAIN_ARGS
 
     torch.manual_seed(0)
     save_meta_checkpoint(Transformer(TRAIN_ARGS), tmp_path / "base")
@@ -96,12 +97,12 @@ def test_training_on_gpu(tmp_path):
 def test_baselines_train_on_gpu(tmp_path, method, lr, compiled):
     """LoRA and full fine-tuning through the GPU's packed path (flash varlen attention, bf16 autocast), eager and
     with the blocks compiled; the trained tensors stay fp32."""
+    from test_train import ARGS as TRAIN_ARGS
     from test_train import config, synthetic_split
 
-    from llama_adapter.config import WEIGHTS
     from llama_adapter.checkpoint import save_meta_checkpoint
+    from llama_adapter.config import WEIGHTS
     from llama_adapter.train import train
-    from test_train import ARGS as TRAIN_ARGS
 
     torch.manual_seed(0)
     save_meta_checkpoint(Transformer(TRAIN_ARGS), tmp_path / "base")
@@ -122,11 +123,11 @@ def test_two_gpus_match_one(tmp_path, fsdp):
     import subprocess
     import sys
 
+    from test_train import ARGS as TRAIN_ARGS
     from test_train import config, run_cli_train, synthetic_split
 
     from llama_adapter.checkpoint import save_meta_checkpoint
     from llama_adapter.train import train
-    from test_train import ARGS as TRAIN_ARGS
 
     torch.manual_seed(0)
     save_meta_checkpoint(Transformer(TRAIN_ARGS), tmp_path / "base")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.batching import collate, token_loss_sum
 from llama_adapter.checkpoint import load_model, save_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs
@@ -35,7 +36,7 @@ def world(tmp_path_factory, llama_sp_model):
     torch.manual_seed(0)
     save_meta_checkpoint(Transformer(ARGS), root / "base")
     for name, layers in (("a", 2), ("b", 3)):
-        m = Transformer(ARGS, AdapterArgs(adapter_len=3, adapter_layers=layers, gate_init="random"))
+        m = AdaptedTransformer(ARGS, AdapterArgs(adapter_len=3, adapter_layers=layers, gate_init="random"))
         save_adapter(m, root / f"{name}.safetensors", base_model="random")
     return root, load_tokenizer(llama_sp_model)
 

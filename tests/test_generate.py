@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.generate import generate, sample_next
 from llama_adapter.model import Transformer
@@ -11,7 +12,7 @@ from llama_adapter.model import Transformer
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return Transformer(ModelArgs.from_name("tiny-gqa"), AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    return AdaptedTransformer(ModelArgs.from_name("tiny-gqa"), AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
 
 
 def test_adapter_depends_on_absolute_position(model):
@@ -65,7 +66,7 @@ def test_multimodal_decoding_matches_the_full_forward_of_each_row():
     """The image values cached at the prefill give every decoded token what a full forward with the image
     gives; a row without an image decodes as the text-only model."""
     torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_name("tiny-gqa"),
+    model = AdaptedTransformer(ModelArgs.from_name("tiny-gqa"),
                         AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random", visual_dim=12)).eval()
     with torch.no_grad():  # an image term large enough to change the tokens
         model.adapter_gate.fill_(2.0)

@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
+from test_model import TINY, hf_config, tokens
 
 from llama_adapter.checkpoint import apply_adapter, load_base, load_model
 from llama_adapter.config import AdapterArgs, LoRAArgs, ModelArgs
 from llama_adapter.errors import CheckpointError
 from llama_adapter.lora import LORA_CONFIG, LORA_WEIGHTS, add_lora, is_lora_param, merge_lora, save_lora
 from llama_adapter.methods import WEIGHTS, load_for_training, save_tuned, trains, tuned_state
-
-from test_model import TINY, hf_config, tokens
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

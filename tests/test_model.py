@@ -4,9 +4,10 @@ PEFT's AdaptionPrompt, on tiny random configurations loaded through our own HF l
 import pytest
 import torch
 
+from llama_adapter.adapter import AdaptedTransformer, is_adapter_param
 from llama_adapter.checkpoint import load_base, save_adapter
 from llama_adapter.config import AdapterArgs, ModelArgs
-from llama_adapter.model import Transformer, is_adapter_param
+from llama_adapter.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +81,7 @@ def test_zero_gate_adapter_is_bit_identical():
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-gqa")
     base = Transformer(args).eval()
-    adapted = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3)).eval()
+    adapted = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3)).eval()
     adapted.load_state_dict(base.state_dict(), strict=False)
     assert torch.all(adapted.adapter_gate == 0)
     x = tokens(args)
@@ -91,7 +92,7 @@ def test_zero_gate_adapter_is_bit_identical():
 def test_random_gate_init_changes_output():
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny")
-    m = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))
+    m = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))
     assert m.adapter_gate.abs().min() > 0
     x = tokens(args)
     with torch.no_grad():
@@ -104,7 +105,7 @@ def test_random_gate_init_changes_output():
 def test_kv_cache_decoding_equals_full_forward(preset):
     torch.manual_seed(0)
     args = ModelArgs.from_name(preset)
-    m = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    m = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
     x = tokens(args, T=12)
     prompt_len = 5
     with torch.no_grad():
@@ -123,8 +124,8 @@ def test_blocks_compile_without_graph_breaks():
     torch._dynamo.reset()
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-gqa")
-    eager = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
-    compiled = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
+    eager = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
+    compiled = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_blocks(backend="eager")
     x = tokens(args, T=12)
@@ -140,9 +141,9 @@ def test_kv_cache_holds_the_prompt_keys_and_values():
     through wk/wv at every token."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-gqa")
-    m = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    m = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
     m.setup_kv_cache(batch=2, max_len=16)
-    cached = [layer.attention.kv_cache.prompt_kv for layer in m.layers]
+    cached = [layer.attention.prompt_kv for layer in m.layers]
     assert cached[0] is None and all(c[0].shape == (1, args.n_kv_heads, 4, args.head_dim) for c in cached[1:])
     calls = []
     for layer in m.layers:
@@ -155,7 +156,7 @@ def test_kv_cache_holds_the_prompt_keys_and_values():
 
 def test_only_adapter_trains_and_gates_start_at_zero():
     args = ModelArgs.from_name("tiny")
-    m = Transformer(args, AdapterArgs(adapter_len=3, adapter_layers=2))
+    m = AdaptedTransformer(args, AdapterArgs(adapter_len=3, adapter_layers=2))
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable == {"adapter_query", "adapter_gate"} == {n for n, _ in m.named_parameters() if is_adapter_param(n)}
     assert m.adapter_query.shape == (2, 3, args.dim) and m.adapter_gate.shape == (2, args.n_heads)
@@ -167,7 +168,7 @@ def test_only_adapter_trains_and_gates_start_at_zero():
 
 
 def test_trainable_parameters_stay_fp32():
-    m = Transformer(ModelArgs.from_name("tiny"), AdapterArgs(adapter_len=3, adapter_layers=2)).cast_base(torch.bfloat16)
+    m = AdaptedTransformer(ModelArgs.from_name("tiny"), AdapterArgs(adapter_len=3, adapter_layers=2)).cast_base(torch.bfloat16)
     for n, p in m.named_parameters():
         assert p.dtype == (torch.float32 if is_adapter_param(n) else torch.bfloat16), n
     out = m(tokens(m.args))
@@ -176,7 +177,7 @@ def test_trainable_parameters_stay_fp32():
 
 def test_7b_parameter_count_and_adapter_file_size(tmp_path):
     with torch.device("meta"):
-        m = Transformer(ModelArgs.from_name("7B"), AdapterArgs(adapter_len=10, adapter_layers=30))
+        m = AdaptedTransformer(ModelArgs.from_name("7B"), AdapterArgs(adapter_len=10, adapter_layers=30))
     assert m.args.hidden_dim == 11008
     assert sum(p.numel() for p in m.parameters()) - m.adapter_query.numel() - m.adapter_gate.numel() == 6_738_415_616
     assert m.adapter_query.numel() == 1_228_800 and m.adapter_gate.numel() == 960
@@ -195,7 +196,7 @@ def test_meta_hidden_size_rule(name, hidden):
 
 def test_adapter_layers_cannot_exceed_model():
     with pytest.raises(ValueError, match="adapter_layers 5 exceeds"):
-        Transformer(ModelArgs.from_name("tiny"), AdapterArgs(adapter_layers=5))
+        AdaptedTransformer(ModelArgs.from_name("tiny"), AdapterArgs(adapter_layers=5))
 
 
 @pytest.mark.parametrize("name", ["7B", "Llama-2-70B", "Llama-3-8B", "SmolLM2-135M", "tiny-gqa", "tiny-tied"])
@@ -210,8 +211,8 @@ def test_fused_projections_keep_outputs_names_and_loading():
     """fuse_projections changes how the matmuls run, not what the model computes or how it is saved."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-gqa")
-    plain = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
-    fused = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    plain = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    fused = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
     fused.load_state_dict(plain.state_dict())
     fused.fuse_projections()
     x = tokens(args, T=12)
@@ -220,7 +221,7 @@ def test_fused_projections_keep_outputs_names_and_loading():
     assert fused.state_dict().keys() == plain.state_dict().keys()
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in fused.state_dict().items())
     # Loading (strict, Meta names) writes through the views into the fused weights.
-    other = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
+    other = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
     fused.load_state_dict(other.state_dict(), strict=True)
     a = fused.layers[1].attention
     assert torch.equal(a.wqkv[: a.wq.weight.size(0)], other.layers[1].attention.wq.weight)
@@ -234,9 +235,9 @@ def multimodal_pair(visual_dim=6):
     """A multimodal model and a text-only one with the same base, prompts and gates."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-gqa")
-    mm = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random", visual_dim=visual_dim,
+    mm = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random", visual_dim=visual_dim,
                                        visual_hidden=8)).eval()
-    text = Transformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    text = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
     text.load_state_dict({k: v for k, v in mm.state_dict().items() if not k.startswith("adapter_visual")})
     return args, mm, text
 
@@ -252,7 +253,7 @@ def test_multimodal_adapter_adds_the_image_to_every_prompt():
         out = mm(x, image_features=features, image_index=index)
         projected = mm.adapter_visual(features)
         for b, image in enumerate([1, None, 0]):
-            literal = Transformer(args, text.adapter).eval()
+            literal = AdaptedTransformer(args, text.adapter).eval()
             literal.load_state_dict(text.state_dict())
             if image is not None:
                 literal.adapter_query += projected[image]  # (layers, L, dim) + (dim,): every prompt, every layer
@@ -282,7 +283,7 @@ def test_multimodal_adapter_file_holds_the_projection(tmp_path):
     adapter, _, tensors = read_adapter(tmp_path / "mm.safetensors")
     assert adapter.visual_dim == 6 and {k for k in tensors if k.startswith("adapter_visual")} == {
         "adapter_visual.0.weight", "adapter_visual.0.bias", "adapter_visual.2.weight", "adapter_visual.2.bias"}
-    other = Transformer(args)
+    other = AdaptedTransformer(args)
     other.load_state_dict({k: v for k, v in mm.state_dict().items() if not is_adapter_param(k)}, strict=False)
     apply_adapter(other, tmp_path / "mm.safetensors")
     x, features, index = tokens(args, B=1, T=5), torch.randn(1, 6), torch.zeros(1, 5, dtype=torch.long)

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import config, random_base_and_splits, run_cli_train
 
 import llama_adapter.train as train_mod
 from llama_adapter.checkpoint import read_adapter
 from llama_adapter.errors import CheckpointError
 from llama_adapter.train import TrainingInterrupted, train
-from test_train import config, random_base_and_splits, run_cli_train
 
 mlflow = pytest.importorskip("mlflow")
 

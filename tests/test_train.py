@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.batching import collate, pack_rows, token_loss_sum
 from llama_adapter.checkpoint import load_base, read_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
-from llama_adapter.model import Transformer
 from llama_adapter.evaluate import heldout_loss
+from llama_adapter.model import Transformer
 from llama_adapter.train import TrainConfig, TrainingDiverged, lr_at, train
 
 ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=128, max_seq_len=128)
@@ -202,7 +203,7 @@ def test_packed_loss_equals_per_sample_loss(setup):
     _, train_dir, _ = setup
     ds = TokenDataset(train_dir)
     torch.manual_seed(0)
-    model = Transformer(ARGS, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))
+    model = AdaptedTransformer(ARGS, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))
     idx = list(range(12))
     rows = pack_rows(ds.lengths[idx], 64)
     assert len(rows) < len(idx)  # really packed
@@ -247,7 +248,7 @@ def test_flat_micro_batches_give_the_row_loss(setup):
     _, train_dir, _ = setup
     ds = TokenDataset(train_dir)
     torch.manual_seed(0)
-    model = Transformer(ARGS, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))
+    model = AdaptedTransformer(ARGS, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))
     idx = np.arange(30)
     rows, flat = list(micro_batches(ds, idx, 48, 3, 0)), list(micro_batches(ds, idx, 48, 3, 0, flat=True))
     assert len(rows) == len(flat) > 1 and all(b.tokens.size(0) == 1 for b in flat)

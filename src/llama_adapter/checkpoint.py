@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .adapter import AdaptedTransformer
 from .config import AdapterArgs, ModelArgs
 from .errors import CheckpointError
 from .io import atomic_path
@@ -323,8 +324,6 @@ def open_gguf(path: Path):
 
 def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
     """llama.cpp's converter already permutes q/k rows into Meta's interleaved RoPE layout."""
-    import gguf
-
     reader = open_gguf(path)
 
     def field(key: str, default=None):
@@ -404,7 +403,7 @@ def load_base(
     adapter: AdapterArgs | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> Transformer:
+) -> AdaptedTransformer:
     """Build the model from a base checkpoint; a fresh adapter (if `adapter` is given) is initialised in fp32."""
     path = Path(path)
     fmt = checkpoint_format(path)
@@ -418,7 +417,7 @@ def load_base(
         raise CheckpointError(f"adapter_layers {adapter.adapter_layers} exceeds the {args.n_layers} layers of the base "
                               f"{path}; expected --adapter-layers between 1 and {args.n_layers}")
     with torch.device("meta" if args.parameter_count() > SMALL_MODEL else "cpu"):
-        model = Transformer(args, adapter)
+        model = AdaptedTransformer(args, adapter)
     expected = model.base_state_keys()
     if fmt == "meta":
         state = merge_meta_shards(shards, expected)
@@ -437,7 +436,7 @@ def load_base(
 # ---------------------------------------------------------------- adapters
 
 
-def save_adapter(model: Transformer, path: str | os.PathLike, base_model: str) -> None:
+def save_adapter(model: AdaptedTransformer, path: str | os.PathLike, base_model: str) -> None:
     """Write only the trainable tensors (fp32) and a header: format, base model name and shape, adapter config."""
     from safetensors.torch import save_file
 
@@ -563,7 +562,7 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     adapter: AdapterArgs | None = None,
-) -> Transformer:
+) -> AdaptedTransformer:
     """The base model with a trained adapter from `adapter_path`, or a fresh one from `adapter`."""
     if adapter_path is None:
         return load_base(base, adapter, device, dtype)
@@ -572,7 +571,7 @@ def load_model(
     return model
 
 
-def apply_adapter(model: Transformer, adapter_path: str | os.PathLike, adapter: AdapterArgs | None = None) -> None:
+def apply_adapter(model: AdaptedTransformer, adapter_path: str | os.PathLike, adapter: AdapterArgs | None = None) -> None:
     """Put a trained adapter into a loaded model, replacing the one it has: the base stays in memory, so
     several adapters can serve requests in turn ("plug with knowledge").
 
@@ -585,6 +584,9 @@ def apply_adapter(model: Transformer, adapter_path: str | os.PathLike, adapter: 
     if is_lora_file(adapter_path):
         apply_lora(model, adapter_path)
         return
+    if not isinstance(model, AdaptedTransformer):
+        raise TypeError(f"{adapter_path}: a plain {type(model).__name__} cannot hold an adapter; build the model as "
+                        "adapter.AdaptedTransformer (load_base does)")
     if getattr(model, "merged_lora", None):
         raise CheckpointError(f"{adapter_path}: the model's weights hold the merged LoRA {model.merged_lora}; load "
                               "the adapter onto a plain base")
@@ -600,7 +602,7 @@ def apply_adapter(model: Transformer, adapter_path: str | os.PathLike, adapter: 
     copy_parameters(model, tensors)
 
 
-def apply_lora(model: Transformer, path: Path, merge: bool = True) -> None:
+def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> None:
     """Put a PEFT LoRA (lora.py) into a loaded model without an adapter or LoRA; merged into the frozen weights
     unless `merge` is False (its A and B then stay separate tensors, as in training)."""
     from .lora import add_lora, merge_lora, read_lora
@@ -608,7 +610,7 @@ def apply_lora(model: Transformer, path: Path, merge: bool = True) -> None:
     args, header, tensors = read_lora(path, model.args)
     if "base_args" in header:  # ours; a LoRA trained with PEFT names no base shapes (check_state still applies)
         check_trained_on(path, header, model.args, "LoRA")
-    if model.adapter is not None or model.lora is not None or getattr(model, "merged_lora", None):
+    if model.adapter is not None or getattr(model, "lora", None) or getattr(model, "merged_lora", None):
         raise CheckpointError(f"{path}: the model holds an adapter or LoRA already; load the LoRA onto a plain base")
     add_lora(model, args)
     check_state({k: p.shape for k, p in model.named_parameters() if p.requires_grad}, tensors, f"LoRA {path}")

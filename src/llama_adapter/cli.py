@@ -13,9 +13,21 @@ from pathlib import Path
 
 from .config import METHODS, PRESETS, AdapterArgs, ModelArgs, TrainConfig
 from .errors import InputError, PipelineError, TokenizerError
-from .inputs import (beta, check_device, check_tokenizer_fits, existing_dir, existing_file,
-                     json_object, non_negative_float, non_negative_int, positive_float, positive_int, token_split,
-                     top_p, writable_output)
+from .inputs import (
+    beta,
+    check_device,
+    check_tokenizer_fits,
+    existing_dir,
+    existing_file,
+    json_object,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    token_split,
+    top_p,
+    writable_output,
+)
 from .io import holds, remove_output, write_json
 from .tokenizer import load_tokenizer
 
@@ -48,8 +60,8 @@ def cmd_inspect(ns: argparse.Namespace) -> None:
     """Architecture and parameter counts of a preset (on the meta device) or of real weights."""
     import torch
 
+    from .adapter import AdaptedTransformer
     from .checkpoint import load_model
-    from .model import Transformer
 
     adapter = adapter_args(ns)
     if ns.model in PRESETS:
@@ -58,7 +70,7 @@ def cmd_inspect(ns: argparse.Namespace) -> None:
             raise InputError(f"--adapter-layers {adapter.adapter_layers}: exceeds the {args.n_layers} layers of preset "
                              f"{ns.model}; expected 1..{args.n_layers}")
         with torch.device("meta"):
-            model = Transformer(args, adapter)
+            model = AdaptedTransformer(args, adapter)
     else:
         if not Path(ns.model).exists():
             raise InputError(f"{ns.model}: neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint path")

@@ -96,7 +96,7 @@ def add_lora(model: nn.Module, args: LoRAArgs, device=None, generator: torch.Gen
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its frozen weight; the model is plain LLaMA afterwards."""
-    if model.lora is not None:
+    if getattr(model, "lora", None) is not None:
         for part, t in targeted(model, model.lora.targets):
             setattr(part, t, getattr(part, t).merged())
         model.lora = None

@@ -1,7 +1,7 @@
 """The fine-tuning methods compared in the report, each defined by one predicate: which parameters train, which
 is also exactly what its file holds.
 
-- adapter: the paper's adaption prompts and gates (model.py), written as `adapter.safetensors`;
+- adapter: the paper's adaption prompts and gates (adapter.py), written as `adapter.safetensors`;
 - lora: LoRA's A and B (lora.py), written in PEFT's layout (`adapter_model.safetensors`, `adapter_config.json`);
 - full: every weight, written as a base checkpoint of its own (`model/`, safetensors in the base's layout);
 - zero-shot: nothing; the base answers with the same prompt template, and there is no file.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from torch import nn
 
+from .adapter import AdaptedTransformer, is_adapter_param
 from .config import METHODS, WEIGHTS, AdapterArgs, LoRAArgs
 from .lora import add_lora, is_lora_param
-from .model import Transformer, is_adapter_param
 
 
 def check_method(method: str) -> str:
@@ -41,7 +41,7 @@ def tuned_state(model: nn.Module, method: str) -> dict:
 
 
 def load_for_training(method: str, base: str | os.PathLike, adapter: AdapterArgs, lora: LoRAArgs, device, dtype
-                      ) -> Transformer:
+                      ) -> AdaptedTransformer:
     """The base with the method's fresh trainable parameters; everything else frozen. Full fine-tuning keeps its
     weights in fp32 (the optimizer updates them; autocast runs the matmuls in bf16 on a GPU)."""
     from .checkpoint import load_base
@@ -59,7 +59,7 @@ def load_for_training(method: str, base: str | os.PathLike, adapter: AdapterArgs
     return add_lora(model, lora, device)
 
 
-def save_tuned(model: Transformer, method: str, out_dir: Path, base_model: str) -> Path:
+def save_tuned(model: AdaptedTransformer, method: str, out_dir: Path, base_model: str) -> Path:
     """Write what `method` trained to its file under out_dir (WEIGHTS); the path written."""
     from .checkpoint import save_adapter, save_full
     from .lora import save_lora

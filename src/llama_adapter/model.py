@@ -1,14 +1,12 @@
-"""LLaMA in Meta's layout, with LLaMA-Adapter's zero-initialised gated attention.
+"""LLaMA in Meta's layout, and nothing else: the adapter (adapter.py) and LoRA (lora.py) are changes made to it.
 
 Parameter names follow Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`,
 `attention_norm`, ...) so a `consolidated.NN.pth` loads with `strict=True`. RoPE uses Meta's interleaved
 pair layout; Hugging Face checkpoints are permuted back on load (see checkpoint.py).
 
-The adapter (Zhang et al. 2023, Sec. 3): the model owns one table of adaption prompts, `adapter_query`
-(adapter_layers, adapter_len, dim), and one gate per head and adapted layer, `adapter_gate`
-(adapter_layers, n_heads). Layer l of the top `adapter_layers` reads its prompts through its own frozen
-wk/wv (no norm, no RoPE), gives them a softmax of their own, scales the result by tanh(gate) and adds it
-to the ordinary attention output. Gates start at zero, so a fresh adapter leaves the model unchanged.
+Two class attributes are the points a variant changes: `TransformerBlock.attention_class` and
+`Transformer.block_class`. Per-layer inputs of a variant (`Transformer.layer_inputs`) travel to its attention
+after the ordinary arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AdapterArgs, ModelArgs
+from .config import ModelArgs
 
 # Flash attention over variable-length segments (torch >= 2.10, CUDA only). Imported only where CUDA is: the
 # import pulls in torch's compiler stack, about 2 s that every CPU job (the demo's dozens) would pay for nothing.
@@ -32,11 +30,6 @@ if torch.cuda.is_available():
         VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
     except ImportError:
         pass
-
-
-def is_adapter_param(name: str) -> bool:
-    """The one predicate that decides what trains and what an adapter file holds."""
-    return name.startswith("adapter_")
 
 
 class RMSNorm(nn.Module):
@@ -125,11 +118,6 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        # The adaption prompts' keys and values (1, nkv, L, hs) do not change while decoding: computed once,
-        # they spare every decoded token a second read of wk and wv. So do the batch's image values
-        # wv(I) (N+1, nkv, hs) of a multimodal adapter, computed at the prefill.
-        self.prompt_kv: tuple[Tensor, Tensor] | None = None
-        self.image_values: Tensor | None = None
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # input_pos: (T,); k, v: (B, n_kv, T, hd)
@@ -149,16 +137,13 @@ class Attention(nn.Module):
         self.wqkv: Tensor | None = None  # set by Transformer.fuse_projections
         self.kv_cache: KVCache | None = None
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: Tensor,
-        input_pos: Tensor,
-        mask: Tensor | None,
-        adapter: tuple | None = None,  # (prompt, gate, image or None): see adapter_attention
-        cu_seqlens: Tensor | None = None,
-        max_seqlen: int = 0,
-    ) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor, mask: Tensor | None,
+                cu_seqlens: Tensor | None = None, max_seqlen: int = 0) -> Tensor:
+        q, k, v = self.project(x, rope)
+        return self.out(self.attend(q, k, v, input_pos, mask, cu_seqlens, max_seqlen))
+
+    def project(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, nh, T, hs), keys and values (B, nkv, T, hs) of x (B, T, dim), RoPE applied."""
         B, T, _ = x.shape
         if self.wqkv is not None:
             kv = self.n_kv_heads * self.head_dim
@@ -168,59 +153,24 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope)  # (B, T, nh, hs)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope)  # (B, T, nkv, hs)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or nkv, T, hs)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, mask: Tensor | None,
+               cu_seqlens: Tensor | None, max_seqlen: int) -> Tensor:
+        """Causal attention (B, nh, T, hs): over packed segments, or over the KV cache while decoding."""
+        B, _, T, _ = q.shape
         if cu_seqlens is not None:
             flat = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)]  # (B*T, nh or nkv, hs)
             y = causal_varlen_attention(*flat, cu_seqlens, max_seqlen)  # (B*T, nh, hs)
-            y = y.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        else:
-            if self.kv_cache is not None:
-                k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.n_heads != self.n_kv_heads)
-        if adapter is not None:
-            y = y + self.adapter_attention(q, *adapter)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+            return y.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hs)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=self.n_heads != self.n_kv_heads)
 
-    def prompt_keys_values(self, prompt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Keys and values (1, nkv, L, hs) of a layer's prompts (L, dim) through its frozen wk/wv: no norm, no
-        RoPE (prompts have no position)."""
-        prompt = prompt.to(dtype)
-        L = prompt.size(0)
-        pk = self.wk(prompt).view(1, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        pv = self.wv(prompt).view(1, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return pk, pv
-
-    def adapter_attention(self, q: Tensor, prompt: Tensor, gate: Tensor,
-                          image: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """tanh(gate) · softmax(q Kp^T / sqrt(hs)) Vp over this layer's prompts: (B, nh, T, hs).
-
-        image: (projected image features (N+1, dim), last row zero; the row of each token (B, T), -1 for
-        none). The paper adds a token's image to every prompt, P + repeat(I). That shifts every prompt key
-        by wk(I), the same for all L prompts, which their softmax cancels; and every prompt value by wv(I),
-        which the softmax weights (summing to 1) pass on whole. So the image adds wv(I) to the prompt
-        attention's output, exactly, without a prompt tensor per sample in packed batches."""
-        cached = self.kv_cache.prompt_kv if self.kv_cache is not None else None
-        pk, pv = cached if cached is not None else self.prompt_keys_values(prompt, q.dtype)
-        B = q.size(0)
-        # A softmax of their own over the L prompt positions, every query sees every prompt (no mask).
-        y = F.scaled_dot_product_attention(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1),
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
-        if image is not None:
-            projected, row = image
-            iv = self.image_values(projected, q.dtype)[row]  # (B, T, nkv, hs)
-            y = y + iv.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2).transpose(1, 2)
-        return gate.tanh().to(q.dtype).view(1, -1, 1, 1) * y
-
-    def image_values(self, projected: Tensor, dtype) -> Tensor:
-        """wv of each projected image (N+1, nkv, hs); while decoding, those of the prefill are reused."""
-        cache = self.kv_cache
-        if cache is not None and cache.image_values is not None:
-            return cache.image_values
-        values = self.wv(projected.to(dtype)).view(-1, self.n_kv_heads, self.head_dim)
-        if cache is not None:
-            cache.image_values = values
-        return values
+    def out(self, y: Tensor) -> Tensor:
+        B, _, T, _ = y.shape
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -239,84 +189,53 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    attention_class = Attention
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = self.attention_class(args)
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, input_pos, mask, adapter=None, cu_seqlens=None, max_seqlen=0) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, adapter, cu_seqlens, max_seqlen)
+    def forward(self, x, rope, input_pos, mask, cu_seqlens=None, max_seqlen=0, *extra) -> Tensor:
+        # extra: this layer's inputs from Transformer.layer_inputs, for the attention of a variant
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, cu_seqlens, max_seqlen, *extra)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, adapter: AdapterArgs | None = None):
+    block_class = TransformerBlock
+
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(self.block_class(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.adapter: AdapterArgs | None = None
-        self.lora = None  # LoRAArgs, while lora.add_lora's updates are in the model (not merged)
-        self.set_adapter(adapter)
 
-    def set_adapter(self, adapter: AdapterArgs | None, device: torch.device | str | None = None) -> None:
-        """Give the model a fresh adapter of this configuration (or none), replacing any it had. With an
-        adapter the base is frozen: only `is_adapter_param` parameters train."""
-        for name in ("adapter_query", "adapter_gate", "adapter_visual"):
-            if hasattr(self, name):
-                delattr(self, name)
-        self.adapter = adapter
-        if adapter is not None:
-            adapter.validate_for(self.args)
-            self.reset_adapter(device)
-        for name, p in self.named_parameters():
-            p.requires_grad_(adapter is None or is_adapter_param(name))
-
-    def reset_adapter(self, device: torch.device | str | None = None, generator: torch.Generator | None = None):
-        """(Re)create the adapter parameters in fp32, as the paper initialises them.
-
-        Prompts ~ N(0, 1) (the released code's nn.Embedding default), gates zero (or N(0, 1) for the
-        random-init ablation). `device` defaults to where the base weights are.
-        """
-        a = self.adapter
-        device = device if device is not None else self.tok_embeddings.weight.device
-        query = torch.randn(a.adapter_layers, a.adapter_len, self.args.dim, device=device, generator=generator)
-        gate_shape = (a.adapter_layers, self.args.n_heads)
-        if a.gate_init == "zero":
-            gate = torch.zeros(gate_shape, device=device)
-        else:
-            gate = torch.randn(gate_shape, device=device, generator=generator)
-        self.adapter_query = nn.Parameter(query)  # (adapter_layers, adapter_len, dim)
-        self.adapter_gate = nn.Parameter(gate)  # (adapter_layers, n_heads)
-        if a.visual_dim:  # image features -> model dim (fp32, PyTorch's default init; the zero gates hide it)
-            with torch.device(device):
-                self.adapter_visual = nn.Sequential(nn.Linear(a.visual_dim, a.visual_hidden), nn.GELU(),
-                                                    nn.Linear(a.visual_hidden, self.args.dim))
+    def is_added_param(self, name: str) -> bool:
+        """Whether a parameter is one a variant adds to LLaMA (adapter.py's prompts): not in a base checkpoint,
+        kept in fp32 by `cast_base`. LLaMA itself adds none."""
+        return False
 
     def cast_base(self, dtype: torch.dtype) -> Transformer:
-        """Cast the frozen base to `dtype`; adapter parameters stay fp32 (use this, not `.to(dtype)`)."""
+        """Cast the base to `dtype`; added parameters (an adapter's) stay fp32 (use this, not `.to(dtype)`)."""
         for name, p in self.named_parameters():
-            if not is_adapter_param(name):
+            if not self.is_added_param(name):
                 p.data = p.data.to(dtype)
         return self
 
     @torch.no_grad()
     def setup_kv_cache(self, batch: int, max_len: int) -> None:
-        """KV caches for decoding, holding the adapter's current prompt keys and values (set it up again
-        after changing the adapter)."""
+        """KV caches for decoding `batch` rows of up to `max_len` positions."""
         w = self.tok_embeddings.weight
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             a = layer.attention
             a.kv_cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, w.dtype, w.device)
-            adapted = i - self.first_adapted_layer()
-            if adapted >= 0:
-                a.kv_cache.prompt_kv = a.prompt_keys_values(self.adapter_query[adapted], w.dtype)
 
     def fuse_projections(self) -> Transformer:
         """Lay out each block's wq/wk/wv, and w1/w3, as one weight each (the parameters become views into it),
@@ -325,20 +244,17 @@ class Transformer(nn.Module):
         against 1,507 tokens/s at batch 16). Training does not use it: there it cost 4% and 4 GiB.
         Checkpoint names are unchanged. Only for a frozen base, after its last cast or move (a new copy of
         the parameters would leave the fused weights behind)."""
-        if any(p.requires_grad for name, p in self.named_parameters() if not is_adapter_param(name)):
+        if any(p.requires_grad for name, p in self.named_parameters() if not self.is_added_param(name)):
             raise ValueError("fuse_projections is for a frozen base: the fused weights receive no gradient")
         for layer in self.layers:
             a, f = layer.attention, layer.feed_forward
             a.wqkv, f.w13 = fuse_linears([a.wq, a.wk, a.wv]), fuse_linears([f.w1, f.w3])
         return self
 
-    def first_adapted_layer(self) -> int:
-        return self.args.n_layers - (self.adapter.adapter_layers if self.adapter else 0)
-
     def compile_blocks(self, **kwargs) -> Transformer:
         """Compile each transformer block in place (whole-graph: a graph break is an error); the embedding,
         loss and decode loop stay eager. All blocks share the compiled code, one variant per kind of call
-        (with or without adapter, gradient into the block or not, training or evaluation). Shapes are
+        (with or without a variant's layer inputs, gradient into the block or not, training or evaluation). Shapes are
         dynamic from the start: packed batches change length every step, and specialising first would
         spend a recompilation per kind."""
         for layer in self.layers:
@@ -357,12 +273,10 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
-        image_features: Tensor | None = None,
-        image_index: Tensor | None = None,
+        **inputs,
     ) -> Tensor:
         """Logits (B, T, vocab) for tokens (B, T); arguments as for `hidden_states`."""
-        return self.output(self.hidden_states(tokens, input_pos, mask, positions, cu_seqlens, max_seqlen,
-                                              image_features, image_index))
+        return self.output(self.hidden_states(tokens, input_pos, mask, positions, cu_seqlens, max_seqlen, **inputs))
 
     def hidden_states(
         self,
@@ -372,8 +286,7 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
-        image_features: Tensor | None = None,
-        image_index: Tensor | None = None,
+        **inputs,
     ) -> Tensor:
         """Final normalised hidden states (B, T, dim) for tokens (B, T). Training projects only the
         positions that carry a loss through `output`, which saves most of the vocabulary matmul.
@@ -387,8 +300,7 @@ class Transformer(nn.Module):
         (packed samples), instead of a mask: flash varlen attention where it runs (CUDA, bf16/fp16), else the
         equivalent dense mask. max_seqlen: the longest segment (read from cu_seqlens if not given, a host
         sync); the flash kernel sizes its grid by it, so the row length would launch mostly idle blocks.
-        image_features: (N, visual_dim) cached features of the batch's images, for a multimodal adapter;
-        image_index: (B, T) which of them each token's sample shows, -1 for none (prompts unchanged).
+        inputs: a variant's own (adapter.py: a multimodal adapter's image_features and image_index).
         """
         T = tokens.size(1)
         if input_pos is None:
@@ -402,27 +314,21 @@ class Transformer(nn.Module):
             mask, cu_seqlens = block_causal_mask(cu_seqlens, *tokens.shape), None
         if cu_seqlens is not None and max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        image = None
-        if image_features is not None and not (self.adapter and self.adapter.visual_dim):
-            raise ValueError("image features were given but the adapter is text-only (visual_dim 0)")
-        if image_features is not None:
-            projected = self.adapter_visual(image_features.float())  # (N, dim): I_p, one per image
-            image = (torch.cat([projected, projected.new_zeros(1, projected.size(1))]), image_index)  # -1: zero row
-        first_adapted = self.first_adapted_layer()
-        for i, layer in enumerate(self.layers):
-            adapter = None
-            if i >= first_adapted:
-                adapter = (self.adapter_query[i - first_adapted], self.adapter_gate[i - first_adapted], image)
-            h = layer(h, rope, input_pos, mask, adapter, cu_seqlens, max_seqlen)
+        for layer, extra in zip(self.layers, self.layer_inputs(**inputs)):
+            h = layer(h, rope, input_pos, mask, cu_seqlens, max_seqlen, *extra)
         return self.norm(h)
 
-    def adapter_state_dict(self) -> dict[str, Tensor]:
-        return {k: v for k, v in self.state_dict().items() if is_adapter_param(k)}
+    def layer_inputs(self, **inputs) -> list[tuple]:
+        """What each layer's attention takes besides the ordinary arguments: nothing, for LLaMA."""
+        given = sorted(k for k, v in inputs.items() if v is not None)
+        if given:
+            raise ValueError(f"{', '.join(given)} given, but this model reads none (a plain LLaMA: no adapter)")
+        return [()] * len(self.layers)
 
     def base_state_keys(self) -> dict[str, torch.Size]:
         """Names and shapes a base checkpoint must provide (a tied output shares tok_embeddings)."""
         return {
             k: v.shape
             for k, v in self.state_dict().items()
-            if not is_adapter_param(k) and not (self.args.tie_embeddings and k == "output.weight")
+            if not self.is_added_param(k) and not (self.args.tie_embeddings and k == "output.weight")
         }

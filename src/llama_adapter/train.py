@@ -132,7 +132,7 @@ def shard_base(model: Transformer, d: Dist) -> Transformer:
 
 def gate_magnitudes(model: Transformer) -> dict[str, float]:
     """Mean |tanh(gate)| per adapted layer, keyed by the layer's index in the model (none without an adapter)."""
-    if model.adapter is None:
+    if getattr(model, "adapter", None) is None:
         return {}
     first = model.first_adapted_layer()
     g = model.adapter_gate.detach().tanh().abs().mean(dim=1).tolist()

@@ -1,0 +1,171 @@
+"""LLaMA-Adapter (Zhang et al. 2023, Sec. 3) as a small change to LLaMA's attention (model.py).
+
+The model owns one table of adaption prompts, `adapter_query` (adapter_layers, adapter_len, dim), and one gate
+per head and adapted layer, `adapter_gate` (adapter_layers, n_heads). Layer l of the top `adapter_layers` reads
+its prompts through its own frozen wk/wv (no norm, no RoPE), gives them a softmax of their own, scales the
+result by tanh(gate) and adds it to the ordinary attention output. Gates start at zero, so a fresh adapter
+leaves the model unchanged. A multimodal adapter adds `adapter_visual`, which projects image features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import AdapterArgs, ModelArgs
+from .model import Attention, Transformer, TransformerBlock
+
+
+def is_adapter_param(name: str) -> bool:
+    """The one predicate that decides what trains and what an adapter file holds."""
+    return name.startswith("adapter_")
+
+
+class AdaptedAttention(Attention):
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        # While decoding (setup_kv_cache to clear_kv_cache): the prompts' keys and values (1, nkv, L, hs), which
+        # do not change, computed once, so no decoded token reads wk and wv twice; and the batch's image values
+        # wv(I) (N+1, nkv, hs) of a multimodal adapter, computed at the prefill.
+        self.prompt_kv: tuple[Tensor, Tensor] | None = None
+        self.image_cache: Tensor | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor, mask: Tensor | None,
+                cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
+                prompt: Tensor | None = None, gate: Tensor | None = None, image: tuple | None = None) -> Tensor:
+        q, k, v = self.project(x, rope)
+        y = self.attend(q, k, v, input_pos, mask, cu_seqlens, max_seqlen)  # (B, nh, T, hs)
+        if prompt is not None:
+            y = y + self.prompt_attention(q, prompt, gate, image)
+        return self.out(y)
+
+    def prompt_keys_values(self, prompt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values (1, nkv, L, hs) of a layer's prompts (L, dim) through its frozen wk/wv: no norm, no
+        RoPE (prompts have no position)."""
+        prompt = prompt.to(dtype)
+        L = prompt.size(0)
+        pk = self.wk(prompt).view(1, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        pv = self.wv(prompt).view(1, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return pk, pv
+
+    def prompt_attention(self, q: Tensor, prompt: Tensor, gate: Tensor,
+                         image: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """tanh(gate) · softmax(q Kp^T / sqrt(hs)) Vp over this layer's prompts: (B, nh, T, hs).
+
+        image: (projected image features (N+1, dim), last row zero; the row of each token (B, T), -1 for
+        none). The paper adds a token's image to every prompt, P + repeat(I). That shifts every prompt key
+        by wk(I), the same for all L prompts, which their softmax cancels; and every prompt value by wv(I),
+        which the softmax weights (summing to 1) pass on whole. So the image adds wv(I) to the prompt
+        attention's output, exactly, without a prompt tensor per sample in packed batches."""
+        pk, pv = self.prompt_kv if self.prompt_kv is not None else self.prompt_keys_values(prompt, q.dtype)
+        B = q.size(0)
+        # A softmax of their own over the L prompt positions, every query sees every prompt (no mask).
+        y = F.scaled_dot_product_attention(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1),
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        if image is not None:
+            projected, row = image
+            iv = self.image_values(projected, q.dtype)[row]  # (B, T, nkv, hs)
+            y = y + iv.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2).transpose(1, 2)
+        return gate.tanh().to(q.dtype).view(1, -1, 1, 1) * y
+
+    def image_values(self, projected: Tensor, dtype) -> Tensor:
+        """wv of each projected image (N+1, nkv, hs); while decoding, those of the prefill are reused."""
+        if self.image_cache is not None:
+            return self.image_cache
+        values = self.wv(projected.to(dtype)).view(-1, self.n_kv_heads, self.head_dim)
+        if self.kv_cache is not None:
+            self.image_cache = values
+        return values
+
+
+class AdaptedBlock(TransformerBlock):
+    attention_class = AdaptedAttention
+
+
+class AdaptedTransformer(Transformer):
+    """LLaMA that holds an adapter, or none: without one it computes exactly LLaMA (the same weights, names and
+    checkpoints), so one loaded base can take adapters in turn (`set_adapter`, checkpoint.apply_adapter)."""
+
+    block_class = AdaptedBlock
+
+    def __init__(self, args: ModelArgs, adapter: AdapterArgs | None = None):
+        super().__init__(args)
+        self.adapter: AdapterArgs | None = None
+        self.set_adapter(adapter)
+
+    def is_added_param(self, name: str) -> bool:
+        return is_adapter_param(name)
+
+    def set_adapter(self, adapter: AdapterArgs | None, device: torch.device | str | None = None) -> None:
+        """Give the model a fresh adapter of this configuration (or none), replacing any it had. With an
+        adapter the base is frozen: only `is_adapter_param` parameters train."""
+        for name in ("adapter_query", "adapter_gate", "adapter_visual"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.clear_kv_cache()  # its prompt keys and values were the old adapter's
+        self.adapter = adapter
+        if adapter is not None:
+            adapter.validate_for(self.args)
+            self.reset_adapter(device)
+        for name, p in self.named_parameters():
+            p.requires_grad_(adapter is None or is_adapter_param(name))
+
+    def reset_adapter(self, device: torch.device | str | None = None, generator: torch.Generator | None = None):
+        """(Re)create the adapter parameters in fp32, as the paper initialises them.
+
+        Prompts ~ N(0, 1) (the released code's nn.Embedding default), gates zero (or N(0, 1) for the
+        random-init ablation). `device` defaults to where the base weights are.
+        """
+        a = self.adapter
+        device = device if device is not None else self.tok_embeddings.weight.device
+        query = torch.randn(a.adapter_layers, a.adapter_len, self.args.dim, device=device, generator=generator)
+        gate_shape = (a.adapter_layers, self.args.n_heads)
+        if a.gate_init == "zero":
+            gate = torch.zeros(gate_shape, device=device)
+        else:
+            gate = torch.randn(gate_shape, device=device, generator=generator)
+        self.adapter_query = nn.Parameter(query)  # (adapter_layers, adapter_len, dim)
+        self.adapter_gate = nn.Parameter(gate)  # (adapter_layers, n_heads)
+        if a.visual_dim:  # image features -> model dim (fp32, PyTorch's default init; the zero gates hide it)
+            with torch.device(device):
+                self.adapter_visual = nn.Sequential(nn.Linear(a.visual_dim, a.visual_hidden), nn.GELU(),
+                                                    nn.Linear(a.visual_hidden, self.args.dim))
+
+    def first_adapted_layer(self) -> int:
+        return self.args.n_layers - (self.adapter.adapter_layers if self.adapter else 0)
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if is_adapter_param(k)}
+
+    def layer_inputs(self, image_features: Tensor | None = None, image_index: Tensor | None = None) -> list[tuple]:
+        """(prompt, gate, image) for each adapted layer, nothing for the others.
+
+        image_features: (N, visual_dim) cached features of the batch's images, for a multimodal adapter;
+        image_index: (B, T) which of them each token's sample shows, -1 for none (prompts unchanged).
+        """
+        image = None
+        if image_features is not None:
+            if not (self.adapter and self.adapter.visual_dim):
+                raise ValueError("image features were given but the adapter is text-only (visual_dim 0)")
+            projected = self.adapter_visual(image_features.float())  # (N, dim): I_p, one per image
+            image = (torch.cat([projected, projected.new_zeros(1, projected.size(1))]), image_index)  # -1: zero row
+        first = self.first_adapted_layer()
+        return [() if i < first else (self.adapter_query[i - first], self.adapter_gate[i - first], image)
+                for i in range(len(self.layers))]
+
+    @torch.no_grad()
+    def setup_kv_cache(self, batch: int, max_len: int) -> None:
+        """KV caches for decoding, holding the adapter's prompt keys and values (set up again after the adapter
+        changes)."""
+        super().setup_kv_cache(batch, max_len)
+        dtype, first = self.tok_embeddings.weight.dtype, self.first_adapted_layer()
+        for i, layer in enumerate(self.layers):
+            a = layer.attention
+            a.image_cache = None  # the next prefill's images
+            a.prompt_kv = a.prompt_keys_values(self.adapter_query[i - first], dtype) if i >= first else None
+
+    def clear_kv_cache(self) -> None:
+        super().clear_kv_cache()
+        for layer in self.layers:
+            layer.attention.prompt_kv = layer.attention.image_cache = None
