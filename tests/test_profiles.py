@@ -173,15 +173,16 @@ def test_paper_config_dry_run(paper_dry_run, paper_tmp):
         "evaluate", "generate")} == {
         "demo_data": 0, "train_tokenizer": 0, "pretrain_base": 0,  # the real base: no demo stages
         "fetch": 2, "validate": 2, "tokenize": 2,
-        # instruction(_lora), scienceqa(_mm, _lora), 6 ablation points (the center is scienceqa's); zero-shot
-        # experiments are evaluated without training, and the full fine-tunes are dropped at 7B
-        "train_adapter": 10, "evaluate": 13, "generate": 3}
+        # instruction(_lora), scienceqa(_mm, _lora), 6 ablation points (the center is scienceqa's, the LoRA point
+        # scienceqa_lora's); zero-shot experiments are evaluated without training, and the full fine-tunes are
+        # dropped at 7B. Evaluated: 7 named experiments and 8 ablation points (6 adapters, LoRA, zero-shot)
+        "train_adapter": 10, "evaluate": 15, "generate": 3}
     assert counts.get("encode_images") == 1 and counts.get("make_vision_encoder", 0) == 0
-    ablations = {f"ablations/adapter_layers~{layers}/gate_init~{gate}/epochs~{epochs}"
+    ablations = {f"ablations/adapter_layers~{layers}/gate_init~{gate}/epochs~{epochs}/method~adapter"
                  for layers, gate, epochs in [(30, "zero", 30), (10, "zero", 30), (20, "zero", 30),
                                               (30, "random", 30), (30, "zero", 15), (30, "zero", 60)]}
     trained = {job["wildcards"]["experiment"]: job["shell"] for job in jobs(paper_dry_run, "train_adapter")}
-    center = "ablations/adapter_layers~30/gate_init~zero/epochs~30"
+    center = "ablations/adapter_layers~30/gate_init~zero/epochs~30/method~adapter"
     assert set(trained) == {"instruction", "instruction_lora", "scienceqa", "scienceqa_mm", "scienceqa_lora"
                             } | ablations - {center}
     assert " --method lora " in trained["instruction_lora"] and " --lr 0.0003 " in trained["instruction_lora"]
@@ -203,6 +204,10 @@ def test_paper_config_dry_run(paper_dry_run, paper_tmp):
     assert "--adapter" not in scored["scienceqa_zero_shot"] and "--adapter" not in scored["instruction_zero_shot"]
     assert "/adapters/scienceqa_lora/adapter_model.safetensors " in scored["scienceqa_lora"]
     assert f"--image-features {features}" in scored["scienceqa_mm"]
+    lora_point = center.replace("method~adapter", "method~lora")  # scored on val with scienceqa_lora's training
+    assert "/adapters/scienceqa_lora/adapter_model.safetensors " in scored[lora_point]
+    assert "--split val" in scored[lora_point]
+    assert "--adapter" not in scored[center.replace("method~adapter", "method~zero-shot")]
     assert not (paper_tmp / "results").exists()  # a dry run writes nothing
 
 

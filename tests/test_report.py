@@ -7,22 +7,21 @@ import pandas as pd
 import pytest
 
 from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.errors import InputError
 from llama_adapter.report import (
-    FIGURES,
     PAPER_LAYERS,
-    TABLES,
     Run,
     ablation_axis,
+    ablation_table,
     adapter_parameters,
     by_rank,
     efficiency_table,
-    epochs_table,
-    gate_init_table,
     human,
     instruction_table,
     jobs_table,
-    layers_table,
+    point_settings,
     protocol_notes,
+    report_tables,
     scienceqa_table,
     to_latex,
     to_markdown,
@@ -31,11 +30,12 @@ from llama_adapter.report import (
 CATEGORY_ACC = {c: {"accuracy": 50.0, "n": 10} for c in ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")}
 
 
-def run(name: str, layers=4, gate="zero", epochs=5, loss=(1.0, 0.5), acc=60.0) -> Run:
+def run(name: str, layers=4, gate="zero", epochs=5, loss=(1.0, 0.5), acc=60.0, method="adapter") -> Run:
     history = [{"step": i + 1, "epoch": (i + 1) * epochs / len(loss), "loss": v, "gate/layer_02": 0.1 * i,
                 "gate/layer_03": 0.2 * i} for i, v in enumerate(loss)]
     return Run(name=name, dataset="scienceqa",
-               config={"adapter_layers": layers, "gate_init": gate, "epochs": epochs, "base": "results/models/demo-base"},
+               config={"adapter_layers": layers, "gate_init": gate, "epochs": epochs, "method": method,
+                       "base": "results/models/demo-base"},
                metrics={"trainable_parameters": layers * 1284, "world_size": 1, "device": "cpu", "history": history,
                         "val_loss": [0.9, 0.7], "mlflow_run_id": f"run-{name}",
                         "tags": {"config_hash": "abc123", "git_commit": "0123456789abcdef"}},
@@ -44,10 +44,21 @@ def run(name: str, layers=4, gate="zero", epochs=5, loss=(1.0, 0.5), acc=60.0) -
                adapter_bytes=21_000, seconds=42.0, data={"records_sha256": "f" * 64})
 
 
+def point(layers, gate, epochs, method="adapter") -> Run:
+    name = f"ablations/adapter_layers~{layers}/gate_init~{gate}/epochs~{epochs}/method~{method}"
+    r = run(name, layers, gate, epochs, method=method)
+    r.point = point_settings(name)
+    return r
+
+
+CENTER = {"adapter_layers": 4, "gate_init": "zero", "epochs": 5, "method": "adapter"}
+
+
 @pytest.fixture
 def grid() -> list[Run]:
-    points = [(4, "zero", 5), (1, "zero", 5), (2, "zero", 5), (4, "random", 5), (4, "zero", 3), (4, "zero", 8)]
-    return [run(f"ablations/{l}-{g}-{e}", l, g, e) for l, g, e in points]
+    points = [(4, "zero", 5), (1, "zero", 5), (2, "zero", 5), (4, "random", 5), (4, "zero", 3), (4, "zero", 8),
+              (4, "zero", 5, "lora")]
+    return [point(*p) for p in points]
 
 
 def test_adapter_parameters_at_7b_match_the_paper():
@@ -55,30 +66,62 @@ def test_adapter_parameters_at_7b_match_the_paper():
     assert n == 1_229_760 and human(n) == "1.23M" and human(4 * n, "B") == "4.92MB"
 
 
-def test_ablation_axes_hold_the_center(grid):
-    center = {"adapter_layers": 4, "gate_init": "zero", "epochs": 5}
-    assert [r.setting("adapter_layers") for r in ablation_axis(grid, "adapter_layers", center)] == [1, 2, 4]
-    assert [r.setting("gate_init") for r in ablation_axis(grid, "gate_init", center)] == ["zero", "random"]
-    assert [r.setting("epochs") for r in ablation_axis(grid, "epochs", center)] == [3, 5, 8]
+def test_ablation_axes_hold_the_center_in_the_listed_order(grid):
+    def axis(name, values):
+        return [r.axis_value(name) for r in ablation_axis(grid, name, CENTER, values)]
+
+    assert axis("adapter_layers", [1, 2, 4]) == [1, 2, 4]
+    assert axis("adapter_layers", [4, 1]) == [4, 1]  # the config's order, not sorted
+    assert axis("gate_init", ["zero", "random"]) == ["zero", "random"]
+    assert axis("epochs", [3, 5, 8]) == [3, 5, 8]
+    assert axis("method", ["lora", "adapter"]) == ["lora", "adapter"]
+    with pytest.raises(InputError, match=r"no --ablation point sets epochs to \[13\]"):
+        axis("epochs", [3, 13])
+
+
+def test_grid_point_names_are_parsed_or_refused():
+    assert point_settings("ablations/adapter_layers~4/method~zero-shot") == {"adapter_layers": "4",
+                                                                            "method": "zero-shot"}
+    with pytest.raises(InputError, match="ablations/KEY~VALUE"):
+        point_settings("scienceqa")
 
 
 def test_paper_paired_by_rank_only_when_counts_match(grid):
-    center = {"adapter_layers": 4, "gate_init": "zero", "epochs": 5}
-    layers = layers_table(ablation_axis(grid, "adapter_layers", center))
+    layers = ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 2, 4]), "adapter_layers")
     assert list(layers["adapter_layers_paper"]) == ["10 of 32", "20 of 32", "30 of 32"]
     assert list(layers["accuracy_paper"]) == [p[2] for p in PAPER_LAYERS]
     assert list(layers["tuned_params"]) == ["1.28K", "2.57K", "5.14K"]
     assert list(layers["tuned_params_paper"]) == ["970K", "1.37M", "1.79M"]
     assert by_rank([1, 2], PAPER_LAYERS) == [None, None]
-    gates = gate_init_table(ablation_axis(grid, "gate_init", center))
+    assert "adapter_layers_paper" not in ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 4]),
+                                                        "adapter_layers")
+    gates = ablation_table(ablation_axis(grid, "gate_init", CENTER, ["zero", "random"]), "gate_init")
     assert list(gates["accuracy_paper"]) == [84.04, 40.77]
-    epochs = epochs_table(ablation_axis(grid, "epochs", center))
+    epochs = ablation_table(ablation_axis(grid, "epochs", CENTER, [3, 5, 8]), "epochs")
     assert list(epochs["val_loss_paper"]) == [0.136, 0.241, 0.282]
     assert epochs["train_loss"].iloc[0] == pytest.approx(0.5)  # the last epoch's steps only
 
 
+def test_every_ablation_row_has_its_interval_and_method(grid):
+    methods = ablation_table(ablation_axis(grid, "method", CENTER, ["adapter", "lora"]), "method")
+    assert list(methods["method"]) == ["LLaMA-Adapter", "LoRA"]
+    assert list(methods["ci95_low"]) == [49.05, 49.05] and list(methods["ci95_high"]) == [70.04, 70.04]
+    zero_shot = point(4, "zero", 5, "zero-shot")
+    zero_shot.config, zero_shot.metrics = {"base": "b", "method": "zero-shot"}, {}
+    row = ablation_table([zero_shot], "method").iloc[0]
+    assert row["method"] == "zero-shot base" and row["tuned_params"] is None and row["train_loss"] is None
+    assert row["accuracy"] == 60.0 and row["ci95_low"] == 49.05
+
+
+def test_the_tables_follow_the_varied_axes():
+    assert list(report_tables(["method", "adapter_len"])) == [
+        "efficiency", "instruction", "scienceqa", "ablation_method", "ablation_adapter_len", "generations", "jobs"]
+    assert "insertion_layers" in report_tables(["adapter_layers"])
+
+
 def test_every_row_of_ours_names_its_runs(grid):
-    for df in (layers_table(grid[:3]), gate_init_table(grid[:2]), epochs_table(grid[:3]), scienceqa_table(grid[:1])):
+    for df in (ablation_table(grid[:3], "adapter_layers"), ablation_table(grid[:2], "gate_init"),
+               scienceqa_table(grid[:1])):
         assert (df["mlflow_run"].str.startswith("run-")).all() and (df["eval_run"].str.startswith("eval-")).all()
         assert (df["config_hash"] == "abc123").all() and (df["git_commit"] == "0123456789ab").all()
         assert (df["data_sha256"] == "f" * 12).all()
@@ -94,9 +137,9 @@ def test_efficiency_rows(grid):
     assert df.loc[("LLaMA-Adapter", computed), "tuned_params_paper"] == "1.2M"
     assert df.loc[("LoRA", computed), "tuned_params"] == "4.19M"  # the paper's 4.2M, counted
     assert df.loc[("LoRA", computed), "storage_paper"] == "16.8M"
-    ours = df.loc[("LLaMA-Adapter", "ablations/4-zero-5 (base demo-base)")]
+    ours = df.loc[("LLaMA-Adapter", f"{grid[0].name} (base demo-base)")]
     assert ours["tuned_params"] == "5.14K" and ours["storage"] == "21KB" and ours["training_time"] == "42 s"
-    assert ours["mlflow_run"] == "run-ablations/4-zero-5"
+    assert ours["mlflow_run"] == f"run-{grid[0].name}"
     theirs = df.loc[("LoRA", "scienceqa_lora (base demo-base)")]
     assert theirs["tuned_params"] == "24.6K" and theirs["tuned_params_paper"] == "4.2M"
     assert pd.isna(df.loc[("full fine-tuning", "Alpaca (full fine-tuning)"), "mlflow_run"])
@@ -114,10 +157,12 @@ def test_wilson_interval_at_known_values():
 def test_scienceqa_rows_per_method_with_intervals_and_floor(grid):
     zero_shot = run("scienceqa_zero_shot", acc=45.0)
     zero_shot.config = {"base": "b", "method": "zero-shot"}
+    grid[0].scores["unparsed"], zero_shot.scores["unparsed"] = 3, 1995
     for r in (grid[0], zero_shot):
         r.scores["floor"] = {"position": 0, "letter": "A", "correct": 36, "n": 80, "accuracy": 45.0}
     df = scienceqa_table([grid[0], zero_shot]).set_index("experiment")
-    assert df.loc["ablations/4-zero-5", "ci95_low"] == 49.05 and df.loc["ablations/4-zero-5", "ci95_high"] == 70.04
+    assert df.loc[grid[0].name, "ci95_low"] == 49.05 and df.loc[grid[0].name, "ci95_high"] == 70.04
+    assert to_markdown(df[["unparsed"]]).split("\n")[2:5] == ["| 3 |", "| 1995 |", "| n/a |"]  # counts, not 3.00
     assert df.loc["scienceqa_zero_shot", "method"] == "zero-shot base"
     assert pd.isna(df.loc["scienceqa_zero_shot", "paper_model"])  # the paper reports no zero-shot row
     floor = df.loc["no model: always (A)"]
@@ -137,14 +182,6 @@ def test_markdown_and_latex_escape_cells():
     assert "x\\|y<br>z" in md and "| n/a |" in md and "0.00123" in md
     tex = to_latex(df, "a caption_with & specials")
     assert r"a\_b" in tex and r"50\% \& \$" in tex and r"\caption{a caption\_with \& specials}" in tex
-
-
-def test_workflow_lists_the_report_files():
-    from pathlib import Path
-
-    common = (Path(__file__).parents[1] / "workflow" / "rules" / "common.smk").read_text()
-    for name in [*TABLES, *FIGURES]:
-        assert f'"{name}",' in common, name
 
 
 def test_jobs_table_reads_every_benchmark_file_longest_first(tmp_path):

@@ -90,7 +90,9 @@ def test_dry_run_commands_parse_back_to_the_config_values(tmp_path):
     assert fetch[fetch.index("--source") + 1] == f"{tmp_path}/a {AWKWARD}.json"
     assert fetch[fetch.index("--revision") + 1] == revision
     [report] = [shlex.split(c) for c in commands if c.startswith("llama-adapter report ")]
-    assert json.loads(report[report.index("--center") + 1]) == {"adapter_layers": 3, "gate_init": "zero", "epochs": 3}
+    assert json.loads(report[report.index("--center") + 1]) == {"adapter_layers": 3, "gate_init": "zero", "epochs": 3,
+                                                                "method": "adapter"}
+    assert json.loads(report[report.index("--vary") + 1])["method"] == ["adapter", "lora", "full", "zero-shot"]
     trains = [shlex.split(c) for c in commands if c.startswith("exec llama-adapter train ")]
     assert {json.loads(t[t.index("--tags") + 1])["experiment"] for t in trains} >= {"instruction", "scienceqa"}
 

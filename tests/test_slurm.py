@@ -46,19 +46,20 @@ def test_every_job_went_through_slurm(slurm_run):
     root, log = slurm_run
     # every job of the demo DAG but `all` and the two downloads (`fetch` is a local rule: compute nodes are
     # often offline)
-    assert log.count("has been submitted with SLURM jobid") == 41
+    assert log.count("has been submitted with SLURM jobid") == 44
     assert log.count("localrule fetch:") == 2
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root / 'results' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id], max_results=100)
     jobs = [r for r in runs if r.data.tags.get("rule") in ("train_adapter", "evaluate")]
-    assert len(jobs) == 27 and all(r.data.tags.get("slurm_job_id", "").isdigit() for r in jobs)
+    assert len(jobs) == 30 and all(r.data.tags.get("slurm_job_id", "").isdigit() for r in jobs)
 
 
 def test_report_equals_the_local_run(slurm_run, demo_run):
     root, _ = slurm_run
-    for table in ("scienceqa", "insertion_layers", "gate_init", "epochs", "generations", "efficiency"):
+    for table in ("scienceqa", "insertion_layers", "gate_init", "epochs", "ablation_method", "generations",
+                  "efficiency"):
         ours = read_csv(root / "results" / "report" / f"{table}.csv")
         local = read_csv(demo_run / DEMO_RESULTS / "report" / f"{table}.csv")
         strip = [{k: v for k, v in row.items() if k not in RUN_SPECIFIC} for row in ours]

@@ -22,8 +22,12 @@ def test_demo_dag_resolves(tmp_path):
                  "evaluate", "generate"):
         assert rule in proc.stdout, rule
     # the ablation grid: the center plus one-axis variations, one folder level per parameter
-    assert "results/adapters/ablations/adapter_layers~1/gate_init~zero/epochs~3/metrics.json" in proc.stdout
-    assert "results/adapters/ablations/adapter_layers~3/gate_init~random/epochs~3/metrics.json" in proc.stdout
+    for point in ("adapter_layers~1/gate_init~zero/epochs~3", "adapter_layers~3/gate_init~random/epochs~3"):
+        assert f"results/adapters/ablations/{point}/method~adapter/metrics.json" in proc.stdout
+    # the method axis reuses the named baselines' trainings and scores them on the ablation split
+    for method in ("lora", "full", "zero-shot"):
+        point = f"ablations/adapter_layers~3/gate_init~zero/epochs~3/method~{method}"
+        assert f"results/eval/{point}/scores.json" in proc.stdout and f"results/adapters/{point}/" not in proc.stdout
     # every method of the demo: zero-shot is evaluated, never trained
     for name in ("scienceqa_lora", "scienceqa_full", "instruction_lora", "instruction_full"):
         assert f"results/adapters/{name}/metrics.json" in proc.stdout, name
@@ -38,6 +42,15 @@ def test_bad_config_key_is_named(tmp_path):
     proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "bad.yaml"), cwd=tmp_path)
     assert proc.returncode != 0
     assert "gate_innit" in proc.stdout + proc.stderr
+
+
+def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    del config["ablations"]["center"]["method"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "bad.yaml"), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "ablations.center: no value for ['method']" in proc.stdout + proc.stderr
 
 
 def test_environment_yml_mirrors_pyproject():
@@ -56,10 +69,15 @@ def test_environment_yml_mirrors_pyproject():
 def test_demo_report_holds_numbers_with_provenance(demo_run):
     report = demo_run / DEMO_RESULTS / "report"
     tables = {name: read_csv(report / f"{name}.csv") for name in
-              ("efficiency", "scienceqa", "insertion_layers", "gate_init", "epochs", "generations")}
+              ("efficiency", "scienceqa", "insertion_layers", "gate_init", "epochs", "ablation_method", "generations")}
     assert [r["adapter_layers"] for r in tables["insertion_layers"]] == ["1", "2", "3"]
     assert [r["gate_init"] for r in tables["gate_init"]] == ["zero", "random"]
     assert [r["epochs"] for r in tables["epochs"]] == ["2", "3", "5"]
+    methods = {r["method"]: r for r in tables["ablation_method"]}
+    assert list(methods) == ["LLaMA-Adapter", "LoRA", "full fine-tuning", "zero-shot base"]
+    assert {r["split"] for r in methods.values()} == {"val"}  # scored where the ablations are, not on test
+    assert methods["zero-shot base"]["tuned_params"] == "" and methods["zero-shot base"]["train_loss"] == ""
+    assert methods["LLaMA-Adapter"]["accuracy"] == tables["gate_init"][0]["accuracy"]  # the same center point
     scienceqa = {r["experiment"]: r for r in tables["scienceqa"]}
     assert list(scienceqa) == ["scienceqa", "scienceqa_mm", "scienceqa_lora", "scienceqa_full", "scienceqa_zero_shot",
                                "no model: always (A)"]
@@ -70,9 +88,10 @@ def test_demo_report_holds_numbers_with_provenance(demo_run):
     assert (multimodal["paper_model"], multimodal["accuracy_paper"], multimodal["IMG_paper"]) == (
         "LLaMA-Adapter", "85.19", "80.32")
     assert 0 <= float(multimodal["IMG"]) <= 100 and float(multimodal["questions"]) == float(text_only["questions"])
-    ours = [*tables["insertion_layers"], *tables["gate_init"], *tables["epochs"], text_only, multimodal]
+    ours = [*tables["insertion_layers"], *tables["gate_init"], *tables["epochs"], *tables["ablation_method"],
+            text_only, multimodal]
     for row in ours:
-        assert 0 <= float(row["accuracy"]) <= 100
+        assert float(row["ci95_low"]) <= float(row["accuracy"]) <= float(row["ci95_high"])
         assert len(row["mlflow_run"]) == 32 and len(row["eval_run"]) == 32
         assert len(row["config_hash"]) == 12 and len(row["data_sha256"]) == 12
     for row in tables["epochs"]:
@@ -112,7 +131,7 @@ def test_demo_runs_nest_under_one_parent_mlflow_run(demo_run):
     assert parent.info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     rules = sorted(r.data.tags["rule"] for r in children)
-    assert rules == ["evaluate"] * 15 + ["train_adapter"] * 12
+    assert rules == ["evaluate"] * 18 + ["train_adapter"] * 12
     for r in children:
         assert r.data.tags["config_hash"] == parent.data.tags["config_hash"] and r.data.tags["experiment"]
         assert r.data.tags.get("git_commit") == parent.data.tags.get("git_commit")
@@ -130,7 +149,8 @@ def test_demo_rerun_does_nothing_and_a_new_grid_point_runs_alone(demo_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     planned = re.findall(r"^(?:local)?rule (\w+):$", proc.stdout, re.M)
     assert sorted(planned) == ["all", "evaluate", "report", "train_adapter"]
-    assert f"{DEMO_RESULTS}/adapters/ablations/adapter_layers~3/gate_init~zero/epochs~4/metrics.json" in proc.stdout
+    assert f"{DEMO_RESULTS}/adapters/ablations/adapter_layers~3/gate_init~zero/epochs~4/method~adapter/metrics.json" \
+        in proc.stdout
 
 
 def test_snakemake_html_report_has_the_captions(demo_run):

@@ -487,7 +487,7 @@ def cmd_report(ns: argparse.Namespace) -> None:
     from .report import write_report
 
     ablations = dict(a.split("=", 1) if "=" in a else (a, a) for a in ns.ablation)
-    tables = write_report(ns.results, ns.out, ns.experiment, ablations, ns.center)
+    tables = write_report(ns.results, ns.out, ns.experiment, ablations, ns.center, ns.vary)
     print(json.dumps({name: len(df) for name, df in tables.items()}))
 
 
@@ -703,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="append", default=[],
                    help="an ablation grid point, or POINT=EXPERIMENT when it is that experiment's adapter; repeatable")
     p.add_argument("--center", type=json_object, default={}, help="JSON: the settings the ablations hold fixed")
+    p.add_argument("--vary", type=json_object, default={},
+                   help="JSON: each ablation axis and its values, in the order its table lists them (ablations.vary)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_report, outputs=lambda ns: [ns.out])
     return parser

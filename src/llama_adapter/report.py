@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,19 @@ class Run:
     adapter_bytes: int | None  # the trained weights' file (None: zero-shot)
     seconds: float | None
     data: dict
+    point: dict[str, str] = field(default_factory=dict)  # an ablation grid point's settings, read from its name
 
     @property
     def method(self) -> str:
         return self.config.get("method", "adapter")
 
-    def setting(self, key: str) -> Any:
-        return self.config[key]
+    def axis_value(self, axis: str) -> Any:
+        """The value of an ablation axis at this grid point, as a number where it is one."""
+        value = self.point[axis]
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
 
     @property
     def provenance(self) -> dict[str, str | None]:
@@ -96,7 +102,7 @@ class Run:
 WRITTEN_BY = {"config.json": "train", "metrics.json": "train", "scores.json": "evaluate", "stats.json": "tokenize",
               "adapter.safetensors": "train"}
 REQUIRED_KEYS = {
-    "config.json": ("base", "train_data", "adapter_layers", "gate_init", "epochs"),
+    "config.json": ("base", "train_data"),
     "metrics.json": ("history", "trainable_parameters", "world_size"),
     "stats.json": ("dataset",),
 }
@@ -125,6 +131,15 @@ def _with_keys(path: Path, data: dict, keys: tuple[str, ...]) -> dict:
         stage = WRITTEN_BY.get(path.name, "the stage that writes it")
         raise InputError(f"{path}: missing key(s) {', '.join(missing)}; expected the file {stage} writes")
     return data
+
+
+def point_settings(name: str) -> dict[str, str]:
+    """The settings an ablation grid point's name holds, one folder level each: ablations/KEY~VALUE/KEY~VALUE."""
+    parts = name.split("/")[1:]
+    if not parts or any("~" not in p for p in parts):
+        raise InputError(f"--ablation {name}: not a grid point's name; expected ablations/KEY~VALUE[/KEY~VALUE...] "
+                         "(as the workflow names them)")
+    return dict(p.split("~", 1) for p in parts)
 
 
 def load_run(results: Path, name: str, trained_as: str | None = None) -> Run:
@@ -214,12 +229,16 @@ def duration(seconds: float | None) -> str | None:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def ablation_axis(runs: list[Run], axis: str, center: dict) -> list[Run]:
-    """The ablation runs that vary `axis` while every other setting of the center holds, in axis order."""
-    chosen = [r for r in runs if all(r.setting(k) == v for k, v in center.items() if k != axis)]
-    if axis == "gate_init":
-        return sorted(chosen, key=lambda r: ("zero", "random").index(r.setting(axis)))
-    return sorted(chosen, key=lambda r: r.setting(axis))
+def ablation_axis(runs: list[Run], axis: str, center: dict, values: list) -> list[Run]:
+    """The grid points that set `axis` to each of `values` (in their order, as ablations.vary lists them) while
+    every other axis holds the center. A value without such a point is an error, not a shorter table."""
+    held = {r.point.get(axis): r for r in runs
+            if all(r.point.get(k) == str(v) for k, v in center.items() if k != axis)}
+    missing = [v for v in values if str(v) not in held]
+    if missing:
+        raise InputError(f"--vary {axis}: no --ablation point sets {axis} to {missing} with the other axes at the "
+                         f"center {json.dumps(center)}; expected one point per listed value")
+    return [held[str(v)] for v in values]
 
 
 def by_rank(ours: list, paper: list) -> list:
@@ -268,11 +287,9 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
         if r.method == "adapter":
             paper_model = "LLaMA-Adapter" if r.config.get("image_features") else "LLaMA-Adapter_T"
         row = {"experiment": r.name, "method": METHOD_NAMES[r.method], "paper_model": paper_model,
-               "split": r.scores.get("split"), "questions": r.scores["n"], "chance": r.scores.get("chance")}
+               "questions": r.scores["n"], "chance": r.scores.get("chance")}
         paper = PAPER_SCIENCEQA.get(paper_model, {})
-        low, high = accuracy_interval(r.scores["accuracy"], r.scores["n"], r.scores.get("correct"))
-        row |= {"accuracy": r.scores["accuracy"], "ci95_low": low, "ci95_high": high,
-                "accuracy_paper": paper.get("accuracy"), "unparsed": r.scores.get("unparsed"),
+        row |= {**score_columns(r), "accuracy_paper": paper.get("accuracy"), "unparsed": r.scores.get("unparsed"),
                 "accuracy_any_format": (r.scores.get("any_format") or {}).get("accuracy")}
         for c in CATEGORIES:
             row |= {c: r.scores["categories"][c]["accuracy"], f"{c}_paper": paper.get(c)}
@@ -282,7 +299,10 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
         low, high = wilson_interval(floor["correct"], floor["n"])
         rows.append({"experiment": f"no model: always ({floor['letter']})", "method": "floor", "split": split,
                      "questions": floor["n"], "accuracy": floor["accuracy"], "ci95_low": low, "ci95_high": high})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if "unparsed" in df:  # a count, n/a on the floor's row: integers, not floats
+        df["unparsed"] = df["unparsed"].astype("Int64")
+    return df
 
 
 def instruction_table(runs: list[Run]) -> pd.DataFrame:
@@ -300,27 +320,39 @@ def instruction_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def layers_table(runs: list[Run]) -> pd.DataFrame:
-    return pd.DataFrame([{"adapter_layers": r.setting("adapter_layers"),
-                          "tuned_params": human(r.metrics["trainable_parameters"]), "accuracy": r.scores["accuracy"],
-                          "split": r.scores.get("split"), "adapter_layers_paper": f"{p[0]} of 32" if p else None,
-                          "tuned_params_paper": human(p and p[1]), "accuracy_paper": p and p[2], **r.provenance}
-                         for r, p in zip(runs, by_rank(runs, PAPER_LAYERS))])
+def score_columns(r: Run) -> dict:
+    """An evaluation's headline: accuracy with its 95% interval (ScienceQA), or held-out loss (Alpaca)."""
+    if "accuracy" in r.scores:
+        low, high = accuracy_interval(r.scores["accuracy"], r.scores["n"], r.scores.get("correct"))
+        return {"accuracy": r.scores["accuracy"], "ci95_low": low, "ci95_high": high, "split": r.scores.get("split")}
+    return {"heldout_loss": r.scores["heldout_loss"], "perplexity": r.scores["perplexity"]}
 
 
-def gate_init_table(runs: list[Run]) -> pd.DataFrame:
-    return pd.DataFrame([{"gate_init": r.setting("gate_init"), "accuracy": r.scores["accuracy"],
-                          "split": r.scores.get("split"), "accuracy_paper": PAPER_GATE_INIT.get(r.setting("gate_init")),
-                          "train_loss": r.last_epoch_loss(), "val_loss": r.metrics["val_loss"][-1], **r.provenance}
-                         for r in runs])
+def paper_ablation(axis: str, runs: list[Run]) -> list[dict]:
+    """The paper's row beside each of ours, for the axes it published (settings paired by rank)."""
+    if axis == "adapter_layers":
+        return [p and {"adapter_layers_paper": f"{p[0]} of 32", "tuned_params_paper": human(p[1]),
+                       "accuracy_paper": p[2]} or {} for p in by_rank(runs, PAPER_LAYERS)]
+    if axis == "gate_init":
+        return [{"accuracy_paper": PAPER_GATE_INIT.get(r.axis_value(axis))} for r in runs]
+    if axis == "epochs":
+        return [p and {"epochs_paper": p[0], "train_loss_paper": p[1], "val_loss_paper": p[2],
+                       "accuracy_paper": p[3]} or {} for p in by_rank(runs, PAPER_EPOCHS)]
+    return [{} for _ in runs]
 
 
-def epochs_table(runs: list[Run]) -> pd.DataFrame:
-    return pd.DataFrame([{"epochs": r.setting("epochs"), "train_loss": r.last_epoch_loss(),
-                          "val_loss": r.metrics["val_loss"][-1], "accuracy": r.scores["accuracy"],
-                          "split": r.scores.get("split"), "epochs_paper": p and p[0], "train_loss_paper": p and p[1],
-                          "val_loss_paper": p and p[2], "accuracy_paper": p and p[3], **r.provenance}
-                         for r, p in zip(runs, by_rank(runs, PAPER_EPOCHS))])
+def ablation_table(runs: list[Run], axis: str) -> pd.DataFrame:
+    """One ablation axis, a row per value: what trained (tuned parameters, the last epoch's training loss, the
+    final validation loss; n/a for zero-shot), the score with its interval, and the paper's numbers beside them."""
+    rows = []
+    for r, paper in zip(runs, paper_ablation(axis, runs)):
+        trained = bool(r.metrics)
+        rows.append({axis: r.axis_value(axis), "method": METHOD_NAMES[r.method],
+                     "tuned_params": human(r.metrics["trainable_parameters"]) if trained else None,
+                     "train_loss": r.last_epoch_loss() if trained else None,
+                     "val_loss": (r.metrics.get("val_loss") or [None])[-1] if trained else None,
+                     **score_columns(r), **paper, **r.provenance})
+    return pd.DataFrame(rows)
 
 
 def generations_table(results: Path, runs: list[Run]) -> pd.DataFrame:
@@ -356,7 +388,7 @@ def jobs_table(results: Path) -> pd.DataFrame:
 
 
 def cell(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, float | np.floating):
         return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
@@ -408,7 +440,7 @@ def loss_curves_figure(runs: list[Run], path: Path) -> None:
     plt, fig, ax = _figure()
     for r in runs:
         h = r.metrics["history"]
-        ax.plot([x["epoch"] for x in h], [x["loss"] for x in h], label=f"gate init: {r.setting('gate_init')}")
+        ax.plot([x["epoch"] for x in h], [x["loss"] for x in h], label=f"gate init: {r.axis_value('gate_init')}")
     ax.set(xlabel="epoch", ylabel="training loss (per target token)")
     ax.legend()
     _save(plt, fig, ax, path, "Training loss, zero vs random gate init (paper Fig. 5)")
@@ -466,16 +498,35 @@ def length_figure(tokens_dir: Path, path: Path) -> dict:
     return {"samples": int(len(lengths)), "mean": float(np.mean(lengths)), "max": int(np.max(lengths))}
 
 
-TABLES = {  # file name: caption
+# The report's tables, file name: caption. One ablation table per axis of ablations.vary, in its order, between
+# the per-method tables and the generations.
+METHOD_TABLES = {
     "efficiency": "Efficiency per method: tuned parameters, storage, training time and hardware",
     "instruction": "Instruction following per method: held-out Alpaca loss before and after training",
     "scienceqa": "ScienceQA accuracy (%) per method and category, with 95% intervals and the no-model floor",
-    "insertion_layers": "Ablation: number of adapted (top) layers",
-    "gate_init": "Ablation: zero-initialised vs randomly initialised gates",
-    "epochs": "Ablation: training epochs (over-fitting)",
+}
+ABLATION_TABLES = {  # axis: (file name, caption); an axis not listed: ablation_<axis>
+    "adapter_layers": ("insertion_layers", "Ablation: number of adapted (top) layers"),
+    "gate_init": ("gate_init", "Ablation: zero-initialised vs randomly initialised gates"),
+    "epochs": ("epochs", "Ablation: training epochs (over-fitting)"),
+    "method": ("ablation_method", "Ablation: what trains (adapter, LoRA, full fine-tuning, none) at the center"),
+}
+RUN_TABLES = {
     "generations": "Generations of the instruction adapters (greedy)",
     "jobs": "Compute: wall time and peak memory of each job (Snakemake benchmark files)",
 }
+
+
+def ablation_table_name(axis: str) -> tuple[str, str]:
+    """(file name, caption) of the table of one ablation axis."""
+    return ABLATION_TABLES.get(axis, (f"ablation_{axis}", f"Ablation: {axis}, the other axes at the center"))
+
+
+def report_tables(axes: list[str]) -> dict[str, str]:
+    """Every table the report writes when the ablations vary `axes`: file name (without .csv): caption."""
+    return {**METHOD_TABLES, **dict(ablation_table_name(a) for a in axes), **RUN_TABLES}
+
+
 FIGURES = {
     "loss_curves_gate_init": "Training loss with zero vs random gate initialisation (the paper's Fig. 5)",
     "gate_magnitude": "Mean |tanh(gate)| per adapted layer after training",
@@ -485,43 +536,55 @@ FIGURES = {
 
 
 def write_report(results: Path, out_dir: Path, experiments: list[str], ablations: dict[str, str],
-                 center: dict) -> dict:
+                 center: dict, vary: dict[str, list]) -> dict:
     """Write every table (CSV, Markdown, LaTeX), figure (PNG) and report.md to out_dir; returns the tables.
     `ablations` maps each grid point to the experiment whose adapter it is (itself, or a named experiment
-    with the same settings)."""
+    with the same settings); `vary` lists each ablation axis's values in the order its table shows them, and
+    `center` the value every other axis holds."""
     from .inputs import existing_dir, writable_output
 
     results = existing_dir(results, "--results", "the pipeline's results folder (holding adapters/, eval/, tokens/)")
     writable_output(out_dir, "--out", folder=True)
+    lists = [axis for axis, values in vary.items() if not isinstance(values, list) or not values]
+    if lists:
+        raise InputError(f"--vary: axis(es) {lists} do not map to a non-empty list of values; expected "
+                         '{"AXIS": [VALUE, ...], ...} as ablations.vary')
+    unset = sorted(set(vary) - set(center))
+    if unset:
+        raise InputError(f"--vary: axis(es) {unset} have no value in --center; expected the center to set every "
+                         "varied axis (the value the other tables hold it at)")
     named = [load_run(results, e) for e in experiments]
-    grid = [load_run(results, e, trained) for e, trained in ablations.items()]
-    for r in grid:
-        unknown = sorted(set(center) - set(r.config))
+    grid = []
+    for e, trained in ablations.items():
+        point = point_settings(e)
+        unknown = sorted(set(center) - set(point))
         if unknown:
-            raise InputError(f"--center: key(s) {unknown} are not settings of {r.name}'s config.json; expected keys "
-                             f"among {sorted(r.config)}")
+            raise InputError(f"--center: key(s) {unknown} are not settings of grid point {e}; expected keys among "
+                             f"{sorted(point)}")
+        grid.append(replace(load_run(results, e, trained), point=point))
     instruction = [r for r in named if r.dataset == "alpaca"]
     scienceqa = [r for r in named if r.dataset == "scienceqa"]
-    axes = {axis: ablation_axis(grid, axis, center) for axis in ("adapter_layers", "gate_init", "epochs")}
+    axes = {axis: ablation_axis(grid, axis, center, values) for axis, values in vary.items()}
     tables = {"efficiency": efficiency_table(named), "instruction": instruction_table(instruction),
               "scienceqa": scienceqa_table(scienceqa),
-              "insertion_layers": layers_table(axes["adapter_layers"]), "gate_init": gate_init_table(axes["gate_init"]),
-              "epochs": epochs_table(axes["epochs"]), "generations": generations_table(results, instruction),
-              "jobs": jobs_table(results)}
+              **{ablation_table_name(axis)[0]: ablation_table(runs, axis) for axis, runs in axes.items()},
+              "generations": generations_table(results, instruction), "jobs": jobs_table(results)}
+    captions = report_tables(list(vary))
     with atomic_dir(Path(out_dir)) as tmp:
         for name, df in tables.items():
             df.to_csv(tmp / f"{name}.csv", index=False)
             (tmp / f"{name}.md").write_text(to_markdown(df), encoding="utf-8")
-            (tmp / f"{name}.tex").write_text(to_latex(df, TABLES[name]), encoding="utf-8")
-        loss_curves_figure(axes["gate_init"], tmp / "loss_curves_gate_init.png")
+            (tmp / f"{name}.tex").write_text(to_latex(df, captions[name]), encoding="utf-8")
+        loss_curves_figure(axes.get("gate_init", []), tmp / "loss_curves_gate_init.png")
         gate_figure(named, tmp / "gate_magnitude.png")
         category_figure(scienceqa, tmp / "scienceqa_categories.png")
         lengths = length_figure(results / "tokens" / "alpaca", tmp / "alpaca_lengths.png")
-        (tmp / "report.md").write_text(report_markdown(tables, named, center, lengths), encoding="utf-8")
+        (tmp / "report.md").write_text(report_markdown(tables, captions, named, center, lengths), encoding="utf-8")
     return tables
 
 
-def report_markdown(tables: dict[str, pd.DataFrame], named: list[Run], center: dict, lengths: dict) -> str:
+def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], named: list[Run], center: dict,
+                    lengths: dict) -> str:
     bases = sorted({r.config["base"] for r in named})
     commits = sorted({r.provenance["git_commit"] or "unknown" for r in named})
     hashes = sorted({r.provenance["config_hash"] or "unknown" for r in named})
@@ -541,7 +604,7 @@ def report_markdown(tables: dict[str, pd.DataFrame], named: list[Run], center: d
         f"Alpaca samples: {lengths['samples']}, mean length {lengths['mean']:.1f} tokens, longest {lengths['max']}.",
         "", *protocol_notes(named),
     ]
-    for name, caption in TABLES.items():
+    for name, caption in captions.items():
         parts += [f"## {caption}", "", to_markdown(tables[name]) if len(tables[name]) else "(no runs)", ""]
     for name, caption in FIGURES.items():
         parts += [f"## {caption}", "", f"![{caption}]({name}.png)", ""]

@@ -9,6 +9,7 @@ import pandas as pd
 from snakemake.utils import Paramspace, validate
 
 from llama_adapter.config import WEIGHTS
+from llama_adapter.report import FIGURES, ablation_table_name, report_tables
 from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
 from llama_adapter.tracking import export_invocation, sqlite_uri
 
@@ -83,11 +84,12 @@ export_invocation(
 )
 
 
-def report_file(name, category):
-    """An output of the report rule, shown by `snakemake --report` with its caption."""
+def report_file(name, category, caption=None):
+    """An output of the report rule, shown by `snakemake --report` with its caption (workflow/report/, named after
+    the file unless given)."""
     return report(
         f"{RESULTS}/report/{name}",
-        caption=f"../report/{name.rsplit('.', 1)[0]}.rst",
+        caption=f"../report/{caption or name.rsplit('.', 1)[0]}.rst",
         category=category,
     )
 
@@ -113,17 +115,33 @@ ENCODER = (
 IMAGE_FEATURES = f"{RESULTS}/features/{Path(ENCODER).name}/scienceqa"
 
 
-def ablation_points(ablations):
+# The ablation axes, each with its values in the order its table lists them (an axis set to null, to drop one that
+# a merged config varies, is no axis).
+ABLATION_AXES = {
+    axis: values
+    for axis, values in config["ablations"]["vary"].items()
+    if values is not None
+}
+
+
+def ablation_points(center, axes):
     """The center, and each listed value of each axis with the other axes at the center."""
-    center = ablations["center"]
+    unset = [axis for axis in axes if axis not in center]
+    if unset:
+        raise ValueError(
+            f"config ablations.center: no value for {unset}, which ablations.vary varies; the center must set "
+            "every varied axis (the value it holds while the other axes vary), e.g. center: {method: adapter}"
+        )
     points = [dict(center)]
-    for axis, values in ablations["vary"].items():
+    for axis, values in axes.items():
         points += [{**center, axis: v} for v in values]
     return pd.DataFrame(points).drop_duplicates().reset_index(drop=True)
 
 
 # One folder level per parameter: ablations/adapter_layers~4/gate_init~zero/epochs~5
-ABLATIONS = Paramspace(ablation_points(config["ablations"]), param_sep="~")
+ABLATIONS = Paramspace(
+    ablation_points(config["ablations"]["center"], ABLATION_AXES), param_sep="~"
+)
 ABLATION_SETTINGS = {
     f"ablations/{name}": row
     for name, row in zip(
@@ -145,9 +163,14 @@ def experiment(name):
         spec = NAMED_EXPERIMENTS[name]
         images = {"image_features": IMAGE_FEATURES} if spec.get("images") else {}
         return spec["dataset"], {**config["train"], **spec.get("train", {}), **images}
+    # A grid point takes the settings ablations.methods gives its method (LoRA and full fine-tuning want their own
+    # learning rates), then its own: a varied axis always holds the value the point's name says.
+    point = ABLATION_SETTINGS[name]
+    point_method = point.get("method", config["train"].get("method", "adapter"))
     return config["ablations"]["dataset"], {
         **config["train"],
-        **ABLATION_SETTINGS[name],
+        **(config["ablations"].get("methods", {}).get(point_method) or {}),
+        **point,
     }
 
 
@@ -155,8 +178,12 @@ def trained_as(name):
     """The experiment whose adapter `name` is: an ablation point with the dataset and settings of a named
     experiment (the paper's ScienceQA run is its ablations' center) reuses that adapter, not a second training.
     """
+    def settings(e):  # an unset method is the adapter
+        dataset, train = experiment(e)
+        return dataset, {"method": "adapter", **train}
+
     for named in NAMED_EXPERIMENTS:
-        if experiment(named) == experiment(name):
+        if settings(named) == settings(name):
             return named
     return name
 
@@ -191,23 +218,16 @@ def image_features(w):
     return experiment(w.experiment)[1].get("image_features", [])
 
 
-# The report's files (llama_adapter.report.TABLES and FIGURES; a test keeps the two lists equal).
-REPORT_TABLES = [
-    "efficiency",
-    "instruction",
-    "scienceqa",
-    "insertion_layers",
-    "gate_init",
-    "epochs",
-    "generations",
-    "jobs",
-]
-REPORT_FIGURES = [
-    "loss_curves_gate_init",
-    "gate_magnitude",
-    "scienceqa_categories",
-    "alpaca_lengths",
-]
+# The report's files: llama_adapter.report names them, one ablation table per axis of ablations.vary.
+REPORT_TABLES = list(report_tables(list(ABLATION_AXES)))
+REPORT_CAPTIONS = {  # an ablation table of an axis without its own caption file shares ablation.rst
+    ablation_table_name(axis)[0]: "ablation"
+    for axis in ABLATION_AXES
+    if not (
+        Path(workflow.basedir) / "workflow" / "report" / f"{ablation_table_name(axis)[0]}.rst"
+    ).exists()
+}
+REPORT_FIGURES = list(FIGURES)
 INSTRUCTION_EXPERIMENTS = [e for e in EXPERIMENTS if experiment(e)[0] == "alpaca"]
 
 

@@ -13,7 +13,10 @@ rule report:
         ),
         tokens=f"{RESULTS}/tokens/alpaca",
     output:
-        **{t: report_file(f"{t}.csv", "Tables") for t in REPORT_TABLES},
+        **{
+            t: report_file(f"{t}.csv", "Tables", REPORT_CAPTIONS.get(t))
+            for t in REPORT_TABLES
+        },
         **{f: report_file(f"{f}.png", "Figures") for f in REPORT_FIGURES},
         markdown=f"{RESULTS}/report/report.md",
     log:
@@ -30,6 +33,7 @@ rule report:
             for arg in ("--ablation", f"{e}={trained_as(e)}")
         ],
         center=json.dumps(config["ablations"]["center"]),
+        vary=json.dumps(ABLATION_AXES),
     shell:
         "llama-adapter report --results {params.results:q} --out {params.out:q} {params.experiments:q} "
-        "{params.ablations:q} --center {params.center:q} > {log:q} 2>&1"
+        "{params.ablations:q} --center {params.center:q} --vary {params.vary:q} > {log:q} 2>&1"
