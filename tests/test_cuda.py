@@ -117,8 +117,12 @@ def test_baselines_train_on_gpu(tmp_path, method, lr, compiled):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
-def test_two_gpus_match_one(tmp_path, fsdp):
+@pytest.mark.parametrize(("fsdp", "method", "lr"), [(False, "adapter", None), (True, "adapter", None),
+                                                   (True, "lora", 0.05), (True, "full", 0.01)],
+                         ids=["replicated", "fsdp", "fsdp-lora", "fsdp-full"])
+def test_two_gpus_match_one(tmp_path, fsdp, method, lr):
+    """NCCL and the bf16 base: 2 processes (the adapter replicated or over a sharded base; LoRA's and full
+    fine-tuning's weights sharded, their mixed fp32/bf16 blocks included) give one GPU's losses."""
     import json
     import subprocess
     import sys
@@ -132,10 +136,12 @@ def test_two_gpus_match_one(tmp_path, fsdp):
     torch.manual_seed(0)
     save_meta_checkpoint(Transformer(TRAIN_ARGS), tmp_path / "base")
     setup = (tmp_path, synthetic_split(tmp_path / "train", 96, 0), synthetic_split(tmp_path / "val", 16, 1))
-    one = train(config(setup, tmp_path / "one", max_steps=4, device="cuda:0"))
-    cfg = config(setup, tmp_path / "two", max_steps=4, device=None)  # each rank takes cuda:LOCAL_RANK
+    kw = {"method": method, "lr": lr, "lora_dropout": 0.0}
+    one = train(config(setup, tmp_path / "one", max_steps=4, device="cuda:0", **kw))
+    cfg = config(setup, tmp_path / "two", max_steps=4, device=None, **kw)  # each rank takes cuda:LOCAL_RANK
+    method_options = ["--method", method, "--lora-dropout", "0.0", *(["--lr", str(lr)] if lr else [])]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "llama_adapter.cli",
-           *run_cli_train(cfg, "--max-steps", "4", *(["--fsdp"] if fsdp else []))[3:]]
+           *run_cli_train(cfg, "--max-steps", "4", *method_options, *(["--fsdp"] if fsdp else []))[3:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())

@@ -178,6 +178,8 @@ def test_paper_config_dry_run(paper_dry_run, paper_tmp):
         # dropped at 7B. Evaluated: 7 named experiments and 8 ablation points (6 adapters, LoRA, zero-shot)
         "train_adapter": 10, "evaluate": 15, "generate": 3}
     assert counts.get("encode_images") == 1 and counts.get("make_vision_encoder", 0) == 0
+    readme = (Path(__file__).parents[1] / "README.md").read_text()  # the README's plan is this plan
+    assert f"the plan: {counts['train_adapter']} trainings, {counts['evaluate']} evaluations" in readme
     ablations = {f"ablations/adapter_layers~{layers}/gate_init~{gate}/epochs~{epochs}/method~adapter"
                  for layers, gate, epochs in [(30, "zero", 30), (10, "zero", 30), (20, "zero", 30),
                                               (30, "random", 30), (30, "zero", 15), (30, "zero", 60)]}

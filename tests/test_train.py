@@ -179,6 +179,36 @@ def test_two_process_data_parallel_matches_one_process(setup, tmp_path, fsdp):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("method", "lr"), [("full", 0.01), ("lora", 0.05)])
+def test_fsdp_shards_what_trains_matches_one_process_and_resumes_on_one(setup, tmp_path, method, lr):
+    """LoRA and full fine-tuning train weights inside the sharded blocks (full: the root's too): FSDP reduce-scatters
+    their gradients, and losses and written weights equal one process's. The checkpoint two sharded processes
+    write holds whole tensors, so one unsharded process continues it."""
+    from safetensors.torch import load_file
+
+    from llama_adapter.config import WEIGHTS
+
+    kw = dict(method=method, lr=lr, lora_dropout=0.0)  # no dropout: its draws differ between process counts
+    single = train(config(setup, tmp_path / "one", max_steps=6, **kw))
+    cfg = config(setup, tmp_path / "two", max_steps=4, **kw)
+    cli = run_cli_train(cfg, "--max-steps", "4", "--fsdp", "--keep-checkpoint", "--method", method, "--lr", str(lr),
+                        "--lora-dropout", "0.0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(29541 + (method == "lora")), "-m", "llama_adapter.cli", *cli[3:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and two["trainable_parameters"] == single["trainable_parameters"]
+    losses = [h["loss"] for h in single["history"]]
+    np.testing.assert_allclose([h["loss"] for h in two["history"]], losses[:4], rtol=1e-5)
+    resumed = train(config(setup, tmp_path / "two", max_steps=6, **kw), resume=True)
+    np.testing.assert_allclose([h["loss"] for h in resumed["history"]], losses, rtol=1e-5)
+    ours, theirs = (load_file(tmp_path / run / WEIGHTS[method]) for run in ("one", "two"))
+    assert set(ours) == set(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5)
+
+
 def test_nan_loss_stops_with_step_and_batch_and_keeps_the_checkpoint(setup, tmp_path, monkeypatch):
     import llama_adapter.train as train_mod
 

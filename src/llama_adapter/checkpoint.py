@@ -453,14 +453,16 @@ def save_adapter(model: AdaptedTransformer, path: str | os.PathLike, base_model:
         save_file(tensors, tmp, metadata=metadata)
 
 
-def save_full(model: Transformer, folder: str | os.PathLike, base_model: str) -> None:
+def save_full(model: Transformer, folder: str | os.PathLike, base_model: str, state: dict | None = None) -> None:
     """Write every base weight (fp32) as a checkpoint folder in the layout of the base it was tuned from: Meta's
     names beside params.json for a Meta base, else Hugging Face's (config.json + model.safetensors, q/k rows
-    permuted), which transformers also loads. `load_base` reads either back."""
+    permuted), which transformers also loads. `load_base` reads either back. `state`: the weights by name, whole,
+    where the model holds only shards of them (FSDP)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+    source = model.state_dict() if state is None else state
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in source.items()
              if k in model.base_state_keys()}
     base = Path(base_model)
     meta = base.is_dir() and checkpoint_format(base) == "meta"

@@ -223,7 +223,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (tests, benchmarks); the schedule still spans all epochs
     device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
     compile: bool = False
-    fsdp: bool = False  # shard the frozen base's layers over the processes (models too big for one GPU)
+    fsdp: bool = False  # shard the layers over the processes (FSDP2; models too big for one GPU)
     image_features: str | None = None  # a feature cache (encode-images): train the multimodal adapter
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)

@@ -111,23 +111,27 @@ def rope_heads(target: str, args: ModelArgs) -> int | None:
     return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(target)
 
 
-def peft_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The LoRA's A and B under PEFT's names, in HF's row order, fp32."""
+def peft_tensors(model: nn.Module, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The LoRA's A and B under PEFT's names, in HF's row order, fp32; from `state` (by our names) where given,
+    else from the model."""
+    state = dict(model.named_parameters()) if state is None else state
     out = {}
-    for i, layer in enumerate(model.layers):
+    for i in range(len(model.layers)):
         for t in model.lora.targets:
-            lin = getattr(getattr(layer, BLOCK_PART[t]), t)
-            b = lin.lora_b.detach().float().cpu()
+            ours = f"layers.{i}.{BLOCK_PART[t]}.{t}"
+            b = state[f"{ours}.lora_b"].detach().float().cpu()
             if (heads := rope_heads(t, model.args)) is not None:
                 b = permute_rope_rows(b, heads)
             prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[t]}"
-            out[f"{prefix}.lora_A.weight"] = lin.lora_a.detach().float().cpu().contiguous()
+            out[f"{prefix}.lora_A.weight"] = state[f"{ours}.lora_a"].detach().float().cpu().contiguous()
             out[f"{prefix}.lora_B.weight"] = b.contiguous()
     return out
 
 
-def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model: str) -> Path:
-    """Write adapter_model.safetensors (PEFT's names; this project's header beside them) and adapter_config.json."""
+def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model: str, state: dict[str, Tensor] | None = None
+              ) -> Path:
+    """Write adapter_model.safetensors (PEFT's names; this project's header beside them) and adapter_config.json.
+    `state`: the LoRA's tensors by name, whole, where the model holds only shards of them (FSDP)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -143,7 +147,7 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model: str) -> 
     with atomic_path(out_dir / LORA_CONFIG) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     with atomic_path(out_dir / LORA_WEIGHTS) as tmp:
-        save_file(peft_tensors(model), tmp, metadata=metadata)
+        save_file(peft_tensors(model, state), tmp, metadata=metadata)
     return out_dir / LORA_WEIGHTS
 
 

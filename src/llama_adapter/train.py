@@ -12,6 +12,8 @@ What differs, and why:
   the same number on 1 or N processes and with any packing.
 - Data parallelism is one all-reduce of the adapter gradients per optimizer step. DDP's bucketed hooks
   buy nothing for 1.2M parameters and would force every rank to run the same number of micro-batches.
+  With --fsdp the blocks are sharded (FSDP2); what trains inside them (LoRA, full fine-tuning) has its
+  gradients reduce-scattered by FSDP instead.
 
 Data order is a pure function of (seed, epoch), so a checkpoint needs only the step count to resume
 exactly: a killed and resumed run reproduces the uninterrupted run's losses bit for bit on CPU.
@@ -38,9 +40,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from .batching import micro_batches, pack_rows, token_loss_sum
-from .checkpoint import copy_parameters, load_model, read_json
+from .checkpoint import read_json
 from .config import WEIGHTS, TrainConfig
 from .data.tokens import TokenDataset
 from .errors import CheckpointError, GPUAllocationError, PipelineError, TrainingDiverged
@@ -117,17 +125,37 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
     return Dist(dist.get_rank() if world > 1 else 0, world, device)
 
 
-def shard_base(model: Transformer, d: Dist) -> Transformer:
-    """FSDP2 over the transformer blocks: each process keeps 1/world of every block's frozen weights and
-    gathers a block only while it runs. The adapter (on the root module) stays whole on every process,
-    and its gradients are all-reduced by the training loop like in the unsharded case."""
+def shard_model(model: Transformer, method: str, d: Dist) -> Transformer:
+    """FSDP2: each process keeps 1/world of every block's weights and gathers a block only while it runs.
+
+    The adapter trains on a frozen base: the blocks are sharded, its prompts and gates (on the root module) stay
+    whole on every process, and the training loop all-reduces their gradients as in the unsharded case. LoRA and
+    full fine-tuning train weights inside the blocks (full: the root's embedding, norm and output too), so the
+    root is sharded as well and FSDP reduce-scatters the gradient of every sharded weight that trains."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(d.device.type, (d.world,))
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
+    if method != "adapter":
+        fully_shard(model, mesh=mesh)
+        # The loss calls hidden_states, then the output projection on the target positions only: FSDP gathers
+        # the root's weights around hidden_states as around forward (the root keeps them gathered until backward).
+        register_fsdp_forward_method(model, "hidden_states")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # FSDP averages a gradient over the processes by default; each process's loss here is already divided
+            # by the step's global target count, so the gradient is their sum (a plain SUM, which Gloo has too).
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     return model.to(d.device)
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
 
 
 def gate_magnitudes(model: Transformer) -> dict[str, float]:
@@ -173,13 +201,22 @@ def autocast(device: torch.device):
 
 
 # Settings that may change between a run and its resumption without changing its results.
-RESUMABLE_CHANGES = ("checkpoint_every", "max_steps", "device", "compile", "run_name", "tags", "rows_per_micro_batch")
+# (A checkpoint holds whole tensors by name, so sharding and the number of processes may change too.)
+RESUMABLE_CHANGES = ("checkpoint_every", "max_steps", "device", "compile", "run_name", "tags", "rows_per_micro_batch",
+                     "fsdp")
+
+
+# What trains and its optimizer state, whole, keyed by parameter name (torch.distributed.checkpoint's state
+# dicts): the same file for any number of processes, sharded or not, so a run may resume on another world size.
+# Gathering is collective under FSDP (every process calls it); the tensors land on rank 0's CPU.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+CHECKPOINT_FORMAT = "llama-adapter/checkpoint/2"
 
 
 def checkpoint_state(model, opt, step: int, history: list[dict], cfg: TrainConfig, run_id: str | None,
                      initial_val_loss: float | None) -> dict:
-    return {"tuned": {k: v.detach().cpu() for k, v in tuned_state(model, cfg.method).items()},
-            "optimizer": opt.state_dict(),
+    tuned, optimizer = get_state_dict(model, opt, options=FULL_STATE)
+    return {"format": CHECKPOINT_FORMAT, "tuned": tuned, "optimizer": optimizer,
             "step": step, "history": history, "torch_rng": torch.get_rng_state(), "mlflow_run_id": run_id,
             "initial_val_loss": initial_val_loss, "config": json.dumps(fixed_settings(cfg), sort_keys=True)}
 
@@ -188,7 +225,7 @@ def fixed_settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
-CHECKPOINT_KEYS = {"tuned", "optimizer", "step", "history", "torch_rng", "mlflow_run_id", "config"}
+CHECKPOINT_KEYS = {"format", "tuned", "optimizer", "step", "history", "torch_rng", "mlflow_run_id", "config"}
 
 
 def previous_checkpoint(ckpt_path: Path) -> Path:
@@ -237,6 +274,9 @@ def read_checkpoint(ckpt_path: Path, announce: bool = True) -> tuple[dict, Path]
             if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
                 raise ValueError(f"not a training checkpoint: no {sorted(CHECKPOINT_KEYS - set(state))}"
                                  if isinstance(state, dict) else f"not a training checkpoint: a {type(state).__name__}")
+            if state["format"] != CHECKPOINT_FORMAT:
+                raise ValueError(f"format {state['format']!r}, expected {CHECKPOINT_FORMAT!r} (written by another "
+                                 "version of llama-adapter)")
         except Exception as e:  # truncated, empty, not a torch file, not ours
             reason = (str(e).strip().splitlines() or [""])[0]
             problems.append(f"{path} is unreadable ({path.stat().st_size} bytes; {type(e).__name__}: {reason})")
@@ -257,8 +297,12 @@ def restore(state: dict, ckpt_path: Path, cfg: TrainConfig, model: Transformer, 
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if changed:
         raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed {{key: (then, now)}}: {changed}")
-    copy_parameters(model, state["tuned"])
-    opt.load_state_dict(state["optimizer"])
+    missing = sorted(set(tuned_state(model, cfg.method)) - set(state["tuned"]))
+    if missing:
+        raise ValueError(f"{ckpt_path}: cannot resume, the checkpoint lacks trained parameter(s) {missing[:5]}")
+    # Every process holds the whole state (each read the file); sharded parameters keep their own shards.
+    set_state_dict(model, opt, model_state_dict=state["tuned"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state["history"], state["mlflow_run_id"], state.get("initial_val_loss")
 
@@ -331,6 +375,8 @@ def train_step(model, train_ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig,
         loss_sum += loss.detach().double()
         real, padded = real + batch.real_tokens * weight, padded + batch.padded_tokens * weight
     for p in params:
+        if is_sharded(p):
+            continue  # FSDP reduce-scattered its gradient during backward
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         d.all_sum(p.grad)
@@ -351,16 +397,14 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
     if images and cfg.method != "adapter":
         raise ValueError(f"--image-features: images are read by the multimodal adapter; method {cfg.method} is "
                          "text-only (leave --image-features out, or use --method adapter)")
-    if cfg.fsdp and cfg.method != "adapter":
-        raise ValueError(f"--fsdp shards a frozen base under the adapter; method {cfg.method} trains weights "
-                         "inside the blocks, which this training loop does not shard yet (train without --fsdp)")
     adapter = replace(cfg.adapter, visual_dim=images.dim) if images else cfg.adapter
-    if cfg.fsdp and d.world > 1:
-        model = shard_base(load_model(cfg.base, adapter=adapter, device="cpu", dtype=dtype), d)
-    else:
-        # Projections stay unfused here (fuse_projections is for decoding): measured on an H100 at 7B, the
-        # fused weights cost 4% of training throughput and 4 GiB more activation memory (BENCHMARKS.md).
-        model = load_for_training(cfg.method, cfg.base, adapter, cfg.lora, d.device, dtype)
+    # Projections stay unfused here (fuse_projections is for decoding): measured on an H100 at 7B, the fused
+    # weights cost 4% of training throughput and 4 GiB more activation memory (BENCHMARKS.md). Sharded, the model
+    # is built on the CPU and each process moves only its shards to its device.
+    sharded = cfg.fsdp and d.world > 1
+    model = load_for_training(cfg.method, cfg.base, adapter, cfg.lora, "cpu" if sharded else d.device, dtype)
+    if sharded:
+        model = shard_model(model, cfg.method, d)
     params = [p for p in model.parameters() if p.requires_grad]
     # One fused kernel for the whole update on the GPU instead of a few per parameter tensor.
     opt = torch.optim.AdamW(params, lr=0.0, betas=cfg.betas, weight_decay=cfg.weight_decay,
@@ -402,9 +446,11 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
     bar = progress(last_step, step, out.name, enabled=d.rank == 0)
 
     def save(step: int) -> None:
+        """Every process gathers (collective under FSDP); rank 0 writes."""
         nonlocal saved_step
-        save_checkpoint(checkpoint_state(model, opt, step, history, cfg, tracker.run_id, initial_val_loss),
-                        ckpt_path, keep_previous=saved_step is not None)
+        state = checkpoint_state(model, opt, step, history, cfg, tracker.run_id, initial_val_loss)
+        if d.rank == 0:
+            save_checkpoint(state, ckpt_path, keep_previous=saved_step is not None)
         saved_step = step
 
     def run_step(step: int) -> int:
@@ -442,7 +488,7 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
         with StopSignals() as stop:
             while step < last_step:
                 if signum := stop.agreed(d):  # a step boundary: all ranks stop here, rank 0 saves
-                    if d.rank == 0 and saved_step != step:
+                    if saved_step != step:
                         save(step)
                     stopped = TrainingInterrupted(signum, step, ckpt_path, d.rank)
                     tracker.set_tags({"stopped_by": stopped.signal_name, "checkpoint_step": str(step)})
@@ -452,7 +498,7 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
                     d.all_max(0)
                     raise stopped
                 step = run_step(step)
-                if d.rank == 0 and (step % cfg.checkpoint_every == 0 or step == last_step):
+                if step % cfg.checkpoint_every == 0 or step == last_step:
                     save(step)
     except TrainingInterrupted:
         raise
@@ -480,8 +526,10 @@ def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, t
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "world_size": d.world, "device": device_name(d.device), "history": history,
               "mlflow_run_id": tracker.run_id, "tags": tracker.tags}
+    # Sharded weights are gathered whole first (collective: every process takes part).
+    whole = get_model_state_dict(model, options=FULL_STATE) if any(map(is_sharded, model.parameters())) else None
     if d.rank == 0:
-        weights = save_tuned(model, cfg.method, out, base_model=str(cfg.base))
+        weights = save_tuned(model, cfg.method, out, base_model=str(cfg.base), state=whole)
         write_json(out / "metrics.json", result)
         # Every trained file goes to MLflow too, so a run's weights stay recoverable from its artifacts.
         for path in (weights.parent if cfg.method == "full" else weights,
