@@ -50,7 +50,8 @@ def assert_same_logits(a, b, atol=0.0):
 def test_meta_round_trip(tmp_path, preset, n_shards):
     m = random_model(preset)
     save_meta_checkpoint(m, tmp_path, n_shards=n_shards)
-    assert sorted(p.name for p in tmp_path.glob("consolidated.*.pth")) == [f"consolidated.{r:02d}.pth" for r in range(n_shards)]
+    shards = sorted(p.name for p in tmp_path.glob("consolidated.*.pth"))
+    assert shards == [f"consolidated.{r:02d}.pth" for r in range(n_shards)]
     if n_shards == 2:  # really split, as Meta's ranks: wq by rows, wo by columns, embeddings by columns
         shard = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
         assert shard["layers.0.attention.wq.weight"].shape == (m.args.dim // 2, m.args.dim)

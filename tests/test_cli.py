@@ -10,7 +10,6 @@ import torch
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.checkpoint import save_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs
-from llama_adapter.model import Transformer
 
 
 def run_cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -20,7 +20,8 @@ def cli(*args):
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     cli("demo-data", "--out", root / "demo", "--seed", 0)
-    cli("train-tokenizer", "--corpus", root / "demo" / "corpus.jsonl", "--out", root / "tokenizer.model", "--vocab-size", 600)
+    cli("train-tokenizer", "--corpus", root / "demo" / "corpus.jsonl", "--out", root / "tokenizer.model",
+        "--vocab-size", 600)
     return root
 
 
@@ -31,7 +32,8 @@ def test_help_of_every_data_subcommand():
 
 
 def test_tokenizer_training_is_deterministic(demo, tmp_path):
-    cli("train-tokenizer", "--corpus", demo / "demo" / "corpus.jsonl", "--out", tmp_path / "again.model", "--vocab-size", 600)
+    cli("train-tokenizer", "--corpus", demo / "demo" / "corpus.jsonl", "--out", tmp_path / "again.model",
+        "--vocab-size", 600)
     assert (tmp_path / "again.model").read_bytes() == (demo / "tokenizer.model").read_bytes()
     tok = load_tokenizer(demo / "tokenizer.model")
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 600)
@@ -56,7 +58,8 @@ def test_alpaca_chain(demo):
 def test_scienceqa_chain_keeps_its_splits_and_images(demo):
     root = demo
     cli("fetch", "--dataset", "scienceqa", "--source", root / "demo" / "scienceqa", "--out", root / "sqa" / "fetched")
-    cli("validate", "--dataset", "scienceqa", "--fetched", root / "sqa" / "fetched", "--out", root / "sqa" / "validated")
+    cli("validate", "--dataset", "scienceqa", "--fetched", root / "sqa" / "fetched",
+        "--out", root / "sqa" / "validated")
     records = [json.loads(line) for line in (root / "sqa" / "validated" / "records.jsonl").read_text().splitlines()]
     with_image = [r for r in records if r["image"]]
     assert with_image and all((root / "sqa" / "validated" / r["image"]).is_file() for r in with_image)
@@ -80,6 +83,7 @@ def test_scienceqa_chain_keeps_its_splits_and_images(demo):
 
 def test_bad_source_is_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llama_adapter.cli", "fetch", "--dataset", "alpaca", "--source",
-                           str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+                           str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and "missing.json" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -187,7 +187,8 @@ def test_real_scienceqa_llava(shared_data, tmp_path):
     for pid in shared:
         assert records[pid]["choices"] == problems[pid]["choices"] and records[pid]["answer"] == problems[pid]["answer"]
         assert records[pid]["has_image"] == bool(problems[pid]["image"])
-        assert (records[pid]["hint"] or "", records[pid]["question"]) == (problems[pid]["hint"], problems[pid]["question"])
+        ours, theirs = records[pid], problems[pid]
+        assert (ours["hint"] or "", ours["question"]) == (theirs["hint"], theirs["question"])
 
 
 def test_assigned_splits_are_seeded_exact_and_independent_of_order(shared_data, tmp_path):

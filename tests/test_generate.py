@@ -12,7 +12,8 @@ from llama_adapter.model import Transformer
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return AdaptedTransformer(ModelArgs.from_name("tiny-gqa"), AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    adapter = AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")
+    return AdaptedTransformer(ModelArgs.from_name("tiny-gqa"), adapter).eval()
 
 
 def test_adapter_depends_on_absolute_position(model):

@@ -168,7 +168,8 @@ def test_only_adapter_trains_and_gates_start_at_zero():
 
 
 def test_trainable_parameters_stay_fp32():
-    m = AdaptedTransformer(ModelArgs.from_name("tiny"), AdapterArgs(adapter_len=3, adapter_layers=2)).cast_base(torch.bfloat16)
+    m = AdaptedTransformer(ModelArgs.from_name("tiny"), AdapterArgs(adapter_len=3, adapter_layers=2))
+    m.cast_base(torch.bfloat16)
     for n, p in m.named_parameters():
         assert p.dtype == (torch.float32 if is_adapter_param(n) else torch.bfloat16), n
     out = m(tokens(m.args))
@@ -235,8 +236,8 @@ def multimodal_pair(visual_dim=6):
     """A multimodal model and a text-only one with the same base, prompts and gates."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-gqa")
-    mm = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random", visual_dim=visual_dim,
-                                       visual_hidden=8)).eval()
+    mm = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random",
+                                              visual_dim=visual_dim, visual_hidden=8)).eval()
     text = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
     text.load_state_dict({k: v for k, v in mm.state_dict().items() if not k.startswith("adapter_visual")})
     return args, mm, text

@@ -19,7 +19,8 @@ def smollm2(smollm2_gguf):
 def test_architecture_matches_preset(smollm2):
     model, tokenizer = smollm2
     preset = ModelArgs.from_name("SmolLM2-135M")
-    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "rope_theta", "tie_embeddings"):
+    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "rope_theta",
+                  "tie_embeddings"):
         assert getattr(model.args, field) == getattr(preset, field), field
     assert model.output.weight is model.tok_embeddings.weight
     assert tokenizer.vocab_size == preset.vocab_size

@@ -29,11 +29,13 @@ def llama_tok(llama_sp_model):
 
 
 def test_invalid_alpaca_fails_with_a_report_and_no_records(tmp_path):
-    bad = GOOD + [{"instruction": "x", "input": ""}, {"instruction": 3, "input": "", "output": "y"}, "text", {"instruction": " ", "input": "", "output": "z"}]
+    bad = GOOD + [{"instruction": "x", "input": ""}, {"instruction": 3, "input": "", "output": "y"}, "text",
+                  {"instruction": " ", "input": "", "output": "z"}]
     with pytest.raises(ValidationError, match=r"4 invalid of 9 records.*validation.json"):
         validate("alpaca", fetched(tmp_path / "f", bad), tmp_path / "v")
     report = json.loads((tmp_path / "v" / "validation.json").read_text())
-    assert report["invalid"] == {"missing output": 1, "instruction not a string": 1, "not an object": 1, "empty instruction": 1}
+    assert report["invalid"] == {"missing output": 1, "instruction not a string": 1, "not an object": 1,
+                                 "empty instruction": 1}
     assert report["examples"]["missing output"][0]["index"] == 5
     assert not (tmp_path / "v" / "records.jsonl").exists()
 
@@ -82,7 +84,8 @@ def test_real_alpaca_lengths_match_the_measured_facts(shared_data, llama_tok, tm
     fetched(tmp_path / "v", records)
     stats = tokenize("alpaca", tmp_path / "v", llama_tok, tmp_path / "t")
     s = stats["length_before_truncation"]
-    assert (round(s["mean"], 1), s["median"], round(s["p95"]), s["max"], s["over_max_seq_len"]) == (127.9, 112, 243, 793, 3)
+    measured = (round(s["mean"], 1), s["median"], round(s["p95"]), s["max"], s["over_max_seq_len"])
+    assert measured == (127.9, 112, 243, 793, 3)
     assert round(s["real_fraction_if_padded"], 3) == 0.250
     assert stats["splits"]["train"]["truncated"] + stats["splits"]["val"]["truncated"] == 3
     assert (tmp_path / "t" / "lengths.png").stat().st_size > 1000
@@ -122,7 +125,8 @@ def test_truncation_policies(llama_tok, tmp_path):
     both = [stats["splits"][s] for s in ("train", "val")]
     assert sum(s["truncated"] for s in both) == 1 and sum(s["dropped_no_response"] for s in both) == 1
     assert max(TokenDataset(tmp_path / "t" / "train").lengths) <= 128
-    stats = tokenize("alpaca", tmp_path / "v", llama_tok, tmp_path / "t2", max_seq_len=128, truncation="drop", split=rule)
+    stats = tokenize("alpaca", tmp_path / "v", llama_tok, tmp_path / "t2", max_seq_len=128, truncation="drop",
+                     split=rule)
     assert sum(stats["splits"][s]["dropped_too_long"] for s in ("train", "val")) == 2
 
 

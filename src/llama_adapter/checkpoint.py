@@ -573,7 +573,8 @@ def load_model(
     return model
 
 
-def apply_adapter(model: AdaptedTransformer, adapter_path: str | os.PathLike, adapter: AdapterArgs | None = None) -> None:
+def apply_adapter(model: AdaptedTransformer, adapter_path: str | os.PathLike,
+                  adapter: AdapterArgs | None = None) -> None:
     """Put a trained adapter into a loaded model, replacing the one it has: the base stays in memory, so
     several adapters can serve requests in turn ("plug with knowledge").
 

@@ -193,7 +193,8 @@ def check_token_ids(max_id: int, vocab_size: int, split: str | os.PathLike, flag
                          f"(ids 0..{vocab_size - 1}); expected data tokenized with the base's own tokenizer")
 
 
-def check_tokenizer_fits(tokenizer, vocab_size: int, tokenizer_path: str | os.PathLike, base: str | os.PathLike) -> None:
+def check_tokenizer_fits(tokenizer, vocab_size: int, tokenizer_path: str | os.PathLike,
+                         base: str | os.PathLike) -> None:
     """The tokenizer's ids (its vocabulary and its special ids) must index the base's embedding."""
     ids = {"vocabulary size": tokenizer.vocab_size - 1, "BOS id": tokenizer.bos_id, "EOS id": tokenizer.eos_id,
            "pad id": tokenizer.pad_id}

@@ -618,7 +618,8 @@ def protocol_notes(named: list[Run]) -> list[str]:
     for source, assigned in {r.data.get("source"): r.data.get("assigned_splits") for r in named
                              if r.dataset == "scienceqa" and r.data.get("assigned_splits")}.items():
         counts = ", ".join(f"{name} {n:,}" for name, n in assigned["records"].items())
-        notes += [f"**Miniature protocol.** The ScienceQA questions of `{source}` ({sum(assigned['records'].values()):,}) "
+        total = sum(assigned["records"].values())
+        notes += [f"**Miniature protocol.** The ScienceQA questions of `{source}` ({total:,}) "
                   f"came without the benchmark's train/val/test split. This pipeline split them itself: "
                   f"{assigned['rule']}, seed {assigned['seed']}, into {counts}. Adapters train on `train`. "
                   f"Accuracies are on the split named in each row. They are not the paper's ScienceQA test "

@@ -178,6 +178,7 @@ def trained_as(name):
     """The experiment whose adapter `name` is: an ablation point with the dataset and settings of a named
     experiment (the paper's ScienceQA run is its ablations' center) reuses that adapter, not a second training.
     """
+
     def settings(e):  # an unset method is the adapter
         dataset, train = experiment(e)
         return dataset, {"method": "adapter", **train}
@@ -203,14 +204,20 @@ def trained(w):
 def model_options(w, input, named=False):
     """--base (and --adapter) of the model an experiment evaluates: the base with its adapter or LoRA
     (config.WEIGHTS, beside the training's metrics.json), a fully fine-tuned model's own folder, or the base alone
-    (zero-shot). A list of arguments. named: the adapter as NAME=PATH, named after the experiment (generate)."""
+    (zero-shot). A list of arguments. named: the adapter as NAME=PATH, named after the experiment (generate).
+    """
     m = method(w.experiment)
     if m == "zero-shot":
         return ["--base", input.base]
     weights = str(Path(input.trained).parent / WEIGHTS[m])
     if m == "full":
         return ["--base", str(Path(weights).parent)]
-    return ["--base", input.base, "--adapter", f"{w.experiment}={weights}" if named else weights]
+    return [
+        "--base",
+        input.base,
+        "--adapter",
+        f"{w.experiment}={weights}" if named else weights,
+    ]
 
 
 def image_features(w):
@@ -220,13 +227,18 @@ def image_features(w):
 
 # The report's files: llama_adapter.report names them, one ablation table per axis of ablations.vary.
 REPORT_TABLES = list(report_tables(list(ABLATION_AXES)))
-REPORT_CAPTIONS = {  # an ablation table of an axis without its own caption file shares ablation.rst
-    ablation_table_name(axis)[0]: "ablation"
-    for axis in ABLATION_AXES
-    if not (
-        Path(workflow.basedir) / "workflow" / "report" / f"{ablation_table_name(axis)[0]}.rst"
-    ).exists()
-}
+REPORT_CAPTIONS = (
+    {  # an ablation table of an axis without its own caption file shares ablation.rst
+        ablation_table_name(axis)[0]: "ablation"
+        for axis in ABLATION_AXES
+        if not (
+            Path(workflow.basedir)
+            / "workflow"
+            / "report"
+            / f"{ablation_table_name(axis)[0]}.rst"
+        ).exists()
+    }
+)
 REPORT_FIGURES = list(FIGURES)
 INSTRUCTION_EXPERIMENTS = [e for e in EXPERIMENTS if experiment(e)[0] == "alpaca"]
 
