@@ -16,8 +16,9 @@ from llama_adapter.checkpoint import load_model, save_adapter, save_meta_checkpo
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
 from llama_adapter.evaluate import (
+    Evaluation,
     answer_by_likelihood,
-    evaluate_scienceqa,
+    evaluate,
     heldout_loss,
     scienceqa_scores,
     sequence_logprobs,
@@ -95,20 +96,39 @@ def test_sequence_logprobs_and_likelihood_choice(world):
     assert choice == int(np.argmax(scores))
 
 
-def test_evaluate_scienceqa_writes_scores_and_predictions(world, tmp_path):
+def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, monkeypatch):
+    """One library call owns scores.json (the scores, the split, what was scored, the MLflow run), the
+    predictions and the MLflow run, which holds both files; a crash while scoring ends the run FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     root, tok = world
     model = load_model(root / "base", root / "a.safetensors")
     records = [{"pid": str(i), "split": "test", "question": f"Is {i} big?", "choices": ["yes", "no"], "answer": i % 2,
                 "hint": "h" if i % 3 else "", "image": None, "has_image": i == 4, "subject": "natural science",
                 "grade": f"grade{i + 1}"} for i in range(8)]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for mode in ("likelihood", "generate"):
-        scores = evaluate_scienceqa(model, tok, records, tmp_path / mode, mode=mode, batch_size=4)
-        assert scores["mode"] == mode and scores["n"] == 8
+        ev = Evaluation("scienceqa", root / "base", root / "a.safetensors", root / "data", tmp_path / mode,
+                        split="test", mode=mode, tags={"experiment": "x"})
+        scores = evaluate(model, tok, ev, records=records, batch_size=4)
+        assert scores["mode"] == mode and scores["n"] == 8 and scores["split"] == "test"
+        assert (scores["task"], scores["method"], scores["base"]) == ("scienceqa", "adapter", str(root / "base"))
         assert json.loads((tmp_path / mode / "scores.json").read_text()) == scores
         rows = list(csv.DictReader(open(tmp_path / mode / "predictions.csv")))
         assert [r["pid"] for r in rows] == [str(i) for i in range(8)]
         assert scores["accuracy"] == pytest.approx(100 * sum(r["correct"] == "True" for r in rows) / 8, abs=0.01)
+        run = client.get_run(scores["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.metrics["accuracy"] == scores["accuracy"]
+        assert run.data.params["method"] == "adapter" and run.data.tags["experiment"] == "x"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"scores.json", "predictions.csv"} <= artifacts
     assert scores["categories"]["G7-12"]["n"] == 2  # grades 7 and 8
+    broken = Evaluation("scienceqa", root / "base", None, root / "data", tmp_path / "broken", mode="generate")
+    with pytest.raises(KeyError):
+        evaluate(model, tok, broken, records=[{"pid": "1"}])  # no question: scoring fails
+    [failed] = [r for r in client.search_runs([run.info.experiment_id]) if r.info.status == "FAILED"]
+    assert failed.data.params["method"] == "zero-shot" and not (tmp_path / "broken" / "scores.json").exists()
 
 
 def test_heldout_loss_is_the_token_mean(world, tmp_path):

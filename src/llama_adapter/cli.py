@@ -28,7 +28,7 @@ from .inputs import (
     top_p,
     writable_output,
 )
-from .io import holds, remove_output, write_json
+from .io import holds, remove_output
 from .tokenizer import load_tokenizer
 
 # torch and the modules that need it are imported inside the commands that use them: the data stages then
@@ -37,7 +37,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # What train and evaluate write for the next stage (train.py, evaluate.py), named here so that a failed run
 # removes them without importing torch; the training's checkpoint.pt is not among them (--resume reads it).
 TRAIN_OUTPUTS = ("adapter.safetensors", "adapter_model.safetensors", "adapter_config.json", "model", "metrics.json")
-EVALUATE_OUTPUTS = ("scores.json", "predictions.csv", "generations.json")
+EVALUATE_OUTPUTS = ("scores.json", "predictions.csv")
 
 
 def torch_dtype(name: str):
@@ -377,17 +377,16 @@ def cmd_generate(ns: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> None:
-    """ScienceQA accuracy per category, or Alpaca held-out loss/perplexity and generations."""
+    """ScienceQA accuracy per category, or Alpaca held-out loss and perplexity."""
     from .data.tokens import TokenDataset
     from .data.validate import read_jsonl
-    from .evaluate import evaluate_alpaca, evaluate_scienceqa
-    from .generate import read_prompts
+    from .evaluate import Evaluation, evaluate
 
     check_device(ns.device)
     check_base(ns.base)
     if ns.adapter is not None:
         existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
-    parse_tags(ns.tag)
+    tags = parse_tags(ns.tag)
     if ns.task == "scienceqa":
         existing_dir(ns.data, "--data", "a folder written by validate (holding records.jsonl)")
         existing_file(ns.data / "records.jsonl", "--data", "a folder written by validate (holding records.jsonl)")
@@ -398,8 +397,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         if split["longest"] > ns.row_len:
             raise InputError(f"--data {ns.data}: longest sample {split['longest']} tokens > --row-len {ns.row_len}; "
                              f"expected --row-len of at least {split['longest']}")
-        instructions = read_prompts(ns.instructions) if ns.instructions else []
     writable_output(ns.out, "--out", folder=True)
+    inputs = {}
     if ns.task == "scienceqa":
         all_records = read_jsonl(ns.data / "records.jsonl")
         records = [r for r in all_records if ns.split is None or r.get("split") == ns.split]
@@ -407,59 +406,23 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
             present = sorted({str(r.get("split")) for r in all_records})
             raise InputError(f"--data {ns.data / 'records.jsonl'}: no questions"
                              + (f" in split {ns.split!r}; splits present: {present}" if all_records else ""))
+        inputs = {"records": records, "train_records": [r for r in all_records if r.get("split") == "train"]}
     device, dtype = default_device(ns)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
     model = load_for_inference(ns.base, ns.adapter, device, dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
-    if ns.task == "scienceqa":
-        images = None
-        if ns.image_features:
-            from .multimodal import ImageFeatures
+    if ns.task == "scienceqa" and ns.image_features:
+        from .multimodal import ImageFeatures
 
-            images = ImageFeatures(ns.image_features)
-        train_records = [r for r in all_records if r.get("split") == "train"]
-        scores = evaluate_scienceqa(model, tokenizer, records, ns.out, ns.mode, ns.batch_size, images, train_records)
-        scores |= {"split": ns.split}
-    else:
+        inputs["images"] = ImageFeatures(ns.image_features)
+    elif ns.task == "alpaca":
         from .inputs import check_token_ids
 
         check_token_ids(split["max_id"], model.args.vocab_size, ns.data, "--data", ns.base)
-        scores = evaluate_alpaca(model, tokenizer, TokenDataset(ns.data), instructions, ns.adapter, ns.out,
-                                 ns.row_len, ns.batch_size, ns.max_new_tokens)
-    from .lora import is_lora_file
-
-    training = training_metrics(ns)
-    method = training.get("method") or ("zero-shot" if ns.adapter is None else
-                                        "lora" if is_lora_file(ns.adapter) else "adapter")
-    scores |= {"task": ns.task, "base": str(ns.base), "method": method}
-    scores["mlflow_run_id"] = log_evaluation(ns, scores, training.get("mlflow_run_id"))
-    write_json(ns.out / "scores.json", scores)
+        inputs["heldout"] = TokenDataset(ns.data)
+    ev = Evaluation(ns.task, Path(ns.base), ns.adapter, ns.data, ns.out, ns.split, ns.mode, ns.run_name, tags)
+    scores = evaluate(model, tokenizer, ev, row_len=ns.row_len, batch_size=ns.batch_size, **inputs)
     print(json.dumps(scores, indent=2))
-
-
-def training_metrics(ns: argparse.Namespace) -> dict:
-    """The metrics.json of the training that produced what is evaluated: beside the adapter, or above a fully
-    fine-tuned model's folder (adapters/<experiment>/model); {} for a base that no training of ours wrote."""
-    trained = (ns.adapter.parent if ns.adapter else Path(ns.base).parent) / "metrics.json"
-    try:
-        metrics = json.loads(trained.read_text())
-    except (OSError, ValueError):
-        return {}
-    return metrics if isinstance(metrics, dict) and "method" in metrics else {}
-
-
-def log_evaluation(ns: argparse.Namespace, scores: dict, training_run: str | None) -> str | None:
-    """An MLflow run of its own for the evaluation, naming the training run of the adapter it scored."""
-    from .tracking import Tracker, flatten
-
-    tracker = Tracker(ns.out, ns.run_name or f"evaluate {ns.task}", tags=parse_tags(ns.tag))
-    tracker.log_params({"task": ns.task, "method": scores["method"], "base": str(ns.base), "adapter": str(ns.adapter),
-                        "data": str(ns.data), "split": ns.split, "mode": ns.mode, "training_run_id": training_run})
-    numbers = {k.replace(".accuracy", ""): v for k, v in flatten(scores).items()
-               if isinstance(v, int | float) and not k.endswith(".n")}
-    tracker.log_metrics(numbers, step=0)
-    tracker.close()
-    return tracker.run_id
 
 
 def cmd_make_vision_encoder(ns: argparse.Namespace) -> None:
@@ -502,7 +465,6 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="Meta or HF checkpoint folder, or a .gguf file")
     p.add_argument("--tokenizer", help="default: the one beside --base (or inside the GGUF)")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
 
@@ -655,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, type=Path,
                    help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=non_negative_float, default=0.1, help="paper: 0.1; 0 = greedy")
     p.add_argument("--top-p", type=top_p, default=0.75, help="paper: 0.75; in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
@@ -673,7 +636,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scienceqa: decode and parse 'The answer is (X)' (paper), or pick the most likely option")
     p.add_argument("--image-features", type=Path,
                    help="scienceqa with a multimodal adapter: the feature cache written by encode-images")
-    p.add_argument("--instructions", type=Path, help="alpaca: JSONL of instructions to answer for the report")
     p.add_argument("--row-len", type=positive_int, default=512)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--run-name", help="MLflow run name (default: 'evaluate TASK')")

@@ -1,5 +1,5 @@
 """Evaluation: ScienceQA accuracy (overall and per category, as the official script defines them) and
-Alpaca held-out loss, perplexity and generations.
+Alpaca held-out loss and perplexity; `evaluate` writes an evaluation's every output and its MLflow run.
 
 ScienceQA answers are read one of two ways, and the scores say which:
 - "generate": greedy decoding of the QCM prompt, the letter taken from "The answer is (X)" (the paper's);
@@ -10,7 +10,9 @@ ScienceQA answers are read one of two ways, and the scores say which:
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 from .batching import collate, hidden_states, micro_batches, token_loss_sum
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
-from .generate import complete_texts, prompt_text
+from .generate import complete_texts
 from .io import atomic_path, write_json
 from .model import Transformer, flash_varlen_on
 from .multimodal import ImageFeatures
@@ -107,12 +109,12 @@ def answer_position_floor(train_records: list[dict], records: list[dict]) -> dic
             "accuracy": round(100.0 * correct / len(records), 2) if records else None}
 
 
-def evaluate_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict], out_dir: Path,
-                       mode: str = "generate", batch_size: int = 16, images: ImageFeatures | None = None,
-                       train_records: list[dict] | None = None) -> dict:
-    """Score `records`; write scores.json and predictions.csv (one row per question) to out_dir. images: the
-    feature cache a multimodal adapter reads (questions without an image keep the prompts unchanged);
-    train_records: the training questions, for the no-model floor (`floor`)."""
+def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict], mode: str = "generate",
+                    batch_size: int = 16, images: ImageFeatures | None = None,
+                    train_records: list[dict] | None = None) -> tuple[dict, list[dict]]:
+    """(scores, one prediction row per question) of `records`. images: the feature cache a multimodal adapter
+    reads (questions without an image keep the prompts unchanged); train_records: the training questions, for the
+    no-model floor (`floor`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     model.eval()
@@ -137,27 +139,88 @@ def evaluate_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[d
         any_format = sum(parse_answer(t, len(r["choices"]), ANY_LETTER_RE) == r["answer"]
                          for r, t in zip(records, texts))
         scores["any_format"] = {"correct": any_format, "accuracy": round(100.0 * any_format / len(records), 2)}
-    write_json(Path(out_dir) / "scores.json", scores)
-    with atomic_path(Path(out_dir) / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(predictions[0]) if predictions else ["pid"])
-        w.writeheader()
-        w.writerows({**p, "categories": " ".join(p["categories"])} for p in predictions)
-    return scores
+    return scores, predictions
 
 
-def evaluate_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset, instructions: list[dict],
-                    adapter_path: Path, out_dir: Path, row_len: int = 512, batch_size: int = 8,
-                    max_new_tokens: int = 128) -> dict:
-    """Held-out loss and perplexity, and the adapter's answers to a fixed set of instructions."""
+def score_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset, row_len: int = 512,
+                 batch_size: int = 8) -> dict:
+    """Held-out loss per target token and perplexity (the instruction answers are the generate stage's)."""
     model.eval()
     device = model.tok_embeddings.weight.device
     loss = heldout_loss(model, heldout, row_len, batch_size, tokenizer.pad_id, device)
-    # The adapter is already in the model: answer with it directly (greedy, for a reproducible table).
-    outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in instructions], batch_size, max_new_tokens)
-    generations = [{"id": r["id"], "adapter_path": str(adapter_path), "prompt": prompt_text(r), "output": o}
-                   for r, o in zip(instructions, outputs)]
-    scores = {"heldout_loss": loss, "perplexity": float(np.exp(loss)), "heldout_samples": len(heldout),
-              "generations": len(generations)}
-    write_json(Path(out_dir) / "scores.json", scores)
-    write_json(Path(out_dir) / "generations.json", generations)
+    return {"heldout_loss": loss, "perplexity": float(np.exp(loss)), "heldout_samples": len(heldout)}
+
+
+@dataclass
+class Evaluation:
+    """What is scored and where its results go: the model (base, and the adapter or LoRA file on it, if any), the
+    data, the output folder and the MLflow run's name and tags."""
+
+    task: str  # scienceqa or alpaca
+    base: Path
+    adapter: Path | None
+    data: Path
+    out_dir: Path
+    split: str | None = None  # scienceqa: the split scored (None: every question)
+    mode: str = "generate"  # scienceqa: MODES
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def training_of(base: Path, adapter: Path | None) -> dict:
+    """The metrics.json of the training that produced what is evaluated: beside the adapter, or above a fully
+    fine-tuned model's folder (adapters/<experiment>/model); {} for a base that no training of ours wrote."""
+    trained = (Path(adapter).parent if adapter else Path(base).parent) / "metrics.json"
+    try:
+        metrics = json.loads(trained.read_text())
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) and "method" in metrics else {}
+
+
+def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, records: list[dict] | None = None,
+             train_records: list[dict] | None = None, images: ImageFeatures | None = None,
+             heldout: TokenDataset | None = None, row_len: int = 512, batch_size: int = 16) -> dict:
+    """Score the model (ScienceQA `records`, or the Alpaca `heldout` split) and write every output of an
+    evaluation: scores.json, once and whole (the scores, what was scored, the method and the MLflow run), and for
+    ScienceQA predictions.csv. The MLflow run opens before scoring, so a crash ends it FAILED; it holds the
+    scores as metrics and both files as artifacts, and names the training run of what it scored."""
+    from .lora import is_lora_file
+    from .tracking import Tracker, flatten
+
+    training = training_of(ev.base, ev.adapter)
+    method = training.get("method") or ("zero-shot" if ev.adapter is None else
+                                        "lora" if is_lora_file(Path(ev.adapter)) else "adapter")
+    out = Path(ev.out_dir)
+    tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", tags=ev.tags)
+    tracker.log_params({"task": ev.task, "method": method, "base": str(ev.base), "adapter": str(ev.adapter),
+                        "data": str(ev.data), "split": ev.split, "mode": ev.mode,
+                        "training_run_id": training.get("mlflow_run_id")})
+    try:
+        written = [out / "scores.json"]
+        if ev.task == "scienceqa":
+            scores, predictions = score_scienceqa(model, tokenizer, records or [], ev.mode, batch_size, images,
+                                                  train_records)
+            scores["split"] = ev.split
+            write_predictions(predictions, out / "predictions.csv")
+            written.append(out / "predictions.csv")
+        else:
+            scores = score_alpaca(model, tokenizer, heldout, row_len, batch_size)
+        scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id}
+        write_json(out / "scores.json", scores)
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.log_metrics({k.replace(".accuracy", ""): v for k, v in flatten(scores).items()
+                         if isinstance(v, int | float) and not k.endswith(".n")}, step=0)
+    for path in written:
+        tracker.log_artifact(path)
+    tracker.close()
     return scores
+
+
+def write_predictions(predictions: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(predictions[0]) if predictions else ["pid"])
+        w.writeheader()
+        w.writerows({**p, "categories": " ".join(p["categories"])} for p in predictions)
