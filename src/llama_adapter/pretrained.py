@@ -16,12 +16,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PipelineError
+from .errors import PretrainedFetchError
 from .io import sha256_file
-
-
-class PretrainedFetchError(PipelineError, RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)

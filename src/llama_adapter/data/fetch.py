@@ -33,10 +33,10 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
-from ..errors import FetchError
+from ..errors import FetchError, UnsafePathError
 from ..io import atomic_dir, sha256_file, write_json
 from . import FORMAT_VERSION, SCIENCEQA_FIELDS
-from .paths import UnsafePathError, file_name, inside, relative
+from .paths import file_name, inside, relative
 
 Row = dict[str, Any]
 # A normalised record and the image to store for it: its bytes, a checked file inside the source, None (no

@@ -11,11 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from ..errors import PipelineError
-
-
-class UnsafePathError(PipelineError, ValueError):
-    """A path from a data record that leaves its dataset folder (absolute, `..`, or a symlink pointing out)."""
+from ..errors import UnsafePathError
 
 
 def inside(root: Path, name: str) -> Path:

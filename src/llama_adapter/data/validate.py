@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, ValidationError
+from ..errors import DataError, UnsafePathError, ValidationError, ValidationFailed
 from ..io import atomic_dir, atomic_path, holds, write_json
-from .paths import UnsafePathError, inside, is_file_name
+from .paths import inside, is_file_name
 from .scienceqa import SUBJECTS, grade_number
 
 EXAMPLES_PER_REASON = 5
@@ -50,15 +50,6 @@ FLAGS = {"alpaca": ("empty_output", "nooutput", "duplicate"), "scienceqa": ("dup
 # One drop_flags list serves both datasets in the config, so a flag of either dataset is accepted for both.
 ALL_FLAGS = tuple(sorted({f for flags in FLAGS.values() for f in flags}))
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
-class ValidationFailed(ValidationError):
-    """Records failed validation; `report` is the ValidationReport also written to validation.json (the CLI
-    prints it to stdout, which the workflow's log keeps after Snakemake removes the failed job's folder)."""
-
-    def __init__(self, message: str, report: ValidationReport) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass
