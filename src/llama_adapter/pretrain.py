@@ -7,7 +7,6 @@ tokenizer beside it, so every later stage loads it exactly as it would load LLaM
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -18,40 +17,10 @@ import torch.nn.functional as F
 
 from .checkpoint import save_meta_checkpoint
 from .config import ModelArgs
+from .data.demo import read_corpus
 from .io import atomic_dir, write_json
 from .model import Transformer
 from .tokenizer import load_tokenizer
-
-
-def read_corpus(corpus: Path) -> list[str]:
-    """Documents of a JSONL corpus, one {"text": ...} per line; a bad line is an InputError naming the file and
-    its 1-based line number."""
-    from .errors import InputError
-
-    corpus = Path(corpus)
-    expected = 'a JSONL corpus, one {"text": document} object per line'
-    if not corpus.is_file():
-        raise InputError(f"{corpus}: {'is a folder' if corpus.is_dir() else 'no such file'}; expected {expected}")
-    try:
-        text = corpus.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{corpus}: not UTF-8 text (byte {e.start}); expected {expected}") from None
-    docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{corpus}, line {n}: not valid JSON ({e.msg}); expected {expected}") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                found = (f"keys {sorted(doc)}" if isinstance(doc, dict) and "text" not in doc else
-                         f"'text' of type {type(doc['text']).__name__}" if isinstance(doc, dict) else
-                         f"a JSON {type(doc).__name__}")
-                raise InputError(f"{corpus}, line {n}: {found}; expected an object with a 'text' string")
-            docs.append(doc["text"])
-    if not any(d.strip() for d in docs):
-        raise InputError(f"{corpus}: holds no text; expected {expected}")
-    return docs
 
 
 def token_stream(corpus: Path, tokenizer) -> np.ndarray:

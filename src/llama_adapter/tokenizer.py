@@ -248,8 +248,8 @@ def train_sentencepiece(corpus: Path, out: Path, vocab_size: int) -> Path:
     """
     import io as _io
 
+    from .data.demo import read_corpus
     from .io import atomic_path
-    from .pretrain import read_corpus
 
     lines = [ln for doc in read_corpus(corpus) for ln in doc.splitlines() if ln.strip()]
     model = _io.BytesIO()

@@ -32,6 +32,8 @@ from PIL import Image, ImageDraw
 
 from llama_adapter.io import atomic_dir
 
+from ..errors import InputError
+
 CREATURES = ("zorb blick wug fep glim tove grop plon vesk mib krell torp quib zib flarn drub skeep brell jom "
              "yant gorp wimble pim sploon fuzzle narp klib zeem dorf vop grint tulp morv snib frim gleb chab "
              "norb plim kesh").split()
@@ -406,3 +408,32 @@ def generate_demo(out_dir: Path, seed: int = 0, n_instructions: int = 2000, n_qu
                           "context": _counts([context_kind(p) for p in ps]), "grade": _counts([_band(p) for p in ps])}
                       for s, ps in by_split.items()},
     }
+
+
+def read_corpus(corpus: Path) -> list[str]:
+    """Documents of a JSONL corpus, one {"text": ...} per line; a bad line is an InputError naming the file and
+    its 1-based line number."""
+    corpus = Path(corpus)
+    expected = 'a JSONL corpus, one {"text": document} object per line'
+    if not corpus.is_file():
+        raise InputError(f"{corpus}: {'is a folder' if corpus.is_dir() else 'no such file'}; expected {expected}")
+    try:
+        text = corpus.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{corpus}: not UTF-8 text (byte {e.start}); expected {expected}") from None
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{corpus}, line {n}: not valid JSON ({e.msg}); expected {expected}") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                found = (f"keys {sorted(doc)}" if isinstance(doc, dict) and "text" not in doc else
+                         f"'text' of type {type(doc['text']).__name__}" if isinstance(doc, dict) else
+                         f"a JSON {type(doc).__name__}")
+                raise InputError(f"{corpus}, line {n}: {found}; expected an object with a 'text' string")
+            docs.append(doc["text"])
+    if not any(d.strip() for d in docs):
+        raise InputError(f"{corpus}: holds no text; expected {expected}")
+    return docs
