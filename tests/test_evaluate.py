@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llama_adapter.adapter import AdaptedTransformer
-from llama_adapter.batching import collate, token_loss_sum
+from llama_adapter.batching import collate, heldout_loss, token_loss_sum
 from llama_adapter.checkpoint import load_model, save_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
@@ -19,7 +19,6 @@ from llama_adapter.evaluate import (
     Evaluation,
     answer_by_likelihood,
     evaluate,
-    heldout_loss,
     scienceqa_scores,
     sequence_logprobs,
 )

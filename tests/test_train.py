@@ -14,11 +14,10 @@ import pytest
 import torch
 
 from llama_adapter.adapter import AdaptedTransformer
-from llama_adapter.batching import collate, pack_rows, token_loss_sum
+from llama_adapter.batching import collate, heldout_loss, pack_rows, token_loss_sum
 from llama_adapter.checkpoint import load_base, read_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
-from llama_adapter.evaluate import heldout_loss
 from llama_adapter.model import Transformer
 from llama_adapter.train import TrainConfig, TrainingDiverged, lr_at, train
 

@@ -8,11 +8,14 @@ computation whatever the packing; the caller divides by the global number of tar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .model import flash_varlen_on
 
 
 def pack_rows(lengths: np.ndarray, row_len: int) -> list[list[int]]:
@@ -132,3 +135,18 @@ def micro_batches(ds, idx: np.ndarray, row_len: int, rows_per_batch: int, pad_id
         part = rows[k * len(rows) // n_batches: (k + 1) * len(rows) // n_batches]
         samples = [[ds[int(idx[j])] for j in row] for row in part]
         yield collate([[s for row in samples for s in row]] if flat else samples, pad_id)
+
+
+@torch.no_grad()
+def heldout_loss(model, ds, row_len: int, rows_per_batch: int, pad_id: int, device,
+                 rank: int = 0, world: int = 1, all_sum: Callable = lambda t: t) -> float:
+    """Token-mean next-token loss over a whole split; with world > 1 each rank takes every world-th batch."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = micro_batches(ds, np.arange(len(ds)), row_len, rows_per_batch, pad_id, flash_varlen_on(device))
+    for k, batch in enumerate(batches):
+        if k % world == rank:
+            batch = batch.to(device)
+            totals[0] += token_loss_sum(model, batch).double()
+            totals[1] += batch.target_mask.sum()
+    all_sum(totals)
+    return (totals[0] / totals[1]).item()

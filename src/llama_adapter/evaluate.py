@@ -11,38 +11,22 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .batching import collate, hidden_states, micro_batches, token_loss_sum
+from .batching import collate, heldout_loss, hidden_states
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .generate import complete_texts
 from .io import atomic_path, write_json
-from .model import Transformer, flash_varlen_on
+from .model import Transformer
 from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
 
 MODES = ("generate", "likelihood")
-
-
-@torch.no_grad()
-def heldout_loss(model: Transformer, ds: TokenDataset, row_len: int, rows_per_batch: int, pad_id: int, device,
-                 rank: int = 0, world: int = 1, all_sum: Callable = lambda t: t) -> float:
-    """Token-mean next-token loss over a whole split; with world > 1 each rank takes every world-th batch."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    batches = micro_batches(ds, np.arange(len(ds)), row_len, rows_per_batch, pad_id, flash_varlen_on(device))
-    for k, batch in enumerate(batches):
-        if k % world == rank:
-            batch = batch.to(device)
-            totals[0] += token_loss_sum(model, batch).double()
-            totals[1] += batch.target_mask.sum()
-    all_sum(totals)
-    return (totals[0] / totals[1]).item()
 
 
 @torch.no_grad()

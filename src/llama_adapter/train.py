@@ -47,12 +47,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .batching import micro_batches, pack_rows, token_loss_sum
+from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
 from .checkpoint import read_json
 from .config import WEIGHTS, TrainConfig
 from .data.tokens import TokenDataset
 from .errors import CheckpointError, GPUAllocationError, PipelineError, TrainingDiverged
-from .evaluate import heldout_loss
 from .io import atomic_path, write_json
 from .methods import load_for_training, save_tuned, tuned_state
 from .model import Transformer, flash_varlen_on
