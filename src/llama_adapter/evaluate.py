@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .batching import collate, heldout_loss, hidden_states
-from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, categories, parse_answer, qcm_prompt, qcm_target
+from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .generate import complete_texts
 from .io import atomic_path, write_json
@@ -89,7 +89,7 @@ def answer_position_floor(train_records: list[dict], records: list[dict]) -> dic
     counts = np.bincount([r["answer"] for r in train_records])
     position = int(counts.argmax())
     correct = sum(r["answer"] == position for r in records)
-    return {"position": position, "letter": chr(ord("A") + position), "correct": int(correct), "n": len(records),
+    return {"position": position, "letter": LETTERS[position], "correct": int(correct), "n": len(records),
             "accuracy": round(100.0 * correct / len(records), 2) if records else None}
 
 

@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
-from llama_adapter.io import atomic_dir
-
 from ..errors import InputError
+from ..io import atomic_dir
+from . import scienceqa
 
 CREATURES = ("zorb blick wug fep glim tove grop plon vesk mib krell torp quib zib flarn drub skeep brell jom "
              "yant gorp wimble pim sploon fuzzle narp klib zeem dorf vop grint tulp morv snib frim gleb chab "
@@ -139,7 +139,7 @@ LECTURES = {  # category -> (skill, lecture), as ScienceQA attaches to every pro
     "Plural nouns": ("Form plural nouns", "A plural noun names more than one. Most add s or es; some change."),
     "Antonyms": ("Find antonyms", "Antonyms are words with opposite meanings, such as hot and cold."),
 }
-SUBJECTS = {"NAT": "natural science", "SOC": "social science", "LAN": "language science"}
+SUBJECTS = {column: name for name, column in scienceqa.SUBJECTS.items()}  # NAT: natural science, ...
 # Per 12 questions of one subject and grade band: 3 image, 4 text, 5 no context (~25% images).
 CONTEXT_PATTERN = ["IMG"] * 3 + ["TXT"] * 4 + ["NO"] * 5
 CELLS = [(s, band, c) for c in CONTEXT_PATTERN for s in SUBJECTS for band in (1, 7)]  # band: its lowest grade
@@ -194,12 +194,11 @@ def _corpus(rng: random.Random, groups: list[list[Fact]], primers: list[str]) ->
 def _primers(seed: int, facts: list[Fact]) -> list[str]:
     """Worksheets (QCM prompt + "Answer: (X)", not the benchmark's format) and answered instructions (Alpaca
     template), from an RNG of their own so that they do not shift what the fine-tuning data draws."""
-    from llama_adapter.data.scienceqa import LETTERS, qcm_prompt
     from llama_adapter.prompts import alpaca_prompt
 
     rng = random.Random(f"{seed}-primers")
     problems, _ = _problems(rng, facts, 2 * WORKSHEETS)
-    sheets = [qcm_prompt(p) + f"Answer: ({LETTERS[p['answer']]})" for p in problems.values()
+    sheets = [scienceqa.qcm_prompt(p) + f"Answer: ({scienceqa.LETTERS[p['answer']]})" for p in problems.values()
               if p["image"] is None][:WORKSHEETS]
     answered = [alpaca_prompt(r["instruction"], r["input"]) + r["output"]  # joined as fine-tuning joins them
                 for _, r in _alpaca(rng, facts, INSTRUCTION_DOCS)]
