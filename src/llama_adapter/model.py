@@ -265,18 +265,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def forward(
-        self,
-        tokens: Tensor,
-        input_pos: Tensor | None = None,
-        mask: Tensor | None = None,
-        positions: Tensor | None = None,
-        cu_seqlens: Tensor | None = None,
-        max_seqlen: int | None = None,
-        **inputs,
-    ) -> Tensor:
-        """Logits (B, T, vocab) for tokens (B, T); arguments as for `hidden_states`."""
-        return self.output(self.hidden_states(tokens, input_pos, mask, positions, cu_seqlens, max_seqlen, **inputs))
+    def forward(self, tokens: Tensor, *args, **kwargs) -> Tensor:
+        """Logits (B, T, vocab) for tokens (B, T); every other argument as for `hidden_states`."""
+        return self.output(self.hidden_states(tokens, *args, **kwargs))
 
     def hidden_states(
         self,
