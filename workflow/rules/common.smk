@@ -314,6 +314,32 @@ def evaluation_split(name):
     return config["evaluate"]["split"]
 
 
+def evaluation_options(w, input):
+    """The evaluate CLI's task options: ScienceQA's split, answer mode and image features, or the Alpaca held-out
+    split read in rows of the experiment's own row_len. A list of arguments."""
+    dataset, settings = experiment(w.experiment)
+    if dataset == "alpaca":
+        return [
+            "--task",
+            "alpaca",
+            "--data",
+            f"{input.data}/val",
+            "--row-len",
+            str(settings["row_len"]),
+        ]
+    return [
+        "--task",
+        "scienceqa",
+        "--data",
+        input.data,
+        "--split",
+        evaluation_split(w.experiment),
+        "--mode",
+        config["evaluate"]["mode"],
+        *(["--image-features", input.images] if input.images else []),
+    ]
+
+
 def evaluation_data(w):
     dataset = experiment(w.experiment)[0]
     if dataset == "scienceqa":

@@ -24,28 +24,7 @@ rule evaluate:
     params:
         out=lambda w, output: Path(output[0]).parent,
         model=model_options,
-        options=lambda w, input: (
-            [
-                "--task",
-                "scienceqa",
-                "--data",
-                input.data,
-                "--split",
-                evaluation_split(w.experiment),
-                "--mode",
-                config["evaluate"]["mode"],
-                *(["--image-features", input.images] if input.images else []),
-            ]
-            if experiment(w.experiment)[0] == "scienceqa"
-            else [
-                "--task",
-                "alpaca",
-                "--data",
-                f"{input.data}/val",
-                "--row-len",
-                str(config["train"]["row_len"]),
-            ]
-        ),
+        options=evaluation_options,
         batch=config["evaluate"]["batch_size"],
         run_name=lambda w: f"evaluate {w.experiment}",
         tags=lambda w: ["--tag", "rule=evaluate", "--tag", f"experiment={w.experiment}"],
