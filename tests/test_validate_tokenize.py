@@ -6,7 +6,8 @@ import pytest
 
 from llama_adapter.data.scienceqa import categories, parse_answer, qcm_prompt, qcm_target
 from llama_adapter.data.tokens import TokenDataset, tokenize
-from llama_adapter.data.validate import ValidationError, validate
+from llama_adapter.data.validate import validate
+from llama_adapter.errors import ValidationError
 from llama_adapter.prompts import alpaca_prompt
 from llama_adapter.tokenizer import load_tokenizer
 

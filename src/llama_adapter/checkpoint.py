@@ -23,7 +23,7 @@ from torch import Tensor
 from .adapter import AdaptedTransformer
 from .config import AdapterArgs, ModelArgs
 from .errors import CheckpointError
-from .io import atomic_path
+from .io import atomic_path, read_json_object
 from .model import Transformer
 
 ADAPTER_FORMAT = "llama-adapter/1"
@@ -68,15 +68,9 @@ def read_safetensors_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]
                               "the file may be truncated or corrupted") from e
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    except (IsADirectoryError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+def read_config(path: Path) -> dict:
+    """A checkpoint's JSON config (params.json, config.json, an index); any fault is a CheckpointError."""
+    return read_json_object(path, "a checkpoint's JSON config", CheckpointError)
 
 
 # ---------------------------------------------------------------- checks
@@ -149,7 +143,7 @@ def read_meta_checkpoint(path: Path) -> tuple[ModelArgs, list[dict[str, Tensor]]
             diff = sorted(set(s) ^ set(shards[0]))
             raise CheckpointError(f"{p}: holds other tensor names than {shard_paths[0].name}: {diff[:10]}")
     vocab = sum(s["output.weight"].shape[0] for s in shards) if "output.weight" in shards[0] else -1
-    return meta_model_args(read_json(path / "params.json"), str(path / "params.json"), vocab), shards
+    return meta_model_args(read_config(path / "params.json"), str(path / "params.json"), vocab), shards
 
 
 def merge_meta_shards(shards: list[dict[str, Tensor]], expected: dict[str, torch.Size]) -> dict[str, Tensor]:
@@ -282,10 +276,10 @@ def unpermute_rope_rows(w: Tensor, n_heads: int) -> Tensor:
 
 
 def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
-    args = hf_model_args(read_json(path / "config.json"), str(path / "config.json"))
+    args = hf_model_args(read_config(path / "config.json"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_config(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> file")
         files = sorted(set(weight_map.values()))
@@ -477,7 +471,7 @@ def save_full(model: Transformer, folder: str | os.PathLike, base_model: str, st
         state = hf
     metadata = {"format": FULL_FORMAT, "base_model": base_model}
     config = (model.args.to_dict() if meta else
-              {**(read_json(base / "config.json") if base.is_dir() else {}), **hf_config(model.args)})
+              {**(read_config(base / "config.json") if base.is_dir() else {}), **hf_config(model.args)})
     with atomic_path(folder / FULL_WEIGHTS) as tmp:
         save_file(state, tmp, metadata=metadata)
     with atomic_path(folder / ("params.json" if meta else "config.json")) as tmp:

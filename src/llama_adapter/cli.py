@@ -380,8 +380,8 @@ def cmd_generate(ns: argparse.Namespace) -> None:
 def cmd_evaluate(ns: argparse.Namespace) -> None:
     """ScienceQA accuracy per category, or Alpaca held-out loss and perplexity."""
     from .data.tokens import TokenDataset
-    from .data.validate import read_jsonl
     from .evaluate import Evaluation, evaluate
+    from .io import read_jsonl
 
     check_device(ns.device)
     check_base(ns.base)

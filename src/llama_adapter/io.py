@@ -1,4 +1,5 @@
-"""Writing outputs so that a failure never leaves a partial file or folder under the final name.
+"""Writing outputs so that a failure never leaves a partial file or folder under the final name; reading JSON
+and JSON Lines with errors that name the file, the line and what was expected.
 
 A write goes to a hidden `.<name>.<random>.partial` beside the destination and is renamed onto it only when
 complete. A run killed outright (SIGKILL, a node lost, a job's time limit) cannot remove its partial, so the
@@ -15,10 +16,12 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import DataError
 
 # tempfile's names: `prefix` + 8 characters from this alphabet + `suffix`; matched exactly, so that the
 # partials of `x` are never confused with those of `x.y` (whose prefix `.x.y.` is not followed by 8 of these).
@@ -153,3 +156,112 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# JSON may spell a lone UTF-16 surrogate as an escape; Python then holds a str that cannot be written as UTF-8.
+LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(value: Any) -> None:
+    if isinstance(value, str):
+        value.encode("utf-8")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k)
+            _check_unicode(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v)
+
+
+def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: type[Exception] = DataError) -> Any:
+    """The value of a JSON file. Any fault is `error` (the caller's kind: DataError, CheckpointError, ...) naming
+    the file and what was expected there: missing, a folder, unreadable, not UTF-8, not JSON."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder; expected {expected}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: not found; expected {expected}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e}); expected {expected}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected {expected}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({e}); expected {expected}") from None
+
+
+def read_json_object(path: str | os.PathLike, expected: str = "the JSON object a pipeline stage writes",
+                     error: type[Exception] = DataError) -> dict:
+    """A JSON file holding an object (read_json), else `error`."""
+    value = read_json(path, expected, error)
+    if not isinstance(value, dict):
+        raise error(f"{path}: holds a JSON {type(value).__name__}; expected {expected}")
+    return value
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file",
+                     error: type[Exception] = DataError) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSON Lines file. Any fault is `error` naming the file
+    (and line): missing, a folder, unreadable, not UTF-8, not JSON, or an object with a repeated key (json would
+    silently keep only the last value). `expected` says what the caller wanted there."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder; expected {expected}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.readlines()
+    except FileNotFoundError:
+        raise error(f"{path}: not found; expected {expected}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e}); expected {expected}") from None
+    out = []
+    for line_no, data in enumerate(raw, 1):
+        try:
+            text = data.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{path}, line {line_no}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                            f"expected {expected}") from None
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+            if LONE_SURROGATE_ESCAPE.search(text):
+                _check_unicode(value)
+            out.append((line_no, value))
+        except UnicodeEncodeError:
+            raise error(f"{path}, line {line_no}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                            "escape without its pair); expected valid Unicode text") from None
+        except _DuplicateKey as e:
+            raise error(f"{path}, line {line_no}: key {e.args[0]!r} appears twice in one object; expected "
+                            "each key once") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise error(f"{path}, line {line_no}: not valid JSON ({e}); expected one JSON value per line "
+                            f"({expected})") from None
+    return out
+
+
+def read_jsonl(path: str | os.PathLike, expected: str = "a JSON Lines file",
+               error: type[Exception] = DataError) -> list:
+    """The values of a JSON Lines file (see read_jsonl_lines)."""
+    return [value for _, value in read_jsonl_lines(path, expected, error)]
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    with atomic_path(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

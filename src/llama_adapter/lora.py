@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import permute_rope_rows, read_json, read_safetensors_file, unpermute_rope_rows
+from .checkpoint import permute_rope_rows, read_config, read_safetensors_file, unpermute_rope_rows
 from .config import LORA_TARGETS, WEIGHTS, LoRAArgs, ModelArgs
 from .errors import CheckpointError
 from .io import atomic_path
@@ -159,7 +159,7 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, st
     """(LoRA settings, header, tensors under this model's names and row order) of a PEFT LoRA: ours, or one
     trained with PEFT on the Hugging Face LLaMA of the same base."""
     config_path = path.parent / LORA_CONFIG
-    config = read_json(config_path)
+    config = read_config(config_path)
     expected = "a PEFT LoRA (peft_type LORA, bias none, no DoRA or rsLoRA, target_modules among q/k/v/o/gate/up/down)"
     problems = [f"{k}={config.get(k)!r}" for k, want in (("peft_type", "LORA"), ("bias", "none"),
                                                         ("use_dora", False), ("use_rslora", False),

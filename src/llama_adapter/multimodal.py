@@ -11,7 +11,6 @@ transformers is imported only where an encoder is built: reading a cache does no
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,8 @@ import torch
 from PIL import Image
 
 from .data.paths import inside
-from .data.validate import read_json_object, read_jsonl
 from .errors import EncoderError, ImageError, UnsafePathError
-from .io import atomic_dir, remove_output, sha256_file, write_json
+from .io import atomic_dir, read_json, read_json_object, read_jsonl, remove_output, sha256_file, write_json
 
 FORMAT_VERSION = "llama-adapter-image-features/1"
 CACHE_FILES = ("features.npy", "pids.json", "encoder.json")
@@ -125,8 +123,9 @@ class ImageFeatures:
         missing = [f for f in CACHE_FILES if not (self.path / f).is_file()]
         if missing:
             raise ImageError(f"{self.path}: not an image-feature cache ({', '.join(missing)} not found)")
-        self.meta = json.loads((self.path / "encoder.json").read_text(encoding="utf-8"))
-        self.pids: list[str] = json.loads((self.path / "pids.json").read_text(encoding="utf-8"))
+        expected = "a file of the image-feature cache encode-images writes"
+        self.meta = read_json_object(self.path / "encoder.json", expected, ImageError)
+        self.pids: list[str] = read_json(self.path / "pids.json", expected, ImageError)
         self.features = np.load(self.path / "features.npy", mmap_mode="r")
         if self.features.ndim != 2 or len(self.features) != len(self.pids):
             raise ImageError(f"{self.path}: features.npy has shape {self.features.shape} "
@@ -189,7 +188,7 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
 
     old = None
     if (out_dir / "encoder.json").is_file():
-        meta = json.loads((out_dir / "encoder.json").read_text(encoding="utf-8"))
+        meta = read_json_object(out_dir / "encoder.json", "the cache's encoder.json", ImageError)
         if meta.get("format") == FORMAT_VERSION and meta.get("encoder") == fingerprint:
             old = ImageFeatures(out_dir)
 

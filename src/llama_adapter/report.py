@@ -29,7 +29,7 @@ import pandas as pd
 from .config import AdapterArgs, ModelArgs
 from .data.scienceqa import CATEGORIES
 from .errors import InputError
-from .io import atomic_dir
+from .io import atomic_dir, read_json_object
 
 # Zhang et al. 2023 (arXiv 2303.16199). ScienceQA test accuracy per category; the text-only variant is
 # published as an average only.
@@ -115,13 +115,7 @@ def _read_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: {'is a folder' if path.is_dir() else 'missing'}; run {stage} first "
                          "(or leave this experiment out of the report)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); expected the file {stage} writes") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a JSON {type(data).__name__}, not an object; expected the file {stage} writes")
-    return _with_keys(path, data, keys)
+    return _with_keys(path, read_json_object(path, f"the file {stage} writes", InputError), keys)
 
 
 def _with_keys(path: Path, data: dict, keys: tuple[str, ...]) -> dict:

@@ -48,11 +48,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
-from .checkpoint import read_json
 from .config import WEIGHTS, TrainConfig
 from .data.tokens import TokenDataset
 from .errors import CheckpointError, GPUAllocationError, PipelineError, TrainingDiverged
-from .io import atomic_path, write_json
+from .io import atomic_path, read_json_object, write_json
 from .methods import load_for_training, save_tuned, tuned_state
 from .model import Transformer, flash_varlen_on
 from .multimodal import ImageFeatures
@@ -551,4 +550,5 @@ def truncate_metrics(path: Path, step: int) -> None:
 def data_provenance(split_dir: Path) -> dict:
     """Where a token split came from (the fetch.json recorded by `tokenize` in its stats.json)."""
     stats = split_dir.parent / "stats.json"
-    return {"split": str(split_dir), **(read_json(stats).get("provenance", {}) if stats.exists() else {})}
+    provenance = read_json_object(stats, "tokenize's stats.json").get("provenance", {}) if stats.exists() else {}
+    return {"split": str(split_dir), **provenance}

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TokenizeError
-from ..io import atomic_dir, write_json
+from ..io import atomic_dir, read_json_object, read_jsonl_lines, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
 from .scienceqa import qcm_prompt, qcm_target
-from .validate import check_separate, read_json_object, read_jsonl_lines, record_faults
+from .validate import check_separate, record_faults
 
 TRUNCATION = ("truncate", "drop")
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, UnsafePathError, ValidationError, ValidationFailed
-from ..io import atomic_dir, atomic_path, holds, write_json
+from ..io import atomic_dir, holds, read_json_object, read_jsonl_lines, write_json, write_jsonl
 from .paths import inside, is_file_name
 from .scienceqa import SUBJECTS, grade_number
 
@@ -275,33 +275,6 @@ def validate(
     return report
 
 
-# JSON may spell a lone UTF-16 surrogate as an escape; Python then holds a str that cannot be written as UTF-8.
-LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _check_unicode(value: Any) -> None:
-    if isinstance(value, str):
-        value.encode("utf-8")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_unicode(k)
-            _check_unicode(v)
-    elif isinstance(value, list):
-        for v in value:
-            _check_unicode(v)
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON object a stage wrote (fetch.json, validation.json); any fault is a DataError naming the file."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not readable JSON ({e}); expected the JSON object a pipeline stage writes") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: holds a JSON {type(value).__name__}; expected an object")
-    return value
-
-
 def refused_images(fetched_dir: Path) -> dict[str, str]:
     """pid -> why, for the images fetch refused under policy skip (fetch.json's images_refused): such a record
     keeps has_image true with no image, and is invalid here rather than a merely flagged missing image."""
@@ -311,67 +284,3 @@ def refused_images(fetched_dir: Path) -> dict[str, str]:
     listed = read_json_object(path).get("images_refused") or {}
     entries = listed.get("records", []) if isinstance(listed, dict) else []
     return {str(e["pid"]): str(e.get("why", "refused")) for e in entries if isinstance(e, dict) and "pid" in e}
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(key)
-        obj[key] = value
-    return obj
-
-
-def read_jsonl_lines(path: Path, expected: str = "a JSON Lines file") -> list[tuple[int, Any]]:
-    """(line number, value) of every non-blank line of a JSON Lines file. Any fault is a DataError naming the
-    file (and line): missing, a folder, unreadable, not UTF-8, not JSON, or an object with a repeated key
-    (json would silently keep only the last value). `expected` says what the caller wanted there."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; expected {expected}")
-    try:
-        with open(path, "rb") as f:
-            raw = f.readlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; expected {expected}") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror or e}); expected {expected}") from None
-    out = []
-    for line_no, data in enumerate(raw, 1):
-        try:
-            text = data.decode("utf-8-sig" if line_no == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}, line {line_no}: not UTF-8 text ({e.reason} at byte {e.start}); "
-                            f"expected {expected}") from None
-        if not text.strip():
-            continue
-        try:
-            value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-            if LONE_SURROGATE_ESCAPE.search(text):
-                _check_unicode(value)
-            out.append((line_no, value))
-        except UnicodeEncodeError:
-            raise DataError(f"{path}, line {line_no}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
-                            "escape without its pair); expected valid Unicode text") from None
-        except _DuplicateKey as e:
-            raise DataError(f"{path}, line {line_no}: key {e.args[0]!r} appears twice in one object; expected "
-                            "each key once") from None
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise DataError(f"{path}, line {line_no}: not valid JSON ({e}); expected one JSON value per line "
-                            f"({expected})") from None
-    return out
-
-
-def read_jsonl(path: Path, expected: str = "a JSON Lines file") -> list:
-    """The values of a JSON Lines file (see read_jsonl_lines)."""
-    return [value for _, value in read_jsonl_lines(path, expected)]
-
-
-def write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    with atomic_path(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
