@@ -166,7 +166,7 @@ def test_malformed_lines_name_the_file_and_line(tmp_path, tok):
 
 def test_missing_records_names_the_file_and_what_the_stage_expected(tmp_path, tok):
     msg = one_line_error(tokenize_cli(tmp_path / "nothing", tmp_path / "t", tok), "tokenize",
-                         tmp_path / "nothing" / "records.jsonl", "not found", "validate")
+                         tmp_path / "nothing" / "records.jsonl", "no such file", "validate")
     assert "fetch" not in msg  # the old message blamed the fetch stage whatever called it
 
 
@@ -191,7 +191,7 @@ def test_failed_validate_leaves_no_records_of_an_earlier_run(tmp_path, tok):
     assert json.loads((tmp_path / "v" / "validation.json").read_text())["status"] == "failed"
     # tokenize then finds nothing to take for this run's output
     one_line_error(tokenize_cli(tmp_path / "v", tmp_path / "t", tok), "tokenize",
-                   tmp_path / "v" / "records.jsonl", "not found")
+                   tmp_path / "v" / "records.jsonl", "no such file")
 
 
 def test_failed_validate_of_unreadable_input_removes_the_earlier_folder(tmp_path):

@@ -319,8 +319,8 @@ def test_unreachable_url_suggests_a_local_path(tmp_path, http_root):
 
 @pytest.mark.parametrize("dataset,name,content,match", [
     ("alpaca", "a.json", '{"instruction": "x"}', "holds a JSON dict, expected a list"),
-    ("alpaca", "a.json", "[{", "is not JSON"),
-    ("alpaca", "a.jsonl", '{"a": 1}\n[', r"a\.jsonl:2 is not JSON"),
+    ("alpaca", "a.json", "[{", "a.json: not valid JSON"),
+    ("alpaca", "a.jsonl", '{"a": 1}\n[', r"a\.jsonl, line 2: not valid JSON"),
     ("alpaca", "a.json", "[1]", "record 0 is a int, not an object"),
     ("alpaca", "a.parquet", "not parquet", "is not a parquet file"),
     ("alpaca", "a.txt", "hello", "not a known alpaca layout; accepted: a JSON list file"),

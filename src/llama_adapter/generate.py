@@ -9,7 +9,6 @@ carry no position while the queries are rotated), so a shared column index would
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -181,24 +180,10 @@ def read_prompts(path: Path) -> list[dict]:
     (used as is), each optionally naming an "adapter"; ids default to the line number. A bad line is an
     InputError naming the file, its 1-based line number and what was expected."""
     from .errors import InputError
+    from .io import read_jsonl_lines
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}; expected a JSONL file of "
-                         f"prompts, {PROMPTS_EXPECTED}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSONL file of prompts") from None
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}); expected "
-                             f"{PROMPTS_EXPECTED}") from None
+    for n, row in read_jsonl_lines(path, f"a JSONL file of prompts, {PROMPTS_EXPECTED}", InputError):
         if not isinstance(row, dict):
             raise InputError(f"{path}, line {n}: a JSON {type(row).__name__}, not an object; expected "
                              f"{PROMPTS_EXPECTED}")

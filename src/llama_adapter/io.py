@@ -183,7 +183,7 @@ def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: typ
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise error(f"{path}: not found; expected {expected}") from None
+        raise error(f"{path}: no such file; expected {expected}") from None
     except OSError as e:
         raise error(f"{path}: cannot be read ({e.strerror or e}); expected {expected}") from None
     except UnicodeDecodeError as e:
@@ -226,7 +226,7 @@ def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file
         with open(path, "rb") as f:
             raw = f.readlines()
     except FileNotFoundError:
-        raise error(f"{path}: not found; expected {expected}") from None
+        raise error(f"{path}: no such file; expected {expected}") from None
     except OSError as e:
         raise error(f"{path}: cannot be read ({e.strerror or e}); expected {expected}") from None
     out = []

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from PIL import Image, ImageDraw
 
 from ..errors import InputError
-from ..io import atomic_dir
+from ..io import atomic_dir, read_jsonl_lines
 from . import scienceqa
 
 CREATURES = ("zorb blick wug fep glim tove grop plon vesk mib krell torp quib zib flarn drub skeep brell jom "
@@ -412,27 +412,15 @@ def generate_demo(out_dir: Path, seed: int = 0, n_instructions: int = 2000, n_qu
 def read_corpus(corpus: Path) -> list[str]:
     """Documents of a JSONL corpus, one {"text": ...} per line; a bad line is an InputError naming the file and
     its 1-based line number."""
-    corpus = Path(corpus)
     expected = 'a JSONL corpus, one {"text": document} object per line'
-    if not corpus.is_file():
-        raise InputError(f"{corpus}: {'is a folder' if corpus.is_dir() else 'no such file'}; expected {expected}")
-    try:
-        text = corpus.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{corpus}: not UTF-8 text (byte {e.start}); expected {expected}") from None
     docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{corpus}, line {n}: not valid JSON ({e.msg}); expected {expected}") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                found = (f"keys {sorted(doc)}" if isinstance(doc, dict) and "text" not in doc else
-                         f"'text' of type {type(doc['text']).__name__}" if isinstance(doc, dict) else
-                         f"a JSON {type(doc).__name__}")
-                raise InputError(f"{corpus}, line {n}: {found}; expected an object with a 'text' string")
-            docs.append(doc["text"])
+    for n, doc in read_jsonl_lines(corpus, expected, InputError):
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+            found = (f"keys {sorted(doc)}" if isinstance(doc, dict) and "text" not in doc else
+                     f"'text' of type {type(doc['text']).__name__}" if isinstance(doc, dict) else
+                     f"a JSON {type(doc).__name__}")
+            raise InputError(f"{corpus}, line {n}: {found}; expected an object with a 'text' string")
+        docs.append(doc["text"])
     if not any(d.strip() for d in docs):
         raise InputError(f"{corpus}: holds no text; expected {expected}")
     return docs

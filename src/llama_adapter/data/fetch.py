@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 from ..errors import FetchError, UnsafePathError
-from ..io import atomic_dir, sha256_file, write_json
+from ..io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
 from . import FORMAT_VERSION, SCIENCEQA_FIELDS
 from .paths import file_name, inside, relative
 
@@ -177,7 +177,7 @@ def _check_fractions(dataset: str, fractions: dict[str, float]) -> None:
 def _reassign(records_path: Path, fractions: dict[str, float], seed: int) -> dict:
     """Rewrite records.jsonl with each record's split assigned by `assign_split_names`; returns what fetch.json
     records of it (the rule, the counts, and the source's own split counts that it replaced)."""
-    rows = [json.loads(line) for line in records_path.read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(records_path, "the records.jsonl fetch writes", FetchError)
     pids = [r["pid"] for r in rows]
     if len(set(pids)) != len(pids):
         raise FetchError(f"{records_path}: duplicate pids; splits are assigned by pid")
@@ -346,30 +346,15 @@ def _read_path(dataset: str, path: Path, refusals: Refusals) -> Iterator[Item]:
 # --- file formats ---
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise FetchError(f"{path} is not UTF-8 text: {e}") from e
-
-
 def _load_json(path: Path, expected: type) -> Any:
-    try:
-        value = json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise FetchError(f"{path} is not JSON: {e}") from e
+    value = read_json(path, f"a JSON {expected.__name__} (a dataset file)", FetchError)
     if not isinstance(value, expected):
         raise FetchError(f"{path} holds a JSON {type(value).__name__}, expected a {expected.__name__}")
     return value
 
 
-def _jsonl_rows(path: Path) -> Iterator[Any]:
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FetchError(f"{path}:{lineno} is not JSON: {e}") from e
+def _jsonl_rows(path: Path) -> list[Any]:
+    return read_jsonl(path, "one JSON object per line (a dataset file)", FetchError)
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
