@@ -325,6 +325,7 @@ def test_unreachable_mlflow_warns_once_and_keeps_the_jsonl(setup, tmp_path, monk
 def test_loss_falls_on_the_demo_data(tmp_path):
     """The whole chain on the embedded demo data: a tiny base pre-trained on the demo corpus, then an
     adapter on the demo instructions (a few steps of each: the demo DAG runs them longer)."""
+    from llama_adapter.config import PretrainConfig
     from llama_adapter.data.demo import generate_demo
     from llama_adapter.data.fetch import fetch
     from llama_adapter.data.tokens import tokenize
@@ -335,7 +336,8 @@ def test_loss_falls_on_the_demo_data(tmp_path):
     generate_demo(tmp_path / "demo", n_instructions=400, n_questions=72)
     train_sentencepiece(tmp_path / "demo" / "corpus.jsonl", tmp_path / "tok.model", 500)
     base_args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=500, hidden_dim=176)
-    pretrain_base(tmp_path / "demo" / "corpus.jsonl", tmp_path / "tok.model", tmp_path / "base", base_args, steps=200)
+    pretrain_base(tmp_path / "demo" / "corpus.jsonl", tmp_path / "tok.model", tmp_path / "base", base_args,
+                  PretrainConfig(steps=200))
     fetch("alpaca", str(tmp_path / "demo" / "alpaca.json"), tmp_path / "fetched")
     validate("alpaca", tmp_path / "fetched", tmp_path / "validated")
     tokenize("alpaca", tmp_path / "validated", load_tokenizer(tmp_path / "tok.model"), tmp_path / "tokens",

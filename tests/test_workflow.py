@@ -53,6 +53,15 @@ def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):
     assert "ablations.center: no value for ['method']" in proc.stdout + proc.stderr
 
 
+def test_the_schema_offers_the_library_choices():
+    """The config schema cannot hold defaults or choices of its own: its enums are the library's."""
+    from llama_adapter.config import GATE_INITS, METHODS
+
+    settings = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    adapter = settings["definitions"]["adapter_settings"]["properties"]
+    assert tuple(adapter["gate_init"]["enum"]) == GATE_INITS and tuple(adapter["method"]["enum"]) == METHODS
+
+
 def test_environment_yml_mirrors_pyproject():
     import tomllib
 

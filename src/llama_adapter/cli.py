@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import METHODS, PRESETS, AdapterArgs, ModelArgs, TrainConfig
+from .config import GATE_INITS, METHODS, PRESETS, AdapterArgs, ModelArgs, PretrainConfig, TrainConfig
 from .errors import InputError, PipelineError, TokenizerError
 from .inputs import (
     beta,
@@ -49,7 +49,7 @@ def torch_dtype(name: str):
 def add_adapter_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-len", type=positive_int, default=AdapterArgs.adapter_len)
     p.add_argument("--adapter-layers", type=positive_int, default=AdapterArgs.adapter_layers)
-    p.add_argument("--gate-init", choices=["zero", "random"], default=AdapterArgs.gate_init)
+    p.add_argument("--gate-init", choices=GATE_INITS, default=AdapterArgs.gate_init)
 
 
 def adapter_args(ns: argparse.Namespace) -> AdapterArgs:
@@ -161,8 +161,8 @@ def cmd_pretrain_base(ns: argparse.Namespace) -> None:
     existing_file(ns.tokenizer, "--tokenizer", "a SentencePiece .model")
     writable_output(ns.out, "--out", folder=True)
     check_device(ns.device)
-    summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, ModelArgs.from_name(ns.preset), ns.steps, ns.batch_size,
-                            ns.seq_len, ns.lr, ns.seed, ns.device)
+    cfg = PretrainConfig(**{f.name: getattr(ns, f.name) for f in fields(PretrainConfig)})
+    summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, ModelArgs.from_name(ns.preset), cfg)
     print(json.dumps(summary, indent=2))
 
 
@@ -477,27 +477,30 @@ def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
         required = f.default is MISSING and f.default_factory is MISSING
         default = None if required else (f.default if f.default is not MISSING else f.default_factory())
         kind = str(f.type).replace(" | None", "")
+        shown = "required" if required else f"default: {default}"  # the dataclass's own default, shown in --help
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=shown)
         elif kind.startswith("tuple"):
-            p.add_argument(flag, type=OPTION_TYPES.get(f.name, float), nargs=2, default=default)
+            p.add_argument(flag, type=OPTION_TYPES.get(f.name, float), nargs=2, default=default, help=shown)
         elif kind.startswith("dict"):
-            p.add_argument(flag, type=json_object, default=default, help="a JSON object")
+            p.add_argument(flag, type=json_object, default=default, help=f"a JSON object; {shown}")
         else:
             p.add_argument(flag, type=OPTION_TYPES.get(f.name) or {"int": int, "float": float}.get(kind, str),
-                           default=default, required=required, choices=OPTION_CHOICES.get(f.name))
+                           default=default, required=required, choices=OPTION_CHOICES.get(f.name), help=shown)
 
 
-# Ranges of the training options, checked as argparse parses them (a one-line usage error names the option).
+# Ranges of the dataclass options (training, pre-training), checked as argparse parses them (a one-line usage
+# error names the option).
 OPTION_TYPES = {
     "adapter_len": positive_int, "adapter_layers": positive_int, "epochs": positive_int,
     "warmup_epochs": non_negative_float, "blr": positive_float, "lr": positive_float, "min_lr": non_negative_float,
     "weight_decay": non_negative_float, "betas": beta, "global_batch": positive_int,
     "rows_per_micro_batch": positive_int, "row_len": positive_int, "pad_id": non_negative_int,
     "checkpoint_every": positive_int, "max_steps": positive_int, "lora_rank": positive_int,
-    "lora_alpha": positive_float, "lora_dropout": non_negative_float,
+    "lora_alpha": positive_float, "lora_dropout": non_negative_float, "steps": positive_int, "batch_size": positive_int,
+    "seq_len": positive_int,
 }
-OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": ["zero", "random"]}
+OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -551,12 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--preset", default="demo", choices=PRESETS, metavar="PRESET",
                    help=f"architecture, one of {', '.join(PRESETS)} (vocab_size comes from the tokenizer)")
-    p.add_argument("--steps", type=positive_int, default=600)
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--seq-len", type=positive_int, default=128)
-    p.add_argument("--lr", type=positive_float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="e.g. cuda: the demo base trains on CPU by default")
+    add_dataclass_options(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain_base, outputs=lambda ns: [ns.out])
 
     datasets = ["alpaca", "scienceqa"]

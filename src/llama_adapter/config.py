@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -115,6 +115,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 GateInit = Literal["zero", "random"]
+GATE_INITS: tuple[str, ...] = get_args(GateInit)  # the choices, for the CLI and the checks
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ class AdapterArgs:
     def __post_init__(self) -> None:
         if self.adapter_len < 1 or self.adapter_layers < 1:
             raise ValueError(f"adapter_len and adapter_layers must be >= 1, got {self}")
-        if self.gate_init not in ("zero", "random"):
-            raise ValueError(f"gate_init must be 'zero' or 'random', got {self.gate_init!r}")
+        if self.gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init must be one of {', '.join(GATE_INITS)}, got {self.gate_init!r}")
         if self.visual_dim < 0 or self.visual_hidden < 1:
             raise ValueError(f"visual_dim must be >= 0 and visual_hidden >= 1, got {self}")
 
@@ -200,9 +201,9 @@ class TrainConfig:
     out_dir: str
     val_data: str | None = None
     method: str = "adapter"  # one of METHODS ("zero-shot" does not train)
-    adapter_len: int = 10
-    adapter_layers: int = 30
-    gate_init: str = "zero"
+    adapter_len: int = AdapterArgs.adapter_len
+    adapter_layers: int = AdapterArgs.adapter_layers
+    gate_init: str = AdapterArgs.gate_init
     lora_rank: int = LoRAArgs.rank
     lora_alpha: float = LoRAArgs.alpha
     lora_dropout: float = LoRAArgs.dropout
@@ -239,3 +240,16 @@ class TrainConfig:
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.global_batch / 256
+
+
+@dataclass
+class PretrainConfig:
+    """The demo base's pre-training: AdamW on random windows of the corpus, 5% warm-up then cosine decay; the
+    defaults train the demo preset in about a CPU minute."""
+
+    steps: int = 600
+    batch_size: int = 16  # windows per step
+    seq_len: int = 128  # tokens per window
+    lr: float = 3e-3
+    seed: int = 0
+    device: str = "cpu"  # the demo base trains on the CPU (cuda works too)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import save_meta_checkpoint
-from .config import ModelArgs
+from .config import ModelArgs, PretrainConfig
 from .data.demo import read_corpus
 from .io import atomic_dir, write_json
 from .model import Transformer
@@ -31,20 +31,11 @@ def token_stream(corpus: Path, tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def pretrain_base(
-    corpus: Path,
-    tokenizer_path: Path,
-    out_dir: Path,
-    args: ModelArgs,
-    steps: int = 600,
-    batch_size: int = 16,
-    seq_len: int = 128,
-    lr: float = 3e-3,
-    seed: int = 0,
-    device: str = "cpu",
-) -> dict:
+def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, args: ModelArgs,
+                  cfg: PretrainConfig = PretrainConfig()) -> dict:
     """Train `args` (vocab_size taken from the tokenizer) on random windows of the corpus; write
     params.json, consolidated.00.pth, tokenizer.model and pretrain.json to out_dir."""
+    steps, batch_size, seq_len, lr, seed, device = cfg.steps, cfg.batch_size, cfg.seq_len, cfg.lr, cfg.seed, cfg.device
     from .errors import InputError
 
     if Path(tokenizer_path).suffix != ".model" or not Path(tokenizer_path).is_file():
