@@ -344,7 +344,6 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     """Answer a JSONL file of prompts with one or more adapters (or a LoRA, or none: the base alone) on one loaded
     base; write JSONL."""
     from .generate import generate_requests, read_prompts
-    from .io import atomic_path
 
     check_device(ns.device)
     check_base(ns.base)
@@ -371,9 +370,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
         apply_adapter(model, path)
     rows = generate_requests(model, tokenizer, requests, adapters, ns.batch_size,
-                             ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed, ns.compile)
-    with atomic_path(ns.out) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+                             ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed, ns.compile, ns.out)
     print(f"{len(rows)} generations -> {ns.out}")
 
 

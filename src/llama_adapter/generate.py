@@ -237,9 +237,11 @@ def generate_requests(
     top_p: float = 0.75,
     seed: int = 0,
     compile: bool = False,
+    out: Path | None = None,
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
-    loaded once; adapters are swapped in between groups of requests. A None path: the model as it is."""
+    loaded once; adapters are swapped in between groups of requests. A None path: the model as it is. With
+    `out`, the answers are also written there as JSON Lines, whole or not at all."""
     unknown = {r["adapter"] for r in requests if "adapter" in r} - set(adapters)
     if unknown:
         raise ValueError(f"requests name adapters {sorted(unknown)} that were not given; given: {sorted(adapters)}")
@@ -253,4 +255,8 @@ def generate_requests(
                                  temperature, top_p, generator, compile)
         results += [{"id": r["id"], "adapter": name, "adapter_path": path and str(path), "prompt": prompt_text(r),
                      "output": o} for r, o in zip(mine, outputs)]
+    if out is not None:
+        from .io import write_jsonl
+
+        write_jsonl(out, results)
     return results
