@@ -10,7 +10,6 @@ ScienceQA answers are read one of two ways, and the scores say which:
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import torch
 from .batching import collate, heldout_loss, hidden_states
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
+from .errors import DataError
 from .generate import complete_texts
-from .io import atomic_path, write_json
+from .io import atomic_path, read_json_object, write_json
 from .model import Transformer
 from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
@@ -156,10 +156,10 @@ def training_of(base: Path, adapter: Path | None) -> dict:
     fine-tuned model's folder (adapters/<experiment>/model); {} for a base that no training of ours wrote."""
     trained = (Path(adapter).parent if adapter else Path(base).parent) / "metrics.json"
     try:
-        metrics = json.loads(trained.read_text())
-    except (OSError, ValueError):
+        metrics = read_json_object(trained, "the metrics.json train writes")
+    except DataError:
         return {}
-    return metrics if isinstance(metrics, dict) and "method" in metrics else {}
+    return metrics if "method" in metrics else {}
 
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, records: list[dict] | None = None,

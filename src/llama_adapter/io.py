@@ -174,18 +174,25 @@ def _check_unicode(value: Any) -> None:
             _check_unicode(v)
 
 
-def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: type[Exception] = DataError) -> Any:
-    """The value of a JSON file. Any fault is `error` (the caller's kind: DataError, CheckpointError, ...) naming
-    the file and what was expected there: missing, a folder, unreadable, not UTF-8, not JSON."""
-    path = Path(path)
+def _read_bytes(path: Path, expected: str, error: type[Exception]) -> bytes:
+    """A file's bytes; a folder, a missing file or a read failure is `error` naming the file."""
     if path.is_dir():
         raise error(f"{path}: is a folder; expected {expected}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
         raise error(f"{path}: no such file; expected {expected}") from None
     except OSError as e:
         raise error(f"{path}: cannot be read ({e.strerror or e}); expected {expected}") from None
+
+
+def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: type[Exception] = DataError) -> Any:
+    """The value of a JSON file. Any fault is `error` (the caller's kind: DataError, CheckpointError, ...) naming
+    the file and what was expected there: missing, a folder, unreadable, not UTF-8, not JSON."""
+    path = Path(path)
+    data = _read_bytes(path, expected, error)
+    try:
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected {expected}") from None
     except (json.JSONDecodeError, RecursionError) as e:
@@ -220,17 +227,8 @@ def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file
     (and line): missing, a folder, unreadable, not UTF-8, not JSON, or an object with a repeated key (json would
     silently keep only the last value). `expected` says what the caller wanted there."""
     path = Path(path)
-    if path.is_dir():
-        raise error(f"{path}: is a folder; expected {expected}")
-    try:
-        with open(path, "rb") as f:
-            raw = f.readlines()
-    except FileNotFoundError:
-        raise error(f"{path}: no such file; expected {expected}") from None
-    except OSError as e:
-        raise error(f"{path}: cannot be read ({e.strerror or e}); expected {expected}") from None
     out = []
-    for line_no, data in enumerate(raw, 1):
+    for line_no, data in enumerate(_read_bytes(path, expected, error).split(b"\n"), 1):
         try:
             text = data.decode("utf-8-sig" if line_no == 1 else "utf-8")
         except UnicodeDecodeError as e:

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
 from .config import WEIGHTS, TrainConfig
@@ -151,8 +152,6 @@ def shard_model(model: Transformer, method: str, d: Dist) -> Transformer:
 
 
 def is_sharded(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(p, DTensor)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import Paramspace, validate
 
-from llama_adapter.config import WEIGHTS
+from llama_adapter.config import WEIGHTS, TrainConfig
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
 from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
 from llama_adapter.tracking import export_invocation, sqlite_uri
@@ -166,7 +166,7 @@ def experiment(name):
     # A grid point takes the settings ablations.methods gives its method (LoRA and full fine-tuning want their own
     # learning rates), then its own: a varied axis always holds the value the point's name says.
     point = ABLATION_SETTINGS[name]
-    point_method = point.get("method", config["train"].get("method", "adapter"))
+    point_method = method_of({**config["train"], **point})
     return config["ablations"]["dataset"], {
         **config["train"],
         **(config["ablations"].get("methods", {}).get(point_method) or {}),
@@ -179,9 +179,9 @@ def trained_as(name):
     experiment (the paper's ScienceQA run is its ablations' center) reuses that adapter, not a second training.
     """
 
-    def settings(e):  # an unset method is the adapter
+    def settings(e):  # an unset method is the default one
         dataset, train = experiment(e)
-        return dataset, {"method": "adapter", **train}
+        return dataset, {**train, "method": method_of(train)}
 
     for named in NAMED_EXPERIMENTS:
         if settings(named) == settings(name):
@@ -189,9 +189,14 @@ def trained_as(name):
     return name
 
 
+def method_of(settings):
+    """What a set of train settings tunes (config.METHODS): its method, else TrainConfig's (the paper's adapter)."""
+    return settings.get("method", TrainConfig.method)
+
+
 def method(name):
-    """What an experiment tunes (config.METHODS): train.method, default the paper's adapter."""
-    return experiment(name)[1].get("method", "adapter")
+    """What an experiment tunes."""
+    return method_of(experiment(name)[1])
 
 
 def trained(w):
