@@ -158,7 +158,7 @@ def test_output_inside_a_file(w, capsys, output):
         "generate": generate_args(w, bad),
         "evaluate": ("evaluate", "--task", "alpaca", "--base", w / "base300", "--adapter", w / "adapter.safetensors",
                      "--data", w / "val", "--out", bad, "--device", "cpu"),
-        "report": ("report", "--results", w, "--out", bad),
+        "report": ("report", "--tokens", f"alpaca={w}", "--out", bad),
         "train-tokenizer": ("train-tokenizer", "--corpus", w / "corpus.jsonl", "--out", bad),
         "pretrain-base": ("pretrain-base", "--corpus", w / "corpus.jsonl", "--tokenizer", w / "tok.model", "--out", bad,
                           "--steps", "1"),
@@ -187,7 +187,7 @@ def test_os_error_naming_a_path_is_one_line(w, tmp_path, capsys, monkeypatch):
         raise PermissionError(13, "Permission denied", str(tmp_path / "report" / "report.md"))
 
     monkeypatch.setattr(llama_adapter.report, "write_report", denied)
-    one_line_error(capsys, "report", "--results", w, "--out", tmp_path / "report",
+    one_line_error(capsys, "report", "--tokens", f"alpaca={w}", "--out", tmp_path / "report",
                    names=[tmp_path / "report" / "report.md", "Permission denied"])
 
 
@@ -299,16 +299,49 @@ def test_unknown_device(w, tmp_path, capsys):
 # ---------------------------------------------------------------- report, tokenizer, pretraining
 
 
-def test_report_on_a_results_folder_missing_pieces(w, tmp_path, capsys):
+def test_report_names_each_missing_piece(w, tmp_path, capsys):
+    """The report is told every file by role: a row without its scores, a score without its row, a trained row
+    without its training, a training's missing file: one line naming the role or the file, no report."""
     out = tmp_path / "report"
-    one_line_error(capsys, "report", "--results", w, "--experiment", "instruction", "--out", out,
-                   names=[w / "adapters" / "instruction" / "config.json", "missing", "train"])
+    tokens = ("--tokens", f"alpaca={w}")
+    one_line_error(capsys, "report", "--experiment", "instruction", *tokens, "--out", out,
+                   names=["--scores", "instruction", "scores.json"])
+    one_line_error(capsys, "report", "--experiment", "instruction", "--scores", f"typo={w / 's.json'}", *tokens,
+                   "--out", out, names=["--scores", "typo", "no --experiment or --ablation"])
+    one_line_error(capsys, "report", "--experiment", "instruction", "--scores", f"instruction={w / 's.json'}",
+                   "--out", out, names=["--tokens", "alpaca=DIR"])
+    one_line_error(capsys, "report", "--experiment", "a", "--scores", f"a={w / 's.json'}", "--scores",
+                   f"a={w / 't.json'}", *tokens, "--out", out, names=["--scores", "'a'", "more than once"])
+    one_line_error(capsys, "report", "--experiment", "a", "--scores", "a", *tokens, "--out", out,
+                   names=["--scores", "NAME=PATH"])
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"task": "alpaca", "heldout_loss": 1.0, "perplexity": 2.7, "heldout_samples": 4,
+                                  "method": "adapter"}))
+    stats = tmp_path / "tokens"
+    stats.mkdir()
+    (stats / "stats.json").write_text(json.dumps({"dataset": "alpaca"}))
+    rows = ("--experiment", "instruction", "--scores", f"instruction={scores}", "--tokens", f"alpaca={stats}")
+    one_line_error(capsys, "report", *rows, "--out", out, names=["--training", "instruction", "trained model"])
+    one_line_error(capsys, "report", *rows, "--training", f"instruction={w / 'adapters' / 'instruction'}",
+                   "--out", out, names=[w / "adapters" / "instruction" / "config.json", "missing", "train"])
+    (stats / "stats.json").write_text(json.dumps({"dataset": "scienceqa"}))
+    one_line_error(capsys, "report", *rows, "--out", out, names=["--tokens", "holds the scienceqa dataset"])
     assert not out.exists()
 
 
 def test_report_center_not_json(w, tmp_path, capsys):
-    one_line_error(capsys, "report", "--results", w, "--center", "{epochs: 3}", "--out", tmp_path / "r",
+    one_line_error(capsys, "report", "--tokens", f"alpaca={w}", "--center", "{epochs: 3}", "--out", tmp_path / "r",
                    names=["--center", "JSON object"])
+
+
+def test_report_failure_leaves_its_given_inputs(w, tmp_path, capsys):
+    """An --out mistyped as a folder holding a given input (a NAME=PATH one): the failed report removes nothing."""
+    held = tmp_path / "held"
+    (held / "tokens").mkdir(parents=True)
+    (held / "tokens" / "stats.json").write_text("{}")
+    one_line_error(capsys, "report", "--experiment", "a", "--tokens", f"alpaca={held / 'tokens'}", "--out", held,
+                   names=["--scores"])
+    assert (held / "tokens" / "stats.json").exists()
 
 
 def test_train_tokenizer_bad_inputs(w, tmp_path, capsys):

@@ -191,11 +191,11 @@ def test_jobs_table_reads_every_benchmark_file_longest_first(tmp_path):
         path = tmp_path / "benchmarks" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(header + f"{seconds}\t0:00:00\t617.7\t1\t1\t1\t1\t1\t1\t1\n")
-    df = jobs_table(tmp_path)
+    df = jobs_table(tmp_path / "benchmarks")
     assert list(df["rule"]) == ["train_adapter", "pretrain_base", "tokenize"]
     assert df["job"].iloc[0] == "ablations/adapter_layers~10/gate_init~zero/epochs~5" and pd.isna(df["job"].iloc[1])
     assert list(df["wall_time"]) == ["2.5 min", "61 s", "3 s"] and df["max_rss_mb"].iloc[0] == 618
-    assert jobs_table(tmp_path / "nothing").empty
+    assert jobs_table(None).empty  # no benchmark folder given: no job rows
 
 
 def test_assigned_splits_are_said_in_plain_words(grid):

@@ -93,6 +93,19 @@ def test_dry_run_commands_parse_back_to_the_config_values(tmp_path):
     assert json.loads(report[report.index("--center") + 1]) == {"adapter_layers": 3, "gate_init": "zero", "epochs": 3,
                                                                 "method": "adapter"}
     assert json.loads(report[report.index("--vary") + 1])["method"] == ["adapter", "lora", "full", "zero-shot"]
+    # The report is told each file by role as NAME=PATH: every row has its scores, and the ablation center, with
+    # the named ScienceQA experiment's settings, reads that experiment's training.
+    roles = {}
+    for flag, value in zip(report, report[1:]):
+        if flag in ("--scores", "--training", "--generations", "--tokens"):
+            name, _, path = value.partition("=")
+            assert path.startswith(results), value
+            roles.setdefault(flag, {})[name] = path
+    rows = [v for f, v in zip(report, report[1:]) if f in ("--experiment", "--ablation")]
+    assert sorted(roles["--scores"]) == sorted(rows) and set(roles["--tokens"]) == {"alpaca", "scienceqa"}
+    center = "ablations/adapter_layers~3/gate_init~zero/epochs~3/method~adapter"
+    assert roles["--training"][center] == roles["--training"]["scienceqa"] == f"{results}/adapters/scienceqa"
+    assert not any("zero-shot" in name or "zero_shot" in name for name in roles["--training"])
     trains = [shlex.split(c) for c in commands if c.startswith("exec llama-adapter train ")]
     assert {json.loads(t[t.index("--tags") + 1])["experiment"] for t in trains} >= {"instruction", "scienceqa"}
 

@@ -444,12 +444,34 @@ def cmd_encode_images(ns: argparse.Namespace) -> None:
 
 
 def cmd_report(ns: argparse.Namespace) -> None:
-    """The paper's tables (CSV, Markdown, LaTeX) and figures (PNG) from a results folder, with report.md."""
-    from .report import write_report
+    """The paper's tables (CSV, Markdown, LaTeX) and figures (PNG), with report.md, from the files it is given by
+    role: each row's scores, training folder and generations, each dataset's tokenize folder."""
+    from .report import ReportInputs, write_report
 
-    ablations = dict(a.split("=", 1) if "=" in a else (a, a) for a in ns.ablation)
-    tables = write_report(ns.results, ns.out, ns.experiment, ablations, ns.center, ns.vary)
+    inputs = ReportInputs(
+        experiments=ns.experiment, ablations=ns.ablation, scores=named_paths(ns.scores, "--scores"),
+        trainings=named_paths(ns.training, "--training"),
+        train_benchmarks=named_paths(ns.train_benchmark, "--train-benchmark"),
+        generations=named_paths(ns.generations, "--generations"), tokens=named_paths(ns.tokens, "--tokens"),
+        benchmarks=ns.benchmarks)
+    tables = write_report(ns.out, inputs, ns.center, ns.vary)
     print(json.dumps({name: len(df) for name, df in tables.items()}))
+
+
+def named_paths(items: list[tuple[str, Path]], flag: str) -> dict[str, Path]:
+    """NAME=PATH options as a dict; a name given twice is an error, not the last one silently winning."""
+    names = [name for name, _ in items]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"{flag}: {repeated} given more than once; expected one NAME=PATH per name")
+    return dict(items)
+
+
+def name_and_path(text: str) -> tuple[str, Path]:
+    name, eq, path = text.partition("=")
+    if not eq or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, Path(path)
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:
@@ -656,14 +678,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_encode_images, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)
-    p.add_argument("--results", required=True, type=Path, help="the pipeline's results folder")
-    p.add_argument("--experiment", action="append", default=[], help="a named experiment; repeatable")
+    p.add_argument("--experiment", action="append", default=[], help="a named experiment (a row of the per-method "
+                   "tables); repeatable")
     p.add_argument("--ablation", action="append", default=[],
-                   help="an ablation grid point, or POINT=EXPERIMENT when it is that experiment's adapter; repeatable")
-    p.add_argument("--center", type=json_object, default={}, help="JSON: the settings the ablations hold fixed")
+                   help="an ablation grid point, named ablations/KEY~VALUE/...; repeatable")
+    p.add_argument("--scores", action="append", default=[], type=name_and_path, metavar="NAME=FILE",
+                   help="a row's scores.json (written by evaluate); one per --experiment and --ablation")
+    p.add_argument("--training", action="append", default=[], type=name_and_path, metavar="NAME=DIR",
+                   help="the folder a row's training wrote (train's --out-dir: config.json, metrics.json, weights); "
+                        "one per trained row, none for zero-shot")
+    p.add_argument("--train-benchmark", action="append", default=[], type=name_and_path, metavar="NAME=FILE",
+                   help="the Snakemake benchmark file of a row's training (its wall time); optional")
+    p.add_argument("--generations", action="append", default=[], type=name_and_path, metavar="NAME=FILE",
+                   help="the JSONL generate wrote for an instruction experiment; one per Alpaca row")
+    p.add_argument("--tokens", action="append", default=[], type=name_and_path, metavar="DATASET=DIR",
+                   help="the folder tokenize wrote for a dataset (its stats.json; alpaca's draws the lengths "
+                        "figure); one per dataset the rows score, alpaca always")
+    p.add_argument("--benchmarks", type=Path,
+                   help="a folder of Snakemake benchmark files, RULE.tsv or RULE/JOB.tsv (the jobs table); "
+                        "default: none, an empty table")
+    p.add_argument("--center", type=json_object, default={},
+                   help="JSON: the settings the ablations hold fixed (default: {})")
     p.add_argument("--vary", type=json_object, default={},
-                   help="JSON: each ablation axis and its values, in the order its table lists them (ablations.vary)")
-    p.add_argument("--out", required=True, type=Path)
+                   help="JSON: each ablation axis and its values, in the order its table lists them (ablations.vary; "
+                        "default: {}, no ablation tables)")
+    p.add_argument("--out", required=True, type=Path, help="the report folder (written whole, or not at all)")
     p.set_defaults(func=cmd_report, outputs=lambda ns: [ns.out])
     return parser
 
@@ -696,7 +735,9 @@ def holds_an_input(output: Path, ns: argparse.Namespace) -> bool:
     """Whether `output` is, or holds, a path the command was given to read: an --out mistyped as an input
     folder fails its checks, and the input must not be removed with the failed run's output."""
     values = [v for k, v in vars(ns).items() if k not in ("out", "out_dir")]
-    given = [x for v in values for x in (v if isinstance(v, list) else [v]) if isinstance(x, (str, Path))]
+    items = [x for v in values for x in (v if isinstance(v, list) else [v])]
+    # a NAME=PATH option is parsed into (name, path): its path is the input
+    given = [x for i in items for x in (i[1:] if isinstance(i, tuple) else [i]) if isinstance(x, (str, Path))]
     return any(holds(output, x) for x in given)
 
 

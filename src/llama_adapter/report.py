@@ -1,13 +1,15 @@
-"""The paper's tables and figures, regenerated from the runs of a results folder.
+"""The paper's tables and figures, regenerated from the runs of a pipeline.
 
-Reads what the pipeline writes, per experiment (a name such as `scienceqa` or
+The report is told every file it reads, by role (ReportInputs; the workflow's report rule passes them), and
+derives no path itself. Per experiment (a name such as `scienceqa` or
 `ablations/adapter_layers~4/gate_init~zero/epochs~5`):
-  adapters/<experiment>/{config.json, metrics.json, the method's weights}  (llama_adapter.train; none for
-                                                                          zero-shot, which trains nothing)
-  eval/<experiment>/scores.json                                           (llama_adapter.evaluate)
-  generations/<experiment>.jsonl                                          (llama_adapter.generate)
-  benchmarks/<rule>/<job>.tsv          (Snakemake's wall time and memory of every job, when present)
-  tokens/<dataset>/stats.json                                             (data provenance)
+  scores        its scores.json                                    (llama_adapter.evaluate)
+  training      the folder its training wrote: config.json, metrics.json and the method's weights
+                (llama_adapter.train; none for zero-shot, which trains nothing)
+  train_bench   that training's Snakemake benchmark file (wall time; optional)
+  generations   its generations JSONL, for an instruction experiment (llama_adapter.generate)
+and once: each dataset's tokenize folder (stats.json for data provenance, the Alpaca lengths figure) and the
+folder of Snakemake benchmark files (the jobs table; optional).
 Every table puts the paper's published number in a column beside ours, and every row of ours names the
 MLflow runs, config hash, data hash and git commit it came from. Every accuracy has a 95% Wilson interval
 (ci95_low, ci95_high) from its number of questions, so a difference within noise shows as overlapping
@@ -104,10 +106,47 @@ WRITTEN_BY = {"config.json": "train", "metrics.json": "train", "scores.json": "e
 REQUIRED_KEYS = {
     "config.json": ("base", "train_data"),
     "metrics.json": ("history", "trainable_parameters", "world_size"),
+    "scores.json": ("task",),
     "stats.json": ("dataset",),
 }
 SCORE_KEYS = {"scienceqa": ("n", "accuracy", "categories"),
               "alpaca": ("heldout_loss", "perplexity", "heldout_samples")}
+
+
+@dataclass
+class ReportInputs:
+    """Every file the report reads, by role (the module's docstring draws them); the report derives no path."""
+
+    experiments: list[str]  # named experiments: the per-method tables
+    ablations: list[str] = field(default_factory=list)  # grid points, named ablations/KEY~VALUE/...
+    scores: dict[str, Path] = field(default_factory=dict)  # every experiment and point: its scores.json
+    # Every trained experiment and point: its training's folder; a point with a named experiment's settings
+    # names that experiment's folder (one training serves both).
+    trainings: dict[str, Path] = field(default_factory=dict)
+    train_benchmarks: dict[str, Path] = field(default_factory=dict)  # optional: a training's wall time
+    generations: dict[str, Path] = field(default_factory=dict)  # every instruction experiment
+    tokens: dict[str, Path] = field(default_factory=dict)  # dataset (alpaca, scienceqa): its tokenize folder
+    benchmarks: Path | None = None  # the folder of Snakemake benchmark files (the jobs table); None: no table
+
+    def check(self) -> None:
+        """Every role names only rows of the report, and every row has its scores: a typo in a name is an
+        error here, not a silently missing row."""
+        rows = [*self.experiments, *self.ablations]
+        repeated = sorted({r for r in rows if rows.count(r) > 1})
+        if repeated:
+            raise InputError(f"--experiment/--ablation: {repeated} given twice; expected each row once")
+        for flag, named in (("--scores", self.scores), ("--training", self.trainings),
+                            ("--train-benchmark", self.train_benchmarks), ("--generations", self.generations)):
+            stray = sorted(set(named) - set(rows))
+            if stray:
+                raise InputError(f"{flag}: {stray} name(s) no --experiment or --ablation; expected NAME=PATH for "
+                                 "a row of the report")
+        unscored = [r for r in rows if r not in self.scores]
+        if unscored:
+            raise InputError(f"--scores: none for {unscored}; expected NAME=PATH of each row's scores.json "
+                             "(written by evaluate)")
+        if "alpaca" not in self.tokens:
+            raise InputError("--tokens: no alpaca=DIR; expected the Alpaca tokenize folder (the lengths figure)")
 
 
 def _read_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
@@ -136,34 +175,43 @@ def point_settings(name: str) -> dict[str, str]:
     return dict(p.split("~", 1) for p in parts)
 
 
-def load_run(results: Path, name: str, trained_as: str | None = None) -> Run:
-    """`name`'s evaluation, and the adapter of `trained_as` (default: `name`), when one training serves two
-    experiments; a zero-shot evaluation (the base alone) has no training to read."""
-    scores_path = results / "eval" / name / "scores.json"
-    found = _read_json(scores_path) if scores_path.is_file() else None  # read once; checked when its keys are known
-    if found is not None and found.get("method") == "zero-shot":
-        scores = _with_keys(scores_path, found, ("task", "base"))
-        stats = _read_json(results / "tokens" / scores["task"] / "stats.json", REQUIRED_KEYS["stats.json"])
-        _with_keys(scores_path, scores, SCORE_KEYS.get(stats["dataset"], ()))
-        return Run(name=name, dataset=stats["dataset"], config={"base": scores["base"], "method": "zero-shot"},
+def load_run(name: str, inputs: ReportInputs) -> Run:
+    """`name`'s evaluation, the dataset it scored, and its training (none for zero-shot: the base alone)."""
+    scores_path = inputs.scores[name]
+    scores = _read_json(scores_path, REQUIRED_KEYS["scores.json"])
+    task = scores["task"]
+    if task not in inputs.tokens:
+        raise InputError(f"--tokens: no {task}=DIR, the dataset {scores_path} scores; expected the folder tokenize "
+                         f"wrote for {task}")
+    stats = _read_json(Path(inputs.tokens[task]) / "stats.json", REQUIRED_KEYS["stats.json"])
+    if stats["dataset"] != task:
+        raise InputError(f"--tokens {task}={inputs.tokens[task]}: holds the {stats['dataset']} dataset; expected "
+                         f"the tokenize folder of {task}")
+    _with_keys(scores_path, scores, SCORE_KEYS.get(task, ()))
+    training = inputs.trainings.get(name)
+    if scores.get("method") == "zero-shot":
+        if training is not None:
+            raise InputError(f"--training {name}={training}: {scores_path} scores the base alone (zero-shot), "
+                             "which trains nothing; expected no --training for it")
+        _with_keys(scores_path, scores, ("base",))
+        return Run(name=name, dataset=task, config={"base": scores["base"], "method": "zero-shot"},
                    metrics={}, scores=scores, adapter_bytes=None, seconds=None, data=stats.get("provenance", {}))
-    trained_as = trained_as or name
-    adapter_dir = results / "adapters" / trained_as
+    if training is None:
+        raise InputError(f"--training: none for {name}, whose {scores_path} scores a trained model; expected "
+                         f"{name}=DIR, the folder its training wrote")
+    adapter_dir = Path(training)
     config = _read_json(adapter_dir / "config.json", REQUIRED_KEYS["config.json"])
-    stats = _read_json(results / "tokens" / Path(config["train_data"]).parent.name / "stats.json",
-                       REQUIRED_KEYS["stats.json"])
     metrics = _read_json(adapter_dir / "metrics.json", REQUIRED_KEYS["metrics.json"])
-    scores = _with_keys(scores_path, found if found is not None else _read_json(scores_path),
-                        SCORE_KEYS.get(stats["dataset"], ()))
     if not isinstance(metrics["history"], list) or not metrics["history"]:
         raise InputError(f"{adapter_dir / 'metrics.json'}: 'history' holds no training steps; expected the file "
                          "train writes")
     adapter = adapter_dir / str(metrics.get("weights", "adapter.safetensors"))
     if not adapter.is_file():
         raise InputError(f"{adapter}: missing; run train first (or leave this experiment out of the report)")
-    bench = results / "benchmarks" / "train_adapter" / f"{trained_as}.tsv"
-    return Run(name=name, dataset=stats["dataset"], config=config, metrics=metrics, scores=scores,
-               adapter_bytes=adapter.stat().st_size, seconds=benchmark_seconds(bench) if bench.exists() else None,
+    bench = inputs.train_benchmarks.get(name)
+    return Run(name=name, dataset=task, config=config, metrics=metrics, scores=scores,
+               adapter_bytes=adapter.stat().st_size,
+               seconds=benchmark_seconds(Path(bench)) if bench is not None and Path(bench).exists() else None,
                data=stats.get("provenance", {}))
 
 
@@ -349,10 +397,13 @@ def ablation_table(runs: list[Run], axis: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def generations_table(results: Path, runs: list[Run]) -> pd.DataFrame:
+def generations_table(generations: dict[str, Path], runs: list[Run]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        path = results / "generations" / f"{r.name}.jsonl"
+        if r.name not in generations:
+            raise InputError(f"--generations: none for {r.name}, an instruction experiment; expected "
+                             f"{r.name}=FILE, the JSONL generate wrote for it")
+        path = Path(generations[r.name])
         if not path.is_file():
             raise InputError(f"{path}: missing; run generate first (or leave this experiment out of the report)")
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -369,12 +420,13 @@ def generations_table(results: Path, runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["adapter", "id", "instruction", "output", "mlflow_run"])
 
 
-def jobs_table(results: Path) -> pd.DataFrame:
-    """Wall time and peak memory of every job that left a Snakemake benchmark file, longest first."""
+def jobs_table(benchmarks: Path | None) -> pd.DataFrame:
+    """Wall time and peak memory of every job that left a Snakemake benchmark file in `benchmarks` (named
+    RULE.tsv or RULE/JOB.tsv), longest first; no folder, no rows."""
     rows = []
-    for path in sorted((results / "benchmarks").rglob("*.tsv")):
+    for path in sorted(Path(benchmarks).rglob("*.tsv")) if benchmarks is not None else []:
         bench = read_benchmark(path)
-        rule, _, job = path.relative_to(results / "benchmarks").with_suffix("").as_posix().partition("/")
+        rule, _, job = path.relative_to(benchmarks).with_suffix("").as_posix().partition("/")
         rows.append({"rule": rule, "job": job or None, "wall_time": duration(float(bench["s"])),
                      "seconds": round(float(bench["s"]), 1), "max_rss_mb": round(float(bench["max_rss"]))})
     columns = ["rule", "job", "wall_time", "seconds", "max_rss_mb"]
@@ -529,15 +581,15 @@ FIGURES = {
 }
 
 
-def write_report(results: Path, out_dir: Path, experiments: list[str], ablations: dict[str, str],
-                 center: dict, vary: dict[str, list]) -> dict:
+def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[str, list]) -> dict:
     """Write every table (CSV, Markdown, LaTeX), figure (PNG) and report.md to out_dir; returns the tables.
-    `ablations` maps each grid point to the experiment whose adapter it is (itself, or a named experiment
-    with the same settings); `vary` lists each ablation axis's values in the order its table shows them, and
-    `center` the value every other axis holds."""
+    `vary` lists each ablation axis's values in the order its table shows them, and `center` the value every
+    other axis holds."""
     from .inputs import existing_dir, writable_output
 
-    results = existing_dir(results, "--results", "the pipeline's results folder (holding adapters/, eval/, tokens/)")
+    inputs.check()
+    if inputs.benchmarks is not None:
+        existing_dir(inputs.benchmarks, "--benchmarks", "a folder of Snakemake benchmark files")
     writable_output(out_dir, "--out", folder=True)
     lists = [axis for axis, values in vary.items() if not isinstance(values, list) or not values]
     if lists:
@@ -547,22 +599,22 @@ def write_report(results: Path, out_dir: Path, experiments: list[str], ablations
     if unset:
         raise InputError(f"--vary: axis(es) {unset} have no value in --center; expected the center to set every "
                          "varied axis (the value the other tables hold it at)")
-    named = [load_run(results, e) for e in experiments]
+    named = [load_run(e, inputs) for e in inputs.experiments]
     grid = []
-    for e, trained in ablations.items():
+    for e in inputs.ablations:
         point = point_settings(e)
         unknown = sorted(set(center) - set(point))
         if unknown:
             raise InputError(f"--center: key(s) {unknown} are not settings of grid point {e}; expected keys among "
                              f"{sorted(point)}")
-        grid.append(replace(load_run(results, e, trained), point=point))
+        grid.append(replace(load_run(e, inputs), point=point))
     instruction = [r for r in named if r.dataset == "alpaca"]
     scienceqa = [r for r in named if r.dataset == "scienceqa"]
     axes = {axis: ablation_axis(grid, axis, center, values) for axis, values in vary.items()}
     tables = {"efficiency": efficiency_table(named), "instruction": instruction_table(instruction),
               "scienceqa": scienceqa_table(scienceqa),
               **{ablation_table_name(axis)[0]: ablation_table(runs, axis) for axis, runs in axes.items()},
-              "generations": generations_table(results, instruction), "jobs": jobs_table(results)}
+              "generations": generations_table(inputs.generations, instruction), "jobs": jobs_table(inputs.benchmarks)}
     captions = report_tables(list(vary))
     with atomic_dir(Path(out_dir)) as tmp:
         for name, df in tables.items():
@@ -572,7 +624,7 @@ def write_report(results: Path, out_dir: Path, experiments: list[str], ablations
         loss_curves_figure(axes.get("gate_init", []), tmp / "loss_curves_gate_init.png")
         gate_figure(named, tmp / "gate_magnitude.png")
         category_figure(scienceqa, tmp / "scienceqa_categories.png")
-        lengths = length_figure(results / "tokens" / "alpaca", tmp / "alpaca_lengths.png")
+        lengths = length_figure(Path(inputs.tokens["alpaca"]), tmp / "alpaca_lengths.png")
         (tmp / "report.md").write_text(report_markdown(tables, captions, named, center, lengths), encoding="utf-8")
     return tables
 

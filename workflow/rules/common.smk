@@ -199,11 +199,15 @@ def method(name):
     return method_of(experiment(name)[1])
 
 
-def trained(w):
-    """The metrics.json of the experiment's training (written after its weights); [] for zero-shot."""
-    if method(w.experiment) == "zero-shot":
+def training_of(name):
+    """The metrics.json of an experiment's training (written after its weights); [] for zero-shot."""
+    if method(name) == "zero-shot":
         return []
-    return f"{RESULTS}/adapters/{trained_as(w.experiment)}/metrics.json"
+    return f"{RESULTS}/adapters/{trained_as(name)}/metrics.json"
+
+
+def trained(w):
+    return training_of(w.experiment)
 
 
 def model_options(w, input, named=False):
@@ -246,6 +250,55 @@ REPORT_CAPTIONS = (
 )
 REPORT_FIGURES = list(FIGURES)
 INSTRUCTION_EXPERIMENTS = [e for e in EXPERIMENTS if experiment(e)[0] == "alpaca"]
+
+
+def report_inputs():
+    """Every file the report reads, by role and row (llama_adapter.report.ReportInputs), at the paths the rules
+    that write them declare: the report is told its inputs and derives none. Called once the rules are read.
+    """
+    return {
+        "scores": {
+            e: expand(rules.evaluate.output[0], experiment=e)[0] for e in EXPERIMENTS
+        },
+        "training": {e: training_of(e) for e in EXPERIMENTS if training_of(e)},
+        "generations": {
+            e: expand(rules.generate.output[0], experiment=e)[0]
+            for e in INSTRUCTION_EXPERIMENTS
+        },
+        "tokens": {
+            d: expand(rules.tokenize.output[0], dataset=d)[0]
+            for d in sorted({experiment(e)[0] for e in EXPERIMENTS} | {"alpaca"})
+        },
+    }
+
+
+def report_options():
+    """The report CLI's options: each file as --ROLE NAME=PATH (a training as its folder), each row, the
+    trainings' benchmark files (optional, so not inputs) and the ablation axes. A list of arguments.
+    """
+    files = report_inputs()
+    folders = {e: str(Path(m).parent) for e, m in files["training"].items()}
+    benchmarks = {
+        e: expand(rules.train_adapter.benchmark, experiment=trained_as(e))[0]
+        for e in files["training"]
+    }
+    named = {**files, "training": folders, "train-benchmark": benchmarks}
+    return [
+        *(arg for e in NAMED_EXPERIMENTS for arg in ("--experiment", e)),
+        *(arg for e in ABLATION_EXPERIMENTS for arg in ("--ablation", e)),
+        *(
+            arg
+            for role, paths in named.items()
+            for name, path in paths.items()
+            for arg in (f"--{role}", f"{name}={path}")
+        ),
+        "--benchmarks",
+        f"{RESULTS}/benchmarks",
+        "--center",
+        json.dumps(config["ablations"]["center"]),
+        "--vary",
+        json.dumps(ABLATION_AXES),
+    ]
 
 
 def repository_file(path):

@@ -4,14 +4,7 @@
 
 rule report:
     input:
-        scores=expand(
-            f"{RESULTS}/eval/{{experiment}}/scores.json", experiment=EXPERIMENTS
-        ),
-        generations=expand(
-            f"{RESULTS}/generations/{{experiment}}.jsonl",
-            experiment=INSTRUCTION_EXPERIMENTS,
-        ),
-        tokens=f"{RESULTS}/tokens/alpaca",
+        **{role: list(paths.values()) for role, paths in report_inputs().items()},
     output:
         **{
             t: report_file(f"{t}.csv", "Tables", REPORT_CAPTIONS.get(t))
@@ -25,15 +18,6 @@ rule report:
         CONDA_ENV
     params:
         out=lambda w, output: Path(output.markdown).parent,
-        results=lambda w, input: Path(input.tokens).parents[1],
-        experiments=[arg for e in NAMED_EXPERIMENTS for arg in ("--experiment", e)],
-        ablations=[
-            arg
-            for e in ABLATION_EXPERIMENTS
-            for arg in ("--ablation", f"{e}={trained_as(e)}")
-        ],
-        center=json.dumps(config["ablations"]["center"]),
-        vary=json.dumps(ABLATION_AXES),
+        options=report_options(),
     shell:
-        "llama-adapter report --results {params.results:q} --out {params.out:q} {params.experiments:q} "
-        "{params.ablations:q} --center {params.center:q} --vary {params.vary:q} > {log:q} 2>&1"
+        "llama-adapter report --out {params.out:q} {params.options:q} > {log:q} 2>&1"
