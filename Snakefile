@@ -22,7 +22,7 @@ include: "workflow/rules/report.smk"
 
 
 onstart:
-    start_invocation_run(f"snakemake {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    start_invocation_run(f"snakemake {time.strftime('%Y-%m-%d %H:%M:%S')}", config)
 
 
 onsuccess:

@@ -106,6 +106,8 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
     records = [{"pid": str(i), "split": "test", "question": f"Is {i} big?", "choices": ["yes", "no"], "answer": i % 2,
                 "hint": "h" if i % 3 else "", "image": None, "has_image": i == 4, "subject": "natural science",
                 "grade": f"grade{i + 1}"} for i in range(8)]
+    (root / "data").mkdir(exist_ok=True)  # the validated folder the records were read from
+    (root / "data" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for mode in ("likelihood", "generate"):
         ev = Evaluation("scienceqa", root / "base", root / "a.safetensors", root / "data", tmp_path / mode,
@@ -121,7 +123,12 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
         assert run.info.status == "FINISHED" and run.data.metrics["accuracy"] == scores["accuracy"]
         assert run.data.params["method"] == "adapter" and run.data.tags["experiment"] == "x"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"scores.json", "predictions.csv"} <= artifacts
+        assert {"scores.json", "predictions.csv", "environment"} <= artifacts
+        [scored] = run.inputs.dataset_inputs  # the questions scored, in MLflow's Datasets
+        tags = {t.key: t.value for t in scored.tags}
+        assert scored.dataset.name == "scienceqa/test" and tags["mlflow.data.context"] == "evaluation"
+        assert (tags["questions"], tags["split"]) == ("8", "test")
+        assert run.data.tags["mlflow.source.name"] == "llama_adapter.evaluate" and "env.python" in run.data.tags
     assert scores["categories"]["G7-12"]["n"] == 2  # grades 7 and 8
     broken = Evaluation("scienceqa", root / "base", None, root / "data", tmp_path / "broken", mode="generate")
     with pytest.raises(KeyError):

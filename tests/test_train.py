@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,7 +65,8 @@ def mlflow_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
 
 
-def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path):
+def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a point within this short run
     cfg = config(setup, tmp_path / "run")
     result = train(cfg)
     losses = [h["loss"] for h in result["history"]]
@@ -85,6 +87,32 @@ def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path):
         assert result["mlflow_run_id"]
         stored = list((tmp_path / "mlartifacts").rglob("adapter.safetensors"))  # beside the database
         assert len(stored) == 1 and result["mlflow_run_id"] in str(stored[0])
+        check_run_records_its_sources(tmp_path, result["mlflow_run_id"], cfg)
+
+
+def check_run_records_its_sources(tmp_path, run_id, cfg):
+    """What a researcher looks for in the MLflow UI: the datasets read (name, digest, context, counts), the
+    source and commit in MLflow's own tags, the environment, the installed packages and system metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from llama_adapter.io import sha256_tree
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    inputs = {d.dataset.name: (d.dataset, {t.key: t.value for t in d.tags}) for d in run.inputs.dataset_inputs}
+    train_name, val_name = (f"{Path(p).parent.name}/{Path(p).name}" for p in (cfg.train_data, cfg.val_data))
+    assert set(inputs) == {train_name, val_name}
+    dataset, tags = inputs[train_name]
+    assert tags["mlflow.data.context"] == "training" and tags["sha256"] == sha256_tree(Path(cfg.train_data))
+    assert dataset.digest == tags["sha256"][:16] and str(Path(cfg.train_data).resolve()) in dataset.source
+    assert int(tags["samples"]) == len(np.load(Path(cfg.train_data) / "offsets.npy")) - 1
+    assert inputs[val_name][1]["mlflow.data.context"] == "validation"
+    assert run.data.tags["mlflow.source.name"] == "llama_adapter.train"
+    assert run.data.tags.get("mlflow.source.git.commit") == run.data.tags.get("git_commit")
+    assert run.data.tags["env.torch"] == torch.__version__ and run.data.tags["env.gpu_count"] == "0"
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    requirements = client.download_artifacts(run_id, "environment/requirements.txt", str(tmp_path / "dl"))
+    assert f"torch=={torch.__version__}" in Path(requirements).read_text().splitlines()
 
 
 def test_frozen_base_is_bit_identical_in_memory(setup, tmp_path, monkeypatch):
@@ -127,9 +155,16 @@ def test_resume_after_sigkill_is_bit_identical(setup, tmp_path):
     proc.wait()
     killed_at = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"]
     assert 4 <= killed_at < 6 * epochs, killed_at
-    resumed = subprocess.run(run_cli_train(cfg, "--resume"), capture_output=True, text=True)
+    # A resumed run is the same MLflow run, tagged with the job that resumed it (a SLURM requeue's new id).
+    resumed = subprocess.run(run_cli_train(cfg, "--resume"), capture_output=True, text=True,
+                             env={**os.environ, "SLURM_JOB_ID": "222"})
     assert resumed.returncode == 0, resumed.stderr
     result = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    if importlib.util.find_spec("mlflow"):
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result["mlflow_run_id"])
+        assert run.data.tags["slurm_job_id"] == "222" and run.info.status == "FINISHED"
     assert [h["loss"] for h in result["history"]] == [h["loss"] for h in reference["history"]]
     a = read_adapter(tmp_path / "ref" / "adapter.safetensors")[2]
     b = read_adapter(tmp_path / "killed" / "adapter.safetensors")[2]

@@ -147,6 +147,15 @@ def test_demo_runs_nest_under_one_parent_mlflow_run(demo_run):
         assert r.data.tags.get("git_commit") == parent.data.tags.get("git_commit")
     trained = {r.data.tags["experiment"]: r for r in children if r.data.tags["rule"] == "train_adapter"}
     assert len(client.get_metric_history(trained["scienceqa"].info.run_id, "loss")) > 5
+    # The parent holds the resolved config and its hash; every job's run its datasets, source and environment.
+    config = client.download_artifacts(parent.info.run_id, "config.yaml", str(demo_run))
+    config = yaml.safe_load(Path(config).read_text())
+    assert config["results"] == DEMO_RESULTS and parent.data.params["config_hash"] == parent.data.tags["config_hash"]
+    for r in children:
+        contexts = sorted(t.value for d in r.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context")
+        assert contexts == (["training", "validation"] if r.data.tags["rule"] == "train_adapter" else ["evaluation"])
+        assert r.data.tags["mlflow.source.name"] in ("llama_adapter.train", "llama_adapter.evaluate")
+        assert "env.torch" in r.data.tags
 
 
 def test_demo_rerun_does_nothing_and_a_new_grid_point_runs_alone(demo_run):

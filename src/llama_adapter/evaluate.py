@@ -176,7 +176,13 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     method = training.get("method") or ("zero-shot" if ev.adapter is None else
                                         "lora" if is_lora_file(Path(ev.adapter)) else "adapter")
     out = Path(ev.out_dir)
-    tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", tags=ev.tags)
+    tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags)
+    if ev.task == "scienceqa":  # the questions scored: the split of the validated records (all of them: None)
+        tracker.log_dataset(Path(ev.data) / "records.jsonl", f"scienceqa/{ev.split or 'all'}", "evaluation",
+                            questions=len(records or []), split=ev.split)
+    else:
+        tracker.log_dataset(Path(ev.data), f"{ev.task}/{Path(ev.data).name}", "evaluation",
+                            samples=len(heldout) if heldout is not None else None)
     tracker.log_params({"task": ev.task, "method": method, "base": str(ev.base), "adapter": str(ev.adapter),
                         "data": str(ev.data), "split": ev.split, "mode": ev.mode,
                         "training_run_id": training.get("mlflow_run_id")})

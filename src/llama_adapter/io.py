@@ -151,11 +151,27 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    return _sha256_update(hashlib.sha256(), path, chunk).hexdigest()
+
+
+def sha256_tree(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of a folder's files: each one's path relative to the folder, then its bytes, in sorted
+    order (so renaming a file changes the digest, and the listing order of the file system does not)."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path, chunk)
     digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(path).as_posix().encode() + b"\0")
+        _sha256_update(digest, f, chunk)
+    return digest.hexdigest()
+
+
+def _sha256_update(digest, path: Path, chunk: int):
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
 
 
 # JSON may spell a lone UTF-16 surrogate as an escape; Python then holds a str that cannot be written as UTF-8.

@@ -7,20 +7,27 @@ dropped for the rest of the run, while `metrics.jsonl` keeps receiving everythin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from .io import sha256_tree
 
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"  # MLflow >= 3.13 refuses the plain file store
 DEFAULT_EXPERIMENT = "llama-adapter"
 TAGS_ENV = "LLAMA_ADAPTER_TAGS"  # a JSON object of tags for every run of a workflow invocation (config hash...)
-# The MLflow client's HTTP settings for a training job: give up on a dead server within seconds, not minutes.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# The MLflow client's settings for a job, unless the caller set them: give up on a dead server within seconds,
+# not minutes; sample CPU, memory and GPU every 5 s (MLflow's 10 s would leave a short job without a point: the
+# monitor logs nothing before its first interval ends).
+MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "5"}
 PARAM_VALUE_LIMIT = 6000  # MLflow's maximum length of a parameter value
 
 
@@ -46,27 +53,57 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_tags(extra: dict[str, str] | None = None) -> dict[str, str]:
+def config_hash(config: dict) -> str:
+    """The short hash of a resolved workflow config (key order does not matter) that tags every run of it."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_tags(source: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Tags of a run: the caller's, the invocation's (from $LLAMA_ADAPTER_TAGS), the git commit and the SLURM
-    job id when there is one."""
+    job id when there is one. The commit and the entry point (`source`) also go in MLflow's own
+    mlflow.source.* tags, which its UI shows as the run's source and version."""
     try:
         shared = json.loads(os.environ.get(TAGS_ENV) or "{}")
     except json.JSONDecodeError as e:
         raise ValueError(f"${TAGS_ENV} must be a JSON object of tags: {e}") from None
-    found = {"git_commit": git_commit(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    commit = git_commit()
+    found = {"git_commit": commit, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+             "mlflow.source.git.commit": commit, "mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
     return {**{k: str(v) for k, v in shared.items()}, **{k: v for k, v in found.items() if v}, **(extra or {})}
 
 
-def start_parent_run(name: str, tags: dict[str, str] | None = None) -> str:
+def environment() -> dict[str, str]:
+    """What a run ran on, as tags: Python, torch and CUDA versions, the GPUs' name and count (none: CPU)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"env.python": platform.python_version(), "env.torch": torch.__version__,
+            "env.cuda": torch.version.cuda or "none", "env.platform": platform.platform(),
+            "env.gpu": torch.cuda.get_device_name(0) if gpus else "none", "env.gpu_count": str(gpus)}
+
+
+def installed_distributions() -> str:
+    """Every installed Python distribution as NAME==VERSION lines, sorted: the run's full software list."""
+    found = {(d.metadata["Name"] or "?", d.version) for d in metadata.distributions()}
+    return "".join(f"{name}=={version}\n" for name, version in sorted(found, key=lambda x: x[0].lower()))
+
+
+def start_parent_run(name: str, tags: dict[str, str] | None = None, config: dict | None = None) -> str:
     """Open the run that every job of one workflow invocation nests under (via $MLFLOW_PARENT_RUN_ID); it
-    stays RUNNING until end_run, so the UI shows an invocation in progress."""
+    stays RUNNING until end_run, so the UI shows an invocation in progress. It holds the resolved config as an
+    artifact (config.yaml) and its hash as a param."""
     import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     experiment_id = use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
     # The client, not mlflow.start_run: an active run would be ended by MLflow's exit hook with this process.
-    return mlflow.MlflowClient().create_run(experiment_id, run_name=name, tags=run_tags(tags)).info.run_id
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(experiment_id, run_name=name, tags=run_tags("snakemake", tags)).info.run_id
+    if config is not None:
+        client.log_param(run_id, "config_hash", config_hash(config))
+        client.log_dict(run_id, config, "config.yaml")
+    return run_id
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
@@ -86,13 +123,13 @@ def export_invocation(tracking_uri_: str, experiment: str, tags: dict[str, str])
     os.environ.setdefault(TAGS_ENV, json.dumps(tags))
 
 
-def start_invocation_run(name: str) -> str | None:
-    """Open the invocation's parent run and export MLFLOW_PARENT_RUN_ID for its jobs (unless the caller
-    exported one). A tracking store that is down must not stop the pipeline: warn, and jobs log top-level
-    runs."""
+def start_invocation_run(name: str, config: dict | None = None) -> str | None:
+    """Open the invocation's parent run (holding `config`, the resolved workflow config) and export
+    MLFLOW_PARENT_RUN_ID for its jobs (unless the caller exported one). A tracking store that is down must not
+    stop the pipeline: warn, and jobs log top-level runs."""
     if "MLFLOW_PARENT_RUN_ID" not in os.environ:
         try:
-            os.environ["MLFLOW_PARENT_RUN_ID"] = start_parent_run(name, {"rule": "all"})
+            os.environ["MLFLOW_PARENT_RUN_ID"] = start_parent_run(name, {"rule": "all"}, config)
         except Exception as e:
             warnings.warn(f"MLflow parent run not created ({type(e).__name__}: {e})", stacklevel=2)
             return None
@@ -153,12 +190,15 @@ def use_experiment(mlflow, name: str, uri: str) -> str:
 
 
 class Tracker:
-    def __init__(self, out_dir: Path, run_name: str, enabled: bool = True, tags: dict[str, str] | None = None,
-                 run_id: str | None = None):
-        """run_id: reopen that run (a resumed training run keeps its MLflow run). A reopened run already holds
-        the steps logged before the interruption, some of them after the checkpoint the run resumes from: those
-        are redone, and go to metrics.jsonl again (which the caller truncated to the checkpoint) but not to
-        MLflow, so that its history has each step of a metric once."""
+    def __init__(self, out_dir: Path, run_name: str, source: str, enabled: bool = True,
+                 tags: dict[str, str] | None = None, run_id: str | None = None):
+        """source: the entry point (e.g. llama_adapter.train), MLflow's mlflow.source.name. run_id: reopen that
+        run (a resumed training run keeps its MLflow run; its tags are set again, so that they name the job
+        that resumed it). A reopened run already holds the steps logged before the interruption, some of them
+        after the checkpoint the run resumes from: those are redone, and go to metrics.jsonl again (which the
+        caller truncated to the checkpoint) but not to MLflow, so that its history has each step of a metric
+        once. Every run records its environment (tags env.*, and environment/requirements.txt) and system
+        metrics (CPU, memory, GPU)."""
         self.enabled = enabled
         self.mlflow = None
         self.run_id: str | None = None
@@ -168,8 +208,8 @@ class Tracker:
             return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")
-        self.tags = tags = run_tags(tags)
-        for name, value in HTTP_DEFAULTS.items():  # the caller's own settings win
+        self.tags = tags = run_tags(source, tags)
+        for name, value in MLFLOW_DEFAULTS.items():  # the caller's own settings win
             os.environ.setdefault(name, value)
         try:
             import mlflow
@@ -179,6 +219,7 @@ class Tracker:
             use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
             if run_id is not None:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+                mlflow.set_tags(tags)
                 self.logged_through = last_logged_steps(mlflow.MlflowClient(), run_id)
             else:
                 run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True,
@@ -186,6 +227,9 @@ class Tracker:
             self.mlflow, self.run_id = mlflow, run.info.run_id
         except Exception as e:  # unreachable server, locked database, missing package: keep training
             self._drop_mlflow(e)
+        # Tags, not params: a run resumed on another machine records what it ran on last (params cannot change).
+        self.set_tags(environment())
+        self._call("log_text", installed_distributions(), "environment/requirements.txt")
 
     def _drop_mlflow(self, error: Exception) -> None:
         warnings.warn(f"MLflow unavailable ({type(error).__name__}: {error}); metrics go to metrics.jsonl only",
@@ -215,6 +259,31 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
             self._call("set_tags", tags)
+
+    def log_dataset(self, path: Path, name: str, context: str, **counts: int | str | None) -> None:
+        """A dataset the run read, in MLflow's Datasets: its name, a digest of its files (sha256; the whole one
+        as a tag), its path as the source, the context (training, validation, evaluation) and counts such as
+        records or tokens as tags."""
+        if self.mlflow is None:
+            return
+        try:
+            digest = sha256_tree(Path(path))
+        except OSError as e:  # the data was read already; a record of it missing must not fail the run
+            warnings.warn(f"MLflow dataset {name} not recorded: {path}: {e.strerror or e}", stacklevel=2)
+            return
+        try:
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+
+            with warnings.catch_warnings():  # MLflow registers its local-file source twice, and warns of it
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(str(Path(path).resolve()))
+            dataset = MetaDataset(source, name=name, digest=digest[:16])
+        except Exception as e:
+            self._drop_mlflow(e)
+            return
+        tags = {"sha256": digest, **{k: str(v) for k, v in counts.items() if v is not None}}
+        self._call("log_input", dataset, context=context, tags=tags)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A file, or a folder's files, into the run's artifacts (under artifact_path: the root by default)."""

@@ -429,7 +429,13 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
         write_json(out / "config.json", asdict(cfg))
         # Steps after the checkpoint will be redone; a fresh run drops an earlier run's lines.
         truncate_metrics(out / "metrics.jsonl", step if found is not None else -1)
-    tracker = Tracker(out, cfg.run_name or out.name, enabled=d.rank == 0, tags=cfg.tags, run_id=run_id)
+    tracker = Tracker(out, cfg.run_name or out.name, "llama_adapter.train", enabled=d.rank == 0, tags=cfg.tags,
+                      run_id=run_id)
+    tracker.log_dataset(Path(cfg.train_data), dataset_name(Path(cfg.train_data)), "training",
+                        samples=len(train_ds), tokens=int(train_ds.lengths.sum()))
+    if val_ds is not None:
+        tracker.log_dataset(Path(cfg.val_data), dataset_name(Path(cfg.val_data)), "validation", samples=len(val_ds),
+                            tokens=int(val_ds.lengths.sum()))
     if run_id is None:
         tracker.log_params({"config": asdict(cfg), "model": model.args.to_dict(), "world_size": d.world,
                             "method": cfg.method,
@@ -544,6 +550,11 @@ def truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def dataset_name(split_dir: Path) -> str:
+    """A token split's name as MLflow shows it: dataset/split (tokenize writes tokens/<dataset>/<split>)."""
+    return f"{split_dir.parent.name}/{split_dir.name}"
 
 
 def data_provenance(split_dir: Path) -> dict:

@@ -1,7 +1,6 @@
 # Config validation, the experiment list (named experiments + the ablation grid), path helpers, and the
 # environment of an invocation's MLflow runs.
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from snakemake.utils import Paramspace, validate
 from llama_adapter.config import WEIGHTS, TrainConfig
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
 from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
-from llama_adapter.tracking import export_invocation, sqlite_uri
+from llama_adapter.tracking import config_hash, export_invocation, sqlite_uri
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -74,13 +73,10 @@ RESULTS = config["results"]
 # Every job's MLflow run is tagged with the hash of the whole config and nested under one parent run per
 # invocation, opened by the Snakefile's onstart (llama_adapter.tracking).
 MLFLOW = config.get("mlflow", {})
-CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[
-    :12
-]
 export_invocation(
     MLFLOW.get("tracking_uri") or sqlite_uri(Path(RESULTS) / "mlflow.db"),
     MLFLOW.get("experiment", "llama-adapter"),
-    {"config_hash": CONFIG_HASH},
+    {"config_hash": config_hash(config)},
 )
 
 
