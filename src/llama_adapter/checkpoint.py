@@ -191,10 +191,14 @@ TENSOR_NAMES = [
 ]
 
 
+def layer_pattern(template: str) -> str:
+    """The regex of a tensor name template, its layer index ({i}) captured as group 1."""
+    return re.escape(template).replace(r"\{i\}", r"(\d+)")
+
+
 def name_patterns(column: int) -> list[tuple[str, str]]:
     """(regex of a foreign name, Meta name template) for one column of TENSOR_NAMES."""
-    return [(re.escape(row[column]).replace(r"\{i\}", r"(\d+)"), row[0].replace("{i}", r"\1"))
-            for row in TENSOR_NAMES]
+    return [(layer_pattern(row[column]), row[0].replace("{i}", r"\1")) for row in TENSOR_NAMES]
 
 
 HF_NAMES, GGUF_NAMES = name_patterns(1), name_patterns(2)
@@ -481,8 +485,7 @@ def save_full(model: Transformer, folder: str | os.PathLike, base_model: str, st
 def to_foreign_name(meta_name: str, column: int) -> str:
     """A Meta tensor name in another column of TENSOR_NAMES (1: Hugging Face, 2: GGUF)."""
     for row in TENSOR_NAMES:
-        pattern = re.escape(row[0]).replace(r"\{i\}", r"(\d+)")
-        if m := re.fullmatch(pattern, meta_name):
+        if m := re.fullmatch(layer_pattern(row[0]), meta_name):
             return row[column].replace("{i}", m.group(1)) if m.groups() else row[column]
     raise KeyError(meta_name)
 
@@ -530,17 +533,28 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], 
     return adapter, header, tensors
 
 
+def layer_tensors(state: dict[str, Tensor], template: str) -> dict[int, Tensor]:
+    """The tensors named by `template` ({i}: the layer index), by layer."""
+    pattern = layer_pattern(template)
+    return {int(m.group(1)): t for k, t in state.items() if (m := re.fullmatch(pattern, k))}
+
+
+def adapted_layers(n_layers: int, adapter: AdapterArgs) -> range:
+    """The layers an adapter adapts: the top `adapter_layers` (the paper's choice, and PEFT's)."""
+    return range(n_layers - adapter.adapter_layers, n_layers)
+
+
 def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> dict[str, Tensor]:
     """Tensors of an adapter `.pth` as the paper's code released it: `adapter_query.weight`
     (layers*len, dim) and `layers.N.attention.gate` (1, n_heads, 1, 1) for every layer (zero below the
     adapted ones). The file records neither adapter_len nor adapter_layers, so `adapter` says them."""
     state = read_torch_file(path)
-    first = n_layers - adapter.adapter_layers
-    gates = {int(m.group(1)): t for k, t in state.items() if (m := re.fullmatch(r"layers\.(\d+)\.attention\.gate", k))}
-    unused = [i for i, g in gates.items() if i < first and g.abs().max() > 0]
+    top = adapted_layers(n_layers, adapter)
+    gates = layer_tensors(state, "layers.{i}.attention.gate")
+    unused = [i for i, g in gates.items() if i < top.start and g.abs().max() > 0]
     if unused:
         raise CheckpointError(f"{path}: non-zero gates in layers {unused}, below the top {adapter.adapter_layers}")
-    missing = [i for i in range(first, n_layers) if i not in gates]
+    missing = [i for i in top if i not in gates]
     if "adapter_query.weight" not in state or missing:
         raise CheckpointError(f"{path}: missing adapter_query.weight or the gates of layers {missing}")
     query = state["adapter_query.weight"].float()
@@ -548,7 +562,7 @@ def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> di
         raise CheckpointError(f"{path}: adapter_query.weight {tuple(query.shape)} does not hold {adapter}")
     return {
         "adapter_query": query.reshape(adapter.adapter_layers, adapter.adapter_len, -1),
-        "adapter_gate": torch.stack([gates[i].float().flatten() for i in range(first, n_layers)]),
+        "adapter_gate": torch.stack([gates[i].float().flatten() for i in top]),
     }
 
 
