@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_model import TINY, hf_config, tokens
 
-from llama_adapter.checkpoint import apply_adapter, load_base, load_model
+from llama_adapter.checkpoint import PEFT_CONFIG, apply_adapter, load_base, load_model
 from llama_adapter.config import AdapterArgs, LoRAArgs, ModelArgs
 from llama_adapter.errors import CheckpointError
-from llama_adapter.lora import LORA_CONFIG, LORA_WEIGHTS, add_lora, is_lora_param, merge_lora, save_lora
+from llama_adapter.lora import LORA_WEIGHTS, add_lora, is_lora_param, merge_lora, save_lora
 from llama_adapter.methods import WEIGHTS, load_for_training, save_tuned, trains, tuned_state
 
 transformers = pytest.importorskip("transformers")
@@ -125,7 +125,7 @@ def test_our_lora_file_loads_in_peft_and_back(hf_base, tmp_path):
     model = add_lora(load_base(path), LoRAArgs(rank=4)).eval()
     randomise_lora(model)
     save_lora(model, tmp_path / "run", str(path))
-    config = json.loads((tmp_path / "run" / LORA_CONFIG).read_text())
+    config = json.loads((tmp_path / "run" / PEFT_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     from safetensors import safe_open
 
@@ -158,11 +158,11 @@ def test_lora_refuses_unsupported_and_stacking(hf_base, tmp_path):
     _, path, _ = hf_base
     model = add_lora(load_base(path), LoRAArgs(rank=2))
     save_lora(model, tmp_path / "run", str(path))
-    config = json.loads((tmp_path / "run" / LORA_CONFIG).read_text())
-    (tmp_path / "run" / LORA_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
+    config = json.loads((tmp_path / "run" / PEFT_CONFIG).read_text())
+    (tmp_path / "run" / PEFT_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(CheckpointError, match="use_dora=True is not supported"):
         load_model(path, tmp_path / "run" / LORA_WEIGHTS)
-    (tmp_path / "run" / LORA_CONFIG).write_text(json.dumps(config))
+    (tmp_path / "run" / PEFT_CONFIG).write_text(json.dumps(config))
     merged = load_model(path, tmp_path / "run" / LORA_WEIGHTS)
     with pytest.raises(CheckpointError, match="holds an adapter or LoRA already"):
         apply_adapter(merged, tmp_path / "run" / LORA_WEIGHTS)

@@ -7,7 +7,8 @@ Base weights come in three layouts, all mapped onto Meta's parameter names:
 
 The model is built on the meta device and the loaded tensors are assigned into it, so a checkpoint is
 never held twice in memory. Adapters are safetensors files with only the trainable tensors and a JSON
-header naming the base model and the adapter configuration.
+header naming the base model and the adapter configuration; the paper's original-release `.pth` and PEFT's
+AdaptionPrompt (its prompts and per-layer gates) are read into the same tensors, and a PEFT LoRA is merged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ FULL_FORMAT = "llama-adapter/full/1"
 FULL_WEIGHTS = "model.safetensors"
 # Buffers some checkpoints carry that our model recomputes (LLaMA-1's rope.freqs, old HF inv_freq).
 RECOMPUTED_BUFFERS = re.compile(r"^rope\.freqs$|.*\.rotary_emb\.inv_freq$")
+# A PEFT adapter folder: its settings, whose peft_type says what it is (LORA, ADAPTION_PROMPT, ...), and weights.
+PEFT_CONFIG = "adapter_config.json"
+# PEFT writes safetensors, or a torch pickle with save_pretrained(safe_serialization=False).
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# PEFT's AdaptionPrompt on Hugging Face's LLaMA (or Mistral), in each adapted layer: the prompts
+# (1, adapter_len, hidden) and the gate (1,).
+PEFT_PROMPT = "base_model.model.model.layers.{i}.self_attn.adaption_prompt"
+PEFT_GATE = "base_model.model.model.layers.{i}.self_attn.adaption_gate"
 
 
 # ---------------------------------------------------------------- file readers and writers
@@ -191,10 +200,14 @@ TENSOR_NAMES = [
 ]
 
 
+def layer_pattern(template: str) -> str:
+    """The regex of a tensor name template, its layer index ({i}) captured as group 1."""
+    return re.escape(template).replace(r"\{i\}", r"(\d+)")
+
+
 def name_patterns(column: int) -> list[tuple[str, str]]:
     """(regex of a foreign name, Meta name template) for one column of TENSOR_NAMES."""
-    return [(re.escape(row[column]).replace(r"\{i\}", r"(\d+)"), row[0].replace("{i}", r"\1"))
-            for row in TENSOR_NAMES]
+    return [(layer_pattern(row[column]), row[0].replace("{i}", r"\1")) for row in TENSOR_NAMES]
 
 
 HF_NAMES, GGUF_NAMES = name_patterns(1), name_patterns(2)
@@ -481,8 +494,7 @@ def save_full(model: Transformer, folder: str | os.PathLike, base_model: str, st
 def to_foreign_name(meta_name: str, column: int) -> str:
     """A Meta tensor name in another column of TENSOR_NAMES (1: Hugging Face, 2: GGUF)."""
     for row in TENSOR_NAMES:
-        pattern = re.escape(row[0]).replace(r"\{i\}", r"(\d+)")
-        if m := re.fullmatch(pattern, meta_name):
+        if m := re.fullmatch(layer_pattern(row[0]), meta_name):
             return row[column].replace("{i}", m.group(1)) if m.groups() else row[column]
     raise KeyError(meta_name)
 
@@ -512,7 +524,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], 
     path = Path(path)
     tensors, header = read_safetensors_file(path)
     expected = (f"expected an adapter .safetensors written by `llama-adapter train` (header format "
-                f"{ADAPTER_FORMAT!r}), or the paper's original-release adapter .pth")
+                f"{ADAPTER_FORMAT!r}), a PEFT LoRA or AdaptionPrompt ({PEFT_WEIGHTS[0]} with {PEFT_CONFIG} "
+                "beside it), or the paper's original-release adapter .pth")
     if header.get("format") != ADAPTER_FORMAT:
         found = ("a safetensors file without this project's metadata" if not header else
                  f"a safetensors file whose header format is {header.get('format')!r}")
@@ -530,17 +543,28 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], 
     return adapter, header, tensors
 
 
+def layer_tensors(state: dict[str, Tensor], template: str) -> dict[int, Tensor]:
+    """The tensors named by `template` ({i}: the layer index), by layer."""
+    pattern = layer_pattern(template)
+    return {int(m.group(1)): t for k, t in state.items() if (m := re.fullmatch(pattern, k))}
+
+
+def adapted_layers(n_layers: int, adapter: AdapterArgs) -> range:
+    """The layers an adapter adapts: the top `adapter_layers` (the paper's choice, and PEFT's)."""
+    return range(n_layers - adapter.adapter_layers, n_layers)
+
+
 def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> dict[str, Tensor]:
     """Tensors of an adapter `.pth` as the paper's code released it: `adapter_query.weight`
     (layers*len, dim) and `layers.N.attention.gate` (1, n_heads, 1, 1) for every layer (zero below the
     adapted ones). The file records neither adapter_len nor adapter_layers, so `adapter` says them."""
     state = read_torch_file(path)
-    first = n_layers - adapter.adapter_layers
-    gates = {int(m.group(1)): t for k, t in state.items() if (m := re.fullmatch(r"layers\.(\d+)\.attention\.gate", k))}
-    unused = [i for i, g in gates.items() if i < first and g.abs().max() > 0]
+    top = adapted_layers(n_layers, adapter)
+    gates = layer_tensors(state, "layers.{i}.attention.gate")
+    unused = [i for i, g in gates.items() if i < top.start and g.abs().max() > 0]
     if unused:
         raise CheckpointError(f"{path}: non-zero gates in layers {unused}, below the top {adapter.adapter_layers}")
-    missing = [i for i in range(first, n_layers) if i not in gates]
+    missing = [i for i in top if i not in gates]
     if "adapter_query.weight" not in state or missing:
         raise CheckpointError(f"{path}: missing adapter_query.weight or the gates of layers {missing}")
     query = state["adapter_query.weight"].float()
@@ -548,7 +572,79 @@ def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> di
         raise CheckpointError(f"{path}: adapter_query.weight {tuple(query.shape)} does not hold {adapter}")
     return {
         "adapter_query": query.reshape(adapter.adapter_layers, adapter.adapter_len, -1),
-        "adapter_gate": torch.stack([gates[i].float().flatten() for i in range(first, n_layers)]),
+        "adapter_gate": torch.stack([gates[i].float().flatten() for i in top]),
+    }
+
+
+def peft_files(path: Path) -> tuple[Path, Path] | None:
+    """(adapter_config.json, weights file) of a PEFT adapter given as its folder, or as its weights file with
+    adapter_config.json beside it; None for any other path."""
+    if not path.is_dir():
+        beside = path.suffix in (".safetensors", ".bin") and (path.parent / PEFT_CONFIG).is_file()
+        return (path.parent / PEFT_CONFIG, path) if beside else None
+    if not (path / PEFT_CONFIG).is_file():
+        return None
+    weights = [path / name for name in PEFT_WEIGHTS if (path / name).is_file()]
+    if not weights:
+        raise CheckpointError(f"{path}: a PEFT adapter folder ({PEFT_CONFIG}) without {' or '.join(PEFT_WEIGHTS)}")
+    return path / PEFT_CONFIG, weights[0]
+
+
+def peft_type(config_path: Path) -> object:
+    """The kind of PEFT adapter an adapter_config.json describes: LORA, ADAPTION_PROMPT, ... (as written)."""
+    return read_config(config_path).get("peft_type")
+
+
+def read_peft_adaption_prompt(config_path: Path, weights: Path, args: ModelArgs
+                              ) -> tuple[AdapterArgs, dict[str, Tensor]]:
+    """(adapter config, tensors) of a PEFT AdaptionPrompt trained on the Hugging Face LLaMA of a base of `args`.
+
+    PEFT computes our branch (adapter.py): each adapted layer's queries, RoPE applied, attend to its prompts
+    through the layer's frozen k/v projections (no norm, no RoPE, GQA heads shared alike), with a softmax of
+    their own and the usual 1/sqrt(head_dim); the gated result goes through o_proj and is added to the
+    attention's output (ours adds it before wo: the same, wo being linear without bias). The prompts are
+    residual-stream vectors, which HF's permutation of the q/k rows leaves alone, so they are taken as they
+    are. Only the gate differs: PEFT's is one number g per layer, used as it is; ours is one per head, used
+    through tanh. Every head gets atanh(g), so |g| >= 1, which no tanh reaches, is refused. PEFT records no base
+    shapes: the prompts' width and the indices of the adapted layers (the top ones) are checked against the base.
+    """
+    config = read_config(config_path)
+    kind = config.get("peft_type")
+    if kind == "LORA":
+        raise CheckpointError(f"{config_path}: a PEFT LoRA (peft_type 'LORA'), not an AdaptionPrompt adapter; "
+                              "load_model and --adapter load it as a LoRA")
+    if kind != "ADAPTION_PROMPT":
+        raise CheckpointError(f"{config_path}: peft_type {kind!r} is not supported; expected ADAPTION_PROMPT "
+                              "(PEFT's LLaMA-Adapter) or LORA")
+    target = config.get("target_modules")
+    if target not in (None, "self_attn"):  # None: PEFT fills in the model type's own when it loads
+        raise CheckpointError(f"{config_path}: target_modules {target!r} is not a LLaMA-family model's attention "
+                              "(GPT-2's is 'attn'); expected 'self_attn', an AdaptionPrompt of LLaMA or Mistral")
+    sizes = {k: config.get(k) for k in ("adapter_len", "adapter_layers")}
+    if not all(type(v) is int and v >= 1 for v in sizes.values()):
+        raise CheckpointError(f"{config_path}: {sizes}; expected adapter_len and adapter_layers, positive integers")
+    adapter = AdapterArgs(**sizes)
+    if adapter.adapter_layers > args.n_layers:
+        raise CheckpointError(f"{config_path}: adapter_layers {adapter.adapter_layers} exceeds the {args.n_layers} "
+                              f"layers of the base; expected at most {args.n_layers} (trained on a deeper model?)")
+    state = read_torch_file(weights) if weights.suffix == ".bin" else read_safetensors_file(weights)[0]
+    top = adapted_layers(args.n_layers, adapter)
+    outside = sorted({i for name in (PEFT_PROMPT, PEFT_GATE) for i in layer_tensors(state, name)} - set(top))
+    if outside:
+        raise CheckpointError(f"{weights}: adapts layers {outside}, but PEFT adapts the top {adapter.adapter_layers} "
+                              f"of the base's {args.n_layers} layers, {top.start}..{top.stop - 1}: the adapter was "
+                              "trained on a model of another depth")
+    expected = {**{PEFT_PROMPT.format(i=i): torch.Size([1, adapter.adapter_len, args.dim]) for i in top},
+                **{PEFT_GATE.format(i=i): torch.Size([1]) for i in top}}
+    check_state(expected, state, f"PEFT AdaptionPrompt {weights}")
+    gates = torch.cat([state[PEFT_GATE.format(i=i)] for i in top]).double()  # (adapter_layers,)
+    unrepresentable = [f"layer {i}: {g}" for i, g in zip(top, gates.tolist()) if not abs(g) < 1]  # NaN too
+    if unrepresentable:
+        raise CheckpointError(f"{weights}: adaption_gate of {', '.join(unrepresentable)}; our gate g' scales by "
+                              "tanh(g'), so only PEFT gates in (-1, 1) can be represented (atanh is infinite at ±1)")
+    return adapter, {
+        "adapter_query": torch.cat([state[PEFT_PROMPT.format(i=i)] for i in top]).float(),  # (layers, len, dim)
+        "adapter_gate": gates.atanh().float()[:, None].expand(-1, args.n_heads).contiguous(),  # (layers, n_heads)
     }
 
 
@@ -572,14 +668,16 @@ def apply_adapter(model: AdaptedTransformer, adapter_path: str | os.PathLike,
     """Put a trained adapter into a loaded model, replacing the one it has: the base stays in memory, so
     several adapters can serve requests in turn ("plug with knowledge").
 
-    `adapter_path` is one of our `.safetensors` adapters (its header gives the configuration), or an
-    original-release `.pth`, for which `adapter` must give adapter_len and adapter_layers.
+    `adapter_path` is one of our `.safetensors` adapters (its header gives the configuration), an
+    original-release `.pth`, for which `adapter` must give adapter_len and adapter_layers, or a PEFT adapter
+    (its folder, or its weights file with adapter_config.json beside it): a LoRA, merged into the weights, or an
+    AdaptionPrompt, as its peft_type says.
     """
     adapter_path = Path(adapter_path)
     from .lora import is_lora_file
 
     if is_lora_file(adapter_path):
-        apply_lora(model, adapter_path)
+        apply_lora(model, peft_files(adapter_path)[1])
         return
     if not isinstance(model, AdaptedTransformer):
         raise TypeError(f"{adapter_path}: a plain {type(model).__name__} cannot hold an adapter; build the model as "
@@ -587,7 +685,9 @@ def apply_adapter(model: AdaptedTransformer, adapter_path: str | os.PathLike,
     if getattr(model, "merged_lora", None):
         raise CheckpointError(f"{adapter_path}: the model's weights hold the merged LoRA {model.merged_lora}; load "
                               "the adapter onto a plain base")
-    if adapter_path.suffix == ".pth":
+    if (peft := peft_files(adapter_path)) is not None:  # any peft_type but LORA and ADAPTION_PROMPT is refused there
+        adapter, tensors = read_peft_adaption_prompt(*peft, model.args)
+    elif adapter_path.suffix == ".pth":
         if adapter is None:
             raise CheckpointError(f"{adapter_path}: an original-release .pth needs adapter_len/adapter_layers given")
         tensors = read_original_release(adapter_path, model.args.n_layers, adapter)

@@ -111,8 +111,8 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     print(tokenizer.decode(out))
 
 
-ADAPTER_EXPECTED = ("an adapter .safetensors written by `llama-adapter train`, a PEFT LoRA's adapter_model.safetensors "
-                    "(adapter_config.json beside it), or the paper's original-release .pth")
+ADAPTER_EXPECTED = ("an adapter .safetensors written by `llama-adapter train`, a PEFT LoRA's or AdaptionPrompt's "
+                    "adapter_model.safetensors (adapter_config.json beside it), or the paper's original-release .pth")
 
 
 def inference_tokenizer(ns: argparse.Namespace):

@@ -24,13 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import permute_rope_rows, read_config, read_safetensors_file, unpermute_rope_rows
+from .checkpoint import (
+    PEFT_CONFIG,
+    peft_files,
+    peft_type,
+    permute_rope_rows,
+    read_config,
+    read_safetensors_file,
+    unpermute_rope_rows,
+)
 from .config import LORA_TARGETS, WEIGHTS, LoRAArgs, ModelArgs
 from .errors import CheckpointError
 from .io import atomic_path
 
 LORA_WEIGHTS = WEIGHTS["lora"]  # PEFT's names: PeftModel.from_pretrained looks for these two
-LORA_CONFIG = "adapter_config.json"
 LORA_FORMAT = "llama-adapter/lora/1"
 # Meta's projection names -> Hugging Face's module names, which PEFT's target_modules and tensor names use.
 HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
@@ -144,7 +151,7 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model: str, sta
     metadata = {"format": LORA_FORMAT, "base_model": base_model,
                 "base_args": json.dumps(model.args.to_dict(), separators=(",", ":")),
                 "lora_args": json.dumps(args.to_dict(), separators=(",", ":"))}
-    with atomic_path(out_dir / LORA_CONFIG) as tmp:
+    with atomic_path(out_dir / PEFT_CONFIG) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     with atomic_path(out_dir / LORA_WEIGHTS) as tmp:
         save_file(peft_tensors(model, state), tmp, metadata=metadata)
@@ -152,13 +159,15 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model: str, sta
 
 
 def is_lora_file(path: Path) -> bool:
-    return (path.parent / LORA_CONFIG).is_file() and path.suffix == ".safetensors"
+    """A PEFT adapter (its folder, or its weights file) whose adapter_config.json says peft_type LORA."""
+    files = peft_files(path)
+    return files is not None and peft_type(files[0]) == "LORA"
 
 
 def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, str], dict[str, Tensor]]:
     """(LoRA settings, header, tensors under this model's names and row order) of a PEFT LoRA: ours, or one
     trained with PEFT on the Hugging Face LLaMA of the same base."""
-    config_path = path.parent / LORA_CONFIG
+    config_path = path.parent / PEFT_CONFIG
     config = read_config(config_path)
     expected = "a PEFT LoRA (peft_type LORA, bias none, no DoRA or rsLoRA, target_modules among q/k/v/o/gate/up/down)"
     problems = [f"{k}={config.get(k)!r}" for k, want in (("peft_type", "LORA"), ("bias", "none"),
