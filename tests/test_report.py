@@ -16,11 +16,13 @@ from llama_adapter.report import (
     adapter_parameters,
     by_rank,
     efficiency_table,
-    human,
     instruction_table,
     jobs_table,
+    megabytes,
+    millions,
     point_settings,
     protocol_notes,
+    readable_parts,
     report_tables,
     scienceqa_table,
     to_latex,
@@ -63,7 +65,7 @@ def grid() -> list[Run]:
 
 def test_adapter_parameters_at_7b_match_the_paper():
     n = adapter_parameters(ModelArgs.from_name("7B"), AdapterArgs(10, 30))
-    assert n == 1_229_760 and human(n) == "1.23M" and human(4 * n, "B") == "4.92MB"
+    assert n == 1_229_760 and millions(n) == 1.22976 and megabytes(4 * n) == 4.91904
 
 
 def test_ablation_axes_hold_the_center_in_the_listed_order(grid):
@@ -90,8 +92,8 @@ def test_paper_paired_by_rank_only_when_counts_match(grid):
     layers = ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 2, 4]), "adapter_layers")
     assert list(layers["adapter_layers_paper"]) == ["10 of 32", "20 of 32", "30 of 32"]
     assert list(layers["accuracy_paper"]) == [p[2] for p in PAPER_LAYERS]
-    assert list(layers["tuned_params"]) == ["1.28K", "2.57K", "5.14K"]
-    assert list(layers["tuned_params_paper"]) == ["970K", "1.37M", "1.79M"]
+    assert list(layers["tuned_params_m"]) == [0.001284, 0.002568, 0.005136]  # millions, as the paper's column
+    assert list(layers["tuned_params_m_paper"]) == [0.97, 1.37, 1.79]
     assert by_rank([1, 2], PAPER_LAYERS) == [None, None]
     assert "adapter_layers_paper" not in ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 4]),
                                                         "adapter_layers")
@@ -109,7 +111,7 @@ def test_every_ablation_row_has_its_interval_and_method(grid):
     zero_shot = point(4, "zero", 5, "zero-shot")
     zero_shot.config, zero_shot.metrics = {"base": "b", "method": "zero-shot"}, {}
     row = ablation_table([zero_shot], "method").iloc[0]
-    assert row["method"] == "zero-shot base" and row["tuned_params"] is None and row["train_loss"] is None
+    assert row["method"] == "zero-shot base" and row["tuned_params_m"] is None and row["train_loss"] is None
     assert row["accuracy"] == 60.0 and row["ci95_low"] == 49.05
 
 
@@ -134,14 +136,17 @@ def test_efficiency_rows(grid):
                     scores={}, adapter_bytes=None, seconds=None, data={})
     df = efficiency_table([grid[0], lora, zero_shot]).set_index(["method", "model"])
     computed = "LLaMA-7B shapes (computed; fp32 file)"
-    assert df.loc[("LLaMA-Adapter", computed), "tuned_params_paper"] == "1.2M"
-    assert df.loc[("LoRA", computed), "tuned_params"] == "4.19M"  # the paper's 4.2M, counted
-    assert df.loc[("LoRA", computed), "storage_paper"] == "16.8M"
+    # One unit per column, ours and the paper's alike: millions of parameters, MB, hours.
+    assert df.loc[("LLaMA-Adapter", computed), "tuned_params_m_paper"] == 1.2
+    assert df.loc[("LoRA", computed), "tuned_params_m"] == 4.194304  # the paper's 4.2M, counted
+    assert df.loc[("LoRA", computed), "storage_mb_paper"] == 16.8
+    full = df.loc[("full fine-tuning", "Alpaca (full fine-tuning)")]
+    assert (full["tuned_params_m_paper"], full["storage_mb_paper"], full["training_h_paper"]) == (7000, 13000, 3)
     ours = df.loc[("LLaMA-Adapter", f"{grid[0].name} (base demo-base)")]
-    assert ours["tuned_params"] == "5.14K" and ours["storage"] == "21KB" and ours["training_time"] == "42 s"
+    assert ours["tuned_params_m"] == 0.005136 and ours["storage_mb"] == 0.021 and ours["training_h"] == 0.0117
     assert ours["mlflow_run"] == f"run-{grid[0].name}"
     theirs = df.loc[("LoRA", "scienceqa_lora (base demo-base)")]
-    assert theirs["tuned_params"] == "24.6K" and theirs["tuned_params_paper"] == "4.2M"
+    assert theirs["tuned_params_m"] == 0.024576 and theirs["tuned_params_m_paper"] == 4.2
     assert pd.isna(df.loc[("full fine-tuning", "Alpaca (full fine-tuning)"), "mlflow_run"])
     assert "zero-shot base" not in df.index.get_level_values("method")  # nothing trained, nothing to count
 
@@ -194,7 +199,7 @@ def test_jobs_table_reads_every_benchmark_file_longest_first(tmp_path):
     df = jobs_table(tmp_path / "benchmarks")
     assert list(df["rule"]) == ["train_adapter", "pretrain_base", "tokenize"]
     assert df["job"].iloc[0] == "ablations/adapter_layers~10/gate_init~zero/epochs~5" and pd.isna(df["job"].iloc[1])
-    assert list(df["wall_time"]) == ["2.5 min", "61 s", "3 s"] and df["max_rss_mb"].iloc[0] == 618
+    assert list(df["seconds"]) == [150.2, 61.0, 3.0] and df["max_rss_mb"].iloc[0] == 618
     assert jobs_table(None).empty  # no benchmark folder given: no job rows
 
 
@@ -216,3 +221,23 @@ def test_instruction_table_shows_the_loss_before_and_after(grid):
     row = instruction_table([r]).iloc[0]
     assert (row["loss_before"], row["loss_after"], row["heldout_samples"]) == (2.0, 1.5, 200)
     assert row["perplexity_before"] == pytest.approx(math.exp(2.0)) and row["mlflow_run"] == f"run-{r.name}"
+
+
+def test_report_md_keeps_tables_narrow(grid):
+    """report.md shows a table's main columns, then its categories and its provenance as tables of their own
+    (keyed by the row's name; rows without provenance, such as the floor, left out); the CSV keeps all."""
+    grid[0].scores["floor"] = {"letter": "A", "correct": 30, "n": 80, "accuracy": 37.5}
+    df = scienceqa_table(grid[:2])
+    parts = dict(readable_parts(df))
+    main, categories, provenance = parts[None], parts["By category"], parts["Provenance"]
+    assert "NAT" not in main and "mlflow_run" not in main and "accuracy" in main and len(main) == len(df)
+    assert list(categories.columns[:3]) == ["experiment", "NAT", "SOC"] and len(categories) == 2
+    assert list(provenance.columns) == ["experiment", "mlflow_run", "eval_run", "config_hash", "data_sha256",
+                                        "git_commit"]
+    assert len(provenance) == 2 and len(df) == 3  # the floor row has no runs
+    efficiency = dict(readable_parts(efficiency_table(grid[:1])))
+    assert list(efficiency["Provenance"].columns[:2]) == ["method", "model"] and len(efficiency["Provenance"]) == 1
+    assert max(len(part.columns) for part in parts.values()) <= 12
+    grid[1].config["image_features"] = "features"  # the multimodal adapter: the paper's per-category row joins
+    categories = dict(readable_parts(scienceqa_table(grid[:2])))["By category"]
+    assert list(categories["experiment"])[-1] == "paper: LLaMA-Adapter" and categories["NAT"].iloc[-1] == 84.37

@@ -40,14 +40,15 @@ PAPER_SCIENCEQA = {
                       "NO": 86.90, "G1-6": 85.83, "G7-12": 84.05},
     "LLaMA-Adapter_T": {"accuracy": 78.31},
 }
-PAPER_LAYERS = [(10, 0.97e6, 55.95), (20, 1.37e6, 73.36), (30, 1.79e6, 83.85)]  # of 32; params; val acc
+PAPER_LAYERS = [(10, 0.97, 55.95), (20, 1.37, 73.36), (30, 1.79, 83.85)]  # of 32; params (millions); val acc
 PAPER_GATE_INIT = {"zero": 84.04, "random": 40.77}  # val acc
 PAPER_EPOCHS = [(15, 0.022, 0.136, 82.08), (30, 0.004, 0.241, 83.85), (60, 0.001, 0.282, 83.94)]
-# Efficiency on Alpaca: (tuned parameters, storage, training time, hardware).
+# Efficiency on Alpaca: (tuned parameters in millions, storage in MB, training time in hours, hardware), the
+# paper's 7B, 13G, 4.2M, 16.8M, 1.2M and 4.7M in the units of our columns.
 PAPER_EFFICIENCY = {
-    "Alpaca (full fine-tuning)": ("7B", "13G", "3 h", "8 A100"),
-    "Alpaca-LoRA": ("4.2M", "16.8M", None, None),
-    "LLaMA-Adapter": ("1.2M", "4.7M", "1 h", "8 A100"),
+    "Alpaca (full fine-tuning)": (7000, 13000, 3, "8 A100"),
+    "Alpaca-LoRA": (4.2, 16.8, None, None),
+    "LLaMA-Adapter": (1.2, 4.7, 1, "8 A100"),
 }
 PAPER_METHOD = {"full": "Alpaca (full fine-tuning)", "lora": "Alpaca-LoRA", "adapter": "LLaMA-Adapter"}
 METHOD_NAMES = {"adapter": "LLaMA-Adapter", "lora": "LoRA", "full": "full fine-tuning", "zero-shot": "zero-shot base"}
@@ -254,21 +255,18 @@ def accuracy_interval(accuracy: float | None, n: int | None, correct: int | None
     return wilson_interval(correct if correct is not None else round(accuracy * n / 100), n)
 
 
-def human(n: float | None, unit: str = "") -> str | None:
-    if n is None:
-        return None
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}{unit}" if n < 1000 * scale else f"{n / scale:.0f}{suffix}{unit}"
-    return f"{n:g}{unit}"
+def millions(n: float | None) -> float | None:
+    """A count in millions, the unit of every tuned_params_m column (ours and the paper's)."""
+    return None if n is None else n / 1e6
 
 
-def duration(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+def megabytes(n_bytes: float | None) -> float | None:
+    """A size in MB (10^6 bytes), the unit of every storage_mb column (ours and the paper's)."""
+    return None if n_bytes is None else n_bytes / 1e6
+
+
+def hours(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds / 3600, 4)
 
 
 def ablation_axis(runs: list[Run], axis: str, center: dict, values: list) -> list[Run]:
@@ -298,25 +296,25 @@ def efficiency_table(runs: list[Run]) -> pd.DataFrame:
 
     def paper(method: str) -> dict:
         params, storage, time, hardware = PAPER_EFFICIENCY[PAPER_METHOD[method]]
-        return {"tuned_params_paper": params, "storage_paper": storage, "training_time_paper": time,
+        return {"tuned_params_m_paper": params, "storage_mb_paper": storage, "training_h_paper": time,
                 "hardware_paper": hardware}
 
-    rows = [{"method": METHOD_NAMES["full"], "model": PAPER_METHOD["full"], "tuned_params": None,
-             "storage": None, "training_time": None, "hardware": None, **paper("full")}]
+    rows = [{"method": METHOD_NAMES["full"], "model": PAPER_METHOD["full"], "tuned_params_m": None,
+             "storage_mb": None, "training_h": None, "hardware": None, **paper("full")}]
     for method, n in computed.items():
         rows.append({"method": METHOD_NAMES[method], "model": "LLaMA-7B shapes (computed; fp32 file)",
-                     "tuned_params": human(n), "storage": human(4 * n, "B"), "training_time": None,
+                     "tuned_params_m": millions(n), "storage_mb": megabytes(4 * n), "training_h": None,
                      "hardware": None, **paper(method)})
     for r in runs:
         if r.method == "zero-shot":
             continue
         rows.append({"method": METHOD_NAMES[r.method], "model": f"{r.name} (base {Path(r.config['base']).name})",
-                     "tuned_params": human(r.metrics["trainable_parameters"]), "storage": human(r.adapter_bytes, "B"),
-                     "training_time": duration(r.seconds),
+                     "tuned_params_m": millions(r.metrics["trainable_parameters"]),
+                     "storage_mb": megabytes(r.adapter_bytes), "training_h": hours(r.seconds),
                      "hardware": f"{r.metrics['world_size']} x {r.metrics.get('device', 'unknown')}",
                      **paper(r.method), **r.provenance})
-    columns = ["method", "model", "tuned_params", "tuned_params_paper", "storage", "storage_paper", "training_time",
-               "training_time_paper", "hardware", "hardware_paper", *PROVENANCE]
+    columns = ["method", "model", "tuned_params_m", "tuned_params_m_paper", "storage_mb", "storage_mb_paper",
+               "training_h", "training_h_paper", "hardware", "hardware_paper", *PROVENANCE]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -373,7 +371,7 @@ def score_columns(r: Run) -> dict:
 def paper_ablation(axis: str, runs: list[Run]) -> list[dict]:
     """The paper's row beside each of ours, for the axes it published (settings paired by rank)."""
     if axis == "adapter_layers":
-        return [p and {"adapter_layers_paper": f"{p[0]} of 32", "tuned_params_paper": human(p[1]),
+        return [p and {"adapter_layers_paper": f"{p[0]} of 32", "tuned_params_m_paper": p[1],
                        "accuracy_paper": p[2]} or {} for p in by_rank(runs, PAPER_LAYERS)]
     if axis == "gate_init":
         return [{"accuracy_paper": PAPER_GATE_INIT.get(r.axis_value(axis))} for r in runs]
@@ -390,7 +388,7 @@ def ablation_table(runs: list[Run], axis: str) -> pd.DataFrame:
     for r, paper in zip(runs, paper_ablation(axis, runs)):
         trained = bool(r.metrics)
         rows.append({axis: r.axis_value(axis), "method": METHOD_NAMES[r.method],
-                     "tuned_params": human(r.metrics["trainable_parameters"]) if trained else None,
+                     "tuned_params_m": millions(r.metrics["trainable_parameters"]) if trained else None,
                      "train_loss": r.last_epoch_loss() if trained else None,
                      "val_loss": (r.metrics.get("val_loss") or [None])[-1] if trained else None,
                      **score_columns(r), **paper, **r.provenance})
@@ -427,9 +425,9 @@ def jobs_table(benchmarks: Path | None) -> pd.DataFrame:
     for path in sorted(Path(benchmarks).rglob("*.tsv")) if benchmarks is not None else []:
         bench = read_benchmark(path)
         rule, _, job = path.relative_to(benchmarks).with_suffix("").as_posix().partition("/")
-        rows.append({"rule": rule, "job": job or None, "wall_time": duration(float(bench["s"])),
-                     "seconds": round(float(bench["s"]), 1), "max_rss_mb": round(float(bench["max_rss"]))})
-    columns = ["rule", "job", "wall_time", "seconds", "max_rss_mb"]
+        rows.append({"rule": rule, "job": job or None, "seconds": round(float(bench["s"]), 1),
+                     "max_rss_mb": round(float(bench["max_rss"]))})
+    columns = ["rule", "job", "seconds", "max_rss_mb"]
     return pd.DataFrame(rows, columns=columns).sort_values("seconds", ascending=False, ignore_index=True)
 
 
@@ -448,6 +446,34 @@ def to_markdown(df: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """A table as report.md shows it: its main columns, then its per-category accuracies (the paper's as rows of
+    their own) and its provenance (runs, hashes, commit) each as a table of its own, keyed by the rows' names, so
+    that none is wider than a page. The CSV keeps every column in one table."""
+    keys = [df.columns[0], *(["model"] if "model" in df.columns[1:] else [])]
+    categories = [c for c in CATEGORIES if c in df.columns]
+    provenance = [c for c in PROVENANCE if c in df.columns]
+    parts = [(None, df.drop(columns=[*categories, *(f"{c}_paper" for c in categories), *provenance],
+                            errors="ignore"))]
+    if categories:
+        ours = df[df[categories].notna().any(axis=1)][keys + categories]
+        paper = {row["paper_model"]: {keys[0]: f"paper: {row['paper_model']}",
+                                      **{c: row[f"{c}_paper"] for c in categories}}
+                 for _, row in df.iterrows() if any(pd.notna(row.get(f"{c}_paper")) for c in categories)}
+        parts.append(("By category", pd.concat([ours, pd.DataFrame(list(paper.values()))], ignore_index=True)))
+    if len(provenance) > 1:
+        part = df[keys + provenance]
+        parts.append(("Provenance", part[part[provenance].notna().any(axis=1)]))  # rows with runs to name
+    return parts
+
+
+def readable_markdown(df: pd.DataFrame) -> str:
+    if not len(df):
+        return "(no runs)\n"
+    return "\n".join(to_markdown(part) if title is None else f"**{title}**\n\n{to_markdown(part)}"
+                     for title, part in readable_parts(df))
 
 
 LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
@@ -498,9 +524,12 @@ def gate_figure(runs: list[Run], path: Path) -> None:
     for r in runs:
         if gates := r.gates():
             ax.plot(list(gates), list(gates.values()), marker="o", label=r.name)
-    ax.set(xlabel="layer", ylabel="mean |tanh(gate)|")
-    ax.legend()
-    _save(plt, fig, ax, path, "Learned gate magnitude per layer")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set(xlabel="layer of the model (0 = first; the adapted layers are the top ones)", ylabel="mean |tanh(gate)|")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the lines
+    _save(plt, fig, ax, path, "Learned gate magnitude per adapted layer")
 
 
 def category_figure(runs: list[Run], path: Path) -> None:
@@ -619,7 +648,7 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
     with atomic_dir(Path(out_dir)) as tmp:
         for name, df in tables.items():
             df.to_csv(tmp / f"{name}.csv", index=False)
-            (tmp / f"{name}.md").write_text(to_markdown(df), encoding="utf-8")
+            (tmp / f"{name}.md").write_text(readable_markdown(df), encoding="utf-8")
             (tmp / f"{name}.tex").write_text(to_latex(df, captions[name]), encoding="utf-8")
         loss_curves_figure(axes.get("gate_init", []), tmp / "loss_curves_gate_init.png")
         gate_figure(named, tmp / "gate_magnitude.png")
@@ -645,13 +674,16 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "two methods whose intervals overlap are not shown to differ. With generated answers, `unparsed` counts "
         "the outputs without the paper's \"The answer is (X)\", and `accuracy_any_format` reads the first \"(X)\" "
         "of any wording: a model that knows the answers but not the format scores low on `accuracy` only. "
-        "Every row of ours names its training (`mlflow_run`) and evaluation (`eval_run`) MLflow runs, the "
-        "config hash, the sha256 of the training records (first 12 hex digits) and the git commit.", "",
+        "Units: `tuned_params_m` in millions of parameters, `storage_mb` in MB (10^6 bytes), `training_h` in hours, "
+        "`seconds` of wall time and `max_rss_mb` (peak memory, MB) per job. Each section's provenance table names, "
+        "for every row of ours, its training (`mlflow_run`) and evaluation (`eval_run`) MLflow runs, the config "
+        "hash, the sha256 of the training records (first 12 hex digits) and the git commit; the CSV files hold "
+        "every column in one table.", "",
         f"Alpaca samples: {lengths['samples']}, mean length {lengths['mean']:.1f} tokens, longest {lengths['max']}.",
         "", *protocol_notes(named),
     ]
     for name, caption in captions.items():
-        parts += [f"## {caption}", "", to_markdown(tables[name]) if len(tables[name]) else "(no runs)", ""]
+        parts += [f"## {caption}", "", readable_markdown(tables[name]), ""]
     for name, caption in FIGURES.items():
         parts += [f"## {caption}", "", f"![{caption}]({name}.png)", ""]
     return "\n".join(parts)
