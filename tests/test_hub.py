@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_model import hf_config, tokens
 
+from llama_adapter import cli
 from llama_adapter.checkpoint import load_base
 from llama_adapter.config import ModelArgs
 from llama_adapter.errors import PretrainedFetchError
@@ -169,3 +170,39 @@ def test_what_cannot_be_fetched_is_one_error_and_leaves_nothing(tiny_repo, hub_c
 def test_hub_model_ids(text, model):
     got = hub_model(text)
     assert (got and (got.repo_id, got.revision)) == model
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_inspect_and_complete_take_a_hub_model_from_the_cache(tiny_repo, capsys):
+    for name in (REPO_ID, f"hf:{REPO_ID}@{COMMIT}"):
+        assert cli.main(["inspect", name, "--adapter-layers", "2"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["model"], report["args"]["n_layers"], report["args"]["n_kv_heads"]) == (name, 4, 2)
+    # the tokenizer is the one in the model's folder
+    assert cli.main(["complete", "--base", REPO_ID, "--prompt", "w1 w2", "--template", "none",
+                     "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize(("argv", "expect"), [
+    (["inspect", "no-such-thing"], "no-such-thing: neither a preset"),  # neither a path nor a repo id: as before
+    (["inspect", "tiny-org/absent"], "tiny-org/absent: no such file or folder, nor a hub model: hf:tiny-org/absent"
+                                     "@main: revision main of tiny-org/absent is not in the local hub cache"),
+    (["complete", "--base", "tiny-org/absent", "--prompt", "x"], "--base tiny-org/absent: no such file or folder, "
+                                                                 "nor a hub model"),
+])
+def test_a_base_neither_on_disk_nor_in_the_cache_is_one_line(hub_cache, capsys, argv, expect):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert expect in err and err.count("\n") == 1
+
+
+def test_fetch_base_cli_prints_the_record_and_a_failed_run_leaves_nothing(tiny_repo, tmp_path, capsys):
+    out = tmp_path / "base"
+    assert cli.main(["fetch-base", "--source", f"hf:{REPO_ID}", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["commit"] == COMMIT
+    assert cli.main(["fetch-base", "--source", f"hf:{REPO_ID}@v9", "--out", str(out)]) == 2
+    assert "llama-adapter fetch-base: error: hf:tiny-org/tiny-llama@v9: revision v9" in capsys.readouterr().err
+    assert not out.exists()
