@@ -4,10 +4,12 @@ huggingface_hub writes it, and reads it with HF_HUB_OFFLINE=1."""
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
+from dag import REPO, SNAKEMAKE, snakemake
 from test_model import hf_config, tokens
 
 from llama_adapter import cli
@@ -206,3 +208,55 @@ def test_fetch_base_cli_prints_the_record_and_a_failed_run_leaves_nothing(tiny_r
     assert cli.main(["fetch-base", "--source", f"hf:{REPO_ID}@v9", "--out", str(out)]) == 2
     assert "llama-adapter fetch-base: error: hf:tiny-org/tiny-llama@v9: revision v9" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- workflow
+
+
+@pytest.fixture
+def needs_snakemake():
+    if not Path(SNAKEMAKE).exists():
+        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
+
+
+def hub_config(tmp_path: Path, source: str) -> list[str]:
+    import yaml
+
+    (tmp_path / "hub.yaml").write_text(yaml.safe_dump({"base": {"source": source, "tokenizer": None}}))
+    return ["--configfile", str(REPO / "config.yaml"), str(tmp_path / "hub.yaml")]
+
+
+def test_workflow_fetches_a_hub_base_before_it_tokenizes_and_trains(needs_snakemake, tmp_path):
+    source = f"hf:{REPO_ID}@{COMMIT}"
+    proc = snakemake("-n", "-p", "--cores", "1", *hub_config(tmp_path, source), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    commands = [shlex.split(line.removeprefix("Shell command: ")) for line in proc.stdout.splitlines()
+                if line.startswith("Shell command: llama-adapter ") or line.startswith("Shell command: exec ")]
+    folder = "results/models/hf/tiny-org--tiny-llama"
+    [fetch] = [c for c in commands if c[:2] == ["llama-adapter", "fetch-base"]]
+    assert fetch[fetch.index("--source") + 1] == source and fetch[fetch.index("--out") + 1] == folder
+    assert fetch[-3:] == [">", "results/logs/fetch_base.log", "2>&1"]
+    position = commands.index(fetch)
+    tokenizes = [i for i, c in enumerate(commands) if c[:2] == ["llama-adapter", "tokenize"]]
+    trains = [i for i, c in enumerate(commands) if c[:3] == ["exec", "llama-adapter", "train"]]
+    assert tokenizes and trains and position < min(tokenizes + trains)
+    for i in tokenizes:  # the tokenizer defaults to the fetched folder's
+        assert commands[i][commands[i].index("--tokenizer") + 1] == folder
+    for i in trains:
+        assert commands[i][commands[i].index("--base") + 1] == folder
+    assert "pretrain_base" not in proc.stdout and "fetch_smollm2" not in proc.stdout
+
+
+def test_workflow_fetch_base_rule_runs_offline_from_the_cache(needs_snakemake, tiny_repo, tmp_path):
+    folder = "results/models/hf/tiny-org--tiny-llama"
+    proc = snakemake("--cores", "1", folder, *hub_config(tmp_path, f"hf:{REPO_ID}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "localrule fetch_base:" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / folder / "fetch.json").read_text())["commit"] == COMMIT
+    assert "tiny-org/tiny-llama" in (tmp_path / "results" / "logs" / "fetch_base.log").read_text()
+
+
+def test_workflow_refuses_a_malformed_hub_source_by_name(needs_snakemake, tmp_path):
+    proc = snakemake("-n", "--cores", "1", *hub_config(tmp_path, "hf:just-a-name"), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "config base.source: hf:just-a-name: not a hub model" in proc.stdout + proc.stderr
