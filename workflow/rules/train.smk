@@ -31,6 +31,25 @@ rule fetch_smollm2:
         "llama-adapter fetch-smollm2 --cache-dir {params.cache:q} > {log:q} 2>&1"
 
 
+# base.source hf:ORG/NAME@REVISION: the files loading needs, in a plain Hugging Face folder with fetch.json, which
+# records the commit the revision resolved to (llama_adapter.hub). Defined for such a source only, since its output
+# is BASE; a download, so it runs where Snakemake runs, as data.smk's localrules do.
+if HUB_BASE:
+
+    rule fetch_base:
+        output:
+            directory(BASE),
+        log:
+            f"{RESULTS}/logs/fetch_base.log",
+        localrule: True
+        conda:
+            CONDA_ENV
+        params:
+            source=config["base"]["source"],
+        shell:
+            "llama-adapter fetch-base --source {params.source:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule pretrain_base:
     input:
         corpus=rules.demo_data.output.corpus,
