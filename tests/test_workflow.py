@@ -62,15 +62,42 @@ def test_the_schema_offers_the_library_choices():
     assert tuple(adapter["gate_init"]["enum"]) == GATE_INITS and tuple(adapter["method"]["enum"]) == METHODS
 
 
-def test_environment_yml_mirrors_pyproject():
+def test_the_lock_pins_pyproject_and_environment_yml_follows_it():
+    """requirements.lock (tools/lock.py) pins every dependency of pyproject.toml and its extras at a version the
+    specifier allows, each with its hashes; environment.yml holds the same pins; the README, CI and environment.yml
+    install the torch the lock was resolved with."""
+    import importlib.util
     import tomllib
 
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    spec = importlib.util.spec_from_file_location("lock_tool", REPO / "tools" / "lock.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    lock = (REPO / "requirements.lock").read_text()
+    locked = {canonicalize_name(name): version for name, version in tool.pins(lock)}
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["workflow"])
-    env = yaml.safe_load((REPO / "environment.yml").read_text())
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert set(pip) - {"-e ."} == wanted
-    assert f"python{project['requires-python']}" in env["dependencies"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    wanted += [Requirement(r) for extra in tool.EXTRAS for r in project["optional-dependencies"][extra]]
+    for requirement in wanted:
+        version = tool.TORCH if requirement.name == "torch" else locked[canonicalize_name(requirement.name)]
+        assert requirement.specifier.contains(version), (requirement, version)
+    entries = re.split(r"\n(?=[A-Za-z0-9])", lock.split("\n", 2)[2])  # one entry per package after the header
+    assert len(entries) == len(locked) and all("--hash=sha256:" in entry for entry in entries)
+    assert "torch" not in locked and not any(name.startswith("nvidia") for name in locked)  # torch: per machine
+    assert (REPO / "environment.yml").read_text() == tool.environment_yml(tool.pins(lock))
+    for path in (REPO / "README.md", REPO / ".ci" / "run"):
+        commands = path.read_text().replace(" && ", "\n")  # the torch install ends a command
+        assert f" torch=={tool.TORCH}\n" in commands and "--require-hashes -r requirements.lock" in commands, path
+
+
+def test_rules_run_in_the_named_conda_environment():
+    """With --sdm conda every rule activates the environment environment.yml creates (a named one: a file's
+    environment would be built where its `-e .` names no package); conda itself is not here, the plan is."""
+    assert yaml.safe_load((REPO / "environment.yml").read_text())["name"] == "llama-adapter"
+    proc = snakemake("-n", "--sdm", "conda", "--cores", "1", "--config", "results=/tmp/conda-plan", cwd=REPO)
+    assert proc.returncode == 0 and "train_adapter" in proc.stdout, proc.stderr[-2000:]
 
 
 # --- the whole demo DAG, for real (the demo_run fixture, tests/conftest.py) ------------------------------------

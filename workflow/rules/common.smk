@@ -67,8 +67,11 @@ def check_paths(config):
 
 check_paths(config)
 
-# Every rule's software: the package's own environment (used with --sdm conda; relative to the rule files).
-CONDA_ENV = "../../environment.yml"
+# Every rule's software: the conda environment named llama-adapter, which `conda env create -f environment.yml`
+# makes from the repository root (its `-e .` installs this checkout), activated by --sdm conda. A named
+# environment, not the file: Snakemake would build a file's environment in a folder of its own, where `-e .`
+# names no package. Without --sdm conda the rules run in the environment Snakemake was started from.
+CONDA_ENV = "llama-adapter"
 
 RESULTS = config["results"]
 
