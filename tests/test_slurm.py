@@ -18,7 +18,7 @@ CLUSTER_OVERRIDES = ["--default-resources", f"slurm_partition={slurm_cluster.PAR
                      "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5"]
 # Columns that name where a number came from, or how long it took, differ between any two runs; and the config
 # hash, as the local run writes to another results folder (a name that tests the rules' quoting).
-RUN_SPECIFIC = {"mlflow_run", "eval_run", "training_time", "hardware", "config_hash"}
+RUN_SPECIFIC = {"mlflow_run", "eval_run", "training_h", "hardware", "config_hash"}
 
 
 @pytest.fixture(scope="module")
