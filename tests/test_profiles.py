@@ -68,7 +68,7 @@ def jobs(out: str, rule: str) -> list[dict]:
 # --- the profile files ---------------------------------------------------------------------------------------
 
 def test_profiles_are_yaml_and_slurm_selects_the_plugin():
-    profiles = (SLURM_PROFILE.parent, DEFAULT_PROFILE, REPO / "local")
+    profiles = (SLURM_PROFILE.parent, DEFAULT_PROFILE, REPO / "local", REPO / "slurm-cpu")
     for path in [p for folder in profiles for p in folder.rglob("*.yaml")]:
         assert isinstance(yaml.safe_load(path.read_text()), dict), path
     slurm = yaml.safe_load(SLURM_PROFILE.read_text())
@@ -131,6 +131,23 @@ def test_slurm_plugin_turns_the_resources_into_sbatch_options(slurm_dry_run):
         assert f" {option} " in f"{sbatch} ", (option, sbatch)
 
 
+@needs_snakemake
+@needs_slurm_plugin
+def test_cpu_profile_fits_a_small_cpu_cluster():
+    """slurm-cpu/: the demo through SLURM on nodes without GPUs and with little memory: no job asks for a GPU or
+    more than 2 GB, every job names the profile's partition, and training still asks for its warning signal."""
+    planned = snakemake("--profile", "slurm-cpu", "--forceall")
+    assert re.search(r"Using profiles? slurm-cpu\b", planned)
+    every = [job for rule in job_counts(planned) if rule != "all" for job in jobs(planned, rule)]
+    assert len(every) > 40
+    for job in every:
+        resources = job["resources"]
+        assert resources.get("gpu", "0") == "0" and resources["slurm_partition"] == "<your-partition>", job
+        assert resources["mem_mb"] == "<TBD>" or int(resources["mem_mb"]) <= 2000, job
+    assert all(job["resources"]["slurm_extra"] == "--signal=TERM@600" for job in jobs(planned, "train_adapter"))
+    assert all("--expect-gpus 0 " in job["shell"] for job in jobs(planned, "train_adapter"))
+
+
 # --- the paper's configuration --------------------------------------------------------------------------------
 
 @needs_snakemake
@@ -140,6 +157,17 @@ def test_paper_config_validates_on_its_own():
     config = yaml.safe_load(PAPER.read_text())
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))  # every required key, no typo
     assert config["base"]["source"] != "demo" and config["data"]["alpaca"]["source"] == "hf:tatsu-lab/alpaca"
+
+
+@needs_snakemake
+def test_unedited_paper_config_names_every_value_to_edit(tmp_path):
+    """A plan of config/paper-7b.yaml as shipped stops at once, naming each placeholder path by its config key,
+    not at 'Missing input files' for the first one a rule needs."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(PAPER),
+                           "--config", f"results={tmp_path / 'results'}"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "Missing input files" not in proc.stdout + proc.stderr
+    for key in ("base.source '/path/to/llama/7B'", "base.tokenizer", "images.encoder", "EDIT"):
+        assert key in proc.stdout + proc.stderr, key
 
 
 @pytest.fixture(scope="module")

@@ -65,8 +65,7 @@ def mlflow_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
 
 
-def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a point within this short run
+def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path):
     cfg = config(setup, tmp_path / "run")
     result = train(cfg)
     losses = [h["loss"] for h in result["history"]]
@@ -88,6 +87,7 @@ def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path, monkeypatch):
         stored = list((tmp_path / "mlartifacts").rglob("adapter.safetensors"))  # beside the database
         assert len(stored) == 1 and result["mlflow_run_id"] in str(stored[0])
         check_run_records_its_sources(tmp_path, result["mlflow_run_id"], cfg)
+        assert_restorable_from_mlflow(tmp_path, result["mlflow_run_id"], tmp_path / "run")
 
 
 def check_run_records_its_sources(tmp_path, run_id, cfg):
@@ -110,7 +110,6 @@ def check_run_records_its_sources(tmp_path, run_id, cfg):
     assert run.data.tags["mlflow.source.name"] == "llama_adapter.train"
     assert run.data.tags.get("mlflow.source.git.commit") == run.data.tags.get("git_commit")
     assert run.data.tags["env.torch"] == torch.__version__ and run.data.tags["env.gpu_count"] == "0"
-    assert "system/cpu_utilization_percentage" in run.data.metrics
     requirements = client.download_artifacts(run_id, "environment/requirements.txt", str(tmp_path / "dl"))
     assert f"torch=={torch.__version__}" in Path(requirements).read_text().splitlines()
 
@@ -189,6 +188,21 @@ def test_baselines_train_and_resume_exactly(setup, tmp_path, method, lr):
     resumed = train(config(setup, tmp_path / "cut", method=method, lr=lr), resume=True)
     assert [h["loss"] for h in resumed["history"]] == losses
     assert "gate/layer_02" not in resumed["history"][-1]  # no gates without the adapter
+    assert_restorable_from_mlflow(tmp_path, reference["mlflow_run_id"], tmp_path / "ref")
+
+
+def assert_restorable_from_mlflow(tmp_path, run_id, out_dir):
+    """Snakemake removes a failed rerun's outputs: every file a finished training leaves for the next stages
+    (weights, LoRA's adapter_config.json, a full fine-tune's model/ folder, config.json, metrics.json) comes back,
+    byte for byte, from its MLflow run's artifacts (docs/SLURM.md)."""
+    from mlflow.artifacts import download_artifacts
+
+    restored = Path(download_artifacts(run_id=run_id, dst_path=str(tmp_path / "restored"),
+                                       tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    kept = [f for f in out_dir.rglob("*") if f.is_file() and f.name != "metrics.jsonl"]  # the JSONL: MLflow's copy
+    assert len(kept) >= 3
+    for f in kept:
+        assert (restored / f.relative_to(out_dir)).read_bytes() == f.read_bytes(), f
 
 
 def test_resume_refuses_changed_settings(setup, tmp_path):
@@ -342,6 +356,20 @@ def test_schedule_is_the_papers():
     assert lr_at(200, 100, cfg) == pytest.approx(cfg.peak_lr())
     assert lr_at(350, 100, cfg) == pytest.approx(cfg.peak_lr() / 2)  # half-cosine midpoint
     assert lr_at(500, 100, cfg) == pytest.approx(0, abs=1e-12)
+
+
+def test_runs_log_system_metrics(tmp_path, monkeypatch):
+    """CPU and memory (and GPU, where there is one) sampled while a run is open."""
+    from mlflow.tracking import MlflowClient
+
+    from llama_adapter.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # points within this short run
+    tracker = Tracker(tmp_path / "run", "system", "tests")
+    time.sleep(2)
+    tracker.close()
+    metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(tracker.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
 
 
 def test_unreachable_mlflow_warns_once_and_keeps_the_jsonl(setup, tmp_path, monkeypatch):
