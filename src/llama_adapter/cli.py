@@ -468,19 +468,21 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
-    """One --option per dataclass field, typed from its annotation, so the CLI cannot drift from the config."""
+    """One --option per dataclass field, typed from its annotation, its help the field's (config.setting) with the
+    dataclass's own default added, so the CLI cannot drift from the config."""
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         required = f.default is MISSING and f.default_factory is MISSING
         default = None if required else (f.default if f.default is not MISSING else f.default_factory())
         kind = str(f.type).replace(" | None", "")
-        shown = "required" if required else f"default: {default}"  # the dataclass's own default, shown in --help
+        shown = f.metadata["help"] + ("" if required or default is None else f" (default: {default})")
+        shown = shown.replace("%", "%%")  # argparse formats help text with %
         if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=shown)
         elif kind.startswith("tuple"):
             p.add_argument(flag, type=OPTION_TYPES.get(f.name, float), nargs=2, default=default, help=shown)
         elif kind.startswith("dict"):
-            p.add_argument(flag, type=json_object, default=default, help=f"a JSON object; {shown}")
+            p.add_argument(flag, type=json_object, default=default, help=f"a JSON object: {shown}")
         else:
             p.add_argument(flag, type=OPTION_TYPES.get(f.name) or {"int": int, "float": float}.get(kind, str),
                            default=default, required=required, choices=OPTION_CHOICES.get(f.name), help=shown)

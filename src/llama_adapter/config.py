@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 
@@ -194,40 +194,54 @@ class LoRAArgs:
         return asdict(self)
 
 
+def setting(default: Any = MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field that is also a command-line option: `help` is the option's help text (the CLI adds the
+    default to it), kept beside the default so that the two cannot drift apart."""
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class TrainConfig:
-    base: str  # Meta / HF checkpoint folder or .gguf
-    train_data: str  # a split folder written by `tokenize`
-    out_dir: str
-    val_data: str | None = None
-    method: str = "adapter"  # one of METHODS ("zero-shot" does not train)
-    adapter_len: int = AdapterArgs.adapter_len
-    adapter_layers: int = AdapterArgs.adapter_layers
-    gate_init: str = AdapterArgs.gate_init
-    lora_rank: int = LoRAArgs.rank
-    lora_alpha: float = LoRAArgs.alpha
-    lora_dropout: float = LoRAArgs.dropout
-    lora_targets: str = ",".join(LoRAArgs.targets)  # comma-separated, of LORA_TARGETS
-    epochs: int = 5
-    warmup_epochs: float = 2.0
-    blr: float = 9e-3
-    lr: float | None = None  # absolute; default blr * global_batch / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.02
-    betas: tuple[float, float] = (0.9, 0.95)
-    global_batch: int = 64  # samples per optimizer step, over all processes
-    rows_per_micro_batch: int = 4  # packed rows per forward/backward (memory knob, no effect on the math)
-    row_len: int = 512  # tokens per packed row; at least the longest sample
-    pad_id: int = 0
-    seed: int = 0
-    checkpoint_every: int = 100  # optimizer steps; and always at the end
-    max_steps: int | None = None  # stop early (tests, benchmarks); the schedule still spans all epochs
-    device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
-    compile: bool = False
-    fsdp: bool = False  # shard the layers over the processes (FSDP2; models too big for one GPU)
-    image_features: str | None = None  # a feature cache (encode-images): train the multimodal adapter
-    run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
+    """A fine-tuning run, one field per `train` option; the defaults are the paper's recipe (train.py)."""
+
+    base: str = setting(help="the base: a Meta or HF checkpoint folder, or a .gguf file")
+    train_data: str = setting(help="a split folder written by tokenize")
+    out_dir: str = setting(help="the folder for the trained weights, metrics.json and the resumable checkpoint")
+    val_data: str | None = setting(None, "a split folder written by tokenize: the held-out loss before training and "
+                                         "after each epoch (default: none)")
+    method: str = setting("adapter", "what trains: the paper's adapter, LoRA, or full (every weight)")
+    adapter_len: int = setting(AdapterArgs.adapter_len, "prompt vectors per adapted layer")
+    adapter_layers: int = setting(AdapterArgs.adapter_layers, "the top layers that get prompts")
+    gate_init: str = setting(AdapterArgs.gate_init, "zero: the paper's zero-init attention; random: its ablation "
+                                                    "(the untrained prompts reach the model from the first step)")
+    lora_rank: int = setting(LoRAArgs.rank, "--method lora: the rank of each update")
+    lora_alpha: float = setting(LoRAArgs.alpha, "--method lora: the update is scaled by alpha / rank")
+    lora_dropout: float = setting(LoRAArgs.dropout, "--method lora: dropout on the update's input, while training")
+    lora_targets: str = setting(",".join(LoRAArgs.targets), "--method lora: the projections it adapts, "
+                                                            f"comma-separated, of {', '.join(LORA_TARGETS)}")
+    epochs: int = setting(5, "passes over the training data: the learning-rate schedule's length")
+    warmup_epochs: float = setting(2.0, "epochs of linear warm-up, before the half-cosine decay to --min-lr")
+    blr: float = setting(9e-3, "base learning rate: the peak is blr * global_batch / 256, unless --lr")
+    lr: float | None = setting(None, "the peak learning rate, absolute (default: blr * global_batch / 256)")
+    min_lr: float = setting(0.0, "the learning rate at the schedule's end")
+    weight_decay: float = setting(0.02, "AdamW's weight decay")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's betas")
+    global_batch: int = setting(64, "samples per optimizer step, over all processes")
+    rows_per_micro_batch: int = setting(4, "packed rows per forward/backward: a memory knob, no effect on the math")
+    row_len: int = setting(512, "tokens per packed row; at least the longest sample")
+    pad_id: int = setting(0, "the token id that fills packed rows (never a target)")
+    seed: int = setting(0, "seed of the initialisation and of the data order")
+    checkpoint_every: int = setting(100, "optimizer steps between checkpoints; one is always written at the end")
+    max_steps: int | None = setting(None, "stop after this many optimizer steps, the schedule still spanning every "
+                                          "epoch: tests, benchmarks (default: no limit)")
+    device: str | None = setting(None, "cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when a GPU is visible, else "
+                                       "cpu)")
+    compile: bool = setting(False, "torch.compile the blocks")
+    fsdp: bool = setting(False, "shard the layers over the processes (FSDP2): models too big for one GPU")
+    image_features: str | None = setting(None, "a feature cache written by encode-images: train the multimodal "
+                                               "adapter (default: text only)")
+    run_name: str | None = setting(None, "the MLflow run's name (default: the output folder's)")
+    tags: dict[str, str] = setting(help="the MLflow run's tags", default_factory=dict)
 
     @property
     def adapter(self) -> AdapterArgs:
@@ -247,9 +261,9 @@ class PretrainConfig:
     """The demo base's pre-training: AdamW on random windows of the corpus, 5% warm-up then cosine decay; the
     defaults train the demo preset in about a CPU minute."""
 
-    steps: int = 600
-    batch_size: int = 16  # windows per step
-    seq_len: int = 128  # tokens per window
-    lr: float = 3e-3
-    seed: int = 0
-    device: str = "cpu"  # the demo base trains on the CPU (cuda works too)
+    steps: int = setting(600, "optimizer steps")
+    batch_size: int = setting(16, "windows per step")
+    seq_len: int = setting(128, "tokens per window")
+    lr: float = setting(3e-3, "the peak learning rate")
+    seed: int = setting(0, "seed of the initialisation and of the windows drawn")
+    device: str = setting("cpu", "where it trains: the demo base is small enough for the CPU (cuda works too)")
