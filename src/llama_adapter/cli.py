@@ -11,7 +11,18 @@ from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import GATE_INITS, METHODS, PRESETS, AdapterArgs, ModelArgs, PretrainConfig, TrainConfig
+from .config import (
+    GATE_INITS,
+    METHODS,
+    PRESETS,
+    SPLIT_BY,
+    TRUNCATION,
+    AdapterArgs,
+    ModelArgs,
+    PretrainConfig,
+    TokenizeConfig,
+    TrainConfig,
+)
 from .errors import InputError, PipelineError, TokenizerError
 from .inputs import (
     beta,
@@ -161,7 +172,7 @@ def cmd_pretrain_base(ns: argparse.Namespace) -> None:
     existing_file(ns.tokenizer, "--tokenizer", "a SentencePiece .model")
     writable_output(ns.out, "--out", folder=True)
     check_device(ns.device)
-    cfg = PretrainConfig(**{f.name: getattr(ns, f.name) for f in fields(PretrainConfig)})
+    cfg = config_of(ns, PretrainConfig)
     summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, ModelArgs.from_name(ns.preset), cfg)
     print(json.dumps(summary, indent=2))
 
@@ -208,18 +219,12 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
     from .errors import TokenizeError
     from .io import remove_output
 
-    if ns.split_by == "seed":  # val_size as text: tokenize parses it
-        split = {"by": "seed", "val_size": "200" if ns.val_size is None else ns.val_size,
-                 "seed": 0 if ns.seed is None else ns.seed}
-    elif ns.split_by == "field":
-        given = [opt for opt, value in (("--val-size", ns.val_size), ("--seed", ns.seed)) if value is not None]
+    cfg = config_of(ns, TokenizeConfig)
+    if cfg.split_by == "field":
+        given = [f"--{name.replace('_', '-')}" for name in ("val_size", "seed") if hasattr(ns, name)]
         if given:  # they would be ignored without a word
             raise TokenizeError(f"{' and '.join(given)} given with --split-by field, which takes the records' own "
                                 "split; expected them only with --split-by seed")
-        split = {"by": "field"}
-    else:
-        raise TokenizeError(f"--split-by {ns.split_by!r} is unknown; expected seed (a seeded validation draw) or "
-                            "field (the records' own split)")
     try:
         tokenizer = load_tokenizer(ns.tokenizer)
     except TokenizerError:  # a failed run leaves no earlier run's arrays behind (never the input, though)
@@ -227,8 +232,8 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
         remove_output(ns.out)
         raise
     with os_errors_named():
-        stats = tokenize(ns.dataset, ns.validated, tokenizer, ns.out, max_seq_len=ns.max_seq_len,
-                         mask_prompt=not ns.no_mask_prompt, truncation=ns.truncation, split=split,
+        stats = tokenize(ns.dataset, ns.validated, tokenizer, ns.out, max_seq_len=cfg.max_seq_len,
+                         mask_prompt=cfg.mask_prompt, truncation=cfg.truncation, split=cfg.split_rule(),
                          tokenizer_name=str(ns.tokenizer))
     print(json.dumps(stats["splits"], indent=2))
 
@@ -261,7 +266,7 @@ def cmd_train(ns: argparse.Namespace) -> None:
     if ns.expect_gpus is not None:
         check_gpus(ns.expect_gpus)
     check_train_inputs(ns)
-    cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
+    cfg = config_of(ns, TrainConfig)
     if cfg.method == "lora":
         try:
             cfg.lora
@@ -467,9 +472,10 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
 
 
-def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
+def add_dataclass_options(p: argparse.ArgumentParser, cls, absent_unless_given: bool = False) -> None:
     """One --option per dataclass field, typed from its annotation, its help the field's (config.setting) with the
-    dataclass's own default added, so the CLI cannot drift from the config."""
+    dataclass's own default added, so the CLI cannot drift from the config. absent_unless_given: an option not
+    given is left out of the namespace (config_of then takes the dataclass's default), so a command can tell."""
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         required = f.default is MISSING and f.default_factory is MISSING
@@ -477,6 +483,8 @@ def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
         kind = str(f.type).replace(" | None", "")
         shown = f.metadata["help"] + ("" if required or default is None else f" (default: {default})")
         shown = shown.replace("%", "%%")  # argparse formats help text with %
+        if absent_unless_given:
+            default = argparse.SUPPRESS
         if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=shown)
         elif kind.startswith("tuple"):
@@ -486,6 +494,11 @@ def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
         else:
             p.add_argument(flag, type=OPTION_TYPES.get(f.name) or {"int": int, "float": float}.get(kind, str),
                            default=default, required=required, choices=OPTION_CHOICES.get(f.name), help=shown)
+
+
+def config_of(ns: argparse.Namespace, cls):
+    """The dataclass from its options (add_dataclass_options); an option left absent takes the field's default."""
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
 
 
 # Ranges of the dataclass options (training, pre-training), checked as argparse parses them (a one-line usage
@@ -499,7 +512,8 @@ OPTION_TYPES = {
     "lora_alpha": positive_float, "lora_dropout": non_negative_float, "steps": positive_int, "batch_size": positive_int,
     "seq_len": positive_int,
 }
-OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS}
+OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS,
+                  "truncation": TRUNCATION, "split_by": SPLIT_BY}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -585,15 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validated", required=True, type=Path, help="folder written by validate")
     p.add_argument("--tokenizer", required=True, help="a .model, tokenizer.json, .gguf, or a folder holding one")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--no-mask-prompt", action="store_true", help="also train on prompt tokens (paper: masked)")
-    p.add_argument("--truncation", choices=["truncate", "drop"], default="truncate",
-                   help="over-long samples: cut the response's end (paper) or drop them (counted either way)")
-    p.add_argument("--split-by", choices=["seed", "field"], default="seed",
-                   help="seed: a seeded validation draw, disjoint from training; field: the records' own split")
-    p.add_argument("--val-size", help="--split-by seed: validation records (an int) or fraction (a float); "
-                                     "default 200")
-    p.add_argument("--seed", type=int, help="--split-by seed: the draw's seed; default 0")
+    # Absent unless given, so that --val-size and --seed with --split-by field can be refused.
+    add_dataclass_options(p, TokenizeConfig, absent_unless_given=True)
     p.set_defaults(func=cmd_tokenize, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)

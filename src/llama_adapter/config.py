@@ -200,6 +200,36 @@ def setting(default: Any = MISSING, help: str = "", **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+# What tokenize does with a sample longer than max_seq_len: cut the response's end (the paper's), or drop it.
+TRUNCATION = ("truncate", "drop")
+# How tokenize tells validation from training records: a seeded draw, or the records' own split.
+SPLIT_BY = ("seed", "field")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """How validated records become samples (data/tokens.py), one field per `tokenize` option; the defaults are the
+    paper's, but for the validation records, which its code took from among the training ones."""
+
+    max_seq_len: int = setting(512, "tokens per sample at most, BOS and EOS included: the paper's padded length")
+    mask_prompt: bool = setting(True, "train on the response's tokens only, as the paper does; --no-mask-prompt: on "
+                                      "the prompt's too")
+    truncation: str = setting("truncate", "a sample over --max-seq-len: cut the response's end (the paper's) or "
+                                          "drop the sample; counted either way")
+    split_by: str = setting("seed", "seed: a seeded validation draw, disjoint from training; field: the records' "
+                                    "own split")
+    # A number, or its text as the command line gives it (tokenize parses it, naming val_size in its errors).
+    val_size: int | float | str = setting(200, "--split-by seed: validation records (an integer) or the fraction of "
+                                               "the records (a float)")
+    seed: int = setting(0, "--split-by seed: the draw's seed")
+
+    def split_rule(self) -> dict:
+        """The rule tokenize splits the records by (and records in stats.json)."""
+        if self.split_by == "seed":
+            return {"by": "seed", "val_size": self.val_size, "seed": self.seed}
+        return {"by": self.split_by}
+
+
 @dataclass
 class TrainConfig:
     """A fine-tuning run, one field per `train` option; the defaults are the paper's recipe (train.py)."""
