@@ -51,12 +51,6 @@ TRAIN_OUTPUTS = ("adapter.safetensors", "adapter_model.safetensors", "adapter_co
 EVALUATE_OUTPUTS = ("scores.json", "predictions.csv")
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
-
-
 def add_adapter_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-len", type=positive_int, default=AdapterArgs.adapter_len)
     p.add_argument("--adapter-layers", type=positive_int, default=AdapterArgs.adapter_layers)
@@ -111,12 +105,11 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     check_base(ns.base)
     if ns.adapter:
         existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
-    device = requested_device(ns)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, device, torch_dtype(ns.dtype))
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     prompt = tokenizer.encode(TEMPLATES[ns.template](ns.prompt), bos=not ns.no_bos)
-    generator = torch.Generator(device).manual_seed(ns.seed)
+    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(ns.seed)
     [out] = generate(model, [prompt], ns.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
                      ns.temperature, ns.top_p, generator)
     print(tokenizer.decode(out))
@@ -308,27 +301,15 @@ def check_base(base: str | Path) -> None:
         raise InputError(f"--base {e}") from None
 
 
-def requested_device(ns: argparse.Namespace) -> str:
-    """--device, else cuda when there is a GPU, else cpu."""
-    import torch
-
-    return ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_device(ns: argparse.Namespace):
-    """(device, dtype): CUDA in bf16 when there is a GPU, else CPU in fp32, unless --device/--dtype say."""
-    import torch
-
-    device = requested_device(ns)
-    default = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return device, torch_dtype(ns.dtype) if ns.dtype else default
-
-
-def load_for_inference(base: Path, adapter_path: Path | None, device, dtype):
-    """A frozen model in eval mode with its projections fused (faster decoding, same results)."""
+def load_for_inference(base: Path, adapter_path: Path | None, device: str | None, dtype: str | None):
+    """A frozen model in eval mode with its projections fused (faster decoding, same results), on `device` in
+    `dtype`, each left open (None) for devices.py to pick."""
     from .checkpoint import load_model
+    from .devices import pick_device, pick_dtype
 
-    model = load_model(base, adapter_path, device=device, dtype=dtype).eval().requires_grad_(False)
+    device = pick_device(device)
+    model = load_model(base, adapter_path, device=device, dtype=pick_dtype(device, dtype))
+    model = model.eval().requires_grad_(False)
     return model.fuse_projections()
 
 
@@ -364,9 +345,8 @@ def cmd_generate(ns: argparse.Namespace) -> None:
         raise InputError(f"--prompts {ns.prompts}: requests name adapter(s) {unknown} that no --adapter gives; given: "
                          f"{sorted(adapters)}")
     writable_output(ns.out, "--out", folder=False)
-    device, dtype = default_device(ns)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, device, dtype)
+    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     from .checkpoint import apply_adapter
 
@@ -410,9 +390,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
             raise InputError(f"--data {ns.data / 'records.jsonl'}: no questions"
                              + (f" in split {ns.split!r}; splits present: {present}" if all_records else ""))
         inputs = {"records": records, "train_records": [r for r in all_records if r.get("split") == "train"]}
-    device, dtype = default_device(ns)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, device, dtype)
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     if ns.task == "scienceqa" and ns.image_features:
         from .multimodal import ImageFeatures
@@ -437,13 +416,14 @@ def cmd_make_vision_encoder(ns: argparse.Namespace) -> None:
 
 def cmd_encode_images(ns: argparse.Namespace) -> None:
     """Encode every ScienceQA image once with a frozen CLIP vision tower into a feature cache keyed by pid."""
+    from .devices import pick_device
     from .multimodal import VisionEncoder, encode_images
 
     existing_dir(ns.encoder, "--encoder", "a CLIPVisionModel folder (config.json + model.safetensors)")
     existing_file(ns.records, "--records", "a validated ScienceQA records.jsonl")
     writable_output(ns.out, "--out", folder=True)
     check_device(ns.device)
-    encoder = VisionEncoder(ns.encoder, tuple(ns.layers) if ns.layers else None, requested_device(ns))
+    encoder = VisionEncoder(ns.encoder, tuple(ns.layers) if ns.layers else None, pick_device(ns.device))
     summary = encode_images(encoder, ns.records, ns.out, ns.policy, ns.batch_size)
     print(json.dumps(summary, indent=2))
 
