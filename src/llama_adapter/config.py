@@ -1,8 +1,11 @@
-"""Model and adapter configuration: one dataclass each, with the named LLaMA presets."""
+"""Configuration, one dataclass per concern (the model, the adapter, each stage's settings), with the named LLaMA
+presets. Every default lives here once; the CLI generates its options from these dataclasses, which is why this
+module imports neither torch nor anything that does."""
 
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 
@@ -194,10 +197,10 @@ class LoRAArgs:
         return asdict(self)
 
 
-def setting(default: Any = MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field that is also a command-line option: `help` is the option's help text (the CLI adds the
-    default to it), kept beside the default so that the two cannot drift apart."""
-    return field(default=default, metadata={"help": help}, **kw)
+def setting(default: Any = MISSING, help: str = "", if_none: str = "", **kw: Any) -> Any:
+    """A dataclass field that is also a command-line option: `help` is the option's help text, kept beside the
+    default so that the two cannot drift apart (the CLI adds the default; `if_none` says what a None means)."""
+    return field(default=default, metadata={"help": help, "if_none": if_none}, **kw)
 
 
 # What tokenize does with a sample longer than max_seq_len: cut the response's end (the paper's), or drop it.
@@ -238,7 +241,7 @@ class TrainConfig:
     train_data: str = setting(help="a split folder written by tokenize")
     out_dir: str = setting(help="the folder for the trained weights, metrics.json and the resumable checkpoint")
     val_data: str | None = setting(None, "a split folder written by tokenize: the held-out loss before training and "
-                                         "after each epoch (default: none)")
+                                         "after each epoch", if_none="none")
     method: str = setting("adapter", "what trains: the paper's adapter, LoRA, or full (every weight)")
     adapter_len: int = setting(AdapterArgs.adapter_len, "prompt vectors per adapted layer")
     adapter_layers: int = setting(AdapterArgs.adapter_layers, "the top layers that get prompts")
@@ -252,7 +255,7 @@ class TrainConfig:
     epochs: int = setting(5, "passes over the training data: the learning-rate schedule's length")
     warmup_epochs: float = setting(2.0, "epochs of linear warm-up, before the half-cosine decay to --min-lr")
     blr: float = setting(9e-3, "base learning rate: the peak is blr * global_batch / 256, unless --lr")
-    lr: float | None = setting(None, "the peak learning rate, absolute (default: blr * global_batch / 256)")
+    lr: float | None = setting(None, "the peak learning rate, absolute", if_none="blr * global_batch / 256")
     min_lr: float = setting(0.0, "the learning rate at the schedule's end")
     weight_decay: float = setting(0.02, "AdamW's weight decay")
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's betas")
@@ -263,14 +266,13 @@ class TrainConfig:
     seed: int = setting(0, "seed of the initialisation and of the data order")
     checkpoint_every: int = setting(100, "optimizer steps between checkpoints; one is always written at the end")
     max_steps: int | None = setting(None, "stop after this many optimizer steps, the schedule still spanning every "
-                                          "epoch: tests, benchmarks (default: no limit)")
-    device: str | None = setting(None, "cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when a GPU is visible, else "
-                                       "cpu)")
+                                          "epoch (tests, benchmarks)", if_none="no limit")
+    device: str | None = setting(None, "cpu, cuda or cuda:N", if_none="cuda:LOCAL_RANK when a GPU is visible, else cpu")
     compile: bool = setting(False, "torch.compile the blocks")
     fsdp: bool = setting(False, "shard the layers over the processes (FSDP2): models too big for one GPU")
     image_features: str | None = setting(None, "a feature cache written by encode-images: train the multimodal "
-                                               "adapter (default: text only)")
-    run_name: str | None = setting(None, "the MLflow run's name (default: the output folder's)")
+                                               "adapter", if_none="text only")
+    run_name: str | None = setting(None, "the MLflow run's name", if_none="the output folder's")
     tags: dict[str, str] = setting(help="the MLflow run's tags", default_factory=dict)
 
     @property
@@ -297,3 +299,86 @@ class PretrainConfig:
     lr: float = setting(3e-3, "the peak learning rate")
     seed: int = setting(0, "seed of the initialisation and of the windows drawn")
     device: str = setting("cpu", "where it trains: the demo base is small enough for the CPU (cuda works too)")
+
+
+# Where a command's model runs (devices.py picks what is left open), and the weights' precisions it takes.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How a loaded model is run to answer or to score (generate, evaluate; complete and encode-images take the
+    device, and complete the dtype)."""
+
+    batch_size: int = setting(16, "prompts decoded, or samples scored, together")
+    device: str | None = setting(None, "cpu, cuda or cuda:N", if_none="cuda if available, else cpu")
+    dtype: str | None = setting(None, "the weights' precision", if_none="bfloat16 on CUDA, float32 on CPU")
+
+
+# complete is a quick check of weights: in their full precision on any device.
+COMPLETE_INFERENCE = InferenceConfig(dtype="float32")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How generate.py draws each next token; the default is greedy decoding (deterministic)."""
+
+    max_new_tokens: int = setting(128, "tokens generated per prompt at most (fewer when it ends with EOS)")
+    temperature: float = setting(0.0, "0: greedy; the paper's samples: 0.1")
+    top_p: float = setting(0.75, "nucleus sampling: draw among the likeliest tokens holding this much of the "
+                                 "probability, in (0, 1]; the paper's: 0.75")
+    seed: int = setting(0, "seed of the draws")
+
+
+# The paper's samples (its released generation code): nucleus sampling at temperature 0.1.
+PAPER_SAMPLING = Sampling(temperature=0.1)
+
+TASKS = ("scienceqa", "alpaca")
+# How evaluate reads a ScienceQA answer (evaluate.py): decoded, or the most likely option.
+MODES = ("generate", "likelihood")
+
+
+@dataclass
+class Evaluation:
+    """What is scored and where its results go: the model (base, and the adapter or LoRA file on it, if any), the
+    data, the output folder and the MLflow run's name and tags; the settings are `evaluate` options."""
+
+    task: str = setting(help="scienceqa: accuracy per category; alpaca: held-out loss and perplexity")
+    base: Path
+    adapter: Path | None
+    data: Path
+    out_dir: Path
+    split: str | None = setting(None, "scienceqa: which split's questions", if_none="all")
+    mode: str = setting("generate", "scienceqa: decode and parse 'The answer is (X)' (the paper's), or pick the "
+                                    "most likely option (deterministic, one forward pass per option)")
+    row_len: int = setting(512, "alpaca: tokens per packed row; at least the longest sample")
+    run_name: str | None = setting(None, "the MLflow run's name", if_none="'evaluate TASK'")
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The embedded demo data (data/demo.py): its size and seed, one field per `demo-data` option."""
+
+    seed: int = setting(0, "seed of the generated facts, texts, images and splits")
+    instructions: int = setting(2000, "Alpaca-format records")
+    questions: int = setting(1200, "ScienceQA-format problems (at least 72: every split gets every kind)")
+
+
+@dataclass(frozen=True)
+class SentencePieceConfig:
+    """The demo's tokenizer (tokenizer.train_sentencepiece), one field per `train-tokenizer` option."""
+
+    vocab_size: int = setting(PRESETS["demo"]["vocab_size"], "the vocabulary's size: the demo preset's")
+
+
+# What a stage does with an input it cannot use: fail the run, or leave it out and list it.
+POLICIES = ("fail", "skip")
+
+
+@dataclass(frozen=True)
+class EncodeImagesConfig:
+    """How encode-images runs the frozen vision tower over the images (multimodal.encode_images)."""
+
+    policy: str = setting("fail", "a missing or unreadable image: fail the run, or leave it out and list it")
+    batch_size: int = setting(64, "images per forward pass")

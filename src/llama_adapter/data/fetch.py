@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
+from ..config import POLICIES
 from ..errors import FetchError, UnsafePathError
 from ..io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
 from . import FORMAT_VERSION, SCIENCEQA_FIELDS
@@ -56,7 +57,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DOWNLOAD_TIMEOUT_S = 60
 DOWNLOAD_CHUNK = 1 << 20
 LETTERS = string.ascii_uppercase
-POLICIES = ("fail", "skip")
 
 
 class Source(NamedTuple):
