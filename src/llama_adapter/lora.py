@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .checkpoint import (
     PEFT_CONFIG,
+    PROJECTIONS,
     peft_files,
     peft_type,
     permute_rope_rows,
@@ -39,11 +40,10 @@ from .io import atomic_path
 
 LORA_WEIGHTS = WEIGHTS["lora"]  # PEFT's names: PeftModel.from_pretrained looks for these two
 LORA_FORMAT = "llama-adapter/lora/1"
-# Meta's projection names -> Hugging Face's module names, which PEFT's target_modules and tensor names use.
-HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-              "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
-BLOCK_PART = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
-              "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+# Meta's projection names -> the part of the block holding them, and Hugging Face's module names, which PEFT's
+# target_modules and tensor names use.
+BLOCK_PART = {t: part for t, (part, _) in PROJECTIONS.items()}
+HF_MODULES = {t: module for t, (_, module) in PROJECTIONS.items()}
 PEFT_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import POLICIES, EncodeImagesConfig, TinyClipConfig
 from .data.paths import inside
 from .errors import EncoderError, ImageError, UnsafePathError
 from .io import atomic_dir, read_json, read_json_object, read_jsonl, remove_output, sha256_file, write_json
@@ -100,7 +101,7 @@ class VisionEncoder:
         return torch.cat([self.post_layernorm(hidden[i][:, 0]) for i in self.layers], dim=-1).float().cpu()
 
 
-def save_tiny_clip(out: Path, seed: int = 0, image_size: int = 32) -> Path:
+def save_tiny_clip(out: Path, seed: int = TinyClipConfig.seed, image_size: int = 32) -> Path:
     """A tiny random CLIPVisionModel in `save_pretrained` layout: the demo's stand-in for a real CLIP.
     The same seed writes byte-identical files; the caller's torch RNG state is left untouched."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -148,8 +149,8 @@ class ImageFeatures:
         return out, has
 
 
-def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, policy: str = "fail",
-                  batch_size: int = 64) -> dict[str, Any]:
+def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, policy: str = EncodeImagesConfig.policy,
+                  batch_size: int = EncodeImagesConfig.batch_size) -> dict[str, Any]:
     """Cache `encoder`'s features of every record's image (records.jsonl order) in `out_dir`.
 
     Rows of a cache with the same fingerprint are reused when the pid's image file is unchanged (same sha256);
@@ -157,7 +158,7 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
     current records' images. A missing/unreadable image, a record with has_image but no image file, or an image
     path leaving the dataset (`dataset_root`) fails the run (policy "fail", nothing written) or is left out and
     listed under "skipped" (policy "skip")."""
-    if policy not in ("fail", "skip"):
+    if policy not in POLICIES:
         raise ValueError(f"image policy must be 'fail' or 'skip', not {policy!r}")
     records_path, out_dir = Path(records_path), Path(out_dir)
     root = dataset_root(records_path)

@@ -51,6 +51,7 @@ from torch.distributed.tensor import DTensor
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
 from .config import WEIGHTS, TrainConfig
 from .data.tokens import TokenDataset
+from .devices import pick_device, pick_dtype
 from .errors import CheckpointError, GPUAllocationError, PipelineError, TrainingDiverged
 from .io import atomic_path, read_json_object, write_json
 from .methods import load_for_training, save_tuned, tuned_state
@@ -114,7 +115,7 @@ def check_gpus(expected: int) -> None:
 def setup_distributed(cfg: TrainConfig) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(cfg.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
@@ -389,7 +390,7 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    dtype = pick_dtype(d.device)
     images = ImageFeatures(Path(cfg.image_features)) if cfg.image_features else None
     if images and cfg.method != "adapter":
         raise ValueError(f"--image-features: images are read by the multimodal adapter; method {cfg.method} is "

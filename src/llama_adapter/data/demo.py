@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
+from ..config import DemoConfig
 from ..errors import InputError
 from ..io import atomic_dir, read_jsonl_lines
 from . import scienceqa
@@ -374,7 +375,8 @@ def _counts(items: list[str]) -> dict[str, int]:
     return dict(sorted(Counter(items).items()))
 
 
-def generate_demo(out_dir: Path, seed: int = 0, n_instructions: int = 2000, n_questions: int = 1200) -> dict:
+def generate_demo(out_dir: Path, seed: int = DemoConfig.seed, n_instructions: int = DemoConfig.instructions,
+                  n_questions: int = DemoConfig.questions) -> dict:
     """Write corpus.jsonl, alpaca.json and scienceqa/ (original layout) under `out_dir`, all or nothing.
 
     Returns counts: corpus lines and bytes, Alpaca records per task kind, ScienceQA problems per split by

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
+from ..config import POLICIES, FetchConfig
 from ..errors import FetchError, UnsafePathError
 from ..io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
 from . import FORMAT_VERSION, SCIENCEQA_FIELDS
@@ -56,7 +57,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DOWNLOAD_TIMEOUT_S = 60
 DOWNLOAD_CHUNK = 1 << 20
 LETTERS = string.ascii_uppercase
-POLICIES = ("fail", "skip")
 
 
 class Source(NamedTuple):
@@ -102,7 +102,8 @@ class Refusals:
 
 
 def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, revision: str | None = None,
-          assign_splits: dict[str, float] | None = None, split_seed: int = 0, policy: str = "fail") -> dict:
+          assign_splits: dict[str, float] | None = None, split_seed: int = FetchConfig.split_seed,
+          policy: str = FetchConfig.policy) -> dict:
     """Normalise `source` into `out_dir` (records.jsonl, images/, fetch.json) and return fetch.json's content.
 
     `source` is `hf:<dataset id or local folder>`, an http(s) URL, or a local path; `sha256` pins a file or

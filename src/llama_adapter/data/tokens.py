@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import SPLIT_BY, TRUNCATION, TokenizeConfig
 from ..errors import TokenizeError
 from ..io import atomic_dir, read_json_object, read_jsonl_lines, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
 from .scienceqa import qcm_prompt, qcm_target
 from .validate import check_separate, record_faults
-
-TRUNCATION = ("truncate", "drop")
 
 # (prompt, response) of a validated record, per dataset.
 SAMPLE_FORMATS: dict[str, Callable[[dict], tuple[str, str]]] = {
@@ -93,7 +92,7 @@ def parse_val_size(text: str) -> int | float:
 
 def check_split_rule(rule: dict) -> None:
     """Refuse a split rule tokenize cannot follow, naming the key and what it takes."""
-    if not isinstance(rule, dict) or rule.get("by") not in ("seed", "field"):
+    if not isinstance(rule, dict) or rule.get("by") not in SPLIT_BY:
         by = rule.get("by") if isinstance(rule, dict) else rule
         raise TokenizeError(f"split rule 'by' {by!r} is unknown; expected 'seed' (a seeded validation draw) or "
                             "'field' (the records' own split)")
@@ -155,13 +154,15 @@ def tokenize(
     validated_dir: Path,
     tokenizer: Tokenizer,
     out_dir: Path,
-    max_seq_len: int = 512,
-    mask_prompt: bool = True,
-    truncation: str = "truncate",
+    max_seq_len: int = TokenizeConfig.max_seq_len,
+    mask_prompt: bool = TokenizeConfig.mask_prompt,
+    truncation: str = TokenizeConfig.truncation,
     split: dict | None = None,
     tokenizer_name: str | None = None,
 ) -> dict:
-    """Tokenize validated records into out_dir/<split>/ arrays, plus stats.json and lengths.png.
+    """Tokenize validated records into out_dir/<split>/ arrays, plus stats.json and lengths.png. `split` is a
+    split rule (TokenizeConfig.split_rule); without one, ScienceQA keeps its own splits and Alpaca gets
+    TokenizeConfig's seeded draw.
 
     Every fault is a TokenizeError (or DataError) naming the file, record or setting: an empty or malformed
     records.jsonl, a record validate would not have kept, a split rule that leaves a split empty, an id
@@ -180,7 +181,7 @@ def tokenize(
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise TokenizeError(f"max_seq_len {max_seq_len!r}: expected an integer >= 2 (BOS and at least one token "
                                 "to learn)")
-        split = split or ({"by": "field"} if dataset == "scienceqa" else {"by": "seed", "val_size": 200, "seed": 0})
+        split = split or TokenizeConfig(split_by="field" if dataset == "scienceqa" else "seed").split_rule()
         if split.get("by") == "seed" and isinstance(split.get("val_size"), str):  # as the command line gives it
             split = {**split, "val_size": parse_val_size(split["val_size"])}
         check_split_rule(split)

@@ -38,13 +38,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import POLICIES, ValidateConfig
 from ..errors import DataError, UnsafePathError, ValidationError, ValidationFailed
 from ..io import atomic_dir, holds, read_json_object, read_jsonl_lines, write_json, write_jsonl
 from .paths import inside, is_file_name
 from .scienceqa import SUBJECTS, grade_number
 
 EXAMPLES_PER_REASON = 5
-POLICIES = ("fail", "skip")
 DATASETS = ("alpaca", "scienceqa")
 FLAGS = {"alpaca": ("empty_output", "nooutput", "duplicate"), "scienceqa": ("duplicate", "image_missing")}
 # One drop_flags list serves both datasets in the config, so a flag of either dataset is accepted for both.
@@ -189,7 +189,7 @@ def validate(
     dataset: str,
     fetched_dir: Path,
     out_dir: Path,
-    policy: str = "fail",
+    policy: str = ValidateConfig.policy,
     drop_flags: Iterable[str] = (),
 ) -> ValidationReport:
     """Check `fetched_dir/records.jsonl`; write `out_dir/records.jsonl` (kept records, image paths made
