@@ -267,7 +267,7 @@ def test_inspect_neither_preset_nor_path(capsys):
 
 
 @pytest.mark.parametrize("option, value", [("--epochs", "0"), ("--global-batch", "0"), ("--row-len", "-1"),
-                                           ("--rows-per-micro-batch", "0"), ("--blr", "-1"), ("--tags", "[1]"),
+                                           ("--rows-per-micro-batch", "0"), ("--blr", "-1"), ("--tag", "rule"),
                                            ("--max-steps", "0")])
 def test_train_option_ranges(w, tmp_path, capsys, option, value):
     one_line_error(capsys, *train_args(w, tmp_path / "out", option, value), names=[option, value])

@@ -22,6 +22,23 @@ def test_help_of_every_subcommand():
     for sub in ("inspect", "complete", "fetch-smollm2"):
         proc = run_cli(sub, "--help")
         assert proc.returncode == 0 and "usage: llama-adapter" in proc.stdout, sub
+    from importlib.metadata import version
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"llama-adapter {version('llama-adapter-pipeline')}"
+    assert "--template none" in run_cli("complete", "--help").stdout  # how to get a raw continuation
+
+
+def test_every_command_tags_its_run_alike():
+    """One tag syntax for every command: --tag KEY=VALUE, repeated; anything else is a usage error."""
+    from llama_adapter.cli import build_parser
+
+    parser = build_parser()
+    for command in (["train", "--base", "b", "--train-data", "t", "--out-dir", "o"],
+                    ["evaluate", "--base", "b", "--task", "alpaca", "--data", "d", "--out", "o"]):
+        ns = parser.parse_args([*command, "--tag", "rule=x", "--tag", "experiment=a=b"])
+        assert ns.tags == {"rule": "x", "experiment": "a=b"}
+        assert parser.parse_args(command).tags == {}
 
 
 def test_inspect_7b_preset_counts_the_paper_parameters():
@@ -90,7 +107,7 @@ def test_every_option_has_help():
     from llama_adapter.cli import build_parser
 
     [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    silent = [f"{name} {action.dest}" for name, p in commands.choices.items() if name != "report"  # its --out: not yet
-              for action in p._actions if not action.help]
+    silent = [f"{name} {action.dest}" for name, p in commands.choices.items() for action in p._actions
+              if not action.help]
     assert silent == []
     assert "(default: 0.1)" in commands.choices["generate"].format_help()

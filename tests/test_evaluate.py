@@ -161,6 +161,9 @@ def test_generate_cli_writes_jsonl_naming_the_adapter(world, tmp_path, llama_sp_
                            "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "out.jsonl"),
                            "--max-new-tokens", "4"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    assert "generated: 2/2" in proc.stderr  # progress, as a line in a log (no terminal here)
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [(r["id"], r["adapter"]) for r in rows] == [("q1", "first"), (2, "first")]
+    # generate's default: the paper's sampling, recorded with each answer for the report's caption
+    assert {r["decoding"] for r in rows} == {"sampled at temperature 0.1, top-p 0.75, seed 0, at most 4 new tokens"}
     assert rows[0]["adapter_path"].endswith("a.safetensors")

@@ -176,7 +176,10 @@ def test_complete_with_a_peft_adaption_prompt(tmp_path, llama_sp_model):
     hf = transformers.LlamaForCausalLM(hf_config(args)).eval()
     hf.save_pretrained(tmp_path / "hf")
     peft_adaption_prompt(hf, tmp_path / "peft", gates=(0.5, -0.5))
-    proc = run_cli("complete", "--base", str(tmp_path / "hf"), "--adapter", str(tmp_path / "peft" / WEIGHTS),
-                   "--tokenizer", str(llama_sp_model), "--prompt", "Name a colour.", "--max-new-tokens", "2")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip()  # random weights: some text, not sense
+    outputs = []
+    for adapter in (tmp_path / "peft" / WEIGHTS, tmp_path / "peft"):  # the weights file, or PEFT's folder
+        proc = run_cli("complete", "--base", str(tmp_path / "hf"), "--adapter", str(adapter),
+                       "--tokenizer", str(llama_sp_model), "--prompt", "Name a colour.", "--max-new-tokens", "2")
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert outputs[0].strip() and outputs[0] == outputs[1]  # random weights: some text, not sense; the same

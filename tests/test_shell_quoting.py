@@ -107,7 +107,9 @@ def test_dry_run_commands_parse_back_to_the_config_values(tmp_path):
     assert roles["--training"][center] == roles["--training"]["scienceqa"] == f"{results}/adapters/scienceqa"
     assert not any("zero-shot" in name or "zero_shot" in name for name in roles["--training"])
     trains = [shlex.split(c) for c in commands if c.startswith("exec llama-adapter train ")]
-    assert {json.loads(t[t.index("--tags") + 1])["experiment"] for t in trains} >= {"instruction", "scienceqa"}
+    tags = [dict(t[i + 1].split("=", 1) for i, a in enumerate(t) if a == "--tag") for t in trains]
+    assert {t["experiment"] for t in tags} >= {"instruction", "scienceqa"}
+    assert all(t["rule"] == "train_adapter" for t in tags)
 
 
 @pytest.mark.parametrize(("overrides", "named"), [

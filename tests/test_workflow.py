@@ -156,6 +156,8 @@ def test_demo_report_holds_numbers_with_provenance(demo_run):
             assert image.format == "PNG" and image.size[0] > 300
     text = (report / "report.md").read_text()
     assert "| adapter_layers |" in text and "![" in text and "**Provenance**" in text
+    # the caption says how the answers were decoded (config.yaml: temperature 0.1, top-p 0.75), not "greedy"
+    assert "## Generations of the instruction adapters (sampled at temperature 0.1, top-p 0.75" in text
     assert max(line.count(" | ") for line in text.splitlines() if line.startswith("|")) < 16  # readable widths
     assert (report / "scienceqa.tex").read_text().count(r"\\") == 7  # the header row, five methods' rows, the floor
 

@@ -108,7 +108,9 @@ def cmd_inspect(ns: argparse.Namespace) -> None:
 
 
 def cmd_complete(ns: argparse.Namespace) -> None:
-    """Complete one prompt with a base (and optionally a trained adapter): a quick check of weights."""
+    """Complete one prompt with a base (and optionally a trained adapter): a quick check of weights. The prompt is
+    an instruction, wrapped in the Alpaca template the paper's adapters were tuned with (--template); for a raw
+    continuation of the text as it is, give --template none (and --no-bos where the model lacks a BOS)."""
     import torch
 
     from .generate import generate
@@ -116,7 +118,7 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     check_device(ns.device)
     ns.base = check_base(ns.base)
     if ns.adapter:
-        existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
+        adapter_file(ns.adapter)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
     model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
@@ -130,7 +132,17 @@ def cmd_complete(ns: argparse.Namespace) -> None:
 
 
 ADAPTER_EXPECTED = ("an adapter .safetensors written by `llama-adapter train`, a PEFT LoRA's or AdaptionPrompt's "
-                    "adapter_model.safetensors (adapter_config.json beside it), or the paper's original-release .pth")
+                    "folder or its adapter_model.safetensors (adapter_config.json beside it), or the paper's "
+                    "original-release .pth")
+
+
+def adapter_file(path: str | Path, flag: str = "--adapter") -> Path:
+    """An adapter to load: a file, or a PEFT adapter's folder (adapter_config.json in it)."""
+    from .checkpoint import PEFT_CONFIG
+
+    if Path(path).is_dir() and (Path(path) / PEFT_CONFIG).is_file():
+        return Path(path)
+    return existing_file(path, flag, ADAPTER_EXPECTED)
 
 
 def inference_tokenizer(ns: argparse.Namespace):
@@ -344,11 +356,11 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
     adapters = {}
     for spec in specs:
         name, _, path = spec.rpartition("=")
-        name = name or Path(path).parent.name
+        name = name or (Path(path).name if Path(path).is_dir() else Path(path).parent.name)
         if name in adapters:
             raise InputError(f"--adapter {spec}: a second adapter named {name!r} (after {adapters[name]}); name them "
                              "apart with NAME=PATH")
-        adapters[name] = existing_file(path, "--adapter", ADAPTER_EXPECTED)
+        adapters[name] = adapter_file(path)
     return adapters
 
 
@@ -394,8 +406,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     check_device(ns.device)
     ns.base = check_base(ns.base)
     if ns.adapter is not None:
-        existing_file(ns.adapter, "--adapter", ADAPTER_EXPECTED)
-    tags = parse_tags(ns.tag)
+        adapter_file(ns.adapter)
     if ns.task == "scienceqa":
         existing_dir(ns.data, "--data", "a folder written by validate (holding records.jsonl)")
         existing_file(ns.data / "records.jsonl", "--data", "a folder written by validate (holding records.jsonl)")
@@ -429,7 +440,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         check_token_ids(split["max_id"], model.args.vocab_size, ns.data, "--data", ns.base)
         inputs["heldout"] = TokenDataset(ns.data)
     ev = Evaluation(ns.task, Path(ns.base), ns.adapter, ns.data, ns.out, ns.split, ns.mode, ns.row_len, ns.run_name,
-                    tags)
+                    ns.tags)
     scores = evaluate(model, tokenizer, ev, batch_size=ns.batch_size, **inputs)
     print(json.dumps(scores, indent=2))
 
@@ -486,11 +497,29 @@ def name_and_path(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def parse_tags(items: list[str]) -> dict[str, str]:
-    bad = [t for t in items if "=" not in t]
-    if bad:
-        raise InputError(f"--tag expects KEY=VALUE, got {bad}")
-    return dict(t.split("=", 1) for t in items)
+class KeyValue(argparse.Action):
+    """A repeatable KEY=VALUE option gathered into a dict (the MLflow run's tags: --tag rule=train --tag ...),
+    one syntax for every command."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        key, eq, item = value.partition("=")
+        if not eq or not key:
+            parser.error(f"argument {option_string}: expected KEY=VALUE, got {value!r}")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), key: item})
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-adapter-pipeline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def add_tag_option(p: argparse.ArgumentParser, dest: str = "tags") -> None:
+    p.add_argument("--tag", dest=dest, action=KeyValue, default={}, metavar="KEY=VALUE",
+                   help="a tag of the MLflow run; repeat for several (default: none)")
 
 
 def add_inference_options(p: argparse.ArgumentParser, inference=InferenceConfig, only: tuple[str, ...] | None = None
@@ -527,8 +556,8 @@ def add_dataclass_options(p: argparse.ArgumentParser, config, only: tuple[str, .
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=shown)
         elif kind.startswith("tuple"):
             p.add_argument(flag, type=OPTION_TYPES.get(f.name, float), nargs=2, default=default, help=shown)
-        elif kind.startswith("dict"):
-            p.add_argument(flag, type=json_object, default=default, help=f"a JSON object: {shown}")
+        elif f.name == "tags":  # every command's tags as --tag KEY=VALUE, repeatable
+            add_tag_option(p)
         else:
             p.add_argument(flag, type=OPTION_TYPES.get(f.name) or {"int": int, "float": float}.get(kind, str),
                            default=default, required=required, choices=OPTION_CHOICES.get(f.name), help=shown)
@@ -557,6 +586,7 @@ OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-adapter", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     # A command's outputs: removed when it fails, so that no earlier run's output is left where the next stage
     # would take it for this run's (validate keeps its own failure report; inspect and complete write nothing;
@@ -671,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-features", type=Path,
                    help="scienceqa with a multimodal adapter: the feature cache written by encode-images")
     p.add_argument("--out", required=True, type=Path, help="the folder for scores.json (and predictions.csv)")
-    p.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag of the MLflow run; repeatable")
+    add_tag_option(p)
     p.set_defaults(func=cmd_evaluate, outputs=lambda ns: [ns.out / f for f in EVALUATE_OUTPUTS])
 
     p = sub.add_parser("make-vision-encoder", help=cmd_make_vision_encoder.__doc__,

@@ -329,6 +329,13 @@ class Sampling:
                                  "probability, in (0, 1]; the paper's: 0.75")
     seed: int = setting(0, "seed of the draws")
 
+    def describe(self) -> str:
+        """How the answers were decoded, in words (each generation records it; the report's caption says it)."""
+        if self.temperature == 0:
+            return f"greedy, at most {self.max_new_tokens} new tokens"
+        return (f"sampled at temperature {self.temperature:g}, top-p {self.top_p:g}, seed {self.seed}, at most "
+                f"{self.max_new_tokens} new tokens")
+
 
 # The paper's samples (its released generation code): nucleus sampling at temperature 0.1.
 PAPER_SAMPLING = Sampling(temperature=0.1)

@@ -25,6 +25,7 @@ from .io import atomic_path, read_json_object, write_json
 from .model import Transformer
 from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
+from .tracking import in_batches
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def sequence_logprobs(model: Transformer, samples: list[tuple], batch_size: int)
     row each."""
     device = model.tok_embeddings.weight.device
     out = []
-    for i in range(0, len(samples), batch_size):
+    for i in in_batches(len(samples), batch_size, "scored"):
         batch = collate([[s] for s in samples[i: i + batch_size]], pad_id=0).to(device)
         h = hidden_states(model, batch)
         logp = torch.log_softmax(model.output(h).float(), dim=-1).gather(-1, batch.targets[..., None])[..., 0]

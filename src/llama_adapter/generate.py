@@ -20,6 +20,7 @@ from .config import InferenceConfig, Sampling
 from .model import Transformer
 from .prompts import alpaca_prompt
 from .tokenizer import Tokenizer
+from .tracking import in_batches
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
@@ -219,7 +220,7 @@ def complete_texts(
     draws come from `generator` (sampling's seed is its maker's to use: generate_requests draws all its adapters'
     answers from one)."""
     texts = []
-    for i in range(0, len(prompts), batch_size):
+    for i in in_batches(len(prompts), batch_size, "generated"):
         ids = [tokenizer.encode(p, bos=True) for p in prompts[i: i + batch_size]]
         outs = generate(model, ids, sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, sampling.temperature,
                         sampling.top_p, generator, compile=compile,
@@ -253,7 +254,7 @@ def generate_requests(
         outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], sampling, batch_size, generator,
                                  compile)
         results += [{"id": r["id"], "adapter": name, "adapter_path": path and str(path), "prompt": prompt_text(r),
-                     "output": o} for r, o in zip(mine, outputs)]
+                     "output": o, "decoding": sampling.describe()} for r, o in zip(mine, outputs)]
     if out is not None:
         from .io import write_jsonl
 

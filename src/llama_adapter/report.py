@@ -414,8 +414,8 @@ def generations_table(generations: dict[str, Path], runs: list[Run]) -> pd.DataF
                                  "writes") from None
             instruction = g["prompt"].split("### Instruction:\n")[-1].split("\n\n### ")[0]
             rows.append({"adapter": r.name, "id": g["id"], "instruction": instruction, "output": g["output"],
-                         "mlflow_run": r.provenance["mlflow_run"]})
-    return pd.DataFrame(rows, columns=["adapter", "id", "instruction", "output", "mlflow_run"])
+                         "decoding": g.get("decoding", "not recorded"), "mlflow_run": r.provenance["mlflow_run"]})
+    return pd.DataFrame(rows, columns=["adapter", "id", "instruction", "output", "decoding", "mlflow_run"])
 
 
 def jobs_table(benchmarks: Path | None) -> pd.DataFrame:
@@ -587,7 +587,7 @@ ABLATION_TABLES = {  # axis: (file name, caption); an axis not listed: ablation_
     "method": ("ablation_method", "Ablation: what trains (adapter, LoRA, full fine-tuning, none) at the center"),
 }
 RUN_TABLES = {
-    "generations": "Generations of the instruction adapters (greedy)",
+    "generations": "Generations of the instruction adapters",
     "jobs": "Compute: wall time and peak memory of each job (Snakemake benchmark files)",
 }
 
@@ -645,6 +645,8 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
               **{ablation_table_name(axis)[0]: ablation_table(runs, axis) for axis, runs in axes.items()},
               "generations": generations_table(inputs.generations, instruction), "jobs": jobs_table(inputs.benchmarks)}
     captions = report_tables(list(vary))
+    if decodings := sorted(set(tables["generations"]["decoding"])):  # the caption says how they were decoded
+        captions["generations"] += f" ({'; '.join(decodings)})"
     with atomic_dir(Path(out_dir)) as tmp:
         for name, df in tables.items():
             df.to_csv(tmp / f"{name}.csv", index=False)

@@ -314,3 +314,20 @@ def progress(total: int, initial: int, desc: str, enabled: bool = True):
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and sys.stderr.isatty()),
                 dynamic_ncols=True)
+
+
+def in_batches(total: int, batch_size: int, desc: str):
+    """The start of each batch of `total` items, showing progress on stderr: a bar on a terminal; in a log file
+    (SLURM, Snakemake) a line at about every tenth of the way and at the end, so that a long evaluation shows it
+    is moving without flooding its log."""
+    bar = progress(total, 0, desc)
+    every = max(batch_size, -(-total // 10))
+    printed = 0
+    for start in range(0, total, batch_size):
+        yield start
+        done = min(start + batch_size, total)
+        bar.update(done - start)
+        if bar.disable and (done - printed >= every or done == total):
+            print(f"{desc}: {done}/{total}", file=sys.stderr, flush=True)
+            printed = done
+    bar.close()

@@ -107,9 +107,13 @@ rule train_adapter:
         train=lambda w, input: f"{input.tokens}/train",
         val=lambda w, input: f"{input.tokens}/val",
         launcher=lambda w, resources: launcher(resources.gpu),
-        # JSON from json.dumps, never by hand: valid JSON and one argument whatever the name holds.
-        tags=lambda w: json.dumps({"rule": "train_adapter", "experiment": w.experiment}),
+        tags=lambda w: [
+            "--tag",
+            "rule=train_adapter",
+            "--tag",
+            f"experiment={w.experiment}",
+        ],
     shell:
         "exec {params.launcher:q} train --base {input.base:q} --train-data {params.train:q} --val-data {params.val:q} "
         "--out-dir {params.out:q} --run-name {wildcards.experiment:q} --resume --expect-gpus {resources.gpu:q} "
-        "--tags {params.tags:q} {params.options:q} > {log:q} 2>&1"
+        "{params.tags:q} {params.options:q} > {log:q} 2>&1"
