@@ -137,6 +137,40 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
     assert failed.data.params["method"] == "zero-shot" and not (tmp_path / "broken" / "scores.json").exists()
 
 
+def test_a_stop_signal_ends_the_evaluation_killed_with_nothing_written(world, tmp_path, monkeypatch):
+    """scancel or a time limit (SIGTERM) in the middle of scoring: the MLflow run ends KILLED (tagged with the
+    signal), not RUNNING forever; no predictions or scores are left; the signal's handler is put back after."""
+    import os
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    import llama_adapter.evaluate as evaluate_mod
+    from llama_adapter.errors import StoppedBySignal
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    root, tok = world
+
+    def cancelled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the signal did not stop the evaluation")
+
+    monkeypatch.setattr(evaluate_mod, "score_scienceqa", cancelled)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scores.json").write_text("{}")  # an earlier run's: must not pass for this one's
+    before = signal.getsignal(signal.SIGTERM)
+    ev = Evaluation("scienceqa", root / "base", None, root / "data", tmp_path / "out", mode="likelihood")
+    with pytest.raises(StoppedBySignal):
+        evaluate_mod.evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not (tmp_path / "out" / "scores.json").exists() and not (tmp_path / "out" / "predictions.csv").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGTERM"
+
+
 def test_heldout_loss_is_the_token_mean(world, tmp_path):
     root, _ = world
     model = load_model(root / "base", root / "b.safetensors")

@@ -39,7 +39,7 @@ from .config import (
     TrainConfig,
     ValidateConfig,
 )
-from .errors import InputError, PipelineError, TokenizerError
+from .errors import InputError, PipelineError, StoppedBySignal, TokenizerError
 from .inputs import (
     beta,
     check_device,
@@ -760,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
                     with contextlib.suppress(OSError):  # (an output that cannot exist: the error below says why)
                         remove_output(path)
             raise
+    except StoppedBySignal as e:  # one line, and the shell's exit code for a signal
+        print(f"llama-adapter {ns.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (PipelineError, ValueError) as e:
         print(f"llama-adapter {ns.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@ error class of the package is here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -78,3 +80,41 @@ class ImageError(PipelineError):
 
 class EncoderError(PipelineError, ValueError):
     """A vision encoder folder that is missing, incomplete, or asked for hidden states it does not have."""
+
+
+class StoppedBySignal(BaseException):
+    """A stop signal (SIGTERM: scancel, a time limit, preemption) ended a job that has nothing to save midway (an
+    evaluation): raised where the job was, so that its MLflow run ends KILLED and it leaves no partial output; the
+    CLI exits with 128 + the signal's number, as the shell reports a signal. A BaseException, as KeyboardInterrupt:
+    no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum, self.signal_name = signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name}; nothing was written")
+
+
+@contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGUSR1 raise StoppedBySignal in the main thread while the block runs (elsewhere: no handler can
+    be set, nothing changes); the previous handlers come back after it. A signal the parent ignores stays ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise StoppedBySignal(signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -19,7 +19,7 @@ from .batching import collate, heldout_loss, hidden_states
 from .config import MODES, Evaluation, InferenceConfig, Sampling
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
-from .errors import DataError
+from .errors import DataError, StoppedBySignal, stop_signals_raise
 from .generate import complete_texts
 from .io import atomic_path, read_json_object, write_json
 from .model import Transformer
@@ -169,20 +169,24 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     tracker.log_params({"task": ev.task, "method": method, "base": str(ev.base), "adapter": str(ev.adapter),
                         "data": str(ev.data), "split": ev.split, "mode": ev.mode,
                         "training_run_id": training.get("mlflow_run_id")})
+    written = [out / "scores.json", *([out / "predictions.csv"] if ev.task == "scienceqa" else [])]
     try:
-        written = [out / "scores.json"]
-        if ev.task == "scienceqa":
-            scores, predictions = score_scienceqa(model, tokenizer, records or [], ev.mode, batch_size, images,
-                                                  train_records)
-            scores["split"] = ev.split
-            write_predictions(predictions, out / "predictions.csv")
-            written.append(out / "predictions.csv")
-        else:
-            scores = score_alpaca(model, tokenizer, heldout, ev.row_len, batch_size)
-        scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id}
-        write_json(out / "scores.json", scores)
-    except BaseException:
-        tracker.close(failed=True)
+        with stop_signals_raise():  # scancel, a time limit: the run ends KILLED, not RUNNING forever
+            if ev.task == "scienceqa":
+                scores, predictions = score_scienceqa(model, tokenizer, records or [], ev.mode, batch_size, images,
+                                                      train_records)
+                scores["split"] = ev.split
+                write_predictions(predictions, out / "predictions.csv")
+            else:
+                scores = score_alpaca(model, tokenizer, heldout, ev.row_len, batch_size)
+            scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id}
+            write_json(out / "scores.json", scores)
+    except BaseException as e:
+        for path in written:  # no partial output: predictions without their scores would pass for a finished run
+            path.unlink(missing_ok=True)
+        if isinstance(e, StoppedBySignal):
+            tracker.set_tags({"stopped_by": e.signal_name})
+        tracker.close(status="KILLED" if isinstance(e, StoppedBySignal) else "FAILED")
         raise
     tracker.log_metrics({k.replace(".accuracy", ""): v for k, v in flatten(scores).items()
                          if isinstance(v, int | float) and not k.endswith(".n")}, step=0)
