@@ -1,5 +1,6 @@
 """The Snakemake layer: the DAG resolves from config.yaml, and a bad config key is refused by the schema."""
 
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -97,12 +98,32 @@ def test_the_lock_pins_pyproject_and_environment_yml_follows_it():
         assert f" torch=={tool.TORCH}\n" in commands and "--require-hashes -r requirements.lock" in commands, path
 
 
-def test_rules_run_in_the_named_conda_environment():
-    """With --sdm conda every rule activates the environment environment.yml creates (a named one: a file's
-    environment would be built where its `-e .` names no package); conda itself is not here, the plan is."""
-    assert yaml.safe_load((REPO / "environment.yml").read_text())["name"] == "llama-adapter"
-    proc = snakemake("-n", "--sdm", "conda", "--cores", "1", "--config", "results=/tmp/conda-plan", cwd=REPO)
-    assert proc.returncode == 0 and "train_adapter" in proc.stdout, proc.stderr[-2000:]
+def test_conda_environment_of_the_rules_installs_this_checkout(tmp_path):
+    """With --sdm conda Snakemake builds the rules' environment from a copy of environment.yml in a folder of its
+    own, then runs environment.post-deploy.sh inside it: the script must install this checkout from
+    LLAMA_ADAPTER_SOURCE (which the workflow exports), not from a relative path. conda is not here (Snakemake
+    asks for it even to plan with --sdm conda): a fresh venv stands in for the environment."""
+    import subprocess
+    import sys
+
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert not [line for line in pip if line.startswith("-e")]  # a path would be read where Snakemake copies it
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "env")], check=True)
+    inside = {**os.environ, "PATH": f"{tmp_path / 'env' / 'bin'}:{os.environ['PATH']}",
+              "LLAMA_ADAPTER_SOURCE": str(REPO)}
+    installed = subprocess.run(["bash", str(REPO / "environment.post-deploy.sh")], capture_output=True, text=True,
+                               cwd=tmp_path, env=inside)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    # the checkout itself, editable (its dependencies are the environment's: --no-deps)
+    code = "from importlib.metadata import distribution; print(distribution('llama-adapter-pipeline').read_text(" \
+           "'direct_url.json'))"
+    found = subprocess.run([str(tmp_path / "env" / "bin" / "python"), "-c", code], capture_output=True, text=True)
+    assert REPO.as_uri() in found.stdout and '"editable": true' in found.stdout, found.stdout + found.stderr
+    assert (tmp_path / "env" / "bin" / "llama-adapter").exists()
+    unset = subprocess.run(["bash", str(REPO / "environment.post-deploy.sh")], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "LLAMA_ADAPTER_SOURCE"})
+    assert unset.returncode != 0 and "LLAMA_ADAPTER_SOURCE" in unset.stderr
 
 
 # --- the whole demo DAG, for real (the demo_run fixture, tests/conftest.py) ------------------------------------

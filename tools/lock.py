@@ -7,8 +7,9 @@ requirements.lock pins every package that the project and its test, lint and wor
 the sha256 of its files, for Linux x86_64 and Python 3.11: all but torch, whose build depends on the machine
 (the CPU wheel here, a CUDA one on a GPU cluster), so it is installed first, at the version TORCH names. The
 lock is resolved against torch's CPU build, so that it holds no CUDA packages; a CUDA torch brings its own.
-environment.yml is written from the same pins (without hashes, which conda's pip section does not check), for a
-conda environment named llama-adapter whose `-e .` installs this checkout.
+environment.yml is written from the same pins (without hashes, which conda's pip section does not check): the
+conda environment of the workflow's rules (--sdm conda), which environment.post-deploy.sh completes with this
+checkout.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ def pins(lock_text: str) -> list[tuple[str, str]]:
 
 def environment_yml(locked: list[tuple[str, str]]) -> str:
     lines = ["# Written by tools/lock.py from requirements.lock: edit pyproject.toml and rerun it, not this file.",
-             "# The conda environment the workflow's rules name (conda: llama-adapter, with --sdm conda); create",
-             "# it from the repository root, where `-e .` installs this checkout:",
-             "#   conda env create -f environment.yml && conda activate llama-adapter",
+             "# Every package but this checkout, which environment.post-deploy.sh installs: with --sdm conda,",
+             "# Snakemake builds the rules' environment from a copy of this file elsewhere, where a `-e .` here",
+             "# would name no package. By hand, from the repository root:",
+             "#   conda env create -f environment.yml && conda activate llama-adapter && pip install --no-deps -e .",
              "name: llama-adapter", "channels:", "  - conda-forge", "dependencies:", f"  - python={PYTHON}",
              "  - pip", "  - pip:", f"      - torch=={TORCH}"]
     lines += [f"      - {name}=={version}" for name, version in locked]
-    return "\n".join([*lines, "      - -e .", ""])
+    return "\n".join([*lines, ""])
 
 
 def main() -> None:

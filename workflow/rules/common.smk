@@ -2,6 +2,7 @@
 # environment of an invocation's MLflow runs.
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -67,11 +68,12 @@ def check_paths(config):
 
 check_paths(config)
 
-# Every rule's software: the conda environment named llama-adapter, which `conda env create -f environment.yml`
-# makes from the repository root (its `-e .` installs this checkout), activated by --sdm conda. A named
-# environment, not the file: Snakemake would build a file's environment in a folder of its own, where `-e .`
-# names no package. Without --sdm conda the rules run in the environment Snakemake was started from.
-CONDA_ENV = "llama-adapter"
+# Every rule's software, with --sdm conda: environment.yml (the lock's pins), completed by its post-deploy script
+# (environment.post-deploy.sh), which installs this checkout from LLAMA_ADAPTER_SOURCE: Snakemake builds the
+# environment from a copy of the file in a folder of its own, where a path in the file would name no package.
+# Without --sdm conda the rules run in the environment Snakemake was started from.
+CONDA_ENV = "../../environment.yml"
+os.environ.setdefault("LLAMA_ADAPTER_SOURCE", str(Path(workflow.basedir)))
 
 RESULTS = config["results"]
 
