@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 from snakemake.utils import Paramspace, validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from llama_adapter.config import WEIGHTS, TrainConfig
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
@@ -70,8 +71,14 @@ check_paths(config)
 # Every rule's software: the conda environment named llama-adapter, which `conda env create -f environment.yml`
 # makes from the repository root (its `-e .` installs this checkout), activated by --sdm conda. A named
 # environment, not the file: Snakemake would build a file's environment in a folder of its own, where `-e .`
-# names no package. Without --sdm conda the rules run in the environment Snakemake was started from.
-CONDA_ENV = "llama-adapter"
+# names no package. Without --sdm conda the rules run in the environment Snakemake was started from, and name no
+# environment: Snakemake records a named environment's `conda env export` with every job it runs, which fails
+# where there is no conda.
+CONDA_ENV = (
+    "llama-adapter"
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else None
+)
 
 RESULTS = config["results"]
 
