@@ -73,12 +73,14 @@ check_paths(config)
 # environment, not the file: Snakemake would build a file's environment in a folder of its own, where `-e .`
 # names no package. Without --sdm conda the rules run in the environment Snakemake was started from, and name no
 # environment: Snakemake records a named environment's `conda env export` with every job it runs, which fails
-# where there is no conda.
-CONDA_ENV = (
-    "llama-adapter"
-    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    else None
-)
+# where there is no conda. A function, so that the rules declare it either way (snakemake --lint asks for one).
+def conda_environment(wildcards):
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        return "llama-adapter"
+    return None
+
+
+CONDA_ENV = conda_environment
 
 RESULTS = config["results"]
 
