@@ -1,4 +1,5 @@
-"""A one-node SLURM cluster on this machine, from Debian's packages, for testing `snakemake --profile slurm`.
+"""A two-node SLURM cluster on this machine, from Debian's packages, for testing `snakemake --profile slurm`:
+one slurmctld and two slurmd daemons (NODES), each with its own node name and port, sharing the host.
 
     python tests/slurm_cluster.py install  # apt-get the packages if missing (root)
     python tests/slurm_cluster.py up       # install if missing, write configs, start the daemons
@@ -12,6 +13,15 @@ Facts this relies on (Debian 12, slurm-wlm 22.05):
   `--slurm-status-command squeue`, which needs finished jobs kept visible (MinJobAge) well beyond the
   plugin's first status check.
 - No mail, no cgroups on a CI machine: MailProg=/bin/true, proctrack/linuxproc, task/none.
+- Several slurmd on one host, as Debian builds slurmd (no build option needed for what follows): each node's
+  line names the host as NodeHostname, 127.0.0.1 as NodeAddr and a Port of its own; each daemon runs as
+  `slurmd -N NAME`, and %n in SlurmdSpoolDir/SlurmdPidFile/SlurmdLogFile keeps their files apart. The node
+  names need not resolve: a multi-node job finds its first node's address with `scontrol show node`.
+- Each node offers every core of the host (a 2-thread job such as pretrain_base needs 2 CPUs on one node), so
+  SLURM may run twice as many 1-CPU jobs at once as there are cores; the memory is shared out between them.
+- The executor plugin runs a job with an `mpi` resource in the batch step, without an srun of its own: there the
+  rule's srun starts a step over all the job's nodes. Under the plugin's usual one-node step (srun -n1), a nested
+  srun over both nodes waits forever unless given --overlap.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ def install() -> None:
 
 def slurm_conf(host: str, cpus: int, memory_mb: int) -> str:
     return f"""\
-# Written by tests/slurm_cluster.py: a one-node test cluster.
+# Written by tests/slurm_cluster.py: a two-node test cluster on one host.
 ClusterName=llama-adapter-test
 SlurmctldHost={host}
 SlurmUser=root
@@ -65,16 +75,35 @@ SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
 MinJobAge=600
 StateSaveLocation={STATE}/ctld
-SlurmdSpoolDir={STATE}/d
+SlurmdSpoolDir={STATE}/d/%n
 SlurmctldPidFile={STATE}/slurmctld.pid
-SlurmdPidFile={STATE}/slurmd.pid
+SlurmdPidFile={STATE}/slurmd-%n.pid
 SlurmctldLogFile={STATE}/slurmctld.log
-SlurmdLogFile={STATE}/slurmd.log
+SlurmdLogFile={STATE}/slurmd-%n.log
 SlurmctldPort=6817
-SlurmdPort=6818
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
-PartitionName={PARTITION} Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{node_config(host, cpus, memory_mb)}
 """
+
+
+# The nodes: one slurmd each, on this host, at SLURMD_PORT + its index.
+NODES = ("node1", "node2")
+SLURMD_PORT = 6818
+
+
+def node_config(host: str, cpus: int, memory_mb: int) -> str:
+    """slurm.conf's node and partition lines: NODES on this host, each with every core and a share of the memory."""
+    share = memory_mb // len(NODES)
+    nodes = [f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={SLURMD_PORT + i} CPUs={cpus} "
+             f"RealMemory={share} State=UNKNOWN" for i, name in enumerate(NODES)]
+    return "\n".join([*nodes, f"PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE "
+                                "State=UP"])
+
+
+def start_slurmds() -> dict:
+    """One `slurmd -D -N NAME` per node; their PIDs by daemon name."""
+    for name in NODES:
+        (STATE / "d" / name).mkdir(parents=True, exist_ok=True)
+    return {f"slurmd-{name}": _start(f"slurmd-{name}", ["slurmd", "-D", "-N", name]) for name in NODES}
 
 
 def _start(name: str, cmd: list[str]) -> int:
@@ -90,8 +119,8 @@ def _node_memory_mb() -> int:
 
 
 def up(timeout: float = 60) -> dict:
-    """Start munged, slurmctld and slurmd in the foreground mode (-D/-F) as our own children's children,
-    wait until the node is idle, and record the PIDs in STATE/pids.json for `down`."""
+    """Start munged, slurmctld and a slurmd per node in the foreground mode (-D/-F) as our own children's children,
+    wait until the nodes are idle, and record the PIDs in STATE/pids.json for `down`."""
     install()
     down()
     STATE.mkdir(parents=True, exist_ok=True)
@@ -110,15 +139,15 @@ def up(timeout: float = 60) -> dict:
                                         "--log-file", str(STATE / "munge" / "munged.log")])}
     _wait(lambda: (MUNGE_SOCKET_DIR / "munge.socket.2").exists(), timeout, "munged's socket")
     pids["slurmctld"] = _start("slurmctld", ["slurmctld", "-D", "-i"])
-    pids["slurmd"] = _start("slurmd", ["slurmd", "-D"])
+    pids.update(start_slurmds())
     (STATE / "pids.json").write_text(json.dumps(pids))
-    _wait(_node_idle, timeout, f"node {host} idle in sinfo")
+    _wait(_node_idle, timeout, f"nodes {', '.join(NODES)} idle in sinfo")
     return pids
 
 
 def _node_idle() -> bool:
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and out.stdout.strip() == "idle"
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True)
+    return out.returncode == 0 and sorted(out.stdout.split()) == sorted([*NODES, *["idle"] * len(NODES)])
 
 
 def _wait(ready, timeout: float, what: str) -> None:

@@ -266,3 +266,85 @@ def test_local_profile_gives_each_gpu_rule_one_gpu():
                     "--resources", "gpu=2", "--set-resources", "train_adapter:gpu=2")
     assert all(job["shell"].startswith("exec torchrun --standalone --nproc-per-node 2 -m llama_adapter.cli train ")
                for job in jobs(out, "train_adapter"))
+
+
+# --- two nodes: config/llama2-70b-2x8.yaml through slurm/2x8 ------------------------------------------------
+
+TWO_NODE_PROFILE = REPO / "slurm" / "2x8" / "config.yaml"
+LAYOUT = {"nodes", "gpu", "tasks_per_node", "mpi", "mem_mb"}  # what the two-node profile changes for training
+
+
+def test_two_node_profile_differs_from_slurm_only_in_the_training_layout():
+    one, two = (yaml.safe_load(p.read_text()) for p in (SLURM_PROFILE, TWO_NODE_PROFILE))
+    assert {k: v for k, v in one.items() if k != "set-resources"} == {
+        k: v for k, v in two.items() if k != "set-resources"}
+    for rule in RUNTIME:
+        a, b = one["set-resources"][rule], two["set-resources"][rule]
+        assert {k: v for k, v in a.items() if k not in LAYOUT} == {k: v for k, v in b.items() if k not in LAYOUT}
+    assert {k: two["set-resources"]["train_adapter"][k] for k in LAYOUT} == {
+        "nodes": 2, "gpu": 16, "tasks_per_node": 8, "mpi": "srun", "mem_mb": 1000000}
+
+
+@pytest.fixture(scope="module")
+def seventy_b_dry_run(tmp_path_factory) -> tuple[Path, str]:
+    """config/llama2-70b-2x8.yaml pointed at a fake Hugging Face layout (a dry run only checks it exists)."""
+    tmp = tmp_path_factory.mktemp("llama2-70b")
+    base = tmp / "Llama-2-70b-hf"
+    base.mkdir()
+    for name in ("config.json", "model-00001-of-00015.safetensors", "tokenizer.model"):
+        (base / name).touch()
+    config = yaml.safe_load((REPO / "config" / "llama2-70b-2x8.yaml").read_text())
+    config["base"]["source"], config["results"] = str(base), str(tmp / "results")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return tmp, snakemake("--profile", "slurm/2x8", "--configfile", str(tmp / "config.yaml"))
+
+
+@needs_snakemake
+@needs_slurm_plugin
+def test_seventy_b_config_trains_over_two_nodes(seventy_b_dry_run):
+    """Each training: 2 nodes x 8 GPUs, FSDP2; the rule's srun starts a torchrun per node; the plugin asks SLURM
+    for both nodes and all 16 GPUs."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    tmp, out = seventy_b_dry_run
+    counts = job_counts(out)
+    assert (counts["train_adapter"], counts["evaluate"], counts["generate"]) == (2, 5, 2)
+    trained = {job["wildcards"]["experiment"]: job for job in jobs(out, "train_adapter")}
+    assert set(trained) == {"instruction", "scienceqa"}  # the ablation center reuses scienceqa's training
+    for job in trained.values():
+        assert job["shell"].startswith(
+            "exec srun --nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task 64 --gres gpu:8 "
+            "--kill-on-bad-exit=1 --label python -m llama_adapter.launch --nproc-per-node 8 -- train "), job["shell"]
+        for option in ("--expect-gpus 8 --expect-world-size 16", "--fsdp True", "--adapter-layers 30",
+                       "--global-batch 64", "--rows-per-micro-batch 2"):
+            assert f" {option} " in job["shell"], option
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    printed = trained["instruction"]["resources"]
+    job = SimpleNamespace(threads=1, resources=Resources(
+        {k: int(v) if v.isdigit() else v for k, v in printed.items() if v != "<TBD>"}))
+    params = {"run_uuid": "id", "slurm_logfile": "log", "comment_str": "rule_train_adapter", "account": "",
+              "partition": "", "workdir": str(REPO)}
+    sbatch = get_submit_command(job, params) + set_gres_string(job)
+    for option in ("--nodes=2", "--gpus=a100:16", "--ntasks-per-node=8", "--cpus-per-gpu=8", "--mem 1000000"):
+        assert f" {option} " in f"{sbatch} ", (option, sbatch)
+    assert "--ntasks-per-gpu" not in sbatch and "--ntasks=" not in sbatch
+    assert not (tmp / "results").exists()
+
+
+@needs_snakemake
+def test_several_nodes_need_the_mpi_resource_and_an_even_split():
+    base = ["--configfile", "config.yaml", "--forceall", "results/adapters/scienceqa/metrics.json"]
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "http_proxy": dead, "https_proxy": dead}
+    for resources, message in ((["train_adapter:nodes=2"], "needs the resource mpi=srun"),
+                               (["train_adapter:nodes=2", "train_adapter:gpu=3", "train_adapter:mpi=srun"],
+                                "must split evenly")):
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", *base, "--set-resources", *resources],
+                              cwd=REPO, env=env, text=True, capture_output=True, timeout=180)
+        assert proc.returncode != 0 and message in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]

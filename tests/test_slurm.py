@@ -1,21 +1,38 @@
-"""The cluster path for real: the demo DAG through the repository's `slurm` profile on a one-node SLURM
-cluster started on this machine (tests/slurm_cluster.py), and the same report as a local run.
+"""The cluster path for real: the demo DAG through the repository's `slurm` profile on a two-node SLURM
+cluster started on this machine (tests/slurm_cluster.py), and the same report as a local run; then one training
+over both nodes (a torchrun per node, Gloo on the CPU), which matches one process, and which one process resumes.
 
 Needs root (to install the packages, write /etc/slurm/slurm.conf and run the daemons); CI runs as root.
 """
 
+import json
 import os
+import re
 import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import slurm_cluster
+import yaml
 from dag import DEMO_RESULTS, REPO, read_csv, snakemake
 
-# Only what differs on this cluster: its partition (no account: there is no accounting database), no GPUs,
-# and squeue for job status (sacct needs slurmdbd). Everything else comes from slurm/config.yaml.
-CLUSTER_OVERRIDES = ["--default-resources", f"slurm_partition={slurm_cluster.PARTITION}",
-                     "--set-resources", "train_adapter:gpu=0", "generate:gpu=0", "evaluate:gpu=0",
-                     "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5"]
+
+def cluster_overrides(*set_resources: str) -> list[str]:
+    """Only what differs on this cluster: its partition (no account: there is no accounting database), no GPUs,
+    and squeue for job status (sacct needs slurmdbd). Everything else comes from slurm/config.yaml."""
+    return ["--default-resources", f"slurm_partition={slurm_cluster.PARTITION}",
+            "--set-resources", "train_adapter:gpu=0", "generate:gpu=0", "evaluate:gpu=0", *set_resources,
+            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5"]
+
+
+CLUSTER_OVERRIDES = cluster_overrides()
+# A training over both nodes, one process each (no GPUs: Gloo on the CPU). `mpi` (the step launcher) makes the
+# plugin run the rule's command in the job's batch step, from where the rule's srun starts a step over both
+# nodes; `tasks` is what the plugin asks of such a job: sbatch --nodes=2 --ntasks=2 (docs/MULTINODE.md).
+TWO_NODES = ["train_adapter:nodes=2", "train_adapter:tasks=2", "train_adapter:mpi=srun"]
+TWO_NODE_EXPERIMENT = "scienceqa_2nodes"
 # Columns that name where a number came from, or how long it took, differ between any two runs; and the config
 # hash, as the local run writes to another results folder (a name that tests the rules' quoting).
 RUN_SPECIFIC = {"mlflow_run", "eval_run", "training_h", "hardware", "config_hash"}
@@ -64,3 +81,86 @@ def test_report_equals_the_local_run(slurm_run, demo_run):
         local = read_csv(demo_run / DEMO_RESULTS / "report" / f"{table}.csv")
         strip = [{k: v for k, v in row.items() if k not in RUN_SPECIFIC} for row in ours]
         assert strip == [{k: v for k, v in row.items() if k not in RUN_SPECIFIC} for row in local], table
+
+
+# --- over two nodes -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_node_run(slurm_run):
+    """One more training in the DAG's folder (its tokens and base are there): the demo's ScienceQA adapter for
+    one epoch, as an experiment of its own, over 2 nodes x 1 process through the profile and the plugin."""
+    root, _ = slurm_run
+    extra = root / "two_nodes.yaml"
+    extra.write_text(yaml.safe_dump({"experiments": {TWO_NODE_EXPERIMENT: {"dataset": "scienceqa",
+                                                                           "train": {"epochs": 1}}}}))
+    proc = snakemake("--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"), str(extra),
+                     *cluster_overrides(*TWO_NODES), f"results/adapters/{TWO_NODE_EXPERIMENT}/metrics.json",
+                     cwd=root, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root, proc.stdout + proc.stderr
+
+
+def one_process_reference(root: Path, out: Path, **changes):
+    """The two-node training's own settings (its config.json), trained here in one process."""
+    from llama_adapter.train import TrainConfig, train
+
+    saved = json.loads((root / "results" / "adapters" / TWO_NODE_EXPERIMENT / "config.json").read_text())
+    paths = {k: str(root / saved[k]) for k in ("base", "train_data", "val_data")}  # the job's, from its folder
+    cfg = TrainConfig(**{**saved, **paths, "betas": tuple(saved["betas"]), "out_dir": str(out), "device": "cpu",
+                         "run_name": out.name, "tags": {}, **changes})
+    return cfg, train(cfg)
+
+
+def test_two_nodes_through_the_profile_match_one_process(two_node_run, tmp_path, monkeypatch):
+    root, log = two_node_run
+    [job_id] = re.findall(r"has been submitted with SLURM jobid (\d+)", log)
+    job = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert "NumNodes=2 " in job and "NumTasks=2 " in job and "NodeList=node[1-2] " in job, job
+    # every rank's lines in the job's log, labelled by srun (node) and torchrun (global rank)
+    job_log = (root / "results" / "logs" / "train_adapter" / f"{TWO_NODE_EXPERIMENT}.log").read_text()
+    assert {"0: ", "1: "} <= {line[:3] for line in job_log.splitlines()}, job_log[-2000:]
+    assert "[rank0]:" in job_log and "[rank1]:" in job_log
+    result = json.loads((root / "results" / "adapters" / TWO_NODE_EXPERIMENT / "metrics.json").read_text())
+    assert (result["nodes"], result["processes_per_node"], result["world_size"]) == (2, 1, 2)
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{root / 'results' / 'mlflow.db'}").get_run(result["mlflow_run_id"])
+    assert {k: run.data.params[k] for k in ("nodes", "processes_per_node", "world_size")} == {
+        "nodes": "2", "processes_per_node": "1", "world_size": "2"}
+    assert run.data.tags["slurm_job_id"] == job_id and run.info.status == "FINISHED"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    _, single = one_process_reference(root, tmp_path / "one")
+    assert len(single["history"]) == len(result["history"]) == 27  # one epoch of the demo's ScienceQA
+    np.testing.assert_allclose([h["loss"] for h in result["history"]], [h["loss"] for h in single["history"]],
+                               rtol=1e-5)
+    np.testing.assert_allclose(result["val_loss"], single["val_loss"], rtol=1e-5)
+
+
+def test_one_node_resumes_a_two_node_start(two_node_run, tmp_path, monkeypatch):
+    """The rule's multi-node launch (llama_adapter.launch under srun, as the rule runs it) stops after 4 steps
+    keeping its checkpoint; one process continues it to the end and matches a one-process run."""
+    from llama_adapter.launch import slurm_launch
+
+    root, _ = two_node_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg, single = one_process_reference(root, tmp_path / "one")
+    settings = yaml.safe_load((REPO / "config.yaml").read_text())["train"] | {"epochs": 1}
+    cut = tmp_path / "cut"
+    cli = ["train", "--base", cfg.base, "--train-data", cfg.train_data, "--val-data", cfg.val_data,
+           "--out-dir", str(cut), "--max-steps", "4", "--keep-checkpoint", "--expect-world-size", "2",
+           *(arg for k, v in sorted(settings.items()) for arg in (f"--{k.replace('_', '-')}", str(v)))]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([*slurm_launch("srun", 2, 0, 1), *cli], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import torch
+
+    assert torch.load(cut / "checkpoint.pt", weights_only=True)["step"] == 4
+    started = json.loads((cut / "metrics.json").read_text())
+    assert started["nodes"] == 2 and started["world_size"] == 2
+    from llama_adapter.train import train
+
+    resumed = train(cfg.__class__(**{**cfg.__dict__, "out_dir": str(cut), "run_name": "cut"}), resume=True)
+    assert resumed["world_size"] == 1 and len(resumed["history"]) == 27
+    np.testing.assert_allclose([h["loss"] for h in resumed["history"]], [h["loss"] for h in single["history"]],
+                               rtol=1e-5)

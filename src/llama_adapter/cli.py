@@ -287,10 +287,12 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def cmd_train(ns: argparse.Namespace) -> None:
     """Fine-tune an adapter (the paper's recipe by default); run under torchrun for several GPUs."""
-    from .train import TrainingInterrupted, check_gpus, train
+    from .train import TrainingInterrupted, check_gpus, check_world_size, train
 
     if ns.expect_gpus is not None:
         check_gpus(ns.expect_gpus)
+    if ns.expect_world_size is not None:
+        check_world_size(ns.expect_world_size)
     check_train_inputs(ns)
     cfg = config_of(ns, TrainConfig)
     if cfg.method == "lora":
@@ -675,7 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the checkpoint after the last step (to continue a --max-steps run with --resume); "
                         "by default it is removed, so that a rerun trains afresh")
     p.add_argument("--expect-gpus", type=non_negative_int,
-                   help="fail unless exactly this many GPUs are visible (0: no check)")
+                   help="fail unless exactly this many GPUs are visible (0: no check); on several nodes, per node")
+    p.add_argument("--expect-world-size", type=positive_int,
+                   help="fail unless the run has exactly this many processes in all (nodes x processes per node)")
     p.set_defaults(func=cmd_train, outputs=lambda ns: [Path(ns.out_dir) / f for f in TRAIN_OUTPUTS])
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)

@@ -287,6 +287,15 @@ def by_rank(ours: list, paper: list) -> list:
     return paper if len(ours) == len(paper) else [None] * len(ours)
 
 
+def run_hardware(metrics: dict) -> str:
+    """What a training ran on: processes x device, with its nodes when there were several."""
+    nodes = metrics.get("nodes", 1)
+    device = metrics.get("device", "unknown")
+    if nodes > 1:
+        return f"{nodes} nodes x {metrics.get('processes_per_node', metrics['world_size'] // nodes)} x {device}"
+    return f"{metrics['world_size']} x {device}"
+
+
 def efficiency_table(runs: list[Run]) -> pd.DataFrame:
     """Per method: the paper's numbers, the parameter count at LLaMA-7B's shapes, and each of our trainings
     measured (tuned parameters, size of the file written, wall time of its job, hardware)."""
@@ -311,7 +320,7 @@ def efficiency_table(runs: list[Run]) -> pd.DataFrame:
         rows.append({"method": METHOD_NAMES[r.method], "model": f"{r.name} (base {Path(r.config['base']).name})",
                      "tuned_params_m": millions(r.metrics["trainable_parameters"]),
                      "storage_mb": megabytes(r.adapter_bytes), "training_h": hours(r.seconds),
-                     "hardware": f"{r.metrics['world_size']} x {r.metrics.get('device', 'unknown')}",
+                     "hardware": run_hardware(r.metrics),
                      **paper(r.method), **r.provenance})
     columns = ["method", "model", "tuned_params_m", "tuned_params_m_paper", "storage_mb", "storage_mb_paper",
                "training_h", "training_h_paper", "hardware", "hardware_paper", *PROVENANCE]

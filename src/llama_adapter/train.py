@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -86,6 +87,11 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    nodes: int = 1  # torchrun's worker groups: one per node (GROUP_WORLD_SIZE)
+    per_node: int = 1  # processes on each node (LOCAL_WORLD_SIZE): its GPUs, or 1 on a CPU node
+
+    def layout(self) -> dict[str, int]:
+        return {"nodes": self.nodes, "processes_per_node": self.per_node, "world_size": self.world}
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -102,14 +108,27 @@ class Dist:
 
 def check_gpus(expected: int) -> None:
     """Fail before loading anything when the job does not see the GPUs it asked for (a scheduler may hand a
-    job fewer GPUs than requested, and training would then silently run slower or on CPU)."""
+    job fewer GPUs than requested, and training would then silently run slower or on CPU). `expected` counts the
+    GPUs of this node, which torchrun gives one process each: on several nodes, each node checks its own."""
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if expected > 0 and (visible != expected or world not in (1, expected)):
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if expected > 0 and (visible != expected or local not in (1, expected)):
         raise GPUAllocationError(
-            f"the job requested {expected} GPU(s) but sees {visible} (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) with {world} process(es); check the scheduler's "
-            "GPU allocation (SLURM: --gpus / gres) or the rule's gpu resource")
+            f"the job requested {expected} GPU(s) per node but {socket.gethostname()} sees {visible} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) with {local} process(es) on "
+            "it; check the scheduler's GPU allocation (SLURM: --gpus / gres) or the rule's gpu resource")
+
+
+def check_world_size(expected: int) -> None:
+    """Fail before loading anything unless the job's processes number `expected` (nodes x processes per node):
+    a rendezvous that formed with fewer nodes than the job has, or a launch that lost a node's processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != expected:
+        nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+        raise GPUAllocationError(
+            f"the job expected {expected} training process(es) in all but runs {world} ({nodes} node(s) x "
+            f"{os.environ.get('LOCAL_WORLD_SIZE', '1')} per node); check the rule's nodes and gpu resources and "
+            "the allocation (SLURM: --nodes, --gpus)")
 
 
 def setup_distributed(cfg: TrainConfig) -> Dist:
@@ -122,7 +141,9 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank() if world > 1 else 0, world, device)
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1")) if world > 1 else 1
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world))) if world > 1 else 1
+    return Dist(dist.get_rank() if world > 1 else 0, world, device, nodes, per_node)
 
 
 def shard_model(model: Transformer, method: str, d: Dist) -> Transformer:
@@ -438,10 +459,13 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
         tracker.log_dataset(Path(cfg.val_data), dataset_name(Path(cfg.val_data)), "validation", samples=len(val_ds),
                             tokens=int(val_ds.lengths.sum()))
     if run_id is None:
-        tracker.log_params({"config": asdict(cfg), "model": model.args.to_dict(), "world_size": d.world,
+        tracker.log_params({"config": asdict(cfg), "model": model.args.to_dict(), **d.layout(),
                             "method": cfg.method,
                             "trainable_parameters": sum(p.numel() for p in params),
                             "data": data_provenance(Path(cfg.train_data))})
+    # Params keep the layout a run started on; a resumption (on as many nodes as the scheduler gave it, which may
+    # differ) tags the run with the one it continued on.
+    tracker.set_tags({f"resumed_{k}" if found is not None else k: str(v) for k, v in d.layout().items()})
     if step == 0 and val_ds is not None and initial_val_loss is None:
         # Before any step: with zero-initialised gates this is the base model's own held-out loss, the
         # reference the adapter's gain is measured from.
@@ -528,7 +552,7 @@ def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, t
               "final_loss": history[-1]["loss"] if history else None,
               "initial_val_loss": initial_val_loss, "val_loss": [h["val_loss"] for h in history if "val_loss" in h],
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "world_size": d.world, "device": device_name(d.device), "history": history,
+              **d.layout(), "device": device_name(d.device), "history": history,
               "mlflow_run_id": tracker.run_id, "tags": tracker.tags}
     # Sharded weights are gathered whole first (collective: every process takes part).
     whole = get_model_state_dict(model, options=FULL_STATE) if any(map(is_sharded, model.parameters())) else None

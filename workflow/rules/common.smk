@@ -12,6 +12,7 @@ from llama_adapter.config import WEIGHTS, TrainConfig
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
 from llama_adapter.errors import PretrainedFetchError
 from llama_adapter.hub import parse_source
+from llama_adapter.launch import slurm_launch
 from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
 from llama_adapter.tracking import config_hash, export_invocation, sqlite_uri
 
@@ -360,9 +361,38 @@ def repository_file(path):
 INSTRUCTIONS = repository_file(config["generate"]["instructions"])
 
 
-def launcher(gpus):
-    """The CLI for one process, or torchrun with one process per GPU of the job (one node, as SLURM gives); a
-    list of arguments, for `{params.launcher:q}`."""
+def training_layout(resources):
+    """(nodes, GPUs per node) of a training job. Its `gpu` resource counts the GPUs of the whole job, as the SLURM
+    executor asks for them (sbatch --gpus, a job total); on several nodes they are split evenly.
+    """
+    nodes, gpus = resources.get("nodes", 1), resources.get("gpu", 0)
+    if nodes < 1 or gpus % nodes:
+        raise ValueError(
+            f"train_adapter: resources nodes={nodes}, gpu={gpus}: gpu counts the GPUs of all nodes together and "
+            "must split evenly over them (e.g. nodes=2, gpu=16 for 8 per node)"
+        )
+    return nodes, gpus // nodes
+
+
+def launcher(resources, threads=1):
+    """The CLI for one process, torchrun with one process per GPU of one node, or (nodes > 1) srun starting one
+    torchrun per node of the job (llama_adapter.launch: c10d rendezvous on the first node; a node without GPUs
+    runs one process, Gloo on the CPU). A list of arguments, for `{params.launcher:q}`.
+
+    Several nodes need the SLURM executor's `mpi` resource, the step launcher (srun): with it the plugin runs the
+    command in the job's batch step, where srun can start a step over every node; without it the command would
+    run inside a one-node step of the plugin's own."""
+    nodes, gpus = training_layout(resources)
+    if nodes > 1:
+        if not resources.get("mpi"):
+            raise ValueError(
+                f"train_adapter: nodes={nodes} needs the resource mpi=srun (and tasks or tasks_per_node, which the "
+                "SLURM executor asks of such a job): docs/MULTINODE.md"
+            )
+        cpus = resources.get("cpus_per_task") or (
+            resources.get("cpus_per_gpu", 0) * gpus or threads
+        )
+        return slurm_launch(resources.mpi, nodes, gpus, cpus)
     if gpus > 1:
         return [
             "torchrun",
@@ -373,6 +403,14 @@ def launcher(gpus):
             "llama_adapter.cli",
         ]
     return ["llama-adapter"]
+
+
+def expectations(resources):
+    """--expect-gpus (per node), and on several nodes --expect-world-size: what the training checks it was
+    given before it loads anything. A list of arguments."""
+    nodes, gpus = training_layout(resources)
+    world = ["--expect-world-size", str(nodes * max(gpus, 1))] if nodes > 1 else []
+    return ["--expect-gpus", str(gpus), *world]
 
 
 def cli_options(settings):

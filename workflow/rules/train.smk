@@ -95,18 +95,21 @@ rule train_adapter:
         CONDA_ENV
     # One core: on the demo's 2 cores two trainings then run side by side, which halves the DAG's training time
     # (a tiny model's step is mostly Python, which a second thread does not speed up); a cluster profile sets
-    # the CPUs of its GPU jobs itself.
+    # the CPUs of its GPU jobs itself. gpu counts the job's GPUs; nodes > 1 starts a torchrun per node with srun
+    # (common.smk's launcher; docs/MULTINODE.md), which also needs the SLURM executor's mpi resource.
     threads: 1
     resources:
         mem_mb=8000,
         runtime=60,
         gpu=0,
+        nodes=1,
     params:
         out=lambda w, output: Path(output.metrics).parent,
         options=lambda w: cli_options(experiment(w.experiment)[1]),
         train=lambda w, input: f"{input.tokens}/train",
         val=lambda w, input: f"{input.tokens}/val",
-        launcher=lambda w, resources: launcher(resources.gpu),
+        launcher=lambda w, resources, threads: launcher(resources, threads),
+        expect=lambda w, resources: expectations(resources),
         tags=lambda w: [
             "--tag",
             "rule=train_adapter",
@@ -115,5 +118,5 @@ rule train_adapter:
         ],
     shell:
         "exec {params.launcher:q} train --base {input.base:q} --train-data {params.train:q} --val-data {params.val:q} "
-        "--out-dir {params.out:q} --run-name {wildcards.experiment:q} --resume --expect-gpus {resources.gpu:q} "
+        "--out-dir {params.out:q} --run-name {wildcards.experiment:q} --resume {params.expect:q} "
         "{params.tags:q} {params.options:q} > {log:q} 2>&1"
