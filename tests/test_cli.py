@@ -73,7 +73,7 @@ def test_train_refuses_a_job_without_the_gpus_it_asked_for(tmp_path):
     proc = run_cli("train", "--base", str(tmp_path), "--train-data", str(tmp_path), "--out-dir", str(tmp_path / "o"),
                    "--expect-gpus", "2", env_extra={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "requested 2 GPU(s) but sees 0 (CUDA_VISIBLE_DEVICES=)" in proc.stderr
+    assert "requested 2 GPU(s) per node" in proc.stderr and "sees 0 (CUDA_VISIBLE_DEVICES=)" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 
