@@ -35,7 +35,8 @@ TWO_NODES = ["train_adapter:nodes=2", "train_adapter:tasks=2", "train_adapter:mp
 TWO_NODE_EXPERIMENT = "scienceqa_2nodes"
 # Columns that name where a number came from, or how long it took, differ between any two runs; and the config
 # hash, as the local run writes to another results folder (a name that tests the rules' quoting).
-RUN_SPECIFIC = {"mlflow_run", "eval_run", "training_h", "hardware", "config_hash"}
+# storage_mb too: an adapter file's header records the base's path, and the local run's results folder has another name.
+RUN_SPECIFIC = {"mlflow_run", "eval_run", "training_h", "hardware", "config_hash", "storage_mb"}
 
 
 @pytest.fixture(scope="module")

@@ -110,15 +110,16 @@ def test_conda_environment_of_the_rules_installs_this_checkout(tmp_path):
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert not [line for line in pip if line.startswith("-e")]  # a path would be read where Snakemake copies it
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "env")], check=True)
-    inside = {**os.environ, "PATH": f"{tmp_path / 'env' / 'bin'}:{os.environ['PATH']}",
-              "LLAMA_ADAPTER_SOURCE": str(REPO)}
+    outside = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv's own packages only
+    inside = {**outside, "PATH": f"{tmp_path / 'env' / 'bin'}:{os.environ['PATH']}", "LLAMA_ADAPTER_SOURCE": str(REPO)}
     installed = subprocess.run(["bash", str(REPO / "environment.post-deploy.sh")], capture_output=True, text=True,
                                cwd=tmp_path, env=inside)
     assert installed.returncode == 0, installed.stderr[-2000:]
     # the checkout itself, editable (its dependencies are the environment's: --no-deps)
     code = "from importlib.metadata import distribution; print(distribution('llama-adapter-pipeline').read_text(" \
            "'direct_url.json'))"
-    found = subprocess.run([str(tmp_path / "env" / "bin" / "python"), "-c", code], capture_output=True, text=True)
+    found = subprocess.run([str(tmp_path / "env" / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                           env=outside)
     assert REPO.as_uri() in found.stdout and '"editable": true' in found.stdout, found.stdout + found.stderr
     assert (tmp_path / "env" / "bin" / "llama-adapter").exists()
     unset = subprocess.run(["bash", str(REPO / "environment.post-deploy.sh")], capture_output=True, text=True,
