@@ -728,18 +728,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "tables); repeatable")
     p.add_argument("--ablation", action="append", default=[],
                    help="an ablation grid point, named ablations/KEY~VALUE/...; repeatable")
-    p.add_argument("--scores", action="append", default=[], type=name_and_path, metavar="NAME=FILE",
-                   help="a row's scores.json (written by evaluate); one per --experiment and --ablation")
-    p.add_argument("--training", action="append", default=[], type=name_and_path, metavar="NAME=DIR",
-                   help="the folder a row's training wrote (train's --out-dir: config.json, metrics.json, weights); "
-                        "one per trained row, none for zero-shot")
-    p.add_argument("--train-benchmark", action="append", default=[], type=name_and_path, metavar="NAME=FILE",
-                   help="the Snakemake benchmark file of a row's training (its wall time); optional")
-    p.add_argument("--generations", action="append", default=[], type=name_and_path, metavar="NAME=FILE",
-                   help="the JSONL generate wrote for an instruction experiment; one per Alpaca row")
-    p.add_argument("--tokens", action="append", default=[], type=name_and_path, metavar="DATASET=DIR",
-                   help="the folder tokenize wrote for a dataset (its stats.json; alpaca's draws the lengths "
-                        "figure); one per dataset the rows score, alpaca always")
+    for flag, metavar, what in (
+            ("--scores", "NAME=FILE", "a row's scores.json (written by evaluate); one per --experiment and --ablation"),
+            ("--training", "NAME=DIR", "the folder a row's training wrote (train's --out-dir: config.json, "
+                                       "metrics.json, weights); one per trained row, none for zero-shot"),
+            ("--train-benchmark", "NAME=FILE", "the Snakemake benchmark file of a row's training (its wall time); "
+                                               "optional"),
+            ("--generations", "NAME=FILE", "the JSONL generate wrote for an instruction experiment; one per Alpaca "
+                                           "row"),
+            ("--tokens", "DATASET=DIR", "the folder tokenize wrote for a dataset (its stats.json; alpaca's draws the "
+                                        "lengths figure); one per dataset the rows score, alpaca always")):
+        p.add_argument(flag, action="append", default=[], type=name_and_path, metavar=metavar, help=what)
     p.add_argument("--benchmarks", type=Path,
                    help="a folder of Snakemake benchmark files, RULE.tsv or RULE/JOB.tsv (the jobs table); "
                         "default: none, an empty table")
