@@ -24,6 +24,7 @@ from .config import (
     TASKS,
     TRUNCATION,
     AdapterArgs,
+    CompileConfig,
     DemoConfig,
     EncodeImagesConfig,
     Evaluation,
@@ -287,6 +288,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def cmd_train(ns: argparse.Namespace) -> None:
     """Fine-tune an adapter (the paper's recipe by default); run under torchrun for several GPUs."""
+    from .compile_cache import compile_cache
     from .train import TrainingInterrupted, check_gpus, train
 
     if ns.expect_gpus is not None:
@@ -299,12 +301,41 @@ def cmd_train(ns: argparse.Namespace) -> None:
         except ValueError as e:
             raise InputError(f"--lora-rank/--lora-alpha/--lora-dropout/--lora-targets: {e}") from None
     try:
-        result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
+        with compile_cache(cfg.compile_cache if cfg.compile else None, training_kind(cfg)):
+            result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
     except TrainingInterrupted as e:  # SIGTERM/SIGUSR1: one line (rank 0's), and the shell's code for a signal
         if e.rank == 0:
             print(f"llama-adapter train: {e}", file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+
+
+def training_kind(cfg: TrainConfig) -> dict:
+    """What decides the code a training compiles (its compile cache's name): the base, what trains, the packed
+    rows' shapes, and this process's rank (each compiles for its own device)."""
+    import os
+
+    return {"command": "train", "base": cfg.base, "method": cfg.method, "adapter": cfg.adapter.to_dict(),
+            "lora": cfg.lora.to_dict() if cfg.method == "lora" else None, "images": bool(cfg.image_features),
+            "rows": cfg.rows_per_micro_batch, "row_len": cfg.row_len, "fsdp": cfg.fsdp,
+            "rank": os.environ.get("RANK", "0"), "world": os.environ.get("WORLD_SIZE", "1")}
+
+
+def check_compile_cache(ns: argparse.Namespace) -> None:
+    if ns.compile_cache is not None and not ns.compile:
+        raise InputError(f"--compile-cache {ns.compile_cache} given without --compile: nothing would be compiled")
+
+
+def decoding_cache(ns: argparse.Namespace, model, rows: int):
+    """compile_cache for the decode step of `model` (generate, evaluate share it: the same compiled step) at
+    `rows` rows; a no-op unless --compile."""
+    from .compile_cache import compile_cache
+
+    w = model.tok_embeddings.weight
+    adapter = getattr(model, "adapter", None)
+    kind = {"command": "decode", "model": model.args.to_dict(), "adapter": adapter and adapter.to_dict(),
+            "dtype": str(w.dtype), "device": str(w.device), "rows": rows}
+    return compile_cache(ns.compile_cache if ns.compile else None, kind)
 
 
 def check_train_inputs(ns: argparse.Namespace) -> None:
@@ -322,6 +353,7 @@ def check_train_inputs(ns: argparse.Namespace) -> None:
         existing_dir(ns.image_features, "--image-features", "a feature cache folder written by encode-images")
     writable_output(ns.out_dir, "--out-dir", folder=True)
     check_device(ns.device)
+    check_compile_cache(ns)
 
 
 def check_base(base: str | Path) -> str:
@@ -370,6 +402,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     from .generate import generate_requests, read_prompts
 
     check_device(ns.device)
+    check_compile_cache(ns)
     ns.base = check_base(ns.base)
     requests, adapters = read_prompts(ns.prompts), parse_adapters(ns.adapter)
     from .lora import is_lora_file
@@ -392,8 +425,9 @@ def cmd_generate(ns: argparse.Namespace) -> None:
         adapters = {lora[0] if lora else ns.name: None}
     for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
         apply_adapter(model, path)
-    rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size, ns.compile,
-                             ns.out)
+    with decoding_cache(ns, model, min(ns.batch_size, len(requests))):
+        rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size,
+                                 ns.compile, ns.out)
     print(f"{len(rows)} generations -> {ns.out}")
 
 
@@ -404,6 +438,11 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     from .io import read_jsonl
 
     check_device(ns.device)
+    check_compile_cache(ns)
+    if ns.compile and not (ns.task == "scienceqa" and ns.mode == "generate"):
+        raise InputError(f"--compile compiles the decode step, which --task {ns.task}"
+                         + (f" --mode {ns.mode}" if ns.task == "scienceqa" else "") + " does not run; expected "
+                         "--task scienceqa --mode generate, or no --compile")
     ns.base = check_base(ns.base)
     if ns.adapter is not None:
         adapter_file(ns.adapter)
@@ -441,7 +480,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         inputs["heldout"] = TokenDataset(ns.data)
     ev = Evaluation(ns.task, Path(ns.base), ns.adapter, ns.data, ns.out, ns.split, ns.mode, ns.row_len, ns.run_name,
                     ns.tags)
-    scores = evaluate(model, tokenizer, ev, batch_size=ns.batch_size, **inputs)
+    rows = min(ns.batch_size, len(inputs["records"])) if ns.compile else ns.batch_size  # (compiled: scienceqa)
+    with decoding_cache(ns, model, rows):
+        scores = evaluate(model, tokenizer, ev, batch_size=ns.batch_size, compile=ns.compile, **inputs)
     print(json.dumps(scores, indent=2))
 
 
@@ -688,8 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
     p.add_argument("--out", required=True, type=Path, help="the JSONL of answers to write")
     add_dataclass_options(p, PAPER_SAMPLING)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: a one-off compilation, then faster tokens (large jobs)")
+    add_dataclass_options(p, CompileConfig)
     p.set_defaults(func=cmd_generate, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
@@ -701,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-features", type=Path,
                    help="scienceqa with a multimodal adapter: the feature cache written by encode-images")
     p.add_argument("--out", required=True, type=Path, help="the folder for scores.json (and predictions.csv)")
+    add_dataclass_options(p, CompileConfig)
     add_tag_option(p)
     p.set_defaults(func=cmd_evaluate, outputs=lambda ns: [ns.out / f for f in EVALUATE_OUTPUTS])
 

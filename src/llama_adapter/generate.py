@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import apply_adapter
-from .config import InferenceConfig, Sampling
+from .config import CompileConfig, InferenceConfig, Sampling
 from .model import Transformer
 from .prompts import alpaca_prompt
 from .tokenizer import Tokenizer
@@ -130,7 +130,7 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     cuda_graph: bool = True,
-    compile: bool = False,
+    compile: bool = CompileConfig.compile,
     images: list[np.ndarray | None] | None = None,
     rows: int | None = None,
 ) -> list[list[int]]:
@@ -245,7 +245,7 @@ def complete_texts(
     sampling: Sampling = Sampling(),
     batch_size: int = InferenceConfig.batch_size,
     generator: torch.Generator | None = None,
-    compile: bool = False,
+    compile: bool = CompileConfig.compile,
     images: list[np.ndarray | None] | None = None,
 ) -> list[str]:
     """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate. The
@@ -270,7 +270,7 @@ def generate_requests(
     adapters: dict[str, Path | None],
     sampling: Sampling = Sampling(),
     batch_size: int = InferenceConfig.batch_size,
-    compile: bool = False,
+    compile: bool = CompileConfig.compile,
     out: Path | None = None,
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is

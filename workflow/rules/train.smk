@@ -103,7 +103,8 @@ rule train_adapter:
         gpu=0,
     params:
         out=lambda w, output: Path(output.metrics).parent,
-        options=lambda w: cli_options(experiment(w.experiment)[1]),
+        options=lambda w: cli_options(experiment(w.experiment)[1])
+        + compile_cache(experiment(w.experiment)[1]),
         train=lambda w, input: f"{input.tokens}/train",
         val=lambda w, input: f"{input.tokens}/val",
         launcher=lambda w, resources: launcher(resources.gpu),
