@@ -20,6 +20,7 @@ from .config import (
     PAPER_SAMPLING,
     POLICIES,
     PRESETS,
+    QUANTIZATIONS,
     SPLIT_BY,
     TASKS,
     TRUNCATION,
@@ -121,7 +122,7 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     if ns.adapter:
         adapter_file(ns.adapter)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     fmt = config_of(ns, PromptFormat)
     prompt = tokenizer.encode(TEMPLATES[fmt.template](ns.prompt), bos=fmt.bos)
@@ -334,7 +335,7 @@ def decoding_cache(ns: argparse.Namespace, model, rows: int):
     w = model.tok_embeddings.weight
     adapter = getattr(model, "adapter", None)
     kind = {"command": "decode", "model": model.args.to_dict(), "adapter": adapter and adapter.to_dict(),
-            "dtype": str(w.dtype), "device": str(w.device), "rows": rows}
+            "dtype": str(w.dtype), "device": str(w.device), "quantize": ns.quantize, "rows": rows}
     return compile_cache(ns.compile_cache if ns.compile else None, kind)
 
 
@@ -371,16 +372,22 @@ def check_base(base: str | Path) -> str:
     return str(path)
 
 
-def load_for_inference(base: Path, adapter_path: Path | None, device: str | None, dtype: str | None):
+def load_for_inference(base: Path, adapter_path: Path | None, device: str | None, dtype: str | None,
+                       quantize: str | None = InferenceConfig.quantize):
     """A frozen model in eval mode with its projections fused (faster decoding, same results), on `device` in
-    `dtype`, each left open (None) for devices.py to pick."""
+    `dtype`, each left open (None) for devices.py to pick; its blocks' weights quantized if asked (after a LoRA is
+    merged into them)."""
     from .checkpoint import load_model
     from .devices import pick_device, pick_dtype
 
     device = pick_device(device)
     model = load_model(base, adapter_path, device=device, dtype=pick_dtype(device, dtype))
-    model = model.eval().requires_grad_(False)
-    return model.fuse_projections()
+    model = model.eval().requires_grad_(False).fuse_projections()
+    if quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    return model
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -417,7 +424,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
                          f"{sorted(adapters)}")
     writable_output(ns.out, "--out", folder=False)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype)
+    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype, ns.quantize)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     from .checkpoint import apply_adapter
 
@@ -467,7 +474,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
                              + (f" in split {ns.split!r}; splits present: {present}" if all_records else ""))
         inputs = {"records": records, "train_records": [r for r in all_records if r.get("split") == "train"]}
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     if ns.task == "scienceqa" and ns.image_features:
         from .multimodal import ImageFeatures
@@ -622,7 +629,8 @@ OPTION_TYPES = {
 }
 OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS,
                   "truncation": TRUNCATION, "split_by": SPLIT_BY, "dtype": DTYPES, "task": TASKS, "mode": MODES,
-                  "policy": POLICIES, "template": tuple(TEMPLATES)}
+                  "policy": POLICIES, "template": tuple(TEMPLATES),
+                  "quantize": QUANTIZATIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -640,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("complete", help=cmd_complete.__doc__, description=cmd_complete.__doc__)
-    add_inference_options(p, COMPLETE_INFERENCE, only=("device", "dtype"))
+    add_inference_options(p, COMPLETE_INFERENCE, only=("device", "dtype", "quantize"))
     p.add_argument("--adapter", help="adapter .safetensors (or an original-release .pth with --adapter-len/-layers)")
     p.add_argument("--prompt", required=True, help="the instruction, put into --template")
     add_dataclass_options(p, PromptFormat)
