@@ -77,3 +77,28 @@ def test_generate_keeps_its_compiled_step_in_the_given_folder(tmp_path, llama_sp
                    env_extra={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "local")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == ["decode"]
+
+
+def test_concurrent_writers_leave_one_whole_blob(tmp_path):
+    """Jobs of one kind may write the same blob at once: each writes a file of its own and renames it into place,
+    so a reader meanwhile finds one writer's whole blob, never a cut or a mix, and nothing else is left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llama_adapter.compile_cache import write_blob
+
+    path = tmp_path / "decode-0123.bin"
+    blobs = [bytes([i]) * 3_000_000 for i in range(4)]
+
+    def writer(blob: bytes) -> None:
+        for _ in range(15):
+            write_blob(path, blob)
+
+    reads = []
+    with ThreadPoolExecutor(len(blobs)) as pool:
+        writers = [pool.submit(writer, b) for b in blobs]
+        while not all(w.done() for w in writers):
+            if path.exists():
+                reads.append(path.read_bytes())
+        [w.result() for w in writers]
+    assert reads and all(r in blobs for r in reads)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
