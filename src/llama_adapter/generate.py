@@ -247,13 +247,14 @@ def complete_texts(
     generator: torch.Generator | None = None,
     compile: bool = CompileConfig.compile,
     images: list[np.ndarray | None] | None = None,
+    rows: int | None = None,
 ) -> list[str]:
     """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate. The
     draws come from `generator` (sampling's seed is its maker's to use: generate_requests draws all its adapters'
-    answers from one). Compiled, every batch decodes as many rows as the first (a smaller last batch is filled up),
-    so that one compilation serves them all."""
+    answers from one). Compiled, every batch decodes `rows` rows (default: as many as the first batch has), a
+    smaller one filled up, so that one compilation serves them all."""
     texts = []
-    rows = min(batch_size, len(prompts)) if compile else None
+    rows = (rows or min(batch_size, len(prompts))) if compile else None
     for i in in_batches(len(prompts), batch_size, "generated"):
         ids = [tokenizer.encode(p, bos=True) for p in prompts[i: i + batch_size]]
         outs = generate(model, ids, sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, sampling.temperature,
@@ -281,12 +282,13 @@ def generate_requests(
         raise ValueError(f"requests name adapters {sorted(unknown)} that were not given; given: {sorted(adapters)}")
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     results = []
+    rows = min(batch_size, len(requests))  # every adapter's batches, compiled, decode as many rows: one compilation
     for name, path in adapters.items():
         if path is not None:
             apply_adapter(model, path)
         mine = [r for r in requests if r.get("adapter", name) == name]
         outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], sampling, batch_size, generator,
-                                 compile)
+                                 compile, rows=rows)
         results += [{"id": r["id"], "adapter": name, "adapter_path": path and str(path), "prompt": prompt_text(r),
                      "output": o, "decoding": sampling.describe()} for r, o in zip(mine, outputs)]
     if out is not None:
