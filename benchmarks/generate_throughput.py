@@ -6,21 +6,37 @@ at each --batch size; ours eager, with the CUDA-graph decode step, and compiled 
 warm-up call, which compiles). Also measures the device's copy bandwidth and prints the memory-bandwidth
 floor at batch 1 (every new token reads every weight once): weight bytes / copy rate.
 
+--quantize int8 adds our rows with the blocks' weights in weight-only int8 (generate --quantize int8); their
+floor is their own weight bytes over the copy rate.
+
+--startup measures starting a job instead: fresh processes, each with an empty node-local inductor cache (as on
+another node), build the model and decode with the compiled step: the first decoded token's time from the
+process's start, cold (an empty --compile-cache) and warm (the folder the cold job wrote), and the first
+compilation's time (the first compiled step's call, CUDA graph capture included). Each then decodes a smaller
+last batch filled up to the first's rows and counts the compiled graphs (one serves them all).
+
 Usage:
-    python benchmarks/generate_throughput.py --preset 7B --batch 1 16
-Prints one row per implementation and batch size: new tokens/s, and at batch 1 the % of the floor.
+    python benchmarks/generate_throughput.py --preset 7B --batch 1 16 [--quantize int8]
+    python benchmarks/generate_throughput.py --preset 7B --batch 1 16 --startup [--quantize int8]
+Prints one row per implementation and batch size: new tokens/s, and at batch 1 the % of the floor; with
+--startup, one row per weight format, batch size and cache state.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from functools import partial
 
 import torch
 
 from llama_adapter.adapter import AdaptedTransformer
-from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.config import QUANTIZATIONS, AdapterArgs, ModelArgs
 from llama_adapter.generate import generate
 
 
@@ -46,13 +62,31 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, cuda_graph: bool,
-         compile: bool = False) -> float:
+def build(args: ModelArgs, adapter: AdapterArgs, quantize: str | None = None) -> AdaptedTransformer:
+    """Random bf16 weights laid out as the CLI loads them (cli.load_for_inference), gates non-zero."""
     with torch.device("cuda"):
-        # as the CLI loads it
         model = AdaptedTransformer(args, adapter).cast_base(torch.bfloat16).eval().fuse_projections()
     with torch.no_grad():
         model.adapter_gate.normal_()
+    if quantize == "int8":
+        from llama_adapter.quantize import quantize_int8
+
+        quantize_int8(model)
+    return model
+
+
+def weight_bytes(model: AdaptedTransformer) -> int:
+    """Bytes a decoded token reads from the weights: int8 values and their scales where quantized."""
+    total = 0
+    for p in model.parameters():
+        parts = [p.qdata, p.scale] if hasattr(p, "qdata") else [p]
+        total += sum(t.numel() * t.element_size() for t in parts)
+    return total
+
+
+def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, cuda_graph: bool,
+         compile: bool = False, quantize: str | None = None) -> float:
+    model = build(args, adapter, quantize)
     rows = prompts.tolist()
     seconds = timed(lambda: generate(model, rows, new_tokens, eos_id=-1, cuda_graph=cuda_graph, compile=compile))
     model = None  # frees the weights before the next measurement (the closure above still names it)
@@ -85,6 +119,56 @@ def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_to
     return seconds
 
 
+def startup_job(ns: argparse.Namespace) -> None:
+    """One fresh job (--child): model built, then the first decoded token through the compiled step under
+    --compile-cache; prints its timeline (seconds since the epoch, which the parent turns into seconds since it
+    started this process) and the number of compiled graphs after a smaller last batch."""
+    from torch._dynamo.utils import counters
+
+    from llama_adapter.compile_cache import compile_cache
+
+    imported = time.time()
+    args, adapter = ModelArgs.from_name(ns.preset), AdapterArgs(ns.adapter_len, ns.adapter_layers)
+    model = build(args, adapter, ns.quantize)
+    torch.cuda.synchronize()
+    built = time.time()
+    batch = ns.batch[0]
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(3, args.vocab_size, (batch, ns.prompt_len), generator=gen).tolist()
+    kind = {"command": "decode", "benchmark": ns.preset, "quantize": ns.quantize, "rows": batch}
+    with compile_cache(ns.compile_cache, kind):
+        generate(model, rows, 2, eos_id=-1, compile=True)  # the prefill's token, then one compiled step
+        torch.cuda.synchronize()
+        first = time.time()
+        generate(model, rows[: batch // 2 + 1], 2, eos_id=-1, compile=True, rows=batch)  # a smaller last batch
+    print(json.dumps({"imported": imported, "built": built, "first": first,
+                      "graphs": counters["stats"]["unique_graphs"]}))
+
+
+def startup(ns: argparse.Namespace) -> None:
+    """Cold and warm starts of a compiling job (startup_job), each in a fresh process and node-local cache."""
+    print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, prompt {ns.prompt_len}, "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}; seconds from the process's start")
+    print(f"{'weights':<8}{'batch':>6}{'cache':>7}{'model ready':>13}{'first token':>13}{'compile':>9}{'graphs':>8}")
+    for quantize in [None, *([ns.quantize] if ns.quantize else [])]:
+        for batch in ns.batch:
+            with tempfile.TemporaryDirectory() as shared:
+                for state in ("cold", "warm"):
+                    with tempfile.TemporaryDirectory() as local:  # an empty node-local cache: another node
+                        command = [sys.executable, __file__, "--child", "--preset", ns.preset, "--adapter-len",
+                                   str(ns.adapter_len), "--adapter-layers", str(ns.adapter_layers), "--prompt-len",
+                                   str(ns.prompt_len), "--batch", str(batch), "--compile-cache", shared,
+                                   *(["--quantize", quantize] if quantize else [])]
+                        started = time.time()
+                        out = subprocess.run(command, capture_output=True, text=True,
+                                             env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": local})
+                    if out.returncode:
+                        sys.exit(f"{' '.join(command)} failed:\n{out.stderr[-4000:]}")
+                    t = json.loads(out.stdout.strip().splitlines()[-1])
+                    print(f"{quantize or 'bf16':<8}{batch:>6}{state:>7}{t['built'] - started:>13.1f}"
+                          f"{t['first'] - started:>13.1f}{t['first'] - t['built']:>9.1f}{t['graphs']:>8}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="7B")
@@ -94,25 +178,45 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--no-hf", action="store_true", help="skip the HF + PEFT reference")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="also time our rows with weights in this format")
+    p.add_argument("--startup", action="store_true", help="time cold and warm job starts instead (see above)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --startup job
+    p.add_argument("--compile-cache", help=argparse.SUPPRESS)
     ns = p.parse_args()
+    if ns.child:
+        return startup_job(ns)
+    if ns.startup:
+        return startup(ns)
     args = ModelArgs.from_name(ns.preset)
     adapter = AdapterArgs(ns.adapter_len, ns.adapter_layers)
-    weight_bytes = 2 * args.parameter_count()
-    floor = copy_bandwidth("cuda") / weight_bytes
+    bf16_bytes = 2 * args.parameter_count()
+    rate = copy_bandwidth("cuda")
+    floor = rate / bf16_bytes
     print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, prompt {ns.prompt_len}, {ns.new_tokens} new "
           f"tokens, {torch.cuda.get_device_name()}, torch {torch.__version__}; batch-1 bandwidth floor "
-          f"{floor:.0f} tokens/s ({weight_bytes / 1e9:.2f} GB of bf16 weights)")
-    print(f"{'implementation':<24}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}")
+          f"{floor:.0f} tokens/s ({bf16_bytes / 1e9:.2f} GB of bf16 weights)")
     impls = {"ours (compiled, graph)": partial(ours, cuda_graph=True, compile=True),
              "ours (CUDA graph)": partial(ours, cuda_graph=True), "ours (eager)": partial(ours, cuda_graph=False)}
+    floors = dict.fromkeys(impls, floor)
+    if ns.quantize:
+        quantized = build(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), ns.quantize)
+        q_floor = rate / weight_bytes(quantized)
+        print(f"{ns.quantize}: batch-1 floor {q_floor:.0f} tokens/s ({weight_bytes(quantized) / 1e9:.2f} GB of "
+              "weights and scales)")
+        quantized = None
+        torch.cuda.empty_cache()
+        for name, fn in list(impls.items())[:2]:  # eager int8 says nothing the graphed rows do not
+            impls[f"{name[:-1]}, {ns.quantize})"] = partial(fn, quantize=ns.quantize)
+            floors[f"{name[:-1]}, {ns.quantize})"] = q_floor
     impls |= {} if ns.no_hf else {"HF + PEFT": hf_peft}
+    print(f"{'implementation':<30}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}")
     gen = torch.Generator().manual_seed(0)
     for name, fn in impls.items():
         for batch in ns.batch:
             prompts = torch.randint(3, args.vocab_size, (batch, ns.prompt_len), generator=gen)
-            rate = batch * ns.new_tokens / fn(args, adapter, prompts, ns.new_tokens)
-            share = f"{100 * rate / floor:.0f}" if batch == 1 else ""
-            print(f"{name:<24}{batch:>6}{rate:>10.0f}{share:>12}", flush=True)
+            tokens_per_s = batch * ns.new_tokens / fn(args, adapter, prompts, ns.new_tokens)
+            share = f"{100 * tokens_per_s / floors.get(name, floor):.0f}" if batch == 1 else ""
+            print(f"{name:<30}{batch:>6}{tokens_per_s:>10.0f}{share:>12}", flush=True)
 
 
 if __name__ == "__main__":

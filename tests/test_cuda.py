@@ -215,8 +215,49 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     _, gpu = models(fused=True)
     prompts = [[1, 5, 9, 200, 7], [1, 42]]
     compiled = generate(gpu, prompts, max_new_tokens=12, eos_id=-1, compile=True)
+    assert_each_token_near_best(gpu, prompts, compiled)
+
+
+def assert_each_token_near_best(model, prompts, outs):
+    """Each greedy token's logit within round-off (bf16, other kernels) of the best one of the model's own full
+    forward pass along the sequence decoded."""
     with torch.no_grad():
-        for prompt, out in zip(prompts, compiled):
-            logits = gpu(torch.tensor([prompt + out], device="cuda"))[0, len(prompt) - 1: len(prompt) - 1 + len(out)]
+        for prompt, out in zip(prompts, outs):
+            logits = model(torch.tensor([prompt + out], device="cuda"))[0, len(prompt) - 1: len(prompt) - 1 + len(out)]
             chosen = logits.gather(-1, torch.tensor(out, device="cuda")[:, None]).squeeze(-1)
             assert (logits.max(-1).values - chosen).max() < 5e-2
+
+
+def test_compiled_decode_step_compiles_once_per_job_on_gpu():
+    """A job's batches (1, 3 and 8 prompts, each with its own cache length) filled up to 8 rows share one compiled
+    decode step (a recompilation is an error), each batch's CUDA graph captured anew; greedy tokens within
+    round-off of the eager step's best logit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    _, gpu = models(fused=True)
+    g = torch.Generator().manual_seed(0)
+    for n, longest in [(1, 5), (3, 40), (8, 90)]:
+        prompts = [[1] + torch.randint(3, ARGS.vocab_size, (int(torch.randint(1, longest, (1,), generator=g)),),
+                                       generator=g).tolist() for _ in range(n)]
+        with torch.compiler.set_stance("fail_on_recompile" if n > 1 else "default"):
+            compiled = generate(gpu, prompts, max_new_tokens=12, eos_id=-1, compile=True, rows=8)
+        assert_each_token_near_best(gpu, prompts, compiled)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_int8_decoding_on_gpu():
+    """--quantize int8 on the GPU: logits near bf16's, and the compiled, graphed int8 decode step picks each token
+    within round-off of the int8 model's own best logit."""
+    from llama_adapter.quantize import quantize_int8
+
+    _, bf16 = models(fused=True)
+    _, int8 = models(fused=True)
+    quantize_int8(int8.requires_grad_(False))
+    x = torch.randint(0, ARGS.vocab_size, (2, 64), device="cuda")
+    with torch.no_grad():
+        assert rel_err(int8(x), bf16(x)) < 5e-2
+    prompts = [[1, 5, 9, 200, 7], [1, 42]]
+    compiled = generate(int8, prompts, max_new_tokens=12, eos_id=-1, compile=True)
+    assert_each_token_near_best(int8, prompts, compiled)

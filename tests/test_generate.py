@@ -85,3 +85,29 @@ def test_multimodal_decoding_matches_the_full_forward_of_each_row():
             chosen = logits.gather(-1, torch.tensor(out)[:, None]).squeeze(-1)
             assert (logits.max(-1).values - chosen).max() < 1e-4
     assert generate(model, prompts[1:], max_new_tokens=8, eos_id=2, pad_id=0) == batched[1:]
+
+
+def test_compiled_decode_step_compiles_once_for_every_batch(model):
+    """A job's batches (one prompt, three, sixteen, each with its own longest prompt, so its own KV cache length)
+    share one compiled decode step: filler rows bring each batch to the job's rows and the cache length is dynamic.
+    A recompilation would be an error (fail_on_recompile). Greedy tokens are the eager step's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = model.requires_grad_(False).fuse_projections()
+    g = torch.Generator().manual_seed(0)
+    for n, longest in [(1, 5), (3, 30), (16, 60)]:
+        prompts = [[1] + torch.randint(3, 256, (int(torch.randint(1, longest, (1,), generator=g)),),
+                                       generator=g).tolist() for _ in range(n)]
+        with torch.compiler.set_stance("fail_on_recompile" if n > 1 else "default"):
+            compiled = generate(model, prompts, max_new_tokens=8, eos_id=-1, compile=True, rows=16)
+        assert compiled == generate(model, prompts, max_new_tokens=8, eos_id=-1)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_filler_rows_change_no_answer(model):
+    prompts = [[1, 5, 9, 200, 7], [1, 42]]
+    assert generate(model, prompts, max_new_tokens=6, eos_id=-1, rows=5) == generate(model, prompts, 6, eos_id=-1)
+    with pytest.raises(ValueError, match="rows"):
+        generate(model, prompts, max_new_tokens=6, eos_id=-1, rows=1)

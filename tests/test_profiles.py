@@ -238,6 +238,11 @@ def test_paper_config_dry_run(paper_dry_run, paper_tmp):
     assert "/adapters/scienceqa_lora/adapter_model.safetensors " in scored[lora_point]
     assert "--split val" in scored[lora_point]
     assert "--adapter" not in scored[center.replace("method~adapter", "method~zero-shot")]
+    # compile: true (train, evaluate): each compiling job keeps its compiled code in the results' shared cache; the
+    # Alpaca evaluations decode nothing, so they compile nothing
+    cache = f"--compile-cache {paper_tmp}/results/cache/compile"
+    assert all(" --compile " in cmd and f" {cache} " in f"{cmd} " for cmd in trained.values())
+    assert f" --compile {cache} " in scored["scienceqa"] and "--compile" not in scored["instruction"]
     assert not (paper_tmp / "results").exists()  # a dry run writes nothing
 
 

@@ -20,10 +20,12 @@ from .config import (
     PAPER_SAMPLING,
     POLICIES,
     PRESETS,
+    QUANTIZATIONS,
     SPLIT_BY,
     TASKS,
     TRUNCATION,
     AdapterArgs,
+    CompileConfig,
     DemoConfig,
     EncodeImagesConfig,
     Evaluation,
@@ -120,7 +122,7 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     if ns.adapter:
         adapter_file(ns.adapter)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     fmt = config_of(ns, PromptFormat)
     prompt = tokenizer.encode(TEMPLATES[fmt.template](ns.prompt), bos=fmt.bos)
@@ -287,6 +289,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def cmd_train(ns: argparse.Namespace) -> None:
     """Fine-tune an adapter (the paper's recipe by default); run under torchrun for several GPUs."""
+    from .compile_cache import compile_cache
     from .train import TrainingInterrupted, check_gpus, check_world_size, train
 
     if ns.expect_gpus is not None:
@@ -301,12 +304,41 @@ def cmd_train(ns: argparse.Namespace) -> None:
         except ValueError as e:
             raise InputError(f"--lora-rank/--lora-alpha/--lora-dropout/--lora-targets: {e}") from None
     try:
-        result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
+        with compile_cache(cfg.compile_cache if cfg.compile else None, training_kind(cfg)):
+            result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
     except TrainingInterrupted as e:  # SIGTERM/SIGUSR1: one line (rank 0's), and the shell's code for a signal
         if e.rank == 0:
             print(f"llama-adapter train: {e}", file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+
+
+def training_kind(cfg: TrainConfig) -> dict:
+    """What decides the code a training compiles (its compile cache's name): the base, what trains, the packed
+    rows' shapes, and this process's rank (each compiles for its own device)."""
+    import os
+
+    return {"command": "train", "base": cfg.base, "method": cfg.method, "adapter": cfg.adapter.to_dict(),
+            "lora": cfg.lora.to_dict() if cfg.method == "lora" else None, "images": bool(cfg.image_features),
+            "rows": cfg.rows_per_micro_batch, "row_len": cfg.row_len, "fsdp": cfg.fsdp,
+            "rank": os.environ.get("RANK", "0"), "world": os.environ.get("WORLD_SIZE", "1")}
+
+
+def check_compile_cache(ns: argparse.Namespace) -> None:
+    if ns.compile_cache is not None and not ns.compile:
+        raise InputError(f"--compile-cache {ns.compile_cache} given without --compile: nothing would be compiled")
+
+
+def decoding_cache(ns: argparse.Namespace, model, rows: int):
+    """compile_cache for the decode step of `model` (generate, evaluate share it: the same compiled step) at
+    `rows` rows; a no-op unless --compile."""
+    from .compile_cache import compile_cache
+
+    w = model.tok_embeddings.weight
+    adapter = getattr(model, "adapter", None)
+    kind = {"command": "decode", "model": model.args.to_dict(), "adapter": adapter and adapter.to_dict(),
+            "dtype": str(w.dtype), "device": str(w.device), "quantize": ns.quantize, "rows": rows}
+    return compile_cache(ns.compile_cache if ns.compile else None, kind)
 
 
 def check_train_inputs(ns: argparse.Namespace) -> None:
@@ -324,6 +356,7 @@ def check_train_inputs(ns: argparse.Namespace) -> None:
         existing_dir(ns.image_features, "--image-features", "a feature cache folder written by encode-images")
     writable_output(ns.out_dir, "--out-dir", folder=True)
     check_device(ns.device)
+    check_compile_cache(ns)
 
 
 def check_base(base: str | Path) -> str:
@@ -341,16 +374,22 @@ def check_base(base: str | Path) -> str:
     return str(path)
 
 
-def load_for_inference(base: Path, adapter_path: Path | None, device: str | None, dtype: str | None):
+def load_for_inference(base: Path, adapter_path: Path | None, device: str | None, dtype: str | None,
+                       quantize: str | None = InferenceConfig.quantize):
     """A frozen model in eval mode with its projections fused (faster decoding, same results), on `device` in
-    `dtype`, each left open (None) for devices.py to pick."""
+    `dtype`, each left open (None) for devices.py to pick; its blocks' weights quantized if asked (after a LoRA is
+    merged into them)."""
     from .checkpoint import load_model
     from .devices import pick_device, pick_dtype
 
     device = pick_device(device)
     model = load_model(base, adapter_path, device=device, dtype=pick_dtype(device, dtype))
-    model = model.eval().requires_grad_(False)
-    return model.fuse_projections()
+    model = model.eval().requires_grad_(False).fuse_projections()
+    if quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    return model
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -372,6 +411,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     from .generate import generate_requests, read_prompts
 
     check_device(ns.device)
+    check_compile_cache(ns)
     ns.base = check_base(ns.base)
     requests, adapters = read_prompts(ns.prompts), parse_adapters(ns.adapter)
     from .lora import is_lora_file
@@ -386,7 +426,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
                          f"{sorted(adapters)}")
     writable_output(ns.out, "--out", folder=False)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype)
+    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype, ns.quantize)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     from .checkpoint import apply_adapter
 
@@ -394,8 +434,9 @@ def cmd_generate(ns: argparse.Namespace) -> None:
         adapters = {lora[0] if lora else ns.name: None}
     for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
         apply_adapter(model, path)
-    rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size, ns.compile,
-                             ns.out)
+    with decoding_cache(ns, model, min(ns.batch_size, len(requests))):
+        rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size,
+                                 ns.compile, ns.out)
     print(f"{len(rows)} generations -> {ns.out}")
 
 
@@ -406,6 +447,11 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     from .io import read_jsonl
 
     check_device(ns.device)
+    check_compile_cache(ns)
+    if ns.compile and not (ns.task == "scienceqa" and ns.mode == "generate"):
+        raise InputError(f"--compile compiles the decode step, which --task {ns.task}"
+                         + (f" --mode {ns.mode}" if ns.task == "scienceqa" else "") + " does not run; expected "
+                         "--task scienceqa --mode generate, or no --compile")
     ns.base = check_base(ns.base)
     if ns.adapter is not None:
         adapter_file(ns.adapter)
@@ -430,7 +476,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
                              + (f" in split {ns.split!r}; splits present: {present}" if all_records else ""))
         inputs = {"records": records, "train_records": [r for r in all_records if r.get("split") == "train"]}
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype)
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     if ns.task == "scienceqa" and ns.image_features:
         from .multimodal import ImageFeatures
@@ -443,7 +489,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         inputs["heldout"] = TokenDataset(ns.data)
     ev = Evaluation(ns.task, Path(ns.base), ns.adapter, ns.data, ns.out, ns.split, ns.mode, ns.row_len, ns.run_name,
                     ns.tags)
-    scores = evaluate(model, tokenizer, ev, batch_size=ns.batch_size, **inputs)
+    rows = min(ns.batch_size, len(inputs["records"])) if ns.compile else ns.batch_size  # (compiled: scienceqa)
+    with decoding_cache(ns, model, rows):
+        scores = evaluate(model, tokenizer, ev, batch_size=ns.batch_size, compile=ns.compile, **inputs)
     print(json.dumps(scores, indent=2))
 
 
@@ -583,7 +631,8 @@ OPTION_TYPES = {
 }
 OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS,
                   "truncation": TRUNCATION, "split_by": SPLIT_BY, "dtype": DTYPES, "task": TASKS, "mode": MODES,
-                  "policy": POLICIES, "template": tuple(TEMPLATES)}
+                  "policy": POLICIES, "template": tuple(TEMPLATES),
+                  "quantize": QUANTIZATIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -601,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("complete", help=cmd_complete.__doc__, description=cmd_complete.__doc__)
-    add_inference_options(p, COMPLETE_INFERENCE, only=("device", "dtype"))
+    add_inference_options(p, COMPLETE_INFERENCE, only=("device", "dtype", "quantize"))
     p.add_argument("--adapter", help="adapter .safetensors (or an original-release .pth with --adapter-len/-layers)")
     p.add_argument("--prompt", required=True, help="the instruction, put into --template")
     add_dataclass_options(p, PromptFormat)
@@ -692,8 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
     p.add_argument("--out", required=True, type=Path, help="the JSONL of answers to write")
     add_dataclass_options(p, PAPER_SAMPLING)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: a one-off compilation, then faster tokens (large jobs)")
+    add_dataclass_options(p, CompileConfig)
     p.set_defaults(func=cmd_generate, outputs=lambda ns: [ns.out])
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
@@ -705,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-features", type=Path,
                    help="scienceqa with a multimodal adapter: the feature cache written by encode-images")
     p.add_argument("--out", required=True, type=Path, help="the folder for scores.json (and predictions.csv)")
+    add_dataclass_options(p, CompileConfig)
     add_tag_option(p)
     p.set_defaults(func=cmd_evaluate, outputs=lambda ns: [ns.out / f for f in EVALUATE_OUTPUTS])
 

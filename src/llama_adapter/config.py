@@ -203,6 +203,12 @@ def setting(default: Any = MISSING, help: str = "", if_none: str = "", **kw: Any
     return field(default=default, metadata={"help": help, "if_none": if_none}, **kw)
 
 
+def setting_of(cls: type, name: str) -> Any:
+    """The option `cls` declares as its field `name` (default, help), for another dataclass that takes it too."""
+    f = cls.__dataclass_fields__[name]
+    return setting(f.default, f.metadata["help"], f.metadata["if_none"])
+
+
 # What tokenize does with a sample longer than max_seq_len: cut the response's end (the paper's), or drop it.
 TRUNCATION = ("truncate", "drop")
 # How tokenize tells validation from training records: a seeded draw, or the records' own split.
@@ -231,6 +237,19 @@ class TokenizeConfig:
         if self.split_by == "seed":
             return {"by": "seed", "val_size": self.val_size, "seed": self.seed}
         return {"by": self.split_by}
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Whether generate and evaluate compile their decode step, and where compiled code is kept between jobs
+    (compile_cache.py); train's own --compile compiles its blocks, and takes the same --compile-cache."""
+
+    compile: bool = setting(False, "torch.compile the decode step: a one-off compilation, then faster tokens "
+                                   "(large jobs)")
+    compile_cache: str | None = setting(None, "with --compile: a folder, which jobs on other nodes may share, that "
+                                              "keeps what was compiled, so that the next job of the same shapes "
+                                              "skips most of its compilation", if_none="none: this node's own "
+                                                                                    "PyTorch caches only")
 
 
 @dataclass
@@ -269,6 +288,7 @@ class TrainConfig:
                                           "epoch (tests, benchmarks)", if_none="no limit")
     device: str | None = setting(None, "cpu, cuda or cuda:N", if_none="cuda:LOCAL_RANK when a GPU is visible, else cpu")
     compile: bool = setting(False, "torch.compile the blocks")
+    compile_cache: str | None = setting_of(CompileConfig, "compile_cache")
     fsdp: bool = setting(False, "shard the layers over the processes (FSDP2): models too big for one GPU")
     image_features: str | None = setting(None, "a feature cache written by encode-images: train the multimodal "
                                                "adapter", if_none="text only")
@@ -303,16 +323,21 @@ class PretrainConfig:
 
 # Where a command's model runs (devices.py picks what is left open), and the weights' precisions it takes.
 DTYPES = ("float32", "bfloat16", "float16")
+# How the frozen base's block weights may be stored for inference (quantize.py).
+QUANTIZATIONS = ("int8",)
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
     """How a loaded model is run to answer or to score (generate, evaluate; complete and encode-images take the
-    device, and complete the dtype)."""
+    device, and complete the dtype and quantize)."""
 
     batch_size: int = setting(16, "prompts decoded, or samples scored, together")
     device: str | None = setting(None, "cpu, cuda or cuda:N", if_none="cuda if available, else cpu")
     dtype: str | None = setting(None, "the weights' precision", if_none="bfloat16 on CUDA, float32 on CPU")
+    quantize: str | None = setting(None, "int8: the blocks' linear weights as weight-only int8 (torchao), half the "
+                                         "bytes each decoded token reads; embeddings, output layer and adapter stay "
+                                         "in --dtype", if_none="none, every weight in --dtype")
 
 
 # complete is a quick check of weights: in their full precision on any device.

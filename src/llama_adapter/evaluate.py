@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .batching import collate, heldout_loss, hidden_states
-from .config import MODES, Evaluation, InferenceConfig, Sampling
+from .config import MODES, CompileConfig, Evaluation, InferenceConfig, Sampling
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .errors import DataError, StoppedBySignal, stop_signals_raise
@@ -61,10 +61,10 @@ def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list
 
 
 def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
-                         max_new_tokens: int = 16, images: list[np.ndarray | None] | None = None
-                         ) -> tuple[list[int | None], list[str]]:
+                         max_new_tokens: int = 16, images: list[np.ndarray | None] | None = None,
+                         compile: bool = CompileConfig.compile) -> tuple[list[int | None], list[str]]:
     texts = complete_texts(model, tokenizer, [qcm_prompt(r) for r in records], Sampling(max_new_tokens),
-                           batch_size, images=images)
+                           batch_size, compile=compile, images=images)
     return [parse_answer(t, len(r["choices"])) for t, r in zip(texts, records)], texts
 
 
@@ -94,10 +94,11 @@ def answer_position_floor(train_records: list[dict], records: list[dict]) -> dic
 
 def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict], mode: str = Evaluation.mode,
                     batch_size: int = InferenceConfig.batch_size, images: ImageFeatures | None = None,
-                    train_records: list[dict] | None = None) -> tuple[dict, list[dict]]:
+                    train_records: list[dict] | None = None, compile: bool = CompileConfig.compile
+                    ) -> tuple[dict, list[dict]]:
     """(scores, one prediction row per question) of `records`. images: the feature cache a multimodal adapter
     reads (questions without an image keep the prompts unchanged); train_records: the training questions, for the
-    no-model floor (`floor`)."""
+    no-model floor (`floor`); compile: the decode step compiled (mode generate)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     model.eval()
@@ -109,7 +110,8 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
         preds = answer_by_likelihood(model, tokenizer, records, batch_size, per_question)
         texts = [""] * len(records)
     else:
-        preds, texts = answer_by_generation(model, tokenizer, records, batch_size, images=per_question)
+        preds, texts = answer_by_generation(model, tokenizer, records, batch_size, images=per_question,
+                                            compile=compile)
     predictions = [{"pid": r["pid"], "split": r.get("split"), "answer": r["answer"], "prediction": p,
                     "correct": p == r["answer"], "categories": categories(r), "output": t}
                    for r, p, t in zip(records, preds, texts)]
@@ -147,7 +149,8 @@ def training_of(base: Path, adapter: Path | None) -> dict:
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, records: list[dict] | None = None,
              train_records: list[dict] | None = None, images: ImageFeatures | None = None,
-             heldout: TokenDataset | None = None, batch_size: int = InferenceConfig.batch_size) -> dict:
+             heldout: TokenDataset | None = None, batch_size: int = InferenceConfig.batch_size,
+             compile: bool = CompileConfig.compile) -> dict:
     """Score the model (ScienceQA `records`, or the Alpaca `heldout` split) and write every output of an
     evaluation: scores.json, once and whole (the scores, what was scored, the method and the MLflow run), and for
     ScienceQA predictions.csv. The MLflow run opens before scoring, so a crash ends it FAILED; it holds the
@@ -174,7 +177,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
         with stop_signals_raise():  # scancel, a time limit: the run ends KILLED, not RUNNING forever
             if ev.task == "scienceqa":
                 scores, predictions = score_scienceqa(model, tokenizer, records or [], ev.mode, batch_size, images,
-                                                      train_records)
+                                                      train_records, compile)
                 scores["split"] = ev.split
                 write_predictions(predictions, out / "predictions.csv")
             else:

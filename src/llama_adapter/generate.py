@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import apply_adapter
-from .config import InferenceConfig, Sampling
+from .config import CompileConfig, InferenceConfig, Sampling
 from .model import Transformer
 from .prompts import alpaca_prompt
 from .tokenizer import Tokenizer
@@ -63,8 +63,32 @@ def compiled_decode_step():
     the gates is otherwise several tiny kernels, and kernel count, not bandwidth, bounds the step).
     Coordinate-descent tuning makes inductor write the few-row matrix products as Triton reductions tuned
     for the shape, which read the weights faster than cuBLAS does (7B on an H100: batch 1 151 -> 154
-    tokens/s, batch 16 1,589 -> 2,032; BENCHMARKS.md)."""
-    return torch.compile(decode_step, fullgraph=True, options={"coordinate_descent_tuning": True})
+    tokens/s, batch 16 1,589 -> 2,032; BENCHMARKS.md). The batch size stays static (dynamic=False): those
+    kernels are tuned for their row count, and a dynamic batch cost batch 16 a fifth (2,032 -> 1,585 tokens/s);
+    a job decodes at one batch size instead (`generate`'s rows). Only the cache length, which every batch
+    changes, is marked dynamic (`mark_cache_length_dynamic`)."""
+    compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
+
+    @functools.wraps(decode_step)
+    def step(*args):
+        # The KV cache is a module buffer, whose shape dynamo holds static, mark_dynamic or not, unless told
+        # otherwise; told here only, so that other compiled code (training's blocks) keeps its parameters static.
+        with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+            return compiled(*args)
+
+    return step
+
+
+def mark_cache_length_dynamic(model: Transformer, *per_slot: Tensor) -> None:
+    """Compile the decode step for any KV cache length: each batch's longest prompt sets its own, so a
+    step specialised to it would recompile at nearly every batch (and fall back to eager after the
+    recompile limit). Attention over a symbolic length loses nothing: its kernels take the length at run time."""
+    for t in per_slot:  # (B, S)
+        torch._dynamo.mark_dynamic(t, 1)
+    for layer in model.layers:
+        cache = layer.attention.kv_cache  # (B, nkv, S, hs)
+        torch._dynamo.mark_dynamic(cache.k, 2)
+        torch._dynamo.mark_dynamic(cache.v, 2)
 
 
 class CUDAGraphed:
@@ -106,26 +130,37 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     cuda_graph: bool = True,
-    compile: bool = False,
+    compile: bool = CompileConfig.compile,
     images: list[np.ndarray | None] | None = None,
+    rows: int | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, cut after the first EOS (which is not included). On a GPU the decode step
     runs as a CUDA graph unless cuda_graph is False (same kernels, so the same tokens). compile: run the
     decode step through torch.compile (a one-off compilation, then faster steps). images: for a multimodal
-    adapter, each prompt's image features (None: no image)."""
+    adapter, each prompt's image features (None: no image). rows: decode this many rows, the prompts' and
+    one-token filler rows whose output is dropped (a compiled step then serves a job's smaller last batch
+    without compiling again); default one per prompt."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    n = len(prompts)
+    rows = n if rows is None else rows
+    if rows < n:
+        raise ValueError(f"rows ({rows}) must be at least the number of prompts ({n})")
+    if images is not None and len(images) != n:
+        raise ValueError(f"{len(images)} images for {n} prompts")
     device = model.tok_embeddings.weight.device
-    tokens, n_pad = left_pad(prompts, pad_id, device)
+    tokens, n_pad = left_pad(prompts + [[pad_id]] * (rows - n), pad_id, device)
     B, P = tokens.shape
     S = -(-(P + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
     slots = torch.arange(S, device=device)
     key_valid = slots[None, :] >= n_pad[:, None]  # (B, S)
     rope_pos = (slots[None, :] - n_pad[:, None]).clamp(min=0)  # (B, S): each row counts from its first token
-    image_features, image_row = image_inputs(images, B, device)
+    image_features, image_row = image_inputs(None if images is None else images + [None] * (rows - n), device)
     model.setup_kv_cache(B, S)
+    if compile:
+        mark_cache_length_dynamic(model, key_valid, rope_pos)
     try:
         # Prefill. A padded query row would see no key at all (NaN softmax that leaks through the cached
         # values), so every position may always attend to itself.
@@ -134,7 +169,7 @@ def generate(
         logits = model(tokens, slots[:P], mask[:, None], rope_pos[:, :P], image_features=image_features,
                        image_index=None if image_row is None else image_row[:, None].expand(B, P))[:, -1]
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        done = torch.arange(B, device=device) >= n  # filler rows never hold up the stop
         step_fn = compiled_decode_step() if compile else decode_step
 
         def step(token: Tensor, slot: Tensor) -> Tensor:
@@ -152,24 +187,21 @@ def generate(
     finally:
         model.clear_kv_cache()
     results = []
-    for row in out[:, : t + 1].tolist():
+    for row in out[:n, : t + 1].tolist():
         results.append(row[: row.index(eos_id)] if eos_id in row else row)
     return results
 
 
-def image_inputs(images: list[np.ndarray | None] | None, B: int, device) -> tuple[Tensor | None, Tensor | None]:
-    """(features (N, visual_dim) of the prompts that have an image, each row's index into them or -1)."""
+def image_inputs(images: list[np.ndarray | None] | None, device) -> tuple[Tensor | None, Tensor | None]:
+    """(features (B, visual_dim) of each row's image, zeros for a row without one; each row's index into them,
+    -1 for none), or (None, None) when no row has an image. One feature row per prompt keeps the shapes a
+    compiled decode step sees the same from batch to batch, whatever the number of images in each."""
     if images is None or all(i is None for i in images):
         return None, None
-    if len(images) != B:
-        raise ValueError(f"{len(images)} images for {B} prompts")
-    present = [i for i in images if i is not None]
-    rows, k = [], 0
-    for i in images:
-        rows.append(-1 if i is None else k)
-        k += i is not None
-    features = torch.from_numpy(np.stack(present).astype(np.float32)).to(device)
-    return features, torch.tensor(rows, device=device)
+    blank = np.zeros_like(next(i for i in images if i is not None))
+    features = np.stack([blank if i is None else i for i in images]).astype(np.float32)
+    rows = [-1 if i is None else b for b, i in enumerate(images)]
+    return torch.from_numpy(features).to(device), torch.tensor(rows, device=device)
 
 
 PROMPT_KEYS = {"id": "any", "instruction": "str", "input": "str", "prompt": "str", "adapter": "str"}
@@ -213,18 +245,21 @@ def complete_texts(
     sampling: Sampling = Sampling(),
     batch_size: int = InferenceConfig.batch_size,
     generator: torch.Generator | None = None,
-    compile: bool = False,
+    compile: bool = CompileConfig.compile,
     images: list[np.ndarray | None] | None = None,
+    rows: int | None = None,
 ) -> list[str]:
     """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate. The
     draws come from `generator` (sampling's seed is its maker's to use: generate_requests draws all its adapters'
-    answers from one)."""
+    answers from one). Compiled, every batch decodes `rows` rows (default: as many as the first batch has), a
+    smaller one filled up, so that one compilation serves them all."""
     texts = []
+    rows = (rows or min(batch_size, len(prompts))) if compile else None
     for i in in_batches(len(prompts), batch_size, "generated"):
         ids = [tokenizer.encode(p, bos=True) for p in prompts[i: i + batch_size]]
         outs = generate(model, ids, sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, sampling.temperature,
                         sampling.top_p, generator, compile=compile,
-                        images=None if images is None else images[i: i + batch_size])
+                        images=None if images is None else images[i: i + batch_size], rows=rows)
         texts += [tokenizer.decode(o) for o in outs]
     return texts
 
@@ -236,7 +271,7 @@ def generate_requests(
     adapters: dict[str, Path | None],
     sampling: Sampling = Sampling(),
     batch_size: int = InferenceConfig.batch_size,
-    compile: bool = False,
+    compile: bool = CompileConfig.compile,
     out: Path | None = None,
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
@@ -247,12 +282,13 @@ def generate_requests(
         raise ValueError(f"requests name adapters {sorted(unknown)} that were not given; given: {sorted(adapters)}")
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     results = []
+    rows = min(batch_size, len(requests))  # every adapter's batches, compiled, decode as many rows: one compilation
     for name, path in adapters.items():
         if path is not None:
             apply_adapter(model, path)
         mine = [r for r in requests if r.get("adapter", name) == name]
         outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], sampling, batch_size, generator,
-                                 compile)
+                                 compile, rows=rows)
         results += [{"id": r["id"], "adapter": name, "adapter_path": path and str(path), "prompt": prompt_text(r),
                      "output": o, "decoding": sampling.describe()} for r, o in zip(mine, outputs)]
     if out is not None:

@@ -221,8 +221,8 @@ def autocast(device: torch.device):
 
 # Settings that may change between a run and its resumption without changing its results.
 # (A checkpoint holds whole tensors by name, so sharding and the number of processes may change too.)
-RESUMABLE_CHANGES = ("checkpoint_every", "max_steps", "device", "compile", "run_name", "tags", "rows_per_micro_batch",
-                     "fsdp")
+RESUMABLE_CHANGES = ("checkpoint_every", "max_steps", "device", "compile", "compile_cache", "run_name", "tags",
+                     "rows_per_micro_batch", "fsdp")
 
 
 # What trains and its optimizer state, whole, keyed by parameter name (torch.distributed.checkpoint's state

@@ -414,13 +414,28 @@ def expectations(resources):
 
 
 def cli_options(settings):
-    """--key value per setting, in a fixed order: reordering a config's keys must not rerun the job. A list of
-    arguments (each value one argument, whatever it holds), for `{params.options:q}`."""
+    """--key value per setting, in a fixed order: reordering a config's keys must not rerun the job; a boolean as
+    --key or --no-key, the CLI's switches. A list of arguments (each value one argument, whatever it holds), for
+    `{params.options:q}`."""
     return [
         arg
         for k, v in sorted(settings.items())
-        for arg in (f"--{k.replace('_', '-')}", str(v))
+        for arg in (
+            [f"--{'' if v else 'no-'}{k.replace('_', '-')}"]
+            if isinstance(v, bool)
+            else [f"--{k.replace('_', '-')}", str(v)]
+        )
     ]
+
+
+# What torch.compile compiled, kept for the next job with the same shapes, on any node (llama_adapter.compile_cache):
+# jobs of a kind share one file there, each written whole and renamed into place, so concurrent jobs are safe.
+COMPILE_CACHE = f"{RESULTS}/cache/compile"
+
+
+def compile_cache(settings):
+    """--compile-cache for a job whose settings compile; [] otherwise. A list of arguments."""
+    return ["--compile-cache", COMPILE_CACHE] if settings.get("compile") else []
 
 
 def data_source(dataset):
@@ -472,6 +487,9 @@ def evaluation_options(w, input):
             "--row-len",
             str(settings["row_len"]),
         ]
+    # Only generated answers run the decode step that evaluate.compile compiles.
+    decodes = config["evaluate"]["mode"] == "generate"
+    compiled = {"compile": decodes and config["evaluate"].get("compile", False)}
     return [
         "--task",
         "scienceqa",
@@ -482,6 +500,8 @@ def evaluation_options(w, input):
         "--mode",
         config["evaluate"]["mode"],
         *(["--image-features", input.images] if input.images else []),
+        *(["--compile"] if compiled["compile"] else []),
+        *compile_cache(compiled),
     ]
 
 

@@ -23,7 +23,8 @@ rule generate:
     params:
         options=cli_options(
             {k: v for k, v in config["generate"].items() if k != "instructions"}
-        ),
+        )
+        + compile_cache(config["generate"]),
         # The rows are named after the experiment: by NAME=PATH, or --name for a full fine-tune or zero-shot base.
         model=lambda w, input: model_options(w, input, named=True)
         + ["--name", w.experiment],

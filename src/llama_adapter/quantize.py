@@ -1,0 +1,68 @@
+"""Weight-only int8 of a frozen base, for inference (--quantize int8), through torchao.
+
+Decoding at small batches reads every weight once per token, so halving the bytes of bf16 weights is what can
+make it faster; the activations stay in the model's dtype (weight-only: no calibration, nothing to tune). Each
+output row of a weight gets its own scale (torchao's per-row int8), which keeps the error of a row independent
+of the others' magnitudes.
+
+What is quantized: every linear layer of the blocks (wq, wk, wv, wo, w1, w2, w3), about 98% of LLaMA-7B's
+weights. What is not:
+- the token embedding and the output layer (the LM head): a lookup reads one row per token, not the table, and
+  the head's logits decide the greedy token directly, so the head stays in the model's dtype (tied to the
+  embedding in SmolLM2, where it is a fifth of the weights);
+- the norms (vectors), and the adapter's own tensors: its prompts and gates are fp32 parameters read once per
+  decode (the prompts' keys and values go into the KV cache), and a trained adapter is swapped in and out of a
+  quantized base as of a bf16 one. The prompts pass through the quantized wk and wv of their layer, as the
+  tokens do.
+A LoRA is merged into the base's weights before they are quantized (load_for_inference's order).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InputError
+from .model import Transformer
+
+
+def int8_weight(weight: Tensor) -> Tensor:
+    """`weight` (out, in) as torchao's weight-only int8 tensor, per-row scales; F.linear takes it as it is."""
+    try:
+        if torch.version.cuda is None:
+            # torchao announces each of its CUDA kernels that a CPU-only torch cannot load: noise here
+            logging.getLogger("torchao").setLevel(logging.ERROR)
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise InputError("--quantize int8 needs torchao, which is not installed: pip install torchao") from None
+    linear = nn.Linear(weight.size(1), weight.size(0), bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    quantize_(linear, Int8WeightOnlyConfig())
+    return linear.weight
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """Quantize the blocks' linear layers of a frozen model in place (see the module's docstring for what is left
+    as it was). A fused projection (fuse_projections) is quantized as one weight, and its parts become row slices
+    of it, so that the full-precision weights are freed and the prompts' keys still read the same int8 wk and wv."""
+    if any(p.requires_grad for name, p in model.named_parameters() if not model.is_added_param(name)):
+        raise ValueError("quantize_int8 is for a frozen base: int8 weights take no gradient")
+    for layer in model.layers:
+        a, f = layer.attention, layer.feed_forward
+        for owner, fused, parts in ((a, "wqkv", (a.wq, a.wk, a.wv)), (f, "w13", (f.w1, f.w3))):
+            if getattr(owner, fused) is None:
+                for linear in parts:
+                    linear.weight = nn.Parameter(int8_weight(linear.weight), requires_grad=False)
+                continue
+            whole = int8_weight(getattr(owner, fused))
+            setattr(owner, fused, whole)
+            at = 0
+            for linear in parts:
+                n = linear.out_features
+                linear.weight = nn.Parameter(whole[at: at + n], requires_grad=False)
+                at += n
+        for linear in (a.wo, f.w2):
+            linear.weight = nn.Parameter(int8_weight(linear.weight), requires_grad=False)
+    return model
