@@ -23,6 +23,8 @@ Usage:
     torchrun --standalone --nproc-per-node 4 benchmarks/train_throughput.py --preset 7B --compile --no-peft
     python benchmarks/train_throughput.py --preset tiny --adapter-layers 4 --methods adapter lora --steps 2
         (without a GPU: a smoke check, in fp32, without the matmul reference)
+    python benchmarks/train_throughput.py --preset 7B --compile --precision fp8 --no-padded --no-peft
+        (adds the packed step with the frozen projections in float8: `train --precision fp8 --compile`)
 It prints real tokens/s, padded tokens/s, model TFLOP/s and its % of a bf16 matmul timed in the same run, peak
 memory, and the paper's recipe (52,002 samples x 5 epochs) projected from each rate. TFLOP/s counts 4 x the
 base's parameters per processed token: forward, and backward to the activations. The frozen base needs no
@@ -44,9 +46,10 @@ import torch
 
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.batching import collate, token_loss_sum
-from llama_adapter.config import AdapterArgs, LoRAArgs, ModelArgs, TrainConfig
+from llama_adapter.config import PRECISIONS, AdapterArgs, LoRAArgs, ModelArgs, TrainConfig
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
 from llama_adapter.lora import HF_MODULES, add_lora
+from llama_adapter.quantize import float8_matmuls
 from llama_adapter.train import (
     Dist,
     autocast,
@@ -113,10 +116,14 @@ class Result:
         self.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def time_steps(name: str, step, n_warmup: int, n_steps: int, d: Dist) -> Result:
-    """Run `step(k)` -> (loss, real tokens, padded tokens) for warm-up then timed steps."""
+def time_steps(name: str, step, n_warmup: int, n_steps: int, d: Dist, profile: bool = False) -> Result:
+    """Run `step(k)` -> (loss, real tokens, padded tokens) for warm-up then timed steps; with `profile`, the last
+    warm-up step runs under the profiler, which prints where its GPU time went."""
     for k in range(n_warmup):
-        step(k)
+        if profile and k == n_warmup - 1 and d.rank == 0:
+            print_profile(name, lambda: step(k), d.device)
+        else:
+            step(k)
     synchronize(d.device)
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
@@ -129,6 +136,24 @@ def time_steps(name: str, step, n_warmup: int, n_steps: int, d: Dist) -> Result:
         losses.append(loss)
     synchronize(d.device)
     return Result(name, real, padded, time.perf_counter() - t, losses, d.device)
+
+
+def print_profile(name: str, fn, device: torch.device) -> None:
+    """The kernels that took the most GPU time during fn(), with the step's wall time beside the GPU's busy time:
+    where the gap to the matmul rate goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == "cuda" else [])
+    synchronize(device)
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"profile of {name}: wall {1e3 * wall:.1f} ms (profiled), GPU busy {1e3 * busy:.1f} ms")
+    print(events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                       row_limit=18, max_name_column_width=70), flush=True)
 
 
 def optimizer(model, fused: bool):
@@ -145,16 +170,17 @@ def optimizer_step(opt, loss: torch.Tensor | None = None) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def ours_packed(model, ds: TokenDataset, cfg: TrainConfig, d: Dist, opt, params, n_warmup, n_steps, name) -> Result:
+def ours_packed(model, ds: TokenDataset, cfg: TrainConfig, d: Dist, opt, params, n_warmup, n_steps, name,
+                profile: bool) -> Result:
     def step(k):
         loss, real, padded = train_step(model, ds, step_samples(len(ds), cfg, k), cfg, d, params)
         optimizer_step(opt)
         return loss, real, padded
 
-    return time_steps(name, step, n_warmup, n_steps, d)
+    return time_steps(name, step, n_warmup, n_steps, d, profile)
 
 
-def ours_padded(model, samples, n: int, row_len: int, opt, n_warmup, n_steps, d: Dist) -> Result:
+def ours_padded(model, samples, n: int, row_len: int, opt, n_warmup, n_steps, d: Dist, profile: bool) -> Result:
     batches = [collate([[s] for s in samples[k * n: (k + 1) * n]], pad_id=0, width=row_len)
                for k in range(n_warmup + n_steps)]
 
@@ -165,7 +191,7 @@ def ours_padded(model, samples, n: int, row_len: int, opt, n_warmup, n_steps, d:
         optimizer_step(opt, loss)
         return loss.item(), batch.real_tokens, batch.padded_tokens
 
-    return time_steps(f"ours, padded to {row_len}", step, n_warmup, n_steps, d)
+    return time_steps(f"ours, padded to {row_len}", step, n_warmup, n_steps, d, profile)
 
 
 def our_model(method: str, args: ModelArgs, adapter: AdapterArgs, lora: LoRAArgs, device) -> AdaptedTransformer:
@@ -192,11 +218,22 @@ def ours_rows(method: str, ns, args: ModelArgs, adapter: AdapterArgs, lora: LoRA
         cfg = TrainConfig(base="", train_data="", out_dir=tmp, row_len=ns.row_len, global_batch=global_batch,
                           rows_per_micro_batch=rows, seed=0, method=method)
         name = f"ours, packed, {rows} rows/micro{', compiled' if compiled else ''}"
-        table.add(method, ours_packed(model, ds, cfg, d, opt, params, ns.warmup, ns.steps, name))
+        table.add(method, ours_packed(model, ds, cfg, d, opt, params, ns.warmup, ns.steps, name, ns.profile))
     if d.world == 1 and not ns.no_padded:
-        table.add(method, ours_padded(model, samples, ns.samples, ns.row_len, opt, ns.warmup, ns.steps, d))
+        table.add(method, ours_padded(model, samples, ns.samples, ns.row_len, opt, ns.warmup, ns.steps, d,
+                                      ns.profile))
     if ns.compile:
         torch._dynamo.reset()  # the next method's blocks compile afresh (no recompile limit shared with these)
+    if ns.precision == "fp8":
+        # The same model with its frozen projections in float8, compiled as `train --precision fp8 --compile` runs.
+        float8_matmuls(model)
+        model.compile_blocks()
+        for rows in ns.micro_rows:
+            cfg = TrainConfig(base="", train_data="", out_dir=tmp, row_len=ns.row_len, global_batch=global_batch,
+                              rows_per_micro_batch=rows, seed=0, method=method, precision="fp8")
+            name = f"ours, packed, {rows} rows/micro, compiled, fp8"
+            table.add(method, ours_packed(model, ds, cfg, d, opt, params, ns.warmup, ns.steps, name, ns.profile))
+        torch._dynamo.reset()
 
 
 def peft_model(method: str, args: ModelArgs, adapter: AdapterArgs, lora: LoRAArgs, device):
@@ -310,6 +347,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time the packed step with compiled blocks")
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--no-padded", action="store_true", help="skip the padded rows (ours and PEFT)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="fp8: also time the packed step with the frozen projections in float8, compiled")
+    p.add_argument("--profile", action="store_true", help="print where one step's GPU time goes, for each of our rows")
     ns = p.parse_args()
 
     lengths = alpaca_lengths(ns.row_len)

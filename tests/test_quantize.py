@@ -14,7 +14,7 @@ import torch
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.generate import generate
-from llama_adapter.quantize import quantize_int8
+from llama_adapter.quantize import float8_matmuls, quantize_int8
 
 pytest.importorskip("torchao")
 
@@ -64,6 +64,32 @@ def test_int8_is_for_a_frozen_base():
     model = AdaptedTransformer(ModelArgs.from_name("tiny"))
     with pytest.raises(ValueError, match="frozen"):
         quantize_int8(model)
+
+
+def test_what_fp8_converts():
+    """The frozen projections of the blocks; not LoRA's wrapped ones (its update reads their input), the output
+    layer, the embedding or the adapter; what trains and the state dict's names stay as they were."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from llama_adapter.config import LoRAArgs
+    from llama_adapter.lora import LoRALinear, add_lora
+    from llama_adapter.methods import trains
+
+    for method in ("adapter", "lora"):
+        model = AdaptedTransformer(ModelArgs.from_name("tiny-gqa"), AdapterArgs(4, 3) if method == "adapter" else None)
+        if method == "lora":
+            add_lora(model, LoRAArgs())
+        for name, p in model.named_parameters():
+            p.requires_grad_(trains(method, name))
+        before = {k: (v.shape, v.requires_grad) for k, v in model.named_parameters()}
+        float8_matmuls(model)
+        a, f = model.layers[0].attention, model.layers[0].feed_forward
+        converted = (a.wk, a.wo, f.w1, f.w2, f.w3) if method == "lora" else (a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3)
+        assert all(type(m) is Float8Linear for m in converted)
+        if method == "lora":
+            assert type(a.wq) is LoRALinear and type(a.wv) is LoRALinear
+        assert type(model.output) is torch.nn.Linear
+        assert {k: (v.shape, v.requires_grad) for k, v in model.named_parameters()} == before
 
 
 def test_smollm2_int8_reads_real_text_as_full_precision_does(smollm2_gguf):

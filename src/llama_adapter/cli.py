@@ -19,6 +19,7 @@ from .config import (
     MODES,
     PAPER_SAMPLING,
     POLICIES,
+    PRECISIONS,
     PRESETS,
     QUANTIZATIONS,
     SPLIT_BY,
@@ -632,7 +633,7 @@ OPTION_TYPES = {
 OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS,
                   "truncation": TRUNCATION, "split_by": SPLIT_BY, "dtype": DTYPES, "task": TASKS, "mode": MODES,
                   "policy": POLICIES, "template": tuple(TEMPLATES),
-                  "quantize": QUANTIZATIONS}
+                  "quantize": QUANTIZATIONS, "precision": PRECISIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:

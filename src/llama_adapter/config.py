@@ -289,6 +289,9 @@ class TrainConfig:
     device: str | None = setting(None, "cpu, cuda or cuda:N", if_none="cuda:LOCAL_RANK when a GPU is visible, else cpu")
     compile: bool = setting(False, "torch.compile the blocks")
     compile_cache: str | None = setting_of(CompileConfig, "compile_cache")
+    precision: str = setting("auto", "the frozen base's block matmuls: auto, in the model's dtype (bf16 on a GPU, fp32 "
+                                     "on the CPU); fp8, in float8 with dynamic tensorwise scales (torchao; a GPU of "
+                                     "compute capability 8.9 or newer; adapter and LoRA, not full)")
     fsdp: bool = setting(False, "shard the layers over the processes (FSDP2): models too big for one GPU")
     image_features: str | None = setting(None, "a feature cache written by encode-images: train the multimodal "
                                                "adapter", if_none="text only")
@@ -325,6 +328,8 @@ class PretrainConfig:
 DTYPES = ("float32", "bfloat16", "float16")
 # How the frozen base's block weights may be stored for inference (quantize.py).
 QUANTIZATIONS = ("int8",)
+# What the frozen base's block matmuls compute in while training (quantize.py): the model's dtype, or float8.
+PRECISIONS = ("auto", "fp8")
 
 
 @dataclass(frozen=True)

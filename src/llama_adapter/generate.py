@@ -57,19 +57,26 @@ def decode_step(model: Transformer, token: Tensor, slot: Tensor, key_valid: Tens
                  image_index=index)[:, -1]
 
 
+def greedy_decode_step(*args: Tensor | Transformer | None) -> Tensor:
+    """decode_step's next tokens (B,) at temperature 0: the argmax joins the compiled step and its CUDA graph, so
+    greedy decoding runs no kernel between two steps but the stop test."""
+    return decode_step(*args).argmax(dim=-1)
+
+
 @functools.cache
-def compiled_decode_step():
-    """decode_step compiled once per process (elementwise ops fused: at batch 1 each of RMSNorm, RoPE and
-    the gates is otherwise several tiny kernels, and kernel count, not bandwidth, bounds the step).
-    Coordinate-descent tuning makes inductor write the few-row matrix products as Triton reductions tuned
-    for the shape, which read the weights faster than cuBLAS does (7B on an H100: batch 1 151 -> 154
+def compiled_decode_step(greedy: bool):
+    """decode_step (greedy: greedy_decode_step) compiled once per process (elementwise ops fused: at batch 1
+    each of RMSNorm, RoPE and the gates is otherwise several tiny kernels, and kernel count, not bandwidth, bounds
+    the step). Coordinate-descent tuning makes inductor write the few-row matrix products as Triton reductions
+    tuned for the shape, which read the weights faster than cuBLAS does (7B on an H100: batch 1 151 -> 154
     tokens/s, batch 16 1,589 -> 2,032; BENCHMARKS.md). The batch size stays static (dynamic=False): those
     kernels are tuned for their row count, and a dynamic batch cost batch 16 a fifth (2,032 -> 1,585 tokens/s);
     a job decodes at one batch size instead (`generate`'s rows). Only the cache length, which every batch
     changes, is marked dynamic (`mark_cache_length_dynamic`)."""
-    compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
+    fn = greedy_decode_step if greedy else decode_step
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
 
-    @functools.wraps(decode_step)
+    @functools.wraps(fn)
     def step(*args):
         # The KV cache is a module buffer, whose shape dynamo holds static, mark_dynamic or not, unless told
         # otherwise; told here only, so that other compiled code (training's blocks) keeps its parameters static.
@@ -77,6 +84,34 @@ def compiled_decode_step():
             return compiled(*args)
 
     return step
+
+
+class StopTest:
+    """Whether every row has ended, as the decode loop asks it after each token. On a GPU the host reads the
+    answer one token late: the test's result is copied to pinned memory behind the token's kernels, and read
+    after the next step is queued, so the GPU always has a step to run while the host waits (waiting for the
+    current token's test instead left the GPU idle for the host's launches at every token). Decoding may then run
+    one token past the last row's end, which is dropped as everything after an EOS is."""
+
+    def __init__(self, device: torch.device):
+        self.lagged = device.type == "cuda"
+        if self.lagged:
+            self.host = torch.zeros(2, dtype=torch.bool, pin_memory=True)
+            self.events = [torch.cuda.Event(), torch.cuda.Event()]
+        self.asked = 0
+
+    def all_done(self, done: Tensor) -> bool:
+        """Ask about `done` (B,); answer for it on the CPU, for the previous call's on a GPU (False at first)."""
+        if not self.lagged:
+            return bool(done.all())
+        i = self.asked % 2
+        self.host[i].copy_(done.all(), non_blocking=True)
+        self.events[i].record()
+        self.asked += 1
+        if self.asked == 1:
+            return False
+        self.events[1 - i].synchronize()
+        return bool(self.host[1 - i])
 
 
 def mark_cache_length_dynamic(model: Transformer, *per_slot: Tensor) -> None:
@@ -170,20 +205,25 @@ def generate(
                        image_index=None if image_row is None else image_row[:, None].expand(B, P))[:, -1]
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.arange(B, device=device) >= n  # filler rows never hold up the stop
-        step_fn = compiled_decode_step() if compile else decode_step
+        greedy = temperature <= 0
+        step_fn = compiled_decode_step(greedy) if compile else greedy_decode_step if greedy else decode_step
 
         def step(token: Tensor, slot: Tensor) -> Tensor:
             return step_fn(model, token, slot, key_valid, rope_pos, image_features, image_row)
 
+        stop = StopTest(device)
+        nxt = sample_next(logits, temperature, top_p, generator)
         for t in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_p, generator)
             out[:, t] = nxt
             done |= nxt == eos_id
-            if t == max_new_tokens - 1 or done.all():
+            if t == max_new_tokens - 1 or stop.all_done(done):
                 break
             if t == 0 and cuda_graph and device.type == "cuda":
                 step = CUDAGraphed(step, nxt[:, None], slots[P: P + 1])
-            logits = step(nxt[:, None], slots[P + t: P + t + 1])
+            # The next tokens (greedy: the step's own argmax) or the logits to sample them from.
+            nxt = step(nxt[:, None], slots[P + t: P + t + 1])
+            if not greedy:
+                nxt = sample_next(nxt, temperature, top_p, generator)
     finally:
         model.clear_kv_cache()
     results = []

@@ -1,4 +1,5 @@
-"""Weight-only int8 of a frozen base, for inference (--quantize int8), through torchao.
+"""Lower-precision frozen bases through torchao: weight-only int8 for inference (--quantize int8), float8
+matmuls for training (--precision fp8).
 
 Decoding at small batches reads every weight once per token, so halving the bytes of bf16 weights is what can
 make it faster; the activations stay in the model's dtype (weight-only: no calibration, nothing to tune). Each
@@ -15,6 +16,14 @@ weights. What is not:
   quantized base as of a bf16 one. The prompts pass through the quantized wk and wv of their layer, as the
   tokens do.
 A LoRA is merged into the base's weights before they are quantized (load_for_inference's order).
+
+Training in float8 (`float8_matmuls`) keeps the weights as they are (bf16) and casts each block projection's
+input and weight to float8 (e4m3) at every matmul, with one dynamic scale per tensor, and the output gradient to
+e5m2 for the backward matmul to the input: torchao's float8 training, its "tensorwise" recipe. Hopper's float8
+tensor cores do those matmuls at twice the bf16 rate. The frozen weights take no gradient, so the compiled blocks
+drop torchao's weight-gradient matmul (AOTAutograd keeps only what a gradient that is asked for needs). Left in
+the model's dtype: the output layer (its logits decide the loss, and it is one matmul of 32 per token at 7B),
+LoRA's wrapped projections (its update reads their input), norms, attention, and the adapter.
 """
 
 from __future__ import annotations
@@ -28,18 +37,25 @@ from .errors import InputError
 from .model import Transformer
 
 
-def int8_weight(weight: Tensor) -> Tensor:
-    """`weight` (out, in) as torchao's weight-only int8 tensor, per-row scales; F.linear takes it as it is."""
+def import_torchao(option: str):
+    """torchao, imported for `option` (named in the error when it is not installed)."""
     try:
         if torch.version.cuda is None:
             # torchao announces each of its CUDA kernels that a CPU-only torch cannot load: noise here
             logging.getLogger("torchao").setLevel(logging.ERROR)
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        import torchao.float8
+        import torchao.quantization
     except ImportError:
-        raise InputError("--quantize int8 needs torchao, which is not installed: pip install torchao") from None
+        raise InputError(f"{option} needs torchao, which is not installed: pip install torchao") from None
+    return torchao
+
+
+def int8_weight(weight: Tensor) -> Tensor:
+    """`weight` (out, in) as torchao's weight-only int8 tensor, per-row scales; F.linear takes it as it is."""
+    quantization = import_torchao("--quantize int8").quantization
     linear = nn.Linear(weight.size(1), weight.size(0), bias=False, device="meta")
     linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    quantize_(linear, Int8WeightOnlyConfig())
+    quantization.quantize_(linear, quantization.Int8WeightOnlyConfig())
     return linear.weight
 
 
@@ -65,4 +81,27 @@ def quantize_int8(model: Transformer) -> Transformer:
                 at += n
         for linear in (a.wo, f.w2):
             linear.weight = nn.Parameter(int8_weight(linear.weight), requires_grad=False)
+    return model
+
+
+# Hopper (9.0) and Ada (8.9) have float8 tensor cores; torch's float8 matmul refuses older GPUs.
+FLOAT8_CAPABILITY = (8, 9)
+
+
+def float8_matmuls(model: Transformer) -> Transformer:
+    """Make the frozen block projections of a model about to train compute in float8 (see the module's docstring),
+    in place; before compile_blocks and before sharding. On the CPU torch emulates the float8 matmul (tests)."""
+    device = model.tok_embeddings.weight.device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < FLOAT8_CAPABILITY:
+        name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        raise InputError(f"--precision fp8 needs a GPU of compute capability {'.'.join(map(str, FLOAT8_CAPABILITY))} "
+                         f"or newer (Ada, Hopper and later); {name} is {'.'.join(map(str, capability))}: use "
+                         "--precision auto")
+    float8 = import_torchao("--precision fp8").float8
+    frozen = {id(m) for m in model.layers.modules() if type(m) is nn.Linear and not m.weight.requires_grad}
+    if not frozen:
+        raise ValueError("float8_matmuls: the blocks have no frozen projection (it is for a frozen base)")
+    float8.convert_to_float8_training(
+        model.layers, config=float8.Float8LinearConfig.from_recipe_name("tensorwise"),
+        module_filter_fn=lambda module, name: id(module) in frozen)
     return model
