@@ -19,9 +19,10 @@ A LoRA is merged into the base's weights before they are quantized (load_for_inf
 
 Training in float8 (`float8_matmuls`) keeps the weights as they are (bf16) and casts each block projection's
 input and weight to float8 (e4m3) at every matmul, with one dynamic scale per tensor, and the output gradient to
-e5m2 for the backward matmul to the input: torchao's float8 training, its "tensorwise" recipe. Hopper's float8
+e5m2 for the backward matmul to the input: torchao's float8 training, its "tensorwise" recipe, with the weight
+gradient's matmul (which a frozen weight does not need) left in high precision. Hopper's float8
 tensor cores do those matmuls at twice the bf16 rate. The frozen weights take no gradient, so the compiled blocks
-drop torchao's weight-gradient matmul (AOTAutograd keeps only what a gradient that is asked for needs). Left in
+drop the weight-gradient matmul (AOTAutograd keeps only what a gradient that is asked for needs). Left in
 the model's dtype: the output layer (its logits decide the loss, and it is one matmul of 32 per token at 7B),
 LoRA's wrapped projections (its update reads their input), norms, attention, and the adapter.
 """
@@ -29,6 +30,7 @@ LoRA's wrapped projections (its update reads their input), norms, attention, and
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -101,7 +103,14 @@ def float8_matmuls(model: Transformer) -> Transformer:
     frozen = {id(m) for m in model.layers.modules() if type(m) is nn.Linear and not m.weight.requires_grad}
     if not frozen:
         raise ValueError("float8_matmuls: the blocks have no frozen projection (it is for a frozen base)")
-    float8.convert_to_float8_training(
-        model.layers, config=float8.Float8LinearConfig.from_recipe_name("tensorwise"),
-        module_filter_fn=lambda module, name: id(module) in frozen)
+    # The weight gradient's matmul stays out of float8: a frozen weight takes none (the compiled blocks drop it),
+    # and in float8 its inner dimension would be the batch's token count, which torch's float8 matmul wants
+    # divisible by 16 and a compiled block with dynamic shapes cannot promise.
+    tensorwise = float8.Float8LinearConfig.from_recipe_name("tensorwise")
+    high = lambda cast: float8.CastConfig(scaling_type=float8.ScalingType.DISABLED,  # noqa: E731
+                                          target_dtype=cast.target_dtype)
+    config = replace(tensorwise, cast_config_input_for_grad_weight=high(tensorwise.cast_config_input),
+                     cast_config_grad_output_for_grad_weight=high(tensorwise.cast_config_grad_output))
+    float8.convert_to_float8_training(model.layers, config=config,
+                                      module_filter_fn=lambda module, name: id(module) in frozen)
     return model
