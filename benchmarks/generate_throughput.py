@@ -77,10 +77,13 @@ def build(args: ModelArgs, adapter: AdapterArgs, quantize: str | None = None) ->
 
 def weight_bytes(model: AdaptedTransformer) -> int:
     """Bytes a decoded token reads from the weights: int8 values and their scales where quantized."""
-    total = 0
+    seen, total = set(), 0
     for p in model.parameters():
-        parts = [p.qdata, p.scale] if hasattr(p, "qdata") else [p]
-        total += sum(t.numel() * t.element_size() for t in parts)
+        for t in [p.qdata, p.scale] if hasattr(p, "qdata") else [p]:
+            # A fused projection's parts are row views of its int8 weight: count the storage once.
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
     return total
 
 
@@ -178,6 +181,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--no-hf", action="store_true", help="skip the HF + PEFT reference")
+    p.add_argument("--no-compile", action="store_true", help="skip our compiled rows (each batch size compiles)")
     p.add_argument("--quantize", choices=QUANTIZATIONS, help="also time our rows with weights in this format")
     p.add_argument("--startup", action="store_true", help="time cold and warm job starts instead (see above)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --startup job
@@ -197,6 +201,8 @@ def main() -> None:
           f"{floor:.0f} tokens/s ({bf16_bytes / 1e9:.2f} GB of bf16 weights)")
     impls = {"ours (compiled, graph)": partial(ours, cuda_graph=True, compile=True),
              "ours (CUDA graph)": partial(ours, cuda_graph=True), "ours (eager)": partial(ours, cuda_graph=False)}
+    if ns.no_compile:
+        del impls["ours (compiled, graph)"]
     floors = dict.fromkeys(impls, floor)
     if ns.quantize:
         quantized = build(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), ns.quantize)
@@ -205,7 +211,8 @@ def main() -> None:
               "weights and scales)")
         quantized = None
         torch.cuda.empty_cache()
-        for name, fn in list(impls.items())[:2]:  # eager int8 says nothing the graphed rows do not
+        graphed = [(name, fn) for name, fn in impls.items() if name != "ours (eager)"]
+        for name, fn in graphed:  # eager int8 says nothing the graphed rows do not
             impls[f"{name[:-1]}, {ns.quantize})"] = partial(fn, quantize=ns.quantize)
             floors[f"{name[:-1]}, {ns.quantize})"] = q_floor
     impls |= {} if ns.no_hf else {"HF + PEFT": hf_peft}
