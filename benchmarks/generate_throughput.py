@@ -145,7 +145,8 @@ def startup_job(ns: argparse.Namespace) -> None:
         first = time.time()
         generate(model, rows[: batch // 2 + 1], 2, eos_id=-1, compile=True, rows=batch)  # a smaller last batch
     print(json.dumps({"imported": imported, "built": built, "first": first,
-                      "graphs": counters["stats"]["unique_graphs"]}))
+                      "graphs": counters["stats"]["unique_graphs"], "inductor": dict(counters["inductor"]),
+                      "aot_autograd": dict(counters["aot_autograd"])}))
 
 
 def startup(ns: argparse.Namespace) -> None:
@@ -170,6 +171,8 @@ def startup(ns: argparse.Namespace) -> None:
                     t = json.loads(out.stdout.strip().splitlines()[-1])
                     print(f"{quantize or 'bf16':<8}{batch:>6}{state:>7}{t['built'] - started:>13.1f}"
                           f"{t['first'] - started:>13.1f}{t['first'] - t['built']:>9.1f}{t['graphs']:>8}", flush=True)
+                    caches = {k: v for k, v in {**t["inductor"], **t["aot_autograd"]}.items() if "cache" in k}
+                    print(f"  caches: {caches}", flush=True)
 
 
 def main() -> None:

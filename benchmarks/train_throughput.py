@@ -139,8 +139,8 @@ def time_steps(name: str, step, n_warmup: int, n_steps: int, d: Dist, profile: b
 
 
 def print_profile(name: str, fn, device: torch.device) -> None:
-    """The kernels that took the most GPU time during fn(), with the step's wall time beside the GPU's busy time:
-    where the gap to the matmul rate goes."""
+    """The kernels that took the most GPU time during fn() (the table's last line sums them), and the step's wall
+    time: where the gap to the matmul rate goes."""
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
     synchronize(device)
@@ -150,8 +150,7 @@ def print_profile(name: str, fn, device: torch.device) -> None:
         synchronize(device)
     wall = time.perf_counter() - t
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e6
-    print(f"profile of {name}: wall {1e3 * wall:.1f} ms (profiled), GPU busy {1e3 * busy:.1f} ms")
+    print(f"profile of {name}: wall {1e3 * wall:.1f} ms (profiled)")
     print(events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
                        row_limit=18, max_name_column_width=70), flush=True)
 

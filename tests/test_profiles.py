@@ -323,7 +323,7 @@ def test_seventy_b_config_trains_over_two_nodes(seventy_b_dry_run):
         assert job["shell"].startswith(
             "exec srun --nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task 64 --gres gpu:8 "
             "--kill-on-bad-exit=1 --label python -m llama_adapter.launch --nproc-per-node 8 -- train "), job["shell"]
-        for option in ("--expect-gpus 8 --expect-world-size 16", "--fsdp True", "--adapter-layers 30",
+        for option in ("--expect-gpus 8 --expect-world-size 16", "--fsdp", "--adapter-layers 30",
                        "--global-batch 64", "--rows-per-micro-batch 2"):
             assert f" {option} " in job["shell"], option
 
