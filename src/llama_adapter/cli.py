@@ -376,10 +376,10 @@ def check_base(base: str | Path) -> str:
 
 
 def load_for_inference(base: Path, adapter_path: Path | None, device: str | None, dtype: str | None,
-                       quantize: str | None = InferenceConfig.quantize):
+                       quantize: str | None = InferenceConfig.quantize, compile: bool = False):
     """A frozen model in eval mode with its projections fused (faster decoding, same results), on `device` in
     `dtype`, each left open (None) for devices.py to pick; its blocks' weights quantized if asked (after a LoRA is
-    merged into them)."""
+    merged into them). `compile`: whether the command compiles its decoding (int8 on a GPU is slow without)."""
     from .checkpoint import load_model
     from .devices import pick_device, pick_dtype
 
@@ -390,6 +390,10 @@ def load_for_inference(base: Path, adapter_path: Path | None, device: str | None
         from .quantize import quantize_int8
 
         quantize_int8(model)
+        if device.type == "cuda" and not compile:
+            print("llama-adapter: --quantize int8 without --compile saves memory but decodes slower than bf16 on a "
+                  "GPU (3.3x slower at 7B, batch 1, on an H200: BENCHMARKS.md); add --compile for speed",
+                  file=sys.stderr, flush=True)
     return model
 
 
@@ -427,7 +431,8 @@ def cmd_generate(ns: argparse.Namespace) -> None:
                          f"{sorted(adapters)}")
     writable_output(ns.out, "--out", folder=False)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype, ns.quantize)
+    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype, ns.quantize,
+                               ns.compile)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     from .checkpoint import apply_adapter
 
@@ -449,7 +454,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
 
     check_device(ns.device)
     check_compile_cache(ns)
-    if ns.compile and not (ns.task == "scienceqa" and ns.mode == "generate"):
+    decodes = ns.task == "scienceqa" and ns.mode == "generate"
+    if ns.compile and not decodes:
         raise InputError(f"--compile compiles the decode step, which --task {ns.task}"
                          + (f" --mode {ns.mode}" if ns.task == "scienceqa" else "") + " does not run; expected "
                          "--task scienceqa --mode generate, or no --compile")
@@ -477,7 +483,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
                              + (f" in split {ns.split!r}; splits present: {present}" if all_records else ""))
         inputs = {"records": records, "train_records": [r for r in all_records if r.get("split") == "train"]}
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize)
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize, ns.compile or not decodes)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     if ns.task == "scienceqa" and ns.image_features:
         from .multimodal import ImageFeatures
