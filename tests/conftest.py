@@ -2,6 +2,9 @@ import os
 from pathlib import Path
 
 import pytest
+from hf_reference import TINY, random_hf_llama
+
+from llama_adapter.config import ModelArgs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLAMA_ADAPTER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -50,3 +53,12 @@ def demo_run(tmp_path_factory) -> Path:
     proc = snakemake("--cores", "2", *demo_configfiles(root), cwd=root, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return root
+
+
+@pytest.fixture(params=TINY)
+def hf_base(request, tmp_path):
+    """A random HF LlamaForCausalLM of each tiny configuration, saved as safetensors: (model, its folder, our
+    ModelArgs for it)."""
+    pytest.importorskip("transformers")
+    args = ModelArgs.from_name(request.param)
+    return random_hf_llama(args, tmp_path / "hf"), tmp_path / "hf", args

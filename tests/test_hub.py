@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from dag import REPO, SNAKEMAKE, snakemake
-from test_model import hf_config, tokens
+from hf_reference import random_hf_llama, tokens
 
 from llama_adapter import cli
 from llama_adapter.checkpoint import load_base
@@ -78,15 +78,8 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
 def tiny_repo(hub_cache, tmp_path):
     """A random tiny HF Llama (GQA, random norms) saved by save_pretrained as safetensors with a tokenizer, in the
     cache as REPO_ID at COMMIT (main), beside files fetch must leave; returns the HF model and the files."""
-    torch.manual_seed(0)
-    args = ModelArgs.from_name("tiny-gqa")
-    hf = transformers.LlamaForCausalLM(hf_config(args)).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    saved = tmp_path / "saved"
-    hf.save_pretrained(saved)
+    args, saved = ModelArgs.from_name("tiny-gqa"), tmp_path / "saved"
+    hf = random_hf_llama(args, saved, random_norms=True)
     files = {p.name: p.read_bytes() for p in saved.iterdir()}
     assert set(files) == {"config.json", "generation_config.json", "model.safetensors"}
     files |= tokenizer_files(args.vocab_size)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_model import TINY, hf_config, tokens
+from hf_reference import tokens
 
 from llama_adapter.checkpoint import PEFT_CONFIG, apply_adapter, load_base, load_model
 from llama_adapter.config import LORA_TARGETS, AdapterArgs, LoRAArgs, ModelArgs
@@ -17,15 +17,6 @@ from llama_adapter.methods import WEIGHTS, load_for_training, save_tuned, trains
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(params=TINY)
-def hf_base(request, tmp_path):
-    torch.manual_seed(0)
-    args = ModelArgs.from_name(request.param)
-    hf = transformers.LlamaForCausalLM(hf_config(args)).eval()
-    hf.save_pretrained(tmp_path / "hf")
-    return hf, tmp_path / "hf", args
 
 
 def peft_lora(hf, lora: LoRAArgs):

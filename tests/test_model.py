@@ -3,6 +3,7 @@ PEFT's AdaptionPrompt, on tiny random configurations loaded through our own HF l
 
 import pytest
 import torch
+from hf_reference import TINY, random_hf_llama, tokens
 
 from llama_adapter.adapter import AdaptedTransformer, is_adapter_param
 from llama_adapter.checkpoint import load_base, save_adapter
@@ -11,34 +12,11 @@ from llama_adapter.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 
-TINY = ["tiny", "tiny-gqa", "tiny-tied"]
-
-
-def hf_config(args: ModelArgs):
-    return transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, max_position_embeddings=args.max_seq_len,
-        tie_word_embeddings=args.tie_embeddings, attn_implementation="eager",
-    )
-
-
 @pytest.fixture(params=TINY)
 def hf_pair(request, tmp_path):
     """A random HF Llama saved as safetensors, and its path (preset name for our side)."""
-    torch.manual_seed(0)
     args = ModelArgs.from_name(request.param)
-    hf = transformers.LlamaForCausalLM(hf_config(args)).eval()
-    with torch.no_grad():  # HF initialises norms to 1; random norms make the name mapping matter
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    hf.save_pretrained(tmp_path / "hf")
-    return hf, tmp_path / "hf", args
-
-
-def tokens(args, B=2, T=11, seed=1):
-    return torch.randint(0, args.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+    return random_hf_llama(args, tmp_path / "hf", random_norms=True), tmp_path / "hf", args
 
 
 def test_hf_parity(hf_pair):

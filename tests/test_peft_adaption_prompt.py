@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from hf_reference import random_hf_llama, tokens
 from safetensors.torch import load_file, save_file
 from test_cli import run_cli
-from test_model import TINY, hf_config, tokens
 
 from llama_adapter.checkpoint import (
     PEFT_CONFIG,
@@ -45,15 +45,6 @@ def peft_adaption_prompt(hf, out, adapter_len=3, gates=GATES, **save):
     return model
 
 
-@pytest.fixture(params=TINY)
-def hf_base(request, tmp_path):
-    torch.manual_seed(0)
-    args = ModelArgs.from_name(request.param)
-    hf = transformers.LlamaForCausalLM(hf_config(args)).eval()
-    hf.save_pretrained(tmp_path / "hf")
-    return hf, tmp_path / "hf", args
-
-
 def test_peft_adaption_prompt_gives_peft_logits_and_tokens(hf_base, tmp_path):
     hf, path, args = hf_base
     reference = peft_adaption_prompt(hf, tmp_path / "peft")
@@ -71,10 +62,8 @@ def test_peft_adaption_prompt_gives_peft_logits_and_tokens(hf_base, tmp_path):
 @pytest.mark.parametrize("form", ["weights file", "bin folder"])
 def test_peft_weights_file_or_pickle(tmp_path, form):
     """The weights file (adapter_config.json beside it) stands for its folder; PEFT's torch pickle reads too."""
-    torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-gqa")
-    hf = transformers.LlamaForCausalLM(hf_config(args)).eval()
-    hf.save_pretrained(tmp_path / "hf")
+    hf = random_hf_llama(args, tmp_path / "hf")
     reference = peft_adaption_prompt(hf, tmp_path / "peft", safe_serialization=form == "weights file")
     path = tmp_path / "peft" / WEIGHTS if form == "weights file" else tmp_path / "peft"
     x = tokens(args)
@@ -85,9 +74,7 @@ def test_peft_weights_file_or_pickle(tmp_path, form):
 @pytest.fixture
 def saved(tmp_path):
     """A tiny HF LLaMA (4 layers, dim 64) and a PEFT AdaptionPrompt of its top 3 layers: their folders."""
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_config(ModelArgs.from_name("tiny"))).eval()
-    hf.save_pretrained(tmp_path / "hf")
+    hf = random_hf_llama(ModelArgs.from_name("tiny"), tmp_path / "hf")
     peft_adaption_prompt(hf, tmp_path / "peft")
     return tmp_path / "hf", tmp_path / "peft"
 
@@ -171,10 +158,7 @@ def test_peft_type_decides_lora_or_adaption_prompt(saved, tmp_path):
 
 
 def test_complete_with_a_peft_adaption_prompt(tmp_path, llama_sp_model):
-    torch.manual_seed(0)
-    args = ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=32000, hidden_dim=64)
-    hf = transformers.LlamaForCausalLM(hf_config(args)).eval()
-    hf.save_pretrained(tmp_path / "hf")
+    hf = random_hf_llama(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=32000, hidden_dim=64), tmp_path / "hf")
     peft_adaption_prompt(hf, tmp_path / "peft", gates=(0.5, -0.5))
     outputs = []
     for adapter in (tmp_path / "peft" / WEIGHTS, tmp_path / "peft"):  # the weights file, or PEFT's folder
