@@ -144,9 +144,12 @@ def startup_job(ns: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         first = time.time()
         generate(model, rows[: batch // 2 + 1], 2, eos_id=-1, compile=True, rows=batch)  # a smaller last batch
+    from torch._dynamo.utils import compilation_time_metrics
+
     print(json.dumps({"imported": imported, "built": built, "first": first,
                       "graphs": counters["stats"]["unique_graphs"], "inductor": dict(counters["inductor"]),
-                      "aot_autograd": dict(counters["aot_autograd"])}))
+                      "aot_autograd": dict(counters["aot_autograd"]),
+                      "seconds": {k: round(sum(v), 2) for k, v in compilation_time_metrics.items()}}))
 
 
 def startup(ns: argparse.Namespace) -> None:
@@ -172,7 +175,8 @@ def startup(ns: argparse.Namespace) -> None:
                     print(f"{quantize or 'bf16':<8}{batch:>6}{state:>7}{t['built'] - started:>13.1f}"
                           f"{t['first'] - started:>13.1f}{t['first'] - t['built']:>9.1f}{t['graphs']:>8}", flush=True)
                     caches = {k: v for k, v in {**t["inductor"], **t["aot_autograd"]}.items() if "cache" in k}
-                    print(f"  caches: {caches}", flush=True)
+                    slowest = dict(sorted(t["seconds"].items(), key=lambda kv: -kv[1])[:8])
+                    print(f"  caches: {caches}\n  compile phases (s): {slowest}", flush=True)
 
 
 def main() -> None:
