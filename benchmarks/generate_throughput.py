@@ -13,7 +13,8 @@ floor is their own weight bytes over the copy rate.
 another node), build the model and decode with the compiled step: the first decoded token's time from the
 process's start, cold (an empty --compile-cache) and warm (the folder the cold job wrote), and the first
 compilation's time (the first compiled step's call, CUDA graph capture included). Each then decodes a smaller
-last batch filled up to the first's rows and counts the compiled graphs (one serves them all).
+last batch filled up to the first's rows and counts the compiled graphs (one serves them all); each job's cache
+hits and slowest compile phases (torch._dynamo's timings) follow its row.
 
 Usage:
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 [--quantize int8]
