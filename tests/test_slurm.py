@@ -1,6 +1,7 @@
 """The cluster path for real: the demo DAG through the repository's `slurm` profile on a two-node SLURM
-cluster started on this machine (tests/slurm_cluster.py), and the same report as a local run; then one training
-over both nodes (a torchrun per node, Gloo on the CPU), which matches one process, and which one process resumes.
+cluster started on this machine (tests/slurm_cluster.py, with slurmdbd: the plugin polls with sacct), and the same
+report as a local run; then one training over both nodes (a torchrun per node, Gloo on the CPU), which matches one
+process, and which one process resumes.
 
 Needs root (to install the packages, write /etc/slurm/slurm.conf and run the daemons); CI runs as root.
 """
@@ -20,11 +21,13 @@ from dag import DEMO_RESULTS, REPO, read_csv, snakemake
 
 
 def cluster_overrides(*set_resources: str) -> list[str]:
-    """Only what differs on this cluster: its partition (no account: there is no accounting database), no GPUs,
-    and squeue for job status (sacct needs slurmdbd). Everything else comes from slurm/config.yaml."""
+    """Only what differs on this cluster: its partition and account (which the plugin checks with sacctmgr), no
+    GPUs, and a first status check after 5 s rather than 40. Everything else comes from slurm/config.yaml; the
+    plugin queries job states with its default, sacct (slurmdbd answers it), through common.smk's mend."""
     return ["--default-resources", f"slurm_partition={slurm_cluster.PARTITION}",
+            f"slurm_account={slurm_cluster.ACCOUNT}",
             "--set-resources", "train_adapter:gpu=0", "generate:gpu=0", "evaluate:gpu=0", *set_resources,
-            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5"]
+            "--slurm-init-seconds-before-status-checks", "5"]
 
 
 CLUSTER_OVERRIDES = cluster_overrides()
@@ -42,7 +45,7 @@ RUN_SPECIFIC = {"mlflow_run", "eval_run", "training_h", "hardware", "config_hash
 @pytest.fixture(scope="module")
 def cluster():
     if os.geteuid() != 0:  # it writes /etc/slurm/slurm.conf and runs the daemons
-        pytest.skip("the one-node SLURM cluster needs root (sudo python tests/slurm_cluster.py up, as CI does)")
+        pytest.skip("the SLURM test cluster needs root (sudo python tests/slurm_cluster.py up, as CI does)")
     slurm_cluster.up()
     try:
         yield
