@@ -178,10 +178,12 @@ def test_one_node_resumes_a_two_node_start(two_node_run, tmp_path, monkeypatch):
 STEPS_PER_EPOCH = 27
 
 
-def experiment_config(root: Path, name: str, epochs: int) -> Path:
-    """A --configfile adding the demo's ScienceQA adapter as experiment `name`, trained for `epochs`."""
+def experiment_config(root: Path, name: str, epochs: int, **train) -> Path:
+    """A --configfile adding the demo's ScienceQA adapter as experiment `name`, trained for `epochs` (and any other
+    train settings given)."""
     extra = root / f"{name}.yaml"
-    extra.write_text(yaml.safe_dump({"experiments": {name: {"dataset": "scienceqa", "train": {"epochs": epochs}}}}))
+    extra.write_text(yaml.safe_dump({"experiments": {name: {"dataset": "scienceqa",
+                                                            "train": {"epochs": epochs, **train}}}}))
     return extra
 
 
@@ -272,20 +274,22 @@ def test_a_training_cut_by_its_time_limit_resumes_in_the_next_invocation(slurm_r
     """A 2-minute time limit with the profile's warning signal, 60 s ahead (slurmctld checks time limits every
     30 s, so it comes 30-60 s into the job): the training saves a checkpoint and stops, its MLflow run KILLED, and
     the invocation fails; the next invocation (no time limit to speak of) resumes from the checkpoint, in the same
-    MLflow run, to the end."""
+    MLflow run, to its end. The schedule (100 epochs, 2,700 steps) outlasts the signal on any machine; the second
+    invocation ends one epoch after the checkpoint (max_steps, which a resumed run may change) so that the test's
+    length does not depend on how far the first got."""
     root, _ = slurm_run
     profile = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
     signal = re.sub(r"@\d+", "@60", profile["set-resources"]["train_adapter"]["slurm_extra"])
-    # 648 steps: more than a training gets through before the signal (about 300 here, on 2 busy cores), and
-    # the rest a minute's work for the second invocation
-    epochs = 24
-    common = ["--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"),
-              str(experiment_config(root, TIME_LIMITED, epochs))]
+    epochs = 100
     target = f"results/adapters/{TIME_LIMITED}/metrics.json"
     log = root / "results" / "logs" / "train_adapter" / f"{TIME_LIMITED}.log"
 
-    cut = snakemake(*common, *cluster_overrides("train_adapter:runtime=2", f"train_adapter:slurm_extra={signal}"),
-                    target, cwd=root, timeout=300)
+    def invocation(*overrides, **train):
+        config = experiment_config(root, TIME_LIMITED, epochs, **train)
+        return snakemake("--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"), str(config),
+                         *overrides, target, cwd=root, timeout=300)
+
+    cut = invocation(*cluster_overrides("train_adapter:runtime=2", f"train_adapter:slurm_extra={signal}"))
     [first_job] = re.findall(r"has been submitted with SLURM jobid (\d+)", cut.stdout + cut.stderr)
     assert cut.returncode != 0, cut.stderr[-3000:]
     assert "stopped by SIGTERM after step" in log.read_text(), log.read_text()[-2000:]
@@ -294,13 +298,13 @@ def test_a_training_cut_by_its_time_limit_resumes_in_the_next_invocation(slurm_r
     assert run.info.status == "KILLED" and run.data.tags["slurm_job_id"] == first_job
     assert 0 < stopped_at < epochs * STEPS_PER_EPOCH
 
-    resumed = snakemake(*common, *CLUSTER_OVERRIDES, target, cwd=root, timeout=300)
+    last = stopped_at + STEPS_PER_EPOCH
+    resumed = invocation(*CLUSTER_OVERRIDES, max_steps=last)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     [second_job] = re.findall(r"has been submitted with SLURM jobid (\d+)", resumed.stdout + resumed.stderr)
     assert first_step(log) == stopped_at + 1  # the resumed job's log: it started after the checkpoint
     result = json.loads((root / target).read_text())
-    assert len(result["history"]) == epochs * STEPS_PER_EPOCH
-    assert [h["step"] for h in result["history"]] == list(range(1, epochs * STEPS_PER_EPOCH + 1))
+    assert [h["step"] for h in result["history"]] == list(range(1, last + 1))
     assert result["mlflow_run_id"] == run.info.run_id  # the same run, continued
     run = training_run(root, TIME_LIMITED)
     assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"] == second_job != first_job
