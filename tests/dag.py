@@ -17,10 +17,25 @@ DEMO_RESULTS = "demo results 'quoted'"
 def snakemake(*args, cwd=REPO, timeout=300):
     """The rules call `llama-adapter`, which lives beside this interpreter; MLflow goes to the run's own
     results/mlflow.db, whatever the caller's environment names."""
+    return subprocess.run(snakemake_command(*args, cwd=cwd), capture_output=True, text=True, timeout=timeout,
+                          env=snakemake_env())
+
+
+def snakemake_started(*args, cwd=REPO, output: Path) -> subprocess.Popen:
+    """`snakemake` as snakemake() runs it, started and left running, its stdout and stderr going to `output`."""
+    with open(output, "wb") as out:
+        return subprocess.Popen(snakemake_command(*args, cwd=cwd), stdout=out, stderr=subprocess.STDOUT,
+                                env=snakemake_env())
+
+
+def snakemake_command(*args, cwd=REPO) -> list[str]:
+    return [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(cwd), *args]
+
+
+def snakemake_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_PARENT_RUN_ID")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(cwd), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return env
 
 
 def demo_configfiles(root: Path) -> list[str]:

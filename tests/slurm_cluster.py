@@ -1,5 +1,7 @@
 """A two-node SLURM cluster on this machine, from Debian's packages, for testing `snakemake --profile slurm`:
-one slurmctld and two slurmd daemons (NODES), each with its own node name and port, sharing the host.
+one slurmctld and two slurmd daemons (NODES), each with its own node name and port, sharing the host, and job
+accounting as most clusters have it: slurmdbd over a MariaDB server of its own (loopback only, its data, socket
+and port under STATE), so that `sacct`, the executor plugin's default status query, answers.
 
     python tests/slurm_cluster.py install  # apt-get the packages if missing (root)
     python tests/slurm_cluster.py up       # install if missing, write configs, start the daemons
@@ -9,9 +11,12 @@ Facts this relies on (Debian 12, slurm-wlm 22.05):
 - The executor plugin's job step strips every SLURM_* variable, SLURM_CONF included, so the `srun` inside a
   job only finds the configuration at /etc/slurm/slurm.conf: that is where it is written.
 - munged wants its socket directory world-readable (755) and its key in a 700 directory.
-- Without slurmdbd, `sacct` fails and the plugin would wait forever: the caller polls with
-  `--slurm-status-command squeue`, which needs finished jobs kept visible (MinJobAge) well beyond the
-  plugin's first status check.
+- The accounting: `mariadbd --no-defaults` on 127.0.0.1:MARIADB_PORT, its data folder made once by
+  `mariadb-install-db` (root without a password, reachable only from this host) and kept for the next `up`, as
+  slurmctld's state is; slurmdbd (its config, /etc/slurm/slurmdbd.conf, mode 600 as it insists) on DBD_PORT;
+  the cluster, an ACCOUNT and the user registered with sacctmgr before slurmctld starts. jobacct_gather/linux
+  reads each job's memory and CPU from /proc (no cgroups needed), so `sacct` shows them too.
+- MinJobAge keeps finished jobs in slurmctld (`scontrol show job`) for 10 minutes, for the tests to read.
 - No mail, no cgroups on a CI machine: MailProg=/bin/true, proctrack/linuxproc, task/none.
 - Several slurmd on one host, as Debian builds slurmd (no build option needed for what follows): each node's
   line names the host as NodeHostname, 127.0.0.1 as NodeAddr and a Port of its own; each daemon runs as
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -36,16 +42,20 @@ import sys
 import time
 from pathlib import Path
 
-PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server"]
 STATE = Path(os.environ.get("SLURM_TEST_STATE", "/tmp/llama-adapter-slurm"))
 CONF = Path("/etc/slurm/slurm.conf")
+DBD_CONF = CONF.with_name("slurmdbd.conf")
+CLUSTER = "llama-adapter-test"
+ACCOUNT = "llama-adapter"  # the account jobs are submitted under (the profile's slurm_account)
 PARTITION = "debug"
 MUNGE_SOCKET_DIR = Path("/run/munge")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 
 
 def installed() -> bool:
-    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "squeue", "munged"))
+    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "squeue", "munged", "slurmdbd", "sacctmgr",
+                                         "mariadbd", "mariadb-install-db"))
 
 
 def install() -> None:
@@ -62,7 +72,7 @@ def install() -> None:
 def slurm_conf(host: str, cpus: int, memory_mb: int) -> str:
     return f"""\
 # Written by tests/slurm_cluster.py: a two-node test cluster on one host.
-ClusterName=llama-adapter-test
+ClusterName={CLUSTER}
 SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
@@ -81,6 +91,11 @@ SlurmdPidFile={STATE}/slurmd-%n.pid
 SlurmctldLogFile={STATE}/slurmctld.log
 SlurmdLogFile={STATE}/slurmd-%n.log
 SlurmctldPort=6817
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost={host}
+AccountingStoragePort={DBD_PORT}
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
 {node_config(host, cpus, memory_mb)}
 """
 
@@ -106,6 +121,80 @@ def start_slurmds() -> dict:
     return {f"slurmd-{name}": _start(f"slurmd-{name}", ["slurmd", "-D", "-N", name]) for name in NODES}
 
 
+# The accounting: slurmdbd on DBD_PORT, over a MariaDB server on 127.0.0.1:MARIADB_PORT (next to slurmd's ports).
+DBD_PORT = 6830
+MARIADB_PORT = 6831
+DATABASE = STATE / "mariadb"
+
+
+def slurmdbd_conf(host: str) -> str:
+    return f"""\
+# Written by tests/slurm_cluster.py: the test cluster's accounting, in MariaDB on this host's loopback.
+AuthType=auth/munge
+DbdHost={host}
+DbdPort={DBD_PORT}
+SlurmUser=root
+PidFile={STATE}/slurmdbd.pid
+LogFile={STATE}/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={MARIADB_PORT}
+StorageUser=root
+StorageLoc=slurm_acct_db
+"""
+
+
+def start_mariadb() -> int:
+    """mariadbd on 127.0.0.1:MARIADB_PORT, its data folder under STATE (made on the first `up`: a few seconds,
+    then reused, as slurmctld's state is); its PID. The InnoDB settings are ones slurmdbd starts with without
+    logging an error about them (it does for a 256 MB buffer pool); memory is taken as used, about 120 MB here."""
+    data = DATABASE / "data"
+    if not data.is_dir():
+        fresh = DATABASE / "data.new"
+        shutil.rmtree(fresh, ignore_errors=True)
+        DATABASE.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={fresh}", "--user=root",
+                              "--auth-root-authentication-method=normal", "--skip-test-db"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"mariadb-install-db failed: {out.stdout[-1500:]}{out.stderr[-1500:]}")
+        fresh.rename(data)
+    return _start("mariadbd", ["mariadbd", "--no-defaults", f"--datadir={data}", "--user=root",
+                               "--bind-address=127.0.0.1", f"--port={MARIADB_PORT}",
+                               f"--socket={DATABASE / 'mariadb.sock'}", f"--pid-file={DATABASE / 'mariadb.pid'}",
+                               f"--log-error={DATABASE / 'error.log'}", "--skip-log-bin",
+                               "--innodb-buffer-pool-size=1G", "--innodb-log-file-size=64M",
+                               "--innodb-lock-wait-timeout=900"])
+
+
+def register_accounting(timeout: float) -> None:
+    """The cluster, ACCOUNT and this user's association with it in slurmdbd, each added once (the database
+    outlives `down`)."""
+    _wait(lambda: _sacctmgr("show", "cluster").returncode == 0, timeout, "slurmdbd answering sacctmgr",
+          (STATE / "slurmdbd.log",))
+    user = pwd.getpwuid(os.getuid()).pw_name
+    if CLUSTER not in _sacctmgr("show", "cluster", "format=cluster").stdout.split():
+        _sacctmgr("add", "cluster", CLUSTER, check=True)
+    if ACCOUNT not in _sacctmgr("show", "account", "format=account").stdout.split():
+        _sacctmgr("add", "account", ACCOUNT, f"cluster={CLUSTER}", "description=tests", "organization=tests",
+                  check=True)
+    if f"{ACCOUNT}|{user}" not in _sacctmgr("show", "assoc", "format=account,user").stdout.split():
+        _sacctmgr("add", "user", user, f"account={ACCOUNT}", f"cluster={CLUSTER}", check=True)
+
+
+def _sacctmgr(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """sacctmgr, answering yes to its question, output without header, fields split by |."""
+    out = subprocess.run(["sacctmgr", "-i", "-n", "-P", *args], capture_output=True, text=True, timeout=30)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"sacctmgr {' '.join(args)}: {out.stdout}{out.stderr}")
+    return out
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _start(name: str, cmd: list[str]) -> int:
     log = open(STATE / f"{name}.out", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -119,8 +208,9 @@ def _node_memory_mb() -> int:
 
 
 def up(timeout: float = 60) -> dict:
-    """Start munged, slurmctld and a slurmd per node in the foreground mode (-D/-F) as our own children's children,
-    wait until the nodes are idle, and record the PIDs in STATE/pids.json for `down`."""
+    """Start munged, MariaDB, slurmdbd, slurmctld and a slurmd per node in the foreground mode (-D/-F) as our own
+    children's children, wait until the nodes are idle, and record the PIDs in STATE/pids.json for `down` (each as
+    soon as it starts, so that a failed start stops what did start)."""
     install()
     down()
     STATE.mkdir(parents=True, exist_ok=True)
@@ -129,18 +219,29 @@ def up(timeout: float = 60) -> dict:
     host = socket.gethostname().split(".")[0]
     CONF.parent.mkdir(parents=True, exist_ok=True)
     CONF.write_text(slurm_conf(host, os.cpu_count() or 1, _node_memory_mb()))
+    DBD_CONF.write_text(slurmdbd_conf(host))
+    DBD_CONF.chmod(0o600)  # slurmdbd refuses a config others may read (it may hold the database password)
     MUNGE_SOCKET_DIR.mkdir(parents=True, exist_ok=True)
     MUNGE_SOCKET_DIR.chmod(0o755)
     if not MUNGE_KEY.exists():
         subprocess.run(["mungekey", "--create", "--keyfile", str(MUNGE_KEY)], check=True)
-    pids = {"munged": _start("munged", ["munged", "-F", "--force", "--key-file", str(MUNGE_KEY),
-                                        "--pid-file", str(STATE / "munge" / "munged.pid"),
-                                        "--seed-file", str(STATE / "munge" / "munged.seed"),
-                                        "--log-file", str(STATE / "munge" / "munged.log")])}
+    pids = {}
+
+    def started(**new: int) -> None:
+        pids.update(new)
+        (STATE / "pids.json").write_text(json.dumps(pids))
+
+    started(munged=_start("munged", ["munged", "-F", "--force", "--key-file", str(MUNGE_KEY),
+                                     "--pid-file", str(STATE / "munge" / "munged.pid"),
+                                     "--seed-file", str(STATE / "munge" / "munged.seed"),
+                                     "--log-file", str(STATE / "munge" / "munged.log")]))
     _wait(lambda: (MUNGE_SOCKET_DIR / "munge.socket.2").exists(), timeout, "munged's socket")
-    pids["slurmctld"] = _start("slurmctld", ["slurmctld", "-D", "-i"])
-    pids.update(start_slurmds())
-    (STATE / "pids.json").write_text(json.dumps(pids))
+    started(mariadbd=start_mariadb())
+    _wait(lambda: _port_open(MARIADB_PORT), timeout, f"MariaDB on port {MARIADB_PORT}", (DATABASE / "error.log",))
+    started(slurmdbd=_start("slurmdbd", ["slurmdbd", "-D"]))
+    register_accounting(timeout)
+    started(slurmctld=_start("slurmctld", ["slurmctld", "-D", "-i"]))
+    started(**start_slurmds())
     _wait(_node_idle, timeout, f"nodes {', '.join(NODES)} idle in sinfo")
     return pids
 
@@ -150,33 +251,39 @@ def _node_idle() -> bool:
     return out.returncode == 0 and sorted(out.stdout.split()) == sorted([*NODES, *["idle"] * len(NODES)])
 
 
-def _wait(ready, timeout: float, what: str) -> None:
+def _wait(ready, timeout: float, what: str, logs: tuple[Path, ...] = ()) -> None:
+    """Until ready(); else stop everything and raise, with the daemons' output and the given logs."""
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:
-            logs = {p.name: p.read_text(errors="replace")[-1500:] for p in sorted(STATE.glob("*.out"))}
+            tails = {p.name: p.read_text(errors="replace")[-1500:] for p in [*sorted(STATE.glob("*.out")), *logs]
+                     if p.exists()}
             down()
-            raise TimeoutError(f"no {what} after {timeout:.0f} s; daemon output: {json.dumps(logs, indent=1)}")
+            raise TimeoutError(f"no {what} after {timeout:.0f} s; daemon output: {json.dumps(tails, indent=1)}")
         time.sleep(0.5)
 
 
 def down() -> None:
-    """Stop the daemons `up` started (by their recorded PIDs) and wait for them to exit."""
+    """Stop the daemons `up` started (by their recorded PIDs) and wait for them to exit: the SLURM daemons first,
+    then slurmdbd (which takes what slurmctld sent last), MariaDB and munged."""
     record = STATE / "pids.json"
     if not record.exists():
         return
     pids = json.loads(record.read_text())
-    for pid in pids.values():
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 20
-    for pid in pids.values():
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+    later = ("slurmdbd", "mariadbd", "munged")
+    for wave in ([pid for name, pid in pids.items() if name not in later],
+                 *([pids[name]] for name in later if name in pids)):
+        for pid in wave:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 20
+        for pid in wave:
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
     record.unlink()
 
 

@@ -1,6 +1,8 @@
 """The cluster path for real: the demo DAG through the repository's `slurm` profile on a two-node SLURM
-cluster started on this machine (tests/slurm_cluster.py), and the same report as a local run; then one training
-over both nodes (a torchrun per node, Gloo on the CPU), which matches one process, and which one process resumes.
+cluster started on this machine (tests/slurm_cluster.py, with slurmdbd: the plugin polls with sacct), and the same
+report as a local run; then one training over both nodes (a torchrun per node, Gloo on the CPU), which matches one
+process, and which one process resumes; then a job's end before its time: a training cancelled with scancel
+fails its invocation promptly, and a training cut by its time limit resumes in the next invocation.
 
 Needs root (to install the packages, write /etc/slurm/slurm.conf and run the daemons); CI runs as root.
 """
@@ -10,21 +12,24 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import slurm_cluster
 import yaml
-from dag import DEMO_RESULTS, REPO, read_csv, snakemake
+from dag import DEMO_RESULTS, REPO, read_csv, snakemake, snakemake_started
 
 
 def cluster_overrides(*set_resources: str) -> list[str]:
-    """Only what differs on this cluster: its partition (no account: there is no accounting database), no GPUs,
-    and squeue for job status (sacct needs slurmdbd). Everything else comes from slurm/config.yaml."""
+    """Only what differs on this cluster: its partition and account (which the plugin checks with sacctmgr), no
+    GPUs, and a first status check after 5 s rather than 40. Everything else comes from slurm/config.yaml; the
+    plugin queries job states with its default, sacct (slurmdbd answers it), through common.smk's mend."""
     return ["--default-resources", f"slurm_partition={slurm_cluster.PARTITION}",
+            f"slurm_account={slurm_cluster.ACCOUNT}",
             "--set-resources", "train_adapter:gpu=0", "generate:gpu=0", "evaluate:gpu=0", *set_resources,
-            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5"]
+            "--slurm-init-seconds-before-status-checks", "5"]
 
 
 CLUSTER_OVERRIDES = cluster_overrides()
@@ -42,7 +47,7 @@ RUN_SPECIFIC = {"mlflow_run", "eval_run", "training_h", "hardware", "config_hash
 @pytest.fixture(scope="module")
 def cluster():
     if os.geteuid() != 0:  # it writes /etc/slurm/slurm.conf and runs the daemons
-        pytest.skip("the one-node SLURM cluster needs root (sudo python tests/slurm_cluster.py up, as CI does)")
+        pytest.skip("the SLURM test cluster needs root (sudo python tests/slurm_cluster.py up, as CI does)")
     slurm_cluster.up()
     try:
         yield
@@ -165,3 +170,142 @@ def test_one_node_resumes_a_two_node_start(two_node_run, tmp_path, monkeypatch):
     assert resumed["world_size"] == 1 and len(resumed["history"]) == 27
     np.testing.assert_allclose([h["loss"] for h in resumed["history"]], [h["loss"] for h in single["history"]],
                                rtol=1e-5)
+
+
+# --- cancelled, or cut by the time limit ----------------------------------------------------------------------
+
+# The demo's ScienceQA adapter has 27 steps an epoch, each a fraction of a second on a CPU.
+STEPS_PER_EPOCH = 27
+
+
+def experiment_config(root: Path, name: str, epochs: int, **train) -> Path:
+    """A --configfile adding the demo's ScienceQA adapter as experiment `name`, trained for `epochs` (and any other
+    train settings given)."""
+    extra = root / f"{name}.yaml"
+    extra.write_text(yaml.safe_dump({"experiments": {name: {"dataset": "scienceqa",
+                                                            "train": {"epochs": epochs, **train}}}}))
+    return extra
+
+
+def training_run(root: Path, name: str):
+    """The MLflow run of experiment `name`'s training."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llama-adapter").experiment_id
+    [run] = client.search_runs([experiment], f"tags.rule = 'train_adapter' AND tags.experiment = '{name}'")
+    return run
+
+
+def wait_for(ready, timeout: float, what: str, proc: subprocess.Popen, output: Path):
+    """ready()'s first true value, polled every half second; fails (with snakemake's output) after `timeout` or
+    once snakemake has exited."""
+    deadline = time.monotonic() + timeout
+    while not (value := ready()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout:.0f} s; snakemake: {output.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return value
+
+
+def sacct_state(job_id: str) -> str:
+    return subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def first_step(log: Path) -> int:
+    """The first step a training's log reports (its plain lines: "step 5/81 loss ...")."""
+    return int(re.search(r"^step (\d+)/", log.read_text(), re.MULTILINE).group(1))
+
+
+CANCELLED = "scienceqa_cancelled"
+
+
+def test_a_cancelled_training_fails_its_invocation_promptly(slurm_run):
+    """scancel of a running training: the job stops (SIGTERM: a checkpoint, its MLflow run KILLED), sacct says
+    "CANCELLED by 0", and the invocation fails within two minutes naming the job, instead of polling it forever
+    (the executor plugin's bug that common.smk mends, docs/SLURM.md)."""
+    root, _ = slurm_run
+    target = f"results/adapters/{CANCELLED}/metrics.json"
+    log = root / "results" / "logs" / "train_adapter" / f"{CANCELLED}.log"
+    output = root / f"{CANCELLED}.out"
+    log.unlink(missing_ok=True)  # only this job's lines count below
+    # 100 epochs: minutes of training, far more than the test waits for
+    proc = snakemake_started("--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"),
+                             str(experiment_config(root, CANCELLED, 100)), *CLUSTER_OVERRIDES, target,
+                             cwd=root, output=output)
+    try:
+        submitted = wait_for(lambda: re.findall(r"has been submitted with SLURM jobid (\d+)", output.read_text()),
+                             120, "submission", proc, output)
+        [job_id] = submitted
+        # stepping: past its start (imports, loading), where SIGTERM would end it before it could save anything
+        wait_for(lambda: log.exists() and re.search(r"^step \d+/", log.read_text(), re.MULTILINE), 120,
+                 "training step in the job's log", proc, output)
+        subprocess.run(["scancel", job_id], check=True)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"snakemake still runs 120 s after scancel {job_id} (sacct: {sacct_state(job_id)!r}): "
+                        f"{output.read_text()[-3000:]}")
+    finally:
+        if proc.poll() is None:  # SIGTERM: snakemake cancels its jobs, which may take a while
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    out = output.read_text()
+    assert proc.returncode != 0, out[-3000:]
+    assert sacct_state(job_id).startswith("CANCELLED by "), sacct_state(job_id)
+    assert re.search(rf"Error in rule train_adapter:.*?jobid: \d+.*?{CANCELLED}", out, re.DOTALL), out[-3000:]
+    assert f"SLURM-job '{job_id}' failed, SLURM status is: 'CANCELLED'" in out, out[-3000:]
+    run = training_run(root, CANCELLED)
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGTERM", run.data.tags
+    assert run.data.tags["slurm_job_id"] == job_id and int(run.data.tags["checkpoint_step"]) > 0
+    assert (root / "results" / "adapters" / CANCELLED / "checkpoint.pt").exists()
+    assert not (root / "results" / "adapters" / CANCELLED / "metrics.json").exists()
+
+
+TIME_LIMITED = "scienceqa_time_limit"
+
+
+def test_a_training_cut_by_its_time_limit_resumes_in_the_next_invocation(slurm_run):
+    """A 2-minute time limit with the profile's warning signal, 60 s ahead (slurmctld checks time limits every
+    30 s, so it comes 30-60 s into the job): the training saves a checkpoint and stops, its MLflow run KILLED, and
+    the invocation fails; the next invocation (no time limit to speak of) resumes from the checkpoint, in the same
+    MLflow run, to its end. The schedule (100 epochs, 2,700 steps) outlasts the signal on any machine; the second
+    invocation ends one epoch after the checkpoint (max_steps, which a resumed run may change) so that the test's
+    length does not depend on how far the first got."""
+    root, _ = slurm_run
+    profile = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
+    signal = re.sub(r"@\d+", "@60", profile["set-resources"]["train_adapter"]["slurm_extra"])
+    epochs = 100
+    target = f"results/adapters/{TIME_LIMITED}/metrics.json"
+    log = root / "results" / "logs" / "train_adapter" / f"{TIME_LIMITED}.log"
+
+    def invocation(*overrides, **train):
+        config = experiment_config(root, TIME_LIMITED, epochs, **train)
+        return snakemake("--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"), str(config),
+                         *overrides, target, cwd=root, timeout=300)
+
+    cut = invocation(*cluster_overrides("train_adapter:runtime=2", f"train_adapter:slurm_extra={signal}"))
+    [first_job] = re.findall(r"has been submitted with SLURM jobid (\d+)", cut.stdout + cut.stderr)
+    assert cut.returncode != 0, cut.stderr[-3000:]
+    assert "stopped by SIGTERM after step" in log.read_text(), log.read_text()[-2000:]
+    run = training_run(root, TIME_LIMITED)
+    stopped_at = int(run.data.tags["checkpoint_step"])
+    assert run.info.status == "KILLED" and run.data.tags["slurm_job_id"] == first_job
+    assert 0 < stopped_at < epochs * STEPS_PER_EPOCH
+
+    last = stopped_at + STEPS_PER_EPOCH
+    resumed = invocation(*CLUSTER_OVERRIDES, max_steps=last)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    [second_job] = re.findall(r"has been submitted with SLURM jobid (\d+)", resumed.stdout + resumed.stderr)
+    assert first_step(log) == stopped_at + 1  # the resumed job's log: it started after the checkpoint
+    result = json.loads((root / target).read_text())
+    assert [h["step"] for h in result["history"]] == list(range(1, last + 1))
+    assert result["mlflow_run_id"] == run.info.run_id  # the same run, continued
+    run = training_run(root, TIME_LIMITED)
+    assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"] == second_job != first_job
+    assert run.data.tags["resumed_world_size"] == "1" and run.data.tags["checkpoint_step"] == str(stopped_at)
