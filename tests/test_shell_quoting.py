@@ -60,15 +60,21 @@ INJECTIONS = [
 ]
 
 
-@pytest.mark.parametrize(("key", "value"), INJECTIONS)
-def test_a_data_value_is_never_run_as_a_command(tmp_path, key, value):
-    source = {"source": value} if key == "source" else {"source": "missing.json", key: value}
-    proc = snakemake("--cores", "1", "results/data/alpaca/fetched", *configfile(tmp_path, data={"alpaca": source}),
-                     cwd=tmp_path, timeout=300)
-    assert not (tmp_path / "PWNED").exists(), "a config value ran as a shell command"
-    assert proc.returncode != 0  # the fetch stage's own error: the source does not exist
-    log = (tmp_path / "results" / "logs" / "fetch" / "alpaca.log").read_text()
-    assert "missing.json" in log
+# Two values per snakemake run, one in each dataset's fetch (each fails on its own, --keep-going runs both): half
+# the runs for the same values.
+INJECTION_RUNS = [INJECTIONS[i: i + 2] for i in range(0, len(INJECTIONS), 2)]
+
+
+@pytest.mark.parametrize("injections", INJECTION_RUNS, ids=lambda run: " & ".join(f"{k}={v!r}" for k, v in run))
+def test_a_data_value_is_never_run_as_a_command(tmp_path, injections):
+    data = {dataset: {"source": value} if key == "source" else {"source": "missing.json", key: value}
+            for dataset, (key, value) in zip(("alpaca", "scienceqa"), injections)}
+    proc = snakemake("--cores", "1", "--keep-going", *(f"results/data/{d}/fetched" for d in data),
+                     *configfile(tmp_path, data=data), cwd=tmp_path, timeout=300)
+    assert not (tmp_path / "PWNED").exists(), f"a config value ran as a shell command: one of {injections}"
+    assert proc.returncode != 0  # the fetch stage's own errors: the sources do not exist
+    for dataset in data:
+        assert "missing.json" in (tmp_path / "results" / "logs" / "fetch" / f"{dataset}.log").read_text(), dataset
 
 
 def test_dry_run_commands_parse_back_to_the_config_values(tmp_path):

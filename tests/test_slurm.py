@@ -24,12 +24,13 @@ from dag import DEMO_RESULTS, REPO, read_csv, snakemake, snakemake_started
 
 def cluster_overrides(*set_resources: str) -> list[str]:
     """Only what differs on this cluster: its partition and account (which the plugin checks with sacctmgr), no
-    GPUs, and a first status check after 5 s rather than 40. Everything else comes from slurm/config.yaml; the
+    GPUs, and a first status check after 1 s rather than 40 (the plugin goes back to that interval after each
+    finished job, so the DAG's short jobs are noticed at once). Everything else comes from slurm/config.yaml; the
     plugin queries job states with its default, sacct (slurmdbd answers it), through common.smk's mend."""
     return ["--default-resources", f"slurm_partition={slurm_cluster.PARTITION}",
             f"slurm_account={slurm_cluster.ACCOUNT}",
             "--set-resources", "train_adapter:gpu=0", "generate:gpu=0", "evaluate:gpu=0", *set_resources,
-            "--slurm-init-seconds-before-status-checks", "5"]
+            "--slurm-init-seconds-before-status-checks", "1"]
 
 
 CLUSTER_OVERRIDES = cluster_overrides()
