@@ -210,14 +210,19 @@ def ours_rows(method: str, ns, args: ModelArgs, adapter: AdapterArgs, lora: LoRA
     """Our packed rows (eager, and compiled with --compile) and the padded one; the model is released on return."""
     model = our_model(method, args, adapter, lora, d.device)
     opt, params = optimizer(model, fused=d.device.type == "cuda")
-    variants = [(False, r) for r in ns.micro_rows] + ([(True, r) for r in ns.micro_rows] if ns.compile else [])
-    for compiled, rows in variants:
-        if compiled and not getattr(model.layers[0], "_compiled_call_impl", None):
-            model.compile_blocks()
+
+    def packed(rows: int, variant: str, precision: str = "auto") -> None:
         cfg = TrainConfig(base="", train_data="", out_dir=tmp, row_len=ns.row_len, global_batch=global_batch,
-                          rows_per_micro_batch=rows, seed=0, method=method)
-        name = f"ours, packed, {rows} rows/micro{', compiled' if compiled else ''}"
+                          rows_per_micro_batch=rows, seed=0, method=method, precision=precision)
+        name = f"ours, packed, {rows} rows/micro{variant}"
         table.add(method, ours_packed(model, ds, cfg, d, opt, params, ns.warmup, ns.steps, name, ns.profile))
+
+    for rows in ns.micro_rows:
+        packed(rows, "")
+    if ns.compile:
+        model.compile_blocks()
+        for rows in ns.micro_rows:
+            packed(rows, ", compiled")
     if d.world == 1 and not ns.no_padded:
         table.add(method, ours_padded(model, samples, ns.samples, ns.row_len, opt, ns.warmup, ns.steps, d,
                                       ns.profile))
@@ -225,13 +230,10 @@ def ours_rows(method: str, ns, args: ModelArgs, adapter: AdapterArgs, lora: LoRA
         torch._dynamo.reset()  # the next method's blocks compile afresh (no recompile limit shared with these)
     if ns.precision == "fp8":
         # The same model with its frozen projections in float8, compiled as `train --precision fp8 --compile` runs.
-        float8_matmuls(model)
+        float8_matmuls(model, d.device)
         model.compile_blocks()
         for rows in ns.micro_rows:
-            cfg = TrainConfig(base="", train_data="", out_dir=tmp, row_len=ns.row_len, global_batch=global_batch,
-                              rows_per_micro_batch=rows, seed=0, method=method, precision="fp8")
-            name = f"ours, packed, {rows} rows/micro, compiled, fp8"
-            table.add(method, ours_packed(model, ds, cfg, d, opt, params, ns.warmup, ns.steps, name, ns.profile))
+            packed(rows, ", compiled, fp8", "fp8")
         torch._dynamo.reset()
 
 

@@ -82,7 +82,7 @@ def test_what_fp8_converts():
         for name, p in model.named_parameters():
             p.requires_grad_(trains(method, name))
         before = {k: (v.shape, v.requires_grad) for k, v in model.named_parameters()}
-        float8_matmuls(model)
+        float8_matmuls(model, torch.device("cpu"))
         a, f = model.layers[0].attention, model.layers[0].feed_forward
         converted = (a.wk, a.wo, f.w1, f.w2, f.w3) if method == "lora" else (a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3)
         assert all(type(m) is Float8Linear for m in converted)

@@ -90,10 +90,10 @@ def quantize_int8(model: Transformer) -> Transformer:
 FLOAT8_CAPABILITY = (8, 9)
 
 
-def float8_matmuls(model: Transformer) -> Transformer:
-    """Make the frozen block projections of a model about to train compute in float8 (see the module's docstring),
-    in place; before compile_blocks and before sharding. On the CPU torch emulates the float8 matmul (tests)."""
-    device = model.tok_embeddings.weight.device
+def float8_matmuls(model: Transformer, device: torch.device) -> Transformer:
+    """Make the frozen block projections of a model about to train on `device` compute in float8 (see the module's
+    docstring), in place; before compile_blocks and before sharding (so the model may still be on the CPU while
+    `device`, where its matmuls will run, is a GPU). On the CPU torch emulates the float8 matmul (tests)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < FLOAT8_CAPABILITY:
         name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
         raise InputError(f"--precision fp8 needs a GPU of compute capability {'.'.join(map(str, FLOAT8_CAPABILITY))} "
