@@ -1,7 +1,10 @@
 """MLflow in server mode, as a cluster uses it: many training jobs at once against one real `mlflow server`
-lose no metric, and a server that dies mid-run does not take a training job with it."""
+lose no metric, jobs that record the same new dataset at the same moment all record it, and a server that dies
+mid-run does not take a training job with it."""
 
+import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -12,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_train import random_base_and_splits
 
 STEPS = 18  # 96 samples / global batch 16 x 3 epochs
 
@@ -23,8 +25,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
+@contextlib.contextmanager
+def running_server(tmp_path: Path):
     """A real tracking server on loopback (SQLite behind it), stopped by PID."""
     port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
@@ -46,17 +48,35 @@ def server(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"mlflow server did not answer /health: {(tmp_path / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield url, proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the tests that leave it running."""
+    with running_server(tmp_path_factory.mktemp("mlflow-server")) as running:
+        yield running
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A server of the test's own, which it may kill."""
+    with running_server(tmp_path) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    from test_train import random_base_and_splits  # here, not above: the spawned jobs below need no torch
+
     return random_base_and_splits(tmp_path_factory.mktemp("server-train"))
 
 
@@ -89,10 +109,59 @@ def test_concurrent_jobs_lose_no_metric(server, data, tmp_path):
         local = [json.loads(line)["step"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert local == [0, *steps]  # step 0: the held-out loss before training
         assert len(client.get_metric_history(run_id, "val_loss")) == 4
+        inputs = client.get_run(run_id).inputs.dataset_inputs  # the four jobs record the same two splits
+        assert sorted(d.dataset.name.rsplit("/", 1)[-1] for d in inputs) == ["train", "val"], name
 
 
-def test_server_killed_mid_run_training_completes_into_the_jsonl(server, data, tmp_path):
-    url, proc = server
+def record_dataset_at_once(url: str, out: Path, datasets: list[Path], barrier, results) -> None:
+    """One job: a run per dataset, each recorded when every job is ready (the race the server must survive)."""
+    import warnings
+
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    from llama_adapter.tracking import Tracker
+
+    for i, dataset in enumerate(datasets):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tracker = Tracker(out / str(i), out.name, "tests.test_mlflow_server")
+            barrier.wait(timeout=120)
+            tracker.log_dataset(dataset, "shared/train", "training", records=1)
+            tracker.close()
+        results.put((tracker.run_id, [str(w.message) for w in caught if "MLflow" in str(w.message)]))
+
+
+def test_jobs_recording_one_new_dataset_at_once_all_record_it(server, tmp_path):
+    """The server looks a dataset up, then inserts it; jobs that start together race on that insert (seen in CI:
+    a UNIQUE constraint failure, and the job's MLflow logging switched off). Before the retry, 2 of 3 rounds of 6
+    jobs lost it."""
+    from mlflow.tracking import MlflowClient
+
+    url, _ = server
+    datasets = []
+    for i in range(3):  # a new digest each round: the first insert of each races
+        (tmp_path / f"data{i}").mkdir()
+        (tmp_path / f"data{i}" / "records.jsonl").write_text(f'{{"round": {i}}}\n')
+        datasets.append(tmp_path / f"data{i}")
+    jobs = 6
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(jobs), context.Queue()
+    procs = [context.Process(target=record_dataset_at_once, args=(url, tmp_path / f"job{j}", datasets, barrier,
+                                                                   results)) for j in range(jobs)]
+    for proc in procs:
+        proc.start()
+    recorded = [results.get(timeout=300) for _ in range(jobs * len(datasets))]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert [warned for _, warned in recorded if warned] == []
+    client = MlflowClient(url)
+    for run_id, _ in recorded:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert [d.dataset.name for d in inputs] == ["shared/train"], run_id
+
+
+def test_server_killed_mid_run_training_completes_into_the_jsonl(own_server, data, tmp_path):
+    url, proc = own_server
     job = start_training(data, tmp_path / "job", url)
     metrics = tmp_path / "job" / "metrics.jsonl"
     deadline = time.monotonic() + 300

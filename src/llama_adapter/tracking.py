@@ -283,7 +283,16 @@ class Tracker:
             self._drop_mlflow(e)
             return
         tags = {"sha256": digest, **{k: str(v) for k, v in counts.items() if v is not None}}
-        self._call("log_input", dataset, context=context, tags=tags)
+        from mlflow.exceptions import RestException
+
+        try:
+            self.mlflow.log_input(dataset, context=context, tags=tags)
+        except RestException:
+            # The server looks the dataset up in the experiment, then inserts it: two jobs that log the same new
+            # dataset at once both insert, and the second fails on the unique key. Asked again, it finds the row.
+            self._call("log_input", dataset, context=context, tags=tags)
+        except Exception as e:
+            self._drop_mlflow(e)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A file, or a folder's files, into the run's artifacts (under artifact_path: the root by default)."""
