@@ -1,4 +1,5 @@
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,48 @@ def smollm2_gguf() -> Path:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def slurm_test_cluster():
+    """The two-node SLURM cluster of tests/slurm_cluster.py, up for the session."""
+    import slurm_cluster
+
+    slurm_cluster.up()
+    try:
+        yield
+    finally:
+        subprocess.run(["scancel", "--user", str(os.getuid())], check=False)
+        slurm_cluster.down()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slurm_dag_started(request, tmp_path_factory):
+    """The shipped demo DAG through the repository's `slurm` profile on the test cluster, started as the session
+    starts when it holds tests/test_slurm.py and runs as root (the cluster writes /etc/slurm), else None. Most of
+    its minutes are SLURM's scheduling and the executor plugin's polling, in which the tests before test_slurm.py
+    run; its slurm_run waits for the end. Yields (its folder, the snakemake process, the file of its output)."""
+    if os.geteuid() != 0 or not any(item.path.name == "test_slurm.py" for item in request.session.items):
+        yield None
+        return
+    import slurm_cluster
+    from dag import REPO, snakemake_started
+
+    request.getfixturevalue("slurm_test_cluster")
+    root = tmp_path_factory.mktemp("slurm-dag")
+    output = root / "snakemake.out"
+    proc = snakemake_started("--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"),
+                             *slurm_cluster.overrides(), cwd=root, output=output)
+    try:
+        yield root, proc, output
+    finally:
+        if proc.poll() is None:  # SIGTERM: snakemake cancels its jobs
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(scope="session")

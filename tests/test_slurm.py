@@ -1,5 +1,6 @@
 """The cluster path for real: the demo DAG through the repository's `slurm` profile on a two-node SLURM
-cluster started on this machine (tests/slurm_cluster.py, with slurmdbd: the plugin polls with sacct), and the same
+cluster started on this machine (tests/slurm_cluster.py, with slurmdbd: the plugin polls with sacct; conftest.py
+starts both with the session, so that the tests before these run while the DAG's jobs wait), and the same
 report as a local run; then one training over both nodes (a torchrun per node, Gloo on the CPU), which matches one
 process, and which one process resumes; then a job's end before its time: a training cancelled with scancel
 fails its invocation promptly, and a training cut by its time limit resumes in the next invocation.
@@ -21,19 +22,7 @@ import slurm_cluster
 import yaml
 from dag import DEMO_RESULTS, REPO, read_csv, snakemake, snakemake_started
 
-
-def cluster_overrides(*set_resources: str) -> list[str]:
-    """Only what differs on this cluster: its partition and account (which the plugin checks with sacctmgr), no
-    GPUs, and a first status check after 1 s rather than 40 (the plugin goes back to that interval after each
-    finished job, so the DAG's short jobs are noticed at once). Everything else comes from slurm/config.yaml; the
-    plugin queries job states with its default, sacct (slurmdbd answers it), through common.smk's mend."""
-    return ["--default-resources", f"slurm_partition={slurm_cluster.PARTITION}",
-            f"slurm_account={slurm_cluster.ACCOUNT}",
-            "--set-resources", "train_adapter:gpu=0", "generate:gpu=0", "evaluate:gpu=0", *set_resources,
-            "--slurm-init-seconds-before-status-checks", "1"]
-
-
-CLUSTER_OVERRIDES = cluster_overrides()
+CLUSTER_OVERRIDES = slurm_cluster.overrides()
 # A training over both nodes, one process each (no GPUs: Gloo on the CPU). `mpi` (the step launcher) makes the
 # plugin run the rule's command in the job's batch step, from where the rule's srun starts a step over both
 # nodes; `tasks` is what the plugin asks of such a job: sbatch --nodes=2 --ntasks=2 (docs/MULTINODE.md).
@@ -46,24 +35,18 @@ RUN_SPECIFIC = {"mlflow_run", "eval_run", "training_h", "hardware", "config_hash
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    if os.geteuid() != 0:  # it writes /etc/slurm/slurm.conf and runs the daemons
+def slurm_run(slurm_dag_started):
+    """The demo DAG through the profile, which conftest.py started with the session: waited for here."""
+    if slurm_dag_started is None:
         pytest.skip("the SLURM test cluster needs root (sudo python tests/slurm_cluster.py up, as CI does)")
-    slurm_cluster.up()
+    root, proc, output = slurm_dag_started
     try:
-        yield
-    finally:
-        subprocess.run(["scancel", "--user", str(os.getuid())], check=False)
-        slurm_cluster.down()
-
-
-@pytest.fixture(scope="module")
-def slurm_run(cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm-dag")
-    proc = snakemake("--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"),
-                     *CLUSTER_OVERRIDES, cwd=root, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return root, proc.stdout + proc.stderr
+        proc.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the demo DAG through SLURM still runs after 30 minutes: {output.read_text()[-4000:]}")
+    log = output.read_text()
+    assert proc.returncode == 0, log[-8000:]
+    return root, log
 
 
 def test_every_job_went_through_slurm(slurm_run):
@@ -101,7 +84,7 @@ def two_node_run(slurm_run):
     extra.write_text(yaml.safe_dump({"experiments": {TWO_NODE_EXPERIMENT: {"dataset": "scienceqa",
                                                                            "train": {"epochs": 1}}}}))
     proc = snakemake("--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"), str(extra),
-                     *cluster_overrides(*TWO_NODES), f"results/adapters/{TWO_NODE_EXPERIMENT}/metrics.json",
+                     *slurm_cluster.overrides(*TWO_NODES), f"results/adapters/{TWO_NODE_EXPERIMENT}/metrics.json",
                      cwd=root, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return root, proc.stdout + proc.stderr
@@ -290,7 +273,7 @@ def test_a_training_cut_by_its_time_limit_resumes_in_the_next_invocation(slurm_r
         return snakemake("--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"), str(config),
                          *overrides, target, cwd=root, timeout=300)
 
-    cut = invocation(*cluster_overrides("train_adapter:runtime=2", f"train_adapter:slurm_extra={signal}"))
+    cut = invocation(*slurm_cluster.overrides("train_adapter:runtime=2", f"train_adapter:slurm_extra={signal}"))
     [first_job] = re.findall(r"has been submitted with SLURM jobid (\d+)", cut.stdout + cut.stderr)
     assert cut.returncode != 0, cut.stderr[-3000:]
     assert "stopped by SIGTERM after step" in log.read_text(), log.read_text()[-2000:]
