@@ -19,6 +19,7 @@ hits and slowest compile phases (torch._dynamo's timings) follow its row.
 Usage:
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 [--quantize int8]
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 --startup [--quantize int8]
+    python benchmarks/generate_throughput.py --preset tiny-gqa --layers 32 --batch 2 --startup --device cpu
 Prints one row per implementation and batch size: new tokens/s, and at batch 1 the % of the floor; with
 --startup, one row per weight format, batch size and cache state.
 """
@@ -26,6 +27,7 @@ Prints one row per implementation and batch size: new tokens/s, and at batch 1 t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -63,9 +65,10 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def build(args: ModelArgs, adapter: AdapterArgs, quantize: str | None = None) -> AdaptedTransformer:
+def build(args: ModelArgs, adapter: AdapterArgs, quantize: str | None = None, device: str = "cuda"
+          ) -> AdaptedTransformer:
     """Random bf16 weights laid out as the CLI loads them (cli.load_for_inference), gates non-zero."""
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AdaptedTransformer(args, adapter).cast_base(torch.bfloat16).eval().fuse_projections()
     with torch.no_grad():
         model.adapter_gate.normal_()
@@ -123,6 +126,20 @@ def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_to
     return seconds
 
 
+def preset(ns: argparse.Namespace) -> ModelArgs:
+    args = ModelArgs.from_name(ns.preset)
+    return dataclasses.replace(args, n_layers=ns.layers) if ns.layers else args
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+
+
 def startup_job(ns: argparse.Namespace) -> None:
     """One fresh job (--child): model built, then the first decoded token through the compiled step under
     --compile-cache; prints its timeline (seconds since the epoch, which the parent turns into seconds since it
@@ -132,17 +149,18 @@ def startup_job(ns: argparse.Namespace) -> None:
     from llama_adapter.compile_cache import compile_cache
 
     imported = time.time()
-    args, adapter = ModelArgs.from_name(ns.preset), AdapterArgs(ns.adapter_len, ns.adapter_layers)
-    model = build(args, adapter, ns.quantize)
-    torch.cuda.synchronize()
+    args, adapter = preset(ns), AdapterArgs(ns.adapter_len, ns.adapter_layers)
+    model = build(args, adapter, ns.quantize, ns.device)
+    synchronize(ns.device)
     built = time.time()
     batch = ns.batch[0]
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(3, args.vocab_size, (batch, ns.prompt_len), generator=gen).tolist()
-    kind = {"command": "decode", "benchmark": ns.preset, "quantize": ns.quantize, "rows": batch}
+    kind = {"command": "decode", "benchmark": ns.preset, "layers": args.n_layers, "quantize": ns.quantize,
+            "rows": batch}
     with compile_cache(ns.compile_cache, kind):
         generate(model, rows, 2, eos_id=-1, compile=True)  # the prefill's token, then one compiled step
-        torch.cuda.synchronize()
+        synchronize(ns.device)
         first = time.time()
         generate(model, rows[: batch // 2 + 1], 2, eos_id=-1, compile=True, rows=batch)  # a smaller last batch
     from torch._dynamo.utils import compilation_time_metrics
@@ -156,7 +174,7 @@ def startup_job(ns: argparse.Namespace) -> None:
 def startup(ns: argparse.Namespace) -> None:
     """Cold and warm starts of a compiling job (startup_job), each in a fresh process and node-local cache."""
     print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, prompt {ns.prompt_len}, "
-          f"{torch.cuda.get_device_name()}, torch {torch.__version__}; seconds from the process's start")
+          f"{device_name(ns.device)}, torch {torch.__version__}; seconds from the process's start")
     print(f"{'weights':<8}{'batch':>6}{'cache':>7}{'model ready':>13}{'first token':>13}{'compile':>9}{'graphs':>8}")
     for quantize in [None, *([ns.quantize] if ns.quantize else [])]:
         for batch in ns.batch:
@@ -166,6 +184,7 @@ def startup(ns: argparse.Namespace) -> None:
                         command = [sys.executable, __file__, "--child", "--preset", ns.preset, "--adapter-len",
                                    str(ns.adapter_len), "--adapter-layers", str(ns.adapter_layers), "--prompt-len",
                                    str(ns.prompt_len), "--batch", str(batch), "--compile-cache", shared,
+                                   "--device", ns.device, *(["--layers", str(ns.layers)] if ns.layers else []),
                                    *(["--quantize", quantize] if quantize else [])]
                         started = time.time()
                         out = subprocess.run(command, capture_output=True, text=True,
@@ -192,6 +211,8 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="skip our compiled rows (each batch size compiles)")
     p.add_argument("--quantize", choices=QUANTIZATIONS, help="also time our rows with weights in this format")
     p.add_argument("--startup", action="store_true", help="time cold and warm job starts instead (see above)")
+    p.add_argument("--device", default="cuda", help="--startup's device (cpu: inductor's C++ kernels)")
+    p.add_argument("--layers", type=int, help="--startup: the preset with this many layers")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --startup job
     p.add_argument("--compile-cache", help=argparse.SUPPRESS)
     ns = p.parse_args()

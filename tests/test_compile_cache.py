@@ -9,12 +9,14 @@ from pathlib import Path
 from test_cli import run_cli
 
 # One job: a tiny adapted model's decode step compiled under compile_cache; prints inductor's and AOTAutograd's
-# cache counters. Each run gets an empty TORCHINDUCTOR_CACHE_DIR of its own, as a fresh node would have.
+# cache counters, and the files the job added to its cache folder (what it compiled: generated code, kernel
+# libraries). Each run gets an empty TORCHINDUCTOR_CACHE_DIR of its own, as a fresh node would have.
 JOB = """
-import json, sys, torch
+import json, os, sys, torch
+from pathlib import Path
 from torch._dynamo.utils import counters
 from llama_adapter.adapter import AdaptedTransformer
-from llama_adapter.compile_cache import compile_cache
+from llama_adapter.compile_cache import compile_cache, listing
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.generate import generate
 
@@ -22,8 +24,11 @@ torch.manual_seed(0)
 model = AdaptedTransformer(ModelArgs.from_name("tiny-gqa"), AdapterArgs(adapter_len=4, adapter_layers=3,
                            gate_init="random")).eval().requires_grad_(False).fuse_projections()
 with compile_cache(sys.argv[1], {"command": "decode", "test": 1}) as blob:
+    local = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    before = listing(local)
     tokens = generate(model, [[1, 5, 9], [1, 42]], max_new_tokens=6, eos_id=-1, compile=True)
-print(json.dumps({"tokens": tokens, "blob": str(blob), "inductor": dict(counters["inductor"]),
+    added = sorted(name for name, _ in listing(local) - before)
+print(json.dumps({"tokens": tokens, "blob": str(blob), "added": added, "inductor": dict(counters["inductor"]),
                   "aot": dict(counters["aot_autograd"])}))
 """
 
@@ -41,10 +46,15 @@ def test_a_job_on_a_fresh_node_reuses_what_the_first_compiled(tmp_path):
     assert first["inductor"].get("fxgraph_cache_miss", 0) >= 1 and not first["inductor"].get("fxgraph_cache_hit")
     blob = Path(first["blob"])
     assert blob.parent == shared and blob.is_file() and [p.name for p in shared.iterdir()] == [blob.name]
+    assert any(name.endswith(".so") for name in first["added"])  # a kernel library the C++ compiler built
+    written = blob.read_bytes()
     second = job(shared, tmp_path / "node2")
     assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and not second["inductor"].get("fxgraph_cache_miss")
     assert second["aot"].get("autograd_cache_hit", 0) >= 1
+    # nothing compiled again: no code generated, no kernel built (the mega-cache's carried code was rebuilt here)
+    assert second["added"] == []
     assert second["tokens"] == first["tokens"] and second["blob"] == first["blob"]
+    assert blob.read_bytes() == written  # the second job added nothing, so wrote nothing
 
 
 def test_compile_cache_without_compile_is_refused(tmp_path):
@@ -102,3 +112,29 @@ def test_concurrent_writers_leave_one_whole_blob(tmp_path):
         [w.result() for w in writers]
     assert reads and all(r in blobs for r in reads)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_cache_file_that_cannot_be_read_or_would_write_outside_costs_a_cold_compile(tmp_path, capsys):
+    """An unreadable file (cut, or another format) and a tar whose members leave the job's folder are each one
+    line on stderr: nothing is written outside the folder, and the job compiles from scratch."""
+    import io
+    import tarfile
+
+    from llama_adapter.compile_cache import unpack
+
+    garbage = tmp_path / "decode-garbage.tar"
+    garbage.write_bytes(b"not a tar")
+    escaping = tmp_path / "decode-escaping.tar"
+    with tarfile.open(escaping, "w:gz") as tar:
+        for name in ("fxgraph/ok.py", "../outside.py", "/tmp/absolute.py"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"x\n"))
+    for path in (garbage, escaping):
+        folder = tmp_path / f"job-{path.stem}"
+        folder.mkdir()
+        unpack(path, folder)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err and "compiling from scratch" in err
+        assert list(folder.iterdir()) == []  # what was extracted before the refusal is gone too
+    assert not (tmp_path / "outside.py").exists() and not Path("/tmp/absolute.py").exists()
