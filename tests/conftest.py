@@ -64,7 +64,7 @@ def slurm_dag_started(request, tmp_path_factory):
         yield None
         return
     import slurm_cluster
-    from dag import REPO, snakemake_started
+    from dag import REPO, snakemake_started, stop_started
 
     request.getfixturevalue("slurm_test_cluster")
     root = tmp_path_factory.mktemp("slurm-dag")
@@ -74,13 +74,7 @@ def slurm_dag_started(request, tmp_path_factory):
     try:
         yield root, proc, output
     finally:
-        if proc.poll() is None:  # SIGTERM: snakemake cancels its jobs
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_started(proc, grace=60)
 
 
 @pytest.fixture(scope="session")

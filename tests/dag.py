@@ -28,6 +28,18 @@ def snakemake_started(*args, cwd=REPO, output: Path) -> subprocess.Popen:
                                 env=snakemake_env())
 
 
+def stop_started(proc: subprocess.Popen, grace: float) -> None:
+    """A snakemake_started() process, if still running: SIGTERM (snakemake cancels its jobs, which may take a
+    while), then SIGKILL after `grace` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def snakemake_command(*args, cwd=REPO) -> list[str]:
     return [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(cwd), *args]
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import slurm_cluster
 import yaml
-from dag import DEMO_RESULTS, REPO, read_csv, snakemake, snakemake_started
+from dag import DEMO_RESULTS, REPO, read_csv, snakemake, snakemake_started, stop_started
 
 CLUSTER_OVERRIDES = slurm_cluster.overrides()
 # A training over both nodes, one process each (no GPUs: Gloo on the CPU). `mpi` (the step launcher) makes the
@@ -232,13 +232,7 @@ def test_a_cancelled_training_fails_its_invocation_promptly(slurm_run):
             pytest.fail(f"snakemake still runs 120 s after scancel {job_id} (sacct: {sacct_state(job_id)!r}): "
                         f"{output.read_text()[-3000:]}")
     finally:
-        if proc.poll() is None:  # SIGTERM: snakemake cancels its jobs, which may take a while
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_started(proc, grace=30)
     out = output.read_text()
     assert proc.returncode != 0, out[-3000:]
     assert sacct_state(job_id).startswith("CANCELLED by "), sacct_state(job_id)
