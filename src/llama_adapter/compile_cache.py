@@ -18,6 +18,8 @@ concurrent jobs never see a partial file; the last writer wins, with the same co
 when the job compiled something the one it read did not hold. Another torch or another GPU model gets a file of
 its own (the name's digest), and inductor's own keys (the source, the compiler, the device) decide what in a
 file still fits. TRITON_CACHE_DIR, if set, keeps Triton's binaries out of the job's folder and so out of the file.
+What the files hold is code the next job runs (generated Python, built libraries): keep the shared folder
+writable only by those whose jobs you would run, as with any cache of compiled code.
 """
 
 from __future__ import annotations
