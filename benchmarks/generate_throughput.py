@@ -13,8 +13,9 @@ floor is their own weight bytes over the copy rate.
 another node), build the model and decode with the compiled step: the first decoded token's time from the
 process's start, cold (an empty --compile-cache) and warm (the folder the cold job wrote), and the first
 compilation's time (the first compiled step's call, CUDA graph capture included). Each then decodes a smaller
-last batch filled up to the first's rows and counts the compiled graphs (one serves them all); each job's cache
-hits and slowest compile phases (torch._dynamo's timings) follow its row.
+last batch filled up to the first's rows and counts the compiled graphs (one serves them all); "cache MB" is the
+size of the compile-cache file after the job. Each job's cache hits and slowest compile phases (torch._dynamo's
+timings) follow its row.
 
 Usage:
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 [--quantize int8]
@@ -175,7 +176,8 @@ def startup(ns: argparse.Namespace) -> None:
     """Cold and warm starts of a compiling job (startup_job), each in a fresh process and node-local cache."""
     print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, prompt {ns.prompt_len}, "
           f"{device_name(ns.device)}, torch {torch.__version__}; seconds from the process's start")
-    print(f"{'weights':<8}{'batch':>6}{'cache':>7}{'model ready':>13}{'first token':>13}{'compile':>9}{'graphs':>8}")
+    print(f"{'weights':<8}{'batch':>6}{'cache':>7}{'model ready':>13}{'first token':>13}{'compile':>9}{'graphs':>8}"
+          f"{'cache MB':>10}")
     for quantize in [None, *([ns.quantize] if ns.quantize else [])]:
         for batch in ns.batch:
             with tempfile.TemporaryDirectory() as shared:
@@ -192,8 +194,10 @@ def startup(ns: argparse.Namespace) -> None:
                     if out.returncode:
                         sys.exit(f"{' '.join(command)} failed:\n{out.stderr[-4000:]}")
                     t = json.loads(out.stdout.strip().splitlines()[-1])
+                    megabytes = sum(f.stat().st_size for f in os.scandir(shared)) / 1e6  # the file jobs share
                     print(f"{quantize or 'bf16':<8}{batch:>6}{state:>7}{t['built'] - started:>13.1f}"
-                          f"{t['first'] - started:>13.1f}{t['first'] - t['built']:>9.1f}{t['graphs']:>8}", flush=True)
+                          f"{t['first'] - started:>13.1f}{t['first'] - t['built']:>9.1f}{t['graphs']:>8}"
+                          f"{megabytes:>10.1f}", flush=True)
                     caches = {k: v for k, v in {**t["inductor"], **t["aot_autograd"]}.items() if "cache" in k}
                     slowest = dict(sorted(t["seconds"].items(), key=lambda kv: -kv[1])[:8])
                     print(f"  caches: {caches}\n  compile phases (s): {slowest}", flush=True)
