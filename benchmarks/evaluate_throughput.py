@@ -31,7 +31,7 @@ from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.data.fetch import fetch
 from llama_adapter.data.validate import validate
-from llama_adapter.devices import pick_device
+from llama_adapter.devices import pick_device, synchronize
 from llama_adapter.evaluate import answer_by_generation
 from llama_adapter.io import read_jsonl
 from llama_adapter.tokenizer import load_tokenizer
@@ -55,11 +55,6 @@ def random_model(args: ModelArgs, adapter: AdapterArgs, device: torch.device) ->
     with torch.no_grad():
         model.adapter_gate.normal_()
     return model
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ import torch
 
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import QUANTIZATIONS, AdapterArgs, ModelArgs
+from llama_adapter.devices import device_name, synchronize
 from llama_adapter.generate import generate
 
 
@@ -132,15 +133,6 @@ def preset(ns: argparse.Namespace) -> ModelArgs:
     return dataclasses.replace(args, n_layers=ns.layers) if ns.layers else args
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-
-
 def startup_job(ns: argparse.Namespace) -> None:
     """One fresh job (--child): model built, then the first decoded token through the compiled step under
     --compile-cache; prints its timeline (seconds since the epoch, which the parent turns into seconds since it
@@ -152,7 +144,7 @@ def startup_job(ns: argparse.Namespace) -> None:
     imported = time.time()
     args, adapter = preset(ns), AdapterArgs(ns.adapter_len, ns.adapter_layers)
     model = build(args, adapter, ns.quantize, ns.device)
-    synchronize(ns.device)
+    synchronize(torch.device(ns.device))
     built = time.time()
     batch = ns.batch[0]
     gen = torch.Generator().manual_seed(0)
@@ -161,7 +153,7 @@ def startup_job(ns: argparse.Namespace) -> None:
             "rows": batch}
     with compile_cache(ns.compile_cache, kind):
         generate(model, rows, 2, eos_id=-1, compile=True)  # the prefill's token, then one compiled step
-        synchronize(ns.device)
+        synchronize(torch.device(ns.device))
         first = time.time()
         generate(model, rows[: batch // 2 + 1], 2, eos_id=-1, compile=True, rows=batch)  # a smaller last batch
     from torch._dynamo.utils import compilation_time_metrics
@@ -175,7 +167,8 @@ def startup_job(ns: argparse.Namespace) -> None:
 def startup(ns: argparse.Namespace) -> None:
     """Cold and warm starts of a compiling job (startup_job), each in a fresh process and node-local cache."""
     print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, prompt {ns.prompt_len}, "
-          f"{device_name(ns.device)}, torch {torch.__version__}; seconds from the process's start")
+          f"{device_name(torch.device(ns.device))} ({os.cpu_count()} CPU cores), torch {torch.__version__}; seconds "
+          "from the process's start")
     print(f"{'weights':<8}{'batch':>6}{'cache':>7}{'model ready':>13}{'first token':>13}{'compile':>9}{'graphs':>8}"
           f"{'cache MB':>10}")
     for quantize in [None, *([ns.quantize] if ns.quantize else [])]:

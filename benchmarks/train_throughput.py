@@ -48,6 +48,7 @@ from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.batching import collate, token_loss_sum
 from llama_adapter.config import PRECISIONS, AdapterArgs, LoRAArgs, ModelArgs, TrainConfig
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
+from llama_adapter.devices import synchronize
 from llama_adapter.lora import HF_MODULES, add_lora
 from llama_adapter.quantize import float8_matmuls
 from llama_adapter.train import (
@@ -66,11 +67,6 @@ METHODS = ("adapter", "lora")
 def alpaca_lengths(row_len: int) -> np.ndarray:
     lengths = np.array([int(x) for x in LENGTHS.read_text().split("\n") if x and not x.startswith("#")])
     return np.minimum(lengths, row_len)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def base_dtype(device: torch.device) -> torch.dtype:

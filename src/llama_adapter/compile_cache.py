@@ -72,18 +72,21 @@ def compile_cache(folder: str | os.PathLike | None, kind: dict) -> Iterator[Path
                     write_blob(path, pack(Path(local)))
 
 
+def cached_files(folder: Path) -> list[Path]:
+    """The folder's files, but inductor's lock files, which every run touches and no run reads."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix != ".lock")
+
+
 def listing(folder: Path) -> set[tuple[str, int]]:
-    """The folder's files (relative path, size), but inductor's lock files, which every run touches."""
-    return {(str(f.relative_to(folder)), f.stat().st_size) for f in folder.rglob("*")
-            if f.is_file() and f.suffix != ".lock"}
+    """The folder's cached files as (relative path, size)."""
+    return {(str(f.relative_to(folder)), f.stat().st_size) for f in cached_files(folder)}
 
 
 def pack(folder: Path) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
-        for f in sorted(folder.rglob("*")):
-            if f.is_file() and f.suffix != ".lock":
-                tar.add(f, arcname=str(f.relative_to(folder)), recursive=False)
+        for f in cached_files(folder):
+            tar.add(f, arcname=str(f.relative_to(folder)), recursive=False)
     return buffer.getvalue()
 
 

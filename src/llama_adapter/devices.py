@@ -1,5 +1,5 @@
 """Where a run computes, and in what precision, when its options leave that open: one choice for training and
-inference alike."""
+inference alike; the device's name, and waiting for it."""
 
 from __future__ import annotations
 
@@ -17,3 +17,13 @@ def pick_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
     if name:
         return getattr(torch, name)
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's kernels run after the host has moved on): before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

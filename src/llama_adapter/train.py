@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
 from .config import WEIGHTS, TrainConfig
 from .data.tokens import TokenDataset
-from .devices import pick_device, pick_dtype
+from .devices import device_name, pick_device, pick_dtype
 from .errors import CheckpointError, GPUAllocationError, PipelineError, TrainingDiverged
 from .io import atomic_path, read_json_object, write_json
 from .methods import load_for_training, save_tuned, tuned_state
@@ -571,10 +571,6 @@ def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, t
                      out / "config.json", out / "metrics.json"):
             tracker.log_artifact(path)
     return result
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def truncate_metrics(path: Path, step: int) -> None:
