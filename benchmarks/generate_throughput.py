@@ -2,9 +2,10 @@
 
 A named preset with random bf16 weights (no download), an adapter with non-zero gates (so its branch runs),
 prompts of --prompt-len random tokens, greedy decoding of exactly --new-tokens tokens (no EOS can stop it),
-at each --batch size; ours eager, with the CUDA-graph decode step, and compiled as well (timed after the
-warm-up call, which compiles). Also measures the device's copy bandwidth and prints the memory-bandwidth
-floor at batch 1 (every new token reads every weight once): weight bytes / copy rate.
+at each --batch size; ours eager, with the CUDA-graph decode step, and compiled as well, or the --rows chosen
+(each timed after a warm-up call, which compiles: its seconds are the "first call s" column). Also measures the
+device's copy bandwidth and prints the memory-bandwidth floor at batch 1 (every new token reads every weight
+once): weight bytes / copy rate.
 
 --quantize int8 adds our rows with the blocks' weights in weight-only int8 (generate --quantize int8); their
 floor is their own weight bytes over the copy rate.
@@ -45,26 +46,29 @@ from llama_adapter.devices import device_name, synchronize
 from llama_adapter.generate import generate
 
 
-def copy_bandwidth(device) -> float:
+def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s of a large device-to-device copy (read + write counted)."""
     a = torch.empty(2**30, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     b.copy_(a)
-    torch.cuda.synchronize()
+    synchronize(device)
     t = time.perf_counter()
     for _ in range(10):
         b.copy_(a)
-    torch.cuda.synchronize()
+    synchronize(device)
     return 10 * 2 * a.numel() / (time.perf_counter() - t)
 
 
-def timed(fn) -> float:
-    fn()  # warm-up
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """Seconds of a first call (the warm-up, which compiles where anything does), and of a second call."""
+    seconds = []
+    for _ in range(2):
+        synchronize(device)
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - t)
+    return seconds[0], seconds[1]
 
 
 def build(args: ModelArgs, adapter: AdapterArgs, quantize: str | None = None, device: str = "cuda"
@@ -93,17 +97,19 @@ def weight_bytes(model: AdaptedTransformer) -> int:
     return total
 
 
-def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, cuda_graph: bool,
-         compile: bool = False, quantize: str | None = None) -> float:
-    model = build(args, adapter, quantize)
+def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device,
+         cuda_graph: bool, compile: bool = False, quantize: str | None = None) -> tuple[float, float]:
+    model = build(args, adapter, quantize, device)
     rows = prompts.tolist()
-    seconds = timed(lambda: generate(model, rows, new_tokens, eos_id=-1, cuda_graph=cuda_graph, compile=compile))
+    seconds = timed(lambda: generate(model, rows, new_tokens, eos_id=-1, cuda_graph=cuda_graph, compile=compile),
+                    device)
     model = None  # frees the weights before the next measurement (the closure above still names it)
     torch.cuda.empty_cache()
     return seconds
 
 
-def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int) -> float:
+def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device
+            ) -> tuple[float, float]:
     from peft import AdaptionPromptConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -111,21 +117,27 @@ def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_to
                          num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                          num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
                          max_position_embeddings=4096)
-    with torch.device("cuda"):
+    with device:
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     model = get_peft_model(model, AdaptionPromptConfig(adapter_len=adapter.adapter_len,
                                                        adapter_layers=adapter.adapter_layers, task_type="CAUSAL_LM"))
-    ids = prompts.cuda()
+    ids = prompts.to(device)
 
     def run():
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
-    seconds = timed(run)
+    seconds = timed(run, device)
     model = None  # frees the weights before the next measurement (the closure above still names it)
     torch.cuda.empty_cache()
     return seconds
+
+
+ROWS = {"compiled": ("ours (compiled, graph)", partial(ours, cuda_graph=True, compile=True)),
+        "graph": ("ours (CUDA graph)", partial(ours, cuda_graph=True)),
+        "eager": ("ours (eager)", partial(ours, cuda_graph=False)), "hf": ("HF + PEFT", hf_peft)}
+QUANTIZED_ROWS = ("compiled", "graph")  # eager int8 says nothing the graphed rows do not
 
 
 def preset(ns: argparse.Namespace) -> ModelArgs:
@@ -204,12 +216,12 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--no-hf", action="store_true", help="skip the HF + PEFT reference")
-    p.add_argument("--no-compile", action="store_true", help="skip our compiled rows (each batch size compiles)")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                   help="which implementations to time (default: all; each compiled batch size compiles)")
     p.add_argument("--quantize", choices=QUANTIZATIONS, help="also time our rows with weights in this format")
     p.add_argument("--startup", action="store_true", help="time cold and warm job starts instead (see above)")
-    p.add_argument("--device", default="cuda", help="--startup's device (cpu: inductor's C++ kernels)")
-    p.add_argument("--layers", type=int, help="--startup: the preset with this many layers")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run (inductor's C++ kernels when compiled)")
+    p.add_argument("--layers", type=int, help="the preset with this many layers")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --startup job
     p.add_argument("--compile-cache", help=argparse.SUPPRESS)
     ns = p.parse_args()
@@ -217,39 +229,36 @@ def main() -> None:
         return startup_job(ns)
     if ns.startup:
         return startup(ns)
-    args = ModelArgs.from_name(ns.preset)
+    args = preset(ns)
     adapter = AdapterArgs(ns.adapter_len, ns.adapter_layers)
     bf16_bytes = 2 * args.parameter_count()
-    rate = copy_bandwidth("cuda")
+    device = torch.device(ns.device)
+    rate = copy_bandwidth(device)
     floor = rate / bf16_bytes
     print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, prompt {ns.prompt_len}, {ns.new_tokens} new "
-          f"tokens, {torch.cuda.get_device_name()}, torch {torch.__version__}; batch-1 bandwidth floor "
+          f"tokens, {device_name(device)}, torch {torch.__version__}; batch-1 bandwidth floor "
           f"{floor:.0f} tokens/s ({bf16_bytes / 1e9:.2f} GB of bf16 weights)")
-    impls = {"ours (compiled, graph)": partial(ours, cuda_graph=True, compile=True),
-             "ours (CUDA graph)": partial(ours, cuda_graph=True), "ours (eager)": partial(ours, cuda_graph=False)}
-    if ns.no_compile:
-        del impls["ours (compiled, graph)"]
+    impls = {name: fn for row, (name, fn) in ROWS.items() if row in ns.rows}
     floors = dict.fromkeys(impls, floor)
     if ns.quantize:
-        quantized = build(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), ns.quantize)
+        quantized = build(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), ns.quantize, device)
         q_floor = rate / weight_bytes(quantized)
         print(f"{ns.quantize}: batch-1 floor {q_floor:.0f} tokens/s ({weight_bytes(quantized) / 1e9:.2f} GB of "
               "weights and scales)")
         quantized = None
         torch.cuda.empty_cache()
-        graphed = [(name, fn) for name, fn in impls.items() if name != "ours (eager)"]
-        for name, fn in graphed:  # eager int8 says nothing the graphed rows do not
+        for name, fn in [ROWS[row] for row in QUANTIZED_ROWS if row in ns.rows]:
             impls[f"{name[:-1]}, {ns.quantize})"] = partial(fn, quantize=ns.quantize)
             floors[f"{name[:-1]}, {ns.quantize})"] = q_floor
-    impls |= {} if ns.no_hf else {"HF + PEFT": hf_peft}
-    print(f"{'implementation':<30}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}")
+    print(f"{'implementation':<30}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}{'first call s':>14}")
     gen = torch.Generator().manual_seed(0)
     for name, fn in impls.items():
         for batch in ns.batch:
             prompts = torch.randint(3, args.vocab_size, (batch, ns.prompt_len), generator=gen)
-            tokens_per_s = batch * ns.new_tokens / fn(args, adapter, prompts, ns.new_tokens)
+            first, seconds = fn(args, adapter, prompts, ns.new_tokens, device)
+            tokens_per_s = batch * ns.new_tokens / seconds
             share = f"{100 * tokens_per_s / floors.get(name, floor):.0f}" if batch == 1 else ""
-            print(f"{name:<30}{batch:>6}{tokens_per_s:>10.0f}{share:>12}", flush=True)
+            print(f"{name:<30}{batch:>6}{tokens_per_s:>10.0f}{share:>12}{first:>14.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ carry no position while the queries are rotated), so a shared column index would
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,42 +47,56 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Ten
 
 
 def decode_step(model: Transformer, token: Tensor, slot: Tensor, key_valid: Tensor, rope_pos: Tensor,
-                image_features: Tensor | None = None, image_row: Tensor | None = None) -> Tensor:
+                image_features: Tensor | None = None, image_row: Tensor | None = None,
+                run_block: Callable | None = None) -> Tensor:
     """Logits (B, V) after feeding token (B, 1) into cache slot `slot` (1,); key_valid and rope_pos (B, S)
     say which slots hold real tokens and each slot's RoPE position; image_row (B,) each row's image in
-    image_features, -1 for none. Only tensors in, no host sync: the step can be captured as a CUDA graph."""
+    image_features, -1 for none; run_block as for `Transformer.hidden_states`. Only tensors in, no host sync:
+    the step can be captured as a CUDA graph."""
     slots = torch.arange(key_valid.size(1), device=key_valid.device)
     mask = (key_valid & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
+    if run_block is not None:
+        torch._dynamo.mark_dynamic(mask, 3)  # the cache length, as the cache's (mark_cache_length_dynamic)
     index = None if image_row is None else image_row[:, None]
     return model(token, slot, mask, rope_pos.index_select(1, slot), image_features=image_features,
-                 image_index=index)[:, -1]
+                 image_index=index, run_block=run_block)[:, -1]
 
 
-def greedy_decode_step(*args: Tensor | Transformer | None) -> Tensor:
-    """decode_step's next tokens (B,) at temperature 0: the argmax joins the compiled step and its CUDA graph, so
-    greedy decoding runs no kernel between two steps but the stop test."""
-    return decode_step(*args).argmax(dim=-1)
+def greedy_decode_step(*args: Tensor | Transformer | None, run_block: Callable | None = None) -> Tensor:
+    """decode_step's next tokens (B,) at temperature 0: the argmax joins the step's CUDA graph, so greedy
+    decoding runs no kernel between two steps but the stop test."""
+    return decode_step(*args, run_block=run_block).argmax(dim=-1)
+
+
+def call_block(block: torch.nn.Module, *args) -> Tensor:
+    return block(*args)
 
 
 @functools.cache
-def compiled_decode_step(greedy: bool):
-    """decode_step (greedy: greedy_decode_step) compiled once per process (elementwise ops fused: at batch 1
-    each of RMSNorm, RoPE and the gates is otherwise several tiny kernels, and kernel count, not bandwidth, bounds
-    the step). Coordinate-descent tuning makes inductor write the few-row matrix products as Triton reductions
-    tuned for the shape, which read the weights faster than cuBLAS does (7B on an H100: batch 1 151 -> 154
-    tokens/s, batch 16 1,589 -> 2,032; BENCHMARKS.md). The batch size stays static (dynamic=False): those
-    kernels are tuned for their row count, and a dynamic batch cost batch 16 a fifth (2,032 -> 1,585 tokens/s);
-    a job decodes at one batch size instead (`generate`'s rows). Only the cache length, which every batch
-    changes, is marked dynamic (`mark_cache_length_dynamic`)."""
-    fn = greedy_decode_step if greedy else decode_step
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
+def compiled_block() -> Callable:
+    """`call_block` compiled once per process, the one compiled function through which every block of a decode
+    step runs (regional compilation): its elementwise ops fused (at batch 1 each of RMSNorm, RoPE and the gates is
+    otherwise several tiny kernels, and kernel count, not bandwidth, bounds the step). Dynamo traces one block
+    and inductor compiles one graph per kind of block (plain and adapted) instead of the whole 32-layer step:
+    7B on an H200, the whole step's first compile took 80 s. The embedding, output layer and argmax stay
+    eager, inside the step's CUDA graph. No coordinate-descent tuning: on the H200 it added 56 s to the whole
+    step's first compile, and 62 s to every later job (its choices did not travel in the compile cache), for no
+    gain (without it, 190-199 tokens/s at batch 1 and 2,531 at batch 16, against 180 and 2,031-2,563 with it;
+    BENCHMARKS.md). The batch size stays static (dynamic=False: a dynamic batch cost batch 16 a fifth, 2,032 ->
+    1,585 tokens/s, on an H100); a job decodes at one batch size instead (`generate`'s rows). Only the cache
+    length, which every batch changes, is marked dynamic (`mark_cache_length_dynamic`)."""
+    return torch.compile(call_block, fullgraph=True, dynamic=False)
 
-    @functools.wraps(fn)
+
+def compiled_decode_step(greedy: bool) -> Callable:
+    """decode_step (greedy: greedy_decode_step) with its blocks run through `compiled_block`."""
+    fn, block = greedy_decode_step if greedy else decode_step, compiled_block()
+
     def step(*args):
         # The KV cache is a module buffer, whose shape dynamo holds static, mark_dynamic or not, unless told
         # otherwise; told here only, so that other compiled code (training's blocks) keeps its parameters static.
         with torch._dynamo.config.patch(force_parameter_static_shapes=False):
-            return compiled(*args)
+            return fn(*args, run_block=block)
 
     return step
 
@@ -114,12 +129,11 @@ class StopTest:
         return bool(self.host[1 - i])
 
 
-def mark_cache_length_dynamic(model: Transformer, *per_slot: Tensor) -> None:
-    """Compile the decode step for any KV cache length: each batch's longest prompt sets its own, so a
-    step specialised to it would recompile at nearly every batch (and fall back to eager after the
-    recompile limit). Attention over a symbolic length loses nothing: its kernels take the length at run time."""
-    for t in per_slot:  # (B, S)
-        torch._dynamo.mark_dynamic(t, 1)
+def mark_cache_length_dynamic(model: Transformer) -> None:
+    """Compile the decode step's blocks for any KV cache length: each batch's longest prompt sets its own, so a
+    block specialised to it would recompile at nearly every batch (and fall back to eager after the recompile
+    limit). Attention over a symbolic length loses nothing: its kernels take the length at run time. (The
+    step's mask, made at every step, is marked in decode_step.)"""
     for layer in model.layers:
         cache = layer.attention.kv_cache  # (B, nkv, S, hs)
         torch._dynamo.mark_dynamic(cache.k, 2)
@@ -195,7 +209,7 @@ def generate(
     image_features, image_row = image_inputs(None if images is None else images + [None] * (rows - n), device)
     model.setup_kv_cache(B, S)
     if compile:
-        mark_cache_length_dynamic(model, key_valid, rope_pos)
+        mark_cache_length_dynamic(model)
     try:
         # Prefill. A padded query row would see no key at all (NaN softmax that leaks through the cached
         # values), so every position may always attend to itself.

@@ -12,6 +12,7 @@ after the ordinary arguments.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -277,6 +278,7 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
+        run_block: Callable | None = None,
         **inputs,
     ) -> Tensor:
         """Final normalised hidden states (B, T, dim) for tokens (B, T). Training projects only the
@@ -291,6 +293,8 @@ class Transformer(nn.Module):
         (packed samples), instead of a mask: flash varlen attention where it runs (CUDA, bf16/fp16), else the
         equivalent dense mask. max_seqlen: the longest segment (read from cu_seqlens if not given, a host
         sync); the flash kernel sizes its grid by it, so the row length would launch mostly idle blocks.
+        run_block: how each block is called, run_block(block, h, ...) (generate's compiled decode step passes
+        one compiled function that every block shares); default the block itself.
         inputs: a variant's own (adapter.py: a multimodal adapter's image_features and image_index).
         """
         T = tokens.size(1)
@@ -306,7 +310,8 @@ class Transformer(nn.Module):
         if cu_seqlens is not None and max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         for layer, extra in zip(self.layers, self.layer_inputs(**inputs)):
-            h = layer(h, rope, input_pos, mask, cu_seqlens, max_seqlen, *extra)
+            args = (h, rope, input_pos, mask, cu_seqlens, max_seqlen, *extra)
+            h = layer(*args) if run_block is None else run_block(layer, *args)
         return self.norm(h)
 
     def layer_inputs(self, **inputs) -> list[tuple]:
