@@ -31,7 +31,7 @@ from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.data.fetch import fetch
 from llama_adapter.data.validate import validate
-from llama_adapter.devices import pick_device, synchronize
+from llama_adapter.devices import device_name, pick_device, synchronize
 from llama_adapter.evaluate import answer_by_generation
 from llama_adapter.io import read_jsonl
 from llama_adapter.tokenizer import load_tokenizer
@@ -78,9 +78,8 @@ def main() -> None:
         p.error(f"--tokenizer has {tokenizer.vocab_size} tokens, more than the {ns.preset} preset's {args.vocab_size}")
     device = pick_device(None)
     model = random_model(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, {len(records)} questions, batch "
-          f"{ns.batch_size}, up to {ns.max_new_tokens} new tokens, {name}, torch {torch.__version__}")
+          f"{ns.batch_size}, up to {ns.max_new_tokens} new tokens, {device_name(device)}, torch {torch.__version__}")
     print(f"{'decoding':<24}{'seconds':>9}{'questions/s':>13}{'after 1st batch, q/s':>22}")
     for compile in [False, True] if ns.compile else [False]:
         first = records[: ns.batch_size]

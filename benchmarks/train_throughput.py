@@ -48,7 +48,7 @@ from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.batching import collate, token_loss_sum
 from llama_adapter.config import PRECISIONS, AdapterArgs, LoRAArgs, ModelArgs, TrainConfig
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
-from llama_adapter.devices import synchronize
+from llama_adapter.devices import device_name, pick_dtype, synchronize
 from llama_adapter.lora import HF_MODULES, add_lora
 from llama_adapter.quantize import float8_matmuls
 from llama_adapter.train import (
@@ -67,11 +67,6 @@ METHODS = ("adapter", "lora")
 def alpaca_lengths(row_len: int) -> np.ndarray:
     lengths = np.array([int(x) for x in LENGTHS.read_text().split("\n") if x and not x.startswith("#")])
     return np.minimum(lengths, row_len)
-
-
-def base_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU, as training loads the base; fp32 on the CPU (the smoke check), as training does there."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def matmul_tflops(device) -> float:
@@ -192,7 +187,7 @@ def ours_padded(model, samples, n: int, row_len: int, opt, n_warmup, n_steps, d:
 def our_model(method: str, args: ModelArgs, adapter: AdapterArgs, lora: LoRAArgs, device) -> AdaptedTransformer:
     """The base (bf16 on a GPU) with the method's fresh trainable parameters in fp32, everything else frozen."""
     with torch.device(device):
-        model = AdaptedTransformer(args, adapter if method == "adapter" else None).cast_base(base_dtype(device))
+        model = AdaptedTransformer(args, adapter if method == "adapter" else None).cast_base(pick_dtype(device))
     if method == "adapter":
         with torch.no_grad():
             model.adapter_gate.normal_()  # a trained adapter: the branch really runs
@@ -243,7 +238,7 @@ def peft_model(method: str, args: ModelArgs, adapter: AdapterArgs, lora: LoRAArg
                          num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
                          max_position_embeddings=4096, attn_implementation="sdpa")
     with torch.device(device):
-        base = LlamaForCausalLM(config).to(base_dtype(device))
+        base = LlamaForCausalLM(config).to(pick_dtype(device))
     if method == "adapter":
         peft_config = AdaptionPromptConfig(adapter_len=adapter.adapter_len, adapter_layers=adapter.adapter_layers,
                                            task_type="CAUSAL_LM")
@@ -363,9 +358,8 @@ def main() -> None:
         ds = synthetic_split(Path(tmp) / f"split-{d.rank}", samples)
         peak_matmul = matmul_tflops(d.device)
         table = Table(4 * args.parameter_count(), peak_matmul, float(lengths.mean()), d)
-        device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "CPU"
-        table.header(f"{ns.preset}, {'; '.join(settings[m] for m in methods)}, {d.world} GPU(s) x {device_name}, "
-                     f"torch {torch.__version__}, packed global batch {global_batch}, padded {ns.samples} "
+        table.header(f"{ns.preset}, {'; '.join(settings[m] for m in methods)}, {d.world} GPU(s) x "
+                     f"{device_name(d.device)}, torch {torch.__version__}, packed global batch {global_batch}, padded {ns.samples} "
                      f"samples/step, bf16 matmul {peak_matmul:.0f} TFLOP/s")
         for method in methods:
             ours_rows(method, ns, args, adapter, lora, ds, samples, global_batch, tmp, d, table)

@@ -11,8 +11,7 @@ So within compile_cache() the process compiles into a folder of its own on local
 as one file per kind of job (`name`) in the shared folder, a tar unpacked into the next job's folder before it
 compiles. PyTorch's "mega-cache" (`torch.compiler.save_cache_artifacts()`) would carry less: it holds the
 generated code but not the kernels built from it, which a job reading it compiles again (a CPU job spent 28 of
-its 34 s there, and a GPU job rebuilds every Triton kernel that coordinate-descent tuning chose a configuration
-for; BENCHMARKS.md). Jobs that compile the same shapes read and write the same file, each writing a whole file
+its 34 s there, and a GPU job rebuilt its Triton kernels; BENCHMARKS.md). Jobs that compile the same shapes read and write the same file, each writing a whole file
 under a name of its own and renaming it into place (atomic on POSIX file systems, NFS included), so that
 concurrent jobs never see a partial file; the last writer wins, with the same contents. A file is written only
 when the job compiled something the one it read did not hold. Another torch or another GPU model gets a file of
