@@ -92,6 +92,34 @@ def test_what_fp8_converts():
         assert {k: (v.shape, v.requires_grad) for k, v in model.named_parameters()} == before
 
 
+def test_fp8_weights_cast_once_compute_what_casting_at_every_matmul_does():
+    """A frozen weight's float8 scale never changes, so casting it once at load (the default, a base on one device)
+    gives the outputs and adapter gradients of casting it at every matmul (a sharded base), bit for bit, while the
+    projections keep float8 weights of one byte per element."""
+    import copy
+
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+    torch.manual_seed(0)
+    per_matmul = AdaptedTransformer(ModelArgs.from_name("tiny-gqa"), AdapterArgs(4, 3, gate_init="random"))
+    once = copy.deepcopy(per_matmul)
+    float8_matmuls(per_matmul, torch.device("cpu"), cast_weights=False)
+    float8_matmuls(once, torch.device("cpu"))
+    weights = [m.weight for m in once.layers.modules() if type(m).__name__ == "Float8Linear"]
+    assert len(weights) == 7 * len(once.layers)
+    assert all(isinstance(w, Float8TrainingTensor) and w._data.dtype == torch.float8_e4m3fn for w in weights)
+    assert not any(isinstance(m.weight, Float8TrainingTensor) for m in per_matmul.layers.modules()
+                   if type(m).__name__ == "Float8Linear")
+    tokens = torch.randint(0, 256, (2, 16))
+    results = []
+    for model in (per_matmul, once):
+        logits = model(tokens)
+        logits.float().pow(2).mean().backward()
+        results.append((logits.detach(), model.adapter_query.grad, model.adapter_gate.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_smollm2_int8_reads_real_text_as_full_precision_does(smollm2_gguf):
     from llama_adapter.checkpoint import load_base
     from llama_adapter.prompts import chatml_prompt

@@ -11,12 +11,13 @@ So within compile_cache() the process compiles into a folder of its own on local
 as one file per kind of job (`name`) in the shared folder, a tar unpacked into the next job's folder before it
 compiles. PyTorch's "mega-cache" (`torch.compiler.save_cache_artifacts()`) would carry less: it holds the
 generated code but not the kernels built from it, which a job reading it compiles again (a CPU job spent 28 of
-its 34 s there, and a GPU job rebuilt its Triton kernels; BENCHMARKS.md). Jobs that compile the same shapes read and write the same file, each writing a whole file
-under a name of its own and renaming it into place (atomic on POSIX file systems, NFS included), so that
-concurrent jobs never see a partial file; the last writer wins, with the same contents. A file is written only
-when the job compiled something the one it read did not hold. Another torch or another GPU model gets a file of
-its own (the name's digest), and inductor's own keys (the source, the compiler, the device) decide what in a
-file still fits. TRITON_CACHE_DIR, if set, keeps Triton's binaries out of the job's folder and so out of the file.
+its 34 s there, and a GPU job rebuilt its Triton kernels; BENCHMARKS.md). Jobs that compile the same shapes
+read and write the same file, each writing a whole file under a name of its own and renaming it into place
+(atomic on POSIX file systems, NFS included), so that concurrent jobs never see a partial file; the last writer
+wins, with the same contents. A file is written only when the job compiled something the one it read did not
+hold. Another torch or another GPU model gets a file of its own (the name's digest), and inductor's own keys
+(the source, the compiler, the device) decide what in a file still fits. TRITON_CACHE_DIR, if set, keeps
+Triton's binaries out of the job's folder and so out of the file.
 What the files hold is code the next job runs (generated Python, built libraries): keep the shared folder
 writable only by those whose jobs you would run, as with any cache of compiled code.
 """

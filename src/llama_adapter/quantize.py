@@ -17,14 +17,15 @@ weights. What is not:
   tokens do.
 A LoRA is merged into the base's weights before they are quantized (load_for_inference's order).
 
-Training in float8 (`float8_matmuls`) keeps the weights as they are (bf16) and casts each block projection's
-input and weight to float8 (e4m3) at every matmul, with one dynamic scale per tensor, and the output gradient to
-e5m2 for the backward matmul to the input: torchao's float8 training, its "tensorwise" recipe, with the weight
-gradient's matmul (which a frozen weight does not need) left in high precision. Hopper's float8
-tensor cores do those matmuls at twice the bf16 rate. The frozen weights take no gradient, so the compiled blocks
-drop the weight-gradient matmul (AOTAutograd keeps only what a gradient that is asked for needs). Left in
-the model's dtype: the output layer (its logits decide the loss, and it is one matmul of 32 per token at 7B),
-LoRA's wrapped projections (its update reads their input), norms, attention, and the adapter.
+Training in float8 (`float8_matmuls`) casts each block projection's input and weight to float8 (e4m3), with one
+dynamic scale per tensor, and the output gradient to e5m2 for the backward matmul to the input (the frozen
+weights once, at load, unless FSDP shards them; the rest at every matmul): torchao's float8 training, its
+"tensorwise" recipe, with the weight gradient's matmul (which a frozen weight does not need) left in high
+precision. Hopper's float8 tensor cores do those matmuls at twice the bf16 rate. The frozen weights take no
+gradient, so the compiled blocks drop the weight-gradient matmul (AOTAutograd keeps only what a gradient that is
+asked for needs). Left in the model's dtype: the output layer (its logits decide the loss, and it is one matmul
+of 32 per token at 7B), LoRA's wrapped projections (its update reads their input), norms, attention, and the
+adapter.
 """
 
 from __future__ import annotations
@@ -90,10 +91,15 @@ def quantize_int8(model: Transformer) -> Transformer:
 FLOAT8_CAPABILITY = (8, 9)
 
 
-def float8_matmuls(model: Transformer, device: torch.device) -> Transformer:
+def float8_matmuls(model: Transformer, device: torch.device, cast_weights: bool = True) -> Transformer:
     """Make the frozen block projections of a model about to train on `device` compute in float8 (see the module's
     docstring), in place; before compile_blocks and before sharding (so the model may still be on the CPU while
-    `device`, where its matmuls will run, is a GPU). On the CPU torch emulates the float8 matmul (tests)."""
+    `device`, where its matmuls will run, is a GPU). On the CPU torch emulates the float8 matmul (tests).
+
+    cast_weights: cast the frozen weights to float8 here, once, instead of at every matmul. A frozen weight's
+    scale never changes, so the result is the same; each step no longer reads every bf16 weight twice (its
+    absolute maximum, then the cast) in the forward and again in the backward, and the weights take half the
+    memory. Not for a base FSDP will shard (False there): its all-gather moves plain tensors, not float8 ones."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < FLOAT8_CAPABILITY:
         name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
         raise InputError(f"--precision fp8 needs a GPU of compute capability {'.'.join(map(str, FLOAT8_CAPABILITY))} "
@@ -113,4 +119,21 @@ def float8_matmuls(model: Transformer, device: torch.device) -> Transformer:
                      cast_config_grad_output_for_grad_weight=high(tensorwise.cast_config_grad_output))
     float8.convert_to_float8_training(model.layers, config=config,
                                       module_filter_fn=lambda module, name: id(module) in frozen)
+    return cast_float8_weights(model) if cast_weights else model
+
+
+def cast_float8_weights(model: Transformer) -> Transformer:
+    """Cast the weights of the blocks' float8 projections (float8_matmuls) to float8 once, as their matmuls would
+    cast them (e4m3, one scale per tensor): Float8TrainingTensors, which the forward and backward take as cast."""
+    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    for module in model.layers.modules():
+        if type(module) is Float8Linear and not module.weight.requires_grad:
+            config = module.config
+            weight = hp_tensor_to_float8_dynamic(module.weight.detach(), config.cast_config_weight.target_dtype,
+                                                 module.linear_mm_config, gemm_input_role=GemmInputRole.WEIGHT,
+                                                 round_scales_to_power_of_2=config.round_scales_to_power_of_2)
+            module.weight = nn.Parameter(weight, requires_grad=False)
     return model

@@ -427,7 +427,7 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
     sharded = cfg.fsdp and d.world > 1
     model = load_for_training(cfg.method, cfg.base, adapter, cfg.lora, "cpu" if sharded else d.device, dtype)
     if cfg.precision == "fp8":
-        float8_matmuls(model, d.device)
+        float8_matmuls(model, d.device, cast_weights=not sharded)
     if sharded:
         model = shard_model(model, cfg.method, d)
     params = [p for p in model.parameters() if p.requires_grad]
