@@ -31,7 +31,7 @@ from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.data.fetch import fetch
 from llama_adapter.data.validate import validate
-from llama_adapter.devices import device_name, pick_device, synchronize
+from llama_adapter.devices import device_name, pick_device, pick_dtype, synchronize
 from llama_adapter.evaluate import answer_by_generation
 from llama_adapter.io import read_jsonl
 from llama_adapter.tokenizer import load_tokenizer
@@ -49,9 +49,9 @@ def questions(source: Path, limit: int | None) -> list[dict]:
 
 
 def random_model(args: ModelArgs, adapter: AdapterArgs, device: torch.device) -> AdaptedTransformer:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
-        model = AdaptedTransformer(args, adapter).cast_base(dtype).eval().requires_grad_(False).fuse_projections()
+        model = AdaptedTransformer(args, adapter).cast_base(pick_dtype(device)).eval().requires_grad_(False)
+    model.fuse_projections()
     with torch.no_grad():
         model.adapter_gate.normal_()
     return model

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from llama_adapter.adapter import AdaptedTransformer
-from llama_adapter.config import AdapterArgs, ModelArgs
+from llama_adapter.config import AdapterArgs, ModelArgs, Sampling
 from llama_adapter.generate import generate, sample_next
 from llama_adapter.model import Transformer
+from llama_adapter.tokenizer import Tokenizer
 
 
 @pytest.fixture
@@ -113,3 +114,34 @@ def test_filler_rows_change_no_answer(model):
     assert generate(model, prompts, max_new_tokens=6, eos_id=-1, rows=5) == generate(model, prompts, 6, eos_id=-1)
     with pytest.raises(ValueError, match="rows"):
         generate(model, prompts, max_new_tokens=6, eos_id=-1, rows=1)
+
+
+class ByteTokenizer(Tokenizer):
+    """Each byte of the text one id (3..255): any text, no vocabulary file."""
+
+    def __init__(self):
+        super().__init__(bos_id=1, eos_id=2, pad_id=0, vocab_size=256)
+
+    def _encode(self, text: str) -> list[int]:
+        return [3 + b % 253 for b in text.encode()]
+
+    def _decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+def test_complete_texts_batches_prompts_of_like_length_and_answers_in_the_prompts_order(model, monkeypatch):
+    """Batches of prompts of similar length, longest first (a batch is padded to its longest prompt); each text
+    comes back at its prompt's place, the same as the prompt decoded alone."""
+    import llama_adapter.generate as decoding
+
+    text = "Which of these states is farthest north? Options: (A) Maine (B) Texas (C) Ohio"
+    prompts = [text[:n] for n in (3, 40, 5, 38, 4, 41, 6, 39)]
+    batches = []
+    generate_batch = decoding.generate
+    monkeypatch.setattr(decoding, "generate", lambda m, ids, *a, **k: batches.append([len(i) for i in ids])
+                        or generate_batch(m, ids, *a, **k))
+    texts = decoding.complete_texts(model, ByteTokenizer(), prompts, Sampling(max_new_tokens=5), batch_size=2)
+    assert batches == [[42, 41], [40, 39], [7, 6], [5, 4]]  # BOS included
+    alone = [decoding.complete_texts(model, ByteTokenizer(), [p], Sampling(max_new_tokens=5), batch_size=1)[0]
+             for p in prompts]
+    assert texts == alone and len(set(texts)) > 1

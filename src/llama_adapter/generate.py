@@ -306,15 +306,24 @@ def complete_texts(
     """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate. The
     draws come from `generator` (sampling's seed is its maker's to use: generate_requests draws all its adapters'
     answers from one). Compiled, every batch decodes `rows` rows (default: as many as the first batch has), a
-    smaller one filled up, so that one compilation serves them all."""
-    texts = []
+    smaller one filled up, so that one compilation serves them all.
+
+    Batches are made of prompts of similar length, longest first: a batch is left-padded to its longest prompt,
+    so batches in the prompts' order would prefill mostly padding (ScienceQA's 4,241 test questions at batch 32:
+    1,031,715 prompt tokens with padding in file order, 340,481 sorted, 333,345 without padding); the longest
+    batch comes first, so a batch too large for the device fails at once. The texts come back in the prompts'
+    order."""
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda k: -len(ids[k]))  # stable: equal lengths keep their order
+    texts: list[str | None] = [None] * len(ids)
     rows = (rows or min(batch_size, len(prompts))) if compile else None
     for i in in_batches(len(prompts), batch_size, "generated"):
-        ids = [tokenizer.encode(p, bos=True) for p in prompts[i: i + batch_size]]
-        outs = generate(model, ids, sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, sampling.temperature,
-                        sampling.top_p, generator, compile=compile,
-                        images=None if images is None else images[i: i + batch_size], rows=rows)
-        texts += [tokenizer.decode(o) for o in outs]
+        batch = order[i: i + batch_size]
+        outs = generate(model, [ids[k] for k in batch], sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                        sampling.temperature, sampling.top_p, generator, compile=compile,
+                        images=None if images is None else [images[k] for k in batch], rows=rows)
+        for k, out in zip(batch, outs):
+            texts[k] = tokenizer.decode(out)
     return texts
 
 
