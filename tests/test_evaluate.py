@@ -95,6 +95,29 @@ def test_sequence_logprobs_and_likelihood_choice(world):
     assert choice == int(np.argmax(scores))
 
 
+def test_sequence_logprobs_in_batches_of_like_length_score_each_sample_as_alone(world, monkeypatch):
+    """Samples are batched by length, longest first; each score comes back at its sample's place, the score it
+    has alone."""
+    import llama_adapter.evaluate as evaluation
+
+    root, tok = world
+    model = load_model(root / "base", root / "a.safetensors").eval()
+    texts = ["Q: a\nA: yes.", "Question: which of these is the longest answer here?\nAnswer: this one, by far.",
+             "Q: b\nA: no.", "Question: and a middling one?\nAnswer: this."]
+    samples = []
+    for text in texts:
+        ids = np.asarray(tok.encode(text, bos=True), dtype=np.int64)
+        samples.append((ids, np.arange(len(ids)) >= 3))
+    alone = [sequence_logprobs(model, [s], batch_size=1)[0] for s in samples]
+    batches = []
+    monkeypatch.setattr(evaluation, "collate", lambda rows, **kw: batches.append([len(r[0][0]) for r in rows])
+                        or collate(rows, **kw))
+    assert sequence_logprobs(model, samples, batch_size=2) == pytest.approx(alone, rel=1e-5)
+    lengths = sorted((len(s[0]) for s in samples), reverse=True)
+    assert batches == [lengths[:2], lengths[2:]]
+    assert len(set(alone)) == len(alone)
+
+
 def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, monkeypatch):
     """One library call owns scores.json (the scores, the split, what was scored, the MLflow run), the
     predictions and the MLflow run, which holds both files; a crash while scoring ends the run FAILED."""

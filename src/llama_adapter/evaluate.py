@@ -20,12 +20,11 @@ from .config import MODES, CompileConfig, Evaluation, InferenceConfig, Sampling
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .errors import DataError, StoppedBySignal, stop_signals_raise
-from .generate import complete_texts
+from .generate import batches_by_length, complete_texts
 from .io import atomic_path, read_json_object, write_json
 from .model import Transformer
 from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
-from .tracking import in_batches
 
 
 @torch.no_grad()
@@ -33,12 +32,13 @@ def sequence_logprobs(model: Transformer, samples: list[tuple], batch_size: int)
     """log p(target tokens | the tokens before them) of each (tokens, loss_mask[, image features]) sample, one
     row each."""
     device = model.tok_embeddings.weight.device
-    out = []
-    for i in in_batches(len(samples), batch_size, "scored"):
-        batch = collate([[s] for s in samples[i: i + batch_size]], pad_id=0).to(device)
+    out: list[float | None] = [None] * len(samples)
+    for rows in batches_by_length([len(s[0]) for s in samples], batch_size, "scored"):
+        batch = collate([[samples[k]] for k in rows], pad_id=0).to(device)
         h = hidden_states(model, batch)
         logp = torch.log_softmax(model.output(h).float(), dim=-1).gather(-1, batch.targets[..., None])[..., 0]
-        out += (logp * batch.target_mask).sum(dim=1).tolist()
+        for k, score in zip(rows, (logp * batch.target_mask).sum(dim=1).tolist()):
+            out[k] = score
     return out
 
 

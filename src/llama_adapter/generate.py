@@ -9,7 +9,7 @@ carry no position while the queries are rotated), so a shared column index would
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +292,16 @@ def prompt_text(row: dict) -> str:
     return row["prompt"] if "prompt" in row else alpaca_prompt(row["instruction"], row.get("input", ""))
 
 
+def batches_by_length(lengths: list[int], batch_size: int, desc: str) -> Iterator[list[int]]:
+    """The indices of `lengths`' items in batches of like length, longest first, with progress (in_batches). A
+    batch is padded to its longest item, so batches in the items' own order would compute mostly padding
+    (ScienceQA's 4,241 test prompts at batch 32: 1,031,715 tokens with padding in file order, 340,481 sorted,
+    333,345 without padding); the longest batch comes first, so one too large for the device fails at once."""
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])  # stable: equal lengths keep their order
+    for i in in_batches(len(order), batch_size, desc):
+        yield order[i: i + batch_size]
+
+
 def complete_texts(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -308,17 +318,11 @@ def complete_texts(
     answers from one). Compiled, every batch decodes `rows` rows (default: as many as the first batch has), a
     smaller one filled up, so that one compilation serves them all.
 
-    Batches are made of prompts of similar length, longest first: a batch is left-padded to its longest prompt,
-    so batches in the prompts' order would prefill mostly padding (ScienceQA's 4,241 test questions at batch 32:
-    1,031,715 prompt tokens with padding in file order, 340,481 sorted, 333,345 without padding); the longest
-    batch comes first, so a batch too large for the device fails at once. The texts come back in the prompts'
-    order."""
+    Batches hold prompts of like length (batches_by_length); the texts come back in the prompts' order."""
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda k: -len(ids[k]))  # stable: equal lengths keep their order
     texts: list[str | None] = [None] * len(ids)
     rows = (rows or min(batch_size, len(prompts))) if compile else None
-    for i in in_batches(len(prompts), batch_size, "generated"):
-        batch = order[i: i + batch_size]
+    for batch in batches_by_length([len(i) for i in ids], batch_size, "generated"):
         outs = generate(model, [ids[k] for k in batch], sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
                         sampling.temperature, sampling.top_p, generator, compile=compile,
                         images=None if images is None else [images[k] for k in batch], rows=rows)
