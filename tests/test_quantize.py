@@ -14,7 +14,7 @@ import torch
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.generate import generate
-from llama_adapter.quantize import float8_matmuls, quantize_int8
+from llama_adapter.quantize import float8_matmuls, has_int8_weights, quantize_int8
 
 pytest.importorskip("torchao")
 
@@ -58,6 +58,8 @@ def test_what_int8_quantizes():
     assert not any(isinstance(t, Int8Tensor) for t in (q.tok_embeddings.weight, q.output.weight,
                                                        q.layers[0].attention_norm.weight))
     assert q.adapter_query.dtype == q.adapter_gate.dtype == torch.float32
+    ref, _ = pair(ModelArgs.from_name("tiny-gqa"))
+    assert has_int8_weights(q) and not has_int8_weights(ref)  # what picks the int8 decode step's compilation
 
 
 def test_int8_is_for_a_frozen_base():

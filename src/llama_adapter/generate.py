@@ -20,6 +20,7 @@ from .checkpoint import apply_adapter
 from .config import CompileConfig, InferenceConfig, Sampling
 from .model import Transformer
 from .prompts import alpaca_prompt
+from .quantize import has_int8_weights
 from .tokenizer import Tokenizer
 from .tracking import in_batches
 
@@ -73,24 +74,29 @@ def call_block(block: torch.nn.Module, *args) -> Tensor:
 
 
 @functools.cache
-def compiled_block() -> Callable:
-    """`call_block` compiled once per process, the one compiled function through which every block of a decode
-    step runs (regional compilation): its elementwise ops fused (at batch 1 each of RMSNorm, RoPE and the gates is
-    otherwise several tiny kernels, and kernel count, not bandwidth, bounds the step). Dynamo traces one block
-    and inductor compiles one graph per kind of block (plain and adapted) instead of the whole 32-layer step:
-    7B on an H200, the whole step's first compile took 80 s. The embedding, output layer and argmax stay
-    eager, inside the step's CUDA graph. No coordinate-descent tuning: on the H200 it added 56 s to the whole
-    step's first compile, and 62 s to every later job (its choices did not travel in the compile cache), for no
-    gain (without it, 190-199 tokens/s at batch 1 and 2,531 at batch 16, against 180 and 2,031-2,563 with it;
-    BENCHMARKS.md). The batch size stays static (dynamic=False: a dynamic batch cost batch 16 a fifth, 2,032 ->
-    1,585 tokens/s, on an H100); a job decodes at one batch size instead (`generate`'s rows). Only the cache
-    length, which every batch changes, is marked dynamic (`mark_cache_length_dynamic`)."""
-    return torch.compile(call_block, fullgraph=True, dynamic=False)
+def compiled_block(int8: bool) -> Callable:
+    """`call_block` compiled once per process (per weight format), the one compiled function through which every
+    block of a decode step runs (regional compilation): its elementwise ops fused (at batch 1 each of RMSNorm,
+    RoPE and the gates is otherwise several tiny kernels, and kernel count, not bandwidth, bounds the step).
+    Dynamo traces one block and inductor compiles one graph per kind of block (plain and adapted) instead of the
+    whole 32-layer step: 7B on an H200, the whole step's first compile took 80 s.
+
+    Coordinate-descent tuning only for int8 weights. With it, inductor writes a one-row matrix product (batch 1)
+    as a reduction of its own, into which an int8 weight's conversion to bf16 fuses; without it every decoded
+    token would first convert each int8 weight into a bf16 copy (the uncompiled int8 step was 3.3x slower than
+    bf16). For bf16 weights it bought nothing on the H200 (without it 190-199 tokens/s at batch 1 and 2,531 at
+    batch 16, against 180 and 2,031-2,563 with it) and cost 56 s of the whole step's first compile and 62 s of
+    every later job (its choices did not travel in the compile cache); BENCHMARKS.md.
+
+    The batch size stays static (dynamic=False: a dynamic batch cost batch 16 a fifth, 2,032 -> 1,585 tokens/s,
+    on an H100); a job decodes at one batch size instead (`generate`'s rows). Only the cache length, which every
+    batch changes, is marked dynamic (`mark_cache_length_dynamic`)."""
+    return torch.compile(call_block, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": int8})
 
 
-def compiled_decode_step(greedy: bool) -> Callable:
-    """decode_step (greedy: greedy_decode_step) with its blocks run through `compiled_block`."""
-    fn, block = greedy_decode_step if greedy else decode_step, compiled_block()
+def compiled_decode_step(greedy: bool, int8: bool) -> Callable:
+    """decode_step (greedy: greedy_decode_step) with its blocks run through `compiled_block(int8)`."""
+    fn, block = greedy_decode_step if greedy else decode_step, compiled_block(int8)
 
     def step(*args):
         # The KV cache is a module buffer, whose shape dynamo holds static, mark_dynamic or not, unless told
@@ -220,7 +226,8 @@ def generate(
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.arange(B, device=device) >= n  # filler rows never hold up the stop
         greedy = temperature <= 0
-        step_fn = compiled_decode_step(greedy) if compile else greedy_decode_step if greedy else decode_step
+        step_fn = (compiled_decode_step(greedy, has_int8_weights(model)) if compile
+                   else greedy_decode_step if greedy else decode_step)
 
         def step(token: Tensor, slot: Tensor) -> Tensor:
             return step_fn(model, token, slot, key_valid, rope_pos, image_features, image_row)

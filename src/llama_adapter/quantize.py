@@ -87,6 +87,11 @@ def quantize_int8(model: Transformer) -> Transformer:
     return model
 
 
+def has_int8_weights(model: Transformer) -> bool:
+    """Whether quantize_int8 made the model's block weights int8 (it quantizes every block's wo)."""
+    return hasattr(model.layers[0].attention.wo.weight, "qdata")
+
+
 # Hopper (9.0) and Ada (8.9) have float8 tensor cores; torch's float8 matmul refuses older GPUs.
 FLOAT8_CAPABILITY = (8, 9)
 
