@@ -1,0 +1,104 @@
+"""SmolLM2-135M-Instruct in lower precision against bf16: the two numerics goals of the performance issue.
+
+1. `--precision fp8` training: the paper's adapter trained on Alpaca with config/smollm2.yaml's recipe, once on
+   the bf16 base and once with the frozen projections in float8; the held-out loss after the same training
+   (goal: within 1% of bf16's).
+2. `--quantize int8` decoding: an adapter trained on ScienceQA's training part (the same recipe, the
+   `scienceqa` experiment's epochs) answers the test part greedily, on the bf16 base and on the int8 one; the
+   share of questions whose parsed letter is the same (goal: >= 98%).
+
+The data are prepared where the library's data stages run (tokenize draws a plot, which needs matplotlib), with
+the GGUF `llama-adapter fetch-smollm2` prints as the tokenizer:
+
+    llama-adapter fetch --dataset alpaca --source ../shared/data/alpaca/alpaca_sample_5000.json --out a/fetched
+    llama-adapter validate --dataset alpaca --fetched a/fetched --out a/validated
+    llama-adapter tokenize --dataset alpaca --validated a/validated --tokenizer $G --out a/tok
+    llama-adapter fetch --dataset scienceqa --source ../shared/data/scienceqa/test_4241_llava_cqm.json \\
+        --assign-splits train=0.45 val=0.05 test=0.5 --out s/fetched
+    llama-adapter validate --dataset scienceqa --fetched s/fetched --out s/validated
+    llama-adapter tokenize --dataset scienceqa --validated s/validated --tokenizer $G --out s/tok
+
+Usage:
+    python benchmarks/smollm2_precision.py --gguf $G --alpaca a/tok --scienceqa s/tok --questions s/validated
+    python benchmarks/smollm2_precision.py ... --device cpu --max-steps 2 --limit 8   (a smoke check: fp32, and
+        float8 emulated by torch)
+Prints the held-out losses and the answer agreement, each beside its goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from llama_adapter.cli import load_for_inference
+from llama_adapter.config import TrainConfig
+from llama_adapter.devices import device_name, pick_device
+from llama_adapter.evaluate import score_scienceqa
+from llama_adapter.io import read_jsonl
+from llama_adapter.tokenizer import load_tokenizer
+from llama_adapter.train import train
+
+CONFIG = Path(__file__).resolve().parents[1] / "config" / "smollm2.yaml"
+
+
+def train_adapter(ns: argparse.Namespace, data: Path, out: Path, precision: str, epochs: int | None = None) -> dict:
+    """config/smollm2.yaml's training recipe on `data` (its train and val splits); train()'s metrics."""
+    recipe = yaml.safe_load(CONFIG.read_text())["train"]
+    cfg = TrainConfig(**{**recipe, **({"epochs": epochs} if epochs else {})}, base=str(ns.gguf),
+                      train_data=str(data / "train"), val_data=str(data / "val"), out_dir=str(out),
+                      device=ns.device, compile=ns.compile, precision=precision, max_steps=ns.max_steps,
+                      run_name=f"smollm2-precision-{out.name}")
+    return train(cfg)
+
+
+def answers(ns: argparse.Namespace, adapter: Path, records: list[dict], quantize: str | None) -> list[int | None]:
+    """The letter (index) each test question's greedy answer gives, None where none is parsed."""
+    model = load_for_inference(ns.gguf, adapter, ns.device, None, quantize, ns.compile)
+    _, predictions = score_scienceqa(model, load_tokenizer(ns.gguf), records, mode="generate",
+                                     batch_size=ns.batch_size, compile=ns.compile)
+    return [p["prediction"] for p in predictions]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", type=Path, required=True, help="SmolLM2-135M-Instruct's GGUF (fetch-smollm2)")
+    p.add_argument("--alpaca", type=Path, required=True, help="Alpaca tokenized with the GGUF (train, val)")
+    p.add_argument("--scienceqa", type=Path, required=True, help="ScienceQA tokenized with the GGUF (train, val)")
+    p.add_argument("--questions", type=Path, required=True, help="ScienceQA's validated folder (its test split)")
+    p.add_argument("--device", default=None, help="default: the GPU when there is one")
+    p.add_argument("--compile", action="store_true", help="compile training's blocks and the decode step")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each training early (a smoke check)")
+    p.add_argument("--batch-size", type=int, default=64, help="questions per decoded batch")
+    p.add_argument("--limit", type=int, default=None, help="only the first N test questions")
+    ns = p.parse_args()
+    ns.device = str(pick_device(ns.device))
+    print(f"SmolLM2-135M-Instruct, {device_name(torch.device(ns.device))}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {precision: train_adapter(ns, ns.alpaca, Path(tmp) / f"alpaca-{precision}", precision)
+                for precision in ("auto", "fp8")}
+        base, fp8 = (runs[precision]["val_loss"][-1] for precision in ("auto", "fp8"))
+        print(f"Alpaca held-out loss after {runs['auto']['steps']} steps: base in the device's dtype {base:.4f} "
+              f"(before training {runs['auto']['initial_val_loss']:.4f}), fp8 {fp8:.4f} "
+              f"(before {runs['fp8']['initial_val_loss']:.4f}): {100 * (fp8 - base) / base:+.2f}% (goal: within 1%)")
+
+        epochs = yaml.safe_load(CONFIG.read_text())["experiments"]["scienceqa"]["train"]["epochs"]
+        out = Path(tmp) / "scienceqa"
+        adapter = out / train_adapter(ns, ns.scienceqa, out, "auto", epochs)["weights"]
+        records = [r for r in read_jsonl(ns.questions / "records.jsonl") if r["split"] == "test"][: ns.limit]
+        plain, int8 = (answers(ns, adapter, records, quantize) for quantize in (None, "int8"))
+    same = sum(a == b for a, b in zip(plain, int8))
+    parsed = sum(a is not None for a in plain)
+    correct = sum(a == r["answer"] for a, r in zip(plain, records))
+    print(json.dumps({"questions": len(records), "parsed (base dtype)": parsed, "correct (base dtype)": correct,
+                      "parsed (int8)": sum(b is not None for b in int8)}))
+    print(f"ScienceQA test answers, int8 against the base dtype: {same} of {len(records)} the same "
+          f"({100 * same / len(records):.2f}%; goal: >= 98%)")
+
+
+if __name__ == "__main__":
+    main()
