@@ -46,20 +46,20 @@ from llama_adapter.train import train
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "smollm2.yaml"
 
 
-def train_adapter(ns: argparse.Namespace, data: Path, out: Path, precision: str, epochs: int | None = None) -> dict:
-    """config/smollm2.yaml's training recipe on `data` (its train and val splits); train()'s metrics."""
-    recipe = yaml.safe_load(CONFIG.read_text())["train"]
-    cfg = TrainConfig(**{**recipe, **({"epochs": epochs} if epochs else {})}, base=str(ns.gguf),
+def train_adapter(ns: argparse.Namespace, recipe: dict, data: Path, out: Path, precision: str) -> dict:
+    """config/smollm2.yaml's training `recipe` on `data` (its train and val splits); train()'s metrics."""
+    cfg = TrainConfig(**recipe, base=str(ns.gguf),
                       train_data=str(data / "train"), val_data=str(data / "val"), out_dir=str(out),
                       device=ns.device, compile=ns.compile, precision=precision, max_steps=ns.max_steps,
                       run_name=f"smollm2-precision-{out.name}")
     return train(cfg)
 
 
-def answers(ns: argparse.Namespace, adapter: Path, records: list[dict], quantize: str | None) -> list[int | None]:
+def answers(ns: argparse.Namespace, tokenizer, adapter: Path, records: list[dict], quantize: str | None
+            ) -> list[int | None]:
     """The letter (index) each test question's greedy answer gives, None where none is parsed."""
     model = load_for_inference(ns.gguf, adapter, ns.device, None, quantize, ns.compile)
-    _, predictions = score_scienceqa(model, load_tokenizer(ns.gguf), records, mode="generate",
+    _, predictions = score_scienceqa(model, tokenizer, records, mode="generate",
                                      batch_size=ns.batch_size, compile=ns.compile)
     return [p["prediction"] for p in predictions]
 
@@ -78,19 +78,22 @@ def main() -> None:
     ns = p.parse_args()
     ns.device = str(pick_device(ns.device))
     print(f"SmolLM2-135M-Instruct, {device_name(torch.device(ns.device))}, torch {torch.__version__}")
+    config = yaml.safe_load(CONFIG.read_text())
+    recipe = config["train"]
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {precision: train_adapter(ns, ns.alpaca, Path(tmp) / f"alpaca-{precision}", precision)
+        runs = {precision: train_adapter(ns, recipe, ns.alpaca, Path(tmp) / f"alpaca-{precision}", precision)
                 for precision in ("auto", "fp8")}
         base, fp8 = (runs[precision]["val_loss"][-1] for precision in ("auto", "fp8"))
         print(f"Alpaca held-out loss after {runs['auto']['steps']} steps: base in the device's dtype {base:.4f} "
               f"(before training {runs['auto']['initial_val_loss']:.4f}), fp8 {fp8:.4f} "
               f"(before {runs['fp8']['initial_val_loss']:.4f}): {100 * (fp8 - base) / base:+.2f}% (goal: within 1%)")
 
-        epochs = yaml.safe_load(CONFIG.read_text())["experiments"]["scienceqa"]["train"]["epochs"]
         out = Path(tmp) / "scienceqa"
-        adapter = out / train_adapter(ns, ns.scienceqa, out, "auto", epochs)["weights"]
+        scienceqa = {**recipe, **config["experiments"]["scienceqa"]["train"]}  # its epochs
+        adapter = out / train_adapter(ns, scienceqa, ns.scienceqa, out, "auto")["weights"]
         records = [r for r in read_jsonl(ns.questions / "records.jsonl") if r["split"] == "test"][: ns.limit]
-        plain, int8 = (answers(ns, adapter, records, quantize) for quantize in (None, "int8"))
+        tokenizer = load_tokenizer(ns.gguf)
+        plain, int8 = (answers(ns, tokenizer, adapter, records, quantize) for quantize in (None, "int8"))
     same = sum(a == b for a, b in zip(plain, int8))
     parsed = sum(a is not None for a in plain)
     correct = sum(a == r["answer"] for a, r in zip(plain, records))

@@ -100,6 +100,7 @@ def test_fp8_weights_cast_once_compute_what_casting_at_every_matmul_does():
     projections keep float8 weights of one byte per element."""
     import copy
 
+    from torchao.float8.float8_linear import Float8Linear
     from torchao.float8.float8_training_tensor import Float8TrainingTensor
 
     torch.manual_seed(0)
@@ -107,11 +108,11 @@ def test_fp8_weights_cast_once_compute_what_casting_at_every_matmul_does():
     once = copy.deepcopy(per_matmul)
     float8_matmuls(per_matmul, torch.device("cpu"), cast_weights=False)
     float8_matmuls(once, torch.device("cpu"))
-    weights = [m.weight for m in once.layers.modules() if type(m).__name__ == "Float8Linear"]
+    weights = [m.weight for m in once.layers.modules() if type(m) is Float8Linear]
     assert len(weights) == 7 * len(once.layers)
     assert all(isinstance(w, Float8TrainingTensor) and w._data.dtype == torch.float8_e4m3fn for w in weights)
     assert not any(isinstance(m.weight, Float8TrainingTensor) for m in per_matmul.layers.modules()
-                   if type(m).__name__ == "Float8Linear")
+                   if type(m) is Float8Linear)
     tokens = torch.randint(0, 256, (2, 16))
     results = []
     for model in (per_matmul, once):
