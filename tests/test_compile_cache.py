@@ -8,9 +8,10 @@ from pathlib import Path
 
 from test_cli import run_cli
 
-# One job: a tiny adapted model's decode step compiled under compile_cache; prints inductor's and AOTAutograd's
-# cache counters, and the files the job added to its cache folder (what it compiled: generated code, kernel
-# libraries). Each run gets an empty TORCHINDUCTOR_CACHE_DIR of its own, as a fresh node would have.
+# One job: a tiny adapted model's decode step compiled under compile_cache (argv: the shared folder, the device,
+# and "int8" for int8 weights, bf16 on a GPU); prints inductor's and AOTAutograd's cache counters, and the files
+# the job added to its cache folder (what it compiled: generated code, kernel libraries). Each run gets an empty
+# TORCHINDUCTOR_CACHE_DIR of its own, as a fresh node would have. test_cuda.py runs it on a GPU.
 JOB = """
 import json, os, sys, torch
 from pathlib import Path
@@ -19,11 +20,18 @@ from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.compile_cache import compile_cache, listing
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.generate import generate
+from llama_adapter.quantize import quantize_int8
 
+shared, device, weights = sys.argv[1:]
 torch.manual_seed(0)
-model = AdaptedTransformer(ModelArgs.from_name("tiny-gqa"), AdapterArgs(adapter_len=4, adapter_layers=3,
-                           gate_init="random")).eval().requires_grad_(False).fuse_projections()
-with compile_cache(sys.argv[1], {"command": "decode", "test": 1}) as blob:
+with torch.device(device):
+    model = AdaptedTransformer(ModelArgs.from_name("tiny-gqa"), AdapterArgs(adapter_len=4, adapter_layers=3,
+                               gate_init="random"))
+model = model.cast_base(torch.bfloat16) if device == "cuda" else model
+model = model.eval().requires_grad_(False).fuse_projections()
+if weights == "int8":
+    quantize_int8(model)
+with compile_cache(shared, {"command": "decode", "test": 1, "weights": weights}) as blob:
     local = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     before = listing(local)
     tokens = generate(model, [[1, 5, 9], [1, 42]], max_new_tokens=6, eos_id=-1, compile=True)
@@ -33,9 +41,10 @@ print(json.dumps({"tokens": tokens, "blob": str(blob), "added": added, "inductor
 """
 
 
-def job(shared: Path, local: Path) -> dict:
+def job(shared: Path, local: Path, device: str = "cpu", weights: str = "model's") -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(local)}
-    proc = subprocess.run([sys.executable, "-c", JOB, str(shared)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", JOB, str(shared), device, weights], capture_output=True,
+                          text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

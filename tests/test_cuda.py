@@ -285,3 +285,19 @@ def test_int8_decoding_on_gpu():
     prompts = [[1, 5, 9, 200, 7], [1, 42]]
     compiled = generate(int8, prompts, max_new_tokens=12, eos_id=-1, compile=True)
     assert_each_token_near_best(int8, prompts, compiled)
+
+
+def test_a_second_int8_job_reuses_the_first_jobs_tuning(tmp_path):
+    """int8 decoding compiles under coordinate-descent tuning, which chooses each kernel's configuration when it
+    first runs; a second job on another node (empty local caches, the same compile cache) hits the FX-graph cache
+    and tunes nothing again (torch up to 2.11 did, on kernels bundled into that cache: generate.compiled_block)."""
+    pytest.importorskip("torchao")
+    from test_compile_cache import job
+
+    first = job(tmp_path / "shared", tmp_path / "node1", "cuda", "int8")
+    assert first["inductor"].get("coordesc_tuning_bench", 0) > 0
+    second = job(tmp_path / "shared", tmp_path / "node2", "cuda", "int8")
+    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and not second["inductor"].get("fxgraph_cache_miss")
+    assert not second["inductor"].get("coordesc_tuning_bench")
+    assert second["tokens"] == first["tokens"]
+

@@ -88,10 +88,17 @@ def compiled_block(int8: bool) -> Callable:
     batch 16, against 180 and 2,031-2,563 with it) and cost 56 s of the whole step's first compile and 62 s of
     every later job (its choices did not travel in the compile cache); BENCHMARKS.md.
 
+    With the tuning, Triton's kernels are not bundled into the FX-graph cache. A job that hits that cache would
+    restore the bundled kernels as they were compiled, before the tuning chose their configurations when they
+    first ran, and torch 2.11 then tunes them all again (pytorch#172819, fixed by 2.13: 120 s of a warm 7B int8 job on
+    the H200, 243 s cold). Unbundled, the job rebuilds each kernel from its source (Triton's binaries come from
+    Triton's cache in the same folder) and finds the configuration the tuning chose beside it.
+
     The batch size stays static (dynamic=False: a dynamic batch cost batch 16 a fifth, 2,032 -> 1,585 tokens/s,
     on an H100); a job decodes at one batch size instead (`generate`'s rows). Only the cache length, which every
     batch changes, is marked dynamic (`mark_cache_length_dynamic`)."""
-    return torch.compile(call_block, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": int8})
+    tuning = {"coordinate_descent_tuning": True, "bundle_triton_into_fx_graph_cache": False} if int8 else {}
+    return torch.compile(call_block, fullgraph=True, dynamic=False, options=tuning)
 
 
 def compiled_decode_step(greedy: bool, int8: bool) -> Callable:
