@@ -7,8 +7,8 @@ at each --batch size; ours eager, with the CUDA-graph decode step, and compiled 
 device's copy bandwidth and prints the memory-bandwidth floor at batch 1 (every new token reads every weight
 once): weight bytes / copy rate.
 
---quantize int8 adds our rows with the blocks' weights in weight-only int8 (generate --quantize int8); their
-floor is their own weight bytes over the copy rate.
+--quantize int8 [int8-g32] adds our rows with the blocks' weights in weight-only int8, a scale per row or per 32
+inputs (generate --quantize); their floor is their own weight bytes (values and scales) over the copy rate.
 
 --startup measures starting a job instead: fresh processes, each with an empty node-local inductor cache (as on
 another node), build the model and decode with the compiled step: the first decoded token's time from the
@@ -19,8 +19,8 @@ size of the compile-cache file after the job. Each job's cache hits and slowest 
 timings) follow its row.
 
 Usage:
-    python benchmarks/generate_throughput.py --preset 7B --batch 1 16 [--quantize int8]
-    python benchmarks/generate_throughput.py --preset 7B --batch 1 16 --startup [--quantize int8]
+    python benchmarks/generate_throughput.py --preset 7B --batch 1 16 [--quantize int8 int8-g32]
+    python benchmarks/generate_throughput.py --preset 7B --batch 1 16 --startup [--quantize int8 int8-g32]
     python benchmarks/generate_throughput.py --preset tiny-gqa --layers 32 --batch 2 --startup --device cpu
 Prints one row per implementation and batch size: new tokens/s, and at batch 1 the % of the floor; with
 --startup, one row per weight format, batch size and cache state.
@@ -78,10 +78,10 @@ def build(args: ModelArgs, adapter: AdapterArgs, quantize: str | None = None, de
         model = AdaptedTransformer(args, adapter).cast_base(torch.bfloat16).eval().fuse_projections()
     with torch.no_grad():
         model.adapter_gate.normal_()
-    if quantize == "int8":
-        from llama_adapter.quantize import quantize_int8
+    if quantize is not None:
+        from llama_adapter.quantize import int8_group_size, quantize_int8
 
-        quantize_int8(model)
+        quantize_int8(model, int8_group_size(quantize))
     return model
 
 
@@ -156,13 +156,14 @@ def startup_job(ns: argparse.Namespace) -> None:
 
     imported = time.time()
     args, adapter = preset(ns), AdapterArgs(ns.adapter_len, ns.adapter_layers)
-    model = build(args, adapter, ns.quantize, ns.device)
+    [quantize] = ns.quantize or [None]  # a job has one weight format
+    model = build(args, adapter, quantize, ns.device)
     synchronize(torch.device(ns.device))
     built = time.time()
     batch = ns.batch[0]
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(3, args.vocab_size, (batch, ns.prompt_len), generator=gen).tolist()
-    kind = {"command": "decode", "benchmark": ns.preset, "layers": args.n_layers, "quantize": ns.quantize,
+    kind = {"command": "decode", "benchmark": ns.preset, "layers": args.n_layers, "quantize": quantize,
             "rows": batch}
     with compile_cache(ns.compile_cache, kind):
         generate(model, rows, 2, eos_id=-1, compile=True)  # the prefill's token, then one compiled step
@@ -184,7 +185,7 @@ def startup(ns: argparse.Namespace) -> None:
           "from the process's start")
     print(f"{'weights':<8}{'batch':>6}{'cache':>7}{'model ready':>13}{'first token':>13}{'compile':>9}{'graphs':>8}"
           f"{'cache MB':>10}")
-    for quantize in [None, *([ns.quantize] if ns.quantize else [])]:
+    for quantize in [None, *ns.quantize]:
         for batch in ns.batch:
             with tempfile.TemporaryDirectory() as shared:
                 for state in ("cold", "warm"):
@@ -220,7 +221,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                    help="which implementations to time (default: all; each compiled batch size compiles)")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, help="also time our rows with weights in this format")
+    p.add_argument("--quantize", nargs="+", choices=QUANTIZATIONS, default=[],
+                   help="also time our rows with weights in these formats")
     p.add_argument("--startup", action="store_true", help="time cold and warm job starts instead (see above)")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run (inductor's C++ kernels when compiled)")
     p.add_argument("--layers", type=int, help="the preset with this many layers")
@@ -242,17 +244,17 @@ def main() -> None:
           f"{floor:.0f} tokens/s ({bf16_bytes / 1e9:.2f} GB of bf16 weights)")
     impls = {name: fn for row, (name, fn) in ROWS.items() if row in ns.rows}
     floors = dict.fromkeys(impls, floor)
-    if ns.quantize:
-        quantized = build(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), ns.quantize, device)
+    for quantize in ns.quantize:
+        quantized = build(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), quantize, device)
         q_floor = rate / weight_bytes(quantized)
-        print(f"{ns.quantize}: batch-1 floor {q_floor:.0f} tokens/s ({weight_bytes(quantized) / 1e9:.2f} GB of "
+        print(f"{quantize}: batch-1 floor {q_floor:.0f} tokens/s ({weight_bytes(quantized) / 1e9:.2f} GB of "
               "weights and scales)")
         quantized = None
         torch.cuda.empty_cache()
         for name, fn in [ROWS[row] for row in QUANTIZED_ROWS if row in ns.rows]:
-            impls[f"{name[:-1]}, {ns.quantize})"] = partial(fn, quantize=ns.quantize)
-            floors[f"{name[:-1]}, {ns.quantize})"] = q_floor
-    print(f"{'implementation':<30}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}{'first call s':>14}")
+            impls[f"{name[:-1]}, {quantize})"] = partial(fn, quantize=quantize)
+            floors[f"{name[:-1]}, {quantize})"] = q_floor
+    print(f"{'implementation':<34}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}{'first call s':>14}")
     gen = torch.Generator().manual_seed(0)
     for name, fn in impls.items():
         for batch in ns.batch:
@@ -260,7 +262,7 @@ def main() -> None:
             first, seconds = fn(args, adapter, prompts, ns.new_tokens, device)
             tokens_per_s = batch * ns.new_tokens / seconds
             share = f"{100 * tokens_per_s / floors.get(name, floor):.0f}" if batch == 1 else ""
-            print(f"{name:<30}{batch:>6}{tokens_per_s:>10.0f}{share:>12}{first:>14.1f}", flush=True)
+            print(f"{name:<34}{batch:>6}{tokens_per_s:>10.0f}{share:>12}{first:>14.1f}", flush=True)
 
 
 if __name__ == "__main__":

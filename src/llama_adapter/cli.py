@@ -386,13 +386,14 @@ def load_for_inference(base: Path, adapter_path: Path | None, device: str | None
     device = pick_device(device)
     model = load_model(base, adapter_path, device=device, dtype=pick_dtype(device, dtype))
     model = model.eval().requires_grad_(False).fuse_projections()
-    if quantize == "int8":
-        from .quantize import quantize_int8
+    if quantize is not None:
+        from .quantize import int8_group_size, quantize_int8
 
-        quantize_int8(model)
+        quantize_int8(model, int8_group_size(quantize))
         if device.type == "cuda" and not compile:
-            print("llama-adapter: --quantize int8 without --compile saves memory but decodes slower than bf16 on a "
-                  "GPU (3.3x slower at 7B, batch 1, on an H200: BENCHMARKS.md); add --compile for speed",
+            print(f"llama-adapter: --quantize {quantize} without --compile saves memory but decodes slower than "
+                  "bf16 on a GPU (int8: 3.3x slower at 7B, batch 1, on an H200: BENCHMARKS.md); add --compile for "
+                  "speed",
                   file=sys.stderr, flush=True)
     return model
 

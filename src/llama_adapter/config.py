@@ -327,7 +327,7 @@ class PretrainConfig:
 # Where a command's model runs (devices.py picks what is left open), and the weights' precisions it takes.
 DTYPES = ("float32", "bfloat16", "float16")
 # How the frozen base's block weights may be stored for inference (quantize.py).
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int8-g32")
 # What the frozen base's block matmuls compute in while training (quantize.py): the model's dtype, or float8.
 PRECISIONS = ("auto", "fp8")
 
@@ -340,9 +340,10 @@ class InferenceConfig:
     batch_size: int = setting(16, "prompts decoded, or samples scored, together")
     device: str | None = setting(None, "cpu, cuda or cuda:N", if_none="cuda if available, else cpu")
     dtype: str | None = setting(None, "the weights' precision", if_none="bfloat16 on CUDA, float32 on CPU")
-    quantize: str | None = setting(None, "int8: the blocks' linear weights as weight-only int8 (torchao), half the "
-                                         "bytes each decoded token reads; embeddings, output layer and adapter stay "
-                                         "in --dtype", if_none="none, every weight in --dtype")
+    quantize: str | None = setting(None, "int8: the blocks' linear weights as weight-only int8 (torchao), a scale "
+                                         "per row, half the bytes each decoded token reads; int8-g32: a scale per 32 "
+                                         "inputs, closer to --dtype; embeddings, output layer and adapter stay in "
+                                         "--dtype", if_none="none, every weight in --dtype")
 
 
 # complete is a quick check of weights: in their full precision on any device.

@@ -84,14 +84,14 @@ def compiled_block(int8: bool) -> Callable:
     Coordinate-descent tuning only for int8 weights. With it, inductor writes a one-row matrix product (batch 1)
     as a reduction of its own, into which an int8 weight's conversion to bf16 fuses; without it every decoded
     token would first convert each int8 weight into a bf16 copy (the uncompiled int8 step was 3.3x slower than
-    bf16). For bf16 weights it bought nothing on the H200 (without it 190-199 tokens/s at batch 1 and 2,531 at
-    batch 16, against 180 and 2,031-2,563 with it) and cost 56 s of the whole step's first compile and 62 s of
-    every later job (its choices did not travel in the compile cache); BENCHMARKS.md.
+    bf16). bf16 weights compile without it: on the H200 it cost 56 s of the whole step's first compile (80 s
+    without) and bf16's one-row products run as cuBLAS's; its effect on bf16 speed is still to measure
+    (BENCHMARKS.md: the readings once taken as untuned had it on through torchao, quantize.int8_weight).
 
     With the tuning, Triton's kernels are not bundled into the FX-graph cache. A job that hits that cache would
     restore the bundled kernels as they were compiled, before the tuning chose their configurations when they
-    first ran, and torch 2.11 then tunes them all again (pytorch#172819, fixed by 2.13: 120 s of a warm 7B int8 job on
-    the H200, 243 s cold). Unbundled, the job rebuilds each kernel from its source (Triton's binaries come from
+    first ran, and torch 2.11 then tunes them all again (pytorch#172819, fixed by 2.13: 120 s of a warm 7B int8
+    job on the H200). Unbundled, the job rebuilds each kernel from its source (Triton's binaries come from
     Triton's cache in the same folder) and finds the configuration the tuning chose beside it.
 
     The batch size stays static (dynamic=False: a dynamic batch cost batch 16 a fifth, 2,032 -> 1,585 tokens/s,
