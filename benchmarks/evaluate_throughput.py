@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+from random_models import random_model  # benchmarks/random_models.py
 
-from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.data.fetch import fetch
 from llama_adapter.data.validate import validate
@@ -46,15 +46,6 @@ def questions(source: Path, limit: int | None) -> list[dict]:
         validate("scienceqa", Path(tmp) / "fetched", Path(tmp) / "validated")
         records = read_jsonl(Path(tmp) / "validated" / "records.jsonl")
     return records[:limit] if limit else records
-
-
-def random_model(args: ModelArgs, adapter: AdapterArgs, device: torch.device) -> AdaptedTransformer:
-    with torch.device(device):
-        model = AdaptedTransformer(args, adapter).cast_base(pick_dtype(device)).eval().requires_grad_(False)
-    model.fuse_projections()
-    with torch.no_grad():
-        model.adapter_gate.normal_()
-    return model
 
 
 def main() -> None:
@@ -77,7 +68,7 @@ def main() -> None:
     if tokenizer.vocab_size > args.vocab_size:
         p.error(f"--tokenizer has {tokenizer.vocab_size} tokens, more than the {ns.preset} preset's {args.vocab_size}")
     device = pick_device(None)
-    model = random_model(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), device)
+    model = random_model(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), pick_dtype(device), device)
     print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, {len(records)} questions, batch "
           f"{ns.batch_size}, up to {ns.max_new_tokens} new tokens, {device_name(device)}, torch {torch.__version__}")
     print(f"{'decoding':<24}{'seconds':>9}{'questions/s':>13}{'after 1st batch, q/s':>22}")

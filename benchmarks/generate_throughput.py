@@ -39,6 +39,7 @@ import time
 from functools import partial
 
 import torch
+from random_models import random_model  # benchmarks/random_models.py
 
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import QUANTIZATIONS, AdapterArgs, ModelArgs
@@ -71,20 +72,6 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
     return seconds[0], seconds[1]
 
 
-def build(args: ModelArgs, adapter: AdapterArgs, quantize: str | None = None, device: str = "cuda"
-          ) -> AdaptedTransformer:
-    """Random bf16 weights laid out as the CLI loads them (cli.load_for_inference), gates non-zero."""
-    with torch.device(device):
-        model = AdaptedTransformer(args, adapter).cast_base(torch.bfloat16).eval().fuse_projections()
-    with torch.no_grad():
-        model.adapter_gate.normal_()
-    if quantize is not None:
-        from llama_adapter.quantize import int8_group_size, quantize_int8
-
-        quantize_int8(model, int8_group_size(quantize))
-    return model
-
-
 def weight_bytes(model: AdaptedTransformer) -> int:
     """Bytes a decoded token reads from the weights: int8 values and their scales where quantized."""
     seen, total = set(), 0
@@ -99,7 +86,7 @@ def weight_bytes(model: AdaptedTransformer) -> int:
 
 def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device,
          cuda_graph: bool, compile: bool = False, quantize: str | None = None) -> tuple[float, float]:
-    model = build(args, adapter, quantize, device)
+    model = random_model(args, adapter, torch.bfloat16, device, quantize)
     rows = prompts.tolist()
     seconds = timed(lambda: generate(model, rows, new_tokens, eos_id=-1, cuda_graph=cuda_graph, compile=compile),
                     device)
@@ -155,9 +142,12 @@ def startup_job(ns: argparse.Namespace) -> None:
     from llama_adapter.compile_cache import compile_cache
 
     imported = time.time()
+    torch.empty(1, device=ns.device)  # the device's start (CUDA's context), apart from the model's build
+    synchronize(torch.device(ns.device))
+    device_ready = time.time()
     args, adapter = preset(ns), AdapterArgs(ns.adapter_len, ns.adapter_layers)
     [quantize] = ns.quantize or [None]  # a job has one weight format
-    model = build(args, adapter, quantize, ns.device)
+    model = random_model(args, adapter, torch.bfloat16, ns.device, quantize)
     synchronize(torch.device(ns.device))
     built = time.time()
     batch = ns.batch[0]
@@ -172,7 +162,7 @@ def startup_job(ns: argparse.Namespace) -> None:
         generate(model, rows[: batch // 2 + 1], 2, eos_id=-1, compile=True, rows=batch)  # a smaller last batch
     from torch._dynamo.utils import compilation_time_metrics
 
-    print(json.dumps({"imported": imported, "built": built, "first": first,
+    print(json.dumps({"imported": imported, "device_ready": device_ready, "built": built, "first": first,
                       "graphs": counters["stats"]["unique_graphs"], "inductor": dict(counters["inductor"]),
                       "aot_autograd": dict(counters["aot_autograd"]),
                       "seconds": {k: round(sum(v), 2) for k, v in compilation_time_metrics.items()}}))
@@ -207,8 +197,11 @@ def startup(ns: argparse.Namespace) -> None:
                           f"{megabytes:>10.1f}", flush=True)
                     counted = {**t["inductor"], **t["aot_autograd"]}  # cache hits, and configurations tuning timed
                     caches = {k: v for k, v in counted.items() if "cache" in k or "coordesc" in k}
-                    slowest = dict(sorted(t["seconds"].items(), key=lambda kv: -kv[1])[:8])
-                    print(f"  caches and tuning: {caches}\n  compile phases (s): {slowest}", flush=True)
+                    slowest = dict(sorted(t["seconds"].items(), key=lambda kv: -kv[1])[:12])
+                    print(f"  model ready: imports {t['imported'] - started:.1f} s, device's start "
+                          f"{t['device_ready'] - t['imported']:.1f} s, model built "
+                          f"{t['built'] - t['device_ready']:.1f} s\n  caches and tuning: {caches}\n"
+                          f"  compile phases (s): {slowest}", flush=True)
 
 
 def main() -> None:
@@ -245,7 +238,7 @@ def main() -> None:
     impls = {name: fn for row, (name, fn) in ROWS.items() if row in ns.rows}
     floors = dict.fromkeys(impls, floor)
     for quantize in ns.quantize:
-        quantized = build(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), quantize, device)
+        quantized = random_model(args, AdapterArgs(ns.adapter_len, ns.adapter_layers), torch.bfloat16, device, quantize)
         q_floor = rate / weight_bytes(quantized)
         print(f"{quantize}: batch-1 floor {q_floor:.0f} tokens/s ({weight_bytes(quantized) / 1e9:.2f} GB of "
               "weights and scales)")

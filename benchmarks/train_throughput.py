@@ -293,6 +293,8 @@ def peft_rows(method: str, ns, args: ModelArgs, adapter: AdapterArgs, lora: LoRA
 class Table:
     """The rows, each printed (on rank 0) as soon as it is measured: a run cut short still shows what it timed."""
 
+    ROWS_WIDTH = 60  # the "rows" column: the longest row description
+
     def __init__(self, flops_per_token: int, peak_matmul: float, mean_len: float, d: Dist):
         self.flops_per_token, self.peak_matmul, self.mean_len, self.d = flops_per_token, peak_matmul, mean_len, d
         self.results: list[Result] = []
@@ -300,8 +302,8 @@ class Table:
     def header(self, title: str) -> None:
         if self.d.rank == 0:
             print(title)
-            print(f"{'method':<9}{'rows':<60}{'real tok/s':>11}{'padded tok/s':>13}{'real %':>7}{'TFLOP/s':>8}"
-                  f"{'% matmul':>9}{'peak GiB':>9}{'paper recipe min':>17}", flush=True)
+            print(f"{'method':<9}{'rows':<{self.ROWS_WIDTH}}{'real tok/s':>11}{'padded tok/s':>13}{'real %':>7}"
+                  f"{'TFLOP/s':>8}{'% matmul':>9}{'peak GiB':>9}{'paper recipe min':>17}", flush=True)
 
     def add(self, method: str, r: Result) -> None:
         r.method = method
@@ -310,7 +312,7 @@ class Table:
             total = r.real + r.padded
             tflops = self.flops_per_token * total / r.seconds / 1e12 / self.d.world
             recipe = PAPER_SAMPLES * PAPER_EPOCHS * self.mean_len / (r.real / r.seconds) / 60
-            print(f"{r.method:<9}{r.name:<60}{r.real / r.seconds:>11.0f}{total / r.seconds:>13.0f}"
+            print(f"{r.method:<9}{r.name:<{self.ROWS_WIDTH}}{r.real / r.seconds:>11.0f}{total / r.seconds:>13.0f}"
                   f"{100 * r.real / total:>7.1f}{tflops:>8.0f}{100 * tflops / self.peak_matmul:>9.1f}"
                   f"{r.peak_gib:>9.1f}{recipe:>17.1f}", flush=True)
 

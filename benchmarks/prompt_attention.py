@@ -1,0 +1,110 @@
+"""The adapter's prompt attention alone, forward and backward, in each way torch can compute it: which is fastest
+on a packed training batch?
+
+In a 7B training step on an H200 the prompt attention's backward (SDPA, which picked cuDNN's kernel) took
+364 us per layer on packed batches (one row of 8,192 tokens) against 132 us on padded ones (16 rows of 512),
+about 3% of the step (BENCHMARKS.md). With 10 prompt keys the attention is two thin matrix products and a
+softmax over 10 values, which inductor can fuse; this script times the model's own code
+(`AdaptedAttention.prompt_attention`) under each SDPA backend, and that written out as its matrix products,
+eager and compiled, on the same inputs, and checks each against the math backend in fp32.
+
+Each call is a layer's prompt attention during training: the queries (rows, heads, tokens, head dim) require a
+gradient (earlier layers' adapters need it), and so do the prompts and the gate; the backward computes all
+three. Times are the median of --repeat calls, after a warm-up (which compiles).
+
+Usage:
+    python benchmarks/prompt_attention.py --preset 7B                  (packed: 1 row of 8,192; padded: 16 x 512)
+    python benchmarks/prompt_attention.py --preset tiny --device cpu --tokens 256 --rows 2  (a smoke check)
+Prints one row per way and layout: forward us, forward + backward us, and the largest error against fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from llama_adapter.adapter import AdaptedAttention
+from llama_adapter.config import ModelArgs
+from llama_adapter.devices import device_name, pick_device, pick_dtype, synchronize
+
+
+def written_out(attention: AdaptedAttention, q, prompt, gate):
+    """prompt_attention's result as two matrix products and a softmax (the candidate to SDPA)."""
+    pk, pv = attention.prompt_keys_values(prompt, q.dtype)  # (1, nkv, L, hs)
+    groups = q.size(1) // pk.size(1)
+    if groups > 1:
+        pk, pv = pk.repeat_interleave(groups, dim=1), pv.repeat_interleave(groups, dim=1)
+    scale = gate.tanh().to(q.dtype).view(1, -1, 1, 1)
+    scores = (q @ pk.transpose(-1, -2)) * q.size(-1) ** -0.5  # (B, nh, T, L)
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ (scale * pv)  # (B, nh, T, hs)
+
+
+def timed(fn, device: torch.device, repeat: int) -> float:
+    """Median microseconds of fn()."""
+    times = []
+    for _ in range(repeat):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="7B")
+    p.add_argument("--adapter-len", type=int, default=10)
+    p.add_argument("--tokens", type=int, default=8192, help="tokens of the packed row")
+    p.add_argument("--rows", type=int, default=16, help="rows of the padded layout (--tokens // rows each)")
+    p.add_argument("--repeat", type=int, default=50)
+    p.add_argument("--device", default=None)
+    ns = p.parse_args()
+    device = pick_device(ns.device)
+    dtype = pick_dtype(device)
+    args = ModelArgs.from_name(ns.preset)
+    with torch.device(device):
+        attention = AdaptedAttention(args).to(dtype).requires_grad_(False)
+    gen = torch.Generator(device).manual_seed(0)
+    prompt = torch.randn(ns.adapter_len, args.dim, device=device, generator=gen, requires_grad=True)
+    gate = torch.randn(args.n_heads, device=device, generator=gen, requires_grad=True)
+    compiled = torch.compile(written_out)
+    backends = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)
+                if device.type == "cuda"]
+    ways = {"ours (SDPA, its choice)": (attention.prompt_attention, contextlib.nullcontext),
+            **{f"ours (SDPA, {b.name.lower()})": (attention.prompt_attention, lambda b=b: sdpa_kernel(b))
+               for b in backends},
+            "written out, eager": (lambda *a: written_out(attention, *a), contextlib.nullcontext),
+            "written out, compiled": (lambda *a: compiled(attention, *a), contextlib.nullcontext)}
+    print(f"{ns.preset} (heads {args.n_heads}, kv heads {args.n_kv_heads}, head dim {args.head_dim}), "
+          f"{ns.adapter_len} prompts, {device_name(device)}, {dtype}, torch {torch.__version__}")
+    print(f"{'way':<32}{'layout':>12}{'forward us':>12}{'fwd+bwd us':>12}{'max error':>11}")
+    for layout, rows in (("packed", 1), ("padded", ns.rows)):
+        q = torch.randn(rows, args.n_heads, ns.tokens // rows, args.head_dim, device=device, generator=gen,
+                        dtype=dtype, requires_grad=True)
+        dy = torch.randn_like(q)
+        with sdpa_kernel(SDPBackend.MATH):  # the reference: fp32, the math backend
+            reference = attention.float().prompt_attention(q.detach().float(), prompt, gate)
+            attention.to(dtype)
+        for name, (fn, context) in ways.items():
+            try:
+                with context():
+                    out = fn(q, prompt, gate)  # the warm-up, which compiles
+                    out.backward(dy)
+                    error = float((out.detach().float() - reference).abs().max() / reference.abs().max())
+                    forward = timed(lambda: fn(q, prompt, gate), device, ns.repeat)
+                    both = timed(lambda: fn(q, prompt, gate).backward(dy), device, ns.repeat)
+            except RuntimeError as e:  # a backend that does not take these shapes
+                print(f"{name:<32}{layout:>12}  not run: {' '.join(str(e).split())[:80]}")
+                continue
+            print(f"{name:<32}{layout:>12}{forward:>12.0f}{both:>12.0f}{error:>11.1e}", flush=True)
+            q.grad = prompt.grad = gate.grad = None
+
+
+if __name__ == "__main__":
+    main()
