@@ -35,13 +35,9 @@ from llama_adapter.devices import device_name, pick_device, pick_dtype, synchron
 
 def written_out(attention: AdaptedAttention, q, prompt, gate):
     """prompt_attention's result as two matrix products and a softmax (the candidate to SDPA)."""
-    pk, pv = attention.prompt_keys_values(prompt, q.dtype)  # (1, nkv, L, hs)
-    groups = q.size(1) // pk.size(1)
-    if groups > 1:
-        pk, pv = pk.repeat_interleave(groups, dim=1), pv.repeat_interleave(groups, dim=1)
-    scale = gate.tanh().to(q.dtype).view(1, -1, 1, 1)
+    pk, pv = attention.prompt_keys_values(prompt, gate, q.dtype)  # (1, nh, L, hs), values gated
     scores = (q @ pk.transpose(-1, -2)) * q.size(-1) ** -0.5  # (B, nh, T, L)
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ (scale * pv)  # (B, nh, T, hs)
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ pv  # (B, nh, T, hs)
 
 
 def timed(fn, device: torch.device, repeat: int) -> float:
@@ -88,7 +84,7 @@ def main() -> None:
         q = torch.randn(rows, args.n_heads, ns.tokens // rows, args.head_dim, device=device, generator=gen,
                         dtype=dtype, requires_grad=True)
         dy = torch.randn_like(q)
-        with sdpa_kernel(SDPBackend.MATH):  # the reference: fp32, the math backend
+        with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # the reference: fp32, the math backend
             reference = attention.float().prompt_attention(q.detach().float(), prompt, gate)
             attention.to(dtype)
         for name, (fn, context) in ways.items():

@@ -4,6 +4,7 @@ PEFT's AdaptionPrompt, on tiny random configurations loaded through our own HF l
 import pytest
 import torch
 from hf_reference import TINY, random_hf_llama, tokens
+from torch.overrides import TorchFunctionMode
 
 from llama_adapter.adapter import AdaptedTransformer, is_adapter_param
 from llama_adapter.checkpoint import load_base, save_adapter
@@ -114,21 +115,34 @@ def test_blocks_compile_without_graph_breaks():
     assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl for layer in compiled.layers)
 
 
-def test_kv_cache_holds_the_prompt_keys_and_values():
-    """Decoding reads the adapter's prompt keys/values from the cache instead of re-projecting the prompts
-    through wk/wv at every token."""
+def test_kv_cache_holds_the_prompt_keys_and_gated_values():
+    """Decoding reads the adapter's prompt keys and gated values, per head, from the cache instead of projecting
+    the prompts through wk/wv, repeating them for GQA and scaling them by the gates at every token; the tokens'
+    hidden states are those of the model without a cache."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-gqa")
     m = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random")).eval()
+    x = tokens(args, T=3)
+    with torch.no_grad():
+        uncached = m(x)
     m.setup_kv_cache(batch=2, max_len=16)
     cached = [layer.attention.prompt_kv for layer in m.layers]
-    assert cached[0] is None and all(c[0].shape == (1, args.n_kv_heads, 4, args.head_dim) for c in cached[1:])
+    assert cached[0] is None and all(c[0].shape == c[1].shape == (1, args.n_heads, 4, args.head_dim)
+                                     for c in cached[1:])
     calls = []
     for layer in m.layers:
         layer.attention.wk.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape))
-    with torch.no_grad():
-        m(tokens(args, T=3), torch.arange(3))
+
+    class Ops(TorchFunctionMode):  # the names of the torch functions the forward calls
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            ops.add(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    ops = set()
+    with torch.no_grad(), Ops():
+        torch.testing.assert_close(m(x, torch.arange(3)), uncached)
     assert all(shape[-2] == 3 for shape in calls)  # only the tokens went through wk, never the 4 prompts
+    assert "scaled_dot_product_attention" in ops and not ops & {"tanh", "repeat_interleave"}
     m.clear_kv_cache()
 
 

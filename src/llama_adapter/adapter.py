@@ -22,12 +22,18 @@ def is_adapter_param(name: str) -> bool:
     return name.startswith("adapter_")
 
 
+def gate_scale(gate: Tensor, dtype: torch.dtype) -> Tensor:
+    """tanh of a layer's gates (nh,), shaped to scale (B, nh, T, hs) tensors head by head: (1, nh, 1, 1)."""
+    return gate.tanh().to(dtype).view(1, -1, 1, 1)
+
+
 class AdaptedAttention(Attention):
     def __init__(self, args: ModelArgs):
         super().__init__(args)
-        # While decoding (setup_kv_cache to clear_kv_cache): the prompts' keys and values (1, nkv, L, hs), which
-        # do not change, computed once, so no decoded token reads wk and wv twice; and the batch's image values
-        # wv(I) (N+1, nkv, hs) of a multimodal adapter, computed at the prefill.
+        # While decoding (setup_kv_cache to clear_kv_cache): the prompts' keys and gated values (1, nh, L, hs),
+        # which do not change, computed once, so that no decoded token reads wk and wv twice nor runs the gate's
+        # and GQA's small kernels again; and the batch's image values wv(I) (N+1, nkv, hs) of a multimodal
+        # adapter, computed at the prefill.
         self.prompt_kv: tuple[Tensor, Tensor] | None = None
         self.image_cache: Tensor | None = None
 
@@ -40,14 +46,21 @@ class AdaptedAttention(Attention):
             y = y + self.prompt_attention(q, prompt, gate, image)
         return self.out(y)
 
-    def prompt_keys_values(self, prompt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Keys and values (1, nkv, L, hs) of a layer's prompts (L, dim) through its frozen wk/wv: no norm, no
-        RoPE (prompts have no position)."""
+    def prompt_keys_values(self, prompt: Tensor, gate: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Each head's keys and gated values (1, nh, L, hs) of a layer's prompts (L, dim) through its frozen
+        wk/wv (no norm, no RoPE: prompts have no position), the values scaled by tanh(gate) (nh,)."""
         prompt = prompt.to(dtype)
         L = prompt.size(0)
-        pk = self.wk(prompt).view(1, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        pk = self.wk(prompt).view(1, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (1, nkv, L, hs)
         pv = self.wv(prompt).view(1, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return pk, pv
+        # tanh(gate) scales each head's prompt values rather than its output: the same product, but the gate's
+        # gradient then comes from the values' (nh x L x hs), not from a reduction over every token (measured
+        # 10 ms of a 380 ms 7B step on an H200). Each head gets its own values, so the keys are repeated per head
+        # too (GQA's sharing; L = 10 rows, nothing to save).
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            pk, pv = pk.repeat_interleave(groups, dim=1), pv.repeat_interleave(groups, dim=1)
+        return pk, gate_scale(gate, dtype) * pv
 
     def prompt_attention(self, q: Tensor, prompt: Tensor, gate: Tensor,
                          image: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -58,22 +71,15 @@ class AdaptedAttention(Attention):
         by wk(I), the same for all L prompts, which their softmax cancels; and every prompt value by wv(I),
         which the softmax weights (summing to 1) pass on whole. So the image adds wv(I) to the prompt
         attention's output, exactly, without a prompt tensor per sample in packed batches."""
-        pk, pv = self.prompt_kv if self.prompt_kv is not None else self.prompt_keys_values(prompt, q.dtype)
-        B, nh = q.size(0), q.size(1)
-        # tanh(gate) scales each head's prompt values rather than its output: the same product, but the gate's
-        # gradient then comes from the values' (nh x L x hs), not from a reduction over every token (measured
-        # 10 ms of a 380 ms 7B step on an H200). Each head gets its own values, so the keys are repeated per head
-        # too (GQA's sharing; L = 10 rows, nothing to save).
-        groups = nh // pk.size(1)
-        if groups > 1:
-            pk, pv = pk.repeat_interleave(groups, dim=1), pv.repeat_interleave(groups, dim=1)
-        scale = gate.tanh().to(q.dtype).view(1, -1, 1, 1)  # (1, nh, 1, 1)
+        pk, pv = self.prompt_kv if self.prompt_kv is not None else self.prompt_keys_values(prompt, gate, q.dtype)
+        B = q.size(0)
         # A softmax of their own over the L prompt positions, every query sees every prompt (no mask).
-        y = F.scaled_dot_product_attention(q, pk.expand(B, -1, -1, -1), (scale * pv).expand(B, -1, -1, -1))
+        y = F.scaled_dot_product_attention(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1))
         if image is not None:
             projected, row = image
             iv = self.image_values(projected, q.dtype)[row]  # (B, T, nkv, hs)
-            y = y + scale * iv.repeat_interleave(groups, dim=2).transpose(1, 2)
+            groups = self.n_heads // self.n_kv_heads
+            y = y + gate_scale(gate, q.dtype) * iv.repeat_interleave(groups, dim=2).transpose(1, 2)
         return y
 
     def image_values(self, projected: Tensor, dtype) -> Tensor:
@@ -163,14 +169,15 @@ class AdaptedTransformer(Transformer):
 
     @torch.no_grad()
     def setup_kv_cache(self, batch: int, max_len: int) -> None:
-        """KV caches for decoding, holding the adapter's prompt keys and values (set up again after the adapter
-        changes)."""
+        """KV caches for decoding, holding the adapter's prompt keys and gated values (set up again after the
+        adapter or its gates change)."""
         super().setup_kv_cache(batch, max_len)
         dtype, first = self.tok_embeddings.weight.dtype, self.first_adapted_layer()
         for i, layer in enumerate(self.layers):
             a = layer.attention
             a.image_cache = None  # the next prefill's images
-            a.prompt_kv = a.prompt_keys_values(self.adapter_query[i - first], dtype) if i >= first else None
+            a.prompt_kv = (a.prompt_keys_values(self.adapter_query[i - first], self.adapter_gate[i - first], dtype)
+                           if i >= first else None)
 
     def clear_kv_cache(self) -> None:
         super().clear_kv_cache()
