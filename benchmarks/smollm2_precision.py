@@ -20,6 +20,7 @@ the GGUF `llama-adapter fetch-smollm2` prints as the tokenizer:
 
 Usage:
     python benchmarks/smollm2_precision.py --gguf $G --alpaca a/tok --scienceqa s/tok --questions s/validated
+    python benchmarks/smollm2_precision.py --gguf $G --goals int8 --scienceqa s/tok --questions s/validated
     python benchmarks/smollm2_precision.py ... --device cpu --max-steps 2 --limit 8   (a smoke check: fp32, and
         float8 emulated by torch)
 Prints the held-out losses and the answer agreement, each beside its goal.
@@ -64,38 +65,24 @@ def answers(ns: argparse.Namespace, tokenizer, adapter: Path, records: list[dict
     return [p["prediction"] for p in predictions]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gguf", type=Path, required=True, help="SmolLM2-135M-Instruct's GGUF (fetch-smollm2)")
-    p.add_argument("--alpaca", type=Path, required=True, help="Alpaca tokenized with the GGUF (train, val)")
-    p.add_argument("--scienceqa", type=Path, required=True, help="ScienceQA tokenized with the GGUF (train, val)")
-    p.add_argument("--questions", type=Path, required=True, help="ScienceQA's validated folder (its test split)")
-    p.add_argument("--device", default=None, help="default: the GPU when there is one")
-    p.add_argument("--compile", action="store_true", help="compile training's blocks and the decode step")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each training early (a smoke check)")
-    p.add_argument("--batch-size", type=int, default=64, help="questions per decoded batch")
-    p.add_argument("--limit", type=int, default=None, help="only the first N test questions")
-    p.add_argument("--quantize", nargs="+", choices=QUANTIZATIONS, default=list(QUANTIZATIONS),
-                   help="the int8 formats whose answers to compare with the base dtype's (default: all)")
-    ns = p.parse_args()
-    ns.device = str(pick_device(ns.device))
-    print(f"SmolLM2-135M-Instruct, {device_name(torch.device(ns.device))}, torch {torch.__version__}")
-    config = yaml.safe_load(CONFIG.read_text())
-    recipe = config["train"]
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = {precision: train_adapter(ns, recipe, ns.alpaca, Path(tmp) / f"alpaca-{precision}", precision)
-                for precision in ("auto", "fp8")}
-        base, fp8 = (runs[precision]["val_loss"][-1] for precision in ("auto", "fp8"))
-        print(f"Alpaca held-out loss after {runs['auto']['steps']} steps: base in the device's dtype {base:.4f} "
-              f"(before training {runs['auto']['initial_val_loss']:.4f}), fp8 {fp8:.4f} "
-              f"(before {runs['fp8']['initial_val_loss']:.4f}): {100 * (fp8 - base) / base:+.2f}% (goal: within 1%)")
+def fp8_goal(ns: argparse.Namespace, recipe: dict, tmp: Path) -> None:
+    """Goal 1: the Alpaca held-out loss after training on the fp8 base against the device dtype's."""
+    runs = {precision: train_adapter(ns, recipe, ns.alpaca, tmp / f"alpaca-{precision}", precision)
+            for precision in ("auto", "fp8")}
+    base, fp8 = (runs[precision]["val_loss"][-1] for precision in ("auto", "fp8"))
+    print(f"Alpaca held-out loss after {runs['auto']['steps']} steps: base in the device's dtype {base:.4f} "
+          f"(before training {runs['auto']['initial_val_loss']:.4f}), fp8 {fp8:.4f} "
+          f"(before {runs['fp8']['initial_val_loss']:.4f}): {100 * (fp8 - base) / base:+.2f}% (goal: within 1%)")
 
-        out = Path(tmp) / "scienceqa"
-        scienceqa = {**recipe, **config["experiments"]["scienceqa"]["train"]}  # its epochs
-        adapter = out / train_adapter(ns, scienceqa, ns.scienceqa, out, "auto")["weights"]
-        records = [r for r in read_jsonl(ns.questions / "records.jsonl") if r["split"] == "test"][: ns.limit]
-        tokenizer = load_tokenizer(ns.gguf)
-        runs = {quantize: answers(ns, tokenizer, adapter, records, quantize) for quantize in (None, *ns.quantize)}
+
+def int8_goal(ns: argparse.Namespace, config: dict, tmp: Path) -> None:
+    """Goal 2: a ScienceQA-trained adapter's test answers on each int8 base against the device dtype's."""
+    out = tmp / "scienceqa"
+    scienceqa = {**config["train"], **config["experiments"]["scienceqa"]["train"]}  # its epochs
+    adapter = out / train_adapter(ns, scienceqa, ns.scienceqa, out, "auto")["weights"]
+    records = [r for r in read_jsonl(ns.questions / "records.jsonl") if r["split"] == "test"][: ns.limit]
+    tokenizer = load_tokenizer(ns.gguf)
+    runs = {quantize: answers(ns, tokenizer, adapter, records, quantize) for quantize in (None, *ns.quantize)}
     plain = runs.pop(None)
     counts = {"questions": len(records), "parsed (base dtype)": sum(a is not None for a in plain),
               "correct (base dtype)": sum(a == r["answer"] for a, r in zip(plain, records))}
@@ -107,6 +94,36 @@ def main() -> None:
         same = sum(a == b for a, b in zip(plain, answered))
         print(f"ScienceQA test answers, {quantize} against the base dtype: {same} of {len(records)} the same "
               f"({100 * same / len(records):.2f}%; goal: >= 98%)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", type=Path, required=True, help="SmolLM2-135M-Instruct's GGUF (fetch-smollm2)")
+    p.add_argument("--goals", nargs="+", choices=("fp8", "int8"), default=["fp8", "int8"],
+                   help="which measurements to make (default: both)")
+    p.add_argument("--alpaca", type=Path, help="Alpaca tokenized with the GGUF (train, val); for fp8")
+    p.add_argument("--scienceqa", type=Path, help="ScienceQA tokenized with the GGUF (train, val); for int8")
+    p.add_argument("--questions", type=Path, help="ScienceQA's validated folder (its test split); for int8")
+    p.add_argument("--device", default=None, help="default: the GPU when there is one")
+    p.add_argument("--compile", action="store_true", help="compile training's blocks and the decode step")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each training early (a smoke check)")
+    p.add_argument("--batch-size", type=int, default=64, help="questions per decoded batch")
+    p.add_argument("--limit", type=int, default=None, help="only the first N test questions")
+    p.add_argument("--quantize", nargs="+", choices=QUANTIZATIONS, default=list(QUANTIZATIONS),
+                   help="the int8 formats whose answers to compare with the base dtype's (default: all)")
+    ns = p.parse_args()
+    needed = {"fp8": ("alpaca",), "int8": ("scienceqa", "questions")}
+    missing = [f"--{name}" for goal in ns.goals for name in needed[goal] if getattr(ns, name) is None]
+    if missing:
+        p.error(f"{', '.join(missing)} needed for --goals {' '.join(ns.goals)}")
+    ns.device = str(pick_device(ns.device))
+    print(f"SmolLM2-135M-Instruct, {device_name(torch.device(ns.device))}, torch {torch.__version__}")
+    config = yaml.safe_load(CONFIG.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        if "fp8" in ns.goals:
+            fp8_goal(ns, config["train"], Path(tmp))
+        if "int8" in ns.goals:
+            int8_goal(ns, config, Path(tmp))
 
 
 if __name__ == "__main__":
