@@ -345,3 +345,6 @@ def test_seed_split_options_with_a_field_split_are_refused(tmp_path, tok):
     one_line_error(cli("tokenize", "--dataset", "scienceqa", "--validated", validated, "--tokenizer", tok,
                        "--out", tmp_path / "t", "--split-by", "field", "--val-size", "1"), "tokenize",
                    "--val-size given with --split-by field")
+    one_line_error(cli("tokenize", "--dataset", "scienceqa", "--validated", validated, "--tokenizer", tok,
+                       "--out", tmp_path / "t", "--seed", "1"), "tokenize",
+                   "--seed given with scienceqa's default split (--split-by field)")

@@ -67,6 +67,11 @@ def test_scienceqa_chain_keeps_its_splits_and_images(demo):
                             "--tokenizer", root / "tokenizer.model", "--out", root / "sqa" / "tokens",
                             "--split-by", "field", "--max-seq-len", 256))
     assert {k: v["samples"] for k, v in splits.items()} == {"train": 720, "val": 240, "test": 240}
+    # ScienceQA's default is its own split too: no test question trains unless a seeded draw is asked for
+    default = json.loads(cli("tokenize", "--dataset", "scienceqa", "--validated", root / "sqa" / "validated",
+                             "--tokenizer", root / "tokenizer.model", "--out", root / "sqa" / "tokens-default",
+                             "--max-seq-len", 256))
+    assert default == splits
     keys = TokenDataset(root / "sqa" / "tokens" / "test").keys  # each sample's pid, for its image features
     assert len(keys) == 240 and set(keys) <= {r["pid"] for r in records if r["split"] == "test"}
 

@@ -249,11 +249,13 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
     from .io import remove_output
 
     cfg = config_of(ns, TokenizeConfig)
-    if cfg.split_by == "field":
+    split = cfg.split_rule(ns.dataset)
+    if split["by"] == "field":
         given = [f"--{name.replace('_', '-')}" for name in ("val_size", "seed") if hasattr(ns, name)]
         if given:  # they would be ignored without a word
-            raise TokenizeError(f"{' and '.join(given)} given with --split-by field, which takes the records' own "
-                                "split; expected them only with --split-by seed")
+            how = "--split-by field" if cfg.split_by else f"{ns.dataset}'s default split (--split-by field)"
+            raise TokenizeError(f"{' and '.join(given)} given with {how}, which takes the records' own split; "
+                                "expected them only with --split-by seed")
     try:
         tokenizer = load_tokenizer(ns.tokenizer)
     except TokenizerError:  # a failed run leaves no earlier run's arrays behind (never the input, though)
@@ -262,7 +264,7 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
         raise
     with os_errors_named():
         stats = tokenize(ns.dataset, ns.validated, tokenizer, ns.out, max_seq_len=cfg.max_seq_len,
-                         mask_prompt=cfg.mask_prompt, truncation=cfg.truncation, split=cfg.split_rule(),
+                         mask_prompt=cfg.mask_prompt, truncation=cfg.truncation, split=split,
                          tokenizer_name=str(ns.tokenizer))
     print(json.dumps(stats["splits"], indent=2))
 

@@ -211,8 +211,10 @@ def setting_of(cls: type, name: str) -> Any:
 
 # What tokenize does with a sample longer than max_seq_len: cut the response's end (the paper's), or drop it.
 TRUNCATION = ("truncate", "drop")
-# How tokenize tells validation from training records: a seeded draw, or the records' own split.
+# How tokenize tells validation from training records: a seeded draw, or the records' own split; and each
+# dataset's default (ScienceQA's records carry their split; Alpaca's do not).
 SPLIT_BY = ("seed", "field")
+DATASET_SPLIT_BY = {"alpaca": "seed", "scienceqa": "field"}
 
 
 @dataclass(frozen=True)
@@ -225,18 +227,19 @@ class TokenizeConfig:
                                       "the prompt's too")
     truncation: str = setting("truncate", "a sample over --max-seq-len: cut the response's end (the paper's) or "
                                           "drop the sample; counted either way")
-    split_by: str = setting("seed", "seed: a seeded validation draw, disjoint from training; field: the records' "
-                                    "own split")
+    split_by: str | None = setting(None, "seed: a seeded validation draw, disjoint from training; field: the "
+                                         "records' own split", if_none="the dataset's: field for ScienceQA (its "
+                                         "train/val/test, so that test questions never train), seed for Alpaca")
     # A number, or its text as the command line gives it (tokenize parses it, naming val_size in its errors).
     val_size: int | float | str = setting(200, "--split-by seed: validation records (an integer) or the fraction of "
                                                "the records (a float)")
     seed: int = setting(0, "--split-by seed: the draw's seed")
 
-    def split_rule(self) -> dict:
-        """The rule tokenize splits the records by (and records in stats.json)."""
-        if self.split_by == "seed":
+    def split_rule(self, dataset: str) -> dict:
+        """The rule tokenize splits `dataset`'s records by (and records in stats.json)."""
+        if (self.split_by or DATASET_SPLIT_BY[dataset]) == "seed":
             return {"by": "seed", "val_size": self.val_size, "seed": self.seed}
-        return {"by": self.split_by}
+        return {"by": "field"}
 
 
 @dataclass(frozen=True)

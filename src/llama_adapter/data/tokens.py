@@ -181,7 +181,7 @@ def tokenize(
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise TokenizeError(f"max_seq_len {max_seq_len!r}: expected an integer >= 2 (BOS and at least one token "
                                 "to learn)")
-        split = split or TokenizeConfig(split_by="field" if dataset == "scienceqa" else "seed").split_rule()
+        split = split or TokenizeConfig().split_rule(dataset)
         if split.get("by") == "seed" and isinstance(split.get("val_size"), str):  # as the command line gives it
             split = {**split, "val_size": parse_val_size(split["val_size"])}
         check_split_rule(split)
