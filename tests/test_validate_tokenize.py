@@ -4,9 +4,10 @@ import json
 
 import pytest
 
+from llama_adapter.config import DATASET_SPLIT_BY, TokenizeConfig
 from llama_adapter.data.scienceqa import categories, parse_answer, qcm_prompt, qcm_target
 from llama_adapter.data.tokens import TokenDataset, tokenize
-from llama_adapter.data.validate import validate
+from llama_adapter.data.validate import DATASETS, validate
 from llama_adapter.errors import ValidationError
 from llama_adapter.prompts import alpaca_prompt
 from llama_adapter.tokenizer import load_tokenizer
@@ -27,6 +28,14 @@ def llama_tok(llama_sp_model):
 
 
 # ---------------------------------------------------------------- validation
+
+
+def test_every_dataset_has_a_default_split():
+    """ScienceQA's records carry their split (train/val/test), which is the default; Alpaca's draw a seeded one."""
+    assert set(DATASET_SPLIT_BY) == set(DATASETS)
+    assert TokenizeConfig().split_rule("scienceqa") == {"by": "field"}
+    assert TokenizeConfig().split_rule("alpaca") == {"by": "seed", "val_size": 200, "seed": 0}
+    assert TokenizeConfig(split_by="seed", seed=3).split_rule("scienceqa")["seed"] == 3
 
 
 def test_invalid_alpaca_fails_with_a_report_and_no_records(tmp_path):
