@@ -61,6 +61,48 @@ def test_complete_with_meta_checkpoint_and_adapter(tmp_path, llama_sp_model):
     assert proc.stdout.strip()  # random weights: some text, not sense
 
 
+def test_the_papers_released_adapter_loads_in_the_inference_commands(tmp_path, llama_sp_model):
+    """An original-release .pth records neither adapter_len nor adapter_layers: complete, generate and evaluate
+    take them as options and answer as with the same adapter in our format; given for an adapter whose file
+    records its shape, they are a one-line error rather than silently ignored."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=3, n_heads=2, vocab_size=32000, hidden_dim=64)
+    adapter = AdapterArgs(adapter_len=3, adapter_layers=2)
+    model = AdaptedTransformer(args, adapter)
+    with torch.no_grad():  # the release is fp16: the same values in both files, so the same greedy answers
+        model.adapter_gate.normal_()
+        for p in (model.adapter_query, model.adapter_gate):
+            p.copy_(p.half().float())
+    save_meta_checkpoint(model, tmp_path / "base")
+    save_adapter(model, tmp_path / "adapter.safetensors", base_model="random-tiny")
+    first = args.n_layers - adapter.adapter_layers
+    release = {"adapter_query.weight": model.adapter_query.detach().reshape(-1, args.dim).half()}
+    for i in range(args.n_layers):
+        gate = model.adapter_gate[i - first] if i >= first else torch.zeros(args.n_heads)
+        release[f"layers.{i}.attention.gate"] = gate.detach().reshape(1, -1, 1, 1).half()
+    torch.save(release, tmp_path / "release.pth")
+    shape = ["--adapter-len", "3", "--adapter-layers", "2"]
+    common = ["--base", str(tmp_path / "base"), "--tokenizer", str(llama_sp_model), "--max-new-tokens", "6"]
+
+    def complete(adapter: str, *extra: str) -> subprocess.CompletedProcess:
+        return run_cli("complete", *common, "--adapter", str(tmp_path / adapter), "--prompt", "Name a colour.", *extra)
+
+    ours, released = complete("adapter.safetensors"), complete("release.pth", *shape)
+    assert ours.returncode == 0 and released.returncode == 0, ours.stderr + released.stderr
+    assert released.stdout == ours.stdout
+    (tmp_path / "prompts.jsonl").write_text('{"id": "a", "instruction": "Name a colour."}\n')
+    proc = run_cli("generate", *common, "--adapter", f"paper={tmp_path / 'release.pth'}", *shape, "--temperature", "0",
+                   "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "answers.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    [row] = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert row["adapter"] == "paper" and row["output"].strip() == ours.stdout.strip()
+    wrong = complete("adapter.safetensors", *shape)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "--adapter-len/--adapter-layers given, but no --adapter is an original-release .pth" in wrong.stderr
+    too_deep = complete("release.pth", "--adapter-layers", "4")
+    assert too_deep.returncode == 2 and "Traceback" not in too_deep.stderr, too_deep.stderr
+
+
 def test_bad_checkpoint_is_a_one_line_error(tmp_path):
     proc = run_cli("complete", "--base", str(tmp_path), "--prompt", "x")
     assert proc.returncode == 2
@@ -92,6 +134,11 @@ def test_each_commands_defaults_are_its_configs():
     parse = build_parser().parse_args
     generate = parse(["generate", "--base", "b", "--prompts", "p", "--out", "o"])
     assert config_of(generate, Sampling) == PAPER_SAMPLING and PAPER_SAMPLING.temperature == 0.1
+    from inspect import signature
+
+    from llama_adapter.generate import generate_requests
+
+    assert signature(generate_requests).parameters["sampling"].default == PAPER_SAMPLING  # called from Python alike
     assert config_of(generate, InferenceConfig) == InferenceConfig()
     complete = parse(["complete", "--base", "b", "--prompt", "x"])
     assert config_of(complete, Sampling) == Sampling() and Sampling().temperature == 0

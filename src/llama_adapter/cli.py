@@ -123,7 +123,8 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     if ns.adapter:
         adapter_file(ns.adapter)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize)
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize,
+                               release=release_adapter(ns, [ns.adapter] if ns.adapter else []))
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     fmt = config_of(ns, PromptFormat)
     prompt = tokenizer.encode(TEMPLATES[fmt.template](ns.prompt), bos=fmt.bos)
@@ -378,15 +379,18 @@ def check_base(base: str | Path) -> str:
 
 
 def load_for_inference(base: Path, adapter_path: Path | None, device: str | None, dtype: str | None,
-                       quantize: str | None = InferenceConfig.quantize, compile: bool = False):
+                       quantize: str | None = InferenceConfig.quantize, compile: bool = False,
+                       release: AdapterArgs | None = None):
     """A frozen model in eval mode with its projections fused (faster decoding, same results), on `device` in
     `dtype`, each left open (None) for devices.py to pick; its blocks' weights quantized if asked (after a LoRA is
-    merged into them). `compile`: whether the command compiles its decoding (int8 on a GPU is slow without)."""
+    merged into them). `compile`: whether the command compiles its decoding (int8 on a GPU is slow without).
+    `release`: the shape of an original-release .pth adapter (release_adapter)."""
     from .checkpoint import load_model
     from .devices import pick_device, pick_dtype
 
     device = pick_device(device)
-    model = load_model(base, adapter_path, device=device, dtype=pick_dtype(device, dtype))
+    model = load_model(base, adapter_path, device=device, dtype=pick_dtype(device, dtype),
+                       adapter=release if adapter_path is not None else None)
     model = model.eval().requires_grad_(False).fuse_projections()
     if quantize is not None:
         from .quantize import int8_group_size, quantize_int8
@@ -398,6 +402,27 @@ def load_for_inference(base: Path, adapter_path: Path | None, device: str | None
                   "speed",
                   file=sys.stderr, flush=True)
     return model
+
+
+RELEASE_SHAPE = ("adapter_len", "adapter_layers")
+
+
+def add_release_adapter_options(p: argparse.ArgumentParser) -> None:
+    """--adapter-len/--adapter-layers, which an original-release .pth adapter needs (its file records neither)."""
+    add_dataclass_options(p, TrainConfig, only=RELEASE_SHAPE, absent_unless_given=True)
+
+
+def release_adapter(ns: argparse.Namespace, paths: list[Path]) -> AdapterArgs | None:
+    """The shape of the original-release .pth adapters among `paths` (--adapter-len/--adapter-layers, each the
+    paper's when not given), None when there are none; the options given for other adapters, whose files say
+    their own shape, are an error rather than silently ignored."""
+    given = [f"--{name.replace('_', '-')}" for name in RELEASE_SHAPE if hasattr(ns, name)]
+    if any(Path(path).suffix == ".pth" for path in paths):
+        return config_of(ns, AdapterArgs)
+    if given:
+        raise InputError(f"{'/'.join(given)} given, but no --adapter is an original-release .pth (the only kind "
+                         "whose file does not record its shape); expected them only with a .pth adapter")
+    return None
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -432,6 +457,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     if unknown:
         raise InputError(f"--prompts {ns.prompts}: requests name adapter(s) {unknown} that no --adapter gives; given: "
                          f"{sorted(adapters)}")
+    release = release_adapter(ns, list(adapters.values()))
     writable_output(ns.out, "--out", folder=False)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
     model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype, ns.quantize,
@@ -442,10 +468,10 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     if not adapters or lora:  # the model as loaded answers every request
         adapters = {lora[0] if lora else ns.name: None}
     for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
-        apply_adapter(model, path)
+        apply_adapter(model, path, release)
     with decoding_cache(ns, model, min(ns.batch_size, len(requests))):
         rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size,
-                                 ns.compile, ns.out)
+                                 ns.compile, ns.out, release)
     print(f"{len(rows)} generations -> {ns.out}")
 
 
@@ -465,6 +491,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     ns.base = check_base(ns.base)
     if ns.adapter is not None:
         adapter_file(ns.adapter)
+    release = release_adapter(ns, [ns.adapter] if ns.adapter is not None else [])
     if ns.task == "scienceqa":
         existing_dir(ns.data, "--data", "a folder written by validate (holding records.jsonl)")
         existing_file(ns.data / "records.jsonl", "--data", "a folder written by validate (holding records.jsonl)")
@@ -486,7 +513,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
                              + (f" in split {ns.split!r}; splits present: {present}" if all_records else ""))
         inputs = {"records": records, "train_records": [r for r in all_records if r.get("split") == "train"]}
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize, ns.compile or not decodes)
+    model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize, ns.compile or not decodes,
+                               release)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     if ns.task == "scienceqa" and ns.image_features:
         from .multimodal import ImageFeatures
@@ -662,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("complete", help=cmd_complete.__doc__, description=cmd_complete.__doc__)
     add_inference_options(p, COMPLETE_INFERENCE, only=("device", "dtype", "quantize"))
     p.add_argument("--adapter", help="adapter .safetensors (or an original-release .pth with --adapter-len/-layers)")
+    add_release_adapter_options(p)
     p.add_argument("--prompt", required=True, help="the instruction, put into --template")
     add_dataclass_options(p, PromptFormat)
     add_dataclass_options(p, Sampling)
@@ -745,6 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_options(p)
     p.add_argument("--adapter", action="append", default=[],
                    help="NAME=PATH or PATH; repeat for several (default: none, the base alone answers)")
+    add_release_adapter_options(p)
     p.add_argument("--name", default="base",
                    help="without --adapter: the name the rows give the model (default: %(default)s)")
     p.add_argument("--prompts", required=True, type=Path,
@@ -758,6 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_options(p)
     add_dataclass_options(p, Evaluation, only=("task", "split", "mode", "row_len", "run_name"))
     p.add_argument("--adapter", type=Path, help="adapter or LoRA file (default: none, the base as it is: zero-shot)")
+    add_release_adapter_options(p)
     p.add_argument("--data", required=True, type=Path,
                    help="scienceqa: a validated folder; alpaca: a held-out token split folder")
     p.add_argument("--image-features", type=Path,

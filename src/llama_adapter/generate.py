@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import apply_adapter
-from .config import CompileConfig, InferenceConfig, Sampling
+from .config import PAPER_SAMPLING, AdapterArgs, CompileConfig, InferenceConfig, Sampling
 from .model import Transformer
 from .prompts import alpaca_prompt
 from .quantize import has_int8_weights
@@ -350,14 +350,17 @@ def generate_requests(
     tokenizer: Tokenizer,
     requests: list[dict],
     adapters: dict[str, Path | None],
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = PAPER_SAMPLING,
     batch_size: int = InferenceConfig.batch_size,
     compile: bool = CompileConfig.compile,
     out: Path | None = None,
+    release: AdapterArgs | None = None,
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
     loaded once; adapters are swapped in between groups of requests. A None path: the model as it is. With
-    `out`, the answers are also written there as JSON Lines, whole or not at all."""
+    `out`, the answers are also written there as JSON Lines, whole or not at all. `release`: the shape of the
+    original-release .pth adapters among them (checkpoint.apply_adapter). Sampling: the paper's by default, as
+    the `generate` command's."""
     unknown = {r["adapter"] for r in requests if "adapter" in r} - set(adapters)
     if unknown:
         raise ValueError(f"requests name adapters {sorted(unknown)} that were not given; given: {sorted(adapters)}")
@@ -366,7 +369,7 @@ def generate_requests(
     rows = min(batch_size, len(requests))  # every adapter's batches, compiled, decode as many rows: one compilation
     for name, path in adapters.items():
         if path is not None:
-            apply_adapter(model, path)
+            apply_adapter(model, path, release)
         mine = [r for r in requests if r.get("adapter", name) == name]
         outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], sampling, batch_size, generator,
                                  compile, rows=rows)
