@@ -300,6 +300,7 @@ def seventy_b_dry_run(tmp_path_factory) -> tuple[Path, str]:
         (base / name).touch()
     config = yaml.safe_load((REPO / "config" / "llama2-70b-2x8.yaml").read_text())
     config["base"]["source"], config["results"] = str(base), str(tmp / "results")
+    config["train"]["lr"] = None  # the schema's null: the option left out, for TrainConfig's blr rule
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return tmp, snakemake("--profile", "slurm/2x8", "--configfile", str(tmp / "config.yaml"))
 
@@ -317,6 +318,8 @@ def test_seventy_b_config_trains_over_two_nodes(seventy_b_dry_run):
     tmp, out = seventy_b_dry_run
     counts = job_counts(out)
     assert (counts["train_adapter"], counts["evaluate"], counts["generate"]) == (2, 5, 2)
+    for job in jobs(out, "generate"):  # its own instructions, not the demo's made-up words merged from config.yaml
+        assert "workflow/resources/paper_instructions.jsonl" in job["shell"] and "--max-new-tokens 512" in job["shell"]
     trained = {job["wildcards"]["experiment"]: job for job in jobs(out, "train_adapter")}
     assert set(trained) == {"instruction", "scienceqa"}  # the ablation center reuses scienceqa's training
     for job in trained.values():
@@ -326,6 +329,7 @@ def test_seventy_b_config_trains_over_two_nodes(seventy_b_dry_run):
         for option in ("--expect-gpus 8 --expect-world-size 16", "--fsdp", "--adapter-layers 30",
                        "--global-batch 64", "--rows-per-micro-batch 2"):
             assert f" {option} " in job["shell"], option
+        assert " --lr " not in job["shell"]
 
     class Resources(dict):
         __getattr__ = dict.__getitem__
@@ -340,6 +344,21 @@ def test_seventy_b_config_trains_over_two_nodes(seventy_b_dry_run):
         assert f" {option} " in f"{sbatch} ", (option, sbatch)
     assert "--ntasks-per-gpu" not in sbatch and "--ntasks=" not in sbatch
     assert not (tmp / "results").exists()
+
+
+@needs_snakemake
+def test_a_real_base_is_not_asked_the_demos_instructions(seventy_b_dry_run):
+    """A config without a generate block of its own inherits config.yaml's, the demo's made-up instructions: with
+    any base but the demo's, the plan stops naming the key, rather than a real model answering them."""
+    tmp, _ = seventy_b_dry_run
+    config = yaml.safe_load((tmp / "config.yaml").read_text())
+    del config["generate"]
+    (tmp / "no-generate.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile",
+                           str(tmp / "no-generate.yaml")], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    said = proc.stdout + proc.stderr
+    assert "config generate.instructions: 'workflow/resources/demo_instructions.jsonl' is the demo's" in said
 
 
 @needs_snakemake

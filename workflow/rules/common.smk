@@ -359,6 +359,14 @@ def repository_file(path):
 
 
 INSTRUCTIONS = repository_file(config["generate"]["instructions"])
+# A config merged over config.yaml without a generate block of its own would ask a real base about the demo's
+# made-up words (the demo base's vocabulary), and the report would print those answers.
+if not DEMO and Path(INSTRUCTIONS).name == "demo_instructions.jsonl":
+    raise ValueError(
+        f"config generate.instructions: {config['generate']['instructions']!r} is the demo's made-up instructions, "
+        f"but base.source is {config['base']['source']!r}; give the config a generate block of its own "
+        "(workflow/resources/paper_instructions.jsonl, as config/paper-7b.yaml)"
+    )
 
 
 def training_layout(resources):
@@ -415,11 +423,13 @@ def expectations(resources):
 
 def cli_options(settings):
     """--key value per setting, in a fixed order: reordering a config's keys must not rerun the job; a boolean as
-    --key or --no-key, the CLI's switches. A list of arguments (each value one argument, whatever it holds), for
-    `{params.options:q}`."""
+    --key or --no-key, the CLI's switches; a null left out, so that the library's default applies (lr: null, the
+    blr rule). A list of arguments (each value one argument, whatever it holds), for `{params.options:q}`.
+    """
     return [
         arg
         for k, v in sorted(settings.items())
+        if v is not None
         for arg in (
             [f"--{'' if v else 'no-'}{k.replace('_', '-')}"]
             if isinstance(v, bool)
