@@ -15,6 +15,7 @@ from llama_adapter.batching import collate, heldout_loss, token_loss_sum
 from llama_adapter.checkpoint import load_model, save_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs, Sampling
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
+from llama_adapter.errors import DataError
 from llama_adapter.evaluate import (
     Evaluation,
     answer_by_likelihood,
@@ -129,14 +130,18 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
     records = [{"pid": str(i), "split": "test", "question": f"Is {i} big?", "choices": ["yes", "no"], "answer": i % 2,
                 "hint": "h" if i % 3 else "", "image": None, "has_image": i == 4, "subject": "natural science",
                 "grade": f"grade{i + 1}"} for i in range(8)]
+    # The folder's other splits: evaluate scores ev.split's questions alone, the train split's set the floor.
+    training = [{**r, "pid": f"t{i}", "split": "train", "answer": 1} for i, r in enumerate(records[:3])]
+    validated = records + training + [{**records[0], "pid": "v0", "split": "val"}]
     (root / "data").mkdir(exist_ok=True)  # the validated folder the records were read from
-    (root / "data" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (root / "data" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in validated))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for mode in ("likelihood", "generate"):
         ev = Evaluation("scienceqa", root / "base", root / "a.safetensors", root / "data", tmp_path / mode,
                         split="test", mode=mode, tags={"experiment": "x"})
-        scores = evaluate(model, tok, ev, records=records, batch_size=4)
+        scores = evaluate(model, tok, ev, records=validated, batch_size=4)
         assert scores["mode"] == mode and scores["n"] == 8 and scores["split"] == "test"
+        assert scores["floor"] == {"position": 1, "letter": "B", "correct": 4, "n": 8, "accuracy": 50.0}
         assert (scores["task"], scores["method"], scores["base"]) == ("scienceqa", "adapter", str(root / "base"))
         assert json.loads((tmp_path / mode / "scores.json").read_text()) == scores
         rows = list(csv.DictReader(open(tmp_path / mode / "predictions.csv")))
@@ -153,6 +158,11 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
         assert (tags["questions"], tags["split"]) == ("8", "test")
         assert run.data.tags["mlflow.source.name"] == "llama_adapter.evaluate" and "env.python" in run.data.tags
     assert scores["categories"]["G7-12"]["n"] == 2  # grades 7 and 8
+    absent = Evaluation("scienceqa", root / "base", None, root / "data", tmp_path / "absent", split="tset")
+    with pytest.raises(DataError, match=r"records.jsonl: no questions in split 'tset'; splits present: "
+                                        r"\['test', 'train', 'val'\]"):
+        evaluate(model, tok, absent, records=validated)
+    assert not (tmp_path / "absent").exists()  # stopped before its MLflow run or any file
     broken = Evaluation("scienceqa", root / "base", None, root / "data", tmp_path / "broken", mode="generate")
     with pytest.raises(KeyError):
         evaluate(model, tok, broken, records=[{"pid": "1"}])  # no question: scoring fails

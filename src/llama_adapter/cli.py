@@ -478,7 +478,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
 def cmd_evaluate(ns: argparse.Namespace) -> None:
     """ScienceQA accuracy per category, or Alpaca held-out loss and perplexity."""
     from .data.tokens import TokenDataset
-    from .evaluate import evaluate
+    from .evaluate import evaluate, split_questions
     from .io import read_jsonl
 
     check_device(ns.device)
@@ -505,13 +505,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     writable_output(ns.out, "--out", folder=True)
     inputs = {}
     if ns.task == "scienceqa":
-        all_records = read_jsonl(ns.data / "records.jsonl")
-        records = [r for r in all_records if ns.split is None or r.get("split") == ns.split]
-        if not records:
-            present = sorted({str(r.get("split")) for r in all_records})
-            raise InputError(f"--data {ns.data / 'records.jsonl'}: no questions"
-                             + (f" in split {ns.split!r}; splits present: {present}" if all_records else ""))
-        inputs = {"records": records, "train_records": [r for r in all_records if r.get("split") == "train"]}
+        records = read_jsonl(ns.data / "records.jsonl")
+        split_questions(records, ns.split, ns.data / "records.jsonl")  # before the model loads: a wrong --split
+        inputs = {"records": records}
     tokenizer, tokenizer_path = inference_tokenizer(ns)
     model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize, ns.compile or not decodes,
                                release)

@@ -147,17 +147,30 @@ def training_of(base: Path, adapter: Path | None) -> dict:
     return metrics if "method" in metrics else {}
 
 
+def split_questions(records: list[dict], split: str | None, source: Path) -> tuple[list[dict], list[dict]]:
+    """(the questions of `split`, every split's if None; the training split's, for the no-model floor) of the
+    validated `records` read from `source`; no question to score is an error naming the splits there are."""
+    questions = [r for r in records if split is None or r.get("split") == split]
+    if not questions:
+        present = sorted({str(r.get("split")) for r in records})
+        raise DataError(f"{source}: no questions" + (f" in split {split!r}; splits present: {present}"
+                                                     if records else ""))
+    return questions, [r for r in records if r.get("split") == "train"]
+
+
 def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, records: list[dict] | None = None,
-             train_records: list[dict] | None = None, images: ImageFeatures | None = None,
-             heldout: TokenDataset | None = None, batch_size: int = InferenceConfig.batch_size,
-             compile: bool = CompileConfig.compile) -> dict:
-    """Score the model (ScienceQA `records`, or the Alpaca `heldout` split) and write every output of an
+             images: ImageFeatures | None = None, heldout: TokenDataset | None = None,
+             batch_size: int = InferenceConfig.batch_size, compile: bool = CompileConfig.compile) -> dict:
+    """Score the model (ScienceQA: the `records` of ev.split among a validated folder's records, every split's,
+    with the train split's for the no-model floor; Alpaca: the `heldout` split) and write every output of an
     evaluation: scores.json, once and whole (the scores, what was scored, the method and the MLflow run), and for
     ScienceQA predictions.csv. The MLflow run opens before scoring, so a crash ends it FAILED; it holds the
     scores as metrics and both files as artifacts, and names the training run of what it scored."""
     from .lora import is_lora_file
     from .tracking import Tracker, flatten
 
+    if ev.task == "scienceqa":
+        records, train_records = split_questions(records or [], ev.split, Path(ev.data) / "records.jsonl")
     training = training_of(ev.base, ev.adapter)
     method = training.get("method") or ("zero-shot" if ev.adapter is None else
                                         "lora" if is_lora_file(Path(ev.adapter)) else "adapter")
@@ -165,7 +178,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags)
     if ev.task == "scienceqa":  # the questions scored: the split of the validated records (all of them: None)
         tracker.log_dataset(Path(ev.data) / "records.jsonl", f"scienceqa/{ev.split or 'all'}", "evaluation",
-                            questions=len(records or []), split=ev.split)
+                            questions=len(records), split=ev.split)
     else:
         tracker.log_dataset(Path(ev.data), f"{ev.task}/{Path(ev.data).name}", "evaluation",
                             samples=len(heldout) if heldout is not None else None)
@@ -176,7 +189,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     try:
         with stop_signals_raise():  # scancel, a time limit: the run ends KILLED, not RUNNING forever
             if ev.task == "scienceqa":
-                scores, predictions = score_scienceqa(model, tokenizer, records or [], ev.mode, batch_size, images,
+                scores, predictions = score_scienceqa(model, tokenizer, records, ev.mode, batch_size, images,
                                                       train_records, compile)
                 scores["split"] = ev.split
                 write_predictions(predictions, out / "predictions.csv")
