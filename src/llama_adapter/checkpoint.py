@@ -22,18 +22,17 @@ import torch
 from torch import Tensor
 
 from .adapter import AdaptedTransformer
-from .config import AdapterArgs, ModelArgs
+from .config import FULL_WEIGHTS, PEFT_CONFIG, AdapterArgs, ModelArgs
 from .errors import CheckpointError
 from .io import atomic_path, read_json_object
 from .model import Transformer
 
 ADAPTER_FORMAT = "llama-adapter/1"
 FULL_FORMAT = "llama-adapter/full/1"
-FULL_WEIGHTS = "model.safetensors"
 # Buffers some checkpoints carry that our model recomputes (LLaMA-1's rope.freqs, old HF inv_freq).
 RECOMPUTED_BUFFERS = re.compile(r"^rope\.freqs$|.*\.rotary_emb\.inv_freq$")
-# A PEFT adapter folder: its settings, whose peft_type says what it is (LORA, ADAPTION_PROMPT, ...), and weights.
-PEFT_CONFIG = "adapter_config.json"
+# A PEFT adapter folder: its settings (PEFT_CONFIG), whose peft_type says what it is (LORA, ADAPTION_PROMPT, ...),
+# and weights.
 # PEFT writes safetensors, or a torch pickle with save_pretrained(safe_serialization=False).
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # PEFT's AdaptionPrompt on Hugging Face's LLaMA (or Mistral), in each adapted layer: the prompts

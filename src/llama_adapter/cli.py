@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import (
     COMPLETE_INFERENCE,
     DTYPES,
+    EVALUATION_OUTPUTS,
     GATE_INITS,
     METHODS,
     MODES,
@@ -41,6 +42,7 @@ from .config import (
     TokenizeConfig,
     TrainConfig,
     ValidateConfig,
+    training_outputs,
 )
 from .errors import InputError, PipelineError, StoppedBySignal, TokenizerError
 from .inputs import (
@@ -64,10 +66,6 @@ from .tokenizer import load_tokenizer
 
 # torch and the modules that need it are imported inside the commands that use them: the data stages then
 # start in a fraction of the time, which adds up over the many short jobs of a workflow.
-# What train and evaluate write for the next stage (train.py, evaluate.py), named here so that a failed run
-# removes them without importing torch; the training's checkpoint.pt is not among them (--resume reads it).
-TRAIN_OUTPUTS = ("adapter.safetensors", "adapter_model.safetensors", "adapter_config.json", "model", "metrics.json")
-EVALUATE_OUTPUTS = ("scores.json", "predictions.csv")
 
 
 def adapter_args(ns: argparse.Namespace) -> AdapterArgs:
@@ -142,7 +140,7 @@ ADAPTER_EXPECTED = ("an adapter .safetensors written by `llama-adapter train`, a
 
 def adapter_file(path: str | Path, flag: str = "--adapter") -> Path:
     """An adapter to load: a file, or a PEFT adapter's folder (adapter_config.json in it)."""
-    from .checkpoint import PEFT_CONFIG
+    from .config import PEFT_CONFIG
 
     if Path(path).is_dir() and (Path(path) / PEFT_CONFIG).is_file():
         return Path(path)
@@ -764,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail unless exactly this many GPUs are visible (0: no check); on several nodes, per node")
     p.add_argument("--expect-world-size", type=positive_int,
                    help="fail unless the run has exactly this many processes in all (nodes x processes per node)")
-    p.set_defaults(func=cmd_train, outputs=lambda ns: [Path(ns.out_dir) / f for f in TRAIN_OUTPUTS])
+    p.set_defaults(func=cmd_train, outputs=lambda ns: training_outputs(ns.out_dir))
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     add_inference_options(p)
@@ -792,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="the folder for scores.json (and predictions.csv)")
     add_dataclass_options(p, CompileConfig)
     add_tag_option(p)
-    p.set_defaults(func=cmd_evaluate, outputs=lambda ns: [ns.out / f for f in EVALUATE_OUTPUTS])
+    p.set_defaults(func=cmd_evaluate, outputs=lambda ns: [ns.out / f for f in EVALUATION_OUTPUTS])
 
     p = sub.add_parser("make-vision-encoder", help=cmd_make_vision_encoder.__doc__,
                        description=cmd_make_vision_encoder.__doc__)

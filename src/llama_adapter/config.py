@@ -160,7 +160,21 @@ class AdapterArgs:
 METHODS = ("adapter", "lora", "full", "zero-shot")
 # Where each trained method's weights are written, relative to the training's output folder: the adapter in this
 # project's format, LoRA in PEFT's (adapter_config.json beside it), a full fine-tune as a base folder of its own.
-WEIGHTS = {"adapter": "adapter.safetensors", "lora": "adapter_model.safetensors", "full": "model/model.safetensors"}
+FULL_WEIGHTS = "model.safetensors"  # a full fine-tune's weights in its base folder (checkpoint.save_full)
+PEFT_CONFIG = "adapter_config.json"  # a PEFT adapter's settings, beside its weights
+WEIGHTS = {"adapter": "adapter.safetensors", "lora": "adapter_model.safetensors", "full": f"model/{FULL_WEIGHTS}"}
+
+
+def training_outputs(out_dir: str | Path) -> list[Path]:
+    """What a training writes in `out_dir` for the next stage, whatever its method: the weights (a full
+    fine-tune's whole folder), LoRA's adapter_config.json, metrics.json. None of an earlier run's may pass for
+    this run's: train removes them as it starts, the command line when it fails. checkpoint.pt is not among them
+    (--resume reads it), nor config.json and metrics.jsonl, which describe the run in the folder."""
+    return [Path(out_dir) / name for name in (*sorted({w.split("/")[0] for w in WEIGHTS.values()}), PEFT_CONFIG,
+                                              "metrics.json")]
+
+
+EVALUATION_OUTPUTS = ("scores.json", "predictions.csv")  # an evaluation's files (predictions: ScienceQA's)
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .batching import collate, heldout_loss, hidden_states
-from .config import MODES, CompileConfig, Evaluation, InferenceConfig, Sampling
+from .config import EVALUATION_OUTPUTS, MODES, CompileConfig, Evaluation, InferenceConfig, Sampling
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .errors import DataError, StoppedBySignal, stop_signals_raise
@@ -185,18 +185,18 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     tracker.log_params({"task": ev.task, "method": method, "base": str(ev.base), "adapter": str(ev.adapter),
                         "data": str(ev.data), "split": ev.split, "mode": ev.mode,
                         "training_run_id": training.get("mlflow_run_id")})
-    written = [out / "scores.json", *([out / "predictions.csv"] if ev.task == "scienceqa" else [])]
+    written = [out / name for name in EVALUATION_OUTPUTS[: 2 if ev.task == "scienceqa" else 1]]
     try:
         with stop_signals_raise():  # scancel, a time limit: the run ends KILLED, not RUNNING forever
             if ev.task == "scienceqa":
                 scores, predictions = score_scienceqa(model, tokenizer, records, ev.mode, batch_size, images,
                                                       train_records, compile)
                 scores["split"] = ev.split
-                write_predictions(predictions, out / "predictions.csv")
+                write_predictions(predictions, written[1])
             else:
                 scores = score_alpaca(model, tokenizer, heldout, ev.row_len, batch_size)
             scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id}
-            write_json(out / "scores.json", scores)
+            write_json(written[0], scores)
     except BaseException as e:
         for path in written:  # no partial output: predictions without their scores would pass for a finished run
             path.unlink(missing_ok=True)

@@ -50,11 +50,11 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
-from .config import WEIGHTS, TrainConfig
+from .config import WEIGHTS, TrainConfig, training_outputs
 from .data.tokens import TokenDataset
 from .devices import device_name, pick_device, pick_dtype
 from .errors import CheckpointError, GPUAllocationError, PipelineError, TrainingDiverged
-from .io import atomic_path, read_json_object, write_json
+from .io import atomic_path, read_json_object, remove_output, write_json
 from .methods import load_for_training, save_tuned, tuned_state
 from .model import Transformer, flash_varlen_on
 from .multimodal import ImageFeatures
@@ -454,6 +454,8 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
 
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for path in training_outputs(out):  # an earlier run's, which this run's config.json would seem to describe
+            remove_output(path)
         write_json(out / "config.json", asdict(cfg))
         # Steps after the checkpoint will be redone; a fresh run drops an earlier run's lines.
         truncate_metrics(out / "metrics.jsonl", step if found is not None else -1)
@@ -574,9 +576,11 @@ def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, t
 
 
 def truncate_metrics(path: Path, step: int) -> None:
+    """metrics.jsonl's lines up to `step`, rewritten whole (a kill while rewriting keeps the old file)."""
     if path.exists():
         lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(ln + "\n" for ln in lines))
 
 
 def dataset_name(split_dir: Path) -> str:
