@@ -335,12 +335,12 @@ def test_report_center_not_json(w, tmp_path, capsys):
 
 
 def test_report_failure_leaves_its_given_inputs(w, tmp_path, capsys):
-    """An --out mistyped as a folder holding a given input (a NAME=PATH one): the failed report removes nothing."""
+    """An --out mistyped as a folder holding a given input (a NAME=PATH one): refused, the input left."""
     held = tmp_path / "held"
     (held / "tokens").mkdir(parents=True)
     (held / "tokens" / "stats.json").write_text("{}")
     one_line_error(capsys, "report", "--experiment", "a", "--tokens", f"alpaca={held / 'tokens'}", "--out", held,
-                   names=["--scores"])
+                   names=["--out", "--tokens", "would replace the input"])
     assert (held / "tokens" / "stats.json").exists()
 
 
@@ -397,3 +397,34 @@ def test_a_failed_run_leaves_no_earlier_output_for_the_next_stage(w, tmp_path, c
                    "--adapter", w / "adapter.safetensors", "--data", w / "val", "--out", eval_out, "--device", "cpu",
                    names=["--tokenizer"])
     assert list(eval_out.iterdir()) == []
+
+
+# ---------------------------------------------------------------- outputs over inputs
+
+
+def test_an_output_over_an_input_is_refused_before_anything_runs(w, tmp_path, capsys):
+    """An output that is an input, or holds one, would replace it when written (fetch --out the source's
+    folder, generate --out its prompts, train --out-dir the base's folder, over its config.json): refused by name
+    before the command runs, every input left as it was."""
+    shutil.copytree(w / "base", tmp_path / "base")
+    shutil.copy(w / "corpus.jsonl", tmp_path / "corpus.jsonl")
+    (tmp_path / "src" / "sq").mkdir(parents=True)
+    (tmp_path / "src" / "sq" / "problems.json").write_text("{}")
+    shutil.copy(w / "prompts.jsonl", tmp_path / "p.jsonl")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [
+        (["fetch", "--dataset", "scienceqa", "--source", tmp_path / "src" / "sq", "--out", tmp_path / "src"],
+         ["--out", "--source", "sq"]),
+        (["train-tokenizer", "--corpus", tmp_path / "corpus.jsonl", "--out", tmp_path / "corpus.jsonl"],
+         ["--out", "--corpus"]),
+        (list(generate_args(w, tmp_path / "p.jsonl", prompts=tmp_path / "p.jsonl")), ["--out", "--prompts"]),
+        (list(generate_args(w, tmp_path / "p.jsonl", adapter=f"a={tmp_path / 'p.jsonl'}")), ["--out", "--adapter"]),
+        ([*train_args(w, tmp_path / "base")[:2], tmp_path / "base", *train_args(w, tmp_path / "base")[3:]],
+         ["--out-dir", "--base"]),
+        (["report", "--scores", f"x={tmp_path / 'base' / 'params.json'}", "--out", tmp_path / "base"],
+         ["--out", "--scores"]),
+    ]
+    for args, names in cases:
+        msg = one_line_error(capsys, *args, names=names)
+        assert "would replace the input" in msg
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

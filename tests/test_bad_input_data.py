@@ -173,8 +173,9 @@ def test_missing_records_names_the_file_and_what_the_stage_expected(tmp_path, to
 def test_output_folder_that_is_the_input_is_refused(tmp_path, tok):
     fetched = records_dir(tmp_path / "f", GOOD)
     one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", fetched), "validate",
-                   "would replace --fetched")
-    one_line_error(tokenize_cli(fetched, fetched, tok, "--val-size", "1"), "tokenize", "would replace --validated")
+                   f"--out {fetched} is, or holds, --fetched {fetched}", "would replace the input")
+    one_line_error(tokenize_cli(fetched, fetched, tok, "--val-size", "1"), "tokenize",
+                   f"--out {fetched} is, or holds, --validated {fetched}", "would replace the input")
     assert sorted(p.name for p in fetched.iterdir()) == ["records.jsonl"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -839,13 +840,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
+        check_outputs_apart(ns)
         try:
             ns.func(ns)
         except BaseException:
-            for path in ns.outputs(ns):
-                if not holds_an_input(Path(path), ns):
-                    with contextlib.suppress(OSError):  # (an output that cannot exist: the error below says why)
-                        remove_output(path)
+            for path in ns.outputs(ns):  # none is or holds an input (check_outputs_apart)
+                with contextlib.suppress(OSError):  # (an output that cannot exist: the error below says why)
+                    remove_output(path)
             raise
     except StoppedBySignal as e:  # one line, and the shell's exit code for a signal
         print(f"llama-adapter {ns.command}: {e}", file=sys.stderr)
@@ -863,14 +864,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def holds_an_input(output: Path, ns: argparse.Namespace) -> bool:
-    """Whether `output` is, or holds, a path the command was given to read: an --out mistyped as an input
-    folder fails its checks, and the input must not be removed with the failed run's output."""
-    values = [v for k, v in vars(ns).items() if k not in ("out", "out_dir")]
-    items = [x for v in values for x in (v if isinstance(v, list) else [v])]
-    # a NAME=PATH option is parsed into (name, path): its path is the input
-    given = [x for i in items for x in (i[1:] if isinstance(i, tuple) else [i]) if isinstance(x, (str, Path))]
-    return any(holds(output, x) for x in given)
+OUTPUT_OPTIONS = ("out", "out_dir")
+
+
+def given_paths(ns: argparse.Namespace) -> list[tuple[str, str | Path]]:
+    """(option, value) of every option value that names an existing path, the outputs' options apart: what the
+    command reads (an input), or may (a cache). A NAME=PATH option is parsed into (name, path): its path counts."""
+    given = []
+    for key, value in vars(ns).items():
+        if key in OUTPUT_OPTIONS or key == "func":
+            continue
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            for x in item[1:] if isinstance(item, tuple) else [item]:
+                if isinstance(x, str) and not os.path.lexists(x):  # generate's --adapter NAME=PATH, unparsed
+                    x = x.rpartition("=")[2]
+                if isinstance(x, str | Path) and str(x) and os.path.lexists(x):
+                    given.append((f"--{key.replace('_', '-')}", x))
+    return given
+
+
+def check_outputs_apart(ns: argparse.Namespace) -> None:
+    """Before the command runs: none of its outputs (--out, --out-dir, and the files it writes there) is, or
+    holds, a path it was given to read. Writing it would replace the input (fetch --out over the source's
+    folder, generate --out over its --prompts, train --out-dir in the base's folder, over its config.json)."""
+    named = [f"--{k.replace('_', '-')} {v}" for k in OUTPUT_OPTIONS if (v := getattr(ns, k, None))]
+    outputs = [(text, Path(text.split(" ", 1)[1])) for text in named]
+    outputs += [(f"{path} (which {named[0] if named else 'it'} gets)", Path(path)) for path in ns.outputs(ns)]
+    inputs = given_paths(ns)
+    for shown, output in outputs:
+        for option, path in inputs:
+            if holds(output, path):
+                raise InputError(f"{shown} is, or holds, {option} {path}, which the command reads; writing it would "
+                                 "replace the input: expected an output apart from the inputs")
 
 
 def one_line(message: str) -> str:
