@@ -10,8 +10,9 @@ from llama_adapter.data.tokens import TokenDataset
 from llama_adapter.tokenizer import load_tokenizer
 
 
-def cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "llama_adapter.cli", *map(str, args)], capture_output=True, text=True)
+def cli(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "llama_adapter.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -57,9 +58,10 @@ def test_alpaca_chain(demo):
 
 def test_scienceqa_chain_keeps_its_splits_and_images(demo):
     root = demo
-    cli("fetch", "--dataset", "scienceqa", "--source", root / "demo" / "scienceqa", "--out", root / "sqa" / "fetched")
-    cli("validate", "--dataset", "scienceqa", "--fetched", root / "sqa" / "fetched",
-        "--out", root / "sqa" / "validated")
+    # Fetched and validated by relative paths from the data's folder; every later stage runs from elsewhere
+    # (validation.json names the fetched folder relative to the validated one, as the records' image paths).
+    cli("fetch", "--dataset", "scienceqa", "--source", "demo/scienceqa", "--out", "sqa/fetched", cwd=root)
+    cli("validate", "--dataset", "scienceqa", "--fetched", "sqa/fetched", "--out", "sqa/validated", cwd=root)
     records = [json.loads(line) for line in (root / "sqa" / "validated" / "records.jsonl").read_text().splitlines()]
     with_image = [r for r in records if r["image"]]
     assert with_image and all((root / "sqa" / "validated" / r["image"]).is_file() for r in with_image)
@@ -72,6 +74,8 @@ def test_scienceqa_chain_keeps_its_splits_and_images(demo):
                              "--tokenizer", root / "tokenizer.model", "--out", root / "sqa" / "tokens-default",
                              "--max-seq-len", 256))
     assert default == splits
+    stats = json.loads((root / "sqa" / "tokens" / "stats.json").read_text())
+    assert stats["provenance"]["dataset"] == "scienceqa", stats.get("provenance")  # fetch.json, found from here
     keys = TokenDataset(root / "sqa" / "tokens" / "test").keys  # each sample's pid, for its image features
     assert len(keys) == 240 and set(keys) <= {r["pid"] for r in records if r["split"] == "test"}
 

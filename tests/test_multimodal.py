@@ -151,6 +151,10 @@ def test_missing_image_fails_or_is_skipped(encoder, tmp_path, monkeypatch):
     assert (summary["rows"], summary["n_skipped"], summary["skipped"]) == (1, 2, ["2", "3"])
     assert json.loads((out / "encoder.json").read_text())["skipped"] == ["2", "3"]
     assert ImageFeatures(out).pids == ["1"]
+    (tmp_path / "fetched" / "images" / "1.png").unlink()  # the last one too: a cache with no features is an error
+    with pytest.raises(ImageError, match=r"records\.jsonl: every image was skipped \(3, first pid 1\)"):
+        encode_images(encoder, records, out, policy="skip")
+    assert not out.exists()
     with pytest.raises(ValueError, match="policy"):
         encode_images(encoder, records, out, policy="ignore")
 

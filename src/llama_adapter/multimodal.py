@@ -21,6 +21,7 @@ from PIL import Image
 
 from .config import POLICIES, EncodeImagesConfig, TinyClipConfig
 from .data.paths import inside
+from .data.validate import fetched_folder
 from .errors import EncoderError, ImageError, UnsafePathError
 from .io import atomic_dir, read_json, read_json_object, read_jsonl, remove_output, sha256_file, write_json
 
@@ -225,6 +226,10 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
             features[rows], done[rows] = encoder.encode(images).numpy(), True
 
     pids = [pid for (pid, _), ok in zip(wanted, done) if ok]
+    if skipped and not pids:  # the skip policy is for a few bad images, not for a cache without features
+        remove_output(out_dir)
+        raise ImageError(f"{records_path}: every image was skipped ({len(skipped)}, first pid {skipped[0]}); expected "
+                         f"images under the dataset folder {root} (rerun with --policy fail to see why each failed)")
     summary = {"encoded": len(pids) - reused, "reused": reused, "n_skipped": len(skipped), "rows": len(pids),
                "feature_dim": encoder.feature_dim}
     del old  # drop the memory map of the files about to be replaced
@@ -240,9 +245,4 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
 def dataset_root(records_path: Path) -> Path:
     """The folder a records file's image paths must stay inside: the fetched dataset that validation.json
     beside a validated records file names, else the records file's own folder."""
-    report = records_path.parent / "validation.json"
-    if report.is_file():
-        source = read_json_object(report).get("source")
-        if isinstance(source, str) and Path(source).is_dir():
-            return Path(source)
-    return records_path.parent
+    return fetched_folder(records_path.parent) or records_path.parent

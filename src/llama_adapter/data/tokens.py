@@ -24,7 +24,7 @@ from ..io import atomic_dir, read_json_object, read_jsonl_lines, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
 from .scienceqa import qcm_prompt, qcm_target
-from .validate import check_separate, record_faults
+from .validate import check_separate, fetched_folder, record_faults
 
 # (prompt, response) of a validated record, per dataset.
 SAMPLE_FORMATS: dict[str, Callable[[dict], tuple[str, str]]] = {
@@ -254,7 +254,8 @@ def check_records(dataset: str, source: Path, lines: list[tuple[int, object]]) -
 
 def provenance(validated_dir: Path) -> dict:
     """The fetch.json of the data behind a validated folder (validation.json names the fetched folder); {} when
-    the folder has no validation.json. A validation.json that records a failed run is refused."""
+    the folder has no validation.json, or the fetched folder no fetch.json (records made by hand). A
+    validation.json that records a failed run, or names a fetched folder that is gone, is refused."""
     report = validated_dir / "validation.json"
     if not report.exists():
         return {}
@@ -262,11 +263,12 @@ def provenance(validated_dir: Path) -> dict:
     if meta.get("status") == "failed":
         raise TokenizeError(f"{report}: records a failed validation; expected a successful validate run (run it "
                             "again)")
-    source = meta.get("source")
-    if not isinstance(source, str):
-        return {}
-    fetch_json = Path(source) / "fetch.json"
-    return read_json_object(fetch_json) if fetch_json.exists() else {}
+    fetched = fetched_folder(validated_dir)
+    if fetched is None:
+        raise TokenizeError(f"{report}: names the fetched folder {meta.get('fetched') or meta.get('source')!r} "
+                            f"(from {validated_dir}), which is not there; expected the folder validate read, for "
+                            "the data's provenance (run fetch and validate again if it was moved or removed)")
+    return read_json_object(fetched / "fetch.json") if (fetched / "fetch.json").is_file() else {}
 
 
 def write_split(path: Path, enc: Encoded, record_index: np.ndarray, keys: list[str] | None = None) -> None:

@@ -55,9 +55,12 @@ SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 @dataclass
 class ValidationReport:
     dataset: str
-    source: str
+    source: str  # the fetched folder as given
     policy: str
     dropped_flags: list[str]
+    # The fetched folder relative to the validated one, as the records' image paths are: later stages find it
+    # from wherever they run (fetched_folder), and a results tree moved whole keeps it.
+    fetched: str = ""
     status: str = "ok"  # "failed": invalid records under policy fail, or nothing left to keep
     total: int = 0  # records in the file
     kept: int = 0
@@ -218,7 +221,8 @@ def validate(
         lines = read_jsonl_lines(source, expected="the records.jsonl that the fetch stage writes")
         if not lines:
             raise ValidationError(f"{source}: no records (the file is empty); expected one JSON object per line")
-        report = ValidationReport(dataset, str(fetched_dir), policy, drop_flags, total=len(lines))
+        report = ValidationReport(dataset, str(fetched_dir), policy, drop_flags, total=len(lines),
+                                  fetched=os.path.relpath(fetched_dir, out_dir))
         refused = refused_images(fetched_dir) if dataset == "scienceqa" else {}
         kept, seen, pids = [], set(), {}
         for index, (line, record) in enumerate(lines):
@@ -273,6 +277,23 @@ def validate(
     if failure is not None:
         raise failure
     return report
+
+
+def fetched_folder(validated_dir: Path) -> Path | None:
+    """The fetched folder behind a validated one, as its validation.json names it (None without one, or when that
+    folder is gone). A validation.json written before `fetched` was recorded gives `source`, which is relative to
+    the folder validate ran from."""
+    report = Path(validated_dir) / "validation.json"
+    if not report.is_file():
+        return None
+    meta = read_json_object(report, "the validation.json validate writes")
+    if isinstance(meta.get("fetched"), str) and meta["fetched"]:
+        folder = Path(validated_dir) / meta["fetched"]
+    elif isinstance(meta.get("source"), str):
+        folder = Path(meta["source"])
+    else:
+        return None
+    return folder if folder.is_dir() else None
 
 
 def refused_images(fetched_dir: Path) -> dict[str, str]:
