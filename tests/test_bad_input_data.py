@@ -164,6 +164,22 @@ def test_malformed_lines_name_the_file_and_line(tmp_path, tok):
                        f"{folder / 'records.jsonl'}, line {line}", needle)
 
 
+def test_a_key_given_twice_in_a_json_source_is_an_error_not_a_lost_record(tmp_path):
+    """json keeps the last of a repeated key silently: a ScienceQA problem given twice under one pid (the first
+    lost, counted nowhere), an Alpaca record with two instructions."""
+    (tmp_path / "alpaca.json").write_text('[{"instruction": "first", "input": "", "output": "b", '
+                                          '"instruction": "second"}]')
+    one_line_error(cli("fetch", "--dataset", "alpaca", "--source", tmp_path / "alpaca.json", "--out", tmp_path / "a"),
+                   "fetch", tmp_path / "alpaca.json", "key 'instruction' appears twice")
+    problem = '{"question": "Q?", "choices": ["a", "b"], "answer": 0, "hint": "", "image": null, "split": "test"}'
+    (tmp_path / "sq").mkdir()
+    (tmp_path / "sq" / "problems.json").write_text(f'{{"1": {problem}, "2": {problem}, "1": {problem}}}')
+    (tmp_path / "sq" / "pid_splits.json").write_text('{"train": ["2"], "val": [], "test": ["1"]}')
+    one_line_error(cli("fetch", "--dataset", "scienceqa", "--source", tmp_path / "sq", "--out", tmp_path / "s"),
+                   "fetch", tmp_path / "sq" / "problems.json", "key '1' appears twice")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
+
+
 def test_missing_records_names_the_file_and_what_the_stage_expected(tmp_path, tok):
     msg = one_line_error(tokenize_cli(tmp_path / "nothing", tmp_path / "t", tok), "tokenize",
                          tmp_path / "nothing" / "records.jsonl", "no such file", "validate")

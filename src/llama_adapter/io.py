@@ -204,11 +204,15 @@ def _read_bytes(path: Path, expected: str, error: type[Exception]) -> bytes:
 
 def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: type[Exception] = DataError) -> Any:
     """The value of a JSON file. Any fault is `error` (the caller's kind: DataError, CheckpointError, ...) naming
-    the file and what was expected there: missing, a folder, unreadable, not UTF-8, not JSON."""
+    the file and what was expected there: missing, a folder, unreadable, not UTF-8, not JSON, or an object with
+    a repeated key (json would keep the last value silently: a ScienceQA problem given twice, lost uncounted)."""
     path = Path(path)
     data = _read_bytes(path, expected, error)
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise error(f"{path}: key {e.args[0]!r} appears twice in one object; expected each key once ({expected})"
+                    ) from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected {expected}") from None
     except (json.JSONDecodeError, RecursionError) as e:
