@@ -428,3 +428,22 @@ def test_an_output_over_an_input_is_refused_before_anything_runs(w, tmp_path, ca
         msg = one_line_error(capsys, *args, names=names)
         assert "would replace the input" in msg
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_evaluate_refuses_scienceqa_records_validate_would_not_keep(w, tmp_path, capsys):
+    """evaluate reads a validated folder's records.jsonl: a record edited since (a question with no choices, a pid
+    given twice, which would count twice in the accuracy) is refused by line before the model loads."""
+    good = {"pid": "1", "split": "test", "question": "Is it big?", "choices": ["yes", "no"], "answer": 0, "hint": "",
+            "image": None, "has_image": False, "subject": "natural science", "grade": "grade1", "lecture": "",
+            "solution": "", "task": "closed choice", "topic": "x", "category": "y", "skill": "z"}
+    for name, records, needles in [
+        ("twice", [good, {**good, "question": "Is it small?"}], ["line 2", "repeated pid", "'1'"]),
+        ("no_choices", [good, {k: v for k, v in {**good, "pid": "2"}.items() if k != "choices"}], ["line 2"]),
+    ]:
+        data = tmp_path / name
+        data.mkdir()
+        (data / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        one_line_error(capsys, "evaluate", "--task", "scienceqa", "--base", w / "base300", "--data", data,
+                       "--out", tmp_path / f"eval_{name}", "--device", "cpu",
+                       names=[data / "records.jsonl", "not valid scienceqa records", *needles])
+        assert not (tmp_path / f"eval_{name}").exists()

@@ -477,8 +477,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
 def cmd_evaluate(ns: argparse.Namespace) -> None:
     """ScienceQA accuracy per category, or Alpaca held-out loss and perplexity."""
     from .data.tokens import TokenDataset
-    from .evaluate import evaluate, split_questions
-    from .io import read_jsonl
+    from .evaluate import evaluate, read_questions, split_questions
 
     check_device(ns.device)
     check_compile_cache(ns)
@@ -504,7 +503,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     writable_output(ns.out, "--out", folder=True)
     inputs = {}
     if ns.task == "scienceqa":
-        records = read_jsonl(ns.data / "records.jsonl")
+        records = read_questions(ns.data)
         split_questions(records, ns.split, ns.data / "records.jsonl")  # before the model loads: a wrong --split
         inputs = {"records": records}
     tokenizer, tokenizer_path = inference_tokenizer(ns)

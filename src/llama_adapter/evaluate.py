@@ -19,9 +19,10 @@ from .batching import collate, heldout_loss, hidden_states
 from .config import EVALUATION_OUTPUTS, MODES, CompileConfig, Evaluation, InferenceConfig, Sampling
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
+from .data.validate import check_validated_records
 from .errors import DataError, StoppedBySignal, stop_signals_raise
 from .generate import batches_by_length, complete_texts
-from .io import atomic_path, read_json_object, write_json
+from .io import atomic_path, read_json_object, read_jsonl_lines, write_json
 from .model import Transformer
 from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
@@ -145,6 +146,15 @@ def training_of(base: Path, adapter: Path | None) -> dict:
     except DataError:
         return {}
     return metrics if "method" in metrics else {}
+
+
+def read_questions(validated_dir: Path) -> list[dict]:
+    """The ScienceQA records of a folder written by validate, every split's, each checked as validate keeps them
+    (an edited or unvalidated file is refused by line, not scored: a repeated pid would count twice)."""
+    source = Path(validated_dir) / "records.jsonl"
+    lines = read_jsonl_lines(source, expected="the records.jsonl that the validate stage writes")
+    check_validated_records("scienceqa", source, lines)
+    return [record for _, record in lines]
 
 
 def split_questions(records: list[dict], split: str | None, source: Path) -> tuple[list[dict], list[dict]]:

@@ -24,7 +24,7 @@ from ..io import atomic_dir, read_json_object, read_jsonl_lines, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
 from .scienceqa import qcm_prompt, qcm_target
-from .validate import check_separate, fetched_folder, record_faults
+from .validate import check_separate, check_validated_records, fetched_folder
 
 # (prompt, response) of a validated record, per dataset.
 SAMPLE_FORMATS: dict[str, Callable[[dict], tuple[str, str]]] = {
@@ -189,7 +189,7 @@ def tokenize(
         if not lines:
             raise TokenizeError(f"{source}: no records (the file is empty); expected the validated {dataset} "
                                 "records, one JSON object per line")
-        check_records(dataset, source, lines)
+        check_validated_records(dataset, source, lines)
         records = [r for _, r in lines]
 
         def where(i: int) -> str:
@@ -229,27 +229,6 @@ def tokenize(
         write_json(tmp / "stats.json", stats)
         plot_lengths(lengths, max_seq_len, f"{dataset}: tokens per sample (n={len(lengths)})", tmp / "lengths.png")
     return stats
-
-
-def check_records(dataset: str, source: Path, lines: list[tuple[int, object]]) -> None:
-    """Refuse records validate would not have kept (a file that skipped validation, or was edited since):
-    one line naming how many, and the first one's line, fault and what was expected."""
-    bad, pids = [], {}
-    for index, (line, record) in enumerate(lines):
-        faults = record_faults(dataset, record)
-        if dataset == "scienceqa" and not faults:
-            pid = record["pid"]
-            if pid in pids:
-                faults = [("repeated pid", f"pid {pid!r} is also at line {pids[pid]}; expected unique pids")]
-            pids.setdefault(pid, line)
-        if faults:
-            bad.append((index, line, faults))
-    if bad:
-        index, line, faults = bad[0]
-        first = "; ".join(f"{reason} ({detail:.120})" if detail else reason for reason, detail in faults)
-        raise TokenizeError(f"{source}: {len(bad)} of {len(lines)} records are not valid {dataset} records (first: "
-                            f"line {line}, record {index}: {first}); expected records as the validate stage keeps "
-                            "them (run validate on the data)")
 
 
 def provenance(validated_dir: Path) -> dict:

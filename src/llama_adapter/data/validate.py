@@ -279,6 +279,27 @@ def validate(
     return report
 
 
+def check_validated_records(dataset: str, source: Path, lines: list[tuple[int, object]]) -> None:
+    """Refuse records validate would not have kept (a file that skipped validation, or was edited since):
+    one line naming how many, and the first one's line, fault and what was expected."""
+    bad, pids = [], {}
+    for index, (line, record) in enumerate(lines):
+        faults = record_faults(dataset, record)
+        if dataset == "scienceqa" and not faults:
+            pid = record["pid"]
+            if pid in pids:
+                faults = [("repeated pid", f"pid {pid!r} is also at line {pids[pid]}; expected unique pids")]
+            pids.setdefault(pid, line)
+        if faults:
+            bad.append((index, line, faults))
+    if bad:
+        index, line, faults = bad[0]
+        first = "; ".join(f"{reason} ({detail:.120})" if detail else reason for reason, detail in faults)
+        raise DataError(f"{source}: {len(bad)} of {len(lines)} records are not valid {dataset} records (first: "
+                        f"line {line}, record {index}: {first}); expected records as the validate stage keeps "
+                        "them (run validate on the data)")
+
+
 def fetched_folder(validated_dir: Path) -> Path | None:
     """The fetched folder behind a validated one, as its validation.json names it (None without one, or when that
     folder is gone). A validation.json written before `fetched` was recorded gives `source`, which is relative to
