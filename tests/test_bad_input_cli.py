@@ -447,3 +447,28 @@ def test_evaluate_refuses_scienceqa_records_validate_would_not_keep(w, tmp_path,
                        "--out", tmp_path / f"eval_{name}", "--device", "cpu",
                        names=[data / "records.jsonl", "not valid scienceqa records", *needles])
         assert not (tmp_path / f"eval_{name}").exists()
+
+
+@pytest.mark.parametrize(("stop", "code", "said"), [("SIGTERM", 128 + 15, "stopped by SIGTERM"),
+                                                     ("Ctrl-C", 130, "stopped by SIGINT")])
+def test_a_signal_stops_any_command_as_an_error_does(w, tmp_path, capsys, monkeypatch, stop, code, said):
+    """scancel or a time limit (SIGTERM), or Ctrl-C, in the middle of any command, not only train and evaluate:
+    one line, the shell's code for the signal, and no output left, an earlier run's included."""
+    import signal
+    import time
+
+    import llama_adapter.tokenizer
+
+    def stopped(*args, **kwargs):
+        if stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        raise KeyboardInterrupt
+
+    (tmp_path / "t.model").write_text("an earlier run's")
+    monkeypatch.setattr(llama_adapter.tokenizer, "train_sentencepiece", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, err = run(capsys, "train-tokenizer", "--corpus", w / "corpus.jsonl", "--out", tmp_path / "t.model")
+    lines = err.splitlines()
+    assert rc == code and len(lines) == 1 and lines[0].startswith(f"llama-adapter train-tokenizer: {said}"), err
+    assert not (tmp_path / "t.model").exists() and signal.getsignal(signal.SIGTERM) is before

@@ -45,7 +45,7 @@ from .config import (
     ValidateConfig,
     training_outputs,
 )
-from .errors import InputError, PipelineError, StoppedBySignal, TokenizerError
+from .errors import InputError, PipelineError, StoppedBySignal, TokenizerError, stop_signals_raise
 from .inputs import (
     beta,
     check_device,
@@ -841,7 +841,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_outputs_apart(ns)
         try:
-            ns.func(ns)
+            # SIGTERM (scancel, a time limit) stops any command as an error does, its outputs removed; training
+            # takes the signals over while it steps, to save a checkpoint first.
+            with stop_signals_raise():
+                ns.func(ns)
         except BaseException:
             for path in ns.outputs(ns):  # none is or holds an input (check_outputs_apart)
                 with contextlib.suppress(OSError):  # (an output that cannot exist: the error below says why)
@@ -850,6 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     except StoppedBySignal as e:  # one line, and the shell's exit code for a signal
         print(f"llama-adapter {ns.command}: {e}", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C: as a signal, one line rather than a traceback
+        print(f"llama-adapter {ns.command}: stopped by SIGINT; its outputs were removed", file=sys.stderr)
+        return 130
     except (PipelineError, ValueError) as e:
         print(f"llama-adapter {ns.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
