@@ -472,3 +472,36 @@ def test_a_signal_stops_any_command_as_an_error_does(w, tmp_path, capsys, monkey
     lines = err.splitlines()
     assert rc == code and len(lines) == 1 and lines[0].startswith(f"llama-adapter train-tokenizer: {said}"), err
     assert not (tmp_path / "t.model").exists() and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_adapter_path_may_hold_an_equals_sign(w, tmp_path, capsys):
+    """--adapter takes NAME=PATH or PATH: a path that exists is a PATH whatever it holds, and NAME ends at the first
+    '=' (a run folder named after its settings, runs/lr=0.1/, was read as NAME 'runs/lr', PATH '0.1/...')."""
+    run_dir = tmp_path / "runs" / "lr=0.1"
+    run_dir.mkdir(parents=True)
+    fits = AdaptedTransformer(ModelArgs(**{**SMALL.to_dict(), "vocab_size": 300}), AdapterArgs(2, 1))
+    save_adapter(fits, run_dir / "adapter.safetensors", base_model="base300")
+    weights = run_dir / "adapter.safetensors"
+    for spec, name in [(weights, "lr=0.1"), (f"mine={weights}", "mine")]:
+        out = tmp_path / f"{name}.jsonl"
+        rc, err = run(capsys, *generate_args(w, out, adapter=spec))
+        assert rc == 0, err
+        assert [json.loads(line)["adapter"] for line in out.read_text().splitlines()] == [name]
+
+
+def test_an_unknown_option_is_the_commands_one_line_error(capsys):
+    one_line_error(capsys, "tokenize", "--dataset", "alpaca", "--validated", "v", "--tokenizer", "t", "--out", "o",
+                   "--bogus", "1", names=["unrecognized arguments: --bogus 1", "llama-adapter tokenize --help"])
+
+
+def test_out_of_range_numbers_are_one_line_errors_naming_the_option(w, tmp_path, capsys):
+    """Numbers that would only fail deep inside torch or numpy (a seed past 64 bits, a length no model has, a
+    padding id outside the base's vocabulary, more new tokens than the model's context) name their option."""
+    one_line_error(capsys, *generate_args(w, tmp_path / "g.jsonl", "--seed", str(2**64)), names=["--seed", "2**63"])
+    one_line_error(capsys, "tokenize", "--dataset", "alpaca", "--validated", w, "--tokenizer", w / "tok.model",
+                   "--out", tmp_path / "t", "--max-seq-len", str(10**20), names=["--max-seq-len", "number of tokens"])
+    one_line_error(capsys, "generate", "--base", w / "base300", "--prompts", w / "prompts.jsonl", "--out",
+                   tmp_path / "g.jsonl", "--max-new-tokens", "129", "--device", "cpu",
+                   names=["max_new_tokens", "128", "max_seq_len"])
+    one_line_error(capsys, *train_args(w, tmp_path / "o", "--pad-id", "64"), names=["--pad-id 64", "vocab_size 64"])
+    assert not any(tmp_path.iterdir())

@@ -57,6 +57,8 @@ from .inputs import (
     non_negative_int,
     positive_float,
     positive_int,
+    random_seed,
+    token_count,
     token_split,
     top_p,
     writable_output,
@@ -424,11 +426,20 @@ def release_adapter(ns: argparse.Namespace, paths: list[Path]) -> AdapterArgs | 
     return None
 
 
+def adapter_spec(spec: str) -> tuple[str, str]:
+    """(NAME or "", PATH) of an --adapter value: a path that exists as given is a PATH whatever it holds
+    (runs/lr=0.1/adapter.safetensors); otherwise NAME runs up to the first '=' (a path may hold more)."""
+    if "=" not in spec or os.path.lexists(spec):
+        return "", spec
+    name, _, path = spec.partition("=")
+    return name, path
+
+
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
     """NAME=PATH, or PATH (named after its folder, as results/adapters/<experiment>/adapter.safetensors)."""
     adapters = {}
     for spec in specs:
-        name, _, path = spec.rpartition("=")
+        name, path = adapter_spec(spec)
         name = name or (Path(path).name if Path(path).is_dir() else Path(path).parent.name)
         if name in adapters:
             raise InputError(f"--adapter {spec}: a second adapter named {name!r} (after {adapters[name]}); name them "
@@ -655,11 +666,11 @@ OPTION_TYPES = {
     "adapter_len": positive_int, "adapter_layers": positive_int, "epochs": positive_int,
     "warmup_epochs": non_negative_float, "blr": positive_float, "lr": positive_float, "min_lr": non_negative_float,
     "weight_decay": non_negative_float, "betas": beta, "global_batch": positive_int,
-    "rows_per_micro_batch": positive_int, "row_len": positive_int, "pad_id": non_negative_int,
+    "rows_per_micro_batch": positive_int, "row_len": token_count, "pad_id": non_negative_int,
     "checkpoint_every": positive_int, "max_steps": positive_int, "lora_rank": positive_int,
     "lora_alpha": positive_float, "lora_dropout": non_negative_float, "steps": positive_int, "batch_size": positive_int,
-    "seq_len": positive_int, "max_new_tokens": positive_int, "temperature": non_negative_float, "top_p": top_p,
-    "vocab_size": positive_int,
+    "seq_len": token_count, "max_new_tokens": token_count, "temperature": non_negative_float, "top_p": top_p,
+    "vocab_size": positive_int, "max_seq_len": token_count, "seed": random_seed, "split_seed": random_seed,
 }
 OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS,
                   "truncation": TRUNCATION, "split_by": SPLIT_BY, "dtype": DTYPES, "task": TASKS, "mode": MODES,
@@ -837,7 +848,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's one-line usage error (the top-level parser would print its usage, naming no command)
+        [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        commands.choices[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         check_outputs_apart(ns)
         try:
@@ -882,8 +897,8 @@ def given_paths(ns: argparse.Namespace) -> list[tuple[str, str | Path]]:
         items = value if isinstance(value, list) else [value]
         for item in items:
             for x in item[1:] if isinstance(item, tuple) else [item]:
-                if isinstance(x, str) and not os.path.lexists(x):  # generate's --adapter NAME=PATH, unparsed
-                    x = x.rpartition("=")[2]
+                if isinstance(x, str):  # generate's --adapter NAME=PATH, unparsed
+                    x = adapter_spec(x)[1]
                 if isinstance(x, str | Path) and str(x) and os.path.lexists(x):
                     given.append((f"--{key.replace('_', '-')}", x))
     return given

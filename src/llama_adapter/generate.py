@@ -204,8 +204,9 @@ def generate(
     without compiling again); default one per prompt."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 1 <= max_new_tokens <= model.args.max_seq_len:  # (the cache is allocated for them all at once)
+        raise ValueError(f"max_new_tokens must be in [1, {model.args.max_seq_len}] (the model's max_seq_len), got "
+                         f"{max_new_tokens}")
     n = len(prompts)
     rows = n if rows is None else rows
     if rows < n:

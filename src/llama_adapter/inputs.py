@@ -39,6 +39,25 @@ def non_negative_int(text: str) -> int:
     return n
 
 
+def random_seed(text: str) -> int:
+    """A seed torch and numpy both take (a 64-bit signed integer >= 0): a larger one would fail deep inside them."""
+    n = _number(int, text)
+    if not 0 <= n < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return n
+
+
+MAX_TOKENS = 2**20  # a length in tokens (a sequence, a generation) beyond any model's context
+
+
+def token_count(text: str) -> int:
+    """A length in tokens: >= 1 and at most MAX_TOKENS (a larger one would only fail later, as an allocation)."""
+    n = _number(int, text)
+    if not 1 <= n <= MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens in [1, {MAX_TOKENS}], got {text!r}")
+    return n
+
+
 def positive_float(text: str) -> float:
     x = _number(float, text)
     if not x > 0 or x == float("inf"):

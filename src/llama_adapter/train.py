@@ -53,7 +53,7 @@ from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
 from .config import WEIGHTS, TrainConfig, training_outputs
 from .data.tokens import TokenDataset
 from .devices import device_name, pick_device, pick_dtype
-from .errors import CheckpointError, GPUAllocationError, PipelineError, TrainingDiverged
+from .errors import CheckpointError, GPUAllocationError, InputError, PipelineError, TrainingDiverged
 from .io import atomic_path, read_json_object, remove_output, write_json
 from .methods import load_for_training, save_tuned, tuned_state
 from .model import Transformer, flash_varlen_on
@@ -374,6 +374,9 @@ def check_split_ids(vocab_size: int, cfg: TrainConfig, splits: dict) -> None:
     with another tokenizer than the base's fails here, not as an IndexError mid-run)."""
     from .inputs import check_token_ids
 
+    if cfg.pad_id >= vocab_size:  # it fills packed rows, through the embedding like any token
+        raise InputError(f"--pad-id {cfg.pad_id}: not a token id of the base {cfg.base} (vocab_size {vocab_size}); "
+                         f"expected an id in [0, {vocab_size})")
     for flag, ds in splits.items():
         if ds is not None and len(ds.tokens):
             path = cfg.train_data if flag == "--train-data" else cfg.val_data
