@@ -505,3 +505,19 @@ def test_out_of_range_numbers_are_one_line_errors_naming_the_option(w, tmp_path,
                    names=["max_new_tokens", "128", "max_seq_len"])
     one_line_error(capsys, *train_args(w, tmp_path / "o", "--pad-id", "64"), names=["--pad-id 64", "vocab_size 64"])
     assert not any(tmp_path.iterdir())
+
+
+def test_options_that_would_be_ignored_or_nonsense_are_refused(w, tmp_path, capsys):
+    """An option the command would not read with the others given (evaluate's ScienceQA options with --task
+    alpaca, its row length with --task scienceqa), or a schedule that would climb to its end (--min-lr above the
+    peak), is an error rather than silently ignored."""
+    alpaca = ("evaluate", "--task", "alpaca", "--base", w / "base", "--data", w / "val", "--out", tmp_path / "e",
+              "--device", "cpu")
+    one_line_error(capsys, *alpaca, "--split", "test", "--mode", "likelihood",
+                   names=["--split, --mode given with --task alpaca", "only with --task scienceqa"])
+    one_line_error(capsys, *alpaca, "--image-features", w, names=["--image-features given with --task alpaca"])
+    one_line_error(capsys, "evaluate", "--task", "scienceqa", "--base", w / "base", "--data", w, "--out",
+                   tmp_path / "e", "--row-len", "64", names=["--row-len given with --task scienceqa"])
+    one_line_error(capsys, *train_args(w, tmp_path / "o", "--lr", "0.001", "--min-lr", "0.01"),
+                   names=["--min-lr 0.01 is above the peak learning rate 0.001"])
+    assert not any(tmp_path.iterdir())

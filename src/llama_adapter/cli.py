@@ -485,11 +485,23 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     print(f"{len(rows)} generations -> {ns.out}")
 
 
+# The evaluate options each task reads (the rest of Evaluation's are every task's).
+TASK_OPTIONS = {"scienceqa": ("split", "mode"), "alpaca": ("row_len",)}
+
+
 def cmd_evaluate(ns: argparse.Namespace) -> None:
     """ScienceQA accuracy per category, or Alpaca held-out loss and perplexity."""
     from .data.tokens import TokenDataset
     from .evaluate import evaluate, read_questions, split_questions
 
+    given = [name for name in TASK_OPTIONS["scienceqa"] + TASK_OPTIONS["alpaca"] if hasattr(ns, name)]
+    ignored = [f"--{name.replace('_', '-')}" for name in given if name not in TASK_OPTIONS[ns.task]]
+    ignored += ["--image-features"] if ns.image_features and ns.task != "scienceqa" else []
+    if ignored:
+        raise InputError(f"{', '.join(ignored)} given with --task {ns.task}, which does not read them; expected them "
+                         f"only with --task {'alpaca' if ns.task == 'scienceqa' else 'scienceqa'}")
+    for name in TASK_OPTIONS["scienceqa"] + TASK_OPTIONS["alpaca"]:  # one not given: Evaluation's default
+        setattr(ns, name, getattr(ns, name, getattr(Evaluation, name)))
     check_device(ns.device)
     check_compile_cache(ns)
     decodes = ns.task == "scienceqa" and ns.mode == "generate"
@@ -791,7 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     add_inference_options(p)
-    add_dataclass_options(p, Evaluation, only=("task", "split", "mode", "row_len", "run_name"))
+    add_dataclass_options(p, Evaluation, only=("task", "run_name"))
+    add_dataclass_options(p, Evaluation, only=TASK_OPTIONS["scienceqa"] + TASK_OPTIONS["alpaca"],
+                          absent_unless_given=True)
     p.add_argument("--adapter", type=Path, help="adapter or LoRA file (default: none, the base as it is: zero-shot)")
     add_release_adapter_options(p)
     p.add_argument("--data", required=True, type=Path,

@@ -420,6 +420,9 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
     if images and cfg.method != "adapter":
         raise ValueError(f"--image-features: images are read by the multimodal adapter; method {cfg.method} is "
                          "text-only (leave --image-features out, or use --method adapter)")
+    if cfg.min_lr > cfg.peak_lr():  # the cosine would climb from the peak towards it
+        raise ValueError(f"--min-lr {cfg.min_lr} is above the peak learning rate {cfg.peak_lr():g} (--lr, else --blr x "
+                         "--global-batch / 256); expected the schedule's end at or below its peak")
     if cfg.precision == "fp8" and cfg.method not in ("adapter", "lora"):
         raise ValueError(f"--precision fp8 computes a frozen base's matmuls in float8; method {cfg.method} trains "
                          "every weight (use --method adapter or lora, or --precision auto)")
