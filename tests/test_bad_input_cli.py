@@ -208,6 +208,11 @@ def test_generate_input_paths(w, tmp_path, capsys, what):
     ('{"instruction": "a"}\n\n{"instruction": "b"\n', 3, "not valid JSON"),
     ('{"instruction": "a"}\n["b"]\n', 2, "not an object"),
     ('{"instruction": 3}\n', 1, "must be a string"),
+    ('{"instruction": "a", "inptu": "b"}\n', 1, "unknown key(s) ['inptu']"),  # the input would be lost
+    ('{"instruction": "a", "prompt": "b"}\n', 1, "both of 'instruction' and 'prompt'"),
+    ('{"id": "x", "instruction": "a"}\n{"id": "x", "instruction": "b"}\n', 2, "id 'x' is also line 1's"),
+    ('{"instruction": "a"}\n{"id": 1, "instruction": "b"}\n', 2, "id 1 is also line 1's"),  # (1: line 1's own)
+    ('{"id": NaN, "instruction": "a"}\n', 1, "id nan is a float"),
 ])
 def test_generate_bad_prompt_line_names_file_and_line(w, tmp_path, capsys, content, line, expect):
     prompts = tmp_path / "prompts.jsonl"

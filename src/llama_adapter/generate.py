@@ -273,9 +273,10 @@ def image_inputs(images: list[np.ndarray | None] | None, device) -> tuple[Tensor
     return torch.from_numpy(features).to(device), torch.tensor(rows, device=device)
 
 
-PROMPT_KEYS = {"id": "any", "instruction": "str", "input": "str", "prompt": "str", "adapter": "str"}
+PROMPT_KEYS = ("id", "instruction", "input", "prompt", "adapter", "output")
 PROMPTS_EXPECTED = ('one JSON object per line with "instruction" (and optionally "input") or "prompt", each a '
-                    'string, and optionally "id" and "adapter"')
+                    'string, and optionally "id" (a string or an integer, each line its own), "adapter", and "output" '
+                    '(a reference answer, not read)')
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -285,19 +286,31 @@ def read_prompts(path: Path) -> list[dict]:
     from .errors import InputError
     from .io import read_jsonl_lines
 
-    rows = []
+    rows, lines_of = [], {}
     for n, row in read_jsonl_lines(path, f"a JSONL file of prompts, {PROMPTS_EXPECTED}", InputError):
         if not isinstance(row, dict):
             raise InputError(f"{path}, line {n}: a JSON {type(row).__name__}, not an object; expected "
                              f"{PROMPTS_EXPECTED}")
-        if not ("prompt" in row or "instruction" in row):
-            raise InputError(f"{path}, line {n}: keys {sorted(row)} lack 'instruction' and 'prompt'; expected "
+        if ("prompt" in row) == ("instruction" in row):
+            raise InputError(f"{path}, line {n}: keys {sorted(row)} hold "
+                             f"{'both' if 'prompt' in row else 'neither'} of 'instruction' and 'prompt'; expected "
                              f"{PROMPTS_EXPECTED}")
-        wrong = [k for k, kind in PROMPT_KEYS.items() if kind == "str" and k in row and not isinstance(row[k], str)]
+        unknown = sorted(set(row) - set(PROMPT_KEYS))  # a misspelt "input" would be left out of the prompt
+        if unknown:
+            raise InputError(f"{path}, line {n}: unknown key(s) {unknown}; expected {PROMPTS_EXPECTED}")
+        wrong = [k for k in PROMPT_KEYS[1:] if k in row and not isinstance(row[k], str)]
         if wrong:
             raise InputError(f"{path}, line {n}: {', '.join(repr(k) for k in wrong)} must be a string, got "
                              f"{', '.join(type(row[k]).__name__ for k in wrong)}; expected {PROMPTS_EXPECTED}")
-        rows.append({"id": row.get("id", n), **row})
+        row_id = row.get("id", n)
+        if isinstance(row_id, bool) or not isinstance(row_id, str | int):  # (NaN would be written as bare NaN)
+            raise InputError(f"{path}, line {n}: id {row_id!r} is a {type(row_id).__name__}; expected "
+                             f"{PROMPTS_EXPECTED}")
+        if row_id in lines_of:
+            raise InputError(f"{path}, line {n}: id {row_id!r} is also line {lines_of[row_id]}'s; expected "
+                             f"{PROMPTS_EXPECTED}")
+        lines_of[row_id] = n
+        rows.append({**row, "id": row_id})
     if not rows:
         raise InputError(f"{path}: holds no prompts; expected {PROMPTS_EXPECTED}")
     return rows
