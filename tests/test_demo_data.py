@@ -201,3 +201,12 @@ def test_corpus_quizzes_never_use_the_benchmark_answer_format(out):
     assert len(sheets) == demo.WORKSHEETS
     assert all(re.search(r"\nOptions: \(A\) .*\nAnswer: \([A-E]\)$", s) for s in sheets)
     assert not any("answer is (" in d for d in documents)
+
+
+def test_too_few_records_are_refused_before_anything_is_written(tmp_path):
+    """No instruction (an empty alpaca.json fails only at tokenize), or fewer questions than kinds of question."""
+    with pytest.raises(ValueError, match=r"^instructions 0: expected at least 1$"):
+        generate_demo(tmp_path / "d", n_instructions=0)
+    with pytest.raises(ValueError, match=rf"^questions 10: expected at least {len(demo.CELLS)}, so that every split"):
+        generate_demo(tmp_path / "d", n_questions=10)
+    assert not (tmp_path / "d").exists()

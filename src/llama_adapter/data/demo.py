@@ -382,7 +382,10 @@ def generate_demo(out_dir: Path, seed: int = DemoConfig.seed, n_instructions: in
     Returns counts: corpus lines and bytes, Alpaca records per task kind, ScienceQA problems per split by
     subject, context kind and grade band."""
     if n_questions < len(CELLS):
-        raise ValueError(f"n_questions must be at least {len(CELLS)} so that every split gets every kind")
+        raise ValueError(f"questions {n_questions}: expected at least {len(CELLS)}, so that every split gets every "
+                         "kind")
+    if n_instructions < 1:  # an empty alpaca.json would only fail at tokenize, two stages on
+        raise ValueError(f"instructions {n_instructions}: expected at least 1")
     rng = random.Random(seed)
     groups = _facts(rng)
     facts = [fact for group in groups for fact in group]
