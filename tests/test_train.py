@@ -506,3 +506,17 @@ def test_multimodal_training_reads_each_samples_image(setup, tmp_path):
     assert all(np.isfinite(h["loss"]) for h in result["history"]) and len(result["val_loss"]) == 2
     adapter, _, tensors = read_adapter(tmp_path / "run" / "adapter.safetensors")
     assert adapter.visual_dim == 4 and tensors["adapter_visual.0.weight"].shape == (adapter.visual_hidden, 4)
+
+
+def test_compiled_training_keeps_its_code_in_the_configs_compile_cache(setup, tmp_path):
+    """train() called from Python honours TrainConfig.compile_cache as the command line does (the cache was the
+    command's alone): the compiled blocks' code goes to one file there, and the compiled steps give the eager
+    steps' losses."""
+    eager = train(config(setup, tmp_path / "eager", max_steps=2, val_data=None))
+    cfg = config(setup, tmp_path / "compiled", max_steps=2, val_data=None, compile=True,
+                 compile_cache=str(tmp_path / "cache"))
+    compiled = train(cfg)
+    [blob] = (tmp_path / "cache").iterdir()
+    assert blob.name.startswith("train-") and blob.suffix == ".tar"
+    np.testing.assert_allclose([h["loss"] for h in compiled["history"]], [h["loss"] for h in eager["history"]],
+                               rtol=1e-4)

@@ -294,7 +294,6 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def cmd_train(ns: argparse.Namespace) -> None:
     """Fine-tune an adapter (the paper's recipe by default); run under torchrun for several GPUs."""
-    from .compile_cache import compile_cache
     from .train import TrainingInterrupted, check_gpus, check_world_size, train
 
     if ns.expect_gpus is not None:
@@ -309,24 +308,12 @@ def cmd_train(ns: argparse.Namespace) -> None:
         except ValueError as e:
             raise InputError(f"--lora-rank/--lora-alpha/--lora-dropout/--lora-targets: {e}") from None
     try:
-        with compile_cache(cfg.compile_cache if cfg.compile else None, training_kind(cfg)):
-            result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
+        result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
     except TrainingInterrupted as e:  # SIGTERM/SIGUSR1: one line (rank 0's), and the shell's code for a signal
         if e.rank == 0:
             print(f"llama-adapter train: {e}", file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
-
-
-def training_kind(cfg: TrainConfig) -> dict:
-    """What decides the code a training compiles (its compile cache's name): the base, what trains, the packed
-    rows' shapes, and this process's rank (each compiles for its own device)."""
-    import os
-
-    return {"command": "train", "base": cfg.base, "method": cfg.method, "adapter": cfg.adapter.to_dict(),
-            "lora": cfg.lora.to_dict() if cfg.method == "lora" else None, "images": bool(cfg.image_features),
-            "rows": cfg.rows_per_micro_batch, "row_len": cfg.row_len, "fsdp": cfg.fsdp,
-            "rank": os.environ.get("RANK", "0"), "world": os.environ.get("WORLD_SIZE", "1")}
 
 
 def check_compile_cache(ns: argparse.Namespace) -> None:

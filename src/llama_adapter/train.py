@@ -410,7 +410,25 @@ def train_step(model, train_ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig,
 def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False) -> dict:
     """Train an adapter; with `resume`, continue from OUT_DIR's checkpoint if there is one. After the last step
     the checkpoint files are removed (so that a rerun trains afresh) unless `keep_checkpoint` (e.g. to continue
-    a --max-steps run later). SIGTERM/SIGUSR1 save a checkpoint and raise TrainingInterrupted."""
+    a --max-steps run later). SIGTERM/SIGUSR1 save a checkpoint and raise TrainingInterrupted. Compiled
+    (cfg.compile), the compiled code comes from and goes to cfg.compile_cache (compile_cache.py)."""
+    from .compile_cache import compile_cache
+
+    with compile_cache(cfg.compile_cache if cfg.compile else None, training_kind(cfg)):
+        return train_here(cfg, resume, keep_checkpoint)
+
+
+def training_kind(cfg: TrainConfig) -> dict:
+    """What decides the code a training compiles (its compile cache's name): the base, what trains, the packed
+    rows' shapes, and this process's rank (each compiles for its own device)."""
+    return {"command": "train", "base": cfg.base, "method": cfg.method, "adapter": cfg.adapter.to_dict(),
+            "lora": cfg.lora.to_dict() if cfg.method == "lora" else None, "images": bool(cfg.image_features),
+            "rows": cfg.rows_per_micro_batch, "row_len": cfg.row_len, "fsdp": cfg.fsdp,
+            "rank": os.environ.get("RANK", "0"), "world": os.environ.get("WORLD_SIZE", "1")}
+
+
+def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
+    """train, within its compile cache."""
     d = setup_distributed(cfg)
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
