@@ -425,3 +425,31 @@ def test_full_pid_splits_counts(shared_data):
 
     counts = Counter(read_pid_splits(shared_data / "scienceqa" / "pid_splits_full.json").values())
     assert counts == {"train": 12726, "val": 4241, "test": 4241}
+
+
+@pytest.mark.parametrize("name,data", [
+    ("image.jpg", png_bytes((0, 0, 255), (64, 48), "JPEG")[:300]),  # a JPEG cut short: "Truncated File Read"
+    ("image.png", png_bytes((0, 0, 255), (64, 48))[:60]),  # a PNG cut short is decoded too, not stored as is
+    ("image.png", b"not an image at all"),
+])
+def test_an_unreadable_image_names_its_pid_or_is_refused_under_skip(tmp_path, name, data):
+    src = tmp_path / "sqa"
+    for pid, image in (("1", png_bytes((255, 0, 0))), ("2", data)):
+        (src / "images" / pid).mkdir(parents=True)
+        (src / "images" / pid / name).write_bytes(image)
+    (src / "problems.json").write_text(json.dumps({"1": sqa_problem(1, name), "2": sqa_problem(2, name)}))
+    (src / "pid_splits.json").write_text(json.dumps({"train": ["1", "2"]}))
+    bad = src / "images" / "2" / name
+
+    with pytest.raises(FetchError, match=re.escape(f"{src}: pid 2: image {bad} ")) as e:
+        fetch("scienceqa", str(src), tmp_path / "out")
+    assert "\n" not in str(e.value) and "policy to skip" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sqa"]
+
+    meta = fetch("scienceqa", str(src), tmp_path / "out", policy="skip")
+    assert meta["images"] == 1 and meta["images_refused"]["count"] == 1
+    assert meta["images_refused"]["records"][0]["pid"] == "2"
+    assert str(bad) in meta["images_refused"]["records"][0]["why"]
+    assert [(r["pid"], r["has_image"], r["image"]) for r in read_records(tmp_path / "out")] == [
+        ("1", True, "images/1.png"), ("2", True, None)]
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["1.png"]

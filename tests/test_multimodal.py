@@ -10,6 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from llama_adapter import multimodal
+from llama_adapter.devices import pick_device
+from llama_adapter.errors import DataError
 from llama_adapter.multimodal import (
     EncoderError,
     ImageError,
@@ -27,7 +30,7 @@ def clip_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoder(clip_dir) -> VisionEncoder:
-    return VisionEncoder(clip_dir, layers=(-1, -3))
+    return VisionEncoder(clip_dir, layers=(-1, -3), device="cpu")  # the same features on any machine
 
 
 def _image(colour: str, size: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -43,13 +46,19 @@ def _dataset(root: Path, images: dict[str, str], without_image: tuple[str, ...] 
     records = []
     for pid, colour in images.items():
         _image(colour).save(root / "fetched" / "images" / f"{pid}.png")
-        records.append({"pid": pid, "question": "?", "image": f"../fetched/images/{pid}.png"})
-    records += [{"pid": pid, "question": "?", "image": None} for pid in without_image]
+        records.append(_record(pid, f"../fetched/images/{pid}.png"))
+    records += [_record(pid, None) for pid in without_image]
     path = root / "validated" / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     # validate names the fetched folder, inside which the records' image paths must stay
     (root / "validated" / "validation.json").write_text(json.dumps({"source": str(root / "fetched")}))
     return path
+
+
+def _record(pid: str, image: str | None) -> dict:
+    """A record as validate keeps it."""
+    return {"pid": pid, "question": "?", "choices": ["yes", "no"], "answer": 0, "image": image,
+            "has_image": image is not None}
 
 
 def _count_calls(encoder: VisionEncoder, monkeypatch) -> list[int]:
@@ -172,3 +181,55 @@ def test_image_features_reader(encoder, tmp_path):
     (tmp_path / "features" / "pids.json").unlink()
     with pytest.raises(ImageError, match=rf"{tmp_path / 'features'}.*pids.json"):
         ImageFeatures(tmp_path / "features")
+
+
+@pytest.mark.parametrize("line,fault", [
+    ("[1, 2]", "not an object"),
+    (json.dumps({"pid": "1", "question": "?", "image": None}), "choices not 2-5 strings"),
+    (json.dumps(_record("2", None)), "repeated pid"),
+])
+def test_records_are_checked_as_validate_keeps_them_before_any_image(encoder, tmp_path, monkeypatch, line, fault):
+    """encode-images reads a validated records.jsonl, checked as tokenize and evaluate check it: a line that is no
+    record validate would keep is one DataError naming the file and line; no image is hashed or encoded."""
+    records = _dataset(tmp_path, {"1": "red", "2": "blue"})
+    records.write_text(records.read_text() + line + "\n")
+    calls, hashed = _count_calls(encoder, monkeypatch), []
+    monkeypatch.setattr(multimodal, "sha256_file", lambda path: hashed.append(path))
+    with pytest.raises(DataError, match=rf"{records}: 1 of 4 records are not valid scienceqa records \(first: "
+                                        rf"line 4, record 3: {fault}"):
+        encode_images(encoder, records, tmp_path / "features")
+    assert calls == [] and hashed == [] and not (tmp_path / "features").exists()
+
+
+def test_default_device_is_the_clis(clip_dir):
+    """As the CLI: the GPU when one is visible, else the CPU; the fingerprint names the kind of device."""
+    default = VisionEncoder(clip_dir)
+    assert default.device == pick_device(None) and default.fingerprint()["device"] == pick_device(None).type
+
+
+def test_a_cache_made_on_another_kind_of_device_is_encoded_again(encoder, clip_dir, tmp_path, monkeypatch):
+    """A GPU's features differ from a CPU's by float rounding, so a cache is reused only on its kind of device.
+    The other kind here is the meta device (no data), whose encoder differs from `encoder` by its device alone;
+    it cannot compute, so its batches go through `encoder`: what is tested is which rows are reused."""
+    records = _dataset(tmp_path, {"1": "red", "2": "blue"})
+    encode_images(encoder, records, tmp_path / "features")
+    other = VisionEncoder(clip_dir, layers=(-1, -3), device="meta")
+    assert {k: v for k, v in other.fingerprint().items() if v != encoder.fingerprint()[k]} == {"device": "meta"}
+    calls = _count_calls(encoder, monkeypatch)
+    monkeypatch.setattr(other, "encode", encoder.encode)
+    summary = encode_images(other, records, tmp_path / "features")
+    assert (summary["encoded"], summary["reused"], calls) == (2, 0, [2])
+    assert json.loads((tmp_path / "features" / "encoder.json").read_text())["encoder"]["device"] == "meta"
+    calls.clear()  # and back on the CPU: the meta-made cache is not taken either
+    assert (encode_images(encoder, records, tmp_path / "features")["reused"], calls) == (0, [2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_and_gpu_caches_are_not_mixed(clip_dir, tmp_path):
+    """The same on real devices: each kind's run re-encodes the other's cache, and reuses its own."""
+    records = _dataset(tmp_path, {"1": "red", "2": "blue"})
+    out = tmp_path / "features"
+    gpu = VisionEncoder(clip_dir, layers=(-1, -3), device="cuda")
+    cpu = VisionEncoder(clip_dir, layers=(-1, -3), device="cpu")
+    assert (encode_images(cpu, records, out)["encoded"], encode_images(gpu, records, out)["reused"]) == (2, 0)
+    assert encode_images(gpu, records, out)["reused"] == 2 and encode_images(cpu, records, out)["reused"] == 0

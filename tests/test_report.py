@@ -1,7 +1,10 @@
 """The report's pieces: the paper's numbers and our rows side by side, provenance on every row of ours,
 escaping in Markdown and LaTeX, and the ablation axes picked from a grid."""
 
+import copy
+import json
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -10,6 +13,7 @@ from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.errors import InputError
 from llama_adapter.report import (
     PAPER_LAYERS,
+    ReportInputs,
     Run,
     ablation_axis,
     ablation_table,
@@ -18,6 +22,7 @@ from llama_adapter.report import (
     efficiency_table,
     instruction_table,
     jobs_table,
+    load_run,
     megabytes,
     millions,
     point_settings,
@@ -241,3 +246,64 @@ def test_report_md_keeps_tables_narrow(grid):
     grid[1].config["image_features"] = "features"  # the multimodal adapter: the paper's per-category row joins
     categories = dict(readable_parts(scienceqa_table(grid[:2])))["By category"]
     assert list(categories["experiment"])[-1] == "paper: LLaMA-Adapter" and categories["NAT"].iloc[-1] == 84.37
+
+
+SCIENCEQA_SCORES = {"mode": "generate", "n": 80, "correct": 48, "accuracy": 60.0, "categories": CATEGORY_ACC,
+                    "unparsed": 0, "chance": 40.0, "any_format": {"correct": 48, "accuracy": 60.0},
+                    "floor": {"position": 0, "letter": "A", "correct": 36, "n": 80, "accuracy": 45.0},
+                    "split": "test", "task": "scienceqa", "base": "b", "method": "zero-shot", "mlflow_run_id": None}
+ALPACA_SCORES = {"heldout_loss": 1.5, "perplexity": math.exp(1.5), "heldout_samples": 200, "task": "alpaca",
+                 "base": "b", "method": "zero-shot", "mlflow_run_id": "r"}
+
+
+def without(scores: dict, *keys: str) -> dict:
+    scores = copy.deepcopy(scores)
+    *parents, name = keys
+    holder = scores
+    for key in parents:
+        holder = holder[key]
+    del holder[name]
+    return scores
+
+
+@pytest.mark.parametrize("scores,key,expected", [
+    (SCIENCEQA_SCORES | {"n": "abc"}, "n", "a count"),
+    (SCIENCEQA_SCORES | {"n": True}, "n", "a count"),
+    (SCIENCEQA_SCORES | {"accuracy": "high"}, "accuracy", "a percentage"),
+    (SCIENCEQA_SCORES | {"accuracy": math.nan}, "accuracy", "a percentage"),
+    (SCIENCEQA_SCORES | {"accuracy": 600.0}, "accuracy", "a percentage"),
+    (SCIENCEQA_SCORES | {"categories": []}, "categories", "an object"),
+    (SCIENCEQA_SCORES | {"floor": {"x": 1}}, "floor.letter", "missing"),
+    (SCIENCEQA_SCORES | {"floor": {**SCIENCEQA_SCORES["floor"], "n": None}}, "floor.n", "a count"),
+    (SCIENCEQA_SCORES | {"chance": [40]}, "chance", "a percentage"),
+    (SCIENCEQA_SCORES | {"unparsed": 1.5}, "unparsed", "a count"),
+    (SCIENCEQA_SCORES | {"any_format": {"accuracy": "x"}}, "any_format.accuracy", "a percentage"),
+    (SCIENCEQA_SCORES | {"split": {"x": 1}}, "split", "a string"),
+    (SCIENCEQA_SCORES | {"correct": 81}, "correct", "more than n"),
+    (without(SCIENCEQA_SCORES, "categories", "NAT"), "categories.NAT", "missing"),
+    (without(SCIENCEQA_SCORES, "accuracy"), "accuracy", "missing"),
+    (without(SCIENCEQA_SCORES, "base"), "base", "missing"),
+    (SCIENCEQA_SCORES | {"categories": {**CATEGORY_ACC, "IMG": {"accuracy": math.inf, "n": 3}}},
+     "categories.IMG.accuracy", "a percentage"),
+    (SCIENCEQA_SCORES | {"task": ["scienceqa"]}, "task", "scienceqa or alpaca"),
+    (without(SCIENCEQA_SCORES, "task"), "task", "missing"),
+    (ALPACA_SCORES | {"heldout_loss": math.nan}, "heldout_loss", "a finite number"),
+    (ALPACA_SCORES | {"perplexity": "low"}, "perplexity", "a positive number"),
+    (ALPACA_SCORES | {"heldout_samples": -1}, "heldout_samples", "a count"),
+])
+def test_mistyped_scores_are_one_error_naming_the_file_and_key(tmp_path, scores, key, expected):
+    """Every field of scores.json that the report reads is checked when it is read: a wrong type, a NaN or a
+    missing key is one InputError naming the file and the key, not a TypeError or KeyError from a table."""
+    (tmp_path / "tokens").mkdir()
+    for task in ("scienceqa", "alpaca"):
+        (tmp_path / "tokens" / task).mkdir()
+        (tmp_path / "tokens" / task / "stats.json").write_text(json.dumps({"dataset": task}))
+    inputs = ReportInputs(experiments=["e"], scores={"e": tmp_path / "scores.json"},
+                          tokens={t: tmp_path / "tokens" / t for t in ("scienceqa", "alpaca")})
+    for good in (SCIENCEQA_SCORES, ALPACA_SCORES, SCIENCEQA_SCORES | {"accuracy": None, "floor": None}):
+        (tmp_path / "scores.json").write_text(json.dumps(good))
+        assert load_run("e", inputs).scores == good
+    (tmp_path / "scores.json").write_text(json.dumps(scores))
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'scores.json'}: ")) as e:
+        load_run("e", inputs)
+    assert f"key {key}" in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)

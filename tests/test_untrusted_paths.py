@@ -237,7 +237,8 @@ def validated_records(tmp_path: Path, images: dict[str, str | None], has_image: 
     (tmp_path / "validated").mkdir()
     (tmp_path / "validated" / "validation.json").write_text(json.dumps({"source": str(tmp_path / "fetched")}))
     path = tmp_path / "validated" / "records.jsonl"
-    path.write_text("".join(json.dumps({"pid": pid, "image": image, "has_image": has_image}) + "\n"
+    question = {"question": "?", "choices": ["a", "b"], "answer": 0}  # otherwise valid: only the paths are at stake
+    path.write_text("".join(json.dumps({"pid": pid, **question, "image": image, "has_image": has_image}) + "\n"
                             for pid, image in images.items()))
     return path
 

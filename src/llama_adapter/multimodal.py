@@ -21,9 +21,10 @@ from PIL import Image
 
 from .config import POLICIES, EncodeImagesConfig, TinyClipConfig
 from .data.paths import inside
-from .data.validate import fetched_folder
+from .data.validate import check_validated_records, fetched_folder
+from .devices import pick_device
 from .errors import EncoderError, ImageError, UnsafePathError
-from .io import atomic_dir, read_json, read_json_object, read_jsonl, remove_output, sha256_file, write_json
+from .io import atomic_dir, read_json, read_json_object, read_jsonl_lines, remove_output, sha256_file, write_json
 
 FORMAT_VERSION = "llama-adapter-image-features/1"
 CACHE_FILES = ("features.npy", "pids.json", "encoder.json")
@@ -36,9 +37,10 @@ IMAGE_READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 
 
 class VisionEncoder:
-    """A frozen Hugging Face CLIPVisionModel read from a local `save_pretrained` folder."""
+    """A frozen Hugging Face CLIPVisionModel read from a local `save_pretrained` folder, on `device` (by default
+    the GPU when one is visible, as the CLI picks it: devices.pick_device)."""
 
-    def __init__(self, path: Path, layers: tuple[int, ...] | None = None, device: str = "cpu"):
+    def __init__(self, path: Path, layers: tuple[int, ...] | None = None, device: str | torch.device | None = None):
         from transformers import CLIPVisionModel
 
         self.path = Path(path)
@@ -46,8 +48,8 @@ class VisionEncoder:
             if not f.is_file():
                 raise EncoderError(f"{self.path}: not a vision encoder folder ({f.name} not found)")
         self.model = CLIPVisionModel.from_pretrained(self.path, local_files_only=True)
-        self.model = self.model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-        self.device = device
+        self.device = pick_device(device)
+        self.model = self.model.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
         config = self.model.config
         self.image_size, self.hidden_size = config.image_size, config.hidden_size
         # hidden_states holds the embedding output plus one entry per block: valid indices are -(n+1)..n.
@@ -71,12 +73,14 @@ class VisionEncoder:
         return len(self.layers) * self.hidden_size
 
     def fingerprint(self) -> dict[str, Any]:
-        """What decides the features: a cache written under another fingerprint is never reused."""
+        """What decides the features: a cache written under another fingerprint is never reused. The kind of
+        device is part of it: a GPU's features differ from a CPU's by float rounding (TF32 convolutions, other
+        kernels), so a cache made on one kind is encoded again on the other rather than mixed with its rows."""
         if self._fingerprint is None:  # hashing a real CLIP's weights takes seconds: do it once
             self._fingerprint = {
                 "path": str(self.path.resolve()), "weights_sha256": sha256_file(self.path / "model.safetensors"),
                 "config_sha256": sha256_file(self.path / "config.json"), "layers": list(self.layers),
-                "feature_dim": self.feature_dim, "image_size": self.image_size,
+                "feature_dim": self.feature_dim, "image_size": self.image_size, "device": self.device.type,
             }
         return self._fingerprint
 
@@ -152,7 +156,8 @@ class ImageFeatures:
 
 def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, policy: str = EncodeImagesConfig.policy,
                   batch_size: int = EncodeImagesConfig.batch_size) -> dict[str, Any]:
-    """Cache `encoder`'s features of every record's image (records.jsonl order) in `out_dir`.
+    """Cache `encoder`'s features of every record's image (records.jsonl order) in `out_dir`. `records_path` is a
+    validated folder's records.jsonl: a record validate would not keep is a DataError before any image is read.
 
     Rows of a cache with the same fingerprint are reused when the pid's image file is unchanged (same sha256);
     only the rest go through the encoder. The cache is rewritten whole and atomically, holding exactly the
@@ -172,20 +177,22 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
                              "rerun with the skip policy to leave such images out") from None
         skipped.append(pid)
 
+    lines = read_jsonl_lines(records_path, expected="the records.jsonl that the validate stage writes")
+    # As tokenize and evaluate check them: each an object as validate keeps it (a string pid, a string or null
+    # image path), no pid twice (features are keyed by pid).
+    check_validated_records("scienceqa", records_path, lines)
     wanted = []
-    for r in read_jsonl(records_path):
-        pid = str(r.get("pid"))
+    for _, r in lines:
+        pid = r["pid"]
         if r.get("image") is not None:
             try:  # the records file is data too: its image paths must stay inside the dataset
                 wanted.append((pid, inside(root, os.path.relpath(os.path.normpath(records_path.parent / r["image"]),
                                                                  root))))
-            except (UnsafePathError, TypeError) as e:
+            except UnsafePathError as e:
                 unreadable(pid, r["image"], e)
         elif r.get("has_image"):  # the source names an image that was not shipped or not stored
             unreadable(pid, None, "the record has an image but no image file; fetch.json counts these as "
                                   "images_missing")
-    if len({pid for pid, _ in wanted}) != len(wanted):
-        raise ImageError(f"{records_path}: a pid appears twice among the records with an image")
     fingerprint = encoder.fingerprint()
 
     old = None

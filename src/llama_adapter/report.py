@@ -107,11 +107,44 @@ WRITTEN_BY = {"config.json": "train", "metrics.json": "train", "scores.json": "e
 REQUIRED_KEYS = {
     "config.json": ("base", "train_data"),
     "metrics.json": ("history", "trainable_parameters", "world_size"),
-    "scores.json": ("task",),
     "stats.json": ("dataset",),
 }
-SCORE_KEYS = {"scienceqa": ("n", "accuracy", "categories"),
-              "alpaca": ("heldout_loss", "perplexity", "heldout_samples")}
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
+
+
+# The kinds of value a field of scores.json holds: (test, what was expected). A NaN is no number of any kind.
+KINDS = {
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a count (an integer >= 0)"),
+    "percent": (lambda v: _real(v) and 0 <= v <= 100, "a percentage (a number in 0..100)"),
+    "number": (lambda v: _real(v) and math.isfinite(v), "a finite number"),
+    "perplexity": (lambda v: _real(v) and v > 0, "a positive number (inf where exp(loss) overflows)"),
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "task": (lambda v: isinstance(v, str) and v in SCORE_FIELDS, "scienceqa or alpaca"),
+}
+# The fields of scores.json that the report reads, as evaluate writes them: (dotted key, kind, whether it must be
+# present). A kind ending in "?" may be null (an accuracy over no questions, a split of every question); a field
+# inside an object is checked when the object is there and not null.
+COMMON_SCORE_FIELDS = [("task", "task", True), ("method", "text?", False), ("split", "text?", False),
+                       ("mlflow_run_id", "text?", False)]
+SCORE_FIELDS = {
+    "scienceqa": [
+        ("n", "count", True), ("correct", "count?", False), ("accuracy", "percent?", True),
+        ("chance", "percent?", False), ("unparsed", "count?", False),
+        ("any_format", "object?", False), ("any_format.accuracy", "percent?", True),
+        ("categories", "object", True),
+        *((f"categories.{c}{key}", kind, True) for c in CATEGORIES
+          for key, kind in (("", "object"), (".accuracy", "percent?"), (".n", "count"))),
+        ("floor", "object?", False), ("floor.letter", "text", True), ("floor.correct", "count", True),
+        ("floor.n", "count", True), ("floor.accuracy", "percent?", True),
+    ],
+    "alpaca": [("heldout_loss", "number", True), ("perplexity", "perplexity", True),
+               ("heldout_samples", "count", True)],
+}
+ZERO_SHOT_FIELDS = [("base", "text", True)]  # the base a zero-shot evaluation scored: it has no training folder
 
 
 @dataclass
@@ -167,6 +200,39 @@ def _with_keys(path: Path, data: dict, keys: tuple[str, ...]) -> dict:
     return data
 
 
+def _checked_scores(path: Path, scores: dict) -> dict:
+    """`scores`, read from `path`, if it holds every field the report reads, each of its kind (SCORE_FIELDS): a
+    wrong type or a NaN is one error naming the file and the key, not a traceback (or an error naming no file)
+    while the tables are built."""
+    expected = f"the file {WRITTEN_BY['scores.json']} writes"
+    for key, kind, required in _score_fields(scores):
+        *parents, name = key.split(".")
+        holder: Any = scores
+        for parent in parents:
+            holder = holder.get(parent)
+        if holder is None or (name not in holder and not required):  # in an object that is null, or absent
+            continue
+        if name not in holder:
+            raise InputError(f"{path}: missing key {key}; expected {expected}")
+        test, what = KINDS[kind.rstrip("?")]
+        if not (holder[name] is None and kind.endswith("?")) and not test(holder[name]):
+            raise InputError(f"{path}: key {key} holds {holder[name]!r:.60}; expected {what} ({expected})")
+    tallies = (("", scores), ("floor.", scores.get("floor"))) if scores["task"] == "scienceqa" else ()
+    for prefix, counts in tallies:
+        if counts and (counts.get("correct") or 0) > counts["n"]:  # else an interval of a proportion above 1
+            raise InputError(f"{path}: key {prefix}correct is {counts['correct']}, more than {prefix}n "
+                             f"({counts['n']}); expected {expected}")
+    return scores
+
+
+def _score_fields(scores: dict):
+    """The fields `_checked_scores` checks, in order: a task's own once its task is known to be one."""
+    yield from COMMON_SCORE_FIELDS
+    yield from SCORE_FIELDS[scores["task"]]
+    if scores.get("method") == "zero-shot":
+        yield from ZERO_SHOT_FIELDS
+
+
 def point_settings(name: str) -> dict[str, str]:
     """The settings an ablation grid point's name holds, one folder level each: ablations/KEY~VALUE/KEY~VALUE."""
     parts = name.split("/")[1:]
@@ -179,7 +245,7 @@ def point_settings(name: str) -> dict[str, str]:
 def load_run(name: str, inputs: ReportInputs) -> Run:
     """`name`'s evaluation, the dataset it scored, and its training (none for zero-shot: the base alone)."""
     scores_path = inputs.scores[name]
-    scores = _read_json(scores_path, REQUIRED_KEYS["scores.json"])
+    scores = _checked_scores(scores_path, _read_json(scores_path))
     task = scores["task"]
     if task not in inputs.tokens:
         raise InputError(f"--tokens: no {task}=DIR, the dataset {scores_path} scores; expected the folder tokenize "
@@ -188,13 +254,11 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
     if stats["dataset"] != task:
         raise InputError(f"--tokens {task}={inputs.tokens[task]}: holds the {stats['dataset']} dataset; expected "
                          f"the tokenize folder of {task}")
-    _with_keys(scores_path, scores, SCORE_KEYS.get(task, ()))
     training = inputs.trainings.get(name)
     if scores.get("method") == "zero-shot":
         if training is not None:
             raise InputError(f"--training {name}={training}: {scores_path} scores the base alone (zero-shot), "
                              "which trains nothing; expected no --training for it")
-        _with_keys(scores_path, scores, ("base",))
         return Run(name=name, dataset=task, config={"base": scores["base"], "method": "zero-shot"},
                    metrics={}, scores=scores, adapter_bytes=None, seconds=None, data=stats.get("provenance", {}))
     if training is None:

@@ -11,7 +11,8 @@ Names inside a source are untrusted: an image name or problem id is resolved ins
 (`data.paths.inside`) before anything is opened, and one that leaves it (absolute, `..`, a symlink out) stops
 the fetch naming the pid and the path (policy `fail`) or is left out, counted and listed in fetch.json (policy
 `skip`: the record keeps has_image true with no image, and validate drops it as invalid). The same policy
-covers a split file naming pids that the problems do not hold, or a pid in two splits.
+covers an image that cannot be decoded (truncated, corrupt, not an image), a split file naming pids that the
+problems do not hold, or a pid in two splits.
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ class Refusals:
         self.images: list[dict] = []
         self.split_pids: dict[str, list[str]] = {}
 
-    def image(self, pid: str, why: UnsafePathError) -> None:
+    def image(self, pid: str, why: UnsafePathError | str) -> None:
+        """Refuse a pid's image: a path leaving the source (never opened), or a file that is no readable image."""
         if self.policy == "fail":
-            raise FetchError(f"{self.source}: pid {pid}: image {why}; nothing outside the dataset is read "
+            unopened = "; nothing outside the dataset is read" if isinstance(why, UnsafePathError) else ""
+            raise FetchError(f"{self.source}: pid {pid}: image {why}{unopened} "
                              "(set the data validation policy to skip to leave such records out)")
         self.images.append({"pid": pid, "why": str(why)})
 
@@ -304,8 +307,14 @@ def _write(items: Iterator[Item], folder: Path, refusals: Refusals) -> tuple[int
             if isinstance(image, UnsafePathError):
                 refusals.image(record["pid"], image)
             elif image is not None:
-                record["image"] = _save_png(image, folder / "images" / f"{record['pid']}.png")
-                images += 1
+                png = _as_png(image.read_bytes() if isinstance(image, Path) else image,
+                              str(image) if isinstance(image, Path) else "embedded in the source")
+                if isinstance(png, str):
+                    refusals.image(record["pid"], png)
+                else:
+                    (folder / "images" / f"{record['pid']}.png").write_bytes(png)
+                    record["image"] = f"images/{record['pid']}.png"
+                    images += 1
             elif record.get("has_image"):
                 missing += 1
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -313,20 +322,23 @@ def _write(items: Iterator[Item], folder: Path, refusals: Refusals) -> tuple[int
     return records, images, missing
 
 
-def _save_png(image: bytes | Path, dest: Path) -> str:
-    data = image.read_bytes() if isinstance(image, Path) else image
-    if data.startswith(PNG_SIGNATURE):
-        dest.write_bytes(data)  # stored byte for byte, so its digest still matches the source's
-    else:
-        from PIL import Image, UnidentifiedImageError
+def _as_png(data: bytes, name: str) -> bytes | str:
+    """The image as PNG bytes, or why it is no readable image. Decoded in full either way, so that a truncated
+    or corrupt file is refused here, naming its pid, rather than stored for encode-images to trip over."""
+    from PIL import Image, UnidentifiedImageError
 
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.save(dest, format="PNG")
-        except UnidentifiedImageError as e:
-            raise FetchError(f"the image for {dest.stem} ({image if isinstance(image, Path) else 'embedded'}) "
-                             "is not a readable image") from e
-    return f"images/{dest.name}"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if data.startswith(PNG_SIGNATURE):
+                return data  # stored byte for byte, so its digest still matches the source's
+            out = io.BytesIO()
+            im.save(out, format="PNG")
+    except UnidentifiedImageError:  # its message names the in-memory buffer, which fetch.json would keep
+        return f"{name} is not an image in any format PIL reads"
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises for undecodable data
+        return f"{name} cannot be decoded ({e})"
+    return out.getvalue()
 
 
 def _read_path(dataset: str, path: Path, refusals: Refusals) -> Iterator[Item]:
