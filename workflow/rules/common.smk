@@ -8,13 +8,18 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import Paramspace, validate
 
-from llama_adapter.config import WEIGHTS, TrainConfig
+from llama_adapter.config import DATASET_SPLIT_BY, WEIGHTS, CompileConfig, TrainConfig
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
 from llama_adapter.errors import PretrainedFetchError
 from llama_adapter.hub import parse_source
 from llama_adapter.launch import slurm_launch
 from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
-from llama_adapter.tracking import config_hash, export_invocation, sqlite_uri
+from llama_adapter.tracking import (
+    DEFAULT_EXPERIMENT,
+    config_hash,
+    export_invocation,
+    sqlite_uri,
+)
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -83,7 +88,7 @@ RESULTS = config["results"]
 MLFLOW = config.get("mlflow", {})
 export_invocation(
     MLFLOW.get("tracking_uri") or sqlite_uri(Path(RESULTS) / "mlflow.db"),
-    MLFLOW.get("experiment", "llama-adapter"),
+    MLFLOW.get("experiment") or DEFAULT_EXPERIMENT,
     {"config_hash": config_hash(config)},
 )
 
@@ -477,8 +482,7 @@ def fetch_options(source):
         options += [
             "--assign-splits",
             *(f"{k}={v}" for k, v in assigned["fractions"].items()),
-            "--split-seed",
-            str(assigned.get("seed", 0)),
+            *(["--split-seed", str(assigned["seed"])] if "seed" in assigned else []),
         ]
     return options
 
@@ -505,7 +509,9 @@ def evaluation_options(w, input):
         ]
     # Only generated answers run the decode step that evaluate.compile compiles.
     decodes = config["evaluate"]["mode"] == "generate"
-    compiled = {"compile": decodes and config["evaluate"].get("compile", False)}
+    compiled = {
+        "compile": decodes and config["evaluate"].get("compile", CompileConfig.compile)
+    }
     return [
         "--task",
         "scienceqa",

@@ -84,17 +84,16 @@ rule tokenize:
         mem_mb=4000,
         runtime=30,
     params:
+        # The dataset's own split rule (TokenizeConfig.split_rule): a seeded draw takes the config's size and seed.
         split=lambda w: (
-            ["--split-by", "field"]
-            if w.dataset == "scienceqa"
-            else [
-                "--split-by",
-                "seed",
+            [
                 "--val-size",
                 str(config["tokenize"]["alpaca_val_size"]),
                 "--seed",
                 str(config["tokenize"]["seed"]),
             ]
+            if DATASET_SPLIT_BY[w.dataset] == "seed"
+            else []
         ),
         mask=[] if config["tokenize"]["mask_prompt"] else ["--no-mask-prompt"],
         max_len=config["tokenize"]["max_seq_len"],
@@ -139,8 +138,10 @@ rule encode_images:
         layers=(
             ["--layers", *map(str, IMAGES["layers"])] if IMAGES.get("layers") else []
         ),
-        policy=IMAGES.get("policy", "fail"),
-        batch=IMAGES.get("batch_size", 64),
+        # Those set in the config; the others are EncodeImagesConfig's.
+        options=cli_options(
+            {k: IMAGES[k] for k in ("policy", "batch_size") if k in IMAGES}
+        ),
     shell:
         "llama-adapter encode-images --encoder {input.encoder:q} --records {params.records:q} "
-        "--out {output:q} {params.layers:q} --policy {params.policy:q} --batch-size {params.batch:q} > {log:q} 2>&1"
+        "--out {output:q} {params.layers:q} {params.options:q} > {log:q} 2>&1"
