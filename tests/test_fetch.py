@@ -129,6 +129,11 @@ def test_sha256_is_checked_and_a_mismatch_leaves_nothing(tmp_path, http_root):
             fetch("alpaca", source, tmp_path / "out", sha256="0" * 64)
         assert source in str(e.value) and "0" * 64 in str(e.value) and digest in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "ok", "served"]
+    # A revision cannot pin a file or a URL: fetch.json would record it as provenance nothing checked.
+    for source in (str(src), f"{base}/a.json"):
+        with pytest.raises(FetchError, match=r"a revision pins a hub dataset \(hf:\.\.\.\); a URL or local"):
+            fetch("alpaca", source, tmp_path / "out", revision="v9.9")
+    assert not (tmp_path / "out").exists()
 
 
 def test_real_alpaca_sample(shared_data, tmp_path):

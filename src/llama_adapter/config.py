@@ -297,7 +297,7 @@ class TrainConfig:
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's betas")
     global_batch: int = setting(64, "samples per optimizer step, over all processes")
     rows_per_micro_batch: int = setting(4, "packed rows per forward/backward: a memory knob, no effect on the math")
-    row_len: int = setting(512, "tokens per packed row; at least the longest sample")
+    row_len: int = setting(TokenizeConfig.max_seq_len, "tokens per packed row; at least the longest sample")
     pad_id: int = setting(0, "the token id that fills packed rows (never a target)")
     seed: int = setting(0, "seed of the initialisation and of the data order")
     checkpoint_every: int = setting(100, "optimizer steps between checkpoints; one is always written at the end")
@@ -406,7 +406,7 @@ class Evaluation:
     split: str | None = setting(None, "scienceqa: which split's questions", if_none="all")
     mode: str = setting("generate", "scienceqa: decode and parse 'The answer is (X)' (the paper's), or pick the "
                                     "most likely option (deterministic, one forward pass per option)")
-    row_len: int = setting(512, "alpaca: tokens per packed row; at least the longest sample")
+    row_len: int = setting(TokenizeConfig.max_seq_len, "alpaca: tokens per packed row; at least the longest sample")
     run_name: str | None = setting(None, "the MLflow run's name", if_none="'evaluate TASK'")
     tags: dict[str, str] = field(default_factory=dict)
 

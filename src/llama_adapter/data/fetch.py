@@ -205,6 +205,9 @@ def _open(dataset: str, source: str, sha256: str | None, revision: str | None, s
         # A path-only image of a hub dataset is read only from inside a local folder named as the source.
         local = Path(source.removeprefix("hf:")).expanduser()
         return Source("hf", None, revision, SPLIT_READERS[dataset](splits, local if local.is_dir() else None))
+    if revision:  # fetch.json would record it as this data's provenance, though nothing could check it
+        raise FetchError(f"{source}: a revision pins a hub dataset (hf:...); a URL or local source is pinned by its "
+                         "sha256 instead")
     if source.startswith(("http://", "https://")):
         path, kind = _download(dataset, source, scratch), "url"
     else:
