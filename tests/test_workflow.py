@@ -56,16 +56,37 @@ def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):
 
 def test_the_schema_offers_the_library_choices():
     """The config schema cannot hold defaults or choices of its own: its enums are the library's."""
-    from llama_adapter.config import GATE_INITS, METHODS, MODES, POLICIES, TRUNCATION
+    from llama_adapter.config import (
+        GATE_INITS,
+        LORA_TARGETS,
+        METHODS,
+        MODES,
+        POLICIES,
+        PRECISIONS,
+        TASKS,
+        TRUNCATION,
+    )
+    from llama_adapter.data.demo import CELLS
+    from llama_adapter.data.validate import ALL_FLAGS
 
     settings = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     adapter = settings["definitions"]["adapter_settings"]["properties"]
     assert tuple(adapter["gate_init"]["enum"]) == GATE_INITS and tuple(adapter["method"]["enum"]) == METHODS
+    assert tuple(adapter["precision"]["enum"]) == PRECISIONS
+    target = "|".join(LORA_TARGETS)
+    assert adapter["lora_targets"]["pattern"] == f"^({target})(,({target}))*$"
     stage = {name: spec.get("properties", {}) for name, spec in settings["properties"].items()}
     assert tuple(stage["tokenize"]["truncation"]["enum"]) == TRUNCATION
     assert tuple(stage["evaluate"]["mode"]["enum"]) == MODES
-    for policy in (stage["data"]["validation"]["properties"]["policy"], stage["images"]["policy"]):
+    validation = stage["data"]["validation"]["properties"]
+    for policy in (validation["policy"], stage["images"]["policy"]):
         assert tuple(policy["enum"]) == POLICIES
+    assert sorted(validation["drop_flags"]["items"]["enum"]) == sorted(ALL_FLAGS)
+    assert stage["data"]["demo"]["properties"]["questions"]["minimum"] == len(CELLS)  # generate_demo's minimum
+    experiment = stage["experiments"]["additionalProperties"]["properties"]
+    for dataset in (experiment["dataset"], stage["ablations"]["dataset"]):
+        assert sorted(dataset["enum"]) == sorted(TASKS)
+    assert tuple(stage["ablations"]["methods"]["propertyNames"]["enum"]) == METHODS
 
 
 def test_the_lock_pins_pyproject_and_environment_yml_follows_it():

@@ -730,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain_base, outputs=lambda ns: [ns.out])
 
-    datasets = ["alpaca", "scienceqa"]
+    datasets = sorted(TASKS)
     p = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)
     p.add_argument("--dataset", required=True, choices=datasets, help="the format to read the source as")
     p.add_argument("--source", required=True, help="hf:<dataset id>, an http(s) URL, or a local file/folder")
