@@ -83,7 +83,7 @@ def test_the_schema_offers_the_library_choices():
         assert tuple(policy["enum"]) == POLICIES
     assert sorted(validation["drop_flags"]["items"]["enum"]) == sorted(ALL_FLAGS)
     assert stage["data"]["demo"]["properties"]["questions"]["minimum"] == len(CELLS)  # generate_demo's minimum
-    experiment = stage["experiments"]["additionalProperties"]["properties"]
+    experiment = settings["properties"]["experiments"]["additionalProperties"]["properties"]
     for dataset in (experiment["dataset"], stage["ablations"]["dataset"]):
         assert sorted(dataset["enum"]) == sorted(TASKS)
     assert tuple(stage["ablations"]["methods"]["propertyNames"]["enum"]) == METHODS
