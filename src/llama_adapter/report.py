@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import AdapterArgs, ModelArgs
+from .config import AdapterArgs, ModelArgs, TrainConfig
 from .data.scienceqa import CATEGORIES
 from .errors import InputError
 from .io import atomic_dir, read_json_object
@@ -71,7 +71,7 @@ class Run:
 
     @property
     def method(self) -> str:
-        return self.config.get("method", "adapter")
+        return self.config.get("method", TrainConfig.method)
 
     def axis_value(self, axis: str) -> Any:
         """The value of an ablation axis at this grid point, as a number where it is one."""
@@ -106,7 +106,7 @@ WRITTEN_BY = {"config.json": "train", "metrics.json": "train", "scores.json": "e
               "adapter.safetensors": "train"}
 REQUIRED_KEYS = {
     "config.json": ("base", "train_data"),
-    "metrics.json": ("history", "trainable_parameters", "world_size"),
+    "metrics.json": ("history", "trainable_parameters", "world_size", "weights"),
     "stats.json": ("dataset",),
 }
 
@@ -270,7 +270,7 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
     if not isinstance(metrics["history"], list) or not metrics["history"]:
         raise InputError(f"{adapter_dir / 'metrics.json'}: 'history' holds no training steps; expected the file "
                          "train writes")
-    adapter = adapter_dir / str(metrics.get("weights", "adapter.safetensors"))
+    adapter = adapter_dir / str(metrics["weights"])
     if not adapter.is_file():
         raise InputError(f"{adapter}: missing; run train first (or leave this experiment out of the report)")
     bench = inputs.train_benchmarks.get(name)

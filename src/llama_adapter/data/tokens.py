@@ -97,7 +97,7 @@ def check_split_rule(rule: dict) -> None:
         raise TokenizeError(f"split rule 'by' {by!r} is unknown; expected 'seed' (a seeded validation draw) or "
                             "'field' (the records' own split)")
     if rule["by"] == "seed":
-        size, seed = rule.get("val_size"), rule.get("seed", 0)
+        size, seed = rule.get("val_size"), rule.get("seed", TokenizeConfig.seed)
         if isinstance(size, bool) or not (isinstance(size, int) and size >= 1
                                           or isinstance(size, float) and 0 < size < 1):
             raise TokenizeError(f"val_size {size!r}: expected a number of validation records (an integer >= 1) or a "
@@ -120,7 +120,7 @@ def split_indices(n: int, rule: dict, split_field: list | None = None,
             got = f"val_size {size}" + (f" ({k} records)" if isinstance(size, float) else "")
             raise TokenizeError(f"{where}: {got} leaves no {'training' if k >= n else 'validation'} records out of "
                                 f"{n}; expected a val_size of 1..{n - 1} records or a fraction giving that many")
-        perm = np.random.default_rng(rule.get("seed", 0)).permutation(n)
+        perm = np.random.default_rng(rule.get("seed", TokenizeConfig.seed)).permutation(n)
         return {"train": np.sort(perm[k:]), "val": np.sort(perm[:k])}
     assert split_field is not None
     missing = [i for i, s in enumerate(split_field) if s is None]
