@@ -526,3 +526,12 @@ def test_options_that_would_be_ignored_or_nonsense_are_refused(w, tmp_path, caps
     one_line_error(capsys, *train_args(w, tmp_path / "o", "--lr", "0.001", "--min-lr", "0.01"),
                    names=["--min-lr 0.01 is above the peak learning rate 0.001"])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_path_that_is_not_utf8_is_named(w, tmp_path, capsys):
+    """A path with a byte that is not UTF-8 (Python holds it as a lone surrogate) failed only when written into a
+    JSON file, naming neither the option nor the path."""
+    odd = f"{tmp_path}/odd\udcffdir/f"
+    one_line_error(capsys, "fetch", "--dataset", "alpaca", "--source", w / "corpus.jsonl", "--out", odd,
+                   names=["--out", "odd\\udcffdir", "not UTF-8"])
+    assert not any(tmp_path.iterdir())

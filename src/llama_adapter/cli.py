@@ -855,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         commands.choices[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        check_utf8(ns)
         check_outputs_apart(ns)
         try:
             # SIGTERM (scancel, a time limit) stops any command as an error does, its outputs removed; training
@@ -886,6 +887,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 OUTPUT_OPTIONS = ("out", "out_dir")
+
+
+def check_utf8(ns: argparse.Namespace) -> None:
+    """Every option's text can be written as UTF-8: a path with bytes that are not (which Python holds as lone
+    surrogates) would fail only when written into a JSON file or a log, naming neither the option nor the path."""
+    for key, value in vars(ns).items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            for x in item if isinstance(item, tuple) else [item]:
+                if isinstance(x, str | Path):
+                    try:
+                        str(x).encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise InputError(f"--{key.replace('_', '-')} {ascii(str(x))}: holds bytes that are not UTF-8; "
+                                         "expected a path (or text) in UTF-8") from None
 
 
 def given_paths(ns: argparse.Namespace) -> list[tuple[str, str | Path]]:
