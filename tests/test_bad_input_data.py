@@ -281,9 +281,9 @@ def test_val_size_larger_than_the_data_names_the_file_and_count(tmp_path, tok):
 @pytest.mark.parametrize("args, needle", [
     (["--split-by", "random"], "--split-by"),
     (["--max-seq-len", "many"], "--max-seq-len"),
-    (["--max-seq-len", "0"], "max_seq_len 0"),
-    (["--max-seq-len", "-5"], "max_seq_len -5"),
-    (["--seed", "-1"], "seed -1"),
+    (["--max-seq-len", "0"], "--max-seq-len: expected a number of tokens in [1, "),
+    (["--max-seq-len", "-5"], "--max-seq-len: expected a number of tokens in [1, "),
+    (["--seed", "-1"], "--seed: expected an integer in [0, 2**63), got '-1'"),
 ])
 def test_bad_settings_are_one_line(tmp_path, tok, args, needle):
     validated = records_dir(tmp_path / "v", GOOD)
