@@ -349,7 +349,8 @@ def test_seventy_b_config_trains_over_two_nodes(seventy_b_dry_run):
 @needs_snakemake
 def test_a_real_base_is_not_asked_the_demos_instructions(seventy_b_dry_run):
     """A config without a generate block of its own inherits config.yaml's, the demo's made-up instructions: with
-    data other than the demo's, the plan stops naming the key, rather than a real model answering them."""
+    a base and data other than the demo's, the plan stops naming the key, rather than a real model answering
+    them."""
     tmp, _ = seventy_b_dry_run
     config = yaml.safe_load((tmp / "config.yaml").read_text())
     del config["generate"]

@@ -364,18 +364,20 @@ def repository_file(path):
 
 
 INSTRUCTIONS = repository_file(config["generate"]["instructions"])
-# A config merged over config.yaml without a generate block of its own would ask adapters trained on real data
-# about the demo data's made-up words, and the report would print those answers.
+# A config merged over config.yaml without a generate block of its own would ask a real base, trained on real
+# data, about the demo data's made-up words, and the report would print those answers. (The demo's base, or its
+# data on another base, a plumbing run, may keep them.)
 REAL_DATA = {
     f"data.{d}.source": config["data"][d]["source"]
     for d in ("alpaca", "scienceqa")
     if config["data"][d]["source"] != "demo"
 }
-if REAL_DATA and Path(INSTRUCTIONS).name == "demo_instructions.jsonl":
+if not DEMO and REAL_DATA and Path(INSTRUCTIONS).name == "demo_instructions.jsonl":
     key, source = next(iter(REAL_DATA.items()))
     raise ValueError(
         f"config generate.instructions: {config['generate']['instructions']!r} is the demo's made-up instructions, "
-        f"but {key} is {source!r}, not the demo's; give the config a generate block of its own "
+        f"but base.source is {config['base']['source']!r} and {key} {source!r}, not the demo's; give the config a "
+        "generate block of its own "
         "(workflow/resources/paper_instructions.jsonl, as config/paper-7b.yaml)"
     )
 
