@@ -158,6 +158,11 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
         assert (tags["questions"], tags["split"]) == ("8", "test")
         assert run.data.tags["mlflow.source.name"] == "llama_adapter.evaluate" and "env.python" in run.data.tags
     assert scores["categories"]["G7-12"]["n"] == 2  # grades 7 and 8
+    logged = (tmp_path / "likelihood" / "metrics.jsonl").read_text()
+    again = Evaluation("scienceqa", root / "base", root / "a.safetensors", root / "data", tmp_path / "likelihood",
+                       split="test", mode="likelihood")
+    evaluate(model, tok, again, records=validated, batch_size=4)
+    assert (tmp_path / "likelihood" / "metrics.jsonl").read_text() == logged  # this run's log, not both runs'
     absent = Evaluation("scienceqa", root / "base", None, root / "data", tmp_path / "absent", split="tset")
     with pytest.raises(DataError, match=r"records.jsonl: no questions in split 'tset'; splits present: "
                                         r"\['test', 'train', 'val'\]"):
@@ -168,6 +173,7 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
         evaluate(model, tok, broken, records=[{"pid": "1"}])  # no question: scoring fails
     [failed] = [r for r in client.search_runs([run.info.experiment_id]) if r.info.status == "FAILED"]
     assert failed.data.params["method"] == "zero-shot" and not (tmp_path / "broken" / "scores.json").exists()
+    assert not (tmp_path / "broken" / "metrics.jsonl").exists()
 
 
 def test_a_stop_signal_ends_the_evaluation_killed_with_nothing_written(world, tmp_path, monkeypatch):

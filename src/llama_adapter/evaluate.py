@@ -185,6 +185,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     method = training.get("method") or ("zero-shot" if ev.adapter is None else
                                         "lora" if is_lora_file(Path(ev.adapter)) else "adapter")
     out = Path(ev.out_dir)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # the run's log, appended to: not an earlier evaluation's too
     tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags)
     if ev.task == "scienceqa":  # the questions scored: the split of the validated records (all of them: None)
         tracker.log_dataset(Path(ev.data) / "records.jsonl", f"scienceqa/{ev.split or 'all'}", "evaluation",
@@ -208,8 +209,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
             scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id}
             write_json(written[0], scores)
     except BaseException as e:
-        for path in written:  # no partial output: predictions without their scores would pass for a finished run
-            path.unlink(missing_ok=True)
+        for path in (*written, out / "metrics.jsonl"):  # no partial output: predictions without their scores
+            path.unlink(missing_ok=True)  # would pass for a finished run
         if isinstance(e, StoppedBySignal):
             tracker.set_tags({"stopped_by": e.signal_name})
         tracker.close(status="KILLED" if isinstance(e, StoppedBySignal) else "FAILED")
