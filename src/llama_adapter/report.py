@@ -41,7 +41,9 @@ PAPER_SCIENCEQA = {
     "LLaMA-Adapter_T": {"accuracy": 78.31},
 }
 PAPER_LAYERS = [(10, 0.97, 55.95), (20, 1.37, 73.36), (30, 1.79, 83.85)]  # of 32; params (millions); val acc
-PAPER_GATE_INIT = {"zero": 84.04, "random": 40.77}  # val acc
+# val acc; zero-init is the row the paper's three ablation tables share (30 layers, 30 epochs): 83.85 - 40.77 is
+# the +43.08 gain it reports.
+PAPER_GATE_INIT = {"zero": 83.85, "random": 40.77}
 PAPER_EPOCHS = [(15, 0.022, 0.136, 82.08), (30, 0.004, 0.241, 83.85), (60, 0.001, 0.282, 83.94)]
 # Efficiency on Alpaca: (tuned parameters in millions, storage in MB, training time in hours, hardware), the
 # paper's 7B, 13G, 4.2M, 16.8M, 1.2M and 4.7M in the units of our columns.
@@ -217,11 +219,19 @@ def _checked_scores(path: Path, scores: dict) -> dict:
         test, what = KINDS[kind.rstrip("?")]
         if not (holder[name] is None and kind.endswith("?")) and not test(holder[name]):
             raise InputError(f"{path}: key {key} holds {holder[name]!r:.60}; expected {what} ({expected})")
-    tallies = (("", scores), ("floor.", scores.get("floor"))) if scores["task"] == "scienceqa" else ()
+    tallies = (("", scores), ("floor.", scores.get("floor")),
+               ("any_format.", scores.get("any_format") and {**scores["any_format"], "n": scores["n"]})
+               ) if scores["task"] == "scienceqa" else ()
     for prefix, counts in tallies:
-        if counts and (counts.get("correct") or 0) > counts["n"]:  # else an interval of a proportion above 1
-            raise InputError(f"{path}: key {prefix}correct is {counts['correct']}, more than {prefix}n "
-                             f"({counts['n']}); expected {expected}")
+        if not counts or counts.get("correct") is None:
+            continue
+        if counts["correct"] > counts["n"]:  # else an interval of a proportion above 1
+            raise InputError(f"{path}: key {prefix}correct is {counts['correct']}, more than n ({counts['n']}); "
+                             f"expected {expected}")
+        share = 100 * counts["correct"] / counts["n"] if counts["n"] else None
+        if share is not None and counts.get("accuracy") is not None and abs(counts["accuracy"] - share) > 0.01:
+            raise InputError(f"{path}: key {prefix}accuracy is {counts['accuracy']}, but {counts['correct']} correct "
+                             f"of {counts['n']} is {share:.2f}; expected {expected}")  # its interval would not hold it
     return scores
 
 
@@ -346,9 +356,15 @@ def ablation_axis(runs: list[Run], axis: str, center: dict, values: list) -> lis
 
 
 def by_rank(ours: list, paper: list) -> list:
-    """Pair our i-th setting with the paper's i-th (our settings are the paper's scaled to another model);
-    no pairing when the counts differ."""
-    return paper if len(ours) == len(paper) else [None] * len(ours)
+    """The paper's row for each of our settings, paired by rank (our settings are the paper's scaled to another
+    model; the paper's rows are in increasing order of theirs), whatever order the config lists ours in; no
+    pairing when the counts differ."""
+    if len(ours) != len(paper):
+        return [None] * len(ours)
+    paired: list = [None] * len(ours)
+    for rank, i in enumerate(sorted(range(len(ours)), key=lambda i: ours[i])):
+        paired[i] = paper[rank]
+    return paired
 
 
 def run_hardware(metrics: dict) -> str:
@@ -400,12 +416,14 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
         if r.method == "adapter":
             paper_model = "LLaMA-Adapter" if r.config.get("image_features") else "LLaMA-Adapter_T"
         row = {"experiment": r.name, "method": METHOD_NAMES[r.method], "paper_model": paper_model,
-               "questions": r.scores["n"], "chance": r.scores.get("chance")}
+               "questions": r.scores["n"]}
         paper = PAPER_SCIENCEQA.get(paper_model, {})
-        row |= {**score_columns(r), "accuracy_paper": paper.get("accuracy"), "unparsed": r.scores.get("unparsed"),
-                "accuracy_any_format": (r.scores.get("any_format") or {}).get("accuracy")}
+        row |= {**score_columns(r), "accuracy_paper": paper.get("accuracy"), **answer_columns(r)}
         for c in CATEGORIES:
-            row |= {c: r.scores["categories"][c]["accuracy"], f"{c}_paper": paper.get(c)}
+            category = r.scores["categories"][c]
+            low, high = accuracy_interval(category["accuracy"], category["n"])
+            row |= {c: category["accuracy"], f"{c}_n": category["n"], f"{c}_ci95_low": low, f"{c}_ci95_high": high,
+                    f"{c}_paper": paper.get(c)}
         rows.append(row | r.provenance)
     floors = {r.scores.get("split"): r.scores["floor"] for r in runs if r.scores.get("floor")}
     for split, floor in floors.items():
@@ -418,6 +436,14 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
     return df
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf past a float's range (as evaluate writes it)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def instruction_table(runs: list[Run]) -> pd.DataFrame:
     """Held-out Alpaca loss before the first step (with zero-initialised gates: the base model's) and after
     training (the evaluate stage), with perplexities."""
@@ -428,9 +454,22 @@ def instruction_table(runs: list[Run]) -> pd.DataFrame:
                      "heldout_samples": r.scores["heldout_samples"],
                      "gate_init": r.config.get("gate_init") if r.method == "adapter" else None,
                      "loss_before": before, "loss_after": r.scores["heldout_loss"],
-                     "perplexity_before": None if before is None else math.exp(before),
+                     "perplexity_before": None if before is None else perplexity(before),
                      "perplexity_after": r.scores["perplexity"], **r.provenance})
     return pd.DataFrame(rows)
+
+
+def answer_columns(r: Run) -> dict:
+    """What a ScienceQA accuracy rests on, beside it in every table: the uniform guess's accuracy over the same
+    questions, and with generated answers the outputs without the paper's format and the accuracy read in any
+    wording, with its interval (a score that moves with the format alone is not a gain in knowledge)."""
+    if "accuracy" not in r.scores:
+        return {}
+    any_format = r.scores.get("any_format") or {}
+    low, high = accuracy_interval(any_format.get("accuracy"), r.scores["n"], any_format.get("correct"))
+    return {"chance": r.scores.get("chance"), "unparsed": r.scores.get("unparsed"),
+            "accuracy_any_format": any_format.get("accuracy"), "any_format_ci95_low": low,
+            "any_format_ci95_high": high}
 
 
 def score_columns(r: Run) -> dict:
@@ -443,14 +482,15 @@ def score_columns(r: Run) -> dict:
 
 def paper_ablation(axis: str, runs: list[Run]) -> list[dict]:
     """The paper's row beside each of ours, for the axes it published (settings paired by rank)."""
+    values = [r.axis_value(axis) for r in runs]
     if axis == "adapter_layers":
         return [p and {"adapter_layers_paper": f"{p[0]} of 32", "tuned_params_m_paper": p[1],
-                       "accuracy_paper": p[2]} or {} for p in by_rank(runs, PAPER_LAYERS)]
+                       "accuracy_paper": p[2]} or {} for p in by_rank(values, PAPER_LAYERS)]
     if axis == "gate_init":
         return [{"accuracy_paper": PAPER_GATE_INIT.get(r.axis_value(axis))} for r in runs]
     if axis == "epochs":
         return [p and {"epochs_paper": p[0], "train_loss_paper": p[1], "val_loss_paper": p[2],
-                       "accuracy_paper": p[3]} or {} for p in by_rank(runs, PAPER_EPOCHS)]
+                       "accuracy_paper": p[3]} or {} for p in by_rank(values, PAPER_EPOCHS)]
     return [{} for _ in runs]
 
 
@@ -464,8 +504,11 @@ def ablation_table(runs: list[Run], axis: str) -> pd.DataFrame:
                      "tuned_params_m": millions(r.metrics["trainable_parameters"]) if trained else None,
                      "train_loss": r.last_epoch_loss() if trained else None,
                      "val_loss": (r.metrics.get("val_loss") or [None])[-1] if trained else None,
-                     **score_columns(r), **paper, **r.provenance})
-    return pd.DataFrame(rows)
+                     **score_columns(r), **answer_columns(r), **paper, **r.provenance})
+    df = pd.DataFrame(rows)
+    if "unparsed" in df:  # a count, n/a where nothing was generated: integers, not floats
+        df["unparsed"] = df["unparsed"].astype("Int64")
+    return df
 
 
 def generations_table(generations: dict[str, Path], runs: list[Run]) -> pd.DataFrame:
@@ -528,10 +571,18 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     keys = [df.columns[0], *(["model"] if "model" in df.columns[1:] else [])]
     categories = [c for c in CATEGORIES if c in df.columns]
     provenance = [c for c in PROVENANCE if c in df.columns]
-    parts = [(None, df.drop(columns=[*categories, *(f"{c}_paper" for c in categories), *provenance],
-                            errors="ignore"))]
+    per_category = [f"{c}{suffix}" for c in categories for suffix in ("", "_n", "_ci95_low", "_ci95_high", "_paper")]
+    main = df.drop(columns=[*per_category, *provenance], errors="ignore")
+    if "any_format_ci95_low" in main:  # one cell, as the categories': the table stays a page wide
+        main = main.assign(accuracy_any_format=[
+            "n/a" if pd.isna(a) else f"{cell(a)} [{cell(lo)}, {cell(hi)}]"
+            for a, lo, hi in zip(main["accuracy_any_format"], main["any_format_ci95_low"], main["any_format_ci95_high"])
+        ]).drop(columns=["any_format_ci95_low", "any_format_ci95_high"])
+    parts = [(None, main)]
     if categories:
-        ours = df[df[categories].notna().any(axis=1)][keys + categories]
+        ours = df[df[categories].notna().any(axis=1)]
+        ours = pd.DataFrame({**{k: ours[k] for k in keys},
+                             **{c: [category_cell(row, c) for _, row in ours.iterrows()] for c in categories}})
         paper = {row["paper_model"]: {keys[0]: f"paper: {row['paper_model']}",
                                       **{c: row[f"{c}_paper"] for c in categories}}
                  for _, row in df.iterrows() if any(pd.notna(row.get(f"{c}_paper")) for c in categories)}
@@ -540,6 +591,13 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
         part = df[keys + provenance]
         parts.append(("Provenance", part[part[provenance].notna().any(axis=1)]))  # rows with runs to name
     return parts
+
+
+def category_cell(row: pd.Series, c: str) -> str:
+    """A category's accuracy as report.md shows it: with its 95% interval and question count."""
+    if pd.isna(row[c]):
+        return f"n/a (n={row[f'{c}_n']})"
+    return f"{cell(row[c])} [{cell(row[f'{c}_ci95_low'])}, {cell(row[f'{c}_ci95_high'])}] (n={row[f'{c}_n']})"
 
 
 def readable_markdown(df: pd.DataFrame) -> str:
@@ -656,7 +714,7 @@ METHOD_TABLES = {
 ABLATION_TABLES = {  # axis: (file name, caption); an axis not listed: ablation_<axis>
     "adapter_layers": ("insertion_layers", "Ablation: number of adapted (top) layers"),
     "gate_init": ("gate_init", "Ablation: zero-initialised vs randomly initialised gates"),
-    "epochs": ("epochs", "Ablation: training epochs (over-fitting)"),
+    "epochs": ("epochs", "Ablation: training epochs"),
     "method": ("ablation_method", "Ablation: what trains (adapter, LoRA, full fine-tuning, none) at the center"),
 }
 RUN_TABLES = {
@@ -745,8 +803,11 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "ScienceQA). Ablation settings are paired with the paper's by rank; the ablations hold "
         f"{json.dumps(center)} fixed except the axis they vary. `chance` is the accuracy of guessing uniformly; "
         "the `floor` row always answers the option position most often right in the training questions. "
-        "`ci95_low`/`ci95_high` bound each accuracy with 95% confidence (Wilson interval over its questions): "
-        "two methods whose intervals overlap are not shown to differ. With generated answers, `unparsed` counts "
+        "`ci95_low`/`ci95_high` bound each accuracy with 95% confidence (Wilson interval over its questions; "
+        "a category's in brackets, with its question count): two accuracies whose intervals do not overlap "
+        "differ beyond this noise, while overlapping intervals leave a difference neither shown nor ruled out "
+        "(two proportions can differ significantly with slightly overlapping intervals). With generated "
+        "answers, `unparsed` counts "
         "the outputs without the paper's \"The answer is (X)\", and `accuracy_any_format` reads the first \"(X)\" "
         "of any wording: a model that knows the answers but not the format scores low on `accuracy` only. "
         "Units: `tuned_params_m` in millions of parameters, `storage_mb` in MB (10^6 bytes), `training_h` in hours, "
