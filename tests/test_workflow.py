@@ -45,6 +45,16 @@ def test_bad_config_key_is_named(tmp_path):
     assert "gate_innit" in proc.stdout + proc.stderr
 
 
+def test_a_point_reusing_a_training_is_retrained_through_that_training(tmp_path):
+    """The center reuses the scienceqa experiment's training: asked for by its own path (--forcerun), it is refused,
+    naming the file to force, instead of training an adapter into a folder that nothing reads."""
+    center = "results/adapters/ablations/adapter_layers~3/gate_init~zero/epochs~3/method~adapter/metrics.json"
+    proc = snakemake(center, "-n", "--cores", "1", "--configfile", str(REPO / "config.yaml"), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert ("trains nothing of its own (it reuses scienceqa's training; to train it again, force "
+            "results/adapters/scienceqa/metrics.json)") in proc.stdout + proc.stderr, proc.stdout[-2000:]
+
+
 def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     del config["ablations"]["center"]["method"]
@@ -63,6 +73,7 @@ def test_the_schema_offers_the_library_choices():
         MODES,
         POLICIES,
         PRECISIONS,
+        PRESETS,
         TASKS,
         TRUNCATION,
     )
@@ -87,6 +98,7 @@ def test_the_schema_offers_the_library_choices():
     for dataset in (experiment["dataset"], stage["ablations"]["dataset"]):
         assert sorted(dataset["enum"]) == sorted(TASKS)
     assert tuple(stage["ablations"]["methods"]["propertyNames"]["enum"]) == METHODS
+    assert tuple(stage["base"]["pretrain"]["properties"]["preset"]["enum"]) == tuple(PRESETS)
 
 
 def test_the_lock_pins_pyproject_and_environment_yml_follows_it():
@@ -199,6 +211,8 @@ def test_demo_report_holds_numbers_with_provenance(demo_run):
             assert image.format == "PNG" and image.size[0] > 300
     text = (report / "report.md").read_text()
     assert "| adapter_layers |" in text and "![" in text and "**Provenance**" in text
+    # the trained rows' commit and config hash; the zero-shot rows, which have no training, add no "unknown"
+    assert re.search(r"Git commit: [0-9a-f]{12}\. Config hash: [0-9a-f]{12}\.", text), text[:600]
     # the caption says how the answers were decoded (config.yaml: temperature 0.1, top-p 0.75), not "greedy"
     assert "## Generations of the instruction adapters (sampled at temperature 0.1, top-p 0.75" in text
     assert max(line.count(" | ") for line in text.splitlines() if line.startswith("|")) < 16  # readable widths
@@ -238,6 +252,13 @@ def test_demo_rerun_does_nothing_and_a_new_grid_point_runs_alone(demo_run):
     proc = snakemake("-n", "--cores", "2", *demo_configfiles(demo_run), cwd=demo_run)
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
     config = yaml.safe_load((REPO / "config.yaml").read_text())
+    # The center's keys in another order name the same grid points (the folders follow one order of settings).
+    center = config["ablations"]["center"]
+    reordered = {**config, "results": DEMO_RESULTS,
+                 "ablations": {**config["ablations"], "center": dict(reversed(list(center.items())))}}
+    (demo_run / "reordered.yaml").write_text(yaml.safe_dump(reordered, sort_keys=False))
+    proc = snakemake("-n", "--cores", "2", "--configfile", str(demo_run / "reordered.yaml"), cwd=demo_run)
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
     config["ablations"]["vary"]["epochs"].append(4)
     (demo_run / "more.yaml").write_text(yaml.safe_dump({**config, "results": DEMO_RESULTS}, sort_keys=False))
     proc = snakemake("-n", "--cores", "2", "--configfile", str(demo_run / "more.yaml"), cwd=demo_run)
@@ -246,6 +267,16 @@ def test_demo_rerun_does_nothing_and_a_new_grid_point_runs_alone(demo_run):
     assert sorted(planned) == ["all", "evaluate", "report", "train_adapter"]
     assert f"{DEMO_RESULTS}/adapters/ablations/adapter_layers~3/gate_init~zero/epochs~4/method~adapter/metrics.json" \
         in proc.stdout
+    # Another answer mode reruns every ScienceQA evaluation, and nothing that trains (a param that took `input`
+    # was left out of Snakemake's params trigger: the earlier mode's scores stayed).
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["evaluate"]["mode"] = "likelihood"
+    (demo_run / "mode.yaml").write_text(yaml.safe_dump({**config, "results": DEMO_RESULTS}, sort_keys=False))
+    proc = snakemake("-n", "--cores", "2", "--configfile", str(demo_run / "mode.yaml"), cwd=demo_run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", proc.stdout.split("Job stats:", 1)[1], re.M))
+    scienceqa = [name for name, spec in config["experiments"].items() if spec and spec["dataset"] == "scienceqa"]
+    assert "train_adapter" not in counts and int(counts["evaluate"]) >= len(scienceqa), proc.stdout[-3000:]
 
 
 def test_snakemake_html_report_has_the_captions(demo_run):

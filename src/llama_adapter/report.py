@@ -794,8 +794,9 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
 def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], named: list[Run], center: dict,
                     lengths: dict) -> str:
     bases = sorted({r.config["base"] for r in named})
-    commits = sorted({r.provenance["git_commit"] or "unknown" for r in named})
-    hashes = sorted({r.provenance["config_hash"] or "unknown" for r in named})
+    # Of the trained rows: a zero-shot row has no training to name them (its provenance row says n/a).
+    commits = sorted({c for r in named if (c := r.provenance["git_commit"])}) or ["unknown"]
+    hashes = sorted({h for r in named if (h := r.provenance["config_hash"])}) or ["unknown"]
     parts = [
         "# LLaMA-Adapter: the paper's tables and figures, regenerated", "",
         f"Base model: {', '.join(bases)}. Git commit: {', '.join(commits)}. Config hash: {', '.join(hashes)}.", "",

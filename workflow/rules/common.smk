@@ -3,6 +3,7 @@
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
@@ -159,10 +160,17 @@ def ablation_points(center, axes):
     return pd.DataFrame(points).drop_duplicates().reset_index(drop=True)
 
 
+# The center's settings in one order, whatever order the config writes them in: the grid's folder names follow
+# it, so reordering the config's keys must not rename every point (and train them all again). TrainConfig's
+# field order, with what trains (method) last.
+AXIS_ORDER = [f.name for f in fields(TrainConfig) if f.name != "method"] + ["method"]
+CENTER = {
+    k: config["ablations"]["center"][k]
+    for k in sorted(config["ablations"]["center"], key=AXIS_ORDER.index)
+}
+
 # One folder level per parameter: ablations/adapter_layers~4/gate_init~zero/epochs~5
-ABLATIONS = Paramspace(
-    ablation_points(config["ablations"]["center"], ABLATION_AXES), param_sep="~"
-)
+ABLATIONS = Paramspace(ablation_points(CENTER, ABLATION_AXES), param_sep="~")
 ABLATION_SETTINGS = {
     f"ablations/{name}": row
     for name, row in zip(
@@ -265,6 +273,26 @@ def trained(w):
     return training_of(w.experiment)
 
 
+def training_tokens(w):
+    """The token folder an experiment trains on. One that trains nothing of its own (zero-shot, or an ablation
+    point that reuses a named experiment's training) is refused by name: asked for by path (--forcerun), its
+    folder would get a training that nothing reads, while its scores kept the reused one's.
+    """
+    name = w.experiment
+    if method(name) == "zero-shot" or trained_as(name) != name:
+        own = training_of(name)
+        raise ValueError(
+            f"{RESULTS}/adapters/{name}: {name} trains nothing of its own ("
+            + (
+                "zero-shot"
+                if not own
+                else f"it reuses {trained_as(name)}'s training; to train it again, force {own}"
+            )
+            + ")"
+        )
+    return f"{RESULTS}/tokens/{experiment(name)[0]}"
+
+
 def model_options(w, input, named=False):
     """--base (and --adapter) of the model an experiment evaluates: the base with its adapter or LoRA
     (config.WEIGHTS, beside the training's metrics.json), a fully fine-tuned model's own folder, or the base alone
@@ -350,7 +378,7 @@ def report_options():
         "--benchmarks",
         f"{RESULTS}/benchmarks",
         "--center",
-        json.dumps(config["ablations"]["center"]),
+        json.dumps(CENTER),
         "--vary",
         json.dumps(ABLATION_AXES),
     ]
@@ -496,16 +524,19 @@ def evaluation_split(name):
     return config["evaluate"]["split"]
 
 
-def evaluation_options(w, input):
+def evaluation_options(w):
     """The evaluate CLI's task options: ScienceQA's split, answer mode and image features, or the Alpaca held-out
-    split read in rows of the experiment's own row_len. A list of arguments."""
+    split read in rows of the experiment's own row_len. A list of arguments. A function of the wildcards alone
+    (the paths are evaluation_data's and image_features'): Snakemake's params trigger leaves out a param that
+    takes `input`, so a changed mode or split would not rerun the evaluation."""
     dataset, settings = experiment(w.experiment)
+    data = evaluation_data(w)
     if dataset == "alpaca":
         return [
             "--task",
             "alpaca",
             "--data",
-            f"{input.data}/val",
+            f"{data}/val",
             "--row-len",
             str(settings["row_len"]),
         ]
@@ -514,16 +545,17 @@ def evaluation_options(w, input):
     compiled = {
         "compile": decodes and config["evaluate"].get("compile", CompileConfig.compile)
     }
+    images = image_features(w)
     return [
         "--task",
         "scienceqa",
         "--data",
-        input.data,
+        data,
         "--split",
         evaluation_split(w.experiment),
         "--mode",
         config["evaluate"]["mode"],
-        *(["--image-features", input.images] if input.images else []),
+        *(["--image-features", images] if images else []),
         *(["--compile"] if compiled["compile"] else []),
         *compile_cache(compiled),
     ]

@@ -80,11 +80,11 @@ rule pretrain_base:
 rule train_adapter:
     input:
         base=BASE,
-        tokens=lambda w: f"{RESULTS}/tokens/{experiment(w.experiment)[0]}",
+        tokens=training_tokens,
         images=image_features,
     # The weights' file name depends on the method (config.WEIGHTS: adapter.safetensors, PEFT's
     # adapter_model.safetensors, model/ for a full fine-tune), which an output pattern cannot say; metrics.json,
-    # written after the weights, marks a finished training, and a failed one removes both (cli.TRAIN_OUTPUTS).
+    # written after the weights, marks a finished training, and a failed one removes both (config.training_outputs).
     output:
         metrics=f"{RESULTS}/adapters/{{experiment}}/metrics.json",
     log:
