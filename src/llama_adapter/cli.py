@@ -889,34 +889,39 @@ def main(argv: list[str] | None = None) -> int:
 OUTPUT_OPTIONS = ("out", "out_dir")
 
 
+def option_values(ns: argparse.Namespace, names: bool = True, outputs: bool = False
+                  ) -> Iterator[tuple[str, object]]:
+    """(--option, value) of each value the command was given, a list's one by one, the outputs' options only with
+    `outputs`; a NAME=PATH option is parsed into (name, path): its path, and its name too with `names`."""
+    for key, value in vars(ns).items():
+        if key in OUTPUT_OPTIONS and not outputs:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            for x in item[0 if names else 1:] if isinstance(item, tuple) else [item]:
+                yield f"--{key.replace('_', '-')}", x
+
+
 def check_utf8(ns: argparse.Namespace) -> None:
     """Every option's text can be written as UTF-8: a path with bytes that are not (which Python holds as lone
     surrogates) would fail only when written into a JSON file or a log, naming neither the option nor the path."""
-    for key, value in vars(ns).items():
-        for item in value if isinstance(value, list | tuple) else [value]:
-            for x in item if isinstance(item, tuple) else [item]:
-                if isinstance(x, str | Path):
-                    try:
-                        str(x).encode("utf-8")
-                    except UnicodeEncodeError:
-                        raise InputError(f"--{key.replace('_', '-')} {ascii(str(x))}: holds bytes that are not UTF-8; "
-                                         "expected a path (or text) in UTF-8") from None
+    for flag, x in option_values(ns, outputs=True):
+        if isinstance(x, str | Path):
+            try:
+                str(x).encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"{flag} {ascii(str(x))}: holds bytes that are not UTF-8; expected a path (or text) "
+                                 "in UTF-8") from None
 
 
 def given_paths(ns: argparse.Namespace) -> list[tuple[str, str | Path]]:
     """(option, value) of every option value that names an existing path, the outputs' options apart: what the
-    command reads (an input), or may (a cache). A NAME=PATH option is parsed into (name, path): its path counts."""
+    command reads (an input), or may (a cache)."""
     given = []
-    for key, value in vars(ns).items():
-        if key in OUTPUT_OPTIONS or key == "func":
-            continue
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            for x in item[1:] if isinstance(item, tuple) else [item]:
-                if isinstance(x, str):  # generate's --adapter NAME=PATH, unparsed
-                    x = adapter_spec(x)[1]
-                if isinstance(x, str | Path) and str(x) and os.path.lexists(x):
-                    given.append((f"--{key.replace('_', '-')}", x))
+    for flag, x in option_values(ns, names=False):
+        if isinstance(x, str):  # generate's --adapter NAME=PATH, unparsed
+            x = adapter_spec(x)[1]
+        if isinstance(x, str | Path) and str(x) and os.path.lexists(x):
+            given.append((flag, x))
     return given
 
 
@@ -924,9 +929,9 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
     """Before the command runs: none of its outputs (--out, --out-dir, and the files it writes there) is, or
     holds, a path it was given to read. Writing it would replace the input (fetch --out over the source's
     folder, generate --out over its --prompts, train --out-dir in the base's folder, over its config.json)."""
-    named = [f"--{k.replace('_', '-')} {v}" for k in OUTPUT_OPTIONS if (v := getattr(ns, k, None))]
-    outputs = [(text, Path(text.split(" ", 1)[1])) for text in named]
-    outputs += [(f"{path} (which {named[0] if named else 'it'} gets)", Path(path)) for path in ns.outputs(ns)]
+    named = [(f"--{k.replace('_', '-')} {v}", Path(v)) for k in OUTPUT_OPTIONS if (v := getattr(ns, k, None))]
+    outputs = named + [(f"{path} (which {named[0][0] if named else 'it'} gets)", Path(path))
+                       for path in ns.outputs(ns)]
     inputs = given_paths(ns)
     for shown, output in outputs:
         for option, path in inputs:

@@ -196,18 +196,19 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     tracker.log_params({"task": ev.task, "method": method, "base": str(ev.base), "adapter": str(ev.adapter),
                         "data": str(ev.data), "split": ev.split, "mode": ev.mode,
                         "training_run_id": training.get("mlflow_run_id")})
-    written = [out / name for name in EVALUATION_OUTPUTS[: 2 if ev.task == "scienceqa" else 1]]
+    scores_path, predictions_path = (out / name for name in EVALUATION_OUTPUTS)
+    written = [scores_path, *([predictions_path] if ev.task == "scienceqa" else [])]
     try:
         with stop_signals_raise():  # scancel, a time limit: the run ends KILLED, not RUNNING forever
             if ev.task == "scienceqa":
                 scores, predictions = score_scienceqa(model, tokenizer, records, ev.mode, batch_size, images,
                                                       train_records, compile)
                 scores["split"] = ev.split
-                write_predictions(predictions, written[1])
+                write_predictions(predictions, predictions_path)
             else:
                 scores = score_alpaca(model, tokenizer, heldout, ev.row_len, batch_size)
             scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id}
-            write_json(written[0], scores)
+            write_json(scores_path, scores)
     except BaseException as e:
         for path in (*written, out / "metrics.jsonl"):  # no partial output: predictions without their scores
             path.unlink(missing_ok=True)  # would pass for a finished run

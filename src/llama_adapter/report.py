@@ -430,10 +430,7 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
         low, high = wilson_interval(floor["correct"], floor["n"])
         rows.append({"experiment": f"no model: always ({floor['letter']})", "method": "floor", "split": split,
                      "questions": floor["n"], "accuracy": floor["accuracy"], "ci95_low": low, "ci95_high": high})
-    df = pd.DataFrame(rows)
-    if "unparsed" in df:  # a count, n/a on the floor's row: integers, not floats
-        df["unparsed"] = df["unparsed"].astype("Int64")
-    return df
+    return with_integer_counts(pd.DataFrame(rows))
 
 
 def perplexity(loss: float) -> float:
@@ -505,8 +502,13 @@ def ablation_table(runs: list[Run], axis: str) -> pd.DataFrame:
                      "train_loss": r.last_epoch_loss() if trained else None,
                      "val_loss": (r.metrics.get("val_loss") or [None])[-1] if trained else None,
                      **score_columns(r), **answer_columns(r), **paper, **r.provenance})
-    df = pd.DataFrame(rows)
-    if "unparsed" in df:  # a count, n/a where nothing was generated: integers, not floats
+    return with_integer_counts(pd.DataFrame(rows))
+
+
+def with_integer_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """`unparsed`, a count that is n/a on some rows (the floor's, a score without generated answers), as
+    integers rather than the floats pandas makes of a column with gaps."""
+    if "unparsed" in df:
         df["unparsed"] = df["unparsed"].astype("Int64")
     return df
 
@@ -575,8 +577,8 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     main = df.drop(columns=[*per_category, *provenance], errors="ignore")
     if "any_format_ci95_low" in main:  # one cell, as the categories': the table stays a page wide
         main = main.assign(accuracy_any_format=[
-            "n/a" if pd.isna(a) else f"{cell(a)} [{cell(lo)}, {cell(hi)}]"
-            for a, lo, hi in zip(main["accuracy_any_format"], main["any_format_ci95_low"], main["any_format_ci95_high"])
+            interval_cell(*values) for values in
+            zip(main["accuracy_any_format"], main["any_format_ci95_low"], main["any_format_ci95_high"])
         ]).drop(columns=["any_format_ci95_low", "any_format_ci95_high"])
     parts = [(None, main)]
     if categories:
@@ -593,11 +595,14 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     return parts
 
 
+def interval_cell(accuracy: Any, low: Any, high: Any) -> str:
+    """An accuracy with its 95% interval in one cell: "84.37 [80.10, 88.00]", n/a for none."""
+    return "n/a" if pd.isna(accuracy) else f"{cell(accuracy)} [{cell(low)}, {cell(high)}]"
+
+
 def category_cell(row: pd.Series, c: str) -> str:
     """A category's accuracy as report.md shows it: with its 95% interval and question count."""
-    if pd.isna(row[c]):
-        return f"n/a (n={row[f'{c}_n']})"
-    return f"{cell(row[c])} [{cell(row[f'{c}_ci95_low'])}, {cell(row[f'{c}_ci95_high'])}] (n={row[f'{c}_n']})"
+    return f"{interval_cell(row[c], row[f'{c}_ci95_low'], row[f'{c}_ci95_high'])} (n={row[f'{c}_n']})"
 
 
 def readable_markdown(df: pd.DataFrame) -> str:
