@@ -278,17 +278,15 @@ def training_tokens(w):
     point that reuses a named experiment's training) is refused by name: asked for by path (--forcerun), its
     folder would get a training that nothing reads, while its scores kept the reused one's.
     """
-    name = w.experiment
-    if method(name) == "zero-shot" or trained_as(name) != name:
-        own = training_of(name)
+    name, reused = w.experiment, trained_as(w.experiment)
+    if method(name) == "zero-shot":
         raise ValueError(
-            f"{RESULTS}/adapters/{name}: {name} trains nothing of its own ("
-            + (
-                "zero-shot"
-                if not own
-                else f"it reuses {trained_as(name)}'s training; to train it again, force {own}"
-            )
-            + ")"
+            f"{RESULTS}/adapters/{name}: {name} trains nothing of its own (zero-shot)"
+        )
+    if reused != name:
+        raise ValueError(
+            f"{RESULTS}/adapters/{name}: {name} trains nothing of its own (it reuses {reused}'s training; to train "
+            f"it again, force {training_of(name)})"
         )
     return f"{RESULTS}/tokens/{experiment(name)[0]}"
 
