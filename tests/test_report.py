@@ -241,6 +241,8 @@ def test_report_md_keeps_tables_narrow(grid):
     main, categories, provenance = parts[None], parts["By category"], parts["Provenance"]
     assert "NAT" not in main and "mlflow_run" not in main and "accuracy" in main and len(main) == len(df)
     assert list(categories.columns[:3]) == ["experiment", "NAT", "SOC"] and len(categories) == 2
+    # each with its interval and question count, a count even where the floor's row leaves the column a gap
+    assert all(re.fullmatch(r"\S+ \[\S+, \S+\] \(n=\d+\)", v) for v in categories["NAT"]), list(categories["NAT"])
     assert list(provenance.columns) == ["experiment", "mlflow_run", "eval_run", "config_hash", "data_sha256",
                                         "git_commit"]
     assert len(provenance) == 2 and len(df) == 3  # the floor row has no runs

@@ -506,10 +506,11 @@ def ablation_table(runs: list[Run], axis: str) -> pd.DataFrame:
 
 
 def with_integer_counts(df: pd.DataFrame) -> pd.DataFrame:
-    """`unparsed`, a count that is n/a on some rows (the floor's, a score without generated answers), as
-    integers rather than the floats pandas makes of a column with gaps."""
-    if "unparsed" in df:
-        df["unparsed"] = df["unparsed"].astype("Int64")
+    """The counts that are n/a on some rows (`unparsed`, a category's `_n`: none on the floor's row, nor on a
+    score without generated answers) as integers rather than the floats pandas makes of a column with gaps."""
+    for column in df.columns:
+        if column == "unparsed" or column.endswith("_n"):
+            df[column] = df[column].astype("Int64")
     return df
 
 
