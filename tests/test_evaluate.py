@@ -49,8 +49,13 @@ def test_scienceqa_scores_on_hand_made_predictions():
         {"categories": ["SOC", "NO", "G1-6"], "correct": True, "prediction": 2},
         {"categories": ["SOC", "TXT", "IMG", "G1-6"], "correct": False, "prediction": 1},
     ]
+    for pid, p in zip(("q1", "q2", "q3", "q4"), preds):
+        p["pid"] = pid
     s = scienceqa_scores(preds)
     assert s["n"] == 4 and s["accuracy"] == 50.0 and s["unparsed"] == 1
+    assert s["correct_pids"] == ["q1", "q3"]  # which were right: the report pairs two evaluations by question
+    assert s["questions_sha256"] == scienceqa_scores(preds[::-1])["questions_sha256"]  # the set, not the order
+    assert s["questions_sha256"] != scienceqa_scores(preds[:3])["questions_sha256"]
     c = s["categories"]
     assert c["NAT"] == {"accuracy": 50.0, "n": 2} and c["SOC"] == {"accuracy": 50.0, "n": 2}
     assert c["LAN"] == {"accuracy": None, "n": 0}  # not available, not 0%

@@ -23,6 +23,7 @@ from llama_adapter.report import (
     instruction_table,
     jobs_table,
     load_run,
+    mcnemar_p,
     megabytes,
     millions,
     point_settings,
@@ -94,32 +95,32 @@ def test_grid_point_names_are_parsed_or_refused():
 
 
 def test_paper_paired_by_rank_only_when_counts_match(grid):
-    layers = ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 2, 4]), "adapter_layers")
+    layers = ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 2, 4]), "adapter_layers", 4)
     assert list(layers["adapter_layers_paper"]) == ["10 of 32", "20 of 32", "30 of 32"]
     assert list(layers["accuracy_paper"]) == [p[2] for p in PAPER_LAYERS]
     assert list(layers["tuned_params_m"]) == [0.001284, 0.002568, 0.005136]  # millions, as the paper's column
     assert list(layers["tuned_params_m_paper"]) == [0.97, 1.37, 1.79]
     assert by_rank([1, 2], PAPER_LAYERS) == [None, None]
     assert "adapter_layers_paper" not in ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 4]),
-                                                        "adapter_layers")
-    gates = ablation_table(ablation_axis(grid, "gate_init", CENTER, ["zero", "random"]), "gate_init")
+                                                        "adapter_layers", 4)
+    gates = ablation_table(ablation_axis(grid, "gate_init", CENTER, ["zero", "random"]), "gate_init", "zero")
     assert list(gates["accuracy_paper"]) == [83.85, 40.77]  # the tables' shared row: the paper's +43.08
-    epochs = ablation_table(ablation_axis(grid, "epochs", CENTER, [3, 5, 8]), "epochs")
+    epochs = ablation_table(ablation_axis(grid, "epochs", CENTER, [3, 5, 8]), "epochs", 5)
     assert list(epochs["val_loss_paper"]) == [0.136, 0.241, 0.282]
     assert epochs["train_loss"].iloc[0] == pytest.approx(0.5)  # the last epoch's steps only
     # by rank of the setting, whatever order the config lists them in
-    listed = ablation_table(ablation_axis(grid, "epochs", CENTER, [8, 3, 5]), "epochs")
+    listed = ablation_table(ablation_axis(grid, "epochs", CENTER, [8, 3, 5]), "epochs", 5)
     assert list(listed["epochs_paper"]) == [60, 15, 30] and list(listed["val_loss_paper"]) == [0.282, 0.136, 0.241]
     assert by_rank([30, 10, 20], PAPER_LAYERS) == [PAPER_LAYERS[2], PAPER_LAYERS[0], PAPER_LAYERS[1]]
 
 
 def test_every_ablation_row_has_its_interval_and_method(grid):
-    methods = ablation_table(ablation_axis(grid, "method", CENTER, ["adapter", "lora"]), "method")
+    methods = ablation_table(ablation_axis(grid, "method", CENTER, ["adapter", "lora"]), "method", "adapter")
     assert list(methods["method"]) == ["LLaMA-Adapter", "LoRA"]
     assert list(methods["ci95_low"]) == [49.05, 49.05] and list(methods["ci95_high"]) == [70.04, 70.04]
     zero_shot = point(4, "zero", 5, "zero-shot")
     zero_shot.config, zero_shot.metrics = {"base": "b", "method": "zero-shot"}, {}
-    row = ablation_table([zero_shot], "method").iloc[0]
+    row = ablation_table([zero_shot], "method", "adapter").iloc[0]
     assert row["method"] == "zero-shot base" and row["tuned_params_m"] is None and row["train_loss"] is None
     assert row["accuracy"] == 60.0 and row["ci95_low"] == 49.05
 
@@ -131,7 +132,7 @@ def test_the_tables_follow_the_varied_axes():
 
 
 def test_every_row_of_ours_names_its_runs(grid):
-    for df in (ablation_table(grid[:3], "adapter_layers"), ablation_table(grid[:2], "gate_init"),
+    for df in (ablation_table(grid[:3], "adapter_layers", 4), ablation_table(grid[:2], "gate_init", "zero"),
                scienceqa_table(grid[:1])):
         assert (df["mlflow_run"].str.startswith("run-")).all() and (df["eval_run"].str.startswith("eval-")).all()
         assert (df["config_hash"] == "abc123").all() and (df["git_commit"] == "0123456789ab").all()
@@ -182,6 +183,50 @@ def test_scienceqa_rows_per_method_with_intervals_and_floor(grid):
     floor = df.loc["no model: always (A)"]
     assert floor["method"] == "floor" and floor["accuracy"] == 45.0 and floor["questions"] == 80
     assert len(df) == 3  # one floor row per split, not per run
+
+
+def answered(r: Run, right: range, questions: str = "q" * 64) -> Run:
+    """`r` as evaluate scores it now: 80 questions, those numbered in `right` answered right."""
+    r.scores |= {"questions_sha256": questions, "correct_pids": sorted(str(i) for i in right), "correct": len(right),
+                 "accuracy": 100 * len(right) / 80}
+    return r
+
+
+def test_mcnemar_exact_p_at_known_values():
+    assert mcnemar_p(10, 0) == mcnemar_p(0, 10) == 2 / 2**10  # every discordant question one way
+    assert mcnemar_p(1, 6) == 2 * (1 + 7) / 2**7  # 0.125: six of seven one way is not beyond chance
+    assert mcnemar_p(5, 5) == mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(40, 20) == pytest.approx(0.0134893, abs=1e-7)  # scipy.stats.binomtest(20, 60).pvalue
+
+
+def test_methods_are_paired_question_by_question_with_the_adapter(grid):
+    """Each row is compared with the first LLaMA-Adapter row on the very same questions: the questions only
+    each answered right and McNemar's p, which tell a real difference from noise where intervals overlap; a row
+    of other questions, or a scores.json without the questions it got right, is left n/a, not paired wrongly."""
+    adapter = answered(grid[0], range(0, 48))  # 48 right
+    lora = answered(run("scienceqa_lora", method="lora"), range(10, 52))  # 42 right: 4 of the adapter's lost ones
+    other = answered(run("other_split"), range(0, 30), questions="x" * 64)
+    old = run("written_before")  # no correct_pids
+    df = scienceqa_table([adapter, lora, other, old]).set_index("experiment")
+    assert pd.isna(df.loc[adapter.name, "paired_with"])  # the reference itself
+    row = df.loc["scienceqa_lora"]
+    assert row["paired_with"] == adapter.name
+    assert (row["only_this_right"], row["only_paired_right"]) == (4, 10)
+    assert row["p_paired"] == pytest.approx(mcnemar_p(4, 10))
+    assert pd.isna(df.loc["other_split", "paired_with"]) and pd.isna(df.loc["written_before", "p_paired"])
+    paired = dict(readable_parts(df.reset_index()))["Paired with another row, question by question"]
+    assert list(paired["experiment"]) == ["scienceqa_lora"] and "p_paired" not in dict(readable_parts(df))[None]
+
+
+def test_ablation_points_are_paired_with_the_center(grid):
+    for r, right in zip(grid, (range(0, 48), range(0, 20), range(0, 47))):
+        answered(r, right)
+    df = ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 2, 4]), "adapter_layers", 4)
+    assert list(df["paired_with"].fillna("center")) == [grid[0].name, grid[0].name, "center"]
+    assert list(df["only_paired_right"][:2]) == [28, 1] and list(df["only_this_right"][:2]) == [0, 0]
+    assert df["p_paired"][0] < 1e-6 and df["p_paired"][1] == 1.0  # 28 questions lost; one is noise
+    assert "paired_with" not in ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 2]),
+                                               "adapter_layers", 4).dropna(axis=1, how="all")  # center not listed
 
 
 def test_scienceqa_text_only_pairs_with_the_text_only_paper_row(grid):
@@ -286,6 +331,10 @@ def without(scores: dict, *keys: str) -> dict:
     (SCIENCEQA_SCORES | {"any_format": {"accuracy": "x"}}, "any_format.accuracy", "a percentage"),
     (SCIENCEQA_SCORES | {"split": {"x": 1}}, "split", "a string"),
     (SCIENCEQA_SCORES | {"correct": 81}, "correct", "more than n"),
+    (SCIENCEQA_SCORES | {"correct_pids": ["1", 2]}, "correct_pids", "a list of distinct question ids"),
+    (SCIENCEQA_SCORES | {"correct_pids": ["1", "1"]}, "correct_pids", "a list of distinct question ids"),
+    (SCIENCEQA_SCORES | {"correct_pids": ["1", "2"]}, "correct_pids", "but correct is 48"),
+    (SCIENCEQA_SCORES | {"questions_sha256": 7}, "questions_sha256", "a string"),
     (without(SCIENCEQA_SCORES, "categories", "NAT"), "categories.NAT", "missing"),
     (without(SCIENCEQA_SCORES, "accuracy"), "accuracy", "missing"),
     (without(SCIENCEQA_SCORES, "base"), "base", "missing"),

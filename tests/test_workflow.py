@@ -9,6 +9,8 @@ import pytest
 import yaml
 from dag import DEMO_RESULTS, REPO, SNAKEMAKE, demo_configfiles, read_csv, snakemake
 
+from llama_adapter.report import mcnemar_p
+
 
 @pytest.fixture(autouse=True)
 def needs_snakemake():
@@ -193,6 +195,12 @@ def test_demo_report_holds_numbers_with_provenance(demo_run):
         assert len(row["config_hash"]) == (12 if trained else 0) and len(row["data_sha256"]) == 12
     for row in tables["epochs"]:
         assert float(row["train_loss"]) > 0 and float(row["val_loss"]) > 0
+    # Question by question: each method against the adapter on the same questions, each point against its center.
+    assert [r["paired_with"] for r in tables["scienceqa"]] == ["", *["scienceqa"] * 4, ""]  # not itself, nor the floor
+    assert [r["paired_with"] != "" for r in tables["epochs"]] == [True, False, True]  # the center, 3 epochs, is not
+    for row in [*tables["scienceqa"][1:5], tables["epochs"][0], tables["epochs"][2]]:
+        assert float(row["p_paired"]) == pytest.approx(mcnemar_p(int(row["only_this_right"]),
+                                                                 int(row["only_paired_right"])))
     efficiency = {(r["method"], r["model"]): r for r in tables["efficiency"]}
     assert efficiency[("LLaMA-Adapter", "LLaMA-7B shapes (computed; fp32 file)")]["tuned_params_m"] == "1.22976"
     for method, name in (("LLaMA-Adapter", "instruction"), ("LoRA", "instruction_lora"),
@@ -296,6 +304,9 @@ def test_demo_adapter_teaches_the_answer_format(demo_run):
     assert float(adapter["ci95_low"]) > float(zero_shot["ci95_high"])
     assert int(float(zero_shot["unparsed"])) > 0.9 * int(float(zero_shot["questions"]))  # the format, not luck
     assert int(float(adapter["unparsed"])) < 0.1 * int(float(adapter["questions"]))
+    # and the paired test on the same questions says the same: far more questions only the adapter answered right
+    assert int(zero_shot["only_paired_right"]) > 3 * int(zero_shot["only_this_right"])
+    assert float(zero_shot["p_paired"]) < 0.001
     # Read in any wording, the zero-shot base picks letters too: the report shows what it knows apart from format.
     assert float(zero_shot["accuracy_any_format"]) > float(zero_shot["accuracy"])
     for name in ("scienceqa_lora", "scienceqa_full"):  # the baselines sit beside it, with their intervals

@@ -10,6 +10,7 @@ ScienceQA answers are read one of two ways, and the scores say which:
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,9 @@ def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list
 
 
 def scienceqa_scores(predictions: list[dict]) -> dict:
-    """Accuracy (%) overall and per category column; a column with no questions is None (not available)."""
+    """Accuracy (%) overall and per category column (a column with no questions is None: not available), and
+    which questions were scored and answered right: two evaluations of the same questions are compared question
+    by question (the report's paired test), which their accuracies and intervals alone cannot do."""
     def acc(rows):
         return round(100.0 * sum(r["correct"] for r in rows) / len(rows), 2) if rows else None
 
@@ -78,7 +81,14 @@ def scienceqa_scores(predictions: list[dict]) -> dict:
     return {"n": len(predictions), "correct": sum(bool(p["correct"]) for p in predictions),
             "accuracy": acc(predictions),
             "categories": {c: {"accuracy": acc(rows), "n": len(rows)} for c, rows in per.items()},
-            "unparsed": sum(p["prediction"] is None for p in predictions)}
+            "unparsed": sum(p["prediction"] is None for p in predictions),
+            "questions_sha256": questions_digest(str(p["pid"]) for p in predictions),
+            "correct_pids": sorted(str(p["pid"]) for p in predictions if p["correct"])}
+
+
+def questions_digest(pids) -> str:
+    """sha256 of a set of question ids (sorted, one per line): equal for two evaluations of the same questions."""
+    return hashlib.sha256("\n".join(sorted(pids)).encode()).hexdigest()
 
 
 def answer_position_floor(train_records: list[dict], records: list[dict]) -> dict | None:

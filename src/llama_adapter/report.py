@@ -55,6 +55,7 @@ PAPER_EFFICIENCY = {
 PAPER_METHOD = {"full": "Alpaca (full fine-tuning)", "lora": "Alpaca-LoRA", "adapter": "LLaMA-Adapter"}
 METHOD_NAMES = {"adapter": "LLaMA-Adapter", "lora": "LoRA", "full": "full fine-tuning", "zero-shot": "zero-shot base"}
 PROVENANCE = ["mlflow_run", "eval_run", "config_hash", "data_sha256", "git_commit"]
+PAIRED = ["paired_with", "only_this_right", "only_paired_right", "p_paired"]  # paired_columns
 
 
 @dataclass
@@ -125,6 +126,8 @@ KINDS = {
     "perplexity": (lambda v: _real(v) and v > 0, "a positive number (inf where exp(loss) overflows)"),
     "text": (lambda v: isinstance(v, str), "a string"),
     "object": (lambda v: isinstance(v, dict), "an object"),
+    "ids": (lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v) and len(set(v)) == len(v),
+            "a list of distinct question ids (strings)"),
     "task": (lambda v: isinstance(v, str) and v in SCORE_FIELDS, "scienceqa or alpaca"),
 }
 # The fields of scores.json that the report reads, as evaluate writes them: (dotted key, kind, whether it must be
@@ -142,6 +145,7 @@ SCORE_FIELDS = {
           for key, kind in (("", "object"), (".accuracy", "percent?"), (".n", "count"))),
         ("floor", "object?", False), ("floor.letter", "text", True), ("floor.correct", "count", True),
         ("floor.n", "count", True), ("floor.accuracy", "percent?", True),
+        ("questions_sha256", "text", False), ("correct_pids", "ids", False),
     ],
     "alpaca": [("heldout_loss", "number", True), ("perplexity", "perplexity", True),
                ("heldout_samples", "count", True)],
@@ -222,6 +226,10 @@ def _checked_scores(path: Path, scores: dict) -> dict:
     tallies = (("", scores), ("floor.", scores.get("floor")),
                ("any_format.", scores.get("any_format") and {**scores["any_format"], "n": scores["n"]})
                ) if scores["task"] == "scienceqa" else ()
+    right = scores.get("correct_pids")
+    if right is not None and scores.get("correct") is not None and len(right) != scores["correct"]:
+        raise InputError(f"{path}: key correct_pids names {len(right)} questions, but correct is {scores['correct']}; "
+                         f"expected {expected}")  # the paired test would count other questions than the accuracy
     for prefix, counts in tallies:
         if not counts or counts.get("correct") is None:
             continue
@@ -343,6 +351,31 @@ def hours(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds / 3600, 4)
 
 
+def mcnemar_p(only_this: int, only_other: int) -> float:
+    """McNemar's exact two-sided test: were two evaluations of the same questions equally accurate (each question
+    that only one of them answered right as likely to be either's), the probability of a split of those questions
+    at least as uneven as (only_this, only_other)."""
+    n = only_this + only_other
+    tail = sum(math.comb(n, k) for k in range(min(only_this, only_other) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_columns(r: Run, reference: Run | None) -> dict:
+    """`r` against `reference` question by question: the questions each alone answered right, and McNemar's p of
+    that split. None (n/a) for the reference itself, for other questions than the reference's, and for a
+    scores.json that does not name the questions it got right (written before evaluate kept them)."""
+    if reference is None or r is reference:
+        return {}
+    this, other = r.scores, reference.scores
+    if not (this.get("questions_sha256") and this.get("questions_sha256") == other.get("questions_sha256")
+            and "correct_pids" in this and "correct_pids" in other):
+        return {}
+    mine, theirs = set(this["correct_pids"]), set(other["correct_pids"])
+    only_this, only_other = len(mine - theirs), len(theirs - mine)
+    return {"paired_with": reference.name, "only_this_right": only_this, "only_paired_right": only_other,
+            "p_paired": mcnemar_p(only_this, only_other)}
+
+
 def ablation_axis(runs: list[Run], axis: str, center: dict, values: list) -> list[Run]:
     """The grid points that set `axis` to each of `values` (in their order, as ablations.vary lists them) while
     every other axis holds the center. A value without such a point is an error, not a shorter table."""
@@ -408,9 +441,11 @@ def efficiency_table(runs: list[Run]) -> pd.DataFrame:
 
 
 def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
-    """A row per experiment (each method, zero-shot included), then per split scored the no-model floor: always
-    the answer position most often right in the training questions."""
+    """A row per experiment (each method, zero-shot included), each paired question by question with the first
+    LLaMA-Adapter row, then per split scored the no-model floor: always the answer position most often right in
+    the training questions."""
     rows = []
+    adapter = next((r for r in runs if r.method == "adapter"), None)
     for r in runs:
         paper_model = None
         if r.method == "adapter":
@@ -418,7 +453,8 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
         row = {"experiment": r.name, "method": METHOD_NAMES[r.method], "paper_model": paper_model,
                "questions": r.scores["n"]}
         paper = PAPER_SCIENCEQA.get(paper_model, {})
-        row |= {**score_columns(r), "accuracy_paper": paper.get("accuracy"), **answer_columns(r)}
+        row |= {**score_columns(r), "accuracy_paper": paper.get("accuracy"), **answer_columns(r),
+                **paired_columns(r, adapter)}
         for c in CATEGORIES:
             category = r.scores["categories"][c]
             low, high = accuracy_interval(category["accuracy"], category["n"])
@@ -491,17 +527,20 @@ def paper_ablation(axis: str, runs: list[Run]) -> list[dict]:
     return [{} for _ in runs]
 
 
-def ablation_table(runs: list[Run], axis: str) -> pd.DataFrame:
+def ablation_table(runs: list[Run], axis: str, center: Any) -> pd.DataFrame:
     """One ablation axis, a row per value: what trained (tuned parameters, the last epoch's training loss, the
-    final validation loss; n/a for zero-shot), the score with its interval, and the paper's numbers beside them."""
+    final validation loss; n/a for zero-shot), the score with its interval, each point paired question by question
+    with the axis's `center` value's point (when the axis lists it), and the paper's numbers beside them."""
     rows = []
+    reference = next((r for r in runs if r.point.get(axis) == str(center)), None)
     for r, paper in zip(runs, paper_ablation(axis, runs)):
         trained = bool(r.metrics)
         rows.append({axis: r.axis_value(axis), "method": METHOD_NAMES[r.method],
                      "tuned_params_m": millions(r.metrics["trainable_parameters"]) if trained else None,
                      "train_loss": r.last_epoch_loss() if trained else None,
                      "val_loss": (r.metrics.get("val_loss") or [None])[-1] if trained else None,
-                     **score_columns(r), **answer_columns(r), **paper, **r.provenance})
+                     **score_columns(r), **answer_columns(r), **paired_columns(r, reference), **paper,
+                     **r.provenance})
     return with_integer_counts(pd.DataFrame(rows))
 
 
@@ -509,7 +548,7 @@ def with_integer_counts(df: pd.DataFrame) -> pd.DataFrame:
     """The counts that are n/a on some rows (`unparsed`, a category's `_n`: none on the floor's row, nor on a
     score without generated answers) as integers rather than the floats pandas makes of a column with gaps."""
     for column in df.columns:
-        if column == "unparsed" or column.endswith("_n"):
+        if column == "unparsed" or column.endswith("_n") or column.startswith("only_"):
             df[column] = df[column].astype("Int64")
     return df
 
@@ -568,20 +607,24 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
-    """A table as report.md shows it: its main columns, then its per-category accuracies (the paper's as rows of
-    their own) and its provenance (runs, hashes, commit) each as a table of its own, keyed by the rows' names, so
-    that none is wider than a page. The CSV keeps every column in one table."""
+    """A table as report.md shows it: its main columns, then its paired tests, its per-category accuracies (the
+    paper's as rows of their own) and its provenance (runs, hashes, commit) each as a table of its own, keyed by
+    the rows' names, so that none is wider than a page. The CSV keeps every column in one table."""
     keys = [df.columns[0], *(["model"] if "model" in df.columns[1:] else [])]
     categories = [c for c in CATEGORIES if c in df.columns]
     provenance = [c for c in PROVENANCE if c in df.columns]
     per_category = [f"{c}{suffix}" for c in categories for suffix in ("", "_n", "_ci95_low", "_ci95_high", "_paper")]
-    main = df.drop(columns=[*per_category, *provenance], errors="ignore")
+    paired = [c for c in PAIRED if c in df.columns]
+    main = df.drop(columns=[*per_category, *provenance, *paired], errors="ignore")
     if "any_format_ci95_low" in main:  # one cell, as the categories': the table stays a page wide
         main = main.assign(accuracy_any_format=[
             interval_cell(*values) for values in
             zip(main["accuracy_any_format"], main["any_format_ci95_low"], main["any_format_ci95_high"])
         ]).drop(columns=["any_format_ci95_low", "any_format_ci95_high"])
     parts = [(None, main)]
+    if paired:
+        part = df[keys + paired]
+        parts.append(("Paired with another row, question by question", part[part["paired_with"].notna()]))
     if categories:
         ours = df[df[categories].notna().any(axis=1)]
         ours = pd.DataFrame({**{k: ours[k] for k in keys},
@@ -779,7 +822,7 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
     axes = {axis: ablation_axis(grid, axis, center, values) for axis, values in vary.items()}
     tables = {"efficiency": efficiency_table(named), "instruction": instruction_table(instruction),
               "scienceqa": scienceqa_table(scienceqa),
-              **{ablation_table_name(axis)[0]: ablation_table(runs, axis) for axis, runs in axes.items()},
+              **{ablation_table_name(axis)[0]: ablation_table(runs, axis, center[axis]) for axis, runs in axes.items()},
               "generations": generations_table(inputs.generations, instruction), "jobs": jobs_table(inputs.benchmarks)}
     captions = report_tables(list(vary))
     if decodings := sorted(set(tables["generations"]["decoding"])):  # the caption says how they were decoded
@@ -813,7 +856,12 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "`ci95_low`/`ci95_high` bound each accuracy with 95% confidence (Wilson interval over its questions; "
         "a category's in brackets, with its question count): two accuracies whose intervals do not overlap "
         "differ beyond this noise, while overlapping intervals leave a difference neither shown nor ruled out "
-        "(two proportions can differ significantly with slightly overlapping intervals). With generated "
+        "(two proportions can differ significantly with slightly overlapping intervals). Where two rows scored the "
+        "same questions, the paired table compares them question by question, which settles what overlapping "
+        "intervals leave open: `only_this_right` and `only_paired_right` count the questions that only the row, or "
+        "only the row it is paired with (`paired_with`: the first LLaMA-Adapter row, or the ablation's center), "
+        "answered right, and `p_paired` is McNemar's exact two-sided p of that split: below 0.05, a difference "
+        "beyond chance at the usual level; above it, a difference this data does not show. With generated "
         "answers, `unparsed` counts "
         "the outputs without the paper's \"The answer is (X)\", and `accuracy_any_format` reads the first \"(X)\" "
         "of any wording: a model that knows the answers but not the format scores low on `accuracy` only. "
