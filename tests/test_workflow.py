@@ -66,6 +66,28 @@ def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):
     assert "ablations.center: no value for ['method']" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda c: c["experiments"]["scienceqa"]["train"].update(lora_rank=16), "experiments.scienceqa.train (adapter)"),
+    (lambda c: c["ablations"]["vary"].update(lora_rank=[4, 8]) or c["ablations"]["center"].update(lora_rank=8),
+     "ablations.vary.lora_rank at method adapter"),
+    (lambda c: c["ablations"]["methods"].update(full={"lr": 0.003, "lora_alpha": 8}), "ablations.methods.full"),
+])
+def test_lora_settings_of_another_method_are_refused_at_plan_time(tmp_path, edit, named):
+    """A LoRA setting where no LoRA trains would be ignored by the training but still name it (a varied lora_rank
+    at an adapter center: identical trainings); the plan stops naming where it was given. A LoRA experiment's
+    own settings plan as before."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    edit(config)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "bad.yaml"), cwd=tmp_path)
+    assert proc.returncode != 0 and named in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["experiments"]["scienceqa_lora"]["train"]["lora_rank"] = 16
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "good.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_the_schema_offers_the_library_choices():
     """The config schema cannot hold defaults or choices of its own: its enums are the library's."""
     from llama_adapter.config import (

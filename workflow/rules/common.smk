@@ -262,6 +262,42 @@ def method(name):
     return method_of(experiment(name)[1])
 
 
+def check_method_settings():
+    """LoRA's settings (lora_*) given to what trains otherwise are ignored by the training, yet they name and hash
+    it: a varied lora_rank at an adapter center would plan identical trainings under several names. Refused at plan
+    time, each place named: a named experiment's own train block, a varied axis, an ablations.methods entry.
+    (The train block's lora_* are every LoRA training's defaults, and the center's settings hold at every point.)
+    """
+    stray = [
+        f"experiments.{name}.train ({method(name)}): {keys}"
+        for name, spec in NAMED_EXPERIMENTS.items()
+        if (keys := lora_keys(spec.get("train") or {}, method(name)))
+    ]
+    stray += [
+        f"ablations.vary.{axis} at method {method_of({**config['train'], **CENTER})}"
+        for axis in ABLATION_AXES
+        if lora_keys({axis: None}, method_of({**config["train"], **CENTER}))
+    ]
+    stray += [
+        f"ablations.methods.{m}: {keys}"
+        for m, settings in (config["ablations"].get("methods") or {}).items()
+        if (keys := lora_keys(settings or {}, m))
+    ]
+    if stray:
+        raise ValueError(
+            f"config {'; '.join(stray)}: LoRA settings for a training of another method, which ignores them; "
+            "expected lora_* only where method is lora (for the ablations' LoRA points: ablations.methods.lora)"
+        )
+
+
+def lora_keys(settings, trained_by):
+    """The LoRA settings among `settings` where `trained_by` is not LoRA."""
+    return sorted(k for k in settings if k.startswith("lora_") and trained_by != "lora")
+
+
+check_method_settings()
+
+
 def training_of(name):
     """The metrics.json of an experiment's training (written after its weights); [] for zero-shot."""
     if method(name) == "zero-shot":
