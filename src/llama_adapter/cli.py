@@ -204,7 +204,7 @@ def cmd_pretrain_base(ns: argparse.Namespace) -> None:
     writable_output(ns.out, "--out", folder=True)
     check_device(ns.device)
     cfg = config_of(ns, PretrainConfig)
-    summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, ModelArgs.from_name(ns.preset), cfg)
+    summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, cfg)
     print(json.dumps(summary, indent=2))
 
 
@@ -674,7 +674,7 @@ OPTION_TYPES = {
 OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS,
                   "truncation": TRUNCATION, "split_by": SPLIT_BY, "dtype": DTYPES, "task": TASKS, "mode": MODES,
                   "policy": POLICIES, "template": tuple(TEMPLATES),
-                  "quantize": QUANTIZATIONS, "precision": PRECISIONS}
+                  "quantize": QUANTIZATIONS, "precision": PRECISIONS, "preset": PRESETS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -725,8 +725,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--tokenizer", required=True, type=Path, help="a SentencePiece .model (copied beside the weights)")
     p.add_argument("--out", required=True, type=Path, help="the folder for the base, in Meta's layout")
-    p.add_argument("--preset", default="demo", choices=PRESETS, metavar="PRESET",
-                   help=f"architecture, one of {', '.join(PRESETS)} (vocab_size comes from the tokenizer)")
     add_dataclass_options(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain_base, outputs=lambda ns: [ns.out])
 

@@ -333,6 +333,7 @@ class PretrainConfig:
     """The demo base's pre-training: AdamW on random windows of the corpus, 5% warm-up then cosine decay; the
     defaults train the demo preset in about a CPU minute."""
 
+    preset: str = setting("demo", "the architecture, a ModelArgs preset (vocab_size comes from the tokenizer)")
     steps: int = setting(600, "optimizer steps")
     batch_size: int = setting(16, "windows per step")
     seq_len: int = setting(128, "tokens per window")

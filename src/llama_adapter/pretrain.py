@@ -31,10 +31,10 @@ def token_stream(corpus: Path, tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, args: ModelArgs,
-                  cfg: PretrainConfig = PretrainConfig()) -> dict:
-    """Train `args` (vocab_size taken from the tokenizer) on random windows of the corpus; write
-    params.json, consolidated.00.pth, tokenizer.model and pretrain.json to out_dir."""
+def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, cfg: PretrainConfig = PretrainConfig(),
+                  args: ModelArgs | None = None) -> dict:
+    """Train `args` (default: cfg.preset's; vocab_size taken from the tokenizer) on random windows of the corpus;
+    write params.json, consolidated.00.pth, tokenizer.model and pretrain.json to out_dir."""
     steps, batch_size, seq_len, lr, seed, device = cfg.steps, cfg.batch_size, cfg.seq_len, cfg.lr, cfg.seed, cfg.device
     from .errors import InputError
 
@@ -42,6 +42,7 @@ def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, args: Model
         raise InputError(f"--tokenizer {tokenizer_path}: expected a SentencePiece .model file (it is copied beside the "
                          "weights as tokenizer.model)")
     tokenizer = load_tokenizer(tokenizer_path)
+    args = args or ModelArgs.from_name(cfg.preset)
     args = ModelArgs.from_dict({**args.to_dict(), "vocab_size": tokenizer.vocab_size})
     if seq_len > args.max_seq_len:
         raise InputError(f"--seq-len {seq_len}: longer than the preset's max_seq_len {args.max_seq_len}")
