@@ -181,6 +181,35 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
     assert not (tmp_path / "broken" / "metrics.jsonl").exists()
 
 
+def test_compiled_decoding_keeps_its_code_in_the_compile_cache_from_python(world, tmp_path, monkeypatch):
+    """evaluate() and generate_requests() called from Python keep the compiled decode step in their compile_cache
+    as the commands do (the cache was the command line's alone): one file for the step, shared by both when they
+    decode as many rows; without compile, no file."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "local"))
+    torch._dynamo.reset()
+    root, tok = world
+    model = load_model(root / "base", root / "a.safetensors").eval().fuse_projections()
+    records = [{"pid": str(i), "split": "test", "question": f"Is {i} big?", "choices": ["yes", "no"], "answer": 0,
+                "hint": "", "image": None, "has_image": False} for i in range(3)]
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cache = tmp_path / "cache"
+    plain = Evaluation("scienceqa", root / "base", root / "a.safetensors", root / "data", tmp_path / "plain",
+                       split="test", mode="generate")
+    evaluate(model, tok, plain, records=records, batch_size=2, compile_cache=str(cache))
+    assert not cache.exists()  # nothing compiled, nothing kept
+    ev = Evaluation("scienceqa", root / "base", root / "a.safetensors", root / "data", tmp_path / "compiled",
+                    split="test", mode="generate")
+    evaluate(model, tok, ev, records=records, batch_size=2, compile=True, compile_cache=str(cache))
+    [blob] = cache.iterdir()
+    assert blob.name.startswith("decode-") and blob.stat().st_size > 0
+    requests = [{"id": i, "instruction": f"Say {i}."} for i in range(2)]
+    generate_requests(model, tok, requests, {"a": None}, Sampling(max_new_tokens=3), batch_size=2, compile=True,
+                      compile_cache=str(cache))
+    assert list(cache.iterdir()) == [blob]  # the same step at the same rows: the same file
+
+
 def test_a_stop_signal_ends_the_evaluation_killed_with_nothing_written(world, tmp_path, monkeypatch):
     """scancel or a time limit (SIGTERM) in the middle of scoring: the MLflow run ends KILLED (tagged with the
     signal), not RUNNING forever; no predictions or scores are left; the signal's handler is put back after."""

@@ -18,7 +18,7 @@ from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import QUANTIZATIONS, AdapterArgs, ModelArgs
 from llama_adapter.errors import InputError
 from llama_adapter.generate import generate
-from llama_adapter.quantize import float8_matmuls, has_int8_weights, int8_group_size, quantize_int8
+from llama_adapter.quantize import float8_matmuls, int8_format, int8_group_size, quantize_int8
 
 pytest.importorskip("torchao")
 
@@ -73,7 +73,8 @@ def test_what_int8_quantizes(quantize):
                                                        q.layers[0].attention_norm.weight))
     assert q.adapter_query.dtype == q.adapter_gate.dtype == torch.float32
     ref, _ = pair(ModelArgs.from_name("tiny-gqa"))
-    assert has_int8_weights(q) and not has_int8_weights(ref)  # what picks the int8 decode step's compilation
+    # what picks the int8 decode step's compilation and names its compile cache, read from the weights themselves
+    assert int8_format(q) == quantize and int8_format(ref) is None
 
 
 def test_int8_is_for_a_frozen_base_whose_widths_its_groups_divide():

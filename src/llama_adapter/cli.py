@@ -321,18 +321,6 @@ def check_compile_cache(ns: argparse.Namespace) -> None:
         raise InputError(f"--compile-cache {ns.compile_cache} given without --compile: nothing would be compiled")
 
 
-def decoding_cache(ns: argparse.Namespace, model, rows: int):
-    """compile_cache for the decode step of `model` (generate, evaluate share it: the same compiled step) at
-    `rows` rows; a no-op unless --compile."""
-    from .compile_cache import compile_cache
-
-    w = model.tok_embeddings.weight
-    adapter = getattr(model, "adapter", None)
-    kind = {"command": "decode", "model": model.args.to_dict(), "adapter": adapter and adapter.to_dict(),
-            "dtype": str(w.dtype), "device": str(w.device), "quantize": ns.quantize, "rows": rows}
-    return compile_cache(ns.compile_cache if ns.compile else None, kind)
-
-
 def check_train_inputs(ns: argparse.Namespace) -> None:
     """Every path train reads exists and is of the right kind, and --out-dir can be written, before the base is
     loaded (the token ids are checked against the base's vocabulary once it is)."""
@@ -466,9 +454,8 @@ def cmd_generate(ns: argparse.Namespace) -> None:
         adapters = {lora[0] if lora else ns.name: None}
     for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
         apply_adapter(model, path, release)
-    with decoding_cache(ns, model, min(ns.batch_size, len(requests))):
-        rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size,
-                                 ns.compile, ns.out, release)
+    rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size,
+                             ns.compile, ns.out, release, ns.compile_cache)
     print(f"{len(rows)} generations -> {ns.out}")
 
 
@@ -531,9 +518,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         inputs["heldout"] = TokenDataset(ns.data)
     ev = Evaluation(ns.task, Path(ns.base), ns.adapter, ns.data, ns.out, ns.split, ns.mode, ns.row_len, ns.run_name,
                     ns.tags)
-    rows = min(ns.batch_size, len(inputs["records"])) if ns.compile else ns.batch_size  # (compiled: scienceqa)
-    with decoding_cache(ns, model, rows):
-        scores = evaluate(model, tokenizer, ev, batch_size=ns.batch_size, compile=ns.compile, **inputs)
+    scores = evaluate(model, tokenizer, ev, batch_size=ns.batch_size, compile=ns.compile,
+                      compile_cache=ns.compile_cache, **inputs)
     print(json.dumps(scores, indent=2))
 
 

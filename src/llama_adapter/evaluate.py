@@ -22,7 +22,7 @@ from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, pars
 from .data.tokens import TokenDataset
 from .data.validate import check_validated_records
 from .errors import DataError, StoppedBySignal, stop_signals_raise
-from .generate import batches_by_length, complete_texts
+from .generate import batches_by_length, complete_texts, decoding_cache
 from .io import atomic_path, read_json_object, read_jsonl_lines, write_json
 from .model import Transformer
 from .multimodal import ImageFeatures
@@ -180,12 +180,14 @@ def split_questions(records: list[dict], split: str | None, source: Path) -> tup
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, records: list[dict] | None = None,
              images: ImageFeatures | None = None, heldout: TokenDataset | None = None,
-             batch_size: int = InferenceConfig.batch_size, compile: bool = CompileConfig.compile) -> dict:
+             batch_size: int = InferenceConfig.batch_size, compile: bool = CompileConfig.compile,
+             compile_cache: str | None = CompileConfig.compile_cache) -> dict:
     """Score the model (ScienceQA: the `records` of ev.split among a validated folder's records, every split's,
     with the train split's for the no-model floor; Alpaca: the `heldout` split) and write every output of an
     evaluation: scores.json, once and whole (the scores, what was scored, the method and the MLflow run), and for
     ScienceQA predictions.csv. The MLflow run opens before scoring, so a crash ends it FAILED; it holds the
-    scores as metrics and both files as artifacts, and names the training run of what it scored."""
+    scores as metrics and both files as artifacts, and names the training run of what it scored. Compiled, the
+    decode step's compiled code is kept in `compile_cache` (generate.decoding_cache)."""
     from .lora import is_lora_file
     from .tracking import Tracker, flatten
 
@@ -211,8 +213,9 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     try:
         with stop_signals_raise():  # scancel, a time limit: the run ends KILLED, not RUNNING forever
             if ev.task == "scienceqa":
-                scores, predictions = score_scienceqa(model, tokenizer, records, ev.mode, batch_size, images,
-                                                      train_records, compile)
+                with decoding_cache(compile_cache if compile else None, model, min(batch_size, len(records))):
+                    scores, predictions = score_scienceqa(model, tokenizer, records, ev.mode, batch_size, images,
+                                                          train_records, compile)
                 scores["split"] = ev.split
                 write_predictions(predictions, predictions_path)
             else:

@@ -20,7 +20,7 @@ from .checkpoint import apply_adapter
 from .config import PAPER_SAMPLING, AdapterArgs, CompileConfig, InferenceConfig, Sampling
 from .model import Transformer
 from .prompts import alpaca_prompt
-from .quantize import has_int8_weights
+from .quantize import int8_format
 from .tokenizer import Tokenizer
 from .tracking import in_batches
 
@@ -234,7 +234,7 @@ def generate(
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.arange(B, device=device) >= n  # filler rows never hold up the stop
         greedy = temperature <= 0
-        step_fn = (compiled_decode_step(greedy, has_int8_weights(model)) if compile
+        step_fn = (compiled_decode_step(greedy, int8_format(model) is not None) if compile
                    else greedy_decode_step if greedy else decode_step)
 
         def step(token: Tensor, slot: Tensor) -> Tensor:
@@ -359,6 +359,19 @@ def complete_texts(
     return texts
 
 
+def decoding_cache(folder: str | None, model: Transformer, rows: int):
+    """compile_cache (compile_cache.py) for the decode step of `model` at `rows` rows: generate and evaluate share
+    it (the same compiled step). Its kind names what the compiled code depends on: the shapes, the adapter, the
+    dtype, device and weights' format, the rows. None: PyTorch's own caches only."""
+    from .compile_cache import compile_cache
+
+    w = model.tok_embeddings.weight
+    adapter = getattr(model, "adapter", None)
+    kind = {"command": "decode", "model": model.args.to_dict(), "adapter": adapter and adapter.to_dict(),
+            "dtype": str(w.dtype), "device": str(w.device), "quantize": int8_format(model), "rows": rows}
+    return compile_cache(folder, kind)
+
+
 def generate_requests(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -369,26 +382,30 @@ def generate_requests(
     compile: bool = CompileConfig.compile,
     out: Path | None = None,
     release: AdapterArgs | None = None,
+    compile_cache: str | None = CompileConfig.compile_cache,
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
     loaded once; adapters are swapped in between groups of requests. A None path: the model as it is. With
     `out`, the answers are also written there as JSON Lines, whole or not at all. `release`: the shape of the
     original-release .pth adapters among them (checkpoint.apply_adapter). Sampling: the paper's by default, as
-    the `generate` command's."""
+    the `generate` command's. Compiled, the decode step's compiled code is kept in `compile_cache`
+    (decoding_cache)."""
     unknown = {r["adapter"] for r in requests if "adapter" in r} - set(adapters)
     if unknown:
         raise ValueError(f"requests name adapters {sorted(unknown)} that were not given; given: {sorted(adapters)}")
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     results = []
     rows = min(batch_size, len(requests))  # every adapter's batches, compiled, decode as many rows: one compilation
-    for name, path in adapters.items():
-        if path is not None:
-            apply_adapter(model, path, release)
-        mine = [r for r in requests if r.get("adapter", name) == name]
-        outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], sampling, batch_size, generator,
-                                 compile, rows=rows)
-        results += [{"id": r["id"], "adapter": name, "adapter_path": path and str(path), "prompt": prompt_text(r),
-                     "output": o, "decoding": sampling.describe()} for r, o in zip(mine, outputs)]
+    with decoding_cache(compile_cache if compile else None, model, rows):
+        for name, path in adapters.items():
+            if path is not None:
+                apply_adapter(model, path, release)
+            mine = [r for r in requests if r.get("adapter", name) == name]
+            outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], sampling, batch_size,
+                                     generator, compile, rows=rows)
+            results += [{"id": r["id"], "adapter": name, "adapter_path": path and str(path),
+                         "prompt": prompt_text(r), "output": o, "decoding": sampling.describe()}
+                        for r, o in zip(mine, outputs)]
     if out is not None:
         from .io import write_jsonl
 

@@ -109,9 +109,14 @@ def quantize_int8(model: Transformer, group_size: int | None = None) -> Transfor
     return model
 
 
-def has_int8_weights(model: Transformer) -> bool:
-    """Whether quantize_int8 made the model's block weights int8 (it quantizes every block's wo)."""
-    return hasattr(model.layers[0].attention.wo.weight, "qdata")
+def int8_format(model: Transformer) -> str | None:
+    """The --quantize format quantize_int8 gave the model's block weights (it quantizes every block's wo), read
+    from the weight itself: `int8` (a scale per row), `int8-gN` (per N inputs); None where they are not int8."""
+    weight = model.layers[0].attention.wo.weight
+    if not hasattr(weight, "qdata"):
+        return None
+    inputs = weight.block_size[-1]  # torchao's: the inputs that share a scale
+    return "int8" if inputs == weight.shape[-1] else f"int8-g{inputs}"
 
 
 # Hopper (9.0) and Ada (8.9) have float8 tensor cores; torch's float8 matmul refuses older GPUs.
