@@ -10,6 +10,9 @@ once): weight bytes / copy rate.
 --quantize int8 [int8-g32] adds our rows with the blocks' weights in weight-only int8, a scale per row or per 32
 inputs (generate --quantize); their floor is their own weight bytes (values and scales) over the copy rate.
 
+--profile prints, after each row's timed call, the kernels of one more call: where the time per token goes
+against the floor.
+
 --startup measures starting a job instead: fresh processes, each with an empty node-local inductor cache (as on
 another node), build the model and decode with the compiled step: the first decoded token's time from the
 process's start, cold (an empty --compile-cache) and warm (the folder the cold job wrote), and the first
@@ -39,6 +42,7 @@ import time
 from functools import partial
 
 import torch
+from profiling import print_profile  # benchmarks/profiling.py
 from random_models import random_model  # benchmarks/random_models.py
 
 from llama_adapter.adapter import AdaptedTransformer
@@ -85,19 +89,24 @@ def weight_bytes(model: AdaptedTransformer) -> int:
 
 
 def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device,
-         cuda_graph: bool, compile: bool = False, quantize: str | None = None) -> tuple[float, float]:
+         cuda_graph: bool, compile: bool = False, quantize: str | None = None, profile: str | None = None
+         ) -> tuple[float, float]:
+    """Seconds of the first and the second call (profile: a third call's kernels are printed under this name)."""
     model = random_model(args, adapter, torch.bfloat16, device, quantize)
     rows = prompts.tolist()
     seconds = timed(lambda: generate(model, rows, new_tokens, eos_id=-1, cuda_graph=cuda_graph, compile=compile),
                     device)
+    if profile:
+        print_profile(profile, lambda: generate(model, rows, new_tokens, eos_id=-1, cuda_graph=cuda_graph,
+                                                compile=compile), device)
     model = None  # frees the weights before the next measurement (the closure above still names it)
     torch.cuda.empty_cache()
     torch._dynamo.reset()  # each row compiles as a job of its own would (and no row meets the recompile limit)
     return seconds
 
 
-def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device
-            ) -> tuple[float, float]:
+def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device,
+            profile: str | None = None) -> tuple[float, float]:
     from peft import AdaptionPromptConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -117,6 +126,8 @@ def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_to
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
     seconds = timed(run, device)
+    if profile:
+        print_profile(profile, run, device)
     model = None  # frees the weights before the next measurement (the closure above still names it)
     torch.cuda.empty_cache()
     return seconds
@@ -217,6 +228,8 @@ def main() -> None:
     p.add_argument("--quantize", nargs="+", choices=QUANTIZATIONS, default=[],
                    help="also time our rows with weights in these formats")
     p.add_argument("--startup", action="store_true", help="time cold and warm job starts instead (see above)")
+    p.add_argument("--profile", action="store_true",
+                   help="after each row's timed call, print where one more call's GPU time goes (its kernels)")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run (inductor's C++ kernels when compiled)")
     p.add_argument("--layers", type=int, help="the preset with this many layers")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --startup job
@@ -252,7 +265,8 @@ def main() -> None:
     for name, fn in impls.items():
         for batch in ns.batch:
             prompts = torch.randint(3, args.vocab_size, (batch, ns.prompt_len), generator=gen)
-            first, seconds = fn(args, adapter, prompts, ns.new_tokens, device)
+            first, seconds = fn(args, adapter, prompts, ns.new_tokens, device,
+                                profile=ns.profile and f"{name}, batch {batch}")
             tokens_per_s = batch * ns.new_tokens / seconds
             share = f"{100 * tokens_per_s / floors.get(name, floor):.0f}" if batch == 1 else ""
             print(f"{name:<34}{batch:>6}{tokens_per_s:>10.0f}{share:>12}{first:>14.1f}", flush=True)

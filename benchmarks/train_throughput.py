@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from profiling import print_profile  # benchmarks/profiling.py
 
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.batching import collate, token_loss_sum
@@ -127,23 +128,6 @@ def time_steps(name: str, step, n_warmup: int, n_steps: int, d: Dist, profile: b
         losses.append(loss)
     synchronize(d.device)
     return Result(name, real, padded, time.perf_counter() - t, losses, d.device)
-
-
-def print_profile(name: str, fn, device: torch.device) -> None:
-    """The kernels that took the most GPU time during fn() (the table's last line sums them), and the step's wall
-    time: where the gap to the matmul rate goes."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                          if device.type == "cuda" else [])
-    synchronize(device)
-    t = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as prof:
-        fn()
-        synchronize(device)
-    wall = time.perf_counter() - t
-    events = prof.key_averages()
-    print(f"profile of {name}: wall {1e3 * wall:.1f} ms (profiled)")
-    print(events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
-                       row_limit=18, max_name_column_width=70), flush=True)
 
 
 def optimizer(model, fused: bool):
