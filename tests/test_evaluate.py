@@ -1,6 +1,7 @@
 """Evaluation metrics on hand-made predictions, option likelihoods, held-out loss, and adapters swapped on
 one loaded base ("plug with knowledge")."""
 
+import contextlib
 import csv
 import json
 import subprocess
@@ -78,6 +79,21 @@ def test_hot_swapped_adapters_equal_separately_loaded(world):
         assert r["output"] == tok.decode(out)
     with pytest.raises(ValueError, match="adapters \\['c'\\]"):
         generate_requests(base, tok, [{"prompt": "x", "adapter": "c"}], {"a": root / "a.safetensors"})
+
+
+def test_the_decode_steps_cache_is_named_after_the_adapter_it_decodes_with(world, monkeypatch):
+    """A bare base given adapters: the compile cache's kind names the adapters' shape, not the bare base's (whose
+    file it would otherwise share and overwrite)."""
+    import llama_adapter.compile_cache
+
+    kinds = []
+    monkeypatch.setattr(llama_adapter.compile_cache, "compile_cache", lambda folder, kind: kinds.append(kind)
+                        or contextlib.nullcontext())
+    root, tok = world
+    generate_requests(load_model(root / "base"), tok, [{"id": 1, "prompt": "x"}], {"a": root / "a.safetensors"},
+                      Sampling(max_new_tokens=1))
+    [kind] = kinds
+    assert kind["adapter"] == load_model(root / "base", root / "a.safetensors").adapter.to_dict()
 
 
 def test_sequence_logprobs_and_likelihood_choice(world):

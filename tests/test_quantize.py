@@ -75,6 +75,9 @@ def test_what_int8_quantizes(quantize):
     ref, _ = pair(ModelArgs.from_name("tiny-gqa"))
     # what picks the int8 decode step's compilation and names its compile cache, read from the weights themselves
     assert int8_format(q) == quantize and int8_format(ref) is None
+    if group_size:  # an attention whose rows are one group wide: the feed-forward's groups still say the format
+        narrow = ModelArgs(dim=group_size, n_layers=1, n_heads=4, vocab_size=64, hidden_dim=3 * group_size)
+        assert int8_format(pair(narrow, None, group_size)[1]) == quantize
 
 
 def test_int8_is_for_a_frozen_base_whose_widths_its_groups_divide():

@@ -26,6 +26,7 @@ from llama_adapter.report import (
     mcnemar_p,
     megabytes,
     millions,
+    p_cell,
     point_settings,
     protocol_notes,
     readable_parts,
@@ -216,6 +217,17 @@ def test_methods_are_paired_question_by_question_with_the_adapter(grid):
     assert pd.isna(df.loc["other_split", "paired_with"]) and pd.isna(df.loc["written_before", "p_paired"])
     paired = dict(readable_parts(df.reset_index()))["Paired with another row, question by question"]
     assert list(paired["experiment"]) == ["scienceqa_lora"] and "p_paired" not in dict(readable_parts(df))[None]
+    # The reference is a pairable text-only adapter row: not a stale one listed first, nor the multimodal one.
+    multimodal = answered(run("scienceqa_mm"), range(0, 60))
+    multimodal.config["image_features"] = "features"
+    df = scienceqa_table([old, multimodal, adapter, lora]).set_index("experiment")
+    assert set(df["paired_with"].dropna()) == {adapter.name} and pd.isna(df.loc[adapter.name, "paired_with"])
+    assert df.loc["scienceqa_mm", "only_this_right"] == 12
+
+
+def test_a_p_value_below_the_float_range_is_not_zero():
+    assert 0 < mcnemar_p(57, 1633) < 1e-300  # 2 * P(X <= 57) for X ~ Bin(1690, 1/2): below the smallest float
+    assert p_cell(mcnemar_p(57, 1633)) == "< 1e-300" and p_cell(mcnemar_p(1, 6)) == "0.125"
 
 
 def test_ablation_points_are_paired_with_the_center(grid):

@@ -436,8 +436,8 @@ def test_loss_falls_on_the_demo_data(tmp_path):
     generate_demo(tmp_path / "demo", n_instructions=400, n_questions=72)
     train_sentencepiece(tmp_path / "demo" / "corpus.jsonl", tmp_path / "tok.model", 500)
     base_args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=500, hidden_dim=176)
-    pretrain_base(tmp_path / "demo" / "corpus.jsonl", tmp_path / "tok.model", tmp_path / "base",
-                  PretrainConfig(steps=200), base_args)
+    pretrain_base(tmp_path / "demo" / "corpus.jsonl", tmp_path / "tok.model", tmp_path / "base", base_args,
+                  PretrainConfig(steps=200))
     fetch("alpaca", str(tmp_path / "demo" / "alpaca.json"), tmp_path / "fetched")
     validate("alpaca", tmp_path / "fetched", tmp_path / "validated")
     tokenize("alpaca", tmp_path / "validated", load_tokenizer(tmp_path / "tok.model"), tmp_path / "tokens",

@@ -69,7 +69,8 @@ def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):
 @pytest.mark.parametrize(("edit", "named"), [
     (lambda c: c["experiments"]["scienceqa"]["train"].update(lora_rank=16), "experiments.scienceqa.train (adapter)"),
     (lambda c: c["ablations"]["vary"].update(lora_rank=[4, 8]) or c["ablations"]["center"].update(lora_rank=8),
-     "ablations.vary.lora_rank at method adapter"),
+     "ablations.center (adapter): ['lora_rank']"),
+    (lambda c: c["ablations"]["center"].update(lora_rank=16), "ablations.center (adapter): ['lora_rank']"),
     (lambda c: c["ablations"]["methods"].update(full={"lr": 0.003, "lora_alpha": 8}), "ablations.methods.full"),
 ])
 def test_lora_settings_of_another_method_are_refused_at_plan_time(tmp_path, edit, named):

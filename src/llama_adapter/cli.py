@@ -204,7 +204,7 @@ def cmd_pretrain_base(ns: argparse.Namespace) -> None:
     writable_output(ns.out, "--out", folder=True)
     check_device(ns.device)
     cfg = config_of(ns, PretrainConfig)
-    summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, cfg)
+    summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, cfg=cfg)
     print(json.dumps(summary, indent=2))
 
 
@@ -448,12 +448,8 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype, ns.quantize,
                                ns.compile)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
-    from .checkpoint import apply_adapter
-
     if not adapters or lora:  # the model as loaded answers every request
         adapters = {lora[0] if lora else ns.name: None}
-    for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
-        apply_adapter(model, path, release)
     rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size,
                              ns.compile, ns.out, release, ns.compile_cache)
     print(f"{len(rows)} generations -> {ns.out}")

@@ -393,6 +393,8 @@ def generate_requests(
     unknown = {r["adapter"] for r in requests if "adapter" in r} - set(adapters)
     if unknown:
         raise ValueError(f"requests name adapters {sorted(unknown)} that were not given; given: {sorted(adapters)}")
+    for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
+        apply_adapter(model, path, release)  # and the decode step's cache is named after the adapters' shape
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     results = []
     rows = min(batch_size, len(requests))  # every adapter's batches, compiled, decode as many rows: one compilation

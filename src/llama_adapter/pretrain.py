@@ -31,8 +31,8 @@ def token_stream(corpus: Path, tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, cfg: PretrainConfig = PretrainConfig(),
-                  args: ModelArgs | None = None) -> dict:
+def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, args: ModelArgs | None = None,
+                  cfg: PretrainConfig = PretrainConfig()) -> dict:
     """Train `args` (default: cfg.preset's; vocab_size taken from the tokenizer) on random windows of the corpus;
     write params.json, consolidated.00.pth, tokenizer.model and pretrain.json to out_dir."""
     steps, batch_size, seq_len, lr, seed, device = cfg.steps, cfg.batch_size, cfg.seq_len, cfg.lr, cfg.seed, cfg.device

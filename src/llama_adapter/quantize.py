@@ -112,11 +112,12 @@ def quantize_int8(model: Transformer, group_size: int | None = None) -> Transfor
 def int8_format(model: Transformer) -> str | None:
     """The --quantize format quantize_int8 gave the model's block weights (it quantizes every block's wo), read
     from the weight itself: `int8` (a scale per row), `int8-gN` (per N inputs); None where they are not int8."""
-    weight = model.layers[0].attention.wo.weight
-    if not hasattr(weight, "qdata"):
+    weights = (model.layers[0].attention.wo.weight, model.layers[0].feed_forward.w2.weight)
+    if not hasattr(weights[0], "qdata"):
         return None
-    inputs = weight.block_size[-1]  # torchao's: the inputs that share a scale
-    return "int8" if inputs == weight.shape[-1] else f"int8-g{inputs}"
+    # torchao's block_size: the inputs that share a scale; a group as wide as a row (a small model) says nothing
+    groups = {w.block_size[-1] for w in weights if w.block_size[-1] < w.shape[-1]}
+    return f"int8-g{min(groups)}" if groups else "int8"
 
 
 # Hopper (9.0) and Ada (8.9) have float8 tensor cores; torch's float8 matmul refuses older GPUs.

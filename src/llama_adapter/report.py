@@ -357,7 +357,8 @@ def mcnemar_p(only_this: int, only_other: int) -> float:
     at least as uneven as (only_this, only_other)."""
     n = only_this + only_other
     tail = sum(math.comb(n, k) for k in range(min(only_this, only_other) + 1))
-    return min(1.0, 2 * tail / 2**n)
+    # Exact in integers; a p below the smallest float is given as that float, not as 0 (no p is 0).
+    return min(1.0, max(2 * tail / 2**n, math.ulp(0.0)))
 
 
 def paired_columns(r: Run, reference: Run | None) -> dict:
@@ -374,6 +375,14 @@ def paired_columns(r: Run, reference: Run | None) -> dict:
     only_this, only_other = len(mine - theirs), len(theirs - mine)
     return {"paired_with": reference.name, "only_this_right": only_this, "only_paired_right": only_other,
             "p_paired": mcnemar_p(only_this, only_other)}
+
+
+def paired_reference(runs: list[Run]) -> Run | None:
+    """The row the others are paired with: the first text-only LLaMA-Adapter row (the paper's LLaMA-Adapter_T,
+    what the baselines compare with), else the first multimodal one, among the rows whose scores.json names the
+    questions it got right."""
+    adapters = [r for r in runs if r.method == "adapter" and "correct_pids" in r.scores]
+    return next((r for r in adapters if not r.config.get("image_features")), adapters[0] if adapters else None)
 
 
 def ablation_axis(runs: list[Run], axis: str, center: dict, values: list) -> list[Run]:
@@ -441,11 +450,11 @@ def efficiency_table(runs: list[Run]) -> pd.DataFrame:
 
 
 def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
-    """A row per experiment (each method, zero-shot included), each paired question by question with the first
-    LLaMA-Adapter row, then per split scored the no-model floor: always the answer position most often right in
-    the training questions."""
+    """A row per experiment (each method, zero-shot included), each paired question by question with the
+    LLaMA-Adapter row (paired_reference), then per split scored the no-model floor: always the answer position
+    most often right in the training questions."""
     rows = []
-    adapter = next((r for r in runs if r.method == "adapter"), None)
+    adapter = paired_reference(runs)
     for r in runs:
         paper_model = None
         if r.method == "adapter":
@@ -623,7 +632,7 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
         ]).drop(columns=["any_format_ci95_low", "any_format_ci95_high"])
     parts = [(None, main)]
     if paired:
-        part = df[keys + paired]
+        part = df[keys + paired].assign(p_paired=[p_cell(p) for p in df["p_paired"]])
         parts.append(("Paired with another row, question by question", part[part["paired_with"].notna()]))
     if categories:
         ours = df[df[categories].notna().any(axis=1)]
@@ -637,6 +646,11 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
         part = df[keys + provenance]
         parts.append(("Provenance", part[part[provenance].notna().any(axis=1)]))  # rows with runs to name
     return parts
+
+
+def p_cell(p: Any) -> str:
+    """A p-value as report.md shows it; one beyond the float range (mcnemar_p gives the smallest float) as a bound."""
+    return "< 1e-300" if pd.notna(p) and p < 1e-300 else cell(p)
 
 
 def interval_cell(accuracy: Any, low: Any, high: Any) -> str:

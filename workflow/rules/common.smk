@@ -264,20 +264,19 @@ def method(name):
 
 def check_method_settings():
     """LoRA's settings (lora_*) given to what trains otherwise are ignored by the training, yet they name and hash
-    it: a varied lora_rank at an adapter center would plan identical trainings under several names. Refused at plan
-    time, each place named: a named experiment's own train block, a varied axis, an ablations.methods entry.
-    (The train block's lora_* are every LoRA training's defaults, and the center's settings hold at every point.)
+    it: a varied lora_rank at an adapter center would plan identical trainings under several names, and a lora_*
+    at the center would keep the center from reusing the named experiment's training. Refused at plan time, each
+    place named: a named experiment's own train block, the ablations' center (which sets every varied axis), an
+    ablations.methods entry. (The train block's lora_* are every LoRA training's defaults.)
     """
     stray = [
         f"experiments.{name}.train ({method(name)}): {keys}"
         for name, spec in NAMED_EXPERIMENTS.items()
         if (keys := lora_keys(spec.get("train") or {}, method(name)))
     ]
-    stray += [
-        f"ablations.vary.{axis} at method {method_of({**config['train'], **CENTER})}"
-        for axis in ABLATION_AXES
-        if lora_keys({axis: None}, method_of({**config["train"], **CENTER}))
-    ]
+    center_method = method_of({**config["train"], **CENTER})
+    if keys := lora_keys(CENTER, center_method):  # every varied axis is set there too
+        stray.append(f"ablations.center ({center_method}): {keys}")
     stray += [
         f"ablations.methods.{m}: {keys}"
         for m, settings in (config["ablations"].get("methods") or {}).items()
