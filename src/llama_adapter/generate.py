@@ -362,7 +362,8 @@ def complete_texts(
 def decoding_cache(folder: str | None, model: Transformer, rows: int):
     """compile_cache (compile_cache.py) for the decode step of `model` at `rows` rows: generate and evaluate share
     it (the same compiled step). Its kind names what the compiled code depends on: the shapes, the adapter, the
-    dtype, device and weights' format, the rows. None: PyTorch's own caches only."""
+    dtype, device and weights' format, the rows. None: PyTorch's own caches only. One folder per process: inductor's
+    compile workers keep the cache folder they started with (compile_cache)."""
     from .compile_cache import compile_cache
 
     w = model.tok_embeddings.weight
