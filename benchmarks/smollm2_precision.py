@@ -101,7 +101,7 @@ def int8_goal(ns: argparse.Namespace, config: dict, tmp: Path) -> None:
         low, high = wilson_interval(same, len(records))
         goal = "the floor: bf16's own rounding" if name == "float32" else "goal: >= 98%"
         print(f"ScienceQA test answers, {name} against the base dtype: {same} of {len(records)} the same "
-              f"({100 * same / len(records):.2f}%, 95% [{100 * low:.1f}, {100 * high:.1f}]; {goal})")
+              f"({100 * same / len(records):.2f}%, 95% [{low:.1f}, {high:.1f}]; {goal})")
 
 
 def main() -> None:
