@@ -89,6 +89,29 @@ def test_lora_settings_of_another_method_are_refused_at_plan_time(tmp_path, edit
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda c: c["evaluate"].update(split="validation"),
+     "evaluate.split 'validation': no such ScienceQA split; data.scienceqa.source 'demo' gives train, val, test"),
+    (lambda c: c["ablations"].update(split="dev"), "ablations.split 'dev': no such ScienceQA split"),
+    (lambda c: c["data"]["scienceqa"].update(assign_splits={"fractions": {"train": 0.5, "test": 0.5}}),
+     "ablations.split 'val': no such ScienceQA split; data.scienceqa.assign_splits gives test, train"),
+])
+def test_a_split_the_questions_cannot_hold_is_refused_at_plan_time(tmp_path, edit, named):
+    """A split to score that the fetched ScienceQA cannot have would fail every evaluation after the trainings;
+    the plan stops, naming the config key and the splits there will be. A local source's splits are its own."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    edit(config)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "bad.yaml"), cwd=tmp_path)
+    assert proc.returncode != 0 and named in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
+    local = tmp_path / "sqa"
+    local.mkdir()
+    config["data"]["scienceqa"] = {"source": str(local)}
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "local.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+
+
 def test_the_schema_offers_the_library_choices():
     """The config schema cannot hold defaults or choices of its own: its enums are the library's."""
     from llama_adapter.config import (

@@ -10,6 +10,7 @@ import pandas as pd
 from snakemake.utils import Paramspace, validate
 
 from llama_adapter.config import DATASET_SPLIT_BY, WEIGHTS, CompileConfig, TrainConfig
+from llama_adapter.data import SCIENCEQA_SPLITS
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
 from llama_adapter.errors import PretrainedFetchError
 from llama_adapter.hub import parse_source
@@ -555,6 +556,40 @@ def evaluation_split(name):
     if name in ABLATION_SETTINGS:
         return config["ablations"].get("split", "val")
     return config["evaluate"]["split"]
+
+
+def check_evaluation_splits():
+    """A ScienceQA split to score that the fetched questions cannot hold is refused at plan time, naming the
+    config key; at run time the evaluation would fail only after every training. Known at plan time: the names
+    data.scienceqa.assign_splits gives, else the demo's and the hub's train / val / test. A local source's records
+    name their own splits (evaluate then names those present).
+    """
+    source = config["data"]["scienceqa"]
+    assigned = (source.get("assign_splits") or {}).get("fractions")
+    hub_or_demo = source["source"] == "demo" or source["source"].startswith("hf:")
+    known = sorted(assigned) if assigned else SCIENCEQA_SPLITS if hub_or_demo else None
+    scored = {}
+    if any(spec["dataset"] == "scienceqa" for spec in NAMED_EXPERIMENTS.values()):
+        scored["evaluate.split"] = config["evaluate"]["split"]
+    if config["ablations"]["dataset"] == "scienceqa":
+        scored["ablations.split"] = evaluation_split(ABLATION_EXPERIMENTS[0])
+    wrong = [
+        f"{key} {split!r}"
+        for key, split in scored.items()
+        if known and split is not None and split not in known
+    ]
+    if wrong:
+        where = (
+            "data.scienceqa.assign_splits"
+            if assigned
+            else f"data.scienceqa.source {source['source']!r}"
+        )
+        raise ValueError(
+            f"config {'; '.join(wrong)}: no such ScienceQA split; {where} gives {', '.join(known)}"
+        )
+
+
+check_evaluation_splits()
 
 
 def evaluation_options(w):

@@ -20,3 +20,6 @@ SCIENCEQA_FIELDS = (
     "pid", "split", "question", "choices", "answer", "hint", "image", "has_image",
     "task", "grade", "subject", "topic", "category", "skill", "lecture", "solution",
 )
+# The splits of the demo's and the hub's ScienceQA, and the names --assign-splits may give (a local source's
+# records may name others).
+SCIENCEQA_SPLITS = ("train", "val", "test")

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from ..config import DemoConfig
 from ..errors import InputError
 from ..io import atomic_dir, read_jsonl_lines
-from . import scienceqa
+from . import SCIENCEQA_SPLITS, scienceqa
 
 CREATURES = ("zorb blick wug fep glim tove grop plon vesk mib krell torp quib zib flarn drub skeep brell jom "
              "yant gorp wimble pim sploon fuzzle narp klib zeem dorf vop grint tulp morv snib frim gleb chab "
@@ -401,8 +401,8 @@ def generate_demo(out_dir: Path, seed: int = DemoConfig.seed, n_instructions: in
         _write_json(tmp / "scienceqa" / "problems.json", problems)
         _write_json(tmp / "scienceqa" / "pid_splits.json",
                     {s: sorted((pid for pid, p in problems.items() if p["split"] == s), key=int)
-                     for s in ("train", "val", "test")})
-    by_split = {s: [p for p in problems.values() if p["split"] == s] for s in ("train", "val", "test")}
+                     for s in SCIENCEQA_SPLITS})
+    by_split = {s: [p for p in problems.values() if p["split"] == s] for s in SCIENCEQA_SPLITS}
     return {
         "corpus": {"documents": len(corpus), "bytes": (Path(out_dir) / "corpus.jsonl").stat().st_size},
         "alpaca": {"records": len(alpaca), "with_input": sum(bool(r["input"]) for _, r in alpaca),

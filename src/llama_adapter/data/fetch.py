@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 from ..config import POLICIES, FetchConfig
 from ..errors import FetchError, UnsafePathError
 from ..io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
-from . import FORMAT_VERSION, SCIENCEQA_FIELDS
+from . import FORMAT_VERSION, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS
 from .paths import file_name, inside, relative
 
 Row = dict[str, Any]
@@ -172,7 +172,7 @@ def _check_fractions(dataset: str, fractions: dict[str, float]) -> None:
     if dataset != "scienceqa":
         raise FetchError(f"assigning splits applies to scienceqa records (alpaca's split is made by tokenize), "
                          f"not {dataset}")
-    if not fractions or set(fractions) - {"train", "val", "test"}:
+    if not fractions or set(fractions) - set(SCIENCEQA_SPLITS):
         raise FetchError(f"split fractions must name train, val and/or test; got {sorted(fractions)}")
     if not all(f > 0 for f in fractions.values()) or not abs(sum(fractions.values()) - 1) <= 1e-6:
         raise FetchError(f"split fractions must be positive and sum to 1; got {fractions}")
@@ -463,7 +463,7 @@ def _pid_splits(path: Path) -> tuple[dict[str, str], list[str]]:
     pid_splits = _load_json(path, dict)
     split_of: dict[str, str] = {}
     twice = []
-    for split in ("train", "val", "test"):
+    for split in SCIENCEQA_SPLITS:
         pids = pid_splits.get(split, [])
         if not isinstance(pids, list):
             raise FetchError(f"{path}: {split!r} holds a JSON {type(pids).__name__}, expected a list of pids")
