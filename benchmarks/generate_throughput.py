@@ -5,7 +5,9 @@ prompts of --prompt-len random tokens, greedy decoding of exactly --new-tokens t
 at each --batch size; ours eager, with the CUDA-graph decode step, and compiled as well, or the --rows chosen
 (each timed after a warm-up call, which compiles: its seconds are the "first call s" column). Also measures the
 device's copy bandwidth and prints the memory-bandwidth floor at batch 1 (every new token reads every weight
-once): weight bytes / copy rate.
+once): weight bytes / copy rate. A call of half as many new tokens follows each timed call: the difference of
+the two is what a decoded token costs at the margin ("marginal" tokens/s, and its % of the floor), the rest of a
+call is its fixed cost ("fixed ms": prefill, the CUDA graph's warm-up and capture, the host's set-up).
 
 --quantize int8 [int8-g32] adds our rows with the blocks' weights in weight-only int8, a scale per row or per 32
 inputs (generate --quantize); their floor is their own weight bytes (values and scales) over the copy rate.
@@ -25,7 +27,8 @@ Usage:
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 [--quantize int8 int8-g32]
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 --startup [--quantize int8 int8-g32]
     python benchmarks/generate_throughput.py --preset tiny-gqa --layers 32 --batch 2 --startup --device cpu
-Prints one row per implementation and batch size: new tokens/s, and at batch 1 the % of the floor; with
+Prints one row per implementation and batch size: new tokens/s over whole calls and at the margin, at batch 1
+each as a % of the floor, and a call's fixed ms; with
 --startup, one row per weight format, batch size and cache state.
 """
 
@@ -64,16 +67,18 @@ def copy_bandwidth(device: torch.device) -> float:
     return 10 * 2 * a.numel() / (time.perf_counter() - t)
 
 
-def timed(fn, device: torch.device) -> tuple[float, float]:
-    """Seconds of a first call (the warm-up, which compiles where anything does), and of a second call."""
+def timed(fn, new_tokens: int, device: torch.device) -> tuple[float, float, float]:
+    """Seconds of fn(new_tokens) twice, the first the warm-up (which compiles where anything does), then of
+    fn(new_tokens // 2): the two timed calls' difference is the marginal cost of decoding, the rest each call's
+    fixed cost (prefill, CUDA graph capture and its warm-up, the host's set-up)."""
     seconds = []
-    for _ in range(2):
+    for n in (new_tokens, new_tokens, new_tokens // 2):
         synchronize(device)
         t = time.perf_counter()
-        fn()
+        fn(n)
         synchronize(device)
         seconds.append(time.perf_counter() - t)
-    return seconds[0], seconds[1]
+    return seconds[0], seconds[1], seconds[2]
 
 
 def weight_bytes(model: AdaptedTransformer) -> int:
@@ -91,14 +96,16 @@ def weight_bytes(model: AdaptedTransformer) -> int:
 def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device,
          cuda_graph: bool, compile: bool = False, quantize: str | None = None, profile: str | None = None
          ) -> tuple[float, float]:
-    """Seconds of the first and the second call (profile: a third call's kernels are printed under this name)."""
+    """`timed`'s seconds (profile: one more call's kernels are printed under this name)."""
     model = random_model(args, adapter, torch.bfloat16, device, quantize)
     rows = prompts.tolist()
-    seconds = timed(lambda: generate(model, rows, new_tokens, eos_id=-1, cuda_graph=cuda_graph, compile=compile),
-                    device)
+
+    def run(n: int):
+        generate(model, rows, n, eos_id=-1, cuda_graph=cuda_graph, compile=compile)
+
+    seconds = timed(run, new_tokens, device)
     if profile:
-        print_profile(profile, lambda: generate(model, rows, new_tokens, eos_id=-1, cuda_graph=cuda_graph,
-                                                compile=compile), device)
+        print_profile(profile, partial(run, new_tokens), device)
     model = None  # frees the weights before the next measurement (the closure above still names it)
     torch.cuda.empty_cache()
     torch._dynamo.reset()  # each row compiles as a job of its own would (and no row meets the recompile limit)
@@ -106,7 +113,7 @@ def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_token
 
 
 def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device,
-            profile: str | None = None) -> tuple[float, float]:
+            profile: str | None = None) -> tuple[float, float, float]:
     from peft import AdaptionPromptConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,14 +127,14 @@ def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_to
                                                        adapter_layers=adapter.adapter_layers, task_type="CAUSAL_LM"))
     ids = prompts.to(device)
 
-    def run():
+    def run(n: int):
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
 
-    seconds = timed(run, device)
+    seconds = timed(run, new_tokens, device)
     if profile:
-        print_profile(profile, run, device)
+        print_profile(profile, partial(run, new_tokens), device)
     model = None  # frees the weights before the next measurement (the closure above still names it)
     torch.cuda.empty_cache()
     return seconds
@@ -260,16 +267,20 @@ def main() -> None:
         for name, fn in [ROWS[row] for row in QUANTIZED_ROWS if row in ns.rows]:
             impls[f"{name[:-1]}, {quantize})"] = partial(fn, quantize=quantize)
             floors[f"{name[:-1]}, {quantize})"] = q_floor
-    print(f"{'implementation':<34}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}{'first call s':>14}")
+    print(f"{'implementation':<34}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}{'marginal':>10}{'% of floor':>12}"
+          f"{'fixed ms':>10}{'first call s':>14}")
     gen = torch.Generator().manual_seed(0)
     for name, fn in impls.items():
         for batch in ns.batch:
             prompts = torch.randint(3, args.vocab_size, (batch, ns.prompt_len), generator=gen)
-            first, seconds = fn(args, adapter, prompts, ns.new_tokens, device,
-                                profile=ns.profile and f"{name}, batch {batch}")
-            tokens_per_s = batch * ns.new_tokens / seconds
-            share = f"{100 * tokens_per_s / floors.get(name, floor):.0f}" if batch == 1 else ""
-            print(f"{name:<34}{batch:>6}{tokens_per_s:>10.0f}{share:>12}{first:>14.1f}", flush=True)
+            first, seconds, half = fn(args, adapter, prompts, ns.new_tokens, device,
+                                      profile=ns.profile and f"{name}, batch {batch}")
+            step = (seconds - half) / (ns.new_tokens - ns.new_tokens // 2)  # a decoded token's marginal seconds
+            rates = (batch * ns.new_tokens / seconds, batch / step)
+            shares = [f"{100 * r / floors.get(name, floor):.0f}" if batch == 1 else "" for r in rates]
+            fixed = 1000 * (seconds - ns.new_tokens * step)
+            print(f"{name:<34}{batch:>6}{rates[0]:>10.0f}{shares[0]:>12}{rates[1]:>10.0f}{shares[1]:>12}{fixed:>10.0f}"
+                  f"{first:>14.1f}", flush=True)
 
 
 if __name__ == "__main__":

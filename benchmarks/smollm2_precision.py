@@ -97,11 +97,19 @@ def int8_goal(ns: argparse.Namespace, config: dict, tmp: Path) -> None:
         counts[f"correct ({name})"] = sum(a == r["answer"] for a, r in zip(answered, records))
     print(json.dumps(counts))
     for name, answered in runs.items():
-        same = sum(a == b for a, b in zip(plain, answered))
-        low, high = wilson_interval(same, len(records))
         goal = "the floor: bf16's own rounding" if name == "float32" else "goal: >= 98%"
-        print(f"ScienceQA test answers, {name} against the base dtype: {same} of {len(records)} the same "
-              f"({100 * same / len(records):.2f}%, 95% [{low:.1f}, {high:.1f}]; {goal})")
+        print_agreement(name, answered, "the base dtype", plain, goal)
+    if reference := runs.get("float32"):  # how far each format's answers move from the least rounded ones
+        for name, answered in {"base dtype": plain, **runs}.items():
+            if name != "float32":
+                print_agreement(name, answered, "float32", reference, "against the least rounding")
+
+
+def print_agreement(name: str, answered: list, reference_name: str, reference: list, note: str) -> None:
+    same = sum(a == b for a, b in zip(answered, reference))
+    low, high = wilson_interval(same, len(reference))
+    print(f"ScienceQA test answers, {name} against {reference_name}: {same} of {len(reference)} the same "
+          f"({100 * same / len(reference):.2f}%, 95% [{low:.1f}, {high:.1f}]; {note})")
 
 
 def main() -> None:
