@@ -6,13 +6,14 @@ import csv
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from llama_adapter.adapter import AdaptedTransformer
-from llama_adapter.batching import collate, heldout_loss, token_loss_sum
+from llama_adapter.batching import collate, heldout_loss, sample_losses, token_loss_sum
 from llama_adapter.checkpoint import load_model, save_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs, Sampling
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
@@ -21,7 +22,9 @@ from llama_adapter.evaluate import (
     Evaluation,
     answer_by_likelihood,
     evaluate,
+    samples_digest,
     scienceqa_scores,
+    score_alpaca,
     sequence_logprobs,
 )
 from llama_adapter.generate import generate, generate_requests, prompt_text
@@ -274,6 +277,36 @@ def test_heldout_loss_is_the_token_mean(world, tmp_path):
     with torch.no_grad():
         total = sum(token_loss_sum(model, collate([[ds[i]]], 0)).item() for i in range(7))
     assert loss == pytest.approx(total / sum(int(ds[i][1][1:].sum()) for i in range(7)), rel=1e-5)
+
+
+def test_sample_losses_are_each_samples_own_whatever_the_packing(world, tmp_path):
+    """Each held-out sample's summed loss and target count, in the split's order, as if it were scored alone,
+    though packed several to a row and rows to a batch (first-fit decreasing reorders them); a sample without
+    targets counts 0. score_alpaca's token mean is theirs, and each sample's mean is in its scores."""
+    root, _ = world
+    model = load_model(root / "base", root / "b.safetensors")
+    rng = np.random.default_rng(1)
+    enc = Encoded([], [], [], [])
+    for i in range(9):
+        t = np.concatenate([[1], rng.integers(3, 500, rng.integers(4, 30)), [2]]).astype(np.int32)
+        mask = np.zeros(len(t), dtype=bool) if i == 4 else np.arange(len(t)) >= 3
+        enc.tokens.append(t), enc.masks.append(mask), enc.source_index.append(i)
+    write_split(tmp_path / "val", enc, np.arange(9))
+    ds = TokenDataset(tmp_path / "val")
+    sums, counts = sample_losses(model, ds, row_len=64, rows_per_batch=2, pad_id=0, device="cpu")
+    with torch.no_grad():
+        alone = [token_loss_sum(model, collate([[ds[i]]], 0)).item() for i in range(9)]
+    assert list(counts) == [int(ds[i][1][1:].sum()) for i in range(9)] and counts[4] == 0
+    assert sums == pytest.approx(alone, rel=1e-5, abs=1e-6)
+    scores = score_alpaca(model, SimpleNamespace(pad_id=0), ds, row_len=64, batch_size=2)
+    assert scores["heldout_loss"] == pytest.approx(sum(alone) / counts.sum(), rel=1e-6)
+    assert scores["sample_losses"][4] is None
+    assert scores["sample_losses"][0] == pytest.approx(alone[0] / counts[0], rel=1e-5)
+    assert scores["samples_sha256"] == samples_digest(TokenDataset(tmp_path / "val"))
+    enc.tokens[0] = enc.tokens[0].copy()
+    enc.tokens[0][1] += 1  # another sample: another digest, so the report does not pair the two
+    write_split(tmp_path / "other", enc, np.arange(9))
+    assert samples_digest(TokenDataset(tmp_path / "other")) != scores["samples_sha256"]
 
 
 def test_generate_cli_writes_jsonl_naming_the_adapter(world, tmp_path, llama_sp_model):

@@ -289,6 +289,40 @@ def test_instruction_table_shows_the_loss_before_and_after(grid):
     assert row["perplexity_before"] == pytest.approx(math.exp(2.0)) and row["mlflow_run"] == f"run-{r.name}"
 
 
+def scored_samples(r: Run, losses: list, samples: str = "s" * 64) -> Run:
+    """`r` as evaluate scores Alpaca now: each held-out sample's own loss, and a digest of the samples."""
+    known = [x for x in losses if x is not None]
+    r.scores = {"heldout_loss": sum(known) / len(known), "perplexity": math.exp(sum(known) / len(known)),
+                "heldout_samples": len(losses), "samples_sha256": samples, "sample_losses": losses}
+    return r
+
+
+def test_instruction_rows_are_paired_sample_by_sample_with_the_adapter(grid):
+    """On Alpaca the pairs are held-out samples: the samples on which each row's loss is the lower (ties and a
+    sample without targets count for neither), the mean difference, and the sign test's p; other samples, or a
+    scores.json without per-sample losses, are left n/a."""
+    adapter = scored_samples(run("instruction"), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, None])
+    lora = scored_samples(run("instruction_lora", method="lora"), [1.5, 2.5, 3.5, 4.5, 5.5, 6.0, None])
+    full = scored_samples(run("instruction_full", method="full"), [0.5] * 6 + [None])
+    other = scored_samples(run("other_samples", method="full"), [0.5] * 7, samples="x" * 64)
+    old = run("written_before", method="zero-shot")
+    old.scores = {"heldout_loss": 2.0, "perplexity": math.exp(2.0), "heldout_samples": 7}
+    df = instruction_table([old, adapter, lora, full, other]).set_index("experiment")
+    assert pd.isna(df.loc["instruction", "paired_with"]) and pd.isna(df.loc["written_before", "p_paired"])
+    assert pd.isna(df.loc["other_samples", "paired_with"])
+    row = df.loc["instruction_lora"]
+    assert row["paired_with"] == "instruction"
+    assert (row["lower_loss_here"], row["lower_loss_paired"]) == (0, 5)  # the tie on sample 6 counts for neither
+    assert row["mean_loss_difference"] == pytest.approx(2.5 / 6) and row["p_paired"] == mcnemar_p(0, 5)
+    row = df.loc["instruction_full"]
+    assert (row["lower_loss_here"], row["lower_loss_paired"]) == (6, 0) and row["p_paired"] == 2 / 2**6
+    assert str(df["lower_loss_here"].dtype) == "Int64"
+    parts = dict(readable_parts(df.reset_index()))
+    paired = parts["Paired with another row, sample by sample"]
+    assert list(paired["experiment"]) == ["instruction_lora", "instruction_full"]
+    assert "lower_loss_here" not in parts[None] and "only_this_right" not in paired
+
+
 def test_report_md_keeps_tables_narrow(grid):
     """report.md shows a table's main columns, then its categories and its provenance as tables of their own
     (keyed by the row's name; rows without provenance, such as the floor, left out); the CSV keeps all."""
@@ -357,6 +391,10 @@ def without(scores: dict, *keys: str) -> dict:
     (ALPACA_SCORES | {"heldout_loss": math.nan}, "heldout_loss", "a finite number"),
     (ALPACA_SCORES | {"perplexity": "low"}, "perplexity", "a positive number"),
     (ALPACA_SCORES | {"heldout_samples": -1}, "heldout_samples", "a count"),
+    (ALPACA_SCORES | {"sample_losses": [1.0, "x"]}, "sample_losses", "a list of per-sample losses"),
+    (ALPACA_SCORES | {"sample_losses": [1.0, math.nan]}, "sample_losses", "a list of per-sample losses"),
+    (ALPACA_SCORES | {"sample_losses": [1.0, None]}, "sample_losses", "holds 2 losses, but heldout_samples is 200"),
+    (ALPACA_SCORES | {"samples_sha256": None}, "samples_sha256", "a string"),
 ])
 def test_mistyped_scores_are_one_error_naming_the_file_and_key(tmp_path, scores, key, expected):
     """Every field of scores.json that the report reads is checked when it is read: a wrong type, a NaN or a

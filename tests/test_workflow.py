@@ -1,5 +1,6 @@
 """The Snakemake layer: the DAG resolves from config.yaml, and a bad config key is refused by the schema."""
 
+import json
 import os
 import re
 from collections import Counter
@@ -213,7 +214,8 @@ def test_conda_environment_of_the_rules_installs_this_checkout(tmp_path):
 def test_demo_report_holds_numbers_with_provenance(demo_run):
     report = demo_run / DEMO_RESULTS / "report"
     tables = {name: read_csv(report / f"{name}.csv") for name in
-              ("efficiency", "scienceqa", "insertion_layers", "gate_init", "epochs", "ablation_method", "generations")}
+              ("efficiency", "scienceqa", "insertion_layers", "gate_init", "epochs", "ablation_method", "generations",
+               "instruction")}
     assert [r["adapter_layers"] for r in tables["insertion_layers"]] == ["1", "2", "3"]
     assert [r["gate_init"] for r in tables["gate_init"]] == ["zero", "random"]
     assert [r["epochs"] for r in tables["epochs"]] == ["2", "3", "5"]
@@ -247,6 +249,19 @@ def test_demo_report_holds_numbers_with_provenance(demo_run):
     for row in [*tables["scienceqa"][1:5], tables["epochs"][0], tables["epochs"][2]]:
         assert float(row["p_paired"]) == pytest.approx(mcnemar_p(int(row["only_this_right"]),
                                                                  int(row["only_paired_right"])))
+    # Sample by sample: each instruction method against the adapter on the same held-out Alpaca samples.
+    instruction = {r["experiment"]: r for r in tables["instruction"]}
+    assert [r["paired_with"] for r in instruction.values()] == ["", *["instruction"] * 3]
+    for row in list(instruction.values())[1:]:
+        lower, higher = int(row["lower_loss_here"]), int(row["lower_loss_paired"])
+        assert 0 < lower + higher <= int(row["heldout_samples"])
+        assert float(row["p_paired"]) == pytest.approx(mcnemar_p(lower, higher))
+    losses = {name: json.loads((demo_run / DEMO_RESULTS / "eval" / name / "scores.json").read_text())["sample_losses"]
+              for name in instruction}
+    for name in list(instruction)[1:]:  # the mean over the samples of this row's loss minus the adapter's
+        differences = [a - b for a, b in zip(losses[name], losses["instruction"]) if a is not None]
+        assert float(instruction[name]["mean_loss_difference"]) == pytest.approx(
+            sum(differences) / len(differences), rel=1e-4, abs=1e-6)
     efficiency = {(r["method"], r["model"]): r for r in tables["efficiency"]}
     assert efficiency[("LLaMA-Adapter", "LLaMA-7B shapes (computed; fp32 file)")]["tuned_params_m"] == "1.22976"
     for method, name in (("LLaMA-Adapter", "instruction"), ("LoRA", "instruction_lora"),
@@ -265,6 +280,7 @@ def test_demo_report_holds_numbers_with_provenance(demo_run):
             assert image.format == "PNG" and image.size[0] > 300
     text = (report / "report.md").read_text()
     assert "| adapter_layers |" in text and "![" in text and "**Provenance**" in text
+    assert "Paired with another row, sample by sample" in text
     # the trained rows' commit and config hash; the zero-shot rows, which have no training, add no "unknown"
     assert re.search(r"Git commit: [0-9a-f]{12}\. Config hash: [0-9a-f]{12}\.", text), text[:600]
     # the caption says how the answers were decoded (config.yaml: temperature 0.1, top-p 0.75), not "greedy"

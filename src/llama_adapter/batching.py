@@ -117,22 +117,32 @@ def hidden_states(model, batch: Batch) -> Tensor:
 def token_loss_sum(model, batch: Batch) -> Tensor:
     """Sum of next-token cross-entropies over the batch's target tokens (fp32). Only the target positions
     go through the output projection."""
+    return target_losses(model, batch, "sum")
+
+
+def target_losses(model, batch: Batch, reduction: str = "none") -> Tensor:
+    """Next-token cross-entropies (fp32) of the batch's target tokens, in the batch's row-major order; summed with
+    reduction "sum"."""
     h = hidden_states(model, batch)
     logits = model.output(h[batch.target_mask])  # (n_targets, vocab)
-    return torch.nn.functional.cross_entropy(logits.float(), batch.targets[batch.target_mask], reduction="sum")
+    return torch.nn.functional.cross_entropy(logits.float(), batch.targets[batch.target_mask], reduction=reduction)
+
+
+def packed_parts(lengths: np.ndarray, row_len: int, rows_per_batch: int) -> list[list[list[int]]]:
+    """The rows (lists of positions in `lengths`) of each micro-batch: as few batches as `rows_per_batch` allows,
+    with the rows shared out evenly (17 rows at 16 per batch make 9 + 8, not a 16-row batch and a 1-row batch
+    that would leave the GPU idle)."""
+    rows = pack_rows(lengths, row_len)
+    n_batches = -(-len(rows) // rows_per_batch)
+    return [rows[k * len(rows) // n_batches: (k + 1) * len(rows) // n_batches] for k in range(n_batches)]
 
 
 def micro_batches(ds, idx: np.ndarray, row_len: int, rows_per_batch: int, pad_id: int, flat: bool = False):
-    """Batches of packed rows over samples `idx` of a TokenDataset, in a deterministic order: as few batches
-    as `rows_per_batch` allows, with the rows shared out evenly (17 rows at 16 per batch make 9 + 8, not a
-    16-row batch and a 1-row batch that would leave the GPU idle).
+    """Batches of packed rows over samples `idx` of a TokenDataset (`packed_parts`), in a deterministic order.
 
     flat: each batch's rows laid end to end as one row, which drops the padding between rows. Only for flash
     varlen attention, whose cost does not depend on the row length; a dense mask would grow quadratically."""
-    rows = pack_rows(ds.lengths[idx], row_len)
-    n_batches = -(-len(rows) // rows_per_batch)
-    for k in range(n_batches):
-        part = rows[k * len(rows) // n_batches: (k + 1) * len(rows) // n_batches]
+    for part in packed_parts(ds.lengths[idx], row_len, rows_per_batch):
         samples = [[ds[int(idx[j])] for j in row] for row in part]
         yield collate([[s for row in samples for s in row]] if flat else samples, pad_id)
 
@@ -150,3 +160,19 @@ def heldout_loss(model, ds, row_len: int, rows_per_batch: int, pad_id: int, devi
             totals[1] += batch.target_mask.sum()
     all_sum(totals)
     return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def sample_losses(model, ds, row_len: int, rows_per_batch: int, pad_id: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's summed next-token loss (float64) and its number of target tokens, in the split's order,
+    batched as `heldout_loss` batches (the same sums, split by sample): what a paired comparison of two models
+    on the same samples needs. A sample's targets are its loss-masked tokens after its first."""
+    sums, counts = np.zeros(len(ds)), np.zeros(len(ds), dtype=np.int64)
+    for part in packed_parts(ds.lengths, row_len, rows_per_batch):
+        rows = [[ds[j] for j in row] for row in part]
+        order = [j for row in part for j in row]  # the samples in the batch's row-major order
+        counts[order] = [int(np.count_nonzero(s[1][1:])) for row in rows for s in row]
+        batch = collate([[s for row in rows for s in row]] if flash_varlen_on(device) else rows, pad_id)
+        losses = target_losses(model, batch.to(device)).double().cpu()
+        sums[order] = [float(x.sum()) for x in losses.split(counts[order].tolist())]
+    return sums, counts

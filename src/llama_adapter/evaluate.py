@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batching import collate, heldout_loss, hidden_states
+from .batching import collate, hidden_states, sample_losses
 from .config import EVALUATION_OUTPUTS, MODES, CompileConfig, Evaluation, InferenceConfig, Sampling
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
@@ -140,11 +140,25 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
 
 def score_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset, row_len: int = Evaluation.row_len,
                  batch_size: int = InferenceConfig.batch_size) -> dict:
-    """Held-out loss per target token and perplexity (the instruction answers are the generate stage's)."""
+    """Held-out loss per target token and perplexity (the instruction answers are the generate stage's), and each
+    sample's own token-mean loss (null for a sample without targets) with a digest of the samples: the report
+    pairs two evaluations of the same samples sample by sample."""
     model.eval()
     device = model.tok_embeddings.weight.device
-    loss = heldout_loss(model, heldout, row_len, batch_size, tokenizer.pad_id, device)
-    return {"heldout_loss": loss, "perplexity": float(np.exp(loss)), "heldout_samples": len(heldout)}
+    sums, counts = sample_losses(model, heldout, row_len, batch_size, tokenizer.pad_id, device)
+    loss = float(sums.sum() / counts.sum())
+    return {"heldout_loss": loss, "perplexity": float(np.exp(loss)), "heldout_samples": len(heldout),
+            "samples_sha256": samples_digest(heldout),
+            "sample_losses": [float(total / n) if n else None for total, n in zip(sums, counts)]}
+
+
+def samples_digest(ds: TokenDataset) -> str:
+    """sha256 of a token split's samples (tokens, boundaries, loss masks): equal for two evaluations of the same
+    samples."""
+    digest = hashlib.sha256()
+    for array, dtype in ((ds.offsets, np.int64), (ds.tokens, np.int64), (ds.loss_mask, np.bool_)):
+        digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    return digest.hexdigest()
 
 
 def training_of(base: Path, adapter: Path | None) -> dict:

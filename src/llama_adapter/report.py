@@ -55,7 +55,8 @@ PAPER_EFFICIENCY = {
 PAPER_METHOD = {"full": "Alpaca (full fine-tuning)", "lora": "Alpaca-LoRA", "adapter": "LLaMA-Adapter"}
 METHOD_NAMES = {"adapter": "LLaMA-Adapter", "lora": "LoRA", "full": "full fine-tuning", "zero-shot": "zero-shot base"}
 PROVENANCE = ["mlflow_run", "eval_run", "config_hash", "data_sha256", "git_commit"]
-PAIRED = ["paired_with", "only_this_right", "only_paired_right", "p_paired"]  # paired_columns
+PAIRED = ["paired_with", "only_this_right", "only_paired_right", "lower_loss_here", "lower_loss_paired",
+          "mean_loss_difference", "p_paired"]  # paired_columns: ScienceQA's questions, or Alpaca's samples
 
 
 @dataclass
@@ -129,6 +130,9 @@ KINDS = {
     "ids": (lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v) and len(set(v)) == len(v),
             "a list of distinct question ids (strings)"),
     "task": (lambda v: isinstance(v, str) and v in SCORE_FIELDS, "scienceqa or alpaca"),
+    "losses": (lambda v: isinstance(v, list) and all(x is None or (_real(x) and math.isfinite(x) and x >= 0)
+                                                     for x in v),
+               "a list of per-sample losses (numbers >= 0, null for a sample without targets)"),
 }
 # The fields of scores.json that the report reads, as evaluate writes them: (dotted key, kind, whether it must be
 # present). A kind ending in "?" may be null (an accuracy over no questions, a split of every question); a field
@@ -148,7 +152,8 @@ SCORE_FIELDS = {
         ("questions_sha256", "text", False), ("correct_pids", "ids", False),
     ],
     "alpaca": [("heldout_loss", "number", True), ("perplexity", "perplexity", True),
-               ("heldout_samples", "count", True)],
+               ("heldout_samples", "count", True), ("samples_sha256", "text", False),
+               ("sample_losses", "losses", False)],
 }
 ZERO_SHOT_FIELDS = [("base", "text", True)]  # the base a zero-shot evaluation scored: it has no training folder
 
@@ -230,6 +235,10 @@ def _checked_scores(path: Path, scores: dict) -> dict:
     if right is not None and scores.get("correct") is not None and len(right) != scores["correct"]:
         raise InputError(f"{path}: key correct_pids names {len(right)} questions, but correct is {scores['correct']}; "
                          f"expected {expected}")  # the paired test would count other questions than the accuracy
+    losses = scores.get("sample_losses")
+    if losses is not None and len(losses) != scores["heldout_samples"]:
+        raise InputError(f"{path}: key sample_losses holds {len(losses)} losses, but heldout_samples is "
+                         f"{scores['heldout_samples']}; expected {expected}")  # else pairs of other samples
     for prefix, counts in tallies:
         if not counts or counts.get("correct") is None:
             continue
@@ -362,26 +371,38 @@ def mcnemar_p(only_this: int, only_other: int) -> float:
 
 
 def paired_columns(r: Run, reference: Run | None) -> dict:
-    """`r` against `reference` question by question: the questions each alone answered right, and McNemar's p of
-    that split. None (n/a) for the reference itself, for other questions than the reference's, and for a
-    scores.json that does not name the questions it got right (written before evaluate kept them)."""
+    """`r` against `reference` on the same ScienceQA questions or Alpaca samples, one by one. ScienceQA: the
+    questions each alone answered right, and McNemar's p of that split. Alpaca: the samples on which each has the
+    lower loss, the mean of r's loss minus the reference's, and the sign test's p (McNemar's, over the samples
+    whose losses differ). None (n/a) for the reference itself, for other questions or samples than the
+    reference's, and for a scores.json that does not hold them one by one (written before evaluate kept them)."""
     if reference is None or r is reference:
         return {}
     this, other = r.scores, reference.scores
-    if not (this.get("questions_sha256") and this.get("questions_sha256") == other.get("questions_sha256")
-            and "correct_pids" in this and "correct_pids" in other):
-        return {}
-    mine, theirs = set(this["correct_pids"]), set(other["correct_pids"])
-    only_this, only_other = len(mine - theirs), len(theirs - mine)
-    return {"paired_with": reference.name, "only_this_right": only_this, "only_paired_right": only_other,
-            "p_paired": mcnemar_p(only_this, only_other)}
+    if "correct_pids" in this and "correct_pids" in other:
+        if not this.get("questions_sha256") or this["questions_sha256"] != other.get("questions_sha256"):
+            return {}
+        mine, theirs = set(this["correct_pids"]), set(other["correct_pids"])
+        only_this, only_other = len(mine - theirs), len(theirs - mine)
+        return {"paired_with": reference.name, "only_this_right": only_this, "only_paired_right": only_other,
+                "p_paired": mcnemar_p(only_this, only_other)}
+    if "sample_losses" in this and "sample_losses" in other:
+        if not this.get("samples_sha256") or this["samples_sha256"] != other.get("samples_sha256"):
+            return {}
+        pairs = [(a, b) for a, b in zip(this["sample_losses"], other["sample_losses"]) if a is not None]
+        lower, higher = sum(a < b for a, b in pairs), sum(a > b for a, b in pairs)
+        return {"paired_with": reference.name, "lower_loss_here": lower, "lower_loss_paired": higher,
+                "mean_loss_difference": sum(a - b for a, b in pairs) / len(pairs) if pairs else None,
+                "p_paired": mcnemar_p(lower, higher)}
+    return {}
 
 
 def paired_reference(runs: list[Run]) -> Run | None:
     """The row the others are paired with: the first text-only LLaMA-Adapter row (the paper's LLaMA-Adapter_T,
-    what the baselines compare with), else the first multimodal one, among the rows whose scores.json names the
-    questions it got right."""
-    adapters = [r for r in runs if r.method == "adapter" and "correct_pids" in r.scores]
+    what the baselines compare with), else the first multimodal one, among the rows whose scores.json holds its
+    questions or samples one by one."""
+    one_by_one = ("correct_pids", "sample_losses")
+    adapters = [r for r in runs if r.method == "adapter" and any(k in r.scores for k in one_by_one)]
     return next((r for r in adapters if not r.config.get("image_features")), adapters[0] if adapters else None)
 
 
@@ -488,8 +509,10 @@ def perplexity(loss: float) -> float:
 
 def instruction_table(runs: list[Run]) -> pd.DataFrame:
     """Held-out Alpaca loss before the first step (with zero-initialised gates: the base model's) and after
-    training (the evaluate stage), with perplexities."""
+    training (the evaluate stage), with perplexities; each row paired sample by sample with the LLaMA-Adapter row
+    (paired_reference)."""
     rows = []
+    adapter = paired_reference(runs)
     for r in runs:
         before = r.metrics.get("initial_val_loss")
         rows.append({"experiment": r.name, "method": METHOD_NAMES[r.method],
@@ -497,8 +520,8 @@ def instruction_table(runs: list[Run]) -> pd.DataFrame:
                      "gate_init": r.config.get("gate_init") if r.method == "adapter" else None,
                      "loss_before": before, "loss_after": r.scores["heldout_loss"],
                      "perplexity_before": None if before is None else perplexity(before),
-                     "perplexity_after": r.scores["perplexity"], **r.provenance})
-    return pd.DataFrame(rows)
+                     "perplexity_after": r.scores["perplexity"], **paired_columns(r, adapter), **r.provenance})
+    return with_integer_counts(pd.DataFrame(rows))
 
 
 def answer_columns(r: Run) -> dict:
@@ -558,7 +581,7 @@ def with_integer_counts(df: pd.DataFrame) -> pd.DataFrame:
     score without generated answers; the paired test's `only_*`: none on the row paired with) as integers rather
     than the floats pandas makes of a column with gaps."""
     for column in df.columns:
-        if column == "unparsed" or column.endswith("_n") or column.startswith("only_"):
+        if column == "unparsed" or column.endswith("_n") or column.startswith(("only_", "lower_loss_")):
             df[column] = df[column].astype("Int64")
     return df
 
@@ -634,7 +657,8 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     parts = [(None, main)]
     if paired:
         part = df[keys + paired].assign(p_paired=[p_cell(p) for p in df["p_paired"]])
-        parts.append(("Paired with another row, question by question", part[part["paired_with"].notna()]))
+        unit = "sample by sample" if "lower_loss_here" in paired else "question by question"
+        parts.append((f"Paired with another row, {unit}", part[part["paired_with"].notna()]))
     if categories:
         ours = df[df[categories].notna().any(axis=1)]
         ours = pd.DataFrame({**{k: ours[k] for k in keys},
@@ -877,7 +901,11 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "that only the row, or only the row it is paired with (`paired_with`: the text-only LLaMA-Adapter row, "
         "or the ablation's center), answered right, and `p_paired` is McNemar's exact two-sided p of that split: below "
         "0.05, a difference beyond chance at the usual level; above it, a difference this data does not show "
-        "(each p stands alone: of twenty pairs that do not differ, about one still falls below 0.05). With "
+        "(each p stands alone: of twenty pairs that do not differ, about one still falls below 0.05). The "
+        "instruction table pairs held-out Alpaca samples the same way: `lower_loss_here` and `lower_loss_paired` "
+        "count the samples on which the row's own loss, or its pair's, is the lower, `mean_loss_difference` is "
+        "the row's loss minus its pair's, averaged over the samples (below 0: the row predicts the answers "
+        "better), and `p_paired` is the sign test's exact p (McNemar's, over the samples whose losses differ). With "
         "generated answers, `unparsed` counts "
         "the outputs without the paper's \"The answer is (X)\", and `accuracy_any_format` reads the first \"(X)\" "
         "of any wording: a model that knows the answers but not the format scores low on `accuracy` only. "
