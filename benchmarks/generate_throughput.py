@@ -242,6 +242,8 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --startup job
     p.add_argument("--compile-cache", help=argparse.SUPPRESS)
     ns = p.parse_args()
+    if ns.new_tokens < 2:
+        p.error("--new-tokens must be at least 2 (a call of half as many follows each timed call)")
     if ns.child:
         return startup_job(ns)
     if ns.startup:
@@ -276,10 +278,11 @@ def main() -> None:
             first, seconds, half = fn(args, adapter, prompts, ns.new_tokens, device,
                                       profile=ns.profile and f"{name}, batch {batch}")
             step = (seconds - half) / (ns.new_tokens - ns.new_tokens // 2)  # a decoded token's marginal seconds
-            rates = (batch * ns.new_tokens / seconds, batch / step)
-            shares = [f"{100 * r / floors.get(name, floor):.0f}" if batch == 1 else "" for r in rates]
-            fixed = 1000 * (seconds - ns.new_tokens * step)
-            print(f"{name:<34}{batch:>6}{rates[0]:>10.0f}{shares[0]:>12}{rates[1]:>10.0f}{shares[1]:>12}{fixed:>10.0f}"
+            rates = [batch * ns.new_tokens / seconds, batch / step if step > 0 else None]  # None: within noise
+            shares = [f"{100 * r / floors.get(name, floor):.0f}" if batch == 1 and r else "" for r in rates]
+            fixed = f"{1000 * (seconds - ns.new_tokens * step):.0f}" if rates[1] else "n/a"
+            marginal = f"{rates[1]:.0f}" if rates[1] else "n/a"
+            print(f"{name:<34}{batch:>6}{rates[0]:>10.0f}{shares[0]:>12}{marginal:>10}{shares[1]:>12}{fixed:>10}"
                   f"{first:>14.1f}", flush=True)
 
 

@@ -301,19 +301,19 @@ def test_instruction_rows_are_paired_sample_by_sample_with_the_adapter(grid):
     """On Alpaca the pairs are held-out samples: the samples on which each row's loss is the lower (ties and a
     sample without targets count for neither), the mean difference, and the sign test's p; other samples, or a
     scores.json without per-sample losses, are left n/a."""
-    adapter = scored_samples(run("instruction"), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, None])
-    lora = scored_samples(run("instruction_lora", method="lora"), [1.5, 2.5, 3.5, 4.5, 5.5, 6.0, None])
-    full = scored_samples(run("instruction_full", method="full"), [0.5] * 6 + [None])
-    other = scored_samples(run("other_samples", method="full"), [0.5] * 7, samples="x" * 64)
+    adapter = scored_samples(run("instruction"), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, None, None])
+    lora = scored_samples(run("instruction_lora", method="lora"), [1.5, 2.5, 3.5, 4.5, 5.5, 6.0, None, 9.0])
+    full = scored_samples(run("instruction_full", method="full"), [0.5] * 6 + [None, 0.1])
+    other = scored_samples(run("other_samples", method="full"), [0.5] * 8, samples="x" * 64)
     old = run("written_before", method="zero-shot")
-    old.scores = {"heldout_loss": 2.0, "perplexity": math.exp(2.0), "heldout_samples": 7}
+    old.scores = {"heldout_loss": 2.0, "perplexity": math.exp(2.0), "heldout_samples": 8}
     df = instruction_table([old, adapter, lora, full, other]).set_index("experiment")
     assert pd.isna(df.loc["instruction", "paired_with"]) and pd.isna(df.loc["written_before", "p_paired"])
     assert pd.isna(df.loc["other_samples", "paired_with"])
     row = df.loc["instruction_lora"]
     assert row["paired_with"] == "instruction"
     assert (row["lower_loss_here"], row["lower_loss_paired"]) == (0, 5)  # the tie on sample 6 counts for neither
-    assert row["mean_loss_difference"] == pytest.approx(2.5 / 6) and row["p_paired"] == mcnemar_p(0, 5)
+    assert row["p_paired"] == mcnemar_p(0, 5) and "mean_loss_difference" not in df
     row = df.loc["instruction_full"]
     assert (row["lower_loss_here"], row["lower_loss_paired"]) == (6, 0) and row["p_paired"] == 2 / 2**6
     assert str(df["lower_loss_here"].dtype) == "Int64"
@@ -405,7 +405,8 @@ def test_mistyped_scores_are_one_error_naming_the_file_and_key(tmp_path, scores,
         (tmp_path / "tokens" / task / "stats.json").write_text(json.dumps({"dataset": task}))
     inputs = ReportInputs(experiments=["e"], scores={"e": tmp_path / "scores.json"},
                           tokens={t: tmp_path / "tokens" / t for t in ("scienceqa", "alpaca")})
-    for good in (SCIENCEQA_SCORES, ALPACA_SCORES, SCIENCEQA_SCORES | {"accuracy": None, "floor": None}):
+    for good in (SCIENCEQA_SCORES, ALPACA_SCORES, SCIENCEQA_SCORES | {"accuracy": None, "floor": None},
+                 SCIENCEQA_SCORES | {"sample_losses": [1.0]}):  # a key of the other task's is not read
         (tmp_path / "scores.json").write_text(json.dumps(good))
         assert load_run("e", inputs).scores == good
     (tmp_path / "scores.json").write_text(json.dumps(scores))

@@ -130,7 +130,7 @@ def target_losses(model, batch: Batch, reduction: str = "none") -> Tensor:
 
 def packed_parts(lengths: np.ndarray, row_len: int, rows_per_batch: int) -> list[list[list[int]]]:
     """The rows (lists of positions in `lengths`) of each micro-batch: as few batches as `rows_per_batch` allows,
-    with the rows shared out evenly (17 rows at 16 per batch make 9 + 8, not a 16-row batch and a 1-row batch
+    with the rows shared out evenly (17 rows at 16 per batch make 8 + 9, not a 16-row batch and a 1-row batch
     that would leave the GPU idle)."""
     rows = pack_rows(lengths, row_len)
     n_batches = -(-len(rows) // rows_per_batch)

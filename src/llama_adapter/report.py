@@ -56,7 +56,7 @@ PAPER_METHOD = {"full": "Alpaca (full fine-tuning)", "lora": "Alpaca-LoRA", "ada
 METHOD_NAMES = {"adapter": "LLaMA-Adapter", "lora": "LoRA", "full": "full fine-tuning", "zero-shot": "zero-shot base"}
 PROVENANCE = ["mlflow_run", "eval_run", "config_hash", "data_sha256", "git_commit"]
 PAIRED = ["paired_with", "only_this_right", "only_paired_right", "lower_loss_here", "lower_loss_paired",
-          "mean_loss_difference", "p_paired"]  # paired_columns: ScienceQA's questions, or Alpaca's samples
+          "p_paired"]  # paired_columns: ScienceQA's questions, or Alpaca's samples
 
 
 @dataclass
@@ -236,7 +236,7 @@ def _checked_scores(path: Path, scores: dict) -> dict:
         raise InputError(f"{path}: key correct_pids names {len(right)} questions, but correct is {scores['correct']}; "
                          f"expected {expected}")  # the paired test would count other questions than the accuracy
     losses = scores.get("sample_losses")
-    if losses is not None and len(losses) != scores["heldout_samples"]:
+    if scores["task"] == "alpaca" and losses is not None and len(losses) != scores["heldout_samples"]:
         raise InputError(f"{path}: key sample_losses holds {len(losses)} losses, but heldout_samples is "
                          f"{scores['heldout_samples']}; expected {expected}")  # else pairs of other samples
     for prefix, counts in tallies:
@@ -373,9 +373,10 @@ def mcnemar_p(only_this: int, only_other: int) -> float:
 def paired_columns(r: Run, reference: Run | None) -> dict:
     """`r` against `reference` on the same ScienceQA questions or Alpaca samples, one by one. ScienceQA: the
     questions each alone answered right, and McNemar's p of that split. Alpaca: the samples on which each has the
-    lower loss, the mean of r's loss minus the reference's, and the sign test's p (McNemar's, over the samples
-    whose losses differ). None (n/a) for the reference itself, for other questions or samples than the
-    reference's, and for a scores.json that does not hold them one by one (written before evaluate kept them)."""
+    lower loss (its own token mean), and the sign test's p (McNemar's, over the samples whose losses differ); how
+    much lower is the tables' loss_after, over the same samples. None (n/a) for the reference itself, for other
+    questions or samples than the reference's, and for a scores.json that does not hold them one by one (written
+    before evaluate kept them)."""
     if reference is None or r is reference:
         return {}
     this, other = r.scores, reference.scores
@@ -389,10 +390,10 @@ def paired_columns(r: Run, reference: Run | None) -> dict:
     if "sample_losses" in this and "sample_losses" in other:
         if not this.get("samples_sha256") or this["samples_sha256"] != other.get("samples_sha256"):
             return {}
-        pairs = [(a, b) for a, b in zip(this["sample_losses"], other["sample_losses"]) if a is not None]
+        pairs = [(a, b) for a, b in zip(this["sample_losses"], other["sample_losses"])
+                 if a is not None and b is not None]  # a sample without targets has no loss on either side
         lower, higher = sum(a < b for a, b in pairs), sum(a > b for a, b in pairs)
         return {"paired_with": reference.name, "lower_loss_here": lower, "lower_loss_paired": higher,
-                "mean_loss_difference": sum(a - b for a, b in pairs) / len(pairs) if pairs else None,
                 "p_paired": mcnemar_p(lower, higher)}
     return {}
 
@@ -562,7 +563,8 @@ def paper_ablation(axis: str, runs: list[Run]) -> list[dict]:
 def ablation_table(runs: list[Run], axis: str, center: Any) -> pd.DataFrame:
     """One ablation axis, a row per value: what trained (tuned parameters, the last epoch's training loss, the
     final validation loss; n/a for zero-shot), the score with its interval, each point paired question by question
-    with the axis's `center` value's point (when the axis lists it), and the paper's numbers beside them."""
+    (ScienceQA) or sample by sample (Alpaca) with the axis's `center` value's point (when the axis lists it), and
+    the paper's numbers beside them."""
     rows = []
     reference = next((r for r in runs if r.point.get(axis) == str(center)), None)
     for r, paper in zip(runs, paper_ablation(axis, runs)):
@@ -902,10 +904,11 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "or the ablation's center), answered right, and `p_paired` is McNemar's exact two-sided p of that split: below "
         "0.05, a difference beyond chance at the usual level; above it, a difference this data does not show "
         "(each p stands alone: of twenty pairs that do not differ, about one still falls below 0.05). The "
-        "instruction table pairs held-out Alpaca samples the same way: `lower_loss_here` and `lower_loss_paired` "
-        "count the samples on which the row's own loss, or its pair's, is the lower, `mean_loss_difference` is "
-        "the row's loss minus its pair's, averaged over the samples (below 0: the row predicts the answers "
-        "better), and `p_paired` is the sign test's exact p (McNemar's, over the samples whose losses differ). With "
+        "instruction table (and an ablation on Alpaca) pairs held-out samples the same way: `lower_loss_here` and "
+        "`lower_loss_paired` count the samples on which the row's loss (its token mean over the sample), or its "
+        "pair's, is the lower (equal losses count for neither), and `p_paired` is the sign test's exact p "
+        "(McNemar's, over the samples whose losses differ); `loss_after` says by how much, over the same samples. "
+        "With "
         "generated answers, `unparsed` counts "
         "the outputs without the paper's \"The answer is (X)\", and `accuracy_any_format` reads the first \"(X)\" "
         "of any wording: a model that knows the answers but not the format scores low on `accuracy` only. "

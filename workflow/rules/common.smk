@@ -561,13 +561,14 @@ def evaluation_split(name):
 def check_evaluation_splits():
     """A ScienceQA split to score that the fetched questions cannot hold is refused at plan time, naming the
     config key; at run time the evaluation would fail only after every training. Known at plan time: the names
-    data.scienceqa.assign_splits gives, else the demo's and the hub's train / val / test. A local source's records
-    name their own splits (evaluate then names those present).
+    data.scienceqa.assign_splits gives, else train / val / test, the only splits fetch gives the demo's and a
+    local or downloaded source's records. A hub dataset (hf:) keeps its own split names (evaluate then names
+    those present).
     """
     source = config["data"]["scienceqa"]
     assigned = (source.get("assign_splits") or {}).get("fractions")
-    hub_or_demo = source["source"] == "demo" or source["source"].startswith("hf:")
-    known = sorted(assigned) if assigned else SCIENCEQA_SPLITS if hub_or_demo else None
+    hub = source["source"].startswith("hf:")
+    known = sorted(assigned) if assigned else None if hub else SCIENCEQA_SPLITS
     scored = {}
     if any(spec["dataset"] == "scienceqa" for spec in NAMED_EXPERIMENTS.values()):
         scored["evaluate.split"] = config["evaluate"]["split"]

@@ -20,6 +20,6 @@ SCIENCEQA_FIELDS = (
     "pid", "split", "question", "choices", "answer", "hint", "image", "has_image",
     "task", "grade", "subject", "topic", "category", "skill", "lecture", "solution",
 )
-# The splits of the demo's and the hub's ScienceQA, and the names --assign-splits may give (a local source's
-# records may name others).
+# The splits fetch gives ScienceQA records from the demo and from a local or downloaded source, and the names
+# --assign-splits may give; a hub dataset keeps its own split names (HF's "validation" becomes "val").
 SCIENCEQA_SPLITS = ("train", "val", "test")
