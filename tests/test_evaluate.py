@@ -263,16 +263,23 @@ def test_a_stop_signal_ends_the_evaluation_killed_with_nothing_written(world, tm
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGTERM"
 
 
+def random_split(folder, n: int, longest: int, seed: int, without_targets=()) -> tuple[TokenDataset, Encoded]:
+    """A token split of n random samples (BOS, up to `longest` tokens, EOS), each a target from its fourth
+    token on; those numbered in `without_targets` none."""
+    rng = np.random.default_rng(seed)
+    enc = Encoded([], [], [], [])
+    for i in range(n):
+        t = np.concatenate([[1], rng.integers(3, 500, rng.integers(4, longest)), [2]]).astype(np.int32)
+        mask = np.zeros(len(t), dtype=bool) if i in without_targets else np.arange(len(t)) >= 3
+        enc.tokens.append(t), enc.masks.append(mask), enc.source_index.append(i)
+    write_split(folder, enc, np.arange(n))
+    return TokenDataset(folder), enc
+
+
 def test_heldout_loss_is_the_token_mean(world, tmp_path):
     root, _ = world
     model = load_model(root / "base", root / "b.safetensors")
-    rng = np.random.default_rng(0)
-    enc = Encoded([], [], [], [])
-    for i in range(7):
-        t = np.concatenate([[1], rng.integers(3, 500, rng.integers(4, 20)), [2]]).astype(np.int32)
-        enc.tokens.append(t), enc.masks.append(np.arange(len(t)) >= 3), enc.source_index.append(i)
-    write_split(tmp_path / "val", enc, np.arange(7))
-    ds = TokenDataset(tmp_path / "val")
+    ds, _ = random_split(tmp_path / "val", 7, 20, seed=0)
     loss = heldout_loss(model, ds, row_len=64, rows_per_batch=2, pad_id=0, device="cpu")
     with torch.no_grad():
         total = sum(token_loss_sum(model, collate([[ds[i]]], 0)).item() for i in range(7))
@@ -285,14 +292,7 @@ def test_sample_losses_are_each_samples_own_whatever_the_packing(world, tmp_path
     targets counts 0. score_alpaca's token mean is theirs, and each sample's mean is in its scores."""
     root, _ = world
     model = load_model(root / "base", root / "b.safetensors")
-    rng = np.random.default_rng(1)
-    enc = Encoded([], [], [], [])
-    for i in range(9):
-        t = np.concatenate([[1], rng.integers(3, 500, rng.integers(4, 30)), [2]]).astype(np.int32)
-        mask = np.zeros(len(t), dtype=bool) if i == 4 else np.arange(len(t)) >= 3
-        enc.tokens.append(t), enc.masks.append(mask), enc.source_index.append(i)
-    write_split(tmp_path / "val", enc, np.arange(9))
-    ds = TokenDataset(tmp_path / "val")
+    ds, enc = random_split(tmp_path / "val", 9, 30, seed=1, without_targets=(4,))
     sums, counts = sample_losses(model, ds, row_len=64, rows_per_batch=2, pad_id=0, device="cpu")
     with torch.no_grad():
         alone = [token_loss_sum(model, collate([[ds[i]]], 0)).item() for i in range(9)]
