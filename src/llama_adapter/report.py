@@ -580,8 +580,8 @@ def ablation_table(runs: list[Run], axis: str, center: Any) -> pd.DataFrame:
 
 def with_integer_counts(df: pd.DataFrame) -> pd.DataFrame:
     """The counts that are n/a on some rows (`unparsed`, a category's `_n`: none on the floor's row, nor on a
-    score without generated answers; the paired test's `only_*`: none on the row paired with) as integers rather
-    than the floats pandas makes of a column with gaps."""
+    score without generated answers; the paired tests' `only_*` and `lower_loss_*`: none on the row paired with) as
+    integers rather than the floats pandas makes of a column with gaps."""
     for column in df.columns:
         if column == "unparsed" or column.endswith("_n") or column.startswith(("only_", "lower_loss_")):
             df[column] = df[column].astype("Int64")
