@@ -121,6 +121,29 @@ def test_merged_lora_equals_unmerged(hf_base):
     assert not any(is_lora_param(n) for n, _ in model.named_parameters())
 
 
+def test_a_lora_applied_to_a_loaded_inference_model_takes_effect(hf_base, tmp_path):
+    """generate_requests applies adapters to a model loaded for inference, its projections already fused (the
+    forward then reads the fused weights): the merged LoRA is laid out into them again, so the model answers as
+    one with the LoRA merged before fusing. An int8 model is refused (a LoRA merges into full precision)."""
+    _, path, args = hf_base
+    model = add_lora(load_base(path), LoRAArgs(rank=4, targets=("wq", "wv", "w1"))).eval()
+    randomise_lora(model)
+    save_lora(model, tmp_path / "run", str(path))
+    x = tokens(args)
+    with torch.no_grad():
+        expected = load_model(path, tmp_path / "run" / LORA_WEIGHTS).eval()(x)
+        fused = load_base(path).eval().requires_grad_(False).fuse_projections()
+        plain = fused(x)
+        apply_adapter(fused, tmp_path / "run" / LORA_WEIGHTS)
+        assert (fused(x) - expected).abs().max().item() < 1e-5 and (plain - expected).abs().max().item() > 1e-3
+    pytest.importorskip("torchao")
+    from llama_adapter.quantize import quantize_int8
+
+    int8 = quantize_int8(load_base(path).eval().requires_grad_(False))
+    with pytest.raises(CheckpointError, match="apply it before quantize_int8"):
+        apply_adapter(int8, tmp_path / "run" / LORA_WEIGHTS)
+
+
 def test_our_lora_file_loads_in_peft_and_back(hf_base, tmp_path):
     hf, path, args = hf_base
     model = add_lora(load_base(path), LoRAArgs(rank=4)).eval()

@@ -26,6 +26,7 @@ from .config import FULL_WEIGHTS, PEFT_CONFIG, AdapterArgs, ModelArgs
 from .errors import CheckpointError
 from .io import atomic_path, read_json_object
 from .model import Transformer
+from .quantize import int8_format
 
 ADAPTER_FORMAT = "llama-adapter/1"
 FULL_FORMAT = "llama-adapter/full/1"
@@ -721,6 +722,13 @@ def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> Non
         check_trained_on(path, header, model.args, "LoRA")
     if model.adapter is not None or getattr(model, "lora", None) or getattr(model, "merged_lora", None):
         raise CheckpointError(f"{path}: the model holds an adapter or LoRA already; load the LoRA onto a plain base")
+    if int8_format(model) is not None:
+        raise CheckpointError(f"{path}: the model's weights are int8 ({int8_format(model)}); a LoRA merges into "
+                              "full-precision weights: apply it before quantize_int8 (as generate --quantize does)")
+    fused = any(layer.attention.wqkv is not None for layer in model.layers)
+    if fused and not merge:
+        raise CheckpointError(f"{path}: the model's projections are fused (fuse_projections), which an unmerged "
+                              "LoRA's separate A and B would not enter; merge it, or apply it before fusing")
     add_lora(model, args)
     check_state({k: p.shape for k, p in model.named_parameters() if p.requires_grad}, tensors, f"LoRA {path}")
     copy_parameters(model, tensors)
@@ -728,3 +736,5 @@ def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> Non
     if merge:
         merge_lora(model)
         model.merged_lora = str(path)  # the weights are changed for good: no other adapter may go on top
+        if fused:  # the forward reads the fused weights, laid out before the merge: lay them out again
+            model.fuse_projections()
