@@ -128,23 +128,27 @@ def target_losses(model, batch: Batch, reduction: str = "none") -> Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), batch.targets[batch.target_mask], reduction=reduction)
 
 
-def packed_parts(lengths: np.ndarray, row_len: int, rows_per_batch: int) -> list[list[list[int]]]:
-    """The rows (lists of positions in `lengths`) of each micro-batch: as few batches as `rows_per_batch` allows,
-    with the rows shared out evenly (17 rows at 16 per batch make 8 + 9, not a 16-row batch and a 1-row batch
-    that would leave the GPU idle)."""
-    rows = pack_rows(lengths, row_len)
-    n_batches = -(-len(rows) // rows_per_batch)
-    return [rows[k * len(rows) // n_batches: (k + 1) * len(rows) // n_batches] for k in range(n_batches)]
-
-
-def micro_batches(ds, idx: np.ndarray, row_len: int, rows_per_batch: int, pad_id: int, flat: bool = False):
-    """Batches of packed rows over samples `idx` of a TokenDataset (`packed_parts`), in a deterministic order.
+def packed_batches(ds, idx: np.ndarray, row_len: int, rows_per_batch: int, pad_id: int, flat: bool = False):
+    """Batches of packed rows over samples `idx` of a TokenDataset, in a deterministic order, each with its samples'
+    positions in `idx` in the batch's row-major order: as few batches as `rows_per_batch` allows, with the rows
+    shared out evenly (17 rows at 16 per batch make 8 + 9, not a 16-row batch and a 1-row batch that would leave
+    the GPU idle).
 
     flat: each batch's rows laid end to end as one row, which drops the padding between rows. Only for flash
     varlen attention, whose cost does not depend on the row length; a dense mask would grow quadratically."""
-    for part in packed_parts(ds.lengths[idx], row_len, rows_per_batch):
+    rows = pack_rows(ds.lengths[idx], row_len)
+    n_batches = -(-len(rows) // rows_per_batch)
+    for k in range(n_batches):
+        part = rows[k * len(rows) // n_batches: (k + 1) * len(rows) // n_batches]
         samples = [[ds[int(idx[j])] for j in row] for row in part]
-        yield collate([[s for row in samples for s in row]] if flat else samples, pad_id)
+        yield [j for row in part for j in row], collate([[s for row in samples for s in row]] if flat else samples,
+                                                        pad_id)
+
+
+def micro_batches(ds, idx: np.ndarray, row_len: int, rows_per_batch: int, pad_id: int, flat: bool = False):
+    """The Batches of `packed_batches`."""
+    for _, batch in packed_batches(ds, idx, row_len, rows_per_batch, pad_id, flat):
+        yield batch
 
 
 @torch.no_grad()
@@ -167,12 +171,11 @@ def sample_losses(model, ds, row_len: int, rows_per_batch: int, pad_id: int, dev
     """Each sample's summed next-token loss (float64) and its number of target tokens, in the split's order,
     batched as `heldout_loss` batches (the same sums, split by sample): what a paired comparison of two models
     on the same samples needs. A sample's targets are its loss-masked tokens after its first."""
-    sums, counts = np.zeros(len(ds)), np.zeros(len(ds), dtype=np.int64)
-    for part in packed_parts(ds.lengths, row_len, rows_per_batch):
-        rows = [[ds[j] for j in row] for row in part]
-        order = [j for row in part for j in row]  # the samples in the batch's row-major order
-        counts[order] = [int(np.count_nonzero(s[1][1:])) for row in rows for s in row]
-        batch = collate([[s for row in rows for s in row]] if flash_varlen_on(device) else rows, pad_id)
+    ends = np.cumsum(ds.loss_mask, dtype=np.int64)  # the targets up to each token, inclusive
+    counts = ends[ds.offsets[1:] - 1] - ends[ds.offsets[:-1]]  # a sample's targets after its first token
+    sums = np.zeros(len(ds))
+    for order, batch in packed_batches(ds, np.arange(len(ds)), row_len, rows_per_batch, pad_id,
+                                       flash_varlen_on(device)):
         losses = target_losses(model, batch.to(device)).double().cpu()
         sums[order] = [float(x.sum()) for x in losses.split(counts[order].tolist())]
     return sums, counts
