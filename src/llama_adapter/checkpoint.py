@@ -722,8 +722,8 @@ def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> Non
         check_trained_on(path, header, model.args, "LoRA")
     if model.adapter is not None or getattr(model, "lora", None) or getattr(model, "merged_lora", None):
         raise CheckpointError(f"{path}: the model holds an adapter or LoRA already; load the LoRA onto a plain base")
-    if int8_format(model) is not None:
-        raise CheckpointError(f"{path}: the model's weights are int8 ({int8_format(model)}); a LoRA merges into "
+    if (int8 := int8_format(model)) is not None:
+        raise CheckpointError(f"{path}: the model's weights are int8 ({int8}); a LoRA merges into "
                               "full-precision weights: apply it before quantize_int8 (as generate --quantize does)")
     fused = any(layer.attention.wqkv is not None for layer in model.layers)
     if fused and not merge:
