@@ -78,7 +78,7 @@ def timed(fn, new_tokens: int, device: torch.device) -> tuple[float, float, floa
         fn(n)
         synchronize(device)
         seconds.append(time.perf_counter() - t)
-    return seconds[0], seconds[1], seconds[2]
+    return tuple(seconds)
 
 
 def weight_bytes(model: AdaptedTransformer) -> int:
@@ -95,7 +95,7 @@ def weight_bytes(model: AdaptedTransformer) -> int:
 
 def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device,
          cuda_graph: bool, compile: bool = False, quantize: str | None = None, profile: str | None = None
-         ) -> tuple[float, float]:
+         ) -> tuple[float, float, float]:
     """`timed`'s seconds (profile: one more call's kernels are printed under this name)."""
     model = random_model(args, adapter, torch.bfloat16, device, quantize)
     rows = prompts.tolist()
