@@ -228,6 +228,13 @@ def test_generate_empty_prompts_file(w, tmp_path, capsys):
                    names=[tmp_path / "p.jsonl", "no prompts"])
 
 
+def test_generate_request_naming_an_adapter_not_given(w, tmp_path, capsys):
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "g.jsonl"
+    prompts.write_text('{"prompt": "x", "adapter": "other"}\n')
+    one_line_error(capsys, *generate_args(w, out, prompts=prompts), names=[prompts, "['other']", "not given"])
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- adapters and bases
 
 

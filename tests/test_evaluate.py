@@ -15,9 +15,9 @@ import torch
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.batching import collate, heldout_loss, sample_losses, token_loss_sum
 from llama_adapter.checkpoint import load_model, save_adapter, save_meta_checkpoint
-from llama_adapter.config import AdapterArgs, ModelArgs, Sampling
+from llama_adapter.config import AdapterArgs, LoRAArgs, ModelArgs, Sampling
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
-from llama_adapter.errors import DataError
+from llama_adapter.errors import DataError, InputError
 from llama_adapter.evaluate import (
     Evaluation,
     answer_by_likelihood,
@@ -28,6 +28,7 @@ from llama_adapter.evaluate import (
     sequence_logprobs,
 )
 from llama_adapter.generate import generate, generate_requests, prompt_text
+from llama_adapter.lora import LORA_WEIGHTS, add_lora, is_lora_param, save_lora
 from llama_adapter.model import Transformer
 from llama_adapter.tokenizer import load_tokenizer
 
@@ -80,8 +81,49 @@ def test_hot_swapped_adapters_equal_separately_loaded(world):
         request = next(q for q in requests if q["id"] == r["id"])
         [out] = generate(alone, [tok.encode(prompt_text(request), bos=True)], 6, tok.eos_id)
         assert r["output"] == tok.decode(out)
-    with pytest.raises(ValueError, match="adapters \\['c'\\]"):
+    with pytest.raises(ValueError, match="adapter\\(s\\) \\['c'\\]"):
         generate_requests(base, tok, [{"prompt": "x", "adapter": "c"}], {"a": root / "a.safetensors"})
+
+
+def test_each_adapter_file_is_read_once_however_often_it_is_swapped_in(world, monkeypatch):
+    """generate_requests reads every adapter up front (each must fit the base before any is used) and swaps the
+    tensors it read into the model, not the files again."""
+    import llama_adapter.checkpoint
+
+    reads = []
+    read = llama_adapter.checkpoint.read_adapter
+    monkeypatch.setattr(llama_adapter.checkpoint, "read_adapter", lambda path: reads.append(path) or read(path))
+    root, tok = world
+    generate_requests(load_model(root / "base"), tok, [{"id": 1, "prompt": "x"}, {"id": 2, "prompt": "y"}],
+                      {"a": root / "a.safetensors", "b": root / "b.safetensors"}, Sampling(max_new_tokens=1),
+                      batch_size=1)
+    assert sorted(reads) == [root / "a.safetensors", root / "b.safetensors"]
+
+
+def test_a_lora_answers_every_request_alone_and_is_refused_among_adapters(world, tmp_path):
+    """A LoRA given to generate_requests is merged once and answers as the model loaded with it does; merged for
+    good, it cannot take turns with another adapter: refused by name before the model is touched."""
+    root, tok = world
+    lora = add_lora(load_model(root / "base"), LoRAArgs(rank=2, targets=("wq", "wv", "w2")))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if is_lora_param(name):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
+    save_lora(lora, tmp_path / "lora", "random")
+    requests = [{"id": 1, "prompt": "Once upon a time"}, {"id": 2, "instruction": "Add.", "input": "2 and 3"}]
+    sampling = Sampling(max_new_tokens=5, temperature=0)
+    [r1, r2] = generate_requests(load_model(root / "base"), tok, requests, {"l": tmp_path / "lora"}, sampling)
+    merged = load_model(root / "base", tmp_path / "lora" / LORA_WEIGHTS)
+    plain = load_model(root / "base")
+    for request, row in ((requests[0], r1), (requests[1], r2)):
+        ids = [tok.encode(prompt_text(request), bos=True)]
+        assert row["adapter"] == "l" and row["output"] == tok.decode(generate(merged, ids, 5, tok.eos_id)[0])
+    assert [r1["output"], r2["output"]] != [tok.decode(generate(plain, [tok.encode(prompt_text(q), bos=True)], 5,
+                                                                tok.eos_id)[0]) for q in requests]
+    base = load_model(root / "base")
+    with pytest.raises(InputError, match="adapter l=.*cannot take turns with other adapters"):
+        generate_requests(base, tok, requests, {"a": root / "a.safetensors", "l": tmp_path / "lora"}, sampling)
+    assert base.adapter is None and not getattr(base, "merged_lora", None)
 
 
 def test_the_decode_steps_cache_is_named_after_the_adapter_it_decodes_with(world, monkeypatch):

@@ -692,6 +692,14 @@ def apply_adapter(model: AdaptedTransformer, adapter_path: str | os.PathLike,
     if is_lora_file(adapter_path):
         apply_lora(model, peft_files(adapter_path)[1])
         return
+    put_adapter(model, *read_fitting_adapter(model, adapter_path, adapter))
+
+
+def read_fitting_adapter(model: AdaptedTransformer, adapter_path: Path, adapter: AdapterArgs | None = None
+                         ) -> tuple[AdapterArgs, dict[str, Tensor]]:
+    """(configuration, tensors) of a trained adapter that is not a LoRA (the files apply_adapter takes), checked
+    to fit `model`, which is left with a fresh adapter of that configuration: read once, the adapter can then be
+    put into the model again and again (put_adapter) without reading its file."""
     if not isinstance(model, AdaptedTransformer):
         raise TypeError(f"{adapter_path}: a plain {type(model).__name__} cannot hold an adapter; build the model as "
                         "adapter.AdaptedTransformer (load_base does)")
@@ -709,6 +717,12 @@ def apply_adapter(model: AdaptedTransformer, adapter_path: str | os.PathLike,
         check_trained_on(adapter_path, header, model.args, "adapter")
     model.set_adapter(adapter)
     check_state({k: v.shape for k, v in model.adapter_state_dict().items()}, tensors, f"adapter {adapter_path}")
+    return adapter, tensors
+
+
+def put_adapter(model: AdaptedTransformer, adapter: AdapterArgs, tensors: dict[str, Tensor]) -> None:
+    """Replace the model's adapter with one read by read_fitting_adapter."""
+    model.set_adapter(adapter)
     copy_parameters(model, tensors)
 
 

@@ -426,30 +426,22 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
 def cmd_generate(ns: argparse.Namespace) -> None:
     """Answer a JSONL file of prompts with one or more adapters (or a LoRA, or none: the base alone) on one loaded
     base; write JSONL."""
-    from .generate import generate_requests, read_prompts
+    from .generate import check_requested_adapters, generate_requests, lora_among, read_prompts
 
     check_device(ns.device)
     check_compile_cache(ns)
     ns.base = check_base(ns.base)
     requests, adapters = read_prompts(ns.prompts), parse_adapters(ns.adapter)
-    from .lora import is_lora_file
-
-    lora = [name for name, path in adapters.items() if is_lora_file(path)]
-    if lora and len(adapters) > 1:
-        raise InputError(f"--adapter {lora[0]}={adapters[lora[0]]}: a LoRA is merged into the base's weights, so it "
-                         "cannot take turns with other adapters; generate with it alone")
-    unknown = sorted({str(r["adapter"]) for r in requests if "adapter" in r} - set(adapters))
-    if unknown:
-        raise InputError(f"--prompts {ns.prompts}: requests name adapter(s) {unknown} that no --adapter gives; given: "
-                         f"{sorted(adapters)}")
+    lora = lora_among(adapters)  # refused among others before the base is loaded
+    check_requested_adapters(requests, adapters, f"--prompts {ns.prompts} (--adapter)")
     release = release_adapter(ns, list(adapters.values()))
     writable_output(ns.out, "--out", folder=False)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
-    model = load_for_inference(ns.base, adapters[lora[0]] if lora else None, ns.device, ns.dtype, ns.quantize,
+    model = load_for_inference(ns.base, adapters[lora] if lora else None, ns.device, ns.dtype, ns.quantize,
                                ns.compile)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     if not adapters or lora:  # the model as loaded answers every request
-        adapters = {lora[0] if lora else ns.name: None}
+        adapters = {lora or ns.name: None}
     rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size,
                              ns.compile, ns.out, release, ns.compile_cache)
     print(f"{len(rows)} generations -> {ns.out}")

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import apply_adapter
+from .checkpoint import apply_adapter, put_adapter, read_fitting_adapter
 from .config import PAPER_SAMPLING, AdapterArgs, CompileConfig, InferenceConfig, Sampling
+from .errors import InputError
 from .model import Transformer
 from .prompts import alpaca_prompt
 from .quantize import int8_format
@@ -373,6 +374,26 @@ def decoding_cache(folder: str | None, model: Transformer, rows: int):
     return compile_cache(folder, kind)
 
 
+def check_requested_adapters(requests: list[dict], adapters: dict[str, Path | None], source: str) -> None:
+    """Every adapter a request names (its "adapter" key) is among `adapters` (InputError naming `source`)."""
+    unknown = sorted({str(r["adapter"]) for r in requests if "adapter" in r} - set(adapters))
+    if unknown:
+        raise InputError(f"{source}: requests name adapter(s) {unknown} that were not given; given: "
+                         f"{sorted(adapters)}")
+
+
+def lora_among(adapters: dict[str, Path | None]) -> str | None:
+    """The name of the LoRA among `adapters` (apply_adapter's files), if one is. A LoRA is merged into the base's
+    weights for good, so it cannot take turns with other adapters: one among others is refused."""
+    from .lora import is_lora_file
+
+    lora = [name for name, path in adapters.items() if path is not None and is_lora_file(Path(path))]
+    if lora and len(adapters) > 1:
+        raise InputError(f"adapter {lora[0]}={adapters[lora[0]]}: a LoRA is merged into the base's weights, so it "
+                         "cannot take turns with other adapters; generate with it alone")
+    return lora[0] if lora else None
+
+
 def generate_requests(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -391,18 +412,21 @@ def generate_requests(
     original-release .pth adapters among them (checkpoint.apply_adapter). Sampling: the paper's by default, as
     the `generate` command's. Compiled, the decode step's compiled code is kept in `compile_cache`
     (decoding_cache)."""
-    unknown = {r["adapter"] for r in requests if "adapter" in r} - set(adapters)
-    if unknown:
-        raise ValueError(f"requests name adapters {sorted(unknown)} that were not given; given: {sorted(adapters)}")
-    for path in filter(None, adapters.values()):  # every adapter fits this base before any is used (they are small)
-        apply_adapter(model, path, release)  # and the decode step's cache is named after the adapters' shape
+    check_requested_adapters(requests, adapters, "requests")
+    if (lora := lora_among(adapters)) is not None:  # merged for good: it answers every request, applied once
+        apply_adapter(model, adapters[lora])
+        adapters = {lora: adapters[lora]}
+        read = {lora: None}
+    else:  # every adapter is read and fits this base before any is used (they are small), and the decode step's
+        # cache is named after the adapters' shape
+        read = {name: path and read_fitting_adapter(model, Path(path), release) for name, path in adapters.items()}
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     results = []
     rows = min(batch_size, len(requests))  # every adapter's batches, compiled, decode as many rows: one compilation
     with decoding_cache(compile_cache if compile else None, model, rows):
         for name, path in adapters.items():
-            if path is not None:
-                apply_adapter(model, path, release)
+            if read[name] is not None:
+                put_adapter(model, *read[name])
             mine = [r for r in requests if r.get("adapter", name) == name]
             outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], sampling, batch_size,
                                      generator, compile, rows=rows)
