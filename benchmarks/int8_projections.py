@@ -11,10 +11,18 @@ product of --batch rows, in each way torch offers:
   tuning, its narrow search);
 - int8, compiled with the search in all directions (what torchao's own inductor settings turn on);
 - int8, compiled without tuning;
-- int8 through ATen's `torch._weight_int8pack_mm` (a scale per row only), where the device has it.
+- int8 through ATen's `torch._weight_int8pack_mm` (a scale per row only), where the device has it;
+and, where the step computes something just before the product (RMSNorm before `wqkv` and `w1`/`w3`, SwiGLU
+before `w2`), the product with it as the step compiles them:
+- bf16, compiled with its prologue (a pointwise kernel, then cuBLAS: the bf16 step's way);
+- int8 under the step's tuning with its prologue fused: at one row, inductor writes the product as a reduction
+  (its matrix-vector decomposition under coordinate-descent tuning) and computes the prologue inside it, once for
+  every block of outputs, so the prologue's inputs are read again and again;
+- int8 under the step's tuning with its prologue compiled apart (its output written once, then read by the
+  product): what keeping the prologue out of the reduction would give.
 On a GPU each way's calls are captured in one CUDA graph and replayed, so the time is the kernels' alone (no
 launches); on the CPU they are timed as a loop. Each way's result is checked against the int8 weight's own eager
-product (the same rounding of the weight; other kernels sum in another order).
+product of the same input (the same rounding of the weight; other kernels sum in another order).
 
 Usage:
     python benchmarks/int8_projections.py --preset 7B [--batch 1 16]
@@ -34,6 +42,7 @@ from generate_throughput import copy_bandwidth  # benchmarks/generate_throughput
 
 from llama_adapter.config import ModelArgs
 from llama_adapter.devices import device_name, synchronize
+from llama_adapter.model import RMSNorm
 from llama_adapter.quantize import int8_weight
 
 # The options generate.compiled_block compiles int8 blocks with, and the two other searches to compare.
@@ -50,32 +59,65 @@ def projections(args: ModelArgs) -> dict[str, tuple[int, int]]:
             "w2": (args.dim, args.hidden_dim)}
 
 
-def ways(bf16: torch.Tensor, int8: torch.Tensor) -> dict:
-    """Each way of computing x @ W^T: a function of x, or the reason it cannot run here."""
+def prologue(name: str, args: ModelArgs, batch: int, gen: torch.Generator, device: torch.device):
+    """(what the decode step computes just before the projection's product, or None, and its inputs): the
+    block's RMSNorm before `wqkv` and `w1`/`w3`, SwiGLU (model.FeedForward's) before `w2`, nothing before `wo`
+    (attention's output, written by its own kernel)."""
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(torch.bfloat16)
+
+    if name == "w2":
+        return (lambda gate, up: F.silu(gate) * up), (rand(batch, args.hidden_dim), rand(batch, args.hidden_dim))
+    if name == "wo":
+        return None, (rand(batch, args.n_heads * args.head_dim),)
+    norm = RMSNorm(args.dim, args.norm_eps).to(device, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * rand(args.dim))
+    return norm, (rand(batch, args.dim),)
+
+
+def ways(bf16: torch.Tensor, int8: torch.Tensor, before) -> dict:
+    """Each way of computing x @ W^T: (a function, whether it takes the prologue's inputs). The product alone
+    takes the prologue's output (computed once, outside the timing); the ways with the prologue (`before`, where
+    there is one) take its inputs."""
+    step_tuning = TUNINGS["compiled (the step's tuning)"]
     found = {"bf16 (cuBLAS)": lambda x: F.linear(x, bf16), "int8, eager": lambda x: F.linear(x, int8)}
     for name, options in TUNINGS.items():
         found[f"int8, {name}"] = torch.compile(lambda x: F.linear(x, int8), fullgraph=True, dynamic=False,
                                                options=options)
     scale = int8.scale.reshape(-1).to(bf16.dtype)
     found["int8, _weight_int8pack_mm"] = lambda x: torch._weight_int8pack_mm(x, int8.qdata, scale)
-    return found
+    alone = {way: (fn, False) for way, fn in found.items()}  # False: takes the prologue's output
+    if before is None:
+        return alone
+    apart = torch.compile(before, fullgraph=True, dynamic=False)
+    with_prologue = {
+        "bf16, compiled with its prologue": torch.compile(lambda *i: F.linear(before(*i), bf16), fullgraph=True,
+                                                          dynamic=False),
+        "int8, step's tuning, prologue fused": torch.compile(lambda *i: F.linear(before(*i), int8), fullgraph=True,
+                                                             dynamic=False, options=step_tuning),
+        "int8, step's tuning, prologue apart": (lambda product: lambda *i: product(apart(*i)))(
+            torch.compile(lambda x: F.linear(x, int8), fullgraph=True, dynamic=False, options=step_tuning)),
+    }
+    return alone | {way: (fn, True) for way, fn in with_prologue.items()}
 
 
-def timed(fn, x: torch.Tensor, repeat: int) -> float:
-    """Microseconds per call of fn(x): on a GPU the kernels of `repeat` calls captured as one CUDA graph (the best
-    of three replays), on the CPU a loop."""
+def timed(fn, inputs: tuple[torch.Tensor, ...], repeat: int) -> float:
+    """Microseconds per call of fn(*inputs): on a GPU the kernels of `repeat` calls captured as one CUDA graph
+    (the best of three replays), on the CPU a loop."""
     for _ in range(3):  # compiles, tunes, initialises cuBLAS: nothing of it inside the capture
-        fn(x)
-    synchronize(x.device)
-    if x.device.type != "cuda":
+        fn(*inputs)
+    device = inputs[0].device
+    synchronize(device)
+    if device.type != "cuda":
         start = time.perf_counter()
         for _ in range(repeat):
-            fn(x)
+            fn(*inputs)
         return 1e6 * (time.perf_counter() - start) / repeat
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(repeat):
-            fn(x)
+            fn(*inputs)
     best = float("inf")
     for _ in range(3):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -104,19 +146,21 @@ def main() -> None:
         int8 = int8_weight(bf16)
         bytes_read = {"bf16": bf16.numel() * 2, "int8": int8.qdata.numel() + int8.scale.numel() * int8.scale.itemsize}
         for batch in ns.batch:
-            x = torch.randn(batch, inputs, generator=gen, device=device).to(torch.bfloat16)
-            reference = F.linear(x, int8).float()
-            for way, fn in ways(bf16, int8).items():
-                torch._dynamo.reset()  # each compiled way compiles under its own options
-                try:
-                    us = timed(fn, x, ns.repeat)
-                    diff = (fn(x).float() - reference).abs().max().item() / reference.abs().max().item()
-                except (RuntimeError, NotImplementedError) as e:  # an op this device or build lacks
-                    print(f"{name:<10}{batch:>6}  {way:<38}  n/a: {str(e).splitlines()[0][:80]}")
-                    continue
-                share = 100 * bytes_read["bf16" if way.startswith("bf16") else "int8"] / (us * 1e-6) / rate
-                print(f"{name:<10}{batch:>6}  {way:<38}{us:>9.1f}{share:>11.0f}{diff:>10.1e}", flush=True)
-
+            before, given = prologue(name, args, batch, gen, device)
+            with torch.no_grad():
+                x = before(*given) if before is not None else given[0]  # the product's own input
+                reference = F.linear(x, int8).float()
+                for way, (fn, takes_prologue) in ways(bf16, int8, before).items():
+                    torch._dynamo.reset()  # each compiled way compiles under its own options
+                    inputs = given if takes_prologue else (x,)
+                    try:
+                        us = timed(fn, inputs, ns.repeat)
+                        diff = (fn(*inputs).float() - reference).abs().max().item() / reference.abs().max().item()
+                    except (RuntimeError, NotImplementedError) as e:  # an op this device or build lacks
+                        print(f"{name:<10}{batch:>6}  {way:<38}  n/a: {str(e).splitlines()[0][:80]}")
+                        continue
+                    share = 100 * bytes_read["bf16" if way.startswith("bf16") else "int8"] / (us * 1e-6) / rate
+                    print(f"{name:<10}{batch:>6}  {way:<38}{us:>9.1f}{share:>11.0f}{diff:>10.1e}", flush=True)
 
 if __name__ == "__main__":
     main()
