@@ -8,6 +8,7 @@ import torch
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.checkpoint import (
     CheckpointError,
+    apply_adapter,
     load_base,
     load_model,
     read_adapter,
@@ -61,6 +62,24 @@ def test_meta_round_trip(tmp_path, preset, n_shards):
     for k, v in m.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     assert_same_logits(m, loaded)
+
+
+def test_meta_save_over_more_shards_leaves_only_its_own(tmp_path):
+    """A reader takes every consolidated.NN.pth in the folder: saving 1 shard where 2 were leaves no stale rank."""
+    save_meta_checkpoint(random_model("tiny", seed=1), tmp_path, n_shards=2)
+    m = random_model("tiny")
+    save_meta_checkpoint(m, tmp_path, n_shards=1)
+    assert sorted(p.name for p in tmp_path.glob("consolidated.*.pth")) == ["consolidated.00.pth"]
+    assert_same_logits(m, load_base(tmp_path))
+
+
+def test_shards_that_disagree_name_their_folder(tmp_path):
+    save_meta_checkpoint(random_model("tiny"), tmp_path, n_shards=2)
+    shard = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
+    shard["norm.weight"] += 1  # replicated on every rank: must be equal
+    torch.save(shard, tmp_path / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=f"{tmp_path}, 2 model-parallel shards.*norm.weight: replicated"):
+        load_base(tmp_path)
 
 
 def test_meta_llama1_params_and_rope_freqs(tmp_path):
@@ -243,6 +262,44 @@ def test_original_release_adapter_pth(tmp_path):
     assert_same_logits(m, loaded, atol=0.05)  # the release is fp16
     with pytest.raises(CheckpointError, match="needs adapter_len/adapter_layers"):
         load_model(tmp_path / "base", tmp_path / "release.pth")
+
+
+def release_pth(m: AdaptedTransformer, path, n_layers: int | None = None) -> None:
+    """`m`'s adapter as the paper's code released it, with a gate for each of `n_layers` layers (m's own)."""
+    n_layers = n_layers or m.args.n_layers
+    first = n_layers - m.adapter.adapter_layers
+    release = {"adapter_query.weight": m.adapter_query.detach().reshape(-1, m.args.dim)}
+    for i in range(n_layers):
+        gate = m.adapter_gate[i - first] if i >= first else torch.zeros(m.args.n_heads)
+        release[f"layers.{i}.attention.gate"] = gate.detach().reshape(1, -1, 1, 1)
+    torch.save(release, path)
+
+
+@pytest.mark.parametrize("depth", [-1, 1])
+def test_original_release_of_another_depth_is_refused(tmp_path, depth):
+    """The release's gates name every layer of the model it was trained on: one of another depth (whose prompts
+    would land on shifted layers) is refused, naming the depths."""
+    adapter = AdapterArgs(adapter_len=3, adapter_layers=2)
+    m = random_model("tiny", adapter)
+    release_pth(m, tmp_path / "release.pth", m.args.n_layers + depth)
+    with pytest.raises(CheckpointError, match=f"release.pth: gates of layers 0..{m.args.n_layers + depth - 1}.*"
+                                              f"each of the base's {m.args.n_layers} layers"):
+        apply_adapter(random_model("tiny"), tmp_path / "release.pth", adapter)
+
+
+def test_an_adapter_that_does_not_fit_leaves_the_model_as_it_was(tmp_path):
+    """apply_adapter checks a file before it touches the model: one that does not fit raises, naming the file,
+    and the adapter the model held still answers."""
+    adapter = AdapterArgs(adapter_len=3, adapter_layers=2)
+    narrow = random_model(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=256, multiple_of=16), adapter)
+    release_pth(narrow, tmp_path / "narrow.pth", random_model("tiny").args.n_layers)
+    m = random_model("tiny", AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
+    x = tokens(m)
+    with torch.no_grad():
+        before = m(x)
+        with pytest.raises(CheckpointError, match="narrow.pth"):
+            apply_adapter(m, tmp_path / "narrow.pth", adapter)
+        assert torch.equal(m(x), before) and m.adapter.adapter_len == 4
 
 
 def test_adapter_write_is_atomic(tmp_path, monkeypatch):

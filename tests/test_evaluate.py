@@ -27,7 +27,7 @@ from llama_adapter.evaluate import (
     score_alpaca,
     sequence_logprobs,
 )
-from llama_adapter.generate import generate, generate_requests, prompt_text
+from llama_adapter.generate import complete_texts, generate, generate_requests, prompt_text
 from llama_adapter.lora import LORA_WEIGHTS, add_lora, is_lora_param, save_lora
 from llama_adapter.model import Transformer
 from llama_adapter.tokenizer import load_tokenizer
@@ -83,6 +83,25 @@ def test_hot_swapped_adapters_equal_separately_loaded(world):
         assert r["output"] == tok.decode(out)
     with pytest.raises(ValueError, match="adapter\\(s\\) \\['c'\\]"):
         generate_requests(base, tok, [{"prompt": "x", "adapter": "c"}], {"a": root / "a.safetensors"})
+
+
+@pytest.mark.parametrize("order", [("as given", "a"), ("a", "as given")])
+@pytest.mark.parametrize("holding", [None, "b"])
+def test_a_none_path_answers_with_the_model_as_it_was_given(world, order, holding):
+    """Among adapters swapped in by turns, a None path answers as the model passed in would alone (with the
+    adapter it held, if any), wherever it comes in the dict; the adapters' answers are their own."""
+    root, tok = world
+    requests = [{"id": 1, "prompt": "Once upon a time"}, {"id": 2, "prompt": "x"}]
+    sampling = Sampling(max_new_tokens=5, temperature=0)
+
+    def model(adapter):
+        return load_model(root / "base", adapter and root / f"{adapter}.safetensors")
+
+    rows = generate_requests(model(holding), tok, requests, {n: None if n == "as given" else root / f"{n}.safetensors"
+                                                             for n in order}, sampling)
+    for name, alone in (("as given", model(holding)), ("a", model("a"))):
+        expected = complete_texts(alone, tok, [r["prompt"] for r in requests], sampling)
+        assert [r["output"] for r in rows if r["adapter"] == name] == expected, name
 
 
 def test_each_adapter_file_is_read_once_however_often_it_is_swapped_in(world, monkeypatch):
@@ -326,6 +345,13 @@ def test_heldout_loss_is_the_token_mean(world, tmp_path):
     with torch.no_grad():
         total = sum(token_loss_sum(model, collate([[ds[i]]], 0)).item() for i in range(7))
     assert loss == pytest.approx(total / sum(int(ds[i][1][1:].sum()) for i in range(7)), rel=1e-5)
+
+
+def test_a_heldout_split_without_targets_is_an_error_not_nan(world, tmp_path):
+    root, _ = world
+    ds, _ = random_split(tmp_path / "val", 3, 20, seed=0, without_targets=(0, 1, 2))
+    with pytest.raises(DataError, match=f"{tmp_path / 'val'}: none of its 3 samples has a target token"):
+        score_alpaca(load_model(root / "base"), SimpleNamespace(pad_id=0), ds, row_len=64, batch_size=2)
 
 
 def test_sample_losses_are_each_samples_own_whatever_the_packing(world, tmp_path):

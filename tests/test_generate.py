@@ -145,3 +145,11 @@ def test_complete_texts_batches_prompts_of_like_length_and_answers_in_the_prompt
     alone = [decoding.complete_texts(model, ByteTokenizer(), [p], Sampling(max_new_tokens=5), batch_size=1)[0]
              for p in prompts]
     assert texts == alone and len(set(texts)) > 1
+
+
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}])
+def test_sampling_out_of_range_is_refused_where_it_is_made(bad):
+    """Not decoded as something else and recorded under its own name (a negative temperature decodes greedily,
+    which `describe`, written with every answer, would call sampling)."""
+    with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
+        Sampling(**bad)

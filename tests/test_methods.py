@@ -171,11 +171,14 @@ def test_peft_trained_lora_loads_onto_our_model(hf_base, tmp_path):
     reference = peft_lora(hf, LoRAArgs(rank=4, targets=("wq", "wk", "wv")))
     randomise_lora(reference)
     reference.save_pretrained(tmp_path / "peft")
+    reference.save_pretrained(tmp_path / "pickled", safe_serialization=False)  # adapter_model.bin
     x = tokens(args)
     with torch.no_grad():
         expected = reference.eval()(input_ids=x).logits
         ours = load_model(path, tmp_path / "peft" / LORA_WEIGHTS).eval()(x)
+        pickled = load_model(path, tmp_path / "pickled").eval()(x)
     assert (ours - expected).abs().max().item() < 1e-4
+    assert (tmp_path / "pickled" / "adapter_model.bin").is_file() and torch.equal(pickled, ours)
 
 
 def test_lora_refuses_unsupported_and_stacking(hf_base, tmp_path):

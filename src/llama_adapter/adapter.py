@@ -126,12 +126,15 @@ class AdaptedTransformer(Transformer):
             p.requires_grad_(adapter is None or is_adapter_param(name))
 
     def reset_adapter(self, device: torch.device | str | None = None, generator: torch.Generator | None = None):
-        """(Re)create the adapter parameters in fp32, as the paper initialises them.
+        """(Re)create the adapter parameters (new_adapter)."""
+        for name, part in self.new_adapter(self.adapter, device, generator).items():
+            setattr(self, name, part)
 
-        Prompts ~ N(0, 1) (the released code's nn.Embedding default), gates zero (or N(0, 1) for the
-        random-init ablation). `device` defaults to where the base weights are.
-        """
-        a = self.adapter
+    def new_adapter(self, a: AdapterArgs, device: torch.device | str | None = None,
+                    generator: torch.Generator | None = None) -> dict[str, nn.Parameter | nn.Module]:
+        """Fresh adapter parameters of configuration `a` for this model, by attribute name, in fp32, as the paper
+        initialises them: prompts ~ N(0, 1) (the released code's nn.Embedding default), gates zero (or N(0, 1)
+        for the random-init ablation). `device` defaults to where the base weights are."""
         device = device if device is not None else self.tok_embeddings.weight.device
         query = torch.randn(a.adapter_layers, a.adapter_len, self.args.dim, device=device, generator=generator)
         gate_shape = (a.adapter_layers, self.args.n_heads)
@@ -139,12 +142,23 @@ class AdaptedTransformer(Transformer):
             gate = torch.zeros(gate_shape, device=device)
         else:
             gate = torch.randn(gate_shape, device=device, generator=generator)
-        self.adapter_query = nn.Parameter(query)  # (adapter_layers, adapter_len, dim)
-        self.adapter_gate = nn.Parameter(gate)  # (adapter_layers, n_heads)
+        parts = {"adapter_query": nn.Parameter(query),  # (adapter_layers, adapter_len, dim)
+                 "adapter_gate": nn.Parameter(gate)}  # (adapter_layers, n_heads)
         if a.visual_dim:  # image features -> model dim (fp32, PyTorch's default init; the zero gates hide it)
             with torch.device(device):
-                self.adapter_visual = nn.Sequential(nn.Linear(a.visual_dim, a.visual_hidden), nn.GELU(),
-                                                    nn.Linear(a.visual_hidden, self.args.dim))
+                parts["adapter_visual"] = nn.Sequential(nn.Linear(a.visual_dim, a.visual_hidden), nn.GELU(),
+                                                        nn.Linear(a.visual_hidden, self.args.dim))
+        return parts
+
+    def adapter_shapes(self, adapter: AdapterArgs) -> dict[str, torch.Size]:
+        """The shape of each tensor (by state-dict name) of an adapter of this configuration on this model, which
+        is left as it is: what a trained adapter's file must hold to go in (checkpoint.read_fitting_adapter)."""
+        adapter.validate_for(self.args)
+        shapes = {}
+        for name, part in self.new_adapter(adapter, "meta").items():
+            tensors = part.state_dict().items() if isinstance(part, nn.Module) else [("", part)]
+            shapes |= {f"{name}.{k}" if k else name: t.shape for k, t in tensors}
+        return shapes
 
     def first_adapted_layer(self) -> int:
         return self.args.n_layers - (self.adapter.adapter_layers if self.adapter else 0)

@@ -77,6 +77,12 @@ def read_safetensors_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]
                               "the file may be truncated or corrupted") from e
 
 
+def read_peft_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header) of a PEFT adapter's weights file: safetensors, or the torch pickle save_pretrained writes
+    with safe_serialization=False (adapter_model.bin, no header)."""
+    return (read_torch_file(path), {}) if path.suffix == ".bin" else read_safetensors_file(path)
+
+
 def read_config(path: Path) -> dict:
     """A checkpoint's JSON config (params.json, config.json, an index); any fault is a CheckpointError."""
     return read_json_object(path, "a checkpoint's JSON config", CheckpointError)
@@ -166,7 +172,8 @@ META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo"
 
 
 def save_meta_checkpoint(model: Transformer, path: Path, n_shards: int = 1) -> None:
-    """Write the base weights as Meta's `params.json` + `consolidated.NN.pth` (n_shards model-parallel ranks)."""
+    """Write the base weights as Meta's `params.json` + `consolidated.NN.pth` (n_shards model-parallel ranks),
+    removing the shards of other ranks an earlier save left in `path` (a reader takes every one it finds)."""
     path = Path(path)
     state = {k: v for k, v in model.state_dict().items() if k in model.base_state_keys()}
     for r in range(n_shards):
@@ -176,6 +183,10 @@ def save_meta_checkpoint(model: Transformer, path: Path, n_shards: int = 1) -> N
             shard[k] = v.chunk(n_shards, dim=d)[r].clone() if d is not None else v.clone()
         with atomic_path(path / f"consolidated.{r:02d}.pth") as tmp:
             torch.save(shard, tmp)
+    written = {f"consolidated.{r:02d}.pth" for r in range(n_shards)}
+    for stale in path.glob("consolidated.*.pth"):  # an earlier save's other ranks
+        if stale.name not in written:
+            stale.unlink()
     with atomic_path(path / "params.json") as tmp:
         tmp.write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
 
@@ -440,7 +451,10 @@ def load_base(
         model = AdaptedTransformer(args, adapter)
     expected = model.base_state_keys()
     if fmt == "meta":
-        state = merge_meta_shards(shards, expected)
+        try:
+            state = merge_meta_shards(shards, expected)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}, {len(shards)} model-parallel shards (consolidated.NN.pth): {e}") from None
     if args.tie_embeddings and "output.weight" in state:
         if not torch.equal(state["output.weight"], state.get("tok_embeddings.weight", torch.empty(0))):
             raise CheckpointError(f"{path}: tie_embeddings is set but output.weight differs from tok_embeddings")
@@ -574,12 +588,15 @@ def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> di
     state = read_torch_file(path)
     top = adapted_layers(n_layers, adapter)
     gates = layer_tensors(state, "layers.{i}.attention.gate")
+    if "adapter_query.weight" not in state:
+        raise CheckpointError(f"{path}: no adapter_query.weight; expected the released adapter's prompts")
+    if sorted(gates) != list(range(n_layers)):  # the release writes every layer's gate: the file's depth
+        found = f"layers {min(gates)}..{max(gates)} ({len(gates)} of them)" if gates else "none"
+        raise CheckpointError(f"{path}: gates of {found}; expected one for each of the base's {n_layers} layers "
+                              "(an adapter released for a model of another depth?)")
     unused = [i for i, g in gates.items() if i < top.start and g.abs().max() > 0]
     if unused:
         raise CheckpointError(f"{path}: non-zero gates in layers {unused}, below the top {adapter.adapter_layers}")
-    missing = [i for i in top if i not in gates]
-    if "adapter_query.weight" not in state or missing:
-        raise CheckpointError(f"{path}: missing adapter_query.weight or the gates of layers {missing}")
     query = state["adapter_query.weight"].float()
     if query.numel() != adapter.adapter_layers * adapter.adapter_len * query.shape[-1]:
         raise CheckpointError(f"{path}: adapter_query.weight {tuple(query.shape)} does not hold {adapter}")
@@ -640,7 +657,7 @@ def read_peft_adaption_prompt(config_path: Path, weights: Path, args: ModelArgs
     if adapter.adapter_layers > args.n_layers:
         raise CheckpointError(f"{config_path}: adapter_layers {adapter.adapter_layers} exceeds the {args.n_layers} "
                               f"layers of the base; expected at most {args.n_layers} (trained on a deeper model?)")
-    state = read_torch_file(weights) if weights.suffix == ".bin" else read_safetensors_file(weights)[0]
+    state = read_peft_weights(weights)[0]
     top = adapted_layers(args.n_layers, adapter)
     outside = sorted({i for name in (PEFT_PROMPT, PEFT_GATE) for i in layer_tensors(state, name)} - set(top))
     if outside:
@@ -698,8 +715,8 @@ def apply_adapter(model: AdaptedTransformer, adapter_path: str | os.PathLike,
 def read_fitting_adapter(model: AdaptedTransformer, adapter_path: Path, adapter: AdapterArgs | None = None
                          ) -> tuple[AdapterArgs, dict[str, Tensor]]:
     """(configuration, tensors) of a trained adapter that is not a LoRA (the files apply_adapter takes), checked
-    to fit `model`, which is left with a fresh adapter of that configuration: read once, the adapter can then be
-    put into the model again and again (put_adapter) without reading its file."""
+    to fit `model`, which is left as it is (a file that does not fit changes nothing): read once, the adapter can
+    then be put into the model again and again (put_adapter) without reading its file."""
     if not isinstance(model, AdaptedTransformer):
         raise TypeError(f"{adapter_path}: a plain {type(model).__name__} cannot hold an adapter; build the model as "
                         "adapter.AdaptedTransformer (load_base does)")
@@ -715,13 +732,16 @@ def read_fitting_adapter(model: AdaptedTransformer, adapter_path: Path, adapter:
     else:
         adapter, header, tensors = read_adapter(adapter_path)
         check_trained_on(adapter_path, header, model.args, "adapter")
-    model.set_adapter(adapter)
-    check_state({k: v.shape for k, v in model.adapter_state_dict().items()}, tensors, f"adapter {adapter_path}")
+    try:
+        shapes = model.adapter_shapes(adapter)
+    except ValueError as e:  # more adapted layers than the base has
+        raise CheckpointError(f"{adapter_path}: {e}") from None
+    check_state(shapes, tensors, f"adapter {adapter_path}")
     return adapter, tensors
 
 
-def put_adapter(model: AdaptedTransformer, adapter: AdapterArgs, tensors: dict[str, Tensor]) -> None:
-    """Replace the model's adapter with one read by read_fitting_adapter."""
+def put_adapter(model: AdaptedTransformer, adapter: AdapterArgs | None, tensors: dict[str, Tensor]) -> None:
+    """Replace the model's adapter with one read by read_fitting_adapter (None, {}: with none)."""
     model.set_adapter(adapter)
     copy_parameters(model, tensors)
 

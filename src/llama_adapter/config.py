@@ -378,6 +378,10 @@ class Sampling:
                                  "probability, in (0, 1]; the paper's: 0.75")
     seed: int = setting(0, "seed of the draws")
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling needs max_new_tokens >= 1, temperature >= 0 and top_p in (0, 1], got {self}")
+
     def describe(self) -> str:
         """How the answers were decoded, in words (each generation records it; the report's caption says it)."""
         if self.temperature == 0:

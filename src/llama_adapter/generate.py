@@ -407,7 +407,9 @@ def generate_requests(
     compile_cache: str | None = CompileConfig.compile_cache,
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
-    loaded once; adapters are swapped in between groups of requests. A None path: the model as it is. With
+    loaded once; adapters are swapped in between groups of requests (each file read once, every one checked to
+    fit the base before any is used). A None path: the model as it was given (with the adapter it held, if any).
+    A LoRA is merged into the weights for good, so it answers alone (refused among others). With
     `out`, the answers are also written there as JSON Lines, whole or not at all. `release`: the shape of the
     original-release .pth adapters among them (checkpoint.apply_adapter). Sampling: the paper's by default, as
     the `generate` command's. Compiled, the decode step's compiled code is kept in `compile_cache`
@@ -417,9 +419,12 @@ def generate_requests(
         apply_adapter(model, adapters[lora])
         adapters = {lora: adapters[lora]}
         read = {lora: None}
-    else:  # every adapter is read and fits this base before any is used (they are small), and the decode step's
-        # cache is named after the adapters' shape
+    else:  # every adapter is read and fits this base before any is used (they are small)
         read = {name: path and read_fitting_adapter(model, Path(path), release) for name, path in adapters.items()}
+        if any(read.values()):  # they go in by turns; a None path answers with the model as it was given
+            as_given = (model.adapter, {k: v.detach().clone() for k, v in model.adapter_state_dict().items()})
+            read = {name: r or as_given for name, r in read.items()}
+            put_adapter(model, *next(iter(read.values())))  # the decode step's cache is named after its shape
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     results = []
     rows = min(batch_size, len(requests))  # every adapter's batches, compiled, decode as many rows: one compilation

@@ -31,7 +31,7 @@ from .checkpoint import (
     peft_type,
     permute_rope_rows,
     read_config,
-    read_safetensors_file,
+    read_peft_weights,
     unpermute_rope_rows,
 )
 from .config import LORA_TARGETS, WEIGHTS, LoRAArgs, ModelArgs
@@ -185,7 +185,7 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, st
                         tuple(sorted((to_meta[m] for m in modules), key=LORA_TARGETS.index)))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path}: {type(e).__name__}: {e}; expected {expected}") from None
-    tensors, header = read_safetensors_file(path)
+    tensors, header = read_peft_weights(path)
     ours: dict[str, Tensor] = {}
     for name, t in tensors.items():
         m = PEFT_NAME.fullmatch(name.replace(".default.", "."))

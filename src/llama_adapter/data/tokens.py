@@ -284,7 +284,7 @@ class TokenDataset:
     cache (multimodal.ImageFeatures) also its image's features or None, found through keys.json (pids)."""
 
     def __init__(self, path: Path, images=None):
-        path = Path(path)
+        self.path = path = Path(path)
         self.tokens = np.load(path / "tokens.npy", mmap_mode="r")
         self.loss_mask = np.load(path / "loss_mask.npy", mmap_mode="r")
         self.offsets = np.load(path / "offsets.npy")
