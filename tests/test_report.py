@@ -198,6 +198,8 @@ def test_mcnemar_exact_p_at_known_values():
     assert mcnemar_p(1, 6) == 2 * (1 + 7) / 2**7  # 0.125: six of seven one way is not beyond chance
     assert mcnemar_p(5, 5) == mcnemar_p(0, 0) == 1.0
     assert mcnemar_p(40, 20) == pytest.approx(0.0134893, abs=1e-7)  # scipy.stats.binomtest(20, 60).pvalue
+    exact = 2 * sum(math.comb(5000, k) for k in range(2401)) / 2**5000  # summed term by term, as defined
+    assert mcnemar_p(2400, 2600) == exact == pytest.approx(0.00488, abs=1e-5)
 
 
 def test_methods_are_paired_question_by_question_with_the_adapter(grid):

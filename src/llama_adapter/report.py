@@ -365,7 +365,10 @@ def mcnemar_p(only_this: int, only_other: int) -> float:
     that only one of them answered right as likely to be either's), the probability of a split of those questions
     at least as uneven as (only_this, only_other)."""
     n = only_this + only_other
-    tail = sum(math.comb(n, k) for k in range(min(only_this, only_other) + 1))
+    term = tail = 1  # C(n, 0); each next binomial coefficient from the last (one product each, not a new comb)
+    for k in range(min(only_this, only_other)):
+        term = term * (n - k) // (k + 1)  # C(n, k + 1), exact: the division leaves no remainder
+        tail += term
     # Exact in integers; a p below the smallest float is given as that float, not as 0 (no p is 0).
     return min(1.0, max(2 * tail / 2**n, math.ulp(0.0)))
 
