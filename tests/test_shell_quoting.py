@@ -7,11 +7,12 @@ folder is dag.DEMO_RESULTS, a name with a space and a quote.
 
 import json
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from dag import REPO, SNAKEMAKE, snakemake
+from dag import REPO, SNAKEMAKE, snakemake, snakemake_command, snakemake_env
 
 # A space and both kinds of quote: unquoted, `'` ends a quoted word early and a space splits one argument in two.
 AWKWARD = "it's a \"dir\""
@@ -155,3 +156,17 @@ def test_sqlite_uri_refuses_a_question_mark(tmp_path):
 
     with pytest.raises(ValueError, match=r"holds '\?'"):
         sqlite_uri(tmp_path / "ques?tion" / "mlflow.db")
+
+
+def test_a_question_mark_in_results_needs_another_mlflow_store(tmp_path):
+    """The default store, a SQLite file in the results folder, cannot be named by a sqlite:/// URI through a '?':
+    refused by name at plan time, unless MLflow's store is named elsewhere (the config or the environment,
+    which wins)."""
+    args = ("-n", "--cores", "1", *configfile(tmp_path, results="res?x"))
+    proc = snakemake(*args, cwd=tmp_path)
+    assert proc.returncode != 0 and "holds '?'" in proc.stdout + proc.stderr
+    env = snakemake_env() | {"MLFLOW_TRACKING_URI": (tmp_path / "store").as_uri()}
+    proc = subprocess.run(snakemake_command(*args, cwd=tmp_path), capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list(tmp_path.glob("res?x/mlflow.db"))

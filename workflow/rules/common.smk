@@ -88,8 +88,10 @@ RESULTS = config["results"]
 # Every job's MLflow run is tagged with the hash of the whole config and nested under one parent run per
 # invocation, opened by the Snakefile's onstart (llama_adapter.tracking).
 MLFLOW = config.get("mlflow", {})
-export_invocation(
-    MLFLOW.get("tracking_uri") or sqlite_uri(Path(RESULTS) / "mlflow.db"),
+export_invocation(  # an exported MLFLOW_TRACKING_URI wins: the default store is then not made (nor checked)
+    os.environ.get("MLFLOW_TRACKING_URI")
+    or MLFLOW.get("tracking_uri")
+    or sqlite_uri(Path(RESULTS) / "mlflow.db"),
     MLFLOW.get("experiment") or DEFAULT_EXPERIMENT,
     {"config_hash": config_hash(config)},
 )
