@@ -591,7 +591,8 @@ def add_tag_option(p: argparse.ArgumentParser, dest: str = "tags") -> None:
 def add_inference_options(p: argparse.ArgumentParser, inference=InferenceConfig, only: tuple[str, ...] | None = None
                           ) -> None:
     """The model to load (--base, --tokenizer) and how to run it (`inference`'s options, those in `only` if given)."""
-    p.add_argument("--base", required=True, help="Meta or HF checkpoint folder, or a .gguf file")
+    p.add_argument("--base", required=True,
+                   help="Meta or HF checkpoint folder, a .gguf file, or a hub model ORG/NAME[@REVISION] (or hf:...)")
     p.add_argument("--tokenizer", help="default: the one beside --base (or inside the GGUF)")
     add_dataclass_options(p, inference, only)
 
@@ -661,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(outputs=lambda ns: [])
 
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
-    p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint path")
+    p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a checkpoint path, or a hub model "
+                   "ORG/NAME[@REVISION]")
     add_dataclass_options(p, TrainConfig, only=("adapter_len", "adapter_layers", "gate_init"))
     p.set_defaults(func=cmd_inspect)
 

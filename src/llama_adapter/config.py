@@ -273,7 +273,8 @@ class CompileConfig:
 class TrainConfig:
     """A fine-tuning run, one field per `train` option; the defaults are the paper's recipe (train.py)."""
 
-    base: str = setting(help="the base: a Meta or HF checkpoint folder, or a .gguf file")
+    base: str = setting(help="the base: a Meta or HF checkpoint folder, a .gguf file, or a hub model "
+                             "ORG/NAME[@REVISION]")
     train_data: str = setting(help="a split folder written by tokenize")
     out_dir: str = setting(help="the folder for the trained weights, metrics.json and the resumable checkpoint")
     val_data: str | None = setting(None, "a split folder written by tokenize: the held-out loss before training and "
