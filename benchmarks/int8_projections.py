@@ -21,8 +21,12 @@ before `w2`), the product with it as the step compiles them:
 - int8 under the step's tuning with its prologue compiled apart (its output written once, then read by the
   product): what keeping the prologue out of the reduction would give.
 On a GPU each way's calls are captured in one CUDA graph and replayed, so the time is the kernels' alone (no
-launches); on the CPU they are timed as a loop. Each way's result is checked against the int8 weight's own eager
-product of the same input (the same rounding of the weight; other kernels sum in another order).
+launches); on the CPU they are timed as a loop. The calls read the same weight again and again, so a weight that
+fits the GPU's L2 (50 MB on H100/H200: int8 `wo` and `w2`, bf16 `wo`) may partly come from it, where the decode
+step reads each from memory once per token: the ways' times compare with each other, and the step's own profile
+(generate_throughput.py --profile) says what each projection reads in place. Each way's result is checked
+against the int8 weight's own eager product of the same input (the same rounding of the weight; other kernels
+sum in another order).
 
 Usage:
     python benchmarks/int8_projections.py --preset 7B [--batch 1 16]

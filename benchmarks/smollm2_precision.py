@@ -5,7 +5,8 @@
    (goal: within 1% of bf16's).
 2. `--quantize` decoding: an adapter trained on ScienceQA's training part (the same recipe, the `scienceqa`
    experiment's epochs) answers the test part greedily, on the bf16 base and on the int8 ones (a scale per row,
-   and per 32 inputs); the share of questions whose parsed letter is the same (goal: >= 98%). On a GPU the base in
+   and per 32 inputs); the share of questions whose parsed letter is the same, of all the questions (two
+   answers that parse to no letter do not count as the same; goal: >= 98%). On a GPU the base in
    float32 answers too: how often bf16's own rounding changes an answer is the floor this share is read against.
 
 The data are prepared where the library's data stages run (tokenize draws a plot, which needs matplotlib), with
@@ -106,7 +107,7 @@ def int8_goal(ns: argparse.Namespace, config: dict, tmp: Path) -> None:
 
 
 def print_agreement(name: str, answered: list, reference_name: str, reference: list, note: str) -> None:
-    same = sum(a == b for a, b in zip(answered, reference))
+    same = sum(a == b and a is not None for a, b in zip(answered, reference))  # two unparsed answers: not a match
     low, high = wilson_interval(same, len(reference))
     print(f"ScienceQA test answers, {name} against {reference_name}: {same} of {len(reference)} the same "
           f"({100 * same / len(reference):.2f}%, 95% [{low:.1f}, {high:.1f}]; {note})")

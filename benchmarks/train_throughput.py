@@ -26,11 +26,14 @@ Usage:
     python benchmarks/train_throughput.py --preset 7B --compile --precision fp8 --no-padded --no-peft
         (adds the packed step with the frozen projections in float8: `train --precision fp8 --compile`)
 It prints real tokens/s, padded tokens/s, model TFLOP/s and its % of a bf16 matmul timed in the same run, peak
-memory, and the paper's recipe (52,002 samples x 5 epochs) projected from each rate. TFLOP/s counts 4 x the
-base's parameters per processed token: forward, and backward to the activations. The frozen base needs no
-weight gradients under either method (LoRA's A and B are the only weights with gradients, and their few
-FLOPs are not counted); LoRA backpropagates through every block and the adapter through its top
---adapter-layers only, which the count leaves out too.
+memory, and the paper's recipe (52,002 samples x 5 epochs) projected from each rate. TFLOP/s counts the matrix
+products a step needs (`step_flops`): forward through every block for each processed token (padding included),
+backward to the activations through the blocks the gradient passes (the adapter's top --adapter-layers; every
+block for LoRA), and the output layer forward and backward at the target positions only (the loss reads no
+other; the samples' target share sets their number). The frozen base needs no weight gradients under either
+method (LoRA's A and B are the only weights with gradients, and their few FLOPs are not counted); the embedding
+is a lookup (no product); attention's own products are not counted, nor what the lowest adapted block's
+backward skips (the gradient to its input: within its q/k/v projections' share of one block).
 """
 
 from __future__ import annotations
@@ -274,13 +277,30 @@ def peft_rows(method: str, ns, args: ModelArgs, adapter: AdapterArgs, lora: LoRA
         table.add(method, peft_padded(model, samples, ns.samples, width, ns.row_len, ns.warmup, ns.steps, d))
 
 
+def step_flops(args: ModelArgs, backward_layers: int, target_share: float) -> tuple[float, float]:
+    """(FLOPs per processed token, per real token) of the matrix products a training step needs (see above): the
+    blocks' forward (all layers) and backward to the activations (`backward_layers`) on every processed token, the
+    output layer's forward and backward on the `target_share` of the real tokens the loss reads."""
+    block = (args.parameter_count() - args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
+             - args.dim) // args.n_layers  # its projections and two norms; the norms' vectors are rounding here
+    head = args.vocab_size * args.dim
+    return 2 * block * (args.n_layers + backward_layers), 4 * head * target_share
+
+
+def target_share(samples) -> float:
+    """Targets per real token: a sample's position counts where the next token is a loss target (collate's
+    target_mask)."""
+    return sum(int(mask[1:].sum()) for _, mask in samples) / sum(len(t) for t, _ in samples)
+
+
 class Table:
     """The rows, each printed (on rank 0) as soon as it is measured: a run cut short still shows what it timed."""
 
     ROWS_WIDTH = 60  # the "rows" column: the longest row description
 
-    def __init__(self, flops_per_token: int, peak_matmul: float, mean_len: float, d: Dist):
-        self.flops_per_token, self.peak_matmul, self.mean_len, self.d = flops_per_token, peak_matmul, mean_len, d
+    def __init__(self, flops: dict[str, tuple[float, float]], peak_matmul: float, mean_len: float, d: Dist):
+        """flops: step_flops of each method."""
+        self.flops, self.peak_matmul, self.mean_len, self.d = flops, peak_matmul, mean_len, d
         self.results: list[Result] = []
 
     def header(self, title: str) -> None:
@@ -294,7 +314,8 @@ class Table:
         self.results.append(r)
         if self.d.rank == 0:
             total = r.real + r.padded
-            tflops = self.flops_per_token * total / r.seconds / 1e12 / self.d.world
+            per_token, per_real_token = self.flops[method]
+            tflops = (per_token * total + per_real_token * r.real) / r.seconds / 1e12 / self.d.world
             recipe = PAPER_SAMPLES * PAPER_EPOCHS * self.mean_len / (r.real / r.seconds) / 60
             print(f"{r.method:<9}{r.name:<{self.ROWS_WIDTH}}{r.real / r.seconds:>11.0f}{total / r.seconds:>13.0f}"
                   f"{100 * r.real / total:>7.1f}{tflops:>8.0f}{100 * tflops / self.peak_matmul:>9.1f}"
@@ -347,10 +368,13 @@ def main() -> None:
         samples = synthetic_samples(np.random.default_rng(0), lengths, n_samples, args.vocab_size)
         ds = synthetic_split(Path(tmp) / f"split-{d.rank}", samples)
         peak_matmul = matmul_tflops(d.device)
-        table = Table(4 * args.parameter_count(), peak_matmul, float(lengths.mean()), d)
+        share = target_share(samples)
+        flops = {m: step_flops(args, ns.adapter_layers if m == "adapter" else args.n_layers, share) for m in methods}
+        table = Table(flops, peak_matmul, float(lengths.mean()), d)
         table.header(f"{ns.preset}, {'; '.join(settings[m] for m in methods)}, {d.world} GPU(s) x "
                      f"{device_name(d.device)}, torch {torch.__version__}, packed global batch {global_batch}, "
-                     f"padded {ns.samples} samples/step, bf16 matmul {peak_matmul:.0f} TFLOP/s")
+                     f"padded {ns.samples} samples/step, bf16 matmul {peak_matmul:.0f} TFLOP/s; counted GFLOP per real "
+                     "token (packed): " + ", ".join(f"{m} {(a + b) / 1e9:.2f}" for m, (a, b) in flops.items()))
         for method in methods:
             ours_rows(method, ns, args, adapter, lora, ds, samples, global_batch, tmp, d, table)
             release(d.device)
