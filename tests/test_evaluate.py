@@ -350,7 +350,7 @@ def test_heldout_loss_is_the_token_mean(world, tmp_path):
 def test_a_heldout_split_without_targets_is_an_error_not_nan(world, tmp_path):
     root, _ = world
     ds, _ = random_split(tmp_path / "val", 3, 20, seed=0, without_targets=(0, 1, 2))
-    with pytest.raises(DataError, match=f"{tmp_path / 'val'}: none of its 3 samples has a target token"):
+    with pytest.raises(DataError, match=f"held-out split {tmp_path / 'val'}: none of its 3 samples has a target"):
         score_alpaca(load_model(root / "base"), SimpleNamespace(pad_id=0), ds, row_len=64, batch_size=2)
 
 

@@ -2,6 +2,7 @@
 escaping in Markdown and LaTeX, and the ablation axes picked from a grid."""
 
 import copy
+import io
 import json
 import math
 import re
@@ -86,6 +87,28 @@ def test_ablation_axes_hold_the_center_in_the_listed_order(grid):
     assert axis("method", ["lora", "adapter"]) == ["lora", "adapter"]
     with pytest.raises(InputError, match=r"no --ablation point sets epochs to \[13\]"):
         axis("epochs", [3, 13])
+
+
+@pytest.mark.parametrize(("center", "vary"), [
+    ({"blr": 0.01, "method": "adapter"}, {"blr": [1, 0.01]}),  # a column of floats: the point is named blr~1.0
+    ({"lr": None, "epochs": 5, "method": "adapter"}, {"epochs": [3, 5]}),  # a null center: lr~NA
+])
+def test_the_points_the_workflow_names_are_found(center, vary):
+    """The workflow names the grid's folders with Snakemake's Paramspace over a pandas frame of the points (common.smk:
+    ablation_points), which writes 1 as 1.0 in a column of floats and a null as NA: the report finds each point by
+    its value, not by str() of the config's."""
+    paramspace = pytest.importorskip("snakemake.utils").Paramspace
+    points = [dict(center)] + [{**center, axis: v} for axis, values in vary.items() for v in values]
+    space = paramspace(pd.DataFrame(points).drop_duplicates().reset_index(drop=True), param_sep="~")
+    runs = []
+    for name in space.instance_patterns:
+        runs.append(answered(run(f"ablations/{name}"), range(40)))
+        runs[-1].point = point_settings(runs[-1].name)
+    for axis, values in vary.items():
+        found = ablation_axis(runs, axis, center, values)
+        assert [r.axis_value(axis) for r in found] == values
+        paired = ablation_table(found, axis, center[axis])["paired_with"]  # with the point at the center's value
+        assert paired.iloc[0] == found[1].name and pd.isna(paired.iloc[1])
 
 
 def test_grid_point_names_are_parsed_or_refused():
@@ -247,6 +270,34 @@ def test_scienceqa_text_only_pairs_with_the_text_only_paper_row(grid):
     row = scienceqa_table(grid[:1]).iloc[0]
     assert row["paper_model"] == "LLaMA-Adapter_T" and row["accuracy_paper"] == 78.31
     assert row["NAT_paper"] is None and row["chance"] == 40.0 and row["accuracy"] == 60.0
+
+
+def test_a_p_is_shown_on_its_side_of_005_and_as_a_bound_beyond_floats():
+    """The legend reads each p against 0.05: one just below it is not printed as 0.05, nor one just above; a p
+    beyond the float range is a bound in the .tex table as in report.md."""
+    below, above = mcnemar_p(117, 150), mcnemar_p(125, 159)  # 0.049983, 0.050016
+    assert below < 0.05 < above
+    assert float(p_cell(below)) < 0.05 < float(p_cell(above)) and p_cell(0.0123456) == "0.0123"
+    tex = to_latex(pd.DataFrame({"p_paired": [below, mcnemar_p(57, 1633)], "accuracy": [0.0499832, 0.5]}), "c")
+    rows = [line.split(" & ") for line in tex.splitlines() if line.endswith(r"\\")][1:]
+    assert float(rows[0][0]) < 0.05 and rows[1][0] == "< 1e-300"
+    assert rows[0][1] == "0.05 \\\\"  # not a p: three digits as every other cell
+
+
+def test_tables_without_rows_keep_their_columns():
+    for df in (scienceqa_table([]), instruction_table([])):
+        assert "experiment" in df.columns and r"\begin{tabular}{}" not in to_latex(df, "c")
+        assert pd.read_csv(io.StringIO(df.to_csv(index=False))).columns[0] == "experiment"
+
+
+def test_an_alpaca_ablation_has_no_paper_numbers_beside_it():
+    """The paper's ablations scored ScienceQA: their accuracies and losses are not set beside an Alpaca loss."""
+    runs = []
+    for epochs in (3, 5, 8):
+        runs.append(point(4, "zero", epochs))
+        runs[-1].dataset, runs[-1].scores = "alpaca", {"heldout_loss": 1.5, "perplexity": 4.5}
+    table = ablation_table(runs, "epochs", 5)
+    assert not [c for c in table.columns if c.endswith("_paper")]
 
 
 def test_markdown_and_latex_escape_cells():
@@ -415,3 +466,34 @@ def test_mistyped_scores_are_one_error_naming_the_file_and_key(tmp_path, scores,
     with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'scores.json'}: ")) as e:
         load_run("e", inputs)
     assert f"key {key}" in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_validation_loss_that_is_not_finite_is_refused_not_shown_as_na(tmp_path):
+    """A table cell of NaN reads "n/a", as a zero-shot row's missing loss does: a diverged validation would hide
+    as "not measured". Refused, naming the file."""
+    (tmp_path / "tokens" / "scienceqa").mkdir(parents=True)
+    (tmp_path / "tokens" / "scienceqa" / "stats.json").write_text(json.dumps({"dataset": "scienceqa"}))
+    (tmp_path / "scores.json").write_text(json.dumps(SCIENCEQA_SCORES | {"method": "adapter"}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"base": "b", "train_data": "t"}))
+    (tmp_path / "run" / "adapter.safetensors").write_bytes(b"0")
+    inputs = ReportInputs(experiments=["e"], scores={"e": tmp_path / "scores.json"},
+                          tokens={"scienceqa": tmp_path / "tokens" / "scienceqa"}, trainings={"e": tmp_path / "run"})
+    metrics = {"history": [{"step": 1, "epoch": 1, "loss": 1.0}], "trainable_parameters": 10, "world_size": 1,
+               "weights": "adapter.safetensors", "val_loss": [0.9, 0.8], "initial_val_loss": 1.2}
+    for bad, ok in (({}, True), ({"val_loss": [0.9, math.nan]}, False), ({"initial_val_loss": math.inf}, False)):
+        (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics | bad))
+        if ok:
+            assert load_run("e", inputs).metrics["val_loss"] == [0.9, 0.8]
+            continue
+        with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'run' / 'metrics.json'}: a validation loss")):
+            load_run("e", inputs)
+
+
+def test_the_gate_init_figure_skips_points_that_trained_nothing(tmp_path):
+    from llama_adapter.report import loss_curves_figure
+
+    untrained = point(4, "random", 5, "zero-shot")
+    untrained.config, untrained.metrics = {"base": "b", "method": "zero-shot"}, {}
+    loss_curves_figure([point(4, "zero", 5), untrained], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0

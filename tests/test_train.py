@@ -20,6 +20,7 @@ from llama_adapter.batching import collate, heldout_loss, pack_rows, token_loss_
 from llama_adapter.checkpoint import load_base, read_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs, training_outputs
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
+from llama_adapter.errors import DataError
 from llama_adapter.model import Transformer
 from llama_adapter.train import TrainConfig, TrainingDiverged, lr_at, train
 
@@ -313,6 +314,17 @@ def test_nan_loss_stops_with_step_and_batch_and_keeps_the_checkpoint(setup, tmp_
     bad_step = int(str(e.value).split()[1])
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == bad_step
     assert [path for path in earlier if path.exists()] == []
+
+
+def test_a_split_without_targets_is_refused_before_training(setup, tmp_path):
+    """A loss over no target tokens is 0/0: a NaN first step, or a NaN validation loss written into metrics.json.
+    Refused by the option and folder instead, before anything is written."""
+    enc = Encoded([np.array([1, 5, 6, 2], np.int32)] * 4, [np.zeros(4, bool)] * 4, list(range(4)), [])
+    write_split(tmp_path / "no-targets", enc, np.arange(4))
+    for option, key in (("--val-data", "val_data"), ("--train-data", "train_data")):
+        with pytest.raises(DataError, match=f"{option} {tmp_path / 'no-targets'}: none of its 4 samples"):
+            train(config(setup, tmp_path / key, **{key: str(tmp_path / "no-targets")}))
+        assert not (tmp_path / key / "metrics.json").exists()
 
 
 def test_packed_loss_equals_per_sample_loss(setup):

@@ -171,8 +171,7 @@ def sample_losses(model, ds, row_len: int, rows_per_batch: int, pad_id: int, dev
     """Each sample's summed next-token loss (float64) and its number of target tokens, in the split's order,
     batched as `heldout_loss` batches (the same sums, split by sample): what a paired comparison of two models
     on the same samples needs. A sample's targets are its loss-masked tokens after its first."""
-    ends = np.cumsum(ds.loss_mask, dtype=np.int64)  # the targets up to each token, inclusive
-    counts = ends[ds.offsets[1:] - 1] - ends[ds.offsets[:-1]]  # a sample's targets after its first token
+    counts = ds.target_counts()
     sums = np.zeros(len(ds))
     for order, batch in packed_batches(ds, np.arange(len(ds)), row_len, rows_per_batch, pad_id,
                                        flash_varlen_on(device)):

@@ -145,10 +145,8 @@ def score_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset
     pairs two evaluations of the same samples sample by sample."""
     model.eval()
     device = model.tok_embeddings.weight.device
+    heldout.require_targets("the held-out split")  # a mean over no tokens: NaN, which scores.json cannot hold
     sums, counts = sample_losses(model, heldout, row_len, batch_size, tokenizer.pad_id, device)
-    if not counts.sum():  # a mean over no tokens: NaN, which scores.json cannot hold
-        raise DataError(f"{heldout.path}: none of its {len(heldout)} samples has a target token (loss_mask.npy is "
-                        "all false); expected the held-out split of tokenized instructions with their answers")
     loss = float(sums.sum() / counts.sum())
     return {"heldout_loss": loss, "perplexity": float(np.exp(loss)), "heldout_samples": len(heldout),
             "samples_sha256": samples_digest(heldout),

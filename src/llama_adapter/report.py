@@ -85,6 +85,18 @@ class Run:
         except json.JSONDecodeError:
             return value
 
+    def sets(self, axis: str, value: Any) -> bool:
+        """Whether this grid point sets `axis` to the config's `value`. Its name writes the value as the workflow's
+        Paramspace does, from a pandas column: 1 as 1.0 where the column holds floats, a null as NA."""
+        if axis not in self.point:
+            return False
+        named = self.axis_value(axis)
+        if value is None:
+            return named in ("NA", "None") or (isinstance(named, float) and math.isnan(named))
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return isinstance(named, int | float) and not isinstance(named, bool) and named == value
+        return self.point[axis] == str(value)
+
     @property
     def provenance(self) -> dict[str, str | None]:
         tags = self.metrics.get("tags", {})
@@ -297,6 +309,10 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
     if not isinstance(metrics["history"], list) or not metrics["history"]:
         raise InputError(f"{adapter_dir / 'metrics.json'}: 'history' holds no training steps; expected the file "
                          "train writes")
+    losses = [*(metrics.get("val_loss") or []), metrics.get("initial_val_loss")]
+    if any(isinstance(x, float) and not math.isfinite(x) for x in losses):  # a table cell would read n/a
+        raise InputError(f"{adapter_dir / 'metrics.json'}: a validation loss that is not finite ({losses}); the "
+                         "training's validation diverged or scored no targets: train it again")
     adapter = adapter_dir / str(metrics["weights"])
     if not adapter.is_file():
         raise InputError(f"{adapter}: missing; run train first (or leave this experiment out of the report)")
@@ -413,13 +429,13 @@ def paired_reference(runs: list[Run]) -> Run | None:
 def ablation_axis(runs: list[Run], axis: str, center: dict, values: list) -> list[Run]:
     """The grid points that set `axis` to each of `values` (in their order, as ablations.vary lists them) while
     every other axis holds the center. A value without such a point is an error, not a shorter table."""
-    held = {r.point.get(axis): r for r in runs
-            if all(r.point.get(k) == str(v) for k, v in center.items() if k != axis)}
-    missing = [v for v in values if str(v) not in held]
+    at_center = [r for r in runs if all(r.sets(k, v) for k, v in center.items() if k != axis)]
+    found = [next((r for r in at_center if r.sets(axis, v)), None) for v in values]
+    missing = [v for v, r in zip(values, found) if r is None]
     if missing:
         raise InputError(f"--vary {axis}: no --ablation point sets {axis} to {missing} with the other axes at the "
                          f"center {json.dumps(center)}; expected one point per listed value")
-    return [held[str(v)] for v in values]
+    return found
 
 
 def by_rank(ours: list, paper: list) -> list:
@@ -500,7 +516,9 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
         low, high = wilson_interval(floor["correct"], floor["n"])
         rows.append({"experiment": f"no model: always ({floor['letter']})", "method": "floor", "split": split,
                      "questions": floor["n"], "accuracy": floor["accuracy"], "ci95_low": low, "ci95_high": high})
-    return with_integer_counts(pd.DataFrame(rows))
+    return with_integer_counts(pd.DataFrame(rows, columns=None if rows else [  # no rows: the columns still
+        "experiment", "method", "paper_model", "questions", "accuracy", "ci95_low", "ci95_high", "split",
+        "accuracy_paper"]))
 
 
 def perplexity(loss: float) -> float:
@@ -525,7 +543,9 @@ def instruction_table(runs: list[Run]) -> pd.DataFrame:
                      "loss_before": before, "loss_after": r.scores["heldout_loss"],
                      "perplexity_before": None if before is None else perplexity(before),
                      "perplexity_after": r.scores["perplexity"], **paired_columns(r, adapter), **r.provenance})
-    return with_integer_counts(pd.DataFrame(rows))
+    return with_integer_counts(pd.DataFrame(rows, columns=None if rows else [  # no rows: the columns still
+        "experiment", "method", "heldout_samples", "gate_init", "loss_before", "loss_after", "perplexity_before",
+        "perplexity_after"]))
 
 
 def answer_columns(r: Run) -> dict:
@@ -550,7 +570,10 @@ def score_columns(r: Run) -> dict:
 
 
 def paper_ablation(axis: str, runs: list[Run]) -> list[dict]:
-    """The paper's row beside each of ours, for the axes it published (settings paired by rank)."""
+    """The paper's row beside each of ours, for the axes it published (settings paired by rank): ScienceQA's, so
+    none beside an ablation scored on another dataset."""
+    if any(r.dataset != "scienceqa" for r in runs):
+        return [{} for _ in runs]
     values = [r.axis_value(axis) for r in runs]
     if axis == "adapter_layers":
         return [p and {"adapter_layers_paper": f"{p[0]} of 32", "tuned_params_m_paper": p[1],
@@ -569,7 +592,7 @@ def ablation_table(runs: list[Run], axis: str, center: Any) -> pd.DataFrame:
     (ScienceQA) or sample by sample (Alpaca) with the axis's `center` value's point (when the axis lists it), and
     the paper's numbers beside them."""
     rows = []
-    reference = next((r for r in runs if r.point.get(axis) == str(center)), None)
+    reference = next((r for r in runs if r.sets(axis, center)), None)
     for r, paper in zip(runs, paper_ablation(axis, runs)):
         trained = bool(r.metrics)
         rows.append({axis: r.axis_value(axis), "method": METHOD_NAMES[r.method],
@@ -678,9 +701,23 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     return parts
 
 
+# The level report.md's legend reads each p against.
+SIGNIFICANCE = 0.05
+
+
 def p_cell(p: Any) -> str:
-    """A p-value as report.md shows it; one beyond the float range (mcnemar_p gives the smallest float) as a bound."""
-    return "< 1e-300" if pd.notna(p) and p < 1e-300 else cell(p)
+    """A p-value as report.md and the .tex tables show it: three significant digits, or as many more as keep it on
+    its side of SIGNIFICANCE (0.04998 is not shown as 0.05); one beyond the float range (mcnemar_p gives the
+    smallest float) as a bound."""
+    if pd.isna(p):
+        return cell(p)
+    if p < 1e-300:
+        return "< 1e-300"
+    for digits in range(3, 18):
+        shown = f"{p:.{digits}g}"
+        if float(shown) != SIGNIFICANCE and (float(shown) < SIGNIFICANCE) == (p < SIGNIFICANCE):
+            return shown
+    return repr(p)
 
 
 def interval_cell(accuracy: Any, low: Any, high: Any) -> str:
@@ -705,11 +742,12 @@ LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "
 
 
 def to_latex(df: pd.DataFrame, caption: str) -> str:
-    def esc(v: Any) -> str:
-        return "".join(LATEX_SPECIAL.get(ch, ch) for ch in cell(v)).replace("\n", " ")
+    def esc(v: Any, column: str = "") -> str:
+        text = p_cell(v) if column.startswith("p_") else cell(v)
+        return "".join(LATEX_SPECIAL.get(ch, ch) for ch in text).replace("\n", " ")
 
     body = [" & ".join(esc(c) for c in df.columns) + r" \\", r"\midrule"]
-    body += [" & ".join(esc(v) for v in row) + r" \\" for row in df.itertuples(index=False)]
+    body += [" & ".join(esc(v, c) for v, c in zip(row, df.columns)) + r" \\" for row in df.itertuples(index=False)]
     return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(caption)}}}",
                       rf"\begin{{tabular}}{{{'l' * len(df.columns)}}}", r"\toprule", *body, r"\bottomrule",
                       r"\end{tabular}", r"\end{table}"]) + "\n"
@@ -735,6 +773,8 @@ def loss_curves_figure(runs: list[Run], path: Path) -> None:
     """The paper's Fig. 5: training loss with zero-initialised vs randomly initialised gates."""
     plt, fig, ax = _figure()
     for r in runs:
+        if not r.metrics:  # zero-shot: no training, no curve
+            continue
         h = r.metrics["history"]
         ax.plot([x["epoch"] for x in h], [x["loss"] for x in h], label=f"gate init: {r.axis_value('gate_init')}")
     ax.set(xlabel="epoch", ylabel="training loss (per target token)")
@@ -903,10 +943,12 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "(two proportions can differ significantly with slightly overlapping intervals). Where two rows scored "
         "the same questions, the paired table compares them question by question, which can show a difference "
         "that overlapping intervals leave open: `only_this_right` and `only_paired_right` count the questions "
-        "that only the row, or only the row it is paired with (`paired_with`: the text-only LLaMA-Adapter row, "
-        "or the ablation's center), answered right, and `p_paired` is McNemar's exact two-sided p of that split: below "
-        "0.05, a difference beyond chance at the usual level; above it, a difference this data does not show "
-        "(each p stands alone: of twenty pairs that do not differ, about one still falls below 0.05). The "
+        "that only the row, or only the row it is paired with (`paired_with` names it: the text-only "
+        "LLaMA-Adapter row, or the multimodal one where no text-only row holds its answers one by one; in an "
+        "ablation, the center), answered right, and `p_paired` is McNemar's exact two-sided p of that split: below "
+        f"{SIGNIFICANCE:g}, a difference beyond chance at the usual level; above it, a difference this data does not "
+        "show (each p stands alone: of twenty pairs that do not differ, about one still falls below "
+        f"{SIGNIFICANCE:g}; a p is shown with as many digits as keep it on its side of {SIGNIFICANCE:g}). The "
         "instruction table (and an ablation on Alpaca) pairs held-out samples the same way: `lower_loss_here` and "
         "`lower_loss_paired` count the samples on which the row's loss (its token mean over the sample), or its "
         "pair's, is the lower (equal losses count for neither), and `p_paired` is the sign test's exact p "

@@ -463,6 +463,9 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
     if int(train_ds.lengths.max()) > cfg.row_len:
         raise ValueError(f"{cfg.train_data}: longest sample {int(train_ds.lengths.max())} > row_len {cfg.row_len}")
     check_split_ids(model.args.vocab_size, cfg, {"--train-data": train_ds, "--val-data": val_ds})
+    for option, ds in (("--train-data", train_ds), ("--val-data", val_ds)):
+        if ds is not None:  # a loss over no targets is 0/0: a NaN step, or a NaN validation loss in metrics.json
+            ds.require_targets(option)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.global_batch)
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps or total_steps)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import SPLIT_BY, TRUNCATION, TokenizeConfig
-from ..errors import TokenizeError
+from ..errors import DataError, TokenizeError
 from ..io import atomic_dir, read_json_object, read_jsonl_lines, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
@@ -299,6 +299,18 @@ class TokenDataset:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def target_counts(self) -> np.ndarray:
+        """Each sample's target tokens: its loss-masked tokens after its first (the loss predicts each from the
+        tokens before it)."""
+        ends = np.cumsum(self.loss_mask, dtype=np.int64)  # the targets up to each token, inclusive
+        return ends[self.offsets[1:] - 1] - ends[self.offsets[:-1]]
+
+    def require_targets(self, what: str) -> None:
+        """A split whose samples have no target token at all (a loss over it would be 0/0) is refused by name."""
+        if not self.target_counts().sum():
+            raise DataError(f"{what} {self.path}: none of its {len(self)} samples has a target token (loss_mask.npy "
+                            "is all false); expected a split of tokenized instructions with their answers")
 
     def sample_loss_mask(self, i: int) -> np.ndarray:
         """Sample i's loss mask (True where the token is a training target)."""
