@@ -522,7 +522,7 @@ def test_out_of_range_numbers_are_one_line_errors_naming_the_option(w, tmp_path,
 def test_options_that_would_be_ignored_or_nonsense_are_refused(w, tmp_path, capsys):
     """An option the command would not read with the others given (evaluate's ScienceQA options with --task
     alpaca, its row length with --task scienceqa), or a schedule that would climb to its end (--min-lr above the
-    peak), is an error rather than silently ignored."""
+    peak), or a LoRA's settings where no LoRA trains, is an error rather than silently ignored."""
     alpaca = ("evaluate", "--task", "alpaca", "--base", w / "base", "--data", w / "val", "--out", tmp_path / "e",
               "--device", "cpu")
     one_line_error(capsys, *alpaca, "--split", "test", "--mode", "likelihood",
@@ -532,6 +532,8 @@ def test_options_that_would_be_ignored_or_nonsense_are_refused(w, tmp_path, caps
                    tmp_path / "e", "--row-len", "64", names=["--row-len given with --task scienceqa"])
     one_line_error(capsys, *train_args(w, tmp_path / "o", "--lr", "0.001", "--min-lr", "0.01"),
                    names=["--min-lr 0.01 is above the peak learning rate 0.001"])
+    one_line_error(capsys, *train_args(w, tmp_path / "o", "--lora-rank", "4", "--lora-targets", "wq"),
+                   names=["--lora-rank 4, --lora-targets wq given with --method adapter, which trains no LoRA"])
     assert not any(tmp_path.iterdir())
 
 

@@ -171,7 +171,8 @@ def test_two_gpus_match_one(tmp_path, fsdp, method, lr):
     kw = {"method": method, "lr": lr, "lora_dropout": 0.0}
     one = train(config(setup, tmp_path / "one", max_steps=4, device="cuda:0", **kw))
     cfg = config(setup, tmp_path / "two", max_steps=4, device=None, **kw)  # each rank takes cuda:LOCAL_RANK
-    method_options = ["--method", method, "--lora-dropout", "0.0", *(["--lr", str(lr)] if lr else [])]
+    method_options = ["--method", method, *(["--lora-dropout", "0.0"] if method == "lora" else []),
+                      *(["--lr", str(lr)] if lr else [])]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "llama_adapter.cli",
            *run_cli_train(cfg, "--max-steps", "4", *method_options, *(["--fsdp"] if fsdp else []))[3:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -22,7 +22,6 @@ from llama_adapter.evaluate import (
     Evaluation,
     answer_by_likelihood,
     evaluate,
-    samples_digest,
     scienceqa_scores,
     score_alpaca,
     sequence_logprobs,
@@ -370,11 +369,11 @@ def test_sample_losses_are_each_samples_own_whatever_the_packing(world, tmp_path
     assert scores["heldout_loss"] == pytest.approx(sum(alone) / counts.sum(), rel=1e-6)
     assert scores["sample_losses"][4] is None
     assert scores["sample_losses"][0] == pytest.approx(alone[0] / counts[0], rel=1e-5)
-    assert scores["samples_sha256"] == samples_digest(TokenDataset(tmp_path / "val"))
+    assert scores["samples_sha256"] == TokenDataset(tmp_path / "val").digest()
     enc.tokens[0] = enc.tokens[0].copy()
     enc.tokens[0][1] += 1  # another sample: another digest, so the report does not pair the two
     write_split(tmp_path / "other", enc, np.arange(9))
-    assert samples_digest(TokenDataset(tmp_path / "other")) != scores["samples_sha256"]
+    assert TokenDataset(tmp_path / "other").digest() != scores["samples_sha256"]
 
 
 def test_generate_cli_writes_jsonl_naming_the_adapter(world, tmp_path, llama_sp_model):

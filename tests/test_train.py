@@ -4,10 +4,12 @@ equals one process, the NaN guard, packing equals per-sample computation, the sc
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from llama_adapter.batching import collate, heldout_loss, pack_rows, token_loss_
 from llama_adapter.checkpoint import load_base, read_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, ModelArgs, training_outputs
 from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
-from llama_adapter.errors import DataError
+from llama_adapter.errors import DataError, StoppedBySignal
 from llama_adapter.model import Transformer
 from llama_adapter.train import TrainConfig, TrainingDiverged, lr_at, train
 
@@ -274,7 +276,7 @@ def test_fsdp_shards_what_trains_matches_one_process_and_resumes_on_one(setup, t
     single = train(config(setup, tmp_path / "one", max_steps=6, **kw))
     cfg = config(setup, tmp_path / "two", max_steps=4, **kw)
     cli = run_cli_train(cfg, "--max-steps", "4", "--fsdp", "--keep-checkpoint", "--method", method, "--lr", str(lr),
-                        "--lora-dropout", "0.0")
+                        *(["--lora-dropout", "0.0"] if method == "lora" else []))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(29541 + (method == "lora")), "-m", "llama_adapter.cli", *cli[3:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -325,6 +327,97 @@ def test_a_split_without_targets_is_refused_before_training(setup, tmp_path):
         with pytest.raises(DataError, match=f"{option} {tmp_path / 'no-targets'}: none of its 4 samples"):
             train(config(setup, tmp_path / key, **{key: str(tmp_path / "no-targets")}))
         assert not (tmp_path / key / "metrics.json").exists()
+
+
+def test_resume_refuses_other_samples_or_another_base_at_the_same_paths(setup, tmp_path):
+    """A checkpoint keeps digests of what its run trains on: re-tokenized data, or another base, at the same paths
+    is refused by option and path (the workflow always passes --resume), instead of continuing on it."""
+    import shutil
+
+    root, train_dir, val_dir = setup
+    data, base = tmp_path / "train", tmp_path / "base"
+    shutil.copytree(train_dir, data), shutil.copytree(root / "base", base)
+    kw = dict(train_data=str(data), base=str(base), max_steps=4)
+    train(config(setup, tmp_path / "run", **kw), keep_checkpoint=True)
+    shutil.rmtree(data)
+    synthetic_split(data, 96, 123)  # other samples, same folder
+    with pytest.raises(ValueError, match=f"cannot resume, --train-data {data} hold"):
+        train(config(setup, tmp_path / "run", **kw), resume=True)
+    shutil.rmtree(data)
+    synthetic_split(data, 96, 0)  # the run's own samples again
+    shutil.rmtree(base)
+    save_meta_checkpoint(Transformer(replace(ARGS, dim=32, hidden_dim=64)), base)  # another width, same path
+    with pytest.raises(ValueError, match=f"cannot resume, --base {base} hold.*delete .*checkpoint.pt"):
+        train(config(setup, tmp_path / "run", **kw), resume=True)
+
+
+def test_resume_refuses_a_max_steps_the_checkpoint_is_past(setup, tmp_path):
+    train(config(setup, tmp_path / "run", max_steps=6), keep_checkpoint=True)
+    with pytest.raises(ValueError, match="--max-steps 4: .*checkpoint.pt holds step 6 already"):
+        train(config(setup, tmp_path / "run", max_steps=4), resume=True)
+
+
+def test_a_cut_last_line_of_metrics_jsonl_is_dropped_and_an_unreadable_one_named(setup, tmp_path):
+    """A kill or a lost node mid-write can leave metrics.jsonl's last line cut short: past the checkpoint, it is
+    dropped on resuming (a fresh run drops every earlier line unread); an unreadable line before the last names the
+    file and line."""
+    out = tmp_path / "run"
+    train(config(setup, out, max_steps=4), keep_checkpoint=True)
+    logged = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text('{"step": 1, "lo\n' + logged)  # not the last line: not a cut write
+    with pytest.raises(DataError, match=re.escape(f"{out / 'metrics.jsonl'}, line 1: not a logged step")):
+        train(config(setup, out, max_steps=6), resume=True)
+    (out / "metrics.jsonl").write_text(logged + '{"step": 5, "loss": 4.1, "lr"')
+    result = train(config(setup, out, max_steps=6), resume=True)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(7)) and len(result["history"]) == 6
+    (out / "metrics.jsonl").write_text('{"step": 5, "lo\n' + logged)
+    train(config(setup, out, max_steps=2))  # fresh: the earlier lines go, read or not
+
+
+@pytest.mark.parametrize(("where", "error", "status"), [
+    ("evaluate_loss", RuntimeError("CUDA out of memory"), "FAILED"),  # the held-out loss before the first step
+    ("finish", OSError(28, "No space left on device"), "FAILED"),  # writing the weights
+    ("evaluate_loss", StoppedBySignal(15), "KILLED"),  # SIGTERM while the first held-out loss is computed
+])
+def test_a_run_that_fails_outside_its_steps_ends_its_mlflow_run(setup, tmp_path, monkeypatch, where, error, status):
+    """Not left RUNNING, for MLflow's exit hook to mark FINISHED."""
+    import mlflow
+
+    import llama_adapter.train as train_mod
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train_mod, where, fail)
+    try:
+        with pytest.raises(type(error)):
+            train(config(setup, tmp_path / "run", run_name="r", max_steps=2))
+        client = mlflow.MlflowClient()
+        [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   filter_string="attributes.run_name = 'r'")
+    finally:
+        mlflow.end_run()
+    assert run.info.status == status
+
+
+def test_two_process_lora_resumes_its_dropout_draws_exactly(setup, tmp_path):
+    """Each process draws LoRA's dropout from its own random stream, as many times as its micro-batches: the
+    checkpoint keeps every process's, so a cut and resumed two-process run gives the uninterrupted run's losses."""
+    def torchrun(out, *extra):
+        cfg = config(setup, out, epochs=1)
+        cli = run_cli_train(cfg, "--method", "lora", "--lr", "0.05", "--lora-dropout", "0.3",
+                            "--rows-per-micro-batch", "1", "--row-len", "20", *extra)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+               "-m", "llama_adapter.cli", *cli[3:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                                     "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [h["loss"] for h in json.loads((out / "metrics.json").read_text())["history"]]
+
+    whole = torchrun(tmp_path / "whole")
+    torchrun(tmp_path / "cut", "--max-steps", "3", "--keep-checkpoint")  # the ranks ran 19 and 16 micro-batches
+    assert torchrun(tmp_path / "cut", "--resume") == whole
 
 
 def test_packed_loss_equals_per_sample_loss(setup):

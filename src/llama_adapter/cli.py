@@ -307,6 +307,12 @@ def cmd_train(ns: argparse.Namespace) -> None:
             cfg.lora
         except ValueError as e:
             raise InputError(f"--lora-rank/--lora-alpha/--lora-dropout/--lora-targets: {e}") from None
+    else:  # they would be ignored (and, kept among the run's settings, would refuse a resumption for nothing)
+        given = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in fields(TrainConfig)
+                 if f.name.startswith("lora_") and getattr(cfg, f.name) != f.default]
+        if given:
+            raise InputError(f"{', '.join(given)} given with --method {cfg.method}, which trains no LoRA; expected "
+                             "them only with --method lora")
     try:
         result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
     except TrainingInterrupted as e:  # SIGTERM/SIGUSR1: one line (rank 0's), and the shell's code for a signal

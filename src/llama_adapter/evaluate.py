@@ -149,17 +149,8 @@ def score_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset
     sums, counts = sample_losses(model, heldout, row_len, batch_size, tokenizer.pad_id, device)
     loss = float(sums.sum() / counts.sum())
     return {"heldout_loss": loss, "perplexity": float(np.exp(loss)), "heldout_samples": len(heldout),
-            "samples_sha256": samples_digest(heldout),
+            "samples_sha256": heldout.digest(),
             "sample_losses": [float(total / n) if n else None for total, n in zip(sums, counts)]}
-
-
-def samples_digest(ds: TokenDataset) -> str:
-    """sha256 of a token split's samples (tokens, boundaries, loss masks): equal for two evaluations of the same
-    samples."""
-    digest = hashlib.sha256()
-    for array, dtype in ((ds.offsets, np.int64), (ds.tokens, np.int64), (ds.loss_mask, np.bool_)):
-        digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
-    return digest.hexdigest()
 
 
 def training_of(base: Path, adapter: Path | None) -> dict:

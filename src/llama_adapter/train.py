@@ -25,6 +25,7 @@ TrainingInterrupted; `--resume` continues from there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,7 +54,15 @@ from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
 from .config import WEIGHTS, TrainConfig, training_outputs
 from .data.tokens import TokenDataset
 from .devices import device_name, pick_device, pick_dtype
-from .errors import CheckpointError, GPUAllocationError, InputError, PipelineError, TrainingDiverged
+from .errors import (
+    CheckpointError,
+    DataError,
+    GPUAllocationError,
+    InputError,
+    PipelineError,
+    StoppedBySignal,
+    TrainingDiverged,
+)
 from .io import atomic_path, read_json_object, remove_output, write_json
 from .methods import load_for_training, save_tuned, tuned_state
 from .model import Transformer, flash_varlen_on
@@ -234,15 +243,39 @@ CHECKPOINT_FORMAT = "llama-adapter/checkpoint/2"
 
 
 def checkpoint_state(model, opt, step: int, history: list[dict], cfg: TrainConfig, run_id: str | None,
-                     initial_val_loss: float | None) -> dict:
+                     initial_val_loss: float | None, inputs: dict[str, str | None], d: Dist) -> dict:
+    """What a resumption needs (collective: every process calls it). `inputs`: the digests of what the run trains
+    on, by option (the base's base_digest, the splits' TokenDataset.digest). Every process's random state is kept
+    (LoRA's dropout draws from it, each process as many times as its micro-batches), so each continues its own."""
     tuned, optimizer = get_state_dict(model, opt, options=FULL_STATE)
+    rng = {"cpu": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
+    ranks_rng = [rng]
+    if d.world > 1:
+        ranks_rng = [None] * d.world
+        dist.all_gather_object(ranks_rng, rng)
     return {"format": CHECKPOINT_FORMAT, "tuned": tuned, "optimizer": optimizer,
-            "step": step, "history": history, "torch_rng": torch.get_rng_state(), "mlflow_run_id": run_id,
-            "initial_val_loss": initial_val_loss, "config": json.dumps(fixed_settings(cfg), sort_keys=True)}
+            "step": step, "history": history, "torch_rng": rng["cpu"], "ranks_rng": ranks_rng,
+            "mlflow_run_id": run_id, "initial_val_loss": initial_val_loss, "inputs": inputs,
+            "config": json.dumps(fixed_settings(cfg), sort_keys=True)}
+
+
+def base_digest(model: Transformer) -> str:
+    """sha256 of a loaded base's shapes and a sample of every weight (its first 256 values): a base that is not
+    the one a run started on (another shape, or retrained at the same path) tells itself apart, without a
+    full read of billions of weights. Taken before training changes any."""
+    digest = hashlib.sha256(json.dumps(model.args.to_dict(), sort_keys=True).encode())
+    for name, p in model.named_parameters():
+        if not model.is_added_param(name):
+            digest.update(name.encode())
+            digest.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def fixed_settings(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    """The settings a resumption must share with the run it continues (LoRA's only where a LoRA trains)."""
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in RESUMABLE_CHANGES and (cfg.method == "lora" or not k.startswith("lora_"))}
 
 
 CHECKPOINT_KEYS = {"format", "tuned", "optimizer", "step", "history", "torch_rng", "mlflow_run_id", "config"}
@@ -309,21 +342,36 @@ def read_checkpoint(ckpt_path: Path, announce: bool = True) -> tuple[dict, Path]
                           f"delete {' and '.join(str(p) for p in paths)} to train from the start")
 
 
-def restore(state: dict, ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer):
+def restore(state: dict, ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
+            inputs: dict[str, str | None], d: Dist):
     """Load a checkpoint's state (read_checkpoint) into model and optimizer; (step, history, MLflow run id,
-    initial val loss) to continue from."""
+    initial val loss) to continue from. Refused where the settings, or what the paths of the base and the splits
+    hold (`inputs`, as checkpoint_state keeps them), are not the run's that wrote it."""
     saved = json.loads(state["config"])
     now = json.loads(json.dumps(fixed_settings(cfg)))  # as saved: tuples become lists
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if changed:
         raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed {{key: (then, now)}}: {changed}")
+    paths = {"--base": cfg.base, "--train-data": cfg.train_data, "--val-data": cfg.val_data}
+    others = [f"{option} {paths[option]}" for option, digest in inputs.items()
+              if option in state.get("inputs", {}) and state["inputs"][option] != digest]
+    if others:
+        raise ValueError(f"{ckpt_path}: cannot resume, {' and '.join(others)} hold(s) another model or other samples "
+                         f"than the run that wrote it started on; delete {ckpt_path} and "
+                         f"{previous_checkpoint(ckpt_path).name} to train from the start")
     missing = sorted(set(tuned_state(model, cfg.method)) - set(state["tuned"]))
     if missing:
         raise ValueError(f"{ckpt_path}: cannot resume, the checkpoint lacks trained parameter(s) {missing[:5]}")
     # Every process holds the whole state (each read the file); sharded parameters keep their own shards.
     set_state_dict(model, opt, model_state_dict=state["tuned"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
-    torch.set_rng_state(state["torch_rng"])
+    # Each process continues its own random stream; on another number of processes (or from a checkpoint that kept
+    # rank 0's alone) every process takes rank 0's, and LoRA's dropout draws differ from an uninterrupted run's.
+    ranks_rng = state.get("ranks_rng") or [{"cpu": state["torch_rng"], "cuda": None}]
+    rng = ranks_rng[d.rank] if len(ranks_rng) == d.world else ranks_rng[0]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and d.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], d.device)
     return state["step"], state["history"], state["mlflow_run_id"], state.get("initial_val_loss")
 
 
@@ -450,6 +498,7 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
     # is built on the CPU and each process moves only its shards to its device.
     sharded = cfg.fsdp and d.world > 1
     model = load_for_training(cfg.method, cfg.base, adapter, cfg.lora, "cpu" if sharded else d.device, dtype)
+    loaded_base = base_digest(model)  # before float8 or sharding changes how the weights are held
     if cfg.precision == "fp8":
         float8_matmuls(model, d.device, cast_weights=not sharded)
     if sharded:
@@ -469,10 +518,15 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
     steps_per_epoch = math.ceil(len(train_ds) / cfg.global_batch)
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps or total_steps)
+    inputs = {"--base": loaded_base, "--train-data": train_ds.digest(),
+              "--val-data": val_ds.digest() if val_ds is not None else None}
 
     found = read_checkpoint(ckpt_path, announce=d.rank == 0) if resume else None
     if found is not None:
-        step, history, run_id, initial_val_loss = restore(*found, cfg, model, opt)
+        step, history, run_id, initial_val_loss = restore(*found, cfg, model, opt, inputs, d)
+        if step > last_step:
+            raise ValueError(f"--max-steps {cfg.max_steps}: {found[1]} holds step {step} already; expected more "
+                             "steps than that, or no --resume (to train afresh)")
     else:
         step, history, run_id, initial_val_loss = 0, [], None, None
     saved_step = step if found is not None else None  # the step the checkpoint on disk holds, if of this run
@@ -488,30 +542,12 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
         truncate_metrics(out / "metrics.jsonl", step if found is not None else -1)
     tracker = Tracker(out, cfg.run_name or out.name, "llama_adapter.train", enabled=d.rank == 0, tags=cfg.tags,
                       run_id=run_id)
-    tracker.log_dataset(Path(cfg.train_data), dataset_name(Path(cfg.train_data)), "training",
-                        samples=len(train_ds), tokens=int(train_ds.lengths.sum()))
-    if val_ds is not None:
-        tracker.log_dataset(Path(cfg.val_data), dataset_name(Path(cfg.val_data)), "validation", samples=len(val_ds),
-                            tokens=int(val_ds.lengths.sum()))
-    if run_id is None:
-        tracker.log_params({"config": asdict(cfg), "model": model.args.to_dict(), **d.layout(),
-                            "method": cfg.method,
-                            "trainable_parameters": sum(p.numel() for p in params),
-                            "data": data_provenance(Path(cfg.train_data))})
-    # Params keep the layout a run started on; a resumption (on as many nodes as the scheduler gave it, which may
-    # differ) tags the run with the one it continued on.
-    tracker.set_tags({f"resumed_{k}" if found is not None else k: str(v) for k, v in d.layout().items()})
-    if step == 0 and val_ds is not None and initial_val_loss is None:
-        # Before any step: with zero-initialised gates this is the base model's own held-out loss, the
-        # reference the adapter's gain is measured from.
-        initial_val_loss = evaluate_loss(model, val_ds, cfg, d)
-        tracker.log_metrics({"val_loss": initial_val_loss}, 0)
-    bar = progress(last_step, step, out.name, enabled=d.rank == 0)
+    bar = None
 
     def save(step: int) -> None:
         """Every process gathers (collective under FSDP); rank 0 writes."""
         nonlocal saved_step
-        state = checkpoint_state(model, opt, step, history, cfg, tracker.run_id, initial_val_loss)
+        state = checkpoint_state(model, opt, step, history, cfg, tracker.run_id, initial_val_loss, inputs, d)
         if d.rank == 0:
             save_checkpoint(state, ckpt_path, keep_previous=saved_step is not None)
         saved_step = step
@@ -547,7 +583,28 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
                   (f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""), flush=True)
         return step
 
+    # Everything from here to the weights written is inside the run: a failure or a signal anywhere (the first
+    # validation pass, the steps, writing the weights) ends the MLflow run FAILED or KILLED, not left open.
     try:
+        tracker.log_dataset(Path(cfg.train_data), dataset_name(Path(cfg.train_data)), "training",
+                            samples=len(train_ds), tokens=int(train_ds.lengths.sum()))
+        if val_ds is not None:
+            tracker.log_dataset(Path(cfg.val_data), dataset_name(Path(cfg.val_data)), "validation", samples=len(val_ds),
+                                tokens=int(val_ds.lengths.sum()))
+        if run_id is None:
+            tracker.log_params({"config": asdict(cfg), "model": model.args.to_dict(), **d.layout(),
+                                "method": cfg.method,
+                                "trainable_parameters": sum(p.numel() for p in params),
+                                "data": data_provenance(Path(cfg.train_data))})
+        # Params keep the layout a run started on; a resumption (on as many nodes as the scheduler gave it, which may
+        # differ) tags the run with the one it continued on.
+        tracker.set_tags({f"resumed_{k}" if found is not None else k: str(v) for k, v in d.layout().items()})
+        if step == 0 and val_ds is not None and initial_val_loss is None:
+            # Before any step: with zero-initialised gates this is the base model's own held-out loss, the
+            # reference the adapter's gain is measured from.
+            initial_val_loss = evaluate_loss(model, val_ds, cfg, d)
+            tracker.log_metrics({"val_loss": initial_val_loss}, 0)
+        bar = progress(last_step, step, out.name, enabled=d.rank == 0)
         with StopSignals() as stop:
             while step < last_step:
                 if signum := stop.agreed(d):  # a step boundary: all ranks stop here, rank 0 saves
@@ -563,17 +620,18 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
                 step = run_step(step)
                 if step % cfg.checkpoint_every == 0 or step == last_step:
                     save(step)
+        result = finish(model, cfg, history, d, tracker, initial_val_loss)
     except TrainingInterrupted:
         raise
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StoppedBySignal):
         tracker.close(status="KILLED")
         raise
     except BaseException:
         tracker.close(failed=True)
         raise
     finally:
-        bar.close()
-    result = finish(model, cfg, history, d, tracker, initial_val_loss)
+        if bar is not None:
+            bar.close()
     if d.rank == 0 and not keep_checkpoint:
         remove_checkpoints(ckpt_path)  # the adapter is written: a rerun trains afresh instead of resuming
     tracker.close()
@@ -603,11 +661,26 @@ def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, t
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """metrics.jsonl's lines up to `step`, rewritten whole (a kill while rewriting keeps the old file)."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(ln + "\n" for ln in lines))
+    """metrics.jsonl's lines up to `step` (none for a fresh run, step -1), rewritten whole (a kill while rewriting
+    keeps the old file). A last line cut short (a process killed, or a node lost, mid-write) is past the checkpoint
+    and dropped; an unreadable line before it is an error naming the file and line."""
+    if not path.exists():
+        return
+    kept, lines = [], path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line or step < 0:
+            continue
+        try:
+            logged = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if number == len(lines):
+                break
+            raise DataError(f"{path}, line {number}: not a logged step ({type(e).__name__}: {e}); expected one JSON "
+                            "object with its step per line, as train writes them") from None
+        if logged <= step:
+            kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in kept))
 
 
 def dataset_name(split_dir: Path) -> str:

@@ -292,6 +292,13 @@ def check_method_settings():
         )
 
 
+def trained_settings(name):
+    """An experiment's train settings as its training reads them: the train block's lora_* (every LoRA training's
+    defaults) only where a LoRA trains; `train` refuses them elsewhere, which would ignore them."""
+    settings = experiment(name)[1]
+    return {k: v for k, v in settings.items() if k not in lora_keys(settings, method_of(settings))}
+
+
 def lora_keys(settings, trained_by):
     """The LoRA settings among `settings` where `trained_by` is not LoRA."""
     return sorted(k for k in settings if k.startswith("lora_") and trained_by != "lora")

@@ -105,7 +105,7 @@ rule train_adapter:
         nodes=1,
     params:
         out=lambda w, output: Path(output.metrics).parent,
-        options=lambda w: cli_options(experiment(w.experiment)[1])
+        options=lambda w: cli_options(trained_settings(w.experiment))
         + compile_cache(experiment(w.experiment)[1]),
         train=lambda w, input: f"{input.tokens}/train",
         val=lambda w, input: f"{input.tokens}/val",

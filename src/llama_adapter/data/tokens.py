@@ -11,6 +11,7 @@ read back memory-mapped:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -299,6 +300,14 @@ class TokenDataset:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def digest(self) -> str:
+        """sha256 of the split's samples (tokens, boundaries, loss masks): equal for the same samples, wherever
+        they lie (evaluate pairs two evaluations by it; a resumed training checks its data by it)."""
+        digest = hashlib.sha256()
+        for array, dtype in ((self.offsets, np.int64), (self.tokens, np.int64), (self.loss_mask, np.bool_)):
+            digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+        return digest.hexdigest()
 
     def target_counts(self) -> np.ndarray:
         """Each sample's target tokens: its loss-masked tokens after its first (the loss predicts each from the
