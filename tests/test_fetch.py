@@ -458,3 +458,73 @@ def test_an_unreadable_image_names_its_pid_or_is_refused_under_skip(tmp_path, na
     assert [(r["pid"], r["has_image"], r["image"]) for r in read_records(tmp_path / "out")] == [
         ("1", True, "images/1.png"), ("2", True, None)]
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["1.png"]
+
+
+def original_layout(folder: Path, problems: dict[str, dict], images: dict[str, bytes] | None = None) -> Path:
+    """ScienceQA's own layout: problems.json, pid_splits.json (every pid in train), images/<pid>/image.png."""
+    folder.mkdir(parents=True)
+    (folder / "problems.json").write_text(json.dumps(problems))
+    (folder / "pid_splits.json").write_text(json.dumps({"train": list(problems)}))
+    for pid, data in (images or {}).items():
+        (folder / "images" / pid).mkdir(parents=True)
+        (folder / "images" / pid / "image.png").write_bytes(data)
+    return folder
+
+
+def test_problems_that_differ_by_their_picture_alone_are_not_duplicates(tmp_path):
+    """Many ScienceQA problems share their wording ("Which animal's feet are adapted for digging?") and differ by
+    their picture: the duplicate flag compares the images' content (149 of the LLaVA test file's 4,241 were
+    flagged "an exact copy" when it did not), and a true copy, picture included, is still flagged."""
+    from llama_adapter.data.validate import validate
+
+    same = sqa_problem(1, "image.png")
+    src = original_layout(tmp_path / "src", {"1": same, "2": same, "3": same},
+                          {"1": png_bytes((255, 0, 0)), "2": png_bytes((0, 0, 255)), "3": png_bytes((0, 0, 255))})
+    fetch("scienceqa", str(src), tmp_path / "fetched")
+    report = validate("scienceqa", tmp_path / "fetched", tmp_path / "validated", drop_flags=["duplicate"])
+    assert report.kept == 2 and report.flagged == {"duplicate": 1}
+    assert [d["pid"] for d in report.dropped] == ["3"]
+
+
+def test_assigned_splits_are_refused_for_repeated_pids_and_for_a_split_left_empty(tmp_path):
+    src = original_layout(tmp_path / "src", {str(i): sqa_problem(i, None) for i in range(150)})
+    with pytest.raises(FetchError, match=re.escape(f"{src}: split(s) ['test'] get no record of 150")):
+        fetch("scienceqa", str(src), tmp_path / "f", assign_splits={"train": 0.996, "val": 0.002, "test": 0.002})
+    item = {"id": "4242", "conversations": [{"from": "human", "value": "Q?\nA. 1\nB. 2"},
+                                            {"from": "gpt", "value": "A"}]}
+    (tmp_path / "llava.json").write_text(json.dumps([item, item]))
+    with pytest.raises(FetchError, match=re.escape(f"{tmp_path / 'llava.json'}: pid '4242' is given twice "
+                                                   "(records 0 and 1)")):
+        fetch("scienceqa", str(tmp_path / "llava.json"), tmp_path / "f", assign_splits={"train": 1.0})
+    assert not (tmp_path / "f").exists()
+
+
+def test_an_output_inside_the_source_folder_is_refused(tmp_path):
+    """Its digest would include the fetch's own output and change at every run (a --sha256 pin would fail)."""
+    src = original_layout(tmp_path / "src", {"1": sqa_problem(1, None)})
+    with pytest.raises(FetchError, match=f"--out {src / 'fetched'} lies inside the source folder"):
+        fetch("scienceqa", str(src), src / "fetched")
+    assert not (src / "fetched").exists()
+
+
+def test_a_json_source_reads_as_a_json_lines_one_does(tmp_path):
+    """A byte-order mark is read past, and a lone surrogate escape is refused naming the file, in a JSON file as
+    in a JSON Lines file (it crashed the fetch's write with an error naming nothing)."""
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA).encode())
+    assert fetch("alpaca", str(tmp_path / "bom.json"), tmp_path / "f")["records"] == 3
+    (tmp_path / "lone.json").write_text('[{"instruction": "a\\ud800", "input": "", "output": "x"}]')
+    with pytest.raises(FetchError, match=re.escape(f"{tmp_path / 'lone.json'}: a string holds a lone UTF-16")):
+        fetch("alpaca", str(tmp_path / "lone.json"), tmp_path / "g")
+
+
+def test_flags_count_only_records_not_dropped_as_invalid(tmp_path):
+    """A record refused as invalid is counted as that alone: `flagged` counts what validate could have kept."""
+    from llama_adapter.data.validate import validate
+
+    outside = {"id": "a", "image": "../outside.png",
+               "conversations": [{"from": "human", "value": "<image>\nQ?\nA. 1\nB. 2"}, {"from": "gpt", "value": "A"}]}
+    fine = {"id": "b", "conversations": [{"from": "human", "value": "Q?\nA. 1\nB. 2"}, {"from": "gpt", "value": "B"}]}
+    (tmp_path / "llava.json").write_text(json.dumps([outside, fine]))
+    fetch("scienceqa", str(tmp_path / "llava.json"), tmp_path / "fetched", policy="skip")
+    report = validate("scienceqa", tmp_path / "fetched", tmp_path / "validated", policy="skip")
+    assert (report.invalid_records, report.kept, report.flagged) == (1, 1, {})

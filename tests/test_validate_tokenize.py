@@ -98,6 +98,14 @@ def test_real_alpaca_lengths_match_the_measured_facts(shared_data, llama_tok, tm
     assert measured == (127.9, 112, 243, 793, 3)
     assert round(s["real_fraction_if_padded"], 3) == 0.250
     assert stats["splits"]["train"]["truncated"] + stats["splits"]["val"]["truncated"] == 3
+    # A response starting with punctuation merges with "Response:"'s last piece, which the prompt's mask covers
+    # (as in the paper's code): counted, not silent. Recount from the records themselves.
+    merged = 0
+    for r in records:
+        prompt = alpaca_prompt(r["instruction"], r["input"])
+        ids = llama_tok.encode(prompt + r["output"], bos=True, eos=True)
+        merged += ids[:len(llama_tok.encode(prompt, bos=True))] != llama_tok.encode(prompt, bos=True)
+    assert sum(split["response_start_masked"] for split in stats["splits"].values()) == merged == 149
     assert (tmp_path / "t" / "lengths.png").stat().st_size > 1000
 
 

@@ -204,12 +204,21 @@ def _read_bytes(path: Path, expected: str, error: type[Exception]) -> bytes:
 
 def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: type[Exception] = DataError) -> Any:
     """The value of a JSON file. Any fault is `error` (the caller's kind: DataError, CheckpointError, ...) naming
-    the file and what was expected there: missing, a folder, unreadable, not UTF-8, not JSON, or an object with
-    a repeated key (json would keep the last value silently: a ScienceQA problem given twice, lost uncounted)."""
+    the file and what was expected there: missing, a folder, unreadable, not UTF-8, not JSON, a string with a
+    lone surrogate (which no UTF-8 file can hold when written again), or an object with a repeated key (json would
+    keep the last value silently: a ScienceQA problem given twice, lost uncounted). A leading byte-order mark is
+    read past."""
     path = Path(path)
     data = _read_bytes(path, expected, error)
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        text = data.decode("utf-8-sig")  # a byte-order mark, as a JSON Lines file's, is read past
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        if LONE_SURROGATE_ESCAPE.search(text):
+            _check_unicode(value)
+        return value
+    except UnicodeEncodeError:
+        raise error(f"{path}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair); "
+                    f"expected valid Unicode text ({expected})") from None
     except _DuplicateKey as e:
         raise error(f"{path}: key {e.args[0]!r} appears twice in one object; expected each key once ({expected})"
                     ) from None

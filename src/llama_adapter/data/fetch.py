@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 from ..config import POLICIES, FetchConfig
 from ..errors import FetchError, UnsafePathError
-from ..io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
+from ..io import atomic_dir, holds, read_json, read_jsonl, sha256_file, write_json
 from . import FORMAT_VERSION, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS
 from .paths import file_name, inside, relative
 
@@ -121,6 +121,11 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
     if assign_splits is not None:
         _check_fractions(dataset, assign_splits)
     out_dir = Path(out_dir)
+    local = Path(source).expanduser()
+    if not source.startswith(("hf:", "http://", "https://")) and local.is_dir() and holds(local, out_dir.parent):
+        raise FetchError(f"--out {out_dir} lies inside the source folder {source}, whose digest (and a --sha256 pin "
+                         "of it) would then change with every fetch's own output; expected an output folder outside "
+                         "the source")
     # Downloads go to a scratch folder beside the output, so that they never end up inside it and are
     # removed whether or not the fetch succeeds; it is named as atomic_dir names its partials, so that the
     # next fetch removes the scratch of one that was killed. A failed fetch leaves no earlier output behind.
@@ -131,7 +136,8 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
         if dataset == "scienceqa":
             (tmp / "images").mkdir()
         records, images, missing = _write(src.items, tmp, refusals)
-        assigned = None if assign_splits is None else _reassign(tmp / "records.jsonl", assign_splits, split_seed)
+        assigned = (None if assign_splits is None
+                    else _reassign(tmp / "records.jsonl", assign_splits, split_seed, source))
         meta = {
             "format": FORMAT_VERSION,
             "dataset": dataset,
@@ -178,13 +184,18 @@ def _check_fractions(dataset: str, fractions: dict[str, float]) -> None:
         raise FetchError(f"split fractions must be positive and sum to 1; got {fractions}")
 
 
-def _reassign(records_path: Path, fractions: dict[str, float], seed: int) -> dict:
+def _reassign(records_path: Path, fractions: dict[str, float], seed: int, source: str) -> dict:
     """Rewrite records.jsonl with each record's split assigned by `assign_split_names`; returns what fetch.json
-    records of it (the rule, the counts, and the source's own split counts that it replaced)."""
+    records of it (the rule, the counts, and the source's own split counts that it replaced). Refused, naming the
+    source: a pid given twice (splits are assigned by pid), or a split whose fraction rounds to no record."""
     rows = read_jsonl(records_path, "the records.jsonl fetch writes", FetchError)
     pids = [r["pid"] for r in rows]
-    if len(set(pids)) != len(pids):
-        raise FetchError(f"{records_path}: duplicate pids; splits are assigned by pid")
+    first: dict[str, int] = {}
+    for index, pid in enumerate(pids):
+        if pid in first:
+            raise FetchError(f"{source}: pid {pid!r} is given twice (records {first[pid]} and {index}); splits are "
+                             "assigned by pid: expected each pid once")
+        first[pid] = index
     source_splits: dict[str, int] = {}
     for row, split in zip(rows, assign_split_names(pids, fractions, seed)):
         source_splits[str(row["split"])] = source_splits.get(str(row["split"]), 0) + 1
@@ -192,6 +203,10 @@ def _reassign(records_path: Path, fractions: dict[str, float], seed: int) -> dic
     with open(records_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     counts = {name: sum(r["split"] == name for r in rows) for name in fractions}
+    empty = [name for name, n in counts.items() if not n]
+    if empty:
+        raise FetchError(f"{source}: split(s) {empty} get no record of {len(rows)} at fractions {fractions}; expected "
+                         "every split named to get some: raise its fraction, or leave it out")
     return {"rule": "pids ordered by sha256(seed, pid), cut by fraction", "seed": seed, "fractions": fractions,
             "records": counts, "source_splits": source_splits}
 

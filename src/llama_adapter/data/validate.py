@@ -30,6 +30,7 @@ failure (an unreadable input, an unknown setting) removes the folder an earlier 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -176,9 +177,15 @@ def record_faults(dataset: str, record: Any) -> list[Problem]:
     return check_alpaca(record)[0] if dataset == "alpaca" else check_scienceqa(record, None)[0]
 
 
-def duplicate_key(dataset: str, record: dict) -> str:
-    if dataset == "scienceqa":  # the same problem under another pid is a duplicate
+def duplicate_key(dataset: str, record: dict, fetched_dir: Path | None = None) -> str:
+    """What makes two records the same: every field; for ScienceQA, the same problem under another pid (its split
+    and its image's path, named after the pid, aside), with the same picture: the image's content, not its path
+    (many problems share their wording and differ by their picture alone)."""
+    if dataset == "scienceqa":
+        image = record.get("image")
         record = {k: v for k, v in record.items() if k not in ("pid", "split", "image")}
+        if image is not None and fetched_dir is not None:
+            record["image_sha256"] = hashlib.sha256((fetched_dir / image).read_bytes()).hexdigest()
     return json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
@@ -240,13 +247,13 @@ def validate(
                                         f"pid {pid!r} is also at line {pids[pid]}; expected unique pids"))
                     pids.setdefault(pid, line)
             if not invalid:
-                key = duplicate_key(dataset, record)
+                key = duplicate_key(dataset, record, fetched_dir)
                 if key in seen:
                     flags.append(("duplicate", "an exact copy of an earlier record"))
                 seen.add(key)
             for reason, detail in invalid:
                 report.note("invalid", reason, where, detail)
-            for flag, detail in flags:
+            for flag, detail in [] if invalid else flags:  # an invalid record is counted as that alone
                 report.note("flagged", flag, where, detail)
             if invalid:
                 report.invalid_records += 1
