@@ -585,6 +585,10 @@ def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> di
     """Tensors of an adapter `.pth` as the paper's code released it: `adapter_query.weight`
     (layers*len, dim) and `layers.N.attention.gate` (1, n_heads, 1, 1) for every layer (zero below the
     adapted ones). The file records neither adapter_len nor adapter_layers, so `adapter` says them."""
+    if adapter.adapter_layers > n_layers:
+        raise CheckpointError(f"{path}: --adapter-layers {adapter.adapter_layers} exceeds the base's {n_layers} "
+                              "layers; expected the release's --adapter-len and --adapter-layers (the paper's 10 and "
+                              "30 when not given), its adapted layers at most the base's")
     state = read_torch_file(path)
     top = adapted_layers(n_layers, adapter)
     gates = layer_tensors(state, "layers.{i}.attention.gate")
@@ -599,7 +603,10 @@ def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> di
         raise CheckpointError(f"{path}: non-zero gates in layers {unused}, below the top {adapter.adapter_layers}")
     query = state["adapter_query.weight"].float()
     if query.numel() != adapter.adapter_layers * adapter.adapter_len * query.shape[-1]:
-        raise CheckpointError(f"{path}: adapter_query.weight {tuple(query.shape)} does not hold {adapter}")
+        raise CheckpointError(f"{path}: adapter_query.weight {tuple(query.shape)} does not hold --adapter-len "
+                              f"{adapter.adapter_len} x --adapter-layers {adapter.adapter_layers} prompts of width "
+                              f"{query.shape[-1]}; expected its rows to be adapter_len x adapter_layers: give the "
+                              "release's --adapter-len and --adapter-layers (the paper's 10 and 30 when not given)")
     return {
         "adapter_query": query.reshape(adapter.adapter_layers, adapter.adapter_len, -1),
         "adapter_gate": torch.stack([gates[i].float().flatten() for i in top]),

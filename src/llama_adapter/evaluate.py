@@ -23,7 +23,7 @@ from .data.tokens import TokenDataset
 from .data.validate import check_validated_records
 from .errors import DataError, StoppedBySignal, stop_signals_raise
 from .generate import batches_by_length, complete_texts, decoding_cache
-from .io import atomic_path, read_json_object, read_jsonl_lines, write_json
+from .io import atomic_path, read_json_object, read_jsonl_lines, remove_output, write_json
 from .model import Transformer
 from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
@@ -156,7 +156,10 @@ def score_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset
 def training_of(base: Path, adapter: Path | None) -> dict:
     """The metrics.json of the training that produced what is evaluated: beside the adapter, or above a fully
     fine-tuned model's folder (adapters/<experiment>/model); {} for a base that no training of ours wrote."""
-    trained = (Path(adapter).parent if adapter else Path(base).parent) / "metrics.json"
+    if adapter is not None:  # a PEFT adapter given as its folder is its run's folder, as its weights file's is
+        trained = (Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent) / "metrics.json"
+    else:
+        trained = Path(base).parent / "metrics.json"
     try:
         metrics = read_json_object(trained, "the metrics.json train writes")
     except DataError:
@@ -204,6 +207,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
                                         "lora" if is_lora_file(Path(ev.adapter)) else "adapter")
     out = Path(ev.out_dir)
     (out / "metrics.jsonl").unlink(missing_ok=True)  # the run's log, appended to: not an earlier evaluation's too
+    if ev.task != "scienceqa":  # an earlier ScienceQA evaluation's answers must not sit beside these scores
+        remove_output(out / EVALUATION_OUTPUTS[1])
     tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags)
     if ev.task == "scienceqa":  # the questions scored: the split of the validated records (all of them: None)
         tracker.log_dataset(Path(ev.data) / "records.jsonl", f"scienceqa/{ev.split or 'all'}", "evaluation",

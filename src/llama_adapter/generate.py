@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import apply_adapter, put_adapter, read_fitting_adapter
+from .checkpoint import apply_adapter, peft_files, put_adapter, read_fitting_adapter
 from .config import PAPER_SAMPLING, AdapterArgs, CompileConfig, InferenceConfig, Sampling
 from .errors import InputError
 from .model import Transformer
@@ -409,14 +409,16 @@ def generate_requests(
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
     loaded once; adapters are swapped in between groups of requests (each file read once, every one checked to
     fit the base before any is used). A None path: the model as it was given (with the adapter it held, if any).
-    A LoRA is merged into the weights for good, so it answers alone (refused among others). With
+    A LoRA is merged into the weights for good, so it answers alone (refused among others), merged here unless
+    the model holds it merged already (load_for_inference merges it before fusing or quantizing). With
     `out`, the answers are also written there as JSON Lines, whole or not at all. `release`: the shape of the
     original-release .pth adapters among them (checkpoint.apply_adapter). Sampling: the paper's by default, as
     the `generate` command's. Compiled, the decode step's compiled code is kept in `compile_cache`
     (decoding_cache)."""
     check_requested_adapters(requests, adapters, "requests")
     if (lora := lora_among(adapters)) is not None:  # merged for good: it answers every request, applied once
-        apply_adapter(model, adapters[lora])
+        if getattr(model, "merged_lora", None) != str(peft_files(Path(adapters[lora]))[1]):  # not merged at load
+            apply_adapter(model, adapters[lora])
         adapters = {lora: adapters[lora]}
         read = {lora: None}
     else:  # every adapter is read and fits this base before any is used (they are small)

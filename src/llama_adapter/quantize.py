@@ -86,8 +86,9 @@ def quantize_int8(model: Transformer, group_size: int | None = None) -> Transfor
     and the prompts' keys still read the same int8 wk and wv."""
     widths = {model.args.dim, model.args.hidden_dim, model.args.n_heads * model.args.head_dim}  # the inputs
     if group_size is not None and any(w % group_size for w in widths):
-        raise InputError(f"int8 with a scale per {group_size} inputs needs the blocks' input widths "
-                         f"({', '.join(map(str, sorted(widths)))}) to be multiples of {group_size}")
+        raise InputError(f"--quantize int8-g{group_size}: a scale per {group_size} inputs needs the blocks' input "
+                         f"widths ({', '.join(map(str, sorted(widths)))}) to be multiples of {group_size}, which "
+                         "this base's are not; expected --quantize int8 (a scale per row) for it")
     if any(p.requires_grad for name, p in model.named_parameters() if not model.is_added_param(name)):
         raise ValueError("quantize_int8 is for a frozen base: int8 weights take no gradient")
     for layer in model.layers:

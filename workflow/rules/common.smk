@@ -339,14 +339,16 @@ def training_tokens(w):
 def model_options(w, input, named=False):
     """--base (and --adapter) of the model an experiment evaluates: the base with its adapter or LoRA
     (config.WEIGHTS, beside the training's metrics.json), a fully fine-tuned model's own folder, or the base alone
-    (zero-shot). A list of arguments. named: the adapter as NAME=PATH, named after the experiment (generate).
+    (zero-shot). A list of arguments. named: the rows named after the experiment (generate): the adapter as
+    NAME=PATH, a model without one by --name.
     """
     m = method(w.experiment)
+    name = ["--name", w.experiment] if named else []
     if m == "zero-shot":
-        return ["--base", input.base]
+        return ["--base", input.base, *name]
     weights = str(Path(input.trained).parent / WEIGHTS[m])
     if m == "full":
-        return ["--base", str(Path(weights).parent)]
+        return ["--base", str(Path(weights).parent), *name]
     return [
         "--base",
         input.base,

@@ -26,8 +26,7 @@ rule generate:
         )
         + compile_cache(config["generate"]),
         # The rows are named after the experiment: by NAME=PATH, or --name for a full fine-tune or zero-shot base.
-        model=lambda w, input: model_options(w, input, named=True)
-        + ["--name", w.experiment],
+        model=lambda w, input: model_options(w, input, named=True),
     shell:
         "llama-adapter generate {params.model:q} --tokenizer {input.tokenizer:q} "
         "--prompts {input.prompts:q} --out {output:q} "

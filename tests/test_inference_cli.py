@@ -1,0 +1,182 @@
+"""The inference commands at their edges (generate, evaluate, complete): a release .pth of more layers than the
+base, an adapter named by a bare file name, a LoRA's path in its rows, an evaluation's stale predictions, a PEFT
+run found by its folder or its file, and options the command would ignore refused by name."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llama_adapter.adapter import AdaptedTransformer
+from llama_adapter.checkpoint import save_adapter, save_meta_checkpoint
+from llama_adapter.config import AdapterArgs, LoRAArgs, ModelArgs
+from llama_adapter.data.tokens import Encoded, write_split
+from llama_adapter.lora import add_lora, is_lora_param, save_lora
+
+ARGS = ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=64, max_seq_len=256)
+ADAPTER = AdapterArgs(adapter_len=3, adapter_layers=2)
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "llama_adapter.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture
+def world(tmp_path, llama_sp_model):
+    """A tiny Meta base (tokenizer beside it), our adapter, the same adapter as an original-release .pth, a LoRA
+    folder (with a training's metrics.json beside it, as train --method lora writes), and prompts."""
+    torch.manual_seed(0)
+    model = AdaptedTransformer(ARGS, ADAPTER)
+    with torch.no_grad():
+        model.adapter_gate.normal_()
+    save_meta_checkpoint(model, tmp_path / "base")
+    (tmp_path / "base" / "tokenizer.model").write_bytes(llama_sp_model.read_bytes())
+    save_adapter(model, tmp_path / "adapter.safetensors", base_model=str(tmp_path / "base"))
+    first = ARGS.n_layers - ADAPTER.adapter_layers
+    release = {"adapter_query.weight": model.adapter_query.detach().reshape(-1, ARGS.dim)}
+    for i in range(ARGS.n_layers):
+        gate = model.adapter_gate[i - first] if i >= first else torch.zeros(ARGS.n_heads)
+        release[f"layers.{i}.attention.gate"] = gate.detach().reshape(1, -1, 1, 1)
+    torch.save(release, tmp_path / "release.pth")  # adapter_query.weight: (6, 32)
+    plain = AdaptedTransformer(ARGS)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    lora = add_lora(plain, LoRAArgs(rank=2, targets=("wq", "wv"))).eval()
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if is_lora_param(name):
+                p.normal_()
+    save_lora(lora, tmp_path / "lora_run", str(tmp_path / "base"))
+    (tmp_path / "lora_run" / "metrics.json").write_text(json.dumps({"method": "lora", "mlflow_run_id": "abc"}))
+    (tmp_path / "prompts.jsonl").write_text('{"id": "a", "instruction": "Name a colour."}\n'
+                                            '{"id": "b", "instruction": "Say hi."}\n')
+    return tmp_path
+
+
+def one_line_error(proc, *names):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    for name in names:
+        assert name in last, last
+
+
+def test_release_pth_with_more_adapter_layers_than_the_base_is_a_one_line_error(world):
+    """--adapter-layers 6 --adapter-len 1 on a 3-layer base: the file's (6, 32) prompts hold that many rows, but
+    the base has 3 layers to adapt (a KeyError traceback before)."""
+    proc = run_cli("complete", "--base", world / "base", "--adapter", world / "release.pth", "--prompt", "hi",
+                   "--adapter-layers", "6", "--adapter-len", "1", "--max-new-tokens", "2")
+    one_line_error(proc, "--adapter-layers")
+
+
+def test_generate_names_an_adapter_given_by_a_bare_file_name(world):
+    """--adapter adapter.safetensors given from its own folder is named after that folder (it was named '')."""
+    proc = run_cli("generate", "--base", "base", "--adapter", "adapter.safetensors", "--prompts", "prompts.jsonl",
+                   "--out", "out.jsonl", "--temperature", "0", "--max-new-tokens", "2", cwd=world)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (world / "out.jsonl").read_text().splitlines()]
+    assert {r["adapter"] for r in rows} == {world.name}
+
+
+def test_generate_with_a_lora_records_its_path(world):
+    """A LoRA's rows name its path (they said null, as the base alone's do), though it was merged at load."""
+    proc = run_cli("generate", "--base", world / "base", "--adapter", world / "lora_run", "--prompts",
+                   world / "prompts.jsonl", "--out", world / "out.jsonl", "--temperature", "0", "--max-new-tokens", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (world / "out.jsonl").read_text().splitlines()]
+    assert {r["adapter"] for r in rows} == {"lora_run"}
+    assert all(r["adapter_path"] == str(world / "lora_run") for r in rows), rows
+
+
+def heldout_split(folder: Path, n: int = 6) -> None:
+    rng = np.random.default_rng(0)
+    enc = Encoded([], [], [], [])
+    for i in range(n):
+        t = np.concatenate([[1], rng.integers(3, 500, rng.integers(4, 20)), [2]]).astype(np.int32)
+        enc.tokens.append(t), enc.masks.append(np.arange(len(t)) >= 3), enc.source_index.append(i)
+    write_split(folder, enc, np.arange(n))
+
+
+def test_evaluate_alpaca_leaves_no_earlier_predictions_csv_beside_its_scores(world):
+    """An earlier ScienceQA evaluation's predictions.csv in --out does not stay beside an Alpaca evaluation's
+    scores.json, where it would pass for this run's."""
+    heldout_split(world / "heldout")
+    out = world / "eval"
+    out.mkdir()
+    (out / "predictions.csv").write_text("pid,split,answer,prediction,correct,categories,output\n1,test,0,0,True,,\n")
+    proc = run_cli("evaluate", "--task", "alpaca", "--base", world / "base", "--data", world / "heldout",
+                   "--out", out, "--row-len", "64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "scores.json").is_file()
+    assert not (out / "predictions.csv").exists()
+
+
+def test_training_of_a_lora_is_found_whether_its_folder_or_its_file_is_given(world):
+    """--adapter takes a PEFT folder or its adapter_model.safetensors alike: either finds the run's metrics.json
+    (its training run and method)."""
+    from llama_adapter.evaluate import training_of
+
+    by_file = training_of(world / "base", world / "lora_run" / "adapter_model.safetensors")
+    by_folder = training_of(world / "base", world / "lora_run")
+    assert by_file == {"method": "lora", "mlflow_run_id": "abc"}
+    assert by_folder == by_file
+
+
+def test_generate_refuses_name_that_an_adapter_makes_it_ignore(world):
+    """--name names the base answering alone; with --adapter the rows take the adapters' names: refused."""
+    proc = run_cli("generate", "--base", world / "base", "--adapter", f"a={world / 'adapter.safetensors'}",
+                   "--name", "mine", "--prompts", world / "prompts.jsonl", "--out", world / "out.jsonl",
+                   "--temperature", "0", "--max-new-tokens", "2")
+    one_line_error(proc, "--name")
+    assert not (world / "out.jsonl").exists()
+
+
+def test_complete_refuses_sampling_options_that_greedy_decoding_ignores(world):
+    """complete decodes greedily (--temperature 0 by default), so --top-p and --seed would change nothing; with a
+    temperature they are taken."""
+    proc = run_cli("complete", "--base", world / "base", "--prompt", "hi", "--max-new-tokens", "2",
+                   "--top-p", "0.1", "--seed", "5")
+    one_line_error(proc, "--top-p, --seed given with --temperature 0")
+    proc = run_cli("complete", "--base", world / "base", "--prompt", "hi", "--max-new-tokens", "2",
+                   "--top-p", "0.1", "--seed", "5", "--temperature", "0.7")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_release_shape_mismatch_names_the_options_to_fix(world):
+    """A .pth given without --adapter-len/--adapter-layers takes the paper's 10/30: a release of another shape is
+    refused naming both options."""
+    proc = run_cli("complete", "--base", world / "base", "--adapter", world / "release.pth", "--prompt", "hi",
+                   "--max-new-tokens", "2")
+    one_line_error(proc, "--adapter-len", "--adapter-layers")
+
+
+def test_int8_group_refusal_names_the_option(tmp_path, llama_sp_model):
+    """--quantize int8-g32 on a base of width 48 (not a multiple of 32) names the option and the one to use."""
+    pytest.importorskip("torchao")
+    from llama_adapter.model import Transformer
+
+    save_meta_checkpoint(Transformer(ModelArgs(dim=48, n_layers=2, n_heads=4, vocab_size=32000, hidden_dim=96)),
+                         tmp_path / "base")
+    proc = run_cli("complete", "--base", tmp_path / "base", "--tokenizer", llama_sp_model, "--prompt", "hi",
+                   "--quantize", "int8-g32", "--max-new-tokens", "2")
+    one_line_error(proc, "--quantize int8-g32", "expected --quantize int8")
+
+
+def test_image_features_without_a_multimodal_adapter_are_refused_before_loading(world):
+    """Only a multimodal adapter reads image features: with a text-only one, or none, they are refused by name
+    before the base loads (the error came after, naming neither option)."""
+    records = world / "validated"
+    records.mkdir()
+    (records / "records.jsonl").write_text(json.dumps({"pid": "1", "question": "?", "choices": ["a", "b"],
+                                                       "answer": 0, "split": "test"}) + "\n")
+    for adapter, named in ((["--adapter", world / "adapter.safetensors"], "--adapter"), ([], "no --adapter")):
+        proc = run_cli("evaluate", "--task", "scienceqa", "--base", world / "base", *adapter, "--data", records,
+                       "--image-features", world, "--out", world / "eval", "--mode", "likelihood")
+        one_line_error(proc, f"--image-features {world} given with {named}", "reads no image")
+    assert not (world / "eval").exists()
