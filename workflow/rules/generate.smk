@@ -1,6 +1,16 @@
 # Generations of the instruction adapters for the report's qualitative table (llama_adapter.generate).
 
 
+def decoding_settings():
+    """The generate block's settings the command takes: a draw's own (top_p, seed; config.yaml sets top_p) only
+    where it samples; greedy decoding (temperature 0), which draws nothing, refuses them.
+    """
+    settings = {k: v for k, v in config["generate"].items() if k != "instructions"}
+    if settings.get("temperature") == 0:
+        settings = {k: v for k, v in settings.items() if k not in ("top_p", "seed")}
+    return settings
+
+
 rule generate:
     input:
         base=BASE,
@@ -21,10 +31,7 @@ rule generate:
         runtime=30,
         gpu=0,
     params:
-        options=cli_options(
-            {k: v for k, v in config["generate"].items() if k != "instructions"}
-        )
-        + compile_cache(config["generate"]),
+        options=cli_options(decoding_settings()) + compile_cache(config["generate"]),
         # The rows are named after the experiment: by NAME=PATH, or --name for a full fine-tune or zero-shot base.
         model=lambda w, input: model_options(w, input, named=True),
     shell:
