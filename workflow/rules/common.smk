@@ -294,9 +294,14 @@ def check_method_settings():
 
 def trained_settings(name):
     """An experiment's train settings as its training reads them: the train block's lora_* (every LoRA training's
-    defaults) only where a LoRA trains; `train` refuses them elsewhere, which would ignore them."""
+    defaults) only where a LoRA trains; `train` refuses them elsewhere, which would ignore them.
+    """
     settings = experiment(name)[1]
-    return {k: v for k, v in settings.items() if k not in lora_keys(settings, method_of(settings))}
+    return {
+        k: v
+        for k, v in settings.items()
+        if k not in lora_keys(settings, method_of(settings))
+    }
 
 
 def lora_keys(settings, trained_by):
@@ -334,6 +339,16 @@ def training_tokens(w):
             f"it again, force {training_of(name)})"
         )
     return f"{RESULTS}/tokens/{experiment(name)[0]}"
+
+
+def decoding_settings():
+    """The generate block's settings the command takes: a draw's own (top_p, seed; config.yaml sets top_p) only
+    where it samples; greedy decoding (temperature 0), which draws nothing, refuses them.
+    """
+    settings = {k: v for k, v in config["generate"].items() if k != "instructions"}
+    if settings.get("temperature") == 0:
+        settings = {k: v for k, v in settings.items() if k not in ("top_p", "seed")}
+    return settings
 
 
 def model_options(w, input, named=False):

@@ -1,16 +1,6 @@
 # Generations of the instruction adapters for the report's qualitative table (llama_adapter.generate).
 
 
-def decoding_settings():
-    """The generate block's settings the command takes: a draw's own (top_p, seed; config.yaml sets top_p) only
-    where it samples; greedy decoding (temperature 0), which draws nothing, refuses them.
-    """
-    settings = {k: v for k, v in config["generate"].items() if k != "instructions"}
-    if settings.get("temperature") == 0:
-        settings = {k: v for k, v in settings.items() if k not in ("top_p", "seed")}
-    return settings
-
-
 rule generate:
     input:
         base=BASE,
