@@ -24,6 +24,7 @@ writable only by those whose jobs you would run, as with any cache of compiled c
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,14 +94,15 @@ def pack(folder: Path) -> bytes:
 
 def unpack(path: Path, folder: Path) -> None:
     """The file's contents into the empty `folder`; only plain files and folders inside it (tarfile's data
-    filter), so that a file in a shared folder cannot write elsewhere. A file that cannot be read costs a cold
-    compile, from an empty folder again: one line on stderr."""
+    filter), so that a file in a shared folder cannot write elsewhere. A file that cannot be read (truncated, or
+    damaged: the whole gzip stream is decompressed, and its checksum checked, before anything is extracted) costs a
+    cold compile, from an empty folder again: one line on stderr."""
     if not path.is_file():
         return
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(path.read_bytes())), mode="r:") as tar:
             tar.extractall(folder, filter="data")
-    except (OSError, tarfile.TarError) as e:
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as e:
         reason = " ".join(str(e).split())  # one line
         print(f"llama-adapter: compile cache {path} not read ({reason}); compiling from scratch", file=sys.stderr)
         for entry in folder.iterdir():

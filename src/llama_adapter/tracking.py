@@ -66,6 +66,8 @@ def run_tags(source: str, extra: dict[str, str] | None = None) -> dict[str, str]
         shared = json.loads(os.environ.get(TAGS_ENV) or "{}")
     except json.JSONDecodeError as e:
         raise ValueError(f"${TAGS_ENV} must be a JSON object of tags: {e}") from None
+    if not isinstance(shared, dict):
+        raise ValueError(f"${TAGS_ENV} must be a JSON object of tags; it holds a JSON {type(shared).__name__}")
     commit = git_commit()
     found = {"git_commit": commit, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
              "mlflow.source.git.commit": commit, "mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
@@ -101,8 +103,12 @@ def start_parent_run(name: str, tags: dict[str, str] | None = None, config: dict
     client = mlflow.MlflowClient()
     run_id = client.create_run(experiment_id, run_name=name, tags=run_tags("snakemake", tags)).info.run_id
     if config is not None:
-        client.log_param(run_id, "config_hash", config_hash(config))
-        client.log_dict(run_id, config, "config.yaml")
+        try:
+            client.log_param(run_id, "config_hash", config_hash(config))
+            client.log_dict(run_id, config, "config.yaml")
+        except Exception:  # not left RUNNING for ever, unnamed by any job
+            client.set_terminated(run_id, status="FAILED")
+            raise
     return run_id
 
 
@@ -200,7 +206,8 @@ class Tracker:
         once. Every run records its environment (tags env.*, and environment/requirements.txt) and system
         metrics (CPU, memory, GPU)."""
         self.enabled = enabled
-        self.mlflow = None
+        self.mlflow = None  # the module, once the run started; kept after a failure, to end the run as it ends
+        self.logging = False  # whether MLflow takes what the run logs (a failure turns it off)
         self.run_id: str | None = None
         self.tags: dict[str, str] = {}
         self.logged_through: dict[str, int] = {}  # metric -> the last step a reopened run holds
@@ -217,14 +224,12 @@ class Tracker:
             uri = tracking_uri()
             mlflow.set_tracking_uri(uri)
             use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
-            if run_id is not None:
-                run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
-                mlflow.set_tags(tags)
+            run = resumed_run(mlflow, run_id, tags) if run_id is not None else None
+            if run is not None:
                 self.logged_through = last_logged_steps(mlflow.MlflowClient(), run_id)
             else:
-                run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True,
-                                       parent_run_id=os.environ.get("MLFLOW_PARENT_RUN_ID"))
-            self.mlflow, self.run_id = mlflow, run.info.run_id
+                run = new_run(mlflow, run_name, tags)
+            self.mlflow, self.run_id, self.logging = mlflow, run.info.run_id, True
         except Exception as e:  # unreachable server, locked database, missing package: keep training
             self._drop_mlflow(e)
         # Tags, not params: a run resumed on another machine records what it ran on last (params cannot change).
@@ -234,10 +239,10 @@ class Tracker:
     def _drop_mlflow(self, error: Exception) -> None:
         warnings.warn(f"MLflow unavailable ({type(error).__name__}: {error}); metrics go to metrics.jsonl only",
                       stacklevel=3)
-        self.mlflow = None
+        self.logging = False
 
     def _call(self, name: str, *args, **kwargs) -> None:
-        if self.mlflow is not None:
+        if self.logging:
             try:
                 getattr(self.mlflow, name)(*args, **kwargs)
             except Exception as e:
@@ -264,7 +269,7 @@ class Tracker:
         """A dataset the run read, in MLflow's Datasets: its name, a digest of its files (sha256; the whole one
         as a tag), its path as the source, the context (training, validation, evaluation) and counts such as
         records or tokens as tags."""
-        if self.mlflow is None:
+        if not self.logging:
             return
         try:
             digest = sha256_tree(Path(path))
@@ -304,10 +309,44 @@ class Tracker:
 
     def close(self, failed: bool = False, status: str | None = None) -> None:
         """End the run: FINISHED, FAILED (failed=True), or the given MLflow status (KILLED: stopped by a
-        signal)."""
+        signal). Also after a failure turned logging off: the run ends with the job's status, not MLflow's exit
+        hook's FINISHED, and the next run of the process starts afresh."""
         if self.enabled:
             self.jsonl.close()
-            self._call("end_run", status=status or ("FAILED" if failed else "FINISHED"))
+            if self.mlflow is not None:
+                try:
+                    self.mlflow.end_run(status=status or ("FAILED" if failed else "FINISHED"))
+                except Exception as e:
+                    warnings.warn(f"MLflow run {self.run_id} not ended ({type(e).__name__}: {e})", stacklevel=2)
+                self.mlflow = None
+
+
+def resumed_run(mlflow, run_id: str, tags: dict[str, str]):
+    """The run a resumed job continues, reopened; None (a warning) where the store no longer holds it, e.g.
+    deleted in the UI: the job then logs to a new run."""
+    try:
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    except Exception as e:
+        warnings.warn(f"MLflow run {run_id} cannot be resumed ({type(e).__name__}: {e}); logging to a new run",
+                      stacklevel=3)
+        return None
+    mlflow.set_tags(tags)
+    return run
+
+
+def new_run(mlflow, run_name: str, tags: dict[str, str]):
+    """A new run, nested under $MLFLOW_PARENT_RUN_ID; a top-level one (a warning) where that parent cannot be
+    found (deleted, or of another store)."""
+    parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
+    if parent:
+        try:
+            stage = mlflow.MlflowClient().get_run(parent).info.lifecycle_stage
+        except Exception as e:
+            stage = f"not found ({type(e).__name__}: {e})"
+        if stage != "active":
+            warnings.warn(f"MLflow parent run {parent} is {stage}; a top-level run instead", stacklevel=3)
+            parent = None
+    return mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True, parent_run_id=parent or None)
 
 
 def last_logged_steps(client, run_id: str) -> dict[str, int]:

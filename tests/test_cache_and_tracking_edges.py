@@ -1,0 +1,190 @@
+"""The compile cache and the MLflow tracking at their edges: a cut or damaged cache file costs a cold compile and
+extracts nothing; a run whose logging failed still ends with the job's status and leaves the process's next run
+free; a stale parent run id, a non-object $LLAMA_ADAPTER_TAGS, a parent run whose set-up failed. MLflow on a
+SQLite file in tmp_path; no server, no GPU."""
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------- compile_cache
+
+
+def _blob(tmp_path: Path) -> tuple[bytes, bytes]:
+    """A cache tar as pack() writes it, holding one incompressible 'kernel library'."""
+    from llama_adapter.compile_cache import pack
+
+    src = tmp_path / "src"
+    src.mkdir()
+    payload = random.Random(0).randbytes(200_000)
+    (src / "kernel.so").write_bytes(payload)
+    return pack(src), payload
+
+
+def test_truncated_cache_file_costs_a_cold_compile_not_a_crash(tmp_path, capsys):
+    """A cut cache file costs a cold compile, one line on stderr (it raised EOFError, and every later job of the
+    kind crashed the same way)."""
+    from llama_adapter.compile_cache import unpack
+
+    blob, _ = _blob(tmp_path)
+    cut = tmp_path / "decode-cut.tar"
+    cut.write_bytes(blob[: len(blob) // 2])
+    job = tmp_path / "job"
+    job.mkdir()
+    unpack(cut, job)
+    err = capsys.readouterr().err
+    assert "compiling from scratch" in err and list(job.iterdir()) == []
+
+
+def test_truncated_cache_file_through_compile_cache(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from llama_adapter.compile_cache import blob_path, compile_cache
+
+    kind = {"command": "decode", "probe": 1}
+    blob, _ = _blob(tmp_path)
+    path = blob_path(tmp_path / "shared cache", kind)
+    path.parent.mkdir()
+    path.write_bytes(blob[:30_000])
+    with compile_cache(tmp_path / "shared cache", kind) as yielded:
+        assert yielded == path
+    assert "compiling from scratch" in capsys.readouterr().err
+
+
+def test_corrupted_cache_file_is_not_extracted_silently(tmp_path, capsys):
+    """Bytes damaged inside the gzip stream are caught by its checksum: nothing damaged lands in the job's cache
+    folder (tarfile alone stops at the archive's end marker and never checks it)."""
+    from llama_adapter.compile_cache import unpack
+
+    blob, payload = _blob(tmp_path)
+    bad = tmp_path / "decode-bad.tar"
+    bad.write_bytes(blob[:5000] + bytes(100) + blob[5100:])
+    job = tmp_path / "job"
+    job.mkdir()
+    unpack(bad, job)
+    got = job / "kernel.so"
+    assert not got.exists() or got.read_bytes() == payload, "a corrupted file was extracted without a word"
+
+
+# ---------------------------------------------------------------- tracking
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("LLAMA_ADAPTER_TAGS", raising=False)
+    yield tmp_path
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, warnings
+    from pathlib import Path
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from llama_adapter.tracking import Tracker
+    warnings.simplefilter("ignore")
+    d = Path(sys.argv[1])
+    t = Tracker(d / "out", "job", "tests")
+    (d / "run_id").write_text(t.run_id)
+    real = mlflow.log_metrics
+    calls = []
+    def flaky(*a, **k):  # one transient failure ('database is locked', a server restart)
+        calls.append(1)
+        if len(calls) == 2:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return real(*a, **k)
+    mlflow.log_metrics = flaky
+    for step in range(1, 4):
+        t.log_metrics({"loss": 1.0 / step}, step)
+    t.close(status="KILLED")  # e.g. stopped by SIGTERM at a time limit
+""")
+
+
+def test_run_closed_after_a_transient_mlflow_failure_keeps_its_status(store):
+    """A stopped training ends its MLflow run KILLED even after one failed MLflow call turned its logging off
+    (MLflow's exit hook marked it FINISHED)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(store)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from mlflow import MlflowClient
+
+    run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run((store / "run_id").read_text())
+    assert run.info.status == "KILLED"
+
+
+def test_a_dropped_tracker_does_not_disable_the_next_one_in_the_process(store):
+    """A run whose logging failed is ended at close, so the process's next run starts (it failed with 'Run ... is
+    already active')."""
+    from llama_adapter.tracking import Tracker
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = Tracker(store / "a", "a", "tests")
+        first.log_metrics({"bad name!": 1.0}, 1)  # any one refused call drops MLflow
+        first.close(failed=True)
+        second = Tracker(store / "b", "b", "tests")
+        second.close()
+    assert second.run_id is not None
+
+
+@pytest.mark.parametrize("parent", ["deleted", "unknown"])
+def test_a_stale_parent_run_id_still_gives_the_job_a_run(store, monkeypatch, parent):
+    """An exported parent run id naming a deleted run, or one of another store: the job logs a top-level run (it
+    logged nothing to MLflow)."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    if parent == "deleted":
+        pid = tracking.start_invocation_run("snakemake x", {"a": 1})
+        mlflow.MlflowClient().delete_run(pid)
+    else:
+        monkeypatch.setenv("MLFLOW_PARENT_RUN_ID", "0123456789abcdef0123456789abcdef")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = tracking.Tracker(store / "out", "child", "tests")
+        t.log_metrics({"loss": 1.0}, 1)
+        t.close()
+    assert t.run_id is not None
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(t.run_id, "loss")] == [1]
+
+
+@pytest.mark.parametrize("value", ["[1, 2]", "null", '"abc"'])
+def test_tags_env_that_is_not_an_object_is_named(monkeypatch, value):
+    """Valid JSON that is not an object is refused naming the variable (an AttributeError before)."""
+    from llama_adapter.tracking import run_tags
+
+    monkeypatch.setenv("LLAMA_ADAPTER_TAGS", value)
+    with pytest.raises(ValueError, match="LLAMA_ADAPTER_TAGS"):
+        run_tags("x")
+
+
+def test_parent_run_not_left_running_when_its_setup_fails(store, monkeypatch):
+    """A parent run whose config could not be logged (the invocation then exports none) is ended FAILED, not left
+    RUNNING for ever."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    def refuse(*a, **k):
+        raise OSError("artifact store not writable")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_dict", refuse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tracking.start_invocation_run("snakemake x", {"a": 1}) is None
+    tracking.end_invocation_run("FAILED")
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
