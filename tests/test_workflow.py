@@ -90,6 +90,42 @@ def test_lora_settings_of_another_method_are_refused_at_plan_time(tmp_path, edit
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def plan(tmp_path, edit) -> str:
+    """The dry run's -p output of config.yaml with `edit` applied (the run must plan)."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    edit(config)
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake("-n", "-p", "--cores", "1", "--configfile", str(tmp_path / "edited.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    return proc.stdout
+
+
+def test_grid_values_are_named_and_passed_as_written(tmp_path):
+    """An integer setting written 2.0 (a JSON integer to the schema) is 2, in the point's name and on the command
+    line (the CLI refuses "2.0"); a float among an axis' integers does not turn them into floats (which renamed,
+    and retrained, every point when a value was added); a null at the center does not undo a method's own
+    learning rate, and the center still reuses the named experiment's training."""
+    out = plan(tmp_path, lambda c: c["ablations"]["vary"].update(adapter_layers=[1, 2.0, 3]))
+    assert "ablations/adapter_layers~2/gate_init~zero" in out and "--adapter-layers 2.0" not in out
+    out = plan(tmp_path, lambda c: c["ablations"]["vary"].update(blr=[0.009, 1, 2.5]) or c["ablations"]["center"]
+               .update(blr=0.009))
+    assert "blr~1/" in out and "blr~1.0/" not in out and "blr~2.5/" in out
+    out = plan(tmp_path, lambda c: c["ablations"]["center"].update(lr=None))
+    assert "results/adapters/ablations/adapter_layers~3/gate_init~zero/epochs~3/lr~NA/method~adapter/" not in out
+    full_point = "ablations/adapter_layers~3/gate_init~zero/epochs~3/lr~NA/method~full"
+    assert f"results/eval/{full_point}/scores.json" in out  # scored with scienceqa_full's training, its lr kept
+    assert f"results/adapters/{full_point}/" not in out
+
+
+def test_fp8_where_every_weight_trains_is_refused_at_plan_time(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["train"]["precision"] = "fp8"
+    (tmp_path / "fp8.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "fp8.yaml"), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "config train.precision fp8 reaches ['instruction_full', 'scienceqa_full'" in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize(("edit", "named"), [
     (lambda c: c["evaluate"].update(split="validation"),
      "evaluate.split 'validation': no such ScienceQA split; data.scienceqa.source 'demo' gives train, val, test"),

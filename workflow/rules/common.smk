@@ -140,10 +140,28 @@ ENCODER = (
 IMAGE_FEATURES = f"{RESULTS}/features/{Path(ENCODER).name}/scienceqa"
 
 
+# TrainConfig's integer settings: the schema takes 3.0 for an integer (as JSON does), which the CLI refuses.
+INTEGER_SETTINGS = {
+    f.name for f in fields(TrainConfig) if f.type in ("int", "int | None")
+}
+
+
+def typed(settings):
+    """Train settings as the CLI takes them and the grid names them: an integer setting written 3.0 as 3."""
+    return {
+        k: (
+            int(v)
+            if k in INTEGER_SETTINGS and isinstance(v, float) and v.is_integer()
+            else v
+        )
+        for k, v in settings.items()
+    }
+
+
 # The ablation axes, each with its values in the order its table lists them (an axis set to null, to drop one that
 # a merged config varies, is no axis).
 ABLATION_AXES = {
-    axis: values
+    axis: [typed({axis: v})[axis] for v in values]
     for axis, values in config["ablations"]["vary"].items()
     if values is not None
 }
@@ -160,17 +178,21 @@ def ablation_points(center, axes):
     points = [dict(center)]
     for axis, values in axes.items():
         points += [{**center, axis: v} for v in values]
-    return pd.DataFrame(points).drop_duplicates().reset_index(drop=True)
+    # Each value kept as written (an object column): pandas would make 1 of a column with 2.5 in it 1.0, and
+    # adding a value to an axis would rename (and train again) every point of it.
+    return pd.DataFrame(points, dtype=object).drop_duplicates().reset_index(drop=True)
 
 
 # The center's settings in one order, whatever order the config writes them in: the grid's folder names follow
 # it, so reordering the config's keys must not rename every point (and train them all again). TrainConfig's
 # field order, with what trains (method) last.
 AXIS_ORDER = [f.name for f in fields(TrainConfig) if f.name != "method"] + ["method"]
-CENTER = {
-    k: config["ablations"]["center"][k]
-    for k in sorted(config["ablations"]["center"], key=AXIS_ORDER.index)
-}
+CENTER = typed(
+    {
+        k: config["ablations"]["center"][k]
+        for k in sorted(config["ablations"]["center"], key=AXIS_ORDER.index)
+    }
+)
 
 # One folder level per parameter: ablations/adapter_layers~4/gate_init~zero/epochs~5
 ABLATIONS = Paramspace(ablation_points(CENTER, ABLATION_AXES), param_sep="~")
@@ -228,16 +250,22 @@ def experiment(name):
     if name in NAMED_EXPERIMENTS:
         spec = NAMED_EXPERIMENTS[name]
         images = {"image_features": IMAGE_FEATURES} if spec.get("images") else {}
-        return spec["dataset"], {**config["train"], **spec.get("train", {}), **images}
+        return spec["dataset"], typed(
+            {**config["train"], **spec.get("train", {}), **images}
+        )
     # A grid point takes the settings ablations.methods gives its method (LoRA and full fine-tuning want their own
-    # learning rates), then its own: a varied axis always holds the value the point's name says.
+    # learning rates), then its own: a varied axis always holds the value the point's name says; a null of the
+    # center's (the library's default) does not undo a method's own setting.
     point = ABLATION_SETTINGS[name]
     point_method = method_of({**config["train"], **point})
-    return config["ablations"]["dataset"], {
-        **config["train"],
-        **(config["ablations"].get("methods", {}).get(point_method) or {}),
-        **point,
-    }
+    own = config["ablations"].get("methods", {}).get(point_method) or {}
+    return config["ablations"]["dataset"], typed(
+        {
+            **config["train"],
+            **own,
+            **{k: v for k, v in point.items() if v is not None or k not in own},
+        }
+    )
 
 
 def trained_as(name):
@@ -245,9 +273,14 @@ def trained_as(name):
     experiment (the paper's ScienceQA run is its ablations' center) reuses that adapter, not a second training.
     """
 
-    def settings(e):  # an unset method is the default one
+    def settings(
+        e,
+    ):  # an unset method is the default one, and a null setting an unset one
         dataset, train = experiment(e)
-        return dataset, {**train, "method": method_of(train)}
+        return dataset, {
+            **{k: v for k, v in train.items() if v is not None},
+            "method": method_of(train),
+        }
 
     for named in NAMED_EXPERIMENTS:
         if settings(named) == settings(name):
@@ -304,12 +337,31 @@ def trained_settings(name):
     }
 
 
+def check_precision():
+    """Float8 is for a frozen base's matmuls (train --precision fp8): a full fine-tuning that the train block's
+    precision reaches would fail after the plan; refused at plan time, each experiment named.
+    """
+    full = [
+        name
+        for name in EXPERIMENTS
+        if experiment(name)[1].get("precision") == "fp8"
+        and method(name) not in ("adapter", "lora", "zero-shot")
+    ]
+    if full:
+        raise ValueError(
+            f"config train.precision fp8 reaches {full}, which train(s) every weight (method {method(full[0])}); "
+            "expected fp8 only where a frozen base trains: set precision: auto in those experiments' train blocks "
+            "(or in ablations.methods for grid points)"
+        )
+
+
 def lora_keys(settings, trained_by):
     """The LoRA settings among `settings` where `trained_by` is not LoRA."""
     return sorted(k for k in settings if k.startswith("lora_") and trained_by != "lora")
 
 
 check_method_settings()
+check_precision()
 
 
 def training_of(name):
