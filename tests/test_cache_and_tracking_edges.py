@@ -147,10 +147,11 @@ def test_a_stale_parent_run_id_still_gives_the_job_a_run(store, monkeypatch, par
     from llama_adapter import tracking
 
     if parent == "deleted":
-        pid = tracking.start_invocation_run("snakemake x", {"a": 1})
+        pid = tracking.start_parent_run("snakemake x", config={"a": 1})
         mlflow.MlflowClient().delete_run(pid)
     else:
-        monkeypatch.setenv("MLFLOW_PARENT_RUN_ID", "0123456789abcdef0123456789abcdef")
+        pid = "0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("MLFLOW_PARENT_RUN_ID", pid)  # (restored after the test: no other test inherits it)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = tracking.Tracker(store / "out", "child", "tests")
