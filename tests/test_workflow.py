@@ -39,13 +39,18 @@ def test_demo_dag_resolves(tmp_path):
     assert "results/adapters/scienceqa_zero_shot" not in proc.stdout
 
 
-def test_bad_config_key_is_named(tmp_path):
+def plan(tmp_path, edit, refused: bool = False) -> str:
+    """The dry run's -p output of config.yaml with `edit` applied: a plan, or (refused) its refusal."""
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["train"]["gate_innit"] = "zero"
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
-    proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "bad.yaml"), cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "gate_innit" in proc.stdout + proc.stderr
+    edit(config)
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake("-n", "-p", "--cores", "1", "--configfile", str(tmp_path / "edited.yaml"), cwd=tmp_path)
+    assert (proc.returncode != 0) == refused, (proc.stdout + proc.stderr)[-2000:]
+    return proc.stdout + proc.stderr
+
+
+def test_bad_config_key_is_named(tmp_path):
+    assert "gate_innit" in plan(tmp_path, lambda c: c["train"].update(gate_innit="zero"), refused=True)
 
 
 def test_a_point_reusing_a_training_is_retrained_through_that_training(tmp_path):
@@ -90,16 +95,6 @@ def test_lora_settings_of_another_method_are_refused_at_plan_time(tmp_path, edit
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def plan(tmp_path, edit) -> str:
-    """The dry run's -p output of config.yaml with `edit` applied (the run must plan)."""
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    edit(config)
-    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(config))
-    proc = snakemake("-n", "-p", "--cores", "1", "--configfile", str(tmp_path / "edited.yaml"), cwd=tmp_path)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
-    return proc.stdout
-
-
 def test_grid_values_are_named_and_passed_as_written(tmp_path):
     """An integer setting written 2.0 (a JSON integer to the schema) is 2, in the point's name and on the command
     line (the CLI refuses "2.0"); a float among an axis' integers does not turn them into floats (which renamed,
@@ -118,12 +113,8 @@ def test_grid_values_are_named_and_passed_as_written(tmp_path):
 
 
 def test_fp8_where_every_weight_trains_is_refused_at_plan_time(tmp_path):
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["train"]["precision"] = "fp8"
-    (tmp_path / "fp8.yaml").write_text(yaml.safe_dump(config))
-    proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "fp8.yaml"), cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "config train.precision fp8 reaches ['instruction_full', 'scienceqa_full'" in proc.stdout + proc.stderr
+    refusal = plan(tmp_path, lambda c: c["train"].update(precision="fp8"), refused=True)
+    assert "config train.precision fp8 reaches ['instruction_full', 'scienceqa_full'" in refusal
 
 
 @pytest.mark.parametrize(("edit", "named"), [
