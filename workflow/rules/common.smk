@@ -273,11 +273,11 @@ def trained_as(name):
     experiment (the paper's ScienceQA run is its ablations' center) reuses that adapter, not a second training.
     """
 
-    def settings(
-        e,
-    ):  # an unset method is the default one, and a null setting an unset one
-        dataset, train = experiment(e)
-        return dataset, {
+    def settings(e):
+        """As trained (a setting the training would not read left out): an unset method is the default one,
+        and a null setting an unset one."""
+        train = trained_settings(e)
+        return experiment(e)[0], {
             **{k: v for k, v in train.items() if v is not None},
             "method": method_of(train),
         }
