@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import (
     COMPLETE_INFERENCE,
+    DRAW_SETTINGS,
     DTYPES,
     EVALUATION_OUTPUTS,
     GATE_INITS,
@@ -651,10 +652,6 @@ def add_dataclass_options(p: argparse.ArgumentParser, config, only: tuple[str, .
         else:
             p.add_argument(flag, type=OPTION_TYPES.get(f.name) or {"int": int, "float": float}.get(kind, str),
                            default=default, required=required, choices=OPTION_CHOICES.get(f.name), help=shown)
-
-
-# Sampling's settings that only a draw reads: greedy decoding (temperature 0) ignores them.
-DRAW_SETTINGS = ("top_p", "seed")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, defaults: Sampling) -> None:

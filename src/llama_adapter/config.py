@@ -369,6 +369,11 @@ class InferenceConfig:
 COMPLETE_INFERENCE = InferenceConfig(dtype="float32")
 
 
+# Sampling's settings that only a draw reads: greedy decoding (temperature 0) ignores them (the CLI refuses them
+# there, and the workflow leaves them out).
+DRAW_SETTINGS = ("top_p", "seed")
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How generate.py draws each next token; the default is greedy decoding (deterministic)."""

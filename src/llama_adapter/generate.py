@@ -419,7 +419,6 @@ def generate_requests(
     if (lora := lora_among(adapters)) is not None:  # merged for good: it answers every request, applied once
         if getattr(model, "merged_lora", None) != str(peft_files(Path(adapters[lora]))[1]):  # not merged at load
             apply_adapter(model, adapters[lora])
-        adapters = {lora: adapters[lora]}
         read = {lora: None}
     else:  # every adapter is read and fits this base before any is used (they are small)
         read = {name: path and read_fitting_adapter(model, Path(path), release) for name, path in adapters.items()}

@@ -9,7 +9,13 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import Paramspace, validate
 
-from llama_adapter.config import DATASET_SPLIT_BY, WEIGHTS, CompileConfig, TrainConfig
+from llama_adapter.config import (
+    DATASET_SPLIT_BY,
+    DRAW_SETTINGS,
+    WEIGHTS,
+    CompileConfig,
+    TrainConfig,
+)
 from llama_adapter.data import SCIENCEQA_SPLITS
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
 from llama_adapter.errors import PretrainedFetchError
@@ -399,7 +405,7 @@ def decoding_settings():
     """
     settings = {k: v for k, v in config["generate"].items() if k != "instructions"}
     if settings.get("temperature") == 0:
-        settings = {k: v for k, v in settings.items() if k not in ("top_p", "seed")}
+        settings = {k: v for k, v in settings.items() if k not in DRAW_SETTINGS}
     return settings
 
 
