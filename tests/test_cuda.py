@@ -241,6 +241,46 @@ def test_cuda_graph_decoding_gives_the_eager_tokens():
     assert graphed == eager and all(len(o) == 24 for o in graphed)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_kept_cuda_graph_replays_for_the_next_call_of_the_same_shapes(compile):
+    """generate(graphs=...) replays the last call's CUDA graph for a call of the same shapes (no capture), with
+    this call's prompts and padding: the tokens of a call that captures its own. Gates changed in place (refilled
+    prompt values) replay too; another cache length and another adapter capture again."""
+    from llama_adapter.generate import CUDAGraphed, DecodeGraphs
+
+    _, gpu = models(fused=True)
+    calls = [[[1, 5, 9, 200, 7, 8, 11, 12], [1, 42, 43, 44, 45, 46, 47, 48]], [[1, 5, 9], [1, 3, 3, 3, 3, 3, 8]],
+             [[1, 77, 78, 79, 80, 81]]]  # 8, 7 and 6 prompt tokens: one cache length for 16 new tokens
+
+    def decode(rows, n=16, graphs=None):
+        return generate(gpu, rows, n, eos_id=-1, rows=2, compile=compile, graphs=graphs)
+
+    expected = [decode(rows) for rows in calls]
+    with torch.no_grad():
+        gpu.adapter_gate.mul_(-1)
+    flipped, longer = decode(calls[1]), decode(calls[1], 40)
+    with torch.no_grad():
+        gpu.adapter_gate.mul_(-1)
+    assert flipped != expected[1]  # the gates matter to these tokens
+    captures, replays = [], []
+    with DecodeGraphs(gpu) as graphs, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CUDAGraphed, "__init__", lambda self, *a, init=CUDAGraphed.__init__: captures.append(1)
+                      or init(self, *a))
+        patch.setattr(torch.cuda.CUDAGraph, "replay", lambda self, replay=torch.cuda.CUDAGraph.replay:
+                      replays.append(1) or replay(self))
+        for rows, tokens in zip(calls, expected):
+            assert decode(rows, graphs=graphs) == tokens
+        assert len(captures) == 1 and len(replays) == 3 * 15  # one capture served the three calls' 15 steps each
+        with torch.no_grad():
+            gpu.adapter_gate.mul_(-1)  # in place: replayed, with the prompt values refilled
+        assert decode(calls[1], graphs=graphs) == flipped and len(captures) == 1
+        assert decode(calls[1], 40, graphs=graphs) == longer and len(captures) == 2  # another cache length
+        gpu.set_adapter(AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))  # other tensors
+        other = decode(calls[1], graphs=graphs)
+        assert len(captures) == 3
+    assert other == decode(calls[1])
+
+
 def test_compiled_decode_step_gives_the_eager_tokens():
     """The compiled decode step (fused kernels, other round-off) picks each token within round-off of the
     eager step's best logit, along the compiled sequence."""

@@ -5,7 +5,7 @@ import torch
 
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import AdapterArgs, ModelArgs, Sampling
-from llama_adapter.generate import generate, sample_next
+from llama_adapter.generate import DecodeGraphs, generate, sample_next
 from llama_adapter.model import Transformer
 from llama_adapter.tokenizer import Tokenizer
 
@@ -153,3 +153,96 @@ def test_sampling_out_of_range_is_refused_where_it_is_made(bad):
     which `describe`, written with every answer, would call sampling)."""
     with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
         Sampling(**bad)
+
+
+def test_a_kept_decode_step_serves_the_next_call_of_the_same_shapes(model):
+    """generate(graphs=...) keeps its caches and step inputs for the next call of the same shapes: the caches are
+    the same tensors, refilled, and the answers those of a fresh call, though the kept cache held the last call's
+    keys where this call's rows are padded. Another cache length or adapter takes fresh ones; gates changed in place
+    refill the kept prompt values; a call without graphs decodes in caches of its own; leaving the block frees the
+    caches."""
+    long_rows = [[1, 5, 9, 200, 7, 8, 11, 12], [1, 42, 43, 44, 45, 46, 47, 48]]
+    short_rows = [[1, 5, 9], [1, 3, 3, 3, 3, 3, 3, 8]]  # more padding, over slots the last call filled
+    calls = [(long_rows, 6), (short_rows, 6), (long_rows, 6), (short_rows[:1], 6)]
+    expected = [generate(model, rows, n, eos_id=-1, rows=2) for rows, n in calls]
+    longer = generate(model, short_rows, 9, eos_id=-1)
+    with torch.no_grad():
+        model.adapter_gate.mul_(-1)
+    flipped = generate(model, short_rows, 9, eos_id=-1)
+    assert flipped != longer  # the gates matter to these answers
+    with torch.no_grad():
+        model.adapter_gate.mul_(-1)
+    with DecodeGraphs(model) as graphs:
+        for k, (rows, n) in enumerate(calls):
+            assert generate(model, rows, n, eos_id=-1, rows=2, graphs=graphs) == expected[k]
+            if k == 0:
+                cache, key = model.layers[0].attention.kv_cache, graphs.key
+                prompt_kv = model.layers[-1].attention.prompt_kv
+            assert model.layers[0].attention.kv_cache is cache and graphs.key == key  # kept, not set up anew
+            assert model.layers[-1].attention.prompt_kv is prompt_kv
+        assert generate(model, long_rows, 6, eos_id=-1, rows=2) == expected[0]  # without graphs: its own caches
+        assert generate(model, short_rows, 9, eos_id=-1, graphs=graphs) == longer  # another cache length
+        assert model.layers[0].attention.kv_cache is not cache and graphs.key != key
+        key = graphs.key
+        with torch.no_grad():
+            model.adapter_gate.mul_(-1)  # in place: the same tensors, the kept prompt values refilled
+        assert generate(model, short_rows, 9, eos_id=-1, graphs=graphs) == flipped and graphs.key == key
+        model.set_adapter(AdapterArgs(adapter_len=2, adapter_layers=2, gate_init="random"))  # other tensors
+        other = generate(model, short_rows, 9, eos_id=-1, graphs=graphs)
+        assert graphs.key != key
+    assert model.layers[0].attention.kv_cache is None
+    assert other == generate(model, short_rows, 9, eos_id=-1)
+
+
+def recorded_logits(monkeypatch, call):
+    """(tokens, every step's logits) of call(), sampled (temperature > 0: each step's logits pass through
+    sample_next; a greedy step takes its argmax inside the step)."""
+    import llama_adapter.generate as decoding
+
+    seen, sample = [], decoding.sample_next
+    monkeypatch.setattr(decoding, "sample_next", lambda logits, *a: seen.append(logits.clone()) or sample(logits, *a))
+    out = call()
+    monkeypatch.setattr(decoding, "sample_next", sample)
+    return out, torch.stack(seen)
+
+
+def test_a_kept_decode_step_gives_a_fresh_calls_logits_and_draws(model, monkeypatch):
+    """Each kept call's logits are a fresh call's, and sampling from a generator seeded alike, its draws: a kept
+    input not refilled (RoPE positions shifted by padding) changes logits before it changes a tiny model's argmax."""
+    calls = [[[1, 5, 9, 200, 7, 8, 11, 12], [1, 42, 43, 44, 45, 46, 47, 48]], [[1, 5, 9], [1, 3, 3, 3, 3, 3, 3, 8]],
+             [[1, 5, 9, 200, 7, 8, 11, 12]]]
+
+    def run(rows, graphs=None):
+        g = torch.Generator().manual_seed(7)
+        return generate(model, rows, 6, eos_id=-1, temperature=0.8, top_p=0.9, generator=g, rows=2, graphs=graphs)
+
+    fresh = [recorded_logits(monkeypatch, lambda r=r: run(r)) for r in calls]
+    with DecodeGraphs(model) as graphs:
+        for (tokens, logits), rows in zip(fresh, calls):
+            kept_tokens, kept_logits = recorded_logits(monkeypatch, lambda: run(rows, graphs))
+            assert kept_tokens == tokens
+            torch.testing.assert_close(kept_logits, logits, rtol=0, atol=1e-6)
+
+
+def test_a_non_finite_value_of_one_call_does_not_reach_the_next(model):
+    """A masked cache slot still enters attention as 0 * value: a kept cache is zeroed as a fresh one is, so a NaN
+    written by one batch (an overflow, a bad embedding) does not spoil the next batch of the same shapes."""
+    with torch.no_grad():
+        model.tok_embeddings.weight[99] = float("nan")  # a token only the first call holds
+    first, later = [[1, 5, 9, 200, 7, 8, 11, 99]], [[1, 5, 9]]  # one cache length (16) for 6 new tokens
+    expected = generate(model, later, 6, eos_id=-1)
+    with DecodeGraphs(model) as graphs:
+        generate(model, first, 6, eos_id=-1, graphs=graphs)
+        key = graphs.key
+        assert generate(model, later, 6, eos_id=-1, graphs=graphs) == expected and graphs.key == key
+
+
+def test_decode_graphs_serve_their_own_model_inside_their_block(model):
+    """Outside its `with` block a DecodeGraphs would leave the caches on the model (a later training step would
+    run through them, its adapter without a gradient); another model's would free the wrong caches: refused."""
+    with pytest.raises(ValueError, match="inside its `with` block"):
+        generate(model, [[1, 5]], 4, eos_id=-1, graphs=DecodeGraphs(model))
+    other = AdaptedTransformer(ModelArgs.from_name("tiny-gqa"), AdapterArgs(adapter_len=4, adapter_layers=3)).eval()
+    with DecodeGraphs(other) as graphs, pytest.raises(ValueError, match="of this model"):
+        generate(model, [[1, 5]], 4, eos_id=-1, graphs=graphs)
+    assert model.layers[0].attention.kv_cache is None and model(torch.tensor([[1, 5]])).requires_grad

@@ -183,16 +183,24 @@ class AdaptedTransformer(Transformer):
                 for i in range(len(self.layers))]
 
     @torch.no_grad()
-    def setup_kv_cache(self, batch: int, max_len: int) -> None:
+    def setup_kv_cache(self, batch: int, max_len: int, keep: bool = False) -> None:
         """KV caches for decoding, holding the adapter's prompt keys and gated values (set up again after the
-        adapter or its gates change)."""
-        super().setup_kv_cache(batch, max_len)
+        adapter or its gates change); keep: as Transformer's, and prompt values of the same shape are refilled in
+        place."""
+        super().setup_kv_cache(batch, max_len, keep)
         dtype, first = self.tok_embeddings.weight.dtype, self.first_adapted_layer()
         for i, layer in enumerate(self.layers):
             a = layer.attention
             a.image_cache = None  # the next prefill's images
-            a.prompt_kv = (a.prompt_keys_values(self.adapter_query[i - first], self.adapter_gate[i - first], dtype)
-                           if i >= first else None)
+            fresh = (a.prompt_keys_values(self.adapter_query[i - first], self.adapter_gate[i - first], dtype)
+                     if i >= first else None)
+            if keep and fresh is not None and a.prompt_kv is not None and all(
+                    (old.shape, old.dtype, old.device) == (new.shape, new.dtype, new.device)
+                    for old, new in zip(a.prompt_kv, fresh)):
+                for old, new in zip(a.prompt_kv, fresh):  # in place: a captured decode step reads these
+                    old.copy_(new)
+            else:
+                a.prompt_kv = fresh
 
     def clear_kv_cache(self) -> None:
         super().clear_kv_cache()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checkpoint import apply_adapter, peft_files, put_adapter, read_fitting_adapter
 from .config import PAPER_SAMPLING, AdapterArgs, CompileConfig, InferenceConfig, Sampling
@@ -178,6 +178,69 @@ class CUDAGraphed:
         return self.output
 
 
+class DecodeGraphs:
+    """The decode step of one `generate` call kept for the next call of the same shapes: the KV caches, the
+    per-call inputs the step reads (which slots hold real tokens, their RoPE positions) and, on a GPU, its CUDA
+    graph. Capturing a graph costs each call two warm-up steps and the capture, with the GPU idle while the host
+    works; a call of the same rows, cache length and sampling on the same tensors replays the kept graph instead.
+    One step is kept at a time (the last call's); calls with images, and calls without `graphs`, decode in caches
+    of their own. Only inside its `with` block; leaving it frees the caches (until then they hold their memory).
+
+    The graph reads fixed addresses: the caches and the adapter's prompt keys and values (which setup_kv_cache
+    keeps, zeroes and refills in place for caches of the same shape), these inputs, and the weights. A call reuses
+    it only where every one of them is where it was, laid out as it was (an adapter put in with other shapes, or
+    weights moved or replaced, capture again); their memory is held while the step is kept, so no other tensor
+    can come to lie at an address it reads."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.entered = False
+        self.key: tuple | None = None
+        self.storages: list = []  # of every tensor the kept step reads
+        self.inputs: tuple[Tensor, Tensor] | None = None  # key_valid, rope_pos
+        self.graph: CUDAGraphed | None = None
+
+    def __enter__(self) -> DecodeGraphs:
+        self.entered = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.key = self.inputs = self.graph = None
+        self.storages, self.entered = [], False
+        self.model.clear_kv_cache()
+
+    def inputs_for(self, key: tuple, tensors: tuple[Tensor, ...], key_valid: Tensor, rope_pos: Tensor
+                   ) -> tuple[tuple[Tensor, Tensor], bool]:
+        """The step's inputs holding this call's values, and whether the kept step serves this call."""
+        if key != self.key:
+            self.storages = [t.untyped_storage() for t in tensors]
+            self.key, self.inputs, self.graph = key, (key_valid, rope_pos), None
+            return self.inputs, False
+        for kept, new in zip(self.inputs, (key_valid, rope_pos)):
+            kept.copy_(new)
+        return self.inputs, True
+
+
+def plain_tensors(t: Tensor) -> list[Tensor]:
+    """The plain tensors behind `t`: a tensor subclass's (torchao's int8 values, scales and zero points), else t."""
+    if type(t) in (Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [x for name in names for x in plain_tensors(getattr(t, name))]
+
+
+def step_tensors(model: Transformer) -> tuple[Tensor, ...]:
+    """Every tensor a decode step reads: the weights (fused projections too), the KV caches and the adapter's
+    prompt keys and values."""
+    tensors = [x for p in model.parameters() for x in plain_tensors(p)]
+    for layer in model.layers:
+        a, f = layer.attention, layer.feed_forward
+        for fused in (a.wqkv, f.w13):
+            tensors += [] if fused is None else plain_tensors(fused)
+        tensors += [a.kv_cache.k, a.kv_cache.v, *(getattr(a, "prompt_kv", None) or ())]
+    return tuple(tensors)
+
+
 # Cache lengths are rounded up to this: the fused attention kernels that take a mask want aligned lengths.
 CACHE_MULTIPLE = 16
 
@@ -196,13 +259,15 @@ def generate(
     compile: bool = CompileConfig.compile,
     images: list[np.ndarray | None] | None = None,
     rows: int | None = None,
+    graphs: DecodeGraphs | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, cut after the first EOS (which is not included). On a GPU the decode step
     runs as a CUDA graph unless cuda_graph is False (same kernels, so the same tokens). compile: run the
     decode step through torch.compile (a one-off compilation, then faster steps). images: for a multimodal
     adapter, each prompt's image features (None: no image). rows: decode this many rows, the prompts' and
     one-token filler rows whose output is dropped (a compiled step then serves a job's smaller last batch
-    without compiling again); default one per prompt."""
+    without compiling again); default one per prompt. graphs: keep the decode step (its caches and CUDA graph)
+    for the next call of the same shapes (DecodeGraphs)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     if not 1 <= max_new_tokens <= model.args.max_seq_len:  # (the cache is allocated for them all at once)
@@ -222,7 +287,17 @@ def generate(
     key_valid = slots[None, :] >= n_pad[:, None]  # (B, S)
     rope_pos = (slots[None, :] - n_pad[:, None]).clamp(min=0)  # (B, S): each row counts from its first token
     image_features, image_row = image_inputs(None if images is None else images + [None] * (rows - n), device)
-    model.setup_kv_cache(B, S)
+    if graphs is not None and not (graphs.entered and graphs.model is model):
+        raise ValueError("graphs: a DecodeGraphs of this model, used inside its `with` block")
+    keeps = graphs is not None and images is None
+    model.setup_kv_cache(B, S, keep=keeps)
+    greedy = temperature <= 0
+    kept = False
+    if keeps:
+        tensors = step_tensors(model)
+        key = (B, S, greedy, compile, cuda_graph, model.training, torch.is_autocast_enabled(device.type),
+               tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+        (key_valid, rope_pos), kept = graphs.inputs_for(key, tensors, key_valid, rope_pos)
     if compile:
         mark_cache_length_dynamic(model)
     try:
@@ -234,7 +309,6 @@ def generate(
                        image_index=None if image_row is None else image_row[:, None].expand(B, P))[:, -1]
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.arange(B, device=device) >= n  # filler rows never hold up the stop
-        greedy = temperature <= 0
         step_fn = (compiled_decode_step(greedy, int8_format(model) is not None) if compile
                    else greedy_decode_step if greedy else decode_step)
 
@@ -249,13 +323,16 @@ def generate(
             if t == max_new_tokens - 1 or stop.all_done(done):
                 break
             if t == 0 and cuda_graph and device.type == "cuda":
-                step = CUDAGraphed(step, nxt[:, None], slots[P: P + 1])
+                step = graphs.graph if kept and graphs.graph else CUDAGraphed(step, nxt[:, None], slots[P: P + 1])
+                if keeps:
+                    graphs.graph = step
             # The next tokens (greedy: the step's own argmax) or the logits to sample them from.
             nxt = step(nxt[:, None], slots[P + t: P + t + 1])
             if not greedy:
                 nxt = sample_next(nxt, temperature, top_p, generator)
     finally:
-        model.clear_kv_cache()
+        if not keeps:
+            model.clear_kv_cache()
     results = []
     for row in out[:n, : t + 1].tolist():
         results.append(row[: row.index(eos_id)] if eos_id in row else row)
@@ -347,16 +424,18 @@ def complete_texts(
     answers from one). Compiled, every batch decodes `rows` rows (default: as many as the first batch has), a
     smaller one filled up, so that one compilation serves them all.
 
-    Batches hold prompts of like length (batches_by_length); the texts come back in the prompts' order."""
+    Batches hold prompts of like length (batches_by_length), so that consecutive batches often have the same cache
+    length and replay one decode step (DecodeGraphs); the texts come back in the prompts' order."""
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
     texts: list[str | None] = [None] * len(ids)
     rows = (rows or min(batch_size, len(prompts))) if compile else None
-    for batch in batches_by_length([len(i) for i in ids], batch_size, "generated"):
-        outs = generate(model, [ids[k] for k in batch], sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
-                        sampling.temperature, sampling.top_p, generator, compile=compile,
-                        images=None if images is None else [images[k] for k in batch], rows=rows)
-        for k, out in zip(batch, outs):
-            texts[k] = tokenizer.decode(out)
+    with DecodeGraphs(model) as graphs:
+        for batch in batches_by_length([len(i) for i in ids], batch_size, "generated"):
+            outs = generate(model, [ids[k] for k in batch], sampling.max_new_tokens, tokenizer.eos_id,
+                            tokenizer.pad_id, sampling.temperature, sampling.top_p, generator, compile=compile,
+                            images=None if images is None else [images[k] for k in batch], rows=rows, graphs=graphs)
+            for k, out in zip(batch, outs):
+                texts[k] = tokenizer.decode(out)
     return texts
 
 

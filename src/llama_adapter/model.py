@@ -231,12 +231,21 @@ class Transformer(nn.Module):
         return self
 
     @torch.no_grad()
-    def setup_kv_cache(self, batch: int, max_len: int) -> None:
-        """KV caches for decoding `batch` rows of up to `max_len` positions."""
+    def setup_kv_cache(self, batch: int, max_len: int, keep: bool = False) -> None:
+        """KV caches for decoding `batch` rows of up to `max_len` positions. keep: caches of that shape already
+        there stay, zeroed in place, so that a captured decode step that reads them stays valid
+        (generate.DecodeGraphs); zeroed as a fresh cache is, for a masked slot still enters attention as 0 * value,
+        and a NaN or inf left by the last call would come through."""
         w = self.tok_embeddings.weight
         for layer in self.layers:
             a = layer.attention
-            a.kv_cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, w.dtype, w.device)
+            shape = (batch, a.n_kv_heads, max_len, a.head_dim)
+            kept = a.kv_cache
+            if keep and kept is not None and (kept.k.shape, kept.k.dtype, kept.k.device) == (shape, w.dtype, w.device):
+                kept.k.zero_()
+                kept.v.zero_()
+            else:
+                a.kv_cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, w.dtype, w.device)
 
     def fuse_projections(self) -> Transformer:
         """Lay out each block's wq/wk/wv, and w1/w3, as one weight each (the parameters become views into it),
