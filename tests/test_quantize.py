@@ -54,6 +54,29 @@ def test_int8_keeps_the_tiny_models_logits_and_tokens(group_size):
     assert sum(same) >= 1
 
 
+def test_an_int8_feed_forward_reads_its_hidden_from_memory():
+    """quantize_int8 puts model.written (an op inductor cannot compute inside the next product) between SwiGLU and
+    the int8 w2: the compiled block's graph calls it, and the block's output is what it was without it."""
+    from llama_adapter.model import written
+
+    _, q = pair(GROUPABLE)
+    ff = q.layers[0].feed_forward
+    assert ff.write_hidden and not pair(GROUPABLE)[0].layers[0].feed_forward.write_hidden
+    graphs = []
+
+    def backend(gm, _):
+        graphs.append(gm)
+        return gm
+
+    x = torch.randn(1, 1, GROUPABLE.dim)
+    with torch.no_grad():
+        out = torch.compile(ff, backend=backend, fullgraph=True)(x)
+        ff.write_hidden = False
+        assert torch.equal(out, ff(x))
+    [graph] = graphs
+    assert any(n.target in (written, torch.ops.llama_adapter.written.default) for n in graph.graph.nodes)
+
+
 @pytest.mark.parametrize("quantize", QUANTIZATIONS)
 def test_what_int8_quantizes(quantize):
     """The blocks' linear weights, fused ones as one weight with their parts as its rows, with a scale per row or

@@ -181,12 +181,29 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w13: Tensor | None = None  # set by Transformer.fuse_projections
+        self.write_hidden = False  # set by quantize.quantize_int8 (see written)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is not None:
             gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.silu(self.w1(x)) * self.w3(x)
+        return self.w2(written(hidden) if self.write_hidden else hidden)
+
+
+@torch.library.custom_op("llama_adapter::written", mutates_args=())
+def written(x: Tensor) -> Tensor:
+    """A copy of x, which inductor cannot see into: what comes after reads x from memory. For an int8 w2 at one
+    row, inductor writes the product as a reduction and would otherwise compute SwiGLU inside it, again for every
+    block of the product's outputs, reading both of its inputs each time (the compiled int8 step read w2 at half
+    the copy rate, BENCHMARKS.md)."""
+    return x.clone()
+
+
+@written.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
 
 
 class TransformerBlock(nn.Module):
