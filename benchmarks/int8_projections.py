@@ -1,5 +1,6 @@
 """Weight-only int8 against bf16 for each projection of a decode step, one matrix product alone: which way of
-computing it reads the int8 weight fastest at batch 1?
+computing it reads the int8 weight fastest at batch 1, and at 16 rows, where the compiled int8 decode step is 40x
+slower than bf16's (BENCHMARKS.md, sixth readings)?
 
 In the compiled int8 decode step of 7B on an H100 (BENCHMARKS.md, fifth readings) inductor's fused products read
 `wqkv` at 87% of the copy rate but `w2` and `wo` at about half of it, which keeps int8 at 1.27x bf16 where halving
@@ -11,6 +12,10 @@ product of --batch rows, in each way torch offers:
   tuning, its narrow search);
 - int8, compiled with the search in all directions (what torchao's own inductor settings turn on);
 - int8, compiled without tuning;
+- int8, compiled with max-autotune (inductor also tries its Triton matmul templates, which can read the int8
+  weight and convert it as they load it, where cuBLAS needs a converted copy);
+- int8, the weight converted to bf16 in its own (out, in) layout, then cuBLAS reading it transposed (torchao's
+  per-row product converts `qdata.t()`, a transposed view, which inductor may write out transposed);
 - int8 through ATen's `torch._weight_int8pack_mm` (a scale per row only), where the device has it;
 and, where the step computes something just before the product (RMSNorm before `wqkv` and `w1`/`w3`, SwiGLU
 before `w2`), the product with it as the step compiles them:
@@ -53,7 +58,8 @@ from llama_adapter.quantize import int8_weight
 TUNINGS = {"compiled (the step's tuning)": {"coordinate_descent_tuning": True},
            "compiled, all directions": {"coordinate_descent_tuning": True,
                                         "coordinate_descent_check_all_directions": True},
-           "compiled, untuned": {}}
+           "compiled, untuned": {},
+           "compiled, max-autotune": {"max_autotune": True}}
 
 
 def projections(args: ModelArgs) -> dict[str, tuple[int, int]]:
@@ -90,6 +96,9 @@ def ways(bf16: torch.Tensor, int8: torch.Tensor, before) -> dict:
         found[f"int8, {name}"] = torch.compile(lambda x: F.linear(x, int8), fullgraph=True, dynamic=False,
                                                options=options)
     scale = int8.scale.reshape(-1).to(bf16.dtype)
+    # the weight converted in its own (out, in) layout, then cuBLAS reads it transposed: no transposing copy
+    found["int8, converted, then cuBLAS"] = torch.compile(
+        lambda x: F.linear(x, int8.qdata.to(bf16.dtype)) * scale, fullgraph=True, dynamic=False)
     found["int8, _weight_int8pack_mm"] = lambda x: torch._weight_int8pack_mm(x, int8.qdata, scale)
     alone = {way: (fn, False) for way, fn in found.items()}  # False: takes the prologue's output
     if before is None:
