@@ -12,10 +12,12 @@ product of --batch rows, in each way torch offers:
   tuning, its narrow search);
 - int8, compiled with the search in all directions (what torchao's own inductor settings turn on);
 - int8, compiled without tuning;
-- int8, compiled with max-autotune (inductor also tries its Triton matmul templates, which can read the int8
-  weight and convert it as they load it, where cuBLAS needs a converted copy);
-- int8, the weight converted to bf16 in its own (out, in) layout, then cuBLAS reading it transposed (torchao's
-  per-row product converts `qdata.t()`, a transposed view, which inductor may write out transposed);
+- int8, compiled without inductor's pattern matching. Where the product stays a matrix product (more than one
+  row, or one row untuned), a post-grad pattern of inductor's (`_register_woq_lowerings`, registered for CUDA
+  too) rewrites torchao's `mm(x, qdata.t().to(bf16)) * scale` into ATen's `_weight_int8pack_mm`, the slow way
+  below; without it inductor converts the weight, then calls cuBLAS;
+- int8, compiled with max-autotune and without the pattern (inductor also tries its Triton matmul templates,
+  which can convert the int8 weight as they load it, where cuBLAS needs a converted copy);
 - int8 through ATen's `torch._weight_int8pack_mm` (a scale per row only), where the device has it;
 and, where the step computes something just before the product (RMSNorm before `wqkv` and `w1`/`w3`, SwiGLU
 before `w2`), the product with it as the step compiles them:
@@ -59,7 +61,8 @@ TUNINGS = {"compiled (the step's tuning)": {"coordinate_descent_tuning": True},
            "compiled, all directions": {"coordinate_descent_tuning": True,
                                         "coordinate_descent_check_all_directions": True},
            "compiled, untuned": {},
-           "compiled, max-autotune": {"max_autotune": True}}
+           "compiled, no pattern matching": {"coordinate_descent_tuning": True, "pattern_matcher": False},
+           "compiled, max-autotune, no patterns": {"max_autotune": True, "pattern_matcher": False}}
 
 
 def projections(args: ModelArgs) -> dict[str, tuple[int, int]]:
@@ -96,9 +99,6 @@ def ways(bf16: torch.Tensor, int8: torch.Tensor, before) -> dict:
         found[f"int8, {name}"] = torch.compile(lambda x: F.linear(x, int8), fullgraph=True, dynamic=False,
                                                options=options)
     scale = int8.scale.reshape(-1).to(bf16.dtype)
-    # the weight converted in its own (out, in) layout, then cuBLAS reads it transposed: no transposing copy
-    found["int8, converted, then cuBLAS"] = torch.compile(
-        lambda x: F.linear(x, int8.qdata.to(bf16.dtype)) * scale, fullgraph=True, dynamic=False)
     found["int8, _weight_int8pack_mm"] = lambda x: torch._weight_int8pack_mm(x, int8.qdata, scale)
     alone = {way: (fn, False) for way, fn in found.items()}  # False: takes the prologue's output
     if before is None:
@@ -152,7 +152,7 @@ def main() -> None:
     device, args = torch.device(ns.device), ModelArgs.from_name(ns.preset)
     rate = copy_bandwidth(device)
     print(f"{ns.preset}, {device_name(device)}, torch {torch.__version__}; copy rate {rate / 1e12:.2f} TB/s")
-    print(f"{'projection':<10}{'batch':>6}  {'way':<38}{'us':>9}{'% of copy':>11}{'max diff':>10}")
+    print(f"{'projection':<10}{'batch':>6}  {'way':<42}{'us':>9}{'% of copy':>11}{'max diff':>10}")
     gen = torch.Generator(device).manual_seed(0)
     for name, (outputs, inputs) in projections(args).items():
         bf16 = (0.02 * torch.randn(outputs, inputs, generator=gen, device=device)).to(torch.bfloat16)
@@ -170,10 +170,10 @@ def main() -> None:
                         us = timed(fn, inputs, ns.repeat)
                         diff = (fn(*inputs).float() - reference).abs().max().item() / reference.abs().max().item()
                     except (RuntimeError, NotImplementedError) as e:  # an op this device or build lacks
-                        print(f"{name:<10}{batch:>6}  {way:<38}  n/a: {str(e).splitlines()[0][:80]}")
+                        print(f"{name:<10}{batch:>6}  {way:<42}  n/a: {str(e).splitlines()[0][:80]}")
                         continue
                     share = 100 * bytes_read["bf16" if way.startswith("bf16") else "int8"] / (us * 1e-6) / rate
-                    print(f"{name:<10}{batch:>6}  {way:<38}{us:>9.1f}{share:>11.0f}{diff:>10.1e}", flush=True)
+                    print(f"{name:<10}{batch:>6}  {way:<42}{us:>9.1f}{share:>11.0f}{diff:>10.1e}", flush=True)
 
 if __name__ == "__main__":
     main()
