@@ -160,7 +160,7 @@ def test_a_kept_decode_step_serves_the_next_call_of_the_same_shapes(model):
     the same tensors, refilled, and the answers those of a fresh call, though the kept cache held the last call's
     keys where this call's rows are padded. Another cache length or adapter takes fresh ones; gates changed in place
     refill the kept prompt values; a call without graphs decodes in caches of its own; leaving the block frees the
-    caches."""
+    caches. Between calls the kept caches and prompt values are the DecodeGraphs' (`state`), not the model's."""
     long_rows = [[1, 5, 9, 200, 7, 8, 11, 12], [1, 42, 43, 44, 45, 46, 47, 48]]
     short_rows = [[1, 5, 9], [1, 3, 3, 3, 3, 3, 3, 8]]  # more padding, over slots the last call filled
     calls = [(long_rows, 6), (short_rows, 6), (long_rows, 6), (short_rows[:1], 6)]
@@ -176,13 +176,13 @@ def test_a_kept_decode_step_serves_the_next_call_of_the_same_shapes(model):
         for k, (rows, n) in enumerate(calls):
             assert generate(model, rows, n, eos_id=-1, rows=2, graphs=graphs) == expected[k]
             if k == 0:
-                cache, key = model.layers[0].attention.kv_cache, graphs.key
-                prompt_kv = model.layers[-1].attention.prompt_kv
-            assert model.layers[0].attention.kv_cache is cache and graphs.key == key  # kept, not set up anew
-            assert model.layers[-1].attention.prompt_kv is prompt_kv
+                (cache, _), (_, prompt_kv), key = graphs.state[0], graphs.state[-1], graphs.key
+            assert graphs.state[0][0] is cache and graphs.key == key  # kept, not set up anew
+            assert graphs.state[-1][1] is prompt_kv
+            assert model.layers[0].attention.kv_cache is None and model.layers[-1].attention.prompt_kv is None
         assert generate(model, long_rows, 6, eos_id=-1, rows=2) == expected[0]  # without graphs: its own caches
         assert generate(model, short_rows, 9, eos_id=-1, graphs=graphs) == longer  # another cache length
-        assert model.layers[0].attention.kv_cache is not cache and graphs.key != key
+        assert graphs.state[0][0] is not cache and graphs.key != key
         key = graphs.key
         with torch.no_grad():
             model.adapter_gate.mul_(-1)  # in place: the same tensors, the kept prompt values refilled
@@ -192,6 +192,79 @@ def test_a_kept_decode_step_serves_the_next_call_of_the_same_shapes(model):
         assert graphs.key != key
     assert model.layers[0].attention.kv_cache is None
     assert other == generate(model, short_rows, 9, eos_id=-1)
+
+
+LONG_ROWS = [[1, 5, 9, 200, 7, 8, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [1, 42, 43]]  # 16 + 6 tokens: cache 32
+SHORT_ROWS = [[1, 5, 9], [1, 3, 3, 3, 3, 8]]  # 6 + 6: cache 16
+
+
+def test_between_kept_calls_the_model_is_as_without_them(model):
+    """Inside the block, between calls, the model holds no cache and no prompt values: a forward reads the adapter
+    as it is now (gates changed in place since the last call), a training step reaches it, and a call without
+    graphs (a one-off check, a request with an image) leaves the kept step for the next call of its shapes."""
+    x = torch.tensor([[1, 5, 9, 10]])
+    with DecodeGraphs(model) as graphs:
+        generate(model, SHORT_ROWS, 6, eos_id=-1, graphs=graphs)
+        (cache, _), key = graphs.state[0], graphs.key
+        with torch.no_grad():
+            model.adapter_gate.mul_(-1)
+            inside = model(x)
+        loss = model(x).float().logsumexp(-1).mean()
+        loss.backward()
+        assert model.adapter_gate.grad is not None
+        expected = generate(model, SHORT_ROWS, 6, eos_id=-1)  # without graphs: caches of its own
+        assert generate(model, SHORT_ROWS, 6, eos_id=-1, graphs=graphs) == expected
+        assert graphs.state[0][0] is cache and graphs.key == key
+    with torch.no_grad():
+        torch.testing.assert_close(inside, model(x), rtol=0, atol=0)
+
+
+def test_a_kept_step_of_another_shape_is_freed_before_the_next_call_allocates(model, monkeypatch):
+    """Peak memory stays one call's: a call of another cache length frees the kept caches before it allocates its
+    own (complete_texts decodes its longest batch first so that one too large fails at once)."""
+    import llama_adapter.model as model_module
+
+    allocated_while_kept, init = [], model_module.KVCache.__init__
+
+    def recording_init(self, *args, **kwargs):
+        allocated_while_kept.append(graphs.state is not None or graphs.storages != [])
+        init(self, *args, **kwargs)
+
+    with DecodeGraphs(model) as graphs:
+        generate(model, LONG_ROWS, 6, eos_id=-1, graphs=graphs)
+        monkeypatch.setattr(model_module.KVCache, "__init__", recording_init)
+        assert generate(model, SHORT_ROWS, 6, eos_id=-1, graphs=graphs) == generate(model, SHORT_ROWS, 6, eos_id=-1)
+    assert allocated_while_kept[:len(model.layers)] == [False] * len(model.layers)
+
+
+def test_a_call_in_inference_mode_and_one_outside_share_a_block(model):
+    """Tensors made under inference_mode cannot be refilled outside it (nor the step's inputs): such a call's step
+    is not kept for a call outside it, nor the other way round."""
+    expected = generate(model, SHORT_ROWS, 6, eos_id=-1)
+    with DecodeGraphs(model) as graphs:
+        with torch.inference_mode():
+            assert generate(model, SHORT_ROWS, 6, eos_id=-1, graphs=graphs) == expected
+        assert generate(model, SHORT_ROWS, 6, eos_id=-1, graphs=graphs) == expected
+        with torch.inference_mode():
+            assert generate(model, SHORT_ROWS, 6, eos_id=-1, graphs=graphs) == expected
+
+
+def test_leaving_the_block_lets_the_model_go():
+    """Once its block is left a DecodeGraphs holds nothing of the model (a caller may keep the object), and serves
+    no second block."""
+    import gc
+    import weakref
+
+    model = AdaptedTransformer(ModelArgs.from_name("tiny-gqa"), AdapterArgs(adapter_len=4, adapter_layers=3)).eval()
+    graphs = DecodeGraphs(model)
+    with graphs:
+        generate(model, SHORT_ROWS, 6, eos_id=-1, graphs=graphs)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    with pytest.raises(ValueError, match="one `with` block"), graphs:
+        pass
 
 
 def recorded_logits(monkeypatch, call):

@@ -180,33 +180,70 @@ class CUDAGraphed:
 
 class DecodeGraphs:
     """The decode step of one `generate` call kept for the next call of the same shapes: the KV caches, the
-    per-call inputs the step reads (which slots hold real tokens, their RoPE positions) and, on a GPU, its CUDA
-    graph. Capturing a graph costs each call two warm-up steps and the capture, with the GPU idle while the host
-    works; a call of the same rows, cache length and sampling on the same tensors replays the kept graph instead.
-    One step is kept at a time (the last call's); calls with images, and calls without `graphs`, decode in caches
-    of their own. Only inside its `with` block; leaving it frees the caches (until then they hold their memory).
+    adapter's prompt keys and values, the per-call inputs the step reads (which slots hold real tokens, their RoPE
+    positions) and, on a GPU, its CUDA graph. Capturing a graph costs each call two warm-up steps and the capture,
+    with the GPU idle while the host works; a call of the same rows, cache length and sampling on the same tensors
+    replays the kept graph instead. One step is kept at a time (the last call's), only inside the `with` block;
+    leaving it, or `release()`, frees it.
 
-    The graph reads fixed addresses: the caches and the adapter's prompt keys and values (which setup_kv_cache
-    keeps, zeroes and refills in place for caches of the same shape), these inputs, and the weights. A call reuses
-    it only where every one of them is where it was, laid out as it was (an adapter put in with other shapes, or
-    weights moved or replaced, capture again); their memory is held while the step is kept, so no other tensor
-    can come to lie at an address it reads."""
+    Between calls the kept caches and prompt values are off the model (`take_back`), so the model is as without
+    them: a forward, a training step, a change to the adapter or a call without `graphs` (or with images, which
+    decodes in caches of its own) sees none of them and leaves them alone. A call lends them back (`lend`) only
+    where they fit its cache shape, dtype, device and inference mode; otherwise they are freed before its own are
+    allocated, so two sets are never held at once.
+
+    The graph reads fixed addresses: the caches and the prompt keys and values (which setup_kv_cache keeps, zeroes
+    and refills in place for caches of the same shape), these inputs, and the weights. A call reuses it only where
+    every one of them is where it was, laid out as it was (an adapter put in with other shapes, or weights moved
+    or replaced, capture again); their memory is held while the step is kept, so no other tensor can come to lie
+    at an address it reads."""
 
     def __init__(self, model: Transformer):
-        self.model = model
+        self.model: Transformer | None = model
         self.entered = False
-        self.key: tuple | None = None
-        self.storages: list = []  # of every tensor the kept step reads
-        self.inputs: tuple[Tensor, Tensor] | None = None  # key_valid, rope_pos
-        self.graph: CUDAGraphed | None = None
+        self.release()
 
     def __enter__(self) -> DecodeGraphs:
+        if self.model is None:
+            raise ValueError("a DecodeGraphs serves one `with` block; make a new one for the model")
         self.entered = True
         return self
 
     def __exit__(self, *exc) -> None:
-        self.key = self.inputs = self.graph = None
-        self.storages, self.entered = [], False
+        self.release()
+        self.entered, self.model = False, None  # nothing of the model is held once the block is left
+
+    def release(self) -> None:
+        """Free the kept step (its caches, prompt values, inputs and graph)."""
+        self.key: tuple | None = None
+        self.storages: list = []  # of every tensor the kept step reads
+        self.inputs: tuple[Tensor, Tensor] | None = None  # key_valid, rope_pos
+        self.graph: CUDAGraphed | None = None
+        self.state: list[tuple] | None = None  # each layer's (KV cache, prompt keys and values) while off the model
+
+    def lend(self, batch: int, max_len: int) -> None:
+        """Put the kept caches and prompt values back on the model for a call of `batch` rows and `max_len`
+        positions where they fit it, else free the kept step (before the call allocates its own caches)."""
+        if self.state is None:
+            return
+        cache = self.state[0][0]
+        w = self.model.tok_embeddings.weight
+        a = self.model.layers[0].attention
+        if ((cache.k.shape, cache.k.dtype, cache.k.device, cache.k.is_inference())
+                != ((batch, a.n_kv_heads, max_len, a.head_dim), w.dtype, w.device,
+                    torch.is_inference_mode_enabled())):
+            self.release()
+            return
+        for layer, (kv_cache, prompt_kv) in zip(self.model.layers, self.state):
+            layer.attention.kv_cache = kv_cache
+            if prompt_kv is not None:
+                layer.attention.prompt_kv = prompt_kv
+        self.state = None
+
+    def take_back(self) -> None:
+        """Take the caches and prompt values off the model after a call, kept for the next."""
+        self.state = [(layer.attention.kv_cache, getattr(layer.attention, "prompt_kv", None))
+                      for layer in self.model.layers]
         self.model.clear_kv_cache()
 
     def inputs_for(self, key: tuple, tensors: tuple[Tensor, ...], key_valid: Tensor, rope_pos: Tensor
@@ -290,12 +327,15 @@ def generate(
     if graphs is not None and not (graphs.entered and graphs.model is model):
         raise ValueError("graphs: a DecodeGraphs of this model, used inside its `with` block")
     keeps = graphs is not None and images is None
+    if keeps:
+        graphs.lend(B, S)
     model.setup_kv_cache(B, S, keep=keeps)
     greedy = temperature <= 0
     kept = False
     if keeps:
         tensors = step_tensors(model)
-        key = (B, S, greedy, compile, cuda_graph, model.training, torch.is_autocast_enabled(device.type),
+        autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+        key = (B, S, greedy, compile, cuda_graph, model.training, autocast, torch.is_inference_mode_enabled(),
                tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors))
         (key_valid, rope_pos), kept = graphs.inputs_for(key, tensors, key_valid, rope_pos)
     if compile:
@@ -331,7 +371,9 @@ def generate(
             if not greedy:
                 nxt = sample_next(nxt, temperature, top_p, generator)
     finally:
-        if not keeps:
+        if keeps:
+            graphs.take_back()
+        else:
             model.clear_kv_cache()
     results = []
     for row in out[:n, : t + 1].tolist():
