@@ -95,6 +95,31 @@ def test_lora_settings_of_another_method_are_refused_at_plan_time(tmp_path, edit
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize(("method", "named"), [
+    ("lora", "config ablations.vary ['adapter_layers', 'gate_init']: ablations.center's method lora does not read "
+             "them"),
+    ("full", "config ablations.vary ['adapter_layers', 'gate_init']: ablations.center's method full"),
+    ("zero-shot", "config ablations.vary ['adapter_layers', 'epochs', 'gate_init']: ablations.center's method "
+                  "zero-shot does not read them, so each point would repeat the center's base"),
+])
+def test_an_axis_the_center_method_ignores_is_refused_at_plan_time(tmp_path, method, named):
+    """The adapter's own settings varied at a LoRA or full center (every axis but method at a zero-shot one) would
+    plan points that train the same model again under other names, even with the adapter on the method axis (a
+    point varies one axis at the center's method); the plan stops naming the axes and the method."""
+    assert named in plan(tmp_path, lambda c: c["ablations"]["center"].update(method=method), refused=True)
+
+
+def test_an_axis_the_center_method_reads_plans(tmp_path):
+    """A full fine-tuning center varies what it reads (epochs) and the method; each epochs point trains."""
+    def edit(c):
+        c["ablations"]["center"].update(method="full")
+        c["ablations"]["vary"].update(adapter_layers=None, gate_init=None)
+
+    out = plan(tmp_path, edit)
+    for epochs in (2, 5):
+        assert f"results/adapters/ablations/adapter_layers~3/gate_init~zero/epochs~{epochs}/method~full/" in out
+
+
 def test_grid_values_are_named_and_passed_as_written(tmp_path):
     """An integer setting written 2.0 (a JSON integer to the schema) is 2, in the point's name and on the command
     line (the CLI refuses "2.0"); a float among an axis' integers does not turn them into floats (which renamed,

@@ -13,6 +13,7 @@ from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 from .config import (
+    ADAPTER_SETTINGS,
     COMPLETE_INFERENCE,
     DRAW_SETTINGS,
     DTYPES,
@@ -707,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a checkpoint path, or a hub model "
                    "ORG/NAME[@REVISION]")
-    add_dataclass_options(p, TrainConfig, only=("adapter_len", "adapter_layers", "gate_init"))
+    add_dataclass_options(p, TrainConfig, only=ADAPTER_SETTINGS)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("complete", help=cmd_complete.__doc__, description=cmd_complete.__doc__)

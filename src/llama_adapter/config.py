@@ -158,6 +158,9 @@ class AdapterArgs:
 # What a training tunes (methods.py holds each method's predicate): the paper's adapter, LoRA (Hu et al. 2021,
 # as Alpaca-LoRA applies it), every weight (Alpaca's full fine-tuning), or nothing (the base answers as it is).
 METHODS = ("adapter", "lora", "full", "zero-shot")
+# TrainConfig's settings that only the adapter reads (TrainConfig.adapter): LoRA, full fine-tuning and zero-shot
+# ignore them, so two trainings of those methods that differ only here are the same training.
+ADAPTER_SETTINGS = ("adapter_len", "adapter_layers", "gate_init")
 # Where each trained method's weights are written, relative to the training's output folder: the adapter in this
 # project's format, LoRA in PEFT's (adapter_config.json beside it), a full fine-tune as a base folder of its own.
 FULL_WEIGHTS = "model.safetensors"  # a full fine-tune's weights in its base folder (checkpoint.save_full)

@@ -10,6 +10,7 @@ import pandas as pd
 from snakemake.utils import Paramspace, validate
 
 from llama_adapter.config import (
+    ADAPTER_SETTINGS,
     DATASET_SPLIT_BY,
     DRAW_SETTINGS,
     WEIGHTS,
@@ -331,6 +332,32 @@ def check_method_settings():
         )
 
 
+def check_ablation_axes():
+    """An axis of ablations.vary that the center's method does not read would plan points that differ only by a
+    setting their training ignores: the same model trained (or, zero-shot, the same base scored) again under
+    another name, and a table of identical rows. Refused at plan time, naming the axes and the method: the
+    adapter's own settings (config.ADAPTER_SETTINGS) where the center trains no adapter, every axis but method
+    where it trains nothing (zero-shot). An adapter on the method axis does not help: each point varies one axis
+    with the others at the center, so an adapter_layers point still trains the center's method. (lora_* axes at
+    another method's center are check_method_settings', which finds them at the center.)
+    """
+    center_method = method_of({**config["train"], **CENTER})
+    if center_method == "zero-shot":
+        ignored = [axis for axis in ABLATION_AXES if axis != "method"]
+    elif center_method != "adapter":
+        ignored = [axis for axis in ABLATION_AXES if axis in ADAPTER_SETTINGS]
+    else:
+        ignored = []
+    if ignored:
+        raise ValueError(
+            f"config ablations.vary {ignored}: ablations.center's method {center_method} does not read "
+            f"{'them' if len(ignored) > 1 else 'it'}, so each point would repeat the center's "
+            f"{'base' if center_method == 'zero-shot' else 'training'} under another name; expected such an axis "
+            "only at an adapter center (ablations.center.method: adapter; the method axis still scores "
+            f"{center_method}), or drop it (ablations.vary.{ignored[0]}: null)"
+        )
+
+
 def trained_settings(name):
     """An experiment's train settings as its training reads them: the train block's lora_* (every LoRA training's
     defaults) only where a LoRA trains; `train` refuses them elsewhere, which would ignore them.
@@ -367,6 +394,7 @@ def lora_keys(settings, trained_by):
 
 
 check_method_settings()
+check_ablation_axes()
 check_precision()
 
 
