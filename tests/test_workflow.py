@@ -173,6 +173,18 @@ def test_a_split_the_questions_cannot_hold_is_refused_at_plan_time(tmp_path, edi
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
 
 
+def test_an_alpaca_ablation_split_other_than_val_is_refused_at_plan_time(tmp_path):
+    """An Alpaca ablation is scored on its held-out val samples whatever ablations.split says: another split is
+    refused, naming the key; config.yaml's val plans, each point scored on the held-out tokens."""
+    refusal = plan(tmp_path, lambda c: c["ablations"].update(dataset="alpaca", split="test"), refused=True)
+    assert ("config ablations.split 'test': an Alpaca ablation is scored by its held-out loss on tokenize's val "
+            "samples") in refusal
+    out = plan(tmp_path, lambda c: c["ablations"].update(dataset="alpaca"))
+    point = "ablations/adapter_layers~1/gate_init~zero/epochs~3/method~adapter"
+    [scored] = [line for line in out.splitlines() if "llama-adapter evaluate" in line and f"eval/{point}" in line]
+    assert "--task alpaca --data results/tokens/alpaca/val " in scored and "--split" not in scored
+
+
 def test_the_schema_offers_the_library_choices():
     """The config schema cannot hold defaults or choices of its own: its enums are the library's."""
     from llama_adapter.config import (

@@ -678,7 +678,19 @@ def check_evaluation_splits():
     data.scienceqa.assign_splits gives, else train / val / test, the only splits fetch gives the demo's and a
     local or downloaded source's records. A hub dataset (hf:) keeps its own split names (evaluate then names
     those present).
+
+    An Alpaca ablation is scored by its held-out loss on tokenize's val samples, the only held-out split its
+    seeded draw makes (train would score samples it trained on; there is no test): an ablations.split other
+    than val would be ignored without a word, and is refused. (val is config.yaml's, which a config merged
+    over it keeps.)
     """
+    alpaca_split = config["ablations"].get("split", "val")
+    if config["ablations"]["dataset"] == "alpaca" and alpaca_split != "val":
+        raise ValueError(
+            f"config ablations.split {alpaca_split!r}: an Alpaca ablation is scored by its held-out loss on "
+            "tokenize's val samples (tokenize.alpaca_val_size, a seeded draw), its only held-out split; expected "
+            "val (or ablations.dataset: scienceqa, whose questions carry train / val / test)"
+        )
     source = config["data"]["scienceqa"]
     assigned = (source.get("assign_splits") or {}).get("fractions")
     hub = source["source"].startswith("hf:")
