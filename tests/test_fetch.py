@@ -220,6 +220,30 @@ def test_assign_split_names_cuts_by_fraction():
     assert sorted(names) == ["test"] * 7 + ["train"] * 3
 
 
+def test_assigned_splits_do_not_depend_on_the_order_of_the_fractions(tmp_path):
+    """A config's fractions in another key order assign every pid the same split, and fetch.json records them
+    in one order; the runs are cut train, val, test (the order every shipped config writes)."""
+    from itertools import permutations
+
+    keys = [str(i) for i in range(101)]
+    written = {"train": 0.45, "val": 0.05, "test": 0.5}
+    names = assign_split_names(keys, written, seed=0)
+    assert Counter(names) == {"train": 45, "val": 5, "test": 51}  # cut at round(0.45 x 101), round(0.5 x 101)
+    for order in permutations(written):
+        assert assign_split_names(keys, {k: written[k] for k in order}, seed=0) == names, order
+    src = tmp_path / "sqa"
+    src.mkdir()
+    (src / "problems.json").write_text(json.dumps({str(i): sqa_problem(i, None) for i in range(40)}))
+    (src / "pid_splits.json").write_text(json.dumps({"train": [str(i) for i in range(40)]}))
+    metas, splits = [], []
+    for i, fractions in enumerate((written, dict(reversed(written.items())))):
+        metas.append(fetch("scienceqa", str(src), tmp_path / f"out{i}", assign_splits=fractions, split_seed=3))
+        splits.append({r["pid"]: r["split"] for r in read_records(tmp_path / f"out{i}")})
+    assert splits[0] == splits[1]
+    assert list(metas[0]["assigned_splits"]["fractions"]) == list(metas[1]["assigned_splits"]["fractions"]) == \
+        ["train", "val", "test"]
+
+
 @pytest.mark.parametrize("fractions, message", [
     ({"train": 0.5, "test": 0.4}, "sum to 1"), ({"train": 1.2, "test": -0.2}, "positive"),
     ({"train": 0.5, "dev": 0.5}, "must name train, val and/or test"), ({"train": float("nan")}, "sum to 1"),

@@ -173,6 +173,15 @@ def test_a_split_the_questions_cannot_hold_is_refused_at_plan_time(tmp_path, edi
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
 
 
+def test_assigned_split_fractions_reach_fetch_in_one_order(tmp_path):
+    """The fractions of data.scienceqa.assign_splits go to fetch in one order (train, val, test), whatever order
+    the config writes them in (here yaml's sorted test, train, val): reordering the keys changes no command."""
+    fractions = {"test": 0.5, "train": 0.45, "val": 0.05}
+    out = plan(tmp_path, lambda c: c["data"]["scienceqa"].update(assign_splits={"fractions": fractions}))
+    [fetched] = [line for line in out.splitlines() if "llama-adapter fetch --dataset scienceqa" in line]
+    assert " --assign-splits train=0.45 val=0.05 test=0.5 " in fetched, fetched
+
+
 def test_an_alpaca_ablation_split_other_than_val_is_refused_at_plan_time(tmp_path):
     """An Alpaca ablation is scored on its held-out val samples whatever ablations.split says: another split is
     refused, naming the key; config.yaml's val plans, each point scored on the held-out tokens."""

@@ -755,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", help="expected sha256 of a URL or file source")
     p.add_argument("--revision", help="dataset revision for hf: sources")
     p.add_argument("--assign-splits", nargs="+", type=split_fraction, metavar="NAME=FRACTION",
-                   help="scienceqa: replace the source's splits by a seeded rule, e.g. train=0.45 val=0.05 test=0.5")
+                   help="scienceqa: replace the source's splits by a seeded rule, e.g. train=0.45 val=0.05 test=0.5 "
+                   "(cut in that order, whatever order they are given in)")
     add_dataclass_options(p, FetchConfig)
     p.add_argument("--out", required=True, type=Path, help="the folder for records.jsonl, images/ and fetch.json")
     p.set_defaults(func=cmd_fetch, outputs=lambda ns: [ns.out])

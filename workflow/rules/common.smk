@@ -17,7 +17,7 @@ from llama_adapter.config import (
     CompileConfig,
     TrainConfig,
 )
-from llama_adapter.data import SCIENCEQA_SPLITS
+from llama_adapter.data import SCIENCEQA_SPLITS, in_split_order
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
 from llama_adapter.errors import PretrainedFetchError
 from llama_adapter.hub import parse_source
@@ -657,9 +657,11 @@ def fetch_options(source):
         for arg in (f"--{k}", source[k])
     ]
     if assigned := source.get("assign_splits"):
+        fractions = assigned["fractions"]
         options += [
             "--assign-splits",
-            *(f"{k}={v}" for k, v in assigned["fractions"].items()),
+            # in one order: reordering the config's keys must not change the command (and rerun every job)
+            *(f"{k}={fractions[k]}" for k in in_split_order(fractions)),
             *(["--split-seed", str(assigned["seed"])] if "seed" in assigned else []),
         ]
     return options

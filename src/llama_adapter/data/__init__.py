@@ -23,3 +23,12 @@ SCIENCEQA_FIELDS = (
 # The splits fetch gives ScienceQA records from the demo and from a local or downloaded source, and the names
 # --assign-splits may give; a hub dataset keeps its own split names (HF's "validation" becomes "val").
 SCIENCEQA_SPLITS = ("train", "val", "test")
+
+
+def in_split_order(names) -> list[str]:
+    """Split names in one order, whatever order they were given in: SCIENCEQA_SPLITS' (train, val, test), then any
+    other name, sorted. --assign-splits cuts its runs in this order, so a split assignment (and the workflow's
+    fetch command) does not change with the order of a config's keys; train, val, test keeps the assignment that
+    fractions written in that order (every shipped config's) always got."""
+    rank = {name: i for i, name in enumerate(SCIENCEQA_SPLITS)}
+    return sorted(names, key=lambda name: (rank.get(name, len(rank)), name))

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 from ..config import POLICIES, FetchConfig
 from ..errors import FetchError, UnsafePathError
 from ..io import atomic_dir, holds, read_json, read_jsonl, sha256_file, write_json
-from . import FORMAT_VERSION, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS
+from . import FORMAT_VERSION, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS, in_split_order
 from .paths import file_name, inside, relative
 
 Row = dict[str, Any]
@@ -159,9 +159,10 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
 
 def assign_split_names(keys: list[str], fractions: dict[str, float], seed: int) -> list[str]:
     """Each key's split: keys ordered by sha256(seed, key) and cut into consecutive runs of the given fractions
-    (rounded to whole records). A key's split depends only on the seed and the set of keys, not on file order."""
+    (rounded to whole records), one run per split in `in_split_order`. A key's split depends only on the seed,
+    the set of keys and the fractions: not on file order, nor on the order the fractions are given in."""
     order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}\0{keys[i]}".encode()).digest())
-    names, bounds, total = list(fractions), [], 0.0
+    names, bounds, total = in_split_order(fractions), [], 0.0
     for name in names:
         total += fractions[name]
         bounds.append(round(total * len(keys)))
@@ -202,6 +203,7 @@ def _reassign(records_path: Path, fractions: dict[str, float], seed: int, source
         row["split"] = split
     with open(records_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    fractions = {name: fractions[name] for name in in_split_order(fractions)}  # fetch.json's, in the cut's order
     counts = {name: sum(r["split"] == name for r in rows) for name in fractions}
     empty = [name for name, n in counts.items() if not n]
     if empty:
