@@ -490,6 +490,19 @@ def test_micro_batches_share_rows_evenly(setup):
     assert sum(sizes) == n_rows and len(sizes) == -(-n_rows // 4) and max(sizes) - min(sizes) <= 1
 
 
+def test_a_warm_up_as_long_as_the_run_is_warned_about(setup, tmp_path, capsys):
+    """--warmup-epochs >= --epochs: the learning rate climbs to the end and never decays. Quick runs rely on it (a
+    one-epoch smoke training at the default two warm-up epochs, or at config.yaml's one), so it trains, with one
+    line on stderr (the job's log) saying so; a schedule that decays says nothing."""
+    train(config(setup, tmp_path / "climbs", epochs=1, warmup_epochs=2, max_steps=1))
+    err = capsys.readouterr().err
+    assert err.count("--warmup-epochs") == 1, err
+    assert ("llama-adapter train: warning: --warmup-epochs 2 >= --epochs 1: the learning rate climbs for the whole "
+            "run and never decays, reaching 0.25 (of its peak 0.5) only at the end") in err, err
+    train(config(setup, tmp_path / "decays", max_steps=1))  # 3 epochs, 1 of warm-up
+    assert "--warmup-epochs" not in capsys.readouterr().err
+
+
 def test_schedule_is_the_papers():
     cfg = TrainConfig(base="", train_data="", out_dir="", epochs=5, warmup_epochs=2, global_batch=64)
     assert cfg.peak_lr() == pytest.approx(9e-3 * 64 / 256)

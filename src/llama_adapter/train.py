@@ -81,6 +81,18 @@ def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
 
 
+def schedule_warning(cfg: TrainConfig) -> str | None:
+    """What is odd about the schedule, if anything: a warm-up as long as the run or longer (--warmup-epochs >=
+    --epochs), where the learning rate climbs to the end and never decays. A warning, not an error: quick runs
+    rely on it (a one-epoch smoke training at the default two warm-up epochs, or at a config's one)."""
+    if cfg.warmup_epochs < cfg.epochs:
+        return None
+    reached = cfg.peak_lr() * cfg.epochs / cfg.warmup_epochs
+    return (f"--warmup-epochs {cfg.warmup_epochs:g} >= --epochs {cfg.epochs}: the learning rate climbs for the whole "
+            f"run and never decays, reaching {reached:g} (of its peak {cfg.peak_lr():g}) only at the end; fine for "
+            "a quick run, otherwise give fewer warm-up epochs than epochs")
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
@@ -534,6 +546,10 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
         model.compile_blocks()
 
     if d.rank == 0:
+        # One line per job (its log), not per process; once every input is checked, so that a refused run's
+        # stderr is its one-line error alone.
+        if warning := schedule_warning(cfg):
+            print(f"llama-adapter train: warning: {warning}", file=sys.stderr, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         for path in training_outputs(out):  # an earlier run's, which this run's config.json would seem to describe
             remove_output(path)
