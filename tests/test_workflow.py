@@ -137,6 +137,17 @@ def test_grid_values_are_named_and_passed_as_written(tmp_path):
     assert f"results/adapters/{full_point}/" not in out
 
 
+def test_a_method_point_reuses_the_named_training_whatever_the_adapter_settings(tmp_path):
+    """The method axis' LoRA and full points hold the center's adapter settings, which their trainings do not read:
+    at a center whose adapter_layers differ from the train block's they still reuse scienceqa_lora's and
+    scienceqa_full's trainings (they trained second copies)."""
+    out = plan(tmp_path, lambda c: c["ablations"]["center"].update(adapter_layers=2))
+    for method in ("lora", "full"):
+        point = f"ablations/adapter_layers~2/gate_init~zero/epochs~3/method~{method}"
+        assert f"results/eval/{point}/scores.json" in out and f"results/adapters/{point}/" not in out
+    assert "results/adapters/ablations/adapter_layers~2/gate_init~zero/epochs~3/method~adapter/" in out
+
+
 def test_fp8_where_every_weight_trains_is_refused_at_plan_time(tmp_path):
     refusal = plan(tmp_path, lambda c: c["train"].update(precision="fp8"), refused=True)
     assert "config train.precision fp8 reaches ['instruction_full', 'scienceqa_full'" in refusal

@@ -281,12 +281,17 @@ def trained_as(name):
     """
 
     def settings(e):
-        """As trained (a setting the training would not read left out): an unset method is the default one,
-        and a null setting an unset one."""
+        """As trained (a setting the training would not read left out: the adapter's own where no adapter
+        trains): an unset method is the default one, and a null setting an unset one."""
         train = trained_settings(e)
+        trained_by = method_of(train)
         return experiment(e)[0], {
-            **{k: v for k, v in train.items() if v is not None},
-            "method": method_of(train),
+            **{
+                k: v
+                for k, v in train.items()
+                if v is not None and (trained_by == "adapter" or k not in ADAPTER_SETTINGS)
+            },
+            "method": trained_by,
         }
 
     for named in NAMED_EXPERIMENTS:
