@@ -67,6 +67,55 @@ def test_scienceqa_scores_on_hand_made_predictions():
     assert c["G1-6"] == {"accuracy": round(200 / 3, 2), "n": 3} and c["G7-12"] == {"accuracy": 0.0, "n": 1}
 
 
+def question(pid: str, has_image: bool) -> dict:
+    return {"pid": pid, "split": "test", "question": "Which?", "choices": ["x", "y"], "answer": 0, "hint": None,
+            "image": f"images/{pid}.png" if has_image else None, "has_image": has_image,
+            "subject": "natural science", "grade": "grade3"}
+
+
+class FeaturesOf:
+    """An image feature cache holding rows for `pids` only."""
+
+    def __init__(self, *pids):
+        self.pids = set(pids)
+
+    def vectors(self, pids):
+        has = np.array([p in self.pids for p in pids])
+        return np.ones((len(pids), 4), dtype=np.float32), has
+
+
+def test_image_questions_without_features_are_listed_and_a_cache_of_none_refused(monkeypatch):
+    """An image question the cache holds no features for (encode-images' skip policy) is scored from its text and
+    listed in the scores; a cache holding none of the image questions (made of other records) is refused."""
+    import llama_adapter.evaluate as evaluation
+
+    seen = {}
+    monkeypatch.setattr(evaluation, "answer_by_likelihood",
+                        lambda model, tokenizer, records, bs, images=None: seen.update(images=images) or
+                        [0] * len(records))
+    records = [question("q1", True), question("q2", True), question("q3", False)]
+    model = SimpleNamespace(eval=lambda: None)
+    scores, _ = evaluation.score_scienceqa(model, None, records, "likelihood", images=FeaturesOf("q2"))
+    assert scores["images_missing"] == ["q1"] and seen["images"][0] is None and seen["images"][1] is not None
+    assert "images_missing" not in evaluation.score_scienceqa(model, None, records, "likelihood",
+                                                              images=FeaturesOf("q1", "q2"))[0]
+    with pytest.raises(DataError, match="none of the 2 image questions' images .first: q1"):
+        evaluation.score_scienceqa(model, None, records, "likelihood", images=FeaturesOf())
+    with pytest.raises(DataError, match="'q3' is given twice"):
+        evaluation.score_scienceqa(model, None, records + [question("q3", False)], "likelihood")
+
+
+def test_an_option_without_a_finite_score_is_not_chosen(world, monkeypatch):
+    """Likelihood mode: a NaN score is no answer (it became option A), and a finite one beats it."""
+    import llama_adapter.evaluate as evaluation
+
+    _, tok = world
+    records = [question("q1", False), question("q2", False)]
+    monkeypatch.setattr(evaluation, "sequence_logprobs",
+                        lambda model, samples, bs: [float("nan"), float("nan"), float("nan"), -3.0])
+    assert evaluation.answer_by_likelihood(None, tok, records, 4) == [None, 1]
+
+
 def test_hot_swapped_adapters_equal_separately_loaded(world):
     root, tok = world
     requests = [{"id": 1, "instruction": "Name a colour."}, {"id": 2, "instruction": "Add.", "input": "2 and 3"},

@@ -181,6 +181,12 @@ def test_qcm_format_and_answer_parsing():
     assert parse_answer("Answer: The answer is (B).", 3) == 1
     assert parse_answer("the answer is C", 3) == 2
     assert parse_answer("The answer is (D).", 3) is None and parse_answer("whale", 3) is None
+    assert parse_answer("The answer is B.\nBecause", 3) == 1  # a bare letter standing alone
+    # an option's text is not its first letter (these real option texts were read as (E), (D), (B), (A))
+    for text in ("Earth.", "Denver.", "Both are chemical changes.", "Arizona."):
+        assert parse_answer(f"Answer: The answer is {text}", 5) is None, text
+    assert parse_answer("The answer is (A). The answer is (B).", 3) is None  # two answers: none (the official way)
+    assert parse_answer("The answer is (A). The answer is (A).", 3) == 0  # one answer said twice
 
 
 def test_categories():

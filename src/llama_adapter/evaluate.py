@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,9 @@ def sequence_logprobs(model: Transformer, samples: list[tuple], batch_size: int)
 
 
 def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
-                         images: list[np.ndarray | None] | None = None) -> list[int]:
+                         images: list[np.ndarray | None] | None = None) -> list[int | None]:
+    """Each question's most likely option, None where no option's score is finite (a NaN is no answer, not the
+    first option)."""
     samples, owners = [], []
     for q, r in enumerate(records):
         prompt = qcm_prompt(r)
@@ -57,9 +60,9 @@ def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list
     scores = sequence_logprobs(model, samples, batch_size)
     best: dict[int, tuple[float, int]] = {}
     for (q, k), s in zip(owners, scores):
-        if q not in best or s > best[q][0]:
+        if math.isfinite(s) and (q not in best or s > best[q][0]):
             best[q] = (s, k)
-    return [best[q][1] for q in range(len(records))]
+    return [best[q][1] if q in best else None for q in range(len(records))]
 
 
 def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
@@ -112,11 +115,22 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
     no-model floor (`floor`); compile: the decode step compiled (mode generate)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    seen: set[str] = set()
+    for r in records:
+        if str(r["pid"]) in seen:
+            raise DataError(f"question {r['pid']!r} is given twice; expected each question once (it would count "
+                            "twice in every accuracy)")
+        seen.add(str(r["pid"]))
     model.eval()
-    per_question = None
+    per_question, images_missing = None, None
     if images is not None:
         vectors, has = images.vectors([str(r["pid"]) for r in records])
         per_question = [v if h else None for v, h in zip(vectors, has)]
+        with_image = [str(r["pid"]) for r in records if r.get("has_image") or r.get("image")]
+        images_missing = sorted(set(with_image) - {str(r["pid"]) for r, h in zip(records, has) if h})
+        if with_image and len(images_missing) == len(with_image):
+            raise DataError(f"the image features hold none of the {len(with_image)} image questions' images "
+                            f"(first: {with_image[0]}); expected the cache encode-images made of these records")
     if mode == "likelihood":
         preds = answer_by_likelihood(model, tokenizer, records, batch_size, per_question)
         texts = [""] * len(records)
@@ -129,6 +143,9 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
     chance = 100.0 * sum(1 / len(r["choices"]) for r in records) / len(records) if records else None
     scores = {"mode": mode, **scienceqa_scores(predictions), "chance": chance and round(chance, 2),
               "floor": answer_position_floor(train_records or [], records)}
+    if images_missing:
+        # image questions the cache has no features for (encode-images' skip policy): scored from their text
+        scores["images_missing"] = images_missing
     if mode == "generate" and records:
         # The same outputs read in any wording ("(X)" anywhere): tells a model that knows the answer but not the
         # paper's answer format from one that knows neither.

@@ -24,17 +24,21 @@ def qcm_target(record: dict) -> str:
     return f"Answer: The answer is ({LETTERS[record['answer']]})."
 
 
-ANSWER_RE = re.compile(r"answer is \(?([A-E])\)?")
+# "The answer is (X)", or a bare letter that stands alone ("The answer is B."): not the first letter of an option's
+# text ("The answer is Earth." names no option; read as (E), it was right or wrong by chance).
+ANSWER_RE = re.compile(r"answer is (?:\(([A-E])\)|([A-E])(?=[.,;:!?)\n]|$))")
 ANY_LETTER_RE = re.compile(r"\(([A-E])\)")
 
 
 def parse_answer(text: str, n_choices: int, pattern: re.Pattern = ANSWER_RE) -> int | None:
-    """The chosen option index in a generated answer, or None if it names no valid option. The default pattern
-    is the paper's "The answer is (X)"; ANY_LETTER_RE takes the first "(X)" in any wording."""
-    m = pattern.search(text)
-    if m is None or LETTERS.index(m.group(1)) >= n_choices:
+    """The chosen option index in a generated answer, or None if it names no valid option or names two different
+    ones (as the official ScienceQA evaluation fails an output with more than one answer; the same answer said
+    twice is that answer). The default pattern is the paper's "The answer is (X)"; ANY_LETTER_RE reads "(X)" in
+    any wording."""
+    letters = {next(g for g in m.groups() if g) for m in pattern.finditer(text)}
+    if len(letters) != 1 or LETTERS.index(next(iter(letters))) >= n_choices:
         return None
-    return LETTERS.index(m.group(1))
+    return LETTERS.index(letters.pop())
 
 
 GRADE_RE = re.compile(r"grade([1-9]|1[0-2])")
