@@ -86,7 +86,8 @@ class FeaturesOf:
 
 def test_image_questions_without_features_are_listed_and_a_cache_of_none_refused(monkeypatch):
     """An image question the cache holds no features for (encode-images' skip policy) is scored from its text and
-    listed in the scores; a cache holding none of the image questions (made of other records) is refused."""
+    listed in the scores; a cache holding none of the image questions (made of other records) is refused; a
+    question without an image reads no row (one there was another record's image)."""
     import llama_adapter.evaluate as evaluation
 
     seen = {}
@@ -95,8 +96,9 @@ def test_image_questions_without_features_are_listed_and_a_cache_of_none_refused
                         [0] * len(records))
     records = [question("q1", True), question("q2", True), question("q3", False)]
     model = SimpleNamespace(eval=lambda: None)
-    scores, _ = evaluation.score_scienceqa(model, None, records, "likelihood", images=FeaturesOf("q2"))
+    scores, _ = evaluation.score_scienceqa(model, None, records, "likelihood", images=FeaturesOf("q2", "q3"))
     assert scores["images_missing"] == ["q1"] and seen["images"][0] is None and seen["images"][1] is not None
+    assert seen["images"][2] is None  # a row for a question without an image is not its image
     assert "images_missing" not in evaluation.score_scienceqa(model, None, records, "likelihood",
                                                               images=FeaturesOf("q1", "q2"))[0]
     with pytest.raises(DataError, match="none of the 2 image questions' images .first: q1"):

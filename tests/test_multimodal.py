@@ -233,3 +233,79 @@ def test_cpu_and_gpu_caches_are_not_mixed(clip_dir, tmp_path):
     cpu = VisionEncoder(clip_dir, layers=(-1, -3), device="cpu")
     assert (encode_images(cpu, records, out)["encoded"], encode_images(gpu, records, out)["reused"]) == (2, 0)
     assert encode_images(gpu, records, out)["reused"] == 2 and encode_images(cpu, records, out)["reused"] == 0
+
+
+def _damaged_png() -> bytes:
+    """A PNG whose second IDAT chunk has a garbage type: PIL opens it, and decoding raises SyntaxError ("broken PNG
+    file"), not OSError."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((300, 300, 3)) * 255).astype("uint8")).save(buffer, "PNG")
+    raw = bytearray(buffer.getvalue())
+    second = raw.find(b"IDAT", raw.find(b"IDAT") + 4)
+    raw[second: second + 4] = b"\x00\x01\x02\x03"
+    return bytes(raw)
+
+
+def test_a_damaged_png_and_a_thin_strip_are_unreadable_images_by_pid(encoder, tmp_path):
+    """A PNG with a damaged chunk (SyntaxError: it crashed the skip policy and escaped the fail policy's message)
+    and a 1 x 5000 strip (preprocessing would scale it to 32 x 160,000 before the crop; gigapixels for a real
+    CLIP) are refused by pid like any unreadable image."""
+    records = _dataset(tmp_path, {"1": "red", "2": "blue", "3": "green"})
+    (tmp_path / "fetched" / "images" / "2.png").write_bytes(_damaged_png())
+    Image.new("RGB", (1, 5000), "red").save(tmp_path / "fetched" / "images" / "3.png")
+    with pytest.raises(ImageError, match=r"pid 2: image .*2\.png cannot be read"):
+        encode_images(encoder, records, tmp_path / "features")
+    summary = encode_images(encoder, records, tmp_path / "features", policy="skip")
+    assert summary["skipped"] == ["2", "3"] and ImageFeatures(tmp_path / "features").pids == ["1"]
+
+
+@pytest.fixture
+def multimodal_world(tmp_path, encoder, llama_sp_model):
+    """A tiny base (tokenizer beside it), a multimodal adapter reading the tiny CLIP's 64-wide features, one reading
+    32-wide ones, and a validated dataset A with the cache encode-images made of it."""
+    from llama_adapter.adapter import AdaptedTransformer
+    from llama_adapter.checkpoint import save_adapter, save_meta_checkpoint
+    from llama_adapter.config import AdapterArgs, ModelArgs
+
+    args = ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=64, max_seq_len=256)
+    torch.manual_seed(0)
+    for name, width in (("mm", encoder.feature_dim), ("narrow", 32)):
+        model = AdaptedTransformer(args, AdapterArgs(adapter_len=3, adapter_layers=2, visual_dim=width,
+                                                     visual_hidden=8))
+        if name == "mm":
+            save_meta_checkpoint(model, tmp_path / "base")
+            (tmp_path / "base" / "tokenizer.model").write_bytes(llama_sp_model.read_bytes())
+        save_adapter(model, tmp_path / f"{name}.safetensors", base_model=str(tmp_path / "base"))
+    encode_images(encoder, _dataset(tmp_path / "A", {"1": "red", "2": "blue"}), tmp_path / "cacheA")
+    return tmp_path
+
+
+def test_evaluate_reads_a_multimodal_adapters_own_images_or_refuses(multimodal_world, capsys, monkeypatch):
+    """A multimodal adapter is evaluated with the cache of its own width, made of these records' images: without
+    --image-features (every image question was scored from its text), with a cache of another width (a matmul
+    error after loading), with the cache of other records sharing their pids, or after an image changed (both
+    read the old features), it is refused by name, in one line."""
+    from llama_adapter import cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{multimodal_world}/mlflow.db")
+    w = multimodal_world
+    _dataset(w / "B", {"1": "green", "2": "yellow"})
+
+    def refused(adapter, data, *features):
+        rc = cli.main([str(a) for a in ("evaluate", "--task", "scienceqa", "--base", w / "base", "--adapter",
+                                        w / adapter, "--data", w / data / "validated", *features, "--out",
+                                        w / "eval", "--mode", "likelihood")])
+        err = capsys.readouterr().err
+        assert rc not in (0, None) and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert not (w / "eval" / "scores.json").exists()
+        return err
+
+    assert "expected --image-features" in refused("mm.safetensors", "A")
+    assert "features 64 wide, but --adapter" in refused("narrow.safetensors", "A", "--image-features", w / "cacheA")
+    assert "pid 1: its features are not of image" in refused("mm.safetensors", "B", "--image-features",
+                                                             w / "cacheA")
+    _image("green").save(w / "A" / "fetched" / "images" / "2.png")
+    assert "pid 2: its features are not of image" in refused("mm.safetensors", "A", "--image-features",
+                                                             w / "cacheA")

@@ -624,6 +624,21 @@ def test_multimodal_training_reads_each_samples_image(setup, tmp_path):
     assert all(np.isfinite(h["loss"]) for h in result["history"]) and len(result["val_loss"]) == 2
     adapter, _, tensors = read_adapter(tmp_path / "run" / "adapter.safetensors")
     assert adapter.visual_dim == 4 and tensors["adapter_visual.0.weight"].shape == (adapter.visual_hidden, 4)
+    # the samples that read an image are counted (the others train from their text)
+    counts = {"train": {"with_image": 32, "samples": 48}, "val": {"with_image": 16, "samples": 16}}
+    assert result["image_samples"] == counts
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["image_samples"] == counts
+
+    # a resumed run checks what the cache holds, not only its path: the same cache encoded again is refused
+    kept = replace(cfg, out_dir=str(tmp_path / "kept"), max_steps=1)
+    train(kept, keep_checkpoint=True)
+    (cache / "encoder.json").write_text(json.dumps({"encoder": "another"}))
+    with pytest.raises(ValueError, match="--image-features .* hold.* another model or other samples"):
+        train(replace(kept, max_steps=2), resume=True)
+    # a cache made of other records: not one sample reads an image, refused (it trained text-only, unsaid)
+    (cache / "pids.json").write_text(json.dumps([f"other-{i}" for i in range(48)]))
+    with pytest.raises(DataError, match="none of the 48 samples of --train-data .* has features there"):
+        train(replace(cfg, out_dir=str(tmp_path / "other")))
 
 
 def test_compiled_training_keeps_its_code_in_the_configs_compile_cache(setup, tmp_path):

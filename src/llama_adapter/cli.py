@@ -418,13 +418,14 @@ def adapter_spec(spec: str) -> tuple[str, str]:
     return name, path
 
 
-def reads_images(adapter: Path | None) -> bool:
-    """Whether an --adapter is a multimodal one (ours, its header's visual_dim set): no other kind reads images."""
+def image_feature_width(adapter: Path | None) -> int:
+    """The image-feature width an --adapter reads: a multimodal one's (ours, its header's visual_dim), else 0 (no
+    other kind reads images)."""
     from .checkpoint import peft_files, read_adapter
 
     if adapter is None or adapter.suffix != ".safetensors" or peft_files(adapter) is not None:
-        return False
-    return read_adapter(adapter)[0].visual_dim > 0
+        return 0
+    return read_adapter(adapter)[0].visual_dim
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -496,35 +497,43 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     if ns.adapter is not None:
         adapter_file(ns.adapter)
     release = release_adapter(ns, [ns.adapter] if ns.adapter is not None else [])
+    inputs = {}
     if ns.task == "scienceqa":
         existing_dir(ns.data, "--data", "a folder written by validate (holding records.jsonl)")
         existing_file(ns.data / "records.jsonl", "--data", "a folder written by validate (holding records.jsonl)")
+        width = image_feature_width(ns.adapter)
         if ns.image_features:
             existing_dir(ns.image_features, "--image-features", "a feature cache folder written by encode-images")
-            if not reads_images(ns.adapter):
+            if not width:
                 given = f"--adapter {ns.adapter}" if ns.adapter is not None else "no --adapter (the base alone)"
                 raise InputError(f"--image-features {ns.image_features} given with {given}, which reads no image; "
                                  "expected them only with a multimodal adapter (trained with --image-features)")
+            from .multimodal import ImageFeatures
+
+            inputs["images"] = ImageFeatures(ns.image_features)
+            if inputs["images"].dim != width:
+                raise InputError(f"--image-features {ns.image_features}: features {inputs['images'].dim} wide, but "
+                                 f"--adapter {ns.adapter} was trained on features {width} wide; expected the cache "
+                                 "of the encoder (and --layers) its training read")
+        elif width:
+            raise InputError(f"--adapter {ns.adapter} is multimodal (trained with --image-features); expected "
+                             "--image-features, the cache encode-images made of --data's records (without it every "
+                             "image question would be scored from its text alone)")
     else:
         split = token_split(ns.data, "--data")
         if split["longest"] > ns.row_len:
             raise InputError(f"--data {ns.data}: longest sample {split['longest']} tokens > --row-len {ns.row_len}; "
                              f"expected --row-len of at least {split['longest']}")
     writable_output(ns.out, "--out", folder=True)
-    inputs = {}
     if ns.task == "scienceqa":
         records = read_questions(ns.data)
         split_questions(records, ns.split, ns.data / "records.jsonl")  # before the model loads: a wrong --split
-        inputs = {"records": records}
+        inputs["records"] = records
     tokenizer, tokenizer_path = inference_tokenizer(ns)
     model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize, ns.compile or not decodes,
                                release)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
-    if ns.task == "scienceqa" and ns.image_features:
-        from .multimodal import ImageFeatures
-
-        inputs["images"] = ImageFeatures(ns.image_features)
-    elif ns.task == "alpaca":
+    if ns.task == "alpaca":
         from .inputs import check_token_ids
 
         check_token_ids(split["max_id"], model.args.vocab_size, ns.data, "--data", ns.base)

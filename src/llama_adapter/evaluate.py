@@ -122,11 +122,17 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
                             "twice in every accuracy)")
         seen.add(str(r["pid"]))
     model.eval()
+    with_image = [str(r["pid"]) for r in records if r.get("has_image") or r.get("image")]
+    if images is None and with_image and getattr(getattr(model, "adapter", None), "visual_dim", 0):
+        raise DataError(f"a multimodal adapter scored without image features: its {len(with_image)} image "
+                        f"questions (first: {with_image[0]}) would be scored from their text alone; expected the "
+                        "feature cache encode-images made of these records")
     per_question, images_missing = None, None
-    if images is not None:
+    if images is not None:  # image questions only: a row of a pid without an image here is not this record's
+        image_pids = set(with_image)
         vectors, has = images.vectors([str(r["pid"]) for r in records])
+        has = [h and str(r["pid"]) in image_pids for r, h in zip(records, has)]
         per_question = [v if h else None for v, h in zip(vectors, has)]
-        with_image = [str(r["pid"]) for r in records if r.get("has_image") or r.get("image")]
         images_missing = sorted(set(with_image) - {str(r["pid"]) for r, h in zip(records, has) if h})
         if with_image and len(images_missing) == len(with_image):
             raise DataError(f"the image features hold none of the {len(with_image)} image questions' images "
@@ -219,6 +225,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
 
     if ev.task == "scienceqa":
         records, train_records = split_questions(records or [], ev.split, Path(ev.data) / "records.jsonl")
+        if images is not None:
+            images.check_images(records, Path(ev.data) / "records.jsonl")
     training = training_of(ev.base, ev.adapter)
     method = training.get("method") or ("zero-shot" if ev.adapter is None else
                                         "lora" if is_lora_file(Path(ev.adapter)) else "adapter")

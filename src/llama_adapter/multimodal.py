@@ -11,6 +11,8 @@ transformers is imported only where an encoder is built: reading a cache does no
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 from PIL import Image
 
 from .config import POLICIES, EncodeImagesConfig, TinyClipConfig
+from .data import image_read_errors
 from .data.paths import inside
 from .data.validate import check_validated_records, fetched_folder
 from .devices import pick_device
@@ -33,7 +36,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Every third block from the last, as a spread of scales; indices beyond a shallow model are dropped.
 DEFAULT_LAYERS = (-1, -4, -7, -10)
-IMAGE_READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+# Preprocessing scales the shortest side to the encoder's size before the centre crop, so a thin strip (1 x 20,000
+# pixels, a few bytes as a PNG) would become gigapixels: refused, by pid, as an unreadable image is.
+MAX_ASPECT = 64
 
 
 class VisionEncoder:
@@ -142,8 +147,34 @@ class ImageFeatures:
     def dim(self) -> int:
         return self.features.shape[1]
 
+    def digest(self) -> str:
+        """sha256 of what the cache holds: its encoder, each row's pid and the sha256 of the image it was encoded
+        from (a resumed training checks its features by it)."""
+        held = {"encoder": self.meta.get("encoder"), "pids": self.pids, "images": self.meta.get("images")}
+        return hashlib.sha256(json.dumps(held, sort_keys=True).encode()).hexdigest()
+
     def row(self, pid: str) -> int | None:
         return self._rows.get(pid)
+
+    def check_images(self, records: list[dict], records_path: Path) -> None:
+        """Refuse rows that are not these records' images: a pid whose image file is not the one its row was
+        encoded from (encoder.json's sha256: the image changed since, or the cache was made of other records that
+        share pids), or a file that cannot be read. Rows of pids with no image here are not read (evaluate gives
+        features to image questions only)."""
+        root, encoded = dataset_root(Path(records_path)), self.meta.get("images", {})
+        for r in records:
+            pid = str(r["pid"])
+            if r.get("image") is None or self.row(pid) is None:
+                continue
+            path = image_path(records_path, root, r["image"])
+            try:
+                current = sha256_file(path)
+            except OSError as e:
+                raise ImageError(f"{records_path}: pid {pid}: image {path} cannot be read ({e})") from None
+            if current != encoded.get(pid):
+                raise ImageError(f"{self.path}: pid {pid}: its features are not of image {path} (sha256 {current}, "
+                                 f"the cache's {encoded.get(pid)}); expected the cache encode-images made of "
+                                 f"{records_path}: run encode-images again")
 
     def vectors(self, pids: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
         """(k, dim) float32 features and a (k,) mask; rows of pids without features (None or absent) are zero."""
@@ -186,8 +217,7 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
         pid = r["pid"]
         if r.get("image") is not None:
             try:  # the records file is data too: its image paths must stay inside the dataset
-                wanted.append((pid, inside(root, os.path.relpath(os.path.normpath(records_path.parent / r["image"]),
-                                                                 root))))
+                wanted.append((pid, image_path(records_path, root, r["image"])))
             except UnsafePathError as e:
                 unreadable(pid, r["image"], e)
         elif r.get("has_image"):  # the source names an image that was not shipped or not stored
@@ -225,9 +255,12 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
         for k, pid, path in todo[start:start + batch_size]:
             try:
                 with Image.open(path) as im:
+                    if max(im.size) > MAX_ASPECT * min(im.size):
+                        raise ValueError(f"{im.size[0]} x {im.size[1]} pixels, more than {MAX_ASPECT} times as long "
+                                         "as wide")
                     images.append(im.convert("RGB"))
                 rows.append(k)
-            except IMAGE_READ_ERRORS as e:
+            except image_read_errors() as e:
                 unreadable(pid, path, e)
         if images:
             features[rows], done[rows] = encoder.encode(images).numpy(), True
@@ -247,6 +280,12 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
                                           "records": str(records_path), **summary, "skipped": skipped,
                                           "images": {p: digests[p] for p in pids}})
     return {**summary, "skipped": skipped}
+
+
+def image_path(records_path: Path, root: Path, image: str) -> Path:
+    """A record's image file (its path relative to the records file), refused (UnsafePathError) where it leaves
+    the dataset folder `root`."""
+    return inside(root, os.path.relpath(os.path.normpath(Path(records_path).parent / image), root))
 
 
 def dataset_root(records_path: Path) -> Path:

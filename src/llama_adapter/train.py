@@ -364,7 +364,8 @@ def restore(state: dict, ckpt_path: Path, cfg: TrainConfig, model: Transformer, 
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if changed:
         raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed {{key: (then, now)}}: {changed}")
-    paths = {"--base": cfg.base, "--train-data": cfg.train_data, "--val-data": cfg.val_data}
+    paths = {"--base": cfg.base, "--train-data": cfg.train_data, "--val-data": cfg.val_data,
+             "--image-features": cfg.image_features}
     others = [f"{option} {paths[option]}" for option, digest in inputs.items()
               if option in state.get("inputs", {}) and state["inputs"][option] != digest]
     if others:
@@ -527,11 +528,20 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
     for option, ds in (("--train-data", train_ds), ("--val-data", val_ds)):
         if ds is not None:  # a loss over no targets is 0/0: a NaN step, or a NaN validation loss in metrics.json
             ds.require_targets(option)
+    image_samples = None
+    if images is not None:  # each split's samples that read an image, and all of them: the rest train from text
+        image_samples = {name: {"with_image": ds.samples_with_images(), "samples": len(ds)}
+                         for name, ds in (("train", train_ds), ("val", val_ds)) if ds is not None}
+        if not image_samples["train"]["with_image"]:
+            raise DataError(f"--image-features {cfg.image_features}: none of the {len(train_ds)} samples of "
+                            f"--train-data {cfg.train_data} has features there (a cache made of other records?); "
+                            "expected the cache encode-images made of the records tokenize read")
     steps_per_epoch = math.ceil(len(train_ds) / cfg.global_batch)
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps or total_steps)
     inputs = {"--base": loaded_base, "--train-data": train_ds.digest(),
-              "--val-data": val_ds.digest() if val_ds is not None else None}
+              "--val-data": val_ds.digest() if val_ds is not None else None,
+              "--image-features": images.digest() if images is not None else None}
 
     found = read_checkpoint(ckpt_path, announce=d.rank == 0) if resume else None
     if found is not None:
@@ -550,6 +560,9 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
         # stderr is its one-line error alone.
         if warning := schedule_warning(cfg):
             print(f"llama-adapter train: warning: {warning}", file=sys.stderr, flush=True)
+        for name, count in (image_samples or {}).items():
+            print(f"llama-adapter train: {count['with_image']} of the {count['samples']} {name} samples read an "
+                  "image (the rest, from their text alone)", file=sys.stderr, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         for path in training_outputs(out):  # an earlier run's, which this run's config.json would seem to describe
             remove_output(path)
@@ -636,7 +649,7 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
                 step = run_step(step)
                 if step % cfg.checkpoint_every == 0 or step == last_step:
                     save(step)
-        result = finish(model, cfg, history, d, tracker, initial_val_loss)
+        result = finish(model, cfg, history, d, tracker, initial_val_loss, image_samples)
     except TrainingInterrupted:
         raise
     except (KeyboardInterrupt, StoppedBySignal):
@@ -655,14 +668,14 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
 
 
 def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, tracker: Tracker,
-           initial_val_loss: float | None) -> dict:
+           initial_val_loss: float | None, image_samples: dict | None) -> dict:
     out = Path(cfg.out_dir)
     result = {"method": cfg.method, "weights": WEIGHTS[cfg.method], "steps": len(history),
               "final_loss": history[-1]["loss"] if history else None,
               "initial_val_loss": initial_val_loss, "val_loss": [h["val_loss"] for h in history if "val_loss" in h],
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
               **d.layout(), "device": device_name(d.device), "history": history,
-              "mlflow_run_id": tracker.run_id, "tags": tracker.tags}
+              "mlflow_run_id": tracker.run_id, "tags": tracker.tags, "image_samples": image_samples}
     # Sharded weights are gathered whole first (collective: every process takes part).
     whole = get_model_state_dict(model, options=FULL_STATE) if any(map(is_sharded, model.parameters())) else None
     if d.rank == 0:

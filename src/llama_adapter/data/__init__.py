@@ -32,3 +32,11 @@ def in_split_order(names) -> list[str]:
     fractions written in that order (every shipped config's) always got."""
     rank = {name: i for i, name in enumerate(SCIENCEQA_SPLITS)}
     return sorted(names, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+def image_read_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file it cannot decode: OSError (truncated, unidentified), ValueError, SyntaxError (a
+    damaged PNG chunk: "broken PNG file"), and its decompression-bomb refusal."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, Image.DecompressionBombError

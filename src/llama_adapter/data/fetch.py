@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 from ..config import POLICIES, FetchConfig
 from ..errors import FetchError, UnsafePathError
 from ..io import atomic_dir, holds, read_json, read_jsonl, sha256_file, write_json
-from . import FORMAT_VERSION, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS, in_split_order
+from . import FORMAT_VERSION, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS, image_read_errors, in_split_order
 from .paths import file_name, inside, relative
 
 Row = dict[str, Any]
@@ -356,7 +356,7 @@ def _as_png(data: bytes, name: str) -> bytes | str:
             im.save(out, format="PNG")
     except UnidentifiedImageError:  # its message names the in-memory buffer, which fetch.json would keep
         return f"{name} is not an image in any format PIL reads"
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises for undecodable data
+    except image_read_errors() as e:
         return f"{name} cannot be decoded ({e})"
     return out.getvalue()
 

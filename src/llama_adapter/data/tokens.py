@@ -332,6 +332,10 @@ class TokenDataset:
         """Sample i's loss mask (True where the token is a training target)."""
         return np.asarray(self.loss_mask[self.offsets[i]: self.offsets[i + 1]])
 
+    def samples_with_images(self) -> int:
+        """How many samples the image feature cache holds features for (a text-only question has none)."""
+        return sum(self.images.row(key) is not None for key in self.keys)
+
     def __getitem__(self, i: int) -> tuple:
         sample = np.asarray(self.tokens[self.offsets[i]: self.offsets[i + 1]]), self.sample_loss_mask(i)
         if self.images is None:
