@@ -309,3 +309,18 @@ def test_evaluate_reads_a_multimodal_adapters_own_images_or_refuses(multimodal_w
     _image("green").save(w / "A" / "fetched" / "images" / "2.png")
     assert "pid 2: its features are not of image" in refused("mm.safetensors", "A", "--image-features",
                                                              w / "cacheA")
+
+
+def test_generate_says_a_multimodal_adapter_answers_from_text_alone(multimodal_world, capsys, monkeypatch):
+    """generate's prompts carry no image: a multimodal adapter answers them from their text, and the command says
+    so (it did not)."""
+    from llama_adapter import cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{multimodal_world}/mlflow.db")
+    w = multimodal_world
+    (w / "prompts.jsonl").write_text('{"id": "a", "instruction": "Name a colour."}\n')
+    assert cli.main([str(a) for a in ("generate", "--base", w / "base", "--adapter", f"mm={w / 'mm.safetensors'}",
+                                      "--prompts", w / "prompts.jsonl", "--out", w / "out.jsonl",
+                                      "--max-new-tokens", "2")]) in (0, None)
+    assert "note: mm read images, which --prompts do not carry" in capsys.readouterr().err
+    assert (w / "out.jsonl").is_file()

@@ -456,6 +456,9 @@ def cmd_generate(ns: argparse.Namespace) -> None:
                          "without --adapter (the name of the base answering alone)")
     sampling = sampling_of(ns, PAPER_SAMPLING)
     check_requested_adapters(requests, adapters, f"--prompts {ns.prompts} (--adapter)")
+    if multimodal := [name for name, path in adapters.items() if image_feature_width(path)]:
+        print(f"llama-adapter generate: note: {', '.join(multimodal)} read images, which --prompts do not carry: "
+              "they answer from the text alone", file=sys.stderr)
     release = release_adapter(ns, list(adapters.values()))
     writable_output(ns.out, "--out", folder=False)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
