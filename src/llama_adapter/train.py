@@ -3,9 +3,17 @@ GPU or `torchrun` over several.
 
 Recipe (paper and its released code): AdamW(β 0.9/0.95, weight decay 0.02) on what the method tunes,
 lr = blr · global_batch / 256 with blr 9e-3, linear warm-up over 2 epochs then half-cosine to 0 over 5,
-recomputed at every optimizer step; global batch 64 samples.
+recomputed at every optimizer step; global batch 64 samples, the paper's text. The released script
+(alpaca_finetuning_v1/finetuning.sh: 8 GPUs x --batch_size 4) ran 32 samples a step, so its peak lr was
+1.125e-3 where ours is 2.25e-3, over twice the steps: --global-batch 32 gives the released run's schedule.
 
 What differs, and why:
+- Every sample trains in every epoch: an epoch's last step holds the samples left over (26 of Alpaca's 51,802 at
+  64), where the released loader drops them (drop_last) and with them other samples each epoch.
+- bf16 base under bf16 autocast, the trained tensors in fp32, no loss scaling; the released code kept the base in
+  fp16 with a gradient scaler (bf16 needs none: its range is fp32's).
+- The multimodal projection's biases take weight decay like every trained tensor (the released v1 code has no
+  multimodal adapter; timm's convention, which LLaMA-Adapter's later code follows, exempts biases).
 - No padding: each step's samples are packed into rows (batching.py) instead of padded to 512.
 - The loss is the mean over all target tokens of the global batch. The released code averages per
   micro-batch means, which makes the weighting depend on the micro-batch size and GPU count; ours gives
