@@ -107,6 +107,20 @@ def test_image_questions_without_features_are_listed_and_a_cache_of_none_refused
         evaluation.score_scienceqa(model, None, records + [question("q3", False)], "likelihood")
 
 
+@pytest.mark.parametrize("text", ["The answer is B.", "The answer is (B). Option (A) is wrong."])
+def test_any_format_is_never_below_the_papers_format(monkeypatch, text):
+    """accuracy_any_format credits a model that knows the answer but not the paper's format: an output that format
+    reads as right is right in any wording too (a bare letter, or another option named after it, read as none)."""
+    import llama_adapter.evaluate as evaluation
+    from llama_adapter.data.scienceqa import parse_answer
+
+    monkeypatch.setattr(evaluation, "answer_by_generation", lambda model, tok, records, bs, images=None,
+                        compile=False: ([parse_answer(text, 2)] * len(records), [text] * len(records)))
+    record = {**question("q1", False), "answer": 1}
+    scores, _ = evaluation.score_scienceqa(SimpleNamespace(eval=lambda: None), None, [record], "generate")
+    assert scores["correct"] == 1 and scores["any_format"]["correct"] == 1
+
+
 def test_an_option_without_a_finite_score_is_not_chosen(world, monkeypatch):
     """Likelihood mode: a NaN score is no answer (it became option A), and a finite one beats it."""
     import llama_adapter.evaluate as evaluation

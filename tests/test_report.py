@@ -387,8 +387,8 @@ def test_report_md_keeps_tables_narrow(grid):
     assert list(categories.columns[:3]) == ["experiment", "NAT", "SOC"] and len(categories) == 2
     # each with its interval and question count, a count even where the floor's row leaves the column a gap
     assert all(re.fullmatch(r"\S+ \[\S+, \S+\] \(n=\d+\)", v) for v in categories["NAT"]), list(categories["NAT"])
-    assert list(provenance.columns) == ["experiment", "mlflow_run", "eval_run", "config_hash", "data_sha256",
-                                        "git_commit"]
+    assert list(provenance.columns) == ["experiment", "mode", "mlflow_run", "eval_run", "config_hash",
+                                        "data_sha256", "git_commit"]
     assert len(provenance) == 2 and len(df) == 3  # the floor row has no runs
     efficiency = dict(readable_parts(efficiency_table(grid[:1])))
     assert list(efficiency["Provenance"].columns[:2]) == ["method", "model"] and len(efficiency["Provenance"]) == 1
@@ -497,3 +497,58 @@ def test_the_gate_init_figure_skips_points_that_trained_nothing(tmp_path):
     untrained.config, untrained.metrics = {"base": "b", "method": "zero-shot"}, {}
     loss_curves_figure([point(4, "zero", 5), untrained], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def scored_run(name="scienceqa", scores=None, metrics=None, config=None):
+    """A ScienceQA run as load_run reads it, with `scores`, `metrics` and `config` laid over."""
+    from llama_adapter.data.scienceqa import CATEGORIES
+    from llama_adapter.report import Run
+
+    history = [{"step": 1, "epoch": 1.0, "loss": 1.0}, {"step": 2, "epoch": 2.0, "loss": 0.5}]
+    return Run(name=name, dataset="scienceqa",
+               config={"method": "adapter", "base": "b", "adapter_layers": 4, **(config or {})},
+               metrics={"trainable_parameters": 1000, "world_size": 1, "history": history, "val_loss": [0.7],
+                        "mlflow_run_id": "t", "tags": {}, **(metrics or {})},
+               scores={"mode": "generate", "n": 80, "correct": 48, "accuracy": 60.0, "split": "val", "chance": 40.0,
+                       "unparsed": 0, "categories": {c: {"accuracy": 50.0, "n": 10} for c in CATEGORIES},
+                       "mlflow_run_id": "e", **(scores or {})},
+               adapter_bytes=1000, seconds=1.0, data={})
+
+
+def test_a_row_says_how_its_answers_were_read_and_what_unparsed_means_there():
+    """Likelihood mode leaves a question unanswered where no option's score is finite: each row names its mode
+    (in report.md beside its runs), and the legend says what `unparsed` counts in each mode."""
+    from llama_adapter.report import ablation_table, point_settings, report_markdown
+
+    likelihood = scored_run(scores={"mode": "likelihood", "unparsed": 3})
+    assert scienceqa_table([likelihood])["mode"].iloc[0] == "likelihood"
+    point = scored_run("ablations/adapter_layers~4", scores={"mode": "likelihood"})
+    point.point = point_settings(point.name)
+    assert ablation_table([point], "adapter_layers", 4)["mode"].iloc[0] == "likelihood"
+    legend = report_markdown({}, {}, [likelihood], {}, {"samples": 1, "mean": 1.0, "max": 1})
+    assert "`likelihood`, where `unparsed` counts the questions no option of which got a finite score" in legend
+    assert 'reads the first "(X)"' not in legend
+
+
+def test_a_multimodal_row_counts_its_image_questions_without_image_and_its_trained_images(tmp_path):
+    """A multimodal row says how many image questions were scored from their text (images_missing) and how many
+    training samples read an image, in a table of their own; a text-only row has none of it; a mistyped
+    images_missing is refused by name."""
+    from llama_adapter.report import ReportInputs, load_run
+
+    mm = scored_run("scienceqa_mm", scores={"images_missing": ["q1", "q2", "q3"]}, config={"image_features": "f"},
+                    metrics={"image_samples": {"train": {"with_image": 5, "samples": 100}, "val": None}})
+    df = scienceqa_table([mm, scored_run()])
+    assert list(df[["images_missing", "trained_with_image", "trained_samples"]].iloc[0]) == [3, 5, 100]
+    assert df[["images_missing", "trained_with_image"]].iloc[1].isna().all()
+    images = dict(readable_parts(df))["Image questions"]
+    assert list(images["experiment"]) == ["scienceqa_mm"]
+
+    tmp = tmp_path
+    (tmp / "tokens").mkdir()
+    (tmp / "tokens" / "stats.json").write_text(json.dumps({"dataset": "scienceqa"}))
+    (tmp / "scores.json").write_text(json.dumps({**scored_run().scores, "task": "scienceqa", "method": "zero-shot",
+                                                 "base": "b", "images_missing": 7}))
+    with pytest.raises(InputError, match="images_missing"):
+        load_run("e", ReportInputs(experiments=["e"], scores={"e": tmp / "scores.json"},
+                                   tokens={"scienceqa": tmp / "tokens"}))

@@ -153,10 +153,10 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
         # image questions the cache has no features for (encode-images' skip policy): scored from their text
         scores["images_missing"] = images_missing
     if mode == "generate" and records:
-        # The same outputs read in any wording ("(X)" anywhere): tells a model that knows the answer but not the
-        # paper's answer format from one that knows neither.
-        any_format = sum(parse_answer(t, len(r["choices"]), ANY_LETTER_RE) == r["answer"]
-                         for r, t in zip(records, texts))
+        # The same outputs read in any wording as well ("(X)" anywhere, or the paper's format): tells a model that
+        # knows the answer but not the paper's answer format from one that knows neither; never below `accuracy`.
+        any_format = sum(r["answer"] in (p, parse_answer(t, len(r["choices"]), ANY_LETTER_RE))
+                         for r, t, p in zip(records, texts, preds))
         scores["any_format"] = {"correct": any_format, "accuracy": round(100.0 * any_format / len(records), 2)}
     return scores, predictions
 

@@ -161,7 +161,7 @@ SCORE_FIELDS = {
           for key, kind in (("", "object"), (".accuracy", "percent?"), (".n", "count"))),
         ("floor", "object?", False), ("floor.letter", "text", True), ("floor.correct", "count", True),
         ("floor.n", "count", True), ("floor.accuracy", "percent?", True),
-        ("questions_sha256", "text", False), ("correct_pids", "ids", False),
+        ("questions_sha256", "text", False), ("correct_pids", "ids", False), ("images_missing", "ids", False),
     ],
     "alpaca": [("heldout_loss", "number", True), ("perplexity", "perplexity", True),
                ("heldout_samples", "count", True), ("samples_sha256", "text", False),
@@ -549,16 +549,22 @@ def instruction_table(runs: list[Run]) -> pd.DataFrame:
 
 
 def answer_columns(r: Run) -> dict:
-    """What a ScienceQA accuracy rests on, beside it in every table: the uniform guess's accuracy over the same
-    questions, and with generated answers the outputs without the paper's format and the accuracy read in any
-    wording, with its interval (a score that moves with the format alone is not a gain in knowledge)."""
+    """What a ScienceQA accuracy rests on, beside it in every table: how it was read (`mode`), the uniform guess's
+    accuracy over the same questions, the questions answered nothing (`unparsed`), with generated answers the
+    accuracy read in any wording, with its interval (a score that moves with the format alone is not a gain in
+    knowledge), and for a multimodal adapter the image questions scored without their image (`images_missing`)
+    and the training samples that read one (`trained_with_image`, of `trained_samples`)."""
     if "accuracy" not in r.scores:
         return {}
     any_format = r.scores.get("any_format") or {}
     low, high = accuracy_interval(any_format.get("accuracy"), r.scores["n"], any_format.get("correct"))
-    return {"chance": r.scores.get("chance"), "unparsed": r.scores.get("unparsed"),
+    images = bool(r.config.get("image_features"))
+    trained = (r.metrics.get("image_samples") or {}).get("train") or {}
+    return {"mode": r.scores.get("mode"), "chance": r.scores.get("chance"), "unparsed": r.scores.get("unparsed"),
             "accuracy_any_format": any_format.get("accuracy"), "any_format_ci95_low": low,
-            "any_format_ci95_high": high}
+            "any_format_ci95_high": high,
+            "images_missing": len(r.scores.get("images_missing") or []) if images else None,
+            "trained_with_image": trained.get("with_image"), "trained_samples": trained.get("samples")}
 
 
 def score_columns(r: Run) -> dict:
@@ -609,7 +615,8 @@ def with_integer_counts(df: pd.DataFrame) -> pd.DataFrame:
     score without generated answers; the paired tests' `only_*` and `lower_loss_*`: none on the row paired with) as
     integers rather than the floats pandas makes of a column with gaps."""
     for column in df.columns:
-        if column == "unparsed" or column.endswith("_n") or column.startswith(("only_", "lower_loss_")):
+        if column in ("unparsed", *IMAGE_COLUMNS) or column.endswith("_n") or column.startswith(("only_",
+                                                                                              "lower_loss_")):
             df[column] = df[column].astype("Int64")
     return df
 
@@ -676,7 +683,9 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     provenance = [c for c in PROVENANCE if c in df.columns]
     per_category = [f"{c}{suffix}" for c in categories for suffix in ("", "_n", "_ci95_low", "_ci95_high", "_paper")]
     paired = [c for c in PAIRED if c in df.columns]
-    main = df.drop(columns=[*per_category, *provenance, *paired], errors="ignore")
+    images = [c for c in IMAGE_COLUMNS if c in df.columns]
+    how = ["mode"] if "mode" in df.columns else []  # how the answers were read: beside the runs that read them
+    main = df.drop(columns=[*per_category, *provenance, *paired, *images, *how], errors="ignore")
     if "any_format_ci95_low" in main:  # one cell, as the categories': the table stays a page wide
         main = main.assign(accuracy_any_format=[
             interval_cell(*values) for values in
@@ -695,10 +704,17 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
                                       **{c: row[f"{c}_paper"] for c in categories}}
                  for _, row in df.iterrows() if any(pd.notna(row.get(f"{c}_paper")) for c in categories)}
         parts.append(("By category", pd.concat([ours, pd.DataFrame(list(paper.values()))], ignore_index=True)))
+    if images and df[images].notna().any(axis=None):  # a multimodal adapter's rows
+        part = df[keys + images]
+        parts.append(("Image questions", part[part[images].notna().any(axis=1)]))
     if len(provenance) > 1:
-        part = df[keys + provenance]
+        part = df[keys + how + provenance]
         parts.append(("Provenance", part[part[provenance].notna().any(axis=1)]))  # rows with runs to name
     return parts
+
+
+# A multimodal adapter's columns (answer_columns), shown as a table of their own in report.md.
+IMAGE_COLUMNS = ("images_missing", "trained_with_image", "trained_samples")
 
 
 # The level report.md's legend reads each p against.
@@ -953,10 +969,13 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "`lower_loss_paired` count the samples on which the row's loss (its token mean over the sample), or its "
         "pair's, is the lower (equal losses count for neither), and `p_paired` is the sign test's exact p "
         "(McNemar's, over the samples whose losses differ); `loss_after` says by how much, over the same samples. "
-        "With "
-        "generated answers, `unparsed` counts "
-        "the outputs without the paper's \"The answer is (X)\", and `accuracy_any_format` reads the first \"(X)\" "
-        "of any wording: a model that knows the answers but not the format scores low on `accuracy` only. "
+        "`mode` says how a ScienceQA row was answered: `generate`, where `unparsed` counts the outputs naming no "
+        "option in the paper's \"The answer is (X)\" (or naming two different ones), and `accuracy_any_format` also "
+        "reads a single \"(X)\" in any wording, so a model that knows the answers but not the format scores low on "
+        "`accuracy` only; or `likelihood`, where `unparsed` counts the questions no option of which got a finite "
+        "score. For a multimodal adapter, `images_missing` counts the image questions scored without their image "
+        "(encode-images' skip policy) and `trained_with_image` the training samples that read one, of "
+        "`trained_samples`. "
         "Units: `tuned_params_m` in millions of parameters, `storage_mb` in MB (10^6 bytes), `training_h` in hours, "
         "`seconds` of wall time and `max_rss_mb` (peak memory, MB) per job. Each section's provenance table names, "
         "for every row of ours, its training (`mlflow_run`) and evaluation (`eval_run`) MLflow runs, the config "
