@@ -133,7 +133,7 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
         vectors, has = images.vectors([str(r["pid"]) for r in records])
         has = [h and str(r["pid"]) in image_pids for r, h in zip(records, has)]
         per_question = [v if h else None for v, h in zip(vectors, has)]
-        images_missing = sorted(set(with_image) - {str(r["pid"]) for r, h in zip(records, has) if h})
+        images_missing = sorted(image_pids - {str(r["pid"]) for r, h in zip(records, has) if h})
         if with_image and len(images_missing) == len(with_image):
             raise DataError(f"the image features hold none of the {len(with_image)} image questions' images "
                             f"(first: {with_image[0]}); expected the cache encode-images made of these records")

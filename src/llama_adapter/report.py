@@ -57,6 +57,8 @@ METHOD_NAMES = {"adapter": "LLaMA-Adapter", "lora": "LoRA", "full": "full fine-t
 PROVENANCE = ["mlflow_run", "eval_run", "config_hash", "data_sha256", "git_commit"]
 PAIRED = ["paired_with", "only_this_right", "only_paired_right", "lower_loss_here", "lower_loss_paired",
           "p_paired"]  # paired_columns: ScienceQA's questions, or Alpaca's samples
+# A multimodal adapter's columns (answer_columns), shown as a table of their own in report.md.
+IMAGE_COLUMNS = ("images_missing", "trained_with_image", "trained_samples")
 
 
 @dataclass
@@ -615,8 +617,8 @@ def with_integer_counts(df: pd.DataFrame) -> pd.DataFrame:
     score without generated answers; the paired tests' `only_*` and `lower_loss_*`: none on the row paired with) as
     integers rather than the floats pandas makes of a column with gaps."""
     for column in df.columns:
-        if column in ("unparsed", *IMAGE_COLUMNS) or column.endswith("_n") or column.startswith(("only_",
-                                                                                              "lower_loss_")):
+        counts = column in ("unparsed", *IMAGE_COLUMNS) or column.endswith("_n")
+        if counts or column.startswith(("only_", "lower_loss_")):
             df[column] = df[column].astype("Int64")
     return df
 
@@ -704,17 +706,16 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
                                       **{c: row[f"{c}_paper"] for c in categories}}
                  for _, row in df.iterrows() if any(pd.notna(row.get(f"{c}_paper")) for c in categories)}
         parts.append(("By category", pd.concat([ours, pd.DataFrame(list(paper.values()))], ignore_index=True)))
-    if images and df[images].notna().any(axis=None):  # a multimodal adapter's rows
+    if images:
         part = df[keys + images]
-        parts.append(("Image questions", part[part[images].notna().any(axis=1)]))
+        part = part[part[images].notna().any(axis=1)]  # a multimodal adapter's rows
+        if len(part):
+            parts.append(("Image questions", part))
     if len(provenance) > 1:
         part = df[keys + how + provenance]
         parts.append(("Provenance", part[part[provenance].notna().any(axis=1)]))  # rows with runs to name
     return parts
 
-
-# A multimodal adapter's columns (answer_columns), shown as a table of their own in report.md.
-IMAGE_COLUMNS = ("images_missing", "trained_with_image", "trained_samples")
 
 
 # The level report.md's legend reads each p against.
