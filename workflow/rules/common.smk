@@ -289,7 +289,8 @@ def trained_as(name):
             **{
                 k: v
                 for k, v in train.items()
-                if v is not None and (trained_by == "adapter" or k not in ADAPTER_SETTINGS)
+                if v is not None
+                and (trained_by == "adapter" or k not in ADAPTER_SETTINGS)
             },
             "method": trained_by,
         }
