@@ -501,6 +501,32 @@ def test_an_adapter_path_may_hold_an_equals_sign(w, tmp_path, capsys):
         assert [json.loads(line)["adapter"] for line in out.read_text().splitlines()] == [name]
 
 
+def test_adapter_files_of_one_folder_given_by_path_are_named_apart(w, tmp_path, capsys):
+    """Two files of one run folder given as PATHs were both named after the folder, and refused as one name given
+    twice: each takes folder/stem; one alone keeps the folder's name; a NAME given is kept. The same file given
+    twice, or two files of one name in folders of one name, are still refused, naming both paths."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fits = AdaptedTransformer(ModelArgs(**{**SMALL.to_dict(), "vocab_size": 300}), AdapterArgs(2, 1))
+    for name in ("adapter", "step100"):
+        save_adapter(fits, run_dir / f"{name}.safetensors", base_model="base300")
+    first, second = run_dir / "adapter.safetensors", run_dir / "step100.safetensors"
+    for specs, names in [((first, second), ["run/adapter", "run/step100"]), ((first,), ["run"]),
+                         ((f"mine={first}", second), ["mine", "run"]),
+                         ((f"run={first}", second), ["run", "run/step100"])]:
+        out = tmp_path / "g.jsonl"
+        rc, err = run(capsys, *generate_args(w, out, *[a for s in specs[1:] for a in ("--adapter", s)],
+                                             adapter=specs[0]))
+        assert rc == 0, err
+        assert sorted(json.loads(line)["adapter"] for line in out.read_text().splitlines()) == names
+    (tmp_path / "other" / "run").mkdir(parents=True)
+    shutil.copy(first, tmp_path / "other" / "run" / "adapter.safetensors")
+    for again in (first, tmp_path / "other" / "run" / "adapter.safetensors"):
+        one_line_error(capsys, *generate_args(w, tmp_path / "x.jsonl", "--adapter", again, adapter=first),
+                       names=[f"--adapter {again}", "'run/adapter'", f"(after {first})", "NAME=PATH"])
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_an_unknown_option_is_the_commands_one_line_error(capsys):
     one_line_error(capsys, "tokenize", "--dataset", "alpaca", "--validated", "v", "--tokenizer", "t", "--out", "o",
                    "--bogus", "1", names=["unrecognized arguments: --bogus 1", "llama-adapter tokenize --help"])

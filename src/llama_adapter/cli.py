@@ -428,12 +428,24 @@ def image_feature_width(adapter: Path | None) -> int:
     return read_adapter(adapter)[0].visual_dim
 
 
+def path_names(path: Path) -> tuple[str, str]:
+    """The names an --adapter PATH takes: its folder's (a PEFT folder's own), as results/adapters/<experiment>/
+    adapter.safetensors; and, where another adapter has that name, one that tells them apart: folder/stem
+    (<experiment>/adapter and <experiment>/step100, two files of one run folder)."""
+    path = path.resolve()
+    if path.is_dir():
+        return path.name, f"{path.parent.name}/{path.name}"
+    return path.parent.name, f"{path.parent.name}/{path.stem}"
+
+
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
-    """NAME=PATH, or PATH (named after its folder, as results/adapters/<experiment>/adapter.safetensors)."""
+    """NAME=PATH, or PATH (named by path_names). A NAME given is kept as it is."""
+    parsed = [adapter_spec(spec) for spec in specs]
+    names = [name or path_names(Path(path))[0] for name, path in parsed]
     adapters = {}
-    for spec in specs:
-        name, path = adapter_spec(spec)
-        name = name or (Path(path).resolve().name if Path(path).is_dir() else Path(path).resolve().parent.name)
+    for spec, (name, path), plain in zip(specs, parsed, names):
+        if not name:
+            name = plain if names.count(plain) == 1 else path_names(Path(path))[1]
         if name in adapters:
             raise InputError(f"--adapter {spec}: a second adapter named {name!r} (after {adapters[name]}); name them "
                              "apart with NAME=PATH")
@@ -808,7 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     add_inference_options(p)
     p.add_argument("--adapter", action="append", default=[],
-                   help="NAME=PATH or PATH; repeat for several (default: none, the base alone answers)")
+                   help="NAME=PATH or PATH (named after its folder; folder/stem where several are); repeat for "
+                        "several (default: none, the base alone answers)")
     add_release_adapter_options(p)
     p.add_argument("--name", help="without --adapter: the name the rows give the model (default: base)")
     p.add_argument("--prompts", required=True, type=Path,
