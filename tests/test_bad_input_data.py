@@ -180,6 +180,30 @@ def test_a_key_given_twice_in_a_json_source_is_an_error_not_a_lost_record(tmp_pa
     assert not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
 
 
+def test_a_repeated_key_names_the_record_or_the_keys_down_to_it(tmp_path):
+    """A repeated key is named with where it is, not the file alone (a 52,000-record file to search by hand): the
+    record of a list (Alpaca's), the keys down from the top (a ScienceQA problem's pid), and in a JSON Lines
+    record the keys below its line."""
+    records = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(20)]
+    text = json.dumps(records).replace('"Say 17."', '"Say 17.", "instruction": "again"')
+    (tmp_path / "alpaca.json").write_text(text)
+    one_line_error(cli("fetch", "--dataset", "alpaca", "--source", tmp_path / "alpaca.json", "--out", tmp_path / "a"),
+                   "fetch", f"{tmp_path / 'alpaca.json'}, record 17: key 'instruction' appears twice")
+    problem = '{"question": "Q?", "choices": ["a", "b"], "answer": 0, "hint": "", "image": null, "split": "test"}'
+    (tmp_path / "sq").mkdir()
+    twice = problem.replace('"hint": ""', '"hint": "", "hint": "h"')
+    (tmp_path / "sq" / "problems.json").write_text(f'{{"122": {problem}, "123": {twice}}}')
+    (tmp_path / "sq" / "pid_splits.json").write_text('{"train": ["122"], "val": [], "test": ["123"]}')
+    one_line_error(cli("fetch", "--dataset", "scienceqa", "--source", tmp_path / "sq", "--out", tmp_path / "s"),
+                   "fetch", f"{tmp_path / 'sq' / 'problems.json'}, at ['123']: key 'hint' appears twice")
+    folder = records_dir(tmp_path / "in", raw='{"instruction": "a", "input": "", "output": "b"}\n'
+                                              '{"instruction": "a", "input": "", "output": "b", "meta": '
+                                              '{"n": [{"x": 1, "x": 2}]}}\n')
+    one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", folder, "--out", tmp_path / "v"), "validate",
+                   f"{folder / 'records.jsonl'}, line 2, at ['meta']['n'][0]: key 'x' appears twice")
+    assert not any((tmp_path / d).exists() for d in ("a", "s", "v"))
+
+
 def test_missing_records_names_the_file_and_what_the_stage_expected(tmp_path, tok):
     msg = one_line_error(tokenize_cli(tmp_path / "nothing", tmp_path / "t", tok), "tokenize",
                          tmp_path / "nothing" / "records.jsonl", "no such file", "validate")

@@ -220,8 +220,8 @@ def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: typ
         raise error(f"{path}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair); "
                     f"expected valid Unicode text ({expected})") from None
     except _DuplicateKey as e:
-        raise error(f"{path}: key {e.args[0]!r} appears twice in one object; expected each key once ({expected})"
-                    ) from None
+        raise error(f"{path}{_repeated_key(text, e.args[0], records=True)} appears twice in one object; expected "
+                    f"each key once ({expected})") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected {expected}") from None
     except (json.JSONDecodeError, RecursionError) as e:
@@ -250,6 +250,36 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
+class _Pairs(list):
+    """An object's (key, value) pairs as read, a repeated key kept."""
+
+
+def _repeated_key(text: str, key: str, records: bool) -> str:
+    """Where in `text` the object _no_duplicate_keys refused for `key` sits, for a message: ", record 17: key
+    'output'" (records: an item of a top-level list is a record, as Alpaca's), ", at ['123']['hint']: key 'x'" (the
+    keys down to it), ": key '1'" (the top-level object). Read again keeping every pair, as the hook is told no
+    place; a value nested too deep to walk is told by its key alone."""
+    try:
+        keys = _first_repeat(json.loads(text, object_pairs_hook=_Pairs), [])
+    except RecursionError:
+        keys = []
+    where = [f"record {keys.pop(0)}"] if records and keys and isinstance(keys[0], int) else []
+    where += ["at " + "".join(f"[{k!r}]" for k in keys)] if keys else []
+    return "".join(f", {w}" for w in where) + f": key {key!r}"
+
+
+def _first_repeat(value: Any, keys: list) -> list | None:
+    """The keys down to the first object under `value` holding a key twice, in the order json ends objects (an
+    object after those inside it): the one _no_duplicate_keys refused."""
+    inside = value if isinstance(value, _Pairs) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in inside:
+        if (found := _first_repeat(v, [*keys, k])) is not None:
+            return found
+    if isinstance(value, _Pairs) and len({k for k, _ in value}) < len(value):
+        return keys
+    return None
+
+
 def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file",
                      error: type[Exception] = DataError) -> list[tuple[int, Any]]:
     """(line number, value) of every non-blank line of a JSON Lines file. Any fault is `error` naming the file
@@ -274,8 +304,8 @@ def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file
             raise error(f"{path}, line {line_no}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
                             "escape without its pair); expected valid Unicode text") from None
         except _DuplicateKey as e:
-            raise error(f"{path}, line {line_no}: key {e.args[0]!r} appears twice in one object; expected "
-                            "each key once") from None
+            raise error(f"{path}, line {line_no}{_repeated_key(text, e.args[0], records=False)} appears twice in "
+                            "one object; expected each key once") from None
         except (json.JSONDecodeError, RecursionError) as e:
             raise error(f"{path}, line {line_no}: not valid JSON ({e}); expected one JSON value per line "
                             f"({expected})") from None
