@@ -3,6 +3,7 @@ extracts nothing; a run whose logging failed still ends with the job's status an
 free; a stale parent run id, a non-object $LLAMA_ADAPTER_TAGS, a parent run whose set-up failed. MLflow on a
 SQLite file in tmp_path; no server, no GPU."""
 
+import json
 import os
 import random
 import subprocess
@@ -98,21 +99,21 @@ SCRIPT = textwrap.dedent("""
     (d / "run_id").write_text(t.run_id)
     real = mlflow.log_metrics
     calls = []
-    def flaky(*a, **k):  # one transient failure ('database is locked', a server restart)
+    def flaky(*a, **k):  # the store gone after the first call: MLflow is dropped
         calls.append(1)
-        if len(calls) == 2:
-            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        if len(calls) >= 2:
+            raise MlflowException("(sqlite3.OperationalError) unable to open database file")
         return real(*a, **k)
     mlflow.log_metrics = flaky
-    for step in range(1, 4):
+    for step in range(1, 6):
         t.log_metrics({"loss": 1.0 / step}, step)
     t.close(status="KILLED")  # e.g. stopped by SIGTERM at a time limit
 """)
 
 
-def test_run_closed_after_a_transient_mlflow_failure_keeps_its_status(store):
-    """A stopped training ends its MLflow run KILLED even after one failed MLflow call turned its logging off
-    (MLflow's exit hook marked it FINISHED)."""
+def test_run_closed_after_mlflow_was_dropped_keeps_its_status(store):
+    """A stopped training ends its MLflow run KILLED even after failed MLflow calls dropped it (MLflow's exit hook
+    marked it FINISHED)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(store)], capture_output=True, text=True, env=env,
                           timeout=120)
@@ -126,16 +127,83 @@ def test_run_closed_after_a_transient_mlflow_failure_keeps_its_status(store):
 def test_a_dropped_tracker_does_not_disable_the_next_one_in_the_process(store):
     """A run whose logging failed is ended at close, so the process's next run starts (it failed with 'Run ... is
     already active')."""
-    from llama_adapter.tracking import Tracker
+    from llama_adapter.tracking import MLFLOW_FAILURES_TO_DROP, Tracker
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first = Tracker(store / "a", "a", "tests")
-        first.log_metrics({"bad name!": 1.0}, 1)  # any one refused call drops MLflow
+        for step in range(MLFLOW_FAILURES_TO_DROP):  # refused that many times in a row: MLflow is dropped
+            first.log_metrics({"bad name!": 1.0}, step)
+        assert not first.logging
         first.close(failed=True)
         second = Tracker(store / "b", "b", "tests")
         second.close()
     assert second.run_id is not None
+
+
+def failing_from(monkeypatch, fails) -> list[int]:
+    """mlflow.log_metrics refused at the calls (counted from 1) `fails` says: a locked database, a server
+    restarting or gone, which a real store does not do on demand. Every other call is MLflow's own. The steps of
+    the calls made, filled as they come."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    real, calls = mlflow.log_metrics, []
+
+    def flaky(*args, **kwargs):
+        calls.append(kwargs["step"])
+        if fails(len(calls)):
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_metrics", flaky)
+    return calls
+
+
+def test_one_failed_mlflow_call_loses_that_call_alone(store, monkeypatch):
+    """One refused log_metrics turned MLflow off for the rest of the run (every later step missing from its
+    history, said once at the failure): now that call alone is lost, the run goes on logging, and its end warns
+    of and tags the run with how many calls were lost. metrics.jsonl holds every step."""
+    import mlflow
+
+    from llama_adapter.tracking import LOST_CALLS_TAG, Tracker
+
+    t = Tracker(store / "out", "job", "tests")
+    failing_from(monkeypatch, lambda n: n == 2)
+    with pytest.warns(UserWarning) as warned:
+        for step in range(1, 6):
+            t.log_metrics({"loss": 1.0 / step}, step)
+        t.close()
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(t.run_id, "loss")] == [1, 3, 4, 5]
+    run = client.get_run(t.run_id)
+    assert (run.data.tags[LOST_CALLS_TAG], run.info.status) == ("1", "FINISHED")
+    assert any(f"MLflow run {t.run_id}: 1 logging call(s) failed" in str(w.message) for w in warned)
+    assert [json.loads(line)["step"] for line in (store / "out" / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2, 3, 4, 5]
+
+
+def test_mlflow_failing_call_after_call_is_dropped(store, monkeypatch):
+    """MLflow failing MLFLOW_FAILURES_TO_DROP calls in a row is gone (a server down for good): no later call is
+    tried (each would wait out the client's retries), and it says so; metrics.jsonl holds every step."""
+    import mlflow
+
+    from llama_adapter.tracking import MLFLOW_FAILURES_TO_DROP, Tracker
+
+    t = Tracker(store / "out", "job", "tests")
+    calls = failing_from(monkeypatch, lambda n: n >= 2)
+    with pytest.warns(UserWarning) as warned:
+        for step in range(1, 9):
+            t.log_metrics({"loss": 1.0 / step}, step)
+        t.close(failed=True)
+    assert calls == list(range(1, 2 + MLFLOW_FAILURES_TO_DROP))
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(t.run_id, "loss")] == [1]
+    assert client.get_run(t.run_id).info.status == "FAILED"
+    messages = [str(w.message) for w in warned]
+    assert any(m.startswith("MLflow unavailable") for m in messages)
+    assert any(f"{MLFLOW_FAILURES_TO_DROP} logging call(s) failed, then MLflow was dropped" in m for m in messages)
+    assert len((store / "out" / "metrics.jsonl").read_text().splitlines()) == 8
 
 
 @pytest.mark.parametrize("parent", ["deleted", "unknown"])

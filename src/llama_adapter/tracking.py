@@ -1,8 +1,11 @@
 """Experiment tracking: MLflow when it is reachable, and always a local JSONL of the same metrics.
 
 Only rank 0 of a distributed job tracks. A tracking server that is down or a locked database must not
-kill a training run that may have hours left: the first MLflow failure is reported once and MLflow is
-dropped for the rest of the run, while `metrics.jsonl` keeps receiving everything.
+kill a training run that may have hours left, and `metrics.jsonl` always receives everything. One MLflow call
+that fails (a locked database, a server restarting, one refused value) loses that call alone: the run goes on
+logging, and at its end warns of, and tags the run with, how many calls were lost. MLflow is dropped for the
+rest of the run where it cannot be reached at the start, or fails MLFLOW_FAILURES_TO_DROP calls in a row (a
+server gone for good, whose every later call would wait out the client's retries).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ TAGS_ENV = "LLAMA_ADAPTER_TAGS"  # a JSON object of tags for every run of a work
 MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "5"}
 PARAM_VALUE_LIMIT = 6000  # MLflow's maximum length of a parameter value
+MLFLOW_FAILURES_TO_DROP = 3  # calls failed in a row that mean MLflow is gone, not one call refused
+LOST_CALLS_TAG = "mlflow_calls_lost"  # on a run that lost calls: how many (its history lacks what they logged)
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -207,7 +212,9 @@ class Tracker:
         metrics (CPU, memory, GPU)."""
         self.enabled = enabled
         self.mlflow = None  # the module, once the run started; kept after a failure, to end the run as it ends
-        self.logging = False  # whether MLflow takes what the run logs (a failure turns it off)
+        self.logging = False  # whether MLflow takes what the run logs (off once dropped)
+        self.lost = 0  # MLflow calls that failed: what they logged is in metrics.jsonl only
+        self.failed_in_a_row = 0
         self.run_id: str | None = None
         self.tags: dict[str, str] = {}
         self.logged_through: dict[str, int] = {}  # metric -> the last step a reopened run holds
@@ -246,7 +253,20 @@ class Tracker:
             try:
                 getattr(self.mlflow, name)(*args, **kwargs)
             except Exception as e:
-                self._drop_mlflow(e)
+                self._lost(name, e)
+            else:
+                self.failed_in_a_row = 0
+
+    def _lost(self, name: str, error: Exception) -> None:
+        """A call MLflow did not take: counted (close reports the count), warned of the first time, and the run
+        goes on logging, unless it is the MLFLOW_FAILURES_TO_DROP-th failure in a row."""
+        self.lost += 1
+        self.failed_in_a_row += 1
+        if self.failed_in_a_row >= MLFLOW_FAILURES_TO_DROP:
+            self._drop_mlflow(error)
+        elif self.lost == 1:
+            warnings.warn(f"MLflow {name} failed ({type(error).__name__}: {error}); its values are in "
+                          "metrics.jsonl only, and the run goes on logging to MLflow", stacklevel=4)
 
     def log_params(self, params: dict) -> None:
         if self.enabled:
@@ -285,7 +305,7 @@ class Tracker:
                 source = resolve_dataset_source(str(Path(path).resolve()))
             dataset = MetaDataset(source, name=name, digest=digest[:16])
         except Exception as e:
-            self._drop_mlflow(e)
+            self._lost("log_input", e)
             return
         tags = {"sha256": digest, **{k: str(v) for k, v in counts.items() if v is not None}}
         from mlflow.exceptions import RestException
@@ -297,7 +317,9 @@ class Tracker:
             # dataset at once both insert, and the second fails on the unique key. Asked again, it finds the row.
             self._call("log_input", dataset, context=context, tags=tags)
         except Exception as e:
-            self._drop_mlflow(e)
+            self._lost("log_input", e)
+        else:
+            self.failed_in_a_row = 0
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A file, or a folder's files, into the run's artifacts (under artifact_path: the root by default)."""
@@ -309,11 +331,17 @@ class Tracker:
 
     def close(self, failed: bool = False, status: str | None = None) -> None:
         """End the run: FINISHED, FAILED (failed=True), or the given MLflow status (KILLED: stopped by a
-        signal). Also after a failure turned logging off: the run ends with the job's status, not MLflow's exit
-        hook's FINISHED, and the next run of the process starts afresh."""
+        signal). Also after failures dropped MLflow: the run ends with the job's status, not MLflow's exit
+        hook's FINISHED, and the next run of the process starts afresh. Calls lost on the way are counted in a
+        warning and, where MLflow still takes calls, in the run's LOST_CALLS_TAG."""
         if self.enabled:
             self.jsonl.close()
             if self.mlflow is not None:
+                if self.lost:
+                    self.set_tags({LOST_CALLS_TAG: str(self.lost)})
+                    warnings.warn(f"MLflow run {self.run_id}: {self.lost} logging call(s) failed"
+                                  f"{'' if self.logging else ', then MLflow was dropped'}; its history lacks what "
+                                  "they logged, which metrics.jsonl holds", stacklevel=2)
                 try:
                     self.mlflow.end_run(status=status or ("FAILED" if failed else "FINISHED"))
                 except Exception as e:
