@@ -319,3 +319,24 @@ def test_decode_graphs_serve_their_own_model_inside_their_block(model):
     with DecodeGraphs(other) as graphs, pytest.raises(ValueError, match="of this model"):
         generate(model, [[1, 5]], 4, eos_id=-1, graphs=graphs)
     assert model.layers[0].attention.kv_cache is None and model(torch.tensor([[1, 5]])).requires_grad
+
+
+def test_decoding_stays_within_the_models_max_seq_len(model):
+    """A prompt and its answer fit the model's max_seq_len (256 here), as in the paper's released code (its
+    total_len is at most max_seq_len): a prompt that leaves no position for a new token is refused, and each row's
+    answer stops where its sequence reaches the limit, whatever the batch (positions past it are ones the model
+    never saw; they were decoded silently)."""
+    limit = model.args.max_seq_len
+    g = torch.Generator().manual_seed(0)
+    long = [1] + torch.randint(3, 256, (limit - 5,), generator=g).tolist()  # 4 positions left
+    with pytest.raises(ValueError, match=f"prompt 1 has {limit} tokens.*max_seq_len {limit}"):
+        generate(model, [[1, 5], long + [7] * 4], max_new_tokens=3, eos_id=-1)
+    short = [1, 5, 9]
+    batched = generate(model, [short, long], max_new_tokens=10, eos_id=-1)
+    assert [len(out) for out in batched] == [10, 4]
+    assert batched == [generate(model, [p], max_new_tokens=10, eos_id=-1)[0] for p in (short, long)]
+    assert generate(model, [long], max_new_tokens=3, eos_id=-1)[0] == batched[1][:3]
+    from llama_adapter.generate import complete_texts
+
+    with pytest.raises(ValueError, match=rf"prompt 'xxxx.*\.\.\. is {limit} tokens \(BOS included\).*max_seq_len"):
+        complete_texts(model, ByteTokenizer(), ["ab", "x" * (limit - 1)], Sampling(max_new_tokens=2))

@@ -298,7 +298,9 @@ def generate(
     rows: int | None = None,
     graphs: DecodeGraphs | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt, cut after the first EOS (which is not included). On a GPU the decode step
+    """New tokens for each prompt, cut after the first EOS (which is not included), and where the prompt and its
+    answer reach the model's max_seq_len (the positions it knows; the paper's released code decodes no further); a
+    prompt that leaves no room for a new token is refused. On a GPU the decode step
     runs as a CUDA graph unless cuda_graph is False (same kernels, so the same tokens). compile: run the
     decode step through torch.compile (a one-off compilation, then faster steps). images: for a multimodal
     adapter, each prompt's image features (None: no image). rows: decode this many rows, the prompts' and
@@ -310,6 +312,10 @@ def generate(
     if not 1 <= max_new_tokens <= model.args.max_seq_len:  # (the cache is allocated for them all at once)
         raise ValueError(f"max_new_tokens must be in [1, {model.args.max_seq_len}] (the model's max_seq_len), got "
                          f"{max_new_tokens}")
+    limit = model.args.max_seq_len
+    if (k := next((k for k, p in enumerate(prompts) if len(p) >= limit), None)) is not None:
+        raise ValueError(f"prompt {k} has {len(prompts[k])} tokens: the model's max_seq_len {limit} leaves no position "
+                         f"for a new token; expected prompts of at most {limit - 1} tokens")
     n = len(prompts)
     rows = n if rows is None else rows
     if rows < n:
@@ -349,6 +355,8 @@ def generate(
                        image_index=None if image_row is None else image_row[:, None].expand(B, P))[:, -1]
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.arange(B, device=device) >= n  # filler rows never hold up the stop
+        room = [limit - len(p) for p in prompts]  # each row's new tokens within max_seq_len
+        full = torch.tensor(room + [max_new_tokens] * (B - n), device=device)
         step_fn = (compiled_decode_step(greedy, int8_format(model) is not None) if compile
                    else greedy_decode_step if greedy else decode_step)
 
@@ -359,7 +367,7 @@ def generate(
         nxt = sample_next(logits, temperature, top_p, generator)
         for t in range(max_new_tokens):
             out[:, t] = nxt
-            done |= nxt == eos_id
+            done |= (nxt == eos_id) | (full <= t + 1)
             if t == max_new_tokens - 1 or stop.all_done(done):
                 break
             if t == 0 and cuda_graph and device.type == "cuda":
@@ -376,7 +384,8 @@ def generate(
         else:
             model.clear_kv_cache()
     results = []
-    for row in out[:n, : t + 1].tolist():
+    for row, fits in zip(out[:n, : t + 1].tolist(), room):
+        row = row[:fits]
         results.append(row[: row.index(eos_id)] if eos_id in row else row)
     return results
 
@@ -469,6 +478,10 @@ def complete_texts(
     Batches hold prompts of like length (batches_by_length), so that consecutive batches often have the same cache
     length and replay one decode step (DecodeGraphs); the texts come back in the prompts' order."""
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    limit = model.args.max_seq_len
+    if (k := next((k for k, i in enumerate(ids) if len(i) >= limit), None)) is not None:  # named by its text here
+        raise ValueError(f"prompt {prompts[k][:60]!r}{'...' if len(prompts[k]) > 60 else ''} is {len(ids[k])} tokens "
+                         f"(BOS included): the model's max_seq_len {limit} leaves no position for a new token")
     texts: list[str | None] = [None] * len(ids)
     rows = (rows or min(batch_size, len(prompts))) if compile else None
     with DecodeGraphs(model) as graphs:
