@@ -273,7 +273,8 @@ def recorded_logits(monkeypatch, call):
     import llama_adapter.generate as decoding
 
     seen, sample = [], decoding.sample_next
-    monkeypatch.setattr(decoding, "sample_next", lambda logits, *a: seen.append(logits.clone()) or sample(logits, *a))
+    monkeypatch.setattr(decoding, "sample_next",
+                        lambda logits, *a, **k: seen.append(logits.clone()) or sample(logits, *a, **k))
     out = call()
     monkeypatch.setattr(decoding, "sample_next", sample)
     return out, torch.stack(seen)
@@ -340,3 +341,38 @@ def test_decoding_stays_within_the_models_max_seq_len(model):
 
     with pytest.raises(ValueError, match=rf"prompt 'xxxx.*\.\.\. is {limit} tokens \(BOS included\).*max_seq_len"):
         complete_texts(model, ByteTokenizer(), ["ab", "x" * (limit - 1)], Sampling(max_new_tokens=2))
+
+
+def test_a_sampled_answer_does_not_depend_on_the_batch(model):
+    """Each prompt's draws are its own (a seed per prompt, drawn from the generator in the prompts' order): its
+    sampled answer is the same at any batch size, beside any other prompts and with filler rows (a compiled job's
+    last batch). One generator's draws shared by the rows made each answer depend on all of these."""
+    from llama_adapter.generate import complete_texts
+
+    sampling = Sampling(max_new_tokens=6, temperature=1.0, top_p=0.9)
+    prompts = ["abc", "hello there", "x", "some longer prompt text"]
+
+    def sampled(texts, batch_size):
+        return complete_texts(model, ByteTokenizer(), texts, sampling, batch_size,
+                              generator=torch.Generator().manual_seed(0))
+
+    alone = sampled(prompts, 1)
+    assert sampled(prompts, 4) == sampled(prompts, 3) == alone
+    assert sampled(prompts[:2], 4) == alone[:2]  # the prompts after them change nothing
+    assert alone != complete_texts(model, ByteTokenizer(), prompts, Sampling(max_new_tokens=6))  # not greedy
+    ids = [[1, 5, 9], [1, 42, 43, 44]]
+    assert (generate(model, ids, 6, -1, 0, 1.0, 0.9, seeds=[3, 4], rows=4)
+            == generate(model, ids, 6, -1, 0, 1.0, 0.9, seeds=[3, 4])
+            == [generate(model, [p], 6, -1, 0, 1.0, 0.9, seeds=[s])[0] for p, s in zip(ids, [3, 4])])
+
+
+def test_seeded_draws_follow_the_nucleus():
+    """Drawn from a row's seed and step, a token comes from the top-p set in proportion to its probability."""
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]]).expand(4000, 4)
+    draws = sample_next(logits, 1.0, 0.75, seeds=torch.arange(4000), step=7)
+    assert set(draws.tolist()) == {1, 2}
+    p = torch.softmax(logits[0], -1)
+    assert abs((draws == 1).float().mean().item() - (p[1] / (p[1] + p[2])).item()) < 0.03
+    again = sample_next(logits[:10], 1.0, 0.75, seeds=torch.arange(10), step=7)
+    assert torch.equal(again, draws[:10])
+    assert not torch.equal(sample_next(logits, 1.0, 0.75, seeds=torch.arange(4000), step=8), draws)

@@ -385,7 +385,8 @@ class Sampling:
     temperature: float = setting(0.0, "0: greedy; the paper's samples: 0.1")
     top_p: float = setting(0.75, "nucleus sampling: draw among the likeliest tokens holding this much of the "
                                  "probability, in (0, 1]; the paper's: 0.75")
-    seed: int = setting(0, "seed of the draws")
+    seed: int = setting(0, "seed of the draws; each prompt draws from a seed of its own, so that its answer is "
+                           "the same at any --batch-size")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:

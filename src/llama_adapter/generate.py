@@ -26,17 +26,51 @@ from .tokenizer import Tokenizer
 from .tracking import in_batches
 
 
-def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else nucleus sampling."""
+def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None,
+                seeds: Tensor | None = None, step: int = 0) -> Tensor:
+    """Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else nucleus sampling. The
+    draw of a row comes from its seed and the step (`seeds` (B,), `seeded_uniform`), so that it is the same in any
+    batch; without seeds, from `generator` (one stream for the whole batch)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
     outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
-    return order.gather(-1, choice).squeeze(-1)
+    if seeds is None:
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
+        return order.gather(-1, choice).squeeze(-1)
+    # An exponential race: token i wins with probability p_i / sum(p) among those kept (argmax of p_i / E_i, E_i
+    # exponential), each token's E_i drawn for its own id, so the draw does not hang on the order of near-ties.
+    kept = torch.zeros_like(outside).scatter_(-1, order, ~outside)
+    exponential = -torch.log1p(-seeded_uniform(seeds, step, probs.size(-1)))
+    return (probs / exponential).masked_fill(~kept, -1.0).argmax(dim=-1)
+
+
+def _wrapping(c: int) -> int:
+    """A 64-bit constant as torch's (signed) int64 holds it."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shifted_right(x: Tensor, bits: int) -> Tensor:
+    """x >> bits as unsigned 64-bit (torch shifts int64 arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def seeded_uniform(seeds: Tensor, step: int, n: int) -> Tensor:
+    """(B, n) uniforms in [0, 1), float64, each a function of its row's seed, the step and its column alone:
+    splitmix64's mixer over (seed, step, column), in int64 arithmetic that wraps as unsigned arithmetic does (integer
+    operations only, so no device's float rounding enters). The same at any batch size, and no generator's state
+    to keep."""
+    golden = _wrapping(0x9E3779B97F4A7C15)
+    x = (seeds.to(torch.int64)[:, None] * _wrapping(0xD1B54A32D192ED03)
+         + _wrapping((step + 1) * 0xAEF17502108EF2D9 % (1 << 64))
+         + torch.arange(1, n + 1, device=seeds.device, dtype=torch.int64) * golden)
+    x = (x ^ _shifted_right(x, 30)) * _wrapping(0xBF58476D1CE4E5B9)
+    x = (x ^ _shifted_right(x, 27)) * _wrapping(0x94D049BB133111EB)
+    x = x ^ _shifted_right(x, 31)
+    return _shifted_right(x, 11).double() / float(1 << 53)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -297,6 +331,7 @@ def generate(
     images: list[np.ndarray | None] | None = None,
     rows: int | None = None,
     graphs: DecodeGraphs | None = None,
+    seeds: list[int] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, cut after the first EOS (which is not included), and where the prompt and its
     answer reach the model's max_seq_len (the positions it knows; the paper's released code decodes no further); a
@@ -306,7 +341,8 @@ def generate(
     adapter, each prompt's image features (None: no image). rows: decode this many rows, the prompts' and
     one-token filler rows whose output is dropped (a compiled step then serves a job's smaller last batch
     without compiling again); default one per prompt. graphs: keep the decode step (its caches and CUDA graph)
-    for the next call of the same shapes (DecodeGraphs)."""
+    for the next call of the same shapes (DecodeGraphs). seeds: sampling, each prompt's seed, whose draws are its
+    own whatever the batch (sample_next); default one per prompt drawn from `generator`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     if not 1 <= max_new_tokens <= model.args.max_seq_len:  # (the cache is allocated for them all at once)
@@ -322,6 +358,8 @@ def generate(
         raise ValueError(f"rows ({rows}) must be at least the number of prompts ({n})")
     if images is not None and len(images) != n:
         raise ValueError(f"{len(images)} images for {n} prompts")
+    if seeds is not None and len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
     device = model.tok_embeddings.weight.device
     tokens, n_pad = left_pad(prompts + [[pad_id]] * (rows - n), pad_id, device)
     B, P = tokens.shape
@@ -337,6 +375,9 @@ def generate(
         graphs.lend(B, S)
     model.setup_kv_cache(B, S, keep=keeps)
     greedy = temperature <= 0
+    if not greedy:  # filler rows draw from seed 0: their tokens are dropped
+        seeds = draw_seeds(n, generator) if seeds is None else seeds
+        row_seeds = torch.tensor(list(seeds) + [0] * (B - n), dtype=torch.int64, device=device)
     kept = False
     if keeps:
         tensors = step_tensors(model)
@@ -364,7 +405,7 @@ def generate(
             return step_fn(model, token, slot, key_valid, rope_pos, image_features, image_row)
 
         stop = StopTest(device)
-        nxt = sample_next(logits, temperature, top_p, generator)
+        nxt = sample_next(logits, temperature, top_p, seeds=None if greedy else row_seeds)
         for t in range(max_new_tokens):
             out[:, t] = nxt
             done |= (nxt == eos_id) | (full <= t + 1)
@@ -377,7 +418,7 @@ def generate(
             # The next tokens (greedy: the step's own argmax) or the logits to sample them from.
             nxt = step(nxt[:, None], slots[P + t: P + t + 1])
             if not greedy:
-                nxt = sample_next(nxt, temperature, top_p, generator)
+                nxt = sample_next(nxt, temperature, top_p, seeds=row_seeds, step=t + 1)
     finally:
         if keeps:
             graphs.take_back()
@@ -388,6 +429,12 @@ def generate(
         row = row[:fits]
         results.append(row[: row.index(eos_id)] if eos_id in row else row)
     return results
+
+
+def draw_seeds(n: int, generator: torch.Generator | None) -> list[int]:
+    """n seeds from `generator` (torch's default one if None), one per prompt, in the prompts' order."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 1 << 62, (n,), generator=generator, device=device).tolist()
 
 
 def image_inputs(images: list[np.ndarray | None] | None, device) -> tuple[Tensor | None, Tensor | None]:
@@ -472,8 +519,9 @@ def complete_texts(
 ) -> list[str]:
     """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate. The
     draws come from `generator` (sampling's seed is its maker's to use: generate_requests draws all its adapters'
-    answers from one). Compiled, every batch decodes `rows` rows (default: as many as the first batch has), a
-    smaller one filled up, so that one compilation serves them all.
+    answers from one), through a seed per prompt drawn in the prompts' order: a prompt's answer does not depend on
+    the batch size, on the prompts batched with it or on filler rows. Compiled, every batch decodes `rows` rows
+    (default: as many as the first batch has), a smaller one filled up, so that one compilation serves them all.
 
     Batches hold prompts of like length (batches_by_length), so that consecutive batches often have the same cache
     length and replay one decode step (DecodeGraphs); the texts come back in the prompts' order."""
@@ -483,12 +531,14 @@ def complete_texts(
         raise ValueError(f"prompt {prompts[k][:60]!r}{'...' if len(prompts[k]) > 60 else ''} is {len(ids[k])} tokens "
                          f"(BOS included): the model's max_seq_len {limit} leaves no position for a new token")
     texts: list[str | None] = [None] * len(ids)
+    seeds = draw_seeds(len(ids), generator) if sampling.temperature > 0 else None
     rows = (rows or min(batch_size, len(prompts))) if compile else None
     with DecodeGraphs(model) as graphs:
         for batch in batches_by_length([len(i) for i in ids], batch_size, "generated"):
             outs = generate(model, [ids[k] for k in batch], sampling.max_new_tokens, tokenizer.eos_id,
                             tokenizer.pad_id, sampling.temperature, sampling.top_p, generator, compile=compile,
-                            images=None if images is None else [images[k] for k in batch], rows=rows, graphs=graphs)
+                            images=None if images is None else [images[k] for k in batch], rows=rows, graphs=graphs,
+                            seeds=None if seeds is None else [seeds[k] for k in batch])
             for k, out in zip(batch, outs):
                 texts[k] = tokenizer.decode(out)
     return texts
