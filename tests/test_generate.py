@@ -48,12 +48,11 @@ def test_output_is_cut_at_eos(model):
 
 
 def test_sampling_rules():
-    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])
-    assert sample_next(logits, temperature=0, top_p=0.75, generator=None).item() == 1
-    g = torch.Generator().manual_seed(0)
-    draws = {sample_next(logits, 1.0, 0.75, g).item() for _ in range(200)}
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]]).expand(200, 4)
+    assert set(sample_next(logits, temperature=0, top_p=0.75).tolist()) == {1}
+    draws = set(sample_next(logits, 1.0, 0.75, seeds=torch.arange(200)).tolist())
     assert draws == {1, 2}  # token 1 alone has < 0.75 of the mass, tokens 1+2 reach it; 0 and 3 never
-    assert {sample_next(logits, 1.0, 0.01, g).item() for _ in range(50)} == {1}
+    assert set(sample_next(logits, 1.0, 0.01, seeds=torch.arange(200)).tolist()) == {1}
 
 
 def test_bad_requests():

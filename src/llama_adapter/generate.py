@@ -26,21 +26,17 @@ from .tokenizer import Tokenizer
 from .tracking import in_batches
 
 
-def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None,
-                seeds: Tensor | None = None, step: int = 0) -> Tensor:
-    """Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else nucleus sampling. The
-    draw of a row comes from its seed and the step (`seeds` (B,), `seeded_uniform`), so that it is the same in any
-    batch; without seeds, from `generator` (one stream for the whole batch)."""
+def sample_next(logits: Tensor, temperature: float, top_p: float, seeds: Tensor | None = None, step: int = 0
+                ) -> Tensor:
+    """Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else nucleus sampling, each
+    row's draw coming from its seed and the step alone (`seeds` (B,), `seeded_uniform`), so that it is the same in
+    any batch."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
     outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-    if seeds is None:
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
-        return order.gather(-1, choice).squeeze(-1)
     # An exponential race: token i wins with probability p_i / sum(p) among those kept (argmax of p_i / E_i, E_i
     # exponential), each token's E_i drawn for its own id, so the draw does not hang on the order of near-ties.
     kept = torch.zeros_like(outside).scatter_(-1, order, ~outside)
