@@ -315,3 +315,42 @@ def test_adapter_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_adapter(m, tmp_path / "a.safetensors", base_model="tiny")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- from an audit of the loaders
+
+
+def hf_folder(tmp_path, name="hf", shard_size=None):
+    """A tiny random HF LLaMA (GQA) saved by transformers, sharded with an index if `shard_size` is given."""
+    from hf_reference import random_hf_llama
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=96)
+    hf = random_hf_llama(args)
+    hf.save_pretrained(tmp_path / name, **({"max_shard_size": shard_size} if shard_size else {}))
+    return tmp_path / name, hf, args
+
+
+@pytest.mark.parametrize("form", ["../outside/{f}", "{outside}/{f}", "sub/../../outside/{f}"])
+def test_hf_index_naming_a_file_outside_the_folder_is_refused(tmp_path, form):
+    """model.safetensors.index.json is the checkpoint's word, like any file of it: a shard it names by a path
+    leaving the folder (.., an absolute path) is refused before anything is read, as hub.py refuses it."""
+    pytest.importorskip("transformers")
+    folder, _, _ = hf_folder(tmp_path, shard_size="40KB")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "outside").mkdir()
+    (folder / first).rename(tmp_path / "outside" / first)
+    escape = form.format(f=first, outside=tmp_path / "outside")
+    index["weight_map"] = {k: escape if v == first else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: weight_map names .*outside.*no files of"):
+        load_base(folder)
+
+
+def test_hf_index_with_a_non_string_file_is_a_checkpoint_error(tmp_path):
+    pytest.importorskip("transformers")
+    folder, _, _ = hf_folder(tmp_path)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": ["model.safetensors"]}}))
+    with pytest.raises(CheckpointError, match=r"index.json: weight_map names \[\['model.safetensors'\]\]"):
+        load_base(folder)

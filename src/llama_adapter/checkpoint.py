@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .adapter import AdaptedTransformer
 from .config import FULL_WEIGHTS, PEFT_CONFIG, AdapterArgs, ModelArgs
+from .data.paths import is_file_name
 from .errors import CheckpointError
 from .io import atomic_path, read_json_object
 from .model import Transformer
@@ -315,6 +316,8 @@ def hf_weight_files(path: Path) -> list[str]:
         weight_map = read_config(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> file")
+        if odd := [name for name in weight_map.values() if not isinstance(name, str)]:
+            raise CheckpointError(f"{index}: weight_map names {odd[:5]}; expected file names (strings)")
         return sorted(set(weight_map.values()))
     return [p.name for p in sorted(path.glob("model*.safetensors"))]
 
@@ -324,6 +327,12 @@ def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
     files = hf_weight_files(path)
     if not files:
         raise CheckpointError(f"{path}: no model*.safetensors files beside config.json")
+    # The index is the checkpoint's word, as untrusted as its tensors: a name leaving the folder is refused (hub.py
+    # refuses the same names before it downloads).
+    if odd := [name for name in files if not is_file_name(name)]:
+        raise CheckpointError(f"{path / 'model.safetensors.index.json'}: weight_map names {odd[:5]}, which are no "
+                              f"files of {path} (a path leaving the folder is refused); expected the names of "
+                              "safetensors files beside it")
     state: dict[str, Tensor] = {}
     for f in files:
         tensors, _ = read_safetensors_file(path / f)
