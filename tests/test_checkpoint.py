@@ -354,3 +354,18 @@ def test_hf_index_with_a_non_string_file_is_a_checkpoint_error(tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": ["model.safetensors"]}}))
     with pytest.raises(CheckpointError, match=r"index.json: weight_map names \[\['model.safetensors'\]\]"):
         load_base(folder)
+
+
+def test_a_tensor_in_two_safetensors_files_is_refused(tmp_path):
+    """Two files of one checkpoint holding the same tensor (a stale shard left beside a re-saved model) were
+    merged silently, the file sorted last winning: refused, naming the tensor and both files."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    folder, _, _ = hf_folder(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").rename(folder / "model-a.safetensors")
+    save_file({"model.norm.weight": torch.zeros_like(state["model.norm.weight"])}, folder / "model-b.safetensors")
+    with pytest.raises(CheckpointError, match=r"model-b.safetensors: holds model.norm.weight, which model-a.safetensors"
+                                              r" holds too"):
+        load_base(folder)

@@ -334,11 +334,16 @@ def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
                               f"files of {path} (a path leaving the folder is refused); expected the names of "
                               "safetensors files beside it")
     state: dict[str, Tensor] = {}
+    found_in: dict[str, str] = {}  # each tensor's file: one checkpoint holds a tensor once
     for f in files:
         tensors, _ = read_safetensors_file(path / f)
         for name, t in tensors.items():
             if RECOMPUTED_BUFFERS.match(name):
                 continue
+            if name in found_in:
+                raise CheckpointError(f"{path / f}: holds {name}, which {found_in[name]} holds too; expected each "
+                                      "tensor in one file (a stale file of another save beside these?)")
+            found_in[name] = f
             name = to_meta_name(name, HF_NAMES, "hf")
             if name.endswith("attention.wq.weight"):
                 t = unpermute_rope_rows(t, args.n_heads)
