@@ -369,3 +369,26 @@ def test_a_tensor_in_two_safetensors_files_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"model-b.safetensors: holds model.norm.weight, which model-a.safetensors"
                                               r" holds too"):
         load_base(folder)
+
+
+@pytest.mark.parametrize(("kind", "factor", "refused"), [("LINEAR", 4.0, True), ("YARN", 4.0, True),
+                                                          ("NONE", 1.0, False)])
+def test_gguf_rope_scaling_is_refused_not_ignored(tmp_path, monkeypatch, kind, factor, refused):
+    """A GGUF's llama.rope.scaling.* (linear, YaRN: long-context models) was ignored, so positions were rotated as
+    plain RoPE: refused by name, as a Hugging Face config's rope_scaling is."""
+    gguf = pytest.importorskip("gguf")
+    header = gguf.GGUFWriter.write_header_to_file
+
+    def with_scaling(self, *a, **k):
+        self.add_rope_scaling_type(getattr(gguf.RopeScalingType, kind))
+        self.add_rope_scaling_factor(factor)
+        return header(self, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_header_to_file", with_scaling)
+    m = random_model("tiny-gqa")
+    write_gguf(tmp_path / "m.gguf", m)
+    if refused:
+        with pytest.raises(CheckpointError, match=rf"m.gguf: RoPE scaling {kind.lower()!r} \(llama.rope.scaling"):
+            load_base(tmp_path / "m.gguf")
+    else:
+        assert_same_logits(m, load_base(tmp_path / "m.gguf"))

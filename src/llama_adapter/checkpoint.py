@@ -407,6 +407,12 @@ def _gguf_checkpoint(path: Path, reader, field) -> tuple[ModelArgs, dict[str, Te
     dim = field("llama.embedding_length")
     if field("llama.rope.dimension_count", dim // n_heads) != dim // n_heads:
         raise CheckpointError(f"{path}: partial RoPE (rope.dimension_count != head dim) is not supported")
+    # llama.cpp's RoPE scaling (linear, YaRN, ...): this model rotates by plain RoPE only, as hf_model_args refuses.
+    scaling = field("llama.rope.scaling.type", "none")
+    factor = field("llama.rope.scaling.factor", 1.0)
+    if scaling != "none" or factor not in (0.0, 1.0):  # llama.cpp reads a factor of 0 as none
+        raise CheckpointError(f"{path}: RoPE scaling {scaling!r} (llama.rope.scaling.type, factor {factor}) is not "
+                              "supported, only plain RoPE")
     args = ModelArgs(
         dim=dim, n_layers=field("llama.block_count"), n_heads=n_heads,
         n_kv_heads=field("llama.attention.head_count_kv", n_heads),
