@@ -392,3 +392,33 @@ def test_gguf_rope_scaling_is_refused_not_ignored(tmp_path, monkeypatch, kind, f
             load_base(tmp_path / "m.gguf")
     else:
         assert_same_logits(m, load_base(tmp_path / "m.gguf"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_weight_that_is_not_floating_point_is_refused(tmp_path, dtype):
+    """Integer or boolean tensors where weights belong (a damaged or foreign file) were cast to float silently."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    folder, _, _ = hf_folder(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state["model.norm.weight"] = torch.ones(64, dtype=dtype)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"not floating point \(1\): norm.weight: {dtype}"):
+        load_base(folder)
+
+
+def test_an_adapter_tensor_that_is_not_floating_point_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    m = random_model("tiny", AdapterArgs(adapter_len=3, adapter_layers=2))
+    save_meta_checkpoint(m, tmp_path / "base")
+    save_adapter(m, tmp_path / "a.safetensors", base_model="tiny")
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        header = f.metadata()
+    tensors = load_file(tmp_path / "a.safetensors")
+    tensors["adapter_gate"] = tensors["adapter_gate"].to(torch.int32)
+    save_file(tensors, tmp_path / "a.safetensors", metadata=header)
+    with pytest.raises(CheckpointError, match=r"a.safetensors does not match.*not floating point \(1\): adapter_gate"):
+        load_model(tmp_path / "base", tmp_path / "a.safetensors")

@@ -93,7 +93,7 @@ def read_config(path: Path) -> dict:
 
 
 def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], source: str) -> None:
-    """Raise one error listing every missing, unexpected and mis-shaped tensor."""
+    """Raise one error listing every missing, unexpected, mis-shaped and not floating-point tensor."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(
@@ -101,8 +101,11 @@ def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], sourc
         for k in set(expected) & set(state)
         if state[k].shape != expected[k]
     )
+    # Weights are floating point: an integer or boolean tensor (a damaged or foreign file) would be cast silently.
+    not_float = sorted(f"{k}: {state[k].dtype}" for k in set(expected) & set(state) if not state[k].is_floating_point())
     problems = [f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
-                for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                                     ("not floating point", not_float))
                 if items]
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
