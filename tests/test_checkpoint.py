@@ -422,3 +422,23 @@ def test_an_adapter_tensor_that_is_not_floating_point_is_refused(tmp_path):
     save_file(tensors, tmp_path / "a.safetensors", metadata=header)
     with pytest.raises(CheckpointError, match=r"a.safetensors does not match.*not floating point \(1\): adapter_gate"):
         load_model(tmp_path / "base", tmp_path / "a.safetensors")
+
+
+@pytest.mark.parametrize(("change", "refused"), [({"norm_eps": 1e-5}, True), ({"rope_theta": 500000.0}, True),
+                                                 ({"norm_eps": float(torch.tensor(1e-6, dtype=torch.float32))}, False),
+                                                 ({"max_seq_len": 4096}, False)])
+def test_an_adapter_onto_a_base_of_other_norm_eps_or_rope_theta_is_refused(tmp_path, change, refused):
+    """LLaMA-1-7B and Llama-2-7B have the same shapes (dim, layers, heads, vocab, hidden) and differ in norm_eps:
+    an adapter trained on one loaded onto the other silently. norm_eps and rope_theta are compared too (a GGUF's
+    float32 copy of the same value is the same base); max_seq_len is not (Meta's params.json does not hold it)."""
+    adapter = AdapterArgs(adapter_len=3, adapter_layers=2)
+    m = random_model("tiny", adapter)
+    save_adapter(m, tmp_path / "a.safetensors", base_model="tiny")
+    other = random_model(ModelArgs(**{**m.args.to_dict(), **change}))
+    save_meta_checkpoint(other, tmp_path / "other")
+    if refused:
+        [(key, value)] = change.items()
+        with pytest.raises(CheckpointError, match=rf"a.safetensors: trained on base 'tiny'.*'{key}': \(.*, {value}\)"):
+            load_model(tmp_path / "other", tmp_path / "a.safetensors")
+    else:
+        load_model(tmp_path / "other", tmp_path / "a.safetensors")

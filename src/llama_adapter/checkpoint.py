@@ -14,6 +14,7 @@ AdaptionPrompt (its prompts and per-layer gates) are read into the same tensors,
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -549,14 +550,20 @@ def to_foreign_name(meta_name: str, column: int) -> str:
     raise KeyError(meta_name)
 
 
-# What must agree between the base an adapter was trained on and the base it is loaded onto.
+# What must agree between the base an adapter was trained on and the base it is loaded onto: its shapes, and the
+# numbers of its computation that shapes do not show (LLaMA-1-7B and Llama-2-7B have the same shapes, not the same
+# norm_eps), these to round-off (a GGUF holds them as float32).
 STRUCTURAL_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
+NUMERIC_ARGS = ("norm_eps", "rope_theta")
 
 
 def check_trained_on(path: Path, header: dict[str, str], args: ModelArgs, kind: str) -> None:
-    """A file whose header names the base it was trained on (`base_args`) fits a model of `args` shapes."""
+    """A file whose header names the base it was trained on (`base_args`) fits a model of `args`."""
     trained_on = json.loads(header["base_args"])
     diff = {k: (trained_on.get(k), getattr(args, k)) for k in STRUCTURAL_ARGS if trained_on.get(k) != getattr(args, k)}
+    diff |= {k: (trained_on[k], getattr(args, k)) for k in NUMERIC_ARGS
+             if isinstance(trained_on.get(k), int | float) and not math.isclose(trained_on[k], getattr(args, k),
+                                                                                 rel_tol=1e-4)}
     if diff:
         raise CheckpointError(f"{path}: trained on base {header.get('base_model')!r}, which differs from this base "
                               f"in {{arg: ({kind}'s base, this base)}}: {diff}")
