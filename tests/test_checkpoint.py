@@ -442,3 +442,13 @@ def test_an_adapter_onto_a_base_of_other_norm_eps_or_rope_theta_is_refused(tmp_p
             load_model(tmp_path / "other", tmp_path / "a.safetensors")
     else:
         load_model(tmp_path / "other", tmp_path / "a.safetensors")
+
+
+def test_a_pth_in_torch_legacy_format_loads(tmp_path):
+    """torch.save's pre-1.6 (non-zip) format cannot be memory-mapped; such a file was called truncated or corrupted.
+    It is read without mmap instead, still weights_only."""
+    m = random_model("tiny")
+    save_meta_checkpoint(m, tmp_path)
+    shard = tmp_path / "consolidated.00.pth"
+    torch.save(torch.load(shard, weights_only=True), shard, _use_new_zipfile_serialization=False)
+    assert_same_logits(m, load_base(tmp_path))

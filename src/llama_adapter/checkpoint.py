@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -58,7 +59,8 @@ def must_be_file(path: Path, expected: str) -> None:
 def read_torch_file(path: Path) -> dict[str, Tensor]:
     must_be_file(path, "a PyTorch checkpoint (.pth)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap (no copy in memory) needs torch's zip format; its pre-1.6 format is read whole.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError... for damaged files
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
                               "the file may be truncated or corrupted") from e
