@@ -452,3 +452,20 @@ def test_a_pth_in_torch_legacy_format_loads(tmp_path):
     shard = tmp_path / "consolidated.00.pth"
     torch.save(torch.load(shard, weights_only=True), shard, _use_new_zipfile_serialization=False)
     assert_same_logits(m, load_base(tmp_path))
+
+
+def test_a_hf_folder_with_a_mistral_params_json_beside_it_loads_as_hf(tmp_path):
+    """Mistral's hub repositories hold both layouts: config.json + model-*.safetensors and Mistral's params.json +
+    consolidated.safetensors. A download of the whole repository was read as Meta's layout (params.json first) and
+    refused; with no consolidated.NN.pth beside params.json, config.json's weights are the checkpoint."""
+    pytest.importorskip("transformers")
+    from hf_reference import tokens as hf_tokens
+
+    folder, hf, args = hf_folder(tmp_path)
+    (folder / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 96,
+                                                    "n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5,
+                                                    "vocab_size": 300, "rope_theta": 10000.0}))
+    ours = load_base(folder)
+    x = hf_tokens(args)
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max() < 1e-4

@@ -440,7 +440,10 @@ def checkpoint_format(path: Path) -> str:
         raise CheckpointError(
             f"{path}: no such file or folder; expected a base checkpoint (a folder with params.json + "
             "consolidated.NN.pth, a folder with config.json + model*.safetensors, or a .gguf file)")
-    if path.is_dir() and (path / "params.json").exists():
+    # Mistral's repositories hold Hugging Face's layout beside a params.json of their own (and weights not ours to
+    # read): params.json means Meta's layout where consolidated.NN.pth lie beside it, or no config.json does.
+    if path.is_dir() and (path / "params.json").exists() and (
+            any(path.glob("consolidated.*.pth")) or not (path / "config.json").exists()):
         return "meta"
     if path.is_dir() and (path / "config.json").exists():
         return "hf"
