@@ -192,3 +192,15 @@ def test_missing_paths(tmp_path, name):
     with pytest.raises(TokenizerError) as e:
         load_tokenizer(tmp_path / name)
     assert str(tmp_path / name) in str(e.value)
+
+
+@pytest.mark.parametrize("content", ["{broken", "[1, 2]"])
+def test_a_damaged_tokenizer_config_is_named(tmp_path, content):
+    """A damaged tokenizer_config.json beside a good tokenizer.json was reported as the tokenizer.json."""
+    from tokenizers import Tokenizer, models
+
+    vocabulary = models.WordLevel({"<s>": 0, "</s>": 1, "[UNK]": 2}, unk_token="[UNK]")
+    Tokenizer(vocabulary).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(content)
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: (not valid JSON|holds a JSON list)"):
+        load_tokenizer(tmp_path)

@@ -11,7 +11,6 @@ by a backend's post-processor (a Llama-3 ``tokenizer.json`` would otherwise prep
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from .errors import TokenizerError
+from .io import read_json_object
 
 
 class Tokenizer(ABC):
@@ -117,7 +117,8 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
 def _load_hf(path: Path) -> Tokenizer:
     backend = tokenizers.Tokenizer.from_file(str(path))
     config_path = path.with_name("tokenizer_config.json")
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json_object(config_path, "a tokenizer_config.json (a JSON object naming bos_token and eos_token)",
+                              TokenizerError) if config_path.is_file() else {}
 
     def special_id(key: str) -> int | None:
         token = config.get(key)
