@@ -506,3 +506,20 @@ def test_a_mis_shaped_hf_tensor_is_named_by_its_file_and_its_own_name(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_base(folder)
     assert shard.name in str(e.value) and name in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (30, 64), (64,)])
+def test_a_mis_shaped_hf_query_or_key_is_listed_not_a_traceback(tmp_path, shape):
+    """q/k rows are un-permuted as they are read: one of the wrong shape failed inside the permutation (RuntimeError,
+    ValueError) instead of being listed as mis-shaped with the rest."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    folder, _, _ = hf_folder(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(shape)
+    state["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(shape)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"mis-shaped \(2\): layers.0.attention.wq.weight: .*"
+                                              r"layers.1.attention.wk.weight: "):
+        load_base(folder)

@@ -351,10 +351,11 @@ def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
                                       "tensor in one file (a stale file of another save beside these?)")
             found_in[name] = f
             name = to_meta_name(name, HF_NAMES, "hf")
-            if name.endswith("attention.wq.weight"):
-                t = unpermute_rope_rows(t, args.n_heads)
-            elif name.endswith("attention.wk.weight"):
-                t = unpermute_rope_rows(t, args.n_kv_heads)
+            # q/k rows back to Meta's order; one of another shape is left as it is, for check_state to list
+            heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}.get(
+                name.split(".", 2)[-1])
+            if heads is not None and t.shape == (heads * args.head_dim, args.dim):
+                t = unpermute_rope_rows(t, heads)
             state[name] = t
     return args, state
 
