@@ -523,3 +523,26 @@ def test_a_mis_shaped_hf_query_or_key_is_listed_not_a_traceback(tmp_path, shape)
     with pytest.raises(CheckpointError, match=r"mis-shaped \(2\): layers.0.attention.wq.weight: .*"
                                               r"layers.1.attention.wk.weight: "):
         load_base(folder)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (64,)])
+def test_a_mis_shaped_lora_b_of_wq_is_listed_not_a_traceback(tmp_path, shape):
+    """A LoRA's B of wq/wk is un-permuted as it is read: one of the wrong shape failed inside the permutation."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from llama_adapter.config import LoRAArgs
+    from llama_adapter.methods import load_for_training, save_tuned
+
+    save_meta_checkpoint(random_model("tiny"), tmp_path / "base")
+    save_tuned(load_for_training("lora", tmp_path / "base", AdapterArgs(), LoRAArgs(), "cpu", torch.float32), "lora",
+               tmp_path / "run", base_model=str(tmp_path / "base"))
+    weights = tmp_path / "run" / "adapter_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        header = f.metadata()
+    tensors = load_file(weights)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(shape)
+    save_file(tensors, weights, metadata=header)
+    with pytest.raises(CheckpointError, match=r"LoRA .*adapter_model.safetensors does not match.*mis-shaped \(1\): "
+                                              r"layers.0.attention.wq.lora_b"):
+        load_model(tmp_path / "base", tmp_path / "run")

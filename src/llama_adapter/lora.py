@@ -193,7 +193,9 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, st
             raise CheckpointError(f"{path}: tensor {name!r} is not a LoRA A/B of a LLaMA projection; "
                                   f"expected {expected}")
         layer, target, which = int(m.group(1)), to_meta[m.group(3)], m.group(4)
-        if which == "B" and (heads := rope_heads(target, model_args)) is not None and t.shape[0] % heads == 0:
+        # B's rows back to Meta's q/k order; a B of another shape is left as it is, for check_state to list
+        if (which == "B" and (heads := rope_heads(target, model_args)) is not None and t.ndim == 2
+                and t.shape[0] == heads * model_args.head_dim):
             t = unpermute_rope_rows(t, heads)
         ours[f"layers.{layer}.{BLOCK_PART[target]}.{target}.lora_{which.lower()}"] = t
     return args, header, ours
