@@ -285,3 +285,29 @@ def test_slurm_profile_asks_for_sigterm_before_the_time_limit():
     params = {"run_uuid": "id", "slurm_logfile": "log", "comment_str": "rule_train_adapter", "account": "",
               "partition": "", "workdir": str(REPO)}
     assert f" {extra}" in get_submit_command(job, params)
+
+
+def test_a_stop_signal_once_the_weights_are_written_keeps_the_training(setup, tmp_path, monkeypatch):
+    """SIGTERM while the finished run's MLflow run is being ended (a remote server's calls, the system-metrics
+    thread's join: seconds): the adapter and metrics.json are written and the checkpoints are gone by then, so
+    the command line's removal of a stopped command's outputs would throw the whole training away. The run is
+    complete: it ends normally, its outputs kept."""
+    from llama_adapter.cli import main
+    from llama_adapter.tracking import Tracker
+
+    real = Tracker.close
+
+    def close(self, failed=False, status=None):
+        if not failed and status is None:  # the finished run's close
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, failed, status)
+
+    monkeypatch.setattr(Tracker, "close", close)
+    cfg = config(setup, tmp_path / "run", max_steps=2)
+    try:
+        code = main(run_cli_train(cfg, "--max-steps", "2")[3:])
+    finally:
+        mlflow.end_run()
+    out = tmp_path / "run"
+    assert (code, (out / "adapter.safetensors").exists(), (out / "metrics.json").exists()) == (0, True, True)
+    assert not (out / "checkpoint.pt").exists()

@@ -669,9 +669,13 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    if d.rank == 0 and not keep_checkpoint:
-        remove_checkpoints(ckpt_path)  # the adapter is written: a rerun trains afresh instead of resuming
-    tracker.close()
+    # The weights and metrics.json are written: the run is complete. A stop signal from here on is recorded and
+    # ignored, not raised: the command line removes a stopped command's outputs, and with the checkpoints gone the
+    # whole training would be lost. Ending the MLflow run (a server's calls) comes before the checkpoints go.
+    with StopSignals():
+        tracker.close()
+        if d.rank == 0 and not keep_checkpoint:
+            remove_checkpoints(ckpt_path)  # the adapter is written: a rerun trains afresh instead of resuming
     return result
 
 
