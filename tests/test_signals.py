@@ -311,3 +311,36 @@ def test_a_stop_signal_once_the_weights_are_written_keeps_the_training(setup, tm
     out = tmp_path / "run"
     assert (code, (out / "adapter.safetensors").exists(), (out / "metrics.json").exists()) == (0, True, True)
     assert not (out / "checkpoint.pt").exists()
+
+
+def zero_inside_a_tensor(path: Path) -> None:
+    """64 bytes of the largest tensor record zeroed in place: the file keeps its size and its zip structure."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        record = max(z.infolist(), key=lambda i: i.file_size)
+    start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra) + 100
+    data = bytearray(path.read_bytes())
+    data[start: start + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_damaged_inside_a_tensor_is_not_resumed_from(setup, tmp_path, capsys):
+    """A checkpoint whose tensor bytes were damaged in place (the size and zip layout intact) loads in torch.load
+    without a word; its records' CRC-32 tell. It is unreadable like a truncated one: the previous one is taken."""
+    cfg = config(setup, tmp_path / "run", max_steps=4, checkpoint_every=1, val_data=None, method="full", blr=0.01)
+    train(cfg, keep_checkpoint=True)
+    ckpt, prev = tmp_path / "run" / "checkpoint.pt", tmp_path / "run" / "checkpoint.prev.pt"
+    zero_inside_a_tensor(ckpt)
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        steps = []
+        mp.setattr(train_mod, "restore", lambda state, *a: steps.append(state["step"]) or (_ for _ in ()).throw(
+            RuntimeError("stop here")))
+        with pytest.raises(RuntimeError, match="stop here"):
+            train(replace(cfg, max_steps=6), resume=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if "checkpoint" in line]
+    assert steps == [3] and len(said) == 1 and f"{ckpt} is unreadable" in said[0] and "CRC" in said[0]
+    zero_inside_a_tensor(prev)
+    with pytest.raises(CheckpointError, match="cannot resume: .* is unreadable"):
+        train(replace(cfg, max_steps=6), resume=True)

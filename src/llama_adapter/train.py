@@ -333,6 +333,15 @@ def remove_checkpoints(ckpt_path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_records(path: Path) -> str | None:
+    """The first record of a torch.save file (a zip archive) whose bytes do not match the CRC-32 written with them;
+    None when all do."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
+
+
 def read_checkpoint(ckpt_path: Path, announce: bool = True) -> tuple[dict, Path] | None:
     """The newest readable checkpoint and its path: checkpoint.pt, else checkpoint.prev.pt (saying so in one
     line on stderr); None without checkpoint.pt (deleting it starts afresh). CheckpointError, naming the files,
@@ -344,13 +353,16 @@ def read_checkpoint(ckpt_path: Path, announce: bool = True) -> tuple[dict, Path]
     for path in paths:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            damaged = check_records(path)
+            if damaged is not None:  # torch.load reads a tensor's bytes as they are, damaged or not
+                raise ValueError(f"its record {damaged} fails its CRC-32 check (damaged in place)")
             if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
                 raise ValueError(f"not a training checkpoint: no {sorted(CHECKPOINT_KEYS - set(state))}"
                                  if isinstance(state, dict) else f"not a training checkpoint: a {type(state).__name__}")
             if state["format"] != CHECKPOINT_FORMAT:
                 raise ValueError(f"format {state['format']!r}, expected {CHECKPOINT_FORMAT!r} (written by another "
                                  "version of llama-adapter)")
-        except Exception as e:  # truncated, empty, not a torch file, not ours
+        except Exception as e:  # truncated, empty, damaged, not a torch file, not ours
             reason = (str(e).strip().splitlines() or [""])[0]
             problems.append(f"{path} is unreadable ({path.stat().st_size} bytes; {type(e).__name__}: {reason})")
             continue
