@@ -344,3 +344,26 @@ def test_a_checkpoint_damaged_inside_a_tensor_is_not_resumed_from(setup, tmp_pat
     zero_inside_a_tensor(prev)
     with pytest.raises(CheckpointError, match="cannot resume: .* is unreadable"):
         train(replace(cfg, max_steps=6), resume=True)
+
+
+def test_lora_with_dropout_resumes_only_with_the_rows_per_micro_batch_it_drew_with(setup, tmp_path):
+    """--rows-per-micro-batch may change on resumption (a memory knob), but LoRA's dropout draws its masks one
+    micro-batch at a time: resumed with other micro-batches, the run's draws, and so its adapter, differ from the
+    uninterrupted run's. Refused with dropout, with a message saying what to give; without dropout allowed, and
+    the same run to round-off."""
+    def lora(out, **kw):
+        return config(setup, out, method="lora", lora_rank=2, lora_targets="wq,wv,w2", blr=0.5, max_steps=6,
+                      val_data=None, **kw)
+
+    for dropout in (0.3, 0.0):
+        whole = train(lora(tmp_path / f"whole{dropout}", lora_dropout=dropout))
+        cut = lora(tmp_path / f"cut{dropout}", lora_dropout=dropout)
+        train(replace(cut, max_steps=3), keep_checkpoint=True)
+        if dropout:
+            with pytest.raises(ValueError, match="cannot resume with --rows-per-micro-batch 1: .* 2 rows at a time.*"
+                                                 "resume with --rows-per-micro-batch 2"):
+                train(replace(cut, rows_per_micro_batch=1), resume=True)
+            continue
+        resumed = train(replace(cut, rows_per_micro_batch=1), resume=True)
+        assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in whole["history"]],
+                                                                        rel=1e-5)

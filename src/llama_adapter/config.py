@@ -300,7 +300,8 @@ class TrainConfig:
     weight_decay: float = setting(0.02, "AdamW's weight decay")
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's betas")
     global_batch: int = setting(64, "samples per optimizer step, over all processes")
-    rows_per_micro_batch: int = setting(4, "packed rows per forward/backward: a memory knob, no effect on the math")
+    rows_per_micro_batch: int = setting(4, "packed rows per forward/backward: a memory knob, no effect on the math "
+                                           "(but on which dropout masks a LoRA's samples draw)")
     row_len: int = setting(TokenizeConfig.max_seq_len, "tokens per packed row; at least the longest sample")
     pad_id: int = setting(0, "the token id that fills packed rows (never a target)")
     seed: int = setting(0, "seed of the initialisation and of the data order")

@@ -251,6 +251,7 @@ def autocast(device: torch.device):
 
 # Settings that may change between a run and its resumption without changing its results.
 # (A checkpoint holds whole tensors by name, so sharding and the number of processes may change too.)
+# rows_per_micro_batch, save under LoRA's dropout, which draws its masks a micro-batch at a time (restore).
 RESUMABLE_CHANGES = ("checkpoint_every", "max_steps", "device", "compile", "compile_cache", "run_name", "tags",
                      "rows_per_micro_batch", "fsdp")
 
@@ -277,7 +278,7 @@ def checkpoint_state(model, opt, step: int, history: list[dict], cfg: TrainConfi
     return {"format": CHECKPOINT_FORMAT, "tuned": tuned, "optimizer": optimizer,
             "step": step, "history": history, "torch_rng": rng["cpu"], "ranks_rng": ranks_rng,
             "mlflow_run_id": run_id, "initial_val_loss": initial_val_loss, "inputs": inputs,
-            "config": json.dumps(fixed_settings(cfg), sort_keys=True)}
+            "config": json.dumps(fixed_settings(cfg), sort_keys=True), "rows_per_micro_batch": cfg.rows_per_micro_batch}
 
 
 def base_digest(model: Transformer) -> str:
@@ -384,6 +385,13 @@ def restore(state: dict, ckpt_path: Path, cfg: TrainConfig, model: Transformer, 
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if changed:
         raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed {{key: (then, now)}}: {changed}")
+    rows = state.get("rows_per_micro_batch", cfg.rows_per_micro_batch)  # not kept before it was checked
+    if cfg.method == "lora" and cfg.lora_dropout > 0 and rows != cfg.rows_per_micro_batch:
+        # Each forward draws LoRA's dropout masks for its rows: other micro-batches, other masks, other results.
+        raise ValueError(f"{ckpt_path}: cannot resume with --rows-per-micro-batch {cfg.rows_per_micro_batch}: the run "
+                         f"that wrote it drew LoRA's dropout masks {rows} rows at a time, and other micro-batches "
+                         f"draw other masks (--lora-dropout {cfg.lora_dropout:g}); resume with --rows-per-micro-batch "
+                         f"{rows}")
     paths = {"--base": cfg.base, "--train-data": cfg.train_data, "--val-data": cfg.val_data,
              "--image-features": cfg.image_features}
     others = [f"{option} {paths[option]}" for option, digest in inputs.items()
