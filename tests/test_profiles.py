@@ -269,7 +269,8 @@ def test_local_profile_gives_each_gpu_rule_one_gpu():
     assert "/adapters/scienceqa_full/model " in full["shell"] and "--adapter" not in full["shell"]
     out = snakemake("--profile", "local", "--configfile", "config/smollm2.yaml", "--forceall",
                     "--resources", "gpu=2", "--set-resources", "train_adapter:gpu=2")
-    assert all(job["shell"].startswith("exec torchrun --standalone --nproc-per-node 2 -m llama_adapter.cli train ")
+    assert all(job["shell"].startswith("exec env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun --standalone "
+                                       "--nproc-per-node 2 -m llama_adapter.cli train ")
                for job in jobs(out, "train_adapter"))
 
 

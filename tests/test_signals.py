@@ -367,3 +367,52 @@ def test_lora_with_dropout_resumes_only_with_the_rows_per_micro_batch_it_drew_wi
         resumed = train(replace(cut, rows_per_micro_batch=1), resume=True)
         assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in whole["history"]],
                                                                         rel=1e-5)
+
+
+SLOW_STEP = """
+import os
+if os.environ.get("RANK") is not None and os.environ.get("SLOW_STEP_MARK"):  # a torchrun worker of the test
+    import time
+    from pathlib import Path
+
+    import llama_adapter.train as train_mod
+
+    real, calls = train_mod.gate_magnitudes, [0]
+
+    def slow(model):  # step 2 lasts {seconds} s more: a large model's step, or its gather and save
+        calls[0] += 1
+        if calls[0] == 2:
+            Path(os.environ["SLOW_STEP_MARK"] + os.environ["RANK"]).touch()
+            time.sleep({seconds})
+        return real(model)
+
+    train_mod.gate_magnitudes = slow
+"""
+
+
+def test_torchrun_waits_for_its_workers_to_save_after_slurms_sigterm(setup, tmp_path):
+    """SLURM's SIGTERM (--signal=TERM@600, 10 minutes before the limit) reaches torchrun and its workers alike.
+    torchrun passes it on, then kills the workers outright after its shutdown timeout: 30 s unless told, so a
+    step (or the checkpoint's gather and write) running longer than that lost the signal's checkpoint and every
+    step since the last periodic one. Each node's torchrun, as llama_adapter.launch starts it, waits longer."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_STEP.replace("{seconds}", "35"))
+    out = tmp_path / "run"
+    cfg = config(setup, out, epochs=EPOCHS)
+    cmd = [sys.executable, "-m", "llama_adapter.launch", "--nproc-per-node", "2", "--port", "29553", "--",
+           *run_cli_train(cfg, "--checkpoint-every", "1000")[3:]]
+    env = {**os.environ, "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": "1",
+           "OMP_NUM_THREADS": "1", "SLOW_STEP_MARK": str(tmp_path / "slow"),
+           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / "slow0").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM signals a step: every process of it
+    _, err = proc.communicate(timeout=180)
+    assert (out / "checkpoint.pt").exists(), err[-3000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2

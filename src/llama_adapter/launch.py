@@ -15,7 +15,8 @@ and on each node this module replaces itself with
 P is the GPUs per node (one process each; NCCL), or 1 on nodes without GPUs (Gloo on the CPU). Every rank's
 output goes to srun's, so to the job's log: srun labels each line with its node (`0: `), torchrun with the
 global rank (`[rank3]:`). SLURM's SIGTERM reaches each node's torchrun (a task of the step), which passes it on
-to its processes: training saves its checkpoint at the next step boundary, all ranks at the same one.
+to its processes: training saves its checkpoint at the next step boundary, all ranks at the same one, for which
+torchrun waits up to SHUTDOWN_TIMEOUT before it kills them.
 
 Nothing here builds a shell string: every piece is one argument.
 """
@@ -34,6 +35,11 @@ import sys
 RDZV_PORT_BASE = 29500
 RDZV_PORT_SPAN = 1000
 LOG_PREFIX = "[rank${rank}]:"
+# How long torchrun, once signalled, waits for its workers before it kills them (its default: 30 s): as long as the
+# profile's --signal=TERM@600 leaves before the time limit, so that the step under way, the checkpoint's gather and
+# its write all fit (SLURM ends the job at its limit anyway). An environment variable, which a torchrun without
+# --shutdown-timeout ignores.
+SHUTDOWN_TIMEOUT = ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
 
 
 def slurm_launch(srun: str, nodes: int, gpus_per_node: int, cpus_per_node: int) -> list[str]:
@@ -107,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("no llama-adapter command after --")
     cmd = torchrun_command(dict(os.environ), ns.nproc_per_node, cli, ns.port)
     os.environ.setdefault("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", LOG_PREFIX)
+    os.environ.setdefault(*SHUTDOWN_TIMEOUT)
     sys.stdout.flush()
     os.execv(cmd[0], cmd)  # torchrun takes this process's place: srun's signals reach it
 

@@ -21,7 +21,7 @@ from llama_adapter.data import SCIENCEQA_SPLITS, in_split_order
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
 from llama_adapter.errors import PretrainedFetchError
 from llama_adapter.hub import parse_source
-from llama_adapter.launch import slurm_launch
+from llama_adapter.launch import SHUTDOWN_TIMEOUT, slurm_launch
 from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
 from llama_adapter.tracking import (
     DEFAULT_EXPERIMENT,
@@ -597,7 +597,10 @@ def launcher(resources, threads=1):
         )
         return slurm_launch(resources.mpi, nodes, gpus, cpus)
     if gpus > 1:
+        # torchrun waits for its signalled workers as on several nodes (launch.SHUTDOWN_TIMEOUT)
         return [
+            "env",
+            "=".join(SHUTDOWN_TIMEOUT),
             "torchrun",
             "--standalone",
             "--nproc-per-node",
