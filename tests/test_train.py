@@ -329,6 +329,18 @@ def test_a_split_without_targets_is_refused_before_training(setup, tmp_path):
         assert not (tmp_path / key / "metrics.json").exists()
 
 
+def test_samples_longer_than_the_bases_positions_are_refused(setup, tmp_path):
+    """A sample past the base's max_seq_len (its context, or a Mistral's sliding window) trains positions the base
+    never saw; row_len alone allowed it. Refused by option and folder before anything is written."""
+    long = np.concatenate([[1], np.full(ARGS.max_seq_len, 20), [5, 2]]).astype(np.int32)  # max_seq_len + 3 tokens
+    enc = Encoded([long], [np.arange(len(long)) > ARGS.max_seq_len], [0], [])
+    write_split(tmp_path / "long", enc, np.arange(1))
+    with pytest.raises(ValueError, match=f"--train-data {tmp_path / 'long'}: longest sample {ARGS.max_seq_len + 3} "
+                                         f"tokens > the {ARGS.max_seq_len} positions of --base"):
+        train(config(setup, tmp_path / "out", train_data=str(tmp_path / "long"), row_len=2 * ARGS.max_seq_len))
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_resume_refuses_other_samples_or_another_base_at_the_same_paths(setup, tmp_path):
     """A checkpoint keeps digests of what its run trains on: re-tokenized data, or another base, at the same paths
     is refused by option and path (the workflow always passes --resume), instead of continuing on it."""

@@ -282,11 +282,17 @@ def hf_model_args(config: dict, source: str) -> ModelArgs:
 
 
 def hf_args(config: dict, rope_theta) -> ModelArgs:
+    # Mistral's sliding window (Mistral-7B-v0.1: 4096 of 32,768 positions) lets a token see the last W tokens only.
+    # Up to W tokens that is full causal attention, which this model computes: its positions stop there, and
+    # generation and training refuse to go past them.
+    positions = config.get("max_position_embeddings", 2048)
+    if config.get("sliding_window") is not None:
+        positions = min(positions, config["sliding_window"])
     return ModelArgs(
         dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
         n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
         hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta), max_seq_len=config.get("max_position_embeddings", 2048),
+        rope_theta=float(rope_theta), max_seq_len=positions,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 

@@ -554,8 +554,12 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
         raise ValueError(f"{cfg.train_data}: longest sample {int(train_ds.lengths.max())} > row_len {cfg.row_len}")
     check_split_ids(model.args.vocab_size, cfg, {"--train-data": train_ds, "--val-data": val_ds})
     for option, ds in (("--train-data", train_ds), ("--val-data", val_ds)):
-        if ds is not None:  # a loss over no targets is 0/0: a NaN step, or a NaN validation loss in metrics.json
-            ds.require_targets(option)
+        if ds is None:
+            continue
+        ds.require_targets(option)  # a loss over no targets is 0/0: a NaN step, or a NaN validation loss
+        if (longest := int(ds.lengths.max())) > model.args.max_seq_len:  # positions the base never saw
+            raise ValueError(f"{option} {ds.path}: longest sample {longest} tokens > the {model.args.max_seq_len} "
+                             f"positions of --base {cfg.base}; expected samples tokenized to at most that")
     image_samples = None
     if images is not None:  # each split's samples that read an image, and all of them: the rest train from text
         image_samples = {name: {"with_image": ds.samples_with_images(), "samples": len(ds)}
