@@ -95,17 +95,27 @@ def read_config(path: Path) -> dict:
 # ---------------------------------------------------------------- checks
 
 
-def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], source: str) -> None:
-    """Raise one error listing every missing, unexpected, mis-shaped and not floating-point tensor."""
+def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], source: str,
+                origin: dict[str, str] | None = None) -> None:
+    """Raise one error listing every missing, unexpected, mis-shaped and not floating-point tensor.
+
+    `origin` maps a tensor's name in `state` to where it was read ('file: its name there'): a checkpoint of another
+    layout (Hugging Face, GGUF) is checked under Meta's names, which the user finds in none of its files."""
+    origin = origin or {}
+
+    def where(k: str) -> str:
+        return f" ({origin[k]})" if k in origin else ""
+
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(
-        f"{k}: {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+        f"{k}: {tuple(state[k].shape)} (expected {tuple(expected[k])}){where(k)}"
         for k in set(expected) & set(state)
         if state[k].shape != expected[k]
     )
     # Weights are floating point: an integer or boolean tensor (a damaged or foreign file) would be cast silently.
-    not_float = sorted(f"{k}: {state[k].dtype}" for k in set(expected) & set(state) if not state[k].is_floating_point())
+    not_float = sorted(f"{k}: {state[k].dtype}{where(k)}"
+                       for k in set(expected) & set(state) if not state[k].is_floating_point())
     problems = [f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
                                      ("not floating point", not_float))
@@ -334,7 +344,8 @@ def hf_weight_files(path: Path) -> list[str]:
     return [p.name for p in sorted(path.glob("model*.safetensors"))]
 
 
-def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
+def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor], dict[str, str]]:
+    """(args, tensors under Meta's names, each Meta name's origin 'file: its Hugging Face name' for check_state)."""
     args = hf_model_args(read_config(path / "config.json"), str(path / "config.json"))
     files = hf_weight_files(path)
     if not files:
@@ -346,6 +357,7 @@ def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
                               f"files of {path} (a path leaving the folder is refused); expected the names of "
                               "safetensors files beside it")
     state: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
     found_in: dict[str, str] = {}  # each tensor's file: one checkpoint holds a tensor once
     for f in files:
         tensors, _ = read_safetensors_file(path / f)
@@ -356,14 +368,15 @@ def read_hf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
                 raise CheckpointError(f"{path / f}: holds {name}, which {found_in[name]} holds too; expected each "
                                       "tensor in one file (a stale file of another save beside these?)")
             found_in[name] = f
-            name = to_meta_name(name, HF_NAMES, "hf")
+            meta = to_meta_name(name, HF_NAMES, "hf")
+            origin[meta] = f"{f}: {name}"
             # q/k rows back to Meta's order; one of another shape is left as it is, for check_state to list
             heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}.get(
-                name.split(".", 2)[-1])
+                meta.split(".", 2)[-1])
             if heads is not None and t.shape == (heads * args.head_dim, args.dim):
                 t = unpermute_rope_rows(t, heads)
-            state[name] = t
-    return args, state
+            state[meta] = t
+    return args, state, origin
 
 
 # ---------------------------------------------------------------- GGUF
@@ -380,8 +393,9 @@ def open_gguf(path: Path):
                               "the file may be truncated or corrupted") from e
 
 
-def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
-    """llama.cpp's converter already permutes q/k rows into Meta's interleaved RoPE layout."""
+def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor], dict[str, str]]:
+    """(args, tensors under Meta's names, each Meta name's origin 'file: its GGUF name' for check_state).
+    llama.cpp's converter already permutes q/k rows into Meta's interleaved RoPE layout."""
     reader = open_gguf(path)
 
     def field(key: str, default=None):
@@ -401,15 +415,17 @@ def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
                               "the file may be truncated or corrupted") from e
 
 
-def _gguf_checkpoint(path: Path, reader, field) -> tuple[ModelArgs, dict[str, Tensor]]:
+def _gguf_checkpoint(path: Path, reader, field) -> tuple[ModelArgs, dict[str, Tensor], dict[str, str]]:
     import gguf
 
     arch = field("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
     state: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
     for t in reader.tensors:
         name = to_meta_name(t.name, GGUF_NAMES, "gguf")
+        origin[name] = f"{path.name}: {t.name}"
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dimensions innermost first
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -436,7 +452,7 @@ def _gguf_checkpoint(path: Path, reader, field) -> tuple[ModelArgs, dict[str, Te
         max_seq_len=field("llama.context_length", 2048),
         tie_embeddings="output.weight" not in state,
     )
-    return args, state
+    return args, state, origin
 
 
 # ---------------------------------------------------------------- building a model
@@ -476,8 +492,9 @@ def load_base(
     fmt = checkpoint_format(path)
     if fmt == "meta":
         args, shards = read_meta_checkpoint(path)
+        origin = {}  # its files already use Meta's names
     else:
-        args, state = (read_hf_checkpoint if fmt == "hf" else read_gguf_checkpoint)(path)
+        args, state, origin = (read_hf_checkpoint if fmt == "hf" else read_gguf_checkpoint)(path)
     # Big models are built on the meta device so that no weight is held twice; but the meta device's first
     # random init costs seconds of one-time setup, more than building a small model for real.
     if adapter is not None and adapter.adapter_layers > args.n_layers:
@@ -495,7 +512,7 @@ def load_base(
         if not torch.equal(state["output.weight"], state.get("tok_embeddings.weight", torch.empty(0))):
             raise CheckpointError(f"{path}: tie_embeddings is set but output.weight differs from tok_embeddings")
         state = {k: v for k, v in state.items() if k != "output.weight"}
-    check_state(expected, state, f"{fmt} checkpoint {path}")
+    check_state(expected, state, f"{fmt} checkpoint {path}", origin)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
