@@ -43,6 +43,7 @@ import socket
 import sys
 import threading
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -251,7 +252,7 @@ def autocast(device: torch.device):
 
 # Settings that may change between a run and its resumption without changing its results.
 # (A checkpoint holds whole tensors by name, so sharding and the number of processes may change too.)
-# rows_per_micro_batch, save under LoRA's dropout, which draws its masks a micro-batch at a time (restore).
+# rows_per_micro_batch too, except under LoRA's dropout, which draws its masks a micro-batch at a time (restore).
 RESUMABLE_CHANGES = ("checkpoint_every", "max_steps", "device", "compile", "compile_cache", "run_name", "tags",
                      "rows_per_micro_batch", "fsdp")
 
@@ -337,8 +338,6 @@ def remove_checkpoints(ckpt_path: Path) -> None:
 def check_records(path: Path) -> str | None:
     """The first record of a torch.save file (a zip archive) whose bytes do not match the CRC-32 written with them;
     None when all do."""
-    import zipfile
-
     with zipfile.ZipFile(path) as archive:
         return archive.testzip()
 
