@@ -121,6 +121,22 @@ def test_any_format_is_never_below_the_papers_format(monkeypatch, text):
     assert scores["correct"] == 1 and scores["any_format"]["correct"] == 1
 
 
+@pytest.mark.parametrize("text", ["The answer is B. (A) is a distractor.", "The answer is B, not (A)."])
+def test_any_format_does_not_credit_a_wrong_answer_in_the_papers_format(monkeypatch, text):
+    """accuracy_any_format reads another wording only where the paper's format names no option: an output that
+    says "The answer is B" chose B, and an "(A)" elsewhere in it is not a second chance at the right answer (it
+    was counted right whenever either reading was, a best of two readings above what the model answered)."""
+    import llama_adapter.evaluate as evaluation
+    from llama_adapter.data.scienceqa import parse_answer
+
+    monkeypatch.setattr(evaluation, "answer_by_generation", lambda model, tok, records, bs, images=None,
+                        compile=False: ([parse_answer(text, 2)] * len(records), [text] * len(records)))
+    record = question("q1", False)  # answer 0: (A)
+    scores, predictions = evaluation.score_scienceqa(SimpleNamespace(eval=lambda: None), None, [record], "generate")
+    assert predictions[0]["prediction"] == 1 and scores["correct"] == 0
+    assert scores["any_format"]["correct"] == 0
+
+
 def test_an_option_without_a_finite_score_is_not_chosen(world, monkeypatch):
     """Likelihood mode: a NaN score is no answer (it became option A), and a finite one beats it."""
     import llama_adapter.evaluate as evaluation
