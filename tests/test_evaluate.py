@@ -61,10 +61,11 @@ def test_scienceqa_scores_on_hand_made_predictions():
     assert s["questions_sha256"] == scienceqa_scores(preds[::-1])["questions_sha256"]  # the set, not the order
     assert s["questions_sha256"] != scienceqa_scores(preds[:3])["questions_sha256"]
     c = s["categories"]
-    assert c["NAT"] == {"accuracy": 50.0, "n": 2} and c["SOC"] == {"accuracy": 50.0, "n": 2}
-    assert c["LAN"] == {"accuracy": None, "n": 0}  # not available, not 0%
+    assert c["NAT"] == {"accuracy": 50.0, "n": 2, "correct": 1} and c["SOC"] == {"accuracy": 50.0, "n": 2, "correct": 1}
+    assert c["LAN"] == {"accuracy": None, "n": 0, "correct": 0}  # not available, not 0%
     assert c["TXT"]["accuracy"] == 50.0 and c["IMG"]["accuracy"] == 0.0 and c["NO"]["accuracy"] == 100.0
-    assert c["G1-6"] == {"accuracy": round(200 / 3, 2), "n": 3} and c["G7-12"] == {"accuracy": 0.0, "n": 1}
+    assert c["G1-6"] == {"accuracy": round(200 / 3, 2), "n": 3, "correct": 2}
+    assert c["G7-12"] == {"accuracy": 0.0, "n": 1, "correct": 0}
 
 
 def question(pid: str, has_image: bool) -> dict:

@@ -83,7 +83,8 @@ def scienceqa_scores(predictions: list[dict]) -> dict:
     per = {c: [p for p in predictions if c in p["categories"]] for c in CATEGORIES}
     return {"n": len(predictions), "correct": sum(bool(p["correct"]) for p in predictions),
             "accuracy": acc(predictions),
-            "categories": {c: {"accuracy": acc(rows), "n": len(rows)} for c, rows in per.items()},
+            "categories": {c: {"accuracy": acc(rows), "n": len(rows), "correct": sum(bool(r["correct"]) for r in rows)}
+                           for c, rows in per.items()},
             "unparsed": sum(p["prediction"] is None for p in predictions),
             "questions_sha256": questions_digest(str(p["pid"]) for p in predictions),
             "correct_pids": sorted(str(p["pid"]) for p in predictions if p["correct"])}

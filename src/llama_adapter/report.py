@@ -159,8 +159,9 @@ SCORE_FIELDS = {
         ("chance", "percent?", False), ("unparsed", "count?", False),
         ("any_format", "object?", False), ("any_format.accuracy", "percent?", True),
         ("categories", "object", True),
-        *((f"categories.{c}{key}", kind, True) for c in CATEGORIES
-          for key, kind in (("", "object"), (".accuracy", "percent?"), (".n", "count"))),
+        *((f"categories.{c}{key}", kind, required) for c in CATEGORIES
+          for key, kind, required in (("", "object", True), (".accuracy", "percent?", True), (".n", "count", True),
+                                      (".correct", "count", False))),
         ("floor", "object?", False), ("floor.letter", "text", True), ("floor.correct", "count", True),
         ("floor.n", "count", True), ("floor.accuracy", "percent?", True),
         ("questions_sha256", "text", False), ("correct_pids", "ids", False), ("images_missing", "ids", False),
@@ -243,7 +244,8 @@ def _checked_scores(path: Path, scores: dict) -> dict:
         if not (holder[name] is None and kind.endswith("?")) and not test(holder[name]):
             raise InputError(f"{path}: key {key} holds {holder[name]!r:.60}; expected {what} ({expected})")
     tallies = (("", scores), ("floor.", scores.get("floor")),
-               ("any_format.", scores.get("any_format") and {**scores["any_format"], "n": scores["n"]})
+               ("any_format.", scores.get("any_format") and {**scores["any_format"], "n": scores["n"]}),
+               *((f"categories.{c}.", scores["categories"][c]) for c in CATEGORIES)
                ) if scores["task"] == "scienceqa" else ()
     right = scores.get("correct_pids")
     if right is not None and scores.get("correct") is not None and len(right) != scores["correct"]:
@@ -509,7 +511,7 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
                 **paired_columns(r, adapter)}
         for c in CATEGORIES:
             category = r.scores["categories"][c]
-            low, high = accuracy_interval(category["accuracy"], category["n"])
+            low, high = accuracy_interval(category["accuracy"], category["n"], category.get("correct"))
             row |= {c: category["accuracy"], f"{c}_n": category["n"], f"{c}_ci95_low": low, f"{c}_ci95_high": high,
                     f"{c}_paper": paper.get(c)}
         rows.append(row | r.provenance)
@@ -817,15 +819,15 @@ def category_figure(runs: list[Run], path: Path) -> None:
     plt, fig, ax = _figure()
     columns = ["accuracy", *CATEGORIES]
     bars = {}
-    for r in runs:  # (accuracy, n) per column; the whiskers are 95% Wilson intervals
+    for r in runs:  # (accuracy, n, correct) per column; the whiskers are 95% Wilson intervals
         cats = r.scores["categories"]
-        bars[r.name] = [(r.scores["accuracy"], r.scores["n"]),
-                        *((cats[c]["accuracy"], cats[c]["n"]) for c in CATEGORIES)]
-    bars["paper: LLaMA-Adapter"] = [(PAPER_SCIENCEQA["LLaMA-Adapter"][c], None) for c in columns]
+        bars[r.name] = [(r.scores["accuracy"], r.scores["n"], r.scores.get("correct")),
+                        *((cats[c]["accuracy"], cats[c]["n"], cats[c].get("correct")) for c in CATEGORIES)]
+    bars["paper: LLaMA-Adapter"] = [(PAPER_SCIENCEQA["LLaMA-Adapter"][c], None, None) for c in columns]
     width = 0.8 / len(bars)
     for i, (name, values) in enumerate(bars.items()):
-        heights = [np.nan if v is None else v for v, _ in values]
-        intervals = [accuracy_interval(v, n) for v, n in values]
+        heights = [np.nan if v is None else v for v, _, _ in values]
+        intervals = [accuracy_interval(v, n, correct) for v, n, correct in values]
         errors = [[h - lo if lo is not None else 0 for h, (lo, _) in zip(heights, intervals)],
                   [hi - h if hi is not None else 0 for h, (_, hi) in zip(heights, intervals)]]
         ax.bar(np.arange(len(columns)) + i * width, heights, width, label=name, yerr=np.nan_to_num(errors),
