@@ -573,3 +573,23 @@ def test_a_category_interval_is_of_its_own_count_of_right_answers():
     row = scienceqa_table([r]).iloc[0]
     assert (row["NAT_ci95_low"], row["NAT_ci95_high"]) == wilson_interval(2, 12_726) == (0.0, 0.06)
     assert (row["ci95_low"], row["ci95_high"]) == (0.0, 0.06)  # the overall row already read `correct`
+
+
+def test_the_legend_does_not_read_apart_intervals_as_a_difference_the_paired_test_does_not_show():
+    """Two rows of the same five questions, one right on all, the other on none: their 95% intervals are apart
+    ([0, 43.45] and [56.55, 100]), yet McNemar's exact p of the five questions only one got right is 0.0625 (as
+    scipy.stats.binomtest(0, 5).pvalue). The legend said apart intervals "differ beyond this noise" and a p above
+    0.05 "a difference this data does not show": both of one pair. Where two rows scored the same questions, the
+    paired test is the test, and the legend says so."""
+    from llama_adapter.report import report_markdown
+
+    adapter, zero_shot = run("scienceqa"), run("scienceqa_zero_shot", method="zero-shot")
+    for r, right in ((adapter, [str(i) for i in range(5)]), (zero_shot, [])):
+        r.scores = {**r.scores, "n": 5, "correct": len(right), "accuracy": 20.0 * len(right),
+                    "questions_sha256": "q" * 64, "correct_pids": right}
+    df = scienceqa_table([adapter, zero_shot]).set_index("experiment")
+    assert df.loc["scienceqa", "ci95_low"] > df.loc["scienceqa_zero_shot", "ci95_high"]  # 56.55 > 43.45
+    assert df.loc["scienceqa_zero_shot", "p_paired"] == 0.0625
+    legend = report_markdown({}, {}, [], CENTER, {"samples": 1, "mean": 1.0, "max": 1})
+    assert "differ beyond this noise" not in legend
+    assert "`p_paired` is the test" in legend and "intervals apart" in legend

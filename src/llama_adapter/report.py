@@ -12,9 +12,9 @@ and once: each dataset's tokenize folder (stats.json for data provenance, the Al
 folder of Snakemake benchmark files (the jobs table; optional).
 Every table puts the paper's published number in a column beside ours, and every row of ours names the
 MLflow runs, config hash, data hash and git commit it came from. Every accuracy has a 95% Wilson interval
-(ci95_low, ci95_high) from its number of questions, so a difference within noise shows as overlapping
-intervals. Tables are written as CSV, Markdown and LaTeX; the whole report folder is written at once or not
-at all.
+(ci95_low, ci95_high) from its number of questions; two rows of the same questions are compared by the paired
+test (p_paired), which their intervals are not. Tables are written as CSV, Markdown and LaTeX; the whole report
+folder is written at once or not at all.
 """
 
 from __future__ import annotations
@@ -957,12 +957,16 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         f"{json.dumps(center)} fixed except the axis they vary. `chance` is the accuracy of guessing uniformly; "
         "the `floor` row always answers the option position most often right in the training questions. "
         "`ci95_low`/`ci95_high` bound each accuracy with 95% confidence (Wilson interval over its questions; "
-        "a category's in brackets, with its question count): two accuracies whose intervals do not overlap "
-        "differ beyond this noise, while overlapping intervals leave a difference neither shown nor ruled out "
-        "(two proportions can differ significantly with slightly overlapping intervals). Where two rows scored "
-        "the same questions, the paired table compares them question by question, which can show a difference "
-        "that overlapping intervals leave open: `only_this_right` and `only_paired_right` count the questions "
-        "that only the row, or only the row it is paired with (`paired_with` names it: the text-only "
+        "a category's in brackets, with its question count). Set side by side, two rows' intervals are a rough "
+        "reading, not a test: overlapping intervals leave a difference neither shown nor ruled out (two "
+        "proportions can differ significantly with slightly overlapping intervals), and intervals apart point to a "
+        "difference of two independent sets of questions, but not of two rows of the same questions, which the "
+        "intervals do not pair (with few questions, or rows that seldom get the same ones right, intervals apart "
+        f"can come with a paired p above {SIGNIFICANCE:g}). Where two rows scored the same questions, `p_paired` is "
+        "the test: the paired table compares them question by question, which can show a difference that "
+        "overlapping intervals leave open, and decides where the intervals and it disagree: `only_this_right` and "
+        "`only_paired_right` count the questions that only the row, or only the row it is paired with "
+        "(`paired_with` names it: the text-only "
         "LLaMA-Adapter row, or the multimodal one where no text-only row holds its answers one by one; in an "
         "ablation, the center), answered right, and `p_paired` is McNemar's exact two-sided p of that split: below "
         f"{SIGNIFICANCE:g}, a difference beyond chance at the usual level; above it, a difference this data does not "
