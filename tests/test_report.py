@@ -593,3 +593,22 @@ def test_the_legend_does_not_read_apart_intervals_as_a_difference_the_paired_tes
     legend = report_markdown({}, {}, [], CENTER, {"samples": 1, "mean": 1.0, "max": 1})
     assert "differ beyond this noise" not in legend
     assert "`p_paired` is the test" in legend and "intervals apart" in legend
+
+
+def test_the_legend_does_not_read_loss_after_as_the_size_of_the_sign_tests_difference():
+    """The sign test counts samples; loss_after (evaluate's heldout_loss) is the mean over every target token, so a
+    long sample weighs more. Eight short samples (10 tokens) a little lower for LoRA and one long one (200 tokens)
+    much higher: lower on 8 of 9, p = 0.039, yet its loss_after is the higher (1.614 against 1.286). The legend
+    said loss_after tells "by how much"; it can point the other way, and the legend says so."""
+    from llama_adapter.report import report_markdown
+
+    tokens = [10] * 8 + [200]
+    adapter = scored_samples(run("instruction"), [2.0] * 8 + [1.0])
+    lora = scored_samples(run("instruction_lora", method="lora"), [1.9] * 8 + [1.5])
+    for r in (adapter, lora):  # evaluate's heldout_loss: every token's loss over every token
+        r.scores["heldout_loss"] = sum(x * n for x, n in zip(r.scores["sample_losses"], tokens)) / sum(tokens)
+    row = instruction_table([adapter, lora]).set_index("experiment").loc["instruction_lora"]
+    assert (row["lower_loss_here"], row["lower_loss_paired"]) == (8, 1) and row["p_paired"] < 0.05
+    assert row["loss_after"] > adapter.scores["heldout_loss"]  # 1.614 > 1.286
+    legend = report_markdown({}, {}, [], CENTER, {"samples": 1, "mean": 1.0, "max": 1})
+    assert "says by how much" not in legend and "token-weighted" in legend

@@ -396,10 +396,10 @@ def mcnemar_p(only_this: int, only_other: int) -> float:
 def paired_columns(r: Run, reference: Run | None) -> dict:
     """`r` against `reference` on the same ScienceQA questions or Alpaca samples, one by one. ScienceQA: the
     questions each alone answered right, and McNemar's p of that split. Alpaca: the samples on which each has the
-    lower loss (its own token mean), and the sign test's p (McNemar's, over the samples whose losses differ); how
-    much lower is the tables' loss_after, over the same samples. None (n/a) for the reference itself, for other
-    questions or samples than the reference's, and for a scores.json that does not hold them one by one (written
-    before evaluate kept them)."""
+    lower loss (its own token mean), and the sign test's p (McNemar's, over the samples whose losses differ); the
+    tables' loss_after, a token-weighted mean, may favour the other row. None (n/a) for the reference itself, for
+    other questions or samples than the reference's, and for a scores.json that does not hold them one by one
+    (written before evaluate kept them)."""
     if reference is None or r is reference:
         return {}
     this, other = r.scores, reference.scores
@@ -975,7 +975,9 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "instruction table (and an ablation on Alpaca) pairs held-out samples the same way: `lower_loss_here` and "
         "`lower_loss_paired` count the samples on which the row's loss (its token mean over the sample), or its "
         "pair's, is the lower (equal losses count for neither), and `p_paired` is the sign test's exact p "
-        "(McNemar's, over the samples whose losses differ); `loss_after` says by how much, over the same samples. "
+        "(McNemar's, over the samples whose losses differ). It counts samples, not by how much: `loss_after` is the "
+        "mean over every target token of the same samples (token-weighted, so a long sample weighs more), and can "
+        "be the higher on the row that is lower on most samples. "
         "`mode` says how a ScienceQA row was answered: `generate`, where `unparsed` counts the outputs naming no "
         "option in the paper's \"The answer is (X)\" (or naming two different ones), and `accuracy_any_format` also "
         "reads a single \"(X)\" in any wording in those outputs, so a model that knows the answers but not the "
