@@ -7,6 +7,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -151,7 +152,8 @@ def test_every_ablation_row_has_its_interval_and_method(grid):
 
 def test_the_tables_follow_the_varied_axes():
     assert list(report_tables(["method", "adapter_len"])) == [
-        "efficiency", "instruction", "scienceqa", "ablation_method", "ablation_adapter_len", "generations", "jobs"]
+        "efficiency", "instruction", "scienceqa", "ablation_method", "ablation_adapter_len", "ablation_trends",
+        "generations", "jobs"]
     assert "insertion_layers" in report_tables(["adapter_layers"])
 
 
@@ -612,3 +614,153 @@ def test_the_legend_does_not_read_loss_after_as_the_size_of_the_sign_tests_diffe
     assert row["loss_after"] > adapter.scores["heldout_loss"]  # 1.614 > 1.286
     legend = report_markdown({}, {}, [], CENTER, {"samples": 1, "mean": 1.0, "max": 1})
     assert "says by how much" not in legend and "token-weighted" in legend
+
+
+# --- the ablations' verdicts: a paired linear trend along an ordered axis, each point against the center --------
+
+def layer_axis(rights: dict, questions: dict | None = None) -> list[Run]:
+    """The adapter_layers axis of the grid, each point's 80 questions answered right as `rights` says (its
+    questions' digest as `questions` says, else one for all)."""
+    return [answered(point(layers, "zero", 5), right, questions=(questions or {}).get(layers, "q" * 64))
+            for layers, right in rights.items()]
+
+
+def independent_trend(x: list, outcomes: list[list[float]]) -> tuple[float, float, float]:
+    """The paired trend computed another way: numpy's polyfit of each question's (or sample's) outcomes over x,
+    their mean, and scipy's t quantile (a column per item of `outcomes`, a row per point)."""
+    t = pytest.importorskip("scipy.stats").t
+    slopes = [np.polyfit(x, column, 1)[0] for column in np.array(outcomes).T]
+    half = t.ppf(0.975, len(slopes) - 1) * np.std(slopes, ddof=1) / math.sqrt(len(slopes))
+    return float(np.mean(slopes)), float(np.mean(slopes) - half), float(np.mean(slopes) + half)
+
+
+def right_or_not(runs: list[Run]) -> list[list[float]]:
+    return [[float(str(q) in r.scores["correct_pids"]) for q in range(80)] for r in runs]
+
+
+def verdict_of(runs: list[Run], axis: str, center) -> tuple[pd.Series, str]:
+    from llama_adapter.report import ablation_verdict, trends_table
+
+    trend = trends_table({axis: runs}).iloc[0]
+    return trend, ablation_verdict(ablation_table(runs, axis, center), trend, center)
+
+
+def test_t_quantile_matches_scipy():
+    from llama_adapter.report import t_quantile
+
+    t = pytest.importorskip("scipy.stats").t
+    for df in (1, 2, 3, 4, 9, 10, 79, 143, 1000, 21207):
+        assert t_quantile(df) == pytest.approx(t.ppf(0.975, df), rel=1e-9), df
+
+
+def test_a_rising_axis_has_a_positive_trend_beyond_noise():
+    """Each question's least-squares slope of its correctness over the number of layers, averaged: the slope of the
+    accuracies, with an interval from the questions' spread (Student's t, 79 degrees of freedom), which here
+    excludes 0: "rises with adapter_layers beyond this noise"."""
+    runs = layer_axis({1: range(0, 20), 2: [*range(5, 30), 70], 4: range(0, 56)})
+    trend, verdict = verdict_of(runs, "adapter_layers", 4)
+    slope, low, high = independent_trend([1, 2, 4], [[100 * y for y in row] for row in right_or_not(runs)])
+    assert (trend["trend"], trend["measure"], trend["per"], trend["items"]) == ("paired linear", "accuracy",
+                                                                                "adapted layer", 80)
+    assert trend["slope"] == pytest.approx(slope) and trend["slope"] == pytest.approx(
+        np.polyfit([1, 2, 4], [25.0, 32.5, 70.0], 1)[0])  # the slope of the accuracies themselves
+    assert (trend["ci95_low"], trend["ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert 0 < low and trend["monotone"]
+    assert verdict.startswith(f"Accuracy rises with adapter_layers beyond this noise: +{slope:.3g} points per "
+                              f"adapted layer, 95% [{low:.3g}, {high:.3g}]")
+    assert "no trend beyond noise" not in verdict.lower()
+
+
+def test_a_flat_axis_has_no_trend_beyond_noise_and_says_what_it_rules_out():
+    """Accuracies of 40, 50 and 35 over 1, 2 and 4 layers, the questions right changing from point to point: the
+    interval holds 0, and its ends bound the rise and the fall it rules out; the middle point is the highest, which
+    a line does not show, so the verdict says the points turn."""
+    runs = layer_axis({1: range(0, 32), 2: range(20, 60), 4: range(10, 38)})
+    trend, verdict = verdict_of(runs, "adapter_layers", 4)
+    slope, low, high = independent_trend([1, 2, 4], [[100 * y for y in row] for row in right_or_not(runs)])
+    assert trend["slope"] == pytest.approx(slope) and low < 0 < high
+    assert (trend["ci95_low"], trend["ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert verdict.startswith(f"No trend beyond noise: the interval holds 0 (accuracy {slope:+.3g} points per "
+                              f"adapted layer, 95% [{low:.3g}, {high:.3g}]")
+    assert f"a rise of more than {high:.3g} points or a fall of more than {-low:.3g} points per adapted layer is " \
+           "ruled out at 95%" in verdict
+    assert not trend["monotone"] and "Not monotone" in verdict and "beyond this noise" not in verdict
+    # The same questions right at every point: each slope exactly 0, an interval of no width that is no trend.
+    trend, verdict = verdict_of(layer_axis({1: range(0, 50), 2: range(0, 50), 4: range(0, 50)}), "adapter_layers", 4)
+    assert (trend["slope"], trend["ci95_low"], trend["ci95_high"]) == (0, 0, 0)
+    assert verdict.startswith("No trend beyond noise: the interval holds 0 (accuracy 0 points per adapted layer")
+
+
+def test_an_alpaca_axis_trends_its_held_out_loss_per_sample():
+    """On Alpaca the outcome is each held-out sample's loss (its token mean, as the sign test reads it); a sample
+    without targets has none at any point and is left out."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1.0, 3.0, 40)
+    losses = {e: [*(base - 0.1 * e + rng.normal(0, 0.05, 40)), None] for e in (3, 5, 8)}
+    runs = []
+    for epochs, sample_losses in losses.items():
+        runs.append(scored_samples(point(4, "zero", epochs), [float(x) if x is not None else None
+                                                              for x in sample_losses]))
+        runs[-1].dataset = "alpaca"
+    trend, verdict = verdict_of(runs, "epochs", 5)
+    slope, low, high = independent_trend([3, 5, 8], [x[:40] for x in losses.values()])
+    assert (trend["measure"], trend["items"]) == ("heldout_loss", 40)
+    assert trend["slope"] == pytest.approx(slope) and slope == pytest.approx(-0.1, abs=0.02)
+    assert (trend["ci95_low"], trend["ci95_high"]) == (pytest.approx(low), pytest.approx(high)) and high < 0
+    assert verdict.startswith(f"Held-out loss falls with epochs beyond this noise: {slope:+.3g} per epoch, "
+                              f"95% [{low:.3g}, {high:.3g}] (a paired linear trend over 40 samples")
+    assert "Against the center (epochs = 5), sample by sample: epochs = 3: lower loss on 0 samples, higher on " \
+           "40, p = " in verdict and "higher loss beyond chance" in verdict
+
+
+def test_a_categorical_axis_is_summed_up_by_its_paired_tests():
+    """No trend for values that are not numbers: each point against the center, beyond chance or not, in words;
+    with several points, each p is said to stand alone."""
+    zero, random = answered(point(4, "zero", 5), range(0, 40)), answered(point(4, "random", 5), range(1, 42))
+    trend, verdict = verdict_of([zero, random], "gate_init", "zero")
+    assert trend["trend"] == "none: values not ordered numbers" and pd.isna(trend["slope"])
+    assert verdict == ("Against the center (gate_init = zero: 50.00), question by question: gate_init = random: "
+                       "51.25, p = 1, no difference this data shows.")
+    zero_shot = answered(point(4, "zero", 5, "zero-shot"), range(0, 2))
+    lora = answered(point(4, "zero", 5, "lora"), range(0, 40))
+    _, verdict = verdict_of([zero, lora, zero_shot], "method", "adapter")
+    assert verdict == ("Against the center (LLaMA-Adapter: 50.00), question by question: LoRA: 50.00, p = 1, no "
+                       f"difference this data shows; zero-shot base: 2.50, p = {p_cell(mcnemar_p(0, 38))}, lower "
+                       "beyond chance. Each p stands alone (no correction for the 2 comparisons).")
+
+
+def test_points_of_other_questions_rest_on_their_intervals_and_a_short_axis_has_no_trend():
+    """Points scored on other questions than the center's have no paired test and no paired trend: the verdict says
+    so and reads their intervals conservatively (apart, else nothing shown). Two points make no trend; an axis
+    without the center pairs nothing."""
+    runs = layer_axis({1: range(0, 10), 2: range(0, 45), 4: range(0, 48)},
+                      questions={1: "a" * 64, 2: "b" * 64, 4: "c" * 64})
+    trend, verdict = verdict_of(runs, "adapter_layers", 4)
+    assert trend["trend"] == "none: points not scored on the same questions or samples" and pd.isna(trend["slope"])
+    assert verdict.startswith("No trend line: points not scored on the same questions or samples. ")
+    assert ("The point adapter_layers = 1 was not scored on the center's questions, so its verdict rests on the "
+            "intervals only: 12.50 [6.93, 21.50] against 60.00 [49.05, 70.04], apart: lower beyond this noise."
+            ) in verdict
+    assert "The point adapter_layers = 2 was not scored" in verdict and "p = " not in verdict
+    assert "overlapping: no difference shown, none ruled out" in verdict
+    _, verdict = verdict_of(layer_axis({2: range(0, 40), 4: range(0, 48)}), "adapter_layers", 4)
+    assert verdict.startswith("No trend line: 2 points, a trend needs 3. Against the center")
+    _, verdict = verdict_of(layer_axis({1: range(0, 40), 2: range(0, 48)}), "adapter_layers", 4)
+    assert verdict.endswith("The center (adapter_layers = 4) is not among this axis's points: no point is paired "
+                            "with it.")
+
+
+def test_report_md_says_each_ablations_verdict_under_its_heading(grid):
+    """report.md's ablation section opens with its verdict, and its legend says how the trend is computed; the
+    trends table holds the numbers."""
+    from llama_adapter.report import report_markdown, trends_table
+
+    runs = layer_axis({1: range(0, 20), 2: range(0, 30), 4: range(0, 56)})
+    tables = {"insertion_layers": ablation_table(runs, "adapter_layers", 4),
+              "ablation_trends": trends_table({"adapter_layers": runs})}
+    captions = {k: v for k, v in report_tables(["adapter_layers"]).items() if k in tables}
+    md = report_markdown(tables, captions, runs, CENTER, {"samples": 1, "mean": 1.0, "max": 1})
+    assert "## Ablation: number of adapted (top) layers\n\n**Verdict.** Accuracy rises with adapter_layers beyond " \
+           "this noise" in md
+    assert "least-squares slope of its correctness" in md and "Student's t, n - 1 degrees of freedom" in md
+    assert list(tables["ablation_trends"]["items"]) == [80]

@@ -13,8 +13,9 @@ folder of Snakemake benchmark files (the jobs table; optional).
 Every table puts the paper's published number in a column beside ours, and every row of ours names the
 MLflow runs, config hash, data hash and git commit it came from. Every accuracy has a 95% Wilson interval
 (ci95_low, ci95_high) from its number of questions; two rows of the same questions are compared by the paired
-test (p_paired), which their intervals are not. Tables are written as CSV, Markdown and LaTeX; the whole report
-folder is written at once or not at all.
+test (p_paired), which their intervals are not. Each ablation's section opens with a verdict in words computed from
+its paired tests and, along an axis of ordered numbers, the paired linear trend of its score. Tables are written
+as CSV, Markdown and LaTeX; the whole report folder is written at once or not at all.
 """
 
 from __future__ import annotations
@@ -393,32 +394,54 @@ def mcnemar_p(only_this: int, only_other: int) -> float:
     return min(1.0, max(2 * tail / 2**n, math.ulp(0.0)))
 
 
+def item_outcomes(runs: list[Run]) -> tuple[str, np.ndarray] | None:
+    """Each run's outcome on each of the same ScienceQA questions (1 right, 0 not) or Alpaca held-out samples (its
+    loss, the token mean over the sample): ("questions" or "samples", an array of a row per run and a column per
+    question or sample). What every paired comparison reads (the paired tests, the ablations' trend). None unless
+    every run's scores.json holds them one by one for the same questions or samples (the same digest)."""
+    scores = [r.scores for r in runs]
+    if all("correct_pids" in s for s in scores):
+        if not scores[0].get("questions_sha256") or any(s.get("questions_sha256") != scores[0]["questions_sha256"]
+                                                        for s in scores):
+            return None
+        right = [set(s["correct_pids"]) for s in scores]
+        named = sorted(set().union(*right))
+        # evaluate names the questions answered right only: the others of the same n (one digest, one n) are
+        # wrong in every run, a column of zeros each.
+        unnamed = np.zeros((len(runs), max(0, scores[0]["n"] - len(named))))
+        return "questions", np.hstack([np.array([[pid in r for pid in named] for r in right], float)
+                                       .reshape(len(runs), len(named)), unnamed])
+    if all("sample_losses" in s for s in scores):
+        losses = [s["sample_losses"] for s in scores]
+        if (not scores[0].get("samples_sha256") or any(s.get("samples_sha256") != scores[0]["samples_sha256"]
+                                                       for s in scores) or len({len(x) for x in losses}) != 1):
+            return None
+        # A sample without targets has no loss in any run: no outcome to pair.
+        kept = [i for i in range(len(losses[0])) if all(x[i] is not None for x in losses)]
+        return "samples", np.array([[x[i] for i in kept] for x in losses], float).reshape(len(runs), len(kept))
+    return None
+
+
 def paired_columns(r: Run, reference: Run | None) -> dict:
-    """`r` against `reference` on the same ScienceQA questions or Alpaca samples, one by one. ScienceQA: the
-    questions each alone answered right, and McNemar's p of that split. Alpaca: the samples on which each has the
-    lower loss (its own token mean), and the sign test's p (McNemar's, over the samples whose losses differ); the
-    tables' loss_after, a token-weighted mean, may favour the other row. None (n/a) for the reference itself, for
-    other questions or samples than the reference's, and for a scores.json that does not hold them one by one
-    (written before evaluate kept them)."""
+    """`r` against `reference` on the same ScienceQA questions or Alpaca samples, one by one (item_outcomes).
+    ScienceQA: the questions each alone answered right, and McNemar's p of that split. Alpaca: the samples on which
+    each has the lower loss (its own token mean), and the sign test's p (McNemar's, over the samples whose losses
+    differ); the tables' loss_after, a token-weighted mean, may favour the other row. None (n/a) for the reference
+    itself, for other questions or samples than the reference's, and for a scores.json that does not hold them one
+    by one (written before evaluate kept them)."""
     if reference is None or r is reference:
         return {}
-    this, other = r.scores, reference.scores
-    if "correct_pids" in this and "correct_pids" in other:
-        if not this.get("questions_sha256") or this["questions_sha256"] != other.get("questions_sha256"):
-            return {}
-        mine, theirs = set(this["correct_pids"]), set(other["correct_pids"])
-        only_this, only_other = len(mine - theirs), len(theirs - mine)
+    outcomes = item_outcomes([r, reference])
+    if outcomes is None:
+        return {}
+    kind, (this, other) = outcomes
+    if kind == "questions":
+        only_this, only_other = int(np.sum(this > other)), int(np.sum(this < other))
         return {"paired_with": reference.name, "only_this_right": only_this, "only_paired_right": only_other,
                 "p_paired": mcnemar_p(only_this, only_other)}
-    if "sample_losses" in this and "sample_losses" in other:
-        if not this.get("samples_sha256") or this["samples_sha256"] != other.get("samples_sha256"):
-            return {}
-        pairs = [(a, b) for a, b in zip(this["sample_losses"], other["sample_losses"])
-                 if a is not None and b is not None]  # a sample without targets has no loss on either side
-        lower, higher = sum(a < b for a, b in pairs), sum(a > b for a, b in pairs)
-        return {"paired_with": reference.name, "lower_loss_here": lower, "lower_loss_paired": higher,
-                "p_paired": mcnemar_p(lower, higher)}
-    return {}
+    lower, higher = int(np.sum(this < other)), int(np.sum(this > other))  # equal losses count for neither
+    return {"paired_with": reference.name, "lower_loss_here": lower, "lower_loss_paired": higher,
+            "p_paired": mcnemar_p(lower, higher)}
 
 
 def paired_reference(runs: list[Run]) -> Run | None:
@@ -612,6 +635,190 @@ def ablation_table(runs: list[Run], axis: str, center: Any) -> pd.DataFrame:
                      **score_columns(r), **answer_columns(r), **paired_columns(r, reference), **paper,
                      **r.provenance})
     return with_integer_counts(pd.DataFrame(rows))
+
+
+# One unit of an ordered ablation axis, as the trend names it ("per adapted layer"); another axis's: "per unit of
+# AXIS".
+AXIS_UNITS = {"adapter_layers": "adapted layer", "adapter_len": "prompt vector", "epochs": "epoch"}
+TREND_POINTS = 3  # a line through two points fits them exactly: its slope is their difference, not a trend
+TREND_COLUMNS = ["axis", "table", "points", "trend", "measure", "per", "items", "slope", "ci95_low", "ci95_high",
+                 "monotone"]
+
+
+def t_central(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with `df` (whole) degrees of freedom: the exact finite series of Abramowitz and
+    Stegun 26.7.3-4 in theta = atan(t / sqrt(df)). Each term is the last times cos^2(theta) and a ratio below 1:
+    no overflow however many questions."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2 == 0:
+        term = total = 1.0
+        for power in range(2, df - 1, 2):
+            term *= c2 * (power - 1) / power
+            total += term
+        return math.sin(theta) * total
+    if df == 1:
+        return 2 * theta / math.pi
+    term = total = math.cos(theta)
+    for power in range(3, df - 1, 2):
+        term *= c2 * (power - 1) / power
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * total)
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """The t with P(|T| < t) = `level` for Student's t with `df` degrees of freedom (12.71 at 1, 2.09 at 19, 1.96
+    in the limit), by bisection of t_central: the library does not depend on scipy."""
+    low, high = 0.0, 2.0
+    while t_central(high, df) < level:
+        low, high = high, 2 * high
+    for _ in range(60):  # to a float's precision
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_central(mid, df) < level else (low, mid)
+    return (low + high) / 2
+
+
+def paired_trend(x: list[float], outcomes: np.ndarray) -> dict:
+    """The least-squares slope of the outcomes over the axis values `x` (a row of `outcomes` per value, a column per
+    question or sample), paired: each column's own slope, whose mean is the slope of the rows' means (least
+    squares is linear in the outcome), its standard error sd / sqrt(n) over the n columns, and its 95% interval
+    mean +- t * SE with Student's t of n - 1 degrees of freedom (exact at any n, where the normal's 1.96 is not).
+    Pairing leaves out how much the questions differ from each other, as the paired tests do. `monotone`: whether
+    the rows' means move one way along x (ties allowed)."""
+    x = np.asarray(x, float)
+    weights = (x - x.mean()) / np.sum((x - x.mean()) ** 2)
+    # Each column less its mean first: the same slopes, and a column that never changes has a slope of exactly 0
+    # (not a rounding error's, which an interval of no width would call a trend).
+    slopes = weights @ (outcomes - outcomes.mean(axis=0))
+    slope, n = float(np.mean(slopes)), slopes.size
+    half = t_quantile(n - 1) * float(np.std(slopes, ddof=1)) / math.sqrt(n)
+    steps = np.diff(outcomes.mean(axis=1)[np.argsort(x)])
+    return {"items": n, "slope": slope, "ci95_low": slope - half, "ci95_high": slope + half,
+            "monotone": bool(np.all(steps >= 0) or np.all(steps <= 0))}
+
+
+def ablation_trend(runs: list[Run], axis: str) -> dict:
+    """One ablation axis's row of the trends table: where its values are numbers, at least TREND_POINTS of them,
+    scored on the same questions or samples (item_outcomes), the paired linear trend (paired_trend) of the
+    accuracy, in points per unit of the axis, or of the held-out loss (each sample's token mean, as the paired
+    test reads it); else `trend` says why there is none."""
+    row = {"axis": axis, "table": ablation_table_name(axis)[0], "points": len(runs)}
+    values = [r.axis_value(axis) for r in runs]
+    if not all(_real(v) for v in values):
+        return row | {"trend": "none: values not ordered numbers"}
+    if len(runs) < TREND_POINTS:
+        return row | {"trend": f"none: {len(runs)} points, a trend needs {TREND_POINTS}"}
+    outcomes = item_outcomes(runs)
+    if outcomes is None:
+        return row | {"trend": "none: points not scored on the same questions or samples"}
+    if outcomes[1].shape[1] < 2:  # no spread to give an interval
+        return row | {"trend": "none: fewer than 2 questions or samples scored at every point"}
+    kind, by_item = outcomes
+    measure, scale = ("accuracy", 100) if kind == "questions" else ("heldout_loss", 1)  # accuracy in points
+    return row | {"trend": "paired linear", "measure": measure, "per": AXIS_UNITS.get(axis, f"unit of {axis}"),
+                  **paired_trend(values, scale * by_item)}
+
+
+def trends_table(axes: dict[str, list[Run]]) -> pd.DataFrame:
+    """Every ablation axis's trend (ablation_trend), a row each, in ablations.vary's order."""
+    df = pd.DataFrame([ablation_trend(runs, axis) for axis, runs in axes.items()], columns=TREND_COLUMNS)
+    df["items"] = df["items"].astype("Int64")
+    return df
+
+
+def _number(v: float, sign: str = "") -> str:
+    """A trend's number in a sentence: three significant digits (13.9, -0.12, 0.0412), with `sign` "+" a plus
+    sign on a rise; 0 without a sign."""
+    text = f"{v:{sign}.3g}"
+    return "0" if float(text) == 0 else text
+
+
+def trend_sentence(trend: pd.Series, values: list) -> str:
+    """The trend row of an ordered axis in words: a rise or fall beyond noise (its interval excludes 0), else no
+    trend beyond noise and the largest change the interval leaves open; and a turn along the axis, which a line
+    summarises only roughly. Why there is no trend, where there is none."""
+    axis = trend["axis"]
+    if not all(_real(v) for v in values):  # categorical: its paired tests are its verdict
+        return ""
+    if trend["trend"] != "paired linear":
+        return f"No trend line: {trend['trend'].removeprefix('none: ')}."
+    points = " points" if trend["measure"] == "accuracy" else ""
+    name = "accuracy" if trend["measure"] == "accuracy" else "held-out loss"
+    slope, low, high, per = trend["slope"], trend["ci95_low"], trend["ci95_high"], trend["per"]
+    over = (f"a paired linear trend over {trend['items']} {'questions' if points else 'samples'}, "
+            f"{axis} {min(values)} to {max(values)}")
+    line = f"{_number(slope, '+')}{points} per {per}, 95% [{_number(low)}, {_number(high)}]"
+    if low > 0 or high < 0:
+        text = f"{name.capitalize()} {'rises' if low > 0 else 'falls'} with {axis} beyond this noise: {line} ({over})."
+    else:
+        text = (f"No trend beyond noise: the interval holds 0 ({name} {line}, {over}); a rise of more than "
+                f"{_number(high)}{points} or a fall of more than {_number(-low)}{points} per {per} is ruled out at "
+                "95%.")
+    if not trend["monotone"]:
+        text += (f" Not monotone: the {name} turns along {axis}, which a line summarises only roughly (whether the "
+                 "turn is beyond noise is not tested).")
+    return text
+
+
+def point_label(axis: str, value: Any) -> str:
+    """A point of an axis in a sentence: its method's name, or AXIS = VALUE."""
+    return METHOD_NAMES.get(value, str(value)) if axis == "method" else f"{axis} = {value}"  # as shown, or as set
+
+
+def paired_sentence(table: pd.DataFrame, axis: str, center: Any) -> str:
+    """What the ablation table's paired tests show, in words: each point against the center, beyond chance
+    (p_paired below SIGNIFICANCE) or not; a point not scored on the center's questions by its 95% interval against
+    the center's only, read conservatively (apart intervals, else nothing shown); a point without a score, or an
+    axis without the center, said as such."""
+    # ablation_table shows the method axis by the method's name (LoRA for lora), every other by its value.
+    is_center = [v == center or (axis == "method" and v == METHOD_NAMES.get(center)) for v in table[axis]]
+    if not any(is_center):
+        return f"The center ({point_label(axis, center)}) is not among this axis's points: no point is paired with it."
+    ref = table[is_center].iloc[0]
+    questions = "accuracy" in table.columns
+    paired, unpaired = [], []
+    for (_, row), centered in zip(table.iterrows(), is_center):
+        if centered:
+            continue
+        label, p = point_label(axis, row[axis]), row.get("p_paired")
+        if questions and pd.isna(row["accuracy"]):
+            unpaired.append(f"{label} has no accuracy (no questions scored): no verdict")
+        elif pd.notna(p):
+            beyond = p < SIGNIFICANCE
+            if questions:
+                words = (("higher" if row["only_this_right"] > row["only_paired_right"] else "lower")
+                         + " beyond chance") if beyond else "no difference this data shows"
+                paired.append(f"{label}: {cell(row['accuracy'])}, p = {p_cell(p)}, {words}")
+            else:
+                words = (("lower" if row["lower_loss_here"] > row["lower_loss_paired"] else "higher")
+                         + " loss beyond chance") if beyond else "no difference this data shows"
+                paired.append(f"{label}: lower loss on {row['lower_loss_here']} samples, higher on "
+                              f"{row['lower_loss_paired']}, p = {p_cell(p)}, {words}")
+        elif questions and pd.notna(ref["ci95_low"]):
+            apart = row["ci95_low"] > ref["ci95_high"] or row["ci95_high"] < ref["ci95_low"]
+            words = (f"apart: {'higher' if row['accuracy'] > ref['accuracy'] else 'lower'} beyond this noise"
+                     if apart else "overlapping: no difference shown, none ruled out")
+            unpaired.append(f"{label} was not scored on the center's questions, so its verdict rests on the intervals "
+                            f"only: {interval_cell(row['accuracy'], row['ci95_low'], row['ci95_high'])} against "
+                            f"{interval_cell(ref['accuracy'], ref['ci95_low'], ref['ci95_high'])}, {words}")
+        else:
+            unpaired.append(f"{label} was not scored on the center's {'questions' if questions else 'samples'}: no "
+                            "paired test and no interval to read, so no verdict")
+    text = ""
+    if paired:
+        at = f"{point_label(axis, center)}: {cell(ref['accuracy'])}" if questions else point_label(axis, center)
+        text = (f"Against the center ({at}), {'question' if questions else 'sample'} by "
+                f"{'question' if questions else 'sample'}: {'; '.join(paired)}.")
+        if len(paired) > 1:
+            text += f" Each p stands alone (no correction for the {len(paired)} comparisons)."
+    return " ".join(t for t in (text, *(f"The point {u}." for u in unpaired)) if t)
+
+
+def ablation_verdict(table: pd.DataFrame, trend: pd.Series, center: Any) -> str:
+    """What one ablation shows, in words, under its heading in report.md: its trend (an axis of ordered numbers,
+    trend_sentence), then each point against the center (paired_sentence)."""
+    axis = trend["axis"]
+    return " ".join(t for t in (trend_sentence(trend, list(table[axis])), paired_sentence(table, axis, center)) if t)
 
 
 def with_integer_counts(df: pd.DataFrame) -> pd.DataFrame:
@@ -863,6 +1070,8 @@ METHOD_TABLES = {
     "instruction": "Instruction following per method: held-out Alpaca loss before and after training",
     "scienceqa": "ScienceQA accuracy (%) per method and category, with 95% intervals and the no-model floor",
 }
+# The ablations' trends, after their tables: one row per axis (ablation_trend), its verdict under each one's heading.
+TRENDS_TABLE = {"ablation_trends": "Ablations: the paired linear trend of each axis of ordered values"}
 ABLATION_TABLES = {  # axis: (file name, caption); an axis not listed: ablation_<axis>
     "adapter_layers": ("insertion_layers", "Ablation: number of adapted (top) layers"),
     "gate_init": ("gate_init", "Ablation: zero-initialised vs randomly initialised gates"),
@@ -882,7 +1091,7 @@ def ablation_table_name(axis: str) -> tuple[str, str]:
 
 def report_tables(axes: list[str]) -> dict[str, str]:
     """Every table the report writes when the ablations vary `axes`: file name (without .csv): caption."""
-    return {**METHOD_TABLES, **dict(ablation_table_name(a) for a in axes), **RUN_TABLES}
+    return {**METHOD_TABLES, **dict(ablation_table_name(a) for a in axes), **TRENDS_TABLE, **RUN_TABLES}
 
 
 FIGURES = {
@@ -926,6 +1135,7 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
     tables = {"efficiency": efficiency_table(named), "instruction": instruction_table(instruction),
               "scienceqa": scienceqa_table(scienceqa),
               **{ablation_table_name(axis)[0]: ablation_table(runs, axis, center[axis]) for axis, runs in axes.items()},
+              "ablation_trends": trends_table(axes),
               "generations": generations_table(inputs.generations, instruction), "jobs": jobs_table(inputs.benchmarks)}
     captions = report_tables(list(vary))
     if decodings := sorted(set(tables["generations"]["decoding"])):  # the caption says how they were decoded
@@ -978,6 +1188,13 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "(McNemar's, over the samples whose losses differ). It counts samples, not by how much: `loss_after` is the "
         "mean over every target token of the same samples (token-weighted, so a long sample weighs more), and can "
         "be the higher on the row that is lower on most samples. "
+        "Under each ablation's heading, a verdict says what it shows: each point against the center by its "
+        "`p_paired`, and for an axis of ordered numbers with at least three points scored on the same questions (or "
+        "samples) a paired linear trend (the `ablation_trends` table): each question's least-squares slope of its "
+        "correctness (0/1) over the axis values (on Alpaca each sample's, of its loss, the token mean), whose mean "
+        "is the slope of the accuracies (of the mean loss), with the 95% interval mean +/- t * sd / sqrt(n) of the n "
+        "questions' slopes (Student's t, n - 1 degrees of freedom); an interval holding 0 is no trend beyond noise, "
+        "and bounds the change it rules out. The line summarises the range measured, not a turn within it. "
         "`mode` says how a ScienceQA row was answered: `generate`, where `unparsed` counts the outputs naming no "
         "option in the paper's \"The answer is (X)\" (or naming two different ones), and `accuracy_any_format` also "
         "reads a single \"(X)\" in any wording in those outputs, so a model that knows the answers but not the "
@@ -994,11 +1211,20 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         f"Alpaca samples: {lengths['samples']}, mean length {lengths['mean']:.1f} tokens, longest {lengths['max']}.",
         "", *protocol_notes(named),
     ]
+    verdicts = ablation_verdicts(tables, center)
     for name, caption in captions.items():
-        parts += [f"## {caption}", "", readable_markdown(tables[name]), ""]
+        parts += [f"## {caption}", "", *([f"**Verdict.** {verdicts[name]}", ""] if verdicts.get(name) else []),
+                  readable_markdown(tables[name]), ""]
     for name, caption in FIGURES.items():
         parts += [f"## {caption}", "", f"![{caption}]({name}.png)", ""]
     return "\n".join(parts)
+
+
+def ablation_verdicts(tables: dict[str, pd.DataFrame], center: dict) -> dict[str, str]:
+    """Each ablation table's verdict (ablation_verdict), by table name, from its trend's row."""
+    trends = tables.get("ablation_trends", pd.DataFrame(columns=TREND_COLUMNS))
+    return {row["table"]: ablation_verdict(tables[row["table"]], row, center[row["axis"]])
+            for _, row in trends.iterrows() if row["table"] in tables}
 
 
 def protocol_notes(named: list[Run]) -> list[str]:
