@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from .config import AdapterArgs, ModelArgs, TrainConfig
 from .data.scienceqa import CATEGORIES
@@ -645,39 +646,6 @@ TREND_COLUMNS = ["axis", "table", "points", "trend", "measure", "per", "items", 
                  "monotone"]
 
 
-def t_central(t: float, df: int) -> float:
-    """P(|T| < t) for Student's t with `df` (whole) degrees of freedom: the exact finite series of Abramowitz and
-    Stegun 26.7.3-4 in theta = atan(t / sqrt(df)). Each term is the last times cos^2(theta) and a ratio below 1:
-    no overflow however many questions."""
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2 == 0:
-        term = total = 1.0
-        for power in range(2, df - 1, 2):
-            term *= c2 * (power - 1) / power
-            total += term
-        return math.sin(theta) * total
-    if df == 1:
-        return 2 * theta / math.pi
-    term = total = math.cos(theta)
-    for power in range(3, df - 1, 2):
-        term *= c2 * (power - 1) / power
-        total += term
-    return 2 / math.pi * (theta + math.sin(theta) * total)
-
-
-def t_quantile(df: int, level: float = 0.95) -> float:
-    """The t with P(|T| < t) = `level` for Student's t with `df` degrees of freedom (12.71 at 1, 2.09 at 19, 1.96
-    in the limit), by bisection of t_central: the library does not depend on scipy."""
-    low, high = 0.0, 2.0
-    while t_central(high, df) < level:
-        low, high = high, 2 * high
-    for _ in range(60):  # to a float's precision
-        mid = (low + high) / 2
-        low, high = (mid, high) if t_central(mid, df) < level else (low, mid)
-    return (low + high) / 2
-
-
 def paired_trend(x: list[float], outcomes: np.ndarray) -> dict:
     """The least-squares slope of the outcomes over the axis values `x` (a row of `outcomes` per value, a column per
     question or sample), paired: each column's own slope, whose mean is the slope of the rows' means (least
@@ -691,7 +659,7 @@ def paired_trend(x: list[float], outcomes: np.ndarray) -> dict:
     # (not a rounding error's, which an interval of no width would call a trend).
     slopes = weights @ (outcomes - outcomes.mean(axis=0))
     slope, n = float(np.mean(slopes)), slopes.size
-    half = t_quantile(n - 1) * float(np.std(slopes, ddof=1)) / math.sqrt(n)
+    half = float(scipy.stats.t.ppf(0.975, n - 1)) * float(np.std(slopes, ddof=1)) / math.sqrt(n)
     steps = np.diff(outcomes.mean(axis=1)[np.argsort(x)])
     return {"items": n, "slope": slope, "ci95_low": slope - half, "ci95_high": slope + half,
             "monotone": bool(np.all(steps >= 0) or np.all(steps <= 0))}
