@@ -560,3 +560,30 @@ def test_a_mis_shaped_lora_b_of_wq_is_listed_not_a_traceback(tmp_path, shape):
     with pytest.raises(CheckpointError, match=r"LoRA .*adapter_model.safetensors does not match.*mis-shaped \(1\): "
                                               r"layers.0.attention.wq.lora_b"):
         load_model(tmp_path / "base", tmp_path / "run")
+
+
+def test_saved_weights_are_byte_identical(tmp_path):
+    """The same weights give the same bytes: safetensors writes the header's __metadata__ in a random order (a Rust
+    HashMap, safetensors#584), so two saves of one adapter differed in their sha256 (the demo DAG's adapters did,
+    run after run); the header is written with its metadata keys sorted."""
+    import struct
+
+    from llama_adapter.checkpoint import save_full
+    from llama_adapter.config import LoRAArgs
+    from llama_adapter.lora import add_lora, save_lora
+
+    m = random_model("tiny", AdapterArgs(adapter_len=3, adapter_layers=2))
+    full = random_model("tiny")
+    lora = add_lora(random_model("tiny"), LoRAArgs(rank=2))
+    for name, save in (("adapter", lambda out: save_adapter(m, out / "a.safetensors", base_model="tiny")),
+                       ("full", lambda out: save_full(full, out / "full", base_model="tiny")),
+                       ("lora", lambda out: save_lora(lora, out / "lora", base_model="tiny"))):
+        written = set()
+        for i in range(8):
+            save(tmp_path / f"{name}{i}")
+            (f,) = [p for p in (tmp_path / f"{name}{i}").rglob("*.safetensors")]
+            data = f.read_bytes()
+            header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+            assert list(header["__metadata__"]) == sorted(header["__metadata__"]), name
+            written.add(data)
+        assert len(written) == 1, f"{name}: {len(written)} different files from 8 saves of the same weights"

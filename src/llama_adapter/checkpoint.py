@@ -27,7 +27,7 @@ from .adapter import AdaptedTransformer
 from .config import FULL_WEIGHTS, PEFT_CONFIG, AdapterArgs, ModelArgs
 from .data.paths import is_file_name
 from .errors import CheckpointError
-from .io import atomic_path, read_json_object
+from .io import atomic_path, read_json_object, save_safetensors
 from .model import Transformer
 from .quantize import int8_format
 
@@ -525,8 +525,6 @@ def load_base(
 
 def save_adapter(model: AdaptedTransformer, path: str | os.PathLike, base_model: str) -> None:
     """Write only the trainable tensors (fp32) and a header: format, base model name and shape, adapter config."""
-    from safetensors.torch import save_file
-
     if model.adapter is None:
         raise ValueError("the model has no adapter to save")
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.adapter_state_dict().items()}
@@ -537,7 +535,7 @@ def save_adapter(model: AdaptedTransformer, path: str | os.PathLike, base_model:
         "adapter_args": json.dumps(model.adapter.to_dict(), separators=(",", ":")),
     }
     with atomic_path(Path(path)) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_safetensors(tensors, tmp, metadata=metadata)
 
 
 def save_full(model: Transformer, folder: str | os.PathLike, base_model: str, state: dict | None = None) -> None:
@@ -545,8 +543,6 @@ def save_full(model: Transformer, folder: str | os.PathLike, base_model: str, st
     names beside params.json for a Meta base, else Hugging Face's (config.json + model.safetensors, q/k rows
     permuted), which transformers also loads. `load_base` reads either back. `state`: the weights by name, whole,
     where the model holds only shards of them (FSDP)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     source = model.state_dict() if state is None else state
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in source.items()
@@ -566,7 +562,7 @@ def save_full(model: Transformer, folder: str | os.PathLike, base_model: str, st
     config = (model.args.to_dict() if meta else
               {**(read_config(base / "config.json") if base.is_dir() else {}), **hf_config(model.args)})
     with atomic_path(folder / FULL_WEIGHTS) as tmp:
-        save_file(state, tmp, metadata=metadata)
+        save_safetensors(state, tmp, metadata=metadata)
     with atomic_path(folder / ("params.json" if meta else "config.json")) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
 

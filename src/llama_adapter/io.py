@@ -150,6 +150,30 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the header's __metadata__ keys in sorted order: safetensors keeps them in a Rust
+    HashMap and writes them in its random order (safetensors#584), so that the same tensors saved twice differed
+    in their bytes and sha256. The header is rewritten in place: the same keys and values in another order have
+    the same length, and the tensors' offsets are relative to the header's end."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    if not metadata:
+        return
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > size:  # JSON escaped otherwise than safetensors does: keep its header as written
+            return
+        f.seek(8)
+        f.write(canonical.ljust(size, b" "))  # safetensors pads its header with spaces too
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return _sha256_update(hashlib.sha256(), path, chunk).hexdigest()
 

@@ -36,7 +36,7 @@ from .checkpoint import (
 )
 from .config import LORA_TARGETS, WEIGHTS, LoRAArgs, ModelArgs
 from .errors import CheckpointError
-from .io import atomic_path
+from .io import atomic_path, save_safetensors
 
 LORA_WEIGHTS = WEIGHTS["lora"]  # PEFT's names: PeftModel.from_pretrained looks for these two
 LORA_FORMAT = "llama-adapter/lora/1"
@@ -139,8 +139,6 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model: str, sta
               ) -> Path:
     """Write adapter_model.safetensors (PEFT's names; this project's header beside them) and adapter_config.json.
     `state`: the LoRA's tensors by name, whole, where the model holds only shards of them (FSDP)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     args: LoRAArgs = model.lora
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
@@ -154,7 +152,7 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model: str, sta
     with atomic_path(out_dir / PEFT_CONFIG) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     with atomic_path(out_dir / LORA_WEIGHTS) as tmp:
-        save_file(peft_tensors(model, state), tmp, metadata=metadata)
+        save_safetensors(peft_tensors(model, state), tmp, metadata=metadata)
     return out_dir / LORA_WEIGHTS
 
 
