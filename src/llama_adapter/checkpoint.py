@@ -198,8 +198,10 @@ def save_meta_checkpoint(model: Transformer, path: Path, n_shards: int = 1) -> N
         for k, v in state.items():
             d = META_SPLIT_DIM.get(k.split(".")[-2])
             shard[k] = v.chunk(n_shards, dim=d)[r].clone() if d is not None else v.clone()
-        with atomic_path(path / f"consolidated.{r:02d}.pth") as tmp:
-            torch.save(shard, tmp)
+        # Through a file object: given a path, torch.save names the zip's records after the file, here the random
+        # partial name, and the same weights would differ in their bytes from one save to the next.
+        with atomic_path(path / f"consolidated.{r:02d}.pth") as tmp, open(tmp, "wb") as f:
+            torch.save(shard, f)
     written = {f"consolidated.{r:02d}.pth" for r in range(n_shards)}
     for stale in path.glob("consolidated.*.pth"):  # an earlier save's other ranks
         if stale.name not in written:
