@@ -137,6 +137,20 @@ def test_cache_is_reused_and_extended(encoder, tmp_path, monkeypatch):
     assert encode_images(encoder, records, out)["encoded"] == 1 and calls == [1]
 
 
+def test_the_same_encoder_elsewhere_reuses_the_cache(encoder, clip_dir, tmp_path, monkeypatch):
+    """The fingerprint is what decides the features (weights, config, layers, size, device), not the folder's
+    absolute path: encoder.json held /abs/path/results/models/demo-clip, so two checkouts of the same DAG wrote
+    different caches, and the same encoder in another folder (a moved results tree) encoded every image again."""
+    import shutil
+
+    records = _dataset(tmp_path, {"1": "red", "2": "blue"})
+    encode_images(encoder, records, tmp_path / "features")
+    moved = VisionEncoder(shutil.copytree(clip_dir, tmp_path / "moved-clip"), layers=(-1, -3), device="cpu")
+    assert moved.fingerprint() == encoder.fingerprint()
+    assert encode_images(moved, records, tmp_path / "features")["reused"] == 2
+    assert "path" not in json.loads((tmp_path / "features" / "encoder.json").read_text())["encoder"]
+
+
 def test_other_encoder_reencodes_everything(encoder, clip_dir, tmp_path, monkeypatch):
     records = _dataset(tmp_path, {"1": "red", "2": "blue"})
     encode_images(encoder, records, tmp_path / "features")

@@ -80,10 +80,12 @@ class VisionEncoder:
     def fingerprint(self) -> dict[str, Any]:
         """What decides the features: a cache written under another fingerprint is never reused. The kind of
         device is part of it: a GPU's features differ from a CPU's by float rounding (TF32 convolutions, other
-        kernels), so a cache made on one kind is encoded again on the other rather than mixed with its rows."""
+        kernels), so a cache made on one kind is encoded again on the other rather than mixed with its rows. The
+        folder's path is not: the same files elsewhere (another checkout, a moved results tree) give the same
+        features, and an absolute path made two checkouts' caches differ (encoder.json keeps the path as given)."""
         if self._fingerprint is None:  # hashing a real CLIP's weights takes seconds: do it once
             self._fingerprint = {
-                "path": str(self.path.resolve()), "weights_sha256": sha256_file(self.path / "model.safetensors"),
+                "weights_sha256": sha256_file(self.path / "model.safetensors"),
                 "config_sha256": sha256_file(self.path / "config.json"), "layers": list(self.layers),
                 "feature_dim": self.feature_dim, "image_size": self.image_size, "device": self.device.type,
             }
@@ -277,7 +279,8 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
         np.save(tmp / "features.npy", features[done])
         write_json(tmp / "pids.json", pids)
         write_json(tmp / "encoder.json", {"format": FORMAT_VERSION, "encoder": fingerprint,
-                                          "records": str(records_path), **summary, "skipped": skipped,
+                                          "encoder_path": str(encoder.path), "records": str(records_path),
+                                          **summary, "skipped": skipped,
                                           "images": {p: digests[p] for p in pids}})
     return {**summary, "skipped": skipped}
 
