@@ -63,6 +63,20 @@ def test_a_point_reusing_a_training_is_retrained_through_that_training(tmp_path)
             "results/adapters/scienceqa/metrics.json)") in proc.stdout + proc.stderr, proc.stdout[-2000:]
 
 
+def test_a_training_whose_weights_are_gone_is_refused_at_plan_time(tmp_path):
+    """metrics.json is the training rule's output (the weights' name depends on the method): with the weights deleted
+    by hand, the DAG took the training as done and its forced evaluation failed on the missing file."""
+    metrics = tmp_path / "results" / "adapters" / "instruction_lora" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("{}")
+    proc = snakemake("results/eval/instruction_lora/scores.json", "-n", "--cores", "1", "--configfile",
+                     str(REPO / "config.yaml"), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert ("results/adapters/instruction_lora/adapter_model.safetensors: missing beside "
+            "results/adapters/instruction_lora/metrics.json, which says its training finished; to train it again, "
+            "force results/adapters/instruction_lora/metrics.json") in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     del config["ablations"]["center"]["method"]

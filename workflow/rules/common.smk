@@ -412,7 +412,19 @@ def training_of(name):
 
 
 def trained(w):
-    return training_of(w.experiment)
+    """The training an experiment's model comes from (its metrics.json, the rule's output: the weights' file name
+    depends on the method). Where metrics.json stands without the weights beside it (deleted by hand), the DAG
+    would take the training as done and its evaluation fail on the missing file: refused by name at plan time.
+    """
+    metrics = training_of(w.experiment)
+    if metrics and Path(metrics).exists():
+        weights = Path(metrics).parent / WEIGHTS[method(w.experiment)]
+        if not weights.exists():
+            raise ValueError(
+                f"{weights}: missing beside {metrics}, which says its training finished; to train it again, "
+                f"force {metrics} (snakemake --forcerun {metrics})"
+            )
+    return metrics
 
 
 def training_tokens(w):
