@@ -757,3 +757,18 @@ def test_report_md_says_each_ablations_verdict_under_its_heading(grid):
            "this noise" in md
     assert "least-squares slope of its correctness" in md and "Student's t, n - 1 degrees of freedom" in md
     assert list(tables["ablation_trends"]["items"]) == [80]
+
+
+def test_a_trend_of_no_spread_is_not_called_beyond_noise_by_a_zero_width_interval():
+    """Three questions, each wrong at 1 layer and right at 2 and 4: every question's slope is the same, so the
+    slopes' sd is 0 and the t interval has no width. The verdict called it a rise 'beyond this noise' over three
+    questions, beside the paired test of the same data saying no difference (p = 0.25)."""
+    runs = [answered(point(layers, "zero", 5), right) for layers, right in
+            {1: range(0, 0), 2: range(0, 3), 4: range(0, 3)}.items()]
+    for r in runs:
+        r.scores |= {"n": 3, "accuracy": 100 * r.scores["correct"] / 3}
+    trend, verdict = verdict_of(runs, "adapter_layers", 4)
+    assert f"p = {p_cell(mcnemar_p(0, 3))}, no difference this data shows" in verdict  # the paired test: no
+    assert "beyond this noise" not in verdict, verdict
+    assert trend["trend"] == "none: every question's slope is the same, no spread to give an interval"
+    assert verdict.startswith("No trend line: every question's slope is the same, no spread to give an interval.")

@@ -659,7 +659,9 @@ def paired_trend(x: list[float], outcomes: np.ndarray) -> dict:
     # (not a rounding error's, which an interval of no width would call a trend).
     slopes = weights @ (outcomes - outcomes.mean(axis=0))
     slope, n = float(np.mean(slopes)), slopes.size
-    half = float(scipy.stats.t.ppf(0.975, n - 1)) * float(np.std(slopes, ddof=1)) / math.sqrt(n)
+    sd = float(np.std(slopes, ddof=1))
+    sd = 0.0 if sd <= 1e-12 * abs(slope) else sd  # equal slopes: no spread, not a rounding error's
+    half = float(scipy.stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     steps = np.diff(outcomes.mean(axis=1)[np.argsort(x)])
     return {"items": n, "slope": slope, "ci95_low": slope - half, "ci95_high": slope + half,
             "monotone": bool(np.all(steps >= 0) or np.all(steps <= 0))}
@@ -683,8 +685,14 @@ def ablation_trend(runs: list[Run], axis: str) -> dict:
         return row | {"trend": "none: fewer than 2 questions or samples scored at every point"}
     kind, by_item = outcomes
     measure, scale = ("accuracy", 100) if kind == "questions" else ("heldout_loss", 1)  # accuracy in points
+    trend = paired_trend(values, scale * by_item)
+    if trend["slope"] != 0 and trend["ci95_low"] == trend["ci95_high"]:
+        # Every item's slope the same, not 0: their sd is 0 and the interval has no width, which is no measure of
+        # the noise (three questions flipping together would read as a trend beyond it); the paired tests speak.
+        return row | {"trend": f"none: every {'question' if kind == 'questions' else 'sample'}'s slope is the same, "
+                               "no spread to give an interval"}
     return row | {"trend": "paired linear", "measure": measure, "per": AXIS_UNITS.get(axis, f"unit of {axis}"),
-                  **paired_trend(values, scale * by_item)}
+                  **trend}
 
 
 def trends_table(axes: dict[str, list[Run]]) -> pd.DataFrame:
