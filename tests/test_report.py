@@ -15,6 +15,8 @@ from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.errors import InputError
 from llama_adapter.report import (
     PAPER_LAYERS,
+    UNPAIRED,
+    UNPAIRED_POINT,
     ReportInputs,
     Run,
     ablation_axis,
@@ -729,12 +731,26 @@ def test_points_of_other_questions_rest_on_their_intervals_and_a_short_axis_has_
     runs = layer_axis({1: range(0, 10), 2: range(0, 45), 4: range(0, 48)},
                       questions={1: "a" * 64, 2: "b" * 64, 4: "c" * 64})
     trend, verdict = verdict_of(runs, "adapter_layers", 4)
-    assert trend["trend"] == "none: points not scored on the same questions or samples" and pd.isna(trend["slope"])
-    assert verdict.startswith("No trend line: points not scored on the same questions or samples. ")
-    assert ("The point adapter_layers = 1 was not scored on the center's questions, so its verdict rests on the "
-            "intervals only: 12.50 [6.93, 21.50] against 60.00 [49.05, 70.04], apart: lower beyond this noise."
-            ) in verdict
-    assert "The point adapter_layers = 2 was not scored" in verdict and "p = " not in verdict
+    assert trend["trend"] == UNPAIRED and pd.isna(trend["slope"])
+    assert verdict.startswith(f"No trend line: {UNPAIRED.removeprefix('none: ')}. ")
+    assert (f"The point adapter_layers = 1 is {UNPAIRED_POINT}, so its verdict rests on the intervals only: 12.50 "
+            "[6.93, 21.50] against 60.00 [49.05, 70.04], apart, lower, which no paired test checks.") in verdict
+    assert f"The point adapter_layers = 2 is {UNPAIRED_POINT}" in verdict and "p = " not in verdict
+
+
+def test_points_without_answers_one_by_one_are_not_said_to_be_of_other_questions():
+    """A scores.json that keeps no answers one by one (written before evaluate kept correct_pids) may be of the
+    center's very questions: the verdict said the point "was not scored on the center's questions" and read apart
+    intervals as "beyond this noise", which for two rows of the same questions they are not (5 of 5 against 0 of
+    5: apart, McNemar's p 0.0625)."""
+    runs = []
+    for layers, accuracy in {1: 0.0, 2: 50.0, 4: 100.0}.items():
+        r = point(layers, "zero", 5)
+        r.scores |= {"n": 5, "accuracy": accuracy}
+        runs.append(r)
+    _, verdict = verdict_of(runs, "adapter_layers", 4)
+    assert "not scored on the center's questions" not in verdict and "beyond this noise" not in verdict, verdict
+    assert f"adapter_layers = 1 is {UNPAIRED_POINT}" in verdict, verdict
     assert "overlapping: no difference shown, none ruled out" in verdict
     _, verdict = verdict_of(layer_axis({2: range(0, 40), 4: range(0, 48)}), "adapter_layers", 4)
     assert verdict.startswith("No trend line: 2 points, a trend needs 3. Against the center")

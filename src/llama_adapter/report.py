@@ -642,6 +642,10 @@ def ablation_table(runs: list[Run], axis: str, center: Any) -> pd.DataFrame:
 # AXIS".
 AXIS_UNITS = {"adapter_layers": "adapted layer", "adapter_len": "prompt vector", "epochs": "epoch"}
 TREND_POINTS = 3  # a line through two points fits them exactly: its slope is their difference, not a trend
+# Why points have no paired test: other questions (samples), or a scores.json that keeps no answers one by one; the
+# table does not tell which.
+UNPAIRED = "none: points not paired one by one (other questions or samples, or no answers kept one by one)"
+UNPAIRED_POINT = "not paired with the center one by one (other questions or samples, or no answers kept one by one)"
 TREND_COLUMNS = ["axis", "table", "points", "trend", "measure", "per", "items", "slope", "ci95_low", "ci95_high",
                  "monotone"]
 
@@ -680,7 +684,7 @@ def ablation_trend(runs: list[Run], axis: str) -> dict:
         return row | {"trend": f"none: {len(runs)} points, a trend needs {TREND_POINTS}"}
     outcomes = item_outcomes(runs)
     if outcomes is None:
-        return row | {"trend": "none: points not scored on the same questions or samples"}
+        return row | {"trend": UNPAIRED}
     if outcomes[1].shape[1] < 2:  # no spread to give an interval
         return row | {"trend": "none: fewer than 2 questions or samples scored at every point"}
     kind, by_item = outcomes
@@ -743,9 +747,10 @@ def point_label(axis: str, value: Any) -> str:
 
 def paired_sentence(table: pd.DataFrame, axis: str, center: Any) -> str:
     """What the ablation table's paired tests show, in words: each point against the center, beyond chance
-    (p_paired below SIGNIFICANCE) or not; a point not scored on the center's questions by its 95% interval against
-    the center's only, read conservatively (apart intervals, else nothing shown); a point without a score, or an
-    axis without the center, said as such."""
+    (p_paired below SIGNIFICANCE) or not; a point not paired with the center by its 95% interval against the
+    center's only, a rough reading (apart or overlapping, no verdict of chance: for two rows of the same questions
+    apart intervals can go with a p above SIGNIFICANCE); a point without a score, or an axis without the center,
+    said as such. Unpaired is all the table tells: other questions, or scores that keep no answers one by one."""
     # ablation_table shows the method axis by the method's name (LoRA for lora), every other by its value.
     is_center = [v == center or (axis == "method" and v == METHOD_NAMES.get(center)) for v in table[axis]]
     if not any(is_center):
@@ -772,14 +777,13 @@ def paired_sentence(table: pd.DataFrame, axis: str, center: Any) -> str:
                               f"{row['lower_loss_paired']}, p = {p_cell(p)}, {words}")
         elif questions and pd.notna(ref["ci95_low"]):
             apart = row["ci95_low"] > ref["ci95_high"] or row["ci95_high"] < ref["ci95_low"]
-            words = (f"apart: {'higher' if row['accuracy'] > ref['accuracy'] else 'lower'} beyond this noise"
-                     if apart else "overlapping: no difference shown, none ruled out")
-            unpaired.append(f"{label} was not scored on the center's questions, so its verdict rests on the intervals "
+            words = (f"apart, {'higher' if row['accuracy'] > ref['accuracy'] else 'lower'}, which no paired test "
+                     "checks" if apart else "overlapping: no difference shown, none ruled out")
+            unpaired.append(f"{label} is {UNPAIRED_POINT}, so its verdict rests on the intervals "
                             f"only: {interval_cell(row['accuracy'], row['ci95_low'], row['ci95_high'])} against "
                             f"{interval_cell(ref['accuracy'], ref['ci95_low'], ref['ci95_high'])}, {words}")
         else:
-            unpaired.append(f"{label} was not scored on the center's {'questions' if questions else 'samples'}: no "
-                            "paired test and no interval to read, so no verdict")
+            unpaired.append(f"{label} is {UNPAIRED_POINT}: no paired test and no interval to read, so no verdict")
     text = ""
     if paired:
         at = f"{point_label(axis, center)}: {cell(ref['accuracy'])}" if questions else point_label(axis, center)
