@@ -74,7 +74,11 @@ def test_a_training_whose_weights_are_gone_is_refused_at_plan_time(tmp_path):
     assert proc.returncode != 0
     assert ("results/adapters/instruction_lora/adapter_model.safetensors: missing beside "
             "results/adapters/instruction_lora/metrics.json, which says its training finished; to train it again, "
-            "force results/adapters/instruction_lora/metrics.json") in proc.stdout + proc.stderr, proc.stderr[-2000:]
+            "delete results/adapters/instruction_lora/metrics.json") in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    metrics.unlink()  # as the message says: the training is planned again, its evaluation after it
+    proc = snakemake("results/eval/instruction_lora/scores.json", "-n", "--cores", "1", "--configfile",
+                     str(REPO / "config.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0 and "results/adapters/instruction_lora/metrics.json" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):

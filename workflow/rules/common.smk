@@ -422,7 +422,7 @@ def trained(w):
         if not weights.exists():
             raise ValueError(
                 f"{weights}: missing beside {metrics}, which says its training finished; to train it again, "
-                f"force {metrics} (snakemake --forcerun {metrics})"
+                f"delete {metrics} (a --forcerun does not get past this check, made as the DAG is built)"
             )
     return metrics
 
