@@ -618,6 +618,15 @@ def test_the_legend_does_not_read_loss_after_as_the_size_of_the_sign_tests_diffe
     assert "says by how much" not in legend and "token-weighted" in legend
 
 
+def test_the_legend_says_its_noise_is_the_questions_not_another_trainings():
+    """Each row is one training: the intervals, tests and trends measure the questions drawn, not a retraining with
+    another seed, which the legend must not let a reader take them for."""
+    from llama_adapter.report import report_markdown
+
+    legend = report_markdown({}, {}, [], CENTER, {"samples": 1, "mean": 1.0, "max": 1})
+    assert "for one training of each row" in legend and "another seed" in legend
+
+
 # --- the ablations' verdicts: a paired linear trend along an ordered axis, each point against the center --------
 
 def layer_axis(rights: dict, questions: dict | None = None) -> list[Run]:
