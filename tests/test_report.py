@@ -21,6 +21,7 @@ from llama_adapter.report import (
     Run,
     ablation_axis,
     ablation_table,
+    ablation_table_name,
     adapter_parameters,
     by_rank,
     efficiency_table,
@@ -722,7 +723,7 @@ def test_a_categorical_axis_is_summed_up_by_its_paired_tests():
     with several points, each p is said to stand alone."""
     zero, random = answered(point(4, "zero", 5), range(0, 40)), answered(point(4, "random", 5), range(1, 42))
     trend, verdict = verdict_of([zero, random], "gate_init", "zero")
-    assert trend["trend"] == "none: values not ordered numbers" and pd.isna(trend["slope"])
+    assert trend["trend"] == "none: values not amounts in order" and pd.isna(trend["slope"])
     assert verdict == ("Against the center (gate_init = zero: 50.00), question by question: gate_init = random: "
                        "51.25, p = 1, no difference this data shows.")
     zero_shot = answered(point(4, "zero", 5, "zero-shot"), range(0, 2))
@@ -731,6 +732,23 @@ def test_a_categorical_axis_is_summed_up_by_its_paired_tests():
     assert verdict == ("Against the center (LLaMA-Adapter: 50.00), question by question: LoRA: 50.00, p = 1, no "
                        f"difference this data shows; zero-shot base: 2.50, p = {p_cell(mcnemar_p(0, 38))}, lower "
                        "beyond chance. Each p stands alone (no correction for the 2 comparisons).")
+
+
+def test_a_seed_axis_measures_retraining_not_a_trend():
+    """Seeds name trainings, they are no amount: three seeds of the center get no trend line (a slope over seed
+    numbers means nothing), only each retraining against the center's, which says how far training again moves
+    the accuracy."""
+    runs = []
+    for seed, right in {0: range(0, 40), 1: range(2, 44), 2: range(10, 70)}.items():
+        name = f"ablations/adapter_layers~4/gate_init~zero/epochs~5/method~adapter/seed~{seed}"
+        r = run(name, 4, "zero", 5)
+        r.point = point_settings(name)
+        runs.append(answered(r, right))
+    trend, verdict = verdict_of(runs, "seed", 0)
+    assert trend["trend"] == "none: values not amounts in order" and pd.isna(trend["slope"])
+    assert verdict.startswith("Against the center (seed = 0: 50.00), question by question: seed = 1: 52.50, p = ")
+    assert "seed = 2: 75.00, p = " in verdict and "higher beyond chance" in verdict and "No trend line" not in verdict
+    assert ablation_table_name("seed")[0] == "ablation_seed"
 
 
 def test_points_of_other_questions_rest_on_their_intervals_and_a_short_axis_has_no_trend():

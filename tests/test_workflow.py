@@ -81,6 +81,20 @@ def test_a_training_whose_weights_are_gone_is_refused_at_plan_time(tmp_path):
     assert proc.returncode == 0 and "results/adapters/instruction_lora/metrics.json" in proc.stdout, proc.stderr[-2000:]
 
 
+def test_a_seed_axis_trains_the_center_again_with_each_seed(tmp_path):
+    """ablations.vary.seed: the center trained again with each other seed (the first reuses the scienceqa
+    experiment's training, the center's, as every center point does), each scored and tabled against it."""
+    def edit(config):
+        config["ablations"]["center"]["seed"] = 0
+        config["ablations"]["vary"] = {"seed": [0, 1, 2]}
+
+    out = plan(tmp_path, edit)
+    trainings = set(re.findall(r"output: (results/adapters/ablations/\S*/metrics.json)", out))
+    assert {re.search(r"seed~(\d)", t).group(1) for t in trainings} == {"1", "2"}, trainings  # seed 0: scienceqa's
+    assert all("method~adapter" in t for t in trainings) and "--seed 1 " in out and "--seed 2 " in out
+    assert "results/report/ablation_seed.csv" in out
+
+
 def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     del config["ablations"]["center"]["method"]

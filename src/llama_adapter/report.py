@@ -642,6 +642,12 @@ def ablation_table(runs: list[Run], axis: str, center: Any) -> pd.DataFrame:
 # AXIS".
 AXIS_UNITS = {"adapter_layers": "adapted layer", "adapter_len": "prompt vector", "epochs": "epoch"}
 TREND_POINTS = 3  # a line through two points fits them exactly: its slope is their difference, not a trend
+NAMING_AXES = ("seed",)  # numbers that name a point, not an amount: no line runs through them
+
+
+def ordered_axis(axis: str, values: list) -> bool:
+    """Whether an axis's values are amounts in order (a trend can run along them): numbers, and not seeds."""
+    return axis not in NAMING_AXES and all(_real(v) for v in values)
 # Why points have no paired test: other questions (samples), or a scores.json that keeps no answers one by one; the
 # table does not tell which.
 UNPAIRED = "none: points not paired one by one (other questions or samples, or no answers kept one by one)"
@@ -678,8 +684,8 @@ def ablation_trend(runs: list[Run], axis: str) -> dict:
     test reads it); else `trend` says why there is none."""
     row = {"axis": axis, "table": ablation_table_name(axis)[0], "points": len(runs)}
     values = [r.axis_value(axis) for r in runs]
-    if not all(_real(v) for v in values):
-        return row | {"trend": "none: values not ordered numbers"}
+    if not ordered_axis(axis, values):
+        return row | {"trend": "none: values not amounts in order"}
     if len(runs) < TREND_POINTS:
         return row | {"trend": f"none: {len(runs)} points, a trend needs {TREND_POINTS}"}
     outcomes = item_outcomes(runs)
@@ -718,7 +724,7 @@ def trend_sentence(trend: pd.Series, values: list) -> str:
     trend beyond noise and the largest change the interval leaves open; and a turn along the axis, which a line
     summarises only roughly. Why there is no trend, where there is none."""
     axis = trend["axis"]
-    if not all(_real(v) for v in values):  # categorical: its paired tests are its verdict
+    if not ordered_axis(axis, values):  # categorical, or seeds: its paired tests are its verdict
         return ""
     if trend["trend"] != "paired linear":
         return f"No trend line: {trend['trend'].removeprefix('none: ')}."
@@ -1057,6 +1063,7 @@ ABLATION_TABLES = {  # axis: (file name, caption); an axis not listed: ablation_
     "gate_init": ("gate_init", "Ablation: zero-initialised vs randomly initialised gates"),
     "epochs": ("epochs", "Ablation: training epochs"),
     "method": ("ablation_method", "Ablation: what trains (adapter, LoRA, full fine-tuning, none) at the center"),
+    "seed": ("ablation_seed", "Ablation: the training seed, how far training again moves a result"),
 }
 RUN_TABLES = {
     "generations": "Generations of the instruction adapters",
