@@ -815,3 +815,25 @@ def test_a_trend_of_no_spread_is_not_called_beyond_noise_by_a_zero_width_interva
     assert "beyond this noise" not in verdict, verdict
     assert trend["trend"] == "none: every question's slope is the same, no spread to give an interval"
     assert verdict.startswith("No trend line: every question's slope is the same, no spread to give an interval.")
+
+
+def test_the_legend_does_not_say_the_seeds_noise_goes_unmeasured_beside_a_seed_ablation():
+    """With a seed axis the report measures how far training again moves a result (its ablation_seed table and
+    verdict): the legend said that amount was one 'this report does not measure'."""
+    from llama_adapter.report import report_markdown, trends_table
+
+    runs = []
+    for seed, right in {0: range(0, 40), 1: range(2, 44), 2: range(10, 70)}.items():
+        name = f"ablations/adapter_layers~4/gate_init~zero/epochs~5/seed~{seed}/method~adapter"
+        r = run(name, 4, "zero", 5)
+        r.point = point_settings(name)
+        runs.append(answered(r, right))
+    center = CENTER | {"seed": 0}
+    tables = {"ablation_seed": ablation_table(runs, "seed", 0), "ablation_trends": trends_table({"seed": runs})}
+    captions = {name: name for name in tables}
+    md = report_markdown(tables, captions, [], center, {"samples": 1, "mean": 1.0, "max": 1})
+    legend = md.split("\n## ")[0]
+    assert "for one training of each row" in legend and "this report does not measure" not in legend, legend
+    assert "`ablation_seed`" in legend
+    plain = report_markdown({}, {}, [], CENTER, {"samples": 1, "mean": 1.0, "max": 1})
+    assert "this report does not measure" in plain and "`ablation_seed`" not in plain

@@ -1146,6 +1146,11 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
     # Of the trained rows: a zero-shot row has no training to name them (its provenance row says n/a).
     commits = sorted({c for r in named if (c := r.provenance["git_commit"])}) or ["unknown"]
     hashes = sorted({h for r in named if (h := r.provenance["config_hash"])}) or ["unknown"]
+    seed_table = ablation_table_name("seed")[0]
+    seeds = (f"by as much as the seed ablation (`{seed_table}`) shows for the center's: a difference between two "
+             "settings within the seeds' own is not one to claim, even beyond chance here." if seed_table in tables
+             else "by an amount this report does not measure, so a difference beyond chance here may still be within "
+             "that.")
     parts = [
         "# LLaMA-Adapter: the paper's tables and figures, regenerated", "",
         f"Base model: {', '.join(bases)}. Git commit: {', '.join(commits)}. Config hash: {', '.join(hashes)}.", "",
@@ -1183,8 +1188,7 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "questions' slopes (Student's t, n - 1 degrees of freedom); an interval holding 0 is no trend beyond noise, "
         "and bounds the change it rules out. The line summarises the range measured, not a turn within it. "
         "Every interval, test and trend here measures the noise of the questions (samples) drawn, for one training "
-        "of each row: training again with another seed moves a result too, by an amount this report does not "
-        "measure, so a difference beyond chance here may still be within that. "
+        f"of each row: training again with another seed moves a result too, {seeds} "
         "`mode` says how a ScienceQA row was answered: `generate`, where `unparsed` counts the outputs naming no "
         "option in the paper's \"The answer is (X)\" (or naming two different ones), and `accuracy_any_format` also "
         "reads a single \"(X)\" in any wording in those outputs, so a model that knows the answers but not the "
