@@ -95,6 +95,18 @@ def test_a_seed_axis_trains_the_center_again_with_each_seed(tmp_path):
     assert "results/report/ablation_seed.csv" in out
 
 
+def test_a_seed_axis_lists_the_centers_seed(tmp_path):
+    """A seed axis's table and verdict set each retraining against the center's seed: without it among the values,
+    the seeds trained again are set against nothing (the report's verdict: the center is not among this axis's
+    points), the trainings spent for no comparison. Refused at plan time, naming the seed to add."""
+    def edit(config):
+        config["ablations"]["center"]["seed"] = 0
+        config["ablations"]["vary"] = {"seed": [1, 2]}
+
+    out = plan(tmp_path, edit, refused=True)
+    assert "config ablations.vary.seed [1, 2]: leaves out ablations.center's seed 0" in out, out[-2000:]
+
+
 def test_a_varied_axis_needs_its_value_at_the_center(tmp_path):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     del config["ablations"]["center"]["method"]

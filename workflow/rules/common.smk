@@ -347,6 +347,14 @@ def check_ablation_axes():
     with the others at the center, so an adapter_layers point still trains the center's method. (lora_* axes at
     another method's center are check_method_settings', which finds them at the center.)
     """
+    # A seed axis's table and verdict set each retraining against the center's seed: left out, the seeds are
+    # trained again for no comparison (the report finds no center on the axis).
+    if "seed" in ABLATION_AXES and CENTER["seed"] not in ABLATION_AXES["seed"]:
+        raise ValueError(
+            f"config ablations.vary.seed {ABLATION_AXES['seed']}: leaves out ablations.center's seed "
+            f"{CENTER['seed']}, which each retraining is set against; expected it among them, e.g. "
+            f"vary: {{seed: {[CENTER['seed'], *ABLATION_AXES['seed']]}}}"
+        )
     center_method = method_of({**config["train"], **CENTER})
     if center_method == "zero-shot":
         ignored = [axis for axis in ABLATION_AXES if axis != "method"]
