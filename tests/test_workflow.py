@@ -144,7 +144,9 @@ def test_lora_settings_of_another_method_are_refused_at_plan_time(tmp_path, edit
              "them"),
     ("full", "config ablations.vary ['adapter_layers', 'gate_init']: ablations.center's method full"),
     ("zero-shot", "config ablations.vary ['adapter_layers', 'epochs', 'gate_init']: ablations.center's method "
-                  "zero-shot does not read them, so each point would repeat the center's base"),
+                  "zero-shot does not read them, so each point would repeat the center's base under another name; "
+                  "expected such an axis only at a center whose method reads it (a trained one: adapter, lora or "
+                  "full;"),
 ])
 def test_an_axis_the_center_method_ignores_is_refused_at_plan_time(tmp_path, method, named):
     """The adapter's own settings varied at a LoRA or full center (every axis but method at a zero-shot one) would

@@ -363,12 +363,17 @@ def check_ablation_axes():
     else:
         ignored = []
     if ignored:
+        readers = (
+            "a trained one: adapter, lora or full"
+            if center_method == "zero-shot"
+            else "ablations.center.method: adapter"
+        )
         raise ValueError(
             f"config ablations.vary {ignored}: ablations.center's method {center_method} does not read "
             f"{'them' if len(ignored) > 1 else 'it'}, so each point would repeat the center's "
             f"{'base' if center_method == 'zero-shot' else 'training'} under another name; expected such an axis "
-            "only at an adapter center (ablations.center.method: adapter; the method axis still scores "
-            f"{center_method}), or drop it (ablations.vary.{ignored[0]}: null)"
+            f"only at a center whose method reads it ({readers}; the method axis still scores {center_method}), or "
+            f"drop it (ablations.vary.{ignored[0]}: null)"
         )
 
 
