@@ -23,7 +23,7 @@ from llama_adapter.data.tokens import Encoded, write_split
 from llama_adapter.model import Transformer
 from llama_adapter.tokenizer import load_tokenizer, train_sentencepiece
 
-SMALL = ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=128)
+SMALL = ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=256)  # prompts: 129 tokens
 
 
 def split(path: Path, n: int, seed: int, high: int = 40) -> Path:
@@ -539,8 +539,8 @@ def test_out_of_range_numbers_are_one_line_errors_naming_the_option(w, tmp_path,
     one_line_error(capsys, "tokenize", "--dataset", "alpaca", "--validated", w, "--tokenizer", w / "tok.model",
                    "--out", tmp_path / "t", "--max-seq-len", str(10**20), names=["--max-seq-len", "number of tokens"])
     one_line_error(capsys, "generate", "--base", w / "base300", "--prompts", w / "prompts.jsonl", "--out",
-                   tmp_path / "g.jsonl", "--max-new-tokens", "129", "--device", "cpu",
-                   names=["max_new_tokens", "128", "max_seq_len"])
+                   tmp_path / "g.jsonl", "--max-new-tokens", "257", "--device", "cpu",
+                   names=["max_new_tokens", "256", "max_seq_len"])
     one_line_error(capsys, *train_args(w, tmp_path / "o", "--pad-id", "64"), names=["--pad-id 64", "vocab_size 64"])
     assert not any(tmp_path.iterdir())
 
