@@ -734,17 +734,22 @@ def test_a_categorical_axis_is_summed_up_by_its_paired_tests():
                        "beyond chance. Each p stands alone (no correction for the 2 comparisons).")
 
 
-def test_a_seed_axis_measures_retraining_not_a_trend():
-    """Seeds name trainings, they are no amount: three seeds of the center get no trend line (a slope over seed
-    numbers means nothing), only each retraining against the center's, which says how far training again moves
-    the accuracy."""
+def seed_axis() -> list[Run]:
+    """The center trained with seeds 0, 1 and 2, each point's 80 questions answered right a little differently."""
     runs = []
     for seed, right in {0: range(0, 40), 1: range(2, 44), 2: range(10, 70)}.items():
         name = f"ablations/adapter_layers~4/gate_init~zero/epochs~5/method~adapter/seed~{seed}"
         r = run(name, 4, "zero", 5)
         r.point = point_settings(name)
         runs.append(answered(r, right))
-    trend, verdict = verdict_of(runs, "seed", 0)
+    return runs
+
+
+def test_a_seed_axis_measures_retraining_not_a_trend():
+    """Seeds name trainings, they are no amount: three seeds of the center get no trend line (a slope over seed
+    numbers means nothing), only each retraining against the center's, which says how far training again moves
+    the accuracy."""
+    trend, verdict = verdict_of(seed_axis(), "seed", 0)
     assert trend["trend"] == "none: values not amounts in order" and pd.isna(trend["slope"])
     assert verdict.startswith("Against the center (seed = 0: 50.00), question by question: seed = 1: 52.50, p = ")
     assert "seed = 2: 75.00, p = " in verdict and "higher beyond chance" in verdict and "No trend line" not in verdict
@@ -822,12 +827,7 @@ def test_the_legend_does_not_say_the_seeds_noise_goes_unmeasured_beside_a_seed_a
     verdict): the legend said that amount was one 'this report does not measure'."""
     from llama_adapter.report import report_markdown, trends_table
 
-    runs = []
-    for seed, right in {0: range(0, 40), 1: range(2, 44), 2: range(10, 70)}.items():
-        name = f"ablations/adapter_layers~4/gate_init~zero/epochs~5/seed~{seed}/method~adapter"
-        r = run(name, 4, "zero", 5)
-        r.point = point_settings(name)
-        runs.append(answered(r, right))
+    runs = seed_axis()
     center = CENTER | {"seed": 0}
     tables = {"ablation_seed": ablation_table(runs, "seed", 0), "ablation_trends": trends_table({"seed": runs})}
     captions = {name: name for name in tables}
