@@ -341,10 +341,9 @@ def generate(
     own whatever the batch (sample_next); default one per prompt drawn from `generator`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
-    if not 1 <= max_new_tokens <= model.args.max_seq_len:  # (the cache is allocated for them all at once)
-        raise ValueError(f"max_new_tokens must be in [1, {model.args.max_seq_len}] (the model's max_seq_len), got "
-                         f"{max_new_tokens}")
     limit = model.args.max_seq_len
+    if not 1 <= max_new_tokens <= limit:  # (the cache is allocated for them all at once)
+        raise ValueError(f"max_new_tokens must be in [1, {limit}] (the model's max_seq_len), got {max_new_tokens}")
     if (k := next((k for k, p in enumerate(prompts) if len(p) >= limit), None)) is not None:
         raise ValueError(f"prompt {k} has {len(prompts[k])} tokens: the model's max_seq_len {limit} leaves no position "
                          f"for a new token; expected prompts of at most {limit - 1} tokens")

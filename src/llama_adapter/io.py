@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -155,9 +156,7 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
     HashMap and writes them in its random order (safetensors#584), so that the same tensors saved twice differed
     in their bytes and sha256. The header is rewritten in place: the same keys and values in another order have
     the same length, and the tensors' offsets are relative to the header's end."""
-    import struct
-
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # torch's, imported only where weights are saved
 
     save_file(tensors, path, metadata=metadata)
     if not metadata:

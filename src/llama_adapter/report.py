@@ -650,8 +650,9 @@ def ordered_axis(axis: str, values: list) -> bool:
     return axis not in NAMING_AXES and all(_real(v) for v in values)
 # Why points have no paired test: other questions (samples), or a scores.json that keeps no answers one by one; the
 # table does not tell which.
-UNPAIRED = "none: points not paired one by one (other questions or samples, or no answers kept one by one)"
-UNPAIRED_POINT = "not paired with the center one by one (other questions or samples, or no answers kept one by one)"
+UNPAIRED_WHY = "(other questions or samples, or no answers kept one by one)"
+UNPAIRED = f"none: points not paired one by one {UNPAIRED_WHY}"
+UNPAIRED_POINT = f"not paired with the center one by one {UNPAIRED_WHY}"
 TREND_COLUMNS = ["axis", "table", "points", "trend", "measure", "per", "items", "slope", "ci95_low", "ci95_high",
                  "monotone"]
 

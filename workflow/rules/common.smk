@@ -358,16 +358,13 @@ def check_ablation_axes():
     center_method = method_of({**config["train"], **CENTER})
     if center_method == "zero-shot":
         ignored = [axis for axis in ABLATION_AXES if axis != "method"]
+        readers = "a trained one: adapter, lora or full"
     elif center_method != "adapter":
         ignored = [axis for axis in ABLATION_AXES if axis in ADAPTER_SETTINGS]
+        readers = "ablations.center.method: adapter"
     else:
         ignored = []
     if ignored:
-        readers = (
-            "a trained one: adapter, lora or full"
-            if center_method == "zero-shot"
-            else "ablations.center.method: adapter"
-        )
         raise ValueError(
             f"config ablations.vary {ignored}: ablations.center's method {center_method} does not read "
             f"{'them' if len(ignored) > 1 else 'it'}, so each point would repeat the center's "
