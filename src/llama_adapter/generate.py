@@ -125,10 +125,17 @@ def compiled_block(int8: bool) -> Callable:
     job on the H200). Unbundled, the job rebuilds each kernel from its source (Triton's binaries come from
     Triton's cache in the same folder) and finds the configuration the tuning chose beside it.
 
+    No pattern matching for int8 weights either. Above one row the int8 product stays a matrix product (torchao's
+    `mm(x, int8.to(bf16)) * scale`), which one of inductor's post-grad patterns (its weight-only int8 lowering,
+    registered for CUDA as for the CPU) rewrites into ATen's `_weight_int8pack_mm`, a kernel that reads the weight
+    at 3-5% of the copy rate: 7B int8 decoded 67 tokens/s at batch 16 with it and 1,090 without (bf16 2,266; batch
+    1 214 -> 224; H100, BENCHMARKS.md). Without it, inductor converts the weight and calls cuBLAS.
+
     The batch size stays static (dynamic=False: a dynamic batch cost batch 16 a fifth, 2,032 -> 1,585 tokens/s,
     on an H100); a job decodes at one batch size instead (`generate`'s rows). Only the cache length, which every
     batch changes, is marked dynamic (`mark_cache_length_dynamic`)."""
-    tuning = {"coordinate_descent_tuning": True, "bundle_triton_into_fx_graph_cache": False} if int8 else {}
+    tuning = ({"coordinate_descent_tuning": True, "bundle_triton_into_fx_graph_cache": False, "pattern_matcher": False}
+              if int8 else {})
     return torch.compile(call_block, fullgraph=True, dynamic=False, options=tuning)
 
 
