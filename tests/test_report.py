@@ -93,6 +93,17 @@ def test_ablation_axes_hold_the_center_in_the_listed_order(grid):
         axis("epochs", [3, 13])
 
 
+def test_a_value_listed_twice_on_an_axis_is_refused_not_shown_twice():
+    """[1, 4, 4] found the point of 4 twice: three "points" of two settings, which the trend called a rise beyond
+    noise (a line through two settings is their difference); [4, 4, 4] gave a slope of 0/0 (NaN), said to be "no
+    trend beyond noise". 1 and 1.0 set the same point too."""
+    runs = layer_axis({1: range(0, 20), 4: range(0, 56)})
+    for values, repeated in (([1, 4, 4], "[4, 4]"), ([4, 4, 4], "[4, 4, 4]"), ([1, 1.0, 4], "[1, 1.0]")):
+        with pytest.raises(InputError, match=re.escape(f"--vary adapter_layers: values {repeated} all name the grid "
+                                                       "point ablations/adapter_layers~")):
+            ablation_axis(runs, "adapter_layers", CENTER, values)
+
+
 @pytest.mark.parametrize(("center", "vary"), [
     ({"blr": 0.01, "method": "adapter"}, {"blr": [1, 0.01]}),  # a column of floats: the point is named blr~1.0
     ({"lr": None, "epochs": 5, "method": "adapter"}, {"epochs": [3, 5]}),  # a null center: lr~NA

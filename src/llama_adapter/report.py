@@ -463,6 +463,13 @@ def ablation_axis(runs: list[Run], axis: str, center: dict, values: list) -> lis
     if missing:
         raise InputError(f"--vary {axis}: no --ablation point sets {axis} to {missing} with the other axes at the "
                          f"center {json.dumps(center)}; expected one point per listed value")
+    # A value listed twice (4 and 4, or 1 and 1.0) would be one point shown twice: a third "point" that gives two
+    # settings a trend line through them, or one setting a slope of 0/0.
+    repeated = {r.name: same for r in found if len(same := [v for v, s in zip(values, found) if s is r]) > 1}
+    if repeated:
+        raise InputError(f"--vary {axis}: " + "; ".join(f"values {vs} all name the grid point {name}"
+                                                        for name, vs in repeated.items())
+                         + "; expected each value once")
     return found
 
 
