@@ -798,6 +798,27 @@ def test_points_without_answers_one_by_one_are_not_said_to_be_of_other_questions
                             "with it.")
 
 
+def test_the_verdict_pairs_with_the_center_the_table_pairs_with():
+    """A center given to the CLI as text ("4") or a boolean sets its point (Run.sets: as the folder name writes
+    it), and the table paired every point with it; the verdict said the center "is not among this axis's points:
+    no point is paired with it"."""
+    runs = ablation_axis(layer_axis({1: range(0, 20), 2: range(5, 30), 4: range(0, 56)}), "adapter_layers",
+                         CENTER | {"adapter_layers": "4"}, ["1", "2", "4"])
+    _, verdict = verdict_of(runs, "adapter_layers", "4")
+    assert "Against the center (adapter_layers = 4: 70.00), question by question: adapter_layers = 1: 25.00" in \
+        verdict and "not among" not in verdict, verdict
+    runs = []
+    for flag, right in {"True": range(0, 40), "False": range(0, 20)}.items():
+        name = f"ablations/adapter_layers~4/gate_init~zero/epochs~5/method~adapter/fsdp~{flag}"
+        runs.append(answered(run(name), right))
+        runs[-1].point = point_settings(name)
+    runs = ablation_axis(runs, "fsdp", CENTER | {"fsdp": True}, [True, False])
+    assert ablation_table(runs, "fsdp", True)["paired_with"].iloc[1] == runs[0].name
+    _, verdict = verdict_of(runs, "fsdp", True)
+    assert verdict.startswith("Against the center (fsdp = True: 50.00), question by question: fsdp = False: 25.00"), \
+        verdict
+
+
 def test_report_md_says_each_ablations_verdict_under_its_heading(grid):
     """report.md's ablation section opens with its verdict, and its legend says how the trend is computed; the
     trends table holds the numbers."""

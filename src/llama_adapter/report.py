@@ -766,8 +766,11 @@ def paired_sentence(table: pd.DataFrame, axis: str, center: Any) -> str:
     center's only, a rough reading (apart or overlapping, no verdict of chance: for two rows of the same questions
     apart intervals can go with a p above SIGNIFICANCE); a point without a score, or an axis without the center,
     said as such. Unpaired is all the table tells: other questions, or scores that keep no answers one by one."""
-    # ablation_table shows the method axis by the method's name (LoRA for lora), every other by its value.
-    is_center = [v == center or (axis == "method" and v == METHOD_NAMES.get(center)) for v in table[axis]]
+    # ablation_table shows the method axis by the method's name (LoRA for lora), every other by its value; it
+    # pairs with the point Run.sets finds, a number by value and anything else as its folder name writes it (a
+    # center of "4" or true given to the CLI), so the verdict finds the same one.
+    is_center = [v == center or str(v) == str(center) or (axis == "method" and v == METHOD_NAMES.get(center))
+                 for v in table[axis]]
     if not any(is_center):
         return f"The center ({point_label(axis, center)}) is not among this axis's points: no point is paired with it."
     ref = table[is_center].iloc[0]
