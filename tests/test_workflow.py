@@ -155,6 +155,13 @@ def test_an_axis_the_center_method_ignores_is_refused_at_plan_time(tmp_path, met
     assert named in plan(tmp_path, lambda c: c["ablations"]["center"].update(method=method), refused=True)
 
 
+def test_a_value_listed_twice_on_an_axis_is_refused_at_plan_time(tmp_path):
+    """[1, 3, 3.0] is two settings shown as three points (the report refuses it too, after the grid has trained);
+    the schema stops the plan, naming the axis."""
+    refusal = plan(tmp_path, lambda c: c["ablations"]["vary"].update(adapter_layers=[1, 3, 3.0]), refused=True)
+    assert "non-unique" in refusal and "adapter_layers" in refusal, refusal[-2000:]
+
+
 def test_an_axis_the_center_method_reads_plans(tmp_path):
     """A full fine-tuning center varies what it reads (epochs) and the method; each epochs point trains."""
     def edit(c):
