@@ -884,3 +884,30 @@ def test_the_legend_does_not_say_the_seeds_noise_goes_unmeasured_beside_a_seed_a
     assert "`ablation_seed`" in legend
     plain = report_markdown({}, {}, [], CENTER, {"samples": 1, "mean": 1.0, "max": 1})
     assert "this report does not measure" in plain and "`ablation_seed`" not in plain
+
+
+def blr_axis(rights: dict) -> list[Run]:
+    """A blr axis at the center's other settings, each point's 80 questions answered right as `rights` says."""
+    runs = []
+    for blr, right in rights.items():
+        name = f"ablations/adapter_layers~4/gate_init~zero/epochs~5/blr~{blr}/method~adapter"
+        r = run(name)
+        r.point = point_settings(name)
+        runs.append(answered(r, right))
+    return runs
+
+
+def test_a_learning_rate_trend_runs_over_its_decades():
+    """blr set by decades (0.0009, 0.009, 0.09): the line runs over log10(blr), per 10x blr, as a researcher reads
+    a learning-rate sweep; over blr itself the last step (90% of the range) would set it alone. Each question's
+    slope over the logarithms, as polyfit computes it."""
+    runs = blr_axis({0.0009: range(0, 20), 0.009: range(0, 40), 0.09: range(0, 44)})
+    trend, verdict = verdict_of(runs, "blr", 0.009)
+    slope, low, high = independent_trend([-4 + math.log10(9), -3 + math.log10(9), -2 + math.log10(9)],
+                                         [[100 * y for y in row] for row in right_or_not(runs)])
+    assert (trend["per"], trend["slope"]) == ("10× blr", pytest.approx(slope)) and slope == pytest.approx(15.0)
+    assert (trend["ci95_low"], trend["ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert verdict.startswith(f"Accuracy rises with blr beyond this noise: +{slope:.3g} points per 10× blr, 95% "
+                              f"[{low:.3g}, {high:.3g}]")
+    linear = np.polyfit([0.0009, 0.009, 0.09], [25.0, 50.0, 55.0], 1)[0]  # what a line over blr itself gives
+    assert trend["slope"] != pytest.approx(linear)

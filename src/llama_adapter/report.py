@@ -648,6 +648,10 @@ def ablation_table(runs: list[Run], axis: str, center: Any) -> pd.DataFrame:
 # One unit of an ordered ablation axis, as the trend names it ("per adapted layer"); another axis's: "per unit of
 # AXIS".
 AXIS_UNITS = {"adapter_layers": "adapted layer", "adapter_len": "prompt vector", "epochs": "epoch"}
+# Axes whose values are set by ratios (a learning rate by decades, a LoRA rank by doublings): the line runs over
+# their logarithm, so its slope is per 10x or per doubling. Over the values themselves one end's step would set the
+# line alone (0.0009, 0.009, 0.09: the last step is 90% of the range) and "per unit of blr" says nothing.
+LOG_AXES = {"blr": (10, "10× blr"), "lora_rank": (2, "doubling of lora_rank")}
 TREND_POINTS = 3  # a line through two points fits them exactly: its slope is their difference, not a trend
 NAMING_AXES = ("seed",)  # numbers that name a point, not an amount: no line runs through them
 
@@ -688,8 +692,8 @@ def paired_trend(x: list[float], outcomes: np.ndarray) -> dict:
 def ablation_trend(runs: list[Run], axis: str) -> dict:
     """One ablation axis's row of the trends table: where its values are numbers, at least TREND_POINTS of them,
     scored on the same questions or samples (item_outcomes), the paired linear trend (paired_trend) of the
-    accuracy, in points per unit of the axis, or of the held-out loss (each sample's token mean, as the paired
-    test reads it); else `trend` says why there is none."""
+    accuracy, in points per unit of the axis (per 10× or doubling along LOG_AXES), or of the held-out loss (each
+    sample's token mean, as the paired test reads it); else `trend` says why there is none."""
     row = {"axis": axis, "table": ablation_table_name(axis)[0], "points": len(runs)}
     values = [r.axis_value(axis) for r in runs]
     if not ordered_axis(axis, values):
@@ -701,17 +705,20 @@ def ablation_trend(runs: list[Run], axis: str) -> dict:
         return row | {"trend": UNPAIRED}
     if outcomes[1].shape[1] < 2:  # no spread to give an interval
         return row | {"trend": "none: fewer than 2 questions or samples scored at every point"}
+    base, per = LOG_AXES.get(axis, (None, AXIS_UNITS.get(axis, f"unit of {axis}")))
+    if base is not None and min(values) <= 0:
+        return row | {"trend": f"none: a line over {axis}'s logarithm needs values above 0"}
     kind, by_item = outcomes
     measure, scale = ("accuracy", 100) if kind == "questions" else ("heldout_loss", 1)  # accuracy in points
-    trend = paired_trend(values, scale * by_item)
+    x = values if base is None else [math.log(v, base) for v in values]
+    trend = paired_trend(x, scale * by_item)
     if trend["ci95_low"] == trend["ci95_high"]:
         # Every item's slope the same: their sd is 0 and the interval has no width, which is no measure of the
         # noise (three questions flipping together would read as a trend beyond it, and 80 questions that never
         # change as ruling out any change at all); the paired tests speak.
         return row | {"trend": f"none: every {'question' if kind == 'questions' else 'sample'}'s slope is the same, "
                                "no spread to give an interval"}
-    return row | {"trend": "paired linear", "measure": measure, "per": AXIS_UNITS.get(axis, f"unit of {axis}"),
-                  **trend}
+    return row | {"trend": "paired linear", "measure": measure, "per": per, **trend}
 
 
 def trends_table(axes: dict[str, list[Run]]) -> pd.DataFrame:
@@ -1195,7 +1202,8 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "Under each ablation's heading, a verdict says what it shows: each point against the center by its "
         "`p_paired`, and for an axis of ordered numbers with at least three points scored on the same questions (or "
         "samples) a paired linear trend (the `ablation_trends` table): each question's least-squares slope of its "
-        "correctness (0/1) over the axis values (on Alpaca each sample's, of its loss, the token mean), whose mean "
+        "correctness (0/1) over the axis values (blr's and lora_rank's logarithms: per 10× blr, per doubling of the "
+        "rank; on Alpaca each sample's, of its loss, the token mean), whose mean "
         "is the slope of the accuracies (of the mean loss), with the 95% interval mean +/- t * sd / sqrt(n) of the n "
         "questions' slopes (Student's t, n - 1 degrees of freedom); an interval holding 0 is no trend beyond noise, "
         "and bounds the change it rules out. The line summarises the range measured, not a turn within it. "
