@@ -392,12 +392,13 @@ def test_installed_command_reports_one_line(w, tmp_path):
 
 
 def test_a_failed_run_leaves_no_earlier_output_for_the_next_stage(w, tmp_path, capsys):
-    """An earlier run's adapter, generations and scores are removed when the rerun fails, whatever the failure:
-    the next stage must not take them for this run's. A training's checkpoint stays for --resume."""
+    """An earlier run's adapter, generations and scores (with the evaluation's log of them) are removed when the
+    rerun fails, whatever the failure: the next stage must not take them for this run's. A training's checkpoint
+    stays for --resume."""
     train_out, gen_out, eval_out = tmp_path / "train", tmp_path / "g.jsonl", tmp_path / "eval"
     train_out.mkdir(), eval_out.mkdir()
     for stale in (train_out / "adapter.safetensors", train_out / "metrics.json", train_out / "checkpoint.pt", gen_out,
-                  eval_out / "scores.json", eval_out / "predictions.csv"):
+                  eval_out / "scores.json", eval_out / "predictions.csv", eval_out / "metrics.jsonl"):
         stale.write_text("from an earlier run")
     one_line_error(capsys, *train_args(w, train_out)[:4], w / "wide", *train_args(w, train_out)[5:],
                    names=["--train-data"])
