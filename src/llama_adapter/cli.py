@@ -26,6 +26,7 @@ from .config import (
     PRECISIONS,
     PRESETS,
     QUANTIZATIONS,
+    RUN_LOG,
     SPLIT_BY,
     TASKS,
     TRUNCATION,
@@ -845,10 +846,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="the folder for scores.json (and predictions.csv)")
     add_dataclass_options(p, CompileConfig)
     add_tag_option(p)
-    # metrics.jsonl too: an earlier evaluation's log, left beside no scores, would describe a run that this one
+    # the run log too: an earlier evaluation's log, left beside no scores, would describe a run that this one
     # replaced (evaluate() removes it itself only once the new run has started)
     p.set_defaults(func=cmd_evaluate,
-                   outputs=lambda ns: [ns.out / f for f in (*EVALUATION_OUTPUTS, "metrics.jsonl")])
+                   outputs=lambda ns: [ns.out / f for f in (*EVALUATION_OUTPUTS, RUN_LOG)])
 
     p = sub.add_parser("make-vision-encoder", help=cmd_make_vision_encoder.__doc__,
                        description=cmd_make_vision_encoder.__doc__)

@@ -178,6 +178,7 @@ def training_outputs(out_dir: str | Path) -> list[Path]:
 
 
 EVALUATION_OUTPUTS = ("scores.json", "predictions.csv")  # an evaluation's files (predictions: ScienceQA's)
+RUN_LOG = "metrics.jsonl"  # every run's own log, appended to as it runs (tracking.Tracker)
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 

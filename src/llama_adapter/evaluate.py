@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .batching import collate, hidden_states, sample_losses
-from .config import EVALUATION_OUTPUTS, MODES, CompileConfig, Evaluation, InferenceConfig, Sampling
+from .config import EVALUATION_OUTPUTS, MODES, RUN_LOG, CompileConfig, Evaluation, InferenceConfig, Sampling
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .data.validate import check_validated_records
@@ -234,7 +234,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     method = training.get("method") or ("zero-shot" if ev.adapter is None else
                                         "lora" if is_lora_file(Path(ev.adapter)) else "adapter")
     out = Path(ev.out_dir)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # the run's log, appended to: not an earlier evaluation's too
+    (out / RUN_LOG).unlink(missing_ok=True)  # the run's log, appended to: not an earlier evaluation's too
     if ev.task != "scienceqa":  # an earlier ScienceQA evaluation's answers must not sit beside these scores
         remove_output(out / EVALUATION_OUTPUTS[1])
     tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags)
@@ -262,7 +262,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
             scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id}
             write_json(scores_path, scores)
     except BaseException as e:
-        for path in (*written, out / "metrics.jsonl"):  # no partial output: predictions without their scores
+        for path in (*written, out / RUN_LOG):  # no partial output: predictions without their scores
             path.unlink(missing_ok=True)  # would pass for a finished run
         if isinstance(e, StoppedBySignal):
             tracker.set_tags({"stopped_by": e.signal_name})

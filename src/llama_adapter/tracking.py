@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .config import RUN_LOG
 from .io import sha256_tree
 
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"  # MLflow >= 3.13 refuses the plain file store
@@ -221,7 +222,7 @@ class Tracker:
         if not enabled:
             return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        self.jsonl = open(Path(out_dir) / RUN_LOG, "a", encoding="utf-8")
         self.tags = tags = run_tags(source, tags)
         for name, value in MLFLOW_DEFAULTS.items():  # the caller's own settings win
             os.environ.setdefault(name, value)
