@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .adapter import AdaptedTransformer
-from .config import FULL_WEIGHTS, PEFT_CONFIG, AdapterArgs, ModelArgs
+from .config import FULL_WEIGHTS, PEFT_CONFIG, WEIGHTS, AdapterArgs, ModelArgs
 from .data.paths import is_file_name
 from .errors import CheckpointError
 from .io import atomic_path, read_json_object, save_safetensors
@@ -38,7 +38,7 @@ RECOMPUTED_BUFFERS = re.compile(r"^rope\.freqs$|.*\.rotary_emb\.inv_freq$")
 # A PEFT adapter folder: its settings (PEFT_CONFIG), whose peft_type says what it is (LORA, ADAPTION_PROMPT, ...),
 # and weights.
 # PEFT writes safetensors, or a torch pickle with save_pretrained(safe_serialization=False).
-PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_WEIGHTS = (WEIGHTS["lora"], "adapter_model.bin")
 # PEFT's AdaptionPrompt on Hugging Face's LLaMA (or Mistral), in each adapted layer: the prompts
 # (1, adapter_len, hidden) and the gate (1,).
 PEFT_PROMPT = "base_model.model.model.layers.{i}.self_attn.adaption_prompt"

@@ -60,7 +60,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
-from .config import WEIGHTS, TrainConfig, training_outputs
+from .config import PEFT_CONFIG, RUN_LOG, WEIGHTS, TrainConfig, training_outputs
 from .data.tokens import TokenDataset
 from .devices import device_name, pick_device, pick_dtype
 from .errors import (
@@ -599,7 +599,7 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
             remove_output(path)
         write_json(out / "config.json", asdict(cfg))
         # Steps after the checkpoint will be redone; a fresh run drops an earlier run's lines.
-        truncate_metrics(out / "metrics.jsonl", step if found is not None else -1)
+        truncate_metrics(out / RUN_LOG, step if found is not None else -1)
     tracker = Tracker(out, cfg.run_name or out.name, "llama_adapter.train", enabled=d.rank == 0, tags=cfg.tags,
                       run_id=run_id)
     bar = None
@@ -718,7 +718,7 @@ def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, t
         write_json(out / "metrics.json", result)
         # Every trained file goes to MLflow too, so a run's weights stay recoverable from its artifacts.
         for path in (weights.parent if cfg.method == "full" else weights,
-                     *([out / "adapter_config.json"] if cfg.method == "lora" else []),
+                     *([out / PEFT_CONFIG] if cfg.method == "lora" else []),
                      out / "config.json", out / "metrics.json"):
             tracker.log_artifact(path)
     return result
