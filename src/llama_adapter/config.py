@@ -165,6 +165,8 @@ ADAPTER_SETTINGS = ("adapter_len", "adapter_layers", "gate_init")
 # project's format, LoRA in PEFT's (adapter_config.json beside it), a full fine-tune as a base folder of its own.
 FULL_WEIGHTS = "model.safetensors"  # a full fine-tune's weights in its base folder (checkpoint.save_full)
 PEFT_CONFIG = "adapter_config.json"  # a PEFT adapter's settings, beside its weights
+TRAINING_CONFIG = "config.json"  # a training's settings (TrainConfig), written as it starts
+TRAINING_METRICS = "metrics.json"  # a finished training's summary, written after its weights
 WEIGHTS = {"adapter": "adapter.safetensors", "lora": "adapter_model.safetensors", "full": f"model/{FULL_WEIGHTS}"}
 
 
@@ -174,7 +176,7 @@ def training_outputs(out_dir: str | Path) -> list[Path]:
     this run's: train removes them as it starts, the command line when it fails. checkpoint.pt is not among them
     (--resume reads it), nor config.json and metrics.jsonl, which describe the run in the folder."""
     return [Path(out_dir) / name for name in (*sorted({w.split("/")[0] for w in WEIGHTS.values()}), PEFT_CONFIG,
-                                              "metrics.json")]
+                                              TRAINING_METRICS)]
 
 
 EVALUATION_OUTPUTS = ("scores.json", "predictions.csv")  # an evaluation's files (predictions: ScienceQA's)

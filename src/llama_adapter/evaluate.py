@@ -18,7 +18,16 @@ import numpy as np
 import torch
 
 from .batching import collate, hidden_states, sample_losses
-from .config import EVALUATION_OUTPUTS, MODES, RUN_LOG, CompileConfig, Evaluation, InferenceConfig, Sampling
+from .config import (
+    EVALUATION_OUTPUTS,
+    MODES,
+    RUN_LOG,
+    TRAINING_METRICS,
+    CompileConfig,
+    Evaluation,
+    InferenceConfig,
+    Sampling,
+)
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .data.validate import check_validated_records
@@ -183,9 +192,9 @@ def training_of(base: Path, adapter: Path | None) -> dict:
     """The metrics.json of the training that produced what is evaluated: beside the adapter, or above a fully
     fine-tuned model's folder (adapters/<experiment>/model); {} for a base that no training of ours wrote."""
     if adapter is not None:  # a PEFT adapter given as its folder is its run's folder, as its weights file's is
-        trained = (Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent) / "metrics.json"
+        trained = (Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent) / TRAINING_METRICS
     else:
-        trained = Path(base).parent / "metrics.json"
+        trained = Path(base).parent / TRAINING_METRICS
     try:
         metrics = read_json_object(trained, "the metrics.json train writes")
     except DataError:

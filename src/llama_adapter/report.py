@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from .config import AdapterArgs, ModelArgs, TrainConfig
+from .config import EVALUATION_OUTPUTS, TRAINING_CONFIG, TRAINING_METRICS, WEIGHTS, AdapterArgs, ModelArgs, TrainConfig
 from .data.scienceqa import CATEGORIES
 from .errors import InputError
 from .io import atomic_dir, read_json_object
@@ -122,11 +122,11 @@ class Run:
 
 
 # The stage that writes each file a run is read from, and the keys the tables read from it.
-WRITTEN_BY = {"config.json": "train", "metrics.json": "train", "scores.json": "evaluate", "stats.json": "tokenize",
-              "adapter.safetensors": "train"}
+WRITTEN_BY = {TRAINING_CONFIG: "train", TRAINING_METRICS: "train", EVALUATION_OUTPUTS[0]: "evaluate",
+              "stats.json": "tokenize", WEIGHTS["adapter"]: "train"}
 REQUIRED_KEYS = {
-    "config.json": ("base", "train_data"),
-    "metrics.json": ("history", "trainable_parameters", "world_size", "weights"),
+    TRAINING_CONFIG: ("base", "train_data"),
+    TRAINING_METRICS: ("history", "trainable_parameters", "world_size", "weights"),
     "stats.json": ("dataset",),
 }
 
@@ -232,7 +232,7 @@ def _checked_scores(path: Path, scores: dict) -> dict:
     """`scores`, read from `path`, if it holds every field the report reads, each of its kind (SCORE_FIELDS): a
     wrong type or a NaN is one error naming the file and the key, not a traceback (or an error naming no file)
     while the tables are built."""
-    expected = f"the file {WRITTEN_BY['scores.json']} writes"
+    expected = f"the file {WRITTEN_BY[EVALUATION_OUTPUTS[0]]} writes"
     for key, kind, required in _score_fields(scores):
         *parents, name = key.split(".")
         holder: Any = scores
@@ -310,14 +310,14 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
         raise InputError(f"--training: none for {name}, whose {scores_path} scores a trained model; expected "
                          f"{name}=DIR, the folder its training wrote")
     adapter_dir = Path(training)
-    config = _read_json(adapter_dir / "config.json", REQUIRED_KEYS["config.json"])
-    metrics = _read_json(adapter_dir / "metrics.json", REQUIRED_KEYS["metrics.json"])
+    config = _read_json(adapter_dir / TRAINING_CONFIG, REQUIRED_KEYS[TRAINING_CONFIG])
+    metrics = _read_json(adapter_dir / TRAINING_METRICS, REQUIRED_KEYS[TRAINING_METRICS])
     if not isinstance(metrics["history"], list) or not metrics["history"]:
-        raise InputError(f"{adapter_dir / 'metrics.json'}: 'history' holds no training steps; expected the file "
+        raise InputError(f"{adapter_dir / TRAINING_METRICS}: 'history' holds no training steps; expected the file "
                          "train writes")
     losses = [*(metrics.get("val_loss") or []), metrics.get("initial_val_loss")]
     if any(isinstance(x, float) and not math.isfinite(x) for x in losses):  # a table cell would read n/a
-        raise InputError(f"{adapter_dir / 'metrics.json'}: a validation loss that is not finite ({losses}); the "
+        raise InputError(f"{adapter_dir / TRAINING_METRICS}: a validation loss that is not finite ({losses}); the "
                          "training's validation diverged or scored no targets: train it again")
     adapter = adapter_dir / str(metrics["weights"])
     if not adapter.is_file():

@@ -60,7 +60,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
-from .config import PEFT_CONFIG, RUN_LOG, WEIGHTS, TrainConfig, training_outputs
+from .config import PEFT_CONFIG, RUN_LOG, TRAINING_CONFIG, TRAINING_METRICS, WEIGHTS, TrainConfig, training_outputs
 from .data.tokens import TokenDataset
 from .devices import device_name, pick_device, pick_dtype
 from .errors import (
@@ -597,7 +597,7 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         for path in training_outputs(out):  # an earlier run's, which this run's config.json would seem to describe
             remove_output(path)
-        write_json(out / "config.json", asdict(cfg))
+        write_json(out / TRAINING_CONFIG, asdict(cfg))
         # Steps after the checkpoint will be redone; a fresh run drops an earlier run's lines.
         truncate_metrics(out / RUN_LOG, step if found is not None else -1)
     tracker = Tracker(out, cfg.run_name or out.name, "llama_adapter.train", enabled=d.rank == 0, tags=cfg.tags,
@@ -715,11 +715,11 @@ def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, t
     whole = get_model_state_dict(model, options=FULL_STATE) if any(map(is_sharded, model.parameters())) else None
     if d.rank == 0:
         weights = save_tuned(model, cfg.method, out, base_model=str(cfg.base), state=whole)
-        write_json(out / "metrics.json", result)
+        write_json(out / TRAINING_METRICS, result)
         # Every trained file goes to MLflow too, so a run's weights stay recoverable from its artifacts.
         for path in (weights.parent if cfg.method == "full" else weights,
                      *([out / PEFT_CONFIG] if cfg.method == "lora" else []),
-                     out / "config.json", out / "metrics.json"):
+                     out / TRAINING_CONFIG, out / TRAINING_METRICS):
             tracker.log_artifact(path)
     return result
 
