@@ -491,6 +491,7 @@ TASK_OPTIONS = {"scienceqa": ("split", "mode"), "alpaca": ("row_len",)}
 
 def cmd_evaluate(ns: argparse.Namespace) -> None:
     """ScienceQA accuracy per category, or Alpaca held-out loss and perplexity."""
+    from .data import RECORDS
     from .data.tokens import TokenDataset
     from .evaluate import evaluate, read_questions, split_questions
 
@@ -516,7 +517,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     inputs = {}
     if ns.task == "scienceqa":
         existing_dir(ns.data, "--data", "a folder written by validate (holding records.jsonl)")
-        existing_file(ns.data / "records.jsonl", "--data", "a folder written by validate (holding records.jsonl)")
+        existing_file(ns.data / RECORDS, "--data", "a folder written by validate (holding records.jsonl)")
         width = image_feature_width(ns.adapter)
         if ns.image_features:
             existing_dir(ns.image_features, "--image-features", "a feature cache folder written by encode-images")
@@ -543,7 +544,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     writable_output(ns.out, "--out", folder=True)
     if ns.task == "scienceqa":
         records = read_questions(ns.data)
-        split_questions(records, ns.split, ns.data / "records.jsonl")  # before the model loads: a wrong --split
+        split_questions(records, ns.split, ns.data / RECORDS)  # before the model loads: a wrong --split
         inputs["records"] = records
     tokenizer, tokenizer_path = inference_tokenizer(ns)
     model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize, ns.compile or not decodes,

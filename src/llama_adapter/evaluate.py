@@ -28,6 +28,7 @@ from .config import (
     InferenceConfig,
     Sampling,
 )
+from .data import RECORDS
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .data.validate import check_validated_records
@@ -205,7 +206,7 @@ def training_of(base: Path, adapter: Path | None) -> dict:
 def read_questions(validated_dir: Path) -> list[dict]:
     """The ScienceQA records of a folder written by validate, every split's, each checked as validate keeps them
     (an edited or unvalidated file is refused by line, not scored: a repeated pid would count twice)."""
-    source = Path(validated_dir) / "records.jsonl"
+    source = Path(validated_dir) / RECORDS
     lines = read_jsonl_lines(source, expected="the records.jsonl that the validate stage writes")
     check_validated_records("scienceqa", source, lines)
     return [record for _, record in lines]
@@ -236,9 +237,9 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     from .tracking import Tracker, flatten
 
     if ev.task == "scienceqa":
-        records, train_records = split_questions(records or [], ev.split, Path(ev.data) / "records.jsonl")
+        records, train_records = split_questions(records or [], ev.split, Path(ev.data) / RECORDS)
         if images is not None:
-            images.check_images(records, Path(ev.data) / "records.jsonl")
+            images.check_images(records, Path(ev.data) / RECORDS)
     training = training_of(ev.base, ev.adapter)
     method = training.get("method") or ("zero-shot" if ev.adapter is None else
                                         "lora" if is_lora_file(Path(ev.adapter)) else "adapter")
@@ -248,7 +249,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
         remove_output(out / EVALUATION_OUTPUTS[1])
     tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags)
     if ev.task == "scienceqa":  # the questions scored: the split of the validated records (all of them: None)
-        tracker.log_dataset(Path(ev.data) / "records.jsonl", f"scienceqa/{ev.split or 'all'}", "evaluation",
+        tracker.log_dataset(Path(ev.data) / RECORDS, f"scienceqa/{ev.split or 'all'}", "evaluation",
                             questions=len(records), split=ev.split)
     else:
         tracker.log_dataset(Path(ev.data), f"{ev.task}/{Path(ev.data).name}", "evaluation",

@@ -31,6 +31,7 @@ import pandas as pd
 import scipy.stats
 
 from .config import EVALUATION_OUTPUTS, TRAINING_CONFIG, TRAINING_METRICS, WEIGHTS, AdapterArgs, ModelArgs, TrainConfig
+from .data import TOKEN_STATS
 from .data.scienceqa import CATEGORIES
 from .errors import InputError
 from .io import atomic_dir, read_json_object
@@ -123,11 +124,11 @@ class Run:
 
 # The stage that writes each file a run is read from, and the keys the tables read from it.
 WRITTEN_BY = {TRAINING_CONFIG: "train", TRAINING_METRICS: "train", EVALUATION_OUTPUTS[0]: "evaluate",
-              "stats.json": "tokenize", WEIGHTS["adapter"]: "train"}
+              TOKEN_STATS: "tokenize", WEIGHTS["adapter"]: "train"}
 REQUIRED_KEYS = {
     TRAINING_CONFIG: ("base", "train_data"),
     TRAINING_METRICS: ("history", "trainable_parameters", "world_size", "weights"),
-    "stats.json": ("dataset",),
+    TOKEN_STATS: ("dataset",),
 }
 
 
@@ -295,7 +296,7 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
     if task not in inputs.tokens:
         raise InputError(f"--tokens: no {task}=DIR, the dataset {scores_path} scores; expected the folder tokenize "
                          f"wrote for {task}")
-    stats = _read_json(Path(inputs.tokens[task]) / "stats.json", REQUIRED_KEYS["stats.json"])
+    stats = _read_json(Path(inputs.tokens[task]) / TOKEN_STATS, REQUIRED_KEYS[TOKEN_STATS])
     if stats["dataset"] != task:
         raise InputError(f"--tokens {task}={inputs.tokens[task]}: holds the {stats['dataset']} dataset; expected "
                          f"the tokenize folder of {task}")

@@ -61,6 +61,7 @@ from torch.distributed.tensor import DTensor
 
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
 from .config import PEFT_CONFIG, RUN_LOG, TRAINING_CONFIG, TRAINING_METRICS, WEIGHTS, TrainConfig, training_outputs
+from .data import TOKEN_STATS
 from .data.tokens import TokenDataset
 from .devices import device_name, pick_device, pick_dtype
 from .errors import (
@@ -754,6 +755,6 @@ def dataset_name(split_dir: Path) -> str:
 
 def data_provenance(split_dir: Path) -> dict:
     """Where a token split came from (the fetch.json recorded by `tokenize` in its stats.json)."""
-    stats = split_dir.parent / "stats.json"
+    stats = split_dir.parent / TOKEN_STATS
     provenance = read_json_object(stats, "tokenize's stats.json").get("provenance", {}) if stats.exists() else {}
     return {"split": str(split_dir), **provenance}

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 from ..config import POLICIES, FetchConfig
 from ..errors import FetchError, UnsafePathError
 from ..io import atomic_dir, holds, read_json, read_jsonl, sha256_file, write_json
-from . import FORMAT_VERSION, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS, image_read_errors, in_split_order
+from . import FORMAT_VERSION, RECORDS, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS, image_read_errors, in_split_order
 from .paths import file_name, inside, relative
 
 Row = dict[str, Any]
@@ -137,7 +137,7 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
             (tmp / "images").mkdir()
         records, images, missing = _write(src.items, tmp, refusals)
         assigned = (None if assign_splits is None
-                    else _reassign(tmp / "records.jsonl", assign_splits, split_seed, source))
+                    else _reassign(tmp / RECORDS, assign_splits, split_seed, source))
         meta = {
             "format": FORMAT_VERSION,
             "dataset": dataset,
@@ -146,7 +146,7 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
             "revision": src.revision,
             "source_sha256": src.sha256,
             "records": records,
-            "records_sha256": sha256_file(tmp / "records.jsonl"),
+            "records_sha256": sha256_file(tmp / RECORDS),
             "images": images,
             "images_missing": missing,
             **refusals.summary(),
@@ -317,7 +317,7 @@ def _is_inside(root: Path, name: str) -> bool:
 def _write(items: Iterator[Item], folder: Path, refusals: Refusals) -> tuple[int, int, int]:
     """Write records.jsonl (and images/<pid>.png); return (records, images written, images missing)."""
     records = images = missing = 0
-    with open(folder / "records.jsonl", "w", encoding="utf-8") as f:
+    with open(folder / RECORDS, "w", encoding="utf-8") as f:
         for record, image in items:
             if image is not None and not isinstance(image, UnsafePathError):
                 try:  # the pid names the stored file: it must not lead out of the images folder

@@ -27,6 +27,7 @@ from ..errors import DataError, TokenizeError
 from ..io import atomic_dir, read_json_object, read_jsonl_lines, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
+from . import RECORDS, TOKEN_STATS
 from .scienceqa import qcm_prompt, qcm_target
 from .validate import check_separate, check_validated_records, fetched_folder
 
@@ -177,7 +178,7 @@ def tokenize(
     written whole, and a failed run removes the folder an earlier run left (io.atomic_dir)."""
     validated_dir, out_dir = Path(validated_dir), Path(out_dir)
     check_separate(validated_dir, out_dir, "--validated")
-    source = validated_dir / "records.jsonl"
+    source = validated_dir / RECORDS
     tokenizer_name = tokenizer_name or f"the tokenizer ({type(tokenizer).__name__})"
     # Any failure from here on removes out_dir: an earlier run's arrays must not outlive a failed run.
     with atomic_dir(out_dir, remove_on_failure=True) as tmp:
@@ -234,7 +235,7 @@ def tokenize(
             }
             lengths += enc.full_lengths
         stats["length_before_truncation"] = length_stats(lengths, max_seq_len)
-        write_json(tmp / "stats.json", stats)
+        write_json(tmp / TOKEN_STATS, stats)
         plot_lengths(lengths, max_seq_len, f"{dataset}: tokens per sample (n={len(lengths)})", tmp / "lengths.png")
     return stats
 

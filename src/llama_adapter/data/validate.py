@@ -42,6 +42,7 @@ from typing import Any
 from ..config import POLICIES, ValidateConfig
 from ..errors import DataError, UnsafePathError, ValidationError, ValidationFailed
 from ..io import atomic_dir, holds, read_json_object, read_jsonl_lines, write_json, write_jsonl
+from . import RECORDS
 from .paths import inside, is_file_name
 from .scienceqa import SUBJECTS, grade_number
 
@@ -207,7 +208,7 @@ def validate(
     either policy when no record is left to keep (the folder then holds validation.json alone)."""
     fetched_dir, out_dir = Path(fetched_dir), Path(out_dir)
     check_separate(fetched_dir, out_dir, "--fetched")
-    source = fetched_dir / "records.jsonl"
+    source = fetched_dir / RECORDS
     failure = None
     # Any failure from here on removes out_dir: an earlier run's records.jsonl must not outlive a failed run.
     with atomic_dir(out_dir, remove_on_failure=True) as tmp:
@@ -280,7 +281,7 @@ def validate(
             if dataset == "scienceqa":
                 rel = os.path.relpath(fetched_dir, out_dir)
                 kept = [{**r, "image": None if r.get("image") is None else f"{rel}/{r['image']}"} for r in kept]
-            write_jsonl(tmp / "records.jsonl", kept)
+            write_jsonl(tmp / RECORDS, kept)
     if failure is not None:
         raise failure
     return report
