@@ -39,7 +39,7 @@ validate(config, "../schemas/config.schema.yaml")
 # option by the CLI, `{` `}` in a path the rules declare as a file would be taken for a wildcard, and $ ` \ in a
 # file name would be expanded by the SLURM executor's resubmission (below).
 def check_paths(config):
-    images = config.get("images") or {}
+    images = config["images"]
     paths = {
         "results": config["results"],
         "base.source": config["base"]["source"],
@@ -140,7 +140,7 @@ TOKENIZER = (
 
 
 # The multimodal adapter's vision encoder (a tiny random CLIP in the demo) and its image feature cache.
-IMAGES = config.get("images", {"encoder": "demo"})
+IMAGES = config["images"]
 ENCODER = (
     f"{RESULTS}/models/demo-clip" if IMAGES["encoder"] == "demo" else IMAGES["encoder"]
 )
@@ -701,7 +701,7 @@ def fetch_options(source):
 def evaluation_split(name):
     """Ablations are scored on their own split (the paper: val), named experiments on evaluate.split."""
     if name in ABLATION_SETTINGS:
-        return config["ablations"].get("split", "val")
+        return config["ablations"]["split"]
     return config["evaluate"]["split"]
 
 
@@ -717,7 +717,7 @@ def check_evaluation_splits():
     than val would be ignored without a word, and is refused. (val is config.yaml's, which a config merged
     over it keeps.)
     """
-    alpaca_split = config["ablations"].get("split", "val")
+    alpaca_split = config["ablations"]["split"]
     if config["ablations"]["dataset"] == "alpaca" and alpaca_split != "val":
         raise ValueError(
             f"config ablations.split {alpaca_split!r}: an Alpaca ablation is scored by its held-out loss on "
