@@ -13,6 +13,8 @@ SCIENCEQA_FIELDS; a field the source lacks is null (never guessed).
 FORMAT_VERSION = "llama-adapter-data/1"
 RECORDS = "records.jsonl"  # the records of a fetched or validated folder
 TOKEN_STATS = "stats.json"  # a tokenize folder's counts, split rule and provenance
+FETCH_INFO = "fetch.json"  # a fetched folder's source and digests
+VALIDATION_REPORT = "validation.json"  # a validated folder's counts: records kept, invalid (by reason), flagged
 
 # Normalised ScienceQA record fields. `image` is a path relative to the dataset folder (images/<pid>.png)
 # or null; `has_image` says whether the source problem had an image at all (LLaVA's file names images it

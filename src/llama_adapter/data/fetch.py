@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 from ..config import POLICIES, FetchConfig
 from ..errors import FetchError, UnsafePathError
 from ..io import atomic_dir, holds, read_json, read_jsonl, sha256_file, write_json
-from . import FORMAT_VERSION, RECORDS, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS, image_read_errors, in_split_order
+from . import FETCH_INFO, FORMAT_VERSION, RECORDS, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS, image_read_errors, in_split_order
 from .paths import file_name, inside, relative
 
 Row = dict[str, Any]
@@ -153,7 +153,7 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
             **({"assigned_splits": assigned} if assigned else {}),
             "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        write_json(tmp / "fetch.json", meta)
+        write_json(tmp / FETCH_INFO, meta)
     return meta
 
 

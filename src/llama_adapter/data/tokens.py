@@ -27,7 +27,7 @@ from ..errors import DataError, TokenizeError
 from ..io import atomic_dir, read_json_object, read_jsonl_lines, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
-from . import RECORDS, TOKEN_STATS
+from . import FETCH_INFO, RECORDS, TOKEN_STATS, VALIDATION_REPORT
 from .scienceqa import qcm_prompt, qcm_target
 from .validate import check_separate, check_validated_records, fetched_folder
 
@@ -244,7 +244,7 @@ def provenance(validated_dir: Path) -> dict:
     """The fetch.json of the data behind a validated folder (validation.json names the fetched folder); {} when
     the folder has no validation.json, or the fetched folder no fetch.json (records made by hand). A
     validation.json that records a failed run, or names a fetched folder that is gone, is refused."""
-    report = validated_dir / "validation.json"
+    report = validated_dir / VALIDATION_REPORT
     if not report.exists():
         return {}
     meta = read_json_object(report)
@@ -256,7 +256,7 @@ def provenance(validated_dir: Path) -> dict:
         raise TokenizeError(f"{report}: names the fetched folder {meta.get('fetched') or meta.get('source')!r} "
                             f"(from {validated_dir}), which is not there; expected the folder validate read, for "
                             "the data's provenance (run fetch and validate again if it was moved or removed)")
-    return read_json_object(fetched / "fetch.json") if (fetched / "fetch.json").is_file() else {}
+    return read_json_object(fetched / FETCH_INFO) if (fetched / FETCH_INFO).is_file() else {}
 
 
 def write_split(path: Path, enc: Encoded, record_index: np.ndarray, keys: list[str] | None = None) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 from ..config import POLICIES, ValidateConfig
 from ..errors import DataError, UnsafePathError, ValidationError, ValidationFailed
 from ..io import atomic_dir, holds, read_json_object, read_jsonl_lines, write_json, write_jsonl
-from . import RECORDS
+from . import FETCH_INFO, RECORDS, VALIDATION_REPORT
 from .paths import inside, is_file_name
 from .scienceqa import SUBJECTS, grade_number
 
@@ -264,7 +264,7 @@ def validate(
             else:
                 kept.append(record)
         report.kept = len(kept)
-        listed = out_dir / "validation.json"
+        listed = out_dir / VALIDATION_REPORT
         if report.invalid_records and policy == "fail":
             failure = ValidationFailed(f"{source}: {report.summary()}; every one is listed in {listed} and on "
                                        "stdout (fix them, or set the validation policy to skip to drop them)", report)
@@ -276,7 +276,7 @@ def validate(
             failure = ValidationFailed(f"{source}: no record left to keep ({'; '.join(why)}); see {listed} or stdout",
                                        report)
         report.status = "failed" if failure else "ok"
-        write_json(tmp / "validation.json", asdict(report))
+        write_json(tmp / VALIDATION_REPORT, asdict(report))
         if failure is None:
             if dataset == "scienceqa":
                 rel = os.path.relpath(fetched_dir, out_dir)
@@ -312,7 +312,7 @@ def fetched_folder(validated_dir: Path) -> Path | None:
     """The fetched folder behind a validated one, as its validation.json names it (None without one, or when that
     folder is gone). A validation.json written before `fetched` was recorded gives `source`, which is relative to
     the folder validate ran from."""
-    report = Path(validated_dir) / "validation.json"
+    report = Path(validated_dir) / VALIDATION_REPORT
     if not report.is_file():
         return None
     meta = read_json_object(report, "the validation.json validate writes")
@@ -328,7 +328,7 @@ def fetched_folder(validated_dir: Path) -> Path | None:
 def refused_images(fetched_dir: Path) -> dict[str, str]:
     """pid -> why, for the images fetch refused under policy skip (fetch.json's images_refused): such a record
     keeps has_image true with no image, and is invalid here rather than a merely flagged missing image."""
-    path = Path(fetched_dir) / "fetch.json"
+    path = Path(fetched_dir) / FETCH_INFO
     if not path.exists():
         return {}
     listed = read_json_object(path).get("images_refused") or {}
