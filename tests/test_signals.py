@@ -416,3 +416,35 @@ def test_torchrun_waits_for_its_workers_to_save_after_slurms_sigterm(setup, tmp_
     _, err = proc.communicate(timeout=180)
     assert (out / "checkpoint.pt").exists(), err[-3000:]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("where", ["new_run", "environment"])
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+def test_a_stop_as_the_mlflow_run_opens_ends_it_killed(tmp_path, monkeypatch, stop, where):
+    """A stop just after the tracker has started its MLflow run (as start_run returns, or while the tracker records
+    the environment), before the caller holds the tracker to close it: the run ends KILLED, not FINISHED by
+    MLflow's exit hook as if the job had run to its end."""
+    import llama_adapter.tracking as tracking
+    from llama_adapter.errors import StoppedBySignal, stop_signals_raise
+
+    real = getattr(tracking, where)
+
+    def stopped(*args):
+        real(*args)
+        if stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking, where, stopped)
+    for name, value in tracking.MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    name = f"stopped by {stop} in {where}"
+    with pytest.raises(StoppedBySignal if stop == "SIGTERM" else KeyboardInterrupt), stop_signals_raise():
+        tracking.Tracker(tmp_path / "run", name, "llama_adapter.test")
+    left_open = mlflow.active_run()
+    mlflow.end_run()  # a run left open would be the next test's parent
+    assert left_open is None
+    [run] = client().search_runs([client().get_experiment_by_name("llama-adapter").experiment_id],
+                                 f"attributes.run_name = '{name}'")
+    assert run.info.status == "KILLED"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RUN_LOG
+from .errors import StoppedBySignal
 from .io import sha256_tree
 
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"  # MLflow >= 3.13 refuses the plain file store
@@ -226,23 +227,33 @@ class Tracker:
         self.tags = tags = run_tags(source, tags)
         for name, value in MLFLOW_DEFAULTS.items():  # the caller's own settings win
             os.environ.setdefault(name, value)
+        mlflow = None
+        # A stop signal or Ctrl-C once the run may be open (start_run itself takes a while: the system-metrics
+        # thread), before the caller holds this tracker to close it, would leave the run to MLflow's exit hook,
+        # which ends it FINISHED.
         try:
-            import mlflow
+            try:
+                import mlflow
 
-            uri = tracking_uri()
-            mlflow.set_tracking_uri(uri)
-            use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
-            run = resumed_run(mlflow, run_id, tags) if run_id is not None else None
-            if run is not None:
-                self.logged_through = last_logged_steps(mlflow.MlflowClient(), run_id)
-            else:
-                run = new_run(mlflow, run_name, tags)
-            self.mlflow, self.run_id, self.logging = mlflow, run.info.run_id, True
-        except Exception as e:  # unreachable server, locked database, missing package: keep training
-            self._drop_mlflow(e)
-        # Tags, not params: a run resumed on another machine records what it ran on last (params cannot change).
-        self.set_tags(environment())
-        self._call("log_text", installed_distributions(), "environment/requirements.txt")
+                uri = tracking_uri()
+                mlflow.set_tracking_uri(uri)
+                use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
+                run = resumed_run(mlflow, run_id, tags) if run_id is not None else None
+                if run is not None:
+                    self.logged_through = last_logged_steps(mlflow.MlflowClient(), run_id)
+                else:
+                    run = new_run(mlflow, run_name, tags)
+                self.mlflow, self.run_id, self.logging = mlflow, run.info.run_id, True
+            except Exception as e:  # unreachable server, locked database, missing package: keep training
+                self._drop_mlflow(e)
+            # Tags, not params: a run resumed on another machine records what it ran on last (params cannot
+            # change).
+            self.set_tags(environment())
+            self._call("log_text", installed_distributions(), "environment/requirements.txt")
+        except BaseException as e:
+            self.mlflow = self.mlflow or mlflow  # stopped inside start_run: its end_run ends the run it opened
+            self.close(status="KILLED" if isinstance(e, StoppedBySignal | KeyboardInterrupt) else "FAILED")
+            raise
 
     def _drop_mlflow(self, error: Exception) -> None:
         warnings.warn(f"MLflow unavailable ({type(error).__name__}: {error}); metrics go to metrics.jsonl only",
