@@ -472,3 +472,44 @@ def test_generate_cli_writes_jsonl_naming_the_adapter(world, tmp_path, llama_sp_
     # generate's default: the paper's sampling, recorded with each answer for the report's caption
     assert {r["decoding"] for r in rows} == {"sampled at temperature 0.1, top-p 0.75, seed 0, at most 4 new tokens"}
     assert rows[0]["adapter_path"].endswith("a.safetensors")
+
+
+def test_a_stop_signal_as_the_evaluation_records_its_inputs_ends_it_killed(world, tmp_path, monkeypatch):
+    """SIGTERM while the opened MLflow run records what is evaluated (the data's digest, the params), before
+    scoring: the run ends KILLED, not FINISHED by MLflow's exit hook, and an earlier run's scores are gone."""
+    import os
+    import signal
+    import time
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    import llama_adapter.evaluate as evaluate_mod
+    from llama_adapter.errors import StoppedBySignal, stop_signals_raise
+    from llama_adapter.tracking import MLFLOW_DEFAULTS, Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for name, value in MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    root, tok = world
+
+    def cancelled(self, params):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the signal did not stop the evaluation")
+
+    monkeypatch.setattr(Tracker, "log_params", cancelled)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "records.jsonl").write_text('{"pid": "1"}\n')
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scores.json").write_text("{}")  # an earlier run's: must not pass for this one's
+    ev = Evaluation("scienceqa", root / "base", None, tmp_path / "data", tmp_path / "out", mode="likelihood")
+    with pytest.raises(StoppedBySignal), stop_signals_raise():  # as the command line runs it
+        evaluate_mod.evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
+    left_open = mlflow.active_run()
+    mlflow.end_run()  # a run left open would be the next test's parent
+    assert left_open is None and not (tmp_path / "out" / "scores.json").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGTERM"
+

@@ -248,19 +248,20 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     if ev.task != "scienceqa":  # an earlier ScienceQA evaluation's answers must not sit beside these scores
         remove_output(out / EVALUATION_OUTPUTS[1])
     tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags)
-    if ev.task == "scienceqa":  # the questions scored: the split of the validated records (all of them: None)
-        tracker.log_dataset(Path(ev.data) / RECORDS, f"scienceqa/{ev.split or 'all'}", "evaluation",
-                            questions=len(records), split=ev.split)
-    else:
-        tracker.log_dataset(Path(ev.data), f"{ev.task}/{Path(ev.data).name}", "evaluation",
-                            samples=len(heldout) if heldout is not None else None)
-    tracker.log_params({"task": ev.task, "method": method, "base": str(ev.base), "adapter": str(ev.adapter),
-                        "data": str(ev.data), "split": ev.split, "mode": ev.mode,
-                        "training_run_id": training.get("mlflow_run_id")})
     scores_path, predictions_path = (out / name for name in EVALUATION_OUTPUTS)
     written = [scores_path, *([predictions_path] if ev.task == "scienceqa" else [])]
     try:
         with stop_signals_raise():  # scancel, a time limit: the run ends KILLED, not RUNNING forever
+            # Inside: the run is open, and hashing the data may take a while.
+            if ev.task == "scienceqa":  # the questions scored: the split of the validated records (all of them: None)
+                tracker.log_dataset(Path(ev.data) / RECORDS, f"scienceqa/{ev.split or 'all'}", "evaluation",
+                                    questions=len(records), split=ev.split)
+            else:
+                tracker.log_dataset(Path(ev.data), f"{ev.task}/{Path(ev.data).name}", "evaluation",
+                                    samples=len(heldout) if heldout is not None else None)
+            tracker.log_params({"task": ev.task, "method": method, "base": str(ev.base), "adapter": str(ev.adapter),
+                                "data": str(ev.data), "split": ev.split, "mode": ev.mode,
+                                "training_run_id": training.get("mlflow_run_id")})
             if ev.task == "scienceqa":
                 with decoding_cache(compile_cache if compile else None, model, min(batch_size, len(records))):
                     scores, predictions = score_scienceqa(model, tokenizer, records, ev.mode, batch_size, images,
