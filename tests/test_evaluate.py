@@ -513,3 +513,32 @@ def test_a_stop_signal_as_the_evaluation_records_its_inputs_ends_it_killed(world
     [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGTERM"
 
+
+
+def test_ctrl_c_in_the_middle_of_scoring_ends_the_evaluation_killed(world, tmp_path, monkeypatch):
+    """Ctrl-C stops an evaluation as SIGTERM does (and as it stops a training): the MLflow run ends KILLED, tagged
+    SIGINT, not FAILED as a crash would."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    import llama_adapter.evaluate as evaluate_mod
+    from llama_adapter.tracking import MLFLOW_DEFAULTS
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for name, value in MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    root, tok = world
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_mod, "score_scienceqa", interrupted)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "records.jsonl").write_text('{"pid": "1"}\n')
+    ev = Evaluation("scienceqa", root / "base", None, tmp_path / "data", tmp_path / "out", mode="likelihood")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_mod.evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGINT"

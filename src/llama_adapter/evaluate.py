@@ -275,9 +275,11 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     except BaseException as e:
         for path in (*written, out / RUN_LOG):  # no partial output: predictions without their scores
             path.unlink(missing_ok=True)  # would pass for a finished run
-        if isinstance(e, StoppedBySignal):
-            tracker.set_tags({"stopped_by": e.signal_name})
-        tracker.close(status="KILLED" if isinstance(e, StoppedBySignal) else "FAILED")
+        if isinstance(e, StoppedBySignal | KeyboardInterrupt):  # Ctrl-C stops a run as a signal does (as train's)
+            tracker.set_tags({"stopped_by": getattr(e, "signal_name", "SIGINT")})
+            tracker.close(status="KILLED")
+        else:
+            tracker.close(status="FAILED")
         raise
     tracker.log_metrics({k.replace(".accuracy", ""): v for k, v in flatten(scores).items()
                          if isinstance(v, int | float) and not k.endswith(".n")}, step=0)
