@@ -542,3 +542,45 @@ def test_ctrl_c_in_the_middle_of_scoring_ends_the_evaluation_killed(world, tmp_p
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGINT"
+
+
+def test_a_stop_signal_while_the_scores_are_logged_ends_the_evaluation_killed(world, tmp_path, monkeypatch):
+    """SIGTERM once scores.json is written, while the run logs the scores and uploads the files (a server's calls:
+    seconds): the files are removed (the command line would remove them too), so the run must end KILLED, not
+    FINISHED by MLflow's exit hook with the scores of an evaluation that left none."""
+    import os
+    import signal
+    import time
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    import llama_adapter.evaluate as evaluate_mod
+    from llama_adapter.errors import StoppedBySignal, stop_signals_raise
+    from llama_adapter.tracking import MLFLOW_DEFAULTS, Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for name, value in MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    root, tok = world
+
+    def cancelled(self, path, artifact_path=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the signal did not stop the evaluation")
+
+    monkeypatch.setattr(evaluate_mod, "score_scienceqa",
+                        lambda *a: ({"accuracy": 100.0}, [{"pid": "1", "categories": ["NAT"], "correct": True}]))
+    monkeypatch.setattr(Tracker, "log_artifact", cancelled)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "records.jsonl").write_text('{"pid": "1"}\n')
+    ev = Evaluation("scienceqa", root / "base", None, tmp_path / "data", tmp_path / "out", mode="likelihood")
+    with pytest.raises(StoppedBySignal), stop_signals_raise():  # as the command line runs it
+        evaluate_mod.evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
+    left_open = mlflow.active_run()
+    mlflow.end_run()  # a run left open would be the next test's parent
+    assert left_open is None
+    assert not (tmp_path / "out" / "scores.json").exists() and not (tmp_path / "out" / "predictions.csv").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGTERM"

@@ -272,6 +272,12 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
                 scores = score_alpaca(model, tokenizer, heldout, ev.row_len, batch_size)
             scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id}
             write_json(scores_path, scores)
+            # Inside too: logging them (artifacts uploaded to a server) takes a while, and a stop here removes
+            # the files, which the run must then not claim as a finished run's.
+            tracker.log_metrics({k.replace(".accuracy", ""): v for k, v in flatten(scores).items()
+                                 if isinstance(v, int | float) and not k.endswith(".n")}, step=0)
+            for path in written:
+                tracker.log_artifact(path)
     except BaseException as e:
         for path in (*written, out / RUN_LOG):  # no partial output: predictions without their scores
             path.unlink(missing_ok=True)  # would pass for a finished run
@@ -281,10 +287,6 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
         else:
             tracker.close(status="FAILED")
         raise
-    tracker.log_metrics({k.replace(".accuracy", ""): v for k, v in flatten(scores).items()
-                         if isinstance(v, int | float) and not k.endswith(".n")}, step=0)
-    for path in written:
-        tracker.log_artifact(path)
     tracker.close()
     return scores
 
