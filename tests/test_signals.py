@@ -448,3 +448,36 @@ def test_a_stop_as_the_mlflow_run_opens_ends_it_killed(tmp_path, monkeypatch, st
     [run] = client().search_runs([client().get_experiment_by_name("llama-adapter").experiment_id],
                                  f"attributes.run_name = '{name}'")
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+def test_a_stop_while_the_finished_run_ends_ends_it_killed(tmp_path, monkeypatch, stop):
+    """A stop while a finished run is being ended (a server's calls, the system-metrics thread's join: seconds)
+    stops the command, which removes its outputs: the run ends KILLED, not FINISHED by MLflow's exit hook. (train
+    takes SIGTERM over at that point and keeps its training; Ctrl-C, and evaluate, stop.)"""
+    import llama_adapter.tracking as tracking
+    from llama_adapter.errors import StoppedBySignal, stop_signals_raise
+
+    for name, value in tracking.MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    name = f"ended while stopped by {stop}"
+    tracker = tracking.Tracker(tmp_path / "run", name, "llama_adapter.test")
+    real = mlflow.end_run
+
+    def end_run(status="FINISHED"):
+        if status == "FINISHED":
+            if stop == "SIGTERM":
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises before this ends
+            raise KeyboardInterrupt
+        real(status)
+
+    monkeypatch.setattr(mlflow, "end_run", end_run)
+    with pytest.raises(StoppedBySignal if stop == "SIGTERM" else KeyboardInterrupt), stop_signals_raise():
+        tracker.close()
+    left_open = mlflow.active_run()
+    real()  # a run left open would be the next test's parent
+    assert left_open is None
+    [run] = client().search_runs([client().get_experiment_by_name("llama-adapter").experiment_id],
+                                 f"attributes.run_name = '{name}'")
+    assert run.info.status == "KILLED"

@@ -10,6 +10,7 @@ server gone for good, whose every later call would wait out the client's retries
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -349,15 +350,22 @@ class Tracker:
         if self.enabled:
             self.jsonl.close()
             if self.mlflow is not None:
-                if self.lost:
-                    self.set_tags({LOST_CALLS_TAG: str(self.lost)})
-                    warnings.warn(f"MLflow run {self.run_id}: {self.lost} logging call(s) failed"
-                                  f"{'' if self.logging else ', then MLflow was dropped'}; its history lacks what "
-                                  "they logged, which metrics.jsonl holds", stacklevel=2)
                 try:
-                    self.mlflow.end_run(status=status or ("FAILED" if failed else "FINISHED"))
-                except Exception as e:
-                    warnings.warn(f"MLflow run {self.run_id} not ended ({type(e).__name__}: {e})", stacklevel=2)
+                    if self.lost:
+                        self.set_tags({LOST_CALLS_TAG: str(self.lost)})
+                        warnings.warn(f"MLflow run {self.run_id}: {self.lost} logging call(s) failed"
+                                      f"{'' if self.logging else ', then MLflow was dropped'}; its history lacks "
+                                      "what they logged, which metrics.jsonl holds", stacklevel=2)
+                    try:
+                        self.mlflow.end_run(status=status or ("FAILED" if failed else "FINISHED"))
+                    except Exception as e:
+                        warnings.warn(f"MLflow run {self.run_id} not ended ({type(e).__name__}: {e})", stacklevel=2)
+                except (StoppedBySignal, KeyboardInterrupt):
+                    # Stopped while the run ends (a server's calls, the system-metrics thread's join): the job stops
+                    # and its outputs go, so the run ends KILLED, not FINISHED by MLflow's exit hook.
+                    with contextlib.suppress(Exception):
+                        self.mlflow.end_run(status="KILLED")
+                    raise
                 self.mlflow = None
 
 
