@@ -911,3 +911,43 @@ def test_a_learning_rate_trend_runs_over_its_decades():
                               f"[{low:.3g}, {high:.3g}]")
     linear = np.polyfit([0.0009, 0.009, 0.09], [25.0, 50.0, 55.0], 1)[0]  # what a line over blr itself gives
     assert trend["slope"] != pytest.approx(linear)
+
+
+def alpaca_tokens(folder, lengths=(3, 5, 8, 13)):
+    """A tokenize folder of Alpaca: stats.json and train/val splits of samples of `lengths` tokens."""
+    (folder / "stats.json").parent.mkdir(parents=True)
+    (folder / "stats.json").write_text(json.dumps({"dataset": "alpaca"}))
+    for split in ("train", "val"):
+        (folder / split).mkdir()
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        np.save(folder / split / "tokens.npy", np.ones(offsets[-1], dtype=np.int32))
+        np.save(folder / split / "offsets.npy", offsets.astype(np.int64))
+        np.save(folder / split / "loss_mask.npy", np.ones(offsets[-1], dtype=bool))
+        np.save(folder / split / "source_index.npy", np.arange(len(lengths), dtype=np.int64))
+    return folder
+
+
+def test_each_figure_is_written_as_png_and_as_the_same_pdf_every_time(tmp_path, monkeypatch):
+    """A paper takes the PDF (vectors); the demo's outputs are compared across two runs byte for byte, so neither
+    format may carry the day it was written (matplotlib's PDF CreationDate: the two writes are a day apart by the
+    clock matplotlib reads it from)."""
+    from llama_adapter.report import FIGURES, write_report
+
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"task": "alpaca", "method": "zero-shot", "base": "b", "heldout_loss": 1.0,
+                                  "perplexity": 2.7, "heldout_samples": 4}))
+    (tmp_path / "generations.jsonl").write_text(json.dumps({"id": 1, "prompt": "Say hi.", "output": "Hi."}) + "\n")
+    inputs = ReportInputs(experiments=["zs"], scores={"zs": scores}, generations={"zs": tmp_path / "generations.jsonl"},
+                          tokens={"alpaca": alpaca_tokens(tmp_path / "t")})
+    written = []
+    for out, day in (("a", "1700000000"), ("b", "1700086400")):
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", day)
+        write_report(tmp_path / out, inputs, {}, {})
+        written.append({f"{name}.{fmt}": (tmp_path / out / f"{name}.{fmt}").read_bytes()
+                        for name in FIGURES for fmt in ("png", "pdf")})
+    assert written[0] == written[1]
+    assert all(data.startswith(b"%PDF-") for name, data in written[0].items() if name.endswith(".pdf"))
+    assert all(data.startswith(b"\x89PNG") for name, data in written[0].items() if name.endswith(".png"))
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert md.count(".pdf") == 1 and "![Token lengths of the Alpaca samples (prompt + response)](alpaca_lengths.png)" \
+        in md

@@ -994,10 +994,20 @@ def _figure():
     return plt, *plt.subplots(figsize=(6, 3.6), dpi=120)
 
 
+# Each figure is written in these formats, under one name: the PNG that report.md shows, and a PDF (vectors) to
+# paste into a paper.
+FIGURE_FORMATS = ("png", "pdf")
+
+
 def _save(plt, fig, ax, path: Path, title: str) -> None:
+    """Write the figure to `path` (a PNG) and as a PDF beside it, the same name with .pdf."""
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")  # a legend beside the axes stays in the picture
+    for fmt in FIGURE_FORMATS:
+        # bbox_inches: a legend beside the axes stays in the picture. The PDF without its CreationDate (a PNG has
+        # no date): the same runs give the same bytes on any day.
+        fig.savefig(path.with_suffix(f".{fmt}"), bbox_inches="tight",
+                    metadata={"CreationDate": None} if fmt == "pdf" else None)
     plt.close(fig)
 
 
@@ -1110,7 +1120,7 @@ FIGURES = {
 
 
 def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[str, list]) -> dict:
-    """Write every table (CSV, Markdown, LaTeX), figure (PNG) and report.md to out_dir; returns the tables.
+    """Write every table (CSV, Markdown, LaTeX), figure (PNG and PDF) and report.md to out_dir; returns the tables.
     `vary` lists each ablation axis's values in the order its table shows them, and `center` the value every
     other axis holds."""
     from .inputs import existing_dir, writable_output
@@ -1230,8 +1240,10 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
     for name, caption in captions.items():
         parts += [f"## {caption}", "", *([f"**Verdict.** {verdicts[name]}", ""] if verdicts.get(name) else []),
                   readable_markdown(tables[name]), ""]
+    parts += ["## Figures", "", "Each figure is shown as a PNG; a PDF of it (vectors, for a paper) stands beside it, "
+              "the same name with `.pdf`.", ""]
     for name, caption in FIGURES.items():
-        parts += [f"## {caption}", "", f"![{caption}]({name}.png)", ""]
+        parts += [f"### {caption}", "", f"![{caption}]({name}.png)", ""]
     return "\n".join(parts)
 
 

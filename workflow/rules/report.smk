@@ -11,6 +11,8 @@ rule report:
             for t in REPORT_TABLES
         },
         **{f: report_file(f"{f}.png", "Figures") for f in REPORT_FIGURES},
+        # The same figures as PDF, for a paper; the HTML report shows the PNGs.
+        **{f"{f}_pdf": f"{RESULTS}/report/{f}.pdf" for f in REPORT_FIGURES},
         markdown=f"{RESULTS}/report/report.md",
     log:
         f"{RESULTS}/logs/report.log",
