@@ -951,3 +951,33 @@ def test_each_figure_is_written_as_png_and_as_the_same_pdf_every_time(tmp_path, 
     md = (tmp_path / "a" / "report.md").read_text()
     assert md.count(".pdf") == 1 and "![Token lengths of the Alpaca samples (prompt + response)](alpaca_lengths.png)" \
         in md
+
+
+def drawn(monkeypatch, tmp_path, figure, runs):
+    """The Axes a figure function drew, as it was saved."""
+    import llama_adapter.report as report
+
+    saved = []
+    save = report._save
+    monkeypatch.setattr(report, "_save", lambda plt, fig, ax, path, title: (saved.append(ax),
+                                                                            save(plt, fig, ax, path, title)))
+    figure(runs, tmp_path / "figure.png")
+    return saved[0]
+
+
+def test_the_loss_curves_are_labelled_with_their_unit_and_series(monkeypatch, tmp_path):
+    from llama_adapter.report import loss_curves_figure
+
+    ax = drawn(monkeypatch, tmp_path, loss_curves_figure, [point(4, "zero", 5), point(4, "random", 5)])
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "training loss (nats per target token)")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["gate init: zero", "gate init: random"]
+
+
+@pytest.mark.filterwarnings("error:No artists with labels")
+def test_a_figure_without_data_says_so_instead_of_an_empty_legend(monkeypatch, tmp_path):
+    """A config that varies no gate_init, or trains no adapter, had blank axes (and matplotlib's warning)."""
+    from llama_adapter.report import gate_figure, loss_curves_figure
+
+    for figure in (loss_curves_figure, gate_figure):
+        ax = drawn(monkeypatch, tmp_path, figure, [])
+        assert ax.get_legend() is None and "no run of this report" in ax.texts[0].get_text()

@@ -1011,6 +1011,16 @@ def _save(plt, fig, ax, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _legend(ax, **kwargs) -> None:
+    """The legend of the series drawn; where none is (no run trained, or none of this kind), a line saying so
+    instead of blank axes and matplotlib's warning of an empty legend."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+    else:
+        ax.text(0.5, 0.5, "no run of this report has this figure's data", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
+
+
 def loss_curves_figure(runs: list[Run], path: Path) -> None:
     """The paper's Fig. 5: training loss with zero-initialised vs randomly initialised gates."""
     plt, fig, ax = _figure()
@@ -1019,8 +1029,8 @@ def loss_curves_figure(runs: list[Run], path: Path) -> None:
             continue
         h = r.metrics["history"]
         ax.plot([x["epoch"] for x in h], [x["loss"] for x in h], label=f"gate init: {r.axis_value('gate_init')}")
-    ax.set(xlabel="epoch", ylabel="training loss (per target token)")
-    ax.legend()
+    ax.set(xlabel="epoch", ylabel="training loss (nats per target token)")  # cross-entropy, natural log
+    _legend(ax)
     _save(plt, fig, ax, path, "Training loss, zero vs random gate init (paper Fig. 5)")
 
 
@@ -1034,7 +1044,7 @@ def gate_figure(runs: list[Run], path: Path) -> None:
 
     ax.set(xlabel="layer of the model (0 = first; the adapted layers are the top ones)", ylabel="mean |tanh(gate)|")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the lines
+    _legend(ax, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the lines
     _save(plt, fig, ax, path, "Learned gate magnitude per adapted layer")
 
 
