@@ -981,3 +981,27 @@ def test_a_figure_without_data_says_so_instead_of_an_empty_legend(monkeypatch, t
     for figure in (loss_curves_figure, gate_figure):
         ax = drawn(monkeypatch, tmp_path, figure, [])
         assert ax.get_legend() is None and "no run of this report" in ax.texts[0].get_text()
+
+
+def test_the_category_figure_draws_each_interval_and_the_papers_numbers_the_table_has(monkeypatch, tmp_path):
+    """The text-only adapter's paper number (LLaMA-Adapter_T, an average only) was in the table but not in the
+    figure, which showed only the multimodal paper's bars."""
+    from llama_adapter.report import PAPER_SCIENCEQA, category_figure, wilson_interval
+
+    ax = drawn(monkeypatch, tmp_path, category_figure, [scored_run()])  # 48 of 80 right, text-only
+    assert ax.get_ylabel() == "accuracy (%), 95% interval"
+    from matplotlib.container import BarContainer
+
+    def whiskers(bars):
+        return [(round(low, 2), round(high, 2)) for (_, low), (_, high) in bars.errorbar.lines[2][0].get_segments()]
+
+    ours, paper = (c for c in ax.containers if isinstance(c, BarContainer))
+    assert ours.get_label() == "scienceqa" and paper.get_label() == "paper: LLaMA-Adapter"
+    assert whiskers(ours)[0] == wilson_interval(48, 80)  # the average's
+    assert whiskers(ours)[1:] == [wilson_interval(5, 10)] * 8  # 50% of 10 in each category
+    assert [b.get_height() for b in paper] == list(PAPER_SCIENCEQA["LLaMA-Adapter"].values())
+    assert all(low == high for low, high in whiskers(paper))  # published without intervals
+    text_only = next(c for c in ax.collections if c.get_label() == "paper: LLaMA-Adapter_T (average only)")
+    assert {y for segment in text_only.get_segments() for _, y in segment} == {78.31}
+    multimodal = drawn(monkeypatch, tmp_path, category_figure, [scored_run(config={"image_features": "f"})])
+    assert all(not c.get_label().startswith("paper: LLaMA-Adapter_T") for c in multimodal.collections)

@@ -526,6 +526,14 @@ def efficiency_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def paper_model(r: Run) -> str | None:
+    """The paper's ScienceQA model a row stands beside: an adapter with images (LLaMA-Adapter) or without
+    (LLaMA-Adapter_T); none for the other methods, which the paper does not score."""
+    if r.method != "adapter":
+        return None
+    return "LLaMA-Adapter" if r.config.get("image_features") else "LLaMA-Adapter_T"
+
+
 def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
     """A row per experiment (each method, zero-shot included), each paired question by question with the
     LLaMA-Adapter row (paired_reference), then per split scored the no-model floor: always the answer position
@@ -533,12 +541,9 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
     rows = []
     adapter = paired_reference(runs)
     for r in runs:
-        paper_model = None
-        if r.method == "adapter":
-            paper_model = "LLaMA-Adapter" if r.config.get("image_features") else "LLaMA-Adapter_T"
-        row = {"experiment": r.name, "method": METHOD_NAMES[r.method], "paper_model": paper_model,
+        row = {"experiment": r.name, "method": METHOD_NAMES[r.method], "paper_model": paper_model(r),
                "questions": r.scores["n"]}
-        paper = PAPER_SCIENCEQA.get(paper_model, {})
+        paper = PAPER_SCIENCEQA.get(row["paper_model"], {})
         row |= {**score_columns(r), "accuracy_paper": paper.get("accuracy"), **answer_columns(r),
                 **paired_columns(r, adapter)}
         for c in CATEGORIES:
@@ -1049,6 +1054,8 @@ def gate_figure(runs: list[Run], path: Path) -> None:
 
 
 def category_figure(runs: list[Run], path: Path) -> None:
+    """Each row's accuracy, average and per category, with its 95% Wilson interval, beside the paper's numbers
+    that the ScienceQA table sets beside it (published without intervals)."""
     plt, fig, ax = _figure()
     columns = ["accuracy", *CATEGORIES]
     bars = {}
@@ -1065,6 +1072,9 @@ def category_figure(runs: list[Run], path: Path) -> None:
                   [hi - h if hi is not None else 0 for h, (_, hi) in zip(heights, intervals)]]
         ax.bar(np.arange(len(columns)) + i * width, heights, width, label=name, yerr=np.nan_to_num(errors),
                capsize=1.5, error_kw={"elinewidth": 0.6})
+    if any(paper_model(r) == "LLaMA-Adapter_T" for r in runs):  # the table's paper number of a text-only row
+        ax.hlines(PAPER_SCIENCEQA["LLaMA-Adapter_T"]["accuracy"], -width / 2, 0.8 - width / 2, color="k",
+                  linestyle="--", linewidth=0.8, label="paper: LLaMA-Adapter_T (average only)")
     chances = sorted({r.scores["chance"] for r in runs if r.scores.get("chance") is not None})
     if len(chances) == 1:
         ax.axhline(chances[0], color="k", linestyle=":", linewidth=0.8, label=f"chance ({chances[0]:.1f}%)")
