@@ -1070,8 +1070,9 @@ def category_figure(runs: list[Run], path: Path) -> None:
         intervals = [accuracy_interval(v, n, correct) for v, n, correct in values]
         errors = [[h - lo if lo is not None else 0 for h, (lo, _) in zip(heights, intervals)],
                   [hi - h if hi is not None else 0 for h, (_, hi) in zip(heights, intervals)]]
-        ax.bar(np.arange(len(columns)) + i * width, heights, width, label=name, yerr=np.nan_to_num(errors),
-               capsize=1.5, error_kw={"elinewidth": 0.6})
+        published = all(lo is None for lo, _ in intervals)  # the paper's: no whisker, not one of zero length
+        ax.bar(np.arange(len(columns)) + i * width, heights, width, label=name,
+               yerr=None if published else np.nan_to_num(errors), capsize=1.5, error_kw={"elinewidth": 0.6})
     if any(paper_model(r) == "LLaMA-Adapter_T" for r in runs):  # the table's paper number of a text-only row
         ax.hlines(PAPER_SCIENCEQA["LLaMA-Adapter_T"]["accuracy"], -width / 2, 0.8 - width / 2, color="k",
                   linestyle="--", linewidth=0.8, label="paper: LLaMA-Adapter_T (average only)")
