@@ -481,3 +481,34 @@ def test_a_stop_while_the_finished_run_ends_ends_it_killed(tmp_path, monkeypatch
     [run] = client().search_runs([client().get_experiment_by_name("llama-adapter").experiment_id],
                                  f"attributes.run_name = '{name}'")
     assert run.info.status == "KILLED"
+
+
+def test_a_second_close_after_a_stop_in_the_first_starts_no_run(tmp_path, monkeypatch):
+    """Ctrl-C while the run ends (close ends it KILLED and re-raises), then the caller's own handler closes the
+    tracker again, as train's does: the run is ended already, and the second close must not log to it. It set the
+    lost calls' tag, and mlflow.set_tags with no active run starts a new one, an empty run of its own."""
+    import llama_adapter.tracking as tracking
+
+    for name, value in tracking.MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    tracker = tracking.Tracker(tmp_path / "run", "closed twice", "llama_adapter.test")
+    tracker.lost = 1  # a logging call MLflow did not take, earlier in the run
+    real = mlflow.end_run
+
+    def end_run(status="FINISHED"):
+        if status == "FINISHED":
+            raise KeyboardInterrupt
+        real(status)
+
+    monkeypatch.setattr(mlflow, "end_run", end_run)
+    experiment = client().get_experiment_by_name("llama-adapter").experiment_id
+    before = {r.info.run_id for r in client().search_runs([experiment])}  # this tracker's run among them
+    with pytest.raises(KeyboardInterrupt):
+        tracker.close()
+    tracker.close(status="KILLED")  # train: except (KeyboardInterrupt, StoppedBySignal): tracker.close(...)
+    left_open = mlflow.active_run()
+    real()  # a run left open would be the next test's parent
+    assert left_open is None
+    runs = client().search_runs([experiment])
+    assert {r.info.run_id for r in runs} == before, [r.info.run_name for r in runs]
+    assert [r.info.status for r in runs if r.info.run_name == "closed twice"] == ["KILLED"]

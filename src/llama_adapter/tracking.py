@@ -215,7 +215,7 @@ class Tracker:
         metrics (CPU, memory, GPU)."""
         self.enabled = enabled
         self.mlflow = None  # the module, once the run started; kept after a failure, to end the run as it ends
-        self.logging = False  # whether MLflow takes what the run logs (off once dropped)
+        self.logging = False  # whether MLflow takes what the run logs (off once dropped, and once closed)
         self.lost = 0  # MLflow calls that failed: what they logged is in metrics.jsonl only
         self.failed_in_a_row = 0
         self.run_id: str | None = None
@@ -366,7 +366,11 @@ class Tracker:
                     with contextlib.suppress(Exception):
                         self.mlflow.end_run(status="KILLED")
                     raise
-                self.mlflow = None
+                finally:
+                    # Closed once, however it ended: a caller's handler that closes again after a stop in here (as
+                    # train's does) must not log to the ended run: mlflow.set_tags with no active run starts a new
+                    # one.
+                    self.mlflow, self.logging = None, False
 
 
 def resumed_run(mlflow, run_id: str, tags: dict[str, str]):
