@@ -584,3 +584,48 @@ def test_a_stop_signal_while_the_scores_are_logged_ends_the_evaluation_killed(wo
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGTERM"
+
+
+def test_a_stop_signal_while_the_evaluation_run_ends_leaves_no_scores(world, tmp_path, monkeypatch):
+    """SIGTERM while the finished evaluation's MLflow run is being ended (a server's calls, the system-metrics
+    thread's join: seconds): Tracker.close ends the run KILLED, so the scores must go as a stop's outputs do, not
+    stay beside a run that says the evaluation was killed."""
+    import os
+    import signal
+    import time
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    import llama_adapter.evaluate as evaluate_mod
+    from llama_adapter.errors import StoppedBySignal, stop_signals_raise
+    from llama_adapter.tracking import MLFLOW_DEFAULTS
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for name, value in MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    root, tok = world
+    real = mlflow.end_run
+
+    def end_run(status="FINISHED"):
+        if status == "FINISHED":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        real(status)
+
+    monkeypatch.setattr(evaluate_mod, "score_scienceqa",
+                        lambda *a: ({"accuracy": 100.0}, [{"pid": "1", "categories": ["NAT"], "correct": True}]))
+    monkeypatch.setattr(mlflow, "end_run", end_run)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "records.jsonl").write_text('{"pid": "1"}\n')
+    ev = Evaluation("scienceqa", root / "base", None, tmp_path / "data", tmp_path / "out", mode="likelihood")
+    with pytest.raises(StoppedBySignal), stop_signals_raise():  # as the command line runs it
+        evaluate_mod.evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
+    left_open = mlflow.active_run()
+    real()  # a run left open would be the next test's parent
+    assert left_open is None
+    left = [name for name in ("scores.json", "predictions.csv", "metrics.jsonl") if (tmp_path / "out" / name).exists()]
+    assert not left, left
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
+    assert run.info.status == "KILLED"

@@ -278,6 +278,9 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
                                  if isinstance(v, int | float) and not k.endswith(".n")}, step=0)
             for path in written:
                 tracker.log_artifact(path)
+            # Inside as well: a stop while the run ends (a server's calls, the system-metrics thread's join) ends it
+            # KILLED (Tracker.close), and the files go with it; the handler's close is then a no-op.
+            tracker.close()
     except BaseException as e:
         for path in (*written, out / RUN_LOG):  # no partial output: predictions without their scores
             path.unlink(missing_ok=True)  # would pass for a finished run
@@ -287,7 +290,6 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
         else:
             tracker.close(status="FAILED")
         raise
-    tracker.close()
     return scores
 
 
