@@ -848,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, CompileConfig)
     add_tag_option(p)
     # the run log too: an earlier evaluation's log, left beside no scores, would describe a run that this one
-    # replaced (evaluate() removes it itself only once the new run has started)
+    # replaced (evaluate() removes it itself only once its inputs are checked: a wrong --split fails before)
     p.set_defaults(func=cmd_evaluate,
                    outputs=lambda ns: [ns.out / f for f in (*EVALUATION_OUTPUTS, RUN_LOG)])
 
