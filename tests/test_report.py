@@ -1005,3 +1005,25 @@ def test_the_category_figure_draws_each_interval_and_the_papers_numbers_the_tabl
     assert {y for segment in text_only.get_segments() for _, y in segment} == {78.31}
     multimodal = drawn(monkeypatch, tmp_path, category_figure, [scored_run(config={"image_features": "f"})])
     assert all(not c.get_label().startswith("paper: LLaMA-Adapter_T") for c in multimodal.collections)
+
+
+def test_a_lora_rank_trend_runs_over_its_doublings():
+    """lora_rank set by doublings (4, 8, 16, 32): the line runs over log2 of the rank, per doubling, as the blr axis
+    runs per 10x; a rank of 0 (no LoRA) has no logarithm, and the trend says so rather than failing."""
+    def rank_axis(rights: dict) -> list[Run]:
+        runs = []
+        for rank, right in rights.items():
+            name = f"ablations/adapter_layers~4/gate_init~zero/epochs~5/lora_rank~{rank}/method~lora"
+            r = run(name, method="lora")
+            r.point = point_settings(name)
+            runs.append(answered(r, right))
+        return runs
+
+    runs = rank_axis({4: range(0, 20), 8: range(0, 30), 16: range(0, 44), 32: range(0, 48)})
+    trend, verdict = verdict_of(runs, "lora_rank", 8)
+    slope, low, high = independent_trend([2, 3, 4, 5], [[100 * y for y in row] for row in right_or_not(runs)])
+    assert (trend["per"], trend["slope"]) == ("doubling of lora_rank", pytest.approx(slope))
+    assert (trend["ci95_low"], trend["ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert f"points per doubling of lora_rank, 95% [{low:.3g}, {high:.3g}]" in verdict, verdict
+    trend, _ = verdict_of(rank_axis({0: range(0, 20), 8: range(0, 30), 16: range(0, 44)}), "lora_rank", 8)
+    assert trend["trend"] == "none: a line over lora_rank's logarithm needs values above 0"
