@@ -4,14 +4,19 @@ one loaded base ("plug with knowledge")."""
 import contextlib
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 
+import llama_adapter.evaluate as evaluate_mod
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.batching import collate, heldout_loss, sample_losses, token_loss_sum
 from llama_adapter.checkpoint import load_model, save_adapter, save_meta_checkpoint
@@ -474,158 +479,106 @@ def test_generate_cli_writes_jsonl_naming_the_adapter(world, tmp_path, llama_sp_
     assert rows[0]["adapter_path"].endswith("a.safetensors")
 
 
-def test_a_stop_signal_as_the_evaluation_records_its_inputs_ends_it_killed(world, tmp_path, monkeypatch):
-    """SIGTERM while the opened MLflow run records what is evaluated (the data's digest, the params), before
-    scoring: the run ends KILLED, not FINISHED by MLflow's exit hook, and an earlier run's scores are gone."""
-    import os
-    import signal
-    import time
+def sigterm(*args, **kwargs):
+    """A stop signal where an evaluation step would run, as scancel or a time limit sends it."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises before this ends
+    raise AssertionError("the signal did not stop the evaluation")
 
-    import mlflow
+
+@pytest.fixture
+def stopped_evaluation(world, tmp_path, monkeypatch):
+    """Evaluates the world's base on one question (likelihood mode) into tmp_path/out under stop_signals_raise,
+    as the command line runs it, where the test has planted a stop (`stop`: what the evaluation raises), with an
+    MLflow store of its own (the variables the tracker sets undone after the test). Returns the one MLflow run
+    it recorded and the files left in its folder; it fails on a run left open (it would be the next test's
+    parent) and ends it."""
     from mlflow.tracking import MlflowClient
 
-    import llama_adapter.evaluate as evaluate_mod
-    from llama_adapter.errors import StoppedBySignal, stop_signals_raise
-    from llama_adapter.tracking import MLFLOW_DEFAULTS, Tracker
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    for name, value in MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
-        monkeypatch.setenv(name, os.environ.get(name, value))
-    root, tok = world
-
-    def cancelled(self, params):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises before this ends
-        raise AssertionError("the signal did not stop the evaluation")
-
-    monkeypatch.setattr(Tracker, "log_params", cancelled)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "records.jsonl").write_text('{"pid": "1"}\n')
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "scores.json").write_text("{}")  # an earlier run's: must not pass for this one's
-    ev = Evaluation("scienceqa", root / "base", None, tmp_path / "data", tmp_path / "out", mode="likelihood")
-    with pytest.raises(StoppedBySignal), stop_signals_raise():  # as the command line runs it
-        evaluate_mod.evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
-    left_open = mlflow.active_run()
-    mlflow.end_run()  # a run left open would be the next test's parent
-    assert left_open is None and not (tmp_path / "out" / "scores.json").exists()
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
-    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGTERM"
-
-
-
-def test_ctrl_c_in_the_middle_of_scoring_ends_the_evaluation_killed(world, tmp_path, monkeypatch):
-    """Ctrl-C stops an evaluation as SIGTERM does (and as it stops a training): the MLflow run ends KILLED, tagged
-    SIGINT, not FAILED as a crash would."""
-    import os
-
-    from mlflow.tracking import MlflowClient
-
-    import llama_adapter.evaluate as evaluate_mod
+    from llama_adapter.errors import stop_signals_raise
     from llama_adapter.tracking import MLFLOW_DEFAULTS
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    for name, value in MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
+    for name, value in MLFLOW_DEFAULTS.items():
         monkeypatch.setenv(name, os.environ.get(name, value))
     root, tok = world
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "records.jsonl").write_text('{"pid": "1"}\n')
+    out = tmp_path / "out"
+    end_run = mlflow.end_run  # as it is before a test patches it
 
+    def run(stop: type[BaseException]):
+        ev = Evaluation("scienceqa", root / "base", None, tmp_path / "data", out, mode="likelihood")
+        with pytest.raises(stop), stop_signals_raise():
+            evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
+        left_open = mlflow.active_run()
+        end_run()
+        assert left_open is None
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        [recorded] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
+        return recorded, sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+    return run
+
+
+def scored(monkeypatch):
+    """score_scienceqa answering the one question right at once."""
+    monkeypatch.setattr(evaluate_mod, "score_scienceqa",
+                        lambda *a: ({"accuracy": 100.0}, [{"pid": "1", "categories": ["NAT"], "correct": True}]))
+
+
+def test_a_stop_signal_as_the_evaluation_records_its_inputs_ends_it_killed(stopped_evaluation, tmp_path,
+                                                                           monkeypatch):
+    """SIGTERM while the opened MLflow run records what is evaluated (the data's digest, the params), before
+    scoring: the run ends KILLED, not FINISHED by MLflow's exit hook, and an earlier run's scores are gone."""
+    from llama_adapter.errors import StoppedBySignal
+    from llama_adapter.tracking import Tracker
+
+    monkeypatch.setattr(Tracker, "log_params", sigterm)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scores.json").write_text("{}")  # an earlier run's: must not pass for this one's
+    run, left = stopped_evaluation(StoppedBySignal)
+    assert (run.info.status, run.data.tags["stopped_by"], left) == ("KILLED", "SIGTERM", [])
+
+
+def test_ctrl_c_in_the_middle_of_scoring_ends_the_evaluation_killed(stopped_evaluation, monkeypatch):
+    """Ctrl-C stops an evaluation as SIGTERM does (and as it stops a training): the MLflow run ends KILLED, tagged
+    SIGINT, not FAILED as a crash would."""
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(evaluate_mod, "score_scienceqa", interrupted)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "records.jsonl").write_text('{"pid": "1"}\n')
-    ev = Evaluation("scienceqa", root / "base", None, tmp_path / "data", tmp_path / "out", mode="likelihood")
-    with pytest.raises(KeyboardInterrupt):
-        evaluate_mod.evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
-    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGINT"
+    run, _ = stopped_evaluation(KeyboardInterrupt)
+    assert (run.info.status, run.data.tags["stopped_by"]) == ("KILLED", "SIGINT")
 
 
-def test_a_stop_signal_while_the_scores_are_logged_ends_the_evaluation_killed(world, tmp_path, monkeypatch):
+def test_a_stop_signal_while_the_scores_are_logged_ends_the_evaluation_killed(stopped_evaluation, monkeypatch):
     """SIGTERM once scores.json is written, while the run logs the scores and uploads the files (a server's calls:
     seconds): the files are removed (the command line would remove them too), so the run must end KILLED, not
     FINISHED by MLflow's exit hook with the scores of an evaluation that left none."""
-    import os
-    import signal
-    import time
+    from llama_adapter.errors import StoppedBySignal
+    from llama_adapter.tracking import Tracker
 
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    import llama_adapter.evaluate as evaluate_mod
-    from llama_adapter.errors import StoppedBySignal, stop_signals_raise
-    from llama_adapter.tracking import MLFLOW_DEFAULTS, Tracker
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    for name, value in MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
-        monkeypatch.setenv(name, os.environ.get(name, value))
-    root, tok = world
-
-    def cancelled(self, path, artifact_path=None):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises before this ends
-        raise AssertionError("the signal did not stop the evaluation")
-
-    monkeypatch.setattr(evaluate_mod, "score_scienceqa",
-                        lambda *a: ({"accuracy": 100.0}, [{"pid": "1", "categories": ["NAT"], "correct": True}]))
-    monkeypatch.setattr(Tracker, "log_artifact", cancelled)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "records.jsonl").write_text('{"pid": "1"}\n')
-    ev = Evaluation("scienceqa", root / "base", None, tmp_path / "data", tmp_path / "out", mode="likelihood")
-    with pytest.raises(StoppedBySignal), stop_signals_raise():  # as the command line runs it
-        evaluate_mod.evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
-    left_open = mlflow.active_run()
-    mlflow.end_run()  # a run left open would be the next test's parent
-    assert left_open is None
-    assert not (tmp_path / "out" / "scores.json").exists() and not (tmp_path / "out" / "predictions.csv").exists()
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
-    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGTERM"
+    scored(monkeypatch)
+    monkeypatch.setattr(Tracker, "log_artifact", sigterm)
+    run, left = stopped_evaluation(StoppedBySignal)
+    assert (run.info.status, run.data.tags["stopped_by"], left) == ("KILLED", "SIGTERM", [])
 
 
-def test_a_stop_signal_while_the_evaluation_run_ends_leaves_no_scores(world, tmp_path, monkeypatch):
+def test_a_stop_signal_while_the_evaluation_run_ends_leaves_no_scores(stopped_evaluation, monkeypatch):
     """SIGTERM while the finished evaluation's MLflow run is being ended (a server's calls, the system-metrics
     thread's join: seconds): Tracker.close ends the run KILLED, so the scores must go as a stop's outputs do, not
     stay beside a run that says the evaluation was killed."""
-    import os
-    import signal
-    import time
+    from llama_adapter.errors import StoppedBySignal
 
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    import llama_adapter.evaluate as evaluate_mod
-    from llama_adapter.errors import StoppedBySignal, stop_signals_raise
-    from llama_adapter.tracking import MLFLOW_DEFAULTS
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    for name, value in MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
-        monkeypatch.setenv(name, os.environ.get(name, value))
-    root, tok = world
     real = mlflow.end_run
 
     def end_run(status="FINISHED"):
         if status == "FINISHED":
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler raises before this ends
+            sigterm()
         real(status)
 
-    monkeypatch.setattr(evaluate_mod, "score_scienceqa",
-                        lambda *a: ({"accuracy": 100.0}, [{"pid": "1", "categories": ["NAT"], "correct": True}]))
+    scored(monkeypatch)
     monkeypatch.setattr(mlflow, "end_run", end_run)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "records.jsonl").write_text('{"pid": "1"}\n')
-    ev = Evaluation("scienceqa", root / "base", None, tmp_path / "data", tmp_path / "out", mode="likelihood")
-    with pytest.raises(StoppedBySignal), stop_signals_raise():  # as the command line runs it
-        evaluate_mod.evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
-    left_open = mlflow.active_run()
-    real()  # a run left open would be the next test's parent
-    assert left_open is None
-    left = [name for name in ("scores.json", "predictions.csv", "metrics.jsonl") if (tmp_path / "out" / name).exists()]
-    assert not left, left
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
-    assert run.info.status == "KILLED"
+    run, left = stopped_evaluation(StoppedBySignal)
+    assert (run.info.status, left) == ("KILLED", [])
