@@ -951,17 +951,19 @@ def test_each_figure_is_written_as_png_and_as_the_same_pdf_every_time(tmp_path, 
     md = (tmp_path / "a" / "report.md").read_text()
     assert md.count(".pdf") == 1 and "![Token lengths of the Alpaca samples (prompt + response)](alpaca_lengths.png)" \
         in md
+    assert "ablations.png" in written[0] and "](ablations.png)" in md
 
 
-def drawn(monkeypatch, tmp_path, figure, runs):
-    """The Axes a figure function drew, as it was saved."""
+def drawn(monkeypatch, tmp_path, figure, runs, *args):
+    """The Axes a figure function drew (the array of its panels, for one of several), as it was saved; `args`
+    after the path."""
     import llama_adapter.report as report
 
     saved = []
     save = report._save
     monkeypatch.setattr(report, "_save", lambda plt, fig, ax, path, title: (saved.append(ax),
                                                                             save(plt, fig, ax, path, title)))
-    figure(runs, tmp_path / "figure.png")
+    figure(runs, tmp_path / "figure.png", *args)
     return saved[0]
 
 
@@ -1027,3 +1029,71 @@ def test_a_lora_rank_trend_runs_over_its_doublings():
     assert f"points per doubling of lora_rank, 95% [{low:.3g}, {high:.3g}]" in verdict, verdict
     trend, _ = verdict_of(rank_axis({0: range(0, 20), 8: range(0, 30), 16: range(0, 44)}), "lora_rank", 8)
     assert trend["trend"] == "none: a line over lora_rank's logarithm needs values above 0"
+
+
+def ablation_tables(axes: dict[str, list[Run]], center: dict) -> dict[str, pd.DataFrame]:
+    """The tables write_report makes of ablation axes: one per axis and the trends."""
+    from llama_adapter.report import trends_table
+
+    return {**{ablation_table_name(a)[0]: ablation_table(runs, a, center[a]) for a, runs in axes.items()},
+            "ablation_trends": trends_table(axes)}
+
+
+def trend_line(ax):
+    return next(line for line in ax.get_lines() if line.get_label().startswith("trend "))
+
+
+def test_the_ablations_figure_draws_each_ordered_axis_as_its_tables_do(monkeypatch, tmp_path):
+    """A panel per axis of ordered numbers (gate_init, categorical, has its table only): the points and whiskers
+    are the table's accuracies and Wilson intervals, the center's point is marked, the paper's accuracies stand at
+    the settings they are paired with, and the trend line has the trends table's slope, labelled as the verdict
+    says it; blr's runs over its decades on a log axis."""
+    from llama_adapter.report import ablations_figure
+
+    center = {"adapter_layers": 4, "gate_init": "zero", "blr": 0.009}
+    axes = {"adapter_layers": layer_axis({1: range(0, 20), 2: [*range(5, 30), 70], 4: range(0, 56)}),
+            "gate_init": [point(4, "zero", 5), point(4, "random", 5)],
+            "blr": blr_axis({0.0009: range(0, 20), 0.009: range(0, 40), 0.09: range(0, 44)})}
+    tables = ablation_tables(axes, center)
+    layers, blr = drawn(monkeypatch, tmp_path, ablations_figure, tables, center)
+    trends = tables["ablation_trends"].set_index("axis")
+    for ax, axis in ((layers, "adapter_layers"), (blr, "blr")):
+        table = tables[ablation_table_name(axis)[0]]
+        (ours,) = ax.containers
+        assert ours.lines[0].get_xydata().tolist() == [[x, y] for x, y in zip(table[axis], table["accuracy"])]
+        assert [(low, high) for (_, low), (_, high) in ours.lines[2][0].get_segments()] == \
+            list(zip(table["ci95_low"], table["ci95_high"]))
+        (mark,) = [line for line in ax.get_lines() if line.get_label().startswith("center")]
+        assert mark.get_xydata().tolist() == [[center[axis], table["accuracy"][table[axis] == center[axis]].item()]]
+        along = np.log10 if axis == "blr" else np.asarray  # what the slope is per: 10x blr, an adapted layer
+        (t0, y0), (t1, y1) = [(along(x), y) for x, y in trend_line(ax).get_xydata()]
+        assert (y1 - y0) / (t1 - t0) == pytest.approx(trends.loc[axis, "slope"])
+        # through the points' mean
+        assert y0 + (y1 - y0) / (t1 - t0) * (np.mean(along(table[axis].to_numpy(float))) - t0) == pytest.approx(
+            table["accuracy"].mean())
+    assert trend_line(layers).get_label() == "trend +15.5 points per adapted layer, 95% [11.8, 19.3]"
+    assert [line.get_xydata().tolist() for line in layers.get_lines() if line.get_label().startswith("paper")] \
+        == [[[layers_, p[2]] for layers_, p in zip((1, 2, 4), PAPER_LAYERS)]]
+    assert (layers.get_xscale(), blr.get_xscale()) == ("linear", "log")
+    assert (layers.get_xlabel(), blr.get_xlabel()) == ("adapter_layers: number of adapted layers", "blr (log scale)")
+    assert layers.get_ylabel() == "accuracy (%), 95% interval"
+
+
+def test_the_ablations_figure_of_no_ordered_axis_says_so_and_is_the_same_every_time(monkeypatch, tmp_path):
+    """A config whose ablations vary only categorical axes (or none) still writes the figure the workflow declares,
+    saying why it is empty; and a drawn figure is the same bytes on another day, as the others are."""
+    from llama_adapter.report import ablations_figure
+
+    center = {"gate_init": "zero"}
+    ax = drawn(monkeypatch, tmp_path, ablations_figure,
+               ablation_tables({"gate_init": [point(4, "zero", 5), point(4, "random", 5)]}, center), center)
+    assert ax.texts[0].get_text() == "no ablation of this report varies an axis of ordered numbers"
+    center = {"epochs": 5}
+    tables = ablation_tables({"epochs": [answered(point(4, "zero", e), range(0, e * 8)) for e in (3, 5, 8)]}, center)
+    written = []
+    for out, day in (("a", "1700000000"), ("b", "1700086400")):
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", day)
+        (tmp_path / out).mkdir()
+        ablations_figure(tables, tmp_path / out / "ablations.png", center)
+        written.append([(tmp_path / out / f"ablations.{fmt}").read_bytes() for fmt in ("png", "pdf")])
+    assert written[0] == written[1]

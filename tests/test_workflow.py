@@ -418,7 +418,8 @@ def test_demo_report_holds_numbers_with_provenance(demo_run):
     per_model = Counter(r["adapter"] for r in tables["generations"])  # each instruction experiment answers all
     assert per_model == {e: len(instructions) for e in
                          ("instruction", "instruction_lora", "instruction_full", "instruction_zero_shot")}
-    for name in ("loss_curves_gate_init", "gate_magnitude", "scienceqa_categories", "alpaca_lengths"):
+    for name in ("loss_curves_gate_init", "gate_magnitude", "scienceqa_categories", "alpaca_lengths",
+                 "ablations"):
         from PIL import Image
 
         with Image.open(report / f"{name}.png") as image:

@@ -665,6 +665,13 @@ NAMING_AXES = ("seed",)  # numbers that name a point, not an amount: no line run
 def ordered_axis(axis: str, values: list) -> bool:
     """Whether an axis's values are amounts in order (a trend can run along them): numbers, and not seeds."""
     return axis not in NAMING_AXES and all(_real(v) for v in values)
+
+
+def trend_x(axis: str, values: list) -> list[float]:
+    """What a trend's slope is per: the values of an ordered axis, or their logarithms along LOG_AXES (above 0)."""
+    base = LOG_AXES.get(axis, (None,))[0]
+    return list(values) if base is None else [math.log(v, base) for v in values]
+
 # Why points have no paired test: other questions (samples), or a scores.json that keeps no answers one by one; the
 # table does not tell which.
 UNPAIRED_WHY = "(other questions or samples, or no answers kept one by one)"
@@ -716,8 +723,7 @@ def ablation_trend(runs: list[Run], axis: str) -> dict:
         return row | {"trend": f"none: a line over {axis}'s logarithm needs values above 0"}
     kind, by_item = outcomes
     measure, scale = ("accuracy", 100) if kind == "questions" else ("heldout_loss", 1)  # accuracy in points
-    x = values if base is None else [math.log(v, base) for v in values]
-    trend = paired_trend(x, scale * by_item)
+    trend = paired_trend(trend_x(axis, values), scale * by_item)
     if trend["ci95_low"] == trend["ci95_high"]:
         # Every item's slope the same: their sd is 0 and the interval has no width, which is no measure of the
         # noise (three questions flipping together would read as a trend beyond it, and 80 questions that never
@@ -741,6 +747,14 @@ def _number(v: float, sign: str = "") -> str:
     return "0" if float(text) == 0 else text
 
 
+def trend_slope_text(trend: pd.Series) -> str:
+    """A paired linear trend's slope with its interval, in its unit: "+13.9 points per adapted layer, 95% [10.1,
+    17.7]" (accuracy), "-0.1 per epoch, 95% [...]" (held-out loss)."""
+    points = " points" if trend["measure"] == "accuracy" else ""
+    return (f"{_number(trend['slope'], '+')}{points} per {trend['per']}, 95% [{_number(trend['ci95_low'])}, "
+            f"{_number(trend['ci95_high'])}]")
+
+
 def trend_sentence(trend: pd.Series, values: list) -> str:
     """The trend row of an ordered axis in words: a rise or fall beyond noise (its interval excludes 0), else no
     trend beyond noise and the largest change the interval leaves open; and a turn along the axis, which a line
@@ -752,10 +766,10 @@ def trend_sentence(trend: pd.Series, values: list) -> str:
         return f"No trend line: {trend['trend'].removeprefix('none: ')}."
     points = " points" if trend["measure"] == "accuracy" else ""
     name = "accuracy" if trend["measure"] == "accuracy" else "held-out loss"
-    slope, low, high, per = trend["slope"], trend["ci95_low"], trend["ci95_high"], trend["per"]
+    low, high, per = trend["ci95_low"], trend["ci95_high"], trend["per"]
     over = (f"a paired linear trend over {trend['items']} {'questions' if points else 'samples'}, "
             f"{axis} {min(values)} to {max(values)}")
-    line = f"{_number(slope, '+')}{points} per {per}, 95% [{_number(low)}, {_number(high)}]"
+    line = trend_slope_text(trend)
     if low > 0 or high < 0:
         text = f"{name.capitalize()} {'rises' if low > 0 else 'falls'} with {axis} beyond this noise: {line} ({over})."
     else:
@@ -773,17 +787,22 @@ def point_label(axis: str, value: Any) -> str:
     return METHOD_NAMES.get(value, str(value)) if axis == "method" else f"{axis} = {value}"  # as shown, or as set
 
 
+def center_rows(table: pd.DataFrame, axis: str, center: Any) -> list[bool]:
+    """Which rows of an ablation table are its axis's `center` point."""
+    # ablation_table shows the method axis by the method's name (LoRA for lora), every other by its value; it
+    # pairs with the point Run.sets finds, a number by value and anything else as its folder name writes it (a
+    # center of "4" or true given to the CLI), so the verdict (and the figure) finds the same one.
+    return [v == center or str(v) == str(center) or (axis == "method" and v == METHOD_NAMES.get(center))
+            for v in table[axis]]
+
+
 def paired_sentence(table: pd.DataFrame, axis: str, center: Any) -> str:
     """What the ablation table's paired tests show, in words: each point against the center, beyond chance
     (p_paired below SIGNIFICANCE) or not; a point not paired with the center by its 95% interval against the
     center's only, a rough reading (apart or overlapping, no verdict of chance: for two rows of the same questions
     apart intervals can go with a p above SIGNIFICANCE); a point without a score, or an axis without the center,
     said as such. Unpaired is all the table tells: other questions, or scores that keep no answers one by one."""
-    # ablation_table shows the method axis by the method's name (LoRA for lora), every other by its value; it
-    # pairs with the point Run.sets finds, a number by value and anything else as its folder name writes it (a
-    # center of "4" or true given to the CLI), so the verdict finds the same one.
-    is_center = [v == center or str(v) == str(center) or (axis == "method" and v == METHOD_NAMES.get(center))
-                 for v in table[axis]]
+    is_center = center_rows(table, axis, center)
     if not any(is_center):
         return f"The center ({point_label(axis, center)}) is not among this axis's points: no point is paired with it."
     ref = table[is_center].iloc[0]
@@ -990,13 +1009,15 @@ def to_latex(df: pd.DataFrame, caption: str) -> str:
                       r"\end{tabular}", r"\end{table}"]) + "\n"
 
 
-def _figure():
+def _figure(panels: int = 1):
+    """A figure of one Axes, or of `panels` side by side (an array of them), each panel about half the width of
+    the one-Axes figure so that two still fit a page."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, *plt.subplots(figsize=(6, 3.6), dpi=120)
+    return plt, *plt.subplots(1, panels, figsize=(max(6, 3.2 * panels), 3.6), dpi=120)
 
 
 # Each figure is written in these formats, under one name: the PNG that report.md shows, and a PDF (vectors) to
@@ -1005,8 +1026,12 @@ FIGURE_FORMATS = ("png", "pdf")
 
 
 def _save(plt, fig, ax, path: Path, title: str) -> None:
-    """Write the figure to `path` (a PNG) and as a PDF beside it, the same name with .pdf."""
-    ax.set_title(title, fontsize=10)
+    """Write the figure to `path` (a PNG) and as a PDF beside it, the same name with .pdf. `ax`: its Axes, or
+    _figure's array of panels, which have titles of their own: `title` goes above them all."""
+    if isinstance(ax, np.ndarray):
+        fig.suptitle(title, fontsize=10)
+    else:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     for fmt in FIGURE_FORMATS:
         # bbox_inches: a legend beside the axes stays in the picture. The PDF without its CreationDate (a PNG has
@@ -1022,8 +1047,12 @@ def _legend(ax, **kwargs) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(**kwargs)
     else:
-        ax.text(0.5, 0.5, "no run of this report has this figure's data", ha="center", va="center",
-                transform=ax.transAxes, fontsize=8)
+        _no_data(ax, "no run of this report has this figure's data")
+
+
+def _no_data(ax, why: str) -> None:
+    """`why` an Axes shows nothing, written in it: the figure is still written, as the workflow declares it."""
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, fontsize=8)
 
 
 def loss_curves_figure(runs: list[Run], path: Path) -> None:
@@ -1085,6 +1114,56 @@ def category_figure(runs: list[Run], path: Path) -> None:
     _save(plt, fig, ax, path, "ScienceQA accuracy by category")
 
 
+def ablations_figure(tables: dict[str, pd.DataFrame], path: Path, center: dict) -> None:
+    """A panel per ablation axis of ordered numbers (a categorical one, or seeds, has only its table): the
+    ablation table's accuracy at each value with its 95% interval (an Alpaca ablation's held-out loss, which the
+    table gives no interval), the center's point marked, the paper's accuracies where the table sets them beside
+    ours (settings paired by rank), and the ablation_trends line where there is one, through the points' mean and
+    straight over the values or, along LOG_AXES, over their logarithm (a log x axis)."""
+    trends = [row for _, row in tables["ablation_trends"].iterrows()
+              if ordered_axis(row["axis"], list(tables[row["table"]][row["axis"]]))]
+    title = "Ablations along ordered axes: ours, the paper's, the paired trend"
+    if not trends:
+        plt, fig, ax = _figure()
+        _no_data(ax, "no ablation of this report varies an axis of ordered numbers")
+        _save(plt, fig, ax, path, title)
+        return
+    plt, fig, axes = _figure(len(trends))
+    for ax, trend in zip(np.atleast_1d(axes), trends):
+        axis, table = trend["axis"], tables[trend["table"]]
+        x = table[axis].to_numpy(float)
+        questions = "accuracy" in table.columns  # else an Alpaca ablation, scored by its held-out loss
+        y = table["accuracy" if questions else "heldout_loss"].to_numpy(float)
+        whiskers = [y - table["ci95_low"].to_numpy(float), table["ci95_high"].to_numpy(float) - y] if questions \
+            else None
+        ax.errorbar(x, y, yerr=whiskers, fmt="o", capsize=2, elinewidth=0.8,
+                    label="ours, 95% interval" if questions else "ours")
+        at = np.array(center_rows(table, axis, center[axis]))
+        if at.any():
+            ax.plot(x[at], y[at], marker="o", markersize=11, fillstyle="none", linestyle="none", color="k",
+                    label=f"center ({axis} = {center[axis]})")
+        if "accuracy_paper" in table.columns and table["accuracy_paper"].notna().any():
+            ax.plot(x, table["accuracy_paper"].to_numpy(float), marker="s", linestyle="--", linewidth=0.8,
+                    label="paper (LLaMA-7B, paired by rank)")
+        if trend["trend"] == "paired linear":
+            along = np.array(trend_x(axis, x))
+            ends = [int(np.argmin(x)), int(np.argmax(x))]
+            ax.plot(x[ends], y.mean() + trend["slope"] * (along[ends] - along.mean()), color="C3", linewidth=1,
+                    label=f"trend {trend_slope_text(trend)}")
+        base = LOG_AXES.get(axis, (None,))[0]
+        log = base is not None and x.min() > 0  # a rank of 0 (no LoRA) has no place on a log axis
+        if log:
+            ax.set_xscale("log", base=base)
+        ax.set_xticks(x, [str(v) for v in table[axis]], minor=False)  # the values as the config sets them
+        ax.set_xticks([], minor=True)
+        ax.set(xlabel=(f"{axis}: number of {AXIS_UNITS[axis]}s" if axis in AXIS_UNITS else axis)
+               + (" (log scale)" if log else ""),
+               ylabel="accuracy (%), 95% interval" if questions else "held-out loss (nats per target token)")
+        ax.set_title(axis, fontsize=9)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below the panel, off the points
+    _save(plt, fig, axes, path, title)
+
+
 def length_figure(tokens_dir: Path, path: Path) -> dict:
     from .inputs import token_split
 
@@ -1137,6 +1216,7 @@ FIGURES = {
     "gate_magnitude": "Mean |tanh(gate)| per adapted layer after training",
     "scienceqa_categories": "ScienceQA accuracy by category, ours and the paper's",
     "alpaca_lengths": "Token lengths of the Alpaca samples (prompt + response)",
+    "ablations": "Ablations along ordered axes: accuracy (or held-out loss) per value, the paper's, the trend line",
 }
 
 
@@ -1187,6 +1267,7 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
         gate_figure(named, tmp / "gate_magnitude.png")
         category_figure(scienceqa, tmp / "scienceqa_categories.png")
         lengths = length_figure(Path(inputs.tokens["alpaca"]), tmp / "alpaca_lengths.png")
+        ablations_figure(tables, tmp / "ablations.png", center)
         (tmp / "report.md").write_text(report_markdown(tables, captions, named, center, lengths), encoding="utf-8")
     return tables
 
