@@ -6,6 +6,7 @@ SQLite file in tmp_path; no server, no GPU."""
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -257,3 +258,116 @@ def test_parent_run_not_left_running_when_its_setup_fails(store, monkeypatch):
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
     assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+
+
+# ---------------------------------------------------------------- under a caller's own MLflow run
+
+
+@pytest.fixture
+def callers_run(store, monkeypatch):
+    """An MLflow run the caller (a notebook, a script) started before calling the library, as mlflow.start_run
+    leaves it: active in this process."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    for name, value in tracking.MLFLOW_DEFAULTS.items():  # the tracker sets them; undone after the test
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # not an earlier test's store
+    mlflow.set_experiment("notebook")
+    return mlflow.start_run(run_name="the caller's own run")
+
+
+def assert_still_the_callers(run) -> None:
+    import mlflow
+
+    assert mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "RUNNING"
+
+
+@pytest.mark.parametrize("exported_parent", [False, True])
+def test_under_a_callers_run_the_tracker_logs_a_child_of_it(callers_run, store, monkeypatch, exported_parent):
+    """Called under a run of the caller's own, the tracker could not start its run ('Run ... is already active')
+    and logged to metrics.jsonl only: now its run is a child of the caller's (nearer than an exported workflow
+    parent), takes the metrics, ends FINISHED, and the caller's run goes on."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    if exported_parent:
+        monkeypatch.setenv("MLFLOW_PARENT_RUN_ID", tracking.start_parent_run("snakemake x"))
+    t = tracking.Tracker(store / "out", "child", "tests")
+    t.log_metrics({"loss": 1.0}, 1)
+    t.close()
+    run = mlflow.MlflowClient().get_run(t.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == callers_run.info.run_id
+    assert (run.info.status, run.data.metrics) == ("FINISHED", {"loss": 1.0})
+    assert_still_the_callers(callers_run)
+
+
+def test_under_a_callers_run_a_resumed_run_is_that_run(callers_run, store):
+    """A run resumed by id (train --resume) under a caller's run reopens that run, not a new one, and ends it
+    alone."""
+    import mlflow
+
+    from llama_adapter.tracking import Tracker
+
+    first = Tracker(store / "out", "interrupted", "tests")
+    first.log_metrics({"loss": 1.0}, 1)
+    first.close(status="KILLED")
+    t = Tracker(store / "out", "resumed", "tests", run_id=first.run_id)
+    t.log_metrics({"loss": 0.5}, 2)
+    t.close()
+    assert t.run_id == first.run_id
+    client = mlflow.MlflowClient()
+    assert client.get_run(t.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(t.run_id, "loss")] == [1, 2]
+    assert_still_the_callers(callers_run)
+
+
+@pytest.mark.parametrize("error", ["failure", "SIGTERM", "Ctrl-C"])
+def test_a_failure_or_stop_under_a_callers_run_ends_the_child_only(callers_run, store, monkeypatch, error):
+    """A failure, stop signal or Ctrl-C while the tracker records its environment ended the caller's run (KILLED
+    or FAILED) in its place: now it ends the tracker's child run, and the caller's run stays active."""
+    import mlflow
+
+    from llama_adapter import tracking
+    from llama_adapter.errors import StoppedBySignal
+
+    raised = {"failure": RuntimeError("no torch"), "SIGTERM": StoppedBySignal(signal.SIGTERM),
+              "Ctrl-C": KeyboardInterrupt()}[error]
+
+    def environment():
+        raise raised
+
+    monkeypatch.setattr(tracking, "environment", environment)
+    with pytest.raises(type(raised)):
+        tracking.Tracker(store / "out", "stopped child", "tests")
+    experiment = mlflow.get_experiment_by_name("llama-adapter").experiment_id
+    [child] = mlflow.MlflowClient().search_runs([experiment], "attributes.run_name = 'stopped child'")
+    assert child.data.tags["mlflow.parentRunId"] == callers_run.info.run_id
+    assert child.info.status == ("FAILED" if error == "failure" else "KILLED")
+    assert_still_the_callers(callers_run)
+
+
+def test_a_stop_as_the_child_run_ends_leaves_the_callers_run_alone(callers_run, store, monkeypatch):
+    """Ctrl-C once mlflow.end_run has taken the child run off the stack (its system-metrics thread's join): the
+    tracker's second end_run, meant for its own run, ended the caller's KILLED."""
+    import mlflow
+
+    from llama_adapter.tracking import Tracker
+
+    t = Tracker(store / "out", "child", "tests")
+    real = mlflow.end_run
+
+    def end_run(status="FINISHED"):
+        ending = mlflow.active_run().info.run_id
+        real(status)
+        if ending == t.run_id and status == "FINISHED":  # the child's run alone: the caller ends its own at teardown
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow, "end_run", end_run)
+    with pytest.raises(KeyboardInterrupt):
+        t.close()
+    assert mlflow.MlflowClient().get_run(t.run_id).info.status == "FINISHED"
+    assert_still_the_callers(callers_run)

@@ -212,13 +212,16 @@ class Tracker:
         after the checkpoint the run resumes from: those are redone, and go to metrics.jsonl again (which the
         caller truncated to the checkpoint) but not to MLflow, so that its history has each step of a metric
         once. Every run records its environment (tags env.*, and environment/requirements.txt) and system
-        metrics (CPU, memory, GPU)."""
+        metrics (CPU, memory, GPU). Called under an MLflow run of the caller's own (a notebook's or script's
+        mlflow.start_run), the new run is its child, and only that child is ever ended: the caller's run stays
+        active."""
         self.enabled = enabled
         self.mlflow = None  # the module, once the run started; kept after a failure, to end the run as it ends
         self.logging = False  # whether MLflow takes what the run logs (off once dropped, and once closed)
         self.lost = 0  # MLflow calls that failed: what they logged is in metrics.jsonl only
         self.failed_in_a_row = 0
         self.run_id: str | None = None
+        self.caller_run_id: str | None = None  # the caller's active run, which this tracker must never end
         self.tags: dict[str, str] = {}
         self.logged_through: dict[str, int] = {}  # metric -> the last step a reopened run holds
         if not enabled:
@@ -236,6 +239,8 @@ class Tracker:
             try:
                 import mlflow
 
+                if caller := mlflow.active_run():
+                    self.caller_run_id = caller.info.run_id
                 uri = tracking_uri()
                 mlflow.set_tracking_uri(uri)
                 use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
@@ -252,7 +257,7 @@ class Tracker:
             self.set_tags(environment())
             self._call("log_text", installed_distributions(), "environment/requirements.txt")
         except BaseException as e:
-            self.mlflow = self.mlflow or mlflow  # stopped inside start_run: its end_run ends the run it opened
+            self.mlflow = self.mlflow or mlflow  # stopped inside start_run: close ends its run, once on the stack
             self.close(status="KILLED" if isinstance(e, StoppedBySignal | KeyboardInterrupt) else "FAILED")
             raise
 
@@ -357,14 +362,14 @@ class Tracker:
                                       f"{'' if self.logging else ', then MLflow was dropped'}; its history lacks "
                                       "what they logged, which metrics.jsonl holds", stacklevel=2)
                     try:
-                        self.mlflow.end_run(status=status or ("FAILED" if failed else "FINISHED"))
+                        self._end_own_run(status or ("FAILED" if failed else "FINISHED"))
                     except Exception as e:
                         warnings.warn(f"MLflow run {self.run_id} not ended ({type(e).__name__}: {e})", stacklevel=2)
                 except (StoppedBySignal, KeyboardInterrupt):
                     # Stopped while the run ends (a server's calls, the system-metrics thread's join): the job stops
                     # and its outputs go, so the run ends KILLED, not FINISHED by MLflow's exit hook.
                     with contextlib.suppress(Exception):
-                        self.mlflow.end_run(status="KILLED")
+                        self._end_own_run("KILLED")
                     raise
                 finally:
                     # Closed once, however it ended: a caller's handler that closes again after a stop in here (as
@@ -372,12 +377,21 @@ class Tracker:
                     # one.
                     self.mlflow, self.logging = None, False
 
+    def _end_own_run(self, status: str) -> None:
+        """End the active run unless it is the caller's: mlflow.end_run ends whatever run is on top, which is the
+        caller's once this tracker's run is off the stack (stopped before start_run pushed it, or after end_run
+        popped it)."""
+        active = self.mlflow.active_run()
+        if active is not None and active.info.run_id != self.caller_run_id:
+            self.mlflow.end_run(status=status)
+
 
 def resumed_run(mlflow, run_id: str, tags: dict[str, str]):
     """The run a resumed job continues, reopened; None (a warning) where the store no longer holds it, e.g.
     deleted in the UI: the job then logs to a new run."""
     try:
-        run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        # nested: under a caller's active run, reopened on top of it (its parent stays the one it was made under)
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=True)
     except Exception as e:
         warnings.warn(f"MLflow run {run_id} cannot be resumed ({type(e).__name__}: {e}); logging to a new run",
                       stacklevel=3)
@@ -387,9 +401,10 @@ def resumed_run(mlflow, run_id: str, tags: dict[str, str]):
 
 
 def new_run(mlflow, run_name: str, tags: dict[str, str]):
-    """A new run, nested under $MLFLOW_PARENT_RUN_ID; a top-level one (a warning) where that parent cannot be
-    found (deleted, or of another store)."""
-    parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
+    """A new run: a child of the caller's active run where there is one (the nearer parent: a notebook's or
+    script's own run), else nested under $MLFLOW_PARENT_RUN_ID; a top-level one (a warning) where that parent
+    cannot be found (deleted, or of another store)."""
+    parent = None if mlflow.active_run() else os.environ.get("MLFLOW_PARENT_RUN_ID")
     if parent:
         try:
             stage = mlflow.MlflowClient().get_run(parent).info.lifecycle_stage
@@ -398,7 +413,8 @@ def new_run(mlflow, run_name: str, tags: dict[str, str]):
         if stage != "active":
             warnings.warn(f"MLflow parent run {parent} is {stage}; a top-level run instead", stacklevel=3)
             parent = None
-    return mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True, parent_run_id=parent or None)
+    return mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True, parent_run_id=parent or None,
+                            nested=True)
 
 
 def last_logged_steps(client, run_id: str) -> dict[str, int]:
