@@ -672,6 +672,7 @@ def trend_x(axis: str, values: list) -> list[float]:
     base = LOG_AXES.get(axis, (None,))[0]
     return list(values) if base is None else [math.log(v, base) for v in values]
 
+
 # Why points have no paired test: other questions (samples), or a scores.json that keeps no answers one by one; the
 # table does not tell which.
 UNPAIRED_WHY = "(other questions or samples, or no answers kept one by one)"
