@@ -95,6 +95,10 @@ class StoppedBySignal(BaseException):
         super().__init__(f"stopped by {self.signal_name}; nothing was written")
 
 
+# What stops a job rather than failing it, so that its MLflow run ends KILLED: a stop signal, or Ctrl-C.
+STOPS = (StoppedBySignal, KeyboardInterrupt)
+
+
 @contextmanager
 def stop_signals_raise() -> Iterator[None]:
     """SIGTERM and SIGUSR1 raise StoppedBySignal in the main thread while the block runs (elsewhere: no handler can

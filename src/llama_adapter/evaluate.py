@@ -32,7 +32,7 @@ from .data import RECORDS
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
 from .data.tokens import TokenDataset
 from .data.validate import check_validated_records
-from .errors import DataError, StoppedBySignal, stop_signals_raise
+from .errors import STOPS, DataError, stop_signals_raise
 from .generate import batches_by_length, complete_texts, decoding_cache
 from .io import atomic_path, read_json_object, read_jsonl_lines, remove_output, write_json
 from .model import Transformer
@@ -284,7 +284,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     except BaseException as e:
         for path in (*written, out / RUN_LOG):  # no partial output: predictions without their scores
             path.unlink(missing_ok=True)  # would pass for a finished run
-        if isinstance(e, StoppedBySignal | KeyboardInterrupt):  # Ctrl-C stops a run as a signal does (as train's)
+        if isinstance(e, STOPS):  # Ctrl-C stops a run as a signal does (as train's)
             tracker.set_tags({"stopped_by": getattr(e, "signal_name", "SIGINT")})
             tracker.close(status="KILLED")
         else:

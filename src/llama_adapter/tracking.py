@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RUN_LOG
-from .errors import StoppedBySignal
+from .errors import STOPS
 from .io import sha256_tree
 
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"  # MLflow >= 3.13 refuses the plain file store
@@ -248,7 +248,7 @@ class Tracker:
                 if run is not None:
                     self.logged_through = last_logged_steps(mlflow.MlflowClient(), run_id)
                 else:
-                    run = new_run(mlflow, run_name, tags)
+                    run = new_run(mlflow, run_name, tags, self.caller_run_id)
                 self.mlflow, self.run_id, self.logging = mlflow, run.info.run_id, True
             except Exception as e:  # unreachable server, locked database, missing package: keep training
                 self._drop_mlflow(e)
@@ -258,7 +258,7 @@ class Tracker:
             self._call("log_text", installed_distributions(), "environment/requirements.txt")
         except BaseException as e:
             self.mlflow = self.mlflow or mlflow  # stopped inside start_run: close ends its run, once on the stack
-            self.close(status="KILLED" if isinstance(e, StoppedBySignal | KeyboardInterrupt) else "FAILED")
+            self.close(status="KILLED" if isinstance(e, STOPS) else "FAILED")
             raise
 
     def _drop_mlflow(self, error: Exception) -> None:
@@ -365,7 +365,7 @@ class Tracker:
                         self._end_own_run(status or ("FAILED" if failed else "FINISHED"))
                     except Exception as e:
                         warnings.warn(f"MLflow run {self.run_id} not ended ({type(e).__name__}: {e})", stacklevel=2)
-                except (StoppedBySignal, KeyboardInterrupt):
+                except STOPS:
                     # Stopped while the run ends (a server's calls, the system-metrics thread's join): the job stops
                     # and its outputs go, so the run ends KILLED, not FINISHED by MLflow's exit hook.
                     with contextlib.suppress(Exception):
@@ -400,11 +400,11 @@ def resumed_run(mlflow, run_id: str, tags: dict[str, str]):
     return run
 
 
-def new_run(mlflow, run_name: str, tags: dict[str, str]):
-    """A new run: a child of the caller's active run where there is one (the nearer parent: a notebook's or
-    script's own run), else nested under $MLFLOW_PARENT_RUN_ID; a top-level one (a warning) where that parent
-    cannot be found (deleted, or of another store)."""
-    parent = None if mlflow.active_run() else os.environ.get("MLFLOW_PARENT_RUN_ID")
+def new_run(mlflow, run_name: str, tags: dict[str, str], caller_run_id: str | None):
+    """A new run: a child of the caller's active run `caller_run_id` where there is one (the nearer parent: a
+    notebook's or script's own run), else nested under $MLFLOW_PARENT_RUN_ID; a top-level one (a warning) where
+    that parent cannot be found (deleted, or of another store)."""
+    parent = None if caller_run_id else os.environ.get("MLFLOW_PARENT_RUN_ID")
     if parent:
         try:
             stage = mlflow.MlflowClient().get_run(parent).info.lifecycle_stage

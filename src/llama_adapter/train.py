@@ -65,12 +65,12 @@ from .data import TOKEN_STATS
 from .data.tokens import TokenDataset
 from .devices import device_name, pick_device, pick_dtype
 from .errors import (
+    STOPS,
     CheckpointError,
     DataError,
     GPUAllocationError,
     InputError,
     PipelineError,
-    StoppedBySignal,
     TrainingDiverged,
 )
 from .io import atomic_path, read_json_object, remove_output, write_json
@@ -684,7 +684,7 @@ def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
         result = finish(model, cfg, history, d, tracker, initial_val_loss, image_samples)
     except TrainingInterrupted:
         raise
-    except (KeyboardInterrupt, StoppedBySignal):
+    except STOPS:
         tracker.close(status="KILLED")
         raise
     except BaseException:
