@@ -667,9 +667,14 @@ def ordered_axis(axis: str, values: list) -> bool:
     return axis not in NAMING_AXES and all(_real(v) for v in values)
 
 
+def log_base(axis: str) -> int | None:
+    """The base of the logarithm an axis's trend runs over (LOG_AXES); None: over its values."""
+    return LOG_AXES[axis][0] if axis in LOG_AXES else None
+
+
 def trend_x(axis: str, values: list) -> list[float]:
     """What a trend's slope is per: the values of an ordered axis, or their logarithms along LOG_AXES (above 0)."""
-    base = LOG_AXES.get(axis, (None,))[0]
+    base = log_base(axis)
     return list(values) if base is None else [math.log(v, base) for v in values]
 
 
@@ -719,8 +724,9 @@ def ablation_trend(runs: list[Run], axis: str) -> dict:
         return row | {"trend": UNPAIRED}
     if outcomes[1].shape[1] < 2:  # no spread to give an interval
         return row | {"trend": "none: fewer than 2 questions or samples scored at every point"}
-    base, per = LOG_AXES.get(axis, (None, AXIS_UNITS.get(axis, f"unit of {axis}")))
-    if base is not None and min(values) <= 0:
+    base = log_base(axis)
+    per = LOG_AXES[axis][1] if base else AXIS_UNITS.get(axis, f"unit of {axis}")
+    if base and min(values) <= 0:
         return row | {"trend": f"none: a line over {axis}'s logarithm needs values above 0"}
     kind, by_item = outcomes
     measure, scale = ("accuracy", 100) if kind == "questions" else ("heldout_loss", 1)  # accuracy in points
@@ -1151,7 +1157,7 @@ def ablations_figure(tables: dict[str, pd.DataFrame], path: Path, center: dict) 
             ends = [int(np.argmin(x)), int(np.argmax(x))]
             ax.plot(x[ends], y.mean() + trend["slope"] * (along[ends] - along.mean()), color="C3", linewidth=1,
                     label=f"trend {trend_slope_text(trend)}")
-        base = LOG_AXES.get(axis, (None,))[0]
+        base = log_base(axis)
         log = base is not None and x.min() > 0  # a rank of 0 (no LoRA) has no place on a log axis
         if log:
             ax.set_xscale("log", base=base)
