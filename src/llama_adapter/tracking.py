@@ -326,13 +326,14 @@ class Tracker:
             self._lost("log_input", e)
             return
         tags = {"sha256": digest, **{k: str(v) for k, v in counts.items() if v is not None}}
-        from mlflow.exceptions import RestException
+        from mlflow.exceptions import MlflowException
 
         try:
             self.mlflow.log_input(dataset, context=context, tags=tags)
-        except RestException:
-            # The server looks the dataset up in the experiment, then inserts it: two jobs that log the same new
-            # dataset at once both insert, and the second fails on the unique key. Asked again, it finds the row.
+        except MlflowException:
+            # The store (a server's or a SQLite file) looks the dataset up in the experiment, then inserts it: two
+            # jobs that log the same new dataset at once both insert, and the second fails on the unique key.
+            # Asked again, it finds the row.
             self._call("log_input", dataset, context=context, tags=tags)
         except Exception as e:
             self._lost("log_input", e)
