@@ -11,6 +11,7 @@ server gone for good, whose every later call would wait out the client's retries
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -104,8 +105,7 @@ def start_parent_run(name: str, tags: dict[str, str] | None = None, config: dict
     artifact (config.yaml) and its hash as a param."""
     import mlflow
 
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = use_store(mlflow)
     experiment_id = use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
     # The client, not mlflow.start_run: an active run would be ended by MLflow's exit hook with this process.
     client = mlflow.MlflowClient()
@@ -123,7 +123,7 @@ def start_parent_run(name: str, tags: dict[str, str] | None = None, config: dict
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    use_store(mlflow)
     mlflow.MlflowClient().set_terminated(run_id, status=status)
 
 
@@ -184,6 +184,24 @@ def tracking_uri() -> str:
     return uri
 
 
+def use_store(mlflow) -> str:
+    """Make tracking_uri() MLflow's store; its URI. A new SQLite file gets its tables from MLflow's migrations
+    as a client first opens it: jobs that open one at once would each migrate it, and all but one lose MLflow
+    ("table ... already exists"), so the first opening of the store in a process waits for a lock on its folder.
+    Where the folder cannot be locked (some network file systems) the store opens unlocked."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if (db := sqlite_path(uri)) is not None:
+        folder = os.open(db.parent, os.O_RDONLY)
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.flock(folder, fcntl.LOCK_EX)
+            mlflow.MlflowClient().search_experiments(max_results=1)  # MLflow keeps the opened store per URI
+        finally:
+            os.close(folder)  # and with it the lock
+    return uri
+
+
 def artifact_location(uri: str) -> str | None:
     """Beside a SQLite store, artifacts go to mlartifacts/ next to the database (MLflow's default would be
     ./mlruns in whatever folder the job started in); a tracking server decides for itself."""
@@ -241,8 +259,7 @@ class Tracker:
 
                 if caller := mlflow.active_run():
                     self.caller_run_id = caller.info.run_id
-                uri = tracking_uri()
-                mlflow.set_tracking_uri(uri)
+                uri = use_store(mlflow)
                 use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
                 run = resumed_run(mlflow, run_id, tags) if run_id is not None else None
                 if run is not None:
