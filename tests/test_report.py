@@ -17,6 +17,7 @@ from llama_adapter.report import (
     PAPER_LAYERS,
     UNPAIRED,
     UNPAIRED_POINT,
+    UNPAIRED_WHY,
     ReportInputs,
     Run,
     ablation_axis,
@@ -716,7 +717,7 @@ def test_an_alpaca_axis_trends_its_held_out_loss_per_sample():
         runs[-1].dataset = "alpaca"
     trend, verdict = verdict_of(runs, "epochs", 5)
     slope, low, high = independent_trend([3, 5, 8], [x[:40] for x in losses.values()])
-    assert (trend["measure"], trend["items"]) == ("heldout_loss", 40)
+    assert (trend["measure"], trend["items"]) == ("sample_mean_loss", 40)
     assert trend["slope"] == pytest.approx(slope) and slope == pytest.approx(-0.1, abs=0.02)
     assert (trend["ci95_low"], trend["ci95_high"]) == (pytest.approx(low), pytest.approx(high)) and high < 0
     assert verdict.startswith(f"Held-out loss falls with epochs beyond this noise: {slope:+.3g} per epoch, "
@@ -1097,3 +1098,130 @@ def test_the_ablations_figure_of_no_ordered_axis_says_so_and_is_the_same_every_t
         ablations_figure(tables, tmp_path / out / "ablations.png", center)
         written.append([(tmp_path / out / f"ablations.{fmt}").read_bytes() for fmt in ("png", "pdf")])
     assert written[0] == written[1]
+
+
+# --- what an Alpaca trend measures, and a trend over the points paired with each other ----------------------------
+
+def alpaca_axis(sample_losses: dict, tokens: list[int]) -> list[Run]:
+    """An Alpaca epochs axis: each point's held-out samples' own losses (None: a scores.json that kept none, as
+    before evaluate kept them), and its heldout_loss as evaluate writes it, the mean over every target token
+    (`tokens` of them in each sample), so that a long sample weighs more."""
+    runs = []
+    for epochs, losses in sample_losses.items():
+        r = point(4, "zero", epochs)
+        r.dataset = "alpaca"
+        token_weighted = float(np.average([x if x is not None else math.nan for x in losses[0]], weights=tokens)) \
+            if losses[1] else losses[0]
+        r.scores = {"heldout_loss": token_weighted, "perplexity": math.exp(token_weighted),
+                    "heldout_samples": len(tokens), **({"samples_sha256": "s" * 64, "sample_losses": losses[0]}
+                                                       if losses[1] else {})}
+        runs.append(r)
+    return runs
+
+
+def rising_short_falling_long(rng, epochs=(3, 5, 8)) -> tuple[dict, list[int]]:
+    """Eight one-token samples whose loss rises with epochs and one of 200 tokens whose loss falls: the mean of the
+    samples' losses rises, the token-weighted loss falls."""
+    tokens = [1] * 8 + [200]
+    return {e: ([*(1.0 + 0.1 * e + rng.normal(0, 0.05, 8)), 4.0 - 0.3 * e], True) for e in epochs}, tokens
+
+
+def test_an_alpaca_figure_draws_the_per_sample_losses_its_trend_is_fitted_on(monkeypatch, tmp_path):
+    """The trend of an Alpaca axis is fitted over each sample's loss, the samples weighing alike; the figure drew
+    it through the token-weighted heldout_loss, which here falls while the per-sample mean rises: a line rising
+    through falling points. The points it runs through are now the samples' mean loss (the table's
+    sample_mean_loss), the token-weighted loss drawn beside them under its own name, and the verdict says which
+    loss its trend measures."""
+    from llama_adapter.report import ablations_figure
+
+    losses, tokens = rising_short_falling_long(np.random.default_rng(1))
+    runs = alpaca_axis(losses, tokens)
+    center = {"epochs": 5}
+    tables = ablation_tables({"epochs": runs}, center)
+    per_sample = [float(np.mean(x)) for x, _ in losses.values()]  # each point's samples, weighing alike
+    token_weighted = [float(np.average(x, weights=tokens)) for x, _ in losses.values()]
+    assert np.polyfit([3, 5, 8], per_sample, 1)[0] > 0 > np.polyfit([3, 5, 8], token_weighted, 1)[0]
+    table = tables["epochs"]
+    assert table["sample_mean_loss"].tolist() == pytest.approx(per_sample)
+    assert table["heldout_loss"].tolist() == pytest.approx(token_weighted)
+    ax = drawn(monkeypatch, tmp_path, ablations_figure, tables, center)
+    (ours,) = [line for line in ax.get_lines() if line.get_label().startswith("ours: mean")]
+    assert ours.get_xydata() == pytest.approx(np.array([[3, 5, 8], per_sample]).T)
+    (weighted,) = [line for line in ax.get_lines() if "token-weighted" in line.get_label()]
+    assert weighted.get_xydata() == pytest.approx(np.array([[3, 5, 8], token_weighted]).T)
+    slope, low, high = independent_trend([3, 5, 8], [x for x, _ in losses.values()])
+    (t0, y0), (t1, y1) = trend_line(ax).get_xydata()
+    assert (y1 - y0) / (t1 - t0) == pytest.approx(slope) == pytest.approx(np.polyfit([3, 5, 8], per_sample, 1)[0])
+    assert y0 + (y1 - y0) / (t1 - t0) * (np.mean([3, 5, 8]) - t0) == pytest.approx(np.mean(per_sample))
+    trend, verdict = verdict_of(runs, "epochs", 5)
+    assert trend["measure"] == "sample_mean_loss"
+    assert "each sample's loss (its token mean), the samples weighing alike (`sample_mean_loss`), not every " \
+           "token alike (`heldout_loss`)" in verdict, verdict
+
+
+def four_layer_axis(unpaired: dict) -> list[Run]:
+    """Points at 1, 2, 4 (the center) and 8 layers, rising, on the same 80 questions, but for those in `unpaired`:
+    None, a scores.json without answers one by one (an older run); else the digest of other questions."""
+    runs = layer_axis({1: range(0, 20), 2: [*range(5, 30), 70], 4: range(0, 56), 8: range(0, 60)},
+                      questions={layers: digest for layers, digest in unpaired.items() if digest})
+    for r in runs:
+        if r.axis_value("adapter_layers") in unpaired and not unpaired[r.axis_value("adapter_layers")]:
+            del r.scores["correct_pids"], r.scores["questions_sha256"]
+    return runs
+
+
+@pytest.mark.parametrize("unpaired", [{8: None}, {8: "o" * 64}, {4: None}, {1: "o" * 64}])
+def test_a_trend_runs_over_the_points_paired_with_each_other_and_names_those_left_out(unpaired):
+    """One point not paired one by one with the others (an older run's scores, or other questions) took the whole
+    axis's trend with it. The trend is over the points paired with each other, as an independent fit over them
+    gives it, and the verdict names the point left out; the center may be that point."""
+    runs = four_layer_axis(unpaired)
+    paired = [r for r in runs if r.axis_value("adapter_layers") not in unpaired]
+    x = [r.axis_value("adapter_layers") for r in paired]
+    trend, verdict = verdict_of(runs, "adapter_layers", 4)
+    slope, low, high = independent_trend(x, [[100 * y for y in row] for row in right_or_not(paired)])
+    assert (trend["trend"], trend["items"], trend["points"]) == ("paired linear", 80, 4)
+    assert (trend["slope"], trend["ci95_low"], trend["ci95_high"]) == (pytest.approx(slope), pytest.approx(low),
+                                                                       pytest.approx(high))
+    assert trend["left_out"] == list(unpaired)
+    assert f"(a paired linear trend over 80 questions, adapter_layers {min(x)} to {max(x)})" in verdict, verdict
+    named = ", ".join(f"adapter_layers = {v}" for v in unpaired)
+    assert (f"Left out of the trend: {named}, not paired one by one with the other {len(paired)} points "
+            f"{UNPAIRED_WHY}.") in verdict, verdict
+
+
+@pytest.mark.parametrize("unpaired, why", [
+    ({1: None, 8: None}, "none: 2 of 4 points paired one by one, a trend needs 3"),
+    ({1: None, 2: None, 8: None}, UNPAIRED),  # one point: paired with none
+    ({1: None, 2: None, 4: None, 8: None}, UNPAIRED),
+    ({1: "a" * 64, 2: "b" * 64, 4: "c" * 64, 8: "d" * 64}, UNPAIRED)])
+def test_fewer_paired_points_than_a_trend_needs_give_none_and_say_why(unpaired, why):
+    trend, verdict = verdict_of(four_layer_axis(unpaired), "adapter_layers", 4)
+    assert trend["trend"] == why and pd.isna(trend["slope"])
+    assert verdict.startswith(f"No trend line: {why.removeprefix('none: ')}."), verdict
+    # Two points paired with each other: the rest are named as not paired with them; fewer: no point is named.
+    assert trend["left_out"] == ([1, 8] if why != UNPAIRED else [])
+
+
+def test_the_figure_marks_the_points_left_out_of_the_trend(monkeypatch, tmp_path):
+    """The trend line runs through the mean of the points it is fitted on, and each point left out of it is marked
+    and named; an Alpaca point without its samples' losses is drawn at its token-weighted loss only."""
+    from llama_adapter.report import ablations_figure
+
+    center = {"adapter_layers": 4, "epochs": 5}
+    losses, tokens = rising_short_falling_long(np.random.default_rng(2))
+    losses[13] = (2.5, False)  # an older run's scores: the token-weighted loss alone
+    axes = {"adapter_layers": four_layer_axis({8: None}), "epochs": alpaca_axis(losses, tokens)}
+    tables = ablation_tables(axes, center)
+    layers, epochs = drawn(monkeypatch, tmp_path, ablations_figure, tables, center)
+    trends = tables["ablation_trends"].set_index("axis")
+    for ax, fitted_x, fitted_y, left_out in (
+            (layers, [1, 2, 4], [25.0, 32.5, 70.0], [8, 75.0]),
+            (epochs, [3, 5, 8], [np.mean(losses[e][0]) for e in (3, 5, 8)], [13, 2.5])):
+        axis = ax.get_title()
+        (t0, y0), (t1, y1) = trend_line(ax).get_xydata()
+        assert (y1 - y0) / (t1 - t0) == pytest.approx(trends.loc[axis, "slope"])
+        assert y0 + (y1 - y0) / (t1 - t0) * (np.mean(fitted_x) - t0) == pytest.approx(np.mean(fitted_y))
+        (mark,) = [line for line in ax.get_lines() if line.get_label().startswith("left out")]
+        assert mark.get_label() == f"left out of the trend (not paired): {axis} = {left_out[0]}"
+        assert mark.get_xydata().tolist() == [left_out]

@@ -20,6 +20,7 @@ as CSV, Markdown and LaTeX; the whole report folder is written at once or not at
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -396,16 +397,27 @@ def mcnemar_p(only_this: int, only_other: int) -> float:
     return min(1.0, max(2 * tail / 2**n, math.ulp(0.0)))
 
 
+def item_key(r: Run) -> tuple | None:
+    """What a run's scores are paired by: ("questions", digest) or ("samples", digest, count) where its scores.json
+    holds its outcomes one by one (ScienceQA's questions answered right, Alpaca's per-sample losses); two runs are
+    paired item by item where their keys are equal. None: no outcomes one by one, or no digest to pair them by."""
+    if "correct_pids" in r.scores:
+        return ("questions", r.scores["questions_sha256"]) if r.scores.get("questions_sha256") else None
+    if "sample_losses" in r.scores and r.scores.get("samples_sha256"):
+        return "samples", r.scores["samples_sha256"], len(r.scores["sample_losses"])
+    return None
+
+
 def item_outcomes(runs: list[Run]) -> tuple[str, np.ndarray] | None:
     """Each run's outcome on each of the same ScienceQA questions (1 right, 0 not) or Alpaca held-out samples (its
     loss, the token mean over the sample): ("questions" or "samples", an array of a row per run and a column per
     question or sample). What every paired comparison reads (the paired tests, the ablations' trend). None unless
-    every run's scores.json holds them one by one for the same questions or samples (the same digest)."""
+    every run's scores.json holds them one by one for the same questions or samples (one item_key)."""
+    keys = {item_key(r) for r in runs}
+    if len(keys) != 1 or None in keys:
+        return None
     scores = [r.scores for r in runs]
-    if all("correct_pids" in s for s in scores):
-        if not scores[0].get("questions_sha256") or any(s.get("questions_sha256") != scores[0]["questions_sha256"]
-                                                        for s in scores):
-            return None
+    if next(iter(keys))[0] == "questions":
         right = [set(s["correct_pids"]) for s in scores]
         named = sorted(set().union(*right))
         # evaluate names the questions answered right only: the others of the same n (one digest, one n) are
@@ -413,15 +425,22 @@ def item_outcomes(runs: list[Run]) -> tuple[str, np.ndarray] | None:
         unnamed = np.zeros((len(runs), max(0, scores[0]["n"] - len(named))))
         return "questions", np.hstack([np.array([[pid in r for pid in named] for r in right], float)
                                        .reshape(len(runs), len(named)), unnamed])
-    if all("sample_losses" in s for s in scores):
-        losses = [s["sample_losses"] for s in scores]
-        if (not scores[0].get("samples_sha256") or any(s.get("samples_sha256") != scores[0]["samples_sha256"]
-                                                       for s in scores) or len({len(x) for x in losses}) != 1):
-            return None
-        # A sample without targets has no loss in any run: no outcome to pair.
-        kept = [i for i in range(len(losses[0])) if all(x[i] is not None for x in losses)]
-        return "samples", np.array([[x[i] for i in kept] for x in losses], float).reshape(len(runs), len(kept))
-    return None
+    losses = [s["sample_losses"] for s in scores]
+    # A sample without targets has no loss in any run: no outcome to pair.
+    kept = [i for i in range(len(losses[0])) if all(x[i] is not None for x in losses)]
+    return "samples", np.array([[x[i] for i in kept] for x in losses], float).reshape(len(runs), len(kept))
+
+
+def trend_points(runs: list[Run]) -> list[bool]:
+    """Which runs an axis's trend pairs item by item: the most runs that share one item_key (of equally many, those
+    of the first listed), where at least two do; else none. A run of other questions or samples, or one whose
+    scores keep no outcomes one by one (an older evaluation), is left out of the trend, not the trend left out."""
+    keys = [item_key(r) for r in runs]
+    # most_common orders equal counts as first met: the tie goes to the first listed point's questions.
+    shared = collections.Counter(k for k in keys if k is not None).most_common(1)
+    if not shared or shared[0][1] < 2:
+        return [False] * len(runs)
+    return [k == shared[0][0] for k in keys]
 
 
 def paired_columns(r: Run, reference: Run | None) -> dict:
@@ -609,11 +628,16 @@ def answer_columns(r: Run) -> dict:
 
 
 def score_columns(r: Run) -> dict:
-    """An evaluation's headline: accuracy with its 95% interval (ScienceQA), or held-out loss (Alpaca)."""
+    """An evaluation's headline: accuracy with its 95% interval (ScienceQA), or held-out loss (Alpaca): over every
+    target token (`heldout_loss`, as evaluate writes it), and the mean of each sample's own (`sample_mean_loss`,
+    where the scores keep them)."""
     if "accuracy" in r.scores:
         low, high = accuracy_interval(r.scores["accuracy"], r.scores["n"], r.scores.get("correct"))
         return {"accuracy": r.scores["accuracy"], "ci95_low": low, "ci95_high": high, "split": r.scores.get("split")}
-    return {"heldout_loss": r.scores["heldout_loss"], "perplexity": r.scores["perplexity"]}
+    losses = [x for x in r.scores.get("sample_losses") or [] if x is not None]
+    return {"heldout_loss": r.scores["heldout_loss"],
+            # The samples weighing alike, as the paired test and the trend read them; heldout_loss weighs tokens.
+            "sample_mean_loss": float(np.mean(losses)) if losses else None, "perplexity": r.scores["perplexity"]}
 
 
 def paper_ablation(axis: str, runs: list[Run]) -> list[dict]:
@@ -683,8 +707,11 @@ def trend_x(axis: str, values: list) -> list[float]:
 UNPAIRED_WHY = "(other questions or samples, or no answers kept one by one)"
 UNPAIRED = f"none: points not paired one by one {UNPAIRED_WHY}"
 UNPAIRED_POINT = f"not paired with the center one by one {UNPAIRED_WHY}"
-TREND_COLUMNS = ["axis", "table", "points", "trend", "measure", "per", "items", "slope", "ci95_low", "ci95_high",
-                 "monotone"]
+TREND_COLUMNS = ["axis", "table", "points", "left_out", "trend", "measure", "per", "items", "slope", "ci95_low",
+                 "ci95_high", "monotone"]
+# What a trend is of: the ablation table's column whose points its line runs through (the rows' means of the items'
+# outcomes), by item_outcomes' kind; accuracy in points.
+TREND_MEASURES = {"questions": ("accuracy", 100), "samples": ("sample_mean_loss", 1)}
 
 
 def paired_trend(x: list[float], outcomes: np.ndarray) -> dict:
@@ -709,19 +736,26 @@ def paired_trend(x: list[float], outcomes: np.ndarray) -> dict:
 
 
 def ablation_trend(runs: list[Run], axis: str) -> dict:
-    """One ablation axis's row of the trends table: where its values are numbers, at least TREND_POINTS of them,
-    scored on the same questions or samples (item_outcomes), the paired linear trend (paired_trend) of the
-    accuracy, in points per unit of the axis (per 10× or doubling along LOG_AXES), or of the held-out loss (each
-    sample's token mean, as the paired test reads it); else `trend` says why there is none."""
-    row = {"axis": axis, "table": ablation_table_name(axis)[0], "points": len(runs)}
+    """One ablation axis's row of the trends table: where its values are numbers, at least TREND_POINTS of them
+    scored on the same questions or samples (trend_points; `left_out`: the values of the others), the paired
+    linear trend (paired_trend) of the accuracy, in points per unit of the axis (per 10× or doubling along
+    LOG_AXES), or of the held-out loss of each sample (its token mean, as the paired test reads it), the samples
+    weighing alike (sample_mean_loss); else `trend` says why there is none."""
+    row = {"axis": axis, "table": ablation_table_name(axis)[0], "points": len(runs), "left_out": []}
     values = [r.axis_value(axis) for r in runs]
     if not ordered_axis(axis, values):
         return row | {"trend": "none: values not amounts in order"}
     if len(runs) < TREND_POINTS:
         return row | {"trend": f"none: {len(runs)} points, a trend needs {TREND_POINTS}"}
-    outcomes = item_outcomes(runs)
-    if outcomes is None:
+    paired = trend_points(runs)
+    if not any(paired):
         return row | {"trend": UNPAIRED}
+    row["left_out"] = [v for v, p in zip(values, paired) if not p]
+    runs, values = [r for r, p in zip(runs, paired) if p], [v for v, p in zip(values, paired) if p]
+    if len(runs) < TREND_POINTS:
+        return row | {"trend": f"none: {len(runs)} of {row['points']} points paired one by one, a trend needs "
+                               f"{TREND_POINTS}"}
+    outcomes = item_outcomes(runs)
     if outcomes[1].shape[1] < 2:  # no spread to give an interval
         return row | {"trend": "none: fewer than 2 questions or samples scored at every point"}
     base = log_base(axis)
@@ -729,7 +763,7 @@ def ablation_trend(runs: list[Run], axis: str) -> dict:
     if base and min(values) <= 0:
         return row | {"trend": f"none: a line over {axis}'s logarithm needs values above 0"}
     kind, by_item = outcomes
-    measure, scale = ("accuracy", 100) if kind == "questions" else ("heldout_loss", 1)  # accuracy in points
+    measure, scale = TREND_MEASURES[kind]
     trend = paired_trend(trend_x(axis, values), scale * by_item)
     if trend["ci95_low"] == trend["ci95_high"]:
         # Every item's slope the same: their sd is 0 and the interval has no width, which is no measure of the
@@ -743,6 +777,7 @@ def ablation_trend(runs: list[Run], axis: str) -> dict:
 def trends_table(axes: dict[str, list[Run]]) -> pd.DataFrame:
     """Every ablation axis's trend (ablation_trend), a row each, in ablations.vary's order."""
     df = pd.DataFrame([ablation_trend(runs, axis) for axis, runs in axes.items()], columns=TREND_COLUMNS)
+    df["left_out"] = df["left_out"].astype(object)  # a list per row, also with no rows (no axis)
     df["items"] = df["items"].astype("Int64")
     return df
 
@@ -762,20 +797,35 @@ def trend_slope_text(trend: pd.Series) -> str:
             f"{_number(trend['ci95_high'])}]")
 
 
+def left_out_sentence(trend: pd.Series) -> str:
+    """The points of an axis not paired with the others one by one, named: left out of its trend."""
+    left_out = trend["left_out"]
+    if not left_out:
+        return ""
+    return (f"Left out of the trend: {', '.join(point_label(trend['axis'], v) for v in left_out)}, not paired one "
+            f"by one with the other {trend['points'] - len(left_out)} points {UNPAIRED_WHY}.")
+
+
 def trend_sentence(trend: pd.Series, values: list) -> str:
     """The trend row of an ordered axis in words: a rise or fall beyond noise (its interval excludes 0), else no
     trend beyond noise and the largest change the interval leaves open; and a turn along the axis, which a line
-    summarises only roughly. Why there is no trend, where there is none."""
+    summarises only roughly; what an Alpaca trend's loss is; the points left out of it. Why there is no trend,
+    where there is none."""
     axis = trend["axis"]
     if not ordered_axis(axis, values):  # categorical, or seeds: its paired tests are its verdict
         return ""
     if trend["trend"] != "paired linear":
-        return f"No trend line: {trend['trend'].removeprefix('none: ')}."
+        return " ".join(t for t in (f"No trend line: {trend['trend'].removeprefix('none: ')}.",
+                                    left_out_sentence(trend)) if t)
     points = " points" if trend["measure"] == "accuracy" else ""
     name = "accuracy" if trend["measure"] == "accuracy" else "held-out loss"
     low, high, per = trend["ci95_low"], trend["ci95_high"], trend["per"]
+    fitted = [v for v in values if v not in trend["left_out"]]
     over = (f"a paired linear trend over {trend['items']} {'questions' if points else 'samples'}, "
-            f"{axis} {min(values)} to {max(values)}")
+            f"{axis} {min(fitted)} to {max(fitted)}")
+    if not points:  # a mean of per-sample losses, which the table's heldout_loss is not: say which it is
+        over += ("; of each sample's loss (its token mean), the samples weighing alike (`sample_mean_loss`), not "
+                 "every token alike (`heldout_loss`)")
     line = trend_slope_text(trend)
     if low > 0 or high < 0:
         text = f"{name.capitalize()} {'rises' if low > 0 else 'falls'} with {axis} beyond this noise: {line} ({over})."
@@ -786,7 +836,7 @@ def trend_sentence(trend: pd.Series, values: list) -> str:
     if not trend["monotone"]:
         text += (f" Not monotone: the {name} turns along {axis}, which a line summarises only roughly (whether the "
                  "turn is beyond noise is not tested).")
-    return text
+    return " ".join(t for t in (text, left_out_sentence(trend)) if t)
 
 
 def point_label(axis: str, value: Any) -> str:
@@ -1123,10 +1173,12 @@ def category_figure(runs: list[Run], path: Path) -> None:
 
 def ablations_figure(tables: dict[str, pd.DataFrame], path: Path, center: dict) -> None:
     """A panel per ablation axis of ordered numbers (a categorical one, or seeds, has only its table): the
-    ablation table's accuracy at each value with its 95% interval (an Alpaca ablation's held-out loss, which the
-    table gives no interval), the center's point marked, the paper's accuracies where the table sets them beside
-    ours (settings paired by rank), and the ablation_trends line where there is one, through the points' mean and
-    straight over the values or, along LOG_AXES, over their logarithm (a log x axis)."""
+    ablation table's column its trend measures (TREND_MEASURES) at each value: the accuracy with its 95% interval,
+    or an Alpaca ablation's mean of the samples' losses (no interval in the table) with the token-weighted
+    heldout_loss beside it, under its own name; the center's point marked, the paper's accuracies where the table
+    sets them beside ours (settings paired by rank), and the ablation_trends line where there is one, through the
+    mean of the points it is fitted on and straight over the values or, along LOG_AXES, over their logarithm (a log
+    x axis), the points left out of it marked and named."""
     trends = [row for _, row in tables["ablation_trends"].iterrows()
               if ordered_axis(row["axis"], list(tables[row["table"]][row["axis"]]))]
     title = "Ablations along ordered axes: ours, the paper's, the paired trend"
@@ -1140,11 +1192,18 @@ def ablations_figure(tables: dict[str, pd.DataFrame], path: Path, center: dict) 
         axis, table = trend["axis"], tables[trend["table"]]
         x = table[axis].to_numpy(float)
         questions = "accuracy" in table.columns  # else an Alpaca ablation, scored by its held-out loss
-        y = table["accuracy" if questions else "heldout_loss"].to_numpy(float)
-        whiskers = [y - table["ci95_low"].to_numpy(float), table["ci95_high"].to_numpy(float) - y] if questions \
-            else None
-        ax.errorbar(x, y, yerr=whiskers, fmt="o", capsize=2, elinewidth=0.8,
-                    label="ours, 95% interval" if questions else "ours")
+        measure = TREND_MEASURES["questions" if questions else "samples"][0]
+        y = shown = table[measure].to_numpy(float)
+        if questions:
+            ax.errorbar(x, y, yerr=[y - table["ci95_low"].to_numpy(float), table["ci95_high"].to_numpy(float) - y],
+                        fmt="o", capsize=2, elinewidth=0.8, label="ours, 95% interval")
+        else:
+            ax.plot(x, y, "o", label="ours: mean of the samples' losses (sample_mean_loss)")
+            token_weighted = table["heldout_loss"].to_numpy(float)
+            ax.plot(x, token_weighted, "_", markersize=9, color="0.5",
+                    label="ours: token-weighted (heldout_loss), not the trend's")
+            # A point whose scores keep no per-sample losses has the token-weighted loss alone: marked there.
+            shown = np.where(np.isnan(y), token_weighted, y)
         at = np.array(center_rows(table, axis, center[axis]))
         if at.any():
             ax.plot(x[at], y[at], marker="o", markersize=11, fillstyle="none", linestyle="none", color="k",
@@ -1152,11 +1211,16 @@ def ablations_figure(tables: dict[str, pd.DataFrame], path: Path, center: dict) 
         if "accuracy_paper" in table.columns and table["accuracy_paper"].notna().any():
             ax.plot(x, table["accuracy_paper"].to_numpy(float), marker="s", linestyle="--", linewidth=0.8,
                     label="paper (LLaMA-7B, paired by rank)")
+        left_out = np.array([v in trend["left_out"] for v in table[axis]])
         if trend["trend"] == "paired linear":
-            along = np.array(trend_x(axis, x))
-            ends = [int(np.argmin(x)), int(np.argmax(x))]
-            ax.plot(x[ends], y.mean() + trend["slope"] * (along[ends] - along.mean()), color="C3", linewidth=1,
-                    label=f"trend {trend_slope_text(trend)}")
+            along, fitted = np.array(trend_x(axis, x[~left_out])), y[~left_out]
+            ends = [int(np.argmin(along)), int(np.argmax(along))]
+            ax.plot(x[~left_out][ends], fitted.mean() + trend["slope"] * (along[ends] - along.mean()), color="C3",
+                    linewidth=1, label=f"trend {trend_slope_text(trend)}")
+        if left_out.any():
+            ax.plot(x[left_out], shown[left_out], "x", markersize=9, color="C3",
+                    linestyle="none", label="left out of the trend (not paired): "
+                    + ", ".join(point_label(axis, v) for v in trend["left_out"]))
         base = log_base(axis)
         log = base is not None and x.min() > 0  # a rank of 0 (no LoRA) has no place on a log axis
         if log:
@@ -1223,7 +1287,8 @@ FIGURES = {
     "gate_magnitude": "Mean |tanh(gate)| per adapted layer after training",
     "scienceqa_categories": "ScienceQA accuracy by category, ours and the paper's",
     "alpaca_lengths": "Token lengths of the Alpaca samples (prompt + response)",
-    "ablations": "Ablations along ordered axes: accuracy (or held-out loss) per value, the paper's, the trend line",
+    "ablations": "Ablations along ordered axes: accuracy (or mean sample loss) per value, the paper's, the trend "
+                 "line",
 }
 
 
@@ -1324,9 +1389,15 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "samples) a paired linear trend (the `ablation_trends` table): each question's least-squares slope of its "
         "correctness (0/1) over the axis values (blr's and lora_rank's logarithms: per 10× blr, per doubling of the "
         "rank; on Alpaca each sample's, of its loss, the token mean), whose mean "
-        "is the slope of the accuracies (of the mean loss), with the 95% interval mean +/- t * sd / sqrt(n) of the n "
+        "is the slope of the accuracies (on Alpaca of `sample_mean_loss`, the mean of the samples' losses, each "
+        "sample weighing alike: not of `heldout_loss`, which weighs each token alike, so the figure draws "
+        "`sample_mean_loss`'s points under the line and `heldout_loss` beside them), with the 95% interval mean +/- "
+        "t * sd / sqrt(n) of the n "
         "questions' slopes (Student's t, n - 1 degrees of freedom); an interval holding 0 is no trend beyond noise, "
-        "and bounds the change it rules out. The line summarises the range measured, not a turn within it. "
+        "and bounds the change it rules out. The line summarises the range measured, not a turn within it. It runs "
+        "over the most points paired with each other one by one; a point that is not (other questions or samples, "
+        "or scores kept without answers one by one, as an older evaluation's) is left out of it, named in the "
+        "verdict, the table's `left_out` and the figure. "
         "Every interval, test and trend here measures the noise of the questions (samples) drawn, for one training "
         f"of each row: training again with another seed moves a result too, {seeds} "
         "`mode` says how a ScienceQA row was answered: `generate`, where `unparsed` counts the outputs naming no "
