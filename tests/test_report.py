@@ -339,6 +339,42 @@ def test_jobs_table_reads_every_benchmark_file_longest_first(tmp_path):
     assert jobs_table(None).empty  # no benchmark folder given: no job rows
 
 
+def write_benchmark_as_snakemake_does(path, barrier) -> None:
+    """Snakemake's write_benchmark_records: the file opened ("wt", emptied), its rows written, closed; here with a
+    pause between opening and writing, while the test reads the folder."""
+    with open(path, "wt") as f:
+        barrier.wait(timeout=60)  # the file is there, empty
+        barrier.wait(timeout=60)  # the report has read the folder
+        f.write("s\th:m:s\tmax_rss\n7.5\t0:00:07\t100.0\n")
+
+
+def test_jobs_table_leaves_out_a_job_still_writing_its_benchmark_file(tmp_path):
+    """The jobs table reads every file in the folder, also those of jobs outside the report's DAG (another
+    invocation's, in the same results folder) that may run as the report does: a file being written is empty until
+    Snakemake closes it, and must not fail the report."""
+    import multiprocessing
+
+    done, writing = tmp_path / "benchmarks" / "tokenize" / "alpaca.tsv", tmp_path / "benchmarks" / "evaluate" / "x.tsv"
+    for path in (done, writing):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text("s\th:m:s\tmax_rss\n3.0\t0:00:03\t50.0\n")
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    job = context.Process(target=write_benchmark_as_snakemake_does, args=(writing, barrier))
+    job.start()
+    try:
+        barrier.wait(timeout=60)
+        try:
+            df = jobs_table(tmp_path / "benchmarks")
+        finally:
+            barrier.wait(timeout=60)
+    finally:
+        job.join(timeout=60)
+    assert job.exitcode == 0
+    assert list(df["rule"]) == ["tokenize"]  # the finished job; the one still writing has no time yet
+    assert list(jobs_table(tmp_path / "benchmarks")["rule"]) == ["evaluate", "tokenize"]  # once it is written
+
+
 def test_assigned_splits_are_said_in_plain_words(grid):
     assert protocol_notes(grid) == []  # ScienceQA's own splits: nothing to say
     assigned = {"rule": "pids ordered by sha256(seed, pid), cut by fraction", "seed": 0,

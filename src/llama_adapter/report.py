@@ -944,9 +944,13 @@ def generations_table(generations: dict[str, Path], runs: list[Run]) -> pd.DataF
 
 def jobs_table(benchmarks: Path | None) -> pd.DataFrame:
     """Wall time and peak memory of every job that left a Snakemake benchmark file in `benchmarks` (named
-    RULE.tsv or RULE/JOB.tsv), longest first; no folder, no rows."""
+    RULE.tsv or RULE/JOB.tsv), longest first; no folder, no rows. An empty file is left out: the folder also
+    holds the files of jobs outside the report's DAG (another invocation's in the same results folder), and
+    Snakemake writes one in place, so a job that is ending as the report reads has an empty file, not a time yet."""
     rows = []
     for path in sorted(Path(benchmarks).rglob("*.tsv")) if benchmarks is not None else []:
+        if path.stat().st_size == 0:
+            continue
         bench = read_benchmark(path)
         rule, _, job = path.relative_to(benchmarks).with_suffix("").as_posix().partition("/")
         rows.append({"rule": rule, "job": job or None, "seconds": round(float(bench["s"]), 1),
