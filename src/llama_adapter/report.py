@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -950,6 +951,7 @@ def jobs_table(benchmarks: Path | None) -> pd.DataFrame:
     rows = []
     for path in sorted(Path(benchmarks).rglob("*.tsv")) if benchmarks is not None else []:
         if path.stat().st_size == 0:
+            warnings.warn(f"{path}: empty (a job still running?): not in the jobs table", stacklevel=2)
             continue
         bench = read_benchmark(path)
         rule, _, job = path.relative_to(benchmarks).with_suffix("").as_posix().partition("/")
