@@ -1080,7 +1080,9 @@ def _figure(panels: int = 1):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, *plt.subplots(1, panels, figsize=(max(6, 3.2 * panels), 3.6), dpi=120)
+    # constrained: the layout makes room for each panel's labels and for legends drawn outside the axes, which
+    # tight_layout leaves to overlap the next panel.
+    return plt, *plt.subplots(1, panels, figsize=(max(6, 3.2 * panels), 3.6), dpi=120, layout="constrained")
 
 
 # Each figure is written in these formats, under one name: the PNG that report.md shows, and a PDF (vectors) to
@@ -1095,7 +1097,6 @@ def _save(plt, fig, ax, path: Path, title: str) -> None:
         fig.suptitle(title, fontsize=10)
     else:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
     for fmt in FIGURE_FORMATS:
         # bbox_inches: a legend beside the axes stays in the picture. The PDF without its CreationDate (a PNG has
         # no date): the same runs give the same bytes on any day.
@@ -1233,9 +1234,11 @@ def ablations_figure(tables: dict[str, pd.DataFrame], path: Path, center: dict) 
             ax.set_xscale("log", base=base)
         ax.set_xticks(x, [str(v) for v in table[axis]], minor=False)  # the values as the config sets them
         ax.set_xticks([], minor=True)
-        ax.set(xlabel=(f"{axis}: number of {AXIS_UNITS[axis]}s" if axis in AXIS_UNITS else axis)
-               + (" (log scale)" if log else ""),
-               ylabel="accuracy (%), 95% interval" if questions else "held-out loss (nats per target token)")
+        # Labels a size smaller than a one-Axes figure's: at half its width a panel's labels would run into the next.
+        ax.set_xlabel((f"{axis}: number of {AXIS_UNITS[axis]}s" if axis in AXIS_UNITS else axis)
+                      + (" (log scale)" if log else ""), fontsize=8)
+        ax.set_ylabel("accuracy (%), 95% interval" if questions else "held-out loss (nats per target token)",
+                      fontsize=8)
         ax.set_title(axis, fontsize=9)
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below the panel, off the points
     _save(plt, fig, axes, path, title)
