@@ -343,8 +343,8 @@ def test_a_failure_or_stop_under_a_callers_run_ends_the_child_only(callers_run, 
     monkeypatch.setattr(tracking, "environment", environment)
     with pytest.raises(type(raised)):
         tracking.Tracker(store / "out", "stopped child", "tests")
-    experiment = mlflow.get_experiment_by_name("llama-adapter").experiment_id
-    [child] = mlflow.MlflowClient().search_runs([experiment], "attributes.run_name = 'stopped child'")
+    [child] = mlflow.MlflowClient().search_runs([callers_run.info.experiment_id],
+                                                "attributes.run_name = 'stopped child'")
     assert child.data.tags["mlflow.parentRunId"] == callers_run.info.run_id
     assert child.info.status == ("FAILED" if error == "failure" else "KILLED")
     assert_still_the_callers(callers_run)
@@ -371,3 +371,43 @@ def test_a_stop_as_the_child_run_ends_leaves_the_callers_run_alone(callers_run, 
         t.close()
     assert mlflow.MlflowClient().get_run(t.run_id).info.status == "FINISHED"
     assert_still_the_callers(callers_run)
+
+
+@pytest.mark.parametrize("named", [None, "named by the user"])
+def test_under_a_callers_run_the_child_is_in_that_runs_experiment(callers_run, store, monkeypatch, named):
+    """The child of a caller's run went to the library's experiment (llama-adapter), apart from its parent, and the
+    UI, which nests runs within one experiment, did not show it nested: now it goes to its parent's experiment,
+    unless $MLFLOW_EXPERIMENT_NAME names one."""
+    import mlflow
+
+    from llama_adapter.tracking import Tracker
+
+    if named:
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", named)
+    t = Tracker(store / "out", "child", "tests")
+    t.close()
+    expected = mlflow.get_experiment_by_name(named).experiment_id if named else callers_run.info.experiment_id
+    assert mlflow.MlflowClient().get_run(t.run_id).info.experiment_id == expected
+    assert_still_the_callers(callers_run)
+
+
+def test_under_a_callers_run_of_another_store_the_child_is_in_the_librarys_experiment(store, tmp_path, monkeypatch):
+    """A caller's run in another store than the one the library logs to (the caller named a store after starting
+    its run) has no experiment there: the child goes to the library's own experiment, not without MLflow."""
+    import mlflow
+
+    from llama_adapter.tracking import DEFAULT_EXPERIMENT, Tracker
+
+    library_store, callers_store = os.environ["MLFLOW_TRACKING_URI"], f"sqlite:///{tmp_path}/the caller's.db"
+    mlflow.set_tracking_uri(callers_store)  # sets $MLFLOW_TRACKING_URI too
+    mlflow.set_experiment("notebook")
+    callers_run = mlflow.start_run(run_name="the caller's own run")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", library_store)
+    t = Tracker(store / "out", "child", "tests")
+    t.close()
+    library = mlflow.MlflowClient(library_store)
+    librarys_experiment = library.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id
+    assert library.get_run(t.run_id).info.experiment_id == librarys_experiment
+    assert mlflow.active_run().info.run_id == callers_run.info.run_id
+    mlflow.set_tracking_uri(callers_store)  # where the caller ends its run
+    mlflow.end_run()

@@ -106,7 +106,7 @@ def start_parent_run(name: str, tags: dict[str, str] | None = None, config: dict
     import mlflow
 
     uri = use_store(mlflow)
-    experiment_id = use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
+    experiment_id = use_experiment(mlflow, experiment_name(), uri)
     # The client, not mlflow.start_run: an active run would be ended by MLflow's exit hook with this process.
     client = mlflow.MlflowClient()
     run_id = client.create_run(experiment_id, run_name=name, tags=run_tags("snakemake", tags)).info.run_id
@@ -210,6 +210,29 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+def experiment_name() -> str:
+    """The experiment the user names ($MLFLOW_EXPERIMENT_NAME, which the workflow sets from mlflow.experiment),
+    else the library's."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+
+
+def use_run_experiment(mlflow, uri: str, caller_run_id: str | None) -> str:
+    """Make the experiment of a tracker's run current; its id. Under a caller's active run and unless the user names
+    an experiment, the caller's run's: MLflow's UI shows a child nested under its parent only within one experiment
+    (MLflow itself puts a nested run in the current experiment, not its parent's). A caller's run this store does
+    not hold (the caller's own tracking URI) has no experiment here: then, as without a caller, experiment_name()."""
+    if caller_run_id is not None and "MLFLOW_EXPERIMENT_NAME" not in os.environ:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            caller_experiment_id = mlflow.MlflowClient().get_run(caller_run_id).info.experiment_id
+        except MlflowException:
+            pass
+        else:
+            return mlflow.set_experiment(experiment_id=caller_experiment_id).experiment_id
+    return use_experiment(mlflow, experiment_name(), uri)
+
+
 def use_experiment(mlflow, name: str, uri: str) -> str:
     """Create the experiment if needed (artifacts beside a SQLite store), make it current; its id."""
     if mlflow.get_experiment_by_name(name) is None:
@@ -231,8 +254,8 @@ class Tracker:
         caller truncated to the checkpoint) but not to MLflow, so that its history has each step of a metric
         once. Every run records its environment (tags env.*, and environment/requirements.txt) and system
         metrics (CPU, memory, GPU). Called under an MLflow run of the caller's own (a notebook's or script's
-        mlflow.start_run), the new run is its child, and only that child is ever ended: the caller's run stays
-        active."""
+        mlflow.start_run), the new run is its child, in its experiment unless $MLFLOW_EXPERIMENT_NAME names one,
+        and only that child is ever ended: the caller's run stays active."""
         self.enabled = enabled
         self.mlflow = None  # the module, once the run started; kept after a failure, to end the run as it ends
         self.logging = False  # whether MLflow takes what the run logs (off once dropped, and once closed)
@@ -259,8 +282,7 @@ class Tracker:
 
                 if caller := mlflow.active_run():
                     self.caller_run_id = caller.info.run_id
-                uri = use_store(mlflow)
-                use_experiment(mlflow, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), uri)
+                use_run_experiment(mlflow, use_store(mlflow), self.caller_run_id)
                 run = resumed_run(mlflow, run_id, tags) if run_id is not None else None
                 if run is not None:
                     self.logged_through = last_logged_steps(mlflow.MlflowClient(), run_id)
