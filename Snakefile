@@ -2,11 +2,6 @@
 # lives in the package (src/llama_adapter), which works without Snakemake.
 
 
-import time
-
-from llama_adapter.tracking import end_invocation_run, start_invocation_run
-
-
 configfile: "config.yaml"
 
 
@@ -19,18 +14,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
-
-
-onstart:
-    start_invocation_run(f"snakemake {time.strftime('%Y-%m-%d %H:%M:%S')}", config)
-
-
-onsuccess:
-    end_invocation_run("FINISHED")
-
-
-onerror:
-    end_invocation_run("FAILED")
+include: "workflow/rules/tracking.smk"
 
 
 rule all:

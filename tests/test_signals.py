@@ -512,3 +512,49 @@ def test_a_second_close_after_a_stop_in_the_first_starts_no_run(tmp_path, monkey
     runs = client().search_runs([experiment])
     assert {r.info.run_id for r in runs} == before, [r.info.run_name for r in runs]
     assert [r.info.status for r in runs if r.info.run_name == "closed twice"] == ["KILLED"]
+
+
+# --------------------------------------------------------------------------- a stopped workflow invocation
+
+# A one-job workflow with the project's MLflow hooks; its job marks that it started, then does `job`.
+ONE_JOB_WORKFLOW = """
+include: {hooks!r}
+
+
+rule all:
+    output:
+        "done",
+    shell:
+        "touch started; {job}; touch {{output}}"
+"""
+
+
+@pytest.mark.parametrize("end", ["job fails", "SIGTERM", "SIGINT"])
+def test_an_invocation_stopped_by_a_signal_ends_its_parent_run_killed(tmp_path, end):
+    """SIGTERM (scancel, a time limit) or Ctrl-C to a running snakemake and its job, as SLURM and a terminal send
+    them: Snakemake calls onerror as for a failed job, and the parent run ended FAILED; now KILLED, tagged
+    stopped_by. A job that fails still ends it FAILED."""
+    from dag import REPO, SNAKEMAKE, snakemake_env
+
+    from llama_adapter.tracking import sqlite_uri
+
+    if not Path(SNAKEMAKE).exists():
+        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
+    job = "exit 1" if end == "job fails" else "sleep 120"
+    snakefile = tmp_path / "Snakefile"
+    snakefile.write_text(ONE_JOB_WORKFLOW.format(hooks=str(REPO / "workflow/rules/tracking.smk"), job=job))
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    proc = subprocess.Popen([SNAKEMAKE, "--snakefile", str(snakefile), "--directory", str(tmp_path), "--cores", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=snakemake_env() | {"MLFLOW_TRACKING_URI": uri})
+    if end != "job fails":
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (tmp_path / "started").exists():
+            time.sleep(0.05)
+        os.killpg(proc.pid, getattr(signal, end))  # the whole process group, as SLURM and a terminal do
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-3000:]
+    store = mlflow.MlflowClient(uri)
+    [parent] = store.search_runs([store.get_experiment_by_name("llama-adapter").experiment_id])
+    expected = ("FAILED", None) if end == "job fails" else ("KILLED", end)
+    assert (parent.info.status, parent.data.tags.get("stopped_by")) == expected, out[-3000:]

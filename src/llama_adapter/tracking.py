@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -120,11 +121,14 @@ def start_parent_run(name: str, tags: dict[str, str] | None = None, config: dict
     return run_id
 
 
-def end_run(run_id: str, status: str = "FINISHED") -> None:
+def end_run(run_id: str, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
     import mlflow
 
     use_store(mlflow)
-    mlflow.MlflowClient().set_terminated(run_id, status=status)
+    client = mlflow.MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status=status)
 
 
 def export_invocation(tracking_uri_: str, experiment: str, tags: dict[str, str]) -> None:
@@ -150,10 +154,40 @@ def start_invocation_run(name: str, config: dict | None = None) -> str | None:
     return os.environ["MLFLOW_PARENT_RUN_ID"]
 
 
+# The first stop signal (its name) this workflow invocation received since record_invocation_stops; None: none.
+invocation_stopped_by: str | None = None
+
+
+def record_invocation_stops() -> None:
+    """From now on, the first SIGTERM or SIGINT (Ctrl-C) of this process is remembered for end_invocation_run, then
+    handled as before. Snakemake calls onerror alike for a failed job and for a stop (its SIGTERM handler lets the
+    running jobs end, its Ctrl-C handling cancels them), and says to it neither which nor why. The workflow's
+    onstart calls this: Snakemake has installed its SIGTERM handler by then, which stays the one that acts. A
+    signal without a Python handler (ignored; or the default, which ends the process before onerror) is left as
+    it is; outside the main thread (no handlers there) nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def remember(previous, signum, frame):
+        global invocation_stopped_by
+        invocation_stopped_by = invocation_stopped_by or signal.Signals(signum).name
+        previous(signum, frame)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if callable(previous := signal.getsignal(signum)):
+            signal.signal(signum, functools.partial(remember, previous))
+
+
 def end_invocation_run(status: str) -> None:
+    """End the invocation's parent run with `status`; FAILED (onerror: the invocation did not complete) is KILLED,
+    tagged stopped_by, where a stop signal reached the invocation (record_invocation_stops)."""
     if run_id := os.environ.get("MLFLOW_PARENT_RUN_ID"):
+        stopped_by = invocation_stopped_by if status == "FAILED" else None
         try:
-            end_run(run_id, status)
+            end_run(run_id, "KILLED" if stopped_by else status, {"stopped_by": stopped_by} if stopped_by else None)
         except Exception as e:
             warnings.warn(f"MLflow parent run {run_id} not closed ({type(e).__name__}: {e})", stacklevel=2)
 
