@@ -93,7 +93,7 @@ os.environ.setdefault("LLAMA_ADAPTER_SOURCE", str(Path(workflow.basedir)))
 RESULTS = config["results"]
 
 # Every job's MLflow run is tagged with the hash of the whole config and nested under one parent run per
-# invocation, opened by the Snakefile's onstart (llama_adapter.tracking).
+# invocation, opened by onstart in tracking.smk (llama_adapter.tracking).
 MLFLOW = config.get("mlflow", {})
 export_invocation(  # an exported MLFLOW_TRACKING_URI wins: the default store is then not made (nor checked)
     os.environ.get("MLFLOW_TRACKING_URI")
