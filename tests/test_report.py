@@ -1262,3 +1262,13 @@ def test_the_figure_marks_the_points_left_out_of_the_trend(monkeypatch, tmp_path
         (mark,) = [line for line in ax.get_lines() if line.get_label().startswith("left out")]
         assert mark.get_label() == f"left out of the trend (not paired): {axis} = {left_out[0]}"
         assert mark.get_xydata().tolist() == [left_out]
+
+
+def test_a_list_cell_reads_as_its_values_in_markdown_and_latex():
+    """ablation_trends' left_out holds a list per row: report.md and the .tex table show its values, or none, not
+    Python's brackets."""
+    from llama_adapter.report import to_latex, to_markdown
+
+    df = pd.DataFrame({"axis": ["epochs", "blr"], "left_out": [[8, 13], []]})
+    assert to_markdown(df).splitlines()[2:] == ["| epochs | 8, 13 |", "| blr | none |"]
+    assert r"epochs & 8, 13 \\" in to_latex(df, "trends") and r"blr & none \\" in to_latex(df, "trends")

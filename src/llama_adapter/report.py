@@ -962,6 +962,8 @@ def jobs_table(benchmarks: Path | None) -> pd.DataFrame:
 
 
 def cell(v: Any) -> str:
+    if isinstance(v, list):  # values of one column listed (ablation_trends' left_out): no Python brackets
+        return ", ".join(cell(x) for x in v) or "none"
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, float | np.floating):
