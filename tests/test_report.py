@@ -1272,3 +1272,18 @@ def test_a_list_cell_reads_as_its_values_in_markdown_and_latex():
     df = pd.DataFrame({"axis": ["epochs", "blr"], "left_out": [[8, 13], []]})
     assert to_markdown(df).splitlines()[2:] == ["| epochs | 8, 13 |", "| blr | none |"]
     assert r"epochs & 8, 13 \\" in to_latex(df, "trends") and r"blr & none \\" in to_latex(df, "trends")
+
+
+def test_an_alpaca_center_without_its_samples_losses_is_still_circled(monkeypatch, tmp_path):
+    """The center's circle stood at the table's sample_mean_loss, which an older run's scores (no per-sample
+    losses) leave empty: the circle was drawn at NaN, i.e. not at all. It circles the point as drawn, at its
+    token-weighted loss."""
+    from llama_adapter.report import ablations_figure
+
+    losses, tokens = rising_short_falling_long(np.random.default_rng(3), epochs=(3, 8, 13))
+    losses[5] = (2.5, False)  # the center: an older run's scores, the token-weighted loss alone
+    center = {"epochs": 5}
+    ax = drawn(monkeypatch, tmp_path, ablations_figure, ablation_tables({"epochs": alpaca_axis(losses, tokens)},
+                                                                         center), center)
+    (circle,) = [line for line in ax.get_lines() if line.get_label() == "center (epochs = 5)"]
+    assert circle.get_xydata().tolist() == [[5, 2.5]]

@@ -1211,11 +1211,12 @@ def ablations_figure(tables: dict[str, pd.DataFrame], path: Path, center: dict) 
             token_weighted = table["heldout_loss"].to_numpy(float)
             ax.plot(x, token_weighted, "_", markersize=9, color="0.5",
                     label="ours: token-weighted (heldout_loss), not the trend's")
-            # A point whose scores keep no per-sample losses has the token-weighted loss alone: marked there.
+            # A point whose scores keep no per-sample losses has the token-weighted loss alone: marked (and, the
+            # center, circled) there.
             shown = np.where(np.isnan(y), token_weighted, y)
         at = np.array(center_rows(table, axis, center[axis]))
         if at.any():
-            ax.plot(x[at], y[at], marker="o", markersize=11, fillstyle="none", linestyle="none", color="k",
+            ax.plot(x[at], shown[at], marker="o", markersize=11, fillstyle="none", linestyle="none", color="k",
                     label=f"center ({axis} = {center[axis]})")
         if "accuracy_paper" in table.columns and table["accuracy_paper"].notna().any():
             ax.plot(x, table["accuracy_paper"].to_numpy(float), marker="s", linestyle="--", linewidth=0.8,
