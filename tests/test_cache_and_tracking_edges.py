@@ -411,3 +411,40 @@ def test_under_a_callers_run_of_another_store_the_child_is_in_the_librarys_exper
     assert mlflow.active_run().info.run_id == callers_run.info.run_id
     mlflow.set_tracking_uri(callers_store)  # where the caller ends its run
     mlflow.end_run()
+
+
+# ---------------------------------------------------------------- a workflow invocation's stop signals
+
+
+@pytest.fixture
+def stop_handlers():
+    """SIGTERM's and SIGINT's handlers, stand-ins for Snakemake's, which count the signals; restored after."""
+    import signal
+
+    seen = []
+    before = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield seen
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+def test_a_second_invocation_in_one_process_forgets_the_first_ones_stop(stop_handlers, monkeypatch):
+    """Two invocations through Snakemake's API in one process: each onstart calls record_invocation_stops. The
+    second kept the first one's stop (its failure ended KILLED, tagged with a signal it never received) and wrapped
+    the first's wrapper again (each signal then passed through both)."""
+    import signal
+
+    from llama_adapter import tracking
+
+    monkeypatch.setattr(tracking, "invocation_stopped_by", None)
+    tracking.record_invocation_stops()
+    signal.raise_signal(signal.SIGINT)  # the first invocation, stopped by Ctrl-C
+    assert tracking.invocation_stopped_by == "SIGINT"
+    tracking.record_invocation_stops()  # the second one's onstart
+    assert tracking.invocation_stopped_by is None
+    signal.raise_signal(signal.SIGTERM)
+    assert tracking.invocation_stopped_by == "SIGTERM"
+    assert stop_handlers == [signal.SIGINT, signal.SIGTERM]  # each handled once, by the handler it had before
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(signum)
+        assert handler.func is tracking._remember_stop and not hasattr(handler.args[0], "func"), handler

@@ -158,27 +158,35 @@ def start_invocation_run(name: str, config: dict | None = None) -> str | None:
 invocation_stopped_by: str | None = None
 
 
+def _remember_stop(previous, signum, frame):
+    """A stop signal's handler while record_invocation_stops is in force: remember it, then `previous` acts."""
+    import signal
+
+    global invocation_stopped_by
+    invocation_stopped_by = invocation_stopped_by or signal.Signals(signum).name
+    previous(signum, frame)
+
+
 def record_invocation_stops() -> None:
     """From now on, the first SIGTERM or SIGINT (Ctrl-C) of this process is remembered for end_invocation_run, then
     handled as before. Snakemake calls onerror alike for a failed job and for a stop (its SIGTERM handler lets the
     running jobs end, its Ctrl-C handling cancels them), and says to it neither which nor why. The workflow's
     onstart calls this: Snakemake has installed its SIGTERM handler by then, which stays the one that acts. A
     signal without a Python handler (ignored; or the default, which ends the process before onerror) is left as
-    it is; outside the main thread (no handlers there) nothing changes."""
+    it is; outside the main thread (no handlers there) nothing changes. Called again (another invocation in the
+    same process, through Snakemake's API), it forgets the earlier invocation's stop and wraps no handler twice."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
-
-    def remember(previous, signum, frame):
-        global invocation_stopped_by
-        invocation_stopped_by = invocation_stopped_by or signal.Signals(signum).name
-        previous(signum, frame)
-
+    global invocation_stopped_by
+    invocation_stopped_by = None
     for signum in (signal.SIGTERM, signal.SIGINT):
-        if callable(previous := signal.getsignal(signum)):
-            signal.signal(signum, functools.partial(remember, previous))
+        previous = signal.getsignal(signum)
+        wrapped = isinstance(previous, functools.partial) and previous.func is _remember_stop
+        if callable(previous) and not wrapped:
+            signal.signal(signum, functools.partial(_remember_stop, previous))
 
 
 def end_invocation_run(status: str) -> None:
