@@ -229,8 +229,11 @@ def tracking_uri() -> str:
 def use_store(mlflow) -> str:
     """Make tracking_uri() MLflow's store; its URI. A new SQLite file gets its tables from MLflow's migrations
     as a client first opens it: jobs that open one at once would each migrate it, and all but one lose MLflow
-    ("table ... already exists"), so the first opening of the store in a process waits for a lock on its folder.
-    Where the folder cannot be locked (some network file systems) the store opens unlocked."""
+    ("table ... already exists"), so each call opens the store holding a lock on its folder (after a process's
+    first, MLflow's opened store is kept and this is one query). The lock keeps out the processes of this host
+    only where the folder is on NFS or Lustre (a directory's flock there is the host's own, without an error: jobs
+    of several nodes on a new store still race; the README's advice for a cluster is a tracking server, and the
+    workflow's onstart opens the store before any job does). Where flock fails, the store opens unlocked."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if (db := sqlite_path(uri)) is not None:
