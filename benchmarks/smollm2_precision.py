@@ -24,7 +24,7 @@ Usage:
     python benchmarks/smollm2_precision.py --gguf $G --alpaca a/tok --scienceqa s/tok --questions s/validated
     python benchmarks/smollm2_precision.py --gguf $G --goals int8 --scienceqa s/tok --questions s/validated
     python benchmarks/smollm2_precision.py ... --device cpu --max-steps 2 --limit 8   (a smoke check: fp32, and
-        float8 emulated by torch)
+        float8 emulated by torchao: quantize.float8_matmuls)
 Prints the held-out losses and the answer agreement, each beside its goal.
 """
 

@@ -129,7 +129,7 @@ FLOAT8_CAPABILITY = (8, 9)
 def float8_matmuls(model: Transformer, device: torch.device, cast_weights: bool = True) -> Transformer:
     """Make the frozen block projections of a model about to train on `device` compute in float8 (see the module's
     docstring), in place; before compile_blocks and before sharding (so the model may still be on the CPU while
-    `device`, where its matmuls will run, is a GPU). On the CPU torch emulates the float8 matmul (tests).
+    `device`, where its matmuls will run, is a GPU). On the CPU torchao emulates the float8 matmul (tests).
 
     cast_weights: cast the frozen weights to float8 here, once, instead of at every matmul. A frozen weight's
     scale never changes, so the result is the same; each step no longer reads every bf16 weight twice (its
@@ -150,8 +150,12 @@ def float8_matmuls(model: Transformer, device: torch.device, cast_weights: bool 
     tensorwise = float8.Float8LinearConfig.from_recipe_name("tensorwise")
     high = lambda cast: float8.CastConfig(scaling_type=float8.ScalingType.DISABLED,  # noqa: E731
                                           target_dtype=cast.target_dtype)
+    # Off a GPU, torchao's emulation: the same float8 values and scales, their product by torch.mm in fp32. torch's
+    # own float8 matmul on the CPU is a reference loop (0.14 GFLOP/s on 2 cores with torch 2.13): a training step
+    # of SmolLM2-135M did not end in 8 minutes (benchmarks/smollm2_precision.py's CPU smoke check).
     config = replace(tensorwise, cast_config_input_for_grad_weight=high(tensorwise.cast_config_input),
-                     cast_config_grad_output_for_grad_weight=high(tensorwise.cast_config_grad_output))
+                     cast_config_grad_output_for_grad_weight=high(tensorwise.cast_config_grad_output),
+                     emulate=device.type != "cuda")
     float8.convert_to_float8_training(model.layers, config=config,
                                       module_filter_fn=lambda module, name: id(module) in frozen)
     return cast_float8_weights(model) if cast_weights else model
