@@ -197,9 +197,9 @@ def test_baselines_train_and_resume_exactly(setup, tmp_path, method, lr):
 
 @pytest.mark.parametrize(("method", "lr"), [("adapter", None), ("lora", 0.05)])
 def test_fp8_base_trains_as_the_full_precision_base_does(setup, tmp_path, method, lr):
-    """--precision fp8: the frozen projections' matmuls in float8 (torchao, which torch emulates on the CPU).
-    Measured over these 18 steps, the largest per-step loss difference from fp32 is 0.23% (adapter) and 1.5% (LoRA),
-    the final held-out loss 0.08% and 1.1% apart; asserted < 5% and < 3%. The saved file is the method's usual one."""
+    """--precision fp8: the frozen projections' matmuls in float8 (torchao, which emulates them on the CPU).
+    Measured over these 18 steps, the largest per-step loss difference from fp32 is 0.26% (adapter) and 1.3% (LoRA),
+    the final held-out loss 0.17% and 1.0% apart; asserted < 5% and < 3%. The saved file is the method's usual one."""
     pytest.importorskip("torchao")
     from llama_adapter.config import WEIGHTS
 
