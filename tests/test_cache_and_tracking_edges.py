@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -479,3 +480,84 @@ def test_a_dataset_another_job_inserted_first_into_a_sqlite_store_is_recorded(st
         t.close()
     inputs = mlflow.MlflowClient().get_run(t.run_id).inputs.dataset_inputs
     assert ([d.dataset.name for d in inputs], t.lost) == (["shared/train"], 0)
+
+
+# ---------------------------------------------------------------- runs whose process was killed outright
+
+HOLD_A_RUN = textwrap.dedent("""
+    import sys, time, warnings
+    from pathlib import Path
+    from llama_adapter.tracking import Tracker
+    warnings.simplefilter("ignore")
+    t = Tracker(Path(sys.argv[1]), sys.argv[2], "tests")
+    Path(sys.argv[1], "run_id").write_text(t.run_id)
+    time.sleep(600)  # a long job: SIGKILLed (the out-of-memory killer) or left running
+""")
+
+
+def test_a_run_whose_process_was_killed_outright_is_ended_as_the_next_invocation_starts(store, monkeypatch):
+    """A job killed by SIGKILL (the out-of-memory killer) runs no handler: its run stayed RUNNING for ever. The next
+    invocation's start ends it KILLED, tagged ended_by=orphaned, and names it; a job still running keeps its run
+    RUNNING."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    env = {**os.environ, "PYTHONPATH": str(Path(tracking.__file__).parents[1])}
+    jobs = {name: subprocess.Popen([sys.executable, "-c", HOLD_A_RUN, str(store / name), name], env=env)
+            for name in ("killed", "alive")}
+    try:
+        run_ids = {}
+        for name, job in jobs.items():
+            while not (store / name / "run_id").exists():
+                assert job.poll() is None, f"the {name} job ended before its run opened"
+                time.sleep(0.1)
+            run_ids[name] = (store / name / "run_id").read_text()
+        jobs["killed"].kill()
+        jobs["killed"].wait()
+        monkeypatch.setenv("MLFLOW_PARENT_RUN_ID", "")  # restored (absent) after the test
+        monkeypatch.delenv("MLFLOW_PARENT_RUN_ID")
+        with pytest.warns(UserWarning, match=r"1 run\(s\) left RUNNING by a process killed outright ended KILLED, "
+                                             r"tagged ended_by=orphaned: killed$"):
+            parent = tracking.start_invocation_run("snakemake next", None)
+        client = mlflow.MlflowClient()
+        killed, alive = (client.get_run(run_ids[name]) for name in ("killed", "alive"))
+        assert killed.info.status == "KILLED" and killed.data.tags["ended_by"] == "orphaned"
+        assert alive.info.status == "RUNNING" and "ended_by" not in alive.data.tags
+        assert client.get_run(parent).info.status == "RUNNING"  # the new invocation's own run
+    finally:
+        for job in jobs.values():
+            job.kill()
+            job.wait()
+
+
+def test_only_a_run_whose_end_is_certain_is_ended(store):
+    """end_orphaned_runs reads each RUNNING run's process tags: it ends a run of this host whose pid is gone or
+    is another process now (a pid is reused: the start time differs), and leaves alone another user's run, a run
+    of another host outside SLURM or of another PID namespace (a container), a run without process tags (an
+    older run) and a live process's run."""
+    import mlflow
+    import psutil
+
+    from llama_adapter import tracking
+
+    me = tracking.process_tags()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cases = {
+        "this process": (me, "RUNNING"),
+        "pid gone": ({**me, "process.pid": str(dead.pid)}, "KILLED"),
+        "pid reused": ({**me, "process.started": f"{psutil.Process().create_time() - 100:.2f}"}, "KILLED"),
+        "another user": ({**me, "process.pid": str(dead.pid), "process.uid": str(os.getuid() + 1)}, "RUNNING"),
+        "another host": ({**me, "process.pid": str(dead.pid), "process.host": "elsewhere"}, "RUNNING"),
+        "another container": ({**me, "process.pid": str(dead.pid), "process.pid_namespace": "pid:[1]"}, "RUNNING"),
+        "no process tags": ({}, "RUNNING"),
+    }
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("orphans")
+    runs = {name: client.create_run(experiment, tags=tags, run_name=name).info.run_id
+            for name, (tags, _) in cases.items()}
+    assert sorted(tracking.end_orphaned_runs(client, experiment)) == ["pid gone", "pid reused"]
+    for name, (_, status) in cases.items():
+        assert client.get_run(runs[name]).info.status == status, name

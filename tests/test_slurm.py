@@ -287,3 +287,45 @@ def test_a_training_cut_by_its_time_limit_resumes_in_the_next_invocation(slurm_r
     run = training_run(root, TIME_LIMITED)
     assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"] == second_job != first_job
     assert run.data.tags["resumed_world_size"] == "1" and run.data.tags["checkpoint_step"] == str(stopped_at)
+
+
+def test_a_run_of_a_slurm_job_that_squeue_no_longer_lists_is_ended(slurm_run, tmp_path, monkeypatch):
+    """A run of a job on another node (its process out of reach) is read through SLURM: ended KILLED where squeue
+    no longer lists its job, left alone where the job is listed, where it ran on another cluster (a tracking
+    server shared by two) or as an array's task (whose id squeue shows otherwise)."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    def submit(command: str) -> str:
+        return subprocess.run(["sbatch", "--parsable", "--partition", slurm_cluster.PARTITION, "--account",
+                               slurm_cluster.ACCOUNT, "--output", "/dev/null", "--wrap", command], check=True,
+                              capture_output=True, text=True).stdout.strip().split(";")[0]
+
+    def listed(job_id: str) -> bool:
+        return job_id in subprocess.run(["squeue", "--noheader", "--format", "%i"], capture_output=True,
+                                        text=True).stdout.split()
+
+    live, ended = submit("sleep 300"), submit("true")
+    try:
+        deadline = time.monotonic() + 60
+        while listed(ended):
+            assert time.monotonic() < deadline, f"job {ended} (true) still in the queue after 60 s"
+            time.sleep(0.5)
+        cluster = tracking.slurm_jobs()[0]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.sqlite_uri(tmp_path / "mlflow.db"))
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        client = mlflow.MlflowClient()
+        experiment = client.create_experiment("orphans")
+        node = {**tracking.process_tags(), "process.host": "another-node", "slurm_cluster": cluster}
+        cases = {"job gone": ({**node, "slurm_job_id": ended}, "KILLED"),
+                 "job listed": ({**node, "slurm_job_id": live}, "RUNNING"),
+                 "another cluster": ({**node, "slurm_job_id": ended, "slurm_cluster": "other"}, "RUNNING"),
+                 "array task": ({**node, "slurm_job_id": ended, "slurm_array_job_id": ended}, "RUNNING")}
+        runs = {name: client.create_run(experiment, tags=tags, run_name=name).info.run_id
+                for name, (tags, _) in cases.items()}
+        assert tracking.end_orphaned_runs(client, experiment) == ["job gone"]
+        for name, (_, status) in cases.items():
+            assert client.get_run(runs[name]).info.status == status, name
+    finally:
+        subprocess.run(["scancel", live], check=False)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import warnings
@@ -38,6 +39,7 @@ MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "5"}
 PARAM_VALUE_LIMIT = 6000  # MLflow's maximum length of a parameter value
 MLFLOW_FAILURES_TO_DROP = 3  # calls failed in a row that mean MLflow is gone, not one call refused
+ORPHANED = {"ended_by": "orphaned"}  # the tag of a run whose process was killed outright (end_orphaned_runs)
 LOST_CALLS_TAG = "mlflow_calls_lost"  # on a run that lost calls: how many (its history lacks what they logged)
 
 
@@ -69,9 +71,9 @@ def config_hash(config: dict) -> str:
 
 
 def run_tags(source: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Tags of a run: the caller's, the invocation's (from $LLAMA_ADAPTER_TAGS), the git commit and the SLURM
-    job id when there is one. The commit and the entry point (`source`) also go in MLflow's own
-    mlflow.source.* tags, which its UI shows as the run's source and version."""
+    """Tags of a run: the caller's, the invocation's (from $LLAMA_ADAPTER_TAGS), the git commit, the SLURM
+    job id when there is one and the process that runs it (process_tags). The commit and the entry point
+    (`source`) also go in MLflow's own mlflow.source.* tags, which its UI shows as the run's source and version."""
     try:
         shared = json.loads(os.environ.get(TAGS_ENV) or "{}")
     except json.JSONDecodeError as e:
@@ -80,8 +82,22 @@ def run_tags(source: str, extra: dict[str, str] | None = None) -> dict[str, str]
         raise ValueError(f"${TAGS_ENV} must be a JSON object of tags; it holds a JSON {type(shared).__name__}")
     commit = git_commit()
     found = {"git_commit": commit, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-             "mlflow.source.git.commit": commit, "mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
+             "mlflow.source.git.commit": commit, "mlflow.source.name": source, "mlflow.source.type": "LOCAL",
+             **process_tags()}
     return {**{k: str(v) for k, v in shared.items()}, **{k: v for k, v in found.items() if v}, **(extra or {})}
+
+
+def process_tags() -> dict[str, str]:
+    """Which process runs a run: its user id, host, pid and start time, and in a SLURM job the cluster and whether
+    the job is an array's task. What end_orphaned_runs reads to tell a run whose process was killed outright
+    (SIGKILL, the kernel's out-of-memory killer: no handler runs, and the run would stay RUNNING for ever)
+    from a live one."""
+    import psutil
+
+    return {"process.uid": str(os.getuid()), "process.host": socket.gethostname(), "process.pid": str(os.getpid()),
+            "process.pid_namespace": pid_namespace(), "process.started": f"{psutil.Process().create_time():.2f}",
+            "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME", ""),
+            "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID", "")}
 
 
 def environment() -> dict[str, str]:
@@ -151,7 +167,102 @@ def start_invocation_run(name: str, config: dict | None = None) -> str | None:
         except Exception as e:
             warnings.warn(f"MLflow parent run not created ({type(e).__name__}: {e})", stacklevel=2)
             return None
+        report_orphaned_runs(os.environ["MLFLOW_PARENT_RUN_ID"])
     return os.environ["MLFLOW_PARENT_RUN_ID"]
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace (Linux; "" elsewhere): two containers of one host name (Docker's host
+    network) number their processes apart, and a pid is only looked up within its own namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def report_orphaned_runs(run_id: str) -> None:
+    """As an invocation starts: end the orphaned runs of its parent run's experiment (end_orphaned_runs) and say
+    which, in a warning. Not a reason to stop the pipeline where it fails."""
+    import mlflow
+
+    try:
+        use_store(mlflow)
+        client = mlflow.MlflowClient()
+        ended = end_orphaned_runs(client, client.get_run(run_id).info.experiment_id)
+    except Exception as e:
+        warnings.warn(f"MLflow orphaned runs not looked for ({type(e).__name__}: {e})", stacklevel=3)
+        return
+    if ended:
+        tag = ", ".join(f"{k}={v}" for k, v in ORPHANED.items())
+        warnings.warn(f"MLflow: {len(ended)} run(s) left RUNNING by a process killed outright ended KILLED, tagged "
+                      f"{tag}: {', '.join(ended)}", stacklevel=3)
+
+
+def end_orphaned_runs(client, experiment_id: str) -> list[str]:
+    """End KILLED, tagged ORPHANED, the RUNNING runs of an experiment whose process is gone: killed outright
+    (SIGKILL, the out-of-memory killer, a node lost), it ran no handler to end its run. Only this user's runs
+    (process_tags), and only where the end is certain: a run of this host and PID namespace whose process no
+    longer runs (its pid and start time: a pid is reused), a run of a SLURM job of this cluster (not an array's
+    task) that squeue no longer lists. A run of another host outside SLURM, or without process tags (an older
+    run), is left as it is. Each process or job is found gone before its run is read RUNNING, so a run its job
+    ended meanwhile keeps its status. The names of the runs ended."""
+    host, namespace, uid = socket.gethostname(), pid_namespace(), str(os.getuid())
+    jobs = slurm_jobs()  # before the runs are read: a job squeue no longer lists had ended by then
+    ended, page = [], None
+    while True:
+        runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000,
+                                  page_token=page)
+        for run in runs:
+            tags = run.data.tags
+            try:
+                pid, started = int(tags["process.pid"]), float(tags["process.started"])
+            except (KeyError, ValueError):  # an older run, or tags edited by hand: nothing certain
+                continue
+            if tags.get("process.uid") != uid:
+                continue
+            if tags.get("process.host") == host and tags.get("process.pid_namespace", "") == namespace:
+                gone = not process_runs(pid, started)
+            elif tags.get("slurm_job_id") and not tags.get("slurm_array_job_id") and jobs is not None:
+                gone = tags.get("slurm_cluster", jobs[0]) == jobs[0] and tags["slurm_job_id"] not in jobs[1]
+            else:
+                continue
+            # The process found gone first, its run then read RUNNING: nothing will end it now
+            if gone and client.get_run(run.info.run_id).info.status == "RUNNING":
+                for key, value in ORPHANED.items():
+                    client.set_tag(run.info.run_id, key, value)
+                client.set_terminated(run.info.run_id, status="KILLED")
+                ended.append(run.info.run_name or run.info.run_id)
+        page = runs.token
+        if not page:
+            return ended
+
+
+def process_runs(pid: int, started: float) -> bool:
+    """Whether the process `pid` that started at `started` (seconds since the epoch) still runs."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return abs(process.create_time() - started) < 1 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's process: it runs
+        return True
+
+
+def slurm_jobs() -> tuple[str, set[str]] | None:
+    """This SLURM cluster's name and the ids of this user's jobs squeue lists (pending, running, completing);
+    None where SLURM does not answer here (not installed, its controller down)."""
+    try:
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30,
+                                check=True).stdout
+        listed = subprocess.run(["squeue", "--noheader", "--user", str(os.getuid()), "--format", "%i"],
+                                capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    cluster = next((line.split("=", 1)[1].strip() for line in config.splitlines()
+                    if line.split("=", 1)[0].strip() == "ClusterName"), "")
+    return cluster, set(listed.split())
 
 
 # The first stop signal (its name) this workflow invocation received since record_invocation_stops; None: none.

@@ -1,5 +1,6 @@
 # One MLflow parent run per invocation, which every job's run nests under (llama_adapter.tracking): RUNNING while
-# the invocation runs, then FINISHED, FAILED, or KILLED where a stop signal (SIGTERM, Ctrl-C) ended it.
+# the invocation runs, then FINISHED, FAILED, or KILLED where a stop signal (SIGTERM, Ctrl-C) ended it. Its start
+# also ends the runs that jobs killed outright left RUNNING (tracking.end_orphaned_runs).
 
 import time
 
