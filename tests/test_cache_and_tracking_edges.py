@@ -1,7 +1,7 @@
 """The compile cache and the MLflow tracking at their edges: a cut or damaged cache file costs a cold compile and
 extracts nothing; a run whose logging failed still ends with the job's status and leaves the process's next run
-free; a stale parent run id, a non-object $LLAMA_ADAPTER_TAGS, a parent run whose set-up failed. MLflow on a
-SQLite file in tmp_path; no server, no GPU."""
+free; a stale parent run id, a non-object $LLAMA_ADAPTER_TAGS, a parent run whose set-up failed; a run whose
+process was killed outright, ended by the next invocation. MLflow on a SQLite file in tmp_path; no server, no GPU."""
 
 import json
 import os
