@@ -45,7 +45,9 @@ def snakemake_command(*args, cwd=REPO) -> list[str]:
 
 
 def snakemake_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_PARENT_RUN_ID")}
+    # The tests' MLflow store and experiment, not the caller's (nor one mlflow.set_experiment exported in the tests)
+    mine = ("MLFLOW_TRACKING_URI", "MLFLOW_PARENT_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+    env = {k: v for k, v in os.environ.items() if k not in mine}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     return env
 

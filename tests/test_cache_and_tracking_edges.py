@@ -82,6 +82,10 @@ def store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
     monkeypatch.delenv("LLAMA_ADAPTER_TAGS", raising=False)
+    # mlflow.set_experiment (a caller's, in a test) exports the experiment's id, which would choose the next test's
+    # experiment in another store: unset, and undone after the test (monkeypatch restores only what it saw set).
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
     yield tmp_path
     import mlflow
 
@@ -259,6 +263,84 @@ def test_parent_run_not_left_running_when_its_setup_fails(store, monkeypatch):
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
     assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+
+
+# ---------------------------------------------------------------- the experiment: $MLFLOW_EXPERIMENT_NAME or _ID
+
+
+@pytest.fixture
+def experiments(store, monkeypatch):
+    """Two experiments in the store ("chosen", "other": name -> id), and neither variable set."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    # No current experiment of an earlier test's mlflow.set_experiment (MLflow's own in-process state): the id it
+    # exported is not the user's, and one of these experiments may have the same id in this store.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    return {name: client.create_experiment(name) for name in ("chosen", "other")}
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_an_experiment_id_the_user_sets_takes_the_runs(experiments, store, monkeypatch, named):
+    """MLFLOW_EXPERIMENT_ID, MLflow's other way to choose an experiment (an existing one's id), was ignored: the
+    job's and the invocation's runs went to the library's experiment (llama-adapter). Alone, or with
+    MLFLOW_EXPERIMENT_NAME naming the same experiment, it takes them."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiments["chosen"])
+    if named:
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "chosen")
+    parent = tracking.start_parent_run("snakemake x")
+    t = tracking.Tracker(store / "out", "job", "tests")
+    t.close()
+    client = mlflow.MlflowClient()
+    assert [client.get_run(r).info.experiment_id for r in (parent, t.run_id)] == [experiments["chosen"]] * 2
+    assert client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT) is None
+
+
+def test_an_experiment_id_and_a_name_apart_are_refused(experiments, store, monkeypatch):
+    """MLFLOW_EXPERIMENT_ID and MLFLOW_EXPERIMENT_NAME naming two experiments (MLflow refuses them too): the runs
+    went to the name's, the id silently ignored; now a job and the invocation stop, both variables named."""
+    from llama_adapter import tracking
+    from llama_adapter.errors import InputError
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiments["chosen"])
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "other")
+    expected = rf"MLFLOW_EXPERIMENT_ID={experiments['chosen']}.*'chosen'.*MLFLOW_EXPERIMENT_NAME='other'"
+    with pytest.raises(InputError, match=expected):
+        tracking.Tracker(store / "out", "job", "tests")
+    with pytest.raises(InputError, match=expected):
+        tracking.start_invocation_run("snakemake x")
+    assert "MLFLOW_PARENT_RUN_ID" not in os.environ
+
+
+@pytest.mark.parametrize("value", ["4711", "not a number"])
+def test_an_experiment_id_the_store_lacks_is_refused(experiments, store, monkeypatch, value):
+    """An id the store has no experiment of (another store's, a typo) was ignored; now it is refused, naming the
+    variable, its value and the store."""
+    from llama_adapter import tracking
+    from llama_adapter.errors import InputError
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", value)
+    with pytest.raises(InputError, match=f"MLFLOW_EXPERIMENT_ID={value}.*{os.environ['MLFLOW_TRACKING_URI']}"):
+        tracking.Tracker(store / "out", "job", "tests")
+
+
+def test_the_workflow_names_no_experiment_over_a_users_id(monkeypatch):
+    """The workflow exports mlflow.experiment as MLFLOW_EXPERIMENT_NAME unless the user set one: beside a user's
+    MLFLOW_EXPERIMENT_ID it named the config's experiment (llama-adapter by default), which then clashed with the
+    id. The environment's choice wins, as its MLFLOW_TRACKING_URI does."""
+    from llama_adapter import tracking
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", tracking.TAGS_ENV):  # restored after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "7")
+    tracking.export_invocation("sqlite:///x.db", "llama-adapter", {})
+    assert "MLFLOW_EXPERIMENT_NAME" not in os.environ and os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///x.db"
 
 
 # ---------------------------------------------------------------- under a caller's own MLflow run

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import RUN_LOG
-from .errors import STOPS
+from .errors import STOPS, InputError
 from .io import sha256_tree
 
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"  # MLflow >= 3.13 refuses the plain file store
 DEFAULT_EXPERIMENT = "llama-adapter"
+# MLflow's two variables that choose the experiment: a name (created if missing), or an existing experiment's id.
+EXPERIMENT_NAME_ENV, EXPERIMENT_ID_ENV = "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"
 TAGS_ENV = "LLAMA_ADAPTER_TAGS"  # a JSON object of tags for every run of a workflow invocation (config hash...)
 # The MLflow client's settings for a job, unless the caller set them: give up on a dead server within seconds,
 # not minutes; sample CPU, memory and GPU every 5 s (MLflow's 10 s would leave a short job without a point: the
@@ -122,8 +124,7 @@ def start_parent_run(name: str, tags: dict[str, str] | None = None, config: dict
     artifact (config.yaml) and its hash as a param."""
     import mlflow
 
-    uri = use_store(mlflow)
-    experiment_id = use_experiment(mlflow, experiment_name(), uri)
+    experiment_id = chosen_experiment(mlflow, use_store(mlflow))
     # The client, not mlflow.start_run: an active run would be ended by MLflow's exit hook with this process.
     client = mlflow.MlflowClient()
     run_id = client.create_run(experiment_id, run_name=name, tags=run_tags("snakemake", tags)).info.run_id
@@ -150,20 +151,26 @@ def end_run(run_id: str, status: str = "FINISHED", tags: dict[str, str] | None =
 def export_invocation(tracking_uri_: str, experiment: str, tags: dict[str, str]) -> None:
     """Set the environment every job of one workflow invocation inherits: the tracking store, experiment
     and tags, unless already set (a cluster job re-reading the workflow keeps what its invocation exported).
-    Environment, not command line: a tag such as the config hash would otherwise change every job's command
-    and make the engine rerun it."""
+    An experiment the user chose by id ($MLFLOW_EXPERIMENT_ID) is not named: the environment's choice wins over
+    the config's, as its store does, and a name beside the id would have to name the same experiment
+    (chosen_experiment). Environment, not command line: a tag such as the config hash would otherwise change
+    every job's command and make the engine rerun it."""
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri_)
-    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", experiment)
+    if not os.environ.get(EXPERIMENT_ID_ENV):
+        os.environ.setdefault(EXPERIMENT_NAME_ENV, experiment)
     os.environ.setdefault(TAGS_ENV, json.dumps(tags))
 
 
 def start_invocation_run(name: str, config: dict | None = None) -> str | None:
     """Open the invocation's parent run (holding `config`, the resolved workflow config) and export
     MLFLOW_PARENT_RUN_ID for its jobs (unless the caller exported one). A tracking store that is down must not
-    stop the pipeline: warn, and jobs log top-level runs."""
+    stop the pipeline: warn, and jobs log top-level runs. An experiment variable that is wrong (InputError) does
+    stop it: every job would be refused it too."""
     if "MLFLOW_PARENT_RUN_ID" not in os.environ:
         try:
             os.environ["MLFLOW_PARENT_RUN_ID"] = start_parent_run(name, {"rule": "all"}, config)
+        except InputError:
+            raise
         except Exception as e:
             warnings.warn(f"MLflow parent run not created ({type(e).__name__}: {e})", stacklevel=2)
             return None
@@ -366,38 +373,70 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def experiment_name() -> str:
-    """The experiment the user names ($MLFLOW_EXPERIMENT_NAME, which the workflow sets from mlflow.experiment),
-    else the library's."""
-    return os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+def users_experiment(mlflow) -> tuple[str | None, str | None]:
+    """The experiment the user chose: its name ($MLFLOW_EXPERIMENT_NAME, which the workflow sets from
+    mlflow.experiment) and its id ($MLFLOW_EXPERIMENT_ID), each None where unset or empty. Not an id that
+    mlflow.set_experiment put there in this process (a notebook's, for its subprocesses): MLflow itself reads that
+    one as the process's current experiment, before the environment, and it may be of another store than the
+    library's (the library follows a caller's experiment through its active run alone: run_experiment)."""
+    chosen_id = os.environ.get(EXPERIMENT_ID_ENV) or None
+    # MLflow keeps the experiment set_experiment chose in this private variable (None: none); an MLflow without it
+    # leaves every id in the environment the user's.
+    if chosen_id is not None and chosen_id == getattr(mlflow.tracking.fluent, "_active_experiment_id", None):
+        chosen_id = None
+    return os.environ.get(EXPERIMENT_NAME_ENV) or None, chosen_id
 
 
-def use_run_experiment(mlflow, uri: str, caller_run_id: str | None) -> str:
-    """Make the experiment of a tracker's run current; its id. Under a caller's active run and unless the user names
-    an experiment, the caller's run's: MLflow's UI shows a child nested under its parent only within one experiment
-    (MLflow itself puts a nested run in the current experiment, not its parent's). A caller's run this store does
-    not hold (the caller's own tracking URI) has no experiment here: then, as without a caller, experiment_name()."""
-    if caller_run_id is not None and "MLFLOW_EXPERIMENT_NAME" not in os.environ:
+def chosen_experiment(mlflow, uri: str) -> str:
+    """The id of the experiment the library's runs go to in the store `uri`: the one the user chose
+    (users_experiment), by id (an experiment the store holds) or by name (created if missing, its artifacts
+    beside a SQLite store), else the library's (DEFAULT_EXPERIMENT). Both set, they must name one experiment:
+    MLflow refuses an id apart from an existing name's experiment too, and one apart from a name not yet created
+    would clash with it once a job had created it. Nothing is made MLflow's current experiment: set_experiment
+    would export its id for this process's subprocesses, which would read it as the user's choice."""
+    name, chosen_id = users_experiment(mlflow)
+    if chosen_id is not None:
         from mlflow.exceptions import MlflowException
 
         try:
-            caller_experiment_id = mlflow.MlflowClient().get_run(caller_run_id).info.experiment_id
+            experiment = mlflow.MlflowClient().get_experiment(chosen_id)
+        except MlflowException as e:
+            # An id the store does not hold, or not an id at all; anything else (a server down) is no input error.
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            raise InputError(f"${EXPERIMENT_ID_ENV}={chosen_id}: the MLflow store {uri} holds no experiment of that "
+                             f"id; expected the id of one of its experiments (or set ${EXPERIMENT_NAME_ENV} to "
+                             "name one, created if missing)") from None
+        if name is not None and experiment.name != name:
+            raise InputError(f"${EXPERIMENT_ID_ENV}={chosen_id} is the experiment {experiment.name!r}, but "
+                             f"${EXPERIMENT_NAME_ENV}={name!r} names another; expected one experiment: unset one "
+                             "of them, or make them agree")
+        return experiment.experiment_id
+    name = name or DEFAULT_EXPERIMENT
+    if (experiment := mlflow.get_experiment_by_name(name)) is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+    except Exception:  # another job created it in the meantime
+        if (experiment := mlflow.get_experiment_by_name(name)) is None:
+            raise
+        return experiment.experiment_id
+
+
+def run_experiment(mlflow, uri: str, caller_run_id: str | None) -> str:
+    """The id of the experiment of a tracker's run. Under a caller's active run and unless the user chose an
+    experiment, the caller's run's: MLflow's UI shows a child nested under its parent only within one experiment
+    (MLflow itself puts a nested run in the current experiment, not its parent's). A caller's run this store does
+    not hold (the caller's own tracking URI) has no experiment here: then, as without a caller,
+    chosen_experiment()."""
+    if caller_run_id is not None and users_experiment(mlflow) == (None, None):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return mlflow.MlflowClient().get_run(caller_run_id).info.experiment_id
         except MlflowException:
             pass
-        else:
-            return mlflow.set_experiment(experiment_id=caller_experiment_id).experiment_id
-    return use_experiment(mlflow, experiment_name(), uri)
-
-
-def use_experiment(mlflow, name: str, uri: str) -> str:
-    """Create the experiment if needed (artifacts beside a SQLite store), make it current; its id."""
-    if mlflow.get_experiment_by_name(name) is None:
-        try:
-            mlflow.create_experiment(name, artifact_location=artifact_location(uri))
-        except Exception:  # another job created it in the meantime
-            if mlflow.get_experiment_by_name(name) is None:
-                raise
-    return mlflow.set_experiment(name).experiment_id
+    return chosen_experiment(mlflow, uri)
 
 
 class Tracker:
@@ -410,8 +449,9 @@ class Tracker:
         caller truncated to the checkpoint) but not to MLflow, so that its history has each step of a metric
         once. Every run records its environment (tags env.*, and environment/requirements.txt) and system
         metrics (CPU, memory, GPU). Called under an MLflow run of the caller's own (a notebook's or script's
-        mlflow.start_run), the new run is its child, in its experiment unless $MLFLOW_EXPERIMENT_NAME names one,
-        and only that child is ever ended: the caller's run stays active."""
+        mlflow.start_run), the new run is its child, in its experiment unless the user chose one
+        ($MLFLOW_EXPERIMENT_NAME or $MLFLOW_EXPERIMENT_ID: chosen_experiment), and only that child is ever ended:
+        the caller's run stays active."""
         self.enabled = enabled
         self.mlflow = None  # the module, once the run started; kept after a failure, to end the run as it ends
         self.logging = False  # whether MLflow takes what the run logs (off once dropped, and once closed)
@@ -438,13 +478,15 @@ class Tracker:
 
                 if caller := mlflow.active_run():
                     self.caller_run_id = caller.info.run_id
-                use_run_experiment(mlflow, use_store(mlflow), self.caller_run_id)
+                experiment_id = run_experiment(mlflow, use_store(mlflow), self.caller_run_id)
                 run = resumed_run(mlflow, run_id, tags) if run_id is not None else None
                 if run is not None:
                     self.logged_through = last_logged_steps(mlflow.MlflowClient(), run_id)
                 else:
-                    run = new_run(mlflow, run_name, tags, self.caller_run_id)
+                    run = new_run(mlflow, run_name, tags, self.caller_run_id, experiment_id)
                 self.mlflow, self.run_id, self.logging = mlflow, run.info.run_id, True
+            except InputError:  # an experiment variable that is wrong: the user's to fix, not MLflow's outage
+                raise
             except Exception as e:  # unreachable server, locked database, missing package: keep training
                 self._drop_mlflow(e)
             # Tags, not params: a run resumed on another machine records what it ran on last (params cannot
@@ -596,10 +638,10 @@ def resumed_run(mlflow, run_id: str, tags: dict[str, str]):
     return run
 
 
-def new_run(mlflow, run_name: str, tags: dict[str, str], caller_run_id: str | None):
-    """A new run: a child of the caller's active run `caller_run_id` where there is one (the nearer parent: a
-    notebook's or script's own run), else nested under $MLFLOW_PARENT_RUN_ID; a top-level one (a warning) where
-    that parent cannot be found (deleted, or of another store)."""
+def new_run(mlflow, run_name: str, tags: dict[str, str], caller_run_id: str | None, experiment_id: str):
+    """A new run in the experiment `experiment_id`: a child of the caller's active run `caller_run_id` where there
+    is one (the nearer parent: a notebook's or script's own run), else nested under $MLFLOW_PARENT_RUN_ID; a
+    top-level one (a warning) where that parent cannot be found (deleted, or of another store)."""
     parent = None if caller_run_id else os.environ.get("MLFLOW_PARENT_RUN_ID")
     if parent:
         try:
@@ -609,8 +651,8 @@ def new_run(mlflow, run_name: str, tags: dict[str, str], caller_run_id: str | No
         if stage != "active":
             warnings.warn(f"MLflow parent run {parent} is {stage}; a top-level run instead", stacklevel=3)
             parent = None
-    return mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True, parent_run_id=parent or None,
-                            nested=True)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags, log_system_metrics=True,
+                            parent_run_id=parent or None, nested=True)
 
 
 def last_logged_steps(client, run_id: str) -> dict[str, int]:
