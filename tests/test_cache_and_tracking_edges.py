@@ -265,6 +265,26 @@ def test_parent_run_not_left_running_when_its_setup_fails(store, monkeypatch):
     assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
 
 
+def test_a_parent_run_stopped_by_ctrl_c_as_it_is_set_up_ends_killed(store, monkeypatch):
+    """Ctrl-C in onstart while the parent run logs the config (a server's calls): the KeyboardInterrupt passed the
+    set-up's `except Exception`, and the run, whose id no job or hook had yet, stayed RUNNING for ever; now it ends
+    KILLED, tagged stopped_by SIGINT."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_dict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.start_invocation_run("snakemake x", {"a": 1})
+    assert "MLFLOW_PARENT_RUN_ID" not in os.environ
+    client = mlflow.MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
+    assert (run.info.status, run.data.tags.get("stopped_by")) == ("KILLED", "SIGINT")
+
+
 # ---------------------------------------------------------------- the experiment: $MLFLOW_EXPERIMENT_NAME or _ID
 
 

@@ -132,8 +132,13 @@ def start_parent_run(name: str, tags: dict[str, str] | None = None, config: dict
         try:
             client.log_param(run_id, "config_hash", config_hash(config))
             client.log_dict(run_id, config, "config.yaml")
-        except Exception:  # not left RUNNING for ever, unnamed by any job
-            client.set_terminated(run_id, status="FAILED")
+        except BaseException as e:  # not left RUNNING for ever, unnamed by any job or hook
+            # Ctrl-C in onstart (a KeyboardInterrupt, which `except Exception` lets by): a stop, KILLED as onerror
+            # ends a stopped invocation's run.
+            stopped = isinstance(e, KeyboardInterrupt)
+            if stopped:
+                client.set_tag(run_id, "stopped_by", "SIGINT")
+            client.set_terminated(run_id, status="KILLED" if stopped else "FAILED")
             raise
     return run_id
 
