@@ -529,32 +529,77 @@ rule all:
 """
 
 
-@pytest.mark.parametrize("end", ["job fails", "SIGTERM", "SIGINT"])
-def test_an_invocation_stopped_by_a_signal_ends_its_parent_run_killed(tmp_path, end):
-    """SIGTERM (scancel, a time limit) or Ctrl-C to a running snakemake and its job, as SLURM and a terminal send
-    them: Snakemake calls onerror as for a failed job, and the parent run ended FAILED; now KILLED, tagged
-    stopped_by. A job that fails still ends it FAILED."""
+def one_job_invocation(tmp_path: Path, job: str, started: str = "started") -> tuple[subprocess.Popen, str]:
+    """snakemake running ONE_JOB_WORKFLOW's job `job` in tmp_path, in a process group of its own, with an MLflow
+    store there (its URI); returned once the file `started` exists (the job's mark unless the job makes its own),
+    or snakemake ended."""
     from dag import REPO, SNAKEMAKE, snakemake_env
 
     from llama_adapter.tracking import sqlite_uri
 
     if not Path(SNAKEMAKE).exists():
         pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
-    job = "exit 1" if end == "job fails" else "sleep 120"
     snakefile = tmp_path / "Snakefile"
     snakefile.write_text(ONE_JOB_WORKFLOW.format(hooks=str(REPO / "workflow/rules/tracking.smk"), job=job))
     uri = sqlite_uri(tmp_path / "mlflow.db")
     proc = subprocess.Popen([SNAKEMAKE, "--snakefile", str(snakefile), "--directory", str(tmp_path), "--cores", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=snakemake_env() | {"MLFLOW_TRACKING_URI": uri})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / started).exists():
+        time.sleep(0.05)
+    return proc, uri
+
+
+@pytest.mark.parametrize("end", ["job fails", "SIGTERM", "SIGINT", "SIGHUP"])
+def test_an_invocation_stopped_by_a_signal_ends_its_parent_run_killed(tmp_path, end):
+    """SIGTERM (scancel, a time limit), Ctrl-C or a hangup (the terminal closed, ssh dropped) to a running snakemake
+    and its job, as SLURM and a terminal send them: Snakemake calls onerror as for a failed job, and the parent run
+    ended FAILED; now KILLED, tagged stopped_by. Snakemake has no handler for SIGHUP, whose default action ended it
+    before any hook, the run left RUNNING for ever: now the run ends KILLED, and snakemake then dies of SIGHUP as
+    it did. A job that fails still ends it FAILED."""
+    proc, uri = one_job_invocation(tmp_path, "exit 1" if end == "job fails" else "sleep 120")
     if end != "job fails":
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not (tmp_path / "started").exists():
-            time.sleep(0.05)
         os.killpg(proc.pid, getattr(signal, end))  # the whole process group, as SLURM and a terminal do
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out[-3000:]
+    if end == "SIGHUP":
+        assert proc.returncode == -signal.SIGHUP, out[-3000:]
     store = mlflow.MlflowClient(uri)
     [parent] = store.search_runs([store.get_experiment_by_name("llama-adapter").experiment_id])
     expected = ("FAILED", None) if end == "job fails" else ("KILLED", end)
     assert (parent.info.status, parent.data.tags.get("stopped_by")) == expected, out[-3000:]
+
+
+# A job as the command line runs one (cli.main): its MLflow run open under stop_signals_raise, ended KILLED and
+# tagged with the signal on a stop (as evaluate's); it marks `tracking` once the run is open.
+TRACKED_JOB = """
+import sys, time
+from pathlib import Path
+from llama_adapter.errors import STOPS, stop_signals_raise
+from llama_adapter.tracking import Tracker
+
+with stop_signals_raise():
+    tracker = Tracker(Path("job"), "job", "tests")
+    try:
+        Path("tracking").touch()
+        time.sleep(120)
+    except STOPS as e:
+        tracker.set_tags({"stopped_by": getattr(e, "signal_name", "SIGINT")})
+        tracker.close(status="KILLED")
+        sys.exit(128 + getattr(e, "signum", 2))
+"""
+
+
+def test_a_hangup_ends_a_local_jobs_run_killed(tmp_path):
+    """A hangup reaches a local job too (one process group): its MLflow run, which a stop signal ends KILLED, was
+    left RUNNING by SIGHUP's default action; now it ends KILLED, tagged SIGHUP, as its parent run does."""
+    (tmp_path / "job.py").write_text(TRACKED_JOB)
+    proc, uri = one_job_invocation(tmp_path, f"{sys.executable} job.py", started="tracking")
+    os.killpg(proc.pid, signal.SIGHUP)
+    out, _ = proc.communicate(timeout=120)  # once the job has closed the output it shares with snakemake
+    store = mlflow.MlflowClient(uri)
+    runs = store.search_runs([store.get_experiment_by_name("llama-adapter").experiment_id])
+    ended = {r.info.run_name: (r.info.status, r.data.tags.get("stopped_by")) for r in runs}
+    assert ended.pop("job") == ("KILLED", "SIGHUP"), out[-3000:]
+    assert list(ended.values()) == [("KILLED", "SIGHUP")], out[-3000:]

@@ -906,8 +906,8 @@ def main(argv: list[str] | None = None) -> int:
         check_utf8(ns)
         check_outputs_apart(ns)
         try:
-            # SIGTERM (scancel, a time limit) stops any command as an error does, its outputs removed; training
-            # takes the signals over while it steps, to save a checkpoint first.
+            # SIGTERM (scancel, a time limit) or SIGHUP (the terminal closed) stops any command as an error does, its
+            # outputs removed; training takes SIGTERM and SIGUSR1 over while it steps, to save a checkpoint first.
             with stop_signals_raise():
                 ns.func(ns)
         except BaseException:

@@ -83,10 +83,10 @@ class EncoderError(PipelineError, ValueError):
 
 
 class StoppedBySignal(BaseException):
-    """A stop signal (SIGTERM: scancel, a time limit, preemption) ended a job that has nothing to save midway (an
-    evaluation): raised where the job was, so that its MLflow run ends KILLED and it leaves no partial output; the
-    CLI exits with 128 + the signal's number, as the shell reports a signal. A BaseException, as KeyboardInterrupt:
-    no `except Exception` on the way swallows it."""
+    """A stop signal (SIGTERM: scancel, a time limit, preemption; SIGHUP: the terminal closed) ended a job that has
+    nothing to save midway (an evaluation): raised where the job was, so that its MLflow run ends KILLED and it
+    leaves no partial output; the CLI exits with 128 + the signal's number, as the shell reports a signal. A
+    BaseException, as KeyboardInterrupt: no `except Exception` on the way swallows it."""
 
     def __init__(self, signum: int):
         import signal
@@ -101,8 +101,10 @@ STOPS = (StoppedBySignal, KeyboardInterrupt)
 
 @contextmanager
 def stop_signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGUSR1 raise StoppedBySignal in the main thread while the block runs (elsewhere: no handler can
-    be set, nothing changes); the previous handlers come back after it. A signal the parent ignores stays ignored."""
+    """SIGTERM, SIGUSR1 and SIGHUP raise StoppedBySignal in the main thread while the block runs (elsewhere: no
+    handler can be set, nothing changes); the previous handlers come back after it. A signal the parent ignores stays
+    ignored (nohup: a hangup does not stop the job). SIGHUP's default action would end the process at once, its
+    MLflow run left RUNNING: a local job of a workflow receives it with snakemake when their terminal closes."""
     import signal
     import threading
 
@@ -113,7 +115,7 @@ def stop_signals_raise() -> Iterator[None]:
     def stop(signum, frame):
         raise StoppedBySignal(signum)
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
     for s, handler in previous.items():
         if handler is not signal.SIG_IGN:
             signal.signal(s, stop)

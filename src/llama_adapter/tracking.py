@@ -290,14 +290,39 @@ def _remember_stop(previous, signum, frame):
     previous(signum, frame)
 
 
+# How long a hangup waits for the parent run to be ended before the process ends all the same.
+HANGUP_END_TIMEOUT_S = 15
+
+
+def _end_on_hangup(signum, frame):
+    """SIGHUP's handler where Snakemake has none (record_invocation_stops): end the parent run KILLED, tagged
+    stopped_by, then die of the signal as its default action would have (the same exit status), before any hook.
+    The run is ended from a thread of its own, waited for a while: the handler interrupts the main thread
+    wherever it is, perhaps inside MLflow holding the store's lock (use_store) or a connection, which the handler
+    itself would wait for for ever. Where that thread does not finish in time, the process ends with the run still
+    RUNNING, and the next invocation ends it (end_orphaned_runs)."""
+    import signal
+    import threading
+
+    global invocation_stopped_by
+    invocation_stopped_by = invocation_stopped_by or signal.Signals(signum).name
+    ending = threading.Thread(target=end_invocation_run, args=("FAILED",), daemon=True)
+    ending.start()
+    ending.join(HANGUP_END_TIMEOUT_S)
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
 def record_invocation_stops() -> None:
-    """From now on, the first SIGTERM or SIGINT (Ctrl-C) of this process is remembered for end_invocation_run, then
-    handled as before. Snakemake calls onerror alike for a failed job and for a stop (its SIGTERM handler lets the
-    running jobs end, its Ctrl-C handling cancels them), and says to it neither which nor why. The workflow's
-    onstart calls this: Snakemake has installed its SIGTERM handler by then, which stays the one that acts. A
-    signal without a Python handler (ignored; or the default, which ends the process before onerror) is left as
-    it is; outside the main thread (no handlers there) nothing changes. Called again (another invocation in the
-    same process, through Snakemake's API), it forgets the earlier invocation's stop and wraps no handler twice."""
+    """From now on, the first SIGTERM, SIGINT (Ctrl-C) or SIGHUP (the terminal closed, ssh dropped) of this process
+    is remembered for end_invocation_run, then handled as before. Snakemake calls onerror alike for a failed job and
+    for a stop (its SIGTERM handler lets the running jobs end, its Ctrl-C handling cancels them), and says to it
+    neither which nor why. The workflow's onstart calls this: Snakemake has installed its SIGTERM handler by then,
+    which stays the one that acts. SIGHUP has none: its default action ends the process before any hook, so its
+    handler here ends the parent run itself, then lets the signal end the process (_end_on_hangup). Another signal
+    without a Python handler, and SIGHUP ignored (nohup: the invocation goes on), is left as it is; outside the main
+    thread (no handlers there) nothing changes. Called again (another invocation in the same process, through
+    Snakemake's API), it forgets the earlier invocation's stop and wraps no handler twice."""
     import signal
     import threading
 
@@ -305,10 +330,13 @@ def record_invocation_stops() -> None:
         return
     global invocation_stopped_by
     invocation_stopped_by = None
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         previous = signal.getsignal(signum)
-        wrapped = isinstance(previous, functools.partial) and previous.func is _remember_stop
-        if callable(previous) and not wrapped:
+        ours = previous is _end_on_hangup or (isinstance(previous, functools.partial)
+                                              and previous.func is _remember_stop)
+        if signum == signal.SIGHUP and previous is signal.SIG_DFL:
+            signal.signal(signum, _end_on_hangup)
+        elif callable(previous) and not ours:
             signal.signal(signum, functools.partial(_remember_stop, previous))
 
 
