@@ -48,7 +48,7 @@ from .config import (
     ValidateConfig,
     training_outputs,
 )
-from .errors import InputError, PipelineError, StoppedBySignal, TokenizerError, stop_signals_raise
+from .errors import InputError, OutputInUse, PipelineError, StoppedBySignal, TokenizerError, stop_signals_raise
 from .inputs import (
     beta,
     check_device,
@@ -910,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
             # outputs removed; training takes SIGTERM and SIGUSR1 over while it steps, to save a checkpoint first.
             with stop_signals_raise():
                 ns.func(ns)
+        except OutputInUse:  # another process's outputs, which this command never touched
+            raise
         except BaseException:
             for path in ns.outputs(ns):  # none is or holds an input (check_outputs_apart)
                 with contextlib.suppress(OSError):  # (an output that cannot exist: the error below says why)

@@ -27,6 +27,11 @@ class InputError(PipelineError, ValueError):
     path or option, what was expected and what was found)."""
 
 
+class OutputInUse(InputError):
+    """An output folder that another process holds while it writes it (io.hold: a second training of one --out-dir);
+    names the folder and the holder. The command that gets it leaves the folder alone: its files are the holder's."""
+
+
 class TokenizerError(PipelineError, ValueError):
     """A vocabulary file is missing, of an unsupported kind, or unreadable."""
 

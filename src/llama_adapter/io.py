@@ -5,24 +5,31 @@ A write goes to a hidden `.<name>.<random>.partial` beside the destination and i
 complete. A run killed outright (SIGKILL, a node lost, a job's time limit) cannot remove its partial, so the
 next write of the same destination removes the partials earlier runs left: the pipeline runs one writer per
 destination at a time (Snakemake locks a job's outputs; a stage is one process, and under torchrun only rank 0
-writes), so a partial of this destination that exists when a write starts belongs to a run that is dead.
+writes; a training also holds its folder against a second one outside Snakemake's lock: hold), so a partial of
+this destination that exists when a write starts belongs to a run that is dead.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import struct
+import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .errors import DataError, OutputInUse
 
 # tempfile's names: `prefix` + 8 characters from this alphabet + `suffix`; matched exactly, so that the
 # partials of `x` are never confused with those of `x.y` (whose prefix `.x.y.` is not followed by 8 of these).
@@ -144,6 +151,82 @@ def remove_output(dest: Path) -> None:
     if dest.exists() or dest.is_symlink():
         _remove(dest)
     clean_stale_partials(dest)
+
+
+# The folders this process holds. A POSIX lock belongs to the process: it never refuses the process its own, and
+# closing any descriptor of the file, the holder's or not, releases it; so a second hold of a folder in this
+# process is refused here, before it opens the file.
+_held: set[str] = set()
+_held_guard = threading.Lock()
+
+
+@contextmanager
+def hold(folder: Path, what: str, option: str) -> Iterator[None]:
+    """Hold `folder` for this process alone while the block runs; a second process asking for it gets OutputInUse
+    at once, naming the folder and this process (pid, host, start: written in its lock_file), `what` it is
+    (a training) and the `option` that named the folder.
+
+    The lock is fcntl's POSIX record lock (lockf), not flock: NFS takes it to the server (NLM, NFSv4's own locks),
+    so that it holds against processes on other nodes too, where a Linux client only emulates flock with it (and
+    keeps flock to the host under `local_lock=flock`); Lustre honours both with `-o flock`, and neither across
+    nodes with `-o localflock`. The kernel drops it when the process ends however it ends, SIGKILL included (on
+    NFS, a lost node's once the server's lease on it expires): the lock_file a killed holder leaves blocks no one,
+    and the next holder writes itself over it. A holder that ends removes the file, still locked, so that a
+    refused or finished command leaves nothing behind. A file system that takes no lock at all (Lustre mounted
+    without either) leaves the folder unguarded, said in one line on stderr."""
+    path = lock_file(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path)
+    with _held_guard:
+        if key in _held:
+            raise OutputInUse(f"{option} {folder} is in use by another {what} in this process (pid {os.getpid()}); "
+                              "expected one at a time: wait for it to end")
+        _held.add(key)
+    try:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):  # no locks on this file system
+                    print(f"llama-adapter: warning: {path} cannot be locked ({e.strerror or e}): a second {what} "
+                          f"of {folder} would not be refused", file=sys.stderr, flush=True)
+                    break
+                message = (f"{option} {folder} is in use by another {what}: {holder(fd, path)}; wait for it to end, "
+                           "or stop that process, then run this again")
+                os.close(fd)
+                raise OutputInUse(message) from None
+            if path.exists() and os.path.samestat(os.fstat(fd), path.stat()):
+                break
+            os.close(fd)  # a file its holder removed as it ended, after this process opened it: lock the new one
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+                                    ).encode() + b"\n")
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still locked: a process that opened it meanwhile locks anew
+            os.close(fd)  # and with it the lock
+    finally:
+        with _held_guard:
+            _held.discard(key)
+
+
+def lock_file(folder: Path) -> Path:
+    """The file hold locks for `folder`: beside it (the folder's own files stay the command's outputs alone, and a
+    refused command creates no folder), named after the folder its path resolves to (a symlink to it locks it too)."""
+    real = Path(os.path.realpath(folder))
+    return real.parent / f".{real.name}.lock"
+
+
+def holder(fd: int, path: Path) -> str:
+    """Who holds a lock, as its lock_file says: pid, host and start time."""
+    try:
+        who = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {who['pid']} on host {who['host']}, started {who['started']}"
+    except (ValueError, TypeError, KeyError):  # it has not written itself yet
+        return f"a process that has not yet written its pid, host and start in {path}"
 
 
 def write_json(path: Path, obj: Any) -> None:

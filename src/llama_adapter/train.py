@@ -44,7 +44,8 @@ import sys
 import threading
 import time
 import zipfile
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -70,10 +71,11 @@ from .errors import (
     DataError,
     GPUAllocationError,
     InputError,
+    OutputInUse,
     PipelineError,
     TrainingDiverged,
 )
-from .io import atomic_path, read_json_object, remove_output, write_json
+from .io import atomic_path, hold, read_json_object, remove_output, write_json
 from .methods import load_for_training, save_tuned, tuned_state
 from .model import Transformer, flash_varlen_on
 from .multimodal import ImageFeatures
@@ -500,11 +502,33 @@ def train(cfg: TrainConfig, resume: bool = False, keep_checkpoint: bool = False)
     """Train an adapter; with `resume`, continue from OUT_DIR's checkpoint if there is one. After the last step
     the checkpoint files are removed (so that a rerun trains afresh) unless `keep_checkpoint` (e.g. to continue
     a --max-steps run later). SIGTERM/SIGUSR1 save a checkpoint and raise TrainingInterrupted. Compiled
-    (cfg.compile), the compiled code comes from and goes to cfg.compile_cache (compile_cache.py)."""
+    (cfg.compile), the compiled code comes from and goes to cfg.compile_cache (compile_cache.py). The run holds
+    OUT_DIR from start to end (out_dir_held): a second training of it meanwhile is refused with OutputInUse."""
     from .compile_cache import compile_cache
 
-    with compile_cache(cfg.compile_cache if cfg.compile else None, training_kind(cfg)):
-        return train_here(cfg, resume, keep_checkpoint)
+    d = setup_distributed(cfg)
+    with out_dir_held(Path(cfg.out_dir), d), compile_cache(cfg.compile_cache if cfg.compile else None,
+                                                           training_kind(cfg)):
+        return train_here(cfg, d, resume, keep_checkpoint)
+
+
+@contextmanager
+def out_dir_held(out: Path, d: Dist) -> Iterator[None]:
+    """Rank 0 holds `out` (io.hold) while the block runs: it alone writes the folder, and one lock per job is
+    what keeps a second job out, on any number of nodes (a lock per node on the shared folder would refuse the
+    job's own other nodes; one on node-local disk would keep out no job of another node). Every rank learns
+    whether rank 0 got it, so that all the processes of a refused job stop here, before any of them reads the
+    folder, and with the same error, on which the command line leaves the folder to the training that holds it."""
+    with ExitStack() as held:
+        refused = None
+        if d.rank == 0:
+            try:
+                held.enter_context(hold(out, "training", "--out-dir"))
+            except OutputInUse as e:
+                refused = e
+        if d.all_max(int(refused is not None)):
+            raise refused or OutputInUse(f"--out-dir {out} is in use by another training (rank 0's error names it)")
+        yield
 
 
 def training_kind(cfg: TrainConfig) -> dict:
@@ -516,9 +540,8 @@ def training_kind(cfg: TrainConfig) -> dict:
             "rank": os.environ.get("RANK", "0"), "world": os.environ.get("WORLD_SIZE", "1")}
 
 
-def train_here(cfg: TrainConfig, resume: bool, keep_checkpoint: bool) -> dict:
-    """train, within its compile cache."""
-    d = setup_distributed(cfg)
+def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -> dict:
+    """train, holding its folder, within its compile cache."""
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(cfg.seed)
