@@ -96,3 +96,18 @@ def test_bad_source_is_a_one_line_error(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "missing.json" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_split_assigned_twice_is_refused(tmp_path):
+    """--assign-splits train=0.3 val=0.2 train=0.8 once fetched with train 0.8, the first fraction silently lost
+    (its fractions then summed to 1); a split named twice is an error naming it, and nothing is written."""
+    source = tmp_path / "llava.json"
+    source.write_text(json.dumps([{"id": str(i), "conversations": [
+        {"from": "human", "value": f"Context: N/A\nQuestion {i}?\nA. yes\nB. no"}, {"from": "gpt", "value": "A"}]}
+        for i in range(10)]))
+    proc = subprocess.run([sys.executable, "-m", "llama_adapter.cli", "fetch", "--dataset", "scienceqa", "--source",
+                           str(source), "--out", str(tmp_path / "out"), "--assign-splits", "train=0.3", "val=0.2",
+                           "train=0.8"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--assign-splits" in proc.stderr and "'train'" in proc.stderr and "NAME=FRACTION" in proc.stderr
+    assert not (tmp_path / "out").exists()

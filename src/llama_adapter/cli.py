@@ -215,8 +215,10 @@ def cmd_fetch(ns: argparse.Namespace) -> None:
     """Fetch a dataset (hf:<id>, a URL or a local path) into a normalised folder with fetch.json."""
     from .data.fetch import fetch
 
+    # a split named twice is an error, not the last fraction silently winning (train=0.3 val=0.2 train=0.8)
+    assign_splits = ns.assign_splits and named_paths(ns.assign_splits, "--assign-splits", "NAME=FRACTION")
     print(json.dumps(fetch(ns.dataset, ns.source, ns.out, sha256=ns.sha256, revision=ns.revision,
-                           assign_splits=ns.assign_splits and dict(ns.assign_splits), split_seed=ns.split_seed,
+                           assign_splits=assign_splits, split_seed=ns.split_seed,
                            policy=ns.policy),
                      indent=2))
 
@@ -598,12 +600,13 @@ def cmd_report(ns: argparse.Namespace) -> None:
     print(json.dumps({name: len(df) for name, df in tables.items()}))
 
 
-def named_paths(items: list[tuple[str, Path]], flag: str) -> dict[str, Path]:
-    """NAME=PATH options as a dict; a name given twice is an error, not the last one silently winning."""
+def named_paths(items: list[tuple[str, object]], flag: str, form: str = "NAME=PATH") -> dict[str, object]:
+    """NAME=PATH (or NAME=VALUE) options as a dict; a name given twice is an error, not the last one silently
+    winning."""
     names = [name for name, _ in items]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise InputError(f"{flag}: {repeated} given more than once; expected one NAME=PATH per name")
+        raise InputError(f"{flag}: {repeated} given more than once; expected one {form} per name")
     return dict(items)
 
 
