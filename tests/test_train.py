@@ -313,9 +313,33 @@ def test_nan_loss_stops_with_step_and_batch_and_keeps_the_checkpoint(setup, tmp_
             path.write_text("an earlier run's")
     with pytest.raises(TrainingDiverged, match=r"step \d+ \(epoch \d\): loss nan on the batch of samples \[") as e:
         train(cfg)
-    bad_step = int(str(e.value).split()[1])
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == bad_step
+    bad_step = int(str(e.value).split()[1])  # numbered as the log's lines: the checkpoint holds the step before
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == bad_step - 1
+    assert f"checkpoint, of step {bad_step - 1}, is left untouched" in str(e.value)
     assert [path for path in earlier if path.exists()] == []
+
+
+def test_nan_loss_before_any_checkpoint_says_there_is_none(setup, tmp_path, monkeypatch):
+    """A NaN at the second step of a run checkpointing every 100 steps once said "the last good checkpoint is left
+    untouched in .../checkpoint.pt", a file that was never written, and named the step by its 0-based number,
+    the number of the log's line before it (whose loss was finite)."""
+    import llama_adapter.train as train_mod
+
+    calls = {"n": 0}
+    real = train_mod.token_loss_sum
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] > 1 else loss  # from the second micro-batch on
+
+    monkeypatch.setattr(train_mod, "token_loss_sum", poisoned)
+    cfg = config(setup, tmp_path / "run", checkpoint_every=100, val_data=None)
+    with pytest.raises(TrainingDiverged) as e:
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert "left untouched" not in str(e.value) and "no checkpoint was written before it" in str(e.value)
+    assert str(e.value).startswith("step 1 ")
 
 
 def test_a_split_without_targets_is_refused_before_training(setup, tmp_path):

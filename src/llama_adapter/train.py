@@ -645,10 +645,13 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
             group["lr"] = lr
         loss_value, real, padded = train_step(model, train_ds, idx, cfg, d, params)
         if not math.isfinite(loss_value):
+            # numbered as the log's lines (step N/LAST is printed once N steps are done): the step after `step`
+            kept = (f"the last good checkpoint, of step {saved_step}, is left untouched in {ckpt_path}"
+                    if saved_step is not None else
+                    f"no checkpoint was written before it (--checkpoint-every {cfg.checkpoint_every})")
             raise TrainingDiverged(
-                f"step {step} (epoch {step // steps_per_epoch}): loss {loss_value} on the batch of samples "
-                f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data); "
-                f"the last good checkpoint is left untouched in {ckpt_path}")
+                f"step {step + 1} (epoch {step // steps_per_epoch}): loss {loss_value} on the batch of samples "
+                f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data); {kept}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
