@@ -242,8 +242,10 @@ def assert_restorable_from_mlflow(tmp_path, run_id, out_dir):
 
 def test_resume_refuses_changed_settings(setup, tmp_path):
     train(config(setup, tmp_path / "run", max_steps=2), keep_checkpoint=True)  # else removed with the adapter
-    with pytest.raises(ValueError, match=r"cannot resume.*blr"):
+    with pytest.raises(ValueError, match=r"cannot resume.*blr") as e:
         train(config(setup, tmp_path / "run", blr=0.1), resume=True)
+    # the option as the command line spells it, and the way out (the message once gave a bare dict of keys)
+    assert "--blr 8.0 then, 0.1 now" in str(e.value) and "checkpoint.prev.pt to train from the start" in str(e.value)
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])

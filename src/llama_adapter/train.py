@@ -386,7 +386,10 @@ def restore(state: dict, ckpt_path: Path, cfg: TrainConfig, model: Transformer, 
     now = json.loads(json.dumps(fixed_settings(cfg)))  # as saved: tuples become lists
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if changed:
-        raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed {{key: (then, now)}}: {changed}")
+        shown = "; ".join(f"--{k.replace('_', '-')} {then!r} then, {v!r} now" for k, (then, v) in changed.items())
+        raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed: {shown}; expected the settings "
+                         f"the checkpoint was written with, or delete {ckpt_path} and "
+                         f"{previous_checkpoint(ckpt_path).name} to train from the start")
     rows = state.get("rows_per_micro_batch", cfg.rows_per_micro_batch)  # not kept before it was checked
     if cfg.method == "lora" and cfg.lora_dropout > 0 and rows != cfg.rows_per_micro_batch:
         # Each forward draws LoRA's dropout masks for its rows: other micro-batches, other masks, other results.
