@@ -275,6 +275,21 @@ def test_original_release_adapter_pth(tmp_path):
         load_model(tmp_path / "base", tmp_path / "release.pth")
 
 
+def test_an_adapter_shape_other_than_the_files_own_is_refused(tmp_path):
+    """A .safetensors records its own shape: an `adapter` that differs from it is refused, naming the file and
+    both shapes, rather than silently dropped; the file's own shape (gate_init aside) is no error."""
+    adapter = AdapterArgs(adapter_len=3, adapter_layers=2, gate_init="random")
+    m = random_model("tiny", adapter)
+    save_meta_checkpoint(m, tmp_path / "base")
+    save_adapter(m, tmp_path / "a.safetensors", base_model="tiny-test")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "base", tmp_path / "a.safetensors", adapter=AdapterArgs(adapter_len=5, adapter_layers=2))
+    assert str(e.value).startswith(f"{tmp_path / 'a.safetensors'}: adapter_len 5 given, but the file records its own "
+                                   "shape, adapter_len 3;")
+    assert_same_logits(m, load_model(tmp_path / "base", tmp_path / "a.safetensors",
+                                     adapter=AdapterArgs(adapter_len=3, adapter_layers=2)))
+
+
 def release_pth(m: AdaptedTransformer, path, n_layers: int | None = None) -> None:
     """`m`'s adapter as the paper's code released it, with a gate for each of `n_layers` layers (m's own)."""
     n_layers = n_layers or m.args.n_layers

@@ -156,6 +156,19 @@ def test_release_shape_mismatch_names_the_options_to_fix(world):
     one_line_error(proc, "--adapter-len", "--adapter-layers")
 
 
+def test_generate_takes_a_release_and_an_adapter_of_another_shape_together(world):
+    """--adapter-len/--adapter-layers are the .pth's shape alone: an adapter whose file records another shape
+    answers beside it with its own."""
+    save_adapter(AdaptedTransformer(ARGS, AdapterArgs(adapter_len=2, adapter_layers=1)), world / "other.safetensors",
+                 base_model=str(world / "base"))
+    proc = run_cli("generate", "--base", world / "base", "--adapter", f"paper={world / 'release.pth'}",
+                   "--adapter", f"other={world / 'other.safetensors'}", "--adapter-len", "3", "--adapter-layers", "2",
+                   "--prompts", world / "prompts.jsonl", "--out", world / "out.jsonl", "--max-new-tokens", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (world / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["adapter"] for r in rows) == ["other", "other", "paper", "paper"]
+
+
 def test_int8_group_refusal_names_the_option(tmp_path, llama_sp_model):
     """--quantize int8-g32 on a base of width 48 (not a multiple of 32) names the option and the one to use."""
     pytest.importorskip("torchao")

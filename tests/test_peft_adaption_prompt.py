@@ -19,7 +19,7 @@ from llama_adapter.checkpoint import (
     load_model,
     read_peft_adaption_prompt,
 )
-from llama_adapter.config import LoRAArgs, ModelArgs
+from llama_adapter.config import AdapterArgs, LoRAArgs, ModelArgs
 from llama_adapter.errors import CheckpointError
 from llama_adapter.generate import generate
 from llama_adapter.lora import LORA_WEIGHTS, add_lora, is_lora_file, save_lora
@@ -143,6 +143,16 @@ def test_unimportable_adapters_are_one_clear_line(saved, case):
     with pytest.raises(CheckpointError, match=message) as e:
         load_model(base, folder)
     assert str(folder) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_adapter_shape_other_than_the_peft_configs_is_refused(saved):
+    """adapter_config.json records the adapter's shape: another one given is refused naming both, not dropped."""
+    base, folder = saved
+    with pytest.raises(CheckpointError) as e:
+        load_model(base, folder, adapter=AdapterArgs(adapter_len=3, adapter_layers=2))
+    assert str(e.value).startswith(f"{folder}: adapter_layers 2 given, but the file records its own shape, "
+                                   f"adapter_layers {len(GATES)};")
+    assert load_model(base, folder, adapter=AdapterArgs(adapter_len=3, adapter_layers=len(GATES))).adapter
 
 
 def test_peft_type_decides_lora_or_adaption_prompt(saved, tmp_path):

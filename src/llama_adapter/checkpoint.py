@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .adapter import AdaptedTransformer
-from .config import FULL_WEIGHTS, PEFT_CONFIG, WEIGHTS, AdapterArgs, ModelArgs
+from .config import FULL_WEIGHTS, PEFT_CONFIG, WEIGHTS, AdapterArgs, ModelArgs, is_original_release
 from .data.paths import is_file_name
 from .errors import CheckpointError
 from .io import atomic_path, read_json_object, save_safetensors
@@ -749,7 +749,9 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     adapter: AdapterArgs | None = None,
 ) -> AdaptedTransformer:
-    """The base model with a trained adapter from `adapter_path`, or a fresh one from `adapter`."""
+    """The base model with a trained adapter from `adapter_path`, or a fresh one from `adapter`. With a path,
+    `adapter` is the shape of an original-release .pth; a file that records its own refuses one that differs
+    (apply_adapter)."""
     if adapter_path is None:
         return load_base(base, adapter, device, dtype)
     model = load_base(base, None, device, dtype)
@@ -765,7 +767,8 @@ def apply_adapter(model: AdaptedTransformer, adapter_path: str | os.PathLike,
     `adapter_path` is one of our `.safetensors` adapters (its header gives the configuration), an
     original-release `.pth`, for which `adapter` must give adapter_len and adapter_layers, or a PEFT adapter
     (its folder, or its weights file with adapter_config.json beside it): a LoRA, merged into the weights, or an
-    AdaptionPrompt, as its peft_type says.
+    AdaptionPrompt, as its peft_type says. An `adapter` given with a file that records its own shape must be that
+    shape (gate_init aside): one that differs is refused, naming the file and both.
     """
     adapter_path = Path(adapter_path)
     from .lora import is_lora_file
@@ -788,20 +791,37 @@ def read_fitting_adapter(model: AdaptedTransformer, adapter_path: Path, adapter:
         raise CheckpointError(f"{adapter_path}: the model's weights hold the merged LoRA {model.merged_lora}; load "
                               "the adapter onto a plain base")
     if (peft := peft_files(adapter_path)) is not None:  # any peft_type but LORA and ADAPTION_PROMPT is refused there
-        adapter, tensors = read_peft_adaption_prompt(*peft, model.args)
-    elif adapter_path.suffix == ".pth":
+        recorded, tensors = read_peft_adaption_prompt(*peft, model.args)
+    elif is_original_release(adapter_path):
         if adapter is None:
             raise CheckpointError(f"{adapter_path}: an original-release .pth needs adapter_len/adapter_layers given")
-        tensors = read_original_release(adapter_path, model.args.n_layers, adapter)
+        recorded, tensors = adapter, read_original_release(adapter_path, model.args.n_layers, adapter)
     else:
-        adapter, header, tensors = read_adapter(adapter_path)
+        recorded, header, tensors = read_adapter(adapter_path)
         check_trained_on(adapter_path, header, model.args, "adapter")
+    check_same_shape(adapter_path, adapter, recorded)
     try:
-        shapes = model.adapter_shapes(adapter)
+        shapes = model.adapter_shapes(recorded)
     except ValueError as e:  # more adapted layers than the base has
         raise CheckpointError(f"{adapter_path}: {e}") from None
     check_state(shapes, tensors, f"adapter {adapter_path}")
-    return adapter, tensors
+    return recorded, tensors
+
+
+def check_same_shape(adapter_path: Path, given: AdapterArgs | None, recorded: AdapterArgs) -> None:
+    """An adapter shape given for a file that records its own must be the file's: one that differs is refused
+    rather than silently dropped for the file's. gate_init only says how a training started the gates, so it
+    is no part of the shape."""
+    if given is None:
+        return
+    given_shape, recorded_shape = ({k: v for k, v in a.to_dict().items() if k != "gate_init"}
+                                   for a in (given, recorded))
+    differ = [k for k in given_shape if given_shape[k] != recorded_shape[k]]
+    if differ:
+        raise CheckpointError(
+            f"{adapter_path}: {', '.join(f'{k} {given_shape[k]}' for k in differ)} given, but the file records its "
+            f"own shape, {', '.join(f'{k} {recorded_shape[k]}' for k in differ)}; expected no adapter shape (or the "
+            "file's): only an original-release .pth needs one given")
 
 
 def put_adapter(model: AdaptedTransformer, adapter: AdapterArgs | None, tensors: dict[str, Tensor]) -> None:

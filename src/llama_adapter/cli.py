@@ -46,6 +46,7 @@ from .config import (
     TokenizeConfig,
     TrainConfig,
     ValidateConfig,
+    is_original_release,
     training_outputs,
 )
 from .errors import InputError, OutputInUse, PipelineError, StoppedBySignal, TokenizerError, stop_signals_raise
@@ -404,7 +405,7 @@ def release_adapter(ns: argparse.Namespace, paths: list[Path]) -> AdapterArgs | 
     paper's when not given), None when there are none; the options given for other adapters, whose files say
     their own shape, are an error rather than silently ignored."""
     given = [f"--{name.replace('_', '-')}" for name in RELEASE_SHAPE if hasattr(ns, name)]
-    if any(Path(path).suffix == ".pth" for path in paths):
+    if any(is_original_release(path) for path in paths):
         return config_of(ns, AdapterArgs)
     if given:
         raise InputError(f"{'/'.join(given)} given, but no --adapter is an original-release .pth (the only kind "

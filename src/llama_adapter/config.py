@@ -179,6 +179,13 @@ def training_outputs(out_dir: str | Path) -> list[Path]:
                                               TRAINING_METRICS)]
 
 
+
+def is_original_release(adapter_path: str | Path) -> bool:
+    """Whether an adapter file is the paper's original-release .pth, the only kind that does not record its own
+    shape (adapter_len, adapter_layers), which must then be given with it."""
+    return Path(adapter_path).suffix == ".pth"
+
+
 EVALUATION_OUTPUTS = ("scores.json", "predictions.csv")  # an evaluation's files (predictions: ScienceQA's)
 RUN_LOG = "metrics.jsonl"  # every run's own log, appended to as it runs (tracking.Tracker)
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

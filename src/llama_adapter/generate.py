@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import apply_adapter, peft_files, put_adapter, read_fitting_adapter
-from .config import PAPER_SAMPLING, AdapterArgs, CompileConfig, InferenceConfig, Sampling
+from .config import PAPER_SAMPLING, AdapterArgs, CompileConfig, InferenceConfig, Sampling, is_original_release
 from .errors import InputError
 from .model import Transformer
 from .prompts import alpaca_prompt
@@ -607,7 +607,8 @@ def generate_requests(
             apply_adapter(model, adapters[lora])
         read = {lora: None}
     else:  # every adapter is read and fits this base before any is used (they are small)
-        read = {name: path and read_fitting_adapter(model, Path(path), release) for name, path in adapters.items()}
+        read = {name: path and read_fitting_adapter(model, Path(path), release if is_original_release(path) else None)
+                for name, path in adapters.items()}
         if any(read.values()):  # they go in by turns; a None path answers with the model as it was given
             as_given = (model.adapter, {k: v.detach().clone() for k, v in model.adapter_state_dict().items()})
             read = {name: r or as_given for name, r in read.items()}
