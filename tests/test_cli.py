@@ -41,6 +41,16 @@ def test_every_command_tags_its_run_alike():
         assert parser.parse_args(command).tags == {}
 
 
+def test_a_tag_key_given_twice_is_refused():
+    """--tag rule=a --tag rule=b once tagged the run rule=b, the first value silently lost; a key given twice is
+    a usage error naming the option and the key, before anything runs."""
+    proc = run_cli("evaluate", "--base", "b", "--task", "alpaca", "--data", "d", "--out", "o", "--tag", "rule=a",
+                   "--tag", "experiment=x", "--tag", "rule=b")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == ("llama-adapter evaluate: error: argument --tag: ['rule'] given more than once; "
+                                   "expected one KEY=VALUE per key (see llama-adapter evaluate --help)")
+
+
 def test_inspect_7b_preset_counts_the_paper_parameters():
     proc = run_cli("inspect", "7B", "--adapter-len", "10", "--adapter-layers", "30")
     assert proc.returncode == 0, proc.stderr

@@ -607,8 +607,13 @@ def named_paths(items: list[tuple[str, object]], flag: str, form: str = "NAME=PA
     names = [name for name, _ in items]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise InputError(f"{flag}: {repeated} given more than once; expected one {form} per name")
+        raise InputError(given_more_than_once(flag, repeated, form))
     return dict(items)
+
+
+def given_more_than_once(flag: str, repeated: list[str], form: str) -> str:
+    """The error of a NAME=VALUE option (`form`) that names the same thing more than once (`repeated`)."""
+    return f"{flag}: {repeated} given more than once; expected one {form} per {form.partition('=')[0].lower()}"
 
 
 def name_and_path(text: str) -> tuple[str, Path]:
@@ -620,13 +625,16 @@ def name_and_path(text: str) -> tuple[str, Path]:
 
 class KeyValue(argparse.Action):
     """A repeatable KEY=VALUE option gathered into a dict (the MLflow run's tags: --tag rule=train --tag ...),
-    one syntax for every command."""
+    one syntax for every command; a key given twice is an error, not the last value silently winning (named_paths)."""
 
     def __call__(self, parser, namespace, value, option_string=None):
         key, eq, item = value.partition("=")
         if not eq or not key:
             parser.error(f"argument {option_string}: expected KEY=VALUE, got {value!r}")
-        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), key: item})
+        given = getattr(namespace, self.dest, None) or {}
+        if key in given:
+            parser.error(given_more_than_once(f"argument {option_string}", [key], "KEY=VALUE"))
+        setattr(namespace, self.dest, {**given, key: item})
 
 
 def package_version() -> str:
