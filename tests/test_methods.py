@@ -241,3 +241,16 @@ def test_each_method_saves_exactly_what_trains(tmp_path):
             assert len(f.keys()) == len(trained), method
     with pytest.raises(ValueError, match="zero-shot trains nothing"):
         load_for_training("zero-shot", tmp_path / "base", AdapterArgs(), LoRAArgs(), "cpu", torch.float32)
+
+
+def test_save_tuned_takes_a_str_folder(tmp_path):
+    """save_tuned takes its folder as str or Path, as save_adapter and load_model do (a str was a raw TypeError
+    from `str / str`)."""
+    from llama_adapter.checkpoint import save_meta_checkpoint
+    from llama_adapter.model import Transformer
+
+    save_meta_checkpoint(Transformer(ModelArgs.from_name("tiny")), tmp_path / "base")
+    for method in ("adapter", "lora", "full"):
+        model = load_for_training(method, tmp_path / "base", AdapterArgs(3, 2), LoRAArgs(rank=2), "cpu", torch.float32)
+        written = save_tuned(model, method, str(tmp_path / method), str(tmp_path / "base"))
+        assert written == tmp_path / method / WEIGHTS[method] and written.is_file()

@@ -59,13 +59,14 @@ def load_for_training(method: str, base: str | os.PathLike, adapter: AdapterArgs
     return add_lora(model, lora, device)
 
 
-def save_tuned(model: AdaptedTransformer, method: str, out_dir: Path, base_model: str, state: dict | None = None
-               ) -> Path:
+def save_tuned(model: AdaptedTransformer, method: str, out_dir: str | os.PathLike, base_model: str,
+               state: dict | None = None) -> Path:
     """Write what `method` trained to its file under out_dir (WEIGHTS); the path written. `state`: the trained
     tensors by name, whole, where the model holds only shards of them (FSDP); default the model's own."""
     from .checkpoint import save_adapter, save_full
     from .lora import save_lora
 
+    out_dir = Path(out_dir)
     if method == "adapter":  # never sharded: the prompts and gates stay whole on every process
         save_adapter(model, out_dir / WEIGHTS["adapter"], base_model)
     elif method == "lora":
