@@ -1,5 +1,7 @@
 """Decoding: left-padded batches with the adapter on, sampling rules, EOS handling."""
 
+import json
+
 import pytest
 import torch
 
@@ -340,6 +342,22 @@ def test_decoding_stays_within_the_models_max_seq_len(model):
 
     with pytest.raises(ValueError, match=rf"prompt 'xxxx.*\.\.\. is {limit} tokens \(BOS included\).*max_seq_len"):
         complete_texts(model, ByteTokenizer(), ["ab", "x" * (limit - 1)], Sampling(max_new_tokens=2))
+
+
+def test_a_prompt_too_long_is_named_by_its_file_line_and_id(model, tmp_path):
+    """A --prompts request that leaves no position for a new token is refused naming the file, its line and the id
+    the file gave it (it was named by its text alone); an id not given is the line number, not said twice."""
+    from llama_adapter.generate import generate_requests, read_prompts
+
+    too_long = "x" * model.args.max_seq_len  # BOS and one token per byte: no position left
+    for path, second, name in [(tmp_path / "with_id.jsonl", {"id": "long", "prompt": too_long}, "line 2 (id 'long')"),
+                               (tmp_path / "no_id.jsonl", {"prompt": too_long}, "line 2")]:
+        path.write_text(f'{{"prompt": "ab"}}\n{json.dumps(second)}\n')
+        with pytest.raises(ValueError) as e:
+            generate_requests(model, ByteTokenizer(), read_prompts(path), {"base": None}, Sampling(max_new_tokens=2),
+                              source=f"--prompts {path}")
+        assert str(e.value).startswith(f"--prompts {path}, {name}: prompt 'xxx"), str(e.value)
+        assert str(e.value).endswith(f"expected at most {model.args.max_seq_len - 1} tokens")
 
 
 def test_a_sampled_answer_does_not_depend_on_the_batch(model):

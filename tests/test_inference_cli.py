@@ -169,6 +169,17 @@ def test_generate_takes_a_release_and_an_adapter_of_another_shape_together(world
     assert sorted(r["adapter"] for r in rows) == ["other", "other", "paper", "paper"]
 
 
+def test_generate_names_the_prompts_file_line_and_id_of_a_prompt_too_long(world):
+    """A prompt that leaves the base no position for a new token is a one-line error naming --prompts, the line and
+    the id (it named the prompt's text alone), and nothing is written."""
+    (world / "long.jsonl").write_text('{"id": "a", "instruction": "Say hi."}\n'
+                                      + json.dumps({"id": "long", "prompt": "word " * 300}) + "\n")
+    proc = run_cli("generate", "--base", world / "base", "--prompts", world / "long.jsonl",
+                   "--out", world / "out.jsonl", "--max-new-tokens", "2")
+    one_line_error(proc, f"--prompts {world / 'long.jsonl'}, line 2 (id 'long'): prompt 'word word", "max_seq_len 256")
+    assert not (world / "out.jsonl").exists()
+
+
 def test_int8_group_refusal_names_the_option(tmp_path, llama_sp_model):
     """--quantize int8-g32 on a base of width 48 (not a multiple of 32) names the option and the one to use."""
     pytest.importorskip("torchao")

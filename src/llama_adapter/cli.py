@@ -484,7 +484,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     if not adapters:  # the base as loaded answers every request
         adapters = {ns.name or "base": None}
     rows = generate_requests(model, tokenizer, requests, adapters, sampling, ns.batch_size,
-                             ns.compile, ns.out, release, ns.compile_cache)
+                             ns.compile, ns.out, release, ns.compile_cache, f"--prompts {ns.prompts}")
     print(f"{len(rows)} generations -> {ns.out}")
 
 

@@ -459,8 +459,9 @@ PROMPTS_EXPECTED = ('one JSON object per line with "instruction" (and optionally
 
 def read_prompts(path: Path) -> list[dict]:
     """Requests from a JSONL file: {"id"?, "instruction", "input"?} (Alpaca template) or {"id"?, "prompt"}
-    (used as is), each optionally naming an "adapter"; ids default to the line number. A bad line is an
-    InputError naming the file, its 1-based line number and what was expected."""
+    (used as is), each optionally naming an "adapter"; ids default to the line number. Each request keeps its
+    1-based line number ("line"), which a later error names (generate_requests). A bad line is an InputError naming
+    the file, its line number and what was expected."""
     from .errors import InputError
     from .io import read_jsonl_lines
 
@@ -488,10 +489,17 @@ def read_prompts(path: Path) -> list[dict]:
             raise InputError(f"{path}, line {n}: id {row_id!r} is also line {lines_of[row_id]}'s; expected "
                              f"{PROMPTS_EXPECTED}")
         lines_of[row_id] = n
-        rows.append({**row, "id": row_id})
+        rows.append({**row, "id": row_id, "line": n})
     if not rows:
         raise InputError(f"{path}: holds no prompts; expected {PROMPTS_EXPECTED}")
     return rows
+
+
+def request_name(row: dict, source: str) -> str:
+    """A request as an error names it: its source, its line (one read_prompts read) and its id, where the file gave
+    one (an id not given is the line number, not said twice)."""
+    line = f", line {row['line']}" if "line" in row else ""
+    return f"{source}{line}" + (f" (id {row['id']!r})" if row["id"] != row.get("line") else "")
 
 
 def prompt_text(row: dict) -> str:
@@ -518,20 +526,25 @@ def complete_texts(
     compile: bool = CompileConfig.compile,
     images: list[np.ndarray | None] | None = None,
     rows: int | None = None,
+    names: list[str] | None = None,
 ) -> list[str]:
     """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate. The
     draws come from `generator` (sampling's seed is its maker's to use: generate_requests draws all its adapters'
     answers from one), through a seed per prompt drawn in the prompts' order: a prompt's answer does not depend on
     the batch size, on the prompts batched with it or on filler rows. Compiled, every batch decodes `rows` rows
     (default: as many as the first batch has), a smaller one filled up, so that one compilation serves them all.
+    A prompt that leaves no position for a new token is refused before any is decoded, named by `names` (where
+    each prompt came from; default: its text alone).
 
     Batches hold prompts of like length (batches_by_length), so that consecutive batches often have the same cache
     length and replay one decode step (DecodeGraphs); the texts come back in the prompts' order."""
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
     limit = model.args.max_seq_len
-    if (k := next((k for k, i in enumerate(ids) if len(i) >= limit), None)) is not None:  # named by its text here
-        raise ValueError(f"prompt {prompts[k][:60]!r}{'...' if len(prompts[k]) > 60 else ''} is {len(ids[k])} tokens "
-                         f"(BOS included): the model's max_seq_len {limit} leaves no position for a new token")
+    if (k := next((k for k, i in enumerate(ids) if len(i) >= limit), None)) is not None:
+        raise ValueError(f"{f'{names[k]}: ' if names else ''}prompt {prompts[k][:60]!r}"
+                         f"{'...' if len(prompts[k]) > 60 else ''} is {len(ids[k])} tokens (BOS included): the "
+                         f"model's max_seq_len {limit} leaves no position for a new token; expected at most "
+                         f"{limit - 1} tokens")
     texts: list[str | None] = [None] * len(ids)
     seeds = draw_seeds(len(ids), generator) if sampling.temperature > 0 else None
     rows = (rows or min(batch_size, len(prompts))) if compile else None
@@ -591,6 +604,7 @@ def generate_requests(
     out: Path | None = None,
     release: AdapterArgs | None = None,
     compile_cache: str | None = CompileConfig.compile_cache,
+    source: str = "requests",
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
     loaded once; adapters are swapped in between groups of requests (each file read once, every one checked to
@@ -600,8 +614,9 @@ def generate_requests(
     `out`, the answers are also written there as JSON Lines, whole or not at all. `release`: the shape of the
     original-release .pth adapters among them (checkpoint.apply_adapter). Sampling: the paper's by default, as
     the `generate` command's. Compiled, the decode step's compiled code is kept in `compile_cache`
-    (decoding_cache)."""
-    check_requested_adapters(requests, adapters, "requests")
+    (decoding_cache). `source`: where the requests came from, which an error names with the request's line (a
+    request of read_prompts) and id."""
+    check_requested_adapters(requests, adapters, source)
     if (lora := lora_among(adapters)) is not None:  # merged for good: it answers every request, applied once
         if getattr(model, "merged_lora", None) != str(peft_files(Path(adapters[lora]))[1]):  # not merged at load
             apply_adapter(model, adapters[lora])
@@ -622,7 +637,7 @@ def generate_requests(
                 put_adapter(model, *read[name])
             mine = [r for r in requests if r.get("adapter", name) == name]
             outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], sampling, batch_size,
-                                     generator, compile, rows=rows)
+                                     generator, compile, rows=rows, names=[request_name(r, source) for r in mine])
             results += [{"id": r["id"], "adapter": name, "adapter_path": path and str(path),
                          "prompt": prompt_text(r), "output": o, "decoding": sampling.describe()}
                         for r, o in zip(mine, outputs)]
