@@ -136,6 +136,18 @@ def test_sha256_is_checked_and_a_mismatch_leaves_nothing(tmp_path, http_root):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_empty_source_is_refused_and_nothing_written(tmp_path):
+    """A source of no records ([]) once fetched exit 0 with records: 0, for validate to refuse; fetch refuses it
+    itself, naming the source, and leaves no output (an earlier fetch's included)."""
+    (tmp_path / "ok.json").write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "hi"}]))
+    assert fetch("alpaca", str(tmp_path / "ok.json"), tmp_path / "out")["records"] == 1
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(FetchError, match=rf"^{re.escape(str(tmp_path / 'empty.json'))}: holds no alpaca records; "
+                                         "expected at least one$"):
+        fetch("alpaca", str(tmp_path / "empty.json"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_real_alpaca_sample(shared_data, tmp_path):
     meta = fetch("alpaca", str(shared_data / "alpaca" / "alpaca_sample_5000.json"), tmp_path / "out")
     assert meta["records"] == 5000

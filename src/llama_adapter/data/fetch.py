@@ -136,6 +136,8 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
         if dataset == "scienceqa":
             (tmp / "images").mkdir()
         records, images, missing = _write(src.items, tmp, refusals)
+        if not records:  # validate refuses an empty records.jsonl: no later stage could take this fetch
+            raise FetchError(f"{source}: holds no {dataset} records; expected at least one")
         assigned = (None if assign_splits is None
                     else _reassign(tmp / RECORDS, assign_splits, split_seed, source))
         meta = {
