@@ -5,6 +5,7 @@ stage could take for its output. Driven through the command line, as a user and 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,12 +236,16 @@ def test_failed_validate_leaves_no_records_of_an_earlier_run(tmp_path, tok):
                    tmp_path / "v" / "records.jsonl", "no such file")
 
 
-def test_failed_validate_of_unreadable_input_removes_the_earlier_folder(tmp_path):
+@pytest.mark.parametrize("damage, needle", [(lambda f: records_dir(f, raw="{not json\n"), "not valid JSON"),
+                                           (lambda f: shutil.rmtree(f), "records.jsonl: no such file")])
+def test_failed_validate_of_unreadable_input_removes_the_earlier_folder(tmp_path, damage, needle):
+    """A validate that cannot read its records (not JSON, or no --fetched folder at all) writes no validation.json
+    (it reports on records read) and removes the folder an earlier run left: the one-line error says why."""
     fetched = records_dir(tmp_path / "f", GOOD)
     assert cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v").returncode == 0
-    records_dir(fetched, raw="{not json\n")
+    damage(fetched)
     one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v"), "validate",
-                   "not valid JSON")
+                   needle)
     assert not (tmp_path / "v").exists()
 
 
