@@ -179,7 +179,6 @@ def training_outputs(out_dir: str | Path) -> list[Path]:
                                               TRAINING_METRICS)]
 
 
-
 def is_original_release(adapter_path: str | Path) -> bool:
     """Whether an adapter file is the paper's original-release .pth, the only kind that does not record its own
     shape (adapter_len, adapter_layers), which must then be given with it."""
