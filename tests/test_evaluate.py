@@ -154,6 +154,16 @@ def test_an_option_without_a_finite_score_is_not_chosen(world, monkeypatch):
     assert evaluation.answer_by_likelihood(None, tok, records, 4) == [None, 1]
 
 
+def test_a_question_too_long_for_the_base_is_named_by_its_pid(world):
+    """Generation mode: a question whose prompt leaves the base no position for a new token is refused naming the
+    question (its pid), not by its text alone."""
+    root, tok = world
+    model = load_model(root / "base", root / "a.safetensors")
+    records = [question("short", False), {**question("long", False), "question": "Which? " * ARGS.max_seq_len}]
+    with pytest.raises(ValueError, match=r"^ScienceQA question long: prompt .* leaves no position for a new token"):
+        evaluate_mod.answer_by_generation(model, tok, records, 2)
+
+
 def test_hot_swapped_adapters_equal_separately_loaded(world):
     root, tok = world
     requests = [{"id": 1, "instruction": "Name a colour."}, {"id": 2, "instruction": "Add.", "input": "2 and 3"},

@@ -79,7 +79,8 @@ def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list
                          max_new_tokens: int = 16, images: list[np.ndarray | None] | None = None,
                          compile: bool = CompileConfig.compile) -> tuple[list[int | None], list[str]]:
     texts = complete_texts(model, tokenizer, [qcm_prompt(r) for r in records], Sampling(max_new_tokens),
-                           batch_size, compile=compile, images=images)
+                           batch_size, compile=compile, images=images,
+                           names=[f"ScienceQA question {r['pid']}" for r in records])
     return [parse_answer(t, len(r["choices"])) for t, r in zip(texts, records)], texts
 
 
