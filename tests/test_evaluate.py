@@ -306,6 +306,7 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("LLAMA_ADAPTER_TAGS", json.dumps({"config_hash": "c0ffee"}))  # as the workflow sets it
     root, tok = world
     model = load_model(root / "base", root / "a.safetensors")
     records = [{"pid": str(i), "split": "test", "question": f"Is {i} big?", "choices": ["yes", "no"], "answer": i % 2,
@@ -324,6 +325,8 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
         assert scores["mode"] == mode and scores["n"] == 8 and scores["split"] == "test"
         assert scores["floor"] == {"position": 1, "letter": "B", "correct": 4, "n": 8, "accuracy": 50.0}
         assert (scores["task"], scores["method"], scores["base"]) == ("scienceqa", "adapter", str(root / "base"))
+        # the provenance a row without a training (zero-shot) takes from its evaluation in the report
+        assert scores["tags"]["config_hash"] == "c0ffee" and set(scores["tags"]) <= {"config_hash", "git_commit"}
         assert json.loads((tmp_path / mode / "scores.json").read_text()) == scores
         rows = list(csv.DictReader(open(tmp_path / mode / "predictions.csv")))
         assert [r["pid"] for r in rows] == [str(i) for i in range(8)]

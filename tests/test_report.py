@@ -20,6 +20,7 @@ from llama_adapter.report import (
     UNPAIRED_WHY,
     ReportInputs,
     Run,
+    _checked_scores,
     ablation_axis,
     ablation_table,
     ablation_table_name,
@@ -74,6 +75,26 @@ def grid() -> list[Run]:
     points = [(4, "zero", 5), (1, "zero", 5), (2, "zero", 5), (4, "random", 5), (4, "zero", 3), (4, "zero", 8),
               (4, "zero", 5, "lora")]
     return [point(*p) for p in points]
+
+
+def test_a_zero_shot_row_names_the_config_hash_and_commit_of_its_evaluation():
+    """A zero-shot row has no training whose metrics.json holds the config hash and commit: they come from its
+    evaluation's scores.json, so that every row of ours names them (README: "Reading the report")."""
+    trained = run("scienceqa")
+    zero_shot = run("scienceqa_zero_shot", acc=45.0)
+    zero_shot.config, zero_shot.metrics = {"base": "b", "method": "zero-shot"}, {}
+    zero_shot.scores["tags"] = {"config_hash": "abc123", "git_commit": "fedcba9876543210"}
+    df = scienceqa_table([trained, zero_shot]).set_index("experiment")
+    assert df.loc["scienceqa_zero_shot", "config_hash"] == "abc123"
+    assert df.loc["scienceqa_zero_shot", "git_commit"] == "fedcba987654"
+    assert df.loc["scienceqa", "git_commit"] == "0123456789ab"  # a trained row keeps its training's
+
+
+def test_scores_tags_of_another_kind_are_refused_by_key(tmp_path):
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps({**SCIENCEQA_SCORES, "tags": "abc"}))
+    with pytest.raises(InputError, match=r"scores.json: key tags holds 'abc'; expected an object"):
+        _checked_scores(path, json.loads(path.read_text()))
 
 
 def test_adapter_parameters_at_7b_match_the_paper():

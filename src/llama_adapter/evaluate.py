@@ -39,6 +39,8 @@ from .model import Transformer
 from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
 
+PROVENANCE_TAGS = ("config_hash", "git_commit")  # the run tags scores.json keeps for the report's provenance
+
 
 @torch.no_grad()
 def sequence_logprobs(model: Transformer, samples: list[tuple], batch_size: int) -> list[float]:
@@ -271,7 +273,10 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
                 write_predictions(predictions, predictions_path)
             else:
                 scores = score_alpaca(model, tokenizer, heldout, ev.row_len, batch_size)
-            scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id}
+            # The invocation's config hash and the commit, as a training's metrics.json keeps them: a zero-shot row,
+            # which has no training, names them from here in the report.
+            scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id,
+                       "tags": {k: tracker.tags[k] for k in PROVENANCE_TAGS if k in tracker.tags}}
             write_json(scores_path, scores)
             # Inside too: logging them (artifacts uploaded to a server) takes a while, and a stop here removes
             # the files, which the run must then not claim as a finished run's.

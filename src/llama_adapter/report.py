@@ -106,7 +106,8 @@ class Run:
 
     @property
     def provenance(self) -> dict[str, str | None]:
-        tags = self.metrics.get("tags", {})
+        # A training's tags; a row without one (zero-shot: nothing trained) takes its evaluation's.
+        tags = self.metrics.get("tags") or self.scores.get("tags") or {}
         return {"mlflow_run": self.metrics.get("mlflow_run_id"), "eval_run": self.scores.get("mlflow_run_id"),
                 "config_hash": tags.get("config_hash"), "data_sha256": (self.data.get("records_sha256") or "")[:12],
                 "git_commit": (tags.get("git_commit") or "")[:12] or None}
@@ -157,7 +158,7 @@ KINDS = {
 # present). A kind ending in "?" may be null (an accuracy over no questions, a split of every question); a field
 # inside an object is checked when the object is there and not null.
 COMMON_SCORE_FIELDS = [("task", "task", True), ("method", "text?", False), ("split", "text?", False),
-                       ("mlflow_run_id", "text?", False)]
+                       ("mlflow_run_id", "text?", False), ("tags", "object?", False)]
 SCORE_FIELDS = {
     "scienceqa": [
         ("n", "count", True), ("correct", "count?", False), ("accuracy", "percent?", True),
