@@ -285,6 +285,27 @@ def test_a_parent_run_stopped_by_ctrl_c_as_it_is_set_up_ends_killed(store, monke
     assert (run.info.status, run.data.tags.get("stopped_by")) == ("KILLED", "SIGINT")
 
 
+def test_a_ctrl_c_in_the_parent_runs_set_up_is_not_lost_when_the_store_fails_again(store, monkeypatch):
+    """The store failing again as the interrupted run is ended (a broken connection) replaced the KeyboardInterrupt
+    with its own error, which start_invocation_run turned into a warning: the invocation went on after a Ctrl-C."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from llama_adapter import tracking
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    def broken(*a, **k):
+        raise MlflowException("store gone")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_dict", interrupted)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", broken)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.start_invocation_run("snakemake x", {"a": 1})
+    assert "MLFLOW_PARENT_RUN_ID" not in os.environ
+
+
 # ---------------------------------------------------------------- the experiment: $MLFLOW_EXPERIMENT_NAME or _ID
 
 
@@ -635,21 +656,22 @@ def test_a_run_whose_process_was_killed_outright_is_ended_as_the_next_invocation
 
 def test_only_a_run_whose_end_is_certain_is_ended(store):
     """end_orphaned_runs reads each RUNNING run's process tags: it ends a run of this host whose pid is gone or
-    is another process now (a pid is reused: the start time differs), and leaves alone another user's run, a run
-    of another host outside SLURM or of another PID namespace (a container), a run without process tags (an
-    older run) and a live process's run."""
+    is another process now (a pid is reused: its start differs), and leaves alone another user's run, a run of
+    another host outside SLURM or of another PID namespace (a container), a run without process tags (an older
+    run) and a live process's run."""
     import mlflow
-    import psutil
 
     from llama_adapter import tracking
 
     me = tracking.process_tags()
+    boot, ticks = me["process.started"].split("/")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     cases = {
         "this process": (me, "RUNNING"),
         "pid gone": ({**me, "process.pid": str(dead.pid)}, "KILLED"),
-        "pid reused": ({**me, "process.started": f"{psutil.Process().create_time() - 100:.2f}"}, "KILLED"),
+        "pid reused": ({**me, "process.started": f"{boot}/{int(ticks) - 1}"}, "KILLED"),
+        "before a reboot": ({**me, "process.started": f"another-boot/{ticks}"}, "KILLED"),
         "another user": ({**me, "process.pid": str(dead.pid), "process.uid": str(os.getuid() + 1)}, "RUNNING"),
         "another host": ({**me, "process.pid": str(dead.pid), "process.host": "elsewhere"}, "RUNNING"),
         "another container": ({**me, "process.pid": str(dead.pid), "process.pid_namespace": "pid:[1]"}, "RUNNING"),
@@ -660,6 +682,77 @@ def test_only_a_run_whose_end_is_certain_is_ended(store):
     experiment = client.create_experiment("orphans")
     runs = {name: client.create_run(experiment, tags=tags, run_name=name).info.run_id
             for name, (tags, _) in cases.items()}
-    assert sorted(tracking.end_orphaned_runs(client, experiment)) == ["pid gone", "pid reused"]
+    assert sorted(tracking.end_orphaned_runs(client, experiment)) == ["before a reboot", "pid gone", "pid reused"]
     for name, (_, status) in cases.items():
         assert client.get_run(runs[name]).info.status == status, name
+
+
+def test_a_run_another_process_reopens_meanwhile_is_not_ended(store, monkeypatch):
+    """A run left RUNNING by a killed training, which `train --resume` reopens in another process between the
+    check's search and its second look: that process tagged the run as its own, so the run is left running."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("orphans")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run_id = client.create_run(experiment, tags={**tracking.process_tags(), "process.pid": str(dead.pid)}).info.run_id
+    looked = mlflow.MlflowClient.get_run
+
+    def resumed_meanwhile(self, rid):  # the resumed training's resumed_run, as the check looks again
+        for key, value in tracking.process_tags().items():
+            client.set_tag(rid, key, value)
+        return looked(self, rid)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_run", resumed_meanwhile)
+    assert tracking.end_orphaned_runs(client, experiment) == []
+    assert looked(client, run_id).info.status == "RUNNING"
+
+
+def test_a_resumed_run_is_tagged_as_its_new_process_before_it_runs_again(store, monkeypatch):
+    """Reopened, a run is RUNNING again: with the killed process's tags still on it, a check at that moment would
+    end it. resumed_run tags it as the new process first."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    first = tracking.Tracker(store / "out", "interrupted", "tests")
+    first.close(status="KILLED")
+    mlflow.MlflowClient().set_tag(first.run_id, "process.pid", "1")  # as the killed process left it
+    seen, real = [], mlflow.start_run
+
+    def start_run(*args, **kwargs):
+        seen.append(mlflow.MlflowClient().get_run(kwargs["run_id"]).data.tags["process.pid"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "start_run", start_run)
+    resumed = tracking.Tracker(store / "out", "resumed", "tests", run_id=first.run_id)
+    resumed.close()
+    assert resumed.run_id == first.run_id and seen == [str(os.getpid())]
+
+
+HANG_UP_AFTER_THE_END = textwrap.dedent("""
+    import os, signal, sys
+    from llama_adapter import tracking
+    os.environ["MLFLOW_PARENT_RUN_ID"] = tracking.start_parent_run("snakemake x")
+    tracking.record_invocation_stops()
+    tracking.end_invocation_run("FINISHED")  # onsuccess
+    print(os.environ["MLFLOW_PARENT_RUN_ID"], flush=True)
+    os.kill(os.getpid(), signal.SIGHUP)  # the terminal closed in snakemake's last moments
+""")
+
+
+def test_a_hangup_after_the_invocation_ended_leaves_its_run_finished(store):
+    """The hangup handler stays installed after onsuccess: a SIGHUP then re-ended the FINISHED run as KILLED."""
+    import mlflow
+
+    from llama_adapter import tracking
+
+    env = {**os.environ, "PYTHONPATH": str(Path(tracking.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", HANG_UP_AFTER_THE_END], env=env, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGHUP, done.stderr[-2000:]
+    run = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(done.stdout.split()[0])
+    assert (run.info.status, run.data.tags.get("stopped_by")) == ("FINISHED", None)

@@ -292,10 +292,16 @@ def test_a_training_cut_by_its_time_limit_resumes_in_the_next_invocation(slurm_r
 def test_a_run_of_a_slurm_job_that_squeue_no_longer_lists_is_ended(slurm_run, tmp_path, monkeypatch):
     """A run of a job on another node (its process out of reach) is read through SLURM: ended KILLED where squeue
     no longer lists its job, left alone where the job is listed, where it ran on another cluster (a tracking
-    server shared by two) or as an array's task (whose id squeue shows otherwise)."""
+    server shared by two), or where its process was no job's step (a shell that had inherited a job's variables
+    outlives the job). A real job's runs carry the job (the demo's trainings through the profile)."""
     import mlflow
 
     from llama_adapter import tracking
+
+    root, _ = slurm_run
+    training = training_run(root, "scienceqa")
+    assert training.data.tags["process.slurm_job"] == training.data.tags["slurm_job_id"]
+    assert training.data.tags["process.slurm_cluster"]
 
     def submit(command: str) -> str:
         return subprocess.run(["sbatch", "--parsable", "--partition", slurm_cluster.PARTITION, "--account",
@@ -303,7 +309,7 @@ def test_a_run_of_a_slurm_job_that_squeue_no_longer_lists_is_ended(slurm_run, tm
                               capture_output=True, text=True).stdout.strip().split(";")[0]
 
     def listed(job_id: str) -> bool:
-        return job_id in subprocess.run(["squeue", "--noheader", "--format", "%i"], capture_output=True,
+        return job_id in subprocess.run(["squeue", "--noheader", "--format", "%A"], capture_output=True,
                                         text=True).stdout.split()
 
     live, ended = submit("sleep 300"), submit("true")
@@ -317,11 +323,12 @@ def test_a_run_of_a_slurm_job_that_squeue_no_longer_lists_is_ended(slurm_run, tm
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         client = mlflow.MlflowClient()
         experiment = client.create_experiment("orphans")
-        node = {**tracking.process_tags(), "process.host": "another-node", "slurm_cluster": cluster}
-        cases = {"job gone": ({**node, "slurm_job_id": ended}, "KILLED"),
-                 "job listed": ({**node, "slurm_job_id": live}, "RUNNING"),
-                 "another cluster": ({**node, "slurm_job_id": ended, "slurm_cluster": "other"}, "RUNNING"),
-                 "array task": ({**node, "slurm_job_id": ended, "slurm_array_job_id": ended}, "RUNNING")}
+        node = {**tracking.process_tags(), "process.host": "another-node", "process.slurm_cluster": cluster}
+        cases = {"job gone": ({**node, "process.slurm_job": ended}, "KILLED"),
+                 "job listed": ({**node, "process.slurm_job": live}, "RUNNING"),
+                 "another cluster": ({**node, "process.slurm_job": ended, "process.slurm_cluster": "other"},
+                                     "RUNNING"),
+                 "no job's step": ({**node, "slurm_job_id": ended}, "RUNNING")}
         runs = {name: client.create_run(experiment, tags=tags, run_name=name).info.run_id
                 for name, (tags, _) in cases.items()}
         assert tracking.end_orphaned_runs(client, experiment) == ["job gone"]

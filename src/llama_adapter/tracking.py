@@ -73,9 +73,10 @@ def config_hash(config: dict) -> str:
 
 
 def run_tags(source: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Tags of a run: the caller's, the invocation's (from $LLAMA_ADAPTER_TAGS), the git commit, the SLURM
-    job id when there is one and the process that runs it (process_tags). The commit and the entry point
-    (`source`) also go in MLflow's own mlflow.source.* tags, which its UI shows as the run's source and version."""
+    """Tags of a run: the caller's, the invocation's (from $LLAMA_ADAPTER_TAGS), the git commit and the SLURM
+    job id when there is one. The commit and the entry point (`source`) also go in MLflow's own
+    mlflow.source.* tags, which its UI shows as the run's source and version. (The MLflow run also gets
+    process_tags, which are not the results' provenance.)"""
     try:
         shared = json.loads(os.environ.get(TAGS_ENV) or "{}")
     except json.JSONDecodeError as e:
@@ -84,22 +85,40 @@ def run_tags(source: str, extra: dict[str, str] | None = None) -> dict[str, str]
         raise ValueError(f"${TAGS_ENV} must be a JSON object of tags; it holds a JSON {type(shared).__name__}")
     commit = git_commit()
     found = {"git_commit": commit, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-             "mlflow.source.git.commit": commit, "mlflow.source.name": source, "mlflow.source.type": "LOCAL",
-             **process_tags()}
+             "mlflow.source.git.commit": commit, "mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
     return {**{k: str(v) for k, v in shared.items()}, **{k: v for k, v in found.items() if v}, **(extra or {})}
 
 
 def process_tags() -> dict[str, str]:
-    """Which process runs a run: its user id, host, pid and start time, and in a SLURM job the cluster and whether
-    the job is an array's task. What end_orphaned_runs reads to tell a run whose process was killed outright
-    (SIGKILL, the kernel's out-of-memory killer: no handler runs, and the run would stay RUNNING for ever)
-    from a live one."""
-    import psutil
+    """Which process runs a run: its user id, host, PID namespace, pid and start (process_start), and, where it runs
+    inside a SLURM job's step, the job and its cluster. What end_orphaned_runs reads to tell a run whose process
+    was killed outright (SIGKILL, the kernel's out-of-memory killer: no handler runs, and the run would stay
+    RUNNING for ever) from a live one. The job only where slurmd started the process's step ($SLURMD_NODENAME): a
+    shell that merely inherited a job's variables (a tmux started in salloc) outlives the job."""
+    tags = {"process.uid": str(os.getuid()), "process.host": socket.gethostname(), "process.pid": str(os.getpid()),
+            "process.pid_namespace": pid_namespace(), "process.started": process_start(os.getpid())}
+    if os.environ.get("SLURMD_NODENAME") and os.environ.get("SLURM_JOB_ID"):
+        tags |= {"process.slurm_job": os.environ["SLURM_JOB_ID"],
+                 "process.slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME")}
+    return {k: v for k, v in tags.items() if v}
 
-    return {"process.uid": str(os.getuid()), "process.host": socket.gethostname(), "process.pid": str(os.getpid()),
-            "process.pid_namespace": pid_namespace(), "process.started": f"{psutil.Process().create_time():.2f}",
-            "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME", ""),
-            "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID", "")}
+
+# The tags that name a run's process: a run whose tags changed was reopened by another process (a resumed training).
+PROCESS_TAGS = ("process.host", "process.pid_namespace", "process.pid", "process.started", "process.slurm_job",
+                "process.slurm_cluster")
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, as this boot's id and the clock ticks from boot to its start (Linux's /proc):
+    no clock step (NTP, a resumed VM) moves it, and a pid used again has another. None where the process is gone
+    (a zombie has exited) or there is no /proc (then no run is ever taken for orphaned here)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, *rest = stat[stat.rindex(")") + 2:].split()  # after the command's name, which may hold ")" and spaces
+    return None if state == "Z" else f"{boot}/{rest[18]}"  # field 22 of proc(5): starttime
 
 
 def environment() -> dict[str, str]:
@@ -127,18 +146,21 @@ def start_parent_run(name: str, tags: dict[str, str] | None = None, config: dict
     experiment_id = chosen_experiment(mlflow, use_store(mlflow))
     # The client, not mlflow.start_run: an active run would be ended by MLflow's exit hook with this process.
     client = mlflow.MlflowClient()
-    run_id = client.create_run(experiment_id, run_name=name, tags=run_tags("snakemake", tags)).info.run_id
+    run_id = client.create_run(experiment_id, run_name=name,
+                               tags={**run_tags("snakemake", tags), **process_tags()}).info.run_id
     if config is not None:
         try:
             client.log_param(run_id, "config_hash", config_hash(config))
             client.log_dict(run_id, config, "config.yaml")
         except BaseException as e:  # not left RUNNING for ever, unnamed by any job or hook
             # Ctrl-C in onstart (a KeyboardInterrupt, which `except Exception` lets by): a stop, KILLED as onerror
-            # ends a stopped invocation's run.
+            # ends a stopped invocation's run. The store failing again here must not replace the error (a Ctrl-C
+            # turned into a warning would let the invocation go on): the next invocation ends the run then.
             stopped = isinstance(e, KeyboardInterrupt)
-            if stopped:
-                client.set_tag(run_id, "stopped_by", "SIGINT")
-            client.set_terminated(run_id, status="KILLED" if stopped else "FAILED")
+            with contextlib.suppress(Exception):
+                if stopped:
+                    client.set_tag(run_id, "stopped_by", "SIGINT")
+                client.set_terminated(run_id, status="KILLED" if stopped else "FAILED")
             raise
     return run_id
 
@@ -214,10 +236,12 @@ def end_orphaned_runs(client, experiment_id: str) -> list[str]:
     """End KILLED, tagged ORPHANED, the RUNNING runs of an experiment whose process is gone: killed outright
     (SIGKILL, the out-of-memory killer, a node lost), it ran no handler to end its run. Only this user's runs
     (process_tags), and only where the end is certain: a run of this host and PID namespace whose process no
-    longer runs (its pid and start time: a pid is reused), a run of a SLURM job of this cluster (not an array's
-    task) that squeue no longer lists. A run of another host outside SLURM, or without process tags (an older
-    run), is left as it is. Each process or job is found gone before its run is read RUNNING, so a run its job
-    ended meanwhile keeps its status. The names of the runs ended."""
+    longer runs (process_start: a pid is reused), a run of a SLURM job of this cluster that squeue no longer
+    lists. A run of another host outside SLURM, or without process tags (an older run), is left as it is. Each
+    process or job is found gone before its run is read again, and a run is ended only if it is still RUNNING
+    with the same process tags: a run its job ended meanwhile keeps its status, and one another process reopened
+    meanwhile (a resumed training, which tags itself before it reopens: resumed_run) keeps running. The names of
+    the runs ended."""
     host, namespace, uid = socket.gethostname(), pid_namespace(), str(os.getuid())
     jobs = slurm_jobs()  # before the runs are read: a job squeue no longer lists had ended by then
     ended, page = [], None
@@ -226,20 +250,19 @@ def end_orphaned_runs(client, experiment_id: str) -> list[str]:
                                   page_token=page)
         for run in runs:
             tags = run.data.tags
-            try:
-                pid, started = int(tags["process.pid"]), float(tags["process.started"])
-            except (KeyError, ValueError):  # an older run, or tags edited by hand: nothing certain
-                continue
-            if tags.get("process.uid") != uid:
+            if tags.get("process.uid") != uid or not tags.get("process.started"):  # another's, or an older run
                 continue
             if tags.get("process.host") == host and tags.get("process.pid_namespace", "") == namespace:
-                gone = not process_runs(pid, started)
-            elif tags.get("slurm_job_id") and not tags.get("slurm_array_job_id") and jobs is not None:
-                gone = tags.get("slurm_cluster", jobs[0]) == jobs[0] and tags["slurm_job_id"] not in jobs[1]
+                try:
+                    gone = process_start(int(tags["process.pid"])) != tags["process.started"]
+                except (KeyError, ValueError):  # tags edited by hand: nothing certain
+                    continue
+            elif tags.get("process.slurm_job") and jobs is not None:
+                gone = tags.get("process.slurm_cluster", "") == jobs[0] and tags["process.slurm_job"] not in jobs[1]
             else:
                 continue
-            # The process found gone first, its run then read RUNNING: nothing will end it now
-            if gone and client.get_run(run.info.run_id).info.status == "RUNNING":
+            now = client.get_run(run.info.run_id)
+            if gone and now.info.status == "RUNNING" and all(now.data.tags.get(k) == tags.get(k) for k in PROCESS_TAGS):
                 for key, value in ORPHANED.items():
                     client.set_tag(run.info.run_id, key, value)
                 client.set_terminated(run.info.run_id, status="KILLED")
@@ -249,36 +272,26 @@ def end_orphaned_runs(client, experiment_id: str) -> list[str]:
             return ended
 
 
-def process_runs(pid: int, started: float) -> bool:
-    """Whether the process `pid` that started at `started` (seconds since the epoch) still runs."""
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        return abs(process.create_time() - started) < 1 and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:  # another user's process: it runs
-        return True
-
-
 def slurm_jobs() -> tuple[str, set[str]] | None:
-    """This SLURM cluster's name and the ids of this user's jobs squeue lists (pending, running, completing);
+    """This SLURM cluster's name and the ids of this user's jobs squeue lists (pending, running, completing): each
+    job's own id, an array's tasks' and a heterogeneous job's parts' too (squeue's %A, as $SLURM_JOB_ID gives it);
     None where SLURM does not answer here (not installed, its controller down)."""
     try:
         config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30,
                                 check=True).stdout
-        listed = subprocess.run(["squeue", "--noheader", "--user", str(os.getuid()), "--format", "%i"],
+        listed = subprocess.run(["squeue", "--noheader", "--user", str(os.getuid()), "--format", "%A"],
                                 capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     cluster = next((line.split("=", 1)[1].strip() for line in config.splitlines()
                     if line.split("=", 1)[0].strip() == "ClusterName"), "")
-    return cluster, set(listed.split())
+    return cluster, {job.split("+")[0] for job in listed.split()}
 
 
 # The first stop signal (its name) this workflow invocation received since record_invocation_stops; None: none.
 invocation_stopped_by: str | None = None
+# Whether end_invocation_run ended this invocation's run (onsuccess, onerror): a hangup after it leaves the run be.
+invocation_ended = False
 
 
 def _remember_stop(previous, signum, frame):
@@ -306,9 +319,10 @@ def _end_on_hangup(signum, frame):
 
     global invocation_stopped_by
     invocation_stopped_by = invocation_stopped_by or signal.Signals(signum).name
-    ending = threading.Thread(target=end_invocation_run, args=("FAILED",), daemon=True)
-    ending.start()
-    ending.join(HANGUP_END_TIMEOUT_S)
+    if not invocation_ended:  # a hangup after onsuccess or onerror: the run has its status
+        ending = threading.Thread(target=end_invocation_run, args=("FAILED",), daemon=True)
+        ending.start()
+        ending.join(HANGUP_END_TIMEOUT_S)
     signal.signal(signum, signal.SIG_DFL)
     signal.raise_signal(signum)
 
@@ -328,8 +342,8 @@ def record_invocation_stops() -> None:
 
     if threading.current_thread() is not threading.main_thread():
         return
-    global invocation_stopped_by
-    invocation_stopped_by = None
+    global invocation_stopped_by, invocation_ended
+    invocation_stopped_by, invocation_ended = None, False
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         previous = signal.getsignal(signum)
         ours = previous is _end_on_hangup or (isinstance(previous, functools.partial)
@@ -343,6 +357,8 @@ def record_invocation_stops() -> None:
 def end_invocation_run(status: str) -> None:
     """End the invocation's parent run with `status`; FAILED (onerror: the invocation did not complete) is KILLED,
     tagged stopped_by, where a stop signal reached the invocation (record_invocation_stops)."""
+    global invocation_ended
+    invocation_ended = True
     if run_id := os.environ.get("MLFLOW_PARENT_RUN_ID"):
         stopped_by = invocation_stopped_by if status == "FAILED" else None
         try:
@@ -512,11 +528,12 @@ class Tracker:
                 if caller := mlflow.active_run():
                     self.caller_run_id = caller.info.run_id
                 experiment_id = run_experiment(mlflow, use_store(mlflow), self.caller_run_id)
-                run = resumed_run(mlflow, run_id, tags) if run_id is not None else None
+                tagged = {**tags, **process_tags()}  # the process's own in MLflow only, not in the results
+                run = resumed_run(mlflow, run_id, tagged) if run_id is not None else None
                 if run is not None:
                     self.logged_through = last_logged_steps(mlflow.MlflowClient(), run_id)
                 else:
-                    run = new_run(mlflow, run_name, tags, self.caller_run_id, experiment_id)
+                    run = new_run(mlflow, run_name, tagged, self.caller_run_id, experiment_id)
                 self.mlflow, self.run_id, self.logging = mlflow, run.info.run_id, True
             except InputError:  # an experiment variable that is wrong: the user's to fix, not MLflow's outage
                 raise
@@ -658,17 +675,19 @@ class Tracker:
 
 
 def resumed_run(mlflow, run_id: str, tags: dict[str, str]):
-    """The run a resumed job continues, reopened; None (a warning) where the store no longer holds it, e.g.
-    deleted in the UI: the job then logs to a new run."""
+    """The run a resumed job continues, reopened, its `tags` set first: reopened, it is RUNNING again, and with
+    the old process's tags still on it, end_orphaned_runs would take it for orphaned. None (a warning) where the
+    store no longer holds it, e.g. deleted in the UI: the job then logs to a new run."""
+    from mlflow.entities import RunTag
+
     try:
+        mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         # nested: under a caller's active run, reopened on top of it (its parent stays the one it was made under)
-        run = mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=True)
+        return mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=True)
     except Exception as e:
         warnings.warn(f"MLflow run {run_id} cannot be resumed ({type(e).__name__}: {e}); logging to a new run",
                       stacklevel=3)
         return None
-    mlflow.set_tags(tags)
-    return run
 
 
 def new_run(mlflow, run_name: str, tags: dict[str, str], caller_run_id: str | None, experiment_id: str):
