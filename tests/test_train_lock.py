@@ -12,6 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_train import config, random_base_and_splits, run_cli_train
@@ -71,7 +72,14 @@ def test_a_second_training_is_refused_naming_the_holder_and_a_killed_ones_lock_b
         said = second.stderr.strip().splitlines()[-1]
         assert said.startswith(f"llama-adapter train: error: --out-dir {out} is in use by another training: "
                                f"pid {first.pid} on host {socket.gethostname()}, started "), said
-        assert said.endswith("; wait for it to end, or stop that process, then run this again"), said
+        assert said.endswith(f"; wait for it to end, or stop that process, then run this again (if its host is "
+                             f"gone, delete {io.lock_file(out)})"), said
+        assert_untouched(out, first)
+        # A second training that fails before it reaches the lock (here LoRA's options without LoRA) leaves the
+        # outputs too: it removed them as a failed command's.
+        bad = subprocess.run([*run_cli_train(config(setup, out, epochs=1)), "--lora-rank", "4"], capture_output=True,
+                             text=True, timeout=300)
+        assert bad.returncode == 2 and "--lora-rank 4 given with --method adapter" in bad.stderr, bad.stderr[-3000:]
         assert_untouched(out, first)
         # From Python too (the library's error class, one the command line prints as one line).
         with pytest.raises(errors.InputError, match=f"is in use by another training: pid {first.pid} on host"):
@@ -131,3 +139,38 @@ def test_a_second_training_in_the_same_process_is_refused_and_keeps_the_first_on
         go_on.set()
         first.join(120)
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+
+
+def test_a_lock_file_that_cannot_be_made_leaves_the_folder_unguarded_and_says_so(setup, tmp_path, capsys):
+    """A lock file that cannot be made (here a symlink in its place, in a folder anyone may write: its target would
+    have been truncated; a parent folder this user may not write fails alike) is no reason to refuse the training:
+    it runs, unguarded, said on stderr, and the symlink's target is left as it was."""
+    out = tmp_path / "run"
+    target = tmp_path / "someone's file"
+    target.write_text("kept")
+    io.lock_file(out).symlink_to(target)
+    train(config(setup, out, epochs=1))
+    assert target.read_text() == "kept" and json.loads((out / "metrics.json").read_text())["steps"] == 6
+    assert f"{io.lock_file(out)} cannot be made (" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_0_failing_to_take_the_lock_stops_every_rank(tmp_path, monkeypatch, rank):
+    """Rank 0 failing otherwise than OutputInUse as it takes the lock (a full disk) told the other ranks nothing:
+    they waited in the collective for a rank that had gone. Every rank now learns it and stops."""
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_mod, "hold", full)
+    told = []
+
+    def all_max(value: int) -> int:  # rank 0 reports its failure; the other ranks hear it
+        told.append(value)
+        return 2
+
+    d = SimpleNamespace(rank=rank, all_max=all_max)
+    expected = OSError if rank == 0 else errors.PipelineError
+    with pytest.raises(expected, match="No space left" if rank == 0 else "rank 0 could not take its lock"):
+        with train_mod.out_dir_held(tmp_path / "run", d):
+            pass
+    assert told == [2 if rank == 0 else 0]

@@ -67,7 +67,7 @@ from .inputs import (
     top_p,
     writable_output,
 )
-from .io import holds, remove_output
+from .io import held_elsewhere, holds, remove_output
 from .prompts import TEMPLATES
 from .tokenizer import load_tokenizer
 
@@ -741,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     # A command's outputs: removed when it fails, so that no earlier run's output is left where the next stage
     # would take it for this run's (validate keeps its own failure report; inspect and complete write nothing;
     # a training's checkpoint stays for --resume).
-    parser.set_defaults(outputs=lambda ns: [])
+    parser.set_defaults(outputs=lambda ns: [], held=lambda ns: None)  # held: the folder a command locks (io.hold)
 
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a checkpoint path, or a hub model "
@@ -829,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail unless exactly this many GPUs are visible (0: no check); on several nodes, per node")
     p.add_argument("--expect-world-size", type=positive_int,
                    help="fail unless the run has exactly this many processes in all (nodes x processes per node)")
-    p.set_defaults(func=cmd_train, outputs=lambda ns: training_outputs(ns.out_dir))
+    p.set_defaults(func=cmd_train, outputs=lambda ns: training_outputs(ns.out_dir), held=lambda ns: ns.out_dir)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     add_inference_options(p)
@@ -925,9 +925,12 @@ def main(argv: list[str] | None = None) -> int:
         except OutputInUse:  # another process's outputs, which this command never touched
             raise
         except BaseException:
-            for path in ns.outputs(ns):  # none is or holds an input (check_outputs_apart)
-                with contextlib.suppress(OSError):  # (an output that cannot exist: the error below says why)
-                    remove_output(path)
+            # Failed before it took its folder (a bad option, a stop as it starts), a training must leave the outputs
+            # of one that holds it meanwhile alone: they are that one's.
+            if (held := ns.held(ns)) is None or not held_elsewhere(held):
+                for path in ns.outputs(ns):  # none is or holds an input (check_outputs_apart)
+                    with contextlib.suppress(OSError):  # (an output that cannot exist: the error below says why)
+                        remove_output(path)
             raise
     except StoppedBySignal as e:  # one line, and the shell's exit code for a signal
         print(f"llama-adapter {ns.command}: {e}", file=sys.stderr)

@@ -169,13 +169,16 @@ def hold(folder: Path, what: str, option: str) -> Iterator[None]:
     The lock is fcntl's POSIX record lock (lockf), not flock: NFS takes it to the server (NLM, NFSv4's own locks),
     so that it holds against processes on other nodes too, where a Linux client only emulates flock with it (and
     keeps flock to the host under `local_lock=flock`); Lustre honours both with `-o flock`, and neither across
-    nodes with `-o localflock`. The kernel drops it when the process ends however it ends, SIGKILL included (on
-    NFS, a lost node's once the server's lease on it expires): the lock_file a killed holder leaves blocks no one,
-    and the next holder writes itself over it. A holder that ends removes the file, still locked, so that a
-    refused or finished command leaves nothing behind. A file system that takes no lock at all (Lustre mounted
-    without either) leaves the folder unguarded, said in one line on stderr."""
+    nodes with `-o localflock`. The kernel drops it when the process ends however it ends, SIGKILL included: the
+    lock_file a killed holder leaves blocks no one, and the next holder writes itself over it. A node lost with
+    its lock is another matter on NFS: NFSv4 frees the lock once the server's lease on the node expires (about 90
+    s), NFSv3's lock manager only when that node starts again; the refusal names the lock file to delete where the
+    holder's host is gone. A holder that ends removes the file, still locked, so that a refused or finished command
+    leaves nothing behind. Where the lock file cannot be made or locked (a parent folder this user may not write,
+    a read-only one, a file system that takes no lock, a symlink in its place) the folder goes unguarded, said in
+    one line on stderr. Any code of the holding process that opens and closes the lock file drops the lock (POSIX
+    locks are the process's): nothing but this reads it."""
     path = lock_file(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = str(path)
     with _held_guard:
         if key in _held:
@@ -183,22 +186,10 @@ def hold(folder: Path, what: str, option: str) -> Iterator[None]:
                               "expected one at a time: wait for it to end")
         _held.add(key)
     try:
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):  # no locks on this file system
-                    print(f"llama-adapter: warning: {path} cannot be locked ({e.strerror or e}): a second {what} "
-                          f"of {folder} would not be refused", file=sys.stderr, flush=True)
-                    break
-                message = (f"{option} {folder} is in use by another {what}: {holder(fd, path)}; wait for it to end, "
-                           "or stop that process, then run this again")
-                os.close(fd)
-                raise OutputInUse(message) from None
-            if path.exists() and os.path.samestat(os.fstat(fd), path.stat()):
-                break
-            os.close(fd)  # a file its holder removed as it ended, after this process opened it: lock the new one
+        fd = locked(path, folder, what, option)
+        if fd is None:
+            yield
+            return
         try:
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -211,6 +202,56 @@ def hold(folder: Path, what: str, option: str) -> Iterator[None]:
     finally:
         with _held_guard:
             _held.discard(key)
+
+
+def locked(path: Path, folder: Path, what: str, option: str) -> int | None:
+    """A descriptor of the lock file `path`, locked by this process (hold); None where it cannot be made or locked
+    (said on stderr). OutputInUse where another process holds it."""
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: in a folder anyone may write (/tmp), a symlink put in the lock file's place would have
+            # its target truncated
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            return unguarded(path, folder, what, f"cannot be made ({e.strerror or e})")
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            in_use = e.errno in (errno.EACCES, errno.EAGAIN)
+            message = (f"{option} {folder} is in use by another {what}: {holder(fd, path)}; wait for it to end, or "
+                       f"stop that process, then run this again (if its host is gone, delete {path})")
+            os.close(fd)
+            if in_use:
+                raise OutputInUse(message) from None
+            return unguarded(path, folder, what, f"cannot be locked ({e.strerror or e})")
+        if path.exists() and os.path.samestat(os.fstat(fd), path.stat()):
+            return fd
+        os.close(fd)  # a file its holder removed as it ended, after this process opened it: lock the new one
+
+
+def unguarded(path: Path, folder: Path, what: str, why: str) -> None:
+    print(f"llama-adapter: warning: {path} {why}: a second {what} of {folder} would not be refused", file=sys.stderr,
+          flush=True)
+
+
+def held_elsewhere(folder: Path) -> bool:
+    """Whether another process (or another hold of this one) holds `folder` now (hold): a command that fails must
+    then leave the folder's outputs alone, as the holder's. A probe: it locks the lock file for an instant."""
+    path = lock_file(folder)
+    if str(path) in _held:
+        return True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:  # no lock file: no holder (a holder's file is there while it holds)
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EACCES, errno.EAGAIN)
+    finally:
+        os.close(fd)
+    return False
 
 
 def lock_file(folder: Path) -> Path:

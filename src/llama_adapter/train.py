@@ -521,16 +521,23 @@ def out_dir_held(out: Path, d: Dist) -> Iterator[None]:
     what keeps a second job out, on any number of nodes (a lock per node on the shared folder would refuse the
     job's own other nodes; one on node-local disk would keep out no job of another node). Every rank learns
     whether rank 0 got it, so that all the processes of a refused job stop here, before any of them reads the
-    folder, and with the same error, on which the command line leaves the folder to the training that holds it."""
+    folder, and with the same error, on which the command line leaves the folder to the training that holds it.
+    Rank 0 failing otherwise as it takes the lock stops them too, rather than leaving them waiting in the
+    collective."""
     with ExitStack() as held:
-        refused = None
+        failed: BaseException | None = None
         if d.rank == 0:
             try:
                 held.enter_context(hold(out, "training", "--out-dir"))
-            except OutputInUse as e:
-                refused = e
-        if d.all_max(int(refused is not None)):
-            raise refused or OutputInUse(f"--out-dir {out} is in use by another training (rank 0's error names it)")
+            except BaseException as e:  # told to every rank, then raised
+                failed = e
+        outcome = d.all_max(0 if failed is None else 1 if isinstance(failed, OutputInUse) else 2)
+        if failed is not None:
+            raise failed
+        if outcome == 1:
+            raise OutputInUse(f"--out-dir {out} is in use by another training (rank 0's error names it)")
+        if outcome == 2:
+            raise PipelineError(f"--out-dir {out}: rank 0 could not take its lock (rank 0's error says why)")
         yield
 
 
