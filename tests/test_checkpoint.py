@@ -288,6 +288,9 @@ def test_an_adapter_shape_other_than_the_files_own_is_refused(tmp_path):
                                    "shape, adapter_len 3;")
     assert_same_logits(m, load_model(tmp_path / "base", tmp_path / "a.safetensors",
                                      adapter=AdapterArgs(adapter_len=3, adapter_layers=2)))
+    # visual_hidden is no part of a text-only adapter's shape (no image projection to be that wide)
+    assert_same_logits(m, load_model(tmp_path / "base", tmp_path / "a.safetensors",
+                                     adapter=AdapterArgs(adapter_len=3, adapter_layers=2, visual_hidden=256)))
 
 
 def release_pth(m: AdaptedTransformer, path, n_layers: int | None = None) -> None:

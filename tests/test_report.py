@@ -90,6 +90,16 @@ def test_a_zero_shot_row_names_the_config_hash_and_commit_of_its_evaluation():
     assert df.loc["scienceqa", "git_commit"] == "0123456789ab"  # a trained row keeps its training's
 
 
+def test_a_trained_row_without_its_trainings_tags_does_not_take_its_evaluations():
+    """A training's metrics.json of an older version holds no tags: its row shows none, rather than its
+    evaluation's config hash and commit passed off as the training's."""
+    older = run("scienceqa")
+    del older.metrics["tags"]
+    older.scores["tags"] = {"config_hash": "abc123", "git_commit": "fedcba9876543210"}
+    row = scienceqa_table([older]).set_index("experiment").loc["scienceqa"]
+    assert (row["config_hash"], row["git_commit"]) == (None, None)  # n/a in the written tables
+
+
 def test_scores_tags_of_another_kind_are_refused_by_key(tmp_path):
     path = tmp_path / "scores.json"
     path.write_text(json.dumps({**SCIENCEQA_SCORES, "tags": "abc"}))

@@ -322,9 +322,9 @@ def test_nan_loss_stops_with_step_and_batch_and_keeps_the_checkpoint(setup, tmp_
 
 
 def test_nan_loss_before_any_checkpoint_says_there_is_none(setup, tmp_path, monkeypatch):
-    """A NaN at the second step of a run checkpointing every 100 steps once said "the last good checkpoint is left
-    untouched in .../checkpoint.pt", a file that was never written, and named the step by its 0-based number,
-    the number of the log's line before it (whose loss was finite)."""
+    """A NaN in the first step (its second micro-batch) of a run checkpointing every 100 steps once said "the last
+    good checkpoint is left untouched in .../checkpoint.pt", a file that was never written, and named the step by
+    its 0-based number, the number of the log's line before it (whose loss was finite)."""
     import llama_adapter.train as train_mod
 
     calls = {"n": 0}

@@ -810,11 +810,13 @@ def read_fitting_adapter(model: AdaptedTransformer, adapter_path: Path, adapter:
 
 def check_same_shape(adapter_path: Path, given: AdapterArgs | None, recorded: AdapterArgs) -> None:
     """An adapter shape given for a file that records its own must be the file's: one that differs is refused
-    rather than silently dropped for the file's. gate_init only says how a training started the gates, so it
-    is no part of the shape."""
+    rather than silently dropped for the file's. gate_init only says how a training started the gates, and
+    visual_hidden is the image projection's width where there is one (visual_dim), so neither is otherwise part
+    of the shape."""
     if given is None:
         return
-    given_shape, recorded_shape = ({k: v for k, v in a.to_dict().items() if k != "gate_init"}
+    left_out = {"gate_init"} | ({"visual_hidden"} if not recorded.visual_dim else set())
+    given_shape, recorded_shape = ({k: v for k, v in a.to_dict().items() if k not in left_out}
                                    for a in (given, recorded))
     differ = [k for k in given_shape if given_shape[k] != recorded_shape[k]]
     if differ:

@@ -106,8 +106,9 @@ class Run:
 
     @property
     def provenance(self) -> dict[str, str | None]:
-        # A training's tags; a row without one (zero-shot: nothing trained) takes its evaluation's.
-        tags = self.metrics.get("tags") or self.scores.get("tags") or {}
+        # A training's tags; a row without a training (zero-shot: nothing trained) takes its evaluation's. A trained
+        # row whose metrics lack them (an older run's) shows none rather than the evaluation's as the training's.
+        tags = (self.metrics.get("tags") if self.metrics else self.scores.get("tags")) or {}
         return {"mlflow_run": self.metrics.get("mlflow_run_id"), "eval_run": self.scores.get("mlflow_run_id"),
                 "config_hash": tags.get("config_hash"), "data_sha256": (self.data.get("records_sha256") or "")[:12],
                 "git_commit": (tags.get("git_commit") or "")[:12] or None}
