@@ -158,6 +158,7 @@ def remove_output(dest: Path) -> None:
 # process is refused here, before it opens the file.
 _held: set[str] = set()
 _held_guard = threading.Lock()
+IN_USE_ERRNOS = (errno.EACCES, errno.EAGAIN)  # what a non-blocking lockf raises where another process holds it
 
 
 @contextmanager
@@ -218,7 +219,7 @@ def locked(path: Path, folder: Path, what: str, option: str) -> int | None:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            in_use = e.errno in (errno.EACCES, errno.EAGAIN)
+            in_use = e.errno in IN_USE_ERRNOS
             message = (f"{option} {folder} is in use by another {what}: {holder(fd, path)}; wait for it to end, or "
                        f"stop that process, then run this again (if its host is gone, delete {path})")
             os.close(fd)
@@ -248,7 +249,7 @@ def held_elsewhere(folder: Path) -> bool:
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        return e.errno in (errno.EACCES, errno.EAGAIN)
+        return e.errno in IN_USE_ERRNOS
     finally:
         os.close(fd)
     return False

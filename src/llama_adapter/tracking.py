@@ -261,8 +261,10 @@ def end_orphaned_runs(client, experiment_id: str) -> list[str]:
                 gone = tags.get("process.slurm_cluster", "") == jobs[0] and tags["process.slurm_job"] not in jobs[1]
             else:
                 continue
+            if not gone:
+                continue
             now = client.get_run(run.info.run_id)
-            if gone and now.info.status == "RUNNING" and all(now.data.tags.get(k) == tags.get(k) for k in PROCESS_TAGS):
+            if now.info.status == "RUNNING" and all(now.data.tags.get(k) == tags.get(k) for k in PROCESS_TAGS):
                 for key, value in ORPHANED.items():
                     client.set_tag(run.info.run_id, key, value)
                 client.set_terminated(run.info.run_id, status="KILLED")
