@@ -7,6 +7,8 @@ In the compiled int8 decode step of 7B on an H100 (BENCHMARKS.md, fifth readings
 the bytes promised 2x. This script times each projection's shape (`wqkv`, `wo`, `w1`/`w3` fused, `w2`) as one
 product of --batch rows, in each way torch offers:
 - bf16: F.linear on the bf16 weight (cuBLAS), the reference;
+- bf16, compiled as the decode step compiles its blocks (coordinate-descent tuning: at one row a reduction of
+  inductor's own, tuned for the shape);
 - int8, eager: F.linear on torchao's int8 weight (the weight converted to bf16 at every call);
 - int8, compiled as the decode step compiles its blocks (generate.compiled_block's options: coordinate-descent
   tuning, its narrow search);
@@ -56,7 +58,7 @@ from llama_adapter.devices import device_name, synchronize
 from llama_adapter.model import RMSNorm
 from llama_adapter.quantize import int8_weight
 
-# The options generate.compiled_block compiles int8 blocks with, and the two other searches to compare.
+# The options generate.compiled_block compiles blocks with, and the other searches to compare.
 TUNINGS = {"compiled (the step's tuning)": {"coordinate_descent_tuning": True},
            "compiled, all directions": {"coordinate_descent_tuning": True,
                                         "coordinate_descent_check_all_directions": True},
@@ -94,7 +96,10 @@ def ways(bf16: torch.Tensor, int8: torch.Tensor, before) -> dict:
     takes the prologue's output (computed once, outside the timing); the ways with the prologue (`before`, where
     there is one) take its inputs."""
     step_tuning = TUNINGS["compiled (the step's tuning)"]
-    found = {"bf16 (cuBLAS)": lambda x: F.linear(x, bf16), "int8, eager": lambda x: F.linear(x, int8)}
+    found = {"bf16 (cuBLAS)": lambda x: F.linear(x, bf16),
+             "bf16, compiled (the step's tuning)": torch.compile(lambda x: F.linear(x, bf16), fullgraph=True,
+                                                                 dynamic=False, options=step_tuning),
+             "int8, eager": lambda x: F.linear(x, int8)}
     for name, options in TUNINGS.items():
         found[f"int8, {name}"] = torch.compile(lambda x: F.linear(x, int8), fullgraph=True, dynamic=False,
                                                options=options)

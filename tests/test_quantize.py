@@ -54,14 +54,15 @@ def test_int8_keeps_the_tiny_models_logits_and_tokens(group_size):
     assert sum(same) >= 1
 
 
-def test_an_int8_feed_forward_reads_its_hidden_from_memory():
-    """quantize_int8 puts model.written (an op inductor cannot compute inside the next product) between SwiGLU and
-    the int8 w2: the compiled block's graph calls it, and the block's output is what it was without it."""
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_a_decoding_feed_forward_reads_its_hidden_from_memory(quantized):
+    """fuse_projections (the layout inference loads a base in) puts model.written (an op inductor cannot compute
+    inside the next product) between SwiGLU and w2, float or int8: the compiled block's graph calls it, and the
+    block's output is what it was without it. A model laid out for training has none (written has no gradient)."""
     from llama_adapter.model import written
 
-    _, q = pair(GROUPABLE)
-    ff = q.layers[0].feed_forward
-    assert ff.write_hidden and not pair(GROUPABLE)[0].layers[0].feed_forward.write_hidden
+    ff = pair(GROUPABLE)[quantized].layers[0].feed_forward
+    assert ff.write_hidden and not AdaptedTransformer(GROUPABLE).layers[0].feed_forward.write_hidden
     graphs = []
 
     def backend(gm, _):

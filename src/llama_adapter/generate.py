@@ -105,19 +105,21 @@ def call_block(block: torch.nn.Module, *args) -> Tensor:
 
 
 @functools.cache
-def compiled_block(int8: bool) -> Callable:
-    """`call_block` compiled once per process (per weight format), the one compiled function through which every
-    block of a decode step runs (regional compilation): its elementwise ops fused (at batch 1 each of RMSNorm,
-    RoPE and the gates is otherwise several tiny kernels, and kernel count, not bandwidth, bounds the step).
-    Dynamo traces one block and inductor compiles one graph per kind of block (plain and adapted) instead of the
-    whole 32-layer step: 7B on an H200, the whole step's first compile took 80 s.
+def compiled_block() -> Callable:
+    """`call_block` compiled once per process, the one compiled function through which every block of a decode step
+    runs (regional compilation): its elementwise ops fused (at batch 1 each of RMSNorm, RoPE and the gates is
+    otherwise several tiny kernels, and kernel count, not bandwidth, bounds the step). Dynamo traces one block and
+    inductor compiles one graph per kind of block (plain and adapted; bf16 and int8 weights) instead of the whole
+    32-layer step: 7B on an H200, the whole step's first compile took 80 s.
 
-    Coordinate-descent tuning only for int8 weights. With it, inductor writes a one-row matrix product (batch 1)
-    as a reduction of its own, into which an int8 weight's conversion to bf16 fuses; without it every decoded
-    token would first convert each int8 weight into a bf16 copy (the uncompiled int8 step was 3.3x slower than
-    bf16). bf16 weights compile without it: on the H200 it cost 56 s of the whole step's first compile (80 s
-    without) and bf16's one-row products run as cuBLAS's; its effect on bf16 speed is still to measure
-    (BENCHMARKS.md: the readings once taken as untuned had it on through torchao, quantize.int8_weight).
+    Coordinate-descent tuning. With it, inductor writes a one-row matrix product (batch 1) as a reduction of its
+    own, tuned for the weight's shape (torch/_inductor/decomposition.py), where cuBLAS's kernels read a one-row
+    product's weight at 71-92% of the copy rate: each of 7B's four products alone on an H100, bf16, cuBLAS against
+    the tuned reduction: `wqkv` 92 -> 95%, `wo` 71 -> 83%, `w1`/`w3` 88 -> 100%, `w2` 86 -> 96%; the decode step at
+    batch 1 161 -> 181 tokens/s (71 -> 80% of the floor), batch 16 unchanged (BENCHMARKS.md, ninth readings). An
+    int8 weight's conversion to bf16 fuses into the reduction; without it every decoded token would first convert
+    each int8 weight into a bf16 copy (the uncompiled int8 step was 3.3x slower than bf16). What comes before a
+    product is written first (model.written), not recomputed inside the reduction for every block of outputs.
 
     With the tuning, Triton's kernels are not bundled into the FX-graph cache. A job that hits that cache would
     restore the bundled kernels as they were compiled, before the tuning chose their configurations when they
@@ -125,23 +127,58 @@ def compiled_block(int8: bool) -> Callable:
     job on the H200). Unbundled, the job rebuilds each kernel from its source (Triton's binaries come from
     Triton's cache in the same folder) and finds the configuration the tuning chose beside it.
 
-    No pattern matching for int8 weights either. Above one row the int8 product stays a matrix product (torchao's
+    No pattern matching. Above one row the int8 product stays a matrix product (torchao's
     `mm(x, int8.to(bf16)) * scale`), which one of inductor's post-grad patterns (its weight-only int8 lowering,
     registered for CUDA as for the CPU) rewrites into ATen's `_weight_int8pack_mm`, a kernel that reads the weight
     at 3-5% of the copy rate: 7B int8 decoded 67 tokens/s at batch 16 with it and 1,090 without (bf16 2,266; batch
-    1 214 -> 224; H100, BENCHMARKS.md). Without it, inductor converts the weight and calls cuBLAS.
+    1 214 -> 224; H100, BENCHMARKS.md). Without it, inductor converts the weight and calls cuBLAS. bf16 is
+    measured without it too (batch 16: 2,286 against 2,293 tokens/s with it and no tuning).
 
     The batch size stays static (dynamic=False: a dynamic batch cost batch 16 a fifth, 2,032 -> 1,585 tokens/s,
     on an H100); a job decodes at one batch size instead (`generate`'s rows). Only the cache length, which every
     batch changes, is marked dynamic (`mark_cache_length_dynamic`)."""
-    tuning = ({"coordinate_descent_tuning": True, "bundle_triton_into_fx_graph_cache": False, "pattern_matcher": False}
-              if int8 else {})
+    tuning = {"coordinate_descent_tuning": True, "bundle_triton_into_fx_graph_cache": False, "pattern_matcher": False}
     return torch.compile(call_block, fullgraph=True, dynamic=False, options=tuning)
 
 
-def compiled_decode_step(greedy: bool, int8: bool) -> Callable:
-    """decode_step (greedy: greedy_decode_step) with its blocks run through `compiled_block(int8)`."""
-    fn, block = greedy_decode_step if greedy else decode_step, compiled_block(int8)
+def prefill_block(block: torch.nn.Module, *args) -> Tensor:
+    """`call_block` for the prefill, a function of its own: dynamo counts a function's compiled graphs against one
+    recompile limit, which the decode step's and the prefill's would then share."""
+    return block(*args)
+
+
+@functools.cache
+def compiled_prefill(int8: bool) -> Callable:
+    """The prefill, model(tokens, ...), with its blocks run through `prefill_block` compiled once per process (per
+    weight format) for any prompt length. Eager, a 7B prefill dispatches some 2,900 operators (90 a layer), each
+    launched by the host while the GPU waits: most of a compiled batch-1 call's fixed cost (23 ms bf16; 40 ms int8,
+    whose eager products also convert each int8 weight to bf16 in kernels of their own).
+
+    The prompt length, which each batch's longest prompt sets, is dynamic from the first call, as is the cache
+    length (mark_cache_length_dynamic); the batch is not (a job's rows). int8: no pattern matching (compiled_block:
+    it would pick ATen's slow int8 kernel) and no tuning (above one row the products stay cuBLAS's matrix
+    products, after a conversion that inductor fuses)."""
+    options = {"pattern_matcher": False} if int8 else {}
+    blocks = torch.compile(prefill_block, fullgraph=True, dynamic=False, options=options)
+
+    def run_block(block: torch.nn.Module, h: Tensor, rope: Tensor, input_pos: Tensor, mask: Tensor, *rest):
+        # h (B, P, dim), rope (B, P, hs/2, 2), input_pos (P,), mask (B, 1, P, S); maybe: a one-token prompt
+        # specialises (a graph of its own) rather than failing
+        for t, dims in ((h, (1,)), (rope, (1,)), (input_pos, (0,)), (mask, (2, 3))):
+            for d in dims:
+                torch._dynamo.maybe_mark_dynamic(t, d)
+        return blocks(block, h, rope, input_pos, mask, *rest)
+
+    def prefill(model: Transformer, *args, **kwargs) -> Tensor:
+        with torch._dynamo.config.patch(force_parameter_static_shapes=False):  # the cache length (compiled_decode_step)
+            return model(*args, **kwargs, run_block=run_block)
+
+    return prefill
+
+
+def compiled_decode_step(greedy: bool) -> Callable:
+    """decode_step (greedy: greedy_decode_step) with its blocks run through `compiled_block()`."""
+    fn, block = greedy_decode_step if greedy else decode_step, compiled_block()
 
     def step(*args):
         # The KV cache is a module buffer, whose shape dynamo holds static, mark_dynamic or not, unless told
@@ -394,13 +431,17 @@ def generate(
         # values), so every position may always attend to itself.
         causal = slots[None, :] <= slots[:P, None]  # (P, S)
         mask = (causal & key_valid[:, None, :]) | (slots[None, :] == slots[:P, None])
-        logits = model(tokens, slots[:P], mask[:, None], rope_pos[:, :P], image_features=image_features,
-                       image_index=None if image_row is None else image_row[:, None].expand(B, P))[:, -1]
+        image_index = None if image_row is None else image_row[:, None].expand(B, P)
+        if compile and image_index is not None:
+            torch._dynamo.maybe_mark_dynamic(image_index, 1)  # the prompt length (compiled_prefill)
+        prefill = compiled_prefill(int8_format(model) is not None) if compile else Transformer.__call__
+        logits = prefill(model, tokens, slots[:P], mask[:, None], rope_pos[:, :P], image_features=image_features,
+                         image_index=image_index)[:, -1]
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         done = torch.arange(B, device=device) >= n  # filler rows never hold up the stop
         room = [limit - len(p) for p in prompts]  # each row's new tokens within max_seq_len
         full = torch.tensor(room + [max_new_tokens] * (B - n), device=device)
-        step_fn = (compiled_decode_step(greedy, int8_format(model) is not None) if compile
+        step_fn = (compiled_decode_step(greedy) if compile
                    else greedy_decode_step if greedy else decode_step)
 
         def step(token: Tensor, slot: Tensor) -> Tensor:

@@ -181,7 +181,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w13: Tensor | None = None  # set by Transformer.fuse_projections
-        self.write_hidden = False  # set by quantize.quantize_int8 (see written)
+        self.write_hidden = False  # set by Transformer.fuse_projections (see written)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is not None:
@@ -194,10 +194,10 @@ class FeedForward(nn.Module):
 
 @torch.library.custom_op("llama_adapter::written", mutates_args=())
 def written(x: Tensor) -> Tensor:
-    """A copy of x, which inductor cannot see into: what comes after reads x from memory. For an int8 w2 at one
-    row, inductor writes the product as a reduction and would otherwise compute SwiGLU inside it, again for every
-    block of the product's outputs, reading both of its inputs each time (the compiled int8 step read w2 at half
-    the copy rate, BENCHMARKS.md)."""
+    """A copy of x, which inductor cannot see into: what comes after reads x from memory. For w2 at one row, the
+    compiled decode step writes the product as a reduction (generate.compiled_block) and would otherwise compute
+    SwiGLU inside it, again for every block of the product's outputs, reading both of its inputs each time (the
+    compiled int8 step read w2 at half the copy rate, BENCHMARKS.md)."""
     return x.clone()
 
 
@@ -268,14 +268,16 @@ class Transformer(nn.Module):
         """Lay out each block's wq/wk/wv, and w1/w3, as one weight each (the parameters become views into it),
         so the forward runs one larger matmul where it ran three, and two. For decoding: each is then a
         bandwidth-bound matrix-vector product, and larger ones run closer to the copy rate (7B, H100: 1,589
-        against 1,507 tokens/s at batch 16). Training does not use it: there it cost 4% and 4 GiB.
-        Checkpoint names are unchanged. Only for a frozen base, after its last cast or move (a new copy of
-        the parameters would leave the fused weights behind)."""
+        against 1,507 tokens/s at batch 16). Training does not use it: there it cost 4% and 4 GiB. w2's input
+        is written before its product (`written`), which the compiled decode step computes as a reduction.
+        Checkpoint names are unchanged. Only for a frozen base, after its last cast or move (a new copy of the
+        parameters would leave the fused weights behind)."""
         if any(p.requires_grad for name, p in self.named_parameters() if not self.is_added_param(name)):
             raise ValueError("fuse_projections is for a frozen base: the fused weights receive no gradient")
         for layer in self.layers:
             a, f = layer.attention, layer.feed_forward
             a.wqkv, f.w13 = fuse_linears([a.wq, a.wk, a.wv]), fuse_linears([f.w1, f.w3])
+            f.write_hidden = True  # w2's input read from memory, not recomputed in its product (written)
         return self
 
     def compile_blocks(self, **kwargs) -> Transformer:

@@ -107,7 +107,6 @@ def quantize_int8(model: Transformer, group_size: int | None = None) -> Transfor
                 at += n
         for linear in (a.wo, f.w2):
             linear.weight = nn.Parameter(int8_weight(linear.weight, group_size), requires_grad=False)
-        f.write_hidden = True  # w2's input read from memory, not recomputed in its product (model.written)
     return model
 
 
