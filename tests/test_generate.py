@@ -361,6 +361,21 @@ def test_a_prompt_too_long_is_named_by_its_file_line_and_id(model, tmp_path):
         assert str(e.value).endswith(f"expected at most {model.args.max_seq_len - 1} tokens")
 
 
+
+def test_a_later_adapters_prompt_too_long_is_refused_before_any_answer(model, monkeypatch):
+    """Requests go to their adapters in turn; one too long for the base among the second adapter's is refused
+    before the first adapter decodes anything (it was found only at its adapter's turn, after the others' work)."""
+    import llama_adapter.generate as generate_module
+
+    decoded = []
+    monkeypatch.setattr(generate_module, "generate", lambda *a, **k: decoded.append(a) or [[5]] * len(a[1]))
+    requests = [{"id": "short", "prompt": "ab", "adapter": "first"},
+                {"id": "long", "prompt": "x" * model.args.max_seq_len, "adapter": "second"}]
+    with pytest.raises(ValueError, match=r"^requests \(id 'long'\): prompt 'xxx.*leaves no position"):
+        generate_module.generate_requests(model, ByteTokenizer(), requests, {"first": None, "second": None},
+                                          Sampling(max_new_tokens=2))
+    assert decoded == []
+
 def test_a_sampled_answer_does_not_depend_on_the_batch(model):
     """Each prompt's draws are its own (a seed per prompt, drawn from the generator in the prompts' order): its
     sampled answer is the same at any batch size, beside any other prompts and with filler rows (a compiled job's

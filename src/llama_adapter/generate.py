@@ -557,6 +557,20 @@ def batches_by_length(lengths: list[int], batch_size: int, desc: str) -> Iterato
         yield order[i: i + batch_size]
 
 
+def prompt_ids(model: Transformer, tokenizer: Tokenizer, prompts: list[str], names: list[str] | None = None
+               ) -> list[list[int]]:
+    """Each prompt's token ids, BOS first; a prompt that leaves the model no position for a new token is refused,
+    named by `names` (where each prompt came from; default: its text alone)."""
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    limit = model.args.max_seq_len
+    if (k := next((k for k, i in enumerate(ids) if len(i) >= limit), None)) is not None:
+        raise ValueError(f"{f'{names[k]}: ' if names else ''}prompt {prompts[k][:60]!r}"
+                         f"{'...' if len(prompts[k]) > 60 else ''} is {len(ids[k])} tokens (BOS included): the "
+                         f"model's max_seq_len {limit} leaves no position for a new token; expected at most "
+                         f"{limit - 1} tokens")
+    return ids
+
+
 def complete_texts(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -579,13 +593,7 @@ def complete_texts(
 
     Batches hold prompts of like length (batches_by_length), so that consecutive batches often have the same cache
     length and replay one decode step (DecodeGraphs); the texts come back in the prompts' order."""
-    ids = [tokenizer.encode(p, bos=True) for p in prompts]
-    limit = model.args.max_seq_len
-    if (k := next((k for k, i in enumerate(ids) if len(i) >= limit), None)) is not None:
-        raise ValueError(f"{f'{names[k]}: ' if names else ''}prompt {prompts[k][:60]!r}"
-                         f"{'...' if len(prompts[k]) > 60 else ''} is {len(ids[k])} tokens (BOS included): the "
-                         f"model's max_seq_len {limit} leaves no position for a new token; expected at most "
-                         f"{limit - 1} tokens")
+    ids = prompt_ids(model, tokenizer, prompts, names)
     texts: list[str | None] = [None] * len(ids)
     seeds = draw_seeds(len(ids), generator) if sampling.temperature > 0 else None
     rows = (rows or min(batch_size, len(prompts))) if compile else None
@@ -649,7 +657,7 @@ def generate_requests(
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
     loaded once; adapters are swapped in between groups of requests (each file read once, every one checked to
-    fit the base before any is used). A None path: the model as it was given (with the adapter it held, if any).
+    fit the base before any is used, as is every request's prompt). A None path: the model as it was given (with the adapter it held, if any).
     A LoRA is merged into the weights for good, so it answers alone (refused among others), merged here unless
     the model holds it merged already (load_for_inference merges it before fusing or quantizing). With
     `out`, the answers are also written there as JSON Lines, whole or not at all. `release`: the shape of the
@@ -658,6 +666,8 @@ def generate_requests(
     (decoding_cache). `source`: where the requests came from, which an error names with the request's line (a
     request of read_prompts) and id."""
     check_requested_adapters(requests, adapters, source)
+    # every request fits the base before any adapter answers (each adapter's turn would find only its own)
+    prompt_ids(model, tokenizer, [prompt_text(r) for r in requests], [request_name(r, source) for r in requests])
     if (lora := lora_among(adapters)) is not None:  # merged for good: it answers every request, applied once
         if getattr(model, "merged_lora", None) != str(peft_files(Path(adapters[lora]))[1]):  # not merged at load
             apply_adapter(model, adapters[lora])
