@@ -224,6 +224,28 @@ def test_fused_projections_keep_outputs_names_and_loading():
         Transformer(args).fuse_projections()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile_blocks"])
+def test_a_fused_models_trainable_adapter_gets_the_unfused_models_gradients(compiled):
+    """fuse_projections freezes the base, not the adapter: its gradients pass through every feed-forward after it,
+    and so through model.written (w2's input, written first in every fused model), eager or compiled."""
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny-gqa")
+    plain = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
+    fused = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))
+    fused.load_state_dict(plain.state_dict())
+    fused.fuse_projections()
+    assert fused.layers[-1].feed_forward.write_hidden
+    if compiled:
+        fused.compile_blocks()
+    x = tokens(args, T=12)
+    for m in (plain, fused):
+        m(x).float().logsumexp(-1).mean().backward()
+    trained = [name for name, p in plain.named_parameters() if p.requires_grad]
+    assert trained == ["adapter_query", "adapter_gate"]
+    for name in trained:
+        torch.testing.assert_close(fused.get_parameter(name).grad, plain.get_parameter(name).grad)
+
+
 def multimodal_pair(visual_dim=6):
     """A multimodal model and a text-only one with the same base, prompts and gates."""
     torch.manual_seed(0)

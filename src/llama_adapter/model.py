@@ -206,6 +206,11 @@ def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
+# A copy passes its gradient through unchanged: a fused model's trainable adapter (fuse_projections leaves added
+# parameters free) still gets gradients through every feed-forward after it, eager or compiled.
+written.register_autograd(lambda ctx, grad: grad)
+
+
 class TransformerBlock(nn.Module):
     attention_class = Attention
 
