@@ -111,6 +111,21 @@ def test_compiled_decode_step_compiles_once_for_every_batch(model):
     assert counters["stats"]["unique_graphs"] == 4
 
 
+@pytest.mark.parametrize("order", ["one-token batch last", "one-token batch first"])
+def test_a_batch_of_one_token_prompts_compiles_no_prefill_of_its_own(model, order):
+    """A batch whose longest prompt is one token (a request of BOS alone) is served by the job's compiled prefill,
+    dynamic in the prompt length, whichever batch comes first: no recompilation, the eager step's tokens."""
+    torch._dynamo.reset()
+    model = model.requires_grad_(False).fuse_projections()
+    batches = [[[1, 5, 9, 200, 7], [1, 42]], [[1], [1]], [[1, 3, 3]]]
+    if order == "one-token batch first":
+        batches = batches[1:2] + batches[:1] + batches[2:]
+    for k, prompts in enumerate(batches):
+        with torch.compiler.set_stance("fail_on_recompile" if k > 0 else "default"):
+            compiled = generate(model, prompts, max_new_tokens=6, eos_id=-1, compile=True, rows=2)
+        assert compiled == generate(model, prompts, max_new_tokens=6, eos_id=-1)
+
+
 def test_filler_rows_change_no_answer(model):
     prompts = [[1, 5, 9, 200, 7], [1, 42]]
     assert generate(model, prompts, max_new_tokens=6, eos_id=-1, rows=5) == generate(model, prompts, 6, eos_id=-1)

@@ -69,9 +69,9 @@ def seeded_uniform(seeds: Tensor, step: int, n: int) -> Tensor:
     return _shifted_right(x, 11).double() / float(1 << 53)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    """tokens (B, P) left-padded with pad_id, and the pad count of each row (B,)."""
-    P = max(len(p) for p in prompts)
+def left_pad(prompts: list[list[int]], pad_id: int, device, width: int = 1) -> tuple[Tensor, Tensor]:
+    """tokens (B, P) left-padded with pad_id, P at least `width`, and the pad count of each row (B,)."""
+    P = max(width, *(len(p) for p in prompts))
     tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
@@ -163,7 +163,7 @@ def compiled_prefill(int8: bool) -> Callable:
 
     def run_block(block: torch.nn.Module, h: Tensor, rope: Tensor, input_pos: Tensor, mask: Tensor, *rest):
         # h (B, P, dim), rope (B, P, hs/2, 2), input_pos (P,), mask (B, 1, P, S); maybe: a one-token prompt
-        # specialises (a graph of its own) rather than failing
+        # would specialise (a graph of its own) rather than fail, but generate pads a compiled prefill to P >= 2
         for t, dims in ((h, (1,)), (rope, (1,)), (input_pos, (0,)), (mask, (2, 3))):
             for d in dims:
                 torch._dynamo.maybe_mark_dynamic(t, d)
@@ -400,7 +400,9 @@ def generate(
     if seeds is not None and len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts")
     device = model.tok_embeddings.weight.device
-    tokens, n_pad = left_pad(prompts + [[pad_id]] * (rows - n), pad_id, device)
+    # Compiled, the prefill takes at least two columns: its prompt length is dynamic from 2 (dynamo specialises a
+    # length of 1), so a batch of one-token prompts would compile a prefill of its own (compiled_prefill).
+    tokens, n_pad = left_pad(prompts + [[pad_id]] * (rows - n), pad_id, device, 2 if compile else 1)
     B, P = tokens.shape
     S = -(-(P + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
     slots = torch.arange(S, device=device)
