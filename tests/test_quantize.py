@@ -57,8 +57,9 @@ def test_int8_keeps_the_tiny_models_logits_and_tokens(group_size):
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
 def test_a_decoding_feed_forward_reads_its_hidden_from_memory(quantized):
     """fuse_projections (the layout inference loads a base in) puts model.written (an op inductor cannot compute
-    inside the next product) between SwiGLU and w2, float or int8: the compiled block's graph calls it, and the
-    block's output is what it was without it. A model laid out for training has none (written has no gradient)."""
+    inside the next product) between SwiGLU and w2 at one row, float or int8: the compiled block's graph calls it
+    there (and not at three rows), and the block's output is what it was without it. A model laid out for training
+    has none."""
     from llama_adapter.model import written
 
     ff = pair(GROUPABLE)[quantized].layers[0].feed_forward
@@ -74,8 +75,12 @@ def test_a_decoding_feed_forward_reads_its_hidden_from_memory(quantized):
         out = torch.compile(ff, backend=backend, fullgraph=True)(x)
         ff.write_hidden = False
         assert torch.equal(out, ff(x))
-    [graph] = graphs
-    assert any(n.target in (written, torch.ops.llama_adapter.written.default) for n in graph.graph.nodes)
+    ff.write_hidden = True
+    with torch.no_grad():  # more than one row: w2 is a matrix product, its input not copied first
+        torch.compile(ff, backend=backend, fullgraph=True, dynamic=False)(torch.randn(1, 3, GROUPABLE.dim))
+    [one_row, rows] = graphs
+    assert any(n.target in (written, torch.ops.llama_adapter.written.default) for n in one_row.graph.nodes)
+    assert not any(n.target in (written, torch.ops.llama_adapter.written.default) for n in rows.graph.nodes)
 
 
 @pytest.mark.parametrize("quantize", QUANTIZATIONS)

@@ -118,8 +118,8 @@ def compiled_block() -> Callable:
     the tuned reduction: `wqkv` 92 -> 95%, `wo` 71 -> 83%, `w1`/`w3` 88 -> 100%, `w2` 86 -> 96%; the decode step at
     batch 1 161 -> 181 tokens/s (71 -> 80% of the floor), batch 16 unchanged (BENCHMARKS.md, ninth readings). An
     int8 weight's conversion to bf16 fuses into the reduction; without it every decoded token would first convert
-    each int8 weight into a bf16 copy (the uncompiled int8 step was 3.3x slower than bf16). What comes before a
-    product is written first (model.written), not recomputed inside the reduction for every block of outputs.
+    each int8 weight into a bf16 copy (the uncompiled int8 step was 3.3x slower than bf16). w2's input (SwiGLU's
+    output) is written first (model.written), not recomputed inside the reduction for every block of outputs.
 
     With the tuning, Triton's kernels are not bundled into the FX-graph cache. A job that hits that cache would
     restore the bundled kernels as they were compiled, before the tuning chose their configurations when they
@@ -659,12 +659,12 @@ def generate_requests(
 ) -> list[dict]:
     """Answer each request with the adapter it names, or with every adapter if it names none. The base is
     loaded once; adapters are swapped in between groups of requests (each file read once, every one checked to
-    fit the base before any is used, as is every request's prompt). A None path: the model as it was given (with the adapter it held, if any).
-    A LoRA is merged into the weights for good, so it answers alone (refused among others), merged here unless
-    the model holds it merged already (load_for_inference merges it before fusing or quantizing). With
-    `out`, the answers are also written there as JSON Lines, whole or not at all. `release`: the shape of the
-    original-release .pth adapters among them (checkpoint.apply_adapter). Sampling: the paper's by default, as
-    the `generate` command's. Compiled, the decode step's compiled code is kept in `compile_cache`
+    fit the base before any is used, as is every request's prompt). A None path: the model as it was given (with
+    the adapter it held, if any). A LoRA is merged into the weights for good, so it answers alone (refused among
+    others), merged here unless the model holds it merged already (load_for_inference merges it before fusing or
+    quantizing). With `out`, the answers are also written there as JSON Lines, whole or not at all. `release`: the
+    shape of the original-release .pth adapters among them (checkpoint.apply_adapter). Sampling: the paper's by
+    default, as the `generate` command's. Compiled, the decode step's compiled code is kept in `compile_cache`
     (decoding_cache). `source`: where the requests came from, which an error names with the request's line (a
     request of read_prompts) and id."""
     check_requested_adapters(requests, adapters, source)

@@ -189,7 +189,9 @@ class FeedForward(nn.Module):
             hidden = F.silu(gate) * up
         else:
             hidden = F.silu(self.w1(x)) * self.w3(x)
-        return self.w2(written(hidden) if self.write_hidden else hidden)
+        # Written first at one row only: there the compiled decode step's w2 is a reduction (elsewhere a wasted copy)
+        one_row = hidden.numel() == hidden.size(-1)
+        return self.w2(written(hidden) if self.write_hidden and one_row else hidden)
 
 
 @torch.library.custom_op("llama_adapter::written", mutates_args=())
