@@ -189,9 +189,9 @@ class FeedForward(nn.Module):
             hidden = F.silu(gate) * up
         else:
             hidden = F.silu(self.w1(x)) * self.w3(x)
-        # Written first at one row only: there the compiled decode step's w2 is a reduction (elsewhere a wasted copy)
-        one_row = hidden.numel() == hidden.size(-1)
-        return self.w2(written(hidden) if self.write_hidden and one_row else hidden)
+        if self.write_hidden and hidden.numel() == hidden.size(-1):  # one row: the compiled step's w2 is a reduction
+            hidden = written(hidden)
+        return self.w2(hidden)
 
 
 @torch.library.custom_op("llama_adapter::written", mutates_args=())
