@@ -111,6 +111,30 @@ def test_compiled_decode_step_compiles_once_for_every_batch(model):
     assert counters["stats"]["unique_graphs"] == 4
 
 
+def test_compiled_decode_step_serves_adapters_of_any_length(model):
+    """Adapters of different lengths (adapter_len) taking turns in one process, as generate_requests runs them,
+    share one compiled decode step and prefill: the prompt length is dynamic. Each length compiled an adapted
+    block of its own before, and the ninth length in a process failed at dynamo's recompile limit."""
+    from dataclasses import replace
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = model.requires_grad_(False).fuse_projections()
+    prompts = [[1, 5, 9, 200, 7], [1, 42]]
+    try:
+        for k, adapter_len in enumerate([4, 6, 2, 9, 3, 5, 7, 8, 10, 11]):
+            model.set_adapter(replace(model.adapter, adapter_len=adapter_len))
+            model.requires_grad_(False)
+            with torch.compiler.set_stance("fail_on_recompile" if k > 0 else "default"):
+                compiled = generate(model, prompts, max_new_tokens=6, eos_id=-1, compile=True, rows=2)
+            assert compiled == generate(model, prompts, max_new_tokens=6, eos_id=-1)
+        assert counters["stats"]["unique_graphs"] == 4
+    finally:
+        torch._dynamo.reset()  # its graphs would count against later tests' recompile limits
+
+
 @pytest.mark.parametrize("order", ["one-token batch last", "one-token batch first"])
 def test_a_batch_of_one_token_prompts_compiles_no_prefill_of_its_own(model, order):
     """A batch whose longest prompt is one token (a request of BOS alone) is served by the job's compiled prefill,

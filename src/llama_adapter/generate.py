@@ -88,7 +88,7 @@ def decode_step(model: Transformer, token: Tensor, slot: Tensor, key_valid: Tens
     slots = torch.arange(key_valid.size(1), device=key_valid.device)
     mask = (key_valid & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
     if run_block is not None:
-        torch._dynamo.mark_dynamic(mask, 3)  # the cache length, as the cache's (mark_cache_length_dynamic)
+        torch._dynamo.mark_dynamic(mask, 3)  # the cache length, as the cache's (mark_lengths_dynamic)
     index = None if image_row is None else image_row[:, None]
     return model(token, slot, mask, rope_pos.index_select(1, slot), image_features=image_features,
                  image_index=index, run_block=run_block)[:, -1]
@@ -136,7 +136,7 @@ def compiled_block() -> Callable:
 
     The batch size stays static (dynamic=False: a dynamic batch cost batch 16 a fifth, 2,032 -> 1,585 tokens/s,
     on an H100); a job decodes at one batch size instead (`generate`'s rows). Only the cache length, which every
-    batch changes, is marked dynamic (`mark_cache_length_dynamic`)."""
+    batch changes, is marked dynamic (`mark_lengths_dynamic`)."""
     tuning = {"coordinate_descent_tuning": True, "bundle_triton_into_fx_graph_cache": False, "pattern_matcher": False}
     return torch.compile(call_block, fullgraph=True, dynamic=False, options=tuning)
 
@@ -155,7 +155,7 @@ def compiled_prefill(int8: bool) -> Callable:
     whose eager products also convert each int8 weight to bf16 in kernels of their own).
 
     The prompt length, which each batch's longest prompt sets, is dynamic from the first call, as is the cache
-    length (mark_cache_length_dynamic); the batch is not (a job's rows). int8: no pattern matching (compiled_block:
+    length (mark_lengths_dynamic); the batch is not (a job's rows). int8: no pattern matching (compiled_block:
     it would pick ATen's slow int8 kernel) and no tuning (above one row the products stay cuBLAS's matrix
     products, after a conversion that inductor fuses)."""
     options = {"pattern_matcher": False} if int8 else {}
@@ -167,6 +167,7 @@ def compiled_prefill(int8: bool) -> Callable:
         for t, dims in ((h, (1,)), (rope, (1,)), (input_pos, (0,)), (mask, (2, 3))):
             for d in dims:
                 torch._dynamo.maybe_mark_dynamic(t, d)
+        mark_prompt_length_dynamic((h, rope, input_pos, mask, *rest))
         return blocks(block, h, rope, input_pos, mask, *rest)
 
     def prefill(model: Transformer, *args, **kwargs) -> Tensor:
@@ -178,13 +179,17 @@ def compiled_prefill(int8: bool) -> Callable:
 
 def compiled_decode_step(greedy: bool) -> Callable:
     """decode_step (greedy: greedy_decode_step) with its blocks run through `compiled_block()`."""
-    fn, block = greedy_decode_step if greedy else decode_step, compiled_block()
+    fn, blocks = greedy_decode_step if greedy else decode_step, compiled_block()
+
+    def run_block(block: torch.nn.Module, *args):
+        mark_prompt_length_dynamic(args)
+        return blocks(block, *args)
 
     def step(*args):
         # The KV cache is a module buffer, whose shape dynamo holds static, mark_dynamic or not, unless told
         # otherwise; told here only, so that other compiled code (training's blocks) keeps its parameters static.
         with torch._dynamo.config.patch(force_parameter_static_shapes=False):
-            return fn(*args, run_block=block)
+            return fn(*args, run_block=run_block)
 
     return step
 
@@ -217,15 +222,30 @@ class StopTest:
         return bool(self.host[1 - i])
 
 
-def mark_cache_length_dynamic(model: Transformer) -> None:
-    """Compile the decode step's blocks for any KV cache length: each batch's longest prompt sets its own, so a
-    block specialised to it would recompile at nearly every batch (and fall back to eager after the recompile
-    limit). Attention over a symbolic length loses nothing: its kernels take the length at run time. (The
-    step's mask, made at every step, is marked in decode_step.)"""
+def mark_lengths_dynamic(model: Transformer) -> None:
+    """Compile the decode step's and the prefill's blocks for any KV cache length and any adapter length.
+    - The cache: each batch's longest prompt sets its length, so a block specialised to it would recompile at
+      nearly every batch (and fall back to eager after the recompile limit). (The step's mask, made at every step,
+      is marked in decode_step.)
+    - The adapter's prompts (adapter_len L): each adapter a job takes turns with (generate_requests) would
+      otherwise compile an adapted block of its own for the step and for the prefill, and the ninth adapter of
+      distinct lengths in a process failed at dynamo's recompile limit (8 graphs a function). Their keys and
+      values (1, nh, L, hs) are marked here, the prompts (L, dim) as each block is called (mark_prompt_length_dynamic).
+    Attention over a symbolic length loses nothing: its kernels take the length at run time."""
     for layer in model.layers:
         cache = layer.attention.kv_cache  # (B, nkv, S, hs)
         torch._dynamo.mark_dynamic(cache.k, 2)
         torch._dynamo.mark_dynamic(cache.v, 2)
+        for t in getattr(layer.attention, "prompt_kv", None) or ():  # maybe: an adapter of one prompt specialises
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+
+
+def mark_prompt_length_dynamic(block_args: tuple) -> None:
+    """A block's arguments as Transformer.hidden_states passes them, (h, rope, input_pos, mask, cu_seqlens,
+    max_seqlen, *layer_inputs), an adapted block's prompts (L, dim) first among its layer inputs: those dynamic in
+    L (mark_lengths_dynamic)."""
+    if len(block_args) > 6:
+        torch._dynamo.maybe_mark_dynamic(block_args[6], 0)
 
 
 class CUDAGraphed:
@@ -427,7 +447,7 @@ def generate(
                tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors))
         (key_valid, rope_pos), kept = graphs.inputs_for(key, tensors, key_valid, rope_pos)
     if compile:
-        mark_cache_length_dynamic(model)
+        mark_lengths_dynamic(model)
     try:
         # Prefill. A padded query row would see no key at all (NaN softmax that leaks through the cached
         # values), so every position may always attend to itself.
