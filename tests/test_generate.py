@@ -111,10 +111,12 @@ def test_compiled_decode_step_compiles_once_for_every_batch(model):
     assert counters["stats"]["unique_graphs"] == 4
 
 
-def test_compiled_decode_step_serves_adapters_of_any_length(model):
+def test_compiled_decode_step_serves_adapters_of_any_length_and_more_row_counts(model):
     """Adapters of different lengths (adapter_len) taking turns in one process, as generate_requests runs them,
     share one compiled decode step and prefill: the prompt length is dynamic. Each length compiled an adapted
-    block of its own before, and the ninth length in a process failed at dynamo's recompile limit."""
+    block of its own before, and the ninth length in a process failed at dynamo's recompile limit. Another row
+    count compiles again (the batch is static), beyond dynamo's recompile limit too: the decode step's own limit
+    holds (here the process's limit is lowered to 2, which the second row count's graphs pass)."""
     from dataclasses import replace
 
     from torch._dynamo.utils import counters
@@ -123,16 +125,20 @@ def test_compiled_decode_step_serves_adapters_of_any_length(model):
     counters.clear()
     model = model.requires_grad_(False).fuse_projections()
     prompts = [[1, 5, 9, 200, 7], [1, 42]]
-    try:
-        for k, adapter_len in enumerate([4, 6, 2, 9, 3, 5, 7, 8, 10, 11]):
-            model.set_adapter(replace(model.adapter, adapter_len=adapter_len))
-            model.requires_grad_(False)
-            with torch.compiler.set_stance("fail_on_recompile" if k > 0 else "default"):
-                compiled = generate(model, prompts, max_new_tokens=6, eos_id=-1, compile=True, rows=2)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        try:
+            for k, adapter_len in enumerate([4, 6, 2, 9, 3, 5, 7, 8, 10, 11]):
+                model.set_adapter(replace(model.adapter, adapter_len=adapter_len))
+                model.requires_grad_(False)
+                with torch.compiler.set_stance("fail_on_recompile" if k > 0 else "default"):
+                    compiled = generate(model, prompts, max_new_tokens=6, eos_id=-1, compile=True, rows=2)
+                assert compiled == generate(model, prompts, max_new_tokens=6, eos_id=-1)
+            assert counters["stats"]["unique_graphs"] == 4
+            compiled = generate(model, prompts, max_new_tokens=6, eos_id=-1, compile=True, rows=3)
             assert compiled == generate(model, prompts, max_new_tokens=6, eos_id=-1)
-        assert counters["stats"]["unique_graphs"] == 4
-    finally:
-        torch._dynamo.reset()  # its graphs would count against later tests' recompile limits
+            assert counters["stats"]["unique_graphs"] == 8
+        finally:
+            torch._dynamo.reset()  # its graphs would count against later tests' recompile limits
 
 
 @pytest.mark.parametrize("order", ["one-token batch last", "one-token batch first"])

@@ -171,7 +171,7 @@ def compiled_prefill(int8: bool) -> Callable:
         return blocks(block, h, rope, input_pos, mask, *rest)
 
     def prefill(model: Transformer, *args, **kwargs) -> Tensor:
-        with torch._dynamo.config.patch(force_parameter_static_shapes=False):  # the cache length (compiled_decode_step)
+        with decoding_dynamo_config():
             return model(*args, **kwargs, run_block=run_block)
 
     return prefill
@@ -186,12 +186,27 @@ def compiled_decode_step(greedy: bool) -> Callable:
         return blocks(block, *args)
 
     def step(*args):
-        # The KV cache is a module buffer, whose shape dynamo holds static, mark_dynamic or not, unless told
-        # otherwise; told here only, so that other compiled code (training's blocks) keeps its parameters static.
-        with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+        with decoding_dynamo_config():
             return fn(*args, run_block=run_block)
 
     return step
+
+
+# The compiled graphs one process may hold for each of the decode step's and the prefill's block functions (dynamo's
+# default: 8): a graph for each kind of block (plain, adapted) at each row count (the batch is static), weight format
+# and dtype a process decodes with, an adapter of one prompt specialising.
+DECODING_RECOMPILE_LIMIT = 64
+
+
+def decoding_dynamo_config():
+    """dynamo's settings while the decode step's or the prefill's blocks compile, set there only (other compiled
+    code, training's blocks, keeps dynamo's own):
+    - the KV cache is a module buffer, whose shape dynamo holds static, mark_dynamic or not, unless told otherwise
+      (force_parameter_static_shapes);
+    - the recompile limit is DECODING_RECOMPILE_LIMIT. Under fullgraph, the limit's 9th graph of a function is an
+      error: a Python session that decoded at 5 row counts (2 block kinds each) failed, where each new count should
+      only compile again."""
+    return torch._dynamo.config.patch(force_parameter_static_shapes=False, recompile_limit=DECODING_RECOMPILE_LIMIT)
 
 
 class StopTest:
