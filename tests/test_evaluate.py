@@ -98,7 +98,7 @@ def test_image_questions_without_features_are_listed_and_a_cache_of_none_refused
 
     seen = {}
     monkeypatch.setattr(evaluation, "answer_by_likelihood",
-                        lambda model, tokenizer, records, bs, images=None: seen.update(images=images) or
+                        lambda model, tokenizer, records, bs, images=None, source="": seen.update(images=images) or
                         [0] * len(records))
     records = [question("q1", True), question("q2", True), question("q3", False)]
     model = SimpleNamespace(eval=lambda: None)
@@ -109,7 +109,7 @@ def test_image_questions_without_features_are_listed_and_a_cache_of_none_refused
                                                               images=FeaturesOf("q1", "q2"))[0]
     with pytest.raises(DataError, match="none of the 2 image questions' images .first: q1"):
         evaluation.score_scienceqa(model, None, records, "likelihood", images=FeaturesOf())
-    with pytest.raises(DataError, match="'q3' is given twice"):
+    with pytest.raises(DataError, match="question 'q3': given twice"):
         evaluation.score_scienceqa(model, None, records + [question("q3", False)], "likelihood")
 
 
@@ -121,7 +121,7 @@ def test_any_format_is_never_below_the_papers_format(monkeypatch, text):
     from llama_adapter.data.scienceqa import parse_answer
 
     monkeypatch.setattr(evaluation, "answer_by_generation", lambda model, tok, records, bs, images=None,
-                        compile=False: ([parse_answer(text, 2)] * len(records), [text] * len(records)))
+                        compile=False, source="": ([parse_answer(text, 2)] * len(records), [text] * len(records)))
     record = {**question("q1", False), "answer": 1}
     scores, _ = evaluation.score_scienceqa(SimpleNamespace(eval=lambda: None), None, [record], "generate")
     assert scores["correct"] == 1 and scores["any_format"]["correct"] == 1
@@ -136,7 +136,7 @@ def test_any_format_does_not_credit_a_wrong_answer_in_the_papers_format(monkeypa
     from llama_adapter.data.scienceqa import parse_answer
 
     monkeypatch.setattr(evaluation, "answer_by_generation", lambda model, tok, records, bs, images=None,
-                        compile=False: ([parse_answer(text, 2)] * len(records), [text] * len(records)))
+                        compile=False, source="": ([parse_answer(text, 2)] * len(records), [text] * len(records)))
     record = question("q1", False)  # answer 0: (A)
     scores, predictions = evaluation.score_scienceqa(SimpleNamespace(eval=lambda: None), None, [record], "generate")
     assert predictions[0]["prediction"] == 1 and scores["correct"] == 0
@@ -151,17 +151,22 @@ def test_an_option_without_a_finite_score_is_not_chosen(world, monkeypatch):
     records = [question("q1", False), question("q2", False)]
     monkeypatch.setattr(evaluation, "sequence_logprobs",
                         lambda model, samples, bs: [float("nan"), float("nan"), float("nan"), -3.0])
-    assert evaluation.answer_by_likelihood(None, tok, records, 4) == [None, 1]
+    model = SimpleNamespace(args=SimpleNamespace(max_seq_len=256))
+    assert evaluation.answer_by_likelihood(model, tok, records, 4) == [None, 1]
 
 
 def test_a_question_too_long_for_the_base_is_named_by_its_pid(world):
     """Generation mode: a question whose prompt leaves the base no position for a new token is refused naming the
-    question (its pid), not by its text alone."""
+    question (its pid), not by its text alone. Likelihood mode refuses one longer than the base's positions (it
+    scored them silently)."""
     root, tok = world
     model = load_model(root / "base", root / "a.safetensors")
     records = [question("short", False), {**question("long", False), "question": "Which? " * ARGS.max_seq_len}]
-    with pytest.raises(ValueError, match=r"^ScienceQA question long: prompt .* leaves no position for a new token"):
+    with pytest.raises(ValueError, match=r"^ScienceQA, question long: prompt .* leaves no position for a new token"):
         evaluate_mod.answer_by_generation(model, tok, records, 2)
+    with pytest.raises(ValueError, match=r"^records.jsonl, question long: its prompt and option \(A\) are \d+ tokens "
+                                         rf"\(BOS included\), more than the model's max_seq_len {ARGS.max_seq_len}"):
+        evaluate_mod.answer_by_likelihood(model, tok, records, 2, source="records.jsonl")
 
 
 def test_hot_swapped_adapters_equal_separately_loaded(world):

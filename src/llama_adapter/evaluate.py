@@ -58,15 +58,22 @@ def sequence_logprobs(model: Transformer, samples: list[tuple], batch_size: int)
 
 
 def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
-                         images: list[np.ndarray | None] | None = None) -> list[int | None]:
+                         images: list[np.ndarray | None] | None = None, source: str = "ScienceQA") -> list[int | None]:
     """Each question's most likely option, None where no option's score is finite (a NaN is no answer, not the
-    first option)."""
+    first option). A question whose prompt and answer take more positions than the base has (max_seq_len) is
+    refused, named with `source` (where the records came from), as generation and training refuse them: positions
+    the base never saw would be scored silently."""
     samples, owners = [], []
+    limit = model.args.max_seq_len
     for q, r in enumerate(records):
         prompt = qcm_prompt(r)
         n_prompt = len(tokenizer.encode(prompt, bos=True))
         for k in range(len(r["choices"])):
             ids = np.asarray(tokenizer.encode(prompt + qcm_target({**r, "answer": k}), bos=True), dtype=np.int64)
+            if len(ids) > limit:
+                raise ValueError(f"{source}, question {r['pid']}: its prompt and option ({LETTERS[k]}) are {len(ids)} "
+                                 f"tokens (BOS included), more than the model's max_seq_len {limit}; expected at "
+                                 f"most {limit}")
             samples.append((ids, np.arange(len(ids)) >= n_prompt, None if images is None else images[q]))
             owners.append((q, k))
     scores = sequence_logprobs(model, samples, batch_size)
@@ -79,10 +86,13 @@ def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list
 
 def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
                          max_new_tokens: int = 16, images: list[np.ndarray | None] | None = None,
-                         compile: bool = CompileConfig.compile) -> tuple[list[int | None], list[str]]:
+                         compile: bool = CompileConfig.compile, source: str = "ScienceQA"
+                         ) -> tuple[list[int | None], list[str]]:
+    """Each question's option as its greedy answer names it, and the answers; a question too long for the base is
+    refused, named with `source` (where the records came from)."""
     texts = complete_texts(model, tokenizer, [qcm_prompt(r) for r in records], Sampling(max_new_tokens),
                            batch_size, compile=compile, images=images,
-                           names=[f"ScienceQA question {r['pid']}" for r in records])
+                           names=[f"{source}, question {r['pid']}" for r in records])
     return [parse_answer(t, len(r["choices"])) for t, r in zip(texts, records)], texts
 
 
@@ -122,18 +132,19 @@ def answer_position_floor(train_records: list[dict], records: list[dict]) -> dic
 
 def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict], mode: str = Evaluation.mode,
                     batch_size: int = InferenceConfig.batch_size, images: ImageFeatures | None = None,
-                    train_records: list[dict] | None = None, compile: bool = CompileConfig.compile
-                    ) -> tuple[dict, list[dict]]:
+                    train_records: list[dict] | None = None, compile: bool = CompileConfig.compile,
+                    source: str = "ScienceQA") -> tuple[dict, list[dict]]:
     """(scores, one prediction row per question) of `records`. images: the feature cache a multimodal adapter
     reads (questions without an image keep the prompts unchanged); train_records: the training questions, for the
-    no-model floor (`floor`); compile: the decode step compiled (mode generate)."""
+    no-model floor (`floor`); compile: the decode step compiled (mode generate); source: where the records came
+    from, which an error about a question names."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     seen: set[str] = set()
     for r in records:
         if str(r["pid"]) in seen:
-            raise DataError(f"question {r['pid']!r} is given twice; expected each question once (it would count "
-                            "twice in every accuracy)")
+            raise DataError(f"{source}, question {r['pid']!r}: given twice; expected each question once (it would "
+                            "count twice in every accuracy)")
         seen.add(str(r["pid"]))
     model.eval()
     with_image = [str(r["pid"]) for r in records if r.get("has_image") or r.get("image")]
@@ -152,11 +163,11 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
             raise DataError(f"the image features hold none of the {len(with_image)} image questions' images "
                             f"(first: {with_image[0]}); expected the cache encode-images made of these records")
     if mode == "likelihood":
-        preds = answer_by_likelihood(model, tokenizer, records, batch_size, per_question)
+        preds = answer_by_likelihood(model, tokenizer, records, batch_size, per_question, source)
         texts = [""] * len(records)
     else:
         preds, texts = answer_by_generation(model, tokenizer, records, batch_size, images=per_question,
-                                            compile=compile)
+                                            compile=compile, source=source)
     predictions = [{"pid": r["pid"], "split": r.get("split"), "answer": r["answer"], "prediction": p,
                     "correct": p == r["answer"], "categories": categories(r), "output": t}
                    for r, p, t in zip(records, preds, texts)]
@@ -268,7 +279,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
             if ev.task == "scienceqa":
                 with decoding_cache(compile_cache if compile else None, model, min(batch_size, len(records))):
                     scores, predictions = score_scienceqa(model, tokenizer, records, ev.mode, batch_size, images,
-                                                          train_records, compile)
+                                                          train_records, compile, str(Path(ev.data) / RECORDS))
                 scores["split"] = ev.split
                 write_predictions(predictions, predictions_path)
             else:
