@@ -20,6 +20,13 @@ inputs (generate --quantize); their floor counts their int8 values and scales (s
 --profile prints, after each row's timed call, the kernels of one more call: where the time per token goes
 against the floor.
 
+--processes N runs the whole table in N fresh processes, one after another, and then sums them up: each row's
+tokens/s as the median and range over the processes, and each int8 row's ratio to bf16 (the same row and batch of
+the same process) likewise. A compiled int8 row's rate moves by up to 9% from one process to the next on an H100
+(BENCHMARKS.md, eighth and tenth readings), more than a goal's margin: one process's ratio says little. The
+processes share the node-local inductor cache, as jobs on one node do: the first compiles and tunes (unless an
+earlier run left the cache), the others reuse what it compiled.
+
 --startup measures starting a job instead: fresh processes, each with an empty node-local inductor cache (as on
 another node), build the model and decode with the compiled step: the first decoded token's time from the
 process's start, cold (an empty --compile-cache) and warm (the folder the cold job wrote), and the first
@@ -30,10 +37,13 @@ timings) follow its row.
 
 Usage:
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 [--quantize int8 int8-g32]
+    python benchmarks/generate_throughput.py --preset 7B --batch 1 --rows compiled --quantize int8 --processes 5
+    python benchmarks/generate_throughput.py --preset tiny-gqa --adapter-layers 2 --device cpu --batch 1 --rows graph \
+        --new-tokens 4 --quantize int8 --processes 2   (a smoke check)
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 --startup [--quantize int8 int8-g32]
     python benchmarks/generate_throughput.py --preset tiny-gqa --layers 32 --batch 2 --startup --device cpu
 Prints one row per implementation and batch size: new tokens/s over whole calls and at the margin, at batch 1
-each as a % of the floor, and a call's fixed ms; with
+each as a % of the floor, and a call's fixed ms; with --processes, every process's table, then the summary; with
 --startup, one row per weight format, batch size and cache state.
 """
 
@@ -253,22 +263,37 @@ def main() -> None:
                    help="after each row's timed call, print where one more call's GPU time goes (its kernels)")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run (inductor's C++ kernels when compiled)")
     p.add_argument("--layers", type=int, help="the preset with this many layers")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the table in this many fresh processes and sum them up (median and range; see above)")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one --processes process: its rows
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --startup job
     p.add_argument("--compile-cache", help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (a call of half as many follows each timed call)")
+    if ns.processes < 1 or (ns.processes > 1 and ns.startup):
+        p.error("--processes must be at least 1, and is for the throughput table (--startup starts its own)")
     if ns.child:
         return startup_job(ns)
     if ns.startup:
         return startup(ns)
+    if ns.processes > 1:
+        return across_processes(ns)
+    rows = throughput_table(ns)
+    if ns.json:
+        print(json.dumps(rows))
+
+
+def throughput_table(ns: argparse.Namespace) -> list[dict]:
+    """Time each implementation (--rows, and their int8 rows) at each batch size; print the table; return its rows
+    (implementation, weights, batch, tokens/s, marginal tokens/s or None)."""
     args = preset(ns)
     adapter = AdapterArgs(ns.adapter_len, ns.adapter_layers)
     device = torch.device(ns.device)
     rate = copy_bandwidth(device)
     print(f"{ns.preset}, adapter {ns.adapter_len}x{ns.adapter_layers}, prompt {ns.prompt_len}, {ns.new_tokens} new "
           f"tokens, {device_name(device)}, torch {torch.__version__}; copy rate {rate / 1e12:.2f} TB/s")
-    impls = {name: fn for row, (name, fn) in ROWS.items() if row in ns.rows}
+    impls = {name: (name, None, fn) for row, (name, fn) in ROWS.items() if row in ns.rows}
     floors = {}
     for quantize in [None, *ns.quantize]:
         weights = step_bytes(random_model(args, adapter, torch.bfloat16, device, quantize))
@@ -279,24 +304,58 @@ def main() -> None:
         if quantize is None:
             continue
         for name, fn in [ROWS[row] for row in QUANTIZED_ROWS if row in ns.rows]:
-            impls[f"{name[:-1]}, {quantize})"] = partial(fn, quantize=quantize)
-            floors[f"{name[:-1]}, {quantize})"] = floors[quantize]
+            impls[f"{name[:-1]}, {quantize})"] = (name, quantize, partial(fn, quantize=quantize))
     print(f"{'implementation':<34}{'batch':>6}{'tokens/s':>10}{'% of floor':>12}{'marginal':>10}{'% of floor':>12}"
           f"{'fixed ms':>10}{'first call s':>14}")
     gen = torch.Generator().manual_seed(0)
-    for name, fn in impls.items():
+    rows = []
+    for name, (bf16_name, quantize, fn) in impls.items():
         for batch in ns.batch:
             prompts = torch.randint(3, args.vocab_size, (batch, ns.prompt_len), generator=gen)
             first, seconds, half = fn(args, adapter, prompts, ns.new_tokens, device,
                                       profile=ns.profile and f"{name}, batch {batch}")
             step = (seconds - half) / (ns.new_tokens - ns.new_tokens // 2)  # a decoded token's marginal seconds
             rates = [batch * ns.new_tokens / seconds, batch / step if step > 0 else None]  # None: within noise
-            shares = [f"{100 * r / floors.get(name, floors[None]):.0f}" if batch == 1 and r else "" for r in rates]
+            shares = [f"{100 * r / floors[quantize]:.0f}" if batch == 1 and r else "" for r in rates]
             fixed = f"{1000 * (seconds - (ns.new_tokens - 1) * step):.0f}" if rates[1] else "n/a"  # prefill: token 1
             marginal = f"{rates[1]:.0f}" if rates[1] else "n/a"
             print(f"{name:<34}{batch:>6}{rates[0]:>10.0f}{shares[0]:>12}{marginal:>10}{shares[1]:>12}{fixed:>10}"
                   f"{first:>14.1f}", flush=True)
+            rows.append({"implementation": name, "bf16": bf16_name, "weights": quantize or "bf16", "batch": batch,
+                         "tokens_s": rates[0], "marginal": rates[1]})
+    return rows
 
+
+def across_processes(ns: argparse.Namespace) -> None:
+    """The table in ns.processes fresh processes, each printed as it ends, then every row's median and range over
+    them, and each quantized row's ratio to its bf16 row of the same process and batch."""
+    from statistics import median
+
+    command = [sys.executable, __file__, *sys.argv[1:], "--processes", "1", "--json"]  # the last --processes holds
+    tables = []
+    for k in range(ns.processes):
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"process {k + 1} of {ns.processes} ({' '.join(command)}) failed:\n{out.stderr[-4000:]}")
+        *table, last = out.stdout.strip().splitlines()
+        print(f"process {k + 1} of {ns.processes}:", *table, sep="\n", flush=True)
+        tables.append(json.loads(last))
+
+    def spread(values: list[float], form: str) -> str:
+        return f"{form.format(median(values))} [{form.format(min(values))}, {form.format(max(values))}]"
+
+    print(f"\nover {ns.processes} processes: median [min, max]")
+    print(f"{'implementation':<34}{'batch':>6}{'tokens/s':>22}{'marginal':>22}{'/ bf16 (tokens/s)':>26}")
+    for i, row in enumerate(tables[0]):
+        runs = [table[i] for table in tables]
+        marginal = [r["marginal"] for r in runs]
+        ratio = ""
+        if row["weights"] != "bf16":  # its bf16 row is in every table (--rows chose both)
+            base = [next(b for b in table if b["implementation"] == row["bf16"] and b["batch"] == row["batch"])
+                    for table in tables]
+            ratio = spread([r["tokens_s"] / b["tokens_s"] for r, b in zip(runs, base)], "{:.2f}x")
+        print(f"{row['implementation']:<34}{row['batch']:>6}{spread([r['tokens_s'] for r in runs], '{:.0f}'):>22}"
+              f"{spread(marginal, '{:.0f}') if all(marginal) else 'n/a':>22}{ratio:>26}", flush=True)
 
 if __name__ == "__main__":
     main()

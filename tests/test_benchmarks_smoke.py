@@ -20,6 +20,11 @@ SMOKE = {
     "train_throughput": (["--preset", "tiny", "--adapter-layers", "4", "--methods", "adapter", "lora", "--steps", "2"],
                          "real tok/s", False),
     "int8_projections": (["--preset", "tiny", "--device", "cpu", "--repeat", "5"], "% of copy", False),
+    # two fresh processes, then the summary, whose int8 row gives its ratio to bf16 as "median x [min x, max x]"
+    # (uncompiled: a compile would take minutes)
+    "generate_throughput": (["--preset", "tiny-gqa", "--adapter-layers", "2", "--device", "cpu", "--batch", "1",
+                             "--rows", "graph", "--new-tokens", "4", "--quantize", "int8", "--processes", "2"],
+                            "x [", False),
     "prompt_attention": (["--preset", "tiny", "--device", "cpu", "--tokens", "256", "--rows", "2"], "fwd+bwd us",
                          False),
     # ScienceQA questions and the LLaMA tokenizer from ../shared/data (its defaults, beside the checkout)
