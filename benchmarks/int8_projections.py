@@ -29,16 +29,20 @@ before `w2`), the product with it as the step compiles them:
   every block of outputs, so the prologue's inputs are read again and again;
 - int8 under the step's tuning with its prologue compiled apart (its output written once, then read by the
   product): what keeping the prologue out of the reduction would give.
+With --more-ways, three ways of laying out the one-row int8 reduction besides (each under the step's tuning):
+- without persistent reductions (inductor loops over a row's inputs instead of holding the row in registers);
+- split-K: partial sums over 8 slices of the inputs, then their sum (more programs for a narrow product);
+- the int8 weight stored K×N (inputs by outputs), read along the outputs.
 On a GPU each way's calls are captured in one CUDA graph and replayed, so the time is the kernels' alone (no
-launches); on the CPU they are timed as a loop. The calls read the same weight again and again, so a weight that
-fits the GPU's L2 (50 MB on H100/H200: int8 `wo` and `w2`, bf16 `wo`) may partly come from it, where the decode
-step reads each from memory once per token: the ways' times compare with each other, and the step's own profile
-(generate_throughput.py --profile) says what each projection reads in place. Each way's result is checked
-against the int8 weight's own eager product of the same input (the same rounding of the weight; other kernels
-sum in another order).
+launches); on the CPU they are timed as a loop. With one copy of each weight (--copies 1) the calls read the same
+weight again and again, so a weight that fits the GPU's L2 (50 MB on H100/H200: int8 `wo` and `w2`, bf16 `wo`) may
+partly come from it, where the decode step reads each from memory once per token. --copies N makes N copies of
+each weight (and input) and cycles through them call by call: with 6, no weight of 7B's is read again before five
+others (at least 100 MB) have passed through L2. Each way's result is checked against the int8 weight's own eager
+product of the same input (the same rounding of the weight; other kernels sum in another order).
 
 Usage:
-    python benchmarks/int8_projections.py --preset 7B [--batch 1 16]
+    python benchmarks/int8_projections.py --preset 7B [--batch 1 16] [--copies 6] [--more-ways]
     python benchmarks/int8_projections.py --preset tiny --device cpu --repeat 5   (a smoke check)
 Prints one row per projection, batch and way: microseconds per call, the weight's bytes per second as a % of the
 device's copy rate, and the largest difference from the eager int8 product relative to its largest value.
@@ -91,51 +95,82 @@ def prologue(name: str, args: ModelArgs, batch: int, gen: torch.Generator, devic
     return norm, (rand(batch, args.dim),)
 
 
-def ways(bf16: torch.Tensor, int8: torch.Tensor, before) -> dict:
-    """Each way of computing x @ W^T: (a function, whether it takes the prologue's inputs). The product alone
-    takes the prologue's output (computed once, outside the timing); the ways with the prologue (`before`, where
-    there is one) take its inputs."""
-    step_tuning = TUNINGS["compiled (the step's tuning)"]
-    found = {"bf16 (cuBLAS)": lambda x: F.linear(x, bf16),
-             "bf16, compiled (the step's tuning)": torch.compile(lambda x: F.linear(x, bf16), fullgraph=True,
-                                                                 dynamic=False, options=step_tuning),
-             "int8, eager": lambda x: F.linear(x, int8)}
-    for name, options in TUNINGS.items():
-        found[f"int8, {name}"] = torch.compile(lambda x: F.linear(x, int8), fullgraph=True, dynamic=False,
-                                               options=options)
+def split_k(slices: int):
+    """x @ W^T for int8 values W (N, K) and their scales (N,): partial sums over `slices` slices of the K inputs, then
+    their sum."""
+    def product(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        (n, k), rows = qdata.shape, x.size(0)
+        if k % slices:
+            raise ValueError(f"{k} inputs do not split into {slices} slices")
+        parts = (qdata.view(1, n, slices, k // slices).to(x.dtype).float()
+                 * x.view(rows, 1, slices, k // slices).float()).sum(-1)  # (rows, N, slices)
+        return (parts.sum(-1) * scale.float()).to(x.dtype)
+    return product
+
+
+# The forms a way takes the weight in: bf16, torchao's int8 tensor, or its int8 values (N, K) or (K, N) and scales.
+FORMS = ("bf16", "int8", "packed", "kxn")
+
+
+def weight_forms(bf16: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+    """One weight in each of FORMS (the arguments a way takes after its input)."""
+    int8 = int8_weight(bf16)
     scale = int8.scale.reshape(-1).to(bf16.dtype)
-    found["int8, _weight_int8pack_mm"] = lambda x: torch._weight_int8pack_mm(x, int8.qdata, scale)
-    alone = {way: (fn, False) for way, fn in found.items()}  # False: takes the prologue's output
+    return {"bf16": (bf16,), "int8": (int8,), "packed": (int8.qdata, scale),
+            "kxn": (int8.qdata.t().contiguous(), scale)}
+
+
+def ways(before, more: bool) -> dict[str, tuple]:
+    """Each way of computing x @ W^T: (a function of its input and the weight in its form, the form (FORMS), whether
+    its input is the prologue's inputs). The product alone takes the prologue's output (computed once, outside the
+    timing); the ways with the prologue (`before`, where there is one) take its inputs."""
+    step_tuning = TUNINGS["compiled (the step's tuning)"]
+
+    def compiled(fn, options=step_tuning):
+        return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+
+    def linear(x, w):
+        return F.linear(x, w)
+
+    found = {"bf16 (cuBLAS)": (linear, "bf16"), "bf16, compiled (the step's tuning)": (compiled(linear), "bf16"),
+             "int8, eager": (linear, "int8")}
+    for name, options in TUNINGS.items():
+        found[f"int8, {name}"] = (compiled(linear, options), "int8")
+    found["int8, _weight_int8pack_mm"] = (torch._weight_int8pack_mm, "packed")
+    if more:
+        found["int8, no persistent reductions"] = (
+            compiled(linear, step_tuning | {"triton.persistent_reductions": False}), "int8")
+        found["int8, split-K 8 (the step's tuning)"] = (compiled(split_k(8)), "packed")
+        found["int8, weight stored KxN (the step's tuning)"] = (
+            compiled(lambda x, qt, scale: (x @ qt.to(x.dtype)) * scale), "kxn")
+    alone = {way: (fn, form, False) for way, (fn, form) in found.items()}  # False: takes the prologue's output
     if before is None:
         return alone
-    apart = torch.compile(before, fullgraph=True, dynamic=False)
+    apart, product = compiled(before, {}), compiled(linear)
     with_prologue = {
-        "bf16, compiled with its prologue": torch.compile(lambda *i: F.linear(before(*i), bf16), fullgraph=True,
-                                                          dynamic=False),
-        "int8, step's tuning, prologue fused": torch.compile(lambda *i: F.linear(before(*i), int8), fullgraph=True,
-                                                             dynamic=False, options=step_tuning),
-        "int8, step's tuning, prologue apart": (lambda product: lambda *i: product(apart(*i)))(
-            torch.compile(lambda x: F.linear(x, int8), fullgraph=True, dynamic=False, options=step_tuning)),
+        "bf16, compiled with its prologue": (compiled(lambda *i: F.linear(before(*i[:-1]), i[-1]), {}), "bf16"),
+        "int8, step's tuning, prologue fused": (compiled(lambda *i: F.linear(before(*i[:-1]), i[-1])), "int8"),
+        "int8, step's tuning, prologue apart": (lambda *i: product(apart(*i[:-1]), i[-1]), "int8"),
     }
-    return alone | {way: (fn, True) for way, fn in with_prologue.items()}
+    return alone | {way: (fn, form, True) for way, (fn, form) in with_prologue.items()}
 
 
-def timed(fn, inputs: tuple[torch.Tensor, ...], repeat: int) -> float:
-    """Microseconds per call of fn(*inputs): on a GPU the kernels of `repeat` calls captured as one CUDA graph
-    (the best of three replays), on the CPU a loop."""
-    for _ in range(3):  # compiles, tunes, initialises cuBLAS: nothing of it inside the capture
-        fn(*inputs)
-    device = inputs[0].device
+def timed(fn, calls: list[tuple[torch.Tensor, ...]], repeat: int) -> float:
+    """Microseconds per call of fn, call k taking calls[k % len(calls)]: on a GPU the kernels of `repeat` calls
+    captured as one CUDA graph (the best of three replays), on the CPU a loop."""
+    for k in range(3):  # compiles, tunes, initialises cuBLAS: nothing of it inside the capture
+        fn(*calls[k % len(calls)])
+    device = calls[0][0].device
     synchronize(device)
     if device.type != "cuda":
         start = time.perf_counter()
-        for _ in range(repeat):
-            fn(*inputs)
+        for k in range(repeat):
+            fn(*calls[k % len(calls)])
         return 1e6 * (time.perf_counter() - start) / repeat
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(repeat):
-            fn(*inputs)
+        for k in range(repeat):
+            fn(*calls[k % len(calls)])
     best = float("inf")
     for _ in range(3):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -152,33 +187,43 @@ def main() -> None:
     p.add_argument("--preset", default="7B")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--repeat", type=int, default=50, help="calls per timing")
+    p.add_argument("--copies", type=int, default=1, help="copies of each weight, cycled call by call (see above)")
+    p.add_argument("--more-ways", action="store_true", help="also the reduction's other layouts (see above)")
     p.add_argument("--device", default="cuda")
     ns = p.parse_args()
+    if ns.copies < 1:
+        p.error("--copies must be at least 1")
     device, args = torch.device(ns.device), ModelArgs.from_name(ns.preset)
     rate = copy_bandwidth(device)
-    print(f"{ns.preset}, {device_name(device)}, torch {torch.__version__}; copy rate {rate / 1e12:.2f} TB/s")
-    print(f"{'projection':<10}{'batch':>6}  {'way':<42}{'us':>9}{'% of copy':>11}{'max diff':>10}")
+    print(f"{ns.preset}, {device_name(device)}, torch {torch.__version__}; copy rate {rate / 1e12:.2f} TB/s; "
+          f"{ns.copies} cop{'y' if ns.copies == 1 else 'ies'} of each weight")
+    print(f"{'projection':<10}{'batch':>6}  {'way':<44}{'us':>9}{'% of copy':>11}{'max diff':>10}")
     gen = torch.Generator(device).manual_seed(0)
     for name, (outputs, inputs) in projections(args).items():
-        bf16 = (0.02 * torch.randn(outputs, inputs, generator=gen, device=device)).to(torch.bfloat16)
-        int8 = int8_weight(bf16)
-        bytes_read = {"bf16": bf16.numel() * 2, "int8": int8.qdata.numel() + int8.scale.numel() * int8.scale.itemsize}
+        copies = [weight_forms((0.02 * torch.randn(outputs, inputs, generator=gen, device=device)).to(torch.bfloat16))
+                  for _ in range(ns.copies)]
+        int8 = copies[0]["int8"][0]
+        bytes_read = {"bf16": outputs * inputs * 2,
+                      "int8": int8.qdata.numel() + int8.scale.numel() * int8.scale.itemsize}
         for batch in ns.batch:
-            before, given = prologue(name, args, batch, gen, device)
+            acts = [prologue(name, args, batch, gen, device) for _ in range(ns.copies)]  # (before, its inputs)
+            before = acts[0][0]
             with torch.no_grad():
-                x = before(*given) if before is not None else given[0]  # the product's own input
-                reference = F.linear(x, int8).float()
-                for way, (fn, takes_prologue) in ways(bf16, int8, before).items():
+                products = [b(*given) if b is not None else given[0] for b, given in acts]  # the products' inputs
+                reference = F.linear(products[0], int8).float()
+                for way, (fn, form, takes_prologue) in ways(before, ns.more_ways).items():
                     torch._dynamo.reset()  # each compiled way compiles under its own options
-                    inputs = given if takes_prologue else (x,)
+                    calls = [(*(given if takes_prologue else (x,)), *forms[form])
+                             for (_, given), x, forms in zip(acts, products, copies)]
                     try:
-                        us = timed(fn, inputs, ns.repeat)
-                        diff = (fn(*inputs).float() - reference).abs().max().item() / reference.abs().max().item()
-                    except (RuntimeError, NotImplementedError) as e:  # an op this device or build lacks
-                        print(f"{name:<10}{batch:>6}  {way:<42}  n/a: {str(e).splitlines()[0][:80]}")
+                        us = timed(fn, calls, ns.repeat)
+                        diff = (fn(*calls[0]).float() - reference).abs().max().item() / reference.abs().max().item()
+                    except (RuntimeError, NotImplementedError, ValueError) as e:  # an op this device lacks, a shape
+                        print(f"{name:<10}{batch:>6}  {way:<44}  n/a: {str(e).splitlines()[0][:80]}")
                         continue
-                    share = 100 * bytes_read["bf16" if way.startswith("bf16") else "int8"] / (us * 1e-6) / rate
-                    print(f"{name:<10}{batch:>6}  {way:<42}{us:>9.1f}{share:>11.0f}{diff:>10.1e}", flush=True)
+                    share = 100 * bytes_read["bf16" if form == "bf16" else "int8"] / (us * 1e-6) / rate
+                    print(f"{name:<10}{batch:>6}  {way:<44}{us:>9.1f}{share:>11.0f}{diff:>10.1e}", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -141,6 +141,25 @@ def test_compiled_decode_step_serves_adapters_of_any_length_and_more_row_counts(
             torch._dynamo.reset()  # its graphs would count against later tests' recompile limits
 
 
+def test_adapters_of_other_lengths_share_a_decoding_cache_file(model, tmp_path):
+    """The compile cache's file for a decode step is named after what its compiled code depends on: not the
+    adapter's length (the graphs serve any), but its image path (visual_dim) and the rows."""
+    from dataclasses import replace
+
+    from llama_adapter.generate import decoding_cache
+
+    def file_for(adapter, rows=2):
+        model.set_adapter(adapter)
+        with decoding_cache(str(tmp_path), model, rows) as path:
+            return path
+
+    text = model.adapter  # adapter_len 4
+    four = file_for(text)
+    assert file_for(replace(text, adapter_len=9)) == four
+    assert file_for(replace(text, adapter_len=9, visual_dim=8)) != four
+    assert file_for(text, rows=3) != four
+
+
 @pytest.mark.parametrize("order", ["one-token batch last", "one-token batch first"])
 def test_a_batch_of_one_token_prompts_compiles_no_prefill_of_its_own(model, order):
     """A batch whose longest prompt is one token (a request of BOS alone) is served by the job's compiled prefill,

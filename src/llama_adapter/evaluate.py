@@ -61,8 +61,8 @@ def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list
                          images: list[np.ndarray | None] | None = None, source: str = "ScienceQA") -> list[int | None]:
     """Each question's most likely option, None where no option's score is finite (a NaN is no answer, not the
     first option). A question whose prompt and answer take more positions than the base has (max_seq_len) is
-    refused, named with `source` (where the records came from), as generation and training refuse them: positions
-    the base never saw would be scored silently."""
+    refused, named with `source` (where the records came from), as generation refuses a prompt that leaves no
+    position for a new token: positions the base never saw would be scored silently."""
     samples, owners = [], []
     limit = model.args.max_seq_len
     for q, r in enumerate(records):
@@ -149,7 +149,7 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
     model.eval()
     with_image = [str(r["pid"]) for r in records if r.get("has_image") or r.get("image")]
     if images is None and with_image and getattr(getattr(model, "adapter", None), "visual_dim", 0):
-        raise DataError(f"a multimodal adapter scored without image features: its {len(with_image)} image "
+        raise DataError(f"{source}: a multimodal adapter scored without image features: its {len(with_image)} image "
                         f"questions (first: {with_image[0]}) would be scored from their text alone; expected the "
                         "feature cache encode-images made of these records")
     per_question, images_missing = None, None
@@ -160,7 +160,7 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
         per_question = [v if h else None for v, h in zip(vectors, has)]
         images_missing = sorted(image_pids - {str(r["pid"]) for r, h in zip(records, has) if h})
         if with_image and len(images_missing) == len(with_image):
-            raise DataError(f"the image features hold none of the {len(with_image)} image questions' images "
+            raise DataError(f"{source}: the image features hold none of the {len(with_image)} image questions' images "
                             f"(first: {with_image[0]}); expected the cache encode-images made of these records")
     if mode == "likelihood":
         preds = answer_by_likelihood(model, tokenizer, records, batch_size, per_question, source)

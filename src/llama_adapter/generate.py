@@ -136,7 +136,8 @@ def compiled_block() -> Callable:
 
     The batch size stays static (dynamic=False: a dynamic batch cost batch 16 a fifth, 2,032 -> 1,585 tokens/s,
     on an H100); a job decodes at one batch size instead (`generate`'s rows). Only the cache length, which every
-    batch changes, is marked dynamic (`mark_lengths_dynamic`)."""
+    batch changes, and the adapter's length, which adapters taking turns change, are marked dynamic
+    (`mark_lengths_dynamic`)."""
     tuning = {"coordinate_descent_tuning": True, "bundle_triton_into_fx_graph_cache": False, "pattern_matcher": False}
     return torch.compile(call_block, fullgraph=True, dynamic=False, options=tuning)
 
@@ -654,7 +655,10 @@ def decoding_cache(folder: str | None, model: Transformer, rows: int):
 
     w = model.tok_embeddings.weight
     adapter = getattr(model, "adapter", None)
-    kind = {"command": "decode", "model": model.args.to_dict(), "adapter": adapter and adapter.to_dict(),
+    # not the adapter's length: the compiled code serves any (mark_lengths_dynamic), so adapters of other lengths
+    # share a file (one of length 1, which compiles graphs of its own, adds them to it)
+    adapter = adapter and {k: v for k, v in adapter.to_dict().items() if k != "adapter_len"}
+    kind = {"command": "decode", "model": model.args.to_dict(), "adapter": adapter,
             "dtype": str(w.dtype), "device": str(w.device), "quantize": int8_format(model), "rows": rows}
     return compile_cache(folder, kind)
 
