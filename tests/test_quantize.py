@@ -55,32 +55,42 @@ def test_int8_keeps_the_tiny_models_logits_and_tokens(group_size):
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
-def test_a_decoding_feed_forward_reads_its_hidden_from_memory(quantized):
+def test_a_decoding_block_reads_its_products_inputs_from_memory(quantized):
     """fuse_projections (the layout inference loads a base in) puts model.written (an op inductor cannot compute
-    inside the next product) between SwiGLU and w2 at one row, float or int8: the compiled block's graph calls it
-    there (and not at three rows), and the block's output is what it was without it. A model laid out for training
-    has none."""
+    inside the next product) between SwiGLU and w2 at one row; quantize_int8 also between each norm and the product
+    after it and between the heads and wo: the compiled model's graph calls it there (once a block, or four times
+    int8) and not at three rows, and the output is what it was without it. A model laid out for training has none."""
     from llama_adapter.model import written
 
-    ff = pair(GROUPABLE)[quantized].layers[0].feed_forward
-    assert ff.write_hidden and not AdaptedTransformer(GROUPABLE).layers[0].feed_forward.write_hidden
+    model = pair(GROUPABLE, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))[quantized]
+    flags = [(module, name) for layer in model.layers
+             for module, name in ((layer.feed_forward, "write_hidden"), (layer, "write_norms"),
+                                  (layer.attention, "write_heads"))]
+    assert [getattr(*flag) for flag in flags] == [True, quantized, quantized] * GROUPABLE.n_layers
+    assert not any(getattr(m, name) for m in AdaptedTransformer(GROUPABLE).modules()
+                   for name in ("write_hidden", "write_norms", "write_heads") if hasattr(m, name))
     graphs = []
 
     def backend(gm, _):
         graphs.append(gm)
         return gm
 
-    x = torch.randn(1, 1, GROUPABLE.dim)
+    def calls(gm):
+        return sum(n.target in (written, torch.ops.llama_adapter.written.default) for n in gm.graph.nodes)
+
+    x = torch.randint(0, GROUPABLE.vocab_size, (1, 1), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = torch.compile(ff, backend=backend, fullgraph=True)(x)
-        ff.write_hidden = False
-        assert torch.equal(out, ff(x))
-    ff.write_hidden = True
-    with torch.no_grad():  # more than one row: w2 is a matrix product, its input not copied first
-        torch.compile(ff, backend=backend, fullgraph=True, dynamic=False)(torch.randn(1, 3, GROUPABLE.dim))
+        out = torch.compile(model, backend=backend, fullgraph=True)(x)
+        for flag in flags:
+            setattr(*flag, False)
+        assert torch.equal(out, model(x))
+        for flag in flags:
+            setattr(*flag, True)
+        # more than one row: the products are matrix products, their inputs not copied first
+        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x.repeat(1, 3))
     [one_row, rows] = graphs
-    assert any(n.target in (written, torch.ops.llama_adapter.written.default) for n in one_row.graph.nodes)
-    assert not any(n.target in (written, torch.ops.llama_adapter.written.default) for n in rows.graph.nodes)
+    assert calls(one_row) == (4 if quantized else 1) * GROUPABLE.n_layers
+    assert calls(rows) == 0
 
 
 @pytest.mark.parametrize("quantize", QUANTIZATIONS)

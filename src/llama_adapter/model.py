@@ -137,6 +137,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.wqkv: Tensor | None = None  # set by Transformer.fuse_projections
         self.kv_cache: KVCache | None = None
+        self.write_heads = False  # set by quantize.quantize_int8: wo's input written first at one row (written)
 
     def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor, mask: Tensor | None,
                 cu_seqlens: Tensor | None = None, max_seqlen: int = 0) -> Tensor:
@@ -171,7 +172,7 @@ class Attention(nn.Module):
 
     def out(self, y: Tensor) -> Tensor:
         B, _, T, _ = y.shape
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+        return self.wo(one_row_written(y.transpose(1, 2).reshape(B, T, -1), self.write_heads))  # (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -189,9 +190,7 @@ class FeedForward(nn.Module):
             hidden = F.silu(gate) * up
         else:
             hidden = F.silu(self.w1(x)) * self.w3(x)
-        if self.write_hidden and hidden.numel() == hidden.size(-1):  # one row: the compiled step's w2 is a reduction
-            hidden = written(hidden)
-        return self.w2(hidden)
+        return self.w2(one_row_written(hidden, self.write_hidden))
 
 
 @torch.library.custom_op("llama_adapter::written", mutates_args=())
@@ -199,7 +198,8 @@ def written(x: Tensor) -> Tensor:
     """A copy of x, which inductor cannot see into: what comes after reads x from memory. For w2 at one row, the
     compiled decode step writes the product as a reduction (generate.compiled_block) and would otherwise compute
     SwiGLU inside it, again for every block of the product's outputs, reading both of its inputs each time (the
-    compiled int8 step read w2 at half the copy rate, BENCHMARKS.md)."""
+    compiled int8 step read w2 at half the copy rate, BENCHMARKS.md). With int8 weights the same holds for the
+    other products' inputs, the norms' outputs and the heads' (quantize.quantize_int8)."""
     return x.clone()
 
 
@@ -213,6 +213,12 @@ def _(x: Tensor) -> Tensor:
 written.register_autograd(lambda ctx, grad: grad)
 
 
+def one_row_written(x: Tensor, write: bool) -> Tensor:
+    """x as the next product reads it: where `write` and x is one row (the compiled decode step's products are
+    reductions there), `written(x)`, from memory; otherwise x itself."""
+    return written(x) if write and x.numel() == x.size(-1) else x
+
+
 class TransformerBlock(nn.Module):
     attention_class = Attention
 
@@ -222,11 +228,13 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.write_norms = False  # set by quantize.quantize_int8: the norms' outputs written first at one row
 
     def forward(self, x, rope, input_pos, mask, cu_seqlens=None, max_seqlen=0, *extra) -> Tensor:
         # extra: this layer's inputs from Transformer.layer_inputs, for the attention of a variant
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, cu_seqlens, max_seqlen, *extra)
-        return h + self.feed_forward(self.ffn_norm(h))
+        normed = one_row_written(self.attention_norm(x), self.write_norms)
+        h = x + self.attention(normed, rope, input_pos, mask, cu_seqlens, max_seqlen, *extra)
+        return h + self.feed_forward(one_row_written(self.ffn_norm(h), self.write_norms))
 
 
 class Transformer(nn.Module):
