@@ -7,10 +7,12 @@ at each --batch size; ours eager, with the CUDA-graph decode step, and compiled 
 device's copy bandwidth and prints the memory-bandwidth floor at batch 1: the bytes a decoded token reads from
 the weights (`step_bytes`: every weight once, less the token embedding, of which a token reads one row) / copy
 rate. Our rows keep the decode step from one call to the next (DecodeGraphs), as a job's batches do: a timed call
-replays the graph of the warm-up call before it. A call of half as many new tokens (after one untimed call of it)
-follows each timed call: the difference of the two is what a decoded token costs at the margin ("marginal"
-tokens/s, and its % of the floor), the rest of a call is its fixed cost ("fixed ms": prefill, which gives the first
-token, and the host's set-up), so a call of n tokens is its fixed ms and n - 1 marginal steps. The half call's KV
+replays the graph of the warm-up call before it. Each row's tokens/s is the median of --repeats timed calls (3): a
+call's fixed cost moved by 20-80 ms from one call to the next on an H100 (BENCHMARKS.md, eleventh readings), a
+sixth of a 128-token int8 call. Calls of half as many new tokens (after one untimed call of it) follow: the
+difference of the two medians is what a decoded token costs at the margin ("marginal" tokens/s, and its % of the
+floor), the rest of a call is its fixed cost ("fixed ms": prefill, which gives the first token, and the host's
+set-up), so a call of n tokens is its fixed ms and n - 1 marginal steps. The half call's KV
 cache is shorter (the prompt and its tokens, rounded up), so its steps read less of it: at batch 16 on 7B that
 makes the marginal rate about 3% low; at batch 1 it is within 0.2%.
 
@@ -82,19 +84,24 @@ def copy_bandwidth(device: torch.device) -> float:
     return 10 * 2 * a.numel() / (time.perf_counter() - t)
 
 
-def timed(fn, new_tokens: int, device: torch.device) -> tuple[float, float, float]:
-    """Seconds of fn(new_tokens) twice, the first the warm-up (which compiles where anything does), then of
-    fn(new_tokens // 2) after one untimed call of it: the two timed calls' difference is the marginal cost of
-    decoding, the rest each call's fixed cost (prefill, the host's set-up, and where no kept step serves the call,
-    the CUDA graph's warm-up and capture)."""
-    seconds = []
-    for n in (new_tokens, new_tokens, new_tokens // 2, new_tokens // 2):
+def timed(fn, new_tokens: int, device: torch.device, repeats: int) -> tuple[float, float, float]:
+    """Seconds of the warm-up call fn(new_tokens) (which compiles where anything does), then the median seconds of
+    `repeats` more, and of `repeats` calls fn(new_tokens // 2) after one untimed call of it: the difference of the
+    two medians is the marginal cost of decoding, the rest a call's fixed cost (prefill, the host's set-up, and
+    where no kept step serves the call, the CUDA graph's warm-up and capture)."""
+    from statistics import median
+
+    def seconds(n: int) -> float:
         synchronize(device)
         t = time.perf_counter()
         fn(n)
         synchronize(device)
-        seconds.append(time.perf_counter() - t)
-    return seconds[0], seconds[1], seconds[3]
+        return time.perf_counter() - t
+
+    first = seconds(new_tokens)
+    full = median(seconds(new_tokens) for _ in range(repeats))
+    seconds(new_tokens // 2)
+    return first, full, median(seconds(new_tokens // 2) for _ in range(repeats))
 
 
 def step_bytes(model: AdaptedTransformer) -> int:
@@ -116,8 +123,8 @@ def step_bytes(model: AdaptedTransformer) -> int:
 
 
 def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device,
-         cuda_graph: bool, compile: bool = False, quantize: str | None = None, profile: str | None = None
-         ) -> tuple[float, float, float]:
+         repeats: int, cuda_graph: bool, compile: bool = False, quantize: str | None = None,
+         profile: str | None = None) -> tuple[float, float, float]:
     """`timed`'s seconds (profile: one more call's kernels are printed under this name)."""
     model = random_model(args, adapter, torch.bfloat16, device, quantize)
     rows = prompts.tolist()
@@ -127,7 +134,7 @@ def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_token
         generate(model, rows, n, eos_id=-1, cuda_graph=cuda_graph, compile=compile, graphs=graphs)
 
     with graphs:
-        seconds = timed(run, new_tokens, device)
+        seconds = timed(run, new_tokens, device, repeats)
         if profile:
             print_profile(profile, partial(run, new_tokens), device)
     model = graphs = None  # frees the weights before the next measurement (the closure above still names them)
@@ -137,7 +144,7 @@ def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_token
 
 
 def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device,
-            profile: str | None = None) -> tuple[float, float, float]:
+            repeats: int, profile: str | None = None) -> tuple[float, float, float]:
     from peft import AdaptionPromptConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -156,7 +163,7 @@ def hf_peft(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_to
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
 
-    seconds = timed(run, new_tokens, device)
+    seconds = timed(run, new_tokens, device, repeats)
     if profile:
         print_profile(profile, partial(run, new_tokens), device)
     model = None  # frees the weights before the next measurement (the closure above still names it)
@@ -263,6 +270,8 @@ def main() -> None:
                    help="after each row's timed call, print where one more call's GPU time goes (its kernels)")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run (inductor's C++ kernels when compiled)")
     p.add_argument("--layers", type=int, help="the preset with this many layers")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed calls of each length, of which each row takes the median (default 3)")
     p.add_argument("--processes", type=int, default=1,
                    help="run the table in this many fresh processes and sum them up (median and range; see above)")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one --processes process: its rows
@@ -271,6 +280,8 @@ def main() -> None:
     ns = p.parse_args()
     if ns.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (a call of half as many follows each timed call)")
+    if ns.repeats < 1:
+        p.error("--repeats must be at least 1")
     if ns.processes < 1 or (ns.processes > 1 and ns.startup):
         p.error("--processes must be at least 1, and is for the throughput table (--startup starts its own)")
     if ns.child:
@@ -312,7 +323,7 @@ def throughput_table(ns: argparse.Namespace) -> list[dict]:
     for name, (bf16_name, quantize, fn) in impls.items():
         for batch in ns.batch:
             prompts = torch.randint(3, args.vocab_size, (batch, ns.prompt_len), generator=gen)
-            first, seconds, half = fn(args, adapter, prompts, ns.new_tokens, device,
+            first, seconds, half = fn(args, adapter, prompts, ns.new_tokens, device, ns.repeats,
                                       profile=ns.profile and f"{name}, batch {batch}")
             step = (seconds - half) / (ns.new_tokens - ns.new_tokens // 2)  # a decoded token's marginal seconds
             rates = [batch * ns.new_tokens / seconds, batch / step if step > 0 else None]  # None: within noise
