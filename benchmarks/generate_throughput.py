@@ -41,7 +41,7 @@ Usage:
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 [--quantize int8 int8-g32]
     python benchmarks/generate_throughput.py --preset 7B --batch 1 --rows compiled --quantize int8 --processes 5
     python benchmarks/generate_throughput.py --preset tiny-gqa --adapter-layers 2 --device cpu --batch 1 --rows graph \
-        --new-tokens 4 --quantize int8 --processes 2   (a smoke check)
+        --new-tokens 4 --quantize int8 --processes 2 --repeats 1   (a smoke check)
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 --startup [--quantize int8 int8-g32]
     python benchmarks/generate_throughput.py --preset tiny-gqa --layers 32 --batch 2 --startup --device cpu
 Prints one row per implementation and batch size: new tokens/s over whole calls and at the margin, at batch 1
@@ -88,7 +88,9 @@ def timed(fn, new_tokens: int, device: torch.device, repeats: int) -> tuple[floa
     """Seconds of the warm-up call fn(new_tokens) (which compiles where anything does), then the median seconds of
     `repeats` more, and of `repeats` calls fn(new_tokens // 2) after one untimed call of it: the difference of the
     two medians is the marginal cost of decoding, the rest a call's fixed cost (prefill, the host's set-up, and
-    where no kept step serves the call, the CUDA graph's warm-up and capture)."""
+    where no kept step serves the call, the CUDA graph's warm-up and capture). The two lengths run one after the
+    other, not in turn (each change of length captures the kept step again), so a drift between the two runs lands
+    in the marginal rate."""
     from statistics import median
 
     def seconds(n: int) -> float:

@@ -23,7 +23,8 @@ SMOKE = {
     # two fresh processes, then the summary, whose int8 row gives its ratio to bf16 as "median x [min x, max x]"
     # (uncompiled: a compile would take minutes)
     "generate_throughput": (["--preset", "tiny-gqa", "--adapter-layers", "2", "--device", "cpu", "--batch", "1",
-                             "--rows", "graph", "--new-tokens", "4", "--quantize", "int8", "--processes", "2"],
+                             "--rows", "graph", "--new-tokens", "4", "--quantize", "int8", "--processes", "2",
+                             "--repeats", "1"],
                             "x [", False),
     "prompt_attention": (["--preset", "tiny", "--device", "cpu", "--tokens", "256", "--rows", "2"], "fwd+bwd us",
                          False),

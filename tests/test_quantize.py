@@ -58,11 +58,15 @@ def test_int8_keeps_the_tiny_models_logits_and_tokens(group_size):
 def test_a_decoding_block_reads_its_products_inputs_from_memory(quantized):
     """fuse_projections (the layout inference loads a base in) puts model.written (an op inductor cannot compute
     inside the next product) between SwiGLU and w2 at one row; quantize_int8 also between each norm and the product
-    after it and between the heads and wo: the compiled model's graph calls it there (once a block, or four times
-    int8) and not at three rows, and the output is what it was without it. A model laid out for training has none."""
+    after it, and between an adapted layer's sum of attentions and wo: the compiled model's graph calls it there
+    (once a block; int8: three times a plain block, four an adapted one), not at three rows nor eagerly, and the
+    output is what it was without it. A model laid out for training has none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from llama_adapter.model import written
 
-    model = pair(GROUPABLE, AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random"))[quantized]
+    adapter = AdapterArgs(adapter_len=4, adapter_layers=2, gate_init="random")
+    model = pair(GROUPABLE, adapter)[quantized]
     flags = [(module, name) for layer in model.layers
              for module, name in ((layer.feed_forward, "write_hidden"), (layer, "write_norms"),
                                   (layer.attention, "write_heads"))]
@@ -78,18 +82,31 @@ def test_a_decoding_block_reads_its_products_inputs_from_memory(quantized):
     def calls(gm):
         return sum(n.target in (written, torch.ops.llama_adapter.written.default) for n in gm.graph.nodes)
 
+    class EagerCalls(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.llama_adapter.written.default
+            return func(*args, **(kwargs or {}))
+
     x = torch.randint(0, GROUPABLE.vocab_size, (1, 1), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = torch.compile(model, backend=backend, fullgraph=True)(x)
+        with EagerCalls() as eager:  # eagerly a copy would only cost a kernel
+            assert torch.equal(out, model(x))
+        assert eager.n == 0
+        values = [getattr(*flag) for flag in flags]
         for flag in flags:
             setattr(*flag, False)
-        assert torch.equal(out, model(x))
-        for flag in flags:
-            setattr(*flag, True)
+        assert torch.equal(out, torch.compile(model, backend="eager", fullgraph=True)(x))
+        for flag, value in zip(flags, values):
+            setattr(*flag, value)
         # more than one row: the products are matrix products, their inputs not copied first
         torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x.repeat(1, 3))
     [one_row, rows] = graphs
-    assert calls(one_row) == (4 if quantized else 1) * GROUPABLE.n_layers
+    per_block = [3 + (i >= GROUPABLE.n_layers - adapter.adapter_layers) if quantized else 1
+                 for i in range(GROUPABLE.n_layers)]
+    assert calls(one_row) == sum(per_block)
     assert calls(rows) == 0
 
 

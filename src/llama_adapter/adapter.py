@@ -44,7 +44,7 @@ class AdaptedAttention(Attention):
         y = self.attend(q, k, v, input_pos, mask, cu_seqlens, max_seqlen)  # (B, nh, T, hs)
         if prompt is not None:
             y = y + self.prompt_attention(q, prompt, gate, image)
-        return self.out(y)
+        return self.out(y, summed=prompt is not None)
 
     def prompt_keys_values(self, prompt: Tensor, gate: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Each head's keys and gated values (1, nh, L, hs) of a layer's prompts (L, dim) through its frozen

@@ -119,7 +119,8 @@ def compiled_block() -> Callable:
     batch 1 161 -> 181 tokens/s (71 -> 80% of the floor), batch 16 unchanged (BENCHMARKS.md, ninth readings). An
     int8 weight's conversion to bf16 fuses into the reduction; without it every decoded token would first convert
     each int8 weight into a bf16 copy (the uncompiled int8 step was 3.3x slower than bf16). w2's input (SwiGLU's
-    output) is written first (model.written), not recomputed inside the reduction for every block of outputs.
+    output) is written first (model.written), not recomputed inside the reduction for every block of outputs; with
+    int8 weights so are the norms' outputs and the adapted layers' sum of attentions (quantize.quantize_int8).
 
     With the tuning, Triton's kernels are not bundled into the FX-graph cache. A job that hits that cache would
     restore the bundled kernels as they were compiled, before the tuning chose their configurations when they

@@ -137,7 +137,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.wqkv: Tensor | None = None  # set by Transformer.fuse_projections
         self.kv_cache: KVCache | None = None
-        self.write_heads = False  # set by quantize.quantize_int8: wo's input written first at one row (written)
+        self.write_heads = False  # set by quantize.quantize_int8: see out
 
     def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor, mask: Tensor | None,
                 cu_seqlens: Tensor | None = None, max_seqlen: int = 0) -> Tensor:
@@ -170,9 +170,12 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=self.n_heads != self.n_kv_heads)
 
-    def out(self, y: Tensor) -> Tensor:
+    def out(self, y: Tensor, summed: bool = False) -> Tensor:
+        """wo of the heads' outputs y (B, nh, T, hs). summed: y adds up two attentions (a variant's), which a one-row
+        wo would compute again for every block of its outputs: written first where `write_heads`. A plain layer's
+        y is one kernel's output, which wo reads from memory anyway."""
         B, _, T, _ = y.shape
-        return self.wo(one_row_written(y.transpose(1, 2).reshape(B, T, -1), self.write_heads))  # (B, T, dim)
+        return self.wo(one_row_written(y.transpose(1, 2).reshape(B, T, -1), summed and self.write_heads))  # (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -214,9 +217,10 @@ written.register_autograd(lambda ctx, grad: grad)
 
 
 def one_row_written(x: Tensor, write: bool) -> Tensor:
-    """x as the next product reads it: where `write` and x is one row (the compiled decode step's products are
-    reductions there), `written(x)`, from memory; otherwise x itself."""
-    return written(x) if write and x.numel() == x.size(-1) else x
+    """x as the next product reads it: where `write`, x is one row and inductor compiles (the compiled decode
+    step's products are reductions there), `written(x)`, from memory; otherwise x itself (eagerly the copy would
+    only cost a kernel)."""
+    return written(x) if write and x.numel() == x.size(-1) and torch.compiler.is_compiling() else x
 
 
 class TransformerBlock(nn.Module):
