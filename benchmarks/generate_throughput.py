@@ -27,7 +27,9 @@ tokens/s as the median and range over the processes, and each int8 row's ratio t
 the same process) likewise. A compiled int8 row's rate moves by up to 9% from one process to the next on an H100
 (BENCHMARKS.md, eighth and tenth readings), more than a goal's margin: one process's ratio says little. The
 processes share the node-local inductor cache, as jobs on one node do: the first compiles and tunes (unless an
-earlier run left the cache), the others reuse what it compiled.
+earlier run left the cache), the others reuse what it compiled. With --fresh-caches each process compiles and tunes
+anew, in empty inductor and Triton caches, as the first job of an experiment on a new node does: the one-row
+products' speed follows what the tuning picks in each (eleventh readings), so this samples that spread.
 
 --startup measures starting a job instead: fresh processes, each with an empty node-local inductor cache (as on
 another node), build the model and decode with the compiled step: the first decoded token's time from the
@@ -39,9 +41,10 @@ timings) follow its row.
 
 Usage:
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 [--quantize int8 int8-g32]
-    python benchmarks/generate_throughput.py --preset 7B --batch 1 --rows compiled --quantize int8 --processes 5
+    python benchmarks/generate_throughput.py --preset 7B --batch 1 --rows compiled --quantize int8 --processes 5 \
+        [--fresh-caches]
     python benchmarks/generate_throughput.py --preset tiny-gqa --adapter-layers 2 --device cpu --batch 1 --rows graph \
-        --new-tokens 4 --quantize int8 --processes 2 --repeats 1   (a smoke check)
+        --new-tokens 4 --quantize int8 --processes 2 --repeats 1 --fresh-caches   (a smoke check)
     python benchmarks/generate_throughput.py --preset 7B --batch 1 16 --startup [--quantize int8 int8-g32]
     python benchmarks/generate_throughput.py --preset tiny-gqa --layers 32 --batch 2 --startup --device cpu
 Prints one row per implementation and batch size: new tokens/s over whole calls and at the margin, at batch 1
@@ -276,6 +279,8 @@ def main() -> None:
                    help="timed calls of each length, of which each row takes the median (default 3)")
     p.add_argument("--processes", type=int, default=1,
                    help="run the table in this many fresh processes and sum them up (median and range; see above)")
+    p.add_argument("--fresh-caches", action="store_true",
+                   help="with --processes: each process in empty inductor and Triton caches (see above)")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one --processes process: its rows
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --startup job
     p.add_argument("--compile-cache", help=argparse.SUPPRESS)
@@ -347,7 +352,10 @@ def across_processes(ns: argparse.Namespace) -> None:
     command = [sys.executable, __file__, *sys.argv[1:], "--processes", "1", "--json"]  # the last --processes holds
     tables = []
     for k in range(ns.processes):
-        out = subprocess.run(command, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory() as caches:
+            env = ({**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches, "inductor"),
+                    "TRITON_CACHE_DIR": os.path.join(caches, "triton")} if ns.fresh_caches else None)
+            out = subprocess.run(command, capture_output=True, text=True, env=env)
         if out.returncode:
             sys.exit(f"process {k + 1} of {ns.processes} ({' '.join(command)}) failed:\n{out.stderr[-4000:]}")
         *table, last = out.stdout.strip().splitlines()

@@ -24,7 +24,7 @@ SMOKE = {
     # (uncompiled: a compile would take minutes)
     "generate_throughput": (["--preset", "tiny-gqa", "--adapter-layers", "2", "--device", "cpu", "--batch", "1",
                              "--rows", "graph", "--new-tokens", "4", "--quantize", "int8", "--processes", "2",
-                             "--repeats", "1"],
+                             "--repeats", "1", "--fresh-caches"],
                             "x [", False),
     "prompt_attention": (["--preset", "tiny", "--device", "cpu", "--tokens", "256", "--rows", "2"], "fwd+bwd us",
                          False),
