@@ -227,7 +227,7 @@ def test_fused_projections_keep_outputs_names_and_loading():
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile_blocks"])
 def test_a_fused_models_trainable_adapter_gets_the_unfused_models_gradients(compiled, request):
     """fuse_projections freezes the base, not the adapter: its gradients pass through every feed-forward after it,
-    and so through model.written (w2's input, written first in a fused model at one row), eager or compiled."""
+    and so through model.written where compiled (w2's input, written first in a fused model at one row)."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-gqa")
     plain = AdaptedTransformer(args, AdapterArgs(adapter_len=4, adapter_layers=3, gate_init="random"))

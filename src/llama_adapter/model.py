@@ -202,7 +202,8 @@ def written(x: Tensor) -> Tensor:
     compiled decode step writes the product as a reduction (generate.compiled_block) and would otherwise compute
     SwiGLU inside it, again for every block of the product's outputs, reading both of its inputs each time (the
     compiled int8 step read w2 at half the copy rate, BENCHMARKS.md). With int8 weights the same holds for the
-    other products' inputs, the norms' outputs and the heads' (quantize.quantize_int8)."""
+    other products' inputs, the norms' outputs and an adapted layer's sum of attentions (quantize.quantize_int8).
+    Called only where inductor compiles (one_row_written)."""
     return x.clone()
 
 
