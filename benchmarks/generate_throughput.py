@@ -63,6 +63,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from statistics import median
 
 import torch
 from profiling import print_profile  # benchmarks/profiling.py
@@ -94,8 +95,6 @@ def timed(fn, new_tokens: int, device: torch.device, repeats: int) -> tuple[floa
     where no kept step serves the call, the CUDA graph's warm-up and capture). The two lengths run one after the
     other, not in turn (each change of length captures the kept step again), so a drift between the two runs lands
     in the marginal rate."""
-    from statistics import median
-
     def seconds(n: int) -> float:
         synchronize(device)
         t = time.perf_counter()
@@ -347,8 +346,6 @@ def throughput_table(ns: argparse.Namespace) -> list[dict]:
 def across_processes(ns: argparse.Namespace) -> None:
     """The table in ns.processes fresh processes, each printed as it ends, then every row's median and range over
     them, and each quantized row's ratio to its bf16 row of the same process and batch."""
-    from statistics import median
-
     command = [sys.executable, __file__, *sys.argv[1:], "--processes", "1", "--json"]  # the last --processes holds
     tables = []
     for k in range(ns.processes):

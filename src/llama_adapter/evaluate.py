@@ -57,6 +57,11 @@ def sequence_logprobs(model: Transformer, samples: list[tuple], batch_size: int)
     return out
 
 
+def question_name(record: dict, source: str) -> str:
+    """A ScienceQA question as an error names it: where the records came from, and its pid."""
+    return f"{source}, question {record['pid']}"
+
+
 def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
                          images: list[np.ndarray | None] | None = None, source: str = "ScienceQA") -> list[int | None]:
     """Each question's most likely option, None where no option's score is finite (a NaN is no answer, not the
@@ -71,7 +76,7 @@ def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list
         for k in range(len(r["choices"])):
             ids = np.asarray(tokenizer.encode(prompt + qcm_target({**r, "answer": k}), bos=True), dtype=np.int64)
             if len(ids) > limit:
-                raise ValueError(f"{source}, question {r['pid']}: its prompt and option ({LETTERS[k]}) are {len(ids)} "
+                raise ValueError(f"{question_name(r, source)}: its prompt and option ({LETTERS[k]}) are {len(ids)} "
                                  f"tokens (BOS included), more than the model's max_seq_len {limit}; expected at "
                                  f"most {limit}")
             samples.append((ids, np.arange(len(ids)) >= n_prompt, None if images is None else images[q]))
@@ -92,7 +97,7 @@ def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list
     refused, named with `source` (where the records came from)."""
     texts = complete_texts(model, tokenizer, [qcm_prompt(r) for r in records], Sampling(max_new_tokens),
                            batch_size, compile=compile, images=images,
-                           names=[f"{source}, question {r['pid']}" for r in records])
+                           names=[question_name(r, source) for r in records])
     return [parse_answer(t, len(r["choices"])) for t, r in zip(texts, records)], texts
 
 
