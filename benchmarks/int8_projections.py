@@ -81,8 +81,7 @@ def projections(args: ModelArgs) -> dict[str, tuple[int, int]]:
 def prologue(name: str, args: ModelArgs, batch: int, gen: torch.Generator, device: torch.device):
     """(what the decode step computes just before the projection's product, or None, and its inputs): the
     block's RMSNorm before `wqkv` and `w1`/`w3`, SwiGLU (model.FeedForward's) before `w2`, nothing before `wo`
-    (a plain layer's attention output, written by its own kernel; an adapted layer adds its prompt attention's,
-    which the step of an int8 model writes first, as it does the norms' outputs: quantize.quantize_int8)."""
+    (attention's output, written by its own kernel)."""
     def rand(*shape):
         return torch.randn(*shape, generator=gen, device=device).to(torch.bfloat16)
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.config import AdapterArgs, ModelArgs, Sampling
@@ -258,6 +259,54 @@ def test_a_kept_decode_step_serves_the_next_call_of_the_same_shapes(model):
         assert graphs.key != key
     assert model.layers[0].attention.kv_cache is None
     assert other == generate(model, short_rows, 9, eos_id=-1)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_kept_prompt_values_are_computed_again_only_when_what_they_hold_changes(model, monkeypatch, quantized):
+    """A kept call's prompt keys and values are computed once and left as they are while the adapter, the dtype
+    and the adapted layers' wk/wv stay the same; changing any of them (in place, through `.data`, or a weight
+    replaced) computes them again, and every call's answers are those of a fresh call."""
+    from llama_adapter.adapter import AdaptedAttention
+
+    if quantized:
+        from llama_adapter.quantize import quantize_int8
+
+        quantize_int8(model.fuse_projections())
+    computed, compute = [], AdaptedAttention.prompt_keys_values
+
+    def counting(self, *args):
+        computed.append(self)
+        return compute(self, *args)
+
+    monkeypatch.setattr(AdaptedAttention, "prompt_keys_values", counting)
+    rows = [[1, 5, 9], [1, 3, 3, 3, 8]]
+    adapted = model.adapter.adapter_layers
+
+    def fresh():
+        return generate(model, rows, 5, eos_id=-1)
+
+    last = model.layers[-1].attention
+    changes = [
+        lambda: model.adapter_gate.data.mul_(-1),  # through .data: the version stays, the values change
+        lambda: model.adapter_query.data[0, 0].add_(1.0),
+        lambda: last.wv.weight.copy_(last.wv.weight.flip(0)),  # the base written in place
+        lambda: setattr(last.wk, "weight", nn.Parameter(last.wk.weight.flip(0), requires_grad=False)),  # replaced
+    ]
+    with DecodeGraphs(model) as graphs:
+        expected = fresh()
+        computed.clear()
+        assert generate(model, rows, 5, eos_id=-1, graphs=graphs) == expected
+        assert len(computed) == adapted
+        for _ in range(2):
+            assert generate(model, rows, 5, eos_id=-1, graphs=graphs) == expected
+        assert len(computed) == adapted  # nothing changed: left as they were
+        for change in changes[: 2 if quantized else 4]:  # int8 weights: their rows are views of wqkv's
+            with torch.no_grad():
+                change()
+            expected = fresh()
+            computed.clear()
+            assert generate(model, rows, 5, eos_id=-1, graphs=graphs) == expected
+            assert len(computed) == adapted
 
 
 LONG_ROWS = [[1, 5, 9, 200, 7, 8, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [1, 42, 43]]  # 16 + 6 tokens: cache 32

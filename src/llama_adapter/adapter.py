@@ -9,12 +9,14 @@ leaves the model unchanged. A multimodal adapter adds `adapter_visual`, which pr
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AdapterArgs, ModelArgs
-from .model import Attention, Transformer, TransformerBlock
+from .model import Attention, Transformer, TransformerBlock, plain_tensors
 
 
 def is_adapter_param(name: str) -> bool:
@@ -44,7 +46,7 @@ class AdaptedAttention(Attention):
         y = self.attend(q, k, v, input_pos, mask, cu_seqlens, max_seqlen)  # (B, nh, T, hs)
         if prompt is not None:
             y = y + self.prompt_attention(q, prompt, gate, image)
-        return self.out(y, summed=prompt is not None)
+        return self.out(y)
 
     def prompt_keys_values(self, prompt: Tensor, gate: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Each head's keys and gated values (1, nh, L, hs) of a layer's prompts (L, dim) through its frozen
@@ -106,6 +108,7 @@ class AdaptedTransformer(Transformer):
     def __init__(self, args: ModelArgs, adapter: AdapterArgs | None = None):
         super().__init__(args)
         self.adapter: AdapterArgs | None = None
+        self.prompt_kv_made: PromptInputs | None = None  # what the kept prompt keys and values hold (setup_kv_cache)
         self.set_adapter(adapter)
 
     def is_added_param(self, name: str) -> bool:
@@ -186,12 +189,19 @@ class AdaptedTransformer(Transformer):
     def setup_kv_cache(self, batch: int, max_len: int, keep: bool = False) -> None:
         """KV caches for decoding, holding the adapter's prompt keys and gated values (set up again after the
         adapter or its gates change); keep: as Transformer's, and prompt values of the same shape are refilled in
-        place."""
+        place, or left as they are where they hold what they would be refilled with (PromptInputs): computing
+        them runs the 7B adapter's 30 layers' wk and wv eagerly, about 5 ms of a call's fixed cost bf16, 12 ms int8
+        (whose eager products convert each weight to bf16 first; H100, BENCHMARKS.md)."""
         super().setup_kv_cache(batch, max_len, keep)
         dtype, first = self.tok_embeddings.weight.dtype, self.first_adapted_layer()
+        for layer in self.layers:
+            layer.attention.image_cache = None  # the next prefill's images
+        if keep and self.prompt_kv_made is not None and first < len(self.layers):
+            kept = self.layers[first].attention.prompt_kv
+            if kept is not None and self.prompt_kv_made.hold(kept[0], self, dtype):
+                return
         for i, layer in enumerate(self.layers):
             a = layer.attention
-            a.image_cache = None  # the next prefill's images
             fresh = (a.prompt_keys_values(self.adapter_query[i - first], self.adapter_gate[i - first], dtype)
                      if i >= first else None)
             if keep and fresh is not None and a.prompt_kv is not None and all(
@@ -201,8 +211,41 @@ class AdaptedTransformer(Transformer):
                     old.copy_(new)
             else:
                 a.prompt_kv = fresh
+        if keep and first < len(self.layers):
+            self.prompt_kv_made = PromptInputs(self.layers[first].attention.prompt_kv[0], self, dtype)
 
     def clear_kv_cache(self) -> None:
         super().clear_kv_cache()
         for layer in self.layers:
             layer.attention.prompt_kv = layer.attention.image_cache = None
+
+
+class PromptInputs:
+    """What a model's prompt keys and values were computed from, to tell whether kept ones (generate.DecodeGraphs)
+    still hold what they would be computed anew: a copy of the adapter's prompts and gates (small, compared by
+    value, so that any change to them counts, in place or through `.data`), the dtype, and each adapted layer's
+    wk and wv (large: compared as the same tensors, at the same address and version, which a frozen base keeps
+    unless its weights are replaced, moved or written in place). Weak references throughout, so that nothing
+    replaced is kept alive by it."""
+
+    def __init__(self, keys: Tensor, model: AdaptedTransformer, dtype: torch.dtype):
+        self.keys = weakref.ref(keys)  # the first adapted layer's prompt keys, which these inputs made
+        self.dtype = dtype
+        self.query, self.gate = model.adapter_query.detach().clone(), model.adapter_gate.detach().clone()
+        self.weights = [(weakref.ref(x), x.data_ptr(), x._version) for x in self.base_weights(model)]
+
+    @staticmethod
+    def base_weights(model: AdaptedTransformer) -> list[Tensor]:
+        layers = model.layers[model.first_adapted_layer():]
+        return [x for layer in layers for w in (layer.attention.wk.weight, layer.attention.wv.weight)
+                for x in plain_tensors(w)]
+
+    def hold(self, keys: Tensor, model: AdaptedTransformer, dtype: torch.dtype) -> bool:
+        """Whether `keys` are the prompt keys these inputs made, and the model's inputs are still these."""
+        weights = self.base_weights(model)
+        return (self.keys() is keys and self.dtype == dtype and len(weights) == len(self.weights)
+                and all(ref() is x and (ptr, version) == (x.data_ptr(), x._version)
+                        for (ref, ptr, version), x in zip(self.weights, weights))
+                and all((kept.shape, kept.dtype, kept.device) == (now.shape, now.dtype, now.device)
+                        and torch.equal(kept, now)
+                        for kept, now in ((self.query, model.adapter_query), (self.gate, model.adapter_gate))))

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .checkpoint import apply_adapter, peft_files, put_adapter, read_fitting_adapter
 from .config import PAPER_SAMPLING, AdapterArgs, CompileConfig, InferenceConfig, Sampling, is_original_release
 from .errors import InputError
-from .model import Transformer
+from .model import Transformer, plain_tensors
 from .prompts import alpaca_prompt
 from .quantize import int8_format
 from .tokenizer import Tokenizer
@@ -119,8 +119,7 @@ def compiled_block() -> Callable:
     batch 1 161 -> 181 tokens/s (71 -> 80% of the floor), batch 16 unchanged (BENCHMARKS.md, ninth readings). An
     int8 weight's conversion to bf16 fuses into the reduction; without it every decoded token would first convert
     each int8 weight into a bf16 copy (the uncompiled int8 step was 3.3x slower than bf16). w2's input (SwiGLU's
-    output) is written first (model.written), not recomputed inside the reduction for every block of outputs; with
-    int8 weights so are the norms' outputs and the adapted layers' sum of attentions (quantize.quantize_int8).
+    output) is written first (model.written), not recomputed inside the reduction for every block of outputs.
 
     With the tuning, Triton's kernels are not bundled into the FX-graph cache. A job that hits that cache would
     restore the bundled kernels as they were compiled, before the tuning chose their configurations when they
@@ -367,14 +366,6 @@ class DecodeGraphs:
         for kept, new in zip(self.inputs, (key_valid, rope_pos)):
             kept.copy_(new)
         return self.inputs, True
-
-
-def plain_tensors(t: Tensor) -> list[Tensor]:
-    """The plain tensors behind `t`: a tensor subclass's (torchao's int8 values, scales and zero points), else t."""
-    if type(t) in (Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
-        return [t]
-    names, _ = t.__tensor_flatten__()
-    return [x for name in names for x in plain_tensors(getattr(t, name))]
 
 
 def step_tensors(model: Transformer) -> tuple[Tensor, ...]:

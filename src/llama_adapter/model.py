@@ -137,7 +137,6 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.wqkv: Tensor | None = None  # set by Transformer.fuse_projections
         self.kv_cache: KVCache | None = None
-        self.write_heads = False  # set by quantize.quantize_int8: see out
 
     def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor, mask: Tensor | None,
                 cu_seqlens: Tensor | None = None, max_seqlen: int = 0) -> Tensor:
@@ -170,12 +169,9 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=self.n_heads != self.n_kv_heads)
 
-    def out(self, y: Tensor, summed: bool = False) -> Tensor:
-        """wo of the heads' outputs y (B, nh, T, hs). summed: y adds up two attentions (a variant's), which a one-row
-        wo would compute again for every block of its outputs: written first where `write_heads`. A plain layer's
-        y is one kernel's output, which wo reads from memory anyway."""
+    def out(self, y: Tensor) -> Tensor:
         B, _, T, _ = y.shape
-        return self.wo(one_row_written(y.transpose(1, 2).reshape(B, T, -1), summed and self.write_heads))  # (B, T, dim)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -201,9 +197,8 @@ def written(x: Tensor) -> Tensor:
     """A copy of x, which inductor cannot see into: what comes after reads x from memory. For w2 at one row, the
     compiled decode step writes the product as a reduction (generate.compiled_block) and would otherwise compute
     SwiGLU inside it, again for every block of the product's outputs, reading both of its inputs each time (the
-    compiled int8 step read w2 at half the copy rate, BENCHMARKS.md). With int8 weights the same holds for the
-    other products' inputs, the norms' outputs and an adapted layer's sum of attentions (quantize.quantize_int8).
-    Called only where inductor compiles (one_row_written)."""
+    compiled int8 step read w2 at half the copy rate, BENCHMARKS.md). Called only where inductor compiles
+    (one_row_written)."""
     return x.clone()
 
 
@@ -224,6 +219,14 @@ def one_row_written(x: Tensor, write: bool) -> Tensor:
     return written(x) if write and x.numel() == x.size(-1) and torch.compiler.is_compiling() else x
 
 
+def plain_tensors(t: Tensor) -> list[Tensor]:
+    """The plain tensors behind `t`: a tensor subclass's (torchao's int8 values, scales and zero points), else t."""
+    if type(t) in (Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [x for name in names for x in plain_tensors(getattr(t, name))]
+
+
 class TransformerBlock(nn.Module):
     attention_class = Attention
 
@@ -233,13 +236,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.write_norms = False  # set by quantize.quantize_int8: the norms' outputs written first at one row
 
     def forward(self, x, rope, input_pos, mask, cu_seqlens=None, max_seqlen=0, *extra) -> Tensor:
         # extra: this layer's inputs from Transformer.layer_inputs, for the attention of a variant
-        normed = one_row_written(self.attention_norm(x), self.write_norms)
-        h = x + self.attention(normed, rope, input_pos, mask, cu_seqlens, max_seqlen, *extra)
-        return h + self.feed_forward(one_row_written(self.ffn_norm(h), self.write_norms))
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, cu_seqlens, max_seqlen, *extra)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):

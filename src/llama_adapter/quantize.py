@@ -83,15 +83,7 @@ def quantize_int8(model: Transformer, group_size: int | None = None) -> Transfor
     """Quantize the blocks' linear layers of a frozen model in place, a scale per output row or per `group_size`
     inputs (see the module's docstring for what is left as it was). A fused projection (fuse_projections) is
     quantized as one weight, and its parts become row slices of it, so that the full-precision weights are freed
-    and the prompts' keys still read the same int8 wk and wv.
-
-    Each block also writes its products' inputs to memory first at one row when compiled (model.written: the
-    norms' outputs and an adapted layer's sum of its two attentions, as fuse_projections does SwiGLU's output). The
-    compiled decode step writes a one-row product as a reduction (generate.compiled_block), which would otherwise
-    compute RMSNorm's scaling, or the sum, again for every block of its outputs, reading two or three vectors for
-    each int8 row it reads: `w1`/`w3` took 31.7 to 51.5 us a layer, by what the tuning picked in the process
-    (four fresh processes, 7B, H100), and 32.3-32.7 us with its input written first (two processes of a copy of
-    the package that wrote the plain layers' attention output too; BENCHMARKS.md, eleventh readings)."""
+    and the prompts' keys still read the same int8 wk and wv."""
     widths = {model.args.dim, model.args.hidden_dim, model.args.n_heads * model.args.head_dim}  # the inputs
     if group_size is not None and any(w % group_size for w in widths):
         raise InputError(f"--quantize int8-g{group_size}: a scale per {group_size} inputs needs the blocks' input "
@@ -115,7 +107,6 @@ def quantize_int8(model: Transformer, group_size: int | None = None) -> Transfor
                 at += n
         for linear in (a.wo, f.w2):
             linear.weight = nn.Parameter(int8_weight(linear.weight, group_size), requires_grad=False)
-        layer.write_norms = a.write_heads = True
     return model
 
 
