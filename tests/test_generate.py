@@ -261,17 +261,26 @@ def test_a_kept_decode_step_serves_the_next_call_of_the_same_shapes(model):
     assert other == generate(model, short_rows, 9, eos_id=-1)
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
-def test_kept_prompt_values_are_computed_again_only_when_what_they_hold_changes(model, monkeypatch, quantized):
-    """A kept call's prompt keys and values are computed once and left as they are while the adapter, the dtype
-    and the adapted layers' wk/wv stay the same; changing any of them (in place, through `.data`, or a weight
-    replaced) computes them again, and every call's answers are those of a fresh call."""
+@pytest.mark.parametrize("base", ["float", "int8", "inference"])
+def test_kept_prompt_values_are_computed_again_only_when_what_they_hold_changes(model, monkeypatch, base):
+    """A kept call's prompt keys and values are computed once and left as they are while the adapter's prompts and
+    gates and the adapted layers' wk/wv stay the same; a change computes them again: to the prompts or gates
+    (through `.data` too), a wk/wv weight written in place or replaced, a LoRA put on wv or its weights changed.
+    A base made under inference_mode (no version counts) has them computed at every call. Every call's answers
+    are those of a fresh call."""
+    import contextlib
+
     from llama_adapter.adapter import AdaptedAttention
+    from llama_adapter.config import LoRAArgs
+    from llama_adapter.lora import add_lora
+    from llama_adapter.quantize import int8_weight, quantize_int8
 
-    if quantized:
-        from llama_adapter.quantize import quantize_int8
-
-        quantize_int8(model.fuse_projections())
+    mode = torch.inference_mode() if base == "inference" else contextlib.nullcontext()
+    with mode:
+        if base == "inference":  # the model's tensors made again as inference tensors
+            model = AdaptedTransformer(model.args, model.adapter).eval()
+        if base == "int8":
+            quantize_int8(model.fuse_projections())
     computed, compute = [], AdaptedAttention.prompt_keys_values
 
     def counting(self, *args):
@@ -281,32 +290,39 @@ def test_kept_prompt_values_are_computed_again_only_when_what_they_hold_changes(
     monkeypatch.setattr(AdaptedAttention, "prompt_keys_values", counting)
     rows = [[1, 5, 9], [1, 3, 3, 3, 8]]
     adapted = model.adapter.adapter_layers
-
-    def fresh():
-        return generate(model, rows, 5, eos_id=-1)
-
     last = model.layers[-1].attention
-    changes = [
-        lambda: model.adapter_gate.data.mul_(-1),  # through .data: the version stays, the values change
-        lambda: model.adapter_query.data[0, 0].add_(1.0),
-        lambda: last.wv.weight.copy_(last.wv.weight.flip(0)),  # the base written in place
-        lambda: setattr(last.wk, "weight", nn.Parameter(last.wk.weight.flip(0), requires_grad=False)),  # replaced
-    ]
-    with DecodeGraphs(model) as graphs:
-        expected = fresh()
+
+    def lora_on_wv():
+        add_lora(model, LoRAArgs(rank=2, targets=("wv",)), generator=torch.Generator().manual_seed(1)).eval()
+        model.layers[-1].attention.wv.lora_b.normal_()
+
+    changes = {
+        "float": [lambda: model.adapter_gate.data.mul_(-1),  # through .data: the version stays, the values change
+                  lambda: model.adapter_query.data[0, 0].add_(1.0),
+                  lambda: last.wv.weight.copy_(last.wv.weight.flip(0)),  # the base written in place
+                  lambda: setattr(last.wk, "weight", nn.Parameter(last.wk.weight.flip(0), requires_grad=False)),
+                  lora_on_wv,
+                  lambda: model.layers[-1].attention.wv.lora_b.mul_(2)],  # the LoRA's weights in place
+        "int8": [lambda: model.adapter_gate.data.mul_(-1),
+                 lambda: setattr(last.wk, "weight", nn.Parameter(  # replaced (its rows were views of wqkv's)
+                     int8_weight(last.wk.weight.dequantize().flip(0)), requires_grad=False))],
+        "inference": [],
+    }[base]
+    with mode, DecodeGraphs(model) as graphs:
+        expected = generate(model, rows, 5, eos_id=-1)
         computed.clear()
-        assert generate(model, rows, 5, eos_id=-1, graphs=graphs) == expected
-        assert len(computed) == adapted
-        for _ in range(2):
+        for _ in range(3):
             assert generate(model, rows, 5, eos_id=-1, graphs=graphs) == expected
-        assert len(computed) == adapted  # nothing changed: left as they were
-        for change in changes[: 2 if quantized else 4]:  # int8 weights: their rows are views of wqkv's
+        assert len(computed) == adapted * (3 if base == "inference" else 1)  # otherwise left as they were
+        for change in changes:
             with torch.no_grad():
                 change()
-            expected = fresh()
+            expected = generate(model, rows, 5, eos_id=-1)
             computed.clear()
             assert generate(model, rows, 5, eos_id=-1, graphs=graphs) == expected
             assert len(computed) == adapted
+        assert model.prompt_kv_made is None and graphs.prompt_kv_made is not None  # kept beside the values
+    assert graphs.prompt_kv_made is None  # freed with the kept step
 
 
 LONG_ROWS = [[1, 5, 9, 200, 7, 8, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [1, 42, 43]]  # 16 + 6 tokens: cache 32

@@ -9,8 +9,6 @@ leaves the model unchanged. A multimodal adapter adds `adapter_visual`, which pr
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -108,7 +106,8 @@ class AdaptedTransformer(Transformer):
     def __init__(self, args: ModelArgs, adapter: AdapterArgs | None = None):
         super().__init__(args)
         self.adapter: AdapterArgs | None = None
-        self.prompt_kv_made: PromptInputs | None = None  # what the kept prompt keys and values hold (setup_kv_cache)
+        # while decoding: what the prompt keys and values were computed from, where a DecodeGraphs keeps them
+        self.prompt_kv_made: PromptInputs | None = None
         self.set_adapter(adapter)
 
     def is_added_param(self, name: str) -> bool:
@@ -189,17 +188,18 @@ class AdaptedTransformer(Transformer):
     def setup_kv_cache(self, batch: int, max_len: int, keep: bool = False) -> None:
         """KV caches for decoding, holding the adapter's prompt keys and gated values (set up again after the
         adapter or its gates change); keep: as Transformer's, and prompt values of the same shape are refilled in
-        place, or left as they are where they hold what they would be refilled with (PromptInputs): computing
-        them runs the 7B adapter's 30 layers' wk and wv eagerly, about 5 ms of a call's fixed cost bf16, 12 ms int8
-        (whose eager products convert each weight to bf16 first; H100, BENCHMARKS.md)."""
+        place, or left as they are where they still hold what they would be refilled with (`prompt_kv_made`, which
+        generate.DecodeGraphs keeps beside them): computing them runs the 7B adapter's 30 layers' wk and wv
+        eagerly, most of setup_kv_cache's 5 ms a call bf16 and 12 ms int8 (whose eager products convert each weight
+        to bf16 first; H100, BENCHMARKS.md)."""
         super().setup_kv_cache(batch, max_len, keep)
-        dtype, first = self.tok_embeddings.weight.dtype, self.first_adapted_layer()
+        made, self.prompt_kv_made = self.prompt_kv_made, None
         for layer in self.layers:
             layer.attention.image_cache = None  # the next prefill's images
-        if keep and self.prompt_kv_made is not None and first < len(self.layers):
-            kept = self.layers[first].attention.prompt_kv
-            if kept is not None and self.prompt_kv_made.hold(kept[0], self, dtype):
-                return
+        if keep and made is not None and made.hold(self):
+            self.prompt_kv_made = made
+            return
+        dtype, first = self.tok_embeddings.weight.dtype, self.first_adapted_layer()
         for i, layer in enumerate(self.layers):
             a = layer.attention
             fresh = (a.prompt_keys_values(self.adapter_query[i - first], self.adapter_gate[i - first], dtype)
@@ -212,40 +212,50 @@ class AdaptedTransformer(Transformer):
             else:
                 a.prompt_kv = fresh
         if keep and first < len(self.layers):
-            self.prompt_kv_made = PromptInputs(self.layers[first].attention.prompt_kv[0], self, dtype)
+            self.prompt_kv_made = PromptInputs(self)
 
     def clear_kv_cache(self) -> None:
         super().clear_kv_cache()
+        self.prompt_kv_made = None
         for layer in self.layers:
             layer.attention.prompt_kv = layer.attention.image_cache = None
 
 
 class PromptInputs:
-    """What a model's prompt keys and values were computed from, to tell whether kept ones (generate.DecodeGraphs)
-    still hold what they would be computed anew: a copy of the adapter's prompts and gates (small, compared by
-    value, so that any change to them counts, in place or through `.data`), the dtype, and each adapted layer's
-    wk and wv (large: compared as the same tensors, at the same address and version, which a frozen base keeps
-    unless its weights are replaced, moved or written in place). Weak references throughout, so that nothing
-    replaced is kept alive by it."""
+    """What a model's prompt keys and values were computed from, kept beside them (generate.DecodeGraphs, which
+    frees it with them) to tell whether they still hold what they would be computed anew:
+    - a copy of the adapter's prompts and gates, compared by value (small: any change counts, however made);
+    - the adapted layers' wk and wv modules, and every tensor they hold (a LoRA's too), compared as the same
+      modules and tensors at the same address and version (large: a frozen base keeps them so unless a module
+      or tensor is replaced or moved, or written in place).
+    The dtype and device need no check: a kept call's caches, and so its prompt values, are the model's dtype and
+    device (DecodeGraphs.lend frees them otherwise). Not seen: an in-place write to a wk/wv tensor through `.data`
+    (which counts versions of its own) and a module's non-tensor attributes (a LoRA's scaling); after such a
+    change, decode in a new DecodeGraphs block. Inference tensors count no versions: a base made under
+    inference_mode is never vouched for, its prompt values computed at every call."""
 
-    def __init__(self, keys: Tensor, model: AdaptedTransformer, dtype: torch.dtype):
-        self.keys = weakref.ref(keys)  # the first adapted layer's prompt keys, which these inputs made
-        self.dtype = dtype
+    def __init__(self, model: AdaptedTransformer):
         self.query, self.gate = model.adapter_query.detach().clone(), model.adapter_gate.detach().clone()
-        self.weights = [(weakref.ref(x), x.data_ptr(), x._version) for x in self.base_weights(model)]
+        self.base = self.base_state(model)
 
     @staticmethod
-    def base_weights(model: AdaptedTransformer) -> list[Tensor]:
-        layers = model.layers[model.first_adapted_layer():]
-        return [x for layer in layers for w in (layer.attention.wk.weight, layer.attention.wv.weight)
-                for x in plain_tensors(w)]
+    def base_state(model: AdaptedTransformer) -> list[tuple] | None:
+        """(object, what may change in place) for each adapted layer's wk and wv (their training flag) and each
+        plain tensor they hold (its address and version); None where a tensor is an inference tensor."""
+        state = []
+        for layer in model.layers[model.first_adapted_layer():]:
+            for module in (layer.attention.wk, layer.attention.wv):
+                tensors = [x for t in (*module.parameters(), *module.buffers()) for x in plain_tensors(t)]
+                if any(x.is_inference() for x in tensors):
+                    return None
+                state += [(module, module.training)] + [(x, (x.data_ptr(), x._version)) for x in tensors]
+        return state
 
-    def hold(self, keys: Tensor, model: AdaptedTransformer, dtype: torch.dtype) -> bool:
-        """Whether `keys` are the prompt keys these inputs made, and the model's inputs are still these."""
-        weights = self.base_weights(model)
-        return (self.keys() is keys and self.dtype == dtype and len(weights) == len(self.weights)
-                and all(ref() is x and (ptr, version) == (x.data_ptr(), x._version)
-                        for (ref, ptr, version), x in zip(self.weights, weights))
+    def hold(self, model: AdaptedTransformer) -> bool:
+        """Whether the model's inputs to its prompt keys and values are still these."""
+        base = self.base_state(model)
+        return (self.base is not None and base is not None and len(base) == len(self.base)
+                and all(was is now and kept == seen for (was, kept), (now, seen) in zip(self.base, base))
                 and all((kept.shape, kept.dtype, kept.device) == (now.shape, now.dtype, now.device)
                         and torch.equal(kept, now)
                         for kept, now in ((self.query, model.adapter_query), (self.gate, model.adapter_gate))))

@@ -330,6 +330,7 @@ class DecodeGraphs:
         self.inputs: tuple[Tensor, Tensor] | None = None  # key_valid, rope_pos
         self.graph: CUDAGraphed | None = None
         self.state: list[tuple] | None = None  # each layer's (KV cache, prompt keys and values) while off the model
+        self.prompt_kv_made = None  # and what those prompt values were computed from (adapter.PromptInputs)
 
     def lend(self, batch: int, max_len: int) -> None:
         """Put the kept caches and prompt values back on the model for a call of `batch` rows and `max_len`
@@ -348,12 +349,15 @@ class DecodeGraphs:
             layer.attention.kv_cache = kv_cache
             if prompt_kv is not None:
                 layer.attention.prompt_kv = prompt_kv
-        self.state = None
+        if self.prompt_kv_made is not None:
+            self.model.prompt_kv_made = self.prompt_kv_made
+        self.state = self.prompt_kv_made = None
 
     def take_back(self) -> None:
         """Take the caches and prompt values off the model after a call, kept for the next."""
         self.state = [(layer.attention.kv_cache, getattr(layer.attention, "prompt_kv", None))
                       for layer in self.model.layers]
+        self.prompt_kv_made = getattr(self.model, "prompt_kv_made", None)
         self.model.clear_kv_cache()
 
     def inputs_for(self, key: tuple, tensors: tuple[Tensor, ...], key_valid: Tensor, rope_pos: Tensor
