@@ -265,7 +265,8 @@ def test_a_kept_decode_step_serves_the_next_call_of_the_same_shapes(model):
 def test_kept_prompt_values_are_computed_again_only_when_what_they_hold_changes(model, monkeypatch, base):
     """A kept call's prompt keys and values are computed once and left as they are while the adapter's prompts and
     gates and the adapted layers' wk/wv stay the same; a change computes them again: to the prompts or gates
-    (through `.data` too), a wk/wv weight written in place or replaced, a LoRA put on wv or its weights changed.
+    (through `.data` too), a wk/wv weight written in place or replaced, a LoRA put on wv, its weights changed (in
+    place, or with no version counted, as a fused optimizer writes) or its training flag.
     A base made under inference_mode (no version counts) has them computed at every call. Every call's answers
     are those of a fresh call."""
     import contextlib
@@ -292,9 +293,9 @@ def test_kept_prompt_values_are_computed_again_only_when_what_they_hold_changes(
     adapted = model.adapter.adapter_layers
     last = model.layers[-1].attention
 
-    def lora_on_wv():
-        add_lora(model, LoRAArgs(rank=2, targets=("wv",)), generator=torch.Generator().manual_seed(1)).eval()
-        model.layers[-1].attention.wv.lora_b.normal_()
+    def lora_on_wv():  # no dropout: its training flag changes no answer
+        add_lora(model, LoRAArgs(rank=2, dropout=0.0, targets=("wv",)), generator=torch.Generator().manual_seed(1))
+        model.eval().layers[-1].attention.wv.lora_b.normal_()
 
     changes = {
         "float": [lambda: model.adapter_gate.data.mul_(-1),  # through .data: the version stays, the values change
@@ -302,7 +303,9 @@ def test_kept_prompt_values_are_computed_again_only_when_what_they_hold_changes(
                   lambda: last.wv.weight.copy_(last.wv.weight.flip(0)),  # the base written in place
                   lambda: setattr(last.wk, "weight", nn.Parameter(last.wk.weight.flip(0), requires_grad=False)),
                   lora_on_wv,
-                  lambda: model.layers[-1].attention.wv.lora_b.mul_(2)],  # the LoRA's weights in place
+                  lambda: model.layers[-1].attention.wv.lora_b.mul_(2),  # the LoRA's weights in place
+                  lambda: model.layers[-1].attention.wv.lora_a.data.mul_(2),  # no version, as a fused optimizer's
+                  lambda: model.layers[-1].attention.wv.train()],
         "int8": [lambda: model.adapter_gate.data.mul_(-1),
                  lambda: setattr(last.wk, "weight", nn.Parameter(  # replaced (its rows were views of wqkv's)
                      int8_weight(last.wk.weight.dequantize().flip(0)), requires_grad=False))],
@@ -323,6 +326,29 @@ def test_kept_prompt_values_are_computed_again_only_when_what_they_hold_changes(
             assert len(computed) == adapted
         assert model.prompt_kv_made is None and graphs.prompt_kv_made is not None  # kept beside the values
     assert graphs.prompt_kv_made is None  # freed with the kept step
+
+
+def test_a_kept_call_that_fails_leaves_no_cache_on_the_model(model, monkeypatch):
+    """A kept call that fails while setting up its caches leaves none on the model: a forward after it reads the
+    adapter as it is (gates changed since the kept prompt values were computed), and the next call decodes as a
+    fresh one."""
+    from llama_adapter.adapter import AdaptedAttention
+
+    rows, x = [[1, 5, 9], [1, 3, 3, 3, 8]], torch.tensor([[1, 5, 9, 10]])
+    with DecodeGraphs(model) as graphs:
+        generate(model, rows, 5, eos_id=-1, graphs=graphs)
+        with torch.no_grad():
+            model.adapter_gate.mul_(-1)
+            expected = model(x)
+        with monkeypatch.context() as patch:
+            patch.setattr(AdaptedAttention, "prompt_keys_values", lambda *args: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                generate(model, rows, 5, eos_id=-1, graphs=graphs)
+        assert all(layer.attention.kv_cache is None and layer.attention.prompt_kv is None for layer in model.layers)
+        assert model.prompt_kv_made is None
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        assert generate(model, rows, 5, eos_id=-1, graphs=graphs) == generate(model, rows, 5, eos_id=-1)
 
 
 LONG_ROWS = [[1, 5, 9, 200, 7, 8, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [1, 42, 43]]  # 16 + 6 tokens: cache 32

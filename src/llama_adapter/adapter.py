@@ -224,38 +224,42 @@ class AdaptedTransformer(Transformer):
 class PromptInputs:
     """What a model's prompt keys and values were computed from, kept beside them (generate.DecodeGraphs, which
     frees it with them) to tell whether they still hold what they would be computed anew:
-    - a copy of the adapter's prompts and gates, compared by value (small: any change counts, however made);
-    - the adapted layers' wk and wv modules, and every tensor they hold (a LoRA's too), compared as the same
-      modules and tensors at the same address and version (large: a frozen base keeps them so unless a module
-      or tensor is replaced or moved, or written in place).
+    - a copy of the adapter's prompts and gates, and of any trainable tensor of wk and wv (a LoRA's), compared by
+      value (small, and an optimizer may write them without counting a version: AdamW(fused=True));
+    - the adapted layers' wk and wv modules, and every tensor they hold, compared as the same modules and tensors
+      at the same address and version (large: a frozen base keeps them so unless a module or tensor is replaced
+      or moved, or written in place; while kept, the old storages are held, so no new tensor takes their address).
     The dtype and device need no check: a kept call's caches, and so its prompt values, are the model's dtype and
-    device (DecodeGraphs.lend frees them otherwise). Not seen: an in-place write to a wk/wv tensor through `.data`
-    (which counts versions of its own) and a module's non-tensor attributes (a LoRA's scaling); after such a
-    change, decode in a new DecodeGraphs block. Inference tensors count no versions: a base made under
+    device (DecodeGraphs.lend frees them otherwise). Not seen: an in-place write to a frozen wk/wv tensor through
+    `.data` (which counts versions of its own) and a module's non-tensor attributes (a LoRA's scaling); after such
+    a change, decode in a new DecodeGraphs block. Inference tensors count no versions: a base made under
     inference_mode is never vouched for, its prompt values computed at every call."""
 
     def __init__(self, model: AdaptedTransformer):
-        self.query, self.gate = model.adapter_query.detach().clone(), model.adapter_gate.detach().clone()
-        self.base = self.base_state(model)
+        self.base, trained = self.base_state(model)
+        self.values = [x.detach().clone() for x in (model.adapter_query, model.adapter_gate, *trained)]
 
     @staticmethod
-    def base_state(model: AdaptedTransformer) -> list[tuple] | None:
+    def base_state(model: AdaptedTransformer) -> tuple[list[tuple] | None, list[Tensor]]:
         """(object, what may change in place) for each adapted layer's wk and wv (their training flag) and each
-        plain tensor they hold (its address and version); None where a tensor is an inference tensor."""
-        state = []
+        plain tensor they hold (its address and version), None where one is an inference tensor; and those of
+        the tensors that are trainable."""
+        state, trained = [], []
         for layer in model.layers[model.first_adapted_layer():]:
             for module in (layer.attention.wk, layer.attention.wv):
                 tensors = [x for t in (*module.parameters(), *module.buffers()) for x in plain_tensors(t)]
                 if any(x.is_inference() for x in tensors):
-                    return None
+                    return None, []
                 state += [(module, module.training)] + [(x, (x.data_ptr(), x._version)) for x in tensors]
-        return state
+                trained += [x for x in tensors if x.requires_grad]
+        return state, trained
 
     def hold(self, model: AdaptedTransformer) -> bool:
         """Whether the model's inputs to its prompt keys and values are still these."""
-        base = self.base_state(model)
+        base, trained = self.base_state(model)
+        values = (model.adapter_query, model.adapter_gate, *trained)
         return (self.base is not None and base is not None and len(base) == len(self.base)
                 and all(was is now and kept == seen for (was, kept), (now, seen) in zip(self.base, base))
+                and len(values) == len(self.values)
                 and all((kept.shape, kept.dtype, kept.device) == (now.shape, now.dtype, now.device)
-                        and torch.equal(kept, now)
-                        for kept, now in ((self.query, model.adapter_query), (self.gate, model.adapter_gate))))
+                        and torch.equal(kept, now) for kept, now in zip(self.values, values)))

@@ -296,9 +296,10 @@ class DecodeGraphs:
     replays the kept graph instead. One step is kept at a time (the last call's), only inside the `with` block;
     leaving it, or `release()`, frees it.
 
-    Between calls the kept caches and prompt values are off the model (`take_back`), so the model is as without
-    them: a forward, a training step, a change to the adapter or a call without `graphs` (or with images, which
-    decodes in caches of its own) sees none of them and leaves them alone. A call lends them back (`lend`) only
+    Between calls, and after a call that failed, the kept caches and prompt values are off the model
+    (`take_back`), so the model is as without them: a forward, a training step, a change to the adapter or a call
+    without `graphs` (or with images, which decodes in caches of its own) sees none of them and leaves them alone.
+    A call lends them back (`lend`) only
     where they fit its cache shape, dtype, device and inference mode; otherwise they are freed before its own are
     allocated, so two sets are never held at once.
 
@@ -354,10 +355,14 @@ class DecodeGraphs:
         self.state = self.prompt_kv_made = None
 
     def take_back(self) -> None:
-        """Take the caches and prompt values off the model after a call, kept for the next."""
-        self.state = [(layer.attention.kv_cache, getattr(layer.attention, "prompt_kv", None))
-                      for layer in self.model.layers]
-        self.prompt_kv_made = getattr(self.model, "prompt_kv_made", None)
+        """Take the caches and prompt values off the model after a call, kept for the next; a call that failed
+        before its caches were all set up keeps none."""
+        if any(layer.attention.kv_cache is None for layer in self.model.layers):
+            self.release()
+        else:
+            self.state = [(layer.attention.kv_cache, getattr(layer.attention, "prompt_kv", None))
+                          for layer in self.model.layers]
+            self.prompt_kv_made = getattr(self.model, "prompt_kv_made", None)
         self.model.clear_kv_cache()
 
     def inputs_for(self, key: tuple, tensors: tuple[Tensor, ...], key_valid: Tensor, rope_pos: Tensor
@@ -443,24 +448,23 @@ def generate(
     image_features, image_row = image_inputs(None if images is None else images + [None] * (rows - n), device)
     if graphs is not None and not (graphs.entered and graphs.model is model):
         raise ValueError("graphs: a DecodeGraphs of this model, used inside its `with` block")
-    keeps = graphs is not None and images is None
-    if keeps:
-        graphs.lend(B, S)
-    model.setup_kv_cache(B, S, keep=keeps)
     greedy = temperature <= 0
     if not greedy:  # filler rows draw from seed 0: their tokens are dropped
         seeds = draw_seeds(n, generator) if seeds is None else seeds
         row_seeds = torch.tensor(list(seeds) + [0] * (B - n), dtype=torch.int64, device=device)
-    kept = False
-    if keeps:
-        tensors = step_tensors(model)
-        autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
-        key = (B, S, greedy, compile, cuda_graph, model.training, autocast, torch.is_inference_mode_enabled(),
-               tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors))
-        (key_valid, rope_pos), kept = graphs.inputs_for(key, tensors, key_valid, rope_pos)
-    if compile:
-        mark_lengths_dynamic(model)
-    try:
+    keeps, kept = graphs is not None and images is None, False
+    try:  # from here on, whatever fails leaves no cache on the model (finally)
+        if keeps:
+            graphs.lend(B, S)
+        model.setup_kv_cache(B, S, keep=keeps)
+        if keeps:
+            tensors = step_tensors(model)
+            autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+            key = (B, S, greedy, compile, cuda_graph, model.training, autocast, torch.is_inference_mode_enabled(),
+                   tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+            (key_valid, rope_pos), kept = graphs.inputs_for(key, tensors, key_valid, rope_pos)
+        if compile:
+            mark_lengths_dynamic(model)
         # Prefill. A padded query row would see no key at all (NaN softmax that leaks through the cached
         # values), so every position may always attend to itself.
         causal = slots[None, :] <= slots[:P, None]  # (P, S)
