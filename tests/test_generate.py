@@ -266,7 +266,7 @@ def test_kept_prompt_values_are_computed_again_only_when_what_they_hold_changes(
     """A kept call's prompt keys and values are computed once and left as they are while the adapter's prompts and
     gates and the adapted layers' wk/wv stay the same; a change computes them again: to the prompts or gates
     (through `.data` too), a wk/wv weight written in place or replaced, a LoRA put on wv, its weights changed (in
-    place, or with no version counted, as a fused optimizer writes) or its training flag.
+    place, or with no version counted, as a fused optimizer writes) or its training flag; the adapter taken out.
     A base made under inference_mode (no version counts) has them computed at every call. Every call's answers
     are those of a fresh call."""
     import contextlib
@@ -325,6 +325,8 @@ def test_kept_prompt_values_are_computed_again_only_when_what_they_hold_changes(
             assert generate(model, rows, 5, eos_id=-1, graphs=graphs) == expected
             assert len(computed) == adapted
         assert model.prompt_kv_made is None and graphs.prompt_kv_made is not None  # kept beside the values
+        model.set_adapter(None)  # nothing to compute and nothing to vouch for
+        assert generate(model, rows, 5, eos_id=-1, graphs=graphs) == generate(model, rows, 5, eos_id=-1)
     assert graphs.prompt_kv_made is None  # freed with the kept step
 
 

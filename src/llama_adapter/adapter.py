@@ -193,13 +193,13 @@ class AdaptedTransformer(Transformer):
         eagerly, most of setup_kv_cache's 5 ms a call bf16 and 12 ms int8 (whose eager products convert each weight
         to bf16 first; H100, BENCHMARKS.md)."""
         super().setup_kv_cache(batch, max_len, keep)
+        dtype, first = self.tok_embeddings.weight.dtype, self.first_adapted_layer()
         made, self.prompt_kv_made = self.prompt_kv_made, None
         for layer in self.layers:
             layer.attention.image_cache = None  # the next prefill's images
-        if keep and made is not None and made.hold(self):
+        if keep and made is not None and first < len(self.layers) and made.hold(self):  # an adapter, as it was
             self.prompt_kv_made = made
             return
-        dtype, first = self.tok_embeddings.weight.dtype, self.first_adapted_layer()
         for i, layer in enumerate(self.layers):
             a = layer.attention
             fresh = (a.prompt_keys_values(self.adapter_query[i - first], self.adapter_gate[i - first], dtype)

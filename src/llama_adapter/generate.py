@@ -299,9 +299,8 @@ class DecodeGraphs:
     Between calls, and after a call that failed, the kept caches and prompt values are off the model
     (`take_back`), so the model is as without them: a forward, a training step, a change to the adapter or a call
     without `graphs` (or with images, which decodes in caches of its own) sees none of them and leaves them alone.
-    A call lends them back (`lend`) only
-    where they fit its cache shape, dtype, device and inference mode; otherwise they are freed before its own are
-    allocated, so two sets are never held at once.
+    A call lends them back (`lend`) only where they fit its cache shape, dtype, device and inference mode;
+    otherwise they are freed before its own are allocated, so two sets are never held at once.
 
     The graph reads fixed addresses: the caches and the prompt keys and values (which setup_kv_cache keeps, zeroes
     and refills in place for caches of the same shape), these inputs, and the weights. A call reuses it only where
