@@ -237,7 +237,8 @@ class PromptInputs:
 
     def __init__(self, model: AdaptedTransformer):
         self.base, trained = self.base_state(model)
-        self.values = [x.detach().clone() for x in (model.adapter_query, model.adapter_gate, *trained)]
+        self.values = ([] if self.base is None  # never vouched for: nothing to compare
+                       else [x.detach().clone() for x in (model.adapter_query, model.adapter_gate, *trained)])
 
     @staticmethod
     def base_state(model: AdaptedTransformer) -> tuple[list[tuple] | None, list[Tensor]]:
@@ -256,9 +257,11 @@ class PromptInputs:
 
     def hold(self, model: AdaptedTransformer) -> bool:
         """Whether the model's inputs to its prompt keys and values are still these."""
+        if self.base is None:
+            return False
         base, trained = self.base_state(model)
         values = (model.adapter_query, model.adapter_gate, *trained)
-        return (self.base is not None and base is not None and len(base) == len(self.base)
+        return (base is not None and len(base) == len(self.base)
                 and all(was is now and kept == seen for (was, kept), (now, seen) in zip(self.base, base))
                 and len(values) == len(self.values)
                 and all((kept.shape, kept.dtype, kept.device) == (now.shape, now.dtype, now.device)
