@@ -221,6 +221,26 @@ def test_each_adapter_file_is_read_once_however_often_it_is_swapped_in(world, mo
     assert sorted(reads) == [root / "a.safetensors", root / "b.safetensors"]
 
 
+def test_each_request_is_tokenized_once_however_many_adapters_answer_it(world, monkeypatch):
+    """generate_requests turns each request into token ids once (checking that it fits the base) and decodes every
+    adapter's turn from those ids; the answers are those of the texts given to complete_texts."""
+    root, tok = world
+    requests = [{"id": 1, "prompt": "Once upon a time"}, {"id": 2, "prompt": "x", "adapter": "b"},
+                {"id": 3, "instruction": "Add.", "input": "2 and 3"}]
+    sampling = Sampling(max_new_tokens=4, temperature=0)
+    encoded, encode = [], tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, **kw: encoded.append(text) or encode(text, **kw))
+    rows = generate_requests(load_model(root / "base"), tok, requests,
+                             {"a": root / "a.safetensors", "b": root / "b.safetensors"}, sampling, batch_size=2)
+    assert sorted(encoded) == sorted(prompt_text(r) for r in requests)
+    for name in ("a", "b"):
+        mine = [r for r in requests if r.get("adapter", name) == name]
+        expected = complete_texts(load_model(root / "base", root / f"{name}.safetensors"), tok,
+                                  [prompt_text(r) for r in mine], sampling, batch_size=2)
+        assert [(r["id"], r["output"]) for r in rows if r["adapter"] == name] == [
+            (r["id"], o) for r, o in zip(mine, expected)], name
+
+
 def test_a_lora_answers_every_request_alone_and_is_refused_among_adapters(world, tmp_path):
     """A LoRA given to generate_requests is merged once and answers as the model loaded with it does; merged for
     good, it cannot take turns with another adapter: refused by name before the model is touched."""

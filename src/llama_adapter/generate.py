@@ -630,10 +630,25 @@ def complete_texts(
 
     Batches hold prompts of like length (batches_by_length), so that consecutive batches often have the same cache
     length and replay one decode step (DecodeGraphs); the texts come back in the prompts' order."""
-    ids = prompt_ids(model, tokenizer, prompts, names)
+    return complete_ids(model, tokenizer, prompt_ids(model, tokenizer, prompts, names), sampling, batch_size,
+                        generator, compile, images, rows)
+
+
+def complete_ids(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    ids: list[list[int]],
+    sampling: Sampling = Sampling(),
+    batch_size: int = InferenceConfig.batch_size,
+    generator: torch.Generator | None = None,
+    compile: bool = CompileConfig.compile,
+    images: list[np.ndarray | None] | None = None,
+    rows: int | None = None,
+) -> list[str]:
+    """complete_texts for prompts already turned into token ids that fit the model (prompt_ids)."""
     texts: list[str | None] = [None] * len(ids)
     seeds = draw_seeds(len(ids), generator) if sampling.temperature > 0 else None
-    rows = (rows or min(batch_size, len(prompts))) if compile else None
+    rows = (rows or min(batch_size, len(ids))) if compile else None
     with DecodeGraphs(model) as graphs:
         for batch in batches_by_length([len(i) for i in ids], batch_size, "generated"):
             outs = generate(model, [ids[k] for k in batch], sampling.max_new_tokens, tokenizer.eos_id,
@@ -707,7 +722,7 @@ def generate_requests(
     request of read_prompts) and id."""
     check_requested_adapters(requests, adapters, source)
     # every request fits the base before any adapter answers (each adapter's turn would find only its own)
-    prompt_ids(model, tokenizer, [prompt_text(r) for r in requests], [request_name(r, source) for r in requests])
+    ids = prompt_ids(model, tokenizer, [prompt_text(r) for r in requests], [request_name(r, source) for r in requests])
     if (lora := lora_among(adapters)) is not None:  # merged for good: it answers every request, applied once
         if getattr(model, "merged_lora", None) != str(peft_files(Path(adapters[lora]))[1]):  # not merged at load
             apply_adapter(model, adapters[lora])
@@ -726,12 +741,12 @@ def generate_requests(
         for name, path in adapters.items():
             if read[name] is not None:
                 put_adapter(model, *read[name])
-            mine = [r for r in requests if r.get("adapter", name) == name]
-            outputs = complete_texts(model, tokenizer, [prompt_text(r) for r in mine], sampling, batch_size,
-                                     generator, compile, rows=rows, names=[request_name(r, source) for r in mine])
-            results += [{"id": r["id"], "adapter": name, "adapter_path": path and str(path),
-                         "prompt": prompt_text(r), "output": o, "decoding": sampling.describe()}
-                        for r, o in zip(mine, outputs)]
+            mine = [k for k, r in enumerate(requests) if r.get("adapter", name) == name]
+            outputs = complete_ids(model, tokenizer, [ids[k] for k in mine], sampling, batch_size, generator,
+                                   compile, rows=rows)
+            results += [{"id": requests[k]["id"], "adapter": name, "adapter_path": path and str(path),
+                         "prompt": prompt_text(requests[k]), "output": o, "decoding": sampling.describe()}
+                        for k, o in zip(mine, outputs)]
     if out is not None:
         from .io import write_jsonl
 
