@@ -721,7 +721,7 @@ def generate_requests(
     (decoding_cache). `source`: where the requests came from, which an error names with the request's line (a
     request of read_prompts) and id."""
     check_requested_adapters(requests, adapters, source)
-    # every request fits the base before any adapter answers (each adapter's turn would find only its own)
+    # every request fits the base before any adapter answers (checked by turns, a late one would fail after others)
     ids = prompt_ids(model, tokenizer, [prompt_text(r) for r in requests], [request_name(r, source) for r in requests])
     if (lora := lora_among(adapters)) is not None:  # merged for good: it answers every request, applied once
         if getattr(model, "merged_lora", None) != str(peft_files(Path(adapters[lora]))[1]):  # not merged at load
