@@ -619,6 +619,7 @@ def complete_texts(
     images: list[np.ndarray | None] | None = None,
     rows: int | None = None,
     names: list[str] | None = None,
+    ids: list[list[int]] | None = None,
 ) -> list[str]:
     """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate. The
     draws come from `generator` (sampling's seed is its maker's to use: generate_requests draws all its adapters'
@@ -626,26 +627,12 @@ def complete_texts(
     the batch size, on the prompts batched with it or on filler rows. Compiled, every batch decodes `rows` rows
     (default: as many as the first batch has), a smaller one filled up, so that one compilation serves them all.
     A prompt that leaves no position for a new token is refused before any is decoded, named by `names` (where
-    each prompt came from; default: its text alone).
+    each prompt came from; default: its text alone). `ids`: the prompts' token ids where the caller has them
+    already from prompt_ids (checked to fit), so as not to tokenize them again.
 
     Batches hold prompts of like length (batches_by_length), so that consecutive batches often have the same cache
     length and replay one decode step (DecodeGraphs); the texts come back in the prompts' order."""
-    return complete_ids(model, tokenizer, prompt_ids(model, tokenizer, prompts, names), sampling, batch_size,
-                        generator, compile, images, rows)
-
-
-def complete_ids(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    ids: list[list[int]],
-    sampling: Sampling = Sampling(),
-    batch_size: int = InferenceConfig.batch_size,
-    generator: torch.Generator | None = None,
-    compile: bool = CompileConfig.compile,
-    images: list[np.ndarray | None] | None = None,
-    rows: int | None = None,
-) -> list[str]:
-    """complete_texts for prompts already turned into token ids that fit the model (prompt_ids)."""
+    ids = prompt_ids(model, tokenizer, prompts, names) if ids is None else ids
     texts: list[str | None] = [None] * len(ids)
     seeds = draw_seeds(len(ids), generator) if sampling.temperature > 0 else None
     rows = (rows or min(batch_size, len(ids))) if compile else None
@@ -721,7 +708,7 @@ def generate_requests(
     (decoding_cache). `source`: where the requests came from, which an error names with the request's line (a
     request of read_prompts) and id."""
     check_requested_adapters(requests, adapters, source)
-    # every request fits the base before any adapter answers (checked by turns, a late one would fail after others)
+    # every request fits the base before any adapter answers; each adapter's turn decodes from these ids
     ids = prompt_ids(model, tokenizer, [prompt_text(r) for r in requests], [request_name(r, source) for r in requests])
     if (lora := lora_among(adapters)) is not None:  # merged for good: it answers every request, applied once
         if getattr(model, "merged_lora", None) != str(peft_files(Path(adapters[lora]))[1]):  # not merged at load
@@ -742,8 +729,8 @@ def generate_requests(
             if read[name] is not None:
                 put_adapter(model, *read[name])
             mine = [k for k, r in enumerate(requests) if r.get("adapter", name) == name]
-            outputs = complete_ids(model, tokenizer, [ids[k] for k in mine], sampling, batch_size, generator,
-                                   compile, rows=rows)
+            outputs = complete_texts(model, tokenizer, [prompt_text(requests[k]) for k in mine], sampling, batch_size,
+                                     generator, compile, rows=rows, ids=[ids[k] for k in mine])
             results += [{"id": requests[k]["id"], "adapter": name, "adapter_path": path and str(path),
                          "prompt": prompt_text(requests[k]), "output": o, "decoding": sampling.describe()}
                         for k, o in zip(mine, outputs)]
