@@ -513,6 +513,8 @@ def without(scores: dict, *keys: str) -> dict:
     (SCIENCEQA_SCORES | {"chance": [40]}, "chance", "a percentage"),
     (SCIENCEQA_SCORES | {"unparsed": 1.5}, "unparsed", "a count"),
     (SCIENCEQA_SCORES | {"any_format": {"accuracy": "x"}}, "any_format.accuracy", "a percentage"),
+    (SCIENCEQA_SCORES | {"any_format": {"correct": "48", "accuracy": 60.0}}, "any_format.correct", "a count"),
+    (SCIENCEQA_SCORES | {"any_format": {"correct": -48, "accuracy": 60.0}}, "any_format.correct", "a count"),
     (SCIENCEQA_SCORES | {"split": {"x": 1}}, "split", "a string"),
     (SCIENCEQA_SCORES | {"correct": 81}, "correct", "more than n"),
     (SCIENCEQA_SCORES | {"correct_pids": ["1", 2]}, "correct_pids", "a list of distinct question ids"),

@@ -165,6 +165,7 @@ SCORE_FIELDS = {
         ("n", "count", True), ("correct", "count?", False), ("accuracy", "percent?", True),
         ("chance", "percent?", False), ("unparsed", "count?", False),
         ("any_format", "object?", False), ("any_format.accuracy", "percent?", True),
+        ("any_format.correct", "count", False),
         ("categories", "object", True),
         *((f"categories.{c}{key}", kind, required) for c in CATEGORIES
           for key, kind, required in (("", "object", True), (".accuracy", "percent?", True), (".n", "count", True),
