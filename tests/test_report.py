@@ -257,6 +257,19 @@ def test_scienceqa_rows_per_method_with_intervals_and_floor(grid):
     assert len(df) == 3  # one floor row per split, not per run
 
 
+def test_rows_of_one_split_with_other_floors_show_each_floor():
+    """Two rows of one split scored on other questions (other digests) whose floors differ: each floor is a row,
+    naming the rows it is of, not the last read standing for both (the other dropped without a word)."""
+    a = answered(run("a"), range(0, 48))
+    b = answered(run("b", method="lora"), range(0, 30), questions="x" * 64)
+    a.scores["floor"] = {"position": 0, "letter": "A", "correct": 36, "n": 80, "accuracy": 45.0}
+    b.scores["floor"] = {"position": 1, "letter": "B", "correct": 20, "n": 80, "accuracy": 25.0}
+    floors = scienceqa_table([a, b]).query("method == 'floor'")
+    assert list(floors["experiment"]) == ["no model: always (A), the questions of a",
+                                          "no model: always (B), the questions of b"]
+    assert list(floors["accuracy"]) == [45.0, 25.0] and list(floors["split"]) == ["val", "val"]
+
+
 def answered(r: Run, right: range, questions: str = "q" * 64) -> Run:
     """`r` as evaluate scores it now: 80 questions, those numbered in `right` answered right."""
     r.scores |= {"questions_sha256": questions, "correct_pids": sorted(str(i) for i in right), "correct": len(right),

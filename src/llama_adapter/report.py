@@ -575,11 +575,20 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
             row |= {c: category["accuracy"], f"{c}_n": category["n"], f"{c}_ci95_low": low, f"{c}_ci95_high": high,
                     f"{c}_paper": paper.get(c)}
         rows.append(row | r.provenance)
-    floors = {r.scores.get("split"): r.scores["floor"] for r in runs if r.scores.get("floor")}
-    for split, floor in floors.items():
+    # One row per split and floor: rows of one split scored on other questions (another digest) can have another
+    # floor, each shown (naming the rows it is of), not the last one read in place of all.
+    floors: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.scores.get("floor"):
+            floors.setdefault((r.scores.get("split"), json.dumps(r.scores["floor"], sort_keys=True)), []).append(r)
+    for (split, floor), of in floors.items():
+        floor = json.loads(floor)
         low, high = wilson_interval(floor["correct"], floor["n"])
-        rows.append({"experiment": f"no model: always ({floor['letter']})", "method": "floor", "split": split,
-                     "questions": floor["n"], "accuracy": floor["accuracy"], "ci95_low": low, "ci95_high": high})
+        shared = sum(s == split for s, _ in floors) > 1  # the split has other floors: say whose this one is
+        rows.append({"experiment": f"no model: always ({floor['letter']})"
+                                   + (f", the questions of {', '.join(r.name for r in of)}" if shared else ""),
+                     "method": "floor", "split": split, "questions": floor["n"], "accuracy": floor["accuracy"],
+                     "ci95_low": low, "ci95_high": high})
     return with_integer_counts(pd.DataFrame(rows, columns=None if rows else [  # no rows: the columns still
         "experiment", "method", "paper_model", "questions", "accuracy", "ci95_low", "ci95_high", "split",
         "accuracy_paper"]))
