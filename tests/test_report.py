@@ -953,6 +953,20 @@ def test_a_flat_trend_of_no_spread_does_not_rule_out_every_change():
     assert "ruled out" not in verdict, verdict
 
 
+def test_samples_whose_losses_never_change_have_no_spread_whatever_their_values():
+    """The same per-sample losses at every point, of values whose mean over the points is not the value itself in
+    floating point (0.1 + 0.1 + 0.1 != 0.3): each column less its mean left rounding residues of ~1e-17, so the
+    verdict gave a slope of -8e-34 with an interval of width ~4e-33 and said a change of more than 1.39e-33 per
+    adapted layer "is ruled out at 95%"; unchanged samples rule out no small change."""
+    losses = [float(x) for x in np.random.default_rng(0).uniform(0.1, 3.0, 50)]
+    runs = [scored_samples(point(layers, "zero", 5), list(losses)) for layers in (1, 2, 4)]
+    for r in runs:
+        r.dataset = "alpaca"
+    trend, verdict = verdict_of(runs, "adapter_layers", 4)
+    assert trend["trend"] == "none: every sample's slope is the same, no spread to give an interval", trend["slope"]
+    assert "ruled out" not in verdict, verdict
+
+
 def test_the_legend_does_not_say_the_seeds_noise_goes_unmeasured_beside_a_seed_ablation():
     """With a seed axis the report measures how far training again moves a result (its ablation_seed table and
     verdict): the legend said that amount was one 'this report does not measure'."""

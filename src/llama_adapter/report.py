@@ -737,8 +737,11 @@ def paired_trend(x: list[float], outcomes: np.ndarray) -> dict:
     x = np.asarray(x, float)
     weights = (x - x.mean()) / np.sum((x - x.mean()) ** 2)
     # Each column less its mean first: the same slopes, and a column that never changes has a slope of exactly 0
-    # (not a rounding error's, which an interval of no width would call a trend).
-    slopes = weights @ (outcomes - outcomes.mean(axis=0))
+    # (not a rounding error's, which an interval of no width would call a trend). Its mean need not be its value in
+    # floating point (0.1 three times over three is not 0.1): such a column is set to 0 outright.
+    centered = outcomes - outcomes.mean(axis=0)
+    centered[:, np.all(outcomes == outcomes[:1], axis=0)] = 0.0
+    slopes = weights @ centered
     slope, n = float(np.mean(slopes)), slopes.size
     sd = float(np.std(slopes, ddof=1))
     sd = 0.0 if sd <= 1e-12 * abs(slope) else sd  # equal slopes: no spread, not a rounding error's
