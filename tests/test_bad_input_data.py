@@ -165,6 +165,20 @@ def test_malformed_lines_name_the_file_and_line(tmp_path, tok):
                        f"{folder / 'records.jsonl'}, line {line}", needle)
 
 
+def test_a_number_too_long_to_read_names_the_file_and_line(tmp_path):
+    """Python refuses to read an integer of more than 4300 digits with a ValueError that is no JSONDecodeError:
+    it too is the file's fault, named with its line (JSON Lines) or its file (JSON), not Python's bare message."""
+    huge = "1" * 5000
+    folder = records_dir(tmp_path / "in", raw='{"instruction": "a", "input": "", "output": "b"}\n'
+                                              f'{{"instruction": "a", "input": "", "output": "b", "n": {huge}}}\n')
+    one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", folder, "--out", tmp_path / "v"), "validate",
+                   f"{folder / 'records.jsonl'}, line 2: not valid JSON", "4300")
+    (tmp_path / "alpaca.json").write_text(f'[{{"instruction": "a", "input": "", "output": "b", "n": {huge}}}]')
+    one_line_error(cli("fetch", "--dataset", "alpaca", "--source", tmp_path / "alpaca.json", "--out", tmp_path / "a"),
+                   "fetch", f"{tmp_path / 'alpaca.json'}: not valid JSON", "4300")
+    assert not (tmp_path / "v").exists() and not (tmp_path / "a").exists()
+
+
 def test_a_key_given_twice_in_a_json_source_is_an_error_not_a_lost_record(tmp_path):
     """json keeps the last of a repeated key silently: a ScienceQA problem given twice under one pid (the first
     lost, counted nowhere), an Alpaca record with two instructions."""

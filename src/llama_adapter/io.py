@@ -372,7 +372,7 @@ def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: typ
                     f"each key once ({expected})") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected {expected}") from None
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number Python will not read (over 4300 digits)
         raise error(f"{path}: not valid JSON ({e}); expected {expected}") from None
 
 
@@ -409,7 +409,7 @@ def _repeated_key(text: str, key: str, records: bool) -> str:
     place; a value nested too deep to walk is told by its key alone."""
     try:
         keys = _first_repeat(json.loads(text, object_pairs_hook=_Pairs), [])
-    except RecursionError:
+    except (RecursionError, ValueError):  # (a number too long to read, after the repeated key)
         keys = []
     where = [f"record {keys.pop(0)}"] if records and keys and isinstance(keys[0], int) else []
     where += ["at " + "".join(f"[{k!r}]" for k in keys)] if keys else []
@@ -454,7 +454,7 @@ def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file
         except _DuplicateKey as e:
             raise error(f"{path}, line {line_no}{_repeated_key(text, e.args[0], records=False)} appears twice in "
                             "one object; expected each key once") from None
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number too long to read (see read_json)
             raise error(f"{path}, line {line_no}: not valid JSON ({e}); expected one JSON value per line "
                             f"({expected})") from None
     return out
