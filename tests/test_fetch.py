@@ -377,6 +377,20 @@ def test_unreadable_sources_are_named(tmp_path, dataset, name, content, match):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+def test_a_parquet_file_with_damaged_pages_is_named(tmp_path):
+    """A parquet file whose footer reads but whose pages do not fails only as its rows are read (pyarrow raises a
+    bare OSError naming no file): named like one that is no parquet at all, and nothing written."""
+    pq.write_table(pa.table({k: [r[k] for r in ALPACA] for k in ALPACA[0]}), tmp_path / "a.parquet",
+                   compression="NONE")
+    data = bytearray((tmp_path / "a.parquet").read_bytes())
+    data[4:40] = b"\xff" * 36  # the first page's header, just after the leading magic bytes
+    (tmp_path / "a.parquet").write_bytes(bytes(data))
+    with pytest.raises(FetchError, match="cannot be read as a parquet file") as e:
+        fetch("alpaca", str(tmp_path / "a.parquet"), tmp_path / "out")
+    assert str(tmp_path / "a.parquet") in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
+
+
 def test_unknown_folder_layout_and_missing_path(tmp_path):
     (tmp_path / "sqa").mkdir()
     (tmp_path / "sqa" / "problems.json").write_text("{}")  # without pid_splits.json it is no known layout

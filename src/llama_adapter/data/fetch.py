@@ -400,7 +400,15 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
         batches = pq.ParquetFile(path).iter_batches()
     except pyarrow.ArrowException as e:
         raise FetchError(f"{path} is not a parquet file: {e}") from e
-    for batch in batches:
+    while True:
+        # A footer that reads says nothing of the pages: damaged ones fail here, as a bare OSError naming no file.
+        try:
+            batch = next(batches, None)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise FetchError(f"{path} cannot be read as a parquet file ("
+                             f"{' '.join(str(e).split())}); expected an intact parquet file") from e
+        if batch is None:
+            return
         yield from batch.to_pylist()
 
 
