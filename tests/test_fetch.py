@@ -578,3 +578,34 @@ def test_flags_count_only_records_not_dropped_as_invalid(tmp_path):
     fetch("scienceqa", str(tmp_path / "llava.json"), tmp_path / "fetched", policy="skip")
     report = validate("scienceqa", tmp_path / "fetched", tmp_path / "validated", policy="skip")
     assert (report.invalid_records, report.kept, report.flagged) == (1, 1, {})
+
+
+def test_a_pid_given_twice_never_stores_one_records_image_for_the_other(tmp_path):
+    """LLaVA's file may give a pid twice, each with its own picture: both were stored as images/<pid>.png, the second
+    over the first, and validate (policy skip) kept the first record with the second's picture, without a word.
+    The second image is refused instead (policy fail: the fetch stops naming the pid; skip: listed in fetch.json,
+    and validate drops the pid's records as invalid, counted)."""
+    from llama_adapter.data.validate import validate
+    from llama_adapter.errors import ValidationFailed
+
+    (tmp_path / "images" / "7").mkdir(parents=True)
+    (tmp_path / "images" / "8").mkdir(parents=True)
+    (tmp_path / "images" / "7" / "image.png").write_bytes(png_bytes((255, 0, 0)))
+    (tmp_path / "images" / "8" / "image.png").write_bytes(png_bytes((0, 0, 255)))
+
+    def item(question, image):
+        return {"id": "7", "image": image, "conversations": [
+            {"from": "human", "value": f"<image>\n{question}\nA. x\nB. y"}, {"from": "gpt", "value": "A"}]}
+
+    (tmp_path / "llava.json").write_text(json.dumps([item("Which is red?", "7/image.png"),
+                                                     item("Which is blue?", "8/image.png")]))
+    with pytest.raises(FetchError, match="pid 7: image .*images/7.png.* record 0"):
+        fetch("scienceqa", str(tmp_path / "llava.json"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    meta = fetch("scienceqa", str(tmp_path / "llava.json"), tmp_path / "out", policy="skip")
+    assert meta["images"] == 1 and meta["images_refused"]["count"] == 1
+    assert (tmp_path / "out" / "images" / "7.png").read_bytes() == png_bytes((255, 0, 0))
+    with pytest.raises(ValidationFailed, match="no record left to keep") as e:
+        validate("scienceqa", tmp_path / "out", tmp_path / "validated", policy="skip")
+    assert e.value.report.invalid_records == 2 and e.value.report.invalid["image refused by fetch"] == 2
+    assert not (tmp_path / "validated" / "records.jsonl").exists()

@@ -12,7 +12,8 @@ Names inside a source are untrusted: an image name or problem id is resolved ins
 the fetch naming the pid and the path (policy `fail`) or is left out, counted and listed in fetch.json (policy
 `skip`: the record keeps has_image true with no image, and validate drops it as invalid). The same policy
 covers an image that cannot be decoded (truncated, corrupt, not an image), a split file naming pids that the
-problems do not hold, or a pid in two splits.
+problems do not hold, a pid in two splits, or a second image for a pid whose image is already stored (a pid given
+twice, as LLaVA's file may: images/<pid>.png is never overwritten with another record's picture).
 """
 
 from __future__ import annotations
@@ -319,6 +320,7 @@ def _is_inside(root: Path, name: str) -> bool:
 def _write(items: Iterator[Item], folder: Path, refusals: Refusals) -> tuple[int, int, int]:
     """Write records.jsonl (and images/<pid>.png); return (records, images written, images missing)."""
     records = images = missing = 0
+    stored: dict[str, int] = {}  # pid -> the record whose image is stored as images/<pid>.png
     with open(folder / RECORDS, "w", encoding="utf-8") as f:
         for record, image in items:
             if image is not None and not isinstance(image, UnsafePathError):
@@ -326,7 +328,12 @@ def _write(items: Iterator[Item], folder: Path, refusals: Refusals) -> tuple[int
                     file_name(record["pid"])
                 except UnsafePathError as e:
                     image = UnsafePathError(f"cannot be stored: the pid {e}")
-            if isinstance(image, UnsafePathError):
+                else:  # nor replace the image of an earlier record of the same pid (a pid given twice)
+                    if record["pid"] in stored:
+                        image = (f"{image if isinstance(image, Path) else 'embedded in the source'} cannot be stored: "
+                                 f"images/{record['pid']}.png already holds the image of record {stored[record['pid']]}"
+                                 f", of the same pid (record {records} gives it again); expected each pid once")
+            if isinstance(image, str | UnsafePathError):
                 refusals.image(record["pid"], image)
             elif image is not None:
                 png = _as_png(image.read_bytes() if isinstance(image, Path) else image,
@@ -336,6 +343,7 @@ def _write(items: Iterator[Item], folder: Path, refusals: Refusals) -> tuple[int
                 else:
                     (folder / "images" / f"{record['pid']}.png").write_bytes(png)
                     record["image"] = f"images/{record['pid']}.png"
+                    stored[record["pid"]] = records
                     images += 1
             elif record.get("has_image"):
                 missing += 1
