@@ -557,6 +557,22 @@ def test_an_output_inside_the_source_folder_is_refused(tmp_path):
     assert not (src / "fetched").exists()
 
 
+def test_an_output_that_is_or_holds_the_source_is_refused_and_the_source_kept(tmp_path):
+    """fetch() writes its folder whole over --out, and a failed fetch removes it: an --out that is the source's
+    folder, or one above it, replaced the source with the fetched records, or on a failure (an image refused)
+    deleted the user's dataset. The command refuses it before anything runs; fetch() itself now does too."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "alpaca.json").write_text(json.dumps(ALPACA))
+    with pytest.raises(FetchError, match=f"--out {tmp_path / 'a'} is, or holds, the source"):
+        fetch("alpaca", str(tmp_path / "a" / "alpaca.json"), tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "alpaca.json").read_text()) == ALPACA
+    src = original_layout(tmp_path / "top" / "src", {"1": sqa_problem(1, "../../x.png")})
+    for out in (src, tmp_path / "top"):
+        with pytest.raises(FetchError, match="is, or holds, the source"):
+            fetch("scienceqa", str(src), out)
+        assert sorted(p.name for p in src.iterdir()) == ["pid_splits.json", "problems.json"]
+
+
 def test_a_json_source_reads_as_a_json_lines_one_does(tmp_path):
     """A byte-order mark is read past, and a lone surrogate escape is refused naming the file, in a JSON file as
     in a JSON Lines file (it crashed the fetch's write with an error naming nothing)."""
