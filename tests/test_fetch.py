@@ -625,3 +625,20 @@ def test_a_pid_given_twice_never_stores_one_records_image_for_the_other(tmp_path
         validate("scienceqa", tmp_path / "out", tmp_path / "validated", policy="skip")
     assert e.value.report.invalid_records == 2 and e.value.report.invalid["image refused by fetch"] == 2
     assert not (tmp_path / "validated" / "records.jsonl").exists()
+
+
+def test_an_hf_image_cell_that_is_no_image_struct_is_refused_by_pid(tmp_path):
+    """HF's parquet export holds each image as a {bytes, path} struct; a column of another kind (a bare path string,
+    as other exports write) stopped the fetch with an AttributeError traceback. It is refused as an unreadable image
+    is: policy fail names the source and the pid, skip lists it and keeps the record without its image."""
+    (tmp_path / "src").mkdir()
+    pq.write_table(pa.table({"question": ["Q?", "R?"], "choices": [["a", "b"], ["c", "d"]], "answer": [0, 1],
+                             "hint": ["", ""], "image": ["x.png", None]}),
+                   tmp_path / "src" / "train-00000-of-00001.parquet")
+    with pytest.raises(FetchError, match=r"pid train-0: image cell is a str \('x.png'\)"):
+        fetch("scienceqa", str(tmp_path / "src"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    meta = fetch("scienceqa", str(tmp_path / "src"), tmp_path / "out", policy="skip")
+    assert meta["images_refused"]["count"] == 1 and meta["images_refused"]["records"][0]["pid"] == "train-0"
+    assert [(r["pid"], r["has_image"], r["image"]) for r in read_records(tmp_path / "out")] == [
+        ("train-0", True, None), ("train-1", False, None)]

@@ -43,8 +43,8 @@ from .paths import file_name, inside, relative
 
 Row = dict[str, Any]
 # A normalised record and the image to store for it: its bytes, a checked file inside the source, None (no
-# image), or the refusal of an image path that leaves the source.
-Item = tuple[Row, bytes | Path | UnsafePathError | None]
+# image), the refusal of an image path that leaves the source, or why a cell holds no image (a string).
+Item = tuple[Row, bytes | Path | UnsafePathError | str | None]
 Splits = Iterable[tuple[str, Iterable[Row]]]  # (split name, rows), as the hub and its parquet export give
 
 ACCEPTED = {
@@ -329,7 +329,7 @@ def _write(items: Iterator[Item], folder: Path, refusals: Refusals) -> tuple[int
     stored: dict[str, int] = {}  # pid -> the record whose image is stored as images/<pid>.png
     with open(folder / RECORDS, "w", encoding="utf-8") as f:
         for record, image in items:
-            if image is not None and not isinstance(image, UnsafePathError):
+            if image is not None and not isinstance(image, str | UnsafePathError):
                 try:  # the pid names the stored file: it must not lead out of the images folder
                     file_name(record["pid"])
                 except UnsafePathError as e:
@@ -471,10 +471,14 @@ def _scienceqa_splits(splits: Splits, root: Path | None) -> Iterator[Item]:
             yield _scienceqa_record(f"{split}-{i}", split, image is not None, row), _hf_image(image, root)
 
 
-def _hf_image(image: dict | None, root: Path | None) -> bytes | Path | UnsafePathError | None:
-    """An HF image cell's embedded bytes; failing those, its path, read only from inside the local folder."""
+def _hf_image(image: Any, root: Path | None) -> bytes | Path | UnsafePathError | str | None:
+    """An HF image cell's embedded bytes; failing those, its path, read only from inside the local folder. A cell
+    that is no {bytes, path} struct is refused: why, as a string (the fetch policy decides, naming the pid)."""
     if not image:
         return None
+    if not isinstance(image, dict):
+        return (f"cell is a {type(image).__name__} ({image!r:.60}), not an image; expected HF's image struct "
+                "{bytes, path} or null")
     if image.get("bytes"):
         return image["bytes"]
     if not image.get("path"):
