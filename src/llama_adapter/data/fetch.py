@@ -122,13 +122,12 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
     if assign_splits is not None:
         _check_fractions(dataset, assign_splits)
     out_dir = Path(out_dir)
-    local = Path(source.removeprefix("hf:")).expanduser()
+    local = Path(source.removeprefix("hf:")).expanduser()  # a local source's path (an hf: folder's too)
     if not source.startswith(("http://", "https://")) and local.exists() and holds(out_dir, local):
         # the folder is written whole over out_dir, and removed if the fetch fails: the source would go with it
         raise FetchError(f"--out {out_dir} is, or holds, the source {source}, which the fetch reads; writing it would "
                          "replace the source (and a failed fetch would remove it): expected an output folder apart "
                          "from the source")
-    local = Path(source).expanduser()
     if not source.startswith(("hf:", "http://", "https://")) and local.is_dir() and holds(local, out_dir.parent):
         raise FetchError(f"--out {out_dir} lies inside the source folder {source}, whose digest (and a --sha256 pin "
                          "of it) would then change with every fetch's own output; expected an output folder outside "
