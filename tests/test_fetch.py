@@ -571,6 +571,13 @@ def test_an_output_that_is_or_holds_the_source_is_refused_and_the_source_kept(tm
         with pytest.raises(FetchError, match="is, or holds, the source"):
             fetch("scienceqa", str(src), out)
         assert sorted(p.name for p in src.iterdir()) == ["pid_splits.json", "problems.json"]
+    # a hub id that names a local folder is that folder (datasets loads it in place of the hub)
+    with pytest.raises(FetchError, match=re.escape(f"the source hf:{src}, which the fetch reads (the local folder "
+                                                   f"{src}, which `datasets` loads")):
+        fetch("scienceqa", f"hf:{src}", tmp_path / "top")
+    with pytest.raises(FetchError, match=re.escape(f"inside the source folder hf:{src}, whose files `datasets` reads")):
+        fetch("scienceqa", f"hf:{src}", src / "out")
+    assert sorted(p.name for p in src.iterdir()) == ["pid_splits.json", "problems.json"]
 
 
 def test_a_json_source_reads_as_a_json_lines_one_does(tmp_path):
