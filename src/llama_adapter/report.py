@@ -577,12 +577,11 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
         rows.append(row | r.provenance)
     # One row per split and floor: rows of one split scored on other questions (another digest) can have another
     # floor, each shown (naming the rows it is of), not the last one read in place of all.
-    floors: dict[tuple, list[Run]] = {}
+    floors: dict[tuple, tuple[dict, list[Run]]] = {}  # (split, the floor as text) -> (the floor, its runs)
     for r in runs:
-        if r.scores.get("floor"):
-            floors.setdefault((r.scores.get("split"), json.dumps(r.scores["floor"], sort_keys=True)), []).append(r)
-    for (split, floor), of in floors.items():
-        floor = json.loads(floor)
+        if floor := r.scores.get("floor"):
+            floors.setdefault((r.scores.get("split"), json.dumps(floor, sort_keys=True)), (floor, []))[1].append(r)
+    for (split, _), (floor, of) in floors.items():
         low, high = wilson_interval(floor["correct"], floor["n"])
         shared = sum(s == split for s, _ in floors) > 1  # the split has other floors: say whose this one is
         rows.append({"experiment": f"no model: always ({floor['letter']})"

@@ -123,15 +123,15 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
         _check_fractions(dataset, assign_splits)
     out_dir = Path(out_dir)
     local = Path(source.removeprefix("hf:")).expanduser()  # a local source's path (an hf: folder's too)
-    hub = source.startswith("hf:")
-    if not source.startswith(("http://", "https://")) and local.exists() and holds(out_dir, local):
+    hub, remote = source.startswith("hf:"), source.startswith(("http://", "https://"))
+    if not remote and local.exists() and holds(out_dir, local):
         # the folder is written whole over out_dir, and removed if the fetch fails: the source would go with it
         raise FetchError(f"--out {out_dir} is, or holds, the source {source}, which the fetch reads"
                          + (f" (the local folder {local}, which `datasets` loads in place of the hub's dataset of "
                             "that name)" if hub else "")
                          + "; writing it would replace the source (and a failed fetch would remove it): expected an "
                          "output folder apart from the source")
-    if not source.startswith(("http://", "https://")) and local.is_dir() and holds(local, out_dir.parent):
+    if not remote and local.is_dir() and holds(local, out_dir.parent):
         raise FetchError(f"--out {out_dir} lies inside the source folder {source}, "
                          + ("whose files `datasets` reads as the dataset: the next fetch would read this one's output"
                             if hub else "whose digest (and a --sha256 pin of it) would then change with every "
