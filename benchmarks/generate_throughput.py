@@ -29,7 +29,8 @@ the same process) likewise. A compiled int8 row's rate moves by up to 9% from on
 processes share the node-local inductor cache, as jobs on one node do: the first compiles and tunes (unless an
 earlier run left the cache), the others reuse what it compiled. With --fresh-caches each process compiles and tunes
 anew, in empty inductor and Triton caches, as the first job of an experiment on a new node does: the one-row
-products' speed follows what the tuning picks in each (eleventh readings), so this samples that spread.
+products' speed follows what the tuning picks in each (eleventh readings), so this samples that spread (with
+--processes 1 too: one such process, then its summary).
 
 --startup measures starting a job instead: fresh processes, each with an empty node-local inductor cache (as on
 another node), build the model and decode with the compiled step: the first decoded token's time from the
@@ -294,7 +295,7 @@ def main() -> None:
         return startup_job(ns)
     if ns.startup:
         return startup(ns)
-    if ns.processes > 1:
+    if (ns.processes > 1 or ns.fresh_caches) and not ns.json:  # a --json process is one of across_processes'
         return across_processes(ns)
     rows = throughput_table(ns)
     if ns.json:
