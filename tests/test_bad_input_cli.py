@@ -212,13 +212,14 @@ def test_generate_input_paths(w, tmp_path, capsys, what):
     ('{"instruction": "a", "prompt": "b"}\n', 1, "both of 'instruction' and 'prompt'"),
     ('{"id": "x", "instruction": "a"}\n{"id": "x", "instruction": "b"}\n', 2, "id 'x' is also line 1's"),
     ('{"instruction": "a"}\n{"id": 1, "instruction": "b"}\n', 2, "id 1 is also line 1's"),  # (1: line 1's own)
-    ('{"id": NaN, "instruction": "a"}\n', 1, "id nan is a float"),
+    ('{"id": NaN, "instruction": "a"}\n', 1, "line 1, at ['id']: not valid JSON (NaN: JSON has no NaN"),
 ])
 def test_generate_bad_prompt_line_names_file_and_line(w, tmp_path, capsys, content, line, expect):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(content)
     out = tmp_path / "g.jsonl"
-    one_line_error(capsys, *generate_args(w, out, prompts=prompts), names=[f"{prompts}, line {line}:", expect])
+    # (a bad value within the line names its key after the line: "line 1, at ['id']: ...")
+    one_line_error(capsys, *generate_args(w, out, prompts=prompts), names=[f"{prompts}, line {line}", expect])
     assert not out.exists()
 
 

@@ -179,6 +179,49 @@ def test_a_number_too_long_to_read_names_the_file_and_line(tmp_path):
     assert not (tmp_path / "v").exists() and not (tmp_path / "a").exists()
 
 
+def test_a_nan_or_infinity_in_a_source_or_records_file_is_refused_where_it_is(tmp_path):
+    """json reads NaN, Infinity and -Infinity and writes them back as bare words that are no JSON: one in a field
+    that validation does not look at (an extra Alpaca column, a ScienceQA lecture) passed from the source into
+    fetch's and validate's records.jsonl, which other readers then refuse. Now the readers refuse it as invalid
+    JSON and fetch refuses a parquet number JSON cannot hold, each naming the file, the record or line and the
+    key; nothing is written."""
+    from llama_adapter.data.fetch import fetch
+    from llama_adapter.data.validate import validate
+
+    ok = {"instruction": "a", "input": "", "output": "b"}
+    (tmp_path / "alpaca.json").write_text(json.dumps([ok, {**ok, "score": 1.5}]).replace("1.5", "NaN"))
+    with pytest.raises(PipelineError) as e:
+        fetch("alpaca", str(tmp_path / "alpaca.json"), tmp_path / "a")
+    assert str(e.value).startswith(f"{tmp_path / 'alpaca.json'}, record 1, at ['score']: not valid JSON (NaN")
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{**ok, "score": 1.0}, {**ok, "score": float("-inf")}]),
+                   tmp_path / "alpaca.parquet")
+    with pytest.raises(PipelineError) as e:
+        fetch("alpaca", str(tmp_path / "alpaca.parquet"), tmp_path / "a")
+    assert str(e.value).startswith(f"{tmp_path / 'alpaca.parquet'}: record 1, at ['score']: -Infinity is no JSON "
+                                   "number"), str(e.value)
+
+    folder = records_dir(tmp_path / "in", raw=json.dumps(ok) + "\n" + json.dumps({**ok, "m": {"x": [1, 2.5]}})
+                         .replace("2.5", "Infinity") + "\n")
+    with pytest.raises(PipelineError) as e:
+        validate("alpaca", folder, tmp_path / "v")
+    assert str(e.value).startswith(f"{folder / 'records.jsonl'}, line 2, at ['m']['x'][1]: not valid JSON "
+                                   "(Infinity"), str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpaca.json", "alpaca.parquet", "in"]
+
+
+def test_write_jsonl_refuses_a_nan_naming_the_record_and_leaves_no_file(tmp_path):
+    """write_jsonl (validate's records, generate's answers) wrote a NaN as a bare NaN, which is no JSON."""
+    from llama_adapter.io import write_jsonl
+
+    with pytest.raises(PipelineError, match=r"out\.jsonl: record 1, at \['b'\]\[0\]: NaN is no JSON number"):
+        write_jsonl(tmp_path / "out.jsonl", [{"a": 1}, {"b": [float("nan")]}])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_key_given_twice_in_a_json_source_is_an_error_not_a_lost_record(tmp_path):
     """json keeps the last of a repeated key silently: a ScienceQA problem given twice under one pid (the first
     lost, counted nowhere), an Alpaca record with two instructions."""

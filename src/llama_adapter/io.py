@@ -15,6 +15,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -350,20 +351,28 @@ def _read_bytes(path: Path, expected: str, error: type[Exception]) -> bytes:
         raise error(f"{path}: cannot be read ({e.strerror or e}); expected {expected}") from None
 
 
-def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: type[Exception] = DataError) -> Any:
+def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: type[Exception] = DataError,
+              allow_nan: bool = True) -> Any:
     """The value of a JSON file. Any fault is `error` (the caller's kind: DataError, CheckpointError, ...) naming
     the file and what was expected there: missing, a folder, unreadable, not UTF-8, not JSON, a string with a
     lone surrogate (which no UTF-8 file can hold when written again), or an object with a repeated key (json would
     keep the last value silently: a ScienceQA problem given twice, lost uncounted). A leading byte-order mark is
-    read past."""
+    read past. Without `allow_nan`, a NaN, Infinity or -Infinity is not JSON either (_NonFinite): a dataset file
+    must not hold one, as records.jsonl cannot. It is allowed by default because the pipeline's own JSON files hold
+    them by design (scores.json's perplexity is Infinity where exp(loss) overflows, metrics.json's validation loss
+    NaN over no targets), and the report checks those values itself, naming the key."""
     path = Path(path)
     data = _read_bytes(path, expected, error)
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark, as a JSON Lines file's, is read past
-        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys,
+                           **({} if allow_nan else {"parse_constant": _no_constant}))
         if LONE_SURROGATE_ESCAPE.search(text):
             _check_unicode(value)
         return value
+    except _NonFinite as e:
+        raise error(f"{path}{_non_finite_place(text, records=True)}: not valid JSON ({e}); expected {expected}"
+                    ) from None
     except UnicodeEncodeError:
         raise error(f"{path}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair); "
                     f"expected valid Unicode text ({expected})") from None
@@ -411,9 +420,48 @@ def _repeated_key(text: str, key: str, records: bool) -> str:
         keys = _first_repeat(json.loads(text, object_pairs_hook=_Pairs), [])
     except (RecursionError, ValueError):  # (a number too long to read, after the repeated key)
         keys = []
+    return _place(keys or [], records) + f": key {key!r}"
+
+
+def _place(keys: list, records: bool) -> str:
+    """The keys down to a value, for a message: ", record 17, at ['output']" (records: an item of a top-level list
+    is a record, as Alpaca's), ", at ['123']['hint']", or "" (the top level)."""
+    keys = list(keys)
     where = [f"record {keys.pop(0)}"] if records and keys and isinstance(keys[0], int) else []
     where += ["at " + "".join(f"[{k!r}]" for k in keys)] if keys else []
-    return "".join(f", {w}" for w in where) + f": key {key!r}"
+    return "".join(f", {w}" for w in where)
+
+
+class _NonFinite(Exception):
+    """A NaN, Infinity or -Infinity where JSON has none: json reads and writes them by default (as bare words that
+    are no JSON: other readers refuse them), so that one in a source would pass into records.jsonl unseen."""
+
+
+def _no_constant(name: str) -> float:
+    """json's parse_constant hook, called for NaN, Infinity and -Infinity: refuse them."""
+    raise _NonFinite(f"{name}: JSON has no NaN or Infinity, only finite numbers")
+
+
+def _first_non_finite(value: Any, keys: list) -> tuple[list, float] | None:
+    """(the keys down to the first NaN or infinity under `value`, in the order of its text, and that number)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return keys, value
+    inside = (value if isinstance(value, _Pairs) else value.items() if isinstance(value, dict)
+              else enumerate(value) if isinstance(value, list | tuple) else ())
+    for k, v in inside:
+        if (found := _first_non_finite(v, [*keys, k])) is not None:
+            return found
+    return None
+
+
+def _non_finite_place(text: str, records: bool) -> str:
+    """Where in `text` the number _no_constant refused sits (_place), read again keeping every pair, as the hook
+    is told no place; "" where it cannot be read again (nested too deep, a number too long after it)."""
+    try:
+        found = _first_non_finite(json.loads(text, object_pairs_hook=_Pairs), [])
+    except (RecursionError, ValueError):
+        found = None
+    return _place(found[0], records) if found else ""
 
 
 def _first_repeat(value: Any, keys: list) -> list | None:
@@ -431,8 +479,10 @@ def _first_repeat(value: Any, keys: list) -> list | None:
 def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file",
                      error: type[Exception] = DataError) -> list[tuple[int, Any]]:
     """(line number, value) of every non-blank line of a JSON Lines file. Any fault is `error` naming the file
-    (and line): missing, a folder, unreadable, not UTF-8, not JSON, or an object with a repeated key (json would
-    silently keep only the last value). `expected` says what the caller wanted there."""
+    (and line): missing, a folder, unreadable, not UTF-8, not JSON (NaN, Infinity and -Infinity included: every
+    JSON Lines file read here is data, records or requests, which never holds one, unlike read_json's files), or
+    an object with a repeated key (json would silently keep only the last value). `expected` says what the caller
+    wanted there."""
     path = Path(path)
     out = []
     for line_no, data in enumerate(_read_bytes(path, expected, error).split(b"\n"), 1):
@@ -444,10 +494,13 @@ def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file
         if not text.strip():
             continue
         try:
-            value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+            value = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
             if LONE_SURROGATE_ESCAPE.search(text):
                 _check_unicode(value)
             out.append((line_no, value))
+        except _NonFinite as e:
+            raise error(f"{path}, line {line_no}{_non_finite_place(text, records=False)}: not valid JSON ({e}); "
+                        f"expected one JSON value per line ({expected})") from None
         except UnicodeEncodeError:
             raise error(f"{path}, line {line_no}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
                             "escape without its pair); expected valid Unicode text") from None
@@ -466,7 +519,22 @@ def read_jsonl(path: str | os.PathLike, expected: str = "a JSON Lines file",
     return [value for _, value in read_jsonl_lines(path, expected, error)]
 
 
+def json_line(value: Any, where: str, error: type[Exception] = DataError) -> str:
+    """`value` as one line of a JSON Lines file. A NaN or an infinity in it is `error` naming `where` (the file and
+    the record), the keys down to it and the number: json would write it as a bare NaN or Infinity, which is no
+    JSON, and which every reader of ours (read_jsonl_lines) and most others refuse."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError:
+        if (found := _first_non_finite(value, [])) is None:
+            raise
+        keys, number = found
+        raise error(f"{where}{_place(keys, records=False)}: {json.dumps(number)} is no JSON number (JSON has no NaN "
+                    "or Infinity, so a JSON Lines file cannot hold it); expected finite numbers or null") from None
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """`records` as a JSON Lines file, whole or not at all; a record json_line refuses is a DataError naming it."""
     with atomic_path(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for index, r in enumerate(records):
+            f.write(json_line(r, f"{path}: record {index}"))

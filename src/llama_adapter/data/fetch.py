@@ -5,7 +5,8 @@ original problems.json, its HF parquet export, LLaVA's conversation file), and t
 from the machines we run on. Every later stage therefore reads one format only (see `llama_adapter.data`),
 and fetch.json records where the records came from and their digests, so a rerun can tell whether its
 input changed. Contents are not judged here (the validate stage reports on them); only a source that cannot
-be read at all is a `FetchError`.
+be read at all is a `FetchError`, or one holding a value records.jsonl cannot (a NaN or an infinity, which JSON
+has no number for: written, it would be no JSON, and every later reader would refuse the file).
 
 Names inside a source are untrusted: an image name or problem id is resolved inside the source's own folder
 (`data.paths.inside`) before anything is opened, and one that leaves it (absolute, `..`, a symlink out) stops
@@ -22,7 +23,6 @@ import fnmatch
 import hashlib
 import http.client
 import io
-import json
 import os
 import shutil
 import string
@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from ..config import POLICIES, FetchConfig
 from ..errors import FetchError, UnsafePathError
-from ..io import atomic_dir, holds, read_json, read_jsonl, sha256_file, write_json
+from ..io import atomic_dir, holds, json_line, read_json, read_jsonl, sha256_file, write_json
 from . import FETCH_INFO, FORMAT_VERSION, RECORDS, SCIENCEQA_FIELDS, SCIENCEQA_SPLITS, image_read_errors, in_split_order
 from .paths import file_name, inside, relative
 
@@ -215,7 +215,7 @@ def _reassign(records_path: Path, fractions: dict[str, float], seed: int, source
         source_splits[str(row["split"])] = source_splits.get(str(row["split"]), 0) + 1
         row["split"] = split
     with open(records_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        f.writelines(json_line(r, f"{source}: record {index}", FetchError) for index, r in enumerate(rows))
     fractions = {name: fractions[name] for name in in_split_order(fractions)}  # fetch.json's, in the cut's order
     counts = {name: sum(r["split"] == name for r in rows) for name in fractions}
     empty = [name for name, n in counts.items() if not n]
@@ -357,7 +357,9 @@ def _write(items: Iterator[Item], folder: Path, refusals: Refusals) -> tuple[int
                     images += 1
             elif record.get("has_image"):
                 missing += 1
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            # the record's number in the source's order (its pid too, for ScienceQA), as the source is to be fixed
+            pid = f" (pid {record['pid']})" if isinstance(record.get("pid"), str) else ""
+            f.write(json_line(record, f"{refusals.source}: record {records}{pid}", FetchError))
             records += 1
     return records, images, missing
 
@@ -400,7 +402,7 @@ def _read_path(dataset: str, path: Path, refusals: Refusals) -> Iterator[Item]:
 
 
 def _load_json(path: Path, expected: type) -> Any:
-    value = read_json(path, f"a JSON {expected.__name__} (a dataset file)", FetchError)
+    value = read_json(path, f"a JSON {expected.__name__} (a dataset file)", FetchError, allow_nan=False)
     if not isinstance(value, expected):
         raise FetchError(f"{path} holds a JSON {type(value).__name__}, expected a {expected.__name__}")
     return value
