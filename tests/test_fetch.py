@@ -358,6 +358,23 @@ def test_unreachable_url_suggests_a_local_path(tmp_path, http_root):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
 
 
+def test_a_url_whose_file_name_decodes_to_a_nul_byte_is_refused_naming_it(tmp_path, monkeypatch):
+    """A URL whose last segment holds %00 downloaded, then stopped at open() with Python's bare "embedded null
+    byte", naming no URL. It is refused before anything is downloaded, naming the URL; nothing is written."""
+    downloads = []
+
+    def urlopen(url, **kwargs):  # the server's answer, without a server
+        downloads.append(url)
+        return io.BytesIO(json.dumps(ALPACA).encode())
+
+    monkeypatch.setattr(fetch_module.urllib.request, "urlopen", urlopen)
+    url = "http://127.0.0.1:9/alpaca%00.json"
+    with pytest.raises(FetchError) as e:
+        fetch("alpaca", url, tmp_path / "out")
+    assert str(e.value).startswith(f"{url}: its file name 'alpaca\\x00.json' decodes to a NUL byte"), str(e.value)
+    assert downloads == [] and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("dataset,name,content,match", [
     ("alpaca", "a.json", '{"instruction": "x"}', "holds a JSON dict, expected a list"),
     ("alpaca", "a.json", "[{", "a.json: not valid JSON"),

@@ -281,6 +281,9 @@ def _undecoded(ds: Any) -> Any:
 def _download(dataset: str, url: str, scratch: Path) -> Path:
     # Named like the URL's file, so that the readers dispatch on its suffix and their errors name it.
     name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    if "\x00" in name:  # open() would stop on it with a bare "embedded null byte", naming no URL
+        raise FetchError(f"{url}: its file name {name!r} decodes to a NUL byte (%00), which no file name can hold; "
+                         f"expected a URL whose last path segment names the dataset file ({ACCEPTED[dataset]})")
     dest = scratch / (name if name not in ("", ".", "..") else "download")
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as f:
