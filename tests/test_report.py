@@ -533,6 +533,13 @@ def without(scores: dict, *keys: str) -> dict:
     (SCIENCEQA_SCORES | {"correct_pids": ["1", 2]}, "correct_pids", "a list of distinct question ids"),
     (SCIENCEQA_SCORES | {"correct_pids": ["1", "1"]}, "correct_pids", "a list of distinct question ids"),
     (SCIENCEQA_SCORES | {"correct_pids": ["1", "2"]}, "correct_pids", "but correct is 48"),
+    # without correct, the accuracy is held to them (a hand-edited file): 2 of 80 is not 60%, 81 is more than 80
+    (without(SCIENCEQA_SCORES, "correct") | {"correct_pids": ["1", "2"]}, "correct_pids",
+     "names 2 of n 80 questions, 2.50%, but accuracy is 60.0"),
+    (SCIENCEQA_SCORES | {"correct": None, "correct_pids": [str(i) for i in range(47)]}, "correct_pids",
+     "names 47 of n 80 questions, 58.75%, but accuracy is 60.0"),
+    (without(SCIENCEQA_SCORES, "correct") | {"correct_pids": [str(i) for i in range(81)]}, "correct_pids",
+     "names 81 questions, more than n (80)"),
     (SCIENCEQA_SCORES | {"questions_sha256": 7}, "questions_sha256", "a string"),
     (without(SCIENCEQA_SCORES, "categories", "NAT"), "categories.NAT", "missing"),
     (without(SCIENCEQA_SCORES, "accuracy"), "accuracy", "missing"),
@@ -563,7 +570,11 @@ def test_mistyped_scores_are_one_error_naming_the_file_and_key(tmp_path, scores,
     inputs = ReportInputs(experiments=["e"], scores={"e": tmp_path / "scores.json"},
                           tokens={t: tmp_path / "tokens" / t for t in ("scienceqa", "alpaca")})
     for good in (SCIENCEQA_SCORES, ALPACA_SCORES, SCIENCEQA_SCORES | {"accuracy": None, "floor": None},
-                 SCIENCEQA_SCORES | {"sample_losses": [1.0]}):  # a key of the other task's is not read
+                 SCIENCEQA_SCORES | {"sample_losses": [1.0]},  # a key of the other task's is not read
+                 without(SCIENCEQA_SCORES, "correct") | {"correct_pids": [str(i) for i in range(48)]},
+                 # 1 of 3 is 33.333...%, stored rounded
+                 without(SCIENCEQA_SCORES, "correct") | {"n": 3, "accuracy": 33.33, "any_format": None,
+                                                          "correct_pids": ["1"]}):
         (tmp_path / "scores.json").write_text(json.dumps(good))
         assert load_run("e", inputs).scores == good
     (tmp_path / "scores.json").write_text(json.dumps(scores))

@@ -234,6 +234,11 @@ def _with_keys(path: Path, data: dict, keys: tuple[str, ...]) -> dict:
     return data
 
 
+# How far a scores.json accuracy (%) may lie from the share its counts give: evaluate stores it rounded to two
+# decimals (half of 0.01 off at most), so anything further is a count that does not match it.
+ACCURACY_ROUND_OFF = 0.01
+
+
 def _checked_scores(path: Path, scores: dict) -> dict:
     """`scores`, read from `path`, if it holds every field the report reads, each of its kind (SCORE_FIELDS): a
     wrong type or a NaN is one error naming the file and the key, not a traceback (or an error naming no file)
@@ -259,6 +264,17 @@ def _checked_scores(path: Path, scores: dict) -> dict:
     if right is not None and scores.get("correct") is not None and len(right) != scores["correct"]:
         raise InputError(f"{path}: key correct_pids names {len(right)} questions, but correct is {scores['correct']}; "
                          f"expected {expected}")  # the paired test would count other questions than the accuracy
+    if right is not None and scores.get("correct") is None and scores["task"] == "scienceqa":
+        # No count to hold them to (a hand-edited file, correct left out): the accuracy over n is that count, and
+        # the paired test, which reads correct_pids, would otherwise count other questions than the accuracy.
+        n, accuracy = scores["n"], scores["accuracy"]
+        if len(right) > n:
+            raise InputError(f"{path}: key correct_pids names {len(right)} questions, more than n ({n}); expected "
+                             f"{expected}")
+        share = 100 * len(right) / n if n else None
+        if share is not None and accuracy is not None and abs(accuracy - share) > ACCURACY_ROUND_OFF:
+            raise InputError(f"{path}: key correct_pids names {len(right)} of n {n} questions, {share:.2f}%, but "
+                             f"accuracy is {accuracy}; expected {expected}")
     losses = scores.get("sample_losses")
     if scores["task"] == "alpaca" and losses is not None and len(losses) != scores["heldout_samples"]:
         raise InputError(f"{path}: key sample_losses holds {len(losses)} losses, but heldout_samples is "
@@ -270,7 +286,8 @@ def _checked_scores(path: Path, scores: dict) -> dict:
             raise InputError(f"{path}: key {prefix}correct is {counts['correct']}, more than n ({counts['n']}); "
                              f"expected {expected}")
         share = 100 * counts["correct"] / counts["n"] if counts["n"] else None
-        if share is not None and counts.get("accuracy") is not None and abs(counts["accuracy"] - share) > 0.01:
+        accuracy = counts.get("accuracy")
+        if share is not None and accuracy is not None and abs(accuracy - share) > ACCURACY_ROUND_OFF:
             raise InputError(f"{path}: key {prefix}accuracy is {counts['accuracy']}, but {counts['correct']} correct "
                              f"of {counts['n']} is {share:.2f}; expected {expected}")  # its interval would not hold it
     return scores
