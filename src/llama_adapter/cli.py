@@ -587,8 +587,9 @@ def cmd_encode_images(ns: argparse.Namespace) -> None:
 
 
 def cmd_report(ns: argparse.Namespace) -> None:
-    """The paper's tables (CSV, Markdown, LaTeX) and figures (PNG), with report.md, from the files it is given by
-    role: each row's scores, training folder and generations, each dataset's tokenize folder."""
+    """The paper's tables (CSV, Markdown, LaTeX) and figures (PNG and PDF), with report.md, from the files it is
+    given by role: each row's scores, training folder and generations, each dataset's tokenize folder, and the
+    benchmarks' timings (--train-benchmark, --benchmarks)."""
     from .report import ReportInputs, write_report
 
     inputs = ReportInputs(
