@@ -241,6 +241,17 @@ def test_wilson_interval_at_known_values():
     assert wilson_interval(0, 0) == (None, None)
 
 
+def test_wilson_interval_uses_the_exact_95_percent_normal_quantile():
+    """z = 1.959964 (scipy.stats.norm.ppf(0.975)), as scipy's binomtest(...).proportion_ci("wilson") and
+    statsmodels' proportion_confint(method="wilson") use: z = 1.96 gave 0 of 9 an upper bound of 29.92 (the
+    references: 29.9145, 29.91) and 8 of 17 a lower bound of 26.16 (26.1651, 26.17)."""
+    from llama_adapter.report import wilson_interval
+
+    assert wilson_interval(0, 9) == (0.0, 29.91) and wilson_interval(9, 9) == (70.09, 100.0)
+    assert wilson_interval(8, 17) == (26.17, 69.04) and wilson_interval(4, 9) == (18.88, 73.33)
+    assert wilson_interval(0, 1) == (0.0, 79.35) and wilson_interval(1, 1) == (20.65, 100.0)
+
+
 def test_scienceqa_rows_per_method_with_intervals_and_floor(grid):
     zero_shot = run("scienceqa_zero_shot", acc=45.0)
     zero_shot.config = {"base": "b", "method": "zero-shot"}

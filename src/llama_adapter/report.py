@@ -372,7 +372,12 @@ def adapter_parameters(args: ModelArgs, adapter: AdapterArgs) -> int:
     return adapter.adapter_layers * (adapter.adapter_len * args.dim + args.n_heads)
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float] | tuple[None, None]:
+# The normal's 97.5% quantile, 1.959963984540054: the two-sided 95% z. Rounded to 1.96 it moves a Wilson bound by
+# up to 0.01 point at two decimals (0 of 9: 29.92 for 29.91), unlike scipy's and statsmodels' Wilson intervals.
+Z95 = float(scipy.stats.norm.ppf(0.975))
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float] | tuple[None, None]:
     """The 95% Wilson score interval of a binomial proportion, in percent: unlike the normal approximation it
     stays inside [0, 100] and is usable at the small counts of the demo and of single categories."""
     if not n:
