@@ -809,6 +809,24 @@ def test_a_flat_axis_has_no_trend_beyond_noise_and_says_what_it_rules_out():
     assert not trend["monotone"] and "Not monotone" in verdict and "beyond this noise" not in verdict
 
 
+def test_equal_accuracies_whose_questions_trade_places_have_a_slope_of_exactly_0():
+    """Accuracies of 50, 50 and 50 over 1, 2 and 4 layers, 40 questions right at each point but not the same 40:
+    the questions' slopes cancel, and their mean in floating point was a rounding error's, 3.55e-16 or 7.1e-16 by
+    the order of the questions, shown as "accuracy +3.55e-16 points per adapted layer". The slope is 0; the
+    interval, from the questions' spread, is not."""
+    from llama_adapter.report import paired_trend
+
+    runs = layer_axis({1: range(0, 40), 2: range(10, 50), 4: range(20, 60)})
+    trend, verdict = verdict_of(runs, "adapter_layers", 4)
+    _, low, high = independent_trend([1, 2, 4], [[100 * y for y in row] for row in right_or_not(runs)])
+    assert trend["slope"] == 0.0 and (trend["ci95_low"], trend["ci95_high"]) == (pytest.approx(low),
+                                                                                  pytest.approx(high))
+    assert f"(accuracy 0 points per adapted layer, 95% [{low:.3g}, {high:.3g}]" in verdict, verdict
+    outcomes = np.zeros((3, 80))
+    outcomes[0, :40], outcomes[1, 10:50], outcomes[2, 20:60] = 100, 100, 100
+    assert paired_trend([0.3, 0.7, 1.9], outcomes)["slope"] == 0.0  # -1.4e-15 before
+
+
 def test_an_alpaca_axis_trends_its_held_out_loss_per_sample():
     """On Alpaca the outcome is each held-out sample's loss (its token mean, as the sign test reads it); a sample
     without targets has none at any point and is left out."""
