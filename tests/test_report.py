@@ -804,9 +804,24 @@ def test_a_flat_axis_has_no_trend_beyond_noise_and_says_what_it_rules_out():
     assert (trend["ci95_low"], trend["ci95_high"]) == (pytest.approx(low), pytest.approx(high))
     assert verdict.startswith(f"No trend beyond noise: the interval holds 0 (accuracy {slope:+.3g} points per "
                               f"adapted layer, 95% [{low:.3g}, {high:.3g}]")
-    assert f"a rise of more than {high:.3g} points or a fall of more than {-low:.3g} points per adapted layer is " \
-           "ruled out at 95%" in verdict
+    # The interval's ends, 0.48293 and -5.48293, rounded away from 0 to three digits: a fall of 5.481 lies in the
+    # interval, so "a fall of more than 5.48" (rounded to the nearest) is not ruled out; 5.49 is.
+    assert (round(high, 3), round(low, 3)) == (0.483, -5.483)
+    assert "a rise of more than 0.483 points or a fall of more than 5.49 points per adapted layer is ruled out at " \
+           "95%" in verdict
     assert not trend["monotone"] and "Not monotone" in verdict and "beyond this noise" not in verdict
+
+
+def test_the_change_said_ruled_out_lies_outside_the_interval():
+    """The bounds of "a rise of more than X or a fall of more than Y ... is ruled out at 95%" are the interval's
+    ends rounded away from 0 (three significant digits): rounded to the nearest, an end of 4.7318 read "more than
+    4.73", and a rise of 4.731, inside the interval, was said to be ruled out."""
+    from llama_adapter.report import _bound
+
+    assert [_bound(v) for v in (4.7318, 4.73, 9.9949, 0.0, 1e-9, 123456.7, 0.000123456)] == [
+        "4.74", "4.73", "10", "0", "1e-09", "1.24e+05", "0.000124"]
+    for v in np.random.default_rng(0).lognormal(0, 3, 2000):
+        assert float(_bound(v)) >= v and float(_bound(v)) <= v * 1.011  # one unit of the third digit at most
 
 
 def test_equal_accuracies_whose_questions_trade_places_have_a_slope_of_exactly_0():

@@ -21,6 +21,7 @@ as CSV, Markdown and LaTeX; the whole report folder is written at once or not at
 from __future__ import annotations
 
 import collections
+import decimal
 import json
 import math
 import warnings
@@ -830,6 +831,17 @@ def _number(v: float, sign: str = "") -> str:
     return "0" if float(text) == 0 else text
 
 
+def _bound(v: float) -> str:
+    """A change an interval rules out, in a sentence: `v` (>= 0, an end of the interval) to three significant
+    digits rounded up, so that what is said to be ruled out lies outside the interval (its end 4.7318 as 4.74: "a
+    rise of more than 4.73" would claim to rule out 4.731, which the interval holds); 0 as 0."""
+    text = _number(v)
+    if float(text) < v:  # rounded down: one unit of the third digit up (9.99 + 0.01 = 10)
+        shown = decimal.Decimal(text)
+        text = _number(float(shown + decimal.Decimal(1).scaleb(shown.adjusted() - 2)))
+    return text
+
+
 def trend_slope_text(trend: pd.Series) -> str:
     """A paired linear trend's slope with its interval, in its unit: "+13.9 points per adapted layer, 95% [10.1,
     17.7]" (accuracy), "-0.1 per epoch, 95% [...]" (held-out loss)."""
@@ -872,7 +884,7 @@ def trend_sentence(trend: pd.Series, values: list) -> str:
         text = f"{name.capitalize()} {'rises' if low > 0 else 'falls'} with {axis} beyond this noise: {line} ({over})."
     else:
         text = (f"No trend beyond noise: the interval holds 0 ({name} {line}, {over}); a rise of more than "
-                f"{_number(high)}{points} or a fall of more than {_number(-low)}{points} per {per} is ruled out at "
+                f"{_bound(high)}{points} or a fall of more than {_bound(-low)}{points} per {per} is ruled out at "
                 "95%.")
     if not trend["monotone"]:
         text += (f" Not monotone: the {name} turns along {axis}, which a line summarises only roughly (whether the "
