@@ -1,6 +1,7 @@
 """Checkpoint formats: Meta shards, HF safetensors (sharded), GGUF, adapters; and the errors on bad files."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from llama_adapter.checkpoint import (
     load_model,
     read_adapter,
     save_adapter,
+    save_full,
     save_meta_checkpoint,
 )
 from llama_adapter.config import AdapterArgs, ModelArgs
@@ -617,3 +619,53 @@ def test_meta_checkpoint_is_byte_identical(tmp_path):
     a, b = (tmp_path / d / "consolidated.00.pth" for d in "ab")
     assert a.read_bytes() == b.read_bytes()
     assert_same_logits(m, load_base(tmp_path / "b"))
+
+
+# ---------------------------------------------------------------- from an audit of checkpoint loading (types)
+
+
+def edited_json(folder, name, **changes):
+    config = json.loads((folder / name).read_text())
+    (folder / name).write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("hidden_size", 64.0, "a positive integer"),  # was a TypeError traceback from torch.empty
+    ("num_hidden_layers", 4.0, "a positive integer"),
+    ("vocab_size", True, "a positive integer"),
+    ("num_key_value_heads", 0, "a positive integer"),  # was 'integer modulo by zero'
+    ("rope_theta", "10000", "a positive finite number"),  # was taken as float('10000')
+    ("rms_norm_eps", -1e-5, "a positive finite number"),  # was accepted
+    ("max_position_embeddings", "2048", "a positive integer"),  # was accepted, a string
+    ("tie_word_embeddings", "false", "true or false"),  # bool('false') is True
+])
+def test_a_hf_config_value_of_the_wrong_type_names_its_key(tmp_path, key, value, expected):
+    save_full(random_model("tiny"), tmp_path / "hf", base_model="tiny")
+    edited_json(tmp_path / "hf", "config.json", **{key: value})
+    with pytest.raises(CheckpointError, match=rf"hf/config.json: {key} {re.escape(repr(value))}: expected {expected}"):
+        load_base(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("key, value", [("dim", 64.0), ("rope_theta", "1e4"), ("tie_embeddings", "no")])
+def test_a_params_json_value_of_the_wrong_type_names_its_key(tmp_path, key, value):
+    save_meta_checkpoint(random_model("tiny"), tmp_path)
+    edited_json(tmp_path, "params.json", **{key: value})
+    with pytest.raises(CheckpointError, match=rf"params.json: {key} {re.escape(repr(value))}: expected"):
+        load_base(tmp_path)
+
+
+def test_an_adapter_header_of_a_fractional_length_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    m = random_model("tiny", AdapterArgs(adapter_len=3, adapter_layers=2))
+    save_meta_checkpoint(m, tmp_path)
+    save_adapter(m, tmp_path / "a.safetensors", base_model="tiny")
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    header["adapter_args"] = json.dumps({"adapter_len": 3.0, "adapter_layers": 2})
+    save_file(tensors, tmp_path / "b.safetensors", metadata=header)
+    with pytest.raises(CheckpointError, match=r"b.safetensors: damaged adapter header \(adapter_len 3.0: expected a "
+                                              "positive integer"):
+        load_model(tmp_path, tmp_path / "b.safetensors")

@@ -287,10 +287,19 @@ def hf_model_args(config: dict, source: str) -> ModelArgs:
     try:
         args = hf_args(config, rope_theta)
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{source}: {e}") from None
+        field, _, rest = str(e).partition(" ")  # ModelArgs names its own field: the key of config.json instead
+        typed = field in HF_KEYS and ": expected" in rest
+        raise CheckpointError(f"{source}: {HF_KEYS[field]} {rest}" if typed else f"{source}: {e}") from None
     if head_dim is not None and head_dim != args.head_dim:
         raise CheckpointError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
     return args
+
+
+# The config.json key of each ModelArgs field hf_args fills from one.
+HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size",
+           "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta", "max_seq_len": "max_position_embeddings",
+           "tie_embeddings": "tie_word_embeddings"}
 
 
 def hf_args(config: dict, rope_theta) -> ModelArgs:
@@ -304,8 +313,7 @@ def hf_args(config: dict, rope_theta) -> ModelArgs:
         dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
         n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
         hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta), max_seq_len=positions,
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope_theta=rope_theta, max_seq_len=positions, tie_embeddings=config.get("tie_word_embeddings", False),
     )
 
 
@@ -447,7 +455,8 @@ def _gguf_checkpoint(path: Path, reader, field) -> tuple[ModelArgs, dict[str, Te
     args = ModelArgs(
         dim=dim, n_layers=field("llama.block_count"), n_heads=n_heads,
         n_kv_heads=field("llama.attention.head_count_kv", n_heads),
-        vocab_size=state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else 0,
+        # without token_embd (check_state names it missing), the output's rows, else any size
+        vocab_size=next((state[k].shape[0] for k in ("tok_embeddings.weight", "output.weight") if k in state), 1),
         hidden_dim=field("llama.feed_forward_length"),
         norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
         rope_theta=float(field("llama.rope.freq_base", 10000.0)),

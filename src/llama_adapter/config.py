@@ -5,8 +5,31 @@ module imports neither torch nor anything that does."""
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+
+def _check_types(obj: Any, ints: tuple[str, ...], reals: tuple[str, ...] = (), bools: tuple[str, ...] = (),
+                 optional: tuple[str, ...] = ()) -> None:
+    """Each named field of a frozen dataclass, read from a file (params.json, config.json, a GGUF, a header), of its
+    type: positive integers (not booleans, not 2.0), positive finite numbers, true/false; a field in `optional` may be
+    None. A JSON "10000" or 4096.0 would otherwise be taken as it is and fail far from its file, or worse (the
+    string "false" is true)."""
+    for name in ints + reals + bools:
+        value = getattr(obj, name)
+        if value is None and name in optional:
+            continue
+        if name in ints:
+            ok, expected = isinstance(value, Integral) and not isinstance(value, bool) and value >= 1, \
+                "a positive integer"
+        elif name in reals:
+            ok, expected = (isinstance(value, Real) and not isinstance(value, bool)
+                            and 0 < value < float("inf")), "a positive finite number"
+        else:
+            ok, expected = value is True or value is False, "true or false"
+        if not ok:
+            raise ValueError(f"{name} {value!r}: expected {expected}")
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -39,6 +62,9 @@ class ModelArgs:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self, ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "hidden_dim",
+                            "max_seq_len"), ("ffn_dim_multiplier", "norm_eps", "rope_theta"), ("tie_embeddings",),
+                     optional=("n_kv_heads", "ffn_dim_multiplier", "hidden_dim"))
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.hidden_dim is None:
@@ -136,6 +162,9 @@ class AdapterArgs:
     visual_hidden: int = 128
 
     def __post_init__(self) -> None:
+        _check_types(self, ("adapter_len", "adapter_layers", "visual_hidden"))
+        if type(self.visual_dim) is not int:
+            raise ValueError(f"visual_dim {self.visual_dim!r}: expected an integer, 0 for none")
         if self.adapter_len < 1 or self.adapter_layers < 1:
             raise ValueError(f"adapter_len and adapter_layers must be >= 1, got {self}")
         if self.gate_init not in GATE_INITS:
