@@ -669,3 +669,12 @@ def test_an_adapter_header_of_a_fractional_length_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"b.safetensors: damaged adapter header \(adapter_len 3.0: expected a "
                                               "positive integer"):
         load_model(tmp_path, tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("key, value", [("rope_scaling", [1.0]), ("rope_parameters", "default")])
+def test_rope_settings_that_are_no_object_are_a_checkpoint_error(tmp_path, key, value):
+    """An AttributeError ('list' object has no attribute 'get') before."""
+    save_full(random_model("tiny"), tmp_path / "hf", base_model="tiny")
+    edited_json(tmp_path / "hf", "config.json", **{key: value})
+    with pytest.raises(CheckpointError, match=rf"hf/config.json: {key} {re.escape(repr(value))}; expected a JSON obj"):
+        load_base(tmp_path / "hf")

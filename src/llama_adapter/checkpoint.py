@@ -275,6 +275,9 @@ def hf_model_args(config: dict, source: str) -> ModelArgs:
         raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r} is not LLaMA's silu")
     # transformers >= 5 keeps RoPE settings in rope_parameters, older versions in rope_theta/rope_scaling.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+        raise CheckpointError(f"{source}: {key} {rope!r}; expected a JSON object (its rope_type, rope_theta, ...)")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(f"{source}: RoPE type {rope_type!r} ({rope}) is not supported, only plain RoPE")
