@@ -678,3 +678,31 @@ def test_rope_settings_that_are_no_object_are_a_checkpoint_error(tmp_path, key, 
     edited_json(tmp_path / "hf", "config.json", **{key: value})
     with pytest.raises(CheckpointError, match=rf"hf/config.json: {key} {re.escape(repr(value))}; expected a JSON obj"):
         load_base(tmp_path / "hf")
+
+
+def integer_query(s):
+    s["adapter_query.weight"] = (s["adapter_query.weight"] * 100).long()
+
+
+def boolean_gate(s):
+    s["layers.3.attention.gate"] = s["layers.3.attention.gate"] != 0
+
+
+def a_gate_of_two_heads(s):
+    s["layers.3.attention.gate"] = torch.zeros(1, 2, 1, 1)
+
+
+@pytest.mark.parametrize("change, message", [
+    (integer_query, r"not floating point: adapter_query.weight: torch.int64"),  # was cast to float silently
+    (boolean_gate, r"not floating point: layers.3.attention.gate: torch.bool"),
+    (lambda s: s.update(extra=torch.zeros(1)), r"unexpected tensors \['extra'\]"),  # was dropped unread
+    (a_gate_of_two_heads, r"layers.N.attention.gate of shapes \[\(1, 2, 1, 1\), \(1, 4, 1, 1\)\]"),  # torch.stack's
+])
+def test_a_damaged_original_release_is_named_not_cast_or_dropped(tmp_path, change, message):
+    adapter = AdapterArgs(adapter_len=3, adapter_layers=2)
+    release_pth(random_model("tiny", adapter), tmp_path / "release.pth")
+    state = torch.load(tmp_path / "release.pth", weights_only=True)
+    change(state)
+    torch.save(state, tmp_path / "release.pth")
+    with pytest.raises(CheckpointError, match=rf"release.pth: {message}"):
+        apply_adapter(random_model("tiny"), tmp_path / "release.pth", adapter)

@@ -667,6 +667,19 @@ def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> di
         found = f"layers {min(gates)}..{max(gates)} ({len(gates)} of them)" if gates else "none"
         raise CheckpointError(f"{path}: gates of {found}; expected one for each of the base's {n_layers} layers "
                               "(an adapter released for a model of another depth?)")
+    # Nothing else is in a release (its extraction kept the adapter_query and the gates): another tensor would be
+    # dropped unread, and an integer one cast silently.
+    unexpected = sorted(set(state) - {"adapter_query.weight"} - {f"layers.{i}.attention.gate" for i in gates})
+    not_float = sorted(f"{k}: {t.dtype}" for k, t in state.items() if not t.is_floating_point())
+    if unexpected or not_float:
+        raise CheckpointError(f"{path}: {'unexpected tensors ' + str(unexpected[:10]) if unexpected else ''}"
+                              f"{'; ' if unexpected and not_float else ''}"
+                              f"{'not floating point: ' + ', '.join(not_float[:10]) if not_float else ''}; "
+                              "expected only the release's adapter_query.weight and layers.N.attention.gate, floats")
+    shapes = {tuple(g.shape) for g in gates.values()}
+    if len(shapes) > 1:
+        raise CheckpointError(f"{path}: layers.N.attention.gate of shapes {sorted(shapes)}; expected one shape, "
+                              "(1, n_heads, 1, 1), for every layer")
     unused = [i for i, g in gates.items() if i < top.start and g.abs().max() > 0]
     if unused:
         raise CheckpointError(f"{path}: non-zero gates in layers {unused}, below the top {adapter.adapter_layers}")
