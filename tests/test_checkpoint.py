@@ -706,3 +706,17 @@ def test_a_damaged_original_release_is_named_not_cast_or_dropped(tmp_path, chang
     torch.save(state, tmp_path / "release.pth")
     with pytest.raises(CheckpointError, match=rf"release.pth: {message}"):
         apply_adapter(random_model("tiny"), tmp_path / "release.pth", adapter)
+
+
+@pytest.mark.parametrize("key, value", [("alpha_pattern", {"q_proj": 64}), ("rank_pattern", {"v_proj": 4})])
+def test_a_peft_lora_of_per_module_alpha_or_rank_is_refused(tmp_path, key, value):
+    """PEFT's alpha_pattern gives a module an alpha of its own, which the merge ignored (alpha / r of the config for
+    every module: silently wrong weights)."""
+    from llama_adapter.config import LoRAArgs
+    from llama_adapter.lora import LORA_WEIGHTS, add_lora, save_lora
+
+    save_meta_checkpoint(random_model("tiny"), tmp_path / "base")
+    save_lora(add_lora(random_model("tiny"), LoRAArgs(rank=2)), tmp_path / "lora", base_model="tiny")
+    edited_json(tmp_path / "lora", "adapter_config.json", **{key: value})
+    with pytest.raises(CheckpointError, match=rf"adapter_config.json: {key}={re.escape(repr(value))} is not supported"):
+        load_model(tmp_path / "base", tmp_path / "lora" / LORA_WEIGHTS)

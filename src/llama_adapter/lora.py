@@ -167,11 +167,15 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, st
     trained with PEFT on the Hugging Face LLaMA of the same base."""
     config_path = path.parent / PEFT_CONFIG
     config = read_config(config_path)
-    expected = "a PEFT LoRA (peft_type LORA, bias none, no DoRA or rsLoRA, target_modules among q/k/v/o/gate/up/down)"
+    expected = ("a PEFT LoRA (peft_type LORA, bias none, no DoRA or rsLoRA, one rank and alpha for every module, "
+                "target_modules among q/k/v/o/gate/up/down)")
     problems = [f"{k}={config.get(k)!r}" for k, want in (("peft_type", "LORA"), ("bias", "none"),
                                                         ("use_dora", False), ("use_rslora", False),
                                                         ("fan_in_fan_out", False))
                 if config.get(k, want) != want]
+    # PEFT's per-module rank and alpha: one LoRAArgs holds one of each, and a module of another alpha would be merged
+    # with the common alpha / r, silently wrong (another rank would at least mis-shape its tensors).
+    problems += [f"{k}={config[k]!r}" for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
     if problems:
         raise CheckpointError(f"{config_path}: {', '.join(problems)} is not supported; expected {expected}")
     to_meta = {v.split(".")[1]: k for k, v in HF_MODULES.items()}
