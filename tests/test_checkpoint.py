@@ -720,3 +720,12 @@ def test_a_peft_lora_of_per_module_alpha_or_rank_is_refused(tmp_path, key, value
     edited_json(tmp_path / "lora", "adapter_config.json", **{key: value})
     with pytest.raises(CheckpointError, match=rf"adapter_config.json: {key}={re.escape(repr(value))} is not supported"):
         load_model(tmp_path / "base", tmp_path / "lora" / LORA_WEIGHTS)
+
+
+@pytest.mark.parametrize("window", ["4096", 0])
+def test_a_sliding_window_of_the_wrong_type_names_its_key(tmp_path, window):
+    """'<' not supported between instances of 'str' and 'int' before, naming no key."""
+    save_full(random_model("tiny"), tmp_path / "hf", base_model="tiny")
+    edited_json(tmp_path / "hf", "config.json", sliding_window=window)
+    with pytest.raises(CheckpointError, match=rf"hf/config.json: sliding_window {window!r}: expected a positive int"):
+        load_base(tmp_path / "hf")

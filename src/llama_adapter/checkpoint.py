@@ -291,7 +291,7 @@ def hf_model_args(config: dict, source: str) -> ModelArgs:
         args = hf_args(config, rope_theta)
     except (TypeError, ValueError, ZeroDivisionError) as e:
         field, _, rest = str(e).partition(" ")  # ModelArgs names its own field: the key of config.json instead
-        typed = field in HF_KEYS and ": expected" in rest
+        typed = field in HF_KEYS and ": expected" in rest  # sliding_window names itself already
         raise CheckpointError(f"{source}: {HF_KEYS[field]} {rest}" if typed else f"{source}: {e}") from None
     if head_dim is not None and head_dim != args.head_dim:
         raise CheckpointError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
@@ -310,8 +310,10 @@ def hf_args(config: dict, rope_theta) -> ModelArgs:
     # Up to W tokens that is full causal attention, which this model computes: its positions stop there, and
     # generation and training refuse to go past them.
     positions = config.get("max_position_embeddings", 2048)
-    if config.get("sliding_window") is not None:
-        positions = min(positions, config["sliding_window"])
+    if (window := config.get("sliding_window")) is not None:
+        if type(window) is not int or window < 1:
+            raise ValueError(f"sliding_window {window!r}: expected a positive integer (or null: none)")
+        positions = min(positions, window) if type(positions) is int else positions  # ModelArgs names a bad one
     return ModelArgs(
         dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
         n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
