@@ -655,6 +655,23 @@ def test_a_params_json_value_of_the_wrong_type_names_its_key(tmp_path, key, valu
         load_base(tmp_path)
 
 
+def test_a_config_read_from_a_file_keeps_pythons_number_types(tmp_path):
+    """A JSON 10000 for rope_theta and a GGUF's numpy integers are stored as float and int: the same base read
+    from another format is then the same ModelArgs, and its JSON (an adapter's header) the same text."""
+    import numpy as np
+
+    save_full(random_model("tiny"), tmp_path / "hf", base_model="tiny")
+    as_saved = load_base(tmp_path / "hf").args
+    edited_json(tmp_path / "hf", "config.json", rope_theta=10000)
+    args = load_base(tmp_path / "hf").args
+    assert type(args.rope_theta) is float and args == as_saved and json.dumps(args.__dict__) == json.dumps(
+        as_saved.__dict__)
+    counts = ModelArgs(dim=np.uint32(64), n_layers=np.int64(4), n_heads=4, vocab_size=256, multiple_of=16,
+                       max_seq_len=256, norm_eps=np.float32(1e-5))
+    assert all(type(getattr(counts, k)) is int for k in ("dim", "n_layers", "hidden_dim"))
+    assert type(counts.norm_eps) is float and json.dumps(counts.__dict__)
+
+
 def test_an_adapter_header_of_a_fractional_length_is_refused(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file

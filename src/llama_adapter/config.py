@@ -15,7 +15,8 @@ def _check_types(obj: Any, ints: tuple[str, ...], reals: tuple[str, ...] = (), b
     """Each named field of a frozen dataclass, read from a file (params.json, config.json, a GGUF, a header), of its
     type: positive integers (not booleans, not 2.0), positive finite numbers, true/false; a field in `optional` may be
     None. A JSON "10000" or 4096.0 would otherwise be taken as it is and fail far from its file, or worse (the
-    string "false" is true)."""
+    string "false" is true). Numbers are stored as Python's int and float (a JSON 10000 as rope_theta 10000.0, a
+    GGUF's numpy integers as ints), so that equal configs are equal in their JSON too."""
     for name in ints + reals + bools:
         value = getattr(obj, name)
         if value is None and name in optional:
@@ -30,6 +31,8 @@ def _check_types(obj: Any, ints: tuple[str, ...], reals: tuple[str, ...] = (), b
             ok, expected = value is True or value is False, "true or false"
         if not ok:
             raise ValueError(f"{name} {value!r}: expected {expected}")
+        if name not in bools:
+            object.__setattr__(obj, name, int(value) if name in ints else float(value))
 
 
 def find_multiple(n: int, k: int) -> int:
