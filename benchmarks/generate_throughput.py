@@ -280,7 +280,7 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="run the table in this many fresh processes and sum them up (median and range; see above)")
     p.add_argument("--fresh-caches", action="store_true",
-                   help="with --processes: each process in empty inductor and Triton caches (see above)")
+                   help="each process (one too) in empty inductor and Triton caches (see above)")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one --processes process: its rows
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --startup job
     p.add_argument("--compile-cache", help=argparse.SUPPRESS)

@@ -213,6 +213,25 @@ def test_a_nan_or_infinity_in_a_source_or_records_file_is_refused_where_it_is(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alpaca.json", "alpaca.parquet", "in"]
 
 
+def test_a_number_beyond_the_floats_is_refused_where_it_is_written(tmp_path):
+    """1e400 is a JSON number that Python reads as infinity without calling parse_constant: it passed the readers
+    and was refused only when validate wrote its records, naming its own temporary file."""
+    from llama_adapter.data.validate import validate
+    from llama_adapter.io import read_json
+
+    ok = {"instruction": "a", "input": "", "output": "b"}
+    folder = records_dir(tmp_path / "in", raw=json.dumps(ok) + "\n" + json.dumps({**ok, "m": 2.5}).replace(
+        "2.5", "1e400") + "\n")
+    with pytest.raises(PipelineError) as e:
+        validate("alpaca", folder, tmp_path / "v")
+    assert str(e.value).startswith(f"{folder / 'records.jsonl'}, line 2, at ['m']: not valid JSON (1e400: beyond "
+                                   "the largest float"), str(e.value)
+    (tmp_path / "a.json").write_text('[{"x": -1e999}]')
+    with pytest.raises(PipelineError, match=r"a\.json, record 0, at \['x'\]: not valid JSON \(-1e999"):
+        read_json(tmp_path / "a.json", allow_nan=False)
+    assert read_json(tmp_path / "a.json") == [{"x": float("-inf")}]  # the pipeline's own files may hold one
+
+
 def test_write_jsonl_refuses_a_nan_naming_the_record_and_leaves_no_file(tmp_path):
     """write_jsonl (validate's records, generate's answers) wrote a NaN as a bare NaN, which is no JSON."""
     from llama_adapter.io import write_jsonl

@@ -655,6 +655,34 @@ def test_a_params_json_value_of_the_wrong_type_names_its_key(tmp_path, key, valu
         load_base(tmp_path)
 
 
+def test_config_values_transformers_and_meta_releases_write_load_or_name_their_key(tmp_path):
+    """Found by a review of the type checks: tie_word_embeddings null (transformers' own default: not tied) was
+    refused; a rope_theta beyond the floats was an OverflowError traceback; a rope_theta inside rope_parameters was
+    named as a top-level key the file does not have; a Meta release's vocab_size -1 was blamed where the output
+    weight was missing."""
+    save_full(random_model("tiny"), tmp_path / "hf", base_model="tiny")
+    edited_json(tmp_path / "hf", "config.json", tie_word_embeddings=None)
+    assert load_base(tmp_path / "hf").args.tie_embeddings is False
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.pop("rope_theta", None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "rope_parameters": {
+        "rope_type": "default", "rope_theta": "5e5"}}))
+    with pytest.raises(CheckpointError, match=r"config.json: rope_parameters.rope_theta '5e5': expected a positive"):
+        load_base(tmp_path / "hf")
+    save_meta_checkpoint(random_model("tiny"), tmp_path / "meta")
+    edited_json(tmp_path / "meta", "params.json", rope_theta=10 ** 400)
+    with pytest.raises(CheckpointError, match=r"params.json: rope_theta 1000+: expected a positive finite number"):
+        load_base(tmp_path / "meta")
+    edited_json(tmp_path / "meta", "params.json", rope_theta=10000.0, vocab_size=-1)
+    shard = tmp_path / "meta" / "consolidated.00.pth"
+    state = torch.load(shard)
+    del state["output.weight"]
+    torch.save(state, shard)
+    with pytest.raises(CheckpointError, match="output.weight") as e:
+        load_base(tmp_path / "meta")
+    assert "vocab_size" not in str(e.value)
+
+
 def test_a_config_read_from_a_file_keeps_pythons_number_types(tmp_path):
     """A JSON 10000 for rope_theta and a GGUF's numpy integers are stored as float and int: the same base read
     from another format is then the same ModelArgs, and its JSON (an adapter's header) the same text."""

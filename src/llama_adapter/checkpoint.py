@@ -174,7 +174,10 @@ def read_meta_checkpoint(path: Path) -> tuple[ModelArgs, list[dict[str, Tensor]]
         if set(s) != set(shards[0]):
             diff = sorted(set(s) ^ set(shards[0]))
             raise CheckpointError(f"{p}: holds other tensor names than {shard_paths[0].name}: {diff[:10]}")
-    vocab = sum(s["output.weight"].shape[0] for s in shards) if "output.weight" in shards[0] else -1
+    # params.json's vocab_size -1 (LLaMA-1/2) leaves it to the weights: the output's rows over the shards, or the
+    # embedding's rows (those releases split it by columns) where the output is missing (check_state names it)
+    vocab = (sum(s["output.weight"].shape[0] for s in shards) if "output.weight" in shards[0]
+             else shards[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in shards[0] else -1)
     return meta_model_args(read_config(path / "params.json"), str(path / "params.json"), vocab), shards
 
 
@@ -282,6 +285,8 @@ def hf_model_args(config: dict, source: str) -> ModelArgs:
     if rope_type != "default":
         raise CheckpointError(f"{source}: RoPE type {rope_type!r} ({rope}) is not supported, only plain RoPE")
     rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    rope_key = ("rope_theta" if "rope_theta" in config or "rope_theta" not in rope
+                else f"{'rope_parameters' if config.get('rope_parameters') else 'rope_scaling'}.rope_theta")
     head_dim = config.get("head_dim")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                            "intermediate_size") if k not in config]
@@ -292,7 +297,8 @@ def hf_model_args(config: dict, source: str) -> ModelArgs:
     except (TypeError, ValueError, ZeroDivisionError) as e:
         field, _, rest = str(e).partition(" ")  # ModelArgs names its own field: the key of config.json instead
         typed = field in HF_KEYS and ": expected" in rest  # sliding_window names itself already
-        raise CheckpointError(f"{source}: {HF_KEYS[field]} {rest}" if typed else f"{source}: {e}") from None
+        key = rope_key if field == "rope_theta" else HF_KEYS.get(field)
+        raise CheckpointError(f"{source}: {key} {rest}" if typed else f"{source}: {e}") from None
     if head_dim is not None and head_dim != args.head_dim:
         raise CheckpointError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
     return args
@@ -318,7 +324,9 @@ def hf_args(config: dict, rope_theta) -> ModelArgs:
         dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
         n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
         hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=rope_theta, max_seq_len=positions, tie_embeddings=config.get("tie_word_embeddings", False),
+        rope_theta=rope_theta, max_seq_len=positions,
+        # null is transformers' default too: not tied, as an absent key
+        tie_embeddings=False if config.get("tie_word_embeddings") is None else config["tie_word_embeddings"],
     )
 
 

@@ -25,8 +25,11 @@ def _check_types(obj: Any, ints: tuple[str, ...], reals: tuple[str, ...] = (), b
             ok, expected = isinstance(value, Integral) and not isinstance(value, bool) and value >= 1, \
                 "a positive integer"
         elif name in reals:
-            ok, expected = (isinstance(value, Real) and not isinstance(value, bool)
-                            and 0 < value < float("inf")), "a positive finite number"
+            try:  # (an integer beyond the floats, 10**400, is no finite number either)
+                ok = isinstance(value, Real) and not isinstance(value, bool) and 0 < float(value) < float("inf")
+            except OverflowError:
+                ok = False
+            expected = "a positive finite number"
         else:
             ok, expected = value is True or value is False, "true or false"
         if not ok:

@@ -366,7 +366,7 @@ def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: typ
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark, as a JSON Lines file's, is read past
         value = json.loads(text, object_pairs_hook=_no_duplicate_keys,
-                           **({} if allow_nan else {"parse_constant": _no_constant}))
+                           **({} if allow_nan else FINITE_ONLY))
         if LONE_SURROGATE_ESCAPE.search(text):
             _check_unicode(value)
         return value
@@ -442,6 +442,18 @@ def _no_constant(name: str) -> float:
     raise _NonFinite(f"{name}: JSON has no NaN or Infinity, only finite numbers")
 
 
+def _finite_float(text: str) -> float:
+    """json's parse_float hook: a number beyond the floats (1e400) would be read as infinity, unseen."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(f"{text}: beyond the largest float (read as infinity); expected finite numbers")
+    return value
+
+
+# The json.loads hooks that refuse a NaN or an infinity, written or reached (_NonFinite).
+FINITE_ONLY = {"parse_constant": _no_constant, "parse_float": _finite_float}
+
+
 def _first_non_finite(value: Any, keys: list) -> tuple[list, float] | None:
     """(the keys down to the first NaN or infinity under `value`, in the order of its text, and that number)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -494,7 +506,7 @@ def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file
         if not text.strip():
             continue
         try:
-            value = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+            value = json.loads(text, object_pairs_hook=_no_duplicate_keys, **FINITE_ONLY)
             if LONE_SURROGATE_ESCAPE.search(text):
                 _check_unicode(value)
             out.append((line_no, value))
