@@ -357,10 +357,10 @@ def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: typ
     the file and what was expected there: missing, a folder, unreadable, not UTF-8, not JSON, a string with a
     lone surrogate (which no UTF-8 file can hold when written again), or an object with a repeated key (json would
     keep the last value silently: a ScienceQA problem given twice, lost uncounted). A leading byte-order mark is
-    read past. Without `allow_nan`, a NaN, Infinity or -Infinity is not JSON either (_NonFinite): a dataset file
-    must not hold one, as records.jsonl cannot. It is allowed by default because the pipeline's own JSON files hold
-    them by design (scores.json's perplexity is Infinity where exp(loss) overflows, metrics.json's validation loss
-    NaN over no targets), and the report checks those values itself, naming the key."""
+    read past. Without `allow_nan`, a NaN, Infinity, -Infinity or a number beyond the floats is not JSON either: a
+    dataset file must not hold one, as records.jsonl cannot. It is allowed by default because the pipeline's own
+    JSON files hold them by design (scores.json's perplexity is Infinity where exp(loss) overflows, metrics.json's
+    validation loss NaN over no targets), and the report checks those values itself, naming the key."""
     path = Path(path)
     data = _read_bytes(path, expected, error)
     try:
@@ -467,8 +467,8 @@ def _first_non_finite(value: Any, keys: list) -> tuple[list, float] | None:
 
 
 def _non_finite_place(text: str, records: bool) -> str:
-    """Where in `text` the number _no_constant refused sits (_place), read again keeping every pair, as the hook
-    is told no place; "" where it cannot be read again (nested too deep, a number too long after it)."""
+    """Where in `text` the number FINITE_ONLY's hooks refused sits (_place), read again keeping every pair, as a
+    hook is told no place; "" where it cannot be read again (nested too deep, a number too long after it)."""
     try:
         found = _first_non_finite(json.loads(text, object_pairs_hook=_Pairs), [])
     except (RecursionError, ValueError):
@@ -491,10 +491,10 @@ def _first_repeat(value: Any, keys: list) -> list | None:
 def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file",
                      error: type[Exception] = DataError) -> list[tuple[int, Any]]:
     """(line number, value) of every non-blank line of a JSON Lines file. Any fault is `error` naming the file
-    (and line): missing, a folder, unreadable, not UTF-8, not JSON (NaN, Infinity and -Infinity included: every
-    JSON Lines file read here is data, records or requests, which never holds one, unlike read_json's files), or
-    an object with a repeated key (json would silently keep only the last value). `expected` says what the caller
-    wanted there."""
+    (and line): missing, a folder, unreadable, not UTF-8, not JSON (NaN, Infinity, -Infinity and numbers beyond
+    the floats included: every JSON Lines file read here is data, records or requests, which never holds one,
+    unlike read_json's files), or an object with a repeated key (json would silently keep only the last value).
+    `expected` says what the caller wanted there."""
     path = Path(path)
     out = []
     for line_no, data in enumerate(_read_bytes(path, expected, error).split(b"\n"), 1):
