@@ -277,16 +277,16 @@ def hf_model_args(config: dict, source: str) -> ModelArgs:
     if config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r} is not LLaMA's silu")
     # transformers >= 5 keeps RoPE settings in rope_parameters, older versions in rope_theta/rope_scaling.
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_source = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+    rope = config.get(rope_source) or {}
     if not isinstance(rope, dict):
-        key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
-        raise CheckpointError(f"{source}: {key} {rope!r}; expected a JSON object (its rope_type, rope_theta, ...)")
+        raise CheckpointError(f"{source}: {rope_source} {rope!r}; expected a JSON object (its rope_type, rope_theta, "
+                              "...)")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(f"{source}: RoPE type {rope_type!r} ({rope}) is not supported, only plain RoPE")
     rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
-    rope_key = ("rope_theta" if "rope_theta" in config or "rope_theta" not in rope
-                else f"{'rope_parameters' if config.get('rope_parameters') else 'rope_scaling'}.rope_theta")
+    rope_key = "rope_theta" if "rope_theta" in config or "rope_theta" not in rope else f"{rope_source}.rope_theta"
     head_dim = config.get("head_dim")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                            "intermediate_size") if k not in config]
@@ -681,11 +681,11 @@ def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> di
     # dropped unread, and an integer one cast silently.
     unexpected = sorted(set(state) - {"adapter_query.weight"} - {f"layers.{i}.attention.gate" for i in gates})
     not_float = sorted(f"{k}: {t.dtype}" for k, t in state.items() if not t.is_floating_point())
-    if unexpected or not_float:
-        raise CheckpointError(f"{path}: {'unexpected tensors ' + str(unexpected[:10]) if unexpected else ''}"
-                              f"{'; ' if unexpected and not_float else ''}"
-                              f"{'not floating point: ' + ', '.join(not_float[:10]) if not_float else ''}; "
-                              "expected only the release's adapter_query.weight and layers.N.attention.gate, floats")
+    problems = ([f"unexpected tensors {unexpected[:10]}"] if unexpected else []) + (
+        [f"not floating point: {', '.join(not_float[:10])}"] if not_float else [])
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)}; expected only the release's adapter_query.weight and "
+                              "layers.N.attention.gate, floats")
     shapes = {tuple(g.shape) for g in gates.values()}
     if len(shapes) > 1:
         raise CheckpointError(f"{path}: layers.N.attention.gate of shapes {sorted(shapes)}; expected one shape, "

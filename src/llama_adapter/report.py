@@ -240,6 +240,12 @@ def _with_keys(path: Path, data: dict, keys: tuple[str, ...]) -> dict:
 ACCURACY_ROUND_OFF = 0.01
 
 
+def _share_off(correct: int, n: int, accuracy: float | None) -> float | None:
+    """correct of n in percent, where a stored `accuracy` lies further from it than its round-off; else None."""
+    share = 100 * correct / n if n else None
+    return share if share is not None and accuracy is not None and abs(accuracy - share) > ACCURACY_ROUND_OFF else None
+
+
 def _checked_scores(path: Path, scores: dict) -> dict:
     """`scores`, read from `path`, if it holds every field the report reads, each of its kind (SCORE_FIELDS): a
     wrong type or a NaN is one error naming the file and the key, not a traceback (or an error naming no file)
@@ -272,8 +278,7 @@ def _checked_scores(path: Path, scores: dict) -> dict:
         if len(right) > n:
             raise InputError(f"{path}: key correct_pids names {len(right)} questions, more than n ({n}); expected "
                              f"{expected}")
-        share = 100 * len(right) / n if n else None
-        if share is not None and accuracy is not None and abs(accuracy - share) > ACCURACY_ROUND_OFF:
+        if (share := _share_off(len(right), n, accuracy)) is not None:
             raise InputError(f"{path}: key correct_pids names {len(right)} of n {n} questions, {share:.2f}%, but "
                              f"accuracy is {accuracy}; expected {expected}")
     losses = scores.get("sample_losses")
@@ -286,9 +291,7 @@ def _checked_scores(path: Path, scores: dict) -> dict:
         if counts["correct"] > counts["n"]:  # else an interval of a proportion above 1
             raise InputError(f"{path}: key {prefix}correct is {counts['correct']}, more than n ({counts['n']}); "
                              f"expected {expected}")
-        share = 100 * counts["correct"] / counts["n"] if counts["n"] else None
-        accuracy = counts.get("accuracy")
-        if share is not None and accuracy is not None and abs(accuracy - share) > ACCURACY_ROUND_OFF:
+        if (share := _share_off(counts["correct"], counts["n"], counts.get("accuracy"))) is not None:
             raise InputError(f"{path}: key {prefix}accuracy is {counts['accuracy']}, but {counts['correct']} correct "
                              f"of {counts['n']} is {share:.2f}; expected {expected}")  # its interval would not hold it
     return scores
