@@ -10,6 +10,7 @@ from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.checkpoint import (
     CheckpointError,
     apply_adapter,
+    checkpoint_format,
     load_base,
     load_model,
     read_adapter,
@@ -74,6 +75,46 @@ def test_meta_save_over_more_shards_leaves_only_its_own(tmp_path):
     save_meta_checkpoint(m, tmp_path, n_shards=1)
     assert sorted(p.name for p in tmp_path.glob("consolidated.*.pth")) == ["consolidated.00.pth"]
     assert_same_logits(m, load_base(tmp_path))
+
+
+def test_meta_files_not_named_as_a_shard_are_no_shards(tmp_path):
+    """A glob on consolidated.*.pth took a backup (consolidated.01.pth.bak.pth) or consolidated.final.pth for a
+    model-parallel rank: the load merged it as one, and a save deleted it as a stale rank. Only
+    consolidated.<two or more digits>.pth is a shard; other files are left alone."""
+    m = random_model("tiny")
+    save_meta_checkpoint(m, tmp_path, n_shards=2)
+    strays = ["consolidated.01.pth.bak.pth", "consolidated.final.pth", "consolidated.1.pth"]
+    for name in strays:
+        (tmp_path / name).write_bytes((tmp_path / "consolidated.01.pth").read_bytes())
+    assert_same_logits(m, load_base(tmp_path))
+    save_meta_checkpoint(m, tmp_path, n_shards=1)
+    assert all((tmp_path / name).exists() for name in strays)
+    assert_same_logits(m, load_base(tmp_path))
+
+
+def test_meta_shards_with_a_rank_missing_or_doubled_are_named(tmp_path):
+    """Ranks 00 and 05 (01 to 04 lost) were merged as a checkpoint of two ranks: loaded where their shapes fit, else
+    refused on the tensors' shapes with no word of the lost files. The folder and the missing ranks are named
+    instead, as is a rank in two files."""
+    save_meta_checkpoint(random_model("tiny"), tmp_path, n_shards=2)
+    (tmp_path / "consolidated.01.pth").rename(tmp_path / "consolidated.05.pth")
+    expected = f"{tmp_path}: expected one consolidated.NN.pth for each model-parallel rank 00 to "
+    with pytest.raises(CheckpointError, match=re.escape(expected + "05: missing ranks: 01, 02, 03, 04")):
+        load_base(tmp_path)
+    (tmp_path / "consolidated.05.pth").rename(tmp_path / "consolidated.01.pth")
+    (tmp_path / "consolidated.001.pth").write_bytes((tmp_path / "consolidated.01.pth").read_bytes())
+    with pytest.raises(CheckpointError, match=re.escape(expected + "01: ranks in more than one file: 01")):
+        load_base(tmp_path)
+
+
+def test_a_hf_folder_with_a_stray_consolidated_file_is_hf(tmp_path):
+    """params.json beside config.json is Meta's layout only where a shard lies beside it: a stray
+    consolidated.final.pth made the folder Meta's, read for shards it does not have."""
+    for name in ("config.json", "params.json", "consolidated.final.pth"):
+        (tmp_path / name).write_text("{}")
+    assert checkpoint_format(tmp_path) == "hf"
+    (tmp_path / "consolidated.00.pth").write_text("{}")
+    assert checkpoint_format(tmp_path) == "meta"
 
 
 def test_shards_that_disagree_name_their_folder(tmp_path):

@@ -95,6 +95,11 @@ def read_config(path: Path) -> dict:
 # ---------------------------------------------------------------- checks
 
 
+def listed(items: list[str], limit: int = 20) -> str:
+    """The first `limit` items, comma-separated, and ' ...' where there are more: an error stays readable."""
+    return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+
+
 def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], source: str,
                 origin: dict[str, str] | None = None) -> None:
     """Raise one error listing every missing, unexpected, mis-shaped and not floating-point tensor.
@@ -116,7 +121,7 @@ def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], sourc
     # Weights are floating point: an integer or boolean tensor (a damaged or foreign file) would be cast silently.
     not_float = sorted(f"{k}: {state[k].dtype}{where(k)}"
                        for k in set(expected) & set(state) if not state[k].is_floating_point())
-    problems = [f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
+    problems = [f"{label} ({len(items)}): {listed(items)}"
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
                                      ("not floating point", not_float))
                 if items]
@@ -160,9 +165,31 @@ def merge_shards(name: str, shards: list[Tensor], shape: torch.Size) -> Tensor:
     raise CheckpointError(f"{name}: shards of shape {[tuple(s.shape) for s in shards]} do not form {tuple(shape)}")
 
 
+# Meta's model-parallel shard: consolidated.<rank>.pth, the rank written with two digits (more past 99). The one
+# definition of a shard for reading, writing and recognising the layout: a glob on consolidated.*.pth also takes a
+# stray consolidated.01.pth.bak.pth or consolidated.final.pth, which are no shards.
+META_SHARD = re.compile(r"consolidated\.(\d{2,})\.pth")
+
+
+def meta_shards(path: Path) -> list[tuple[int, Path]]:
+    """(rank, file) of each Meta shard in the folder `path`, by rank; other files are left out."""
+    return sorted((int(m[1]), p) for p in path.iterdir() if (m := META_SHARD.fullmatch(p.name)))
+
+
 def read_meta_checkpoint(path: Path) -> tuple[ModelArgs, list[dict[str, Tensor]]]:
     """params.json and the per-rank shards, still unmerged (merging needs the model's shapes)."""
-    shard_paths = sorted(path.glob("consolidated.*.pth"))
+    shards = meta_shards(path)
+    ranks = [r for r, _ in shards]
+    shard_paths = [p for _, p in shards]
+    # Shards are merged in rank order, so a lost or doubled rank would misplace the others: ranks 00 to N-1, each once.
+    if ranks != list(range(len(ranks))):
+        missing = [f"{r:02d}" for r in range(ranks[-1]) if r not in ranks]
+        repeated = [f"{r:02d}" for r in sorted({r for r in ranks if ranks.count(r) > 1})]
+        problems = [f"{label}: {listed(items)}"
+                    for label, items in (("missing ranks", missing), ("ranks in more than one file", repeated))
+                    if items]
+        raise CheckpointError(f"{path}: expected one consolidated.NN.pth for each model-parallel rank 00 to "
+                              f"{ranks[-1]:02d}: {'; '.join(problems)}")
     if not shard_paths and (path / FULL_WEIGHTS).is_file():  # a full fine-tune of a Meta-layout base (save_full)
         shard_paths = [path / FULL_WEIGHTS]
     if not shard_paths:
@@ -206,7 +233,7 @@ def save_meta_checkpoint(model: Transformer, path: Path, n_shards: int = 1) -> N
         with atomic_path(path / f"consolidated.{r:02d}.pth") as tmp, open(tmp, "wb") as f:
             torch.save(shard, f)
     written = {f"consolidated.{r:02d}.pth" for r in range(n_shards)}
-    for stale in path.glob("consolidated.*.pth"):  # an earlier save's other ranks
+    for _, stale in meta_shards(path):  # an earlier save's other ranks
         if stale.name not in written:
             stale.unlink()
     with atomic_path(path / "params.json") as tmp:
@@ -490,7 +517,7 @@ def checkpoint_format(path: Path) -> str:
     # Mistral's repositories hold Hugging Face's layout beside a params.json of their own (and weights not ours to
     # read): params.json means Meta's layout where consolidated.NN.pth lie beside it, or no config.json does.
     if path.is_dir() and (path / "params.json").exists() and (
-            any(path.glob("consolidated.*.pth")) or not (path / "config.json").exists()):
+            any(meta_shards(path)) or not (path / "config.json").exists()):
         return "meta"
     if path.is_dir() and (path / "config.json").exists():
         return "hf"
