@@ -517,6 +517,36 @@ def test_an_adapter_onto_a_base_of_other_norm_eps_or_rope_theta_is_refused(tmp_p
         load_model(tmp_path / "other", tmp_path / "a.safetensors")
 
 
+@pytest.mark.parametrize("value", ["abc", [10000.0], None, True, float("nan"), 10**400, "left out"],
+                         ids=["string", "list", "null", "true", "nan", "10**400", "left-out"])
+@pytest.mark.parametrize("key", ["rope_theta", "norm_eps"])
+def test_an_adapter_header_base_args_number_that_is_no_number_is_refused(tmp_path, key, value):
+    """base_args' norm_eps and rope_theta are compared only as numbers: "abc", a list, null or true was skipped and
+    the adapter loaded onto any base (NaN was called another base, 10**400 an OverflowError). Each is refused as a
+    damaged header naming the file and key; a header without the key is still compared on its shapes alone."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    m = random_model("tiny", AdapterArgs(adapter_len=3, adapter_layers=2))
+    save_meta_checkpoint(m, tmp_path / "base")
+    save_adapter(m, tmp_path / "a.safetensors", base_model="tiny")
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        header = f.metadata()
+    base_args = json.loads(header["base_args"])
+    if value == "left out":
+        del base_args[key]
+    else:
+        base_args[key] = value
+    save_file(load_file(tmp_path / "a.safetensors"), tmp_path / "a.safetensors",
+              metadata={**header, "base_args": json.dumps(base_args)})
+    if value == "left out":
+        load_model(tmp_path / "base", tmp_path / "a.safetensors")
+    else:
+        with pytest.raises(CheckpointError, match=rf"a.safetensors: damaged adapter header: base_args {key} .*; "
+                                                  "expected a positive finite number"):
+            load_model(tmp_path / "base", tmp_path / "a.safetensors")
+
+
 def test_a_pth_in_torch_legacy_format_loads(tmp_path):
     """torch.save's pre-1.6 (non-zip) format cannot be memory-mapped; such a file was called truncated or corrupted.
     It is read without mmap instead, still weights_only."""

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .adapter import AdaptedTransformer
-from .config import FULL_WEIGHTS, PEFT_CONFIG, WEIGHTS, AdapterArgs, ModelArgs, is_original_release
+from .config import FULL_WEIGHTS, PEFT_CONFIG, WEIGHTS, AdapterArgs, ModelArgs, is_original_release, is_positive_finite
 from .data.paths import is_file_name
 from .errors import CheckpointError
 from .io import atomic_path, read_json_object, save_safetensors
@@ -636,10 +636,16 @@ NUMERIC_ARGS = ("norm_eps", "rope_theta")
 def check_trained_on(path: Path, header: dict[str, str], args: ModelArgs, kind: str) -> None:
     """A file whose header names the base it was trained on (`base_args`) fits a model of `args`."""
     trained_on = json.loads(header["base_args"])
+    # A numeric arg the header leaves out is not compared (only the shapes are); one it holds is the base's, a
+    # positive finite number as ModelArgs holds it: another value ("abc", null, a list) is a damaged header, not a
+    # base to skip the comparison for.
+    for k in NUMERIC_ARGS:
+        if k in trained_on and not is_positive_finite(trained_on[k]):
+            raise CheckpointError(f"{path}: damaged {kind} header: base_args {k} {trained_on[k]!r}; expected a "
+                                  f"positive finite number (the {k} of the base it was trained on)")
     diff = {k: (trained_on.get(k), getattr(args, k)) for k in STRUCTURAL_ARGS if trained_on.get(k) != getattr(args, k)}
     diff |= {k: (trained_on[k], getattr(args, k)) for k in NUMERIC_ARGS
-             if isinstance(trained_on.get(k), int | float) and not math.isclose(trained_on[k], getattr(args, k),
-                                                                                 rel_tol=1e-4)}
+             if k in trained_on and not math.isclose(trained_on[k], getattr(args, k), rel_tol=1e-4)}
     if diff:
         raise CheckpointError(f"{path}: trained on base {header.get('base_model')!r}, which differs from this base "
                               f"in {{arg: ({kind}'s base, this base)}}: {diff}")

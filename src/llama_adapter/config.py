@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 
+def is_positive_finite(value: Any) -> bool:
+    """Whether `value` is a positive finite number: not a boolean (JSON's true is no number), and not an integer
+    beyond the floats (10**400), which float() cannot hold."""
+    try:
+        return isinstance(value, Real) and not isinstance(value, bool) and 0 < float(value) < float("inf")
+    except OverflowError:
+        return False
+
+
 def _check_types(obj: Any, ints: tuple[str, ...], reals: tuple[str, ...] = (), bools: tuple[str, ...] = (),
                  optional: tuple[str, ...] = ()) -> None:
     """Each named field of a frozen dataclass, read from a file (params.json, config.json, a GGUF, a header), of its
@@ -25,11 +34,7 @@ def _check_types(obj: Any, ints: tuple[str, ...], reals: tuple[str, ...] = (), b
             ok, expected = isinstance(value, Integral) and not isinstance(value, bool) and value >= 1, \
                 "a positive integer"
         elif name in reals:
-            try:  # (an integer beyond the floats, 10**400, is no finite number either)
-                ok = isinstance(value, Real) and not isinstance(value, bool) and 0 < float(value) < float("inf")
-            except OverflowError:
-                ok = False
-            expected = "a positive finite number"
+            ok, expected = is_positive_finite(value), "a positive finite number"
         else:
             ok, expected = value is True or value is False, "true or false"
         if not ok:
