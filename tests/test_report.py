@@ -356,6 +356,39 @@ def test_a_p_is_shown_on_its_side_of_005_and_as_a_bound_beyond_floats():
     assert rows[0][1] == "0.05 \\\\"  # not a p: three digits as every other cell
 
 
+def test_every_accuracy_has_two_decimals_below_1_too():
+    """cell showed a number below 1 with three significant digits, meant for the small numbers of other columns (a
+    loss, a slope): an accuracy of 0.5% read 0.5 in the Markdown and LaTeX tables and the verdicts, and 0.0 read 0,
+    beside 39.84. Every accuracy, its interval, the paper's and chance's, has two decimals; other numbers keep
+    theirs (the trends table's interval is a slope's, 0.0412 stays)."""
+    from llama_adapter.report import ablation_verdict, readable_markdown, trends_table
+
+    low = run("scienceqa_zero_shot", acc=0.5)
+    low.scores["n"] = 400
+    low.scores["categories"] = {**CATEGORY_ACC, "NAT": {"accuracy": 0.25, "n": 400, "correct": 1}}
+    df = scienceqa_table([run("scienceqa", acc=39.84), low])
+    main = readable_markdown(df).split("\n\n")[0].splitlines()
+    header = main[0].strip("| ").split(" | ")
+    row = dict(zip(header, main[3].strip("| ").split(" | ")))
+    assert (row["accuracy"], row["ci95_low"], row["ci95_high"]) == ("0.50", "0.14", "1.80"), row
+    assert "| 0.25 [0.04, 1.40] (n=400) |" in readable_markdown(df)
+    tex = [line.removesuffix(r" \\").split(" & ") for line in to_latex(df, "c").splitlines() if " & " in line]
+    row = dict(zip(tex[0], tex[2]))
+    assert (row["accuracy"], row["NAT"], row["chance"]) == ("0.50", "0.25", "40.00"), row
+
+    runs = []
+    for layers, accuracy in {1: 0.0, 2: 0.5, 4: 100.0}.items():  # no answers one by one: the intervals speak
+        r = point(layers, "zero", 5)
+        r.scores |= {"n": 400, "accuracy": accuracy}
+        runs.append(r)
+    table = ablation_table(runs, "adapter_layers", 4)
+    verdict = ablation_verdict(table, trends_table({"adapter_layers": runs}).iloc[0], 4)
+    assert "intervals only: 0.00 [0.00, 0.95] against 100.00 [99.05, 100.00]" in verdict, verdict
+    assert "intervals only: 0.50 [0.14, 1.80] against" in verdict, verdict
+    trend = pd.DataFrame({"axis": ["epochs"], "slope": [0.0123], "ci95_low": [0.0412], "ci95_high": [0.5]})
+    assert to_markdown(trend).splitlines()[2] == "| epochs | 0.0123 | 0.0412 | 0.5 |"
+
+
 def test_tables_without_rows_keep_their_columns():
     for df in (scienceqa_table([]), instruction_table([])):
         assert "experiment" in df.columns and r"\begin{tabular}{}" not in to_latex(df, "c")

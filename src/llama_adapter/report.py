@@ -26,6 +26,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field, replace
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -932,7 +933,7 @@ def paired_sentence(table: pd.DataFrame, axis: str, center: Any) -> str:
             if questions:
                 words = (("higher" if row["only_this_right"] > row["only_paired_right"] else "lower")
                          + " beyond chance") if beyond else "no difference this data shows"
-                paired.append(f"{label}: {cell(row['accuracy'])}, p = {p_cell(p)}, {words}")
+                paired.append(f"{label}: {cell(row['accuracy'], True)}, p = {p_cell(p)}, {words}")
             else:
                 words = (("lower" if row["lower_loss_here"] > row["lower_loss_paired"] else "higher")
                          + " loss beyond chance") if beyond else "no difference this data shows"
@@ -949,7 +950,7 @@ def paired_sentence(table: pd.DataFrame, axis: str, center: Any) -> str:
             unpaired.append(f"{label} is {UNPAIRED_POINT}: no paired test and no interval to read, so no verdict")
     text = ""
     if paired:
-        at = f"{point_label(axis, center)}: {cell(ref['accuracy'])}" if questions else point_label(axis, center)
+        at = f"{point_label(axis, center)}: {cell(ref['accuracy'], True)}" if questions else point_label(axis, center)
         text = (f"Against the center ({at}), {'question' if questions else 'sample'} by "
                 f"{'question' if questions else 'sample'}: {'; '.join(paired)}.")
         if len(paired) > 1:
@@ -1016,22 +1017,43 @@ def jobs_table(benchmarks: Path | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).sort_values("seconds", ascending=False, ignore_index=True)
 
 
-def cell(v: Any) -> str:
+# The columns that hold accuracies (percentages, which scores.json and the intervals round to two decimals), by
+# name in every table; ci95_low and ci95_high only beside an accuracy (accuracy_columns): the trends table's bound
+# a slope.
+ACCURACY_COLUMNS = {"accuracy", "accuracy_paper", "chance", "accuracy_any_format", "any_format_ci95_low",
+                    "any_format_ci95_high",
+                    *(f"{c}{suffix}" for c in CATEGORIES for suffix in ("", "_ci95_low", "_ci95_high", "_paper"))}
+
+
+def accuracy_columns(df: pd.DataFrame) -> set[str]:
+    """The columns of `df` whose cells are accuracies (cell's `accuracy`)."""
+    return (ACCURACY_COLUMNS | ({"ci95_low", "ci95_high"} if "accuracy" in df.columns else set())) & set(df.columns)
+
+
+def cell(v: Any, accuracy: bool = False) -> str:
+    """A value as the Markdown and LaTeX tables and the verdicts show it: n/a for none; an accuracy with two decimals
+    whatever its size (0.50 beside 39.84, not 0.5); another number with two decimals from 1 up and three
+    significant digits below (a loss of 0.0412, a gate's 0.00123), which two decimals would round away."""
     if isinstance(v, list):  # values of one column listed (ablation_trends' left_out): no Python brackets
         return ", ".join(cell(x) for x in v) or "none"
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
+    if accuracy and isinstance(v, Real) and not isinstance(v, bool):  # (an accuracy of 50 read as an int too)
+        return f"{v:.2f}"
     if isinstance(v, float | np.floating):
         return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
     return str(v)
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    def esc(v: Any) -> str:
-        return cell(v).replace("|", "\\|").replace("\n", "<br>")
+    accuracies = accuracy_columns(df)
+
+    def esc(v: Any, column: str) -> str:
+        return cell(v, column in accuracies).replace("|", "\\|").replace("\n", "<br>")
 
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(esc(v, c) for v, c in zip(row, df.columns)) + " |"
+              for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -1098,7 +1120,7 @@ def p_cell(p: Any) -> str:
 
 def interval_cell(accuracy: Any, low: Any, high: Any) -> str:
     """An accuracy with its 95% interval in one cell: "84.37 [80.10, 88.00]", n/a for none."""
-    return "n/a" if pd.isna(accuracy) else f"{cell(accuracy)} [{cell(low)}, {cell(high)}]"
+    return "n/a" if pd.isna(accuracy) else f"{cell(accuracy, True)} [{cell(low, True)}, {cell(high, True)}]"
 
 
 def category_cell(row: pd.Series, c: str) -> str:
@@ -1118,8 +1140,10 @@ LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "
 
 
 def to_latex(df: pd.DataFrame, caption: str) -> str:
+    accuracies = accuracy_columns(df)
+
     def esc(v: Any, column: str = "") -> str:
-        text = p_cell(v) if column.startswith("p_") else cell(v)
+        text = p_cell(v) if column.startswith("p_") else cell(v, column in accuracies)
         return "".join(LATEX_SPECIAL.get(ch, ch) for ch in text).replace("\n", " ")
 
     body = [" & ".join(esc(c) for c in df.columns) + r" \\", r"\midrule"]
