@@ -782,8 +782,8 @@ def test_an_adapter_header_of_a_fractional_length_is_refused(tmp_path):
         tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     header["adapter_args"] = json.dumps({"adapter_len": 3.0, "adapter_layers": 2})
     save_file(tensors, tmp_path / "b.safetensors", metadata=header)
-    with pytest.raises(CheckpointError, match=r"b.safetensors: damaged adapter header \(adapter_len 3.0: expected a "
-                                              "positive integer"):
+    with pytest.raises(CheckpointError, match=r"b.safetensors: damaged adapter header: adapter_args adapter_len 3.0: "
+                                              "expected a positive integer"):
         load_model(tmp_path, tmp_path / "b.safetensors")
 
 
@@ -845,3 +845,79 @@ def test_a_sliding_window_of_the_wrong_type_names_its_key(tmp_path, window):
     edited_json(tmp_path / "hf", "config.json", sliding_window=window)
     with pytest.raises(CheckpointError, match=rf"hf/config.json: sliding_window {window!r}: expected a positive int"):
         load_base(tmp_path / "hf")
+
+
+# ---------------------------------------------------------------- from an audit of the LoRA path against the adapter's
+
+
+def saved_lora(tmp_path, args=None):
+    """A base and a LoRA of ours trained on it: (base folder, LoRA folder)."""
+    from llama_adapter.config import LoRAArgs
+    from llama_adapter.lora import add_lora, save_lora
+
+    save_meta_checkpoint(random_model("tiny"), tmp_path / "base")
+    save_lora(add_lora(random_model("tiny"), args or LoRAArgs(rank=2)), tmp_path / "lora", base_model="tiny")
+    return tmp_path / "base", tmp_path / "lora"
+
+
+def saved_adapter(tmp_path):
+    """A base and an adapter of ours trained on it: (base folder, adapter file)."""
+    m = random_model("tiny", AdapterArgs(adapter_len=3, adapter_layers=2))
+    save_meta_checkpoint(m, tmp_path / "base")
+    save_adapter(m, tmp_path / "a.safetensors", base_model="tiny")
+    return tmp_path / "base", tmp_path / "a.safetensors"
+
+
+def rewrite_safetensors(path, header=None, tensors=None):
+    """Write `path` again with its header's keys changed by `header` (None: removed) and its tensors by `tensors`
+    (None: removed)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        old_header, old_tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = {k: v for k, v in {**old_header, **(header or {})}.items() if v is not None}
+    tensors = {k: v for k, v in {**old_tensors, **(tensors or {})}.items() if v is not None}
+    save_file(tensors, path, metadata=header)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+@pytest.mark.parametrize("key, text, problem", [
+    ("base_args", "not json", " is not JSON"),  # a LoRA's: a bare JSONDecodeError
+    ("base_args", "[64, 4]", " holds a JSON list"),  # a LoRA's: AttributeError from check_trained_on
+    ("base_args", '"tiny"', " holds a JSON str"),  # a LoRA's: AttributeError from check_trained_on
+    ("base_args", "null", " holds a JSON NoneType"),  # a LoRA's: TypeError from check_trained_on
+    ("base_args", None, " is missing"),  # a LoRA's: taken for a PEFT LoRA's header, loaded onto any base
+    ("args", "not json", " is not JSON"),  # an adapter's: named no key
+    ("args", "[]", " holds a JSON list"),  # an adapter's: 'unknown key(s) []'; a LoRA's: never read
+    ("args", None, " is missing"),  # a LoRA's: never read
+    ("args", '{"bogus": 1}', r": unknown key\(s\) \['bogus'\]"),  # a LoRA's: never read
+])
+def test_a_damaged_header_of_an_adapter_or_lora_names_the_file_and_key(tmp_path, kind, key, text, problem):
+    """read_lora did not check its header as read_adapter does: base_args of junk text was a bare JSONDecodeError,
+    a list or a string an AttributeError from check_trained_on, and its lora_args was never read. Both now check their
+    header with one helper: each of base_args and adapter_args / lora_args a JSON object, a damaged one a
+    CheckpointError naming the file and key (read_adapter's named no key where the text was no JSON)."""
+    if kind == "lora":
+        base, folder = saved_lora(tmp_path)
+        weights, name = folder / "adapter_model.safetensors", "LoRA"
+    else:
+        base, weights = saved_adapter(tmp_path)
+        folder, name = weights, "adapter"
+    key = f"{kind}_args" if key == "args" else key
+    rewrite_safetensors(weights, header={key: text})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: damaged {name} header: {key}{problem}"):
+        load_model(base, folder)
+
+
+def test_a_lora_whose_header_has_another_format_of_ours_is_refused(tmp_path):
+    """A LoRA's weights file whose header format is another of this project's (an adapter's) was taken for a PEFT
+    LoRA's and loaded onto any base unchecked; PEFT's own header ({'format': 'pt'}) still loads."""
+    base, folder = saved_lora(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    rewrite_safetensors(weights, header={"format": "llama-adapter/1"})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: header format 'llama-adapter/1' is not a "
+                                              r"LoRA's; expected 'llama-adapter/lora/1'"):
+        load_model(base, folder)
+    rewrite_safetensors(weights, header={"format": "pt", "base_args": None, "lora_args": None, "base_model": None})
+    load_model(base, folder)

@@ -671,15 +671,30 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], 
         names = sorted(tensors)
         raise CheckpointError(f"{path}: not an adapter of this project: {found}, holding {len(names)} tensor(s) "
                               f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); {expected}")
-    try:
-        adapter = AdapterArgs.from_dict(json.loads(header["adapter_args"]), str(path))
-        base_args = json.loads(header["base_args"])
-        if not isinstance(base_args, dict):
-            raise TypeError("base_args is not a JSON object")
-    except (KeyError, TypeError, ValueError) as e:
-        detail = f"missing {e}" if isinstance(e, KeyError) else str(e)
-        raise CheckpointError(f"{path}: damaged adapter header ({detail}); {expected}") from None
+    adapter = header_settings(path, header, "adapter_args", "adapter", AdapterArgs)
+    header_settings(path, header, "base_args", "adapter")  # read again by check_trained_on, which can then trust it
     return adapter, header, tensors
+
+
+def header_settings(path: Path, header: dict[str, str], key: str, kind: str, cls: type | None = None):
+    """The settings this project's header holds as JSON under `key` (base_args, adapter_args, lora_args): a JSON
+    object, read into `cls` (AdapterArgs, LoRAArgs) where given. One that is missing, no JSON, no object or no
+    valid `cls` is a damaged header, named with the file and the key: read_adapter and read_lora check theirs alike."""
+    damaged = f"{path}: damaged {kind} header: {key}"
+    if key not in header:
+        raise CheckpointError(f"{damaged} is missing; expected a JSON object of settings, as training writes it")
+    try:
+        settings = json.loads(header[key])
+    except ValueError as e:  # a JSONDecodeError, or a number too long for Python to read
+        raise CheckpointError(f"{damaged} is not JSON ({e}); expected a JSON object of settings") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{damaged} holds a JSON {type(settings).__name__}; expected a JSON object of settings")
+    if cls is None:
+        return settings
+    try:
+        return cls.from_dict(settings, damaged)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e) if damaged in str(e) else f"{damaged} {e}") from None
 
 
 def layer_tensors(state: dict[str, Tensor], template: str) -> dict[int, Tensor]:
@@ -905,9 +920,7 @@ def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> Non
     unless `merge` is False (its A and B then stay separate tensors, as in training)."""
     from .lora import add_lora, merge_lora, read_lora
 
-    args, header, tensors = read_lora(path, model.args)
-    if "base_args" in header:  # ours; a LoRA trained with PEFT names no base shapes (check_state still applies)
-        check_trained_on(path, header, model.args, "LoRA")
+    args, tensors = read_lora(path, model.args)
     if model.adapter is not None or getattr(model, "lora", None) or getattr(model, "merged_lora", None):
         raise CheckpointError(f"{path}: the model holds an adapter or LoRA already; load the LoRA onto a plain base")
     if (int8 := int8_format(model)) is not None:

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from .checkpoint import (
     PEFT_CONFIG,
     PROJECTIONS,
+    check_trained_on,
+    header_settings,
     peft_files,
     peft_type,
     permute_rope_rows,
@@ -40,6 +42,7 @@ from .io import atomic_path, save_safetensors
 
 LORA_WEIGHTS = WEIGHTS["lora"]  # PEFT's names: PeftModel.from_pretrained looks for these two
 LORA_FORMAT = "llama-adapter/lora/1"
+OUR_FORMATS = "llama-adapter/"  # how each format of this project's files begins (an adapter's, a full fine-tune's)
 # Meta's projection names -> the part of the block holding them, and Hugging Face's module names, which PEFT's
 # target_modules and tensor names use.
 BLOCK_PART = {t: part for t, (part, _) in PROJECTIONS.items()}
@@ -162,9 +165,9 @@ def is_lora_file(path: Path) -> bool:
     return files is not None and peft_type(files[0]) == "LORA"
 
 
-def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, str], dict[str, Tensor]]:
-    """(LoRA settings, header, tensors under this model's names and row order) of a PEFT LoRA: ours, or one
-    trained with PEFT on the Hugging Face LLaMA of the same base."""
+def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Tensor]]:
+    """(LoRA settings, tensors under this model's names and row order) of a PEFT LoRA: ours, whose header must
+    name a base of `model_args`, or one trained with PEFT on the Hugging Face LLaMA of the same base."""
     config_path = path.parent / PEFT_CONFIG
     config = read_config(config_path)
     expected = ("a PEFT LoRA (peft_type LORA, bias none, no DoRA or rsLoRA, one rank and alpha for every module, "
@@ -188,6 +191,7 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, st
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path}: {type(e).__name__}: {e}; expected {expected}") from None
     tensors, header = read_peft_weights(path)
+    check_lora_header(path, header, model_args)
     ours: dict[str, Tensor] = {}
     for name, t in tensors.items():
         m = PEFT_NAME.fullmatch(name.replace(".default.", "."))
@@ -200,4 +204,19 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, st
                 and t.shape[0] == heads * model_args.head_dim):
             t = unpermute_rope_rows(t, heads)
         ours[f"layers.{layer}.{BLOCK_PART[target]}.{target}.lora_{which.lower()}"] = t
-    return args, header, ours
+    return args, ours
+
+
+def check_lora_header(path: Path, header: dict[str, str], model_args: ModelArgs) -> None:
+    """A LoRA weights file's header, as read_adapter checks an adapter's. Ours (format LORA_FORMAT) holds its
+    settings and its base's, which must be whole JSON and that base must be this one. PEFT writes a header of its
+    own ({'format': 'pt'}, or none in a .bin) naming no base: only the tensors' shapes are checked. Another of this
+    project's formats on a LoRA's file is a mix-up, not PEFT's: taken as PEFT's, it would skip the base check."""
+    fmt = header.get("format", "")
+    if fmt == LORA_FORMAT:
+        header_settings(path, header, "lora_args", "LoRA", LoRAArgs)
+        header_settings(path, header, "base_args", "LoRA")  # check_trained_on reads it as a JSON object
+        check_trained_on(path, header, model_args, "LoRA")
+    elif fmt.startswith(OUR_FORMATS):
+        raise CheckpointError(f"{path}: header format {fmt!r} is not a LoRA's; expected {LORA_FORMAT!r} (a LoRA "
+                              "`llama-adapter train --method lora` writes) or a PEFT LoRA's header")
