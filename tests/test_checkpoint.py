@@ -921,3 +921,26 @@ def test_a_lora_whose_header_has_another_format_of_ours_is_refused(tmp_path):
         load_model(base, folder)
     rewrite_safetensors(weights, header={"format": "pt", "base_args": None, "lora_args": None, "base_model": None})
     load_model(base, folder)
+
+
+@pytest.mark.parametrize("change, diff", [
+    ({"rank": 4}, r"'rank': \(4, 2\)"),
+    ({"alpha": 64.0}, r"'alpha': \(64.0, 16.0\)"),
+    ({"dropout": 0.0}, r"'dropout': \(0.0, 0.05\)"),
+    ({"targets": ["wq", "wk"]}, r"'targets': \(\['wq', 'wk'\], \['wq', 'wv'\]\)"),
+])
+def test_a_lora_whose_header_and_adapter_config_disagree_is_refused(tmp_path, change, diff):
+    """Our LoRA records its settings in its header (lora_args) and in adapter_config.json, from one save; the
+    header's were never read, so a weights file beside another LoRA's adapter_config.json of another alpha was merged
+    with that alpha, silently wrong. Settings that differ are refused, naming both files and each setting; the order
+    of the targets is no difference (the header keeps the training's, adapter_config.json a sorted list)."""
+    from llama_adapter.config import LoRAArgs
+
+    base, folder = saved_lora(tmp_path, LoRAArgs(rank=2, targets=("wv", "wq")))
+    load_model(base, folder)
+    weights = folder / "adapter_model.safetensors"
+    lora_args = {**LoRAArgs(rank=2).to_dict(), **change}
+    rewrite_safetensors(weights, header={"lora_args": json.dumps(lora_args)})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: its header's lora_args and "
+                                              rf"{re.escape(str(folder / 'adapter_config.json'))} differ in .*{diff}"):
+        load_model(base, folder)

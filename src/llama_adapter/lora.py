@@ -191,7 +191,15 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Te
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path}: {type(e).__name__}: {e}; expected {expected}") from None
     tensors, header = read_peft_weights(path)
-    check_lora_header(path, header, model_args)
+    # Ours records its settings twice, in the header and in adapter_config.json (which PEFT reads), from one LoRAArgs:
+    # where they differ, one of the two files was edited or comes from another save, and which is right is unknown.
+    if (recorded := check_lora_header(path, header, model_args)) is not None:
+        header_args, config_args = ({**a.to_dict(), "targets": sorted(a.targets, key=LORA_TARGETS.index)}
+                                    for a in (recorded, args))
+        if diff := {k: (v, config_args[k]) for k, v in header_args.items() if v != config_args[k]}:
+            raise CheckpointError(f"{path}: its header's lora_args and {config_path} differ in {{setting: (header's, "
+                                  f"{PEFT_CONFIG}'s)}}: {diff}; expected the settings of one save in both (weights "
+                                  f"beside another LoRA's {PEFT_CONFIG}?)")
     ours: dict[str, Tensor] = {}
     for name, t in tensors.items():
         m = PEFT_NAME.fullmatch(name.replace(".default.", "."))
@@ -207,16 +215,19 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Te
     return args, ours
 
 
-def check_lora_header(path: Path, header: dict[str, str], model_args: ModelArgs) -> None:
-    """A LoRA weights file's header, as read_adapter checks an adapter's. Ours (format LORA_FORMAT) holds its
-    settings and its base's, which must be whole JSON and that base must be this one. PEFT writes a header of its
-    own ({'format': 'pt'}, or none in a .bin) naming no base: only the tensors' shapes are checked. Another of this
-    project's formats on a LoRA's file is a mix-up, not PEFT's: taken as PEFT's, it would skip the base check."""
+def check_lora_header(path: Path, header: dict[str, str], model_args: ModelArgs) -> LoRAArgs | None:
+    """The settings a LoRA weights file's header records (None: none), checked as read_adapter checks an adapter's.
+    Ours (format LORA_FORMAT) holds its settings and its base's, which must be whole JSON and that base must be this
+    one. PEFT writes a header of its own ({'format': 'pt'}, or none in a .bin) naming no base: only the tensors'
+    shapes are checked. Another of this project's formats on a LoRA's file is a mix-up, not PEFT's: taken as
+    PEFT's, it would skip the base check."""
     fmt = header.get("format", "")
     if fmt == LORA_FORMAT:
-        header_settings(path, header, "lora_args", "LoRA", LoRAArgs)
+        recorded = header_settings(path, header, "lora_args", "LoRA", LoRAArgs)
         header_settings(path, header, "base_args", "LoRA")  # check_trained_on reads it as a JSON object
         check_trained_on(path, header, model_args, "LoRA")
-    elif fmt.startswith(OUR_FORMATS):
+        return recorded
+    if fmt.startswith(OUR_FORMATS):
         raise CheckpointError(f"{path}: header format {fmt!r} is not a LoRA's; expected {LORA_FORMAT!r} (a LoRA "
                               "`llama-adapter train --method lora` writes) or a PEFT LoRA's header")
+    return None
