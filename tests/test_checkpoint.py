@@ -944,3 +944,42 @@ def test_a_lora_whose_header_and_adapter_config_disagree_is_refused(tmp_path, ch
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: its header's lora_args and "
                                               rf"{re.escape(str(folder / 'adapter_config.json'))} differ in .*{diff}"):
         load_model(base, folder)
+
+
+@pytest.mark.parametrize("key, text, expected", [
+    ("r", '"2"', "r '2': expected a positive integer"),  # int("2"): loaded
+    ("r", "2.5", "r 2.5: expected a positive integer"),  # int(2.5): loaded as rank 2
+    ("r", "true", "r True: expected a positive integer"),  # rank 1: its tensors called mis-shaped
+    ("lora_alpha", '"16"', "lora_alpha '16': expected a positive finite number"),  # float("16"): loaded
+    ("lora_alpha", "true", "lora_alpha True: expected a positive finite number"),  # merged with alpha 1
+    ("lora_alpha", "NaN", "lora_alpha nan: expected a positive finite number"),  # merged: NaN weights
+    ("lora_alpha", "Infinity", "lora_alpha inf: expected a positive finite number"),  # merged: inf weights
+    ("lora_alpha", "1" + "0" * 400, "lora_alpha 10+: expected a positive finite number"),  # OverflowError
+    ("lora_dropout", '"0.1"', "lora_dropout '0.1': expected a number from 0 to below 1"),  # float("0.1"): loaded
+    ("target_modules", "3", r"target_modules 3; expected a list among"),  # TypeError: not iterable
+    ("target_modules", '[["q_proj"]]', r"target_modules \[\['q_proj'\]\]; expected a list among"),  # unhashable
+    ("target_modules", '{"q_proj": 1, "v_proj": 1}', r"target_modules \{'q_proj': 1, 'v_proj': 1\}; expected a list"),
+    ("r", None, "r missing"),  # 'KeyError: 'r''
+])
+def test_a_lora_config_value_of_the_wrong_type_names_its_key(tmp_path, key, text, expected):
+    """adapter_config.json's r, lora_alpha and lora_dropout went through int() and float(): a string or a fraction
+    was taken as a number, true as 1, NaN and Infinity merged into the weights, 10**400 an OverflowError; a
+    target_modules of a number or of lists was a TypeError, an object taken for its keys. Each is refused, naming
+    the file and key as a base's config.json is (LoRAArgs checks its types, as ModelArgs and AdapterArgs do)."""
+    base, folder = saved_lora(tmp_path)
+    config = folder / "adapter_config.json"
+    settings = json.loads(config.read_text())
+    del settings[key]
+    config.write_text(json.dumps(settings)[:-1] + ("" if text is None else f', "{key}": {text}') + "}")
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(config))}: {expected}"):
+        load_model(base, folder)
+
+
+def test_a_lora_header_setting_of_the_wrong_type_names_its_key(tmp_path):
+    """The header's lora_args are checked as adapter_config.json's: a rank of "2" was never refused."""
+    base, folder = saved_lora(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    rewrite_safetensors(weights, header={"lora_args": json.dumps({"rank": "2"})})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: damaged LoRA header: lora_args rank '2': "
+                                              "expected a positive integer"):
+        load_model(base, folder)

@@ -241,12 +241,16 @@ class LoRAArgs:
     targets: tuple[str, ...] = ("wq", "wv")
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1, got {self}")
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"LoRA targets must be distinct names among {', '.join(LORA_TARGETS)}, "
-                             f"got {', '.join(self.targets) or 'none'}")
+        # Read from files too (adapter_config.json, a LoRA's header): a "2" or 2.5 for the rank, true or NaN for alpha
+        # was taken as it came (int("2"), a rank of True is 1) or failed far from its file, in torch.
+        _check_types(self, ("rank",), ("alpha",))
+        if not (isinstance(self.dropout, Real) and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout {self.dropout!r}: expected a number from 0 to below 1")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        targets = self.targets
+        if (not targets or not all(isinstance(t, str) and t in LORA_TARGETS for t in targets)
+                or len(set(targets)) != len(targets)):
+            raise ValueError(f"targets {list(targets)!r}: expected distinct names among {', '.join(LORA_TARGETS)}")
 
     @property
     def scaling(self) -> float:

@@ -47,6 +47,8 @@ OUR_FORMATS = "llama-adapter/"  # how each format of this project's files begins
 # target_modules and tensor names use.
 BLOCK_PART = {t: part for t, (part, _) in PROJECTIONS.items()}
 HF_MODULES = {t: module for t, (_, module) in PROJECTIONS.items()}
+# The adapter_config.json key of each LoRAArgs field read from one.
+PEFT_KEYS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"}
 PEFT_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
 
@@ -183,13 +185,16 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Te
         raise CheckpointError(f"{config_path}: {', '.join(problems)} is not supported; expected {expected}")
     to_meta = {v.split(".")[1]: k for k, v in HF_MODULES.items()}
     modules = config.get("target_modules")
-    if isinstance(modules, str) or not modules or any(m not in to_meta for m in modules):
+    if not isinstance(modules, list) or not modules or any(not isinstance(m, str) or m not in to_meta for m in modules):
         raise CheckpointError(f"{config_path}: target_modules {modules!r}; expected a list among {sorted(to_meta)}")
-    try:
-        args = LoRAArgs(int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0)),
+    if missing := [k for k in ("r", "lora_alpha") if k not in config]:
+        raise CheckpointError(f"{config_path}: {', '.join(missing)} missing; expected {expected}")
+    try:  # the values as written, which LoRAArgs checks: int() and float() took "2", 2.5 and true as numbers
+        args = LoRAArgs(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                         tuple(sorted((to_meta[m] for m in modules), key=LORA_TARGETS.index)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: {type(e).__name__}: {e}; expected {expected}") from None
+    except ValueError as e:  # LoRAArgs names its own field: the key of adapter_config.json instead
+        field, _, rest = str(e).partition(" ")
+        raise CheckpointError(f"{config_path}: {PEFT_KEYS.get(field, field)} {rest}; expected {expected}") from None
     tensors, header = read_peft_weights(path)
     # Ours records its settings twice, in the header and in adapter_config.json (which PEFT reads), from one LoRAArgs:
     # where they differ, one of the two files was edited or comes from another save, and which is right is unknown.
