@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -983,3 +984,28 @@ def test_a_lora_header_setting_of_the_wrong_type_names_its_key(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: damaged LoRA header: lora_args rank '2': "
                                               "expected a positive integer"):
         load_model(base, folder)
+
+
+def test_a_lora_that_does_not_fit_leaves_the_model_as_it_was(tmp_path):
+    """apply_lora added the LoRA before checking the file's tensors against it: a file that did not fit left the
+    model holding an empty LoRA, which refused the next LoRA as 'holds an adapter or LoRA already' (an adapter that
+    does not fit changes nothing), and an r of 10**400 in adapter_config.json was a TypeError from torch.empty.
+    The tensors are now checked against the shapes the LoRA would have before it is added."""
+    base, folder = saved_lora(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    rewrite_safetensors(bad / "adapter_model.safetensors",
+                        tensors={"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 64)})
+    model = load_base(base)
+    with pytest.raises(CheckpointError, match=r"mis-shaped \(1\): layers.0.attention.wq.lora_a: \(3, 64\)"):
+        apply_adapter(model, bad)
+    assert getattr(model, "lora", None) is None and not any("lora" in name for name, _ in model.named_parameters())
+    apply_adapter(model, folder)
+    huge = tmp_path / "huge"
+    shutil.copytree(folder, huge)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (huge / "adapter_config.json").write_text(json.dumps({**config, "r": 10**400}))
+    rewrite_safetensors(huge / "adapter_model.safetensors", header={"format": "pt"})  # PEFT's: nothing to compare
+    with pytest.raises(CheckpointError, match=r"mis-shaped \(16\): layers.0.attention.wq.lora_a: \(2, 64\) "
+                                              r"\(expected \(10+, 64\)\)"):
+        load_model(base, huge)

@@ -918,7 +918,7 @@ def put_adapter(model: AdaptedTransformer, adapter: AdapterArgs | None, tensors:
 def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> None:
     """Put a PEFT LoRA (lora.py) into a loaded model without an adapter or LoRA; merged into the frozen weights
     unless `merge` is False (its A and B then stay separate tensors, as in training)."""
-    from .lora import add_lora, merge_lora, read_lora
+    from .lora import add_lora, lora_shapes, merge_lora, read_lora
 
     args, tensors = read_lora(path, model.args)
     if model.adapter is not None or getattr(model, "lora", None) or getattr(model, "merged_lora", None):
@@ -930,8 +930,11 @@ def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> Non
     if fused and not merge:
         raise CheckpointError(f"{path}: the model's projections are fused (fuse_projections), which an unmerged "
                               "LoRA's separate A and B would not enter; merge it, or apply it before fusing")
+    # Checked before the LoRA is added, as read_fitting_adapter checks an adapter: a file that does not fit leaves the
+    # model as it was (not holding an empty LoRA that refuses the next one), and a rank from adapter_config.json is
+    # allocated only once the file's tensors have shown it (10**400 was a TypeError in torch.empty).
+    check_state(lora_shapes(model, args), tensors, f"LoRA {path}")
     add_lora(model, args)
-    check_state({k: p.shape for k, p in model.named_parameters() if p.requires_grad}, tensors, f"LoRA {path}")
     copy_parameters(model, tensors)
     model.requires_grad_(False)
     if merge:

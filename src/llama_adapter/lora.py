@@ -94,6 +94,17 @@ def targeted(model: nn.Module, targets: tuple[str, ...]):
             yield getattr(layer, BLOCK_PART[t]), t
 
 
+def lora_shapes(model: nn.Module, args: LoRAArgs) -> dict[str, tuple[int, int]]:
+    """The shape of each A and B that add_lora(model, args) would add, by parameter name, without making them."""
+    shapes = {}
+    for i, layer in enumerate(model.layers):
+        for t in args.targets:
+            linear, name = getattr(getattr(layer, BLOCK_PART[t]), t), f"layers.{i}.{BLOCK_PART[t]}.{t}"
+            shapes[f"{name}.lora_a"] = (args.rank, linear.in_features)
+            shapes[f"{name}.lora_b"] = (linear.out_features, args.rank)
+    return shapes
+
+
 def add_lora(model: nn.Module, args: LoRAArgs, device=None, generator: torch.Generator | None = None) -> nn.Module:
     """Give every targeted projection a fresh LoRA and freeze everything else."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
