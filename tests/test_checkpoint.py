@@ -1009,3 +1009,20 @@ def test_a_lora_that_does_not_fit_leaves_the_model_as_it_was(tmp_path):
     with pytest.raises(CheckpointError, match=r"mis-shaped \(16\): layers.0.attention.wq.lora_a: \(2, 64\) "
                                               r"\(expected \(10+, 64\)\)"):
         load_model(base, huge)
+
+
+def test_two_tensors_of_a_lora_file_for_one_parameter_are_refused(tmp_path):
+    """A LoRA file holding one A or B under two names (PEFT's saved name and its in-memory .default. one, or layer 0
+    spelled 00) had one of them dropped unread, whichever came last; a base's reader refuses a tensor held twice.
+    Both names are given; layers.00 alone is no layer, unexpected as it is in a base's file."""
+    base, folder = saved_lora(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    rewrite_safetensors(weights, tensors={name.replace("lora_A.", "lora_A.default."): torch.zeros(2, 64)})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: tensors '.*' and '.*' are both "
+                                              r"layers.0.attention.wq.lora_a; expected each LoRA tensor once"):
+        load_model(base, folder)
+    rewrite_safetensors(weights, tensors={name.replace("lora_A.", "lora_A.default."): None,
+                                          name.replace("layers.0.", "layers.00."): torch.zeros(2, 64)})
+    with pytest.raises(CheckpointError, match=r"does not match the model: unexpected \(1\): layers.00.attention.wq"):
+        load_model(base, folder)

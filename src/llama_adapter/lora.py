@@ -217,17 +217,24 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Te
                                   f"{PEFT_CONFIG}'s)}}: {diff}; expected the settings of one save in both (weights "
                                   f"beside another LoRA's {PEFT_CONFIG}?)")
     ours: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}  # each of our names: its name in the file
     for name, t in tensors.items():
         m = PEFT_NAME.fullmatch(name.replace(".default.", "."))
         if m is None or m.group(3) not in to_meta:
             raise CheckpointError(f"{path}: tensor {name!r} is not a LoRA A/B of a LLaMA projection; "
                                   f"expected {expected}")
-        layer, target, which = int(m.group(1)), to_meta[m.group(3)], m.group(4)
+        # The layer index as written, as a base's tensor names keep it: layers.00 is no layer, listed as unexpected.
+        layer, target, which = m.group(1), to_meta[m.group(3)], m.group(4)
+        our_name = f"layers.{layer}.{BLOCK_PART[target]}.{target}.lora_{which.lower()}"
+        if our_name in origin:  # PEFT's in-memory name (.default.) beside the saved one: one would be dropped unread
+            raise CheckpointError(f"{path}: tensors {origin[our_name]!r} and {name!r} are both {our_name}; expected "
+                                  "each LoRA tensor once")
+        origin[our_name] = name
         # B's rows back to Meta's q/k order; a B of another shape is left as it is, for check_state to list
         if (which == "B" and (heads := rope_heads(target, model_args)) is not None and t.ndim == 2
                 and t.shape[0] == heads * model_args.head_dim):
             t = unpermute_rope_rows(t, heads)
-        ours[f"layers.{layer}.{BLOCK_PART[target]}.{target}.lora_{which.lower()}"] = t
+        ours[our_name] = t
     return args, ours
 
 
