@@ -1026,3 +1026,16 @@ def test_two_tensors_of_a_lora_file_for_one_parameter_are_refused(tmp_path):
                                           name.replace("layers.0.", "layers.00."): torch.zeros(2, 64)})
     with pytest.raises(CheckpointError, match=r"does not match the model: unexpected \(1\): layers.00.attention.wq"):
         load_model(base, folder)
+
+
+def test_a_mis_shaped_or_integer_lora_tensor_is_named_by_its_own_name(tmp_path):
+    """A LoRA's tensors are checked under this model's names (layers.0.attention.wq.lora_a), which are in no LoRA
+    file: a mis-shaped or integer one was named only so, where a base's tensors are named by their own name too."""
+    base, folder = saved_lora(tmp_path)
+    a, b = (f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{w}.weight" for i, w in ((0, "A"), (1, "B")))
+    rewrite_safetensors(folder / "adapter_model.safetensors",
+                        tensors={a: torch.zeros(3, 64), b: torch.zeros(64, 2, dtype=torch.int32)})
+    with pytest.raises(CheckpointError, match=rf"mis-shaped \(1\): layers.0.attention.wq.lora_a: \(3, 64\) "
+                                              rf"\(expected \(2, 64\)\) \({re.escape(a)}\); not floating point \(1\): "
+                                              rf"layers.1.attention.wq.lora_b: torch.int32 \({re.escape(b)}\)"):
+        load_model(base, folder)

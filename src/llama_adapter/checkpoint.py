@@ -920,7 +920,7 @@ def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> Non
     unless `merge` is False (its A and B then stay separate tensors, as in training)."""
     from .lora import add_lora, lora_shapes, merge_lora, read_lora
 
-    args, tensors = read_lora(path, model.args)
+    args, tensors, origin = read_lora(path, model.args)
     if model.adapter is not None or getattr(model, "lora", None) or getattr(model, "merged_lora", None):
         raise CheckpointError(f"{path}: the model holds an adapter or LoRA already; load the LoRA onto a plain base")
     if (int8 := int8_format(model)) is not None:
@@ -933,7 +933,7 @@ def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> Non
     # Checked before the LoRA is added, as read_fitting_adapter checks an adapter: a file that does not fit leaves the
     # model as it was (not holding an empty LoRA that refuses the next one), and a rank from adapter_config.json is
     # allocated only once the file's tensors have shown it (10**400 was a TypeError in torch.empty).
-    check_state(lora_shapes(model, args), tensors, f"LoRA {path}")
+    check_state(lora_shapes(model, args), tensors, f"LoRA {path}", origin)
     add_lora(model, args)
     copy_parameters(model, tensors)
     model.requires_grad_(False)

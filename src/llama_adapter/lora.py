@@ -178,9 +178,10 @@ def is_lora_file(path: Path) -> bool:
     return files is not None and peft_type(files[0]) == "LORA"
 
 
-def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Tensor]]:
-    """(LoRA settings, tensors under this model's names and row order) of a PEFT LoRA: ours, whose header must
-    name a base of `model_args`, or one trained with PEFT on the Hugging Face LLaMA of the same base."""
+def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Tensor], dict[str, str]]:
+    """(LoRA settings, tensors under this model's names and row order, each one's name in the file for check_state)
+    of a PEFT LoRA: ours, whose header must name a base of `model_args`, or one trained with PEFT on the Hugging Face
+    LLaMA of the same base."""
     config_path = path.parent / PEFT_CONFIG
     config = read_config(config_path)
     expected = ("a PEFT LoRA (peft_type LORA, bias none, no DoRA or rsLoRA, one rank and alpha for every module, "
@@ -235,7 +236,7 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Te
                 and t.shape[0] == heads * model_args.head_dim):
             t = unpermute_rope_rows(t, heads)
         ours[our_name] = t
-    return args, ours
+    return args, ours, origin
 
 
 def check_lora_header(path: Path, header: dict[str, str], model_args: ModelArgs) -> LoRAArgs | None:
