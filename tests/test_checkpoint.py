@@ -1039,3 +1039,18 @@ def test_a_mis_shaped_or_integer_lora_tensor_is_named_by_its_own_name(tmp_path):
                                               rf"\(expected \(2, 64\)\) \({re.escape(a)}\); not floating point \(1\): "
                                               rf"layers.1.attention.wq.lora_b: torch.int32 \({re.escape(b)}\)"):
         load_model(base, folder)
+
+
+def test_a_peft_bin_without_its_adapter_config_names_the_missing_file(tmp_path):
+    """PEFT's pickled weights (adapter_model.bin) without adapter_config.json beside them were read as one of our
+    safetensors adapters and called truncated or corrupted; the missing adapter_config.json is named instead."""
+    from safetensors.torch import load_file
+
+    base, folder = saved_lora(tmp_path)
+    torch.save(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    (folder / "adapter_model.safetensors").unlink()
+    load_model(base, folder)
+    (folder / "adapter_config.json").unlink()
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder / 'adapter_model.bin'))}: a .bin adapter is "
+                                              "PEFT's weights, but no adapter_config.json is beside it"):
+        load_model(base, folder / "adapter_model.bin")

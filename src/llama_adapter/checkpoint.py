@@ -661,6 +661,9 @@ def copy_parameters(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], dict[str, Tensor]]:
     """(adapter config, header, tensors) of an adapter written by `save_adapter`."""
     path = Path(path)
+    if path.suffix == ".bin":  # none of ours: PEFT's pickled weights, whose settings lie beside them, not inside
+        raise CheckpointError(f"{path}: a .bin adapter is PEFT's weights, but no {PEFT_CONFIG} is beside it; expected "
+                              f"the {PEFT_CONFIG} PEFT saved with them in {path.parent}")
     tensors, header = read_safetensors_file(path)
     expected = (f"expected an adapter .safetensors written by `llama-adapter train` (header format "
                 f"{ADAPTER_FORMAT!r}), a PEFT LoRA or AdaptionPrompt ({PEFT_WEIGHTS[0]} with {PEFT_CONFIG} "
