@@ -1,6 +1,7 @@
 """Checkpoint formats: Meta shards, HF safetensors (sharded), GGUF, adapters; and the errors on bad files."""
 
 import json
+import math
 import re
 import shutil
 
@@ -18,6 +19,7 @@ from llama_adapter.checkpoint import (
     save_adapter,
     save_full,
     save_meta_checkpoint,
+    to_foreign_name,
 )
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.generate import generate
@@ -1054,3 +1056,146 @@ def test_a_peft_bin_without_its_adapter_config_names_the_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder / 'adapter_model.bin'))}: a .bin adapter is "
                                               "PEFT's weights, but no adapter_config.json is beside it"):
         load_model(base, folder / "adapter_model.bin")
+# ---------------------------------------------------------------- from an audit of checkpoint values (NaN, infinity)
+
+
+# A NaN and an infinity of each sign, in three weights: each must be found on its own (an infinity is the least or
+# the greatest value of its tensor, a NaN neither).
+NON_FINITE = {"layers.1.feed_forward.w2.weight": float("nan"), "layers.0.attention.wq.weight": float("inf"),
+              "layers.1.attention_norm.weight": -float("inf")}
+BLOCKS_OF_32 = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=256, hidden_dim=128)  # rows Q8_0 can quantize
+
+
+def with_values(model, values, rename=lambda k: k):
+    """`model` with values[k] as the second value of its tensor k (`rename`: k's name in the model)."""
+    with torch.no_grad():
+        for k, v in values.items():
+            model.get_parameter(rename(k)).view(-1)[1] = v
+    return model
+
+
+def meta_base(folder, values, n_shards=1):
+    save_meta_checkpoint(with_values(random_model(BLOCKS_OF_32), values), folder, n_shards)
+    # (the folder to load, where the error says each tensor was read): a tensor merged from several shards, from all
+    return folder, lambda k: "consolidated.00.pth" if n_shards == 1 else None
+
+
+def full_save(folder, values, meta):
+    """save_full of a fine-tune of a Meta base (model.safetensors beside params.json, Meta's names) or of any other
+    (Hugging Face's layout)."""
+    base = folder.with_name(folder.name + "-base")
+    if meta:
+        save_meta_checkpoint(random_model(BLOCKS_OF_32), base)
+    save_full(with_values(random_model(BLOCKS_OF_32), values), folder, base_model=str(base) if meta else "tiny")
+    return folder, lambda k: "model.safetensors" if meta else f"model.safetensors: {to_foreign_name(k, 1)}"
+
+
+def hf_sharded(folder, values):
+    """transformers' save_pretrained in shards of 40KB, with their index."""
+    pytest.importorskip("transformers")
+    from hf_reference import random_hf_llama
+
+    hf = with_values(random_hf_llama(BLOCKS_OF_32), values, lambda k: to_foreign_name(k, 1))
+    hf.save_pretrained(folder, max_shard_size="40KB")
+    files = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    return folder, lambda k: f"{files[to_foreign_name(k, 1)]}: {to_foreign_name(k, 1)}"
+
+
+def gguf_file(folder, values, qtype=None):
+    gguf = pytest.importorskip("gguf")
+    folder.mkdir()
+    write_gguf(folder / "m.gguf", with_values(random_model(BLOCKS_OF_32), values),
+               qtype and getattr(gguf.GGMLQuantizationType, qtype))
+    return folder / "m.gguf", lambda k: f"m.gguf: {to_foreign_name(k, 2)}"
+
+
+BASE_LAYOUTS = {
+    "meta": meta_base,
+    "meta, 2 shards": lambda folder, values: meta_base(folder, values, n_shards=2),
+    "full save of a meta base": lambda folder, values: full_save(folder, values, meta=True),
+    "full save of a hf base": lambda folder, values: full_save(folder, values, meta=False),
+    "hf, sharded": hf_sharded,
+    "gguf": gguf_file,
+    "gguf, Q8_0": lambda folder, values: gguf_file(folder, values, "Q8_0"),
+}
+
+
+def assert_non_finite_named(error, source, values, origin=lambda k: None, exact=True):
+    """`error` names `source` and each tensor of `values` with its counts of NaN and infinite values (those of
+    `values`, where `exact`) and where it was read (`origin`)."""
+    message = str(error)
+    assert message.startswith(f"{source}: tensors holding NaN or infinity ({len(values)}): "), message
+    for k, v in values.items():
+        counts = (("1 NaN and 0" if math.isnan(v) else "0 NaN and 1") if exact else r"\d+ NaN and \d+") + " infinite"
+        where = rf" \({re.escape(origin(k))}\)" if origin(k) else ""
+        assert re.search(rf"{re.escape(k)}: {counts} of \d+ values{where}(, |; )", message), (k, message)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # gguf's quantizer, given a NaN
+@pytest.mark.parametrize("layout", BASE_LAYOUTS)
+def test_a_base_holding_nan_or_infinity_is_refused_naming_its_file_and_tensors(tmp_path, layout):
+    """A NaN or an infinity in the weights (a damaged download, a broken conversion) loaded without a word, in every
+    layout, and showed only as NaN losses or garbage generations: refused, naming the file each tensor was read from
+    and its name there, a GGUF's quantized tensors once dequantized. A finite checkpoint of the layout loads."""
+    write = BASE_LAYOUTS[layout]
+    path, origin = write(tmp_path / "damaged", NON_FINITE)
+    with pytest.raises(CheckpointError) as e:
+        load_base(path)
+    # Q8_0 quantizes blocks of 32 values by a scale each: a non-finite value spoils its block's scale, so the block
+    assert_non_finite_named(e.value, f"{checkpoint_format(path)} checkpoint {path}", NON_FINITE, origin,
+                            exact=layout != "gguf, Q8_0")
+    load_base(write(tmp_path / "finite", {})[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e5m2])
+def test_nan_and_infinity_are_found_in_half_and_8_bit_floats(tmp_path, dtype):
+    """Releases are mostly bf16 or fp16, a few in 8-bit floats (whose values the check widens: torch's aminmax takes
+    none): their NaN and infinities are found as float32's are, and a finite file loads."""
+    from safetensors.torch import load_file, save_file
+
+    for name, values in (("damaged", NON_FINITE), ("finite", {})):
+        path, origin = full_save(tmp_path / name, values, meta=False)
+        weights = path / "model.safetensors"
+        save_file({k: v.to(dtype) for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(CheckpointError) as e:
+        load_base(tmp_path / "damaged")
+    assert_non_finite_named(e.value, f"hf checkpoint {tmp_path / 'damaged'}", NON_FINITE, origin)
+    assert load_base(tmp_path / "finite").layers[0].attention.wq.weight.dtype == torch.float32
+
+
+def lora_folder(folder, values):
+    from llama_adapter.config import LoRAArgs
+    from llama_adapter.lora import LORA_WEIGHTS, add_lora, save_lora
+
+    save_lora(with_values(add_lora(random_model("tiny"), LoRAArgs(rank=2)), values), folder, base_model="tiny")
+    return folder, f"LoRA {folder / LORA_WEIGHTS}"
+
+
+def adapter_file(folder, values, release=False):
+    m = with_values(random_model("tiny", AdapterArgs(adapter_len=3, adapter_layers=2)), values)
+    folder.mkdir()
+    path = folder / ("release.pth" if release else "a.safetensors")
+    release_pth(m, path) if release else save_adapter(m, path, base_model="tiny")
+    return path, f"adapter {path}"
+
+
+ADAPTERS = {  # (write, where it puts a NaN and an infinity)
+    "adapter": (adapter_file, {"adapter_query": float("nan"), "adapter_gate": float("inf")}),
+    "original release": (lambda folder, values: adapter_file(folder, values, release=True),
+                         {"adapter_query": float("nan"), "adapter_gate": -float("inf")}),
+    "LoRA": (lora_folder, {"layers.0.attention.wq.lora_a": float("nan"), "layers.1.attention.wv.lora_b": float("inf")}),
+}
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_an_adapter_holding_nan_or_infinity_is_refused_naming_its_file_and_tensors(tmp_path, kind):
+    """As for a base: an adapter or a LoRA holding a NaN or an infinity was put into the model; refused, naming the
+    file and the tensors. (PEFT's AdaptionPrompt: test_peft_adaption_prompt's refusals.) A finite one loads."""
+    write, values = ADAPTERS[kind]
+    save_meta_checkpoint(random_model("tiny"), tmp_path / "base")
+    adapter = AdapterArgs(adapter_len=3, adapter_layers=2) if kind == "original release" else None
+    path, source = write(tmp_path / "damaged", values)
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "base", path, adapter=adapter)
+    assert_non_finite_named(e.value, source, values)
+    load_model(tmp_path / "base", write(tmp_path / "finite", {})[0], adapter=adapter)

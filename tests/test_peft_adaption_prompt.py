@@ -106,7 +106,17 @@ def trained_on_a_narrower_model(t):
         t[PEFT_PROMPT.format(i=i)] = t[PEFT_PROMPT.format(i=i)][..., :32].contiguous()
 
 
+def non_finite_prompts(t):
+    t[PEFT_PROMPT.format(i=1)][0, 0, 1] = float("nan")
+    t[PEFT_PROMPT.format(i=3)][0, 2, 0] = float("inf")
+
+
 REFUSALS = {
+    "NaN or infinity": (  # was loaded, as in any other file (test_checkpoint's tests of non-finite values)
+        lambda f: edit_tensors(f, non_finite_prompts),
+        rf"PEFT AdaptionPrompt .*{WEIGHTS}: tensors holding NaN or infinity \(2\): "
+        r"base_model.model.model.layers.1.self_attn.adaption_prompt: 1 NaN and 0 infinite of 192 values, "
+        r"base_model.model.model.layers.3.self_attn.adaption_prompt: 0 NaN and 1 infinite of 192 values; "),
     "gate at or beyond ±1": (
         lambda f: edit_tensors(f, gates_at_one),
         rf"{WEIGHTS}: adaption_gate of layer 2: 1.0, layer 3: -1.5; .* only PEFT gates in \(-1, 1\)"),
