@@ -1,5 +1,6 @@
 """Checkpoint formats: Meta shards, HF safetensors (sharded), GGUF, adapters; and the errors on bad files."""
 
+import dataclasses
 import json
 import math
 import re
@@ -1199,3 +1200,27 @@ def test_an_adapter_holding_nan_or_infinity_is_refused_naming_its_file_and_tenso
         load_model(tmp_path / "base", path, adapter=adapter)
     assert_non_finite_named(e.value, source, values)
     load_model(tmp_path / "base", write(tmp_path / "finite", {})[0], adapter=adapter)
+
+
+def test_copies_of_a_tensor_holding_the_same_nan_are_not_called_different(tmp_path):
+    """Meta's replicated tensors (norms) must be equal in every shard, and a tied checkpoint's output.weight equal to
+    tok_embeddings; torch.equal calls a NaN unequal to itself, so copies damaged alike were refused as differing
+    copies, not for their NaN: they are named as non-finite like any other tensor."""
+    from safetensors.torch import load_file, save_file
+
+    values = {"norm.weight": float("nan")}
+    folder, _ = meta_base(tmp_path / "meta", values, n_shards=2)
+    with pytest.raises(CheckpointError) as e:
+        load_base(folder)
+    assert_non_finite_named(e.value, f"meta checkpoint {folder}", values)
+
+    values = {"tok_embeddings.weight": float("nan")}
+    tied = random_model(dataclasses.replace(BLOCKS_OF_32, tie_embeddings=True))
+    save_full(with_values(tied, values), tmp_path / "tied", base_model="tiny")
+    weights = tmp_path / "tied" / "model.safetensors"
+    state = load_file(weights)  # as a tied checkpoint that writes the output all the same
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, weights)
+    with pytest.raises(CheckpointError) as e:
+        load_base(tmp_path / "tied")
+    assert_non_finite_named(e.value, f"hf checkpoint {tmp_path / 'tied'}", values,
+                            lambda k: f"model.safetensors: {to_foreign_name(k, 1)}")

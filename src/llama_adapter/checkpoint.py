@@ -171,13 +171,20 @@ def meta_model_args(params: dict, source: str, vocab_size: int) -> ModelArgs:
         raise CheckpointError(f"{source}: {e}" if source not in str(e) else str(e)) from None
 
 
+def same_values(a: Tensor, b: Tensor) -> bool:
+    """torch.equal, but with a NaN equal to a NaN in the same place: copies of a tensor damaged alike are no different
+    copies, and check_state names their NaN. The slower comparison runs only where torch.equal finds a difference."""
+    return torch.equal(a, b) or (a.shape == b.shape and a.dtype == b.dtype  # allclose broadcasts, refuses mixed dtypes
+                                 and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+
+
 def merge_shards(name: str, shards: list[Tensor], shape: torch.Size) -> Tensor:
     """Merge one tensor's model-parallel shards by their shapes: the one dimension on which a shard is
     1/n of the full tensor is the dimension it was split on (rows for wq/wk/wv/w1/w3/output, columns for
     wo/w2 and LLaMA-1/2's tok_embeddings); a tensor whose shards all have the full shape is replicated."""
     first = shards[0]
     if first.shape == shape:
-        if any(not torch.equal(first, s) for s in shards[1:]):
+        if any(not same_values(first, s) for s in shards[1:]):
             raise CheckpointError(f"{name}: replicated tensor differs between model-parallel shards")
         return first
     n = len(shards)
@@ -586,7 +593,7 @@ def load_base(
         except CheckpointError as e:
             raise CheckpointError(f"{path}, {len(shards)} model-parallel shards (consolidated.NN.pth): {e}") from None
     if args.tie_embeddings and "output.weight" in state:
-        if not torch.equal(state["output.weight"], state.get("tok_embeddings.weight", torch.empty(0))):
+        if not same_values(state["output.weight"], state.get("tok_embeddings.weight", torch.empty(0))):
             raise CheckpointError(f"{path}: tie_embeddings is set but output.weight differs from tok_embeddings")
         state = {k: v for k, v in state.items() if k != "output.weight"}
     check_state(expected, state, f"{fmt} checkpoint {path}", origin)
