@@ -1057,6 +1057,8 @@ def test_a_peft_bin_without_its_adapter_config_names_the_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder / 'adapter_model.bin'))}: a .bin adapter is "
                                               "PEFT's weights, but no adapter_config.json is beside it"):
         load_model(base, folder / "adapter_model.bin")
+
+
 # ---------------------------------------------------------------- from an audit of checkpoint values (NaN, infinity)
 
 
