@@ -1174,6 +1174,14 @@ def lora_folder(folder, values):
     return folder, f"LoRA {folder / LORA_WEIGHTS}"
 
 
+def lora_name(ours: str) -> str:
+    """A LoRA tensor's name in the file PEFT's layout writes: layers.0.attention.wq.lora_a is
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    layer, _, target, which = ours.removeprefix("layers.").split(".")
+    module = {"wq": "self_attn.q_proj", "wv": "self_attn.v_proj"}[target]
+    return f"base_model.model.model.layers.{layer}.{module}.lora_{which[-1].upper()}.weight"
+
+
 def adapter_file(folder, values, release=False):
     m = with_values(random_model("tiny", AdapterArgs(adapter_len=3, adapter_layers=2)), values)
     folder.mkdir()
@@ -1182,11 +1190,12 @@ def adapter_file(folder, values, release=False):
     return path, f"adapter {path}"
 
 
-ADAPTERS = {  # (write, where it puts a NaN and an infinity)
-    "adapter": (adapter_file, {"adapter_query": float("nan"), "adapter_gate": float("inf")}),
+ADAPTERS = {  # (write, where it puts a NaN and an infinity, each tensor's name in the file where the error gives it)
+    "adapter": (adapter_file, {"adapter_query": float("nan"), "adapter_gate": float("inf")}, lambda k: None),
     "original release": (lambda folder, values: adapter_file(folder, values, release=True),
-                         {"adapter_query": float("nan"), "adapter_gate": -float("inf")}),
-    "LoRA": (lora_folder, {"layers.0.attention.wq.lora_a": float("nan"), "layers.1.attention.wv.lora_b": float("inf")}),
+                         {"adapter_query": float("nan"), "adapter_gate": -float("inf")}, lambda k: None),
+    "LoRA": (lora_folder, {"layers.0.attention.wq.lora_a": float("nan"), "layers.1.attention.wv.lora_b": float("inf")},
+             lora_name),
 }
 
 
@@ -1194,13 +1203,13 @@ ADAPTERS = {  # (write, where it puts a NaN and an infinity)
 def test_an_adapter_holding_nan_or_infinity_is_refused_naming_its_file_and_tensors(tmp_path, kind):
     """As for a base: an adapter or a LoRA holding a NaN or an infinity was put into the model; refused, naming the
     file and the tensors. (PEFT's AdaptionPrompt: test_peft_adaption_prompt's refusals.) A finite one loads."""
-    write, values = ADAPTERS[kind]
+    write, values, origin = ADAPTERS[kind]
     save_meta_checkpoint(random_model("tiny"), tmp_path / "base")
     adapter = AdapterArgs(adapter_len=3, adapter_layers=2) if kind == "original release" else None
     path, source = write(tmp_path / "damaged", values)
     with pytest.raises(CheckpointError) as e:
         load_model(tmp_path / "base", path, adapter=adapter)
-    assert_non_finite_named(e.value, source, values)
+    assert_non_finite_named(e.value, source, values, origin)
     load_model(tmp_path / "base", write(tmp_path / "finite", {})[0], adapter=adapter)
 
 
