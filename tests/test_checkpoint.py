@@ -1059,6 +1059,39 @@ def test_a_peft_bin_without_its_adapter_config_names_the_missing_file(tmp_path):
         load_model(base, folder / "adapter_model.bin")
 
 
+@pytest.mark.parametrize("key, value", [
+    ("layers_to_transform", [0]), ("layers_to_transform", 0), ("layers_pattern", "layers"),
+    ("layer_replication", [[0, 2], [1, 2]]), ("modules_to_save", ["lm_head"]), ("lora_bias", True),
+    ("target_parameters", ["mlp.down_proj.weight"]), ("exclude_modules", ["q_proj"]), ("use_qalora", True),
+    ("trainable_token_indices", [0, 1]), ("alora_invocation_tokens", [5]), ("megatron_config", {"num_layers": 2}),
+    ("kasa_config", {}), ("use_bdlora", {}), ("arrow_config", {}), ("monteclora_config", {}),
+])
+def test_a_peft_lora_option_the_merge_does_not_implement_is_refused(tmp_path, key, value):
+    """Only DoRA, rsLoRA, fan_in_fan_out, bias and per-module ranks and alphas were refused: a LoRA of some layers
+    only, of other modules too, with a bias on B or any other of PEFT's variants was merged as plain LoRA on every
+    layer, silently wrong (or its tensors called unexpected, naming no setting). Each is refused, naming its key
+    and value; layers_to_transform 0 (the first layer) is set, though Python holds 0 equal to false, and so is a
+    variant's config of {} (PEFT turns the variant on with its default settings)."""
+    base, folder = saved_lora(tmp_path)
+    edited_json(folder, "adapter_config.json", **{key: value})
+    with pytest.raises(CheckpointError, match=rf"adapter_config.json: {key}={re.escape(repr(value))} is not "
+                                              "supported; expected a PEFT LoRA"):
+        load_model(base, folder)
+
+
+def test_peft_lora_options_at_their_default_or_of_training_alone_load(tmp_path):
+    """PEFT writes every option of its LoraConfig: null, false or empty where unused, and the initialisation's,
+    which do not change what the trained weights mean."""
+    base, folder = saved_lora(tmp_path)
+    expected = load_model(base, folder)
+    edited_json(folder, "adapter_config.json", layers_to_transform=None, layers_pattern=None, layer_replication=None,
+                modules_to_save=[], lora_bias=False, target_parameters=[], exclude_modules=None, use_qalora=False,
+                qalora_group_size=16, trainable_token_indices=None, alora_invocation_tokens=None,
+                megatron_config=None, megatron_core="megatron.core", rank_pattern={}, alpha_pattern={},
+                init_lora_weights="gaussian", loftq_config={}, eva_config=None, ensure_weight_tying=False)
+    assert_same_logits(load_model(base, folder), expected)
+
+
 # ---------------------------------------------------------------- from an audit of checkpoint values (NaN, infinity)
 
 

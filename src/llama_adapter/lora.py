@@ -49,7 +49,33 @@ BLOCK_PART = {t: part for t, (part, _) in PROJECTIONS.items()}
 HF_MODULES = {t: module for t, (_, module) in PROJECTIONS.items()}
 # The adapter_config.json key of each LoRAArgs field read from one.
 PEFT_KEYS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"}
+# PEFT's LoRA variants with weights or routing of their own, each turned on by a config of its own ({} included).
+PEFT_VARIANT_CONFIGS = ("kasa_config", "use_bdlora", "arrow_config", "monteclora_config")
+# PEFT's LoraConfig options that change what the weights mean or which modules they apply to, none of which the merge
+# (W + alpha / r · B A on the targeted projections of every layer) implements: merged as plain LoRA, each would give
+# silently wrong weights (or tensors check_state calls unexpected, naming no setting). Options of the training alone
+# (init_lora_weights and its loftq/eva/corda/lora_ga configs, velora_config's backward pass), or of an option refused
+# here (qalora_group_size, megatron_core) are not listed.
+PEFT_UNSUPPORTED = (
+    "fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "use_qalora",  # another update than (alpha / r) B A
+    "rank_pattern", "alpha_pattern",  # per-module ranks and alphas: one LoRAArgs holds one of each
+    # the projections of some layers only, or of other modules, or of a stack of layers other than the base's
+    "layers_to_transform", "layers_pattern", "layer_replication", "exclude_modules", "target_parameters",
+    "modules_to_save", "trainable_token_indices",  # whole modules or embedding rows trained beside the LoRA
+    "megatron_config",  # Megatron's parallel layers, not Hugging Face's LLaMA
+    "alora_invocation_tokens",  # applied from an invocation token on: no merge can hold that
+    *PEFT_VARIANT_CONFIGS,
+)
 PEFT_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+
+
+def is_peft_default(key: str, value) -> bool:
+    """An adapter_config.json option that PEFT takes as unused: null, false or empty. 0 is set (layers_to_transform 0
+    is the first layer), though Python holds it equal to false; so is a variant's config of {} (PEFT turns the variant
+    on for any config, {} giving it its default settings)."""
+    if key in PEFT_VARIANT_CONFIGS:
+        return value is None
+    return value is None or value is False or (isinstance(value, list | dict) and not value)
 
 
 def is_lora_param(name: str) -> bool:
@@ -184,15 +210,12 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Te
     LLaMA of the same base."""
     config_path = path.parent / PEFT_CONFIG
     config = read_config(config_path)
-    expected = ("a PEFT LoRA (peft_type LORA, bias none, no DoRA or rsLoRA, one rank and alpha for every module, "
-                "target_modules among q/k/v/o/gate/up/down)")
-    problems = [f"{k}={config.get(k)!r}" for k, want in (("peft_type", "LORA"), ("bias", "none"),
-                                                        ("use_dora", False), ("use_rslora", False),
-                                                        ("fan_in_fan_out", False))
+    expected = ("a PEFT LoRA (peft_type LORA, bias none, one rank and alpha for every module, target_modules among "
+                "q/k/v/o/gate/up/down, and every option that changes what the weights mean or where they apply, "
+                "as DoRA, rsLoRA, layers_to_transform or modules_to_save, at PEFT's default: null, false or empty)")
+    problems = [f"{k}={config.get(k)!r}" for k, want in (("peft_type", "LORA"), ("bias", "none"))
                 if config.get(k, want) != want]
-    # PEFT's per-module rank and alpha: one LoRAArgs holds one of each, and a module of another alpha would be merged
-    # with the common alpha / r, silently wrong (another rank would at least mis-shape its tensors).
-    problems += [f"{k}={config[k]!r}" for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
+    problems += [f"{k}={config[k]!r}" for k in PEFT_UNSUPPORTED if not is_peft_default(k, config.get(k))]
     if problems:
         raise CheckpointError(f"{config_path}: {', '.join(problems)} is not supported; expected {expected}")
     to_meta = {v.split(".")[1]: k for k, v in HF_MODULES.items()}
