@@ -1092,6 +1092,15 @@ def test_peft_lora_options_at_their_default_or_of_training_alone_load(tmp_path):
     assert_same_logits(load_model(base, folder), expected)
 
 
+def test_a_peft_lora_naming_a_target_module_twice_loads_as_peft_reads_it(tmp_path):
+    """PEFT reads target_modules as a set; a name written twice was refused, its message giving Meta's names
+    (['wq', 'wq', 'wv']) under PEFT's key. It is the same LoRA as without the repeat."""
+    base, folder = saved_lora(tmp_path)
+    expected = load_model(base, folder)
+    edited_json(folder, "adapter_config.json", target_modules=["q_proj", "q_proj", "v_proj"])
+    assert_same_logits(load_model(base, folder), expected)
+
+
 # ---------------------------------------------------------------- from an audit of checkpoint values (NaN, infinity)
 
 

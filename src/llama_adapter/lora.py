@@ -226,7 +226,8 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Te
         raise CheckpointError(f"{config_path}: {', '.join(missing)} missing; expected {expected}")
     try:  # the values as written, which LoRAArgs checks: int() and float() took "2", 2.5 and true as numbers
         args = LoRAArgs(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                        tuple(sorted((to_meta[m] for m in modules), key=LORA_TARGETS.index)))
+                        # a set, as PEFT reads target_modules: a name written twice targets its module once
+                        tuple(sorted({to_meta[m] for m in modules}, key=LORA_TARGETS.index)))
     except ValueError as e:  # LoRAArgs names its own field: the key of adapter_config.json instead
         field, _, rest = str(e).partition(" ")
         raise CheckpointError(f"{config_path}: {PEFT_KEYS.get(field, field)} {rest}; expected {expected}") from None
