@@ -1101,6 +1101,30 @@ def test_a_peft_lora_naming_a_target_module_twice_loads_as_peft_reads_it(tmp_pat
     assert_same_logits(load_model(base, folder), expected)
 
 
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+@pytest.mark.parametrize("key, value", [("dim", "64"), ("n_layers", 2.0), ("n_heads", True), ("vocab_size", None),
+                                        ("hidden_dim", [176]), ("n_kv_heads", 0)])
+def test_a_header_base_args_shape_of_the_wrong_type_is_a_damaged_header(tmp_path, kind, key, value):
+    """base_args' structural args were compared with the base's by ==: a "64" or null was called another base, a
+    2.0 or true passed as 2 or 1. Each is a damaged header naming the file and key, as ModelArgs checks them; a
+    well-typed other value is still another base."""
+    if kind == "lora":
+        base, folder = saved_lora(tmp_path)
+        weights, name = folder / "adapter_model.safetensors", "LoRA"
+    else:
+        base, weights = saved_adapter(tmp_path)
+        folder, name = weights, "adapter"
+    base_args = load_base(base).args.to_dict()
+    rewrite_safetensors(weights, header={"base_args": json.dumps({**base_args, key: value})})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: damaged {name} header: base_args {key} "
+                                              rf"{re.escape(repr(value))}; expected a positive integer"):
+        load_model(base, folder)
+    rewrite_safetensors(weights, header={"base_args": json.dumps({**base_args, key: base_args[key] * 2})})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: trained on base 'tiny', which differs "
+                                              rf"from this base in .*'{key}': \({base_args[key] * 2}, "):
+        load_model(base, folder)
+
+
 # ---------------------------------------------------------------- from an audit of checkpoint values (NaN, infinity)
 
 

@@ -24,7 +24,16 @@ import torch
 from torch import Tensor
 
 from .adapter import AdaptedTransformer
-from .config import FULL_WEIGHTS, PEFT_CONFIG, WEIGHTS, AdapterArgs, ModelArgs, is_original_release, is_positive_finite
+from .config import (
+    FULL_WEIGHTS,
+    PEFT_CONFIG,
+    WEIGHTS,
+    AdapterArgs,
+    ModelArgs,
+    is_original_release,
+    is_positive_finite,
+    is_positive_int,
+)
 from .data.paths import is_file_name
 from .errors import CheckpointError
 from .io import atomic_path, read_json_object, save_safetensors
@@ -669,13 +678,15 @@ NUMERIC_ARGS = ("norm_eps", "rope_theta")
 def check_trained_on(path: Path, header: dict[str, str], args: ModelArgs, kind: str) -> None:
     """A file whose header names the base it was trained on (`base_args`) fits a model of `args`."""
     trained_on = json.loads(header["base_args"])
-    # A numeric arg the header leaves out is not compared (only the shapes are); one it holds is the base's, a
-    # positive finite number as ModelArgs holds it: another value ("abc", null, a list) is a damaged header, not a
-    # base to skip the comparison for.
-    for k in NUMERIC_ARGS:
-        if k in trained_on and not is_positive_finite(trained_on[k]):
-            raise CheckpointError(f"{path}: damaged {kind} header: base_args {k} {trained_on[k]!r}; expected a "
-                                  f"positive finite number (the {k} of the base it was trained on)")
+    # A numeric arg the header leaves out is not compared (only the shapes are). An arg it holds is the base's, of
+    # the type ModelArgs holds it in (the same checks): another value is a damaged header, not a base to skip the
+    # comparison for ("abc", null), nor another base ("64"), nor this one (2.0 and true compare equal to 2 and 1).
+    for keys, is_valid, expected in ((STRUCTURAL_ARGS, is_positive_int, "a positive integer"),
+                                     (NUMERIC_ARGS, is_positive_finite, "a positive finite number")):
+        for k in keys:
+            if k in trained_on and not is_valid(trained_on[k]):
+                raise CheckpointError(f"{path}: damaged {kind} header: base_args {k} {trained_on[k]!r}; expected "
+                                      f"{expected} (the {k} of the base it was trained on)")
     diff = {k: (trained_on.get(k), getattr(args, k)) for k in STRUCTURAL_ARGS if trained_on.get(k) != getattr(args, k)}
     diff |= {k: (trained_on[k], getattr(args, k)) for k in NUMERIC_ARGS
              if k in trained_on and not math.isclose(trained_on[k], getattr(args, k), rel_tol=1e-4)}

@@ -19,6 +19,12 @@ def is_positive_finite(value: Any) -> bool:
         return False
 
 
+def is_positive_int(value: Any) -> bool:
+    """Whether `value` is a positive integer: not a boolean (JSON's true is no number) and not a float (2.0, which
+    compares equal to 2 but is no count of layers or heads)."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+
 def _check_types(obj: Any, ints: tuple[str, ...], reals: tuple[str, ...] = (), bools: tuple[str, ...] = (),
                  optional: tuple[str, ...] = ()) -> None:
     """Each named field of a frozen dataclass, read from a file (params.json, config.json, a GGUF, a header), of its
@@ -31,8 +37,7 @@ def _check_types(obj: Any, ints: tuple[str, ...], reals: tuple[str, ...] = (), b
         if value is None and name in optional:
             continue
         if name in ints:
-            ok, expected = isinstance(value, Integral) and not isinstance(value, bool) and value >= 1, \
-                "a positive integer"
+            ok, expected = is_positive_int(value), "a positive integer"
         elif name in reals:
             ok, expected = is_positive_finite(value), "a positive finite number"
         else:
