@@ -872,6 +872,16 @@ def saved_adapter(tmp_path):
     return tmp_path / "base", tmp_path / "a.safetensors"
 
 
+def saved_with_header(tmp_path, kind):
+    """A base and an adapter or LoRA of ours trained on it: (base folder, what load_model takes for the adapter or
+    LoRA, the weights file holding its header, the kind's name in a damaged header's message)."""
+    if kind == "lora":
+        base, folder = saved_lora(tmp_path)
+        return base, folder, folder / "adapter_model.safetensors", "LoRA"
+    base, weights = saved_adapter(tmp_path)
+    return base, weights, weights, "adapter"
+
+
 def rewrite_safetensors(path, header=None, tensors=None):
     """Write `path` again with its header's keys changed by `header` (None: removed) and its tensors by `tensors`
     (None: removed)."""
@@ -902,12 +912,7 @@ def test_a_damaged_header_of_an_adapter_or_lora_names_the_file_and_key(tmp_path,
     a list or a string an AttributeError from check_trained_on, and its lora_args was never read. Both now check their
     header with one helper: each of base_args and adapter_args / lora_args a JSON object, a damaged one a
     CheckpointError naming the file and key (read_adapter's named no key where the text was no JSON)."""
-    if kind == "lora":
-        base, folder = saved_lora(tmp_path)
-        weights, name = folder / "adapter_model.safetensors", "LoRA"
-    else:
-        base, weights = saved_adapter(tmp_path)
-        folder, name = weights, "adapter"
+    base, folder, weights, name = saved_with_header(tmp_path, kind)
     key = f"{kind}_args" if key == "args" else key
     rewrite_safetensors(weights, header={key: text})
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: damaged {name} header: {key}{problem}"):
@@ -1108,12 +1113,7 @@ def test_a_header_base_args_shape_of_the_wrong_type_is_a_damaged_header(tmp_path
     """base_args' structural args were compared with the base's by ==: a "64" or null was called another base, a
     2.0 or true passed as 2 or 1. Each is a damaged header naming the file and key, as ModelArgs checks them; a
     well-typed other value is still another base."""
-    if kind == "lora":
-        base, folder = saved_lora(tmp_path)
-        weights, name = folder / "adapter_model.safetensors", "LoRA"
-    else:
-        base, weights = saved_adapter(tmp_path)
-        folder, name = weights, "adapter"
+    base, folder, weights, name = saved_with_header(tmp_path, kind)
     base_args = load_base(base).args.to_dict()
     rewrite_safetensors(weights, header={"base_args": json.dumps({**base_args, key: value})})
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: damaged {name} header: base_args {key} "
@@ -1122,6 +1122,25 @@ def test_a_header_base_args_shape_of_the_wrong_type_is_a_damaged_header(tmp_path
     rewrite_safetensors(weights, header={"base_args": json.dumps({**base_args, key: base_args[key] * 2})})
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: trained on base 'tiny', which differs "
                                               rf"from this base in .*'{key}': \({base_args[key] * 2}, "):
+        load_model(base, folder)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+@pytest.mark.parametrize("key", ["base_args", "args"])
+def test_a_header_setting_given_twice_is_a_damaged_header(tmp_path, kind, key):
+    """A header's JSON holding a key twice ({"dim": 128, ..., "dim": 64}) was read with the last value kept silently,
+    the first never checked; adapter_config.json's JSON already refused it. It is a damaged header naming the file,
+    the header key and the repeated key."""
+    from safetensors import safe_open
+
+    base, folder, weights, name = saved_with_header(tmp_path, kind)
+    key = f"{kind}_args" if key == "args" else key
+    repeated = {"base_args": "dim", "adapter_args": "adapter_len", "lora_args": "rank"}[key]
+    with safe_open(weights, "pt") as f:
+        text = f.metadata()[key]
+    rewrite_safetensors(weights, header={key: f'{{"{repeated}": 128, {text[1:]}'})  # the file's value last
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: damaged {name} header: {key} holds key "
+                                              rf"'{repeated}' twice; expected a JSON object of settings, each key"):
         load_model(base, folder)
 
 

@@ -36,7 +36,7 @@ from .config import (
 )
 from .data.paths import is_file_name
 from .errors import CheckpointError
-from .io import atomic_path, read_json_object, save_safetensors
+from .io import DuplicateKey, atomic_path, no_duplicate_keys, read_json_object, save_safetensors
 from .model import Transformer
 from .quantize import int8_format
 
@@ -725,15 +725,19 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], 
 
 def header_settings(path: Path, header: dict[str, str], key: str, kind: str, cls: type | None = None):
     """The settings this project's header holds as JSON under `key` (base_args, adapter_args, lora_args): a JSON
-    object, read into `cls` (AdapterArgs, LoRAArgs) where given. One that is missing, no JSON, no object or no
-    valid `cls` is a damaged header, named with the file and the key: read_adapter and read_lora check theirs alike."""
+    object, read into `cls` (AdapterArgs, LoRAArgs) where given. One that is missing, no JSON, no object, holding a
+    key twice or no valid `cls` is a damaged header, named with the file and the key: read_adapter and read_lora check
+    theirs alike."""
     damaged = f"{path}: damaged {kind} header: {key}"
     if key not in header:
         raise CheckpointError(f"{damaged} is missing; expected a JSON object of settings, as training writes it")
     try:
-        settings = json.loads(header[key])
+        settings = json.loads(header[key], object_pairs_hook=no_duplicate_keys)
     except ValueError as e:  # a JSONDecodeError, or a number too long for Python to read
         raise CheckpointError(f"{damaged} is not JSON ({e}); expected a JSON object of settings") from None
+    except DuplicateKey as e:  # json keeps the last value: {"dim": 64, "dim": 128} checked as 128 alone
+        raise CheckpointError(f"{damaged} holds key {e.args[0]!r} twice; expected a JSON object of settings, each "
+                              "key once") from None
     if not isinstance(settings, dict):
         raise CheckpointError(f"{damaged} holds a JSON {type(settings).__name__}; expected a JSON object of settings")
     if cls is None:

@@ -365,7 +365,7 @@ def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: typ
     data = _read_bytes(path, expected, error)
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark, as a JSON Lines file's, is read past
-        value = json.loads(text, object_pairs_hook=_no_duplicate_keys,
+        value = json.loads(text, object_pairs_hook=no_duplicate_keys,
                            **({} if allow_nan else FINITE_ONLY))
         if LONE_SURROGATE_ESCAPE.search(text):
             _check_unicode(value)
@@ -376,7 +376,7 @@ def read_json(path: str | os.PathLike, expected: str = "a JSON file", error: typ
     except UnicodeEncodeError:
         raise error(f"{path}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair); "
                     f"expected valid Unicode text ({expected})") from None
-    except _DuplicateKey as e:
+    except DuplicateKey as e:
         raise error(f"{path}{_repeated_key(text, e.args[0], records=True)} appears twice in one object; expected "
                     f"each key once ({expected})") from None
     except UnicodeDecodeError as e:
@@ -394,15 +394,17 @@ def read_json_object(path: str | os.PathLike, expected: str = "the JSON object a
     return value
 
 
-class _DuplicateKey(Exception):
-    pass
+class DuplicateKey(Exception):
+    """A key given twice in one JSON object (its args: the key)."""
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json.loads' object_pairs_hook that refuses a key given twice in one object (DuplicateKey): json keeps the last
+    value silently, as any reader of a JSON object written by hand, or edited, would not expect."""
     obj = {}
     for key, value in pairs:
         if key in obj:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
         obj[key] = value
     return obj
 
@@ -412,7 +414,7 @@ class _Pairs(list):
 
 
 def _repeated_key(text: str, key: str, records: bool) -> str:
-    """Where in `text` the object _no_duplicate_keys refused for `key` sits, for a message: ", record 17: key
+    """Where in `text` the object no_duplicate_keys refused for `key` sits, for a message: ", record 17: key
     'output'" (records: an item of a top-level list is a record, as Alpaca's), ", at ['123']['hint']: key 'x'" (the
     keys down to it), ": key '1'" (the top-level object). Read again keeping every pair, as the hook is told no
     place; a value nested too deep to walk is told by its key alone."""
@@ -478,7 +480,7 @@ def _non_finite_place(text: str, records: bool) -> str:
 
 def _first_repeat(value: Any, keys: list) -> list | None:
     """The keys down to the first object under `value` holding a key twice, in the order json ends objects (an
-    object after those inside it): the one _no_duplicate_keys refused."""
+    object after those inside it): the one no_duplicate_keys refused."""
     inside = value if isinstance(value, _Pairs) else enumerate(value) if isinstance(value, list) else ()
     for k, v in inside:
         if (found := _first_repeat(v, [*keys, k])) is not None:
@@ -506,7 +508,7 @@ def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file
         if not text.strip():
             continue
         try:
-            value = json.loads(text, object_pairs_hook=_no_duplicate_keys, **FINITE_ONLY)
+            value = json.loads(text, object_pairs_hook=no_duplicate_keys, **FINITE_ONLY)
             if LONE_SURROGATE_ESCAPE.search(text):
                 _check_unicode(value)
             out.append((line_no, value))
@@ -516,7 +518,7 @@ def read_jsonl_lines(path: str | os.PathLike, expected: str = "a JSON Lines file
         except UnicodeEncodeError:
             raise error(f"{path}, line {line_no}: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
                             "escape without its pair); expected valid Unicode text") from None
-        except _DuplicateKey as e:
+        except DuplicateKey as e:
             raise error(f"{path}, line {line_no}{_repeated_key(text, e.args[0], records=False)} appears twice in "
                             "one object; expected each key once") from None
         except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number too long to read (see read_json)
