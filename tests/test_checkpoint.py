@@ -1084,6 +1084,21 @@ def test_a_peft_lora_option_the_merge_does_not_implement_is_refused(tmp_path, ke
         load_model(base, folder)
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga", "mica"])
+def test_a_peft_lora_whose_initialisation_rewrites_the_base_is_refused(tmp_path, init):
+    """PiSSA, OLoRA, CorDA, MiCA, LoRA-GA and LoftQ subtract the initial B A from the base (or quantise it) when PEFT
+    loads the LoRA, so an unconverted LoRA of theirs means W - B0 A0 + B A; merged onto the unchanged base it was
+    silently other weights. Refused, naming the setting and the conversion PEFT offers."""
+    base, folder = saved_lora(tmp_path)
+    edited_json(folder, "adapter_config.json", init_lora_weights=init)
+    with pytest.raises(CheckpointError, match=rf"adapter_config.json: init_lora_weights='{init}' \(PEFT rewrites the "
+                                              r"base's weights .* path_initial_model_for_weight_conversion\) is not "
+                                              "supported"):
+        load_model(base, folder)
+    edited_json(folder, "adapter_config.json", init_lora_weights="orthogonal")  # the base left as it is: loads
+    load_model(base, folder)
+
+
 def test_peft_lora_options_at_their_default_or_of_training_alone_load(tmp_path):
     """PEFT writes every option of its LoraConfig: null, false or empty where unused, and the initialisation's,
     which do not change what the trained weights mean."""

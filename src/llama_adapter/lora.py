@@ -54,8 +54,8 @@ PEFT_VARIANT_CONFIGS = ("kasa_config", "use_bdlora", "arrow_config", "monteclora
 # PEFT's LoraConfig options that change what the weights mean or which modules they apply to, none of which the merge
 # (W + alpha / r · B A on the targeted projections of every layer) implements: merged as plain LoRA, each would give
 # silently wrong weights (or tensors check_state calls unexpected, naming no setting). Options of the training alone
-# (init_lora_weights and its loftq/eva/corda/lora_ga configs, velora_config's backward pass), or of an option refused
-# here (qalora_group_size, megatron_core) are not listed.
+# (init_lora_weights but those of PEFT_BASE_REWRITING_INITS, its loftq/eva/corda/lora_ga configs, velora_config's
+# backward pass), or of an option refused here (qalora_group_size, megatron_core) are not listed.
 PEFT_UNSUPPORTED = (
     "fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "use_qalora",  # another update than (alpha / r) B A
     "rank_pattern", "alpha_pattern",  # per-module ranks and alphas: one LoRAArgs holds one of each
@@ -66,6 +66,10 @@ PEFT_UNSUPPORTED = (
     "alora_invocation_tokens",  # applied from an invocation token on: no merge can hold that
     *PEFT_VARIANT_CONFIGS,
 )
+# init_lora_weights that make PEFT rewrite the base's weights as it loads the LoRA (W - B A of the initial A and B, or
+# LoftQ's quantised base), unless the LoRA was converted at saving (path_initial_model_for_weight_conversion, which
+# writes init_lora_weights true): merged onto the unchanged base, such a LoRA gives other weights than PEFT's.
+PEFT_BASE_REWRITING_INITS = re.compile(r"(pissa|corda).*|olora|mica|loftq|lora_ga", re.IGNORECASE)
 PEFT_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
 
@@ -216,6 +220,9 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Te
     problems = [f"{k}={config.get(k)!r}" for k, want in (("peft_type", "LORA"), ("bias", "none"))
                 if config.get(k, want) != want]
     problems += [f"{k}={config[k]!r}" for k in PEFT_UNSUPPORTED if not is_peft_default(k, config.get(k))]
+    if isinstance(init := config.get("init_lora_weights"), str) and PEFT_BASE_REWRITING_INITS.fullmatch(init):
+        problems.append(f"init_lora_weights={init!r} (PEFT rewrites the base's weights for it as it loads the LoRA; "
+                        "convert it at saving, path_initial_model_for_weight_conversion)")
     if problems:
         raise CheckpointError(f"{config_path}: {', '.join(problems)} is not supported; expected {expected}")
     to_meta = {v.split(".")[1]: k for k, v in HF_MODULES.items()}
