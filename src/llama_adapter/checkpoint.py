@@ -13,6 +13,7 @@ AdaptionPrompt (its prompts and per-layer gates) are read into the same tensors,
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -225,10 +226,14 @@ def read_meta_checkpoint(path: Path) -> tuple[ModelArgs, list[dict[str, Tensor]]
     shard_paths = [p for _, p in shards]
     # Shards are merged in rank order, so a lost or doubled rank would misplace the others: ranks 00 to N-1, each once.
     if ranks != list(range(len(ranks))):
-        missing = [f"{r:02d}" for r in range(ranks[-1]) if r not in ranks]
+        # Only the ranks shown are made: a stray consolidated.20240101.pth (a backup named by its date) lacks 20
+        # million, whose strings took 1.4 GB and 6 s to show 20.
+        n_missing = ranks[-1] + 1 - len(set(ranks))
+        missing = [f"{r:02d}" for r in itertools.islice((r for r in range(ranks[-1]) if r not in ranks), 21)]
         repeated = [f"{r:02d}" for r in sorted({r for r in ranks if ranks.count(r) > 1})]
-        problems = [f"{label}: {listed(items)}"
-                    for label, items in (("missing ranks", missing), ("ranks in more than one file", repeated))
+        problems = [f"{label} ({n}): {listed(items)}"
+                    for label, n, items in (("missing ranks", n_missing, missing),
+                                            ("ranks in more than one file", len(repeated), repeated))
                     if items]
         raise CheckpointError(f"{path}: expected one consolidated.NN.pth for each model-parallel rank 00 to "
                               f"{ranks[-1]:02d}: {'; '.join(problems)}")
