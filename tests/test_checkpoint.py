@@ -1178,6 +1178,15 @@ def test_a_header_setting_given_twice_is_a_damaged_header(tmp_path, kind, key):
         load_model(base, folder)
 
 
+def test_a_missing_bin_adapter_is_named_missing(tmp_path):
+    """A .bin path that does not exist (a typo) was said to be PEFT's weights lacking their adapter_config.json;
+    the file itself is named missing, as a missing .safetensors adapter is."""
+    base, _ = saved_lora(tmp_path)
+    missing = tmp_path / "elsewhere" / "adapter_model.bin"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(missing))}: no such file"):
+        load_model(base, missing)
+
+
 # ---------------------------------------------------------------- from an audit of checkpoint values (NaN, infinity)
 
 

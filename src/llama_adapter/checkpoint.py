@@ -711,6 +711,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], 
     """(adapter config, header, tensors) of an adapter written by `save_adapter`."""
     path = Path(path)
     if path.suffix == ".bin":  # none of ours: PEFT's pickled weights, whose settings lie beside them, not inside
+        must_be_file(path, f"PEFT's weights with the {PEFT_CONFIG} PEFT saved with them")  # a typo is no PEFT file
         raise CheckpointError(f"{path}: a .bin adapter is PEFT's weights, but no {PEFT_CONFIG} is beside it; expected "
                               f"the {PEFT_CONFIG} PEFT saved with them in {path.parent}")
     tensors, header = read_safetensors_file(path)
