@@ -1321,7 +1321,10 @@ def adapter_file(folder, values, release=False):
 ADAPTERS = {  # (write, where it puts a NaN and an infinity, each tensor's name in the file where the error gives it)
     "adapter": (adapter_file, {"adapter_query": float("nan"), "adapter_gate": float("inf")}, lambda k: None),
     "original release": (lambda folder, values: adapter_file(folder, values, release=True),
-                         {"adapter_query": float("nan"), "adapter_gate": -float("inf")}, lambda k: None),
+                         {"adapter_query": float("nan"), "adapter_gate": -float("inf")},
+                         # the release's own names (the tiny base's top 2 layers adapted), as a LoRA's are given
+                         {"adapter_query": "adapter_query.weight",
+                          "adapter_gate": "layers.N.attention.gate, N = 2..3"}.get),
     "LoRA": (lora_folder, {"layers.0.attention.wq.lora_a": float("nan"), "layers.1.attention.wv.lora_b": float("inf")},
              lora_name),
 }

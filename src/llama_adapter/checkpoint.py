@@ -765,10 +765,13 @@ def adapted_layers(n_layers: int, adapter: AdapterArgs) -> range:
     return range(n_layers - adapter.adapter_layers, n_layers)
 
 
-def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> dict[str, Tensor]:
+def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs
+                          ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors of an adapter `.pth` as the paper's code released it: `adapter_query.weight`
     (layers*len, dim) and `layers.N.attention.gate` (1, n_heads, 1, 1) for every layer (zero below the
-    adapted ones). The file records neither adapter_len nor adapter_layers, so `adapter` says them."""
+    adapted ones). The file records neither adapter_len nor adapter_layers, so `adapter` says them. Returned
+    under our names, with each one's names in the file for check_state (which finds neither adapter_query nor
+    adapter_gate in the release)."""
     if adapter.adapter_layers > n_layers:
         raise CheckpointError(f"{path}: --adapter-layers {adapter.adapter_layers} exceeds the base's {n_layers} "
                               "layers; expected the release's --adapter-len and --adapter-layers (the paper's 10 and "
@@ -804,10 +807,13 @@ def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs) -> di
                               f"{adapter.adapter_len} x --adapter-layers {adapter.adapter_layers} prompts of width "
                               f"{query.shape[-1]}; expected its rows to be adapter_len x adapter_layers: give the "
                               "release's --adapter-len and --adapter-layers (the paper's 10 and 30 when not given)")
-    return {
+    tensors = {
         "adapter_query": query.reshape(adapter.adapter_layers, adapter.adapter_len, -1),
         "adapter_gate": torch.stack([gates[i].float().flatten() for i in top]),
     }
+    gate_names = f"layers.{top.start}.attention.gate" if len(top) == 1 else \
+        f"layers.N.attention.gate, N = {top.start}..{top.stop - 1}"
+    return tensors, {"adapter_query": "adapter_query.weight", "adapter_gate": gate_names}
 
 
 def peft_files(path: Path) -> tuple[Path, Path] | None:
@@ -930,12 +936,13 @@ def read_fitting_adapter(model: AdaptedTransformer, adapter_path: Path, adapter:
     if getattr(model, "merged_lora", None):
         raise CheckpointError(f"{adapter_path}: the model's weights hold the merged LoRA {model.merged_lora}; load "
                               "the adapter onto a plain base")
+    origin: dict[str, str] = {}  # where the file names a tensor otherwise: its name there
     if (peft := peft_files(adapter_path)) is not None:  # any peft_type but LORA and ADAPTION_PROMPT is refused there
         recorded, tensors = read_peft_adaption_prompt(*peft, model.args)
     elif is_original_release(adapter_path):
         if adapter is None:
             raise CheckpointError(f"{adapter_path}: an original-release .pth needs adapter_len/adapter_layers given")
-        recorded, tensors = adapter, read_original_release(adapter_path, model.args.n_layers, adapter)
+        recorded, (tensors, origin) = adapter, read_original_release(adapter_path, model.args.n_layers, adapter)
     else:
         recorded, header, tensors = read_adapter(adapter_path)
         check_trained_on(adapter_path, header, model.args, "adapter")
@@ -944,7 +951,7 @@ def read_fitting_adapter(model: AdaptedTransformer, adapter_path: Path, adapter:
         shapes = model.adapter_shapes(recorded)
     except ValueError as e:  # more adapted layers than the base has
         raise CheckpointError(f"{adapter_path}: {e}") from None
-    check_state(shapes, tensors, f"adapter {adapter_path}")
+    check_state(shapes, tensors, f"adapter {adapter_path}", origin)
     return recorded, tensors
 
 
