@@ -723,7 +723,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], 
                  f"a safetensors file whose header format is {header.get('format')!r}")
         names = sorted(tensors)
         raise CheckpointError(f"{path}: not an adapter of this project: {found}, holding {len(names)} tensor(s) "
-                              f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); {expected}")
+                              f"({listed(names, 4)}); {expected}")
     adapter = header_settings(path, header, "adapter_args", "adapter", AdapterArgs)
     header_settings(path, header, "base_args", "adapter")  # read again by check_trained_on, which can then trust it
     return adapter, header, tensors
@@ -732,8 +732,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], 
 def header_settings(path: Path, header: dict[str, str], key: str, kind: str, cls: type | None = None):
     """The settings this project's header holds as JSON under `key` (base_args, adapter_args, lora_args): a JSON
     object, read into `cls` (AdapterArgs, LoRAArgs) where given. One that is missing, no JSON, no object, holding a
-    key twice or no valid `cls` is a damaged header, named with the file and the key: read_adapter and read_lora check
-    theirs alike."""
+    key twice or no valid `cls` is a damaged header, named with the file and the key: read_adapter and
+    lora.check_lora_header check theirs alike."""
     damaged = f"{path}: damaged {kind} header: {key}"
     if key not in header:
         raise CheckpointError(f"{damaged} is missing; expected a JSON object of settings, as training writes it")

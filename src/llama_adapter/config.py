@@ -10,11 +10,17 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 
+def is_number(value: Any) -> bool:
+    """Whether `value` is a real number as a file means one: not a boolean, which Python counts among the integers
+    (JSON's true would be 1)."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
 def is_positive_finite(value: Any) -> bool:
     """Whether `value` is a positive finite number: not a boolean (JSON's true is no number), and not an integer
     beyond the floats (10**400), which float() cannot hold."""
     try:
-        return isinstance(value, Real) and not isinstance(value, bool) and 0 < float(value) < float("inf")
+        return is_number(value) and 0 < float(value) < float("inf")
     except OverflowError:
         return False
 
@@ -249,7 +255,7 @@ class LoRAArgs:
         # Read from files too (adapter_config.json, a LoRA's header): a "2" or 2.5 for the rank, true or NaN for alpha
         # was taken as it came (int("2"), a rank of True is 1) or failed far from its file, in torch.
         _check_types(self, ("rank",), ("alpha",))
-        if not (isinstance(self.dropout, Real) and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1):
+        if not (is_number(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout {self.dropout!r}: expected a number from 0 to below 1")
         object.__setattr__(self, "dropout", float(self.dropout))
         targets = self.targets

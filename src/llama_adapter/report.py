@@ -26,7 +26,6 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,16 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from .config import EVALUATION_OUTPUTS, TRAINING_CONFIG, TRAINING_METRICS, WEIGHTS, AdapterArgs, ModelArgs, TrainConfig
+from .config import (
+    EVALUATION_OUTPUTS,
+    TRAINING_CONFIG,
+    TRAINING_METRICS,
+    WEIGHTS,
+    AdapterArgs,
+    ModelArgs,
+    TrainConfig,
+    is_number,
+)
 from .data import TOKEN_STATS
 from .data.scienceqa import CATEGORIES
 from .errors import InputError
@@ -1038,7 +1046,7 @@ def cell(v: Any, accuracy: bool = False) -> str:
         return ", ".join(cell(x) for x in v) or "none"
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
-    if accuracy and isinstance(v, Real) and not isinstance(v, bool):  # (an accuracy of 50 read as an int too)
+    if accuracy and is_number(v):  # (an accuracy of 50 read as an int too)
         return f"{v:.2f}"
     if isinstance(v, float | np.floating):
         return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
