@@ -367,7 +367,7 @@ def check_base(base: str | Path) -> str:
 
 
 def load_for_inference(base: Path, adapter_path: Path | None, device: str | None, dtype: str | None,
-                       quantize: str | None = InferenceConfig.quantize, compile: bool = False,
+                       quantize: str | None = InferenceConfig.quantize, compile: bool = CompileConfig.compile,
                        release: AdapterArgs | None = None):
     """A frozen model in eval mode with its projections fused (faster decoding, same results), on `device` in
     `dtype`, each left open (None) for devices.py to pick; its blocks' weights quantized if asked (after a LoRA is

@@ -40,6 +40,8 @@ from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
 
 PROVENANCE_TAGS = ("config_hash", "git_commit")  # the run tags scores.json keeps for the report's provenance
+# New tokens a generated ScienceQA answer may take ("The answer is (A)." and a little more); the benchmarks read it.
+ANSWER_TOKENS = 16
 
 
 @torch.no_grad()
@@ -90,7 +92,7 @@ def answer_by_likelihood(model: Transformer, tokenizer: Tokenizer, records: list
 
 
 def answer_by_generation(model: Transformer, tokenizer: Tokenizer, records: list[dict], batch_size: int,
-                         max_new_tokens: int = 16, images: list[np.ndarray | None] | None = None,
+                         max_new_tokens: int = ANSWER_TOKENS, images: list[np.ndarray | None] | None = None,
                          compile: bool = CompileConfig.compile, source: str = "ScienceQA"
                          ) -> tuple[list[int | None], list[str]]:
     """Each question's option as its greedy answer names it, and the answers; a question too long for the base is

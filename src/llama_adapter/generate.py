@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 
 from .checkpoint import apply_adapter, peft_files, put_adapter, read_fitting_adapter
-from .config import PAPER_SAMPLING, AdapterArgs, CompileConfig, InferenceConfig, Sampling, is_original_release
+from .config import (
+    PAPER_SAMPLING,
+    AdapterArgs,
+    CompileConfig,
+    InferenceConfig,
+    Sampling,
+    TrainConfig,
+    is_original_release,
+)
 from .errors import InputError
 from .model import Transformer, plain_tensors
 from .prompts import alpaca_prompt
@@ -398,9 +406,9 @@ def generate(
     prompts: list[list[int]],
     max_new_tokens: int,
     eos_id: int,
-    pad_id: int = 0,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    pad_id: int = TrainConfig.pad_id,
+    temperature: float = Sampling.temperature,
+    top_p: float = Sampling.top_p,
     generator: torch.Generator | None = None,
     cuda_graph: bool = True,
     compile: bool = CompileConfig.compile,
