@@ -26,17 +26,19 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from random_models import random_model  # benchmarks/random_models.py
 
 from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.data.fetch import fetch
 from llama_adapter.data.validate import validate
 from llama_adapter.devices import device_name, pick_device, pick_dtype, synchronize
-from llama_adapter.evaluate import answer_by_generation
+from llama_adapter.evaluate import ANSWER_TOKENS, answer_by_generation
 from llama_adapter.io import read_jsonl
 from llama_adapter.tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PAPER_CONFIG = Path(__file__).resolve().parents[1] / "config" / "paper-7b.yaml"
 
 
 def questions(source: Path, limit: int | None) -> list[dict]:
@@ -51,13 +53,18 @@ def questions(source: Path, limit: int | None) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="7B")
-    p.add_argument("--adapter-len", type=int, default=10)
-    p.add_argument("--adapter-layers", type=int, default=30)
+    p.add_argument("--adapter-len", type=int, default=AdapterArgs.adapter_len,
+                   help=f"default: {AdapterArgs.adapter_len}, AdapterArgs'")
+    p.add_argument("--adapter-layers", type=int, default=AdapterArgs.adapter_layers,
+                   help=f"default: {AdapterArgs.adapter_layers}, AdapterArgs'")
     p.add_argument("--questions", type=Path, default=SHARED / "scienceqa" / "test_4241_llava_cqm.json",
                    help="a ScienceQA source that fetch reads (default: LLaVA's test file in ../shared/data)")
     p.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "llama_sentencepiece_32k.model")
-    p.add_argument("--batch-size", type=int, default=32, help="questions per batch (config/paper-7b.yaml's)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="evaluate's answer length")
+    paper_batch = yaml.safe_load(PAPER_CONFIG.read_text())["evaluate"]["batch_size"]
+    p.add_argument("--batch-size", type=int, default=paper_batch,
+                   help=f"questions per batch (default: {paper_batch}, config/paper-7b.yaml's evaluate.batch_size)")
+    p.add_argument("--max-new-tokens", type=int, default=ANSWER_TOKENS,
+                   help=f"evaluate's answer length (default: {ANSWER_TOKENS}, evaluate.ANSWER_TOKENS)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--compile", action="store_true", help="also time a pass with the compiled decode step")
     ns = p.parse_args()

@@ -71,7 +71,7 @@ from profiling import print_profile  # benchmarks/profiling.py
 from random_models import random_model  # benchmarks/random_models.py
 
 from llama_adapter.adapter import AdaptedTransformer
-from llama_adapter.config import QUANTIZATIONS, AdapterArgs, ModelArgs
+from llama_adapter.config import QUANTIZATIONS, AdapterArgs, CompileConfig, ModelArgs, Sampling
 from llama_adapter.devices import device_name, synchronize
 from llama_adapter.generate import DecodeGraphs, generate
 
@@ -128,7 +128,7 @@ def step_bytes(model: AdaptedTransformer) -> int:
 
 
 def ours(args: ModelArgs, adapter: AdapterArgs, prompts: torch.Tensor, new_tokens: int, device: torch.device,
-         repeats: int, cuda_graph: bool, compile: bool = False, quantize: str | None = None,
+         repeats: int, cuda_graph: bool, compile: bool = CompileConfig.compile, quantize: str | None = None,
          profile: str | None = None) -> tuple[float, float, float]:
     """`timed`'s seconds (profile: one more call's kernels are printed under this name)."""
     model = random_model(args, adapter, torch.bfloat16, device, quantize)
@@ -261,10 +261,13 @@ def startup(ns: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="7B")
-    p.add_argument("--adapter-len", type=int, default=10)
-    p.add_argument("--adapter-layers", type=int, default=30)
+    p.add_argument("--adapter-len", type=int, default=AdapterArgs.adapter_len,
+                   help=f"default: {AdapterArgs.adapter_len}, AdapterArgs'")
+    p.add_argument("--adapter-layers", type=int, default=AdapterArgs.adapter_layers,
+                   help=f"default: {AdapterArgs.adapter_layers}, AdapterArgs'")
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=Sampling.max_new_tokens,
+                   help=f"tokens each timed call decodes (default: {Sampling.max_new_tokens}, Sampling's)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                    help="which implementations to time (default: all; each compiled batch size compiles)")

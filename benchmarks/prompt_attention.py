@@ -29,7 +29,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llama_adapter.adapter import AdaptedAttention
-from llama_adapter.config import ModelArgs
+from llama_adapter.config import AdapterArgs, ModelArgs
 from llama_adapter.devices import device_name, pick_device, pick_dtype, synchronize
 
 
@@ -55,7 +55,8 @@ def timed(fn, device: torch.device, repeat: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="7B")
-    p.add_argument("--adapter-len", type=int, default=10)
+    p.add_argument("--adapter-len", type=int, default=AdapterArgs.adapter_len,
+                   help=f"default: {AdapterArgs.adapter_len}, AdapterArgs'")
     p.add_argument("--tokens", type=int, default=8192, help="tokens of the packed row")
     p.add_argument("--rows", type=int, default=16, help="rows of the padded layout (--tokens // rows each)")
     p.add_argument("--repeat", type=int, default=50)

@@ -136,7 +136,8 @@ def time_steps(name: str, step, n_warmup: int, n_steps: int, d: Dist, profile: b
 def optimizer(model, fused: bool):
     """AdamW over what trains: fused on the GPU for ours, as `train` builds it; PEFT's rows keep the default."""
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02, fused=fused or None)
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=TrainConfig.betas, weight_decay=TrainConfig.weight_decay,
+                            fused=fused or None)
     return opt, params
 
 
@@ -158,7 +159,7 @@ def ours_packed(model, ds: TokenDataset, cfg: TrainConfig, d: Dist, opt, params,
 
 
 def ours_padded(model, samples, n: int, row_len: int, opt, n_warmup, n_steps, d: Dist, profile: bool) -> Result:
-    batches = [collate([[s] for s in samples[k * n: (k + 1) * n]], pad_id=0, width=row_len)
+    batches = [collate([[s] for s in samples[k * n: (k + 1) * n]], pad_id=TrainConfig.pad_id, width=row_len)
                for k in range(n_warmup + n_steps)]
 
     def step(k):
@@ -189,9 +190,9 @@ def ours_rows(method: str, ns, args: ModelArgs, adapter: AdapterArgs, lora: LoRA
     model = our_model(method, args, adapter, lora, d.device)
     opt, params = optimizer(model, fused=d.device.type == "cuda")
 
-    def packed(rows: int, variant: str, precision: str = "auto") -> None:
+    def packed(rows: int, variant: str, precision: str = TrainConfig.precision) -> None:
         cfg = TrainConfig(base="", train_data="", out_dir=tmp, row_len=ns.row_len, global_batch=global_batch,
-                          rows_per_micro_batch=rows, seed=0, method=method, precision=precision)
+                          rows_per_micro_batch=rows, method=method, precision=precision)
         name = f"ours, packed, {rows} rows/micro{variant}"
         table.add(method, ours_packed(model, ds, cfg, d, opt, params, ns.warmup, ns.steps, name, ns.profile))
 
@@ -339,18 +340,22 @@ def main() -> None:
     p.add_argument("--preset", default="7B")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["adapter"],
                    help="methods timed, each with its PEFT reference (default: adapter)")
-    p.add_argument("--adapter-len", type=int, default=10)
-    p.add_argument("--adapter-layers", type=int, default=30)
-    p.add_argument("--global-batch", type=int, default=None, help="samples per step, all ranks (default 64 x ranks)")
+    p.add_argument("--adapter-len", type=int, default=AdapterArgs.adapter_len,
+                   help=f"default: {AdapterArgs.adapter_len}, AdapterArgs'")
+    p.add_argument("--adapter-layers", type=int, default=AdapterArgs.adapter_layers,
+                   help=f"default: {AdapterArgs.adapter_layers}, AdapterArgs'")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help=f"samples per step, all ranks (default {TrainConfig.global_batch} x ranks, TrainConfig's)")
     p.add_argument("--micro-rows", type=int, nargs="+", default=[32], help="packed rows per micro-batch")
     p.add_argument("--samples", type=int, default=16, help="samples per step, padded rows")
-    p.add_argument("--row-len", type=int, default=512)
+    p.add_argument("--row-len", type=int, default=TrainConfig.row_len,
+                   help=f"tokens per packed row (default: {TrainConfig.row_len}, TrainConfig's)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time the packed step with compiled blocks")
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--no-padded", action="store_true", help="skip the padded rows (ours and PEFT)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
                    help="fp8: also time the packed step with the frozen projections in float8, compiled")
     p.add_argument("--profile", action="store_true", help="print where one step's GPU time goes, for each of our rows")
     ns = p.parse_args()
@@ -362,7 +367,7 @@ def main() -> None:
                 "lora": f"LoRA r{lora.rank} alpha {lora.alpha:g} dropout {lora.dropout:g} on {','.join(lora.targets)}"}
     with tempfile.TemporaryDirectory() as tmp:
         d = setup_distributed(TrainConfig(base="", train_data="", out_dir=tmp))
-        global_batch = ns.global_batch or 64 * d.world
+        global_batch = ns.global_batch or TrainConfig.global_batch * d.world
         args = ModelArgs.from_name(ns.preset)
         n_samples = max(global_batch, ns.samples) * (ns.warmup + ns.steps)
         samples = synthetic_samples(np.random.default_rng(0), lengths, n_samples, args.vocab_size)
