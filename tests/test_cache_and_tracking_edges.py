@@ -756,3 +756,30 @@ def test_a_hangup_after_the_invocation_ended_leaves_its_run_finished(store):
     assert done.returncode == -signal.SIGHUP, done.stderr[-2000:]
     run = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(done.stdout.split()[0])
     assert (run.info.status, run.data.tags.get("stopped_by")) == ("FINISHED", None)
+
+
+def test_the_tracker_alone_writes_its_run_log(store):
+    """metrics.jsonl has one writer, the Tracker: keep_through cuts an earlier run's lines at a step (a resumed
+    training's checkpoint; -1: none) before this run appends, and train and evaluate ask it to rather than
+    rewriting or removing the file themselves."""
+    import inspect
+    import json
+
+    from llama_adapter import evaluate, train
+    from llama_adapter.tracking import Tracker
+
+    log = store / "out" / "metrics.jsonl"
+    first = Tracker(store / "out", "interrupted", "tests")
+    for step in (1, 2, 3):
+        first.log_metrics({"loss": 1.0 / step}, step)
+    first.close(status="KILLED")
+    resumed = Tracker(store / "out", "resumed", "tests", run_id=first.run_id, keep_through=2)
+    resumed.log_metrics({"loss": 0.25}, 3)
+    resumed.close()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    fresh = Tracker(store / "out", "fresh", "tests", keep_through=-1)
+    fresh.close()
+    assert log.read_text() == ""
+    for module in (train, evaluate):
+        source = inspect.getsource(module)
+        assert "keep_through=" in source and "truncate_" not in source and "RUN_LOG).unlink" not in source

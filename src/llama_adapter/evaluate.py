@@ -265,10 +265,11 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     method = training.get("method") or ("zero-shot" if ev.adapter is None else
                                         "lora" if is_lora_file(Path(ev.adapter)) else "adapter")
     out = Path(ev.out_dir)
-    (out / RUN_LOG).unlink(missing_ok=True)  # the run's log, appended to: not an earlier evaluation's too
     if ev.task != "scienceqa":  # an earlier ScienceQA evaluation's answers must not sit beside these scores
         remove_output(out / EVALUATION_OUTPUTS[1])
-    tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags)
+    # keep_through -1: the run's log holds this evaluation's lines, not an earlier one's too
+    tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags,
+                      keep_through=-1)
     scores_path, predictions_path = (out / name for name in EVALUATION_OUTPUTS)
     written = [scores_path, *([predictions_path] if ev.task == "scienceqa" else [])]
     try:

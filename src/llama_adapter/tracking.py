@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import RUN_LOG
-from .errors import STOPS, InputError
-from .io import sha256_tree
+from .errors import STOPS, DataError, InputError
+from .io import atomic_path, sha256_tree
 
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"  # MLflow >= 3.13 refuses the plain file store
 DEFAULT_EXPERIMENT = "llama-adapter"
@@ -490,19 +490,44 @@ def run_experiment(mlflow, uri: str, caller_run_id: str | None) -> str:
     return chosen_experiment(mlflow, uri)
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """metrics.jsonl's lines up to `step` (none for a fresh run, step -1), rewritten whole (a kill while rewriting
+    keeps the old file). A last line cut short (a process killed, or a node lost, mid-write) is past the checkpoint
+    and dropped; an unreadable line before it is an error naming the file and line."""
+    if not path.exists():
+        return
+    kept, lines = [], path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line or step < 0:
+            continue
+        try:
+            logged = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if number == len(lines):
+                break
+            raise DataError(f"{path}, line {number}: not a logged step ({type(e).__name__}: {e}); expected one JSON "
+                            "object with its step per line, as a Tracker writes them") from None
+        if logged <= step:
+            kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+
+
 class Tracker:
     def __init__(self, out_dir: Path, run_name: str, source: str, enabled: bool = True,
-                 tags: dict[str, str] | None = None, run_id: str | None = None):
+                 tags: dict[str, str] | None = None, run_id: str | None = None, keep_through: int | None = None):
         """source: the entry point (e.g. llama_adapter.train), MLflow's mlflow.source.name. run_id: reopen that
         run (a resumed training run keeps its MLflow run; its tags are set again, so that they name the job
         that resumed it). A reopened run already holds the steps logged before the interruption, some of them
-        after the checkpoint the run resumes from: those are redone, and go to metrics.jsonl again (which the
-        caller truncated to the checkpoint) but not to MLflow, so that its history has each step of a metric
+        after the checkpoint the run resumes from: those are redone, and go to metrics.jsonl again (which keep_through
+        cut at the checkpoint) but not to MLflow, so that its history has each step of a metric
         once. Every run records its environment (tags env.*, and environment/requirements.txt) and system
         metrics (CPU, memory, GPU). Called under an MLflow run of the caller's own (a notebook's or script's
         mlflow.start_run), the new run is its child, in its experiment unless the user chose one
         ($MLFLOW_EXPERIMENT_NAME or $MLFLOW_EXPERIMENT_ID: chosen_experiment), and only that child is ever ended:
-        the caller's run stays active."""
+        the caller's run stays active. keep_through: what metrics.jsonl keeps of an earlier run's lines, the
+        steps up to this one (a resumed training's checkpoint; -1: none, a fresh run), before this run appends to
+        it; None: all of them."""
         self.enabled = enabled
         self.mlflow = None  # the module, once the run started; kept after a failure, to end the run as it ends
         self.logging = False  # whether MLflow takes what the run logs (off once dropped, and once closed)
@@ -515,6 +540,8 @@ class Tracker:
         if not enabled:
             return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if keep_through is not None:
+            truncate_log(Path(out_dir) / RUN_LOG, keep_through)
         self.jsonl = open(Path(out_dir) / RUN_LOG, "a", encoding="utf-8")
         self.tags = tags = run_tags(source, tags)
         for name, value in MLFLOW_DEFAULTS.items():  # the caller's own settings win

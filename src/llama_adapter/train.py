@@ -61,7 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
-from .config import PEFT_CONFIG, RUN_LOG, TRAINING_CONFIG, TRAINING_METRICS, WEIGHTS, TrainConfig, training_outputs
+from .config import PEFT_CONFIG, TRAINING_CONFIG, TRAINING_METRICS, WEIGHTS, TrainConfig, training_outputs
 from .data import TOKEN_STATS
 from .data.tokens import TokenDataset
 from .devices import device_name, pick_device, pick_dtype
@@ -632,10 +632,9 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
         for path in training_outputs(out):  # an earlier run's, which this run's config.json would seem to describe
             remove_output(path)
         write_json(out / TRAINING_CONFIG, asdict(cfg))
-        # Steps after the checkpoint will be redone; a fresh run drops an earlier run's lines.
-        truncate_metrics(out / RUN_LOG, step if found is not None else -1)
+    # metrics.jsonl: steps after the checkpoint will be redone; a fresh run drops an earlier run's lines.
     tracker = Tracker(out, cfg.run_name or out.name, "llama_adapter.train", enabled=d.rank == 0, tags=cfg.tags,
-                      run_id=run_id)
+                      run_id=run_id, keep_through=step if found is not None else -1)
     bar = None
 
     def save(step: int) -> None:
@@ -759,29 +758,6 @@ def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, t
                      out / TRAINING_CONFIG, out / TRAINING_METRICS):
             tracker.log_artifact(path)
     return result
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """metrics.jsonl's lines up to `step` (none for a fresh run, step -1), rewritten whole (a kill while rewriting
-    keeps the old file). A last line cut short (a process killed, or a node lost, mid-write) is past the checkpoint
-    and dropped; an unreadable line before it is an error naming the file and line."""
-    if not path.exists():
-        return
-    kept, lines = [], path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line or step < 0:
-            continue
-        try:
-            logged = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            if number == len(lines):
-                break
-            raise DataError(f"{path}, line {number}: not a logged step ({type(e).__name__}: {e}); expected one JSON "
-                            "object with its step per line, as train writes them") from None
-        if logged <= step:
-            kept.append(line)
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(ln + "\n" for ln in kept))
 
 
 def dataset_name(split_dir: Path) -> str:
