@@ -19,7 +19,7 @@ from test_train import config, random_base_and_splits, run_cli_train
 
 import llama_adapter.train as train_mod
 from llama_adapter.checkpoint import read_adapter
-from llama_adapter.errors import CheckpointError
+from llama_adapter.errors import CheckpointError, TrainingDiverged
 from llama_adapter.train import TrainingInterrupted, train
 
 mlflow = pytest.importorskip("mlflow")
@@ -603,3 +603,150 @@ def test_a_hangup_ends_a_local_jobs_run_killed(tmp_path):
     ended = {r.info.run_name: (r.info.status, r.data.tags.get("stopped_by")) for r in runs}
     assert ended.pop("job") == ("KILLED", "SIGHUP"), out[-3000:]
     assert list(ended.values()) == [("KILLED", "SIGHUP")], out[-3000:]
+
+
+# --------------------------------------------------------------------------- checkpoints that do not fit the run
+
+
+@pytest.fixture(scope="module")
+def saved_run(setup, tmp_path_factory, tracking_uri):
+    """A run kept after step 4 of one checkpoint a step: checkpoint.pt holds step 4, checkpoint.prev.pt step 3."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        train(config(setup, out, max_steps=4, checkpoint_every=1, val_data=None), keep_checkpoint=True)
+    return out
+
+
+def copied_run(saved_run: Path, tmp_path: Path, change) -> tuple[Path, Path]:
+    """The saved run copied, its checkpoints rewritten whole by torch.save as the copy's (its --out-dir), checkpoint.pt
+    after `change(state)`: their records' CRC-32 pass, so only its contents tell it apart. (checkpoint.pt,
+    checkpoint.prev.pt)."""
+    import shutil
+
+    out = shutil.copytree(saved_run, tmp_path / "run")
+    ckpt, prev = out / "checkpoint.pt", out / "checkpoint.prev.pt"
+    for path in (prev, ckpt):
+        state = torch.load(path, weights_only=True)
+        state["config"] = json.dumps({**json.loads(state["config"]), "out_dir": str(out)}, sort_keys=True)
+        if path == ckpt:
+            change(state)
+        torch.save(state, path)
+    return ckpt, prev
+
+
+def resumed_steps(setup, out: Path, capsys) -> tuple[list[int], list[str]]:
+    """(the step of the checkpoint resumed from, what was said of checkpoints on stderr), the run stopped there."""
+    capsys.readouterr()
+    steps = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "restore", lambda state, *a: steps.append(state["step"]) or (_ for _ in ()).throw(
+            RuntimeError("stop here")))
+        with pytest.raises(RuntimeError, match="stop here"):
+            train(config(setup, out, max_steps=6, checkpoint_every=1, val_data=None), resume=True)
+    return steps, [line for line in capsys.readouterr().err.splitlines() if "checkpoint" in line]
+
+
+def setter(*keys, value):
+    """A change of the checkpoint: state[keys[0]]...[keys[-1]] = value(the old value)."""
+    def change(state):
+        *path, last = keys
+        for k in path:
+            state = state[k]
+        state[last] = value(state[last])
+    return change
+
+
+def popper(*keys):
+    def change(state):
+        *path, last = keys
+        for k in path:
+            state = state[k]
+        del state[last]
+    return change
+
+
+GATE, QUERY = "adapter_gate", "adapter_query"
+NOT_FITTING = {
+    # the tensors as the model and its optimizer hold them: shape, dtype, names
+    "mis-shaped": (setter("tuned", GATE, value=lambda t: t[:, :2]),
+                   f"mis-shaped (1): tuned.{GATE}: (3, 2) (expected (3, 4))"),
+    "bf16 moment": (setter("optimizer", "state", QUERY, "exp_avg", value=lambda t: t.bfloat16()),
+                    f"optimizer.state.{QUERY}.exp_avg: torch.bfloat16 (expected torch.float32)"),
+    "float64": (setter("tuned", QUERY, value=lambda t: t.double()), f"tuned.{QUERY}: torch.float64 (expected"),
+    "missing": (popper("tuned", GATE), f"missing (1): tuned.{GATE}"),
+    "missing moment": (popper("optimizer", "state", GATE, "exp_avg_sq"), f"optimizer.state.{GATE}.exp_avg_sq"),
+    "extra": (lambda state: state["tuned"].update({"layers.0.attention.wq.weight": torch.zeros(64, 64)}),
+              "unexpected (1): tuned.layers.0.attention.wq.weight"),
+    "integer": (setter("tuned", GATE, value=lambda t: t.long()), f"tuned.{GATE}: torch.int64"),
+    # the counters and the schedule's state, as train writes them
+    "step as float": (setter("step", value=float), "step: 4.0 (a float); expected a non-negative integer"),
+    "step as string": (setter("step", value=str), "step: '4' (a str); expected a non-negative integer"),
+    "negative step": (setter("step", value=lambda s: -s), "step: -4 (an int); expected a non-negative integer"),
+    "lr as string": (setter("optimizer", "param_groups", 0, "lr", value=str),
+                     "optimizer.param_groups[0].lr: a str; expected a float"),
+    "betas as list": (setter("optimizer", "param_groups", 0, "betas", value=list),
+                      "optimizer.param_groups[0].betas: a list; expected a tuple"),
+    "group without params": (popper("optimizer", "param_groups", 0, "params"),
+                             "optimizer.param_groups[0]: missing params"),
+    "rng as floats": (setter("torch_rng", value=lambda t: t.float()), "torch_rng: "),
+    "config not JSON": (setter("config", value=lambda c: c[:-1]), "config: "),
+    "extra entry": (lambda state: state.update(note=1), "unexpected entries: note"),
+    "no history": (popper("history"), "missing entries: history"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_FITTING)
+def test_a_checkpoint_that_does_not_fit_the_run_falls_back_to_the_previous_one(setup, saved_run, tmp_path, capsys,
+                                                                                 case):
+    """A checkpoint whose bytes are whole (their CRC-32 pass) but whose tensors do not fit the model and its optimizer
+    (another shape or dtype, one missing or one more), or whose counters are of another type, was resumed from:
+    set_state_dict cast another dtype silently and left out extra tensors, and the rest failed with a bare torch or
+    Python error, or later, mid-run. It is unreadable as a truncated one is: the previous checkpoint is taken, and
+    the one line names the file and the key."""
+    change, needle = NOT_FITTING[case]
+    ckpt, prev = copied_run(saved_run, tmp_path, change)
+    steps, said = resumed_steps(setup, tmp_path / "run", capsys)
+    assert steps == [3] and len(said) == 1, (steps, said)
+    assert f"{ckpt} is unreadable" in said[0] and f"previous checkpoint {prev} (step 3)" in said[0], said[0]
+    assert needle in said[0], said[0]
+
+
+def test_no_checkpoint_that_fits_is_one_error_naming_both(setup, saved_run, tmp_path):
+    ckpt, prev = copied_run(saved_run, tmp_path, NOT_FITTING["mis-shaped"][0])
+    state = torch.load(prev, weights_only=True)
+    state["step"] = "3"
+    torch.save(state, prev)
+    with pytest.raises(CheckpointError) as e:
+        train(config(setup, tmp_path / "run", max_steps=6, checkpoint_every=1, val_data=None), resume=True)
+    message = str(e.value)
+    assert message.startswith("cannot resume: ") and "\n" not in message
+    assert f"{ckpt} is unreadable" in message and f"tuned.{GATE}: (3, 2)" in message
+    assert f"{prev} is unreadable" in message and "step: '3' (a str)" in message
+
+
+@pytest.mark.parametrize(("key", "value"), [(("tuned", GATE), float("nan")),
+                                             (("optimizer", "state", QUERY, "exp_avg_sq"), float("inf"))])
+def test_a_checkpoint_holding_nan_stops_the_run_naming_the_tensor(setup, saved_run, tmp_path, key, value):
+    """NaN or infinity in a checkpoint whose bytes pass their CRC-32 check was written so: the run diverged (a
+    non-finite gradient under a finite loss reaches the weights and the optimizer's moments, and the NaN-loss stop
+    sees it a step later). It was resumed from, to a NaN loss, or the moments' infinity kept the adapter from moving.
+    It stops the run as that NaN loss does, naming the file and the tensor, rather than falling back: the previous
+    checkpoint of the same run replays the same steps into it."""
+    def poison(state):
+        *path, last = key
+        for k in path:
+            state = state[k]
+        state[last] = state[last].clone()
+        state[last].view(-1)[1] = value
+
+    ckpt, prev = copied_run(saved_run, tmp_path, poison)
+    name = f"tuned.{GATE}" if key[0] == "tuned" else f"optimizer.state.{QUERY}.exp_avg_sq"
+    counts = "1 NaN and 0 infinite" if key[0] == "tuned" else "0 NaN and 1 infinite"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "restore", lambda *a: pytest.fail("resumed from a checkpoint holding NaN"))
+        with pytest.raises(TrainingDiverged) as e:
+            train(config(setup, tmp_path / "run", max_steps=6, checkpoint_every=1, val_data=None), resume=True)
+    message = str(e.value)
+    assert message.startswith(f"cannot resume: {ckpt} (step 4) holds NaN or infinity") and "\n" not in message
+    assert f"{name}: {counts}" in message and str(prev) in message, message

@@ -36,7 +36,7 @@ from .config import (
     is_positive_int,
 )
 from .data.paths import is_file_name
-from .errors import CheckpointError
+from .errors import CheckpointError, NonFiniteValues
 from .io import DuplicateKey, atomic_path, no_duplicate_keys, read_json_object, save_safetensors
 from .model import Transformer
 from .quantize import int8_format
@@ -126,14 +126,16 @@ def non_finite_counts(t: Tensor) -> str | None:
 
 
 def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], source: str,
-                origin: dict[str, str] | None = None) -> None:
+                origin: dict[str, str] | None = None, dtypes: dict[str, torch.dtype] | None = None) -> None:
     """Raise one error listing every missing, unexpected, mis-shaped and not floating-point tensor; for a state that
-    has none, one listing every tensor holding a NaN or an infinity.
+    has none, one listing every tensor holding a NaN or an infinity (NonFiniteValues).
 
     `origin` maps a tensor's name in `state` to where it was read ('file: its name there', the file alone where the
     name is the same): a checkpoint of another layout (Hugging Face, GGUF) is checked under Meta's names, which the
-    user finds in none of its files."""
+    user finds in none of its files. `dtypes`: the one dtype a tensor must have, where it is loaded as it is (the
+    others need only be floating point, cast to the model's)."""
     origin = origin or {}
+    dtypes = dtypes or {}
 
     def where(k: str) -> str:
         return f" ({origin[k]})" if k in origin else ""
@@ -147,10 +149,12 @@ def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], sourc
     )
     # Weights are floating point: an integer or boolean tensor (a damaged or foreign file) would be cast silently.
     not_float = sorted(f"{k}: {state[k].dtype}{where(k)}"
-                       for k in set(expected) & set(state) if not state[k].is_floating_point())
+                       for k in set(expected) & set(state) - set(dtypes) if not state[k].is_floating_point())
+    other_dtype = sorted(f"{k}: {state[k].dtype} (expected {dtypes[k]}){where(k)}"
+                         for k in set(dtypes) & set(state) if state[k].dtype != dtypes[k])
     problems = [f"{label} ({len(items)}): {listed(items)}"
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
-                                     ("not floating point", not_float))
+                                     ("not floating point", not_float), ("of another dtype", other_dtype))
                 if items]
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
@@ -159,8 +163,8 @@ def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], sourc
     # tensor at a time with no copy (but an 8-bit one's).
     non_finite = [f"{k}: {counts}{where(k)}" for k in sorted(state) if (counts := non_finite_counts(state[k]))]
     if non_finite:
-        raise CheckpointError(f"{source}: tensors holding NaN or infinity ({len(non_finite)}): {listed(non_finite)}; "
-                              "expected finite values (a damaged download or a broken conversion?)")
+        raise NonFiniteValues(f"{source}: tensors holding NaN or infinity ({len(non_finite)}): {listed(non_finite)}; "
+                              "expected finite values (a damaged download or a broken conversion?)", non_finite)
 
 
 # ---------------------------------------------------------------- Meta layout

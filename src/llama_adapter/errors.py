@@ -22,6 +22,15 @@ class CheckpointError(PipelineError, ValueError):
     """A checkpoint or adapter file that cannot be read into the model (names the file and tensors)."""
 
 
+class NonFiniteValues(CheckpointError):
+    """Tensors holding NaN or infinity (checkpoint.check_state); `found` lists them, each with its counts, for a
+    caller whose files cannot hold them but by a run's own divergence (a training checkpoint) to say so."""
+
+    def __init__(self, message: str, found: list[str]) -> None:
+        super().__init__(message)
+        self.found = found
+
+
 class InputError(PipelineError, ValueError):
     """A command's input or option is missing, of the wrong kind, or inconsistent with another input (names the
     path or option, what was expected and what was found)."""

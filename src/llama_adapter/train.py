@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
+from .checkpoint import check_state, listed
 from .config import PEFT_CONFIG, TRAINING_CONFIG, TRAINING_METRICS, WEIGHTS, TrainConfig, training_outputs
 from .data import TOKEN_STATS
 from .data.tokens import TokenDataset
@@ -71,12 +72,13 @@ from .errors import (
     DataError,
     GPUAllocationError,
     InputError,
+    NonFiniteValues,
     OutputInUse,
     PipelineError,
     TrainingDiverged,
 )
 from .io import atomic_path, hold, read_json_object, remove_output, write_json
-from .methods import load_for_training, save_tuned, tuned_state
+from .methods import load_for_training, save_tuned, trains, tuned_state
 from .model import Transformer, flash_varlen_on
 from .multimodal import ImageFeatures
 from .quantize import float8_matmuls
@@ -303,7 +305,146 @@ def fixed_settings(cfg: TrainConfig) -> dict:
             if k not in RESUMABLE_CHANGES and (cfg.method == "lora" or not k.startswith("lora_"))}
 
 
-CHECKPOINT_KEYS = {"format", "tuned", "optimizer", "step", "history", "torch_rng", "mlflow_run_id", "config"}
+def is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def is_rng_state(v) -> bool:
+    """torch.get_rng_state's form (torch.cuda's too): a vector of bytes; set_rng_state takes nothing else."""
+    return isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1
+
+
+def is_json_object(v) -> bool:
+    try:
+        return isinstance(v, str) and isinstance(json.loads(v), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def is_optimizer_state(v) -> bool:
+    """get_state_dict's optimizer state: tensors by parameter name and kind, and a list of groups of settings."""
+    return (isinstance(v, dict) and set(v) == {"state", "param_groups"} and isinstance(v["state"], dict)
+            and all(isinstance(s, dict) and all(isinstance(t, torch.Tensor) for t in s.values())
+                    for s in v["state"].values())
+            and isinstance(v["param_groups"], list) and all(isinstance(g, dict) for g in v["param_groups"]))
+
+
+# checkpoint_state's entries: (whether a checkpoint of this format may lack it, written before it was kept; the check;
+# what is expected). Read back, an entry of another type failed in restore or mid-run with a bare Python or torch
+# error, or was taken as it is (a float step numbered the log's lines 4.0, 5.0...).
+CHECKPOINT_ENTRIES = {
+    "format": (False, lambda v: isinstance(v, str), "a string"),
+    "tuned": (False, lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+              "a dict of tensors by parameter name"),
+    "optimizer": (False, is_optimizer_state, "an optimizer state ({'state': {name: {kind: tensor}}, 'param_groups': "
+                                             "[{setting: value}]})"),
+    "step": (False, is_count, "a non-negative integer"),
+    "history": (False, lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
+                "a list of each step's metrics"),
+    "torch_rng": (False, is_rng_state, "a torch.uint8 vector (torch.get_rng_state)"),
+    "ranks_rng": (True, lambda v: isinstance(v, list) and len(v) > 0 and all(
+        isinstance(r, dict) and set(r) == {"cpu", "cuda"} and is_rng_state(r["cpu"])
+        and (r["cuda"] is None or is_rng_state(r["cuda"])) for r in v),
+        "a list of {'cpu': random state, 'cuda': random state or None}, one a process"),
+    "mlflow_run_id": (False, lambda v: v is None or isinstance(v, str), "a string or None"),
+    "initial_val_loss": (True, lambda v: v is None or (isinstance(v, float) and math.isfinite(v)),
+                         "a finite float or None"),
+    "inputs": (True, lambda v: isinstance(v, dict) and all(d is None or isinstance(d, str) for d in v.values()),
+               "a dict of digests by option"),
+    "config": (False, is_json_object, "a JSON object of the run's settings"),
+    "rows_per_micro_batch": (True, lambda v: is_count(v) and v > 0, "a positive integer"),
+}
+
+# What AdamW (amsgrad off) keeps of each trained tensor: its two moments, of the tensor's shape and dtype, and
+# its step count (a scalar), once it has taken a step.
+ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def a_type(v) -> str:
+    kind = type(v).__name__
+    return f"a{'n' if kind[0] in 'aeiou' else ''} {kind}"
+
+
+def shown(v) -> str:
+    """A value read back, briefly, with its type: an error names what was found without printing a tensor."""
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"{repr(v)[:40]} ({a_type(v)})"
+
+
+def check_same_run(state: dict, ckpt_path: Path, cfg: TrainConfig, inputs: dict[str, str | None]) -> None:
+    """InputError where the settings, or what the paths of the base and the splits hold (`inputs`, as
+    checkpoint_state keeps them), are not the run's that wrote the checkpoint."""
+    saved = json.loads(state["config"])
+    now = json.loads(json.dumps(fixed_settings(cfg)))  # as saved: tuples become lists
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        shown = "; ".join(f"--{k.replace('_', '-')} {then!r} then, {v!r} now" for k, (then, v) in changed.items())
+        raise InputError(f"{ckpt_path}: cannot resume, the run's settings changed: {shown}; expected the settings "
+                         f"the checkpoint was written with, or delete {ckpt_path} and "
+                         f"{previous_checkpoint(ckpt_path).name} to train from the start")
+    rows = state.get("rows_per_micro_batch", cfg.rows_per_micro_batch)  # not kept before it was checked
+    if cfg.method == "lora" and cfg.lora_dropout > 0 and rows != cfg.rows_per_micro_batch:
+        # Each forward draws LoRA's dropout masks for its rows: other micro-batches, other masks, other results.
+        raise InputError(f"{ckpt_path}: cannot resume with --rows-per-micro-batch {cfg.rows_per_micro_batch}: the run "
+                         f"that wrote it drew LoRA's dropout masks {rows} rows at a time, and other micro-batches "
+                         f"draw other masks (--lora-dropout {cfg.lora_dropout:g}); resume with --rows-per-micro-batch "
+                         f"{rows}")
+    paths = {"--base": cfg.base, "--train-data": cfg.train_data, "--val-data": cfg.val_data,
+             "--image-features": cfg.image_features}
+    others = [f"{option} {paths[option]}" for option, digest in inputs.items()
+              if option in state.get("inputs", {}) and state["inputs"][option] != digest]
+    if others:
+        raise InputError(f"{ckpt_path}: cannot resume, {' and '.join(others)} hold(s) another model or other samples "
+                         f"than the run that wrote it started on; delete {ckpt_path} and "
+                         f"{previous_checkpoint(ckpt_path).name} to train from the start")
+
+
+def check_checkpoint(state, ckpt_path: Path, cfg: TrainConfig, inputs: dict[str, str | None], model: Transformer,
+                     opt: torch.optim.Optimizer) -> None:
+    """A checkpoint read back (torch.load) as checkpoint_state writes it for this run, model and optimizer: its
+    entries of their types, the optimizer's settings of the types the optimizer holds, then the run's settings and
+    inputs (check_same_run: InputError), then every trained tensor and AdamW moment of its parameter's name, shape and
+    dtype (set_state_dict casts another dtype silently and leaves an extra tensor out). CheckpointError naming the
+    entry or tensor; NonFiniteValues (check_state) for tensors holding NaN or infinity."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"not a training checkpoint: a {type(state).__name__}")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r} (written by another "
+                              "version of llama-adapter)")
+    missing = sorted(k for k, (optional, _, _) in CHECKPOINT_ENTRIES.items() if not optional and k not in state)
+    unexpected = sorted(map(str, set(state) - set(CHECKPOINT_ENTRIES)))
+    wrong = [f"{k}: {shown(state[k])}; expected {expected}"
+             for k, (_, fits, expected) in CHECKPOINT_ENTRIES.items() if k in state and not fits(state[k])]
+    problems = [f"missing entries: {listed(missing)}"] * bool(missing) + \
+               [f"unexpected entries: {listed(unexpected)}"] * bool(unexpected) + wrong
+    optimizer = state.get("optimizer")
+    if not problems:  # the optimizer's settings, by group: the optimizer loads each group's from the file
+        groups = optimizer["param_groups"]
+        if len(groups) != len(opt.param_groups):
+            problems.append(f"optimizer.param_groups: {len(groups)} groups; expected {len(opt.param_groups)}")
+        for i, (saved, live) in enumerate(zip(groups, opt.param_groups)):
+            if "params" not in saved:
+                problems.append(f"optimizer.param_groups[{i}]: missing params")
+            problems += [f"optimizer.param_groups[{i}].{k}: {a_type(saved[k])}; expected {a_type(live[k])}"
+                         for k in sorted(set(saved) & set(live) - {"params"}) if type(saved[k]) is not type(live[k])]
+    if problems:
+        raise CheckpointError("not a training checkpoint of this run: " + "; ".join(problems))
+    # Before the tensors: another base or other settings make them of other shapes, which this names by its option.
+    check_same_run(state, ckpt_path, cfg, inputs)
+    method = cfg.method
+    # Under the names the file keeps them by: the trained tensors as the model's state dict holds them (a tied output
+    # too), the optimizer's state once per parameter.
+    trained = {f"tuned.{n}": p for n, p in model.named_parameters(remove_duplicate=False) if trains(method, n)}
+    moments = {}
+    if state["step"] > 0:  # every trained tensor has taken every step (train_step gives each a gradient)
+        moments = {f"optimizer.state.{n}.{kind}": p for n, p in tuned_state(model, method).items()
+                   for kind in ADAMW_MOMENTS}
+    expected = {k: p.shape for k, p in (trained | moments).items()}
+    expected |= {f"optimizer.state.{n}.step": torch.Size([]) for n in tuned_state(model, method)} if moments else {}
+    found = {f"tuned.{n}": t for n, t in state["tuned"].items()}
+    found |= {f"optimizer.state.{n}.{kind}": t for n, kinds in optimizer["state"].items() for kind, t in kinds.items()}
+    check_state(expected, found, "the training state", dtypes={k: p.dtype for k, p in (trained | moments).items()})
 
 
 def previous_checkpoint(ckpt_path: Path) -> Path:
@@ -345,10 +486,13 @@ def check_records(path: Path) -> str | None:
         return archive.testzip()
 
 
-def read_checkpoint(ckpt_path: Path, announce: bool = True) -> tuple[dict, Path] | None:
-    """The newest readable checkpoint and its path: checkpoint.pt, else checkpoint.prev.pt (saying so in one
-    line on stderr); None without checkpoint.pt (deleting it starts afresh). CheckpointError, naming the files,
-    when none can be read."""
+def read_checkpoint(ckpt_path: Path, cfg: TrainConfig, inputs: dict[str, str | None], model: Transformer,
+                    opt: torch.optim.Optimizer, announce: bool = True) -> tuple[dict, Path] | None:
+    """The newest usable checkpoint and its path: checkpoint.pt, else checkpoint.prev.pt (saying so in one line on
+    stderr); None without checkpoint.pt (deleting it starts afresh). Usable: readable whole, and as checkpoint_state
+    writes it for this run (check_checkpoint). CheckpointError, naming the files, when none is; InputError (no
+    fallback: the previous checkpoint is of the same run) where the run's settings or inputs changed;
+    TrainingDiverged for one holding NaN or infinity."""
     if not ckpt_path.exists():
         return None
     paths = [p for p in (ckpt_path, previous_checkpoint(ckpt_path)) if p.exists()]
@@ -359,13 +503,20 @@ def read_checkpoint(ckpt_path: Path, announce: bool = True) -> tuple[dict, Path]
             damaged = check_records(path)
             if damaged is not None:  # torch.load reads a tensor's bytes as they are, damaged or not
                 raise ValueError(f"its record {damaged} fails its CRC-32 check (damaged in place)")
-            if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
-                raise ValueError(f"not a training checkpoint: no {sorted(CHECKPOINT_KEYS - set(state))}"
-                                 if isinstance(state, dict) else f"not a training checkpoint: a {type(state).__name__}")
-            if state["format"] != CHECKPOINT_FORMAT:
-                raise ValueError(f"format {state['format']!r}, expected {CHECKPOINT_FORMAT!r} (written by another "
-                                 "version of llama-adapter)")
-        except Exception as e:  # truncated, empty, damaged, not a torch file, not ours
+            check_checkpoint(state, path, cfg, inputs, model, opt)
+        except InputError:
+            raise
+        except NonFiniteValues as e:
+            # Its records pass their CRC-32 check: the run wrote these values, having diverged (a non-finite gradient
+            # under a finite loss reaches the weights and moments; the NaN-loss stop sees it a step later, once this
+            # checkpoint may be saved). The previous checkpoint would replay the same steps into them, so the run
+            # stops as at a NaN loss instead of falling back as from damaged bytes.
+            raise TrainingDiverged(
+                f"cannot resume: {path} (step {state['step']}) holds NaN or infinity ({len(e.found)}): "
+                f"{listed(e.found)}; its bytes are as written, so the run diverged before that step, and resuming "
+                f"from an earlier checkpoint would replay the same steps: delete {' and '.join(map(str, paths))} to "
+                "train from the start, with other settings (a lower --blr?)") from None
+        except Exception as e:  # truncated, empty, damaged, not a torch file, not ours, not this run's
             reason = (str(e).strip().splitlines() or [""])[0]
             problems.append(f"{path} is unreadable ({path.stat().st_size} bytes; {type(e).__name__}: {reason})")
             continue
@@ -377,37 +528,9 @@ def read_checkpoint(ckpt_path: Path, announce: bool = True) -> tuple[dict, Path]
                           f"delete {' and '.join(str(p) for p in paths)} to train from the start")
 
 
-def restore(state: dict, ckpt_path: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
-            inputs: dict[str, str | None], d: Dist):
-    """Load a checkpoint's state (read_checkpoint) into model and optimizer; (step, history, MLflow run id,
-    initial val loss) to continue from. Refused where the settings, or what the paths of the base and the splits
-    hold (`inputs`, as checkpoint_state keeps them), are not the run's that wrote it."""
-    saved = json.loads(state["config"])
-    now = json.loads(json.dumps(fixed_settings(cfg)))  # as saved: tuples become lists
-    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-    if changed:
-        shown = "; ".join(f"--{k.replace('_', '-')} {then!r} then, {v!r} now" for k, (then, v) in changed.items())
-        raise ValueError(f"{ckpt_path}: cannot resume, the run's settings changed: {shown}; expected the settings "
-                         f"the checkpoint was written with, or delete {ckpt_path} and "
-                         f"{previous_checkpoint(ckpt_path).name} to train from the start")
-    rows = state.get("rows_per_micro_batch", cfg.rows_per_micro_batch)  # not kept before it was checked
-    if cfg.method == "lora" and cfg.lora_dropout > 0 and rows != cfg.rows_per_micro_batch:
-        # Each forward draws LoRA's dropout masks for its rows: other micro-batches, other masks, other results.
-        raise ValueError(f"{ckpt_path}: cannot resume with --rows-per-micro-batch {cfg.rows_per_micro_batch}: the run "
-                         f"that wrote it drew LoRA's dropout masks {rows} rows at a time, and other micro-batches "
-                         f"draw other masks (--lora-dropout {cfg.lora_dropout:g}); resume with --rows-per-micro-batch "
-                         f"{rows}")
-    paths = {"--base": cfg.base, "--train-data": cfg.train_data, "--val-data": cfg.val_data,
-             "--image-features": cfg.image_features}
-    others = [f"{option} {paths[option]}" for option, digest in inputs.items()
-              if option in state.get("inputs", {}) and state["inputs"][option] != digest]
-    if others:
-        raise ValueError(f"{ckpt_path}: cannot resume, {' and '.join(others)} hold(s) another model or other samples "
-                         f"than the run that wrote it started on; delete {ckpt_path} and "
-                         f"{previous_checkpoint(ckpt_path).name} to train from the start")
-    missing = sorted(set(tuned_state(model, cfg.method)) - set(state["tuned"]))
-    if missing:
-        raise ValueError(f"{ckpt_path}: cannot resume, the checkpoint lacks trained parameter(s) {missing[:5]}")
+def restore(state: dict, model: Transformer, opt: torch.optim.Optimizer, d: Dist):
+    """Load a checkpoint's state (read_checkpoint, which checked it) into model and optimizer; (step, history, MLflow
+    run id, initial val loss) to continue from."""
     # Every process holds the whole state (each read the file); sharded parameters keep their own shards.
     set_state_dict(model, opt, model_state_dict=state["tuned"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
@@ -608,9 +731,9 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
               "--val-data": val_ds.digest() if val_ds is not None else None,
               "--image-features": images.digest() if images is not None else None}
 
-    found = read_checkpoint(ckpt_path, announce=d.rank == 0) if resume else None
+    found = read_checkpoint(ckpt_path, cfg, inputs, model, opt, announce=d.rank == 0) if resume else None
     if found is not None:
-        step, history, run_id, initial_val_loss = restore(*found, cfg, model, opt, inputs, d)
+        step, history, run_id, initial_val_loss = restore(found[0], model, opt, d)
         if step > last_step:
             raise ValueError(f"--max-steps {cfg.max_steps}: {found[1]} holds step {step} already; expected more "
                              "steps than that, or no --resume (to train afresh)")
