@@ -1366,3 +1366,29 @@ def test_copies_of_a_tensor_holding_the_same_nan_are_not_called_different(tmp_pa
         load_base(tmp_path / "tied")
     assert_non_finite_named(e.value, f"hf checkpoint {tmp_path / 'tied'}", values,
                             lambda k: f"model.safetensors: {to_foreign_name(k, 1)}")
+
+
+# A finite value of each sign beyond fp16's ±65504, and one just inside it (rounded to 65504 in the cast: finite).
+BEYOND_FP16 = {"layers.0.attention.wq.weight": 70000.0, "layers.1.feed_forward.w2.weight": -1e6}
+
+
+@pytest.mark.parametrize("layout", ["meta", "full save of a hf base", "gguf"])
+def test_a_base_beyond_the_range_of_the_dtype_it_loads_into_is_refused(tmp_path, layout):
+    """A finite fp32 weight above 65504 became an infinity when the base was loaded as fp16 (generate/evaluate
+    --dtype float16), silently: check_state looked at the values as stored. Refused naming the file, each tensor and
+    the dtype's range; the same base loads into bf16 and fp32 (their range is fp32's), and a weight of 65504 loads
+    into fp16."""
+    path, origin = BASE_LAYOUTS[layout](tmp_path / "wide", {**BEYOND_FP16, "layers.1.attention_norm.weight": 65504.0})
+    with pytest.raises(CheckpointError) as e:
+        load_base(path, dtype=torch.float16)
+    message = str(e.value)
+    assert message.startswith(f"{checkpoint_format(path)} checkpoint {path}: tensors holding values beyond the range "
+                              "of torch.float16 (±65504), which would load as infinity (2): "), message
+    for k in BEYOND_FP16:
+        assert f"{k}: values from " in message and f"({origin(k)})" in message, (k, message)
+    assert "70000" in message and "-1e+06" in message and "attention_norm" not in message
+    for dtype in (torch.bfloat16, torch.float32):
+        model = load_base(path, dtype=dtype)
+        assert model.layers[0].attention.wq.weight.view(-1)[1].item() == pytest.approx(70000, rel=1e-2)
+    path, _ = BASE_LAYOUTS[layout](tmp_path / "fits", {"layers.1.attention_norm.weight": 65504.0})
+    assert load_base(path, dtype=torch.float16).layers[1].attention_norm.weight.isfinite().all()

@@ -110,25 +110,26 @@ def listed(items: list[str], limit: int = 20) -> str:
     return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
 
 
-def non_finite_counts(t: Tensor) -> str | None:
-    """How many NaN and infinite values the floating-point `t` holds, None where it holds none.
-
-    Its least and greatest values tell: aminmax gives NaN for both where any value is NaN, and an infinity is the one
-    or the other. That reduction copies nothing, where torch.isfinite(t).all() builds |t| and three boolean tensors
-    (2.5 times a bf16 tensor's bytes) and runs 25 to 45 times slower on a CPU. Only a tensor found to hold some is
-    counted."""
+def value_range(t: Tensor) -> tuple[Tensor, Tensor]:
+    """The least and greatest values of the floating-point `t`: NaN for both where any value is NaN, and an infinity is
+    the one or the other. That reduction copies nothing, where torch.isfinite(t).all() builds |t| and three boolean
+    tensors (2.5 times a bf16 tensor's bytes) and runs 25 to 45 times slower on a CPU."""
     if t.dtype.itemsize == 1:  # aminmax has no kernel for 8-bit floats: widened, one tensor at a time
         t = t.float()
-    least, greatest = torch.aminmax(t)
-    if least.isfinite() and greatest.isfinite():
-        return None
+    return torch.aminmax(t)
+
+
+def non_finite_counts(t: Tensor) -> str:
+    """How many NaN and infinite values `t` holds: counted only for a tensor value_range found to hold some."""
     return f"{int(t.isnan().sum())} NaN and {int(t.isinf().sum())} infinite of {t.numel()} values"
 
 
 def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], source: str,
-                origin: dict[str, str] | None = None, dtypes: dict[str, torch.dtype] | None = None) -> None:
+                origin: dict[str, str] | None = None, dtypes: dict[str, torch.dtype] | None = None,
+                cast_to: torch.dtype | None = None) -> None:
     """Raise one error listing every missing, unexpected, mis-shaped and not floating-point tensor; for a state that
-    has none, one listing every tensor holding a NaN or an infinity (NonFiniteValues).
+    has none, one listing every tensor holding a NaN or an infinity (NonFiniteValues), then one listing every tensor
+    holding a value beyond the range of `cast_to`, the dtype the caller casts the tensors into.
 
     `origin` maps a tensor's name in `state` to where it was read ('file: its name there', the file alone where the
     name is the same): a checkpoint of another layout (Hugging Face, GGUF) is checked under Meta's names, which the
@@ -159,12 +160,24 @@ def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], sourc
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
     # A NaN or an infinity (a damaged download, a broken conversion) loads as any value does and shows only later, as
-    # NaN losses or garbage generations. Every base, adapter and LoRA passes here (a GGUF dequantized), checked one
-    # tensor at a time with no copy (but an 8-bit one's).
-    non_finite = [f"{k}: {counts}{where(k)}" for k in sorted(state) if (counts := non_finite_counts(state[k]))]
+    # NaN losses or garbage generations; so does a finite value beyond the range of the dtype it is cast into (an fp32
+    # weight above 65504 loaded as fp16 becomes an infinity). Every base, adapter and LoRA passes here (a GGUF
+    # dequantized), checked one tensor at a time with no copy (but an 8-bit one's): one aminmax tells both, the
+    # extremes cast as the tensor will be (casting is monotonic: they overflow where any value does).
+    non_finite, beyond = [], []
+    for k in sorted(state):
+        least, greatest = value_range(state[k])
+        if not (least.isfinite() and greatest.isfinite()):
+            non_finite.append(f"{k}: {non_finite_counts(state[k])}{where(k)}")
+        elif cast_to is not None and not (least.to(cast_to).isfinite() and greatest.to(cast_to).isfinite()):
+            beyond.append(f"{k}: values from {least.item():g} to {greatest.item():g}{where(k)}")
     if non_finite:
         raise NonFiniteValues(f"{source}: tensors holding NaN or infinity ({len(non_finite)}): {listed(non_finite)}; "
                               "expected finite values (a damaged download or a broken conversion?)", non_finite)
+    if beyond:
+        raise CheckpointError(f"{source}: tensors holding values beyond the range of {cast_to} "
+                              f"(±{torch.finfo(cast_to).max:g}), which would load as infinity ({len(beyond)}): "
+                              f"{listed(beyond)}; expected a dtype that holds them (bfloat16 or float32)")
 
 
 # ---------------------------------------------------------------- Meta layout
@@ -614,7 +627,7 @@ def load_base(
         if not same_values(state["output.weight"], state.get("tok_embeddings.weight", torch.empty(0))):
             raise CheckpointError(f"{path}: tie_embeddings is set but output.weight differs from tok_embeddings")
         state = {k: v for k, v in state.items() if k != "output.weight"}
-    check_state(expected, state, f"{fmt} checkpoint {path}", origin)
+    check_state(expected, state, f"{fmt} checkpoint {path}", origin, cast_to=dtype)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
