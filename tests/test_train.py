@@ -344,6 +344,39 @@ def test_nan_loss_before_any_checkpoint_says_there_is_none(setup, tmp_path, monk
     assert str(e.value).startswith("step 1 ")
 
 
+def test_weights_made_nan_under_a_finite_loss_stop_the_run_before_the_checkpoint(setup, tmp_path, monkeypatch):
+    """A NaN gradient under a finite loss reaches the adapter through AdamW: the checkpoint saved at that step held NaN,
+    the NaN-loss stop a step later called it "the last good checkpoint ... left untouched", and --resume refused it.
+    The run stops at that step instead, naming the tensors, and leaves the step before's checkpoint to resume from."""
+    import llama_adapter.train as train_mod
+
+    calls = {"n": 0}
+    real = train_mod.train_step
+
+    def poisoned(model, train_ds, idx, cfg, d, params):
+        result = real(model, train_ds, idx, cfg, d, params)
+        calls["n"] += 1
+        if calls["n"] == 5:  # the 5th step's loss is finite, one gradient is not
+            params[0].grad.view(-1)[0] = float("nan")
+        return result
+
+    cfg = config(setup, tmp_path / "run", checkpoint_every=1, max_steps=8, val_data=None)
+    with monkeypatch.context() as mp:
+        mp.setattr(train_mod, "train_step", poisoned)
+        with pytest.raises(TrainingDiverged) as e:
+            train(cfg)
+    message = str(e.value)
+    assert message.startswith("step 5 (epoch 0): the trained state holds NaN or infinity under a finite loss"), message
+    assert "tuned.adapter" in message and "optimizer.state.adapter" in message and "1 NaN" in message, message
+    assert f"the last good checkpoint, of step 4, is left untouched in {tmp_path / 'run' / 'checkpoint.pt'}" in message
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(t.isfinite().all() for t in state["tuned"].values())
+    resumed = train(cfg, resume=True)  # the checkpoint said to be good is: the run continues from it
+    assert [h["step"] for h in resumed["history"]] == list(range(1, 9))
+    assert all(np.isfinite(h["loss"]) for h in resumed["history"])
+
+
 def test_a_split_without_targets_is_refused_before_training(setup, tmp_path):
     """A loss over no target tokens is 0/0: a NaN first step, or a NaN validation loss written into metrics.json.
     Refused by the option and folder instead, before anything is written."""

@@ -61,7 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
-from .checkpoint import check_state, listed
+from .checkpoint import check_state, listed, non_finite_counts, value_range
 from .config import PEFT_CONFIG, TRAINING_CONFIG, TRAINING_METRICS, WEIGHTS, TrainConfig, training_outputs
 from .data import TOKEN_STATS
 from .data.tokens import TokenDataset
@@ -287,6 +287,38 @@ def checkpoint_state(model, opt, step: int, history: list[dict], cfg: TrainConfi
             "config": json.dumps(fixed_settings(cfg), sort_keys=True), "rows_per_micro_batch": cfg.rows_per_micro_batch}
 
 
+def non_finite_state(model: Transformer, opt: torch.optim.Optimizer, method: str, d: Dist) -> list[str]:
+    """The trained tensors and AdamW moments holding NaN or infinity, named as a checkpoint keeps them
+    (check_checkpoint) with their counts; empty where all are finite. A non-finite gradient under a finite loss
+    reaches them through the optimizer step, a step before the loss shows it. Collective (every process calls it):
+    each checks what it holds, its own shards of a sharded tensor, one aminmax per tensor (value_range, as
+    check_state) and one device sync for all; the processes agree, and where any found some, every one returns them
+    all."""
+    local = {}  # name: (this process's tensor or shard, whether sharded)
+    for n, p in tuned_state(model, method).items():
+        moments = opt.state.get(p, {})
+        for key, t in ((f"tuned.{n}", p), *((f"optimizer.state.{n}.{kind}", moments[kind])
+                                           for kind in ADAMW_MOMENTS if kind in moments)):
+            sharded = is_sharded(t)
+            t = (t.to_local() if sharded else t).detach()
+            if t.numel():  # a process may hold no elements of a small sharded tensor (aminmax refuses an empty one)
+                local[key] = (t, sharded)
+    finite = (torch.stack([torch.stack(value_range(t)).float() for t, _ in local.values()]).isfinite().all(dim=1)
+              .tolist() if local else [])
+    mine = [(k, non_finite_counts(t), sharded) for (k, (t, sharded)), ok in zip(local.items(), finite) if not ok]
+    if d.all_max(len(mine)) == 0:
+        return []
+    every = [mine]
+    if d.world > 1:
+        every = [None] * d.world
+        dist.all_gather_object(every, mine)
+    found = {}  # an unsharded tensor is the same on every process (its gradient all-reduced): named once
+    for rank, items in enumerate(every):
+        for k, counts, sharded in items:
+            found.setdefault(f"{k} (process {rank}'s shard)" if sharded else k, counts)
+    return [f"{k}: {counts}" for k, counts in found.items()]
+
+
 def base_digest(model: Transformer) -> str:
     """sha256 of a loaded base's shapes and a sample of every weight (its first 256 values): a base that is not
     the one a run started on (another shape, or retrained at the same path) tells itself apart, without a
@@ -508,9 +540,9 @@ def read_checkpoint(ckpt_path: Path, cfg: TrainConfig, inputs: dict[str, str | N
             raise
         except NonFiniteValues as e:
             # Its records pass their CRC-32 check: the run wrote these values, having diverged (a non-finite gradient
-            # under a finite loss reaches the weights and moments; the NaN-loss stop sees it a step later, once this
-            # checkpoint may be saved). The previous checkpoint would replay the same steps into them, so the run
-            # stops as at a NaN loss instead of falling back as from damaged bytes.
+            # under a finite loss reaches the weights and moments; save refuses to write them now, but an earlier
+            # version's checkpoint may hold them). The previous checkpoint would replay the same steps into them, so
+            # the run stops as at a NaN loss instead of falling back as from damaged bytes.
             raise TrainingDiverged(
                 f"cannot resume: {path} (step {state['step']}) holds NaN or infinity ({len(e.found)}): "
                 f"{listed(e.found)}; its bytes are as written, so the run diverged before that step, and resuming "
@@ -760,9 +792,21 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
                       run_id=run_id, keep_through=step if found is not None else -1)
     bar = None
 
+    def kept() -> str:
+        """What a diverged run leaves to resume from."""
+        return (f"the last good checkpoint, of step {saved_step}, is left untouched in {ckpt_path}"
+                if saved_step is not None else
+                f"no checkpoint was written before it (--checkpoint-every {cfg.checkpoint_every})")
+
     def save(step: int) -> None:
-        """Every process gathers (collective under FSDP); rank 0 writes."""
+        """Every process gathers (collective under FSDP); rank 0 writes. A trained state holding NaN or infinity is
+        not written over the last good checkpoint: the run stops as at a NaN loss (every process: they agree)."""
         nonlocal saved_step
+        if found := non_finite_state(model, opt, cfg.method, d):
+            raise TrainingDiverged(
+                f"step {step} (epoch {max(step - 1, 0) // steps_per_epoch}): the trained state holds NaN or infinity "
+                f"under a finite loss ({len(found)}): {listed(found)}; a non-finite gradient reached it through the "
+                f"optimizer, at this step or one since the last checkpoint; not saved as a checkpoint: {kept()}")
         state = checkpoint_state(model, opt, step, history, cfg, tracker.run_id, initial_val_loss, inputs, d)
         if d.rank == 0:
             save_checkpoint(state, ckpt_path, keep_previous=saved_step is not None)
@@ -778,12 +822,9 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
         loss_value, real, padded = train_step(model, train_ds, idx, cfg, d, params)
         if not math.isfinite(loss_value):
             # numbered as the log's lines (step N/LAST is printed once N steps are done): the step after `step`
-            kept = (f"the last good checkpoint, of step {saved_step}, is left untouched in {ckpt_path}"
-                    if saved_step is not None else
-                    f"no checkpoint was written before it (--checkpoint-every {cfg.checkpoint_every})")
             raise TrainingDiverged(
                 f"step {step + 1} (epoch {step // steps_per_epoch}): loss {loss_value} on the batch of samples "
-                f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data); {kept}")
+                f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data); {kept()}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
