@@ -698,8 +698,9 @@ NUMERIC_ARGS = ("norm_eps", "rope_theta")
 
 
 def check_trained_on(path: Path, header: dict[str, str], args: ModelArgs, kind: str) -> None:
-    """A file whose header names the base it was trained on (`base_args`) fits a model of `args`."""
-    trained_on = json.loads(header["base_args"])
+    """A file whose header names the base it was trained on (`base_args`, a JSON object: header_settings) fits a model
+    of `args`."""
+    trained_on = header_settings(path, header, "base_args", kind)
     # A numeric arg the header leaves out is not compared (only the shapes are). An arg it holds is the base's, of
     # the type ModelArgs holds it in (the same checks): another value is a damaged header, not a base to skip the
     # comparison for ("abc", null), nor another base ("64"), nor this one (2.0 and true compare equal to 2 and 1).
@@ -725,7 +726,8 @@ def copy_parameters(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], dict[str, Tensor]]:
-    """(adapter config, header, tensors) of an adapter written by `save_adapter`."""
+    """(adapter config, header, tensors) of an adapter written by `save_adapter`; the header's base_args is read by
+    check_trained_on."""
     path = Path(path)
     if path.suffix == ".bin":  # none of ours: PEFT's pickled weights, whose settings lie beside them, not inside
         must_be_file(path, f"PEFT's weights with the {PEFT_CONFIG} PEFT saved with them")  # a typo is no PEFT file
@@ -742,7 +744,6 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterArgs, dict[str, str], 
         raise CheckpointError(f"{path}: not an adapter of this project: {found}, holding {len(names)} tensor(s) "
                               f"({listed(names, 4)}); {expected}")
     adapter = header_settings(path, header, "adapter_args", "adapter", AdapterArgs)
-    header_settings(path, header, "base_args", "adapter")  # read again by check_trained_on, which can then trust it
     return adapter, header, tensors
 
 

@@ -279,7 +279,6 @@ def check_lora_header(path: Path, header: dict[str, str], model_args: ModelArgs)
     fmt = header.get("format", "")
     if fmt == LORA_FORMAT:
         recorded = header_settings(path, header, "lora_args", "LoRA", LoRAArgs)
-        header_settings(path, header, "base_args", "LoRA")  # check_trained_on reads it as a JSON object
         check_trained_on(path, header, model_args, "LoRA")
         return recorded
     if fmt.startswith(OUR_FORMATS):
