@@ -494,11 +494,14 @@ def truncate_log(path: Path, step: int) -> None:
     """metrics.jsonl's lines up to `step` (none for a fresh run, step -1), rewritten whole (a kill while rewriting
     keeps the old file). A last line cut short (a process killed, or a node lost, mid-write) is past the checkpoint
     and dropped; an unreadable line before it is an error naming the file and line."""
+    if step < 0:  # a fresh run keeps no line: none need be read
+        path.unlink(missing_ok=True)
+        return
     if not path.exists():
         return
     kept, lines = [], path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
-        if not line or step < 0:
+        if not line:
             continue
         try:
             logged = json.loads(line)["step"]
