@@ -411,8 +411,8 @@ def check_same_run(state: dict, ckpt_path: Path, cfg: TrainConfig, inputs: dict[
     now = json.loads(json.dumps(fixed_settings(cfg)))  # as saved: tuples become lists
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if changed:
-        shown = "; ".join(f"--{k.replace('_', '-')} {then!r} then, {v!r} now" for k, (then, v) in changed.items())
-        raise InputError(f"{ckpt_path}: cannot resume, the run's settings changed: {shown}; expected the settings "
+        changes = "; ".join(f"--{k.replace('_', '-')} {then!r} then, {v!r} now" for k, (then, v) in changed.items())
+        raise InputError(f"{ckpt_path}: cannot resume, the run's settings changed: {changes}; expected the settings "
                          f"the checkpoint was written with, or delete {ckpt_path} and "
                          f"{previous_checkpoint(ckpt_path).name} to train from the start")
     rows = state.get("rows_per_micro_batch", cfg.rows_per_micro_batch)  # not kept before it was checked
