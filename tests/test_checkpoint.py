@@ -1160,6 +1160,20 @@ def test_a_header_base_args_shape_of_the_wrong_type_is_a_damaged_header(tmp_path
 
 
 @pytest.mark.parametrize("kind", ["adapter", "lora"])
+@pytest.mark.parametrize("key", ["dim", "n_kv_heads", "vocab_size"])
+def test_a_header_base_args_without_a_shape_is_a_damaged_header(tmp_path, kind, key):
+    """A base_args without one of the base's shapes was called another base ({'dim': (None, 64)}): training writes
+    every one, so it is a damaged header naming the file and the missing key."""
+    base, folder, weights, name = saved_with_header(tmp_path, kind)
+    base_args = load_base(base).args.to_dict()
+    del base_args[key]
+    rewrite_safetensors(weights, header={"base_args": json.dumps(base_args)})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: damaged {name} header: base_args has no "
+                                              rf"{key}; expected every shape"):
+        load_model(base, folder)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
 @pytest.mark.parametrize("key", ["base_args", "args"])
 def test_a_header_setting_given_twice_is_a_damaged_header(tmp_path, kind, key):
     """A header's JSON holding a key twice ({"dim": 128, ..., "dim": 64}) was read with the last value kept silently,

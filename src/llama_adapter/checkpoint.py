@@ -704,13 +704,18 @@ def check_trained_on(path: Path, header: dict[str, str], args: ModelArgs, kind: 
     # A numeric arg the header leaves out is not compared (only the shapes are). An arg it holds is the base's, of
     # the type ModelArgs holds it in (the same checks): another value is a damaged header, not a base to skip the
     # comparison for ("abc", null), nor another base ("64"), nor this one (2.0 and true compare equal to 2 and 1).
+    # A shape it leaves out is damaged too (training writes every one): not another base to name as (None, 4096).
+    for k in STRUCTURAL_ARGS:
+        if k not in trained_on:
+            raise CheckpointError(f"{path}: damaged {kind} header: base_args has no {k}; expected every shape of the "
+                                  f"base it was trained on ({', '.join(STRUCTURAL_ARGS)}), as training writes them")
     for keys, is_valid, expected in ((STRUCTURAL_ARGS, is_positive_int, "a positive integer"),
                                      (NUMERIC_ARGS, is_positive_finite, "a positive finite number")):
         for k in keys:
             if k in trained_on and not is_valid(trained_on[k]):
                 raise CheckpointError(f"{path}: damaged {kind} header: base_args {k} {trained_on[k]!r}; expected "
                                       f"{expected} (the {k} of the base it was trained on)")
-    diff = {k: (trained_on.get(k), getattr(args, k)) for k in STRUCTURAL_ARGS if trained_on.get(k) != getattr(args, k)}
+    diff = {k: (trained_on[k], getattr(args, k)) for k in STRUCTURAL_ARGS if trained_on[k] != getattr(args, k)}
     diff |= {k: (trained_on[k], getattr(args, k)) for k in NUMERIC_ARGS
              if k in trained_on and not math.isclose(trained_on[k], getattr(args, k), rel_tol=1e-4)}
     if diff:
