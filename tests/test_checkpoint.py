@@ -1406,3 +1406,37 @@ def test_a_base_beyond_the_range_of_the_dtype_it_loads_into_is_refused(tmp_path,
         assert model.layers[0].attention.wq.weight.view(-1)[1].item() == pytest.approx(70000, rel=1e-2)
     path, _ = BASE_LAYOUTS[layout](tmp_path / "fits", {"layers.1.attention_norm.weight": 65504.0})
     assert load_base(path, dtype=torch.float16).layers[1].attention_norm.weight.isfinite().all()
+
+
+def test_a_lora_whose_merged_weights_exceed_the_dtype_is_refused_and_taken_off(tmp_path):
+    """The base and the LoRA were each range-checked as loaded, their merged sum was not: W + (alpha / r) B A of
+    65000 + 16000 in an fp16 base became an infinity silently. Refused naming the file, the projection and the dtype's
+    range, with nothing merged: the model is the plain base again, and takes a LoRA that fits; the same LoRA merges
+    into bf16."""
+    from llama_adapter.checkpoint import apply_lora
+    from llama_adapter.config import LoRAArgs
+    from llama_adapter.lora import add_lora, save_lora
+
+    base, _ = meta_base(tmp_path / "base", {"layers.0.attention.wq.weight": 65000.0})
+    lora = add_lora(random_model(BLOCKS_OF_32), LoRAArgs(rank=2, alpha=16))  # scaling 8
+    with torch.no_grad():
+        wq = lora.layers[0].attention.wq
+        wq.lora_a[:, 1], wq.lora_b[0] = 1.0, 1000.0  # B A at [0, 1]: 8 * 2 * 1000 = 16000, on top of 65000
+    save_lora(lora, tmp_path / "lora", base_model="tiny")
+    weights = tmp_path / "lora" / "adapter_model.safetensors"
+    model = load_base(base, dtype=torch.float16)
+    with pytest.raises(CheckpointError) as e:
+        apply_lora(model, weights)
+    message = str(e.value)
+    assert message.startswith(f"{weights}: the merged weights W + (alpha / r) B A of 1 projection(s) "
+                              "exceed the range of their dtype: layers.0.attention.wq: values from "), message
+    assert "to 80992 (torch.float16, ±65504)" in message, message  # 65000 is 64992 in fp16
+    assert type(model.layers[0].attention.wq) is torch.nn.Linear and model.lora is None
+    assert model.layers[0].attention.wq.weight.view(-1)[1].item() == 64992
+    with torch.no_grad():
+        wq.lora_b[0] = 0.0
+    save_lora(lora, tmp_path / "fits", base_model="tiny")
+    apply_lora(model, tmp_path / "fits" / "adapter_model.safetensors")
+    assert model.merged_lora and model.layers[0].attention.wq.weight.isfinite().all()
+    merged = load_model(base, tmp_path / "lora", dtype=torch.bfloat16).layers[0].attention.wq.weight
+    assert merged.view(-1)[1].item() == pytest.approx(81000, rel=1e-2)

@@ -1005,7 +1005,7 @@ def put_adapter(model: AdaptedTransformer, adapter: AdapterArgs | None, tensors:
 def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> None:
     """Put a PEFT LoRA (lora.py) into a loaded model without an adapter or LoRA; merged into the frozen weights
     unless `merge` is False (its A and B then stay separate tensors, as in training)."""
-    from .lora import add_lora, lora_shapes, merge_lora, read_lora
+    from .lora import add_lora, lora_shapes, merge_lora, read_lora, remove_lora
 
     args, tensors, origin = read_lora(path, model.args)
     if model.adapter is not None or getattr(model, "lora", None) or getattr(model, "merged_lora", None):
@@ -1025,7 +1025,11 @@ def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> Non
     copy_parameters(model, tensors)
     model.requires_grad_(False)
     if merge:
-        merge_lora(model)
+        try:
+            merge_lora(model)
+        except ValueError as e:  # nothing merged: the model is left as it was, as a file that does not fit leaves it
+            remove_lora(model)
+            raise CheckpointError(f"{path}: {e}") from None
         model.merged_lora = str(path)  # the weights are changed for good: no other adapter may go on top
         if fused:  # the forward reads the fused weights, laid out before the merge: lay them out again
             model.fuse_projections()

@@ -29,6 +29,7 @@ from .checkpoint import (
     PROJECTIONS,
     check_trained_on,
     header_settings,
+    listed,
     peft_files,
     peft_type,
     permute_rope_rows,
@@ -108,12 +109,15 @@ class LoRALinear(nn.Linear):
         update = F.linear(F.linear(self.dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
         return F.linear(x, self.weight) + update * self.scaling
 
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear holding W + (alpha / r) B A, in W's dtype."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+    def merged_weight(self) -> Tensor:
+        """W + (alpha / r) B A, in float32."""
         delta = (self.lora_b.detach().float() @ self.lora_a.detach().float()) * self.scaling
-        linear.weight = nn.Parameter((self.weight.detach().float() + delta).to(self.weight.dtype),
-                                     requires_grad=False)
+        return self.weight.detach().float() + delta
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear holding merged_weight(), in W's dtype."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(self.merged_weight().to(self.weight.dtype), requires_grad=False)
         return linear
 
 
@@ -148,13 +152,38 @@ def add_lora(model: nn.Module, args: LoRAArgs, device=None, generator: torch.Gen
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its frozen weight; the model is plain LLaMA afterwards."""
+    """Fold every LoRA update into its frozen weight; the model is plain LLaMA afterwards. A merged weight its dtype
+    cannot hold (W + BA beyond fp16's ±65504 would be an infinity: the base and the LoRA were each range-checked as
+    loaded, their sum was not) is refused before any weight changes: ValueError naming each projection."""
     if getattr(model, "lora", None) is not None:
+        beyond = []
+        for name, linear in model.named_modules():
+            if isinstance(linear, LoRALinear):
+                least, greatest = torch.aminmax(linear.merged_weight())
+                if not (least.to(linear.weight.dtype).isfinite() and greatest.to(linear.weight.dtype).isfinite()):
+                    beyond.append(f"{name}: values from {least.item():g} to {greatest.item():g} "
+                                  f"({linear.weight.dtype}, ±{torch.finfo(linear.weight.dtype).max:g})")
+        if beyond:
+            raise ValueError(f"the merged weights W + (alpha / r) B A of {len(beyond)} projection(s) exceed the range "
+                             f"of their dtype: {listed(beyond)}; expected a dtype that holds them (bfloat16 or "
+                             "float32)")
         for part, t in targeted(model, model.lora.targets):
             setattr(part, t, getattr(part, t).merged())
         model.lora = None
     return model
 
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Take every LoRA off unmerged: each targeted projection a plain nn.Linear of its frozen weight again."""
+    if getattr(model, "lora", None) is not None:
+        for part, t in targeted(model, model.lora.targets):
+            lora = getattr(part, t)
+            linear = nn.Linear(lora.in_features, lora.out_features, bias=False, device="meta")
+            linear.weight = lora.weight
+            setattr(part, t, linear)
+        model.lora = None
+    return model
 
 # ---------------------------------------------------------------- PEFT's file layout
 
