@@ -1103,6 +1103,31 @@ def test_a_peft_lora_option_the_merge_does_not_implement_is_refused(tmp_path, ke
         load_model(base, folder)
 
 
+def test_a_peft_lora_option_this_loader_does_not_know_is_refused_unless_at_its_default(tmp_path):
+    """A key of adapter_config.json in none of the loader's lists (an option of a PEFT newer than the one it was
+    written against, which may change what the weights mean) was merged past silently. Set, it is refused naming key
+    and value; at PEFT's default (null, false, empty: as older PEFTs wrote their enable_lora and merge_weights) the
+    LoRA loads."""
+    base, folder = saved_lora(tmp_path)
+    expected = load_model(base, folder)
+    edited_json(folder, "adapter_config.json", use_hyperlora=True)
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: use_hyperlora=True \(an option this loader does "
+                                              r"not know: a newer PEFT's\?\) is not supported; expected a PEFT LoRA"):
+        load_model(base, folder)
+    edited_json(folder, "adapter_config.json", use_hyperlora=None, enable_lora=None, merge_weights=False)
+    assert_same_logits(load_model(base, folder), expected)
+
+
+def test_every_option_of_the_installed_peft_lora_config_is_known_to_the_loader():
+    """The loader's lists cover every LoraConfig field of the PEFT installed: a PEFT upgrade adding one fails here
+    (then: is it an option the merge implements, or one to refuse?), not silently at a user's load."""
+    peft = pytest.importorskip("peft")
+    from llama_adapter.lora import PEFT_KEYS, PEFT_OTHER_KEYS, PEFT_UNSUPPORTED
+
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields - {*PEFT_KEYS.values(), *PEFT_UNSUPPORTED, *PEFT_OTHER_KEYS} == set()
+
+
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga", "mica"])
 def test_a_peft_lora_whose_initialisation_rewrites_the_base_is_refused(tmp_path, init):
     """PiSSA, OLoRA, CorDA, MiCA, LoRA-GA and LoftQ subtract the initial B A from the base (or quantise it) when PEFT

@@ -70,6 +70,14 @@ PEFT_UNSUPPORTED = (
 # init_lora_weights that make PEFT rewrite the base's weights as it loads the LoRA (W - B A of the initial A and B, or
 # LoftQ's quantised base), unless the LoRA was converted at saving (path_initial_model_for_weight_conversion, which
 # writes init_lora_weights true): merged onto the unchanged base, such a LoRA gives other weights than PEFT's.
+# The rest of PEFT's LoraConfig (0.21): read above (peft_type, bias, init_lora_weights), its metadata, or options of
+# the training alone or of its initialisation. A key in none of these lists, at a value other than PEFT's default
+# (is_peft_default), is an option of a newer PEFT whose meaning the merge cannot know: refused as the listed are.
+PEFT_OTHER_KEYS = (
+    "peft_type", "bias", "init_lora_weights", "task_type", "inference_mode", "base_model_name_or_path", "revision",
+    "auto_mapping", "peft_version", "runtime_config", "ensure_weight_tying", "megatron_core", "qalora_group_size",
+    "eva_config", "corda_config", "loftq_config", "lora_ga_config", "velora_config",
+)
 PEFT_BASE_REWRITING_INITS = re.compile(r"(pissa|corda).*|olora|mica|loftq|lora_ga", re.IGNORECASE)
 PEFT_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
@@ -249,6 +257,9 @@ def read_lora(path: Path, model_args: ModelArgs) -> tuple[LoRAArgs, dict[str, Te
     problems = [f"{k}={config.get(k)!r}" for k, want in (("peft_type", "LORA"), ("bias", "none"))
                 if config.get(k, want) != want]
     problems += [f"{k}={config[k]!r}" for k in PEFT_UNSUPPORTED if not is_peft_default(k, config.get(k))]
+    known = {*PEFT_KEYS.values(), *PEFT_UNSUPPORTED, *PEFT_OTHER_KEYS}
+    problems += [f"{k}={v!r} (an option this loader does not know: a newer PEFT's?)" for k, v in config.items()
+                 if k not in known and not is_peft_default(k, v)]
     if isinstance(init := config.get("init_lora_weights"), str) and PEFT_BASE_REWRITING_INITS.fullmatch(init):
         problems.append(f"init_lora_weights={init!r} (PEFT rewrites the base's weights for it as it loads the LoRA; "
                         "convert it at saving, path_initial_model_for_weight_conversion)")
