@@ -67,9 +67,6 @@ PEFT_UNSUPPORTED = (
     "alora_invocation_tokens",  # applied from an invocation token on: no merge can hold that
     *PEFT_VARIANT_CONFIGS,
 )
-# init_lora_weights that make PEFT rewrite the base's weights as it loads the LoRA (W - B A of the initial A and B, or
-# LoftQ's quantised base), unless the LoRA was converted at saving (path_initial_model_for_weight_conversion, which
-# writes init_lora_weights true): merged onto the unchanged base, such a LoRA gives other weights than PEFT's.
 # The rest of PEFT's LoraConfig (0.21): read above (peft_type, bias, init_lora_weights), its metadata, or options of
 # the training alone or of its initialisation. A key in none of these lists, at a value other than PEFT's default
 # (is_peft_default), is an option of a newer PEFT whose meaning the merge cannot know: refused as the listed are.
@@ -78,6 +75,9 @@ PEFT_OTHER_KEYS = (
     "auto_mapping", "peft_version", "runtime_config", "ensure_weight_tying", "megatron_core", "qalora_group_size",
     "eva_config", "corda_config", "loftq_config", "lora_ga_config", "velora_config",
 )
+# init_lora_weights that make PEFT rewrite the base's weights as it loads the LoRA (W - B A of the initial A and B, or
+# LoftQ's quantised base), unless the LoRA was converted at saving (path_initial_model_for_weight_conversion, which
+# writes init_lora_weights true): merged onto the unchanged base, such a LoRA gives other weights than PEFT's.
 PEFT_BASE_REWRITING_INITS = re.compile(r"(pissa|corda).*|olora|mica|loftq|lora_ga", re.IGNORECASE)
 PEFT_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
@@ -181,7 +181,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-
 def remove_lora(model: nn.Module) -> nn.Module:
     """Take every LoRA off unmerged: each targeted projection a plain nn.Linear of its frozen weight again."""
     if getattr(model, "lora", None) is not None:
@@ -192,6 +191,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
             setattr(part, t, linear)
         model.lora = None
     return model
+
 
 # ---------------------------------------------------------------- PEFT's file layout
 
