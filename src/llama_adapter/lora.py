@@ -67,9 +67,9 @@ PEFT_UNSUPPORTED = (
     "alora_invocation_tokens",  # applied from an invocation token on: no merge can hold that
     *PEFT_VARIANT_CONFIGS,
 )
-# The rest of PEFT's LoraConfig (0.21): read above (peft_type, bias, init_lora_weights), its metadata, or options of
-# the training alone or of its initialisation. A key in none of these lists, at a value other than PEFT's default
-# (is_peft_default), is an option of a newer PEFT whose meaning the merge cannot know: refused as the listed are.
+# The rest of PEFT's LoraConfig (0.21): checked by read_lora (peft_type, bias, init_lora_weights), its metadata,
+# or options of the training alone or of its initialisation. A key in none of these lists, at a value other than
+# PEFT's default (is_peft_default), is an option of a newer PEFT whose meaning the merge cannot know: refused.
 PEFT_OTHER_KEYS = (
     "peft_type", "bias", "init_lora_weights", "task_type", "inference_mode", "base_model_name_or_path", "revision",
     "auto_mapping", "peft_version", "runtime_config", "ensure_weight_tying", "megatron_core", "qalora_group_size",
