@@ -297,8 +297,8 @@ def non_finite_state(model: Transformer, opt: torch.optim.Optimizer, method: str
     local = {}  # name: (this process's tensor or shard, whether sharded)
     for n, p in tuned_state(model, method).items():
         moments = opt.state.get(p, {})
-        for key, t in ((f"tuned.{n}", p), *((f"optimizer.state.{n}.{kind}", moments[kind])
-                                           for kind in ADAMW_MOMENTS if kind in moments)):
+        for key, t in ((tuned_key(n), p), *((moment_key(n, kind), moments[kind])
+                                            for kind in ADAMW_MOMENTS if kind in moments)):
             sharded = is_sharded(t)
             t = (t.to_local() if sharded else t).detach()
             if t.numel():  # a process may hold no elements of a small sharded tensor (aminmax refuses an empty one)
@@ -392,6 +392,16 @@ CHECKPOINT_ENTRIES = {
 ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def tuned_key(name: str) -> str:
+    """A trained tensor's name in the checkpoint (its `tuned` entry), as errors name it."""
+    return f"tuned.{name}"
+
+
+def moment_key(name: str, kind: str) -> str:
+    """A trained tensor's optimizer state `kind` (an ADAMW_MOMENTS or its step) in the checkpoint, as errors name it."""
+    return f"optimizer.state.{name}.{kind}"
+
+
 def a_type(v) -> str:
     kind = type(v).__name__
     return f"a{'n' if kind[0] in 'aeiou' else ''} {kind}"
@@ -467,15 +477,14 @@ def check_checkpoint(state, ckpt_path: Path, cfg: TrainConfig, inputs: dict[str,
     method = cfg.method
     # Under the names the file keeps them by: the trained tensors as the model's state dict holds them (a tied output
     # too), the optimizer's state once per parameter.
-    trained = {f"tuned.{n}": p for n, p in model.named_parameters(remove_duplicate=False) if trains(method, n)}
+    trained = {tuned_key(n): p for n, p in model.named_parameters(remove_duplicate=False) if trains(method, n)}
     moments = {}
     if state["step"] > 0:  # every trained tensor has taken every step (train_step gives each a gradient)
-        moments = {f"optimizer.state.{n}.{kind}": p for n, p in tuned_state(model, method).items()
-                   for kind in ADAMW_MOMENTS}
+        moments = {moment_key(n, kind): p for n, p in tuned_state(model, method).items() for kind in ADAMW_MOMENTS}
     expected = {k: p.shape for k, p in (trained | moments).items()}
-    expected |= {f"optimizer.state.{n}.step": torch.Size([]) for n in tuned_state(model, method)} if moments else {}
-    found = {f"tuned.{n}": t for n, t in state["tuned"].items()}
-    found |= {f"optimizer.state.{n}.{kind}": t for n, kinds in optimizer["state"].items() for kind, t in kinds.items()}
+    expected |= {moment_key(n, "step"): torch.Size([]) for n in tuned_state(model, method)} if moments else {}
+    found = {tuned_key(n): t for n, t in state["tuned"].items()}
+    found |= {moment_key(n, kind): t for n, kinds in optimizer["state"].items() for kind, t in kinds.items()}
     check_state(expected, found, "the training state", dtypes={k: p.dtype for k, p in (trained | moments).items()})
 
 
