@@ -96,6 +96,18 @@ def test_meta_files_not_named_as_a_shard_are_no_shards(tmp_path):
     assert_same_logits(m, load_base(tmp_path))
 
 
+def test_meta_shards_of_other_tensor_names_are_counted_and_listed(tmp_path):
+    """A shard holding other tensors than the first named ten of them, with no count nor sign that more were left
+    out: now their count and the first ones, ' ...' after them."""
+    save_meta_checkpoint(random_model("tiny"), tmp_path, n_shards=2)
+    shard = tmp_path / "consolidated.01.pth"
+    state = torch.load(shard, weights_only=True)
+    torch.save({**state, **{f"extra.{i:02d}": torch.zeros(1) for i in range(25)}}, shard)
+    with pytest.raises(CheckpointError, match=r"consolidated.01.pth: holds other tensor names than consolidated.00.pth "
+                                              r"\(25\): extra.00, extra.01, .*extra.19 \.\.\.$"):
+        load_base(tmp_path)
+
+
 def test_meta_shards_with_a_rank_missing_or_doubled_are_named(tmp_path):
     """Ranks 00 and 05 (01 to 04 lost) were merged as a checkpoint of two ranks: loaded where their shapes fit, else
     refused on the tensors' shapes with no word of the lost files. The folder and the missing ranks are named
@@ -832,9 +844,9 @@ def a_gate_of_two_heads(s):
 
 
 @pytest.mark.parametrize("change, message", [
-    (integer_query, r"not floating point: adapter_query.weight: torch.int64"),  # was cast to float silently
-    (boolean_gate, r"not floating point: layers.3.attention.gate: torch.bool"),
-    (lambda s: s.update(extra=torch.zeros(1)), r"unexpected tensors \['extra'\]"),  # was dropped unread
+    (integer_query, r"not floating point \(1\): adapter_query.weight: torch.int64"),  # was cast to float silently
+    (boolean_gate, r"not floating point \(1\): layers.3.attention.gate: torch.bool"),
+    (lambda s: s.update(extra=torch.zeros(1)), r"unexpected tensors \(1\): extra;"),  # was dropped unread
     (a_gate_of_two_heads, r"layers.N.attention.gate of shapes \[\(1, 2, 1, 1\), \(1, 4, 1, 1\)\]"),  # torch.stack's
 ])
 def test_a_damaged_original_release_is_named_not_cast_or_dropped(tmp_path, change, message):

@@ -264,7 +264,8 @@ def read_meta_checkpoint(path: Path) -> tuple[ModelArgs, list[dict[str, Tensor]]
             del s[k]
         if set(s) != set(shards[0]):
             diff = sorted(set(s) ^ set(shards[0]))
-            raise CheckpointError(f"{p}: holds other tensor names than {shard_paths[0].name}: {diff[:10]}")
+            raise CheckpointError(f"{p}: holds other tensor names than {shard_paths[0].name} ({len(diff)}): "
+                                  f"{listed(diff)}")
     # params.json's vocab_size -1 (LLaMA-1/2) leaves it to the weights: the output's rows over the shards, or the
     # embedding's rows (those releases split it by columns) where the output is missing (check_state names it)
     vocab = (sum(s["output.weight"].shape[0] for s in shards) if "output.weight" in shards[0]
@@ -812,8 +813,8 @@ def read_original_release(path: Path, n_layers: int, adapter: AdapterArgs
     # dropped unread, and an integer one cast silently.
     unexpected = sorted(set(state) - {"adapter_query.weight"} - {f"layers.{i}.attention.gate" for i in gates})
     not_float = sorted(f"{k}: {t.dtype}" for k, t in state.items() if not t.is_floating_point())
-    problems = ([f"unexpected tensors {unexpected[:10]}"] if unexpected else []) + (
-        [f"not floating point: {', '.join(not_float[:10])}"] if not_float else [])
+    problems = [f"{label} ({len(items)}): {listed(items)}"
+                for label, items in (("unexpected tensors", unexpected), ("not floating point", not_float)) if items]
     if problems:
         raise CheckpointError(f"{path}: {'; '.join(problems)}; expected only the release's adapter_query.weight and "
                               "layers.N.attention.gate, floats")
