@@ -5,8 +5,9 @@ In a 7B training step on an H200 the prompt attention's backward (SDPA, which pi
 364 us per layer on packed batches (one row of 8,192 tokens) against 132 us on padded ones (16 rows of 512),
 about 3% of the step (BENCHMARKS.md). With 10 prompt keys the attention is two thin matrix products and a
 softmax over 10 values, which inductor can fuse; this script times the model's own code
-(`AdaptedAttention.prompt_attention`) under each SDPA backend, and that written out as its matrix products,
-eager and compiled, on the same inputs, and checks each against the math backend in fp32.
+(`AdaptedAttention.prompt_attention`) under each SDPA backend, that written out as its matrix products, eager
+and compiled, and as reductions (no products; compiled), on the same inputs, and checks each against the math
+backend in fp32.
 
 Each call is a layer's prompt attention during training: the queries (rows, heads, tokens, head dim) require a
 gradient (earlier layers' adapters need it), and so do the prompts and the gate; the backward computes all
@@ -40,6 +41,17 @@ def written_out(attention: AdaptedAttention, q, prompt, gate):
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ pv  # (B, nh, T, hs)
 
 
+def as_reductions(attention: AdaptedAttention, q, prompt, gate):
+    """prompt_attention's result without matrix products: each query's L scores as a reduction over the head dim
+    and its output as the softmax-weighted sum of the L values. Compiled, inductor can fuse each into a kernel that
+    reads the queries (and in the backward their gradient) once, where a product with L = 10 columns runs far below
+    the tensor cores' rate; eager, it would materialise (B, nh, T, L, hs), so it is timed compiled only."""
+    pk, pv = attention.prompt_keys_values(prompt, gate, q.dtype)  # (1, nh, L, hs), values gated
+    scores = (q.unsqueeze(-2) * pk.unsqueeze(-3)).float().sum(-1) * q.size(-1) ** -0.5  # (B, nh, T, L)
+    weights = torch.softmax(scores, dim=-1)
+    return (weights.unsqueeze(-1) * pv.unsqueeze(-3).float()).sum(-2).to(q.dtype)  # (B, nh, T, hs)
+
+
 def timed(fn, device: torch.device, repeat: int) -> float:
     """Median microseconds of fn()."""
     times = []
@@ -70,14 +82,15 @@ def main() -> None:
     gen = torch.Generator(device).manual_seed(0)
     prompt = torch.randn(ns.adapter_len, args.dim, device=device, generator=gen, requires_grad=True)
     gate = torch.randn(args.n_heads, device=device, generator=gen, requires_grad=True)
-    compiled = torch.compile(written_out)
+    compiled, reductions = torch.compile(written_out), torch.compile(as_reductions)
     backends = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)
                 if device.type == "cuda"]
     ways = {"ours (SDPA, its choice)": (attention.prompt_attention, contextlib.nullcontext),
             **{f"ours (SDPA, {b.name.lower()})": (attention.prompt_attention, lambda b=b: sdpa_kernel(b))
                for b in backends},
             "written out, eager": (lambda *a: written_out(attention, *a), contextlib.nullcontext),
-            "written out, compiled": (lambda *a: compiled(attention, *a), contextlib.nullcontext)}
+            "written out, compiled": (lambda *a: compiled(attention, *a), contextlib.nullcontext),
+            "as reductions, compiled": (lambda *a: reductions(attention, *a), contextlib.nullcontext)}
     print(f"{ns.preset} (heads {args.n_heads}, kv heads {args.n_kv_heads}, head dim {args.head_dim}), "
           f"{ns.adapter_len} prompts, {device_name(device)}, {dtype}, torch {torch.__version__}")
     print(f"{'way':<32}{'layout':>12}{'forward us':>12}{'fwd+bwd us':>12}{'max error':>11}")
