@@ -41,6 +41,7 @@ from llama_adapter.report import (
     scienceqa_table,
     to_latex,
     to_markdown,
+    trends_table,
 )
 
 CATEGORY_ACC = {c: {"accuracy": 50.0, "n": 10} for c in ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")}
@@ -320,6 +321,22 @@ def test_methods_are_paired_question_by_question_with_the_adapter(grid):
     df = scienceqa_table([old, multimodal, adapter, lora]).set_index("experiment")
     assert set(df["paired_with"].dropna()) == {adapter.name} and pd.isna(df.loc[adapter.name, "paired_with"])
     assert df.loc["scienceqa_mm", "only_this_right"] == 12
+
+
+def test_scores_of_one_digest_but_other_question_counts_are_not_paired():
+    """Two scores.json that name the same questions_sha256 but a different n cannot both be of the same questions
+    (a hand-edited or mixed-up file): pairing them took the first one's n for both and reported McNemar's p over
+    questions that one of them never scored (here 0 of 18 discordant, p 7.6e-06). They are left unpaired, as
+    scores of other questions are, and their trend leaves the odd one out."""
+    adapter = answered(run("a"), range(0, 48))
+    fewer = answered(run("b", method="lora"), range(0, 30))
+    fewer.scores |= {"n": 60, "accuracy": 50.0}
+    row = scienceqa_table([adapter, fewer]).set_index("experiment").loc["b"]
+    assert pd.isna(row.get("paired_with")) and pd.isna(row.get("p_paired"))  # no column: nothing paired
+    runs = layer_axis({1: range(0, 20), 2: range(0, 30), 4: range(0, 40), 8: range(0, 30)})
+    runs[-1].scores |= {"n": 60, "accuracy": 50.0}
+    trend = trends_table({"adapter_layers": runs}).iloc[0]
+    assert trend["left_out"] == [8] and trend["items"] == 80
 
 
 def test_a_p_value_below_the_float_range_is_not_zero():

@@ -437,11 +437,13 @@ def mcnemar_p(only_this: int, only_other: int) -> float:
 
 
 def item_key(r: Run) -> tuple | None:
-    """What a run's scores are paired by: ("questions", digest) or ("samples", digest, count) where its scores.json
-    holds its outcomes one by one (ScienceQA's questions answered right, Alpaca's per-sample losses); two runs are
-    paired item by item where their keys are equal. None: no outcomes one by one, or no digest to pair them by."""
+    """What a run's scores are paired by: ("questions" or "samples", digest, count) where its scores.json holds its
+    outcomes one by one (ScienceQA's questions answered right, Alpaca's per-sample losses); two runs are paired item
+    by item where their keys are equal. None: no outcomes one by one, or no digest to pair them by. The count too:
+    two files of one digest but other counts are not of the same items, whatever they claim (item_outcomes would
+    take the first one's n for both)."""
     if "correct_pids" in r.scores:
-        return ("questions", r.scores["questions_sha256"]) if r.scores.get("questions_sha256") else None
+        return ("questions", r.scores["questions_sha256"], r.scores["n"]) if r.scores.get("questions_sha256") else None
     if "sample_losses" in r.scores and r.scores.get("samples_sha256"):
         return "samples", r.scores["samples_sha256"], len(r.scores["sample_losses"])
     return None
