@@ -930,6 +930,20 @@ def test_a_categorical_axis_is_summed_up_by_its_paired_tests():
                        "beyond chance. Each p stands alone (no correction for the 2 comparisons).")
 
 
+def test_an_axis_with_a_value_that_is_not_finite_has_no_trend_line():
+    """A grid point named epochs~Infinity reads as the number inf (json): the line through it was all NaN, and the
+    verdict said "No trend beyond noise: the interval holds 0 (accuracy nan points per epoch, 95% [nan, nan]...)",
+    a claim no computation made. An infinite value is no amount a line can run along: no trend, as for names."""
+    runs = []
+    for epochs, right in {"1": range(0, 20), "2": range(0, 30), "Infinity": range(0, 40)}.items():
+        name = f"ablations/adapter_layers~4/gate_init~zero/epochs~{epochs}/method~adapter"
+        runs.append(answered(run(name), right))
+        runs[-1].point = point_settings(name)
+    trend, verdict = verdict_of(runs, "epochs", 1)
+    assert trend["trend"] == "none: values not amounts in order" and pd.isna(trend["slope"])
+    assert "nan" not in verdict and "trend beyond noise" not in verdict, verdict
+
+
 def seed_axis() -> list[Run]:
     """The center trained with seeds 0, 1 and 2, each point's 80 questions answered right a little differently."""
     runs = []

@@ -150,19 +150,22 @@ def _real(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
 
 
+def _finite(v: Any) -> bool:
+    return _real(v) and math.isfinite(v)
+
+
 # The kinds of value a field of scores.json holds: (test, what was expected). A NaN is no number of any kind.
 KINDS = {
     "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a count (an integer >= 0)"),
     "percent": (lambda v: _real(v) and 0 <= v <= 100, "a percentage (a number in 0..100)"),
-    "number": (lambda v: _real(v) and math.isfinite(v), "a finite number"),
+    "number": (_finite, "a finite number"),
     "perplexity": (lambda v: _real(v) and v > 0, "a positive number (inf where exp(loss) overflows)"),
     "text": (lambda v: isinstance(v, str), "a string"),
     "object": (lambda v: isinstance(v, dict), "an object"),
     "ids": (lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v) and len(set(v)) == len(v),
             "a list of distinct question ids (strings)"),
     "task": (lambda v: isinstance(v, str) and v in SCORE_FIELDS, "scienceqa or alpaca"),
-    "losses": (lambda v: isinstance(v, list) and all(x is None or (_real(x) and math.isfinite(x) and x >= 0)
-                                                     for x in v),
+    "losses": (lambda v: isinstance(v, list) and all(x is None or (_finite(x) and x >= 0) for x in v),
                "a list of per-sample losses (numbers >= 0, null for a sample without targets)"),
 }
 # The fields of scores.json that the report reads, as evaluate writes them: (dotted key, kind, whether it must be
@@ -736,8 +739,9 @@ NAMING_AXES = ("seed",)  # numbers that name a point, not an amount: no line run
 
 
 def ordered_axis(axis: str, values: list) -> bool:
-    """Whether an axis's values are amounts in order (a trend can run along them): numbers, and not seeds."""
-    return axis not in NAMING_AXES and all(_real(v) for v in values)
+    """Whether an axis's values are amounts in order (a trend can run along them): finite numbers (a point named
+    epochs~Infinity reads as inf, which puts a line's every number at NaN), and not seeds."""
+    return axis not in NAMING_AXES and all(_finite(v) for v in values)
 
 
 def log_base(axis: str) -> int | None:
