@@ -590,6 +590,7 @@ def without(scores: dict, *keys: str) -> dict:
     (SCIENCEQA_SCORES | {"any_format": {"correct": "48", "accuracy": 60.0}}, "any_format.correct", "a count"),
     (SCIENCEQA_SCORES | {"any_format": {"correct": -48, "accuracy": 60.0}}, "any_format.correct", "a count"),
     (SCIENCEQA_SCORES | {"split": {"x": 1}}, "split", "a string"),
+    (SCIENCEQA_SCORES | {"tags": {"git_commit": 5}}, "tags.git_commit", "a string"),  # a TypeError in provenance
     (SCIENCEQA_SCORES | {"correct": 81}, "correct", "more than n"),
     (SCIENCEQA_SCORES | {"correct_pids": ["1", 2]}, "correct_pids", "a list of distinct question ids"),
     (SCIENCEQA_SCORES | {"correct_pids": ["1", "1"]}, "correct_pids", "a list of distinct question ids"),
@@ -644,26 +645,67 @@ def test_mistyped_scores_are_one_error_naming_the_file_and_key(tmp_path, scores,
     assert f"key {key}" in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_validation_loss_that_is_not_finite_is_refused_not_shown_as_na(tmp_path):
-    """A table cell of NaN reads "n/a", as a zero-shot row's missing loss does: a diverged validation would hide
-    as "not measured". Refused, naming the file."""
-    (tmp_path / "tokens" / "scienceqa").mkdir(parents=True)
+TRAINING_METRICS = {"history": [{"step": 1, "epoch": 1, "loss": 1.0, "gate/layer_03": 0.1}],
+                    "trainable_parameters": 10, "world_size": 1, "weights": "adapter.safetensors",
+                    "val_loss": [0.9, 0.8], "initial_val_loss": 1.2}
+
+
+def trained_row(tmp_path, metrics: dict, config: dict | None = None) -> ReportInputs:
+    """The inputs of one trained ScienceQA row whose training wrote `metrics` and `config` (a valid one: None)."""
+    (tmp_path / "tokens" / "scienceqa").mkdir(parents=True, exist_ok=True)
     (tmp_path / "tokens" / "scienceqa" / "stats.json").write_text(json.dumps({"dataset": "scienceqa"}))
     (tmp_path / "scores.json").write_text(json.dumps(SCIENCEQA_SCORES | {"method": "adapter"}))
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"base": "b", "train_data": "t"}))
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config or {"base": "b", "train_data": "t"}))
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "run" / "adapter.safetensors").write_bytes(b"0")
-    inputs = ReportInputs(experiments=["e"], scores={"e": tmp_path / "scores.json"},
-                          tokens={"scienceqa": tmp_path / "tokens" / "scienceqa"}, trainings={"e": tmp_path / "run"})
-    metrics = {"history": [{"step": 1, "epoch": 1, "loss": 1.0}], "trainable_parameters": 10, "world_size": 1,
-               "weights": "adapter.safetensors", "val_loss": [0.9, 0.8], "initial_val_loss": 1.2}
+    return ReportInputs(experiments=["e"], scores={"e": tmp_path / "scores.json"},
+                        tokens={"scienceqa": tmp_path / "tokens" / "scienceqa"}, trainings={"e": tmp_path / "run"})
+
+
+def test_a_validation_loss_that_is_not_finite_is_refused_not_shown_as_na(tmp_path):
+    """A table cell of NaN reads "n/a", as a zero-shot row's missing loss does: a diverged validation would hide
+    as "not measured". Refused, naming the file and the key."""
+    metrics = TRAINING_METRICS
     for bad, ok in (({}, True), ({"val_loss": [0.9, math.nan]}, False), ({"initial_val_loss": math.inf}, False)):
-        (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics | bad))
+        inputs = trained_row(tmp_path, metrics | bad)
         if ok:
             assert load_run("e", inputs).metrics["val_loss"] == [0.9, 0.8]
             continue
-        with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'run' / 'metrics.json'}: a validation loss")):
+        with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'run' / 'metrics.json'}: key {next(iter(bad))}")
+                           + ".*validation diverged"):
             load_run("e", inputs)
+
+
+@pytest.mark.parametrize("metrics,config,file,key,expected", [
+    ({"history": [1, 2]}, None, "metrics.json", "history", "a list of each step's metrics"),
+    ({"history": [{"step": 1, "epoch": 1}]}, None, "metrics.json", "history", "a finite epoch and loss"),
+    # a NaN training loss showed as the last epoch's train_loss "n/a", as if not measured
+    ({"history": [{"step": 1, "epoch": 1, "loss": math.nan}]}, None, "metrics.json", "history", "finite"),
+    ({"history": [{"step": 1, "epoch": 1, "loss": 1.0, "gate/layer_x": 0.1}]}, None, "metrics.json", "history",
+     "gate/layer_N"),
+    ({"trainable_parameters": "ten"}, None, "metrics.json", "trainable_parameters", "a count"),
+    ({"nodes": "2"}, None, "metrics.json", "nodes", "a count"),
+    ({"val_loss": "x"}, None, "metrics.json", "val_loss", "a list of finite validation losses"),  # shown as "x"
+    ({"val_loss": ["x"]}, None, "metrics.json", "val_loss", "a list of finite validation losses"),
+    ({"initial_val_loss": "x"}, None, "metrics.json", "initial_val_loss", "a finite validation loss"),
+    ({"weights": None}, None, "metrics.json", "weights", "a string"),
+    ({"tags": "x"}, None, "metrics.json", "tags", "an object"),
+    ({"tags": {"git_commit": 5}}, None, "metrics.json", "tags.git_commit", "a string"),
+    ({"image_samples": "x"}, None, "metrics.json", "image_samples", "an object"),
+    ({}, {"base": 3, "train_data": "t"}, "config.json", "base", "a string"),
+    ({}, {"base": "b", "train_data": "t", "method": "bogus"}, "config.json", "method", "one of adapter"),
+    ({}, {"train_data": "t"}, "config.json", "base", "missing"),
+])
+def test_a_mistyped_training_file_is_one_error_naming_the_file_and_key(tmp_path, metrics, config, file, key, expected):
+    """The fields of a training's metrics.json and config.json that the tables read are checked when read, as
+    scores.json's are: a wrong type or a NaN was an AttributeError, TypeError, KeyError or ValueError naming no file
+    while the tables were built, or a cell shown as if it held a measurement (a val_loss of "x", a train_loss of
+    n/a for a NaN)."""
+    assert load_run("e", trained_row(tmp_path, TRAINING_METRICS)).metrics == TRAINING_METRICS
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'run' / file}: ")) as e:
+        load_run("e", trained_row(tmp_path, TRAINING_METRICS | metrics, config))
+    assert f"key {key}" in str(e.value) and expected in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_the_gate_init_figure_skips_points_that_trained_nothing(tmp_path):

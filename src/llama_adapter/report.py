@@ -35,6 +35,7 @@ import scipy.stats
 
 from .config import (
     EVALUATION_OUTPUTS,
+    METHODS,
     TRAINING_CONFIG,
     TRAINING_METRICS,
     WEIGHTS,
@@ -133,17 +134,15 @@ class Run:
         if not self.metrics:
             return {}
         last = self.metrics["history"][-1]
-        return {int(k.rsplit("_", 1)[1]): v for k, v in last.items() if k.startswith("gate/layer_")}
+        return {int(k.removeprefix(GATE_KEY)): v for k, v in last.items() if k.startswith(GATE_KEY)}
 
 
-# The stage that writes each file a run is read from, and the keys the tables read from it.
+# The stage that writes each file a run is read from, and the keys the tables read from it (a training's files:
+# TRAINING_FIELDS).
 WRITTEN_BY = {TRAINING_CONFIG: "train", TRAINING_METRICS: "train", EVALUATION_OUTPUTS[0]: "evaluate",
               TOKEN_STATS: "tokenize", WEIGHTS["adapter"]: "train"}
-REQUIRED_KEYS = {
-    TRAINING_CONFIG: ("base", "train_data"),
-    TRAINING_METRICS: ("history", "trainable_parameters", "world_size", "weights"),
-    TOKEN_STATS: ("dataset",),
-}
+REQUIRED_KEYS = {TOKEN_STATS: ("dataset",)}
+GATE_KEY = "gate/layer_"  # a training step's gate magnitude of one layer: gate/layer_NN (train's gate_magnitudes)
 
 
 def _real(v: Any) -> bool:
@@ -154,7 +153,21 @@ def _finite(v: Any) -> bool:
     return _real(v) and math.isfinite(v)
 
 
-# The kinds of value a field of scores.json holds: (test, what was expected). A NaN is no number of any kind.
+def _training_step(step: Any) -> bool:
+    """Whether a step of a training's history is one the tables and figures can read: its epoch and loss finite
+    numbers (train stops at a loss that is not: a NaN here would show as a train_loss of n/a, as if not measured),
+    and each gate magnitude a finite number under a layer's number."""
+    return (isinstance(step, dict) and _finite(step.get("epoch")) and _finite(step.get("loss"))
+            and all(k.removeprefix(GATE_KEY).isdecimal() and _finite(v) for k, v in step.items()
+                    if k.startswith(GATE_KEY)))
+
+
+# A validation loss that is not finite would read n/a, as a zero-shot row's missing loss does.
+DIVERGED = "one that is not: the training's validation diverged or scored no targets, train it again"
+
+
+# The kinds of value a field of scores.json, or of a training's config.json and metrics.json, holds: (test, what
+# was expected). A NaN is no number of any kind.
 KINDS = {
     "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a count (an integer >= 0)"),
     "percent": (lambda v: _real(v) and 0 <= v <= 100, "a percentage (a number in 0..100)"),
@@ -165,14 +178,23 @@ KINDS = {
     "ids": (lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v) and len(set(v)) == len(v),
             "a list of distinct question ids (strings)"),
     "task": (lambda v: isinstance(v, str) and v in SCORE_FIELDS, "scienceqa or alpaca"),
+    "method": (lambda v: isinstance(v, str) and v in METHODS, f"one of {', '.join(METHODS)}"),
+    "steps": (lambda v: isinstance(v, list) and all(map(_training_step, v)),
+              f"a list of each step's metrics (objects with a finite epoch and loss, each {GATE_KEY}N a finite "
+              "number)"),
+    "val_loss": (_finite, f"a finite validation loss ({DIVERGED})"),
+    "val_losses": (lambda v: isinstance(v, list) and all(map(_finite, v)),
+                   f"a list of finite validation losses ({DIVERGED})"),
     "losses": (lambda v: isinstance(v, list) and all(x is None or (_finite(x) and x >= 0) for x in v),
                "a list of per-sample losses (numbers >= 0, null for a sample without targets)"),
 }
+# The tags of an MLflow run that the provenance columns read, in scores.json and in a training's metrics.json.
+TAG_FIELDS = [("tags", "object?", False), ("tags.config_hash", "text?", False), ("tags.git_commit", "text?", False)]
 # The fields of scores.json that the report reads, as evaluate writes them: (dotted key, kind, whether it must be
 # present). A kind ending in "?" may be null (an accuracy over no questions, a split of every question); a field
 # inside an object is checked when the object is there and not null.
 COMMON_SCORE_FIELDS = [("task", "task", True), ("method", "text?", False), ("split", "text?", False),
-                       ("mlflow_run_id", "text?", False), ("tags", "object?", False)]
+                       ("mlflow_run_id", "text?", False), *TAG_FIELDS]
 SCORE_FIELDS = {
     "scienceqa": [
         ("n", "count", True), ("correct", "count?", False), ("accuracy", "percent?", True),
@@ -192,6 +214,18 @@ SCORE_FIELDS = {
                ("sample_losses", "losses", False)],
 }
 ZERO_SHOT_FIELDS = [("base", "text", True)]  # the base a zero-shot evaluation scored: it has no training folder
+# The fields of a training's files that the report reads, as train writes them (as SCORE_FIELDS).
+TRAINING_FIELDS = {
+    TRAINING_CONFIG: [("base", "text", True), ("train_data", "text", True), ("method", "method", False)],
+    TRAINING_METRICS: [
+        ("history", "steps", True), ("trainable_parameters", "count", True), ("world_size", "count", True),
+        ("weights", "text", True), ("val_loss", "val_losses?", False), ("initial_val_loss", "val_loss?", False),
+        ("nodes", "count", False), ("processes_per_node", "count", False), ("device", "text", False),
+        ("mlflow_run_id", "text?", False), *TAG_FIELDS,
+        ("image_samples", "object?", False), ("image_samples.train", "object?", False),
+        ("image_samples.train.with_image", "count", False), ("image_samples.train.samples", "count", False),
+    ],
+}
 
 
 @dataclass
@@ -263,18 +297,7 @@ def _checked_scores(path: Path, scores: dict) -> dict:
     wrong type or a NaN is one error naming the file and the key, not a traceback (or an error naming no file)
     while the tables are built."""
     expected = f"the file {WRITTEN_BY[EVALUATION_OUTPUTS[0]]} writes"
-    for key, kind, required in _score_fields(scores):
-        *parents, name = key.split(".")
-        holder: Any = scores
-        for parent in parents:
-            holder = holder.get(parent)
-        if holder is None or (name not in holder and not required):  # in an object that is null, or absent
-            continue
-        if name not in holder:
-            raise InputError(f"{path}: missing key {key}; expected {expected}")
-        test, what = KINDS[kind.rstrip("?")]
-        if not (holder[name] is None and kind.endswith("?")) and not test(holder[name]):
-            raise InputError(f"{path}: key {key} holds {holder[name]!r:.60}; expected {what} ({expected})")
+    _checked_fields(path, scores, _score_fields(scores))
     tallies = (("", scores), ("floor.", scores.get("floor")),
                ("any_format.", scores.get("any_format") and {**scores["any_format"], "n": scores["n"]}),
                *((f"categories.{c}.", scores["categories"][c]) for c in CATEGORIES)
@@ -307,6 +330,26 @@ def _checked_scores(path: Path, scores: dict) -> dict:
             raise InputError(f"{path}: key {prefix}accuracy is {counts['accuracy']}, but {counts['correct']} correct "
                              f"of {counts['n']} is {share:.2f}; expected {expected}")  # its interval would not hold it
     return scores
+
+
+def _checked_fields(path: Path, data: dict, fields) -> dict:
+    """`data`, read from `path`, if it holds each of `fields` ((dotted key, kind, whether it must be present), as
+    SCORE_FIELDS) of its kind (KINDS), a field inside an object once that object is checked: else one error naming
+    the file and the key."""
+    expected = f"the file {WRITTEN_BY.get(path.name, 'the stage that writes it')} writes"
+    for key, kind, required in fields:
+        *parents, name = key.split(".")
+        holder: Any = data
+        for parent in parents:
+            holder = holder.get(parent) if holder is not None else None
+        if holder is None or (name not in holder and not required):  # in an object that is null, or absent
+            continue
+        if name not in holder:
+            raise InputError(f"{path}: missing key {key}; expected {expected}")
+        test, what = KINDS[kind.rstrip("?")]
+        if not (holder[name] is None and kind.endswith("?")) and not test(holder[name]):
+            raise InputError(f"{path}: key {key} holds {holder[name]!r:.60}; expected {what} ({expected})")
+    return data
 
 
 def _score_fields(scores: dict):
@@ -349,15 +392,11 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
         raise InputError(f"--training: none for {name}, whose {scores_path} scores a trained model; expected "
                          f"{name}=DIR, the folder its training wrote")
     adapter_dir = Path(training)
-    config = _read_json(adapter_dir / TRAINING_CONFIG, REQUIRED_KEYS[TRAINING_CONFIG])
-    metrics = _read_json(adapter_dir / TRAINING_METRICS, REQUIRED_KEYS[TRAINING_METRICS])
-    if not isinstance(metrics["history"], list) or not metrics["history"]:
+    config, metrics = (_checked_fields(path, _read_json(path), TRAINING_FIELDS[path.name])
+                       for path in (adapter_dir / TRAINING_CONFIG, adapter_dir / TRAINING_METRICS))
+    if not metrics["history"]:
         raise InputError(f"{adapter_dir / TRAINING_METRICS}: 'history' holds no training steps; expected the file "
                          "train writes")
-    losses = [*(metrics.get("val_loss") or []), metrics.get("initial_val_loss")]
-    if any(isinstance(x, float) and not math.isfinite(x) for x in losses):  # a table cell would read n/a
-        raise InputError(f"{adapter_dir / TRAINING_METRICS}: a validation loss that is not finite ({losses}); the "
-                         "training's validation diverged or scored no targets: train it again")
     adapter = adapter_dir / str(metrics["weights"])
     if not adapter.is_file():
         raise InputError(f"{adapter}: missing; run train first (or leave this experiment out of the report)")
