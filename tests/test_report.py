@@ -1213,6 +1213,23 @@ def test_each_figure_is_written_as_png_and_as_the_same_pdf_every_time(tmp_path, 
     assert "ablations.png" in written[0] and "](ablations.png)" in md
 
 
+def test_an_empty_generations_file_is_refused_not_shown_as_no_generations(tmp_path):
+    """generate refuses a prompt file without prompts, so its JSONL holds a line per prompt: an empty one (a copy
+    cut short, a file truncated) gave the adapter no row in the generations table without a word, and a report
+    written whole. Refused, naming the file; a malformed line names its line."""
+    from llama_adapter.report import generations_table
+
+    adapter = scored_samples(run("instruction"), [1.0])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'empty.jsonl'}: holds no generations")):
+        generations_table({"instruction": tmp_path / "empty.jsonl"}, [adapter])
+    (tmp_path / "one.jsonl").write_text(json.dumps({"id": 1, "prompt": "### Instruction:\nSay hi.", "output": "Hi."}))
+    assert list(generations_table({"instruction": tmp_path / "one.jsonl"}, [adapter])["output"]) == ["Hi."]
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'bad.jsonl'}, line 1: ")):
+        generations_table({"instruction": tmp_path / "bad.jsonl"}, [adapter])
+
+
 def drawn(monkeypatch, tmp_path, figure, runs, *args):
     """The Axes a figure function drew (the array of its panels, for one of several), as it was saved; `args`
     after the path."""

@@ -1038,7 +1038,11 @@ def generations_table(generations: dict[str, Path], runs: list[Run]) -> pd.DataF
         path = Path(generations[r.name])
         if not path.is_file():
             raise InputError(f"{path}: missing; run generate first (or leave this experiment out of the report)")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if not lines:  # generate writes a line per prompt and refuses no prompts: a file cut short, not none asked
+            raise InputError(f"{path}: holds no generations; expected the JSONL generate writes, a line per prompt "
+                             "(run generate again)")
+        for n, line in enumerate(lines, 1):
             try:
                 g = json.loads(line)
                 if not all(isinstance(g.get(k), str) for k in ("prompt", "output")) or "id" not in g:
