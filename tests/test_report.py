@@ -708,6 +708,31 @@ def test_a_mistyped_training_file_is_one_error_naming_the_file_and_key(tmp_path,
     assert f"key {key}" in str(e.value) and expected in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("stats,key,expected", [
+    ({"provenance": "x"}, "provenance", "an object"),
+    ({"provenance": {"records_sha256": 5}}, "provenance.records_sha256", "a string"),
+    ({"provenance": {"source": ["a"]}}, "provenance.source", "a string"),
+    ({"provenance": {"assigned_splits": "x"}}, "provenance.assigned_splits", "an object"),
+    ({"provenance": {"assigned_splits": {"records": 5}}}, "provenance.assigned_splits.records", "split"),
+    ({"provenance": {"assigned_splits": {"records": {"train": "many"}}}}, "provenance.assigned_splits.records",
+     "split"),
+])
+def test_a_mistyped_tokenize_stats_is_one_error_naming_the_file_and_key(tmp_path, stats, key, expected):
+    """The provenance of a tokenize folder's stats.json (the data hash, the source and the splits it assigned) is
+    read into the provenance columns and the miniature-protocol note: a value of another kind was an
+    AttributeError or TypeError naming no file."""
+    inputs = trained_row(tmp_path, TRAINING_METRICS)
+    stats_path = tmp_path / "tokens" / "scienceqa" / "stats.json"
+    assigned = {"records": {"train": 8}, "rule": "r", "seed": 0}
+    stats_path.write_text(json.dumps({"dataset": "scienceqa", "provenance": {
+        "records_sha256": "f" * 64, "source": "s", "assigned_splits": assigned}}))
+    assert load_run("e", inputs).data["source"] == "s"
+    stats_path.write_text(json.dumps({"dataset": "scienceqa", **stats}))
+    with pytest.raises(InputError, match=re.escape(f"{stats_path}: ")) as e:
+        load_run("e", inputs)
+    assert f"key {key}" in str(e.value) and expected in str(e.value), str(e.value)
+
+
 def test_the_gate_init_figure_skips_points_that_trained_nothing(tmp_path):
     from llama_adapter.report import loss_curves_figure
 

@@ -137,11 +137,10 @@ class Run:
         return {int(k.removeprefix(GATE_KEY)): v for k, v in last.items() if k.startswith(GATE_KEY)}
 
 
-# The stage that writes each file a run is read from, and the keys the tables read from it (a training's files:
-# TRAINING_FIELDS).
+# The stage that writes each file a run is read from (the fields the tables read from it: FILE_FIELDS, and
+# SCORE_FIELDS for scores.json).
 WRITTEN_BY = {TRAINING_CONFIG: "train", TRAINING_METRICS: "train", EVALUATION_OUTPUTS[0]: "evaluate",
               TOKEN_STATS: "tokenize", WEIGHTS["adapter"]: "train"}
-REQUIRED_KEYS = {TOKEN_STATS: ("dataset",)}
 GATE_KEY = "gate/layer_"  # a training step's gate magnitude of one layer: gate/layer_NN (train's gate_magnitudes)
 
 
@@ -185,6 +184,8 @@ KINDS = {
     "val_loss": (_finite, f"a finite validation loss ({DIVERGED})"),
     "val_losses": (lambda v: isinstance(v, list) and all(map(_finite, v)),
                    f"a list of finite validation losses ({DIVERGED})"),
+    "split_counts": (lambda v: isinstance(v, dict) and all(KINDS["count"][0](n) for n in v.values()),
+                     "an object of each split's record count"),
     "losses": (lambda v: isinstance(v, list) and all(x is None or (_finite(x) and x >= 0) for x in v),
                "a list of per-sample losses (numbers >= 0, null for a sample without targets)"),
 }
@@ -214,8 +215,15 @@ SCORE_FIELDS = {
                ("sample_losses", "losses", False)],
 }
 ZERO_SHOT_FIELDS = [("base", "text", True)]  # the base a zero-shot evaluation scored: it has no training folder
-# The fields of a training's files that the report reads, as train writes them (as SCORE_FIELDS).
-TRAINING_FIELDS = {
+# The fields of a training's files and of a tokenize folder's stats.json that the report reads, as train and
+# tokenize write them (as SCORE_FIELDS): the provenance is fetch's record of the data, with the splits it assigned
+# where the source had none (protocol_notes).
+FILE_FIELDS = {
+    TOKEN_STATS: [
+        ("dataset", "text", True), ("provenance", "object", False), ("provenance.records_sha256", "text?", False),
+        ("provenance.source", "text?", False), ("provenance.assigned_splits", "object?", False),
+        ("provenance.assigned_splits.records", "split_counts", True),
+    ],
     TRAINING_CONFIG: [("base", "text", True), ("train_data", "text", True), ("method", "method", False)],
     TRAINING_METRICS: [
         ("history", "steps", True), ("trainable_parameters", "count", True), ("world_size", "count", True),
@@ -264,21 +272,13 @@ class ReportInputs:
             raise InputError("--tokens: no alpaca=DIR; expected the Alpaca tokenize folder (the lengths figure)")
 
 
-def _read_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
+def _read_json(path: Path, fields=()) -> dict:
+    """The JSON object at `path`, each of its `fields` (FILE_FIELDS' kind) checked (_checked_fields)."""
     stage = WRITTEN_BY.get(path.name, "the stage that writes it")
     if not path.is_file():
         raise InputError(f"{path}: {'is a folder' if path.is_dir() else 'missing'}; run {stage} first "
                          "(or leave this experiment out of the report)")
-    return _with_keys(path, read_json_object(path, f"the file {stage} writes", InputError), keys)
-
-
-def _with_keys(path: Path, data: dict, keys: tuple[str, ...]) -> dict:
-    """`data`, read from `path`, if it holds every one of `keys`."""
-    missing = [k for k in keys if k not in data]
-    if missing:
-        stage = WRITTEN_BY.get(path.name, "the stage that writes it")
-        raise InputError(f"{path}: missing key(s) {', '.join(missing)}; expected the file {stage} writes")
-    return data
+    return _checked_fields(path, read_json_object(path, f"the file {stage} writes", InputError), fields)
 
 
 # How far a scores.json accuracy (%) may lie from the share its counts give: evaluate stores it rounded to two
@@ -377,7 +377,7 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
     if task not in inputs.tokens:
         raise InputError(f"--tokens: no {task}=DIR, the dataset {scores_path} scores; expected the folder tokenize "
                          f"wrote for {task}")
-    stats = _read_json(Path(inputs.tokens[task]) / TOKEN_STATS, REQUIRED_KEYS[TOKEN_STATS])
+    stats = _read_json(Path(inputs.tokens[task]) / TOKEN_STATS, FILE_FIELDS[TOKEN_STATS])
     if stats["dataset"] != task:
         raise InputError(f"--tokens {task}={inputs.tokens[task]}: holds the {stats['dataset']} dataset; expected "
                          f"the tokenize folder of {task}")
@@ -392,8 +392,8 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
         raise InputError(f"--training: none for {name}, whose {scores_path} scores a trained model; expected "
                          f"{name}=DIR, the folder its training wrote")
     adapter_dir = Path(training)
-    config, metrics = (_checked_fields(path, _read_json(path), TRAINING_FIELDS[path.name])
-                       for path in (adapter_dir / TRAINING_CONFIG, adapter_dir / TRAINING_METRICS))
+    config, metrics = (_read_json(adapter_dir / name, FILE_FIELDS[name])
+                       for name in (TRAINING_CONFIG, TRAINING_METRICS))
     if not metrics["history"]:
         raise InputError(f"{adapter_dir / TRAINING_METRICS}: 'history' holds no training steps; expected the file "
                          "train writes")
