@@ -1063,6 +1063,8 @@ def test_points_without_answers_one_by_one_are_not_said_to_be_of_other_questions
     assert "overlapping: no difference shown, none ruled out" in verdict
     _, verdict = verdict_of(layer_axis({2: range(0, 40), 4: range(0, 48)}), "adapter_layers", 4)
     assert verdict.startswith("No trend line: 2 points, a trend needs 3. Against the center")
+    _, verdict = verdict_of(layer_axis({4: range(0, 48)}), "adapter_layers", 4)
+    assert verdict == "No trend line: 1 point, a trend needs 3.", verdict  # not "1 points"
     _, verdict = verdict_of(layer_axis({1: range(0, 40), 2: range(0, 48)}), "adapter_layers", 4)
     assert verdict.endswith("The center (adapter_layers = 4) is not among this axis's points: no point is paired "
                             "with it.")

@@ -845,7 +845,7 @@ def ablation_trend(runs: list[Run], axis: str) -> dict:
     if not ordered_axis(axis, values):
         return row | {"trend": "none: values not amounts in order"}
     if len(runs) < TREND_POINTS:
-        return row | {"trend": f"none: {len(runs)} points, a trend needs {TREND_POINTS}"}
+        return row | {"trend": f"none: {len(runs)} point{'s' * (len(runs) != 1)}, a trend needs {TREND_POINTS}"}
     paired = trend_points(runs)
     if not any(paired):
         return row | {"trend": UNPAIRED}
