@@ -53,6 +53,28 @@ def test_bad_config_key_is_named(tmp_path):
     assert "gate_innit" in plan(tmp_path, lambda c: c["train"].update(gate_innit="zero"), refused=True)
 
 
+@pytest.mark.parametrize(("section", "key"), [
+    ("tokenize", "seed"), (None, "images"), ("evaluate", "batch_size"), ("ablations", "split"),
+])
+def test_a_setting_the_rules_read_is_required_by_name(tmp_path, section, key):
+    """A config.yaml edited by hand with a setting the rules read taken out (an empty section too) stopped the plan
+    with a KeyError from inside a rule or helper; the schema requires it, naming the key and its section."""
+    refusal = plan(tmp_path, lambda c: (c[section] if section else c).pop(key), refused=True)
+    assert f"'{key}' is a required property" in refusal and "KeyError" not in refusal, refusal[-2000:]
+    if section:
+        assert f"On instance['{section}']" in refusal, refusal[-2000:]
+
+
+def test_the_demos_own_sections_may_be_left_out(tmp_path):
+    """base.pretrain and data.demo are the demo's alone (config/paper-7b.yaml, which validates on its own, has
+    neither): left out, the demo is made with the library's defaults, not stopped by a KeyError."""
+    def edit(config):
+        del config["base"]["pretrain"], config["data"]["demo"]
+
+    out = plan(tmp_path, edit)
+    assert "--vocab-size 1000 " in out and re.search(r"llama-adapter demo-data --out results/demo +>", out), out[-2000:]
+
+
 def test_a_point_reusing_a_training_is_retrained_through_that_training(tmp_path):
     """The center reuses the scienceqa experiment's training: asked for by its own path (--forcerun), it is refused,
     naming the file to force, instead of training an adapter into a folder that nothing reads."""

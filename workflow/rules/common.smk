@@ -15,6 +15,7 @@ from llama_adapter.config import (
     DRAW_SETTINGS,
     WEIGHTS,
     CompileConfig,
+    SentencePieceConfig,
     TrainConfig,
 )
 from llama_adapter.data import SCIENCEQA_SPLITS, in_split_order
@@ -135,7 +136,7 @@ BASE = {"demo": f"{RESULTS}/models/demo-base", "smollm2": SMOLLM2}.get(
 TOKENIZER = (
     f"{RESULTS}/models/demo-tokenizer.model"
     if DEMO
-    else (config["base"]["tokenizer"] or BASE)
+    else (config["base"].get("tokenizer") or BASE)
 )
 
 
@@ -760,14 +761,11 @@ def evaluation_options(w):
     dataset, settings = experiment(w.experiment)
     data = evaluation_data(w)
     if dataset == "alpaca":
-        return [
-            "--task",
-            "alpaca",
-            "--data",
-            f"{data}/val",
-            "--row-len",
-            str(settings["row_len"]),
-        ]
+        # An unset row_len is the library's default, for the evaluation as for the training (TrainConfig.row_len).
+        row_len = (
+            ["--row-len", str(settings["row_len"])] if "row_len" in settings else []
+        )
+        return ["--task", "alpaca", "--data", f"{data}/val", *row_len]
     # Only generated answers run the decode step that evaluate.compile compiles.
     decodes = config["evaluate"]["mode"] == "generate"
     compiled = {

@@ -18,7 +18,7 @@ rule demo_data:
         CONDA_ENV
     params:
         out=lambda w, output: Path(output.corpus).parent,
-        options=cli_options(config["data"]["demo"]),
+        options=cli_options(config["data"].get("demo", {})),
     shell:
         "llama-adapter demo-data --out {params.out:q} {params.options:q} > {log:q} 2>&1"
 

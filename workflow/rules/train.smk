@@ -1,6 +1,7 @@
 # The demo's own base (tokenizer + pre-training), and adapter fine-tuning (llama_adapter.train).
 
-PRETRAIN = config["base"]["pretrain"]
+# The demo base's settings; a config for a real base may leave them out (the library's defaults).
+PRETRAIN = config["base"].get("pretrain", {})
 
 
 rule train_tokenizer:
@@ -13,7 +14,7 @@ rule train_tokenizer:
     conda:
         CONDA_ENV
     params:
-        vocab=PRETRAIN["vocab_size"],
+        vocab=PRETRAIN.get("vocab_size", SentencePieceConfig.vocab_size),
     shell:
         "llama-adapter train-tokenizer --corpus {input:q} --out {output:q} --vocab-size {params.vocab:q} > {log:q} 2>&1"
 
