@@ -184,6 +184,49 @@ def test_a_value_listed_twice_on_an_axis_is_refused_at_plan_time(tmp_path):
     assert "non-unique" in refusal and "adapter_layers" in refusal, refusal[-2000:]
 
 
+def test_an_integer_written_as_a_float_reaches_every_command_as_an_integer(tmp_path):
+    """The schema takes 256.0 for an integer (as JSON does), which the CLI refuses ("--max-seq-len 256.0"): outside
+    the train settings it planned, and failed in the rule. Every integer setting is passed as one."""
+    def edit(config):
+        config["tokenize"].update(max_seq_len=256.0)
+        config["data"]["demo"].update(questions=720.0)
+        config["evaluate"].update(batch_size=32.0)
+
+    out = plan(tmp_path, edit)
+    assert "--max-seq-len 256 " in out and "--questions 720" in out and "--batch-size 32 " in out, out[-2000:]
+    assert "256.0" not in out and "720.0" not in out and "--batch-size 32.0" not in out
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda c: c["train"].update(blr=float("nan")), "config train.blr: nan: expected a finite number"),
+    (lambda c: c["generate"].update(top_p=float("nan")), "config generate.top_p: nan: expected a finite number"),
+    (lambda c: c["ablations"]["vary"].update(blr=[1.0, float("inf")]) or c["ablations"]["center"].update(blr=1.0),
+     "config ablations.vary.blr[1]: inf: expected a finite number"),
+    (lambda c: c["train"].update(seed=-1), "-1 is less than the minimum of 0"),
+    (lambda c: c["tokenize"].update(max_seq_len=2**21), "2097152 is greater than the maximum of 1048576"),
+])
+def test_a_number_the_cli_would_refuse_is_refused_at_plan_time(tmp_path, edit, named):
+    """NaN passes the schema's bounds (it compares false with each) and infinity a bound on one side; a negative
+    seed and a length beyond any context passed for want of one: the CLI refused each in the rule, after the plan.
+    The plan stops, naming the key."""
+    assert named in plan(tmp_path, edit, refused=True)
+
+
+def test_the_schema_bounds_are_the_clis():
+    """The schema's bounds of seeds and token counts are the ranges the CLI's options take (inputs.py)."""
+    import argparse
+
+    from llama_adapter.inputs import MAX_TOKENS, random_seed
+
+    definitions = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["definitions"]
+    seed, tokens = definitions["seed"], definitions["token_count"]
+    assert random_seed(str(seed["minimum"])) == seed["minimum"] and random_seed(str(seed["maximum"]))
+    for outside in (seed["minimum"] - 1, seed["maximum"] + 1):
+        with pytest.raises(argparse.ArgumentTypeError):
+            random_seed(str(outside))
+    assert tokens["maximum"] == MAX_TOKENS
+
+
 def test_an_axis_the_center_method_reads_plans(tmp_path):
     """A full fine-tuning center varies what it reads (epochs) and the method; each epochs point trains."""
     def edit(c):

@@ -2,11 +2,13 @@
 # environment of an invocation's MLflow runs.
 
 import json
+import math
 import os
 from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from snakemake.utils import Paramspace, validate
 
 from llama_adapter.config import (
@@ -31,7 +33,52 @@ from llama_adapter.tracking import (
     sqlite_uri,
 )
 
-validate(config, "../schemas/config.schema.yaml")
+SCHEMA_FILE = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+validate(config, str(SCHEMA_FILE))
+SCHEMA = yaml.safe_load(SCHEMA_FILE.read_text())
+
+
+def numbers_as_the_cli_reads_them(value, schema, key=""):
+    """The config `value` at `key` (checked against `schema`), each integer setting written 3.0 as 3: the schema
+    takes 3.0 for an integer, as JSON does, but the CLI refuses "3.0", and a grid point is named by its values.
+    NaN and infinity pass the schema's bounds (NaN compares false with each), and no setting takes them: refused
+    here, naming the key, rather than by the CLI inside a rule."""
+    while "$ref" in schema:
+        ref, schema = schema["$ref"], SCHEMA
+        for part in ref.removeprefix("#/").split("/"):
+            schema = schema[part]
+    for alternative in schema.get("anyOf", []):
+        value = numbers_as_the_cli_reads_them(value, alternative, key)
+    if isinstance(value, dict):
+        extra = schema.get("additionalProperties")
+        return {
+            k: numbers_as_the_cli_reads_them(
+                v,
+                schema.get("properties", {}).get(
+                    k, extra if isinstance(extra, dict) else {}
+                ),
+                f"{key}.{k}" if key else k,
+            )
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [
+            numbers_as_the_cli_reads_them(v, schema.get("items", {}), f"{key}[{i}]")
+            for i, v in enumerate(value)
+        ]
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"config {key}: {value}: expected a finite number")
+        types = schema.get("type", [])
+        if (
+            "integer" in ([types] if isinstance(types, str) else types)
+            and value.is_integer()
+        ):
+            return int(value)
+    return value
+
+
+config.update(numbers_as_the_cli_reads_them(config, SCHEMA))
 
 
 # Every value reaches the shell through `:q` (shlex.quote, element by element for a list), so a space, a quote or
@@ -148,28 +195,10 @@ ENCODER = (
 IMAGE_FEATURES = f"{RESULTS}/features/{Path(ENCODER).name}/scienceqa"
 
 
-# TrainConfig's integer settings: the schema takes 3.0 for an integer (as JSON does), which the CLI refuses.
-INTEGER_SETTINGS = {
-    f.name for f in fields(TrainConfig) if f.type in ("int", "int | None")
-}
-
-
-def typed(settings):
-    """Train settings as the CLI takes them and the grid names them: an integer setting written 3.0 as 3."""
-    return {
-        k: (
-            int(v)
-            if k in INTEGER_SETTINGS and isinstance(v, float) and v.is_integer()
-            else v
-        )
-        for k, v in settings.items()
-    }
-
-
 # The ablation axes, each with its values in the order its table lists them (an axis set to null, to drop one that
 # a merged config varies, is no axis).
 ABLATION_AXES = {
-    axis: [typed({axis: v})[axis] for v in values]
+    axis: values
     for axis, values in config["ablations"]["vary"].items()
     if values is not None
 }
@@ -195,12 +224,10 @@ def ablation_points(center, axes):
 # it, so reordering the config's keys must not rename every point (and train them all again). TrainConfig's
 # field order, with what trains (method) last.
 AXIS_ORDER = [f.name for f in fields(TrainConfig) if f.name != "method"] + ["method"]
-CENTER = typed(
-    {
-        k: config["ablations"]["center"][k]
-        for k in sorted(config["ablations"]["center"], key=AXIS_ORDER.index)
-    }
-)
+CENTER = {
+    k: config["ablations"]["center"][k]
+    for k in sorted(config["ablations"]["center"], key=AXIS_ORDER.index)
+}
 
 # One folder level per parameter: ablations/adapter_layers~4/gate_init~zero/epochs~5
 ABLATIONS = Paramspace(ablation_points(CENTER, ABLATION_AXES), param_sep="~")
@@ -258,22 +285,18 @@ def experiment(name):
     if name in NAMED_EXPERIMENTS:
         spec = NAMED_EXPERIMENTS[name]
         images = {"image_features": IMAGE_FEATURES} if spec.get("images") else {}
-        return spec["dataset"], typed(
-            {**config["train"], **spec.get("train", {}), **images}
-        )
+        return spec["dataset"], {**config["train"], **spec.get("train", {}), **images}
     # A grid point takes the settings ablations.methods gives its method (LoRA and full fine-tuning want their own
     # learning rates), then its own: a varied axis always holds the value the point's name says; a null of the
     # center's (the library's default) does not undo a method's own setting.
     point = ABLATION_SETTINGS[name]
     point_method = method_of({**config["train"], **point})
     own = config["ablations"].get("methods", {}).get(point_method) or {}
-    return config["ablations"]["dataset"], typed(
-        {
-            **config["train"],
-            **own,
-            **{k: v for k, v in point.items() if v is not None or k not in own},
-        }
-    )
+    return config["ablations"]["dataset"], {
+        **config["train"],
+        **own,
+        **{k: v for k, v in point.items() if v is not None or k not in own},
+    }
 
 
 def trained_as(name):
