@@ -266,6 +266,14 @@ def test_a_method_point_reuses_the_named_training_whatever_the_adapter_settings(
     assert "results/adapters/ablations/adapter_layers~2/gate_init~zero/epochs~3/method~adapter/" in out
 
 
+def test_an_adapter_in_more_layers_than_a_known_base_has_is_refused_at_plan_time(tmp_path):
+    """The demo's base has its preset's 3 layers: an adapter in 5 failed each training, after the base was
+    pre-trained; the plan stops, naming the value, the experiments it reaches and the base's layers."""
+    refusal = plan(tmp_path, lambda c: c["train"].update(adapter_layers=5), refused=True)
+    assert ("config adapter_layers 5 (in ['instruction', 'scienceqa', 'scienceqa_mm']): exceeds the 3 layers of "
+            "base.source demo (base.pretrain.preset demo)") in refusal, refusal[-2000:]
+
+
 def test_fp8_where_every_weight_trains_is_refused_at_plan_time(tmp_path):
     refusal = plan(tmp_path, lambda c: c["train"].update(precision="fp8"), refused=True)
     assert "config train.precision fp8 reaches ['instruction_full', 'scienceqa_full'" in refusal

@@ -16,7 +16,9 @@ from llama_adapter.config import (
     DATASET_SPLIT_BY,
     DRAW_SETTINGS,
     WEIGHTS,
+    PRESETS,
     CompileConfig,
+    PretrainConfig,
     SentencePieceConfig,
     TrainConfig,
 )
@@ -436,6 +438,39 @@ def lora_keys(settings, trained_by):
 check_method_settings()
 check_ablation_axes()
 check_precision()
+
+
+def check_adapter_layers():
+    """An adapter in more layers than its base has fails its training, after the base is made (the demo's
+    pre-training) or fetched. Where the plan knows the base's layers, the demo's preset and SmolLM2-135M's, it is
+    refused here, naming the value and the experiments it reaches; a base given by path or hub id is read only by
+    the training, which checks it there.
+    """
+    if DEMO:
+        preset = config["base"].get("pretrain", {}).get("preset", PretrainConfig.preset)
+        base = f"base.source demo (base.pretrain.preset {preset})"
+    elif config["base"]["source"] == "smollm2":
+        preset, base = "SmolLM2-135M", "base.source smollm2 (SmolLM2-135M)"
+    else:
+        return
+    layers = PRESETS[preset]["n_layers"]
+    over = {}
+    for name in EXPERIMENTS:
+        wanted = experiment(name)[1].get("adapter_layers", TrainConfig.adapter_layers)
+        if method(name) == "adapter" and wanted > layers:
+            over.setdefault(wanted, []).append(name)
+    if over:
+        raise ValueError(
+            "; ".join(
+                f"config adapter_layers {wanted} (in {names})"
+                for wanted, names in over.items()
+            )
+            + f": exceeds the {layers} layers of {base}; expected 1..{layers} (train.adapter_layers, an "
+            "experiment's train block, ablations.center and ablations.vary)"
+        )
+
+
+check_adapter_layers()
 
 
 def training_of(name):
