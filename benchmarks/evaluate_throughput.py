@@ -14,7 +14,8 @@ first batch is shown beside it.
 
 Usage:
     python benchmarks/evaluate_throughput.py --preset 7B --batch-size 32 --compile
-    python benchmarks/evaluate_throughput.py --preset SmolLM2-135M --adapter-layers 2 --limit 40 --batch-size 16
+    python benchmarks/evaluate_throughput.py --preset SmolLM2-135M --adapter-layers 2 --limit 16 --batch-size 8 \
+        --max-new-tokens 4
         (a smoke check on the CPU: a small preset whose vocabulary holds the LLaMA tokenizer's ids)
 """
 

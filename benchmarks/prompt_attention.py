@@ -15,7 +15,7 @@ three. Times are the median of --repeat calls, after a warm-up (which compiles).
 
 Usage:
     python benchmarks/prompt_attention.py --preset 7B                  (packed: 1 row of 8,192; padded: 16 x 512)
-    python benchmarks/prompt_attention.py --preset tiny --device cpu --tokens 256 --rows 2  (a smoke check)
+    python benchmarks/prompt_attention.py --preset tiny --device cpu --tokens 256 --rows 2 --repeat 5  (a smoke check)
 Prints one row per way and layout: forward us, forward + backward us, and the largest error against fp32.
 """
 

@@ -26,11 +26,11 @@ SMOKE = {
                              "--rows", "graph", "--new-tokens", "4", "--quantize", "int8", "--processes", "2",
                              "--repeats", "1", "--fresh-caches"],
                             "x [", False),
-    "prompt_attention": (["--preset", "tiny", "--device", "cpu", "--tokens", "256", "--rows", "2"], "fwd+bwd us",
-                         False),
+    "prompt_attention": (["--preset", "tiny", "--device", "cpu", "--tokens", "256", "--rows", "2", "--repeat", "5"],
+                         "fwd+bwd us", False),
     # ScienceQA questions and the LLaMA tokenizer from ../shared/data (its defaults, beside the checkout)
-    "evaluate_throughput": (["--preset", "SmolLM2-135M", "--adapter-layers", "2", "--limit", "40", "--batch-size",
-                             "16"], "questions/s", True),
+    "evaluate_throughput": (["--preset", "SmolLM2-135M", "--adapter-layers", "2", "--limit", "16", "--batch-size",
+                             "8", "--max-new-tokens", "4"], "questions/s", True),
 }
 
 
