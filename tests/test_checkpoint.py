@@ -1462,6 +1462,7 @@ def test_a_lora_whose_merged_weights_exceed_the_dtype_is_refused_and_taken_off(t
     save_lora(lora, tmp_path / "lora", base_model="tiny")
     weights = tmp_path / "lora" / "adapter_model.safetensors"
     model = load_base(base, dtype=torch.float16)
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(CheckpointError) as e:
         apply_lora(model, weights)
     message = str(e.value)
@@ -1469,6 +1470,7 @@ def test_a_lora_whose_merged_weights_exceed_the_dtype_is_refused_and_taken_off(t
                               "exceed the range of their dtype: layers.0.attention.wq: values from "), message
     assert "to 80992 (torch.float16, ±65504)" in message, message  # 65000 is 64992 in fp16
     assert type(model.layers[0].attention.wq) is torch.nn.Linear and model.lora is None
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
     assert model.layers[0].attention.wq.weight.view(-1)[1].item() == 64992
     with torch.no_grad():
         wq.lora_b[0] = 0.0

@@ -716,6 +716,11 @@ def test_a_mistyped_training_file_is_one_error_naming_the_file_and_key(tmp_path,
     ({"provenance": {"assigned_splits": {"records": 5}}}, "provenance.assigned_splits.records", "split"),
     ({"provenance": {"assigned_splits": {"records": {"train": "many"}}}}, "provenance.assigned_splits.records",
      "split"),
+    # the protocol note reads the rule and the seed too: a KeyError naming no file where they were left out
+    ({"provenance": {"assigned_splits": {"records": {"train": 8}, "seed": 0}}}, "provenance.assigned_splits.rule",
+     "missing"),
+    ({"provenance": {"assigned_splits": {"records": {"train": 8}, "rule": "r", "seed": "0"}}},
+     "provenance.assigned_splits.seed", "a count"),
 ])
 def test_a_mistyped_tokenize_stats_is_one_error_naming_the_file_and_key(tmp_path, stats, key, expected):
     """The provenance of a tokenize folder's stats.json (the data hash, the source and the splits it assigned) is

@@ -1022,6 +1022,7 @@ def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> Non
     # model as it was (not holding an empty LoRA that refuses the next one), and a rank from adapter_config.json is
     # allocated only once the file's tensors have shown it (10**400 was a TypeError in torch.empty).
     check_state(lora_shapes(model, args), tensors, f"LoRA {path}", origin)
+    trainable = {p: p.requires_grad for p in model.parameters()}  # add_lora freezes all but the LoRA
     add_lora(model, args)
     copy_parameters(model, tensors)
     model.requires_grad_(False)
@@ -1030,6 +1031,8 @@ def apply_lora(model: AdaptedTransformer, path: Path, merge: bool = True) -> Non
             merge_lora(model)
         except ValueError as e:  # nothing merged: the model is left as it was, as a file that does not fit leaves it
             remove_lora(model)
+            for p, requires_grad in trainable.items():
+                p.requires_grad_(requires_grad)
             raise CheckpointError(f"{path}: {e}") from None
         model.merged_lora = str(path)  # the weights are changed for good: no other adapter may go on top
         if fused:  # the forward reads the fused weights, laid out before the merge: lay them out again

@@ -162,7 +162,7 @@ def _training_step(step: Any) -> bool:
 
 
 # A validation loss that is not finite would read n/a, as a zero-shot row's missing loss does.
-DIVERGED = "one that is not: the training's validation diverged or scored no targets, train it again"
+DIVERGED = "a NaN or infinity there: the training's validation diverged or scored no targets; train it again"
 
 
 # The kinds of value a field of scores.json, or of a training's config.json and metrics.json, holds: (test, what
@@ -223,6 +223,7 @@ FILE_FIELDS = {
         ("dataset", "text", True), ("provenance", "object", False), ("provenance.records_sha256", "text?", False),
         ("provenance.source", "text?", False), ("provenance.assigned_splits", "object?", False),
         ("provenance.assigned_splits.records", "split_counts", True),
+        ("provenance.assigned_splits.rule", "text", True), ("provenance.assigned_splits.seed", "count", True),
     ],
     TRAINING_CONFIG: [("base", "text", True), ("train_data", "text", True), ("method", "method", False)],
     TRAINING_METRICS: [
