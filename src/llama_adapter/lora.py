@@ -36,6 +36,7 @@ from .checkpoint import (
     read_config,
     read_peft_weights,
     unpermute_rope_rows,
+    value_range,
 )
 from .config import LORA_TARGETS, WEIGHTS, LoRAArgs, ModelArgs
 from .errors import CheckpointError
@@ -164,10 +165,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     cannot hold (W + BA beyond fp16's ±65504 would be an infinity: the base and the LoRA were each range-checked as
     loaded, their sum was not) is refused before any weight changes: ValueError naming each projection."""
     if getattr(model, "lora", None) is not None:
+        # Each merged weight is computed here for its range, then again to be kept: holding them all until every one
+        # is known to fit would cost the targeted weights' memory a second time (2 GB for a 7B's wq and wv).
         beyond = []
         for name, linear in model.named_modules():
             if isinstance(linear, LoRALinear):
-                least, greatest = torch.aminmax(linear.merged_weight())
+                least, greatest = value_range(linear.merged_weight())
                 if not (least.to(linear.weight.dtype).isfinite() and greatest.to(linear.weight.dtype).isfinite()):
                     beyond.append(f"{name}: values from {least.item():g} to {greatest.item():g} "
                                   f"({linear.weight.dtype}, ±{torch.finfo(linear.weight.dtype).max:g})")
