@@ -279,6 +279,24 @@ def test_fp8_where_every_weight_trains_is_refused_at_plan_time(tmp_path):
     assert "config train.precision fp8 reaches ['instruction_full', 'scienceqa_full'" in refusal
 
 
+def test_images_where_no_multimodal_adapter_reads_them_are_refused_at_plan_time(tmp_path):
+    """images: true on Alpaca (no images) failed its training (none of the samples has features), with lora or full
+    the training refused the features, zero-shot its evaluation (the base alone reads no image): each after the
+    plan, once the base was made and every image encoded. The plan stops, naming each experiment and why."""
+    def edit(config):
+        for name in ("instruction", "instruction_lora", "scienceqa_lora", "scienceqa_full", "scienceqa_zero_shot"):
+            config["experiments"][name]["images"] = True
+
+    refusal = plan(tmp_path, edit, refused=True)
+    assert ("config experiments.instruction.images true (dataset alpaca, which has no images); "
+            "experiments.instruction_lora.images true (dataset alpaca, which has no images; method lora, which "
+            "reads no image); experiments.scienceqa_full.images true (method full, which reads no image); "
+            "experiments.scienceqa_lora.images true (method lora, which reads no image); "
+            "experiments.scienceqa_zero_shot.images true (method zero-shot, which reads no image): the image "
+            "features are read by the multimodal adapter alone") in refusal, refusal[-2000:]
+    assert "experiments.scienceqa_mm" not in refusal  # the multimodal adapter, on ScienceQA: as it should be
+
+
 @pytest.mark.parametrize(("edit", "named"), [
     (lambda c: c["evaluate"].update(split="validation"),
      "evaluate.split 'validation': no such ScienceQA split; data.scienceqa.source 'demo' gives train, val, test"),

@@ -435,6 +435,33 @@ def lora_keys(settings, trained_by):
     return sorted(k for k in settings if k.startswith("lora_") and trained_by != "lora")
 
 
+def check_images():
+    """images: true gives an experiment the ScienceQA images' features (encode_images' cache), which only the
+    multimodal adapter reads, on ScienceQA's questions: on Alpaca, which has no images, its training failed (none of
+    the samples has features); with lora or full the training refuses them, and a zero-shot evaluation too (the
+    base alone reads no image); each after the plan, once the base was made and every image encoded. Refused at
+    plan time, each experiment named with why.
+    """
+    wrong = []
+    for name, spec in NAMED_EXPERIMENTS.items():
+        if not spec.get("images"):
+            continue
+        why = []
+        if spec["dataset"] != "scienceqa":
+            why.append(f"dataset {spec['dataset']}, which has no images")
+        if method(name) != "adapter":
+            why.append(f"method {method(name)}, which reads no image")
+        if why:
+            wrong.append(f"experiments.{name}.images true ({'; '.join(why)})")
+    if wrong:
+        raise ValueError(
+            f"config {'; '.join(wrong)}: the image features are read by the multimodal adapter alone, on ScienceQA's "
+            "questions; expected images: true only with dataset scienceqa and method adapter (the default, or "
+            "train.method: adapter), else leave images out"
+        )
+
+
+check_images()
 check_method_settings()
 check_ablation_axes()
 check_precision()
