@@ -298,6 +298,23 @@ def test_images_where_no_multimodal_adapter_reads_them_are_refused_at_plan_time(
 
 
 @pytest.mark.parametrize(("edit", "named"), [
+    # the point sets its method (the method axis): the method key was overridden without a word
+    (lambda c: c["ablations"]["methods"]["lora"].update(method="full"), "ablations.methods.lora.method full"),
+    # no method at the center: every point trained LoRA, the adapter_layers axis the same LoRA three times
+    (lambda c: (c["ablations"]["center"].pop("method"), c["ablations"]["vary"].update(method=None),
+                c["ablations"].update(methods={"adapter": {"method": "lora"}, "lora": {"method": "lora"}})),
+     "ablations.methods.adapter.method lora"),
+])
+def test_another_method_in_a_methods_settings_is_refused_at_plan_time(tmp_path, edit, named):
+    """ablations.methods.<m> is the settings of the points that train with <m>: a method key naming another method
+    made such points train it under <m>'s settings, or was overridden by the point's own; refused, naming the entry
+    (a method key naming <m> itself changes nothing and passes)."""
+    refusal = plan(tmp_path, edit, refused=True)
+    assert f"config {named}: ablations.methods.<m> holds the settings of the grid points" in refusal, refusal[-2000:]
+    assert "ablations.methods.lora.method lora" not in refusal
+
+
+@pytest.mark.parametrize(("edit", "named"), [
     (lambda c: c["evaluate"].update(split="validation"),
      "evaluate.split 'validation': no such ScienceQA split; data.scienceqa.source 'demo' gives train, val, test"),
     (lambda c: c["ablations"].update(split="dev"), "ablations.split 'dev': no such ScienceQA split"),

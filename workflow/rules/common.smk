@@ -337,6 +337,28 @@ def method(name):
     return method_of(experiment(name)[1])
 
 
+def check_ablation_methods():
+    """ablations.methods.<m> holds the settings of the grid points that train with <m>. A method key there naming
+    another method was taken as one more setting: a point whose method comes from the train block or the default
+    (no method at the center) then trained that other method under <m>'s settings, unseen by the checks below,
+    which read the point's method as <m> (an adapter_layers axis planned identical LoRA trainings); a point that
+    sets its own method (the center, the method axis) overrode it without a word. Refused at plan time, each
+    entry named.
+    """
+    other = [
+        f"ablations.methods.{m}.method {settings['method']}"
+        for m, settings in (config["ablations"].get("methods") or {}).items()
+        if settings and settings.get("method", m) != m
+    ]
+    if other:
+        raise ValueError(
+            f"config {'; '.join(other)}: ablations.methods.<m> holds the settings of the grid points that train "
+            "with <m>; another method there would have them train it under <m>'s settings (or be overridden by a "
+            "point's own method); expected no method key there, or <m> itself (a point trains the center's method, "
+            "or its value on the method axis)"
+        )
+
+
 def check_method_settings():
     """LoRA's settings (lora_*) given to what trains otherwise are ignored by the training, yet they name and hash
     it: a varied lora_rank at an adapter center would plan identical trainings under several names, and a lora_*
@@ -461,6 +483,7 @@ def check_images():
         )
 
 
+check_ablation_methods()
 check_images()
 check_method_settings()
 check_ablation_axes()
