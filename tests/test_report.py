@@ -16,7 +16,6 @@ from llama_adapter.errors import InputError
 from llama_adapter.report import (
     PAPER_LAYERS,
     UNPAIRED,
-    UNPAIRED_POINT,
     UNPAIRED_WHY,
     ReportInputs,
     Run,
@@ -32,6 +31,7 @@ from llama_adapter.report import (
     load_run,
     mcnemar_p,
     megabytes,
+    method_verdict,
     millions,
     p_cell,
     point_settings,
@@ -44,6 +44,7 @@ from llama_adapter.report import (
     trends_table,
 )
 
+UNPAIRED_POINT = f"not paired with the center one by one {UNPAIRED_WHY}"  # how an ablation's verdict says it
 CATEGORY_ACC = {c: {"accuracy": 50.0, "n": 10} for c in ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")}
 
 
@@ -321,6 +322,54 @@ def test_methods_are_paired_question_by_question_with_the_adapter(grid):
     df = scienceqa_table([old, multimodal, adapter, lora]).set_index("experiment")
     assert set(df["paired_with"].dropna()) == {adapter.name} and pd.isna(df.loc[adapter.name, "paired_with"])
     assert df.loc["scienceqa_mm", "only_this_right"] == 12
+
+
+def test_each_method_table_says_in_words_what_its_paired_tests_and_the_floor_show(grid):
+    """The per-method tables get a verdict as the ablations do: each row against the LLaMA-Adapter row question by
+    question (beyond chance or not), a row of other questions by its interval only, and on ScienceQA each row
+    against the no-model floor by the intervals (the floor keeps no answers to pair); report.md puts it under the
+    table's heading."""
+    from llama_adapter.report import report_markdown
+
+    adapter = answered(grid[0], range(0, 48))  # 48 of 80 right
+    adapter.name = "scienceqa"
+    lora = answered(run("scienceqa_lora", method="lora"), range(10, 52))  # 4 only it, 10 only the adapter right
+    full = answered(run("scienceqa_full", method="full"), range(0, 80))  # every question: 32 only it
+    other = answered(run("other_split"), range(0, 20), questions="x" * 64)  # other questions: 25.00
+    floor = {"letter": "A", "correct": 40, "n": 80, "accuracy": 50.0}
+    for r in (adapter, lora, full, other):
+        r.scores["floor"] = floor
+    table = scienceqa_table([adapter, lora, full, other])
+    verdict = method_verdict(table, "scienceqa")
+    assert verdict.startswith(
+        "Against the LLaMA-Adapter row (LLaMA-Adapter (scienceqa): 60.00), question by question: LoRA "
+        f"(scienceqa_lora): 52.50, p = {p_cell(mcnemar_p(4, 10))}, no difference this data shows; full fine-tuning "
+        f"(scienceqa_full): 100.00, p = {p_cell(mcnemar_p(32, 0))}, higher beyond chance. Each p stands alone (no "
+        "correction for the 2 comparisons). The row LLaMA-Adapter (other_split) is not paired with the "
+        f"LLaMA-Adapter row one by one {UNPAIRED_WHY}, so its verdict rests on the intervals only: 25.00 ["), verdict
+    assert ("Against answering without a model (always (A): 50.00 [39.30, 60.70] on the val questions), by the "
+            "intervals only (the floor keeps no answers one by one to pair): above it: full fine-tuning "
+            "(scienceqa_full) 100.00 [95.42, 100.00]; overlapping it: LLaMA-Adapter (scienceqa) 60.00 [49.05, 70.04], "
+            "LoRA (scienceqa_lora) 52.50 [41.70, 63.08]; below it: LLaMA-Adapter (other_split) 25.00 [") in verdict
+    assert verdict.endswith("An interval overlapping the floor's leaves a model not shown to answer better than "
+                            "that.")
+    # no LLaMA-Adapter row keeps its answers: said, not a verdict against nothing
+    assert method_verdict(table, None).startswith("No LLaMA-Adapter row keeps its answers one by one")
+    captions = {k: v for k, v in report_tables([]).items() if k == "scienceqa"}
+    md = report_markdown({"scienceqa": table}, captions, [adapter, lora, full, other], {},
+                         {"samples": 1, "mean": 1.0, "max": 1})
+    assert f"## {captions['scienceqa']}\n\n**Verdict.** Against the LLaMA-Adapter row (" in md
+
+
+def test_the_instruction_tables_verdict_pairs_samples_with_the_adapter_row():
+    adapter = scored_samples(run("instruction"), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    lora = scored_samples(run("instruction_lora", method="lora"), [0.5, 1.5, 2.5, 3.5, 4.5, 5.5])
+    for r in (adapter, lora):
+        r.dataset = "alpaca"
+    verdict = method_verdict(instruction_table([adapter, lora]), "instruction")
+    assert verdict == ("Against the LLaMA-Adapter row (LLaMA-Adapter (instruction)), sample by sample: LoRA "
+                       f"(instruction_lora): lower loss on 6 samples, higher on 0, p = {p_cell(mcnemar_p(6, 0))}, "
+                       "lower loss beyond chance.")
 
 
 def test_scores_of_one_digest_but_other_question_counts_are_not_paired():

@@ -25,6 +25,7 @@ import decimal
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -799,7 +800,6 @@ def trend_x(axis: str, values: list) -> list[float]:
 # table does not tell which.
 UNPAIRED_WHY = "(other questions or samples, or no answers kept one by one)"
 UNPAIRED = f"none: points not paired one by one {UNPAIRED_WHY}"
-UNPAIRED_POINT = f"not paired with the center one by one {UNPAIRED_WHY}"
 TREND_COLUMNS = ["axis", "table", "points", "left_out", "trend", "measure", "per", "items", "slope", "ci95_low",
                  "ci95_high", "monotone"]
 # What a trend is of: the ablation table's column whose points its line runs through (the rows' means of the items'
@@ -964,52 +964,104 @@ def center_rows(table: pd.DataFrame, axis: str, center: Any) -> list[bool]:
             for v in table[axis]]
 
 
-def paired_sentence(table: pd.DataFrame, axis: str, center: Any) -> str:
+def paired_sentence(table: pd.DataFrame, axis: str, center: Any, label: Callable[[Any], str] | None = None,
+                    role: str = "the center", noun: str = "point") -> str:
     """What the ablation table's paired tests show, in words: each point against the center, beyond chance
     (p_paired below SIGNIFICANCE) or not; a point not paired with the center by its 95% interval against the
     center's only, a rough reading (apart or overlapping, no verdict of chance: for two rows of the same questions
     apart intervals can go with a p above SIGNIFICANCE); a point without a score, or an axis without the center,
-    said as such. Unpaired is all the table tells: other questions, or scores that keep no answers one by one."""
+    said as such. Unpaired is all the table tells: other questions, or scores that keep no answers one by one.
+    A per-method table's rows against the row they are paired with (method_verdict): `role` names that row,
+    `label` each row and `noun` what a row is."""
+    label = label or (lambda value: point_label(axis, value))
     is_center = center_rows(table, axis, center)
     if not any(is_center):
-        return f"The center ({point_label(axis, center)}) is not among this axis's points: no point is paired with it."
+        return f"The center ({label(center)}) is not among this axis's points: no point is paired with it."
     ref = table[is_center].iloc[0]
     questions = "accuracy" in table.columns
+    unpaired_point = f"not paired with {role} one by one {UNPAIRED_WHY}"
     paired, unpaired = [], []
     for (_, row), centered in zip(table.iterrows(), is_center):
         if centered:
             continue
-        label, p = point_label(axis, row[axis]), row.get("p_paired")
+        name, p = label(row[axis]), row.get("p_paired")
         if questions and pd.isna(row["accuracy"]):
-            unpaired.append(f"{label} has no accuracy (no questions scored): no verdict")
+            unpaired.append(f"{name} has no accuracy (no questions scored): no verdict")
         elif pd.notna(p):
             beyond = p < SIGNIFICANCE
             if questions:
                 words = (("higher" if row["only_this_right"] > row["only_paired_right"] else "lower")
                          + " beyond chance") if beyond else "no difference this data shows"
-                paired.append(f"{label}: {cell(row['accuracy'], True)}, p = {p_cell(p)}, {words}")
+                paired.append(f"{name}: {cell(row['accuracy'], True)}, p = {p_cell(p)}, {words}")
             else:
                 words = (("lower" if row["lower_loss_here"] > row["lower_loss_paired"] else "higher")
                          + " loss beyond chance") if beyond else "no difference this data shows"
-                paired.append(f"{label}: lower loss on {row['lower_loss_here']} samples, higher on "
+                paired.append(f"{name}: lower loss on {row['lower_loss_here']} samples, higher on "
                               f"{row['lower_loss_paired']}, p = {p_cell(p)}, {words}")
         elif questions and pd.notna(ref["ci95_low"]):
             apart = row["ci95_low"] > ref["ci95_high"] or row["ci95_high"] < ref["ci95_low"]
             words = (f"apart, {'higher' if row['accuracy'] > ref['accuracy'] else 'lower'}, which no paired test "
                      "checks" if apart else "overlapping: no difference shown, none ruled out")
-            unpaired.append(f"{label} is {UNPAIRED_POINT}, so its verdict rests on the intervals "
+            unpaired.append(f"{name} is {unpaired_point}, so its verdict rests on the intervals "
                             f"only: {interval_cell(row['accuracy'], row['ci95_low'], row['ci95_high'])} against "
                             f"{interval_cell(ref['accuracy'], ref['ci95_low'], ref['ci95_high'])}, {words}")
         else:
-            unpaired.append(f"{label} is {UNPAIRED_POINT}: no paired test and no interval to read, so no verdict")
+            unpaired.append(f"{name} is {unpaired_point}: no paired test and no interval to read, so no verdict")
     text = ""
     if paired:
-        at = f"{point_label(axis, center)}: {cell(ref['accuracy'], True)}" if questions else point_label(axis, center)
-        text = (f"Against the center ({at}), {'question' if questions else 'sample'} by "
+        at = f"{label(center)}: {cell(ref['accuracy'], True)}" if questions else label(center)
+        text = (f"Against {role} ({at}), {'question' if questions else 'sample'} by "
                 f"{'question' if questions else 'sample'}: {'; '.join(paired)}.")
         if len(paired) > 1:
             text += f" Each p stands alone (no correction for the {len(paired)} comparisons)."
-    return " ".join(t for t in (text, *(f"The point {u}." for u in unpaired)) if t)
+    return " ".join(t for t in (text, *(f"The {noun} {u}." for u in unpaired)) if t)
+
+
+def method_verdict(table: pd.DataFrame, reference: str | None) -> str:
+    """What a per-method table (instruction_table, scienceqa_table) shows, in words, under its heading in report.md:
+    each row against the LLaMA-Adapter row `reference` it is paired with (paired_sentence, as an ablation's points
+    against its center); on ScienceQA, then each row against the no-model floor of its split, by their intervals
+    only (the floor keeps no answers one by one to pair). No reference (no adapter row keeps its answers one by
+    one): said as such."""
+    rows = table[table["method"] != "floor"] if "method" in table.columns else table
+    if rows.empty:
+        return ""
+    methods = dict(zip(rows["experiment"], rows["method"]))
+    text = ("No LLaMA-Adapter row keeps its answers one by one, so no row is paired with another; compare their "
+            "intervals only." if reference is None else
+            paired_sentence(rows, "experiment", reference, label=lambda name: f"{methods[name]} ({name})",
+                            role="the LLaMA-Adapter row", noun="row"))
+    return " ".join(t for t in (text, floor_sentence(table)) if t)
+
+
+def floor_sentence(table: pd.DataFrame) -> str:
+    """Each ScienceQA row against the no-model floor of its split (always the answer position most often right in
+    the training questions), by their 95% intervals: above it, overlapping it, or below it. A rough reading, not a
+    test (the floor keeps no answers one by one to pair with); a split with several floors (rows scored on other
+    questions) is left to the table."""
+    if "method" not in table.columns:
+        return ""
+    floors = table[table["method"] == "floor"]  # none on Alpaca
+    sentences = []
+    for split, of_split in (floors.groupby("split", dropna=False, sort=False) if len(floors) else []):
+        rows = table[(table["method"] != "floor") & (table["split"] == split) & table["accuracy"].notna()]
+        if len(of_split) > 1 or rows.empty:
+            continue
+        floor = of_split.iloc[0]
+        places: dict[str, list[str]] = {"above": [], "overlapping": [], "below": []}
+        for _, row in rows.iterrows():
+            place = ("above" if row["ci95_low"] > floor["ci95_high"] else
+                     "below" if row["ci95_high"] < floor["ci95_low"] else "overlapping")
+            places[place].append(f"{row['method']} ({row['experiment']}) "
+                                 f"{interval_cell(row['accuracy'], row['ci95_low'], row['ci95_high'])}")
+        said = "; ".join(f"{place} it: {', '.join(named)}" for place, named in places.items() if named)
+        sentences.append(
+            f"Against answering without a model ({floor['experiment'].removeprefix('no model: ')}: "
+            f"{interval_cell(floor['accuracy'], floor['ci95_low'], floor['ci95_high'])} on the {split} questions), "
+            f"by the intervals only (the floor keeps no answers one by one to pair): {said}."
+            + (" An interval overlapping the floor's leaves a model not shown to answer better than that."
+               if places["overlapping"] else ""))
+    return " ".join(sentences)
 
 
 def ablation_verdict(table: pd.DataFrame, trend: pd.Series, center: Any) -> str:
@@ -1533,6 +1585,9 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "(McNemar's, over the samples whose losses differ). It counts samples, not by how much: `loss_after` is the "
         "mean over every target token of the same samples (token-weighted, so a long sample weighs more), and can "
         "be the higher on the row that is lower on most samples. "
+        "Under the instruction and ScienceQA headings, a verdict says what the paired tests show of each method "
+        "against the LLaMA-Adapter row, and on ScienceQA how each row's interval lies against the no-model "
+        "floor's (above, overlapping or below: a rough reading, the floor keeps no answers one by one to pair). "
         "Under each ablation's heading, a verdict says what it shows: each point against the center by its "
         "`p_paired`, and for an axis of ordered numbers with at least three points scored on the same questions (or "
         "samples) a paired linear trend (the `ablation_trends` table): each question's least-squares slope of its "
@@ -1565,7 +1620,7 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         f"Alpaca samples: {lengths['samples']}, mean length {lengths['mean']:.1f} tokens, longest {lengths['max']}.",
         "", *protocol_notes(named),
     ]
-    verdicts = ablation_verdicts(tables, center)
+    verdicts = {**ablation_verdicts(tables, center), **method_verdicts(tables, named)}
     for name, caption in captions.items():
         parts += [f"## {caption}", "", *([f"**Verdict.** {verdicts[name]}", ""] if verdicts.get(name) else []),
                   readable_markdown(tables[name]), ""]
@@ -1574,6 +1629,16 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
     for name, caption in FIGURES.items():
         parts += [f"### {caption}", "", f"![{caption}]({name}.png)", ""]
     return "\n".join(parts)
+
+
+def method_verdicts(tables: dict[str, pd.DataFrame], named: list[Run]) -> dict[str, str]:
+    """The per-method tables' verdicts (method_verdict), each against the row its table pairs with."""
+    verdicts = {}
+    for name, dataset in (("instruction", "alpaca"), ("scienceqa", "scienceqa")):
+        if name in tables:
+            reference = paired_reference([r for r in named if r.dataset == dataset])
+            verdicts[name] = method_verdict(tables[name], reference.name if reference else None)
+    return {name: v for name, v in verdicts.items() if v}
 
 
 def ablation_verdicts(tables: dict[str, pd.DataFrame], center: dict) -> dict[str, str]:
