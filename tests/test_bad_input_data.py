@@ -296,6 +296,21 @@ def test_output_folder_that_is_the_input_is_refused(tmp_path, tok):
     assert sorted(p.name for p in fetched.iterdir()) == ["records.jsonl"]
 
 
+def test_output_over_the_fetched_folder_behind_a_validated_one_is_refused(tmp_path, tok):
+    """tokenize (its fetch.json) and encode-images (its images) read the fetched folder that the validated
+    folder's validation.json names, though no option names it: an --out over it would replace that input."""
+    fetched = records_dir(tmp_path / "f", GOOD)
+    validated = tmp_path / "v"
+    assert cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", validated).returncode == 0
+    one_line_error(tokenize_cli(validated, fetched, tok, "--val-size", "1"), "tokenize",
+                   f"--out {fetched} is, or holds, the fetched folder {fetched}", "validation.json",
+                   "would replace the input")
+    one_line_error(cli("encode-images", "--encoder", tmp_path, "--records", validated / "records.jsonl",
+                       "--out", tmp_path / "f"), "encode-images",
+                   f"--out {fetched} is, or holds, the fetched folder {fetched}", "would replace the input")
+    assert sorted(p.name for p in fetched.iterdir()) == ["records.jsonl"]
+
+
 # ---------------------------------------------------------------- stale output
 
 

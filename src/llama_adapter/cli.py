@@ -991,6 +991,28 @@ def given_paths(ns: argparse.Namespace) -> list[tuple[str, str | Path]]:
     return given
 
 
+def datasets_behind(inputs: list[tuple[str, str | Path]]) -> list[tuple[str, Path, str]]:
+    """(what, folder, where from) of the fetched folder behind each validated input (a validated folder, or a file in
+    one): no option names it, yet tokenize reads its fetch.json, and encode-images and evaluate its images. A
+    validation.json that cannot be read is left to the command's own checks, which name it."""
+    from .data import VALIDATION_REPORT
+    from .data.validate import fetched_folder
+
+    behind = []
+    for option, path in inputs:
+        folder = Path(path) if os.path.isdir(path) else Path(path).parent
+        if not (folder / VALIDATION_REPORT).is_file():
+            continue
+        try:
+            fetched = fetched_folder(folder)
+        except (PipelineError, OSError, ValueError):
+            continue
+        if fetched is not None:
+            behind.append(("the fetched folder", Path(os.path.realpath(fetched)),
+                           f" (which {folder / VALIDATION_REPORT} names, behind {option} {path})"))
+    return behind
+
+
 def check_outputs_apart(ns: argparse.Namespace) -> None:
     """Before the command runs: none of its outputs (--out, --out-dir, and the files it writes there) is, or
     holds, a path it was given to read. Writing it would replace the input (fetch --out over the source's
@@ -998,12 +1020,13 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
     named = [(f"--{k.replace('_', '-')} {v}", Path(v)) for k in OUTPUT_OPTIONS if (v := getattr(ns, k, None))]
     outputs = named + [(f"{path} (which {named[0][0] if named else 'it'} gets)", Path(path))
                        for path in ns.outputs(ns)]
-    inputs = given_paths(ns)
+    given = given_paths(ns)
+    inputs = [(option, path, "") for option, path in given] + datasets_behind(given)
     for shown, output in outputs:
-        for option, path in inputs:
+        for option, path, where in inputs:
             if holds(output, path):
-                raise InputError(f"{shown} is, or holds, {option} {path}, which the command reads; writing it would "
-                                 "replace the input: expected an output apart from the inputs")
+                raise InputError(f"{shown} is, or holds, {option} {path}{where}, which the command reads; writing it "
+                                 "would replace the input: expected an output apart from the inputs")
 
 
 def one_line(message: str) -> str:
