@@ -415,7 +415,14 @@ def test_prompt_longer_than_max_seq_len_emptying_training_is_named(tmp_path, tok
     proc = tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "1", "--max-seq-len", "8", "--truncation", "drop")
     msg = one_line_error(proc, "tokenize", validated / "records.jsonl", "max_seq_len 8", "5 dropped for length",
                          "'train'")
-    assert "zero-size" not in msg
+    assert "zero-size" not in msg and "prompt alone" not in msg
+    assert not (tmp_path / "t").exists()
+    # Truncated, every sample keeps its prompt whole and loses its response: said so, with no count of a drop policy
+    # the run did not use
+    proc = tokenize_cli(validated, tmp_path / "t", tok, "--val-size", "1", "--max-seq-len", "8", "--truncation",
+                        "truncate")
+    msg = one_line_error(proc, "tokenize", "max_seq_len 8", "5 whose prompt alone fills max_seq_len", "'train'")
+    assert "dropped for length" not in msg and "'drop'" not in msg
     assert not (tmp_path / "t").exists()
 
 

@@ -217,10 +217,12 @@ def tokenize(
             enc = encode_samples([to_sample(records[i]) for i in idx], tokenizer, max_seq_len, mask_prompt,
                                  truncation, where=lambda j, idx=idx: where(int(idx[j])), tokenizer_name=tokenizer_name)
             if not enc.tokens:
+                why = [f"{n} {reason}" for n, reason in (
+                    (enc.dropped_too_long, f"dropped for length under truncation {truncation!r}"),
+                    (enc.dropped_no_response, "whose prompt alone fills max_seq_len")) if n]
                 raise TokenizeError(
                     f"{source}: all {len(idx)} records of split {name!r} are longer than max_seq_len {max_seq_len} "
-                    f"({enc.dropped_too_long} dropped for length under truncation 'drop', {enc.dropped_no_response} "
-                    f"whose prompt alone fills max_seq_len); expected some to fit: raise --max-seq-len (longest: "
+                    f"({', '.join(why)}); expected some to fit: raise --max-seq-len (longest: "
                     f"{max(enc.full_lengths)} tokens)")
             keys = [str(records[i]["pid"]) for i in idx] if dataset == "scienceqa" else None
             write_split(tmp / name, enc, idx, keys)
