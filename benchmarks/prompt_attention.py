@@ -46,7 +46,7 @@ def as_reductions(attention: AdaptedAttention, q, prompt, gate):
     and its output as the softmax-weighted sum of the L values. Compiled, inductor can fuse each into a kernel that
     reads the queries (and in the backward their gradient) once, where a product with L = 10 columns runs far below
     the tensor cores' rate; eager, it would materialise (B, nh, T, L, hs), so it is timed compiled only. On an H200
-    it took 3.5x SDPA's time, forward and backward (BENCHMARKS.md, sixteenth readings)."""
+    it took 3.0-3.6x SDPA's time forward and backward (BENCHMARKS.md, sixteenth readings)."""
     pk, pv = attention.prompt_keys_values(prompt, gate, q.dtype)  # (1, nh, L, hs), values gated
     scores = (q.unsqueeze(-2) * pk.unsqueeze(-3)).float().sum(-1) * q.size(-1) ** -0.5  # (B, nh, T, L)
     weights = torch.softmax(scores, dim=-1)

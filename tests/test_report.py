@@ -340,7 +340,7 @@ def test_each_method_table_says_in_words_what_its_paired_tests_and_the_floor_sho
     for r in (adapter, lora, full, other):
         r.scores["floor"] = floor
     table = scienceqa_table([adapter, lora, full, other])
-    verdict = method_verdict(table, "scienceqa")
+    verdict = method_verdict(table)
     assert verdict.startswith(
         "Against the LLaMA-Adapter row (LLaMA-Adapter (scienceqa): 60.00), question by question: LoRA "
         f"(scienceqa_lora): 52.50, p = {p_cell(mcnemar_p(4, 10))}, no difference this data shows; full fine-tuning "
@@ -353,8 +353,14 @@ def test_each_method_table_says_in_words_what_its_paired_tests_and_the_floor_sho
             "LoRA (scienceqa_lora) 52.50 [41.70, 63.08]; below it: LLaMA-Adapter (other_split) 25.00 [") in verdict
     assert verdict.endswith("An interval overlapping the floor's leaves a model not shown to answer better than "
                             "that.")
-    # no LLaMA-Adapter row keeps its answers: said, not a verdict against nothing
-    assert method_verdict(table, None).startswith("No LLaMA-Adapter row keeps its answers one by one")
+    # no LLaMA-Adapter row keeps its answers one by one: said, not a verdict against nothing; a floor without an
+    # interval (no questions) is no floor to be above or below
+    for r in (adapter, lora, full, other):
+        r.scores.pop("correct_pids")
+        r.scores["floor"] = {"letter": "A", "correct": 0, "n": 0, "accuracy": None}
+    unpaired = method_verdict(scienceqa_table([adapter, lora, full, other]))
+    assert unpaired == ("No row is paired with another one by one (no LLaMA-Adapter row keeps its answers one by one, "
+                        "or the others were scored on other questions or samples): compare their intervals only.")
     captions = {k: v for k, v in report_tables([]).items() if k == "scienceqa"}
     md = report_markdown({"scienceqa": table}, captions, [adapter, lora, full, other], {},
                          {"samples": 1, "mean": 1.0, "max": 1})
@@ -366,7 +372,7 @@ def test_the_instruction_tables_verdict_pairs_samples_with_the_adapter_row():
     lora = scored_samples(run("instruction_lora", method="lora"), [0.5, 1.5, 2.5, 3.5, 4.5, 5.5])
     for r in (adapter, lora):
         r.dataset = "alpaca"
-    verdict = method_verdict(instruction_table([adapter, lora]), "instruction")
+    verdict = method_verdict(instruction_table([adapter, lora]))
     assert verdict == ("Against the LLaMA-Adapter row (LLaMA-Adapter (instruction)), sample by sample: LoRA "
                        f"(instruction_lora): lower loss on 6 samples, higher on 0, p = {p_cell(mcnemar_p(6, 0))}, "
                        "lower loss beyond chance.")

@@ -1017,34 +1017,36 @@ def paired_sentence(table: pd.DataFrame, axis: str, center: Any, label: Callable
     return " ".join(t for t in (text, *(f"The {noun} {u}." for u in unpaired)) if t)
 
 
-def method_verdict(table: pd.DataFrame, reference: str | None) -> str:
+def method_verdict(table: pd.DataFrame) -> str:
     """What a per-method table (instruction_table, scienceqa_table) shows, in words, under its heading in report.md:
-    each row against the LLaMA-Adapter row `reference` it is paired with (paired_sentence, as an ablation's points
-    against its center); on ScienceQA, then each row against the no-model floor of its split, by their intervals
-    only (the floor keeps no answers one by one to pair). No reference (no adapter row keeps its answers one by
-    one): said as such."""
+    each row against the LLaMA-Adapter row the table pairs it with (`paired_with`; paired_sentence, as an
+    ablation's points against its center); on ScienceQA, then each row against the no-model floor of its split, by
+    their intervals only (the floor keeps no answers one by one to pair). A table that pairs no row: said as such."""
     rows = table[table["method"] != "floor"] if "method" in table.columns else table
-    if rows.empty:
-        return ""
-    methods = dict(zip(rows["experiment"], rows["method"]))
-    text = ("No LLaMA-Adapter row keeps its answers one by one, so no row is paired with another; compare their "
-            "intervals only." if reference is None else
-            paired_sentence(rows, "experiment", reference, label=lambda name: f"{methods[name]} ({name})",
-                            role="the LLaMA-Adapter row", noun="row"))
+    reference = sorted(set(rows["paired_with"].dropna())) if "paired_with" in rows.columns else []
+    if len(rows) < 2:
+        text = ""
+    elif not reference:
+        text = ("No row is paired with another one by one (no LLaMA-Adapter row keeps its answers one by one, or "
+                "the others were scored on other questions or samples): compare their intervals only.")
+    else:
+        methods = dict(zip(rows["experiment"], rows["method"]))
+        text = paired_sentence(rows, "experiment", reference[0], label=lambda name: f"{methods[name]} ({name})",
+                               role="the LLaMA-Adapter row", noun="row")
     return " ".join(t for t in (text, floor_sentence(table)) if t)
 
 
 def floor_sentence(table: pd.DataFrame) -> str:
     """Each ScienceQA row against the no-model floor of its split (always the answer position most often right in
     the training questions), by their 95% intervals: above it, overlapping it, or below it. A rough reading, not a
-    test (the floor keeps no answers one by one to pair with); a split with several floors (rows scored on other
-    questions) is left to the table."""
-    if "method" not in table.columns:
+    test (the floor keeps no answers one by one to pair with). Left to the table: a split with several floors (rows
+    scored on other questions), a floor or row without an interval, rows of no named split."""
+    if not {"method", "split"} <= set(table.columns):
         return ""
-    floors = table[table["method"] == "floor"]  # none on Alpaca
+    floors = table[(table["method"] == "floor") & table["ci95_low"].notna()]  # none on Alpaca
     sentences = []
-    for split, of_split in (floors.groupby("split", dropna=False, sort=False) if len(floors) else []):
-        rows = table[(table["method"] != "floor") & (table["split"] == split) & table["accuracy"].notna()]
+    for split, of_split in floors.groupby("split", sort=False):
+        rows = table[(table["method"] != "floor") & (table["split"] == split) & table["ci95_low"].notna()]
         if len(of_split) > 1 or rows.empty:
             continue
         floor = of_split.iloc[0]
@@ -1620,7 +1622,7 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         f"Alpaca samples: {lengths['samples']}, mean length {lengths['mean']:.1f} tokens, longest {lengths['max']}.",
         "", *protocol_notes(named),
     ]
-    verdicts = {**ablation_verdicts(tables, center), **method_verdicts(tables, named)}
+    verdicts = {**ablation_verdicts(tables, center), **method_verdicts(tables)}
     for name, caption in captions.items():
         parts += [f"## {caption}", "", *([f"**Verdict.** {verdicts[name]}", ""] if verdicts.get(name) else []),
                   readable_markdown(tables[name]), ""]
@@ -1631,13 +1633,9 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
     return "\n".join(parts)
 
 
-def method_verdicts(tables: dict[str, pd.DataFrame], named: list[Run]) -> dict[str, str]:
-    """The per-method tables' verdicts (method_verdict), each against the row its table pairs with."""
-    verdicts = {}
-    for name, dataset in (("instruction", "alpaca"), ("scienceqa", "scienceqa")):
-        if name in tables:
-            reference = paired_reference([r for r in named if r.dataset == dataset])
-            verdicts[name] = method_verdict(tables[name], reference.name if reference else None)
+def method_verdicts(tables: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """The per-method tables' verdicts (method_verdict), by table name."""
+    verdicts = {name: method_verdict(tables[name]) for name in ("instruction", "scienceqa") if name in tables}
     return {name: v for name, v in verdicts.items() if v}
 
 
