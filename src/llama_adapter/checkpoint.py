@@ -119,6 +119,12 @@ def value_range(t: Tensor) -> tuple[Tensor, Tensor]:
     return torch.aminmax(t)
 
 
+def fits(least: Tensor, greatest: Tensor, dtype: torch.dtype) -> bool:
+    """Whether a tensor of these extremes (value_range's) casts into `dtype` without an infinity: casting is
+    monotonic, so the extremes overflow where any value does."""
+    return bool(least.to(dtype).isfinite() and greatest.to(dtype).isfinite())
+
+
 def non_finite_counts(t: Tensor) -> str:
     """How many NaN and infinite values `t` holds: counted only for a tensor value_range found to hold some."""
     return f"{int(t.isnan().sum())} NaN and {int(t.isinf().sum())} infinite of {t.numel()} values"
@@ -169,7 +175,7 @@ def check_state(expected: dict[str, torch.Size], state: dict[str, Tensor], sourc
         least, greatest = value_range(state[k])
         if not (least.isfinite() and greatest.isfinite()):
             non_finite.append(f"{k}: {non_finite_counts(state[k])}{where(k)}")
-        elif cast_to is not None and not (least.to(cast_to).isfinite() and greatest.to(cast_to).isfinite()):
+        elif cast_to is not None and not fits(least, greatest, cast_to):
             beyond.append(f"{k}: values from {least.item():g} to {greatest.item():g}{where(k)}")
     if non_finite:
         raise NonFiniteValues(f"{source}: tensors holding NaN or infinity ({len(non_finite)}): {listed(non_finite)}; "

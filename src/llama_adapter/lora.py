@@ -28,6 +28,7 @@ from .checkpoint import (
     PEFT_CONFIG,
     PROJECTIONS,
     check_trained_on,
+    fits,
     header_settings,
     listed,
     peft_files,
@@ -171,7 +172,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name, linear in model.named_modules():
             if isinstance(linear, LoRALinear):
                 least, greatest = value_range(linear.merged_weight())
-                if not (least.to(linear.weight.dtype).isfinite() and greatest.to(linear.weight.dtype).isfinite()):
+                if not fits(least, greatest, linear.weight.dtype):
                     beyond.append(f"{name}: values from {least.item():g} to {greatest.item():g} "
                                   f"({linear.weight.dtype}, ±{torch.finfo(linear.weight.dtype).max:g})")
         if beyond:

@@ -999,9 +999,9 @@ def paired_sentence(table: pd.DataFrame, axis: str, center: Any, label: Callable
                 paired.append(f"{name}: lower loss on {row['lower_loss_here']} samples, higher on "
                               f"{row['lower_loss_paired']}, p = {p_cell(p)}, {words}")
         elif questions and pd.notna(ref["ci95_low"]):
-            apart = row["ci95_low"] > ref["ci95_high"] or row["ci95_high"] < ref["ci95_low"]
-            words = (f"apart, {'higher' if row['accuracy'] > ref['accuracy'] else 'lower'}, which no paired test "
-                     "checks" if apart else "overlapping: no difference shown, none ruled out")
+            place = interval_place(row, ref)
+            words = (f"apart, {'higher' if place == 'above' else 'lower'}, which no paired test checks"
+                     if place != "overlapping" else "overlapping: no difference shown, none ruled out")
             unpaired.append(f"{name} is {unpaired_point}, so its verdict rests on the intervals "
                             f"only: {interval_cell(row['accuracy'], row['ci95_low'], row['ci95_high'])} against "
                             f"{interval_cell(ref['accuracy'], ref['ci95_low'], ref['ci95_high'])}, {words}")
@@ -1015,6 +1015,14 @@ def paired_sentence(table: pd.DataFrame, axis: str, center: Any, label: Callable
         if len(paired) > 1:
             text += f" Each p stands alone (no correction for the {len(paired)} comparisons)."
     return " ".join(t for t in (text, *(f"The {noun} {u}." for u in unpaired)) if t)
+
+
+def interval_place(row: pd.Series, other: pd.Series) -> str:
+    """Where a row's 95% interval lies against another's: "above", "below" or "overlapping" (a rough reading of two
+    accuracies, not a test)."""
+    if row["ci95_low"] > other["ci95_high"]:
+        return "above"
+    return "below" if row["ci95_high"] < other["ci95_low"] else "overlapping"
 
 
 def method_verdict(table: pd.DataFrame) -> str:
@@ -1052,9 +1060,7 @@ def floor_sentence(table: pd.DataFrame) -> str:
         floor = of_split.iloc[0]
         places: dict[str, list[str]] = {"above": [], "overlapping": [], "below": []}
         for _, row in rows.iterrows():
-            place = ("above" if row["ci95_low"] > floor["ci95_high"] else
-                     "below" if row["ci95_high"] < floor["ci95_low"] else "overlapping")
-            places[place].append(f"{row['method']} ({row['experiment']}) "
+            places[interval_place(row, floor)].append(f"{row['method']} ({row['experiment']}) "
                                  f"{interval_cell(row['accuracy'], row['ci95_low'], row['ci95_high'])}")
         said = "; ".join(f"{place} it: {', '.join(named)}" for place, named in places.items() if named)
         sentences.append(
