@@ -49,6 +49,21 @@ def plan(tmp_path, edit, refused: bool = False) -> str:
     return proc.stdout + proc.stderr
 
 
+def test_nested_command_line_config_reads_as_a_config_file_does(tmp_path):
+    """Snakemake reads `--config KEY=VALUE` with YAML's base loader: every scalar inside a mapping or list came as a
+    string, and the schema refused `train={epochs: 2}` ('2' is not of type 'integer'). Each is read as in a
+    config file: numbers, null (which drops an experiment), and a list's items."""
+    proc = snakemake("-n", "-p", "--cores", "1", "--configfile", str(REPO / "config.yaml"), "--config",
+                     "train={epochs: 2, lr: 0.1}", "experiments={instruction_full: null}",
+                     "ablations={vary: {epochs: [2, 4]}}", cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    trains = [line for line in out.splitlines() if "llama-adapter train " in line]
+    assert trains and all(" --epochs " in t and " --lr " in t for t in trains), out[-3000:]
+    assert any(" --epochs 2 " in t and " --lr 0.1 " in t for t in trains), out[-3000:]
+    assert "epochs~4/method~adapter" in out and "results/adapters/instruction_full/" not in out, out[-3000:]
+
+
 def test_bad_config_key_is_named(tmp_path):
     assert "gate_innit" in plan(tmp_path, lambda c: c["train"].update(gate_innit="zero"), refused=True)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from snakemake.utils import Paramspace, validate
+from snakemake.utils import Paramspace, update_config, validate
 
 from llama_adapter.config import (
     ADAPTER_SETTINGS,
@@ -35,6 +35,35 @@ from llama_adapter.tracking import (
     sqlite_uri,
 )
 
+
+
+def as_in_a_configfile(value):
+    """A --config value as the same YAML reads in a config file. Snakemake parses `--config KEY=VALUE` with YAML's
+    base loader, so every scalar inside a mapping or list arrives as a string (`train={epochs: 2}` gives
+    epochs '2', which the schema refuses); each such string is read again as a config file's scalar (2, 0.1,
+    true, null). One that reads as a mapping or list (a quoted "a: b") stays the string it was."""
+    if isinstance(value, dict):
+        return {k: as_in_a_configfile(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_in_a_configfile(v) for v in value]
+    if isinstance(value, str):
+        try:
+            scalar = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return value if isinstance(scalar, (dict, list)) else scalar
+    return value
+
+
+# Top-level scalars already arrive typed (Snakemake tries int, float and bool first); only nested ones need it.
+update_config(
+    config,
+    {
+        key: as_in_a_configfile(value)
+        for key, value in workflow.config_settings.config.items()
+        if isinstance(value, (dict, list))
+    },
+)
 SCHEMA_FILE = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 validate(config, str(SCHEMA_FILE))
 SCHEMA = yaml.safe_load(SCHEMA_FILE.read_text())
