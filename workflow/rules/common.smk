@@ -36,12 +36,12 @@ from llama_adapter.tracking import (
 )
 
 
-
 def as_in_a_configfile(value):
     """A --config value as the same YAML reads in a config file. Snakemake parses `--config KEY=VALUE` with YAML's
     base loader, so every scalar inside a mapping or list arrives as a string (`train={epochs: 2}` gives
     epochs '2', which the schema refuses); each such string is read again as a config file's scalar (2, 0.1,
-    true, null). One that reads as a mapping or list (a quoted "a: b") stays the string it was."""
+    true, null). One that reads as a mapping or list (a quoted "a: b") stays the string it was.
+    """
     if isinstance(value, dict):
         return {k: as_in_a_configfile(v) for k, v in value.items()}
     if isinstance(value, list):
