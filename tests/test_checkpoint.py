@@ -13,6 +13,7 @@ from llama_adapter.adapter import AdaptedTransformer
 from llama_adapter.checkpoint import (
     CheckpointError,
     apply_adapter,
+    base_layers,
     checkpoint_format,
     load_base,
     load_model,
@@ -291,6 +292,25 @@ def test_gguf_quantized_q8_0(tmp_path):
     loaded = load_base(tmp_path / "m.gguf")
     w, q = m.layers[0].attention.wq.weight, loaded.layers[0].attention.wq.weight
     assert not torch.equal(w, q) and (w - q).abs().max() < w.abs().max() / 100  # dequantized, 8-bit close
+
+
+def test_base_layers_are_read_from_each_formats_settings_alone(tmp_path):
+    """What a plan checks an adapter's layers against, for every base format, without the weights: params.json,
+    config.json and the GGUF header each give the block count (a folder with only its settings reads the same)."""
+    m = random_model(ModelArgs(dim=64, n_layers=5, n_heads=4, vocab_size=256, hidden_dim=128))
+    save_meta_checkpoint(m, tmp_path / "meta")
+    save_full(m, tmp_path / "hf", "elsewhere")
+    write_gguf(tmp_path / "m.gguf", m)
+    (tmp_path / "settings").mkdir()
+    shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "settings")
+    for base in ("meta", "hf", "m.gguf", "settings"):
+        assert base_layers(tmp_path / base) == 5, base
+    (tmp_path / "settings" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match=r"settings/config.json: model_type 'gpt2' is not a LLaMA"):
+        base_layers(tmp_path / "settings")
+    (tmp_path / "m.gguf").write_bytes((tmp_path / "m.gguf").read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="m.gguf"):
+        base_layers(tmp_path / "m.gguf")
 
 
 def test_a_mis_shaped_gguf_tensor_is_named_by_its_file_and_its_own_name(tmp_path):

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from dag import DEMO_RESULTS, REPO, SNAKEMAKE, demo_configfiles, read_csv, snakemake
 
+from llama_adapter.checkpoint import hf_config
+from llama_adapter.config import ModelArgs
 from llama_adapter.report import mcnemar_p
 
 
@@ -287,6 +289,25 @@ def test_an_adapter_in_more_layers_than_a_known_base_has_is_refused_at_plan_time
     refusal = plan(tmp_path, lambda c: c["train"].update(adapter_layers=5), refused=True)
     assert ("config adapter_layers 5 (in ['instruction', 'scienceqa', 'scienceqa_mm']): exceeds the 3 layers of "
             "base.source demo (base.pretrain.preset demo)") in refusal, refusal[-2000:]
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_an_adapter_in_more_layers_than_a_base_on_disk_has_is_refused_at_plan_time(tmp_path, layers):
+    """A base given by path (the paper's own LLaMA weights) was read only by its training, after a cluster's
+    queue; its settings say its layers, so the plan refuses an adapter in more (the ablation point in 3 layers, on
+    a base of 2) and passes one that fits."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps(hf_config(ModelArgs(
+        dim=64, n_layers=layers, n_heads=4, vocab_size=256, hidden_dim=128))))
+
+    def edit(config):
+        config["base"] = {"source": str(tmp_path / "base")}
+
+    out = plan(tmp_path, edit, refused=layers < 3)
+    if layers < 3:
+        assert ("config adapter_layers 3 (in ['instruction', 'scienceqa', 'scienceqa_mm', "
+                "'ablations/adapter_layers~3/gate_init~zero/epochs~3/method~adapter'") in out, out[-2000:]
+        assert f"exceeds the 2 layers of base.source '{tmp_path / 'base'}'; expected 1..2" in out, out[-2000:]
 
 
 def test_fp8_where_every_weight_trains_is_refused_at_plan_time(tmp_path):

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -515,9 +516,9 @@ def open_gguf(path: Path):
                               "the file may be truncated or corrupted") from e
 
 
-def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor], dict[str, str]]:
-    """(args, tensors under Meta's names, each Meta name's origin 'file: its GGUF name' for check_state).
-    llama.cpp's converter already permutes q/k rows into Meta's interleaved RoPE layout."""
+def open_llama_gguf(path: Path):
+    """(reader, field) of a LLaMA GGUF file: field(key, default) is a metadata value, the default where it is
+    absent, and an error naming the file and key where it is absent without one. Another architecture is refused."""
     reader = open_gguf(path)
 
     def field(key: str, default=None):
@@ -528,11 +529,27 @@ def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor], dict
             return default
         return f.contents()
 
+    if (arch := field("general.architecture")) != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
+    return reader, field
+
+
+def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor], dict[str, str]]:
+    """(args, tensors under Meta's names, each Meta name's origin 'file: its GGUF name' for check_state).
+    llama.cpp's converter already permutes q/k rows into Meta's interleaved RoPE layout."""
+    with readable_gguf(path):
+        return _gguf_checkpoint(path, *open_llama_gguf(path))
+
+
+@contextmanager
+def readable_gguf(path: Path):
+    """Any fault reading the GGUF file at `path` as a CheckpointError naming it: a damaged file may open but hold
+    metadata of the wrong type or tensors of the wrong size."""
     try:
-        return _gguf_checkpoint(path, reader, field)
+        yield
     except CheckpointError:
         raise
-    except Exception as e:  # a damaged file may read but hold metadata of the wrong type or tensors of the wrong size
+    except Exception as e:
         raise CheckpointError(f"{path}: not a readable LLaMA GGUF ({type(e).__name__}: {e}); "
                               "the file may be truncated or corrupted") from e
 
@@ -540,9 +557,6 @@ def read_gguf_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Tensor], dict
 def _gguf_checkpoint(path: Path, reader, field) -> tuple[ModelArgs, dict[str, Tensor], dict[str, str]]:
     import gguf
 
-    arch = field("general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
     state: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     for t in reader.tensors:
@@ -599,6 +613,21 @@ def checkpoint_format(path: Path) -> str:
         f"{path}: not a recognised checkpoint (expected a directory with params.json + consolidated.NN.pth, "
         "a directory with config.json + model*.safetensors, or a .gguf file)"
     )
+
+
+def base_layers(path: Path) -> int:
+    """How many blocks the base checkpoint at `path` has, read from its settings alone (params.json, config.json,
+    the GGUF header), not its weights: what a plan checks an adapter's layers against before anything trains."""
+    fmt = checkpoint_format(path)
+    if fmt == "meta":
+        return meta_model_args(read_config(path / "params.json"), str(path / "params.json"), vocab_size=1).n_layers
+    if fmt == "hf":
+        return hf_model_args(read_config(path / "config.json"), str(path / "config.json")).n_layers
+    with readable_gguf(path):
+        layers = open_llama_gguf(path)[1]("llama.block_count")
+    if not isinstance(layers, int) or layers < 1:
+        raise CheckpointError(f"{path}: GGUF llama.block_count {layers!r}; expected a positive integer")
+    return layers
 
 
 SMALL_MODEL = 50_000_000  # parameters

@@ -521,18 +521,23 @@ check_precision()
 
 def check_adapter_layers():
     """An adapter in more layers than its base has fails its training, after the base is made (the demo's
-    pre-training) or fetched. Where the plan knows the base's layers, the demo's preset and SmolLM2-135M's, it is
-    refused here, naming the value and the experiments it reaches; a base given by path or hub id is read only by
-    the training, which checks it there.
+    pre-training) or fetched, and after a cluster's queue. Where the plan knows the base's layers it is refused
+    here, naming the value and the experiments it reaches: the demo's preset, SmolLM2-135M, and a base on disk (a
+    path, or a hub base already fetched), whose settings alone are read (params.json, config.json, the GGUF
+    header). A hub base not fetched yet is checked by its training.
     """
     if DEMO:
         preset = config["base"].get("pretrain", {}).get("preset", PretrainConfig.preset)
         base = f"base.source demo (base.pretrain.preset {preset})"
+        layers = PRESETS[preset]["n_layers"]
     elif config["base"]["source"] == "smollm2":
-        preset, base = "SmolLM2-135M", "base.source smollm2 (SmolLM2-135M)"
+        base, layers = "base.source smollm2 (SmolLM2-135M)", PRESETS["SmolLM2-135M"]["n_layers"]
+    elif Path(BASE).exists():
+        from llama_adapter.checkpoint import base_layers
+
+        base, layers = f"base.source {config['base']['source']!r}", base_layers(Path(BASE))
     else:
         return
-    layers = PRESETS[preset]["n_layers"]
     over = {}
     for name in EXPERIMENTS:
         wanted = experiment(name)[1].get("adapter_layers", TrainConfig.adapter_layers)
