@@ -14,7 +14,7 @@ first batch is shown beside it.
 
 Usage:
     python benchmarks/evaluate_throughput.py --preset 7B --batch-size 32 --compile
-    python benchmarks/evaluate_throughput.py --preset SmolLM2-135M --adapter-layers 2 --limit 16 --batch-size 8 \
+    python benchmarks/evaluate_throughput.py --preset SmolLM2-135M --adapter-layers 2 --limit 4 --batch-size 2 \
         --max-new-tokens 4
         (a smoke check on the CPU: a small preset whose vocabulary holds the LLaMA tokenizer's ids)
 """

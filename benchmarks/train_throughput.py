@@ -21,7 +21,8 @@ Usage:
     python benchmarks/train_throughput.py --preset 7B --compile
     python benchmarks/train_throughput.py --preset 7B --compile --methods adapter lora
     torchrun --standalone --nproc-per-node 4 benchmarks/train_throughput.py --preset 7B --compile --no-peft
-    python benchmarks/train_throughput.py --preset tiny --adapter-layers 4 --methods adapter lora --steps 2
+    python benchmarks/train_throughput.py --preset tiny --adapter-layers 4 --methods adapter lora --steps 1 \
+        --warmup 1 --global-batch 16 --samples 4
         (without a GPU: a smoke check, in fp32, without the matmul reference)
     python benchmarks/train_throughput.py --preset 7B --compile --precision fp8 --no-padded --no-peft
         (adds the packed step with the frozen projections in float8: `train --precision fp8 --compile`)

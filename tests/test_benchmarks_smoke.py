@@ -17,8 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # (script and its documented smoke flags, a column of the table it prints, whether it reads ../shared/data)
 SMOKE = {
-    "train_throughput": (["--preset", "tiny", "--adapter-layers", "4", "--methods", "adapter", "lora", "--steps", "2"],
-                         "real tok/s", False),
+    "train_throughput": (["--preset", "tiny", "--adapter-layers", "4", "--methods", "adapter", "lora", "--steps", "1",
+                          "--warmup", "1", "--global-batch", "16", "--samples", "4"], "real tok/s", False),
     "int8_projections": (["--preset", "tiny", "--device", "cpu", "--repeat", "5"], "% of copy", False),
     # two fresh processes, then the summary, whose int8 row gives its ratio to bf16 as "median x [min x, max x]"
     # (uncompiled: a compile would take minutes)
@@ -29,8 +29,8 @@ SMOKE = {
     "prompt_attention": (["--preset", "tiny", "--device", "cpu", "--tokens", "256", "--rows", "2", "--repeat", "5"],
                          "fwd+bwd us", False),
     # ScienceQA questions and the LLaMA tokenizer from ../shared/data (its defaults, beside the checkout)
-    "evaluate_throughput": (["--preset", "SmolLM2-135M", "--adapter-layers", "2", "--limit", "16", "--batch-size",
-                             "8", "--max-new-tokens", "4"], "questions/s", True),
+    "evaluate_throughput": (["--preset", "SmolLM2-135M", "--adapter-layers", "2", "--limit", "4", "--batch-size",
+                             "2", "--max-new-tokens", "4"], "questions/s", True),
 }
 
 
