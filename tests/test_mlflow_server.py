@@ -52,9 +52,11 @@ def running_server(tmp_path: Path):
         yield url, proc
     finally:
         if proc.poll() is None:
+            # Its uvicorn stops within a second; the job runner's huey consumers may not (the full suite, beside the
+            # SLURM DAG, waited out 20 s here): nothing of the server is read after this, so 5 s, then SIGKILL.
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
