@@ -12,6 +12,7 @@ SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).with_name("sna
 # The results folder of the one full demo run (conftest.py's demo_run): a space and a quote in its name, so that
 # every rule's shell command is checked to quote its paths (issue 16).
 DEMO_RESULTS = "demo results 'quoted'"
+POLLING = Path(__file__).resolve().parent / "slurm_polling"
 
 
 def snakemake(*args, cwd=REPO, timeout=300):
@@ -49,6 +50,8 @@ def snakemake_env() -> dict:
     mine = ("MLFLOW_TRACKING_URI", "MLFLOW_PARENT_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
     env = {k: v for k, v in os.environ.items() if k not in mine}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    # snakemake under the SLURM executor checks its jobs at most POLLING's cap apart (slurm_polling/sitecustomize.py)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(POLLING), os.environ.get("PYTHONPATH")) if p)
     return env
 
 

@@ -205,8 +205,9 @@ def overrides(*set_resources: str) -> list[str]:
     """The options `snakemake --profile slurm` needs on this cluster, only what differs from a GPU cluster: its
     partition and account (which the plugin checks with sacctmgr), no GPUs, and a first status check after 1 s
     rather than 40 (the plugin goes back to that interval after each finished job, so the DAG's short jobs are
-    noticed at once). Everything else comes from slurm/config.yaml; the plugin queries job states with its
-    default, sacct (slurmdbd answers it), through common.smk's mend."""
+    noticed at once; dag.snakemake_env caps every later wait at 3 s). Everything else comes from
+    slurm/config.yaml; the plugin queries job states with its default, sacct (slurmdbd answers it), through
+    common.smk's mend."""
     return ["--default-resources", f"slurm_partition={PARTITION}", f"slurm_account={ACCOUNT}",
             "--set-resources", "train_adapter:gpu=0", "generate:gpu=0", "evaluate:gpu=0", *set_resources,
             "--slurm-init-seconds-before-status-checks", "1"]
