@@ -499,6 +499,24 @@ def test_jobs_table_reads_every_benchmark_file_longest_first(tmp_path):
     assert jobs_table(None).empty  # no benchmark folder given: no job rows
 
 
+def test_jobs_table_keeps_a_job_whose_memory_snakemake_did_not_measure(tmp_path):
+    """A job that ends before Snakemake first samples its memory (a fast fetch, a report) gets NA in max_rss and the
+    columns after it: the report failed with "cannot convert float NaN to integer", naming no file. Its row is kept,
+    its time shown and its memory n/a; a time that is not a number is still refused, naming the file."""
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for rel, row in {"fetch/alpaca.tsv": "0.4512\t0:00:00" + "\tNA" * 8, "tokenize/alpaca.tsv": "3.0\t0:00:03\t617.7"
+                     + "\t1" * 7}.items():
+        (tmp_path / "benchmarks" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "benchmarks" / rel).write_text(header + row + "\n")
+    df = jobs_table(tmp_path / "benchmarks")
+    assert list(df["rule"]) == ["tokenize", "fetch"] and list(df["seconds"]) == [3.0, 0.5]
+    assert df["max_rss_mb"].iloc[0] == 618 and pd.isna(df["max_rss_mb"].iloc[1])
+    assert to_markdown(df).splitlines()[2:] == ["| tokenize | alpaca | 3.00 | 618 |", "| fetch | alpaca | 0.5 | n/a |"]
+    (tmp_path / "benchmarks" / "fetch" / "alpaca.tsv").write_text(header + "NA" + "\tNA" * 9 + "\n")
+    with pytest.raises(InputError, match=r"fetch/alpaca\.tsv: not a Snakemake benchmark file"):
+        jobs_table(tmp_path / "benchmarks")
+
+
 def write_benchmark_as_snakemake_does(path, barrier) -> None:
     """Snakemake's write_benchmark_records: the file opened ("wt", emptied), its rows written, closed; here with a
     pause between opening and writing, while the test reads the folder."""

@@ -410,10 +410,13 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
 
 
 def read_benchmark(path: Path) -> pd.Series:
-    """The first row of a Snakemake benchmark file (columns s, max_rss, ...)."""
+    """The first row of a Snakemake benchmark file (columns s, max_rss, ...); its max_rss NaN where Snakemake wrote
+    NA (a job that ended before its memory was first sampled), its s always a number."""
     try:
         row = pd.read_csv(path, sep="\t").iloc[0]
-        float(row["s"]), float(row["max_rss"])
+        float(row["max_rss"])
+        if math.isnan(float(row["s"])):
+            raise ValueError(f"s is {row['s']}")
     except Exception as e:  # pandas raises EmptyDataError, ParserError, KeyError, IndexError...
         raise InputError(f"{path}: not a Snakemake benchmark file ({type(e).__name__}: {e}); expected a "
                          "tab-separated table with columns s and max_rss") from None
@@ -1129,10 +1132,12 @@ def jobs_table(benchmarks: Path | None) -> pd.DataFrame:
             continue
         bench = read_benchmark(path)
         rule, _, job = path.relative_to(benchmarks).with_suffix("").as_posix().partition("/")
+        rss = float(bench["max_rss"])
         rows.append({"rule": rule, "job": job or None, "seconds": round(float(bench["s"]), 1),
-                     "max_rss_mb": round(float(bench["max_rss"]))})
+                     "max_rss_mb": None if math.isnan(rss) else round(rss)})
     columns = ["rule", "job", "seconds", "max_rss_mb"]
-    return pd.DataFrame(rows, columns=columns).sort_values("seconds", ascending=False, ignore_index=True)
+    return (pd.DataFrame(rows, columns=columns).astype({"max_rss_mb": "Int64"})  # n/a where none: not 618.0 beside it
+            .sort_values("seconds", ascending=False, ignore_index=True))
 
 
 # The columns that hold accuracies (percentages, which scores.json and the intervals round to two decimals), by
@@ -1621,7 +1626,8 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "one, of "
         "`trained_samples`. "
         "Units: `tuned_params_m` in millions of parameters, `storage_mb` in MB (10^6 bytes), `training_h` in hours, "
-        "`seconds` of wall time and `max_rss_mb` (peak memory, MB) per job. Each section's provenance table names, "
+        "`seconds` of wall time and `max_rss_mb` (peak memory, MB; n/a for a job that ended before Snakemake first "
+        "measured it) per job. Each section's provenance table names, "
         "for every row of ours, its training (`mlflow_run`) and evaluation (`eval_run`) MLflow runs, the config "
         "hash, the sha256 of the training records (first 12 hex digits) and the git commit; the CSV files hold "
         "every column in one table.", "",
