@@ -197,6 +197,17 @@ def test_image_features_reader(encoder, tmp_path):
         ImageFeatures(tmp_path / "features")
 
 
+@pytest.mark.parametrize("kept", [0, 10, -100])  # bytes of the file kept: none, a cut header, cut data
+def test_a_damaged_features_file_is_named(encoder, tmp_path, kept):
+    """An empty or truncated features.npy (a copy of the cache cut short) was numpy's EOFError traceback or
+    its bare "mmap length is greater than file size", naming no file, in evaluate and train."""
+    encode_images(encoder, _dataset(tmp_path, {"1": "red", "2": "blue"}), tmp_path / "features")
+    features = tmp_path / "features" / "features.npy"
+    features.write_bytes(features.read_bytes()[:kept])
+    with pytest.raises(ImageError, match=rf"{tmp_path / 'features'}: features.npy is not a readable numpy array"):
+        ImageFeatures(tmp_path / "features")
+
+
 @pytest.mark.parametrize("line,fault", [
     ("[1, 2]", "not an object"),
     (json.dumps({"pid": "1", "question": "?", "image": None}), "choices not 2-5 strings"),

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import InputError
+from .io import read_npy
 
 # ---------------------------------------------------------------- argparse types (one-line usage errors)
 
@@ -177,14 +178,8 @@ def token_split(path: str | os.PathLike, flag: str) -> dict:
         hint = f"; it holds the splits {inside}: pass one of them, e.g. {path / inside[0]}" if inside else ""
         raise InputError(f"{flag} {path}: not a token split (missing {', '.join(missing)}); expected "
                          f"{SPLIT_EXPECTED}{hint}")
-    arrays = {}
-    for name in SPLIT_FILES:
-        try:
-            arrays[name] = np.load(path / name, mmap_mode="r")
-        except Exception as e:  # numpy raises ValueError, OSError, EOFError, UnpicklingError for damaged files
-            raise InputError(f"{flag} {path}: {name} is not a readable numpy array ({type(e).__name__}: {e}); "
-                             "tokenize the data again") from None
-    tokens, offsets, mask, source = (arrays[n] for n in SPLIT_FILES)
+    tokens, offsets, mask, source = (read_npy(path / name, f"{flag} {path}", "tokenize the data again", InputError)
+                                     for name in SPLIT_FILES)
     problem = None
     if tokens.ndim != 1 or offsets.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) \
             or not np.issubdtype(offsets.dtype, np.integer):

@@ -299,6 +299,18 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
         f.write(canonical.ljust(size, b" "))  # safetensors pads its header with spaces too
 
 
+def read_npy(path: Path, where: str, remedy: str, error: type[Exception] = DataError):
+    """A .npy array, memory-mapped. A file numpy cannot read (empty, truncated, not .npy, pickled objects) is `error`
+    naming `where` and the file, then `remedy`: numpy's own message names no file."""
+    import numpy as np
+
+    try:
+        return np.load(path, mmap_mode="r")
+    except Exception as e:  # numpy raises ValueError, OSError, EOFError, UnpicklingError for damaged files
+        raise error(f"{where}: {Path(path).name} is not a readable numpy array ({type(e).__name__}: {e}); "
+                    f"{remedy}") from None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return _sha256_update(hashlib.sha256(), path, chunk).hexdigest()
 

@@ -27,7 +27,16 @@ from .data.paths import inside
 from .data.validate import check_validated_records, fetched_folder
 from .devices import pick_device
 from .errors import EncoderError, ImageError, UnsafePathError
-from .io import atomic_dir, read_json, read_json_object, read_jsonl_lines, remove_output, sha256_file, write_json
+from .io import (
+    atomic_dir,
+    read_json,
+    read_json_object,
+    read_jsonl_lines,
+    read_npy,
+    remove_output,
+    sha256_file,
+    write_json,
+)
 
 FORMAT_VERSION = "llama-adapter-image-features/1"
 CACHE_FILES = ("features.npy", "pids.json", "encoder.json")
@@ -139,7 +148,7 @@ class ImageFeatures:
         expected = "a file of the image-feature cache encode-images writes"
         self.meta = read_json_object(self.path / "encoder.json", expected, ImageError)
         self.pids: list[str] = read_json(self.path / "pids.json", expected, ImageError)
-        self.features = np.load(self.path / "features.npy", mmap_mode="r")
+        self.features = read_npy(self.path / "features.npy", str(self.path), f"expected {expected}", ImageError)
         if self.features.ndim != 2 or len(self.features) != len(self.pids):
             raise ImageError(f"{self.path}: features.npy has shape {self.features.shape} "
                              f"but pids.json lists {len(self.pids)} pids")
