@@ -166,6 +166,26 @@ def test_output_inside_a_file(w, capsys, output):
     one_line_error(capsys, *args, names=[bad, "is a file"])
 
 
+@pytest.mark.parametrize("command", ["generate", "train-tokenizer", "report", "fetch"])
+def test_an_output_of_the_other_kind_is_refused_and_kept(w, tmp_path, capsys, command):
+    """An --out that is a folder where the command writes a file (generate --out results/generations), or a file where
+    it writes a folder (report --out report.md), is no earlier output of the command: it was refused, then removed
+    as one, a folder with everything in it. Now refused before the command runs, whatever else is wrong (fetch's
+    source is missing), and left as it was."""
+    folder, file = tmp_path / "results", tmp_path / "report.md"
+    (folder / "keep").mkdir(parents=True)
+    (folder / "keep" / "answers.jsonl").write_text("{}\n")
+    file.write_text("kept")
+    out, kind = {"generate": (folder, "is a folder"), "train-tokenizer": (folder, "is a folder"),
+                 "report": (file, "is a file"), "fetch": (file, "is a file")}[command]
+    args = {"generate": generate_args(w, out, prompts=w / "missing.jsonl"),
+            "train-tokenizer": ("train-tokenizer", "--corpus", w / "corpus.jsonl", "--out", out),
+            "report": ("report", "--tokens", f"alpaca={w}", "--out", out),
+            "fetch": ("fetch", "--dataset", "alpaca", "--source", w / "missing.json", "--out", out)}[command]
+    one_line_error(capsys, *args, names=[f"--out {out}: {kind}"])
+    assert (folder / "keep" / "answers.jsonl").read_text() == "{}\n" and file.read_text() == "kept"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_output_folder(w, tmp_path, capsys):
     ro = tmp_path / "ro"

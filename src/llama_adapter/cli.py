@@ -195,7 +195,6 @@ def cmd_train_tokenizer(ns: argparse.Namespace) -> None:
     from .tokenizer import train_sentencepiece
 
     existing_file(ns.corpus, "--corpus", 'a JSONL corpus, one {"text": document} per line')
-    writable_output(ns.out, "--out", folder=False)
     print(train_sentencepiece(ns.corpus, ns.out, ns.vocab_size))
 
 
@@ -205,7 +204,6 @@ def cmd_pretrain_base(ns: argparse.Namespace) -> None:
 
     existing_file(ns.corpus, "--corpus", 'a JSONL corpus, one {"text": document} per line')
     existing_file(ns.tokenizer, "--tokenizer", "a SentencePiece .model")
-    writable_output(ns.out, "--out", folder=True)
     check_device(ns.device)
     cfg = config_of(ns, PretrainConfig)
     summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, cfg=cfg)
@@ -334,8 +332,8 @@ def check_compile_cache(ns: argparse.Namespace) -> None:
 
 
 def check_train_inputs(ns: argparse.Namespace) -> None:
-    """Every path train reads exists and is of the right kind, and --out-dir can be written, before the base is
-    loaded (the token ids are checked against the base's vocabulary once it is)."""
+    """Every path train reads exists and is of the right kind before the base is loaded (the token ids are checked
+    against the base's vocabulary once it is; --out-dir, before the command runs: check_output_kinds)."""
     ns.base = check_base(ns.base)
     splits = {"--train-data": token_split(ns.train_data, "--train-data")}
     if ns.val_data:
@@ -346,7 +344,6 @@ def check_train_inputs(ns: argparse.Namespace) -> None:
                              f"tokens > --row-len {ns.row_len}; expected --row-len of at least {split['longest']}")
     if ns.image_features:
         existing_dir(ns.image_features, "--image-features", "a feature cache folder written by encode-images")
-    writable_output(ns.out_dir, "--out-dir", folder=True)
     check_device(ns.device)
     check_compile_cache(ns)
 
@@ -476,7 +473,6 @@ def cmd_generate(ns: argparse.Namespace) -> None:
         print(f"llama-adapter generate: note: {', '.join(multimodal)} read images, which --prompts do not carry: "
               "they answer from the text alone", file=sys.stderr)
     release = release_adapter(ns, list(adapters.values()))
-    writable_output(ns.out, "--out", folder=False)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
     model = load_for_inference(ns.base, adapters[lora] if lora else None, ns.device, ns.dtype, ns.quantize,
                                ns.compile)
@@ -544,7 +540,6 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         if split["longest"] > ns.row_len:
             raise InputError(f"--data {ns.data}: longest sample {split['longest']} tokens > --row-len {ns.row_len}; "
                              f"expected --row-len of at least {split['longest']}")
-    writable_output(ns.out, "--out", folder=True)
     if ns.task == "scienceqa":
         records = read_questions(ns.data)
         split_questions(records, ns.split, ns.data / RECORDS)  # before the model loads: a wrong --split
@@ -579,7 +574,6 @@ def cmd_encode_images(ns: argparse.Namespace) -> None:
 
     existing_dir(ns.encoder, "--encoder", "a CLIPVisionModel folder (config.json + model.safetensors)")
     existing_file(ns.records, "--records", "a validated ScienceQA records.jsonl")
-    writable_output(ns.out, "--out", folder=True)
     check_device(ns.device)
     encoder = VisionEncoder(ns.encoder, tuple(ns.layers) if ns.layers else None, pick_device(ns.device))
     summary = encode_images(encoder, ns.records, ns.out, ns.policy, ns.batch_size)
@@ -742,7 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     # A command's outputs: removed when it fails, so that no earlier run's output is left where the next stage
     # would take it for this run's (validate keeps its own failure report; inspect and complete write nothing;
     # a training's checkpoint stays for --resume).
-    parser.set_defaults(outputs=lambda ns: [], held=lambda ns: None)  # held: the folder a command locks (io.hold)
+    # held: the folder a command locks (io.hold); out_is_file: its --out is a file, not a folder (check_output_kinds)
+    parser.set_defaults(outputs=lambda ns: [], held=lambda ns: None, out_is_file=False)
 
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a checkpoint path, or a hub model "
@@ -778,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
     p.add_argument("--out", required=True, type=Path, help="the .model file to write")
     add_dataclass_options(p, SentencePieceConfig)
-    p.set_defaults(func=cmd_train_tokenizer, outputs=lambda ns: [ns.out])
+    p.set_defaults(func=cmd_train_tokenizer, outputs=lambda ns: [ns.out], out_is_file=True)
 
     p = sub.add_parser("pretrain-base", help=cmd_pretrain_base.__doc__, description=cmd_pretrain_base.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
@@ -844,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="the JSONL of answers to write")
     add_sampling_options(p, PAPER_SAMPLING)
     add_dataclass_options(p, CompileConfig)
-    p.set_defaults(func=cmd_generate, outputs=lambda ns: [ns.out])
+    p.set_defaults(func=cmd_generate, outputs=lambda ns: [ns.out], out_is_file=True)
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     add_inference_options(p)
@@ -918,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_utf8(ns)
         check_outputs_apart(ns)
+        check_output_kinds(ns)
         try:
             # SIGTERM (scancel, a time limit) or SIGHUP (the terminal closed) stops any command as an error does, its
             # outputs removed; training takes SIGTERM and SIGUSR1 over while it steps, to save a checkpoint first.
@@ -1027,6 +1023,16 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
             if holds(output, path):
                 raise InputError(f"{shown} is, or holds, {option} {path}{where}, which the command reads; writing it "
                                  "would replace the input: expected an output apart from the inputs")
+
+
+def check_output_kinds(ns: argparse.Namespace) -> None:
+    """Before the command runs: its --out or --out-dir can be written (writable_output), a file where it writes a file
+    (generate, train-tokenizer: out_is_file) and a folder elsewhere. One of the other kind is no earlier output of
+    the command, which a failure would remove as one (generate --out results/generations, a folder and all it
+    holds); refused here, it is left as it is."""
+    for key in OUTPUT_OPTIONS:
+        if (path := getattr(ns, key, None)) is not None:
+            writable_output(path, f"--{key.replace('_', '-')}", folder=not ns.out_is_file)
 
 
 def one_line(message: str) -> str:
