@@ -5,6 +5,7 @@ stage could take for its output. Driven through the command line, as a user and 
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -492,3 +493,21 @@ def test_seed_split_options_with_a_field_split_are_refused(tmp_path, tok):
     one_line_error(cli("tokenize", "--dataset", "scienceqa", "--validated", validated, "--tokenizer", tok,
                        "--out", tmp_path / "t", "--seed", "1"), "tokenize",
                    "--seed given with scienceqa's default split (--split-by field)")
+
+
+@pytest.mark.parametrize("keys, needle", [('["1", ', "not valid JSON"), ('{"0": "1"}', "holds a JSON dict"),
+                                          ('["1"]', "1 key(s) for 2 samples"), ('["1", 2]', "key 1 is a int")])
+def test_a_damaged_keys_file_of_a_token_split_is_named(tmp_path, keys, needle):
+    """keys.json gives each sample its ScienceQA pid, by which a multimodal training finds its image features: a
+    damaged one failed the training with json's bare "Expecting value: line 2 column 1 (char 7)", naming no file,
+    and one of the wrong length or kind gave samples another's image, or none, unsaid."""
+    import numpy as np
+
+    from llama_adapter.data.tokens import Encoded, TokenDataset, write_split
+
+    enc = Encoded([np.array([1, 5, 2], np.int32)] * 2, [np.array([0, 1, 1], bool)] * 2, [0, 1], [0, 1])
+    write_split(tmp_path / "train", enc, np.arange(2), keys=["1", "2"])
+    assert TokenDataset(tmp_path / "train").keys == ["1", "2"]
+    (tmp_path / "train" / "keys.json").write_text(keys)
+    with pytest.raises(PipelineError, match=f"{re.escape(str(tmp_path / 'train' / 'keys.json'))}.*{re.escape(needle)}"):
+        TokenDataset(tmp_path / "train")

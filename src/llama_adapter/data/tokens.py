@@ -15,7 +15,6 @@ A split is a folder of numpy arrays read back memory-mapped:
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 from ..config import SPLIT_BY, TRUNCATION, TokenizeConfig
 from ..errors import DataError, TokenizeError
-from ..io import atomic_dir, read_json_object, read_jsonl_lines, write_json
+from ..io import atomic_dir, read_json, read_json_object, read_jsonl_lines, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
 from . import FETCH_INFO, RECORDS, TOKEN_STATS, VALIDATION_REPORT
@@ -290,6 +289,21 @@ def plot_lengths(lengths: list[int], max_seq_len: int, title: str, path: Path) -
     plt.close(fig)
 
 
+def read_keys(path: Path, samples: int) -> list[str]:
+    """A split's keys.json (write_split): one string per sample, its record's key (a ScienceQA pid), else DataError
+    naming the file: a sample given another's key would read another's image features."""
+    expected = f"the samples' keys that tokenize writes: a JSON list of {samples} strings, one per sample"
+    keys = read_json(path, expected)
+    if not isinstance(keys, list):
+        raise DataError(f"{path}: holds a JSON {type(keys).__name__}; expected {expected}")
+    wrong = next((i for i, k in enumerate(keys) if not isinstance(k, str)), None)
+    if len(keys) != samples or wrong is not None:
+        found = (f"{len(keys)} key(s) for {samples} samples" if len(keys) != samples
+                 else f"key {wrong} is a {type(keys[wrong]).__name__}")
+        raise DataError(f"{path}: {found}; expected {expected} (tokenize the data again)")
+    return keys
+
+
 class TokenDataset:
     """One split on disk, memory-mapped: sample i is (tokens int32, loss_mask bool), and with an image feature
     cache (multimodal.ImageFeatures) also its image's features or None, found through keys.json (pids)."""
@@ -302,7 +316,7 @@ class TokenDataset:
         self.source_index = np.load(path / "source_index.npy")
         self.lengths = np.diff(self.offsets)
         keys = path / "keys.json"
-        self.keys: list[str] | None = json.loads(keys.read_text()) if keys.exists() else None
+        self.keys: list[str] | None = read_keys(keys, len(self.lengths)) if keys.exists() else None
         if images is not None and self.keys is None:
             raise ValueError(f"{path}: image features were given but the split has no keys.json (the samples' "
                              "pids); tokenize it again")
