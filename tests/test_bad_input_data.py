@@ -496,7 +496,8 @@ def test_seed_split_options_with_a_field_split_are_refused(tmp_path, tok):
 
 
 @pytest.mark.parametrize("keys, needle", [('["1", ', "not valid JSON"), ('{"0": "1"}', "holds a JSON dict"),
-                                          ('["1"]', "1 key(s) for 2 samples"), ('["1", 2]', "key 1 is a int")])
+                                          ('["1"]', "1 key(s) for 2 samples"),
+                                          ('["1", 2]', "key 1 is not a string (int 2)")])
 def test_a_damaged_keys_file_of_a_token_split_is_named(tmp_path, keys, needle):
     """keys.json gives each sample its ScienceQA pid, by which a multimodal training finds its image features: a
     damaged one failed the training with json's bare "Expecting value: line 2 column 1 (char 7)", naming no file,

@@ -51,19 +51,25 @@ def plan(tmp_path, edit, refused: bool = False) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_nested_command_line_config_reads_as_a_config_file_does(tmp_path):
+@pytest.mark.parametrize("experiment", ['"2024"', "2024"])
+def test_nested_command_line_config_reads_as_a_config_file_does(tmp_path, experiment):
     """Snakemake reads `--config KEY=VALUE` with YAML's base loader: every scalar inside a mapping or list came as a
-    string, and the schema refused `train={epochs: 2}` ('2' is not of type 'integer'). Each is read as in a
-    config file: numbers, null (which drops an experiment), and a list's items."""
+    string, and the schema refused `train={epochs: 2}` ('2' is not of type 'integer'). Each value is read as in a
+    config file: numbers, null (which drops an experiment), a list's items (the axis's other values and the other
+    axes kept), and a quoted number stays a string (the MLflow experiment's name), an unquoted one does not."""
     proc = snakemake("-n", "-p", "--cores", "1", "--configfile", str(REPO / "config.yaml"), "--config",
                      "train={epochs: 2, lr: 0.1}", "experiments={instruction_full: null}",
-                     "ablations={vary: {epochs: [2, 4]}}", cwd=tmp_path)
+                     "ablations={vary: {epochs: [2, 4]}}", f"mlflow={{experiment: {experiment}}}", cwd=tmp_path)
     out = proc.stdout + proc.stderr
+    if experiment == "2024":
+        assert proc.returncode != 0 and "2024 is not of type 'string'" in out, out[-3000:]
+        return
     assert proc.returncode == 0, out[-3000:]
     trains = [line for line in out.splitlines() if "llama-adapter train " in line]
     assert trains and all(" --epochs " in t and " --lr " in t for t in trains), out[-3000:]
     assert any(" --epochs 2 " in t and " --lr 0.1 " in t for t in trains), out[-3000:]
     assert "epochs~4/method~adapter" in out and "results/adapters/instruction_full/" not in out, out[-3000:]
+    assert "ablations/adapter_layers~2/gate_init~zero/epochs~3/method~adapter" in out, out[-3000:]
 
 
 def test_bad_config_key_is_named(tmp_path):
@@ -291,23 +297,36 @@ def test_an_adapter_in_more_layers_than_a_known_base_has_is_refused_at_plan_time
             "base.source demo (base.pretrain.preset demo)") in refusal, refusal[-2000:]
 
 
-@pytest.mark.parametrize("layers", [2, 3])
-def test_an_adapter_in_more_layers_than_a_base_on_disk_has_is_refused_at_plan_time(tmp_path, layers):
-    """A base given by path (the paper's own LLaMA weights) was read only by its training, after a cluster's
-    queue; its settings say its layers, so the plan refuses an adapter in more (the ablation point in 3 layers, on
-    a base of 2) and passes one that fits."""
-    (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "config.json").write_text(json.dumps(hf_config(ModelArgs(
+@pytest.mark.parametrize(("base", "layers", "refused"), [
+    ("path", 2, True), ("path", 3, False), ("hub", 2, True), ("hub of another revision", 2, False),
+])
+def test_an_adapter_in_more_layers_than_a_base_on_disk_has_is_refused_at_plan_time(tmp_path, base, layers, refused):
+    """A base given by path (the paper's own LLaMA weights) or fetched from the hub was read only by its training,
+    after a cluster's queue; its settings say its layers, so the plan refuses an adapter in more (the ablation
+    point in 3 layers, on a base of 2) and passes one that fits. A hub folder fetched for another revision (its
+    name holds none) is not this config's base yet: the training checks the one fetched for it."""
+    source = str(tmp_path / "base") if base == "path" else "hf:org/llama@abc123"
+    folder = tmp_path / "base" if base == "path" else tmp_path / "results" / "models" / "hf" / "org--llama"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(hf_config(ModelArgs(
         dim=64, n_layers=layers, n_heads=4, vocab_size=256, hidden_dim=128))))
+    if base != "path":
+        fetched = source if base == "hub" else "hf:org/llama@def456"
+        (folder / "fetch.json").write_text(json.dumps({"source": fetched}))
 
-    def edit(config):
-        config["base"] = {"source": str(tmp_path / "base")}
-
-    out = plan(tmp_path, edit, refused=layers < 3)
-    if layers < 3:
+    out = plan(tmp_path, lambda c: c.update(base={"source": source}), refused=refused)
+    if refused:
         assert ("config adapter_layers 3 (in ['instruction', 'scienceqa', 'scienceqa_mm', "
                 "'ablations/adapter_layers~3/gate_init~zero/epochs~3/method~adapter'") in out, out[-2000:]
-        assert f"exceeds the 2 layers of base.source '{tmp_path / 'base'}'; expected 1..2" in out, out[-2000:]
+        assert f"exceeds the 2 layers of base.source '{source}'; expected 1..2" in out, out[-2000:]
+
+
+def test_a_base_on_disk_whose_settings_cannot_be_read_is_refused_at_plan_time_naming_the_key(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    out = plan(tmp_path, lambda c: c.update(base={"source": str(tmp_path / "base")}), refused=True)
+    assert (f"config base.source '{tmp_path / 'base'}': {tmp_path / 'base' / 'config.json'}: model_type 'gpt2' is "
+            "not a LLaMA architecture") in out, out[-2000:]
 
 
 def test_fp8_where_every_weight_trains_is_refused_at_plan_time(tmp_path):

@@ -145,7 +145,8 @@ class ImageFeatures:
         missing = [f for f in CACHE_FILES if not (self.path / f).is_file()]
         if missing:
             raise ImageError(f"{self.path}: not an image-feature cache ({', '.join(missing)} not found)")
-        expected = "a file of the image-feature cache encode-images writes"
+        expected = ("a file of the image-feature cache encode-images writes (encode it again: remove the cache, or "
+                    "snakemake --forcerun encode_images)")
         self.meta = read_json_object(self.path / "encoder.json", expected, ImageError)
         self.pids: list[str] = read_json(self.path / "pids.json", expected, ImageError)
         self.features = read_npy(self.path / "features.npy", str(self.path), f"expected {expected}", ImageError)

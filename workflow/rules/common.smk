@@ -36,34 +36,26 @@ from llama_adapter.tracking import (
 )
 
 
-def as_in_a_configfile(value):
-    """A --config value as the same YAML reads in a config file. Snakemake parses `--config KEY=VALUE` with YAML's
-    base loader, so every scalar inside a mapping or list arrives as a string (`train={epochs: 2}` gives
-    epochs '2', which the schema refuses); each such string is read again as a config file's scalar (2, 0.1,
-    true, null). One that reads as a mapping or list (a quoted "a: b") stays the string it was.
+def nested_command_line_config(entries):
+    """The `--config KEY=VALUE` entries whose VALUE is a mapping or a list, each read from its text as a config file
+    reads YAML. Snakemake reads such a value with YAML's base loader, which leaves every scalar in it a string
+    (`train={epochs: 2}` gave epochs '2', which the schema refuses); read again here, quotes keep a string one
+    (`{revision: "1.0"}`), as in a file. Top-level scalars keep Snakemake's own reading (int, float, bool, else a
+    string). Snakemake's SLURM jobs get the same entries, so every job reads the same config.
     """
-    if isinstance(value, dict):
-        return {k: as_in_a_configfile(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [as_in_a_configfile(v) for v in value]
-    if isinstance(value, str):
+    nested = {}
+    for entry in [entries] if isinstance(entries, str) else entries or ():
+        key, _, text = entry.partition("=")
         try:
-            scalar = yaml.safe_load(value)
+            value = yaml.safe_load(text)
         except yaml.YAMLError:
-            return value
-        return value if isinstance(scalar, (dict, list)) else scalar
-    return value
+            continue  # Snakemake's own reading of it stands
+        if isinstance(value, (dict, list)):
+            nested[key] = value
+    return nested
 
 
-# Top-level scalars already arrive typed (Snakemake tries int, float and bool first); only nested ones need it.
-update_config(
-    config,
-    {
-        key: as_in_a_configfile(value)
-        for key, value in workflow.config_settings.config.items()
-        if isinstance(value, (dict, list))
-    },
-)
+update_config(config, nested_command_line_config(workflow.config_settings.config_args))
 SCHEMA_FILE = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 validate(config, str(SCHEMA_FILE))
 SCHEMA = yaml.safe_load(SCHEMA_FILE.read_text())
@@ -519,23 +511,44 @@ check_ablation_axes()
 check_precision()
 
 
+def fetched_source(folder):
+    """The source a fetched folder's fetch.json records (None where it has none): a hub base's folder is named
+    without its revision, so a folder fetched for another revision is not this config's base yet.
+    """
+    try:
+        return json.loads((Path(folder) / "fetch.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def check_adapter_layers():
     """An adapter in more layers than its base has fails its training, after the base is made (the demo's
     pre-training) or fetched, and after a cluster's queue. Where the plan knows the base's layers it is refused
     here, naming the value and the experiments it reaches: the demo's preset, SmolLM2-135M, and a base on disk (a
-    path, or a hub base already fetched), whose settings alone are read (params.json, config.json, the GGUF
-    header). A hub base not fetched yet is checked by its training.
+    path, or a hub base already fetched for this source), whose settings alone are read (params.json, config.json,
+    the GGUF header; settings that cannot be read are refused too, naming base.source). A hub base not fetched yet
+    is checked by its training.
     """
     if DEMO:
         preset = config["base"].get("pretrain", {}).get("preset", PretrainConfig.preset)
         base = f"base.source demo (base.pretrain.preset {preset})"
         layers = PRESETS[preset]["n_layers"]
     elif config["base"]["source"] == "smollm2":
-        base, layers = "base.source smollm2 (SmolLM2-135M)", PRESETS["SmolLM2-135M"]["n_layers"]
-    elif Path(BASE).exists():
+        base, layers = (
+            "base.source smollm2 (SmolLM2-135M)",
+            PRESETS["SmolLM2-135M"]["n_layers"],
+        )
+    elif Path(BASE).exists() and (
+        not HUB_BASE or fetched_source(BASE) == config["base"]["source"]
+    ):
         from llama_adapter.checkpoint import base_layers
+        from llama_adapter.errors import CheckpointError
 
-        base, layers = f"base.source {config['base']['source']!r}", base_layers(Path(BASE))
+        base = f"base.source {config['base']['source']!r}"
+        try:
+            layers = base_layers(Path(BASE))
+        except CheckpointError as e:
+            raise ValueError(f"config {base}: {e}") from None
     else:
         return
     over = {}

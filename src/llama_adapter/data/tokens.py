@@ -299,7 +299,7 @@ def read_keys(path: Path, samples: int) -> list[str]:
     wrong = next((i for i, k in enumerate(keys) if not isinstance(k, str)), None)
     if len(keys) != samples or wrong is not None:
         found = (f"{len(keys)} key(s) for {samples} samples" if len(keys) != samples
-                 else f"key {wrong} is a {type(keys[wrong]).__name__}")
+                 else f"key {wrong} is not a string ({type(keys[wrong]).__name__} {keys[wrong]!r})")
         raise DataError(f"{path}: {found}; expected {expected} (tokenize the data again)")
     return keys
 
