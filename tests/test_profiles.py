@@ -4,6 +4,7 @@ A dry run needs no SLURM: with -n Snakemake plans the jobs but submits nothing, 
 """
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -12,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from llama_adapter.checkpoint import hf_config
+from llama_adapter.config import ModelArgs
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_PROFILE = REPO / "slurm" / "config.yaml"
@@ -172,12 +176,13 @@ def test_unedited_paper_config_names_every_value_to_edit(tmp_path):
 
 @pytest.fixture(scope="module")
 def paper_tmp(tmp_path_factory) -> Path:
-    """config/paper-7b.yaml pointed at a fake Meta LLaMA-1 layout (a dry run only checks the files exist) and at
-    a results folder of its own."""
+    """config/paper-7b.yaml pointed at a fake Meta LLaMA-1 layout (a dry run checks the files exist, and reads
+    params.json for the base's layers) and at a results folder of its own."""
     tmp = tmp_path_factory.mktemp("paper-7b")
     (tmp / "llama" / "7B").mkdir(parents=True)
-    for name in ("7B/params.json", "7B/consolidated.00.pth", "tokenizer.model"):
+    for name in ("7B/consolidated.00.pth", "tokenizer.model"):
         (tmp / "llama" / name).touch()
+    (tmp / "llama" / "7B" / "params.json").write_text(json.dumps(ModelArgs.from_name("7B").to_dict()))
     (tmp / "clip").mkdir()
     config = yaml.safe_load(PAPER.read_text())
     config["images"]["encoder"] = str(tmp / "clip")
@@ -293,12 +298,14 @@ def test_two_node_profile_differs_from_slurm_only_in_the_training_layout():
 
 @pytest.fixture(scope="module")
 def seventy_b_dry_run(tmp_path_factory) -> tuple[Path, str]:
-    """config/llama2-70b-2x8.yaml pointed at a fake Hugging Face layout (a dry run only checks it exists)."""
+    """config/llama2-70b-2x8.yaml pointed at a fake Hugging Face layout (a dry run checks it exists, and reads
+    config.json for the base's layers)."""
     tmp = tmp_path_factory.mktemp("llama2-70b")
     base = tmp / "Llama-2-70b-hf"
     base.mkdir()
-    for name in ("config.json", "model-00001-of-00015.safetensors", "tokenizer.model"):
+    for name in ("model-00001-of-00015.safetensors", "tokenizer.model"):
         (base / name).touch()
+    (base / "config.json").write_text(json.dumps(hf_config(ModelArgs.from_name("Llama-2-70B"))))
     config = yaml.safe_load((REPO / "config" / "llama2-70b-2x8.yaml").read_text())
     config["base"]["source"], config["results"] = str(base), str(tmp / "results")
     config["train"]["lr"] = None  # the schema's null: the option left out, for TrainConfig's blr rule
