@@ -44,7 +44,7 @@ def nested_command_line_config(entries):
     string). Snakemake's SLURM jobs get the same entries, so every job reads the same config.
     """
     nested = {}
-    for entry in [entries] if isinstance(entries, str) else entries or ():
+    for entry in entries or ():
         key, _, text = entry.partition("=")
         try:
             value = yaml.safe_load(text)
