@@ -16,7 +16,7 @@ from llama_adapter import cli
 from llama_adapter.checkpoint import load_base
 from llama_adapter.config import ModelArgs
 from llama_adapter.errors import PretrainedFetchError
-from llama_adapter.hub import fetch_base, hub_model
+from llama_adapter.hub import fetch_base, fetched_source, hub_model
 from llama_adapter.io import sha256_file
 from llama_adapter.tokenizer import load_tokenizer
 
@@ -114,6 +114,11 @@ def test_a_revision_resolves_to_its_commit(tiny_repo, hub_cache, tmp_path):
     assert fetch_base(f"hf:{REPO_ID}@v1", tmp_path / "tag")["commit"] == OTHER_COMMIT
     meta = fetch_base(f"hf:{REPO_ID}@{COMMIT}", tmp_path / "sha")
     assert (meta["revision"], meta["commit"]) == (COMMIT, COMMIT)
+    # The folder tells which source it was fetched for (the workflow's plan reads a base's layers only from its own)
+    assert fetched_source(tmp_path / "tag") == f"hf:{REPO_ID}@v1"
+    (tmp_path / "sha" / "fetch.json").write_text("[1, 2")  # damaged: no source, rather than an error
+    assert fetched_source(tmp_path / "sha") is None
+    assert fetched_source(tmp_path / "nothing") is None
 
 
 def model_files(config: dict, weights: dict[str, bytes]) -> dict[str, bytes]:

@@ -10,11 +10,13 @@ commit the revision resolved to and each file's size and sha256: a branch such a
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .data import FETCH_INFO
 from .data.paths import is_file_name
 from .errors import CheckpointError, PretrainedFetchError
 from .io import atomic_dir, sha256_file, write_json
@@ -171,5 +173,16 @@ def fetch_base(source: str, out_dir: str | Path) -> dict:
             "files": files,
             "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        write_json(tmp / "fetch.json", meta)
+        write_json(tmp / FETCH_INFO, meta)
     return meta
+
+
+def fetched_source(folder: str | Path) -> str | None:
+    """The source that the fetch.json of `folder` (a `fetch_base` folder) records; None where it has none or it
+    cannot be read. A base's folder is named without its revision, so one fetched for another revision is told
+    apart from this source's by this."""
+    try:
+        source = json.loads((Path(folder) / FETCH_INFO).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) else None

@@ -25,7 +25,7 @@ from llama_adapter.config import (
 from llama_adapter.data import SCIENCEQA_SPLITS, in_split_order
 from llama_adapter.report import FIGURES, ablation_table_name, report_tables
 from llama_adapter.errors import PretrainedFetchError
-from llama_adapter.hub import parse_source
+from llama_adapter.hub import fetched_source, parse_source
 from llama_adapter.launch import SHUTDOWN_TIMEOUT, slurm_launch
 from llama_adapter.pretrained import SMOLLM2_135M_INSTRUCT, cached_path
 from llama_adapter.tracking import (
@@ -509,16 +509,6 @@ check_images()
 check_method_settings()
 check_ablation_axes()
 check_precision()
-
-
-def fetched_source(folder):
-    """The source a fetched folder's fetch.json records (None where it has none): a hub base's folder is named
-    without its revision, so a folder fetched for another revision is not this config's base yet.
-    """
-    try:
-        return json.loads((Path(folder) / "fetch.json").read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def check_adapter_layers():

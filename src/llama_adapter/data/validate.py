@@ -241,7 +241,7 @@ def validate(
                 where["pid"] = pid if isinstance(pid, str | int) else None
                 if isinstance(pid, str) and pid in refused:
                     invalid.append(("image refused by fetch", f"{refused[pid]:.120}; listed under images_refused in "
-                                                              f"{fetched_dir / 'fetch.json'}"))
+                                                              f"{fetched_dir / FETCH_INFO}"))
                 if isinstance(pid, str):
                     if pid in pids:
                         invalid.append(("repeated pid",
