@@ -233,6 +233,12 @@ def test_generate_input_paths(w, tmp_path, capsys, what):
     ('{"id": "x", "instruction": "a"}\n{"id": "x", "instruction": "b"}\n', 2, "id 'x' is also line 1's"),
     ('{"instruction": "a"}\n{"id": 1, "instruction": "b"}\n', 2, "id 1 is also line 1's"),  # (1: line 1's own)
     ('{"id": NaN, "instruction": "a"}\n', 1, "line 1, at ['id']: not valid JSON (NaN: JSON has no NaN"),
+    # a blank instruction or prompt: nothing asked (an input is the task's context, not the task), as validate
+    # refuses an Alpaca record with a blank instruction
+    ('{"instruction": "a"}\n{"id": "e", "instruction": ""}\n', 2, "(id 'e'): 'instruction' is blank"),
+    ('{"instruction": " \\n\\t"}\n', 1, "'instruction' is blank"),
+    ('{"instruction": "", "input": "The cat sat."}\n', 1, "'instruction' is blank"),
+    ('{"prompt": "a"}\n{"prompt": "  "}\n', 2, "'prompt' is blank"),
 ])
 def test_generate_bad_prompt_line_names_file_and_line(w, tmp_path, capsys, content, line, expect):
     prompts = tmp_path / "prompts.jsonl"
@@ -241,6 +247,15 @@ def test_generate_bad_prompt_line_names_file_and_line(w, tmp_path, capsys, conte
     # (a bad value within the line names its key after the line: "line 1, at ['id']: ...")
     one_line_error(capsys, *generate_args(w, out, prompts=prompts), names=[f"{prompts}, line {line}", expect])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("prompt", ["", " \n "])
+def test_complete_blank_prompt_is_refused_before_loading(w, capsys, monkeypatch, prompt):
+    """An empty or blank --prompt asks nothing: refused naming the option as it is parsed, before the base is loaded
+    (it was put into the template and answered)."""
+    monkeypatch.setattr(cli, "load_for_inference", lambda *a, **k: pytest.fail("the base was loaded"))
+    one_line_error(capsys, "complete", "--base", w / "base300", "--prompt", prompt, "--max-new-tokens", "2",
+                   names=["--prompt", "blank; expected non-blank text"])
 
 
 def test_generate_empty_prompts_file(w, tmp_path, capsys):

@@ -533,6 +533,24 @@ def test_a_later_adapters_prompt_too_long_is_refused_before_any_answer(model, mo
                                           Sampling(max_new_tokens=2))
     assert decoded == []
 
+@pytest.mark.parametrize("request_", [{"id": "blank", "instruction": " ", "input": "context"},
+                                      {"id": "blank", "prompt": ""}])
+def test_generate_requests_refuses_a_blank_request_before_any_answer(model, monkeypatch, request_):
+    """A request whose instruction (an input beside it is only its context) or raw prompt is blank asks nothing:
+    generate_requests refuses it by its id before anything is decoded, as read_prompts refuses its line."""
+    import llama_adapter.generate as generate_module
+    from llama_adapter.errors import InputError
+
+    decoded = []
+    monkeypatch.setattr(generate_module, "generate", lambda *a, **k: decoded.append(a) or [[5]] * len(a[1]))
+    key = "prompt" if "prompt" in request_ else "instruction"
+    expect = rf"^requests \(id 'blank'\): '{key}' is blank \(.*\); expected a non-blank {key}"
+    with pytest.raises(InputError, match=expect):
+        generate_module.generate_requests(model, ByteTokenizer(), [{"id": "ok", "prompt": "ab"}, request_],
+                                          {"base": None}, Sampling(max_new_tokens=2))
+    assert decoded == []
+
+
 def test_a_sampled_answer_does_not_depend_on_the_batch(model):
     """Each prompt's draws are its own (a seed per prompt, drawn from the generator in the prompts' order): its
     sampled answer is the same at any batch size, beside any other prompts and with filler rows (a compiled job's

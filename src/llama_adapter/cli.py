@@ -57,6 +57,7 @@ from .inputs import (
     existing_dir,
     existing_file,
     json_object,
+    non_blank,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -749,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_options(p, COMPLETE_INFERENCE, only=("device", "dtype", "quantize"))
     p.add_argument("--adapter", help="adapter .safetensors (or an original-release .pth with --adapter-len/-layers)")
     add_release_adapter_options(p)
-    p.add_argument("--prompt", required=True, help="the instruction, put into --template")
+    p.add_argument("--prompt", required=True, type=non_blank, help="the instruction, put into --template (not blank)")
     add_dataclass_options(p, PromptFormat)
     add_sampling_options(p, Sampling())
     p.set_defaults(func=cmd_complete)

@@ -539,8 +539,22 @@ def image_inputs(images: list[np.ndarray | None] | None, device) -> tuple[Tensor
 
 PROMPT_KEYS = ("id", "instruction", "input", "prompt", "adapter", "output")
 PROMPTS_EXPECTED = ('one JSON object per line with "instruction" (and optionally "input") or "prompt", each a '
-                    'string, and optionally "id" (a string or an integer, each line its own), "adapter", and "output" '
-                    '(a reference answer, not read)')
+                    'string, the instruction or prompt not blank, and optionally "id" (a string or an integer, each '
+                    'line its own), "adapter", and "output" (a reference answer, not read)')
+
+
+# What a request's text must be, by its key: a blank one asks nothing (validate refuses an Alpaca record whose
+# instruction is blank, whatever its input: the input is the task's context, not the task).
+NON_BLANK = {"instruction": 'a non-blank instruction (the task; an "input" is only its context)',
+             "prompt": "a non-blank prompt"}
+
+
+def check_not_blank(row: dict, source: str) -> None:
+    """A request's instruction or raw prompt is not blank (empty or whitespace): InputError naming the request
+    (request_name: `source`, its line and id)."""
+    key = "prompt" if "prompt" in row else "instruction"
+    if not row[key].strip():
+        raise InputError(f"{request_name(row, source)}: {key!r} is blank ({row[key]!r}); expected {NON_BLANK[key]}")
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -576,6 +590,7 @@ def read_prompts(path: Path) -> list[dict]:
                              f"{PROMPTS_EXPECTED}")
         lines_of[row_id] = n
         rows.append({**row, "id": row_id, "line": n})
+        check_not_blank(rows[-1], str(path))
     if not rows:
         raise InputError(f"{path}: holds no prompts; expected {PROMPTS_EXPECTED}")
     return rows
@@ -716,6 +731,8 @@ def generate_requests(
     (decoding_cache). `source`: where the requests came from, which an error names with the request's line (a
     request of read_prompts) and id."""
     check_requested_adapters(requests, adapters, source)
+    for request in requests:  # (read_prompts' are: a caller's own may not be)
+        check_not_blank(request, source)
     # every request fits the base before any adapter answers; each adapter's turn decodes from these ids
     ids = prompt_ids(model, tokenizer, [prompt_text(r) for r in requests], [request_name(r, source) for r in requests])
     if (lora := lora_among(adapters)) is not None:  # merged for good: it answers every request, applied once

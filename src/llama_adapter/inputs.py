@@ -87,6 +87,13 @@ def beta(text: str) -> float:
     return x
 
 
+def non_blank(text: str) -> str:
+    """Text with something in it: an empty or whitespace-only prompt asks nothing (complete's --prompt)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"got {text!r}, which is blank; expected non-blank text")
+    return text
+
+
 def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
