@@ -208,6 +208,23 @@ def test_a_damaged_features_file_is_named(encoder, tmp_path, kept):
         ImageFeatures(tmp_path / "features")
 
 
+@pytest.mark.parametrize("pids, needle", [('{"0": "1", "1": "2"}', "holds a JSON dict"),
+                                          ('["1", 2]', "row 1 is not a string (int 2)"),
+                                          ('["1", "1"]', "row 1 repeats row 0's '1'"),
+                                          ('["1", ', "not valid JSON")])
+def test_a_pids_file_of_the_wrong_kind_is_named(encoder, tmp_path, pids, needle):
+    """pids.json names each row of features.npy: an object (the rows' pids as its keys), a pid that is no string or
+    one given twice was read as it came, and image questions found no features (or another's row: the last of a
+    repeated pid's), scored from their text unsaid; now an ImageError naming the file, what it holds and what was
+    expected, as a token split's keys.json (io.read_string_list)."""
+    encode_images(encoder, _dataset(tmp_path, {"1": "red", "2": "blue"}), tmp_path / "features")
+    (tmp_path / "features" / "pids.json").write_text(pids)
+    with pytest.raises(ImageError) as e:
+        ImageFeatures(tmp_path / "features")
+    assert str(e.value).startswith(f"{tmp_path / 'features' / 'pids.json'}"), str(e.value)
+    assert needle in str(e.value) and "expected" in str(e.value) and "encode-images" in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("line,fault", [
     ("[1, 2]", "not an object"),
     (json.dumps({"pid": "1", "question": "?", "image": None}), "choices not 2-5 strings"),

@@ -406,6 +406,27 @@ def read_json_object(path: str | os.PathLike, expected: str = "the JSON object a
     return value
 
 
+def read_string_list(path: str | os.PathLike, expected: str, error: type[Exception] = DataError, item: str = "item",
+                     distinct: bool = False) -> list[str]:
+    """A JSON file holding a list of strings (read_json), else `error` naming the file, the first entry that is not
+    a string (by its index, as `item` i) and, with `distinct`, the first given twice, and what was expected: a list
+    that keys something (a split's samples, a feature cache's rows) read as it came would give a key another's
+    entry, or none, unsaid."""
+    values = read_json(path, expected, error)
+    if not isinstance(values, list):
+        raise error(f"{path}: holds a JSON {type(values).__name__}; expected {expected}")
+    if (i := next((i for i, v in enumerate(values) if not isinstance(v, str)), None)) is not None:
+        raise error(f"{path}: {item} {i} is not a string ({type(values[i]).__name__} {values[i]!r:.80}); expected "
+                    f"{expected}")
+    if distinct:
+        first: dict[str, int] = {}
+        for i, v in enumerate(values):
+            if v in first:
+                raise error(f"{path}: {item} {i} repeats {item} {first[v]}'s {v!r:.80}; expected {expected}")
+            first[v] = i
+    return values
+
+
 class DuplicateKey(Exception):
     """A key given twice in one JSON object (its args: the key)."""
 

@@ -29,10 +29,10 @@ from .devices import pick_device
 from .errors import EncoderError, ImageError, UnsafePathError
 from .io import (
     atomic_dir,
-    read_json,
     read_json_object,
     read_jsonl_lines,
     read_npy,
+    read_string_list,
     remove_output,
     sha256_file,
     write_json,
@@ -148,7 +148,8 @@ class ImageFeatures:
         expected = ("a file of the image-feature cache encode-images writes (encode it again: remove the cache, or "
                     "snakemake --forcerun encode_images)")
         self.meta = read_json_object(self.path / "encoder.json", expected, ImageError)
-        self.pids: list[str] = read_json(self.path / "pids.json", expected, ImageError)
+        self.pids = read_string_list(self.path / "pids.json", f"a JSON list of distinct pids (strings), one per row "
+                                     f"of features.npy: {expected}", ImageError, "row", distinct=True)
         self.features = read_npy(self.path / "features.npy", str(self.path), f"expected {expected}", ImageError)
         if self.features.ndim != 2 or len(self.features) != len(self.pids):
             raise ImageError(f"{self.path}: features.npy has shape {self.features.shape} "

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import SPLIT_BY, TRUNCATION, TokenizeConfig
 from ..errors import DataError, TokenizeError
-from ..io import atomic_dir, read_json, read_json_object, read_jsonl_lines, write_json
+from ..io import atomic_dir, read_json_object, read_jsonl_lines, read_string_list, write_json
 from ..prompts import alpaca_prompt
 from ..tokenizer import Tokenizer
 from . import FETCH_INFO, RECORDS, TOKEN_STATS, VALIDATION_REPORT
@@ -292,15 +292,11 @@ def plot_lengths(lengths: list[int], max_seq_len: int, title: str, path: Path) -
 def read_keys(path: Path, samples: int) -> list[str]:
     """A split's keys.json (write_split): one string per sample, its record's key (a ScienceQA pid), else DataError
     naming the file: a sample given another's key would read another's image features."""
-    expected = f"the samples' keys that tokenize writes: a JSON list of {samples} strings, one per sample"
-    keys = read_json(path, expected)
-    if not isinstance(keys, list):
-        raise DataError(f"{path}: holds a JSON {type(keys).__name__}; expected {expected}")
-    wrong = next((i for i, k in enumerate(keys) if not isinstance(k, str)), None)
-    if len(keys) != samples or wrong is not None:
-        found = (f"{len(keys)} key(s) for {samples} samples" if len(keys) != samples
-                 else f"key {wrong} is not a string ({type(keys[wrong]).__name__} {keys[wrong]!r})")
-        raise DataError(f"{path}: {found}; expected {expected} (tokenize the data again)")
+    expected = (f"the samples' keys that tokenize writes: a JSON list of {samples} strings, one per sample (tokenize "
+                "the data again)")
+    keys = read_string_list(path, expected, DataError, "key")
+    if len(keys) != samples:
+        raise DataError(f"{path}: {len(keys)} key(s) for {samples} samples; expected {expected}")
     return keys
 
 
