@@ -117,7 +117,8 @@ def test_cache_is_reused_and_extended(encoder, tmp_path, monkeypatch):
     out = tmp_path / "features"
     calls = _count_calls(encoder, monkeypatch)
     first = encode_images(encoder, records, out, batch_size=2)
-    assert first == {"encoded": 3, "reused": 0, "n_skipped": 0, "rows": 3, "feature_dim": 64, "skipped": []}
+    assert first == {"encoded": 3, "reused": 0, "n_skipped": 0, "rows": 3, "feature_dim": 64, "skipped": [],
+                     "unreadable_cache": None}
     assert calls == [2, 1]
     features = np.load(out / "features.npy")
     assert json.loads((out / "pids.json").read_text()) == ["1", "2", "3"]
@@ -223,6 +224,42 @@ def test_a_pids_file_of_the_wrong_kind_is_named(encoder, tmp_path, pids, needle)
         ImageFeatures(tmp_path / "features")
     assert str(e.value).startswith(f"{tmp_path / 'features' / 'pids.json'}"), str(e.value)
     assert needle in str(e.value) and "expected" in str(e.value) and "encode-images" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda out: (out / "features.npy").write_bytes((out / "features.npy").read_bytes()[:-100]),
+     "features.npy is not a readable numpy array"),  # truncated
+    (lambda out: (out / "features.npy").unlink(), "features.npy not found"),
+    (lambda out: np.save(out / "features.npy", np.zeros((2, 5), np.float32)), "features.npy has 5 columns"),
+    (lambda out: (out / "pids.json").write_text('["1", '), "pids.json: not valid JSON"),
+    (lambda out: (out / "pids.json").write_text('["1", "1"]'), "row 1 repeats row 0's '1'"),
+    (lambda out: (out / "encoder.json").write_text((out / "encoder.json").read_text()[:-40]),
+     "encoder.json: not valid JSON"),
+    (lambda out: (out / "encoder.json").write_text(json.dumps(
+        {**json.loads((out / "encoder.json").read_text()), "images": ["1", "2"]})), "encoder.json: images"),
+])
+def test_an_unreadable_cache_of_an_earlier_run_is_encoded_again(encoder, tmp_path, monkeypatch, capsys, damage,
+                                                                reason):
+    """The cache is encode-images' own output, read back only to reuse its rows: one an earlier run left that cannot
+    be read (truncated, a file missing or damaged) stopped the command, naming it and saying to delete it; it is now
+    encoded again whole, said in one line on stderr (the job's log) and in the summary (encoder.json too), with the
+    images it encoded again counted. Training and evaluation, which read it as an input, still refuse it."""
+    records, out = _dataset(tmp_path, {"1": "red", "2": "blue"}), tmp_path / "features"
+    encode_images(encoder, records, out)
+    fresh = np.load(out / "features.npy")
+    damage(out)
+    calls = _count_calls(encoder, monkeypatch)
+    capsys.readouterr()
+    summary = encode_images(encoder, records, out)
+    assert (summary["encoded"], summary["reused"], calls) == (2, 0, [2])
+    assert reason in summary["unreadable_cache"], summary["unreadable_cache"]
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"llama-adapter: image-feature cache {out} left by an earlier run cannot be read ("), line
+    assert reason in line and line.endswith("); encoding its 2 images again"), line
+    assert json.loads((out / "encoder.json").read_text())["unreadable_cache"] == summary["unreadable_cache"]
+    np.testing.assert_array_equal(ImageFeatures(out).features, fresh)
+    again = encode_images(encoder, records, out)  # whole again: reused, and nothing said
+    assert (again["reused"], again["unreadable_cache"], capsys.readouterr().err) == (2, None, "")
 
 
 @pytest.mark.parametrize("line,fault", [

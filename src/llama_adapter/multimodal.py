@@ -4,7 +4,8 @@ The encoder is frozen, so each image is encoded once into an on-disk cache keyed
 evaluation read the cache (`ImageFeatures`) and never run the encoder. Cache folder layout:
   features.npy   float32 (rows, feature_dim), one row per encoded image, in records.jsonl order
   pids.json      the pid of each row
-  encoder.json   the encoder's fingerprint, the last run's counts, skipped pids and each image's sha256
+  encoder.json   the encoder's fingerprint, the last run's counts, skipped pids and each image's sha256 (and why
+                 the cache it found could not be read, where it rebuilt one: unreadable_cache)
 
 transformers is imported only where an encoder is built: reading a cache does not need it.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,16 +139,22 @@ def save_tiny_clip(out: Path, seed: int = TinyClipConfig.seed, image_size: int =
     return Path(out)
 
 
+# How a cache that training or evaluation cannot read is mended (ImageFeatures' errors say it).
+REENCODE = (" (encode it again: encode-images with this cache as --out rebuilds one it cannot read; or snakemake "
+            "--forcerun encode_images)")
+
+
 class ImageFeatures:
     """Read-only view of a feature cache; the features stay memory-mapped."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, remedy: str = REENCODE):
+        """A cache that cannot be read is ImageError naming the file, what was found and what was expected, then
+        `remedy` (how to mend it; encode_images, which mends it itself, gives none)."""
         self.path = Path(path)
         missing = [f for f in CACHE_FILES if not (self.path / f).is_file()]
         if missing:
-            raise ImageError(f"{self.path}: not an image-feature cache ({', '.join(missing)} not found)")
-        expected = ("a file of the image-feature cache encode-images writes (encode it again: remove the cache, or "
-                    "snakemake --forcerun encode_images)")
+            raise ImageError(f"{self.path}: not an image-feature cache ({', '.join(missing)} not found){remedy}")
+        expected = f"a file of the image-feature cache encode-images writes{remedy}"
         self.meta = read_json_object(self.path / "encoder.json", expected, ImageError)
         self.pids = read_string_list(self.path / "pids.json", f"a JSON list of distinct pids (strings), one per row "
                                      f"of features.npy: {expected}", ImageError, "row", distinct=True)
@@ -204,10 +212,11 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
     validated folder's records.jsonl: a record validate would not keep is a DataError before any image is read.
 
     Rows of a cache with the same fingerprint are reused when the pid's image file is unchanged (same sha256);
-    only the rest go through the encoder. The cache is rewritten whole and atomically, holding exactly the
-    current records' images. A missing/unreadable image, a record with has_image but no image file, or an image
-    path leaving the dataset (`dataset_root`) fails the run (policy "fail", nothing written) or is left out and
-    listed under "skipped" (policy "skip")."""
+    only the rest go through the encoder. A cache an earlier run left that cannot be read (earlier_cache) is encoded
+    again whole, said in one line on stderr and in the summary's "unreadable_cache" (null otherwise). The cache is
+    rewritten whole and atomically, holding exactly the current records' images. A missing/unreadable image, a
+    record with has_image but no image file, or an image path leaving the dataset (`dataset_root`) fails the run
+    (policy "fail", nothing written) or is left out and listed under "skipped" (policy "skip")."""
     if policy not in POLICIES:
         raise ValueError(f"image policy must be 'fail' or 'skip', not {policy!r}")
     records_path, out_dir = Path(records_path), Path(out_dir)
@@ -238,11 +247,7 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
                                   "images_missing")
     fingerprint = encoder.fingerprint()
 
-    old = None
-    if (out_dir / "encoder.json").is_file():
-        meta = read_json_object(out_dir / "encoder.json", "the cache's encoder.json", ImageError)
-        if meta.get("format") == FORMAT_VERSION and meta.get("encoder") == fingerprint:
-            old = ImageFeatures(out_dir)
+    old, unreadable_cache = earlier_cache(out_dir, fingerprint)
 
     # Hash first: a missing file fails before any encoding, and a changed image is not served stale features.
     digests: dict[str, str] = {}
@@ -262,6 +267,9 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
         else:
             todo.append((k, pid, path))
     reused = int(done.sum())
+    if unreadable_cache is not None:
+        print(f"llama-adapter: image-feature cache {out_dir} left by an earlier run cannot be read ({unreadable_cache})"
+              f"; encoding its {len(todo)} images again", file=sys.stderr)
 
     for start in range(0, len(todo), batch_size):
         images, rows = [], []
@@ -284,7 +292,7 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
         raise ImageError(f"{records_path}: every image was skipped ({len(skipped)}, first pid {skipped[0]}); expected "
                          f"images under the dataset folder {root} (rerun with --policy fail to see why each failed)")
     summary = {"encoded": len(pids) - reused, "reused": reused, "n_skipped": len(skipped), "rows": len(pids),
-               "feature_dim": encoder.feature_dim}
+               "feature_dim": encoder.feature_dim, "unreadable_cache": unreadable_cache}
     del old  # drop the memory map of the files about to be replaced
     with atomic_dir(out_dir, remove_on_failure=True) as tmp:
         np.save(tmp / "features.npy", features[done])
@@ -294,6 +302,30 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
                                           **summary, "skipped": skipped,
                                           "images": {p: digests[p] for p in pids}})
     return {**summary, "skipped": skipped}
+
+
+def earlier_cache(out_dir: Path, fingerprint: dict[str, Any]) -> tuple[ImageFeatures | None, str | None]:
+    """The cache an earlier encode_images left in `out_dir`, if made with this encoder (`fingerprint`), for its rows
+    to be reused, and None; or None and why it cannot be read (truncated, a file missing or damaged). The cache is
+    encode_images' own output, read back only to save encoding: one it cannot read is encoded again whole, not
+    refused (training and evaluation, which read it as their input, refuse it: ImageFeatures). Without encoder.json,
+    or of another encoder or format, there is nothing to reuse and nothing to say."""
+    if not (out_dir / "encoder.json").is_file():
+        return None, None
+    try:
+        meta = read_json_object(out_dir / "encoder.json", "the cache's encoder.json", ImageError)
+        if meta.get("format") != FORMAT_VERSION or meta.get("encoder") != fingerprint:
+            return None, None  # another encoder's or format's: encoded anew, nothing to say
+        old = ImageFeatures(out_dir, remedy="")  # (mended here)
+        if not isinstance(old.meta.get("images"), dict):
+            raise ImageError(f"{out_dir / 'encoder.json'}: images is a {type(old.meta.get('images')).__name__}; "
+                             "expected each pid's image sha256")
+        if old.dim != fingerprint["feature_dim"]:
+            raise ImageError(f"{out_dir}: features.npy has {old.dim} columns; expected the encoder's "
+                             f"{fingerprint['feature_dim']}")
+        return old, None
+    except ImageError as e:
+        return None, " ".join(str(e).split())  # one line
 
 
 def image_path(records_path: Path, root: Path, image: str) -> Path:
