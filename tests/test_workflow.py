@@ -72,6 +72,26 @@ def test_nested_command_line_config_reads_as_a_config_file_does(tmp_path, experi
     assert "ablations/adapter_layers~2/gate_init~zero/epochs~3/method~adapter" in out, out[-3000:]
 
 
+@pytest.mark.parametrize("text, refusal", [
+    ("null", "None is not of type 'string'"),  # not a folder named "null"
+    ("yes", "True is not of type 'string'"),  # YAML 1.1, as in a file: quote it for a folder of that name
+    ('"yes"', None), ("1e-4", None),  # (YAML 1.1: a string, as in a file; Snakemake read a number)
+])
+def test_a_top_level_command_line_value_reads_as_a_config_file_does(tmp_path, text, refusal):
+    """A top-level `--config KEY=VALUE` scalar was Snakemake's own reading (an int, a float, True or False, else the
+    text): `results=null` planned every output under a folder named "null". It is read as a config file reads it,
+    so the schema refuses what a file's `results: null` would, and a quoted text or a YAML 1.1 string is a folder."""
+    proc = snakemake("-n", "-p", "--cores", "1", "--configfile", str(REPO / "config.yaml"), "--config",
+                     f"results={text}", cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    if refusal:
+        assert proc.returncode != 0 and refusal in out and "On instance['results']" in out, out[-3000:]
+        return
+    assert proc.returncode == 0, out[-3000:]
+    folder = yaml.safe_load(text)
+    assert f"output: {folder}/adapters/instruction/metrics.json" in out, out[-3000:]
+
+
 def test_bad_config_key_is_named(tmp_path):
     assert "gate_innit" in plan(tmp_path, lambda c: c["train"].update(gate_innit="zero"), refused=True)
 

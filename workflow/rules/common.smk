@@ -36,26 +36,28 @@ from llama_adapter.tracking import (
 )
 
 
-def nested_command_line_config(entries):
-    """The `--config KEY=VALUE` entries whose VALUE is a mapping or a list, each read from its text as a config file
-    reads YAML. Snakemake reads such a value with YAML's base loader, which leaves every scalar in it a string
-    (`train={epochs: 2}` gave epochs '2', which the schema refuses); read again here, quotes keep a string one
-    (`{revision: "1.0"}`), as in a file. Top-level scalars keep Snakemake's own reading (int, float, bool, else a
-    string). Snakemake's SLURM jobs get the same entries, so every job reads the same config.
+def command_line_config(entries):
+    """The `--config KEY=VALUE` entries, each VALUE read from its text as a config file reads YAML (safe_load: YAML
+    1.1, as PyYAML reads a file). Snakemake reads a mapping or a list with YAML's base loader, which leaves every
+    scalar in it a string (`train={epochs: 2}` gave epochs '2', which the schema refuses), and a top-level scalar as
+    an int, a float, True or False where it can, else as its text (`results=null` gave a folder named "null"). Read
+    again here, null is null, true/false (and YAML 1.1's yes/no/on/off) a boolean, and quotes keep a string one
+    (`{revision: "1.0"}`, `results="yes"`), as in a file, where 1e-4 is a string too (1.0e-4 a number). The schema
+    then refuses what it would refuse in a file: the only top-level scalar, `results`, is a string, so a value YAML
+    reads as another kind (null, a boolean, a number, a date) stops the plan, naming it. A text that is not YAML
+    keeps Snakemake's reading. Snakemake's SLURM jobs get the same entries, so every job reads the same config.
     """
-    nested = {}
+    read = {}
     for entry in entries or ():
         key, _, text = entry.partition("=")
         try:
-            value = yaml.safe_load(text)
+            read[key] = yaml.safe_load(text)
         except yaml.YAMLError:
             continue  # Snakemake's own reading of it stands
-        if isinstance(value, (dict, list)):
-            nested[key] = value
-    return nested
+    return read
 
 
-update_config(config, nested_command_line_config(workflow.config_settings.config_args))
+update_config(config, command_line_config(workflow.config_settings.config_args))
 SCHEMA_FILE = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 validate(config, str(SCHEMA_FILE))
 SCHEMA = yaml.safe_load(SCHEMA_FILE.read_text())
