@@ -92,6 +92,19 @@ def test_a_top_level_command_line_value_reads_as_a_config_file_does(tmp_path, te
     assert f"output: {folder}/adapters/instruction/metrics.json" in out, out[-3000:]
 
 
+def test_command_line_entries_merge_in_their_order(tmp_path):
+    """`--config` entries merge as Snakemake merges them: a key given twice is its last value, even where that text
+    is not YAML (Snakemake's reading of it; the first, read as YAML, was kept over it), and a mapping given twice
+    merges key by key (the first one's epochs was left Snakemake's string '2', which the schema refused)."""
+    proc = snakemake("-n", "-p", "--cores", "1", "--configfile", str(REPO / "config.yaml"), "--config",
+                     "results=first", "results=@last", "train={epochs: 2}", "train={seed: 3}", cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "output: @last/adapters/instruction/metrics.json" in out and "first/" not in out, out[-3000:]
+    trains = [line for line in out.splitlines() if "llama-adapter train " in line]
+    assert any(" --epochs 2 " in t and " --seed 3 " in t for t in trains), out[-3000:]
+
+
 def test_bad_config_key_is_named(tmp_path):
     assert "gate_innit" in plan(tmp_path, lambda c: c["train"].update(gate_innit="zero"), refused=True)
 

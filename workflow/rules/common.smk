@@ -45,15 +45,20 @@ def command_line_config(entries):
     (`{revision: "1.0"}`, `results="yes"`), as in a file, where 1e-4 is a string too (1.0e-4 a number). The schema
     then refuses what it would refuse in a file: the only top-level scalar, `results`, is a string, so a value YAML
     reads as another kind (null, a boolean, a number, a date) stops the plan, naming it. A text that is not YAML
-    keeps Snakemake's reading. Snakemake's SLURM jobs get the same entries, so every job reads the same config.
+    keeps Snakemake's reading. The entries merge in their order, as Snakemake merges them: a key given twice is its
+    last value, a mapping's keys merged over the earlier one's (`train={epochs: 2}` then `train={seed: 3}` sets both).
+    Snakemake's SLURM jobs get the same entries, so every job reads the same config.
     """
+    from snakemake.cli import parse_config
+
     read = {}
     for entry in entries or ():
         key, _, text = entry.partition("=")
         try:
-            read[key] = yaml.safe_load(text)
+            value = yaml.safe_load(text)
         except yaml.YAMLError:
-            continue  # Snakemake's own reading of it stands
+            value = parse_config([entry])[key]  # Snakemake's own reading of it stands
+        update_config(read, {key: value})
     return read
 
 
