@@ -262,6 +262,34 @@ def test_an_unreadable_cache_of_an_earlier_run_is_encoded_again(encoder, tmp_pat
     assert (again["reused"], again["unreadable_cache"], capsys.readouterr().err) == (2, None, "")
 
 
+def test_a_cache_the_system_will_not_open_stops_the_run(encoder, tmp_path, monkeypatch):
+    """A cache file the file system refuses (permission, I/O) is not a damaged cache: encode-images stops, naming the
+    file, before encoding anything (it took the cache for damaged, encoded every image again, and could not then
+    replace a folder it may not read), and the cache is left as it was."""
+    import builtins
+    import errno
+    import os
+
+    records, out = _dataset(tmp_path, {"1": "red", "2": "blue"}), tmp_path / "features"
+    encode_images(encoder, records, out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    def refusing(real_open):  # the file, however it is opened (numpy's open, os.open)
+        def refused(path, *args, **kwargs):
+            if isinstance(path, str | os.PathLike) and Path(path) == out / "features.npy":
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+        return refused
+
+    monkeypatch.setattr(os, "open", refusing(os.open))
+    monkeypatch.setattr(builtins, "open", refusing(builtins.open))
+    calls = _count_calls(encoder, monkeypatch)
+    with pytest.raises(PermissionError, match="Permission denied") as e:
+        encode_images(encoder, records, out)
+    monkeypatch.undo()
+    assert e.value.filename == str(out / "features.npy") and calls == []
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 @pytest.mark.parametrize("line,fault", [
     ("[1, 2]", "not an object"),
     (json.dumps({"pid": "1", "question": "?", "image": None}), "choices not 2-5 strings"),

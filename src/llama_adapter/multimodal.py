@@ -309,9 +309,16 @@ def earlier_cache(out_dir: Path, fingerprint: dict[str, Any]) -> tuple[ImageFeat
     to be reused, and None; or None and why it cannot be read (truncated, a file missing or damaged). The cache is
     encode_images' own output, read back only to save encoding: one it cannot read is encoded again whole, not
     refused (training and evaluation, which read it as their input, refuse it: ImageFeatures). Without encoder.json,
-    or of another encoder or format, there is nothing to reuse and nothing to say."""
+    or of another encoder or format, there is nothing to reuse and nothing to say. A file the system will not open
+    (permission, I/O) is not a damaged cache: its OSError stops the run before any image is encoded, as the cache
+    could not be replaced either."""
     if not (out_dir / "encoder.json").is_file():
         return None, None
+    for name in CACHE_FILES:
+        try:
+            os.close(os.open(out_dir / name, os.O_RDONLY))
+        except (FileNotFoundError, IsADirectoryError):
+            pass  # a file missing: said below, and encoded again
     try:
         meta = read_json_object(out_dir / "encoder.json", "the cache's encoder.json", ImageError)
         if meta.get("format") != FORMAT_VERSION or meta.get("encoder") != fingerprint:
