@@ -255,7 +255,7 @@ def test_an_unreadable_cache_of_an_earlier_run_is_encoded_again(encoder, tmp_pat
     assert reason in summary["unreadable_cache"], summary["unreadable_cache"]
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"llama-adapter: image-feature cache {out} left by an earlier run cannot be read ("), line
-    assert reason in line and line.endswith("); encoding its 2 images again"), line
+    assert reason in line and line.endswith("); rebuilding it: 2 image(s) go to the encoder"), line
     assert json.loads((out / "encoder.json").read_text())["unreadable_cache"] == summary["unreadable_cache"]
     np.testing.assert_array_equal(ImageFeatures(out).features, fresh)
     again = encode_images(encoder, records, out)  # whole again: reused, and nothing said

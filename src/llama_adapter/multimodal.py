@@ -269,7 +269,7 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
     reused = int(done.sum())
     if unreadable_cache is not None:
         print(f"llama-adapter: image-feature cache {out_dir} left by an earlier run cannot be read ({unreadable_cache})"
-              f"; encoding its {len(todo)} images again", file=sys.stderr)
+              f"; rebuilding it: {len(todo)} image(s) go to the encoder", file=sys.stderr)
 
     for start in range(0, len(todo), batch_size):
         images, rows = [], []
