@@ -246,8 +246,13 @@ def test_wilson_interval_at_known_values():
 def test_wilson_interval_uses_the_exact_95_percent_normal_quantile():
     """z = 1.959964 (scipy.stats.norm.ppf(0.975)), as scipy's binomtest(...).proportion_ci("wilson") and
     statsmodels' proportion_confint(method="wilson") use: z = 1.96 gave 0 of 9 an upper bound of 29.92 (the
-    references: 29.9145, 29.91) and 8 of 17 a lower bound of 26.16 (26.1651, 26.17)."""
-    from llama_adapter.report import wilson_interval
+    references: 29.9145, 29.91) and 8 of 17 a lower bound of 26.16 (26.1651, 26.17). The module writes z out (its
+    import leaves scipy alone): scipy's to the last bit."""
+    import scipy.stats
+
+    from llama_adapter.report import Z95, wilson_interval
+
+    assert Z95 == scipy.stats.norm.ppf(0.975)
 
     assert wilson_interval(0, 9) == (0.0, 29.91) and wilson_interval(9, 9) == (70.09, 100.0)
     assert wilson_interval(8, 17) == (26.17, 69.04) and wilson_interval(4, 9) == (18.88, 73.33)

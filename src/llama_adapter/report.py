@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 
 from .config import (
     EVALUATION_OUTPUTS,
@@ -432,9 +431,11 @@ def adapter_parameters(args: ModelArgs, adapter: AdapterArgs) -> int:
     return adapter.adapter_layers * (adapter.adapter_len * args.dim + args.n_heads)
 
 
-# The normal's 97.5% quantile, 1.959963984540054: the two-sided 95% z. Rounded to 1.96 it moves a Wilson bound by
-# up to 0.01 point at two decimals (0 of 9: 29.92 for 29.91), unlike scipy's and statsmodels' Wilson intervals.
-Z95 = float(scipy.stats.norm.ppf(0.975))
+# The normal's 97.5% quantile, scipy.stats.norm.ppf(0.975) to the last bit: the two-sided 95% z. Rounded to 1.96 it
+# moves a Wilson bound by up to 0.01 point at two decimals (0 of 9: 29.92 for 29.91), unlike scipy's and
+# statsmodels' Wilson intervals. Written out, not computed: every Snakefile parse (each cluster job's too) imports
+# this module, and scipy.stats alone took 0.6 s of it; paired_trend() imports scipy for its t quantile.
+Z95 = 1.959963984540054
 
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float] | tuple[None, None]:
@@ -832,7 +833,9 @@ def paired_trend(x: list[float], outcomes: np.ndarray) -> dict:
     slope = 0.0 if abs(slope) <= 1e-12 * float(np.max(np.abs(slopes), initial=0.0)) else slope
     sd = float(np.std(slopes, ddof=1))
     sd = 0.0 if sd <= 1e-12 * abs(slope) else sd  # equal slopes: no spread, not a rounding error's
-    half = float(scipy.stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     steps = np.diff(outcomes.mean(axis=1)[np.argsort(x)])
     return {"items": n, "slope": slope, "ci95_low": slope - half, "ci95_high": slope + half,
             "monotone": bool(np.all(steps >= 0) or np.all(steps <= 0))}
