@@ -2,7 +2,6 @@
 lose no metric, jobs that record the same new dataset at the same moment all record it, and a server that dies
 mid-run does not take a training job with it."""
 
-import contextlib
 import json
 import multiprocessing
 import os
@@ -25,9 +24,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_server(tmp_path: Path):
-    """A real tracking server on loopback (SQLite behind it), stopped by PID."""
+def start_server(tmp_path: Path) -> tuple[str, subprocess.Popen]:
+    """A real tracking server on loopback (SQLite behind it), started: its URL and process."""
     port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     log = open(tmp_path / "server.log", "wb")
@@ -35,44 +33,64 @@ def running_server(tmp_path: Path):
                              "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
                              "--artifacts-destination", str(tmp_path / "artifacts")],
                             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", proc
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, tmp_path: Path) -> None:
     deadline = time.monotonic() + 120  # 12-35 s on 2 cores
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"mlflow server did not answer /health: {(tmp_path / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    try:
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            # Its uvicorn stops within a second; the job runner's huey consumers may not (the full suite, beside the
-            # SLURM DAG, waited out 20 s here): nothing of the server is read after this, so 5 s, then SIGKILL.
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """By PID. Its uvicorn stops within a second of SIGTERM; the job runner's huey consumers may not (the full
+    suite, beside the SLURM DAG, waited out 20 s here): nothing of the server is read after this, so 1 s, then
+    SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One server for the tests that leave it running."""
-    with running_server(tmp_path_factory.mktemp("mlflow-server")) as running:
-        yield running
+def servers(tmp_path_factory):
+    """Two servers, started at once (each start is 10-35 s of one core, mostly imports): the first for the tests
+    that leave it running (`server`), the second for the one test that kills its server (`own_server`)."""
+    folders = [tmp_path_factory.mktemp("mlflow-server"), tmp_path_factory.mktemp("mlflow-server-to-kill")]
+    started = []
+    try:
+        for folder in folders:
+            started.append(start_server(folder))
+        for (url, proc), folder in zip(started, folders):
+            wait_until_healthy(url, proc, folder)
+        yield started
+    finally:
+        for _, proc in started:
+            stop_server(proc)
 
 
-@pytest.fixture
-def own_server(tmp_path):
-    """A server of the test's own, which it may kill."""
-    with running_server(tmp_path) as running:
-        yield running
+@pytest.fixture(scope="module")
+def server(servers):
+    """The server for the tests that leave it running."""
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def own_server(servers):
+    """A server for one test alone, which it may kill."""
+    return servers[1]
 
 
 @pytest.fixture(scope="module")
