@@ -6,12 +6,14 @@ In a 7B training step on an H200 the prompt attention's backward (SDPA, which pi
 about 3% of the step (BENCHMARKS.md). With 10 prompt keys the attention is two thin matrix products and a
 softmax over 10 values, which inductor can fuse; this script times the model's own code
 (`AdaptedAttention.prompt_attention`) under each SDPA backend, that written out as its matrix products, eager
-and compiled, and as reductions (no products; compiled), on the same inputs, and checks each against the math
-backend in fp32.
+and compiled, as reductions (no products; compiled), and as two wide products over every head at once (the
+prompts placed block-diagonally; eager and compiled), on the same inputs, and checks each forward against the
+math backend in fp32. The queries are laid out as the model's projection gives them ((B, T, nh, hs) in memory).
 
 Each call is a layer's prompt attention during training: the queries (rows, heads, tokens, head dim) require a
 gradient (earlier layers' adapters need it), and so do the prompts and the gate; the backward computes all
-three. Times are the median of --repeat calls, after a warm-up (which compiles).
+three. Times are the median of --repeat calls, after a warm-up (which compiles); on a GPU also the mean of the
+calls' kernel times ("GPU us", forward and backward), which leaves out the host's launches.
 
 Usage:
     python benchmarks/prompt_attention.py --preset 7B                  (packed: 1 row of 8,192; padded: 16 x 512)
@@ -53,6 +55,23 @@ def as_reductions(attention: AdaptedAttention, q, prompt, gate):
     return (weights.unsqueeze(-1) * pv.unsqueeze(-3).float()).sum(-2).to(q.dtype)  # (B, nh, T, hs)
 
 
+def block_diagonal(attention: AdaptedAttention, q, prompt, gate):
+    """prompt_attention's result as two wide matrix products: the queries of every head side by side (B*T, nh*hs),
+    as the model's projection lays them out, times the prompt keys placed block-diagonally (nh*hs, nh*L), and the
+    softmax weights (B*T, nh*L) times the values placed likewise (nh*L, nh*hs). The zeros off the diagonal blocks
+    cost nh times the products' few FLOPs, but each product is one tensor-core GEMM with 320 columns (7B) that
+    reads the queries once, where a product per head has L = 10 columns."""
+    pk, pv = attention.prompt_keys_values(prompt, gate, q.dtype)  # (1, nh, L, hs), values gated
+    B, nh, T, hs = q.shape
+    L = pk.size(2)
+    eye = torch.eye(nh, dtype=q.dtype, device=q.device)
+    keys = (pk[0].transpose(1, 2)[:, :, None, :] * eye[:, None, :, None]).reshape(nh * hs, nh * L)
+    values = (pv[0][:, :, None, :] * eye[:, None, :, None]).reshape(nh * L, nh * hs)
+    scores = (q.transpose(1, 2).reshape(B * T, nh * hs) @ keys) * hs ** -0.5  # (B*T, nh*L)
+    weights = torch.softmax(scores.view(B * T, nh, L).float(), dim=-1).to(q.dtype).view(B * T, nh * L)
+    return (weights @ values).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+
+
 def timed(fn, device: torch.device, repeat: int) -> float:
     """Median microseconds of fn()."""
     times = []
@@ -63,6 +82,18 @@ def timed(fn, device: torch.device, repeat: int) -> float:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return 1e6 * statistics.median(times)
+
+
+def kernel_time(fn, repeat: int) -> float:
+    """Mean microseconds of the GPU's kernels per fn(), summed by torch's profiler: what a call costs a training
+    step, in which the host runs ahead of the GPU. The wall time above also counts the host's launches, which
+    for an eager way of many small kernels are most of it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(repeat):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in kernels) / repeat
 
 
 def main() -> None:
@@ -84,6 +115,7 @@ def main() -> None:
     prompt = torch.randn(ns.adapter_len, args.dim, device=device, generator=gen, requires_grad=True)
     gate = torch.randn(args.n_heads, device=device, generator=gen, requires_grad=True)
     compiled, reductions = torch.compile(written_out), torch.compile(as_reductions)
+    wide = torch.compile(block_diagonal)
     backends = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)
                 if device.type == "cuda"]
     ways = {"ours (SDPA, its choice)": (attention.prompt_attention, contextlib.nullcontext),
@@ -91,13 +123,16 @@ def main() -> None:
                for b in backends},
             "written out, eager": (lambda *a: written_out(attention, *a), contextlib.nullcontext),
             "written out, compiled": (lambda *a: compiled(attention, *a), contextlib.nullcontext),
-            "as reductions, compiled": (lambda *a: reductions(attention, *a), contextlib.nullcontext)}
+            "as reductions, compiled": (lambda *a: reductions(attention, *a), contextlib.nullcontext),
+            "block-diagonal, eager": (lambda *a: block_diagonal(attention, *a), contextlib.nullcontext),
+            "block-diagonal, compiled": (lambda *a: wide(attention, *a), contextlib.nullcontext)}
     print(f"{ns.preset} (heads {args.n_heads}, kv heads {args.n_kv_heads}, head dim {args.head_dim}), "
           f"{ns.adapter_len} prompts, {device_name(device)}, {dtype}, torch {torch.__version__}")
-    print(f"{'way':<32}{'layout':>12}{'forward us':>12}{'fwd+bwd us':>12}{'max error':>11}")
+    print(f"{'way':<32}{'layout':>12}{'forward us':>12}{'fwd+bwd us':>12}{'GPU us':>9}{'max error':>11}")
     for layout, rows in (("packed", 1), ("padded", ns.rows)):
-        q = torch.randn(rows, args.n_heads, ns.tokens // rows, args.head_dim, device=device, generator=gen,
-                        dtype=dtype, requires_grad=True)
+        # laid out as the model's projection gives them: (B, T, nh, hs) in memory, seen as (B, nh, T, hs)
+        q = torch.randn(rows, ns.tokens // rows, args.n_heads, args.head_dim, device=device, generator=gen,
+                        dtype=dtype).transpose(1, 2).requires_grad_()
         dy = torch.randn_like(q)
         with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # the reference: fp32, the math backend
             reference = attention.float().prompt_attention(q.detach().float(), prompt, gate)
@@ -110,10 +145,12 @@ def main() -> None:
                     error = float((out.detach().float() - reference).abs().max() / reference.abs().max())
                     forward = timed(lambda: fn(q, prompt, gate), device, ns.repeat)
                     both = timed(lambda: fn(q, prompt, gate).backward(dy), device, ns.repeat)
+                    gpu = (f"{kernel_time(lambda: fn(q, prompt, gate).backward(dy), ns.repeat):>9.0f}"
+                           if device.type == "cuda" else f"{'':>9}")
             except RuntimeError as e:  # a backend that does not take these shapes
                 print(f"{name:<32}{layout:>12}  not run: {' '.join(str(e).split())[:80]}")
                 continue
-            print(f"{name:<32}{layout:>12}{forward:>12.0f}{both:>12.0f}{error:>11.1e}", flush=True)
+            print(f"{name:<32}{layout:>12}{forward:>12.0f}{both:>12.0f}{gpu}{error:>11.1e}", flush=True)
             q.grad = prompt.grad = gate.grad = None
 
 
