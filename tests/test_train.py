@@ -344,10 +344,12 @@ def test_nan_loss_before_any_checkpoint_says_there_is_none(setup, tmp_path, monk
     assert str(e.value).startswith("step 1 ")
 
 
-def test_weights_made_nan_under_a_finite_loss_stop_the_run_before_the_checkpoint(setup, tmp_path, monkeypatch):
-    """A NaN gradient under a finite loss reaches the adapter through AdamW: the checkpoint saved at that step held NaN,
-    the NaN-loss stop a step later called it "the last good checkpoint ... left untouched", and --resume refused it.
-    The run stops at that step instead, naming the tensors, and leaves the step before's checkpoint to resume from."""
+@pytest.mark.parametrize("checkpoint_every", [1, 3])
+def test_a_nan_gradient_under_a_finite_loss_stops_the_run_at_its_step(setup, tmp_path, monkeypatch, checkpoint_every):
+    """A NaN gradient under a finite loss would reach the adapter and AdamW's moments through the optimizer step;
+    checked only before a save, the run stopped at the next checkpoint's step, which with --checkpoint-every 3 was
+    not the step that made it. Every step's gradients are checked before the optimizer steps: the run stops at that
+    step, naming the tensor and the batch, and the last checkpoint (finite) is left to resume from."""
     import llama_adapter.train as train_mod
 
     calls = {"n": 0}
@@ -360,21 +362,54 @@ def test_weights_made_nan_under_a_finite_loss_stop_the_run_before_the_checkpoint
             params[0].grad.view(-1)[0] = float("nan")
         return result
 
-    cfg = config(setup, tmp_path / "run", checkpoint_every=1, max_steps=8, val_data=None)
+    cfg = config(setup, tmp_path / "run", checkpoint_every=checkpoint_every, max_steps=8, val_data=None)
     with monkeypatch.context() as mp:
         mp.setattr(train_mod, "train_step", poisoned)
         with pytest.raises(TrainingDiverged) as e:
             train(cfg)
     message = str(e.value)
-    assert message.startswith("step 5 (epoch 0): the trained state holds NaN or infinity under a finite loss"), message
-    assert "tuned.adapter" in message and "optimizer.state.adapter" in message and "1 NaN" in message, message
-    assert f"the last good checkpoint, of step 4, is left untouched in {tmp_path / 'run' / 'checkpoint.pt'}" in message
+    saved = 4 if checkpoint_every == 1 else 3
+    assert message.startswith("step 5 (epoch 0): the gradient of 1 trained tensor(s) holds NaN or infinity under a "
+                              "finite loss ("), message
+    assert "on the batch of samples [" in message and "tuned.adapter" in message and "'s gradient: 1 NaN" in message
+    assert f"the optimizer did not step: the last good checkpoint, of step {saved}, is left untouched" in message
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 4
+    assert state["step"] == saved
     assert all(t.isfinite().all() for t in state["tuned"].values())
     resumed = train(cfg, resume=True)  # the checkpoint said to be good is: the run continues from it
     assert [h["step"] for h in resumed["history"]] == list(range(1, 9))
     assert all(np.isfinite(h["loss"]) for h in resumed["history"])
+
+
+def test_a_trained_state_made_nan_stops_the_run_before_the_checkpoint(setup, tmp_path, monkeypatch):
+    """Finite gradients, and the optimizer's update still leaves NaN in the adapter (an overflow of its own): the
+    checkpoint saved at that step held NaN, the NaN-loss stop a step later called it "the last good checkpoint ...
+    left untouched", and --resume refused it. The run stops at that step's save instead, naming the tensors, and
+    leaves the step before's checkpoint to resume from."""
+    cfg = config(setup, tmp_path / "run", checkpoint_every=1, max_steps=8, val_data=None)
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def overflowing(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", overflowing)
+        with pytest.raises(TrainingDiverged) as e:
+            train(cfg)
+    message = str(e.value)
+    assert message.startswith("step 5 (epoch 0): the trained state holds NaN or infinity under a finite loss and "
+                              "finite gradients"), message
+    assert "tuned.adapter" in message and "1 NaN" in message, message
+    assert f"the last good checkpoint, of step 4, is left untouched in {tmp_path / 'run' / 'checkpoint.pt'}" in message
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(t.isfinite().all() for t in state["tuned"].values())
 
 
 def test_a_split_without_targets_is_refused_before_training(setup, tmp_path):

@@ -289,20 +289,36 @@ def checkpoint_state(model, opt, step: int, history: list[dict], cfg: TrainConfi
 
 def non_finite_state(model: Transformer, opt: torch.optim.Optimizer, method: str, d: Dist) -> list[str]:
     """The trained tensors and AdamW moments holding NaN or infinity, named as a checkpoint keeps them
-    (check_checkpoint) with their counts; empty where all are finite. A non-finite gradient under a finite loss
-    reaches them through the optimizer step, a step before the loss shows it. Collective (every process calls it):
-    each checks what it holds, its own shards of a sharded tensor, one aminmax per tensor (value_range, as
-    check_state) and one device sync for all; the processes agree, and where any found some, every one returns them
-    all."""
-    local = {}  # name: (this process's tensor or shard, whether sharded)
+    (check_checkpoint) with their counts; empty where all are finite (non_finite_named: collective). Every step's
+    gradient was finite (non_finite_gradients), so what this finds is the optimizer's own update overflowing."""
+    named = {}
     for n, p in tuned_state(model, method).items():
         moments = opt.state.get(p, {})
-        for key, t in ((tuned_key(n), p), *((moment_key(n, kind), moments[kind])
-                                            for kind in ADAMW_MOMENTS if kind in moments)):
-            sharded = is_sharded(t)
-            t = (t.to_local() if sharded else t).detach()
-            if t.numel():  # a process may hold no elements of a small sharded tensor (aminmax refuses an empty one)
-                local[key] = (t, sharded)
+        named[tuned_key(n)] = p
+        named.update((moment_key(n, kind), moments[kind]) for kind in ADAMW_MOMENTS if kind in moments)
+    return non_finite_named(named, d)
+
+
+def non_finite_gradients(model: Transformer, method: str, d: Dist) -> list[str]:
+    """The gradients of the trained tensors holding NaN or infinity after a step's backward (and all-reduce), named
+    by their tensor; empty where all are finite (non_finite_named: collective). A non-finite gradient under a finite
+    loss (an overflow in the backward) would reach the trained tensors and AdamW's moments through the optimizer
+    step: checked before it, at every step, so the run stops at the step that made it, with the state still good."""
+    return non_finite_named({f"{tuned_key(n)}'s gradient": p.grad
+                             for n, p in tuned_state(model, method).items() if p.grad is not None}, d)
+
+
+def non_finite_named(named: dict[str, torch.Tensor], d: Dist) -> list[str]:
+    """The tensors of `named` holding NaN or infinity, each with its counts; empty where all are finite. Collective
+    (every process calls it): each checks what it holds, its own shards of a sharded tensor, one aminmax per tensor
+    (value_range, as check_state) and one device sync for all; the processes agree, and where any found some,
+    every one returns them all."""
+    local = {}  # name: (this process's tensor or shard, whether sharded)
+    for key, t in named.items():
+        sharded = is_sharded(t)
+        t = (t.to_local() if sharded else t).detach()
+        if t.numel():  # a process may hold no elements of a small sharded tensor (aminmax refuses an empty one)
+            local[key] = (t, sharded)
     finite = (torch.stack([torch.stack(value_range(t)).float() for t, _ in local.values()]).isfinite().all(dim=1)
               .tolist() if local else [])
     mine = [(k, non_finite_counts(t), sharded) for (k, (t, sharded)), ok in zip(local.items(), finite) if not ok]
@@ -814,8 +830,8 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
         if found := non_finite_state(model, opt, cfg.method, d):
             raise TrainingDiverged(
                 f"step {step} (epoch {max(step - 1, 0) // steps_per_epoch}): the trained state holds NaN or infinity "
-                f"under a finite loss ({len(found)}): {listed(found)}; a non-finite gradient reached it through the "
-                f"optimizer, at this step or one since the last checkpoint; not saved as a checkpoint: {kept()}")
+                f"under a finite loss and finite gradients ({len(found)}): {listed(found)}; the optimizer's update "
+                f"overflowed, at this step or one since the last checkpoint; not saved as a checkpoint: {kept()}")
         state = checkpoint_state(model, opt, step, history, cfg, tracker.run_id, initial_val_loss, inputs, d)
         if d.rank == 0:
             save_checkpoint(state, ckpt_path, keep_previous=saved_step is not None)
@@ -834,6 +850,12 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
             raise TrainingDiverged(
                 f"step {step + 1} (epoch {step // steps_per_epoch}): loss {loss_value} on the batch of samples "
                 f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data); {kept()}")
+        if found := non_finite_gradients(model, cfg.method, d):
+            raise TrainingDiverged(
+                f"step {step + 1} (epoch {step // steps_per_epoch}): the gradient of {len(found)} trained tensor(s) "
+                f"holds NaN or infinity under a finite loss ({loss_value:.4f}) on the batch of samples "
+                f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data): "
+                f"{listed(found)}; the optimizer did not step: {kept()}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
