@@ -384,6 +384,10 @@ def test_a_url_whose_file_name_decodes_to_a_nul_byte_is_refused_naming_it(tmp_pa
     ("alpaca", "a.txt", "hello", "not a known alpaca layout; accepted: a JSON list file"),
     ("scienceqa", "s.json", "{}", "holds a JSON dict, expected a list"),
     ("scienceqa", "s.json", '[{"id": "1"}]', "item 0 is not a LLaVA conversation"),
+    # an id that is no string (nor integer) was written as the pid "None", "[1]", "True", which validate kept
+    *[("scienceqa", "s.json", json.dumps([{"id": bad, "conversations": [{"value": "Q?\nA. x\nB. y"}, {"value": "A"}]}]),
+       re.escape(f"item 0: id {bad!r} is a {type(bad).__name__}; expected a string"))
+      for bad in (None, [1], True, 1.0)],
     ("scienceqa", "s.csv", "a,b", "not a known scienceqa layout; accepted: a folder with problems.json"),
 ])
 def test_unreadable_sources_are_named(tmp_path, dataset, name, content, match):

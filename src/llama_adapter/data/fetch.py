@@ -561,6 +561,10 @@ def _scienceqa_llava(path: Path) -> Iterator[Item]:
             text, choices = _split_options(human.removeprefix("<image>\n"))
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise FetchError(f"{path}: item {i} is not a LLaVA conversation ({e!r})") from e
+        # the id becomes the pid as text: a null, list, bool or float would pass as the pid "None", "[1]", "True"
+        if isinstance(pid, bool) or not isinstance(pid, str | int):
+            raise FetchError(f"{path}: item {i}: id {pid!r:.60} is a {type(pid).__name__}; expected a string (the "
+                             "problem's id)")
         hint, question = _split_context(text)
         fields = {"question": question, "hint": hint, "choices": choices, "answer": _letter_index(answer)}
         # Usually the file names images it does not ship: has_image says so, image stays null.
