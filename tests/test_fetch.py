@@ -670,3 +670,19 @@ def test_an_hf_image_cell_that_is_no_image_struct_is_refused_by_pid(tmp_path):
     assert meta["images_refused"]["count"] == 1 and meta["images_refused"]["records"][0]["pid"] == "train-0"
     assert [(r["pid"], r["has_image"], r["image"]) for r in read_records(tmp_path / "out")] == [
         ("train-0", True, None), ("train-1", False, None)]
+
+
+@pytest.mark.parametrize("cell", [b"\x89PNG", "\x89PNG", 5], ids=["binary", "string", "integer"])
+def test_an_hf_image_struct_whose_bytes_are_no_bytes_is_refused_by_pid(tmp_path, cell):
+    """An image struct whose `bytes` held a string was taken for the reason it holds no image ("image \x89PNG"), and
+    one holding a number stopped the fetch with a TypeError traceback. Both are refused by pid, saying what the cell
+    holds, as a cell that is no image struct is."""
+    (tmp_path / "src").mkdir()
+    pq.write_table(pa.table({"question": ["Q?"], "choices": [["a", "b"]], "answer": [0], "hint": [""],
+                             "image": [{"bytes": cell, "path": None}]}),
+                   tmp_path / "src" / "train-00000-of-00001.parquet")
+    match = ("is not an image in any format PIL reads" if isinstance(cell, bytes) else
+             re.escape(f"pid train-0: image cell's bytes are a {type(cell).__name__} ({cell!r}), not bytes"))
+    with pytest.raises(FetchError, match=match):
+        fetch("scienceqa", str(tmp_path / "src"), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -489,6 +489,9 @@ def _hf_image(image: Any, root: Path | None) -> bytes | Path | UnsafePathError |
         return (f"cell is a {type(image).__name__} ({image!r:.60}), not an image; expected HF's image struct "
                 "{bytes, path} or null")
     if image.get("bytes"):
+        if not isinstance(image["bytes"], bytes):  # (a string here would read as the reason it holds no image)
+            return (f"cell's bytes are a {type(image['bytes']).__name__} ({image['bytes']!r:.60}), not bytes; "
+                    "expected HF's image struct {bytes, path} or null")
         return image["bytes"]
     if not image.get("path"):
         return None
