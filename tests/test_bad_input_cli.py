@@ -230,6 +230,8 @@ def test_generate_input_paths(w, tmp_path, capsys, what):
     ('{"instruction": 3}\n', 1, "must be a string"),
     ('{"instruction": "a", "inptu": "b"}\n', 1, "unknown key(s) ['inptu']"),  # the input would be lost
     ('{"instruction": "a", "prompt": "b"}\n', 1, "both of 'instruction' and 'prompt'"),
+    # a raw prompt is used as it is: an input beside it was left out of what the model was asked, unsaid
+    ('{"prompt": "a", "input": "b"}\n', 1, "'input' goes with 'instruction'"),
     ('{"id": "x", "instruction": "a"}\n{"id": "x", "instruction": "b"}\n', 2, "id 'x' is also line 1's"),
     ('{"instruction": "a"}\n{"id": 1, "instruction": "b"}\n', 2, "id 1 is also line 1's"),  # (1: line 1's own)
     ('{"id": NaN, "instruction": "a"}\n', 1, "line 1, at ['id']: not valid JSON (NaN: JSON has no NaN"),

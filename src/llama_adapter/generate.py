@@ -574,6 +574,9 @@ def read_prompts(path: Path) -> list[dict]:
             raise InputError(f"{path}, line {n}: keys {sorted(row)} hold "
                              f"{'both' if 'prompt' in row else 'neither'} of 'instruction' and 'prompt'; expected "
                              f"{PROMPTS_EXPECTED}")
+        if "prompt" in row and "input" in row:  # a raw prompt is used as it is: the input would be left out of it
+            raise InputError(f"{path}, line {n}: 'input' goes with 'instruction' (the Alpaca template), not with "
+                             f"'prompt', which is used as it is; expected {PROMPTS_EXPECTED}")
         unknown = sorted(set(row) - set(PROMPT_KEYS))  # a misspelt "input" would be left out of the prompt
         if unknown:
             raise InputError(f"{path}, line {n}: unknown key(s) {unknown}; expected {PROMPTS_EXPECTED}")
