@@ -412,6 +412,9 @@ def test_pretrain_base_bad_inputs(w, tmp_path, capsys):
     (tmp_path / "c.jsonl").write_text('{"text": "a b c"}\n{"txt": "d"}\n')
     one_line_error(capsys, "pretrain-base", "--corpus", tmp_path / "c.jsonl", *common, "--steps", "1",
                    names=[f"{tmp_path / 'c.jsonl'}, line 2", "'text'"])
+    # a learning rate that diverges: the base was written with NaN weights, and the command succeeded
+    one_line_error(capsys, "pretrain-base", "--corpus", w / "corpus.jsonl", *common, "--steps", "4", "--lr", "1e30",
+                   "--batch-size", "2", "--seq-len", "16", names=["pretrain step", "loss nan", "--lr 1e+30"])
     assert not out.exists()
 
 

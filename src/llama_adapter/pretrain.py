@@ -36,7 +36,7 @@ def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, args: Model
     """Train `args` (default: cfg.preset's; vocab_size taken from the tokenizer) on random windows of the corpus;
     write params.json, consolidated.00.pth, tokenizer.model and pretrain.json to out_dir."""
     steps, batch_size, seq_len, lr, seed, device = cfg.steps, cfg.batch_size, cfg.seq_len, cfg.lr, cfg.seed, cfg.device
-    from .errors import InputError
+    from .errors import InputError, TrainingDiverged
 
     if Path(tokenizer_path).suffix != ".model" or not Path(tokenizer_path).is_file():
         raise InputError(f"--tokenizer {tokenizer_path}: expected a SentencePiece .model file (it is copied beside the "
@@ -67,6 +67,9 @@ def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, args: Model
         window = torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()]).to(device)  # (B, T+1)
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+        if not math.isfinite(loss.item()):  # the weights diverged: what is written would be a base of NaN
+            raise TrainingDiverged(f"pretrain step {step + 1}/{steps}: loss {loss.item()} at --lr {lr:g}; expected a "
+                                   "finite loss: lower --lr")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
