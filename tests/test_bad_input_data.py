@@ -11,10 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from llama_adapter.data.tokens import tokenize
+from llama_adapter.data.validate import validate
 from llama_adapter.errors import PipelineError
 from llama_adapter.tokenizer import load_tokenizer
 
@@ -23,8 +25,9 @@ SQA = {"pid": "1", "split": "train", "question": "Which is red?", "choices": ["a
        "hint": "", "image": None, "has_image": False, "subject": "natural science", "grade": "grade3"}
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "llama_adapter.cli", *map(str, args)], capture_output=True, text=True)
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llama_adapter.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
 
 
 def one_line_error(proc, command, *needles):
@@ -310,6 +313,26 @@ def test_output_over_the_fetched_folder_behind_a_validated_one_is_refused(tmp_pa
                        "--out", tmp_path / "f"), "encode-images",
                    f"--out {fetched} is, or holds, the fetched folder {fetched}", "would replace the input")
     assert sorted(p.name for p in fetched.iterdir()) == ["records.jsonl"]
+
+
+@pytest.mark.parametrize("out", [".", "..", "sub/.."])
+def test_an_output_naming_the_current_folder_or_one_above_is_refused(tmp_path, monkeypatch, out):
+    """validate --out . (or .., or sub/..) took the current folder for its output folder: the write failed on its
+    empty name (.. on a rename into itself), and the failure's clean-up removed that folder as the failed run's
+    output, with everything in it (for .., the folder above, the current one included). Refused before anything is
+    written or removed, naming the option and the path; the library refuses such an output as well."""
+    fetched = records_dir(tmp_path / "f", GOOD)
+    here = tmp_path / "a" / "b"
+    (here / "sub").mkdir(parents=True)
+    for keep in (here / "keep", tmp_path / "a" / "keep"):
+        keep.write_text("the user's")
+    one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", out, cwd=here), "validate",
+                   f"--out {out}: names the current folder or one above it")
+    monkeypatch.chdir(here)
+    with pytest.raises(PipelineError, match=re.escape(f"{out}: names the current folder or one above it")):
+        validate("alpaca", fetched, Path(out))
+    assert (here / "keep").read_text() == (tmp_path / "a" / "keep").read_text() == "the user's"
+    assert sorted(p.name for p in here.iterdir()) == ["keep", "sub"]
 
 
 # ---------------------------------------------------------------- stale output

@@ -68,7 +68,7 @@ from .inputs import (
     top_p,
     writable_output,
 )
-from .io import held_elsewhere, holds, remove_output
+from .io import held_elsewhere, holds, own_name, remove_output
 from .prompts import TEMPLATES
 from .tokenizer import load_tokenizer
 
@@ -1027,13 +1027,14 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
 
 
 def check_output_kinds(ns: argparse.Namespace) -> None:
-    """Before the command runs: its --out or --out-dir can be written (writable_output), a file where it writes a file
-    (generate, train-tokenizer: out_is_file) and a folder elsewhere. One of the other kind is no earlier output of
-    the command, which a failure would remove as one (generate --out results/generations, a folder and all it
-    holds); refused here, it is left as it is."""
+    """Before the command runs: its --out or --out-dir ends in a name of its own, not '.' or '..' (own_name), and can
+    be written (writable_output), a file where it writes a file (generate, train-tokenizer: out_is_file) and a
+    folder elsewhere. One of the other kind is no earlier output of the command, which a failure would remove as one
+    (generate --out results/generations, a folder and all it holds); refused here, it is left as it is."""
     for key in OUTPUT_OPTIONS:
         if (path := getattr(ns, key, None)) is not None:
-            writable_output(path, f"--{key.replace('_', '-')}", folder=not ns.out_is_file)
+            flag = f"--{key.replace('_', '-')}"
+            writable_output(own_name(path, flag), flag, folder=not ns.out_is_file)
 
 
 def one_line(message: str) -> str:

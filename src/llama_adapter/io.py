@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, OutputInUse
+from .errors import DataError, InputError, OutputInUse
 
 # tempfile's names: `prefix` + 8 characters from this alphabet + `suffix`; matched exactly, so that the
 # partials of `x` are never confused with those of `x.y` (whose prefix `.x.y.` is not followed by 8 of these).
@@ -78,6 +78,19 @@ def _umask() -> int:
     return mask
 
 
+def own_name(dest: str | os.PathLike, what: str = "output") -> Path:
+    """`dest` as a Path, refused (InputError naming `what` and the path) where it ends in no name of its own: '.',
+    '..', 'sub/..' or '/'. Path knows no folder holding such a path (Path('..').parent is '.'), so that the partial
+    beside it, the swap and a failed write's removal all miss: the clean-up removed the current folder, or the one
+    above it, with all it held, as the failed run's output."""
+    dest = Path(dest)
+    if dest.name in ("", ".."):
+        raise InputError(f"{what} {dest}: names the current folder or one above it, not an output of its own "
+                         "(written whole, or removed as a failed run's, it would take that folder's other files with "
+                         f"it); expected a path ending in the output's own name, such as {dest / 'out'}")
+    return dest
+
+
 @contextmanager
 def _named(dest: Path) -> Iterator[None]:
     """An OSError while preparing to write `dest` (its folder cannot be made, no permission) names `dest`,
@@ -92,7 +105,7 @@ def _named(dest: Path) -> Iterator[None]:
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest`, renamed onto it only if the block succeeds. Partials that killed
     earlier writes of `dest` left are removed first."""
-    dest = Path(dest)
+    dest = own_name(dest)
     with _named(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_partials(dest)
@@ -114,7 +127,7 @@ def atomic_dir(dest: Path, remove_on_failure: bool = False) -> Iterator[Path]:
     On failure the temporary folder goes; `dest` itself is kept as it was, or, with `remove_on_failure`,
     removed too: a stage whose run failed must not leave an earlier run's output where the next stage would
     take it for this run's. Partials that killed earlier writes of `dest` left are removed first."""
-    dest = Path(dest)
+    dest = own_name(dest)
     with _named(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_partials(dest)
@@ -148,7 +161,7 @@ def holds(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
 def remove_output(dest: Path) -> None:
     """Remove a stage's output (file or folder) and any partials of it, so that nothing of an earlier run
     remains under its name."""
-    dest = Path(dest)
+    dest = own_name(dest)
     if dest.exists() or dest.is_symlink():
         _remove(dest)
     clean_stale_partials(dest)
