@@ -461,6 +461,22 @@ def test_tokenize_refuses_records_validate_would_not_keep(tmp_path, tok, record,
                    validated / "records.jsonl", "1 of 7 records", "line 7", needle)
 
 
+@pytest.mark.parametrize("split", [["train"], 5, "../../escaped"])
+def test_an_alpaca_split_that_can_name_no_folder_is_invalid(tmp_path, tok, split):
+    """An Alpaca record's own split (--split-by field) names a folder of the token output, as a ScienceQA record's
+    does, yet went unchecked: a list or a number stopped tokenize with a TypeError traceback, and '../../escaped'
+    wrote that split's arrays two folders above the output's partial, outside the output. Invalid, as a ScienceQA
+    record's: validate and tokenize name the record."""
+    records = [{**r, "split": "train"} for r in GOOD] + [{**GOOD[0], "instruction": "Say zero.", "split": split}]
+    fetched = records_dir(tmp_path / "f", records)
+    one_line_error(cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", tmp_path / "v"), "validate",
+                   "1 invalid of 7 records", "bad split", "line 7")
+    validated = records_dir(tmp_path / "v", records)
+    one_line_error(tokenize_cli(validated, tmp_path / "out" / "t", tok, "--split-by", "field"), "tokenize",
+                   validated / "records.jsonl", "1 of 7 records", "line 7", "bad split")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out" / "t").exists()
+
+
 def test_field_split_needs_a_split_on_every_record_and_a_training_one(tmp_path, tok):
     no_split = [{**SQA, "pid": str(i), "question": f"Q{i}?", "split": None if i == 2 else "train"} for i in range(4)]
     validated = records_dir(tmp_path / "v", no_split)

@@ -8,7 +8,8 @@ counts them per reason and lists every dropped record (index, line, pid).
 
 What counts as invalid is whatever a later stage would otherwise train on, score or file wrongly without a
 word:
-- Alpaca: `instruction`, `input`, `output` must be strings, the instruction not blank.
+- Alpaca: `instruction`, `input`, `output` must be strings, the instruction not blank; a `split`, if any, null or
+  a plain name (`tokenize --split-by field` makes it a folder name).
 - ScienceQA: a non-empty string `pid`, unique in the file (image features and predictions are keyed by
   it); `split` null or a plain name (it becomes a folder name); a question; 2-5 non-blank string choices;
   an integer answer index among them; `hint` a string or null; `has_image` a boolean or null; `image`
@@ -100,6 +101,15 @@ def describe(where: dict) -> str:
 Problem = tuple[str, str]  # (reason, detail)
 
 
+def split_faults(record: dict) -> list[Problem]:
+    """A record's own split, which `tokenize --split-by field` makes a folder of its output: null (none) or a plain
+    name, not a path ('../x' would be written outside the output) nor a number or a list."""
+    split = record.get("split")
+    if split is not None and not (isinstance(split, str) and SPLIT_NAME.fullmatch(split)):
+        return [("bad split", f"split={split!r:.80}; expected null or a name such as train, val, test")]
+    return []
+
+
 def check_alpaca(record: Any) -> tuple[list[Problem], list[Problem]]:
     """(invalid reasons, flags) of one Alpaca record."""
     if not isinstance(record, dict):
@@ -112,6 +122,7 @@ def check_alpaca(record: Any) -> tuple[list[Problem], list[Problem]]:
             invalid.append((f"{key} not a string", f"{key}={record[key]!r:.80}; expected a string"))
     if not invalid and not record["instruction"].strip():
         invalid.append(("empty instruction", "expected a non-blank instruction"))
+    invalid += split_faults(record)
     flags = []
     if not invalid:
         output = record["output"].strip()
@@ -131,9 +142,7 @@ def check_scienceqa(record: Any, root: Path | None) -> tuple[list[Problem], list
     pid = record.get("pid")
     if not (is_file_name(pid) and pid.strip()):
         invalid.append(("bad pid", f"pid={pid!r:.80}; expected a non-empty string that can name a file"))
-    split = record.get("split")
-    if split is not None and not (isinstance(split, str) and SPLIT_NAME.fullmatch(split)):
-        invalid.append(("bad split", f"split={split!r:.80}; expected null or a name such as train, val, test"))
+    invalid += split_faults(record)
     question, choices, answer = record.get("question"), record.get("choices"), record.get("answer")
     if not isinstance(question, str) or not question.strip():
         invalid.append(("missing question", f"question={question!r:.80}; expected a non-blank string"))
