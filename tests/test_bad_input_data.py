@@ -2,6 +2,8 @@
 what was expected; nothing is dropped without being counted; a failed or killed run leaves nothing a later
 stage could take for its output. Driven through the command line, as a user and the workflow run it."""
 
+import datetime
+import decimal
 import json
 import os
 import random
@@ -215,6 +217,27 @@ def test_a_nan_or_infinity_in_a_source_or_records_file_is_refused_where_it_is(tm
     assert str(e.value).startswith(f"{folder / 'records.jsonl'}, line 2, at ['m']['x'][1]: not valid JSON "
                                    "(Infinity"), str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alpaca.json", "alpaca.parquet", "in"]
+
+
+@pytest.mark.parametrize("value, shown", [(b"Say a.", "a bytes (b'Say a.')"),
+                                          (datetime.datetime(2020, 1, 2), "a datetime (datetime.datetime(2020, 1, 2"),
+                                          (decimal.Decimal("1.50"), "a Decimal (Decimal('1.50'))")])
+def test_a_parquet_value_json_has_no_type_for_is_refused_where_it_is(tmp_path, value, shown):
+    """A parquet column of bytes, timestamps or decimals (a binary instruction, a date an export added) reached
+    records.jsonl's writer as a value JSON has no type for: the fetch stopped with a TypeError traceback. It is
+    refused as a NaN is, naming the file, the record, the key and what it holds; nothing is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llama_adapter.data.fetch import fetch
+
+    ok = {"instruction": "a", "input": "", "output": "b"}
+    pq.write_table(pa.Table.from_pylist([{**ok, "extra": None}, {**ok, "extra": value}]), tmp_path / "a.parquet")
+    with pytest.raises(PipelineError) as e:
+        fetch("alpaca", str(tmp_path / "a.parquet"), tmp_path / "a")
+    assert str(e.value).startswith(f"{tmp_path / 'a.parquet'}: record 1, at ['extra']: {shown}"), str(e.value)
+    assert "which JSON has no type for" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
 
 
 def test_a_number_beyond_the_floats_is_refused_where_it_is_written(tmp_path):

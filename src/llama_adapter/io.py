@@ -579,12 +579,29 @@ def read_jsonl(path: str | os.PathLike, expected: str = "a JSON Lines file",
     return [value for _, value in read_jsonl_lines(path, expected, error)]
 
 
+def _first_not_json(value: Any, keys: list) -> tuple[list, Any] | None:
+    """(the keys down to the first value under `value` that JSON has no type for, and that value): bytes, a date, a
+    Decimal, as a parquet column holds them."""
+    inside = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for k, v in inside:
+        if (found := _first_not_json(v, [*keys, k])) is not None:
+            return found
+    return None if value is None or isinstance(value, str | int | float | dict | list | tuple) else (keys, value)
+
+
 def json_line(value: Any, where: str, error: type[Exception] = DataError) -> str:
     """`value` as one line of a JSON Lines file. A NaN or an infinity in it is `error` naming `where` (the file and
     the record), the keys down to it and the number: json would write it as a bare NaN or Infinity, which is no
-    JSON, and which every reader of ours (read_jsonl_lines) and most others refuse."""
+    JSON, and which every reader of ours (read_jsonl_lines) and most others refuse. So is a value JSON has no type
+    for (a parquet source's bytes, timestamp or decimal), which json refuses with a TypeError naming nothing."""
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False) + "\n"
+    except TypeError:
+        if (unwritable := _first_not_json(value, [])) is None:
+            raise
+        keys, other = unwritable
+        raise error(f"{where}{_place(keys, records=False)}: a {type(other).__name__} ({other!r:.60}), which JSON has "
+                    "no type for; expected text, numbers, true or false, lists, objects or null") from None
     except ValueError:
         if (found := _first_non_finite(value, [])) is None:
             raise

@@ -6,7 +6,8 @@ from the machines we run on. Every later stage therefore reads one format only (
 and fetch.json records where the records came from and their digests, so a rerun can tell whether its
 input changed. Contents are not judged here (the validate stage reports on them); only a source that cannot
 be read at all is a `FetchError`, or one holding a value records.jsonl cannot (a NaN or an infinity, which JSON
-has no number for: written, it would be no JSON, and every later reader would refuse the file).
+has no number for: written, it would be no JSON, and every later reader would refuse the file; a parquet column's
+bytes, timestamp or decimal, which it has no type for).
 
 Names inside a source are untrusted: an image name or problem id is resolved inside the source's own folder
 (`data.paths.inside`) before anything is opened, and one that leaves it (absolute, `..`, a symlink out) stops
