@@ -1340,6 +1340,20 @@ def test_an_empty_generations_file_is_refused_not_shown_as_no_generations(tmp_pa
         generations_table({"instruction": tmp_path / "bad.jsonl"}, [adapter])
 
 
+def test_generations_holding_a_unicode_line_separator_are_read_whole(tmp_path):
+    """generate writes its answers as UTF-8 JSON Lines (write_jsonl: a line per answer, ended by "\n" alone): an
+    answer holding U+2028, U+2029 or NEL (U+0085), which JSON leaves unescaped, was cut there by str.splitlines, and
+    the report refused the file generate wrote as malformed. Its lines are read as generate ends them."""
+    from llama_adapter.io import write_jsonl
+    from llama_adapter.report import generations_table
+
+    adapter = scored_samples(run("instruction"), [1.0])
+    outputs = ["Hi.\u2028There.", "One\u2029two\x85three."]
+    write_jsonl(tmp_path / "g.jsonl", [{"id": i, "prompt": "### Instruction:\nSay hi.", "output": o}
+                                       for i, o in enumerate(outputs)])
+    assert list(generations_table({"instruction": tmp_path / "g.jsonl"}, [adapter])["output"]) == outputs
+
+
 def drawn(monkeypatch, tmp_path, figure, runs, *args):
     """The Axes a figure function drew (the array of its panels, for one of several), as it was saved; `args`
     after the path."""

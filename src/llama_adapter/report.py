@@ -1105,7 +1105,10 @@ def generations_table(generations: dict[str, Path], runs: list[Run]) -> pd.DataF
         path = Path(generations[r.name])
         if not path.is_file():
             raise InputError(f"{path}: missing; run generate first (or leave this experiment out of the report)")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
+        # cut at "\n" alone, as generate ends its lines: str.splitlines also cut an answer holding U+2028, U+2029
+        # or NEL (U+0085), which JSON leaves unescaped
+        lines = text.removesuffix("\n").split("\n") if text else []
         if not lines:  # generate writes a line per prompt and refuses no prompts: a file cut short, not none asked
             raise InputError(f"{path}: holds no generations; expected the JSONL generate writes, a line per prompt "
                              "(run generate again)")
