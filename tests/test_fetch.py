@@ -412,6 +412,22 @@ def test_a_parquet_file_with_damaged_pages_is_named(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
 
 
+@pytest.mark.parametrize("dataset", ["alpaca", "scienceqa"])
+def test_parquet_files_of_no_split_beside_the_shards_are_refused_not_left_out(tmp_path, dataset):
+    """A folder of HF shards (train-00000-of-00001.parquet) also holding test.parquet or dev-00000-of-00001.parquet
+    was fetched from its shards alone: the other files' records were left out without a word (fetch.json counted
+    the shards' records only). Refused, naming the folder and the files, with nothing written."""
+    (tmp_path / "src").mkdir()
+    rows = ALPACA if dataset == "alpaca" else [{"question": "Q?", "choices": ["a", "b"], "answer": 0}]
+    table = pa.Table.from_pylist(rows)
+    for name in ("train-00000-of-00001.parquet", "test.parquet", "dev-00000-of-00001.parquet"):
+        pq.write_table(table, tmp_path / "src" / name)
+    with pytest.raises(FetchError, match=re.escape(f"{tmp_path / 'src'}: 2 parquet file(s) name no split of train, "
+                                                   "validation, test (dev-00000-of-00001.parquet, test.parquet)")):
+        fetch(dataset, str(tmp_path / "src"), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_unknown_folder_layout_and_missing_path(tmp_path):
     (tmp_path / "sqa").mkdir()
     (tmp_path / "sqa" / "problems.json").write_text("{}")  # without pid_splits.json it is no known layout

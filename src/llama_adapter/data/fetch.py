@@ -440,6 +440,13 @@ def _parquet_splits(folder: Path) -> list[tuple[str, Iterator[Row]]]:
     """HF's parquet export: <split>-NNNNN-of-NNNNN.parquet shards, possibly under data/, read in shard order."""
     files = _dataset_files(folder)[0]
     shards = {split: [p for _, p in files if fnmatch.fnmatch(p.name, f"{split}-*.parquet")] for split in HF_SPLITS}
+    # beside the shards, a parquet file of no split (test.parquet, dev-*.parquet) would be left out unsaid
+    unread = sorted(rel for rel, p in files if p.suffix == ".parquet" and not any(p in s for s in shards.values()))
+    if unread and any(shards.values()):
+        shown = ", ".join(unread[:5]) + (", ..." if len(unread) > 5 else "")
+        raise FetchError(f"{folder}: {len(unread)} parquet file(s) name no split of {', '.join(HF_SPLITS)} ({shown}), "
+                         "so their records would be left out; expected HF's <split>-NNNNN-of-NNNNN.parquet shards "
+                         "alone (rename those files, or move them out of the folder)")
     return [(split, (row for f in files for row in _parquet_rows(f))) for split, files in shards.items() if files]
 
 
