@@ -358,6 +358,23 @@ def test_unreachable_url_suggests_a_local_path(tmp_path, http_root):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
 
 
+@pytest.mark.parametrize("name, content, match", [
+    ("a.json", '[{"instruction": ', "not valid JSON"),  # a download cut short
+    ("a.json", '{"instruction": "x"}', "holds a JSON dict, expected a list"),
+    ("a.jsonl", '{"a": 1}\n[', "line 2: not valid JSON"),
+    ("data", "[]", "is not a known alpaca layout"),  # no suffix to read it by
+])
+def test_a_downloaded_file_that_cannot_be_read_is_named_by_its_url(tmp_path, http_root, name, content, match):
+    """A download's errors named the copy in the fetch's scratch folder (out/.x.abcd1234.partial/a.json), which is
+    removed as the fetch fails: a path nobody can open, in place of the URL that served the file."""
+    root, base = http_root
+    (root / name).write_text(content)
+    with pytest.raises(FetchError, match=re.escape(match)) as e:
+        fetch("alpaca", f"{base}/{name}", tmp_path / "out")
+    assert str(e.value).startswith(f"{base}/{name}") and ".partial" not in str(e.value), str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+
+
 def test_a_url_whose_file_name_decodes_to_a_nul_byte_is_refused_naming_it(tmp_path, monkeypatch):
     """A URL whose last segment holds %00 downloaded, then stopped at open() with Python's bare "embedded null
     byte", naming no URL. It is refused before anything is downloaded, naming the URL; nothing is written."""

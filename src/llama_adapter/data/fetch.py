@@ -144,10 +144,15 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
     with atomic_dir(out_dir, remove_on_failure=True) as tmp, tempfile.TemporaryDirectory(
         dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"
     ) as scratch:
-        src = _open(dataset, source, sha256, revision, Path(scratch), refusals)
-        if dataset == "scienceqa":
-            (tmp / "images").mkdir()
-        records, images, missing = _write(src.items, tmp, refusals)
+        try:
+            src = _open(dataset, source, sha256, revision, Path(scratch), refusals)
+            if dataset == "scienceqa":
+                (tmp / "images").mkdir()
+            records, images, missing = _write(src.items, tmp, refusals)
+        except FetchError as e:  # a download's readers name its copy in the scratch folder, which goes with it
+            if not remote:
+                raise
+            raise FetchError(str(e).replace(str(_download_path(source, Path(scratch))), source)) from e
         if not records:  # validate refuses an empty records.jsonl: no later stage could take this fetch
             raise FetchError(f"{source}: holds no {dataset} records; expected at least one")
         assigned = (None if assign_splits is None
@@ -279,13 +284,17 @@ def _undecoded(ds: Any) -> Any:
     return ds
 
 
-def _download(dataset: str, url: str, scratch: Path) -> Path:
-    # Named like the URL's file, so that the readers dispatch on its suffix and their errors name it.
+def _download_path(url: str, scratch: Path) -> Path:
+    """Where `url` is downloaded to: named like the URL's file, so that the readers dispatch on its suffix."""
     name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
-    if "\x00" in name:  # open() would stop on it with a bare "embedded null byte", naming no URL
-        raise FetchError(f"{url}: its file name {name!r} decodes to a NUL byte (%00), which no file name can hold; "
-                         f"expected a URL whose last path segment names the dataset file ({ACCEPTED[dataset]})")
-    dest = scratch / (name if name not in ("", ".", "..") else "download")
+    return scratch / (name if name not in ("", ".", "..") else "download")
+
+
+def _download(dataset: str, url: str, scratch: Path) -> Path:
+    dest = _download_path(url, scratch)
+    if "\x00" in dest.name:  # open() would stop on it with a bare "embedded null byte", naming no URL
+        raise FetchError(f"{url}: its file name {dest.name!r} decodes to a NUL byte (%00), which no file name can "
+                         f"hold; expected a URL whose last path segment names the dataset file ({ACCEPTED[dataset]})")
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as f:
             shutil.copyfileobj(response, f, DOWNLOAD_CHUNK)
