@@ -599,14 +599,26 @@ def test_micro_batches_share_rows_evenly(setup):
 def test_a_warm_up_as_long_as_the_run_is_warned_about(setup, tmp_path, capsys):
     """--warmup-epochs >= --epochs: the learning rate climbs to the end and never decays. Quick runs rely on it (a
     one-epoch smoke training at the default two warm-up epochs, or at config.yaml's one), so it trains, with one
-    line on stderr (the job's log) saying so; a schedule that decays says nothing."""
-    train(config(setup, tmp_path / "climbs", epochs=1, warmup_epochs=2, max_steps=1))
+    line on stderr (the job's log) saying so and the rate its last step reaches; a schedule that decays says
+    nothing."""
+    train(config(setup, tmp_path / "climbs", epochs=1, warmup_epochs=2, max_steps=2))  # 6 steps an epoch
     err = capsys.readouterr().err
     assert err.count("--warmup-epochs") == 1, err
     assert ("llama-adapter train: warning: --warmup-epochs 2 >= --epochs 1: the learning rate climbs for the whole "
-            "run and never decays, reaching 0.25 (of its peak 0.5) only at the end") in err, err
-    train(config(setup, tmp_path / "decays", max_steps=1))  # 3 epochs, 1 of warm-up
+            "run and never decays, reaching 0.0416667 (of its peak 0.5) at its last step") in err, err  # 0.5 * 1/6 / 2
+    train(config(setup, tmp_path / "decays", max_steps=2))  # 3 epochs, 1 of warm-up
     assert "--warmup-epochs" not in capsys.readouterr().err
+
+
+def test_a_run_whose_steps_all_have_learning_rate_0_is_warned_about(setup, tmp_path, capsys):
+    """The released code's warm-up starts at learning rate 0, so a one-step run (--max-steps 1) trains nothing. The
+    warning once said the rate reached half its peak "at the end" of such a run (the schedule's end, which the run
+    never gets to). It says that the step has rate 0, as the run's history logs it."""
+    result = train(config(setup, tmp_path / "one", max_steps=1))
+    err = capsys.readouterr().err
+    assert ("llama-adapter train: warning: every step this run takes (step 1 of 18) has learning rate 0, where the "
+            "warm-up of --warmup-epochs 1 starts: it trains nothing") in err, err
+    assert [h["lr"] for h in result["history"]] == [0.0]
 
 
 def test_schedule_is_the_papers():

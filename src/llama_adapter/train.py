@@ -95,16 +95,23 @@ def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
 
 
-def schedule_warning(cfg: TrainConfig) -> str | None:
-    """What is odd about the schedule, if anything: a warm-up as long as the run or longer (--warmup-epochs >=
-    --epochs), where the learning rate climbs to the end and never decays. A warning, not an error: quick runs
-    rely on it (a one-epoch smoke training at the default two warm-up epochs, or at a config's one)."""
-    if cfg.warmup_epochs < cfg.epochs:
+def schedule_warning(cfg: TrainConfig, steps_per_epoch: int, first_step: int, last_step: int) -> str | None:
+    """What is odd about the rates of the steps this run takes (from first_step, 0-based, to last_step), if anything:
+    every one of them at learning rate 0, where the warm-up starts (a one-step run, --max-steps 1, trains nothing);
+    or a warm-up as long as the run or longer (--warmup-epochs >= --epochs), where the learning rate climbs to the
+    end and never decays. A warning, not an error: quick runs rely on both (a one-epoch smoke training at the
+    default two warm-up epochs, or at a config's one)."""
+    rates = [lr_at(s, steps_per_epoch, cfg) for s in range(first_step, last_step)]
+    if rates and max(rates) == 0:
+        steps = f"step {last_step}" if len(rates) == 1 else f"steps {first_step + 1} to {last_step}"
+        return (f"every step this run takes ({steps} of {steps_per_epoch * cfg.epochs}) has learning rate 0, where "
+                f"the warm-up of --warmup-epochs {cfg.warmup_epochs:g} starts: it trains nothing; give more steps, or "
+                "--warmup-epochs 0")
+    if cfg.warmup_epochs < cfg.epochs or not rates:
         return None
-    reached = cfg.peak_lr() * cfg.epochs / cfg.warmup_epochs
     return (f"--warmup-epochs {cfg.warmup_epochs:g} >= --epochs {cfg.epochs}: the learning rate climbs for the whole "
-            f"run and never decays, reaching {reached:g} (of its peak {cfg.peak_lr():g}) only at the end; fine for "
-            "a quick run, otherwise give fewer warm-up epochs than epochs")
+            f"run and never decays, reaching {rates[-1]:g} (of its peak {cfg.peak_lr():g}) at its last step; fine "
+            "for a quick run, otherwise give fewer warm-up epochs than epochs")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -803,7 +810,7 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
     if d.rank == 0:
         # One line per job (its log), not per process; once every input is checked, so that a refused run's
         # stderr is its one-line error alone.
-        if warning := schedule_warning(cfg):
+        if warning := schedule_warning(cfg, steps_per_epoch, step, last_step):
             print(f"llama-adapter train: warning: {warning}", file=sys.stderr, flush=True)
         for name, count in (image_samples or {}).items():
             print(f"llama-adapter train: {count['with_image']} of the {count['samples']} {name} samples read an "
