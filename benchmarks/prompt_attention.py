@@ -59,8 +59,8 @@ def block_diagonal(attention: AdaptedAttention, q, prompt, gate):
     """prompt_attention's result as two wide matrix products: the queries of every head side by side (B*T, nh*hs),
     as the model's projection lays them out, times the prompt keys placed block-diagonally (nh*hs, nh*L), and the
     softmax weights (B*T, nh*L) times the values placed likewise (nh*L, nh*hs). The zeros off the diagonal blocks
-    cost nh times the products' few FLOPs, but each product is one tensor-core GEMM with 320 columns (7B) that
-    reads the queries once, where a product per head has L = 10 columns."""
+    cost nh times the products' few FLOPs, but each product is one tensor-core GEMM whose prompt side is nh*L = 320
+    wide (7B: the scores' columns, the second product's inner size), where a product per head has L = 10."""
     pk, pv = attention.prompt_keys_values(prompt, gate, q.dtype)  # (1, nh, L, hs), values gated
     B, nh, T, hs = q.shape
     L = pk.size(2)
@@ -85,9 +85,9 @@ def timed(fn, device: torch.device, repeat: int) -> float:
 
 
 def kernel_time(fn, repeat: int) -> float:
-    """Mean microseconds of the GPU's kernels per fn(), summed by torch's profiler: what a call costs a training
-    step, in which the host runs ahead of the GPU. The wall time above also counts the host's launches, which
-    for an eager way of many small kernels are most of it."""
+    """Mean microseconds of the GPU's work per fn() (its kernels, memsets and copies), summed by torch's profiler:
+    what a call costs a training step, in which the host runs ahead of the GPU. The wall time above also counts
+    the host's launches, which for an eager way of many small kernels are most of it."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         for _ in range(repeat):
             fn()

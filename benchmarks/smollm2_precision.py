@@ -8,8 +8,9 @@
    and per 32 inputs); the share of questions whose parsed letter is the same, of all the questions (two
    answers that parse to no letter do not count as the same; goal: >= 98%). On a GPU the base in
    float32 answers too: how often bf16's own rounding changes an answer is the floor this share is read against,
-   and each int8 format's share is also given on the questions bf16's rounding does not change (those whose
-   answer rests on no near tie). --answers keeps every question's letter in each format, for paired tests.
+   and each int8 format's share is also given on the questions bf16's rounding does not change (those not
+   resting on a near tie that bf16's rounding alone flips). --answers (with --goals int8) keeps every question's
+   letter in each format, for paired tests.
 
 The data are prepared where the library's data stages run (tokenize draws a plot, which needs matplotlib), with
 the GGUF `llama-adapter fetch-smollm2` prints as the tokenizer:
@@ -107,7 +108,8 @@ def int8_goal(ns: argparse.Namespace, config: dict, tmp: Path) -> None:
             if name != "float32":
                 print_agreement(name, answered, "float32", reference, "against the least rounding")
         # On an adapter near chance many answers are near ties that any rounding flips (bf16's own included): the
-        # questions whose answer bf16's rounding leaves as float32 gives it are the ones not resting on a tie.
+        # questions whose answer bf16's rounding leaves as float32 gives it are the ones not resting on a tie that
+        # bf16's rounding alone flips.
         stable = [i for i, (a, b) in enumerate(zip(plain, reference)) if a == b and a is not None]
         for name, answered in runs.items():
             if name != "float32":
@@ -142,7 +144,8 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop each training early (a smoke check)")
     p.add_argument("--batch-size", type=int, default=64, help="questions per decoded batch")
     p.add_argument("--limit", type=int, default=None, help="only the first N test questions")
-    p.add_argument("--answers", type=Path, help="write each question's parsed letter in every format (JSON)")
+    p.add_argument("--answers", type=Path,
+                   help="write each question's parsed letter in every format (JSON; --goals int8)")
     p.add_argument("--quantize", nargs="+", choices=QUANTIZATIONS, default=list(QUANTIZATIONS),
                    help="the int8 formats whose answers to compare with the base dtype's (default: all)")
     ns = p.parse_args()

@@ -362,15 +362,22 @@ def test_a_nan_gradient_under_a_finite_loss_stops_the_run_at_its_step(setup, tmp
             params[0].grad.view(-1)[0] = float("nan")
         return result
 
+    real_step, updates = torch.optim.AdamW.step, []
+
+    def counted(self, *args, **kwargs):
+        updates.append(1)
+        return real_step(self, *args, **kwargs)
+
     cfg = config(setup, tmp_path / "run", checkpoint_every=checkpoint_every, max_steps=8, val_data=None)
     with monkeypatch.context() as mp:
         mp.setattr(train_mod, "train_step", poisoned)
+        mp.setattr(torch.optim.AdamW, "step", counted)
         with pytest.raises(TrainingDiverged) as e:
             train(cfg)
     message = str(e.value)
     saved = 4 if checkpoint_every == 1 else 3
-    assert message.startswith("step 5 (epoch 0): the gradient of 1 trained tensor(s) holds NaN or infinity under a "
-                              "finite loss ("), message
+    assert len(updates) == 4  # steps 1 to 4: the 5th step's NaN gradient reached no update
+    assert message.startswith("step 5 (epoch 0): a gradient holds NaN or infinity under a finite loss ("), message
     assert "on the batch of samples [" in message and "tuned.adapter" in message and "'s gradient: 1 NaN" in message
     assert f"the optimizer did not step: the last good checkpoint, of step {saved}, is left untouched" in message
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

@@ -571,10 +571,11 @@ def read_checkpoint(ckpt_path: Path, cfg: TrainConfig, inputs: dict[str, str | N
         except InputError:
             raise
         except NonFiniteValues as e:
-            # Its records pass their CRC-32 check: the run wrote these values, having diverged (a non-finite gradient
-            # under a finite loss reaches the weights and moments; save refuses to write them now, but an earlier
-            # version's checkpoint may hold them). The previous checkpoint would replay the same steps into them, so
-            # the run stops as at a NaN loss instead of falling back as from damaged bytes.
+            # Its records pass their CRC-32 check: the run wrote these values, having diverged (an earlier version
+            # saved what a non-finite gradient under a finite loss made of the weights and moments; the gradients
+            # and the state are now checked before each step and each save, but such a checkpoint may remain). The
+            # previous checkpoint would replay the same steps into them, so the run stops as at a NaN loss instead of
+            # falling back as from damaged bytes.
             raise TrainingDiverged(
                 f"cannot resume: {path} (step {state['step']}) holds NaN or infinity ({len(e.found)}): "
                 f"{listed(e.found)}; its bytes are as written, so the run diverged before that step, and resuming "
@@ -837,8 +838,10 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
         if found := non_finite_state(model, opt, cfg.method, d):
             raise TrainingDiverged(
                 f"step {step} (epoch {max(step - 1, 0) // steps_per_epoch}): the trained state holds NaN or infinity "
-                f"under a finite loss and finite gradients ({len(found)}): {listed(found)}; the optimizer's update "
-                f"overflowed, at this step or one since the last checkpoint; not saved as a checkpoint: {kept()}")
+                f"under a finite loss and finite gradients: {listed(found)}; "
+                + ("the optimizer's update overflowed, at this step or one since the last checkpoint"
+                   if step > (saved_step or 0) else "it held them before this run's first step (its starting weights)")
+                + f"; not saved as a checkpoint: {kept()}")
         state = checkpoint_state(model, opt, step, history, cfg, tracker.run_id, initial_val_loss, inputs, d)
         if d.rank == 0:
             save_checkpoint(state, ckpt_path, keep_previous=saved_step is not None)
@@ -859,10 +862,9 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
                 f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data); {kept()}")
         if found := non_finite_gradients(model, cfg.method, d):
             raise TrainingDiverged(
-                f"step {step + 1} (epoch {step // steps_per_epoch}): the gradient of {len(found)} trained tensor(s) "
-                f"holds NaN or infinity under a finite loss ({loss_value:.4f}) on the batch of samples "
-                f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data): "
-                f"{listed(found)}; the optimizer did not step: {kept()}")
+                f"step {step + 1} (epoch {step // steps_per_epoch}): a gradient holds NaN or infinity under a finite "
+                f"loss ({loss_value:.4f}) on the batch of samples {sorted(train_ds.source_index[idx].tolist())} "
+                f"(record indices of the validated data): {listed(found)}; the optimizer did not step: {kept()}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
