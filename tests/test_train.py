@@ -388,6 +388,35 @@ def test_a_nan_gradient_under_a_finite_loss_stops_the_run_at_its_step(setup, tmp
     assert all(np.isfinite(h["loss"]) for h in resumed["history"])
 
 
+def test_a_nan_gradient_on_one_process_stops_every_process_at_its_step(setup, tmp_path):
+    """torchrun, 2 processes (gloo): a gradient made infinite on rank 1 alone, after the all-reduce (as an overflow
+    in one process's own arithmetic would leave it). The check is a vote: both processes stop at that step with the
+    same message, none waits in a collective the other left, and the last checkpoint is the step before's."""
+    poisoning = tmp_path / "poisoning.py"
+    poisoning.write_text(
+        "import sys\n"
+        "import llama_adapter.train as train_mod\n"
+        "from llama_adapter.cli import main\n"
+        "real, calls = train_mod.train_step, []\n"
+        "def poisoned(model, train_ds, idx, cfg, d, params):\n"
+        "    result = real(model, train_ds, idx, cfg, d, params)\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3 and d.rank == 1:\n"
+        "        params[0].grad.view(-1)[0] = float('inf')\n"
+        "    return result\n"
+        "train_mod.train_step = poisoned\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    cfg = config(setup, tmp_path / "two", max_steps=6)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29563",
+           str(poisoning), *run_cli_train(cfg, "--max-steps", "6", "--checkpoint-every", "1")[3:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    stops = re.findall(r"step 3 \(epoch 0\): a gradient holds NaN or infinity under a finite loss [^\n]*", proc.stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], proc.stderr[-3000:]  # each process, the same words
+    assert "0 NaN and 1 infinite" in stops[0] and "the optimizer did not step" in stops[0], stops[0]
+    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 def test_a_trained_state_made_nan_stops_the_run_before_the_checkpoint(setup, tmp_path, monkeypatch):
     """Finite gradients, and the optimizer's update still leaves NaN in the adapter (an overflow of its own): the
     checkpoint saved at that step held NaN, the NaN-loss stop a step later called it "the last good checkpoint ...
