@@ -204,3 +204,36 @@ def test_a_damaged_tokenizer_config_is_named(tmp_path, content):
     (tmp_path / "tokenizer_config.json").write_text(content)
     with pytest.raises(TokenizerError, match=r"tokenizer_config.json: (not valid JSON|holds a JSON list)"):
         load_tokenizer(tmp_path)
+
+
+# ---------------------------------------------------------------- the vocabulary's identity
+
+
+def test_the_vocabulary_digest_is_the_vocabularys_not_the_files(llama_sp, llama_sp_model, tmp_path):
+    """One vocabulary has one digest in every format that carries it (a SentencePiece .model and a GGUF; a GGUF and
+    a tokenizer.json), whatever the file's bytes; another vocabulary, or other special ids, another digest. Each
+    tokenizer knows the file it was read from."""
+    digest = llama_sp.vocabulary_digest()
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    gguf_path = _write_llama_gguf(llama_sp_model, tmp_path / "llama.gguf")
+    assert load_tokenizer(gguf_path).vocabulary_digest() == digest
+    assert load_tokenizer(llama_sp_model).vocabulary_digest() == digest  # the same file read twice
+    assert (llama_sp.source, load_tokenizer(gguf_path).source) == (str(llama_sp_model), str(gguf_path))
+
+    bpe = load_tokenizer(_write_bpe_gguf(tmp_path / "bpe.gguf", "gpt2"))
+    assert bpe.vocabulary_digest() != digest
+    (tmp_path / "hf").mkdir()
+    bpe.backend.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>"}))
+    hf = load_tokenizer(tmp_path / "hf")
+    assert hf.source == str(tmp_path / "hf" / "tokenizer.json")
+    assert hf.vocabulary_digest() == bpe.vocabulary_digest()
+
+    # The same pieces with another EOS: the ids that end a sample mean another token.
+    swapped = json.dumps({"bos_token": "<|eos|>", "eos_token": "<|bos|>"})
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(swapped)
+    assert load_tokenizer(tmp_path / "hf").vocabulary_digest() != bpe.vocabulary_digest()
+    # A pad id of its own is no part of it: tokenize writes none (padding is masked out wherever it is used).
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "Ġt"}))
+    assert load_tokenizer(tmp_path / "hf").vocabulary_digest() == bpe.vocabulary_digest()

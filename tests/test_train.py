@@ -471,6 +471,74 @@ def test_samples_longer_than_the_bases_positions_are_refused(setup, tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+def other_vocabulary(model: Path, out: Path) -> Path:
+    """LLaMA's SentencePiece vocabulary with two pieces swapped: as many ids, two of them meaning other text."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto.FromString(model.read_bytes())
+    a, b = proto.pieces[1000], proto.pieces[1001]
+    a.piece, b.piece = b.piece, a.piece
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
+def tokenized_by(root: Path, tokenizer_file: Path | None) -> tuple[Path, Path]:
+    """(train, val) splits of the synthetic data in root, with the stats.json tokenize writes beside them: recording
+    the tokenizer read from tokenizer_file, or (None) none, as tokenize wrote before it recorded one."""
+    from llama_adapter.tokenizer import load_tokenizer
+
+    stats = {"dataset": "alpaca", "provenance": {}, "splits": {}}
+    if tokenizer_file is not None:
+        stats["tokenizer"] = load_tokenizer(tokenizer_file).identity()
+    (root / "tokens").mkdir(parents=True)
+    (root / "tokens" / "stats.json").write_text(json.dumps(stats))
+    return synthetic_split(root / "tokens" / "train", 96, 0), synthetic_split(root / "tokens" / "val", 16, 1)
+
+
+def base_with_tokenizer(setup, folder: Path, tokenizer_file: Path) -> Path:
+    """The random base of `setup`, with tokenizer.model beside its weights as Meta's layout has it."""
+    folder.mkdir()
+    for f in (setup[0] / "base").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+    return folder
+
+
+def test_a_split_made_by_another_tokenizer_is_refused_before_anything_is_written(setup, llama_sp_model, tmp_path):
+    """Ids of another tokenizer that fit the base's vocabulary trained on garbage without a word. The tokenizer
+    tokenize recorded (its vocabulary's digest) must be the base's own; refused naming the option, the folder and
+    both tokenizers' files, before anything is written."""
+    from llama_adapter.errors import InputError
+    from llama_adapter.tokenizer import load_tokenizer
+
+    other = other_vocabulary(llama_sp_model, tmp_path / "other.model")
+    assert load_tokenizer(other).vocabulary_digest() != load_tokenizer(llama_sp_model).vocabulary_digest()
+    base = base_with_tokenizer(setup, tmp_path / "base", llama_sp_model)
+    ours, theirs = tokenized_by(tmp_path / "ours", llama_sp_model), tokenized_by(tmp_path / "theirs", other)
+    for option, key, split in (("--train-data", "train_data", 0), ("--val-data", "val_data", 1)):
+        cfg = config(setup, tmp_path / key, base=str(base),
+                     **{"train_data": str(ours[0]), "val_data": str(ours[1]), key: str(theirs[split])})
+        with pytest.raises(InputError) as e:
+            train(cfg)
+        message = str(e.value)
+        assert message.startswith(f"{option} {theirs[split]}: ")
+        assert str(other) in message and str(base / "tokenizer.model") in message
+        assert not (tmp_path / key).exists()
+
+
+def test_a_split_of_no_recorded_tokenizer_or_a_base_of_none_trains_as_before(setup, llama_sp_model, tmp_path):
+    """A split tokenized before tokenize recorded its tokenizer, or a base with no tokenizer beside it (nothing to
+    compare with), trains as it did; so does a split of the base's own tokenizer."""
+    base = base_with_tokenizer(setup, tmp_path / "base", llama_sp_model)
+    old, ours = tokenized_by(tmp_path / "old", None), tokenized_by(tmp_path / "ours", llama_sp_model)
+    theirs = tokenized_by(tmp_path / "theirs", other_vocabulary(llama_sp_model, tmp_path / "other.model"))
+    for name, base_dir, (train_dir, val_dir) in (("old", base, old), ("ours", base, ours),
+                                                ("no-tokenizer", setup[0] / "base", theirs)):
+        result = train(config(setup, tmp_path / name, base=str(base_dir), train_data=str(train_dir),
+                              val_data=str(val_dir), max_steps=1))
+        assert result["steps"] == 1 and (tmp_path / name / "adapter.safetensors").exists()
+
+
 def test_resume_refuses_other_samples_or_another_base_at_the_same_paths(setup, tmp_path):
     """A checkpoint keeps digests of what its run trains on: re-tokenized data, or another base, at the same paths
     is refused by option and path (the workflow always passes --resume), instead of continuing on it."""

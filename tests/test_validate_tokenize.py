@@ -161,6 +161,18 @@ def test_seeded_split_is_disjoint_and_reproducible(llama_tok, tmp_path):
     assert "never appear in training" in json.loads((tmp_path / "a" / "stats.json").read_text())["split_note"]
 
 
+def test_stats_json_records_the_tokenizer_by_its_vocabulary(llama_tok, llama_sp_model, tmp_path):
+    """Which tokenizer made the ids: its vocabulary's digest (what train compares with the base's own tokenizer) and,
+    for people, the file it was read from."""
+    fetched(tmp_path / "v", GOOD)
+    stats = tokenize("alpaca", tmp_path / "v", llama_tok, tmp_path / "t",
+                     split={"by": "seed", "val_size": 1, "seed": 0})
+    recorded = {"source": str(llama_sp_model), "vocabulary_sha256": llama_tok.vocabulary_digest(), "vocab_size": 32000,
+                "bos_id": 1, "eos_id": 2}
+    assert stats["tokenizer"] == recorded
+    assert json.loads((tmp_path / "t" / "stats.json").read_text())["tokenizer"] == recorded
+
+
 def test_tokenize_failure_leaves_nothing(llama_tok, tmp_path, monkeypatch):
     import llama_adapter.data.tokens as tokens
 

@@ -70,7 +70,7 @@ from .inputs import (
 )
 from .io import held_elsewhere, holds, own_name, remove_output
 from .prompts import TEMPLATES
-from .tokenizer import load_tokenizer
+from .tokenizer import base_tokenizer_path, load_tokenizer
 
 # torch and the modules that need it are imported inside the commands that use them: the data stages then
 # start in a fraction of the time, which adds up over the many short jobs of a workflow.
@@ -162,13 +162,11 @@ def inference_tokenizer(ns: argparse.Namespace):
 
 
 def default_tokenizer_path(base: Path) -> Path:
-    """A GGUF carries its vocabulary; a Meta or HF directory holds tokenizer.model / tokenizer.json
-    (Meta's LLaMA-1 release keeps tokenizer.model one level up, beside the size folders)."""
-    if base.suffix == ".gguf" or (base / "tokenizer.json").exists() or (base / "tokenizer.model").exists():
-        return base
-    if (base.parent / "tokenizer.model").exists():
-        return base.parent / "tokenizer.model"
-    raise TokenizerError(f"no tokenizer found beside {base}; pass --tokenizer")
+    """The tokenizer that comes with --base (tokenizer.base_tokenizer_path, which train checks token splits with)."""
+    path = base_tokenizer_path(base)
+    if path is None:
+        raise TokenizerError(f"no tokenizer found beside {base}; pass --tokenizer")
+    return path
 
 
 def cmd_fetch_smollm2(ns: argparse.Namespace) -> None:

@@ -11,6 +11,8 @@ by a backend's post-processor (a Llama-3 ``tokenizer.json`` would otherwise prep
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -29,12 +31,14 @@ from .io import read_json_object
 
 class Tokenizer(ABC):
     """Text <-> ids. ``pad_id`` is the file's declared pad id, else ``eos_id``: padded positions are
-    always masked out of attention and loss downstream, so the pad id only has to be a valid id."""
+    always masked out of attention and loss downstream, so the pad id only has to be a valid id.
+    ``source``: the file :func:`load_tokenizer` read it from (None for one built otherwise)."""
 
     bos_id: int
     eos_id: int
     pad_id: int
     vocab_size: int
+    source: str | None = None
 
     def __init__(self, bos_id: int, eos_id: int, pad_id: int | None, vocab_size: int) -> None:
         self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, vocab_size
@@ -45,6 +49,25 @@ class Tokenizer(ABC):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._decode([int(i) for i in ids])  # int() so tensors and numpy scalars work too
+
+    def vocabulary_digest(self) -> str:
+        """sha256 of what the ids mean to a model: every id's piece, in id order, and the BOS and EOS ids. The same
+        vocabulary gives the same digest from a .model, a tokenizer.json or a GGUF (not the files' bytes); token ids
+        made by tokenizers of different digests are not interchangeable. The pad id is no part of it: tokenize
+        writes none, and padded positions are masked out wherever they are used."""
+        meaning = {"pieces": self.pieces(), "bos_id": self.bos_id, "eos_id": self.eos_id}
+        return hashlib.sha256(json.dumps(meaning, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+    def identity(self) -> dict:
+        """What tokenize records of the tokenizer that made a split (stats.json's "tokenizer"), for train to compare
+        with the base's own: the vocabulary's digest, and for people the file it came from, its size and special
+        ids."""
+        return {"source": self.source, "vocabulary_sha256": self.vocabulary_digest(), "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+    @abstractmethod
+    def pieces(self) -> list[str | None]:
+        """Each id's piece (its vocabulary entry, as the file spells it), in id order; None for an id with none."""
 
     @abstractmethod
     def _encode(self, text: str) -> list[int]: ...
@@ -59,6 +82,9 @@ class SentencePieceTokenizer(Tokenizer):
         super().__init__(bos_id, eos_id, pad_id, backend.get_piece_size())
         self.backend = backend
 
+    def pieces(self) -> list[str | None]:
+        return [self.backend.id_to_piece(i) for i in range(self.vocab_size)]
+
     def _encode(self, text: str) -> list[int]:
         return self.backend.encode(text)
 
@@ -71,6 +97,9 @@ class HFTokenizer(Tokenizer):
         super().__init__(bos_id, eos_id, pad_id, backend.get_vocab_size(with_added_tokens=True))
         self.backend = backend
 
+    def pieces(self) -> list[str | None]:
+        return [self.backend.id_to_token(i) for i in range(self.vocab_size)]
+
     def _encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
@@ -80,7 +109,8 @@ class HFTokenizer(Tokenizer):
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A ``.model`` (SentencePiece), a ``tokenizer.json`` (Hugging Face, with ``tokenizer_config.json``
-    beside it), a directory holding either, or a ``.gguf`` (its embedded vocabulary)."""
+    beside it), a directory holding either, or a ``.gguf`` (its embedded vocabulary). Its ``source`` is the file
+    read."""
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"{path}: no such file or directory")
@@ -96,15 +126,29 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return _guarded(loader, path)
 
 
+def base_tokenizer_path(base: str | os.PathLike) -> Path | None:
+    """The tokenizer that comes with a base checkpoint, None where none does: a GGUF carries its vocabulary; a Meta
+    or HF folder holds tokenizer.model / tokenizer.json (Meta's LLaMA-1 release keeps tokenizer.model one level up,
+    beside the size folders)."""
+    base = Path(base)
+    if base.suffix == ".gguf" or (base / "tokenizer.json").exists() or (base / "tokenizer.model").exists():
+        return base
+    if (base.parent / "tokenizer.model").exists():
+        return base.parent / "tokenizer.model"
+    return None
+
+
 def _guarded(loader: Callable[[Path], Tokenizer], path: Path) -> Tokenizer:
     # Libraries fail on corrupt files with anything from OSError to IndexError; name the file instead.
     try:
-        return loader(path)
+        tokenizer = loader(path)
     except (TokenizerError, ImportError):  # ImportError: a missing package is no fault of the file
         raise
     except Exception as e:
         kind = {".model": "SentencePiece model", ".gguf": "GGUF file"}.get(path.suffix, "tokenizer.json")
         raise TokenizerError(f"{path}: not a readable {kind} ({type(e).__name__}: {e})") from e
+    tokenizer.source = str(path)
+    return tokenizer
 
 
 def _load_sentencepiece(path: Path) -> Tokenizer:

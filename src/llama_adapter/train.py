@@ -75,6 +75,7 @@ from .errors import (
     NonFiniteValues,
     OutputInUse,
     PipelineError,
+    TokenizerError,
     TrainingDiverged,
 )
 from .io import atomic_path, hold, read_json_object, remove_output, write_json
@@ -653,7 +654,8 @@ class StopSignals:
 
 def check_split_ids(vocab_size: int, cfg: TrainConfig, splits: dict) -> None:
     """Before anything is written: every token id of the data must index the base's embedding (data tokenized
-    with another tokenizer than the base's fails here, not as an IndexError mid-run)."""
+    with another tokenizer than the base's fails here, not as an IndexError mid-run, where its ids go past the base's
+    vocabulary; ids that fit it are check_split_tokenizers' to refuse, by the tokenizer tokenize recorded)."""
     from .inputs import check_token_ids
 
     if cfg.pad_id >= vocab_size:  # it fills packed rows, through the embedding like any token
@@ -663,6 +665,44 @@ def check_split_ids(vocab_size: int, cfg: TrainConfig, splits: dict) -> None:
         if ds is not None and len(ds.tokens):
             path = cfg.train_data if flag == "--train-data" else cfg.val_data
             check_token_ids(int(ds.tokens.max()), vocab_size, path, flag, cfg.base)
+
+
+def check_split_tokenizers(cfg: TrainConfig) -> str | None:
+    """Before the base is loaded and anything written: the tokenizer that made each split (the vocabulary digest
+    tokenize records in its stats.json) must be the base's own (beside it, or inside its GGUF), compared by vocabulary,
+    not by file. Ids of another tokenizer that happen to fit the base's vocabulary would pass check_split_ids and
+    train on garbage. Returns a warning where the base's tokenizer cannot be read (nothing checked), else None."""
+    from .tokenizer import base_tokenizer_path, load_tokenizer
+
+    made_by = {}
+    for flag, path in (("--train-data", cfg.train_data), ("--val-data", cfg.val_data)):
+        stats = Path(path).parent / TOKEN_STATS if path else None
+        if stats is None or not stats.is_file():  # no split, or one not written by tokenize: nothing recorded
+            continue
+        recorded = read_json_object(stats, "tokenize's stats.json").get("tokenizer")
+        if recorded is None:  # tokenized before tokenize recorded its tokenizer: trains as before, unchecked
+            continue
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("vocabulary_sha256"), str):
+            raise InputError(f"{flag} {path}: {stats} records the tokenizer {recorded!r}; expected the object tokenize "
+                             "writes (its source and vocabulary_sha256): tokenize the data again")
+        made_by[flag] = (path, recorded)
+    # A base with no tokenizer beside it (a bare Meta or HF folder) has nothing to compare with: trains as before.
+    if not made_by or (source := base_tokenizer_path(cfg.base)) is None:
+        return None
+    try:
+        base_tokenizer = load_tokenizer(source)  # once, for both splits
+    except (TokenizerError, ImportError) as e:  # e.g. a GGUF of no vocabulary: nothing to compare with either
+        return f"the splits' tokenizer is not checked against the base's, which cannot be read ({e})"
+    digest, source = base_tokenizer.vocabulary_digest(), base_tokenizer.source  # the file, where source is a folder
+    for flag, (path, recorded) in made_by.items():
+        if recorded["vocabulary_sha256"] != digest:
+            made = recorded.get("source") or "a tokenizer of no recorded file"
+            raise InputError(
+                f"{flag} {path}: tokenized with {made} (vocabulary sha256 "
+                f"{recorded['vocabulary_sha256'][:12]}), not with the tokenizer of --base {cfg.base}, {source} "
+                f"(vocabulary sha256 {digest[:12]}): its token ids mean other tokens to the base; expected data "
+                f"tokenized with the base's own tokenizer (tokenize again with --tokenizer {source})")
+    return None
 
 
 def train_step(model, train_ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig, d: Dist,
@@ -754,6 +794,7 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
     if cfg.precision == "fp8" and cfg.method not in ("adapter", "lora"):
         raise ValueError(f"--precision fp8 computes a frozen base's matmuls in float8; method {cfg.method} trains "
                          "every weight (use --method adapter or lora, or --precision auto)")
+    tokenizer_warning = check_split_tokenizers(cfg)
     adapter = replace(cfg.adapter, visual_dim=images.dim) if images else cfg.adapter
     # Projections stay unfused here (fuse_projections is for decoding): measured on an H100 at 7B, the fused
     # weights cost 4% of training throughput and 4 GiB more activation memory (BENCHMARKS.md). Sharded, the model
@@ -811,8 +852,9 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
     if d.rank == 0:
         # One line per job (its log), not per process; once every input is checked, so that a refused run's
         # stderr is its one-line error alone.
-        if warning := schedule_warning(cfg, steps_per_epoch, step, last_step):
-            print(f"llama-adapter train: warning: {warning}", file=sys.stderr, flush=True)
+        for warning in (schedule_warning(cfg, steps_per_epoch, step, last_step), tokenizer_warning):
+            if warning:
+                print(f"llama-adapter train: warning: {warning}", file=sys.stderr, flush=True)
         for name, count in (image_samples or {}).items():
             print(f"llama-adapter train: {count['with_image']} of the {count['samples']} {name} samples read an "
                   "image (the rest, from their text alone)", file=sys.stderr, flush=True)

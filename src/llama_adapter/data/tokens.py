@@ -6,6 +6,8 @@ len(encode(prompt, bos=True)) positions when `mask_prompt` is set. Encoded as on
 with punctuation can merge with the prompt's last piece (Alpaca's "### Response:" then "- item" gives ":-"): its
 first characters then fall among the masked positions and are not learned, as in the paper's code; stats.json
 counts those samples per split (`response_start_masked`; about 3% of Alpaca's records with LLaMA's tokenizer).
+stats.json also records the tokenizer that made the ids (`tokenizer`: Tokenizer.identity, its vocabulary's digest and
+file), which train compares with the base's own tokenizer.
 A split is a folder of numpy arrays read back memory-mapped:
   tokens.npy (int32, all samples concatenated), offsets.npy (int64, n+1), loss_mask.npy (bool, like
   tokens: True where the token is a training target), source_index.npy (int64: record index in the
@@ -207,7 +209,9 @@ def tokenize(
         to_sample = SAMPLE_FORMATS[dataset]
         stats = {"dataset": dataset, "max_seq_len": max_seq_len, "mask_prompt": mask_prompt,
                  "truncation": truncation, "split_rule": split, "records": len(records),
-                 "provenance": provenance(validated_dir), "splits": {}}
+                 "provenance": provenance(validated_dir),
+                 # Which tokenizer made the ids (its vocabulary's digest): train refuses them for a base of another.
+                 "tokenizer": tokenizer.identity(), "splits": {}}
         if split["by"] == "seed":
             stats["split_note"] = ("validation records are drawn by a seeded permutation and never appear in "
                                    "training (the paper's code reused its first 200 training records as validation)")
