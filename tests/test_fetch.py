@@ -445,6 +445,26 @@ def test_parquet_files_of_no_split_beside_the_shards_are_refused_not_left_out(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def test_alpaca_from_several_splits_keeps_each_records_split(tmp_path, hf_cache):
+    """An Alpaca folder of HF shards (or the hub) holding train, validation and test pooled every split's records
+    into one records.jsonl with no split: a test row could be drawn into training. Each record now keeps its split
+    (validation as val), as ScienceQA's do, for `tokenize --split-by field`; a row whose own `split` says otherwise
+    is refused by record."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for split in ("train", "validation", "test"):
+        pq.write_table(pa.Table.from_pylist([{**r, "text": "prompt"} for r in ALPACA[:2]]),
+                       src / f"{split}-00000-of-00001.parquet")
+    for name, source in (("folder", str(src)), ("hf", f"hf:{src}")):
+        fetch("alpaca", source, tmp_path / name)
+        expected = [{**r, "split": split} for split in ("train", "val", "test") for r in ALPACA[:2]]
+        assert read_records(tmp_path / name) == expected, name
+    pq.write_table(pa.Table.from_pylist([{**ALPACA[0], "split": "train"}]), src / "test-00000-of-00001.parquet")
+    with pytest.raises(FetchError, match=re.escape(f"{src}: record 4 (split test) holds split 'train'")):
+        fetch("alpaca", str(src), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_folder_layout_and_missing_path(tmp_path):
     (tmp_path / "sqa").mkdir()
     (tmp_path / "sqa" / "problems.json").write_text("{}")  # without pid_splits.json it is no known layout

@@ -5,7 +5,8 @@ Every source layout is normalised by `fetch` into one folder per dataset:
   images/         ScienceQA only: images extracted/copied as images/<pid>.png
   fetch.json      where the records came from and their digests, so a rerun can tell whether inputs changed
 
-Alpaca record: the source object unchanged (validation checks `instruction`, `input`, `output`).
+Alpaca record: the source object unchanged (validation checks `instruction`, `input`, `output`), but that a hub
+or HF parquet source of several splits gives each record its `split` (HF's "validation" becomes "val").
 ScienceQA record: the fields of the original `problems.json`, keyed and typed as listed in
 SCIENCEQA_FIELDS; a field the source lacks is null (never guessed).
 """

@@ -31,7 +31,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -46,10 +46,11 @@ Row = dict[str, Any]
 # A normalised record and the image to store for it: its bytes, a checked file inside the source, None (no
 # image), the refusal of an image path that leaves the source, or why a cell holds no image (a string).
 Item = tuple[Row, bytes | Path | UnsafePathError | str | None]
-Splits = Iterable[tuple[str, Iterable[Row]]]  # (split name, rows), as the hub and its parquet export give
+Splits = Sequence[tuple[str, Iterable[Row]]]  # (split name, rows), as the hub and its parquet export give
 
 ACCEPTED = {
-    "alpaca": "a JSON list file, a JSONL file, a parquet file, or a folder of HF parquet files (train-*.parquet)",
+    "alpaca": ("a JSON list file, a JSONL file, a parquet file, or a folder of HF parquet files (train-*.parquet, "
+               "and validation-*.parquet, test-*.parquet if held out)"),
     "scienceqa": (
         "a folder with problems.json + pid_splits.json (+ images/<pid>/<file>), a folder of HF parquet files "
         "(train-*.parquet, validation-*.parquet, test-*.parquet), or LLaVA's conversation JSON list"
@@ -240,7 +241,7 @@ def _open(dataset: str, source: str, sha256: str | None, revision: str | None, s
         splits, revision = _load_hub(dataset, source, revision)
         # A path-only image of a hub dataset is read only from inside a local folder named as the source.
         local = Path(source.removeprefix("hf:")).expanduser()
-        return Source("hf", None, revision, SPLIT_READERS[dataset](splits, local if local.is_dir() else None))
+        return Source("hf", None, revision, SPLIT_READERS[dataset](splits, local if local.is_dir() else None, source))
     if revision:  # fetch.json would record it as this data's provenance, though nothing could check it
         raise FetchError(f"{source}: a revision pins a hub dataset (hf:...); a URL or local source is pinned by its "
                          "sha256 instead")
@@ -403,7 +404,7 @@ def _read_path(dataset: str, path: Path, refusals: Refusals) -> Iterator[Item]:
         if dataset == "scienceqa" and {"problems.json", "pid_splits.json"} <= files:
             return _scienceqa_original(path, refusals)
         if splits := _parquet_splits(path):
-            return SPLIT_READERS[dataset](splits, path)
+            return SPLIT_READERS[dataset](splits, path, str(path))
     elif dataset == "alpaca" and path.suffix in ALPACA_FILES:
         return _alpaca_file(path)
     elif dataset == "scienceqa" and path.suffix == ".json":
@@ -471,11 +472,23 @@ def _alpaca_file(path: Path) -> Iterator[Item]:
         yield row, None
 
 
-def _alpaca_splits(splits: Splits, root: Path | None) -> Iterator[Item]:
+def _alpaca_splits(splits: Splits, root: Path | None, source: str) -> Iterator[Item]:
+    """HF's Alpaca rows (hub or parquet export). From a source of several splits each record keeps its own, as
+    ScienceQA's do (`_scienceqa_splits`), for `tokenize --split-by field`: pooled, a held-out row could be drawn
+    into training. A source of one split (tatsu-lab/alpaca's train alone) gives its rows unchanged, as a file does."""
     # tatsu-lab/alpaca adds `text`, the prompt already filled in; the tokenize stage builds its own.
-    for _, rows in splits:
+    index = 0
+    for name, rows in splits:
         for row in rows:
-            yield {k: v for k, v in row.items() if k != "text"}, None
+            record = {k: v for k, v in row.items() if k != "text"}
+            if len(splits) > 1:
+                split = _split_name(name)
+                if record.get("split", split) != split:  # which of the two holds the row would be a guess
+                    raise FetchError(f"{source}: record {index} (split {name}) holds split {record['split']!r:.60}; "
+                                     f"expected none, or its own split {split!r}")
+                record["split"] = split
+            yield record, None
+            index += 1
 
 
 # --- ScienceQA ---
@@ -487,11 +500,17 @@ def _scienceqa_record(pid: str, split: str | None, has_image: bool, fields: Row)
     return {key: fixed[key] if key in fixed else fields.get(key) for key in SCIENCEQA_FIELDS}
 
 
-def _scienceqa_splits(splits: Splits, root: Path | None) -> Iterator[Item]:
-    """HF's ScienceQA rows (hub or parquet export) from a local folder `root`, or from the hub (root None)."""
+def _split_name(name: str) -> str:
+    """A record's split from its HF split's name: HF's "validation" is our "val" (SCIENCEQA_SPLITS)."""
+    return "val" if name == "validation" else name
+
+
+def _scienceqa_splits(splits: Splits, root: Path | None, source: str) -> Iterator[Item]:
+    """HF's ScienceQA rows (hub or parquet export) from a local folder `root`, or from the hub (root None); a row
+    names no source in an error (its record number and pid do, in `_write`)."""
     # The hub's rows carry no pid: number them within their split, as the HF export orders them.
     for name, rows in splits:
-        split = "val" if name == "validation" else name
+        split = _split_name(name)
         for i, row in enumerate(rows):
             image = row.get("image")  # {"bytes", "path"} or None
             yield _scienceqa_record(f"{split}-{i}", split, image is not None, row), _hf_image(image, root)
