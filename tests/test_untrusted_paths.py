@@ -206,6 +206,20 @@ def test_split_file_pids_missing_from_the_problems_fail_or_are_counted(tmp_path)
     assert meta["split_pids_not_in_problemsjson"] == {"count": 2, "pids": ["99", "100"]}
 
 
+def test_a_pid_listed_twice_in_one_split_is_not_called_in_two_splits(tmp_path):
+    """A pid listed twice in train alone was refused as "in two splits"; the message now says where it is listed."""
+    root = tmp_path / "dataset"
+    root.mkdir()
+    (root / "problems.json").write_text(json.dumps({"1": problem(None), "2": problem(None)}))
+    (root / "pid_splits.json").write_text(json.dumps({"train": ["1", "2", "1"], "val": []}))
+    with pytest.raises(FetchError, match=r"pid_splits.json: 1 pids listed twice in train \(first: 1\)"):
+        fetch("scienceqa", str(root), tmp_path / "fetched")
+    assert not (tmp_path / "fetched").exists()
+    meta = fetch("scienceqa", str(root), tmp_path / "fetched", policy="skip")
+    assert meta["split_pids_listed_twice_in_train"] == {"count": 1, "pids": ["1"]}
+    assert "split_pids_in_two_splits" not in meta
+
+
 def test_validate_refuses_an_image_path_leaving_a_hand_made_folder(tmp_path, outside):
     fetched = tmp_path / "fetched"
     fetched.mkdir()

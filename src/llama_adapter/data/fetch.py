@@ -14,8 +14,8 @@ Names inside a source are untrusted: an image name or problem id is resolved ins
 the fetch naming the pid and the path (policy `fail`) or is left out, counted and listed in fetch.json (policy
 `skip`: the record keeps has_image true with no image, and validate drops it as invalid). The same policy
 covers an image that cannot be decoded (truncated, corrupt, not an image), a split file naming pids that the
-problems do not hold, a pid in two splits, or a second image for a pid whose image is already stored (a pid given
-twice, as LLaVA's file may: images/<pid>.png is never overwritten with another record's picture).
+problems do not hold, a pid in two splits or listed twice in one, or a second image for a pid whose image is already
+stored (a pid given twice, as LLaVA's file may: images/<pid>.png is never overwritten with another record's picture).
 """
 
 from __future__ import annotations
@@ -551,27 +551,30 @@ def read_pid_splits(path: Path) -> dict[str, str]:
     return _pid_splits(path)[0]
 
 
-def _pid_splits(path: Path) -> tuple[dict[str, str], list[str]]:
-    """(pid -> split, pids listed in more than one of train / val / test: each keeps the first)."""
+def _pid_splits(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(pid -> split, the pids refused per kind: listed in more than one of train / val / test, or listed twice in
+    one of them; each keeps its first split). The two are told apart, as the split file is to be fixed by them."""
     pid_splits = _load_json(path, dict)
     split_of: dict[str, str] = {}
-    twice = []
+    twice: dict[str, list[str]] = {"in two splits": []}
     for split in SCIENCEQA_SPLITS:
         pids = pid_splits.get(split, [])
         if not isinstance(pids, list):
             raise FetchError(f"{path}: {split!r} holds a JSON {type(pids).__name__}, expected a list of pids")
         for pid in map(str, pids):
-            if pid in split_of:
-                twice.append(pid)
-            else:
+            if pid not in split_of:
                 split_of[pid] = split
+            else:
+                kind = f"listed twice in {split}" if split_of[pid] == split else "in two splits"
+                twice.setdefault(kind, []).append(pid)
     return split_of, twice
 
 
 def _scienceqa_original(folder: Path, refusals: Refusals) -> Iterator[Item]:
     problems = _load_json(folder / "problems.json", dict)
     split_of, twice = _pid_splits(folder / "pid_splits.json")
-    refusals.splits(folder / "pid_splits.json", "in two splits", twice)
+    for kind, pids in twice.items():
+        refusals.splits(folder / "pid_splits.json", kind, pids)
     refusals.splits(folder / "pid_splits.json", "not in problems.json", [p for p in split_of if p not in problems])
     for pid, problem in problems.items():
         if not isinstance(problem, dict):
