@@ -465,6 +465,18 @@ def test_alpaca_from_several_splits_keeps_each_records_split(tmp_path, hf_cache)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("source", ["", "hf:"])
+def test_an_empty_source_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, source):
+    """--source "" (or "hf:" alone) was read as Path(""), the current folder: a folder of Alpaca shards there was
+    fetched as the source. Refused, naming the option, with nothing written."""
+    (tmp_path / "cwd").mkdir()
+    pq.write_table(pa.Table.from_pylist(ALPACA), tmp_path / "cwd" / "train-00000-of-00001.parquet")
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(FetchError, match=re.escape(f"--source {source!r} names no path")):
+        fetch("alpaca", source, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd"]
+
+
 def test_unknown_folder_layout_and_missing_path(tmp_path):
     (tmp_path / "sqa").mkdir()
     (tmp_path / "sqa" / "problems.json").write_text("{}")  # without pid_splits.json it is no known layout

@@ -121,6 +121,9 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
     refusals = Refusals(source, policy)
     if dataset not in ACCEPTED:
         raise FetchError(f"unknown dataset {dataset!r}; expected one of {sorted(ACCEPTED)}")
+    if not source.removeprefix("hf:"):  # Path("") is the current folder: whatever lies there would be fetched
+        raise FetchError(f"--source {source!r} names no path; expected hf:<dataset id or local folder>, an http(s) "
+                         f"URL, or a local path: {ACCEPTED[dataset]}")
     if assign_splits is not None:
         _check_fractions(dataset, assign_splits)
     out_dir = Path(out_dir)
