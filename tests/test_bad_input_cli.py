@@ -543,6 +543,21 @@ def test_an_adapter_path_may_hold_an_equals_sign(w, tmp_path, capsys):
         assert [json.loads(line)["adapter"] for line in out.read_text().splitlines()] == [name]
 
 
+@pytest.mark.parametrize("option", ["--name", "--adapter"])
+@pytest.mark.parametrize("blank", ["", " "])
+def test_a_blank_name_for_the_rows_is_refused(w, tmp_path, capsys, option, blank):
+    """An empty --name became "base" without a word, and --adapter " =PATH" (or "=PATH") named the rows " " (or
+    after the path); each is refused naming the option and the value, and nothing written."""
+    out = tmp_path / "g.jsonl"
+    if option == "--name":  # the base alone answers: no --adapter
+        value, args = blank, (*generate_args(w, out)[:3], *generate_args(w, out)[5:], "--name", blank)
+    else:
+        value = f"{blank}={w / 'adapter.safetensors'}"
+        args = generate_args(w, out, adapter=value)
+    one_line_error(capsys, *args, names=[f"{option} {value!r}", "no name"])
+    assert not out.exists()
+
+
 def test_adapter_files_of_one_folder_given_by_path_are_named_apart(w, tmp_path, capsys):
     """Two files of one run folder given as PATHs were both named after the folder, and refused as one name given
     twice: each takes folder/stem; one alone keeps the folder's name; a NAME given is kept. The same file given

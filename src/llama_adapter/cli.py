@@ -409,13 +409,21 @@ def release_adapter(ns: argparse.Namespace, paths: list[Path]) -> AdapterArgs | 
     return None
 
 
-def adapter_spec(spec: str) -> tuple[str, str]:
-    """(NAME or "", PATH) of an --adapter value: a path that exists as given is a PATH whatever it holds
+def adapter_spec(spec: str) -> tuple[str | None, str]:
+    """(NAME or None, PATH) of an --adapter value: a path that exists as given is a PATH whatever it holds
     (runs/lr=0.1/adapter.safetensors); otherwise NAME runs up to the first '=' (a path may hold more)."""
     if "=" not in spec or os.path.lexists(spec):
-        return "", spec
+        return None, spec
     name, _, path = spec.partition("=")
     return name, path
+
+
+def check_row_name(shown: str, name: str) -> None:
+    """A name given for the model the rows are written by (generate's --name, an --adapter's NAME): a blank one
+    would stand in the rows' `adapter` field naming nothing, and an empty one would give way to a default unsaid."""
+    if not name.strip():
+        raise InputError(f"{shown}: no name (empty or blank); expected a name for the rows' adapter field, or the "
+                         "option left out for its default")
 
 
 def image_feature_width(adapter: Path | None) -> int:
@@ -441,6 +449,9 @@ def path_names(path: Path) -> tuple[str, str]:
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
     """NAME=PATH, or PATH (named by path_names). A NAME given is kept as it is."""
     parsed = [adapter_spec(spec) for spec in specs]
+    for spec, (name, _) in zip(specs, parsed):
+        if name is not None:  # "=PATH" names no adapter: it is not PATH alone, which path_names would name
+            check_row_name(f"--adapter {spec!r}", name)
     names = [name or path_names(Path(path))[0] for name, path in parsed]
     adapters = {}
     for spec, (name, path), plain in zip(specs, parsed, names):
@@ -460,6 +471,8 @@ def cmd_generate(ns: argparse.Namespace) -> None:
 
     check_device(ns.device)
     check_compile_cache(ns)
+    if ns.name is not None:
+        check_row_name(f"--name {ns.name!r}", ns.name)
     ns.base = check_base(ns.base)
     requests, adapters = read_prompts(ns.prompts), parse_adapters(ns.adapter)
     lora = lora_among(adapters)  # refused among others before the base is loaded
