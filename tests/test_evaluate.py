@@ -328,6 +328,25 @@ def test_sequence_logprobs_in_batches_of_like_length_score_each_sample_as_alone(
     assert len(set(alone)) == len(alone)
 
 
+def test_a_failed_evaluation_leaves_no_output_folder_of_its_own(world, tmp_path, monkeypatch):
+    """An evaluation that fails on its input once it has made its --out folder (a question too long for the base)
+    removed its files but left the folder, empty, behind; a folder it made is removed with them, and one that was
+    there before is left as it was (the user's)."""
+    (tmp_path / "mlflow").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow/mlflow.db")
+    root, tok = world
+    (tmp_path / "data").mkdir()
+    long = {**question("long", False), "split": "test", "question": "Which? " * ARGS.max_seq_len}
+    (tmp_path / "data" / "records.jsonl").write_text(json.dumps(long) + "\n")
+    for out in (tmp_path / "new" / "out", tmp_path / "there"):
+        ev = Evaluation("scienceqa", root / "base", None, tmp_path / "data", out, split="test", mode="likelihood")
+        with pytest.raises(ValueError, match="question long"):
+            evaluate(load_model(root / "base"), tok, ev, records=[long])
+        (tmp_path / "there").mkdir(exist_ok=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mlflow", "new", "there"]
+    assert not any((tmp_path / "new").iterdir()) and not any((tmp_path / "there").iterdir())
+
+
 def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, monkeypatch):
     """One library call owns scores.json (the scores, the split, what was scored, the MLflow run), the
     predictions and the MLflow run, which holds both files; a crash while scoring ends the run FAILED."""

@@ -34,7 +34,7 @@ from .data.tokens import TokenDataset
 from .data.validate import check_validated_records
 from .errors import STOPS, DataError, stop_signals_raise
 from .generate import batches_by_length, complete_texts, decoding_cache
-from .io import atomic_path, read_json_object, read_jsonl_lines, remove_output, write_json
+from .io import atomic_path, read_json_object, read_jsonl_lines, remove_output, removed_on_failure_if_new, write_json
 from .model import Transformer
 from .multimodal import ImageFeatures
 from .tokenizer import Tokenizer
@@ -267,55 +267,58 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
     out = Path(ev.out_dir)
     if ev.task != "scienceqa":  # an earlier ScienceQA evaluation's answers must not sit beside these scores
         remove_output(out / EVALUATION_OUTPUTS[1])
-    # keep_through -1: the run's log holds this evaluation's lines, not an earlier one's too
-    tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags,
-                      keep_through=-1)
-    scores_path, predictions_path = (out / name for name in EVALUATION_OUTPUTS)
-    written = [scores_path, *([predictions_path] if ev.task == "scienceqa" else [])]
-    try:
-        with stop_signals_raise():  # scancel, a time limit: the run ends KILLED, not RUNNING forever
-            # Inside: the run is open, and hashing the data may take a while.
-            if ev.task == "scienceqa":  # the questions scored: the split of the validated records (all of them: None)
-                tracker.log_dataset(Path(ev.data) / RECORDS, f"scienceqa/{ev.split or 'all'}", "evaluation",
-                                    questions=len(records), split=ev.split)
+    # Its tracker makes the folder: a failure from there on leaves nothing of it (its files go below, the folder here)
+    with removed_on_failure_if_new(out):
+        # keep_through -1: the run's log holds this evaluation's lines, not an earlier one's too
+        tracker = Tracker(out, ev.run_name or f"evaluate {ev.task}", "llama_adapter.evaluate", tags=ev.tags,
+                          keep_through=-1)
+        scores_path, predictions_path = (out / name for name in EVALUATION_OUTPUTS)
+        written = [scores_path, *([predictions_path] if ev.task == "scienceqa" else [])]
+        try:
+            with stop_signals_raise():  # scancel, a time limit: the run ends KILLED, not RUNNING forever
+                # Inside: the run is open, and hashing the data may take a while. The questions scored: the split
+                # of the validated records (all of them: None).
+                if ev.task == "scienceqa":
+                    tracker.log_dataset(Path(ev.data) / RECORDS, f"scienceqa/{ev.split or 'all'}", "evaluation",
+                                        questions=len(records), split=ev.split)
+                else:
+                    tracker.log_dataset(Path(ev.data), f"{ev.task}/{Path(ev.data).name}", "evaluation",
+                                        samples=len(heldout) if heldout is not None else None)
+                tracker.log_params({"task": ev.task, "method": method, "base": str(ev.base), "adapter": str(ev.adapter),
+                                    "data": str(ev.data), "split": ev.split, "mode": ev.mode,
+                                    "training_run_id": training.get("mlflow_run_id")})
+                if ev.task == "scienceqa":
+                    with decoding_cache(compile_cache if compile else None, model, min(batch_size, len(records))):
+                        scores, predictions = score_scienceqa(model, tokenizer, records, ev.mode, batch_size, images,
+                                                              train_records, compile, str(Path(ev.data) / RECORDS))
+                    scores["split"] = ev.split
+                    write_predictions(predictions, predictions_path)
+                else:
+                    scores = score_alpaca(model, tokenizer, heldout, ev.row_len, batch_size)
+                # The invocation's config hash and the commit, as a training's metrics.json keeps them: a zero-shot row,
+                # which has no training, names them from here in the report.
+                scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id,
+                           "tags": {k: tracker.tags[k] for k in PROVENANCE_TAGS if k in tracker.tags}}
+                write_json(scores_path, scores)
+                # Inside too: logging them (artifacts uploaded to a server) takes a while, and a stop here removes
+                # the files, which the run must then not claim as a finished run's.
+                tracker.log_metrics({k.replace(".accuracy", ""): v for k, v in flatten(scores).items()
+                                     if isinstance(v, int | float) and not k.endswith(".n")}, step=0)
+                for path in written:
+                    tracker.log_artifact(path)
+                # Inside as well: a stop while the run ends (a server's calls, the system-metrics thread's join) ends it
+                # KILLED (Tracker.close), and the files go with it; the handler's close is then a no-op.
+                tracker.close()
+        except BaseException as e:
+            for path in (*written, out / RUN_LOG):  # no partial output: predictions without their scores
+                path.unlink(missing_ok=True)  # would pass for a finished run
+            if isinstance(e, STOPS):  # Ctrl-C stops a run as a signal does (as train's)
+                tracker.set_tags({"stopped_by": getattr(e, "signal_name", "SIGINT")})
+                tracker.close(status="KILLED")
             else:
-                tracker.log_dataset(Path(ev.data), f"{ev.task}/{Path(ev.data).name}", "evaluation",
-                                    samples=len(heldout) if heldout is not None else None)
-            tracker.log_params({"task": ev.task, "method": method, "base": str(ev.base), "adapter": str(ev.adapter),
-                                "data": str(ev.data), "split": ev.split, "mode": ev.mode,
-                                "training_run_id": training.get("mlflow_run_id")})
-            if ev.task == "scienceqa":
-                with decoding_cache(compile_cache if compile else None, model, min(batch_size, len(records))):
-                    scores, predictions = score_scienceqa(model, tokenizer, records, ev.mode, batch_size, images,
-                                                          train_records, compile, str(Path(ev.data) / RECORDS))
-                scores["split"] = ev.split
-                write_predictions(predictions, predictions_path)
-            else:
-                scores = score_alpaca(model, tokenizer, heldout, ev.row_len, batch_size)
-            # The invocation's config hash and the commit, as a training's metrics.json keeps them: a zero-shot row,
-            # which has no training, names them from here in the report.
-            scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id,
-                       "tags": {k: tracker.tags[k] for k in PROVENANCE_TAGS if k in tracker.tags}}
-            write_json(scores_path, scores)
-            # Inside too: logging them (artifacts uploaded to a server) takes a while, and a stop here removes
-            # the files, which the run must then not claim as a finished run's.
-            tracker.log_metrics({k.replace(".accuracy", ""): v for k, v in flatten(scores).items()
-                                 if isinstance(v, int | float) and not k.endswith(".n")}, step=0)
-            for path in written:
-                tracker.log_artifact(path)
-            # Inside as well: a stop while the run ends (a server's calls, the system-metrics thread's join) ends it
-            # KILLED (Tracker.close), and the files go with it; the handler's close is then a no-op.
-            tracker.close()
-    except BaseException as e:
-        for path in (*written, out / RUN_LOG):  # no partial output: predictions without their scores
-            path.unlink(missing_ok=True)  # would pass for a finished run
-        if isinstance(e, STOPS):  # Ctrl-C stops a run as a signal does (as train's)
-            tracker.set_tags({"stopped_by": getattr(e, "signal_name", "SIGINT")})
-            tracker.close(status="KILLED")
-        else:
-            tracker.close(status="FAILED")
-        raise
-    return scores
+                tracker.close(status="FAILED")
+            raise
+        return scores
 
 
 def write_predictions(predictions: list[dict], path: Path) -> None:

@@ -151,6 +151,20 @@ def atomic_dir(dest: Path, remove_on_failure: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def removed_on_failure_if_new(folder: Path) -> Iterator[None]:
+    """Run the block; if it fails and `folder` was not there before it, remove `folder` whole: all it holds is the
+    failed run's, which a stage that makes its output folder as it writes (evaluate's tracker) must not leave, even
+    empty, to pass for a run's output. A folder that was there is kept: what it held before is not the run's."""
+    made = not (folder.exists() or folder.is_symlink())
+    try:
+        yield
+    except BaseException:
+        if made:
+            remove_output(folder)
+        raise
+
+
 def holds(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
     """Whether `folder` is `path` or one of the folders above it, symlinks resolved: replacing or removing
     `folder` would take `path` with it."""
