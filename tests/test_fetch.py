@@ -227,6 +227,23 @@ def test_assigned_splits_are_seeded_exact_and_independent_of_order(shared_data, 
     assert 0.4 < sum(other[p] == split[p] for p in split) / len(split) < 0.6
 
 
+def test_llava_text_with_windows_line_endings_splits_as_with_unix_ones(tmp_path):
+    """LLaVA's text is cut at "\n": with "\r\n" every line kept a "\r", so no line ended in "?" and the question
+    was taken to be the last line alone (the rest of it went into the hint), the "<image>" line stayed in the
+    text, and the options ended in "\r". "\r\n" now reads as "\n", the record as its "\n" twin's."""
+    text = ("<image>\nContext: Read the text.\nIt is about a bird.\nWhich word rhymes with cat?\nThe cat sat.\n"
+            "A. hat\nB. dog")
+    items = [{"id": pid, "image": "x.png", "conversations": [{"from": "human", "value": value},
+                                                             {"from": "gpt", "value": "A"}]}
+             for pid, value in (("1", text), ("2", text.replace("\n", "\r\n")))]
+    (tmp_path / "llava.json").write_text(json.dumps(items))
+    fetch("scienceqa", str(tmp_path / "llava.json"), tmp_path / "out")
+    unix, windows = read_records(tmp_path / "out")
+    assert (unix["hint"], unix["question"], unix["choices"]) == (
+        "Read the text.\nIt is about a bird.", "Which word rhymes with cat?\nThe cat sat.", ["hat", "dog"])
+    assert windows == {**unix, "pid": "2"}
+
+
 def test_assign_split_names_cuts_by_fraction():
     names = assign_split_names([str(i) for i in range(10)], {"train": 0.3, "test": 0.7}, seed=0)
     assert sorted(names) == ["test"] * 7 + ["train"] * 3

@@ -603,6 +603,9 @@ def _scienceqa_llava(path: Path) -> Iterator[Item]:
     for i, item in enumerate(_load_json(path, list)):
         try:
             pid, human, answer = item["id"], item["conversations"][0]["value"], item["conversations"][1]["value"]
+            # The text is cut at "\n" (the image tag, the options, the hint from the question): with "\r\n" (or a
+            # bare "\r") no line would end in "?" and each would keep a "\r"; read as the "\n" they stand for.
+            human = human.replace("\r\n", "\n").replace("\r", "\n")
             text, choices = _split_options(human.removeprefix("<image>\n"))
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise FetchError(f"{path}: item {i} is not a LLaVA conversation ({e!r})") from e
