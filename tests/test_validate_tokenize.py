@@ -161,6 +161,25 @@ def test_seeded_split_is_disjoint_and_reproducible(llama_tok, tmp_path):
     assert "never appear in training" in json.loads((tmp_path / "a" / "stats.json").read_text())["split_note"]
 
 
+def test_a_seeded_draw_over_records_of_held_out_splits_is_refused(llama_tok, tmp_path):
+    """Alpaca from a source of several splits keeps each record's split (fetch); tokenize's default seeded draw took
+    every record as a candidate for training, so the source's validation and test rows were drawn into it without a
+    word. Refused, naming the file and the splits; --split-by field keeps them apart, and records of train alone (or
+    of no split) are drawn as before."""
+    from llama_adapter.errors import TokenizeError
+
+    splits = ["train", "train", "val", "test", "train"]
+    fetched(tmp_path / "v", [{**r, "split": s} for r, s in zip(GOOD, splits)])
+    with pytest.raises(TokenizeError, match=r"records.jsonl: 2 of 5 records carry a held-out split of their own "
+                                            r"\(test, val\), which a seeded validation draw would mix into training"):
+        tokenize("alpaca", tmp_path / "v", llama_tok, tmp_path / "t", split={"by": "seed", "val_size": 1, "seed": 0})
+    assert not (tmp_path / "t").exists()
+    stats = tokenize("alpaca", tmp_path / "v", llama_tok, tmp_path / "t", split={"by": "field"})
+    assert {name: split["samples"] for name, split in stats["splits"].items()} == {"train": 3, "val": 1, "test": 1}
+    fetched(tmp_path / "w", [{**r, "split": "train"} for r in GOOD])
+    tokenize("alpaca", tmp_path / "w", llama_tok, tmp_path / "u", split={"by": "seed", "val_size": 1, "seed": 0})
+
+
 def test_stats_json_records_the_tokenizer_by_its_vocabulary(llama_tok, llama_sp_model, tmp_path):
     """Which tokenizer made the ids: its vocabulary's digest (what train compares with the base's own tokenizer) and,
     for people, the file it was read from."""

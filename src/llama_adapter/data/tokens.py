@@ -123,6 +123,14 @@ def split_indices(n: int, rule: dict, split_field: list | None = None,
     which must include "train". `where` names the records in errors (their file)."""
     check_split_rule(rule)
     if rule["by"] == "seed":
+        # A seeded draw takes every record as a candidate for training: records that carry a held-out split of their
+        # own (a source's validation or test rows, which fetch keeps) would be drawn into it without a word.
+        held_out = sorted({str(s) for s in split_field or [] if s not in (None, "train")})
+        if held_out:
+            count = sum(s not in (None, "train") for s in split_field)
+            raise TokenizeError(f"{where}: {count} of {n} records carry a held-out split of their own "
+                                f"({', '.join(held_out)}), which a seeded validation draw would mix into training; "
+                                "expected --split-by field (the records' own splits), or records of no such split")
         size = rule["val_size"]
         k = int(round(size * n)) if isinstance(size, float) else size
         if not 0 < k < n:
