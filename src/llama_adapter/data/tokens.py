@@ -130,7 +130,8 @@ def split_indices(n: int, rule: dict, split_field: list | None = None,
             count = sum(s not in (None, "train") for s in split_field)
             raise TokenizeError(f"{where}: {count} of {n} records carry a held-out split of their own "
                                 f"({', '.join(held_out)}), which a seeded validation draw would mix into training; "
-                                "expected --split-by field (the records' own splits), or records of no such split")
+                                "expected --split-by field (the records' own splits), or records of no such split (a "
+                                "source of its train split alone)")
         size = rule["val_size"]
         k = int(round(size * n)) if isinstance(size, float) else size
         if not 0 < k < n:
