@@ -164,8 +164,8 @@ def test_seeded_split_is_disjoint_and_reproducible(llama_tok, tmp_path):
 def test_a_seeded_draw_over_records_of_held_out_splits_is_refused(llama_tok, tmp_path):
     """Alpaca from a source of several splits keeps each record's split (fetch); tokenize's default seeded draw took
     every record as a candidate for training, so the source's validation and test rows were drawn into it without a
-    word. Refused, naming the file and the splits; --split-by field keeps them apart, and records of train alone (or
-    of no split) are drawn as before."""
+    word. Refused, naming the file and the splits; --split-by field keeps them apart, --split-by seed given by name
+    draws over them all, and records of train alone (or of no split) are drawn as before."""
     from llama_adapter.errors import TokenizeError
 
     splits = ["train", "train", "val", "test", "train"]
@@ -176,6 +176,9 @@ def test_a_seeded_draw_over_records_of_held_out_splits_is_refused(llama_tok, tmp
     assert not (tmp_path / "t").exists()
     stats = tokenize("alpaca", tmp_path / "v", llama_tok, tmp_path / "t", split={"by": "field"})
     assert {name: split["samples"] for name, split in stats["splits"].items()} == {"train": 3, "val": 1, "test": 1}
+    stats = tokenize("alpaca", tmp_path / "v", llama_tok, tmp_path / "s",
+                     split={"by": "seed", "val_size": 1, "seed": 0}, draw_held_out=True)  # --split-by seed: over all
+    assert {name: split["samples"] for name, split in stats["splits"].items()} == {"train": 4, "val": 1}
     fetched(tmp_path / "w", [{**r, "split": "train"} for r in GOOD])
     tokenize("alpaca", tmp_path / "w", llama_tok, tmp_path / "u", split={"by": "seed", "val_size": 1, "seed": 0})
 

@@ -270,7 +270,7 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
     with os_errors_named():
         stats = tokenize(ns.dataset, ns.validated, tokenizer, ns.out, max_seq_len=cfg.max_seq_len,
                          mask_prompt=cfg.mask_prompt, truncation=cfg.truncation, split=split,
-                         tokenizer_name=str(ns.tokenizer))
+                         tokenizer_name=str(ns.tokenizer), draw_held_out=cfg.split_by == "seed")
     print(json.dumps(stats["splits"], indent=2))
 
 

@@ -308,9 +308,11 @@ class TokenizeConfig:
                                       "the prompt's too")
     truncation: str = setting("truncate", "a sample over --max-seq-len: cut the response's end (the paper's) or "
                                           "drop the sample; counted either way")
-    split_by: str | None = setting(None, "seed: a seeded validation draw, disjoint from training; field: the "
-                                         "records' own split", if_none="the dataset's: field for ScienceQA (its "
-                                         "train/val/test, so that test questions never train), seed for Alpaca")
+    split_by: str | None = setting(None, "seed: a seeded validation draw over every record (their own val/test "
+                                         "too), disjoint from training; field: the records' own split",
+                                   if_none="the dataset's: field for ScienceQA (its train/val/test, so that test "
+                                           "questions never train), seed for Alpaca (refused over records that carry "
+                                           "a val or test split: give field, or seed to draw all the same)")
     # A number, or its text as the command line gives it (tokenize parses it, naming val_size in its errors).
     val_size: int | float | str = setting(200, "--split-by seed: validation records (an integer) or the fraction of "
                                                "the records (a float)")

@@ -115,23 +115,25 @@ def check_split_rule(rule: dict) -> None:
             raise TokenizeError(f"split seed {seed!r}: expected an integer >= 0")
 
 
-def split_indices(n: int, rule: dict, split_field: list | None = None,
-                  where: str = "the records") -> dict[str, np.ndarray]:
+def split_indices(n: int, rule: dict, split_field: list | None = None, where: str = "the records",
+                  draw_held_out: bool = False) -> dict[str, np.ndarray]:
     """Record indices per split. rule {"by": "seed", "val_size": k or fraction, "seed": s}: a seeded
     permutation; the first k are validation, the rest training, so the two never overlap (the paper's
     code used its first 200 training records as validation). rule {"by": "field"}: the records' own split,
-    which must include "train". `where` names the records in errors (their file)."""
+    which must include "train". `where` names the records in errors (their file). draw_held_out: a seeded draw
+    over records that carry a held-out split of their own takes them in, as asked (--split-by seed); else refused."""
     check_split_rule(rule)
     if rule["by"] == "seed":
         # A seeded draw takes every record as a candidate for training: records that carry a held-out split of their
-        # own (a source's validation or test rows, which fetch keeps) would be drawn into it without a word.
+        # own (a source's validation or test rows, which fetch keeps) would be drawn into it without a word, unless
+        # the draw was asked for by name (Alpaca's default rule is a draw; ScienceQA's, the records' own split).
         held_out = sorted({str(s) for s in split_field or [] if s not in (None, "train")})
-        if held_out:
+        if held_out and not draw_held_out:
             count = sum(s not in (None, "train") for s in split_field)
             raise TokenizeError(f"{where}: {count} of {n} records carry a held-out split of their own "
                                 f"({', '.join(held_out)}), which a seeded validation draw would mix into training; "
-                                "expected --split-by field (the records' own splits), or records of no such split (a "
-                                "source of its train split alone)")
+                                "expected --split-by field (the records' own splits), --split-by seed to draw over "
+                                "them all the same, or records of no such split (a source of its train split alone)")
         size = rule["val_size"]
         k = int(round(size * n)) if isinstance(size, float) else size
         if not 0 < k < n:
@@ -177,10 +179,12 @@ def tokenize(
     truncation: str = TokenizeConfig.truncation,
     split: dict | None = None,
     tokenizer_name: str | None = None,
+    draw_held_out: bool = False,
 ) -> dict:
     """Tokenize validated records into out_dir/<split>/ arrays, plus stats.json and lengths.png. `split` is a
     split rule (TokenizeConfig.split_rule); without one, ScienceQA keeps its own splits and Alpaca gets
-    TokenizeConfig's seeded draw.
+    TokenizeConfig's seeded draw. draw_held_out: the seeded draw was asked for by name, and takes records of a
+    held-out split of their own too (split_indices).
 
     Every fault is a TokenizeError (or DataError) naming the file, record or setting: an empty or malformed
     records.jsonl, a record validate would not have kept, a split rule that leaves a split empty, an id
@@ -214,7 +218,8 @@ def tokenize(
             pid = f", pid {records[i]['pid']!r}" if dataset == "scienceqa" else ""
             return f"{source} line {lines[i][0]} (record {i}{pid})"
 
-        parts = split_indices(len(records), split, [r.get("split") for r in records], where=str(source))
+        parts = split_indices(len(records), split, [r.get("split") for r in records], where=str(source),
+                              draw_held_out=draw_held_out)
         to_sample = SAMPLE_FORMATS[dataset]
         stats = {"dataset": dataset, "max_seq_len": max_seq_len, "mask_prompt": mask_prompt,
                  "truncation": truncation, "split_rule": split, "records": len(records),
