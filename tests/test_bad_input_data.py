@@ -358,6 +358,22 @@ def test_an_output_naming_the_current_folder_or_one_above_is_refused(tmp_path, m
     assert sorted(p.name for p in here.iterdir()) == ["keep", "sub"]
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_command_writing_files_into_its_folder_may_be_given_the_current_folder(tmp_path, command):
+    """train and evaluate write their files into --out-dir / --out and remove only those after a failure: '.' is
+    a folder of their own choosing, which the refusal of '.' for the stages that write their folder whole took from
+    them. Their runs here fail on the missing base, past the output's checks."""
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "keep").write_text("the user's")
+    args = (["train", "--train-data", tmp_path / "none", "--out-dir", "."] if command == "train" else
+            ["evaluate", "--task", "scienceqa", "--data", tmp_path / "none", "--out", "."])
+    proc = cli(*args[:1], "--base", tmp_path / "no-base", *args[1:], cwd=here)
+    assert proc.returncode != 0 and "names the current folder" not in proc.stderr, proc.stderr[-2000:]
+    assert "no-base" in proc.stderr, proc.stderr[-2000:]
+    assert (here / "keep").read_text() == "the user's"
+
+
 # ---------------------------------------------------------------- stale output
 
 

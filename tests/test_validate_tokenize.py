@@ -66,6 +66,15 @@ def test_flags_are_counted_and_kept_unless_dropped(tmp_path):
     assert report.kept == 6 and report.dropped_flags == ["duplicate", "nooutput"]
 
 
+def test_a_training_record_copied_into_a_held_out_split_is_a_duplicate(tmp_path):
+    """Alpaca records now keep a multi-split source's split (fetch), and the duplicate key took every field, the
+    split too: a training record copied into the test split was no longer flagged, the very leak the flag is for.
+    The split is no part of what makes two records the same."""
+    recs = [{**GOOD[0], "split": "train"}, {**GOOD[0], "split": "test"}, {**GOOD[1], "split": "train"}]
+    report = validate("alpaca", fetched(tmp_path / "f", recs), tmp_path / "v")
+    assert dict(report.flagged) == {"duplicate": 1}
+
+
 def test_scienceqa_checks(tmp_path):
     ok = {"pid": "1", "split": "train", "question": "Q?", "choices": ["a", "b"], "answer": 1, "hint": "",
           "image": None, "has_image": False}

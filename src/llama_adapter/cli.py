@@ -1038,14 +1038,17 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
 
 
 def check_output_kinds(ns: argparse.Namespace) -> None:
-    """Before the command runs: its --out or --out-dir ends in a name of its own, not '.' or '..' (own_name), and can
-    be written (writable_output), a file where it writes a file (generate, train-tokenizer: out_is_file) and a
+    """Before the command runs: its --out or --out-dir ends in a name of its own, not '.' or '..' (own_name), where
+    the command writes it whole (not train's or evaluate's folder, which takes their files), and can be written
+    (writable_output), a file where it writes a file (generate, train-tokenizer: out_is_file) and a
     folder elsewhere. One of the other kind is no earlier output of the command, which a failure would remove as one
     (generate --out results/generations, a folder and all it holds); refused here, it is left as it is."""
+    into = {Path(p).parent for p in ns.outputs(ns)}  # folders the command writes its files into
     for key in OUTPUT_OPTIONS:
         if (path := getattr(ns, key, None)) is not None:
             flag = f"--{key.replace('_', '-')}"
-            writable_output(own_name(path, flag), flag, folder=not ns.out_is_file)
+            # train's and evaluate's outputs are files in their folder, which may then be '.'
+            writable_output(path if Path(path) in into else own_name(path, flag), flag, folder=not ns.out_is_file)
 
 
 def one_line(message: str) -> str:

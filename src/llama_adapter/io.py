@@ -11,6 +11,7 @@ this destination that exists when a write starts belongs to a run that is dead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -153,15 +154,18 @@ def atomic_dir(dest: Path, remove_on_failure: bool = False) -> Iterator[Path]:
 
 @contextmanager
 def removed_on_failure_if_new(folder: Path) -> Iterator[None]:
-    """Run the block; if it fails and `folder` was not there before it, remove `folder` whole: all it holds is the
-    failed run's, which a stage that makes its output folder as it writes (evaluate's tracker) must not leave, even
-    empty, to pass for a run's output. A folder that was there is kept: what it held before is not the run's."""
+    """Run the block; if it fails and `folder` was not there before it, remove `folder` where it is left empty: the
+    block's own clean-up (evaluate's) has removed the failed run's files, and a stage that makes its output folder as
+    it writes (evaluate's tracker) must not leave it, even empty, to pass for a run's output. Nothing else in it is
+    removed: another process may have written there meanwhile (a second evaluate, or an MLflow store given the same
+    folder). A folder that was there is kept."""
     made = not (folder.exists() or folder.is_symlink())
     try:
         yield
     except BaseException:
         if made:
-            remove_output(folder)
+            with contextlib.suppress(OSError):  # not empty (another's files), or gone
+                folder.rmdir()
         raise
 
 

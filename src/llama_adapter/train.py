@@ -701,7 +701,8 @@ def check_split_tokenizers(cfg: TrainConfig) -> str | None:
                 f"{flag} {path}: tokenized with {made} (vocabulary sha256 "
                 f"{recorded['vocabulary_sha256'][:12]}), not with the tokenizer of --base {cfg.base}, {source} "
                 f"(vocabulary sha256 {digest[:12]}): its token ids mean other tokens to the base; expected data "
-                f"tokenized with the base's own tokenizer (tokenize again with --tokenizer {source})")
+                f"tokenized with the base's own tokenizer (tokenize again with --tokenizer {source}; in the workflow, "
+                "config base.tokenizer null takes the base's own)")
     return None
 
 

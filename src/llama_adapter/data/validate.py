@@ -188,12 +188,14 @@ def record_faults(dataset: str, record: Any) -> list[Problem]:
 
 
 def duplicate_key(dataset: str, record: dict, fetched_dir: Path | None = None) -> str:
-    """What makes two records the same: every field; for ScienceQA, the same problem under another pid (its split
-    and its image's path, named after the pid, aside), with the same picture: the image's content, not its path
-    (many problems share their wording and differ by their picture alone)."""
+    """What makes two records the same: every field but its split (a training record copied into a held-out split
+    is the leak the check is for); for ScienceQA, the same problem under another pid (its image's path, named after
+    the pid, aside too), with the same picture: the image's content, not its path (many problems share their
+    wording and differ by their picture alone)."""
+    record = {k: v for k, v in record.items() if k != "split"}
     if dataset == "scienceqa":
         image = record.get("image")
-        record = {k: v for k, v in record.items() if k not in ("pid", "split", "image")}
+        record = {k: v for k, v in record.items() if k not in ("pid", "image")}
         if image is not None and fetched_dir is not None:
             record["image_sha256"] = hashlib.sha256((fetched_dir / image).read_bytes()).hexdigest()
     return json.dumps(record, sort_keys=True, ensure_ascii=False)
