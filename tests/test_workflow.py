@@ -92,6 +92,25 @@ def test_a_top_level_command_line_value_reads_as_a_config_file_does(tmp_path, te
     assert f"output: {folder}/adapters/instruction/metrics.json" in out, out[-3000:]
 
 
+@pytest.mark.parametrize("keys", [
+    ("results",), ("base", "source"), ("images", "encoder"), ("generate", "instructions"),
+    ("data", "alpaca", "source"), ("evaluate", "split"),
+])
+def test_an_empty_path_or_name_is_refused_by_the_schema(tmp_path, keys):
+    """An empty string where a folder, file, source or split is named: `results: ""` planned every output at the
+    root of the file system (/models/demo-base, /adapters/...), an empty encoder a Missing input of an empty path,
+    an empty instructions file the working folder, an empty source a fetch of ''; the schema refuses it, by key."""
+    def edit(config):
+        section = config
+        for key in keys[:-1]:
+            section = section[key]
+        section[keys[-1]] = ""
+
+    refusal = plan(tmp_path, edit, refused=True)
+    instance = "".join(f"['{k}']" for k in keys)
+    assert "'' should be non-empty" in refusal and f"On instance{instance}" in refusal, refusal[-2000:]
+
+
 def test_command_line_entries_merge_in_their_order(tmp_path):
     """`--config` entries merge as Snakemake merges them: a key given twice is its last value, even where that text
     is not YAML (Snakemake's reading of it; the first, read as YAML, was kept over it), and a mapping given twice
