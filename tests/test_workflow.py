@@ -111,6 +111,15 @@ def test_an_empty_path_or_name_is_refused_by_the_schema(tmp_path, keys):
     assert "'' should be non-empty" in refusal and f"On instance{instance}" in refusal, refusal[-2000:]
 
 
+def test_the_feature_cache_stays_in_features_whatever_the_encoder_path_ends_in(tmp_path):
+    """The cache is named after the encoder's folder: an encoder given as `CLIP/sub/..` named it `..`, and the
+    cache went to results/features/../scienceqa, out of features/. The folder is named as the path resolves."""
+    (tmp_path / "clip" / "sub").mkdir(parents=True)
+    out = plan(tmp_path, lambda c: c["images"].update(encoder=f"{tmp_path / 'clip' / 'sub'}/.."))
+    assert "output: results/features/clip/scienceqa\n" in out, out[-3000:]
+    assert "features/../" not in out, out[-3000:]
+
+
 def test_command_line_entries_merge_in_their_order(tmp_path):
     """`--config` entries merge as Snakemake merges them: a key given twice is its last value, even where that text
     is not YAML (Snakemake's reading of it; the first, read as YAML, was kept over it), and a mapping given twice

@@ -222,7 +222,9 @@ IMAGES = config["images"]
 ENCODER = (
     f"{RESULTS}/models/demo-clip" if IMAGES["encoder"] == "demo" else IMAGES["encoder"]
 )
-IMAGE_FEATURES = f"{RESULTS}/features/{Path(ENCODER).name}/scienceqa"
+# Named after the encoder's folder as its path resolves: one given as CLIP/sub/.. was named "..", which put the
+# cache out of features/ (results/features/../scienceqa).
+IMAGE_FEATURES = f"{RESULTS}/features/{Path(os.path.abspath(ENCODER)).name}/scienceqa"
 
 
 # The ablation axes, each with its values in the order its table lists them (an axis set to null, to drop one that
