@@ -120,6 +120,14 @@ def test_the_feature_cache_stays_in_features_whatever_the_encoder_path_ends_in(t
     assert "features/../" not in out, out[-3000:]
 
 
+def test_a_missing_instructions_file_is_named_by_its_key(tmp_path):
+    """generate.instructions is a file the config gives as an input, as the base and the encoder: missing, the plan
+    stopped at 'Missing input files for rule generate', naming a file rather than the config value to edit."""
+    out = plan(tmp_path, lambda c: c["generate"].update(instructions="nope/instructions.jsonl"), refused=True)
+    assert "config generate.instructions" in out and "nope/instructions.jsonl" in out, out[-2000:]
+    assert "Missing input files" not in out, out[-2000:]
+
+
 def test_command_line_entries_merge_in_their_order(tmp_path):
     """`--config` entries merge as Snakemake merges them: a key given twice is its last value, even where that text
     is not YAML (Snakemake's reading of it; the first, read as YAML, was kept over it), and a mapping given twice

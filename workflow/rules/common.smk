@@ -278,10 +278,21 @@ NAMED_EXPERIMENTS = {
 EXPERIMENTS = list(NAMED_EXPERIMENTS) + ABLATION_EXPERIMENTS
 
 
+def repository_file(path):
+    """A path from the config: as given if it exists from the working directory, else inside the repository
+    (files the workflow ships, such as workflow/resources/)."""
+    p = Path(path)
+    return str(p if p.is_absolute() or p.exists() else Path(workflow.basedir) / p)
+
+
+INSTRUCTIONS = repository_file(config["generate"]["instructions"])
+
+
 def check_given_paths_exist():
     """Every local path the config gives as an input (the base, its tokenizer, the CLIP encoder of a multimodal
-    experiment) must exist: a plan (-n) would otherwise stop at "Missing input files", naming a file rather than
-    the config value to edit. All of them at once, so that one edit-and-retry round finds them all.
+    experiment, the instructions file of an Alpaca one) must exist: a plan (-n) would otherwise stop at "Missing
+    input files", naming a file rather than the config value to edit. All of them at once, so that one
+    edit-and-retry round finds them all.
     """
     given = {
         "base.source": (
@@ -294,6 +305,11 @@ def check_given_paths_exist():
             ENCODER
             if IMAGES["encoder"] != "demo"
             and any(spec.get("images") for spec in NAMED_EXPERIMENTS.values())
+            else None
+        ),
+        "generate.instructions": (
+            INSTRUCTIONS
+            if any(spec["dataset"] == "alpaca" for spec in NAMED_EXPERIMENTS.values())
             else None
         ),
     }
@@ -715,14 +731,6 @@ def report_options():
     ]
 
 
-def repository_file(path):
-    """A path from the config: as given if it exists from the working directory, else inside the repository
-    (files the workflow ships, such as workflow/resources/)."""
-    p = Path(path)
-    return str(p if p.is_absolute() or p.exists() else Path(workflow.basedir) / p)
-
-
-INSTRUCTIONS = repository_file(config["generate"]["instructions"])
 # A config merged over config.yaml without a generate block of its own would ask a real base, trained on real
 # data, about the demo data's made-up words, and the report would print those answers. (The demo's base, or its
 # data on another base, a plumbing run, may keep them.)
