@@ -120,6 +120,18 @@ def test_the_feature_cache_stays_in_features_whatever_the_encoder_path_ends_in(t
     assert "features/../" not in out, out[-3000:]
 
 
+@pytest.mark.parametrize(("edit", "instance"), [
+    (lambda c: c["experiments"].update({"x\n": {"dataset": "alpaca"}}), "['experiments']"),
+    (lambda c: c["data"]["alpaca"].update(sha256="0" * 64 + "\n"), "['data']['alpaca']['sha256']"),
+])
+def test_a_trailing_newline_does_not_pass_a_pattern(tmp_path, edit, instance):
+    """The schema's patterns ended in `$`, which (Python's re, as jsonschema reads them) also matches before a last
+    newline: an experiment named "x\\n" passed and the plan stopped at 'Missing input files for rule report' (a
+    folder name with a newline), a sha256 pin with one failed its fetch after the plan (no digest matches it)."""
+    refusal = plan(tmp_path, edit, refused=True)
+    assert "does not match" in refusal and f"On instance{instance}" in refusal, refusal[-2000:]
+
+
 def test_a_missing_instructions_file_is_named_by_its_key(tmp_path):
     """generate.instructions is a file the config gives as an input, as the base and the encoder: missing, the plan
     stopped at 'Missing input files for rule generate', naming a file rather than the config value to edit."""
@@ -511,7 +523,7 @@ def test_the_schema_offers_the_library_choices():
     assert tuple(adapter["gate_init"]["enum"]) == GATE_INITS and tuple(adapter["method"]["enum"]) == METHODS
     assert tuple(adapter["precision"]["enum"]) == PRECISIONS
     target = "|".join(LORA_TARGETS)
-    assert adapter["lora_targets"]["pattern"] == f"^({target})(,({target}))*$"
+    assert adapter["lora_targets"]["pattern"] == f"^({target})(,({target}))*$(?!\\n)"
     stage = {name: spec.get("properties", {}) for name, spec in settings["properties"].items()}
     assert tuple(stage["tokenize"]["truncation"]["enum"]) == TRUNCATION
     assert tuple(stage["evaluate"]["mode"]["enum"]) == MODES
