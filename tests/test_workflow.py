@@ -157,6 +157,17 @@ def test_bad_config_key_is_named(tmp_path):
     assert "gate_innit" in plan(tmp_path, lambda c: c["train"].update(gate_innit="zero"), refused=True)
 
 
+def test_a_bad_key_in_a_methods_settings_is_named(tmp_path):
+    """ablations.methods.<m> is null or a method's settings: a misspelt key there was refused as "{'lr': 0.03,
+    'lrr': 0.1} is not valid under any of the given schemas" (Snakemake reports the first error, the whole
+    alternative), naming neither the key nor what was expected. Now as anywhere else: the key, by name."""
+    refusal = plan(tmp_path, lambda c: c["ablations"]["methods"]["lora"].update(lrr=0.1), refused=True)
+    assert "Additional properties are not allowed ('lrr' was unexpected)" in refusal, refusal[-2000:]
+    assert "On instance['ablations']['methods']['lora']" in refusal, refusal[-2000:]
+    refusal = plan(tmp_path, lambda c: c["ablations"]["methods"].update(lora="fast"), refused=True)
+    assert "'fast' is not of type 'object', 'null'" in refusal, refusal[-2000:]
+
+
 @pytest.mark.parametrize(("section", "key"), [
     ("tokenize", "seed"), (None, "images"), ("evaluate", "batch_size"), ("ablations", "split"),
 ])
@@ -295,10 +306,12 @@ def test_an_integer_written_as_a_float_reaches_every_command_as_an_integer(tmp_p
         config["tokenize"].update(max_seq_len=256.0)
         config["data"]["demo"].update(questions=720.0)
         config["evaluate"].update(batch_size=32.0)
+        config["ablations"]["methods"]["lora"].update(lora_rank=8.0)  # the method axis's LoRA point then trains
 
     out = plan(tmp_path, edit)
     assert "--max-seq-len 256 " in out and "--questions 720" in out and "--batch-size 32 " in out, out[-2000:]
-    assert "256.0" not in out and "720.0" not in out and "--batch-size 32.0" not in out
+    assert "--lora-rank 8 " in out, out[-2000:]
+    assert "256.0" not in out and "720.0" not in out and "--batch-size 32.0" not in out and "8.0" not in out
 
 
 @pytest.mark.parametrize(("edit", "named"), [

@@ -77,8 +77,9 @@ def numbers_as_the_cli_reads_them(value, schema, key=""):
         ref, schema = schema["$ref"], SCHEMA
         for part in ref.removeprefix("#/").split("/"):
             schema = schema[part]
-    for alternative in schema.get("anyOf", []):
-        value = numbers_as_the_cli_reads_them(value, alternative, key)
+    # settings or null (ablations.methods.<m>): the settings' own schema
+    if "then" in schema:
+        value = numbers_as_the_cli_reads_them(value, schema["then"], key)
     if isinstance(value, dict):
         extra = schema.get("additionalProperties")
         return {
