@@ -157,6 +157,15 @@ def test_bad_config_key_is_named(tmp_path):
     assert "gate_innit" in plan(tmp_path, lambda c: c["train"].update(gate_innit="zero"), refused=True)
 
 
+def test_an_experiment_name_yaml_reads_as_a_number_is_refused_by_the_schema(tmp_path):
+    """An unquoted experiment name such as 2024 is the number 2024 to YAML, which the name's pattern (a rule for
+    strings) let pass: the plan stopped with a TypeError from sorting the config's keys to hash it. The schema
+    refuses it, naming the section and what was expected (quoted, "2024" is a name)."""
+    refusal = plan(tmp_path, lambda c: c["experiments"].update({2024: {"dataset": "alpaca"}}), refused=True)
+    assert "2024 is not of type 'string'" in refusal and "On instance['experiments']" in refusal, refusal[-2000:]
+    assert "TypeError" not in refusal, refusal[-2000:]
+
+
 def test_a_bad_key_in_a_methods_settings_is_named(tmp_path):
     """ablations.methods.<m> is null or a method's settings: a misspelt key there was refused as "{'lr': 0.03,
     'lrr': 0.1} is not valid under any of the given schemas" (Snakemake reports the first error, the whole
