@@ -209,6 +209,20 @@ def test_a_point_reusing_a_training_is_retrained_through_that_training(tmp_path)
             "results/adapters/scienceqa/metrics.json)") in proc.stdout + proc.stderr, proc.stdout[-2000:]
 
 
+@pytest.mark.parametrize("path", [
+    "results/eval/instructoin/scores.json",  # a misspelt experiment
+    "results/adapters/ablations/adapter_layers~9/gate_init~zero/epochs~3/method~adapter/metrics.json",  # no point
+    "results/data/alpacca/validated",  # a misspelt dataset
+])
+def test_a_path_naming_no_experiment_or_dataset_of_the_config_is_no_rule_s(tmp_path, path):
+    """A target (or --forcerun) path whose experiment or dataset the config does not name stopped the plan with a
+    KeyError from inside a rule's input function; no rule makes it, and the plan says so, naming the path."""
+    proc = snakemake(path, "-n", "--cores", "1", "--configfile", str(REPO / "config.yaml"), cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "KeyError" not in out and "InputFunctionException" not in out, out[-2000:]
+    assert f"No rule to produce {path}" in out, out[-2000:]
+
+
 def test_a_training_whose_weights_are_gone_is_refused_at_plan_time(tmp_path):
     """metrics.json is the training rule's output (the weights' name depends on the method): with the weights deleted
     by hand, the DAG took the training as done and its forced evaluation failed on the missing file."""

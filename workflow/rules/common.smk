@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -277,6 +278,14 @@ NAMED_EXPERIMENTS = {
     name: spec for name, spec in config["experiments"].items() if spec is not None
 }
 EXPERIMENTS = list(NAMED_EXPERIMENTS) + ABLATION_EXPERIMENTS
+
+
+# A path asked for (a target, --forcerun) names an experiment of the config and a dataset the library reads: a
+# misspelt one, or a grid point the config does not hold, is "No rule to produce" it, not a KeyError raised by a
+# rule's input function.
+wildcard_constraints:
+    experiment="|".join(re.escape(e) for e in EXPERIMENTS),
+    dataset="|".join(DATASET_SPLIT_BY),
 
 
 def repository_file(path):
