@@ -224,8 +224,8 @@ IMAGES = config["images"]
 ENCODER = (
     f"{RESULTS}/models/demo-clip" if IMAGES["encoder"] == "demo" else IMAGES["encoder"]
 )
-# Named after the encoder's folder as its path resolves: one given as CLIP/sub/.. was named "..", which put the
-# cache out of features/ (results/features/../scienceqa).
+# Named after the encoder's folder as its path normalises (abspath; symlinks are not followed): one given as
+# CLIP/sub/.. was named "..", which put the cache out of features/ (results/features/../scienceqa).
 IMAGE_FEATURES = f"{RESULTS}/features/{Path(os.path.abspath(ENCODER)).name}/scienceqa"
 
 
