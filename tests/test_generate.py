@@ -195,6 +195,9 @@ class ByteTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return " ".join(map(str, ids))
 
+    def pieces(self) -> list[str | None]:
+        return [None, None, None, *(f"<byte {i}>" for i in range(3, 256))]
+
 
 def test_complete_texts_batches_prompts_of_like_length_and_answers_in_the_prompts_order(model, monkeypatch):
     """Batches of prompts of similar length, longest first (a batch is padded to its longest prompt); each text

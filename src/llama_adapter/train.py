@@ -102,16 +102,20 @@ def schedule_warning(cfg: TrainConfig, steps_per_epoch: int, first_step: int, la
     or a warm-up as long as the run or longer (--warmup-epochs >= --epochs), where the learning rate climbs to the
     end and never decays. A warning, not an error: quick runs rely on both (a one-epoch smoke training at the
     default two warm-up epochs, or at a config's one)."""
-    rates = [lr_at(s, steps_per_epoch, cfg) for s in range(first_step, last_step)]
-    if rates and max(rates) == 0:
-        steps = f"step {last_step}" if len(rates) == 1 else f"steps {first_step + 1} to {last_step}"
+    if last_step <= first_step:
+        return None
+    # The rate rises through the warm-up from 0 and falls through the decay, reaching 0 (min_lr) only past the last
+    # step: a run whose first and last steps have rate 0 has it at every step.
+    first, last = (lr_at(s, steps_per_epoch, cfg) for s in (first_step, last_step - 1))
+    if first == last == 0:
+        steps = f"step {last_step}" if last_step - first_step == 1 else f"steps {first_step + 1} to {last_step}"
         return (f"every step this run takes ({steps} of {steps_per_epoch * cfg.epochs}) has learning rate 0, where "
                 f"the warm-up of --warmup-epochs {cfg.warmup_epochs:g} starts: it trains nothing; give more steps, or "
                 "--warmup-epochs 0")
-    if cfg.warmup_epochs < cfg.epochs or not rates:
+    if cfg.warmup_epochs < cfg.epochs:
         return None
     return (f"--warmup-epochs {cfg.warmup_epochs:g} >= --epochs {cfg.epochs}: the learning rate climbs for the whole "
-            f"run and never decays, reaching {rates[-1]:g} (of its peak {cfg.peak_lr():g}) at its last step; fine "
+            f"run and never decays, reaching {last:g} (of its peak {cfg.peak_lr():g}) at its last step; fine "
             "for a quick run, otherwise give fewer warm-up epochs than epochs")
 
 
