@@ -25,7 +25,7 @@ import struct
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -520,23 +520,35 @@ def _finite_float(text: str) -> float:
 FINITE_ONLY = {"parse_constant": _no_constant, "parse_float": _finite_float}
 
 
-def _first_non_finite(value: Any, keys: list) -> tuple[list, float] | None:
-    """(the keys down to the first NaN or infinity under `value`, in the order of its text, and that number)."""
-    if isinstance(value, float) and not math.isfinite(value):
+def _first_where(value: Any, is_it: Callable[[Any], bool], keys: list | None = None) -> tuple[list, Any] | None:
+    """(the keys down to the first value under `value`, itself included, of which `is_it` holds, in the order of its
+    text, and that value); None where there is none."""
+    keys = keys or []
+    if is_it(value):
         return keys, value
     inside = (value if isinstance(value, _Pairs) else value.items() if isinstance(value, dict)
               else enumerate(value) if isinstance(value, list | tuple) else ())
     for k, v in inside:
-        if (found := _first_non_finite(v, [*keys, k])) is not None:
+        if (found := _first_where(v, is_it, [*keys, k])) is not None:
             return found
     return None
+
+
+def _non_finite(value: Any) -> bool:
+    """A NaN or an infinity: no JSON number."""
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _not_json(value: Any) -> bool:
+    """A value JSON has no type for: bytes, a date, a Decimal, as a parquet column holds them."""
+    return not (value is None or isinstance(value, str | int | float | dict | list | tuple))
 
 
 def _non_finite_place(text: str, records: bool) -> str:
     """Where in `text` the number FINITE_ONLY's hooks refused sits (_place), read again keeping every pair, as a
     hook is told no place; "" where it cannot be read again (nested too deep, a number too long after it)."""
     try:
-        found = _first_non_finite(json.loads(text, object_pairs_hook=_Pairs), [])
+        found = _first_where(json.loads(text, object_pairs_hook=_Pairs), _non_finite)
     except (RecursionError, ValueError):
         found = None
     return _place(found[0], records) if found else ""
@@ -597,16 +609,6 @@ def read_jsonl(path: str | os.PathLike, expected: str = "a JSON Lines file",
     return [value for _, value in read_jsonl_lines(path, expected, error)]
 
 
-def _first_not_json(value: Any, keys: list) -> tuple[list, Any] | None:
-    """(the keys down to the first value under `value` that JSON has no type for, and that value): bytes, a date, a
-    Decimal, as a parquet column holds them."""
-    inside = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
-    for k, v in inside:
-        if (found := _first_not_json(v, [*keys, k])) is not None:
-            return found
-    return None if value is None or isinstance(value, str | int | float | dict | list | tuple) else (keys, value)
-
-
 def json_line(value: Any, where: str, error: type[Exception] = DataError) -> str:
     """`value` as one line of a JSON Lines file. A NaN or an infinity in it is `error` naming `where` (the file and
     the record), the keys down to it and the number: json would write it as a bare NaN or Infinity, which is no
@@ -615,13 +617,13 @@ def json_line(value: Any, where: str, error: type[Exception] = DataError) -> str
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False) + "\n"
     except TypeError:
-        if (unwritable := _first_not_json(value, [])) is None:
+        if (unwritable := _first_where(value, _not_json)) is None:
             raise
         keys, other = unwritable
         raise error(f"{where}{_place(keys, records=False)}: a {type(other).__name__} ({other!r:.60}), which JSON has "
                     "no type for; expected text, numbers, true or false, lists, objects or null") from None
     except ValueError:
-        if (found := _first_non_finite(value, [])) is None:
+        if (found := _first_where(value, _non_finite)) is None:
             raise
         keys, number = found
         raise error(f"{where}{_place(keys, records=False)}: {json.dumps(number)} is no JSON number (JSON has no NaN "
