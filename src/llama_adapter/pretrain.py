@@ -67,16 +67,16 @@ def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, args: Model
         window = torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()]).to(device)  # (B, T+1)
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
-        if not math.isfinite(loss.item()):  # the weights diverged: what is written would be a base of NaN
-            raise TrainingDiverged(f"pretrain step {step + 1}/{steps}: loss {loss.item()} at --lr {lr:g}; expected a "
+        losses.append(loss.item())  # read once: the check, the summary and the log line share it
+        if not math.isfinite(losses[-1]):  # the weights diverged: what is written would be a base of NaN
+            raise TrainingDiverged(f"pretrain step {step + 1}/{steps}: loss {losses[-1]} at --lr {lr:g}; expected a "
                                    "finite loss: lower --lr")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            print(f"pretrain step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+            print(f"pretrain step {step + 1}/{steps} loss {losses[-1]:.4f}", flush=True)
     summary = {"args": args.to_dict(), "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
                "seed": seed, "corpus_tokens": len(stream), "first_loss": losses[0], "final_loss": losses[-1],
                "parameters": sum(p.numel() for p in model.parameters())}
