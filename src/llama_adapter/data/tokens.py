@@ -127,13 +127,13 @@ def split_indices(n: int, rule: dict, split_field: list | None = None, where: st
         # A seeded draw takes every record as a candidate for training: records that carry a held-out split of their
         # own (a source's validation or test rows, which fetch keeps) would be drawn into it without a word, unless
         # the draw was asked for by name (Alpaca's default rule is a draw; ScienceQA's, the records' own split).
-        held_out = sorted({str(s) for s in split_field or [] if s not in (None, "train")})
+        held_out = [s for s in split_field or [] if s not in (None, "train")]
         if held_out and not draw_held_out:
-            count = sum(s not in (None, "train") for s in split_field)
-            raise TokenizeError(f"{where}: {count} of {n} records carry a held-out split of their own "
-                                f"({', '.join(held_out)}), which a seeded validation draw would mix into training; "
-                                "expected --split-by field (the records' own splits), --split-by seed to draw over "
-                                "them all the same, or records of no such split (a source of its train split alone)")
+            raise TokenizeError(f"{where}: {len(held_out)} of {n} records carry a held-out split of their own "
+                                f"({', '.join(sorted({str(s) for s in held_out}))}), which a seeded validation draw "
+                                "would mix into training; expected --split-by field (the records' own splits), "
+                                "--split-by seed to draw over them all the same, or records of no such split (a "
+                                "source of its train split alone)")
         size = rule["val_size"]
         k = int(round(size * n)) if isinstance(size, float) else size
         if not 0 < k < n:
