@@ -279,13 +279,23 @@ def test_rows_of_one_split_with_other_floors_show_each_floor():
     """Two rows of one split scored on other questions (other digests) whose floors differ: each floor is a row,
     naming the rows it is of, not the last read standing for both (the other dropped without a word)."""
     a = answered(run("a"), range(0, 48))
-    b = answered(run("b", method="lora"), range(0, 30), questions="x" * 64)
+    b = answered(run("b", method="lora"), range(0, 40), questions="x" * 64)  # above its floor, not above a's
     a.scores["floor"] = {"position": 0, "letter": "A", "correct": 36, "n": 80, "accuracy": 45.0}
     b.scores["floor"] = {"position": 1, "letter": "B", "correct": 20, "n": 80, "accuracy": 25.0}
     floors = scienceqa_table([a, b]).query("method == 'floor'")
     assert list(floors["experiment"]) == ["no model: always (A), the questions of a",
                                           "no model: always (B), the questions of b"]
     assert list(floors["accuracy"]) == [45.0, 25.0] and list(floors["split"]) == ["val", "val"]
+    # The verdict reads each row against its own floor (the rows carry it as floor_row), one sentence a floor.
+    table = scienceqa_table([a, b])
+    assert dict(zip(table["experiment"], table["floor_row"]))["b"] == "no model: always (B), the questions of b"
+    verdict = method_verdict(table)
+    assert ("Against answering without a model (always (A), the questions of a: 45.00 [34.58, 55.88] on the val "
+            "questions), by the intervals only (the floor keeps no answers one by one to pair): overlapping it: "
+            "LLaMA-Adapter (a) 60.00 [") in verdict, verdict
+    assert ("Against answering without a model (always (B), the questions of b: 25.00 [16.81, 35.48] on the val "
+            "questions), by the intervals only (the floor keeps no answers one by one to pair): above it: LoRA (b) "
+            "50.00 [39.30, 60.70].") in verdict, verdict
 
 
 def answered(r: Run, right: range, questions: str = "q" * 64) -> Run:

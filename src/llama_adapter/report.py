@@ -646,6 +646,21 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
     """A row per experiment (each method, zero-shot included), each paired question by question with the
     LLaMA-Adapter row (paired_reference), then per split scored the no-model floor: always the answer position
     most often right in the training questions."""
+    # One row per split and floor: rows of one split scored on other questions (another digest) can have another
+    # floor, each shown (naming the rows it is of), not the last one read in place of all.
+    floors: dict[tuple, tuple[dict, list[Run]]] = {}  # (split, the floor as text) -> (the floor, its runs)
+    for r in runs:
+        if floor := r.scores.get("floor"):
+            floors.setdefault((r.scores.get("split"), json.dumps(floor, sort_keys=True)), (floor, []))[1].append(r)
+    floor_rows, floor_of = [], {}  # floor_of: id(run) -> its floor row's experiment (floor_sentence reads it)
+    for (split, _), (floor, of) in floors.items():
+        low, high = wilson_interval(floor["correct"], floor["n"])
+        shared = sum(s == split for s, _ in floors) > 1  # the split has other floors: say whose this one is
+        name = f"no model: always ({floor['letter']})" + (f", the questions of {', '.join(r.name for r in of)}"
+                                                          if shared else "")
+        floor_of |= {id(r): name for r in of}
+        floor_rows.append({"experiment": name, "method": "floor", "split": split, "questions": floor["n"],
+                           "accuracy": floor["accuracy"], "ci95_low": low, "ci95_high": high})
     rows = []
     adapter = paired_reference(runs)
     for r in runs:
@@ -659,20 +674,8 @@ def scienceqa_table(runs: list[Run]) -> pd.DataFrame:
             low, high = accuracy_interval(category["accuracy"], category["n"], category.get("correct"))
             row |= {c: category["accuracy"], f"{c}_n": category["n"], f"{c}_ci95_low": low, f"{c}_ci95_high": high,
                     f"{c}_paper": paper.get(c)}
-        rows.append(row | r.provenance)
-    # One row per split and floor: rows of one split scored on other questions (another digest) can have another
-    # floor, each shown (naming the rows it is of), not the last one read in place of all.
-    floors: dict[tuple, tuple[dict, list[Run]]] = {}  # (split, the floor as text) -> (the floor, its runs)
-    for r in runs:
-        if floor := r.scores.get("floor"):
-            floors.setdefault((r.scores.get("split"), json.dumps(floor, sort_keys=True)), (floor, []))[1].append(r)
-    for (split, _), (floor, of) in floors.items():
-        low, high = wilson_interval(floor["correct"], floor["n"])
-        shared = sum(s == split for s, _ in floors) > 1  # the split has other floors: say whose this one is
-        rows.append({"experiment": f"no model: always ({floor['letter']})"
-                                   + (f", the questions of {', '.join(r.name for r in of)}" if shared else ""),
-                     "method": "floor", "split": split, "questions": floor["n"], "accuracy": floor["accuracy"],
-                     "ci95_low": low, "ci95_high": high})
+        rows.append(row | {"floor_row": floor_of.get(id(r))} | r.provenance)
+    rows += floor_rows
     return with_integer_counts(pd.DataFrame(rows, columns=None if rows else [  # no rows: the columns still
         "experiment", "method", "paper_model", "questions", "accuracy", "ci95_low", "ci95_high", "split",
         "accuracy_paper"]))
@@ -1051,19 +1054,18 @@ def method_verdict(table: pd.DataFrame) -> str:
 
 
 def floor_sentence(table: pd.DataFrame) -> str:
-    """Each ScienceQA row against the no-model floor of its split (always the answer position most often right in
-    the training questions), by their 95% intervals: above it, overlapping it, or below it. A rough reading, not a
-    test (the floor keeps no answers one by one to pair with). Left to the table: a split with several floors (rows
-    scored on other questions), a floor or row without an interval, rows of no named split."""
-    if not {"method", "split"} <= set(table.columns):
+    """Each ScienceQA row against its no-model floor (always the answer position most often right in the training
+    questions; the row's `floor_row`), by their 95% intervals: above it, overlapping it, or below it; one sentence
+    a floor, where a split has several (rows scored on other questions). A rough reading, not a test (the floor
+    keeps no answers one by one to pair with). Left to the table: a floor or row without an interval."""
+    if not {"method", "split", "floor_row"} <= set(table.columns):
         return ""
     floors = table[(table["method"] == "floor") & table["ci95_low"].notna()]  # none on Alpaca
     sentences = []
-    for split, of_split in floors.groupby("split", sort=False):
-        rows = table[(table["method"] != "floor") & (table["split"] == split) & table["ci95_low"].notna()]
-        if len(of_split) > 1 or rows.empty:
+    for _, floor in floors.iterrows():
+        rows = table[(table["floor_row"] == floor["experiment"]) & table["ci95_low"].notna()]
+        if rows.empty:
             continue
-        floor = of_split.iloc[0]
         places: dict[str, list[str]] = {"above": [], "overlapping": [], "below": []}
         for _, row in rows.iterrows():
             places[interval_place(row, floor)].append(f"{row['method']} ({row['experiment']}) "
@@ -1071,8 +1073,8 @@ def floor_sentence(table: pd.DataFrame) -> str:
         said = "; ".join(f"{place} it: {', '.join(named)}" for place, named in places.items() if named)
         sentences.append(
             f"Against answering without a model ({floor['experiment'].removeprefix('no model: ')}: "
-            f"{interval_cell(floor['accuracy'], floor['ci95_low'], floor['ci95_high'])} on the {split} questions), "
-            f"by the intervals only (the floor keeps no answers one by one to pair): {said}."
+            f"{interval_cell(floor['accuracy'], floor['ci95_low'], floor['ci95_high'])} on the {floor['split']} "
+            f"questions), by the intervals only (the floor keeps no answers one by one to pair): {said}."
             + (" An interval overlapping the floor's leaves a model not shown to answer better than that."
                if places["overlapping"] else ""))
     return " ".join(sentences)
@@ -1197,7 +1199,8 @@ def readable_parts(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     paired = [c for c in PAIRED if c in df.columns]
     images = [c for c in IMAGE_COLUMNS if c in df.columns]
     how = ["mode"] if "mode" in df.columns else []  # how the answers were read: beside the runs that read them
-    main = df.drop(columns=[*per_category, *provenance, *paired, *images, *how], errors="ignore")
+    # floor_row (which floor row a ScienceQA row is read against) stays in the CSV: a floor row names its rows
+    main = df.drop(columns=[*per_category, *provenance, *paired, *images, *how, "floor_row"], errors="ignore")
     if "any_format_ci95_low" in main:  # one cell, as the categories': the table stays a page wide
         main = main.assign(accuracy_any_format=[
             interval_cell(*values) for values in
