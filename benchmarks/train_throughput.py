@@ -4,9 +4,10 @@ each against PEFT's implementation of the same method.
 Sample lengths are drawn from the real Alpaca length distribution (alpaca_lengths.txt, measured on
 ../shared/data with the LLaMA tokenizer, capped at --row-len as the paper truncates). --methods picks the
 methods timed (default: the adapter alone); each gets these rows, in the same run:
-- ours, packed: the library's own optimizer step (`train.train_step`: packed rows, flash varlen attention,
-  the gradient all-reduce) over a synthetic token split, --global-batch samples per step; under torchrun
-  each process takes its share, as in training. Eager, and with the blocks compiled (--compile).
+- ours, packed: the library's own training step (`train.train_step`: packed rows, flash varlen attention,
+  the gradient all-reduce; then `train.step_unless_non_finite`: the gradients checked for NaN or infinity and the
+  optimizer's step, as `train` ends every step) over a synthetic token split, --global-batch samples per step;
+  under torchrun each process takes its share, as in training. Eager, and with the blocks compiled (--compile).
 - ours, padded: one sample per row padded to --row-len, as the paper's code does (equal padding for the
   comparison with PEFT), --samples per step.
 - PEFT on HF LlamaForCausalLM (sdpa), when importable: padded to --row-len as the paper, and padded only to
@@ -61,6 +62,7 @@ from llama_adapter.train import (
     autocast,
     setup_distributed,
     step_samples,
+    step_unless_non_finite,
     train_step,
 )
 
@@ -142,24 +144,31 @@ def optimizer(model, fused: bool):
     return opt, params
 
 
-def optimizer_step(opt, loss: torch.Tensor | None = None) -> None:
-    if loss is not None:
-        loss.backward()
+def optimizer_step(opt, loss: torch.Tensor) -> None:
+    """PEFT's step: the backward and the optimizer's step (PEFT's own loop checks no gradient)."""
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def checked_step(model, opt, method: str, d: Dist) -> None:
+    """Our step's end as `train` runs it: the gradients checked for NaN or infinity, then the optimizer's step."""
+    if found := step_unless_non_finite(model, opt, method, d):
+        raise RuntimeError(f"non-finite gradients: {found}")
 
 
 def ours_packed(model, ds: TokenDataset, cfg: TrainConfig, d: Dist, opt, params, n_warmup, n_steps, name,
                 profile: bool) -> Result:
     def step(k):
         loss, real, padded = train_step(model, ds, step_samples(len(ds), cfg, k), cfg, d, params)
-        optimizer_step(opt)
+        checked_step(model, opt, cfg.method, d)
         return loss, real, padded
 
     return time_steps(name, step, n_warmup, n_steps, d, profile)
 
 
-def ours_padded(model, samples, n: int, row_len: int, opt, n_warmup, n_steps, d: Dist, profile: bool) -> Result:
+def ours_padded(model, method: str, samples, n: int, row_len: int, opt, n_warmup, n_steps, d: Dist,
+                profile: bool) -> Result:
     batches = [collate([[s] for s in samples[k * n: (k + 1) * n]], pad_id=TrainConfig.pad_id, width=row_len)
                for k in range(n_warmup + n_steps)]
 
@@ -167,7 +176,8 @@ def ours_padded(model, samples, n: int, row_len: int, opt, n_warmup, n_steps, d:
         batch = batches[k].to(d.device)
         with autocast(d.device):
             loss = token_loss_sum(model, batch) / batch.target_mask.sum()
-        optimizer_step(opt, loss)
+        loss.backward()
+        checked_step(model, opt, method, d)
         return loss.item(), batch.real_tokens, batch.padded_tokens
 
     return time_steps(f"ours, padded to {row_len}", step, n_warmup, n_steps, d, profile)
@@ -204,7 +214,7 @@ def ours_rows(method: str, ns, args: ModelArgs, adapter: AdapterArgs, lora: LoRA
         for rows in ns.micro_rows:
             packed(rows, ", compiled")
     if d.world == 1 and not ns.no_padded:
-        table.add(method, ours_padded(model, samples, ns.samples, ns.row_len, opt, ns.warmup, ns.steps, d,
+        table.add(method, ours_padded(model, method, samples, ns.samples, ns.row_len, opt, ns.warmup, ns.steps, d,
                                       ns.profile))
     if ns.compile:
         torch._dynamo.reset()  # the next method's blocks compile afresh (no recompile limit shared with these)

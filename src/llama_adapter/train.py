@@ -320,6 +320,17 @@ def non_finite_gradients(model: Transformer, method: str, d: Dist) -> list[str]:
                              for n, p in tuned_state(model, method).items() if p.grad is not None}, d)
 
 
+def step_unless_non_finite(model: Transformer, opt: torch.optim.Optimizer, method: str, d: Dist) -> list[str]:
+    """After a step's backward: the optimizer's step and the gradients cleared, unless a trained tensor's gradient
+    holds NaN or infinity (non_finite_gradients: collective); then nothing steps and those tensors are returned.
+    What every training step ends with, in train and in benchmarks/train_throughput.py alike."""
+    if found := non_finite_gradients(model, method, d):
+        return found
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return []
+
+
 def non_finite_named(named: dict[str, torch.Tensor], d: Dist) -> list[str]:
     """The tensors of `named` holding NaN or infinity, each with its counts; empty where all are finite. Collective
     (every process calls it): each checks what it holds, its own shards of a sharded tensor, one aminmax per tensor
@@ -907,13 +918,11 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
             raise TrainingDiverged(
                 f"step {step + 1} (epoch {step // steps_per_epoch}): loss {loss_value} on the batch of samples "
                 f"{sorted(train_ds.source_index[idx].tolist())} (record indices of the validated data); {kept()}")
-        if found := non_finite_gradients(model, cfg.method, d):
+        if found := step_unless_non_finite(model, opt, cfg.method, d):
             raise TrainingDiverged(
                 f"step {step + 1} (epoch {step // steps_per_epoch}): a gradient holds NaN or infinity under a finite "
                 f"loss ({loss_value:.4f}) on the batch of samples {sorted(train_ds.source_index[idx].tolist())} "
                 f"(record indices of the validated data): {listed(found)}; the optimizer did not step: {kept()}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - t0
         metrics = {"loss": loss_value, "lr": lr, "real_tokens": real, "padded_tokens": padded,
