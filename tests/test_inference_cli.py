@@ -17,6 +17,7 @@ from llama_adapter.checkpoint import save_adapter, save_meta_checkpoint
 from llama_adapter.config import AdapterArgs, LoRAArgs, ModelArgs
 from llama_adapter.data.tokens import Encoded, write_split
 from llama_adapter.lora import add_lora, is_lora_param, save_lora
+from llama_adapter.tokenizer import load_tokenizer
 
 ARGS = ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=64, max_seq_len=256)
 ADAPTER = AdapterArgs(adapter_len=3, adapter_layers=2)
@@ -115,6 +116,46 @@ def test_evaluate_alpaca_leaves_no_earlier_predictions_csv_beside_its_scores(wor
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "scores.json").is_file()
     assert not (out / "predictions.csv").exists()
+
+
+def recording(folder: Path, name: str, record: dict, tokenizer_file: Path) -> dict:
+    """Write `record` as folder/name, with the identity of the tokenizer read from tokenizer_file as its "tokenizer"
+    (as tokenize's stats.json and train's metrics.json record it); that identity."""
+    from llama_adapter.tokenizer import load_tokenizer
+
+    identity = load_tokenizer(tokenizer_file).identity()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps({**record, "tokenizer": identity}))
+    return identity
+
+
+def test_an_adapter_trained_on_another_tokenizers_data_is_refused(world, llama_sp_model, other_sp_model):
+    """An adapter trained on ids of another tokenizer was used with the base's own to encode prompts and decode
+    answers without a word. Its training's metrics.json records the tokenizer of its training data: generate,
+    evaluate and complete refuse one other than theirs naming the file, both digests and the --tokenizer to give,
+    before anything is written; one of the same vocabulary (or a metrics.json of no tokenizer, written before train
+    recorded it) is used as before."""
+    theirs = recording(world, "metrics.json", {"method": "adapter", "mlflow_run_id": "abc"}, other_sp_model)
+    ours = load_tokenizer(llama_sp_model).vocabulary_digest()
+    (world / "validated").mkdir()
+    (world / "validated" / "records.jsonl").write_text(json.dumps({"pid": "1", "question": "?", "choices": ["a", "b"],
+                                                                   "answer": 0, "split": "test"}) + "\n")
+    commands = {"generate": ("--prompts", world / "prompts.jsonl", "--out", world / "out.jsonl"),
+                "evaluate": ("--task", "scienceqa", "--mode", "likelihood", "--data", world / "validated",
+                             "--out", world / "eval"),
+                "complete": ("--prompt", "hi")}
+    for command, args in commands.items():
+        proc = run_cli(command, "--base", world / "base", "--adapter", world / "adapter.safetensors",
+                       "--max-new-tokens", "2", *args) if command != "evaluate" else \
+            run_cli(command, "--base", world / "base", "--adapter", world / "adapter.safetensors", *args)
+        one_line_error(proc, f"--adapter {world / 'adapter.safetensors'}: {world / 'metrics.json'} records",
+                       f"{other_sp_model} (vocabulary sha256 {theirs['vocabulary_sha256'][:12]})", ours[:12],
+                       f"--tokenizer {other_sp_model}")
+    assert not (world / "out.jsonl").exists() and not (world / "eval").exists()
+    recording(world, "metrics.json", {"method": "adapter", "mlflow_run_id": "abc"}, llama_sp_model)
+    proc = run_cli("generate", "--base", world / "base", "--adapter", world / "adapter.safetensors", "--prompts",
+                   world / "prompts.jsonl", "--out", world / "out.jsonl", "--max-new-tokens", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_training_of_a_lora_is_found_whether_its_folder_or_its_file_is_given(world):

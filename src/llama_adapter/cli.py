@@ -122,6 +122,7 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     continuation of the text as it is, give --template none (and --no-bos where the model lacks a BOS)."""
     import torch
 
+    from .evaluate import check_trained_tokenizer
     from .generate import generate
 
     check_device(ns.device)
@@ -129,6 +130,7 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     if ns.adapter:
         adapter_file(ns.adapter)
     tokenizer, tokenizer_path = inference_tokenizer(ns)
+    check_trained_tokenizer(tokenizer, Path(ns.base), [ns.adapter] if ns.adapter else [], "complete")
     model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize,
                                release=release_adapter(ns, [ns.adapter] if ns.adapter else []))
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
@@ -467,6 +469,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
 def cmd_generate(ns: argparse.Namespace) -> None:
     """Answer a JSONL file of prompts with one or more adapters (or a LoRA, or none: the base alone) on one loaded
     base; write JSONL."""
+    from .evaluate import check_trained_tokenizer
     from .generate import check_requested_adapters, generate_requests, lora_among, read_prompts
 
     check_device(ns.device)
@@ -486,6 +489,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
               "they answer from the text alone", file=sys.stderr)
     release = release_adapter(ns, list(adapters.values()))
     tokenizer, tokenizer_path = inference_tokenizer(ns)
+    check_trained_tokenizer(tokenizer, Path(ns.base), list(adapters.values()), "generate")
     model = load_for_inference(ns.base, adapters[lora] if lora else None, ns.device, ns.dtype, ns.quantize,
                                ns.compile)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
@@ -504,7 +508,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     """ScienceQA accuracy per category, or Alpaca held-out loss and perplexity."""
     from .data import RECORDS
     from .data.tokens import TokenDataset
-    from .evaluate import evaluate, read_questions, split_questions
+    from .evaluate import check_trained_tokenizer, evaluate, read_questions, split_questions
 
     given = [name for name in TASK_OPTIONS["scienceqa"] + TASK_OPTIONS["alpaca"] if hasattr(ns, name)]
     ignored = [f"--{name.replace('_', '-')}" for name in given if name not in TASK_OPTIONS[ns.task]]
@@ -557,6 +561,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         split_questions(records, ns.split, ns.data / RECORDS)  # before the model loads: a wrong --split
         inputs["records"] = records
     tokenizer, tokenizer_path = inference_tokenizer(ns)
+    check_trained_tokenizer(tokenizer, Path(ns.base), [ns.adapter] if ns.adapter is not None else [], "evaluate")
     model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize, ns.compile or not decodes,
                                release)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)

@@ -37,7 +37,7 @@ from .generate import batches_by_length, complete_texts, decoding_cache
 from .io import atomic_path, read_json_object, read_jsonl_lines, remove_output, removed_on_failure_if_new, write_json
 from .model import Transformer
 from .multimodal import ImageFeatures
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_made_with, recorded_tokenizer
 
 PROVENANCE_TAGS = ("config_hash", "git_commit")  # the run tags scores.json keeps for the report's provenance
 # New tokens a generated ScienceQA answer may take ("The answer is (A)." and a little more); the benchmarks read it.
@@ -210,18 +210,45 @@ def score_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset
             "sample_losses": [float(total / n) if n else None for total, n in zip(sums, counts)]}
 
 
-def training_of(base: Path, adapter: Path | None) -> dict:
-    """The metrics.json of the training that produced what is evaluated: beside the adapter, or above a fully
-    fine-tuned model's folder (adapters/<experiment>/model); {} for a base that no training of ours wrote."""
+def training_file(base: Path, adapter: Path | None) -> Path:
+    """Where the metrics.json of the training that produced what is evaluated lies: beside the adapter, or above a
+    fully fine-tuned model's folder (adapters/<experiment>/model)."""
     if adapter is not None:  # a PEFT adapter given as its folder is its run's folder, as its weights file's is
-        trained = (Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent) / TRAINING_METRICS
-    else:
-        trained = Path(base).parent / TRAINING_METRICS
+        return (Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent) / TRAINING_METRICS
+    return Path(base).parent / TRAINING_METRICS
+
+
+def training_of(base: Path, adapter: Path | None) -> dict:
+    """The metrics.json of the training that produced what is evaluated (training_file); {} for a base that no
+    training of ours wrote."""
     try:
-        metrics = read_json_object(trained, "the metrics.json train writes")
+        metrics = read_json_object(training_file(base, adapter), "the metrics.json train writes")
     except DataError:
         return {}
     return metrics if "method" in metrics else {}
+
+
+def check_trained_tokenizer(tokenizer: Tokenizer, base: Path, adapters: list[Path], command: str) -> None:
+    """Before the model loads: a fully fine-tuned --base, and each --adapter, learned the ids of the tokenizer its
+    training data was made with, which its training's metrics.json records (train keeps it); one of another vocabulary
+    than `tokenizer`, which `command` encodes and decodes with, is refused naming the option, the file, both
+    tokenizers' files and digests and the --tokenizer to give. A metrics.json of no tokenizer (written before train
+    recorded it), or none (a base no training of ours tuned, an adapter made elsewhere), is used as before,
+    unchecked."""
+    for shown, adapter in ((f"--base {base}", None), *((f"--adapter {a}", a) for a in adapters)):
+        trained = training_of(base, adapter)
+        if adapter is None and trained.get("method") != "full":  # not a full fine-tune's: a run's that merely lies
+            continue  # beside the base (an adapter's, in the same folder), or none
+        path = training_file(base, adapter)
+        recorded = recorded_tokenizer(trained, path, shown, "train it again, or remove the field to use it unchecked")
+        if recorded is None:
+            continue
+        made_with = f"--tokenizer {recorded['source']}" if recorded.get("source") else "--tokenizer of that vocabulary"
+        check_made_with(recorded, tokenizer, shown, f"{path} records it was trained on data tokenized with",
+                        f"the tokenizer {command} encodes and decodes with",
+                        f"the ids it learned mean other tokens to that one; expected {made_with} (the tokenizer of "
+                        f"its training data), or {'a model' if adapter is None else 'an adapter'} trained on data "
+                        f"tokenized with {tokenizer.source}")
 
 
 def read_questions(validated_dir: Path) -> list[dict]:
