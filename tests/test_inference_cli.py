@@ -129,6 +129,26 @@ def recording(folder: Path, name: str, record: dict, tokenizer_file: Path) -> di
     return identity
 
 
+def test_evaluate_refuses_a_heldout_split_made_by_another_tokenizer(world, llama_sp_model, other_sp_model):
+    """Held-out ids of another tokenizer that fit the base's vocabulary were scored as the base's tokens without a
+    word. The tokenizer tokenize recorded in stats.json beside --data must be the one evaluate uses (here the base's
+    own): refused naming --data, both files and both digests, before anything is written; a split of the same
+    vocabulary is scored."""
+    heldout_split(world / "tokens" / "heldout")
+    theirs = recording(world / "tokens", "stats.json", {"dataset": "alpaca"}, other_sp_model)
+    ours = recording(world / "tokens", "ours.json", {}, llama_sp_model)
+    args = ("evaluate", "--task", "alpaca", "--base", world / "base", "--data", world / "tokens" / "heldout",
+            "--out", world / "eval", "--row-len", "64")
+    proc = run_cli(*args)
+    one_line_error(proc, f"--data {world / 'tokens' / 'heldout'}: tokenized with {other_sp_model} (vocabulary sha256 "
+                   f"{theirs['vocabulary_sha256'][:12]})", str(world / "base" / "tokenizer.model"),
+                   ours["vocabulary_sha256"][:12])
+    assert not (world / "eval").exists()
+    recording(world / "tokens", "stats.json", {"dataset": "alpaca"}, llama_sp_model)
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_an_adapter_trained_on_another_tokenizers_data_is_refused(world, llama_sp_model, other_sp_model):
     """An adapter trained on ids of another tokenizer was used with the base's own to encode prompts and decode
     answers without a word. Its training's metrics.json records the tokenizer of its training data: generate,

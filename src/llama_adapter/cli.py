@@ -70,7 +70,7 @@ from .inputs import (
 )
 from .io import held_elsewhere, holds, own_name, remove_output
 from .prompts import TEMPLATES
-from .tokenizer import base_tokenizer_path, load_tokenizer
+from .tokenizer import base_tokenizer_path, check_made_with, load_tokenizer
 
 # torch and the modules that need it are imported inside the commands that use them: the data stages then
 # start in a fraction of the time, which adds up over the many short jobs of a workflow.
@@ -507,7 +507,7 @@ TASK_OPTIONS = {"scienceqa": ("split", "mode"), "alpaca": ("row_len",)}
 def cmd_evaluate(ns: argparse.Namespace) -> None:
     """ScienceQA accuracy per category, or Alpaca held-out loss and perplexity."""
     from .data import RECORDS
-    from .data.tokens import TokenDataset
+    from .data.tokens import TokenDataset, split_tokenizer
     from .evaluate import check_trained_tokenizer, evaluate, read_questions, split_questions
 
     given = [name for name in TASK_OPTIONS["scienceqa"] + TASK_OPTIONS["alpaca"] if hasattr(ns, name)]
@@ -562,6 +562,12 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
         inputs["records"] = records
     tokenizer, tokenizer_path = inference_tokenizer(ns)
     check_trained_tokenizer(tokenizer, Path(ns.base), [ns.adapter] if ns.adapter is not None else [], "evaluate")
+    if ns.task == "alpaca" and (recorded := split_tokenizer(ns.data, "--data")) is not None:
+        # as train checks its splits (one tokenized before tokenize recorded its tokenizer: unchecked, as before)
+        check_made_with(recorded, tokenizer, f"--data {ns.data}", "tokenized with", "the tokenizer evaluate uses",
+                        "its token ids mean other tokens to the model evaluated; expected data tokenized with that "
+                        f"tokenizer (tokenize again with --tokenizer {tokenizer.source}), or --tokenizer naming the "
+                        "one the data was made with, where that is the model's own")
     model = load_for_inference(ns.base, ns.adapter, ns.device, ns.dtype, ns.quantize, ns.compile or not decodes,
                                release)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
