@@ -381,6 +381,9 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
         run = client.get_run(scores["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.data.metrics["accuracy"] == scores["accuracy"]
         assert run.data.params["method"] == "adapter" and run.data.tags["experiment"] == "x"
+        # the tokenizer it encoded and decoded with, as one param (its vocabulary's digest and file)
+        assert json.loads(run.data.params["tokenizer"]) == {"vocabulary_sha256": tok.vocabulary_digest(),
+                                                             "source": tok.source}
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"scores.json", "predictions.csv", "environment"} <= artifacts
         [scored] = run.inputs.dataset_inputs  # the questions scored, in MLflow's Datasets

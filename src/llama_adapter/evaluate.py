@@ -37,7 +37,7 @@ from .generate import batches_by_length, complete_texts, decoding_cache
 from .io import atomic_path, read_json_object, read_jsonl_lines, remove_output, removed_on_failure_if_new, write_json
 from .model import Transformer
 from .multimodal import ImageFeatures
-from .tokenizer import Tokenizer, check_made_with, recorded_tokenizer
+from .tokenizer import Tokenizer, check_made_with, recorded_tokenizer, tokenizer_param
 
 PROVENANCE_TAGS = ("config_hash", "git_commit")  # the run tags scores.json keeps for the report's provenance
 # New tokens a generated ScienceQA answer may take ("The answer is (A)." and a little more); the benchmarks read it.
@@ -313,7 +313,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
                                         samples=len(heldout) if heldout is not None else None)
                 tracker.log_params({"task": ev.task, "method": method, "base": str(ev.base), "adapter": str(ev.adapter),
                                     "data": str(ev.data), "split": ev.split, "mode": ev.mode,
-                                    "training_run_id": training.get("mlflow_run_id")})
+                                    "training_run_id": training.get("mlflow_run_id"),
+                                    **tokenizer_param(tokenizer.identity())})  # the one it encodes and decodes with
                 if ev.task == "scienceqa":
                     with decoding_cache(compile_cache if compile else None, model, min(batch_size, len(records))):
                         scores, predictions = score_scienceqa(model, tokenizer, records, ev.mode, batch_size, images,
