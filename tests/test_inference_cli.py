@@ -178,6 +178,24 @@ def test_an_adapter_trained_on_another_tokenizers_data_is_refused(world, llama_s
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_a_full_fine_tune_trained_on_another_tokenizers_data_is_refused(tmp_path, llama_sp_model, other_sp_model):
+    """A fully fine-tuned model is given as --base (adapters/<experiment>/model): its training's metrics.json, above
+    it, records the tokenizer of its data, compared as an adapter's is; a run's metrics.json that merely lies beside
+    a base (an adapter's) says nothing of the base."""
+    from llama_adapter.errors import InputError
+    from llama_adapter.evaluate import check_trained_tokenizer
+
+    tokenizer = load_tokenizer(llama_sp_model)
+    theirs = recording(tmp_path / "full", "metrics.json", {"method": "full"}, other_sp_model)
+    with pytest.raises(InputError) as e:
+        check_trained_tokenizer(tokenizer, tmp_path / "full" / "model", [], "generate")
+    assert str(e.value).startswith(f"--base {tmp_path / 'full' / 'model'}: {tmp_path / 'full' / 'metrics.json'} "
+                                   f"records it was trained on data tokenized with {other_sp_model} (vocabulary "
+                                   f"sha256 {theirs['vocabulary_sha256'][:12]})"), e.value
+    recording(tmp_path / "beside", "metrics.json", {"method": "adapter"}, other_sp_model)
+    check_trained_tokenizer(tokenizer, tmp_path / "beside" / "base", [], "generate")
+
+
 def test_training_of_a_lora_is_found_whether_its_folder_or_its_file_is_given(world):
     """--adapter takes a PEFT folder or its adapter_model.safetensors alike: either finds the run's metrics.json
     (its training run and method)."""
