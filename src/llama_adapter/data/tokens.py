@@ -7,7 +7,7 @@ with punctuation can merge with the prompt's last piece (Alpaca's "### Response:
 first characters then fall among the masked positions and are not learned, as in the paper's code; stats.json
 counts those samples per split (`response_start_masked`; about 3% of Alpaca's records with LLaMA's tokenizer).
 stats.json also records the tokenizer that made the ids (`tokenizer`: Tokenizer.identity, its vocabulary's digest and
-file), which train compares with the base's own tokenizer.
+file), which train compares with the base's own tokenizer and evaluate with the one it uses (split_tokenizer).
 A split is a folder of numpy arrays read back memory-mapped:
   tokens.npy (int32, all samples concatenated), offsets.npy (int64, n+1), loss_mask.npy (bool, like
   tokens: True where the token is a training target), source_index.npy (int64: record index in the
