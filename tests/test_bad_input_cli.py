@@ -627,3 +627,18 @@ def test_a_path_that_is_not_utf8_is_named(w, tmp_path, capsys):
     one_line_error(capsys, "fetch", "--dataset", "alpaca", "--source", w / "corpus.jsonl", "--out", odd,
                    names=["--out", "odd\\udcffdir", "not UTF-8"])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["evaluate", "train"])
+@pytest.mark.parametrize("blank", ["", " "])
+def test_a_blank_run_name_is_refused(w, tmp_path, capsys, command, blank):
+    """An empty --run-name gave way to the default run name without a word (evaluate's 'evaluate TASK', train's
+    the output folder's name), as generate's --name did; refused naming the option and the value, nothing written."""
+    out = tmp_path / "out"
+    if command == "train":
+        args = train_args(w, out, "--run-name", blank)
+    else:
+        args = ("evaluate", "--task", "alpaca", "--base", w / "base", "--tokenizer", w / "tok.model", "--adapter",
+                w / "adapter.safetensors", "--data", w / "val", "--out", out, "--device", "cpu", "--run-name", blank)
+    one_line_error(capsys, *args, names=[f"--run-name {blank!r}", "no name"])
+    assert not out.exists()

@@ -590,3 +590,13 @@ def test_a_damaged_keys_file_of_a_token_split_is_named(tmp_path, keys, needle):
     (tmp_path / "train" / "keys.json").write_text(keys)
     with pytest.raises(PipelineError, match=f"{re.escape(str(tmp_path / 'train' / 'keys.json'))}.*{re.escape(needle)}"):
         TokenDataset(tmp_path / "train")
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+def test_a_blank_revision_is_refused(tmp_path, blank):
+    """An empty --revision named no revision: a hub dataset's fell back to its default branch without a word (a
+    local source's was passed over, though a revision given with one is refused); refused by option and value."""
+    (tmp_path / "alpaca.json").write_text(json.dumps(GOOD))
+    one_line_error(cli("fetch", "--dataset", "alpaca", "--source", tmp_path / "alpaca.json", "--revision", blank,
+                       "--out", tmp_path / "a"), "fetch", f"--revision {blank!r}", "no name")
+    assert not (tmp_path / "a").exists()

@@ -215,6 +215,9 @@ def cmd_fetch(ns: argparse.Namespace) -> None:
     """Fetch a dataset (hf:<id>, a URL or a local path) into a normalised folder with fetch.json."""
     from .data.fetch import fetch
 
+    if ns.revision is not None:
+        check_given_name(f"--revision {ns.revision!r}", ns.revision, "the hub dataset's revision (a branch, tag or "
+                         "commit)")
     # a split named twice is an error, not the last fraction silently winning (train=0.3 val=0.2 train=0.8)
     assign_splits = ns.assign_splits and named_paths(ns.assign_splits, "--assign-splits", "NAME=FRACTION")
     print(json.dumps(fetch(ns.dataset, ns.source, ns.out, sha256=ns.sha256, revision=ns.revision,
@@ -327,6 +330,12 @@ def cmd_train(ns: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
 
 
+def check_run_name(ns: argparse.Namespace) -> None:
+    """--run-name (train's, evaluate's), where given, names the MLflow run: not blank (check_given_name)."""
+    if ns.run_name is not None:
+        check_given_name(f"--run-name {ns.run_name!r}", ns.run_name, "the MLflow run")
+
+
 def check_compile_cache(ns: argparse.Namespace) -> None:
     if ns.compile_cache is not None and not ns.compile:
         raise InputError(f"--compile-cache {ns.compile_cache} given without --compile: nothing would be compiled")
@@ -335,6 +344,7 @@ def check_compile_cache(ns: argparse.Namespace) -> None:
 def check_train_inputs(ns: argparse.Namespace) -> None:
     """Every path train reads exists and is of the right kind before the base is loaded (the token ids are checked
     against the base's vocabulary once it is; --out-dir, before the command runs: check_output_kinds)."""
+    check_run_name(ns)
     ns.base = check_base(ns.base)
     splits = {"--train-data": token_split(ns.train_data, "--train-data")}
     if ns.val_data:
@@ -420,12 +430,16 @@ def adapter_spec(spec: str) -> tuple[str | None, str]:
     return name, path
 
 
-def check_row_name(shown: str, name: str) -> None:
-    """A name given for the model the rows are written by (generate's --name, an --adapter's NAME): a blank one
-    would stand in the rows' `adapter` field naming nothing, and an empty one would give way to a default unsaid."""
+ROWS_NAME = "the rows' adapter field"
+
+
+def check_given_name(shown: str, name: str, what: str = ROWS_NAME) -> None:
+    """A name given for `what` (the model the rows are written by: generate's --name, an --adapter's NAME; the
+    MLflow run: --run-name): a blank one would stand there naming nothing, and an empty one would give way to the
+    default unsaid."""
     if not name.strip():
-        raise InputError(f"{shown}: no name (empty or blank); expected a name for the rows' adapter field, or the "
-                         "option left out for its default")
+        raise InputError(f"{shown}: no name (empty or blank); expected a name for {what}, or the option left out for "
+                         "its default")
 
 
 def image_feature_width(adapter: Path | None) -> int:
@@ -453,7 +467,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
     parsed = [adapter_spec(spec) for spec in specs]
     for spec, (name, _) in zip(specs, parsed):
         if name is not None:  # "=PATH" names no adapter: it is not PATH alone, which path_names would name
-            check_row_name(f"--adapter {spec!r}", name)
+            check_given_name(f"--adapter {spec!r}", name)
     names = [name or path_names(Path(path))[0] for name, path in parsed]
     adapters = {}
     for spec, (name, path), plain in zip(specs, parsed, names):
@@ -475,7 +489,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     check_device(ns.device)
     check_compile_cache(ns)
     if ns.name is not None:
-        check_row_name(f"--name {ns.name!r}", ns.name)
+        check_given_name(f"--name {ns.name!r}", ns.name)
     ns.base = check_base(ns.base)
     requests, adapters = read_prompts(ns.prompts), parse_adapters(ns.adapter)
     lora = lora_among(adapters)  # refused among others before the base is loaded
@@ -518,6 +532,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
                          f"only with --task {'alpaca' if ns.task == 'scienceqa' else 'scienceqa'}")
     for name in TASK_OPTIONS["scienceqa"] + TASK_OPTIONS["alpaca"]:  # one not given: Evaluation's default
         setattr(ns, name, getattr(ns, name, getattr(Evaluation, name)))
+    check_run_name(ns)
     check_device(ns.device)
     check_compile_cache(ns)
     decodes = ns.task == "scienceqa" and ns.mode == "generate"
