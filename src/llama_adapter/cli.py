@@ -76,8 +76,11 @@ from .tokenizer import base_tokenizer_path, check_made_with, load_tokenizer
 # start in a fraction of the time, which adds up over the many short jobs of a workflow.
 
 
-def adapter_args(ns: argparse.Namespace) -> AdapterArgs:
-    return AdapterArgs(ns.adapter_len, ns.adapter_layers, ns.gate_init)
+def adapter_args(ns: argparse.Namespace, n_layers: int) -> AdapterArgs:
+    """inspect's adapter for a model of `n_layers` blocks: the options given, AdapterArgs' defaults for the others,
+    adapter_layers capped at the model's (AdapterArgs.layers_for) where it is not given."""
+    given = {name: getattr(ns, name) for name in ADAPTER_SETTINGS if hasattr(ns, name)}
+    return AdapterArgs(**{"adapter_layers": AdapterArgs.layers_for(n_layers), **given})
 
 
 def cmd_inspect(ns: argparse.Namespace) -> None:
@@ -85,11 +88,11 @@ def cmd_inspect(ns: argparse.Namespace) -> None:
     import torch
 
     from .adapter import AdaptedTransformer
-    from .checkpoint import load_model
+    from .checkpoint import base_layers, load_model
 
-    adapter = adapter_args(ns)
     if ns.model in PRESETS:
         args = ModelArgs.from_name(ns.model)
+        adapter = adapter_args(ns, args.n_layers)
         if adapter.adapter_layers > args.n_layers:
             raise InputError(f"--adapter-layers {adapter.adapter_layers}: exceeds the {args.n_layers} layers of preset "
                              f"{ns.model}; expected 1..{args.n_layers}")
@@ -101,6 +104,7 @@ def cmd_inspect(ns: argparse.Namespace) -> None:
         path = resolve_base(ns.model)
         if not path.exists():
             raise InputError(f"{ns.model}: neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint path")
+        adapter = adapter_args(ns, base_layers(path))
         model = load_model(path, adapter=adapter)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters()) - trainable
@@ -780,7 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a checkpoint path, or a hub model "
                    "ORG/NAME[@REVISION]")
-    add_dataclass_options(p, TrainConfig, only=ADAPTER_SETTINGS)
+    # absent unless given: adapter_args takes AdapterArgs' defaults, adapter_layers capped at the model's
+    add_dataclass_options(p, TrainConfig, only=ADAPTER_SETTINGS, absent_unless_given=True)
+    [layers] = [a for a in p._actions if a.dest == "adapter_layers"]
+    layers.help = layers.help.removesuffix(")") + ", or every layer of a model with fewer)"
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("complete", help=cmd_complete.__doc__, description=cmd_complete.__doc__)

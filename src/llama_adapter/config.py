@@ -199,6 +199,12 @@ class AdapterArgs:
             raise ValueError(f"adapter_layers {self.adapter_layers} exceeds the model's {args.n_layers} layers")
 
     @classmethod
+    def layers_for(cls, n_layers: int) -> int:
+        """adapter_layers where none is given for a model of `n_layers` blocks: the default (the paper's top 30),
+        or every block of a model with fewer (the demo's 3)."""
+        return min(cls.adapter_layers, n_layers)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "adapter config") -> AdapterArgs:
         return cls(**_checked_fields(cls, d, source))
 
