@@ -799,3 +799,18 @@ def test_demo_adapter_teaches_the_answer_format(demo_run):
     assert float(zero_shot["accuracy_any_format"]) > float(zero_shot["accuracy"])
     for name in ("scienceqa_lora", "scienceqa_full"):  # the baselines sit beside it, with their intervals
         assert float(rows[name]["ci95_low"]) <= float(rows[name]["accuracy"]) <= float(rows[name]["ci95_high"])
+
+
+def test_an_empty_list_of_image_layers_is_refused_by_the_schema(tmp_path):
+    """images.layers: [] passed the schema and was read as null, the encoder's default layers, without a word (an
+    empty list has no meaning: encode-images' --layers takes one or more); the schema refuses it, by key."""
+    refusal = plan(tmp_path, lambda c: c["images"].update(layers=[]), refused=True)
+    assert "[] should be non-empty" in refusal and "On instance['images']['layers']" in refusal, refusal[-2000:]
+
+
+@pytest.mark.parametrize("section", ["evaluate", "ablations"])
+def test_a_split_name_that_reads_as_an_option_is_refused_by_the_schema(tmp_path, section):
+    """A split named "-val" passed the plan wherever the splits are not known beforehand (a hub dataset keeps its
+    own names) and stopped the evaluate job, whose --split took it for an option; refused by the schema, by key."""
+    refusal = plan(tmp_path, lambda c: c[section].update(split="-val"), refused=True)
+    assert "'-val' does not match" in refusal and f"On instance['{section}']['split']" in refusal, refusal[-2000:]
