@@ -484,6 +484,20 @@ def test_an_output_over_an_input_is_refused_before_anything_runs(w, tmp_path, ca
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_an_option_that_names_no_path_is_no_input(tmp_path):
+    """Every option's value that named an existing path counted as an input: validate --dataset alpaca --out alpaca,
+    run again where its first run wrote the folder alpaca, was refused as an output over the input --dataset alpaca
+    (and an --out inside a folder so named would be). A value that is a name, not a path, is no input."""
+    (tmp_path / "fetched").mkdir()
+    (tmp_path / "fetched" / "records.jsonl").write_text(
+        "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": str(i)}) + "\n" for i in range(4)))
+    for out in ("alpaca", "alpaca", "alpaca/validated"):
+        proc = subprocess.run([sys.executable, "-m", "llama_adapter.cli", "validate", "--dataset", "alpaca",
+                               "--fetched", "fetched", "--out", out], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / out / "records.jsonl").is_file()
+
+
 def test_evaluate_refuses_scienceqa_records_validate_would_not_keep(w, tmp_path, capsys):
     """evaluate reads a validated folder's records.jsonl: a record edited since (a question with no choices, a pid
     given twice, which would count twice in the accuracy) is refused by line before the model loads."""

@@ -1020,11 +1020,19 @@ def check_utf8(ns: argparse.Namespace) -> None:
                                  "in UTF-8") from None
 
 
+# The options whose value is a name or a setting, never a path: one that happens to name an existing path (validate
+# --dataset alpaca run beside a folder alpaca, its own earlier --out) is no input of the command's.
+NOT_PATHS = {*OPTION_CHOICES, "dataset", "command", "split", "run_name", "name", "revision", "sha256", "lora_targets",
+             "drop_flag", "experiment", "ablation", "prompt", "device", "model", "val_size"}
+
+
 def given_paths(ns: argparse.Namespace) -> list[tuple[str, str | Path]]:
-    """(option, value) of every option value that names an existing path, the outputs' options apart: what the
-    command reads (an input), or may (a cache)."""
+    """(option, value) of every option value that names an existing path, the outputs' options and those that take
+    no path (NOT_PATHS) apart: what the command reads (an input), or may (a cache)."""
     given = []
     for flag, x in option_values(ns, names=False):
+        if flag[2:].replace("-", "_") in NOT_PATHS:
+            continue
         if isinstance(x, str):  # generate's --adapter NAME=PATH, unparsed
             x = adapter_spec(x)[1]
         if isinstance(x, str | Path) and str(x) and os.path.lexists(x):
