@@ -158,7 +158,7 @@ def test_output_inside_a_file(w, capsys, output):
         "generate": generate_args(w, bad),
         "evaluate": ("evaluate", "--task", "alpaca", "--base", w / "base300", "--adapter", w / "adapter.safetensors",
                      "--data", w / "val", "--out", bad, "--device", "cpu"),
-        "report": ("report", "--tokens", f"alpaca={w}", "--out", bad),
+        "report": ("report", "--tokens", f"alpaca={w / 'val'}", "--out", bad),
         "train-tokenizer": ("train-tokenizer", "--corpus", w / "corpus.jsonl", "--out", bad),
         "pretrain-base": ("pretrain-base", "--corpus", w / "corpus.jsonl", "--tokenizer", w / "tok.model", "--out", bad,
                           "--steps", "1"),
@@ -482,6 +482,41 @@ def test_an_output_over_an_input_is_refused_before_anything_runs(w, tmp_path, ca
         msg = one_line_error(capsys, *args, names=names)
         assert "would replace the input" in msg
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp_path, capsys):
+    """generate --out BASE/tokenizer.model replaced the tokenizer the run loads, and any output written inside a
+    folder a command reads (the base's: one more *.safetensors is loaded with it; a token split, a validated or a
+    training folder) changed that input; so did one over the tokenizer beside --base that no option names (Meta's
+    LLaMA-1 layout: one level up). Refused by name, through a symlink too, before the command runs; nothing written."""
+    shutil.copytree(w / "base300", tmp_path / "base")
+    shutil.copytree(w / "val", tmp_path / "val")
+    shutil.copytree(w / "base300", tmp_path / "meta" / "7B")
+    (tmp_path / "meta" / "7B" / "tokenizer.model").rename(tmp_path / "meta" / "tokenizer.model")
+    (tmp_path / "link").symlink_to(tmp_path / "base")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    gen = list(generate_args(w, tmp_path / "x", base=tmp_path / "base"))
+    cases = [
+        (generate_args(w, tmp_path / "base" / "tokenizer.model", base=tmp_path / "base"),
+         [f"--out {tmp_path / 'base' / 'tokenizer.model'} lies inside --base {tmp_path / 'base'}"]),
+        (generate_args(w, tmp_path / "base" / "g.jsonl", base=tmp_path / "base"), ["lies inside --base"]),
+        (generate_args(w, tmp_path / "link" / "g.jsonl", base=tmp_path / "base"), ["lies inside --base"]),
+        ([*gen[:gen.index("--out") + 1], tmp_path / "base" / "g.jsonl", *gen[gen.index("--out") + 2:],
+          "--tokenizer", w / "tok.model"], ["lies inside --base"]),
+        (generate_args(w, tmp_path / "meta" / "tokenizer.model", base=tmp_path / "meta" / "7B"),
+         ["is, or holds, the tokenizer", "beside --base", "without --tokenizer"]),
+        (["evaluate", "--task", "alpaca", "--base", w / "base", "--tokenizer", w / "tok.model", "--data",
+          tmp_path / "val", "--out", tmp_path / "val" / "eval", "--device", "cpu"], ["lies inside --data"]),
+        (train_args(w, tmp_path / "val" / "run", "--val-data", tmp_path / "val"),
+         ["--out-dir", "lies inside --val-data"]),
+        (["report", "--tokens", f"alpaca={tmp_path / 'val'}", "--out", tmp_path / "val" / "report"],
+         ["lies inside --tokens"]),
+    ]
+    for args, names in cases:
+        msg = one_line_error(capsys, *args, names=names)
+        assert "expected an output outside the inputs" in msg or "would replace the input" in msg, msg
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "val" / "eval").exists() and not (tmp_path / "val" / "run").exists()
 
 
 def test_an_option_that_names_no_path_is_no_input(tmp_path):

@@ -140,8 +140,8 @@ def test_bad_checkpoint_is_a_one_line_error(tmp_path):
 
 def test_train_refuses_a_job_without_the_gpus_it_asked_for(tmp_path):
     """A scheduler may hand a job fewer GPUs than requested: training stops before loading anything."""
-    proc = run_cli("train", "--base", str(tmp_path), "--train-data", str(tmp_path), "--out-dir", str(tmp_path / "o"),
-                   "--expect-gpus", "2", env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    proc = run_cli("train", "--base", str(tmp_path / "b"), "--train-data", str(tmp_path / "d"), "--out-dir",
+                   str(tmp_path / "o"), "--expect-gpus", "2", env_extra={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "requested 2 GPU(s) per node" in proc.stderr and "sees 0 (CUDA_VISIBLE_DEVICES=)" in proc.stderr
     assert not (tmp_path / "o").exists()

@@ -67,13 +67,13 @@ def test_a_job_on_a_fresh_node_reuses_what_the_first_compiled(tmp_path):
 
 
 def test_compile_cache_without_compile_is_refused(tmp_path):
-    proc = run_cli("generate", "--base", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"), "--out",
+    proc = run_cli("generate", "--base", str(tmp_path / "base"), "--prompts", str(tmp_path / "p.jsonl"), "--out",
                    str(tmp_path / "o.jsonl"), "--compile-cache", str(tmp_path / "cache"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--compile-cache" in proc.stderr and "without --compile" in proc.stderr
     (tmp_path / "d").mkdir()
-    proc = run_cli("evaluate", "--base", str(tmp_path), "--task", "alpaca", "--data", str(tmp_path / "d"), "--out",
-                   str(tmp_path / "o"), "--compile")
+    proc = run_cli("evaluate", "--base", str(tmp_path / "base"), "--task", "alpaca", "--data", str(tmp_path / "d"),
+                   "--out", str(tmp_path / "o"), "--compile")
     assert proc.returncode == 2
     assert "--compile compiles the decode step, which --task alpaca does not run" in proc.stderr
 

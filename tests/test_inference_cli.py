@@ -278,8 +278,10 @@ def test_image_features_without_a_multimodal_adapter_are_refused_before_loading(
     records.mkdir()
     (records / "records.jsonl").write_text(json.dumps({"pid": "1", "question": "?", "choices": ["a", "b"],
                                                        "answer": 0, "split": "test"}) + "\n")
+    features = world / "features"  # (an --out inside it would be refused as inside an input)
+    features.mkdir(exist_ok=True)
     for adapter, named in ((["--adapter", world / "adapter.safetensors"], "--adapter"), ([], "no --adapter")):
         proc = run_cli("evaluate", "--task", "scienceqa", "--base", world / "base", *adapter, "--data", records,
-                       "--image-features", world, "--out", world / "eval", "--mode", "likelihood")
-        one_line_error(proc, f"--image-features {world} given with {named}", "reads no image")
+                       "--image-features", features, "--out", world / "eval", "--mode", "likelihood")
+        one_line_error(proc, f"--image-features {features} given with {named}", "reads no image")
     assert not (world / "eval").exists()

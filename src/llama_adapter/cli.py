@@ -1062,20 +1062,41 @@ def datasets_behind(inputs: list[tuple[str, str | Path]]) -> list[tuple[str, Pat
     return behind
 
 
+def tokenizer_beside_base(ns: argparse.Namespace) -> list[tuple[str, Path, str]]:
+    """(what, path, where from) of the tokenizer a command with a local --base and no --tokenizer reads beside it
+    (base_tokenizer_path: in its folder, or one level up, Meta's LLaMA-1 layout); no option names it."""
+    base = getattr(ns, "base", None)
+    if getattr(ns, "tokenizer", None) is not None or not base or not os.path.lexists(base):
+        return []
+    path = base_tokenizer_path(base)
+    if path is None or holds(base, path):  # none, or inside --base: an input already
+        return []
+    return [("the tokenizer", path, f" (beside --base {base}, which the command reads without --tokenizer)")]
+
+
 def check_outputs_apart(ns: argparse.Namespace) -> None:
-    """Before the command runs: none of its outputs (--out, --out-dir, and the files it writes there) is, or
-    holds, a path it was given to read. Writing it would replace the input (fetch --out over the source's
-    folder, generate --out over its --prompts, train --out-dir in the base's folder, over its config.json)."""
+    """Before the command runs: none of its outputs (--out, --out-dir, and the files it writes there) is, holds, or
+    lies inside a path it was given to read. Writing it would replace the input (fetch --out over the source's
+    folder, generate --out over its --prompts, train --out-dir in the base's folder, over its config.json), or add
+    to a folder read whole (generate --out BASE/tokenizer.model; another *.safetensors in a base's folder is loaded
+    with it). One check for every command: its inputs are the existing paths among its options (given_paths), the
+    fetched folder behind a validated one and the tokenizer beside --base, which no option names."""
     named = [(f"--{k.replace('_', '-')} {v}", Path(v)) for k in OUTPUT_OPTIONS if (v := getattr(ns, k, None))]
     outputs = named + [(f"{path} (which {named[0][0] if named else 'it'} gets)", Path(path))
                        for path in ns.outputs(ns)]
     given = given_paths(ns)
-    inputs = [(option, path, "") for option, path in given] + datasets_behind(given)
+    inputs = [(option, path, "") for option, path in given] + datasets_behind(given) + tokenizer_beside_base(ns)
     for shown, output in outputs:
         for option, path, where in inputs:
             if holds(output, path):
                 raise InputError(f"{shown} is, or holds, {option} {path}{where}, which the command reads; writing it "
                                  "would replace the input: expected an output apart from the inputs")
+    for shown, output in outputs:  # (the more telling refusal above first, for an output that is both)
+        for option, path, where in inputs:
+            if os.path.isdir(path) and holds(path, output):
+                raise InputError(f"{shown} lies inside {option} {path}{where}, a folder the command reads; writing "
+                                 "it would change the input (a file of it replaced, or one more read with it): "
+                                 "expected an output outside the inputs")
 
 
 def check_output_kinds(ns: argparse.Namespace) -> None:
