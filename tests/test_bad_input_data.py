@@ -338,6 +338,30 @@ def test_output_over_the_fetched_folder_behind_a_validated_one_is_refused(tmp_pa
     assert sorted(p.name for p in fetched.iterdir()) == ["records.jsonl"]
 
 
+def test_an_output_inside_an_input_folder_of_a_data_stage_is_refused(tmp_path, tok):
+    """The data stages' outputs inside a folder they read (validate's inside --fetched, tokenize's inside
+    --validated, fetch's inside its local source, encode-images' inside --encoder) were written into that input;
+    refused by option before the stage runs, the input left as it was."""
+    fetched = records_dir(tmp_path / "f", GOOD)
+    validated = tmp_path / "v"
+    assert cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", validated).returncode == 0
+    (tmp_path / "clip").mkdir()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for proc, command, needle in [
+        (cli("validate", "--dataset", "alpaca", "--fetched", fetched, "--out", fetched / "v"), "validate",
+         f"--out {fetched / 'v'} lies inside --fetched {fetched}"),
+        (tokenize_cli(validated, validated / "t", tok, "--val-size", "1"), "tokenize",
+         f"--out {validated / 't'} lies inside --validated {validated}"),
+        (cli("fetch", "--dataset", "alpaca", "--source", fetched, "--out", fetched / "again"), "fetch",
+         f"--out {fetched / 'again'} lies inside --source {fetched}"),
+        (cli("encode-images", "--encoder", tmp_path / "clip", "--records", validated / "records.jsonl", "--out",
+             tmp_path / "clip" / "features"), "encode-images", "lies inside --encoder"),
+    ]:
+        one_line_error(proc, command, needle, "expected an output outside the inputs")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert set(tmp_path.rglob("*")) == {*before, fetched, validated, tmp_path / "clip"}  # nothing made
+
+
 @pytest.mark.parametrize("out", [".", "..", "sub/.."])
 def test_an_output_naming_the_current_folder_or_one_above_is_refused(tmp_path, monkeypatch, out):
     """validate --out . (or .., or sub/..) took the current folder for its output folder: the write failed on its
