@@ -94,12 +94,13 @@ def test_a_top_level_command_line_value_reads_as_a_config_file_does(tmp_path, te
 
 @pytest.mark.parametrize("keys", [
     ("results",), ("base", "source"), ("images", "encoder"), ("generate", "instructions"),
-    ("data", "alpaca", "source"), ("evaluate", "split"),
+    ("data", "alpaca", "source"), ("evaluate", "split"), ("data", "alpaca", "revision"),
 ])
 def test_an_empty_path_or_name_is_refused_by_the_schema(tmp_path, keys):
     """An empty string where a folder, file, source or split is named: `results: ""` planned every output at the
     root of the file system (/models/demo-base, /adapters/...), an empty encoder a Missing input of an empty path,
-    an empty instructions file the working folder, an empty source a fetch of ''; the schema refuses it, by key."""
+    an empty instructions file the working folder, an empty source a fetch of '', an empty revision the hub
+    dataset's default branch (the fetch rule left it out); the schema refuses it, by key."""
     def edit(config):
         section = config
         for key in keys[:-1]:
