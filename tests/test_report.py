@@ -296,6 +296,13 @@ def test_rows_of_one_split_with_other_floors_show_each_floor():
     assert ("Against answering without a model (always (B), the questions of b: 25.00 [16.81, 35.48] on the val "
             "questions), by the intervals only (the floor keeps no answers one by one to pair): above it: LoRA (b) "
             "50.00 [39.30, 60.70].") in verdict, verdict
+    # Floors of two splits that answer the same letter share a name: each split's rows are read against their own.
+    b.scores["floor"] = {"position": 0, "letter": "A", "correct": 20, "n": 80, "accuracy": 25.0}
+    b.scores["split"] = "test"
+    verdict = method_verdict(scienceqa_table([a, b]))
+    assert verdict.count("LoRA (b)") == 1 and verdict.count("LLaMA-Adapter (a)") == 1, verdict
+    assert "on the test questions), by the intervals only (the floor keeps no answers one by one to pair): above it: " \
+           "LoRA (b)" in verdict, verdict
 
 
 def answered(r: Run, right: range, questions: str = "q" * 64) -> Run:

@@ -1063,7 +1063,9 @@ def floor_sentence(table: pd.DataFrame) -> str:
     floors = table[(table["method"] == "floor") & table["ci95_low"].notna()]  # none on Alpaca
     sentences = []
     for _, floor in floors.iterrows():
-        rows = table[(table["floor_row"] == floor["experiment"]) & table["ci95_low"].notna()]
+        # a floor's name is unique within its split only (another split's floor may answer the same letter)
+        rows = table[(table["floor_row"] == floor["experiment"]) & (table["split"] == floor["split"])
+                     & table["ci95_low"].notna()]
         if rows.empty:
             continue
         places: dict[str, list[str]] = {"above": [], "overlapping": [], "below": []}
