@@ -187,6 +187,35 @@ def test_hot_swapped_adapters_equal_separately_loaded(world):
         generate_requests(base, tok, [{"prompt": "x", "adapter": "c"}], {"a": root / "a.safetensors"})
 
 
+def test_a_sampled_answer_is_the_same_whatever_adapters_answer_beside_it(world):
+    """Each request samples from a seed of its own, drawn once from the sampling's seed in the requests' order and
+    used under every adapter (complete_texts drew fresh seeds at each adapter's turn, so the second adapter's
+    answers depended on the first being there): identical adapters give identical answers, and an adapter's answer
+    to a request is the same alone as beside others."""
+    root, tok = world
+    requests = [{"id": i, "prompt": p} for i, p in enumerate(["Once upon a time", "x", "Name a colour.", "Add 2",
+                                                              "The sky is"])]
+    requests.append({"id": 5, "prompt": "Hello", "adapter": "b"})
+    sampling = Sampling(max_new_tokens=6, temperature=1.0, top_p=0.95, seed=3)
+    base = load_model(root / "base")
+
+    def answers(rows, name):
+        return [(r["id"], r["output"]) for r in rows if r["adapter"] == name]
+
+    twins = generate_requests(base, tok, requests, {"a": root / "a.safetensors", "b": root / "a.safetensors"},
+                              sampling, batch_size=2)
+    assert answers(twins, "a") == answers(twins, "b")[:5]
+    alone = generate_requests(base, tok, requests, {"b": root / "a.safetensors"}, sampling, batch_size=3)
+    assert answers(alone, "b") == answers(twins, "b")
+    assert [o for _, o in answers(alone, "b")[:5]] != complete_texts(  # sampled, not greedy
+        load_model(root / "base", root / "a.safetensors"), tok, [r["prompt"] for r in requests[:5]],
+        Sampling(max_new_tokens=6, temperature=0))
+    pair = generate_requests(base, tok, requests, {"a": root / "a.safetensors", "b": root / "b.safetensors"},
+                             sampling, batch_size=2)
+    b_alone = generate_requests(base, tok, requests, {"b": root / "b.safetensors"}, sampling, batch_size=2)
+    assert answers(pair, "b") == answers(b_alone, "b") and answers(pair, "a") == answers(twins, "a")[:5]
+
+
 @pytest.mark.parametrize("order", [("as given", "a"), ("a", "as given")])
 @pytest.mark.parametrize("holding", [None, "b"])
 def test_a_none_path_answers_with_the_model_as_it_was_given(world, order, holding):

@@ -646,21 +646,29 @@ def complete_texts(
     rows: int | None = None,
     names: list[str] | None = None,
     ids: list[list[int]] | None = None,
+    seeds: list[int] | None = None,
 ) -> list[str]:
     """The model's continuation of each prompt (BOS prepended), decoded, in batches; images as for generate. The
-    draws come from `generator` (sampling's seed is its maker's to use: generate_requests draws all its adapters'
-    answers from one), through a seed per prompt drawn in the prompts' order: a prompt's answer does not depend on
-    the batch size, on the prompts batched with it or on filler rows. Compiled, every batch decodes `rows` rows
+    draws come from `generator` (sampling's seed is its maker's to use), through a seed per prompt drawn in the
+    prompts' order (or given as `seeds`): a prompt's answer does not depend on the batch size, on the prompts
+    batched with it or on filler rows. Compiled, every batch decodes `rows` rows
     (default: as many as the first batch has), a smaller one filled up, so that one compilation serves them all.
     A prompt that leaves no position for a new token is refused before any is decoded, named by `names` (where
     each prompt came from; default: its text alone). `ids`: the prompts' token ids where the caller has them
-    already from prompt_ids (checked to fit), so as not to tokenize them again.
+    already from prompt_ids (checked to fit), so as not to tokenize them again. `seeds`: sampling, each prompt's
+    seed where the caller drew them (generate_requests: a request's seed is the same under every adapter); then
+    `generator` is not drawn from.
 
     Batches hold prompts of like length (batches_by_length), so that consecutive batches often have the same cache
     length and replay one decode step (DecodeGraphs); the texts come back in the prompts' order."""
     ids = prompt_ids(model, tokenizer, prompts, names) if ids is None else ids
     texts: list[str | None] = [None] * len(ids)
-    seeds = draw_seeds(len(ids), generator) if sampling.temperature > 0 else None
+    if seeds is not None and len(seeds) != len(ids):
+        raise ValueError(f"{len(seeds)} seeds for {len(ids)} prompts")
+    if sampling.temperature <= 0:
+        seeds = None
+    elif seeds is None:
+        seeds = draw_seeds(len(ids), generator)
     rows = (rows or min(batch_size, len(ids))) if compile else None
     with DecodeGraphs(model) as graphs:
         for batch in batches_by_length([len(i) for i in ids], batch_size, "generated"):
@@ -749,7 +757,10 @@ def generate_requests(
             as_given = (model.adapter, {k: v.detach().clone() for k, v in model.adapter_state_dict().items()})
             read = {name: r or as_given for name, r in read.items()}
             put_adapter(model, *next(iter(read.values())))  # the decode step's cache is named after its shape
+    # A request's seed is drawn once, in the requests' order, and serves it under every adapter: an adapter's answer
+    # is the same alone as beside others (fresh draws at each adapter's turn made it depend on those before it)
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
+    seeds = draw_seeds(len(requests), generator) if sampling.temperature > 0 else None
     results = []
     rows = min(batch_size, len(requests))  # every adapter's batches, compiled, decode as many rows: one compilation
     with decoding_cache(compile_cache if compile else None, model, rows):
@@ -758,7 +769,8 @@ def generate_requests(
                 put_adapter(model, *read[name])
             mine = [k for k, r in enumerate(requests) if r.get("adapter", name) == name]
             outputs = complete_texts(model, tokenizer, [prompt_text(requests[k]) for k in mine], sampling, batch_size,
-                                     generator, compile, rows=rows, ids=[ids[k] for k in mine])
+                                     compile=compile, rows=rows, ids=[ids[k] for k in mine],
+                                     seeds=None if seeds is None else [seeds[k] for k in mine])
             results += [{"id": requests[k]["id"], "adapter": name, "adapter_path": path and str(path),
                          "prompt": prompt_text(requests[k]), "output": o, "decoding": sampling.describe()}
                         for k, o in zip(mine, outputs)]
