@@ -177,7 +177,7 @@ def test_hot_swapped_adapters_equal_separately_loaded(world):
     base = load_model(root / "base")
     swapped = generate_requests(base, tok, requests, {"a": root / "a.safetensors", "b": root / "b.safetensors"},
                                 Sampling(max_new_tokens=6, temperature=0), batch_size=2)
-    assert [(r["id"], r["adapter"]) for r in swapped] == [(1, "a"), (2, "a"), (1, "b"), (2, "b"), (3, "b")]
+    assert [(r["id"], r["adapter"]) for r in swapped] == [(1, "a"), (1, "b"), (2, "a"), (2, "b"), (3, "b")]
     for r in swapped:
         alone = load_model(root / "base", root / f"{r['adapter']}.safetensors")
         request = next(q for q in requests if q["id"] == r["id"])
@@ -191,7 +191,8 @@ def test_a_sampled_answer_is_the_same_whatever_adapters_answer_beside_it(world):
     """Each request samples from a seed of its own, drawn once from the sampling's seed in the requests' order and
     used under every adapter (complete_texts drew fresh seeds at each adapter's turn, so the second adapter's
     answers depended on the first being there): identical adapters give identical answers, and an adapter's answer
-    to a request is the same alone as beside others."""
+    to a request is the same alone as beside others. The rows come in the requests' order (they came grouped by
+    adapter), each request's rows in the adapters' order."""
     root, tok = world
     requests = [{"id": i, "prompt": p} for i, p in enumerate(["Once upon a time", "x", "Name a colour.", "Add 2",
                                                               "The sky is"])]
@@ -204,6 +205,7 @@ def test_a_sampled_answer_is_the_same_whatever_adapters_answer_beside_it(world):
 
     twins = generate_requests(base, tok, requests, {"a": root / "a.safetensors", "b": root / "a.safetensors"},
                               sampling, batch_size=2)
+    assert [(r["id"], r["adapter"]) for r in twins] == [(i, n) for i in range(5) for n in "ab"] + [(5, "b")]
     assert answers(twins, "a") == answers(twins, "b")[:5]
     alone = generate_requests(base, tok, requests, {"b": root / "a.safetensors"}, sampling, batch_size=3)
     assert answers(alone, "b") == answers(twins, "b")

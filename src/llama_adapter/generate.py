@@ -736,7 +736,8 @@ def generate_requests(
     fit the base before any is used, as is every request's prompt). A None path: the model as it was given (with
     the adapter it held, if any). A LoRA is merged into the weights for good, so it answers alone (refused among
     others), merged here unless the model holds it merged already (load_for_inference merges it before fusing or
-    quantizing). With `out`, the answers are also written there as JSON Lines, whole or not at all. `release`: the
+    quantizing). The rows come in the requests' order, a request's rows in the adapters' order. With `out`, they are
+    also written there as JSON Lines, whole or not at all. `release`: the
     shape of the original-release .pth adapters among them (checkpoint.apply_adapter). Sampling: the paper's by
     default, as the `generate` command's. Compiled, the decode step's compiled code is kept in `compile_cache`
     (decoding_cache). `source`: where the requests came from, which an error names with the request's line (a
@@ -761,19 +762,20 @@ def generate_requests(
     # is the same alone as beside others (fresh draws at each adapter's turn made it depend on those before it)
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     seeds = draw_seeds(len(requests), generator) if sampling.temperature > 0 else None
-    results = []
+    answers = {}  # (request's index, adapter's index): its row
     rows = min(batch_size, len(requests))  # every adapter's batches, compiled, decode as many rows: one compilation
     with decoding_cache(compile_cache if compile else None, model, rows):
-        for name, path in adapters.items():
+        for a, (name, path) in enumerate(adapters.items()):
             if read[name] is not None:
                 put_adapter(model, *read[name])
             mine = [k for k, r in enumerate(requests) if r.get("adapter", name) == name]
             outputs = complete_texts(model, tokenizer, [prompt_text(requests[k]) for k in mine], sampling, batch_size,
                                      compile=compile, rows=rows, ids=[ids[k] for k in mine],
                                      seeds=None if seeds is None else [seeds[k] for k in mine])
-            results += [{"id": requests[k]["id"], "adapter": name, "adapter_path": path and str(path),
-                         "prompt": prompt_text(requests[k]), "output": o, "decoding": sampling.describe()}
-                        for k, o in zip(mine, outputs)]
+            answers |= {(k, a): {"id": requests[k]["id"], "adapter": name, "adapter_path": path and str(path),
+                                 "prompt": prompt_text(requests[k]), "output": o, "decoding": sampling.describe()}
+                        for k, o in zip(mine, outputs)}
+    results = [answers[key] for key in sorted(answers)]  # the requests' order, each one's adapters in theirs
     if out is not None:
         from .io import write_jsonl
 
