@@ -216,6 +216,26 @@ def test_generate_refuses_name_that_an_adapter_makes_it_ignore(world):
     assert not (world / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize("name", [None, "mine"])
+def test_generate_without_adapter_takes_requests_naming_the_rows_name(world, name):
+    """Without --adapter the base answers alone, its rows named --name (default "base"): a request naming that name
+    was refused as an adapter not given ("given: []"); it is taken. Another name is still refused, naming the one
+    the rows take."""
+    named = name or "base"
+    (world / "named.jsonl").write_text(json.dumps({"id": "a", "instruction": "Say hi.", "adapter": named}) + "\n"
+                                       + json.dumps({"id": "b", "instruction": "Name a colour."}) + "\n")
+    proc = run_cli("generate", "--base", world / "base", *(["--name", name] if name else []), "--prompts",
+                   world / "named.jsonl", "--out", world / "out.jsonl", "--temperature", "0", "--max-new-tokens", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (world / "out.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["adapter"]) for r in rows] == [("a", named), ("b", named)]
+    (world / "other.jsonl").write_text(json.dumps({"id": "a", "instruction": "Say hi.", "adapter": "else"}) + "\n")
+    proc = run_cli("generate", "--base", world / "base", *(["--name", name] if name else []), "--prompts",
+                   world / "other.jsonl", "--out", world / "other_out.jsonl", "--max-new-tokens", "2")
+    one_line_error(proc, "['else']", f"given: ['{named}']")
+    assert not (world / "other_out.jsonl").exists()
+
+
 def test_complete_refuses_sampling_options_that_greedy_decoding_ignores(world):
     """complete decodes greedily (--temperature 0 by default), so --top-p and --seed would change nothing; with a
     temperature they are taken."""

@@ -501,7 +501,10 @@ def cmd_generate(ns: argparse.Namespace) -> None:
         raise InputError(f"--name {ns.name} given with --adapter, whose names the rows take; expected --name only "
                          "without --adapter (the name of the base answering alone)")
     sampling = sampling_of(ns, PAPER_SAMPLING)
-    check_requested_adapters(requests, adapters, f"--prompts {ns.prompts} (--adapter)")
+    # without --adapter the base answers alone, its rows named --name (default "base"): a request may name that
+    answering = adapters or {ns.name or "base": None}
+    check_requested_adapters(requests, answering, f"--prompts {ns.prompts} " + (
+        "(--adapter)" if adapters else "(no --adapter: the base answers alone, its rows named by --name)"))
     if multimodal := [name for name, path in adapters.items() if image_feature_width(path)]:
         print(f"llama-adapter generate: note: {', '.join(multimodal)} read images, which --prompts do not carry: "
               "they answer from the text alone", file=sys.stderr)
@@ -511,9 +514,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     model = load_for_inference(ns.base, adapters[lora] if lora else None, ns.device, ns.dtype, ns.quantize,
                                ns.compile)
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
-    if not adapters:  # the base as loaded answers every request
-        adapters = {ns.name or "base": None}
-    rows = generate_requests(model, tokenizer, requests, adapters, sampling, ns.batch_size,
+    rows = generate_requests(model, tokenizer, requests, answering, sampling, ns.batch_size,
                              ns.compile, ns.out, release, ns.compile_cache, f"--prompts {ns.prompts}")
     print(f"{len(rows)} generations -> {ns.out}")
 
