@@ -1371,6 +1371,29 @@ def test_generations_holding_a_unicode_line_separator_are_read_whole(tmp_path):
     assert list(generations_table({"instruction": tmp_path / "g.jsonl"}, [adapter])["output"]) == outputs
 
 
+def test_generations_of_several_adapters_in_one_file_keep_each_rows_adapter(tmp_path):
+    """generate --adapter A=... --adapter B=... writes each row's adapter: the table named every row after the
+    experiment alone, so the file read as one adapter answering each id twice. Where the file holds several
+    adapters, a row is named EXPERIMENT/ADAPTER; one adapter's file (the workflow's, named after the experiment or
+    not) keeps the experiment's name."""
+    from llama_adapter.io import write_jsonl
+    from llama_adapter.report import generations_table
+
+    adapter = scored_samples(run("instruction"), [1.0])
+    write_jsonl(tmp_path / "two.jsonl", [{"id": i, "adapter": a, "prompt": "### Instruction:\nSay hi.", "output": o}
+                                         for i in (1, 2) for a, o in (("A", f"a{i}"), ("B", f"b{i}"))])
+    table = generations_table({"instruction": tmp_path / "two.jsonl"}, [adapter])
+    assert list(zip(table["adapter"], table["id"], table["output"])) == [
+        ("instruction/A", 1, "a1"), ("instruction/B", 1, "b1"), ("instruction/A", 2, "a2"), ("instruction/B", 2, "b2")]
+    write_jsonl(tmp_path / "one.jsonl", [{"id": i, "adapter": "base", "prompt": "### Instruction:\nSay hi.",
+                                          "output": "o"} for i in (1, 2)])
+    assert list(generations_table({"instruction": tmp_path / "one.jsonl"}, [adapter])["adapter"]) == ["instruction"] * 2
+    for bad in ('{"id": 1, "adapter": 3, "prompt": "p", "output": "o"}', "[1]"):  # (a list: AttributeError before)
+        (tmp_path / "bad.jsonl").write_text(bad + "\n")
+        with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'bad.jsonl'}, line 1: expected a JSON object")):
+            generations_table({"instruction": tmp_path / "bad.jsonl"}, [adapter])
+
+
 def drawn(monkeypatch, tmp_path, figure, runs, *args):
     """The Axes a figure function drew (the array of its panels, for one of several), as it was saved; `args`
     after the path."""

@@ -1116,16 +1116,24 @@ def generations_table(generations: dict[str, Path], runs: list[Run]) -> pd.DataF
         if not lines:  # generate writes a line per prompt and refuses no prompts: a file cut short, not none asked
             raise InputError(f"{path}: holds no generations; expected the JSONL generate writes, a line per prompt "
                              "(run generate again)")
+        read = []
         for n, line in enumerate(lines, 1):
             try:
                 g = json.loads(line)
-                if not all(isinstance(g.get(k), str) for k in ("prompt", "output")) or "id" not in g:
+                if (not all(isinstance(g.get(k), str) for k in ("prompt", "output")) or "id" not in g
+                        or not isinstance(g.get("adapter", ""), str)):
                     raise ValueError("keys")
-            except ValueError:
-                raise InputError(f"{path}, line {n}: expected a JSON object with id, prompt and output, as generate "
-                                 "writes") from None
+            except (ValueError, AttributeError):  # (a line that is JSON but no object has no .get)
+                raise InputError(f"{path}, line {n}: expected a JSON object with id, prompt and output (and the "
+                                 "adapter's name, a string), as generate writes") from None
+            read.append(g)
+        # a file of several adapters (generate --adapter A=... --adapter B=...): each row keeps its own, named
+        # EXPERIMENT/ADAPTER (all named after the experiment, it read as one adapter answering each id twice)
+        several = len({g.get("adapter") for g in read}) > 1
+        for g in read:
             instruction = g["prompt"].split("### Instruction:\n")[-1].split("\n\n### ")[0]
-            rows.append({"adapter": r.name, "id": g["id"], "instruction": instruction, "output": g["output"],
+            name = f"{r.name}/{g['adapter']}" if several and "adapter" in g else r.name
+            rows.append({"adapter": name, "id": g["id"], "instruction": instruction, "output": g["output"],
                          "decoding": g.get("decoding", "not recorded"), "mlflow_run": r.provenance["mlflow_run"]})
     return pd.DataFrame(rows, columns=["adapter", "id", "instruction", "output", "decoding", "mlflow_run"])
 
