@@ -691,3 +691,126 @@ def test_a_blank_run_name_is_refused(w, tmp_path, capsys, command, blank):
                 w / "adapter.safetensors", "--data", w / "val", "--out", out, "--device", "cpu", "--run-name", blank)
     one_line_error(capsys, *args, names=[f"--run-name {blank!r}", "no name"])
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- usage errors touch nothing
+
+
+def earlier_output(path: Path, files: tuple[str, ...] = ()) -> Path:
+    """An earlier run's output: a file (no `files`), or a folder holding `files`, each with a marker."""
+    if not files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("an earlier run's\n")
+        return path
+    path.mkdir(parents=True)
+    for name in files:
+        (path / name).write_text("an earlier run's\n")
+    return path
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    if path.is_file():
+        return {path.name: path.read_text()}
+    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def validated_folder(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "records.jsonl").write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."}) + "\n")
+    return root
+
+
+ADAPTER_OUT = ("adapter.safetensors", "metrics.json", "config.json")
+LORA_OUT = ("adapter_model.safetensors", "adapter_config.json", "metrics.json")
+TOKENS_OUT = ("stats.json", "lengths.png")
+EVAL_OUT = ("scores.json", "metrics.jsonl")
+
+
+def tokenize_args(w, out, *extra):
+    return ("tokenize", "--dataset", "alpaca", "--validated", validated_folder(out.parent / "validated"),
+            "--tokenizer", w / "tok.model", "--out", out, *extra)
+
+
+def evaluate_args(w, out, *extra, task="alpaca"):
+    return ("evaluate", "--task", task, "--base", w / "base", "--tokenizer", w / "tok.model", "--adapter",
+            w / "adapter.safetensors", "--data", w / "val", "--out", out, "--device", "cpu", *extra)
+
+
+def fetch_args(w, out, *extra):
+    return ("fetch", "--dataset", "scienceqa", "--source", w / "corpus.jsonl", "--out", out, *extra)
+
+
+USAGE_ERRORS = {  # id: (args(w, out), the earlier output's files (none: a file), what the message names)
+    "train-lora-target": (lambda w, o: train_args(w, o, "--method", "lora", "--lora-targets", "wq,bogus"), LORA_OUT,
+                          ["--lora-targets", "bogus"]),
+    "train-lora-dropout": (lambda w, o: train_args(w, o, "--method", "lora", "--lora-dropout", "1"), LORA_OUT,
+                           ["--lora-dropout", "dropout 1"]),
+    "train-lora-option-without-lora": (lambda w, o: train_args(w, o, "--lora-rank", "4"), ADAPTER_OUT,
+                                       ["--lora-rank 4 given with --method adapter"]),
+    "train-compile-cache": (lambda w, o: train_args(w, o, "--compile-cache", o.parent / "cc"), ADAPTER_OUT,
+                            ["--compile-cache", "without --compile"]),
+    "train-run-name": (lambda w, o: train_args(w, o, "--run-name", " "), ADAPTER_OUT, ["--run-name ' '", "no name"]),
+    "train-min-lr": (lambda w, o: train_args(w, o, "--lr", "0.001", "--min-lr", "0.01"), ADAPTER_OUT,
+                     ["--min-lr 0.01 is above the peak learning rate 0.001"]),
+    "train-fp8-full": (lambda w, o: train_args(w, o, "--method", "full", "--precision", "fp8"), ("model.safetensors",),
+                       ["--precision fp8", "method full"]),
+    "train-images-lora": (lambda w, o: train_args(w, o, "--method", "lora", "--image-features", o.parent / "f"),
+                          LORA_OUT, ["--image-features", "method lora"]),
+    "tokenize-val-size-abc": (lambda w, o: tokenize_args(w, o, "--val-size", "abc"), TOKENS_OUT,
+                              ["--val-size", "abc"]),
+    "tokenize-val-size-0": (lambda w, o: tokenize_args(w, o, "--val-size", "0"), TOKENS_OUT, ["--val-size", "0"]),
+    "tokenize-seed-with-field": (lambda w, o: tokenize_args(w, o, "--split-by", "field", "--seed", "1"), TOKENS_OUT,
+                                 ["--seed given with --split-by field"]),
+    "validate-drop-flag": (lambda w, o: ("validate", "--dataset", "alpaca", "--fetched",
+                                         validated_folder(o.parent / "fetched"), "--out", o, "--drop-flag", "bogus"),
+                           ("records.jsonl", "validation.json"), ["--drop-flag", "bogus"]),
+    "generate-top-p-greedy": (lambda w, o: generate_args(w, o, "--temperature", "0", "--top-p", "0.5"), (),
+                              ["--top-p given with --temperature 0"]),
+    "generate-compile-cache": (lambda w, o: generate_args(w, o, "--compile-cache", o.parent / "cc"), (),
+                               ["--compile-cache", "without --compile"]),
+    "generate-name-with-adapter": (lambda w, o: generate_args(w, o, "--name", "mine"), (),
+                                   ["--name mine given with --adapter"]),
+    "generate-blank-adapter-name": (lambda w, o: generate_args(w, o, adapter=f" ={w / 'adapter.safetensors'}"), (),
+                                    ["--adapter ' =", "no name"]),
+    "generate-release-shape-without-pth": (lambda w, o: generate_args(w, o, "--adapter-len", "2"), (),
+                                           ["--adapter-len given", "original-release"]),
+    "evaluate-task-options": (lambda w, o: evaluate_args(w, o, "--split", "test"), EVAL_OUT,
+                              ["--split given with --task alpaca"]),
+    "evaluate-compile": (lambda w, o: evaluate_args(w, o, "--compile"), EVAL_OUT,
+                         ["--compile compiles the decode step", "--task alpaca"]),
+    "evaluate-compile-cache": (lambda w, o: evaluate_args(w, o, "--compile-cache", o.parent / "cc"), EVAL_OUT,
+                               ["--compile-cache", "without --compile"]),
+    "evaluate-run-name": (lambda w, o: evaluate_args(w, o, "--run-name", ""), EVAL_OUT, ["--run-name ''", "no name"]),
+    "fetch-split-twice": (lambda w, o: fetch_args(w, o, "--assign-splits", "train=0.5", "train=0.5"),
+                          ("fetch.json", "records.jsonl"), ["--assign-splits", "['train'] given more than once"]),
+    "fetch-fractions": (lambda w, o: fetch_args(w, o, "--assign-splits", "train=0.5", "test=0.2"),
+                        ("fetch.json", "records.jsonl"), ["sum to 1"]),
+    "fetch-blank-revision": (lambda w, o: fetch_args(w, o, "--revision", " "), ("fetch.json", "records.jsonl"),
+                             ["--revision ' '", "no name"]),
+    "report-name-twice": (lambda w, o: ("report", "--experiment", "a", "--scores", f"a={w / 's.json'}", "--scores",
+                                        f"a={w / 't.json'}", "--tokens", f"alpaca={w}", "--out", o),
+                          ("report.md",), ["--scores", "['a'] given more than once"]),
+    "report-stray-name": (lambda w, o: ("report", "--experiment", "a", "--scores", f"b={w / 's.json'}", "--tokens",
+                                        f"alpaca={w}", "--out", o), ("report.md",),
+                          ["--scores", "['b'] name(s) no --experiment"]),
+    "report-vary-without-center": (lambda w, o: ("report", "--experiment", "a", "--scores", f"a={w / 's.json'}",
+                                                 "--tokens", f"alpaca={w}", "--vary", '{"lr": [1, 2]}', "--out", o),
+                                   ("report.md",), ["--vary", "no value in --center"]),
+}
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS)
+def test_a_usage_error_inside_a_command_touches_nothing(w, tmp_path, capsys, case):
+    """A check of an option's value or of options together, which needs no data read, is a usage error: refused
+    before the command starts, its one line ending with the --help hint, and an earlier run's outputs left as they
+    are (the commands made it, and their failure's clean-up removed them: a LoRA's finished folder, a token split's,
+    a validated folder, a generations file)."""
+    args, files, names = USAGE_ERRORS[case]
+    kind = "g.jsonl" if not files else "out"
+    out = tmp_path / "runs" / kind
+    argv = args(w, out)
+    earlier_output(out, files)
+    before = snapshot(out)
+    line = one_line_error(capsys, *argv, names=names)
+    assert line.endswith(f"(see llama-adapter {argv[0]} --help)"), line
+    assert snapshot(out) == before
