@@ -314,6 +314,20 @@ def cmd_train(ns: argparse.Namespace) -> None:
         check_world_size(ns.expect_world_size)
     check_train_inputs(ns)
     cfg = config_of(ns, TrainConfig)
+    try:
+        result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
+    except TrainingInterrupted as e:  # SIGTERM/SIGUSR1: one line (rank 0's), and the shell's code for a signal
+        if e.rank == 0:
+            print(f"llama-adapter train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+
+
+def check_train_options(ns: argparse.Namespace) -> None:
+    """train's options, each and together, before the command starts (a usage error: nothing touched)."""
+    check_run_name(ns)
+    check_compile_cache(ns)
+    cfg = config_of(ns, TrainConfig)
     if cfg.method == "lora":
         try:
             cfg.lora
@@ -325,13 +339,15 @@ def cmd_train(ns: argparse.Namespace) -> None:
         if given:
             raise InputError(f"{', '.join(given)} given with --method {cfg.method}, which trains no LoRA; expected "
                              "them only with --method lora")
-    try:
-        result = train(cfg, resume=ns.resume, keep_checkpoint=ns.keep_checkpoint)
-    except TrainingInterrupted as e:  # SIGTERM/SIGUSR1: one line (rank 0's), and the shell's code for a signal
-        if e.rank == 0:
-            print(f"llama-adapter train: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + e.signum) from None
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    if cfg.image_features and cfg.method != "adapter":
+        raise InputError(f"--image-features: images are read by the multimodal adapter; method {cfg.method} is "
+                         "text-only (leave --image-features out, or use --method adapter)")
+    if cfg.min_lr > cfg.peak_lr():  # the cosine would climb from the peak towards it
+        raise InputError(f"--min-lr {cfg.min_lr} is above the peak learning rate {cfg.peak_lr():g} (--lr, else --blr "
+                         "x --global-batch / 256); expected the schedule's end at or below its peak")
+    if cfg.precision == "fp8" and cfg.method not in ("adapter", "lora"):
+        raise InputError(f"--precision fp8 computes a frozen base's matmuls in float8; method {cfg.method} trains "
+                         "every weight (use --method adapter or lora, or --precision auto)")
 
 
 def check_run_name(ns: argparse.Namespace) -> None:
@@ -347,8 +363,8 @@ def check_compile_cache(ns: argparse.Namespace) -> None:
 
 def check_train_inputs(ns: argparse.Namespace) -> None:
     """Every path train reads exists and is of the right kind before the base is loaded (the token ids are checked
-    against the base's vocabulary once it is; --out-dir, before the command runs: check_output_kinds)."""
-    check_run_name(ns)
+    against the base's vocabulary once it is; --out-dir, before the command runs: check_output_kinds; the options
+    themselves, before that: check_train_options)."""
     ns.base = check_base(ns.base)
     splits = {"--train-data": token_split(ns.train_data, "--train-data")}
     if ns.val_data:
@@ -360,7 +376,6 @@ def check_train_inputs(ns: argparse.Namespace) -> None:
     if ns.image_features:
         existing_dir(ns.image_features, "--image-features", "a feature cache folder written by encode-images")
     check_device(ns.device)
-    check_compile_cache(ns)
 
 
 def check_base(base: str | Path) -> str:
@@ -780,7 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     # would take it for this run's (validate keeps its own failure report; inspect and complete write nothing;
     # a training's checkpoint stays for --resume).
     # held: the folder a command locks (io.hold); out_is_file: its --out is a file, not a folder (check_output_kinds)
-    parser.set_defaults(outputs=lambda ns: [], held=lambda ns: None, out_is_file=False)
+    # check: the command's checks of its options' values and combinations, which need no input read: run by main()
+    # before the command starts, each refusal is a usage error (exit 2, the --help hint) that touches no output
+    parser.set_defaults(outputs=lambda ns: [], held=lambda ns: None, out_is_file=False, check=lambda ns: None)
 
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a checkpoint path, or a hub model "
@@ -871,7 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail unless exactly this many GPUs are visible (0: no check); on several nodes, per node")
     p.add_argument("--expect-world-size", type=positive_int,
                    help="fail unless the run has exactly this many processes in all (nodes x processes per node)")
-    p.set_defaults(func=cmd_train, outputs=lambda ns: training_outputs(ns.out_dir), held=lambda ns: ns.out_dir)
+    p.set_defaults(func=cmd_train, outputs=lambda ns: training_outputs(ns.out_dir), held=lambda ns: ns.out_dir,
+                   check=check_train_options)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     add_inference_options(p)
@@ -953,9 +971,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns, unknown = parser.parse_known_args(argv)
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if unknown:  # the command's one-line usage error (the top-level parser would print its usage, naming no command)
-        [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         commands.choices[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:  # the options' values together (ns.check): a usage error like the parser's own, before anything is touched
+        ns.check(ns)
+    except PipelineError as e:
+        commands.choices[ns.command].error(one_line(str(e)))
     try:
         check_utf8(ns)
         check_outputs_apart(ns)

@@ -792,16 +792,9 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(cfg.seed)
     dtype = pick_dtype(d.device)
+    # (the settings together, --image-features with a text-only method, --min-lr above the peak, fp8 with full:
+    # refused before the command starts, by cli.check_train_options)
     images = ImageFeatures(Path(cfg.image_features)) if cfg.image_features else None
-    if images and cfg.method != "adapter":
-        raise ValueError(f"--image-features: images are read by the multimodal adapter; method {cfg.method} is "
-                         "text-only (leave --image-features out, or use --method adapter)")
-    if cfg.min_lr > cfg.peak_lr():  # the cosine would climb from the peak towards it
-        raise ValueError(f"--min-lr {cfg.min_lr} is above the peak learning rate {cfg.peak_lr():g} (--lr, else --blr x "
-                         "--global-batch / 256); expected the schedule's end at or below its peak")
-    if cfg.precision == "fp8" and cfg.method not in ("adapter", "lora"):
-        raise ValueError(f"--precision fp8 computes a frozen base's matmuls in float8; method {cfg.method} trains "
-                         "every weight (use --method adapter or lora, or --precision auto)")
     trained_with, tokenizer_warning = check_split_tokenizers(cfg)
     adapter = replace(cfg.adapter, visual_dim=images.dim) if images else cfg.adapter
     # Projections stay unfused here (fuse_projections is for decoding): measured on an H100 at 7B, the fused
