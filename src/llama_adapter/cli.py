@@ -259,17 +259,10 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
     """Tokenize validated records into per-split token arrays, stats.json and lengths.png."""
     from .data.tokens import tokenize
     from .data.validate import check_separate
-    from .errors import TokenizeError
     from .io import remove_output
 
     cfg = config_of(ns, TokenizeConfig)
     split = cfg.split_rule(ns.dataset)
-    if split["by"] == "field":
-        given = [f"--{name.replace('_', '-')}" for name in ("val_size", "seed") if hasattr(ns, name)]
-        if given:  # they would be ignored without a word
-            how = "--split-by field" if cfg.split_by else f"{ns.dataset}'s default split (--split-by field)"
-            raise TokenizeError(f"{' and '.join(given)} given with {how}, which takes the records' own split; "
-                                "expected them only with --split-by seed")
     try:
         tokenizer = load_tokenizer(ns.tokenizer)
     except TokenizerError:  # a failed run leaves no earlier run's arrays behind (never the input, though)
@@ -281,6 +274,31 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
                          mask_prompt=cfg.mask_prompt, truncation=cfg.truncation, split=split,
                          tokenizer_name=str(ns.tokenizer), draw_held_out=cfg.split_by == "seed")
     print(json.dumps(stats["splits"], indent=2))
+
+
+def check_tokenize_options(ns: argparse.Namespace) -> None:
+    """tokenize's options together, before the command starts (a usage error: nothing touched)."""
+    cfg = config_of(ns, TokenizeConfig)
+    if cfg.split_rule(ns.dataset)["by"] == "field":
+        given = [f"--{name.replace('_', '-')}" for name in ("val_size", "seed") if hasattr(ns, name)]
+        if given:  # they would be ignored without a word
+            how = "--split-by field" if cfg.split_by else f"{ns.dataset}'s default split (--split-by field)"
+            raise InputError(f"{' and '.join(given)} given with {how}, which takes the records' own split; "
+                             "expected them only with --split-by seed")
+
+
+def val_size(text: str) -> int | float:
+    """--val-size: a number of validation records or a fraction of the records (tokens.parse_val_size), within
+    what a seeded split takes (tokens.check_split_rule); whether the records have that many is tokenize's to say."""
+    from .data.tokens import check_split_rule, parse_val_size
+    from .errors import TokenizeError
+
+    try:
+        size = parse_val_size(text)
+        check_split_rule({"by": "seed", "val_size": size})
+    except TokenizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return size
 
 
 @contextmanager
@@ -780,6 +798,7 @@ OPTION_TYPES = {
     "lora_alpha": positive_float, "lora_dropout": non_negative_float, "steps": positive_int, "batch_size": positive_int,
     "seq_len": token_count, "max_new_tokens": token_count, "temperature": non_negative_float, "top_p": top_p,
     "vocab_size": positive_int, "max_seq_len": token_count, "seed": random_seed, "split_seed": random_seed,
+    "val_size": val_size,
 }
 OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init": GATE_INITS,
                   "truncation": TRUNCATION, "split_by": SPLIT_BY, "dtype": DTYPES, "task": TASKS, "mode": MODES,
@@ -788,6 +807,8 @@ OPTION_CHOICES = {"method": [m for m in METHODS if m != "zero-shot"], "gate_init
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.validate import ALL_FLAGS
+
     parser = argparse.ArgumentParser(prog="llama-adapter", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
@@ -863,8 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetched", required=True, type=Path, help="folder written by fetch")
     p.add_argument("--out", required=True, type=Path, help="the folder for the kept records and validation.json")
     add_dataclass_options(p, ValidateConfig)
-    p.add_argument("--drop-flag", action="append", default=[],
-                   help="also drop records with this flag (empty_output, nooutput, duplicate, image_missing)")
+    p.add_argument("--drop-flag", action="append", default=[], choices=ALL_FLAGS,
+                   help=f"also drop records with this flag ({', '.join(ALL_FLAGS)}); repeatable")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("tokenize", help=cmd_tokenize.__doc__, description=cmd_tokenize.__doc__)
@@ -875,7 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "lengths.png")
     # Absent unless given, so that --val-size and --seed with --split-by field can be refused.
     add_dataclass_options(p, TokenizeConfig, absent_unless_given=True)
-    p.set_defaults(func=cmd_tokenize, outputs=lambda ns: [ns.out])
+    p.set_defaults(func=cmd_tokenize, outputs=lambda ns: [ns.out], check=check_tokenize_options)
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     add_dataclass_options(p, TrainConfig)

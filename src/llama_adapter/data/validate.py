@@ -221,17 +221,18 @@ def validate(
     check_separate(fetched_dir, out_dir, "--fetched")
     source = fetched_dir / RECORDS
     failure = None
+    # Settings it cannot follow touch nothing (the command line refuses them as it parses them)
+    if policy not in POLICIES:
+        raise ValidationError(f"validation policy {policy!r} is unknown; expected one of {', '.join(POLICIES)}")
+    if dataset not in DATASETS:
+        raise ValidationError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    drop_flags = sorted(set(drop_flags))
+    unknown = [f for f in drop_flags if f not in ALL_FLAGS]
+    if unknown:
+        raise ValidationError(f"drop flag {', '.join(map(repr, unknown))} is unknown; expected one of "
+                              f"{', '.join(ALL_FLAGS)}")
     # Any failure from here on removes out_dir: an earlier run's records.jsonl must not outlive a failed run.
     with atomic_dir(out_dir, remove_on_failure=True) as tmp:
-        if policy not in POLICIES:
-            raise ValidationError(f"validation policy {policy!r} is unknown; expected one of {', '.join(POLICIES)}")
-        if dataset not in DATASETS:
-            raise ValidationError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-        drop_flags = sorted(set(drop_flags))
-        unknown = [f for f in drop_flags if f not in ALL_FLAGS]
-        if unknown:
-            raise ValidationError(f"drop flag {', '.join(map(repr, unknown))} is unknown; expected one of "
-                                  f"{', '.join(ALL_FLAGS)}")
         check: Callable[[Any], tuple[list[Problem], list[Problem]]]
         if dataset == "alpaca":
             check = check_alpaca
