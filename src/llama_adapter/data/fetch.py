@@ -119,13 +119,7 @@ def fetch(dataset: str, source: str, out_dir: Path, sha256: str | None = None, r
     pids, does (the module's docstring says how).
     """
     refusals = Refusals(source, policy)
-    if dataset not in ACCEPTED:
-        raise FetchError(f"unknown dataset {dataset!r}; expected one of {sorted(ACCEPTED)}")
-    if not source.removeprefix("hf:"):  # Path("") is the current folder: whatever lies there would be fetched
-        raise FetchError(f"--source {source!r} names no path; expected hf:<dataset id or local folder>, an http(s) "
-                         f"URL, or a local path: {ACCEPTED[dataset]}")
-    if assign_splits is not None:
-        _check_fractions(dataset, assign_splits)
+    check_fetch_options(dataset, source, sha256, revision, assign_splits)
     out_dir = Path(out_dir)
     local = Path(source.removeprefix("hf:")).expanduser()  # a local source's path (an hf: folder's too)
     hub, remote = source.startswith("hf:"), source.startswith(("http://", "https://"))
@@ -198,6 +192,26 @@ def assign_split_names(keys: list[str], fractions: dict[str, float], seed: int) 
     return split_of
 
 
+def check_fetch_options(dataset: str, source: str, sha256: str | None = None, revision: str | None = None,
+                        assign_splits: dict[str, float] | None = None) -> None:
+    """The settings of a fetch, each and together, before anything is read or written (the command line runs it
+    before the command starts: a usage error): a known dataset, a source naming a path, a pin of its kind (a
+    revision for a hub dataset, a sha256 for the others), split fractions it can follow."""
+    if dataset not in ACCEPTED:
+        raise FetchError(f"unknown dataset {dataset!r}; expected one of {sorted(ACCEPTED)}")
+    if not source.removeprefix("hf:"):  # Path("") is the current folder: whatever lies there would be fetched
+        raise FetchError(f"--source {source!r} names no path; expected hf:<dataset id or local folder>, an http(s) "
+                         f"URL, or a local path: {ACCEPTED[dataset]}")
+    if source.startswith("hf:") and sha256:
+        raise FetchError(f"{source}: a sha256 cannot pin a hub dataset; pin its `revision` instead")
+    # a revision of another source: fetch.json would record it as this data's provenance, though nothing could check it
+    if not source.startswith("hf:") and revision:
+        raise FetchError(f"{source}: a revision pins a hub dataset (hf:...); a URL or local source is pinned by its "
+                         "sha256 instead")
+    if assign_splits is not None:
+        _check_fractions(dataset, assign_splits)
+
+
 def _check_fractions(dataset: str, fractions: dict[str, float]) -> None:
     if dataset != "scienceqa":
         raise FetchError(f"assigning splits applies to scienceqa records (alpaca's split is made by tokenize), "
@@ -238,16 +252,11 @@ def _reassign(records_path: Path, fractions: dict[str, float], seed: int, source
 
 def _open(dataset: str, source: str, sha256: str | None, revision: str | None, scratch: Path,
           refusals: Refusals) -> Source:
-    if source.startswith("hf:"):
-        if sha256:
-            raise FetchError(f"{source}: a sha256 cannot pin a hub dataset; pin its `revision` instead")
+    if source.startswith("hf:"):  # (a pin of the other kind: refused by check_fetch_options)
         splits, revision = _load_hub(dataset, source, revision)
         # A path-only image of a hub dataset is read only from inside a local folder named as the source.
         local = Path(source.removeprefix("hf:")).expanduser()
         return Source("hf", None, revision, SPLIT_READERS[dataset](splits, local if local.is_dir() else None, source))
-    if revision:  # fetch.json would record it as this data's provenance, though nothing could check it
-        raise FetchError(f"{source}: a revision pins a hub dataset (hf:...); a URL or local source is pinned by its "
-                         "sha256 instead")
     if source.startswith(("http://", "https://")):
         path, kind = _download(dataset, source, scratch), "url"
     else:
