@@ -699,16 +699,29 @@ def cmd_report(ns: argparse.Namespace) -> None:
     """The paper's tables (CSV, Markdown, LaTeX) and figures (PNG and PDF), with report.md, from the files it is
     given by role: each row's scores, training folder and generations, each dataset's tokenize folder, and the
     benchmarks' timings (--train-benchmark, --benchmarks)."""
-    from .report import ReportInputs, write_report
+    from .report import write_report
 
-    inputs = ReportInputs(
+    tables = write_report(ns.out, report_inputs(ns), ns.center, ns.vary)
+    print(json.dumps({name: len(df) for name, df in tables.items()}))
+
+
+def report_inputs(ns: argparse.Namespace):
+    """report's inputs by role (report.ReportInputs); a NAME given twice in one role is refused (named_paths)."""
+    from .report import ReportInputs
+
+    return ReportInputs(
         experiments=ns.experiment, ablations=ns.ablation, scores=named_paths(ns.scores, "--scores"),
         trainings=named_paths(ns.training, "--training"),
         train_benchmarks=named_paths(ns.train_benchmark, "--train-benchmark"),
         generations=named_paths(ns.generations, "--generations"), tokens=named_paths(ns.tokens, "--tokens"),
         benchmarks=ns.benchmarks)
-    tables = write_report(ns.out, inputs, ns.center, ns.vary)
-    print(json.dumps({name: len(df) for name, df in tables.items()}))
+
+
+def check_report_options(ns: argparse.Namespace) -> None:
+    """report's options together, by name alone, before the command starts (a usage error: nothing touched)."""
+    from .report import check_report_options as check_roles
+
+    check_roles(report_inputs(ns), ns.center, ns.vary)
 
 
 def named_paths(items: list[tuple[str, object]], flag: str, form: str = "NAME=PATH") -> dict[str, object]:
@@ -1027,7 +1040,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON: each ablation axis and its values, in the order its table lists them (ablations.vary; "
                         "default: {}, no ablation tables)")
     p.add_argument("--out", required=True, type=Path, help="the report folder (written whole, or not at all)")
-    p.set_defaults(func=cmd_report, outputs=lambda ns: [ns.out])
+    p.set_defaults(func=cmd_report, outputs=lambda ns: [ns.out], check=check_report_options)
     return parser
 
 
@@ -1037,14 +1050,14 @@ def main(argv: list[str] | None = None) -> int:
     [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if unknown:  # the command's one-line usage error (the top-level parser would print its usage, naming no command)
         commands.choices[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    try:  # the options' values together (ns.check): a usage error like the parser's own, before anything is touched
-        ns.check(ns)
-    except PipelineError as e:
-        commands.choices[ns.command].error(one_line(str(e)))
     try:
         check_utf8(ns)
         check_outputs_apart(ns)
         check_output_kinds(ns)
+        try:  # the options' values together (ns.check): a usage error like the parser's own, before anything is touched
+            ns.check(ns)
+        except PipelineError as e:
+            commands.choices[ns.command].error(one_line(str(e)))
         try:
             # SIGTERM (scancel, a time limit) or SIGHUP (the terminal closed) stops any command as an error does, its
             # outputs removed; training takes SIGTERM and SIGUSR1 over while it steps, to save a checkpoint first.

@@ -1525,16 +1525,11 @@ FIGURES = {
 }
 
 
-def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[str, list]) -> dict:
-    """Write every table (CSV, Markdown, LaTeX), figure (PNG and PDF) and report.md to out_dir; returns the tables.
-    `vary` lists each ablation axis's values in the order its table shows them, and `center` the value every
-    other axis holds."""
-    from .inputs import existing_dir, writable_output
-
+def check_report_options(inputs: ReportInputs, center: dict, vary: dict[str, list]) -> None:
+    """What the report is given, by name alone, before any file is read (the command line runs it before the command
+    starts: a usage error): every role names rows of the report (ReportInputs.check), every varied axis has a list
+    of values and a center, every grid point's name holds its settings, the center's keys among them."""
     inputs.check()
-    if inputs.benchmarks is not None:
-        existing_dir(inputs.benchmarks, "--benchmarks", "a folder of Snakemake benchmark files")
-    writable_output(out_dir, "--out", folder=True)
     lists = [axis for axis, values in vary.items() if not isinstance(values, list) or not values]
     if lists:
         raise InputError(f"--vary: axis(es) {lists} do not map to a non-empty list of values; expected "
@@ -1543,15 +1538,26 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
     if unset:
         raise InputError(f"--vary: axis(es) {unset} have no value in --center; expected the center to set every "
                          "varied axis (the value the other tables hold it at)")
-    named = [load_run(e, inputs) for e in inputs.experiments]
-    grid = []
     for e in inputs.ablations:
         point = point_settings(e)
         unknown = sorted(set(center) - set(point))
         if unknown:
             raise InputError(f"--center: key(s) {unknown} are not settings of grid point {e}; expected keys among "
                              f"{sorted(point)}")
-        grid.append(replace(load_run(e, inputs), point=point))
+
+
+def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[str, list]) -> dict:
+    """Write every table (CSV, Markdown, LaTeX), figure (PNG and PDF) and report.md to out_dir; returns the tables.
+    `vary` lists each ablation axis's values in the order its table shows them, and `center` the value every
+    other axis holds."""
+    from .inputs import existing_dir, writable_output
+
+    check_report_options(inputs, center, vary)
+    if inputs.benchmarks is not None:
+        existing_dir(inputs.benchmarks, "--benchmarks", "a folder of Snakemake benchmark files")
+    writable_output(out_dir, "--out", folder=True)
+    named = [load_run(e, inputs) for e in inputs.experiments]
+    grid = [replace(load_run(e, inputs), point=point_settings(e)) for e in inputs.ablations]
     instruction = [r for r in named if r.dataset == "alpaca"]
     scienceqa = [r for r in named if r.dataset == "scienceqa"]
     axes = {axis: ablation_axis(grid, axis, center, values) for axis, values in vary.items()}
