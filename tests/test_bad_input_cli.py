@@ -796,6 +796,11 @@ USAGE_ERRORS = {  # id: (args(w, out), the earlier output's files (none: a file)
     "report-vary-without-center": (lambda w, o: ("report", "--experiment", "a", "--scores", f"a={w / 's.json'}",
                                                  "--tokens", f"alpaca={w}", "--vary", '{"lr": [1, 2]}', "--out", o),
                                    ("report.md",), ["--vary", "no value in --center"]),
+    "demo-data-questions": (lambda w, o: ("demo-data", "--out", o, "--questions", "10"),
+                            ("corpus.jsonl", "alpaca.json"), ["questions 10", "expected at least"]),
+    "pretrain-seq-len": (lambda w, o: ("pretrain-base", "--corpus", w / "corpus.jsonl", "--tokenizer", w / "tok.model",
+                                       "--out", o, "--seq-len", "512"), ("params.json", "consolidated.00.pth"),
+                         ["--seq-len 512", "max_seq_len 256"]),
 }
 
 
