@@ -201,6 +201,16 @@ def cmd_demo_data(ns: argparse.Namespace) -> None:
     print(json.dumps(generate_demo(ns.out, ns.seed, ns.instructions, ns.questions), indent=2))
 
 
+def check_demo_options(ns: argparse.Namespace) -> None:
+    """demo-data's sizes, before the command starts (a usage error: nothing touched)."""
+    from .data.demo import check_demo_sizes
+
+    try:
+        check_demo_sizes(ns.instructions, ns.questions)
+    except ValueError as e:
+        raise InputError(f"--{e}") from None
+
+
 def cmd_train_tokenizer(ns: argparse.Namespace) -> None:
     """Train a LLaMA-style SentencePiece BPE model on a corpus (for the demo base model)."""
     from .tokenizer import train_sentencepiece
@@ -219,6 +229,14 @@ def cmd_pretrain_base(ns: argparse.Namespace) -> None:
     cfg = config_of(ns, PretrainConfig)
     summary = pretrain_base(ns.corpus, ns.tokenizer, ns.out, cfg=cfg)
     print(json.dumps(summary, indent=2))
+
+
+def check_pretrain_options(ns: argparse.Namespace) -> None:
+    """pretrain-base's options together: a window within the preset's context, before the command starts (a usage
+    error: nothing touched)."""
+    from .pretrain import check_seq_len
+
+    check_seq_len(ns.seq_len, ModelArgs.from_name(ns.preset))
 
 
 def cmd_fetch(ns: argparse.Namespace) -> None:
@@ -906,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help=cmd_demo_data.__doc__, description=cmd_demo_data.__doc__)
     p.add_argument("--out", required=True, type=Path, help="the folder to write")
     add_dataclass_options(p, DemoConfig)
-    p.set_defaults(func=cmd_demo_data, outputs=lambda ns: [ns.out])
+    p.set_defaults(func=cmd_demo_data, outputs=lambda ns: [ns.out], check=check_demo_options)
 
     p = sub.add_parser("train-tokenizer", help=cmd_train_tokenizer.__doc__, description=cmd_train_tokenizer.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
@@ -919,7 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, type=Path, help="a SentencePiece .model (copied beside the weights)")
     p.add_argument("--out", required=True, type=Path, help="the folder for the base, in Meta's layout")
     add_dataclass_options(p, PretrainConfig)
-    p.set_defaults(func=cmd_pretrain_base, outputs=lambda ns: [ns.out])
+    p.set_defaults(func=cmd_pretrain_base, outputs=lambda ns: [ns.out], check=check_pretrain_options)
 
     datasets = sorted(TASKS)
     p = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)

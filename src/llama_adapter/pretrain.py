@@ -31,6 +31,14 @@ def token_stream(corpus: Path, tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
+def check_seq_len(seq_len: int, args: ModelArgs) -> None:
+    """A window fits the model's context (the command line checks the preset's before the command starts)."""
+    from .errors import InputError
+
+    if seq_len > args.max_seq_len:
+        raise InputError(f"--seq-len {seq_len}: longer than the preset's max_seq_len {args.max_seq_len}")
+
+
 def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, args: ModelArgs | None = None,
                   cfg: PretrainConfig = PretrainConfig()) -> dict:
     """Train `args` (default: cfg.preset's; vocab_size taken from the tokenizer) on random windows of the corpus;
@@ -44,8 +52,7 @@ def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, args: Model
     tokenizer = load_tokenizer(tokenizer_path)
     args = args or ModelArgs.from_name(cfg.preset)
     args = ModelArgs.from_dict({**args.to_dict(), "vocab_size": tokenizer.vocab_size})
-    if seq_len > args.max_seq_len:
-        raise InputError(f"--seq-len {seq_len}: longer than the preset's max_seq_len {args.max_seq_len}")
+    check_seq_len(seq_len, args)
     stream = torch.from_numpy(token_stream(corpus, tokenizer))
     if len(stream) <= seq_len + 1:
         raise InputError(f"{corpus}: {len(stream)} tokens, too few for windows of --seq-len {seq_len}; expected a "

@@ -375,17 +375,22 @@ def _counts(items: list[str]) -> dict[str, int]:
     return dict(sorted(Counter(items).items()))
 
 
+def check_demo_sizes(n_instructions: int, n_questions: int) -> None:
+    """Sizes the demo can be made at (the command line checks them before the command starts: a usage error)."""
+    if n_questions < len(CELLS):
+        raise ValueError(f"questions {n_questions}: expected at least {len(CELLS)}, so that every split gets every "
+                         "kind")
+    if n_instructions < 1:  # an empty alpaca.json would only fail at tokenize, two stages on
+        raise ValueError(f"instructions {n_instructions}: expected at least 1")
+
+
 def generate_demo(out_dir: Path, seed: int = DemoConfig.seed, n_instructions: int = DemoConfig.instructions,
                   n_questions: int = DemoConfig.questions) -> dict:
     """Write corpus.jsonl, alpaca.json and scienceqa/ (original layout) under `out_dir`, all or nothing.
 
     Returns counts: corpus lines and bytes, Alpaca records per task kind, ScienceQA problems per split by
     subject, context kind and grade band."""
-    if n_questions < len(CELLS):
-        raise ValueError(f"questions {n_questions}: expected at least {len(CELLS)}, so that every split gets every "
-                         "kind")
-    if n_instructions < 1:  # an empty alpaca.json would only fail at tokenize, two stages on
-        raise ValueError(f"instructions {n_instructions}: expected at least 1")
+    check_demo_sizes(n_instructions, n_questions)
     rng = random.Random(seed)
     groups = _facts(rng)
     facts = [fact for group in groups for fact in group]
