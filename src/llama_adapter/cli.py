@@ -389,15 +389,10 @@ def check_train_options(ns: argparse.Namespace) -> None:
         if given:
             raise InputError(f"{', '.join(given)} given with --method {cfg.method}, which trains no LoRA; expected "
                              "them only with --method lora")
-    if cfg.image_features and cfg.method != "adapter":
-        raise InputError(f"--image-features: images are read by the multimodal adapter; method {cfg.method} is "
-                         "text-only (leave --image-features out, or use --method adapter)")
-    if cfg.min_lr > cfg.peak_lr():  # the cosine would climb from the peak towards it
-        raise InputError(f"--min-lr {cfg.min_lr} is above the peak learning rate {cfg.peak_lr():g} (--lr, else --blr "
-                         "x --global-batch / 256); expected the schedule's end at or below its peak")
-    if cfg.precision == "fp8" and cfg.method not in ("adapter", "lora"):
-        raise InputError(f"--precision fp8 computes a frozen base's matmuls in float8; method {cfg.method} trains "
-                         "every weight (use --method adapter or lora, or --precision auto)")
+    try:
+        cfg.check_settings()
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def check_run_name(ns: argparse.Namespace) -> None:

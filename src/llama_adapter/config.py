@@ -404,6 +404,19 @@ class TrainConfig:
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.global_batch / 256
 
+    def check_settings(self) -> None:
+        """Settings that cannot go together, refused by the options alone (no input read): train checks them, and
+        the command line before the command starts (a usage error)."""
+        if self.image_features and self.method != "adapter":
+            raise ValueError(f"--image-features: images are read by the multimodal adapter; method {self.method} is "
+                             "text-only (leave --image-features out, or use --method adapter)")
+        if self.min_lr > self.peak_lr():  # the cosine would climb from the peak towards it
+            raise ValueError(f"--min-lr {self.min_lr} is above the peak learning rate {self.peak_lr():g} (--lr, else "
+                             "--blr x --global-batch / 256); expected the schedule's end at or below its peak")
+        if self.precision == "fp8" and self.method not in ("adapter", "lora"):
+            raise ValueError(f"--precision fp8 computes a frozen base's matmuls in float8; method {self.method} trains "
+                             "every weight (use --method adapter or lora, or --precision auto)")
+
 
 @dataclass
 class PretrainConfig:

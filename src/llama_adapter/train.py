@@ -792,8 +792,7 @@ def train_here(cfg: TrainConfig, d: Dist, resume: bool, keep_checkpoint: bool) -
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(cfg.seed)
     dtype = pick_dtype(d.device)
-    # (the settings together, --image-features with a text-only method, --min-lr above the peak, fp8 with full:
-    # refused before the command starts, by cli.check_train_options)
+    cfg.check_settings()  # (the command line has run it before the command started: check_train_options)
     images = ImageFeatures(Path(cfg.image_features)) if cfg.image_features else None
     trained_with, tokenizer_warning = check_split_tokenizers(cfg)
     adapter = replace(cfg.adapter, visual_dim=images.dim) if images else cfg.adapter
