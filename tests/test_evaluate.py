@@ -403,6 +403,7 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
         assert scores["mode"] == mode and scores["n"] == 8 and scores["split"] == "test"
         assert scores["floor"] == {"position": 1, "letter": "B", "correct": 4, "n": 8, "accuracy": 50.0}
         assert (scores["task"], scores["method"], scores["base"]) == ("scienceqa", "adapter", str(root / "base"))
+        assert scores["training"] is None  # an adapter without its training's metrics.json beside it
         # the provenance a row without a training (zero-shot) takes from its evaluation in the report
         assert scores["tags"]["config_hash"] == "c0ffee" and set(scores["tags"]) <= {"config_hash", "git_commit"}
         assert json.loads((tmp_path / mode / "scores.json").read_text()) == scores
@@ -682,3 +683,19 @@ def test_a_stop_signal_while_the_evaluation_run_ends_leaves_no_scores(stopped_ev
     monkeypatch.setattr(mlflow, "end_run", end_run)
     run, left = stopped_evaluation(StoppedBySignal)
     assert (run.info.status, left) == ("KILLED", [])
+
+
+def test_scores_record_the_training_they_score(tmp_path):
+    """scores.json names the folder of the training it scored (`training`), which the report compares with the
+    row's --training: an adapter's folder, a full fine-tune's above its model folder, none for a bare base."""
+    from llama_adapter.evaluate import scored_training
+
+    (tmp_path / "adapters" / "x" / "model").mkdir(parents=True)
+    (tmp_path / "adapters" / "x" / "metrics.json").write_text(json.dumps({"method": "full"}))
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "metrics.json").write_text(json.dumps({"method": "lora"}))
+    assert scored_training(tmp_path / "adapters" / "x" / "model", None) == str(tmp_path / "adapters" / "x")
+    assert scored_training(tmp_path / "base", tmp_path / "lora" / "adapter_model.safetensors") == str(tmp_path / "lora")
+    assert scored_training(tmp_path / "base", tmp_path / "lora") == str(tmp_path / "lora")
+    assert scored_training(tmp_path / "base", None) is None  # zero-shot: nothing trained
+    assert scored_training(tmp_path / "base", tmp_path / "elsewhere" / "a.safetensors") is None  # made elsewhere

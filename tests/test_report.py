@@ -1689,3 +1689,32 @@ def test_an_alpaca_center_without_its_samples_losses_is_still_circled(monkeypatc
                                                                          center), center)
     (circle,) = [line for line in ax.get_lines() if line.get_label() == "center (epochs = 5)"]
     assert circle.get_xydata().tolist() == [[5, 2.5]]
+
+
+def test_scores_of_another_method_than_the_training_are_refused_naming_both_files(tmp_path):
+    """--scores x=<an adapter's evaluation> --training x=<a LoRA training> gave a row labelled LoRA with the
+    adapter's numbers: what evaluate scored (scores.json's method) must be what the training trained."""
+    inputs = trained_row(tmp_path, TRAINING_METRICS, {"base": "b", "train_data": "t", "method": "lora"})
+    with pytest.raises(InputError) as e:
+        load_run("e", inputs)
+    said = str(e.value)
+    assert str(tmp_path / "scores.json") in said and str(tmp_path / "run" / "config.json") in said, said
+    assert "adapter" in said and "lora" in said and "expected" in said, said
+    # A config.json without a method is the default's (adapter): the row is the same method as its scores
+    assert load_run("e", trained_row(tmp_path, TRAINING_METRICS)).method == "adapter"
+
+
+def test_scores_of_another_training_folder_are_refused(tmp_path):
+    """evaluate records the folder of the training it scored (scores.json's training): a --training naming another
+    folder is refused, naming both; a recorded folder that no longer exists (results moved) is not compared."""
+    inputs = trained_row(tmp_path, TRAINING_METRICS)
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    (tmp_path / "other").mkdir()
+    for recorded, refused in ((tmp_path / "run", False), (tmp_path / "other", True), (tmp_path / "gone", False)):
+        (tmp_path / "scores.json").write_text(json.dumps(scores | {"training": str(recorded)}))
+        if not refused:
+            assert load_run("e", inputs).name == "e"
+            continue
+        with pytest.raises(InputError, match=re.escape(f"--training e={tmp_path / 'run'}: ") + ".*"
+                           + re.escape(str(tmp_path / "other"))):
+            load_run("e", inputs)

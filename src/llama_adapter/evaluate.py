@@ -228,6 +228,12 @@ def training_of(base: Path, adapter: Path | None) -> dict:
     return metrics if "method" in metrics else {}
 
 
+def scored_training(base: Path, adapter: Path | None) -> str | None:
+    """The folder of the training that produced what is evaluated, as scores.json records it (`training`), so the
+    report can check a row's --training is that one; None where no training of ours wrote it (zero-shot)."""
+    return str(training_file(base, adapter).parent) if training_of(base, adapter) else None
+
+
 def check_trained_tokenizer(tokenizer: Tokenizer, base: Path, adapters: list[Path], command: str) -> None:
     """Before the model loads: a fully fine-tuned --base, and each --adapter, learned the ids of the tokenizer its
     training data was made with, which its training's metrics.json records (train keeps it); one of another vocabulary
@@ -325,7 +331,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, ev: Evaluation, *, record
                     scores = score_alpaca(model, tokenizer, heldout, ev.row_len, batch_size)
                 # The invocation's config hash and the commit, as a training's metrics.json keeps them: a zero-shot row,
                 # which has no training, names them from here in the report.
-                scores |= {"task": ev.task, "base": str(ev.base), "method": method, "mlflow_run_id": tracker.run_id,
+                scores |= {"task": ev.task, "base": str(ev.base), "method": method,
+                           "training": scored_training(ev.base, ev.adapter), "mlflow_run_id": tracker.run_id,
                            "tags": {k: tracker.tags[k] for k in PROVENANCE_TAGS if k in tracker.tags}}
                 write_json(scores_path, scores)
                 # Inside too: logging them (artifacts uploaded to a server) takes a while, and a stop here removes

@@ -195,7 +195,7 @@ TAG_FIELDS = [("tags", "object?", False), ("tags.config_hash", "text?", False), 
 # present). A kind ending in "?" may be null (an accuracy over no questions, a split of every question); a field
 # inside an object is checked when the object is there and not null.
 COMMON_SCORE_FIELDS = [("task", "task", True), ("method", "text?", False), ("split", "text?", False),
-                       ("mlflow_run_id", "text?", False), *TAG_FIELDS]
+                       ("training", "text?", False), ("mlflow_run_id", "text?", False), *TAG_FIELDS]
 SCORE_FIELDS = {
     "scienceqa": [
         ("n", "count", True), ("correct", "count?", False), ("accuracy", "percent?", True),
@@ -398,6 +398,7 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
     if not metrics["history"]:
         raise InputError(f"{adapter_dir / TRAINING_METRICS}: 'history' holds no training steps; expected the file "
                          "train writes")
+    check_same_training(name, scores_path, scores, adapter_dir, config)
     adapter = adapter_dir / str(metrics["weights"])
     if not adapter.is_file():
         raise InputError(f"{adapter}: missing; run train first (or leave this experiment out of the report)")
@@ -406,6 +407,23 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
                adapter_bytes=adapter.stat().st_size,
                seconds=benchmark_seconds(Path(bench)) if bench is not None and Path(bench).exists() else None,
                data=stats.get("provenance", {}))
+
+
+def check_same_training(name: str, scores_path: Path, scores: dict, training: Path, config: dict) -> None:
+    """That a row's scores.json scored the training its --training names: the method evaluate scored (scores.json's
+    `method`) is the one the training's config.json trained, and the training folder evaluate recorded
+    (`training`, where it still exists: results moved elsewhere are not compared) is this one. Else the row would
+    show one model's numbers under another's label."""
+    trained = config.get("method", TrainConfig.method)
+    scored = scores.get("method")
+    if scored is not None and scored != trained:
+        raise InputError(f"--scores {name}={scores_path}: scores method {scored!r}, but --training {name}={training} "
+                         f"trained {trained!r} ({training / TRAINING_CONFIG}); expected the evaluation of that "
+                         "training")
+    recorded = scores.get("training")
+    if recorded is not None and Path(recorded).is_dir() and Path(recorded).resolve() != training.resolve():
+        raise InputError(f"--training {name}={training}: {scores_path} scored the training in {recorded}; expected "
+                         "the folder of the training those scores are of")
 
 
 def read_benchmark(path: Path) -> pd.Series:
