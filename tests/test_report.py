@@ -1718,3 +1718,53 @@ def test_scores_of_another_training_folder_are_refused(tmp_path):
         with pytest.raises(InputError, match=re.escape(f"--training e={tmp_path / 'run'}: ") + ".*"
                            + re.escape(str(tmp_path / "other"))):
             load_run("e", inputs)
+
+
+def ablation_row(tmp_path, name: str, config: dict, scores: dict | None = None) -> ReportInputs:
+    """The inputs of one grid point `name` whose training wrote `config` (scores: its scores.json laid over)."""
+    inputs = trained_row(tmp_path, TRAINING_METRICS, {"base": "b", "train_data": "t", **config})
+    if scores is not None:
+        (tmp_path / "scores.json").write_text(json.dumps(SCIENCEQA_SCORES | scores))
+    return ReportInputs(experiments=[], ablations=[name], scores={name: inputs.scores["e"]},
+                        tokens=inputs.tokens, trainings={} if scores and scores.get("method") == "zero-shot"
+                        else {name: inputs.trainings["e"]})
+
+
+@pytest.mark.parametrize("name,config,key,named,trained", [
+    ("ablations/adapter_layers~7/method~adapter", {"adapter_layers": 2}, "adapter_layers", "7", "2"),
+    ("ablations/gate_init~random/method~adapter", {"gate_init": "zero"}, "gate_init", "random", "'zero'"),
+    ("ablations/blr~0.01/method~adapter", {"blr": 0.009}, "blr", "0.01", "0.009"),
+    ("ablations/lr~NA/method~adapter", {"lr": 0.001}, "lr", "NA", "0.001"),
+    ("ablations/epochs~3/method~lora", {"epochs": 3, "method": "adapter"}, "method", "lora", "'adapter'"),
+])
+def test_a_grid_point_whose_training_has_other_settings_is_refused(tmp_path, name, config, key, named, trained):
+    """An ablation point's values came from its name alone: ablations/adapter_layers~7 over a training of 2 layers
+    was reported as 7 layers, gate_init~random over a zero-init run as random. Each setting the name holds is
+    compared with the training's config.json, as the same typed value (Run.sets)."""
+    scores = {"method": config.get("method", "adapter")}
+    with pytest.raises(InputError) as e:
+        load_run(name, ablation_row(tmp_path, name, config, scores))
+    said = str(e.value)
+    assert said.startswith(f"--ablation {name}: ") and str(tmp_path / "run" / "config.json") in said, said
+    assert f"{key} to {named}" in said and f"{key} = {trained}" in said and "expected" in said, said
+
+
+@pytest.mark.parametrize("name,config", [
+    ("ablations/adapter_layers~2/gate_init~zero/epochs~3/method~adapter",
+     {"adapter_layers": 2, "gate_init": "zero", "epochs": 3}),
+    ("ablations/blr~1.0/lr~NA/method~adapter", {"blr": 1, "lr": None}),  # Paramspace's 1.0 and NA
+    # a LoRA point reuses a named LoRA training whose adapter settings it does not read (common.smk: trained_as)
+    ("ablations/adapter_layers~2/method~lora", {"adapter_layers": 30, "method": "lora"}),
+    ("ablations/lora_rank~8/method~adapter", {"method": "adapter"}),  # a setting config.json does not hold
+])
+def test_a_grid_point_whose_training_has_its_settings_is_read(tmp_path, name, config):
+    run = load_run(name, ablation_row(tmp_path, name, config, {"method": config.get("method", "adapter")}))
+    assert run.point == point_settings(name)
+
+
+def test_a_zero_shot_grid_point_is_compared_by_its_method(tmp_path):
+    name = "ablations/adapter_layers~2/method~zero-shot"
+    assert load_run(name, ablation_row(tmp_path, name, {}, {"method": "zero-shot"})).method == "zero-shot"
+    other = "ablations/adapter_layers~2/method~adapter"
+    with pytest.raises(InputError, match=re.escape(f"--ablation {other}: ") + ".*method to adapter.*zero-shot"):
+        load_run(other, ablation_row(tmp_path, other, {}, {"method": "zero-shot"}))

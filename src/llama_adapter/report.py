@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .config import (
+    ADAPTER_SETTINGS,
     EVALUATION_OUTPUTS,
     METHODS,
     TRAINING_CONFIG,
@@ -387,8 +388,9 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
         if training is not None:
             raise InputError(f"--training {name}={training}: {scores_path} scores the base alone (zero-shot), "
                              "which trains nothing; expected no --training for it")
-        return Run(name=name, dataset=task, config={"base": scores["base"], "method": "zero-shot"},
-                   metrics={}, scores=scores, adapter_bytes=None, seconds=None, data=stats.get("provenance", {}))
+        zero_shot = Run(name=name, dataset=task, config={"base": scores["base"], "method": "zero-shot"},
+                        metrics={}, scores=scores, adapter_bytes=None, seconds=None, data=stats.get("provenance", {}))
+        return with_point(zero_shot, inputs, f"{scores_path} (the base alone, zero-shot)")
     if training is None:
         raise InputError(f"--training: none for {name}, whose {scores_path} scores a trained model; expected "
                          f"{name}=DIR, the folder its training wrote")
@@ -403,10 +405,33 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
     if not adapter.is_file():
         raise InputError(f"{adapter}: missing; run train first (or leave this experiment out of the report)")
     bench = inputs.train_benchmarks.get(name)
-    return Run(name=name, dataset=task, config=config, metrics=metrics, scores=scores,
-               adapter_bytes=adapter.stat().st_size,
-               seconds=benchmark_seconds(Path(bench)) if bench is not None and Path(bench).exists() else None,
-               data=stats.get("provenance", {}))
+    run = Run(name=name, dataset=task, config=config, metrics=metrics, scores=scores,
+              adapter_bytes=adapter.stat().st_size,
+              seconds=benchmark_seconds(Path(bench)) if bench is not None and Path(bench).exists() else None,
+              data=stats.get("provenance", {}))
+    return with_point(run, inputs, f"{adapter_dir / TRAINING_CONFIG} (--training {name}={training})")
+
+
+def with_point(run: Run, inputs: ReportInputs, trained: str) -> Run:
+    """`run` with its grid point's settings (an ablation's; a named experiment has none), each checked against
+    what trained it: the tables show a point's values from its name, so a name of other settings than its
+    training's config.json (adapter_layers~7 over a training of 2 layers, gate_init~random over a zero-init one)
+    would be reported as what it is not. Compared as Run.sets reads the name (1.0 is 1, NA a null); a setting the
+    config does not hold (a zero-shot row holds its method only), or one its method does not read (the adapter's
+    own on LoRA or full fine-tuning, lora_* elsewhere: the workflow reuses such a training, common.smk trained_as),
+    is not compared. `trained` names the file the config was read from, for the error."""
+    if run.name not in inputs.ablations:
+        return run
+    run = replace(run, point=point_settings(run.name))
+    config = {**run.config, "method": run.method}
+    for key in run.point:
+        if key not in config or (key in ADAPTER_SETTINGS and run.method != "adapter") or (
+                key.startswith("lora_") and run.method != "lora"):
+            continue
+        if not run.sets(key, config[key]):
+            raise InputError(f"--ablation {run.name}: its name sets {key} to {run.point[key]}, but {trained} holds "
+                             f"{key} = {config[key]!r}; expected the scores and training of that grid point")
+    return run
 
 
 def check_same_training(name: str, scores_path: Path, scores: dict, training: Path, config: dict) -> None:
