@@ -6,6 +6,7 @@ import io
 import json
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -59,7 +60,8 @@ def run(name: str, layers=4, gate="zero", epochs=5, loss=(1.0, 0.5), acc=60.0, m
                         "tags": {"config_hash": "abc123", "git_commit": "0123456789abcdef"}},
                scores={"accuracy": acc, "n": 80, "split": "val", "chance": 40.0, "categories": CATEGORY_ACC,
                        "mlflow_run_id": f"eval-{name}"},
-               adapter_bytes=21_000, seconds=42.0, data={"records_sha256": "f" * 64})
+               adapter_bytes=21_000, seconds=42.0, data={"records_sha256": "e" * 64},
+               trained_on={"records_sha256": "f" * 64})
 
 
 def point(layers, gate, epochs, method="adapter") -> Run:
@@ -1768,3 +1770,30 @@ def test_a_zero_shot_grid_point_is_compared_by_its_method(tmp_path):
     other = "ablations/adapter_layers~2/method~adapter"
     with pytest.raises(InputError, match=re.escape(f"--ablation {other}: ") + ".*method to adapter.*zero-shot"):
         load_run(other, ablation_row(tmp_path, other, {}, {"method": "zero-shot"}))
+
+
+def test_the_data_hash_is_of_the_records_the_row_trained_on(tmp_path):
+    """data_sha256 ("the sha256 of its training records") came from the --tokens folder of the dataset scored,
+    not from what the row trained on, and a zero-shot row, which trains on nothing, got one too. Now: the records
+    named by the stats.json beside the training's train_data split (config.json), n/a where it is not there, and
+    n/a for a zero-shot row."""
+    inputs = trained_row(tmp_path, TRAINING_METRICS)
+    (tmp_path / "tokens" / "scienceqa" / "stats.json").write_text(json.dumps(
+        {"dataset": "scienceqa", "provenance": {"records_sha256": "b" * 64}}))
+    trained_on = tmp_path / "other_tokens"
+    (trained_on / "train").mkdir(parents=True)
+    (trained_on / "stats.json").write_text(json.dumps({"dataset": "scienceqa",
+                                                       "provenance": {"records_sha256": "a" * 64}}))
+    config = tmp_path / "run" / "config.json"
+    config.write_text(json.dumps({"base": "b", "train_data": str(trained_on / "train")}))
+    assert load_run("e", inputs).provenance["data_sha256"] == "a" * 12
+    config.write_text(json.dumps({"base": "b", "train_data": str(tmp_path / "nowhere" / "train")}))
+    assert load_run("e", inputs).provenance["data_sha256"] is None  # not recorded: n/a, not the scored data's
+    (tmp_path / "scores.json").write_text(json.dumps(SCIENCEQA_SCORES))  # zero-shot: nothing trained
+    assert load_run("e", replace(inputs, trainings={})).provenance["data_sha256"] is None
+    # a mistyped stats.json of the training data is one error naming it, as the scored dataset's
+    (trained_on / "stats.json").write_text(json.dumps({"dataset": "scienceqa", "provenance": {"records_sha256": 5}}))
+    config.write_text(json.dumps({"base": "b", "train_data": str(trained_on / "train")}))
+    (tmp_path / "scores.json").write_text(json.dumps(SCIENCEQA_SCORES | {"method": "adapter"}))
+    with pytest.raises(InputError, match=re.escape(f"{trained_on / 'stats.json'}: key provenance.records_sha256")):
+        load_run("e", inputs)

@@ -11,7 +11,8 @@ derives no path itself. Per experiment (a name such as `scienceqa` or
 and once: each dataset's tokenize folder (stats.json for data provenance, the Alpaca lengths figure) and the
 folder of Snakemake benchmark files (the jobs table; optional).
 Every table puts the paper's published number in a column beside ours, and every row of ours names the
-MLflow runs, config hash, data hash and git commit it came from. Every accuracy has a 95% Wilson interval
+MLflow runs, config hash, the hash of the records it trained on (its training's train_data, not the --tokens
+folder's) and git commit it came from. Every accuracy has a 95% Wilson interval
 (ci95_low, ci95_high) from its number of questions; two rows of the same questions are compared by the paired
 test (p_paired), which their intervals are not. Each ablation's section opens with a verdict in words computed from
 its paired tests and, along an axis of ordered numbers, the paired linear trend of its score. Tables are written
@@ -89,8 +90,11 @@ class Run:
     scores: dict
     adapter_bytes: int | None  # the trained weights' file (None: zero-shot)
     seconds: float | None
-    data: dict
+    data: dict  # the provenance of the dataset it scored (its --tokens folder's stats.json)
     point: dict[str, str] = field(default_factory=dict)  # an ablation grid point's settings, read from its name
+    # The provenance of the records it trained on (the stats.json beside its config.json's train_data split); {}
+    # where none is recorded there, and for zero-shot, which trains on nothing.
+    trained_on: dict = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -122,7 +126,8 @@ class Run:
         # row whose metrics lack them (an older run's) shows none rather than the evaluation's as the training's.
         tags = (self.metrics.get("tags") if self.metrics else self.scores.get("tags")) or {}
         return {"mlflow_run": self.metrics.get("mlflow_run_id"), "eval_run": self.scores.get("mlflow_run_id"),
-                "config_hash": tags.get("config_hash"), "data_sha256": (self.data.get("records_sha256") or "")[:12],
+                "config_hash": tags.get("config_hash"),
+                "data_sha256": (self.trained_on.get("records_sha256") or "")[:12] or None,
                 "git_commit": (tags.get("git_commit") or "")[:12] or None}
 
     def last_epoch_loss(self) -> float:
@@ -405,10 +410,15 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
     if not adapter.is_file():
         raise InputError(f"{adapter}: missing; run train first (or leave this experiment out of the report)")
     bench = inputs.train_benchmarks.get(name)
+    # What it trained on: the tokenize folder of its train_data split (tokenize writes <folder>/<split>), which
+    # need not be the --tokens folder of the dataset it is scored on.
+    trained_stats = Path(config["train_data"]).parent / TOKEN_STATS
+    trained_on = (_read_json(trained_stats, FILE_FIELDS[TOKEN_STATS]).get("provenance") or {}
+                  if trained_stats.is_file() else {})
     run = Run(name=name, dataset=task, config=config, metrics=metrics, scores=scores,
               adapter_bytes=adapter.stat().st_size,
               seconds=benchmark_seconds(Path(bench)) if bench is not None and Path(bench).exists() else None,
-              data=stats.get("provenance", {}))
+              data=stats.get("provenance", {}), trained_on=trained_on)
     return with_point(run, inputs, f"{adapter_dir / TRAINING_CONFIG} (--training {name}={training})")
 
 
@@ -1697,7 +1707,9 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "`seconds` of wall time and `max_rss_mb` (peak memory, MB; n/a for a job that ended before Snakemake first "
         "measured it) per job. Each section's provenance table names, "
         "for every row of ours, its training (`mlflow_run`) and evaluation (`eval_run`) MLflow runs, the config "
-        "hash, the sha256 of the training records (first 12 hex digits) and the git commit; the CSV files hold "
+        "hash, the sha256 of the records it trained on (first 12 hex digits, from the stats.json beside its "
+        "config.json's `train_data`; n/a for a row that trained nothing, or where that file is not there) and the "
+        "git commit; the CSV files hold "
         "every column in one table.", "",
         f"Alpaca samples: {lengths['samples']}, mean length {lengths['mean']:.1f} tokens, longest {lengths['max']}.",
         "", *protocol_notes(named),
