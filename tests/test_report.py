@@ -25,7 +25,6 @@ from llama_adapter.report import (
     ablation_table,
     ablation_table_name,
     adapter_parameters,
-    by_rank,
     efficiency_table,
     instruction_table,
     jobs_table,
@@ -35,6 +34,7 @@ from llama_adapter.report import (
     method_verdict,
     millions,
     p_cell,
+    paper_pairs,
     point_settings,
     protocol_notes,
     readable_parts,
@@ -175,9 +175,6 @@ def test_paper_paired_by_rank_only_when_counts_match(grid):
     assert list(layers["accuracy_paper"]) == [p[2] for p in PAPER_LAYERS]
     assert list(layers["tuned_params_m"]) == [0.001284, 0.002568, 0.005136]  # millions, as the paper's column
     assert list(layers["tuned_params_m_paper"]) == [0.97, 1.37, 1.79]
-    assert by_rank([1, 2], PAPER_LAYERS) == [None, None]
-    assert "adapter_layers_paper" not in ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 4]),
-                                                        "adapter_layers", 4)
     gates = ablation_table(ablation_axis(grid, "gate_init", CENTER, ["zero", "random"]), "gate_init", "zero")
     assert list(gates["accuracy_paper"]) == [83.85, 40.77]  # the tables' shared row: the paper's +43.08
     epochs = ablation_table(ablation_axis(grid, "epochs", CENTER, [3, 5, 8]), "epochs", 5)
@@ -186,7 +183,32 @@ def test_paper_paired_by_rank_only_when_counts_match(grid):
     # by rank of the setting, whatever order the config lists them in
     listed = ablation_table(ablation_axis(grid, "epochs", CENTER, [8, 3, 5]), "epochs", 5)
     assert list(listed["epochs_paper"]) == [60, 15, 30] and list(listed["val_loss_paper"]) == [0.282, 0.136, 0.241]
-    assert by_rank([30, 10, 20], PAPER_LAYERS) == [PAPER_LAYERS[2], PAPER_LAYERS[0], PAPER_LAYERS[1]]
+    assert paper_pairs([30, 10, 20], PAPER_LAYERS) == [PAPER_LAYERS[2], PAPER_LAYERS[0], PAPER_LAYERS[1]]
+
+
+def test_an_axis_of_another_count_than_the_papers_keeps_its_paper_columns_paired_by_value(grid):
+    """Every paper ablation table's *_paper columns vanished unless the axis had exactly the paper's number of
+    values (README's own `vary: {epochs: [2, 4]}` lost them). An axis of another count keeps them: a setting the
+    paper measured stands beside the paper's row of that value, any other beside n/a."""
+    assert paper_pairs([1, 2], PAPER_LAYERS) == [None, None]
+    assert paper_pairs([30, 1], PAPER_LAYERS) == [PAPER_LAYERS[2], None]  # equal value only
+    assert paper_pairs([30.0, 10], PAPER_LAYERS) == [PAPER_LAYERS[2], PAPER_LAYERS[0]]  # 30.0 is 30
+    layers = ablation_table(ablation_axis(grid, "adapter_layers", CENTER, [1, 4]), "adapter_layers", 4)
+    for column in ("adapter_layers_paper", "tuned_params_m_paper", "accuracy_paper"):
+        assert column in layers and layers[column].isna().all(), column
+    thirty = [point(30, "zero", 5), point(4, "zero", 5)]
+    layers = ablation_table(ablation_axis(thirty, "adapter_layers", CENTER, [4, 30]), "adapter_layers", 4)
+    assert list(layers["adapter_layers_paper"].fillna("n/a")) == ["n/a", "30 of 32"]
+    assert list(layers["accuracy_paper"].fillna(-1)) == [-1, 83.85]
+    two_epochs = [point(4, "zero", 15), point(4, "zero", 5)]
+    epochs = ablation_table(ablation_axis(two_epochs, "epochs", CENTER, [5, 15]), "epochs", 5)
+    for column in ("epochs_paper", "train_loss_paper", "val_loss_paper", "accuracy_paper"):
+        assert column in epochs, column
+    assert list(epochs["epochs_paper"].fillna(-1)) == [-1, 15] and list(epochs["accuracy_paper"].fillna(-1)) == [
+        -1, 82.08]
+    # the equal count still pairs by rank (ours: the paper's settings scaled to another model)
+    assert list(ablation_table(ablation_axis(grid, "epochs", CENTER, [3, 5, 8]), "epochs", 5)["epochs_paper"]) == [
+        15, 30, 60]
 
 
 def test_every_ablation_row_has_its_interval_and_method(grid):
@@ -1203,8 +1225,10 @@ def test_report_md_says_each_ablations_verdict_under_its_heading(grid):
               "ablation_trends": trends_table({"adapter_layers": runs})}
     captions = {k: v for k, v in report_tables(["adapter_layers"]).items() if k in tables}
     md = report_markdown(tables, captions, runs, CENTER, {"samples": 1, "mean": 1.0, "max": 1})
-    assert "## Ablation: number of adapted (top) layers\n\n**Verdict.** Accuracy rises with adapter_layers beyond " \
+    assert "## Ablation: number of adapted (top) layers (the paper's beside ours: by rank at its 3 values, else by " \
+           "equal value, n/a elsewhere)\n\n**Verdict.** Accuracy rises with adapter_layers beyond " \
            "this noise" in md
+    assert "an axis of another count only where a value equals one the paper measured" in md
     assert "least-squares slope of its correctness" in md and "Student's t, n - 1 degrees of freedom" in md
     assert list(tables["ablation_trends"]["items"]) == [80]
 

@@ -635,16 +635,19 @@ def ablation_axis(runs: list[Run], axis: str, center: dict, values: list) -> lis
     return found
 
 
-def by_rank(ours: list, paper: list) -> list:
-    """The paper's row for each of our settings, paired by rank (our settings are the paper's scaled to another
-    model; the paper's rows are in increasing order of theirs), whatever order the config lists ours in; no
-    pairing when the counts differ."""
-    if len(ours) != len(paper):
-        return [None] * len(ours)
-    paired: list = [None] * len(ours)
-    for rank, i in enumerate(sorted(range(len(ours)), key=lambda i: ours[i])):
-        paired[i] = paper[rank]
-    return paired
+def paper_pairs(ours: list, paper: list) -> list:
+    """The paper's row (its setting first) beside each of our settings, None (n/a) where there is none. An axis of
+    as many numbers as the paper's table is paired by rank, whatever order the config lists ours in (our settings
+    are the paper's scaled to another model, smallest beside smallest; the paper's rows are in increasing order of
+    theirs); an axis of another count by equal value only: a setting the paper measured beside that row, any other
+    beside none. The `*_paper` setting column says which row each of ours stands beside."""
+    if len(ours) == len(paper) and all(map(_real, ours)):
+        paired: list = [None] * len(ours)
+        for rank, i in enumerate(sorted(range(len(ours)), key=lambda i: ours[i])):
+            paired[i] = paper[rank]
+        return paired
+    measured = {row[0]: row for row in paper}
+    return [measured.get(v) if _real(v) else None for v in ours]
 
 
 def run_hardware(metrics: dict) -> str:
@@ -794,19 +797,20 @@ def score_columns(r: Run) -> dict:
 
 
 def paper_ablation(axis: str, runs: list[Run]) -> list[dict]:
-    """The paper's row beside each of ours, for the axes it published (settings paired by rank): ScienceQA's, so
-    none beside an ablation scored on another dataset."""
+    """The paper's row beside each of ours, for the axes it published (settings paired as paper_pairs says, gate
+    init by value; its columns on every row, n/a where no paper row is paired): ScienceQA's, so none beside an
+    ablation scored on another dataset."""
     if any(r.dataset != "scienceqa" for r in runs):
         return [{} for _ in runs]
     values = [r.axis_value(axis) for r in runs]
-    if axis == "adapter_layers":
-        return [p and {"adapter_layers_paper": f"{p[0]} of 32", "tuned_params_m_paper": p[1],
-                       "accuracy_paper": p[2]} or {} for p in by_rank(values, PAPER_LAYERS)]
+    if axis == "adapter_layers":  # every column on every row, n/a where no paper row stands beside ours
+        return [{"adapter_layers_paper": p and f"{p[0]} of 32", "tuned_params_m_paper": p and p[1],
+                 "accuracy_paper": p and p[2]} for p in paper_pairs(values, PAPER_LAYERS)]
     if axis == "gate_init":
         return [{"accuracy_paper": PAPER_GATE_INIT.get(r.axis_value(axis))} for r in runs]
     if axis == "epochs":
-        return [p and {"epochs_paper": p[0], "train_loss_paper": p[1], "val_loss_paper": p[2],
-                       "accuracy_paper": p[3]} or {} for p in by_rank(values, PAPER_EPOCHS)]
+        return [{"epochs_paper": p and p[0], "train_loss_paper": p and p[1], "val_loss_paper": p and p[2],
+                 "accuracy_paper": p and p[3]} for p in paper_pairs(values, PAPER_EPOCHS)]
     return [{} for _ in runs]
 
 
@@ -1459,7 +1463,8 @@ def ablations_figure(tables: dict[str, pd.DataFrame], path: Path, center: dict) 
     ablation table's column its trend measures (TREND_MEASURES) at each value: the accuracy with its 95% interval,
     or an Alpaca ablation's mean of the samples' losses (no interval in the table) with the token-weighted
     heldout_loss beside it, under its own name; the center's point marked, the paper's accuracies where the table
-    sets them beside ours (settings paired by rank), and the ablation_trends line where there is one, through the
+    sets them beside ours (settings paired as paper_pairs says), and the ablation_trends line where there is one,
+    through the
     mean of the points it is fitted on and straight over the values or, along LOG_AXES, over their logarithm (a log
     x axis), the points left out of it marked and named."""
     trends = [row for _, row in tables["ablation_trends"].iterrows()
@@ -1494,7 +1499,7 @@ def ablations_figure(tables: dict[str, pd.DataFrame], path: Path, center: dict) 
                     label=f"center ({axis} = {center[axis]})")
         if "accuracy_paper" in table.columns and table["accuracy_paper"].notna().any():
             ax.plot(x, table["accuracy_paper"].to_numpy(float), marker="s", linestyle="--", linewidth=0.8,
-                    label="paper (LLaMA-7B, paired by rank)")
+                    label="paper (LLaMA-7B, paired as the table)")
         left_out = np.array([v in trend["left_out"] for v in table[axis]])
         if trend["trend"] == "paired linear":
             along, fitted = np.array(trend_x(axis, x[~left_out])), y[~left_out]
@@ -1545,10 +1550,12 @@ METHOD_TABLES = {
 }
 # The ablations' trends, after their tables: one row per axis (ablation_trend), its verdict under each one's heading.
 TRENDS_TABLE = {"ablation_trends": "Ablations: the paired linear trend of each axis of ordered values"}
+# How an axis's settings stand beside the paper's rows (paper_pairs), in its table's caption.
+PAPER_PAIRING = "the paper's beside ours: by rank at its 3 values, else by equal value, n/a elsewhere"
 ABLATION_TABLES = {  # axis: (file name, caption); an axis not listed: ablation_<axis>
-    "adapter_layers": ("insertion_layers", "Ablation: number of adapted (top) layers"),
+    "adapter_layers": ("insertion_layers", f"Ablation: number of adapted (top) layers ({PAPER_PAIRING})"),
     "gate_init": ("gate_init", "Ablation: zero-initialised vs randomly initialised gates"),
-    "epochs": ("epochs", "Ablation: training epochs"),
+    "epochs": ("epochs", f"Ablation: training epochs ({PAPER_PAIRING})"),
     "method": ("ablation_method", "Ablation: what trains (adapter, LoRA, full fine-tuning, none) at the center"),
     "seed": ("ablation_seed", "Ablation: the training seed, how far training again moves a result"),
 }
@@ -1651,7 +1658,11 @@ def report_markdown(tables: dict[str, pd.DataFrame], captions: dict[str, str], n
         "# LLaMA-Adapter: the paper's tables and figures, regenerated", "",
         f"Base model: {', '.join(bases)}. Git commit: {', '.join(commits)}. Config hash: {', '.join(hashes)}.", "",
         "Columns ending in `_paper` are the published numbers of Zhang et al. 2023 (LLaMA-7B, real Alpaca and "
-        "ScienceQA). Ablation settings are paired with the paper's by rank; the ablations hold "
+        "ScienceQA). An ablation axis of as many values as the paper's (its 3 insertion-layer counts, its 3 epoch "
+        "counts) is paired with the paper's settings by rank (ours are theirs scaled to another model: smallest "
+        "beside smallest); an axis of another count only where a value equals one the paper measured, its `*_paper` "
+        "columns n/a on the other rows (`adapter_layers_paper` and `epochs_paper` name the paper's setting each row "
+        "stands beside); gate init is paired by value. The ablations hold "
         f"{json.dumps(center)} fixed except the axis they vary. `chance` is the accuracy of guessing uniformly; "
         "the `floor` row always answers the option position most often right in the training questions. "
         "`ci95_low`/`ci95_high` bound each accuracy with 95% confidence (Wilson interval over its questions; "
