@@ -1821,3 +1821,25 @@ def test_the_data_hash_is_of_the_records_the_row_trained_on(tmp_path):
     (tmp_path / "scores.json").write_text(json.dumps(SCIENCEQA_SCORES | {"method": "adapter"}))
     with pytest.raises(InputError, match=re.escape(f"{trained_on / 'stats.json'}: key provenance.records_sha256")):
         load_run("e", inputs)
+
+
+def test_a_grid_point_no_axis_shows_is_refused_naming_it(grid):
+    """An --ablation point matched by no --vary value with the other axes at the --center was dropped without a
+    word (a typo'd point, a value left out of --vary): refused, naming it, as an unmatched --scores name is. The
+    center's own point is no such point: the workflow's grid always holds it, shown where an axis lists its value."""
+    from llama_adapter.report import check_every_point_shown
+
+    vary = {"adapter_layers": [1, 2, 4], "gate_init": ["zero", "random"], "epochs": [3, 5, 8],
+            "method": ["adapter", "lora"]}
+    axes = {axis: ablation_axis(grid, axis, CENTER, values) for axis, values in vary.items()}
+    check_every_point_shown(grid, axes, CENTER)
+    stray = point(2, "random", 5)  # two axes off the center: no table shows it
+    with pytest.raises(InputError, match=re.escape(f"--ablation: [{stray.name!r}] ") + ".*--vary.*--center"):
+        check_every_point_shown([*grid, stray], axes, CENTER)
+    epochs = {"epochs": ablation_axis(grid, "epochs", CENTER, [3, 8])}  # the center (5 epochs) not listed: kept
+    shown = [grid[0], grid[4], grid[5]]
+    check_every_point_shown(shown, epochs, CENTER)
+    with pytest.raises(InputError, match=re.escape(repr(grid[1].name))):
+        check_every_point_shown([*shown, grid[1]], epochs, CENTER)
+    with pytest.raises(InputError, match=re.escape(repr(grid[1].name))):
+        check_every_point_shown([grid[1]], {}, CENTER)  # no --vary at all

@@ -635,6 +635,19 @@ def ablation_axis(runs: list[Run], axis: str, center: dict, values: list) -> lis
     return found
 
 
+def check_every_point_shown(grid: list[Run], axes: dict[str, list[Run]], center: dict) -> None:
+    """That every --ablation point is shown: in the table of an axis (ablation_axis), or the center's own point
+    (every axis at --center), which the workflow's grid always holds and a table shows where its axis lists the
+    center's value. Any other point was left out of every table without a word (a typo in a name, a value left out
+    of --vary, two axes off the center)."""
+    shown = {id(r) for runs in axes.values() for r in runs}
+    stray = [r.name for r in grid if id(r) not in shown and not all(r.sets(k, v) for k, v in center.items())]
+    if stray:
+        raise InputError(f"--ablation: {stray} set(s) no --vary value with every other axis at the --center "
+                         f"{json.dumps(center)}, so no table would show them; expected each point to be the center "
+                         "or one listed value of one axis, the others at the center (or leave it out)")
+
+
 def paper_pairs(ours: list, paper: list) -> list:
     """The paper's row (its setting first) beside each of our settings, None (n/a) where there is none. An axis of
     as many numbers as the paper's table is paired by rank, whatever order the config lists ours in (our settings
@@ -1621,6 +1634,7 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
     instruction = [r for r in named if r.dataset == "alpaca"]
     scienceqa = [r for r in named if r.dataset == "scienceqa"]
     axes = {axis: ablation_axis(grid, axis, center, values) for axis, values in vary.items()}
+    check_every_point_shown(grid, axes, center)
     tables = {"efficiency": efficiency_table(named), "instruction": instruction_table(instruction),
               "scienceqa": scienceqa_table(scienceqa),
               **{ablation_table_name(axis)[0]: ablation_table(runs, axis, center[axis]) for axis, runs in axes.items()},
