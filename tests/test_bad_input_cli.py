@@ -372,6 +372,13 @@ def test_report_names_each_missing_piece(w, tmp_path, capsys):
     (stats / "stats.json").write_text(json.dumps({"dataset": "alpaca"}))
     rows = ("--experiment", "instruction", "--scores", f"instruction={scores}", "--tokens", f"alpaca={stats}")
     one_line_error(capsys, "report", *rows, "--out", out, names=["--training", "instruction", "trained model"])
+    # A benchmark file the user names must be there (it was ignored: a training's wall time silently n/a); the
+    # workflow's, passed before the trainings ran, are optional, a missing one no error (the next one shows)
+    missing = tmp_path / "bench" / "train.tsv"
+    one_line_error(capsys, "report", *rows, "--train-benchmark", f"instruction={missing}", "--out", out,
+                   names=["--train-benchmark", f"instruction={missing}", "missing", "--optional-train-benchmark"])
+    one_line_error(capsys, "report", *rows, "--optional-train-benchmark", f"instruction={missing}", "--out", out,
+                   names=["--training", "instruction", "trained model"])
     one_line_error(capsys, "report", *rows, "--training", f"instruction={w / 'adapters' / 'instruction'}",
                    "--out", out, names=[w / "adapters" / "instruction" / "config.json", "missing", "train"])
     (stats / "stats.json").write_text(json.dumps({"dataset": "scienceqa"}))

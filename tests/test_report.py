@@ -1843,3 +1843,26 @@ def test_a_grid_point_no_axis_shows_is_refused_naming_it(grid):
         check_every_point_shown([*shown, grid[1]], epochs, CENTER)
     with pytest.raises(InputError, match=re.escape(repr(grid[1].name))):
         check_every_point_shown([grid[1]], {}, CENTER)  # no --vary at all
+
+
+def test_a_training_benchmark_file_named_must_be_there_unless_optional(tmp_path):
+    """--train-benchmark NAME=PATH of a PATH that does not exist was ignored, the training's wall time n/a without a
+    word: refused, naming the option. The workflow names each training's benchmark file before it is written
+    (common.smk report_options), as --optional-train-benchmark: a missing one leaves the wall time n/a."""
+    inputs = trained_row(tmp_path, TRAINING_METRICS)
+    inputs.tokens["alpaca"] = tmp_path / "tokens" / "scienceqa"
+    bench = tmp_path / "train.tsv"
+    for given in ({"train_benchmarks": {"e": bench}}, {"optional_train_benchmarks": {"e": bench}}):
+        named = replace(inputs, **given)
+        if "train_benchmarks" in given:
+            with pytest.raises(InputError, match=re.escape(f"--train-benchmark e={bench}: missing; expected")):
+                named.check()
+        else:
+            named.check()
+            assert load_run("e", named).seconds is None
+    bench.write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t100\n")
+    for given in ({"train_benchmarks": {"e": bench}}, {"optional_train_benchmarks": {"e": bench}}):
+        replace(inputs, **given).check()
+        assert load_run("e", replace(inputs, **given)).seconds == 12.5
+    with pytest.raises(InputError, match=re.escape("--optional-train-benchmark: ['x'] name(s) no --experiment")):
+        replace(inputs, optional_train_benchmarks={"x": bench}).check()

@@ -113,6 +113,8 @@ def test_dry_run_commands_parse_back_to_the_config_values(tmp_path):
     center = "ablations/adapter_layers~3/gate_init~zero/epochs~3/method~adapter"
     assert roles["--training"][center] == roles["--training"]["scienceqa"] == f"{results}/adapters/scienceqa"
     assert not any("zero-shot" in name or "zero_shot" in name for name in roles["--training"])
+    # The trainings' benchmark files, named before they are written: optional, a missing one no error
+    assert "--optional-train-benchmark" in report and "--train-benchmark" not in report
     trains = [shlex.split(c) for c in commands if c.startswith("exec llama-adapter train ")]
     tags = [dict(t[i + 1].split("=", 1) for i, a in enumerate(t) if a == "--tag") for t in trains]
     assert {t["experiment"] for t in tags} >= {"instruction", "scienceqa"}

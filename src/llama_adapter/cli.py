@@ -726,6 +726,7 @@ def report_inputs(ns: argparse.Namespace):
         experiments=ns.experiment, ablations=ns.ablation, scores=named_paths(ns.scores, "--scores"),
         trainings=named_paths(ns.training, "--training"),
         train_benchmarks=named_paths(ns.train_benchmark, "--train-benchmark"),
+        optional_train_benchmarks=named_paths(ns.optional_train_benchmark, "--optional-train-benchmark"),
         generations=named_paths(ns.generations, "--generations"), tokens=named_paths(ns.tokens, "--tokens"),
         benchmarks=ns.benchmarks)
 
@@ -1038,7 +1039,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("--training", "NAME=DIR", "the folder a row's training wrote (train's --out-dir: config.json, "
                                        "metrics.json, weights); one per trained row, none for zero-shot"),
             ("--train-benchmark", "NAME=FILE", "the Snakemake benchmark file of a row's training (its wall time); "
-                                               "optional"),
+                                               "optional, but a file named must exist"),
+            ("--optional-train-benchmark", "NAME=FILE", "as --train-benchmark, but a file that does not exist is "
+                                                        "no error (that wall time is n/a): the workflow names each "
+                                                        "before its training writes it"),
             ("--generations", "NAME=FILE", "the JSONL generate wrote for an instruction experiment; one per Alpaca "
                                            "row"),
             ("--tokens", "DATASET=DIR", "the folder tokenize wrote for a dataset (its stats.json; alpaca's draws the "

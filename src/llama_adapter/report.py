@@ -253,7 +253,10 @@ class ReportInputs:
     # Every trained experiment and point: its training's folder; a point with a named experiment's settings
     # names that experiment's folder (one training serves both).
     trainings: dict[str, Path] = field(default_factory=dict)
-    train_benchmarks: dict[str, Path] = field(default_factory=dict)  # optional: a training's wall time
+    # A training's wall time: a file named here must be there; an optional one (the workflow names each before
+    # the training writes it) may be missing, its wall time then n/a.
+    train_benchmarks: dict[str, Path] = field(default_factory=dict)
+    optional_train_benchmarks: dict[str, Path] = field(default_factory=dict)
     generations: dict[str, Path] = field(default_factory=dict)  # every instruction experiment
     tokens: dict[str, Path] = field(default_factory=dict)  # dataset (alpaca, scienceqa): its tokenize folder
     benchmarks: Path | None = None  # the folder of Snakemake benchmark files (the jobs table); None: no table
@@ -266,11 +269,22 @@ class ReportInputs:
         if repeated:
             raise InputError(f"--experiment/--ablation: {repeated} given twice; expected each row once")
         for flag, named in (("--scores", self.scores), ("--training", self.trainings),
-                            ("--train-benchmark", self.train_benchmarks), ("--generations", self.generations)):
+                            ("--train-benchmark", self.train_benchmarks),
+                            ("--optional-train-benchmark", self.optional_train_benchmarks),
+                            ("--generations", self.generations)):
             stray = sorted(set(named) - set(rows))
             if stray:
                 raise InputError(f"{flag}: {stray} name(s) no --experiment or --ablation; expected NAME=PATH for "
                                  "a row of the report")
+        both = sorted(set(self.train_benchmarks) & set(self.optional_train_benchmarks))
+        if both:
+            raise InputError(f"--train-benchmark, --optional-train-benchmark: both name {both}; expected one benchmark "
+                             "file per training")
+        for name, path in self.train_benchmarks.items():
+            if not Path(path).is_file():
+                what = "is a folder" if Path(path).is_dir() else "missing"
+                raise InputError(f"--train-benchmark {name}={path}: {what}; expected the Snakemake benchmark file of "
+                                 f"{name}'s training (or --optional-train-benchmark, where its wall time may be n/a)")
         unscored = [r for r in rows if r not in self.scores]
         if unscored:
             raise InputError(f"--scores: none for {unscored}; expected NAME=PATH of each row's scores.json "
@@ -409,7 +423,9 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
     adapter = adapter_dir / str(metrics["weights"])
     if not adapter.is_file():
         raise InputError(f"{adapter}: missing; run train first (or leave this experiment out of the report)")
-    bench = inputs.train_benchmarks.get(name)
+    bench = inputs.train_benchmarks.get(name)  # there (ReportInputs.check); an optional one where it is
+    if bench is None and (optional := inputs.optional_train_benchmarks.get(name)) is not None:
+        bench = optional if Path(optional).exists() else None
     # What it trained on: the tokenize folder of its train_data split (tokenize writes <folder>/<split>), which
     # need not be the --tokens folder of the dataset it is scored on.
     trained_stats = Path(config["train_data"]).parent / TOKEN_STATS
@@ -417,7 +433,7 @@ def load_run(name: str, inputs: ReportInputs) -> Run:
                   if trained_stats.is_file() else {})
     run = Run(name=name, dataset=task, config=config, metrics=metrics, scores=scores,
               adapter_bytes=adapter.stat().st_size,
-              seconds=benchmark_seconds(Path(bench)) if bench is not None and Path(bench).exists() else None,
+              seconds=benchmark_seconds(Path(bench)) if bench is not None else None,
               data=stats.get("provenance", {}), trained_on=trained_on)
     return with_point(run, inputs, f"{adapter_dir / TRAINING_CONFIG} (--training {name}={training})")
 

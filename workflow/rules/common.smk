@@ -714,7 +714,9 @@ def report_inputs():
 
 def report_options():
     """The report CLI's options: each file as --ROLE NAME=PATH (a training as its folder), each row, the
-    trainings' benchmark files (optional, so not inputs) and the ablation axes. A list of arguments.
+    trainings' benchmark files (optional, so not inputs: named here, at parse time, before a training writes its
+    own, as --optional-train-benchmark, which a missing file does not stop) and the ablation axes. A list of
+    arguments.
     """
     files = report_inputs()
     folders = {e: str(Path(m).parent) for e, m in files["training"].items()}
@@ -722,7 +724,7 @@ def report_options():
         e: expand(rules.train_adapter.benchmark, experiment=trained_as(e))[0]
         for e in files["training"]
     }
-    named = {**files, "training": folders, "train-benchmark": benchmarks}
+    named = {**files, "training": folders, "optional-train-benchmark": benchmarks}
     return [
         *(arg for e in NAMED_EXPERIMENTS for arg in ("--experiment", e)),
         *(arg for e in ABLATION_EXPERIMENTS for arg in ("--ablation", e)),
