@@ -1760,7 +1760,7 @@ def ablation_row(tmp_path, name: str, config: dict, scores: dict | None = None) 
     ("ablations/adapter_layers~7/method~adapter", {"adapter_layers": 2}, "adapter_layers", "7", "2"),
     ("ablations/gate_init~random/method~adapter", {"gate_init": "zero"}, "gate_init", "random", "'zero'"),
     ("ablations/blr~0.01/method~adapter", {"blr": 0.009}, "blr", "0.01", "0.009"),
-    ("ablations/lr~NA/method~adapter", {"lr": 0.001}, "lr", "NA", "0.001"),
+    ("ablations/lr~0.001/method~adapter", {"lr": None}, "lr", "0.001", "None"),
     ("ablations/epochs~3/method~lora", {"epochs": 3, "method": "adapter"}, "method", "lora", "'adapter'"),
 ])
 def test_a_grid_point_whose_training_has_other_settings_is_refused(tmp_path, name, config, key, named, trained):
@@ -1779,6 +1779,8 @@ def test_a_grid_point_whose_training_has_other_settings_is_refused(tmp_path, nam
     ("ablations/adapter_layers~2/gate_init~zero/epochs~3/method~adapter",
      {"adapter_layers": 2, "gate_init": "zero", "epochs": 3}),
     ("ablations/blr~1.0/lr~NA/method~adapter", {"blr": 1, "lr": None}),  # Paramspace's 1.0 and NA
+    # a null at the center sets nothing: a method's own setting (ablations.methods.lora.lr) trains there
+    ("ablations/lr~NA/method~lora", {"lr": 0.0003, "method": "lora"}),
     # a LoRA point reuses a named LoRA training whose adapter settings it does not read (common.smk: trained_as)
     ("ablations/adapter_layers~2/method~lora", {"adapter_layers": 30, "method": "lora"}),
     ("ablations/lora_rank~8/method~adapter", {"method": "adapter"}),  # a setting config.json does not hold

@@ -442,17 +442,19 @@ def with_point(run: Run, inputs: ReportInputs, trained: str) -> Run:
     """`run` with its grid point's settings (an ablation's; a named experiment has none), each checked against
     what trained it: the tables show a point's values from its name, so a name of other settings than its
     training's config.json (adapter_layers~7 over a training of 2 layers, gate_init~random over a zero-init one)
-    would be reported as what it is not. Compared as Run.sets reads the name (1.0 is 1, NA a null); a setting the
-    config does not hold (a zero-shot row holds its method only), or one its method does not read (the adapter's
-    own on LoRA or full fine-tuning, lora_* elsewhere: the workflow reuses such a training, common.smk trained_as),
-    is not compared. `trained` names the file the config was read from, for the error."""
+    would be reported as what it is not. Compared as Run.sets reads the name (1.0 is 1); not compared: a null in
+    the name (NA: the grid sets nothing there, the method's own setting in ablations.methods or the library's
+    default trains, common.smk experiment), a setting the config does not hold (a zero-shot row holds its method
+    only), or one its method does not read (the adapter's own on LoRA or full fine-tuning, lora_* elsewhere: the
+    workflow reuses such a training, common.smk trained_as). `trained` names the file the config was read from, for
+    the error."""
     if run.name not in inputs.ablations:
         return run
     run = replace(run, point=point_settings(run.name))
     config = {**run.config, "method": run.method}
     for key in run.point:
         if key not in config or (key in ADAPTER_SETTINGS and run.method != "adapter") or (
-                key.startswith("lora_") and run.method != "lora"):
+                key.startswith("lora_") and run.method != "lora") or run.sets(key, None):
             continue
         if not run.sets(key, config[key]):
             raise InputError(f"--ablation {run.name}: its name sets {key} to {run.point[key]}, but {trained} holds "
