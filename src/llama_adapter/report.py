@@ -1495,9 +1495,8 @@ def ablations_figure(tables: dict[str, pd.DataFrame], path: Path, center: dict) 
     or an Alpaca ablation's mean of the samples' losses (no interval in the table) with the token-weighted
     heldout_loss beside it, under its own name; the center's point marked, the paper's accuracies where the table
     sets them beside ours (settings paired as paper_pairs says), and the ablation_trends line where there is one,
-    through the
-    mean of the points it is fitted on and straight over the values or, along LOG_AXES, over their logarithm (a log
-    x axis), the points left out of it marked and named."""
+    through the mean of the points it is fitted on and straight over the values or, along LOG_AXES, over their
+    logarithm (a log x axis), the points left out of it marked and named."""
     trends = [row for _, row in tables["ablation_trends"].iterrows()
               if ordered_axis(row["axis"], list(tables[row["table"]][row["axis"]]))]
     title = "Ablations along ordered axes: ours, the paper's, the paired trend"
