@@ -501,6 +501,9 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
     shutil.copytree(w / "base300", tmp_path / "meta" / "7B")
     (tmp_path / "meta" / "7B" / "tokenizer.model").rename(tmp_path / "meta" / "tokenizer.model")
     (tmp_path / "link").symlink_to(tmp_path / "base")
+    (tmp_path / "run").mkdir()  # a training's folder: its adapter and the summary generate reads beside it
+    shutil.copy(w / "adapter.safetensors", tmp_path / "run")
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"method": "adapter"}))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     gen = list(generate_args(w, tmp_path / "x", base=tmp_path / "base"))
     cases = [
@@ -512,6 +515,8 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
           "--tokenizer", w / "tok.model"], ["lies inside --base"]),
         (generate_args(w, tmp_path / "meta" / "tokenizer.model", base=tmp_path / "meta" / "7B"),
          ["is, or holds, the tokenizer", "beside --base", "without --tokenizer"]),
+        (generate_args(w, tmp_path / "run" / "metrics.json", adapter=tmp_path / "run" / "adapter.safetensors"),
+         ["is, or holds, the training summary", str(tmp_path / "run" / "metrics.json"), "of --adapter"]),
         (["evaluate", "--task", "alpaca", "--base", w / "base", "--tokenizer", w / "tok.model", "--data",
           tmp_path / "val", "--out", tmp_path / "val" / "eval", "--device", "cpu"], ["lies inside --data"]),
         (train_args(w, tmp_path / "val" / "run", "--val-data", tmp_path / "val"),

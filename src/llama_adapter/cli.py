@@ -47,6 +47,7 @@ from .config import (
     TrainConfig,
     ValidateConfig,
     is_original_release,
+    training_file,
     training_outputs,
 )
 from .errors import InputError, OutputInUse, PipelineError, StoppedBySignal, TokenizerError, stop_signals_raise
@@ -1190,6 +1191,21 @@ def tokenizer_beside_base(ns: argparse.Namespace) -> list[tuple[str, Path, str]]
     return [("the tokenizer", path, f" (beside --base {base}, which the command reads without --tokenizer)")]
 
 
+def trainings_read(ns: argparse.Namespace) -> list[tuple[str, Path, str]]:
+    """(what, path, where from) of the metrics.json of each --adapter's training, or of a fully fine-tuned --base's,
+    that the inference commands read (its method, its tokenizer: config.training_file) where it exists; no option
+    names it."""
+    adapters = getattr(ns, "adapter", None)
+    given = [adapter_spec(a)[1] if isinstance(a, str) else a for a in
+             (adapters if isinstance(adapters, list) else [adapters] if adapters is not None else [])]
+    base = getattr(ns, "base", None)
+    read = [(f"--adapter {a}", training_file(base, a)) for a in given]
+    if base and not given:
+        read.append((f"--base {base}", training_file(base, None)))
+    return [("the training summary", path, f" (of {shown}, which the command reads)") for shown, path in read
+            if path.is_file()]
+
+
 def check_outputs_apart(ns: argparse.Namespace) -> None:
     """Before the command runs: none of its outputs (--out, --out-dir, and the files it writes there) is, holds, or
     lies inside a path it was given to read. Writing it would replace the input (fetch --out over the source's
@@ -1201,7 +1217,8 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
     outputs = named + [(f"{path} (which {named[0][0] if named else 'it'} gets)", Path(path))
                        for path in ns.outputs(ns)]
     given = given_paths(ns)
-    inputs = [(option, path, "") for option, path in given] + datasets_behind(given) + tokenizer_beside_base(ns)
+    inputs = [(option, path, "") for option, path in given] + datasets_behind(given) + tokenizer_beside_base(ns) \
+        + trainings_read(ns)
     for shown, output in outputs:
         for option, path, where in inputs:
             if holds(output, path):

@@ -236,6 +236,15 @@ def training_outputs(out_dir: str | Path) -> list[Path]:
                                               TRAINING_METRICS)]
 
 
+def training_file(base: str | Path, adapter: str | Path | None) -> Path:
+    """Where the metrics.json of the training that produced a model lies: beside its adapter, or above a fully
+    fine-tuned model's folder (adapters/<experiment>/model). What evaluate, generate and complete read of it (the
+    method, the tokenizer): an input of theirs, though no option names it."""
+    if adapter is not None:  # a PEFT adapter given as its folder is its run's folder, as its weights file's is
+        return (Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent) / TRAINING_METRICS
+    return Path(base).parent / TRAINING_METRICS
+
+
 def is_original_release(adapter_path: str | Path) -> bool:
     """Whether an adapter file is the paper's original-release .pth, the only kind that does not record its own
     shape (adapter_len, adapter_layers), which must then be given with it."""

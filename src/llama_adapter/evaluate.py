@@ -22,11 +22,11 @@ from .config import (
     EVALUATION_OUTPUTS,
     MODES,
     RUN_LOG,
-    TRAINING_METRICS,
     CompileConfig,
     Evaluation,
     InferenceConfig,
     Sampling,
+    training_file,
 )
 from .data import RECORDS
 from .data.scienceqa import ANY_LETTER_RE, CATEGORIES, LETTERS, categories, parse_answer, qcm_prompt, qcm_target
@@ -208,14 +208,6 @@ def score_alpaca(model: Transformer, tokenizer: Tokenizer, heldout: TokenDataset
     return {"heldout_loss": loss, "perplexity": float(np.exp(loss)), "heldout_samples": len(heldout),
             "samples_sha256": heldout.digest(),
             "sample_losses": [float(total / n) if n else None for total, n in zip(sums, counts)]}
-
-
-def training_file(base: Path, adapter: Path | None) -> Path:
-    """Where the metrics.json of the training that produced what is evaluated lies: beside the adapter, or above a
-    fully fine-tuned model's folder (adapters/<experiment>/model)."""
-    if adapter is not None:  # a PEFT adapter given as its folder is its run's folder, as its weights file's is
-        return (Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent) / TRAINING_METRICS
-    return Path(base).parent / TRAINING_METRICS
 
 
 def training_of(base: Path, adapter: Path | None) -> dict:

@@ -280,17 +280,21 @@ class ReportInputs:
         if both:
             raise InputError(f"--train-benchmark, --optional-train-benchmark: both name {both}; expected one benchmark "
                              "file per training")
-        for name, path in self.train_benchmarks.items():
-            if not Path(path).is_file():
-                what = "is a folder" if Path(path).is_dir() else "missing"
-                raise InputError(f"--train-benchmark {name}={path}: {what}; expected the Snakemake benchmark file of "
-                                 f"{name}'s training (or --optional-train-benchmark, where its wall time may be n/a)")
         unscored = [r for r in rows if r not in self.scores]
         if unscored:
             raise InputError(f"--scores: none for {unscored}; expected NAME=PATH of each row's scores.json "
                              "(written by evaluate)")
         if "alpaca" not in self.tokens:
             raise InputError("--tokens: no alpaca=DIR; expected the Alpaca tokenize folder (the lengths figure)")
+
+    def check_benchmark_files(self) -> None:
+        """Every --train-benchmark file is there (the file system's to say, after the options' check: a failure,
+        as a missing --scores file is)."""
+        for name, path in self.train_benchmarks.items():
+            if not Path(path).is_file():
+                what = "is a folder" if Path(path).is_dir() else "missing"
+                raise InputError(f"--train-benchmark {name}={path}: {what}; expected the Snakemake benchmark file of "
+                                 f"{name}'s training (or --optional-train-benchmark, where its wall time may be n/a)")
 
 
 def _read_json(path: Path, fields=()) -> dict:
@@ -1643,6 +1647,7 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
     from .inputs import existing_dir, writable_output
 
     check_report_options(inputs, center, vary)
+    inputs.check_benchmark_files()
     if inputs.benchmarks is not None:
         existing_dir(inputs.benchmarks, "--benchmarks", "a folder of Snakemake benchmark files")
     writable_output(out_dir, "--out", folder=True)
