@@ -59,22 +59,21 @@ def test_inspect_7b_preset_counts_the_paper_parameters():
     assert report["base_parameters"] == 6_738_415_616
 
 
-def test_inspect_takes_the_adapter_defaults_capped_at_the_models_layers(tmp_path):
+def test_inspect_takes_the_adapter_defaults_capped_at_the_models_layers(tmp_path, capsys):
     """inspect's --adapter-layers defaulted to the paper's 30 whatever the model: `inspect demo` (3 layers), or a
     small checkpoint, failed unless given it. Left out, it is AdapterArgs' default, or every layer of a model with
-    fewer (AdapterArgs.layers_for); one given beyond the model's layers is still refused."""
-    for preset, layers in (("demo", 3), ("7B", 30)):
-        proc = run_cli("inspect", preset)
-        assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout)["adapter"]["adapter_layers"] == layers
-        assert json.loads(proc.stdout)["adapter"]["adapter_len"] == AdapterArgs.adapter_len
+    fewer (AdapterArgs.layers_for); one given beyond the model's layers is still refused. (In this process: the
+    command line's own process is the other CLI tests'.)"""
+    from llama_adapter.cli import main
+
     save_meta_checkpoint(AdaptedTransformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, hidden_dim=64),
                                             AdapterArgs(adapter_len=2, adapter_layers=1)), tmp_path / "base")
-    proc = run_cli("inspect", str(tmp_path / "base"))
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["adapter"]["adapter_layers"] == 2
-    proc = run_cli("inspect", "demo", "--adapter-layers", "4")
-    assert proc.returncode == 2 and "--adapter-layers 4: exceeds the 3 layers of preset demo" in proc.stderr
+    for model, layers in (("demo", 3), ("7B", 30), (str(tmp_path / "base"), 2)):
+        assert main(["inspect", model]) == 0
+        adapter = json.loads(capsys.readouterr().out)["adapter"]
+        assert (adapter["adapter_layers"], adapter["adapter_len"]) == (layers, AdapterArgs.adapter_len)
+    assert main(["inspect", "demo", "--adapter-layers", "4"]) == 2
+    assert "--adapter-layers 4: exceeds the 3 layers of preset demo" in capsys.readouterr().err
 
 
 def test_complete_with_meta_checkpoint_and_adapter(tmp_path, llama_sp_model):
