@@ -1652,7 +1652,7 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
         existing_dir(inputs.benchmarks, "--benchmarks", "a folder of Snakemake benchmark files")
     writable_output(out_dir, "--out", folder=True)
     named = [load_run(e, inputs) for e in inputs.experiments]
-    grid = [replace(load_run(e, inputs), point=point_settings(e)) for e in inputs.ablations]
+    grid = [load_run(e, inputs) for e in inputs.ablations]  # each with its point's settings (with_point)
     instruction = [r for r in named if r.dataset == "alpaca"]
     scienceqa = [r for r in named if r.dataset == "scienceqa"]
     axes = {axis: ablation_axis(grid, axis, center, values) for axis, values in vary.items()}
