@@ -1194,14 +1194,14 @@ def tokenizer_beside_base(ns: argparse.Namespace) -> list[tuple[str, Path, str]]
 def trainings_read(ns: argparse.Namespace) -> list[tuple[str, Path, str]]:
     """(what, path, where from) of the metrics.json of each --adapter's training, or of a fully fine-tuned --base's,
     that the inference commands read (its method, its tokenizer: config.training_file) where it exists; no option
-    names it."""
-    adapters = getattr(ns, "adapter", None)
-    given = [adapter_spec(a)[1] if isinstance(a, str) else a for a in
-             (adapters if isinstance(adapters, list) else [adapters] if adapters is not None else [])]
-    base = getattr(ns, "base", None)
-    read = [(f"--adapter {a}", training_file(base, a)) for a in given]
-    if base and not given:
-        read.append((f"--base {base}", training_file(base, None)))
+    names it. None for train, which reads no training's summary."""
+    if not hasattr(ns, "adapter"):  # not an inference command (complete, generate, evaluate)
+        return []
+    adapters = ns.adapter if isinstance(ns.adapter, list) else [ns.adapter] if ns.adapter is not None else []
+    given = [adapter_spec(a)[1] if isinstance(a, str) else a for a in adapters]
+    read = [(f"--adapter {a}", training_file(ns.base, a)) for a in given]
+    if not given:
+        read.append((f"--base {ns.base}", training_file(ns.base, None)))
     return [("the training summary", path, f" (of {shown}, which the command reads)") for shown, path in read
             if path.is_file()]
 
@@ -1212,7 +1212,8 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
     folder, generate --out over its --prompts, train --out-dir in the base's folder, over its config.json), or add
     to a folder read whole (generate --out BASE/tokenizer.model; another *.safetensors in a base's folder is loaded
     with it). One check for every command: its inputs are the existing paths among its options (given_paths), the
-    fetched folder behind a validated one and the tokenizer beside --base, which no option names."""
+    fetched folder behind a validated one, the tokenizer beside --base and an inference command's training summary
+    (trainings_read), which no option names."""
     named = [(f"--{k.replace('_', '-')} {v}", Path(v)) for k in OUTPUT_OPTIONS if (v := getattr(ns, k, None))]
     outputs = named + [(f"{path} (which {named[0][0] if named else 'it'} gets)", Path(path))
                        for path in ns.outputs(ns)]
