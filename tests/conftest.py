@@ -1,5 +1,6 @@
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -91,18 +92,66 @@ def slurm_dag_started(request, tmp_path_factory):
         stop_started(proc, grace=60)
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> Path:
-    """One real run of the shipped config.yaml in a fresh folder (the README's first command), ~5 CPU minutes;
-    shared by the workflow tests and the SLURM test, which compares its report with this one. Its results go to
-    dag.DEMO_RESULTS, a folder whose name holds a space and a quote: every rule's command must quote it."""
-    from dag import SNAKEMAKE, demo_configfiles, snakemake
+@pytest.fixture(scope="session", autouse=True)
+def demo_started(request, tmp_path_factory, slurm_dag_started):
+    """The demo_run's DAG, started in the background when the session holds a test that uses demo_run: once the
+    SLURM DAG has ended where there is one (both at once would slow the tests that run meanwhile twice over), else
+    as the session starts. Alone it takes about 4 minutes of a 2-core machine; the tests before test_slurm.py
+    leave much of the CPU idle (they wait on subprocesses, servers and signals), so started here it is done, or
+    nearly, when its first test asks for it, instead of taking those minutes of the suite there.
+    Yields (its folder, the file of its output, a function that waits for the start and returns the process)."""
+    from dag import SNAKEMAKE, demo_configfiles, snakemake_started, stop_started
 
-    if not Path(SNAKEMAKE).exists():
-        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
+    if not Path(SNAKEMAKE).exists() or not any("demo_run" in item.fixturenames for item in request.session.items):
+        yield None
+        return
     root = tmp_path_factory.mktemp("dag")
-    proc = snakemake("--cores", "2", *demo_configfiles(root), cwd=root, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    output = root / "snakemake.out"
+    configfiles = demo_configfiles(root)
+    lock = threading.Lock()
+    state: dict = {"stopping": False, "proc": None}
+
+    def start() -> None:
+        if slurm_dag_started is not None:
+            try:  # a SLURM DAG that hangs fails its own tests (slurm_run), not this one's
+                slurm_dag_started[1].wait(timeout=1800)
+            except subprocess.TimeoutExpired:
+                pass
+        with lock:  # not after the session's end began
+            if not state["stopping"]:
+                state["proc"] = snakemake_started("--cores", "2", *configfiles, cwd=root, output=output)
+
+    starter = threading.Thread(target=start, name="demo-dag-start", daemon=True)
+    starter.start()
+
+    def started() -> subprocess.Popen:
+        starter.join()
+        return state["proc"]
+
+    try:
+        yield root, output, started
+    finally:
+        with lock:
+            state["stopping"] = True
+        if state["proc"] is not None:
+            stop_started(state["proc"], grace=60)
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_started) -> Path:
+    """One real run of the shipped config.yaml in a fresh folder (the README's first command), ~5 CPU minutes,
+    started in the background by demo_started; shared by the workflow tests and the SLURM test, which compares its
+    report with this one. Its results go to dag.DEMO_RESULTS, a folder whose name holds a space and a quote: every
+    rule's command must quote it."""
+    if demo_started is None:
+        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
+    root, output, started = demo_started
+    proc = started()
+    try:
+        proc.wait(timeout=1200)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the demo DAG still runs after 20 minutes: {output.read_text()[-4000:]}")
+    assert proc.returncode == 0, output.read_text()[-8000:]
     return root
 
 
