@@ -85,7 +85,7 @@ def slurm_dag_started(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-dag")
     output = root / "snakemake.out"
     proc = snakemake_started("--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"),
-                             *slurm_cluster.overrides(), cwd=root, output=output)
+                             str(slurm_cluster.demo_config(root)), *slurm_cluster.overrides(), cwd=root, output=output)
     try:
         yield root, proc, output
     finally:

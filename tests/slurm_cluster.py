@@ -201,6 +201,20 @@ def _start(name: str, cmd: list[str]) -> int:
     return proc.pid
 
 
+# The demo through SLURM without the ablation axes whose points are trainings of their own (adapter_layers, epochs,
+# gate_init: ten jobs, about 150 CPU seconds, of the same rules as the method axis's points):
+# every rule, every experiment and the method axis still run as SLURM jobs, and their tables are compared with the
+# local run's.
+DROPPED_AXES = ("adapter_layers", "epochs", "gate_init")
+
+
+def demo_config(root: Path) -> Path:
+    """The config merged over config.yaml for the SLURM run: the dropped axes set to null."""
+    path = root / "slurm_demo.json"  # a config file in JSON, which YAML reads too
+    path.write_text(json.dumps({"ablations": {"vary": dict.fromkeys(DROPPED_AXES)}}))
+    return path
+
+
 def overrides(*set_resources: str) -> list[str]:
     """The options `snakemake --profile slurm` needs on this cluster, only what differs from a GPU cluster: its
     partition and account (which the plugin checks with sacctmgr), no GPUs, and a first status check after 1 s
