@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -54,6 +55,30 @@ def smollm2_gguf() -> Path:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables, made once: a test's own store is a copy of it (making one runs
+    MLflow's migrations, about 1.5 s of a core, which the suite's hundred-odd stores would each pay). A copy is a
+    store as MLflow leaves it, one used before, as most users' are; a store's first opening stays tested where a
+    test makes its own (test_mlflow_server.py's jobs racing on a new file, the demo DAGs, the commands run on a new
+    results folder)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
+@pytest.fixture
+def mlflow_store(mlflow_store_template, tmp_path, monkeypatch) -> Path:
+    """The test's own MLflow store, tmp_path/mlflow.db (a copy of the template), as $MLFLOW_TRACKING_URI: for the
+    test and the commands it starts."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_store_template, path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -78,8 +78,7 @@ def test_corrupted_cache_file_is_not_extracted_silently(tmp_path, capsys):
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+def store(mlflow_store, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
     monkeypatch.delenv("LLAMA_ADAPTER_TAGS", raising=False)
     # mlflow.set_experiment (a caller's, in a test) exports the experiment's id, which would choose the next test's

@@ -378,12 +378,11 @@ def test_a_failed_evaluation_leaves_no_output_folder_of_its_own(world, tmp_path,
     assert not any((tmp_path / "new").iterdir()) and not any((tmp_path / "there").iterdir())
 
 
-def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, monkeypatch):
+def test_evaluation_writes_its_every_output_once_and_its_run(mlflow_store, world, tmp_path, monkeypatch):
     """One library call owns scores.json (the scores, the split, what was scored, the MLflow run), the
     predictions and the MLflow run, which holds both files; a crash while scoring ends the run FAILED."""
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("LLAMA_ADAPTER_TAGS", json.dumps({"config_hash": "c0ffee"}))  # as the workflow sets it
     root, tok = world
     model = load_model(root / "base", root / "a.safetensors")
@@ -448,11 +447,10 @@ def test_evaluation_writes_its_every_output_once_and_its_run(world, tmp_path, mo
         evaluate(model, tok, too_long, records=[long])
 
 
-def test_compiled_decoding_keeps_its_code_in_the_compile_cache_from_python(world, tmp_path, monkeypatch):
+def test_compiled_decoding_keeps_its_code_in_the_compile_cache_from_python(mlflow_store, world, tmp_path, monkeypatch):
     """evaluate() and generate_requests() called from Python keep the compiled decode step in their compile_cache
     as the commands do (the cache was the command line's alone): one file for the step, shared by both when they
     decode as many rows; without compile, no file."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "local"))
     torch._dynamo.reset()
     root, tok = world
@@ -477,7 +475,7 @@ def test_compiled_decoding_keeps_its_code_in_the_compile_cache_from_python(world
     assert list(cache.iterdir()) == [blob]  # the same step at the same rows: the same file
 
 
-def test_a_stop_signal_ends_the_evaluation_killed_with_nothing_written(world, tmp_path, monkeypatch):
+def test_a_stop_signal_ends_the_evaluation_killed_with_nothing_written(mlflow_store, world, tmp_path, monkeypatch):
     """scancel or a time limit (SIGTERM) in the middle of scoring: the MLflow run ends KILLED (tagged with the
     signal), not RUNNING forever; no predictions or scores are left; the signal's handler is put back after."""
     import os
@@ -489,7 +487,6 @@ def test_a_stop_signal_ends_the_evaluation_killed_with_nothing_written(world, tm
     import llama_adapter.evaluate as evaluate_mod
     from llama_adapter.errors import StoppedBySignal
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     root, tok = world
 
     def cancelled(*args, **kwargs):
@@ -588,7 +585,7 @@ def sigterm(*args, **kwargs):
 
 
 @pytest.fixture
-def stopped_evaluation(world, tmp_path, monkeypatch):
+def stopped_evaluation(mlflow_store, world, tmp_path, monkeypatch):
     """Evaluates the world's base on one question (likelihood mode) into tmp_path/out under stop_signals_raise,
     as the command line runs it, where the test has planted a stop (`stop`: what the evaluation raises), with an
     MLflow store of its own (the variables the tracker sets undone after the test). Returns the one MLflow run
@@ -599,7 +596,6 @@ def stopped_evaluation(world, tmp_path, monkeypatch):
     from llama_adapter.errors import stop_signals_raise
     from llama_adapter.tracking import MLFLOW_DEFAULTS
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     for name, value in MLFLOW_DEFAULTS.items():
         monkeypatch.setenv(name, os.environ.get(name, value))
     root, tok = world

@@ -1,9 +1,10 @@
 """The cluster path for real: the demo DAG (less three ablation axes: slurm_cluster.DROPPED_AXES) through the
 repository's `slurm` profile on a two-node SLURM cluster started on this machine (tests/slurm_cluster.py, with
-slurmdbd: the plugin polls with sacct; conftest.py starts both with the session, so that the tests before these
-run while the DAG's jobs wait), and the same report tables as a local run; then one training over both nodes (a torchrun per node, Gloo on the CPU), which matches one
-process, and which one process resumes; then a job's end before its time: a training cancelled with scancel
-fails its invocation promptly, and a training cut by its time limit resumes in the next invocation.
+slurmdbd: the plugin polls with sacct; conftest.py starts both with the session, so that the tests before these run
+while the DAG's jobs wait), and the same report tables as a local run; then one training over both nodes (a torchrun
+per node, Gloo on the CPU), which matches one process, and which one process resumes; then a job's end before its
+time: a training cancelled with scancel fails its invocation promptly, and a training cut by its time limit resumes
+in the next invocation.
 
 Needs root (to install the packages, write /etc/slurm/slurm.conf and run the daemons); CI runs as root.
 """

@@ -65,8 +65,8 @@ def config(setup, out, **kw):
 
 
 @pytest.fixture(autouse=True)
-def mlflow_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+def mlflow_in_tmp(mlflow_store):
+    """Each test's runs in a store of its own (conftest.py)."""
 
 
 def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path):

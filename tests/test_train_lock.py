@@ -28,8 +28,8 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def mlflow_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+def mlflow_in_tmp(mlflow_store):
+    """Each test's runs in a store of its own (conftest.py)."""
 
 
 def logged_steps(out: Path) -> list[int]:
