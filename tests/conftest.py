@@ -121,9 +121,9 @@ def slurm_dag_started(request, tmp_path_factory):
 def demo_started(request, tmp_path_factory, slurm_dag_started):
     """The demo_run's DAG, started in the background when the session holds a test that uses demo_run: once the
     SLURM DAG has ended where there is one (both at once would slow the tests that run meanwhile twice over), else
-    as the session starts. Alone it takes about 4 minutes of a 2-core machine; the tests before test_slurm.py
-    leave much of the CPU idle (they wait on subprocesses, servers and signals), so started here it is done, or
-    nearly, when its first test asks for it, instead of taking those minutes of the suite there.
+    as the session starts. Alone it takes about 4 minutes of a 2-core machine, which the suite waited out where its
+    first test asked for it; beside the tests that run meanwhile it is done by then, and the suite ended a minute
+    sooner on 2 cores (the tests' own CPU time leaves little idle to fill: most of the overlap slows them).
     Yields (its folder, the file of its output, a function that waits for the start and returns the process)."""
     from dag import SNAKEMAKE, demo_configfiles, snakemake_started, stop_started
 
