@@ -202,7 +202,7 @@ def _start(name: str, cmd: list[str]) -> int:
 
 
 # The demo through SLURM without the ablation axes whose points are trainings of their own (adapter_layers, epochs,
-# gate_init: ten jobs, about 150 CPU seconds, of the same rules as the method axis's points):
+# gate_init: ten jobs, about 130 s of job time in a local run, of the same rules as the method axis's points):
 # every rule, every experiment and the method axis still run as SLURM jobs, and their tables are compared with the
 # local run's.
 DROPPED_AXES = ("adapter_layers", "epochs", "gate_init")

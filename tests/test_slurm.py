@@ -67,8 +67,8 @@ def test_every_job_went_through_slurm(slurm_run):
 
 
 def test_report_equals_the_local_run(slurm_run, demo_run):
-    """Each table the SLURM run makes, row for row; the dropped axes' tables (slurm_cluster.DROPPED_AXES) are
-    the local run's alone."""
+    """The tables of the experiments and of the method axis, row for row; the dropped axes' tables
+    (slurm_cluster.DROPPED_AXES) are the local run's alone."""
     root, _ = slurm_run
     for axis in slurm_cluster.DROPPED_AXES:
         table = ablation_table_name(axis)[0]
