@@ -120,8 +120,8 @@ def slurm_dag_started(request, tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def demo_started(request, tmp_path_factory, slurm_dag_started):
     """The demo_run's DAG, started in the background when the session holds a test that uses demo_run: once the
-    SLURM DAG has ended where there is one (both at once would slow the tests that run meanwhile twice over), else
-    as the session starts. Alone it takes about 4 minutes of a 2-core machine, which the suite waited out where its
+    SLURM DAG has ended where there is one (so that the two DAGs do not run at once), else as the session
+    starts. Alone it takes about 4 minutes of a 2-core machine, which the suite waited out where its
     first test asked for it; beside the tests that run meanwhile it is done by then, and the suite ended a minute
     sooner on 2 cores (the tests' own CPU time leaves little idle to fill: most of the overlap slows them).
     Yields (its folder, the file of its output, a function that waits for the start and returns the process)."""

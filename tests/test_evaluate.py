@@ -394,7 +394,7 @@ def test_evaluation_writes_its_every_output_once_and_its_run(mlflow_store, world
     validated = records + training + [{**records[0], "pid": "v0", "split": "val"}]
     (root / "data").mkdir(exist_ok=True)  # the validated folder the records were read from
     (root / "data" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in validated))
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{mlflow_store}")
     for mode in ("likelihood", "generate"):
         ev = Evaluation("scienceqa", root / "base", root / "a.safetensors", root / "data", tmp_path / mode,
                         split="test", mode=mode, tags={"experiment": "x"})
@@ -503,7 +503,7 @@ def test_a_stop_signal_ends_the_evaluation_killed_with_nothing_written(mlflow_st
         evaluate_mod.evaluate(load_model(root / "base"), tok, ev, records=[{"pid": "1"}])
     assert signal.getsignal(signal.SIGTERM) is before
     assert not (tmp_path / "out" / "scores.json").exists() and not (tmp_path / "out" / "predictions.csv").exists()
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{mlflow_store}")
     [run] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGTERM"
 
@@ -611,7 +611,7 @@ def stopped_evaluation(mlflow_store, world, tmp_path, monkeypatch):
         left_open = mlflow.active_run()
         end_run()
         assert left_open is None
-        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        client = MlflowClient(f"sqlite:///{mlflow_store}")
         [recorded] = client.search_runs([client.get_experiment_by_name("llama-adapter").experiment_id])
         return recorded, sorted(p.name for p in out.iterdir()) if out.exists() else []
 

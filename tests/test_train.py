@@ -64,9 +64,8 @@ def config(setup, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.fixture(autouse=True)
-def mlflow_in_tmp(mlflow_store):
-    """Each test's runs in a store of its own (conftest.py)."""
+# each test's runs in a store of its own (conftest.py)
+pytestmark = pytest.mark.usefixtures("mlflow_store")
 
 
 def test_loss_falls_and_only_the_adapter_changes(setup, tmp_path):

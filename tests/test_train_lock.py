@@ -27,9 +27,8 @@ def setup(tmp_path_factory):
     return random_base_and_splits(tmp_path_factory.mktemp("lock"))
 
 
-@pytest.fixture(autouse=True)
-def mlflow_in_tmp(mlflow_store):
-    """Each test's runs in a store of its own (conftest.py)."""
+# each test's runs in a store of its own (conftest.py)
+pytestmark = pytest.mark.usefixtures("mlflow_store")
 
 
 def logged_steps(out: Path) -> list[int]:
