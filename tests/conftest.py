@@ -99,14 +99,20 @@ def slurm_dag_started(request, tmp_path_factory):
     """The shipped demo DAG through the repository's `slurm` profile on the test cluster, started as the session
     starts when it holds tests/test_slurm.py and runs as root (the cluster writes /etc/slurm), else None. Most of
     its minutes are SLURM's scheduling and the executor plugin's polling, in which the tests before test_slurm.py
-    run; its slurm_run waits for the end. Yields (its folder, the snakemake process, the file of its output)."""
+    run; its slurm_run waits for the end. Yields (its folder, the snakemake process, the file of its output), or the
+    exception where the cluster did not start: that fails the SLURM tests, not every test of the session (as this
+    fixture's own error would)."""
     if os.geteuid() != 0 or not any(item.path.name == "test_slurm.py" for item in request.session.items):
         yield None
         return
     import slurm_cluster
     from dag import REPO, snakemake_started, stop_started
 
-    request.getfixturevalue("slurm_test_cluster")
+    try:
+        request.getfixturevalue("slurm_test_cluster")
+    except Exception as e:
+        yield e
+        return
     root = tmp_path_factory.mktemp("slurm-dag")
     output = root / "snakemake.out"
     proc = snakemake_started("--profile", str(REPO / "slurm"), "--configfile", str(REPO / "config.yaml"),
@@ -137,7 +143,7 @@ def demo_started(request, tmp_path_factory, slurm_dag_started):
     state: dict = {"stopping": False, "proc": None}
 
     def start() -> None:
-        if slurm_dag_started is not None:
+        if isinstance(slurm_dag_started, tuple):
             try:  # a SLURM DAG that hangs fails its own tests (slurm_run), not this one's
                 slurm_dag_started[1].wait(timeout=1800)
             except subprocess.TimeoutExpired:

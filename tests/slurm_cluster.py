@@ -11,10 +11,18 @@ Facts this relies on (Debian 12, slurm-wlm 22.05):
 - The executor plugin's job step strips every SLURM_* variable, SLURM_CONF included, so the `srun` inside a
   job only finds the configuration at /etc/slurm/slurm.conf: that is where it is written.
 - munged wants its socket directory world-readable (755) and its key in a 700 directory.
-- The accounting: `mariadbd --no-defaults` on 127.0.0.1:MARIADB_PORT, its data folder made once by
-  `mariadb-install-db` (root without a password, reachable only from this host) and kept for the next `up`, as
-  slurmctld's state is; slurmdbd (its config, /etc/slurm/slurmdbd.conf, mode 600 as it insists) on DBD_PORT;
-  the cluster, an ACCOUNT and the user registered with sacctmgr before slurmctld starts. jobacct_gather/linux
+- Every `up` starts from an empty STATE: slurmctld recovers the jobs of its state folder, so a cluster whose
+  daemons were killed while jobs ran (a session ended with them, as an ended session's processes are) comes back
+  with those jobs running on its nodes, which then never turn idle; job ids start at 1 again, so the accounting
+  database is new too (else `sacct -j ID` finds an earlier cluster's job of that id).
+- The accounting: `mariadbd --no-defaults` on 127.0.0.1:MARIADB_PORT, its data folder made by
+  `mariadb-install-db` (root without a password, reachable only from this host; under a second); slurmdbd (its
+  config, /etc/slurm/slurmdbd.conf, mode 600 as it insists) on DBD_PORT; the cluster, an ACCOUNT and the user
+  registered with sacctmgr before slurmctld starts.
+- One cluster per host (its ports and /etc/slurm are the host's): STATE/pids.json names the process that started
+  it (its OWNER) and each daemon, with their start times, so that `up` refuses while another live process owns the
+  cluster (a second test session on this host) and `down` signals only the processes it started, not others that
+  took their PIDs after a reboot or a session's end. jobacct_gather/linux
   reads each job's memory and CPU from /proc (no cgroups needed), so `sacct` shows them too.
 - MinJobAge keeps finished jobs in slurmctld (`scontrol show job`) for 10 minutes, for the tests to read.
 - No mail, no cgroups on a CI machine: MailProg=/bin/true, proctrack/linuxproc, task/none.
@@ -90,7 +98,7 @@ SlurmctldPidFile={STATE}/slurmctld.pid
 SlurmdPidFile={STATE}/slurmd-%n.pid
 SlurmctldLogFile={STATE}/slurmctld.log
 SlurmdLogFile={STATE}/slurmd-%n.log
-SlurmctldPort=6817
+SlurmctldPort={SLURMCTLD_PORT}
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost={host}
 AccountingStoragePort={DBD_PORT}
@@ -102,6 +110,7 @@ JobAcctGatherFrequency=30
 
 # The nodes: one slurmd each, on this host, at SLURMD_PORT + its index.
 NODES = ("node1", "node2")
+SLURMCTLD_PORT = 6817
 SLURMD_PORT = 6818
 
 
@@ -145,20 +154,15 @@ StorageLoc=slurm_acct_db
 
 
 def start_mariadb() -> int:
-    """mariadbd on 127.0.0.1:MARIADB_PORT, its data folder under STATE (made on the first `up`: a few seconds,
-    then reused, as slurmctld's state is); its PID. The InnoDB settings are ones slurmdbd starts with without
-    logging an error about them (it does for a 256 MB buffer pool); memory is taken as used, about 120 MB here."""
+    """mariadbd on 127.0.0.1:MARIADB_PORT, over a new data folder under STATE; its PID. The InnoDB settings are ones
+    slurmdbd starts with without logging an error about them (it does for a 256 MB buffer pool); memory is taken as
+    used, about 120 MB here."""
     data = DATABASE / "data"
-    if not data.is_dir():
-        fresh = DATABASE / "data.new"
-        shutil.rmtree(fresh, ignore_errors=True)
-        DATABASE.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={fresh}", "--user=root",
-                              "--auth-root-authentication-method=normal", "--skip-test-db"],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"mariadb-install-db failed: {out.stdout[-1500:]}{out.stderr[-1500:]}")
-        fresh.rename(data)
+    DATABASE.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root",
+                          "--auth-root-authentication-method=normal", "--skip-test-db"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"mariadb-install-db failed: {out.stdout[-1500:]}{out.stderr[-1500:]}")
     return _start("mariadbd", ["mariadbd", "--no-defaults", f"--datadir={data}", "--user=root",
                                "--bind-address=127.0.0.1", f"--port={MARIADB_PORT}",
                                f"--socket={DATABASE / 'mariadb.sock'}", f"--pid-file={DATABASE / 'mariadb.pid'}",
@@ -168,18 +172,13 @@ def start_mariadb() -> int:
 
 
 def register_accounting(timeout: float) -> None:
-    """The cluster, ACCOUNT and this user's association with it in slurmdbd, each added once (the database
-    outlives `down`)."""
+    """The cluster, ACCOUNT and this user's association with it in slurmdbd's new database."""
     _wait(lambda: _sacctmgr("show", "cluster").returncode == 0, timeout, "slurmdbd answering sacctmgr",
           (STATE / "slurmdbd.log",))
-    user = pwd.getpwuid(os.getuid()).pw_name
-    if CLUSTER not in _sacctmgr("show", "cluster", "format=cluster").stdout.split():
-        _sacctmgr("add", "cluster", CLUSTER, check=True)
-    if ACCOUNT not in _sacctmgr("show", "account", "format=account").stdout.split():
-        _sacctmgr("add", "account", ACCOUNT, f"cluster={CLUSTER}", "description=tests", "organization=tests",
-                  check=True)
-    if f"{ACCOUNT}|{user}" not in _sacctmgr("show", "assoc", "format=account,user").stdout.split():
-        _sacctmgr("add", "user", user, f"account={ACCOUNT}", f"cluster={CLUSTER}", check=True)
+    _sacctmgr("add", "cluster", CLUSTER, check=True)
+    _sacctmgr("add", "account", ACCOUNT, f"cluster={CLUSTER}", "description=tests", "organization=tests", check=True)
+    _sacctmgr("add", "user", pwd.getpwuid(os.getuid()).pw_name, f"account={ACCOUNT}", f"cluster={CLUSTER}",
+              check=True)
 
 
 def _sacctmgr(*args: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -235,41 +234,61 @@ def _node_memory_mb() -> int:
 
 def up(timeout: float = 60) -> dict:
     """Start munged, MariaDB, slurmdbd, slurmctld and a slurmd per node in the foreground mode (-D/-F) as our own
-    children's children, wait until the nodes are idle, and record the PIDs in STATE/pids.json for `down` (each as
-    soon as it starts, so that a failed start stops what did start)."""
+    children's children, from an empty STATE, and wait until the nodes are idle; their PIDs by daemon name. The
+    record for `down` (STATE/pids.json) names this process as the cluster's owner and each daemon as soon as it
+    starts; a failed start stops what did start."""
     install()
+    owner = _running_owner()
+    if owner is not None:
+        raise RuntimeError(f"the SLURM test cluster of this host belongs to process {owner}, which still runs (one "
+                           f"cluster per host: its ports and {CONF}); end that process, or `python {__file__} down`")
     down()
-    STATE.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(STATE, ignore_errors=True)
+    taken = [port for port in _ports() if _port_open(port)]
+    if taken:
+        raise RuntimeError(f"ports {taken} on 127.0.0.1 are taken, where the test cluster's daemons listen: daemons "
+                           f"of a cluster started elsewhere (STATE {STATE} records none of them)?")
     for sub in ("ctld", "d", "munge"):
-        (STATE / sub).mkdir(exist_ok=True)
-    host = socket.gethostname().split(".")[0]
-    CONF.parent.mkdir(parents=True, exist_ok=True)
-    CONF.write_text(slurm_conf(host, os.cpu_count() or 1, _node_memory_mb()))
-    DBD_CONF.write_text(slurmdbd_conf(host))
-    DBD_CONF.chmod(0o600)  # slurmdbd refuses a config others may read (it may hold the database password)
-    MUNGE_SOCKET_DIR.mkdir(parents=True, exist_ok=True)
-    MUNGE_SOCKET_DIR.chmod(0o755)
-    if not MUNGE_KEY.exists():
-        subprocess.run(["mungekey", "--create", "--keyfile", str(MUNGE_KEY)], check=True)
-    pids = {}
+        (STATE / sub).mkdir(parents=True)
+    record = {"owner": _identity(os.getpid()), "daemons": {}}
 
     def started(**new: int) -> None:
-        pids.update(new)
-        (STATE / "pids.json").write_text(json.dumps(pids))
+        record["daemons"].update({name: _identity(pid) for name, pid in new.items()})
+        _write_record(record)
 
-    started(munged=_start("munged", ["munged", "-F", "--force", "--key-file", str(MUNGE_KEY),
-                                     "--pid-file", str(STATE / "munge" / "munged.pid"),
-                                     "--seed-file", str(STATE / "munge" / "munged.seed"),
-                                     "--log-file", str(STATE / "munge" / "munged.log")]))
-    _wait(lambda: (MUNGE_SOCKET_DIR / "munge.socket.2").exists(), timeout, "munged's socket")
-    started(mariadbd=start_mariadb())
-    _wait(lambda: _port_open(MARIADB_PORT), timeout, f"MariaDB on port {MARIADB_PORT}", (DATABASE / "error.log",))
-    started(slurmdbd=_start("slurmdbd", ["slurmdbd", "-D"]))
-    register_accounting(timeout)
-    started(slurmctld=_start("slurmctld", ["slurmctld", "-D", "-i"]))
-    started(**start_slurmds())
-    _wait(_node_idle, timeout, f"nodes {', '.join(NODES)} idle in sinfo")
-    return pids
+    _write_record(record)
+    try:
+        host = socket.gethostname().split(".")[0]
+        CONF.parent.mkdir(parents=True, exist_ok=True)
+        CONF.write_text(slurm_conf(host, os.cpu_count() or 1, _node_memory_mb()))
+        DBD_CONF.write_text(slurmdbd_conf(host))
+        DBD_CONF.chmod(0o600)  # slurmdbd refuses a config others may read (it may hold the database password)
+        MUNGE_SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+        MUNGE_SOCKET_DIR.chmod(0o755)
+        if not MUNGE_KEY.exists():
+            subprocess.run(["mungekey", "--create", "--keyfile", str(MUNGE_KEY)], check=True)
+        (MUNGE_SOCKET_DIR / "munge.socket.2").unlink(missing_ok=True)  # an ended munged's, else waited for below
+        started(munged=_start("munged", ["munged", "-F", "--force", "--key-file", str(MUNGE_KEY),
+                                         "--pid-file", str(STATE / "munge" / "munged.pid"),
+                                         "--seed-file", str(STATE / "munge" / "munged.seed"),
+                                         "--log-file", str(STATE / "munge" / "munged.log")]))
+        _wait(lambda: (MUNGE_SOCKET_DIR / "munge.socket.2").exists(), timeout, "munged's socket")
+        started(mariadbd=start_mariadb())
+        _wait(lambda: _port_open(MARIADB_PORT), timeout, f"MariaDB on port {MARIADB_PORT}",
+              (DATABASE / "error.log",))
+        started(slurmdbd=_start("slurmdbd", ["slurmdbd", "-D"]))
+        register_accounting(timeout)
+        started(slurmctld=_start("slurmctld", ["slurmctld", "-D", "-i"]))
+        started(**start_slurmds())
+        _wait(_node_idle, timeout, f"nodes {', '.join(NODES)} idle in sinfo")
+    except BaseException:
+        down()
+        raise
+    return {name: pid for name, (pid, _) in record["daemons"].items()}
+
+
+def _ports() -> list[int]:
+    return [SLURMCTLD_PORT, *(SLURMD_PORT + i for i in range(len(NODES))), DBD_PORT, MARIADB_PORT]
 
 
 def _node_idle() -> bool:
@@ -278,27 +297,28 @@ def _node_idle() -> bool:
 
 
 def _wait(ready, timeout: float, what: str, logs: tuple[Path, ...] = ()) -> None:
-    """Until ready(); else stop everything and raise, with the daemons' output and the given logs."""
+    """Until ready(); else raise, with the daemons' output and the given logs."""
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:
             tails = {p.name: p.read_text(errors="replace")[-1500:] for p in [*sorted(STATE.glob("*.out")), *logs]
                      if p.exists()}
-            down()
             raise TimeoutError(f"no {what} after {timeout:.0f} s; daemon output: {json.dumps(tails, indent=1)}")
         time.sleep(0.5)
 
 
 def down() -> None:
-    """Stop the daemons `up` started (by their recorded PIDs) and wait for them to exit: the SLURM daemons first,
-    then slurmdbd (which takes what slurmctld sent last), MariaDB and munged."""
-    record = STATE / "pids.json"
-    if not record.exists():
+    """Stop the daemons `up` started, those of STATE/pids.json that still run as the processes it recorded, and
+    wait for them to exit: the SLURM daemons first, then slurmdbd (which takes what slurmctld sent last), MariaDB
+    and munged."""
+    record = _read_record()
+    if record is None:
         return
-    pids = json.loads(record.read_text())
+    daemons = {name: pid for name, (pid, start) in record["daemons"].items() if _start_time(pid) == start}
     later = ("slurmdbd", "mariadbd", "munged")
-    for wave in ([pid for name, pid in pids.items() if name not in later],
-                 *([pids[name]] for name in later if name in pids)):
+    for wave in ([pid for name, pid in daemons.items() if name not in later],
+                 *([daemons[name]] for name in later if name in daemons)):
+        started_at = {pid: _start_time(pid) for pid in wave}
         for pid in wave:
             try:
                 os.killpg(pid, signal.SIGTERM)
@@ -306,22 +326,52 @@ def down() -> None:
                 pass
         deadline = time.monotonic() + 20
         for pid in wave:
-            while _alive(pid) and time.monotonic() < deadline:
+            while _start_time(pid) == started_at[pid] and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if _alive(pid):
+            if _start_time(pid) == started_at[pid]:
                 os.killpg(pid, signal.SIGKILL)
-    record.unlink()
+    (STATE / "pids.json").unlink()
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot): with the PID, which process it is, as a PID alone is not
+    once the process ended. None where no process of that PID runs (a zombie of ours counts as ended)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie of ours counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces and parentheses
+    return None if fields[0] == "Z" else int(fields[19])  # fields 3 (state) and 22 (starttime) of proc(5)
+
+
+def _identity(pid: int) -> tuple[int, int | None]:
+    return pid, _start_time(pid)
+
+
+def _running_owner() -> int | None:
+    """The PID of the process that started the recorded cluster, where it still runs and is not this one."""
+    record = _read_record()
+    if record is None:
+        return None
+    pid, start = record["owner"]
+    return pid if pid != os.getpid() and _start_time(pid) == start else None
+
+
+def _read_record() -> dict | None:
+    """STATE/pids.json: {"owner": [pid, start time], "daemons": {name: [pid, start time]}}; None where absent or
+    in another form (an older record, whose PIDs cannot be told from later processes': nothing of it is stopped)."""
+    try:
+        record = json.loads((STATE / "pids.json").read_text())
+        identities = [record["owner"], *record["daemons"].values()]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    return record if all(isinstance(i, list) and len(i) == 2 for i in identities) else None
+
+
+def _write_record(record: dict) -> None:
+    tmp = STATE / "pids.json.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(STATE / "pids.json")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Needs root (to install the packages, write /etc/slurm/slurm.conf and run the dae
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,8 @@ def slurm_run(slurm_dag_started):
     """The demo DAG through the profile, which conftest.py started with the session: waited for here."""
     if slurm_dag_started is None:
         pytest.skip("the SLURM test cluster needs root (sudo python tests/slurm_cluster.py up, as CI does)")
+    if isinstance(slurm_dag_started, Exception):
+        pytest.fail(f"the SLURM test cluster did not start: {slurm_dag_started}")
     root, proc, output = slurm_dag_started
     try:
         proc.wait(timeout=1800)
@@ -51,6 +54,58 @@ def slurm_run(slurm_dag_started):
     assert proc.returncode == 0, log[-8000:]
     return root, log
 
+
+
+def recorded(*processes: subprocess.Popen | int, owner: int | None = None) -> dict:
+    """A cluster record (STATE/pids.json) naming `owner` (this process by default) and the given processes as
+    daemons; an int is a PID whose recorded start time is not its process's (another process that took the PID)."""
+    def identity(p):
+        return ([p.pid, slurm_cluster._start_time(p.pid)] if isinstance(p, subprocess.Popen)
+                else [p, slurm_cluster._start_time(p) + 1])
+
+    owner = os.getpid() if owner is None else owner
+    return {"owner": [owner, slurm_cluster._start_time(owner)],
+            "daemons": {f"slurmd-node{i}": identity(p) for i, p in enumerate(processes)}}
+
+
+def test_down_stops_only_the_processes_it_recorded(tmp_path, monkeypatch):
+    """After a session ends (its daemons with it), a recorded PID may name another process: `down` signals a PID only
+    while its start time is the recorded one, and leaves a record of another form alone."""
+    monkeypatch.setattr(slurm_cluster, "STATE", tmp_path)
+    ours, other = (subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(2))
+    try:
+        (tmp_path / "pids.json").write_text(json.dumps({"slurmd-node1": other.pid}))  # an older record: PIDs alone
+        slurm_cluster.down()
+        assert other.poll() is None
+        (tmp_path / "pids.json").write_text(json.dumps(recorded(ours, other.pid)))
+        slurm_cluster.down()
+        assert ours.wait(timeout=30) == -signal.SIGTERM
+        assert other.poll() is None and not (tmp_path / "pids.json").exists()
+    finally:
+        for p in (ours, other):
+            p.kill()
+            p.wait()
+
+
+def test_up_refuses_a_cluster_that_another_running_process_owns(tmp_path, monkeypatch):
+    """One test cluster per host (its ports, /etc/slurm): a second session's `up` stops nothing of the first's while
+    the process that started it runs, and names it; once that process has ended, its cluster is anyone's."""
+    monkeypatch.setattr(slurm_cluster, "STATE", tmp_path)
+    monkeypatch.setattr(slurm_cluster, "install", lambda: None)
+    owner = subprocess.Popen(["sleep", "60"])
+    daemon = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (tmp_path / "pids.json").write_text(json.dumps(recorded(daemon, owner=owner.pid)))
+        with pytest.raises(RuntimeError, match=f"belongs to process {owner.pid}, which still runs"):
+            slurm_cluster.up()
+        assert daemon.poll() is None and (tmp_path / "pids.json").exists()
+        owner.kill()
+        owner.wait()
+        assert slurm_cluster._running_owner() is None
+    finally:
+        for p in (owner, daemon):
+            p.kill()
+            p.wait()
 
 def test_every_job_went_through_slurm(slurm_run):
     root, log = slurm_run
