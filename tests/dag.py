@@ -1,10 +1,15 @@
 """Running the workflow from tests: the repository's Snakefile on a folder of the test's choosing."""
 
 import csv
+import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,9 +22,55 @@ POLLING = Path(__file__).resolve().parent / "slurm_polling"
 
 def snakemake(*args, cwd=REPO, timeout=300):
     """The rules call `llama-adapter`, which lives beside this interpreter; MLflow goes to the run's own
-    results/mlflow.db, whatever the caller's environment names."""
-    return subprocess.run(snakemake_command(*args, cwd=cwd), capture_output=True, text=True, timeout=timeout,
-                          env=snakemake_env())
+    results/mlflow.db, whatever the caller's environment names. A dry run (-n) runs in a fork of a snakemake that
+    has imported itself once (snakemake_forks.py); a run that starts jobs, in a new process."""
+    command = snakemake_command(*args, cwd=cwd)
+    if "-n" in args or "--dry-run" in args:
+        return _forks.run(command, snakemake_env(), timeout)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=snakemake_env())
+
+
+class _Forks:
+    """The session's snakemake_forks.py server, started at its first request."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.replies: queue.Queue = queue.Queue()
+
+    def run(self, command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("snakemake_forks.py"))],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            self.replies = queue.Queue()
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.replies), daemon=True).start()
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder, "stdout"), Path(folder, "stderr")
+            self.proc.stdin.write(json.dumps({"argv": command, "env": env, "cwd": os.getcwd(), "stdout": str(out),
+                                              "stderr": str(err)}) + "\n")
+            self.proc.stdin.flush()
+            pid = self._reply(60)["pid"]
+            try:
+                returncode = self._reply(timeout)["returncode"]
+            except queue.Empty:
+                os.killpg(pid, signal.SIGKILL)
+                self._reply(60)
+                raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text()) from None
+            return subprocess.CompletedProcess(command, returncode, out.read_text(), err.read_text())
+
+    def _reply(self, timeout: float) -> dict:
+        reply = self.replies.get(timeout=timeout)
+        if reply is None:
+            raise RuntimeError(f"tests/snakemake_forks.py ended (exit code {self.proc.wait()})")
+        return reply
+
+    @staticmethod
+    def _read(stream, replies: queue.Queue) -> None:
+        for line in stream:
+            replies.put(json.loads(line))
+        replies.put(None)
+
+
+_forks = _Forks()
 
 
 def snakemake_started(*args, cwd=REPO, output: Path) -> subprocess.Popen:
