@@ -18,12 +18,12 @@ Facts this relies on (Debian 12, slurm-wlm 22.05):
 - The accounting: `mariadbd --no-defaults` on 127.0.0.1:MARIADB_PORT, its data folder made by
   `mariadb-install-db` (root without a password, reachable only from this host; under a second); slurmdbd (its
   config, /etc/slurm/slurmdbd.conf, mode 600 as it insists) on DBD_PORT; the cluster, an ACCOUNT and the user
-  registered with sacctmgr before slurmctld starts.
+  registered with sacctmgr before slurmctld starts. jobacct_gather/linux reads each job's memory and CPU from
+  /proc (no cgroups needed), so `sacct` shows them too.
 - One cluster per host (its ports and /etc/slurm are the host's): STATE/pids.json names the process that started
-  it (its OWNER) and each daemon, with their start times, so that `up` refuses while another live process owns the
+  it (its owner) and each daemon, with their start times, so that `up` refuses while another live process owns the
   cluster (a second test session on this host) and `down` signals only the processes it started, not others that
-  took their PIDs after a reboot or a session's end. jobacct_gather/linux
-  reads each job's memory and CPU from /proc (no cgroups needed), so `sacct` shows them too.
+  took their PIDs after a reboot or a session's end.
 - MinJobAge keeps finished jobs in slurmctld (`scontrol show job`) for 10 minutes, for the tests to read.
 - No mail, no cgroups on a CI machine: MailProg=/bin/true, proctrack/linuxproc, task/none.
 - Several slurmd on one host, as Debian builds slurmd (no build option needed for what follows): each node's
