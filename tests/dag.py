@@ -52,7 +52,10 @@ class _Forks:
             try:
                 returncode = self._reply(timeout)["returncode"]
             except queue.Empty:
-                os.killpg(pid, signal.SIGKILL)
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended as the wait did
+                    pass
                 self._reply(60)
                 raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text()) from None
             return subprocess.CompletedProcess(command, returncode, out.read_text(), err.read_text())
