@@ -55,7 +55,6 @@ def slurm_run(slurm_dag_started):
     return root, log
 
 
-
 def recorded(*processes: subprocess.Popen | int, owner: int | None = None) -> dict:
     """A cluster record (STATE/pids.json) naming `owner` (this process by default) and the given processes as
     daemons; an int is a PID whose recorded start time is not its process's (another process that took the PID)."""
@@ -106,6 +105,7 @@ def test_up_refuses_a_cluster_that_another_running_process_owns(tmp_path, monkey
         for p in (owner, daemon):
             p.kill()
             p.wait()
+
 
 def test_every_job_went_through_slurm(slurm_run):
     root, log = slurm_run

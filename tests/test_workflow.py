@@ -52,7 +52,6 @@ def plan(tmp_path, edit, refused: bool = False) -> str:
     return proc.stdout + proc.stderr
 
 
-
 def test_a_dry_run_past_its_timeout_is_stopped_and_the_next_runs(tmp_path):
     """dag.snakemake's dry runs run in forks of one snakemake process (tests/snakemake_forks.py): one that outlives
     its timeout is killed and raises as subprocess.run's would, and the next dry run is served as before."""
@@ -60,6 +59,7 @@ def test_a_dry_run_past_its_timeout_is_stopped_and_the_next_runs(tmp_path):
         snakemake("-n", "--cores", "1", cwd=tmp_path, timeout=0.01)
     proc = snakemake("-n", "--cores", "1", "--configfile", str(REPO / "config.yaml"), cwd=tmp_path)
     assert proc.returncode == 0 and "Job stats" in proc.stdout, proc.stderr[-2000:]
+
 
 @pytest.mark.parametrize("experiment", ['"2024"', "2024"])
 def test_nested_command_line_config_reads_as_a_config_file_does(tmp_path, experiment):
