@@ -58,6 +58,7 @@ CLUSTER = "llama-adapter-test"
 ACCOUNT = "llama-adapter"  # the account jobs are submitted under (the profile's slurm_account)
 PARTITION = "debug"
 MUNGE_SOCKET_DIR = Path("/run/munge")
+MUNGE_SOCKET = MUNGE_SOCKET_DIR / "munge.socket.2"
 MUNGE_KEY = Path("/etc/munge/munge.key")
 
 
@@ -267,12 +268,12 @@ def up(timeout: float = 60) -> dict:
         MUNGE_SOCKET_DIR.chmod(0o755)
         if not MUNGE_KEY.exists():
             subprocess.run(["mungekey", "--create", "--keyfile", str(MUNGE_KEY)], check=True)
-        (MUNGE_SOCKET_DIR / "munge.socket.2").unlink(missing_ok=True)  # an ended munged's, else waited for below
+        MUNGE_SOCKET.unlink(missing_ok=True)  # an ended munged's, else waited for below
         started(munged=_start("munged", ["munged", "-F", "--force", "--key-file", str(MUNGE_KEY),
                                          "--pid-file", str(STATE / "munge" / "munged.pid"),
                                          "--seed-file", str(STATE / "munge" / "munged.seed"),
                                          "--log-file", str(STATE / "munge" / "munged.log")]))
-        _wait(lambda: (MUNGE_SOCKET_DIR / "munge.socket.2").exists(), timeout, "munged's socket")
+        _wait(lambda: MUNGE_SOCKET.exists(), timeout, "munged's socket")
         started(mariadbd=start_mariadb())
         _wait(lambda: _port_open(MARIADB_PORT), timeout, f"MariaDB on port {MARIADB_PORT}",
               (DATABASE / "error.log",))
@@ -314,21 +315,20 @@ def down() -> None:
     record = _read_record()
     if record is None:
         return
-    daemons = {name: pid for name, (pid, start) in record["daemons"].items() if _start_time(pid) == start}
+    daemons = {name: (pid, start) for name, (pid, start) in record["daemons"].items() if _start_time(pid) == start}
     later = ("slurmdbd", "mariadbd", "munged")
-    for wave in ([pid for name, pid in daemons.items() if name not in later],
+    for wave in ([identity for name, identity in daemons.items() if name not in later],
                  *([daemons[name]] for name in later if name in daemons)):
-        started_at = {pid: _start_time(pid) for pid in wave}
-        for pid in wave:
+        for pid, _ in wave:
             try:
                 os.killpg(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 20
-        for pid in wave:
-            while _start_time(pid) == started_at[pid] and time.monotonic() < deadline:
+        for pid, start in wave:
+            while _start_time(pid) == start and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if _start_time(pid) == started_at[pid]:
+            if _start_time(pid) == start:
                 os.killpg(pid, signal.SIGKILL)
     (STATE / "pids.json").unlink()
 

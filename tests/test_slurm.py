@@ -59,11 +59,10 @@ def recorded(*processes: subprocess.Popen | int, owner: int | None = None) -> di
     """A cluster record (STATE/pids.json) naming `owner` (this process by default) and the given processes as
     daemons; an int is a PID whose recorded start time is not its process's (another process that took the PID)."""
     def identity(p):
-        return ([p.pid, slurm_cluster._start_time(p.pid)] if isinstance(p, subprocess.Popen)
+        return (list(slurm_cluster._identity(p.pid)) if isinstance(p, subprocess.Popen)
                 else [p, slurm_cluster._start_time(p) + 1])
 
-    owner = os.getpid() if owner is None else owner
-    return {"owner": [owner, slurm_cluster._start_time(owner)],
+    return {"owner": list(slurm_cluster._identity(os.getpid() if owner is None else owner)),
             "daemons": {f"slurmd-node{i}": identity(p) for i, p in enumerate(processes)}}
 
 
