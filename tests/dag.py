@@ -106,6 +106,10 @@ def snakemake_env() -> dict:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     # snakemake under the SLURM executor checks its jobs at most POLLING's cap apart (slurm_polling/sitecustomize.py)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(POLLING), os.environ.get("PYTHONPATH")) if p)
+    # The DAGs run beside the tests, on the same cores. OpenMP's waiting threads spin by default (libgomp), so a
+    # two-thread job (pretrain_base) whose other thread waits for a core burnt 3x its CPU and ran 2x slower: 373
+    # CPU-s for the SLURM DAG's pretraining in a 2-core session, about 80 alone. Waiting threads sleep instead.
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
 
 
