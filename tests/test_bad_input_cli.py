@@ -495,7 +495,8 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
     """generate --out BASE/tokenizer.model replaced the tokenizer the run loads, and any output written inside a
     folder a command reads (the base's: one more *.safetensors is loaded with it; a token split, a validated or a
     training folder) changed that input; so did one over the tokenizer beside --base that no option names (Meta's
-    LLaMA-1 layout: one level up). Refused by name, through a symlink too, before the command runs; nothing written."""
+    LLaMA-1 layout: one level up), or over the adapter_config.json beside a PEFT adapter named by its weights
+    file. Refused by name, through a symlink too, before the command runs; nothing written."""
     shutil.copytree(w / "base300", tmp_path / "base")
     shutil.copytree(w / "val", tmp_path / "val")
     shutil.copytree(w / "base300", tmp_path / "meta" / "7B")
@@ -504,6 +505,9 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
     (tmp_path / "run").mkdir()  # a training's folder: its adapter and the summary generate reads beside it
     shutil.copy(w / "adapter.safetensors", tmp_path / "run")
     (tmp_path / "run" / "metrics.json").write_text(json.dumps({"method": "adapter"}))
+    (tmp_path / "peft").mkdir()  # a PEFT adapter named by its weights file: the command reads the settings beside it
+    shutil.copy(w / "adapter.safetensors", tmp_path / "peft" / "adapter_model.safetensors")
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     gen = list(generate_args(w, tmp_path / "x", base=tmp_path / "base"))
     cases = [
@@ -517,6 +521,9 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
          ["is, or holds, the tokenizer", "beside --base", "without --tokenizer"]),
         (generate_args(w, tmp_path / "run" / "metrics.json", adapter=tmp_path / "run" / "adapter.safetensors"),
          ["is, or holds, the training summary", str(tmp_path / "run" / "metrics.json"), "of --adapter"]),
+        (generate_args(w, tmp_path / "peft" / "adapter_config.json",
+                       adapter=f"a={tmp_path / 'peft' / 'adapter_model.safetensors'}"),
+         ["is, or holds, the PEFT settings", str(tmp_path / "peft" / "adapter_config.json"), "beside --adapter"]),
         (["evaluate", "--task", "alpaca", "--base", w / "base", "--tokenizer", w / "tok.model", "--data",
           tmp_path / "val", "--out", tmp_path / "val" / "eval", "--device", "cpu"], ["lies inside --data"]),
         (train_args(w, tmp_path / "val" / "run", "--val-data", tmp_path / "val"),

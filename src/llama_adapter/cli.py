@@ -1191,14 +1191,34 @@ def tokenizer_beside_base(ns: argparse.Namespace) -> list[tuple[str, Path, str]]
     return [("the tokenizer", path, f" (beside --base {base}, which the command reads without --tokenizer)")]
 
 
+def given_adapters(ns: argparse.Namespace) -> list[str | Path]:
+    """The paths of an inference command's --adapter options (generate's NAME=PATH parsed); none for the others."""
+    adapters = getattr(ns, "adapter", None)
+    adapters = adapters if isinstance(adapters, list) else [adapters] if adapters is not None else []
+    return [adapter_spec(a)[1] if isinstance(a, str) else a for a in adapters]
+
+
+def peft_settings_read(ns: argparse.Namespace) -> list[tuple[str, Path, str]]:
+    """(what, path, where from) of the adapter_config.json beside each --adapter given as a PEFT adapter's weights
+    file (checkpoint.peft_files), which the command reads with it; no option names it. (A PEFT adapter given as its
+    folder is an input whole.)"""
+    read = []
+    for adapter in given_adapters(ns):
+        if os.path.isfile(adapter):
+            from .checkpoint import peft_files  # imports torch: only where an adapter is given
+
+            if (files := peft_files(Path(adapter))) is not None:
+                read.append(("the PEFT settings", files[0], f" (beside --adapter {adapter}, read with it)"))
+    return read
+
+
 def trainings_read(ns: argparse.Namespace) -> list[tuple[str, Path, str]]:
     """(what, path, where from) of the metrics.json of each --adapter's training, or of a fully fine-tuned --base's,
     that the inference commands read (its method, its tokenizer: config.training_file) where it exists; no option
     names it. None for train, which reads no training's summary."""
     if not hasattr(ns, "adapter"):  # not an inference command (complete, generate, evaluate)
         return []
-    adapters = ns.adapter if isinstance(ns.adapter, list) else [ns.adapter] if ns.adapter is not None else []
-    given = [adapter_spec(a)[1] if isinstance(a, str) else a for a in adapters]
+    given = given_adapters(ns)
     read = [(f"--adapter {a}", training_file(ns.base, a)) for a in given]
     if not given:
         read.append((f"--base {ns.base}", training_file(ns.base, None)))
@@ -1212,14 +1232,15 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
     folder, generate --out over its --prompts, train --out-dir in the base's folder, over its config.json), or add
     to a folder read whole (generate --out BASE/tokenizer.model; another *.safetensors in a base's folder is loaded
     with it). One check for every command: its inputs are the existing paths among its options (given_paths), the
-    fetched folder behind a validated one, the tokenizer beside --base and an inference command's training summary
-    (trainings_read), which no option names."""
+    fetched folder behind a validated one, the tokenizer beside --base, an inference command's training summary
+    (trainings_read) and a PEFT adapter's settings beside its weights file (peft_settings_read), which no option
+    names."""
     named = [(f"--{k.replace('_', '-')} {v}", Path(v)) for k in OUTPUT_OPTIONS if (v := getattr(ns, k, None))]
     outputs = named + [(f"{path} (which {named[0][0] if named else 'it'} gets)", Path(path))
                        for path in ns.outputs(ns)]
     given = given_paths(ns)
     inputs = [(option, path, "") for option, path in given] + datasets_behind(given) + tokenizer_beside_base(ns) \
-        + trainings_read(ns)
+        + trainings_read(ns) + peft_settings_read(ns)
     for shown, output in outputs:
         for option, path, where in inputs:
             if holds(output, path):
