@@ -223,6 +223,9 @@ def test_qcm_format_and_answer_parsing():
     assert qcm_target(rec) == "Answer: The answer is (B)."
     assert parse_answer("Answer: The answer is (B).", 3) == 1
     assert parse_answer("the answer is C", 3) == 2
+    # the paper's phrase, not its last words alone, whatever their case
+    for text in ("Answer:\n answer is (A).", "Answer is (A).", "My answer is (A).", "Bathe answer is (A)."):
+        assert parse_answer(text, 3) is None, text
     assert parse_answer("The answer is (D).", 3) is None and parse_answer("whale", 3) is None
     assert parse_answer("The answer is B.\nBecause", 3) == 1  # a bare letter standing alone
     # an option's text is not its first letter (these real option texts were read as (E), (D), (B), (A))
