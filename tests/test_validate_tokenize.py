@@ -228,6 +228,9 @@ def test_qcm_format_and_answer_parsing():
         assert parse_answer(text, 3) is None, text
     assert parse_answer("The answer is (D).", 3) is None and parse_answer("whale", 3) is None
     assert parse_answer("The answer is B.\nBecause", 3) == 1  # a bare letter standing alone
+    for end in ("", "\n", " ", " \n", "\t", "\r\n", "\r"):  # at a line's or the output's end, after spaces too
+        assert parse_answer(f"The answer is B{end}", 3) == 1, repr(end)
+    assert parse_answer("The answer is B  bird", 3) is None
     # an option's text is not its first letter (these real option texts were read as (E), (D), (B), (A))
     for text in ("Earth.", "Denver.", "Both are chemical changes.", "Arizona."):
         assert parse_answer(f"Answer: The answer is {text}", 5) is None, text

@@ -185,10 +185,10 @@ def score_scienceqa(model: Transformer, tokenizer: Tokenizer, records: list[dict
         # image questions the cache has no features for (encode-images' skip policy): scored from their text
         scores["images_missing"] = images_missing
     if mode == "generate" and records:
-        # The same outputs read in any wording where the paper's format names no option ("(X)" anywhere): tells a
-        # model that knows the answer but not the paper's answer format from one that knows neither; never below
-        # `accuracy`. An output that names its option in the paper's format answered that option: an "(X)"
-        # elsewhere in it is not a second reading that may be right instead.
+        # The same outputs read in any wording where the paper's format gives no answer (no option, or two; "(X)"
+        # anywhere): tells a model that knows the answer but not the paper's answer format from one that knows
+        # neither; never below `accuracy`. An output that names its option in the paper's format answered that
+        # option: an "(X)" elsewhere in it is not a second reading that may be right instead.
         any_format = sum(r["answer"] == (p if p is not None else parse_answer(t, len(r["choices"]), ANY_LETTER_RE))
                          for r, t, p in zip(records, texts, preds))
         scores["any_format"] = {"correct": any_format, "accuracy": round(100.0 * any_format / len(records), 2)}

@@ -24,10 +24,11 @@ def qcm_target(record: dict) -> str:
     return f"Answer: The answer is ({LETTERS[record['answer']]})."
 
 
-# "The answer is (X)" ("the" mid-sentence too), or a bare letter that stands alone ("The answer is B."): not the
-# first letter of an option's text ("The answer is Earth." names no option; read as (E), it was right or wrong by
-# chance), and not "answer is (X)" without "the" ("Answer: answer is (A)." was read as (A), "Answer is (A)." not).
-ANSWER_RE = re.compile(r"\b[Tt]he answer is (?:\(([A-E])\)|([A-E])(?=[.,;:!?)\n]|$))")
+# "The answer is (X)" ("the" mid-sentence too), or a bare letter that stands alone ("The answer is B.", or at a
+# line's end, spaces and a Windows line end "\r\n" before it included): not the first letter of an option's text
+# ("The answer is Earth." names no option; read as (E), it was right or wrong by chance), and not "answer is (X)"
+# without "the" ("Answer: answer is (A)." was read as (A), "Answer is (A)." not).
+ANSWER_RE = re.compile(r"\b[Tt]he answer is (?:\(([A-E])\)|([A-E])(?=[.,;:!?)]|[ \t\r]*(?:\n|$)))")
 ANY_LETTER_RE = re.compile(r"\(([A-E])\)")
 
 
