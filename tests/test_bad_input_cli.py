@@ -496,7 +496,8 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
     folder a command reads (the base's: one more *.safetensors is loaded with it; a token split, a validated or a
     training folder) changed that input; so did one over the tokenizer beside --base that no option names (Meta's
     LLaMA-1 layout: one level up), or over the adapter_config.json beside a PEFT adapter named by its weights
-    file. Refused by name, through a symlink too, before the command runs; nothing written."""
+    file, or the tokenizer_config.json beside an HF tokenizer named by its tokenizer.json. Refused by name, through
+    a symlink too, before the command runs; nothing written."""
     shutil.copytree(w / "base300", tmp_path / "base")
     shutil.copytree(w / "val", tmp_path / "val")
     shutil.copytree(w / "base300", tmp_path / "meta" / "7B")
@@ -508,6 +509,9 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
     (tmp_path / "peft").mkdir()  # a PEFT adapter named by its weights file: the command reads the settings beside it
     shutil.copy(w / "adapter.safetensors", tmp_path / "peft" / "adapter_model.safetensors")
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (tmp_path / "hf").mkdir()  # an HF tokenizer named by its tokenizer.json: its BOS and EOS come from beside it
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     gen = list(generate_args(w, tmp_path / "x", base=tmp_path / "base"))
     cases = [
@@ -524,6 +528,8 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
         (generate_args(w, tmp_path / "peft" / "adapter_config.json",
                        adapter=f"a={tmp_path / 'peft' / 'adapter_model.safetensors'}"),
          ["is, or holds, the PEFT settings", str(tmp_path / "peft" / "adapter_config.json"), "beside --adapter"]),
+        (generate_args(w, tmp_path / "hf" / "tokenizer_config.json", "--tokenizer", tmp_path / "hf" / "tokenizer.json"),
+         ["is, or holds, the tokenizer's settings", "beside --tokenizer"]),
         (["evaluate", "--task", "alpaca", "--base", w / "base", "--tokenizer", w / "tok.model", "--data",
           tmp_path / "val", "--out", tmp_path / "val" / "eval", "--device", "cpu"], ["lies inside --data"]),
         (train_args(w, tmp_path / "val" / "run", "--val-data", tmp_path / "val"),

@@ -71,7 +71,7 @@ from .inputs import (
 )
 from .io import held_elsewhere, holds, own_name, remove_output
 from .prompts import TEMPLATES
-from .tokenizer import base_tokenizer_path, check_made_with, load_tokenizer
+from .tokenizer import base_tokenizer_path, check_made_with, hf_settings, load_tokenizer
 
 # torch and the modules that need it are imported inside the commands that use them: the data stages then
 # start in a fraction of the time, which adds up over the many short jobs of a workflow.
@@ -1191,6 +1191,18 @@ def tokenizer_beside_base(ns: argparse.Namespace) -> list[tuple[str, Path, str]]
     return [("the tokenizer", path, f" (beside --base {base}, which the command reads without --tokenizer)")]
 
 
+def tokenizer_settings_read(ns: argparse.Namespace) -> list[tuple[str, Path, str]]:
+    """(what, path, where from) of the tokenizer_config.json beside a --tokenizer given as an HF tokenizer.json,
+    which the command reads with it (tokenizer.hf_settings); no option names it. (A --tokenizer folder is an input
+    whole.)"""
+    tokenizer = getattr(ns, "tokenizer", None)
+    if not tokenizer or not os.path.isfile(tokenizer) or Path(tokenizer).suffix != ".json":
+        return []
+    path = hf_settings(tokenizer)
+    return [("the tokenizer's settings", path, f" (beside --tokenizer {tokenizer}, read with it)")] \
+        if path.is_file() else []
+
+
 def given_adapters(ns: argparse.Namespace) -> list[str | Path]:
     """The paths of an inference command's --adapter options (generate's NAME=PATH parsed); none for the others."""
     adapters = getattr(ns, "adapter", None)
@@ -1232,15 +1244,15 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
     folder, generate --out over its --prompts, train --out-dir in the base's folder, over its config.json), or add
     to a folder read whole (generate --out BASE/tokenizer.model; another *.safetensors in a base's folder is loaded
     with it). One check for every command: its inputs are the existing paths among its options (given_paths), the
-    fetched folder behind a validated one, the tokenizer beside --base, an inference command's training summary
-    (trainings_read) and a PEFT adapter's settings beside its weights file (peft_settings_read), which no option
-    names."""
+    fetched folder behind a validated one, the tokenizer beside --base and the settings beside an HF --tokenizer
+    (tokenizer_settings_read), an inference command's training summary (trainings_read) and a PEFT adapter's
+    settings beside its weights file (peft_settings_read), which no option names."""
     named = [(f"--{k.replace('_', '-')} {v}", Path(v)) for k in OUTPUT_OPTIONS if (v := getattr(ns, k, None))]
     outputs = named + [(f"{path} (which {named[0][0] if named else 'it'} gets)", Path(path))
                        for path in ns.outputs(ns)]
     given = given_paths(ns)
     inputs = [(option, path, "") for option, path in given] + datasets_behind(given) + tokenizer_beside_base(ns) \
-        + trainings_read(ns) + peft_settings_read(ns)
+        + tokenizer_settings_read(ns) + trainings_read(ns) + peft_settings_read(ns)
     for shown, output in outputs:
         for option, path, where in inputs:
             if holds(output, path):

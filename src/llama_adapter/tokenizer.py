@@ -196,9 +196,15 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
     return SentencePieceTokenizer(sp, sp.bos_id(), sp.eos_id(), sp.pad_id() if sp.pad_id() >= 0 else None)
 
 
+def hf_settings(path: str | os.PathLike) -> Path:
+    """The tokenizer_config.json beside an HF tokenizer.json, which its BOS and EOS come from (read where it
+    exists)."""
+    return Path(path).with_name("tokenizer_config.json")
+
+
 def _load_hf(path: Path) -> Tokenizer:
     backend = tokenizers.Tokenizer.from_file(str(path))
-    config_path = path.with_name("tokenizer_config.json")
+    config_path = hf_settings(path)
     config = read_json_object(config_path, "a tokenizer_config.json (a JSON object naming bos_token and eos_token)",
                               TokenizerError) if config_path.is_file() else {}
 
