@@ -544,6 +544,43 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
     assert not (tmp_path / "val" / "eval").exists() and not (tmp_path / "val" / "run").exists()
 
 
+def test_a_folder_that_no_run_of_the_command_wrote_is_not_replaced(w, tmp_path, capsys):
+    """`validate --out ~/data` replaced the folder and all it held with its records (a command writes its --out
+    folder whole, and a failed run removes it): an existing folder is now written only where it is empty or holds
+    the file that the command's own output holds (ns.mark); anything else is refused by name and left as it was.
+    Every command that writes its --out folder whole has that file."""
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "hi"}] * 3))
+    assert cli.main(["fetch", "--dataset", "alpaca", "--source", str(tmp_path / "alpaca.json"),
+                     "--out", str(tmp_path / "fetched")]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not the command's")
+    cases = [
+        (["demo-data", "--out", mine], "corpus.jsonl"),
+        (["make-vision-encoder", "--out", mine], "config.json"),
+        (["pretrain-base", "--corpus", w / "corpus.jsonl", "--tokenizer", w / "tok.model", "--out", mine],
+         "pretrain.json"),
+        (["fetch", "--dataset", "alpaca", "--source", tmp_path / "alpaca.json", "--out", mine], "fetch.json"),
+        (["validate", "--dataset", "alpaca", "--fetched", tmp_path / "fetched", "--out", mine], "validation.json"),
+    ]
+    for args, mark in cases:
+        msg = one_line_error(capsys, *args, names=[f"--out {mine}: an existing folder that holds no {mark}",
+                                                   f"no earlier output of {args[0]}"])
+        assert "expected a new or empty folder" in msg
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    capsys.readouterr()
+    (mine / "notes.txt").unlink()  # empty, then the command's own earlier output: written
+    for _ in range(2):
+        assert cli.main(["validate", "--dataset", "alpaca", "--fetched", str(tmp_path / "fetched"),
+                         "--out", str(mine)]) == 0
+    assert sorted(p.name for p in mine.iterdir()) == ["records.jsonl", "validation.json"]
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():  # --out a folder it writes whole (evaluate writes its files into one)
+        if any(a.dest == "out" for a in sub._actions) and not sub.get_default("out_is_file") and name != "evaluate":
+            assert sub.get_default("mark") is not None, name
+
+
 def test_an_option_that_names_no_path_is_no_input(tmp_path):
     """Every option's value that named an existing path counted as an input: validate --dataset alpaca --out alpaca,
     run again where its first run wrote the folder alpaca, was refused as an output over the input --dataset alpaca
@@ -824,8 +861,8 @@ USAGE_ERRORS = {  # id: (args(w, out), the earlier output's files (none: a file)
     "demo-data-questions": (lambda w, o: ("demo-data", "--out", o, "--questions", "10"),
                             ("corpus.jsonl", "alpaca.json"), ["questions 10", "expected at least"]),
     "pretrain-seq-len": (lambda w, o: ("pretrain-base", "--corpus", w / "corpus.jsonl", "--tokenizer", w / "tok.model",
-                                       "--out", o, "--seq-len", "512"), ("params.json", "consolidated.00.pth"),
-                         ["--seq-len 512", "max_seq_len 256"]),
+                                       "--out", o, "--seq-len", "512"),
+                         ("params.json", "consolidated.00.pth", "pretrain.json"), ["--seq-len 512", "max_seq_len 256"]),
 }
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 from .config import (
     ADAPTER_SETTINGS,
     COMPLETE_INFERENCE,
+    DEMO_CORPUS,
     DRAW_SETTINGS,
     DTYPES,
     EVALUATION_OUTPUTS,
+    FEATURES_INFO,
     GATE_INITS,
     METHODS,
     MODES,
@@ -25,11 +27,14 @@ from .config import (
     POLICIES,
     PRECISIONS,
     PRESETS,
+    PRETRAIN_SUMMARY,
     QUANTIZATIONS,
+    REPORT_PAGE,
     RUN_LOG,
     SPLIT_BY,
     TASKS,
     TRUNCATION,
+    VISION_CONFIG,
     AdapterArgs,
     CompileConfig,
     DemoConfig,
@@ -50,10 +55,12 @@ from .config import (
     training_file,
     training_outputs,
 )
+from .data import FETCH_INFO, TOKEN_STATS, VALIDATION_REPORT
 from .errors import InputError, OutputInUse, PipelineError, StoppedBySignal, TokenizerError, stop_signals_raise
 from .inputs import (
     beta,
     check_device,
+    check_earlier_output,
     check_tokenizer_fits,
     existing_dir,
     existing_file,
@@ -886,9 +893,11 @@ def build_parser() -> argparse.ArgumentParser:
     # would take it for this run's (validate keeps its own failure report; inspect and complete write nothing;
     # a training's checkpoint stays for --resume).
     # held: the folder a command locks (io.hold); out_is_file: its --out is a file, not a folder (check_output_kinds)
+    # mark: the file in the folder a command writes whole that says it wrote it (inputs.check_earlier_output)
     # check: the command's checks of its options' values and combinations, which need no input read: run by main()
     # before the command starts, each refusal is a usage error (exit 2, the --help hint) that touches no output
-    parser.set_defaults(outputs=lambda ns: [], held=lambda ns: None, out_is_file=False, check=lambda ns: None)
+    parser.set_defaults(outputs=lambda ns: [], held=lambda ns: None, out_is_file=False, check=lambda ns: None,
+                        mark=None)
 
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a checkpoint path, or a hub model "
@@ -916,12 +925,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch-base", help=cmd_fetch_base.__doc__, description=cmd_fetch_base.__doc__)
     p.add_argument("--source", required=True, help="hf:ORG/NAME[@REVISION] (default revision: main)")
     p.add_argument("--out", required=True, type=Path, help="the model folder (written whole, or not at all)")
-    p.set_defaults(func=cmd_fetch_base, outputs=lambda ns: [ns.out])
+    p.set_defaults(func=cmd_fetch_base, outputs=lambda ns: [ns.out], mark=FETCH_INFO)
 
     p = sub.add_parser("demo-data", help=cmd_demo_data.__doc__, description=cmd_demo_data.__doc__)
     p.add_argument("--out", required=True, type=Path, help="the folder to write")
     add_dataclass_options(p, DemoConfig)
-    p.set_defaults(func=cmd_demo_data, outputs=lambda ns: [ns.out], check=check_demo_options)
+    p.set_defaults(func=cmd_demo_data, outputs=lambda ns: [ns.out], check=check_demo_options, mark=DEMO_CORPUS)
 
     p = sub.add_parser("train-tokenizer", help=cmd_train_tokenizer.__doc__, description=cmd_train_tokenizer.__doc__)
     p.add_argument("--corpus", required=True, type=Path, help='JSONL, one {"text": document} per line')
@@ -934,7 +943,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, type=Path, help="a SentencePiece .model (copied beside the weights)")
     p.add_argument("--out", required=True, type=Path, help="the folder for the base, in Meta's layout")
     add_dataclass_options(p, PretrainConfig)
-    p.set_defaults(func=cmd_pretrain_base, outputs=lambda ns: [ns.out], check=check_pretrain_options)
+    p.set_defaults(func=cmd_pretrain_base, outputs=lambda ns: [ns.out], check=check_pretrain_options,
+                   mark=PRETRAIN_SUMMARY)
 
     datasets = sorted(TASKS)
     p = sub.add_parser("fetch", help=cmd_fetch.__doc__, description=cmd_fetch.__doc__)
@@ -947,7 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(cut in that order, whatever order they are given in)")
     add_dataclass_options(p, FetchConfig)
     p.add_argument("--out", required=True, type=Path, help="the folder for records.jsonl, images/ and fetch.json")
-    p.set_defaults(func=cmd_fetch, outputs=lambda ns: [ns.out], check=check_fetch_options)
+    p.set_defaults(func=cmd_fetch, outputs=lambda ns: [ns.out], check=check_fetch_options, mark=FETCH_INFO)
 
     p = sub.add_parser("validate", help=cmd_validate.__doc__, description=cmd_validate.__doc__)
     p.add_argument("--dataset", required=True, choices=datasets, help="the format the records must have")
@@ -956,7 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, ValidateConfig)
     p.add_argument("--drop-flag", action="append", default=[], choices=ALL_FLAGS,
                    help=f"also drop records with this flag ({', '.join(ALL_FLAGS)}); repeatable")
-    p.set_defaults(func=cmd_validate)
+    p.set_defaults(func=cmd_validate, mark=VALIDATION_REPORT)
 
     p = sub.add_parser("tokenize", help=cmd_tokenize.__doc__, description=cmd_tokenize.__doc__)
     p.add_argument("--dataset", required=True, choices=datasets, help="the records' format: its prompt template")
@@ -966,7 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "lengths.png")
     # Absent unless given, so that --val-size and --seed with --split-by field can be refused.
     add_dataclass_options(p, TokenizeConfig, absent_unless_given=True)
-    p.set_defaults(func=cmd_tokenize, outputs=lambda ns: [ns.out], check=check_tokenize_options)
+    p.set_defaults(func=cmd_tokenize, outputs=lambda ns: [ns.out], check=check_tokenize_options, mark=TOKEN_STATS)
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     add_dataclass_options(p, TrainConfig)
@@ -1019,7 +1029,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_make_vision_encoder.__doc__)
     p.add_argument("--out", required=True, type=Path, help="the folder for the model (save_pretrained layout)")
     add_dataclass_options(p, TinyClipConfig)
-    p.set_defaults(func=cmd_make_vision_encoder, outputs=lambda ns: [ns.out])
+    p.set_defaults(func=cmd_make_vision_encoder, outputs=lambda ns: [ns.out], mark=VISION_CONFIG)
 
     p = sub.add_parser("encode-images", help=cmd_encode_images.__doc__, description=cmd_encode_images.__doc__)
     p.add_argument("--encoder", required=True, type=Path, help="a CLIPVisionModel folder (save_pretrained layout)")
@@ -1028,7 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", help="hidden states whose CLS token is taken (multi-scale)")
     add_dataclass_options(p, EncodeImagesConfig)
     add_dataclass_options(p, InferenceConfig, only=("device",))
-    p.set_defaults(func=cmd_encode_images, outputs=lambda ns: [ns.out])
+    p.set_defaults(func=cmd_encode_images, outputs=lambda ns: [ns.out], mark=FEATURES_INFO)
 
     p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)
     p.add_argument("--experiment", action="append", default=[], help="a named experiment (a row of the per-method "
@@ -1058,7 +1068,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON: each ablation axis and its values, in the order its table lists them (ablations.vary; "
                         "default: {}, no ablation tables)")
     p.add_argument("--out", required=True, type=Path, help="the report folder (written whole, or not at all)")
-    p.set_defaults(func=cmd_report, outputs=lambda ns: [ns.out], check=check_report_options)
+    p.set_defaults(func=cmd_report, outputs=lambda ns: [ns.out], check=check_report_options, mark=REPORT_PAGE)
     return parser
 
 
@@ -1271,13 +1281,17 @@ def check_output_kinds(ns: argparse.Namespace) -> None:
     the command writes it whole (not train's or evaluate's folder, which takes their files), and can be written
     (writable_output), a file where it writes a file (generate, train-tokenizer: out_is_file) and a
     folder elsewhere. One of the other kind is no earlier output of the command, which a failure would remove as one
-    (generate --out results/generations, a folder and all it holds); refused here, it is left as it is."""
+    (generate --out results/generations, a folder and all it holds); refused here, it is left as it is. So is a
+    folder a command would write whole that holds neither nothing nor the file its output holds (ns.mark:
+    check_earlier_output)."""
     into = {Path(p).parent for p in ns.outputs(ns)}  # folders the command writes its files into
     for key in OUTPUT_OPTIONS:
         if (path := getattr(ns, key, None)) is not None:
             flag = f"--{key.replace('_', '-')}"
             # train's and evaluate's outputs are files in their folder, which may then be '.'
             writable_output(path if Path(path) in into else own_name(path, flag), flag, folder=not ns.out_is_file)
+            if ns.mark is not None:
+                check_earlier_output(path, ns.mark, flag, ns.command)
 
 
 def one_line(message: str) -> str:

@@ -224,6 +224,13 @@ FULL_WEIGHTS = "model.safetensors"  # a full fine-tune's weights in its base fol
 PEFT_CONFIG = "adapter_config.json"  # a PEFT adapter's settings, beside its weights
 TRAINING_CONFIG = "config.json"  # a training's settings (TrainConfig), written as it starts
 TRAINING_METRICS = "metrics.json"  # a finished training's summary, written after its weights
+# Files that mark a folder a command writes whole as that command's (with data's FETCH_INFO, VALIDATION_REPORT and
+# TOKEN_STATS): an existing --out that holds none is no earlier output of it (inputs.check_earlier_output).
+DEMO_CORPUS = "corpus.jsonl"  # the demo's pre-training corpus (data.demo.generate_demo)
+PRETRAIN_SUMMARY = "pretrain.json"  # a pre-trained demo base's settings and losses (pretrain.pretrain_base)
+VISION_CONFIG = "config.json"  # a vision encoder's settings: a Hugging Face CLIP folder's (multimodal)
+FEATURES_INFO = "encoder.json"  # an image feature cache's encoder and counts (multimodal.encode_images)
+REPORT_PAGE = "report.md"  # the report's page (report.write_report)
 WEIGHTS = {"adapter": "adapter.safetensors", "lora": "adapter_model.safetensors", "full": f"model/{FULL_WEIGHTS}"}
 
 

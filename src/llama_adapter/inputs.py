@@ -166,6 +166,17 @@ def writable_output(path: str | os.PathLike, flag: str, folder: bool) -> Path:
     return path
 
 
+def check_earlier_output(path: str | os.PathLike, mark: str, flag: str, command: str) -> None:
+    """An existing --out folder of a command that writes its folder whole is empty, or an earlier output of the
+    command (holds its `mark`, config's list of them): writing the folder replaces everything in it, and a failed
+    run removes it, so a folder of anything else (a mistyped --out naming one's data) is refused, left as it is."""
+    path = Path(path)
+    if path.is_dir() and not (path / mark).exists() and any(path.iterdir()):
+        raise InputError(f"{flag} {path}: an existing folder that holds no {mark}, so no earlier output of "
+                         f"{command}; writing it would replace all it holds: expected a new or empty folder, or one "
+                         f"{command} wrote")
+
+
 # ---------------------------------------------------------------- token splits
 
 SPLIT_FILES = ("tokens.npy", "offsets.npy", "loss_mask.npy", "source_index.npy")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import POLICIES, EncodeImagesConfig, TinyClipConfig
+from .config import FEATURES_INFO, POLICIES, VISION_CONFIG, EncodeImagesConfig, TinyClipConfig
 from .data import image_read_errors
 from .data.paths import inside
 from .data.validate import check_validated_records, fetched_folder
@@ -41,7 +41,7 @@ from .io import (
 )
 
 FORMAT_VERSION = "llama-adapter-image-features/1"
-CACHE_FILES = ("features.npy", "pids.json", "encoder.json")
+CACHE_FILES = ("features.npy", "pids.json", FEATURES_INFO)
 # CLIP's own preprocessing constants (the values the OpenAI CLIP models were trained with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -60,7 +60,7 @@ class VisionEncoder:
         from transformers import CLIPVisionModel
 
         self.path = Path(path)
-        for f in (self.path / "config.json", self.path / "model.safetensors"):
+        for f in (self.path / VISION_CONFIG, self.path / "model.safetensors"):
             if not f.is_file():
                 raise EncoderError(f"{self.path}: not a vision encoder folder ({f.name} not found)")
         self.model = CLIPVisionModel.from_pretrained(self.path, local_files_only=True)
@@ -97,7 +97,7 @@ class VisionEncoder:
         if self._fingerprint is None:  # hashing a real CLIP's weights takes seconds: do it once
             self._fingerprint = {
                 "weights_sha256": sha256_file(self.path / "model.safetensors"),
-                "config_sha256": sha256_file(self.path / "config.json"), "layers": list(self.layers),
+                "config_sha256": sha256_file(self.path / VISION_CONFIG), "layers": list(self.layers),
                 "feature_dim": self.feature_dim, "image_size": self.image_size, "device": self.device.type,
             }
         return self._fingerprint
@@ -155,7 +155,7 @@ class ImageFeatures:
         if missing:
             raise ImageError(f"{self.path}: not an image-feature cache ({', '.join(missing)} not found){remedy}")
         expected = f"a file of the image-feature cache encode-images writes{remedy}"
-        self.meta = read_json_object(self.path / "encoder.json", expected, ImageError)
+        self.meta = read_json_object(self.path / FEATURES_INFO, expected, ImageError)
         self.pids = read_string_list(self.path / "pids.json", f"a JSON list of distinct pids (strings), one per row "
                                      f"of features.npy: {expected}", ImageError, "row", distinct=True)
         self.features = read_npy(self.path / "features.npy", str(self.path), f"expected {expected}", ImageError)
@@ -297,7 +297,7 @@ def encode_images(encoder: VisionEncoder, records_path: Path, out_dir: Path, pol
     with atomic_dir(out_dir, remove_on_failure=True) as tmp:
         np.save(tmp / "features.npy", features[done])
         write_json(tmp / "pids.json", pids)
-        write_json(tmp / "encoder.json", {"format": FORMAT_VERSION, "encoder": fingerprint,
+        write_json(tmp / FEATURES_INFO, {"format": FORMAT_VERSION, "encoder": fingerprint,
                                           "encoder_path": str(encoder.path), "records": str(records_path),
                                           **summary, "skipped": skipped,
                                           "images": {p: digests[p] for p in pids}})
@@ -312,7 +312,7 @@ def earlier_cache(out_dir: Path, fingerprint: dict[str, Any]) -> tuple[ImageFeat
     or of another encoder or format, there is nothing to reuse and nothing to say. A file the system will not open
     (permission, I/O) is not a damaged cache: its OSError stops the run before any image is encoded, as the cache
     could not be replaced either."""
-    if not (out_dir / "encoder.json").is_file():
+    if not (out_dir / FEATURES_INFO).is_file():
         return None, None
     for name in CACHE_FILES:
         try:
@@ -320,7 +320,7 @@ def earlier_cache(out_dir: Path, fingerprint: dict[str, Any]) -> tuple[ImageFeat
         except (FileNotFoundError, IsADirectoryError):
             pass  # a file missing: said below, and encoded again
     try:
-        meta = read_json_object(out_dir / "encoder.json", "the cache's encoder.json", ImageError)
+        meta = read_json_object(out_dir / FEATURES_INFO, "the cache's encoder.json", ImageError)
         if meta.get("format") != FORMAT_VERSION or meta.get("encoder") != fingerprint:
             return None, None  # another encoder's or format's: encoded anew, nothing to say
         old = ImageFeatures(out_dir, remedy="")  # (mended here)

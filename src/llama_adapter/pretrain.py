@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import save_meta_checkpoint
-from .config import ModelArgs, PretrainConfig
+from .config import PRETRAIN_SUMMARY, ModelArgs, PretrainConfig
 from .data.demo import read_corpus
 from .io import atomic_dir, write_json
 from .model import Transformer
@@ -90,5 +90,5 @@ def pretrain_base(corpus: Path, tokenizer_path: Path, out_dir: Path, args: Model
     with atomic_dir(Path(out_dir)) as tmp:
         save_meta_checkpoint(model.cpu(), tmp)
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        write_json(tmp / "pretrain.json", {**summary, "losses": losses})
+        write_json(tmp / PRETRAIN_SUMMARY, {**summary, "losses": losses})
     return summary

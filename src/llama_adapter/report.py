@@ -38,6 +38,7 @@ from .config import (
     ADAPTER_SETTINGS,
     EVALUATION_OUTPUTS,
     METHODS,
+    REPORT_PAGE,
     TRAINING_CONFIG,
     TRAINING_METRICS,
     WEIGHTS,
@@ -1675,7 +1676,7 @@ def write_report(out_dir: Path, inputs: ReportInputs, center: dict, vary: dict[s
         category_figure(scienceqa, tmp / "scienceqa_categories.png")
         lengths = length_figure(Path(inputs.tokens["alpaca"]), tmp / "alpaca_lengths.png")
         ablations_figure(tables, tmp / "ablations.png", center)
-        (tmp / "report.md").write_text(report_markdown(tables, captions, named, center, lengths), encoding="utf-8")
+        (tmp / REPORT_PAGE).write_text(report_markdown(tables, captions, named, center, lengths), encoding="utf-8")
     return tables
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
-from ..config import DemoConfig
+from ..config import DEMO_CORPUS, DemoConfig
 from ..errors import InputError
 from ..io import atomic_dir, read_jsonl_lines
 from . import SCIENCEQA_SPLITS, scienceqa
@@ -398,7 +398,7 @@ def generate_demo(out_dir: Path, seed: int = DemoConfig.seed, n_instructions: in
     alpaca = _alpaca(rng, facts, n_instructions)
     problems, images = _problems(rng, facts, n_questions)
     with atomic_dir(Path(out_dir)) as tmp:
-        (tmp / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus), encoding="ascii")
+        (tmp / DEMO_CORPUS).write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus), encoding="ascii")
         _write_json(tmp / "alpaca.json", [record for _, record in alpaca])
         for pid, spec in images.items():
             (tmp / "scienceqa" / "images" / pid).mkdir(parents=True)
@@ -409,7 +409,7 @@ def generate_demo(out_dir: Path, seed: int = DemoConfig.seed, n_instructions: in
                      for s in SCIENCEQA_SPLITS})
     by_split = {s: [p for p in problems.values() if p["split"] == s] for s in SCIENCEQA_SPLITS}
     return {
-        "corpus": {"documents": len(corpus), "bytes": (Path(out_dir) / "corpus.jsonl").stat().st_size},
+        "corpus": {"documents": len(corpus), "bytes": (Path(out_dir) / DEMO_CORPUS).stat().st_size},
         "alpaca": {"records": len(alpaca), "with_input": sum(bool(r["input"]) for _, r in alpaca),
                    "kinds": _counts([k for k, _ in alpaca])},
         "scienceqa": {s: {"problems": len(ps), "images": sum(bool(p["image"]) for p in ps),
