@@ -1281,9 +1281,9 @@ def check_output_kinds(ns: argparse.Namespace) -> None:
     the command writes it whole (not train's or evaluate's folder, which takes their files), and can be written
     (writable_output), a file where it writes a file (generate, train-tokenizer: out_is_file) and a
     folder elsewhere. One of the other kind is no earlier output of the command, which a failure would remove as one
-    (generate --out results/generations, a folder and all it holds); refused here, it is left as it is. So is a
-    folder a command would write whole that holds neither nothing nor the file its output holds (ns.mark:
-    check_earlier_output)."""
+    (generate --out results/generations, a folder and all it holds); refused here, it is left as it is. So is an
+    existing folder that a command would write whole and that is neither empty nor an earlier output of the
+    command (ns.mark: check_earlier_output)."""
     into = {Path(p).parent for p in ns.outputs(ns)}  # folders the command writes its files into
     for key in OUTPUT_OPTIONS:
         if (path := getattr(ns, key, None)) is not None:
