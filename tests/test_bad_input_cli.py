@@ -497,12 +497,16 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
     training folder) changed that input; so did one over the tokenizer beside --base that no option names (Meta's
     LLaMA-1 layout: one level up), or over the adapter_config.json beside a PEFT adapter named by its weights
     file, or the tokenizer_config.json beside an HF tokenizer named by its tokenizer.json. Refused by name, through
-    a symlink too, before the command runs; nothing written."""
+    a symlink too (and an output that is a link in the folder, which writing replaces there), before the command
+    runs; nothing written."""
     shutil.copytree(w / "base300", tmp_path / "base")
     shutil.copytree(w / "val", tmp_path / "val")
     shutil.copytree(w / "base300", tmp_path / "meta" / "7B")
     (tmp_path / "meta" / "7B" / "tokenizer.model").rename(tmp_path / "meta" / "tokenizer.model")
     (tmp_path / "link").symlink_to(tmp_path / "base")
+    (tmp_path / "shared").mkdir()  # a base whose files are links to shared storage (as a hub cache's are)
+    shutil.copytree(w / "base300", tmp_path / "linked", copy_function=lambda src, dst: (
+        shutil.copy(src, tmp_path / "shared" / Path(src).name), os.symlink(tmp_path / "shared" / Path(src).name, dst)))
     (tmp_path / "run").mkdir()  # a training's folder: its adapter and the summary generate reads beside it
     shutil.copy(w / "adapter.safetensors", tmp_path / "run")
     (tmp_path / "run" / "metrics.json").write_text(json.dumps({"method": "adapter"}))
@@ -518,6 +522,8 @@ def test_an_output_inside_an_input_folder_is_refused_before_anything_runs(w, tmp
         (generate_args(w, tmp_path / "base" / "tokenizer.model", base=tmp_path / "base"),
          [f"--out {tmp_path / 'base' / 'tokenizer.model'} lies inside --base {tmp_path / 'base'}"]),
         (generate_args(w, tmp_path / "base" / "g.jsonl", base=tmp_path / "base"), ["lies inside --base"]),
+        (generate_args(w, tmp_path / "linked" / "tokenizer.model", base=tmp_path / "linked"),
+         [f"--out {tmp_path / 'linked' / 'tokenizer.model'} lies inside --base {tmp_path / 'linked'}"]),
         (generate_args(w, tmp_path / "link" / "g.jsonl", base=tmp_path / "base"), ["lies inside --base"]),
         ([*gen[:gen.index("--out") + 1], tmp_path / "base" / "g.jsonl", *gen[gen.index("--out") + 2:],
           "--tokenizer", w / "tok.model"], ["lies inside --base"]),

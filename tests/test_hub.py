@@ -186,6 +186,21 @@ def test_inspect_and_complete_take_a_hub_model_from_the_cache(tiny_repo, capsys)
     assert capsys.readouterr().out.strip()
 
 
+def test_an_output_inside_a_hub_bases_cache_folder_is_refused(tiny_repo, hub_cache, tmp_path, capsys):
+    """A --base naming a hub model is read from the hub cache's folder, which no option names: generate --out
+    SNAPSHOT/tokenizer.model replaced the tokenizer the run had read, and train --out-dir SNAPSHOT the model's
+    config.json. Refused by name before the command runs, the cache left as it was."""
+    snapshot = hub_cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / COMMIT
+    before = {p: p.read_bytes() for p in snapshot.rglob("*") if p.is_file()}
+    (tmp_path / "p.jsonl").write_text('{"id": 1, "instruction": "Say hi."}\n')
+    for base, out in ((REPO_ID, snapshot / "tokenizer.json"), (f"hf:{REPO_ID}@{COMMIT}", snapshot / "g.jsonl")):
+        assert cli.main(["generate", "--base", base, "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out),
+                         "--max-new-tokens", "2", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"the hub model's folder {snapshot} (the hub cache's copy of --base {base}" in err, err
+    assert {p: p.read_bytes() for p in snapshot.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize(("argv", "expect"), [
     (["inspect", "no-such-thing"], "no-such-thing: neither a preset"),  # neither a path nor a repo id: as before
     (["inspect", "tiny-org/absent"], "tiny-org/absent: no such file or folder, nor a hub model: hf:tiny-org/absent"

@@ -1201,6 +1201,19 @@ def tokenizer_beside_base(ns: argparse.Namespace) -> list[tuple[str, Path, str]]
     return [("the tokenizer", path, f" (beside --base {base}, which the command reads without --tokenizer)")]
 
 
+def hub_base_read(ns: argparse.Namespace) -> list[tuple[str, Path, str]]:
+    """(what, path, where from) of the hub cache's folder that a --base naming a hub model (hf:ORG/NAME, or
+    ORG/NAME that is no path) is read from, where the cache holds it (hub.cached_folder); no option names it."""
+    base = getattr(ns, "base", None)
+    if not base or os.path.lexists(base):
+        return []
+    from .hub import cached_folder
+
+    folder = cached_folder(base)
+    return [("the hub model's folder", folder, f" (the hub cache's copy of --base {base}, which the command reads)")] \
+        if folder is not None else []
+
+
 def tokenizer_settings_read(ns: argparse.Namespace) -> list[tuple[str, Path, str]]:
     """(what, path, where from) of the tokenizer_config.json beside a --tokenizer given as an HF tokenizer.json,
     which the command reads with it (tokenizer.hf_settings); no option names it. (A --tokenizer folder is an input
@@ -1254,15 +1267,16 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
     folder, generate --out over its --prompts, train --out-dir in the base's folder, over its config.json), or add
     to a folder read whole (generate --out BASE/tokenizer.model; another *.safetensors in a base's folder is loaded
     with it). One check for every command: its inputs are the existing paths among its options (given_paths), the
-    fetched folder behind a validated one, the tokenizer beside --base and the settings beside an HF --tokenizer
+    fetched folder behind a validated one, the hub cache's folder of a --base that names a hub model
+    (hub_base_read), the tokenizer beside --base and the settings beside an HF --tokenizer
     (tokenizer_settings_read), an inference command's training summary (trainings_read) and a PEFT adapter's
     settings beside its weights file (peft_settings_read), which no option names."""
     named = [(f"--{k.replace('_', '-')} {v}", Path(v)) for k in OUTPUT_OPTIONS if (v := getattr(ns, k, None))]
     outputs = named + [(f"{path} (which {named[0][0] if named else 'it'} gets)", Path(path))
                        for path in ns.outputs(ns)]
     given = given_paths(ns)
-    inputs = [(option, path, "") for option, path in given] + datasets_behind(given) + tokenizer_beside_base(ns) \
-        + tokenizer_settings_read(ns) + trainings_read(ns) + peft_settings_read(ns)
+    inputs = [(option, path, "") for option, path in given] + datasets_behind(given) + hub_base_read(ns) \
+        + tokenizer_beside_base(ns) + tokenizer_settings_read(ns) + trainings_read(ns) + peft_settings_read(ns)
     for shown, output in outputs:
         for option, path, where in inputs:
             if holds(output, path):
@@ -1270,7 +1284,9 @@ def check_outputs_apart(ns: argparse.Namespace) -> None:
                                  "would replace the input: expected an output apart from the inputs")
     for shown, output in outputs:  # (the more telling refusal above first, for an output that is both)
         for option, path, where in inputs:
-            if os.path.isdir(path) and holds(path, output):
+            # Its folder, not the output itself: an output that is a symlink (a model folder's files often are) is
+            # replaced where it lies, whatever it pointed to.
+            if os.path.isdir(path) and holds(path, output.parent):
                 raise InputError(f"{shown} lies inside {option} {path}{where}, a folder the command reads; writing "
                                  "it would change the input (a file of it replaced, or one more read with it): "
                                  "expected an output outside the inputs")

@@ -139,6 +139,20 @@ def _download(model: HubModel, revision: str, patterns: list[str]) -> Path:
         raise PretrainedFetchError(f"{model}: cannot be fetched from the hub ({type(e).__name__}: {e})") from None
 
 
+def cached_folder(base: str | Path) -> Path | None:
+    """The hub cache's folder that resolve_base would read for `base`, where the cache already holds the revision
+    it names; None for a path, for text that names no hub model, or for a model the cache lacks. Nothing is
+    downloaded: the command line's checks ask it before any command runs."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        if Path(base).exists() or (model := hub_model(str(base))) is None:
+            return None
+        return Path(snapshot_download(model.repo_id, revision=model.revision, local_files_only=True))
+    except (PretrainedFetchError, OSError, ValueError):  # the hub's "not in the cache" errors are among these
+        return None
+
+
 def resolve_base(base: str | Path) -> Path:
     """A base checkpoint's path: `base` itself if it exists or names no hub model (then the loader's own error
     names it), else the hub model's folder in the hub cache (downloaded if need be)."""
