@@ -143,11 +143,11 @@ def cached_folder(base: str | Path) -> Path | None:
     """The hub cache's folder that resolve_base would read for `base`, where the cache already holds the revision
     it names; None for a path, for text that names no hub model, or for a model the cache lacks. Nothing is
     downloaded: the command line's checks ask it before any command runs."""
-    from huggingface_hub import snapshot_download
-
     try:
         if Path(base).exists() or (model := hub_model(str(base))) is None:
             return None
+        from huggingface_hub import snapshot_download
+
         return Path(snapshot_download(model.repo_id, revision=model.revision, local_files_only=True))
     except (PretrainedFetchError, OSError, ValueError):  # the hub's "not in the cache" errors are among these
         return None
