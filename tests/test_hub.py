@@ -188,8 +188,9 @@ def test_inspect_and_complete_take_a_hub_model_from_the_cache(tiny_repo, capsys)
 
 def test_an_output_inside_a_hub_bases_cache_folder_is_refused(tiny_repo, hub_cache, tmp_path, capsys):
     """A --base naming a hub model is read from the hub cache's folder, which no option names: generate --out
-    SNAPSHOT/tokenizer.model replaced the tokenizer the run had read, and train --out-dir SNAPSHOT the model's
-    config.json. Refused by name before the command runs, the cache left as it was."""
+    SNAPSHOT/tokenizer.json (a link into the cache's blobs) replaced the tokenizer the run had read (train --out-dir
+    SNAPSHOT, the model's config.json, goes through the same check). Refused by name before the command runs, for
+    both forms of the name, the cache left as it was."""
     snapshot = hub_cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / COMMIT
     before = {p: p.read_bytes() for p in snapshot.rglob("*") if p.is_file()}
     (tmp_path / "p.jsonl").write_text('{"id": 1, "instruction": "Say hi."}\n')
